@@ -1,0 +1,95 @@
+"""`engine.attention`: the contract's Python entry point (CONTRACT §5)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .patterns import PatternBase, head_groups, parse_pattern
+from .planner import plan
+
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _as_4d(name: str, x: torch.Tensor) -> torch.Tensor:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(x).__name__}")
+    if x.dim() == 3:
+        return x.unsqueeze(0)
+    if x.dim() != 4:
+        raise ValueError(f"{name}: expected shape [B, H, L, D] or [H, L, D], got {list(x.shape)}")
+    return x
+
+
+def check_shapes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    """Raise ValueError naming the tensor whose shape or dtype breaks CONTRACT §2."""
+    b, h, lq, d = q.shape
+    bk, hkv, lk, dk = k.shape
+    if q.dtype not in SUPPORTED_DTYPES:
+        raise ValueError(f"q: dtype {q.dtype} is not one of float32, float16, bfloat16")
+    for name, x in (("k", k), ("v", v)):
+        if x.dtype != q.dtype:
+            raise ValueError(f"{name}: dtype {x.dtype} differs from q's {q.dtype}")
+        if x.device != q.device:
+            raise ValueError(f"{name}: on {x.device}, q on {q.device}")
+    if bk != b or v.shape[0] != b:
+        raise ValueError(f"k, v: batch {bk}, {v.shape[0]} must equal q's batch {b}")
+    if dk != d:
+        raise ValueError(f"k: head dim {dk} must equal q's head dim {d}")
+    if v.shape[1] != hkv or v.shape[2] != lk:
+        raise ValueError(f"v: shape {list(v.shape)} must match k's heads and length {[hkv, lk]}")
+    if hkv == 0 or h % hkv:
+        raise ValueError(f"k: {hkv} key/value heads do not divide the {h} query heads")
+    if lq > lk:
+        raise ValueError(f"q: query length {lq} exceeds key length {lk}")
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    pattern: PatternBase | dict | None = None,
+    *,
+    causal: bool = True,
+    scale: float | None = None,
+    return_lse: bool = False,
+):
+    """Exact sparse attention: output [B, H, Lq, Dv] in q's dtype, and the float32 natural-log
+    log-sum-exp [B, H, Lq] when `return_lse`. 3-D inputs [H, L, D] give 3-D results."""
+    squeeze = q.dim() == 3
+    q, k, v = _as_4d("q", q), _as_4d("k", k), _as_4d("v", v)
+    check_shapes(q, k, v)
+    pattern = parse_pattern(pattern)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    out, lse = run_heads(q, k, v, pattern, causal=causal, scale=scale)
+    out = out.to(q.dtype)
+    if squeeze:
+        out, lse = out.squeeze(0), lse.squeeze(0)
+    return (out, lse) if return_lse else out
+
+
+def backend_for(pattern: PatternBase, heads: int, lq: int, lk: int, causal: bool) -> str:
+    """The kernels a call would use, e.g. 'band' or 'sdpa,strided' for per_head groups."""
+    return ",".join(dict.fromkeys(plan(p, lq, lk, causal).backend for p, _ in head_groups(pattern, heads)))
+
+
+def run_heads(q, k, v, pattern: PatternBase, *, causal: bool, scale: float):
+    """Run each group of heads that shares a pattern on its plan; GQA keys shared by index."""
+    b, h, lq, _ = q.shape
+    hkv, lk, dv = k.shape[1], k.shape[2], v.shape[3]
+    groups = head_groups(pattern, h)
+    out = torch.empty(b, h, lq, dv, dtype=torch.float32, device=q.device)
+    lse = torch.empty(b, h, lq, dtype=torch.float32, device=q.device)
+    for single, heads in groups:
+        idx = torch.tensor(heads, device=q.device)
+        kv_idx = idx // (h // hkv)
+        qs = q if len(heads) == h else q.index_select(1, idx)
+        same_kv = hkv == h and len(heads) == h
+        ks = k if same_kv else k.index_select(1, kv_idx)
+        vs = v if same_kv else v.index_select(1, kv_idx)
+        o, l = plan(single, lq, lk, causal)(qs, ks, vs, scale)
+        if len(groups) == 1:
+            return o, l
+        out[:, idx], lse[:, idx] = o.float(), l
+    return out, lse

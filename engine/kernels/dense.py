@@ -1,0 +1,107 @@
+"""Dense attention on the device's fused kernel, returning the log-sum-exp every merge needs.
+
+`diagonal` generalises the causal mask: query row m attends keys 0..m + diagonal. The
+contract's bottom-right causal alignment is `diagonal = Lk - Lq`; a strictly-lower mask is
+`diagonal = -1`. Rows that attend no key come back as zeros with a log-sum-exp of -inf.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from .merge import merge_partials
+
+NEG_INF = float("-inf")
+
+
+def _same_head_dim(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+    """Fused kernels want one head size: zero-pad the smaller (zeros change no dot product)."""
+    d, dv = q.shape[-1], v.shape[-1]
+    if d == dv:
+        return q, k, v
+    width = max(d, dv)
+    return F.pad(q, (0, width - d)), F.pad(k, (0, width - d)), F.pad(v, (0, width - dv))
+
+
+def _fused(q, k, v, *, scale: float, is_causal: bool, mask: torch.Tensor | None = None):
+    """One fused call with top-left causal alignment; (out, lse) with lse float32 [B, H, Lq]."""
+    dv = v.shape[-1]
+    q, k, v = _same_head_dim(q, k, v)
+    if q.device.type == "cpu":
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            q, k, v, 0.0, is_causal, attn_mask=mask, scale=scale
+        )
+    elif q.device.type == "cuda" and mask is None and q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] <= 256:
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, is_causal, False, scale=scale)[:2]
+    elif q.device.type == "cuda":
+        out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(
+            q, k, v, mask, True, 0.0, is_causal, scale=scale
+        )[:2]
+        lse = lse[..., : q.shape[-2]]
+    else:
+        out, lse = math_attention(q, k, v, scale=scale, is_causal=is_causal, mask=mask)
+    return out[..., :dv], lse.float()
+
+
+def math_attention(q, k, v, *, scale: float, is_causal: bool = False, mask: torch.Tensor | None = None):
+    """Plain float32 attention with lse; for devices without a fused kernel."""
+    scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale
+    if mask is not None:
+        scores = scores + mask.float()
+    if is_causal:
+        keep = torch.ones(scores.shape[-2:], dtype=torch.bool, device=q.device).tril()
+        scores = scores.masked_fill(~keep, NEG_INF)
+    lse = torch.logsumexp(scores, dim=-1)
+    probs = torch.exp(scores - lse.unsqueeze(-1).clamp_min(torch.finfo(torch.float32).min)).nan_to_num(0.0)
+    return torch.matmul(probs, v.float()).to(q.dtype), lse
+
+
+def empty_partial(q: torch.Tensor, dv: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The partial result of attending no key at all."""
+    out = q.new_zeros(*q.shape[:-1], dv)
+    return out, torch.full(q.shape[:-1], NEG_INF, dtype=torch.float32, device=q.device)
+
+
+def dense_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    scale: float | None = None,
+    diagonal: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dense attention over [B, H, L, D] tensors with equal head counts.
+
+    `diagonal=None` attends every key; an int d lets row m attend keys 0..m + d.
+    """
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    lq, lk, dv = q.shape[-2], k.shape[-2], v.shape[-1]
+    if lq == 0 or lk == 0:
+        return empty_partial(q, dv)
+    if diagonal is None or diagonal >= lk - 1:
+        return _fused(q, k, v, scale=scale, is_causal=False)
+    if diagonal < 0:
+        # Rows 0..-d-1 see nothing; the rest form a top-left causal problem on shifted keys.
+        skip = min(lq, -diagonal)
+        head = empty_partial(q[..., :skip, :], dv)
+        if skip == lq:
+            return head
+        tail = dense_attention(q[..., skip:, :], k, v, scale=scale, diagonal=0)
+        return torch.cat([head[0], tail[0]], dim=-2), torch.cat([head[1], tail[1]], dim=-1)
+    # 0 <= d < lk - 1: keys [0, d) are seen by every row; the next ones form a causal triangle.
+    rows = min(lq, lk - diagonal)
+    parts = []
+    tri_q = q[..., :rows, :]
+    tri = _fused(tri_q, k[..., diagonal : diagonal + rows, :], v[..., diagonal : diagonal + rows, :], scale=scale, is_causal=True)
+    if diagonal > 0:
+        prefix = _fused(tri_q, k[..., :diagonal, :], v[..., :diagonal, :], scale=scale, is_causal=False)
+        tri = merge_partials([prefix, tri])
+    parts.append(tri)
+    if rows < lq:  # rows whose diagonal runs past the last key see every key
+        parts.append(_fused(q[..., rows:, :], k, v, scale=scale, is_causal=False))
+    if len(parts) == 1:
+        return parts[0]
+    return torch.cat([p[0] for p in parts], dim=-2), torch.cat([p[1] for p in parts], dim=-1)

@@ -1,0 +1,105 @@
+"""Attention patterns (CONTRACT §1): small, pure, composable rules, one module each.
+
+`Pattern` is the discriminated union on `type` that both the engine and the service's request
+schema use; `parse_pattern` accepts the contract's JSON-like dict, a pattern object or None.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import Annotated, Any
+
+import torch
+from pydantic import Field, TypeAdapter
+
+from .base import PatternBase
+from .dense import Dense
+from .fixed import Fixed
+from .per_head import MAX_HEAD_PATTERNS, PerHead
+from .sliding_window import SlidingWindow
+from .strided import Strided
+from .union import MAX_DEPTH, MAX_MEMBERS, Union
+
+Pattern = Annotated[
+    Dense | SlidingWindow | Strided | Fixed | Union | PerHead,
+    Field(discriminator="type"),
+]
+Union.model_rebuild()
+PerHead.model_rebuild()
+
+_ADAPTER: TypeAdapter[PatternBase] = TypeAdapter(Pattern)
+
+PATTERN_CATALOG: list[dict[str, Any]] = [
+    {"type": "dense", "parameters": {}, "rule": "every j"},
+    {
+        "type": "sliding_window",
+        "parameters": {"window": "int >= 1"},
+        "rule": "i - w < j <= i (without causal: abs(i - j) < w)",
+    },
+    {"type": "strided", "parameters": {"stride": "int >= 1"}, "rule": "(i - j) mod s == 0"},
+    {
+        "type": "fixed",
+        "parameters": {"block": "int >= 1", "summary": "int, 1 <= summary <= block"},
+        "rule": "floor(j / l) == floor(i / l) or j mod l >= l - c",
+    },
+    {
+        "type": "union",
+        "parameters": {"patterns": f"list of 1..{MAX_MEMBERS} patterns"},
+        "rule": "any member allows it",
+    },
+    {
+        "type": "per_head",
+        "parameters": {"patterns": "list whose length divides the head count H"},
+        "rule": "head h uses patterns[h // (H / len)]",
+    },
+]
+
+
+def parse_pattern(pattern: PatternBase | dict | str | None) -> PatternBase:
+    """The engine's pattern object for a dict, a JSON string, an object, or None (dense)."""
+    if pattern is None:
+        return Dense()
+    if isinstance(pattern, PatternBase):
+        return pattern
+    if isinstance(pattern, str):
+        return _ADAPTER.validate_json(pattern)
+    return _ADAPTER.validate_python(pattern)
+
+
+def head_groups(pattern: PatternBase, heads: int) -> list[tuple[PatternBase, list[int]]]:
+    """Heads grouped by the single-head pattern they resolve to, in first-seen order."""
+    pattern.check_heads(heads)
+    groups: dict[PatternBase, list[int]] = {}
+    for h in range(heads):
+        groups.setdefault(pattern.resolve(h, heads), []).append(h)
+    return list(groups.items())
+
+
+@lru_cache(maxsize=1024)
+def _pairs_per_head(pattern: PatternBase, lq: int, lk: int, causal: bool) -> int:
+    rows = torch.arange(lk - lq, lk, dtype=torch.int64)
+    return int(pattern.row_counts(rows, lk, causal).sum())
+
+
+def attended_pairs(pattern: PatternBase, batch: int, heads: int, lq: int, lk: int, causal: bool = True) -> int:
+    """(query, key) pairs allowed over all batch items and heads, without an Lq x Lk mask."""
+    return batch * sum(len(hs) * _pairs_per_head(p, lq, lk, causal) for p, hs in head_groups(pattern, heads))
+
+
+__all__ = [
+    "MAX_DEPTH",
+    "MAX_HEAD_PATTERNS",
+    "MAX_MEMBERS",
+    "PATTERN_CATALOG",
+    "Dense",
+    "Fixed",
+    "Pattern",
+    "PatternBase",
+    "PerHead",
+    "SlidingWindow",
+    "Strided",
+    "Union",
+    "attended_pairs",
+    "head_groups",
+    "parse_pattern",
+]

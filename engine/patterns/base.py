@@ -1,0 +1,55 @@
+"""What every pattern is: a pure rule on (query position i, key position j), plus exact counts.
+
+A pattern never sees the causal mask: `allows` is the table's rule from CONTRACT §1 without
+causality, and the caller intersects it with `j <= i` when the request is causal. Each pattern
+also answers how many keys each query row attends, by arithmetic over rows (never an Lq x Lk
+mask), so the service can report `attended_pairs` for sequences in the hundreds of thousands.
+"""
+
+from __future__ import annotations
+
+import torch
+from pydantic import BaseModel, ConfigDict
+
+
+class PatternBase(BaseModel):
+    """A frozen, validated pattern; subclasses add a `type` literal and their parameters."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    def allows(self, i: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
+        """Boolean tensor: key j allowed for query i by the pattern alone (no causal mask)."""
+        raise NotImplementedError
+
+    def row_counts(self, i: torch.Tensor, lk: int, causal: bool) -> torch.Tensor:
+        """Number of allowed keys in [0, lk) for each query position in `i` (int64)."""
+        raise NotImplementedError
+
+    def key_span(self, i_lo: int, i_hi: int, lk: int, causal: bool) -> tuple[int, int]:
+        """A key range [lo, hi) holding every key that queries i_lo..i_hi-1 may attend."""
+        return 0, (min(lk, i_hi) if causal else lk)
+
+    def resolve(self, head: int, heads: int) -> "PatternBase":
+        """The single-head pattern head `head` of `heads` uses (only per_head differs)."""
+        return self
+
+    def depth(self) -> int:
+        """Nesting depth: 1 for a leaf pattern."""
+        return 1
+
+    def check_heads(self, heads: int, field: str = "pattern") -> None:
+        """Raise ValueError naming the field if this pattern cannot serve `heads` heads."""
+
+    def describe(self) -> dict:
+        """The pattern as the JSON the contract uses."""
+        return self.model_dump(mode="json")
+
+
+def causal_limit(i: torch.Tensor, lk: int, causal: bool) -> torch.Tensor:
+    """One past the last key a query may see: i + 1 under causal, lk otherwise (clamped to lk)."""
+    return torch.clamp(i + 1, max=lk) if causal else torch.full_like(i, lk)
+
+
+def count_multiples_below(limit: torch.Tensor, residue: torch.Tensor, modulus: int) -> torch.Tensor:
+    """How many j in [0, limit) have j % modulus == residue (residue in [0, modulus))."""
+    return torch.clamp(limit - residue + modulus - 1, min=0) // modulus

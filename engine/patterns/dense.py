@@ -1,0 +1,30 @@
+"""`dense`: every key (then the causal mask, if any).
+
+    n = 8, causal
+    #.......
+    ##......
+    ###.....
+    ####....
+    #####...
+    ######..
+    #######.
+    ########
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+
+from .base import PatternBase, causal_limit
+
+
+class Dense(PatternBase):
+    type: Literal["dense"] = "dense"
+
+    def allows(self, i: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
+        return torch.ones(torch.broadcast_shapes(i.shape, j.shape), dtype=torch.bool, device=i.device)
+
+    def row_counts(self, i: torch.Tensor, lk: int, causal: bool) -> torch.Tensor:
+        return causal_limit(i, lk, causal)

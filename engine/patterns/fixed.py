@@ -1,0 +1,59 @@
+"""`fixed(block=l, summary=c)`: the query's own block, plus the last c "summary" keys of every
+block, `floor(j / l) == floor(i / l) or j mod l >= l - c` (Child et al. 2019, "fixed").
+
+    n = 12, l = 4, c = 1, causal
+    #...........
+    ##..........
+    ###.........
+    ####........
+    ...##.......
+    ...###......
+    ...####.....
+    ...#####....
+    ...#...##...
+    ...#...###..
+    ...#...####.
+    ...#...#####
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from pydantic import Field, ValidationInfo, field_validator
+
+from .base import PatternBase, causal_limit
+
+
+def _summary_keys_below(limit: torch.Tensor, block: int, summary: int) -> torch.Tensor:
+    """How many j in [0, limit) are summary columns (j mod block >= block - summary)."""
+    full, rest = limit // block, limit % block
+    return full * summary + torch.clamp(rest - (block - summary), min=0)
+
+
+class Fixed(PatternBase):
+    type: Literal["fixed"] = "fixed"
+    block: int = Field(ge=1, description="l >= 1: block length")
+    summary: int = Field(ge=1, description="c, 1 <= c <= l: summary columns at the end of each block")
+
+    @field_validator("summary")
+    @classmethod
+    def _summary_fits_block(cls, summary: int, info: ValidationInfo) -> int:
+        block = info.data.get("block")
+        if block is not None and summary > block:
+            raise ValueError(f"summary ({summary}) must be <= block ({block})")
+        return summary
+
+    def allows(self, i: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
+        same_block = torch.div(i, self.block, rounding_mode="floor") == torch.div(j, self.block, rounding_mode="floor")
+        return same_block | (torch.remainder(j, self.block) >= self.block - self.summary)
+
+    def row_counts(self, i: torch.Tensor, lk: int, causal: bool) -> torch.Tensor:
+        limit = causal_limit(i, lk, causal)
+        start = (i // self.block) * self.block
+        end = torch.minimum(limit, start + self.block)
+        own_summary = _summary_keys_below(end, self.block, self.summary) - _summary_keys_below(
+            start, self.block, self.summary
+        )
+        return (end - start) + _summary_keys_below(limit, self.block, self.summary) - own_summary

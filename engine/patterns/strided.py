@@ -1,0 +1,32 @@
+"""`strided(stride=s)`: every s-th key counting back from the query, `(i - j) mod s == 0`.
+
+    n = 8, s = 3, causal
+    #.......
+    .#......
+    ..#.....
+    #..#....
+    .#..#...
+    ..#..#..
+    #..#..#.
+    .#..#..#
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from pydantic import Field
+
+from .base import PatternBase, causal_limit, count_multiples_below
+
+
+class Strided(PatternBase):
+    type: Literal["strided"] = "strided"
+    stride: int = Field(ge=1, description="s >= 1: keys with (i - j) mod s == 0")
+
+    def allows(self, i: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
+        return torch.remainder(i - j, self.stride) == 0
+
+    def row_counts(self, i: torch.Tensor, lk: int, causal: bool) -> torch.Tensor:
+        return count_multiples_below(causal_limit(i, lk, causal), torch.remainder(i, self.stride), self.stride)

@@ -1,0 +1,84 @@
+"""The planner: turns a single-head pattern into the exact kernels that compute it fastest.
+
+A plan is a list of steps over disjoint key sets, merged by log-sum-exp. The structured
+kernels cover the Sparse Transformer patterns (band, strided, fixed, and the paper's
+sliding+strided union); anything else falls back to the masked kernel, which is exact and
+memory-safe but slower. `simplify` first removes what cannot change the mask.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+from typing import Callable
+
+import torch
+
+from . import kernels
+from .patterns import Dense, Fixed, PatternBase, SlidingWindow, Strided, Union
+
+Partial = tuple[torch.Tensor, torch.Tensor]
+# Below this many query rows the masked kernel's chunk x span work is already minimal.
+SMALL_QUERY_ROWS = 64
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Named kernel steps whose partial results merge into the pattern's attention."""
+
+    backend: str
+    steps: tuple[Callable[..., Partial], ...]
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> Partial:
+        return kernels.merge_partials([step(q, k, v, scale=scale) for step in self.steps])
+
+
+def simplify(pattern: PatternBase, lk: int, causal: bool) -> PatternBase:
+    """An equivalent pattern in its simplest form for keys in [0, lk)."""
+    if isinstance(pattern, SlidingWindow) and pattern.window >= lk:
+        return Dense()
+    if isinstance(pattern, Strided) and pattern.stride == 1:
+        return Dense()
+    if isinstance(pattern, Fixed) and pattern.block >= lk:
+        return Dense()
+    if isinstance(pattern, Union):
+        members: list[PatternBase] = []
+        for leaf in (simplify(p, lk, causal) for p in pattern.leaves()):
+            if isinstance(leaf, Dense):
+                return Dense()
+            if leaf not in members:
+                members.append(leaf)
+        windows = [m for m in members if isinstance(m, SlidingWindow)]
+        if len(windows) > 1:  # nested windows: the widest covers the others
+            widest = max(windows, key=lambda m: m.window)
+            members = [m for m in members if not isinstance(m, SlidingWindow) or m is widest]
+        return members[0] if len(members) == 1 else Union(patterns=tuple(members))
+    return pattern
+
+
+def plan(pattern: PatternBase, lq: int, lk: int, causal: bool) -> Plan:
+    """The plan for one single-head pattern (per_head is resolved before this)."""
+    pattern = simplify(pattern, lk, causal)
+    if isinstance(pattern, Dense):
+        return Plan("sdpa", (partial(kernels.dense_attention, diagonal=(lk - lq) if causal else None),))
+    masked = Plan("masked", (partial(kernels.masked_attention, pattern=pattern, causal=causal),))
+    if not causal or lq <= SMALL_QUERY_ROWS:
+        return masked
+    if isinstance(pattern, SlidingWindow):
+        return Plan("band", (partial(kernels.band_attention, window=pattern.window),))
+    if isinstance(pattern, Strided):
+        return Plan("strided", (partial(kernels.strided_attention, stride=pattern.stride),))
+    if isinstance(pattern, Fixed):
+        return Plan("fixed", (partial(kernels.fixed_attention, block=pattern.block, summary=pattern.summary),))
+    if isinstance(pattern, Union) and len(pattern.patterns) == 2:
+        window = next((m for m in pattern.patterns if isinstance(m, SlidingWindow)), None)
+        stride = next((m for m in pattern.patterns if isinstance(m, Strided)), None)
+        if window is not None and stride is not None:
+            return Plan(
+                "band+strided",
+                (
+                    partial(kernels.band_attention, window=window.window),
+                    partial(kernels.strided_attention, stride=stride.stride, min_distance=window.window),
+                ),
+            )
+    return masked

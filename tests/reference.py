@@ -1,0 +1,58 @@
+"""The float64 reference: the mask built straight from CONTRACT §1, then softmax attention.
+
+Deliberately independent of engine.patterns: it reads the pattern as the contract's JSON.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def allowed(pattern: dict, i: torch.Tensor, j: torch.Tensor, h: int, heads: int) -> torch.Tensor:
+    """The contract table's rule for key j and query i (no causal mask), for head h of heads."""
+    kind = pattern.get("type", "dense")
+    if kind == "dense":
+        return torch.ones_like(i - j, dtype=torch.bool)
+    if kind == "sliding_window":
+        return (i - j).abs() < pattern["window"]
+    if kind == "strided":
+        return (i - j) % pattern["stride"] == 0
+    if kind == "fixed":
+        l, c = pattern["block"], pattern["summary"]
+        return (j // l == i // l) | (j % l >= l - c)
+    if kind == "union":
+        out = torch.zeros_like(i - j, dtype=torch.bool)
+        for member in pattern["patterns"]:
+            out = out | allowed(member, i, j, h, heads)
+        return out
+    if kind == "per_head":
+        members = pattern["patterns"]
+        return allowed(members[h // (heads // len(members))], i, j, h, heads)
+    raise ValueError(kind)
+
+
+def mask(pattern: dict | None, lq: int, lk: int, h: int, heads: int, causal: bool = True) -> torch.Tensor:
+    """[Lq, Lk] boolean mask; query row r is position i = Lk - Lq + r (bottom-right)."""
+    i = torch.arange(lk - lq, lk)[:, None]
+    j = torch.arange(lk)[None, :]
+    m = allowed(pattern or {"type": "dense"}, i, j, h, heads)
+    return m & (j <= i) if causal else m
+
+
+def reference_attention(q, k, v, pattern=None, *, causal=True, scale=None):
+    """(out float64 [B, H, Lq, Dv], lse float64 [B, H, Lq]) for 4-D inputs, GQA by head index."""
+    b, heads, lq, d = q.shape
+    hkv, lk = k.shape[1], k.shape[2]
+    scale = 1.0 / math.sqrt(d) if scale is None else scale
+    outs, lses = [], []
+    for h in range(heads):
+        kh, vh = k[:, h // (heads // hkv)].double(), v[:, h // (heads // hkv)].double()
+        scores = torch.einsum("bqd,bkd->bqk", q[:, h].double(), kh) * scale
+        scores = scores.masked_fill(~mask(pattern, lq, lk, h, heads, causal), float("-inf"))
+        lse = torch.logsumexp(scores, dim=-1)
+        probs = torch.exp(scores - lse.unsqueeze(-1)).nan_to_num(0.0)
+        outs.append(torch.einsum("bqk,bkd->bqd", probs, vh))
+        lses.append(lse)
+    return torch.stack(outs, 1), torch.stack(lses, 1)

@@ -1,0 +1,96 @@
+"""engine.attention against the float64 reference on shapes that hit every edge."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from engine import attention
+from reference import reference_attention
+
+SW = lambda w: {"type": "sliding_window", "window": w}  # noqa: E731
+ST = lambda s: {"type": "strided", "stride": s}  # noqa: E731
+FX = lambda l, c: {"type": "fixed", "block": l, "summary": c}  # noqa: E731
+
+PATTERNS = {
+    "dense": {"type": "dense"},
+    "sliding": SW(16),
+    "sliding_small": SW(3),
+    "sliding_1": SW(1),
+    "sliding_wider_than_n": SW(1000),
+    "strided": ST(8),
+    "strided_odd": ST(7),
+    "strided_1": ST(1),
+    "strided_wider_than_n": ST(500),
+    "fixed": FX(16, 4),
+    "fixed_odd": FX(10, 3),
+    "fixed_summary_is_block": FX(10, 10),
+    "fixed_summary_1": FX(7, 1),
+    "union_paper": {"type": "union", "patterns": [SW(12), ST(8)]},
+    "union_odd": {"type": "union", "patterns": [ST(5), SW(12)]},
+    "union_three": {"type": "union", "patterns": [SW(12), ST(5), FX(9, 2)]},
+    "union_nested": {"type": "union", "patterns": [{"type": "union", "patterns": [SW(4), SW(9)]}, ST(11)]},
+    "per_head": {"type": "per_head", "patterns": [SW(12), ST(5)]},
+    "per_head_nested": {"type": "per_head", "patterns": [{"type": "union", "patterns": [SW(4), ST(6)]}, FX(8, 2)]},
+}
+
+# (B, H, Hkv, Lq, Lk, D, Dv)
+SHAPES = {
+    "square_ragged": (1, 2, 2, 133, 133, 16, 16),
+    "lq_lt_lk": (1, 2, 2, 90, 103, 16, 16),
+    "lq_much_lt_lk": (2, 2, 1, 70, 300, 8, 8),
+    "decode": (1, 2, 2, 1, 77, 16, 16),
+    "one": (1, 1, 1, 1, 1, 8, 8),
+    "gqa_dv": (2, 4, 2, 100, 100, 16, 24),
+    "mqa": (1, 4, 1, 97, 120, 16, 8),
+}
+
+
+def _check(pattern, shape, causal, dtype, seed=0):
+    b, h, hkv, lq, lk, d, dv = shape
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(b, h, lq, d, generator=g).to(dtype)
+    k = torch.randn(b, hkv, lk, d, generator=g).to(dtype)
+    v = torch.randn(b, hkv, lk, dv, generator=g).to(dtype)
+    if pattern["type"] == "per_head" and h % len(pattern["patterns"]):
+        with pytest.raises(ValueError, match="pattern.patterns"):
+            attention(q, k, v, pattern, causal=causal)
+        return
+    out, lse = attention(q, k, v, pattern, causal=causal, return_lse=True)
+    ref_out, ref_lse = reference_attention(q, k, v, pattern, causal=causal)
+    assert out.dtype == dtype and out.shape == (b, h, lq, dv)
+    assert lse.dtype == torch.float32 and lse.shape == (b, h, lq)
+    tol = {torch.float32: 2e-5, torch.float16: 5e-3, torch.bfloat16: 3e-2}[dtype]
+    torch.testing.assert_close(out.double(), ref_out, atol=tol, rtol=tol)
+    empty = torch.isinf(ref_lse)
+    assert torch.equal(torch.isinf(lse), empty), "rows with no key must have lse -inf"
+    torch.testing.assert_close(lse.double()[~empty], ref_lse[~empty], atol=tol, rtol=tol)
+    assert (out[empty] == 0).all()
+
+
+@pytest.mark.parametrize("shape", SHAPES.values(), ids=SHAPES.keys())
+@pytest.mark.parametrize("pattern", PATTERNS.values(), ids=PATTERNS.keys())
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "noncausal"])
+def test_matches_reference_float32(pattern, shape, causal):
+    _check(pattern, shape, causal, torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("pattern", PATTERNS.values(), ids=PATTERNS.keys())
+def test_matches_reference_half(pattern, dtype):
+    _check(pattern, SHAPES["gqa_dv"], True, dtype)
+
+
+def test_three_dimensional_inputs_give_three_dimensional_results():
+    q, k, v = torch.randn(2, 50, 8), torch.randn(1, 60, 8), torch.randn(1, 60, 4)
+    out, lse = attention(q, k, v, SW(5), return_lse=True)
+    ref_out, ref_lse = reference_attention(q[None], k[None], v[None], SW(5))
+    assert out.shape == (2, 50, 4) and lse.shape == (2, 50)
+    torch.testing.assert_close(out.double(), ref_out[0], atol=2e-5, rtol=2e-5)
+
+
+def test_custom_scale():
+    q, k, v = torch.randn(1, 2, 40, 8), torch.randn(1, 2, 40, 8), torch.randn(1, 2, 40, 8)
+    out = attention(q, k, v, ST(3), scale=0.7)
+    ref_out, _ = reference_attention(q, k, v, ST(3), scale=0.7)
+    torch.testing.assert_close(out.double(), ref_out, atol=2e-5, rtol=2e-5)
