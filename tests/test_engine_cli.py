@@ -1,0 +1,27 @@
+"""`python -m engine show` prints and draws a pattern's mask."""
+
+from __future__ import annotations
+
+import json
+
+from engine.__main__ import main
+
+
+def test_show_prints_the_fixed_pattern(capsys):
+    main(["show", json.dumps({"type": "fixed", "block": 4, "summary": 1}), "--n", "8"])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[:8] == ["#.......", "##......", "###.....", "####....", "...##...", "...###..", "...####.", "...#####"]
+    assert lines[8] == "attended pairs: 24 of 64"
+
+
+def test_show_per_head_prints_each_head(capsys):
+    pattern = {"type": "per_head", "patterns": [{"type": "sliding_window", "window": 2}, {"type": "strided", "stride": 2}]}
+    main(["show", json.dumps(pattern), "--n", "4", "--heads", "2"])
+    out = capsys.readouterr().out
+    assert "head 0:\n#...\n##..\n.##.\n..##\nhead 1:\n#...\n.#..\n#.#.\n.#.#\n" in out
+
+
+def test_show_png_writes_an_image(tmp_path):
+    target = tmp_path / "mask.png"
+    main(["show", '{"type": "strided", "stride": 4}', "--n", "32", "--png", str(target)])
+    assert target.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

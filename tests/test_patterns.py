@@ -1,0 +1,95 @@
+"""Pattern models: validation errors name the field; pair counts match the reference mask."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from pydantic import ValidationError
+
+from engine.patterns import attended_pairs, parse_pattern
+from reference import mask
+
+SW = lambda w: {"type": "sliding_window", "window": w}  # noqa: E731
+ST = lambda s: {"type": "strided", "stride": s}  # noqa: E731
+FX = lambda l, c: {"type": "fixed", "block": l, "summary": c}  # noqa: E731
+
+COUNTED = [
+    {"type": "dense"},
+    SW(1), SW(5), SW(64), SW(500),
+    ST(1), ST(3), ST(16), ST(300),
+    FX(1, 1), FX(7, 2), FX(16, 16), FX(10, 3),
+    {"type": "union", "patterns": [SW(5), ST(8)]},
+    {"type": "union", "patterns": [SW(5), ST(8), {"type": "dense"}]},
+    {"type": "union", "patterns": [SW(9), FX(8, 2)]},
+    {"type": "union", "patterns": [{"type": "union", "patterns": [ST(3), ST(5)]}, FX(6, 1), SW(2)]},
+    {"type": "per_head", "patterns": [SW(4), ST(3), FX(5, 2), {"type": "dense"}]},
+]
+
+
+@pytest.mark.parametrize("pattern", COUNTED, ids=[str(i) for i in range(len(COUNTED))])
+@pytest.mark.parametrize("lq,lk", [(1, 1), (37, 37), (100, 100), (1, 93), (29, 130)])
+@pytest.mark.parametrize("causal", [True, False])
+def test_attended_pairs_match_the_reference_mask(pattern, lq, lk, causal):
+    heads = 4
+    expected = sum(int(mask(pattern, lq, lk, h, heads, causal).sum()) for h in range(heads))
+    assert attended_pairs(parse_pattern(pattern), 1, heads, lq, lk, causal) == expected
+    assert attended_pairs(parse_pattern(pattern), 3, heads, lq, lk, causal) == 3 * expected
+
+
+def test_attended_pairs_scale_to_long_sequences_without_a_mask():
+    n = 262144
+    assert attended_pairs(parse_pattern(SW(256)), 1, 1, n, n) == 256 * n - 256 * 255 // 2
+    assert attended_pairs(parse_pattern(ST(n)), 1, 1, n, n) == n
+    paper = parse_pattern({"type": "union", "patterns": [SW(128), ST(128)]})
+    # window keys, plus strided keys at distances 128, 256, ... (the window holds distance 0 only)
+    strided_beyond = sum(i // 128 for i in range(n))
+    assert attended_pairs(paper, 1, 1, n, n) == 128 * n - 128 * 127 // 2 + strided_beyond
+
+
+@pytest.mark.parametrize(
+    "pattern,field",
+    [
+        (SW(0), "window"),
+        (SW(-3), "window"),
+        (ST(0), "stride"),
+        (FX(0, 1), "block"),
+        (FX(4, 5), "summary"),
+        (FX(4, 0), "summary"),
+        ({"type": "union", "patterns": []}, "patterns"),
+        ({"type": "union", "patterns": [SW(1)] * 9}, "patterns"),
+        ({"type": "per_head", "patterns": []}, "patterns"),
+        ({"type": "circle"}, "type"),
+        ({"window": 4}, "type"),
+        ({"type": "sliding_window"}, "window"),
+        ({"type": "sliding_window", "window": 4, "stride": 2}, "stride"),
+    ],
+)
+def test_invalid_patterns_name_the_field(pattern, field):
+    with pytest.raises(ValidationError) as err:
+        parse_pattern(pattern)
+    text = str(err.value)
+    assert field in text, text
+
+
+def test_per_head_length_must_divide_heads():
+    pattern = parse_pattern({"type": "per_head", "patterns": [SW(2), SW(3), SW(4)]})
+    with pytest.raises(ValueError, match=r"pattern\.patterns.*3 patterns.*4 heads"):
+        attended_pairs(pattern, 1, 4, 8, 8)
+    assert attended_pairs(pattern, 1, 6, 8, 8) > 0
+
+
+def test_nesting_depth_is_bounded():
+    deep: dict = SW(2)
+    for _ in range(20):
+        deep = {"type": "union", "patterns": [deep]}
+    with pytest.raises(ValidationError, match="nest"):
+        parse_pattern(deep)
+
+
+def test_patterns_are_hashable_values():
+    a = parse_pattern({"type": "union", "patterns": [SW(4), ST(3)]})
+    b = parse_pattern('{"type": "union", "patterns": [{"type": "sliding_window", "window": 4}, {"type": "strided", "stride": 3}]}')
+    assert a == b and hash(a) == hash(b)
+    assert parse_pattern(None).type == "dense"
+    assert parse_pattern(a) is a
+    assert torch.equal(a.allows(torch.tensor([10]), torch.tensor([7])), torch.tensor([True]))
