@@ -76,9 +76,6 @@ def plan(pattern: PatternBase, lq: int, lk: int, causal: bool) -> Plan:
         if window is not None and stride is not None:
             return Plan(
                 "band+strided",
-                (
-                    partial(kernels.band_attention, window=window.window),
-                    partial(kernels.strided_attention, stride=stride.stride, min_distance=window.window),
-                ),
+                (partial(kernels.band_strided_attention, window=window.window, stride=stride.stride),),
             )
     return masked

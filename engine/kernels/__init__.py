@@ -7,9 +7,11 @@ from .fixed import fixed_attention
 from .masked import masked_attention
 from .merge import merge_partials
 from .strided import strided_attention
+from .union import band_strided_attention
 
 __all__ = [
     "band_attention",
+    "band_strided_attention",
     "dense_attention",
     "fixed_attention",
     "masked_attention",

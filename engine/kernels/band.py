@@ -1,75 +1,70 @@
-"""Causal sliding window as a run of small dense tiles on the fused kernel.
+"""Causal sliding window as one fused call over overlapping key windows.
 
-With tiles of w queries, tile t attends (a) its own keys under a causal triangle and (b) the w
-keys before it, of which row r sees those after position r (a strictly upper triangle, which
-reversing both axes turns into a strictly lower one). Both pieces are single batched calls over
-all tiles; the two disjoint partials merge by their log-sum-exp. Work is ~n*w, memory O(n*D).
+Query tiles of T rows each attend a window of the T + w - 1 keys ending at the tile's last
+position; an `as_strided` view gives every tile its window without copying K or V, and one
+shared [T, T + w - 1] additive band mask (row r keeps window keys r .. r + w - 1) makes the
+call exact. Work is n * (T + w - 1) against the ideal n * w, memory O(n * D). The first rows,
+whose window would start before key 0, see every earlier key (a small dense causal call), and
+the last rows that do not fill a tile form one shorter tile.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
-from ..patterns import SlidingWindow
-from .dense import dense_attention
-from .masked import masked_attention
-from .merge import merge_partials
+from .dense import NEG_INF, _fused, _same_head_dim, dense_attention
 
 
-def _tiles(x: torch.Tensor, start: int, count: int, size: int) -> torch.Tensor:
-    """Rows [start, start + count*size) of [B, H, L, D] as [B, H*count, size, D], zero-padded past L."""
+def tile_rows(window: int) -> int:
+    """Query rows per tile: small tiles waste fewer keys (T - 1 per row); 32 was the fastest
+    of 16..256 for w = 256 on the CPU flash kernel (bench/kernels.py --tiles)."""
+    return 32
+
+
+def band_mask(rows: int, window: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """[rows, rows + window - 1] additive mask: row r keeps keys r .. r + window - 1."""
+    r = torch.arange(rows, device=device)[:, None]
+    c = torch.arange(rows + window - 1, device=device)[None, :]
+    keep = (c >= r) & (c < r + window)
+    return torch.zeros(keep.shape, dtype=dtype, device=device).masked_fill_(~keep, NEG_INF)
+
+
+def _windows(x: torch.Tensor, start: int, tiles: int, tile: int, width: int) -> torch.Tensor:
+    """[B*H, tiles, width, D] view: window t is rows start + t*tile .. + width of contiguous x."""
     b, h, length, d = x.shape
-    end = start + count * size
-    if end > length:
-        x = F.pad(x, (0, 0, 0, end - length))
-    return x[..., start:end, :].reshape(b, h * count, size, d)
+    return x.as_strided((b * h, tiles, width, d), (length * d, tile * d, d, 1), x.storage_offset() + start * d)
 
 
 def band_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, window: int, scale: float
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, window: int, scale: float, tile: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Causal sliding-window attention, queries bottom-right aligned; (out float32, lse)."""
+    """Causal sliding-window attention, queries bottom-right aligned; (out, lse) over [B, H, Lq, *]."""
     b, h, lq, _ = q.shape
-    lk, dv = k.shape[-2], v.shape[-1]
+    lk, dv, w = k.shape[-2], v.shape[-1], window
     offset = lk - lq
-    w = window
-    count = -(-lq // w)
-    # (a) each tile against its own keys: positions offset + t*w + [0, w), causal.
-    qt = _tiles(q, 0, count, w)
-    own = dense_attention(qt, _tiles(k, offset, count, w), _tiles(v, offset, count, w), scale=scale, diagonal=0)
-    # (b) each tile against the w keys before it, where they exist (tile start >= w).
-    first = 0 if offset >= w else 1  # tile 0 lacks a full previous tile when offset < w
-    flip = lambda x: x.flip(-2)  # noqa: E731 - reverses rows within each tile
-    parts_prev = []
-    if count > first:
-        prev_q = qt.reshape(b, h, count, w, -1)[:, :, first:].reshape(b, h * (count - first), w, -1)
-        prev_k = _tiles(k, offset + first * w - w, count - first, w)
-        prev_v = _tiles(v, offset + first * w - w, count - first, w)
-        o, l = dense_attention(flip(prev_q), flip(prev_k), flip(prev_v), scale=scale, diagonal=-1)
-        parts_prev.append((flip(o), flip(l.unsqueeze(-1)).squeeze(-1)))
-    out_own, lse_own = own
-    out_own = out_own.reshape(b, h, count * w, dv)
-    lse_own = lse_own.reshape(b, h, count * w)
-    if parts_prev:
-        o, l = parts_prev[0]
-        o = o.reshape(b, h, (count - first) * w, dv)
-        l = l.reshape(b, h, (count - first) * w)
-        tail = slice(first * w, count * w)
-        merged_o, merged_l = merge_partials([(out_own[..., tail, :], lse_own[..., tail]), (o, l)])
-        out_own = out_own.float()
-        out_own[..., tail, :] = merged_o
-        lse_own = lse_own.clone()
-        lse_own[..., tail] = merged_l
-    out, lse = out_own[..., :lq, :].float(), lse_own[..., :lq]
-    if first == 1 and offset > 0:
-        # Tile 0's queries also see keys before `offset` inside their window.
-        rows = min(w, lq)
-        early = masked_attention(
-            q[..., :rows, :], k[..., : offset + rows, :], v[..., : offset + rows, :],
-            SlidingWindow(window=w), scale=scale, causal=True,
-        )
-        out = out.clone()
-        lse = lse.clone()
-        out[..., :rows, :], lse[..., :rows] = early
-    return out, lse
+    q, k, v = (x.contiguous() for x in _same_head_dim(q, k, v))
+    # Rows whose position is below w - 1 see every key up to themselves.
+    head = min(lq, max(0, w - 1 - offset))
+    outs, lses = [], []
+    if head:
+        o, l = dense_attention(q[..., :head, :], k[..., : offset + head, :], v[..., : offset + head, :],
+                               scale=scale, diagonal=offset)
+        outs.append(o)
+        lses.append(l)
+    tile = tile or tile_rows(w)
+    row = head
+    while row < lq:
+        size = min(tile, lq - row)
+        tiles = (lq - row) // size
+        width = size + w - 1
+        start = offset + row - w + 1  # first key of the first tile's window
+        qt = q[..., row : row + tiles * size, :].reshape(b * h, tiles, size, -1)
+        mask = band_mask(size, w, q.dtype, q.device)
+        o, l = _fused(qt, _windows(k, start, tiles, size, width), _windows(v, start, tiles, size, width),
+                      scale=scale, is_causal=False, mask=mask)
+        outs.append(o.reshape(b, h, tiles * size, -1))
+        lses.append(l.reshape(b, h, tiles * size))
+        row += tiles * size
+    out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=-2)
+    lse = lses[0] if len(lses) == 1 else torch.cat(lses, dim=-1)
+    return out[..., :dv], lse

@@ -1,9 +1,12 @@
-"""Causal `fixed(l, c)` as two disjoint pieces merged by log-sum-exp.
+"""Causal `fixed(l, c)` as two disjoint pieces merged in place by log-sum-exp.
 
-(a) the query's own block: a reshape into blocks of l and one batched dense causal call;
-(b) the summary columns of earlier blocks: a small gathered key set (c per block) that query
-block b sees up to block b-1. Groups of query blocks share a fully visible prefix (no mask) and
-a small block-causal mask for the summary keys inside the group.
+(a) The query's own block: the sequence viewed as [L/l, l] blocks, one batched dense causal
+call (no copy when l divides L).
+(b) The summary columns of earlier blocks: query block b sees the first b*c keys of the
+gathered summary set S (c keys per block, a 1/l-th copy of K and V). Viewing the queries as
+[l, L/l] (position-in-block as the head axis, block index as the row) makes every head share
+S (a stride-0 view) and one small [rows, keys] block-causal mask; the blocks are cut into a few
+row ranges, each with the keys its last block needs, so the masked waste stays near 1/ranges.
 """
 
 from __future__ import annotations
@@ -11,18 +14,19 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .dense import NEG_INF, _fused, dense_attention, empty_partial
-from .merge import merge_partials
+from .dense import NEG_INF, _fused, _same_head_dim, dense_attention
+from .merge import merge_into
 
-# Query rows per summary call; the group's summary mask is rows x (rows / l * c).
-GROUP_ROWS = 1024
+# Row ranges of the summary piece: the masked work is (ranges + 1) / (2 * ranges) of a full
+# rectangle; more ranges mean more, smaller calls.
+SUMMARY_RANGES = 4
 
 
-def _blocks(x: torch.Tensor, start: int, stop: int, block: int) -> torch.Tensor:
-    b, h, length, d = x.shape
-    if stop > length:
-        x = F.pad(x, (0, 0, 0, stop - length))
-    return x[..., start:stop, :].reshape(b, h * ((stop - start) // block), block, d)
+def summary_mask(b0: int, b1: int, c: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """[b1 - b0, (b1 - 1) * c] additive mask: block b keeps summary keys of blocks < b."""
+    blocks = torch.arange(b0, b1, device=device)[:, None]
+    keys = torch.arange((b1 - 1) * c, device=device)[None, :] // c
+    return torch.zeros(b1 - b0, keys.shape[1], dtype=dtype, device=device).masked_fill_(keys >= blocks, NEG_INF)
 
 
 def fixed_attention(
@@ -31,42 +35,41 @@ def fixed_attention(
     """Causal fixed-pattern attention, queries bottom-right aligned; (out float32, lse)."""
     b, h, lq, _ = q.shape
     lk, dv, l, c = k.shape[-2], v.shape[-1], block, summary
+    q, k, v = _same_head_dim(q, k, v)
+    d = q.shape[-1]
     offset = lk - lq
-    first = (offset // l) * l
-    total = -(-lk // l) * l
-    qp = F.pad(q, (0, 0, offset - first, total - lk))  # rows for positions first .. total-1
-    nq = (total - first) // l
-    own = dense_attention(qp.reshape(b, h * nq, l, -1), _blocks(k, first, total, l), _blocks(v, first, total, l),
-                          scale=scale, diagonal=0)
-    own_out = own[0].reshape(b, h, nq * l, dv)
-    own_lse = own[1].reshape(b, h, nq * l)
+    first = offset // l  # first query block
+    blocks = -(-lk // l)  # key blocks, the last maybe partial
+    pad_q, pad_k = (offset - first * l, blocks * l - lk), (0, blocks * l - lk)
+    if any(pad_q) or not q.is_contiguous():
+        q = F.pad(q, (0, 0, *pad_q))
+    if any(pad_k) or not k.is_contiguous() or not v.is_contiguous():
+        k, v = F.pad(k, (0, 0, *pad_k)), F.pad(v, (0, 0, *pad_k))
+    nq = blocks - first
+    qb = q.reshape(b * h, nq, l, d)
+    own_out, own_lse = dense_attention(qb, k[..., first * l :, :].reshape(b * h, nq, l, d),
+                                       v[..., first * l :, :].reshape(b * h, nq, l, -1), scale=scale, diagonal=0)
+    out = own_out.reshape(b * h, nq * l, -1).float()
+    lse = own_lse.reshape(b * h, nq * l).contiguous()
 
-    # Summary keys of every block that lies wholly before the last query block.
-    last_block = (lk - 1) // l
-    cols = torch.arange(l - c, l, device=k.device)
-    idx = (torch.arange(last_block, device=k.device)[:, None] * l + cols[None, :]).reshape(-1)
-    ks, vs = k.index_select(-2, idx), v.index_select(-2, idx)
-    group_blocks = max(1, GROUP_ROWS // l)
-    sum_out = torch.empty_like(own_out, dtype=torch.float32)
-    sum_lse = torch.empty_like(own_lse)
-    for g0 in range(first // l, total // l, group_blocks):
-        g1 = min(g0 + group_blocks, total // l)
-        rows = slice(g0 * l - first, g1 * l - first)
-        qg = qp[..., rows, :]
-        parts = []
-        if g0 > 0:  # summary keys of blocks before the group: every row sees them
-            parts.append(_fused(qg, ks[..., : g0 * c, :], vs[..., : g0 * c, :], scale=scale, is_causal=False))
-        inner_hi = min(g1 - 1, last_block) * c  # summary keys of blocks g0 .. g1-2, block-causal
-        if inner_hi > g0 * c:
-            qb = torch.arange(g0, g1, device=q.device).repeat_interleave(l)[:, None]
-            kb = torch.arange(g0 * c, inner_hi, device=q.device)[None, :] // c
-            mask = torch.zeros(qb.shape[0], kb.shape[1], dtype=q.dtype, device=q.device).masked_fill_(kb >= qb, NEG_INF)
-            o, s_lse = _fused(qg, ks[..., g0 * c : inner_hi, :], vs[..., g0 * c : inner_hi, :], scale=scale,
-                              is_causal=False, mask=mask)
-            no_key = (qb == g0).squeeze(-1)  # the group's first block sees no inner summary key
-            parts.append((o.masked_fill(no_key[:, None], 0.0), s_lse.masked_fill(no_key, NEG_INF)))
-        part = merge_partials(parts) if parts else empty_partial(qg, dv)
-        sum_out[..., rows, :], sum_lse[..., rows] = part
-    out, lse = merge_partials([(own_out, own_lse), (sum_out, sum_lse)])
-    keep = slice(offset - first, offset - first + lq)
-    return out[..., keep, :], lse[..., keep]
+    # Summary keys of blocks 0 .. blocks-2 (the last block's summary is only its own block's).
+    def gathered(x: torch.Tensor) -> torch.Tensor:
+        return x[..., : (blocks - 1) * l, :].reshape(b * h, blocks - 1, l, -1)[:, :, l - c :].reshape(
+            b * h, 1, (blocks - 1) * c, -1)
+
+    lo = max(first, 1)  # block 0 sees no summary key
+    if lo < blocks:
+        ks, vs = gathered(k), gathered(v)
+        q_heads = qb.transpose(1, 2)  # [B*H, l, nq, D]: position in block as heads, block as rows
+        step = -(-(blocks - lo) // SUMMARY_RANGES)
+        for b0 in range(lo, blocks, step):
+            b1 = min(blocks, b0 + step)
+            keys = (b1 - 1) * c
+            mask = summary_mask(b0, b1, c, q.dtype, q.device)
+            o, s_lse = _fused(q_heads[:, :, b0 - first : b1 - first], ks[:, :, :keys].expand(-1, l, -1, -1),
+                              vs[:, :, :keys].expand(-1, l, -1, -1), scale=scale, is_causal=False, mask=mask)
+            rows = slice((b0 - first) * l, (b1 - first) * l)
+            merge_into(out[:, rows], lse[:, rows], o.transpose(1, 2).reshape(b * h, -1, o.shape[-1]),
+                       s_lse.transpose(1, 2).reshape(b * h, -1))
+    keep = slice(offset - first * l, offset - first * l + lq)
+    return out.view(b, h, nq * l, -1)[..., keep, :dv], lse.view(b, h, nq * l)[..., keep]

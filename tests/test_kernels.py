@@ -1,0 +1,74 @@
+"""The structured kernels on medium shapes that reach their inner cases (many tiles, summary
+row ranges, class padding, minimum distances), each against the float64 reference."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from engine import kernels
+from reference import reference_attention
+
+SW = lambda w: {"type": "sliding_window", "window": w}  # noqa: E731
+ST = lambda s: {"type": "strided", "stride": s}  # noqa: E731
+
+
+def _qkv(h, lq, lk, d=16, dv=16, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(1, h, lq, d, generator=g).to(dtype), torch.randn(1, h, lk, d, generator=g).to(dtype),
+            torch.randn(1, h, lk, dv, generator=g).to(dtype))
+
+
+def _assert_matches(result, q, k, v, pattern, tol=2e-5):
+    out, lse = result
+    ref_out, ref_lse = reference_attention(q, k, v, pattern)
+    torch.testing.assert_close(out.double(), ref_out, atol=tol, rtol=tol)
+    empty = torch.isinf(ref_lse)
+    assert torch.equal(torch.isinf(lse), empty)
+    torch.testing.assert_close(lse.double()[~empty], ref_lse[~empty], atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("lq,lk", [(600, 600), (517, 700), (300, 1000), (640, 640)])
+@pytest.mark.parametrize("window,tile", [(64, 32), (64, None), (5, 7), (100, 1), (33, 300)])
+def test_band_tiles(lq, lk, window, tile):
+    q, k, v = _qkv(2, lq, lk)
+    result = kernels.band_attention(q, k, v, window=window, scale=0.25, tile=tile)
+    _assert_matches(result, q, k, v, SW(window))
+
+
+@pytest.mark.parametrize("lq,lk", [(600, 600), (517, 700), (300, 1003), (640, 640)])
+@pytest.mark.parametrize("stride", [8, 13, 64])
+def test_strided_views(lq, lk, stride):
+    q, k, v = _qkv(2, lq, lk, dv=24)
+    _assert_matches(kernels.strided_attention(q, k, v, stride=stride, scale=0.25), q, k, v, ST(stride))
+
+
+@pytest.mark.parametrize("lq,lk", [(600, 600), (517, 700), (300, 1003), (70, 300)])
+@pytest.mark.parametrize("window,stride", [(16, 16), (40, 16), (16, 40), (3, 64)])
+def test_band_strided_union(lq, lk, window, stride):
+    q, k, v = _qkv(2, lq, lk)
+    result = kernels.band_strided_attention(q, k, v, window=window, stride=stride, scale=0.25)
+    _assert_matches(result, q, k, v, {"type": "union", "patterns": [SW(window), ST(stride)]})
+
+
+@pytest.mark.parametrize("lq,lk", [(1000, 1000), (517, 700), (300, 1003), (1024, 1024)])
+@pytest.mark.parametrize("block,summary", [(16, 4), (32, 32), (10, 1), (64, 8)])
+def test_fixed_summary_ranges(lq, lk, block, summary):
+    q, k, v = _qkv(2, lq, lk, dv=8)
+    result = kernels.fixed_attention(q, k, v, block=block, summary=summary, scale=1 / math.sqrt(16))
+    _assert_matches(result, q, k, v, {"type": "fixed", "block": block, "summary": summary})
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_kernels_half_precision(dtype):
+    q, k, v = _qkv(2, 600, 600, dtype=dtype)
+    for result, pattern in [
+        (kernels.band_attention(q, k, v, window=64, scale=0.25), SW(64)),
+        (kernels.strided_attention(q, k, v, stride=16, scale=0.25), ST(16)),
+        (kernels.fixed_attention(q, k, v, block=32, summary=4, scale=0.25), {"type": "fixed", "block": 32, "summary": 4}),
+        (kernels.band_strided_attention(q, k, v, window=32, stride=32, scale=0.25),
+         {"type": "union", "patterns": [SW(32), ST(32)]}),
+    ]:
+        _assert_matches(result, q, k, v, pattern, tol=3e-2)
