@@ -6,19 +6,22 @@ shared [T, T + w - 1] additive band mask (row r keeps window keys r .. r + w - 1
 call exact. Work is n * (T + w - 1) against the ideal n * w, memory O(n * D). The first rows,
 whose window would start before key 0, see every earlier key (a small dense causal call), and
 the last rows that do not fill a tile form one shorter tile.
+
+On CUDA in half precision the flash kernel has the band built in (its local-window
+arguments, bottom-right aligned like the contract): one call, no mask, no waste.
 """
 
 from __future__ import annotations
 
 import torch
 
-from .dense import NEG_INF, _fused, _same_head_dim, dense_attention
+from .dense import NEG_INF, _fused, _same_head_dim, dense_attention, flash_supported, pad_head_dim
 
 
-def tile_rows(window: int) -> int:
-    """Query rows per tile: small tiles waste fewer keys (T - 1 per row); 32 was the fastest
-    of 16..256 for w = 256 on the CPU flash kernel (bench/kernels.py --tiles)."""
-    return 32
+# Query rows per tile: a row computes T + w - 1 keys for its w, but tiny tiles make tiny
+# matrix products. On the CPU flash kernel 16 and 32 were the fastest of 8..256 for windows
+# 64..256 and within 10% of the best at 512 (`python -m bench.kernels --tiles --n 16384`).
+TILE_ROWS = 32
 
 
 def band_mask(rows: int, window: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -39,6 +42,8 @@ def band_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, window: int, scale: float, tile: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Causal sliding-window attention, queries bottom-right aligned; (out, lse) over [B, H, Lq, *]."""
+    if flash_supported(q):
+        return _flash_window(q, k, v, window=window, scale=scale)
     b, h, lq, _ = q.shape
     lk, dv, w = k.shape[-2], v.shape[-1], window
     offset = lk - lq
@@ -51,7 +56,7 @@ def band_attention(
                                scale=scale, diagonal=offset)
         outs.append(o)
         lses.append(l)
-    tile = tile or tile_rows(w)
+    tile = tile or TILE_ROWS
     row = head
     while row < lq:
         size = min(tile, lq - row)
@@ -68,3 +73,15 @@ def band_attention(
     out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=-2)
     lse = lses[0] if len(lses) == 1 else torch.cat(lses, dim=-1)
     return out[..., :dv], lse
+
+
+def _flash_window(q, k, v, *, window: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """CUDA flash attention with a local window: query i sees keys i - (w - 1) .. i."""
+    dv = v.shape[-1]
+    q, k, v = (pad_head_dim(x).transpose(1, 2) for x in _same_head_dim(q, k, v))  # [B, L, H, D]
+    # Returns (output [B, Lq, H, D], logsumexp [B, H, Lq], rng_state, unused, debug_mask).
+    out, lse = torch.ops.aten._flash_attention_forward(
+        q, k, v, None, None, q.shape[1], k.shape[1], 0.0, True, False, scale=scale,
+        window_size_left=window - 1, window_size_right=0,
+    )[:2]
+    return out.transpose(1, 2)[..., :dv], lse.float()

@@ -27,23 +27,57 @@ def _same_head_dim(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
 
 
 def _fused(q, k, v, *, scale: float, is_causal: bool, mask: torch.Tensor | None = None):
-    """One fused call with top-left causal alignment; (out, lse) with lse float32 [B, H, Lq]."""
+    """One fused call; (out, lse) with lse float32 [B, H, Lq]. `is_causal` only on square
+    problems (there top-left and bottom-right alignment agree); `mask` is an additive
+    [Lq, Lk] tensor of q's dtype shared by every batch item and head."""
+    assert not is_causal or q.shape[-2] == k.shape[-2], "is_causal is only used on square problems"
     dv = v.shape[-1]
     q, k, v = _same_head_dim(q, k, v)
     if q.device.type == "cpu":
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
             q, k, v, 0.0, is_causal, attn_mask=mask, scale=scale
         )
-    elif q.device.type == "cuda" and mask is None and q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] <= 256:
-        out, lse = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, is_causal, False, scale=scale)[:2]
     elif q.device.type == "cuda":
-        out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(
-            q, k, v, mask, True, 0.0, is_causal, scale=scale
-        )[:2]
-        lse = lse[..., : q.shape[-2]]
+        out, lse = _fused_cuda(q, k, v, scale=scale, is_causal=is_causal, mask=mask)
     else:
         out, lse = math_attention(q, k, v, scale=scale, is_causal=is_causal, mask=mask)
     return out[..., :dv], lse.float()
+
+
+def flash_supported(q: torch.Tensor) -> bool:
+    """Whether the CUDA flash kernel takes these inputs (half precision, head dim <= 256)."""
+    return q.device.type == "cuda" and q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] <= 256
+
+
+def pad_head_dim(x: torch.Tensor, multiple: int = 8) -> torch.Tensor:
+    """The CUDA kernels want head dims that are multiples of 8: zero columns change nothing."""
+    extra = -x.shape[-1] % multiple
+    return F.pad(x, (0, extra)) if extra else x
+
+
+def cuda_bias(mask: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """A 2-D additive mask as the memory-efficient kernel wants its bias (what SDPA's own
+    preprocess_mask does): 4-D, broadcast over batch and heads by stride 0, rows 16-aligned."""
+    lk = mask.shape[-1]
+    if lk % 16:
+        mask = F.pad(mask, (0, 16 - lk % 16))[..., :lk]
+    return mask.expand(q.shape[0], q.shape[1], q.shape[2], k.shape[2])
+
+
+def _fused_cuda(q, k, v, *, scale: float, is_causal: bool, mask: torch.Tensor | None):
+    d = q.shape[-1]
+    q, k, v = pad_head_dim(q), pad_head_dim(k), pad_head_dim(v)
+    if mask is None and flash_supported(q):
+        # Returns (output, logsumexp [B, H, Lq], cum_seq_q, cum_seq_k, max_q, max_k, ...).
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, is_causal, False, scale=scale)[:2]
+    else:
+        # Returns (output, log_sumexp [B, H, Lq rounded up to 32], philox_seed, philox_offset).
+        bias = None if mask is None else cuda_bias(mask.to(q.dtype), q, k)
+        out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(
+            q, k, v, bias, True, 0.0, is_causal, scale=scale
+        )[:2]
+        lse = lse[..., : q.shape[-2]]
+    return out[..., :d], lse
 
 
 def math_attention(q, k, v, *, scale: float, is_causal: bool = False, mask: torch.Tensor | None = None):

@@ -1,0 +1,157 @@
+"""The engine on a CUDA GPU: exactness first, then the kernel benchmark, in one bounded run.
+
+(a) Every pattern and edge shape of tests/test_engine_reference.py, causal and not, in float32
+    and bfloat16, plus each structured kernel on medium shapes (many tiles, class padding,
+    summary ranges, the flash local window), against the float64 reference of tests/reference.py
+    computed on the CPU: one PASS or FAIL line each.
+(b) bench.kernels on the GPU in bfloat16 for n up to 131072 against dense flash SDPA and
+    compiled FlexAttention, with the 131072-token peak-memory row, the sliding-window scaling
+    and the first call for a new shape; JSON (and the plot) under --out.
+
+Exits 1 if any check fails or raises, 2 if CUDA is missing: it never skips a check quietly.
+Sized to finish in about 5 minutes on an H200 (FlexAttention runs stop after --flex-budget s).
+
+    python3 -m bench.gpu_check --out "$OUT"
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))
+
+from engine import attention, kernels  # noqa: E402
+from engine.patterns import parse_pattern  # noqa: E402
+from reference import reference_attention  # noqa: E402
+from test_engine_reference import PATTERNS, SHAPES  # noqa: E402
+
+from bench import kernels as bench_kernels  # noqa: E402
+
+TOLERANCE = {torch.float32: 2e-5, torch.bfloat16: 3e-2}
+SW = lambda w: {"type": "sliding_window", "window": w}  # noqa: E731
+ST = lambda s: {"type": "strided", "stride": s}  # noqa: E731
+FX = lambda l, c: {"type": "fixed", "block": l, "summary": c}  # noqa: E731
+UNION = lambda w, s: {"type": "union", "patterns": [SW(w), ST(s)]}  # noqa: E731
+UNION3 = {"type": "union", "patterns": [SW(50), ST(64), FX(128, 8)]}
+
+
+def compare(out, lse, q, k, v, pattern, causal, dtype) -> str | None:
+    """None when (out, lse) from the GPU match the float64 CPU reference, else why not."""
+    ref_out, ref_lse = reference_attention(q.cpu(), k.cpu(), v.cpu(), pattern, causal=causal)
+    out, lse = out.cpu().double(), lse.cpu().double()
+    tol = TOLERANCE[dtype]
+    empty = torch.isinf(ref_lse)
+    if not torch.equal(torch.isinf(lse), empty):
+        return "rows with no key differ (lse -inf)"
+    for name, got, want in (("out", out, ref_out), ("lse", lse[~empty], ref_lse[~empty])):
+        if not torch.allclose(got, want, atol=tol, rtol=tol):  # NaN never passes
+            return f"{name} off by up to {(got - want).abs().max().item():.3g} (tolerance {tol} + {tol} x |ref|)"
+    return None
+
+
+def inputs(shape, dtype, device, seed=0):
+    b, h, hkv, lq, lk, d, dv = shape
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(b, h, lq, d, generator=g).to(device, dtype), torch.randn(b, hkv, lk, d, generator=g).to(device, dtype),
+            torch.randn(b, hkv, lk, dv, generator=g).to(device, dtype))
+
+
+def cases(device):
+    """(name, callable -> (out, lse), q, k, v, pattern, causal, dtype) for every check."""
+    for dtype in (torch.float32, torch.bfloat16):
+        dname = str(dtype).removeprefix("torch.")
+        for pname, pattern in PATTERNS.items():
+            for sname, shape in SHAPES.items():
+                if pattern["type"] == "per_head" and shape[1] % len(pattern["patterns"]):
+                    continue  # refused by design; tests/test_engine_reference.py checks the error
+                for causal in (True, False):
+                    q, k, v = inputs(shape, dtype, device)
+                    run = (lambda q=q, k=k, v=v, p=pattern, c=causal: attention(q, k, v, p, causal=c, return_lse=True))
+                    yield f"engine {pname} {sname} {'causal' if causal else 'noncausal'} {dname}", run, q, k, v, \
+                        pattern, causal, dtype
+        # Medium shapes: many band tiles, padded classes, summary ranges, D = 64.
+        for lq, lk in ((2048, 2048), (1500, 2001)):
+            shape = (1, 2, 2, lq, lk, 64, 64)
+            q, k, v = inputs(shape, dtype, device, seed=1)
+            s = 1 / 8
+            for name, run, pattern in (
+                ("band w=256", lambda: kernels.band_attention(q, k, v, window=256, scale=s), SW(256)),
+                ("band w=33", lambda: kernels.band_attention(q, k, v, window=33, scale=s), SW(33)),
+                ("strided s=64", lambda: kernels.strided_attention(q, k, v, stride=64, scale=s), ST(64)),
+                ("strided s=37", lambda: kernels.strided_attention(q, k, v, stride=37, scale=s), ST(37)),
+                ("fixed 128,8", lambda: kernels.fixed_attention(q, k, v, block=128, summary=8, scale=s), FX(128, 8)),
+                ("fixed 100,100", lambda: kernels.fixed_attention(q, k, v, block=100, summary=100, scale=s), FX(100, 100)),
+                ("union 128+128", lambda: kernels.band_strided_attention(q, k, v, window=128, stride=128, scale=s),
+                 UNION(128, 128)),
+                ("union 100+64", lambda: kernels.band_strided_attention(q, k, v, window=100, stride=64, scale=s),
+                 UNION(100, 64)),
+                ("masked union3", lambda: kernels.masked_attention(q, k, v, parse_pattern(UNION3), scale=s, causal=True),
+                 UNION3),
+            ):
+                yield f"kernel {name} lq={lq} lk={lk} {dname}", run, q, k, v, pattern, True, dtype
+
+
+def check(device) -> tuple[int, int]:
+    passed = failed = 0
+    for name, run, q, k, v, pattern, causal, dtype in cases(device):
+        try:
+            out, lse = run()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            problem = compare(out, lse, q, k, v, pattern, causal, dtype)
+        except Exception:  # noqa: BLE001 - a crash is a failure, reported with its trace
+            problem = "raised\n" + traceback.format_exc()
+        if problem:
+            failed += 1
+            print(f"FAIL {name}: {problem}", flush=True)
+        else:
+            passed += 1
+            print(f"PASS {name}", flush=True)
+    return passed, failed
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python3 -m bench.gpu_check", description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--device", default="cuda", help="cuda; cpu only to rehearse the script")
+    p.add_argument("--n", type=int, nargs="+", default=[4096, 16384, 65536, 131072])
+    p.add_argument("--flex-budget", type=float, default=170.0,
+                   help="seconds into the benchmark after which FlexAttention runs are skipped, loudly")
+    p.add_argument("--skip-bench", action="store_true")
+    args = p.parse_args(argv)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print("FAIL: CUDA is not available (torch", torch.__version__, ")", flush=True)
+        return 2
+    args.out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    print(f"torch {torch.__version__}, device {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}",
+          flush=True)
+    passed, failed = check(device)
+    summary = {"passed": passed, "failed": failed, "check_s": time.perf_counter() - started}
+    print(f"checks: {passed} passed, {failed} failed in {summary['check_s']:.0f} s", flush=True)
+    if not args.skip_bench:
+        bench_kernels.STARTED = time.perf_counter()
+        bench_kernels.main([
+            "--device", args.device, "--dtypes", "bfloat16", "--flex-dtypes", "bfloat16", "--bf16-n", "0",
+            "--n", *map(str, args.n), "--flex-max-n", str(max(args.n)), "--flex-budget", str(args.flex_budget),
+            "--masked-max-n", "16384", "--repeats", "5", "--slow", "30",
+            "--memory-n", str(max(args.n)), "--scaling-n", *map(str, args.n[1:]),
+            "--first-call-n", "12289", "--out", str(args.out / "gpu_kernels.json"),
+        ])
+    summary["total_s"] = time.perf_counter() - started
+    (args.out / "gpu_check.json").write_text(json.dumps(summary, indent=1))
+    print(f"{'FAILED' if failed else 'ALL PASSED'}: {passed} passed, {failed} failed; total {summary['total_s']:.0f} s")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

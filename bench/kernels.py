@@ -1,0 +1,318 @@
+"""Kernel benchmark: the engine against dense causal SDPA, masked SDPA and compiled FlexAttention.
+
+Everything runs in one process and is reported as ratios to the dense causal SDPA time measured
+in the same run (the machine is shared; absolute times are noisy, ratios less so). Each time is
+the minimum over `--repeats` calls after one warm-up call; a call slower than `--slow` seconds
+is timed once. FlexAttention's first call per shape (its compile) is reported separately.
+
+    python -m bench.kernels                       # bounded default run (a few minutes on 2 cores)
+    python -m bench.kernels --n 4096 16384 65536 --flex-max-n 65536 --masked-max-n 16384   # full
+    python -m bench.kernels --n 4096 --patterns sliding_window --no-flex               # quick
+    python -m bench.kernels --tiles                # band tile-size sweep (engine.kernels.band)
+
+Columns: efficiency = speed-up over dense / (dense causal pairs / attended pairs), so 1.0 means
+the time shrank exactly as much as the pattern's pairs did; `vs flex` = FlexAttention time /
+engine time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from engine import attention
+from engine.attention import backend_for
+from engine.kernels import band_attention
+from engine.memory import PeakMemory
+from engine.patterns import attended_pairs, parse_pattern
+
+PATTERNS = {
+    "sliding_window": {"type": "sliding_window", "window": 256},
+    "strided": {"type": "strided", "stride": 64},
+    "fixed": {"type": "fixed", "block": 128, "summary": 8},
+    "union": {"type": "union", "patterns": [{"type": "sliding_window", "window": 128},
+                                            {"type": "strided", "stride": 128}]},
+}
+LABELS = {
+    "sliding_window": "sliding_window(256)",
+    "strided": "strided(64)",
+    "fixed": "fixed(128, 8)",
+    "union": "union(sliding 128, strided 128)",
+}
+STARTED = time.perf_counter()
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn, device: torch.device, repeats: int, slow: float, compiles: bool = False) -> tuple[float, float]:
+    """(first-call seconds, best seconds): one warm-up call, then the minimum of `repeats`
+    (one call only when the warm-up took over `slow` seconds; never the warm-up if `compiles`)."""
+    sync(device)
+    start = time.perf_counter()
+    fn()
+    sync(device)
+    first = time.perf_counter() - start
+    if first > slow and not compiles:
+        return first, first
+    best = math.inf
+    for _ in range(1 if first > slow else repeats):
+        start = time.perf_counter()
+        fn()
+        sync(device)
+        best = min(best, time.perf_counter() - start)
+    return first, best
+
+
+def inputs(n: int, heads: int, dim: int, dtype: torch.dtype, device: torch.device, seed: int = 0):
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    return tuple(torch.randn(1, heads, n, dim, generator=g).to(device=device, dtype=dtype) for _ in range(3))
+
+
+def mask_mod_for(pattern):
+    """FlexAttention's mask_mod: the pattern's own rule under causality."""
+    def mask_mod(b, h, q_idx, kv_idx):
+        return pattern.allows(q_idx, kv_idx) & (kv_idx <= q_idx)
+    return mask_mod
+
+
+class Flex:
+    """Compiled FlexAttention with the pattern's block mask, built and compiled once per shape."""
+
+    def __init__(self, device: torch.device) -> None:
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+        # One compile per (pattern, shape), as a server with fixed shapes would; dynamo's default
+        # recompile limit (8) would otherwise send later shapes to the unfused eager path.
+        for name in ("cache_size_limit", "recompile_limit", "accumulated_cache_size_limit",
+                     "accumulated_recompile_limit"):
+            if hasattr(torch._dynamo.config, name):
+                setattr(torch._dynamo.config, name, max(256, getattr(torch._dynamo.config, name)))
+        self.create_block_mask = create_block_mask
+        self.compiled = torch.compile(flex_attention, dynamic=False)
+        self.device = device
+
+    def runner(self, pattern, n: int):
+        mask = self.create_block_mask(mask_mod_for(pattern), None, None, n, n, device=self.device,
+                                      _compile=n > 16384)
+        return lambda q, k, v: self.compiled(q, k, v, block_mask=mask)
+
+
+def masked_sdpa(pattern, n: int, device: torch.device):
+    """Plain SDPA with the full n x n boolean mask (what a generic server would do)."""
+    i = torch.arange(n, device=device)[:, None]
+    j = torch.arange(n, device=device)[None, :]
+    mask = pattern.allows(i, j) & (j <= i)
+    return lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+def bench_table(args, device: torch.device) -> list[dict]:
+    rows = []
+    flex = None if args.no_flex else Flex(device)
+    for dtype_name in args.dtypes:
+        dtype = DTYPES[dtype_name]
+        for n in args.n:
+            q, k, v = inputs(n, args.heads, args.dim, dtype, device)
+            _, dense_s = timed(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True), device,
+                               args.repeats, args.slow)
+            dense_pairs = args.heads * n * (n + 1) // 2
+            for name in args.patterns:
+                pattern = parse_pattern(PATTERNS[name])
+                row = {"pattern": LABELS[name], "n": n, "dtype": dtype_name, "heads": args.heads, "dim": args.dim,
+                       "backend": backend_for(pattern, args.heads, n, n, True), "dense_s": dense_s,
+                       "attended_pairs": attended_pairs(pattern, 1, args.heads, n, n, True),
+                       "dense_pairs": dense_pairs}
+                first, row["engine_s"] = timed(lambda: attention(q, k, v, pattern), device, args.repeats, args.slow)
+                row["engine_first_call_s"] = first
+                mask_bytes = n * n  # one boolean per (query, key)
+                if n <= args.masked_max_n and mask_bytes <= args.masked_max_bytes:
+                    run = masked_sdpa(pattern, n, device)
+                    row["masked_s"] = timed(lambda: run(q, k, v), device, args.repeats, args.slow)[1]
+                over_budget = time.perf_counter() - STARTED > args.flex_budget
+                if flex is not None and n <= args.flex_max_n and dtype_name in args.flex_dtypes and over_budget:
+                    print(f"SKIP FlexAttention {LABELS[name]} n={n}: past --flex-budget {args.flex_budget:.0f} s")
+                    row["flex_skipped"] = "time budget"
+                elif flex is not None and n <= args.flex_max_n and dtype_name in args.flex_dtypes:
+                    start = time.perf_counter()
+                    run = flex.runner(pattern, n)
+                    mask_s = time.perf_counter() - start
+                    first, row["flex_s"] = timed(lambda: run(q, k, v), device, args.repeats, args.slow, compiles=True)
+                    # Block mask + compile: the first call's excess over a steady call.
+                    row["flex_compile_s"] = mask_s + first - row["flex_s"]
+                speedup = dense_s / row["engine_s"]
+                row["speedup"] = speedup
+                row["efficiency"] = speedup / (dense_pairs / row["attended_pairs"])
+                if "flex_s" in row:
+                    row["vs_flex"] = row["flex_s"] / row["engine_s"]
+                rows.append(row)
+                print(format_row(row), flush=True)
+            del q, k, v
+    return rows
+
+
+def fmt(x, spec=".3f", none="-"):
+    return none if x is None else format(x, spec)
+
+
+HEADER = (f"{'pattern':32} {'n':>6} {'dtype':8} {'backend':12} {'dense s':>8} {'masked s':>8} {'flex s':>8} "
+          f"{'compile s':>9} {'engine s':>8} {'speed-up':>8} {'effic.':>6} {'vs flex':>7}")
+
+
+def format_row(r: dict) -> str:
+    return (f"{r['pattern']:32} {r['n']:>6} {r['dtype']:8} {r['backend']:12} {fmt(r['dense_s']):>8} "
+            f"{fmt(r.get('masked_s')):>8} {fmt(r.get('flex_s')):>8} {fmt(r.get('flex_compile_s'), '.1f'):>9} "
+            f"{fmt(r['engine_s'], '.4f'):>8} {fmt(r['speedup'], '.1f'):>8} {fmt(r['efficiency'], '.2f'):>6} "
+            f"{fmt(r.get('vs_flex'), '.1f'):>7}")
+
+
+def bench_memory(args, device: torch.device) -> dict:
+    """Peak extra memory of sliding_window(256) at n = 131072, one head (issue target < 2 GB)."""
+    n = args.memory_n
+    q, k, v = inputs(n, 1, args.dim, torch.float32, device)
+    pattern = parse_pattern(PATTERNS["sliding_window"])
+    start = time.perf_counter()
+    with PeakMemory(device) as mem:
+        attention(q, k, v, pattern)
+    return {"pattern": LABELS["sliding_window"], "n": n, "heads": 1, "peak_bytes": mem.peak_bytes,
+            "seconds_with_tracker": time.perf_counter() - start, "dense_scores_bytes": n * n * 4}
+
+
+def bench_scaling(args, device: torch.device) -> dict:
+    """sliding_window(256) time as n doubles (issue target: at most 2.3x per doubling)."""
+    pattern = parse_pattern(PATTERNS["sliding_window"])
+    times = {}
+    for n in args.scaling_n:
+        q, k, v = inputs(n, args.heads, args.dim, torch.float32, device)
+        times[n] = timed(lambda: attention(q, k, v, pattern), device, args.repeats, args.slow)[1]
+    ns = sorted(times)
+    return {"pattern": LABELS["sliding_window"], "seconds": {str(n): times[n] for n in ns},
+            "growth_per_doubling": [times[b] / times[a] for a, b in zip(ns, ns[1:])]}
+
+
+def bench_first_call(args, device: torch.device) -> dict:
+    """First call for a shape never seen before against the steady state: no compile anywhere."""
+    n = args.first_call_n
+    out = {"n": n}
+    for name in args.patterns:
+        q, k, v = inputs(n, args.heads, args.dim, torch.float32, device, seed=1)
+        first, steady = timed(lambda: attention(q, k, v, PATTERNS[name]), device, args.repeats, args.slow)
+        out[LABELS[name]] = {"first_s": first, "steady_s": steady, "ratio": first / steady}
+    return out
+
+
+def bench_tiles(args, device: torch.device) -> list[dict]:
+    """Band tile sizes (query rows per tile) for each window: the data behind band.tile_rows."""
+    rows = []
+    n = args.n[0]
+    q, k, v = inputs(n, args.heads, args.dim, torch.float32, device)
+    for window in (64, 128, 256, 512):
+        for tile in (8, 16, 32, 64, 128, 256):
+            s = timed(lambda: band_attention(q, k, v, window=window, scale=0.125, tile=tile), device,
+                      args.repeats, args.slow)[1]
+            rows.append({"n": n, "window": window, "tile": tile, "seconds": s})
+            print(f"window {window:4} tile {tile:4}: {s:.4f} s", flush=True)
+    return rows
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = list(dict.fromkeys(r["pattern"] for r in rows))
+    fig, axes = plt.subplots(1, len(labels), figsize=(3.2 * len(labels), 3.0), squeeze=False)
+    for ax, label in zip(axes[0], labels):
+        sel = [r for r in rows if r["pattern"] == label and r["dtype"] == "float32"] or \
+              [r for r in rows if r["pattern"] == label]
+        for key, name, style in (("dense_s", "dense SDPA", "k--"), ("masked_s", "masked SDPA", "c:"),
+                                 ("flex_s", "FlexAttention", "r-s"), ("engine_s", "engine", "b-o")):
+            pts = [(r["n"], r[key]) for r in sel if key in r]
+            if pts:
+                ax.loglog(*zip(*pts), style, label=name, markersize=4)
+        ax.set_title(label, fontsize=8)
+        ax.set_xlabel("n", fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0][0].set_ylabel("seconds", fontsize=8)
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m bench.kernels", description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--n", type=int, nargs="+", default=[4096, 16384, 65536])
+    p.add_argument("--patterns", nargs="+", choices=list(PATTERNS), default=list(PATTERNS))
+    p.add_argument("--dtypes", nargs="+", choices=list(DTYPES), default=["float32"])
+    p.add_argument("--bf16-n", type=int, default=16384, help="n of the bfloat16 rows (0: none)")
+    p.add_argument("--heads", type=int, default=8)
+    p.add_argument("--dim", type=int, default=64)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--slow", type=float, default=4.0, help="time calls slower than this once")
+    p.add_argument("--no-flex", action="store_true")
+    p.add_argument("--flex-max-n", type=int, default=16384)
+    p.add_argument("--flex-dtypes", nargs="+", default=["float32"])
+    p.add_argument("--flex-budget", type=float, default=math.inf,
+                   help="seconds since start after which FlexAttention runs are skipped (and said so)")
+    p.add_argument("--masked-max-n", type=int, default=4096)
+    p.add_argument("--masked-max-bytes", type=int, default=1 << 30)
+    p.add_argument("--memory-n", type=int, default=131072, help="n of the peak-memory row (0: skip)")
+    p.add_argument("--scaling-n", type=int, nargs="*", default=[16384, 32768, 65536])
+    p.add_argument("--first-call-n", type=int, default=12289, help="a shape not used elsewhere (0: skip)")
+    p.add_argument("--tiles", action="store_true", help="only the band tile-size sweep at the first --n")
+    p.add_argument("--out", type=Path, default=Path("bench/results/kernels.json"))
+    p.add_argument("--plot", type=Path, default=None, help="PNG path (default: next to --out)")
+    args = p.parse_args(argv)
+    device = torch.device(args.device)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    meta = {"torch": torch.__version__, "device": str(device), "threads": torch.get_num_threads(),
+            "machine": platform.processor() or platform.machine(),
+            "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+            "command": "python -m bench.kernels " + " ".join(argv or __import__("sys").argv[1:])}
+    if args.tiles:
+        args.out.write_text(json.dumps({"meta": meta, "tiles": bench_tiles(args, device)}, indent=1))
+        return
+    print(HEADER)
+    rows = bench_table(args, device)
+    if args.bf16_n and "bfloat16" not in args.dtypes:
+        bf_args = argparse.Namespace(**{**vars(args), "n": [args.bf16_n], "dtypes": ["bfloat16"]})
+        rows += bench_table(bf_args, device)
+        for r in rows:
+            if r["dtype"] == "bfloat16":
+                fp32 = next((x for x in rows if x["dtype"] == "float32" and x["n"] == r["n"]
+                             and x["pattern"] == r["pattern"]), None)
+                if fp32:
+                    r["bf16_over_fp32"] = r["engine_s"] / fp32["engine_s"]
+                    print(f"bfloat16 / float32 engine time, {r['pattern']} n={r['n']}: {r['bf16_over_fp32']:.2f}")
+    result = {"meta": meta, "rows": rows}
+    if args.scaling_n:
+        result["scaling"] = bench_scaling(args, device)
+        print("sliding_window(256) scaling:", json.dumps(result["scaling"]))
+    if args.memory_n:
+        result["memory"] = bench_memory(args, device)
+        m = result["memory"]
+        print(f"peak memory, {m['pattern']} n={m['n']} one head: {m['peak_bytes'] / 2**20:.1f} MiB "
+              f"(a dense float32 score matrix: {m['dense_scores_bytes'] / 2**30:.0f} GiB)")
+    if args.first_call_n:
+        result["first_call"] = bench_first_call(args, device)
+        print("first call for a new shape:", json.dumps(result["first_call"]))
+    args.out.write_text(json.dumps(result, indent=1))
+    png = args.plot or args.out.with_suffix(".png")
+    plot(rows, png)
+    print(f"wrote {args.out} and {png}")
+
+
+if __name__ == "__main__":
+    main()
