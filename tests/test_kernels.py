@@ -4,6 +4,8 @@ row ranges, class padding, minimum distances), each against the float64 referenc
 from __future__ import annotations
 
 import math
+import platform
+import sys
 
 import pytest
 import torch
@@ -72,3 +74,30 @@ def test_kernels_half_precision(dtype):
          {"type": "union", "patterns": [SW(32), ST(32)]}),
     ]:
         _assert_matches(result, q, k, v, pattern, tol=3e-2)
+
+
+@pytest.mark.parametrize("lq,lk", [(600, 600), (517, 700), (300, 1003)])
+@pytest.mark.parametrize("min_distance", [0, 1, 20, 64])
+def test_strided_many_chunks(monkeypatch, lq, lk, min_distance):
+    """Tiny chunks: every chunk boundary, dummy lead row and skipped class row is crossed."""
+    monkeypatch.setattr("engine.kernels.strided.CHUNK_ROWS", 4)
+    q, k, v = _qkv(2, lq, lk)
+    stride = 13
+    out, lse = kernels.strided_attention(q, k, v, stride=stride, scale=0.25, min_distance=min_distance, chunks=30)
+    ref_out, ref_lse = reference_attention(q, k, v, ST(stride))
+    if min_distance:  # drop the keys nearer than min_distance from the reference's mask
+        i = torch.arange(lk - lq, lk)[:, None]
+        j = torch.arange(lk)[None, :]
+        keep = ((i - j) % stride == 0) & (i - j >= min_distance)
+        scores = torch.einsum("bhqd,bhkd->bhqk", q.double(), k.double()) * 0.25
+        scores = scores.masked_fill(~keep, float("-inf"))
+        ref_lse = torch.logsumexp(scores, -1)
+        ref_out = torch.einsum("bhqk,bhkd->bhqd", torch.exp(scores - ref_lse[..., None]).nan_to_num(0.0), v.double())
+    torch.testing.assert_close(out.double(), ref_out, atol=2e-5, rtol=2e-5)
+    empty = torch.isinf(ref_lse)
+    assert torch.equal(torch.isinf(lse), empty)
+    torch.testing.assert_close(lse.double()[~empty], ref_lse[~empty], atol=2e-5, rtol=2e-5)
+
+
+def test_freed_cpu_memory_is_kept_for_reuse_on_glibc():
+    assert kernels.KEEPS_FREED_MEMORY is (sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc")

@@ -1,5 +1,8 @@
 """Exact attention kernels; each takes [B, H, L, D] tensors with equal head counts, queries
-bottom-right aligned, and returns (out, lse) with a float32 log-sum-exp of shape [B, H, Lq]."""
+bottom-right aligned, and returns (out, lse) with a float32 log-sum-exp of shape [B, H, Lq].
+
+Importing them raises glibc's malloc thresholds (allocator.py) so that each call's outputs reuse
+freed memory instead of page-faulting fresh mappings."""
 
 from .band import band_attention
 from .dense import dense_attention, math_attention
@@ -8,8 +11,12 @@ from .masked import masked_attention
 from .merge import merge_partials
 from .strided import strided_attention
 from .union import band_strided_attention
+from .allocator import keep_freed_memory
+
+KEEPS_FREED_MEMORY = keep_freed_memory()
 
 __all__ = [
+    "KEEPS_FREED_MEMORY",
     "band_attention",
     "band_strided_attention",
     "dense_attention",

@@ -38,24 +38,25 @@ def _windows(x: torch.Tensor, start: int, tiles: int, tile: int, width: int) -> 
     return x.as_strided((b * h, tiles, width, d), (length * d, tile * d, d, 1), x.storage_offset() + start * d)
 
 
-def band_attention(
+def band_pieces(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, window: int, scale: float, tile: int | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Causal sliding-window attention, queries bottom-right aligned; (out, lse) over [B, H, Lq, *]."""
+) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
+    """Causal sliding-window attention as (first row, out, lse) pieces covering rows 0..Lq-1 in
+    order, queries bottom-right aligned: a consumer that writes a new tensor anyway (a union's
+    merge) can take them without first joining them."""
     if flash_supported(q):
-        return _flash_window(q, k, v, window=window, scale=scale)
+        return [(0, *_flash_window(q, k, v, window=window, scale=scale))]
     b, h, lq, _ = q.shape
     lk, dv, w = k.shape[-2], v.shape[-1], window
     offset = lk - lq
     q, k, v = (x.contiguous() for x in _same_head_dim(q, k, v))
+    pieces = []
     # Rows whose position is below w - 1 see every key up to themselves.
     head = min(lq, max(0, w - 1 - offset))
-    outs, lses = [], []
     if head:
         o, l = dense_attention(q[..., :head, :], k[..., : offset + head, :], v[..., : offset + head, :],
                                scale=scale, diagonal=offset)
-        outs.append(o)
-        lses.append(l)
+        pieces.append((0, o[..., :dv], l))
     tile = tile or TILE_ROWS
     row = head
     while row < lq:
@@ -67,12 +68,19 @@ def band_attention(
         mask = band_mask(size, w, q.dtype, q.device)
         o, l = _fused(qt, _windows(k, start, tiles, size, width), _windows(v, start, tiles, size, width),
                       scale=scale, is_causal=False, mask=mask)
-        outs.append(o.reshape(b, h, tiles * size, -1))
-        lses.append(l.reshape(b, h, tiles * size))
+        pieces.append((row, o.reshape(b, h, tiles * size, -1)[..., :dv], l.reshape(b, h, tiles * size)))
         row += tiles * size
-    out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=-2)
-    lse = lses[0] if len(lses) == 1 else torch.cat(lses, dim=-1)
-    return out[..., :dv], lse
+    return pieces
+
+
+def band_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, window: int, scale: float, tile: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Causal sliding-window attention, queries bottom-right aligned; (out, lse) over [B, H, Lq, *]."""
+    pieces = band_pieces(q, k, v, window=window, scale=scale, tile=tile)
+    if len(pieces) == 1:
+        return pieces[0][1], pieces[0][2]
+    return torch.cat([p[1] for p in pieces], dim=-2), torch.cat([p[2] for p in pieces], dim=-1)
 
 
 def _flash_window(q, k, v, *, window: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:

@@ -6,28 +6,27 @@ from __future__ import annotations
 import torch
 
 
-def _weights(lse_a: torch.Tensor, lse_b: torch.Tensor):
-    """(merged lse, weight of a, weight of b); rows where both are -inf get weights 0."""
-    lse = torch.logaddexp(lse_a, lse_b)
-    safe = torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)
-    return lse, torch.exp(lse_a - safe).unsqueeze(-1), torch.exp(lse_b - safe).unsqueeze(-1)
-
-
-def merge_into(out: torch.Tensor, lse: torch.Tensor, part_out: torch.Tensor, part_lse: torch.Tensor) -> None:
-    """Fold one partial over disjoint keys into (out, lse) in place: no new output tensor."""
-    merged, w_acc, w_part = _weights(lse, part_lse)
-    out.mul_(w_acc).addcmul_(part_out, w_part)
+def merge_to(out: torch.Tensor, lse: torch.Tensor, a: tuple[torch.Tensor, torch.Tensor],
+             b: tuple[torch.Tensor, torch.Tensor]) -> None:
+    """Write the merge of partials a and b into float32 (out, lse), which may be a itself (an
+    in-place fold, no new output tensor). Rows where both are -inf get zeros and -inf."""
+    (a_out, a_lse), (b_out, b_lse) = a, b
+    merged = torch.logaddexp(a_lse, b_lse)
+    safe = torch.where(torch.isinf(merged), torch.zeros_like(merged), merged)
+    torch.mul(a_out, torch.exp(a_lse - safe).unsqueeze(-1), out=out)
+    out.addcmul_(b_out, torch.exp(b_lse - safe).unsqueeze(-1))
     lse.copy_(merged)
 
 
 def merge_partials(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
     """Combine (out, lse) partials over disjoint key sets into a float32 output; rows with no
     key stay zero with lse -inf."""
-    out, lse = parts[0][0].float(), parts[0][1]
+    first_out, first_lse = parts[0]
     if len(parts) == 1:
-        return out, lse
-    out = out.clone() if out is parts[0][0] else out
-    lse = lse.clone()
-    for part_out, part_lse in parts[1:]:
-        merge_into(out, lse, part_out, part_lse)
+        return first_out.float(), first_lse
+    out = torch.empty(first_out.shape, dtype=torch.float32, device=first_out.device)
+    lse = torch.empty_like(first_lse)
+    merge_to(out, lse, parts[0], parts[1])
+    for part in parts[2:]:
+        merge_to(out, lse, (out, lse), part)
     return out, lse

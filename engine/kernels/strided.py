@@ -1,12 +1,13 @@
 """Causal strided attention as s independent dense causal attentions.
 
 Positions with the same residue mod s attend only each other, causally. Viewing [L, D] as
-[L/s, s, D] and swapping the first two axes turns `strided(s)` into one batched dense causal
-call over s classes of length L/s: n^2/s work on the fused kernel, with no copy of Q, K or V
-when s divides L (the view's strides go straight to the kernel) and no copy of the output (the
-kernel writes it in the query's memory order, which is the natural one). A minimum distance
-m (for a union with a sliding window, whose keys it then skips) drops the first ceil(m/s)
-class rows of queries and the last ones of keys: still one square causal call.
+[L/s, s, D] and swapping the first two axes turns `strided(s)` into dense causal attention over
+s classes of length L/s, batched in each fused call: n^2/s work, with no copy of Q, K or V when
+s divides L (the view's strides go straight to the kernel) and none of the output (the kernel
+writes it in the query's memory order, which is the natural one). The class rows are cut into
+chunks, one call each, so that little of the causal square's empty half is computed. A minimum
+distance m (for a union with a sliding window, whose keys it then skips) drops the first
+ceil(m/s) query class rows and shifts the mask's diagonal.
 """
 
 from __future__ import annotations
@@ -14,8 +15,13 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .dense import _fused, empty_partial
-from .merge import merge_partials
+from .dense import NEG_INF, _fused, empty_partial
+
+# Query class rows per chunk: at least CHUNK_ROWS, at most MAX_CHUNKS chunks. 64-row chunks were
+# the fastest of 16..256 for strided(64) at n = 16384 and strided(128) at 65536 (CPU, 2 cores);
+# at 1024-row classes chunking only matches the kernel's own causal skipping.
+CHUNK_ROWS = 64
+MAX_CHUNKS = 8
 
 
 def _classes(x: torch.Tensor, start: int, stop: int, stride: int) -> torch.Tensor:
@@ -28,11 +34,16 @@ def _classes(x: torch.Tensor, start: int, stop: int, stride: int) -> torch.Tenso
     return x[..., start:stop, :].reshape(b * h, rows, stride, d).transpose(1, 2)
 
 
-def strided_rows(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, stride: int, scale: float, min_distance: int = 0
-) -> tuple[int, torch.Tensor, torch.Tensor]:
-    """(first, out, lse): strided attention for query rows first .. Lq-1 (earlier rows see no
-    key), with i - j >= min_distance; queries bottom-right aligned."""
+def strided_pieces(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, stride: int, scale: float, min_distance: int = 0,
+    chunks: int | None = None,
+) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
+    """Strided attention with i - j >= min_distance as (first row, out, lse) pieces over
+    consecutive query rows, queries bottom-right aligned; rows before the first piece see no key.
+
+    Query class rows are cut into chunks; a chunk sees the key class rows up to its last row under
+    one shared [chunk, keys] mask, so the work is ~(chunks + 1) / (2 chunks) of the full square
+    (the CPU kernel's own causal skipping is coarse: none below 512 rows)."""
     b, h, lq, _ = q.shape
     lk, dv, s = k.shape[-2], v.shape[-1], stride
     offset = lk - lq
@@ -44,32 +55,40 @@ def strided_rows(
     diag = (offset - lead) // s - (-(-min_distance // s))
     skip = max(0, -diag)  # leading query class rows that see no key
     rows = (total - offset + lead) // s - skip
-    first = skip * s - lead
-    if rows <= 0 or first >= lq:
-        return lq, *empty_partial(q[..., :0, :], dv)
-    qc = _classes(q, skip * s, skip * s + rows * s, s)
-    # Keys: the `diag + skip` class rows every query row sees, then a causal square.
-    seen = diag + skip
+    if rows <= 0 or skip * s - lead >= lq:
+        return []
+    seen = diag + skip  # local query class row r sees key class rows 0 .. seen + r
+    qc = _classes(q, skip * s, (skip + rows) * s, s)
     kc, vc = _classes(k, 0, (seen + rows) * s, s), _classes(v, 0, (seen + rows) * s, s)
-    out, lse = _fused(qc, kc[:, :, seen:], vc[:, :, seen:], scale=scale, is_causal=True)
-    if seen:
-        prefix = _fused(qc, kc[:, :, :seen], vc[:, :, :seen], scale=scale, is_causal=False)
-        out, lse = merge_partials([(out, lse), prefix])
-    out = out.transpose(1, 2).reshape(b, h, rows * s, dv)
-    lse = lse.transpose(1, 2).reshape(b, h, rows * s)
-    if first < 0:  # drop the dummy rows
-        out, lse = out[..., -first:, :], lse[..., -first:]
-        first = 0
-    return first, out[..., : lq - first, :], lse[..., : lq - first]
+    size = max(CHUNK_ROWS, -(-rows // (chunks or MAX_CHUNKS)))
+    pieces = []
+    for c0 in range(0, rows, size):
+        c1 = min(rows, c0 + size)
+        keys = torch.arange(seen + c1, device=q.device)[None, :]
+        limit = torch.arange(seen + c0, seen + c1, device=q.device)[:, None]
+        mask = torch.zeros(c1 - c0, seen + c1, dtype=q.dtype, device=q.device).masked_fill_(keys > limit, NEG_INF)
+        out, lse = _fused(qc[:, :, c0:c1], kc[:, :, : seen + c1], vc[:, :, : seen + c1], scale=scale,
+                          is_causal=False, mask=mask)
+        first = (skip + c0) * s - lead  # q row of the chunk's first position
+        out = out.transpose(1, 2).reshape(b, h, (c1 - c0) * s, dv)
+        lse = lse.transpose(1, 2).reshape(b, h, (c1 - c0) * s)
+        lo, hi = max(0, -first), min((c1 - c0) * s, lq - first)  # drop dummy and padded rows
+        if hi > lo:
+            pieces.append((first + lo, out[..., lo:hi, :], lse[..., lo:hi]))
+    return pieces
 
 
 def strided_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, stride: int, scale: float, min_distance: int = 0
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, stride: int, scale: float, min_distance: int = 0,
+    chunks: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Causal `(i - j) mod stride == 0` attention with i - j >= min_distance, queries
     bottom-right aligned; (out, lse) over [B, H, Lq, *]."""
-    first, out, lse = strided_rows(q, k, v, stride=stride, scale=scale, min_distance=min_distance)
-    if first == 0:
-        return out, lse
-    head_out, head_lse = empty_partial(q[..., :first, :], v.shape[-1])
-    return torch.cat([head_out, out], dim=-2), torch.cat([head_lse, lse], dim=-1)
+    pieces = strided_pieces(q, k, v, stride=stride, scale=scale, min_distance=min_distance, chunks=chunks)
+    # The pieces are consecutive: join them (one copy), after empty rows for those that see no key.
+    first = pieces[0][0] if pieces else q.shape[-2]
+    if first:
+        pieces.insert(0, (0, *empty_partial(q[..., :first, :], v.shape[-1])))
+    if len(pieces) == 1:
+        return pieces[0][1], pieces[0][2]
+    return torch.cat([p[1] for p in pieces], dim=-2), torch.cat([p[2] for p in pieces], dim=-1)
