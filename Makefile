@@ -6,7 +6,7 @@ VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python
 
-.PHONY: install run test demo bench clean
+.PHONY: install run test demo openapi bench clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -18,7 +18,13 @@ $(VENV)/.installed: pyproject.toml
 install: $(VENV)/.installed
 
 run: install
+	$(PY) -m service
+
+demo: install
 	$(PY) -m engine demo
+
+openapi: install
+	$(PY) -m service.openapi
 
 test: install
 	$(PY) -m pytest -q

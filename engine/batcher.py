@@ -1,0 +1,251 @@
+"""Dynamic batching in front of `attention`: many concurrent callers, few engine calls.
+
+Like Triton Inference Server's dynamic batcher: callers `submit` from asyncio; a collector task
+takes the first waiting request, gathers more for up to `max_delay_ms` or until
+`max_batch_size`, and hands them to one worker thread (torch releases the GIL, so the event
+loop keeps accepting meanwhile). Requests are compatible when they agree on everything but the
+batch dimension (device, dtype, heads, head dims, lengths, pattern, causal, scale); each
+compatible group runs as one engine call with the groups' inputs concatenated along B, so no
+padding work is done. Requests of different lengths run as separate calls in the same round:
+the structured kernels index absolute positions, so packing them along the sequence would
+need a segment mask those kernels do not take.
+
+If a batched call raises, its members are rerun one by one, so one bad request fails alone.
+Each caller gets back exactly the rows it sent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Awaitable, Callable
+
+import torch
+
+from .attention import attention
+from .memory import PeakMemory
+from .patterns import PatternBase
+
+
+class QueueFull(Exception):
+    """The bounded queue is full; the caller should retry later."""
+
+
+class ShuttingDown(Exception):
+    """The batcher no longer accepts requests."""
+
+
+class DeadlineExceeded(Exception):
+    """The request's deadline passed before its answer was ready."""
+
+
+class ClientGone(Exception):
+    """The caller went away before its request started; it was dropped."""
+
+
+@dataclass(frozen=True)
+class BatchKey:
+    """Everything requests must share to run in one engine call."""
+
+    dtype: torch.dtype
+    heads: int
+    kv_heads: int
+    head_dim: int
+    value_dim: int
+    lq: int
+    lk: int
+    pattern: PatternBase
+    causal: bool
+    scale: float
+
+
+@dataclass(frozen=True)
+class Result:
+    """One request's answer: its own rows of the output and lse, and how the call went."""
+
+    output: torch.Tensor
+    lse: torch.Tensor
+    queue_ms: float
+    compute_ms: float
+    batch_requests: int
+    peak_bytes: int
+
+
+@dataclass(eq=False)
+class _Job:
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    key: BatchKey
+    deadline: float
+    client_gone: Callable[[], Awaitable[bool]] | None
+    future: asyncio.Future
+    enqueued: float = field(default_factory=time.perf_counter)
+
+
+Compute = Callable[..., tuple[torch.Tensor, torch.Tensor]]
+
+
+class Batcher:
+    """`async with Batcher(device) as b: result = await b.submit(q, k, v, pattern, ...)`."""
+
+    def __init__(
+        self,
+        device: torch.device | str = "cpu",
+        *,
+        max_batch_size: int = 32,
+        max_delay_ms: float = 2.0,
+        queue_size: int = 256,
+        compute: Compute = attention,
+        on_batch: Callable[[int], None] | None = None,
+    ) -> None:
+        self.device = torch.device(device)
+        self.max_batch_size = max_batch_size
+        self.max_delay_s = max_delay_ms / 1000
+        self._queue: asyncio.Queue[_Job] = asyncio.Queue(maxsize=queue_size)
+        self._compute = compute
+        self._on_batch = on_batch
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
+        self._collector: asyncio.Task | None = None
+        self._closing = False
+
+    @property
+    def queue_depth(self) -> int:
+        """Requests waiting for the engine (not counting the batch running now)."""
+        return self._queue.qsize()
+
+    async def __aenter__(self) -> "Batcher":
+        self._collector = asyncio.create_task(self._collect_forever(), name="batcher")
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        """Refuse new requests, finish the queued ones, then stop the worker."""
+        self._closing = True
+        if self._collector is not None:
+            await self._queue.join()
+            self._collector.cancel()
+            await asyncio.gather(self._collector, return_exceptions=True)
+            self._collector = None
+        self._executor.shutdown(wait=True)
+
+    async def submit(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        pattern: PatternBase,
+        *,
+        causal: bool = True,
+        scale: float | None = None,
+        timeout_s: float = 30.0,
+        client_gone: Callable[[], Awaitable[bool]] | None = None,
+    ) -> Result:
+        """Queue one request of [B, H, L, D] tensors and wait for its answer.
+
+        Raises QueueFull, ShuttingDown, DeadlineExceeded, ClientGone, or the engine's own error.
+        """
+        if self._closing or self._collector is None:
+            raise ShuttingDown("the engine is shutting down")
+        scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+        key = BatchKey(q.dtype, q.shape[1], k.shape[1], q.shape[3], v.shape[3], q.shape[2], k.shape[2],
+                       pattern, causal, scale)
+        loop = asyncio.get_running_loop()
+        job = _Job(q, k, v, key, loop.time() + timeout_s, client_gone, loop.create_future())
+        try:
+            self._queue.put_nowait(job)
+        except asyncio.QueueFull:
+            raise QueueFull(f"{self._queue.maxsize} requests already waiting") from None
+        try:
+            return await asyncio.wait_for(job.future, timeout_s)
+        except TimeoutError:
+            raise DeadlineExceeded(f"the deadline passed: no answer within {timeout_s * 1000:.0f} ms") from None
+
+    async def _collect_forever(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            jobs = [await self._queue.get()]
+            closes_at = loop.time() + self.max_delay_s
+            while len(jobs) < self.max_batch_size:
+                if self._queue.empty():
+                    wait = closes_at - loop.time()
+                    if wait <= 0:
+                        break
+                    try:
+                        jobs.append(await asyncio.wait_for(self._queue.get(), wait))
+                    except TimeoutError:
+                        break
+                else:
+                    jobs.append(self._queue.get_nowait())
+            try:
+                groups: dict[BatchKey, list[_Job]] = {}
+                for job in jobs:
+                    if await self._still_wanted(job, loop.time()):
+                        groups.setdefault(job.key, []).append(job)
+                if groups:
+                    await loop.run_in_executor(self._executor, self._run_groups, loop, list(groups.values()))
+            finally:
+                for _ in jobs:
+                    self._queue.task_done()
+
+    async def _still_wanted(self, job: _Job, now: float) -> bool:
+        """False (and the caller answered) if the job was abandoned, expired or its client left."""
+        if job.future.done():  # the caller stopped waiting (its deadline, or it was cancelled)
+            return False
+        if now >= job.deadline:
+            job.future.set_exception(DeadlineExceeded("the deadline passed while queued"))
+            return False
+        if job.client_gone is not None and await job.client_gone():
+            job.future.set_exception(ClientGone("the client disconnected before the request started"))
+            return False
+        return True
+
+    def _run_groups(self, loop: asyncio.AbstractEventLoop, groups: list[list[_Job]]) -> None:
+        """Worker thread: each group as one call; on failure, each member alone."""
+        for jobs in groups:
+            if self._on_batch is not None:
+                self._on_batch(len(jobs))
+            try:
+                for job, result in zip(jobs, self._run(jobs)):
+                    loop.call_soon_threadsafe(_settle, job.future, result, None)
+            except Exception as batch_error:
+                if len(jobs) == 1:
+                    loop.call_soon_threadsafe(_settle, jobs[0].future, None, batch_error)
+                    continue
+                for job in jobs:
+                    try:
+                        (result,) = self._run([job])
+                        loop.call_soon_threadsafe(_settle, job.future, result, None)
+                    except Exception as error:
+                        loop.call_soon_threadsafe(_settle, job.future, None, error)
+
+    def _run(self, jobs: list[_Job]) -> list[Result]:
+        """One engine call over the jobs' inputs stacked along B; each job's rows split back out."""
+        started = time.perf_counter()
+        key = jobs[0].key
+        q, k, v = (torch.cat(ts) if len(ts) > 1 else ts[0] for ts in zip(*((j.q, j.k, j.v) for j in jobs)))
+        q, k, v = (t.to(self.device, non_blocking=True) for t in (q, k, v))
+        with PeakMemory(self.device) as memory:
+            out, lse = self._compute(q, k, v, key.pattern, causal=key.causal, scale=key.scale, return_lse=True)
+        out, lse = out.cpu(), lse.cpu()
+        compute_ms = (time.perf_counter() - started) * 1000
+        sizes = [j.q.shape[0] for j in jobs]
+        return [
+            Result(o, l, (started - j.enqueued) * 1000, compute_ms, len(jobs), memory.peak_bytes)
+            for j, o, l in zip(jobs, out.split(sizes), lse.split(sizes))
+        ]
+
+
+def _settle(future: asyncio.Future, result: Result | None, error: BaseException | None) -> None:
+    """Answer a caller on the event loop, unless it already stopped waiting."""
+    if future.done():
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)

@@ -1,0 +1,260 @@
+"""The HTTP service (CONTRACT §2-§4): `service.app:app`, or `create_app(settings)` for a custom one.
+
+Thin on purpose: pydantic validates, `engine.batcher.Batcher` batches and computes, and the
+routes only translate between the two and add the contract's metadata.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import threading
+import time
+from contextlib import asynccontextmanager
+from functools import lru_cache
+from typing import Annotated, AsyncIterator
+
+import torch
+from fastapi import Depends, FastAPI, Query, Request, Response
+from fastapi.concurrency import run_in_threadpool
+from fastapi.openapi.utils import get_openapi
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import ValidationError
+
+from engine.attention import backend_for
+from engine.batcher import Batcher, Compute
+from engine.patterns import PATTERN_CATALOG, PatternBase, attended_pairs, parse_pattern
+from engine.picture import mask_png
+
+from . import errors
+from .errors import ApiError
+from .metrics import Metrics
+from .middleware import BodyLimit, RequestContext
+from .schemas import AttentionRequest, AttentionResponse, BatchInfo, ErrorResponse, Limits, Memory, Meta, Timing, TensorOut
+from .settings import Settings
+
+log = logging.getLogger("service")
+
+DESCRIPTION = """Exact dense and sparse causal attention (Sparse Transformer patterns) over HTTP.
+
+See a pattern's mask: [/patterns/preview](/patterns/preview?pattern=%7B%22type%22%3A%22union%22%2C%22patterns%22%3A%5B%7B%22type%22%3A%22sliding_window%22%2C%22window%22%3A8%7D%2C%7B%22type%22%3A%22strided%22%2C%22stride%22%3A8%7D%5D%7D&n=64)
+(the paper's sliding window + strided), and every pattern type at [/patterns](/patterns).
+Errors are `{"error": {"status", "field", "message", "errors"}}`.
+"""
+PREVIEW_MAX_N = 512
+PREVIEW_MAX_HEADS = 64
+_ERRORS = {status: {"model": ErrorResponse} for status in (401, 413, 422, 429, 503, 504)}
+
+
+class Service:
+    """What the routes share: settings, the batcher (while running), readiness, metrics."""
+
+    def __init__(self, settings: Settings, compute: Compute | None) -> None:
+        self.settings = settings
+        self.device = settings.torch_device
+        self.limits = Limits(settings.max_tokens_per_request, settings.max_tensor_elements)
+        self.compute = compute
+        self.batcher: Batcher | None = None
+        self.ready = False
+        self.metrics = Metrics(lambda: self.batcher.queue_depth if self.batcher else 0)
+        self.retry_after = {"Retry-After": str(settings.retry_after_s)}
+
+    @asynccontextmanager
+    async def running(self) -> AsyncIterator[None]:
+        """Lifespan: start the batcher, warm the engine in the background, drain on exit."""
+        s = self.settings
+        extra = {"compute": self.compute} if self.compute is not None else {}
+        async with Batcher(
+            self.device, max_batch_size=s.max_batch_size, max_delay_ms=s.max_batch_delay_ms,
+            queue_size=s.queue_size, on_batch=self.metrics.batch_size.observe, **extra,
+        ) as batcher:
+            self.batcher = batcher
+            warm = asyncio.create_task(self._warm_up(batcher))
+            try:
+                yield
+            finally:
+                self.ready = False
+                warm.cancel()
+        self.batcher = None
+
+    async def _warm_up(self, batcher: Batcher) -> None:
+        """One small call per kernel family through the worker thread, then ready."""
+        dtypes = [torch.float32] + ([torch.float16, torch.bfloat16] if self.device.type == "cuda" else [])
+        patterns = [{"type": "dense"}, {"type": "sliding_window", "window": 16}, {"type": "strided", "stride": 16},
+                    {"type": "fixed", "block": 16, "summary": 2},
+                    {"type": "union", "patterns": [{"type": "sliding_window", "window": 8}, {"type": "fixed", "block": 16, "summary": 1}]}]
+        started = time.perf_counter()
+        for dtype in dtypes:
+            q = torch.randn(1, 2, 128, 32, dtype=dtype)
+            for pattern in patterns:
+                await batcher.submit(q, q, q, parse_pattern(pattern), timeout_s=600)
+        self.ready = True
+        log.info("engine warm on %s in %.0f ms", self.device, (time.perf_counter() - started) * 1000)
+
+    def require_ready(self) -> None:
+        if not self.ready or self.batcher is None:
+            raise ApiError(503, None, "the engine is not ready (warming up or shutting down)", self.retry_after)
+
+
+_bearer = HTTPBearer(auto_error=False, description="required when ATTN_API_KEYS is set")
+
+
+def _service(request: Request) -> Service:
+    return request.app.state.service
+
+
+def require_key(
+    request: Request, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
+) -> None:
+    """401 unless no keys are configured or the Bearer key matches one (constant-time)."""
+    keys = _service(request).settings.api_keys
+    if not keys:
+        return
+    given = credentials.credentials.encode() if credentials else b""
+    matched = False
+    for key in keys:
+        matched |= hmac.compare_digest(given, key.get_secret_value().encode())
+    if not matched:
+        raise ApiError(401, "Authorization", "a valid 'Authorization: Bearer <key>' header is required",
+                       {"WWW-Authenticate": "Bearer"})
+
+
+@lru_cache(maxsize=4096)
+def _backend(pattern: PatternBase, heads: int, lq: int, lk: int, causal: bool) -> str:
+    return backend_for(pattern, heads, lq, lk, causal)
+
+
+def create_app(settings: Settings | None = None, *, compute: Compute | None = None) -> FastAPI:
+    """The ASGI app; `compute` replaces the engine call (tests inject faults and delays with it)."""
+    settings = settings or Settings()
+    service = Service(settings, compute)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        async with service.running():
+            yield
+
+    app = FastAPI(title="attention-service", version="0.1.0", description=DESCRIPTION, lifespan=lifespan)
+    app.state.service = service
+    errors.install(app, settings.retry_after_s)
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(RequestContext, metrics=service.metrics)
+
+    @app.post(
+        "/attention",
+        response_model=AttentionResponse,
+        responses=_ERRORS,
+        dependencies=[Depends(require_key)],
+        openapi_extra={"requestBody": {
+            "required": True,
+            "content": {"application/json": {"schema": {"$ref": "#/components/schemas/AttentionRequest"}}},
+        }},
+    )
+    async def post_attention(request: Request) -> Response:
+        """Attention over q, k, v with a pattern (CONTRACT §2). Batched with concurrent requests."""
+        service.require_ready()
+        body = await request.body()
+        req = AttentionRequest.model_validate_json(body, context={"limits": service.limits})
+        q, k, v = req.tensors
+        timeout_ms = min(req.timeout_ms or settings.request_timeout_ms, settings.request_timeout_ms)
+        arrived = request.state.arrived
+        assert service.batcher is not None
+        try:
+            result = await service.batcher.submit(
+                q, k, v, req.pattern, causal=req.causal, scale=req.scale,
+                timeout_s=timeout_ms / 1000 - (time.perf_counter() - arrived), client_gone=request.is_disconnected,
+            )
+        except ValueError as e:  # the engine's own checks name the field ("k: ...")
+            raise ApiError(422, str(e).partition(":")[0], str(e)) from None
+        b, h, lq, _ = q.shape
+        lk = k.shape[2]
+        pairs = attended_pairs(req.pattern, b, h, lq, lk, req.causal)
+        output, lse = result.output, result.lse
+        if len(req.q.shape) == 3:
+            output, lse = output.squeeze(0), lse.squeeze(0)
+        encoding = req.encoding or ("b64" if req.q.b64 is not None else "data")
+        service.metrics.queue_time.observe(result.queue_ms / 1000)
+        service.metrics.tokens.inc(b * lq)
+        response = AttentionResponse(
+            output=TensorOut.encode(output, encoding),
+            lse=TensorOut.encode(lse, encoding) if req.return_lse else None,
+            meta=Meta(
+                request_id=request.state.request_id,
+                device=str(service.device),
+                backend=_backend(req.pattern, h, lq, lk, req.causal),
+                pattern=req.pattern.describe(),
+                batch=BatchInfo(requests=result.batch_requests),
+                timing_ms=Timing(queue=result.queue_ms, compute=result.compute_ms,
+                                 total=(time.perf_counter() - arrived) * 1000),
+                memory=Memory(peak_bytes=result.peak_bytes, dense_scores_bytes=b * h * lq * lk * 4),
+                attended_pairs=pairs,
+                density=pairs / (b * h * lq * lk),
+            ),
+        )
+        return Response(response.model_dump_json(), media_type="application/json")
+
+    @app.get("/healthz")
+    async def healthz() -> dict[str, str]:
+        """The process is alive."""
+        return {"status": "ok"}
+
+    @app.get("/readyz", responses={503: {"model": ErrorResponse}})
+    async def readyz() -> dict[str, str]:
+        """200 once the engine is loaded and warm; 503 with Retry-After before, and when draining."""
+        service.require_ready()
+        return {"status": "ready", "device": str(service.device)}
+
+    @app.get("/metrics", response_class=Response, responses={200: {"content": {"text/plain": {}}}})
+    async def metrics() -> Response:
+        """Prometheus text exposition."""
+        return Response(service.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    @app.get("/patterns")
+    async def patterns() -> list[dict]:
+        """Every pattern type with its parameters and rule (CONTRACT §1)."""
+        return PATTERN_CATALOG
+
+    preview_lock = threading.Lock()  # matplotlib's pyplot state is not thread-safe
+
+    @app.get("/patterns/preview", response_class=Response,
+             responses={200: {"content": {"image/png": {}}}, 422: {"model": ErrorResponse}})
+    async def preview(
+        pattern: Annotated[str, Query(description="the pattern as JSON", max_length=16384)] = '{"type": "dense"}',
+        n: Annotated[int, Query(ge=1, le=PREVIEW_MAX_N, description="sequence length drawn")] = 64,
+        heads: Annotated[int, Query(ge=1, le=PREVIEW_MAX_HEADS, description="head count, for per_head")] = 1,
+        causal: bool = True,
+    ) -> Response:
+        """A PNG of the pattern's mask, one panel per distinct head pattern (queries down, keys across)."""
+        try:
+            parsed = parse_pattern(pattern)
+            parsed.check_heads(heads)
+        except ValidationError as e:
+            first = e.errors(include_url=False)[0]
+            field = ".".join(["pattern", *map(str, first["loc"])])
+            raise ApiError(422, field, f"{field}: {first['msg']}") from None
+        except ValueError as e:
+            raise ApiError(422, str(e).partition(": ")[0], str(e)) from None
+
+        def draw() -> bytes:
+            with preview_lock:
+                return mask_png(parsed, n, causal=causal, heads=heads)
+
+        return Response(await run_in_threadpool(draw), media_type="image/png")
+
+    def openapi() -> dict:
+        """FastAPI's document plus the request model, which the route validates itself (with limits)."""
+        if app.openapi_schema is None:
+            schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+            request_schema = AttentionRequest.model_json_schema(ref_template="#/components/schemas/{model}")
+            components = schema.setdefault("components", {}).setdefault("schemas", {})
+            components.update(request_schema.pop("$defs"))
+            components["AttentionRequest"] = request_schema
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+    return app
+
+
+app = create_app()

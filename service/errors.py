@@ -1,0 +1,89 @@
+"""Every error answers with the same JSON body (CONTRACT §3), naming the field when one applies.
+
+    {"error": {"status": 422, "field": "k.shape", "message": "k.shape: ...", "errors": [...]}}
+
+Validation failures list each problem in `errors`; the first is the `field` and `message`.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import ValidationError
+from starlette.exceptions import HTTPException
+
+from engine.batcher import ClientGone, DeadlineExceeded, QueueFull, ShuttingDown
+
+from .schemas import TOO_LARGE, ErrorDetail, ErrorResponse
+
+log = logging.getLogger("service")
+
+# 499: the client closed the request (nginx's code); nobody is left to read it.
+_BATCHER_STATUS = {QueueFull: 429, ShuttingDown: 503, DeadlineExceeded: 504, ClientGone: 499}
+
+
+class ApiError(HTTPException):
+    """An error answer: status, the field at fault (or None), a message, extra headers."""
+
+    def __init__(self, status: int, field: str | None, message: str, headers: dict[str, str] | None = None) -> None:
+        super().__init__(status_code=status, detail=message, headers=headers)
+        self.field = field
+
+
+def error_response(
+    request: Request, status: int, field: str | None, message: str,
+    headers: dict[str, str] | None = None, errors: list[dict[str, str]] | None = None,
+) -> JSONResponse:
+    body = ErrorResponse(error=ErrorDetail(status=status, field=field, message=message, errors=errors or []))
+    headers = dict(headers or {})
+    request_id = getattr(request.state, "request_id", None)
+    if request_id:
+        headers["X-Request-ID"] = request_id
+    return JSONResponse(body.model_dump(), status_code=status, headers=headers)
+
+
+def _field_of(error: dict) -> str:
+    """'q.shape' from a pydantic error: its location plus the `field` a validator named."""
+    parts = [str(p) for p in error["loc"] if p != "body"]
+    named = (error.get("ctx") or {}).get("field")
+    if named:
+        parts.append(named)
+    return ".".join(parts) or "body"
+
+
+def validation_response(request: Request, exc: ValidationError | RequestValidationError) -> JSONResponse:
+    """422 naming each field, or 413 when the request is valid but over a configured limit."""
+    raw = exc.errors(include_url=False) if isinstance(exc, ValidationError) else exc.errors()
+    errors = [{"field": _field_of(e), "message": e["msg"]} for e in raw]
+    status = 413 if any(e["type"] == TOO_LARGE for e in raw) else 422
+    first = errors[0]
+    return error_response(request, status, first["field"], first["message"], errors=errors)
+
+
+def install(app: FastAPI, retry_after_s: int) -> None:
+    """Register the handlers that turn every failure into the contract's error body."""
+    retry = {"Retry-After": str(retry_after_s)}
+
+    @app.exception_handler(ValidationError)
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, exc: ValidationError | RequestValidationError) -> JSONResponse:
+        return validation_response(request, exc)
+
+    @app.exception_handler(HTTPException)
+    async def _http(request: Request, exc: HTTPException) -> JSONResponse:
+        return error_response(request, exc.status_code, getattr(exc, "field", None), str(exc.detail), exc.headers)
+
+    for kind, status in _BATCHER_STATUS.items():
+
+        async def _batcher(request: Request, exc: Exception, status: int = status) -> JSONResponse:
+            return error_response(request, status, None, str(exc), retry if status in (429, 503) else None)
+
+        app.add_exception_handler(kind, _batcher)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error in %s %s", request.method, request.url.path)
+        return error_response(request, 500, None, f"internal error: {type(exc).__name__}")

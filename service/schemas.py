@@ -1,0 +1,253 @@
+"""Request and response models of POST /attention (CONTRACT §2) and the error body (§3).
+
+Validation runs in an order that keeps bad requests cheap: field types first, then the limits
+(declared shapes against the configured token and element limits, 413, before anything is
+allocated), then the cross-field shape rules, then each encoding's length against its shape,
+and only then decoding, which is where non-finite values are found. A failure names its field
+through `field_error`, whose `field` is relative to the model that raised it.
+"""
+
+from __future__ import annotations
+
+import binascii
+import math
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal
+
+import numpy as np
+import torch
+import pybase64
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationInfo, WithJsonSchema, model_validator
+from pydantic_core import PydanticCustomError
+
+from engine.patterns import Dense, Pattern
+
+DType = Literal["float32", "float16", "bfloat16"]
+Encoding = Literal["b64", "data"]
+TORCH_DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+DTYPE_NAMES = {v: k for k, v in TORCH_DTYPES.items()}
+# A flat list in C order, or lists nested to the tensor's shape. Checked by numpy in
+# `Tensor.decode`, not element by element by pydantic: a pydantic error per bad element lets a
+# 10 MB body of strings take gigabytes of error objects.
+Values = Annotated[
+    list[Any],
+    WithJsonSchema(
+        {"type": "array", "items": {"anyOf": [{"type": "number"}, {"type": "array"}]}},
+    ),
+]
+
+TOO_LARGE = "too_large"  # the error type that answers 413 rather than 422
+
+
+def field_error(field: str, message: str, kind: str = "field_error") -> PydanticCustomError:
+    """A validation error whose message and `ctx.field` name the offending field."""
+    return PydanticCustomError(kind, "{field}: {reason}", {"field": field, "reason": message})
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one request may ask for; passed as validation context by the service."""
+
+    max_tokens: int
+    max_elements: int
+
+
+class Tensor(BaseModel):
+    """A tensor: its shape, dtype and exactly one of `data` (JSON numbers) or `b64` (raw bytes)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    shape: list[int] = Field(min_length=3, max_length=4, description="[B, H, L, D] or [H, L, D] (B = 1)")
+    dtype: DType
+    data: Values | None = Field(None, description="values in C order: flat, or nested to the shape")
+    b64: str | None = Field(None, description="base64 of the little-endian bytes in C order")
+
+    @model_validator(mode="after")
+    def _one_encoding(self) -> "Tensor":
+        if any(n < 1 for n in self.shape):
+            raise field_error("shape", f"every dimension must be >= 1, got {self.shape}")
+        if (self.data is None) == (self.b64 is None):
+            raise field_error("data", "give exactly one of data or b64")
+        if self.dtype == "bfloat16" and self.data is not None:
+            raise field_error("data", "bfloat16 is accepted only as b64")
+        return self
+
+    @property
+    def dims(self) -> tuple[int, int, int, int]:
+        """(B, H, L, D), with B = 1 for a 3-D shape."""
+        return tuple([1, *self.shape] if len(self.shape) == 3 else self.shape)  # type: ignore[return-value]
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    def check_length(self, name: str) -> None:
+        """A b64 string (or flat data list) must hold exactly the shape's values."""
+        if self.b64 is not None:
+            nbytes = self.numel * TORCH_DTYPES[self.dtype].itemsize
+            expected = 4 * -(-nbytes // 3)
+            if len(self.b64) != expected:
+                raise field_error(
+                    f"{name}.b64",
+                    f"{len(self.b64)} characters, but shape {self.shape} of {self.dtype} takes {expected}",
+                )
+        elif not isinstance(self.data[0] if self.data else None, list) and len(self.data) != self.numel:
+            raise field_error(f"{name}.data", f"{len(self.data)} values, but shape {self.shape} holds {self.numel}")
+
+    def decode(self, name: str) -> torch.Tensor:
+        """The tensor as [B, H, L, D] on the CPU; refuses bad base64, ragged lists and non-finite values."""
+        if self.b64 is not None:
+            try:
+                raw = bytearray(pybase64.b64decode(self.b64, validate=True))
+            except binascii.Error as e:
+                raise field_error(f"{name}.b64", f"not valid base64 ({e})") from None
+            t = torch.frombuffer(raw, dtype=TORCH_DTYPES[self.dtype])
+        else:
+            try:
+                values = np.asarray(self.data)
+            except ValueError:
+                raise field_error(f"{name}.data", f"nested lists do not form shape {self.shape}") from None
+            if values.dtype.kind not in "iuf":
+                raise field_error(f"{name}.data", "must hold only numbers, flat or nested to the shape")
+            if list(values.shape) != self.shape and list(values.shape) != [self.numel]:
+                raise field_error(f"{name}.data", f"lists of shape {list(values.shape)}, expected {self.shape}")
+            t = torch.from_numpy(values).to(TORCH_DTYPES[self.dtype])
+        # A finite sum proves every value finite; only a non-finite sum needs the full check.
+        if not (bool(t.sum().isfinite()) or bool(torch.isfinite(t).all())):
+            raise field_error(f"{name}.{'b64' if self.b64 is not None else 'data'}", "values must be finite (no NaN or Inf)")
+        return t.reshape(self.dims)
+
+
+class AttentionRequest(BaseModel):
+    """POST /attention: q [B, H, Lq, D], k [B, Hkv, Lk, D], v [B, Hkv, Lk, Dv] and the pattern."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    q: Tensor
+    k: Tensor
+    v: Tensor
+    pattern: Pattern = Field(default_factory=Dense, description="defaults to dense")
+    causal: bool = True
+    scale: float | None = Field(None, allow_inf_nan=False, description="defaults to 1 / sqrt(D)")
+    return_lse: bool = False
+    timeout_ms: float | None = Field(None, gt=0, allow_inf_nan=False, description="deadline for the whole request")
+    encoding: Encoding | None = Field(None, description="response tensors' encoding; defaults to q's")
+
+    _tensors: tuple[torch.Tensor, torch.Tensor, torch.Tensor] = PrivateAttr()
+
+    @model_validator(mode="after")
+    def _consistent(self, info: ValidationInfo) -> "AttentionRequest":
+        limits = (info.context or {}).get("limits")
+        if limits is not None:
+            self._check_limits(limits)
+        self._check_shapes()
+        for name in ("q", "k", "v"):
+            getattr(self, name).check_length(name)
+        try:
+            self.pattern.check_heads(self.q.dims[1])
+        except ValueError as e:
+            field, _, reason = str(e).partition(": ")
+            raise field_error(field, reason) from None
+        self._tensors = (self.q.decode("q"), self.k.decode("k"), self.v.decode("v"))
+        return self
+
+    def _check_limits(self, limits: Limits) -> None:
+        b, _, lk, _ = self.k.dims
+        if b * lk > limits.max_tokens:
+            raise field_error("k.shape", f"B * Lk = {b * lk} tokens, over the limit of {limits.max_tokens}", TOO_LARGE)
+        b, h, lq, _ = self.q.dims
+        sizes = {"q.shape": self.q.numel, "k.shape": self.k.numel, "v.shape": self.v.numel,
+                 "output": b * h * lq * self.v.dims[3]}
+        for field, n in sizes.items():
+            if n > limits.max_elements:
+                raise field_error(field, f"{n} elements, over the limit of {limits.max_elements}", TOO_LARGE)
+
+    def _check_shapes(self) -> None:
+        if len(self.k.shape) != len(self.q.shape) or len(self.v.shape) != len(self.q.shape):
+            raise field_error("k.shape", "q, k and v must all be 3-D or all 4-D")
+        if self.k.dtype != self.q.dtype or self.v.dtype != self.q.dtype:
+            raise field_error("k.dtype" if self.k.dtype != self.q.dtype else "v.dtype", f"must equal q's {self.q.dtype}")
+        b, h, lq, d = self.q.dims
+        bk, hkv, lk, dk = self.k.dims
+        bv, hv, lv, _ = self.v.dims
+        if bk != b or bv != b:
+            raise field_error("k.shape" if bk != b else "v.shape", f"batch must equal q's batch {b}")
+        if dk != d:
+            raise field_error("k.shape", f"head dim {dk} must equal q's head dim {d}")
+        if h % hkv:
+            raise field_error("k.shape", f"{hkv} key/value heads do not divide q's {h} heads")
+        if (hv, lv) != (hkv, lk):
+            raise field_error("v.shape", f"heads and length {[hv, lv]} must equal k's {[hkv, lk]}")
+        if lq > lk:
+            raise field_error("q.shape", f"query length {lq} exceeds key length {lk}")
+
+    @property
+    def tensors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The decoded q, k, v as [B, H, L, D] CPU tensors."""
+        return self._tensors
+
+
+class TensorOut(BaseModel):
+    """A response tensor, in the request's `encoding`."""
+
+    shape: list[int]
+    dtype: DType
+    data: list[float] | None = None
+    b64: str | None = None
+
+    @classmethod
+    def encode(cls, t: torch.Tensor, encoding: Encoding) -> "TensorOut":
+        t = t.contiguous()
+        if encoding == "b64":
+            values = {"b64": pybase64.b64encode(t.view(torch.uint8).numpy()).decode("ascii")}
+        else:
+            values = {"data": t.float().flatten().tolist()}
+        return cls(shape=list(t.shape), dtype=DTYPE_NAMES[t.dtype], **values)
+
+
+class Timing(BaseModel):
+    queue: float = Field(description="ms waiting for the engine")
+    compute: float = Field(description="ms in the engine call")
+    total: float = Field(description="ms from arrival to the response being ready")
+
+
+class Memory(BaseModel):
+    peak_bytes: int = Field(description="measured peak the engine allocated in the call")
+    dense_scores_bytes: int = Field(description="a dense [B, H, Lq, Lk] float32 score matrix")
+
+
+class BatchInfo(BaseModel):
+    requests: int = Field(description="client requests that ran in the same engine call")
+
+
+class Meta(BaseModel):
+    request_id: str
+    device: str
+    backend: str
+    pattern: dict[str, Any]
+    batch: BatchInfo
+    timing_ms: Timing
+    memory: Memory
+    attended_pairs: int
+    density: float
+
+
+class AttentionResponse(BaseModel):
+    output: TensorOut
+    lse: TensorOut | None = None
+    meta: Meta
+
+
+class ErrorDetail(BaseModel):
+    status: int
+    field: str | None = Field(description="the offending field, e.g. 'k.shape'; null when none applies")
+    message: str
+    errors: list[dict[str, str]] = Field(
+        default_factory=list, description="every validation failure as {field, message} (422 only)"
+    )
+
+
+class ErrorResponse(BaseModel):
+    """The body of every error response (CONTRACT §3)."""
+
+    error: ErrorDetail

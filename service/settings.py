@@ -1,0 +1,48 @@
+"""Service settings, read from `ATTN_*` environment variables (pydantic-settings)."""
+
+from __future__ import annotations
+
+from functools import cached_property
+from typing import Annotated, Literal
+
+import torch
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Every knob of the service; the README's settings table documents each one."""
+
+    model_config = SettingsConfigDict(env_prefix="ATTN_", frozen=True)
+
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto picks cuda when available")
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    max_batch_size: int = Field(32, ge=1, description="requests per engine call; 1 turns batching off")
+    max_batch_delay_ms: float = Field(2.0, ge=0, description="how long a batch waits to fill")
+    queue_size: int = Field(256, ge=1, description="requests waiting for the engine before 429")
+    max_tokens_per_request: int = Field(1 << 20, ge=1, description="B * Lk (key positions over the batch)")
+    max_tensor_elements: int = Field(1 << 27, ge=1, description="elements in any of q, k, v or the output")
+    max_body_bytes: int = Field(256 << 20, ge=1)
+    request_timeout_ms: float = Field(30_000, gt=0, description="default deadline; also caps timeout_ms")
+    retry_after_s: int = Field(1, ge=0, description="Retry-After on 429 and 503")
+    api_keys: Annotated[tuple[SecretStr, ...], NoDecode] = Field(
+        (), description="comma-separated Bearer keys; empty: no authentication"
+    )
+    log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _split_keys(cls, value: object) -> object:
+        if isinstance(value, str):
+            return tuple(key.strip() for key in value.split(",") if key.strip())
+        return value
+
+    @cached_property
+    def torch_device(self) -> torch.device:
+        """The device the engine runs on."""
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if self.device == "cuda" and not torch.cuda.is_available():
+            raise ValueError("ATTN_DEVICE=cuda but torch sees no CUDA device")
+        return torch.device(self.device)

@@ -1,0 +1,345 @@
+"""POST /attention and the rest of the surface, in process: every contract field, every error row."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import math
+
+import pytest
+import torch
+
+from engine import attention
+from engine.patterns import PATTERN_CATALOG
+from reference import mask, reference_attention
+from service_support import Gate, as_json, from_json, qkv, request_body, sample, serve, settings, wait_ready
+
+SW = {"type": "sliding_window", "window": 8}
+
+
+@pytest.fixture(scope="module")
+def anyio_backend():
+    return "asyncio"
+
+
+@pytest.fixture(scope="module")
+async def client():
+    async with serve(settings(max_tokens_per_request=4096, max_body_bytes=1 << 20)) as c:
+        yield c
+
+
+def error_of(response, status: int) -> dict:
+    assert response.status_code == status, response.text
+    body = response.json()["error"]
+    assert body["status"] == status
+    assert response.headers["X-Request-ID"]
+    return body
+
+
+# --- the response: every field of CONTRACT §2 ------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_every_response_field_matches_the_engine_and_the_contract(client):
+    q, k, v = qkv(b=2, h=4, hkv=2, lq=24, lk=40, d=16, dv=8)
+    body = request_body(q, k, v, pattern=SW, return_lse=True)
+    r = await client.post("/attention", json=body, headers={"X-Request-ID": "req-42"})
+    assert r.status_code == 200, r.text
+    assert r.headers["X-Request-ID"] == "req-42"
+    got = r.json()
+    out, lse = attention(q, k, v, SW, return_lse=True)
+    assert got["output"]["shape"] == [2, 4, 24, 8] and got["output"]["dtype"] == "float32"
+    assert torch.allclose(from_json(got["output"]), out, atol=1e-6)
+    assert got["lse"]["shape"] == [2, 4, 24] and got["lse"]["dtype"] == "float32"
+    assert torch.allclose(from_json(got["lse"]), lse, atol=1e-6)
+    ref_out, ref_lse = reference_attention(q, k, v, SW)
+    assert torch.allclose(from_json(got["output"]).double(), ref_out, atol=1e-5)
+    meta = got["meta"]
+    assert meta["request_id"] == "req-42"
+    assert meta["device"] == "cpu"
+    assert meta["backend"] == "masked"  # 24 query rows: the planner's small-query path
+    assert meta["pattern"] == SW
+    assert meta["batch"] == {"requests": 1}
+    timing = meta["timing_ms"]
+    assert 0 <= timing["queue"] and 0 < timing["compute"] and timing["total"] >= timing["queue"] + timing["compute"]
+    assert meta["memory"]["peak_bytes"] > 0
+    assert meta["memory"]["dense_scores_bytes"] == 2 * 4 * 24 * 40 * 4
+    pairs = 2 * sum(int(mask(SW, 24, 40, h, 4).sum()) for h in range(4))
+    assert meta["attended_pairs"] == pairs
+    assert meta["density"] == pytest.approx(pairs / (2 * 4 * 24 * 40))
+
+
+@pytest.mark.anyio
+async def test_defaults_dense_causal_scale_and_no_lse(client):
+    q, k, v = qkv(h=2, hkv=2, lq=16, lk=16, d=8, dv=8, seed=1)
+    got = (await client.post("/attention", json=request_body(q, k, v))).json()
+    assert got["lse"] is None
+    assert got["meta"]["pattern"] == {"type": "dense"}
+    assert got["meta"]["backend"] == "sdpa"
+    ref, _ = reference_attention(q, k, v, None, causal=True, scale=1 / math.sqrt(8))
+    assert torch.allclose(from_json(got["output"]).double(), ref, atol=1e-5)
+    assert got["meta"]["attended_pairs"] == 2 * 16 * 17 // 2
+
+
+@pytest.mark.anyio
+async def test_non_causal_and_explicit_scale(client):
+    q, k, v = qkv(h=2, hkv=1, lq=8, lk=20, d=8, dv=4, seed=2)
+    pattern = {"type": "strided", "stride": 3}
+    body = request_body(q, k, v, pattern=pattern, causal=False, scale=0.3)
+    got = (await client.post("/attention", json=body)).json()
+    ref, _ = reference_attention(q, k, v, pattern, causal=False, scale=0.3)
+    assert torch.allclose(from_json(got["output"]).double(), ref, atol=1e-5)
+
+
+@pytest.mark.anyio
+async def test_three_dimensional_tensors_mean_batch_one(client):
+    q, k, v = qkv(b=1, h=2, hkv=2, lq=12, lk=12, d=8, dv=8, seed=3)
+    body = {"q": as_json(q[0]), "k": as_json(k[0]), "v": as_json(v[0]), "return_lse": True}
+    got = (await client.post("/attention", json=body)).json()
+    assert got["output"]["shape"] == [2, 12, 8] and got["lse"]["shape"] == [2, 12]
+    assert torch.allclose(from_json(got["output"]), attention(q, k, v)[0], atol=1e-6)
+
+
+@pytest.mark.anyio
+async def test_data_encoding_flat_and_nested_and_the_encoding_field(client):
+    q, k, v = qkv(h=2, hkv=2, lq=6, lk=6, d=4, dv=4, seed=4)
+    body = request_body(q, k, v, encoding="data")
+    body["q"]["data"] = q.tolist()  # nested to the shape is accepted too
+    got = (await client.post("/attention", json=body)).json()
+    assert "data" in got["output"] and got["output"].get("b64") is None  # q's encoding by default
+    assert torch.allclose(from_json(got["output"]), attention(q, k, v), atol=1e-6)
+    got = (await client.post("/attention", json={**body, "encoding": "b64", "return_lse": True})).json()
+    assert got["output"]["b64"] and got["lse"]["b64"]
+    assert torch.allclose(from_json(got["output"]), attention(q, k, v), atol=1e-6)
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+async def test_half_precision_in_b64_comes_back_in_q_dtype(client, dtype):
+    q, k, v = qkv(h=2, hkv=2, lq=16, lk=16, d=8, dv=8, dtype=dtype, seed=5)
+    got = (await client.post("/attention", json=request_body(q, k, v, pattern=SW, return_lse=True))).json()
+    assert got["output"]["dtype"] == {torch.float16: "float16", torch.bfloat16: "bfloat16"}[dtype]
+    assert got["lse"]["dtype"] == "float32"
+    assert torch.equal(from_json(got["output"]), attention(q, k, v, SW))
+
+
+@pytest.mark.anyio
+async def test_request_id_is_made_when_absent_or_unusable(client):
+    r1 = await client.get("/healthz")
+    r2 = await client.get("/healthz", headers={"X-Request-ID": "bad id with spaces"})
+    assert len(r1.headers["X-Request-ID"]) == 32 and r1.headers["X-Request-ID"] != r2.headers["X-Request-ID"]
+    assert r2.headers["X-Request-ID"] != "bad id with spaces"
+
+
+# --- errors: CONTRACT §3 -------------------------------------------------------------------
+
+
+def _valid(**extra):
+    q, k, v = qkv(h=4, hkv=2, lq=8, lk=8, d=4, dv=4)
+    return request_body(q, k, v, **extra)
+
+
+def _with(body: dict, path: str, value) -> dict:
+    body = json.loads(json.dumps(body))
+    *parents, last = path.split(".")
+    node = body
+    for p in parents:
+        node = node[p]
+    if value is _DELETE:
+        del node[last]
+    else:
+        node[last] = value
+    return body
+
+
+_DELETE = object()
+_B64_2X2 = base64.b64encode(bytes(4 * 8 * 4)).decode()
+
+
+def _nonfinite_b64(n: int) -> str:
+    t = torch.zeros(n)
+    t[3] = float("inf")
+    return base64.b64encode(t.numpy().tobytes()).decode()
+
+
+BAD_REQUESTS = {
+    "missing q": ("q", _DELETE, "q"),
+    "dtype unknown": ("q.dtype", "float64", "q.dtype"),
+    "shape of 2 dims": ("q.shape", [8, 4], "q.shape"),
+    "zero-length sequence": ("k.shape", [1, 2, 0, 4], "k.shape"),
+    "heads not a multiple": ("k.shape", [1, 3, 8, 4], "k.shape"),
+    "head dims differ": ("k.shape", [1, 2, 8, 3], "k.shape"),
+    "v length differs": ("v.shape", [1, 2, 7, 4], "v.shape"),
+    "Lq over Lk": ("q.shape", [1, 4, 16, 4], "q.shape"),
+    "b64 wrong length": ("k.b64", _B64_2X2, "k.b64"),
+    "b64 not base64": ("k.b64", "!" * len(as_json(torch.zeros(1, 2, 8, 4))["b64"]), "k.b64"),
+    "infinity in b64": ("v.b64", _nonfinite_b64(64), "v.b64"),
+    "both data and b64": ("q.data", [0.0] * 128, "q.data"),
+    "dtype differs": ("k.dtype", "float16", "k.dtype"),
+    "pattern type unknown": ("pattern", {"type": "spiral"}, "pattern"),
+    "window zero": ("pattern", {"type": "sliding_window", "window": 0}, "pattern.sliding_window.window"),
+    "per_head not dividing": ("pattern", {"type": "per_head", "patterns": [SW] * 3}, "pattern.patterns"),
+    "union too large": ("pattern", {"type": "union", "patterns": [SW] * 9}, "pattern.union.patterns"),
+    "unknown field": ("extra", 1, "extra"),
+    "scale not a number": ("scale", "big", "scale"),
+    "encoding unknown": ("encoding", "hex", "encoding"),
+}
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("case", list(BAD_REQUESTS), ids=list(BAD_REQUESTS))
+async def test_422_names_the_field(client, case):
+    path, value, field = BAD_REQUESTS[case]
+    r = await client.post("/attention", json=_with(_valid(), path, value))
+    err = error_of(r, 422)
+    assert err["field"] == field, err
+    assert err["message"] and err["errors"][0]["field"] == field
+
+
+@pytest.mark.anyio
+async def test_422_for_data_problems(client):
+    q, k, v = qkv(h=2, hkv=2, lq=4, lk=4, d=2, dv=2)
+    body = request_body(q, k, v, encoding="data")
+    cases = {
+        "q.data": [float("nan")] + [0.0] * 15,
+        "k.data": ["x"] * 16,
+        "v.data": [0.0] * 15,
+    }
+    for field, data in cases.items():
+        name = field.split(".")[0]
+        bad = _with(body, field, data)
+        r = await client.post("/attention", content=json.dumps(bad), headers={"Content-Type": "application/json"})
+        assert error_of(r, 422)["field"] == field
+    ragged = _with(body, "q.data", [[[0.0, 0.0]] * 4, [[0.0]] * 4])
+    assert error_of(await client.post("/attention", json=ragged), 422)["field"] == "q.data"
+    bf16 = _with(_with(_with(body, "q.dtype", "bfloat16"), "k.dtype", "bfloat16"), "v.dtype", "bfloat16")
+    err = error_of(await client.post("/attention", json=bf16), 422)
+    assert err["field"] == "q.data" and "b64" in err["message"]
+
+
+@pytest.mark.anyio
+async def test_422_for_malformed_json(client):
+    r = await client.post("/attention", content=b'{"q": [', headers={"Content-Type": "application/json"})
+    assert error_of(r, 422)["field"] == "body"
+
+
+@pytest.mark.anyio
+async def test_413_when_declared_shapes_pass_the_token_limit(client):
+    # 8192 tokens declared against a limit of 4096, with a few bytes of b64: refused before decoding.
+    body = {"q": {"shape": [1, 1, 8192, 4], "dtype": "float32", "b64": "AAAA"},
+            "k": {"shape": [1, 1, 8192, 4], "dtype": "float32", "b64": "AAAA"},
+            "v": {"shape": [1, 1, 8192, 4], "dtype": "float32", "b64": "AAAA"}}
+    err = error_of(await client.post("/attention", json=body), 413)
+    assert err["field"] == "k.shape" and "4096" in err["message"]
+
+
+@pytest.mark.anyio
+async def test_413_for_a_body_over_the_limit_by_length_and_by_stream(client):
+    big = b"x" * ((1 << 20) + 1)
+    err = error_of(await client.post("/attention", content=big), 413)
+    assert err["field"] == "body"
+
+    async def chunks():  # no Content-Length: the limit is enforced while counting
+        for _ in range(40):
+            yield b" " * 32768
+
+    err = error_of(await client.post("/attention", content=chunks()), 413)
+    assert err["field"] == "body"
+
+
+@pytest.mark.anyio
+async def test_401_without_a_valid_bearer_key():
+    async with serve(settings(api_keys="k1,k2")) as c:
+        body = _valid()
+        r = await c.post("/attention", json=body)
+        assert error_of(r, 401)["field"] == "Authorization" and r.headers["WWW-Authenticate"] == "Bearer"
+        error_of(await c.post("/attention", json=body, headers={"Authorization": "Bearer nope"}), 401)
+        error_of(await c.post("/attention", json=body, headers={"Authorization": "Basic k1"}), 401)
+        assert (await c.post("/attention", json=body, headers={"Authorization": "Bearer k2"})).status_code == 200
+        assert (await c.get("/healthz")).status_code == 200  # probes stay open
+
+
+@pytest.mark.anyio
+async def test_503_with_retry_after_until_warm():
+    gate = Gate()
+    gate.close()  # the warm-up's first engine call waits here
+    async with serve(compute=gate, ready=False) as c:
+        await gate.holding()
+        r = await c.get("/readyz")
+        assert error_of(r, 503) and r.headers["Retry-After"] == "1"
+        r = await c.post("/attention", json=_valid())
+        assert error_of(r, 503) and r.headers["Retry-After"] == "1"
+        assert (await c.get("/healthz")).status_code == 200
+        gate.open()
+        await wait_ready(c.app)
+        assert (await c.get("/readyz")).status_code == 200
+        assert (await c.post("/attention", json=_valid())).status_code == 200
+
+
+@pytest.mark.anyio
+async def test_429_with_retry_after_when_the_queue_is_full():
+    gate = Gate()
+    async with serve(settings(queue_size=1, max_batch_size=1, max_batch_delay_ms=0), compute=gate) as c:
+        gate.close()
+        running = asyncio.create_task(c.post("/attention", json=_valid()))
+        await gate.holding()
+        queued = asyncio.create_task(c.post("/attention", json=_valid()))
+        while c.app.state.service.batcher.queue_depth < 1:
+            await asyncio.sleep(0.005)
+        r = await c.post("/attention", json=_valid())
+        assert "waiting" in error_of(r, 429)["message"] and r.headers["Retry-After"] == "1"
+        gate.open()
+        assert (await running).status_code == 200 and (await queued).status_code == 200
+
+
+@pytest.mark.anyio
+async def test_504_when_the_deadline_passes_while_queued():
+    gate = Gate()
+    async with serve(settings(max_batch_size=1, max_batch_delay_ms=0), compute=gate) as c:
+        gate.close()
+        running = asyncio.create_task(c.post("/attention", json=_valid()))
+        await gate.holding()
+        r = await c.post("/attention", json=_valid(timeout_ms=50))
+        assert "deadline" in error_of(r, 504)["message"]
+        gate.open()
+        assert (await running).status_code == 200
+
+
+# --- the rest of the surface: CONTRACT §4 ----------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_health_ready_patterns(client):
+    assert (await client.get("/healthz")).json() == {"status": "ok"}
+    assert (await client.get("/readyz")).json()["status"] == "ready"
+    assert (await client.get("/patterns")).json() == PATTERN_CATALOG
+
+
+@pytest.mark.anyio
+async def test_metrics_count_requests_batches_queue_and_tokens(client):
+    q, k, v = qkv(b=3, h=2, hkv=2, lq=10, lk=10, d=4, dv=4)
+    before = (await client.get("/metrics")).text
+    assert (await client.post("/attention", json=request_body(q, k, v))).status_code == 200
+    text = (await client.get("/metrics")).text
+    for name in ("attention_http_requests_total", "attention_request_seconds_bucket", "attention_queue_seconds_bucket",
+                 "attention_batch_requests_bucket", "attention_queue_depth", "attention_tokens_total"):
+        assert name in text
+    assert sample(text, "attention_tokens_total") - sample(before, "attention_tokens_total") == 30
+    ok = 'attention_http_requests_total{method="POST",path="/attention",status="200"}'
+    assert sample(text, ok) == sample(before, ok) + 1
+
+
+@pytest.mark.anyio
+async def test_pattern_preview_png_and_its_bounds(client):
+    pattern = json.dumps({"type": "per_head", "patterns": [SW, {"type": "strided", "stride": 4}]})
+    r = await client.get("/patterns/preview", params={"pattern": pattern, "n": 32, "heads": 2})
+    assert r.status_code == 200 and r.headers["content-type"] == "image/png"
+    assert r.content.startswith(b"\x89PNG\r\n\x1a\n")
+    assert error_of(await client.get("/patterns/preview", params={"n": 100000}), 422)["field"] == "query.n"
+    err = error_of(await client.get("/patterns/preview", params={"pattern": '{"type": "sliding_window"}'}), 422)
+    assert err["field"].startswith("pattern.sliding_window")
+    err = error_of(await client.get("/patterns/preview", params={"pattern": pattern, "heads": 3}), 422)
+    assert err["field"] == "pattern.patterns"
+    docs = (await client.get("/openapi.json")).json()
+    assert "/patterns/preview?pattern=" in docs["info"]["description"]

@@ -1,0 +1,135 @@
+"""The dynamic batcher: under concurrency every answer is its own, batches form, faults stay local."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+
+from engine import attention, parse_pattern
+from engine.batcher import Batcher, ClientGone, DeadlineExceeded, QueueFull, ShuttingDown
+from service_support import Gate, from_json, qkv, request_body, serve, settings
+
+SW = {"type": "sliding_window", "window": 4}
+STRIDED = {"type": "strided", "stride": 3}
+
+
+@pytest.fixture
+def anyio_backend():
+    return "asyncio"
+
+
+async def _wave(client, gate: Gate, bodies: list[dict]) -> list:
+    """Post the first body while holding the worker, queue all the others behind it, then release:
+    the others are all waiting when the batcher next collects, whatever the machine's speed."""
+    gate.close()
+    first = asyncio.create_task(client.post("/attention", json=bodies[0]))
+    await gate.holding()
+    rest = [asyncio.create_task(client.post("/attention", json=body)) for body in bodies[1:]]
+    while client.app.state.service.batcher.queue_depth < len(rest):
+        await asyncio.sleep(0.005)
+    gate.open()
+    return [await first] + list(await asyncio.gather(*rest))
+
+
+def _mixed_requests(n: int):
+    """n requests with distinct inputs; shapes and patterns vary so some batch and some cannot."""
+    out = []
+    for i in range(n):
+        lq, lk = [(16, 16), (8, 16), (16, 16), (5, 9)][i % 4]
+        pattern = [SW, STRIDED, SW, {"type": "dense"}][i % 4]
+        q, k, v = qkv(b=1 + i % 2, h=4, hkv=2, lq=lq, lk=lk, d=8, dv=4, seed=100 + i)
+        out.append((q, k, v, pattern))
+    return out
+
+
+@pytest.mark.anyio
+async def test_many_concurrent_requests_each_get_their_own_answer_and_batches_form():
+    gate = Gate()
+    async with serve(settings(max_batch_size=16, max_batch_delay_ms=5), compute=gate) as c:
+        requests = _mixed_requests(48)
+        bodies = [request_body(q, k, v, pattern=p, return_lse=i % 3 == 0) for i, (q, k, v, p) in enumerate(requests)]
+        responses = await _wave(c, gate, bodies)
+    sizes = []
+    for (q, k, v, pattern), r in zip(requests, responses):
+        assert r.status_code == 200, r.text
+        got = r.json()
+        out, lse = attention(q, k, v, pattern, return_lse=True)
+        assert torch.allclose(from_json(got["output"]), out, atol=1e-5)
+        if got["lse"] is not None:
+            assert torch.allclose(from_json(got["lse"]), lse, atol=1e-5)
+        sizes.append(got["meta"]["batch"]["requests"])
+    # 47 queued requests in 4 compatible groups of ~12: each group ran as one call.
+    assert max(sizes) > 1 and sizes.count(1) == 1
+    assert all(size <= 16 for size in sizes)
+
+
+class _FailOn:
+    """The engine, except that a call containing the marked value raises (a fault in one request)."""
+
+    MARK = 1234.5
+
+    def __init__(self) -> None:
+        self.calls: list[int] = []
+
+    def __call__(self, q, *args, **kwargs):
+        self.calls.append(q.shape[0])
+        if bool((q == self.MARK).any()):
+            raise RuntimeError("injected engine fault")
+        return attention(q, *args, **kwargs)
+
+
+@pytest.mark.anyio
+async def test_one_failing_request_fails_alone_and_the_rest_are_recomputed():
+    faulty = _FailOn()
+    gate = Gate(faulty)  # held while the wave queues up
+    requests = [qkv(h=2, hkv=2, lq=8, lk=8, d=4, dv=4, seed=200 + i) for i in range(6)]
+    requests[3][0][0, 0, 0, 0] = _FailOn.MARK
+    async with serve(settings(max_batch_size=8, max_batch_delay_ms=5), compute=gate) as c:
+        faulty.calls.clear()
+        responses = await _wave(c, gate, [request_body(q, k, v) for q, k, v in requests])
+    for i, ((q, k, v), r) in enumerate(zip(requests, responses)):
+        if i == 3:
+            assert r.status_code == 500 and r.json()["error"]["message"] == "internal error: RuntimeError"
+        else:
+            assert r.status_code == 200, r.text
+            assert torch.allclose(from_json(r.json()["output"]), attention(q, k, v), atol=1e-6)
+    # The first ran alone; the 5 queued behind it ran as one call, which failed, then each alone.
+    assert faulty.calls == [1, len(requests) - 1] + [1] * (len(requests) - 1)
+
+
+@pytest.mark.anyio
+async def test_dropped_when_the_client_left_or_the_deadline_passed_before_starting():
+    gate = Gate()
+    q, k, v = qkv(h=2, hkv=2, lq=8, lk=8, d=4, dv=4)
+    pattern = parse_pattern(None)
+
+    async def gone() -> bool:
+        return True
+
+    async with Batcher("cpu", max_batch_size=4, max_delay_ms=0, queue_size=2, compute=gate) as batcher:
+        gate.close()
+        running = asyncio.create_task(batcher.submit(q, k, v, pattern))
+        await gate.holding()
+        left = asyncio.create_task(batcher.submit(q, k, v, pattern, client_gone=gone))
+        late = asyncio.create_task(batcher.submit(q, k, v, pattern, timeout_s=0.02))
+        await asyncio.sleep(0.01)
+        with pytest.raises(QueueFull):
+            await batcher.submit(q, k, v, pattern)
+        with pytest.raises(DeadlineExceeded):
+            await late
+        gate.open()
+        assert torch.equal((await running).output, attention(q, k, v))
+        with pytest.raises(ClientGone):
+            await left
+    with pytest.raises(ShuttingDown):
+        await batcher.submit(q, k, v, pattern)
+
+
+@pytest.mark.anyio
+async def test_batching_off_runs_one_request_per_call():
+    async with serve(settings(max_batch_size=1)) as c:
+        requests = [qkv(h=2, hkv=2, lq=8, lk=8, d=4, dv=4, seed=300 + i) for i in range(8)]
+        responses = await asyncio.gather(*(c.post("/attention", json=request_body(q, k, v)) for q, k, v in requests))
+    assert [r.json()["meta"]["batch"]["requests"] for r in responses] == [1] * 8

@@ -1,0 +1,22 @@
+"""openapi.json at the repository root is the app's document, regenerated from the code."""
+
+from __future__ import annotations
+
+import json
+
+from service.openapi import PATH, render
+
+
+def test_committed_openapi_json_matches_the_app():
+    assert PATH.exists(), "openapi.json is missing: run `python -m service.openapi`"
+    assert json.loads(PATH.read_text()) == json.loads(render()), "openapi.json is stale: run `python -m service.openapi`"
+
+
+def test_the_document_describes_the_request_and_every_error_status():
+    doc = json.loads(render())
+    post = doc["paths"]["/attention"]["post"]
+    assert post["requestBody"]["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/AttentionRequest"}
+    assert {"200", "401", "413", "422", "429", "503", "504"} <= set(post["responses"])
+    request = doc["components"]["schemas"]["AttentionRequest"]
+    assert {"q", "k", "v", "pattern", "causal", "scale", "return_lse", "timeout_ms", "encoding"} == set(request["properties"])
+    assert "HTTPBearer" in doc["components"]["securitySchemes"]

@@ -1,0 +1,73 @@
+"""`python -m service` under a real uvicorn on a loopback port: settings from the environment,
+readiness, concurrent requests answered correctly and batched, limits enforced on the wire."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+import torch
+
+from engine import attention
+from service_support import from_json, qkv, request_body
+
+
+@pytest.fixture(scope="module")
+def server():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "ATTN_PORT": str(port), "ATTN_DEVICE": "cpu", "ATTN_MAX_BATCH_DELAY_MS": "20",
+           "ATTN_MAX_BODY_BYTES": "200000", "ATTN_API_KEYS": "secret", "ATTN_LOG_LEVEL": "warning"}
+    proc = subprocess.Popen([sys.executable, "-m", "service"], env=env)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None, "the server exited"
+            try:
+                if httpx.get(f"{url}/readyz").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "not ready within 120 s"
+            time.sleep(0.1)
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
+def test_concurrent_requests_over_loopback(server):
+    requests = [qkv(h=4, hkv=2, lq=32, lk=32, d=16, dv=16, seed=400 + i) for i in range(24)]
+    pattern = {"type": "sliding_window", "window": 8}
+
+    async def run():
+        async with httpx.AsyncClient(base_url=server, headers={"Authorization": "Bearer secret"}, timeout=60) as c:
+            return await asyncio.gather(*(
+                c.post("/attention", json=request_body(q, k, v, pattern=pattern), headers={"X-Request-ID": f"r{i}"})
+                for i, (q, k, v) in enumerate(requests)
+            ))
+
+    responses = asyncio.run(run())
+    for i, ((q, k, v), r) in enumerate(zip(requests, responses)):
+        assert r.status_code == 200, r.text
+        assert r.headers["X-Request-ID"] == f"r{i}" and r.json()["meta"]["request_id"] == f"r{i}"
+        assert torch.allclose(from_json(r.json()["output"]), attention(q, k, v, pattern), atol=1e-6)
+    assert max(r.json()["meta"]["batch"]["requests"] for r in responses) > 1
+
+
+def test_limits_and_auth_on_the_wire(server):
+    q, k, v = qkv(h=4, hkv=2, lq=32, lk=32, d=16, dv=16)
+    r = httpx.post(f"{server}/attention", json=request_body(q, k, v))
+    assert r.status_code == 401 and r.json()["error"]["field"] == "Authorization"
+    big = request_body(*qkv(h=8, hkv=8, lq=256, lk=256, d=16, dv=16))  # ~520 kB of b64, limit 200 kB
+    r = httpx.post(f"{server}/attention", json=big, headers={"Authorization": "Bearer secret"})
+    assert r.status_code == 413 and r.json()["error"]["field"] == "body"
+    assert "attention_http_requests_total" in httpx.get(f"{server}/metrics").text
