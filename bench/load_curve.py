@@ -1,0 +1,102 @@
+"""Load curves of the service over real HTTP on this machine, with `service.loadtest`.
+
+    .venv/bin/python bench/load_curve.py [--seconds 8] [--out bench/results/load_curve]
+
+1. Batching on vs off: tiny requests (B=1, H=4, n=64, D=32, float32, b64, dense), closed loop
+   at concurrency 32, against a service with the default max batch size and one with
+   ATTN_MAX_BATCH_SIZE=1. Reports the throughput ratio.
+2. Latency against offered load: open-loop Poisson arrivals of the same requests at rates set
+   as fractions of the batching-on capacity measured in 1, against both services, showing
+   where queueing starts (the p50/p99 knee) and where throughput stops following the offer.
+
+Writes OUT/<run>/report.{json,md} and latency.png for every run, OUT/summary.json, and
+bench/load_curve.png (the figure the README shows). Load generator and service share the
+machine's cores, so the figures are this machine's, client included.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+
+from service.loadtest import LoadConfig, RequestShape, Scenario, local_service, run, write
+
+TINY = Scenario(requests=[RequestShape(heads=4, q_len=64, head_dim=32)])
+LOAD_FRACTIONS = (0.1, 0.25, 0.5, 0.75, 0.9, 1.0, 1.25, 1.5)
+SERVICES = {"batching on": {}, "batching off": {"max_batch_size": 1}}
+CLOSED_KEYS = ("throughput_rps", "latency_ms", "server_ms", "batch_sizes", "by_status")
+OPEN_KEYS = ("rate", "offered_rps", "throughput_rps", "latency_ms", "by_status", "batch_sizes")
+
+
+def pick(report: dict, keys: tuple[str, ...]) -> dict:
+    return {key: report[key] for key in keys}
+
+
+def measure(url: str, out: Path, **load) -> dict:
+    cfg = LoadConfig(url=url, scenario=TINY, check_fraction=0.1, progress=False, **load)
+    report = write(run(cfg), out)
+    assert report["mismatches"] == 0, f"{out}: {report['mismatches']} answers differ from the local engine"
+    print(
+        f"{out.name:>24}: offered {report['offered_rps']:8.1f}/s  200s {report['throughput_rps']:8.1f}/s  "
+        f"p50 {report['latency_ms']['p50']} ms  p99 {report['latency_ms']['p99']} ms  {report['by_status']}",
+        flush=True,
+    )
+    return report
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seconds", type=float, default=8.0, help="length of each run")
+    parser.add_argument("--out", type=Path, default=Path("bench/results/load_curve"))
+    parser.add_argument("--png", type=Path, default=Path("bench/load_curve.png"))
+    args = parser.parse_args()
+
+    summary: dict = {"closed_c32": {}, "open": {}}
+    for name, settings in SERVICES.items():  # batching on first: its capacity sets the offered rates
+        slug = name.replace(" ", "_")
+        with local_service(log_level="warning", **settings) as url:
+            closed = measure(url, args.out / f"{slug}_c32", concurrency=32, duration_s=args.seconds)
+            summary["closed_c32"][name] = pick(closed, CLOSED_KEYS)
+            capacity = summary["closed_c32"]["batching on"]["throughput_rps"]
+            rates = [round(capacity * fraction, 1) for fraction in LOAD_FRACTIONS]
+            summary["open"][name] = [
+                pick(measure(url, args.out / f"{slug}_rate{rate:g}", rate=rate, duration_s=args.seconds), OPEN_KEYS)
+                for rate in rates
+            ]
+    on, off = (summary["closed_c32"][name]["throughput_rps"] for name in SERVICES)
+    summary["batching_speedup"] = round(on / off, 2)
+    print(f"batching on / off throughput at concurrency 32: {on:.1f} / {off:.1f} = {on / off:.2f}x")
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    plot(summary, args.png)
+
+
+def plot(summary: dict, path: Path) -> None:
+    fig, (ax_lat, ax_thr) = plt.subplots(1, 2, figsize=(11, 4))
+    for (name, points), color in zip(summary["open"].items(), ("tab:blue", "tab:orange")):
+        offered = [p["offered_rps"] for p in points]
+        ax_lat.plot(offered, [p["latency_ms"]["p50"] for p in points], "o-", color=color, label=f"{name} p50")
+        ax_lat.plot(offered, [p["latency_ms"]["p99"] for p in points], "s--", color=color, label=f"{name} p99")
+        ax_thr.plot(offered, [p["throughput_rps"] for p in points], "o-", color=color, label=name)
+    top = max(p["offered_rps"] for points in summary["open"].values() for p in points)
+    ax_thr.plot([0, top], [0, top], "k:", label="offered")
+    ax_lat.set(xlabel="offered load (req/s, Poisson)", ylabel="latency (ms, log)", yscale="log")
+    ax_lat.set_title("Latency against offered load")
+    ax_thr.set(xlabel="offered load (req/s, Poisson)", ylabel="answered 200s (req/s)", title="Throughput")
+    for ax in (ax_lat, ax_thr):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle("Tiny requests (B=1, H=4, n=64, D=32) over HTTP on this machine")
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()

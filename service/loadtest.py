@@ -1,0 +1,645 @@
+"""Load generator for the attention service, on `AsyncAttentionClient`.
+
+    python -m service.loadtest --url http://127.0.0.1:8000 --concurrency 32 --duration 10 --out out/
+    python -m service.loadtest --url http://127.0.0.1:8000 --rate 200 --requests 2000 --out out/
+
+Closed loop (`--concurrency N`: N requests always in flight) or open loop (`--rate R`:
+Poisson arrivals at R per second that never wait for answers, so overload shows as queueing,
+429s and timeouts instead of silently slowing the generator down). Open-loop latency is
+measured from each request's scheduled arrival, so a lagging generator cannot hide delay;
+`send_lag_ms` says how far behind schedule the generator itself was (when it is large, the
+generator, not the service, is the bottleneck).
+
+Requests are drawn by weight from a scenario (YAML or JSON, see `Scenario`), each from a small
+pool of random inputs whose expected answers are computed locally with `engine.attention`
+before the run; answers are compared with them and differences counted as mismatches.
+Writes DIR/report.json, DIR/report.md and DIR/latency.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import httpx
+import numpy as np
+import torch
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+from engine import attention
+from engine.patterns import Dense, Pattern
+
+from .client import AsyncAttentionClient, AttentionClient, AttentionError, AttentionResult, TransportError
+
+NO_ANSWER = "transport_error"  # by_status key of requests that got no HTTP answer at all
+
+# (atol, rtol) of an answer against the local engine: a swapped or wrong answer is off by O(1).
+TOLERANCE = {"float32": (1e-4, 1e-4), "float16": (4e-3, 4e-3), "bfloat16": (3e-2, 3e-2)}
+LSE_TOLERANCE = (1e-3, 1e-4)
+
+
+class RequestShape(BaseModel):
+    """One kind of request in a scenario: shapes, dtype, encoding, pattern, and its weight."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = ""
+    weight: float = Field(1.0, gt=0)
+    batch: int = Field(1, ge=1)
+    heads: int = Field(4, ge=1)
+    kv_heads: int | None = Field(None, ge=1, description="defaults to heads")
+    q_len: int = Field(64, ge=1)
+    k_len: int | None = Field(None, ge=1, description="defaults to q_len")
+    head_dim: int = Field(32, ge=1)
+    v_dim: int | None = Field(None, ge=1, description="defaults to head_dim")
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    encoding: Literal["b64", "data"] = "b64"
+    pattern: Pattern = Field(default_factory=Dense)
+    causal: bool = True
+    return_lse: bool = False
+
+    @model_validator(mode="after")
+    def _consistent(self) -> RequestShape:
+        if self.heads % (self.kv_heads or self.heads):
+            raise ValueError(f"kv_heads: {self.kv_heads} does not divide heads {self.heads}")
+        if self.q_len > (self.k_len or self.q_len):
+            raise ValueError(f"q_len: {self.q_len} exceeds k_len {self.k_len}")
+        if self.dtype == "bfloat16" and self.encoding == "data":
+            raise ValueError("encoding: bfloat16 travels only as b64")
+        self.pattern.check_heads(self.heads)
+        if not self.name:
+            self.name = (
+                f"{self.pattern.type} n={self.q_len} H={self.heads} D={self.head_dim} {self.dtype} {self.encoding}"
+            )
+        return self
+
+    @property
+    def tokens(self) -> int:
+        """Query tokens one request asks for (the unit of tokens_per_s)."""
+        return self.batch * self.q_len
+
+    def make_inputs(self, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        gen = torch.Generator().manual_seed(seed)
+        dtype = getattr(torch, self.dtype)
+        hkv, lk = self.kv_heads or self.heads, self.k_len or self.q_len
+        q = torch.randn(self.batch, self.heads, self.q_len, self.head_dim, generator=gen)
+        k = torch.randn(self.batch, hkv, lk, self.head_dim, generator=gen)
+        v = torch.randn(self.batch, hkv, lk, self.v_dim or self.head_dim, generator=gen)
+        return q.to(dtype), k.to(dtype), v.to(dtype)
+
+
+class Scenario(BaseModel):
+    """The mix of requests a run sends: `requests`, each drawn with probability ∝ its weight."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    requests: list[RequestShape] = Field(min_length=1)
+
+    @classmethod
+    def load(cls, path: str | Path) -> Scenario:
+        """From a .json file, or YAML (any other suffix)."""
+        text = Path(path).read_text()
+        return cls.model_validate(json.loads(text) if str(path).endswith(".json") else yaml.safe_load(text))
+
+
+DEFAULT_SCENARIO = Scenario(
+    requests=[
+        RequestShape(weight=6, heads=4, q_len=64, head_dim=32),
+        RequestShape(weight=1, heads=4, q_len=64, head_dim=32, encoding="data"),
+        RequestShape(
+            weight=2, heads=8, kv_heads=2, q_len=512, head_dim=64, pattern={"type": "sliding_window", "window": 128}
+        ),
+        RequestShape(
+            weight=1,
+            heads=4,
+            q_len=256,
+            head_dim=64,
+            dtype="float16",
+            return_lse=True,
+            pattern={
+                "type": "union",
+                "patterns": [{"type": "sliding_window", "window": 32}, {"type": "strided", "stride": 32}],
+            },
+        ),
+        RequestShape(weight=1, heads=8, kv_heads=1, q_len=1, k_len=1024, head_dim=64, dtype="bfloat16"),
+    ]
+)
+
+
+@dataclass
+class LoadConfig:
+    """One run: `concurrency` (closed loop) or `rate` (open loop), bounded by `duration_s`
+    and/or `requests` (10 s when neither is given)."""
+
+    url: str
+    concurrency: int | None = None
+    rate: float | None = None
+    duration_s: float | None = None
+    requests: int | None = None
+    scenario: Scenario = field(default_factory=lambda: DEFAULT_SCENARIO)
+    check_fraction: float = 1.0
+    pool: int = 4
+    seed: int = 0
+    timeout_s: float = 60.0
+    max_connections: int = 512
+    api_key: str | None = None
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if (self.concurrency is None) == (self.rate is None):
+            raise ValueError("give exactly one of concurrency (closed loop) or rate (open loop)")
+        if self.concurrency is not None and self.concurrency < 1:
+            raise ValueError("concurrency: must be >= 1")
+        if self.rate is not None and self.rate <= 0:
+            raise ValueError("rate: must be > 0")
+        if self.duration_s is None and self.requests is None:
+            self.duration_s = 10.0
+        if not 0.0 <= self.check_fraction <= 1.0:
+            raise ValueError("check_fraction: must be within [0, 1]")
+
+    @property
+    def mode(self) -> str:
+        return "closed" if self.concurrency is not None else "open"
+
+
+@dataclass
+class Sample:
+    """What happened to one request; times in seconds from the start of the run."""
+
+    scheduled_s: float
+    sent_s: float
+    done_s: float
+    status: str
+    kind: str
+    tokens: int
+    meta: dict[str, Any] = field(default_factory=dict)
+    mismatch: bool | None = None  # None: not checked
+    error: str = ""
+
+    @property
+    def latency_s(self) -> float:
+        return self.done_s - self.scheduled_s
+
+
+@dataclass
+class _Case:
+    """One pooled input with the answer the local engine gives for it."""
+
+    shape: RequestShape
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    output: torch.Tensor
+    lse: torch.Tensor | None
+
+
+def _cases(scenario: Scenario, pool: int, seed: int) -> list[list[_Case]]:
+    cases = []
+    for index, shape in enumerate(scenario.requests):
+        variants = []
+        for variant in range(pool):
+            q, k, v = shape.make_inputs(seed * 1_000_003 + index * 1_009 + variant)
+            pattern = shape.pattern.describe()
+            expected = attention(q, k, v, pattern, causal=shape.causal, return_lse=shape.return_lse)
+            output, lse = expected if shape.return_lse else (expected, None)
+            variants.append(_Case(shape, q, k, v, output, lse))
+        cases.append(variants)
+    return cases
+
+
+def mismatched(case: _Case, result: AttentionResult) -> bool:
+    """True when the service's answer is not the local engine's for the same inputs."""
+    atol, rtol = TOLERANCE[case.shape.dtype]
+    out = result.output
+    if out.shape != case.output.shape or out.dtype != case.output.dtype:
+        return True
+    if not torch.allclose(out.float(), case.output.float(), atol=atol, rtol=rtol):
+        return True
+    if case.lse is None:
+        return False
+    return result.lse is None or not torch.allclose(result.lse, case.lse, atol=LSE_TOLERANCE[0], rtol=LSE_TOLERANCE[1])
+
+
+@dataclass
+class LoadResult:
+    config: LoadConfig
+    samples: list[Sample]
+    wall_s: float
+    issue_s: float  # how long requests were being issued
+
+    def report(self) -> dict[str, Any]:
+        return summarize(self)
+
+
+class _Run:
+    """The state of one run: the client, the pooled cases, the samples and the clock."""
+
+    def __init__(self, cfg: LoadConfig, client: AsyncAttentionClient, cases: list[list[_Case]]):
+        self.cfg, self.client, self.cases = cfg, client, cases
+        self.rng = random.Random(cfg.seed)
+        self.weights = [shape.weight for shape in cfg.scenario.requests]
+        self.samples: list[Sample] = []
+        self.sent = 0
+        self.issue_s: float | None = None
+        self.t0 = time.perf_counter()
+
+    def now(self) -> float:
+        return time.perf_counter() - self.t0
+
+    def more(self, at_s: float | None = None) -> bool:
+        """Whether to issue another request (one due at `at_s`, by default now); the first
+        False marks the end of issuing."""
+        cfg, at_s = self.cfg, self.now() if at_s is None else at_s
+        over = (cfg.requests is not None and self.sent >= cfg.requests) or (
+            cfg.duration_s is not None and at_s >= cfg.duration_s
+        )
+        if over and self.issue_s is None:
+            self.issue_s = at_s
+        return not over
+
+    async def send(self, scheduled_s: float) -> None:
+        variants = self.rng.choices(self.cases, self.weights)[0]
+        case = variants[self.rng.randrange(len(variants))]
+        check = self.rng.random() < self.cfg.check_fraction
+        shape = case.shape
+        sample = Sample(scheduled_s, self.now(), 0.0, "", shape.name, shape.tokens)
+        try:
+            result = await self.client.attention(
+                case.q,
+                case.k,
+                case.v,
+                shape.pattern.describe(),
+                causal=shape.causal,
+                return_lse=shape.return_lse,
+                encoding=shape.encoding,
+            )
+            sample.status, sample.meta = "200", result.meta
+            sample.mismatch = mismatched(case, result) if check else None
+        except TransportError as exc:
+            sample.status, sample.error = NO_ANSWER, exc.message
+        except AttentionError as exc:
+            sample.status, sample.error = str(exc.status), exc.message
+        sample.done_s = self.now()
+        self.samples.append(sample)
+
+    async def closed_loop(self) -> None:
+        async def worker() -> None:
+            while self.more():
+                self.sent += 1
+                await self.send(self.now())
+
+        await asyncio.gather(*(worker() for _ in range(self.cfg.concurrency)))
+
+    async def open_loop(self) -> None:
+        """Poisson arrivals: exponential gaps at the configured rate, each request its own task.
+        Every arrival due within the duration is sent, late if the generator fell behind."""
+        tasks: set[asyncio.Task] = set()
+        arrival = 0.0
+        while True:
+            arrival += self.rng.expovariate(self.cfg.rate)
+            if not self.more(arrival):
+                break
+            await asyncio.sleep(max(0.0, arrival - self.now()))
+            self.sent += 1
+            task = asyncio.create_task(self.send(arrival))
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+        await asyncio.gather(*tasks)
+
+
+async def run_async(cfg: LoadConfig) -> LoadResult:
+    """Run the load described by `cfg` and return every request's sample."""
+    cases = _cases(cfg.scenario, cfg.pool, cfg.seed)
+    limits = httpx.Limits(max_connections=cfg.max_connections, max_keepalive_connections=cfg.max_connections)
+    async with AsyncAttentionClient(
+        cfg.url, api_key=cfg.api_key, timeout=cfg.timeout_s, max_retries=0, limits=limits
+    ) as client:
+        await client.wait_ready()
+        run = _Run(cfg, client, cases)
+        with _progress(cfg, run):
+            await (run.closed_loop() if cfg.mode == "closed" else run.open_loop())
+        wall_s = run.now()
+    return LoadResult(cfg, run.samples, wall_s, run.issue_s or wall_s)
+
+
+def run(cfg: LoadConfig) -> LoadResult:
+    return asyncio.run(run_async(cfg))
+
+
+class _progress:
+    """A live rich progress bar over requests (count-bounded runs) or seconds, refreshed by a
+    background task while the run goes on."""
+
+    def __init__(self, cfg: LoadConfig, run: _Run):
+        self.cfg, self.run = cfg, run
+        self.bar = Progress(
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            TextColumn("{task.fields[stats]}"),
+            TimeElapsedColumn(),
+            disable=not cfg.progress,
+            transient=False,
+        )
+
+    def _update(self) -> None:
+        run, cfg = self.run, self.cfg
+        statuses = Counter(s.status for s in run.samples)
+        stats = f"sent {run.sent} answered {len(run.samples)} in flight {run.sent - len(run.samples)} " + " ".join(
+            f"{k}:{v}" for k, v in sorted(statuses.items())
+        )
+        done = len(run.samples) if cfg.requests is not None else min(run.now(), cfg.duration_s)
+        self.bar.update(self.task, completed=done, stats=stats)
+
+    async def _tick(self) -> None:
+        while True:
+            self._update()
+            await asyncio.sleep(0.25)
+
+    def __enter__(self) -> _progress:
+        total = self.cfg.requests if self.cfg.requests is not None else self.cfg.duration_s
+        label = f"{self.cfg.mode} loop " + (
+            f"c={self.cfg.concurrency}" if self.cfg.mode == "closed" else f"{self.cfg.rate:g}/s"
+        )
+        self.bar.start()
+        self.task = self.bar.add_task(label, total=total, stats="")
+        self.ticker = asyncio.get_running_loop().create_task(self._tick())
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.ticker.cancel()
+        self._update()
+        self.bar.stop()
+
+
+# ----------------------------------------------------------------------------------------- report
+
+
+def percentiles(values: list[float]) -> dict[str, float | None]:
+    if not values:
+        return {"p50": None, "p90": None, "p99": None, "max": None}
+    p50, p90, p99 = np.percentile(values, [50, 90, 99])
+    return {
+        "p50": round(float(p50), 3),
+        "p90": round(float(p90), 3),
+        "p99": round(float(p99), 3),
+        "max": round(max(values), 3),
+    }
+
+
+def summarize(result: LoadResult) -> dict[str, Any]:
+    """report.json: counts by status, throughput and tokens/s of 200s over the run's wall time,
+    client latency of 200s, the server's own timing, batch sizes and mismatches."""
+    cfg, samples = result.config, result.samples
+    ok = [s for s in samples if s.status == "200"]
+    timing = {
+        part: [float(s.meta["timing_ms"][part]) for s in ok if part in s.meta.get("timing_ms", {})]
+        for part in ("queue", "compute", "total")
+    }
+    batches = Counter(int(s.meta["batch"]["requests"]) for s in ok if "batch" in s.meta)
+    checked = [s for s in samples if s.mismatch is not None]
+    return {
+        "url": cfg.url,
+        "mode": cfg.mode,
+        "concurrency": cfg.concurrency,
+        "rate": cfg.rate,
+        "duration_s": cfg.duration_s,
+        "requests": cfg.requests,
+        "scenario": [shape.model_dump(mode="json") for shape in cfg.scenario.requests],
+        "sent": len(samples),
+        "answered": sum(s.status != NO_ANSWER for s in samples),
+        "by_status": dict(sorted(Counter(s.status for s in samples).items())),
+        "wall_s": round(result.wall_s, 3),
+        "offered_rps": round(len(samples) / result.issue_s, 3) if result.issue_s > 0 else None,
+        "throughput_rps": round(len(ok) / result.wall_s, 3),
+        "tokens_per_s": round(sum(s.tokens for s in ok) / result.wall_s, 1),
+        "latency_ms": percentiles([s.latency_s * 1000 for s in ok]),
+        "send_lag_ms": percentiles([(s.sent_s - s.scheduled_s) * 1000 for s in samples]),
+        "server_ms": {part: percentiles(values) for part, values in timing.items()},
+        "batch_sizes": {str(size): n for size, n in sorted(batches.items())},
+        "checked": len(checked),
+        "mismatches": sum(bool(s.mismatch) for s in checked),
+        "by_kind": {
+            kind: {"sent": n, "ok": sum(s.status == "200" for s in samples if s.kind == kind)}
+            for kind, n in sorted(Counter(s.kind for s in samples).items())
+        },
+        "errors": dict(Counter(f"{s.status}: {s.error}"[:200] for s in samples if s.status != "200").most_common(5)),
+    }
+
+
+def markdown(report: dict[str, Any]) -> str:
+    """report.md: the same figures as report.json, as tables for people."""
+    load = (
+        f"concurrency {report['concurrency']}" if report["mode"] == "closed" else f"rate {report['rate']}/s (Poisson)"
+    )
+    bound = " and ".join(
+        b
+        for b in (
+            f"{report['duration_s']} s" if report["duration_s"] else "",
+            f"{report['requests']} requests" if report["requests"] else "",
+        )
+        if b
+    )
+    lines = [
+        "# Load test report",
+        "",
+        f"`{report['url']}`, {report['mode']} loop, {load}, bounded by {bound}; wall time {report['wall_s']} s.",
+        "",
+        "| sent | answered | offered req/s | throughput req/s (200s) | tokens/s | checked | mismatches |",
+        "|---:|---:|---:|---:|---:|---:|---:|",
+        (
+            f"| {report['sent']} | {report['answered']} | {report['offered_rps']} | {report['throughput_rps']} | "
+            f"{report['tokens_per_s']} | {report['checked']} | {report['mismatches']} |"
+        ),
+        "",
+        "By status: " + ", ".join(f"`{k}` {v}" for k, v in report["by_status"].items()),
+        "",
+        "| ms | p50 | p90 | p99 | max |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    rows = [
+        ("client latency (200s)", report["latency_ms"]),
+        ("send lag (generator behind schedule)", report["send_lag_ms"]),
+    ]
+    rows += [(f"server {k}", v) for k, v in report["server_ms"].items()]
+    lines += [f"| {name} | {p['p50']} | {p['p90']} | {p['p99']} | {p['max']} |" for name, p in rows]
+    lines += ["", "Batch sizes (requests per engine call, as each request saw it): "]
+    lines += [", ".join(f"{size}: {n}" for size, n in report["batch_sizes"].items()) or "none reported", ""]
+    lines += ["| request kind | sent | 200 |", "|---|---:|---:|"]
+    lines += [f"| {kind} | {c['sent']} | {c['ok']} |" for kind, c in report["by_kind"].items()]
+    if report["errors"]:
+        lines += ["", "Most frequent errors:", ""] + [f"- {n} × {e}" for e, n in report["errors"].items()]
+    return "\n".join(lines) + "\n"
+
+
+def plot(result: LoadResult, path: Path) -> None:
+    """latency.png: the latency distribution of 200s, and per-second throughput over time."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    samples = result.samples
+    latencies = np.array([s.latency_s * 1000 for s in samples if s.status == "200"])
+    fig, (ax_lat, ax_thr) = plt.subplots(1, 2, figsize=(12, 4.2))
+    if latencies.size:
+        bins = np.geomspace(max(latencies.min(), 1e-2), latencies.max() * 1.01 + 1e-2, 50)
+        ax_lat.hist(latencies, bins=bins, color="tab:blue", alpha=0.8)
+        ax_lat.set_xscale("log")
+        for q, style in ((50, "-"), (90, "--"), (99, ":")):
+            value = np.percentile(latencies, q)
+            ax_lat.axvline(value, color="k", linestyle=style, label=f"p{q} {value:.1f} ms")
+        ax_lat.legend()
+    ax_lat.set(xlabel="latency (ms, log)", ylabel="requests", title="Latency of 200 answers")
+
+    edges = np.append(np.arange(0.0, result.wall_s, 1.0), result.wall_s)
+    widths, mids = np.diff(edges), (edges[:-1] + edges[1:]) / 2
+
+    def per_second(times: list[float]) -> np.ndarray:
+        return np.histogram(times, edges)[0] / widths
+
+    ax_thr.plot(mids, per_second([s.scheduled_s for s in samples]), "k--", label="sent")
+    ax_thr.plot(
+        mids, per_second([s.done_s for s in samples if s.status == "200"]), color="tab:green", label="200 answers"
+    )
+    failed = per_second([s.done_s for s in samples if s.status != "200"])
+    if failed.any():
+        ax_thr.plot(mids, failed, color="tab:red", label="errors")
+    ax_p50 = ax_thr.twinx()
+    slot = np.digitize([s.done_s for s in samples if s.status == "200"], edges) - 1
+    medians = [np.median(latencies[slot == b]) if (slot == b).any() else np.nan for b in range(len(mids))]
+    ax_p50.plot(mids, medians, color="tab:blue", alpha=0.6, label="p50 latency")
+    ax_p50.set_ylabel("p50 latency (ms)", color="tab:blue")
+    ax_p50.set_ylim(bottom=0)
+    ax_thr.set(xlabel="time (s)", ylabel="requests / s", title="Throughput and latency over time")
+    ax_thr.set_ylim(bottom=0)
+    ax_thr.legend(loc="lower left")
+    fig.suptitle(
+        f"{result.config.mode} loop: {result.config.concurrency or result.config.rate} "
+        f"{'in flight' if result.config.mode == 'closed' else 'req/s offered'}"
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def write(result: LoadResult, out: str | Path) -> dict[str, Any]:
+    """Write report.json, report.md and latency.png into `out`; return the report."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    report = result.report()
+    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    (out / "report.md").write_text(markdown(report))
+    plot(result, out / "latency.png")
+    return report
+
+
+# ------------------------------------------------------------------------------- a local service
+
+
+@contextmanager
+def local_service(ready_timeout_s: float = 60.0, **settings: Any) -> Iterator[str]:
+    """Run `python -m service` on a free loopback port with the given settings (as ATTN_*
+    variables, e.g. max_batch_size=1) until the block ends; yield its URL once /readyz is 200."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {**os.environ, "ATTN_HOST": "127.0.0.1", "ATTN_PORT": str(port)}
+    env.update({f"ATTN_{name.upper()}": str(value) for name, value in settings.items()})
+    url = f"http://127.0.0.1:{port}"
+    with tempfile.TemporaryFile() as log:
+        process = subprocess.Popen([sys.executable, "-m", "service"], env=env, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            with AttentionClient(url) as client:
+                deadline = time.monotonic() + ready_timeout_s
+                while not client.ready():
+                    if process.poll() is not None or time.monotonic() > deadline:
+                        log.seek(0)
+                        tail = log.read().decode(errors="replace")[-2000:]
+                        raise RuntimeError(f"the service at {url} did not get ready:\n{tail}")
+                    time.sleep(0.1)
+            yield url
+        finally:
+            process.terminate()
+            try:
+                process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+
+# -------------------------------------------------------------------------------------------- CLI
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[LoadConfig, Path]:
+    parser = argparse.ArgumentParser(prog="python -m service.loadtest", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--url", required=True, help="the service, e.g. http://127.0.0.1:8000")
+    load = parser.add_mutually_exclusive_group(required=True)
+    load.add_argument("--concurrency", type=int, help="closed loop: requests always in flight")
+    load.add_argument("--rate", type=float, help="open loop: Poisson arrivals per second")
+    parser.add_argument("--duration", type=float, help="seconds to issue requests for")
+    parser.add_argument("--requests", type=int, help="requests to send in all")
+    parser.add_argument(
+        "--scenario", type=Path, help="YAML or JSON file with a `requests` list (default: a built-in mix)"
+    )
+    parser.add_argument("--out", type=Path, required=True, help="folder for report.json, report.md, latency.png")
+    parser.add_argument(
+        "--check-fraction", type=float, default=1.0, help="share of answers compared with the local engine"
+    )
+    parser.add_argument("--pool", type=int, default=4, help="distinct random inputs per scenario entry")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--timeout", type=float, default=60.0, help="client timeout per request, seconds")
+    parser.add_argument("--max-connections", type=int, default=512)
+    parser.add_argument("--api-key", help="sent as Authorization: Bearer")
+    parser.add_argument("--no-progress", action="store_true", help="no live progress bar")
+    args = parser.parse_args(argv)
+    try:
+        cfg = LoadConfig(
+            url=args.url,
+            concurrency=args.concurrency,
+            rate=args.rate,
+            duration_s=args.duration,
+            requests=args.requests,
+            scenario=Scenario.load(args.scenario) if args.scenario else DEFAULT_SCENARIO,
+            check_fraction=args.check_fraction,
+            pool=args.pool,
+            seed=args.seed,
+            timeout_s=args.timeout,
+            max_connections=args.max_connections,
+            api_key=args.api_key,
+            progress=not args.no_progress,
+        )
+    except (ValueError, OSError) as exc:
+        parser.error(str(exc))
+    return cfg, args.out
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Exit status 1 when any checked answer mismatched the local engine."""
+    cfg, out = parse_args(argv)
+    report = write(run(cfg), out)
+    print(
+        f"sent {report['sent']}, answered {report['answered']}, by status {report['by_status']}, "
+        f"{report['throughput_rps']} req/s, p50 {report['latency_ms']['p50']} ms, "
+        f"p99 {report['latency_ms']['p99']} ms, mismatches {report['mismatches']}/{report['checked']} -> {out}"
+    )
+    return 1 if report["mismatches"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,75 @@
+"""service.loadtest against a live `python -m service` on a loopback port, in both modes."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from pydantic import ValidationError
+
+from service.loadtest import DEFAULT_SCENARIO, LoadConfig, Scenario, local_service, main, run, write
+
+
+@pytest.fixture(scope="module")
+def url():
+    with local_service(log_level="warning") as live:
+        yield live
+
+
+def check_report(report: dict, out) -> None:
+    """Every request answered 200, every answer checked and equal to the local engine's."""
+    assert report["sent"] > 0
+    assert report["answered"] == report["sent"]
+    assert report["by_status"] == {"200": report["sent"]}
+    assert report["checked"] == report["sent"] and report["mismatches"] == 0
+    assert sum(report["batch_sizes"].values()) == report["sent"]
+    lat = report["latency_ms"]
+    assert 0 < lat["p50"] <= lat["p90"] <= lat["p99"] <= lat["max"]
+    assert set(report["server_ms"]) == {"queue", "compute", "total"}
+    assert report["throughput_rps"] > 0 and report["tokens_per_s"] > 0
+    assert json.loads((out / "report.json").read_text()) == report
+    assert "| sent | answered |" in (out / "report.md").read_text()
+    assert (out / "latency.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_closed_loop(url, tmp_path):
+    result = run(LoadConfig(url=url, concurrency=8, duration_s=3.0, progress=False))
+    report = write(result, tmp_path)
+    check_report(report, tmp_path)
+    assert report["mode"] == "closed" and report["wall_s"] >= 3.0
+    assert set(report["by_kind"]) <= {shape.name for shape in DEFAULT_SCENARIO.requests}
+
+
+def test_open_loop_from_the_command_line(url, tmp_path):
+    scenario = tmp_path / "mix.yaml"
+    scenario.write_text(
+        "requests:\n"
+        "  - {weight: 3, heads: 4, q_len: 64, head_dim: 32}\n"
+        "  - {weight: 1, heads: 8, kv_heads: 2, q_len: 8, k_len: 128, head_dim: 16, dtype: float16,\n"
+        "     encoding: data, return_lse: true, pattern: {type: fixed, block: 16, summary: 4}}\n"
+    )
+    out = tmp_path / "out"
+    argv = ["--url", url, "--rate", "40", "--requests", "60", "--scenario", str(scenario), "--out", str(out)]
+    assert main(argv + ["--no-progress"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    check_report(report, out)
+    assert report["mode"] == "open" and report["sent"] == 60 and report["rate"] == 40
+    assert len(report["by_kind"]) == 2
+
+
+def test_scenario_errors_name_the_field(tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"requests": [{"heads": 6, "kv_heads": 4}]}')
+    with pytest.raises(ValidationError, match="kv_heads: 4 does not divide heads 6"):
+        Scenario.load(bad)
+    with pytest.raises(ValidationError, match="encoding"):
+        Scenario.model_validate({"requests": [{"dtype": "bfloat16", "encoding": "data"}]})
+    with pytest.raises(ValidationError, match="window"):
+        Scenario.model_validate({"requests": [{"pattern": {"type": "sliding_window"}}]})
+
+
+def test_command_line_refuses_both_or_neither_mode(tmp_path, capsys):
+    for load in (["--rate", "5", "--concurrency", "2"], []):
+        with pytest.raises(SystemExit):
+            main(["--url", "http://127.0.0.1:9", "--out", str(tmp_path), *load])
+    assert "--concurrency" in capsys.readouterr().err
