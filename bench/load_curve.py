@@ -28,7 +28,7 @@ import matplotlib.pyplot as plt
 from service.loadtest import LoadConfig, RequestShape, Scenario, local_service, run, write
 
 TINY = Scenario(requests=[RequestShape(heads=4, q_len=64, head_dim=32)])
-LOAD_FRACTIONS = (0.1, 0.25, 0.5, 0.75, 0.9, 1.0, 1.25, 1.5)
+LOAD_FRACTIONS = (0.1, 0.2, 0.3, 0.45, 0.6, 0.75, 0.9, 1.0, 1.2)
 SERVICES = {"batching on": {}, "batching off": {"max_batch_size": 1}}
 CLOSED_KEYS = ("throughput_rps", "latency_ms", "server_ms", "batch_sizes", "by_status")
 OPEN_KEYS = ("rate", "offered_rps", "throughput_rps", "latency_ms", "by_status", "batch_sizes")
