@@ -7,7 +7,18 @@ import json
 import pytest
 from pydantic import ValidationError
 
-from service.loadtest import DEFAULT_SCENARIO, LoadConfig, Scenario, local_service, main, run, write
+from service.client import AttentionResult
+from service.loadtest import (
+    DEFAULT_SCENARIO,
+    LoadConfig,
+    Scenario,
+    local_service,
+    main,
+    mismatched,
+    pooled_cases,
+    run,
+    write,
+)
 
 
 @pytest.fixture(scope="module")
@@ -73,3 +84,13 @@ def test_command_line_refuses_both_or_neither_mode(tmp_path, capsys):
         with pytest.raises(SystemExit):
             main(["--url", "http://127.0.0.1:9", "--out", str(tmp_path), *load])
     assert "--concurrency" in capsys.readouterr().err
+
+
+def test_mismatch_check_catches_swapped_and_wrong_answers():
+    scenario = Scenario.model_validate({"requests": [{"heads": 2, "q_len": 16, "head_dim": 8, "return_lse": True}]})
+    first, second = pooled_cases(scenario, pool=2, seed=0)[0]
+    assert not mismatched(first, AttentionResult(first.output.clone(), first.lse.clone()))
+    assert mismatched(first, AttentionResult(second.output, second.lse))  # another request's answer
+    assert mismatched(first, AttentionResult(first.output + 1e-2, first.lse))
+    assert mismatched(first, AttentionResult(first.output, first.lse + 1e-2))
+    assert mismatched(first, AttentionResult(first.output, None))  # lse asked for, none came
