@@ -29,6 +29,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
 from engine import attention, kernels  # noqa: E402
+from engine.kernels.band import flash_window_supported  # noqa: E402
 from engine.patterns import parse_pattern  # noqa: E402
 from reference import reference_attention  # noqa: E402
 from test_engine_reference import PATTERNS, SHAPES  # noqa: E402
@@ -135,6 +136,8 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     print(f"torch {torch.__version__}, device {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}",
           flush=True)
+    if device.type == "cuda":
+        print(f"flash local window for the band: {flash_window_supported(device)}", flush=True)
     passed, failed = check(device)
     summary = {"passed": passed, "failed": failed, "check_s": time.perf_counter() - started}
     print(f"checks: {passed} passed, {failed} failed in {summary['check_s']:.0f} s", flush=True)

@@ -1,12 +1,15 @@
 """Kernel benchmark: the engine against dense causal SDPA, masked SDPA and compiled FlexAttention.
 
 Everything runs in one process and is reported as ratios to the dense causal SDPA time measured
-in the same run (the machine is shared; absolute times are noisy, ratios less so). Each time is
-the minimum over `--repeats` calls after one warm-up call; a call slower than `--slow` seconds
-is timed once. FlexAttention's first call per shape (its compile) is reported separately.
+in the same run (the machine is shared; absolute times are noisy, ratios less so). Dense SDPA
+and the engine's patterns alternate in rounds, after a warm-up round, so that they see the same
+background load; each time is the minimum over `--repeats` rounds (dense SDPA slower than
+`--slow` seconds: over the first and last rounds). Masked SDPA and FlexAttention are timed after,
+the minimum of `--repeats` calls after a warm-up call (one call when slower than `--slow`);
+FlexAttention's first call per shape (block mask + compile) is reported separately.
 
     python -m bench.kernels                       # bounded default run (a few minutes on 2 cores)
-    python -m bench.kernels --n 4096 16384 65536 --flex-max-n 65536 --masked-max-n 16384   # full
+    python -m bench.kernels --flex-max-n 65536    # full: FlexAttention at 65536 too (tens of minutes)
     python -m bench.kernels --n 4096 --patterns sliding_window --no-flex               # quick
     python -m bench.kernels --tiles                # band tile-size sweep (engine.kernels.band)
 
@@ -29,7 +32,7 @@ import torch.nn.functional as F
 
 from engine import attention
 from engine.attention import backend_for
-from engine.kernels import band_attention
+from engine.kernels import KEEPS_FREED_MEMORY, band_attention
 from engine.memory import PeakMemory
 from engine.patterns import attended_pairs, parse_pattern
 
@@ -116,6 +119,29 @@ def masked_sdpa(pattern, n: int, device: torch.device):
     return lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 
+def interleaved(q, k, v, patterns: dict, device: torch.device, args):
+    """(dense s, {pattern: engine s}, {pattern: first-call s}): rounds that each time dense SDPA
+    and then every pattern, so that all see the same background load; the minimum of each.
+    Dense SDPA slower than `slow` seconds is timed in the first and last rounds only."""
+    def once(fn) -> float:
+        sync(device)
+        start = time.perf_counter()
+        fn()
+        sync(device)
+        return time.perf_counter() - start
+
+    dense = []
+    engine: dict[str, list[float]] = {name: [] for name in patterns}
+    for rnd in range(args.repeats + 1):
+        if rnd in (0, args.repeats) or dense[0] <= args.slow:
+            dense.append(once(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True)))
+        for name, pattern in patterns.items():
+            engine[name].append(once(lambda: attention(q, k, v, pattern)))
+    # Round 0 is the warm-up: it counts for dense SDPA (no compile) only if it is all there is.
+    return (min(dense[1:] or dense), {name: min(t[1:]) for name, t in engine.items()},
+            {name: t[0] for name, t in engine.items()})
+
+
 def bench_table(args, device: torch.device) -> list[dict]:
     rows = []
     flex = None if args.no_flex else Flex(device)
@@ -123,17 +149,14 @@ def bench_table(args, device: torch.device) -> list[dict]:
         dtype = DTYPES[dtype_name]
         for n in args.n:
             q, k, v = inputs(n, args.heads, args.dim, dtype, device)
-            _, dense_s = timed(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True), device,
-                               args.repeats, args.slow)
+            patterns = {name: parse_pattern(PATTERNS[name]) for name in args.patterns}
+            dense_s, engine_s, engine_first = interleaved(q, k, v, patterns, device, args)
             dense_pairs = args.heads * n * (n + 1) // 2
-            for name in args.patterns:
-                pattern = parse_pattern(PATTERNS[name])
+            for name, pattern in patterns.items():
                 row = {"pattern": LABELS[name], "n": n, "dtype": dtype_name, "heads": args.heads, "dim": args.dim,
                        "backend": backend_for(pattern, args.heads, n, n, True), "dense_s": dense_s,
                        "attended_pairs": attended_pairs(pattern, 1, args.heads, n, n, True),
-                       "dense_pairs": dense_pairs}
-                first, row["engine_s"] = timed(lambda: attention(q, k, v, pattern), device, args.repeats, args.slow)
-                row["engine_first_call_s"] = first
+                       "dense_pairs": dense_pairs, "engine_s": engine_s[name], "engine_first_call_s": engine_first[name]}
                 mask_bytes = n * n  # one boolean per (query, key)
                 if n <= args.masked_max_n and mask_bytes <= args.masked_max_bytes:
                     run = masked_sdpa(pattern, n, device)
@@ -266,7 +289,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--flex-dtypes", nargs="+", default=["float32"])
     p.add_argument("--flex-budget", type=float, default=math.inf,
                    help="seconds since start after which FlexAttention runs are skipped (and said so)")
-    p.add_argument("--masked-max-n", type=int, default=4096)
+    p.add_argument("--masked-max-n", type=int, default=16384)
     p.add_argument("--masked-max-bytes", type=int, default=1 << 30)
     p.add_argument("--memory-n", type=int, default=131072, help="n of the peak-memory row (0: skip)")
     p.add_argument("--scaling-n", type=int, nargs="*", default=[16384, 32768, 65536])
@@ -279,6 +302,7 @@ def main(argv: list[str] | None = None) -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     meta = {"torch": torch.__version__, "device": str(device), "threads": torch.get_num_threads(),
             "machine": platform.processor() or platform.machine(),
+            "keeps_freed_memory": KEEPS_FREED_MEMORY,
             "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
             "command": "python -m bench.kernels " + " ".join(argv or __import__("sys").argv[1:])}
     if args.tiles:

@@ -13,6 +13,8 @@ arguments, bottom-right aligned like the contract): one call, no mask, no waste.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from .dense import NEG_INF, _fused, _same_head_dim, dense_attention, flash_supported, pad_head_dim
@@ -44,7 +46,7 @@ def band_pieces(
     """Causal sliding-window attention as (first row, out, lse) pieces covering rows 0..Lq-1 in
     order, queries bottom-right aligned: a consumer that writes a new tensor anyway (a union's
     merge) can take them without first joining them."""
-    if flash_supported(q):
+    if flash_supported(q) and flash_window_supported(q.device):
         return [(0, *_flash_window(q, k, v, window=window, scale=scale))]
     b, h, lq, _ = q.shape
     lk, dv, w = k.shape[-2], v.shape[-1], window
@@ -81,6 +83,18 @@ def band_attention(
     if len(pieces) == 1:
         return pieces[0][1], pieces[0][2]
     return torch.cat([p[1] for p in pieces], dim=-2), torch.cat([p[2] for p in pieces], dim=-1)
+
+
+@functools.cache
+def flash_window_supported(device: torch.device) -> bool:
+    """Whether this torch build's CUDA flash kernel takes a local window (probed once per
+    device on a tiny problem); without it the band runs as tiles like on the CPU."""
+    x = torch.zeros(1, 1, 8, 8, dtype=torch.bfloat16, device=device)
+    try:
+        _flash_window(x, x, x, window=2, scale=1.0)
+    except (RuntimeError, TypeError):  # an op or an argument this build lacks
+        return False
+    return True
 
 
 def _flash_window(q, k, v, *, window: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:

@@ -60,15 +60,20 @@ def strided_pieces(
     seen = diag + skip  # local query class row r sees key class rows 0 .. seen + r
     qc = _classes(q, skip * s, (skip + rows) * s, s)
     kc, vc = _classes(k, 0, (seen + rows) * s, s), _classes(v, 0, (seen + rows) * s, s)
-    size = max(CHUNK_ROWS, -(-rows // (chunks or MAX_CHUNKS)))
+    # On CUDA the flash kernel skips the causal square's empty half itself: one chunk.
+    chunks = chunks or (1 if q.device.type == "cuda" else MAX_CHUNKS)
+    size = rows if chunks == 1 else max(CHUNK_ROWS, -(-rows // chunks))
     pieces = []
     for c0 in range(0, rows, size):
         c1 = min(rows, c0 + size)
-        keys = torch.arange(seen + c1, device=q.device)[None, :]
-        limit = torch.arange(seen + c0, seen + c1, device=q.device)[:, None]
-        mask = torch.zeros(c1 - c0, seen + c1, dtype=q.dtype, device=q.device).masked_fill_(keys > limit, NEG_INF)
-        out, lse = _fused(qc[:, :, c0:c1], kc[:, :, : seen + c1], vc[:, :, : seen + c1], scale=scale,
-                          is_causal=False, mask=mask)
+        if seen == 0 and c1 - c0 == rows:  # one causal square: no mask needed
+            out, lse = _fused(qc, kc, vc, scale=scale, is_causal=True)
+        else:
+            keys = torch.arange(seen + c1, device=q.device)[None, :]
+            limit = torch.arange(seen + c0, seen + c1, device=q.device)[:, None]
+            mask = torch.zeros(c1 - c0, seen + c1, dtype=q.dtype, device=q.device).masked_fill_(keys > limit, NEG_INF)
+            out, lse = _fused(qc[:, :, c0:c1], kc[:, :, : seen + c1], vc[:, :, : seen + c1], scale=scale,
+                              is_causal=False, mask=mask)
         first = (skip + c0) * s - lead  # q row of the chunk's first position
         out = out.transpose(1, 2).reshape(b, h, (c1 - c0) * s, dv)
         lse = lse.transpose(1, 2).reshape(b, h, (c1 - c0) * s)
