@@ -147,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
             "--device", args.device, "--dtypes", "bfloat16", "--flex-dtypes", "bfloat16", "--bf16-n", "0",
             "--n", *map(str, args.n), "--flex-max-n", str(max(args.n)), "--flex-budget", str(args.flex_budget),
             "--masked-max-n", "16384", "--repeats", "5", "--slow", "30",
-            "--memory-n", str(max(args.n)), "--scaling-n", *map(str, args.n[1:]),
+            "--memory-n", "131072", "--scaling-n", "16384", "32768", "65536", "131072",
             "--first-call-n", "12289", "--out", str(args.out / "gpu_kernels.json"),
         ])
     summary["total_s"] = time.perf_counter() - started

@@ -198,6 +198,33 @@ def format_row(r: dict) -> str:
             f"{fmt(r.get('vs_flex'), '.1f'):>7}")
 
 
+def markdown(result: dict) -> str:
+    """The run as the README's tables."""
+    lines = ["| pattern | n | dtype | dense SDPA s | masked SDPA s | FlexAttention s (compile s) | engine s "
+             "| speed-up | efficiency | FlexAttention / engine |", "|" + "---|" * 10]
+    for r in result["rows"]:
+        flex = f"{r['flex_s']:.3f} ({r['flex_compile_s']:.1f})" if "flex_s" in r else "-"
+        lines.append(f"| {r['pattern']} | {r['n']} | {r['dtype']} | {r['dense_s']:.3f} | {fmt(r.get('masked_s'))} "
+                     f"| {flex} | {r['engine_s']:.4f} | {r['speedup']:.1f} | {r['efficiency']:.2f} "
+                     f"| {fmt(r.get('vs_flex'), '.1f')} |")
+    if "scaling" in result:
+        sc = result["scaling"]
+        lines.append(f"\nsliding_window(256) scaling, n = {', '.join(sc['seconds'])}: "
+                     + ", ".join(f"{s:.3f} s" for s in sc["seconds"].values())
+                     + "; growth per doubling " + ", ".join(f"{g:.2f}x" for g in sc["growth_per_doubling"]))
+    if "memory" in result:
+        m = result["memory"]
+        lines.append(f"\npeak extra memory, {m['pattern']}, n = {m['n']}, one head, float32: "
+                     f"{m['peak_bytes'] / 2**20:.0f} MiB (a dense score matrix would take "
+                     f"{m['dense_scores_bytes'] / 2**30:.0f} GiB)")
+    if "first_call" in result:
+        fc = dict(result["first_call"])
+        n = fc.pop("n")
+        lines.append(f"\nfirst call for a new shape (n = {n}) / steady call: "
+                     + ", ".join(f"{name} {v['first_s']:.3f} s / {v['steady_s']:.3f} s" for name, v in fc.items()))
+    return "\n".join(lines)
+
+
 def bench_memory(args, device: torch.device) -> dict:
     """Peak extra memory of sliding_window(256) at n = 131072, one head (issue target < 2 GB)."""
     n = args.memory_n
@@ -333,6 +360,7 @@ def main(argv: list[str] | None = None) -> None:
         result["first_call"] = bench_first_call(args, device)
         print("first call for a new shape:", json.dumps(result["first_call"]))
     args.out.write_text(json.dumps(result, indent=1))
+    print(markdown(result))
     png = args.plot or args.out.with_suffix(".png")
     plot(rows, png)
     print(f"wrote {args.out} and {png}")
