@@ -1,12 +1,11 @@
 """Kernel benchmark: the engine against dense causal SDPA, masked SDPA and compiled FlexAttention.
 
 Everything runs in one process and is reported as ratios to the dense causal SDPA time measured
-in the same run (the machine is shared; absolute times are noisy, ratios less so). Dense SDPA
-and the engine's patterns alternate in rounds, after a warm-up round, so that they see the same
-background load; each time is the minimum over `--repeats` rounds (dense SDPA slower than
-`--slow` seconds: over the first and last rounds). Masked SDPA and FlexAttention are timed after,
-the minimum of `--repeats` calls after a warm-up call (one call when slower than `--slow`);
-FlexAttention's first call per shape (block mask + compile) is reported separately.
+in the same run (the machine is shared; absolute times are noisy, ratios less so). For each n,
+dense SDPA, masked SDPA, FlexAttention and the engine take turns in rounds, after a warm-up
+round, so that all see the same background load; each time is the minimum over `--repeats`
+rounds (a call slower than `--slow` seconds: its last round only). FlexAttention's first call
+per shape (block mask + compile) is reported separately.
 
     python -m bench.kernels                       # bounded default run (a few minutes on 2 cores)
     python -m bench.kernels --flex-max-n 65536    # full: FlexAttention at 65536 too (tens of minutes)
@@ -58,18 +57,18 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def timed(fn, device: torch.device, repeats: int, slow: float, compiles: bool = False) -> tuple[float, float]:
+def timed(fn, device: torch.device, repeats: int, slow: float) -> tuple[float, float]:
     """(first-call seconds, best seconds): one warm-up call, then the minimum of `repeats`
-    (one call only when the warm-up took over `slow` seconds; never the warm-up if `compiles`)."""
+    (the warm-up's own time when it took over `slow` seconds)."""
     sync(device)
     start = time.perf_counter()
     fn()
     sync(device)
     first = time.perf_counter() - start
-    if first > slow and not compiles:
+    if first > slow:
         return first, first
     best = math.inf
-    for _ in range(1 if first > slow else repeats):
+    for _ in range(repeats):
         start = time.perf_counter()
         fn()
         sync(device)
@@ -119,10 +118,10 @@ def masked_sdpa(pattern, n: int, device: torch.device):
     return lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 
-def interleaved(q, k, v, patterns: dict, device: torch.device, args):
-    """(dense s, {pattern: engine s}, {pattern: first-call s}): rounds that each time dense SDPA
-    and then every pattern, so that all see the same background load; the minimum of each.
-    Dense SDPA slower than `slow` seconds is timed in the first and last rounds only."""
+def rounds(fns: dict, device: torch.device, repeats: int, slow: float) -> dict:
+    """{key: [seconds per round]}: every callable once per round, in turn, so that all see the
+    same background load. Round 0 is the warm-up (FlexAttention compiles in it); a callable whose
+    warm-up took over `slow` seconds runs again in the last round only."""
     def once(fn) -> float:
         sync(device)
         start = time.perf_counter()
@@ -130,16 +129,12 @@ def interleaved(q, k, v, patterns: dict, device: torch.device, args):
         sync(device)
         return time.perf_counter() - start
 
-    dense = []
-    engine: dict[str, list[float]] = {name: [] for name in patterns}
-    for rnd in range(args.repeats + 1):
-        if rnd in (0, args.repeats) or dense[0] <= args.slow:
-            dense.append(once(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True)))
-        for name, pattern in patterns.items():
-            engine[name].append(once(lambda: attention(q, k, v, pattern)))
-    # Round 0 is the warm-up: it counts for dense SDPA (no compile) only if it is all there is.
-    return (min(dense[1:] or dense), {name: min(t[1:]) for name, t in engine.items()},
-            {name: t[0] for name, t in engine.items()})
+    times: dict = {key: [] for key in fns}
+    for rnd in range(repeats + 1):
+        for key, fn in fns.items():
+            if rnd in (0, repeats) or times[key][0] <= slow:
+                times[key].append(once(fn))
+    return times
 
 
 def bench_table(args, device: torch.device) -> list[dict]:
@@ -150,36 +145,43 @@ def bench_table(args, device: torch.device) -> list[dict]:
         for n in args.n:
             q, k, v = inputs(n, args.heads, args.dim, dtype, device)
             patterns = {name: parse_pattern(PATTERNS[name]) for name in args.patterns}
-            dense_s, engine_s, engine_first = interleaved(q, k, v, patterns, device, args)
+            fns = {"dense": lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True)}
+            mask_s = {}
+            for name, pattern in patterns.items():
+                fns["engine", name] = lambda pattern=pattern: attention(q, k, v, pattern)
+                if n <= args.masked_max_n and n * n <= args.masked_max_bytes:  # one boolean per pair
+                    run = masked_sdpa(pattern, n, device)
+                    fns["masked", name] = lambda run=run: run(q, k, v)
+                if flex is None or n > args.flex_max_n or dtype_name not in args.flex_dtypes:
+                    continue
+                if time.perf_counter() - STARTED > args.flex_budget:
+                    print(f"SKIP FlexAttention {LABELS[name]} n={n}: past --flex-budget {args.flex_budget:.0f} s")
+                    continue
+                start = time.perf_counter()
+                run = flex.runner(pattern, n)
+                mask_s[name] = time.perf_counter() - start
+                fns["flex", name] = lambda run=run: run(q, k, v)
+            times = rounds(fns, device, args.repeats, args.slow)
+            best = {key: min(t[1:] or t) for key, t in times.items()}
             dense_pairs = args.heads * n * (n + 1) // 2
             for name, pattern in patterns.items():
                 row = {"pattern": LABELS[name], "n": n, "dtype": dtype_name, "heads": args.heads, "dim": args.dim,
-                       "backend": backend_for(pattern, args.heads, n, n, True), "dense_s": dense_s,
+                       "backend": backend_for(pattern, args.heads, n, n, True), "dense_s": best["dense"],
                        "attended_pairs": attended_pairs(pattern, 1, args.heads, n, n, True),
-                       "dense_pairs": dense_pairs, "engine_s": engine_s[name], "engine_first_call_s": engine_first[name]}
-                mask_bytes = n * n  # one boolean per (query, key)
-                if n <= args.masked_max_n and mask_bytes <= args.masked_max_bytes:
-                    run = masked_sdpa(pattern, n, device)
-                    row["masked_s"] = timed(lambda: run(q, k, v), device, args.repeats, args.slow)[1]
-                over_budget = time.perf_counter() - STARTED > args.flex_budget
-                if flex is not None and n <= args.flex_max_n and dtype_name in args.flex_dtypes and over_budget:
-                    print(f"SKIP FlexAttention {LABELS[name]} n={n}: past --flex-budget {args.flex_budget:.0f} s")
-                    row["flex_skipped"] = "time budget"
-                elif flex is not None and n <= args.flex_max_n and dtype_name in args.flex_dtypes:
-                    start = time.perf_counter()
-                    run = flex.runner(pattern, n)
-                    mask_s = time.perf_counter() - start
-                    first, row["flex_s"] = timed(lambda: run(q, k, v), device, args.repeats, args.slow, compiles=True)
+                       "dense_pairs": dense_pairs, "engine_s": best["engine", name],
+                       "engine_first_call_s": times["engine", name][0]}
+                if ("masked", name) in best:
+                    row["masked_s"] = best["masked", name]
+                if ("flex", name) in best:
+                    row["flex_s"] = best["flex", name]
                     # Block mask + compile: the first call's excess over a steady call.
-                    row["flex_compile_s"] = mask_s + first - row["flex_s"]
-                speedup = dense_s / row["engine_s"]
-                row["speedup"] = speedup
-                row["efficiency"] = speedup / (dense_pairs / row["attended_pairs"])
-                if "flex_s" in row:
+                    row["flex_compile_s"] = mask_s[name] + times["flex", name][0] - row["flex_s"]
                     row["vs_flex"] = row["flex_s"] / row["engine_s"]
+                row["speedup"] = row["dense_s"] / row["engine_s"]
+                row["efficiency"] = row["speedup"] / (dense_pairs / row["attended_pairs"])
                 rows.append(row)
                 print(format_row(row), flush=True)
-            del q, k, v
+            del q, k, v, fns
     return rows
 
 
