@@ -81,7 +81,6 @@ class _Job:
     v: torch.Tensor
     key: BatchKey
     deadline: float
-    client_gone: Callable[[], Awaitable[bool]] | None
     future: asyncio.Future
     enqueued: float = field(default_factory=time.perf_counter)
 
@@ -144,10 +143,11 @@ class Batcher:
         causal: bool = True,
         scale: float | None = None,
         timeout_s: float = 30.0,
-        client_gone: Callable[[], Awaitable[bool]] | None = None,
+        client_gone: Callable[[], Awaitable[object]] | None = None,
     ) -> Result:
         """Queue one request of [B, H, L, D] tensors and wait for its answer.
 
+        `client_gone()` is awaited alongside: when it returns first, the request is dropped.
         Raises QueueFull, ShuttingDown, DeadlineExceeded, ClientGone, or the engine's own error.
         """
         if self._closing or self._collector is None:
@@ -156,15 +156,24 @@ class Batcher:
         key = BatchKey(q.dtype, q.shape[1], k.shape[1], q.shape[3], v.shape[3], q.shape[2], k.shape[2],
                        pattern, causal, scale)
         loop = asyncio.get_running_loop()
-        job = _Job(q, k, v, key, loop.time() + timeout_s, client_gone, loop.create_future())
+        job = _Job(q, k, v, key, loop.time() + timeout_s, loop.create_future())
         try:
             self._queue.put_nowait(job)
         except asyncio.QueueFull:
             raise QueueFull(f"{self._queue.maxsize} requests already waiting") from None
+        watch = asyncio.ensure_future(client_gone()) if client_gone is not None else None
         try:
-            return await asyncio.wait_for(job.future, timeout_s)
-        except TimeoutError:
-            raise DeadlineExceeded(f"the deadline passed: no answer within {timeout_s * 1000:.0f} ms") from None
+            await asyncio.wait([job.future] + ([watch] if watch else []), timeout=timeout_s,
+                               return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            if watch is not None:
+                watch.cancel()
+        if job.future.done():
+            return job.future.result()
+        job.future.cancel()  # not run if not started; if running, its answer is dropped
+        if watch is not None and watch.done() and not watch.cancelled():
+            raise ClientGone("the client disconnected before its answer was ready")
+        raise DeadlineExceeded(f"the deadline passed: no answer within {timeout_s * 1000:.0f} ms")
 
     async def _collect_forever(self) -> None:
         loop = asyncio.get_running_loop()
@@ -185,7 +194,7 @@ class Batcher:
             try:
                 groups: dict[BatchKey, list[_Job]] = {}
                 for job in jobs:
-                    if await self._still_wanted(job, loop.time()):
+                    if self._still_wanted(job, loop.time()):
                         groups.setdefault(job.key, []).append(job)
                 if groups:
                     await loop.run_in_executor(self._executor, self._run_groups, loop, list(groups.values()))
@@ -193,15 +202,12 @@ class Batcher:
                 for _ in jobs:
                     self._queue.task_done()
 
-    async def _still_wanted(self, job: _Job, now: float) -> bool:
-        """False (and the caller answered) if the job was abandoned, expired or its client left."""
-        if job.future.done():  # the caller stopped waiting (its deadline, or it was cancelled)
+    def _still_wanted(self, job: _Job, now: float) -> bool:
+        """False (and the caller answered) if the caller stopped waiting or the deadline passed."""
+        if job.future.done():  # the caller gave up: its deadline, its client left, or it was cancelled
             return False
         if now >= job.deadline:
             job.future.set_exception(DeadlineExceeded("the deadline passed while queued"))
-            return False
-        if job.client_gone is not None and await job.client_gone():
-            job.future.set_exception(ClientGone("the client disconnected before the request started"))
             return False
         return True
 

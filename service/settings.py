@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from functools import cached_property
 from typing import Annotated, Literal
 
@@ -30,6 +31,9 @@ class Settings(BaseSettings):
         (), description="comma-separated Bearer keys; empty: no authentication"
     )
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
+    torch_threads: int = Field(
+        0, ge=0, description="torch intra-op threads; 0: one per usable core less one, kept for the event loop"
+    )
 
     @field_validator("api_keys", mode="before")
     @classmethod
@@ -37,6 +41,12 @@ class Settings(BaseSettings):
         if isinstance(value, str):
             return tuple(key.strip() for key in value.split(",") if key.strip())
         return value
+
+    @cached_property
+    def engine_threads(self) -> int:
+        """Threads torch computes with. One core is left to the event loop (HTTP, JSON, base64):
+        when both compete for every core, each engine call waits on its thread team's barrier."""
+        return self.torch_threads or max(1, len(os.sched_getaffinity(0)) - 1)
 
     @cached_property
     def torch_device(self) -> torch.device:

@@ -175,6 +175,7 @@ BAD_REQUESTS = {
     "b64 wrong length": ("k.b64", _B64_2X2, "k.b64"),
     "b64 not base64": ("k.b64", "!" * len(as_json(torch.zeros(1, 2, 8, 4))["b64"]), "k.b64"),
     "infinity in b64": ("v.b64", _nonfinite_b64(64), "v.b64"),
+    "b64 padded short": ("k.b64", base64.b64encode(bytes(254)).decode(), "k.b64"),
     "both data and b64": ("q.data", [0.0] * 128, "q.data"),
     "dtype differs": ("k.dtype", "float16", "k.dtype"),
     "pattern type unknown": ("pattern", {"type": "spiral"}, "pattern"),
@@ -216,6 +217,18 @@ async def test_422_for_data_problems(client):
     bf16 = _with(_with(_with(body, "q.dtype", "bfloat16"), "k.dtype", "bfloat16"), "v.dtype", "bfloat16")
     err = error_of(await client.post("/attention", json=bf16), 422)
     assert err["field"] == "q.data" and "b64" in err["message"]
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+async def test_422_for_non_finite_half_precision(client, dtype):
+    q, k, v = qkv(h=2, hkv=2, lq=4, lk=4, d=2, dv=2, dtype=dtype)
+    k[0, 1, 2, 1] = float("nan")
+    err = error_of(await client.post("/attention", json=request_body(q, k, v)), 422)
+    assert err["field"] == "k.b64" and "finite" in err["message"]
+    big = request_body(*qkv(h=2, hkv=2, lq=4, lk=4, d=2, dv=2, dtype=torch.float16), encoding="data")
+    big["v"]["data"][5] = 70000.0  # beyond float16's range: it would become Inf
+    assert error_of(await client.post("/attention", json=big), 422)["field"] == "v.data"
 
 
 @pytest.mark.anyio

@@ -101,28 +101,31 @@ async def test_one_failing_request_fails_alone_and_the_rest_are_recomputed():
 
 @pytest.mark.anyio
 async def test_dropped_when_the_client_left_or_the_deadline_passed_before_starting():
-    gate = Gate()
+    counted = _FailOn()  # counts the engine calls by batch size
+    gate = Gate(counted)
     q, k, v = qkv(h=2, hkv=2, lq=8, lk=8, d=4, dv=4)
     pattern = parse_pattern(None)
-
-    async def gone() -> bool:
-        return True
+    client_left = asyncio.Event()
 
     async with Batcher("cpu", max_batch_size=4, max_delay_ms=0, queue_size=2, compute=gate) as batcher:
         gate.close()
         running = asyncio.create_task(batcher.submit(q, k, v, pattern))
         await gate.holding()
-        left = asyncio.create_task(batcher.submit(q, k, v, pattern, client_gone=gone))
+        left = asyncio.create_task(batcher.submit(q, k, v, pattern, client_gone=client_left.wait))
         late = asyncio.create_task(batcher.submit(q, k, v, pattern, timeout_s=0.02))
         await asyncio.sleep(0.01)
+        assert batcher.queue_depth == 2
         with pytest.raises(QueueFull):
             await batcher.submit(q, k, v, pattern)
+        client_left.set()
+        with pytest.raises(ClientGone):
+            await left
         with pytest.raises(DeadlineExceeded):
             await late
         gate.open()
         assert torch.equal((await running).output, attention(q, k, v))
-        with pytest.raises(ClientGone):
-            await left
+        assert torch.equal((await batcher.submit(q, k, v, pattern)).output, attention(q, k, v))
+    assert counted.calls == [1, 1]  # the held call and the last one: the two dropped never ran
     with pytest.raises(ShuttingDown):
         await batcher.submit(q, k, v, pattern)
 
