@@ -1,6 +1,6 @@
 """Load curves of the service over real HTTP on this machine, with `service.loadtest`.
 
-    .venv/bin/python bench/load_curve.py [--seconds 8] [--out bench/results/load_curve]
+    .venv/bin/python -m bench.load_curve [--seconds 8] [--out bench/results/load_curve]
 
 1. Batching on vs off: tiny requests (B=1, H=4, n=64, D=32, float32, b64, dense), closed loop
    at concurrency 32, against a service with the default max batch size and one with
@@ -11,13 +11,15 @@
 
 Writes OUT/<run>/report.{json,md} and latency.png for every run, OUT/summary.json, and
 bench/load_curve.png (the figure the README shows). Load generator and service share the
-machine's cores, so the figures are this machine's, client included.
+machine's cores, so the figures are this machine's, client included; the summary records the
+load average before and after, since anything else running on the machine moves them.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 
 import matplotlib
@@ -57,7 +59,11 @@ def main() -> None:
     parser.add_argument("--png", type=Path, default=Path("bench/load_curve.png"))
     args = parser.parse_args()
 
-    summary: dict = {"closed_c32": {}, "open": {}}
+    summary: dict = {
+        "machine": {"cpus": os.cpu_count(), "loadavg_before": os.getloadavg()},
+        "closed_c32": {},
+        "open": {},
+    }
     for name, settings in SERVICES.items():  # batching on first: its capacity sets the offered rates
         slug = name.replace(" ", "_")
         with local_service(log_level="warning", **settings) as url:
@@ -71,13 +77,19 @@ def main() -> None:
             ]
     on, off = (summary["closed_c32"][name]["throughput_rps"] for name in SERVICES)
     summary["batching_speedup"] = round(on / off, 2)
+    summary["machine"]["loadavg_after"] = os.getloadavg()
     print(f"batching on / off throughput at concurrency 32: {on:.1f} / {off:.1f} = {on / off:.2f}x")
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    plot(summary, args.png)
+    machine = summary["machine"]
+    title = (
+        f"Tiny requests (B=1, H=4, n=64, D=32) over HTTP: {machine['cpus']} CPU cores, "
+        f"ATTN_DEVICE={os.environ.get('ATTN_DEVICE', 'auto')}, load average {machine['loadavg_before'][0]:.1f} at start"
+    )
+    plot(summary, args.png, title)
 
 
-def plot(summary: dict, path: Path) -> None:
+def plot(summary: dict, path: Path, title: str) -> None:
     fig, (ax_lat, ax_thr) = plt.subplots(1, 2, figsize=(11, 4))
     for (name, points), color in zip(summary["open"].items(), ("tab:blue", "tab:orange")):
         offered = [p["offered_rps"] for p in points]
@@ -92,7 +104,7 @@ def plot(summary: dict, path: Path) -> None:
     for ax in (ax_lat, ax_thr):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    fig.suptitle("Tiny requests (B=1, H=4, n=64, D=32) over HTTP on this machine")
+    fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=80)
     plt.close(fig)
