@@ -10,7 +10,9 @@ padding work is done. Requests of different lengths run as separate calls in the
 the structured kernels index absolute positions, so packing them along the sequence would
 need a segment mask those kernels do not take.
 
-If a batched call raises, its members are rerun one by one, so one bad request fails alone.
+If a batched call raises, it is split in halves and each half rerun, down to single requests, so
+one bad request fails alone and the others are answered. Running out of memory is handled the
+same way (a smaller call may fit); a request that does not fit even alone gets `OutOfMemory`.
 Each caller gets back exactly the rows it sent.
 """
 
@@ -44,6 +46,18 @@ class DeadlineExceeded(Exception):
 
 class ClientGone(Exception):
     """The caller went away before its request started; it was dropped."""
+
+
+class OutOfMemory(Exception):
+    """The engine ran out of memory on this request even when it ran alone."""
+
+
+def _is_out_of_memory(error: BaseException) -> bool:
+    """torch's OutOfMemoryError (GPU allocators), Python's MemoryError, or the CPU allocator's
+    failure, which torch raises as a plain RuntimeError."""
+    return isinstance(error, (torch.OutOfMemoryError, MemoryError)) or (
+        isinstance(error, RuntimeError) and "can't allocate memory" in str(error)
+    )
 
 
 @dataclass(frozen=True)
@@ -148,7 +162,7 @@ class Batcher:
         """Queue one request of [B, H, L, D] tensors and wait for its answer.
 
         `client_gone()` is awaited alongside: when it returns first, the request is dropped.
-        Raises QueueFull, ShuttingDown, DeadlineExceeded, ClientGone, or the engine's own error.
+        Raises QueueFull, ShuttingDown, DeadlineExceeded, ClientGone, OutOfMemory, or the engine's own error.
         """
         if self._closing or self._collector is None:
             raise ShuttingDown("the engine is shutting down")
@@ -212,28 +226,33 @@ class Batcher:
         return True
 
     def _run_groups(self, loop: asyncio.AbstractEventLoop, groups: list[list[_Job]]) -> None:
-        """Worker thread: each group as one call; on failure, each member alone."""
+        """Worker thread: each group as one engine call (split on failure), then its callers answered."""
         for jobs in groups:
-            if self._on_batch is not None:
-                self._on_batch(len(jobs))
-            try:
-                for job, result in zip(jobs, self._run(jobs)):
-                    loop.call_soon_threadsafe(_settle, job.future, result, None)
-            except Exception as batch_error:
-                if len(jobs) == 1:
-                    loop.call_soon_threadsafe(_settle, jobs[0].future, None, batch_error)
-                    continue
-                for job in jobs:
-                    try:
-                        (result,) = self._run([job])
-                        loop.call_soon_threadsafe(_settle, job.future, result, None)
-                    except Exception as error:
-                        loop.call_soon_threadsafe(_settle, job.future, None, error)
+            for job, answer in self._answers(jobs):
+                loop.call_soon_threadsafe(_settle, job.future, answer)
+
+    def _answers(self, jobs: list[_Job]) -> list[tuple[_Job, Result | Exception]]:
+        """Each job's result or error: a failed call is split in halves and each rerun, so a
+        fault stays with the request that causes it and the rest are answered."""
+        try:
+            return list(zip(jobs, self._run(jobs)))
+        except Exception as error:
+            out_of_memory = _is_out_of_memory(error)
+            if out_of_memory and self.device.type == "cuda":
+                torch.cuda.empty_cache()  # give the halves the memory the failed call cached
+            if len(jobs) > 1:
+                half = len(jobs) // 2
+                return self._answers(jobs[:half]) + self._answers(jobs[half:])
+            if out_of_memory:
+                error = OutOfMemory(f"the engine ran out of memory on this request alone ({type(error).__name__})")
+            return [(jobs[0], error)]
 
     def _run(self, jobs: list[_Job]) -> list[Result]:
         """One engine call over the jobs' inputs stacked along B; each job's rows split back out."""
         started = time.perf_counter()
         key = jobs[0].key
+        if self._on_batch is not None:
+            self._on_batch(len(jobs))
         q, k, v = (torch.cat(ts) if len(ts) > 1 else ts[0] for ts in zip(*((j.q, j.k, j.v) for j in jobs)))
         q, k, v = (t.to(self.device, non_blocking=True) for t in (q, k, v))
         with PeakMemory(self.device) as memory:
@@ -247,11 +266,11 @@ class Batcher:
         ]
 
 
-def _settle(future: asyncio.Future, result: Result | None, error: BaseException | None) -> None:
+def _settle(future: asyncio.Future, answer: Result | Exception) -> None:
     """Answer a caller on the event loop, unless it already stopped waiting."""
     if future.done():
         return
-    if error is not None:
-        future.set_exception(error)
+    if isinstance(answer, Exception):
+        future.set_exception(answer)
     else:
-        future.set_result(result)
+        future.set_result(answer)

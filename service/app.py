@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
+import math
 import threading
 import time
 from contextlib import asynccontextmanager
@@ -19,12 +20,13 @@ import orjson
 import torch
 from fastapi import Depends, FastAPI, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.openapi.utils import get_openapi
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import ValidationError
 
 from engine.attention import backend_for
-from engine.batcher import Batcher, Compute
+from engine.batcher import Batcher, Compute, DeadlineExceeded
 from engine.patterns import PATTERN_CATALOG, PatternBase, attended_pairs, parse_pattern
 from engine.picture import mask_png
 
@@ -32,7 +34,9 @@ from . import errors
 from .errors import ApiError
 from .metrics import Metrics
 from .middleware import BodyLimit, RequestContext
-from .schemas import AttentionRequest, AttentionResponse, BatchInfo, ErrorResponse, Limits, Memory, Meta, Timing, TensorOut
+from .schemas import (
+    DTYPE_NAMES, AttentionRequest, AttentionResponse, BatchInfo, ErrorResponse, Limits, Memory, Meta, Timing, TensorOut,
+)
 from .settings import Settings
 
 log = logging.getLogger("service")
@@ -44,8 +48,11 @@ See a pattern's mask: [/patterns/preview](/patterns/preview?pattern=%7B%22type%2
 Errors are `{"error": {"status", "field", "message", "errors"}}`.
 """
 PREVIEW_MAX_N = 512
+# Characters of the pattern: percent-encoded (up to 12 bytes a character) it still fits the
+# default request-line and header limit (ATTN_MAX_HEADER_BYTES, 16 KiB).
+PREVIEW_MAX_PATTERN = 1024
 PREVIEW_MAX_HEADS = 64
-_ERRORS = {status: {"model": ErrorResponse} for status in (401, 413, 422, 429, 503, 504)}
+_ERRORS = {status: {"model": ErrorResponse} for status in (401, 408, 413, 415, 422, 429, 503, 504)}
 
 
 class Service:
@@ -54,10 +61,11 @@ class Service:
     def __init__(self, settings: Settings, compute: Compute | None) -> None:
         self.settings = settings
         self.device = settings.torch_device
-        self.limits = Limits(settings.max_tokens_per_request, settings.max_tensor_elements)
+        self.limits = Limits(settings.max_tokens_per_request, settings.max_tensor_elements, settings.max_heads)
         self.compute = compute
         self.batcher: Batcher | None = None
         self.ready = False
+        self.draining = False
         self.metrics = Metrics(lambda: self.batcher.queue_depth if self.batcher else 0)
         self.retry_after = {"Retry-After": str(settings.retry_after_s)}
 
@@ -99,8 +107,14 @@ class Service:
         log.info("engine warm on %s in %.0f ms", self.device, (time.perf_counter() - started) * 1000)
 
     def require_ready(self) -> None:
+        if self.draining:
+            raise ApiError(503, None, "the service is shutting down", self.retry_after)
         if not self.ready or self.batcher is None:
             raise ApiError(503, None, "the engine is not ready (warming up or shutting down)", self.retry_after)
+
+    def drain(self) -> None:
+        """Shutting down: new requests get 503 from now on; those already accepted run to the end."""
+        self.draining = True
 
 
 _bearer = HTTPBearer(auto_error=False, description="required when ATTN_API_KEYS is set")
@@ -138,6 +152,21 @@ def _backend(pattern: PatternBase, heads: int, lq: int, lk: int, causal: bool) -
     return backend_for(pattern, heads, lq, lk, causal)
 
 
+def _work(pattern: PatternBase, b: int, h: int, lq: int, lk: int, causal: bool) -> tuple[int, str]:
+    """The request's attended pairs and the kernels it runs on, for `meta`."""
+    return attended_pairs(pattern, b, h, lq, lk, causal), _backend(pattern, h, lq, lk, causal)
+
+
+def _require_json(request: Request) -> None:
+    """415 unless the body is declared JSON (or not declared at all, as FastAPI's JSON bodies allow)."""
+    declared = request.headers.get("content-type")
+    if declared is None:
+        return
+    media_type = declared.partition(";")[0].strip().lower()
+    if media_type != "application/json" and not media_type.endswith("+json"):
+        raise ApiError(415, "Content-Type", f"Content-Type: {declared!r}; the body must be application/json")
+
+
 def create_app(settings: Settings | None = None, *, compute: Compute | None = None) -> FastAPI:
     """The ASGI app; `compute` replaces the engine call (tests inject faults and delays with it)."""
     settings = settings or Settings()
@@ -151,8 +180,13 @@ def create_app(settings: Settings | None = None, *, compute: Compute | None = No
     app = FastAPI(title="attention-service", version="0.1.0", description=DESCRIPTION, lifespan=lifespan)
     app.state.service = service
     errors.install(app, settings.retry_after_s)
-    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes, timeout_s=settings.body_timeout_s)
     app.add_middleware(RequestContext, metrics=service.metrics)
+    if settings.cors_origins:  # closed by default: no CORS headers unless origins are configured
+        app.add_middleware(
+            CORSMiddleware, allow_origins=list(settings.cors_origins), allow_methods=["GET", "POST"],
+            allow_headers=["Authorization", "Content-Type", "X-Request-ID"], expose_headers=["X-Request-ID", "Retry-After"],
+        )
 
     @app.post(
         "/attention",
@@ -167,23 +201,32 @@ def create_app(settings: Settings | None = None, *, compute: Compute | None = No
     async def post_attention(request: Request) -> Response:
         """Attention over q, k, v with a pattern (CONTRACT §2). Batched with concurrent requests."""
         service.require_ready()
+        _require_json(request)
         body = await request.body()
-        req = AttentionRequest.model_validate_json(body, context={"limits": service.limits})
+        # Parsing, decoding and the metadata's pattern arithmetic run in threads: a large body or
+        # an intricate pattern must not stall the event loop that serves every other client.
+        req = await run_in_threadpool(AttentionRequest.model_validate_json, body, context={"limits": service.limits})
         q, k, v = req.tensors
+        b, h, lq, _ = q.shape
+        lk = k.shape[2]
         timeout_ms = min(req.timeout_ms or settings.request_timeout_ms, settings.request_timeout_ms)
         arrived = request.state.arrived
         assert service.batcher is not None
         try:
-            result = await service.batcher.submit(
-                q, k, v, req.pattern, causal=req.causal, scale=req.scale,
-                timeout_s=timeout_ms / 1000 - (time.perf_counter() - arrived), client_gone=_disconnect(request),
+            result, (pairs, backend) = await asyncio.gather(
+                service.batcher.submit(
+                    q, k, v, req.pattern, causal=req.causal, scale=req.scale,
+                    timeout_s=timeout_ms / 1000 - (time.perf_counter() - arrived), client_gone=_disconnect(request),
+                ),
+                run_in_threadpool(_work, req.pattern, b, h, lq, lk, req.causal),
             )
         except ValueError as e:  # the engine's own checks name the field ("k: ...")
             raise ApiError(422, str(e).partition(":")[0], str(e)) from None
-        b, h, lq, _ = q.shape
-        lk = k.shape[2]
-        pairs = attended_pairs(req.pattern, b, h, lq, lk, req.causal)
         output, lse = result.output, result.lse
+        if not (bool(torch.isfinite(output).all()) and not bool((lse.isnan() | (lse == math.inf)).any())):
+            field = "scale" if req.scale is not None else "q"
+            raise ApiError(422, field, f"{field}: the scaled scores overflow {DTYPE_NAMES[output.dtype]} "
+                                       "(|scale * q.k| too large); scale q, k or `scale` down")
         if len(req.q.shape) == 3:
             output, lse = output.squeeze(0), lse.squeeze(0)
         encoding = req.encoding or ("b64" if req.q.b64 is not None else "data")
@@ -195,7 +238,7 @@ def create_app(settings: Settings | None = None, *, compute: Compute | None = No
             meta=Meta(
                 request_id=request.state.request_id,
                 device=str(service.device),
-                backend=_backend(req.pattern, h, lq, lk, req.causal),
+                backend=backend,
                 pattern=req.pattern.describe(),
                 batch=BatchInfo(requests=result.batch_requests),
                 timing_ms=Timing(queue=result.queue_ms, compute=result.compute_ms,
@@ -205,6 +248,9 @@ def create_app(settings: Settings | None = None, *, compute: Compute | None = No
                 density=pairs / (b * h * lq * lk),
             ),
         )
+        if response.meta.timing_ms.total > timeout_ms:  # a 200 always arrives within its deadline
+            raise DeadlineExceeded(f"the deadline passed: the answer took {response.meta.timing_ms.total:.0f} ms "
+                                   f"of {timeout_ms:.0f} ms")
         # orjson: pydantic's serializer scans the multi-megabyte b64 strings ~25x slower.
         body = response.model_dump(exclude_none=True)  # a tensor shows only its encoding
         body.setdefault("lse", None)
@@ -236,7 +282,7 @@ def create_app(settings: Settings | None = None, *, compute: Compute | None = No
     @app.get("/patterns/preview", response_class=Response,
              responses={200: {"content": {"image/png": {}}}, 422: {"model": ErrorResponse}})
     async def preview(
-        pattern: Annotated[str, Query(description="the pattern as JSON", max_length=16384)] = '{"type": "dense"}',
+        pattern: Annotated[str, Query(description="the pattern as JSON", max_length=PREVIEW_MAX_PATTERN)] = '{"type": "dense"}',
         n: Annotated[int, Query(ge=1, le=PREVIEW_MAX_N, description="sequence length drawn")] = 64,
         heads: Annotated[int, Query(ge=1, le=PREVIEW_MAX_HEADS, description="head count, for per_head")] = 1,
         causal: bool = True,

@@ -15,14 +15,15 @@ from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException
 
-from engine.batcher import ClientGone, DeadlineExceeded, QueueFull, ShuttingDown
+from engine.batcher import ClientGone, DeadlineExceeded, OutOfMemory, QueueFull, ShuttingDown
 
 from .schemas import TOO_LARGE, ErrorDetail, ErrorResponse
 
 log = logging.getLogger("service")
 
-# 499: the client closed the request (nginx's code); nobody is left to read it.
-_BATCHER_STATUS = {QueueFull: 429, ShuttingDown: 503, DeadlineExceeded: 504, ClientGone: 499}
+# 499: the client closed the request (nginx's code); nobody is left to read it. Out of memory is
+# 503 with Retry-After: the service is overloaded for this request now, not refusing it for good.
+_BATCHER_STATUS = {QueueFull: 429, ShuttingDown: 503, OutOfMemory: 503, DeadlineExceeded: 504, ClientGone: 499}
 
 
 class ApiError(HTTPException):

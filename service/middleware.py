@@ -1,7 +1,8 @@
-"""Two small ASGI middlewares: request identity and timing, and the request-body size limit."""
+"""Two small ASGI middlewares: request identity and timing, and the request body's size and time limits."""
 
 from __future__ import annotations
 
+import asyncio
 import re
 import time
 import uuid
@@ -49,11 +50,14 @@ class RequestContext:
 
 class BodyLimit:
     """413 for a body over `max_bytes`: at once when Content-Length says so (the body is never
-    read), otherwise as soon as the bytes received pass the limit."""
+    read), otherwise as soon as the bytes received pass the limit. 408 when the whole body has not
+    arrived within `timeout_s` of the request's start: a client trickling its body in (slowloris)
+    holds one connection for that long at most, never the engine or other clients."""
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, max_bytes: int, timeout_s: float) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.timeout_s = timeout_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -65,16 +69,28 @@ class BodyLimit:
             await response(scope, receive, send)
             return
         received = 0
+        complete = False
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.timeout_s
 
-        async def counting_receive() -> Message:
-            nonlocal received
-            message = await receive()
+        async def guarded_receive() -> Message:
+            nonlocal received, complete
+            if complete:  # after the body, receive only waits for a disconnect: no deadline
+                return await receive()
+            try:
+                message = await asyncio.wait_for(receive(), max(0.0, deadline - loop.time()))
+            except asyncio.TimeoutError:
+                raise ApiError(
+                    408, "body", f"body: not received within {self.timeout_s:g} s (ATTN_BODY_TIMEOUT_S)",
+                    {"Connection": "close"},
+                ) from None
             received += len(message.get("body", b""))
+            complete = message["type"] != "http.request" or not message.get("more_body", False)
             if received > self.max_bytes:
                 raise ApiError(413, "body", self._message(f"more than {self.max_bytes} bytes"))
             return message
 
-        await self.app(scope, counting_receive, send)
+        await self.app(scope, guarded_receive, send)
 
     def _message(self, size: str) -> str:
         return f"body: {size}, over the limit of {self.max_bytes} bytes (ATTN_MAX_BODY_BYTES)"

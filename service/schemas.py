@@ -50,6 +50,7 @@ class Limits:
 
     max_tokens: int
     max_elements: int
+    max_heads: int
 
 
 class Tensor(BaseModel):
@@ -180,6 +181,8 @@ class AttentionRequest(BaseModel):
         if b * lk > limits.max_tokens:
             raise field_error("k.shape", f"B * Lk = {b * lk} tokens, over the limit of {limits.max_tokens}", TOO_LARGE)
         b, h, lq, _ = self.q.dims
+        if h > limits.max_heads:
+            raise field_error("q.shape", f"{h} heads, over the limit of {limits.max_heads}", TOO_LARGE)
         sizes = {"q.shape": self.q.numel, "k.shape": self.k.numel, "v.shape": self.v.numel,
                  "output": b * h * lq * self.v.dims[3]}
         for field, n in sizes.items():

@@ -24,20 +24,29 @@ class Settings(BaseSettings):
     queue_size: int = Field(256, ge=1, description="requests waiting for the engine before 429")
     max_tokens_per_request: int = Field(1 << 20, ge=1, description="B * Lk (key positions over the batch)")
     max_tensor_elements: int = Field(1 << 27, ge=1, description="elements in any of q, k, v or the output")
+    max_heads: int = Field(1024, ge=1, description="query heads H of one request")
     max_body_bytes: int = Field(256 << 20, ge=1)
+    body_timeout_s: float = Field(60.0, gt=0, description="the whole body must arrive within this, else 408")
+    max_header_bytes: int = Field(16384, ge=1024, description="request line and headers together; larger: 400")
+    max_connections: int | None = Field(None, ge=1, description="open connections (and requests); beyond: 503")
     request_timeout_ms: float = Field(30_000, gt=0, description="default deadline; also caps timeout_ms")
     retry_after_s: int = Field(1, ge=0, description="Retry-After on 429 and 503")
     api_keys: Annotated[tuple[SecretStr, ...], NoDecode] = Field(
         (), description="comma-separated Bearer keys; empty: no authentication"
     )
+    cors_origins: Annotated[tuple[str, ...], NoDecode] = Field(
+        (), description="comma-separated origins browsers may call from; empty: no CORS headers at all"
+    )
+    drain_s: float = Field(1.0, ge=0, description="after SIGTERM: answer new requests 503 this long, then stop listening")
+    shutdown_timeout_s: int = Field(8, ge=1, description="after draining: the most time in-flight requests get")
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
     torch_threads: int = Field(
         0, ge=0, description="torch intra-op threads; 0: one per usable core less one, kept for the event loop"
     )
 
-    @field_validator("api_keys", mode="before")
+    @field_validator("api_keys", "cors_origins", mode="before")
     @classmethod
-    def _split_keys(cls, value: object) -> object:
+    def _split_commas(cls, value: object) -> object:
         if isinstance(value, str):
             return tuple(key.strip() for key in value.split(",") if key.strip())
         return value

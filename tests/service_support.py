@@ -4,15 +4,19 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import socket
 import threading
-from contextlib import asynccontextmanager
-from typing import AsyncIterator
+import time
+from contextlib import asynccontextmanager, contextmanager
+from typing import AsyncIterator, Iterator
 
 import httpx
 import torch
+import uvicorn
 
 from engine import attention
 from engine.batcher import Compute
+from service.__main__ import uvicorn_config
 from service.app import create_app
 from service.settings import Settings
 
@@ -74,6 +78,27 @@ async def serve(
         async with httpx.AsyncClient(transport=transport, base_url="http://service", timeout=60) as client:
             client.app = app  # type: ignore[attr-defined]
             yield client
+
+
+@contextmanager
+def live_server(config: Settings) -> Iterator[str]:
+    """The service under a real uvicorn on a free loopback port, in a thread of this process
+    (configured as `python -m service` configures it); yields its URL once the engine is warm."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn_config(config.model_copy(update={"port": port, "log_level": "warning"})))
+    thread = threading.Thread(target=server.run, name="uvicorn", daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 60
+        while not (server.started and server.config.app.state.service.ready):
+            assert thread.is_alive() and time.monotonic() < deadline, "the server did not get ready"
+            time.sleep(0.02)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(30)
 
 
 class Gate:

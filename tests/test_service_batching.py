@@ -95,8 +95,11 @@ async def test_one_failing_request_fails_alone_and_the_rest_are_recomputed():
         else:
             assert r.status_code == 200, r.text
             assert torch.allclose(from_json(r.json()["output"]), attention(q, k, v), atol=1e-6)
-    # The first ran alone; the 5 queued behind it ran as one call, which failed, then each alone.
-    assert faulty.calls == [1, len(requests) - 1] + [1] * (len(requests) - 1)
+    # The first ran alone; the 5 queued behind it ran as one call, which failed, so it was split in
+    # halves (2 + 3) and the failing half again, down to the faulty request alone. The reruns depend
+    # on where the faulty one sat in the queue (positions 0-1, 2, or 3-4).
+    assert faulty.calls[:2] == [1, 5]
+    assert sorted(faulty.calls[2:]) in ([1, 1, 2, 3], [1, 2, 2, 3], [1, 1, 1, 2, 2, 3])
 
 
 @pytest.mark.anyio

@@ -11,6 +11,10 @@ from __future__ import annotations
 import torch
 from pydantic import BaseModel, ConfigDict
 
+# The largest window, stride, block or summary a pattern takes: far beyond any sequence length
+# (a larger value acts as this one), and small enough that position arithmetic stays in int64.
+MAX_PARAMETER = 2**31 - 1
+
 
 class PatternBase(BaseModel):
     """A frozen, validated pattern; subclasses add a `type` literal and their parameters."""

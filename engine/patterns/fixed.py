@@ -23,7 +23,7 @@ from typing import Literal
 import torch
 from pydantic import Field, ValidationInfo, field_validator
 
-from .base import PatternBase, causal_limit
+from .base import MAX_PARAMETER, PatternBase, causal_limit
 
 
 def _summary_keys_below(limit: torch.Tensor, block: int, summary: int) -> torch.Tensor:
@@ -34,7 +34,7 @@ def _summary_keys_below(limit: torch.Tensor, block: int, summary: int) -> torch.
 
 class Fixed(PatternBase):
     type: Literal["fixed"] = "fixed"
-    block: int = Field(ge=1, description="l >= 1: block length")
+    block: int = Field(ge=1, le=MAX_PARAMETER, description="l >= 1: block length")
     summary: int = Field(ge=1, description="c, 1 <= c <= l: summary columns at the end of each block")
 
     @field_validator("summary")

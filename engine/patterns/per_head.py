@@ -43,7 +43,8 @@ class PerHead(PatternBase):
             member.check_heads(heads, f"{field}.patterns[{n}]")
 
     def resolve(self, head: int, heads: int) -> PatternBase:
-        self.check_heads(heads)
+        if heads % len(self.patterns):  # O(1): resolve runs once per head, check_heads walks every member
+            self.check_heads(heads)
         return self.patterns[head // (heads // len(self.patterns))].resolve(head, heads)
 
     def allows(self, i: torch.Tensor, j: torch.Tensor) -> torch.Tensor:

@@ -18,12 +18,12 @@ from typing import Literal
 import torch
 from pydantic import Field
 
-from .base import PatternBase, causal_limit
+from .base import MAX_PARAMETER, PatternBase, causal_limit
 
 
 class SlidingWindow(PatternBase):
     type: Literal["sliding_window"] = "sliding_window"
-    window: int = Field(ge=1, description="w >= 1: keys with |i - j| < w")
+    window: int = Field(ge=1, le=MAX_PARAMETER, description="w >= 1: keys with |i - j| < w")
 
     def allows(self, i: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
         return (i - j).abs() < self.window

@@ -18,12 +18,12 @@ from typing import Literal
 import torch
 from pydantic import Field
 
-from .base import PatternBase, causal_limit, count_multiples_below
+from .base import MAX_PARAMETER, PatternBase, causal_limit, count_multiples_below
 
 
 class Strided(PatternBase):
     type: Literal["strided"] = "strided"
-    stride: int = Field(ge=1, description="s >= 1: keys with (i - j) mod s == 0")
+    stride: int = Field(ge=1, le=MAX_PARAMETER, description="s >= 1: keys with (i - j) mod s == 0")
 
     def allows(self, i: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
         return torch.remainder(i - j, self.stride) == 0
