@@ -33,7 +33,7 @@ from engine.picture import mask_png
 from . import errors
 from .errors import ApiError
 from .metrics import Metrics
-from .middleware import BodyLimit, RequestContext
+from .middleware import RequestContext, RequestLimits
 from .schemas import (
     DTYPE_NAMES, AttentionRequest, AttentionResponse, BatchInfo, ErrorResponse, Limits, Memory, Meta, Timing, TensorOut,
 )
@@ -52,7 +52,7 @@ PREVIEW_MAX_N = 512
 # default request-line and header limit (ATTN_MAX_HEADER_BYTES, 16 KiB).
 PREVIEW_MAX_PATTERN = 1024
 PREVIEW_MAX_HEADS = 64
-_ERRORS = {status: {"model": ErrorResponse} for status in (401, 408, 413, 415, 422, 429, 503, 504)}
+_ERRORS = {status: {"model": ErrorResponse} for status in (401, 408, 413, 415, 422, 429, 431, 503, 504)}
 
 
 class Service:
@@ -180,7 +180,8 @@ def create_app(settings: Settings | None = None, *, compute: Compute | None = No
     app = FastAPI(title="attention-service", version="0.1.0", description=DESCRIPTION, lifespan=lifespan)
     app.state.service = service
     errors.install(app, settings.retry_after_s)
-    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes, timeout_s=settings.body_timeout_s)
+    app.add_middleware(RequestLimits, max_bytes=settings.max_body_bytes, timeout_s=settings.body_timeout_s,
+                       max_header_bytes=settings.max_header_bytes)
     app.add_middleware(RequestContext, metrics=service.metrics)
     if settings.cors_origins:  # closed by default: no CORS headers unless origins are configured
         app.add_middleware(

@@ -1,4 +1,4 @@
-"""Two small ASGI middlewares: request identity and timing, and the request body's size and time limits."""
+"""Two small ASGI middlewares: request identity and timing, and the limits on a request's headers and body."""
 
 from __future__ import annotations
 
@@ -48,20 +48,27 @@ class RequestContext:
             self.metrics.observe_request(scope["method"], scope["path"], status, time.perf_counter() - arrived)
 
 
-class BodyLimit:
-    """413 for a body over `max_bytes`: at once when Content-Length says so (the body is never
-    read), otherwise as soon as the bytes received pass the limit. 408 when the whole body has not
-    arrived within `timeout_s` of the request's start: a client trickling its body in (slowloris)
-    holds one connection for that long at most, never the engine or other clients."""
+class RequestLimits:
+    """431 for headers over `max_header_bytes` in all. 413 for a body over `max_bytes`: at once
+    when Content-Length says so (the body is never read), otherwise as soon as the bytes received
+    pass the limit. 408 when the whole body has not arrived within `timeout_s` of the request's
+    start: a client trickling its body in (slowloris) holds one connection for that long at most,
+    never the engine or other clients."""
 
-    def __init__(self, app: ASGIApp, max_bytes: int, timeout_s: float) -> None:
+    def __init__(self, app: ASGIApp, max_bytes: int, timeout_s: float, max_header_bytes: int) -> None:
         self.app = app
         self.max_bytes = max_bytes
         self.timeout_s = timeout_s
+        self.max_header_bytes = max_header_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
+            return
+        header_bytes = sum(len(name) + len(value) + 4 for name, value in scope["headers"])  # "name: value\r\n"
+        if header_bytes > self.max_header_bytes:
+            message = f"headers: {header_bytes} bytes, over the limit of {self.max_header_bytes} (ATTN_MAX_HEADER_BYTES)"
+            await error_response(Request(scope), 431, "headers", message)(scope, receive, send)
             return
         declared = Headers(scope=scope).get("content-length", "")
         if declared.isdigit() and int(declared) > self.max_bytes:

@@ -1,0 +1,345 @@
+"""A catalogue of bad inputs: each gets its status and an error naming the field, and after all of
+them the service still answers a valid request correctly. In process for what the app decides;
+against a real uvicorn socket for what only the wire shows (a body trickled in, oversize headers)."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import select
+import socket
+import time
+
+import httpx
+import numpy as np
+import pytest
+import torch
+
+from engine import attention
+from engine.patterns import MAX_DEPTH
+from service_support import as_json, from_json, live_server, qkv, request_body, serve, settings
+
+SW = {"type": "sliding_window", "window": 4}
+LIMITS = dict(max_tokens_per_request=4096, max_tensor_elements=1 << 16, max_heads=64, max_body_bytes=1 << 20)
+
+
+@pytest.fixture(scope="module")
+def anyio_backend():
+    return "asyncio"
+
+
+@pytest.fixture(scope="module")
+async def client():
+    async with serve(settings(**LIMITS)) as c:
+        yield c
+
+
+def _valid() -> dict:
+    q, k, v = qkv(h=4, hkv=2, lq=8, lk=8, d=4, dv=4)
+    return request_body(q, k, v, pattern=SW)
+
+
+def _set(path: str, value) -> str:
+    """A valid body as JSON text with one field replaced (None deletes it) or, for a str value
+    starting with '<raw>', replaced by raw JSON text (what json.dumps cannot write)."""
+    body = _valid()
+    *parents, last = path.split(".")
+    node = body
+    for p in parents:
+        node = node[p]
+    if value is None:
+        del node[last]
+        return json.dumps(body)
+    if isinstance(value, str) and value.startswith("<raw>"):
+        node[last] = "__RAW__"
+        return json.dumps(body).replace('"__RAW__"', value[len("<raw>"):])
+    node[last] = value
+    return json.dumps(body)
+
+
+def _b64(values, dtype=np.float32) -> str:
+    return base64.b64encode(np.asarray(values, dtype=dtype).tobytes()).decode()
+
+
+def _with_nonfinite(value: float, dtype=np.float32, n: int = 1 * 2 * 8 * 4) -> str:
+    values = np.zeros(n, dtype=dtype)
+    values[5] = value
+    return _b64(values, dtype)
+
+
+def _nested(levels: int) -> str:
+    return '{"type": "union", "patterns": [' * levels + '{"type": "dense"}' + "]}" * levels
+
+
+def _members(kind: str, n: int) -> str:
+    return json.dumps({"type": kind, "patterns": [SW] * n})
+
+
+# name: (field path to change, new value, status, the `field` the error names)
+CATALOGUE = {
+    # malformed JSON and wrong types
+    "truncated JSON": ("<body>", '{"q": {"shape": [1, ', 422, "body"),
+    "not JSON at all": ("<body>", "q=1&k=2", 422, "body"),
+    "JSON array, not an object": ("<body>", "[]", 422, "body"),
+    "invalid UTF-8": ("<body>", b'{"q": "\xff\xfe"}', 422, "body"),
+    "q a string": ("q", "tensor", 422, "q"),
+    "shape of strings": ("q.shape", ["1", "x", "8", "4"], 422, "q.shape.1"),
+    "shape a number": ("q.shape", 4, 422, "q.shape"),
+    "dtype a number": ("q.dtype", 32, 422, "q.dtype"),
+    "dtype unknown": ("q.dtype", "float64", 422, "q.dtype"),
+    "b64 a number": ("q.b64", 12, 422, "q.b64"),
+    "data of strings": ("q.data", ["a"] * 4, 422, "q.data"),
+    "causal a string": ("causal", "maybe", 422, "causal"),
+    "scale a string": ("scale", "big", 422, "scale"),
+    "timeout_ms negative": ("timeout_ms", -5, 422, "timeout_ms"),
+    "encoding unknown": ("encoding", "hex", 422, "encoding"),
+    "pattern a list": ("pattern", [SW], 422, "pattern"),
+    "unknown top-level field": ("mask", [1, 0], 422, "mask"),
+    "unknown tensor field": ("q.strides", [1, 1, 1, 1], 422, "q.strides"),
+    # missing fields
+    "missing q": ("q", None, 422, "q"),
+    "missing k": ("k", None, 422, "k"),
+    "missing v": ("v", None, 422, "v"),
+    "missing shape": ("q.shape", None, 422, "q.shape"),
+    "missing dtype": ("k.dtype", None, 422, "k.dtype"),
+    "missing data and b64": ("v.b64", None, 422, "v.data"),
+    "pattern without type": ("pattern", {"window": 4}, 422, "pattern"),
+    "sliding_window without window": ("pattern", {"type": "sliding_window"}, 422, "pattern.sliding_window.window"),
+    # every shape mismatch
+    "shape of 2 dims": ("q.shape", [4, 8], 422, "q.shape"),
+    "shape of 5 dims": ("q.shape", [1, 1, 4, 8, 4], 422, "q.shape"),
+    "3-D q with 4-D k": ("q.shape", [4, 8, 4], 422, "k.shape"),
+    "batch of k differs": ("k.shape", [2, 2, 8, 4], 422, "k.shape"),
+    "batch of v differs": ("v.shape", [2, 2, 8, 4], 422, "v.shape"),
+    "head dim of k differs": ("k.shape", [1, 2, 8, 3], 422, "k.shape"),
+    "kv heads do not divide": ("k.shape", [1, 3, 8, 4], 422, "k.shape"),
+    "v heads differ from k": ("v.shape", [1, 1, 8, 4], 422, "v.shape"),
+    "v length differs from k": ("v.shape", [1, 2, 7, 4], 422, "v.shape"),
+    "Lq over Lk": ("q.shape", [1, 4, 16, 4], 422, "q.shape"),
+    "dtype of k differs": ("k.dtype", "float16", 422, "k.dtype"),
+    "negative dimension": ("q.shape", [1, -4, 8, 4], 422, "q.shape"),
+    "data nested to another shape": ("q.data", [[1.0, 2.0], [3.0]], 422, "q.data"),
+    "data one value short": ("q.data", [0.5] * 3, 422, "q.data"),
+    "data with a list among numbers": ("q.data", [1.0, [2.0], 3.0, 4.0], 422, "q.data"),
+    # huge declared shapes with tiny data, and products past 64 bits
+    "tokens over the limit": ("<all>", {"shape": [1, 1, 8192, 4], "dtype": "float32", "b64": "AAAA"}, 413, "k.shape"),
+    "elements over the limit": ("<all>", {"shape": [1, 64, 1024, 4], "dtype": "float32", "b64": "AAAA"}, 413, "q.shape"),
+    "heads over the limit": ("<all>", {"shape": [1, 65, 1, 1], "dtype": "float32", "b64": "AAAA"}, 413, "q.shape"),
+    "product over 2**64": ("<all>", {"shape": [2**62, 2**62, 2**62, 2**62], "dtype": "float32", "b64": "AA=="}, 413, "k.shape"),
+    "dimension over 2**64": ("q.shape", [2**70, 4, 8, 4], 413, "q.shape"),
+    "dimension of 400 digits": ("q.shape", "<raw>[1" + "0" * 400 + ", 4, 8, 4]", 413, "q.shape"),
+    # b64 of the wrong length or not base64
+    "b64 too short": ("k.b64", _b64(np.zeros(32)), 422, "k.b64"),
+    "b64 too long": ("k.b64", _b64(np.zeros(128)), 422, "k.b64"),
+    "b64 empty": ("k.b64", "", 422, "k.b64"),
+    "b64 not base64": ("k.b64", "!" * 88, 422, "k.b64"),
+    "b64 with whitespace": ("k.b64", " " * 88, 422, "k.b64"),
+    "b64 right length, padded short": ("k.b64", "A" * 84 + "A===", 422, "k.b64"),
+    # NaN and Inf
+    "NaN in b64": ("v.b64", _with_nonfinite(np.nan), 422, "v.b64"),
+    "Inf in b64": ("v.b64", _with_nonfinite(np.inf), 422, "v.b64"),
+    "-Inf in b64": ("q.b64", _with_nonfinite(-np.inf, n=1 * 4 * 8 * 4), 422, "q.b64"),
+    "NaN literal in data": ("q.data", [float("nan"), 0.0, 0.0, 0.0], 422, "q.data"),
+    "Infinity literal in data": ("k.data", [0.0, float("inf"), 0.0, 0.0], 422, "k.data"),
+    "1e39 overflows float32": ("v.data", [0.0, 0.0, 1e39, 0.0], 422, "v.data"),
+    "scale NaN": ("scale", "<raw>NaN", 422, "scale"),
+    "scale Infinity": ("scale", "<raw>Infinity", 422, "scale"),
+    "scale overflowing the scores": ("scale", 1e308, 422, "scale"),
+    "timeout_ms Infinity": ("timeout_ms", "<raw>Infinity", 422, "timeout_ms"),
+    # zero-length sequences
+    "zero-length keys": ("k.shape", [1, 2, 0, 4], 422, "k.shape"),
+    "zero-length queries": ("q.shape", [1, 4, 0, 4], 422, "q.shape"),
+    "zero heads": ("q.shape", [1, 0, 8, 4], 422, "q.shape"),
+    # zero, negative and oversized pattern parameters
+    "window 0": ("pattern", {"type": "sliding_window", "window": 0}, 422, "pattern.sliding_window.window"),
+    "window -3": ("pattern", {"type": "sliding_window", "window": -3}, 422, "pattern.sliding_window.window"),
+    "window 2**70": ("pattern", {"type": "sliding_window", "window": 2**70}, 422, "pattern.sliding_window.window"),
+    "window 2.5": ("pattern", {"type": "sliding_window", "window": 2.5}, 422, "pattern.sliding_window.window"),
+    "stride 0": ("pattern", {"type": "strided", "stride": 0}, 422, "pattern.strided.stride"),
+    "stride -1": ("pattern", {"type": "strided", "stride": -1}, 422, "pattern.strided.stride"),
+    "stride 2**63": ("pattern", {"type": "strided", "stride": 2**63}, 422, "pattern.strided.stride"),
+    "block 0": ("pattern", {"type": "fixed", "block": 0, "summary": 1}, 422, "pattern.fixed.block"),
+    "block 2**64": ("pattern", {"type": "fixed", "block": 2**64, "summary": 1}, 422, "pattern.fixed.block"),
+    "summary 0": ("pattern", {"type": "fixed", "block": 4, "summary": 0}, 422, "pattern.fixed.summary"),
+    "summary over block": ("pattern", {"type": "fixed", "block": 4, "summary": 5}, 422, "pattern.fixed.summary"),
+    "empty union": ("pattern", {"type": "union", "patterns": []}, 422, "pattern.union.patterns"),
+    "per_head not dividing H": ("pattern", {"type": "per_head", "patterns": [SW] * 3}, 422, "pattern.patterns"),
+    # deep nesting and huge unions
+    "unions nested 10 000 deep": ("pattern", "<raw>" + _nested(10_000), 422, "body"),
+    "data nested 10 000 deep": ("q.b64", "<raw>" + "[" * 10_000 + "]" * 10_000, 422, "body"),
+    "unions nested past the depth limit": ("pattern", "<raw>" + _nested(MAX_DEPTH), 422, "pattern.union"),
+    "union of 10 000 members": ("pattern", "<raw>" + _members("union", 10_000), 422, "pattern.union.patterns"),
+    "per_head of 10 000 members": ("pattern", "<raw>" + _members("per_head", 10_000), 422, "pattern.per_head.patterns"),
+}
+
+
+def _body(case: str) -> str | bytes:
+    path, value, _, _ = CATALOGUE[case]
+    if path.endswith(".data"):  # a body in `data` encoding, q, k and v of shape [1, 1, 2, 2]
+        body = request_body(*qkv(h=1, hkv=1, lq=2, lk=2, d=2, dv=2), encoding="data")
+        body[path.split(".")[0]]["data"] = value
+        return json.dumps(body)  # writes NaN and Infinity as the JSON5 literals a client might send
+    if path == "<body>":
+        return value
+    if path == "<all>":
+        return json.dumps({"q": value, "k": value, "v": value})
+    return _set(path, value)
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("case", list(CATALOGUE), ids=list(CATALOGUE))
+async def test_bad_input_gets_its_status_and_names_the_field(client, case):
+    _, _, status, field = CATALOGUE[case]
+    r = await client.post("/attention", content=_body(case), headers={"Content-Type": "application/json"})
+    assert r.status_code == status, r.text
+    error = r.json()["error"]
+    assert error["status"] == status and error["message"]
+    if field.endswith(".union"):  # the depth error sits at the innermost level that overflowed
+        assert error["field"].startswith("pattern.union") and "deep" in error["message"], error
+    else:
+        assert error["field"] == field, error
+
+
+@pytest.mark.anyio
+async def test_wrong_content_type_is_415(client):
+    for content_type in ("text/plain", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x"):
+        r = await client.post("/attention", content=json.dumps(_valid()), headers={"Content-Type": content_type})
+        assert r.status_code == 415, r.text
+        assert r.json()["error"]["field"] == "Content-Type" and content_type in r.json()["error"]["message"]
+    for content_type in ("application/json", "application/json; charset=utf-8", "application/vnd.api+json"):
+        r = await client.post("/attention", content=json.dumps(_valid()), headers={"Content-Type": content_type})
+        assert r.status_code == 200, r.text
+
+
+@pytest.mark.anyio
+async def test_oversize_body_is_413_by_length_and_by_stream(client):
+    r = await client.post("/attention", content=b"{" * ((1 << 20) + 1), headers={"Content-Type": "application/json"})
+    assert r.status_code == 413 and r.json()["error"]["field"] == "body"
+
+    async def chunks():
+        for _ in range(40):
+            yield b" " * 32768
+
+    r = await client.post("/attention", content=chunks(), headers={"Content-Type": "application/json"})
+    assert r.status_code == 413 and r.json()["error"]["field"] == "body"
+
+
+@pytest.mark.anyio
+async def test_after_the_catalogue_a_valid_request_is_answered_correctly(client):
+    """Runs after the cases above in this module: the service is still up and still right."""
+    q, k, v = qkv(b=2, h=4, hkv=2, lq=24, lk=40, d=16, dv=8, seed=7)
+    r = await client.post("/attention", json=request_body(q, k, v, pattern=SW, return_lse=True))
+    assert r.status_code == 200, r.text
+    out, lse = attention(q, k, v, SW, return_lse=True)
+    assert torch.allclose(from_json(r.json()["output"]), out, atol=1e-6)
+    assert torch.allclose(from_json(r.json()["lse"]), lse, atol=1e-6)
+    assert (await client.get("/readyz")).status_code == 200
+
+
+# --- on the wire: a real uvicorn socket -------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def server():
+    with live_server(settings(**LIMITS, body_timeout_s=1.0)) as url:
+        yield url
+
+
+def _address(url: str) -> tuple[str, int]:
+    host, port = url.removeprefix("http://").split(":")
+    return host, int(port)
+
+
+def _read_response(sock: socket.socket) -> tuple[int, bytes]:
+    """Status and body of one HTTP/1.1 response read to the connection's end."""
+    data = b""
+    while chunk := sock.recv(65536):
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    return int(head.split(b" ", 2)[1]), body
+
+
+def test_a_body_trickled_in_gets_408_while_other_clients_are_served(server):
+    """Slowloris: a body sent byte by byte is cut off at ATTN_BODY_TIMEOUT_S (1 s here) with 408;
+    meanwhile the service answers other clients as usual."""
+    body = json.dumps(_valid()).encode()
+    q, k, v = qkv(h=4, hkv=2, lq=16, lk=16, d=8, dv=8, seed=3)
+    expected = attention(q, k, v, SW)
+    served: list[int] = []
+
+    async def others(stop: asyncio.Event) -> None:
+        async with httpx.AsyncClient(base_url=server, timeout=30) as c:
+            while not stop.is_set():
+                r = await c.post("/attention", json=request_body(q, k, v, pattern=SW))
+                assert r.status_code == 200 and torch.allclose(from_json(r.json()["output"]), expected, atol=1e-6)
+                served.append(r.status_code)
+
+    def trickle() -> tuple[int, bytes, float, int]:
+        """Send the headers, then the body one byte every 20 ms (the whole would take ~1 minute),
+        stopping as soon as the server answers."""
+        with socket.create_connection(_address(server), timeout=30) as sock:
+            sock.sendall(b"POST /attention HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: %d\r\n\r\n" % len(body))
+            started, sent = time.monotonic(), 0
+            while sent < len(body) and not select.select([sock], [], [], 0.02)[0]:
+                sock.sendall(body[sent:sent + 1])
+                sent += 1
+            status, response = _read_response(sock)
+            return status, response, time.monotonic() - started, sent
+
+    async def run():
+        stop = asyncio.Event()
+        load = asyncio.create_task(others(stop))
+        try:
+            return await asyncio.wait_for(asyncio.to_thread(trickle), 30)
+        finally:
+            stop.set()
+            await load
+
+    status, response_body, took_s, sent = asyncio.run(run())
+    assert status == 408, response_body
+    assert json.loads(response_body)["error"]["field"] == "body"
+    assert sent < len(body)  # cut off before the body was complete
+    assert len(served) > 0  # other clients were answered while the slow body was trickling in
+    print(f"slowloris: 408 after {took_s:.1f} s and {sent} of {len(body)} bytes; {len(served)} other requests served")
+
+
+def test_oversize_headers_are_refused_and_the_service_goes_on(server):
+    # Over ATTN_MAX_HEADER_BYTES (16 KiB) in one header, or in many: 431 in the service's error shape.
+    for headers in ([("X-Padding", "a" * 20000)], [(f"X-Pad-{i}", "a" * 100) for i in range(200)]):
+        r = httpx.get(f"{server}/healthz", headers=headers, timeout=10)
+        assert r.status_code == 431 and r.json()["error"]["field"] == "headers", r.text
+    # Headers that arrive over several reads stop being buffered at the limit: uvicorn (h11) answers
+    # 400 before the header block is complete, whatever its announced size.
+    # (If the refusal races our sending, the connection is reset instead: refused all the same.)
+    with socket.create_connection(_address(server), timeout=10) as sock:
+        try:
+            sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Padding: ")
+            for _ in range(100):
+                sock.sendall(b"a" * 1000)  # 100 kB, never ending
+                if select.select([sock], [], [], 0.001)[0]:
+                    break
+            status = _read_response(sock)[0]
+        except ConnectionError:
+            status = None
+    assert status in (400, None)
+    with socket.create_connection(_address(server), timeout=10) as sock:  # within the limit: fine
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\nX-Padding: " + b"a" * 8000 + b"\r\n\r\n")
+        status, body = _read_response(sock)
+    assert status == 200 and json.loads(body) == {"status": "ok"}
+
+
+def test_oversize_body_on_the_wire_is_413_without_reading_it(server):
+    with socket.create_connection(_address(server), timeout=10) as sock:
+        sock.sendall(b"POST /attention HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\n\r\n{" % (1 << 30))  # 1 GiB declared, 1 byte sent
+        status, body = _read_response(sock)
+    assert status == 413 and json.loads(body)["error"]["field"] == "body"
+
+
+def test_after_the_wire_cases_a_valid_request_is_answered_correctly(server):
+    q, k, v = qkv(h=4, hkv=2, lq=16, lk=16, d=8, dv=8, seed=11)
+    r = httpx.post(f"{server}/attention", json=request_body(q, k, v, pattern=SW), timeout=30)
+    assert r.status_code == 200
+    assert torch.allclose(from_json(r.json()["output"]), attention(q, k, v, SW), atol=1e-6)
