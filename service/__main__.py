@@ -2,13 +2,47 @@
 
 from __future__ import annotations
 
+import functools
 import time
 from types import FrameType
+from typing import Any
 
 import uvicorn
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from .app import Service, create_app
 from .settings import Settings
+
+
+class BoundedHeadProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol, refusing a request whose head (request line and headers) is
+    still incomplete after `max_head_bytes`: httptools itself buffers a head without any limit.
+    Complete heads over the limit are refused by the app (`RequestLimits`, 431, JSON)."""
+
+    def __init__(self, *args: Any, max_head_bytes: int, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.max_head_bytes = max_head_bytes
+        self._head_bytes: int | None = None  # bytes received while a head is open; None between heads
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self._head_bytes = 0
+
+    def on_headers_complete(self) -> None:
+        self._head_bytes = None
+        super().on_headers_complete()
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        if self._head_bytes is None or self.transport.is_closing():
+            return
+        self._head_bytes += len(data)
+        if self._head_bytes > self.max_head_bytes:
+            body = (b'{"error": {"status": 431, "field": "headers", "message": "headers: over the limit of %d bytes '
+                    b'(ATTN_MAX_HEADER_BYTES)", "errors": []}}' % self.max_head_bytes)
+            self.transport.write(b"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-type: application/json\r\n"
+                                 b"content-length: %d\r\nconnection: close\r\n\r\n%s" % (len(body), body))
+            self.transport.close()
 
 
 class DrainingServer(uvicorn.Server):
@@ -40,7 +74,8 @@ def uvicorn_config(settings: Settings) -> uvicorn.Config:
     """uvicorn serving a new app with the settings' address and connection limits."""
     return uvicorn.Config(
         create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level,
-        limit_concurrency=settings.max_connections, h11_max_incomplete_event_size=settings.max_header_bytes,
+        http=functools.partial(BoundedHeadProtocol, max_head_bytes=settings.max_header_bytes),
+        limit_concurrency=settings.max_connections,
         timeout_graceful_shutdown=settings.shutdown_timeout_s,
     )
 

@@ -27,7 +27,7 @@ class Settings(BaseSettings):
     max_heads: int = Field(1024, ge=1, description="query heads H of one request")
     max_body_bytes: int = Field(256 << 20, ge=1)
     body_timeout_s: float = Field(60.0, gt=0, description="the whole body must arrive within this, else 408")
-    max_header_bytes: int = Field(16384, ge=1024, description="headers in all; larger: 431 (or 400 from uvicorn)")
+    max_header_bytes: int = Field(16384, ge=1024, description="request line and headers in all; larger: 431")
     max_connections: int | None = Field(None, ge=1, description="open connections (and requests); beyond: 503")
     request_timeout_ms: float = Field(30_000, gt=0, description="default deadline; also caps timeout_ms")
     retry_after_s: int = Field(1, ge=0, description="Retry-After on 429 and 503")
