@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import os
 import socket
+import subprocess
+import sys
 import threading
 import time
 from contextlib import asynccontextmanager, contextmanager
-from typing import AsyncIterator, Iterator
+from typing import IO, AsyncIterator, Iterator
 
 import httpx
 import torch
@@ -99,6 +102,35 @@ def live_server(config: Settings) -> Iterator[str]:
     finally:
         server.should_exit = True
         thread.join(30)
+
+
+@contextmanager
+def service_process(log: IO[bytes] | None = None, **env: object) -> Iterator[tuple[str, subprocess.Popen]]:
+    """`python -m service` on a free loopback port with ATTN_* variables from `env` (e.g.
+    drain_s=2); yields its URL and process once /readyz is 200, and stops it after the block."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    variables = {"ATTN_DEVICE": "cpu", "ATTN_LOG_LEVEL": "warning", **{f"ATTN_{k.upper()}": str(v) for k, v in env.items()}}
+    proc = subprocess.Popen([sys.executable, "-m", "service"], env={**os.environ, **variables, "ATTN_PORT": str(port)},
+                            stdout=log, stderr=subprocess.STDOUT if log else None)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None, "the server exited"
+            try:
+                if httpx.get(f"{url}/readyz").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "not ready within 120 s"
+            time.sleep(0.05)
+        yield url, proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(30)
 
 
 class Gate:
