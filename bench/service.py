@@ -8,6 +8,8 @@
     (target >= 2).
 (c) The cost of `data` (JSON lists) against `b64`: both encodings' p50 for the medium and the
     tiny request, and their body sizes.
+(d) What measuring `meta.memory.peak_bytes` costs: the in-process engine's p50 with and without
+    `engine.memory.PeakMemory` around it, for the medium and the tiny request.
 
 Each service runs as `python -m service` in a subprocess on a free loopback port (local_service). The client is a
 minimal keep-alive HTTP/1.1 client on asyncio streams, so that on a small machine the figures
@@ -15,7 +17,7 @@ measure the service rather than a client library's overhead (httpx costs about a
 tiny request as the service does). Latency is from sending the request to the whole response
 received (the client does not decode it).
 
-    python -m bench.service [--out results.json] [--seconds 5] [--repeats 15]
+    python -m bench.service [--out results.json] [--rounds 5] [--repeats 4] [--seconds 2] [--device cpu]
 """
 
 from __future__ import annotations
@@ -27,10 +29,12 @@ import json
 import os
 import statistics
 import time
+from contextlib import nullcontext
 
 import torch
 
 from engine import attention
+from engine.memory import PeakMemory
 from service.loadtest import local_service
 from service.settings import Settings
 
@@ -57,15 +61,13 @@ def body(spec: dict, encoding: str, seed: int = 0) -> bytes:
     return json.dumps({"q": enc(q), "k": enc(k), "v": enc(v), "pattern": spec["pattern"]}).encode()
 
 
-def p50_ms(fn, repeats: int, warmup: int = 2) -> float:
-    for _ in range(warmup):
-        fn()
+def timed_ms(fn, n: int) -> list[float]:
     times = []
-    for _ in range(repeats):
+    for _ in range(n):
         start = time.perf_counter()
         fn()
         times.append((time.perf_counter() - start) * 1000)
-    return statistics.median(times)
+    return times
 
 
 class Connection:
@@ -98,38 +100,40 @@ class Connection:
         self.writer.close()
 
 
-def service_p50_ms(url: str, payload: bytes, repeats: int, warmup: int = 2) -> tuple[float, dict[str, float]]:
-    """The client's p50 latency, and the p50 of each `meta.timing_ms` part the service reported."""
+def service_samples(url: str, payload: bytes, n: int, warmup: int = 1) -> tuple[list[float], list[dict]]:
+    """n latencies seen by the client, and each answer's `meta.timing_ms`."""
 
-    async def run() -> tuple[float, dict[str, float]]:
+    async def run() -> tuple[list[float], list[dict]]:
         conn = await Connection.open(url)
         try:
             times, parts = [], []
-            for i in range(warmup + repeats):
+            for i in range(warmup + n):
                 start = time.perf_counter()
                 answer = await conn.post(payload)
                 if i >= warmup:
                     times.append((time.perf_counter() - start) * 1000)
                     parts.append(json.loads(answer)["meta"]["timing_ms"])
-            return statistics.median(times), {k: statistics.median(p[k] for p in parts) for k in parts[0]}
+            return times, parts
         finally:
             conn.close()
 
     return asyncio.run(run())
 
 
-def engine_p50_ms(spec: dict, repeats: int, threads: int, device: str = "cpu") -> float:
+def engine_samples(spec: dict, n: int, threads: int, device: str = "cpu", peak_memory: bool = False) -> list[float]:
     q, k, v = (t.to(device) for t in tensors(spec))
     default = torch.get_num_threads()
     torch.set_num_threads(threads)
 
     def call() -> None:
-        attention(q, k, v, spec["pattern"])
+        with PeakMemory(device) if peak_memory else nullcontext():
+            attention(q, k, v, spec["pattern"])
         if q.device.type == "cuda":
             torch.cuda.synchronize()
 
     try:
-        return p50_ms(call, repeats)
+        call()
+        return timed_ms(call, n)
     finally:
         torch.set_num_threads(default)
 
@@ -167,8 +171,9 @@ def throughput(url: str, payloads: list[bytes], concurrency: int, seconds: float
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m bench.service", description=__doc__.split("\n\n")[0])
-    p.add_argument("--repeats", type=int, default=15, help="timed medium requests per measurement")
-    p.add_argument("--seconds", type=float, default=5.0, help="length of each throughput run")
+    p.add_argument("--rounds", type=int, default=5, help="rounds alternating the two sides of each comparison")
+    p.add_argument("--repeats", type=int, default=4, help="timed medium requests (and engine calls) per round")
+    p.add_argument("--seconds", type=float, default=2.0, help="length of each throughput run, per round")
     p.add_argument("--concurrency", type=int, default=32)
     p.add_argument("--device", default="cpu", help="the service's and the in-process engine's device")
     p.add_argument("--out", help="write the results as JSON here")
@@ -181,22 +186,41 @@ def main(argv: list[str] | None = None) -> None:
     medium_b64, medium_data = body(MEDIUM, "b64"), body(MEDIUM, "data")
     tiny_payloads = {enc: [body(TINY, enc, seed) for seed in range(64)] for enc in ("b64", "data")}
     results["device"] = args.device
-    with local_service(device=args.device, log_level="warning") as url:
-        results["medium_service_p50_ms"], results["medium_service_timing_ms"] = service_p50_ms(
-            url, medium_b64, args.repeats)
-        results["medium_engine_p50_ms"] = engine_p50_ms(MEDIUM, args.repeats, torch.get_num_threads(), args.device)
-        results["medium_engine_service_threads_p50_ms"] = engine_p50_ms(
-            MEDIUM, args.repeats, Settings().engine_threads, args.device)
-        results["medium_data_service_p50_ms"] = service_p50_ms(url, medium_data, max(3, args.repeats // 5))[0]
-        results["tiny_b64_service_p50_ms"] = service_p50_ms(url, tiny_payloads["b64"][0], 50)[0]
-        results["tiny_data_service_p50_ms"] = service_p50_ms(url, tiny_payloads["data"][0], 50)[0]
-        results["batching_on"] = throughput(url, tiny_payloads["b64"], args.concurrency, args.seconds)
-    with local_service(device=args.device, log_level="warning", max_batch_size=1) as url:
-        results["batching_off"] = throughput(url, tiny_payloads["b64"], args.concurrency, args.seconds)
+    service_threads, own_threads = Settings().engine_threads, torch.get_num_threads()
+    med = {"service": [], "timing": [], "engine": [], "engine_service_threads": []}
+    on_off: list[tuple[dict, dict]] = []
+    # Every comparison alternates its two sides in rounds, so that a machine whose load drifts
+    # (other jobs on shared cores) moves both sides alike.
+    with local_service(device=args.device, log_level="warning") as url, \
+            local_service(device=args.device, log_level="warning", max_batch_size=1) as url_off:
+        for _ in range(args.rounds):
+            times, parts = service_samples(url, medium_b64, args.repeats)
+            med["service"] += times
+            med["timing"] += parts
+            med["engine"] += engine_samples(MEDIUM, args.repeats, own_threads, args.device)
+            med["engine_service_threads"] += engine_samples(MEDIUM, args.repeats, service_threads, args.device)
+            on = throughput(url, tiny_payloads["b64"], args.concurrency, args.seconds)
+            off = throughput(url_off, tiny_payloads["b64"], args.concurrency, args.seconds)
+            on_off.append((on, off))
+        results["medium_data_service_p50_ms"] = statistics.median(service_samples(url, medium_data, 3)[0])
+        results["tiny_b64_service_p50_ms"] = statistics.median(service_samples(url, tiny_payloads["b64"][0], 50)[0])
+        results["tiny_data_service_p50_ms"] = statistics.median(service_samples(url, tiny_payloads["data"][0], 50)[0])
+    results["medium_service_p50_ms"] = statistics.median(med["service"])
+    results["medium_service_timing_ms"] = {k: statistics.median(t[k] for t in med["timing"]) for k in med["timing"][0]}
+    results["medium_engine_p50_ms"] = statistics.median(med["engine"])
+    results["medium_engine_service_threads_p50_ms"] = statistics.median(med["engine_service_threads"])
+    results["tiny_rounds"] = [{"on": on, "off": off} for on, off in on_off]
+    results["batching_on"] = {k: statistics.median(on[k] for on, _ in on_off) for k in on_off[0][0]}
+    results["batching_off"] = {k: statistics.median(off[k] for _, off in on_off) for k in on_off[0][1]}
+    results["peak_memory_overhead"] = {
+        name: {"without_ms": statistics.median(engine_samples(spec, n, service_threads, args.device)),
+               "with_ms": statistics.median(engine_samples(spec, n, service_threads, args.device, peak_memory=True))}
+        for name, spec, n in (("medium", MEDIUM, 3 * args.repeats), ("tiny", TINY, 200))
+    }
     results["body_bytes"] = {"medium_b64": len(medium_b64), "medium_data": len(medium_data),
                              "tiny_b64": len(tiny_payloads["b64"][0]), "tiny_data": len(tiny_payloads["data"][0])}
     results["medium_ratio"] = results["medium_service_p50_ms"] / results["medium_engine_p50_ms"]
-    results["batching_ratio"] = results["batching_on"]["requests_per_s"] / results["batching_off"]["requests_per_s"]
+    results["batching_ratio"] = statistics.median(on["requests_per_s"] / off["requests_per_s"] for on, off in on_off)
 
     print(f"medium  service p50 {results['medium_service_p50_ms']:.1f} ms / engine p50 "
           f"{results['medium_engine_p50_ms']:.1f} ms = {results['medium_ratio']:.3f}  (target <= 1.25); engine on the "
@@ -208,11 +232,13 @@ def main(argv: list[str] | None = None) -> None:
           f"response write) {results['medium_service_p50_ms'] - timing['total']:.1f} ms")
     print(f"tiny    batching on {results['batching_on']['requests_per_s']:.0f} req/s (mean batch "
           f"{results['batching_on']['mean_batch']:.1f}) / off {results['batching_off']['requests_per_s']:.0f} req/s"
-          f" = {results['batching_ratio']:.2f}x  (target >= 2)")
+          f"; median ratio over {args.rounds} rounds {results['batching_ratio']:.2f}x  (target >= 2)")
     print(f"data vs b64: medium {results['medium_data_service_p50_ms']:.0f} ms vs "
           f"{results['medium_service_p50_ms']:.0f} ms ({results['body_bytes']['medium_data'] / 1e6:.1f} MB vs "
           f"{results['body_bytes']['medium_b64'] / 1e6:.1f} MB); tiny {results['tiny_data_service_p50_ms']:.2f} ms vs "
           f"{results['tiny_b64_service_p50_ms']:.2f} ms")
+    for name, cost in results["peak_memory_overhead"].items():
+        print(f"PeakMemory around the engine, {name}: {cost['with_ms']:.2f} ms vs {cost['without_ms']:.2f} ms without")
     print(f"load average at start {results['load_average_at_start']}, at end {os.getloadavg()}")
     if args.out:
         with open(args.out, "w") as f:
