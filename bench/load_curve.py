@@ -2,9 +2,11 @@
 
     .venv/bin/python -m bench.load_curve [--seconds 8] [--out bench/results/load_curve]
 
+Two services run side by side on loopback ports: one with the default batching, one with
+ATTN_MAX_BATCH_SIZE=1; the load runs against one at a time, taking turns.
+
 1. Batching on vs off: tiny requests (B=1, H=4, n=64, D=32, float32, b64, dense), closed loop
-   at concurrency 32, against a service with the default max batch size and one with
-   ATTN_MAX_BATCH_SIZE=1. Reports the throughput ratio.
+   at concurrency 32, `--rounds` runs each; reports the median runs and their throughput ratio.
 2. Latency against offered load: open-loop Poisson arrivals of the same requests at rates set
    as fractions of the batching-on capacity measured in 1, against both services, showing
    where queueing starts (the p50/p99 knee) and where throughput stops following the offer.
@@ -20,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+from contextlib import ExitStack
 from pathlib import Path
 
 import matplotlib
@@ -33,11 +36,15 @@ TINY = Scenario(requests=[RequestShape(heads=4, q_len=64, head_dim=32)])
 LOAD_FRACTIONS = (0.1, 0.2, 0.3, 0.45, 0.6, 0.75, 0.9, 1.0, 1.2)
 SERVICES = {"batching on": {}, "batching off": {"max_batch_size": 1}}
 CLOSED_KEYS = ("throughput_rps", "latency_ms", "server_ms", "batch_sizes", "by_status")
-OPEN_KEYS = ("rate", "offered_rps", "throughput_rps", "latency_ms", "by_status", "batch_sizes")
+OPEN_KEYS = ("rate", "offered_rps", "throughput_rps", "latency_ms", "send_lag_ms", "by_status", "batch_sizes")
 
 
 def pick(report: dict, keys: tuple[str, ...]) -> dict:
     return {key: report[key] for key in keys}
+
+
+def slug(name: str) -> str:
+    return name.replace(" ", "_")
 
 
 def measure(url: str, out: Path, **load) -> dict:
@@ -55,26 +62,35 @@ def measure(url: str, out: Path, **load) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=float, default=8.0, help="length of each run")
+    parser.add_argument("--rounds", type=int, default=3, help="closed-loop runs per service, taken in turns")
     parser.add_argument("--out", type=Path, default=Path("bench/results/load_curve"))
     parser.add_argument("--png", type=Path, default=Path("bench/load_curve.png"))
     args = parser.parse_args()
 
-    summary: dict = {
-        "machine": {"cpus": os.cpu_count(), "loadavg_before": os.getloadavg()},
-        "closed_c32": {},
-        "open": {},
-    }
-    for name, settings in SERVICES.items():  # batching on first: its capacity sets the offered rates
-        slug = name.replace(" ", "_")
-        with local_service(log_level="warning", **settings) as url:
-            closed = measure(url, args.out / f"{slug}_c32", concurrency=32, duration_s=args.seconds)
-            summary["closed_c32"][name] = pick(closed, CLOSED_KEYS)
-            capacity = summary["closed_c32"]["batching on"]["throughput_rps"]
-            rates = [round(capacity * fraction, 1) for fraction in LOAD_FRACTIONS]
-            summary["open"][name] = [
-                pick(measure(url, args.out / f"{slug}_rate{rate:g}", rate=rate, duration_s=args.seconds), OPEN_KEYS)
-                for rate in rates
-            ]
+    summary: dict = {"machine": {"cpus": os.cpu_count(), "loadavg_before": os.getloadavg()}, "closed_c32": {}}
+    with ExitStack() as services:
+        urls = {
+            name: services.enter_context(local_service(log_level="warning", **settings))
+            for name, settings in SERVICES.items()
+        }
+        # The services take turns, run by run, so that a change in the machine's load while the
+        # benchmark runs falls on both alike; the closed loop reports each one's median round.
+        closed: dict[str, list[dict]] = {name: [] for name in urls}
+        for round_ in range(args.rounds):
+            for name, url in urls.items():
+                out = args.out / f"{slug(name)}_c32_round{round_}"
+                closed[name].append(measure(url, out, concurrency=32, duration_s=args.seconds))
+        for name, reports in closed.items():
+            median = sorted(reports, key=lambda r: r["throughput_rps"])[len(reports) // 2]
+            summary["closed_c32"][name] = pick(median, CLOSED_KEYS) | {
+                "throughput_rps_rounds": [r["throughput_rps"] for r in reports]
+            }
+        capacity = summary["closed_c32"]["batching on"]["throughput_rps"]
+        summary["open"] = {name: [] for name in urls}
+        for rate in (round(capacity * fraction, 1) for fraction in LOAD_FRACTIONS):
+            for name, url in urls.items():
+                report = measure(url, args.out / f"{slug(name)}_rate{rate:g}", rate=rate, duration_s=args.seconds)
+                summary["open"][name].append(pick(report, OPEN_KEYS))
     on, off = (summary["closed_c32"][name]["throughput_rps"] for name in SERVICES)
     summary["batching_speedup"] = round(on / off, 2)
     summary["machine"]["loadavg_after"] = os.getloadavg()
