@@ -12,6 +12,20 @@ Exits 1 if any check fails or raises, 2 if CUDA is missing: it never skips a che
 Sized to finish in about 5 minutes on an H200 (FlexAttention runs stop after --flex-budget s).
 
     python3 -m bench.gpu_check --out "$OUT"
+
+The engine needs pydantic, which the H200 image lacks and cannot fetch: carry it as wheels.
+Here, in the repository root (Python 3.12 there):
+
+    echo /.whl/ >> .git/info/exclude
+    python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+        --platform manylinux_2_17_x86_64 -d .whl pydantic==2.14.4 pydantic-core==2.50.5 \
+        annotated-types==0.8.0 typing-inspection==0.4.5 typing-extensions==4.16.0
+
+then run there, carrying `.whl`:
+
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+        .whl/*.whl && export PYTHONPATH=/tmp/site || exit; set -o pipefail; \
+    PYTHONUNBUFFERED=1 timeout 420 python3 -m bench.gpu_check --out "$OUT" 2>&1 | tee "$OUT/gpu_check.log"
 """
 
 from __future__ import annotations
