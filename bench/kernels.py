@@ -240,12 +240,14 @@ def bench_memory(args, device: torch.device) -> dict:
 
 
 def bench_scaling(args, device: torch.device) -> dict:
-    """sliding_window(256) time as n doubles (issue target: at most 2.3x per doubling)."""
+    """sliding_window(256) time as n doubles (issue target: at most 2.3x per doubling), the sizes
+    taking turns in rounds."""
     pattern = parse_pattern(PATTERNS["sliding_window"])
-    times = {}
-    for n in args.scaling_n:
+    fns = {}
+    for n in sorted(args.scaling_n):
         q, k, v = inputs(n, args.heads, args.dim, torch.float32, device)
-        times[n] = timed(lambda: attention(q, k, v, pattern), device, args.repeats, args.slow)[1]
+        fns[n] = lambda q=q, k=k, v=v: attention(q, k, v, pattern)
+    times = {n: min(t[1:] or t) for n, t in rounds(fns, device, args.repeats, args.slow).items()}
     ns = sorted(times)
     return {"pattern": LABELS["sliding_window"], "seconds": {str(n): times[n] for n in ns},
             "growth_per_doubling": [times[b] / times[a] for a, b in zip(ns, ns[1:])]}
@@ -281,6 +283,7 @@ def plot(rows: list[dict], path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullFormatter
 
     labels = list(dict.fromkeys(r["pattern"] for r in rows))
     fig, axes = plt.subplots(1, len(labels), figsize=(3.2 * len(labels), 3.0), squeeze=False)
@@ -292,6 +295,9 @@ def plot(rows: list[dict], path: Path) -> None:
             pts = [(r["n"], r[key]) for r in sel if key in r]
             if pts:
                 ax.loglog(*zip(*pts), style, label=name, markersize=4)
+        ns = sorted({r["n"] for r in sel})
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.set_xticks(ns, [f"{n // 1024}k" for n in ns])
         ax.set_title(label, fontsize=8)
         ax.set_xlabel("n", fontsize=8)
         ax.tick_params(labelsize=7)
