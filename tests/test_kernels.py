@@ -101,3 +101,18 @@ def test_strided_many_chunks(monkeypatch, lq, lk, min_distance):
 
 def test_freed_cpu_memory_is_kept_for_reuse_on_glibc():
     assert kernels.KEEPS_FREED_MEMORY is (sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc")
+
+
+def test_kernels_take_non_contiguous_inputs():
+    """[B, L, H, D] tensors viewed as [B, H, L, D] (as a model's projections give them), batch of 2."""
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(2, 300, 2, 16, generator=g).transpose(1, 2) for _ in range(3))
+    assert not q.is_contiguous()
+    for result, pattern in [
+        (kernels.band_attention(q, k, v, window=40, scale=0.25), SW(40)),
+        (kernels.strided_attention(q, k, v, stride=16, scale=0.25), ST(16)),
+        (kernels.fixed_attention(q, k, v, block=32, summary=4, scale=0.25), {"type": "fixed", "block": 32, "summary": 4}),
+        (kernels.band_strided_attention(q, k, v, window=32, stride=32, scale=0.25),
+         {"type": "union", "patterns": [SW(32), ST(32)]}),
+    ]:
+        _assert_matches(result, q, k, v, pattern)
