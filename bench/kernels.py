@@ -209,6 +209,10 @@ def markdown(result: dict) -> str:
         lines.append(f"| {r['pattern']} | {r['n']} | {r['dtype']} | {r['dense_s']:.3f} | {fmt(r.get('masked_s'))} "
                      f"| {flex} | {r['engine_s']:.4f} | {r['speedup']:.1f} | {r['efficiency']:.2f} "
                      f"| {fmt(r.get('vs_flex'), '.1f')} |")
+    ratios = [r for r in result["rows"] if "bf16_over_fp32" in r]
+    if ratios:
+        lines.append("\nbfloat16 / float32 engine time: " + ", ".join(
+            f"{r['pattern']} n={r['n']} {r['bf16_over_fp32']:.2f}" for r in ratios))
     if "scaling" in result:
         sc = result["scaling"]
         lines.append(f"\nsliding_window(256) scaling, n = {', '.join(sc['seconds'])}: "
