@@ -109,7 +109,7 @@ def test_cpu_stack_is_replicas_behind_one_published_port(compose_binary):
     assert service["restart"] == "unless-stopped"
     limits = service["deploy"]["resources"]["limits"]
     assert limits["cpus"] == 2 and int(limits["memory"]) == 4 * 2**30
-    assert service["environment"]["OMP_NUM_THREADS"] == "2"
+    assert service["environment"]["ATTN_TORCH_THREADS"] == "1"  # ATTN_CPUS - 1: one core for the event loop
 
     assert [(p["target"], p["published"]) for p in lb["ports"]] == [(8080, "8080")]
     assert lb["depends_on"]["service"]["condition"] == "service_healthy"
@@ -124,6 +124,7 @@ def test_configuration_comes_from_the_environment(compose_binary):
         "ATTN_REPLICAS": "3",
         "ATTN_PUBLISH_PORT": "9000",
         "ATTN_CPUS": "4",
+        "ATTN_TORCH_THREADS": "3",
         "ATTN_MEMORY": "8g",
         "ATTN_IMAGE": "registry.example/attention:1.2",
     }
@@ -132,7 +133,7 @@ def test_configuration_comes_from_the_environment(compose_binary):
     assert service["deploy"]["replicas"] == 3
     assert service["deploy"]["resources"]["limits"]["cpus"] == 4
     assert int(service["deploy"]["resources"]["limits"]["memory"]) == 8 * 2**30
-    assert service["environment"]["OMP_NUM_THREADS"] == "4"
+    assert service["environment"]["ATTN_TORCH_THREADS"] == "3"
     assert service["image"] == "registry.example/attention:1.2"
     assert lb["ports"][0]["published"] == "9000"
 
