@@ -160,6 +160,7 @@ class LoadConfig:
     max_connections: int = 512  # open loop: the most requests in flight at once
     api_key: str | None = None
     progress: bool = True
+    ready_timeout_s: float = 30.0  # how long to wait for GET /readyz to answer 200 first
 
     def __post_init__(self) -> None:
         if (self.concurrency is None) == (self.rate is None):
@@ -342,7 +343,7 @@ async def run_async(cfg: LoadConfig) -> LoadResult:
             )
             for _ in range(shards)
         ]
-        await clients[0].wait_ready()
+        await clients[0].wait_ready(timeout_s=cfg.ready_timeout_s)
         run = _Run(cfg, clients, cases)
         with _progress(cfg, run):
             await (run.closed_loop() if cfg.mode == "closed" else run.open_loop())
@@ -618,6 +619,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[LoadConfig, Path]:
     parser.add_argument("--timeout", type=float, default=60.0, help="client timeout per request, seconds")
     parser.add_argument("--max-connections", type=int, default=512)
     parser.add_argument("--api-key", help="sent as Authorization: Bearer")
+    parser.add_argument("--ready-timeout", type=float, default=30.0, help="seconds to wait for /readyz first")
     parser.add_argument("--no-progress", action="store_true", help="no live progress bar")
     args = parser.parse_args(argv)
     try:
@@ -635,6 +637,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[LoadConfig, Path]:
             max_connections=args.max_connections,
             api_key=args.api_key,
             progress=not args.no_progress,
+            ready_timeout_s=args.ready_timeout,
         )
     except (ValueError, OSError) as exc:
         parser.error(str(exc))
@@ -642,9 +645,15 @@ def parse_args(argv: list[str] | None = None) -> tuple[LoadConfig, Path]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Exit status 1 when any checked answer mismatched the local engine."""
+    """Exit status 1 when any checked answer mismatched the local engine, 2 when the service
+    never got ready."""
     cfg, out = parse_args(argv)
-    report = write(run(cfg), out)
+    try:
+        result = run(cfg)
+    except TransportError as exc:
+        print(f"error: {exc.message}", file=sys.stderr)
+        return 2
+    report = write(result, out)
     print(
         f"sent {report['sent']}, answered {report['answered']}, by status {report['by_status']}, "
         f"{report['throughput_rps']} req/s, p50 {report['latency_ms']['p50']} ms, "

@@ -86,6 +86,13 @@ def test_command_line_refuses_both_or_neither_mode(tmp_path, capsys):
     assert "--concurrency" in capsys.readouterr().err
 
 
+def test_unreachable_service_is_a_clear_error(tmp_path, capsys):
+    argv = ["--url", "http://127.0.0.1:9", "--rate", "5", "--ready-timeout", "0.3", "--no-progress"]
+    assert main([*argv, "--out", str(tmp_path / "out")]) == 2
+    assert "http://127.0.0.1:9 was not ready within 0.3 s" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
 def test_mismatch_check_catches_swapped_and_wrong_answers():
     scenario = Scenario.model_validate({"requests": [{"heads": 2, "q_len": 16, "head_dim": 8, "return_lse": True}]})
     first, second = pooled_cases(scenario, pool=2, seed=0)[0]
