@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import re
 import select
 import socket
 import time
@@ -252,11 +253,14 @@ def _address(url: str) -> tuple[str, int]:
 
 
 def _read_response(sock: socket.socket) -> tuple[int, bytes]:
-    """Status and body of one HTTP/1.1 response read to the connection's end."""
+    """Status and body of one HTTP/1.1 response (by its Content-Length, else to the connection's end)."""
     data = b""
-    while chunk := sock.recv(65536):
+    while b"\r\n\r\n" not in data and (chunk := sock.recv(65536)):
         data += chunk
     head, _, body = data.partition(b"\r\n\r\n")
+    length = re.search(rb"(?im)^content-length:\s*(\d+)", head)
+    while (length is None or len(body) < int(length.group(1))) and (chunk := sock.recv(65536)):
+        body += chunk
     return int(head.split(b" ", 2)[1]), body
 
 
