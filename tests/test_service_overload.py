@@ -17,7 +17,7 @@ QUEUE_SIZE = 16
 DEADLINE_MS = 1000
 OVERLOAD = 4  # times the measured capacity
 BURST_S = 2.0
-SCENARIO = Scenario(requests=[RequestShape(heads=2, q_len=1024, head_dim=2,
+SCENARIO = Scenario(requests=[RequestShape(heads=2, q_len=1536, head_dim=2,
                                            pattern={"type": "union", "patterns": [
                                                {"type": "fixed", "block": 64, "summary": 4},
                                                {"type": "sliding_window", "window": 32}]})])
@@ -74,7 +74,7 @@ def test_open_loop_overload_answers_everything_within_bounds_and_recovers():
           f"max queue depth {max(depths)}, peak RSS +{(memory_after['VmHWM'] - memory_before['VmRSS']) // 1024} MiB, "
           f"p50 before {before['latency_ms']['p50']} ms, after {after['latency_ms']['p50']} ms, wall {overload['wall_s']} s")
     # The load that reached the service was several times what it can do (the generator kept up).
-    assert sent_rps >= 2.5 * capacity["throughput_rps"]
+    assert sent_rps >= 2 * capacity["throughput_rps"]
     # Every request got an answer, each one of the contract's statuses for load; none lost or hung.
     assert overload["sent"] == overload["answered"] == sum(statuses.values()) > 0
     assert set(statuses) <= {"200", "429", "503", "504"} and "200" in statuses
