@@ -8,7 +8,7 @@ rounds (a call slower than `--slow` seconds: its last round only). FlexAttention
 per shape (block mask + compile) is reported separately.
 
     python -m bench.kernels                       # bounded default run (a few minutes on 2 cores)
-    python -m bench.kernels --flex-max-n 65536    # full: FlexAttention at 65536 too (tens of minutes)
+    python -m bench.kernels --flex-n 4096 16384 65536    # full: FlexAttention at 65536 too (much longer)
     python -m bench.kernels --n 4096 --patterns sliding_window --no-flex               # quick
     python -m bench.kernels --tiles                # band tile-size sweep (engine.kernels.band)
 
@@ -146,20 +146,23 @@ def bench_table(args, device: torch.device) -> list[dict]:
             q, k, v = inputs(n, args.heads, args.dim, dtype, device)
             patterns = {name: parse_pattern(PATTERNS[name]) for name in args.patterns}
             fns = {"dense": lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True)}
-            mask_s = {}
+            flex_first = {}
             for name, pattern in patterns.items():
                 fns["engine", name] = lambda pattern=pattern: attention(q, k, v, pattern)
                 if n <= args.masked_max_n and n * n <= args.masked_max_bytes:  # one boolean per pair
                     run = masked_sdpa(pattern, n, device)
                     fns["masked", name] = lambda run=run: run(q, k, v)
-                if flex is None or n > args.flex_max_n or dtype_name not in args.flex_dtypes:
+                if flex is None or n not in args.flex_n or dtype_name not in args.flex_dtypes:
                     continue
                 if time.perf_counter() - STARTED > args.flex_budget:
                     print(f"SKIP FlexAttention {LABELS[name]} n={n}: past --flex-budget {args.flex_budget:.0f} s")
                     continue
+                sync(device)
                 start = time.perf_counter()
                 run = flex.runner(pattern, n)
-                mask_s[name] = time.perf_counter() - start
+                run(q, k, v)  # block mask, compile and a first call, before the rounds
+                sync(device)
+                flex_first[name] = time.perf_counter() - start
                 fns["flex", name] = lambda run=run: run(q, k, v)
             times = rounds(fns, device, args.repeats, args.slow)
             best = {key: min(t[1:] or t) for key, t in times.items()}
@@ -175,7 +178,7 @@ def bench_table(args, device: torch.device) -> list[dict]:
                 if ("flex", name) in best:
                     row["flex_s"] = best["flex", name]
                     # Block mask + compile: the first call's excess over a steady call.
-                    row["flex_compile_s"] = mask_s[name] + times["flex", name][0] - row["flex_s"]
+                    row["flex_compile_s"] = flex_first[name] - row["flex_s"]
                     row["vs_flex"] = row["flex_s"] / row["engine_s"]
                 row["speedup"] = row["dense_s"] / row["engine_s"]
                 row["efficiency"] = row["speedup"] / (dense_pairs / row["attended_pairs"])
@@ -324,7 +327,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--slow", type=float, default=4.0, help="time calls slower than this once")
     p.add_argument("--no-flex", action="store_true")
-    p.add_argument("--flex-max-n", type=int, default=16384)
+    p.add_argument("--flex-n", type=int, nargs="*", default=[4096, 16384], help="n at which FlexAttention runs")
     p.add_argument("--flex-dtypes", nargs="+", default=["float32"])
     p.add_argument("--flex-budget", type=float, default=math.inf,
                    help="seconds since start after which FlexAttention runs are skipped (and said so)")
