@@ -6,7 +6,7 @@ VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python
 
-.PHONY: install run test demo openapi bench clean
+.PHONY: install run test fuzz demo openapi bench clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,11 @@ openapi: install
 
 test: install
 	$(PY) -m pytest -q
+
+# The long fuzz run: FUZZ_EXAMPLES generated cases per operation (CI runs 50).
+FUZZ_EXAMPLES ?= 1000
+fuzz: install
+	ATTN_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(PY) -m pytest -q -s tests/test_service_fuzz.py
 
 clean:
 	rm -rf $(VENV)
