@@ -3,10 +3,10 @@
 (a) The query's own block: the sequence viewed as [L/l, l] blocks, one batched dense causal
 call (no copy when l divides L).
 (b) The summary columns of earlier blocks: query block b sees the first b*c keys of the
-gathered summary set S (c keys per block, a 1/l-th copy of K and V). Viewing the queries as
+gathered summary set S (c keys per block: a copy of c/l of K and V). Viewing the queries as
 [l, L/l] (position-in-block as the head axis, block index as the row) makes every head share
 S (a stride-0 view) and one small [rows, keys] block-causal mask; the blocks are cut into a few
-row ranges, each with the keys its last block needs, so the masked waste stays near 1/ranges.
+row ranges, each with the keys its last block needs, so the masked waste is about 1/(2 ranges).
 """
 
 from __future__ import annotations
