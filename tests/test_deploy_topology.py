@@ -20,14 +20,9 @@ from __future__ import annotations
 
 import base64
 import itertools
-import os
-import pwd
 import re
-import shutil
 import signal
-import socket
 import subprocess
-import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -37,45 +32,28 @@ import httpx
 import numpy as np
 import pytest
 import torch
+from deploy_support import (
+    NGINX_CONF,
+    debian_nginx,
+    free_port,
+    main_conf,
+    replica_log,
+    start_replica,
+    stop_all,
+    wait_until_ready,
+)
 
 from engine import attention
 
-NGINX_CONF = Path(__file__).resolve().parents[1] / "docker" / "nginx.conf"
 CLIENTS = 4  # concurrent client threads
 BEFORE_KILL = 40  # requests completed before one replica is killed
 AFTER_KILL = 60  # requests completed after it
-STARTUP_TIMEOUT_S = 60
 PATTERNS = [
     {"type": "dense"},
     {"type": "sliding_window", "window": 8},
     {"type": "strided", "stride": 4},
     {"type": "fixed", "block": 8, "summary": 2},
 ]
-
-
-def nginx_binary() -> str:
-    """Debian's nginx: on PATH, in /usr/sbin, or installed now with apt-get (root only)."""
-    found = shutil.which("nginx") or shutil.which("nginx", path="/usr/sbin")
-    if found:
-        return found
-    if os.geteuid() != 0 or shutil.which("apt-get") is None:
-        pytest.skip("nginx is not installed and cannot be: installing it needs root and apt-get")
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    install = ["apt-get", "install", "-y", "-q", "--no-install-recommends", "nginx"]
-    result = subprocess.run(install, env=env, capture_output=True, text=True, timeout=300)
-    if result.returncode != 0:  # a fresh machine may have no package lists yet
-        subprocess.run(["apt-get", "update", "-q"], env=env, capture_output=True, timeout=300)
-        result = subprocess.run(install, env=env, capture_output=True, text=True, timeout=300)
-    found = shutil.which("nginx") or shutil.which("nginx", path="/usr/sbin")
-    if result.returncode != 0 or found is None:
-        pytest.skip(f"`apt-get install nginx` failed: {result.stderr.strip()[-500:]}")
-    return found
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def render_for_loopback(conf: str, replica_ports: list[int], listen_port: int) -> str:
@@ -90,32 +68,6 @@ def render_for_loopback(conf: str, replica_ports: list[int], listen_port: int) -
     conf, listens = re.subn(r"^([ \t]*)listen 8080;$", rf"\1listen 127.0.0.1:{listen_port};", conf, flags=re.M)
     assert resolvers == 1 and listens == 1, "docker/nginx.conf changed shape: update this test"
     return conf
-
-
-def main_conf(workdir: Path, site: Path) -> str:
-    """What the nginx image's own /etc/nginx/nginx.conf provides around conf.d, rooted in workdir."""
-    user = f"user {pwd.getpwuid(os.geteuid()).pw_name};" if os.geteuid() == 0 else ""
-    kinds = ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
-    temp = " ".join(f"{kind}_temp_path {workdir / kind};" for kind in kinds)
-    return (
-        f"{user}\ndaemon off;\nworker_processes 1;\npid {workdir / 'nginx.pid'};\n"
-        f"error_log {workdir / 'error.log'} info;\n"
-        f"events {{ worker_connections 256; }}\nhttp {{ {temp} include {site}; }}\n"
-    )
-
-
-def wait_until_ready(url: str, proc: subprocess.Popen, log: Path) -> None:
-    deadline = time.monotonic() + STARTUP_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"{proc.args} exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
-        try:
-            if httpx.get(url, timeout=2, trust_env=False).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
-    pytest.fail(f"{url} not ready within {STARTUP_TIMEOUT_S} s:\n{log.read_text()[-3000:]}")
 
 
 def tensor(t: torch.Tensor) -> dict:
@@ -208,25 +160,14 @@ def served_by(access_log: Path) -> dict[str, list[str]]:
 
 @pytest.fixture
 def topology(tmp_path):
-    nginx = nginx_binary()
+    nginx = debian_nginx()
     ports = [free_port() for _ in range(2)]
     procs = []
     try:
-        for port in ports:
-            env = {
-                **os.environ,
-                "ATTN_HOST": "127.0.0.1",
-                "ATTN_PORT": str(port),
-                "ATTN_DEVICE": "cpu",
-                "ATTN_LOG_LEVEL": "warning",
-                "ATTN_TORCH_THREADS": "1",  # two replicas share the machine, as under compose
-            }
-            with (tmp_path / f"replica-{port}.log").open("w") as out:
-                procs.append(subprocess.Popen([sys.executable, "-m", "service"], cwd=tmp_path, env=env,
-                                              stdout=out, stderr=subprocess.STDOUT))
-        replicas = list(zip(ports, procs, strict=True))
+        replicas = [(port, start_replica("127.0.0.1", port, tmp_path)) for port in ports]
+        procs += [proc for _, proc in replicas]
         for port, proc in replicas:  # both start at once; this waits for the slower
-            wait_until_ready(f"http://127.0.0.1:{port}/readyz", proc, tmp_path / f"replica-{port}.log")
+            wait_until_ready(f"http://127.0.0.1:{port}/readyz", proc, replica_log("127.0.0.1", port, tmp_path))
 
         listen = free_port()
         site = tmp_path / "site.conf"
@@ -241,14 +182,7 @@ def topology(tmp_path):
         wait_until_ready(f"http://127.0.0.1:{listen}/healthz", procs[-1], access_log)
         yield {"url": f"http://127.0.0.1:{listen}", "replicas": replicas, "access_log": access_log}
     finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.terminate()
-        for proc in procs:
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        stop_all(procs)
 
 
 @pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGKILL], ids=["stopped", "crashed"])
