@@ -39,6 +39,8 @@ def simplify(pattern: PatternBase, lk: int, causal: bool) -> PatternBase:
         return Dense()
     if isinstance(pattern, Strided) and pattern.stride == 1:
         return Dense()
+    if isinstance(pattern, Strided) and pattern.stride >= lk:  # |i - j| < lk: only j = i is a multiple
+        return SlidingWindow(window=1)  # (the strided kernel's work and padding grow with the stride)
     if isinstance(pattern, Fixed) and pattern.block >= lk:
         return Dense()
     if isinstance(pattern, Union):

@@ -19,6 +19,7 @@ import torch
 
 from engine import attention
 from engine.patterns import MAX_DEPTH
+from reference import reference_attention
 from service_support import as_json, from_json, live_server, qkv, request_body, serve, settings
 
 SW = {"type": "sliding_window", "window": 4}
@@ -343,3 +344,23 @@ def test_after_the_wire_cases_a_valid_request_is_answered_correctly(server):
     r = httpx.post(f"{server}/attention", json=request_body(q, k, v, pattern=SW), timeout=30)
     assert r.status_code == 200
     assert torch.allclose(from_json(r.json()["output"]), attention(q, k, v, SW), atol=1e-6)
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("pattern", [
+    {"type": "strided", "stride": 2**31 - 1},
+    {"type": "strided", "stride": 2**29},
+    {"type": "sliding_window", "window": 2**31 - 1},
+    {"type": "fixed", "block": 2**31 - 1, "summary": 2**31 - 1},
+    {"type": "union", "patterns": [{"type": "strided", "stride": 2**30}, {"type": "sliding_window", "window": 3}]},
+], ids=["stride max", "stride 2**29", "window max", "block max", "window + stride 2**30"])
+@pytest.mark.parametrize("causal", [True, False])
+async def test_the_largest_pattern_parameters_are_computed_in_bounded_memory(client, pattern, causal):
+    """Parameters at the top of their range are valid, and cheap: a stride of 2**29 once made the
+    strided kernel pad to whole classes of 2**29 rows (16 GiB for 100 tokens; the fuzz run found it)."""
+    q, k, v = qkv(h=2, hkv=2, lq=100, lk=100, d=4, dv=4, seed=13)
+    r = await client.post("/attention", json=request_body(q, k, v, pattern=pattern, causal=causal))
+    assert r.status_code == 200, r.text
+    expected, _ = reference_attention(q, k, v, pattern, causal=causal)
+    assert torch.allclose(from_json(r.json()["output"]).double(), expected, atol=1e-5)
+    assert r.json()["meta"]["memory"]["peak_bytes"] < 1 << 20
