@@ -10,6 +10,10 @@ measured from each request's scheduled arrival, so a lagging generator cannot hi
 `send_lag_ms` says how far behind schedule the generator itself was (when it is large, the
 generator, not the service, is the bottleneck).
 
+`--processes N` shares the load out over N generator processes (concurrency and request count
+split, the rate divided: Poisson streams add up to one at the full rate), for machines where
+one Python process cannot keep up; their samples are merged on one time line.
+
 Requests are drawn by weight from a scenario (YAML or JSON, see `Scenario`), each from a small
 pool of random inputs whose expected answers are computed locally with `engine.attention`
 before the run; answers are compared with them and differences counted as mismatches.
@@ -21,7 +25,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import multiprocessing
 import os
+import queue
 import random
 import socket
 import subprocess
@@ -29,10 +35,12 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import AsyncExitStack, contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from multiprocessing.synchronize import Barrier
 from pathlib import Path
+from threading import BrokenBarrierError
 from typing import Any, Literal
 
 import httpx
@@ -161,6 +169,7 @@ class LoadConfig:
     api_key: str | None = None
     progress: bool = True
     ready_timeout_s: float = 30.0  # how long to wait for GET /readyz to answer 200 first
+    processes: int = 1  # generator processes sharing the load, for machines with cores to spare
 
     def __post_init__(self) -> None:
         if (self.concurrency is None) == (self.rate is None):
@@ -173,6 +182,10 @@ class LoadConfig:
             self.duration_s = 10.0
         if not 0.0 <= self.check_fraction <= 1.0:
             raise ValueError("check_fraction: must be within [0, 1]")
+        if self.processes < 1:
+            raise ValueError("processes: must be >= 1")
+        if self.processes > min(self.concurrency or self.processes, self.requests or self.processes):
+            raise ValueError("processes: each process needs at least one of the concurrency and the requests")
 
     @property
     def mode(self) -> str:
@@ -245,6 +258,7 @@ class LoadResult:
     samples: list[Sample]
     wall_s: float
     issue_s: float  # how long requests were being issued
+    started_at: float  # time.time() at the run's zero, to line up the processes of one run
 
     def report(self) -> dict[str, Any]:
         return summarize(self)
@@ -253,14 +267,20 @@ class LoadResult:
 class _Run:
     """The state of one run: the clients, the pooled cases, the samples and the clock."""
 
-    def __init__(self, cfg: LoadConfig, clients: list[AsyncAttentionClient], cases: list[list[Case]]):
-        self.cfg, self.clients, self.cases = cfg, clients, cases
+    def __init__(
+        self,
+        cfg: LoadConfig,
+        clients: list[AsyncAttentionClient],
+        cases: list[list[Case]],
+        on_answer: Callable[[int], None] | None,
+    ):
+        self.cfg, self.clients, self.cases, self.on_answer = cfg, clients, cases, on_answer
         self.rng = random.Random(cfg.seed)
         self.weights = [shape.weight for shape in cfg.scenario.requests]
         self.samples: list[Sample] = []
         self.sent = 0
         self.issue_s: float | None = None
-        self.t0 = time.perf_counter()
+        self.t0, self.started_at = time.perf_counter(), time.time()
 
     def now(self) -> float:
         return time.perf_counter() - self.t0
@@ -300,6 +320,16 @@ class _Run:
             sample.status, sample.error = str(exc.status), exc.message
         sample.done_s = self.now()
         self.samples.append(sample)
+        if self.on_answer is not None:
+            self.on_answer(len(self.samples))
+
+    def progress(self) -> tuple[float, str]:
+        """How far the run is (requests answered, or seconds) and a line of counts."""
+        cfg = self.cfg
+        statuses = " ".join(f"{k}:{v}" for k, v in sorted(Counter(s.status for s in self.samples).items()))
+        done = len(self.samples) if cfg.requests is not None else min(self.now(), cfg.duration_s)
+        in_flight = self.sent - len(self.samples)
+        return done, f"sent {self.sent} answered {len(self.samples)} in flight {in_flight} {statuses}"
 
     async def closed_loop(self) -> None:
         async def worker(client: AsyncAttentionClient) -> None:
@@ -327,9 +357,12 @@ class _Run:
         await asyncio.gather(*tasks)
 
 
-async def run_async(cfg: LoadConfig) -> LoadResult:
-    """Run the load described by `cfg` and return every request's sample."""
-    cases = pooled_cases(cfg.scenario, cfg.pool, cfg.seed)
+async def run_async(
+    cfg: LoadConfig, start: Barrier | None = None, on_answer: Callable[[int], None] | None = None
+) -> LoadResult:
+    """Run the load described by `cfg` (in this process) and return every request's sample.
+    `start`, when given, is waited at before the clock starts; `on_answer` hears the count of
+    answers after each one."""
     # Requests in flight are spread over clients of CONNECTIONS_PER_CLIENT connections each:
     # httpcore's pool rescans its connections for every waiting request whenever one frees up,
     # which costs the generator ~3x the CPU per request at 32 in flight through one client.
@@ -344,59 +377,142 @@ async def run_async(cfg: LoadConfig) -> LoadResult:
             for _ in range(shards)
         ]
         await clients[0].wait_ready(timeout_s=cfg.ready_timeout_s)
-        run = _Run(cfg, clients, cases)
-        with _progress(cfg, run):
-            await (run.closed_loop() if cfg.mode == "closed" else run.open_loop())
+        cases = pooled_cases(cfg.scenario, cfg.pool, cfg.seed)
+        if start is not None:
+            start.wait()
+        run = _Run(cfg, clients, cases, on_answer)
+        with _ProgressBar(cfg) as bar:
+            ticker = asyncio.create_task(bar.follow(run.progress))
+            try:
+                await (run.closed_loop() if cfg.mode == "closed" else run.open_loop())
+            finally:
+                ticker.cancel()
+            bar.update(*run.progress())
         wall_s = run.now()
-    return LoadResult(cfg, run.samples, wall_s, run.issue_s or wall_s)
+    return LoadResult(cfg, run.samples, wall_s, run.issue_s or wall_s, run.started_at)
 
 
 def run(cfg: LoadConfig) -> LoadResult:
-    return asyncio.run(run_async(cfg))
+    """Run the load, in `cfg.processes` generator processes when more than one."""
+    return asyncio.run(run_async(cfg)) if cfg.processes == 1 else _run_processes(cfg)
 
 
-class _progress:
-    """A live rich progress bar over requests (count-bounded runs) or seconds, refreshed by a
-    background task while the run goes on."""
+def _parts(cfg: LoadConfig) -> list[LoadConfig]:
+    """The load shared out over `cfg.processes` processes: concurrency, request count and
+    connections split evenly, the rate divided (Poisson streams add up to one at the full
+    rate), and a seed each."""
+    n = cfg.processes
 
-    def __init__(self, cfg: LoadConfig, run: _Run):
-        self.cfg, self.run = cfg, run
+    def share(total: int, i: int) -> int:
+        return total // n + (i < total % n)
+
+    return [
+        replace(
+            cfg,
+            processes=1,
+            progress=False,
+            seed=cfg.seed + i,
+            concurrency=share(cfg.concurrency, i) if cfg.concurrency is not None else None,
+            rate=cfg.rate / n if cfg.rate is not None else None,
+            requests=share(cfg.requests, i) if cfg.requests is not None else None,
+            max_connections=max(1, share(cfg.max_connections, i)),
+        )
+        for i in range(n)
+    ]
+
+
+def _run_part(cfg: LoadConfig, index: int, start: Barrier, answered: Any, results: Any) -> None:
+    """One generator process: its share of the load, its samples sent back on `results`."""
+    try:
+        result = asyncio.run(run_async(cfg, start, lambda n: answered.__setitem__(index, n)))
+        results.put((index, result, None))
+    except Exception as exc:  # noqa: BLE001 - any failure goes back to the parent whole
+        start.abort()
+        results.put((index, None, exc))
+
+
+def _run_processes(cfg: LoadConfig) -> LoadResult:
+    """Run the parts in spawned processes that start their clocks together; merge the samples
+    on one time line."""
+    ctx = multiprocessing.get_context("spawn")
+    parts = _parts(cfg)
+    start = ctx.Barrier(len(parts))
+    answered = ctx.Array("q", len(parts), lock=False)
+    results = ctx.Queue()
+    processes = [ctx.Process(target=_run_part, args=(p, i, start, answered, results)) for i, p in enumerate(parts)]
+    for process in processes:
+        process.start()
+    outputs: dict[int, LoadResult] = {}
+    began = time.perf_counter()
+    try:
+        with _ProgressBar(cfg) as bar:
+            while len(outputs) < len(parts):
+                try:
+                    index, result, error = results.get(timeout=0.25)
+                except queue.Empty:
+                    crashed = [p.exitcode for p in processes if p.exitcode not in (None, 0)]
+                    if crashed:
+                        raise RuntimeError(f"a generator process exited with status {crashed[0]}") from None
+                else:
+                    if isinstance(error, BrokenBarrierError):
+                        continue  # another process failed first; its own error follows
+                    if error is not None:
+                        raise error
+                    outputs[index] = result
+                elapsed = time.perf_counter() - began
+                done = sum(answered) if cfg.requests is not None else min(elapsed, cfg.duration_s)
+                bar.update(done, f"answered {sum(answered)} in {len(parts)} processes")
+    finally:
+        start.abort()  # frees any process still waiting for one that failed
+        for process in processes:
+            process.join(timeout=10)
+            if process.is_alive():
+                process.terminate()
+    zero = min(r.started_at for r in outputs.values())
+    samples = []
+    for result in outputs.values():
+        shift = result.started_at - zero
+        samples += [
+            replace(s, scheduled_s=s.scheduled_s + shift, sent_s=s.sent_s + shift, done_s=s.done_s + shift)
+            for s in result.samples
+        ]
+    samples.sort(key=lambda s: s.scheduled_s)
+    wall_s = max(r.started_at - zero + r.wall_s for r in outputs.values())
+    issue_s = max(r.started_at - zero + r.issue_s for r in outputs.values())
+    return LoadResult(cfg, samples, wall_s, issue_s, zero)
+
+
+class _ProgressBar:
+    """A live rich progress bar over requests (count-bounded runs) or seconds."""
+
+    def __init__(self, cfg: LoadConfig):
+        self.cfg = cfg
         self.bar = Progress(
             TextColumn("[bold]{task.description}"),
             BarColumn(),
             TextColumn("{task.fields[stats]}"),
             TimeElapsedColumn(),
             disable=not cfg.progress,
-            transient=False,
         )
 
-    def _update(self) -> None:
-        run, cfg = self.run, self.cfg
-        statuses = Counter(s.status for s in run.samples)
-        stats = f"sent {run.sent} answered {len(run.samples)} in flight {run.sent - len(run.samples)} " + " ".join(
-            f"{k}:{v}" for k, v in sorted(statuses.items())
-        )
-        done = len(run.samples) if cfg.requests is not None else min(run.now(), cfg.duration_s)
+    def update(self, done: float, stats: str) -> None:
         self.bar.update(self.task, completed=done, stats=stats)
 
-    async def _tick(self) -> None:
+    async def follow(self, progress: Callable[[], tuple[float, str]]) -> None:
+        """Refresh from `progress()` four times a second until cancelled."""
         while True:
-            self._update()
+            self.update(*progress())
             await asyncio.sleep(0.25)
 
-    def __enter__(self) -> _progress:
-        total = self.cfg.requests if self.cfg.requests is not None else self.cfg.duration_s
-        label = f"{self.cfg.mode} loop " + (
-            f"c={self.cfg.concurrency}" if self.cfg.mode == "closed" else f"{self.cfg.rate:g}/s"
-        )
+    def __enter__(self) -> _ProgressBar:
+        cfg = self.cfg
+        total = cfg.requests if cfg.requests is not None else cfg.duration_s
+        label = f"{cfg.mode} loop " + (f"c={cfg.concurrency}" if cfg.mode == "closed" else f"{cfg.rate:g}/s")
         self.bar.start()
         self.task = self.bar.add_task(label, total=total, stats="")
-        self.ticker = asyncio.get_running_loop().create_task(self._tick())
         return self
 
     def __exit__(self, *exc_info: object) -> None:
-        self.ticker.cancel()
-        self._update()
         self.bar.stop()
 
 
@@ -619,6 +735,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[LoadConfig, Path]:
     parser.add_argument("--timeout", type=float, default=60.0, help="client timeout per request, seconds")
     parser.add_argument("--max-connections", type=int, default=512)
     parser.add_argument("--api-key", help="sent as Authorization: Bearer")
+    parser.add_argument("--processes", type=int, default=1, help="generator processes sharing the load")
     parser.add_argument("--ready-timeout", type=float, default=30.0, help="seconds to wait for /readyz first")
     parser.add_argument("--no-progress", action="store_true", help="no live progress bar")
     args = parser.parse_args(argv)
@@ -638,6 +755,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[LoadConfig, Path]:
             api_key=args.api_key,
             progress=not args.no_progress,
             ready_timeout_s=args.ready_timeout,
+            processes=args.processes,
         )
     except (ValueError, OSError) as exc:
         parser.error(str(exc))

@@ -51,6 +51,16 @@ def test_closed_loop(url, tmp_path):
     assert set(report["by_kind"]) <= {shape.name for shape in DEFAULT_SCENARIO.requests}
 
 
+def test_load_shared_by_two_processes(url, tmp_path):
+    tiny = Scenario.model_validate({"requests": [{"heads": 2, "q_len": 32, "head_dim": 16}]})
+    cfg = LoadConfig(url=url, concurrency=4, requests=40, processes=2, scenario=tiny, progress=False)
+    result = run(cfg)
+    report = write(result, tmp_path)
+    check_report(report, tmp_path)
+    assert report["sent"] == 40
+    assert all(0 <= s.scheduled_s <= s.sent_s <= s.done_s <= result.wall_s for s in result.samples)
+
+
 def test_open_loop_from_the_command_line(url, tmp_path):
     scenario = tmp_path / "mix.yaml"
     scenario.write_text(
@@ -75,6 +85,8 @@ def test_scenario_errors_name_the_field(tmp_path):
         Scenario.load(bad)
     with pytest.raises(ValidationError, match="encoding"):
         Scenario.model_validate({"requests": [{"dtype": "bfloat16", "encoding": "data"}]})
+    with pytest.raises(ValueError, match="processes"):
+        LoadConfig(url="http://127.0.0.1:9", concurrency=2, processes=3)
     with pytest.raises(ValidationError, match="window"):
         Scenario.model_validate({"requests": [{"pattern": {"type": "sliding_window"}}]})
 
