@@ -166,3 +166,16 @@ def sample(metrics_text: str, series: str) -> float:
         if line.startswith(series + " "):
             return float(line.rsplit(" ", 1)[1])
     return 0.0
+
+
+async def post_in_one_wave(client, gate: Gate, bodies: list[dict]) -> list:
+    """Post the first body while holding the worker, queue all the others behind it, then release:
+    the others are all waiting when the batcher next collects, whatever the machine's speed."""
+    gate.close()
+    first = asyncio.create_task(client.post("/attention", json=bodies[0]))
+    await gate.holding()
+    rest = [asyncio.create_task(client.post("/attention", json=body)) for body in bodies[1:]]
+    while client.app.state.service.batcher.queue_depth < len(rest):
+        await asyncio.sleep(0.005)
+    gate.open()
+    return [await first] + list(await asyncio.gather(*rest))

@@ -9,7 +9,7 @@ import torch
 
 from engine import attention, parse_pattern
 from engine.batcher import Batcher, ClientGone, DeadlineExceeded, QueueFull, ShuttingDown
-from service_support import Gate, from_json, qkv, request_body, serve, settings
+from service_support import Gate, from_json, post_in_one_wave, qkv, request_body, serve, settings
 
 SW = {"type": "sliding_window", "window": 4}
 STRIDED = {"type": "strided", "stride": 3}
@@ -18,19 +18,6 @@ STRIDED = {"type": "strided", "stride": 3}
 @pytest.fixture
 def anyio_backend():
     return "asyncio"
-
-
-async def _wave(client, gate: Gate, bodies: list[dict]) -> list:
-    """Post the first body while holding the worker, queue all the others behind it, then release:
-    the others are all waiting when the batcher next collects, whatever the machine's speed."""
-    gate.close()
-    first = asyncio.create_task(client.post("/attention", json=bodies[0]))
-    await gate.holding()
-    rest = [asyncio.create_task(client.post("/attention", json=body)) for body in bodies[1:]]
-    while client.app.state.service.batcher.queue_depth < len(rest):
-        await asyncio.sleep(0.005)
-    gate.open()
-    return [await first] + list(await asyncio.gather(*rest))
 
 
 def _mixed_requests(n: int):
@@ -50,7 +37,7 @@ async def test_many_concurrent_requests_each_get_their_own_answer_and_batches_fo
     async with serve(settings(max_batch_size=16, max_batch_delay_ms=5), compute=gate) as c:
         requests = _mixed_requests(48)
         bodies = [request_body(q, k, v, pattern=p, return_lse=i % 3 == 0) for i, (q, k, v, p) in enumerate(requests)]
-        responses = await _wave(c, gate, bodies)
+        responses = await post_in_one_wave(c, gate, bodies)
     sizes = []
     for (q, k, v, pattern), r in zip(requests, responses):
         assert r.status_code == 200, r.text
@@ -88,7 +75,7 @@ async def test_one_failing_request_fails_alone_and_the_rest_are_recomputed():
     requests[3][0][0, 0, 0, 0] = _FailOn.MARK
     async with serve(settings(max_batch_size=8, max_batch_delay_ms=5), compute=gate) as c:
         faulty.calls.clear()
-        responses = await _wave(c, gate, [request_body(q, k, v) for q, k, v in requests])
+        responses = await post_in_one_wave(c, gate, [request_body(q, k, v) for q, k, v in requests])
     for i, ((q, k, v), r) in enumerate(zip(requests, responses)):
         if i == 3:
             assert r.status_code == 500 and r.json()["error"]["message"] == "internal error: RuntimeError"

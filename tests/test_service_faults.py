@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from engine import attention
-from service_support import Gate, from_json, qkv, request_body, serve, service_process, settings
+from service_support import Gate, from_json, post_in_one_wave, qkv, request_body, serve, service_process, settings
 
 SW = {"type": "sliding_window", "window": 4}
 
@@ -39,18 +39,6 @@ class _Memory:
         return attention(q, *args, **kwargs)
 
 
-async def _wave(client, gate: Gate, bodies: list[dict]) -> list:
-    """The first body runs while the worker is held; all others queue behind it and then run as one batch."""
-    gate.close()
-    first = asyncio.create_task(client.post("/attention", json=bodies[0]))
-    await gate.holding()
-    rest = [asyncio.create_task(client.post("/attention", json=body)) for body in bodies[1:]]
-    while client.app.state.service.batcher.queue_depth < len(rest):
-        await asyncio.sleep(0.005)
-    gate.open()
-    return [await first] + list(await asyncio.gather(*rest))
-
-
 @pytest.mark.anyio
 @pytest.mark.parametrize("error", [
     torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
@@ -64,7 +52,7 @@ async def test_out_of_memory_splits_the_batch_then_refuses_only_the_request_that
     requests[5][0][0, 0, 0, 0] = _Memory.MARK  # this one does not fit even alone
     async with serve(settings(max_batch_size=16, max_batch_delay_ms=5), compute=gate) as c:
         memory.calls.clear()
-        responses = await _wave(c, gate, [request_body(q, k, v, pattern=SW) for q, k, v in requests])
+        responses = await post_in_one_wave(c, gate, [request_body(q, k, v, pattern=SW) for q, k, v in requests])
     for i, ((q, k, v), r) in enumerate(zip(requests, responses)):
         if i == 5:
             assert r.status_code == 503 and r.headers["Retry-After"] == "1", r.text
@@ -86,7 +74,7 @@ async def test_an_engine_error_on_a_poisoned_request_fails_only_it():
     for poisoned in (2, 6):  # the engine raises on any call that holds one of these
         requests[poisoned][0][0, 0, 0, 0] = _Memory.MARK
     async with serve(settings(max_batch_size=16, max_batch_delay_ms=5), compute=gate) as c:
-        responses = await _wave(c, gate, [request_body(q, k, v) for q, k, v in requests])
+        responses = await post_in_one_wave(c, gate, [request_body(q, k, v) for q, k, v in requests])
     statuses = [r.status_code for r in responses]
     assert statuses == [200, 200, 500, 200, 200, 200, 500, 200]
     for (q, k, v), r in zip(requests, responses):

@@ -4,44 +4,19 @@ readiness, concurrent requests answered correctly and batched, limits enforced o
 from __future__ import annotations
 
 import asyncio
-import os
-import socket
-import subprocess
-import sys
-import time
 
 import httpx
 import pytest
 import torch
 
 from engine import attention
-from service_support import from_json, qkv, request_body
+from service_support import from_json, qkv, request_body, service_process
 
 
 @pytest.fixture(scope="module")
 def server():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {**os.environ, "ATTN_PORT": str(port), "ATTN_DEVICE": "cpu", "ATTN_MAX_BATCH_DELAY_MS": "20",
-           "ATTN_MAX_BODY_BYTES": "200000", "ATTN_API_KEYS": "secret", "ATTN_LOG_LEVEL": "warning"}
-    proc = subprocess.Popen([sys.executable, "-m", "service"], env=env)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert proc.poll() is None, "the server exited"
-            try:
-                if httpx.get(f"{url}/readyz").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "not ready within 120 s"
-            time.sleep(0.1)
+    with service_process(max_batch_delay_ms=20, max_body_bytes=200000, api_keys="secret", log_level="warning") as (url, _):
         yield url
-    finally:
-        proc.terminate()
-        proc.wait(30)
 
 
 def test_concurrent_requests_over_loopback(server):
