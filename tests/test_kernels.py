@@ -63,16 +63,20 @@ def test_fixed_summary_ranges(lq, lk, block, summary):
     _assert_matches(result, q, k, v, {"type": "fixed", "block": block, "summary": summary})
 
 
+def _each_structured_kernel(q, k, v, *, window):
+    """(result, pattern) of the band, strided, fixed and band+strided kernels on the same inputs."""
+    fixed = {"type": "fixed", "block": 32, "summary": 4}
+    yield kernels.band_attention(q, k, v, window=window, scale=0.25), SW(window)
+    yield kernels.strided_attention(q, k, v, stride=16, scale=0.25), ST(16)
+    yield kernels.fixed_attention(q, k, v, block=32, summary=4, scale=0.25), fixed
+    yield (kernels.band_strided_attention(q, k, v, window=32, stride=32, scale=0.25),
+           {"type": "union", "patterns": [SW(32), ST(32)]})
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_kernels_half_precision(dtype):
     q, k, v = _qkv(2, 600, 600, dtype=dtype)
-    for result, pattern in [
-        (kernels.band_attention(q, k, v, window=64, scale=0.25), SW(64)),
-        (kernels.strided_attention(q, k, v, stride=16, scale=0.25), ST(16)),
-        (kernels.fixed_attention(q, k, v, block=32, summary=4, scale=0.25), {"type": "fixed", "block": 32, "summary": 4}),
-        (kernels.band_strided_attention(q, k, v, window=32, stride=32, scale=0.25),
-         {"type": "union", "patterns": [SW(32), ST(32)]}),
-    ]:
+    for result, pattern in _each_structured_kernel(q, k, v, window=64):
         _assert_matches(result, q, k, v, pattern, tol=3e-2)
 
 
@@ -108,11 +112,5 @@ def test_kernels_take_non_contiguous_inputs():
     g = torch.Generator().manual_seed(3)
     q, k, v = (torch.randn(2, 300, 2, 16, generator=g).transpose(1, 2) for _ in range(3))
     assert not q.is_contiguous()
-    for result, pattern in [
-        (kernels.band_attention(q, k, v, window=40, scale=0.25), SW(40)),
-        (kernels.strided_attention(q, k, v, stride=16, scale=0.25), ST(16)),
-        (kernels.fixed_attention(q, k, v, block=32, summary=4, scale=0.25), {"type": "fixed", "block": 32, "summary": 4}),
-        (kernels.band_strided_attention(q, k, v, window=32, stride=32, scale=0.25),
-         {"type": "union", "patterns": [SW(32), ST(32)]}),
-    ]:
+    for result, pattern in _each_structured_kernel(q, k, v, window=40):
         _assert_matches(result, q, k, v, pattern)
