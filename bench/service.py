@@ -10,6 +10,9 @@
     tiny request, and their body sizes.
 (d) What measuring `meta.memory.peak_bytes` costs: the in-process engine's p50 with and without
     `engine.memory.PeakMemory` around it, for the medium and the tiny request.
+(e) The HTTP floor under (a): the same uvicorn (httptools, uvloop) serving `echo_app`, which
+    reads the medium body and answers as many bytes as the service's answer, doing nothing else.
+    Service p50 minus this floor is what the service itself adds to the transfer.
 
 Each service runs as `python -m service` in a subprocess on a free loopback port (local_service). The client is a
 minimal keep-alive HTTP/1.1 client on asyncio streams, so that on a small machine the figures
@@ -27,9 +30,13 @@ import asyncio
 import base64
 import json
 import os
+import socket
 import statistics
+import subprocess
+import sys
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
+from typing import Iterator
 
 import torch
 
@@ -82,10 +89,10 @@ class Connection:
         reader, writer = await asyncio.open_connection(host, int(port), limit=1 << 20)
         return cls(reader, writer, f"{host}:{port}")
 
-    async def post(self, payload: bytes) -> bytes:
+    async def post(self, payload: bytes, extra_headers: str = "") -> bytes:
         """The response body of POST /attention; raises unless the status is 200."""
         head = (f"POST /attention HTTP/1.1\r\nHost: {self.host}\r\nContent-Type: application/json\r\n"
-                f"Content-Length: {len(payload)}\r\n\r\n").encode()
+                f"Content-Length: {len(payload)}\r\n{extra_headers}\r\n").encode()
         self.writer.write(head)
         self.writer.write(payload)
         await self.writer.drain()
@@ -100,10 +107,10 @@ class Connection:
         self.writer.close()
 
 
-def service_samples(url: str, payload: bytes, n: int, warmup: int = 1) -> tuple[list[float], list[dict]]:
-    """n latencies seen by the client, and each answer's `meta.timing_ms`."""
+def service_samples(url: str, payload: bytes, n: int, warmup: int = 1) -> tuple[list[float], list[dict], int]:
+    """n latencies seen by the client, each answer's `meta.timing_ms`, and the answer's size in bytes."""
 
-    async def run() -> tuple[list[float], list[dict]]:
+    async def run() -> tuple[list[float], list[dict], int]:
         conn = await Connection.open(url)
         try:
             times, parts = [], []
@@ -113,7 +120,62 @@ def service_samples(url: str, payload: bytes, n: int, warmup: int = 1) -> tuple[
                 if i >= warmup:
                     times.append((time.perf_counter() - start) * 1000)
                     parts.append(json.loads(answer)["meta"]["timing_ms"])
-            return times, parts
+            return times, parts, len(answer)
+        finally:
+            conn.close()
+
+    return asyncio.run(run())
+
+
+async def echo_app(scope: dict, receive, send) -> None:
+    """The transport floor (e): read the whole body, answer `X-Reply-Bytes` bytes, nothing else."""
+    assert scope["type"] == "http"
+    more = True
+    while more:
+        message = await receive()
+        more = message.get("more_body", False)
+    size = int(dict(scope["headers"]).get(b"x-reply-bytes", b"0"))
+    await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", str(size).encode())]})
+    await send({"type": "http.response.body", "body": b" " * size})
+
+
+@contextmanager
+def echo_service() -> Iterator[str]:
+    """`echo_app` on uvicorn, as the service runs it (its own process, httptools, uvloop)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    process = subprocess.Popen([sys.executable, "-m", "uvicorn", "bench.service:echo_app", "--port", str(port),
+                                "--lifespan", "off", "--log-level", "warning"])
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                if process.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError("the echo server did not start") from None
+                time.sleep(0.1)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+
+
+def floor_samples(url: str, payload: bytes, reply_bytes: int, n: int, warmup: int = 1) -> list[float]:
+    """n latencies of posting `payload` to `echo_app` for a `reply_bytes` answer."""
+
+    async def run() -> list[float]:
+        conn = await Connection.open(url)
+        try:
+            times = []
+            for i in range(warmup + n):
+                start = time.perf_counter()
+                await conn.post(payload, f"X-Reply-Bytes: {reply_bytes}\r\n")
+                if i >= warmup:
+                    times.append((time.perf_counter() - start) * 1000)
+            return times
         finally:
             conn.close()
 
@@ -179,26 +241,30 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", help="write the results as JSON here")
     args = p.parse_args(argv)
     torch.manual_seed(0)
+    budget = Settings().thread_budget
     results: dict = {"engine_threads_in_process": torch.get_num_threads(),
-                     "engine_threads_in_service": Settings().engine_threads, "cpus": os.cpu_count(),
-                     "load_average_at_start": os.getloadavg()}
+                     "engine_threads_in_service": {"large_alone": budget.cores, "shared": budget.shared},
+                     "cpus": os.cpu_count(), "load_average_at_start": os.getloadavg()}
 
     medium_b64, medium_data = body(MEDIUM, "b64"), body(MEDIUM, "data")
     tiny_payloads = {enc: [body(TINY, enc, seed) for seed in range(64)] for enc in ("b64", "data")}
     results["device"] = args.device
-    service_threads, own_threads = Settings().engine_threads, torch.get_num_threads()
-    med = {"service": [], "timing": [], "engine": [], "engine_service_threads": []}
+    own_threads = torch.get_num_threads()
+    medium_threads = budget.for_call(MEDIUM["b"] * MEDIUM["h"] * MEDIUM["n"] * MEDIUM["d"], queue_empty=True)
+    med = {"service": [], "timing": [], "engine": [], "engine_service_threads": [], "floor": []}
     on_off: list[tuple[dict, dict]] = []
     # Every comparison alternates its two sides in rounds, so that a machine whose load drifts
     # (other jobs on shared cores) moves both sides alike.
     with local_service(device=args.device, log_level="warning") as url, \
-            local_service(device=args.device, log_level="warning", max_batch_size=1) as url_off:
+            local_service(device=args.device, log_level="warning", max_batch_size=1) as url_off, \
+            echo_service() as url_echo:
         for _ in range(args.rounds):
-            times, parts = service_samples(url, medium_b64, args.repeats)
+            times, parts, answer_bytes = service_samples(url, medium_b64, args.repeats)
             med["service"] += times
             med["timing"] += parts
+            med["floor"] += floor_samples(url_echo, medium_b64, answer_bytes, args.repeats)
             med["engine"] += engine_samples(MEDIUM, args.repeats, own_threads, args.device)
-            med["engine_service_threads"] += engine_samples(MEDIUM, args.repeats, service_threads, args.device)
+            med["engine_service_threads"] += engine_samples(MEDIUM, args.repeats, medium_threads, args.device)
             on = throughput(url, tiny_payloads["b64"], args.concurrency, args.seconds)
             off = throughput(url_off, tiny_payloads["b64"], args.concurrency, args.seconds)
             on_off.append((on, off))
@@ -209,12 +275,13 @@ def main(argv: list[str] | None = None) -> None:
     results["medium_service_timing_ms"] = {k: statistics.median(t[k] for t in med["timing"]) for k in med["timing"][0]}
     results["medium_engine_p50_ms"] = statistics.median(med["engine"])
     results["medium_engine_service_threads_p50_ms"] = statistics.median(med["engine_service_threads"])
+    results["medium_http_floor_p50_ms"] = statistics.median(med["floor"])
     results["tiny_rounds"] = [{"on": on, "off": off} for on, off in on_off]
     results["batching_on"] = {k: statistics.median(on[k] for on, _ in on_off) for k in on_off[0][0]}
     results["batching_off"] = {k: statistics.median(off[k] for _, off in on_off) for k in on_off[0][1]}
     results["peak_memory_overhead"] = {
-        name: {"without_ms": statistics.median(engine_samples(spec, n, service_threads, args.device)),
-               "with_ms": statistics.median(engine_samples(spec, n, service_threads, args.device, peak_memory=True))}
+        name: {"without_ms": statistics.median(engine_samples(spec, n, budget.shared, args.device)),
+               "with_ms": statistics.median(engine_samples(spec, n, budget.shared, args.device, peak_memory=True))}
         for name, spec, n in (("medium", MEDIUM, 3 * args.repeats), ("tiny", TINY, 200))
     }
     results["body_bytes"] = {"medium_b64": len(medium_b64), "medium_data": len(medium_data),
@@ -224,7 +291,11 @@ def main(argv: list[str] | None = None) -> None:
 
     print(f"medium  service p50 {results['medium_service_p50_ms']:.1f} ms / engine p50 "
           f"{results['medium_engine_p50_ms']:.1f} ms = {results['medium_ratio']:.3f}  (target <= 1.25); engine on the "
-          f"service's {results['engine_threads_in_service']} thread(s): {results['medium_engine_service_threads_p50_ms']:.1f} ms")
+          f"{medium_threads} thread(s) the service gives it: {results['medium_engine_service_threads_p50_ms']:.1f} ms")
+    floor = results["medium_http_floor_p50_ms"]
+    print(f"        HTTP floor (uvicorn reading the body and answering as many bytes, no work): {floor:.1f} ms; "
+          f"floor + engine = {floor + results['medium_engine_p50_ms']:.1f} ms, "
+          f"{(floor + results['medium_engine_p50_ms']) / results['medium_engine_p50_ms']:.2f}x the engine")
     timing = results["medium_service_timing_ms"]
     print(f"        where the medium request's time goes (p50s): engine call {timing['compute']:.1f} ms, queue "
           f"{timing['queue']:.1f} ms, rest of the service (body read, parse, decode, encode) "

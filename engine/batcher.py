@@ -1,9 +1,9 @@
 """Dynamic batching in front of `attention`: many concurrent callers, few engine calls.
 
 Like Triton Inference Server's dynamic batcher: callers `submit` from asyncio; a collector task
-takes the first waiting request, gathers more for up to `max_delay_ms` or until
-`max_batch_size`, and hands them to one worker thread (torch releases the GIL, so the event
-loop keeps accepting meanwhile). Requests are compatible when they agree on everything but the
+takes the first waiting request, gathers more for up to `max_delay_ms` (not for a large
+request: it fills the machine alone) or until `max_batch_size`, and hands them to one worker
+thread (torch releases the GIL, so the event loop keeps accepting meanwhile). Requests are compatible when they agree on everything but the
 batch dimension (device, dtype, heads, head dims, lengths, pattern, causal, scale); each
 compatible group runs as one engine call with the groups' inputs concatenated along B, so no
 padding work is done. Requests of different lengths run as separate calls in the same round:
@@ -13,7 +13,8 @@ need a segment mask those kernels do not take.
 If a batched call raises, it is split in halves and each half rerun, down to single requests, so
 one bad request fails alone and the others are answered. Running out of memory is handled the
 same way (a smaller call may fit); a request that does not fit even alone gets `OutOfMemory`.
-Each caller gets back exactly the rows it sent.
+Each caller gets back exactly the rows it sent. On the CPU a `ThreadBudget` sizes each call's
+thread team: every core for a large call with nothing waiting, one fewer otherwise.
 """
 
 from __future__ import annotations
@@ -102,6 +103,30 @@ class _Job:
 Compute = Callable[..., tuple[torch.Tensor, torch.Tensor]]
 
 
+# q's elements (B*H*Lq*D) from which a call is large: it fills the machine by itself, so it takes
+# every core when alone and does not wait for others to batch with (that would only delay it).
+LARGE_CALL_ELEMENTS = 1 << 20
+
+
+@dataclass(frozen=True)
+class ThreadBudget:
+    """How many torch threads an engine call gets on the CPU. A large call with nothing queued
+    behind it takes every core: the event loop has nothing to parse meanwhile, and the call's
+    latency is what its client waits for. Any other call leaves `reserved` cores to the event
+    loop, which is reading, parsing and encoding the requests around it."""
+
+    cores: int
+    reserved: int = 1
+
+    @property
+    def shared(self) -> int:
+        """Threads while the event loop may be busy."""
+        return max(1, self.cores - self.reserved)
+
+    def for_call(self, elements: int, queue_empty: bool) -> int:
+        return self.cores if queue_empty and elements >= LARGE_CALL_ELEMENTS else self.shared
+
+
 class Batcher:
     """`async with Batcher(device) as b: result = await b.submit(q, k, v, pattern, ...)`."""
 
@@ -114,6 +139,7 @@ class Batcher:
         queue_size: int = 256,
         compute: Compute = attention,
         on_batch: Callable[[int], None] | None = None,
+        threads: ThreadBudget | None = None,
     ) -> None:
         self.device = torch.device(device)
         self.max_batch_size = max_batch_size
@@ -121,6 +147,7 @@ class Batcher:
         self._queue: asyncio.Queue[_Job] = asyncio.Queue(maxsize=queue_size)
         self._compute = compute
         self._on_batch = on_batch
+        self._threads = threads
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
         self._collector: asyncio.Task | None = None
         self._closing = False
@@ -193,7 +220,7 @@ class Batcher:
         loop = asyncio.get_running_loop()
         while True:
             jobs = [await self._queue.get()]
-            closes_at = loop.time() + self.max_delay_s
+            closes_at = loop.time() + (self.max_delay_s if jobs[0].q.numel() < LARGE_CALL_ELEMENTS else 0.0)
             while len(jobs) < self.max_batch_size:
                 if self._queue.empty():
                     wait = closes_at - loop.time()
@@ -254,6 +281,11 @@ class Batcher:
         if self._on_batch is not None:
             self._on_batch(len(jobs))
         q, k, v = (torch.cat(ts) if len(ts) > 1 else ts[0] for ts in zip(*((j.q, j.k, j.v) for j in jobs)))
+        if self._threads is not None:
+            # Read from this thread, the queue's size is a hint, which is all this needs.
+            wanted = self._threads.for_call(q.numel(), self._queue.empty())
+            if torch.get_num_threads() != wanted:  # this worker thread's own setting
+                torch.set_num_threads(wanted)
         q, k, v = (t.to(self.device, non_blocking=True) for t in (q, k, v))
         with PeakMemory(self.device) as memory:
             out, lse = self._compute(q, k, v, key.pattern, causal=key.causal, scale=key.scale, return_lse=True)

@@ -75,11 +75,11 @@ class Service:
     async def running(self) -> AsyncIterator[None]:
         """Lifespan: start the batcher, warm the engine in the background, drain on exit."""
         s = self.settings
-        torch.set_num_threads(s.engine_threads)
+        torch.set_num_threads(s.thread_budget.shared)  # the event loop's own torch calls
         extra = {"compute": self.compute} if self.compute is not None else {}
         async with Batcher(
             self.device, max_batch_size=s.max_batch_size, max_delay_ms=s.max_batch_delay_ms,
-            queue_size=s.queue_size, on_batch=self.metrics.batch_size.observe, **extra,
+            queue_size=s.queue_size, on_batch=self.metrics.batch_size.observe, threads=s.thread_budget, **extra,
         ) as batcher:
             self.batcher = batcher
             warm = asyncio.create_task(self._warm_up(batcher))

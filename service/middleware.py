@@ -85,8 +85,9 @@ class RequestLimits:
             if complete:  # after the body, receive only waits for a disconnect: no deadline
                 return await receive()
             try:
-                message = await asyncio.wait_for(receive(), max(0.0, deadline - loop.time()))
-            except asyncio.TimeoutError:
+                async with asyncio.timeout_at(deadline):  # a timer, not wait_for's task per body chunk
+                    message = await receive()
+            except TimeoutError:
                 raise ApiError(
                     408, "body", f"body: not received within {self.timeout_s:g} s (ATTN_BODY_TIMEOUT_S)",
                     {"Connection": "close"},

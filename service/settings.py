@@ -10,6 +10,8 @@ import torch
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from engine.batcher import ThreadBudget
+
 
 class Settings(BaseSettings):
     """Every knob of the service; the README's settings table documents each one."""
@@ -41,7 +43,8 @@ class Settings(BaseSettings):
     shutdown_timeout_s: int = Field(8, ge=1, description="after draining: the most time in-flight requests get")
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
     torch_threads: int = Field(
-        0, ge=0, description="torch intra-op threads; 0: one per usable core less one, kept for the event loop"
+        0, ge=0, description="torch intra-op threads of every engine call; 0: every usable core for a large call "
+        "with nothing queued, one fewer otherwise (kept for the event loop)",
     )
 
     @field_validator("api_keys", "cors_origins", mode="before")
@@ -52,10 +55,13 @@ class Settings(BaseSettings):
         return value
 
     @cached_property
-    def engine_threads(self) -> int:
-        """Threads torch computes with. One core is left to the event loop (HTTP, JSON, base64):
-        when both compete for every core, each engine call waits on its thread team's barrier."""
-        return self.torch_threads or max(1, len(os.sched_getaffinity(0)) - 1)
+    def thread_budget(self) -> ThreadBudget:
+        """Threads torch computes with, per engine call. By default one core is left to the event
+        loop (HTTP, JSON, base64) whenever it may be busy: when both compete for every core, each
+        engine call waits on its thread team's barrier."""
+        if self.torch_threads:
+            return ThreadBudget(self.torch_threads, reserved=0)
+        return ThreadBudget(len(os.sched_getaffinity(0)))
 
     @cached_property
     def torch_device(self) -> torch.device:

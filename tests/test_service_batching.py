@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import os
 
 import pytest
 import torch
 
 from engine import attention, parse_pattern
-from engine.batcher import Batcher, ClientGone, DeadlineExceeded, QueueFull, ShuttingDown
+from engine.batcher import LARGE_CALL_ELEMENTS, Batcher, ClientGone, DeadlineExceeded, QueueFull, ShuttingDown, ThreadBudget
 from service_support import Gate, from_json, post_in_one_wave, qkv, request_body, serve, settings
 
 SW = {"type": "sliding_window", "window": 4}
@@ -128,3 +129,44 @@ async def test_batching_off_runs_one_request_per_call():
         requests = [qkv(h=2, hkv=2, lq=8, lk=8, d=4, dv=4, seed=300 + i) for i in range(8)]
         responses = await asyncio.gather(*(c.post("/attention", json=request_body(q, k, v)) for q, k, v in requests))
     assert [r.json()["meta"]["batch"]["requests"] for r in responses] == [1] * 8
+
+
+def _record_threads(seen: list[int]):
+    """The engine, recording the torch thread count each call ran with."""
+
+    def compute(q, k, v, pattern, **kwargs):
+        seen.append(torch.get_num_threads())
+        return attention(q, k, v, pattern, **kwargs)
+
+    return compute
+
+
+@pytest.mark.anyio
+async def test_a_large_call_alone_gets_every_core_and_does_not_wait_to_batch():
+    seen: list[int] = []
+    budget = ThreadBudget(cores=3, reserved=2)
+    # A delay far longer than the test: a request that waited for company would show it.
+    async with Batcher("cpu", max_delay_ms=60_000, threads=budget, compute=_record_threads(seen)) as batcher:
+        large = torch.randn(1, 1, LARGE_CALL_ELEMENTS // 8, 8)
+        result = await asyncio.wait_for(batcher.submit(large, large, large, parse_pattern(SW)), 30)
+    assert seen == [3]
+    assert result.queue_ms < 30_000
+
+
+@pytest.mark.anyio
+async def test_small_calls_leave_the_reserved_cores_to_the_event_loop():
+    seen: list[int] = []
+    async with Batcher("cpu", max_delay_ms=0, threads=ThreadBudget(cores=3, reserved=2),
+                       compute=_record_threads(seen)) as batcher:
+        q, k, v = qkv(b=1, h=2, hkv=2, lq=16, lk=16, d=8, dv=8, seed=1)
+        await batcher.submit(q, k, v, parse_pattern(SW))
+    assert seen == [1]
+
+
+def test_thread_budget_from_settings():
+    assert settings(torch_threads=3).thread_budget == ThreadBudget(3, reserved=0)
+    auto = settings(torch_threads=0).thread_budget
+    assert auto.cores == len(os.sched_getaffinity(0)) and auto.shared == max(1, auto.cores - 1)
+    assert ThreadBudget(4).for_call(LARGE_CALL_ELEMENTS, queue_empty=False) == 3
+    assert ThreadBudget(4).for_call(LARGE_CALL_ELEMENTS - 1, queue_empty=True) == 3
+    assert ThreadBudget(1).shared == 1
