@@ -8,6 +8,7 @@ memory-safe but slower. `simplify` first removes what cannot change the mask.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from functools import partial
 from typing import Callable
@@ -22,14 +23,32 @@ Partial = tuple[torch.Tensor, torch.Tensor]
 SMALL_QUERY_ROWS = 64
 
 
+@functools.cache
+def cpu_upcast_dtypes() -> frozenset[torch.dtype]:
+    """Half precisions that torch's CPU attention kernels run slower than float32 on this CPU.
+
+    Without AMX, on an AVX-512 machine, float16 took 1.6-3.8x and bfloat16 up to 1.3x the float32
+    time, while converting the inputs to float32 once costs 1-5% of a call (`python -m
+    bench.kernels` reports the bfloat16 / float32 ratio). With AMX the native kernels are the fast ones.
+    """
+    amx_fp16 = getattr(torch.cpu, "_is_amx_fp16_supported", lambda: False)()
+    amx_bf16 = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
+    return frozenset(dtype for dtype, native in ((torch.float16, amx_fp16), (torch.bfloat16, amx_bf16)) if not native)
+
+
 @dataclass(frozen=True)
 class Plan:
-    """Named kernel steps whose partial results merge into the pattern's attention."""
+    """Named kernel steps whose partial results merge into the pattern's attention. On a CPU
+    where half precision is slow, the plan computes in float32, except for the dtypes in
+    `native_on_cpu` (measured no slower natively than converted)."""
 
     backend: str
     steps: tuple[Callable[..., Partial], ...]
+    native_on_cpu: tuple[torch.dtype, ...] = ()
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> Partial:
+        if q.device.type == "cpu" and q.dtype in cpu_upcast_dtypes() and q.dtype not in self.native_on_cpu:
+            q, k, v = q.float(), k.float(), v.float()
         return kernels.merge_partials([step(q, k, v, scale=scale) for step in self.steps])
 
 
@@ -69,7 +88,8 @@ def plan(pattern: PatternBase, lq: int, lk: int, causal: bool) -> Plan:
     if isinstance(pattern, SlidingWindow):
         return Plan("band", (partial(kernels.band_attention, window=pattern.window),))
     if isinstance(pattern, Strided):
-        return Plan("strided", (partial(kernels.strided_attention, stride=pattern.stride),))
+        # bfloat16 strided: native 1.00-1.11x the float32 time, converted 1.09-1.15x (n = 16384, 4096).
+        return Plan("strided", (partial(kernels.strided_attention, stride=pattern.stride),), (torch.bfloat16,))
     if isinstance(pattern, Fixed):
         return Plan("fixed", (partial(kernels.fixed_attention, block=pattern.block, summary=pattern.summary),))
     if isinstance(pattern, Union) and len(pattern.patterns) == 2:

@@ -40,4 +40,7 @@ def test_tiny_benchmark_run_writes_json_and_plot(tmp_path):
         assert r["efficiency"] == pytest.approx(r["dense_s"] / r["engine_s"] * r["attended_pairs"] / r["dense_pairs"])
     assert result["memory"]["peak_bytes"] > 0
     assert len(result["scaling"]["growth_per_doubling"]) == 1
+    ratios = result["bf16_over_fp32"]
+    assert ratios.pop("n") == 512 and set(ratios) == set(bench_kernels.LABELS.values())
+    assert all(r > 0 for r in ratios.values())
     assert (tmp_path / "k.png").read_bytes()[:4] == b"\x89PNG"

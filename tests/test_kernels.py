@@ -114,3 +114,20 @@ def test_kernels_take_non_contiguous_inputs():
     assert not q.is_contiguous()
     for result, pattern in _each_structured_kernel(q, k, v, window=40):
         _assert_matches(result, q, k, v, pattern)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_plans_compute_slow_half_precision_in_float32_on_the_cpu(dtype):
+    from engine.planner import Plan, cpu_upcast_dtypes
+
+    seen = []
+
+    def step(q, k, v, *, scale):
+        seen.append((q.dtype, k.dtype, v.dtype))
+        return kernels.dense_attention(q, k, v, scale=scale)
+
+    q = torch.randn(1, 2, 8, 4).to(dtype)
+    Plan("test", (step,))(q, q, q, 0.5)
+    Plan("test", (step,), native_on_cpu=(dtype,))(q, q, q, 0.5)
+    converted = torch.float32 if dtype in cpu_upcast_dtypes() else dtype
+    assert seen == [(converted,) * 3, (dtype,) * 3]
