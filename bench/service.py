@@ -7,7 +7,8 @@
     with batching on (the default settings) against batching off (ATTN_MAX_BATCH_SIZE=1)
     (target >= 2).
 (c) The cost of `data` (JSON lists) against `b64`: both encodings' p50 for the medium and the
-    tiny request, and their body sizes.
+    tiny request, and their body sizes; and the medium request as binary tensors in and out
+    (`service.binary`), against the engine like (a).
 (d) What measuring `meta.memory.peak_bytes` costs: the in-process engine's p50 with and without
     `engine.memory.PeakMemory` around it, for the medium and the tiny request.
 (e) The HTTP floor under (a): the same uvicorn (httptools, uvloop) serving `echo_app`, which
@@ -42,6 +43,7 @@ import torch
 
 from engine import attention
 from engine.memory import PeakMemory
+from service import binary
 from service.loadtest import local_service
 from service.settings import Settings
 
@@ -56,6 +58,7 @@ def tensors(spec: dict, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torc
 
 
 def body(spec: dict, encoding: str, seed: int = 0) -> bytes:
+    """The JSON request body with tensors as "b64" or "data"."""
     def enc(t: torch.Tensor) -> dict:
         out = {"shape": list(t.shape), "dtype": "float32"}
         if encoding == "b64":
@@ -68,6 +71,16 @@ def body(spec: dict, encoding: str, seed: int = 0) -> bytes:
     return json.dumps({"q": enc(q), "k": enc(k), "v": enc(v), "pattern": spec["pattern"]}).encode()
 
 
+def binary_body(spec: dict, seed: int = 0) -> tuple[bytes, str]:
+    """The request as binary tensors (`service.binary`), and its extra header lines."""
+    q, k, v = tensors(spec, seed)
+    header = {name: {"shape": list(t.shape), "dtype": "float32", "binary_data_size": t.numel() * t.element_size()}
+              for name, t in (("q", q), ("k", k), ("v", v))}
+    payload, headers = binary.join(json.dumps({**header, "pattern": spec["pattern"]}).encode(),
+                                   [t.numpy().tobytes() for t in (q, k, v)])
+    return payload, f"Content-Type: {binary.MEDIA_TYPE}\r\n" + "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+
+
 def timed_ms(fn, n: int) -> list[float]:
     times = []
     for _ in range(n):
@@ -75,6 +88,14 @@ def timed_ms(fn, n: int) -> list[float]:
         fn()
         times.append((time.perf_counter() - start) * 1000)
     return times
+
+
+JSON_HEADERS = "Content-Type: application/json\r\n"
+
+
+def answer_meta(headers: dict[str, str], body: bytes) -> dict:
+    """The `meta` of a JSON or a binary answer."""
+    return json.loads(body[: int(headers.get(binary.HEADER.lower(), len(body)))])["meta"]
 
 
 class Connection:
@@ -89,25 +110,26 @@ class Connection:
         reader, writer = await asyncio.open_connection(host, int(port), limit=1 << 20)
         return cls(reader, writer, f"{host}:{port}")
 
-    async def post(self, payload: bytes, extra_headers: str = "") -> bytes:
-        """The response body of POST /attention; raises unless the status is 200."""
-        head = (f"POST /attention HTTP/1.1\r\nHost: {self.host}\r\nContent-Type: application/json\r\n"
-                f"Content-Length: {len(payload)}\r\n{extra_headers}\r\n").encode()
+    async def post(self, payload: bytes, headers: str = JSON_HEADERS) -> tuple[dict[str, str], bytes]:
+        """The response headers (lower-case names) and body of POST /attention; raises unless 200."""
+        head = (f"POST /attention HTTP/1.1\r\nHost: {self.host}\r\n{headers}"
+                f"Content-Length: {len(payload)}\r\n\r\n").encode()
         self.writer.write(head)
         self.writer.write(payload)
         await self.writer.drain()
-        status_line, *headers = (await self.reader.readuntil(b"\r\n\r\n")).decode().split("\r\n")
-        length = next(int(h.split(":", 1)[1]) for h in headers if h.lower().startswith("content-length:"))
-        body = await self.reader.readexactly(length)
+        status_line, *lines = (await self.reader.readuntil(b"\r\n\r\n")).decode().split("\r\n")
+        answer = {name.strip().lower(): value.strip() for name, _, value in (h.partition(":") for h in lines if h)}
+        body = await self.reader.readexactly(int(answer["content-length"]))
         if status_line.split()[1] != "200":
             raise RuntimeError(f"{status_line}: {body[:300]!r}")
-        return body
+        return answer, body
 
     def close(self) -> None:
         self.writer.close()
 
 
-def service_samples(url: str, payload: bytes, n: int, warmup: int = 1) -> tuple[list[float], list[dict], int]:
+def service_samples(url: str, payload: bytes, n: int, warmup: int = 1,
+                    headers: str = JSON_HEADERS) -> tuple[list[float], list[dict], int]:
     """n latencies seen by the client, each answer's `meta.timing_ms`, and the answer's size in bytes."""
 
     async def run() -> tuple[list[float], list[dict], int]:
@@ -116,10 +138,10 @@ def service_samples(url: str, payload: bytes, n: int, warmup: int = 1) -> tuple[
             times, parts = [], []
             for i in range(warmup + n):
                 start = time.perf_counter()
-                answer = await conn.post(payload)
+                answer_headers, answer = await conn.post(payload, headers)
                 if i >= warmup:
                     times.append((time.perf_counter() - start) * 1000)
-                    parts.append(json.loads(answer)["meta"]["timing_ms"])
+                    parts.append(answer_meta(answer_headers, answer)["timing_ms"])
             return times, parts, len(answer)
         finally:
             conn.close()
@@ -172,7 +194,7 @@ def floor_samples(url: str, payload: bytes, reply_bytes: int, n: int, warmup: in
             times = []
             for i in range(warmup + n):
                 start = time.perf_counter()
-                await conn.post(payload, f"X-Reply-Bytes: {reply_bytes}\r\n")
+                await conn.post(payload, f"{JSON_HEADERS}X-Reply-Bytes: {reply_bytes}\r\n")
                 if i >= warmup:
                     times.append((time.perf_counter() - start) * 1000)
             return times
@@ -211,10 +233,10 @@ def throughput(url: str, payloads: list[bytes], concurrency: int, seconds: float
             nonlocal done
             n = 0
             while time.perf_counter() < stop:
-                answer = await conn.post(payloads[(i + n) % len(payloads)])
+                answer_headers, answer = await conn.post(payloads[(i + n) % len(payloads)])
                 n += 1
                 if record:
-                    batch_sizes.append(json.loads(answer)["meta"]["batch"]["requests"])
+                    batch_sizes.append(answer_meta(answer_headers, answer)["batch"]["requests"])
                     done += 1
 
         try:
@@ -247,11 +269,12 @@ def main(argv: list[str] | None = None) -> None:
                      "cpus": os.cpu_count(), "load_average_at_start": os.getloadavg()}
 
     medium_b64, medium_data = body(MEDIUM, "b64"), body(MEDIUM, "data")
+    medium_binary, binary_headers = binary_body(MEDIUM)
     tiny_payloads = {enc: [body(TINY, enc, seed) for seed in range(64)] for enc in ("b64", "data")}
     results["device"] = args.device
     own_threads = torch.get_num_threads()
     medium_threads = budget.for_call(MEDIUM["b"] * MEDIUM["h"] * MEDIUM["n"] * MEDIUM["d"], queue_empty=True)
-    med = {"service": [], "timing": [], "engine": [], "engine_service_threads": [], "floor": []}
+    med = {"service": [], "timing": [], "engine": [], "engine_service_threads": [], "floor": [], "binary": []}
     on_off: list[tuple[dict, dict]] = []
     # Every comparison alternates its two sides in rounds, so that a machine whose load drifts
     # (other jobs on shared cores) moves both sides alike.
@@ -263,6 +286,7 @@ def main(argv: list[str] | None = None) -> None:
             med["service"] += times
             med["timing"] += parts
             med["floor"] += floor_samples(url_echo, medium_b64, answer_bytes, args.repeats)
+            med["binary"] += service_samples(url, medium_binary, args.repeats, headers=binary_headers)[0]
             med["engine"] += engine_samples(MEDIUM, args.repeats, own_threads, args.device)
             med["engine_service_threads"] += engine_samples(MEDIUM, args.repeats, medium_threads, args.device)
             on = throughput(url, tiny_payloads["b64"], args.concurrency, args.seconds)
@@ -276,6 +300,8 @@ def main(argv: list[str] | None = None) -> None:
     results["medium_engine_p50_ms"] = statistics.median(med["engine"])
     results["medium_engine_service_threads_p50_ms"] = statistics.median(med["engine_service_threads"])
     results["medium_http_floor_p50_ms"] = statistics.median(med["floor"])
+    results["medium_binary_service_p50_ms"] = statistics.median(med["binary"])
+    results["medium_binary_ratio"] = results["medium_binary_service_p50_ms"] / results["medium_engine_p50_ms"]
     results["tiny_rounds"] = [{"on": on, "off": off} for on, off in on_off]
     results["batching_on"] = {k: statistics.median(on[k] for on, _ in on_off) for k in on_off[0][0]}
     results["batching_off"] = {k: statistics.median(off[k] for _, off in on_off) for k in on_off[0][1]}
@@ -285,6 +311,7 @@ def main(argv: list[str] | None = None) -> None:
         for name, spec, n in (("medium", MEDIUM, 3 * args.repeats), ("tiny", TINY, 200))
     }
     results["body_bytes"] = {"medium_b64": len(medium_b64), "medium_data": len(medium_data),
+                             "medium_binary": len(medium_binary),
                              "tiny_b64": len(tiny_payloads["b64"][0]), "tiny_data": len(tiny_payloads["data"][0])}
     results["medium_ratio"] = results["medium_service_p50_ms"] / results["medium_engine_p50_ms"]
     results["batching_ratio"] = statistics.median(on["requests_per_s"] / off["requests_per_s"] for on, off in on_off)
@@ -296,6 +323,8 @@ def main(argv: list[str] | None = None) -> None:
     print(f"        HTTP floor (uvicorn reading the body and answering as many bytes, no work): {floor:.1f} ms; "
           f"floor + engine = {floor + results['medium_engine_p50_ms']:.1f} ms, "
           f"{(floor + results['medium_engine_p50_ms']) / results['medium_engine_p50_ms']:.2f}x the engine")
+    print(f"        as binary tensors ({len(medium_binary) / 1e6:.1f} MB in): service p50 "
+          f"{results['medium_binary_service_p50_ms']:.1f} ms = {results['medium_binary_ratio']:.3f}x the engine")
     timing = results["medium_service_timing_ms"]
     print(f"        where the medium request's time goes (p50s): engine call {timing['compute']:.1f} ms, queue "
           f"{timing['queue']:.1f} ms, rest of the service (body read, parse, decode, encode) "

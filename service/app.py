@@ -30,7 +30,7 @@ from engine.batcher import Batcher, Compute, DeadlineExceeded
 from engine.patterns import PATTERN_CATALOG, PatternBase, attended_pairs, parse_pattern
 from engine.picture import mask_png
 
-from . import errors
+from . import binary, errors
 from .errors import ApiError
 from .metrics import Metrics
 from .middleware import RequestContext, RequestLimits
@@ -159,14 +159,34 @@ def _work(pattern: PatternBase, b: int, h: int, lq: int, lk: int, causal: bool) 
     return attended_pairs(pattern, b, h, lq, lk, causal), _backend(pattern, h, lq, lk, causal)
 
 
-def _require_json(request: Request) -> None:
-    """415 unless the body is declared JSON (or not declared at all, as FastAPI's JSON bodies allow)."""
+def _is_binary(request: Request) -> bool:
+    """Whether the body is binary (`service.binary`) rather than JSON; 415 unless it is one of the
+    two (an undeclared body is JSON, as FastAPI's JSON bodies allow)."""
     declared = request.headers.get("content-type")
     if declared is None:
-        return
+        return False
     media_type = declared.partition(";")[0].strip().lower()
+    if media_type == binary.MEDIA_TYPE:
+        return True
     if media_type != "application/json" and not media_type.endswith("+json"):
-        raise ApiError(415, "Content-Type", f"Content-Type: {declared!r}; the body must be application/json")
+        raise ApiError(415, "Content-Type", f"Content-Type: {declared!r}; the body must be application/json "
+                                            f"(or {binary.MEDIA_TYPE} with binary tensors)")
+    return False
+
+
+async def _read_request(request: Request) -> tuple[bytes, memoryview | None]:
+    """(the JSON, the binary tensors' bytes or None). A binary body is read into a bytearray, so
+    that its tensors are used in place, writable, without a copy."""
+    if not _is_binary(request):
+        return await request.body(), None
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+    try:
+        header, tensors = binary.split(body, request.headers.get(binary.HEADER))
+    except binary.BinaryBodyError as e:
+        raise ApiError(422, e.field, str(e)) from None
+    return bytes(header), tensors
 
 
 def create_app(settings: Settings | None = None, *, compute: Compute | None = None) -> FastAPI:
@@ -191,26 +211,33 @@ def create_app(settings: Settings | None = None, *, compute: Compute | None = No
             allow_headers=["Authorization", "Content-Type", "X-Request-ID"], expose_headers=["X-Request-ID", "Retry-After"],
         )
 
+    binary_body = {"schema": {"type": "string", "format": "binary", "description": (
+        f"the JSON request (its length in the {binary.HEADER} header) with tensors given as binary_data_size, "
+        "followed by their raw little-endian bytes in the order q, k, v")}}
+
     @app.post(
         "/attention",
         response_model=AttentionResponse,
-        responses=_ERRORS,
+        responses={**_ERRORS, 200: {"content": {binary.MEDIA_TYPE: {"schema": {"type": "string", "format": "binary",
+                                                                                "description": "encoding 'binary'"}}}}},
         dependencies=[Depends(require_key)],
         openapi_extra={"requestBody": {
             "required": True,
-            "content": {"application/json": {"schema": {"$ref": "#/components/schemas/AttentionRequest"}}},
+            "content": {"application/json": {"schema": {"$ref": "#/components/schemas/AttentionRequest"}},
+                        binary.MEDIA_TYPE: binary_body},
         }},
     )
     async def post_attention(request: Request) -> Response:
         """Attention over q, k, v with a pattern (CONTRACT §2). Batched with concurrent requests."""
         service.require_ready()
-        _require_json(request)
-        body = await request.body()
+        header, tensor_bytes = await _read_request(request)
         # Parsing, decoding and the metadata's pattern arithmetic run in threads: a large body or
         # an intricate pattern must not stall the event loop that serves every other client. A
         # small body is parsed in place: there the two thread hand-offs cost more than the parse.
-        parse = partial(AttentionRequest.model_validate_json, body, context={"limits": service.limits})
-        req = parse() if len(body) <= INLINE_PARSE_BYTES else await run_in_threadpool(parse)
+        parse = partial(AttentionRequest.model_validate_json, header,
+                        context={"limits": service.limits, "binary": tensor_bytes})
+        size = len(header) + (len(tensor_bytes) if tensor_bytes is not None else 0)
+        req = parse() if size <= INLINE_PARSE_BYTES else await run_in_threadpool(parse)
         q, k, v = req.tensors
         b, h, lq, _ = q.shape
         lk = k.shape[2]
@@ -234,7 +261,7 @@ def create_app(settings: Settings | None = None, *, compute: Compute | None = No
                                        "(|scale * q.k| too large); scale q, k or `scale` down")
         if len(req.q.shape) == 3:
             output, lse = output.squeeze(0), lse.squeeze(0)
-        encoding = req.encoding or ("b64" if req.q.b64 is not None else "data")
+        encoding = req.encoding or req.q.encoding
         service.metrics.queue_time.observe(result.queue_ms / 1000)
         service.metrics.tokens.inc(b * lq)
         response = AttentionResponse(
@@ -259,7 +286,11 @@ def create_app(settings: Settings | None = None, *, compute: Compute | None = No
         # orjson: pydantic's serializer scans the multi-megabyte b64 strings ~25x slower.
         body = response.model_dump(exclude_none=True)  # a tensor shows only its encoding
         body.setdefault("lse", None)
-        return Response(orjson.dumps(body), media_type="application/json")
+        if encoding != "binary":
+            return Response(orjson.dumps(body), media_type="application/json")
+        tensors = [output, lse] if req.return_lse else [output]
+        content, headers = binary.join(orjson.dumps(body), [memoryview(t.contiguous().view(torch.uint8).numpy()) for t in tensors])
+        return Response(content, media_type=binary.MEDIA_TYPE, headers=headers)
 
     @app.get("/healthz")
     async def healthz() -> dict[str, str]:

@@ -7,7 +7,8 @@
 
 Inputs are numpy arrays or torch tensors (float32, float16, and bfloat16 as torch tensors);
 they travel as base64 of their little-endian bytes unless `encoding="data"` asks for JSON
-lists. 429 and 503 answers are retried after their Retry-After, a bounded number of times;
+lists or `encoding="binary"` for raw bytes after a JSON header (`service.binary`, the fastest
+for large tensors). 429 and 503 answers are retried after their Retry-After, a bounded number of times;
 every other failure raises an `AttentionError` subclass carrying the service's message.
 """
 
@@ -26,7 +27,9 @@ import httpx
 import numpy as np
 import torch
 
-Encoding = Literal["b64", "data"]
+from . import binary
+
+Encoding = Literal["b64", "data", "binary"]
 RETRYABLE_STATUSES = frozenset({429, 503})
 
 # dtype name -> (torch dtype, little-endian numpy dtype of the raw bytes on the wire)
@@ -163,7 +166,32 @@ def retry_after_seconds(response: httpx.Response) -> float | None:
 
 
 def encode_tensor(name: str, x: Any, encoding: Encoding = "b64") -> dict[str, Any]:
-    """The contract's tensor object for a numpy array or torch tensor."""
+    """The contract's tensor object for a numpy array or torch tensor (for "binary", its size:
+    the bytes, `raw_bytes(x)`, travel after the JSON)."""
+    x, dtype = _wire_tensor(name, x)
+    tensor: dict[str, Any] = {"shape": list(x.shape), "dtype": dtype}
+    if encoding == "binary":
+        tensor["binary_data_size"] = x.numel() * x.element_size()
+    elif encoding == "b64":
+        tensor["b64"] = base64.b64encode(raw_bytes(x)).decode("ascii")
+    elif encoding == "data":
+        if dtype == "bfloat16":
+            raise ValueError(f"{name}: bfloat16 travels only as b64 or binary (CONTRACT §2)")
+        tensor["data"] = x.reshape(-1).tolist()
+    else:
+        raise ValueError(f"encoding: {encoding!r} is not 'b64', 'data' or 'binary'")
+    return tensor
+
+
+def raw_bytes(x: Any) -> memoryview:
+    """The little-endian C-order bytes of a numpy array or torch tensor."""
+    x, dtype = _wire_tensor("tensor", x)
+    raw = (x.view(torch.int16) if dtype == "bfloat16" else x).numpy()
+    return memoryview(raw.astype(WIRE_DTYPES[dtype][1], copy=False)).cast("B")
+
+
+def _wire_tensor(name: str, x: Any) -> tuple[torch.Tensor, str]:
+    """A contiguous CPU tensor and its dtype's name; refuses anything else."""
     if isinstance(x, np.ndarray):
         x = torch.from_numpy(np.ascontiguousarray(x))
     if not isinstance(x, torch.Tensor):
@@ -171,37 +199,27 @@ def encode_tensor(name: str, x: Any, encoding: Encoding = "b64") -> dict[str, An
     dtype = _NAME_OF_DTYPE.get(x.dtype)
     if dtype is None:
         raise ValueError(f"{name}: dtype {x.dtype} is not one of {', '.join(WIRE_DTYPES)}; cast it first")
-    x = x.detach().cpu().contiguous()
-    tensor: dict[str, Any] = {"shape": list(x.shape), "dtype": dtype}
-    if encoding == "b64":
-        raw = (x.view(torch.int16) if dtype == "bfloat16" else x).numpy()
-        tensor["b64"] = base64.b64encode(raw.astype(WIRE_DTYPES[dtype][1], copy=False).tobytes()).decode("ascii")
-    elif encoding == "data":
-        if dtype == "bfloat16":
-            raise ValueError(f"{name}: bfloat16 travels only as b64 (CONTRACT §2)")
-        tensor["data"] = x.reshape(-1).tolist()
-    else:
-        raise ValueError(f"encoding: {encoding!r} is not 'b64' or 'data'")
-    return tensor
+    return x.detach().cpu().contiguous(), dtype
 
 
-def decode_tensor(name: str, tensor: dict[str, Any]) -> torch.Tensor:
-    """A torch tensor from the contract's tensor object (either encoding)."""
+def decode_tensor(name: str, tensor: dict[str, Any], raw: memoryview | None = None) -> torch.Tensor:
+    """A torch tensor from the contract's tensor object (any encoding; `raw`: a binary tensor's bytes)."""
     try:
         shape, dtype = [int(n) for n in tensor["shape"]], tensor["dtype"]
         torch_dtype, wire = WIRE_DTYPES[dtype]
     except (KeyError, TypeError, ValueError) as exc:
         raise AttentionError(f"{name}: the response's tensor is malformed: {exc!r}") from exc
-    if tensor.get("b64") is not None:
+    if tensor.get("b64") is not None or raw is not None:
         try:
-            raw = np.frombuffer(base64.b64decode(tensor["b64"]), dtype=wire).reshape(shape)
+            data = raw if raw is not None else base64.b64decode(tensor["b64"])
+            values = np.frombuffer(data, dtype=wire).reshape(shape)
         except ValueError as exc:
-            raise AttentionError(f"{name}: the response's b64 does not fit shape {shape}: {exc}") from exc
-        out = torch.from_numpy(raw.astype(np.dtype(wire).newbyteorder("="), copy=True))
+            raise AttentionError(f"{name}: the response's bytes do not fit shape {shape}: {exc}") from exc
+        out = torch.from_numpy(values.astype(np.dtype(wire).newbyteorder("="), copy=True))
         return out.view(torch.bfloat16) if dtype == "bfloat16" else out
     data = tensor.get("data")
     if data is None:
-        raise AttentionError(f"{name}: the response's tensor has neither 'b64' nor 'data'")
+        raise AttentionError(f"{name}: the response's tensor has none of 'b64', 'data' or 'binary_data_size'")
     # JSON has no infinities: a row with no key has an lse of -inf, which may arrive as null
     values = [float("-inf") if x is None else x for x in data] if None in data else data
     return torch.tensor(values, dtype=torch.float32).reshape(shape).to(torch_dtype)
@@ -249,14 +267,27 @@ def build_request(
 
 
 def parse_response(response: httpx.Response) -> AttentionResult:
-    """The result of a 2xx response, or the typed error of any other."""
+    """The result of a 2xx response (JSON, or binary), or the typed error of any other."""
     if not response.is_success:
         raise error_for(response)
-    body = response.json()
+    raw: dict[str, memoryview] = {}
+    if response.headers.get("content-type", "").startswith(binary.MEDIA_TYPE):
+        try:
+            header, tensors = binary.split(response.content, response.headers.get(binary.HEADER))
+        except binary.BinaryBodyError as exc:
+            raise AttentionError(f"the binary response does not parse: {exc}") from exc
+        body = json.loads(bytes(header))
+        at = 0
+        for name in ("output", "lse"):
+            if body.get(name) is not None:
+                size = int(body[name]["binary_data_size"])
+                raw[name], at = tensors[at : at + size], at + size
+    else:
+        body = response.json()
     lse = body.get("lse")
     return AttentionResult(
-        output=decode_tensor("output", body["output"]),
-        lse=decode_tensor("lse", lse) if lse is not None else None,
+        output=decode_tensor("output", body["output"], raw.get("output")),
+        lse=decode_tensor("lse", lse, raw.get("lse")) if lse is not None else None,
         meta=body.get("meta") or {},
         request_id=response.headers.get("x-request-id"),
     )
@@ -295,6 +326,9 @@ class _ClientSettings:
         if request_id is not None:
             headers["X-Request-ID"] = request_id
         content = json.dumps(build_request(*args, **kwargs), allow_nan=False).encode()
+        if kwargs["encoding"] == "binary":
+            content, extra = binary.join(content, [raw_bytes(x) for x in args[:3]])
+            headers.update({"Content-Type": binary.MEDIA_TYPE, **extra})
         return {"url": "/attention", "content": content, "headers": headers}
 
     def _retry_delay(self, response: httpx.Response, attempt: int) -> float | None:

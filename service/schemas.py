@@ -23,7 +23,7 @@ from pydantic_core import PydanticCustomError
 from engine.patterns import Dense, Pattern
 
 DType = Literal["float32", "float16", "bfloat16"]
-Encoding = Literal["b64", "data"]
+Encoding = Literal["b64", "data", "binary"]
 TORCH_DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 DTYPE_NAMES = {v: k for k, v in TORCH_DTYPES.items()}
 # A flat list in C order, or lists nested to the tensor's shape. Checked by numpy in
@@ -54,7 +54,8 @@ class Limits:
 
 
 class Tensor(BaseModel):
-    """A tensor: its shape, dtype and exactly one of `data` (JSON numbers) or `b64` (raw bytes)."""
+    """A tensor: its shape, dtype and exactly one of `data` (JSON numbers), `b64` (raw bytes) or
+    `binary_data_size` (raw bytes after the JSON header of a binary body, `service.binary`)."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -62,13 +63,16 @@ class Tensor(BaseModel):
     dtype: DType
     data: Values | None = Field(None, description="values in C order: flat, or nested to the shape")
     b64: str | None = Field(None, description="base64 of the little-endian bytes in C order")
+    binary_data_size: int | None = Field(
+        None, ge=0, description="bytes of the tensor after the JSON header of an application/octet-stream body"
+    )
 
     @model_validator(mode="after")
     def _one_encoding(self) -> "Tensor":
         if any(n < 1 for n in self.shape):
             raise field_error("shape", f"every dimension must be >= 1, got {self.shape}")
-        if (self.data is None) == (self.b64 is None):
-            raise field_error("data", "give exactly one of data or b64")
+        if [self.data, self.b64, self.binary_data_size].count(None) != 2:
+            raise field_error("data", "give exactly one of data, b64 or binary_data_size")
         if self.dtype == "bfloat16" and self.data is not None:
             raise field_error("data", "bfloat16 is accepted only as b64")
         return self
@@ -82,11 +86,22 @@ class Tensor(BaseModel):
     def numel(self) -> int:
         return math.prod(self.shape)
 
+    @property
+    def nbytes(self) -> int:
+        return self.numel * TORCH_DTYPES[self.dtype].itemsize
+
+    @property
+    def encoding(self) -> Encoding:
+        return "b64" if self.b64 is not None else "data" if self.data is not None else "binary"
+
     def check_length(self, name: str) -> None:
         """A b64 string (or flat data list) must hold exactly the shape's values."""
-        if self.b64 is not None:
-            nbytes = self.numel * TORCH_DTYPES[self.dtype].itemsize
-            expected = 4 * -(-nbytes // 3)
+        if self.binary_data_size is not None:
+            if self.binary_data_size != self.nbytes:
+                raise field_error(f"{name}.binary_data_size",
+                                  f"{self.binary_data_size} bytes, but shape {self.shape} of {self.dtype} takes {self.nbytes}")
+        elif self.b64 is not None:
+            expected = 4 * -(-self.nbytes // 3)
             if len(self.b64) != expected:
                 raise field_error(
                     f"{name}.b64",
@@ -95,22 +110,27 @@ class Tensor(BaseModel):
         elif not isinstance(self.data[0] if self.data else None, list) and len(self.data) != self.numel:
             raise field_error(f"{name}.data", f"{len(self.data)} values, but shape {self.shape} holds {self.numel}")
 
-    def decode(self, name: str) -> torch.Tensor:
-        """The tensor as [B, H, L, D] on the CPU; refuses bad base64, ragged lists and non-finite values.
+    def decode(self, name: str, binary: memoryview | None = None) -> torch.Tensor:
+        """The tensor as [B, H, L, D] on the CPU, from its `binary` bytes when it has
+        `binary_data_size`; refuses bad base64, ragged lists and non-finite values.
 
         The checks run in numpy, single-threaded: torch's intra-op threads would contend with the
         engine's worker thread, which is busy at the same time.
         """
         storage = _STORAGE[self.dtype]
-        if self.b64 is not None:
+        if self.binary_data_size is not None:
+            field = f"{name}.binary_data_size"
+            values = np.frombuffer(binary, dtype=storage)
+            if not values.flags.aligned or not values.flags.writeable:  # a header of odd length; a bytes body
+                values = values.copy()
+        elif self.b64 is not None:
             field = f"{name}.b64"
             try:
                 raw = pybase64.b64decode_as_bytearray(self.b64, validate=True)
             except binascii.Error as e:
                 raise field_error(field, f"not valid base64 ({e})") from None
-            nbytes = self.numel * np.dtype(storage).itemsize
-            if len(raw) != nbytes:  # the right length of text, but padded to fewer bytes
-                raise field_error(field, f"decodes to {len(raw)} bytes, shape {self.shape} takes {nbytes}")
+            if len(raw) != self.nbytes:  # the right length of text, but padded to fewer bytes
+                raise field_error(field, f"decodes to {len(raw)} bytes, shape {self.shape} takes {self.nbytes}")
             values = np.frombuffer(raw, dtype=storage)
         else:
             field = f"{name}.data"
@@ -173,8 +193,27 @@ class AttentionRequest(BaseModel):
         except ValueError as e:
             field, _, reason = str(e).partition(": ")
             raise field_error(field, reason) from None
-        self._tensors = (self.q.decode("q"), self.k.decode("k"), self.v.decode("v"))
+        binary = self._binary_parts((info.context or {}).get("binary"))
+        self._tensors = tuple(getattr(self, name).decode(name, binary.get(name)) for name in ("q", "k", "v"))
         return self
+
+    def _binary_parts(self, binary: memoryview | None) -> dict[str, memoryview]:
+        """Each binary tensor's bytes: the body after the JSON header, cut in the order q, k, v."""
+        sizes = {name: t.binary_data_size for name in ("q", "k", "v") if (t := getattr(self, name)).binary_data_size is not None}
+        if not sizes:
+            if binary is not None and len(binary):
+                raise field_error("body", f"{len(binary)} bytes follow the JSON header, but no tensor has binary_data_size")
+            return {}
+        if binary is None:
+            raise field_error(f"{next(iter(sizes))}.binary_data_size", "needs a binary body: Content-Type "
+                              "application/octet-stream and an Inference-Header-Content-Length header")
+        if sum(sizes.values()) != len(binary):
+            raise field_error("body", f"{len(binary)} bytes follow the JSON header, but the tensors' "
+                                      f"binary_data_size add up to {sum(sizes.values())}")
+        parts, at = {}, 0
+        for name, size in sizes.items():
+            parts[name], at = binary[at : at + size], at + size
+        return parts
 
     def _check_limits(self, limits: Limits) -> None:
         b, _, lk, _ = self.k.dims
@@ -221,11 +260,15 @@ class TensorOut(BaseModel):
     dtype: DType
     data: list[float] | None = None
     b64: str | None = None
+    binary_data_size: int | None = Field(None, description="bytes after the JSON header (encoding 'binary')")
 
     @classmethod
     def encode(cls, t: torch.Tensor, encoding: Encoding) -> "TensorOut":
+        """The tensor in `encoding`; for "binary", only its size (the bytes travel after the header)."""
         t = t.contiguous()
-        if encoding == "b64":
+        if encoding == "binary":
+            values = {"binary_data_size": t.numel() * t.element_size()}
+        elif encoding == "b64":
             values = {"b64": pybase64.b64encode(t.view(torch.uint8).numpy()).decode("ascii")}
         else:
             values = {"data": t.float().flatten().tolist()}

@@ -27,6 +27,7 @@ from service.client import (
     PayloadTooLargeError,
     decode_tensor,
     encode_tensor,
+    raw_bytes,
     retry_after_seconds,
 )
 
@@ -45,6 +46,18 @@ def test_tensor_round_trip_is_exact(dtype, encoding):
     wire = encode_tensor("q", x, encoding)
     assert wire["shape"] == [2, 3, 3, 4] and wire["dtype"] == str(dtype).removeprefix("torch.")
     back = decode_tensor("q", wire)
+    assert back.dtype == dtype and torch.equal(back, x)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_binary_tensor_round_trip_is_exact(dtype):
+    x = torch.randn(2, 3, 5, 4).to(dtype)[:, :, ::2]
+    wire = encode_tensor("q", x, "binary")
+    assert wire == {"shape": [2, 3, 3, 4], "dtype": str(dtype).removeprefix("torch."),
+                    "binary_data_size": x.numel() * x.element_size()}
+    raw = raw_bytes(x)
+    assert len(raw) == wire["binary_data_size"]
+    back = decode_tensor("q", wire, raw)
     assert back.dtype == dtype and torch.equal(back, x)
 
 
@@ -95,7 +108,8 @@ def inputs(dtype, hkv=2, lq=24, lk=40, seed=0):
 
 
 @pytest.mark.parametrize(
-    "dtype, encoding", [(dt, enc) for dt in DTYPES for enc in ("b64", "data") if (dt, enc) != (torch.bfloat16, "data")]
+    "dtype, encoding",
+    [(dt, enc) for dt in DTYPES for enc in ("b64", "data", "binary") if (dt, enc) != (torch.bfloat16, "data")],
 )
 def test_result_matches_engine(client, dtype, encoding):
     q, k, v = inputs(dtype)
