@@ -4,6 +4,7 @@ a tiny run writes the table, JSON and plot (no timing is asserted)."""
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 import torch
@@ -44,3 +45,35 @@ def test_tiny_benchmark_run_writes_json_and_plot(tmp_path):
     assert ratios.pop("n") == 512 and set(ratios) == set(bench_kernels.LABELS.values())
     assert all(r > 0 for r in ratios.values())
     assert (tmp_path / "k.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_service_bench_requests_are_answered_and_read_back():
+    """bench/service.py's prepared bodies (b64, data, binary) are valid requests whose answers
+    its reader understands: run through the app in-process, checked against the engine."""
+    from fastapi.testclient import TestClient
+
+    from bench import service as bench_service
+    from engine import attention
+    from service.app import create_app
+    from service.settings import Settings
+
+    spec = {**bench_service.TINY, "n": 40}
+    q, k, v = bench_service.tensors(spec)
+    expected = attention(q, k, v, spec["pattern"])
+    binary_payload, binary_lines = bench_service.binary_body(spec)
+    headers = dict(line.split(": ", 1) for line in binary_lines.strip().split("\r\n"))
+    with TestClient(create_app(Settings(device="cpu"))) as client:
+        deadline = time.monotonic() + 60
+        while client.get("/readyz").status_code != 200:
+            assert time.monotonic() < deadline, "the app did not get ready"
+            time.sleep(0.02)
+        answers = [client.post("/attention", content=bench_service.body(spec, enc),
+                               headers={"Content-Type": "application/json"}) for enc in ("b64", "data")]
+        answers.append(client.post("/attention", content=binary_payload, headers=headers))
+    for r in answers:
+        assert r.status_code == 200, r.text
+        meta = bench_service.answer_meta({name.lower(): value for name, value in r.headers.items()}, r.content)
+        assert meta["batch"]["requests"] == 1 and meta["timing_ms"]["total"] > 0
+    n = int(answers[2].headers["inference-header-content-length"])
+    got = torch.frombuffer(bytearray(answers[2].content[n:]), dtype=torch.float32).reshape(expected.shape)
+    assert torch.equal(got, expected)
