@@ -5,7 +5,7 @@
     (target <= 1.25).
 (b) Tiny requests (n=64, H=4, D=32, sliding_window(16)) from 32 concurrent clients: throughput
     with batching on (the default settings) against batching off (ATTN_MAX_BATCH_SIZE=1)
-    (target >= 2).
+    (target >= 2); and the same with 64 different lengths, n = 33..96, which batch by padding.
 (c) The cost of `data` (JSON lists) against `b64`: both encodings' p50 for the medium and the
     tiny request, and their body sizes; and the medium request as binary tensors in and out
     (`service.binary`), against the engine like (a).
@@ -271,11 +271,13 @@ def main(argv: list[str] | None = None) -> None:
     medium_b64, medium_data = body(MEDIUM, "b64"), body(MEDIUM, "data")
     medium_binary, binary_headers = binary_body(MEDIUM)
     tiny_payloads = {enc: [body(TINY, enc, seed) for seed in range(64)] for enc in ("b64", "data")}
+    tiny_mixed = [body({**TINY, "n": 33 + seed}, "b64", seed) for seed in range(64)]
     results["device"] = args.device
     own_threads = torch.get_num_threads()
     medium_threads = budget.for_call(MEDIUM["b"] * MEDIUM["h"] * MEDIUM["n"] * MEDIUM["d"], queue_empty=True)
     med = {"service": [], "timing": [], "engine": [], "engine_service_threads": [], "floor": [], "binary": []}
     on_off: list[tuple[dict, dict]] = []
+    on_off_mixed: list[tuple[dict, dict]] = []
     # Every comparison alternates its two sides in rounds, so that a machine whose load drifts
     # (other jobs on shared cores) moves both sides alike.
     with local_service(device=args.device, log_level="warning") as url, \
@@ -292,6 +294,8 @@ def main(argv: list[str] | None = None) -> None:
             on = throughput(url, tiny_payloads["b64"], args.concurrency, args.seconds)
             off = throughput(url_off, tiny_payloads["b64"], args.concurrency, args.seconds)
             on_off.append((on, off))
+            on_off_mixed.append((throughput(url, tiny_mixed, args.concurrency, args.seconds),
+                                 throughput(url_off, tiny_mixed, args.concurrency, args.seconds)))
         results["medium_data_service_p50_ms"] = statistics.median(service_samples(url, medium_data, 3)[0])
         results["tiny_b64_service_p50_ms"] = statistics.median(service_samples(url, tiny_payloads["b64"][0], 50)[0])
         results["tiny_data_service_p50_ms"] = statistics.median(service_samples(url, tiny_payloads["data"][0], 50)[0])
@@ -315,6 +319,11 @@ def main(argv: list[str] | None = None) -> None:
                              "tiny_b64": len(tiny_payloads["b64"][0]), "tiny_data": len(tiny_payloads["data"][0])}
     results["medium_ratio"] = results["medium_service_p50_ms"] / results["medium_engine_p50_ms"]
     results["batching_ratio"] = statistics.median(on["requests_per_s"] / off["requests_per_s"] for on, off in on_off)
+    results["mixed_lengths"] = {
+        "batching_on": {k: statistics.median(on[k] for on, _ in on_off_mixed) for k in on_off_mixed[0][0]},
+        "batching_off": {k: statistics.median(off[k] for _, off in on_off_mixed) for k in on_off_mixed[0][1]},
+        "ratio": statistics.median(on["requests_per_s"] / off["requests_per_s"] for on, off in on_off_mixed),
+    }
 
     print(f"medium  service p50 {results['medium_service_p50_ms']:.1f} ms / engine p50 "
           f"{results['medium_engine_p50_ms']:.1f} ms = {results['medium_ratio']:.3f}  (target <= 1.25); engine on the "
@@ -333,6 +342,10 @@ def main(argv: list[str] | None = None) -> None:
     print(f"tiny    batching on {results['batching_on']['requests_per_s']:.0f} req/s (mean batch "
           f"{results['batching_on']['mean_batch']:.1f}) / off {results['batching_off']['requests_per_s']:.0f} req/s"
           f"; median ratio over {args.rounds} rounds {results['batching_ratio']:.2f}x  (target >= 2)")
+    mixed = results["mixed_lengths"]
+    print(f"        64 lengths (n 33..96): on {mixed['batching_on']['requests_per_s']:.0f} req/s (mean batch "
+          f"{mixed['batching_on']['mean_batch']:.1f}) / off {mixed['batching_off']['requests_per_s']:.0f} req/s; "
+          f"median ratio {mixed['ratio']:.2f}x")
     print(f"data vs b64: medium {results['medium_data_service_p50_ms']:.0f} ms vs "
           f"{results['medium_service_p50_ms']:.0f} ms ({results['body_bytes']['medium_data'] / 1e6:.1f} MB vs "
           f"{results['body_bytes']['medium_b64'] / 1e6:.1f} MB); tiny {results['tiny_data_service_p50_ms']:.2f} ms vs "

@@ -3,12 +3,16 @@
 Like Triton Inference Server's dynamic batcher: callers `submit` from asyncio; a collector task
 takes the first waiting request, gathers more for up to `max_delay_ms` (not for a large
 request: it fills the machine alone) or until `max_batch_size`, and hands them to one worker
-thread (torch releases the GIL, so the event loop keeps accepting meanwhile). Requests are compatible when they agree on everything but the
-batch dimension (device, dtype, heads, head dims, lengths, pattern, causal, scale); each
-compatible group runs as one engine call with the groups' inputs concatenated along B, so no
-padding work is done. Requests of different lengths run as separate calls in the same round:
-the structured kernels index absolute positions, so packing them along the sequence would
-need a segment mask those kernels do not take.
+thread (torch releases the GIL, so the event loop keeps accepting meanwhile). Requests are
+compatible when they agree on everything but the batch dimension (device, dtype, heads, head
+dims, lengths, pattern, causal, scale); each compatible group runs as one engine call with the
+groups' inputs concatenated along B. Small
+causal requests of different lengths (within a power of two, with the same Lk - Lq) are
+right-padded to the longest, which is exact (`BatchKey`); larger ones, and non-causal ones, run
+as separate calls per length in the same round, with no padding work. Packing along the
+sequence (a block-diagonal layout) would need a segment mask the structured kernels do not take,
+and with a dense mask instead every pair of segments is computed: on the CPU that costs more
+than padding small requests.
 
 If a batched call raises, it is split in halves and each half rerun, down to single requests, so
 one bad request fails alone and the others are answered. Running out of memory is handled the
@@ -27,6 +31,7 @@ from dataclasses import dataclass, field
 from typing import Awaitable, Callable
 
 import torch
+import torch.nn.functional as F
 
 from .attention import attention
 from .memory import PeakMemory
@@ -61,20 +66,40 @@ def _is_out_of_memory(error: BaseException) -> bool:
     )
 
 
+# q's elements up to which a causal request is small: its call costs about its fixed overhead, so
+# it may be padded to run with requests of other lengths (`BatchKey.lengths`).
+SMALL_CALL_ELEMENTS = 1 << 18
+
+
 @dataclass(frozen=True)
 class BatchKey:
-    """Everything requests must share to run in one engine call."""
+    """Everything requests must share to run in one engine call.
+
+    `lengths` is (Lq, Lk), or for a small causal request ("padded", the power-of-two bucket of Lq,
+    Lk - Lq): such requests are right-padded to the longest in their call. That is exact: a real
+    query keeps its position (Lk - Lq is shared), and every padded key lies after it, where causal
+    attention never looks; padded query rows are dropped. In a bucket the longest is under twice
+    the shortest, so padding at most quadruples a dense call's work (doubles a sparse one's), in
+    calls that cost about their fixed overhead anyway, against one call per distinct length.
+    """
 
     dtype: torch.dtype
     heads: int
     kv_heads: int
     head_dim: int
     value_dim: int
-    lq: int
-    lk: int
+    lengths: tuple
     pattern: PatternBase
     causal: bool
     scale: float
+
+    @classmethod
+    def of(cls, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: PatternBase, causal: bool,
+           scale: float) -> "BatchKey":
+        lq, lk = q.shape[2], k.shape[2]
+        paddable = causal and q.numel() <= SMALL_CALL_ELEMENTS
+        lengths = ("padded", (lq - 1).bit_length(), lk - lq) if paddable else (lq, lk)
+        return cls(q.dtype, q.shape[1], k.shape[1], q.shape[3], v.shape[3], lengths, pattern, causal, scale)
 
 
 @dataclass(frozen=True)
@@ -194,8 +219,7 @@ class Batcher:
         if self._closing or self._collector is None:
             raise ShuttingDown("the engine is shutting down")
         scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-        key = BatchKey(q.dtype, q.shape[1], k.shape[1], q.shape[3], v.shape[3], q.shape[2], k.shape[2],
-                       pattern, causal, scale)
+        key = BatchKey.of(q, k, v, pattern, causal, scale)
         loop = asyncio.get_running_loop()
         job = _Job(q, k, v, key, loop.time() + timeout_s, loop.create_future())
         try:
@@ -275,12 +299,15 @@ class Batcher:
             return [(jobs[0], error)]
 
     def _run(self, jobs: list[_Job]) -> list[Result]:
-        """One engine call over the jobs' inputs stacked along B; each job's rows split back out."""
+        """One engine call over the jobs' inputs stacked along B (right-padded to the longest when
+        their lengths differ, see `BatchKey`); each job's rows split back out."""
         started = time.perf_counter()
         key = jobs[0].key
         if self._on_batch is not None:
             self._on_batch(len(jobs))
-        q, k, v = (torch.cat(ts) if len(ts) > 1 else ts[0] for ts in zip(*((j.q, j.k, j.v) for j in jobs)))
+        lq, lk = max(j.q.shape[2] for j in jobs), max(j.k.shape[2] for j in jobs)
+        q, k, v = (torch.cat(ts) if len(ts) > 1 else ts[0] for ts in zip(*(
+            (_right_padded(j.q, lq), _right_padded(j.k, lk), _right_padded(j.v, lk)) for j in jobs)))
         if self._threads is not None:
             # Read from this thread, the queue's size is a hint, which is all this needs.
             wanted = self._threads.for_call(q.numel(), self._queue.empty())
@@ -293,9 +320,15 @@ class Batcher:
         compute_ms = (time.perf_counter() - started) * 1000
         sizes = [j.q.shape[0] for j in jobs]
         return [
-            Result(o, l, (started - j.enqueued) * 1000, compute_ms, len(jobs), memory.peak_bytes)
+            Result(o[:, :, : j.q.shape[2]], l[:, :, : j.q.shape[2]], (started - j.enqueued) * 1000, compute_ms,
+                   len(jobs), memory.peak_bytes)
             for j, o, l in zip(jobs, out.split(sizes), lse.split(sizes))
         ]
+
+
+def _right_padded(x: torch.Tensor, length: int) -> torch.Tensor:
+    """[B, H, L, D] with zero rows appended up to `length` along L."""
+    return x if x.shape[2] == length else F.pad(x, (0, 0, 0, length - x.shape[2]))
 
 
 def _settle(future: asyncio.Future, answer: Result | Exception) -> None:

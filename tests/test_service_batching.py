@@ -10,6 +10,7 @@ import torch
 
 from engine import attention, parse_pattern
 from engine.batcher import LARGE_CALL_ELEMENTS, Batcher, ClientGone, DeadlineExceeded, QueueFull, ShuttingDown, ThreadBudget
+from reference import reference_attention
 from service_support import Gate, from_json, post_in_one_wave, qkv, request_body, serve, settings
 
 SW = {"type": "sliding_window", "window": 4}
@@ -170,3 +171,48 @@ def test_thread_budget_from_settings():
     assert ThreadBudget(4).for_call(LARGE_CALL_ELEMENTS, queue_empty=False) == 3
     assert ThreadBudget(4).for_call(LARGE_CALL_ELEMENTS - 1, queue_empty=True) == 3
     assert ThreadBudget(1).shared == 1
+
+
+PADDABLE_PATTERNS = [
+    SW, STRIDED, {"type": "fixed", "block": 8, "summary": 2},
+    {"type": "union", "patterns": [SW, {"type": "strided", "stride": 7}]},
+    {"type": "per_head", "patterns": [SW, {"type": "dense"}]},
+]
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("pattern", PADDABLE_PATTERNS, ids=lambda p: p["type"])
+async def test_small_causal_requests_of_different_lengths_run_padded_in_one_call(pattern):
+    # Lq from 65 to 128 (one power-of-two bucket), Lk - Lq = 3 for all, GQA: one call, exact answers.
+    lengths = [65, 128, 90, 77, 101, 66]
+    requests = [qkv(b=1 + i % 2, h=4, hkv=2, lq=n, lk=n + 3, d=8, dv=4, seed=200 + i) for i, n in enumerate(lengths)]
+    parsed = parse_pattern(pattern)
+    async with Batcher("cpu", max_batch_size=16, max_delay_ms=500) as batcher:
+        results = await asyncio.gather(*(batcher.submit(q, k, v, parsed) for q, k, v in requests))
+    assert [r.batch_requests for r in results] == [len(lengths)] * len(lengths)
+    for (q, k, v), result in zip(requests, results):
+        ref_out, ref_lse = reference_attention(q, k, v, pattern)
+        assert result.output.shape == (q.shape[0], 4, q.shape[2], 4)
+        torch.testing.assert_close(result.output.double(), ref_out, atol=2e-5, rtol=2e-5)
+        torch.testing.assert_close(result.lse.double(), ref_lse, atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.anyio
+async def test_requests_that_padding_would_change_run_alone():
+    """Different lengths run as separate calls when padding would not be exact (not causal, or a
+    different Lk - Lq), when their lengths are over a power of two apart, or when they are large."""
+    sw = parse_pattern(SW)
+    big = LARGE_CALL_ELEMENTS // (4 * 16)  # Lq of a request too large to pad (H = 4, D = 16)
+    cases = [
+        (dict(lq=20, lk=20), dict(lq=24, lk=24), {"causal": False}),
+        (dict(lq=20, lk=20), dict(lq=24, lk=26), {}),
+        (dict(lq=20, lk=20), dict(lq=40, lk=40), {}),
+        (dict(lq=big, lk=big), dict(lq=big - 8, lk=big - 8), {}),
+    ]
+    async with Batcher("cpu", max_batch_size=16, max_delay_ms=200) as batcher:
+        for first, second, options in cases:
+            pair = [qkv(b=1, h=4, hkv=2, d=16, dv=16, seed=i, **shape) for i, shape in enumerate((first, second))]
+            results = await asyncio.gather(*(batcher.submit(q, k, v, sw, **options) for q, k, v in pair))
+            assert [r.batch_requests for r in results] == [1, 1], (first, second, options)
+            for (q, k, v), r in zip(pair, results):
+                torch.testing.assert_close(r.output, attention(q, k, v, sw, causal=options.get("causal", True)))
