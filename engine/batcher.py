@@ -6,13 +6,12 @@ request: it fills the machine alone) or until `max_batch_size`, and hands them t
 thread (torch releases the GIL, so the event loop keeps accepting meanwhile). Requests are
 compatible when they agree on everything but the batch dimension (device, dtype, heads, head
 dims, lengths, pattern, causal, scale); each compatible group runs as one engine call with the
-groups' inputs concatenated along B. Small
-causal requests of different lengths (within a power of two, with the same Lk - Lq) are
-right-padded to the longest, which is exact (`BatchKey`); larger ones, and non-causal ones, run
-as separate calls per length in the same round, with no padding work. Packing along the
-sequence (a block-diagonal layout) would need a segment mask the structured kernels do not take,
-and with a dense mask instead every pair of segments is computed: on the CPU that costs more
-than padding small requests.
+groups' inputs concatenated along B. Small causal requests of different lengths (within a power
+of two, with the same Lk - Lq) are right-padded to the longest, which is exact (`BatchKey`);
+larger ones, and non-causal ones, run as separate calls per length in the same round, with no
+padding work. Packing along the sequence (a block-diagonal layout) would need a segment mask the
+structured kernels do not take, and with a dense mask instead every pair of segments is
+computed: on the CPU that costs more than padding small requests.
 
 If a batched call raises, it is split in halves and each half rerun, down to single requests, so
 one bad request fails alone and the others are answered. Running out of memory is handled the
@@ -66,9 +65,12 @@ def _is_out_of_memory(error: BaseException) -> bool:
     )
 
 
-# q's elements up to which a causal request is small: its call costs about its fixed overhead, so
-# it may be padded to run with requests of other lengths (`BatchKey.lengths`).
+# q's elements (B*H*Lq*D) up to which a causal request is small: its call costs about its fixed
+# overhead, so it may be padded to run with requests of other lengths (`BatchKey.lengths`).
 SMALL_CALL_ELEMENTS = 1 << 18
+# q's elements from which a call is large: it fills the machine by itself, so it takes every core
+# when alone (`ThreadBudget`) and does not wait for others to batch with (that would only delay it).
+LARGE_CALL_ELEMENTS = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -126,11 +128,6 @@ class _Job:
 
 
 Compute = Callable[..., tuple[torch.Tensor, torch.Tensor]]
-
-
-# q's elements (B*H*Lq*D) from which a call is large: it fills the machine by itself, so it takes
-# every core when alone and does not wait for others to batch with (that would only delay it).
-LARGE_CALL_ELEMENTS = 1 << 20
 
 
 @dataclass(frozen=True)

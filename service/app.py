@@ -289,7 +289,7 @@ def create_app(settings: Settings | None = None, *, compute: Compute | None = No
         if encoding != "binary":
             return Response(orjson.dumps(body), media_type="application/json")
         tensors = [output, lse] if req.return_lse else [output]
-        content, headers = binary.join(orjson.dumps(body), [memoryview(t.contiguous().view(torch.uint8).numpy()) for t in tensors])
+        content, headers = binary.join(orjson.dumps(body), [t.contiguous().view(torch.uint8).numpy() for t in tensors])
         return Response(content, media_type=binary.MEDIA_TYPE, headers=headers)
 
     @app.get("/healthz")

@@ -41,8 +41,9 @@ def split(body: bytes | bytearray, header_length: str | None) -> tuple[memoryvie
     return view[:n], view[n:]
 
 
-def join(header: bytes, tensors: Sequence[bytes | memoryview]) -> tuple[bytes, dict[str, str]]:
+def join(header: bytes, tensors: Sequence) -> tuple[bytes, dict[str, str]]:
     """A binary body (the header padded with spaces, still the same JSON, to a multiple of ALIGN
-    bytes so that the tensors start aligned; then each tensor's bytes) and the headers for it."""
+    bytes so that the tensors start aligned; then the bytes of each tensor, any object with the
+    buffer protocol) and the headers for it."""
     header += b" " * (-len(header) % ALIGN)
     return b"".join([header, *tensors]), {HEADER: str(len(header))}

@@ -98,8 +98,8 @@ class Tensor(BaseModel):
         """A b64 string (or flat data list) must hold exactly the shape's values."""
         if self.binary_data_size is not None:
             if self.binary_data_size != self.nbytes:
-                raise field_error(f"{name}.binary_data_size",
-                                  f"{self.binary_data_size} bytes, but shape {self.shape} of {self.dtype} takes {self.nbytes}")
+                raise field_error(f"{name}.binary_data_size", f"{self.binary_data_size} bytes, but shape "
+                                                              f"{self.shape} of {self.dtype} takes {self.nbytes}")
         elif self.b64 is not None:
             expected = 4 * -(-self.nbytes // 3)
             if len(self.b64) != expected:
@@ -199,10 +199,12 @@ class AttentionRequest(BaseModel):
 
     def _binary_parts(self, binary: memoryview | None) -> dict[str, memoryview]:
         """Each binary tensor's bytes: the body after the JSON header, cut in the order q, k, v."""
-        sizes = {name: t.binary_data_size for name in ("q", "k", "v") if (t := getattr(self, name)).binary_data_size is not None}
+        tensors = {"q": self.q, "k": self.k, "v": self.v}
+        sizes = {name: t.binary_data_size for name, t in tensors.items() if t.binary_data_size is not None}
         if not sizes:
             if binary is not None and len(binary):
-                raise field_error("body", f"{len(binary)} bytes follow the JSON header, but no tensor has binary_data_size")
+                raise field_error("body", f"{len(binary)} bytes follow the JSON header, "
+                                          "but no tensor has binary_data_size")
             return {}
         if binary is None:
             raise field_error(f"{next(iter(sizes))}.binary_data_size", "needs a binary body: Content-Type "

@@ -9,7 +9,9 @@ import pytest
 import torch
 
 from engine import attention, parse_pattern
-from engine.batcher import LARGE_CALL_ELEMENTS, Batcher, ClientGone, DeadlineExceeded, QueueFull, ShuttingDown, ThreadBudget
+from engine.batcher import (
+    LARGE_CALL_ELEMENTS, Batcher, ClientGone, DeadlineExceeded, QueueFull, ShuttingDown, ThreadBudget,
+)
 from reference import reference_attention
 from service_support import Gate, from_json, post_in_one_wave, qkv, request_body, serve, settings
 

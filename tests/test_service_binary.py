@@ -13,7 +13,7 @@ from engine import attention
 from reference import reference_attention
 from service import binary
 from service.client import AttentionClient, raw_bytes
-from service_support import as_json, live_server, qkv, serve, settings
+from service_support import as_json, live_server, qkv, request_body, serve, settings
 
 SW = {"type": "sliding_window", "window": 5}
 
@@ -26,8 +26,8 @@ def anyio_backend():
 def header_for(tensors: dict, **extra) -> bytes:
     """A JSON header giving each of `tensors` as binary_data_size (or as the dict given)."""
     fields = {
-        name: t if isinstance(t, dict) else
-        {"shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch."), "binary_data_size": t.numel() * t.element_size()}
+        name: t if isinstance(t, dict) else {"shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch."),
+                                             "binary_data_size": t.numel() * t.element_size()}
         for name, t in tensors.items()
     }
     return json.dumps({**fields, **extra}).encode()
@@ -92,7 +92,7 @@ async def test_mixed_encodings_odd_header_length_and_3d():
 async def test_json_requests_may_ask_for_a_binary_answer():
     q, k, v = qkv(seed=5)
     async with serve(settings()) as client:
-        r = await client.post("/attention", json={"q": as_json(q), "k": as_json(k), "v": as_json(v), "encoding": "binary"})
+        r = await client.post("/attention", json={**request_body(q, k, v), "encoding": "binary"})
     assert r.status_code == 200, r.text
     _, got = read_binary(r)
     assert torch.equal(got["output"], attention(q, k, v))
@@ -113,7 +113,7 @@ def _bad_bodies():
         ("bytes left over", (good, q, k, v, v), "auto", "body"),
         ("size not the shape's", (wrong_size, q, k, v), "auto", "q.binary_data_size"),
         ("non-finite value", (good, nan_q, k, v), "auto", "q.binary_data_size"),
-        ("bytes but no binary tensor", (header_for({"q": as_json(q), "k": as_json(k), "v": as_json(v)}), q), "auto", "body"),
+        ("bytes but no binary tensor", (json.dumps(request_body(q, k, v)).encode(), q), "auto", "body"),
     ]
 
 
@@ -130,7 +130,7 @@ async def test_malformed_binary_bodies_answer_422_naming_the_field():
                               headers={"Content-Type": "application/json"})
         assert r.status_code == 422 and r.json()["error"]["field"] == "q.binary_data_size"
         # and the service is still answering correctly
-        r = await client.post("/attention", json={"q": as_json(q), "k": as_json(k), "v": as_json(v)})
+        r = await client.post("/attention", json=request_body(q, k, v))
         assert r.status_code == 200
 
 
