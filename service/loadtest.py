@@ -53,7 +53,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from engine import attention
 from engine.patterns import Dense, Pattern
 
-from .client import AsyncAttentionClient, AttentionClient, AttentionError, AttentionResult, TransportError
+from .client import AsyncAttentionClient, AttentionClient, AttentionError, AttentionResult, Encoding, TransportError
 
 CONNECTIONS_PER_CLIENT = 8
 NO_ANSWER = "transport_error"  # by_status key of requests that got no HTTP answer at all
@@ -78,7 +78,7 @@ class RequestShape(BaseModel):
     head_dim: int = Field(32, ge=1)
     v_dim: int | None = Field(None, ge=1, description="defaults to head_dim")
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
-    encoding: Literal["b64", "data"] = "b64"
+    encoding: Encoding = "b64"
     pattern: Pattern = Field(default_factory=Dense)
     causal: bool = True
     return_lse: bool = False
@@ -90,7 +90,7 @@ class RequestShape(BaseModel):
         if self.q_len > (self.k_len or self.q_len):
             raise ValueError(f"q_len: {self.q_len} exceeds k_len {self.k_len}")
         if self.dtype == "bfloat16" and self.encoding == "data":
-            raise ValueError("encoding: bfloat16 travels only as b64")
+            raise ValueError("encoding: bfloat16 travels only as b64 or binary")
         self.pattern.check_heads(self.heads)
         if not self.name:
             self.name = (
