@@ -68,6 +68,7 @@ def test_open_loop_from_the_command_line(url, tmp_path):
         "  - {weight: 3, heads: 4, q_len: 64, head_dim: 32}\n"
         "  - {weight: 1, heads: 8, kv_heads: 2, q_len: 8, k_len: 128, head_dim: 16, dtype: float16,\n"
         "     encoding: data, return_lse: true, pattern: {type: fixed, block: 16, summary: 4}}\n"
+        "  - {weight: 1, heads: 4, q_len: 48, head_dim: 16, dtype: bfloat16, encoding: binary, return_lse: true}\n"
     )
     out = tmp_path / "out"
     argv = ["--url", url, "--rate", "40", "--requests", "60", "--scenario", str(scenario), "--out", str(out)]
@@ -75,7 +76,7 @@ def test_open_loop_from_the_command_line(url, tmp_path):
     report = json.loads((out / "report.json").read_text())
     check_report(report, out)
     assert report["mode"] == "open" and report["sent"] == 60 and report["rate"] == 40
-    assert len(report["by_kind"]) == 2
+    assert len(report["by_kind"]) == 3
 
 
 def test_scenario_errors_name_the_field(tmp_path):
