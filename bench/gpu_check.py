@@ -7,6 +7,8 @@
 (b) bench.kernels on the GPU in bfloat16 for n up to 131072 against dense flash SDPA and
     compiled FlexAttention, with the 131072-token peak-memory row, the sliding-window scaling
     and the first call for a new shape; JSON (and the plot) under --out.
+(c) fixed(128, 8) with its summary piece in 1, 4 and 16 row ranges against the CPU's rule, at
+    n = 16384 and 131072: the data to choose CUDA's own rule from (engine/kernels/fixed.py).
 
 Exits 1 if any check fails or raises, 2 if CUDA is missing: it never skips a check quietly.
 Sized to finish in about 5 minutes on an H200: FlexAttention is compiled at n = 16384 and 131072
@@ -134,6 +136,19 @@ def check(device) -> tuple[int, int]:
     return passed, failed
 
 
+def fixed_ranges(device: torch.device, ns=(16384, 131072)) -> list[dict]:
+    """(c): seconds of fixed(128, 8) in bfloat16, H = 8, D = 64, per summary range count."""
+    rows = []
+    for n in ns:
+        q, k, v = bench_kernels.inputs(n, 8, 64, torch.bfloat16, device)
+        fns = {r: (lambda r=r: kernels.fixed_attention(q, k, v, block=128, summary=8, scale=0.125, ranges=r))
+               for r in (None, 1, 4, 16)}
+        for r, t in bench_kernels.rounds(fns, device, 3, 30.0, 0.05).items():
+            rows.append({"n": n, "ranges": r or "cpu rule", "seconds": min(t[1:] or t)})
+            print(f"fixed(128, 8) n={n} ranges={rows[-1]['ranges']}: {rows[-1]['seconds'] * 1000:.3f} ms", flush=True)
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python3 -m bench.gpu_check", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, required=True)
@@ -163,10 +178,11 @@ def main(argv: list[str] | None = None) -> int:
         bench_kernels.main([
             "--device", args.device, "--dtypes", "bfloat16", "--flex-dtypes", "bfloat16", "--bf16-n", "0",
             "--n", *map(str, args.n), "--flex-n", *map(str, args.flex_n), "--flex-budget", str(args.flex_budget),
-            "--masked-max-n", "16384", "--repeats", "5", "--slow", "30",
+            "--masked-max-n", "16384", "--repeats", "5", "--slow", "30", "--turn-s", "0.05",
             "--memory-n", "131072", "--scaling-n", "16384", "32768", "65536", "131072",
             "--first-call-n", "12289", "--out", str(args.out / "gpu_kernels.json"),
         ])
+        summary["fixed_ranges"] = fixed_ranges(device)
     summary["total_s"] = time.perf_counter() - started
     (args.out / "gpu_check.json").write_text(json.dumps(summary, indent=1))
     print(f"{'FAILED' if failed else 'ALL PASSED'}: {passed} passed, {failed} failed; total {summary['total_s']:.0f} s")

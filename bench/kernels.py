@@ -3,7 +3,7 @@
 Everything runs in one process and is reported as ratios to the dense causal SDPA time measured
 in the same run (the machine is shared; absolute times are noisy, ratios less so). For each n,
 dense SDPA, masked SDPA, FlexAttention and the engine take turns in rounds, after a warm-up
-round, so that all see the same background load; a turn repeats a short call for TURN_S
+round, so that all see the same background load; a turn repeats a short call for `--turn-s`
 seconds; each time is the minimum over `--repeats` rounds (a call slower than `--slow` seconds: its last round only). FlexAttention's first call
 per shape (block mask + compile) is reported separately.
 
@@ -118,18 +118,13 @@ def masked_sdpa(pattern, n: int, device: torch.device):
     return lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 
-# A callable's turn in a round lasts at least this long (back-to-back calls, the fastest counts):
-# a single short call right after another callable's long one runs 5-25% slower on this VM than
-# the same call repeated (clocks and caches still cold), which would bias every ratio against the
-# short calls.
-TURN_S = 0.3
-
-
-def rounds(fns: dict, device: torch.device, repeats: int, slow: float) -> dict:
+def rounds(fns: dict, device: torch.device, repeats: int, slow: float, turn_s: float) -> dict:
     """{key: [seconds per round]}: every callable takes a turn per round, in turn, so that all see
-    the same background load; a turn repeats the call for TURN_S and keeps its fastest. Round 0
-    is the warm-up (FlexAttention compiles in it, one call); a callable whose warm-up took over
-    `slow` seconds runs again in the last round only."""
+    the same background load; a turn repeats the call for `turn_s` seconds and keeps its fastest
+    (a single short call right after another callable's long one ran 5-25% slower on the 2-core
+    VM than the same call repeated, clocks and caches still cold, which would bias every ratio
+    against the short calls). Round 0 is the warm-up (FlexAttention compiles in it, one call); a
+    callable whose warm-up took over `slow` seconds runs again in the last round only."""
     def once(fn) -> float:
         sync(device)
         start = time.perf_counter()
@@ -138,7 +133,7 @@ def rounds(fns: dict, device: torch.device, repeats: int, slow: float) -> dict:
         return time.perf_counter() - start
 
     def turn(fn) -> float:
-        best, ends = once(fn), time.perf_counter() + TURN_S
+        best, ends = once(fn), time.perf_counter() + turn_s
         while time.perf_counter() < ends:
             best = min(best, once(fn))
         return best
@@ -180,7 +175,7 @@ def bench_table(args, device: torch.device) -> list[dict]:
                 sync(device)
                 flex_first[name] = time.perf_counter() - start
                 fns["flex", name] = lambda run=run: run(q, k, v)
-            times = rounds(fns, device, args.repeats, args.slow)
+            times = rounds(fns, device, args.repeats, args.slow, args.turn_s)
             best = {key: min(t[1:] or t) for key, t in times.items()}
             dense_pairs = args.heads * n * (n + 1) // 2
             for name, pattern in patterns.items():
@@ -274,7 +269,7 @@ def bench_dtype_ratio(args, device: torch.device) -> dict:
         pattern = parse_pattern(PATTERNS[name])
         for dtype, (q, k, v) in (("float32", fp32), ("bfloat16", bf16)):
             fns[name, dtype] = lambda q=q, k=k, v=v, pattern=pattern: attention(q, k, v, pattern)
-    best = {key: min(t[1:] or t) for key, t in rounds(fns, device, args.repeats, args.slow).items()}
+    best = {key: min(t[1:] or t) for key, t in rounds(fns, device, args.repeats, args.slow, args.turn_s).items()}
     return {"n": n, **{LABELS[name]: best[name, "bfloat16"] / best[name, "float32"] for name in args.patterns}}
 
 
@@ -286,7 +281,7 @@ def bench_scaling(args, device: torch.device) -> dict:
     for n in sorted(args.scaling_n):
         q, k, v = inputs(n, args.heads, args.dim, torch.float32, device)
         fns[n] = lambda q=q, k=k, v=v: attention(q, k, v, pattern)
-    times = {n: min(t[1:] or t) for n, t in rounds(fns, device, args.repeats, args.slow).items()}
+    times = {n: min(t[1:] or t) for n, t in rounds(fns, device, args.repeats, args.slow, args.turn_s).items()}
     ns = sorted(times)
     return {"pattern": LABELS["sliding_window"], "seconds": {str(n): times[n] for n in ns},
             "growth_per_doubling": [times[b] / times[a] for a, b in zip(ns, ns[1:])]}
@@ -358,6 +353,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--dim", type=int, default=64)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--slow", type=float, default=4.0, help="time calls slower than this once")
+    p.add_argument("--turn-s", type=float, default=0.3, help="seconds a short call repeats in its turn of a round")
     p.add_argument("--no-flex", action="store_true")
     p.add_argument("--flex-n", type=int, nargs="*", default=[4096, 16384], help="n at which FlexAttention runs")
     p.add_argument("--flex-dtypes", nargs="+", default=["float32"])

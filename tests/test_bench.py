@@ -29,7 +29,7 @@ def test_flex_baseline_attends_the_contract_keys(name):
 
 def test_tiny_benchmark_run_writes_json_and_plot(tmp_path):
     out = tmp_path / "k.json"
-    bench_kernels.main(["--n", "512", "--heads", "2", "--repeats", "1", "--no-flex", "--bf16-n", "512",
+    bench_kernels.main(["--n", "512", "--heads", "2", "--repeats", "1", "--turn-s", "0.01", "--no-flex", "--bf16-n", "512",
                         "--memory-n", "1024", "--scaling-n", "512", "1024", "--first-call-n", "300",
                         "--masked-max-n", "512", "--out", str(out)])
     result = json.loads(out.read_text())

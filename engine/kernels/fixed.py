@@ -19,7 +19,8 @@ from .merge import merge_to
 
 # Row ranges of the summary piece: the masked work is (ranges + 1) / (2 * ranges) of a full
 # rectangle; more ranges mean more, smaller calls. One range per 32 blocks, 4 to 16, was within
-# noise of the best of 2..32 ranges at n = 16384 (128 blocks) and 65536 (512 blocks).
+# noise of the best of 2..32 ranges at n = 16384 (128 blocks) and 65536 (512 blocks) on the CPU;
+# `bench/gpu_check.py` times other counts on CUDA, where this rule is not measured yet.
 MIN_RANGES, MAX_RANGES, BLOCKS_PER_RANGE = 4, 16, 32
 
 
@@ -31,7 +32,8 @@ def summary_mask(b0: int, b1: int, c: int, dtype: torch.dtype, device: torch.dev
 
 
 def fixed_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, block: int, summary: int, scale: float
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, block: int, summary: int, scale: float,
+    ranges: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Causal fixed-pattern attention, queries bottom-right aligned; (out float32, lse)."""
     b, h, lq, _ = q.shape
@@ -62,7 +64,7 @@ def fixed_attention(
     if lo < blocks:
         ks, vs = gathered(k), gathered(v)
         q_heads = qb.transpose(1, 2)  # [B*H, l, nq, D]: position in block as heads, block as rows
-        ranges = min(MAX_RANGES, max(MIN_RANGES, (blocks - lo) // BLOCKS_PER_RANGE))
+        ranges = ranges or min(MAX_RANGES, max(MIN_RANGES, (blocks - lo) // BLOCKS_PER_RANGE))
         step = -(-(blocks - lo) // ranges)
         for b0 in range(lo, blocks, step):
             b1 = min(blocks, b0 + step)
