@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import math
 import os
 from functools import cached_property
+from pathlib import Path
 from typing import Annotated, Literal
 
 import torch
@@ -43,8 +45,9 @@ class Settings(BaseSettings):
     shutdown_timeout_s: int = Field(8, ge=1, description="after draining: the most time in-flight requests get")
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
     torch_threads: int = Field(
-        0, ge=0, description="torch intra-op threads of every engine call; 0: every usable core for a large call "
-        "with nothing queued, one fewer otherwise (kept for the event loop)",
+        0, ge=0, description="torch intra-op threads of every engine call; 0: every usable core (the affinity, "
+        "capped by a container's CPU limit) for a large call with nothing queued, one fewer otherwise (kept "
+        "for the event loop)",
     )
 
     @field_validator("api_keys", "cors_origins", mode="before")
@@ -61,7 +64,7 @@ class Settings(BaseSettings):
         engine call waits on its thread team's barrier."""
         if self.torch_threads:
             return ThreadBudget(self.torch_threads, reserved=0)
-        return ThreadBudget(len(os.sched_getaffinity(0)))
+        return ThreadBudget(usable_cores())
 
     @cached_property
     def torch_device(self) -> torch.device:
@@ -71,3 +74,27 @@ class Settings(BaseSettings):
         if self.device == "cuda" and not torch.cuda.is_available():
             raise ValueError("ATTN_DEVICE=cuda but torch sees no CUDA device")
         return torch.device(self.device)
+
+
+def usable_cores(cgroup: Path = Path("/sys/fs/cgroup")) -> int:
+    """The CPUs this process may use: its affinity, capped by its cgroup's CPU quota. A container
+    sees every core of its host; its CPU limit shows only as the quota (cgroup v2 `cpu.max`, v1
+    `cpu.cfs_quota_us` / `cpu.cfs_period_us`), and threads beyond it only wait on each other."""
+    cores = len(os.sched_getaffinity(0))
+    quota = _cpu_quota(cgroup)
+    return max(1, min(cores, math.ceil(quota))) if quota else cores
+
+
+def _cpu_quota(cgroup: Path) -> float | None:
+    """The quota in CPUs, or None when there is none (or no cgroup file to read it from)."""
+    try:
+        limit, period = (cgroup / "cpu.max").read_text().split()[:2]  # v2: "max 100000" or "200000 100000"
+    except (OSError, ValueError):
+        try:  # v1
+            limit = (cgroup / "cpu" / "cpu.cfs_quota_us").read_text().strip()  # -1: none
+            period = (cgroup / "cpu" / "cpu.cfs_period_us").read_text().strip()
+        except OSError:
+            return None
+    if limit in ("max", "-1") or not limit.isdigit() or not period.isdigit() or int(period) == 0:
+        return None
+    return int(limit) / int(period)

@@ -109,7 +109,7 @@ def test_cpu_stack_is_replicas_behind_one_published_port(compose_binary):
     assert service["restart"] == "unless-stopped"
     limits = service["deploy"]["resources"]["limits"]
     assert limits["cpus"] == 2 and int(limits["memory"]) == 4 * 2**30
-    assert service["environment"]["ATTN_TORCH_THREADS"] == "1"  # ATTN_CPUS - 1: one core for the event loop
+    assert service["environment"]["ATTN_TORCH_THREADS"] == "0"  # sized from the CPU limit (usable_cores)
 
     assert [(p["target"], p["published"]) for p in lb["ports"]] == [(8080, "8080")]
     assert lb["depends_on"]["service"]["condition"] == "service_healthy"

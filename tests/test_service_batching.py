@@ -13,6 +13,7 @@ from engine.batcher import (
     LARGE_CALL_ELEMENTS, Batcher, ClientGone, DeadlineExceeded, QueueFull, ShuttingDown, ThreadBudget,
 )
 from reference import reference_attention
+from service.settings import usable_cores
 from service_support import Gate, from_json, post_in_one_wave, qkv, request_body, serve, settings
 
 SW = {"type": "sliding_window", "window": 4}
@@ -218,3 +219,21 @@ async def test_requests_that_padding_would_change_run_alone():
             assert [r.batch_requests for r in results] == [1, 1], (first, second, options)
             for (q, k, v), r in zip(pair, results):
                 torch.testing.assert_close(r.output, attention(q, k, v, sw, causal=options.get("causal", True)))
+
+
+@pytest.mark.parametrize("files, cpus", [
+    ({"cpu.max": "max 100000\n"}, None),  # cgroup v2, no limit
+    ({"cpu.max": "100000 100000\n"}, 1),
+    ({"cpu.max": "50000 100000\n"}, 1),  # half a CPU still gets one thread
+    ({"cpu/cpu.cfs_quota_us": "-1\n", "cpu/cpu.cfs_period_us": "100000\n"}, None),  # cgroup v1, no limit
+    ({"cpu/cpu.cfs_quota_us": "100000\n", "cpu/cpu.cfs_period_us": "100000\n"}, 1),
+    ({}, None),  # no cgroup files at all
+])
+def test_usable_cores_honours_a_container_cpu_limit(tmp_path, files, cpus):
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    affinity = len(os.sched_getaffinity(0))
+    assert usable_cores(tmp_path) == (affinity if cpus is None else min(affinity, cpus))
+    (tmp_path / "cpu.max").write_text(f"{(affinity + 1) * 100000} 100000\n")  # a limit above the affinity
+    assert usable_cores(tmp_path) == affinity
