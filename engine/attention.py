@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -69,6 +70,7 @@ def attention(
     return (out, lse) if return_lse else out
 
 
+@functools.lru_cache(maxsize=4096)
 def backend_for(pattern: PatternBase, heads: int, lq: int, lk: int, causal: bool) -> str:
     """The kernels a call would use, e.g. 'band' or 'sdpa,strided' for per_head groups."""
     return ",".join(dict.fromkeys(plan(p, lq, lk, causal).backend for p, _ in head_groups(pattern, heads)))

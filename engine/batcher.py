@@ -32,7 +32,7 @@ from typing import Awaitable, Callable
 import torch
 import torch.nn.functional as F
 
-from .attention import attention
+from .attention import attention, backend_for
 from .memory import PeakMemory
 from .patterns import PatternBase
 
@@ -106,7 +106,8 @@ class BatchKey:
 
 @dataclass(frozen=True)
 class Result:
-    """One request's answer: its own rows of the output and lse, and how the call went."""
+    """One request's answer: its own rows of the output and lse, and how the call went (its
+    kernels are those of the call's shape, which padding may have lengthened)."""
 
     output: torch.Tensor
     lse: torch.Tensor
@@ -114,6 +115,7 @@ class Result:
     compute_ms: float
     batch_requests: int
     peak_bytes: int
+    backend: str
 
 
 @dataclass(eq=False)
@@ -316,9 +318,10 @@ class Batcher:
         out, lse = out.cpu(), lse.cpu()
         compute_ms = (time.perf_counter() - started) * 1000
         sizes = [j.q.shape[0] for j in jobs]
+        backend = backend_for(key.pattern, q.shape[1], lq, lk, key.causal)
         return [
             Result(o[:, :, : j.q.shape[2]], l[:, :, : j.q.shape[2]], (started - j.enqueued) * 1000, compute_ms,
-                   len(jobs), memory.peak_bytes)
+                   len(jobs), memory.peak_bytes, backend)
             for j, o, l in zip(jobs, out.split(sizes), lse.split(sizes))
         ]
 

@@ -13,7 +13,7 @@ import math
 import threading
 import time
 from contextlib import asynccontextmanager
-from functools import lru_cache, partial
+from functools import partial
 from typing import Annotated, AsyncIterator
 
 import orjson
@@ -25,9 +25,8 @@ from fastapi.openapi.utils import get_openapi
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import ValidationError
 
-from engine.attention import backend_for
 from engine.batcher import Batcher, Compute, DeadlineExceeded
-from engine.patterns import PATTERN_CATALOG, PatternBase, attended_pairs, parse_pattern
+from engine.patterns import PATTERN_CATALOG, attended_pairs, parse_pattern
 from engine.picture import mask_png
 
 from . import binary, errors
@@ -149,14 +148,6 @@ def _disconnect(request: Request):
     return wait
 
 
-@lru_cache(maxsize=4096)
-def _backend(pattern: PatternBase, heads: int, lq: int, lk: int, causal: bool) -> str:
-    return backend_for(pattern, heads, lq, lk, causal)
-
-
-def _work(pattern: PatternBase, b: int, h: int, lq: int, lk: int, causal: bool) -> tuple[int, str]:
-    """The request's attended pairs and the kernels it runs on, for `meta`."""
-    return attended_pairs(pattern, b, h, lq, lk, causal), _backend(pattern, h, lq, lk, causal)
 
 
 def _is_binary(request: Request) -> bool:
@@ -245,12 +236,12 @@ def create_app(settings: Settings | None = None, *, compute: Compute | None = No
         arrived = request.state.arrived
         assert service.batcher is not None
         try:
-            result, (pairs, backend) = await asyncio.gather(
+            result, pairs = await asyncio.gather(
                 service.batcher.submit(
                     q, k, v, req.pattern, causal=req.causal, scale=req.scale,
                     timeout_s=timeout_ms / 1000 - (time.perf_counter() - arrived), client_gone=_disconnect(request),
                 ),
-                run_in_threadpool(_work, req.pattern, b, h, lq, lk, req.causal),
+                run_in_threadpool(attended_pairs, req.pattern, b, h, lq, lk, req.causal),
             )
         except ValueError as e:  # the engine's own checks name the field ("k: ...")
             raise ApiError(422, str(e).partition(":")[0], str(e)) from None
@@ -270,7 +261,7 @@ def create_app(settings: Settings | None = None, *, compute: Compute | None = No
             meta=Meta(
                 request_id=request.state.request_id,
                 device=str(service.device),
-                backend=backend,
+                backend=result.backend,
                 pattern=req.pattern.describe(),
                 batch=BatchInfo(requests=result.batch_requests),
                 timing_ms=Timing(queue=result.queue_ms, compute=result.compute_ms,

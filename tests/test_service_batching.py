@@ -237,3 +237,16 @@ def test_usable_cores_honours_a_container_cpu_limit(tmp_path, files, cpus):
     assert usable_cores(tmp_path) == (affinity if cpus is None else min(affinity, cpus))
     (tmp_path / "cpu.max").write_text(f"{(affinity + 1) * 100000} 100000\n")  # a limit above the affinity
     assert usable_cores(tmp_path) == affinity
+
+
+@pytest.mark.anyio
+async def test_the_backend_reported_is_that_of_the_padded_call():
+    # Alone, Lk = 65 <= window 70 is dense ("sdpa"); padded to 100 with the other it runs on the band.
+    window = parse_pattern({"type": "sliding_window", "window": 70})
+    pair = [qkv(b=1, h=2, hkv=2, lq=n, lk=n, d=8, dv=8, seed=n) for n in (65, 100)]
+    async with Batcher("cpu", max_batch_size=4, max_delay_ms=500) as batcher:
+        results = await asyncio.gather(*(batcher.submit(q, k, v, window) for q, k, v in pair))
+    assert [r.batch_requests for r in results] == [2, 2]
+    assert [r.backend for r in results] == ["band", "band"]
+    for (q, k, v), r in zip(pair, results):
+        torch.testing.assert_close(r.output, attention(q, k, v, window))
