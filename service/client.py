@@ -8,8 +8,8 @@
 Inputs are numpy arrays or torch tensors (float32, float16, and bfloat16 as torch tensors);
 they travel as base64 of their little-endian bytes unless `encoding="data"` asks for JSON
 lists or `encoding="binary"` for raw bytes after a JSON header (`service.binary`, the fastest
-for large tensors). 429 and 503 answers are retried after their Retry-After, a bounded number of times;
-every other failure raises an `AttentionError` subclass carrying the service's message.
+for large tensors). 429 and 503 answers are retried after their Retry-After, a bounded number
+of times; every other failure raises an `AttentionError` subclass carrying the service's message.
 """
 
 from __future__ import annotations

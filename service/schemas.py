@@ -74,7 +74,7 @@ class Tensor(BaseModel):
         if [self.data, self.b64, self.binary_data_size].count(None) != 2:
             raise field_error("data", "give exactly one of data, b64 or binary_data_size")
         if self.dtype == "bfloat16" and self.data is not None:
-            raise field_error("data", "bfloat16 is accepted only as b64")
+            raise field_error("data", "bfloat16 is accepted only as b64 or binary_data_size")
         return self
 
     @property
@@ -95,7 +95,7 @@ class Tensor(BaseModel):
         return "b64" if self.b64 is not None else "data" if self.data is not None else "binary"
 
     def check_length(self, name: str) -> None:
-        """A b64 string (or flat data list) must hold exactly the shape's values."""
+        """A b64 string, binary_data_size or flat data list must hold exactly the shape's values."""
         if self.binary_data_size is not None:
             if self.binary_data_size != self.nbytes:
                 raise field_error(f"{name}.binary_data_size", f"{self.binary_data_size} bytes, but shape "
