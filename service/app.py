@@ -235,13 +235,17 @@ def create_app(settings: Settings | None = None, *, compute: Compute | None = No
         timeout_ms = min(req.timeout_ms or settings.request_timeout_ms, settings.request_timeout_ms)
         arrived = request.state.arrived
         assert service.batcher is not None
+        # Counted in a thread (for a union with `fixed` the count is O(Lq x span) work), before the
+        # engine sees the request: no request may hold the engine for longer than the limit allows.
+        pairs = await run_in_threadpool(attended_pairs, req.pattern, b, h, lq, lk, req.causal)
+        if pairs > settings.pairs_limit:
+            raise ApiError(413, "pattern", f"pattern: the request attends {pairs} (query, key) pairs over its "
+                                           f"batch and heads, over the limit of {settings.pairs_limit} "
+                                           "(ATTN_MAX_PAIRS_PER_REQUEST)")
         try:
-            result, pairs = await asyncio.gather(
-                service.batcher.submit(
-                    q, k, v, req.pattern, causal=req.causal, scale=req.scale,
-                    timeout_s=timeout_ms / 1000 - (time.perf_counter() - arrived), client_gone=_disconnect(request),
-                ),
-                run_in_threadpool(attended_pairs, req.pattern, b, h, lq, lk, req.causal),
+            result = await service.batcher.submit(
+                q, k, v, req.pattern, causal=req.causal, scale=req.scale,
+                timeout_s=timeout_ms / 1000 - (time.perf_counter() - arrived), client_gone=_disconnect(request),
             )
         except ValueError as e:  # the engine's own checks name the field ("k: ...")
             raise ApiError(422, str(e).partition(":")[0], str(e)) from None

@@ -29,6 +29,10 @@ class Settings(BaseSettings):
     max_tokens_per_request: int = Field(1 << 20, ge=1, description="B * Lk (key positions over the batch)")
     max_tensor_elements: int = Field(1 << 27, ge=1, description="elements in any of q, k, v or the output")
     max_heads: int = Field(1024, ge=1, description="query heads H of one request")
+    max_pairs_per_request: int | None = Field(
+        None, ge=1, description="attended (query, key) pairs over the batch and heads, the work one request asks "
+        "for; unset: 2^35 on the CPU (~50 s of dense attention on 2 cores), 2^42 on CUDA",
+    )
     max_body_bytes: int = Field(256 << 20, ge=1)
     body_timeout_s: float = Field(60.0, gt=0, description="the whole body must arrive within this, else 408")
     max_header_bytes: int = Field(16384, ge=1024, description="request line and headers in all; larger: 431")
@@ -65,6 +69,11 @@ class Settings(BaseSettings):
         if self.torch_threads:
             return ThreadBudget(self.torch_threads, reserved=0)
         return ThreadBudget(usable_cores())
+
+    @cached_property
+    def pairs_limit(self) -> int:
+        """`max_pairs_per_request`, or the device's default: one request may not hold the engine for long."""
+        return self.max_pairs_per_request or (1 << 42 if self.torch_device.type == "cuda" else 1 << 35)
 
     @cached_property
     def torch_device(self) -> torch.device:
