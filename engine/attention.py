@@ -81,15 +81,19 @@ def run_heads(q, k, v, pattern: PatternBase, *, causal: bool, scale: float):
     b, h, lq, _ = q.shape
     hkv, lk, dv = k.shape[1], k.shape[2], v.shape[3]
     groups = head_groups(pattern, h)
-    out = torch.empty(b, h, lq, dv, dtype=torch.float32, device=q.device)
-    lse = torch.empty(b, h, lq, dtype=torch.float32, device=q.device)
+    if len(groups) > 1:  # the heads' results are gathered here; one group's are returned as they are
+        out = torch.empty(b, h, lq, dv, dtype=torch.float32, device=q.device)
+        lse = torch.empty(b, h, lq, dtype=torch.float32, device=q.device)
     for single, heads in groups:
-        idx = torch.tensor(heads, device=q.device)
-        kv_idx = idx // (h // hkv)
-        qs = q if len(heads) == h else q.index_select(1, idx)
-        same_kv = hkv == h and len(heads) == h
-        ks = k if same_kv else k.index_select(1, kv_idx)
-        vs = v if same_kv else v.index_select(1, kv_idx)
+        # per_head's groups are usually ranges of heads: views of them, not copies.
+        contiguous = heads[-1] - heads[0] == len(heads) - 1
+        idx = slice(heads[0], heads[-1] + 1) if contiguous else torch.tensor(heads, device=q.device)
+        qs = q[:, idx] if contiguous else q.index_select(1, idx)
+        if hkv == h:
+            ks, vs = (x[:, idx] if contiguous else x.index_select(1, idx) for x in (k, v))
+        else:  # grouped-query: query head i reads key/value head i // (H / Hkv)
+            kv_idx = torch.tensor(heads, device=q.device) // (h // hkv)
+            ks, vs = k.index_select(1, kv_idx), v.index_select(1, kv_idx)
         o, l = plan(single, lq, lk, causal)(qs, ks, vs, scale)
         if len(groups) == 1:
             return o, l
