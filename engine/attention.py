@@ -76,26 +76,59 @@ def backend_for(pattern: PatternBase, heads: int, lq: int, lk: int, causal: bool
     return ",".join(dict.fromkeys(plan(p, lq, lk, causal).backend for p, _ in head_groups(pattern, heads)))
 
 
+# Grouped-query attention whose key/value heads, repeated for every query head, would take more
+# than this many bytes runs one key/value head at a time, on stride-0 views of it: the kernels
+# then copy at most one key/value head's repeats (the dense kernel none), not all of them.
+GQA_REPEAT_BYTES = 1 << 26
+
+
 def run_heads(q, k, v, pattern: PatternBase, *, causal: bool, scale: float):
     """Run each group of heads that shares a pattern on its plan; GQA keys shared by index."""
     b, h, lq, _ = q.shape
-    hkv, lk, dv = k.shape[1], k.shape[2], v.shape[3]
-    groups = head_groups(pattern, h)
-    if len(groups) > 1:  # the heads' results are gathered here; one group's are returned as they are
+    lk, dv = k.shape[2], v.shape[3]
+    runs = [(single, run) for single, heads in head_groups(pattern, h) for run in _head_runs(heads, q, k)]
+    if len(runs) > 1:  # the runs' results are gathered here; a single run's are returned as they are
         out = torch.empty(b, h, lq, dv, dtype=torch.float32, device=q.device)
         lse = torch.empty(b, h, lq, dtype=torch.float32, device=q.device)
-    for single, heads in groups:
-        # per_head's groups are usually ranges of heads: views of them, not copies.
-        contiguous = heads[-1] - heads[0] == len(heads) - 1
-        idx = slice(heads[0], heads[-1] + 1) if contiguous else torch.tensor(heads, device=q.device)
-        qs = q[:, idx] if contiguous else q.index_select(1, idx)
-        if hkv == h:
-            ks, vs = (x[:, idx] if contiguous else x.index_select(1, idx) for x in (k, v))
-        else:  # grouped-query: query head i reads key/value head i // (H / Hkv)
-            kv_idx = torch.tensor(heads, device=q.device) // (h // hkv)
-            ks, vs = k.index_select(1, kv_idx), v.index_select(1, kv_idx)
+    for single, heads in runs:
+        qs, ks, vs, idx = _heads_of(heads, q, k, v)
         o, l = plan(single, lq, lk, causal)(qs, ks, vs, scale)
-        if len(groups) == 1:
+        if len(runs) == 1:
             return o, l
         out[:, idx], lse[:, idx] = o.float(), l
+        del o, l  # before the next run allocates its own
     return out, lse
+
+
+def _head_runs(heads: list[int], q: torch.Tensor, k: torch.Tensor) -> list[list[int]]:
+    """The query heads of one pattern, cut at key/value head boundaries when repeating the
+    key/value heads for all of them at once would take more than GQA_REPEAT_BYTES."""
+    group = q.shape[1] // k.shape[1]
+    if group == 1 or len(heads) * k[:, :1].numel() * k.element_size() * 2 <= GQA_REPEAT_BYTES:
+        return [heads]
+    runs: dict[int, list[int]] = {}
+    for head in heads:
+        runs.setdefault(head // group, []).append(head)
+    return list(runs.values())
+
+
+def _heads_of(heads: list[int], q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+    """(q, k, v, index) for these query heads: views where the heads are a range (per_head's
+    groups usually are) or share one key/value head, copies by index otherwise."""
+    h, hkv = q.shape[1], k.shape[1]
+    group = h // hkv
+    contiguous = heads[-1] - heads[0] == len(heads) - 1
+    idx = slice(heads[0], heads[-1] + 1) if contiguous else torch.tensor(heads, device=q.device)
+    qs = q[:, idx] if contiguous else q.index_select(1, idx)
+    kv_heads = sorted({head // group for head in heads})
+    if group == 1:
+        ks, vs = (x[:, idx] if contiguous else x.index_select(1, idx) for x in (k, v))
+    elif len(kv_heads) == 1:  # one key/value head for all: a stride-0 view (the CPU kernels take it)
+        j = kv_heads[0]
+        ks, vs = (x[:, j : j + 1].expand(-1, len(heads), -1, -1) for x in (k, v))
+        if q.device.type != "cpu":  # untried on the CUDA kernels: one key/value head's repeats
+            ks, vs = ks.contiguous(), vs.contiguous()
+    else:  # query head i reads key/value head i // (H / Hkv)
+        kv_idx = torch.tensor(heads, device=q.device) // group
+        ks, vs = k.index_select(1, kv_idx), v.index_select(1, kv_idx)
+    return qs, ks, vs, idx

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import importlib
+
+import pytest
 import torch
 
 from engine import attention
@@ -45,3 +48,20 @@ def test_peak_memory_counts_new_storages_only():
         z = torch.empty(10)  # after y freed: the peak stays at y's size
     assert mem.peak_bytes == 1000 * 1000 * 4
     assert z.numel() == 10
+
+
+@pytest.mark.parametrize("pattern", [{"type": "dense"}, {"type": "sliding_window", "window": 64}])
+def test_grouped_query_heads_do_not_repeat_every_key_value_head_at_once(monkeypatch, pattern):
+    """H = 8 over Hkv = 2: all key/value heads repeated for the 8 query heads (the path under
+    GQA_REPEAT_BYTES) against one key/value head at a time; the same answer, less memory."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, h, 4096, 64, generator=g) for h in (8, 2, 2))
+    peaks, outs = [], []
+    for limit in (1 << 62, 0):
+        monkeypatch.setattr(importlib.import_module("engine.attention"), "GQA_REPEAT_BYTES", limit)
+        with PeakMemory("cpu") as mem:
+            outs.append(attention(q, k, v, pattern))
+        peaks.append(mem.peak_bytes)
+    torch.testing.assert_close(outs[0], outs[1])
+    repeated = 2 * 8 * 4096 * 64 * 4  # k and v repeated for 8 heads, float32
+    assert peaks[1] <= peaks[0] - repeated / 2, peaks

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
 
@@ -94,3 +96,11 @@ def test_custom_scale():
     out = attention(q, k, v, ST(3), scale=0.7)
     ref_out, _ = reference_attention(q, k, v, ST(3), scale=0.7)
     torch.testing.assert_close(out.double(), ref_out, atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize("shape", ["gqa_dv", "mqa", "lq_much_lt_lk"])
+@pytest.mark.parametrize("pattern", PATTERNS.values(), ids=PATTERNS.keys())
+def test_grouped_query_heads_one_key_value_head_at_a_time(monkeypatch, pattern, shape):
+    """Past GQA_REPEAT_BYTES (0 here) the query heads run per key/value head on stride-0 views."""
+    monkeypatch.setattr(importlib.import_module("engine.attention"), "GQA_REPEAT_BYTES", 0)
+    _check(pattern, SHAPES[shape], True, torch.float32)
