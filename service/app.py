@@ -26,7 +26,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import ValidationError
 
 from engine.batcher import Batcher, Compute, DeadlineExceeded
-from engine.patterns import PATTERN_CATALOG, attended_pairs, parse_pattern
+from engine.patterns import PATTERN_CATALOG, attended_pairs, attended_pairs_bound, parse_pattern
 from engine.picture import mask_png
 
 from . import binary, errors
@@ -235,17 +235,22 @@ def create_app(settings: Settings | None = None, *, compute: Compute | None = No
         timeout_ms = min(req.timeout_ms or settings.request_timeout_ms, settings.request_timeout_ms)
         arrived = request.state.arrived
         assert service.batcher is not None
-        # Counted in a thread (for a union with `fixed` the count is O(Lq x span) work), before the
-        # engine sees the request: no request may hold the engine for longer than the limit allows.
-        pairs = await run_in_threadpool(attended_pairs, req.pattern, b, h, lq, lk, req.causal)
-        if pairs > settings.pairs_limit:
-            raise ApiError(413, "pattern", f"pattern: the request attends {pairs} (query, key) pairs over its "
-                                           f"batch and heads, over the limit of {settings.pairs_limit} "
-                                           "(ATTN_MAX_PAIRS_PER_REQUEST)")
+        # The work limit: no request may hold the engine for longer than it allows. A cheap bound
+        # decides almost always; near the limit the exact count (in a thread: for a union with
+        # `fixed` it is O(Lq x span) work) does, since a union's overlapping members may keep it under.
+        if attended_pairs_bound(req.pattern, b, h, lq, lk, req.causal) > settings.pairs_limit:
+            pairs = await run_in_threadpool(attended_pairs, req.pattern, b, h, lq, lk, req.causal)
+            if pairs > settings.pairs_limit:
+                raise ApiError(413, "pattern", f"pattern: the request attends {pairs} (query, key) pairs over its "
+                                               f"batch and heads, over the limit of {settings.pairs_limit} "
+                                               "(ATTN_MAX_PAIRS_PER_REQUEST)")
         try:
-            result = await service.batcher.submit(
-                q, k, v, req.pattern, causal=req.causal, scale=req.scale,
-                timeout_s=timeout_ms / 1000 - (time.perf_counter() - arrived), client_gone=_disconnect(request),
+            result, pairs = await asyncio.gather(  # the exact count, for `meta`, beside the engine call
+                service.batcher.submit(
+                    q, k, v, req.pattern, causal=req.causal, scale=req.scale,
+                    timeout_s=timeout_ms / 1000 - (time.perf_counter() - arrived), client_gone=_disconnect(request),
+                ),
+                run_in_threadpool(attended_pairs, req.pattern, b, h, lq, lk, req.causal),
             )
         except ValueError as e:  # the engine's own checks name the field ("k: ...")
             raise ApiError(422, str(e).partition(":")[0], str(e)) from None

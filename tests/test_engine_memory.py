@@ -65,3 +65,17 @@ def test_grouped_query_heads_do_not_repeat_every_key_value_head_at_once(monkeypa
     torch.testing.assert_close(outs[0], outs[1])
     repeated = 2 * 8 * 4096 * 64 * 4  # k and v repeated for 8 heads, float32
     assert peaks[1] <= peaks[0] - repeated / 2, peaks
+
+
+def test_multi_query_dense_and_band_never_repeat_the_key_value_head():
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, h, 4096, 64, generator=g) for h in (8, 1, 1))
+    output = 8 * 4096 * 64 * 4
+    repeated = 2 * output  # k and v repeated for the 8 query heads
+    for pattern in ({"type": "dense"}, {"type": "sliding_window", "window": 64}):
+        with PeakMemory("cpu") as mem:
+            out = attention(q, k, v, pattern)
+        # the band's pieces and their concatenation take two outputs; a repeat would add `repeated`
+        assert mem.peak_bytes < 2 * output + repeated / 2, (pattern, mem.peak_bytes)
+        expected = attention(q, k.expand(-1, 8, -1, -1).contiguous(), v.expand(-1, 8, -1, -1).contiguous(), pattern)
+        torch.testing.assert_close(out, expected)

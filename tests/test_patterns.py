@@ -6,7 +6,7 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from engine.patterns import attended_pairs, parse_pattern
+from engine.patterns import attended_pairs, attended_pairs_bound, parse_pattern
 from reference import mask
 
 SW = lambda w: {"type": "sliding_window", "window": w}  # noqa: E731
@@ -93,3 +93,15 @@ def test_patterns_are_hashable_values():
     assert parse_pattern(None).type == "dense"
     assert parse_pattern(a) is a
     assert torch.equal(a.allows(torch.tensor([10]), torch.tensor([7])), torch.tensor([True]))
+
+
+@pytest.mark.parametrize("pattern", COUNTED, ids=[str(i) for i in range(len(COUNTED))])
+@pytest.mark.parametrize("causal", [True, False])
+def test_attended_pairs_bound_is_an_upper_bound_and_exact_without_unions(pattern, causal):
+    parsed = parse_pattern(pattern)
+    for lq, lk in [(1, 1), (50, 50), (33, 120), (128, 128)]:
+        exact = attended_pairs(parsed, 2, 4, lq, lk, causal)
+        bound = attended_pairs_bound(parsed, 2, 4, lq, lk, causal)
+        assert exact <= bound <= 2 * 4 * lq * lk, (lq, lk)
+        if "union" not in str(pattern):
+            assert bound == exact, (lq, lk)

@@ -251,10 +251,15 @@ async def test_413_when_declared_shapes_pass_the_token_limit(client):
 async def test_413_when_the_pattern_asks_for_more_pairs_than_the_limit():
     # 2 heads x 64 rows: dense causal attends 2 * 64 * 65 / 2 = 4160 pairs, sliding_window(8) 2 * (28 + 57 * 8) = 968.
     q, k, v = qkv(b=1, h=2, hkv=2, lq=64, lk=64, d=4, dv=4)
-    async with serve(settings(max_pairs_per_request=2000)) as c:
+    async with serve(settings(max_pairs_per_request=1000)) as c:
         err = error_of(await c.post("/attention", json=request_body(q, k, v)), 413)
-        assert err["field"] == "pattern" and "4160" in err["message"] and "2000" in err["message"]
+        assert err["field"] == "pattern" and "4160" in err["message"] and "1000" in err["message"]
         r = await c.post("/attention", json=request_body(q, k, v, pattern={"type": "sliding_window", "window": 8}))
+        assert r.status_code == 200 and r.json()["meta"]["attended_pairs"] == 968
+        # a union whose members, counted apart, pass the limit, while together they attend 968
+        nested = {"type": "union", "patterns": [{"type": "sliding_window", "window": 8},
+                                                {"type": "sliding_window", "window": 4}]}
+        r = await c.post("/attention", json=request_body(q, k, v, pattern=nested))
         assert r.status_code == 200 and r.json()["meta"]["attended_pairs"] == 968
     assert settings().pairs_limit == 1 << 35  # the CPU's default: ~50 s of dense attention on 2 cores
 

@@ -94,7 +94,9 @@ def test_sigterm_drains_in_flight_answers_new_ones_503_and_exits_within_the_boun
         async with httpx.AsyncClient(base_url=url, timeout=60) as c:
             running = [asyncio.create_task(c.post("/attention", json=request_body(q, k, v, pattern=heavy)))
                        for q, k, v in in_flight]
+            deadline = time.monotonic() + 60
             while "attention_queue_depth 3.0" not in (await c.get("/metrics")).text:  # 1 running, 3 queued
+                assert time.monotonic() < deadline, "the four requests never stood 1 running and 3 queued"
                 await asyncio.sleep(0.01)
             proc.send_signal(signal.SIGTERM)
             signalled = time.monotonic()

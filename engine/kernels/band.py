@@ -35,9 +35,20 @@ def band_mask(rows: int, window: int, dtype: torch.dtype, device: torch.device) 
 
 
 def _windows(x: torch.Tensor, start: int, tiles: int, tile: int, width: int) -> torch.Tensor:
-    """[B*H, tiles, width, D] view: window t is rows start + t*tile .. + width of contiguous x."""
+    """[B*H, tiles, width, D] view: window t is rows start + t*tile .. + width of x (`_row_major`)."""
     b, h, length, d = x.shape
-    return x.as_strided((b * h, tiles, width, d), (length * d, tile * d, d, 1), x.storage_offset() + start * d)
+    merged = x.stride(0) if h == 1 else x.stride(1)  # B and H as one axis: `_row_major` makes it one stride
+    return x.as_strided((b * h, tiles, width, d), (merged, tile * d, d, 1), x.storage_offset() + start * d)
+
+
+def _row_major(x: torch.Tensor) -> torch.Tensor:
+    """x itself when its rows are contiguous and B, H merge into one axis of one stride (as in a
+    contiguous tensor, or a grouped-query view repeating one key/value head with stride 0), else
+    a contiguous copy."""
+    b, h, _, d = x.shape
+    if x.stride(-1) == 1 and x.stride(-2) == d and (b == 1 or h == 1 or x.stride(0) == h * x.stride(1)):
+        return x
+    return x.contiguous()
 
 
 def band_pieces(
@@ -51,7 +62,7 @@ def band_pieces(
     b, h, lq, _ = q.shape
     lk, dv, w = k.shape[-2], v.shape[-1], window
     offset = lk - lq
-    q, k, v = (x.contiguous() for x in _same_head_dim(q, k, v))
+    q, k, v = (_row_major(x) for x in _same_head_dim(q, k, v))
     pieces = []
     # Rows whose position is below w - 1 see every key up to themselves.
     head = min(lq, max(0, w - 1 - offset))

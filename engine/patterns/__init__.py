@@ -86,6 +86,17 @@ def attended_pairs(pattern: PatternBase, batch: int, heads: int, lq: int, lk: in
     return batch * sum(len(hs) * _pairs_per_head(p, lq, lk, causal) for p, hs in head_groups(pattern, heads))
 
 
+def attended_pairs_bound(pattern: PatternBase, batch: int, heads: int, lq: int, lk: int, causal: bool = True) -> int:
+    """An upper bound of `attended_pairs` at O(Lq) cost for any pattern (the exact count of a union
+    with `fixed` evaluates its rule): a union's members counted apart, at most the dense count."""
+    dense = _pairs_per_head(Dense(), lq, lk, causal)
+    total = 0
+    for single, hs in head_groups(pattern, heads):
+        members = single.leaves() if isinstance(single, Union) else [single]
+        total += len(hs) * min(dense, sum(_pairs_per_head(m, lq, lk, causal) for m in members))
+    return batch * total
+
+
 __all__ = [
     "MAX_DEPTH",
     "MAX_HEAD_PATTERNS",
@@ -100,6 +111,7 @@ __all__ = [
     "Strided",
     "Union",
     "attended_pairs",
+    "attended_pairs_bound",
     "head_groups",
     "parse_pattern",
 ]
