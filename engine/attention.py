@@ -83,7 +83,8 @@ GQA_REPEAT_BYTES = 1 << 26
 
 
 def run_heads(q, k, v, pattern: PatternBase, *, causal: bool, scale: float):
-    """Run each group of heads that shares a pattern on its plan; GQA keys shared by index."""
+    """Run each group of heads that shares a pattern on its plan (in runs, for large grouped-query
+    problems); the query heads find their key/value heads by H / Hkv."""
     b, h, lq, _ = q.shape
     lk, dv = k.shape[2], v.shape[3]
     runs = [(single, run) for single, heads in head_groups(pattern, h) for run in _head_runs(heads, q, k)]
@@ -120,11 +121,10 @@ def _heads_of(heads: list[int], q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
     contiguous = heads[-1] - heads[0] == len(heads) - 1
     idx = slice(heads[0], heads[-1] + 1) if contiguous else torch.tensor(heads, device=q.device)
     qs = q[:, idx] if contiguous else q.index_select(1, idx)
-    kv_heads = sorted({head // group for head in heads})
     if group == 1:
         ks, vs = (x[:, idx] if contiguous else x.index_select(1, idx) for x in (k, v))
-    elif len(kv_heads) == 1:  # one key/value head for all: a stride-0 view (the CPU kernels take it)
-        j = kv_heads[0]
+    elif heads[0] // group == heads[-1] // group:  # one key/value head for all: a stride-0 view
+        j = heads[0] // group
         ks, vs = (x[:, j : j + 1].expand(-1, len(heads), -1, -1) for x in (k, v))
         if q.device.type != "cpu":  # untried on the CUDA kernels: one key/value head's repeats
             ks, vs = ks.contiguous(), vs.contiguous()

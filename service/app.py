@@ -148,8 +148,6 @@ def _disconnect(request: Request):
     return wait
 
 
-
-
 def _is_binary(request: Request) -> bool:
     """Whether the body is binary (`service.binary`) rather than JSON; 415 unless it is one of the
     two (an undeclared body is JSON, as FastAPI's JSON bodies allow)."""
