@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import base64
 import json
 import os
 import socket
@@ -44,7 +43,8 @@ import torch
 from engine import attention
 from engine.memory import PeakMemory
 from service import binary
-from service.loadtest import local_service
+from service.client import build_request, raw_bytes
+from service.loadtest import free_port, local_service
 from service.settings import Settings
 
 MEDIUM = {"b": 1, "h": 8, "n": 4096, "d": 64, "pattern": {"type": "sliding_window", "window": 256}}
@@ -58,26 +58,15 @@ def tensors(spec: dict, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torc
 
 
 def body(spec: dict, encoding: str, seed: int = 0) -> bytes:
-    """The JSON request body with tensors as "b64" or "data"."""
-    def enc(t: torch.Tensor) -> dict:
-        out = {"shape": list(t.shape), "dtype": "float32"}
-        if encoding == "b64":
-            out["b64"] = base64.b64encode(t.numpy().tobytes()).decode()
-        else:
-            out["data"] = t.flatten().tolist()
-        return out
-
-    q, k, v = tensors(spec, seed)
-    return json.dumps({"q": enc(q), "k": enc(k), "v": enc(v), "pattern": spec["pattern"]}).encode()
+    """The JSON request body with tensors as "b64" or "data" (as the client builds it)."""
+    return json.dumps(build_request(*tensors(spec, seed), spec["pattern"], encoding=encoding)).encode()
 
 
 def binary_body(spec: dict, seed: int = 0) -> tuple[bytes, str]:
-    """The request as binary tensors (`service.binary`), and its extra header lines."""
-    q, k, v = tensors(spec, seed)
-    header = {name: {"shape": list(t.shape), "dtype": "float32", "binary_data_size": t.numel() * t.element_size()}
-              for name, t in (("q", q), ("k", k), ("v", v))}
-    payload, headers = binary.join(json.dumps({**header, "pattern": spec["pattern"]}).encode(),
-                                   [t.numpy().tobytes() for t in (q, k, v)])
+    """The request as binary tensors (`service.binary`, as the client builds it), and its extra header lines."""
+    qkv = tensors(spec, seed)
+    header = json.dumps(build_request(*qkv, spec["pattern"], encoding="binary")).encode()
+    payload, headers = binary.join(header, [raw_bytes(t) for t in qkv])
     return payload, f"Content-Type: {binary.MEDIA_TYPE}\r\n" + "".join(f"{k}: {v}\r\n" for k, v in headers.items())
 
 
@@ -164,9 +153,7 @@ async def echo_app(scope: dict, receive, send) -> None:
 @contextmanager
 def echo_service() -> Iterator[str]:
     """`echo_app` on uvicorn, as the service runs it (its own process, httptools, uvloop)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     process = subprocess.Popen([sys.executable, "-m", "uvicorn", "bench.service:echo_app", "--port", str(port),
                                 "--lifespan", "off", "--log-level", "warning"])
     try:

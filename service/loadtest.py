@@ -681,13 +681,18 @@ def write(result: LoadResult, out: str | Path) -> dict[str, Any]:
 # ------------------------------------------------------------------------------- a local service
 
 
+def free_port() -> int:
+    """A loopback TCP port that was free a moment ago."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 @contextmanager
 def local_service(ready_timeout_s: float = 60.0, **settings: Any) -> Iterator[str]:
     """Run `python -m service` on a free loopback port with the given settings (as ATTN_*
     variables, e.g. max_batch_size=1) until the block ends; yield its URL once /readyz is 200."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     env = {**os.environ, "ATTN_HOST": "127.0.0.1", "ATTN_PORT": str(port)}
     env.update({f"ATTN_{name.upper()}": str(value) for name, value in settings.items()})
     url = f"http://127.0.0.1:{port}"
