@@ -11,6 +11,7 @@ per shape (block mask + compile) is reported separately.
     python -m bench.kernels --flex-n 4096 16384 65536    # full: FlexAttention at 65536 too (much longer)
     python -m bench.kernels --n 4096 --patterns sliding_window --no-flex               # quick
     python -m bench.kernels --tiles                # band tile-size sweep (engine.kernels.band)
+    python -m bench.kernels --decode               # a few query rows over long keys (decoding)
 
 Columns: efficiency = speed-up over dense / (dense causal pairs / attended pairs), so 1.0 means
 the time shrank exactly as much as the pattern's pairs did; `vs flex` = FlexAttention time /
@@ -31,9 +32,10 @@ import torch.nn.functional as F
 
 from engine import attention
 from engine.attention import backend_for
-from engine.kernels import KEEPS_FREED_MEMORY, band_attention
+from engine.kernels import KEEPS_FREED_MEMORY, band_attention, gathered_attention, masked_attention
 from engine.memory import PeakMemory
 from engine.patterns import attended_pairs, parse_pattern
+from engine.planner import simplify
 
 PATTERNS = {
     "sliding_window": {"type": "sliding_window", "window": 256},
@@ -180,7 +182,7 @@ def bench_table(args, device: torch.device) -> list[dict]:
             dense_pairs = args.heads * n * (n + 1) // 2
             for name, pattern in patterns.items():
                 row = {"pattern": LABELS[name], "n": n, "dtype": dtype_name, "heads": args.heads, "dim": args.dim,
-                       "backend": backend_for(pattern, args.heads, n, n, True), "dense_s": best["dense"],
+                       "backend": backend_for(pattern, args.heads, n, n, True, device.type), "dense_s": best["dense"],
                        "attended_pairs": attended_pairs(pattern, 1, args.heads, n, n, True),
                        "dense_pairs": dense_pairs, "engine_s": best["engine", name],
                        "engine_first_call_s": times["engine", name][0]}
@@ -312,6 +314,37 @@ def bench_tiles(args, device: torch.device) -> list[dict]:
     return rows
 
 
+def bench_decode(args, device: torch.device) -> list[dict]:
+    """Lq query rows at the end of Lk keys (a decode step, a small chunk), per pattern: the engine
+    against dense SDPA over every key and against both kernels the planner chooses between for
+    few rows, the masked and the gathered one (the data behind `engine.planner.gathers_less`)."""
+    rows = []
+    for lk in args.decode_lk:
+        k, v = inputs(lk, args.heads, args.dim, torch.float32, device)[1:]
+        for lq in args.decode_lq:
+            q = inputs(lq, args.heads, args.dim, torch.float32, device, seed=lq)[0]
+            fns = {"dense": lambda q=q: attention(q, k, v, None)}
+            for name in args.patterns:
+                pattern = parse_pattern(PATTERNS[name])
+                single = simplify(pattern, lk, True)
+                fns["engine", name] = lambda q=q, p=pattern: attention(q, k, v, p)
+                fns["masked", name] = lambda q=q, p=single: masked_attention(q, k, v, p, scale=0.125, causal=True)
+                fns["gathered", name] = lambda q=q, p=single: gathered_attention(q, k, v, p, scale=0.125, causal=True)
+            times = rounds(fns, device, args.repeats, args.slow, args.turn_s)
+            best = {key: min(t[1:] or t) for key, t in times.items()}
+            for name in args.patterns:
+                row = {"pattern": LABELS[name], "lq": lq, "lk": lk,
+                       "backend": backend_for(parse_pattern(PATTERNS[name]), args.heads, lq, lk, True, device.type),
+                       "dense_s": best["dense"], "engine_s": best["engine", name],
+                       "masked_s": best["masked", name], "gathered_s": best["gathered", name]}
+                rows.append(row)
+                print(f"Lk {lk:6} Lq {lq:3} {row['pattern']:32} {row['backend']:9} engine {row['engine_s'] * 1e3:8.2f} ms"
+                      f"  masked {row['masked_s'] * 1e3:8.2f}  gathered {row['gathered_s'] * 1e3:8.2f}"
+                      f"  dense {row['dense_s'] * 1e3:8.2f}  masked / engine {row['masked_s'] / row['engine_s']:5.1f}",
+                      flush=True)
+    return rows
+
+
 def plot(rows: list[dict], path: Path) -> None:
     import matplotlib
 
@@ -365,6 +398,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--scaling-n", type=int, nargs="*", default=[16384, 32768, 65536])
     p.add_argument("--first-call-n", type=int, default=12289, help="a shape not used elsewhere (0: skip)")
     p.add_argument("--tiles", action="store_true", help="only the band tile-size sweep at the first --n")
+    p.add_argument("--decode", action="store_true", help="only few query rows over long keys (--decode-lq, --decode-lk)")
+    p.add_argument("--decode-lq", type=int, nargs="+", default=[1, 4, 16, 64])
+    p.add_argument("--decode-lk", type=int, nargs="+", default=[16384, 65536])
     p.add_argument("--out", type=Path, default=Path("bench/results/kernels.json"))
     p.add_argument("--plot", type=Path, default=None, help="PNG path (default: next to --out)")
     args = p.parse_args(argv)
@@ -377,6 +413,9 @@ def main(argv: list[str] | None = None) -> None:
             "command": "python -m bench.kernels " + " ".join(argv or __import__("sys").argv[1:])}
     if args.tiles:
         args.out.write_text(json.dumps({"meta": meta, "tiles": bench_tiles(args, device)}, indent=1))
+        return
+    if args.decode:
+        args.out.write_text(json.dumps({"meta": meta, "decode": bench_decode(args, device)}, indent=1))
         return
     print(HEADER)
     rows = bench_table(args, device)

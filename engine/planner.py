@@ -16,11 +16,19 @@ from typing import Callable
 import torch
 
 from . import kernels
-from .patterns import Dense, Fixed, PatternBase, SlidingWindow, Strided, Union
+from .patterns import Dense, Fixed, PatternBase, SlidingWindow, Strided, Union, pairs_bound
 
 Partial = tuple[torch.Tensor, torch.Tensor]
-# Below this many query rows the masked kernel's chunk x span work is already minimal.
+# Up to this many query rows (decoding, small chunks) the structured kernels, shaped for long
+# query runs, do not apply: the masked kernel or the gathered one runs, by `gathers_less`.
 SMALL_QUERY_ROWS = 64
+# Their costs in one masked (query row, key) pair's time, fitted on the CPU at H = 8, D = 64
+# (`python -m bench.kernels --decode`): the masked kernel reads its key span once (like this
+# many more query rows) and scores every key of it; the gathered kernel takes each attended key
+# (a view or a copy) and pays a call per row.
+MASKED_READ_ROWS = 8
+GATHERED_PAIR_COST = 16
+GATHERED_ROW_COST = 2700
 
 
 @functools.cache
@@ -77,12 +85,24 @@ def simplify(pattern: PatternBase, lk: int, causal: bool) -> PatternBase:
     return pattern
 
 
-def plan(pattern: PatternBase, lq: int, lk: int, causal: bool) -> Plan:
-    """The plan for one single-head pattern (per_head is resolved before this)."""
+def gathers_less(pattern: PatternBase, lq: int, lk: int, causal: bool) -> bool:
+    """Whether the gathered kernel costs less than the masked one for these few query rows: a
+    pattern whose keys spread thinly over a wide span (strided, fixed, their unions)."""
+    lo, hi = pattern.key_span(lk - lq, lk, lk, causal)
+    masked = (hi - lo) * (lq + MASKED_READ_ROWS)
+    return GATHERED_PAIR_COST * pairs_bound(pattern, lq, lk, causal) + GATHERED_ROW_COST * lq < masked
+
+
+def plan(pattern: PatternBase, lq: int, lk: int, causal: bool, device_type: str) -> Plan:
+    """The plan for one single-head pattern (per_head is resolved before this) on a device of
+    this type ("cpu", "cuda")."""
     pattern = simplify(pattern, lk, causal)
     if isinstance(pattern, Dense):
         return Plan("sdpa", (partial(kernels.dense_attention, diagonal=(lk - lq) if causal else None),))
     masked = Plan("masked", (partial(kernels.masked_attention, pattern=pattern, causal=causal),))
+    # A call per row pays off where calls are cheap; on CUDA (not measured) launches would dominate.
+    if lq <= SMALL_QUERY_ROWS and device_type == "cpu" and gathers_less(pattern, lq, lk, causal):
+        return Plan("gathered", (partial(kernels.gathered_attention, pattern=pattern, causal=causal),))
     if not causal or lq <= SMALL_QUERY_ROWS:
         return masked
     if isinstance(pattern, SlidingWindow):

@@ -77,3 +77,15 @@ def test_service_bench_requests_are_answered_and_read_back():
     n = int(answers[2].headers["inference-header-content-length"])
     got = torch.frombuffer(bytearray(answers[2].content[n:]), dtype=torch.float32).reshape(expected.shape)
     assert torch.equal(got, expected)
+
+
+def test_decode_benchmark_writes_each_kernels_time(tmp_path):
+    out = tmp_path / "d.json"
+    bench_kernels.main(["--decode", "--decode-lq", "1", "3", "--decode-lk", "700", "--heads", "2", "--repeats", "1",
+                        "--turn-s", "0.01", "--out", str(out)])
+    rows = json.loads(out.read_text())["decode"]
+    assert {(r["lq"], r["lk"]) for r in rows} == {(1, 700), (3, 700)}
+    assert {r["pattern"] for r in rows} == set(bench_kernels.LABELS.values())
+    for r in rows:
+        assert min(r["engine_s"], r["masked_s"], r["gathered_s"], r["dense_s"]) > 0
+        assert r["backend"] in ("masked", "gathered")  # few rows: never a structured kernel

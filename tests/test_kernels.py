@@ -132,3 +132,57 @@ def test_plans_compute_slow_half_precision_in_float32_on_the_cpu(dtype):
     Plan("test", (step,), native_on_cpu=(dtype,))(q, q, q, 0.5)
     converted = torch.float32 if dtype in cpu_upcast_dtypes() else dtype
     assert seen == [(converted,) * 3, (dtype,) * 3]
+
+
+FX = lambda l, c: {"type": "fixed", "block": l, "summary": c}  # noqa: E731
+DECODE_PATTERNS = [ST(64), ST(7), FX(128, 8), FX(10, 3), {"type": "union", "patterns": [SW(128), ST(128)]},
+                   {"type": "union", "patterns": [SW(5), FX(16, 2), ST(33)]}]
+
+
+@pytest.mark.parametrize("pattern", DECODE_PATTERNS, ids=[str(i) for i in range(len(DECODE_PATTERNS))])
+@pytest.mark.parametrize("lq,lk", [(1, 2001), (3, 2001), (64, 2048), (17, 300)])
+@pytest.mark.parametrize("causal", [True, False])
+def test_gathered_rows(pattern, lq, lk, causal):
+    """Decode and small chunks over long keys; inputs in a model's [B, L, H, D] memory order."""
+    from engine.patterns import parse_pattern
+
+    g = torch.Generator().manual_seed(lq)
+    q = torch.randn(1, lq, 2, 16, generator=g).transpose(1, 2)
+    k, v = (torch.randn(1, lk, 2, 16, generator=g).transpose(1, 2) for _ in range(2))
+    result = kernels.gathered_attention(q, k, v, parse_pattern(pattern), scale=0.25, causal=causal)
+    out, lse = result
+    ref_out, ref_lse = reference_attention(q, k, v, pattern, causal=causal, scale=0.25)
+    torch.testing.assert_close(out.double(), ref_out, atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(lse.double(), ref_lse, atol=2e-5, rtol=2e-5)
+
+
+def test_gathered_rows_with_no_key_are_zero():
+    from engine.patterns import Strided
+
+    class OddRowsOnly(Strided):  # a rule under which even query positions attend nothing
+        def keys_of(self, i, lk, causal):
+            return super().keys_of(i, lk, causal) if i % 2 else torch.zeros(0, dtype=torch.int64)
+
+    q, k, v = _qkv(2, 6, 40)
+    out, lse = kernels.gathered_attention(q, k, v, OddRowsOnly(stride=3), scale=0.25, causal=True)
+    assert (out[..., 0::2, :] == 0).all() and torch.isinf(lse[..., 0::2]).all()
+    ref_out, ref_lse = reference_attention(q, k, v, ST(3), scale=0.25)
+    torch.testing.assert_close(out[..., 1::2, :].double(), ref_out[..., 1::2, :], atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(lse[..., 1::2].double(), ref_lse[..., 1::2], atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize("pattern,lq,lk,device,backend", [
+    (ST(64), 1, 65536, "cpu", "gathered"),  # decode: Lk / 64 keys instead of all Lk
+    (FX(128, 8), 64, 65536, "cpu", "gathered"),
+    ({"type": "union", "patterns": [SW(128), ST(128)]}, 16, 65536, "cpu", "gathered"),
+    (ST(8), 64, 65536, "cpu", "masked"),  # an eighth of every key for 64 rows: scoring the span is cheaper
+    (SW(256), 1, 65536, "cpu", "masked"),  # the span is the window itself
+    (ST(64), 1, 200, "cpu", "masked"),  # a short span: one masked call beats a call per row
+    (ST(64), 1, 65536, "cuda", "masked"),  # a call per row is not measured on CUDA
+    (ST(64), 65, 65536, "cpu", "strided"),
+])
+def test_planner_gathers_few_rows_of_thin_wide_patterns(pattern, lq, lk, device, backend):
+    from engine.patterns import parse_pattern
+    from engine.planner import plan
+
+    assert plan(parse_pattern(pattern), lq, lk, True, device).backend == backend

@@ -86,15 +86,18 @@ def attended_pairs(pattern: PatternBase, batch: int, heads: int, lq: int, lk: in
     return batch * sum(len(hs) * _pairs_per_head(p, lq, lk, causal) for p, hs in head_groups(pattern, heads))
 
 
-def attended_pairs_bound(pattern: PatternBase, batch: int, heads: int, lq: int, lk: int, causal: bool = True) -> int:
-    """An upper bound of `attended_pairs` at O(Lq) cost for any pattern (the exact count of a union
-    with `fixed` evaluates its rule): a union's members counted apart, at most the dense count."""
+def pairs_bound(pattern: PatternBase, lq: int, lk: int, causal: bool = True) -> int:
+    """An upper bound of one single-head pattern's attended pairs at O(Lq) cost for any pattern
+    (the exact count of a union with `fixed` evaluates its rule): a union's members counted
+    apart, at most the dense count."""
+    members = pattern.leaves() if isinstance(pattern, Union) else [pattern]
     dense = _pairs_per_head(Dense(), lq, lk, causal)
-    total = 0
-    for single, hs in head_groups(pattern, heads):
-        members = single.leaves() if isinstance(single, Union) else [single]
-        total += len(hs) * min(dense, sum(_pairs_per_head(m, lq, lk, causal) for m in members))
-    return batch * total
+    return min(dense, sum(_pairs_per_head(m, lq, lk, causal) for m in members))
+
+
+def attended_pairs_bound(pattern: PatternBase, batch: int, heads: int, lq: int, lk: int, causal: bool = True) -> int:
+    """`pairs_bound` over all batch items and heads: an upper bound of `attended_pairs`."""
+    return batch * sum(len(hs) * pairs_bound(single, lq, lk, causal) for single, hs in head_groups(pattern, heads))
 
 
 __all__ = [
@@ -113,5 +116,6 @@ __all__ = [
     "attended_pairs",
     "attended_pairs_bound",
     "head_groups",
+    "pairs_bound",
     "parse_pattern",
 ]

@@ -57,3 +57,12 @@ class Fixed(PatternBase):
             start, self.block, self.summary
         )
         return (end - start) + _summary_keys_below(limit, self.block, self.summary) - own_summary
+
+    def keys_of(self, i: int, lk: int, causal: bool) -> torch.Tensor:
+        limit = min(i + 1, lk) if causal else lk
+        start = i // self.block * self.block
+        end = min(limit, start + self.block)
+        columns = torch.arange(self.block - self.summary, self.block)
+        before = (torch.arange(0, start, self.block)[:, None] + columns).flatten()
+        after = (torch.arange(end, limit, self.block)[:, None] + columns).flatten()  # (none under causal)
+        return torch.cat([before, torch.arange(start, end), after[after < limit]])
