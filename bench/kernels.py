@@ -50,6 +50,10 @@ LABELS = {
     "fixed": "fixed(128, 8)",
     "union": "union(sliding 128, strided 128)",
 }
+# The decode rows add a pattern with no structured kernel (local + global summary keys), which
+# few query rows run on the gathered or the masked kernel.
+DECODE_EXTRA = {"union(sliding 256, fixed(128, 8))": {"type": "union", "patterns": [
+    {"type": "sliding_window", "window": 256}, {"type": "fixed", "block": 128, "summary": 8}]}}
 STARTED = time.perf_counter()
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -315,32 +319,34 @@ def bench_tiles(args, device: torch.device) -> list[dict]:
 
 
 def bench_decode(args, device: torch.device) -> list[dict]:
-    """Lq query rows at the end of Lk keys (a decode step, a small chunk), per pattern: the engine
-    against dense SDPA over every key and against both kernels the planner chooses between for
-    few rows, the masked and the gathered one (the data behind `engine.planner.gathers_less`)."""
+    """Lq query rows at the end of Lk keys (a decode step, a short chunk), per pattern: the engine
+    against dense SDPA over every key and against the two kernels for few rows of a pattern with
+    no structured kernel, the masked and the gathered one (the data behind
+    `engine.planner.gathers_less`)."""
+    patterns = {**{LABELS[name]: PATTERNS[name] for name in args.patterns}, **DECODE_EXTRA}
     rows = []
     for lk in args.decode_lk:
         k, v = inputs(lk, args.heads, args.dim, torch.float32, device)[1:]
         for lq in args.decode_lq:
             q = inputs(lq, args.heads, args.dim, torch.float32, device, seed=lq)[0]
             fns = {"dense": lambda q=q: attention(q, k, v, None)}
-            for name in args.patterns:
-                pattern = parse_pattern(PATTERNS[name])
+            for label, spec in patterns.items():
+                pattern = parse_pattern(spec)
                 single = simplify(pattern, lk, True)
-                fns["engine", name] = lambda q=q, p=pattern: attention(q, k, v, p)
-                fns["masked", name] = lambda q=q, p=single: masked_attention(q, k, v, p, scale=0.125, causal=True)
-                fns["gathered", name] = lambda q=q, p=single: gathered_attention(q, k, v, p, scale=0.125, causal=True)
+                fns["engine", label] = lambda q=q, p=pattern: attention(q, k, v, p)
+                fns["masked", label] = lambda q=q, p=single: masked_attention(q, k, v, p, scale=0.125, causal=True)
+                fns["gathered", label] = lambda q=q, p=single: gathered_attention(q, k, v, p, scale=0.125, causal=True)
             times = rounds(fns, device, args.repeats, args.slow, args.turn_s)
             best = {key: min(t[1:] or t) for key, t in times.items()}
-            for name in args.patterns:
-                row = {"pattern": LABELS[name], "lq": lq, "lk": lk,
-                       "backend": backend_for(parse_pattern(PATTERNS[name]), args.heads, lq, lk, True, device.type),
-                       "dense_s": best["dense"], "engine_s": best["engine", name],
-                       "masked_s": best["masked", name], "gathered_s": best["gathered", name]}
+            for label, spec in patterns.items():
+                row = {"pattern": label, "lq": lq, "lk": lk,
+                       "backend": backend_for(parse_pattern(spec), args.heads, lq, lk, True, device.type),
+                       "dense_s": best["dense"], "engine_s": best["engine", label],
+                       "masked_s": best["masked", label], "gathered_s": best["gathered", label]}
                 rows.append(row)
-                print(f"Lk {lk:6} Lq {lq:3} {row['pattern']:32} {row['backend']:9} engine {row['engine_s'] * 1e3:8.2f} ms"
-                      f"  masked {row['masked_s'] * 1e3:8.2f}  gathered {row['gathered_s'] * 1e3:8.2f}"
-                      f"  dense {row['dense_s'] * 1e3:8.2f}  masked / engine {row['masked_s'] / row['engine_s']:5.1f}",
+                print(f"Lk {lk:6} Lq {lq:3} {label:34} {row['backend']:12} engine {row['engine_s'] * 1e3:7.2f} ms"
+                      f"  masked {row['masked_s'] * 1e3:7.2f}  gathered {row['gathered_s'] * 1e3:7.2f}"
+                      f"  dense {row['dense_s'] * 1e3:7.2f}  masked / engine {row['masked_s'] / row['engine_s']:5.1f}",
                       flush=True)
     return rows
 

@@ -2,8 +2,9 @@
 
 A plan is a list of steps over disjoint key sets, merged by log-sum-exp. The structured
 kernels cover the Sparse Transformer patterns (band, strided, fixed, and the paper's
-sliding+strided union); anything else falls back to the masked kernel, which is exact and
-memory-safe but slower. `simplify` first removes what cannot change the mask.
+sliding+strided union) at any query length; anything else falls back to the masked kernel,
+which is exact and memory-safe but slower, or for a few query rows on the CPU to the gathered
+kernel when that costs less. `simplify` first removes what cannot change the mask.
 """
 
 from __future__ import annotations
@@ -19,8 +20,8 @@ from . import kernels
 from .patterns import Dense, Fixed, PatternBase, SlidingWindow, Strided, Union, pairs_bound
 
 Partial = tuple[torch.Tensor, torch.Tensor]
-# Up to this many query rows (decoding, small chunks) the structured kernels, shaped for long
-# query runs, do not apply: the masked kernel or the gathered one runs, by `gathers_less`.
+# A pattern with no structured kernel (or not causal) runs on the masked kernel, or, for up to
+# this many query rows (decoding, small chunks) on the CPU, on the gathered one when `gathers_less`.
 SMALL_QUERY_ROWS = 64
 # Their costs in one masked (query row, key) pair's time, fitted on the CPU at H = 8, D = 64
 # (`python -m bench.kernels --decode`): the masked kernel reads its key span once (like this
@@ -99,12 +100,18 @@ def plan(pattern: PatternBase, lq: int, lk: int, causal: bool, device_type: str)
     pattern = simplify(pattern, lk, causal)
     if isinstance(pattern, Dense):
         return Plan("sdpa", (partial(kernels.dense_attention, diagonal=(lk - lq) if causal else None),))
-    masked = Plan("masked", (partial(kernels.masked_attention, pattern=pattern, causal=causal),))
+    structured = _structured(pattern) if causal else None
+    if structured is not None:
+        return structured
     # A call per row pays off where calls are cheap; on CUDA (not measured) launches would dominate.
     if lq <= SMALL_QUERY_ROWS and device_type == "cpu" and gathers_less(pattern, lq, lk, causal):
         return Plan("gathered", (partial(kernels.gathered_attention, pattern=pattern, causal=causal),))
-    if not causal or lq <= SMALL_QUERY_ROWS:
-        return masked
+    return Plan("masked", (partial(kernels.masked_attention, pattern=pattern, causal=causal),))
+
+
+def _structured(pattern: PatternBase) -> Plan | None:
+    """The structured kernel of a causal Sparse Transformer pattern, for any query length (each
+    handles a short run at the end of long keys too), or None."""
     if isinstance(pattern, SlidingWindow):
         return Plan("band", (partial(kernels.band_attention, window=pattern.window),))
     if isinstance(pattern, Strided):
@@ -120,4 +127,4 @@ def plan(pattern: PatternBase, lq: int, lk: int, causal: bool, device_type: str)
                 "band+strided",
                 (partial(kernels.band_strided_attention, window=window.window, stride=stride.stride),),
             )
-    return masked
+    return None

@@ -87,21 +87,26 @@ def test_strided_many_chunks(monkeypatch, lq, lk, min_distance):
     """Tiny chunks: every chunk boundary, dummy lead row and skipped class row is crossed."""
     monkeypatch.setattr("engine.kernels.strided.CHUNK_ROWS", 4)
     q, k, v = _qkv(2, lq, lk)
-    stride = 13
-    out, lse = kernels.strided_attention(q, k, v, stride=stride, scale=0.25, min_distance=min_distance, chunks=30)
-    ref_out, ref_lse = reference_attention(q, k, v, ST(stride))
-    if min_distance:  # drop the keys nearer than min_distance from the reference's mask
-        i = torch.arange(lk - lq, lk)[:, None]
-        j = torch.arange(lk)[None, :]
-        keep = ((i - j) % stride == 0) & (i - j >= min_distance)
-        scores = torch.einsum("bhqd,bhkd->bhqk", q.double(), k.double()) * 0.25
-        scores = scores.masked_fill(~keep, float("-inf"))
-        ref_lse = torch.logsumexp(scores, -1)
-        ref_out = torch.einsum("bhqk,bhkd->bhqd", torch.exp(scores - ref_lse[..., None]).nan_to_num(0.0), v.double())
+    result = kernels.strided_attention(q, k, v, stride=13, scale=0.25, min_distance=min_distance, chunks=30)
+    _assert_matches_strided(result, q, k, v, 13, min_distance)
+
+
+def _assert_matches_strided(result, q, k, v, stride, min_distance):
+    """Against a float64 reference of strided(stride) without the keys nearer than min_distance."""
+    lq, lk = q.shape[-2], k.shape[-2]
+    i = torch.arange(lk - lq, lk)[:, None]
+    j = torch.arange(lk)[None, :]
+    keep = ((i - j) % stride == 0) & (i - j >= min_distance)
+    scores = torch.einsum("bhqd,bhkd->bhqk", q.double(), k.double()) * 0.25
+    scores = scores.masked_fill(~keep, float("-inf"))
+    ref_lse = torch.logsumexp(scores, -1)
+    ref_out = torch.einsum("bhqk,bhkd->bhqd", torch.exp(scores - ref_lse[..., None]).nan_to_num(0.0), v.double())
+    out, lse = result
     torch.testing.assert_close(out.double(), ref_out, atol=2e-5, rtol=2e-5)
     empty = torch.isinf(ref_lse)
     assert torch.equal(torch.isinf(lse), empty)
     torch.testing.assert_close(lse.double()[~empty], ref_lse[~empty], atol=2e-5, rtol=2e-5)
+    assert (out[empty] == 0).all()
 
 
 def test_freed_cpu_memory_is_kept_for_reuse_on_glibc():
@@ -171,18 +176,34 @@ def test_gathered_rows_with_no_key_are_zero():
     torch.testing.assert_close(lse[..., 1::2].double(), ref_lse[..., 1::2], atol=2e-5, rtol=2e-5)
 
 
-@pytest.mark.parametrize("pattern,lq,lk,device,backend", [
-    (ST(64), 1, 65536, "cpu", "gathered"),  # decode: Lk / 64 keys instead of all Lk
-    (FX(128, 8), 64, 65536, "cpu", "gathered"),
-    ({"type": "union", "patterns": [SW(128), ST(128)]}, 16, 65536, "cpu", "gathered"),
-    (ST(8), 64, 65536, "cpu", "masked"),  # an eighth of every key for 64 rows: scoring the span is cheaper
-    (SW(256), 1, 65536, "cpu", "masked"),  # the span is the window itself
-    (ST(64), 1, 200, "cpu", "masked"),  # a short span: one masked call beats a call per row
-    (ST(64), 1, 65536, "cuda", "masked"),  # a call per row is not measured on CUDA
-    (ST(64), 65, 65536, "cpu", "strided"),
+LOCAL_GLOBAL = {"type": "union", "patterns": [SW(256), FX(128, 8)]}  # no structured kernel
+
+
+@pytest.mark.parametrize("pattern,lq,lk,causal,device,backend", [
+    (ST(64), 1, 65536, True, "cpu", "strided"),  # structured kernels take short runs too
+    (FX(128, 8), 64, 65536, True, "cpu", "fixed"),
+    ({"type": "union", "patterns": [SW(128), ST(128)]}, 1, 65536, True, "cuda", "band+strided"),
+    (LOCAL_GLOBAL, 1, 65536, True, "cpu", "gathered"),  # Lk / 16 keys instead of all Lk
+    (LOCAL_GLOBAL, 16, 65536, True, "cpu", "gathered"),
+    (ST(64), 16, 65536, False, "cpu", "gathered"),
+    ({"type": "union", "patterns": [ST(3), ST(5)]}, 64, 65536, True, "cpu", "masked"),  # nearly half of every key
+    (SW(256), 1, 65536, False, "cpu", "masked"),  # the span is the window itself
+    (LOCAL_GLOBAL, 1, 300, True, "cpu", "masked"),  # a short span: one masked call beats a call per row
+    (LOCAL_GLOBAL, 1, 65536, True, "cuda", "masked"),  # a call per row is not measured on CUDA
+    (LOCAL_GLOBAL, 65, 65536, True, "cpu", "masked"),
 ])
-def test_planner_gathers_few_rows_of_thin_wide_patterns(pattern, lq, lk, device, backend):
+def test_planner_kernel_choice(pattern, lq, lk, causal, device, backend):
     from engine.patterns import parse_pattern
     from engine.planner import plan
 
-    assert plan(parse_pattern(pattern), lq, lk, True, device).backend == backend
+    assert plan(parse_pattern(pattern), lq, lk, causal, device).backend == backend
+
+
+@pytest.mark.parametrize("lq,lk", [(1, 1003), (1, 40), (5, 300), (40, 700), (37, 1000), (2, 2)])
+@pytest.mark.parametrize("stride,min_distance", [(64, 0), (64, 100), (41, 0), (41, 3)])
+def test_strided_short_runs(lq, lk, stride, min_distance):
+    """Fewer query rows than the stride: one or two runs of rows (700 and 1000 cross a class row
+    at both strides), each on its own classes' keys; rows with no key at min_distance 100."""
+    q, k, v = _qkv(2, lq, lk, dv=24)
+    result = kernels.strided_attention(q, k, v, stride=stride, scale=0.25, min_distance=min_distance)
+    _assert_matches_strided(result, q, k, v, stride, min_distance)

@@ -58,7 +58,7 @@ async def test_every_response_field_matches_the_engine_and_the_contract(client):
     meta = got["meta"]
     assert meta["request_id"] == "req-42"
     assert meta["device"] == "cpu"
-    assert meta["backend"] == "masked"  # 24 query rows: the planner's small-query path
+    assert meta["backend"] == "band"  # the sliding window's kernel, at any query length
     assert meta["pattern"] == SW
     assert meta["batch"] == {"requests": 1}
     timing = meta["timing_ms"]

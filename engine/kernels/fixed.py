@@ -7,6 +7,9 @@ gathered summary set S (c keys per block: a copy of c/l of K and V). Viewing the
 [l, L/l] (position-in-block as the head axis, block index as the row) makes every head share
 S (a stride-0 view) and one small [rows, keys] block-causal mask; the blocks are cut into a few
 row ranges, each with the keys its last block needs, so the masked waste is about 1/(2 ranges).
+With at most MAX_RANGES query blocks (a short chunk at the end of long keys) that view would
+give each call a few rows only: each block's real rows run instead in their natural order,
+one call per block, with no mask.
 """
 
 from __future__ import annotations
@@ -63,17 +66,35 @@ def fixed_attention(
     lo = max(first, 1)  # block 0 sees no summary key
     if lo < blocks:
         ks, vs = gathered(k), gathered(v)
-        q_heads = qb.transpose(1, 2)  # [B*H, l, nq, D]: position in block as heads, block as rows
-        ranges = ranges or min(MAX_RANGES, max(MIN_RANGES, (blocks - lo) // BLOCKS_PER_RANGE))
-        step = -(-(blocks - lo) // ranges)
-        for b0 in range(lo, blocks, step):
-            b1 = min(blocks, b0 + step)
-            keys = (b1 - 1) * c
-            mask = summary_mask(b0, b1, c, q.dtype, q.device)
-            o, s_lse = _fused(q_heads[:, :, b0 - first : b1 - first], ks[:, :, :keys].expand(-1, l, -1, -1),
-                              vs[:, :, :keys].expand(-1, l, -1, -1), scale=scale, is_causal=False, mask=mask)
-            rows = slice((b0 - first) * l, (b1 - first) * l)
-            merge_to(out[:, rows], lse[:, rows], (out[:, rows], lse[:, rows]),
-                     (o.transpose(1, 2).reshape(b * h, -1, o.shape[-1]), s_lse.transpose(1, 2).reshape(b * h, -1)))
+        if ranges is None and blocks - lo <= MAX_RANGES:
+            _few_blocks_summary(q.reshape(b * h, 1, nq * l, d), ks, vs, out, lse, range(lo, blocks), first=first,
+                                block=l, summary=c, real=slice(offset - first * l, offset - first * l + lq),
+                                scale=scale)
+        else:
+            q_heads = qb.transpose(1, 2)  # [B*H, l, nq, D]: position in block as heads, block as rows
+            ranges = ranges or min(MAX_RANGES, max(MIN_RANGES, (blocks - lo) // BLOCKS_PER_RANGE))
+            step = -(-(blocks - lo) // ranges)
+            for b0 in range(lo, blocks, step):
+                b1 = min(blocks, b0 + step)
+                keys = (b1 - 1) * c
+                mask = summary_mask(b0, b1, c, q.dtype, q.device)
+                o, s_lse = _fused(q_heads[:, :, b0 - first : b1 - first], ks[:, :, :keys].expand(-1, l, -1, -1),
+                                  vs[:, :, :keys].expand(-1, l, -1, -1), scale=scale, is_causal=False, mask=mask)
+                rows = slice((b0 - first) * l, (b1 - first) * l)
+                merge_to(out[:, rows], lse[:, rows], (out[:, rows], lse[:, rows]),
+                         (o.transpose(1, 2).reshape(b * h, -1, o.shape[-1]), s_lse.transpose(1, 2).reshape(b * h, -1)))
     keep = slice(offset - first * l, offset - first * l + lq)
     return out.view(b, h, nq * l, -1)[..., keep, :dv], lse.view(b, h, nq * l)[..., keep]
+
+
+def _few_blocks_summary(q_rows, ks, vs, out, lse, blocks: range, *, first: int, block: int, summary: int,
+                        real: slice, scale: float) -> None:
+    """The summary piece for a few query blocks, one call per block on its real rows in their
+    natural order (all of them see the same summary keys: no mask, no padded row), merged into
+    (out, lse) in place. Few blocks would give the transposed layout few rows per call."""
+    for b in blocks:
+        r0, r1 = max((b - first) * block, real.start), min((b - first + 1) * block, real.stop)
+        if r1 > r0:
+            o, s_lse = _fused(q_rows[:, :, r0:r1], ks[:, :, : b * summary], vs[:, :, : b * summary], scale=scale,
+                              is_causal=False)
+            merge_to(out[:, r0:r1], lse[:, r0:r1], (out[:, r0:r1], lse[:, r0:r1]), (o[:, 0], s_lse[:, 0]))

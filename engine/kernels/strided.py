@@ -8,6 +8,9 @@ writes it in the query's memory order, which is the natural one). The class rows
 chunks, one call each, so that little of the causal square's empty half is computed. A minimum
 distance m (for a union with a sliding window, whose keys it then skips) drops the first
 ceil(m/s) query class rows and shifts the mask's diagonal.
+
+Fewer query rows than s (a decode step, a short chunk) leave most classes without a query: then
+each row, alone in its class, attends a view of its class's keys, and only those classes are read.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .band import _row_major
 from .dense import NEG_INF, _fused, empty_partial
 
 # Query class rows per chunk: at least CHUNK_ROWS, at most MAX_CHUNKS chunks. 64-row chunks were
@@ -44,6 +48,8 @@ def strided_pieces(
     Query class rows are cut into chunks; a chunk sees the key class rows up to its last row under
     one shared [chunk, keys] mask, so the work is ~(chunks + 1) / (2 chunks) of the full square
     (the CPU kernel's own causal skipping is coarse: none below 512 rows)."""
+    if q.shape[-2] < stride:
+        return _short_run_pieces(q, k, v, stride=stride, scale=scale, min_distance=min_distance)
     b, h, lq, _ = q.shape
     lk, dv, s = k.shape[-2], v.shape[-1], stride
     offset = lk - lq
@@ -81,6 +87,40 @@ def strided_pieces(
         if hi > lo:
             pieces.append((first + lo, out[..., lo:hi, :], lse[..., lo:hi]))
     return pieces
+
+
+def _short_run_pieces(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, stride: int, scale: float, min_distance: int
+) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
+    """`strided_pieces` for fewer query rows than the stride: each row is alone in its class, so
+    the rows in one class row (at most two such runs) attend, one call per run, views of their
+    own classes' keys up to ceil(m/s) class rows back: no mask, no class without a query."""
+    b, h, lq, d = q.shape
+    lk, s = k.shape[-2], stride
+    offset = lk - lq
+    back = -(-min_distance // s)  # class rows between a query and its nearest key
+    k, v = _row_major(k), _row_major(v)
+    pieces = []
+    row = 0
+    while row < lq:
+        class_row, first_class = divmod(offset + row, s)
+        run = min(lq - row, s - first_class)
+        keys = class_row - back + 1  # key class rows 0 .. class_row - back
+        if keys > 0:
+            qc = q[..., row : row + run, :].reshape(b * h, run, 1, d)
+            kc, vc = (_class_view(x, first_class, run, keys, s) for x in (k, v))
+            out, lse = _fused(qc, kc, vc, scale=scale, is_causal=False)
+            pieces.append((row, out.reshape(b, h, run, -1), lse.reshape(b, h, run)))
+        row += run
+    return pieces
+
+
+def _class_view(x: torch.Tensor, first_class: int, classes: int, rows: int, stride: int) -> torch.Tensor:
+    """[B*H, classes, rows, D] view of a `_row_major` x: class c holds positions first_class + c,
+    + stride, ... (rows of them)."""
+    b, h, _, d = x.shape
+    merged = x.stride(0) if h == 1 else x.stride(1)
+    return x.as_strided((b * h, classes, rows, d), (merged, d, stride * d, 1), x.storage_offset() + first_class * d)
 
 
 def strided_attention(
