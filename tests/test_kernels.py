@@ -57,7 +57,7 @@ def test_band_strided_union(lq, lk, window, stride):
 
 @pytest.mark.parametrize("lq,lk", [(1000, 1000), (517, 700), (300, 1003), (1024, 1024)])
 @pytest.mark.parametrize("block,summary", [(16, 4), (32, 32), (10, 1), (64, 8)])
-@pytest.mark.parametrize("ranges", [None, 1, 7])  # the CPU's choice, CUDA's single range, ragged ranges
+@pytest.mark.parametrize("ranges", [None, 1, 7])  # the CPU's call per block; row ranges: one, ragged
 def test_fixed_summary_ranges(lq, lk, block, summary, ranges):
     q, k, v = _qkv(2, lq, lk, dv=8)
     result = kernels.fixed_attention(q, k, v, block=block, summary=summary, scale=1 / math.sqrt(16), ranges=ranges)

@@ -3,13 +3,13 @@
 (a) The query's own block: the sequence viewed as [L/l, l] blocks, one batched dense causal
 call (no copy when l divides L).
 (b) The summary columns of earlier blocks: query block b sees the first b*c keys of the
-gathered summary set S (c keys per block: a copy of c/l of K and V). Viewing the queries as
-[l, L/l] (position-in-block as the head axis, block index as the row) makes every head share
-S (a stride-0 view) and one small [rows, keys] block-causal mask; the blocks are cut into a few
-row ranges, each with the keys its last block needs, so the masked waste is about 1/(2 ranges).
-With at most MAX_RANGES query blocks (a short chunk at the end of long keys) that view would
-give each call a few rows only: each block's real rows run instead in their natural order,
-one call per block, with no mask.
+gathered summary set S (c keys per block: a copy of c/l of K and V). On the CPU, and for at most
+MAX_RANGES query blocks anywhere, each block's real rows attend their b*c keys in one call,
+with no mask and no padded row. Elsewhere (CUDA, where a call per block would be a launch per
+block) the queries are viewed as [l, L/l] (position-in-block as the head axis, block index as
+the row), so that every head shares S (a stride-0 view) and one small [rows, keys]
+block-causal mask; the blocks are cut into a few row ranges, each with the keys its last block
+needs, so the masked waste is about 1/(2 ranges).
 """
 
 from __future__ import annotations
@@ -20,10 +20,12 @@ import torch.nn.functional as F
 from .dense import NEG_INF, _fused, _same_head_dim, dense_attention
 from .merge import merge_to
 
-# Row ranges of the summary piece: the masked work is (ranges + 1) / (2 * ranges) of a full
-# rectangle; more ranges mean more, smaller calls. One range per 32 blocks, 4 to 16, was within
-# noise of the best of 2..32 ranges at n = 16384 (128 blocks) and 65536 (512 blocks) on the CPU;
-# `bench/gpu_check.py` times other counts on CUDA, where this rule is not measured yet.
+# Row ranges of the transposed summary piece: the masked work is (ranges + 1) / (2 * ranges) of a
+# full rectangle; more ranges mean more, smaller calls. One range per 32 blocks, 4 to 16, was
+# within noise of the best of 2..32 ranges at n = 16384 and 65536 on the CPU, where a call per
+# block has since measured faster still (H = 8, D = 64, fixed(128, 8): n = 4096 18 vs 21 ms,
+# 16384 177 vs 177-210 ms, 65536 2.18-2.23 vs 2.48-2.49 s); `bench/gpu_check.py` times range
+# counts on CUDA, where neither rule is measured yet.
 MIN_RANGES, MAX_RANGES, BLOCKS_PER_RANGE = 4, 16, 32
 
 
@@ -66,10 +68,10 @@ def fixed_attention(
     lo = max(first, 1)  # block 0 sees no summary key
     if lo < blocks:
         ks, vs = gathered(k), gathered(v)
-        if ranges is None and blocks - lo <= MAX_RANGES:
-            _few_blocks_summary(q.reshape(b * h, 1, nq * l, d), ks, vs, out, lse, range(lo, blocks), first=first,
-                                block=l, summary=c, real=slice(offset - first * l, offset - first * l + lq),
-                                scale=scale)
+        if ranges is None and (q.device.type == "cpu" or blocks - lo <= MAX_RANGES):
+            _summary_per_block(q.reshape(b * h, 1, nq * l, d), ks, vs, out, lse, range(lo, blocks), first=first,
+                               block=l, summary=c, real=slice(offset - first * l, offset - first * l + lq),
+                               scale=scale)
         else:
             q_heads = qb.transpose(1, 2)  # [B*H, l, nq, D]: position in block as heads, block as rows
             ranges = ranges or min(MAX_RANGES, max(MIN_RANGES, (blocks - lo) // BLOCKS_PER_RANGE))
@@ -87,11 +89,10 @@ def fixed_attention(
     return out.view(b, h, nq * l, -1)[..., keep, :dv], lse.view(b, h, nq * l)[..., keep]
 
 
-def _few_blocks_summary(q_rows, ks, vs, out, lse, blocks: range, *, first: int, block: int, summary: int,
+def _summary_per_block(q_rows, ks, vs, out, lse, blocks: range, *, first: int, block: int, summary: int,
                         real: slice, scale: float) -> None:
-    """The summary piece for a few query blocks, one call per block on its real rows in their
-    natural order (all of them see the same summary keys: no mask, no padded row), merged into
-    (out, lse) in place. Few blocks would give the transposed layout few rows per call."""
+    """The summary piece one call per query block, on its real rows in their natural order (all
+    of them see the same summary keys: no mask, no padded row), merged into (out, lse) in place."""
     for b in blocks:
         r0, r1 = max((b - first) * block, real.start), min((b - first + 1) * block, real.stop)
         if r1 > r0:
