@@ -7,8 +7,11 @@
 (b) bench.kernels on the GPU in bfloat16 for n up to 131072 against dense flash SDPA and
     compiled FlexAttention, with the 131072-token peak-memory row, the sliding-window scaling
     and the first call for a new shape; JSON (and the plot) under --out.
-(c) fixed(128, 8) with its summary piece in 1, 4 and 16 row ranges against the CPU's rule, at
+(c) fixed(128, 8) with its summary piece in 1, 4 and 16 row ranges against the default rule, at
     n = 16384 and 131072: the data to choose CUDA's own rule from (engine/kernels/fixed.py).
+(d) a few query rows at the end of 65536 and 131072 keys (decode steps, short chunks), per
+    pattern: the engine's structured kernels against dense flash SDPA and the masked kernel
+    (`bench.kernels --decode`).
 
 Exits 1 if any check fails or raises, 2 if CUDA is missing: it never skips a check quietly.
 Sized to finish in about 5 minutes on an H200: FlexAttention is compiled at n = 16384 and 131072
@@ -115,6 +118,12 @@ def cases(device):
                  UNION3),
             ):
                 yield f"kernel {name} lq={lq} lk={lk} {dname}", run, q, k, v, pattern, True, dtype
+        # Short runs at the end of long keys: strided's own classes, fixed's blocks in natural order.
+        for lq, lk in ((1, 3001), (5, 3001), (63, 2048)):
+            q, k, v = inputs((1, 4, 2, lq, lk, 64, 64), dtype, device, seed=2)
+            for pattern in (SW(256), ST(64), ST(37), FX(128, 8), UNION(128, 128), UNION3):
+                run = (lambda q=q, k=k, v=v, p=pattern: attention(q, k, v, p, return_lse=True))
+                yield f"short run {pattern} lq={lq} lk={lk} {dname}", run, q, k, v, pattern, True, dtype
 
 
 def check(device) -> tuple[int, int]:
@@ -144,7 +153,7 @@ def fixed_ranges(device: torch.device, ns=(16384, 131072)) -> list[dict]:
         fns = {r: (lambda r=r: kernels.fixed_attention(q, k, v, block=128, summary=8, scale=0.125, ranges=r))
                for r in (None, 1, 4, 16)}
         for r, t in bench_kernels.rounds(fns, device, 3, 30.0, 0.05).items():
-            rows.append({"n": n, "ranges": r or "cpu rule", "seconds": min(t[1:] or t)})
+            rows.append({"n": n, "ranges": r or "default", "seconds": min(t[1:] or t)})
             print(f"fixed(128, 8) n={n} ranges={rows[-1]['ranges']}: {rows[-1]['seconds'] * 1000:.3f} ms", flush=True)
     return rows
 
@@ -183,6 +192,9 @@ def main(argv: list[str] | None = None) -> int:
             "--first-call-n", "12289", "--out", str(args.out / "gpu_kernels.json"),
         ])
         summary["fixed_ranges"] = fixed_ranges(device)
+        bench_kernels.main(["--decode", "--device", args.device, "--decode-lk", "65536", "131072",
+                            "--decode-lq", "1", "16", "--repeats", "3", "--turn-s", "0.05",
+                            "--out", str(args.out / "gpu_decode.json")])
     summary["total_s"] = time.perf_counter() - started
     (args.out / "gpu_check.json").write_text(json.dumps(summary, indent=1))
     print(f"{'FAILED' if failed else 'ALL PASSED'}: {passed} passed, {failed} failed; total {summary['total_s']:.0f} s")
