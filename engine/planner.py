@@ -69,8 +69,8 @@ def simplify(pattern: PatternBase, lk: int, causal: bool) -> PatternBase:
         return Dense()
     if isinstance(pattern, Strided) and pattern.stride >= lk:  # |i - j| < lk: only j = i is a multiple
         return SlidingWindow(window=1)  # (the strided kernel's work and padding grow with the stride)
-    if isinstance(pattern, Fixed) and pattern.block >= lk:
-        return Dense()
+    if isinstance(pattern, Fixed) and (pattern.block >= lk or pattern.summary == pattern.block):
+        return Dense()  # one block, or every column a summary column
     if isinstance(pattern, Union):
         members: list[PatternBase] = []
         for leaf in (simplify(p, lk, causal) for p in pattern.leaves()):
@@ -78,12 +78,21 @@ def simplify(pattern: PatternBase, lk: int, causal: bool) -> PatternBase:
                 return Dense()
             if leaf not in members:
                 members.append(leaf)
-        windows = [m for m in members if isinstance(m, SlidingWindow)]
-        if len(windows) > 1:  # nested windows: the widest covers the others
-            widest = max(windows, key=lambda m: m.window)
-            members = [m for m in members if not isinstance(m, SlidingWindow) or m is widest]
+        members = [m for m in members if not any(_covers(other, m) for other in members if other != m)]
         return members[0] if len(members) == 1 else Union(patterns=tuple(members))
     return pattern
+
+
+def _covers(wide: PatternBase, narrow: PatternBase) -> bool:
+    """Whether `wide` allows every key `narrow` does (by rules cheap to decide; distinct members
+    of a union, leaves, so two never cover each other)."""
+    if narrow == SlidingWindow(window=1):
+        return True  # j = i only, which every leaf pattern allows
+    if isinstance(wide, SlidingWindow) and isinstance(narrow, SlidingWindow):
+        return wide.window >= narrow.window  # nested windows
+    if isinstance(wide, Strided) and isinstance(narrow, Strided):
+        return narrow.stride % wide.stride == 0  # multiples of a multiple of s
+    return False
 
 
 def gathers_less(pattern: PatternBase, lq: int, lk: int, causal: bool) -> bool:

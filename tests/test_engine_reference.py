@@ -32,6 +32,8 @@ PATTERNS = {
     "union_odd": {"type": "union", "patterns": [ST(5), SW(12)]},
     "union_three": {"type": "union", "patterns": [SW(12), ST(5), FX(9, 2)]},
     "union_nested": {"type": "union", "patterns": [{"type": "union", "patterns": [SW(4), SW(9)]}, ST(11)]},
+    "union_covered": {"type": "union", "patterns": [ST(8), SW(1), ST(4), FX(10, 10)]},  # -> dense
+    "union_strides": {"type": "union", "patterns": [ST(6), SW(1), ST(4), ST(12)]},  # -> strided 6 or 4
     "per_head": {"type": "per_head", "patterns": [SW(12), ST(5)]},
     "per_head_nested": {"type": "per_head", "patterns": [{"type": "union", "patterns": [SW(4), ST(6)]}, FX(8, 2)]},
 }

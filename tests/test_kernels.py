@@ -199,6 +199,20 @@ def test_planner_kernel_choice(pattern, lq, lk, causal, device, backend):
     assert plan(parse_pattern(pattern), lq, lk, causal, device).backend == backend
 
 
+@pytest.mark.parametrize("pattern,simplest", [
+    (FX(8, 8), {"type": "dense"}),  # every column a summary column
+    ({"type": "union", "patterns": [ST(8), SW(1), ST(4)]}, ST(4)),  # j = i and multiples of 8 are on stride 4
+    ({"type": "union", "patterns": [SW(1), FX(8, 2)]}, FX(8, 2)),
+    ({"type": "union", "patterns": [ST(6), ST(4), ST(12), SW(3), SW(5)]},
+     {"type": "union", "patterns": [ST(6), ST(4), SW(5)]}),
+])
+def test_simplify_drops_what_another_member_covers(pattern, simplest):
+    from engine.patterns import parse_pattern
+    from engine.planner import simplify
+
+    assert simplify(parse_pattern(pattern), 1000, True) == parse_pattern(simplest)
+
+
 @pytest.mark.parametrize("lq,lk", [(1, 1003), (1, 40), (5, 300), (40, 700), (37, 1000), (2, 2)])
 @pytest.mark.parametrize("stride,min_distance", [(64, 0), (64, 100), (41, 0), (41, 3)])
 def test_strided_short_runs(lq, lk, stride, min_distance):
