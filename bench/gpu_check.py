@@ -62,6 +62,7 @@ ST = lambda s: {"type": "strided", "stride": s}  # noqa: E731
 FX = lambda l, c: {"type": "fixed", "block": l, "summary": c}  # noqa: E731
 UNION = lambda w, s: {"type": "union", "patterns": [SW(w), ST(s)]}  # noqa: E731
 UNION3 = {"type": "union", "patterns": [SW(50), ST(64), FX(128, 8)]}
+WINDOW_FIXED = {"type": "union", "patterns": [SW(256), FX(128, 8)]}
 
 
 def compare(out, lse, q, k, v, pattern, causal, dtype) -> str | None:
@@ -116,12 +117,13 @@ def cases(device):
                  UNION(100, 64)),
                 ("masked union3", lambda: kernels.masked_attention(q, k, v, parse_pattern(UNION3), scale=s, causal=True),
                  UNION3),
+                ("band+fixed", lambda: attention(q, k, v, WINDOW_FIXED, scale=s, return_lse=True), WINDOW_FIXED),
             ):
                 yield f"kernel {name} lq={lq} lk={lk} {dname}", run, q, k, v, pattern, True, dtype
         # Short runs at the end of long keys: strided's own classes, fixed's blocks in natural order.
         for lq, lk in ((1, 3001), (5, 3001), (63, 2048)):
             q, k, v = inputs((1, 4, 2, lq, lk, 64, 64), dtype, device, seed=2)
-            for pattern in (SW(256), ST(64), ST(37), FX(128, 8), UNION(128, 128), UNION3):
+            for pattern in (SW(256), ST(64), ST(37), FX(128, 8), UNION(128, 128), UNION3, WINDOW_FIXED):
                 run = (lambda q=q, k=k, v=v, p=pattern: attention(q, k, v, p, return_lse=True))
                 yield f"short run {pattern} lq={lq} lk={lk} {dname}", run, q, k, v, pattern, True, dtype
 

@@ -43,17 +43,22 @@ PATTERNS = {
     "fixed": {"type": "fixed", "block": 128, "summary": 8},
     "union": {"type": "union", "patterns": [{"type": "sliding_window", "window": 128},
                                             {"type": "strided", "stride": 128}]},
+    "window_fixed": {"type": "union", "patterns": [{"type": "sliding_window", "window": 256},
+                                                   {"type": "fixed", "block": 128, "summary": 8}]},
 }
+ISSUE_PATTERNS = ["sliding_window", "strided", "fixed", "union"]  # the default run
 LABELS = {
     "sliding_window": "sliding_window(256)",
     "strided": "strided(64)",
     "fixed": "fixed(128, 8)",
     "union": "union(sliding 128, strided 128)",
+    "window_fixed": "union(sliding 256, fixed(128, 8))",
 }
-# The decode rows add a pattern with no structured kernel (local + global summary keys), which
-# few query rows run on the gathered or the masked kernel.
-DECODE_EXTRA = {"union(sliding 256, fixed(128, 8))": {"type": "union", "patterns": [
-    {"type": "sliding_window", "window": 256}, {"type": "fixed", "block": 128, "summary": 8}]}}
+# The decode rows add a pattern with no structured kernel, which few query rows run on the
+# gathered or the masked kernel.
+DECODE_EXTRA = {"union(sliding 256, strided 128, fixed(128, 8))": {"type": "union", "patterns": [
+    {"type": "sliding_window", "window": 256}, {"type": "strided", "stride": 128},
+    {"type": "fixed", "block": 128, "summary": 8}]}}
 STARTED = time.perf_counter()
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -344,7 +349,7 @@ def bench_decode(args, device: torch.device) -> list[dict]:
                        "dense_s": best["dense"], "engine_s": best["engine", label],
                        "masked_s": best["masked", label], "gathered_s": best["gathered", label]}
                 rows.append(row)
-                print(f"Lk {lk:6} Lq {lq:3} {label:34} {row['backend']:12} engine {row['engine_s'] * 1e3:7.2f} ms"
+                print(f"Lk {lk:6} Lq {lq:3} {label:46} {row['backend']:12} engine {row['engine_s'] * 1e3:7.2f} ms"
                       f"  masked {row['masked_s'] * 1e3:7.2f}  gathered {row['gathered_s'] * 1e3:7.2f}"
                       f"  dense {row['dense_s'] * 1e3:7.2f}  masked / engine {row['masked_s'] / row['engine_s']:5.1f}",
                       flush=True)
@@ -385,7 +390,7 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m bench.kernels", description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cpu")
     p.add_argument("--n", type=int, nargs="+", default=[4096, 16384, 65536])
-    p.add_argument("--patterns", nargs="+", choices=list(PATTERNS), default=list(PATTERNS))
+    p.add_argument("--patterns", nargs="+", choices=list(PATTERNS), default=ISSUE_PATTERNS)
     p.add_argument("--dtypes", nargs="+", choices=list(DTYPES), default=["float32"])
     p.add_argument("--bf16-n", type=int, default=16384, help="n of the bfloat16 rows (0: none)")
     p.add_argument("--heads", type=int, default=8)

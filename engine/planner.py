@@ -1,8 +1,8 @@
 """The planner: turns a single-head pattern into the exact kernels that compute it fastest.
 
 A plan is a list of steps over disjoint key sets, merged by log-sum-exp. The structured
-kernels cover the Sparse Transformer patterns (band, strided, fixed, and the paper's
-sliding+strided union) at any query length; anything else falls back to the masked kernel,
+kernels cover the Sparse Transformer patterns (band, strided, fixed, and a sliding window's
+union with a stride, as in the paper, or with fixed) at any query length; anything else falls back to the masked kernel,
 which is exact and memory-safe but slower, or for a few query rows on the CPU to the gathered
 kernel when that costs less. `simplify` first removes what cannot change the mask.
 """
@@ -130,10 +130,15 @@ def _structured(pattern: PatternBase) -> Plan | None:
         return Plan("fixed", (partial(kernels.fixed_attention, block=pattern.block, summary=pattern.summary),))
     if isinstance(pattern, Union) and len(pattern.patterns) == 2:
         window = next((m for m in pattern.patterns if isinstance(m, SlidingWindow)), None)
-        stride = next((m for m in pattern.patterns if isinstance(m, Strided)), None)
-        if window is not None and stride is not None:
+        other = next((m for m in pattern.patterns if m is not window), None)
+        if window is not None and isinstance(other, Strided):
             return Plan(
                 "band+strided",
-                (partial(kernels.band_strided_attention, window=window.window, stride=stride.stride),),
+                (partial(kernels.band_strided_attention, window=window.window, stride=other.stride),),
             )
+        if window is not None and isinstance(other, Fixed):  # fixed's keys at distance >= w: each key once
+            return Plan("band+fixed", (
+                partial(kernels.band_attention, window=window.window),
+                partial(kernels.fixed_attention, block=other.block, summary=other.summary, min_distance=window.window),
+            ))
     return None

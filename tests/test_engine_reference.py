@@ -30,6 +30,8 @@ PATTERNS = {
     "fixed_summary_1": FX(7, 1),
     "union_paper": {"type": "union", "patterns": [SW(12), ST(8)]},
     "union_odd": {"type": "union", "patterns": [ST(5), SW(12)]},
+    "union_window_fixed": {"type": "union", "patterns": [FX(16, 4), SW(5)]},
+    "union_window_over_block": {"type": "union", "patterns": [SW(20), FX(10, 3)]},
     "union_three": {"type": "union", "patterns": [SW(12), ST(5), FX(9, 2)]},
     "union_nested": {"type": "union", "patterns": [{"type": "union", "patterns": [SW(4), SW(9)]}, ST(11)]},
     "union_covered": {"type": "union", "patterns": [ST(8), SW(1), ST(4), FX(10, 10)]},  # -> dense

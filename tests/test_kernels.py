@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from engine import kernels
-from reference import reference_attention
+from reference import mask, reference_attention
 
 SW = lambda w: {"type": "sliding_window", "window": w}  # noqa: E731
 ST = lambda s: {"type": "strided", "stride": s}  # noqa: E731
@@ -88,15 +88,14 @@ def test_strided_many_chunks(monkeypatch, lq, lk, min_distance):
     monkeypatch.setattr("engine.kernels.strided.CHUNK_ROWS", 4)
     q, k, v = _qkv(2, lq, lk)
     result = kernels.strided_attention(q, k, v, stride=13, scale=0.25, min_distance=min_distance, chunks=30)
-    _assert_matches_strided(result, q, k, v, 13, min_distance)
+    _assert_matches_far(result, q, k, v, ST(13), min_distance)
 
 
-def _assert_matches_strided(result, q, k, v, stride, min_distance):
-    """Against a float64 reference of strided(stride) without the keys nearer than min_distance."""
+def _assert_matches_far(result, q, k, v, pattern, min_distance):
+    """Against a float64 reference of `pattern` (causal) without the keys nearer than min_distance."""
     lq, lk = q.shape[-2], k.shape[-2]
     i = torch.arange(lk - lq, lk)[:, None]
-    j = torch.arange(lk)[None, :]
-    keep = ((i - j) % stride == 0) & (i - j >= min_distance)
+    keep = mask(pattern, lq, lk, 0, 1) & (i - torch.arange(lk)[None, :] >= min_distance)
     scores = torch.einsum("bhqd,bhkd->bhqk", q.double(), k.double()) * 0.25
     scores = scores.masked_fill(~keep, float("-inf"))
     ref_lse = torch.logsumexp(scores, -1)
@@ -176,21 +175,22 @@ def test_gathered_rows_with_no_key_are_zero():
     torch.testing.assert_close(lse[..., 1::2].double(), ref_lse[..., 1::2], atol=2e-5, rtol=2e-5)
 
 
-LOCAL_GLOBAL = {"type": "union", "patterns": [SW(256), FX(128, 8)]}  # no structured kernel
+THREE = {"type": "union", "patterns": [SW(256), ST(128), FX(128, 8)]}  # no structured kernel
 
 
 @pytest.mark.parametrize("pattern,lq,lk,causal,device,backend", [
     (ST(64), 1, 65536, True, "cpu", "strided"),  # structured kernels take short runs too
     (FX(128, 8), 64, 65536, True, "cpu", "fixed"),
     ({"type": "union", "patterns": [SW(128), ST(128)]}, 1, 65536, True, "cuda", "band+strided"),
-    (LOCAL_GLOBAL, 1, 65536, True, "cpu", "gathered"),  # Lk / 16 keys instead of all Lk
-    (LOCAL_GLOBAL, 16, 65536, True, "cpu", "gathered"),
+    ({"type": "union", "patterns": [FX(128, 8), SW(256)]}, 16384, 16384, True, "cpu", "band+fixed"),
+    (THREE, 1, 65536, True, "cpu", "gathered"),  # Lk / 16 keys instead of all Lk
+    (THREE, 16, 65536, True, "cpu", "gathered"),
     (ST(64), 16, 65536, False, "cpu", "gathered"),
     ({"type": "union", "patterns": [ST(3), ST(5)]}, 64, 65536, True, "cpu", "masked"),  # nearly half of every key
     (SW(256), 1, 65536, False, "cpu", "masked"),  # the span is the window itself
-    (LOCAL_GLOBAL, 1, 300, True, "cpu", "masked"),  # a short span: one masked call beats a call per row
-    (LOCAL_GLOBAL, 1, 65536, True, "cuda", "masked"),  # a call per row is not measured on CUDA
-    (LOCAL_GLOBAL, 65, 65536, True, "cpu", "masked"),
+    (THREE, 1, 300, True, "cpu", "masked"),  # a short span: one masked call beats a call per row
+    (THREE, 1, 65536, True, "cuda", "masked"),  # a call per row is not measured on CUDA
+    (THREE, 65, 65536, True, "cpu", "masked"),
 ])
 def test_planner_kernel_choice(pattern, lq, lk, causal, device, backend):
     from engine.patterns import parse_pattern
@@ -220,4 +220,16 @@ def test_strided_short_runs(lq, lk, stride, min_distance):
     at both strides), each on its own classes' keys; rows with no key at min_distance 100."""
     q, k, v = _qkv(2, lq, lk, dv=24)
     result = kernels.strided_attention(q, k, v, stride=stride, scale=0.25, min_distance=min_distance)
-    _assert_matches_strided(result, q, k, v, stride, min_distance)
+    _assert_matches_far(result, q, k, v, ST(stride), min_distance)
+
+
+@pytest.mark.parametrize("lq,lk", [(1000, 1000), (517, 700), (300, 1003), (1, 1003), (70, 2001)])
+@pytest.mark.parametrize("block,summary,min_distance", [(16, 4, 5), (16, 4, 40), (10, 3, 10), (64, 8, 1), (7, 7, 3)])
+@pytest.mark.parametrize("ranges", [None, 7])  # a minimum distance always takes the call per block
+def test_fixed_min_distance(lq, lk, block, summary, min_distance, ranges):
+    """fixed's keys at distance >= m (a union with sliding_window(m)): own-block diagonal shifted,
+    a prefix of the summary keys per row, rows near the start with none."""
+    q, k, v = _qkv(2, lq, lk)
+    result = kernels.fixed_attention(q, k, v, block=block, summary=summary, scale=0.25, ranges=ranges,
+                                     min_distance=min_distance)
+    _assert_matches_far(result, q, k, v, FX(block, summary), min_distance)

@@ -10,6 +10,9 @@ block) the queries are viewed as [l, L/l] (position-in-block as the head axis, b
 the row), so that every head shares S (a stride-0 view) and one small [rows, keys]
 block-causal mask; the blocks are cut into a few row ranges, each with the keys its last block
 needs, so the masked waste is about 1/(2 ranges).
+
+A minimum distance m (for a union with a sliding window of m, whose keys it then skips) shifts
+the own-block causal diagonal by m and keeps a row's summary keys at positions up to i - m.
 """
 
 from __future__ import annotations
@@ -38,9 +41,10 @@ def summary_mask(b0: int, b1: int, c: int, dtype: torch.dtype, device: torch.dev
 
 def fixed_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, block: int, summary: int, scale: float,
-    ranges: int | None = None,
+    ranges: int | None = None, min_distance: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Causal fixed-pattern attention, queries bottom-right aligned; (out float32, lse)."""
+    """Causal fixed-pattern attention with i - j >= min_distance (for a union with a sliding
+    window, whose keys it then skips), queries bottom-right aligned; (out float32, lse)."""
     b, h, lq, _ = q.shape
     lk, dv, l, c = k.shape[-2], v.shape[-1], block, summary
     q, k, v = _same_head_dim(q, k, v)
@@ -56,7 +60,8 @@ def fixed_attention(
     nq = blocks - first
     qb = q.reshape(b * h, nq, l, d)
     own_out, own_lse = dense_attention(qb, k[..., first * l :, :].reshape(b * h, nq, l, d),
-                                       v[..., first * l :, :].reshape(b * h, nq, l, -1), scale=scale, diagonal=0)
+                                       v[..., first * l :, :].reshape(b * h, nq, l, -1), scale=scale,
+                                       diagonal=-min_distance)
     out = own_out.reshape(b * h, nq * l, -1).float()
     lse = own_lse.reshape(b * h, nq * l).contiguous()
 
@@ -68,10 +73,10 @@ def fixed_attention(
     lo = max(first, 1)  # block 0 sees no summary key
     if lo < blocks:
         ks, vs = gathered(k), gathered(v)
-        if ranges is None and (q.device.type == "cpu" or blocks - lo <= MAX_RANGES):
+        if min_distance or ranges is None and (q.device.type == "cpu" or blocks - lo <= MAX_RANGES):
             _summary_per_block(q.reshape(b * h, 1, nq * l, d), ks, vs, out, lse, range(lo, blocks), first=first,
                                block=l, summary=c, real=slice(offset - first * l, offset - first * l + lq),
-                               scale=scale)
+                               scale=scale, min_distance=min_distance)
         else:
             q_heads = qb.transpose(1, 2)  # [B*H, l, nq, D]: position in block as heads, block as rows
             ranges = ranges or min(MAX_RANGES, max(MIN_RANGES, (blocks - lo) // BLOCKS_PER_RANGE))
@@ -90,12 +95,27 @@ def fixed_attention(
 
 
 def _summary_per_block(q_rows, ks, vs, out, lse, blocks: range, *, first: int, block: int, summary: int,
-                        real: slice, scale: float) -> None:
-    """The summary piece one call per query block, on its real rows in their natural order (all
-    of them see the same summary keys: no mask, no padded row), merged into (out, lse) in place."""
+                       real: slice, scale: float, min_distance: int) -> None:
+    """The summary piece one call per query block, on its real rows in their natural order,
+    merged into (out, lse) in place. Every row of block b sees the same b*c summary keys (no
+    mask, no padded row); with a minimum distance m, a row at i sees those at positions <= i - m,
+    a prefix of them: the prefix all its block's rows see runs unmasked, the rest under a small
+    prefix mask."""
+    l, c = block, summary
     for b in blocks:
-        r0, r1 = max((b - first) * block, real.start), min((b - first + 1) * block, real.stop)
-        if r1 > r0:
-            o, s_lse = _fused(q_rows[:, :, r0:r1], ks[:, :, : b * summary], vs[:, :, : b * summary], scale=scale,
-                              is_causal=False)
+        r0, r1 = max((b - first) * l, real.start), min((b - first + 1) * l, real.stop)
+        if r1 <= r0:
+            continue
+        below = (torch.arange(r0, r1, device=q_rows.device) + first * l - min_distance + 1).clamp(min=0)
+        seen = (below // l * c + (below % l - (l - c)).clamp(min=0)).clamp(max=b * c)  # keys each row sees
+        lo, hi = int(seen.min()), int(seen.max())
+        rows = q_rows[:, :, r0:r1]
+        parts = [_fused(rows, ks[:, :, :lo], vs[:, :, :lo], scale=scale, is_causal=False)] if lo else []
+        if hi > lo:
+            keep = torch.arange(lo, hi, device=rows.device)[None, :] < seen[:, None]
+            mask = torch.zeros(keep.shape, dtype=rows.dtype, device=rows.device).masked_fill_(~keep, NEG_INF)
+            o, s_lse = _fused(rows, ks[:, :, lo:hi], vs[:, :, lo:hi], scale=scale, is_causal=False, mask=mask)
+            none = ~keep.any(-1)  # rows that see none of these keys: zeros and -inf, whatever the kernel gave
+            parts.append((o.masked_fill(none[:, None], 0.0), s_lse.masked_fill(none, NEG_INF)))
+        for o, s_lse in parts:
             merge_to(out[:, r0:r1], lse[:, r0:r1], (out[:, r0:r1], lse[:, r0:r1]), (o[:, 0], s_lse[:, 0]))
