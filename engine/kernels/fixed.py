@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..patterns.fixed import summary_keys_below
 from .dense import NEG_INF, _fused, _same_head_dim, dense_attention
 from .merge import merge_to
 
@@ -106,8 +107,8 @@ def _summary_per_block(q_rows, ks, vs, out, lse, blocks: range, *, first: int, b
         r0, r1 = max((b - first) * l, real.start), min((b - first + 1) * l, real.stop)
         if r1 <= r0:
             continue
-        below = (torch.arange(r0, r1, device=q_rows.device) + first * l - min_distance + 1).clamp(min=0)
-        seen = (below // l * c + (below % l - (l - c)).clamp(min=0)).clamp(max=b * c)  # keys each row sees
+        limit = (torch.arange(r0, r1, device=q_rows.device) + first * l - min_distance + 1).clamp(min=0)
+        seen = summary_keys_below(limit, l, c).clamp(max=b * c)  # how many of the b*c keys each row sees
         lo, hi = int(seen.min()), int(seen.max())
         rows = q_rows[:, :, r0:r1]
         parts = [_fused(rows, ks[:, :, :lo], vs[:, :, :lo], scale=scale, is_causal=False)] if lo else []

@@ -1,14 +1,12 @@
-"""A few query rows, each against exactly its own keys, gathered: decoding and small chunks.
+"""A few query rows, each against exactly its own keys: decoding and short chunks of patterns
+with no structured kernel (a union of three members, say).
 
-A decode step of `strided(s)` attends Lk / s keys spread over the whole prefix; the masked
-kernel would read and score all Lk of them, and the structured kernels are shaped for long
-query runs (the strided kernel scores every residue class, the fixed kernel a whole block of
-query rows). Here each row's keys come from the pattern (`keys_of`, ascending, each key once)
-and are taken from K and V: a strided view when they are evenly spaced (a strided or windowed
-row), a copy otherwise. Consecutive rows whose key lists extend each other (fixed's rows in one
-block: the same summary keys, then their block up to themselves) share one fused call and one
-copy under a [rows, keys] prefix mask; other rows take a call each, without a mask. Work and
-reads grow with the attended pairs, plus a fixed cost per call.
+Such a pattern's keys may spread thinly over the whole prefix; the masked kernel would read and
+score every key of the span. Here each row's keys come from the pattern (`keys_of`, ascending,
+each key once) and are taken from K and V: a strided view when they are evenly spaced, a copy
+otherwise. Consecutive rows whose key lists extend each other (as fixed's rows in one block do)
+share one fused call and one copy under a [rows, keys] prefix mask; other rows take a call each,
+without a mask. Work and reads grow with the attended pairs, plus a fixed cost per call.
 """
 
 from __future__ import annotations

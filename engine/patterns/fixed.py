@@ -26,7 +26,7 @@ from pydantic import Field, ValidationInfo, field_validator
 from .base import MAX_PARAMETER, PatternBase, causal_limit
 
 
-def _summary_keys_below(limit: torch.Tensor, block: int, summary: int) -> torch.Tensor:
+def summary_keys_below(limit: torch.Tensor, block: int, summary: int) -> torch.Tensor:
     """How many j in [0, limit) are summary columns (j mod block >= block - summary)."""
     full, rest = limit // block, limit % block
     return full * summary + torch.clamp(rest - (block - summary), min=0)
@@ -53,10 +53,10 @@ class Fixed(PatternBase):
         limit = causal_limit(i, lk, causal)
         start = (i // self.block) * self.block
         end = torch.minimum(limit, start + self.block)
-        own_summary = _summary_keys_below(end, self.block, self.summary) - _summary_keys_below(
+        own_summary = summary_keys_below(end, self.block, self.summary) - summary_keys_below(
             start, self.block, self.summary
         )
-        return (end - start) + _summary_keys_below(limit, self.block, self.summary) - own_summary
+        return (end - start) + summary_keys_below(limit, self.block, self.summary) - own_summary
 
     def keys_of(self, i: int, lk: int, causal: bool) -> torch.Tensor:
         limit = min(i + 1, lk) if causal else lk
