@@ -46,6 +46,8 @@ SHAPES = {
     "lq_lt_lk": (1, 2, 2, 90, 103, 16, 16),
     "lq_much_lt_lk": (2, 2, 1, 70, 300, 8, 8),
     "decode": (1, 2, 2, 1, 77, 16, 16),
+    "decode_gqa": (2, 4, 2, 3, 200, 16, 16),  # short runs: fewer rows than most strides
+    "decode_mqa": (1, 4, 1, 5, 300, 16, 8),
     "one": (1, 1, 1, 1, 1, 8, 8),
     "gqa_dv": (2, 4, 2, 100, 100, 16, 24),
     "mqa": (1, 4, 1, 97, 120, 16, 8),
@@ -102,7 +104,7 @@ def test_custom_scale():
     torch.testing.assert_close(out.double(), ref_out, atol=2e-5, rtol=2e-5)
 
 
-@pytest.mark.parametrize("shape", ["gqa_dv", "mqa", "lq_much_lt_lk"])
+@pytest.mark.parametrize("shape", ["gqa_dv", "mqa", "lq_much_lt_lk", "decode_gqa", "decode_mqa"])
 @pytest.mark.parametrize("pattern", PATTERNS.values(), ids=PATTERNS.keys())
 def test_grouped_query_heads_one_key_value_head_at_a_time(monkeypatch, pattern, shape):
     """Past GQA_REPEAT_BYTES (0 here) the query heads run per key/value head on stride-0 views."""
