@@ -20,3 +20,19 @@ def test_the_document_describes_the_request_and_every_error_status():
     request = doc["components"]["schemas"]["AttentionRequest"]
     assert {"q", "k", "v", "pattern", "causal", "scale", "return_lse", "timeout_ms", "encoding"} == set(request["properties"])
     assert "HTTPBearer" in doc["components"]["securitySchemes"]
+
+
+def test_the_backend_field_names_every_kernel_the_planner_picks():
+    from engine.patterns import parse_pattern
+    from engine.planner import plan
+    from service.schemas import Meta
+
+    sw, st, fx = ({"type": "sliding_window", "window": 64}, {"type": "strided", "stride": 64},
+                  {"type": "fixed", "block": 64, "summary": 4})
+    cases = [({"type": "dense"}, 100), (sw, 100), (st, 100), (fx, 100), ({"type": "union", "patterns": [sw, st]}, 100),
+             ({"type": "union", "patterns": [sw, fx]}, 100), ({"type": "union", "patterns": [sw, st, fx]}, 100),
+             ({"type": "union", "patterns": [sw, st, fx]}, 1)]
+    picked = {plan(parse_pattern(p), lq, 65536, True, "cpu").backend for p, lq in cases}
+    assert picked == {"sdpa", "band", "strided", "fixed", "band+strided", "band+fixed", "masked", "gathered"}
+    description = Meta.model_fields["backend"].description
+    assert all(name in description.replace(",", " ").split() for name in picked)
