@@ -92,9 +92,10 @@ class Service:
     async def _warm_up(self, batcher: Batcher) -> None:
         """One small call per kernel family through the worker thread, then ready."""
         dtypes = [torch.float32] + ([torch.float16, torch.bfloat16] if self.device.type == "cuda" else [])
-        patterns = [{"type": "dense"}, {"type": "sliding_window", "window": 16}, {"type": "strided", "stride": 16},
-                    {"type": "fixed", "block": 16, "summary": 2},
-                    {"type": "union", "patterns": [{"type": "sliding_window", "window": 8}, {"type": "fixed", "block": 16, "summary": 1}]}]
+        window, stride, fixed = ({"type": "sliding_window", "window": 8}, {"type": "strided", "stride": 16},
+                                 {"type": "fixed", "block": 16, "summary": 2})
+        patterns = [{"type": "dense"}, window, stride, fixed, {"type": "union", "patterns": [window, stride]},
+                    {"type": "union", "patterns": [window, fixed]}, {"type": "union", "patterns": [window, stride, fixed]}]
         started = time.perf_counter()
         try:
             for dtype in dtypes:
