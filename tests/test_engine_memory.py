@@ -79,3 +79,21 @@ def test_multi_query_dense_and_band_never_repeat_the_key_value_head():
         assert mem.peak_bytes < 2 * output + repeated / 2, (pattern, mem.peak_bytes)
         expected = attention(q, k.expand(-1, 8, -1, -1).contiguous(), v.expand(-1, 8, -1, -1).contiguous(), pattern)
         torch.testing.assert_close(out, expected)
+
+
+@pytest.mark.parametrize("pattern", [
+    {"type": "strided", "stride": 64},
+    {"type": "fixed", "block": 128, "summary": 8},
+    {"type": "union", "patterns": [{"type": "sliding_window", "window": 256}, {"type": "fixed", "block": 128, "summary": 8}]},
+    {"type": "union", "patterns": [{"type": "sliding_window", "window": 128}, {"type": "strided", "stride": 128}]},
+])
+@pytest.mark.parametrize("lk", [8192, 8191])  # whole blocks and classes, and not
+def test_a_decode_step_copies_no_more_than_the_keys_it_attends(pattern, lk):
+    """One query row after lk keys: the kernels read what the row attends (views of K and V, a
+    copy of fixed's summary keys: c/l of them) and never pad or copy all of K and V."""
+    q = torch.randn(1, 2, 1, 64)
+    k, v = (torch.randn(1, 2, lk, 64) for _ in range(2))
+    with PeakMemory("cpu") as mem:
+        out = attention(q, k, v, pattern)
+    assert out.shape == (1, 2, 1, 64)
+    assert mem.peak_bytes < k.numel() * 4 / 4, mem.peak_bytes  # both K and V are 2 * k.numel() * 4 bytes

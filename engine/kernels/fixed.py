@@ -53,22 +53,26 @@ def fixed_attention(
     offset = lk - lq
     first = offset // l  # first query block
     blocks = -(-lk // l)  # key blocks, the last maybe partial
-    pad_q, pad_k = (offset - first * l, blocks * l - lk), (0, blocks * l - lk)
+    pad_q = (offset - first * l, blocks * l - lk)
     if any(pad_q) or not q.is_contiguous():
         q = F.pad(q, (0, 0, *pad_q))
-    if any(pad_k) or not k.is_contiguous() or not v.is_contiguous():
-        k, v = F.pad(k, (0, 0, *pad_k)), F.pad(v, (0, 0, *pad_k))
     nq = blocks - first
     qb = q.reshape(b * h, nq, l, d)
-    own_out, own_lse = dense_attention(qb, k[..., first * l :, :].reshape(b * h, nq, l, d),
-                                       v[..., first * l :, :].reshape(b * h, nq, l, -1), scale=scale,
-                                       diagonal=-min_distance)
+
+    # The query blocks' own keys as [B*H, nq, l, D]: a view, or a copy of those blocks only
+    # (zero-padded to whole blocks: the padding lies in every query's future), never all of K.
+    def own_blocks(x: torch.Tensor) -> torch.Tensor:
+        x = x[..., first * l :, :]
+        return (F.pad(x, (0, 0, 0, blocks * l - lk)) if blocks * l > lk else x).reshape(b * h, nq, l, -1)
+
+    own_out, own_lse = dense_attention(qb, own_blocks(k), own_blocks(v), scale=scale, diagonal=-min_distance)
     out = own_out.reshape(b * h, nq * l, -1).float()
     lse = own_lse.reshape(b * h, nq * l).contiguous()
 
-    # Summary keys of blocks 0 .. blocks-2 (the last block's summary is only its own block's).
+    # Summary keys of blocks 0 .. blocks-2 (whole blocks; the last block's summary is only its
+    # own block's): a copy of c/l of them.
     def gathered(x: torch.Tensor) -> torch.Tensor:
-        return x[..., : (blocks - 1) * l, :].reshape(b * h, blocks - 1, l, -1)[:, :, l - c :].reshape(
+        return x[..., : (blocks - 1) * l, :].unflatten(-2, (blocks - 1, l))[..., l - c :, :].reshape(
             b * h, 1, (blocks - 1) * c, -1)
 
     lo = max(first, 1)  # block 0 sees no summary key
