@@ -88,12 +88,13 @@ def test_multi_query_dense_and_band_never_repeat_the_key_value_head():
     {"type": "union", "patterns": [{"type": "sliding_window", "window": 128}, {"type": "strided", "stride": 128}]},
 ])
 @pytest.mark.parametrize("lk", [8192, 8191])  # whole blocks and classes, and not
-def test_a_decode_step_copies_no_more_than_the_keys_it_attends(pattern, lk):
-    """One query row after lk keys: the kernels read what the row attends (views of K and V, a
+@pytest.mark.parametrize("lq", [1, 100])  # a decode step; a chunk longer than the stride
+def test_a_short_run_copies_no_more_than_the_keys_it_attends(pattern, lk, lq):
+    """A few query rows after lk keys: the kernels read what the rows attend (views of K and V, a
     copy of fixed's summary keys: c/l of them) and never pad or copy all of K and V."""
-    q = torch.randn(1, 2, 1, 64)
+    q = torch.randn(1, 2, lq, 64)
     k, v = (torch.randn(1, 2, lk, 64) for _ in range(2))
     with PeakMemory("cpu") as mem:
         out = attention(q, k, v, pattern)
-    assert out.shape == (1, 2, 1, 64)
+    assert out.shape == (1, 2, lq, 64)
     assert mem.peak_bytes < k.numel() * 4 / 4, mem.peak_bytes  # both K and V are 2 * k.numel() * 4 bytes

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from .band import _row_major
 from .dense import NEG_INF, _fused, empty_partial
+from .merge import merge_partials
 
 # Query class rows per chunk: at least CHUNK_ROWS, at most MAX_CHUNKS chunks. 64-row chunks were
 # the fastest of 16..256 for strided(64) at n = 16384 and strided(128) at 65536 (CPU, 2 cores);
@@ -53,7 +54,11 @@ def strided_pieces(
     b, h, lq, _ = q.shape
     lk, dv, s = k.shape[-2], v.shape[-1], stride
     offset = lk - lq
-    total = -(-lk // s) * s  # keys padded to whole classes: pads are in everyone's future
+    total = -(-lk // s) * s  # queries padded to whole classes
+    # Keys in whole class rows only (views, no copy): the last, partial key class row holds, for
+    # each real query of the last query class row, its own position alone (`_with_own_keys`).
+    key_rows = lk // s
+    unpadded_q = q
     lead = offset % s  # queries start at a class boundary: up to s - 1 dummy rows
     if lead:
         q = F.pad(q, (0, 0, lead, 0))
@@ -65,20 +70,21 @@ def strided_pieces(
         return []
     seen = diag + skip  # local query class row r sees key class rows 0 .. seen + r
     qc = _classes(q, skip * s, (skip + rows) * s, s)
-    kc, vc = _classes(k, 0, (seen + rows) * s, s), _classes(v, 0, (seen + rows) * s, s)
+    kc, vc = (_classes(x, 0, min(seen + rows, key_rows) * s, s) for x in (k, v))
     # On CUDA the flash kernel skips the causal square's empty half itself: one chunk.
     chunks = chunks or (1 if q.device.type == "cuda" else MAX_CHUNKS)
     size = rows if chunks == 1 else max(CHUNK_ROWS, -(-rows // chunks))
     pieces = []
     for c0 in range(0, rows, size):
         c1 = min(rows, c0 + size)
-        if seen == 0 and c1 - c0 == rows:  # one causal square: no mask needed
+        width = min(seen + c1, key_rows)  # key class rows this chunk sees
+        if seen == 0 and c1 - c0 == rows == width:  # one causal square: no mask needed
             out, lse = _fused(qc, kc, vc, scale=scale, is_causal=True)
         else:
-            keys = torch.arange(seen + c1, device=q.device)[None, :]
+            keys = torch.arange(width, device=q.device)[None, :]
             limit = torch.arange(seen + c0, seen + c1, device=q.device)[:, None]
-            mask = torch.zeros(c1 - c0, seen + c1, dtype=q.dtype, device=q.device).masked_fill_(keys > limit, NEG_INF)
-            out, lse = _fused(qc[:, :, c0:c1], kc[:, :, : seen + c1], vc[:, :, : seen + c1], scale=scale,
+            mask = torch.zeros(c1 - c0, width, dtype=q.dtype, device=q.device).masked_fill_(keys > limit, NEG_INF)
+            out, lse = _fused(qc[:, :, c0:c1], kc[:, :, :width], vc[:, :, :width], scale=scale,
                               is_causal=False, mask=mask)
         first = (skip + c0) * s - lead  # q row of the chunk's first position
         out = out.transpose(1, 2).reshape(b, h, (c1 - c0) * s, dv)
@@ -86,7 +92,24 @@ def strided_pieces(
         lo, hi = max(0, -first), min((c1 - c0) * s, lq - first)  # drop dummy and padded rows
         if hi > lo:
             pieces.append((first + lo, out[..., lo:hi, :], lse[..., lo:hi]))
+    if min_distance == 0 and key_rows * s < lk:
+        pieces[-1] = _with_own_keys(pieces[-1], unpadded_q, k, v, first_row=max(0, key_rows * s - offset),
+                                    scale=scale)
     return pieces
+
+
+def _with_own_keys(piece, q, k, v, *, first_row: int, scale: float):
+    """The last piece with query rows first_row.. (those past the last whole key class row) also
+    attending the key at their own position, merged by log-sum-exp: that key's score alone, and
+    its value."""
+    row, out, lse = piece
+    lk, lq = k.shape[-2], q.shape[-2]
+    own = slice(lk - lq + first_row, lk)
+    own_lse = (q[..., first_row:, :].float() * k[..., own, :].float()).sum(-1) * scale
+    at = first_row - row
+    merged_out, merged_lse = merge_partials([(out[..., at:, :], lse[..., at:]), (v[..., own, :], own_lse)])
+    return (row, torch.cat([out[..., :at, :], merged_out.to(out.dtype)], dim=-2),
+            torch.cat([lse[..., :at], merged_lse], dim=-1))
 
 
 def _short_run_pieces(
