@@ -315,7 +315,7 @@ def bench_tiles(args, device: torch.device) -> list[dict]:
     n = args.n[0]
     q, k, v = inputs(n, args.heads, args.dim, torch.float32, device)
     for window in (64, 128, 256, 512):
-        for tile in (8, 16, 32, 64, 128, 256):
+        for tile in (8, 16, 24, 32, 64, 128, 256):
             s = timed(lambda: band_attention(q, k, v, window=window, scale=0.125, tile=tile), device,
                       args.repeats, args.slow)[1]
             rows.append({"n": n, "window": window, "tile": tile, "seconds": s})

@@ -13,6 +13,7 @@ from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 from bench import kernels as bench_kernels
 from engine.patterns import parse_pattern
 from reference import reference_attention
+from service_support import from_json
 
 
 @pytest.mark.parametrize("name", list(bench_kernels.PATTERNS))
@@ -77,7 +78,9 @@ def test_service_bench_requests_are_answered_and_read_back():
         assert meta["batch"]["requests"] == 1 and meta["timing_ms"]["total"] > 0
     n = int(answers[2].headers["inference-header-content-length"])
     got = torch.frombuffer(bytearray(answers[2].content[n:]), dtype=torch.float32).reshape(expected.shape)
-    assert torch.equal(got, expected)
+    assert torch.equal(got, from_json(answers[0].json()["output"]))  # binary and base64 carry the same bits
+    # The service's worker runs small calls on fewer threads, which may change the last bit.
+    torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-6)
 
 
 def test_decode_benchmark_writes_each_kernels_time(tmp_path):

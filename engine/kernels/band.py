@@ -22,8 +22,10 @@ from .dense import NEG_INF, _fused, _same_head_dim, dense_attention, flash_suppo
 
 # Query rows per tile: a row computes T + w - 1 keys for its w, but tiny tiles make tiny
 # matrix products. On the CPU flash kernel 16 and 32 were the fastest of 8..256 for windows
-# 64..256 and within 10% of the best at 512 (`python -m bench.kernels --tiles --n 16384`).
-TILE_ROWS = 32
+# 64..256; 24 then beat both at n = 16384, H = 8, D = 64 (two rounds, ms for 16 / 24 / 32 rows:
+# w = 64 35.1-35.5 / 32.5-32.8 / 36.5-37.3, 128 47.7-47.8 / 45.2-46.9 / 47.7-48.8, 256
+# 75.7-76.6 / 71.7-73.2 / 73.0-74.2; 512 within noise). `python -m bench.kernels --tiles`.
+TILE_ROWS = 24
 
 
 def band_mask(rows: int, window: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
