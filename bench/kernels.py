@@ -334,13 +334,15 @@ def bench_decode(args, device: torch.device) -> list[dict]:
         k, v = inputs(lk, args.heads, args.dim, torch.float32, device)[1:]
         for lq in args.decode_lq:
             q = inputs(lq, args.heads, args.dim, torch.float32, device, seed=lq)[0]
-            fns = {"dense": lambda q=q: attention(q, k, v, None)}
+            fns = {"dense": lambda q=q, k=k, v=v: attention(q, k, v, None)}
             for label, spec in patterns.items():
                 pattern = parse_pattern(spec)
                 single = simplify(pattern, lk, True)
-                fns["engine", label] = lambda q=q, p=pattern: attention(q, k, v, p)
-                fns["masked", label] = lambda q=q, p=single: masked_attention(q, k, v, p, scale=0.125, causal=True)
-                fns["gathered", label] = lambda q=q, p=single: gathered_attention(q, k, v, p, scale=0.125, causal=True)
+                fns["engine", label] = lambda q=q, k=k, v=v, p=pattern: attention(q, k, v, p)
+                fns["masked", label] = (lambda q=q, k=k, v=v, p=single:
+                                        masked_attention(q, k, v, p, scale=0.125, causal=True))
+                fns["gathered", label] = (lambda q=q, k=k, v=v, p=single:
+                                          gathered_attention(q, k, v, p, scale=0.125, causal=True))
             times = rounds(fns, device, args.repeats, args.slow, args.turn_s)
             best = {key: min(t[1:] or t) for key, t in times.items()}
             for label, spec in patterns.items():

@@ -2,9 +2,10 @@
 
 A plan is a list of steps over disjoint key sets, merged by log-sum-exp. The structured
 kernels cover the Sparse Transformer patterns (band, strided, fixed, and a sliding window's
-union with a stride, as in the paper, or with fixed) at any query length; anything else falls back to the masked kernel,
-which is exact and memory-safe but slower, or for a few query rows on the CPU to the gathered
-kernel when that costs less. `simplify` first removes what cannot change the mask.
+union with a stride, as in the paper, or with fixed) at any query length; anything else falls
+back to the masked kernel, which is exact and memory-safe but slower, or for a few query rows
+on the CPU to the gathered kernel when that costs less. `simplify` first removes what cannot
+change the mask.
 """
 
 from __future__ import annotations
@@ -97,7 +98,7 @@ def _covers(wide: PatternBase, narrow: PatternBase) -> bool:
 
 def gathers_less(pattern: PatternBase, lq: int, lk: int, causal: bool) -> bool:
     """Whether the gathered kernel costs less than the masked one for these few query rows: a
-    pattern whose keys spread thinly over a wide span (strided, fixed, their unions)."""
+    pattern whose keys spread thinly over a wide span (a union of a stride and fixed, say)."""
     lo, hi = pattern.key_span(lk - lq, lk, lk, causal)
     masked = (hi - lo) * (lq + MASKED_READ_ROWS)
     return GATHERED_PAIR_COST * pairs_bound(pattern, lq, lk, causal) + GATHERED_ROW_COST * lq < masked
