@@ -42,6 +42,10 @@ def problems(draw):
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(problems())
 def test_engine_matches_reference_on_random_problems(problem):
+    check_against_reference(problem)
+
+
+def check_against_reference(problem):
     (b, h, hkv, lq, lk, d, dv), pattern, causal, seed = problem
     g = torch.Generator().manual_seed(seed)
     q, k, v = (torch.randn(b, h, lq, d, generator=g), torch.randn(b, hkv, lk, d, generator=g),
@@ -52,3 +56,20 @@ def test_engine_matches_reference_on_random_problems(problem):
     assert torch.equal(torch.isinf(lse), torch.isinf(ref_lse))
     finite = ~torch.isinf(ref_lse)
     torch.testing.assert_close(lse.double()[finite], ref_lse[finite], atol=3e-5, rtol=3e-5)
+
+
+@st.composite
+def short_runs(draw):
+    """A few query rows at the end of long keys (decoding, small chunks): the structured kernels'
+    short-run paths and the gathered kernel's choice."""
+    hkv = draw(st.integers(1, 2))
+    h = hkv * draw(st.integers(1, 2))
+    lk = draw(st.integers(200, 3000))
+    lq = draw(st.integers(1, 70))
+    return (1, h, hkv, lq, lk, 8, 8), draw(single), draw(st.booleans()), draw(st.integers(0, 2**31 - 1))
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(short_runs())
+def test_short_runs_after_long_keys_match_reference(problem):
+    check_against_reference(problem)
