@@ -5,8 +5,9 @@ Positions with the same residue mod s attend only each other, causally. Viewing 
 s classes of length L/s, batched in each fused call: n^2/s work, with no copy of K or V (the
 view's strides go straight to the kernel; keys past the last whole class row are each seen only
 by the query at their own position, added apart), none of Q when s divides its rows' span, and
-none of the output (the kernel writes it in the query's memory order, the natural one). The class rows are cut into
-chunks, one call each, so that little of the causal square's empty half is computed. A minimum
+none of the output (the kernel writes it in the query's memory order, the natural one). The
+class rows are cut into chunks, one call each, so that little of the causal square's empty half
+is computed. A minimum
 distance m (for a union with a sliding window, whose keys it then skips) drops the first
 ceil(m/s) query class rows and shifts the mask's diagonal.
 
