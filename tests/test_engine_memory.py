@@ -98,3 +98,19 @@ def test_a_short_run_copies_no_more_than_the_keys_it_attends(pattern, lk, lq):
         out = attention(q, k, v, pattern)
     assert out.shape == (1, 2, lq, 64)
     assert mem.peak_bytes < k.numel() * 4 / 4, mem.peak_bytes  # both K and V are 2 * k.numel() * 4 bytes
+
+
+@pytest.mark.parametrize("pattern,causal", [
+    ({"type": "union", "patterns": [{"type": "sliding_window", "window": 256}, {"type": "strided", "stride": 128},
+                                    {"type": "fixed", "block": 128, "summary": 8}]}, True),  # no structured kernel
+    ({"type": "sliding_window", "window": 256}, False),  # no non-causal structured kernel
+])
+def test_the_masked_fallback_stays_within_its_budget(pattern, causal):
+    """The masked kernel's chunks hold about MASK_BUDGET mask elements: ~86 and ~13 MiB here; a
+    chunk once grew past its budget to 8192 x 8192 (over 1 GiB)."""
+    n = 8192
+    q, k, v = (torch.randn(1, 1, n, 64) for _ in range(3))
+    with PeakMemory("cpu") as mem:
+        out = attention(q, k, v, pattern, causal=causal)
+    assert out.shape == (1, 1, n, 64)
+    assert mem.peak_bytes < 160 * 2**20, mem.peak_bytes

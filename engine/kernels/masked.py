@@ -1,6 +1,8 @@
 """The exact fallback for any single-head pattern: query chunks against each chunk's key span,
 masked by the pattern's own rule. Memory is chunk x span, never Lq x Lk, so it is safe at any
-n; it is the slowest kernel and the planner uses it only where no structured kernel applies."""
+n; it is the slowest kernel and the planner uses it only where no structured kernel applies.
+A chunk is about as many rows as one row's key span is wide (more would only widen the span
+with masked keys) and at most MASK_BUDGET mask elements."""
 
 from __future__ import annotations
 
@@ -9,8 +11,13 @@ import torch
 from ..patterns import PatternBase
 from .dense import NEG_INF, _fused, empty_partial
 
-# Mask elements per chunk (float32): bounds the fallback's extra memory to ~64 MiB.
-MASK_BUDGET = 1 << 24
+# Mask elements per chunk: the mask, the rule's int64 temporaries and the kernel's scores are each
+# a few times this in bytes. union(sliding 256, strided 128, fixed(128, 8)) at n = 16384, one head:
+# peak 92 MiB, 1.72 s (2^24: 339 MiB, 1.66 s; before chunks were capped by the budget, 4.3 GiB).
+MASK_BUDGET = 1 << 22
+# Fewest query rows per call (unless the budget allows fewer): a tiny reach would otherwise make
+# thousands of tiny calls.
+MIN_CHUNK_ROWS = 128
 
 
 def masked_attention(
@@ -21,22 +28,15 @@ def masked_attention(
     *,
     scale: float,
     causal: bool,
-    exclude: PatternBase | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Attention for `pattern` over [B, H, L, D] (equal heads), queries bottom-right aligned.
-
-    `exclude` drops the keys another kernel already covers (so a union counts each key once).
-    """
+    """Attention for `pattern` over [B, H, L, D] (equal heads), queries bottom-right aligned."""
     lq, lk, dv = q.shape[-2], k.shape[-2], v.shape[-1]
     offset = lk - lq
     out = q.new_empty(*q.shape[:-1], dv, dtype=torch.float32)
     lse = torch.empty(q.shape[:-1], dtype=torch.float32, device=q.device)
     start = 0
     while start < lq:
-        chunk = max(1, min(lq - start, MASK_BUDGET // max(1, lk)))
-        lo, hi = pattern.key_span(offset + start, offset + start + chunk, lk, causal)
-        # The span of the real chunk is narrower than lk: grow the chunk to fill the budget.
-        chunk = max(1, min(lq - start, MASK_BUDGET // max(1, hi - lo)))
+        chunk = _chunk_rows(pattern, offset + start, lq - start, lk, causal)
         lo, hi = pattern.key_span(offset + start, offset + start + chunk, lk, causal)
         rows = slice(start, start + chunk)
         i = torch.arange(offset + start, offset + start + chunk, device=q.device)[:, None]
@@ -44,8 +44,6 @@ def masked_attention(
         allowed = pattern.allows(i, j)
         if causal:
             allowed = allowed & (j <= i)
-        if exclude is not None:
-            allowed = allowed & ~exclude.allows(i, j)
         if hi <= lo:
             part = empty_partial(q[..., rows, :], dv)
         else:
@@ -58,3 +56,17 @@ def masked_attention(
         lse[..., rows] = part[1]
         start += chunk
     return out, lse
+
+
+def _chunk_rows(pattern: PatternBase, first: int, rows_left: int, lk: int, causal: bool) -> int:
+    """Query rows for the call starting at position `first`: about the pattern's reach from one
+    row (its key span's width; more rows only widen the span with keys that are mostly masked, as
+    a non-causal window's are), and no more than MASK_BUDGET mask elements."""
+    lo, hi = pattern.key_span(first, first + 1, lk, causal)
+    chunk = min(rows_left, max(MIN_CHUNK_ROWS, hi - lo))
+    while chunk > 1:
+        lo, hi = pattern.key_span(first, first + chunk, lk, causal)
+        if chunk * (hi - lo) <= MASK_BUDGET:
+            break
+        chunk = max(1, MASK_BUDGET // (hi - lo))
+    return chunk
