@@ -233,3 +233,21 @@ def test_fixed_min_distance(lq, lk, block, summary, min_distance, ranges):
     result = kernels.fixed_attention(q, k, v, block=block, summary=summary, scale=0.25, ranges=ranges,
                                      min_distance=min_distance)
     _assert_matches_far(result, q, k, v, FX(block, summary), min_distance)
+
+
+@pytest.mark.parametrize("pattern", [SW(7), ST(5), FX(10, 3), {"type": "union", "patterns": [SW(4), ST(9), FX(8, 2)]}],
+                         ids=["window", "stride", "fixed", "union3"])
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("budget,min_rows", [(400, 3), (50, 1), (10**9, 128)])
+def test_masked_chunks(monkeypatch, pattern, causal, budget, min_rows):
+    """The masked kernel over many chunks: a row's reach, the budget shrinking a chunk (to single
+    rows at 50 elements), one chunk for everything."""
+    from engine.patterns import parse_pattern
+
+    monkeypatch.setattr("engine.kernels.masked.MASK_BUDGET", budget)
+    monkeypatch.setattr("engine.kernels.masked.MIN_CHUNK_ROWS", min_rows)
+    q, k, v = _qkv(2, 150, 230)
+    out, lse = kernels.masked_attention(q, k, v, parse_pattern(pattern), scale=0.25, causal=causal)
+    ref_out, ref_lse = reference_attention(q, k, v, pattern, causal=causal, scale=0.25)
+    torch.testing.assert_close(out.double(), ref_out, atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(lse.double(), ref_lse, atol=2e-5, rtol=2e-5)
