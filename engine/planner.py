@@ -110,13 +110,21 @@ def plan(pattern: PatternBase, lq: int, lk: int, causal: bool, device_type: str)
     pattern = simplify(pattern, lk, causal)
     if isinstance(pattern, Dense):
         return Plan("sdpa", (partial(kernels.dense_attention, diagonal=(lk - lq) if causal else None),))
-    structured = _structured(pattern) if causal else None
+    structured = _structured(pattern) if causal else _structured_noncausal(pattern)
     if structured is not None:
         return structured
     # A call per row pays off where calls are cheap; on CUDA (not measured) launches would dominate.
     if lq <= SMALL_QUERY_ROWS and device_type == "cpu" and gathers_less(pattern, lq, lk, causal):
         return Plan("gathered", (partial(kernels.gathered_attention, pattern=pattern, causal=causal),))
     return Plan("masked", (partial(kernels.masked_attention, pattern=pattern, causal=causal),))
+
+
+def _structured_noncausal(pattern: PatternBase) -> Plan | None:
+    """The structured kernel of a non-causal pattern, or None: strided's classes, each attending
+    all of itself."""
+    if isinstance(pattern, Strided):
+        return Plan("strided", (partial(kernels.strided_attention, stride=pattern.stride, causal=False),))
+    return None
 
 
 def _structured(pattern: PatternBase) -> Plan | None:

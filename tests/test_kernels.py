@@ -185,7 +185,8 @@ THREE = {"type": "union", "patterns": [SW(256), ST(128), FX(128, 8)]}  # no stru
     ({"type": "union", "patterns": [FX(128, 8), SW(256)]}, 16384, 16384, True, "cpu", "band+fixed"),
     (THREE, 1, 65536, True, "cpu", "gathered"),  # Lk / 16 keys instead of all Lk
     (THREE, 16, 65536, True, "cpu", "gathered"),
-    (ST(64), 16, 65536, False, "cpu", "gathered"),
+    (ST(64), 16, 65536, False, "cpu", "strided"),  # non-causal: each class attends all of itself
+    ({"type": "union", "patterns": [ST(64), FX(128, 8)]}, 16, 65536, False, "cpu", "gathered"),
     ({"type": "union", "patterns": [ST(3), ST(5)]}, 64, 65536, True, "cpu", "masked"),  # nearly half of every key
     (SW(256), 1, 65536, False, "cpu", "masked"),  # the span is the window itself
     (THREE, 1, 300, True, "cpu", "masked"),  # a short span: one masked call beats a call per row
@@ -249,5 +250,16 @@ def test_masked_chunks(monkeypatch, pattern, causal, budget, min_rows):
     q, k, v = _qkv(2, 150, 230)
     out, lse = kernels.masked_attention(q, k, v, parse_pattern(pattern), scale=0.25, causal=causal)
     ref_out, ref_lse = reference_attention(q, k, v, pattern, causal=causal, scale=0.25)
+    torch.testing.assert_close(out.double(), ref_out, atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(lse.double(), ref_lse, atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize("lq,lk", [(600, 600), (517, 700), (1, 1003), (3, 5), (64, 64)])
+@pytest.mark.parametrize("stride", [8, 13, 64])
+def test_strided_non_causal(lq, lk, stride):
+    """Every key of the query's class, the last partial class row included (all of it when Lk < s)."""
+    q, k, v = _qkv(2, lq, lk, dv=24)
+    out, lse = kernels.strided_attention(q, k, v, stride=stride, scale=0.25, causal=False)
+    ref_out, ref_lse = reference_attention(q, k, v, ST(stride), causal=False, scale=0.25)
     torch.testing.assert_close(out.double(), ref_out, atol=2e-5, rtol=2e-5)
     torch.testing.assert_close(lse.double(), ref_lse, atol=2e-5, rtol=2e-5)

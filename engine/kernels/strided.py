@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from .band import _row_major
 from .dense import NEG_INF, _fused, empty_partial
-from .merge import merge_partials
+from .merge import merge_partials, merge_to
 
 # Query class rows per chunk: at least CHUNK_ROWS, at most MAX_CHUNKS chunks. 64-row chunks were
 # the fastest of 16..256 for strided(64) at n = 16384 and strided(128) at 65536 (CPU, 2 cores);
@@ -149,11 +149,14 @@ def _class_view(x: torch.Tensor, first_class: int, classes: int, rows: int, stri
 
 
 def strided_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, stride: int, scale: float, min_distance: int = 0,
-    chunks: int | None = None,
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, stride: int, scale: float, causal: bool = True,
+    min_distance: int = 0, chunks: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Causal `(i - j) mod stride == 0` attention with i - j >= min_distance, queries
-    bottom-right aligned; (out, lse) over [B, H, Lq, *]."""
+    """`(i - j) mod stride == 0` attention, causal with i - j >= min_distance or over every key,
+    queries bottom-right aligned; (out, lse) over [B, H, Lq, *]."""
+    if not causal:
+        assert min_distance == 0, "a minimum distance is for causal unions"
+        return _every_class_key(q, k, v, stride=stride, scale=scale)
     pieces = strided_pieces(q, k, v, stride=stride, scale=scale, min_distance=min_distance, chunks=chunks)
     # The pieces are consecutive: join them (one copy), after empty rows for those that see no key.
     first = pieces[0][0] if pieces else q.shape[-2]
@@ -162,3 +165,29 @@ def strided_attention(
     if len(pieces) == 1:
         return pieces[0][1], pieces[0][2]
     return torch.cat([p[1] for p in pieces], dim=-2), torch.cat([p[2] for p in pieces], dim=-1)
+
+
+def _every_class_key(q, k, v, *, stride: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Non-causal strided attention: each query attends every key of its class, n^2/s work in one
+    call over the class views, no mask. Keys in whole class rows are a view; the last, partial
+    row gives classes c < Lk mod s one more key each, merged in by log-sum-exp."""
+    b, h, lq, _ = q.shape
+    lk, dv, s = k.shape[-2], v.shape[-1], stride
+    lead = (lk - lq) % s  # queries from a class boundary on: up to s - 1 dummy rows each side
+    q_rows = -(-(lead + lq) // s)
+    qc = _classes(F.pad(q, (0, 0, lead, q_rows * s - lead - lq)), 0, q_rows * s, s)
+    key_rows, rest = divmod(lk, s)
+    out = torch.zeros(b * h, s, q_rows, dv, dtype=torch.float32, device=q.device)
+    lse = torch.full((b * h, s, q_rows), NEG_INF, dtype=torch.float32, device=q.device)
+    if key_rows:
+        o, l = _fused(qc, _classes(k, 0, key_rows * s, s), _classes(v, 0, key_rows * s, s), scale=scale,
+                      is_causal=False)
+        out.copy_(o), lse.copy_(l)
+    if rest:  # class c < rest: the key at key_rows * s + c
+        last_k, last_v = (x[..., key_rows * s :, :].reshape(b * h, rest, 1, -1) for x in (k, v))
+        last_lse = (qc[:, :rest].float() * last_k.float()).sum(-1) * scale
+        merge_to(out[:, :rest], lse[:, :rest], (out[:, :rest], lse[:, :rest]),
+                 (last_v.float().expand(-1, -1, q_rows, -1), last_lse))
+    keep = slice(lead, lead + lq)
+    return (out.transpose(1, 2).reshape(b, h, q_rows * s, dv)[..., keep, :],
+            lse.transpose(1, 2).reshape(b, h, q_rows * s)[..., keep])
