@@ -121,9 +121,12 @@ def plan(pattern: PatternBase, lq: int, lk: int, causal: bool, device_type: str)
 
 def _structured_noncausal(pattern: PatternBase) -> Plan | None:
     """The structured kernel of a non-causal pattern, or None: strided's classes, each attending
-    all of itself."""
+    all of itself; fixed's blocks, each attending itself and every other block's summary keys."""
     if isinstance(pattern, Strided):
         return Plan("strided", (partial(kernels.strided_attention, stride=pattern.stride, causal=False),))
+    if isinstance(pattern, Fixed):
+        return Plan("fixed", (partial(kernels.fixed_attention, block=pattern.block, summary=pattern.summary,
+                                      causal=False),))
     return None
 
 

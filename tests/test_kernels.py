@@ -263,3 +263,14 @@ def test_strided_non_causal(lq, lk, stride):
     ref_out, ref_lse = reference_attention(q, k, v, ST(stride), causal=False, scale=0.25)
     torch.testing.assert_close(out.double(), ref_out, atol=2e-5, rtol=2e-5)
     torch.testing.assert_close(lse.double(), ref_lse, atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize("lq,lk", [(1000, 1000), (517, 700), (1, 1003), (30, 40), (64, 64)])
+@pytest.mark.parametrize("block,summary", [(16, 4), (64, 8), (10, 1), (100, 3)])
+def test_fixed_non_causal(lq, lk, block, summary):
+    """Own block whole, every other block's summary keys, a partial last block included."""
+    q, k, v = _qkv(2, lq, lk, dv=8)
+    out, lse = kernels.fixed_attention(q, k, v, block=block, summary=summary, scale=0.25, causal=False)
+    ref_out, ref_lse = reference_attention(q, k, v, FX(block, summary), causal=False, scale=0.25)
+    torch.testing.assert_close(out.double(), ref_out, atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(lse.double(), ref_lse, atol=2e-5, rtol=2e-5)

@@ -13,6 +13,9 @@ needs, so the masked waste is about 1/(2 ranges).
 
 A minimum distance m (for a union with a sliding window of m, whose keys it then skips) shifts
 the own-block causal diagonal by m and keeps a row's summary keys at positions up to i - m.
+
+Non-causal, each query block attends its whole block and the summary keys of every other block,
+before and after it: three unmasked calls per block, no key twice.
 """
 
 from __future__ import annotations
@@ -42,10 +45,14 @@ def summary_mask(b0: int, b1: int, c: int, dtype: torch.dtype, device: torch.dev
 
 def fixed_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, block: int, summary: int, scale: float,
-    ranges: int | None = None, min_distance: int = 0,
+    causal: bool = True, ranges: int | None = None, min_distance: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Causal fixed-pattern attention with i - j >= min_distance (for a union with a sliding
-    window, whose keys it then skips), queries bottom-right aligned; (out float32, lse)."""
+    """Fixed-pattern attention, causal with i - j >= min_distance (for a union with a sliding
+    window, whose keys it then skips) or over every key, queries bottom-right aligned; (out
+    float32, lse)."""
+    if not causal:
+        assert min_distance == 0, "a minimum distance is for causal unions"
+        return _every_block_key(q, k, v, block=block, summary=summary, scale=scale)
     b, h, lq, _ = q.shape
     lk, dv, l, c = k.shape[-2], v.shape[-1], block, summary
     q, k, v = _same_head_dim(q, k, v)
@@ -124,3 +131,25 @@ def _summary_per_block(q_rows, ks, vs, out, lse, blocks: range, *, first: int, b
             parts.append((o.masked_fill(none[:, None], 0.0), s_lse.masked_fill(none, NEG_INF)))
         for o, s_lse in parts:
             merge_to(out[:, r0:r1], lse[:, r0:r1], (out[:, r0:r1], lse[:, r0:r1]), (o[:, 0], s_lse[:, 0]))
+
+
+def _every_block_key(q, k, v, *, block: int, summary: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Non-causal fixed: per query block, its own block's keys (a view), then the summary keys of
+    the blocks before and after it (views of one copy of all summary keys), merged in place."""
+    lq, lk, l, c = q.shape[-2], k.shape[-2], block, summary
+    offset = lk - lq
+    columns = (torch.arange(0, lk, l)[:, None] + torch.arange(l - c, l)).flatten()
+    columns = columns[columns < lk].to(k.device)
+    ks, vs = k.index_select(-2, columns), v.index_select(-2, columns)
+    out = torch.empty(*q.shape[:-1], v.shape[-1], dtype=torch.float32, device=q.device)
+    lse = torch.empty(q.shape[:-1], dtype=torch.float32, device=q.device)
+    for b in range(offset // l, -(-lk // l)):
+        r0, r1 = max(b * l, offset) - offset, min((b + 1) * l, lk) - offset  # this block's query rows
+        keys = slice(b * l, min((b + 1) * l, lk))
+        rows, o, l_ = slice(r0, r1), out[..., r0:r1, :], lse[..., r0:r1]
+        o[...], l_[...] = _fused(q[..., rows, :], k[..., keys, :], v[..., keys, :], scale=scale, is_causal=False)
+        for others in (slice(0, b * c), slice(min((b + 1) * c, len(columns)), len(columns))):  # before, after
+            if others.stop > others.start:
+                merge_to(o, l_, (o, l_), _fused(q[..., rows, :], ks[..., others, :], vs[..., others, :], scale=scale,
+                                               is_causal=False))
+    return out, lse
