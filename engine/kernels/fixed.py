@@ -146,10 +146,10 @@ def _every_block_key(q, k, v, *, block: int, summary: int, scale: float) -> tupl
     for b in range(offset // l, -(-lk // l)):
         r0, r1 = max(b * l, offset) - offset, min((b + 1) * l, lk) - offset  # this block's query rows
         keys = slice(b * l, min((b + 1) * l, lk))
-        rows, o, l_ = slice(r0, r1), out[..., r0:r1, :], lse[..., r0:r1]
-        o[...], l_[...] = _fused(q[..., rows, :], k[..., keys, :], v[..., keys, :], scale=scale, is_causal=False)
+        rows_q, rows_out, rows_lse = q[..., r0:r1, :], out[..., r0:r1, :], lse[..., r0:r1]
+        rows_out[...], rows_lse[...] = _fused(rows_q, k[..., keys, :], v[..., keys, :], scale=scale, is_causal=False)
         for others in (slice(0, b * c), slice(min((b + 1) * c, len(columns)), len(columns))):  # before, after
             if others.stop > others.start:
-                merge_to(o, l_, (o, l_), _fused(q[..., rows, :], ks[..., others, :], vs[..., others, :], scale=scale,
-                                               is_causal=False))
+                merge_to(rows_out, rows_lse, (rows_out, rows_lse),
+                         _fused(rows_q, ks[..., others, :], vs[..., others, :], scale=scale, is_causal=False))
     return out, lse
