@@ -110,7 +110,7 @@ def plan(pattern: PatternBase, lq: int, lk: int, causal: bool, device_type: str)
     pattern = simplify(pattern, lk, causal)
     if isinstance(pattern, Dense):
         return Plan("sdpa", (partial(kernels.dense_attention, diagonal=(lk - lq) if causal else None),))
-    structured = _structured(pattern) if causal else _structured_noncausal(pattern)
+    structured = _structured(pattern, causal)
     if structured is not None:
         return structured
     # A call per row pays off where calls are cheap; on CUDA (not measured) launches would dominate.
@@ -119,27 +119,21 @@ def plan(pattern: PatternBase, lq: int, lk: int, causal: bool, device_type: str)
     return Plan("masked", (partial(kernels.masked_attention, pattern=pattern, causal=causal),))
 
 
-def _structured_noncausal(pattern: PatternBase) -> Plan | None:
-    """The structured kernel of a non-causal pattern, or None: strided's classes, each attending
-    all of itself; fixed's blocks, each attending itself and every other block's summary keys."""
+def _structured(pattern: PatternBase, causal: bool) -> Plan | None:
+    """The structured kernel of a Sparse Transformer pattern, for any query length (each handles
+    a short run at the end of long keys too), or None. Without causality only strided (each class
+    attends all of itself) and fixed (each block itself and every other block's summary keys)."""
     if isinstance(pattern, Strided):
-        return Plan("strided", (partial(kernels.strided_attention, stride=pattern.stride, causal=False),))
+        # bfloat16 strided: native 1.00-1.11x the float32 time, converted 1.09-1.15x (n = 16384, 4096, causal).
+        return Plan("strided", (partial(kernels.strided_attention, stride=pattern.stride, causal=causal),),
+                    (torch.bfloat16,) if causal else ())
     if isinstance(pattern, Fixed):
         return Plan("fixed", (partial(kernels.fixed_attention, block=pattern.block, summary=pattern.summary,
-                                      causal=False),))
-    return None
-
-
-def _structured(pattern: PatternBase) -> Plan | None:
-    """The structured kernel of a causal Sparse Transformer pattern, for any query length (each
-    handles a short run at the end of long keys too), or None."""
+                                      causal=causal),))
+    if not causal:
+        return None
     if isinstance(pattern, SlidingWindow):
         return Plan("band", (partial(kernels.band_attention, window=pattern.window),))
-    if isinstance(pattern, Strided):
-        # bfloat16 strided: native 1.00-1.11x the float32 time, converted 1.09-1.15x (n = 16384, 4096).
-        return Plan("strided", (partial(kernels.strided_attention, stride=pattern.stride),), (torch.bfloat16,))
-    if isinstance(pattern, Fixed):
-        return Plan("fixed", (partial(kernels.fixed_attention, block=pattern.block, summary=pattern.summary),))
     if isinstance(pattern, Union) and len(pattern.patterns) == 2:
         window = next((m for m in pattern.patterns if isinstance(m, SlidingWindow)), None)
         other = next((m for m in pattern.patterns if m is not window), None)

@@ -36,11 +36,14 @@ def band_mask(rows: int, window: int, dtype: torch.dtype, device: torch.device) 
     return torch.zeros(keep.shape, dtype=dtype, device=device).masked_fill_(~keep, NEG_INF)
 
 
-def _windows(x: torch.Tensor, start: int, tiles: int, tile: int, width: int) -> torch.Tensor:
-    """[B*H, tiles, width, D] view: window t is rows start + t*tile .. + width of x (`_row_major`)."""
-    b, h, length, d = x.shape
+def row_grid(x: torch.Tensor, first: int, outer: tuple[int, int], inner: tuple[int, int]) -> torch.Tensor:
+    """[B*H, n_outer, n_inner, D] view of a `_row_major` x whose element (a, r) is row
+    first + a * outer_step + r * inner_step, for (n_outer, outer_step) and (n_inner, inner_step)."""
+    b, h, _, d = x.shape
     merged = x.stride(0) if h == 1 else x.stride(1)  # B and H as one axis: `_row_major` makes it one stride
-    return x.as_strided((b * h, tiles, width, d), (merged, tile * d, d, 1), x.storage_offset() + start * d)
+    (n_outer, outer_step), (n_inner, inner_step) = outer, inner
+    return x.as_strided((b * h, n_outer, n_inner, d), (merged, outer_step * d, inner_step * d, 1),
+                        x.storage_offset() + first * d)
 
 
 def _row_major(x: torch.Tensor) -> torch.Tensor:
@@ -81,8 +84,8 @@ def band_pieces(
         start = offset + row - w + 1  # first key of the first tile's window
         qt = q[..., row : row + tiles * size, :].reshape(b * h, tiles, size, -1)
         mask = band_mask(size, w, q.dtype, q.device)
-        o, l = _fused(qt, _windows(k, start, tiles, size, width), _windows(v, start, tiles, size, width),
-                      scale=scale, is_causal=False, mask=mask)
+        kt, vt = (row_grid(x, start, (tiles, size), (width, 1)) for x in (k, v))  # tile t: its window
+        o, l = _fused(qt, kt, vt, scale=scale, is_causal=False, mask=mask)
         pieces.append((row, o.reshape(b, h, tiles * size, -1)[..., :dv], l.reshape(b, h, tiles * size)))
         row += tiles * size
     return pieces

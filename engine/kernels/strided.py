@@ -7,9 +7,8 @@ view's strides go straight to the kernel; keys past the last whole class row are
 by the query at their own position, added apart), none of Q when s divides its rows' span, and
 none of the output (the kernel writes it in the query's memory order, the natural one). The
 class rows are cut into chunks, one call each, so that little of the causal square's empty half
-is computed. A minimum
-distance m (for a union with a sliding window, whose keys it then skips) drops the first
-ceil(m/s) query class rows and shifts the mask's diagonal.
+is computed. A minimum distance m (for a union with a sliding window, whose keys it then skips)
+drops the first ceil(m/s) query class rows and shifts the mask's diagonal.
 
 Fewer query rows than s (a decode step, a short chunk) leave most classes without a query: then
 each row, alone in its class, attends a view of its class's keys, and only those classes are read.
@@ -20,7 +19,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .band import _row_major
+from .band import _row_major, row_grid
 from .dense import NEG_INF, _fused, empty_partial
 from .merge import merge_partials, merge_to
 
@@ -133,19 +132,11 @@ def _short_run_pieces(
         keys = class_row - back + 1  # key class rows 0 .. class_row - back
         if keys > 0:
             qc = q[..., row : row + run, :].reshape(b * h, run, 1, d)
-            kc, vc = (_class_view(x, first_class, run, keys, s) for x in (k, v))
+            kc, vc = (row_grid(x, first_class, (run, 1), (keys, s)) for x in (k, v))  # class c: its keys
             out, lse = _fused(qc, kc, vc, scale=scale, is_causal=False)
             pieces.append((row, out.reshape(b, h, run, -1), lse.reshape(b, h, run)))
         row += run
     return pieces
-
-
-def _class_view(x: torch.Tensor, first_class: int, classes: int, rows: int, stride: int) -> torch.Tensor:
-    """[B*H, classes, rows, D] view of a `_row_major` x: class c holds positions first_class + c,
-    + stride, ... (rows of them)."""
-    b, h, _, d = x.shape
-    merged = x.stride(0) if h == 1 else x.stride(1)
-    return x.as_strided((b * h, classes, rows, d), (merged, d, stride * d, 1), x.storage_offset() + first_class * d)
 
 
 def strided_attention(
@@ -177,12 +168,13 @@ def _every_class_key(q, k, v, *, stride: int, scale: float) -> tuple[torch.Tenso
     q_rows = -(-(lead + lq) // s)
     qc = _classes(F.pad(q, (0, 0, lead, q_rows * s - lead - lq)), 0, q_rows * s, s)
     key_rows, rest = divmod(lk, s)
-    out = torch.zeros(b * h, s, q_rows, dv, dtype=torch.float32, device=q.device)
-    lse = torch.full((b * h, s, q_rows), NEG_INF, dtype=torch.float32, device=q.device)
-    if key_rows:
-        o, l = _fused(qc, _classes(k, 0, key_rows * s, s), _classes(v, 0, key_rows * s, s), scale=scale,
-                      is_causal=False)
-        out.copy_(o), lse.copy_(l)
+    if key_rows:  # a fresh float32 result, merged into in place below
+        out, lse = _fused(qc, _classes(k, 0, key_rows * s, s), _classes(v, 0, key_rows * s, s), scale=scale,
+                          is_causal=False)
+        out = out.float()
+    else:
+        out = torch.zeros(b * h, s, q_rows, dv, dtype=torch.float32, device=q.device)
+        lse = torch.full((b * h, s, q_rows), NEG_INF, dtype=torch.float32, device=q.device)
     if rest:  # class c < rest: the key at key_rows * s + c
         last_k, last_v = (x[..., key_rows * s :, :].reshape(b * h, rest, 1, -1) for x in (k, v))
         last_lse = (qc[:, :rest].float() * last_k.float()).sum(-1) * scale
