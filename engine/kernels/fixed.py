@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..patterns.fixed import summary_keys_below
+from ..patterns.fixed import summary_columns, summary_keys_below
 from .dense import NEG_INF, _fused, _same_head_dim, dense_attention
 from .merge import merge_to
 
@@ -138,8 +138,7 @@ def _every_block_key(q, k, v, *, block: int, summary: int, scale: float) -> tupl
     the blocks before and after it (views of one copy of all summary keys), merged in place."""
     lq, lk, l, c = q.shape[-2], k.shape[-2], block, summary
     offset = lk - lq
-    columns = (torch.arange(0, lk, l)[:, None] + torch.arange(l - c, l)).flatten()
-    columns = columns[columns < lk].to(k.device)
+    columns = summary_columns(0, lk, l, c).to(k.device)
     ks, vs = k.index_select(-2, columns), v.index_select(-2, columns)
     out = torch.empty(*q.shape[:-1], v.shape[-1], dtype=torch.float32, device=q.device)
     lse = torch.empty(q.shape[:-1], dtype=torch.float32, device=q.device)

@@ -32,6 +32,13 @@ def summary_keys_below(limit: torch.Tensor, block: int, summary: int) -> torch.T
     return full * summary + torch.clamp(rest - (block - summary), min=0)
 
 
+def summary_columns(start: int, stop: int, block: int, summary: int) -> torch.Tensor:
+    """The summary positions (j mod block >= block - summary) in [start, stop), ascending; start a
+    multiple of block."""
+    columns = (torch.arange(start, stop, block)[:, None] + torch.arange(block - summary, block)).flatten()
+    return columns[columns < stop]
+
+
 class Fixed(PatternBase):
     type: Literal["fixed"] = "fixed"
     block: int = Field(ge=1, le=MAX_PARAMETER, description="l >= 1: block length")
@@ -62,7 +69,5 @@ class Fixed(PatternBase):
         limit = min(i + 1, lk) if causal else lk
         start = i // self.block * self.block
         end = min(limit, start + self.block)
-        columns = torch.arange(self.block - self.summary, self.block)
-        before = (torch.arange(0, start, self.block)[:, None] + columns).flatten()
-        after = (torch.arange(end, limit, self.block)[:, None] + columns).flatten()  # (none under causal)
-        return torch.cat([before, torch.arange(start, end), after[after < limit]])
+        return torch.cat([summary_columns(0, start, self.block, self.summary), torch.arange(start, end),
+                          summary_columns(end, limit, self.block, self.summary)])  # (none after under causal)
