@@ -1,6 +1,6 @@
 """Kernel benchmark: the engine against dense causal SDPA, masked SDPA and compiled FlexAttention.
 
-Everything runs in one process and is reported as ratios to the dense causal SDPA time measured
+Everything runs in one process and is reported as ratios to the dense SDPA time measured
 in the same run (the machine is shared; absolute times are noisy, ratios less so). For each n,
 dense SDPA, masked SDPA, FlexAttention and the engine take turns in rounds, after a warm-up
 round, so that all see the same background load; a turn repeats a short call for `--turn-s`
@@ -12,8 +12,9 @@ per shape (block mask + compile) is reported separately.
     python -m bench.kernels --n 4096 --patterns sliding_window --no-flex               # quick
     python -m bench.kernels --tiles                # band tile-size sweep (engine.kernels.band)
     python -m bench.kernels --decode               # a few query rows over long keys (decoding)
+    python -m bench.kernels --non-causal --n 16384 --bf16-n 0 --scaling-n --memory-n 0 --first-call-n 0
 
-Columns: efficiency = speed-up over dense / (dense causal pairs / attended pairs), so 1.0 means
+Columns: efficiency = speed-up over dense / (dense pairs / attended pairs), so 1.0 means
 the time shrank exactly as much as the pattern's pairs did; `vs flex` = FlexAttention time /
 engine time.
 """
@@ -92,10 +93,11 @@ def inputs(n: int, heads: int, dim: int, dtype: torch.dtype, device: torch.devic
     return tuple(torch.randn(1, heads, n, dim, generator=g).to(device=device, dtype=dtype) for _ in range(3))
 
 
-def mask_mod_for(pattern):
-    """FlexAttention's mask_mod: the pattern's own rule under causality."""
+def mask_mod_for(pattern, causal: bool):
+    """FlexAttention's mask_mod: the pattern's own rule (under causality)."""
     def mask_mod(b, h, q_idx, kv_idx):
-        return pattern.allows(q_idx, kv_idx) & (kv_idx <= q_idx)
+        allowed = pattern.allows(q_idx, kv_idx)
+        return allowed & (kv_idx <= q_idx) if causal else allowed
     return mask_mod
 
 
@@ -115,17 +117,17 @@ class Flex:
         self.compiled = torch.compile(flex_attention, dynamic=False)
         self.device = device
 
-    def runner(self, pattern, n: int):
-        mask = self.create_block_mask(mask_mod_for(pattern), None, None, n, n, device=self.device,
+    def runner(self, pattern, n: int, causal: bool):
+        mask = self.create_block_mask(mask_mod_for(pattern, causal), None, None, n, n, device=self.device,
                                       _compile=n > 16384)
         return lambda q, k, v: self.compiled(q, k, v, block_mask=mask)
 
 
-def masked_sdpa(pattern, n: int, device: torch.device):
+def masked_sdpa(pattern, n: int, device: torch.device, causal: bool):
     """Plain SDPA with the full n x n boolean mask (what a generic server would do)."""
     i = torch.arange(n, device=device)[:, None]
     j = torch.arange(n, device=device)[None, :]
-    mask = pattern.allows(i, j) & (j <= i)
+    mask = pattern.allows(i, j) & (j <= i) if causal else pattern.allows(i, j)
     return lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 
@@ -162,17 +164,18 @@ def rounds(fns: dict, device: torch.device, repeats: int, slow: float, turn_s: f
 def bench_table(args, device: torch.device) -> list[dict]:
     rows = []
     flex = None if args.no_flex else Flex(device)
+    causal = not args.non_causal
     for dtype_name in args.dtypes:
         dtype = DTYPES[dtype_name]
         for n in args.n:
             q, k, v = inputs(n, args.heads, args.dim, dtype, device)
             patterns = {name: parse_pattern(PATTERNS[name]) for name in args.patterns}
-            fns = {"dense": lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True)}
+            fns = {"dense": lambda: F.scaled_dot_product_attention(q, k, v, is_causal=causal)}
             flex_first = {}
             for name, pattern in patterns.items():
-                fns["engine", name] = lambda pattern=pattern: attention(q, k, v, pattern)
+                fns["engine", name] = lambda pattern=pattern: attention(q, k, v, pattern, causal=causal)
                 if n <= args.masked_max_n and n * n <= args.masked_max_bytes:  # one boolean per pair
-                    run = masked_sdpa(pattern, n, device)
+                    run = masked_sdpa(pattern, n, device, causal)
                     fns["masked", name] = lambda run=run: run(q, k, v)
                 if flex is None or n not in args.flex_n or dtype_name not in args.flex_dtypes:
                     continue
@@ -181,18 +184,19 @@ def bench_table(args, device: torch.device) -> list[dict]:
                     continue
                 sync(device)
                 start = time.perf_counter()
-                run = flex.runner(pattern, n)
+                run = flex.runner(pattern, n, causal)
                 run(q, k, v)  # block mask, compile and a first call, before the rounds
                 sync(device)
                 flex_first[name] = time.perf_counter() - start
                 fns["flex", name] = lambda run=run: run(q, k, v)
             times = rounds(fns, device, args.repeats, args.slow, args.turn_s)
             best = {key: min(t[1:] or t) for key, t in times.items()}
-            dense_pairs = args.heads * n * (n + 1) // 2
+            dense_pairs = args.heads * n * (n + 1) // 2 if causal else args.heads * n * n
             for name, pattern in patterns.items():
-                row = {"pattern": LABELS[name], "n": n, "dtype": dtype_name, "heads": args.heads, "dim": args.dim,
-                       "backend": backend_for(pattern, args.heads, n, n, True, device.type), "dense_s": best["dense"],
-                       "attended_pairs": attended_pairs(pattern, 1, args.heads, n, n, True),
+                row = {"pattern": LABELS[name] + ("" if causal else ", non-causal"), "n": n, "dtype": dtype_name,
+                       "heads": args.heads, "dim": args.dim, "causal": causal,
+                       "backend": backend_for(pattern, args.heads, n, n, causal, device.type), "dense_s": best["dense"],
+                       "attended_pairs": attended_pairs(pattern, 1, args.heads, n, n, causal),
                        "dense_pairs": dense_pairs, "engine_s": best["engine", name],
                        "engine_first_call_s": times["engine", name][0]}
                 if ("masked", name) in best:
@@ -394,6 +398,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--n", type=int, nargs="+", default=[4096, 16384, 65536])
     p.add_argument("--patterns", nargs="+", choices=list(PATTERNS), default=ISSUE_PATTERNS)
     p.add_argument("--dtypes", nargs="+", choices=list(DTYPES), default=["float32"])
+    p.add_argument("--non-causal", action="store_true",
+                   help="the table without causality (dense SDPA, the masks and the engine alike)")
     p.add_argument("--bf16-n", type=int, default=16384, help="n of the bfloat16 rows (0: none)")
     p.add_argument("--heads", type=int, default=8)
     p.add_argument("--dim", type=int, default=64)

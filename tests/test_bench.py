@@ -17,15 +17,39 @@ from service_support import from_json
 
 
 @pytest.mark.parametrize("name", list(bench_kernels.PATTERNS))
-def test_flex_baseline_attends_the_contract_keys(name):
+@pytest.mark.parametrize("causal", [True, False])
+def test_flex_baseline_attends_the_contract_keys(name, causal):
     spec = bench_kernels.PATTERNS[name]
     n = 300
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(1, 2, n, 16, generator=g) for _ in range(3))
-    mask = create_block_mask(bench_kernels.mask_mod_for(parse_pattern(spec)), None, None, n, n, device="cpu")
+    mask = create_block_mask(bench_kernels.mask_mod_for(parse_pattern(spec), causal), None, None, n, n, device="cpu")
     out = flex_attention(q, k, v, block_mask=mask)
-    ref_out, _ = reference_attention(q, k, v, spec)
+    ref_out, _ = reference_attention(q, k, v, spec, causal=causal)
     torch.testing.assert_close(out.double(), ref_out, atol=2e-5, rtol=2e-5)
+
+
+def test_masked_sdpa_baseline_attends_the_contract_keys():
+    spec = bench_kernels.PATTERNS["union"]
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 300, 16, generator=g) for _ in range(3))
+    for causal in (True, False):
+        out = bench_kernels.masked_sdpa(parse_pattern(spec), 300, torch.device("cpu"), causal)(q, k, v)
+        ref_out, _ = reference_attention(q, k, v, spec, causal=causal)
+        torch.testing.assert_close(out.double(), ref_out, atol=2e-5, rtol=2e-5)
+
+
+def test_non_causal_benchmark_rows_count_every_pair(tmp_path):
+    out = tmp_path / "nc.json"
+    bench_kernels.main(["--non-causal", "--n", "256", "--heads", "2", "--repeats", "1", "--turn-s", "0.01", "--no-flex",
+                        "--bf16-n", "0", "--memory-n", "0", "--scaling-n", "--first-call-n", "0",
+                        "--patterns", "sliding_window", "strided", "--out", str(out)])
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["pattern"] for r in rows] == ["sliding_window(256), non-causal", "strided(64), non-causal"]
+    assert all(not r["causal"] and r["dense_pairs"] == 2 * 256 * 256 for r in rows)
+    # sliding_window(256) spans all 256 keys: simplified to dense, every pair attended
+    assert rows[0]["attended_pairs"] == rows[0]["dense_pairs"] and rows[0]["backend"] == "sdpa"
+    assert rows[1]["attended_pairs"] == 2 * 256 * (256 // 64) and rows[1]["backend"] == "strided"
 
 
 def test_tiny_benchmark_run_writes_json_and_plot(tmp_path):

@@ -13,19 +13,21 @@ from engine.memory import PeakMemory
 GIB = 1 << 30
 
 
-def test_sliding_window_over_131072_tokens_stays_far_below_2_gib(capsys):
+@pytest.mark.parametrize("causal", [True, False])
+def test_sliding_window_over_131072_tokens_stays_far_below_2_gib(capsys, causal):
     n, d = 131072, 64
     q, k, v = (torch.randn(1, 1, n, d) for _ in range(3))
     with PeakMemory("cpu") as mem:
-        out = attention(q, k, v, {"type": "sliding_window", "window": 256})
+        out = attention(q, k, v, {"type": "sliding_window", "window": 256}, causal=causal)
     with capsys.disabled():
-        print(f"\nsliding_window(256), n={n}, H=1, D={d}: peak extra memory {mem.peak_bytes / 2**20:.1f} MiB")
+        print(f"\nsliding_window(256), n={n}, H=1, D={d}, causal={causal}: "
+              f"peak extra memory {mem.peak_bytes / 2**20:.1f} MiB")
     assert out.shape == (1, 1, n, d)
     # the output alone is n*d*4 bytes: the tracker must see at least that, and far less than n^2
     assert n * d * 4 <= mem.peak_bytes < 2 * GIB
-    # spot-check rows against direct softmax over their window
-    for row in (0, 255, 256, 70000, n - 1):
-        keys = slice(max(0, row - 255), row + 1)
+    # spot-check rows against direct softmax over their window (both ways without causal)
+    for row in (0, 255, 256, 70000, n - 256, n - 1):
+        keys = slice(max(0, row - 255), row + 1 if causal else row + 256)
         probs = torch.softmax((q[0, 0, row] @ k[0, 0, keys].T) / d**0.5, -1)
         torch.testing.assert_close(out[0, 0, row], probs @ v[0, 0, keys], atol=1e-5, rtol=1e-5)
 

@@ -40,6 +40,18 @@ def test_band_tiles(lq, lk, window, tile):
     _assert_matches(result, q, k, v, SW(window))
 
 
+@pytest.mark.parametrize("lq,lk", [(600, 600), (517, 700), (300, 1000), (1, 1000), (40, 50), (5, 5)])
+@pytest.mark.parametrize("window,tile", [(64, 32), (64, None), (5, 7), (1, None), (100, 1), (33, 300), (700, None)])
+def test_band_non_causal(lq, lk, window, tile):
+    """|i - j| < w: tiles whose windows reach w - 1 keys ahead, first rows on a dense diagonal,
+    last w - 1 rows (all of them when the window spans the keys) on masked spans."""
+    q, k, v = _qkv(2, lq, lk, dv=24)
+    out, lse = kernels.band_attention(q, k, v, window=window, scale=0.25, causal=False, tile=tile)
+    ref_out, ref_lse = reference_attention(q, k, v, SW(window), causal=False, scale=0.25)
+    torch.testing.assert_close(out.double(), ref_out, atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(lse.double(), ref_lse, atol=2e-5, rtol=2e-5)
+
+
 @pytest.mark.parametrize("lq,lk", [(600, 600), (517, 700), (300, 1003), (640, 640)])
 @pytest.mark.parametrize("stride", [8, 13, 64])
 def test_strided_views(lq, lk, stride):
@@ -188,7 +200,7 @@ THREE = {"type": "union", "patterns": [SW(256), ST(128), FX(128, 8)]}  # no stru
     (ST(64), 16, 65536, False, "cpu", "strided"),  # non-causal: each class attends all of itself
     ({"type": "union", "patterns": [ST(64), FX(128, 8)]}, 16, 65536, False, "cpu", "gathered"),
     ({"type": "union", "patterns": [ST(3), ST(5)]}, 64, 65536, True, "cpu", "masked"),  # nearly half of every key
-    (SW(256), 1, 65536, False, "cpu", "masked"),  # the span is the window itself
+    (SW(256), 16384, 16384, False, "cpu", "band"),  # reaching both ways
     (THREE, 1, 300, True, "cpu", "masked"),  # a short span: one masked call beats a call per row
     (THREE, 1, 65536, True, "cuda", "masked"),  # a call per row is not measured on CUDA
     (THREE, 65, 65536, True, "cpu", "masked"),

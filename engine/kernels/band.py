@@ -1,11 +1,13 @@
-"""Causal sliding window as one fused call over overlapping key windows.
+"""Sliding window as one fused call over overlapping key windows.
 
 Query tiles of T rows each attend a window of the T + w - 1 keys ending at the tile's last
-position; an `as_strided` view gives every tile its window without copying K or V, and one
-shared [T, T + w - 1] additive band mask (row r keeps window keys r .. r + w - 1) makes the
-call exact. Work is n * (T + w - 1) against the ideal n * w, memory O(n * D). The first rows,
-whose window would start before key 0, see every earlier key (a small dense causal call), and
-the last rows that do not fill a tile form one shorter tile.
+position (without causal, the w - 1 keys after it too); an `as_strided` view gives every tile its
+window without copying K or V, and one shared additive band mask (row r keeps window keys
+r .. r + w - 1, or r .. r + 2w - 2) makes the call exact. Work is n * (T + w - 1) against the ideal
+n * w, memory O(n * D). The first rows, whose window would start before key 0, see every earlier
+key (a small dense call up to their diagonal), the last rows that do not fill a tile form one
+shorter tile, and without causal the last w - 1 rows, whose window would end past the last key,
+take the masked kernel (a few rows' spans).
 
 On CUDA in half precision the flash kernel has the band built in (its local-window
 arguments, bottom-right aligned like the contract): one call, no mask, no waste.
@@ -17,7 +19,9 @@ import functools
 
 import torch
 
+from ..patterns import SlidingWindow
 from .dense import NEG_INF, _fused, _same_head_dim, dense_attention, flash_supported, pad_head_dim
+from .masked import masked_attention
 
 
 # Query rows per tile: a row computes T + w - 1 keys for its w, but tiny tiles make tiny
@@ -57,45 +61,53 @@ def _row_major(x: torch.Tensor) -> torch.Tensor:
 
 
 def band_pieces(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, window: int, scale: float, tile: int | None = None
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, window: int, scale: float, causal: bool = True,
+    tile: int | None = None,
 ) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
-    """Causal sliding-window attention as (first row, out, lse) pieces covering rows 0..Lq-1 in
-    order, queries bottom-right aligned: a consumer that writes a new tensor anyway (a union's
-    merge) can take them without first joining them."""
+    """Sliding-window attention as (first row, out, lse) pieces covering rows 0..Lq-1 in order,
+    queries bottom-right aligned: a consumer that writes a new tensor anyway (a union's merge)
+    can take them without first joining them."""
     if flash_supported(q) and flash_window_supported(q.device):
-        return [(0, *_flash_window(q, k, v, window=window, scale=scale))]
+        return [(0, *_flash_window(q, k, v, window=window, scale=scale, causal=causal))]
     b, h, lq, _ = q.shape
     lk, dv, w = k.shape[-2], v.shape[-1], window
+    after = 0 if causal else w - 1  # keys a row sees after its own position
     offset = lk - lq
     q, k, v = (_row_major(x) for x in _same_head_dim(q, k, v))
     pieces = []
-    # Rows whose position is below w - 1 see every key up to themselves.
+    # Rows whose position is below w - 1 see every key up to themselves (plus `after`).
     head = min(lq, max(0, w - 1 - offset))
     if head:
-        o, l = dense_attention(q[..., :head, :], k[..., : offset + head, :], v[..., : offset + head, :],
-                               scale=scale, diagonal=offset)
+        o, l = dense_attention(q[..., :head, :], k[..., : offset + head + after, :],
+                               v[..., : offset + head + after, :], scale=scale, diagonal=offset + after)
         pieces.append((0, o[..., :dv], l))
+    # Rows from `stop` on would see keys past the last one: the masked kernel's few spans.
+    stop = max(head, lq - after)
     tile = tile or TILE_ROWS
     row = head
-    while row < lq:
-        size = min(tile, lq - row)
-        tiles = (lq - row) // size
-        width = size + w - 1
+    while row < stop:
+        size = min(tile, stop - row)
+        tiles = (stop - row) // size
+        width = size + w - 1 + after
         start = offset + row - w + 1  # first key of the first tile's window
         qt = q[..., row : row + tiles * size, :].reshape(b * h, tiles, size, -1)
-        mask = band_mask(size, w, q.dtype, q.device)
+        mask = band_mask(size, w + after, q.dtype, q.device)
         kt, vt = (row_grid(x, start, (tiles, size), (width, 1)) for x in (k, v))  # tile t: its window
         o, l = _fused(qt, kt, vt, scale=scale, is_causal=False, mask=mask)
         pieces.append((row, o.reshape(b, h, tiles * size, -1)[..., :dv], l.reshape(b, h, tiles * size)))
         row += tiles * size
+    if stop < lq:
+        o, l = masked_attention(q[..., stop:, :], k, v, SlidingWindow(window=w), scale=scale, causal=False)
+        pieces.append((stop, o[..., :dv], l))
     return pieces
 
 
 def band_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, window: int, scale: float, tile: int | None = None
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, window: int, scale: float, causal: bool = True,
+    tile: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Causal sliding-window attention, queries bottom-right aligned; (out, lse) over [B, H, Lq, *]."""
-    pieces = band_pieces(q, k, v, window=window, scale=scale, tile=tile)
+    """Sliding-window attention, queries bottom-right aligned; (out, lse) over [B, H, Lq, *]."""
+    pieces = band_pieces(q, k, v, window=window, scale=scale, causal=causal, tile=tile)
     if len(pieces) == 1:
         return pieces[0][1], pieces[0][2]
     return torch.cat([p[1] for p in pieces], dim=-2), torch.cat([p[2] for p in pieces], dim=-1)
@@ -113,13 +125,14 @@ def flash_window_supported(device: torch.device) -> bool:
     return True
 
 
-def _flash_window(q, k, v, *, window: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """CUDA flash attention with a local window: query i sees keys i - (w - 1) .. i."""
+def _flash_window(q, k, v, *, window: int, scale: float, causal: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """CUDA flash attention with a local window: query i sees keys i - (w - 1) .. i (.. i + w - 1
+    without causal)."""
     dv = v.shape[-1]
     q, k, v = (pad_head_dim(x).transpose(1, 2) for x in _same_head_dim(q, k, v))  # [B, L, H, D]
     # Returns (output [B, Lq, H, D], logsumexp [B, H, Lq], rng_state, unused, debug_mask).
     out, lse = torch.ops.aten._flash_attention_forward(
-        q, k, v, None, None, q.shape[1], k.shape[1], 0.0, True, False, scale=scale,
-        window_size_left=window - 1, window_size_right=0,
+        q, k, v, None, None, q.shape[1], k.shape[1], 0.0, causal, False, scale=scale,
+        window_size_left=window - 1, window_size_right=0 if causal else window - 1,
     )[:2]
     return out.transpose(1, 2)[..., :dv], lse.float()
