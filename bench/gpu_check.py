@@ -180,7 +180,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"torch {torch.__version__}, device {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}",
           flush=True)
     if device.type == "cuda":
-        print(f"flash local window for the band: {flash_window_supported(device)}", flush=True)
+        print(f"flash local window for the band: causal {flash_window_supported(device, True)}, "
+              f"non-causal {flash_window_supported(device, False)}", flush=True)
     passed, failed = check(device)
     summary = {"passed": passed, "failed": failed, "check_s": time.perf_counter() - started}
     print(f"checks: {passed} passed, {failed} failed in {summary['check_s']:.0f} s", flush=True)

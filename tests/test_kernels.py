@@ -286,3 +286,27 @@ def test_fixed_non_causal(lq, lk, block, summary):
     ref_out, ref_lse = reference_attention(q, k, v, FX(block, summary), causal=False, scale=0.25)
     torch.testing.assert_close(out.double(), ref_out, atol=2e-5, rtol=2e-5)
     torch.testing.assert_close(lse.double(), ref_lse, atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_flash_window_probe_accepts_only_the_contract_band(monkeypatch, causal):
+    """The CUDA band trusts the flash kernel's local window only when a tiny problem matches the
+    contract (both causalities, queries bottom-right aligned); a build that raises, or that
+    ignores the right-hand window, sends the band to its tiles. Probed here with stand-ins."""
+    from engine.kernels import band
+
+    def contract_window(q, k, v, *, window, scale, causal):
+        out, lse = reference_attention(q, k, v, SW(window), causal=causal, scale=scale)
+        return out.to(q.dtype), lse.float()
+
+    def left_only(q, k, v, *, window, scale, causal):
+        return contract_window(q, k, v, window=window, scale=scale, causal=True)
+
+    def missing(*args, **kwargs):
+        raise RuntimeError("_flash_attention_forward() got an unexpected keyword argument 'window_size_left'")
+
+    probe = band.flash_window_supported.__wrapped__  # uncached
+    cpu = torch.device("cpu")
+    for fake, expected in ((contract_window, True), (left_only, causal), (missing, False)):
+        monkeypatch.setattr(band, "_flash_window", fake)
+        assert probe(cpu, causal) is expected, fake.__name__

@@ -20,7 +20,7 @@ import functools
 import torch
 
 from ..patterns import SlidingWindow
-from .dense import NEG_INF, _fused, _same_head_dim, dense_attention, flash_supported, pad_head_dim
+from .dense import NEG_INF, _fused, _same_head_dim, dense_attention, flash_supported, math_attention, pad_head_dim
 from .masked import masked_attention
 
 
@@ -67,7 +67,7 @@ def band_pieces(
     """Sliding-window attention as (first row, out, lse) pieces covering rows 0..Lq-1 in order,
     queries bottom-right aligned: a consumer that writes a new tensor anyway (a union's merge)
     can take them without first joining them."""
-    if flash_supported(q) and flash_window_supported(q.device):
+    if flash_supported(q) and flash_window_supported(q.device, causal):
         return [(0, *_flash_window(q, k, v, window=window, scale=scale, causal=causal))]
     b, h, lq, _ = q.shape
     lk, dv, w = k.shape[-2], v.shape[-1], window
@@ -114,15 +114,23 @@ def band_attention(
 
 
 @functools.cache
-def flash_window_supported(device: torch.device) -> bool:
-    """Whether this torch build's CUDA flash kernel takes a local window (probed once per
-    device on a tiny problem); without it the band runs as tiles like on the CPU."""
-    x = torch.zeros(1, 1, 8, 8, dtype=torch.bfloat16, device=device)
+def flash_window_supported(device: torch.device, causal: bool = True) -> bool:
+    """Whether this torch build's CUDA flash kernel takes a local window and computes the
+    contract's band with it, queries bottom-right aligned (probed once per device and causality on
+    a tiny problem against the masked math kernel); otherwise the band runs as tiles as on the CPU."""
+    g = torch.Generator().manual_seed(0)
+    lq, lk, w = 5, 12, 3
+    q, k, v = (torch.randn(1, 2, n, 16, generator=g).to(device, torch.bfloat16) for n in (lq, lk, lk))
     try:
-        _flash_window(x, x, x, window=2, scale=1.0)
+        out, lse = _flash_window(q, k, v, window=w, scale=0.25, causal=causal)
     except (RuntimeError, TypeError):  # an op or an argument this build lacks
         return False
-    return True
+    i = torch.arange(lk - lq, lk, device=device)[:, None]
+    j = torch.arange(lk, device=device)[None, :]
+    keep = (i - j < w) & (j - i < (1 if causal else w))
+    mask = torch.zeros(keep.shape, device=device).masked_fill_(~keep, NEG_INF)
+    ref_out, ref_lse = math_attention(q.float(), k.float(), v.float(), scale=0.25, mask=mask)
+    return torch.allclose(out.float(), ref_out, atol=2e-2, rtol=2e-2) and torch.allclose(lse, ref_lse, atol=2e-2)
 
 
 def _flash_window(q, k, v, *, window: int, scale: float, causal: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
