@@ -59,12 +59,16 @@ def test_strided_views(lq, lk, stride):
     _assert_matches(kernels.strided_attention(q, k, v, stride=stride, scale=0.25), q, k, v, ST(stride))
 
 
-@pytest.mark.parametrize("lq,lk", [(600, 600), (517, 700), (300, 1003), (70, 300)])
-@pytest.mark.parametrize("window,stride", [(16, 16), (40, 16), (16, 40), (3, 64)])
-def test_band_strided_union(lq, lk, window, stride):
+@pytest.mark.parametrize("lq,lk", [(600, 600), (517, 700), (300, 1003), (70, 300), (1, 500)])
+@pytest.mark.parametrize("window,stride", [(16, 16), (40, 16), (16, 40), (3, 64), (400, 7)])
+@pytest.mark.parametrize("causal", [True, False])
+def test_band_strided_union(lq, lk, window, stride, causal):
     q, k, v = _qkv(2, lq, lk)
-    result = kernels.band_strided_attention(q, k, v, window=window, stride=stride, scale=0.25)
-    _assert_matches(result, q, k, v, {"type": "union", "patterns": [SW(window), ST(stride)]})
+    out, lse = kernels.band_strided_attention(q, k, v, window=window, stride=stride, scale=0.25, causal=causal)
+    pattern = {"type": "union", "patterns": [SW(window), ST(stride)]}
+    ref_out, ref_lse = reference_attention(q, k, v, pattern, causal=causal, scale=0.25)
+    torch.testing.assert_close(out.double(), ref_out, atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(lse.double(), ref_lse, atol=2e-5, rtol=2e-5)
 
 
 @pytest.mark.parametrize("lq,lk", [(1000, 1000), (517, 700), (300, 1003), (1024, 1024)])
@@ -103,11 +107,11 @@ def test_strided_many_chunks(monkeypatch, lq, lk, min_distance):
     _assert_matches_far(result, q, k, v, ST(13), min_distance)
 
 
-def _assert_matches_far(result, q, k, v, pattern, min_distance):
-    """Against a float64 reference of `pattern` (causal) without the keys nearer than min_distance."""
+def _assert_matches_far(result, q, k, v, pattern, min_distance, causal=True):
+    """Against a float64 reference of `pattern` without the keys nearer than min_distance."""
     lq, lk = q.shape[-2], k.shape[-2]
     i = torch.arange(lk - lq, lk)[:, None]
-    keep = mask(pattern, lq, lk, 0, 1) & (i - torch.arange(lk)[None, :] >= min_distance)
+    keep = mask(pattern, lq, lk, 0, 1, causal) & ((i - torch.arange(lk)[None, :]).abs() >= min_distance)
     scores = torch.einsum("bhqd,bhkd->bhqk", q.double(), k.double()) * 0.25
     scores = scores.masked_fill(~keep, float("-inf"))
     ref_lse = torch.logsumexp(scores, -1)
@@ -201,6 +205,8 @@ THREE = {"type": "union", "patterns": [SW(256), ST(128), FX(128, 8)]}  # no stru
     ({"type": "union", "patterns": [ST(64), FX(128, 8)]}, 16, 65536, False, "cpu", "gathered"),
     ({"type": "union", "patterns": [ST(3), ST(5)]}, 64, 65536, True, "cpu", "masked"),  # nearly half of every key
     (SW(256), 16384, 16384, False, "cpu", "band"),  # reaching both ways
+    ({"type": "union", "patterns": [ST(128), SW(128)]}, 16384, 16384, False, "cpu", "band+strided"),
+    ({"type": "union", "patterns": [SW(256), FX(128, 8)]}, 16384, 16384, False, "cpu", "masked"),
     (THREE, 1, 300, True, "cpu", "masked"),  # a short span: one masked call beats a call per row
     (THREE, 1, 65536, True, "cuda", "masked"),  # a call per row is not measured on CUDA
     (THREE, 65, 65536, True, "cpu", "masked"),
@@ -275,6 +281,20 @@ def test_strided_non_causal(lq, lk, stride):
     ref_out, ref_lse = reference_attention(q, k, v, ST(stride), causal=False, scale=0.25)
     torch.testing.assert_close(out.double(), ref_out, atol=2e-5, rtol=2e-5)
     torch.testing.assert_close(lse.double(), ref_lse, atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize("lq,lk", [(600, 600), (517, 700), (1, 1003), (3, 5), (64, 64), (300, 1003)])
+@pytest.mark.parametrize("stride,min_distance", [(8, 1), (13, 20), (64, 64), (8, 300), (5, 2000)])
+@pytest.mark.parametrize("budget", [None, 7])  # 7 mask elements: a call per query class row
+def test_strided_non_causal_min_distance(monkeypatch, lq, lk, stride, min_distance, budget):
+    """Class keys at |i - j| >= m both ways (a union with a window reaching both ways): key class
+    rows nearer than ceil(m/s) dropped, the partial last class row too when near; rows with no
+    key left (m = 2000) zero with lse -inf."""
+    if budget:
+        monkeypatch.setattr("engine.kernels.strided.MASK_BUDGET", budget)
+    q, k, v = _qkv(2, lq, lk, dv=24)
+    result = kernels.strided_attention(q, k, v, stride=stride, scale=0.25, causal=False, min_distance=min_distance)
+    _assert_matches_far(result, q, k, v, ST(stride), min_distance, causal=False)
 
 
 @pytest.mark.parametrize("lq,lk", [(1000, 1000), (517, 700), (1, 1003), (30, 40), (64, 64)])

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from .band import _row_major, row_grid
 from .dense import NEG_INF, _fused, empty_partial
+from .masked import MASK_BUDGET
 from .merge import merge_partials, merge_to
 
 # Query class rows per chunk: at least CHUNK_ROWS, at most MAX_CHUNKS chunks. 64-row chunks were
@@ -143,11 +144,10 @@ def strided_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, stride: int, scale: float, causal: bool = True,
     min_distance: int = 0, chunks: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """`(i - j) mod stride == 0` attention, causal with i - j >= min_distance or over every key,
+    """`(i - j) mod stride == 0` attention with |i - j| >= min_distance, causal or over every key,
     queries bottom-right aligned; (out, lse) over [B, H, Lq, *]."""
     if not causal:
-        assert min_distance == 0, "a minimum distance is for causal unions"
-        return _every_class_key(q, k, v, stride=stride, scale=scale)
+        return _every_class_key(q, k, v, stride=stride, scale=scale, min_distance=min_distance)
     pieces = strided_pieces(q, k, v, stride=stride, scale=scale, min_distance=min_distance, chunks=chunks)
     # The pieces are consecutive: join them (one copy), after empty rows for those that see no key.
     first = pieces[0][0] if pieces else q.shape[-2]
@@ -158,28 +158,45 @@ def strided_attention(
     return torch.cat([p[1] for p in pieces], dim=-2), torch.cat([p[2] for p in pieces], dim=-1)
 
 
-def _every_class_key(q, k, v, *, stride: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Non-causal strided attention: each query attends every key of its class, n^2/s work in one
-    call over the class views, no mask. Keys in whole class rows are a view; the last, partial
-    row gives classes c < Lk mod s one more key each, merged in by log-sum-exp."""
+def _every_class_key(q, k, v, *, stride: int, scale: float, min_distance: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Non-causal strided attention: each query attends every key of its class, n^2/s work over
+    the class views, without a mask in one call or, with a minimum distance m (a union with a
+    window reaching both ways), under one shared mask that drops the key class rows nearer than
+    ceil(m/s), in calls of at most MASK_BUDGET mask elements. Keys in whole class rows are a view;
+    the last, partial row gives classes c < Lk mod s one more key each, merged in by log-sum-exp."""
     b, h, lq, _ = q.shape
     lk, dv, s = k.shape[-2], v.shape[-1], stride
     lead = (lk - lq) % s  # queries from a class boundary on: up to s - 1 dummy rows each side
     q_rows = -(-(lead + lq) // s)
+    base = (lk - lq - lead) // s  # the key class row of query class row 0
+    near = -(-min_distance // s)  # key class rows t' with |t - t'| < near are dropped
     qc = _classes(F.pad(q, (0, 0, lead, q_rows * s - lead - lq)), 0, q_rows * s, s)
     key_rows, rest = divmod(lk, s)
-    if key_rows:  # a fresh float32 result, merged into in place below
-        out, lse = _fused(qc, _classes(k, 0, key_rows * s, s), _classes(v, 0, key_rows * s, s), scale=scale,
-                          is_causal=False)
+    kc, vc = _classes(k, 0, key_rows * s, s), _classes(v, 0, key_rows * s, s)
+    if key_rows and not near:  # a fresh float32 result, merged into in place below
+        out, lse = _fused(qc, kc, vc, scale=scale, is_causal=False)
         out = out.float()
     else:
         out = torch.zeros(b * h, s, q_rows, dv, dtype=torch.float32, device=q.device)
         lse = torch.full((b * h, s, q_rows), NEG_INF, dtype=torch.float32, device=q.device)
+        step = max(1, MASK_BUDGET // max(1, key_rows))
+        for t0 in range(0, q_rows if key_rows else 0, step):
+            t1 = min(q_rows, t0 + step)
+            t = torch.arange(base + t0, base + t1, device=q.device)[:, None]
+            keep = (t - torch.arange(key_rows, device=q.device)[None, :]).abs() >= near
+            if bool(keep.any()):
+                mask = torch.zeros(keep.shape, dtype=q.dtype, device=q.device).masked_fill_(~keep, NEG_INF)
+                part = _fused(qc[:, :, t0:t1], kc, vc, scale=scale, is_causal=False, mask=mask)
+                empty = ~keep.any(-1)  # query class rows with every key class row dropped keep no key
+                out[:, :, t0:t1] = part[0].masked_fill(empty[:, None], 0.0)
+                lse[:, :, t0:t1] = part[1].masked_fill(empty, NEG_INF)
     if rest:  # class c < rest: the key at key_rows * s + c
         last_k, last_v = (x[..., key_rows * s :, :].reshape(b * h, rest, 1, -1) for x in (k, v))
         last_lse = (qc[:, :rest].float() * last_k.float()).sum(-1) * scale
+        far = (torch.arange(base, base + q_rows, device=q.device) - key_rows).abs() >= near
+        last_lse = last_lse.masked_fill(~far, NEG_INF)
         merge_to(out[:, :rest], lse[:, :rest], (out[:, :rest], lse[:, :rest]),
                  (last_v.float().expand(-1, -1, q_rows, -1), last_lse))
-    keep = slice(lead, lead + lq)
-    return (out.transpose(1, 2).reshape(b, h, q_rows * s, dv)[..., keep, :],
-            lse.transpose(1, 2).reshape(b, h, q_rows * s)[..., keep])
+    keep_rows = slice(lead, lead + lq)
+    return (out.transpose(1, 2).reshape(b, h, q_rows * s, dv)[..., keep_rows, :],
+            lse.transpose(1, 2).reshape(b, h, q_rows * s)[..., keep_rows])
