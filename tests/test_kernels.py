@@ -200,16 +200,16 @@ THREE = {"type": "union", "patterns": [SW(256), ST(128), FX(128, 8)]}  # no stru
     ({"type": "union", "patterns": [SW(128), ST(128)]}, 1, 65536, True, "cuda", "band+strided"),
     ({"type": "union", "patterns": [FX(128, 8), SW(256)]}, 16384, 16384, True, "cpu", "band+fixed"),
     (THREE, 1, 65536, True, "cpu", "gathered"),  # Lk / 16 keys instead of all Lk
-    (THREE, 16, 65536, True, "cpu", "gathered"),
+    (THREE, 8, 65536, True, "cpu", "gathered"),
+    (THREE, 16, 65536, True, "cpu", "masked"),  # on the keys its rows attend, a copy: fewer calls
     (ST(64), 16, 65536, False, "cpu", "strided"),  # non-causal: each class attends all of itself
-    ({"type": "union", "patterns": [ST(64), FX(128, 8)]}, 16, 65536, False, "cpu", "gathered"),
+    ({"type": "union", "patterns": [ST(64), FX(128, 8)]}, 4, 65536, False, "cpu", "gathered"),
     ({"type": "union", "patterns": [ST(3), ST(5)]}, 64, 65536, True, "cpu", "masked"),  # nearly half of every key
     (SW(256), 16384, 16384, False, "cpu", "band"),  # reaching both ways
     ({"type": "union", "patterns": [ST(128), SW(128)]}, 16384, 16384, False, "cpu", "band+strided"),
     ({"type": "union", "patterns": [SW(256), FX(128, 8)]}, 16384, 16384, False, "cpu", "masked"),
     (THREE, 1, 300, True, "cpu", "masked"),  # a short span: one masked call beats a call per row
     (THREE, 1, 65536, True, "cuda", "masked"),  # a call per row is not measured on CUDA
-    (THREE, 65, 65536, True, "cpu", "masked"),
 ])
 def test_planner_kernel_choice(pattern, lq, lk, causal, device, backend):
     from engine.patterns import parse_pattern
@@ -258,13 +258,16 @@ def test_fixed_min_distance(lq, lk, block, summary, min_distance, ranges):
                          ids=["window", "stride", "fixed", "union3"])
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("budget,min_rows", [(400, 3), (50, 1), (10**9, 128)])
-def test_masked_chunks(monkeypatch, pattern, causal, budget, min_rows):
+@pytest.mark.parametrize("compact", [0.0, 0.5, 2.0])  # never, where rows attend under half the span, always
+def test_masked_chunks(monkeypatch, pattern, causal, budget, min_rows, compact):
     """The masked kernel over many chunks: a row's reach, the budget shrinking a chunk (to single
-    rows at 50 elements), one chunk for everything."""
+    rows at 50 elements), one chunk for everything; each on its whole span or on a copy of the
+    keys its rows attend."""
     from engine.patterns import parse_pattern
 
     monkeypatch.setattr("engine.kernels.masked.MASK_BUDGET", budget)
     monkeypatch.setattr("engine.kernels.masked.MIN_CHUNK_ROWS", min_rows)
+    monkeypatch.setattr("engine.kernels.masked.COMPACT_FRACTION", compact)
     q, k, v = _qkv(2, 150, 230)
     out, lse = kernels.masked_attention(q, k, v, parse_pattern(pattern), scale=0.25, causal=causal)
     ref_out, ref_lse = reference_attention(q, k, v, pattern, causal=causal, scale=0.25)
