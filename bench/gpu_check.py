@@ -104,22 +104,30 @@ def cases(device):
             shape = (1, 2, 2, lq, lk, 64, 64)
             q, k, v = inputs(shape, dtype, device, seed=1)
             s = 1 / 8
-            for name, run, pattern in (
-                ("band w=256", lambda: kernels.band_attention(q, k, v, window=256, scale=s), SW(256)),
-                ("band w=33", lambda: kernels.band_attention(q, k, v, window=33, scale=s), SW(33)),
-                ("strided s=64", lambda: kernels.strided_attention(q, k, v, stride=64, scale=s), ST(64)),
-                ("strided s=37", lambda: kernels.strided_attention(q, k, v, stride=37, scale=s), ST(37)),
-                ("fixed 128,8", lambda: kernels.fixed_attention(q, k, v, block=128, summary=8, scale=s), FX(128, 8)),
-                ("fixed 100,100", lambda: kernels.fixed_attention(q, k, v, block=100, summary=100, scale=s), FX(100, 100)),
+            for name, run, pattern, causal in (
+                ("band w=256", lambda: kernels.band_attention(q, k, v, window=256, scale=s), SW(256), True),
+                ("band w=33", lambda: kernels.band_attention(q, k, v, window=33, scale=s), SW(33), True),
+                ("band w=256 noncausal", lambda: kernels.band_attention(q, k, v, window=256, scale=s, causal=False),
+                 SW(256), False),
+                ("strided s=64", lambda: kernels.strided_attention(q, k, v, stride=64, scale=s), ST(64), True),
+                ("strided s=37", lambda: kernels.strided_attention(q, k, v, stride=37, scale=s), ST(37), True),
+                ("fixed 128,8", lambda: kernels.fixed_attention(q, k, v, block=128, summary=8, scale=s), FX(128, 8),
+                 True),
+                ("fixed 100,100", lambda: kernels.fixed_attention(q, k, v, block=100, summary=100, scale=s),
+                 FX(100, 100), True),
                 ("union 128+128", lambda: kernels.band_strided_attention(q, k, v, window=128, stride=128, scale=s),
-                 UNION(128, 128)),
+                 UNION(128, 128), True),
                 ("union 100+64", lambda: kernels.band_strided_attention(q, k, v, window=100, stride=64, scale=s),
-                 UNION(100, 64)),
+                 UNION(100, 64), True),
+                ("union 100+64 noncausal", lambda: kernels.band_strided_attention(q, k, v, window=100, stride=64, scale=s,
+                                                                                   causal=False), UNION(100, 64), False),
                 ("masked union3", lambda: kernels.masked_attention(q, k, v, parse_pattern(UNION3), scale=s, causal=True),
-                 UNION3),
-                ("band+fixed", lambda: attention(q, k, v, WINDOW_FIXED, scale=s, return_lse=True), WINDOW_FIXED),
+                 UNION3, True),
+                ("masked window+fixed noncausal", lambda: kernels.masked_attention(
+                    q, k, v, parse_pattern(WINDOW_FIXED), scale=s, causal=False), WINDOW_FIXED, False),
+                ("band+fixed", lambda: attention(q, k, v, WINDOW_FIXED, scale=s, return_lse=True), WINDOW_FIXED, True),
             ):
-                yield f"kernel {name} lq={lq} lk={lk} {dname}", run, q, k, v, pattern, True, dtype
+                yield f"kernel {name} lq={lq} lk={lk} {dname}", run, q, k, v, pattern, causal, dtype
         # Short runs at the end of long keys: strided's own classes, fixed's blocks in natural order.
         for lq, lk in ((1, 3001), (5, 3001), (63, 2048)):
             q, k, v = inputs((1, 4, 2, lq, lk, 64, 64), dtype, device, seed=2)
