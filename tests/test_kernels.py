@@ -207,7 +207,7 @@ THREE = {"type": "union", "patterns": [SW(256), ST(128), FX(128, 8)]}  # no stru
     ({"type": "union", "patterns": [ST(3), ST(5)]}, 64, 65536, True, "cpu", "masked"),  # nearly half of every key
     (SW(256), 16384, 16384, False, "cpu", "band"),  # reaching both ways
     ({"type": "union", "patterns": [ST(128), SW(128)]}, 16384, 16384, False, "cpu", "band+strided"),
-    ({"type": "union", "patterns": [SW(256), FX(128, 8)]}, 16384, 16384, False, "cpu", "masked"),
+    ({"type": "union", "patterns": [SW(256), FX(128, 8)]}, 16384, 16384, False, "cpu", "band+fixed"),
     (THREE, 1, 300, True, "cpu", "masked"),  # a short span: one masked call beats a call per row
     (THREE, 1, 65536, True, "cuda", "masked"),  # a call per row is not measured on CUDA
 ])
@@ -244,14 +244,15 @@ def test_strided_short_runs(lq, lk, stride, min_distance):
 
 @pytest.mark.parametrize("lq,lk", [(1000, 1000), (517, 700), (300, 1003), (1, 1003), (70, 2001)])
 @pytest.mark.parametrize("block,summary,min_distance", [(16, 4, 5), (16, 4, 40), (10, 3, 10), (64, 8, 1), (7, 7, 3)])
-@pytest.mark.parametrize("ranges", [None, 7])  # a minimum distance always takes the call per block
-def test_fixed_min_distance(lq, lk, block, summary, min_distance, ranges):
-    """fixed's keys at distance >= m (a union with sliding_window(m)): own-block diagonal shifted,
-    a prefix of the summary keys per row, rows near the start with none."""
+@pytest.mark.parametrize("ranges,causal", [(None, True), (7, True), (None, False)])  # a distance: a call per block
+def test_fixed_min_distance(lq, lk, block, summary, min_distance, ranges, causal):
+    """fixed's keys at distance >= m (a union with sliding_window(m)): own-block diagonal shifted
+    (without causal: own block masked both ways), a prefix of the summary keys per row (and a
+    suffix of those after it), rows near the start with none."""
     q, k, v = _qkv(2, lq, lk)
     result = kernels.fixed_attention(q, k, v, block=block, summary=summary, scale=0.25, ranges=ranges,
-                                     min_distance=min_distance)
-    _assert_matches_far(result, q, k, v, FX(block, summary), min_distance)
+                                     min_distance=min_distance, causal=causal)
+    _assert_matches_far(result, q, k, v, FX(block, summary), min_distance, causal=causal)
 
 
 @pytest.mark.parametrize("pattern", [SW(7), ST(5), FX(10, 3), {"type": "union", "patterns": [SW(4), ST(9), FX(8, 2)]}],

@@ -15,7 +15,8 @@ A minimum distance m (for a union with a sliding window of m, whose keys it then
 the own-block causal diagonal by m and keeps a row's summary keys at positions up to i - m.
 
 Non-causal, each query block attends its whole block and the summary keys of every other block,
-before and after it: three unmasked calls per block, no key twice.
+before and after it: three unmasked calls per block, no key twice (with a minimum distance, the
+nearer keys of each piece dropped by small masks).
 """
 
 from __future__ import annotations
@@ -47,12 +48,11 @@ def fixed_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, block: int, summary: int, scale: float,
     causal: bool = True, ranges: int | None = None, min_distance: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Fixed-pattern attention, causal with i - j >= min_distance (for a union with a sliding
-    window, whose keys it then skips) or over every key, queries bottom-right aligned; (out
-    float32, lse)."""
+    """Fixed-pattern attention over the keys at i - j >= min_distance (causal) or |i - j| >=
+    min_distance (for a union with a sliding window, whose keys it then skips), queries
+    bottom-right aligned; (out float32, lse)."""
     if not causal:
-        assert min_distance == 0, "a minimum distance is for causal unions"
-        return _every_block_key(q, k, v, block=block, summary=summary, scale=scale)
+        return _every_block_key(q, k, v, block=block, summary=summary, scale=scale, min_distance=min_distance)
     b, h, lq, _ = q.shape
     lk, dv, l, c = k.shape[-2], v.shape[-1], block, summary
     q, k, v = _same_head_dim(q, k, v)
@@ -133,10 +133,14 @@ def _summary_per_block(q_rows, ks, vs, out, lse, blocks: range, *, first: int, b
             merge_to(out[:, r0:r1], lse[:, r0:r1], (out[:, r0:r1], lse[:, r0:r1]), (o[:, 0], s_lse[:, 0]))
 
 
-def _every_block_key(q, k, v, *, block: int, summary: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+def _every_block_key(q, k, v, *, block: int, summary: int, scale: float,
+                     min_distance: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Non-causal fixed: per query block, its own block's keys (a view), then the summary keys of
-    the blocks before and after it (views of one copy of all summary keys), merged in place."""
-    lq, lk, l, c = q.shape[-2], k.shape[-2], block, summary
+    the blocks before and after it (views of one copy of all summary keys), merged in place. With
+    a minimum distance m (a union with a window reaching both ways) a row keeps the keys at
+    |i - j| >= m: its own block's under a mask, and of the summary keys before and after it those
+    every row of the block keeps unmasked, the few nearer ones under a small mask."""
+    lq, lk, l, c, m = q.shape[-2], k.shape[-2], block, summary, min_distance
     offset = lk - lq
     columns = summary_columns(0, lk, l, c).to(k.device)
     ks, vs = k.index_select(-2, columns), v.index_select(-2, columns)
@@ -144,11 +148,37 @@ def _every_block_key(q, k, v, *, block: int, summary: int, scale: float) -> tupl
     lse = torch.empty(q.shape[:-1], dtype=torch.float32, device=q.device)
     for b in range(offset // l, -(-lk // l)):
         r0, r1 = max(b * l, offset) - offset, min((b + 1) * l, lk) - offset  # this block's query rows
-        keys = slice(b * l, min((b + 1) * l, lk))
+        own = slice(b * l, min((b + 1) * l, lk))
         rows_q, rows_out, rows_lse = q[..., r0:r1, :], out[..., r0:r1, :], lse[..., r0:r1]
-        rows_out[...], rows_lse[...] = _fused(rows_q, k[..., keys, :], v[..., keys, :], scale=scale, is_causal=False)
-        for others in (slice(0, b * c), slice(min((b + 1) * c, len(columns)), len(columns))):  # before, after
-            if others.stop > others.start:
-                merge_to(rows_out, rows_lse, (rows_out, rows_lse),
-                         _fused(rows_q, ks[..., others, :], vs[..., others, :], scale=scale, is_causal=False))
+        i = torch.arange(r0 + offset, r1 + offset, device=q.device)[:, None]  # the rows' positions
+        # Summary keys kept: indices [0, before) of the blocks before (positions <= i - m), and
+        # [after, all) of those after (positions >= i + m), per row.
+        before = summary_keys_below((i[:, 0] - m + 1).clamp(min=0), l, c).clamp(max=b * c)
+        after = summary_keys_below(i[:, 0] + m, l, c).clamp(min=min((b + 1) * c, len(columns)), max=len(columns))
+        parts = [(k[..., own, :], v[..., own, :],
+                  None if m == 0 else (i - torch.arange(own.start, own.stop, device=q.device)).abs() >= m),
+                 (ks[..., : int(before.min()), :], vs[..., : int(before.min()), :], None),
+                 (ks[..., int(after.max()) :, :], vs[..., int(after.max()) :, :], None)]
+        for lo, hi, kept in ((int(before.min()), int(before.max()), lambda idx: idx < before[:, None]),
+                             (int(after.min()), int(after.max()), lambda idx: idx >= after[:, None])):
+            if hi > lo:
+                parts.append((ks[..., lo:hi, :], vs[..., lo:hi, :], kept(torch.arange(lo, hi, device=q.device)[None, :])))
+        written = False
+        for keys_k, keys_v, keep in parts:
+            if keys_k.shape[-2] == 0 or keep is not None and not bool(keep.any()):
+                continue
+            mask = None if keep is None else torch.zeros(keep.shape, dtype=q.dtype, device=q.device).masked_fill_(
+                ~keep, NEG_INF)
+            o, s_lse = _fused(rows_q, keys_k, keys_v, scale=scale, is_causal=False, mask=mask)
+            if keep is not None:  # rows that keep none of these keys: zeros and -inf, whatever the kernel gave
+                none = ~keep.any(-1)
+                o, s_lse = o.masked_fill(none[:, None], 0.0), s_lse.masked_fill(none, NEG_INF)
+            if written:
+                merge_to(rows_out, rows_lse, (rows_out, rows_lse), (o, s_lse))
+            else:
+                rows_out[...], rows_lse[...] = o, s_lse
+                written = True
+        if not written:  # every key nearer than m
+            rows_out.zero_()
+            rows_lse.fill_(NEG_INF)
     return out, lse
