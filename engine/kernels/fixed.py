@@ -3,10 +3,10 @@
 (a) The query's own block: the sequence viewed as [L/l, l] blocks, one batched dense causal
 call (no copy when l divides L).
 (b) The summary columns of earlier blocks: query block b sees the first b*c keys of the
-gathered summary set S (c keys per block: a copy of c/l of K and V). On the CPU, and for at most
-MAX_RANGES query blocks anywhere, each block's real rows attend their b*c keys in one call,
-with no mask and no padded row. Elsewhere (CUDA, where a call per block would be a launch per
-block) the queries are viewed as [l, L/l] (position-in-block as the head axis, block index as
+gathered summary set S (c keys per block: a copy of c/l of K and V). On the CPU for blocks of at
+least PER_BLOCK_MIN_ROWS rows, and for a few query blocks anywhere, each block's real rows attend
+their b*c keys in one call, with no mask and no padded row. Elsewhere (small blocks, whose calls
+would be tiny; CUDA, where a call per block would be a launch per block) the queries are viewed as [l, L/l] (position-in-block as the head axis, block index as
 the row), so that every head shares S (a stride-0 view) and one small [rows, keys]
 block-causal mask; the blocks are cut into a few row ranges, each with the keys its last block
 needs, so the masked waste is about 1/(2 ranges).
@@ -35,6 +35,9 @@ from .merge import merge_to
 # 16384 177 vs 177-210 ms, 65536 2.18-2.23 vs 2.48-2.49 s); `bench/gpu_check.py` times range
 # counts on CUDA, where neither rule is measured yet.
 MIN_RANGES, MAX_RANGES, BLOCKS_PER_RANGE = 4, 16, 32
+# The CPU's call per query block against the row ranges (H = 8, D = 64, per-block / ranges time):
+# l = 32 1.55, 1.38, 1.02 at n = 1024, 4096, 16384; l = 64 0.88, 1.06, 0.93; l = 96 to 256 0.69-0.96.
+PER_BLOCK_MIN_ROWS = 64
 
 
 def summary_mask(b0: int, b1: int, c: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -85,7 +88,9 @@ def fixed_attention(
     lo = max(first, 1)  # block 0 sees no summary key
     if lo < blocks:
         ks, vs = gathered(k), gathered(v)
-        if min_distance or ranges is None and (q.device.type == "cpu" or blocks - lo <= MAX_RANGES):
+        cpu = q.device.type == "cpu"
+        few_blocks = blocks - lo <= (MIN_RANGES if cpu else MAX_RANGES)  # no more calls than ranges would make
+        if min_distance or ranges is None and (few_blocks or cpu and l >= PER_BLOCK_MIN_ROWS):
             _summary_per_block(q.reshape(b * h, 1, nq * l, d), ks, vs, out, lse, range(lo, blocks), first=first,
                                block=l, summary=c, real=slice(offset - first * l, offset - first * l + lq),
                                scale=scale, min_distance=min_distance)
