@@ -302,9 +302,10 @@ def test_strided_non_causal_min_distance(monkeypatch, lq, lk, stride, min_distan
 
 
 @pytest.mark.parametrize("lq,lk", [(1000, 1000), (517, 700), (1, 1003), (30, 40), (64, 64)])
-@pytest.mark.parametrize("block,summary", [(16, 4), (64, 8), (10, 1), (100, 3)])
+@pytest.mark.parametrize("block,summary", [(16, 4), (64, 8), (10, 1), (100, 3), (8, 8), (2000, 5)])
 def test_fixed_non_causal(lq, lk, block, summary):
-    """Own block whole, every other block's summary keys, a partial last block included."""
+    """Every summary key and the rest of the own block, a partial last block included (every key a
+    summary key at (8, 8); one partial block at (2000, 5))."""
     q, k, v = _qkv(2, lq, lk, dv=8)
     out, lse = kernels.fixed_attention(q, k, v, block=block, summary=summary, scale=0.25, causal=False)
     ref_out, ref_lse = reference_attention(q, k, v, FX(block, summary), causal=False, scale=0.25)
@@ -334,3 +335,15 @@ def test_flash_window_probe_accepts_only_the_contract_band(monkeypatch, causal):
     for fake, expected in ((contract_window, True), (left_only, causal), (missing, False)):
         monkeypatch.setattr(band, "_flash_window", fake)
         assert probe(cpu, causal) is expected, fake.__name__
+
+
+@pytest.mark.parametrize("lq,lk,batch", [(0, 5, 1), (3, 0, 1), (3, 5, 0)])
+def test_the_fused_call_answers_empty_problems_instead_of_crashing(lq, lk, batch):
+    """torch's CPU flash kernel kills the process (SIGFPE) on no query row or no key; every kernel
+    reaches it through `_fused`, which answers such problems itself: zeros and lse -inf."""
+    from engine.kernels.dense import _fused
+
+    q, k, v = torch.randn(batch, 2, lq, 16), torch.randn(batch, 2, lk, 16), torch.randn(batch, 2, lk, 8)
+    out, lse = _fused(q, k, v, scale=0.25, is_causal=False)
+    assert out.shape == (batch, 2, lq, 8) and lse.shape == (batch, 2, lq)
+    assert (out == 0).all() and torch.isinf(lse).all()

@@ -32,6 +32,8 @@ def _fused(q, k, v, *, scale: float, is_causal: bool, mask: torch.Tensor | None 
     [Lq, Lk] tensor of q's dtype shared by every batch item and head."""
     assert not is_causal or q.shape[-2] == k.shape[-2], "is_causal is only used on square problems"
     dv = v.shape[-1]
+    if q.numel() == 0 or k.shape[-2] == 0:  # torch's CPU kernel dies (SIGFPE) on no query or no key
+        return empty_partial(q, dv)
     q, k, v = _same_head_dim(q, k, v)
     if q.device.type == "cpu":
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(

@@ -14,9 +14,9 @@ needs, so the masked waste is about 1/(2 ranges).
 A minimum distance m (for a union with a sliding window of m, whose keys it then skips) shifts
 the own-block causal diagonal by m and keeps a row's summary keys at positions up to i - m.
 
-Non-causal, each query block attends its whole block and the summary keys of every other block,
-before and after it: three unmasked calls per block, no key twice (with a minimum distance, the
-nearer keys of each piece dropped by small masks).
+Non-causal, each query attends every summary key (one call) and the other keys of its own block
+(one batched call over the block view): no mask, no key twice. With a minimum distance, per query
+block its own block and the summary keys before and after it, the nearer keys dropped by small masks.
 """
 
 from __future__ import annotations
@@ -25,8 +25,9 @@ import torch
 import torch.nn.functional as F
 
 from ..patterns.fixed import summary_columns, summary_keys_below
+from .band import _row_major, row_grid
 from .dense import NEG_INF, _fused, _same_head_dim, dense_attention
-from .merge import merge_to
+from .merge import merge_partials, merge_to
 
 # Row ranges of the transposed summary piece: the masked work is (ranges + 1) / (2 * ranges) of a
 # full rectangle; more ranges mean more, smaller calls. One range per 32 blocks, 4 to 16, was
@@ -55,7 +56,9 @@ def fixed_attention(
     min_distance (for a union with a sliding window, whose keys it then skips), queries
     bottom-right aligned; (out float32, lse)."""
     if not causal:
-        return _every_block_key(q, k, v, block=block, summary=summary, scale=scale, min_distance=min_distance)
+        if min_distance:
+            return _non_causal_far(q, k, v, block=block, summary=summary, scale=scale, min_distance=min_distance)
+        return _non_causal(q, k, v, block=block, summary=summary, scale=scale)
     b, h, lq, _ = q.shape
     lk, dv, l, c = k.shape[-2], v.shape[-1], block, summary
     q, k, v = _same_head_dim(q, k, v)
@@ -138,13 +141,40 @@ def _summary_per_block(q_rows, ks, vs, out, lse, blocks: range, *, first: int, b
             merge_to(out[:, r0:r1], lse[:, r0:r1], (out[:, r0:r1], lse[:, r0:r1]), (o[:, 0], s_lse[:, 0]))
 
 
-def _every_block_key(q, k, v, *, block: int, summary: int, scale: float,
-                     min_distance: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Non-causal fixed: per query block, its own block's keys (a view), then the summary keys of
-    the blocks before and after it (views of one copy of all summary keys), merged in place. With
-    a minimum distance m (a union with a window reaching both ways) a row keeps the keys at
-    |i - j| >= m: its own block's under a mask, and of the summary keys before and after it those
-    every row of the block keeps unmasked, the few nearer ones under a small mask."""
+def _non_causal(q, k, v, *, block: int, summary: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Non-causal fixed: every query attends all summary keys (one call over one copy of them,
+    c/l of K and V) and the other l - c keys of its own block (one batched call over a view of the
+    whole blocks, one more for a last partial block), merged by log-sum-exp: no mask, no key twice."""
+    b, h, lq, _ = q.shape
+    lk, l, c = k.shape[-2], block, summary
+    offset = lk - lq
+    parts = []
+    columns = summary_columns(0, lk, l, c).to(k.device)
+    if len(columns):
+        parts.append(_fused(q, k.index_select(-2, columns), v.index_select(-2, columns), scale=scale, is_causal=False))
+    first, whole = offset // l, lk // l  # the first query block; whole key blocks
+    own = []
+    if whole > first and c < l:
+        lead = offset - first * l  # the first query block's rows before the queries: dummy rows
+        qb = F.pad(q[..., : whole * l - offset, :], (0, 0, lead, 0)).reshape(b * h, whole - first, l, -1)
+        kb, vb = (row_grid(_row_major(x), first * l, (whole - first, l), (l - c, 1)) for x in (k, v))
+        o, o_lse = _fused(qb, kb, vb, scale=scale, is_causal=False)
+        own.append((o.reshape(b, h, -1, o.shape[-1])[..., lead:, :], o_lse.reshape(b, h, -1)[..., lead:]))
+    if lk > whole * l and c < l:  # the last, partial block: its keys before the summary columns
+        rows, keys = slice(max(whole * l, offset) - offset, lq), slice(whole * l, min(lk, whole * l + l - c))
+        own.append(_fused(q[..., rows, :], k[..., keys, :], v[..., keys, :], scale=scale, is_causal=False))
+    if own:
+        parts.append(own[0] if len(own) == 1 else (torch.cat([o for o, _ in own], dim=-2),
+                                                     torch.cat([o_lse for _, o_lse in own], dim=-1)))
+    return merge_partials(parts)
+
+
+def _non_causal_far(q, k, v, *, block: int, summary: int, scale: float,
+                    min_distance: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Non-causal fixed's keys at |i - j| >= m (a union with a window reaching both ways), per
+    query block: its own block's under a mask, and of the summary keys before and after it (views
+    of one copy of all summary keys) those every row of the block keeps unmasked, the few nearer
+    ones under a small mask; merged in place."""
     lq, lk, l, c, m = q.shape[-2], k.shape[-2], block, summary, min_distance
     offset = lk - lq
     columns = summary_columns(0, lk, l, c).to(k.device)
@@ -160,8 +190,7 @@ def _every_block_key(q, k, v, *, block: int, summary: int, scale: float,
         # [after, all) of those after (positions >= i + m), per row.
         before = summary_keys_below((i[:, 0] - m + 1).clamp(min=0), l, c).clamp(max=b * c)
         after = summary_keys_below(i[:, 0] + m, l, c).clamp(min=min((b + 1) * c, len(columns)), max=len(columns))
-        parts = [(k[..., own, :], v[..., own, :],
-                  None if m == 0 else (i - torch.arange(own.start, own.stop, device=q.device)).abs() >= m),
+        parts = [(k[..., own, :], v[..., own, :], (i - torch.arange(own.start, own.stop, device=q.device)).abs() >= m),
                  (ks[..., : int(before.min()), :], vs[..., : int(before.min()), :], None),
                  (ks[..., int(after.max()) :, :], vs[..., int(after.max()) :, :], None)]
         for lo, hi, kept in ((int(before.min()), int(before.max()), lambda idx: idx < before[:, None]),
