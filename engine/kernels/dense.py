@@ -46,6 +46,18 @@ def _fused(q, k, v, *, scale: float, is_causal: bool, mask: torch.Tensor | None 
     return out[..., :dv], lse.float()
 
 
+def fused_masked(q, k, v, keep: torch.Tensor, *, scale: float):
+    """One fused call where `keep`, a boolean [Lq, Lk] shared by every batch item and head, says
+    which keys each row attends; rows that keep none come back as zeros with lse -inf (whatever
+    the kernel makes of a row with no key)."""
+    mask = torch.zeros(keep.shape, dtype=q.dtype, device=q.device).masked_fill_(~keep, NEG_INF)
+    out, lse = _fused(q, k, v, scale=scale, is_causal=False, mask=mask)
+    none = ~keep.any(-1)
+    if bool(none.any()):
+        out, lse = out.masked_fill(none[:, None], 0.0), lse.masked_fill(none, NEG_INF)
+    return out, lse
+
+
 def flash_supported(q: torch.Tensor) -> bool:
     """Whether the CUDA flash kernel takes these inputs (half precision, head dim <= 256)."""
     return q.device.type == "cuda" and q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] <= 256

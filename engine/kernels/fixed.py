@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from ..patterns.fixed import summary_columns, summary_keys_below
 from .band import _row_major, row_grid
-from .dense import NEG_INF, _fused, _same_head_dim, dense_attention
+from .dense import NEG_INF, _fused, _same_head_dim, dense_attention, fused_masked
 from .merge import merge_partials, merge_to
 
 # Row ranges of the transposed summary piece: the masked work is (ranges + 1) / (2 * ranges) of a
@@ -133,10 +133,7 @@ def _summary_per_block(q_rows, ks, vs, out, lse, blocks: range, *, first: int, b
         parts = [_fused(rows, ks[:, :, :lo], vs[:, :, :lo], scale=scale, is_causal=False)] if lo else []
         if hi > lo:
             keep = torch.arange(lo, hi, device=rows.device)[None, :] < seen[:, None]
-            mask = torch.zeros(keep.shape, dtype=rows.dtype, device=rows.device).masked_fill_(~keep, NEG_INF)
-            o, s_lse = _fused(rows, ks[:, :, lo:hi], vs[:, :, lo:hi], scale=scale, is_causal=False, mask=mask)
-            none = ~keep.any(-1)  # rows that see none of these keys: zeros and -inf, whatever the kernel gave
-            parts.append((o.masked_fill(none[:, None], 0.0), s_lse.masked_fill(none, NEG_INF)))
+            parts.append(fused_masked(rows, ks[:, :, lo:hi], vs[:, :, lo:hi], keep, scale=scale))
         for o, s_lse in parts:
             merge_to(out[:, r0:r1], lse[:, r0:r1], (out[:, r0:r1], lse[:, r0:r1]), (o[:, 0], s_lse[:, 0]))
 
@@ -201,12 +198,8 @@ def _non_causal_far(q, k, v, *, block: int, summary: int, scale: float,
         for keys_k, keys_v, keep in parts:
             if keys_k.shape[-2] == 0 or keep is not None and not bool(keep.any()):
                 continue
-            mask = None if keep is None else torch.zeros(keep.shape, dtype=q.dtype, device=q.device).masked_fill_(
-                ~keep, NEG_INF)
-            o, s_lse = _fused(rows_q, keys_k, keys_v, scale=scale, is_causal=False, mask=mask)
-            if keep is not None:  # rows that keep none of these keys: zeros and -inf, whatever the kernel gave
-                none = ~keep.any(-1)
-                o, s_lse = o.masked_fill(none[:, None], 0.0), s_lse.masked_fill(none, NEG_INF)
+            o, s_lse = (_fused(rows_q, keys_k, keys_v, scale=scale, is_causal=False) if keep is None
+                        else fused_masked(rows_q, keys_k, keys_v, keep, scale=scale))
             if written:
                 merge_to(rows_out, rows_lse, (rows_out, rows_lse), (o, s_lse))
             else:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from ..patterns import PatternBase
-from .dense import NEG_INF, _fused, empty_partial
+from .dense import NEG_INF, _fused, empty_partial, fused_masked
 
 # Mask elements per chunk: the mask, the rule's int64 temporaries and the kernel's scores are each
 # a few times this in bytes. union(sliding 256, strided 128, fixed(128, 8)) at n = 16384, one head:
@@ -59,11 +59,7 @@ def masked_attention(
                 columns = used.nonzero().squeeze(1)
                 keys_k, keys_v = keys_k.index_select(-2, columns), keys_v.index_select(-2, columns)
                 allowed = allowed[:, columns]
-            mask = torch.zeros(allowed.shape, dtype=q.dtype, device=q.device).masked_fill_(~allowed, NEG_INF)
-            part = _fused(q[..., rows, :], keys_k, keys_v, scale=scale, is_causal=False, mask=mask)
-            empty = ~allowed.any(-1)
-            if bool(empty.any()):
-                part = (part[0].masked_fill(empty[:, None], 0.0), part[1].masked_fill(empty, NEG_INF))
+            part = fused_masked(q[..., rows, :], keys_k, keys_v, allowed, scale=scale)
         out[..., rows, :] = part[0]
         lse[..., rows] = part[1]
         start += chunk

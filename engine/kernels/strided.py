@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from .band import _row_major, row_grid
-from .dense import NEG_INF, _fused, empty_partial
+from .dense import NEG_INF, _fused, empty_partial, fused_masked
 from .masked import MASK_BUDGET
 from .merge import merge_partials, merge_to
 
@@ -185,11 +185,7 @@ def _every_class_key(q, k, v, *, stride: int, scale: float, min_distance: int = 
             t = torch.arange(base + t0, base + t1, device=q.device)[:, None]
             keep = (t - torch.arange(key_rows, device=q.device)[None, :]).abs() >= near
             if bool(keep.any()):
-                mask = torch.zeros(keep.shape, dtype=q.dtype, device=q.device).masked_fill_(~keep, NEG_INF)
-                part = _fused(qc[:, :, t0:t1], kc, vc, scale=scale, is_causal=False, mask=mask)
-                empty = ~keep.any(-1)  # query class rows with every key class row dropped keep no key
-                out[:, :, t0:t1] = part[0].masked_fill(empty[:, None], 0.0)
-                lse[:, :, t0:t1] = part[1].masked_fill(empty, NEG_INF)
+                out[:, :, t0:t1], lse[:, :, t0:t1] = fused_masked(qc[:, :, t0:t1], kc, vc, keep, scale=scale)
     if rest:  # class c < rest: the key at key_rows * s + c
         last_k, last_v = (x[..., key_rows * s :, :].reshape(b * h, rest, 1, -1) for x in (k, v))
         last_lse = (qc[:, :rest].float() * last_k.float()).sum(-1) * scale
