@@ -126,6 +126,7 @@ def cases(device):
                 ("masked window+fixed noncausal", lambda: kernels.masked_attention(
                     q, k, v, parse_pattern(WINDOW_FIXED), scale=s, causal=False), WINDOW_FIXED, False),
                 ("band+fixed", lambda: attention(q, k, v, WINDOW_FIXED, scale=s, return_lse=True), WINDOW_FIXED, True),
+                ("band+strided+fixed", lambda: attention(q, k, v, UNION3, scale=s, return_lse=True), UNION3, True),
             ):
                 yield f"kernel {name} lq={lq} lk={lk} {dname}", run, q, k, v, pattern, causal, dtype
         # Short runs at the end of long keys: strided's own classes, fixed's blocks in natural order.

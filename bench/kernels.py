@@ -46,6 +46,9 @@ PATTERNS = {
                                             {"type": "strided", "stride": 128}]},
     "window_fixed": {"type": "union", "patterns": [{"type": "sliding_window", "window": 256},
                                                    {"type": "fixed", "block": 128, "summary": 8}]},
+    "window_strided_fixed": {"type": "union", "patterns": [{"type": "sliding_window", "window": 256},
+                                                           {"type": "strided", "stride": 128},
+                                                           {"type": "fixed", "block": 128, "summary": 8}]},
 }
 ISSUE_PATTERNS = ["sliding_window", "strided", "fixed", "union"]  # the default run
 LABELS = {
@@ -54,12 +57,13 @@ LABELS = {
     "fixed": "fixed(128, 8)",
     "union": "union(sliding 128, strided 128)",
     "window_fixed": "union(sliding 256, fixed(128, 8))",
+    "window_strided_fixed": "union(sliding 256, strided 128, fixed(128, 8))",
 }
 # The decode rows add a pattern with no structured kernel, which few query rows run on the
 # gathered or the masked kernel.
-DECODE_EXTRA = {"union(sliding 256, strided 128, fixed(128, 8))": {"type": "union", "patterns": [
+DECODE_EXTRA = {"union(sliding 256, strided 128, strided 96)": {"type": "union", "patterns": [
     {"type": "sliding_window", "window": 256}, {"type": "strided", "stride": 128},
-    {"type": "fixed", "block": 128, "summary": 8}]}}
+    {"type": "strided", "stride": 96}]}}
 STARTED = time.perf_counter()
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

@@ -1,11 +1,11 @@
 """The planner: turns a single-head pattern into the exact kernels that compute it fastest.
 
 A plan is a list of steps over disjoint key sets, merged by log-sum-exp. The structured
-kernels cover the Sparse Transformer patterns (band, strided, fixed, and a sliding window's
-union with a stride, as in the paper, or with fixed) at any query length; anything else falls
-back to the masked kernel, which is exact and memory-safe but slower, or for a few query rows
-on the CPU to the gathered kernel when that costs less. `simplify` first removes what cannot
-change the mask.
+kernels cover the Sparse Transformer patterns (band, strided, fixed, and the unions of at most
+one of each: a window with a stride as in the paper, with fixed, a stride with fixed, all three)
+at any query length; anything else falls back to the masked kernel, which is exact and
+memory-safe but slower, or for a few query rows on the CPU to the gathered kernel when that
+costs less. `simplify` first removes what cannot change the mask.
 """
 
 from __future__ import annotations
@@ -136,16 +136,30 @@ def _structured(pattern: PatternBase, causal: bool) -> Plan | None:
                                       causal=causal),))
     if isinstance(pattern, SlidingWindow):
         return Plan("band", (partial(kernels.band_attention, window=pattern.window, causal=causal),))
-    if isinstance(pattern, Union) and len(pattern.patterns) == 2:
-        window = next((m for m in pattern.patterns if isinstance(m, SlidingWindow)), None)
-        other = next((m for m in pattern.patterns if m is not window), None)
-        if window is not None and isinstance(other, Strided):
-            return Plan("band+strided", (partial(kernels.band_strided_attention, window=window.window,
-                                                 stride=other.stride, causal=causal),))
-        if window is not None and isinstance(other, Fixed):  # fixed's keys at distance >= w: each key once
-            return Plan("band+fixed", (
-                partial(kernels.band_attention, window=window.window, causal=causal),
-                partial(kernels.fixed_attention, block=other.block, summary=other.summary, causal=causal,
-                        min_distance=window.window),
-            ))
+    if isinstance(pattern, Union):
+        return _structured_union(pattern, causal)
     return None
+
+
+def _structured_union(pattern: Union, causal: bool) -> Plan | None:
+    """A union of at most one window, one stride and one fixed as disjoint steps merged by
+    log-sum-exp, each key counted once: the band takes the keys nearer than w, the stride's the
+    rest of its own, fixed's the rest of its own (at distance >= w, and causally not the
+    stride's: `skip_stride`), or None for any other union."""
+    kinds = {type(member): member for member in pattern.patterns}
+    if len(kinds) < len(pattern.patterns) or not set(kinds) <= {SlidingWindow, Strided, Fixed}:
+        return None
+    window, stride, fixed = kinds.get(SlidingWindow), kinds.get(Strided), kinds.get(Fixed)
+    if stride and fixed and not causal:
+        return None
+    if window and stride:
+        steps = [partial(kernels.band_strided_attention, window=window.window, stride=stride.stride, causal=causal)]
+    elif window:
+        steps = [partial(kernels.band_attention, window=window.window, causal=causal)]
+    else:
+        steps = [partial(kernels.strided_attention, stride=stride.stride, causal=causal)]
+    if fixed:
+        steps.append(partial(kernels.fixed_attention, block=fixed.block, summary=fixed.summary, causal=causal,
+                             min_distance=window.window if window else 0, skip_stride=stride.stride if stride else 0))
+    name = "+".join(kind for kind, member in (("band", window), ("strided", stride), ("fixed", fixed)) if member)
+    return Plan(name, tuple(steps))

@@ -107,11 +107,14 @@ def test_strided_many_chunks(monkeypatch, lq, lk, min_distance):
     _assert_matches_far(result, q, k, v, ST(13), min_distance)
 
 
-def _assert_matches_far(result, q, k, v, pattern, min_distance, causal=True):
-    """Against a float64 reference of `pattern` without the keys nearer than min_distance."""
+def _assert_matches_far(result, q, k, v, pattern, min_distance, causal=True, skip_stride=0):
+    """Against a float64 reference of `pattern` without the keys nearer than min_distance (nor,
+    with skip_stride s, those at (i - j) mod s == 0)."""
     lq, lk = q.shape[-2], k.shape[-2]
-    i = torch.arange(lk - lq, lk)[:, None]
-    keep = mask(pattern, lq, lk, 0, 1, causal) & ((i - torch.arange(lk)[None, :]).abs() >= min_distance)
+    delta = torch.arange(lk - lq, lk)[:, None] - torch.arange(lk)[None, :]
+    keep = mask(pattern, lq, lk, 0, 1, causal) & (delta.abs() >= min_distance)
+    if skip_stride:
+        keep &= delta % skip_stride != 0
     scores = torch.einsum("bhqd,bhkd->bhqk", q.double(), k.double()) * 0.25
     scores = scores.masked_fill(~keep, float("-inf"))
     ref_lse = torch.logsumexp(scores, -1)
@@ -191,7 +194,8 @@ def test_gathered_rows_with_no_key_are_zero():
     torch.testing.assert_close(lse[..., 1::2].double(), ref_lse[..., 1::2], atol=2e-5, rtol=2e-5)
 
 
-THREE = {"type": "union", "patterns": [SW(256), ST(128), FX(128, 8)]}  # no structured kernel
+THREE = {"type": "union", "patterns": [SW(256), ST(128), FX(128, 8)]}
+NO_KERNEL = {"type": "union", "patterns": [SW(256), ST(128), ST(96)]}  # two strides: no structured kernel
 
 
 @pytest.mark.parametrize("pattern,lq,lk,causal,device,backend", [
@@ -199,17 +203,21 @@ THREE = {"type": "union", "patterns": [SW(256), ST(128), FX(128, 8)]}  # no stru
     (FX(128, 8), 64, 65536, True, "cpu", "fixed"),
     ({"type": "union", "patterns": [SW(128), ST(128)]}, 1, 65536, True, "cuda", "band+strided"),
     ({"type": "union", "patterns": [FX(128, 8), SW(256)]}, 16384, 16384, True, "cpu", "band+fixed"),
-    (THREE, 1, 65536, True, "cpu", "gathered"),  # Lk / 16 keys instead of all Lk
-    (THREE, 8, 65536, True, "cpu", "gathered"),
-    (THREE, 16, 65536, True, "cpu", "masked"),  # on the keys its rows attend, a copy: fewer calls
+    (THREE, 16384, 16384, True, "cpu", "band+strided+fixed"),  # fixed's keys off the stride's
+    (THREE, 1, 65536, True, "cpu", "band+strided+fixed"),
+    ({"type": "union", "patterns": [FX(128, 8), ST(128)]}, 4096, 4096, True, "cpu", "strided+fixed"),
+    ({"type": "union", "patterns": [FX(128, 8), ST(128)]}, 4096, 4096, False, "cpu", "masked"),  # skips causally only
+    (NO_KERNEL, 1, 65536, True, "cpu", "gathered"),  # ~Lk / 50 keys instead of all Lk
+    (NO_KERNEL, 8, 65536, True, "cpu", "gathered"),
+    (NO_KERNEL, 16, 65536, True, "cpu", "masked"),  # on the keys its rows attend, a copy: fewer calls
     (ST(64), 16, 65536, False, "cpu", "strided"),  # non-causal: each class attends all of itself
     ({"type": "union", "patterns": [ST(64), FX(128, 8)]}, 4, 65536, False, "cpu", "gathered"),
     ({"type": "union", "patterns": [ST(3), ST(5)]}, 64, 65536, True, "cpu", "masked"),  # nearly half of every key
     (SW(256), 16384, 16384, False, "cpu", "band"),  # reaching both ways
     ({"type": "union", "patterns": [ST(128), SW(128)]}, 16384, 16384, False, "cpu", "band+strided"),
     ({"type": "union", "patterns": [SW(256), FX(128, 8)]}, 16384, 16384, False, "cpu", "band+fixed"),
-    (THREE, 1, 300, True, "cpu", "masked"),  # a short span: one masked call beats a call per row
-    (THREE, 1, 65536, True, "cuda", "masked"),  # a call per row is not measured on CUDA
+    (NO_KERNEL, 1, 300, True, "cpu", "masked"),  # a short span: one masked call beats a call per row
+    (NO_KERNEL, 1, 65536, True, "cuda", "masked"),  # a call per row is not measured on CUDA
 ])
 def test_planner_kernel_choice(pattern, lq, lk, causal, device, backend):
     from engine.patterns import parse_pattern
@@ -253,6 +261,18 @@ def test_fixed_min_distance(lq, lk, block, summary, min_distance, ranges, causal
     result = kernels.fixed_attention(q, k, v, block=block, summary=summary, scale=0.25, ranges=ranges,
                                      min_distance=min_distance, causal=causal)
     _assert_matches_far(result, q, k, v, FX(block, summary), min_distance, causal=causal)
+
+
+@pytest.mark.parametrize("lq,lk", [(1000, 1000), (517, 700), (300, 1003), (1, 1003), (70, 2001)])
+@pytest.mark.parametrize("block,summary,stride", [(16, 4, 4), (16, 4, 5), (10, 3, 7), (64, 8, 64), (7, 7, 2), (20, 5, 1000)])
+@pytest.mark.parametrize("min_distance", [0, 5, 40])
+def test_fixed_skip_stride(lq, lk, block, summary, stride, min_distance):
+    """fixed's keys less the stride's (a union with strided(s), which counts them): the own-block
+    mask shared by every block, every summary key under a mask; with a window's distance too."""
+    q, k, v = _qkv(2, lq, lk)
+    result = kernels.fixed_attention(q, k, v, block=block, summary=summary, scale=0.25, min_distance=min_distance,
+                                     skip_stride=stride)
+    _assert_matches_far(result, q, k, v, FX(block, summary), min_distance, skip_stride=stride)
 
 
 @pytest.mark.parametrize("pattern", [SW(7), ST(5), FX(10, 3), {"type": "union", "patterns": [SW(4), ST(9), FX(8, 2)]}],

@@ -50,12 +50,14 @@ def summary_mask(b0: int, b1: int, c: int, dtype: torch.dtype, device: torch.dev
 
 def fixed_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, block: int, summary: int, scale: float,
-    causal: bool = True, ranges: int | None = None, min_distance: int = 0,
+    causal: bool = True, ranges: int | None = None, min_distance: int = 0, skip_stride: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Fixed-pattern attention over the keys at i - j >= min_distance (causal) or |i - j| >=
-    min_distance (for a union with a sliding window, whose keys it then skips), queries
-    bottom-right aligned; (out float32, lse)."""
+    min_distance (for a union with a sliding window, whose keys it then skips), and, causal, not
+    at (i - j) mod skip_stride == 0 (for a union with strided(skip_stride)); queries bottom-right
+    aligned; (out float32, lse)."""
     if not causal:
+        assert not skip_stride, "a skipped stride is for causal unions"
         if min_distance:
             return _non_causal_far(q, k, v, block=block, summary=summary, scale=scale, min_distance=min_distance)
         return _non_causal(q, k, v, block=block, summary=summary, scale=scale)
@@ -78,7 +80,12 @@ def fixed_attention(
         x = x[..., first * l :, :]
         return (F.pad(x, (0, 0, 0, blocks * l - lk)) if blocks * l > lk else x).reshape(b * h, nq, l, -1)
 
-    own_out, own_lse = dense_attention(qb, own_blocks(k), own_blocks(v), scale=scale, diagonal=-min_distance)
+    if skip_stride:  # one [l, l] mask for every block: i - j is the offset within the block
+        delta = torch.arange(l, device=q.device)[:, None] - torch.arange(l, device=q.device)[None, :]
+        own_out, own_lse = fused_masked(qb, own_blocks(k), own_blocks(v), (delta >= min_distance)
+                                        & (delta % skip_stride != 0), scale=scale)
+    else:
+        own_out, own_lse = dense_attention(qb, own_blocks(k), own_blocks(v), scale=scale, diagonal=-min_distance)
     out = own_out.reshape(b * h, nq * l, -1).float()
     lse = own_lse.reshape(b * h, nq * l).contiguous()
 
@@ -93,10 +100,10 @@ def fixed_attention(
         ks, vs = gathered(k), gathered(v)
         cpu = q.device.type == "cpu"
         few_blocks = blocks - lo <= (MIN_RANGES if cpu else MAX_RANGES)  # no more calls than ranges would make
-        if min_distance or ranges is None and (few_blocks or cpu and l >= PER_BLOCK_MIN_ROWS):
+        if min_distance or skip_stride or ranges is None and (few_blocks or cpu and l >= PER_BLOCK_MIN_ROWS):
             _summary_per_block(q.reshape(b * h, 1, nq * l, d), ks, vs, out, lse, range(lo, blocks), first=first,
                                block=l, summary=c, real=slice(offset - first * l, offset - first * l + lq),
-                               scale=scale, min_distance=min_distance)
+                               scale=scale, min_distance=min_distance, skip_stride=skip_stride)
         else:
             q_heads = qb.transpose(1, 2)  # [B*H, l, nq, D]: position in block as heads, block as rows
             ranges = ranges or min(MAX_RANGES, max(MIN_RANGES, (blocks - lo) // BLOCKS_PER_RANGE))
@@ -115,12 +122,12 @@ def fixed_attention(
 
 
 def _summary_per_block(q_rows, ks, vs, out, lse, blocks: range, *, first: int, block: int, summary: int,
-                       real: slice, scale: float, min_distance: int) -> None:
+                       real: slice, scale: float, min_distance: int, skip_stride: int) -> None:
     """The summary piece one call per query block, on its real rows in their natural order,
     merged into (out, lse) in place. Every row of block b sees the same b*c summary keys (no
     mask, no padded row); with a minimum distance m, a row at i sees those at positions <= i - m,
     a prefix of them: the prefix all its block's rows see runs unmasked, the rest under a small
-    prefix mask."""
+    prefix mask. Skipping a stride's keys masks them all."""
     l, c = block, summary
     for b in blocks:
         r0, r1 = max((b - first) * l, real.start), min((b - first + 1) * l, real.stop)
@@ -128,11 +135,15 @@ def _summary_per_block(q_rows, ks, vs, out, lse, blocks: range, *, first: int, b
             continue
         limit = (torch.arange(r0, r1, device=q_rows.device) + first * l - min_distance + 1).clamp(min=0)
         seen = summary_keys_below(limit, l, c).clamp(max=b * c)  # how many of the b*c keys each row sees
-        lo, hi = int(seen.min()), int(seen.max())
+        lo, hi = (0, int(seen.max())) if skip_stride else (int(seen.min()), int(seen.max()))
         rows = q_rows[:, :, r0:r1]
         parts = [_fused(rows, ks[:, :, :lo], vs[:, :, :lo], scale=scale, is_causal=False)] if lo else []
         if hi > lo:
-            keep = torch.arange(lo, hi, device=rows.device)[None, :] < seen[:, None]
+            index = torch.arange(lo, hi, device=rows.device)
+            keep = index[None, :] < seen[:, None]
+            if skip_stride:  # summary key t sits at (t // c) * l + l - c + t % c
+                i = torch.arange(r0, r1, device=rows.device)[:, None] + first * l
+                keep &= (i - (index // c * l + l - c + index % c)[None, :]) % skip_stride != 0
             parts.append(fused_masked(rows, ks[:, :, lo:hi], vs[:, :, lo:hi], keep, scale=scale))
         for o, s_lse in parts:
             merge_to(out[:, r0:r1], lse[:, r0:r1], (out[:, r0:r1], lse[:, r0:r1]), (o[:, 0], s_lse[:, 0]))
