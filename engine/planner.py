@@ -22,15 +22,16 @@ from .patterns import Dense, Fixed, PatternBase, SlidingWindow, Strided, Union, 
 
 Partial = tuple[torch.Tensor, torch.Tensor]
 # A pattern with no structured kernel runs on the masked kernel, or, for up to this many query
-# rows (decode steps) on the CPU, on the gathered one when `gathers_less`. The masked kernel reads
-# only the keys its rows attend once they are few (`COMPACT_FRACTION`), so beyond a few rows it
-# wins: union(sliding 256, strided 128, fixed(128, 8)) after 65536 keys, gathered / masked
-# 2.67 / 2.98 ms at 1 row, 5.37 / 5.51 at 8, 34.3 / 12.8 at 16 (`python -m bench.kernels --decode`).
-SMALL_QUERY_ROWS = 8
+# rows (decoding, small chunks) on the CPU, on the gathered one when `gathers_less`: at 65536
+# keys, union(sliding 256, strided 128, strided 96) took gathered / masked 1.08 / 1.69 ms at 1
+# row, 19.9 / 26.1 at 16, 56.6 / 120 at 64 (`python -m bench.kernels --decode`).
+SMALL_QUERY_ROWS = 64
 # Their costs in one masked (query row, key) pair's time, fitted on the CPU at H = 8, D = 64
-# (`python -m bench.kernels --decode`, before the masked kernel compacted its keys): the masked
-# kernel reads its key span once (like this many more query rows) and scores every key of it;
-# the gathered kernel takes each attended key (a view or a copy) and pays a call per row.
+# (`python -m bench.kernels --decode`): the masked kernel reads its key span once (like this many
+# more query rows) and scores every key of it; the gathered kernel takes each attended key (a
+# view or a copy) and pays a call per row. The masked kernel's copy of just the keys its rows
+# attend (`COMPACT_FRACTION`) is not counted: where the rows share most keys (fixed's summary
+# keys) it makes masked cheaper than this says.
 MASKED_READ_ROWS = 8
 GATHERED_PAIR_COST = 16
 GATHERED_ROW_COST = 2700

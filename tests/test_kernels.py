@@ -208,10 +208,10 @@ NO_KERNEL = {"type": "union", "patterns": [SW(256), ST(128), ST(96)]}  # two str
     ({"type": "union", "patterns": [FX(128, 8), ST(128)]}, 4096, 4096, True, "cpu", "strided+fixed"),
     ({"type": "union", "patterns": [FX(128, 8), ST(128)]}, 4096, 4096, False, "cpu", "masked"),  # skips causally only
     (NO_KERNEL, 1, 65536, True, "cpu", "gathered"),  # ~Lk / 50 keys instead of all Lk
-    (NO_KERNEL, 8, 65536, True, "cpu", "gathered"),
-    (NO_KERNEL, 16, 65536, True, "cpu", "masked"),  # on the keys its rows attend, a copy: fewer calls
+    (NO_KERNEL, 64, 65536, True, "cpu", "gathered"),
+    (NO_KERNEL, 65, 65536, True, "cpu", "masked"),
     (ST(64), 16, 65536, False, "cpu", "strided"),  # non-causal: each class attends all of itself
-    ({"type": "union", "patterns": [ST(64), FX(128, 8)]}, 4, 65536, False, "cpu", "gathered"),
+    ({"type": "union", "patterns": [ST(64), FX(128, 8)]}, 16, 65536, False, "cpu", "gathered"),
     ({"type": "union", "patterns": [ST(3), ST(5)]}, 64, 65536, True, "cpu", "masked"),  # nearly half of every key
     (SW(256), 16384, 16384, False, "cpu", "band"),  # reaching both ways
     ({"type": "union", "patterns": [ST(128), SW(128)]}, 16384, 16384, False, "cpu", "band+strided"),

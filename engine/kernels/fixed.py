@@ -6,13 +6,16 @@ call (no copy when l divides L).
 gathered summary set S (c keys per block: a copy of c/l of K and V). On the CPU for blocks of at
 least PER_BLOCK_MIN_ROWS rows, and for a few query blocks anywhere, each block's real rows attend
 their b*c keys in one call, with no mask and no padded row. Elsewhere (small blocks, whose calls
-would be tiny; CUDA, where a call per block would be a launch per block) the queries are viewed as [l, L/l] (position-in-block as the head axis, block index as
-the row), so that every head shares S (a stride-0 view) and one small [rows, keys]
-block-causal mask; the blocks are cut into a few row ranges, each with the keys its last block
-needs, so the masked waste is about 1/(2 ranges).
+would be tiny; CUDA, where a call per block would be a launch per block) the queries are viewed
+as [l, L/l] (position-in-block as the head axis, block index as the row), so that every head
+shares S (a stride-0 view) and one small [rows, keys] block-causal mask; the blocks are cut into
+a few row ranges, each with the keys its last block needs, so the masked waste is about
+1/(2 ranges).
 
 A minimum distance m (for a union with a sliding window of m, whose keys it then skips) shifts
-the own-block causal diagonal by m and keeps a row's summary keys at positions up to i - m.
+the own-block causal diagonal by m and keeps a row's summary keys at positions up to i - m. A
+skipped stride s (for a union with strided(s), which counts those keys) masks the own blocks with
+one [l, l] mask and each block's summary keys; both take the call per block.
 
 Non-causal, each query attends every summary key (one call) and the other keys of its own block
 (one batched call over the block view): no mask, no key twice. With a minimum distance, per query
