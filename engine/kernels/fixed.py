@@ -4,8 +4,8 @@
 call (no copy when l divides L).
 (b) The summary columns of earlier blocks: query block b sees the first b*c keys of the
 gathered summary set S (c keys per block: a copy of c/l of K and V). On the CPU for blocks of at
-least PER_BLOCK_MIN_ROWS rows, and for a few query blocks anywhere, each block's real rows attend
-their b*c keys in one call, with no mask and no padded row. Elsewhere (small blocks, whose calls
+least CALL_ROWS rows, and for a few query blocks anywhere, each block's real rows attend their
+b*c keys in one call, with no mask and no padded row. Elsewhere (small blocks, whose calls
 would be tiny; CUDA, where a call per block would be a launch per block) the queries are viewed
 as [l, L/l] (position-in-block as the head axis, block index as the row), so that every head
 shares S (a stride-0 view) and one small [rows, keys] block-causal mask; the blocks are cut into
@@ -39,9 +39,12 @@ from .merge import merge_partials, merge_to
 # 16384 177 vs 177-210 ms, 65536 2.18-2.23 vs 2.48-2.49 s); `bench/gpu_check.py` times range
 # counts on CUDA, where neither rule is measured yet.
 MIN_RANGES, MAX_RANGES, BLOCKS_PER_RANGE = 4, 16, 32
-# The CPU's call per query block against the row ranges (H = 8, D = 64, per-block / ranges time):
-# l = 32 1.55, 1.38, 1.02 at n = 1024, 4096, 16384; l = 64 0.88, 1.06, 0.93; l = 96 to 256 0.69-0.96.
-PER_BLOCK_MIN_ROWS = 64
+# Fewest query rows worth a call of their own. The CPU's call per query block against the row
+# ranges (H = 8, D = 64, per-block / ranges time): l = 32 1.55, 1.38, 1.02 at n = 1024, 4096,
+# 16384; l = 64 0.88, 1.06, 0.93; l = 96 to 256 0.69-0.96. Smaller blocks that must go per block
+# (a union's distance or stride) go this many rows per call: union(sliding 32, fixed(16, 2)) at
+# n = 4096, H = 8: 119 ms a block per call, 68 ms grouped (16384: 800 and 524 ms).
+CALL_ROWS = 64
 
 
 def summary_mask(b0: int, b1: int, c: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -103,7 +106,7 @@ def fixed_attention(
         ks, vs = gathered(k), gathered(v)
         cpu = q.device.type == "cpu"
         few_blocks = blocks - lo <= (MIN_RANGES if cpu else MAX_RANGES)  # no more calls than ranges would make
-        if min_distance or skip_stride or ranges is None and (few_blocks or cpu and l >= PER_BLOCK_MIN_ROWS):
+        if min_distance or skip_stride or ranges is None and (few_blocks or cpu and l >= CALL_ROWS):
             _summary_per_block(q.reshape(b * h, 1, nq * l, d), ks, vs, out, lse, range(lo, blocks), first=first,
                                block=l, summary=c, real=slice(offset - first * l, offset - first * l + lq),
                                scale=scale, min_distance=min_distance, skip_stride=skip_stride)
@@ -126,18 +129,21 @@ def fixed_attention(
 
 def _summary_per_block(q_rows, ks, vs, out, lse, blocks: range, *, first: int, block: int, summary: int,
                        real: slice, scale: float, min_distance: int, skip_stride: int) -> None:
-    """The summary piece one call per query block, on its real rows in their natural order,
-    merged into (out, lse) in place. Every row of block b sees the same b*c summary keys (no
-    mask, no padded row); with a minimum distance m, a row at i sees those at positions <= i - m,
-    a prefix of them: the prefix all its block's rows see runs unmasked, the rest under a small
-    prefix mask. Skipping a stride's keys masks them all."""
+    """The summary piece one call per query block (blocks under CALL_ROWS rows a few per call), on
+    its real rows in their natural order, merged into (out, lse) in place. Every row of block b
+    sees the same b*c summary keys (no mask, no padded row); with a minimum distance m, a row at i
+    sees those at positions <= i - m, a prefix of them: the prefix all the call's rows see runs
+    unmasked, the rest under a small prefix mask. Skipping a stride's keys masks them all."""
     l, c = block, summary
-    for b in blocks:
-        r0, r1 = max((b - first) * l, real.start), min((b - first + 1) * l, real.stop)
+    group = max(1, CALL_ROWS // l)  # query blocks per call
+    for b in range(blocks.start, blocks.stop, group):
+        b_end = min(blocks.stop, b + group)
+        r0, r1 = max((b - first) * l, real.start), min((b_end - first) * l, real.stop)
         if r1 <= r0:
             continue
-        limit = (torch.arange(r0, r1, device=q_rows.device) + first * l - min_distance + 1).clamp(min=0)
-        seen = summary_keys_below(limit, l, c).clamp(max=b * c)  # how many of the b*c keys each row sees
+        i = torch.arange(r0, r1, device=q_rows.device) + first * l  # the rows' positions
+        # How many summary keys each row sees: those of earlier blocks, at positions <= i - m.
+        seen = torch.minimum(summary_keys_below((i - min_distance + 1).clamp(min=0), l, c), i // l * c)
         lo, hi = (0, int(seen.max())) if skip_stride else (int(seen.min()), int(seen.max()))
         rows = q_rows[:, :, r0:r1]
         parts = [_fused(rows, ks[:, :, :lo], vs[:, :, :lo], scale=scale, is_causal=False)] if lo else []
@@ -145,8 +151,7 @@ def _summary_per_block(q_rows, ks, vs, out, lse, blocks: range, *, first: int, b
             index = torch.arange(lo, hi, device=rows.device)
             keep = index[None, :] < seen[:, None]
             if skip_stride:  # summary key t sits at (t // c) * l + l - c + t % c
-                i = torch.arange(r0, r1, device=rows.device)[:, None] + first * l
-                keep &= (i - (index // c * l + l - c + index % c)[None, :]) % skip_stride != 0
+                keep &= (i[:, None] - (index // c * l + l - c + index % c)[None, :]) % skip_stride != 0
             parts.append(fused_masked(rows, ks[:, :, lo:hi], vs[:, :, lo:hi], keep, scale=scale))
         for o, s_lse in parts:
             merge_to(out[:, r0:r1], lse[:, r0:r1], (out[:, r0:r1], lse[:, r0:r1]), (o[:, 0], s_lse[:, 0]))
