@@ -188,25 +188,28 @@ def _non_causal(q, k, v, *, block: int, summary: int, scale: float) -> tuple[tor
 def _non_causal_far(q, k, v, *, block: int, summary: int, scale: float,
                     min_distance: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Non-causal fixed's keys at |i - j| >= m (a union with a window reaching both ways), per
-    query block: its own block's under a mask, and of the summary keys before and after it (views
-    of one copy of all summary keys) those every row of the block keeps unmasked, the few nearer
-    ones under a small mask; merged in place."""
+    query block (blocks under CALL_ROWS rows a few per call): its own block's under a mask, and of
+    the summary keys before and after it (views of one copy of all summary keys) those every row
+    of the call keeps unmasked, the few nearer ones under a small mask; merged in place."""
     lq, lk, l, c, m = q.shape[-2], k.shape[-2], block, summary, min_distance
     offset = lk - lq
     columns = summary_columns(0, lk, l, c).to(k.device)
     ks, vs = k.index_select(-2, columns), v.index_select(-2, columns)
     out = torch.empty(*q.shape[:-1], v.shape[-1], dtype=torch.float32, device=q.device)
     lse = torch.empty(q.shape[:-1], dtype=torch.float32, device=q.device)
-    for b in range(offset // l, -(-lk // l)):
-        r0, r1 = max(b * l, offset) - offset, min((b + 1) * l, lk) - offset  # this block's query rows
-        own = slice(b * l, min((b + 1) * l, lk))
+    group = max(1, CALL_ROWS // l)  # query blocks per call
+    for b in range(offset // l, -(-lk // l), group):
+        b_end = min(b + group, -(-lk // l))
+        r0, r1 = max(b * l, offset) - offset, min(b_end * l, lk) - offset  # these blocks' query rows
+        own = slice(b * l, min(b_end * l, lk))
         rows_q, rows_out, rows_lse = q[..., r0:r1, :], out[..., r0:r1, :], lse[..., r0:r1]
         i = torch.arange(r0 + offset, r1 + offset, device=q.device)[:, None]  # the rows' positions
+        j = torch.arange(own.start, own.stop, device=q.device)[None, :]
         # Summary keys kept: indices [0, before) of the blocks before (positions <= i - m), and
         # [after, all) of those after (positions >= i + m), per row.
-        before = summary_keys_below((i[:, 0] - m + 1).clamp(min=0), l, c).clamp(max=b * c)
-        after = summary_keys_below(i[:, 0] + m, l, c).clamp(min=min((b + 1) * c, len(columns)), max=len(columns))
-        parts = [(k[..., own, :], v[..., own, :], (i - torch.arange(own.start, own.stop, device=q.device)).abs() >= m),
+        before = torch.minimum(summary_keys_below((i[:, 0] - m + 1).clamp(min=0), l, c), i[:, 0] // l * c)
+        after = torch.maximum(summary_keys_below(i[:, 0] + m, l, c), (i[:, 0] // l + 1) * c).clamp(max=len(columns))
+        parts = [(k[..., own, :], v[..., own, :], ((i - j).abs() >= m) & (i // l == j // l)),
                  (ks[..., : int(before.min()), :], vs[..., : int(before.min()), :], None),
                  (ks[..., int(after.max()) :, :], vs[..., int(after.max()) :, :], None)]
         for lo, hi, kept in ((int(before.min()), int(before.max()), lambda idx: idx < before[:, None]),
