@@ -7,7 +7,7 @@ r .. r + w - 1, or r .. r + 2w - 2) makes the call exact. Work is n * (T + w - 1
 n * w, memory O(n * D). The first rows, whose window would start before key 0, see every earlier
 key (a small dense call up to their diagonal), the last rows that do not fill a tile form one
 shorter tile, and without causal the last w - 1 rows, whose window would end past the last key,
-take the masked kernel (a few rows' spans).
+are the first rows' problem reversed (copies of those rows and their keys, flipped).
 
 On CUDA in half precision the flash kernel has the band built in (its local-window
 arguments, bottom-right aligned like the contract): one call, no mask, no waste.
@@ -19,9 +19,7 @@ import functools
 
 import torch
 
-from ..patterns import SlidingWindow
 from .dense import NEG_INF, _fused, _same_head_dim, dense_attention, flash_supported, math_attention, pad_head_dim
-from .masked import masked_attention
 
 
 # Query rows per tile: a row computes T + w - 1 keys for its w, but tiny tiles make tiny
@@ -81,7 +79,7 @@ def band_pieces(
         o, l = dense_attention(q[..., :head, :], k[..., : offset + head + after, :],
                                v[..., : offset + head + after, :], scale=scale, diagonal=offset + after)
         pieces.append((0, o[..., :dv], l))
-    # Rows from `stop` on would see keys past the last one: the masked kernel's few spans.
+    # Rows from `stop` on would see keys past the last one (without causal): below.
     stop = max(head, lq - after)
     tile = tile or TILE_ROWS
     row = head
@@ -96,9 +94,11 @@ def band_pieces(
         o, l = _fused(qt, kt, vt, scale=scale, is_causal=False, mask=mask)
         pieces.append((row, o.reshape(b, h, tiles * size, -1)[..., :dv], l.reshape(b, h, tiles * size)))
         row += tiles * size
-    if stop < lq:
-        o, l = masked_attention(q[..., stop:, :], k, v, SlidingWindow(window=w), scale=scale, causal=False)
-        pieces.append((stop, o[..., :dv], l))
+    if stop < lq:  # keys i - w + 1 .. Lk - 1: reversed, the first rows' problem (a dense diagonal)
+        lo = max(0, offset + stop - w + 1)
+        o, l = dense_attention(q[..., stop:, :].flip(-2), k[..., lo:, :].flip(-2), v[..., lo:, :].flip(-2),
+                               scale=scale, diagonal=w - 1)
+        pieces.append((stop, o.flip(-2)[..., :dv], l.flip(-1)))
     return pieces
 
 
