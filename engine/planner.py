@@ -145,14 +145,12 @@ def _structured(pattern: PatternBase, causal: bool) -> Plan | None:
 def _structured_union(pattern: Union, causal: bool) -> Plan | None:
     """A union of at most one window, one stride and one fixed as disjoint steps merged by
     log-sum-exp, each key counted once: the band takes the keys nearer than w, the stride's the
-    rest of its own, fixed's the rest of its own (at distance >= w, and causally not the
-    stride's: `skip_stride`), or None for any other union."""
+    rest of its own, fixed's the rest of its own (at distance >= w, and not the stride's:
+    `skip_stride`), or None for any other union."""
     kinds = {type(member): member for member in pattern.patterns}
     if len(kinds) < len(pattern.patterns) or not set(kinds) <= {SlidingWindow, Strided, Fixed}:
         return None
     window, stride, fixed = kinds.get(SlidingWindow), kinds.get(Strided), kinds.get(Fixed)
-    if stride and fixed and not causal:
-        return None
     if window and stride:
         steps = [partial(kernels.band_strided_attention, window=window.window, stride=stride.stride, causal=causal)]
     elif window:

@@ -59,13 +59,13 @@ def fixed_attention(
     causal: bool = True, ranges: int | None = None, min_distance: int = 0, skip_stride: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Fixed-pattern attention over the keys at i - j >= min_distance (causal) or |i - j| >=
-    min_distance (for a union with a sliding window, whose keys it then skips), and, causal, not
-    at (i - j) mod skip_stride == 0 (for a union with strided(skip_stride)); queries bottom-right
+    min_distance (for a union with a sliding window, whose keys it then skips), and not at
+    (i - j) mod skip_stride == 0 (for a union with strided(skip_stride)); queries bottom-right
     aligned; (out float32, lse)."""
     if not causal:
-        assert not skip_stride, "a skipped stride is for causal unions"
-        if min_distance:
-            return _non_causal_far(q, k, v, block=block, summary=summary, scale=scale, min_distance=min_distance)
+        if min_distance or skip_stride:
+            return _non_causal_far(q, k, v, block=block, summary=summary, scale=scale, min_distance=min_distance,
+                                   skip_stride=skip_stride)
         return _non_causal(q, k, v, block=block, summary=summary, scale=scale)
     b, h, lq, _ = q.shape
     lk, dv, l, c = k.shape[-2], v.shape[-1], block, summary
@@ -185,12 +185,13 @@ def _non_causal(q, k, v, *, block: int, summary: int, scale: float) -> tuple[tor
     return merge_partials(parts)
 
 
-def _non_causal_far(q, k, v, *, block: int, summary: int, scale: float,
-                    min_distance: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _non_causal_far(q, k, v, *, block: int, summary: int, scale: float, min_distance: int,
+                    skip_stride: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Non-causal fixed's keys at |i - j| >= m (a union with a window reaching both ways), per
     query block (blocks under CALL_ROWS rows a few per call): its own block's under a mask, and of
     the summary keys before and after it (views of one copy of all summary keys) those every row
-    of the call keeps unmasked, the few nearer ones under a small mask; merged in place."""
+    of the call keeps unmasked, the few nearer ones under a small mask; merged in place. Skipping
+    a stride's keys (a union with strided(s)) masks every piece."""
     lq, lk, l, c, m = q.shape[-2], k.shape[-2], block, summary, min_distance
     offset = lk - lq
     columns = summary_columns(0, lk, l, c).to(k.device)
@@ -209,15 +210,19 @@ def _non_causal_far(q, k, v, *, block: int, summary: int, scale: float,
         # [after, all) of those after (positions >= i + m), per row.
         before = torch.minimum(summary_keys_below((i[:, 0] - m + 1).clamp(min=0), l, c), i[:, 0] // l * c)
         after = torch.maximum(summary_keys_below(i[:, 0] + m, l, c), (i[:, 0] // l + 1) * c).clamp(max=len(columns))
-        parts = [(k[..., own, :], v[..., own, :], ((i - j).abs() >= m) & (i // l == j // l)),
-                 (ks[..., : int(before.min()), :], vs[..., : int(before.min()), :], None),
-                 (ks[..., int(after.max()) :, :], vs[..., int(after.max()) :, :], None)]
-        for lo, hi, kept in ((int(before.min()), int(before.max()), lambda idx: idx < before[:, None]),
+        # (keys, values, their positions, which each row keeps; None: all of them)
+        parts = [(k[..., own, :], v[..., own, :], j[0], ((i - j).abs() >= m) & (i // l == j // l))]
+        for lo, hi, kept in ((0, int(before.min()), None), (int(after.max()), len(columns), None),
+                             (int(before.min()), int(before.max()), lambda idx: idx < before[:, None]),
                              (int(after.min()), int(after.max()), lambda idx: idx >= after[:, None])):
             if hi > lo:
-                parts.append((ks[..., lo:hi, :], vs[..., lo:hi, :], kept(torch.arange(lo, hi, device=q.device)[None, :])))
+                index = torch.arange(lo, hi, device=q.device)
+                parts.append((ks[..., lo:hi, :], vs[..., lo:hi, :], columns[lo:hi], None if kept is None else kept(index[None, :])))
+        if skip_stride:  # the stride's keys, which a union's strided step counts
+            parts = [(keys_k, keys_v, at, (True if keep is None else keep) & ((i - at[None, :]) % skip_stride != 0))
+                     for keys_k, keys_v, at, keep in parts]
         written = False
-        for keys_k, keys_v, keep in parts:
+        for keys_k, keys_v, _, keep in parts:
             if keys_k.shape[-2] == 0 or keep is not None and not bool(keep.any()):
                 continue
             o, s_lse = (_fused(rows_q, keys_k, keys_v, scale=scale, is_causal=False) if keep is None
@@ -227,7 +232,7 @@ def _non_causal_far(q, k, v, *, block: int, summary: int, scale: float,
             else:
                 rows_out[...], rows_lse[...] = o, s_lse
                 written = True
-        if not written:  # every key nearer than m
+        if not written:  # every key nearer than m or the stride's
             rows_out.zero_()
             rows_lse.fill_(NEG_INF)
     return out, lse
