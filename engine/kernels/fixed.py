@@ -18,8 +18,9 @@ skipped stride s (for a union with strided(s), which counts those keys) masks th
 one [l, l] mask and each block's summary keys; both take the call per block.
 
 Non-causal, each query attends every summary key (one call) and the other keys of its own block
-(one batched call over the block view): no mask, no key twice. With a minimum distance, per query
-block its own block and the summary keys before and after it, the nearer keys dropped by small masks.
+(one batched call over the block view): no mask, no key twice. With a minimum distance or a
+skipped stride, per query block its own block and the summary keys before and after it, the keys
+to drop under masks.
 """
 
 from __future__ import annotations
