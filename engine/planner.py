@@ -23,8 +23,8 @@ from .patterns import Dense, Fixed, PatternBase, SlidingWindow, Strided, Union, 
 Partial = tuple[torch.Tensor, torch.Tensor]
 # A pattern with no structured kernel runs on the masked kernel, or, for up to this many query
 # rows (decoding, small chunks) on the CPU, on the gathered one when `gathers_less`: at 65536
-# keys, union(sliding 256, strided 128, strided 96) took gathered / masked 1.08 / 1.69 ms at 1
-# row, 19.9 / 26.1 at 16, 56.6 / 120 at 64 (`python -m bench.kernels --decode`).
+# keys, union(sliding 256, strided 128, strided 96) took gathered / masked 1.14 / 1.77 ms at 1
+# row, 14.3 / 22.7 at 16, 76.7 / 141.6 at 64 (docs/bench/decode.json, `python -m bench.kernels --decode`).
 SMALL_QUERY_ROWS = 64
 # Their costs in one masked (query row, key) pair's time, fitted on the CPU at H = 8, D = 64
 # (`python -m bench.kernels --decode`): the masked kernel reads its key span once (like this many

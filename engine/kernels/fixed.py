@@ -136,6 +136,8 @@ def _summary_per_block(q_rows, ks, vs, out, lse, blocks: range, *, first: int, b
     sees those at positions <= i - m, a prefix of them: the prefix all the call's rows see runs
     unmasked, the rest under a small prefix mask. Skipping a stride's keys masks them all."""
     l, c = block, summary
+    if skip_stride:  # the positions of the summary keys in ks: those of blocks 0 .. last - 1
+        at = summary_columns(0, (blocks.stop - 1) * l, l, c).to(q_rows.device)
     group = max(1, CALL_ROWS // l)  # query blocks per call
     for b in range(blocks.start, blocks.stop, group):
         b_end = min(blocks.stop, b + group)
@@ -151,8 +153,8 @@ def _summary_per_block(q_rows, ks, vs, out, lse, blocks: range, *, first: int, b
         if hi > lo:
             index = torch.arange(lo, hi, device=rows.device)
             keep = index[None, :] < seen[:, None]
-            if skip_stride:  # summary key t sits at (t // c) * l + l - c + t % c
-                keep &= (i[:, None] - (index // c * l + l - c + index % c)[None, :]) % skip_stride != 0
+            if skip_stride:
+                keep &= (i[:, None] - at[None, lo:hi]) % skip_stride != 0
             parts.append(fused_masked(rows, ks[:, :, lo:hi], vs[:, :, lo:hi], keep, scale=scale))
         for o, s_lse in parts:
             merge_to(out[:, r0:r1], lse[:, r0:r1], (out[:, r0:r1], lse[:, r0:r1]), (o[:, 0], s_lse[:, 0]))
