@@ -63,6 +63,7 @@ FX = lambda l, c: {"type": "fixed", "block": l, "summary": c}  # noqa: E731
 UNION = lambda w, s: {"type": "union", "patterns": [SW(w), ST(s)]}  # noqa: E731
 UNION3 = {"type": "union", "patterns": [SW(50), ST(64), FX(128, 8)]}
 WINDOW_FIXED = {"type": "union", "patterns": [SW(256), FX(128, 8)]}
+STRIDES = {"type": "union", "patterns": [SW(100), ST(64), ST(48)]}  # the second skips multiples of the first
 
 
 def compare(out, lse, q, k, v, pattern, causal, dtype) -> str | None:
@@ -115,12 +116,15 @@ def cases(device):
                  True),
                 ("fixed 100,100", lambda: kernels.fixed_attention(q, k, v, block=100, summary=100, scale=s),
                  FX(100, 100), True),
-                ("union 128+128", lambda: kernels.band_strided_attention(q, k, v, window=128, stride=128, scale=s),
+                ("union 128+128", lambda: kernels.band_strided_attention(q, k, v, window=128, strides=(128,), scale=s),
                  UNION(128, 128), True),
-                ("union 100+64", lambda: kernels.band_strided_attention(q, k, v, window=100, stride=64, scale=s),
+                ("union 100+64", lambda: kernels.band_strided_attention(q, k, v, window=100, strides=(64,), scale=s),
                  UNION(100, 64), True),
-                ("union 100+64 noncausal", lambda: kernels.band_strided_attention(q, k, v, window=100, stride=64, scale=s,
-                                                                                   causal=False), UNION(100, 64), False),
+                ("union 100+64 noncausal", lambda: kernels.band_strided_attention(
+                    q, k, v, window=100, strides=(64,), scale=s, causal=False), UNION(100, 64), False),
+                ("union 100+64+48", lambda: attention(q, k, v, STRIDES, scale=s, return_lse=True), STRIDES, True),
+                ("union 100+64+48 noncausal", lambda: attention(
+                    q, k, v, STRIDES, scale=s, causal=False, return_lse=True), STRIDES, False),
                 ("masked union3", lambda: kernels.masked_attention(q, k, v, parse_pattern(UNION3), scale=s, causal=True),
                  UNION3, True),
                 ("masked window+fixed noncausal", lambda: kernels.masked_attention(
@@ -132,7 +136,7 @@ def cases(device):
         # Short runs at the end of long keys: strided's own classes, fixed's blocks in natural order.
         for lq, lk in ((1, 3001), (5, 3001), (63, 2048)):
             q, k, v = inputs((1, 4, 2, lq, lk, 64, 64), dtype, device, seed=2)
-            for pattern in (SW(256), ST(64), ST(37), FX(128, 8), UNION(128, 128), UNION3, WINDOW_FIXED):
+            for pattern in (SW(256), ST(64), ST(37), FX(128, 8), UNION(128, 128), UNION3, WINDOW_FIXED, STRIDES):
                 run = (lambda q=q, k=k, v=v, p=pattern: attention(q, k, v, p, return_lse=True))
                 yield f"short run {pattern} lq={lq} lk={lk} {dname}", run, q, k, v, pattern, True, dtype
 

@@ -59,11 +59,17 @@ LABELS = {
     "window_fixed": "union(sliding 256, fixed(128, 8))",
     "window_strided_fixed": "union(sliding 256, strided 128, fixed(128, 8))",
 }
-# The decode rows add a pattern with no structured kernel, which few query rows run on the
-# gathered or the masked kernel.
-DECODE_EXTRA = {"union(sliding 256, strided 128, strided 96)": {"type": "union", "patterns": [
-    {"type": "sliding_window", "window": 256}, {"type": "strided", "stride": 128},
-    {"type": "strided", "stride": 96}]}}
+# The decode rows add a union of two strides (the second skipping the first's multiples) and one
+# of two fixed members, which has no structured kernel: few query rows run it on the gathered or
+# the masked kernel.
+DECODE_EXTRA = {
+    "union(sliding 256, strided 128, strided 96)": {"type": "union", "patterns": [
+        {"type": "sliding_window", "window": 256}, {"type": "strided", "stride": 128},
+        {"type": "strided", "stride": 96}]},
+    "union(sliding 256, fixed(128, 2), fixed(192, 2))": {"type": "union", "patterns": [
+        {"type": "sliding_window", "window": 256}, {"type": "fixed", "block": 128, "summary": 2},
+        {"type": "fixed", "block": 192, "summary": 2}]},
+}
 STARTED = time.perf_counter()
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

@@ -2,10 +2,10 @@
 
 A plan is a list of steps over disjoint key sets, merged by log-sum-exp. The structured
 kernels cover the Sparse Transformer patterns (band, strided, fixed, and the unions of at most
-one of each: a window with a stride as in the paper, with fixed, a stride with fixed, all three)
-at any query length; anything else falls back to the masked kernel, which is exact and
-memory-safe but slower, or for a few query rows on the CPU to the gathered kernel when that
-costs less. `simplify` first removes what cannot change the mask.
+one window, any strides and at most one fixed: a window with a stride as in the paper, with
+fixed, a stride with fixed, all three, several strides) at any query length; anything else (two
+fixed members) falls back to the masked kernel, which is exact and memory-safe but slower, or
+for a few query rows on the CPU to the gathered kernel when that costs less. `simplify` first removes what cannot change the mask.
 """
 
 from __future__ import annotations
@@ -143,22 +143,28 @@ def _structured(pattern: PatternBase, causal: bool) -> Plan | None:
 
 
 def _structured_union(pattern: Union, causal: bool) -> Plan | None:
-    """A union of at most one window, one stride and one fixed as disjoint steps merged by
-    log-sum-exp, each key counted once: the band takes the keys nearer than w, the stride's the
-    rest of its own, fixed's the rest of its own (at distance >= w, and not the stride's:
-    `skip_stride`), or None for any other union."""
-    kinds = {type(member): member for member in pattern.patterns}
-    if len(kinds) < len(pattern.patterns) or not set(kinds) <= {SlidingWindow, Strided, Fixed}:
+    """A union of at most one window, any strides and at most one fixed as disjoint steps merged
+    by log-sum-exp, each key counted once: the band takes the keys nearer than w, each stride the
+    rest of its own less an earlier stride's multiples (`skip_strides`), fixed the rest of its own
+    (at distance >= w, off every stride), or None for any other union (two fixed members)."""
+    members: dict[type, list[PatternBase]] = {}
+    for member in pattern.patterns:
+        members.setdefault(type(member), []).append(member)
+    if not set(members) <= {SlidingWindow, Strided, Fixed} or len(members.get(SlidingWindow, ())) > 1 \
+            or len(members.get(Fixed, ())) > 1:
         return None
-    window, stride, fixed = kinds.get(SlidingWindow), kinds.get(Strided), kinds.get(Fixed)
-    if window and stride:
-        steps = [partial(kernels.band_strided_attention, window=window.window, stride=stride.stride, causal=causal)]
+    window = members[SlidingWindow][0].window if SlidingWindow in members else 0
+    fixed = members[Fixed][0] if Fixed in members else None
+    strides = tuple(sorted(member.stride for member in members.get(Strided, ())))  # the densest unmasked
+    if window and strides:
+        steps = [partial(kernels.band_strided_attention, window=window, strides=strides, causal=causal)]
     elif window:
-        steps = [partial(kernels.band_attention, window=window.window, causal=causal)]
+        steps = [partial(kernels.band_attention, window=window, causal=causal)]
     else:
-        steps = [partial(kernels.strided_attention, stride=stride.stride, causal=causal)]
+        steps = [partial(kernels.strided_attention, stride=stride, skip_strides=strides[:n], causal=causal)
+                 for n, stride in enumerate(strides)]
     if fixed:
         steps.append(partial(kernels.fixed_attention, block=fixed.block, summary=fixed.summary, causal=causal,
-                             min_distance=window.window if window else 0, skip_stride=stride.stride if stride else 0))
-    name = "+".join(kind for kind, member in (("band", window), ("strided", stride), ("fixed", fixed)) if member)
+                             min_distance=window, skip_strides=strides))
+    name = "+".join(kind for kind, present in (("band", window), ("strided", strides), ("fixed", fixed)) if present)
     return Plan(name, tuple(steps))

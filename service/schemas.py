@@ -298,7 +298,7 @@ class Meta(BaseModel):
     backend: str = Field(description=(
         "the engine's kernels for this call, one per group of heads that shares a pattern, comma-joined: "
         "sdpa (dense), band (sliding_window), strided, fixed, band+strided, band+fixed, strided+fixed and "
-        "band+strided+fixed (unions of at most one window, one stride and one fixed), gathered (a few query rows "
+        "band+strided+fixed (unions of at most one window, any strides and at most one fixed), gathered (a few query rows "
         "of another pattern, each against its own keys), masked (any other pattern)"))
     pattern: dict[str, Any]
     batch: BatchInfo

@@ -105,10 +105,10 @@ def test_a_short_run_copies_no_more_than_the_keys_it_attends(pattern, lk, lq):
 
 
 @pytest.mark.parametrize("pattern,causal", [
-    ({"type": "union", "patterns": [{"type": "sliding_window", "window": 256}, {"type": "strided", "stride": 128},
-                                    {"type": "strided", "stride": 96}]}, True),  # no structured kernel
-    ({"type": "union", "patterns": [{"type": "strided", "stride": 128},
-                                    {"type": "strided", "stride": 96}]}, False),  # nor without causal
+    ({"type": "union", "patterns": [{"type": "sliding_window", "window": 256}, {"type": "fixed", "block": 128, "summary": 8},
+                                    {"type": "fixed", "block": 96, "summary": 4}]}, True),  # no structured kernel
+    ({"type": "union", "patterns": [{"type": "fixed", "block": 128, "summary": 8},
+                                    {"type": "fixed", "block": 96, "summary": 4}]}, False),  # nor without causal
 ])
 def test_the_masked_fallback_stays_within_its_budget(pattern, causal):
     """The masked kernel's chunks hold about MASK_BUDGET mask elements; a chunk once grew past its

@@ -34,7 +34,9 @@ PATTERNS = {
     "union_window_over_block": {"type": "union", "patterns": [SW(20), FX(10, 3)]},
     "union_three": {"type": "union", "patterns": [SW(12), ST(5), FX(9, 2)]},
     "union_stride_fixed": {"type": "union", "patterns": [FX(8, 3), ST(6)]},
-    "union_two_strides": {"type": "union", "patterns": [SW(3), ST(5), ST(7)]},  # no structured kernel
+    "union_two_strides": {"type": "union", "patterns": [SW(3), ST(5), ST(7)]},
+    "union_strides_fixed": {"type": "union", "patterns": [ST(4), FX(9, 2), ST(6)]},  # strides sharing a factor
+    "union_two_fixed": {"type": "union", "patterns": [SW(3), FX(9, 2), FX(6, 1)]},  # no structured kernel
     "union_nested": {"type": "union", "patterns": [{"type": "union", "patterns": [SW(4), SW(9)]}, ST(11)]},
     "union_covered": {"type": "union", "patterns": [ST(8), SW(1), ST(4), FX(10, 10)]},  # -> dense
     "union_strides": {"type": "union", "patterns": [ST(6), SW(1), ST(4), ST(12)]},  # -> strided 6 or 4

@@ -60,12 +60,15 @@ def test_strided_views(lq, lk, stride):
 
 
 @pytest.mark.parametrize("lq,lk", [(600, 600), (517, 700), (300, 1003), (70, 300), (1, 500)])
-@pytest.mark.parametrize("window,stride", [(16, 16), (40, 16), (16, 40), (3, 64), (400, 7)])
+@pytest.mark.parametrize("window,strides", [(16, (16,)), (40, (16,)), (16, (40,)), (3, (64,)), (400, (7,)),
+                                            (5, (4, 6)), (3, (7, 64, 9)), (40, (13, 26 * 3))])
 @pytest.mark.parametrize("causal", [True, False])
-def test_band_strided_union(lq, lk, window, stride, causal):
+def test_band_strided_union(lq, lk, window, strides, causal):
+    """A window with one stride, or several (each skipping the keys at an earlier one's multiples;
+    strides sharing factors, a stride wider than the short runs' rows)."""
     q, k, v = _qkv(2, lq, lk)
-    out, lse = kernels.band_strided_attention(q, k, v, window=window, stride=stride, scale=0.25, causal=causal)
-    pattern = {"type": "union", "patterns": [SW(window), ST(stride)]}
+    out, lse = kernels.band_strided_attention(q, k, v, window=window, strides=strides, scale=0.25, causal=causal)
+    pattern = {"type": "union", "patterns": [SW(window), *map(ST, strides)]}
     ref_out, ref_lse = reference_attention(q, k, v, pattern, causal=causal, scale=0.25)
     torch.testing.assert_close(out.double(), ref_out, atol=2e-5, rtol=2e-5)
     torch.testing.assert_close(lse.double(), ref_lse, atol=2e-5, rtol=2e-5)
@@ -86,7 +89,7 @@ def _each_structured_kernel(q, k, v, *, window):
     yield kernels.band_attention(q, k, v, window=window, scale=0.25), SW(window)
     yield kernels.strided_attention(q, k, v, stride=16, scale=0.25), ST(16)
     yield kernels.fixed_attention(q, k, v, block=32, summary=4, scale=0.25), fixed
-    yield (kernels.band_strided_attention(q, k, v, window=32, stride=32, scale=0.25),
+    yield (kernels.band_strided_attention(q, k, v, window=32, strides=(32,), scale=0.25),
            {"type": "union", "patterns": [SW(32), ST(32)]})
 
 
@@ -107,14 +110,14 @@ def test_strided_many_chunks(monkeypatch, lq, lk, min_distance):
     _assert_matches_far(result, q, k, v, ST(13), min_distance)
 
 
-def _assert_matches_far(result, q, k, v, pattern, min_distance, causal=True, skip_stride=0):
-    """Against a float64 reference of `pattern` without the keys nearer than min_distance (nor,
-    with skip_stride s, those at (i - j) mod s == 0)."""
+def _assert_matches_far(result, q, k, v, pattern, min_distance, causal=True, skip_strides=()):
+    """Against a float64 reference of `pattern` without the keys nearer than min_distance (nor
+    those at (i - j) mod s == 0 for s in skip_strides)."""
     lq, lk = q.shape[-2], k.shape[-2]
     delta = torch.arange(lk - lq, lk)[:, None] - torch.arange(lk)[None, :]
     keep = mask(pattern, lq, lk, 0, 1, causal) & (delta.abs() >= min_distance)
-    if skip_stride:
-        keep &= delta % skip_stride != 0
+    for stride in skip_strides:
+        keep &= delta % stride != 0
     scores = torch.einsum("bhqd,bhkd->bhqk", q.double(), k.double()) * 0.25
     scores = scores.masked_fill(~keep, float("-inf"))
     ref_lse = torch.logsumexp(scores, -1)
@@ -195,7 +198,9 @@ def test_gathered_rows_with_no_key_are_zero():
 
 
 THREE = {"type": "union", "patterns": [SW(256), ST(128), FX(128, 8)]}
-NO_KERNEL = {"type": "union", "patterns": [SW(256), ST(128), ST(96)]}  # two strides: no structured kernel
+# Two fixed members: no structured kernel; ~2300 of 65536 keys per row, thinly spread.
+NO_KERNEL = {"type": "union", "patterns": [SW(256), FX(128, 2), FX(192, 2)]}
+STRIDES = {"type": "union", "patterns": [SW(256), ST(128), ST(96)]}
 
 
 @pytest.mark.parametrize("pattern,lq,lk,causal,device,backend", [
@@ -212,7 +217,11 @@ NO_KERNEL = {"type": "union", "patterns": [SW(256), ST(128), ST(96)]}  # two str
     (NO_KERNEL, 65, 65536, True, "cpu", "masked"),
     (ST(64), 16, 65536, False, "cpu", "strided"),  # non-causal: each class attends all of itself
     (NO_KERNEL, 16, 65536, False, "cpu", "gathered"),
-    ({"type": "union", "patterns": [ST(3), ST(5)]}, 64, 65536, True, "cpu", "masked"),  # nearly half of every key
+    ({"type": "union", "patterns": [FX(4, 2), FX(6, 3)]}, 64, 65536, True, "cpu", "masked"),  # over half of every key
+    (STRIDES, 1, 65536, True, "cpu", "band+strided"),  # each stride skips an earlier one's multiples
+    (STRIDES, 16384, 16384, False, "cpu", "band+strided"),
+    ({"type": "union", "patterns": [ST(3), ST(5)]}, 64, 65536, True, "cpu", "strided"),
+    ({"type": "union", "patterns": [ST(3), FX(64, 4), ST(5)]}, 4096, 4096, True, "cpu", "strided+fixed"),
     (SW(256), 16384, 16384, False, "cpu", "band"),  # reaching both ways
     ({"type": "union", "patterns": [ST(128), SW(128)]}, 16384, 16384, False, "cpu", "band+strided"),
     ({"type": "union", "patterns": [SW(256), FX(128, 8)]}, 16384, 16384, False, "cpu", "band+fixed"),
@@ -264,16 +273,34 @@ def test_fixed_min_distance(lq, lk, block, summary, min_distance, ranges, causal
 
 
 @pytest.mark.parametrize("lq,lk", [(1000, 1000), (517, 700), (300, 1003), (1, 1003), (70, 2001)])
-@pytest.mark.parametrize("block,summary,stride", [(16, 4, 4), (16, 4, 5), (10, 3, 7), (64, 8, 64), (7, 7, 2), (20, 5, 1000)])
+@pytest.mark.parametrize("block,summary,strides", [(16, 4, (4,)), (16, 4, (5,)), (10, 3, (7,)), (64, 8, (64,)),
+                                                   (7, 7, (2,)), (20, 5, (1000,)), (16, 4, (3, 5)), (10, 3, (4, 6, 7))])
 @pytest.mark.parametrize("min_distance", [0, 5, 40])
 @pytest.mark.parametrize("causal", [True, False])
-def test_fixed_skip_stride(lq, lk, block, summary, stride, min_distance, causal):
-    """fixed's keys less the stride's (a union with strided(s), which counts them): the own-block
-    mask shared by every block, every summary key under a mask; with a window's distance too."""
+def test_fixed_skip_strides(lq, lk, block, summary, strides, min_distance, causal):
+    """fixed's keys less the strides' (a union with strided members, which count them): the
+    own-block mask shared by every block, every summary key under a mask; with a window's distance too."""
     q, k, v = _qkv(2, lq, lk)
     result = kernels.fixed_attention(q, k, v, block=block, summary=summary, scale=0.25, min_distance=min_distance,
-                                     skip_stride=stride, causal=causal)
-    _assert_matches_far(result, q, k, v, FX(block, summary), min_distance, causal=causal, skip_stride=stride)
+                                     skip_strides=strides, causal=causal)
+    _assert_matches_far(result, q, k, v, FX(block, summary), min_distance, causal=causal, skip_strides=strides)
+
+
+@pytest.mark.parametrize("lq,lk", [(600, 600), (517, 700), (300, 1003), (1, 1003), (37, 1000), (5, 5)])
+@pytest.mark.parametrize("stride,skip_strides,min_distance", [(13, (2,), 0), (13, (26,), 0), (6, (4,), 0),
+                                                              (9, (4, 6), 20), (64, (3,), 0), (41, (5, 82), 3)])
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("budget", [10**9, 50])  # one mask per chunk; chunks cut to the mask budget
+def test_strided_skip_strides(monkeypatch, lq, lk, stride, skip_strides, min_distance, causal, budget):
+    """A stride's keys less an earlier stride's multiples (a union of strides counts each key
+    once): the chunk masks, the short runs' shared mask, the non-causal class mask, rows whose
+    keys are all skipped."""
+    monkeypatch.setattr("engine.kernels.strided.CHUNK_ROWS", 4)
+    monkeypatch.setattr("engine.kernels.strided.MASK_BUDGET", budget)
+    q, k, v = _qkv(2, lq, lk)
+    result = kernels.strided_attention(q, k, v, stride=stride, scale=0.25, min_distance=min_distance,
+                                       skip_strides=skip_strides, causal=causal)
+    _assert_matches_far(result, q, k, v, ST(stride), min_distance, causal=causal, skip_strides=skip_strides)
 
 
 @pytest.mark.parametrize("pattern", [SW(7), ST(5), FX(10, 3), {"type": "union", "patterns": [SW(4), ST(9), FX(8, 2)]}],

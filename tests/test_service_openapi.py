@@ -29,10 +29,10 @@ def test_the_backend_field_names_every_kernel_the_planner_picks():
 
     sw, st, fx = ({"type": "sliding_window", "window": 64}, {"type": "strided", "stride": 64},
                   {"type": "fixed", "block": 64, "summary": 4})
-    two_strides = {"type": "union", "patterns": [sw, st, {"type": "strided", "stride": 48}]}  # no structured kernel
+    two_fixed = {"type": "union", "patterns": [sw, fx, {"type": "fixed", "block": 48, "summary": 2}]}  # no structured kernel
     cases = [({"type": "dense"}, 100), (sw, 100), (st, 100), (fx, 100), ({"type": "union", "patterns": [sw, st]}, 100),
              ({"type": "union", "patterns": [sw, fx]}, 100), ({"type": "union", "patterns": [st, fx]}, 100),
-             ({"type": "union", "patterns": [sw, st, fx]}, 100), (two_strides, 100), (two_strides, 1)]
+             ({"type": "union", "patterns": [sw, st, fx]}, 100), (two_fixed, 100), (two_fixed, 1)]
     picked = {plan(parse_pattern(p), lq, 65536, True, "cpu").backend for p, lq in cases}
     assert picked == {"sdpa", "band", "strided", "fixed", "band+strided", "band+fixed", "strided+fixed",
                       "band+strided+fixed", "masked", "gathered"}

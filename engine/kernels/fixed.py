@@ -14,12 +14,12 @@ a few row ranges, each with the keys its last block needs, so the masked waste i
 
 A minimum distance m (for a union with a sliding window of m, whose keys it then skips) shifts
 the own-block causal diagonal by m and keeps a row's summary keys at positions up to i - m. A
-skipped stride s (for a union with strided(s), which counts those keys) masks the own blocks with
-one [l, l] mask and each block's summary keys; both take the call per block.
+union's strides (which count the keys at their multiples), skipped, mask the own blocks with one
+[l, l] mask and each block's summary keys; both take the call per block.
 
 Non-causal, each query attends every summary key (one call) and the other keys of its own block
 (one batched call over the block view): no mask, no key twice. With a minimum distance or a
-skipped stride, per query block its own block and the summary keys before and after it, the keys
+skipped strides, per query block its own block and the summary keys before and after it, the keys
 to drop under masks.
 """
 
@@ -32,6 +32,7 @@ from ..patterns.fixed import summary_columns, summary_keys_below
 from .band import _row_major, row_grid
 from .dense import NEG_INF, _fused, _same_head_dim, dense_attention, fused_masked
 from .merge import merge_partials, merge_to
+from .strided import off_strides
 
 # Row ranges of the transposed summary piece: the masked work is (ranges + 1) / (2 * ranges) of a
 # full rectangle; more ranges mean more, smaller calls. One range per 32 blocks, 4 to 16, was
@@ -57,16 +58,17 @@ def summary_mask(b0: int, b1: int, c: int, dtype: torch.dtype, device: torch.dev
 
 def fixed_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, block: int, summary: int, scale: float,
-    causal: bool = True, ranges: int | None = None, min_distance: int = 0, skip_stride: int = 0,
+    causal: bool = True, ranges: int | None = None, min_distance: int = 0,
+    skip_strides: tuple[int, ...] = (),
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Fixed-pattern attention over the keys at i - j >= min_distance (causal) or |i - j| >=
     min_distance (for a union with a sliding window, whose keys it then skips), and not at
-    (i - j) mod skip_stride == 0 (for a union with strided(skip_stride)); queries bottom-right
+    (i - j) mod s == 0 for any s in skip_strides (for a union with those strides); queries bottom-right
     aligned; (out float32, lse)."""
     if not causal:
-        if min_distance or skip_stride:
+        if min_distance or skip_strides:
             return _non_causal_far(q, k, v, block=block, summary=summary, scale=scale, min_distance=min_distance,
-                                   skip_stride=skip_stride)
+                                   skip_strides=skip_strides)
         return _non_causal(q, k, v, block=block, summary=summary, scale=scale)
     b, h, lq, _ = q.shape
     lk, dv, l, c = k.shape[-2], v.shape[-1], block, summary
@@ -87,10 +89,10 @@ def fixed_attention(
         x = x[..., first * l :, :]
         return (F.pad(x, (0, 0, 0, blocks * l - lk)) if blocks * l > lk else x).reshape(b * h, nq, l, -1)
 
-    if skip_stride:  # one [l, l] mask for every block: i - j is the offset within the block
+    if skip_strides:  # one [l, l] mask for every block: i - j is the offset within the block
         delta = torch.arange(l, device=q.device)[:, None] - torch.arange(l, device=q.device)[None, :]
         own_out, own_lse = fused_masked(qb, own_blocks(k), own_blocks(v), (delta >= min_distance)
-                                        & (delta % skip_stride != 0), scale=scale)
+                                        & off_strides(delta, skip_strides), scale=scale)
     else:
         own_out, own_lse = dense_attention(qb, own_blocks(k), own_blocks(v), scale=scale, diagonal=-min_distance)
     out = own_out.reshape(b * h, nq * l, -1).float()
@@ -107,10 +109,10 @@ def fixed_attention(
         ks, vs = gathered(k), gathered(v)
         cpu = q.device.type == "cpu"
         few_blocks = blocks - lo <= (MIN_RANGES if cpu else MAX_RANGES)  # no more calls than ranges would make
-        if min_distance or skip_stride or ranges is None and (few_blocks or cpu and l >= CALL_ROWS):
+        if min_distance or skip_strides or ranges is None and (few_blocks or cpu and l >= CALL_ROWS):
             _summary_per_block(q.reshape(b * h, 1, nq * l, d), ks, vs, out, lse, range(lo, blocks), first=first,
                                block=l, summary=c, real=slice(offset - first * l, offset - first * l + lq),
-                               scale=scale, min_distance=min_distance, skip_stride=skip_stride)
+                               scale=scale, min_distance=min_distance, skip_strides=skip_strides)
         else:
             q_heads = qb.transpose(1, 2)  # [B*H, l, nq, D]: position in block as heads, block as rows
             ranges = ranges or min(MAX_RANGES, max(MIN_RANGES, (blocks - lo) // BLOCKS_PER_RANGE))
@@ -129,14 +131,14 @@ def fixed_attention(
 
 
 def _summary_per_block(q_rows, ks, vs, out, lse, blocks: range, *, first: int, block: int, summary: int,
-                       real: slice, scale: float, min_distance: int, skip_stride: int) -> None:
+                       real: slice, scale: float, min_distance: int, skip_strides: tuple[int, ...]) -> None:
     """The summary piece one call per query block (blocks under CALL_ROWS rows a few per call), on
     its real rows in their natural order, merged into (out, lse) in place. Every row of block b
     sees the same b*c summary keys (no mask, no padded row); with a minimum distance m, a row at i
     sees those at positions <= i - m, a prefix of them: the prefix all the call's rows see runs
-    unmasked, the rest under a small prefix mask. Skipping a stride's keys masks them all."""
+    unmasked, the rest under a small prefix mask. Skipping strides' keys masks them all."""
     l, c = block, summary
-    if skip_stride:  # the positions of the summary keys in ks: those of blocks 0 .. last - 1
+    if skip_strides:  # the positions of the summary keys in ks: those of blocks 0 .. last - 1
         at = summary_columns(0, (blocks.stop - 1) * l, l, c).to(q_rows.device)
     group = max(1, CALL_ROWS // l)  # query blocks per call
     for b in range(blocks.start, blocks.stop, group):
@@ -147,14 +149,14 @@ def _summary_per_block(q_rows, ks, vs, out, lse, blocks: range, *, first: int, b
         i = torch.arange(r0, r1, device=q_rows.device) + first * l  # the rows' positions
         # How many summary keys each row sees: those of earlier blocks, at positions <= i - m.
         seen = torch.minimum(summary_keys_below((i - min_distance + 1).clamp(min=0), l, c), i // l * c)
-        lo, hi = (0, int(seen.max())) if skip_stride else (int(seen.min()), int(seen.max()))
+        lo, hi = (0, int(seen.max())) if skip_strides else (int(seen.min()), int(seen.max()))
         rows = q_rows[:, :, r0:r1]
         parts = [_fused(rows, ks[:, :, :lo], vs[:, :, :lo], scale=scale, is_causal=False)] if lo else []
         if hi > lo:
             index = torch.arange(lo, hi, device=rows.device)
             keep = index[None, :] < seen[:, None]
-            if skip_stride:
-                keep &= (i[:, None] - at[None, lo:hi]) % skip_stride != 0
+            if skip_strides:
+                keep &= off_strides(i[:, None] - at[None, lo:hi], skip_strides)
             parts.append(fused_masked(rows, ks[:, :, lo:hi], vs[:, :, lo:hi], keep, scale=scale))
         for o, s_lse in parts:
             merge_to(out[:, r0:r1], lse[:, r0:r1], (out[:, r0:r1], lse[:, r0:r1]), (o[:, 0], s_lse[:, 0]))
@@ -189,12 +191,12 @@ def _non_causal(q, k, v, *, block: int, summary: int, scale: float) -> tuple[tor
 
 
 def _non_causal_far(q, k, v, *, block: int, summary: int, scale: float, min_distance: int,
-                    skip_stride: int) -> tuple[torch.Tensor, torch.Tensor]:
+                    skip_strides: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
     """Non-causal fixed's keys at |i - j| >= m (a union with a window reaching both ways), per
     query block (blocks under CALL_ROWS rows a few per call): its own block's under a mask, and of
     the summary keys before and after it (views of one copy of all summary keys) those every row
     of the call keeps unmasked, the few nearer ones under a small mask; merged in place. Skipping
-    a stride's keys (a union with strided(s)) masks every piece."""
+    strides' keys (a union with strides) masks every piece."""
     lq, lk, l, c, m = q.shape[-2], k.shape[-2], block, summary, min_distance
     offset = lk - lq
     columns = summary_columns(0, lk, l, c).to(k.device)
@@ -221,8 +223,8 @@ def _non_causal_far(q, k, v, *, block: int, summary: int, scale: float, min_dist
             if hi > lo:
                 index = torch.arange(lo, hi, device=q.device)
                 parts.append((ks[..., lo:hi, :], vs[..., lo:hi, :], columns[lo:hi], None if kept is None else kept(index[None, :])))
-        if skip_stride:  # the stride's keys, which a union's strided step counts
-            parts = [(keys_k, keys_v, at, (True if keep is None else keep) & ((i - at[None, :]) % skip_stride != 0))
+        if skip_strides:  # the strides' keys, which a union's strided steps count
+            parts = [(keys_k, keys_v, at, (True if keep is None else keep) & off_strides(i - at[None, :], skip_strides))
                      for keys_k, keys_v, at, keep in parts]
         written = False
         for keys_k, keys_v, _, keep in parts:
@@ -235,7 +237,7 @@ def _non_causal_far(q, k, v, *, block: int, summary: int, scale: float, min_dist
             else:
                 rows_out[...], rows_lse[...] = o, s_lse
                 written = True
-        if not written:  # every key nearer than m or the stride's
+        if not written:  # every key nearer than m or a stride's
             rows_out.zero_()
             rows_lse.fill_(NEG_INF)
     return out, lse

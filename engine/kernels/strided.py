@@ -7,8 +7,10 @@ view's strides go straight to the kernel; keys past the last whole class row are
 by the query at their own position, added apart), none of Q when s divides its rows' span, and
 none of the output (the kernel writes it in the query's memory order, the natural one). The
 class rows are cut into chunks, one call each, so that little of the causal square's empty half
-is computed. A minimum distance m (for a union with a sliding window, whose keys it then skips)
-drops the first ceil(m/s) query class rows and shifts the mask's diagonal.
+is computed and no chunk's mask outgrows the masked kernel's MASK_BUDGET (small strides at long
+lengths). A minimum distance m (for a union with a sliding window, whose keys it then skips)
+drops the first ceil(m/s) query class rows and shifts the mask's diagonal. Skipped strides (for a
+union with other strides, which count the keys at their multiples) mask those keys.
 
 Fewer query rows than s (a decode step, a short chunk) leave most classes without a query: then
 each row, alone in its class, attends a view of its class's keys, and only those classes are read.
@@ -31,6 +33,15 @@ CHUNK_ROWS = 64
 MAX_CHUNKS = 8
 
 
+def off_strides(distance: torch.Tensor, strides: tuple[int, ...]) -> torch.Tensor:
+    """Where a distance i - j is a multiple of none of `strides`: the keys a union's other strided
+    members do not count."""
+    keep = torch.ones(distance.shape, dtype=torch.bool, device=distance.device)
+    for stride in strides:
+        keep &= distance % stride != 0
+    return keep
+
+
 def _classes(x: torch.Tensor, start: int, stop: int, stride: int) -> torch.Tensor:
     """Rows [start, stop) (a multiple of stride long; zero rows past L) as the view
     [B*H, stride, (stop-start)/stride, D]: class c holds positions start + c, start + c + s, ..."""
@@ -43,16 +54,18 @@ def _classes(x: torch.Tensor, start: int, stop: int, stride: int) -> torch.Tenso
 
 def strided_pieces(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, stride: int, scale: float, min_distance: int = 0,
-    chunks: int | None = None,
+    skip_strides: tuple[int, ...] = (), chunks: int | None = None,
 ) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
-    """Strided attention with i - j >= min_distance as (first row, out, lse) pieces over
-    consecutive query rows, queries bottom-right aligned; rows before the first piece see no key.
+    """Strided attention with i - j >= min_distance, off `skip_strides`, as (first row, out, lse)
+    pieces over consecutive query rows, queries bottom-right aligned; rows before the first piece
+    see no key (rows inside one whose keys are all skipped get zeros and -inf).
 
     Query class rows are cut into chunks; a chunk sees the key class rows up to its last row under
     one shared [chunk, keys] mask, so the work is ~(chunks + 1) / (2 chunks) of the full square
     (the CPU kernel's own causal skipping is coarse: none below 512 rows)."""
     if q.shape[-2] < stride:
-        return _short_run_pieces(q, k, v, stride=stride, scale=scale, min_distance=min_distance)
+        return _short_run_pieces(q, k, v, stride=stride, scale=scale, min_distance=min_distance,
+                                 skip_strides=skip_strides)
     b, h, lq, _ = q.shape
     lk, dv, s = k.shape[-2], v.shape[-1], stride
     offset = lk - lq
@@ -65,7 +78,8 @@ def strided_pieces(
     if lead:
         q = F.pad(q, (0, 0, lead, 0))
     # Query class row r (position offset - lead + r*s + c) sees key class rows 0 .. r + diag.
-    diag = (offset - lead) // s - (-(-min_distance // s))
+    back = -(-min_distance // s)  # class rows between a query and its nearest key
+    diag = (offset - lead) // s - back
     skip = max(0, -diag)  # leading query class rows that see no key
     rows = (total - offset + lead) // s - skip
     if rows <= 0 or skip * s - lead >= lq:
@@ -76,25 +90,26 @@ def strided_pieces(
     # On CUDA the flash kernel skips the causal square's empty half itself: one chunk.
     chunks = chunks or (1 if q.device.type == "cuda" else MAX_CHUNKS)
     size = rows if chunks == 1 else max(CHUNK_ROWS, -(-rows // chunks))
+    if seen or size < rows or skip_strides:  # masked chunks: each mask within the masked kernel's budget
+        size = min(size, max(1, MASK_BUDGET // min(seen + rows, key_rows)))
     pieces = []
     for c0 in range(0, rows, size):
         c1 = min(rows, c0 + size)
         width = min(seen + c1, key_rows)  # key class rows this chunk sees
-        if seen == 0 and c1 - c0 == rows == width:  # one causal square: no mask needed
+        if seen == 0 and c1 - c0 == rows == width and not skip_strides:  # one causal square: no mask
             out, lse = _fused(qc, kc, vc, scale=scale, is_causal=True)
         else:
             keys = torch.arange(width, device=q.device)[None, :]
             limit = torch.arange(seen + c0, seen + c1, device=q.device)[:, None]
-            mask = torch.zeros(c1 - c0, width, dtype=q.dtype, device=q.device).masked_fill_(keys > limit, NEG_INF)
-            out, lse = _fused(qc[:, :, c0:c1], kc[:, :, :width], vc[:, :, :width], scale=scale,
-                              is_causal=False, mask=mask)
+            keep = (keys <= limit) & off_strides((limit + back - keys) * s, skip_strides)
+            out, lse = fused_masked(qc[:, :, c0:c1], kc[:, :, :width], vc[:, :, :width], keep, scale=scale)
         first = (skip + c0) * s - lead  # q row of the chunk's first position
         out = out.transpose(1, 2).reshape(b, h, (c1 - c0) * s, dv)
         lse = lse.transpose(1, 2).reshape(b, h, (c1 - c0) * s)
         lo, hi = max(0, -first), min((c1 - c0) * s, lq - first)  # drop dummy and padded rows
         if hi > lo:
             pieces.append((first + lo, out[..., lo:hi, :], lse[..., lo:hi]))
-    if min_distance == 0 and key_rows * s < lk:
+    if min_distance == 0 and not skip_strides and key_rows * s < lk:
         pieces[-1] = _with_own_keys(pieces[-1], unpadded_q, k, v, first_row=max(0, key_rows * s - offset),
                                     scale=scale)
     return pieces
@@ -115,11 +130,13 @@ def _with_own_keys(piece, q, k, v, *, first_row: int, scale: float):
 
 
 def _short_run_pieces(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, stride: int, scale: float, min_distance: int
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, stride: int, scale: float, min_distance: int,
+    skip_strides: tuple[int, ...],
 ) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
     """`strided_pieces` for fewer query rows than the stride: each row is alone in its class, so
     the rows in one class row (at most two such runs) attend, one call per run, views of their
-    own classes' keys up to ceil(m/s) class rows back: no mask, no class without a query."""
+    own classes' keys up to ceil(m/s) class rows back: no class without a query, and no mask but
+    the one dropping skipped strides' keys, which every row of a run shares."""
     b, h, lq, d = q.shape
     lk, s = k.shape[-2], stride
     offset = lk - lq
@@ -134,7 +151,11 @@ def _short_run_pieces(
         if keys > 0:
             qc = q[..., row : row + run, :].reshape(b * h, run, 1, d)
             kc, vc = (row_grid(x, first_class, (run, 1), (keys, s)) for x in (k, v))  # class c: its keys
-            out, lse = _fused(qc, kc, vc, scale=scale, is_causal=False)
+            if skip_strides:
+                distance = (class_row - torch.arange(keys, device=q.device)[None, :]) * s
+                out, lse = fused_masked(qc, kc, vc, off_strides(distance, skip_strides), scale=scale)
+            else:
+                out, lse = _fused(qc, kc, vc, scale=scale, is_causal=False)
             pieces.append((row, out.reshape(b, h, run, -1), lse.reshape(b, h, run)))
         row += run
     return pieces
@@ -142,13 +163,16 @@ def _short_run_pieces(
 
 def strided_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, stride: int, scale: float, causal: bool = True,
-    min_distance: int = 0, chunks: int | None = None,
+    min_distance: int = 0, skip_strides: tuple[int, ...] = (), chunks: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """`(i - j) mod stride == 0` attention with |i - j| >= min_distance, causal or over every key,
-    queries bottom-right aligned; (out, lse) over [B, H, Lq, *]."""
+    """`(i - j) mod stride == 0` attention with |i - j| >= min_distance and (i - j) a multiple of
+    none of `skip_strides` (for a union with those strides, which count such keys), causal or over
+    every key, queries bottom-right aligned; (out, lse) over [B, H, Lq, *]."""
     if not causal:
-        return _every_class_key(q, k, v, stride=stride, scale=scale, min_distance=min_distance)
-    pieces = strided_pieces(q, k, v, stride=stride, scale=scale, min_distance=min_distance, chunks=chunks)
+        return _every_class_key(q, k, v, stride=stride, scale=scale, min_distance=min_distance,
+                                skip_strides=skip_strides)
+    pieces = strided_pieces(q, k, v, stride=stride, scale=scale, min_distance=min_distance,
+                            skip_strides=skip_strides, chunks=chunks)
     # The pieces are consecutive: join them (one copy), after empty rows for those that see no key.
     first = pieces[0][0] if pieces else q.shape[-2]
     if first:
@@ -158,11 +182,13 @@ def strided_attention(
     return torch.cat([p[1] for p in pieces], dim=-2), torch.cat([p[2] for p in pieces], dim=-1)
 
 
-def _every_class_key(q, k, v, *, stride: int, scale: float, min_distance: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+def _every_class_key(q, k, v, *, stride: int, scale: float, min_distance: int = 0,
+                     skip_strides: tuple[int, ...] = ()) -> tuple[torch.Tensor, torch.Tensor]:
     """Non-causal strided attention: each query attends every key of its class, n^2/s work over
     the class views, without a mask in one call or, with a minimum distance m (a union with a
-    window reaching both ways), under one shared mask that drops the key class rows nearer than
-    ceil(m/s), in calls of at most MASK_BUDGET mask elements. Keys in whole class rows are a view;
+    window reaching both ways) or skipped strides, under one shared mask that drops the key class
+    rows nearer than ceil(m/s) and those at a skipped stride's multiples, in calls of at most
+    MASK_BUDGET mask elements. Keys in whole class rows are a view;
     the last, partial row gives classes c < Lk mod s one more key each, merged in by log-sum-exp."""
     b, h, lq, _ = q.shape
     lk, dv, s = k.shape[-2], v.shape[-1], stride
@@ -173,7 +199,7 @@ def _every_class_key(q, k, v, *, stride: int, scale: float, min_distance: int = 
     qc = _classes(F.pad(q, (0, 0, lead, q_rows * s - lead - lq)), 0, q_rows * s, s)
     key_rows, rest = divmod(lk, s)
     kc, vc = _classes(k, 0, key_rows * s, s), _classes(v, 0, key_rows * s, s)
-    if key_rows and not near:  # a fresh float32 result, merged into in place below
+    if key_rows and not near and not skip_strides:  # a fresh float32 result, merged into in place below
         out, lse = _fused(qc, kc, vc, scale=scale, is_causal=False)
         out = out.float()
     else:
@@ -183,13 +209,15 @@ def _every_class_key(q, k, v, *, stride: int, scale: float, min_distance: int = 
         for t0 in range(0, q_rows if key_rows else 0, step):
             t1 = min(q_rows, t0 + step)
             t = torch.arange(base + t0, base + t1, device=q.device)[:, None]
-            keep = (t - torch.arange(key_rows, device=q.device)[None, :]).abs() >= near
+            apart = t - torch.arange(key_rows, device=q.device)[None, :]  # in class rows
+            keep = (apart.abs() >= near) & off_strides(apart * s, skip_strides)
             if bool(keep.any()):
                 out[:, :, t0:t1], lse[:, :, t0:t1] = fused_masked(qc[:, :, t0:t1], kc, vc, keep, scale=scale)
     if rest:  # class c < rest: the key at key_rows * s + c
         last_k, last_v = (x[..., key_rows * s :, :].reshape(b * h, rest, 1, -1) for x in (k, v))
         last_lse = (qc[:, :rest].float() * last_k.float()).sum(-1) * scale
-        far = (torch.arange(base, base + q_rows, device=q.device) - key_rows).abs() >= near
+        apart = torch.arange(base, base + q_rows, device=q.device) - key_rows
+        far = (apart.abs() >= near) & off_strides(apart * s, skip_strides)
         last_lse = last_lse.masked_fill(~far, NEG_INF)
         merge_to(out[:, :rest], lse[:, :rest], (out[:, :rest], lse[:, :rest]),
                  (last_v.float().expand(-1, -1, q_rows, -1), last_lse))

@@ -1,6 +1,8 @@
-"""The paper's `union(sliding_window(w), strided(s))`: the band's pieces and the strided keys at
-distance >= w (each key counted once), merged straight into the output in one write pass. Without
-causal the band reaches both ways and the strided keys are those at |i - j| >= w."""
+"""The paper's `union(sliding_window(w), strided(s))`, and a window with several strides: the
+band's pieces and each stride's keys at distance >= w (each key counted once: a stride skips the
+keys at an earlier stride's multiples), merged straight into the output, the band and the first
+stride in one write pass. Without causal the band reaches both ways and the strided keys are
+those at |i - j| >= w."""
 
 from __future__ import annotations
 
@@ -12,17 +14,24 @@ from .strided import strided_attention, strided_pieces
 
 
 def band_strided_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, window: int, stride: int, scale: float, causal: bool = True
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, window: int, strides: tuple[int, ...], scale: float,
+    causal: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Union of a sliding window and a stride, queries bottom-right aligned; (out float32, lse)."""
+    """Union of a sliding window and one or more strides, queries bottom-right aligned; (out
+    float32, lse)."""
     b, h, lq, _ = q.shape
     out = torch.empty(b, h, lq, v.shape[-1], dtype=torch.float32, device=q.device)
     lse = torch.empty(b, h, lq, dtype=torch.float32, device=q.device)
-    # The band covers every row; the strided pieces cover consecutive rows from some row on.
-    if causal:
-        others = strided_pieces(q, k, v, stride=stride, scale=scale, min_distance=window)
-    else:
-        others = [(0, *strided_attention(q, k, v, stride=stride, scale=scale, causal=False, min_distance=window))]
+
+    def pieces(n: int) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
+        """Stride n's pieces over consecutive rows: its keys at distance >= w off strides[:n]."""
+        kwargs = dict(stride=strides[n], scale=scale, min_distance=window, skip_strides=strides[:n])
+        if causal:
+            return strided_pieces(q, k, v, **kwargs)
+        return [(0, *strided_attention(q, k, v, causal=False, **kwargs))]
+
+    # The band covers every row; the first stride's pieces cover consecutive rows from some row on.
+    others = pieces(0)
     for row, p_out, p_lse in band_pieces(q, k, v, window=window, scale=scale, causal=causal):
         end = row + p_out.shape[-2]
         at = row
@@ -38,4 +47,8 @@ def band_strided_attention(
             at = hi
         if end > at:
             out[..., at:end, :], lse[..., at:end] = p_out[..., at - row :, :], p_lse[..., at - row :]
+    for n in range(1, len(strides)):  # the other strides, folded in place
+        for row, o_out, o_lse in pieces(n):
+            rows = slice(row, row + o_out.shape[-2])
+            merge_to(out[..., rows, :], lse[..., rows], (out[..., rows, :], lse[..., rows]), (o_out, o_lse))
     return out, lse
