@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 from engine import attention
 from engine.attention import backend_for
-from engine.kernels import KEEPS_FREED_MEMORY, band_attention, gathered_attention, masked_attention
+from engine.kernels import KEEPS_FREED_MEMORY, band_attention, masked_attention
 from engine.memory import PeakMemory
 from engine.patterns import attended_pairs, parse_pattern
 from engine.planner import simplify
@@ -60,8 +60,7 @@ LABELS = {
     "window_strided_fixed": "union(sliding 256, strided 128, fixed(128, 8))",
 }
 # The decode rows add a union of two strides (the second skipping the first's multiples) and one
-# of two fixed members, which has no structured kernel: few query rows run it on the gathered or
-# the masked kernel.
+# of two fixed members, which has no structured kernel and runs on the masked one.
 DECODE_EXTRA = {
     "union(sliding 256, strided 128, strided 96)": {"type": "union", "patterns": [
         {"type": "sliding_window", "window": 256}, {"type": "strided", "stride": 128},
@@ -205,7 +204,7 @@ def bench_table(args, device: torch.device) -> list[dict]:
             for name, pattern in patterns.items():
                 row = {"pattern": LABELS[name] + ("" if causal else ", non-causal"), "n": n, "dtype": dtype_name,
                        "heads": args.heads, "dim": args.dim, "causal": causal,
-                       "backend": backend_for(pattern, args.heads, n, n, causal, device.type), "dense_s": best["dense"],
+                       "backend": backend_for(pattern, args.heads, n, n, causal), "dense_s": best["dense"],
                        "attended_pairs": attended_pairs(pattern, 1, args.heads, n, n, causal),
                        "dense_pairs": dense_pairs, "engine_s": best["engine", name],
                        "engine_first_call_s": times["engine", name][0]}
@@ -339,9 +338,8 @@ def bench_tiles(args, device: torch.device) -> list[dict]:
 
 def bench_decode(args, device: torch.device) -> list[dict]:
     """Lq query rows at the end of Lk keys (a decode step, a short chunk), per pattern: the engine
-    against dense SDPA over every key and against the two kernels for few rows of a pattern with
-    no structured kernel, the masked and the gathered one (the data behind
-    `engine.planner.gathers_less`)."""
+    against dense SDPA over every key and against the masked kernel (the fallback of a pattern
+    with no structured kernel) on the same rows."""
     patterns = {**{LABELS[name]: PATTERNS[name] for name in args.patterns}, **DECODE_EXTRA}
     rows = []
     for lk in args.decode_lk:
@@ -355,18 +353,16 @@ def bench_decode(args, device: torch.device) -> list[dict]:
                 fns["engine", label] = lambda q=q, k=k, v=v, p=pattern: attention(q, k, v, p)
                 fns["masked", label] = (lambda q=q, k=k, v=v, p=single:
                                         masked_attention(q, k, v, p, scale=0.125, causal=True))
-                fns["gathered", label] = (lambda q=q, k=k, v=v, p=single:
-                                          gathered_attention(q, k, v, p, scale=0.125, causal=True))
             times = rounds(fns, device, args.repeats, args.slow, args.turn_s)
             best = {key: min(t[1:] or t) for key, t in times.items()}
             for label, spec in patterns.items():
                 row = {"pattern": label, "lq": lq, "lk": lk,
-                       "backend": backend_for(parse_pattern(spec), args.heads, lq, lk, True, device.type),
+                       "backend": backend_for(parse_pattern(spec), args.heads, lq, lk, True),
                        "dense_s": best["dense"], "engine_s": best["engine", label],
-                       "masked_s": best["masked", label], "gathered_s": best["gathered", label]}
+                       "masked_s": best["masked", label]}
                 rows.append(row)
                 print(f"Lk {lk:6} Lq {lq:3} {label:46} {row['backend']:12} engine {row['engine_s'] * 1e3:7.2f} ms"
-                      f"  masked {row['masked_s'] * 1e3:7.2f}  gathered {row['gathered_s'] * 1e3:7.2f}"
+                      f"  masked {row['masked_s'] * 1e3:7.2f}"
                       f"  dense {row['dense_s'] * 1e3:7.2f}  masked / engine {row['masked_s'] / row['engine_s']:5.1f}",
                       flush=True)
     return rows

@@ -71,10 +71,9 @@ def attention(
 
 
 @functools.lru_cache(maxsize=4096)
-def backend_for(pattern: PatternBase, heads: int, lq: int, lk: int, causal: bool, device_type: str) -> str:
+def backend_for(pattern: PatternBase, heads: int, lq: int, lk: int, causal: bool) -> str:
     """The kernels a call would use, e.g. 'band' or 'sdpa,strided' for per_head groups."""
-    return ",".join(dict.fromkeys(
-        plan(p, lq, lk, causal, device_type).backend for p, _ in head_groups(pattern, heads)))
+    return ",".join(dict.fromkeys(plan(p, lq, lk, causal).backend for p, _ in head_groups(pattern, heads)))
 
 
 # Grouped-query attention whose key/value heads, repeated for every query head, would take more
@@ -94,7 +93,7 @@ def run_heads(q, k, v, pattern: PatternBase, *, causal: bool, scale: float):
         lse = torch.empty(b, h, lq, dtype=torch.float32, device=q.device)
     for single, heads in runs:
         qs, ks, vs, idx = _heads_of(heads, q, k, v)
-        o, l = plan(single, lq, lk, causal, q.device.type)(qs, ks, vs, scale)
+        o, l = plan(single, lq, lk, causal)(qs, ks, vs, scale)
         if len(runs) == 1:
             return o, l
         out[:, idx], lse[:, idx] = o.float(), l

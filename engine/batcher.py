@@ -318,7 +318,7 @@ class Batcher:
         out, lse = out.cpu(), lse.cpu()
         compute_ms = (time.perf_counter() - started) * 1000
         sizes = [j.q.shape[0] for j in jobs]
-        backend = backend_for(key.pattern, q.shape[1], lq, lk, key.causal, q.device.type)
+        backend = backend_for(key.pattern, q.shape[1], lq, lk, key.causal)
         return [
             Result(o[:, :, : j.q.shape[2]], l[:, :, : j.q.shape[2]], (started - j.enqueued) * 1000, compute_ms,
                    len(jobs), memory.peak_bytes, backend)

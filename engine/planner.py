@@ -4,8 +4,9 @@ A plan is a list of steps over disjoint key sets, merged by log-sum-exp. The str
 kernels cover the Sparse Transformer patterns (band, strided, fixed, and the unions of at most
 one window, any strides and at most one fixed: a window with a stride as in the paper, with
 fixed, a stride with fixed, all three, several strides) at any query length; anything else (two
-fixed members) falls back to the masked kernel, which is exact and memory-safe but slower, or
-for a few query rows on the CPU to the gathered kernel when that costs less. `simplify` first removes what cannot change the mask.
+fixed members) falls back to the masked kernel, which is exact and memory-safe but slower (for a
+few query rows it runs on a copy of just the keys they attend). `simplify` first removes what
+cannot change the mask.
 """
 
 from __future__ import annotations
@@ -18,23 +19,9 @@ from typing import Callable
 import torch
 
 from . import kernels
-from .patterns import Dense, Fixed, PatternBase, SlidingWindow, Strided, Union, pairs_bound
+from .patterns import Dense, Fixed, PatternBase, SlidingWindow, Strided, Union
 
 Partial = tuple[torch.Tensor, torch.Tensor]
-# A pattern with no structured kernel runs on the masked kernel, or, for up to this many query
-# rows (decoding, small chunks) on the CPU, on the gathered one when `gathers_less`: at 65536
-# keys, union(sliding 256, strided 128, strided 96) took gathered / masked 1.14 / 1.77 ms at 1
-# row, 14.3 / 22.7 at 16, 76.7 / 141.6 at 64 (docs/bench/decode.json, `python -m bench.kernels --decode`).
-SMALL_QUERY_ROWS = 64
-# Their costs in one masked (query row, key) pair's time, fitted on the CPU at H = 8, D = 64
-# (`python -m bench.kernels --decode`): the masked kernel reads its key span once (like this many
-# more query rows) and scores every key of it; the gathered kernel takes each attended key (a
-# view or a copy) and pays a call per row. The masked kernel's copy of just the keys its rows
-# attend (`COMPACT_FRACTION`) is not counted: where the rows share most keys (fixed's summary
-# keys) it makes masked cheaper than this says.
-MASKED_READ_ROWS = 8
-GATHERED_PAIR_COST = 16
-GATHERED_ROW_COST = 2700
 
 
 @functools.cache
@@ -100,26 +87,15 @@ def _covers(wide: PatternBase, narrow: PatternBase) -> bool:
     return False
 
 
-def gathers_less(pattern: PatternBase, lq: int, lk: int, causal: bool) -> bool:
-    """Whether the gathered kernel costs less than the masked one for these few query rows: a
-    pattern whose keys spread thinly over a wide span (a union of a stride and fixed, say)."""
-    lo, hi = pattern.key_span(lk - lq, lk, lk, causal)
-    masked = (hi - lo) * (lq + MASKED_READ_ROWS)
-    return GATHERED_PAIR_COST * pairs_bound(pattern, lq, lk, causal) + GATHERED_ROW_COST * lq < masked
-
-
-def plan(pattern: PatternBase, lq: int, lk: int, causal: bool, device_type: str) -> Plan:
-    """The plan for one single-head pattern (per_head is resolved before this) on a device of
-    this type ("cpu", "cuda")."""
+def plan(pattern: PatternBase, lq: int, lk: int, causal: bool) -> Plan:
+    """The plan for one single-head pattern (per_head is resolved before this), on any device: each
+    kernel picks its device's fused calls."""
     pattern = simplify(pattern, lk, causal)
     if isinstance(pattern, Dense):
         return Plan("sdpa", (partial(kernels.dense_attention, diagonal=(lk - lq) if causal else None),))
     structured = _structured(pattern, causal)
     if structured is not None:
         return structured
-    # A call per row pays off where calls are cheap; on CUDA (not measured) launches would dominate.
-    if lq <= SMALL_QUERY_ROWS and device_type == "cpu" and gathers_less(pattern, lq, lk, causal):
-        return Plan("gathered", (partial(kernels.gathered_attention, pattern=pattern, causal=causal),))
     return Plan("masked", (partial(kernels.masked_attention, pattern=pattern, causal=causal),))
 
 

@@ -298,8 +298,8 @@ class Meta(BaseModel):
     backend: str = Field(description=(
         "the engine's kernels for this call, one per group of heads that shares a pattern, comma-joined: "
         "sdpa (dense), band (sliding_window), strided, fixed, band+strided, band+fixed, strided+fixed and "
-        "band+strided+fixed (unions of at most one window, any strides and at most one fixed), gathered (a few query rows "
-        "of another pattern, each against its own keys), masked (any other pattern)"))
+        "band+strided+fixed (unions of at most one window, any strides and at most one fixed), masked (any other "
+        "pattern)"))
     pattern: dict[str, Any]
     batch: BatchInfo
     timing_ms: Timing

@@ -61,7 +61,7 @@ def check_against_reference(problem):
 @st.composite
 def short_runs(draw):
     """A few query rows at the end of long keys (decoding, small chunks): the structured kernels'
-    short-run paths and the gathered kernel's choice."""
+    short-run paths and the masked kernel's key copies."""
     hkv = draw(st.integers(1, 2))
     h = hkv * draw(st.integers(1, 2))
     lk = draw(st.integers(200, 3000))

@@ -161,78 +161,58 @@ def test_plans_compute_slow_half_precision_in_float32_on_the_cpu(dtype):
 
 
 FX = lambda l, c: {"type": "fixed", "block": l, "summary": c}  # noqa: E731
-DECODE_PATTERNS = [ST(64), ST(7), FX(128, 8), FX(10, 3), {"type": "union", "patterns": [SW(128), ST(128)]},
-                   {"type": "union", "patterns": [SW(5), FX(16, 2), ST(33)]}]
+SHORT_RUN_PATTERNS = [ST(64), ST(7), FX(128, 8), FX(10, 3), {"type": "union", "patterns": [SW(128), ST(128)]},
+                      {"type": "union", "patterns": [SW(5), FX(16, 2), ST(33)]},
+                      {"type": "union", "patterns": [SW(9), ST(33), ST(20)]},
+                      {"type": "union", "patterns": [FX(16, 2), FX(24, 3)]}]  # the masked kernel
 
 
-@pytest.mark.parametrize("pattern", DECODE_PATTERNS, ids=[str(i) for i in range(len(DECODE_PATTERNS))])
+@pytest.mark.parametrize("pattern", SHORT_RUN_PATTERNS, ids=[str(i) for i in range(len(SHORT_RUN_PATTERNS))])
 @pytest.mark.parametrize("lq,lk", [(1, 2001), (3, 2001), (64, 2048), (17, 300)])
 @pytest.mark.parametrize("causal", [True, False])
-def test_gathered_rows(pattern, lq, lk, causal):
+def test_short_runs_in_model_memory_order(pattern, lq, lk, causal):
     """Decode and small chunks over long keys; inputs in a model's [B, L, H, D] memory order."""
-    from engine.patterns import parse_pattern
+    from engine import attention
 
     g = torch.Generator().manual_seed(lq)
     q = torch.randn(1, lq, 2, 16, generator=g).transpose(1, 2)
     k, v = (torch.randn(1, lk, 2, 16, generator=g).transpose(1, 2) for _ in range(2))
-    result = kernels.gathered_attention(q, k, v, parse_pattern(pattern), scale=0.25, causal=causal)
-    out, lse = result
+    out, lse = attention(q, k, v, pattern, scale=0.25, causal=causal, return_lse=True)
     ref_out, ref_lse = reference_attention(q, k, v, pattern, causal=causal, scale=0.25)
     torch.testing.assert_close(out.double(), ref_out, atol=2e-5, rtol=2e-5)
     torch.testing.assert_close(lse.double(), ref_lse, atol=2e-5, rtol=2e-5)
 
 
-def test_gathered_rows_with_no_key_are_zero():
-    from engine.patterns import Strided
-
-    class OddRowsOnly(Strided):  # a rule under which even query positions attend nothing
-        def keys_of(self, i, lk, causal):
-            return super().keys_of(i, lk, causal) if i % 2 else torch.zeros(0, dtype=torch.int64)
-
-    q, k, v = _qkv(2, 6, 40)
-    out, lse = kernels.gathered_attention(q, k, v, OddRowsOnly(stride=3), scale=0.25, causal=True)
-    assert (out[..., 0::2, :] == 0).all() and torch.isinf(lse[..., 0::2]).all()
-    ref_out, ref_lse = reference_attention(q, k, v, ST(3), scale=0.25)
-    torch.testing.assert_close(out[..., 1::2, :].double(), ref_out[..., 1::2, :], atol=2e-5, rtol=2e-5)
-    torch.testing.assert_close(lse[..., 1::2].double(), ref_lse[..., 1::2], atol=2e-5, rtol=2e-5)
-
-
 THREE = {"type": "union", "patterns": [SW(256), ST(128), FX(128, 8)]}
-# Two fixed members: no structured kernel; ~2300 of 65536 keys per row, thinly spread.
-NO_KERNEL = {"type": "union", "patterns": [SW(256), FX(128, 2), FX(192, 2)]}
+NO_KERNEL = {"type": "union", "patterns": [SW(256), FX(128, 2), FX(192, 2)]}  # two fixed members
 STRIDES = {"type": "union", "patterns": [SW(256), ST(128), ST(96)]}
 
 
-@pytest.mark.parametrize("pattern,lq,lk,causal,device,backend", [
-    (ST(64), 1, 65536, True, "cpu", "strided"),  # structured kernels take short runs too
-    (FX(128, 8), 64, 65536, True, "cpu", "fixed"),
-    ({"type": "union", "patterns": [SW(128), ST(128)]}, 1, 65536, True, "cuda", "band+strided"),
-    ({"type": "union", "patterns": [FX(128, 8), SW(256)]}, 16384, 16384, True, "cpu", "band+fixed"),
-    (THREE, 16384, 16384, True, "cpu", "band+strided+fixed"),  # fixed's keys off the stride's
-    (THREE, 1, 65536, True, "cpu", "band+strided+fixed"),
-    ({"type": "union", "patterns": [FX(128, 8), ST(128)]}, 4096, 4096, True, "cpu", "strided+fixed"),
-    ({"type": "union", "patterns": [FX(128, 8), ST(128)]}, 4096, 4096, False, "cpu", "strided+fixed"),
-    (NO_KERNEL, 1, 65536, True, "cpu", "gathered"),  # ~Lk / 50 keys instead of all Lk
-    (NO_KERNEL, 64, 65536, True, "cpu", "gathered"),
-    (NO_KERNEL, 65, 65536, True, "cpu", "masked"),
-    (ST(64), 16, 65536, False, "cpu", "strided"),  # non-causal: each class attends all of itself
-    (NO_KERNEL, 16, 65536, False, "cpu", "gathered"),
-    ({"type": "union", "patterns": [FX(4, 2), FX(6, 3)]}, 64, 65536, True, "cpu", "masked"),  # over half of every key
-    (STRIDES, 1, 65536, True, "cpu", "band+strided"),  # each stride skips an earlier one's multiples
-    (STRIDES, 16384, 16384, False, "cpu", "band+strided"),
-    ({"type": "union", "patterns": [ST(3), ST(5)]}, 64, 65536, True, "cpu", "strided"),
-    ({"type": "union", "patterns": [ST(3), FX(64, 4), ST(5)]}, 4096, 4096, True, "cpu", "strided+fixed"),
-    (SW(256), 16384, 16384, False, "cpu", "band"),  # reaching both ways
-    ({"type": "union", "patterns": [ST(128), SW(128)]}, 16384, 16384, False, "cpu", "band+strided"),
-    ({"type": "union", "patterns": [SW(256), FX(128, 8)]}, 16384, 16384, False, "cpu", "band+fixed"),
-    (NO_KERNEL, 1, 300, True, "cpu", "masked"),  # a short span: one masked call beats a call per row
-    (NO_KERNEL, 1, 65536, True, "cuda", "masked"),  # a call per row is not measured on CUDA
+@pytest.mark.parametrize("pattern,lq,lk,causal,backend", [
+    (ST(64), 1, 65536, True, "strided"),  # structured kernels take short runs too
+    (FX(128, 8), 64, 65536, True, "fixed"),
+    ({"type": "union", "patterns": [SW(128), ST(128)]}, 1, 65536, True, "band+strided"),
+    ({"type": "union", "patterns": [FX(128, 8), SW(256)]}, 16384, 16384, True, "band+fixed"),
+    (THREE, 16384, 16384, True, "band+strided+fixed"),  # fixed's keys off the stride's
+    (THREE, 1, 65536, True, "band+strided+fixed"),
+    ({"type": "union", "patterns": [FX(128, 8), ST(128)]}, 4096, 4096, True, "strided+fixed"),
+    ({"type": "union", "patterns": [FX(128, 8), ST(128)]}, 4096, 4096, False, "strided+fixed"),
+    (ST(64), 16, 65536, False, "strided"),  # non-causal: each class attends all of itself
+    (STRIDES, 1, 65536, True, "band+strided"),  # each stride skips an earlier one's multiples
+    (STRIDES, 16384, 16384, False, "band+strided"),
+    ({"type": "union", "patterns": [ST(3), ST(5)]}, 64, 65536, True, "strided"),
+    ({"type": "union", "patterns": [ST(3), FX(64, 4), ST(5)]}, 4096, 4096, True, "strided+fixed"),
+    (SW(256), 16384, 16384, False, "band"),  # reaching both ways
+    ({"type": "union", "patterns": [ST(128), SW(128)]}, 16384, 16384, False, "band+strided"),
+    ({"type": "union", "patterns": [SW(256), FX(128, 8)]}, 16384, 16384, False, "band+fixed"),
+    (NO_KERNEL, 1, 65536, True, "masked"),
+    (NO_KERNEL, 16384, 16384, False, "masked"),
 ])
-def test_planner_kernel_choice(pattern, lq, lk, causal, device, backend):
+def test_planner_kernel_choice(pattern, lq, lk, causal, backend):
     from engine.patterns import parse_pattern
     from engine.planner import plan
 
-    assert plan(parse_pattern(pattern), lq, lk, causal, device).backend == backend
+    assert plan(parse_pattern(pattern), lq, lk, causal).backend == backend
 
 
 @pytest.mark.parametrize("pattern,simplest", [

@@ -105,16 +105,3 @@ def test_attended_pairs_bound_is_an_upper_bound_and_exact_without_unions(pattern
         assert exact <= bound <= 2 * 4 * lq * lk, (lq, lk)
         if "union" not in str(pattern):
             assert bound == exact, (lq, lk)
-
-
-@pytest.mark.parametrize("pattern", COUNTED[:-1], ids=[str(i) for i in range(len(COUNTED) - 1)])
-@pytest.mark.parametrize("causal", [True, False])
-def test_keys_of_lists_the_reference_masks_row(pattern, causal):
-    """`keys_of` (the gathered kernel's key lists): ascending, each key once, exactly the mask's row."""
-    parsed = parse_pattern(pattern)
-    for lk in (1, 7, 130):
-        full = mask(pattern, lk, lk, 0, 1, causal)
-        for i in range(lk):
-            keys = parsed.keys_of(i, lk, causal)
-            assert keys.dtype == torch.int64
-            assert torch.equal(keys, full[i].nonzero().flatten()), (lk, i)

@@ -208,7 +208,6 @@ async def test_422_for_data_problems(client):
         "v.data": [0.0] * 15,
     }
     for field, data in cases.items():
-        name = field.split(".")[0]
         bad = _with(body, field, data)
         r = await client.post("/attention", content=json.dumps(bad), headers={"Content-Type": "application/json"})
         assert error_of(r, 422)["field"] == field

@@ -20,7 +20,7 @@ import torch
 from engine import attention
 from engine.patterns import MAX_DEPTH
 from reference import reference_attention
-from service_support import as_json, from_json, live_server, qkv, request_body, serve, settings
+from service_support import from_json, live_server, qkv, request_body, serve, settings
 
 SW = {"type": "sliding_window", "window": 4}
 LIMITS = dict(max_tokens_per_request=4096, max_tensor_elements=1 << 16, max_heads=64, max_body_bytes=1 << 20)

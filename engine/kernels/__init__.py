@@ -7,7 +7,6 @@ freed memory instead of page-faulting fresh mappings."""
 from .band import band_attention
 from .dense import dense_attention, math_attention
 from .fixed import fixed_attention
-from .gathered import gathered_attention
 from .masked import masked_attention
 from .merge import merge_partials
 from .strided import strided_attention
@@ -22,7 +21,6 @@ __all__ = [
     "band_strided_attention",
     "dense_attention",
     "fixed_attention",
-    "gathered_attention",
     "masked_attention",
     "math_attention",
     "merge_partials",

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from ..patterns import PatternBase
-from .dense import NEG_INF, _fused, empty_partial, fused_masked
+from .dense import empty_partial, fused_masked
 
 # Mask elements per chunk: the mask, the rule's int64 temporaries and the kernel's scores are each
 # a few times this in bytes. union(sliding 256, strided 128, fixed(128, 8)) at n = 16384, one head:

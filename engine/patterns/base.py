@@ -33,16 +33,6 @@ class PatternBase(BaseModel):
         """A key range [lo, hi) holding every key that queries i_lo..i_hi-1 may attend."""
         return 0, (min(lk, i_hi) if causal else lk)
 
-    def keys_of(self, i: int, lk: int, causal: bool) -> torch.Tensor:
-        """The keys in [0, lk) that query position i attends, ascending (int64, on the CPU): the
-        rule over the row's key span; patterns whose keys spread over the prefix enumerate them."""
-        lo, hi = self.key_span(i, i + 1, lk, causal)
-        j = torch.arange(lo, hi)
-        keep = self.allows(torch.tensor(i), j)
-        if causal:
-            keep &= j <= i
-        return j[keep]
-
     def resolve(self, head: int, heads: int) -> "PatternBase":
         """The single-head pattern head `head` of `heads` uses (only per_head differs)."""
         return self

@@ -64,10 +64,3 @@ class Fixed(PatternBase):
             start, self.block, self.summary
         )
         return (end - start) + summary_keys_below(limit, self.block, self.summary) - own_summary
-
-    def keys_of(self, i: int, lk: int, causal: bool) -> torch.Tensor:
-        limit = min(i + 1, lk) if causal else lk
-        start = i // self.block * self.block
-        end = min(limit, start + self.block)
-        return torch.cat([summary_columns(0, start, self.block, self.summary), torch.arange(start, end),
-                          summary_columns(end, limit, self.block, self.summary)])  # (none after under causal)

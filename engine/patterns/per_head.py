@@ -52,6 +52,3 @@ class PerHead(PatternBase):
 
     def row_counts(self, i: torch.Tensor, lk: int, causal: bool) -> torch.Tensor:
         raise TypeError("per_head has no single rule: resolve(head, heads) first")
-
-    def keys_of(self, i: int, lk: int, causal: bool) -> torch.Tensor:
-        raise TypeError("per_head has no single rule: resolve(head, heads) first")

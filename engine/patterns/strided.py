@@ -30,6 +30,3 @@ class Strided(PatternBase):
 
     def row_counts(self, i: torch.Tensor, lk: int, causal: bool) -> torch.Tensor:
         return count_multiples_below(causal_limit(i, lk, causal), torch.remainder(i, self.stride), self.stride)
-
-    def keys_of(self, i: int, lk: int, causal: bool) -> torch.Tensor:
-        return torch.arange(i % self.stride, min(i + 1, lk) if causal else lk, self.stride)

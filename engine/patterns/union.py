@@ -69,9 +69,6 @@ class Union(PatternBase):
         spans = [p.key_span(i_lo, i_hi, lk, causal) for p in self.patterns]
         return min(lo for lo, _ in spans), max(hi for _, hi in spans)
 
-    def keys_of(self, i: int, lk: int, causal: bool) -> torch.Tensor:
-        return torch.cat([p.keys_of(i, lk, causal) for p in self.patterns]).unique(sorted=True)
-
     def row_counts(self, i: torch.Tensor, lk: int, causal: bool) -> torch.Tensor:
         if all(isinstance(p, (Dense, SlidingWindow, Strided)) for p in self.leaves()):
             return self._distance_row_counts(i, lk, causal)
