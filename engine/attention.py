@@ -117,6 +117,8 @@ def _heads_of(heads: list[int], q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
     """(q, k, v, index) for these query heads: views where the heads are a range (per_head's
     groups usually are) or share one key/value head, copies by index otherwise."""
     h, hkv = q.shape[1], k.shape[1]
+    if len(heads) == h == hkv:  # every head, each its own key/value head: the tensors themselves
+        return q, k, v, slice(None)
     group = h // hkv
     contiguous = heads[-1] - heads[0] == len(heads) - 1
     idx = slice(heads[0], heads[-1] + 1) if contiguous else torch.tensor(heads, device=q.device)

@@ -87,6 +87,7 @@ def _covers(wide: PatternBase, narrow: PatternBase) -> bool:
     return False
 
 
+@functools.lru_cache(maxsize=4096)
 def plan(pattern: PatternBase, lq: int, lk: int, causal: bool) -> Plan:
     """The plan for one single-head pattern (per_head is resolved before this), on any device: each
     kernel picks its device's fused calls."""

@@ -122,5 +122,10 @@ def test_grouped_query_heads_one_key_value_head_at_a_time(monkeypatch, pattern, 
 def test_masked_fallback_matches_reference(monkeypatch, pattern, shape, causal):
     """Every pattern on the masked fallback (forced, as if none had a structured kernel): GQA,
     Lq < Lk, Dv != D, rows with no key."""
-    monkeypatch.setattr(importlib.import_module("engine.planner"), "_structured", lambda *args: None)
-    _check(pattern, shape, causal, torch.float32)
+    planner = importlib.import_module("engine.planner")
+    monkeypatch.setattr(planner, "_structured", lambda *args: None)
+    planner.plan.cache_clear()  # plans are cached: none made before, none kept after
+    try:
+        _check(pattern, shape, causal, torch.float32)
+    finally:
+        planner.plan.cache_clear()

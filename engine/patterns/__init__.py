@@ -69,6 +69,8 @@ def parse_pattern(pattern: PatternBase | dict | str | None) -> PatternBase:
 def head_groups(pattern: PatternBase, heads: int) -> list[tuple[PatternBase, list[int]]]:
     """Heads grouped by the single-head pattern they resolve to, in first-seen order."""
     pattern.check_heads(heads)
+    if pattern.resolve(0, heads) is pattern:  # no per_head inside: every head alike
+        return [(pattern, list(range(heads)))]
     groups: dict[PatternBase, list[int]] = {}
     for h in range(heads):
         groups.setdefault(pattern.resolve(h, heads), []).append(h)

@@ -50,7 +50,8 @@ class Union(PatternBase):
             member.check_heads(heads, f"{field}.patterns[{n}]")
 
     def resolve(self, head: int, heads: int) -> PatternBase:
-        return Union(patterns=tuple(p.resolve(head, heads) for p in self.patterns))
+        members = tuple(p.resolve(head, heads) for p in self.patterns)
+        return self if all(a is b for a, b in zip(members, self.patterns)) else Union(patterns=members)
 
     def leaves(self) -> list[PatternBase]:
         """Members with nested unions flattened (a union of unions is one union)."""
