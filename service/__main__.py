@@ -11,17 +11,22 @@ import uvicorn
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from .app import Service, create_app
+from .middleware import OVER_CONNECTION_LIMIT
 from .settings import Settings
 
 
 class BoundedHeadProtocol(HttpToolsProtocol):
     """uvicorn's httptools protocol, refusing a request whose head (request line and headers) is
     still incomplete after `max_head_bytes`: httptools itself buffers a head without any limit.
-    Complete heads over the limit are refused by the app (`RequestLimits`, 431, JSON)."""
+    Complete heads over the limit are refused by the app (`RequestLimits`, 431, JSON). Past
+    `max_connections` open connections, or requests in progress, it marks the request for the
+    app to answer 503 in the service's JSON, with Retry-After and X-Request-ID (uvicorn's own
+    `limit_concurrency` answers plain text)."""
 
-    def __init__(self, *args: Any, max_head_bytes: int, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, max_head_bytes: int, max_connections: int | None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.max_head_bytes = max_head_bytes
+        self.max_connections = max_connections
         self._head_bytes: int | None = None  # bytes received while a head is open; None between heads
 
     def on_message_begin(self) -> None:
@@ -30,6 +35,9 @@ class BoundedHeadProtocol(HttpToolsProtocol):
 
     def on_headers_complete(self) -> None:
         self._head_bytes = None
+        limit = self.max_connections
+        if limit is not None and (len(self.connections) > limit or len(self.tasks) >= limit):
+            self.scope["state"][OVER_CONNECTION_LIMIT] = True
         super().on_headers_complete()
 
     def data_received(self, data: bytes) -> None:
@@ -74,8 +82,8 @@ def uvicorn_config(settings: Settings) -> uvicorn.Config:
     """uvicorn serving a new app with the settings' address and connection limits."""
     return uvicorn.Config(
         create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level,
-        http=functools.partial(BoundedHeadProtocol, max_head_bytes=settings.max_header_bytes),
-        limit_concurrency=settings.max_connections,
+        http=functools.partial(BoundedHeadProtocol, max_head_bytes=settings.max_header_bytes,
+                               max_connections=settings.max_connections),
         timeout_graceful_shutdown=settings.shutdown_timeout_s,
     )
 

@@ -193,7 +193,7 @@ def create_app(settings: Settings | None = None, *, compute: Compute | None = No
     app.state.service = service
     errors.install(app, settings.retry_after_s)
     app.add_middleware(RequestLimits, max_bytes=settings.max_body_bytes, timeout_s=settings.body_timeout_s,
-                       max_header_bytes=settings.max_header_bytes)
+                       max_header_bytes=settings.max_header_bytes, retry_after_s=settings.retry_after_s)
     app.add_middleware(RequestContext, metrics=service.metrics)
     if settings.cors_origins:  # closed by default: no CORS headers unless origins are configured
         app.add_middleware(

@@ -19,6 +19,7 @@ import base64
 import email.utils
 import json
 import time
+import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Literal
@@ -322,9 +323,9 @@ class _ClientSettings:
 
     def _post_args(self, args: tuple, kwargs: dict, request_id: str | None) -> dict[str, Any]:
         kwargs.setdefault("encoding", self.encoding)
-        headers = {"Content-Type": "application/json"}
-        if request_id is not None:
-            headers["X-Request-ID"] = request_id
+        # One id for every attempt of this call (the caller's, else a new one), so that the
+        # service's logs and answers tie the retries together.
+        headers = {"Content-Type": "application/json", "X-Request-ID": request_id or uuid.uuid4().hex}
         content = json.dumps(build_request(*args, **kwargs), allow_nan=False).encode()
         if kwargs["encoding"] == "binary":
             content, extra = binary.join(content, [raw_bytes(x) for x in args[:3]])

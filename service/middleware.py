@@ -48,26 +48,42 @@ class RequestContext:
             self.metrics.observe_request(scope["method"], scope["path"], status, time.perf_counter() - arrived)
 
 
+# Set in a request's scope["state"] by the server's protocol (`python -m service`) when the request
+# arrived over ATTN_MAX_CONNECTIONS; `RequestLimits` answers it 503.
+OVER_CONNECTION_LIMIT = "over_connection_limit"
+
+
 class RequestLimits:
-    """431 for headers over `max_header_bytes` in all. 413 for a body over `max_bytes`: at once
+    """503 with Retry-After for a request the server marked `OVER_CONNECTION_LIMIT`. 431 for a
+    request line and headers over `max_header_bytes` in all. 413 for a body over `max_bytes`: at once
     when Content-Length says so (the body is never read), otherwise as soon as the bytes received
     pass the limit. 408 when the whole body has not arrived within `timeout_s` of the request's
     start: a client trickling its body in (slowloris) holds one connection for that long at most,
     never the engine or other clients."""
 
-    def __init__(self, app: ASGIApp, max_bytes: int, timeout_s: float, max_header_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, max_bytes: int, timeout_s: float, max_header_bytes: int,
+                 retry_after_s: int) -> None:
         self.app = app
         self.max_bytes = max_bytes
         self.timeout_s = timeout_s
         self.max_header_bytes = max_header_bytes
+        self.retry_after = {"Retry-After": str(retry_after_s)}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        header_bytes = sum(len(name) + len(value) + 4 for name, value in scope["headers"])  # "name: value\r\n"
-        if header_bytes > self.max_header_bytes:
-            message = f"headers: {header_bytes} bytes, over the limit of {self.max_header_bytes} (ATTN_MAX_HEADER_BYTES)"
+        if scope.get("state", {}).get(OVER_CONNECTION_LIMIT):
+            message = "connections: the server is at its limit of open connections (ATTN_MAX_CONNECTIONS)"
+            headers = {**self.retry_after, "Connection": "close"}
+            await error_response(Request(scope), 503, "connections", message, headers)(scope, receive, send)
+            return
+        line = scope.get("raw_path") or scope["path"].encode()
+        head_bytes = len(scope["method"]) + len(line) + len(scope.get("query_string", b"")) + 12  # " ?  HTTP/1.1\r\n"
+        head_bytes += sum(len(name) + len(value) + 4 for name, value in scope["headers"])  # "name: value\r\n"
+        if head_bytes > self.max_header_bytes:
+            message = (f"headers: request line and headers {head_bytes} bytes, over the limit of "
+                       f"{self.max_header_bytes} (ATTN_MAX_HEADER_BYTES)")
             await error_response(Request(scope), 431, "headers", message)(scope, receive, send)
             return
         declared = Headers(scope=scope).get("content-length", "")

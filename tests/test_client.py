@@ -128,7 +128,7 @@ def test_numpy_in_torch_out_and_response_encoding(client):
     result = client.attention(q, k, v, causal=False, scale=0.5, response_encoding="data")
     expected = attention(*(torch.from_numpy(t) for t in (q, k, v)), causal=False, scale=0.5)
     torch.testing.assert_close(result.output, expected, atol=1e-5, rtol=1e-5)
-    assert result.lse is None and result.request_id  # the service made one
+    assert result.lse is None and result.request_id  # the client made one
 
 
 def test_invalid_request_names_the_field(client):
@@ -194,6 +194,11 @@ def test_503_is_retried_after_retry_after_a_bounded_number_of_times():
     err = info.value
     assert (err.status, err.retry_after, err.request_id, len(attempts)) == (503, 1.0, "early", 3)
     assert "not ready" in err.message
+    attempts.clear()
+    with AttentionClient(http=http, max_retries=1, max_backoff_s=0.01) as client, pytest.raises(OverloadedError):
+        client.attention(*inputs(torch.float32))  # no id given: the client makes one for all attempts
+    ids = {request.headers["X-Request-ID"] for request in attempts}
+    assert len(attempts) == 2 and len(ids) == 1 and ids.pop()
 
 
 def test_queue_full_answers_429_and_retries_get_through():

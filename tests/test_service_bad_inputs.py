@@ -315,6 +315,8 @@ def test_oversize_headers_are_refused_and_the_service_goes_on(server):
     for headers in ([("X-Padding", "a" * 20000)], [(f"X-Pad-{i}", "a" * 100) for i in range(200)]):
         r = httpx.get(f"{server}/healthz", headers=headers, timeout=10)
         assert r.status_code == 431 and r.json()["error"]["field"] == "headers", r.text
+    r = httpx.get(f"{server}/healthz?pad={'a' * 20000}", timeout=10)  # the request line counts too
+    assert r.status_code == 431 and r.json()["error"]["field"] == "headers", r.text
     # A head that never ends stops being buffered at the limit: 431 before it is complete.
     with socket.create_connection(_address(server), timeout=10) as sock:
         sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Padding: ")
@@ -329,6 +331,22 @@ def test_oversize_headers_are_refused_and_the_service_goes_on(server):
         sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\nX-Padding: " + b"a" * 8000 + b"\r\n\r\n")
         status, body = _read_response(sock)
     assert status == 200 and json.loads(body) == {"status": "ok"}
+
+
+def test_connections_over_the_limit_get_the_services_503():
+    """Past ATTN_MAX_CONNECTIONS open connections a request gets 503 in the service's error shape,
+    with Retry-After and its X-Request-ID; once a connection closes, requests are served again."""
+    with live_server(settings(max_connections=1)) as url:
+        with socket.create_connection(_address(url), timeout=10) as held:  # one keep-alive connection
+            held.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert _read_response(held)[0] == 200
+            r = httpx.get(f"{url}/healthz", headers={"X-Request-ID": "over"}, timeout=10)
+            assert r.status_code == 503 and r.json()["error"]["field"] == "connections", r.text
+            assert r.headers["Retry-After"] and r.headers["X-Request-ID"] == "over"
+        deadline = time.monotonic() + 10
+        while (r := httpx.get(f"{url}/healthz", timeout=10)).status_code == 503 and time.monotonic() < deadline:
+            time.sleep(0.05)  # until the server has seen the held connection close
+        assert r.status_code == 200
 
 
 def test_oversize_body_on_the_wire_is_413_without_reading_it(server):
