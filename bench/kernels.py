@@ -323,7 +323,7 @@ def bench_first_call(args, device: torch.device) -> dict:
 
 
 def bench_tiles(args, device: torch.device) -> list[dict]:
-    """Band tile sizes (query rows per tile) for each window: the data behind band.tile_rows."""
+    """Band tile sizes (query rows per tile) for each window: the data behind band.TILE_ROWS."""
     rows = []
     n = args.n[0]
     q, k, v = inputs(n, args.heads, args.dim, torch.float32, device)
@@ -349,7 +349,7 @@ def bench_decode(args, device: torch.device) -> list[dict]:
             fns = {"dense": lambda q=q, k=k, v=v: attention(q, k, v, None)}
             for label, spec in patterns.items():
                 pattern = parse_pattern(spec)
-                single = simplify(pattern, lk, True)
+                single = simplify(pattern, lk)
                 fns["engine", label] = lambda q=q, k=k, v=v, p=pattern: attention(q, k, v, p)
                 fns["masked", label] = (lambda q=q, k=k, v=v, p=single:
                                         masked_attention(q, k, v, p, scale=0.125, causal=True))

@@ -4,8 +4,8 @@ Like Triton Inference Server's dynamic batcher: callers `submit` from asyncio; a
 takes the first waiting request, gathers more for up to `max_delay_ms` (not for a large
 request: it fills the machine alone) or until `max_batch_size`, and hands them to one worker
 thread (torch releases the GIL, so the event loop keeps accepting meanwhile). Requests are
-compatible when they agree on everything but the batch dimension (device, dtype, heads, head
-dims, lengths, pattern, causal, scale); each compatible group runs as one engine call with the
+compatible when they agree on everything but the batch dimension (dtype, heads, head dims,
+lengths, pattern, causal, scale); each compatible group runs as one engine call with the
 groups' inputs concatenated along B. Small causal requests of different lengths (within a power
 of two, with the same Lk - Lq) are right-padded to the longest, which is exact (`BatchKey`);
 larger ones, and non-causal ones, run as separate calls per length in the same round, with no

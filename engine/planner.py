@@ -53,7 +53,7 @@ class Plan:
         return kernels.merge_partials([step(q, k, v, scale=scale) for step in self.steps])
 
 
-def simplify(pattern: PatternBase, lk: int, causal: bool) -> PatternBase:
+def simplify(pattern: PatternBase, lk: int) -> PatternBase:
     """An equivalent pattern in its simplest form for keys in [0, lk)."""
     if isinstance(pattern, SlidingWindow) and pattern.window >= lk:
         return Dense()
@@ -65,7 +65,7 @@ def simplify(pattern: PatternBase, lk: int, causal: bool) -> PatternBase:
         return Dense()  # one block, or every column a summary column
     if isinstance(pattern, Union):
         members: list[PatternBase] = []
-        for leaf in (simplify(p, lk, causal) for p in pattern.leaves()):
+        for leaf in (simplify(p, lk) for p in pattern.leaves()):
             if isinstance(leaf, Dense):
                 return Dense()
             if leaf not in members:
@@ -91,7 +91,7 @@ def _covers(wide: PatternBase, narrow: PatternBase) -> bool:
 def plan(pattern: PatternBase, lq: int, lk: int, causal: bool) -> Plan:
     """The plan for one single-head pattern (per_head is resolved before this), on any device: each
     kernel picks its device's fused calls."""
-    pattern = simplify(pattern, lk, causal)
+    pattern = simplify(pattern, lk)
     if isinstance(pattern, Dense):
         return Plan("sdpa", (partial(kernels.dense_attention, diagonal=(lk - lq) if causal else None),))
     structured = _structured(pattern, causal)

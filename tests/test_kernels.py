@@ -44,7 +44,8 @@ def test_band_tiles(lq, lk, window, tile):
 @pytest.mark.parametrize("window,tile", [(64, 32), (64, None), (5, 7), (1, None), (100, 1), (33, 300), (700, None)])
 def test_band_non_causal(lq, lk, window, tile):
     """|i - j| < w: tiles whose windows reach w - 1 keys ahead, first rows on a dense diagonal,
-    last w - 1 rows (all of them when the window spans the keys) on masked spans."""
+    last w - 1 rows as the first rows' problem reversed; a window spanning the keys: every row
+    among the first."""
     q, k, v = _qkv(2, lq, lk, dv=24)
     out, lse = kernels.band_attention(q, k, v, window=window, scale=0.25, causal=False, tile=tile)
     ref_out, ref_lse = reference_attention(q, k, v, SW(window), causal=False, scale=0.25)
@@ -76,7 +77,7 @@ def test_band_strided_union(lq, lk, window, strides, causal):
 
 @pytest.mark.parametrize("lq,lk", [(1000, 1000), (517, 700), (300, 1003), (1024, 1024)])
 @pytest.mark.parametrize("block,summary", [(16, 4), (32, 32), (10, 1), (64, 8)])
-@pytest.mark.parametrize("ranges", [None, 1, 7])  # the CPU's call per block; row ranges: one, ragged
+@pytest.mark.parametrize("ranges", [None, 1, 7])  # the kernel's choice (per block at l >= 64); ranges: one, ragged
 def test_fixed_summary_ranges(lq, lk, block, summary, ranges):
     q, k, v = _qkv(2, lq, lk, dv=8)
     result = kernels.fixed_attention(q, k, v, block=block, summary=summary, scale=1 / math.sqrt(16), ranges=ranges)
@@ -105,8 +106,9 @@ def test_kernels_half_precision(dtype):
 def test_strided_many_chunks(monkeypatch, lq, lk, min_distance):
     """Tiny chunks: every chunk boundary, dummy lead row and skipped class row is crossed."""
     monkeypatch.setattr("engine.kernels.strided.CHUNK_ROWS", 4)
+    monkeypatch.setattr("engine.kernels.strided.MAX_CHUNKS", 30)
     q, k, v = _qkv(2, lq, lk)
-    result = kernels.strided_attention(q, k, v, stride=13, scale=0.25, min_distance=min_distance, chunks=30)
+    result = kernels.strided_attention(q, k, v, stride=13, scale=0.25, min_distance=min_distance)
     _assert_matches_far(result, q, k, v, ST(13), min_distance)
 
 
@@ -226,7 +228,7 @@ def test_simplify_drops_what_another_member_covers(pattern, simplest):
     from engine.patterns import parse_pattern
     from engine.planner import simplify
 
-    assert simplify(parse_pattern(pattern), 1000, True) == parse_pattern(simplest)
+    assert simplify(parse_pattern(pattern), 1000) == parse_pattern(simplest)
 
 
 @pytest.mark.parametrize("lq,lk", [(1, 1003), (1, 40), (5, 300), (40, 700), (37, 1000), (2, 2)])
@@ -241,14 +243,14 @@ def test_strided_short_runs(lq, lk, stride, min_distance):
 
 @pytest.mark.parametrize("lq,lk", [(1000, 1000), (517, 700), (300, 1003), (1, 1003), (70, 2001)])
 @pytest.mark.parametrize("block,summary,min_distance", [(16, 4, 5), (16, 4, 40), (10, 3, 10), (64, 8, 1), (7, 7, 3)])
-@pytest.mark.parametrize("ranges,causal", [(None, True), (7, True), (None, False)])  # a distance: a call per block
-def test_fixed_min_distance(lq, lk, block, summary, min_distance, ranges, causal):
+@pytest.mark.parametrize("causal", [True, False])  # a distance: blocks per call, never row ranges
+def test_fixed_min_distance(lq, lk, block, summary, min_distance, causal):
     """fixed's keys at distance >= m (a union with sliding_window(m)): own-block diagonal shifted
     (without causal: own block masked both ways), a prefix of the summary keys per row (and a
     suffix of those after it), rows near the start with none."""
     q, k, v = _qkv(2, lq, lk)
-    result = kernels.fixed_attention(q, k, v, block=block, summary=summary, scale=0.25, ranges=ranges,
-                                     min_distance=min_distance, causal=causal)
+    result = kernels.fixed_attention(q, k, v, block=block, summary=summary, scale=0.25, min_distance=min_distance,
+                                     causal=causal)
     _assert_matches_far(result, q, k, v, FX(block, summary), min_distance, causal=causal)
 
 

@@ -5,7 +5,7 @@ Importing them raises glibc's malloc thresholds (allocator.py) so that each call
 freed memory instead of page-faulting fresh mappings."""
 
 from .band import band_attention
-from .dense import dense_attention, math_attention
+from .dense import dense_attention
 from .fixed import fixed_attention
 from .masked import masked_attention
 from .merge import merge_partials
@@ -22,7 +22,6 @@ __all__ = [
     "dense_attention",
     "fixed_attention",
     "masked_attention",
-    "math_attention",
     "merge_partials",
     "strided_attention",
 ]

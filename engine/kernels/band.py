@@ -19,7 +19,9 @@ import functools
 
 import torch
 
-from .dense import NEG_INF, _fused, _same_head_dim, dense_attention, flash_supported, math_attention, pad_head_dim
+from .dense import (_fused, _same_head_dim, additive_mask, dense_attention, flash_supported, math_attention,
+                    pad_head_dim)
+from .merge import join_rows
 
 
 # Query rows per tile: a row computes T + w - 1 keys for its w, but tiny tiles make tiny
@@ -35,7 +37,7 @@ def band_mask(rows: int, window: int, dtype: torch.dtype, device: torch.device) 
     r = torch.arange(rows, device=device)[:, None]
     c = torch.arange(rows + window - 1, device=device)[None, :]
     keep = (c >= r) & (c < r + window)
-    return torch.zeros(keep.shape, dtype=dtype, device=device).masked_fill_(~keep, NEG_INF)
+    return additive_mask(keep, dtype)
 
 
 def row_grid(x: torch.Tensor, first: int, outer: tuple[int, int], inner: tuple[int, int]) -> torch.Tensor:
@@ -108,9 +110,7 @@ def band_attention(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Sliding-window attention, queries bottom-right aligned; (out, lse) over [B, H, Lq, *]."""
     pieces = band_pieces(q, k, v, window=window, scale=scale, causal=causal, tile=tile)
-    if len(pieces) == 1:
-        return pieces[0][1], pieces[0][2]
-    return torch.cat([p[1] for p in pieces], dim=-2), torch.cat([p[2] for p in pieces], dim=-1)
+    return join_rows([(out, lse) for _, out, lse in pieces])
 
 
 @functools.cache
@@ -128,7 +128,7 @@ def flash_window_supported(device: torch.device, causal: bool = True) -> bool:
     i = torch.arange(lk - lq, lk, device=device)[:, None]
     j = torch.arange(lk, device=device)[None, :]
     keep = (i - j < w) & (j - i < (1 if causal else w))
-    mask = torch.zeros(keep.shape, device=device).masked_fill_(~keep, NEG_INF)
+    mask = additive_mask(keep, torch.float32)
     ref_out, ref_lse = math_attention(q.float(), k.float(), v.float(), scale=0.25, mask=mask)
     return torch.allclose(out.float(), ref_out, atol=2e-2, rtol=2e-2) and torch.allclose(lse, ref_lse, atol=2e-2)
 

@@ -7,12 +7,11 @@ contract's bottom-right causal alignment is `diagonal = Lk - Lq`; a strictly-low
 
 from __future__ import annotations
 
-import math
 
 import torch
 import torch.nn.functional as F
 
-from .merge import merge_partials
+from .merge import join_rows, merge_partials
 
 NEG_INF = float("-inf")
 
@@ -46,12 +45,16 @@ def _fused(q, k, v, *, scale: float, is_causal: bool, mask: torch.Tensor | None 
     return out[..., :dv], lse.float()
 
 
+def additive_mask(keep: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The fused kernels' form of a boolean `keep`: 0 where kept, -inf elsewhere."""
+    return torch.zeros(keep.shape, dtype=dtype, device=keep.device).masked_fill_(~keep, NEG_INF)
+
+
 def fused_masked(q, k, v, keep: torch.Tensor, *, scale: float):
     """One fused call where `keep`, a boolean [Lq, Lk] shared by every batch item and head, says
     which keys each row attends; rows that keep none come back as zeros with lse -inf (whatever
     the kernel makes of a row with no key)."""
-    mask = torch.zeros(keep.shape, dtype=q.dtype, device=q.device).masked_fill_(~keep, NEG_INF)
-    out, lse = _fused(q, k, v, scale=scale, is_causal=False, mask=mask)
+    out, lse = _fused(q, k, v, scale=scale, is_causal=False, mask=additive_mask(keep, q.dtype))
     none = ~keep.any(-1)
     if bool(none.any()):
         out, lse = out.masked_fill(none[:, None], 0.0), lse.masked_fill(none, NEG_INF)
@@ -63,9 +66,9 @@ def flash_supported(q: torch.Tensor) -> bool:
     return q.device.type == "cuda" and q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] <= 256
 
 
-def pad_head_dim(x: torch.Tensor, multiple: int = 8) -> torch.Tensor:
+def pad_head_dim(x: torch.Tensor) -> torch.Tensor:
     """The CUDA kernels want head dims that are multiples of 8: zero columns change nothing."""
-    extra = -x.shape[-1] % multiple
+    extra = -x.shape[-1] % 8
     return F.pad(x, (0, extra)) if extra else x
 
 
@@ -118,14 +121,13 @@ def dense_attention(
     k: torch.Tensor,
     v: torch.Tensor,
     *,
-    scale: float | None = None,
+    scale: float,
     diagonal: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Dense attention over [B, H, L, D] tensors with equal head counts.
 
     `diagonal=None` attends every key; an int d lets row m attend keys 0..m + d.
     """
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     lq, lk, dv = q.shape[-2], k.shape[-2], v.shape[-1]
     if lq == 0 or lk == 0:
         return empty_partial(q, dv)
@@ -138,7 +140,7 @@ def dense_attention(
         if skip == lq:
             return head
         tail = dense_attention(q[..., skip:, :], k, v, scale=scale, diagonal=0)
-        return torch.cat([head[0], tail[0]], dim=-2), torch.cat([head[1], tail[1]], dim=-1)
+        return join_rows([head, tail])
     # 0 <= d < lk - 1: keys [0, d) are seen by every row; the next ones form a causal triangle.
     rows = min(lq, lk - diagonal)
     parts = []
@@ -150,6 +152,4 @@ def dense_attention(
     parts.append(tri)
     if rows < lq:  # rows whose diagonal runs past the last key see every key
         parts.append(_fused(q[..., rows:, :], k, v, scale=scale, is_causal=False))
-    if len(parts) == 1:
-        return parts[0]
-    return torch.cat([p[0] for p in parts], dim=-2), torch.cat([p[1] for p in parts], dim=-1)
+    return join_rows(parts)

@@ -1,11 +1,12 @@
-"""Causal `fixed(l, c)` as two disjoint pieces merged in place by log-sum-exp.
+"""`fixed(l, c)` as two disjoint pieces merged in place by log-sum-exp (causal; non-causal below).
 
 (a) The query's own block: the sequence viewed as [L/l, l] blocks, one batched dense causal
 call (no copy when l divides L).
 (b) The summary columns of earlier blocks: query block b sees the first b*c keys of the
 gathered summary set S (c keys per block: a copy of c/l of K and V). On the CPU for blocks of at
 least CALL_ROWS rows, and for a few query blocks anywhere, each block's real rows attend their
-b*c keys in one call, with no mask and no padded row. Elsewhere (small blocks, whose calls
+b*c keys in one call, with no mask and no padded row (blocks under CALL_ROWS rows a few per call,
+the keys past the ones all of the call's rows see under a prefix mask). Elsewhere (small blocks, whose calls
 would be tiny; CUDA, where a call per block would be a launch per block) the queries are viewed
 as [l, L/l] (position-in-block as the head axis, block index as the row), so that every head
 shares S (a stride-0 view) and one small [rows, keys] block-causal mask; the blocks are cut into
@@ -18,7 +19,7 @@ union's strides (which count the keys at their multiples), skipped, mask the own
 [l, l] mask and each block's summary keys; both take the call per block.
 
 Non-causal, each query attends every summary key (one call) and the other keys of its own block
-(one batched call over the block view): no mask, no key twice. With a minimum distance or a
+(one batched call over the block view): no mask, no key twice. With a minimum distance or
 skipped strides, per query block its own block and the summary keys before and after it, the keys
 to drop under masks.
 """
@@ -30,7 +31,7 @@ import torch.nn.functional as F
 
 from ..patterns.fixed import summary_columns, summary_keys_below
 from .band import _row_major, row_grid
-from .dense import NEG_INF, _fused, _same_head_dim, dense_attention, fused_masked
+from .dense import NEG_INF, _fused, _same_head_dim, additive_mask, dense_attention, fused_masked
 from .merge import merge_partials, merge_to
 from .strided import off_strides
 
@@ -43,8 +44,8 @@ from .strided import off_strides
 MIN_RANGES, MAX_RANGES, BLOCKS_PER_RANGE = 4, 16, 32
 # Fewest query rows worth a call of their own. The CPU's call per query block against the row
 # ranges (H = 8, D = 64, per-block / ranges time): l = 32 1.55, 1.38, 1.02 at n = 1024, 4096,
-# 16384; l = 64 0.88, 1.06, 0.93; l = 96 to 256 0.69-0.96. Smaller blocks that must go per block
-# (a union's distance or stride) go this many rows per call: union(sliding 32, fixed(16, 2)) at
+# 16384; l = 64 0.88, 1.06, 0.93; l = 96 to 256 0.69-0.96. Smaller blocks that go per block (a
+# union's distance or strides, or a few query blocks) go this many rows per call: union(sliding 32, fixed(16, 2)) at
 # n = 4096, H = 8: 119 ms a block per call, 68 ms grouped (16384: 800 and 524 ms).
 CALL_ROWS = 64
 
@@ -53,7 +54,7 @@ def summary_mask(b0: int, b1: int, c: int, dtype: torch.dtype, device: torch.dev
     """[b1 - b0, (b1 - 1) * c] additive mask: block b keeps summary keys of blocks < b."""
     blocks = torch.arange(b0, b1, device=device)[:, None]
     keys = torch.arange((b1 - 1) * c, device=device)[None, :] // c
-    return torch.zeros(b1 - b0, keys.shape[1], dtype=dtype, device=device).masked_fill_(keys >= blocks, NEG_INF)
+    return additive_mask(keys < blocks, dtype)
 
 
 def fixed_attention(
@@ -134,12 +135,13 @@ def _summary_per_block(q_rows, ks, vs, out, lse, blocks: range, *, first: int, b
                        real: slice, scale: float, min_distance: int, skip_strides: tuple[int, ...]) -> None:
     """The summary piece one call per query block (blocks under CALL_ROWS rows a few per call), on
     its real rows in their natural order, merged into (out, lse) in place. Every row of block b
-    sees the same b*c summary keys (no mask, no padded row); with a minimum distance m, a row at i
-    sees those at positions <= i - m, a prefix of them: the prefix all the call's rows see runs
-    unmasked, the rest under a small prefix mask. Skipping strides' keys masks them all."""
+    sees the same b*c summary keys (no padded row); a row at i sees those at positions <= i - m
+    (m the minimum distance, 0 without one), a prefix of them: the prefix all the call's rows see
+    runs unmasked, the rest (a call's later blocks, the nearer keys) under a small prefix mask.
+    Skipping strides' keys masks them all."""
     l, c = block, summary
     if skip_strides:  # the positions of the summary keys in ks: those of blocks 0 .. last - 1
-        at = summary_columns(0, (blocks.stop - 1) * l, l, c).to(q_rows.device)
+        at = summary_columns((blocks.stop - 1) * l, l, c).to(q_rows.device)
     group = max(1, CALL_ROWS // l)  # query blocks per call
     for b in range(blocks.start, blocks.stop, group):
         b_end = min(blocks.stop, b + group)
@@ -170,7 +172,7 @@ def _non_causal(q, k, v, *, block: int, summary: int, scale: float) -> tuple[tor
     lk, l, c = k.shape[-2], block, summary
     offset = lk - lq
     parts = []
-    columns = summary_columns(0, lk, l, c).to(k.device)
+    columns = summary_columns(lk, l, c).to(k.device)
     if len(columns):
         parts.append(_fused(q, k.index_select(-2, columns), v.index_select(-2, columns), scale=scale, is_causal=False))
     first, whole = offset // l, lk // l  # the first query block; whole key blocks
@@ -199,7 +201,7 @@ def _non_causal_far(q, k, v, *, block: int, summary: int, scale: float, min_dist
     strides' keys (a union with strides) masks every piece."""
     lq, lk, l, c, m = q.shape[-2], k.shape[-2], block, summary, min_distance
     offset = lk - lq
-    columns = summary_columns(0, lk, l, c).to(k.device)
+    columns = summary_columns(lk, l, c).to(k.device)
     ks, vs = k.index_select(-2, columns), v.index_select(-2, columns)
     out = torch.empty(*q.shape[:-1], v.shape[-1], dtype=torch.float32, device=q.device)
     lse = torch.empty(q.shape[:-1], dtype=torch.float32, device=q.device)

@@ -18,6 +18,13 @@ def merge_to(out: torch.Tensor, lse: torch.Tensor, a: tuple[torch.Tensor, torch.
     lse.copy_(merged)
 
 
+def join_rows(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Partials of consecutive query-row ranges as one (out, lse): a copy, unless there is one."""
+    if len(parts) == 1:
+        return parts[0]
+    return torch.cat([out for out, _ in parts], dim=-2), torch.cat([lse for _, lse in parts], dim=-1)
+
+
 def merge_partials(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
     """Combine (out, lse) partials over disjoint key sets into a float32 output; rows with no
     key stay zero with lse -inf."""

@@ -1,6 +1,7 @@
-"""Causal strided attention as s independent dense causal attentions.
+"""Strided attention as s independent dense attentions, one per residue class.
 
-Positions with the same residue mod s attend only each other, causally. Viewing [L, D] as
+Positions with the same residue mod s attend only each other (causally; without causal, the
+whole class: `_every_class_key`). Viewing [L, D] as
 [L/s, s, D] and swapping the first two axes turns `strided(s)` into dense causal attention over
 s classes of length L/s, batched in each fused call: n^2/s work, with no copy of K or V (the
 view's strides go straight to the kernel; keys past the last whole class row are each seen only
@@ -24,7 +25,7 @@ import torch.nn.functional as F
 from .band import _row_major, row_grid
 from .dense import NEG_INF, _fused, empty_partial, fused_masked
 from .masked import MASK_BUDGET
-from .merge import merge_partials, merge_to
+from .merge import join_rows, merge_partials, merge_to
 
 # Query class rows per chunk: at least CHUNK_ROWS, at most MAX_CHUNKS chunks. 64-row chunks were
 # the fastest of 16..256 for strided(64) at n = 16384 and strided(128) at 65536 (CPU, 2 cores);
@@ -54,7 +55,7 @@ def _classes(x: torch.Tensor, start: int, stop: int, stride: int) -> torch.Tenso
 
 def strided_pieces(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, stride: int, scale: float, min_distance: int = 0,
-    skip_strides: tuple[int, ...] = (), chunks: int | None = None,
+    skip_strides: tuple[int, ...] = (),
 ) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
     """Strided attention with i - j >= min_distance, off `skip_strides`, as (first row, out, lse)
     pieces over consecutive query rows, queries bottom-right aligned; rows before the first piece
@@ -88,7 +89,7 @@ def strided_pieces(
     qc = _classes(q, skip * s, (skip + rows) * s, s)
     kc, vc = (_classes(x, 0, min(seen + rows, key_rows) * s, s) for x in (k, v))
     # On CUDA the flash kernel skips the causal square's empty half itself: one chunk.
-    chunks = chunks or (1 if q.device.type == "cuda" else MAX_CHUNKS)
+    chunks = 1 if q.device.type == "cuda" else MAX_CHUNKS
     size = rows if chunks == 1 else max(CHUNK_ROWS, -(-rows // chunks))
     if seen or size < rows or skip_strides:  # masked chunks: each mask within the masked kernel's budget
         size = min(size, max(1, MASK_BUDGET // min(seen + rows, key_rows)))
@@ -163,7 +164,7 @@ def _short_run_pieces(
 
 def strided_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, stride: int, scale: float, causal: bool = True,
-    min_distance: int = 0, skip_strides: tuple[int, ...] = (), chunks: int | None = None,
+    min_distance: int = 0, skip_strides: tuple[int, ...] = (),
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """`(i - j) mod stride == 0` attention with |i - j| >= min_distance and (i - j) a multiple of
     none of `skip_strides` (for a union with those strides, which count such keys), causal or over
@@ -172,14 +173,12 @@ def strided_attention(
         return _every_class_key(q, k, v, stride=stride, scale=scale, min_distance=min_distance,
                                 skip_strides=skip_strides)
     pieces = strided_pieces(q, k, v, stride=stride, scale=scale, min_distance=min_distance,
-                            skip_strides=skip_strides, chunks=chunks)
+                            skip_strides=skip_strides)
     # The pieces are consecutive: join them (one copy), after empty rows for those that see no key.
     first = pieces[0][0] if pieces else q.shape[-2]
     if first:
         pieces.insert(0, (0, *empty_partial(q[..., :first, :], v.shape[-1])))
-    if len(pieces) == 1:
-        return pieces[0][1], pieces[0][2]
-    return torch.cat([p[1] for p in pieces], dim=-2), torch.cat([p[2] for p in pieces], dim=-1)
+    return join_rows([(out, lse) for _, out, lse in pieces])
 
 
 def _every_class_key(q, k, v, *, stride: int, scale: float, min_distance: int = 0,

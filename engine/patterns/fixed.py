@@ -32,10 +32,9 @@ def summary_keys_below(limit: torch.Tensor, block: int, summary: int) -> torch.T
     return full * summary + torch.clamp(rest - (block - summary), min=0)
 
 
-def summary_columns(start: int, stop: int, block: int, summary: int) -> torch.Tensor:
-    """The summary positions (j mod block >= block - summary) in [start, stop), ascending; start a
-    multiple of block."""
-    columns = (torch.arange(start, stop, block)[:, None] + torch.arange(block - summary, block)).flatten()
+def summary_columns(stop: int, block: int, summary: int) -> torch.Tensor:
+    """The summary positions (j mod block >= block - summary) in [0, stop), ascending."""
+    columns = (torch.arange(0, stop, block)[:, None] + torch.arange(block - summary, block)).flatten()
     return columns[columns < stop]
 
 
