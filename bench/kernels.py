@@ -105,8 +105,7 @@ def inputs(n: int, heads: int, dim: int, dtype: torch.dtype, device: torch.devic
 def mask_mod_for(pattern, causal: bool):
     """FlexAttention's mask_mod: the pattern's own rule (under causality)."""
     def mask_mod(b, h, q_idx, kv_idx):
-        allowed = pattern.allows(q_idx, kv_idx)
-        return allowed & (kv_idx <= q_idx) if causal else allowed
+        return pattern.attends(q_idx, kv_idx, causal)
     return mask_mod
 
 
@@ -134,9 +133,7 @@ class Flex:
 
 def masked_sdpa(pattern, n: int, device: torch.device, causal: bool):
     """Plain SDPA with the full n x n boolean mask (what a generic server would do)."""
-    i = torch.arange(n, device=device)[:, None]
-    j = torch.arange(n, device=device)[None, :]
-    mask = pattern.allows(i, j) & (j <= i) if causal else pattern.allows(i, j)
+    mask = pattern.attends(torch.arange(n, device=device)[:, None], torch.arange(n, device=device)[None, :], causal)
     return lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 

@@ -11,11 +11,7 @@ from .patterns import PatternBase
 
 def mask_rows(pattern: PatternBase, n: int, *, causal: bool = True, head: int = 0, heads: int = 1) -> torch.Tensor:
     """[n, n] boolean mask of one head, built from the pattern's rule (small n only)."""
-    single = pattern.resolve(head, heads)
-    i = torch.arange(n)[:, None]
-    j = torch.arange(n)[None, :]
-    allowed = single.allows(i, j)
-    return allowed & (j <= i) if causal else allowed
+    return pattern.resolve(head, heads).attends(torch.arange(n)[:, None], torch.arange(n)[None, :], causal)
 
 
 def mask_text(pattern: PatternBase, n: int, *, causal: bool = True, head: int = 0, heads: int = 1) -> str:

@@ -47,9 +47,7 @@ def masked_attention(
         rows = slice(start, start + chunk)
         i = torch.arange(offset + start, offset + start + chunk, device=q.device)[:, None]
         j = torch.arange(lo, hi, device=q.device)[None, :]
-        allowed = pattern.allows(i, j)
-        if causal:
-            allowed = allowed & (j <= i)
+        allowed = pattern.attends(i, j, causal)
         if hi <= lo:
             part = empty_partial(q[..., rows, :], dv)
         else:

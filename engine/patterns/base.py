@@ -1,7 +1,7 @@
 """What every pattern is: a pure rule on (query position i, key position j), plus exact counts.
 
-A pattern never sees the causal mask: `allows` is the table's rule from CONTRACT §1 without
-causality, and the caller intersects it with `j <= i` when the request is causal. Each pattern
+A pattern's own rule never sees the causal mask: `allows` is the table's rule from CONTRACT §1
+without causality, and `attends` intersects it with `j <= i` when the request is causal. Each pattern
 also answers how many keys each query row attends, by arithmetic over rows (never an Lq x Lk
 mask), so the service can report `attended_pairs` for sequences in the hundreds of thousands.
 """
@@ -24,6 +24,11 @@ class PatternBase(BaseModel):
     def allows(self, i: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
         """Boolean tensor: key j allowed for query i by the pattern alone (no causal mask)."""
         raise NotImplementedError
+
+    def attends(self, i: torch.Tensor, j: torch.Tensor, causal: bool) -> torch.Tensor:
+        """Boolean tensor: key j attended by query i, the rule intersected with j <= i under causal."""
+        allowed = self.allows(i, j)
+        return allowed & (j <= i) if causal else allowed
 
     def row_counts(self, i: torch.Tensor, lk: int, causal: bool) -> torch.Tensor:
         """Number of allowed keys in [0, lk) for each query position in `i` (int64)."""

@@ -92,9 +92,6 @@ class Union(PatternBase):
             chunk = i[start : start + rows]
             lo, hi = self.key_span(int(chunk.min()), int(chunk.max()) + 1, lk, causal)
             j = torch.arange(lo, hi, device=i.device)
-            allowed = self.allows(chunk[:, None], j[None, :])
-            if causal:
-                allowed &= j[None, :] <= chunk[:, None]
-            counts[start : start + len(chunk)] = allowed.sum(-1)
+            counts[start : start + len(chunk)] = self.attends(chunk[:, None], j[None, :], causal).sum(-1)
             start += len(chunk)
         return counts
