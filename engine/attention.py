@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Sequence
 
 import torch
 
@@ -23,10 +24,25 @@ def _as_4d(name: str, x: torch.Tensor) -> torch.Tensor:
     return x
 
 
+def shape_problem(q: Sequence[int], k: Sequence[int], v: Sequence[int]) -> tuple[str, str] | None:
+    """The first way 4-D shapes of q, k, v break CONTRACT §2, as (the tensor, what is wrong), or
+    None: the one rule for the engine's errors and the service's 422s."""
+    (b, h, lq, d), (bk, hkv, lk, dk), (bv, hv, lv, _) = q, k, v
+    if bk != b or bv != b:
+        return ("k", f"batch {bk} must equal q's batch {b}") if bk != b else ("v", f"batch {bv} must equal q's batch {b}")
+    if dk != d:
+        return "k", f"head dim {dk} must equal q's head dim {d}"
+    if hkv == 0 or h % hkv:
+        return "k", f"{hkv} key/value heads do not divide q's {h} heads"
+    if (hv, lv) != (hkv, lk):
+        return "v", f"heads and length {[hv, lv]} must equal k's {[hkv, lk]}"
+    if lq > lk:
+        return "q", f"query length {lq} exceeds key length {lk}"
+    return None
+
+
 def check_shapes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
     """Raise ValueError naming the tensor whose shape or dtype breaks CONTRACT §2."""
-    b, h, lq, d = q.shape
-    bk, hkv, lk, dk = k.shape
     if q.dtype not in SUPPORTED_DTYPES:
         raise ValueError(f"q: dtype {q.dtype} is not one of float32, float16, bfloat16")
     for name, x in (("k", k), ("v", v)):
@@ -34,16 +50,9 @@ def check_shapes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
             raise ValueError(f"{name}: dtype {x.dtype} differs from q's {q.dtype}")
         if x.device != q.device:
             raise ValueError(f"{name}: on {x.device}, q on {q.device}")
-    if bk != b or v.shape[0] != b:
-        raise ValueError(f"k, v: batch {bk}, {v.shape[0]} must equal q's batch {b}")
-    if dk != d:
-        raise ValueError(f"k: head dim {dk} must equal q's head dim {d}")
-    if v.shape[1] != hkv or v.shape[2] != lk:
-        raise ValueError(f"v: shape {list(v.shape)} must match k's heads and length {[hkv, lk]}")
-    if hkv == 0 or h % hkv:
-        raise ValueError(f"k: {hkv} key/value heads do not divide the {h} query heads")
-    if lq > lk:
-        raise ValueError(f"q: query length {lq} exceeds key length {lk}")
+    problem = shape_problem(q.shape, k.shape, v.shape)
+    if problem:
+        raise ValueError(f"{problem[0]}: {problem[1]}")
 
 
 def attention(

@@ -20,6 +20,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationInfo, WithJsonSchema, model_validator
 from pydantic_core import PydanticCustomError
 
+from engine.attention import shape_problem
 from engine.patterns import Dense, Pattern
 
 DType = Literal["float32", "float16", "bfloat16"]
@@ -235,19 +236,9 @@ class AttentionRequest(BaseModel):
             raise field_error("k.shape", "q, k and v must all be 3-D or all 4-D")
         if self.k.dtype != self.q.dtype or self.v.dtype != self.q.dtype:
             raise field_error("k.dtype" if self.k.dtype != self.q.dtype else "v.dtype", f"must equal q's {self.q.dtype}")
-        b, h, lq, d = self.q.dims
-        bk, hkv, lk, dk = self.k.dims
-        bv, hv, lv, _ = self.v.dims
-        if bk != b or bv != b:
-            raise field_error("k.shape" if bk != b else "v.shape", f"batch must equal q's batch {b}")
-        if dk != d:
-            raise field_error("k.shape", f"head dim {dk} must equal q's head dim {d}")
-        if h % hkv:
-            raise field_error("k.shape", f"{hkv} key/value heads do not divide q's {h} heads")
-        if (hv, lv) != (hkv, lk):
-            raise field_error("v.shape", f"heads and length {[hv, lv]} must equal k's {[hkv, lk]}")
-        if lq > lk:
-            raise field_error("q.shape", f"query length {lq} exceeds key length {lk}")
+        problem = shape_problem(self.q.dims, self.k.dims, self.v.dims)
+        if problem:
+            raise field_error(f"{problem[0]}.shape", problem[1])
 
     @property
     def tensors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
