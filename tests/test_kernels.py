@@ -75,7 +75,7 @@ def test_band_strided_union(lq, lk, window, strides, causal):
     torch.testing.assert_close(lse.double(), ref_lse, atol=2e-5, rtol=2e-5)
 
 
-@pytest.mark.parametrize("lq,lk", [(1000, 1000), (517, 700), (300, 1003), (1024, 1024)])
+@pytest.mark.parametrize("lq,lk", [(1000, 1000), (517, 700), (300, 1003), (1024, 1024), (1, 1003), (16, 1000)])
 @pytest.mark.parametrize("block,summary", [(16, 4), (32, 32), (10, 1), (64, 8)])
 @pytest.mark.parametrize("ranges", [None, 1, 7])  # the kernel's choice (per block at l >= 64); ranges: one, ragged
 def test_fixed_summary_ranges(lq, lk, block, summary, ranges):
@@ -241,7 +241,7 @@ def test_strided_short_runs(lq, lk, stride, min_distance):
     _assert_matches_far(result, q, k, v, ST(stride), min_distance)
 
 
-@pytest.mark.parametrize("lq,lk", [(1000, 1000), (517, 700), (300, 1003), (1, 1003), (70, 2001)])
+@pytest.mark.parametrize("lq,lk", [(1000, 1000), (517, 700), (300, 1003), (1, 1003), (16, 2001), (70, 2001)])
 @pytest.mark.parametrize("block,summary,min_distance", [(16, 4, 5), (16, 4, 40), (10, 3, 10), (64, 8, 1), (7, 7, 3)])
 @pytest.mark.parametrize("causal", [True, False])  # a distance: blocks per call, never row ranges
 def test_fixed_min_distance(lq, lk, block, summary, min_distance, causal):
@@ -254,7 +254,7 @@ def test_fixed_min_distance(lq, lk, block, summary, min_distance, causal):
     _assert_matches_far(result, q, k, v, FX(block, summary), min_distance, causal=causal)
 
 
-@pytest.mark.parametrize("lq,lk", [(1000, 1000), (517, 700), (300, 1003), (1, 1003), (70, 2001)])
+@pytest.mark.parametrize("lq,lk", [(1000, 1000), (517, 700), (300, 1003), (1, 1003), (16, 2001), (70, 2001)])
 @pytest.mark.parametrize("block,summary,strides", [(16, 4, (4,)), (16, 4, (5,)), (10, 3, (7,)), (64, 8, (64,)),
                                                    (7, 7, (2,)), (20, 5, (1000,)), (16, 4, (3, 5)), (10, 3, (4, 6, 7))])
 @pytest.mark.parametrize("min_distance", [0, 5, 40])
@@ -266,6 +266,19 @@ def test_fixed_skip_strides(lq, lk, block, summary, strides, min_distance, causa
     result = kernels.fixed_attention(q, k, v, block=block, summary=summary, scale=0.25, min_distance=min_distance,
                                      skip_strides=strides, causal=causal)
     _assert_matches_far(result, q, k, v, FX(block, summary), min_distance, causal=causal, skip_strides=strides)
+
+
+@pytest.mark.parametrize("lq,lk", [(517, 700), (300, 1003), (3, 5)])
+@pytest.mark.parametrize("block,summary,min_distance,strides", [(16, 4, 0, ()), (10, 3, 7, ()), (7, 7, 0, (3,)),
+                                                                (64, 8, 20, (5, 8))])
+def test_fixed_summary_keys_in_place(monkeypatch, lq, lk, block, summary, min_distance, strides):
+    """The causal summary keys read in place (the few-rows path) forced for many rows: its mask
+    across blocks, distances and strides, rows of the first block with no summary key."""
+    monkeypatch.setattr("engine.kernels.fixed.OFFSET_ROWS", 1 << 20)
+    q, k, v = _qkv(2, lq, lk)
+    result = kernels.fixed_attention(q, k, v, block=block, summary=summary, scale=0.25, min_distance=min_distance,
+                                     skip_strides=strides)
+    _assert_matches_far(result, q, k, v, FX(block, summary), min_distance, skip_strides=strides)
 
 
 @pytest.mark.parametrize("lq,lk", [(600, 600), (517, 700), (300, 1003), (1, 1003), (37, 1000), (5, 5)])

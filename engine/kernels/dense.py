@@ -28,7 +28,7 @@ def _same_head_dim(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
 def _fused(q, k, v, *, scale: float, is_causal: bool, mask: torch.Tensor | None = None):
     """One fused call; (out, lse) with lse float32 [B, H, Lq]. `is_causal` only on square
     problems (there top-left and bottom-right alignment agree); `mask` is an additive
-    [Lq, Lk] tensor of q's dtype shared by every batch item and head."""
+    [Lq, Lk] tensor of q's dtype shared by every batch item and head, or [1, H, Lq, Lk]."""
     assert not is_causal or q.shape[-2] == k.shape[-2], "is_causal is only used on square problems"
     dv = v.shape[-1]
     if q.numel() == 0 or k.shape[-2] == 0:  # torch's CPU kernel dies (SIGFPE) on no query or no key
@@ -51,13 +51,13 @@ def additive_mask(keep: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 def fused_masked(q, k, v, keep: torch.Tensor, *, scale: float):
-    """One fused call where `keep`, a boolean [Lq, Lk] shared by every batch item and head, says
-    which keys each row attends; rows that keep none come back as zeros with lse -inf (whatever
+    """One fused call where `keep`, a boolean [Lq, Lk] shared by every batch item and head (or
+    [1, H, Lq, Lk], one per head), says which keys each row attends; rows that keep none come back as zeros with lse -inf (whatever
     the kernel makes of a row with no key)."""
     out, lse = _fused(q, k, v, scale=scale, is_causal=False, mask=additive_mask(keep, q.dtype))
     none = ~keep.any(-1)
     if bool(none.any()):
-        out, lse = out.masked_fill(none[:, None], 0.0), lse.masked_fill(none, NEG_INF)
+        out, lse = out.masked_fill(none[..., None], 0.0), lse.masked_fill(none, NEG_INF)
     return out, lse
 
 

@@ -5,13 +5,14 @@ call (no copy when l divides L).
 (b) The summary columns of earlier blocks: query block b sees the first b*c keys of the
 gathered summary set S (c keys per block: a copy of c/l of K and V). On the CPU for blocks of at
 least CALL_ROWS rows, and for a few query blocks anywhere, each block's real rows attend their
-b*c keys in one call, with no mask and no padded row (blocks under CALL_ROWS rows a few per call,
-the keys past the ones all of the call's rows see under a prefix mask). Elsewhere (small blocks, whose calls
-would be tiny; CUDA, where a call per block would be a launch per block) the queries are viewed
+b*c keys in one call, with no mask and no padded row (blocks under CALL_ROWS rows a few per
+call, the keys past the ones all of the call's rows see under a prefix mask). Elsewhere (small
+blocks, whose calls would be tiny; CUDA, where a call per block would be a launch per block) the queries are viewed
 as [l, L/l] (position-in-block as the head axis, block index as the row), so that every head
 shares S (a stride-0 view) and one small [rows, keys] block-causal mask; the blocks are cut into
 a few row ranges, each with the keys its last block needs, so the masked waste is about
-1/(2 ranges).
+1/(2 ranges). For a few query rows (a decode step) S is not copied: offset u of every block is
+one strided view of K, so the c offsets are a batch axis of one call (`_summary_offsets`).
 
 A minimum distance m (for a union with a sliding window of m, whose keys it then skips) shifts
 the own-block causal diagonal by m and keeps a row's summary keys at positions up to i - m. A
@@ -33,6 +34,7 @@ from ..patterns.fixed import summary_columns, summary_keys_below
 from .band import _row_major, row_grid
 from .dense import NEG_INF, _fused, _same_head_dim, additive_mask, dense_attention, fused_masked
 from .merge import merge_partials, merge_to
+from .masked import MASK_BUDGET
 from .strided import off_strides
 
 # Row ranges of the transposed summary piece: the masked work is (ranges + 1) / (2 * ranges) of a
@@ -48,6 +50,12 @@ MIN_RANGES, MAX_RANGES, BLOCKS_PER_RANGE = 4, 16, 32
 # union's distance or strides, or a few query blocks) go this many rows per call: union(sliding 32, fixed(16, 2)) at
 # n = 4096, H = 8: 119 ms a block per call, 68 ms grouped (16384: 800 and 524 ms).
 CALL_ROWS = 64
+# Query rows up to which the summary keys are read in place (`_summary_offsets`) rather than
+# copied once for all rows. H = 8, D = 64, copy / in-place time, one process, the two alternating:
+# at Lk 65536, Lq 1: fixed(128, 8) 1.81, union(sliding 256, fixed(128, 8)) 1.72, fixed(16, 2)
+# 1.10; Lq 16: 1.44, 1.20, 1.09; Lq 64: 0.98, 0.96, 0.90. At Lk 16384 (the copy stays in cache):
+# Lq 1: 1.00, 0.96, 1.43; Lq 16: 0.90, 0.98, 1.01.
+OFFSET_ROWS = 16
 
 
 def summary_mask(b0: int, b1: int, c: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -106,14 +114,18 @@ def fixed_attention(
             b * h, 1, (blocks - 1) * c, -1)
 
     lo = max(first, 1)  # block 0 sees no summary key
-    if lo < blocks:
+    real = slice(offset - first * l, offset - first * l + lq)
+    if lo < blocks and lq <= OFFSET_ROWS and c * lq * ((lk - 1) // l) <= MASK_BUDGET:
+        _summary_offsets(q.reshape(b * h, 1, nq * l, d), k, v, out, lse, first=first, block=l, summary=c, real=real,
+                         scale=scale, min_distance=min_distance, skip_strides=skip_strides)
+    elif lo < blocks:
         ks, vs = gathered(k), gathered(v)
         cpu = q.device.type == "cpu"
         few_blocks = blocks - lo <= (MIN_RANGES if cpu else MAX_RANGES)  # no more calls than ranges would make
         if min_distance or skip_strides or ranges is None and (few_blocks or cpu and l >= CALL_ROWS):
             _summary_per_block(q.reshape(b * h, 1, nq * l, d), ks, vs, out, lse, range(lo, blocks), first=first,
-                               block=l, summary=c, real=slice(offset - first * l, offset - first * l + lq),
-                               scale=scale, min_distance=min_distance, skip_strides=skip_strides)
+                               block=l, summary=c, real=real, scale=scale, min_distance=min_distance,
+                               skip_strides=skip_strides)
         else:
             q_heads = qb.transpose(1, 2)  # [B*H, l, nq, D]: position in block as heads, block as rows
             ranges = ranges or min(MAX_RANGES, max(MIN_RANGES, (blocks - lo) // BLOCKS_PER_RANGE))
@@ -127,8 +139,33 @@ def fixed_attention(
                 rows = slice((b0 - first) * l, (b1 - first) * l)
                 merge_to(out[:, rows], lse[:, rows], (out[:, rows], lse[:, rows]),
                          (o.transpose(1, 2).reshape(b * h, -1, o.shape[-1]), s_lse.transpose(1, 2).reshape(b * h, -1)))
-    keep = slice(offset - first * l, offset - first * l + lq)
-    return out.view(b, h, nq * l, -1)[..., keep, :dv], lse.view(b, h, nq * l)[..., keep]
+    return out.view(b, h, nq * l, -1)[..., real, :dv], lse.view(b, h, nq * l)[..., real]
+
+
+def _summary_offsets(q_rows, k, v, out, lse, *, first: int, block: int, summary: int, real: slice, scale: float,
+                     min_distance: int, skip_strides: tuple[int, ...]) -> None:
+    """The summary piece for a few query rows (a decode step, a short chunk) without copying the
+    summary keys: offset u of every block is one strided view of K and V, so the c offsets are c
+    views, a batch axis of one call (each row's query repeated by a stride-0 view) under one
+    [c, rows, blocks] mask, merged over the offsets by log-sum-exp and into (out, lse) in place."""
+    l, c = block, summary
+    i = torch.arange(real.start, real.stop, device=q_rows.device) + first * l  # the rows' positions
+    t = torch.arange(int(i[-1]) // l, device=q_rows.device)  # key blocks before the last row's
+    if not len(t):
+        return
+    j = t[None, None, :] * l + torch.arange(l - c, l, device=q_rows.device)[:, None, None]  # [c, 1, blocks]
+    at = i[None, :, None]
+    keep = (t < at // l) & (j <= at - min_distance) & off_strides(at - j, skip_strides)  # [c, rows, blocks]
+    kv, vv = (row_grid(_row_major(x), l - c, (c, 1), (len(t), l)) for x in (k, v))  # offset u: its keys
+    rows = q_rows[:, :, real].expand(-1, c, -1, -1)
+    if bool(keep.all()):
+        o, s_lse = _fused(rows, kv, vv, scale=scale, is_causal=False)
+    else:
+        o, s_lse = fused_masked(rows, kv, vv, keep[None], scale=scale)
+    total = torch.logsumexp(s_lse, dim=1)
+    safe = torch.where(torch.isinf(total), torch.zeros_like(total), total)
+    merged = (o.float() * torch.exp(s_lse - safe[:, None]).unsqueeze(-1)).sum(1)
+    merge_to(out[:, real], lse[:, real], (out[:, real], lse[:, real]), (merged, total))
 
 
 def _summary_per_block(q_rows, ks, vs, out, lse, blocks: range, *, first: int, block: int, summary: int,
