@@ -158,6 +158,8 @@ def _summary_offsets(q_rows, k, v, out, lse, *, first: int, block: int, summary:
     keep = (t < at // l) & (j <= at - min_distance) & off_strides(at - j, skip_strides)  # [c, rows, blocks]
     kv, vv = (row_grid(_row_major(x), l - c, (c, 1), (len(t), l)) for x in (k, v))  # offset u: its keys
     rows = q_rows[:, :, real].expand(-1, c, -1, -1)
+    if rows.device.type != "cpu":  # stride-0 views are untried on the CUDA kernels (as for GQA)
+        rows = rows.contiguous()
     if bool(keep.all()):
         o, s_lse = _fused(rows, kv, vv, scale=scale, is_causal=False)
     else:
