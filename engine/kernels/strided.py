@@ -1,9 +1,9 @@
 """Strided attention as s independent dense attentions, one per residue class.
 
 Positions with the same residue mod s attend only each other (causally; without causal, the
-whole class: `_every_class_key`). Viewing [L, D] as
-[L/s, s, D] and swapping the first two axes turns `strided(s)` into dense causal attention over
-s classes of length L/s, batched in each fused call: n^2/s work, with no copy of K or V (the
+whole class: `_every_class_key`). Viewing [L, D] as [L/s, s, D] and swapping the first two axes
+turns `strided(s)` into dense causal attention over s classes of length L/s, batched in each
+fused call: n^2/s work, with no copy of K or V (the
 view's strides go straight to the kernel; keys past the last whole class row are each seen only
 by the query at their own position, added apart), none of Q when s divides its rows' span, and
 none of the output (the kernel writes it in the query's memory order, the natural one). The
