@@ -1,17 +1,17 @@
 """Strided attention as s independent dense attentions, one per residue class.
 
-Positions with the same residue mod s attend only each other (causally; without causal, the
-whole class: `_every_class_key`). Viewing [L, D] as [L/s, s, D] and swapping the first two axes
-turns `strided(s)` into dense causal attention over s classes of length L/s, batched in each
-fused call: n^2/s work, with no copy of K or V (the
-view's strides go straight to the kernel; keys past the last whole class row are each seen only
-by the query at their own position, added apart), none of Q when s divides its rows' span, and
-none of the output (the kernel writes it in the query's memory order, the natural one). The
-class rows are cut into chunks, one call each, so that little of the causal square's empty half
-is computed and no chunk's mask outgrows the masked kernel's MASK_BUDGET (small strides at long
-lengths). A minimum distance m (for a union with a sliding window, whose keys it then skips)
-drops the first ceil(m/s) query class rows and shifts the mask's diagonal. Skipped strides (for a
-union with other strides, which count the keys at their multiples) mask those keys.
+Positions with the same residue mod s attend only each other (causally; without causal, the whole
+class: `_every_class_key`). Viewing [L, D] as [L/s, s, D] and swapping the first two axes turns
+`strided(s)` into dense causal attention over s classes of length L/s, batched in each fused call:
+n^2/s work, with no copy of K or V (the view's strides go straight to the kernel; keys past the
+last whole class row are each seen only by the query at their own position, added apart), none of Q
+when s divides its rows' span, and none of the output (the kernel writes it in the query's memory
+order, the natural one). The class rows are cut into chunks, one call each, so that little of the
+causal square's empty half is computed and no chunk's mask outgrows the masked kernel's MASK_BUDGET
+(small strides at long lengths). A minimum distance m (for a union with a sliding window, whose
+keys it then skips) drops the first ceil(m/s) query class rows and shifts the mask's diagonal.
+Skipped strides (for a union with other strides, which count the keys at their multiples) mask
+those keys.
 
 Fewer query rows than s (a decode step, a short chunk) leave most classes without a query: then
 each row, alone in its class, attends a view of its class's keys, and only those classes are read.
