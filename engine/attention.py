@@ -99,16 +99,25 @@ GQA_VIEW_ROW_FRACTION = 1 / 8
 
 def run_heads(q, k, v, pattern: PatternBase, *, causal: bool, scale: float):
     """Run each group of heads that shares a pattern on its plan (in runs, for large grouped-query
-    problems); the query heads find their key/value heads by H / Hkv."""
+    problems, unless the plan takes grouped key/value heads as they are); the query heads find
+    their key/value heads by H / Hkv."""
     b, h, lq, _ = q.shape
     lk, dv = k.shape[2], v.shape[3]
-    runs = [(single, run) for single, heads in head_groups(pattern, h) for run in _head_runs(heads, q, k)]
+    runs = []  # (plan, query heads, their key/value heads when the plan takes them unrepeated)
+    for single, heads in head_groups(pattern, h):
+        step = plan(single, lq, lk, causal)
+        kv = _grouped_range(heads, q, k) if step.grouped_kv_on_cpu and q.device.type == "cpu" else None
+        runs += [(step, heads, kv)] if kv is not None else [(step, run, None) for run in _head_runs(heads, q, k)]
     if len(runs) > 1:  # the runs' results are gathered here; a single run's are returned as they are
         out = torch.empty(b, h, lq, dv, dtype=torch.float32, device=q.device)
         lse = torch.empty(b, h, lq, dtype=torch.float32, device=q.device)
-    for single, heads in runs:
-        qs, ks, vs, idx = _heads_of(heads, q, k, v)
-        o, l = plan(single, lq, lk, causal)(qs, ks, vs, scale)
+    for step, heads, kv in runs:
+        if kv is not None:
+            idx = slice(heads[0], heads[-1] + 1)
+            qs, ks, vs = q[:, idx], k[:, kv], v[:, kv]
+        else:
+            qs, ks, vs, idx = _heads_of(heads, q, k, v)
+        o, l = step(qs, ks, vs, scale)
         if len(runs) == 1:
             return o, l
         out[:, idx], lse[:, idx] = o.float(), l
@@ -128,6 +137,15 @@ def _head_runs(heads: list[int], q: torch.Tensor, k: torch.Tensor) -> list[list[
     for head in heads:
         runs.setdefault(head // group, []).append(head)
     return list(runs.values())
+
+
+def _grouped_range(heads: list[int], q: torch.Tensor, k: torch.Tensor) -> slice | None:
+    """The key/value heads of these query heads when they are a range of whole groups (every
+    head, or per_head's usual groups), each key/value head with all its H / Hkv query heads."""
+    group = q.shape[1] // k.shape[1]
+    if heads[-1] - heads[0] != len(heads) - 1 or heads[0] % group or len(heads) % group:
+        return None
+    return slice(heads[0] // group, (heads[-1] + 1) // group)
 
 
 def _heads_of(heads: list[int], q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):

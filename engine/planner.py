@@ -41,11 +41,14 @@ def cpu_upcast_dtypes() -> frozenset[torch.dtype]:
 class Plan:
     """Named kernel steps whose partial results merge into the pattern's attention. On a CPU
     where half precision is slow, the plan computes in float32, except for the dtypes in
-    `native_on_cpu` (measured no slower natively than converted)."""
+    `native_on_cpu` (measured no slower natively than converted). `grouped_kv_on_cpu`: on the CPU
+    the steps take fewer key/value heads than query heads as they are (torch's CPU attention
+    kernel reads each key/value head for its H / Hkv query heads), instead of repeated ones."""
 
     backend: str
     steps: tuple[Callable[..., Partial], ...]
     native_on_cpu: tuple[torch.dtype, ...] = ()
+    grouped_kv_on_cpu: bool = False
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> Partial:
         if q.device.type == "cpu" and q.dtype in cpu_upcast_dtypes() and q.dtype not in self.native_on_cpu:
@@ -93,7 +96,8 @@ def plan(pattern: PatternBase, lq: int, lk: int, causal: bool) -> Plan:
     kernel picks its device's fused calls."""
     pattern = simplify(pattern, lk)
     if isinstance(pattern, Dense):
-        return Plan("sdpa", (partial(kernels.dense_attention, diagonal=(lk - lq) if causal else None),))
+        return Plan("sdpa", (partial(kernels.dense_attention, diagonal=(lk - lq) if causal else None),),
+                    grouped_kv_on_cpu=True)
     structured = _structured(pattern, causal)
     if structured is not None:
         return structured
