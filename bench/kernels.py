@@ -12,6 +12,7 @@ per shape (block mask + compile) is reported separately.
     python -m bench.kernels --n 4096 --patterns sliding_window --no-flex               # quick
     python -m bench.kernels --tiles                # band tile-size sweep (engine.kernels.band)
     python -m bench.kernels --decode               # a few query rows over long keys (decoding)
+    python -m bench.kernels --decode --heads 32 --decode-kv-heads 8 --dim 128   # grouped-query decoding
     python -m bench.kernels --non-causal --n 16384 --bf16-n 0 --scaling-n --memory-n 0 --first-call-n 0
 
 Columns: efficiency = speed-up over dense / (dense pairs / attended pairs), so 1.0 means
@@ -336,11 +337,14 @@ def bench_tiles(args, device: torch.device) -> list[dict]:
 def bench_decode(args, device: torch.device) -> list[dict]:
     """Lq query rows at the end of Lk keys (a decode step, a short chunk), per pattern: the engine
     against dense SDPA over every key and against the masked kernel (the fallback of a pattern
-    with no structured kernel) on the same rows."""
+    with no structured kernel) on the same rows; grouped-query with --decode-kv-heads (the masked
+    kernel, which takes equal head counts, on key/value heads repeated before the clock)."""
     patterns = {**{LABELS[name]: PATTERNS[name] for name in args.patterns}, **DECODE_EXTRA}
+    kv_heads, scale = args.decode_kv_heads or args.heads, args.dim ** -0.5
     rows = []
     for lk in args.decode_lk:
-        k, v = inputs(lk, args.heads, args.dim, torch.float32, device)[1:]
+        k, v = inputs(lk, kv_heads, args.dim, torch.float32, device)[1:]
+        k_rep, v_rep = (x.repeat_interleave(args.heads // kv_heads, dim=1) for x in (k, v))
         for lq in args.decode_lq:
             q = inputs(lq, args.heads, args.dim, torch.float32, device, seed=lq)[0]
             fns = {"dense": lambda q=q, k=k, v=v: attention(q, k, v, None)}
@@ -348,12 +352,12 @@ def bench_decode(args, device: torch.device) -> list[dict]:
                 pattern = parse_pattern(spec)
                 single = simplify(pattern, lk)
                 fns["engine", label] = lambda q=q, k=k, v=v, p=pattern: attention(q, k, v, p)
-                fns["masked", label] = (lambda q=q, k=k, v=v, p=single:
-                                        masked_attention(q, k, v, p, scale=0.125, causal=True))
+                fns["masked", label] = (lambda q=q, k=k_rep, v=v_rep, p=single:
+                                        masked_attention(q, k, v, p, scale=scale, causal=True))
             times = rounds(fns, device, args.repeats, args.slow, args.turn_s)
             best = {key: min(t[1:] or t) for key, t in times.items()}
             for label, spec in patterns.items():
-                row = {"pattern": label, "lq": lq, "lk": lk,
+                row = {"pattern": label, "lq": lq, "lk": lk, "heads": args.heads, "kv_heads": kv_heads,
                        "backend": backend_for(parse_pattern(spec), args.heads, lq, lk, True),
                        "dense_s": best["dense"], "engine_s": best["engine", label],
                        "masked_s": best["masked", label]}
@@ -423,6 +427,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--decode", action="store_true", help="only few query rows over long keys (--decode-lq, --decode-lk)")
     p.add_argument("--decode-lq", type=int, nargs="+", default=[1, 4, 16, 64])
     p.add_argument("--decode-lk", type=int, nargs="+", default=[16384, 65536])
+    p.add_argument("--decode-kv-heads", type=int, default=None, help="key/value heads of the decode rows (default: --heads)")
     p.add_argument("--out", type=Path, default=Path("bench/results/kernels.json"))
     p.add_argument("--plot", type=Path, default=None, help="PNG path (default: next to --out)")
     args = p.parse_args(argv)

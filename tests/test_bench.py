@@ -107,6 +107,15 @@ def test_service_bench_requests_are_answered_and_read_back():
     torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-6)
 
 
+def test_grouped_query_decode_rows(tmp_path):
+    out = tmp_path / "g.json"
+    bench_kernels.main(["--decode", "--decode-lq", "1", "--decode-lk", "300", "--heads", "4", "--decode-kv-heads", "2",
+                        "--dim", "16", "--repeats", "1", "--turn-s", "0.01", "--patterns", "strided", "--out", str(out)])
+    rows = json.loads(out.read_text())["decode"]
+    assert {(r["heads"], r["kv_heads"]) for r in rows} == {(4, 2)}
+    assert all(min(r["engine_s"], r["masked_s"], r["dense_s"]) > 0 for r in rows)
+
+
 def test_decode_benchmark_writes_each_kernels_time(tmp_path):
     out = tmp_path / "d.json"
     bench_kernels.main(["--decode", "--decode-lq", "1", "3", "--decode-lk", "700", "--heads", "2", "--repeats", "1",
