@@ -19,6 +19,7 @@ from typing import Callable
 import torch
 
 from . import kernels
+from .kernels.band import TILE_ROWS
 from .patterns import Dense, Fixed, PatternBase, SlidingWindow, Strided, Union
 
 Partial = tuple[torch.Tensor, torch.Tensor]
@@ -98,13 +99,13 @@ def plan(pattern: PatternBase, lq: int, lk: int, causal: bool) -> Plan:
     if isinstance(pattern, Dense):
         return Plan("sdpa", (partial(kernels.dense_attention, diagonal=(lk - lq) if causal else None),),
                     grouped_kv_on_cpu=True)
-    structured = _structured(pattern, causal)
+    structured = _structured(pattern, lq, causal)
     if structured is not None:
         return structured
     return Plan("masked", (partial(kernels.masked_attention, pattern=pattern, causal=causal),))
 
 
-def _structured(pattern: PatternBase, causal: bool) -> Plan | None:
+def _structured(pattern: PatternBase, lq: int, causal: bool) -> Plan | None:
     """The structured kernel of a Sparse Transformer pattern, for any query length (each handles
     a short run at the end of long keys too), or None. Without causality the same, the band
     reaching both ways, each stride class attending all of itself, each fixed block itself and
@@ -116,8 +117,9 @@ def _structured(pattern: PatternBase, causal: bool) -> Plan | None:
     if isinstance(pattern, Fixed):
         return Plan("fixed", (partial(kernels.fixed_attention, block=pattern.block, summary=pattern.summary,
                                       causal=causal),))
-    if isinstance(pattern, SlidingWindow):
-        return Plan("band", (partial(kernels.band_attention, window=pattern.window, causal=causal),))
+    if isinstance(pattern, SlidingWindow):  # a short run is one slice of the keys, grouped heads and all
+        return Plan("band", (partial(kernels.band_attention, window=pattern.window, causal=causal),),
+                    grouped_kv_on_cpu=lq <= TILE_ROWS)
     if isinstance(pattern, Union):
         return _structured_union(pattern, causal)
     return None

@@ -90,10 +90,14 @@ def band_pieces(
         tiles = (stop - row) // size
         width = size + w - 1 + after
         start = offset + row - w + 1  # first key of the first tile's window
-        qt = q[..., row : row + tiles * size, :].reshape(b * h, tiles, size, -1)
         mask = band_mask(size, w + after, q.dtype, q.device)
-        kt, vt = (row_grid(x, start, (tiles, size), (width, 1)) for x in (k, v))  # tile t: its window
-        o, l = _fused(qt, kt, vt, scale=scale, is_causal=False, mask=mask)
+        if tiles == 1:  # a short run: its window is a slice (grouped key/value heads as they are)
+            o, l = _fused(q[..., row : row + size, :], k[..., start : start + width, :],
+                          v[..., start : start + width, :], scale=scale, is_causal=False, mask=mask)
+        else:
+            qt = q[..., row : row + tiles * size, :].reshape(b * h, tiles, size, -1)
+            kt, vt = (row_grid(x, start, (tiles, size), (width, 1)) for x in (k, v))  # tile t: its window
+            o, l = _fused(qt, kt, vt, scale=scale, is_causal=False, mask=mask)
         pieces.append((row, o.reshape(b, h, tiles * size, -1)[..., :dv], l.reshape(b, h, tiles * size)))
         row += tiles * size
     if stop < lq:  # keys i - w + 1 .. Lk - 1: reversed, the first rows' problem (a dense diagonal)
