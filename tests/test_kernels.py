@@ -274,7 +274,7 @@ def test_fixed_skip_strides(lq, lk, block, summary, strides, min_distance, causa
 def test_fixed_summary_keys_in_place(monkeypatch, lq, lk, block, summary, min_distance, strides):
     """The causal summary keys read in place (the few-rows path) forced for many rows: its mask
     across blocks, distances and strides, rows of the first block with no summary key."""
-    monkeypatch.setattr("engine.kernels.fixed.OFFSET_ROWS", 1 << 20)
+    monkeypatch.setattr("engine.kernels.fixed.SHORT_RUN_ROWS", 1 << 20)
     q, k, v = _qkv(2, lq, lk)
     result = kernels.fixed_attention(q, k, v, block=block, summary=summary, scale=0.25, min_distance=min_distance,
                                      skip_strides=strides)

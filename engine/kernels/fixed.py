@@ -12,7 +12,8 @@ as [l, L/l] (position-in-block as the head axis, block index as the row), so tha
 shares S (a stride-0 view) and one small [rows, keys] block-causal mask; the blocks are cut into
 a few row ranges, each with the keys its last block needs, so the masked waste is about
 1/(2 ranges). For a few query rows (a decode step) S is not copied: offset u of every block is
-one strided view of K, so the c offsets are a batch axis of one call (`_summary_offsets`).
+one strided view of K, so the c offsets are a batch axis of one call (`_summary_offsets`); and
+(a) runs on the real rows alone, not on whole padded blocks.
 
 A minimum distance m (for a union with a sliding window of m, whose keys it then skips) shifts
 the own-block causal diagonal by m and keeps a row's summary keys at positions up to i - m. A
@@ -47,15 +48,19 @@ MIN_RANGES, MAX_RANGES, BLOCKS_PER_RANGE = 4, 16, 32
 # Fewest query rows worth a call of their own. The CPU's call per query block against the row
 # ranges (H = 8, D = 64, per-block / ranges time): l = 32 1.55, 1.38, 1.02 at n = 1024, 4096,
 # 16384; l = 64 0.88, 1.06, 0.93; l = 96 to 256 0.69-0.96. Smaller blocks that go per block (a
-# union's distance or strides, or a few query blocks) go this many rows per call: union(sliding 32, fixed(16, 2)) at
-# n = 4096, H = 8: 119 ms a block per call, 68 ms grouped (16384: 800 and 524 ms).
+# union's distance or strides, or a few query blocks) go this many rows per call:
+# union(sliding 32, fixed(16, 2)) at n = 4096, H = 8: 119 ms a block per call, 68 ms grouped
+# (16384: 800 and 524 ms).
 CALL_ROWS = 64
-# Query rows up to which the summary keys are read in place (`_summary_offsets`) rather than
-# copied once for all rows. H = 8, D = 64, copy / in-place time, one process, the two alternating:
-# at Lk 65536, Lq 1: fixed(128, 8) 1.81, union(sliding 256, fixed(128, 8)) 1.72, fixed(16, 2)
-# 1.10; Lq 16: 1.44, 1.20, 1.09; Lq 64: 0.98, 0.96, 0.90. At Lk 16384 (the copy stays in cache):
-# Lq 1: 1.00, 0.96, 1.43; Lq 16: 0.90, 0.98, 1.01.
-OFFSET_ROWS = 16
+# A short run of query rows (decoding, small chunks): up to this many rows read the summary keys
+# in place (`_summary_offsets`) rather than copying them once for all rows, and compute their own
+# block for the real rows alone rather than for whole padded blocks. Summary keys copied / in
+# place, H = 8, D = 64, one process, alternating: at Lk 65536, Lq 1: fixed(128, 8) 1.81,
+# union(sliding 256, fixed(128, 8)) 1.72, fixed(16, 2) 1.10; Lq 16: 1.44, 1.20, 1.09; Lq 64:
+# 0.98, 0.96, 0.90; at Lk 16384 (the copy stays in cache) Lq 1: 1.00, 0.96, 1.43; Lq 16: 0.90,
+# 0.98, 1.01. Own block whole / real rows, fixed(128, 8), Lq 1: 0.70 / 0.47 ms at Lk 16384, H = 8,
+# D = 64; 4.53 / 2.90 ms at Lk 1024, H = 32 over 8, D = 128 (ad-hoc loops, one run each).
+SHORT_RUN_ROWS = 16
 
 
 def summary_mask(b0: int, b1: int, c: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -98,14 +103,30 @@ def fixed_attention(
         x = x[..., first * l :, :]
         return (F.pad(x, (0, 0, 0, blocks * l - lk)) if blocks * l > lk else x).reshape(b * h, nq, l, -1)
 
-    if skip_strides:  # one [l, l] mask for every block: i - j is the offset within the block
-        delta = torch.arange(l, device=q.device)[:, None] - torch.arange(l, device=q.device)[None, :]
-        own_out, own_lse = fused_masked(qb, own_blocks(k), own_blocks(v), (delta >= min_distance)
-                                        & off_strides(delta, skip_strides), scale=scale)
+    # One [l, l] mask for every block (i - j is the offset within the block) where strides are skipped.
+    delta = torch.arange(l, device=q.device)[:, None] - torch.arange(l, device=q.device)[None, :]
+    own_keep = (delta >= min_distance) & off_strides(delta, skip_strides) if skip_strides else None
+    if lq <= SHORT_RUN_ROWS and lq < l:  # just the real rows, a call per block they touch (two at most)
+        out = torch.zeros(b * h, nq * l, d, dtype=torch.float32, device=q.device)
+        lse = torch.full((b * h, nq * l), NEG_INF, dtype=torch.float32, device=q.device)
+        for blk in range(first, blocks):
+            r0, r1 = max(blk * l, offset), min(blk * l + l, lk)  # the block's query positions
+            at, keys = r0 - blk * l, slice(blk * l, min(blk * l + l, lk))
+            rows = slice(r0 - first * l, r1 - first * l)
+            if own_keep is None:
+                o, s_lse = dense_attention(q[..., rows, :], k[..., keys, :], v[..., keys, :], scale=scale,
+                                           diagonal=at - min_distance)
+            else:
+                o, s_lse = fused_masked(q[..., rows, :], k[..., keys, :], v[..., keys, :],
+                                        own_keep[at : at + r1 - r0, : keys.stop - keys.start], scale=scale)
+            out[:, rows], lse[:, rows] = o.reshape(b * h, r1 - r0, d), s_lse.reshape(b * h, r1 - r0)
     else:
-        own_out, own_lse = dense_attention(qb, own_blocks(k), own_blocks(v), scale=scale, diagonal=-min_distance)
-    out = own_out.reshape(b * h, nq * l, -1).float()
-    lse = own_lse.reshape(b * h, nq * l).contiguous()
+        if own_keep is None:
+            own_out, own_lse = dense_attention(qb, own_blocks(k), own_blocks(v), scale=scale, diagonal=-min_distance)
+        else:
+            own_out, own_lse = fused_masked(qb, own_blocks(k), own_blocks(v), own_keep, scale=scale)
+        out = own_out.reshape(b * h, nq * l, -1).float()
+        lse = own_lse.reshape(b * h, nq * l).contiguous()
 
     # Summary keys of blocks 0 .. blocks-2 (whole blocks; the last block's summary is only its
     # own block's): a copy of c/l of them.
@@ -115,7 +136,7 @@ def fixed_attention(
 
     lo = max(first, 1)  # block 0 sees no summary key
     real = slice(offset - first * l, offset - first * l + lq)
-    if lo < blocks and lq <= OFFSET_ROWS and c * lq * ((lk - 1) // l) <= MASK_BUDGET:
+    if lo < blocks and lq <= SHORT_RUN_ROWS and c * lq * ((lk - 1) // l) <= MASK_BUDGET:
         _summary_offsets(q.reshape(b * h, 1, nq * l, d), k, v, out, lse, first=first, block=l, summary=c, real=real,
                          scale=scale, min_distance=min_distance, skip_strides=skip_strides)
     elif lo < blocks:
