@@ -102,7 +102,7 @@ def plan(pattern: PatternBase, lq: int, lk: int, causal: bool) -> Plan:
     structured = _structured(pattern, lq, causal)
     if structured is not None:
         return structured
-    return Plan("masked", (partial(kernels.masked_attention, pattern=pattern, causal=causal),))
+    return Plan("masked", (partial(kernels.masked_attention, pattern=pattern, causal=causal),), grouped_kv_on_cpu=True)
 
 
 def _structured(pattern: PatternBase, lq: int, causal: bool) -> Plan | None:

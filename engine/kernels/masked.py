@@ -35,7 +35,8 @@ def masked_attention(
     scale: float,
     causal: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Attention for `pattern` over [B, H, L, D] (equal heads), queries bottom-right aligned."""
+    """Attention for `pattern` over [B, H, L, D], queries bottom-right aligned; on the CPU K and V
+    may have fewer heads (H a multiple of theirs), which torch's CPU kernel reads as they are."""
     lq, lk, dv = q.shape[-2], k.shape[-2], v.shape[-1]
     offset = lk - lq
     out = q.new_empty(*q.shape[:-1], dv, dtype=torch.float32)
