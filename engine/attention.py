@@ -28,8 +28,10 @@ def shape_problem(q: Sequence[int], k: Sequence[int], v: Sequence[int]) -> tuple
     """The first way 4-D shapes of q, k, v break CONTRACT §2, as (the tensor, what is wrong), or
     None: the one rule for the engine's errors and the service's 422s."""
     (b, h, lq, d), (bk, hkv, lk, dk), (bv, hv, lv, _) = q, k, v
-    if bk != b or bv != b:
-        return ("k", f"batch {bk} must equal q's batch {b}") if bk != b else ("v", f"batch {bv} must equal q's batch {b}")
+    if bk != b:
+        return "k", f"batch {bk} must equal q's batch {b}"
+    if bv != b:
+        return "v", f"batch {bv} must equal q's batch {b}"
     if dk != d:
         return "k", f"head dim {dk} must equal q's head dim {d}"
     if hkv == 0 or h % hkv:

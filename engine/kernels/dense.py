@@ -52,8 +52,8 @@ def additive_mask(keep: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 def fused_masked(q, k, v, keep: torch.Tensor, *, scale: float):
     """One fused call where `keep`, a boolean [Lq, Lk] shared by every batch item and head (or
-    [1, H, Lq, Lk], one per head), says which keys each row attends; rows that keep none come back as zeros with lse -inf (whatever
-    the kernel makes of a row with no key)."""
+    [1, H, Lq, Lk], one per head), says which keys each row attends; rows that keep none come back
+    as zeros with lse -inf (whatever the kernel makes of a row with no key)."""
     out, lse = _fused(q, k, v, scale=scale, is_causal=False, mask=additive_mask(keep, q.dtype))
     none = ~keep.any(-1)
     if bool(none.any()):
