@@ -113,7 +113,7 @@ def _structured(pattern: PatternBase, lq: int, causal: bool) -> Plan | None:
     if isinstance(pattern, Strided):
         # bfloat16 strided: native 1.00-1.11x the float32 time, converted 1.09-1.15x (n = 16384, 4096, causal).
         return Plan("strided", (partial(kernels.strided_attention, stride=pattern.stride, causal=causal),),
-                    (torch.bfloat16,) if causal else ())
+                    (torch.bfloat16,) if causal else (), grouped_kv_on_cpu=causal and lq < pattern.stride)
     if isinstance(pattern, Fixed):
         return Plan("fixed", (partial(kernels.fixed_attention, block=pattern.block, summary=pattern.summary,
                                       causal=causal),))
@@ -121,15 +121,16 @@ def _structured(pattern: PatternBase, lq: int, causal: bool) -> Plan | None:
         return Plan("band", (partial(kernels.band_attention, window=pattern.window, causal=causal),),
                     grouped_kv_on_cpu=lq <= TILE_ROWS)
     if isinstance(pattern, Union):
-        return _structured_union(pattern, causal)
+        return _structured_union(pattern, lq, causal)
     return None
 
 
-def _structured_union(pattern: Union, causal: bool) -> Plan | None:
+def _structured_union(pattern: Union, lq: int, causal: bool) -> Plan | None:
     """A union of at most one window, any strides and at most one fixed as disjoint steps merged
     by log-sum-exp, each key counted once: the band takes the keys nearer than w, each stride the
     rest of its own less an earlier stride's multiples (`skip_strides`), fixed the rest of its own
-    (at distance >= w, off every stride), or None for any other union (two fixed members)."""
+    (at distance >= w, off every stride), or None for any other union (two fixed members). Without
+    fixed, a causal short run (fewer rows than every stride, and a band tile) takes grouped heads."""
     members: dict[type, list[PatternBase]] = {}
     for member in pattern.patterns:
         members.setdefault(type(member), []).append(member)
@@ -150,4 +151,5 @@ def _structured_union(pattern: Union, causal: bool) -> Plan | None:
         steps.append(partial(kernels.fixed_attention, block=fixed.block, summary=fixed.summary, causal=causal,
                              min_distance=window, skip_strides=strides))
     name = "+".join(kind for kind, present in (("band", window), ("strided", strides), ("fixed", fixed)) if present)
-    return Plan(name, tuple(steps))
+    short_run = causal and lq <= TILE_ROWS and all(lq < stride for stride in strides)
+    return Plan(name, tuple(steps), grouped_kv_on_cpu=short_run and not fixed)

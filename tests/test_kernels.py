@@ -231,6 +231,19 @@ def test_simplify_drops_what_another_member_covers(pattern, simplest):
     assert simplify(parse_pattern(pattern), 1000) == parse_pattern(simplest)
 
 
+@pytest.mark.parametrize("lq,lk", [(1, 1003), (5, 300), (37, 1000)])
+@pytest.mark.parametrize("stride,skip_strides", [(64, ()), (41, (3,)), (41, (2, 82))])
+def test_strided_short_runs_take_grouped_heads(lq, lk, stride, skip_strides):
+    """Fewer key/value heads than query heads, two batch items: each item's classes on the batch
+    axis, the heads on the head axis; against the reference on the heads repeated."""
+    g = torch.Generator().manual_seed(lq)
+    q = torch.randn(2, 6, lq, 16, generator=g)
+    k, v = (torch.randn(2, 2, lk, 16, generator=g) for _ in range(2))
+    result = kernels.strided_attention(q, k, v, stride=stride, scale=0.25, skip_strides=skip_strides)
+    k3, v3 = (x.repeat_interleave(3, dim=1) for x in (k, v))
+    _assert_matches_far(result, q, k3, v3, ST(stride), 0, skip_strides=skip_strides)
+
+
 @pytest.mark.parametrize("lq,lk", [(1, 1003), (1, 40), (5, 300), (40, 700), (37, 1000), (2, 2)])
 @pytest.mark.parametrize("stride,min_distance", [(64, 0), (64, 100), (41, 0), (41, 3)])
 def test_strided_short_runs(lq, lk, stride, min_distance):

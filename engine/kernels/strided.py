@@ -137,7 +137,9 @@ def _short_run_pieces(
     """`strided_pieces` for fewer query rows than the stride: each row is alone in its class, so
     the rows in one class row (at most two such runs) attend, one call per run, views of their
     own classes' keys up to ceil(m/s) class rows back: no class without a query, and no mask but
-    the one dropping skipped strides' keys, which every row of a run shares."""
+    the one dropping skipped strides' keys, which every row of a run shares. Fewer key/value heads
+    than query heads (on the CPU) are taken as they are: per batch item, the run's classes on the
+    batch axis and the heads on the head axis, which torch's CPU kernel maps by H / Hkv."""
     b, h, lq, d = q.shape
     lk, s = k.shape[-2], stride
     offset = lk - lq
@@ -150,16 +152,31 @@ def _short_run_pieces(
         run = min(lq - row, s - first_class)
         keys = class_row - back + 1  # key class rows 0 .. class_row - back
         if keys > 0:
-            qc = q[..., row : row + run, :].reshape(b * h, run, 1, d)
-            kc, vc = (row_grid(x, first_class, (run, 1), (keys, s)) for x in (k, v))  # class c: its keys
-            if skip_strides:
-                distance = (class_row - torch.arange(keys, device=q.device)[None, :]) * s
-                out, lse = fused_masked(qc, kc, vc, off_strides(distance, skip_strides), scale=scale)
+            distance = (class_row - torch.arange(keys, device=q.device)[None, :]) * s
+            keep = off_strides(distance, skip_strides) if skip_strides else None
+            if k.shape[1] == h:
+                qc = q[..., row : row + run, :].reshape(b * h, run, 1, d)
+                kc, vc = (row_grid(x, first_class, (run, 1), (keys, s)) for x in (k, v))  # class c: its keys
+                out, lse = _class_call(qc, kc, vc, keep, scale)
+                pieces.append((row, out.reshape(b, h, run, -1), lse.reshape(b, h, run)))
             else:
-                out, lse = _fused(qc, kc, vc, scale=scale, is_causal=False)
-            pieces.append((row, out.reshape(b, h, run, -1), lse.reshape(b, h, run)))
+                parts = []
+                for item in range(b):
+                    qc = q[item, :, row : row + run, :].transpose(0, 1).unsqueeze(2)  # [run, H, 1, D]
+                    kc, vc = (x[item].as_strided((run, x.shape[1], keys, x.shape[3]), (x.shape[3], x.stride(1),
+                              s * x.shape[3], 1), x[item].storage_offset() + first_class * x.shape[3]) for x in (k, v))
+                    out, lse = _class_call(qc, kc, vc, keep, scale)
+                    parts.append((out[:, :, 0].transpose(0, 1), lse[:, :, 0].transpose(0, 1)))
+                pieces.append((row, torch.stack([o for o, _ in parts]), torch.stack([l for _, l in parts])))
         row += run
     return pieces
+
+
+def _class_call(qc, kc, vc, keep: torch.Tensor | None, scale: float):
+    """One fused call of a short run's classes, under `keep` when strides are skipped."""
+    if keep is None:
+        return _fused(qc, kc, vc, scale=scale, is_causal=False)
+    return fused_masked(qc, kc, vc, keep, scale=scale)
 
 
 def strided_attention(
