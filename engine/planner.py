@@ -20,6 +20,7 @@ import torch
 
 from . import kernels
 from .kernels.band import TILE_ROWS
+from .kernels.fixed import SHORT_RUN_ROWS
 from .patterns import Dense, Fixed, PatternBase, SlidingWindow, Strided, Union
 
 Partial = tuple[torch.Tensor, torch.Tensor]
@@ -116,7 +117,7 @@ def _structured(pattern: PatternBase, lq: int, causal: bool) -> Plan | None:
                     (torch.bfloat16,) if causal else (), grouped_kv_on_cpu=causal and lq < pattern.stride)
     if isinstance(pattern, Fixed):
         return Plan("fixed", (partial(kernels.fixed_attention, block=pattern.block, summary=pattern.summary,
-                                      causal=causal),))
+                                      causal=causal),), grouped_kv_on_cpu=causal and _fixed_short_run(pattern, lq))
     if isinstance(pattern, SlidingWindow):  # a short run is one slice of the keys, grouped heads and all
         return Plan("band", (partial(kernels.band_attention, window=pattern.window, causal=causal),),
                     grouped_kv_on_cpu=lq <= TILE_ROWS)
@@ -129,8 +130,9 @@ def _structured_union(pattern: Union, lq: int, causal: bool) -> Plan | None:
     """A union of at most one window, any strides and at most one fixed as disjoint steps merged
     by log-sum-exp, each key counted once: the band takes the keys nearer than w, each stride the
     rest of its own less an earlier stride's multiples (`skip_strides`), fixed the rest of its own
-    (at distance >= w, off every stride), or None for any other union (two fixed members). Without
-    fixed, a causal short run (fewer rows than every stride, and a band tile) takes grouped heads."""
+    (at distance >= w, off every stride), or None for any other union (two fixed members). A causal
+    short run (fewer rows than every stride and a band tile, and a fixed short run) takes grouped
+    heads."""
     members: dict[type, list[PatternBase]] = {}
     for member in pattern.patterns:
         members.setdefault(type(member), []).append(member)
@@ -152,4 +154,9 @@ def _structured_union(pattern: Union, lq: int, causal: bool) -> Plan | None:
                              min_distance=window, skip_strides=strides))
     name = "+".join(kind for kind, present in (("band", window), ("strided", strides), ("fixed", fixed)) if present)
     short_run = causal and lq <= TILE_ROWS and all(lq < stride for stride in strides)
-    return Plan(name, tuple(steps), grouped_kv_on_cpu=short_run and not fixed)
+    return Plan(name, tuple(steps), grouped_kv_on_cpu=short_run and (not fixed or _fixed_short_run(fixed, lq)))
+
+
+def _fixed_short_run(fixed: Fixed, lq: int) -> bool:
+    """Whether fixed's causal kernel runs these rows as a short run, which takes grouped heads."""
+    return lq <= SHORT_RUN_ROWS and lq < fixed.block

@@ -244,6 +244,21 @@ def test_strided_short_runs_take_grouped_heads(lq, lk, stride, skip_strides):
     _assert_matches_far(result, q, k3, v3, ST(stride), 0, skip_strides=skip_strides)
 
 
+@pytest.mark.parametrize("lq,lk", [(1, 1003), (5, 300), (16, 700), (70, 700)])  # short runs; repeated past them
+@pytest.mark.parametrize("block,summary,min_distance,strides", [(64, 8, 0, ()), (32, 4, 20, (5,)), (10, 3, 0, (4, 6))])
+def test_fixed_takes_grouped_heads(lq, lk, block, summary, min_distance, strides):
+    """Fewer key/value heads than query heads, two batch items: a short run's own block on slices
+    and its summary keys per item (offsets on the batch axis, heads on the head axis); longer runs
+    repeat the key/value heads. Against the reference on the heads repeated."""
+    g = torch.Generator().manual_seed(lq)
+    q = torch.randn(2, 6, lq, 16, generator=g)
+    k, v = (torch.randn(2, 2, lk, 16, generator=g) for _ in range(2))
+    result = kernels.fixed_attention(q, k, v, block=block, summary=summary, scale=0.25, min_distance=min_distance,
+                                     skip_strides=strides)
+    k3, v3 = (x.repeat_interleave(3, dim=1) for x in (k, v))
+    _assert_matches_far(result, q, k3, v3, FX(block, summary), min_distance, skip_strides=strides)
+
+
 @pytest.mark.parametrize("lq,lk", [(1, 1003), (1, 40), (5, 300), (40, 700), (37, 1000), (2, 2)])
 @pytest.mark.parametrize("stride,min_distance", [(64, 0), (64, 100), (41, 0), (41, 3)])
 def test_strided_short_runs(lq, lk, stride, min_distance):

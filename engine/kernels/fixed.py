@@ -86,6 +86,9 @@ def fixed_attention(
         return _non_causal(q, k, v, block=block, summary=summary, scale=scale)
     b, h, lq, _ = q.shape
     lk, dv, l, c = k.shape[-2], v.shape[-1], block, summary
+    short_run = lq <= SHORT_RUN_ROWS and lq < l and c * lq * ((lk - 1) // l) <= MASK_BUDGET
+    if k.shape[1] != h and not short_run:  # grouped key/value heads outside a short run: repeated
+        k, v = (x.repeat_interleave(h // x.shape[1], dim=1) for x in (k, v))
     q, k, v = _same_head_dim(q, k, v)
     d = q.shape[-1]
     offset = lk - lq
@@ -137,8 +140,8 @@ def fixed_attention(
     lo = max(first, 1)  # block 0 sees no summary key
     real = slice(offset - first * l, offset - first * l + lq)
     if lo < blocks and lq <= SHORT_RUN_ROWS and c * lq * ((lk - 1) // l) <= MASK_BUDGET:
-        _summary_offsets(q.reshape(b * h, 1, nq * l, d), k, v, out, lse, first=first, block=l, summary=c, real=real,
-                         scale=scale, min_distance=min_distance, skip_strides=skip_strides)
+        _summary_offsets(q, k, v, out, lse, first=first, block=l, summary=c, real=real, scale=scale,
+                         min_distance=min_distance, skip_strides=skip_strides)
     elif lo < blocks:
         ks, vs = gathered(k), gathered(v)
         cpu = q.device.type == "cpu"
@@ -163,32 +166,52 @@ def fixed_attention(
     return out.view(b, h, nq * l, -1)[..., real, :dv], lse.view(b, h, nq * l)[..., real]
 
 
-def _summary_offsets(q_rows, k, v, out, lse, *, first: int, block: int, summary: int, real: slice, scale: float,
+def _summary_offsets(q, k, v, out, lse, *, first: int, block: int, summary: int, real: slice, scale: float,
                      min_distance: int, skip_strides: tuple[int, ...]) -> None:
     """The summary piece for a few query rows (a decode step, a short chunk) without copying the
     summary keys: offset u of every block is one strided view of K and V, so the c offsets are c
-    views, a batch axis of one call (each row's query repeated by a stride-0 view) under one
-    [c, rows, blocks] mask, merged over the offsets by log-sum-exp and into (out, lse) in place."""
+    views, the head axis of one call (each row's query repeated by a stride-0 view) under one
+    [c, rows, blocks] mask, merged over the offsets by log-sum-exp and into (out, lse) in place.
+    Fewer key/value heads than query heads (on the CPU) are taken as they are: per batch item,
+    the offsets on the batch axis and the heads on the head axis, which torch's CPU kernel maps by
+    H / Hkv."""
     l, c = block, summary
-    i = torch.arange(real.start, real.stop, device=q_rows.device) + first * l  # the rows' positions
-    t = torch.arange(int(i[-1]) // l, device=q_rows.device)  # key blocks before the last row's
+    b, h, _, d = q.shape
+    i = torch.arange(real.start, real.stop, device=q.device) + first * l  # the rows' positions
+    t = torch.arange(int(i[-1]) // l, device=q.device)  # key blocks before the last row's
     if not len(t):
         return
-    j = t[None, None, :] * l + torch.arange(l - c, l, device=q_rows.device)[:, None, None]  # [c, 1, blocks]
+    j = t[None, None, :] * l + torch.arange(l - c, l, device=q.device)[:, None, None]  # [c, 1, blocks]
     at = i[None, :, None]
     keep = (t < at // l) & (j <= at - min_distance) & off_strides(at - j, skip_strides)  # [c, rows, blocks]
-    kv, vv = (row_grid(_row_major(x), l - c, (c, 1), (len(t), l)) for x in (k, v))  # offset u: its keys
-    rows = q_rows[:, :, real].expand(-1, c, -1, -1)
-    if rows.device.type != "cpu":  # stride-0 views are untried on the CUDA kernels (as for GQA)
-        rows = rows.contiguous()
+    k, v = _row_major(k), _row_major(v)
+    if k.shape[1] == h:
+        kv, vv = (row_grid(x, l - c, (c, 1), (len(t), l)) for x in (k, v))  # offset u: its keys
+        rows = q.reshape(b * h, 1, -1, d)[:, :, real].expand(-1, c, -1, -1)
+        if rows.device.type != "cpu":  # stride-0 views are untried on the CUDA kernels (as for GQA)
+            rows = rows.contiguous()
+        merged, total = _over_offsets(rows, kv, vv, keep[None], scale, dim=1)
+    else:
+        parts = []
+        for item in range(b):
+            kv, vv = (x[item].as_strided((c, x.shape[1], len(t), x.shape[3]), (x.shape[3], x.stride(1), l * x.shape[3],
+                      1), x[item].storage_offset() + (l - c) * x.shape[3]) for x in (k, v))
+            parts.append(_over_offsets(q[item, :, real].expand(c, -1, -1, -1), kv, vv, keep[:, None], scale, dim=0))
+        merged = torch.stack([o for o, _ in parts]).reshape(b * h, -1, parts[0][0].shape[-1])
+        total = torch.stack([s for _, s in parts]).reshape(b * h, -1)
+    merge_to(out[:, real], lse[:, real], (out[:, real], lse[:, real]), (merged, total))
+
+
+def _over_offsets(rows, kv, vv, keep: torch.Tensor, scale: float, dim: int):
+    """One call over the summary offsets along `dim` (under `keep` unless it keeps every key),
+    merged over them by log-sum-exp: (out float32, lse) without that axis."""
     if bool(keep.all()):
         o, s_lse = _fused(rows, kv, vv, scale=scale, is_causal=False)
     else:
-        o, s_lse = fused_masked(rows, kv, vv, keep[None], scale=scale)
-    total = torch.logsumexp(s_lse, dim=1)
+        o, s_lse = fused_masked(rows, kv, vv, keep, scale=scale)
+    total = torch.logsumexp(s_lse, dim=dim)
     safe = torch.where(torch.isinf(total), torch.zeros_like(total), total)
-    merged = (o.float() * torch.exp(s_lse - safe[:, None]).unsqueeze(-1)).sum(1)
-    merge_to(out[:, real], lse[:, real], (out[:, real], lse[:, real]), (merged, total))
+    return (o.float() * torch.exp(s_lse - safe.unsqueeze(dim)).unsqueeze(-1)).sum(dim), total
 
 
 def _summary_per_block(q_rows, ks, vs, out, lse, blocks: range, *, first: int, block: int, summary: int,
