@@ -20,7 +20,7 @@ import torch
 
 from . import kernels
 from .kernels.band import TILE_ROWS
-from .kernels.fixed import SHORT_RUN_ROWS
+from .kernels.fixed import short_run
 from .patterns import Dense, Fixed, PatternBase, SlidingWindow, Strided, Union
 
 Partial = tuple[torch.Tensor, torch.Tensor]
@@ -100,13 +100,13 @@ def plan(pattern: PatternBase, lq: int, lk: int, causal: bool) -> Plan:
     if isinstance(pattern, Dense):
         return Plan("sdpa", (partial(kernels.dense_attention, diagonal=(lk - lq) if causal else None),),
                     grouped_kv_on_cpu=True)
-    structured = _structured(pattern, lq, causal)
+    structured = _structured(pattern, lq, lk, causal)
     if structured is not None:
         return structured
     return Plan("masked", (partial(kernels.masked_attention, pattern=pattern, causal=causal),), grouped_kv_on_cpu=True)
 
 
-def _structured(pattern: PatternBase, lq: int, causal: bool) -> Plan | None:
+def _structured(pattern: PatternBase, lq: int, lk: int, causal: bool) -> Plan | None:
     """The structured kernel of a Sparse Transformer pattern, for any query length (each handles
     a short run at the end of long keys too), or None. Without causality the same, the band
     reaching both ways, each stride class attending all of itself, each fixed block itself and
@@ -117,16 +117,17 @@ def _structured(pattern: PatternBase, lq: int, causal: bool) -> Plan | None:
                     (torch.bfloat16,) if causal else (), grouped_kv_on_cpu=causal and lq < pattern.stride)
     if isinstance(pattern, Fixed):
         return Plan("fixed", (partial(kernels.fixed_attention, block=pattern.block, summary=pattern.summary,
-                                      causal=causal),), grouped_kv_on_cpu=causal and _fixed_short_run(pattern, lq))
+                                      causal=causal),),
+                    grouped_kv_on_cpu=causal and short_run(lq, lk, pattern.block, pattern.summary))
     if isinstance(pattern, SlidingWindow):  # a short run is one slice of the keys, grouped heads and all
         return Plan("band", (partial(kernels.band_attention, window=pattern.window, causal=causal),),
                     grouped_kv_on_cpu=lq <= TILE_ROWS)
     if isinstance(pattern, Union):
-        return _structured_union(pattern, lq, causal)
+        return _structured_union(pattern, lq, lk, causal)
     return None
 
 
-def _structured_union(pattern: Union, lq: int, causal: bool) -> Plan | None:
+def _structured_union(pattern: Union, lq: int, lk: int, causal: bool) -> Plan | None:
     """A union of at most one window, any strides and at most one fixed as disjoint steps merged
     by log-sum-exp, each key counted once: the band takes the keys nearer than w, each stride the
     rest of its own less an earlier stride's multiples (`skip_strides`), fixed the rest of its own
@@ -153,10 +154,6 @@ def _structured_union(pattern: Union, lq: int, causal: bool) -> Plan | None:
         steps.append(partial(kernels.fixed_attention, block=fixed.block, summary=fixed.summary, causal=causal,
                              min_distance=window, skip_strides=strides))
     name = "+".join(kind for kind, present in (("band", window), ("strided", strides), ("fixed", fixed)) if present)
-    short_run = causal and lq <= TILE_ROWS and all(lq < stride for stride in strides)
-    return Plan(name, tuple(steps), grouped_kv_on_cpu=short_run and (not fixed or _fixed_short_run(fixed, lq)))
-
-
-def _fixed_short_run(fixed: Fixed, lq: int) -> bool:
-    """Whether fixed's causal kernel runs these rows as a short run, which takes grouped heads."""
-    return lq <= SHORT_RUN_ROWS and lq < fixed.block
+    short = causal and lq <= TILE_ROWS and all(lq < stride for stride in strides)
+    short = short and (not fixed or short_run(lq, lk, fixed.block, fixed.summary))
+    return Plan(name, tuple(steps), grouped_kv_on_cpu=short)

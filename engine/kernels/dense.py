@@ -50,10 +50,12 @@ def additive_mask(keep: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return torch.zeros(keep.shape, dtype=dtype, device=keep.device).masked_fill_(~keep, NEG_INF)
 
 
-def fused_masked(q, k, v, keep: torch.Tensor, *, scale: float):
-    """One fused call where `keep`, a boolean [Lq, Lk] shared by every batch item and head (or
-    [1, H, Lq, Lk], one per head), says which keys each row attends; rows that keep none come back
-    as zeros with lse -inf (whatever the kernel makes of a row with no key)."""
+def fused_masked(q, k, v, keep: torch.Tensor | None, *, scale: float):
+    """One fused call where `keep`, a boolean [Lq, Lk] shared by every batch item and head (or one
+    that broadcasts to [B, H, Lq, Lk]), says which keys each row attends (None: every key); rows
+    that keep none come back as zeros with lse -inf (whatever the kernel makes of a row with no key)."""
+    if keep is None:
+        return _fused(q, k, v, scale=scale, is_causal=False)
     out, lse = _fused(q, k, v, scale=scale, is_causal=False, mask=additive_mask(keep, q.dtype))
     none = ~keep.any(-1)
     if bool(none.any()):

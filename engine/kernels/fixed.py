@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from ..patterns.fixed import summary_columns, summary_keys_below
-from .band import _row_major, row_grid
+from .band import _row_major, head_grid, row_grid
 from .dense import NEG_INF, _fused, _same_head_dim, additive_mask, dense_attention, fused_masked
 from .merge import merge_partials, merge_to
 from .masked import MASK_BUDGET
@@ -63,6 +63,11 @@ CALL_ROWS = 64
 SHORT_RUN_ROWS = 16
 
 
+def short_run(lq: int, lk: int, block: int, summary: int) -> bool:
+    """Whether causal fixed takes these query rows as a short run (its summary mask within budget)."""
+    return lq <= SHORT_RUN_ROWS and lq < block and summary * lq * ((lk - 1) // block) <= MASK_BUDGET
+
+
 def summary_mask(b0: int, b1: int, c: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """[b1 - b0, (b1 - 1) * c] additive mask: block b keeps summary keys of blocks < b."""
     blocks = torch.arange(b0, b1, device=device)[:, None]
@@ -86,8 +91,8 @@ def fixed_attention(
         return _non_causal(q, k, v, block=block, summary=summary, scale=scale)
     b, h, lq, _ = q.shape
     lk, dv, l, c = k.shape[-2], v.shape[-1], block, summary
-    short_run = lq <= SHORT_RUN_ROWS and lq < l and c * lq * ((lk - 1) // l) <= MASK_BUDGET
-    if k.shape[1] != h and not short_run:  # grouped key/value heads outside a short run: repeated
+    short = short_run(lq, lk, l, c)
+    if k.shape[1] != h and not short:  # grouped key/value heads outside a short run: repeated
         k, v = (x.repeat_interleave(h // x.shape[1], dim=1) for x in (k, v))
     q, k, v = _same_head_dim(q, k, v)
     d = q.shape[-1]
@@ -109,7 +114,7 @@ def fixed_attention(
     # One [l, l] mask for every block (i - j is the offset within the block) where strides are skipped.
     delta = torch.arange(l, device=q.device)[:, None] - torch.arange(l, device=q.device)[None, :]
     own_keep = (delta >= min_distance) & off_strides(delta, skip_strides) if skip_strides else None
-    if lq <= SHORT_RUN_ROWS and lq < l:  # just the real rows, a call per block they touch (two at most)
+    if short:  # just the real rows, a call per block they touch (two at most)
         out = torch.zeros(b * h, nq * l, d, dtype=torch.float32, device=q.device)
         lse = torch.full((b * h, nq * l), NEG_INF, dtype=torch.float32, device=q.device)
         for blk in range(first, blocks):
@@ -139,7 +144,7 @@ def fixed_attention(
 
     lo = max(first, 1)  # block 0 sees no summary key
     real = slice(offset - first * l, offset - first * l + lq)
-    if lo < blocks and lq <= SHORT_RUN_ROWS and c * lq * ((lk - 1) // l) <= MASK_BUDGET:
+    if lo < blocks and short:
         _summary_offsets(q, k, v, out, lse, first=first, block=l, summary=c, real=real, scale=scale,
                          min_distance=min_distance, skip_strides=skip_strides)
     elif lo < blocks:
@@ -194,8 +199,7 @@ def _summary_offsets(q, k, v, out, lse, *, first: int, block: int, summary: int,
     else:
         parts = []
         for item in range(b):
-            kv, vv = (x[item].as_strided((c, x.shape[1], len(t), x.shape[3]), (x.shape[3], x.stride(1), l * x.shape[3],
-                      1), x[item].storage_offset() + (l - c) * x.shape[3]) for x in (k, v))
+            kv, vv = (head_grid(x, item, l - c, (c, 1), (len(t), l)) for x in (k, v))
             parts.append(_over_offsets(q[item, :, real].expand(c, -1, -1, -1), kv, vv, keep[:, None], scale, dim=0))
         merged = torch.stack([o for o, _ in parts]).reshape(b * h, -1, parts[0][0].shape[-1])
         total = torch.stack([s for _, s in parts]).reshape(b * h, -1)
@@ -205,10 +209,7 @@ def _summary_offsets(q, k, v, out, lse, *, first: int, block: int, summary: int,
 def _over_offsets(rows, kv, vv, keep: torch.Tensor, scale: float, dim: int):
     """One call over the summary offsets along `dim` (under `keep` unless it keeps every key),
     merged over them by log-sum-exp: (out float32, lse) without that axis."""
-    if bool(keep.all()):
-        o, s_lse = _fused(rows, kv, vv, scale=scale, is_causal=False)
-    else:
-        o, s_lse = fused_masked(rows, kv, vv, keep, scale=scale)
+    o, s_lse = fused_masked(rows, kv, vv, None if bool(keep.all()) else keep, scale=scale)
     total = torch.logsumexp(s_lse, dim=dim)
     safe = torch.where(torch.isinf(total), torch.zeros_like(total), total)
     return (o.float() * torch.exp(s_lse - safe.unsqueeze(dim)).unsqueeze(-1)).sum(dim), total

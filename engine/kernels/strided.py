@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .band import _row_major, row_grid
+from .band import _row_major, head_grid, row_grid
 from .dense import NEG_INF, _fused, empty_partial, fused_masked
 from .masked import MASK_BUDGET
 from .merge import join_rows, merge_partials, merge_to
@@ -157,26 +157,18 @@ def _short_run_pieces(
             if k.shape[1] == h:
                 qc = q[..., row : row + run, :].reshape(b * h, run, 1, d)
                 kc, vc = (row_grid(x, first_class, (run, 1), (keys, s)) for x in (k, v))  # class c: its keys
-                out, lse = _class_call(qc, kc, vc, keep, scale)
+                out, lse = fused_masked(qc, kc, vc, keep, scale=scale)
                 pieces.append((row, out.reshape(b, h, run, -1), lse.reshape(b, h, run)))
             else:
                 parts = []
                 for item in range(b):
                     qc = q[item, :, row : row + run, :].transpose(0, 1).unsqueeze(2)  # [run, H, 1, D]
-                    kc, vc = (x[item].as_strided((run, x.shape[1], keys, x.shape[3]), (x.shape[3], x.stride(1),
-                              s * x.shape[3], 1), x[item].storage_offset() + first_class * x.shape[3]) for x in (k, v))
-                    out, lse = _class_call(qc, kc, vc, keep, scale)
+                    kc, vc = (head_grid(x, item, first_class, (run, 1), (keys, s)) for x in (k, v))
+                    out, lse = fused_masked(qc, kc, vc, keep, scale=scale)
                     parts.append((out[:, :, 0].transpose(0, 1), lse[:, :, 0].transpose(0, 1)))
                 pieces.append((row, torch.stack([o for o, _ in parts]), torch.stack([l for _, l in parts])))
         row += run
     return pieces
-
-
-def _class_call(qc, kc, vc, keep: torch.Tensor | None, scale: float):
-    """One fused call of a short run's classes, under `keep` when strides are skipped."""
-    if keep is None:
-        return _fused(qc, kc, vc, scale=scale, is_causal=False)
-    return fused_masked(qc, kc, vc, keep, scale=scale)
 
 
 def strided_attention(
