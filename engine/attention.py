@@ -8,6 +8,7 @@ from collections.abc import Sequence
 
 import torch
 
+from .kernels.dense import empty_partial
 from .patterns import PatternBase, head_groups, parse_pattern
 from .planner import plan
 
@@ -40,6 +41,8 @@ def shape_problem(q: Sequence[int], k: Sequence[int], v: Sequence[int]) -> tuple
         return "v", f"heads and length {[hv, lv]} must equal k's {[hkv, lk]}"
     if lq > lk:
         return "q", f"query length {lq} exceeds key length {lk}"
+    if d == 0:
+        return "q", "head dim 0: q and k need at least one feature"
     return None
 
 
@@ -74,11 +77,29 @@ def attention(
     check_shapes(q, k, v)
     pattern = parse_pattern(pattern)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    out, lse = run_heads(q, k, v, pattern, causal=causal, scale=scale)
+    q, scale = positive_scale(q, scale)
+    if math.prod(q.shape[:3]):
+        out, lse = run_heads(q, k, v, pattern, causal=causal, scale=scale)
+    else:  # no query row (B, H or Lq is 0): nothing to compute, and the kernels assume rows
+        out, lse = empty_partial(q, v.shape[3])
     out = out.to(q.dtype)
     if squeeze:
         out, lse = out.squeeze(0), lse.squeeze(0)
     return (out, lse) if return_lse else out
+
+
+def positive_scale(q: torch.Tensor, scale: float) -> tuple[torch.Tensor, float]:
+    """(q, scale) giving the same scores with a scale that is positive in float32. torch's fused
+    kernels mask scores before scaling them, so zero or a negative scale turns a masked key into
+    NaN or +inf: a negative scale negates q instead (exact), and one that is zero in float32 makes
+    every score zero (attention uniform over the allowed keys)."""
+    if not math.isfinite(scale):
+        raise ValueError(f"scale: must be finite, got {scale}")
+    if scale < 0:
+        q, scale = -q, -scale
+    if torch.tensor(scale, dtype=torch.float32).item() == 0:
+        return torch.zeros_like(q), 1.0
+    return q, scale
 
 
 @functools.lru_cache(maxsize=4096)

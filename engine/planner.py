@@ -76,7 +76,8 @@ def simplify(pattern: PatternBase, lk: int) -> PatternBase:
             if leaf not in members:
                 members.append(leaf)
         members = [m for m in members if not any(_covers(other, m) for other in members if other != m)]
-        return members[0] if len(members) == 1 else Union(patterns=tuple(members))
+        # Flattened, a valid union may hold more members than a union may list (up to MAX_LEAVES).
+        return members[0] if len(members) == 1 else Union.model_construct(patterns=tuple(members))
     return pattern
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import math
 
 import pytest
 import torch
@@ -38,6 +39,9 @@ PATTERNS = {
     "union_strides_fixed": {"type": "union", "patterns": [ST(4), FX(9, 2), ST(6)]},  # strides sharing a factor
     "union_two_fixed": {"type": "union", "patterns": [SW(3), FX(9, 2), FX(6, 1)]},  # no structured kernel
     "union_nested": {"type": "union", "patterns": [{"type": "union", "patterns": [SW(4), SW(9)]}, ST(11)]},
+    "union_nested_wide": {"type": "union", "patterns": [  # 9 leaves, more than one union lists
+        {"type": "union", "patterns": [SW(3), ST(5), ST(7), ST(9), ST(11)]},
+        {"type": "union", "patterns": [ST(13), ST(17), ST(19), FX(9, 2)]}]},
     "union_covered": {"type": "union", "patterns": [ST(8), SW(1), ST(4), FX(10, 10)]},  # -> dense
     "union_strides": {"type": "union", "patterns": [ST(6), SW(1), ST(4), ST(12)]},  # -> strided 6 or 4
     "per_head": {"type": "per_head", "patterns": [SW(12), ST(5)]},
@@ -106,6 +110,41 @@ def test_custom_scale():
     out = attention(q, k, v, ST(3), scale=0.7)
     ref_out, _ = reference_attention(q, k, v, ST(3), scale=0.7)
     torch.testing.assert_close(out.double(), ref_out, atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize("scale", [0.0, -0.0, -0.7, -3.0, 5e-324, -5e-324, 1e-40])
+@pytest.mark.parametrize("pattern", ["dense", "sliding", "strided", "fixed", "union_three", "union_two_fixed"])
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "noncausal"])
+def test_zero_negative_and_underflowing_scales(pattern, scale, causal):
+    """torch's fused kernels scale scores after masking them (a masked key times 0 is NaN, times a
+    negative scale +inf); the engine hands them a positive scale with the same scores."""
+    q, k, v = torch.randn(2, 4, 23, 8), torch.randn(2, 2, 37, 8), torch.randn(2, 2, 37, 8)
+    out, lse = attention(q, k, v, PATTERNS[pattern], causal=causal, scale=scale, return_lse=True)
+    ref_out, ref_lse = reference_attention(q, k, v, PATTERNS[pattern], causal=causal, scale=scale)
+    torch.testing.assert_close(out.double(), ref_out, atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(lse.double(), ref_lse, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("pattern", ["dense", "sliding", "strided", "fixed", "union_three"])
+@pytest.mark.parametrize("q_shape, kv_shape", [((1, 2, 0, 8), (1, 2, 9, 8)), ((0, 2, 3, 8), (0, 1, 9, 8)),
+                                               ((1, 0, 3, 8), (1, 2, 9, 8)), ((1, 2, 0, 8), (1, 2, 0, 8))])
+def test_no_query_rows_give_empty_results(pattern, q_shape, kv_shape):
+    out, lse = attention(torch.randn(q_shape), torch.randn(kv_shape), torch.randn(kv_shape), PATTERNS[pattern],
+                         return_lse=True)
+    assert out.shape == q_shape and lse.shape == q_shape[:3] and lse.dtype == torch.float32
+
+
+def test_head_dim_zero_is_refused():
+    q = torch.randn(1, 1, 4, 0)
+    with pytest.raises(ValueError, match="^q: head dim 0"):
+        attention(q, q, torch.randn(1, 1, 4, 8))
+
+
+@pytest.mark.parametrize("scale", [math.nan, math.inf, -math.inf])
+def test_non_finite_scale_is_refused(scale):
+    q = torch.randn(1, 1, 4, 8)
+    with pytest.raises(ValueError, match="scale: must be finite"):
+        attention(q, q, q, scale=scale)
 
 
 @pytest.mark.parametrize("shape", ["gqa_dv", "mqa", "lq_much_lt_lk", "decode_gqa", "decode_mqa"])

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from pydantic import ValidationError
 
-from engine.patterns import attended_pairs, attended_pairs_bound, parse_pattern
+from engine.patterns import MAX_LEAVES, attended_pairs, attended_pairs_bound, parse_pattern
 from reference import mask
 
 SW = lambda w: {"type": "sliding_window", "window": w}  # noqa: E731
@@ -57,6 +56,7 @@ def test_attended_pairs_scale_to_long_sequences_without_a_mask():
         (FX(4, 0), "summary"),
         ({"type": "union", "patterns": []}, "patterns"),
         ({"type": "union", "patterns": [SW(1)] * 9}, "patterns"),
+        ({"type": "union", "patterns": [SW(1), {"type": "union", "patterns": [ST(0)]}]}, "patterns[1].patterns[0].stride"),
         ({"type": "per_head", "patterns": []}, "patterns"),
         ({"type": "circle"}, "type"),
         ({"window": 4}, "type"),
@@ -65,10 +65,23 @@ def test_attended_pairs_scale_to_long_sequences_without_a_mask():
     ],
 )
 def test_invalid_patterns_name_the_field(pattern, field):
-    with pytest.raises(ValidationError) as err:
+    """A ValueError that starts with the field's JSON path, without pydantic's type names."""
+    with pytest.raises(ValueError) as err:
         parse_pattern(pattern)
     text = str(err.value)
-    assert field in text, text
+    assert text.startswith(f"pattern.{field}: ") or text.startswith("pattern: ") and field == "type", text
+    assert "tagged-union" not in text and "sliding_window.window" not in text, text
+
+
+def test_nested_unions_may_hold_up_to_max_leaves_in_all():
+    """Each union lists at most MAX_MEMBERS, nested ones flattened at most MAX_LEAVES."""
+    eight = lambda first: {"type": "union", "patterns": [ST(first + n) for n in range(8)]}  # noqa: E731
+    full = {"type": "union", "patterns": [eight(2 + 8 * n) for n in range(8)]}
+    assert parse_pattern(full).leaf_count() == MAX_LEAVES == 64
+    per_head = {"type": "per_head", "patterns": [full, SW(3)]}  # a head's pattern, not the sum over heads
+    assert parse_pattern({"type": "union", "patterns": [per_head]}).leaf_count() == 64
+    with pytest.raises(ValueError, match=r"^pattern: patterns hold 65 patterns once nested unions are flattened"):
+        parse_pattern({"type": "union", "patterns": [full, SW(3)]})
 
 
 def test_per_head_length_must_divide_heads():
@@ -82,7 +95,7 @@ def test_nesting_depth_is_bounded():
     deep: dict = SW(2)
     for _ in range(20):
         deep = {"type": "union", "patterns": [deep]}
-    with pytest.raises(ValidationError, match="nest"):
+    with pytest.raises(ValueError, match="nest"):
         parse_pattern(deep)
 
 

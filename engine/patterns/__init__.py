@@ -6,11 +6,12 @@ schema use; `parse_pattern` accepts the contract's JSON-like dict, a pattern obj
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from functools import lru_cache
 from typing import Annotated, Any
 
 import torch
-from pydantic import Field, TypeAdapter
+from pydantic import Field, TypeAdapter, ValidationError
 
 from .base import PatternBase
 from .dense import Dense
@@ -18,7 +19,7 @@ from .fixed import Fixed
 from .per_head import MAX_HEAD_PATTERNS, PerHead
 from .sliding_window import SlidingWindow
 from .strided import Strided
-from .union import MAX_DEPTH, MAX_MEMBERS, Union
+from .union import MAX_DEPTH, MAX_LEAVES, MAX_MEMBERS, Union
 
 Pattern = Annotated[
     Dense | SlidingWindow | Strided | Fixed | Union | PerHead,
@@ -44,7 +45,8 @@ PATTERN_CATALOG: list[dict[str, Any]] = [
     },
     {
         "type": "union",
-        "parameters": {"patterns": f"list of 1..{MAX_MEMBERS} patterns"},
+        "parameters": {"patterns": f"list of 1..{MAX_MEMBERS} patterns (at most {MAX_LEAVES} once nested unions "
+                                   "are flattened)"},
         "rule": "any member allows it",
     },
     {
@@ -55,15 +57,40 @@ PATTERN_CATALOG: list[dict[str, Any]] = [
 ]
 
 
+PATTERN_TYPES = frozenset(entry["type"] for entry in PATTERN_CATALOG)
+
+
+def error_field(loc: Iterable[str | int]) -> str:
+    """'pattern.patterns[0].stride' from a pydantic error's location: indices in brackets, and the
+    tags its tagged union adds (`union`, `strided`, ...) left out, as no JSON path has them."""
+    path = ""
+    for part in loc:
+        if isinstance(part, int):
+            path += f"[{part}]"
+        elif part not in PATTERN_TYPES:
+            path += f".{part}" if path else part
+    return path
+
+
+def error_reason(error: dict) -> str:
+    """What a pydantic error says was wrong, without pydantic's 'Value error, ' prefix."""
+    if error["type"] == "value_error":
+        return str(error["ctx"]["error"])
+    return error["msg"]
+
+
 def parse_pattern(pattern: PatternBase | dict | str | None) -> PatternBase:
-    """The engine's pattern object for a dict, a JSON string, an object, or None (dense)."""
+    """The engine's pattern object for a dict, a JSON string, an object, or None (dense); a
+    ValueError naming each bad field ('pattern.patterns[1].window: ...') otherwise."""
     if pattern is None:
         return Dense()
     if isinstance(pattern, PatternBase):
         return pattern
-    if isinstance(pattern, str):
-        return _ADAPTER.validate_json(pattern)
-    return _ADAPTER.validate_python(pattern)
+    try:
+        return _ADAPTER.validate_json(pattern) if isinstance(pattern, str) else _ADAPTER.validate_python(pattern)
+    except ValidationError as e:
+        problems = [f"{error_field(['pattern', *error['loc']])}: {error_reason(error)}" for error in e.errors()]
+        raise ValueError("; ".join(problems)) from None
 
 
 def head_groups(pattern: PatternBase, heads: int) -> list[tuple[PatternBase, list[int]]]:
@@ -105,8 +132,10 @@ def attended_pairs_bound(pattern: PatternBase, batch: int, heads: int, lq: int, 
 __all__ = [
     "MAX_DEPTH",
     "MAX_HEAD_PATTERNS",
+    "MAX_LEAVES",
     "MAX_MEMBERS",
     "PATTERN_CATALOG",
+    "PATTERN_TYPES",
     "Dense",
     "Fixed",
     "Pattern",
@@ -117,6 +146,8 @@ __all__ = [
     "Union",
     "attended_pairs",
     "attended_pairs_bound",
+    "error_field",
+    "error_reason",
     "head_groups",
     "pairs_bound",
     "parse_pattern",

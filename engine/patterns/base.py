@@ -46,6 +46,10 @@ class PatternBase(BaseModel):
         """Nesting depth: 1 for a leaf pattern."""
         return 1
 
+    def leaf_count(self) -> int:
+        """The most leaf patterns any head's pattern holds once nested unions are flattened."""
+        return 1
+
     def check_heads(self, heads: int, field: str = "pattern") -> None:
         """Raise ValueError naming the field if this pattern cannot serve `heads` heads."""
 

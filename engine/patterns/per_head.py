@@ -34,6 +34,9 @@ class PerHead(PatternBase):
     def depth(self) -> int:
         return 1 + max(p.depth() for p in self.patterns)
 
+    def leaf_count(self) -> int:
+        return max(p.leaf_count() for p in self.patterns)
+
     def check_heads(self, heads: int, field: str = "pattern") -> None:
         if heads % len(self.patterns):
             raise ValueError(

@@ -1,4 +1,5 @@
-"""`union(patterns=[...])`: a key is allowed if any member allows it (1 to 8 members).
+"""`union(patterns=[...])`: a key is allowed if any member allows it (1 to 8 members; nested unions
+flattened, at most 64 leaf patterns).
 
     n = 8, union(sliding_window 2, strided 4), causal
     #.......
@@ -28,6 +29,9 @@ if TYPE_CHECKING:
 
 MAX_MEMBERS = 8
 MAX_DEPTH = 16
+# Leaf patterns in a union once nested unions are flattened (a union of 8 unions of 8): the
+# planner's work grows with them (a kernel step per stride, a rule per leaf in the masked kernel).
+MAX_LEAVES = 64
 # Rows x keys evaluated at once when a union has no arithmetic count (bounds memory, not time).
 _COUNT_CHUNK_ELEMENTS = 1 << 22
 
@@ -37,13 +41,19 @@ class Union(PatternBase):
     patterns: tuple["Pattern", ...] = Field(min_length=1, max_length=MAX_MEMBERS)
 
     @model_validator(mode="after")
-    def _bounded_depth(self) -> "Union":
+    def _bounded_size(self) -> "Union":
         if self.depth() > MAX_DEPTH:
             raise ValueError(f"patterns nest {self.depth()} levels deep; at most {MAX_DEPTH} are allowed")
+        if self.leaf_count() > MAX_LEAVES:
+            raise ValueError(f"patterns hold {self.leaf_count()} patterns once nested unions are flattened; "
+                             f"at most {MAX_LEAVES} are allowed")
         return self
 
     def depth(self) -> int:
         return 1 + max(p.depth() for p in self.patterns)
+
+    def leaf_count(self) -> int:
+        return sum(p.leaf_count() for p in self.patterns)
 
     def check_heads(self, heads: int, field: str = "pattern") -> None:
         for n, member in enumerate(self.patterns):
