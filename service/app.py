@@ -23,7 +23,6 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.openapi.utils import get_openapi
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from pydantic import ValidationError
 
 from engine.batcher import Batcher, Compute, DeadlineExceeded
 from engine.patterns import PATTERN_CATALOG, attended_pairs, attended_pairs_bound, parse_pattern
@@ -224,7 +223,7 @@ def create_app(settings: Settings | None = None, *, compute: Compute | None = No
         # Parsing, decoding and the metadata's pattern arithmetic run in threads: a large body or
         # an intricate pattern must not stall the event loop that serves every other client. A
         # small body is parsed in place: there the two thread hand-offs cost more than the parse.
-        parse = partial(AttentionRequest.model_validate_json, header,
+        parse = partial(AttentionRequest.model_validate_json, header, strict=True,  # "causal": "no" is no bool
                         context={"limits": service.limits, "binary": tensor_bytes})
         size = len(header) + (len(tensor_bytes) if tensor_bytes is not None else 0)
         req = parse() if size <= INLINE_PARSE_BYTES else await run_in_threadpool(parse)
@@ -253,6 +252,8 @@ def create_app(settings: Settings | None = None, *, compute: Compute | None = No
             )
         except ValueError as e:  # the engine's own checks name the field ("k: ...")
             raise ApiError(422, str(e).partition(":")[0], str(e)) from None
+        except DeadlineExceeded:  # the batcher knows only the time that was left when it was handed the request
+            raise DeadlineExceeded(f"the deadline passed: no answer within {timeout_ms:.0f} ms") from None
         output, lse = result.output, result.lse
         if not (bool(torch.isfinite(output).all()) and not bool((lse.isnan() | (lse == math.inf)).any())):
             field = "scale" if req.scale is not None else "q"
@@ -302,6 +303,9 @@ def create_app(settings: Settings | None = None, *, compute: Compute | None = No
         service.require_ready()
         return {"status": "ready", "device": str(service.device)}
 
+    for path, probe in (("/healthz", healthz), ("/readyz", readyz)):  # load balancers' HEAD checks too
+        app.add_api_route(path, probe, methods=["HEAD"], include_in_schema=False)
+
     @app.get("/metrics", response_class=Response, responses={200: {"content": {"text/plain": {}}}})
     async def metrics() -> Response:
         """Prometheus text exposition."""
@@ -326,10 +330,6 @@ def create_app(settings: Settings | None = None, *, compute: Compute | None = No
         try:
             parsed = parse_pattern(pattern)
             parsed.check_heads(heads)
-        except ValidationError as e:
-            first = e.errors(include_url=False)[0]
-            field = ".".join(["pattern", *map(str, first["loc"])])
-            raise ApiError(422, field, f"{field}: {first['msg']}") from None
         except ValueError as e:
             raise ApiError(422, str(e).partition(": ")[0], str(e)) from None
 

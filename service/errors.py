@@ -16,6 +16,7 @@ from pydantic import ValidationError
 from starlette.exceptions import HTTPException
 
 from engine.batcher import ClientGone, DeadlineExceeded, OutOfMemory, QueueFull, ShuttingDown
+from engine.patterns import error_field, error_reason
 
 from .schemas import TOO_LARGE, ErrorDetail, ErrorResponse
 
@@ -38,7 +39,8 @@ def error_response(
     request: Request, status: int, field: str | None, message: str,
     headers: dict[str, str] | None = None, errors: list[dict[str, str]] | None = None,
 ) -> JSONResponse:
-    body = ErrorResponse(error=ErrorDetail(status=status, field=field, message=message, errors=errors or []))
+    errors = errors or ([{"field": field, "message": message}] if field else [])
+    body = ErrorResponse(error=ErrorDetail(status=status, field=field, message=message, errors=errors))
     headers = dict(headers or {})
     request_id = getattr(request.state, "request_id", None)
     if request_id:
@@ -46,19 +48,19 @@ def error_response(
     return JSONResponse(body.model_dump(), status_code=status, headers=headers)
 
 
-def _field_of(error: dict) -> str:
-    """'q.shape' from a pydantic error: its location plus the `field` a validator named."""
-    parts = [str(p) for p in error["loc"] if p != "body"]
-    named = (error.get("ctx") or {}).get("field")
-    if named:
-        parts.append(named)
-    return ".".join(parts) or "body"
+def _field_and_reason(error: dict) -> tuple[str, str]:
+    """('pattern.patterns[0].stride', what was wrong) from a pydantic error: its location plus the
+    `field` a validator named (`schemas.field_error`), and that validator's reason or pydantic's."""
+    ctx = error.get("ctx") or {}
+    loc = [p for p in error["loc"] if p != "body"] + ([ctx["field"]] if "field" in ctx else [])
+    return error_field(loc) or "body", ctx.get("reason") or error_reason(error)
 
 
 def validation_response(request: Request, exc: ValidationError | RequestValidationError) -> JSONResponse:
-    """422 naming each field, or 413 when the request is valid but over a configured limit."""
+    """422 naming each field, in its message too, or 413 when the request is valid but over a
+    configured limit."""
     raw = exc.errors(include_url=False) if isinstance(exc, ValidationError) else exc.errors()
-    errors = [{"field": _field_of(e), "message": e["msg"]} for e in raw]
+    errors = [{"field": field, "message": f"{field}: {reason}"} for field, reason in map(_field_and_reason, raw)]
     status = 413 if any(e["type"] == TOO_LARGE for e in raw) else 422
     first = errors[0]
     return error_response(request, status, first["field"], first["message"], errors=errors)

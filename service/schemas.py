@@ -17,11 +17,12 @@ from typing import Annotated, Any, Literal
 import numpy as np
 import pybase64
 import torch
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationInfo, WithJsonSchema, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, PrivateAttr, ValidationInfo, WithJsonSchema, field_validator,
+                      model_validator)
 from pydantic_core import PydanticCustomError
 
 from engine.attention import shape_problem
-from engine.patterns import Dense, Pattern
+from engine.patterns import Dense, Pattern, PatternBase
 
 DType = Literal["float32", "float16", "bfloat16"]
 Encoding = Literal["b64", "data", "binary"]
@@ -172,7 +173,7 @@ class AttentionRequest(BaseModel):
     q: Tensor
     k: Tensor
     v: Tensor
-    pattern: Pattern = Field(default_factory=Dense, description="defaults to dense")
+    pattern: Pattern | None = Field(None, validate_default=True, description="defaults to dense (null too)")
     causal: bool = True
     scale: float | None = Field(None, allow_inf_nan=False, description="defaults to 1 / sqrt(D)")
     return_lse: bool = False
@@ -180,6 +181,11 @@ class AttentionRequest(BaseModel):
     encoding: Encoding | None = Field(None, description="response tensors' encoding; defaults to q's")
 
     _tensors: tuple[torch.Tensor, torch.Tensor, torch.Tensor] = PrivateAttr()
+
+    @field_validator("pattern")
+    @classmethod
+    def _dense_by_default(cls, pattern: PatternBase | None) -> PatternBase:
+        return Dense() if pattern is None else pattern
 
     @model_validator(mode="after")
     def _consistent(self, info: ValidationInfo) -> "AttentionRequest":
@@ -310,7 +316,8 @@ class ErrorDetail(BaseModel):
     field: str | None = Field(description="the offending field, e.g. 'k.shape'; null when none applies")
     message: str
     errors: list[dict[str, str]] = Field(
-        default_factory=list, description="every validation failure as {field, message} (422 only)"
+        default_factory=list, description="every problem found, as {field, message}; the first is `field` and "
+                                          "`message` (empty when no field applies)"
     )
 
 

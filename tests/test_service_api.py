@@ -80,6 +80,9 @@ async def test_defaults_dense_causal_scale_and_no_lse(client):
     ref, _ = reference_attention(q, k, v, None, causal=True, scale=1 / math.sqrt(8))
     assert torch.allclose(from_json(got["output"]).double(), ref, atol=1e-5)
     assert got["meta"]["attended_pairs"] == 2 * 16 * 17 // 2
+    nulls = {"pattern": None, "scale": None, "timeout_ms": None, "encoding": None}  # null: the default
+    again = (await client.post("/attention", json={**request_body(q, k, v), **nulls})).json()
+    assert again["meta"]["pattern"] == {"type": "dense"} and again["output"] == got["output"]
 
 
 @pytest.mark.anyio
@@ -90,6 +93,19 @@ async def test_non_causal_and_explicit_scale(client):
     got = (await client.post("/attention", json=body)).json()
     ref, _ = reference_attention(q, k, v, pattern, causal=False, scale=0.3)
     assert torch.allclose(from_json(got["output"]).double(), ref, atol=1e-5)
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("scale", [0, -0.5, 5e-324])
+async def test_zero_and_negative_scales_are_answered(client, scale):
+    """Any finite scale is an answer (0: uniform over the allowed keys), as in torch's own SDPA."""
+    q, k, v = qkv(h=2, hkv=1, lq=8, lk=20, d=8, dv=4, seed=2)
+    body = request_body(q, k, v, pattern=SW, scale=scale, return_lse=True)
+    response = await client.post("/attention", json=body)
+    assert response.status_code == 200, response.text
+    ref_out, ref_lse = reference_attention(q, k, v, SW, scale=scale)
+    assert torch.allclose(from_json(response.json()["output"]).double(), ref_out, atol=1e-5)
+    assert torch.allclose(from_json(response.json()["lse"]).double(), ref_lse, atol=1e-4)
 
 
 @pytest.mark.anyio
@@ -179,9 +195,9 @@ BAD_REQUESTS = {
     "both data and b64": ("q.data", [0.0] * 128, "q.data"),
     "dtype differs": ("k.dtype", "float16", "k.dtype"),
     "pattern type unknown": ("pattern", {"type": "spiral"}, "pattern"),
-    "window zero": ("pattern", {"type": "sliding_window", "window": 0}, "pattern.sliding_window.window"),
+    "window zero": ("pattern", {"type": "sliding_window", "window": 0}, "pattern.window"),
     "per_head not dividing": ("pattern", {"type": "per_head", "patterns": [SW] * 3}, "pattern.patterns"),
-    "union too large": ("pattern", {"type": "union", "patterns": [SW] * 9}, "pattern.union.patterns"),
+    "union too large": ("pattern", {"type": "union", "patterns": [SW] * 9}, "pattern.patterns"),
     "unknown field": ("extra", 1, "extra"),
     "scale not a number": ("scale", "big", "scale"),
     "encoding unknown": ("encoding", "hex", "encoding"),
@@ -297,6 +313,7 @@ async def test_503_with_retry_after_until_warm():
         await gate.holding()
         r = await c.get("/readyz")
         assert error_of(r, 503) and r.headers["Retry-After"] == "1"
+        assert (await c.head("/readyz")).status_code == 503
         r = await c.post("/attention", json=_valid())
         assert error_of(r, 503) and r.headers["Retry-After"] == "1"
         assert (await c.get("/healthz")).status_code == 200
@@ -330,7 +347,7 @@ async def test_504_when_the_deadline_passes_while_queued():
         running = asyncio.create_task(c.post("/attention", json=_valid()))
         await gate.holding()
         r = await c.post("/attention", json=_valid(timeout_ms=50))
-        assert "deadline" in error_of(r, 504)["message"]
+        assert error_of(r, 504)["message"] == "the deadline passed: no answer within 50 ms"
         gate.open()
         assert (await running).status_code == 200
 
@@ -342,6 +359,9 @@ async def test_504_when_the_deadline_passes_while_queued():
 async def test_health_ready_patterns(client):
     assert (await client.get("/healthz")).json() == {"status": "ok"}
     assert (await client.get("/readyz")).json()["status"] == "ready"
+    for probe in ("/healthz", "/readyz"):  # load balancers' HEAD checks
+        r = await client.head(probe)
+        assert r.status_code == 200 and r.content == b""
     assert (await client.get("/patterns")).json() == PATTERN_CATALOG
 
 
@@ -367,7 +387,7 @@ async def test_pattern_preview_png_and_its_bounds(client):
     assert r.content.startswith(b"\x89PNG\r\n\x1a\n")
     assert error_of(await client.get("/patterns/preview", params={"n": 100000}), 422)["field"] == "query.n"
     err = error_of(await client.get("/patterns/preview", params={"pattern": '{"type": "sliding_window"}'}), 422)
-    assert err["field"].startswith("pattern.sliding_window")
+    assert err["field"] == "pattern.window" and err["message"].startswith("pattern.window: ")
     err = error_of(await client.get("/patterns/preview", params={"pattern": pattern, "heads": 3}), 422)
     assert err["field"] == "pattern.patterns"
     docs = (await client.get("/openapi.json")).json()
