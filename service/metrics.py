@@ -8,7 +8,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
-_PATHS = frozenset({"/attention", "/healthz", "/readyz", "/metrics", "/patterns", "/patterns/preview"})
+_PATHS = frozenset({"/attention", "/healthz", "/readyz", "/metrics", "/patterns", "/patterns/preview", "/openapi.json",
+                    "/docs"})  # any other path counts as "other": the label stays bounded
 
 
 class Metrics:
