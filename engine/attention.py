@@ -72,8 +72,7 @@ def attention(
 ):
     """Exact sparse attention: output [B, H, Lq, Dv] in q's dtype, and the float32 natural-log
     log-sum-exp [B, H, Lq] when `return_lse`. 3-D inputs [H, L, D] give 3-D results."""
-    squeeze = q.dim() == 3
-    q, k, v = _as_4d("q", q), _as_4d("k", k), _as_4d("v", v)
+    q, k, v, squeeze = _as_4d("q", q), _as_4d("k", k), _as_4d("v", v), getattr(q, "ndim", None) == 3
     check_shapes(q, k, v)
     pattern = parse_pattern(pattern)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)

@@ -134,6 +134,14 @@ def test_no_query_rows_give_empty_results(pattern, q_shape, kv_shape):
     assert out.shape == q_shape and lse.shape == q_shape[:3] and lse.dtype == torch.float32
 
 
+def test_a_non_tensor_is_refused_by_name():
+    q = torch.randn(1, 1, 4, 8)
+    with pytest.raises(TypeError, match="^k: expected a torch.Tensor, got list"):
+        attention(q, q.tolist(), q)
+    with pytest.raises(TypeError, match="^q: expected a torch.Tensor, got ndarray"):
+        attention(q.numpy(), q, q)
+
+
 def test_head_dim_zero_is_refused():
     q = torch.randn(1, 1, 4, 0)
     with pytest.raises(ValueError, match="^q: head dim 0"):
