@@ -134,7 +134,7 @@ async def require_key(
     for key in keys:
         matched |= hmac.compare_digest(given, key.get_secret_value().encode())
     if not matched:
-        raise ApiError(401, "Authorization", "a valid 'Authorization: Bearer <key>' header is required",
+        raise ApiError(401, "Authorization", "Authorization: a valid 'Bearer <key>' header is required",
                        {"WWW-Authenticate": "Bearer"})
 
 
@@ -289,7 +289,7 @@ def create_app(settings: Settings | None = None, *, compute: Compute | None = No
         if encoding != "binary":
             return Response(orjson.dumps(body), media_type="application/json")
         tensors = [output, lse] if req.return_lse else [output]
-        content, headers = binary.join(orjson.dumps(body), [t.contiguous().view(torch.uint8).numpy() for t in tensors])
+        content, headers = binary.join(orjson.dumps(body), [binary.tensor_bytes(t) for t in tensors])
         return Response(content, media_type=binary.MEDIA_TYPE, headers=headers)
 
     @app.get("/healthz")

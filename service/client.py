@@ -186,9 +186,7 @@ def encode_tensor(name: str, x: Any, encoding: Encoding = "b64") -> dict[str, An
 
 def raw_bytes(x: Any) -> memoryview:
     """The little-endian C-order bytes of a numpy array or torch tensor."""
-    x, dtype = _wire_tensor("tensor", x)
-    raw = (x.view(torch.int16) if dtype == "bfloat16" else x).numpy()
-    return memoryview(raw.astype(WIRE_DTYPES[dtype][1], copy=False)).cast("B")
+    return memoryview(binary.tensor_bytes(_wire_tensor("tensor", x)[0]))
 
 
 def _wire_tensor(name: str, x: Any) -> tuple[torch.Tensor, str]:

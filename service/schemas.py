@@ -24,6 +24,8 @@ from pydantic_core import PydanticCustomError
 from engine.attention import shape_problem
 from engine.patterns import Dense, Pattern, PatternBase
 
+from .binary import tensor_bytes
+
 DType = Literal["float32", "float16", "bfloat16"]
 Encoding = Literal["b64", "data", "binary"]
 TORCH_DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -264,11 +266,10 @@ class TensorOut(BaseModel):
     @classmethod
     def encode(cls, t: torch.Tensor, encoding: Encoding) -> "TensorOut":
         """The tensor in `encoding`; for "binary", only its size (the bytes travel after the header)."""
-        t = t.contiguous()
         if encoding == "binary":
             values = {"binary_data_size": t.numel() * t.element_size()}
         elif encoding == "b64":
-            values = {"b64": pybase64.b64encode(t.view(torch.uint8).numpy()).decode("ascii")}
+            values = {"b64": pybase64.b64encode(tensor_bytes(t)).decode("ascii")}
         else:
             values = {"data": t.float().flatten().tolist()}
         return cls(shape=list(t.shape), dtype=DTYPE_NAMES[t.dtype], **values)

@@ -109,6 +109,20 @@ async def test_zero_and_negative_scales_are_answered(client, scale):
 
 
 @pytest.mark.anyio
+@pytest.mark.parametrize("encoding", ["b64", "data"])
+@pytest.mark.parametrize("pattern", [None, SW, {"type": "strided", "stride": 3}, {"type": "fixed", "block": 4, "summary": 1}])
+async def test_one_query_row_with_lse(client, pattern, encoding):
+    """A decode step's lse [B, H, 1] may come out of a kernel with a last stride other than 1."""
+    q, k, v = qkv(b=2, h=4, hkv=2, lq=1, lk=13, d=8, dv=8, seed=7)
+    body = request_body(q, k, v, encoding, pattern=pattern, return_lse=True)
+    response = await client.post("/attention", json=body)
+    assert response.status_code == 200, response.text
+    ref_out, ref_lse = reference_attention(q, k, v, pattern)
+    assert torch.allclose(from_json(response.json()["output"]).double(), ref_out, atol=1e-5)
+    assert torch.allclose(from_json(response.json()["lse"]).double(), ref_lse, atol=1e-4)
+
+
+@pytest.mark.anyio
 async def test_three_dimensional_tensors_mean_batch_one(client):
     q, k, v = qkv(b=1, h=2, hkv=2, lq=12, lk=12, d=8, dv=8, seed=3)
     body = {"q": as_json(q[0]), "k": as_json(k[0]), "v": as_json(v[0]), "return_lse": True}
@@ -299,6 +313,7 @@ async def test_401_without_a_valid_bearer_key():
         body = _valid()
         r = await c.post("/attention", json=body)
         assert error_of(r, 401)["field"] == "Authorization" and r.headers["WWW-Authenticate"] == "Bearer"
+        assert error_of(r, 401)["message"].startswith("Authorization: ")
         error_of(await c.post("/attention", json=body, headers={"Authorization": "Bearer nope"}), 401)
         error_of(await c.post("/attention", json=body, headers={"Authorization": "Basic k1"}), 401)
         assert (await c.post("/attention", json=body, headers={"Authorization": "Bearer k2"})).status_code == 200

@@ -91,11 +91,18 @@ async def test_mixed_encodings_odd_header_length_and_3d():
 @pytest.mark.anyio
 async def test_json_requests_may_ask_for_a_binary_answer():
     q, k, v = qkv(seed=5)
+    decode = qkv(b=2, h=4, hkv=2, lq=1, lk=13, seed=5)  # an lse [B, H, 1] whose last stride is not 1
     async with serve(settings()) as client:
         r = await client.post("/attention", json={**request_body(q, k, v), "encoding": "binary"})
+        r_decode = await client.post("/attention", json={**request_body(*decode, pattern=SW), "encoding": "binary",
+                                                         "return_lse": True})
     assert r.status_code == 200, r.text
     _, got = read_binary(r)
     assert torch.equal(got["output"], attention(q, k, v))
+    assert r_decode.status_code == 200, r_decode.text
+    _, got = read_binary(r_decode)
+    out, lse = attention(*decode, SW, return_lse=True)
+    assert torch.equal(got["output"], out) and torch.equal(got["lse"], lse)
 
 
 def _bad_bodies():
