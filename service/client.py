@@ -381,7 +381,7 @@ class AttentionClient(_ClientSettings):
             try:
                 response = self._http.post(**post)
             except httpx.HTTPError as exc:
-                raise _transport_error(exc, request_id) from exc
+                raise _transport_error(exc, post["headers"]["X-Request-ID"]) from exc
             delay = self._retry_delay(response, attempt)
             if delay is None:
                 return parse_response(response)
@@ -463,7 +463,7 @@ class AsyncAttentionClient(_ClientSettings):
             try:
                 response = await self._http.post(**post)
             except httpx.HTTPError as exc:
-                raise _transport_error(exc, request_id) from exc
+                raise _transport_error(exc, post["headers"]["X-Request-ID"]) from exc
             delay = self._retry_delay(response, attempt)
             if delay is None:
                 return parse_response(response)

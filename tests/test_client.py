@@ -25,6 +25,7 @@ from service.client import (
     InvalidRequestError,
     OverloadedError,
     PayloadTooLargeError,
+    TransportError,
     decode_tensor,
     encode_tensor,
     raw_bytes,
@@ -225,3 +226,17 @@ def test_queue_full_answers_429_and_retries_get_through():
     assert all(isinstance(r, AttentionResult) for r in once if r not in refused)
     expected = attention(q, k, v)
     assert all(isinstance(r, AttentionResult) and torch.allclose(r.output, expected, atol=1e-5) for r in patient)
+
+
+def test_transport_error_carries_the_request_id_the_client_made():
+    """No answer at all: the error still names the X-Request-ID every attempt was sent with."""
+    sent = []
+
+    def refuse(request: httpx.Request) -> httpx.Response:
+        sent.append(request.headers["X-Request-ID"])
+        raise httpx.ConnectError("refused", request=request)
+
+    http = httpx.Client(transport=httpx.MockTransport(refuse), base_url="http://attention")
+    with AttentionClient(http=http) as client, pytest.raises(TransportError) as info:
+        client.attention(*inputs(torch.float32))
+    assert info.value.request_id == sent[0] and info.value.status is None
