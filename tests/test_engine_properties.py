@@ -1,4 +1,5 @@
-"""Property-based: random shapes and random (nested) patterns against the float64 reference."""
+"""Property-based: random shapes, random (nested) patterns and scales (zero and negative too)
+against the float64 reference."""
 
 from __future__ import annotations
 
@@ -36,7 +37,8 @@ def problems(draw):
         per = draw(st.sampled_from([n for n in (1, 2, 3, 6) if h % n == 0]))
         pattern = {"type": "per_head", "patterns": draw(st.lists(single, min_size=per, max_size=per))}
     causal = draw(st.booleans())
-    return (draw(st.integers(1, 2)), h, hkv, lq, lk, d, dv), pattern, causal, draw(st.integers(0, 2**31 - 1))
+    scale = draw(st.one_of(st.none(), st.sampled_from([0.0, -0.5]), st.floats(-3, 3)))
+    return (draw(st.integers(1, 2)), h, hkv, lq, lk, d, dv), pattern, causal, draw(st.integers(0, 2**31 - 1)), scale
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -46,12 +48,12 @@ def test_engine_matches_reference_on_random_problems(problem):
 
 
 def check_against_reference(problem):
-    (b, h, hkv, lq, lk, d, dv), pattern, causal, seed = problem
+    (b, h, hkv, lq, lk, d, dv), pattern, causal, seed, scale = problem
     g = torch.Generator().manual_seed(seed)
     q, k, v = (torch.randn(b, h, lq, d, generator=g), torch.randn(b, hkv, lk, d, generator=g),
                torch.randn(b, hkv, lk, dv, generator=g))
-    out, lse = attention(q, k, v, pattern, causal=causal, return_lse=True)
-    ref_out, ref_lse = reference_attention(q, k, v, pattern, causal=causal)
+    out, lse = attention(q, k, v, pattern, causal=causal, scale=scale, return_lse=True)
+    ref_out, ref_lse = reference_attention(q, k, v, pattern, causal=causal, scale=scale)
     torch.testing.assert_close(out.double(), ref_out, atol=3e-5, rtol=3e-5)
     assert torch.equal(torch.isinf(lse), torch.isinf(ref_lse))
     finite = ~torch.isinf(ref_lse)
@@ -66,7 +68,7 @@ def short_runs(draw):
     h = hkv * draw(st.integers(1, 2))
     lk = draw(st.integers(200, 3000))
     lq = draw(st.integers(1, 70))
-    return (1, h, hkv, lq, lk, 8, 8), draw(single), draw(st.booleans()), draw(st.integers(0, 2**31 - 1))
+    return (1, h, hkv, lq, lk, 8, 8), draw(single), draw(st.booleans()), draw(st.integers(0, 2**31 - 1)), None
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
