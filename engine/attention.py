@@ -74,6 +74,9 @@ def attention(
     log-sum-exp [B, H, Lq] when `return_lse`. 3-D inputs [H, L, D] give 3-D results."""
     q, k, v, squeeze = _as_4d("q", q), _as_4d("k", k), _as_4d("v", v), getattr(q, "ndim", None) == 3
     check_shapes(q, k, v)
+    # The fused kernels want each row's features adjacent: torch's CPU kernel misreads others (a
+    # transposed view gave errors of 1e35) and the CUDA ones refuse them.
+    q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
     pattern = parse_pattern(pattern)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     q, scale = positive_scale(q, scale)

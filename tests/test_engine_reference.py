@@ -134,6 +134,16 @@ def test_no_query_rows_give_empty_results(pattern, q_shape, kv_shape):
     assert out.shape == q_shape and lse.shape == q_shape[:3] and lse.dtype == torch.float32
 
 
+@pytest.mark.parametrize("pattern", ["dense", "sliding", "strided", "fixed", "union_three", "union_two_fixed"])
+def test_inputs_whose_features_are_not_adjacent(pattern):
+    """Transposed views (last stride not 1), as `x.mT` of a [B, H, D, L] tensor gives."""
+    q, k, v = (torch.randn(2, h, 16, n).mT for h, n in ((4, 45), (2, 60), (2, 60)))
+    out, lse = attention(q, k, v, PATTERNS[pattern], return_lse=True)
+    ref_out, ref_lse = reference_attention(q, k, v, PATTERNS[pattern])
+    torch.testing.assert_close(out.double(), ref_out, atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(lse.double(), ref_lse, atol=1e-4, rtol=1e-4)
+
+
 def test_a_non_tensor_is_refused_by_name():
     q = torch.randn(1, 1, 4, 8)
     with pytest.raises(TypeError, match="^k: expected a torch.Tensor, got list"):
