@@ -288,14 +288,16 @@ class Batcher:
             return list(zip(jobs, self._run(jobs)))
         except Exception as error:
             out_of_memory = _is_out_of_memory(error)
-            if out_of_memory and self.device.type == "cuda":
-                torch.cuda.empty_cache()  # give the halves the memory the failed call cached
-            if len(jobs) > 1:
-                half = len(jobs) // 2
-                return self._answers(jobs[:half]) + self._answers(jobs[half:])
-            if out_of_memory:
-                error = OutOfMemory(f"the engine ran out of memory on this request alone ({type(error).__name__})")
-            return [(jobs[0], error)]
+            if len(jobs) == 1:
+                if out_of_memory:
+                    error = OutOfMemory(f"the engine ran out of memory on this request alone ({type(error).__name__})")
+                return [(jobs[0], error)]
+        # The halves run outside the except block: its traceback holds the failed call's frames,
+        # and with them the batch's inputs and intermediates.
+        if out_of_memory and self.device.type == "cuda":
+            torch.cuda.empty_cache()  # give the halves the memory the failed call cached
+        half = len(jobs) // 2
+        return self._answers(jobs[:half]) + self._answers(jobs[half:])
 
     def _run(self, jobs: list[_Job]) -> list[Result]:
         """One engine call over the jobs' inputs stacked along B (right-padded to the longest when

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import signal
 import time
+import weakref
 
 import httpx
 import pytest
@@ -64,6 +65,28 @@ async def test_out_of_memory_splits_the_batch_then_refuses_only_the_request_that
     # 1 alone, then the 8 queued: 8 -> 4 + 4 -> 2 + 2 + 2 + 2, and the pair holding the marked
     # request -> 1 + 1 (depth first). Every call that succeeded held at most 2, the capacity.
     assert memory.calls[:4] == [1, 8, 4, 2] and sorted(memory.calls) == [1, 1, 1, 2, 2, 2, 2, 4, 4, 8]
+
+
+@pytest.mark.anyio
+async def test_the_halves_run_after_the_failed_call_freed_its_memory():
+    """A failed call's traceback would keep its frames, and the tensors in them, alive while the
+    halves ran, taking from them the very memory whose lack failed it."""
+    scratch: list[weakref.ref] = []
+
+    def compute(q, *args, **kwargs):
+        if q.shape[0] > 2:
+            intermediate = torch.empty(1 << 16)
+            scratch.append(weakref.ref(intermediate))
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        assert all(ref() is None for ref in scratch), "a failed call's intermediate is still alive"
+        return attention(q, *args, **kwargs)
+
+    gate = Gate(compute)
+    requests = [qkv(h=2, hkv=2, lq=8, lk=8, d=4, dv=4, seed=550 + i) for i in range(8)]
+    async with serve(settings(max_batch_size=16, max_batch_delay_ms=5), compute=gate) as c:
+        responses = await post_in_one_wave(c, gate, [request_body(q, k, v, pattern=SW) for q, k, v in requests])
+    assert [r.status_code for r in responses] == [200] * 8, [r.text for r in responses if r.status_code != 200]
+    assert len(scratch) >= 2  # 7 queued -> 4 + 3 failed before the halves ran
 
 
 @pytest.mark.anyio
