@@ -14,6 +14,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 
 from engine.batcher import ClientGone, DeadlineExceeded, OutOfMemory, QueueFull, ShuttingDown
 from engine.patterns import error_field, error_reason
@@ -74,6 +75,10 @@ def install(app: FastAPI, retry_after_s: int) -> None:
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: ValidationError | RequestValidationError) -> JSONResponse:
         return validation_response(request, exc)
+
+    @app.exception_handler(ClientDisconnect)
+    async def _client_gone(request: Request, exc: ClientDisconnect) -> JSONResponse:  # mid-body: no server fault
+        return error_response(request, 499, None, "the client disconnected before its request arrived")
 
     @app.exception_handler(HTTPException)
     async def _http(request: Request, exc: HTTPException) -> JSONResponse:

@@ -355,6 +355,28 @@ async def test_429_with_retry_after_when_the_queue_is_full():
 
 
 @pytest.mark.anyio
+async def test_a_client_gone_while_its_body_arrives_is_499_not_a_server_error(client):
+    messages = [{"type": "http.request", "body": b'{"q": {"shape": [1, ', "more_body": True}]
+    sent = []
+
+    async def receive():
+        return messages.pop(0) if messages else {"type": "http.disconnect"}
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+             "path": "/attention", "raw_path": b"/attention", "query_string": b"", "root_path": "",
+             "headers": [(b"content-type", b"application/json"), (b"content-length", b"400")],
+             "client": ("127.0.0.1", 5000), "server": ("127.0.0.1", 8000)}
+    before = (await client.get("/metrics")).text
+    await client.app(scope, receive, send)
+    assert sent[0]["type"] == "http.response.start" and sent[0]["status"] == 499
+    gone = 'attention_http_requests_total{method="POST",path="/attention",status="499"}'
+    assert sample((await client.get("/metrics")).text, gone) == sample(before, gone) + 1
+
+
+@pytest.mark.anyio
 async def test_504_when_the_deadline_passes_while_queued():
     gate = Gate()
     async with serve(settings(max_batch_size=1, max_batch_delay_ms=0), compute=gate) as c:
