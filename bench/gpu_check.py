@@ -1,9 +1,10 @@
 """The engine on a CUDA GPU: exactness first, then the kernel benchmark, in one bounded run.
 
 (a) Every pattern and edge shape of tests/test_engine_reference.py, causal and not, in float32
-    and bfloat16, plus each structured kernel on medium shapes (many tiles, class padding,
-    summary ranges, the flash local window), against the float64 reference of tests/reference.py
-    computed on the CPU: one PASS or FAIL line each.
+    and bfloat16, plus each structured kernel on medium shapes (many tiles, class padding, the
+    flash local window), short runs, and head dims the CUDA kernels pad (float16 too), against the
+    float64 reference of tests/reference.py computed on the CPU: one PASS or FAIL line each.
+    Then more than 65535 classes or blocks on the grid's head axis (`grid_checks`).
 (b) bench.kernels on the GPU in bfloat16 for n up to 131072 against dense flash SDPA and
     compiled FlexAttention, with the 131072-token peak-memory row, the sliding-window scaling
     and the first call for a new shape; JSON (and the plot) under --out.
@@ -56,7 +57,7 @@ from test_engine_reference import PATTERNS, SHAPES  # noqa: E402
 
 from bench import kernels as bench_kernels  # noqa: E402
 
-TOLERANCE = {torch.float32: 2e-5, torch.bfloat16: 3e-2}
+TOLERANCE = {torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
 SW = lambda w: {"type": "sliding_window", "window": w}  # noqa: E731
 ST = lambda s: {"type": "strided", "stride": s}  # noqa: E731
 FX = lambda l, c: {"type": "fixed", "block": l, "summary": c}  # noqa: E731
@@ -100,7 +101,7 @@ def cases(device):
                     run = (lambda q=q, k=k, v=v, p=pattern, c=causal: attention(q, k, v, p, causal=c, return_lse=True))
                     yield f"engine {pname} {sname} {'causal' if causal else 'noncausal'} {dname}", run, q, k, v, \
                         pattern, causal, dtype
-        # Medium shapes: many band tiles, padded classes, summary ranges, D = 64.
+        # Medium shapes: many band tiles, padded classes, summary per block and in ranges, D = 64.
         for lq, lk in ((2048, 2048), (1500, 2001)):
             shape = (1, 2, 2, lq, lk, 64, 64)
             q, k, v = inputs(shape, dtype, device, seed=1)
@@ -116,6 +117,8 @@ def cases(device):
                  True),
                 ("fixed 100,100", lambda: kernels.fixed_attention(q, k, v, block=100, summary=100, scale=s),
                  FX(100, 100), True),
+                ("fixed 16,2 (summary ranges)", lambda: kernels.fixed_attention(q, k, v, block=16, summary=2, scale=s),
+                 FX(16, 2), True),
                 ("union 128+128", lambda: kernels.band_strided_attention(q, k, v, window=128, strides=(128,), scale=s),
                  UNION(128, 128), True),
                 ("union 100+64", lambda: kernels.band_strided_attention(q, k, v, window=100, strides=(64,), scale=s),
@@ -139,6 +142,52 @@ def cases(device):
             for pattern in (SW(256), ST(64), ST(37), FX(128, 8), UNION(128, 128), UNION3, WINDOW_FIXED, STRIDES):
                 run = (lambda q=q, k=k, v=v, p=pattern: attention(q, k, v, p, return_lse=True))
                 yield f"short run {pattern} lq={lq} lk={lk} {dname}", run, q, k, v, pattern, True, dtype
+    # Head dims the CUDA kernels pad once (not multiples of 8; q's and v's differing; v's over the
+    # flash kernel's 256), in float16 too.
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        dname = str(dtype).removeprefix("torch.")
+        for shape in ((1, 4, 2, 100, 130, 12, 20), (1, 2, 2, 100, 100, 5, 5), (1, 2, 2, 64, 64, 32, 300)):
+            q, k, v = inputs(shape, dtype, device, seed=3)
+            for pattern in ({"type": "dense"}, SW(16), ST(8), FX(16, 4), UNION(12, 8)):
+                run = (lambda q=q, k=k, v=v, p=pattern: attention(q, k, v, p, return_lse=True))
+                yield f"head dims d={shape[5]} dv={shape[6]} {pattern} {dname}", run, q, k, v, pattern, True, dtype
+
+
+def grid_checks(device, n: int = 140000) -> tuple[int, int]:
+    """More than 65535 classes or blocks on the CUDA grid's head axis (`within_grid`), at n = 140000,
+    bfloat16: strided(n / 2) against its closed form (row i attends i and i - n / 2), fixed(2, 1)
+    against the masked kernel (a float64 reference would be a 2e10-element mask)."""
+    passed = failed = 0
+    s, scale = n // 2, 0.125
+    q, k, v = inputs((1, 1, 1, n, n, 64, 64), torch.bfloat16, device, seed=4)
+    for name, run, expected in (
+        (f"strided({s})", lambda: attention(q, k, v, ST(s), scale=scale, return_lse=True),
+         lambda: _two_key_rows(q, k, v, s, scale)),
+        ("fixed(2, 1)", lambda: attention(q, k, v, FX(2, 1), scale=scale, return_lse=True),
+         lambda: kernels.masked_attention(q, k, v, parse_pattern(FX(2, 1)), scale=scale, causal=True)),
+    ):
+        try:
+            (out, lse), (want_out, want_lse) = run(), expected()
+            worst = max((out.cpu().double() - want_out.cpu().double()).abs().max().item(),
+                        (lse.cpu().double() - want_lse.cpu().double()).abs().max().item())
+            problem = None if worst <= 3e-2 else f"off by up to {worst:.3g}"
+        except Exception:  # noqa: BLE001 - a crash is a failure, reported with its trace
+            problem = "raised\n" + traceback.format_exc()
+        passed, failed = passed + (problem is None), failed + (problem is not None)
+        print(f"{'FAIL' if problem else 'PASS'} grid {name} n={n} bfloat16{': ' + problem if problem else ''}", flush=True)
+    return passed, failed
+
+
+def _two_key_rows(q, k, v, s, scale):
+    """Causal strided(s) over n <= 2s positions in float64: row i attends key i, and i - s if any."""
+    q, k, v = (x[0, 0].double().cpu() for x in (q, k, v))
+    own = (q * k).sum(-1) * scale
+    back = torch.full_like(own, float("-inf"))
+    back[s:] = (q[s:] * k[:-s]).sum(-1) * scale
+    lse = torch.logaddexp(own, back)
+    v_back = torch.cat([torch.zeros_like(v[:s]), v[:-s]])
+    out = (own - lse).exp()[:, None] * v + (back - lse).exp()[:, None] * v_back
+    return out[None, None], lse[None, None]
 
 
 def check(device) -> tuple[int, int]:
@@ -196,6 +245,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"flash local window for the band: causal {flash_window_supported(device, True)}, "
               f"non-causal {flash_window_supported(device, False)}", flush=True)
     passed, failed = check(device)
+    if device.type == "cuda":  # the CPU has no grid limit, and these are minutes on it
+        passed, failed = (a + b for a, b in zip((passed, failed), grid_checks(device)))
     summary = {"passed": passed, "failed": failed, "check_s": time.perf_counter() - started}
     print(f"checks: {passed} passed, {failed} failed in {summary['check_s']:.0f} s", flush=True)
     if not args.skip_bench:

@@ -20,6 +20,7 @@ import torch
 
 from . import kernels
 from .kernels.band import TILE_ROWS
+from .kernels.dense import padded_head_dims
 from .kernels.fixed import short_run
 from .patterns import Dense, Fixed, PatternBase, SlidingWindow, Strided, Union
 
@@ -55,7 +56,16 @@ class Plan:
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> Partial:
         if q.device.type == "cpu" and q.dtype in cpu_upcast_dtypes() and q.dtype not in self.native_on_cpu:
             q, k, v = q.float(), k.float(), v.float()
-        return kernels.merge_partials([step(q, k, v, scale=scale) for step in self.steps])
+        dv = v.shape[-1]
+        if pads_head_dims(q.device):
+            q, k, v = padded_head_dims(q, k, v)
+        out, lse = kernels.merge_partials([step(q, k, v, scale=scale) for step in self.steps])
+        return out[..., :dv], lse
+
+
+def pads_head_dims(device: torch.device) -> bool:
+    """Whether the plan pads head dims once for its device's kernels (`padded_head_dims`): CUDA's."""
+    return device.type == "cuda"
 
 
 def simplify(pattern: PatternBase, lk: int) -> PatternBase:

@@ -418,3 +418,46 @@ def test_the_fused_call_answers_empty_problems_instead_of_crashing(lq, lk, batch
     out, lse = _fused(q, k, v, scale=0.25, is_causal=False)
     assert out.shape == (batch, 2, lq, 8) and lse.shape == (batch, 2, lq)
     assert (out == 0).all() and torch.isinf(lse).all()
+
+
+@pytest.mark.parametrize("mask_shape", [None, (7, 9), (1, 5, 7, 9), (4, 5, 7, 9)], ids=["none", "2d", "per-head", "4d"])
+def test_within_grid_slices_batch_and_heads_and_joins_them(mask_shape):
+    """The CUDA grid limit (65535 on the batch and head axes), emulated with a limit of 2."""
+    from engine.kernels.dense import math_attention, within_grid
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(4, 5, n, 8, generator=g) for n in (7, 9, 9))
+    mask = None if mask_shape is None else torch.randn(mask_shape, generator=g)
+    calls = []
+
+    def call(q, k, v, mask):
+        calls.append(q.shape[:2])
+        return math_attention(q, k, v, scale=0.3, mask=mask)
+
+    out, lse = within_grid(call, q, k, v, mask, limit=2)
+    ref_out, ref_lse = math_attention(q, k, v, scale=0.3, mask=mask)
+    torch.testing.assert_close(out, ref_out)
+    torch.testing.assert_close(lse, ref_lse)
+    assert all(b <= 2 and h <= 2 for b, h in calls) and sum(b * h for b, h in calls) == 4 * 5
+
+
+@pytest.mark.parametrize("d, dv", [(12, 20), (20, 12), (5, 5)])
+@pytest.mark.parametrize("pattern", [None, {"type": "sliding_window", "window": 6},
+                                     {"type": "strided", "stride": 4}, {"type": "fixed", "block": 8, "summary": 2},
+                                     {"type": "union", "patterns": [{"type": "sliding_window", "window": 3},
+                                                                    {"type": "strided", "stride": 5}]}])
+def test_head_dims_padded_once_as_on_cuda(monkeypatch, pattern, d, dv):
+    """CUDA's plans pad the head dims once to one multiple of 8 (`padded_head_dims`); the same
+    plans with the padding on, here on the CPU's kernels, against the reference."""
+    import importlib
+
+    from engine import attention
+
+    monkeypatch.setattr(importlib.import_module("engine.planner"), "pads_head_dims", lambda device: True)
+    g = torch.Generator().manual_seed(1)
+    q, k, v = torch.randn(2, 4, 30, d, generator=g), torch.randn(2, 2, 41, d, generator=g), torch.randn(2, 2, 41, dv, generator=g)
+    out, lse = attention(q, k, v, pattern, return_lse=True)
+    assert out.shape == (2, 4, 30, dv)
+    ref_out, ref_lse = reference_attention(q, k, v, pattern)
+    torch.testing.assert_close(out.double(), ref_out, atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(lse.double(), ref_lse, atol=1e-4, rtol=1e-4)

@@ -77,7 +77,7 @@ def band_pieces(
     """Sliding-window attention as (first row, out, lse) pieces covering rows 0..Lq-1 in order,
     queries bottom-right aligned: a consumer that writes a new tensor anyway (a union's merge)
     can take them without first joining them."""
-    if flash_supported(q) and flash_window_supported(q.device, causal):
+    if flash_supported(q, v) and flash_window_supported(q.device, causal):
         return [(0, *_flash_window(q, k, v, window=window, scale=scale, causal=causal))]
     b, h, lq, _ = q.shape
     lk, dv, w = k.shape[-2], v.shape[-1], window

@@ -7,6 +7,8 @@ contract's bottom-right causal alignment is `diagonal = Lk - Lq`; a strictly-low
 
 from __future__ import annotations
 
+import functools
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -63,15 +65,31 @@ def fused_masked(q, k, v, keep: torch.Tensor | None, *, scale: float):
     return out, lse
 
 
-def flash_supported(q: torch.Tensor) -> bool:
-    """Whether the CUDA flash kernel takes these inputs (half precision, head dim <= 256)."""
-    return q.device.type == "cuda" and q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] <= 256
+def flash_supported(q: torch.Tensor, v: torch.Tensor) -> bool:
+    """Whether the CUDA flash kernel takes these inputs: half precision, head dims (the larger of
+    q's and v's, both padded to it) at most 256, and a GPU of compute capability 8.0 or newer."""
+    return (q.device.type == "cuda" and q.dtype in (torch.float16, torch.bfloat16)
+            and max(q.shape[-1], v.shape[-1]) <= 256 and _flash_capable(q.device))
+
+
+@functools.cache
+def _flash_capable(device: torch.device) -> bool:
+    return torch.cuda.get_device_capability(device) >= (8, 0)
 
 
 def pad_head_dim(x: torch.Tensor) -> torch.Tensor:
     """The CUDA kernels want head dims that are multiples of 8: zero columns change nothing."""
     extra = -x.shape[-1] % 8
     return F.pad(x, (0, extra)) if extra else x
+
+
+def padded_head_dims(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+    """q, k, v with one head dim, a multiple of 8, as the CUDA kernels want (zero columns change
+    no score and add only zero output columns): padded once, before any kernel builds views that
+    repeat rows (the band's overlapping windows, fixed's shared summary keys), which a pad per
+    call would write out whole."""
+    q, k, v = _same_head_dim(q, k, v)
+    return pad_head_dim(q), pad_head_dim(k), pad_head_dim(v)
 
 
 def cuda_bias(mask: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
@@ -83,10 +101,35 @@ def cuda_bias(mask: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> torch.Ten
     return mask.expand(q.shape[0], q.shape[1], q.shape[2], k.shape[2])
 
 
+# The fused CUDA kernels launch one grid with the batch and head axes on its y and z dimensions,
+# each at most 65535 long (pytorch/pytorch#142228): the kernels here put query blocks, classes or
+# tiles on those axes, so longer ones go in slices.
+CUDA_GRID_LIMIT = 65535
+
+
+def within_grid(call: Callable, q, k, v, mask: torch.Tensor | None, limit: int = CUDA_GRID_LIMIT):
+    """call(q, k, v, mask) -> (out, lse) on slices of the batch and head axes at most `limit`
+    long (a 4-D mask sliced alike where it is not broadcast), the results joined."""
+    for dim in (0, 1):
+        if q.shape[dim] > limit:
+            pieces = []
+            for at in range(0, q.shape[dim], limit):
+                size = min(limit, q.shape[dim] - at)
+                part = mask.narrow(dim, at, size) if mask is not None and mask.dim() == 4 and mask.shape[dim] > 1 \
+                    else mask
+                pieces.append(within_grid(call, *(x.narrow(dim, at, size) for x in (q, k, v)), part, limit))
+            return torch.cat([out for out, _ in pieces], dim), torch.cat([lse for _, lse in pieces], dim)
+    return call(q, k, v, mask)
+
+
 def _fused_cuda(q, k, v, *, scale: float, is_causal: bool, mask: torch.Tensor | None):
+    return within_grid(functools.partial(_fused_cuda_call, scale=scale, is_causal=is_causal), q, k, v, mask)
+
+
+def _fused_cuda_call(q, k, v, mask: torch.Tensor | None, *, scale: float, is_causal: bool):
     d = q.shape[-1]
     q, k, v = pad_head_dim(q), pad_head_dim(k), pad_head_dim(v)
-    if mask is None and flash_supported(q):
+    if mask is None and flash_supported(q, v):
         # Returns (output, logsumexp [B, H, Lq], cum_seq_q, cum_seq_k, max_q, max_k, ...).
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, is_causal, False, scale=scale)[:2]
     else:
