@@ -99,7 +99,7 @@ def positive_scale(q: torch.Tensor, scale: float) -> tuple[torch.Tensor, float]:
         raise ValueError(f"scale: must be finite, got {scale}")
     if scale < 0:
         q, scale = -q, -scale
-    if torch.tensor(scale, dtype=torch.float32).item() == 0:
+    if scale <= 2.0**-150:  # rounds to 0 in float32, whose smallest step is 2^-149
         return torch.zeros_like(q), 1.0
     return q, scale
 
