@@ -46,7 +46,8 @@ class Plan:
     where half precision is slow, the plan computes in float32, except for the dtypes in
     `native_on_cpu` (measured no slower natively than converted). `grouped_kv_on_cpu`: on the CPU
     the steps take fewer key/value heads than query heads as they are (torch's CPU attention
-    kernel reads each key/value head for its H / Hkv query heads), instead of repeated ones."""
+    kernel reads each key/value head for its H / Hkv query heads), instead of repeated ones. On
+    CUDA the head dims are padded once for every step (`pads_head_dims`)."""
 
     backend: str
     steps: tuple[Callable[..., Partial], ...]
