@@ -229,6 +229,9 @@ class Batcher:
         try:
             await asyncio.wait([job.future] + ([watch] if watch else []), timeout=timeout_s,
                                return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:  # the caller's task is gone (e.g. the server cancels it on shutdown):
+            job.future.cancel()  # its job is dropped, not run for nobody
+            raise
         finally:
             if watch is not None:
                 watch.cancel()

@@ -19,6 +19,8 @@ from pathlib import Path
 
 import pytest
 
+from service.settings import Settings
+
 DOCKER_DIR = Path(__file__).resolve().parents[1] / "docker"
 DOCKERFILES = [DOCKER_DIR / "Dockerfile.cpu", DOCKER_DIR / "Dockerfile.cuda"]
 
@@ -110,6 +112,13 @@ def test_cpu_stack_is_replicas_behind_one_published_port(compose_binary):
     limits = service["deploy"]["resources"]["limits"]
     assert limits["cpus"] == 2 and int(limits["memory"]) == 4 * 2**30
     assert service["environment"]["ATTN_TORCH_THREADS"] == "0"  # sized from the CPU limit (usable_cores)
+    # A stop cuts no request: requests still running get more than the request deadline, and the
+    # grace period covers the drain and that.
+    defaults = Settings()
+    shutdown_s = float(service["environment"]["ATTN_SHUTDOWN_TIMEOUT_S"])
+    assert shutdown_s > defaults.request_timeout_ms / 1000
+    grace_s = float(service["stop_grace_period"].removesuffix("s"))
+    assert grace_s > defaults.drain_s + shutdown_s
 
     assert [(p["target"], p["published"]) for p in lb["ports"]] == [(8080, "8080")]
     assert lb["depends_on"]["service"]["condition"] == "service_healthy"

@@ -122,7 +122,19 @@ async def test_dropped_when_the_client_left_or_the_deadline_passed_before_starti
         while batcher.queue_depth:  # the collector still has to take the two dropped jobs off the queue
             await asyncio.sleep(0.005)
         assert torch.equal((await batcher.submit(q, k, v, pattern)).output, attention(q, k, v))
-    assert counted.calls == [1, 1]  # the held call and the last one: the two dropped never ran
+        gate.close()
+        held = asyncio.create_task(batcher.submit(q, k, v, pattern))
+        await gate.holding()
+        cancelled = asyncio.create_task(batcher.submit(q, k, v, pattern))  # its caller's task cancelled, as
+        await asyncio.sleep(0.01)  # a server shutting down cancels its handlers: dropped, not run for nobody
+        cancelled.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await cancelled
+        gate.open()
+        await held
+        while batcher.queue_depth:
+            await asyncio.sleep(0.005)
+    assert counted.calls == [1, 1, 1]  # the held calls and the last one: the three dropped never ran
     with pytest.raises(ShuttingDown):
         await batcher.submit(q, k, v, pattern)
 
