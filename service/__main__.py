@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import time
+import uuid
 from types import FrameType
 from typing import Any
 
@@ -12,6 +13,7 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from .app import Service, create_app
 from .middleware import OVER_CONNECTION_LIMIT
+from .schemas import ErrorDetail, ErrorResponse
 from .settings import Settings
 
 
@@ -46,11 +48,22 @@ class BoundedHeadProtocol(HttpToolsProtocol):
             return
         self._head_bytes += len(data)
         if self._head_bytes > self.max_head_bytes:
-            body = (b'{"error": {"status": 431, "field": "headers", "message": "headers: over the limit of %d bytes '
-                    b'(ATTN_MAX_HEADER_BYTES)", "errors": []}}' % self.max_head_bytes)
-            self.transport.write(b"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-type: application/json\r\n"
-                                 b"content-length: %d\r\nconnection: close\r\n\r\n%s" % (len(body), body))
-            self.transport.close()
+            self._refuse(431, "Request Header Fields Too Large", "headers",
+                         f"over the limit of {self.max_head_bytes} bytes (ATTN_MAX_HEADER_BYTES)")
+
+    def send_400_response(self, msg: str) -> None:
+        """Bytes that are not HTTP (httptools could not parse them): the service's JSON, not uvicorn's text."""
+        self._refuse(400, "Bad Request", "request", f"not valid HTTP/1.1 ({msg})")
+
+    def _refuse(self, status: int, reason: str, field: str, message: str) -> None:
+        """Answer in the service's error shape, with an X-Request-ID, and close: the app never sees these."""
+        error = ErrorDetail(status=status, field=field, message=f"{field}: {message}",
+                            errors=[{"field": field, "message": f"{field}: {message}"}])
+        body = ErrorResponse(error=error).model_dump_json().encode()
+        self.transport.write(f"HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\n"
+                             f"content-length: {len(body)}\r\nx-request-id: {uuid.uuid4().hex}\r\n"
+                             "connection: close\r\n\r\n".encode() + body)
+        self.transport.close()
 
 
 class DrainingServer(uvicorn.Server):

@@ -337,6 +337,12 @@ def test_oversize_headers_are_refused_and_the_service_goes_on(server):
         status, body = _read_response(sock)
     assert status == 431 and json.loads(body)["error"]["field"] == "headers"
     assert sent * 1000 < 16384 + 2000  # refused at the limit, not after buffering the whole
+    # Bytes that are not HTTP (a control byte in a header value): 400 in the service's shape too.
+    with socket.create_connection(_address(server), timeout=10) as sock:
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Request-ID: abc\x01\r\n\r\n")
+        status, body = _read_response(sock)
+    error = json.loads(body)["error"]
+    assert status == 400 and error["field"] == "request" and error["message"].startswith("request: not valid HTTP")
     with socket.create_connection(_address(server), timeout=10) as sock:  # within the limit: fine
         sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\nX-Padding: " + b"a" * 8000 + b"\r\n\r\n")
         status, body = _read_response(sock)
