@@ -229,6 +229,17 @@ async def test_422_names_the_field(client, case):
 
 
 @pytest.mark.anyio
+async def test_a_bad_union_member_is_the_one_error_listed(client):
+    """Not also pydantic's echo that the member list is empty 'after validation'."""
+    bad = {"type": "union", "patterns": [{"type": "strided", "stride": "2"}]}
+    err = error_of(await client.post("/attention", json={**_valid(), "pattern": bad}), 422)
+    assert err["errors"] == [{"field": "pattern.patterns[0].stride",
+                              "message": "pattern.patterns[0].stride: Input should be a valid integer"}]
+    empty = error_of(await client.post("/attention", json={**_valid(), "pattern": {"type": "union", "patterns": []}}), 422)
+    assert empty["field"] == "pattern.patterns" and "at least 1 item" in empty["message"]  # really too short
+
+
+@pytest.mark.anyio
 async def test_422_for_data_problems(client):
     q, k, v = qkv(h=2, hkv=2, lq=4, lk=4, d=2, dv=2)
     body = request_body(q, k, v, encoding="data")
