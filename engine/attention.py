@@ -71,7 +71,9 @@ def attention(
     return_lse: bool = False,
 ):
     """Exact sparse attention: output [B, H, Lq, Dv] in q's dtype, and the float32 natural-log
-    log-sum-exp [B, H, Lq] when `return_lse`. 3-D inputs [H, L, D] give 3-D results."""
+    log-sum-exp [B, H, Lq] when `return_lse`. 3-D inputs [H, L, D] give 3-D results. Scores are
+    float32: where q.k or its scaled value passes float32's range (|q|, |k| ~ 1e19), rows come back
+    NaN, which the service refuses as a 422."""
     q, k, v, squeeze = _as_4d("q", q), _as_4d("k", k), _as_4d("v", v), getattr(q, "ndim", None) == 3
     check_shapes(q, k, v)
     # The fused kernels want each row's features adjacent: torch's CPU kernel misreads others (a
@@ -93,14 +95,15 @@ def attention(
 def positive_scale(q: torch.Tensor, scale: float) -> tuple[torch.Tensor, float]:
     """(q, scale) giving the same scores with a scale that is positive in float32. torch's fused
     kernels mask scores before scaling them, so zero or a negative scale turns a masked key into
-    NaN or +inf: a negative scale negates q instead (exact), and one that is zero in float32 makes
-    every score zero (attention uniform over the allowed keys)."""
+    NaN or +inf: a negative scale negates q instead (exact), and one that is zero in float32 goes
+    into q, in float64 (all zeros for scale 0 or ordinary q: attention uniform over the allowed
+    keys)."""
     if not math.isfinite(scale):
         raise ValueError(f"scale: must be finite, got {scale}")
     if scale < 0:
         q, scale = -q, -scale
     if scale <= 2.0**-150:  # rounds to 0 in float32, whose smallest step is 2^-149
-        return torch.zeros_like(q), 1.0
+        return (q.double() * scale).to(q.dtype), 1.0
     return q, scale
 
 

@@ -158,6 +158,15 @@ def test_head_dim_zero_is_refused():
         attention(q, q, torch.randn(1, 1, 4, 8))
 
 
+def test_a_scale_below_float32_with_huge_inputs():
+    """scale * q.k of order 1 although the scale is 0 in float32 (and q.k past its range)."""
+    q, k, v = torch.randn(1, 2, 9, 8) * 1e30, torch.randn(1, 2, 9, 8) * 1e30, torch.randn(1, 2, 9, 8)
+    out, lse = attention(q, k, v, scale=-1e-60, return_lse=True)
+    ref_out, ref_lse = reference_attention(q, k, v, scale=-1e-60)
+    torch.testing.assert_close(out.double(), ref_out, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lse.double(), ref_lse, atol=1e-4, rtol=1e-4)
+
+
 @pytest.mark.parametrize("scale", [math.nan, math.inf, -math.inf])
 def test_non_finite_scale_is_refused(scale):
     q = torch.randn(1, 1, 4, 8)
