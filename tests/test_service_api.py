@@ -442,6 +442,8 @@ async def test_pattern_preview_png_and_its_bounds(client):
     assert error_of(await client.get("/patterns/preview", params={"n": 100000}), 422)["field"] == "query.n"
     err = error_of(await client.get("/patterns/preview", params={"pattern": '{"type": "sliding_window"}'}), 422)
     assert err["field"] == "pattern.window" and err["message"].startswith("pattern.window: ")
+    err = error_of(await client.get("/patterns/preview", params={"pattern": '{"type": "strided", "stride": "3"}'}), 422)
+    assert err["field"] == "pattern.stride"  # JSON types as POST /attention takes them
     err = error_of(await client.get("/patterns/preview", params={"pattern": pattern, "heads": 3}), 422)
     assert err["field"] == "pattern.patterns"
     docs = (await client.get("/openapi.json")).json()

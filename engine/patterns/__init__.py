@@ -80,14 +80,17 @@ def error_reason(error: dict) -> str:
 
 
 def parse_pattern(pattern: PatternBase | dict | str | None) -> PatternBase:
-    """The engine's pattern object for a dict, a JSON string, an object, or None (dense); a
-    ValueError naming each bad field ('pattern.patterns[1].window: ...') otherwise."""
+    """The engine's pattern object for a dict, a JSON string (its JSON types as they are, as the
+    service takes them: "3" is no window), an object, or None (dense); a ValueError naming each
+    bad field ('pattern.patterns[1].window: ...') otherwise."""
     if pattern is None:
         return Dense()
     if isinstance(pattern, PatternBase):
         return pattern
     try:
-        return _ADAPTER.validate_json(pattern) if isinstance(pattern, str) else _ADAPTER.validate_python(pattern)
+        if isinstance(pattern, str):
+            return _ADAPTER.validate_json(pattern, strict=True)
+        return _ADAPTER.validate_python(pattern)
     except ValidationError as e:
         problems = [f"{error_field(['pattern', *error['loc']])}: {error_reason(error)}" for error in e.errors()]
         raise ValueError("; ".join(problems)) from None
