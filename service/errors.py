@@ -103,4 +103,6 @@ def install(app: FastAPI, retry_after_s: int) -> None:
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error in %s %s", request.method, request.url.path)
-        return error_response(request, 500, None, f"internal error: {type(exc).__name__}")
+        # The server closes the connection after this answer (starlette re-raises the error):
+        # saying so keeps a client from sending its next request into the closed connection.
+        return error_response(request, 500, None, f"internal error: {type(exc).__name__}", {"Connection": "close"})

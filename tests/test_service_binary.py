@@ -115,6 +115,8 @@ def _bad_bodies():
         ("no header length", (good, q, k, v), None, binary.HEADER),
         ("header length not a number", (good, q, k, v), "12abc", binary.HEADER),
         ("header length past the body", (good, q, k, v), "999999", binary.HEADER),
+        ("header length in superscript digits", (good, q, k, v), b"\xb2", binary.HEADER),  # Latin-1 "²"
+        ("header length of 5000 digits", (good, q, k, v), "0" * 4990 + str(len(good)), binary.HEADER),
         ("header length cutting the JSON", (good, q, k, v), "10", "body"),
         ("bytes missing", (good, q, k), "auto", "body"),
         ("bytes left over", (good, q, k, v, v), "auto", "body"),

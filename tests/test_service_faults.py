@@ -105,6 +105,7 @@ async def test_an_engine_error_on_a_poisoned_request_fails_only_it():
             assert torch.allclose(from_json(r.json()["output"]), attention(q, k, v), atol=1e-6)
         else:
             assert r.json()["error"]["message"] == "internal error: RuntimeError"
+            assert r.headers["Connection"] == "close"  # the server drops it: no client reuses it blindly
 
 
 def test_sigterm_drains_in_flight_answers_new_ones_503_and_exits_within_the_bound():
