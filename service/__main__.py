@@ -3,18 +3,24 @@
 from __future__ import annotations
 
 import functools
+import logging
+import os
+import sys
 import time
 import uuid
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import uvicorn
+from pydantic import ValidationError
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from .app import Service, create_app
 from .middleware import OVER_CONNECTION_LIMIT
 from .schemas import ErrorDetail, ErrorResponse
-from .settings import Settings
+from .settings import Settings, settings_problems, unknown_variables
+
+if TYPE_CHECKING:
+    from .app import Service
 
 
 class BoundedHeadProtocol(HttpToolsProtocol):
@@ -93,6 +99,8 @@ class DrainingServer(uvicorn.Server):
 
 def uvicorn_config(settings: Settings) -> uvicorn.Config:
     """uvicorn serving a new app with the settings' address and connection limits."""
+    from .app import create_app  # imported once the settings are known good: the module builds an app
+
     return uvicorn.Config(
         create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level,
         http=functools.partial(BoundedHeadProtocol, max_head_bytes=settings.max_header_bytes,
@@ -102,9 +110,21 @@ def uvicorn_config(settings: Settings) -> uvicorn.Config:
 
 
 def main() -> None:
-    settings = Settings()
+    """Start, or exit 1 with one line per bad setting; an unknown ATTN_* variable is warned about."""
+    try:
+        settings = Settings()
+        settings.torch_device  # noqa: B018 - ATTN_DEVICE=cuda without a GPU is refused here, not in a traceback
+    except ValidationError as error:
+        sys.exit("invalid settings:\n  " + "\n  ".join(settings_problems(error)))
+    except ValueError as error:
+        sys.exit(f"invalid settings:\n  {error}")
+    for name in unknown_variables(os.environ):
+        logging.getLogger("service").warning("%s is not a setting and is ignored (a typo?)", name)
     config = uvicorn_config(settings)
-    DrainingServer(config, config.app.state.service, settings.drain_s).run()
+    try:
+        DrainingServer(config, config.app.state.service, settings.drain_s).run()
+    except KeyboardInterrupt:  # Ctrl-C: drained and shut down already; uvicorn re-raises the signal
+        sys.exit(130)
 
 
 if __name__ == "__main__":

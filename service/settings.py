@@ -4,27 +4,29 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Mapping
 from functools import cached_property
 from pathlib import Path
 from typing import Annotated, Literal
 
 import torch
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from engine.batcher import ThreadBudget
+from engine.patterns import error_reason
 
 
 class Settings(BaseSettings):
     """Every knob of the service; the README's settings table documents each one."""
 
-    model_config = SettingsConfigDict(env_prefix="ATTN_", frozen=True)
+    model_config = SettingsConfigDict(env_prefix="ATTN_", frozen=True, allow_inf_nan=False)
 
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto picks cuda when available")
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
     max_batch_size: int = Field(32, ge=1, description="requests per engine call; 1 turns batching off")
-    max_batch_delay_ms: float = Field(2.0, ge=0, description="how long a batch waits to fill")
+    max_batch_delay_ms: float = Field(2.0, ge=0, le=10_000, description="how long a batch waits to fill")
     queue_size: int = Field(256, ge=1, description="requests waiting for the engine before 429")
     max_tokens_per_request: int = Field(1 << 20, ge=1, description="B * Lk (key positions over the batch)")
     max_tensor_elements: int = Field(1 << 27, ge=1, description="elements in any of q, k, v or the output")
@@ -58,7 +60,10 @@ class Settings(BaseSettings):
     @classmethod
     def _split_commas(cls, value: object) -> object:
         if isinstance(value, str):
-            return tuple(key.strip() for key in value.split(",") if key.strip())
+            items = tuple(key.strip() for key in value.split(",") if key.strip())
+            if value.strip() and not items:  # ",," meant keys: not a silent "no authentication"
+                raise ValueError(f"{value!r} lists nothing; leave it unset for none")
+            return items
         return value
 
     @cached_property
@@ -107,3 +112,20 @@ def _cpu_quota(cgroup: Path) -> float | None:
     if limit in ("max", "-1") or not limit.isdigit() or not period.isdigit() or int(period) == 0:
         return None
     return int(limit) / int(period)
+
+
+def settings_problems(error: ValidationError) -> list[str]:
+    """One line per invalid setting, named as its environment variable."""
+    return [f"ATTN_{'_'.join(map(str, e['loc'])).upper()}={e.get('input')!r}: {error_reason(e)}" for e in error.errors()]
+
+
+def unknown_variables(environ: Mapping[str, str]) -> list[str]:
+    """ATTN_* variables no setting reads (a typo leaves its setting at the default), less the
+    others' own (`NOT_SETTINGS`), which may be in the shell that starts the service."""
+    known = {f"ATTN_{name.upper()}" for name in Settings.model_fields} | NOT_SETTINGS
+    return sorted(name for name in environ if name.startswith("ATTN_") and name not in known)
+
+
+# ATTN_* variables read by docker/compose*.yaml for itself, and by the test suite (`make fuzz`).
+NOT_SETTINGS = frozenset({"ATTN_REPLICAS", "ATTN_CPUS", "ATTN_MEMORY", "ATTN_PUBLISH_PORT", "ATTN_IMAGE",
+                          "ATTN_GPUS_PER_REPLICA", "ATTN_FUZZ_EXAMPLES"})

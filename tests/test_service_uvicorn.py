@@ -4,12 +4,16 @@ readiness, concurrent requests answered correctly and batched, limits enforced o
 from __future__ import annotations
 
 import asyncio
+import os
+import subprocess
+import sys
 
 import httpx
 import pytest
 import torch
 
 from engine import attention
+from service.settings import unknown_variables
 from service_support import from_json, qkv, request_body, service_process
 
 
@@ -46,3 +50,21 @@ def test_limits_and_auth_on_the_wire(server):
     r = httpx.post(f"{server}/attention", json=big, headers={"Authorization": "Bearer secret"})
     assert r.status_code == 413 and r.json()["error"]["field"] == "body"
     assert "attention_http_requests_total" in httpx.get(f"{server}/metrics").text
+
+
+@pytest.mark.parametrize("variable, shown", [
+    ("ATTN_PORT=abc", "ATTN_PORT='abc': Input should be a valid integer"),
+    ("ATTN_MAX_BATCH_DELAY_MS=inf", "ATTN_MAX_BATCH_DELAY_MS='inf': Input should be a finite number"),  # never ready
+    ("ATTN_API_KEYS=,,", "ATTN_API_KEYS=',,': ',,' lists nothing"),  # not a silent "no authentication"
+    ("ATTN_DEVICE=tpu", "ATTN_DEVICE='tpu'"),
+])
+def test_a_bad_setting_exits_with_one_line_naming_its_variable(variable, shown):
+    name, _, value = variable.partition("=")
+    done = subprocess.run([sys.executable, "-m", "service"], env={**os.environ, name: value}, capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 1 and shown in done.stderr and "Traceback" not in done.stderr, done.stderr
+
+
+def test_unknown_attn_variables_are_named():
+    environ = {"ATTN_API_KEY": "secret", "ATTN_PORT": "1", "ATTN_REPLICAS": "2", "PATH": "/bin"}
+    assert unknown_variables(environ) == ["ATTN_API_KEY"]  # a typo of ATTN_API_KEYS; compose's own are fine
