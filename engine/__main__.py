@@ -18,8 +18,9 @@ def _show(args: argparse.Namespace) -> None:
     pattern = parse_pattern(args.pattern)
     causal = not args.no_causal
     if args.png:
+        png = mask_png(pattern, args.n, causal=causal, heads=args.heads)  # drawn before the file is opened
         with open(args.png, "wb") as f:
-            f.write(mask_png(pattern, args.n, causal=causal, heads=args.heads))
+            f.write(png)
         print(f"wrote {args.png}")
         return
     for head in range(args.heads):
@@ -43,23 +44,36 @@ def _demo(args: argparse.Namespace) -> None:
           f"peak {mem.peak_bytes / 2**20:.1f} MiB, {pairs} attended pairs")
 
 
+def _count(low: int, high: int):
+    """An argparse type: an int in [low, high] (the mask and the demo's tensors grow with it)."""
+    def parse(text: str) -> int:
+        value = int(text)
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"{value} is not in {low}..{high}")
+        return value
+    return parse
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m engine")
     sub = parser.add_subparsers(dest="command", required=True)
     show = sub.add_parser("show", help="print or draw a pattern's mask")
     show.add_argument("pattern", help='pattern JSON, e.g. \'{"type": "sliding_window", "window": 4}\'')
-    show.add_argument("--n", type=int, default=32)
-    show.add_argument("--heads", type=int, default=1)
+    show.add_argument("--n", type=_count(1, 2048), default=32)
+    show.add_argument("--heads", type=_count(1, 64), default=1)
     show.add_argument("--no-causal", action="store_true")
     show.add_argument("--png", metavar="FILE")
     show.set_defaults(run=_show)
     demo = sub.add_parser("demo", help="run the engine once and report time and memory")
     demo.add_argument("pattern", nargs="?", default='{"type": "sliding_window", "window": 256}')
-    demo.add_argument("--n", type=int, default=16384)
-    demo.add_argument("--heads", type=int, default=8)
+    demo.add_argument("--n", type=_count(1, 1 << 17), default=16384)
+    demo.add_argument("--heads", type=_count(1, 64), default=8)
     demo.set_defaults(run=_demo)
     args = parser.parse_args(argv)
-    args.run(args)
+    try:
+        args.run(args)
+    except (ValueError, OSError) as error:  # a bad pattern, heads it cannot serve, an unwritable --png
+        parser.exit(2, f"{parser.prog} {args.command}: error: {error}\n")
 
 
 if __name__ == "__main__":

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from engine.__main__ import main
 
 
@@ -25,3 +27,15 @@ def test_show_png_writes_an_image(tmp_path):
     target = tmp_path / "mask.png"
     main(["show", '{"type": "strided", "stride": 4}', "--n", "32", "--png", str(target)])
     assert target.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("argv, shown", [
+    (["show", "{type: fixed}"], "pattern: Invalid JSON"),
+    (["show", '{"type": "sliding_window", "window": 4}', "--n", "-1"], "argument --n: -1 is not in 1..2048"),
+    (["demo", "--n", "1000000000"], "argument --n: 1000000000 is not in"),
+    (["show", '{"type": "sliding_window", "window": 4}', "--png", "/nonexistent/dir/x.png"], "No such file"),
+])
+def test_bad_arguments_exit_2_with_one_line(capsys, argv, shown):
+    with pytest.raises(SystemExit) as done:
+        main(argv)
+    assert done.value.code == 2 and shown in capsys.readouterr().err
