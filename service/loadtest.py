@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import multiprocessing
 import os
 import queue
@@ -121,9 +122,13 @@ class Scenario(BaseModel):
 
     @classmethod
     def load(cls, path: str | Path) -> Scenario:
-        """From a .json file, or YAML (any other suffix)."""
+        """From a .json file, or YAML (any other suffix); a ValueError naming the file if it does not parse."""
         text = Path(path).read_text()
-        return cls.model_validate(json.loads(text) if str(path).endswith(".json") else yaml.safe_load(text))
+        try:
+            data = json.loads(text) if str(path).endswith(".json") else yaml.safe_load(text)
+        except (ValueError, yaml.YAMLError) as exc:
+            raise ValueError(f"{path}: {exc}") from None
+        return cls.model_validate(data)
 
 
 DEFAULT_SCENARIO = Scenario(
@@ -176,8 +181,14 @@ class LoadConfig:
             raise ValueError("give exactly one of concurrency (closed loop) or rate (open loop)")
         if self.concurrency is not None and self.concurrency < 1:
             raise ValueError("concurrency: must be >= 1")
-        if self.rate is not None and self.rate <= 0:
-            raise ValueError("rate: must be > 0")
+        for name in ("rate", "duration_s", "timeout_s", "ready_timeout_s"):  # nan or inf ran forever
+            value = getattr(self, name)
+            if value is not None and not (math.isfinite(value) and value > 0):
+                raise ValueError(f"{name}: must be a finite number > 0, got {value}")
+        for name in ("requests", "pool", "max_connections"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name}: must be >= 1, got {value}")
         if self.duration_s is None and self.requests is None:
             self.duration_s = 10.0
         if not 0.0 <= self.check_fraction <= 1.0:

@@ -99,6 +99,21 @@ def test_command_line_refuses_both_or_neither_mode(tmp_path, capsys):
     assert "--concurrency" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("flags, shown", [
+    (["--duration", "nan"], "duration_s: must be a finite number > 0"),  # ran forever
+    (["--timeout", "0"], "timeout_s: must be a finite number > 0"),
+    (["--pool", "0"], "pool: must be >= 1"),  # a traceback from randrange
+    (["--requests", "-5"], "requests: must be >= 1"),  # it named processes
+    (["--scenario", "{scenario}"], "bad.yaml: while parsing"),  # a YAML traceback
+])
+def test_command_line_refuses_bad_values_naming_them(tmp_path, capsys, flags, shown):
+    (tmp_path / "bad.yaml").write_text("requests: [\n  {a: 1\n")
+    flags = [flag.format(scenario=tmp_path / "bad.yaml") for flag in flags]
+    with pytest.raises(SystemExit) as done:
+        main(["--url", "http://127.0.0.1:9", "--concurrency", "1", "--out", str(tmp_path / "out"), *flags])
+    assert done.value.code == 2 and shown in capsys.readouterr().err
+
+
 def test_unreachable_service_is_a_clear_error(tmp_path, capsys):
     argv = ["--url", "http://127.0.0.1:9", "--rate", "5", "--ready-timeout", "0.3", "--no-progress"]
     assert main([*argv, "--out", str(tmp_path / "out")]) == 2
