@@ -15,8 +15,8 @@ import uvicorn
 from pydantic import ValidationError
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+from .errors import error_body
 from .middleware import OVER_CONNECTION_LIMIT
-from .schemas import ErrorDetail, ErrorResponse
 from .settings import Settings, settings_problems, unknown_variables
 
 if TYPE_CHECKING:
@@ -63,9 +63,7 @@ class BoundedHeadProtocol(HttpToolsProtocol):
 
     def _refuse(self, status: int, reason: str, field: str, message: str) -> None:
         """Answer in the service's error shape, with an X-Request-ID, and close: the app never sees these."""
-        error = ErrorDetail(status=status, field=field, message=f"{field}: {message}",
-                            errors=[{"field": field, "message": f"{field}: {message}"}])
-        body = ErrorResponse(error=error).model_dump_json().encode()
+        body = error_body(status, field, f"{field}: {message}").model_dump_json().encode()
         self.transport.write(f"HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\n"
                              f"content-length: {len(body)}\r\nx-request-id: {uuid.uuid4().hex}\r\n"
                              "connection: close\r\n\r\n".encode() + body)

@@ -36,12 +36,18 @@ class ApiError(HTTPException):
         self.field = field
 
 
+def error_body(status: int, field: str | None, message: str,
+               errors: list[dict[str, str]] | None = None) -> ErrorResponse:
+    """The contract's error body; `errors` defaults to this one error where a field applies."""
+    errors = errors or ([{"field": field, "message": message}] if field else [])
+    return ErrorResponse(error=ErrorDetail(status=status, field=field, message=message, errors=errors))
+
+
 def error_response(
     request: Request, status: int, field: str | None, message: str,
     headers: dict[str, str] | None = None, errors: list[dict[str, str]] | None = None,
 ) -> JSONResponse:
-    errors = errors or ([{"field": field, "message": message}] if field else [])
-    body = ErrorResponse(error=ErrorDetail(status=status, field=field, message=message, errors=errors))
+    body = error_body(status, field, message, errors)
     headers = dict(headers or {})
     request_id = getattr(request.state, "request_id", None)
     if request_id:
