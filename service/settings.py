@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from collections.abc import Mapping
 from functools import cached_property
 from pathlib import Path
@@ -65,6 +66,18 @@ class Settings(BaseSettings):
                 raise ValueError(f"{value!r} lists nothing; leave it unset for none")
             return items
         return value
+
+    @field_validator("cors_origins")
+    @classmethod
+    def _origins_as_browsers_send_them(cls, origins: tuple[str, ...]) -> tuple[str, ...]:
+        """An origin is scheme://host[:port], no path: a browser's Origin header never matches
+        'http://a.com/'; '*' stands alone, since beside others it would silently allow every origin."""
+        if "*" in origins and len(origins) > 1:
+            raise ValueError("'*' allows every origin: give it alone or not at all")
+        for origin in origins:
+            if origin != "*" and not re.fullmatch(r"https?://(\[[0-9a-fA-F:.]+\]|[^/\s:\[\]]+)(:[0-9]{1,5})?", origin):
+                raise ValueError(f"{origin!r} is not an origin such as https://app.example.com or http://localhost:3000")
+        return origins
 
     @cached_property
     def thread_budget(self) -> ThreadBudget:

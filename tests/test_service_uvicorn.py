@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from engine import attention
-from service.settings import unknown_variables
+from service.settings import Settings, unknown_variables
 from service_support import from_json, qkv, request_body, service_process
 
 
@@ -57,12 +57,21 @@ def test_limits_and_auth_on_the_wire(server):
     ("ATTN_MAX_BATCH_DELAY_MS=inf", "ATTN_MAX_BATCH_DELAY_MS='inf': Input should be a finite number"),  # never ready
     ("ATTN_API_KEYS=,,", "ATTN_API_KEYS=',,': ',,' lists nothing"),  # not a silent "no authentication"
     ("ATTN_DEVICE=tpu", "ATTN_DEVICE='tpu'"),
+    ("ATTN_CORS_ORIGINS=http://a.com/", "'http://a.com/' is not an origin"),  # never matches a browser's Origin
+    ("ATTN_CORS_ORIGINS=https://a.com,*", "'*' allows every origin"),
 ])
 def test_a_bad_setting_exits_with_one_line_naming_its_variable(variable, shown):
     name, _, value = variable.partition("=")
     done = subprocess.run([sys.executable, "-m", "service"], env={**os.environ, name: value}, capture_output=True,
                           text=True, timeout=60)
     assert done.returncode == 1 and shown in done.stderr and "Traceback" not in done.stderr, done.stderr
+
+
+def test_origins_as_browsers_send_them(monkeypatch):
+    monkeypatch.setenv("ATTN_CORS_ORIGINS", "https://app.example.com, http://localhost:3000,http://[::1]:8080")
+    assert Settings().cors_origins == ("https://app.example.com", "http://localhost:3000", "http://[::1]:8080")
+    monkeypatch.setenv("ATTN_CORS_ORIGINS", "*")
+    assert Settings().cors_origins == ("*",)
 
 
 def test_unknown_attn_variables_are_named():
