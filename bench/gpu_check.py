@@ -157,25 +157,23 @@ def grid_checks(device, n: int = 140000) -> tuple[int, int]:
     """More than 65535 classes or blocks on the CUDA grid's head axis (`within_grid`), at n = 140000,
     bfloat16: strided(n / 2) against its closed form (row i attends i and i - n / 2), fixed(2, 1)
     against the masked kernel (a float64 reference would be a 2e10-element mask)."""
-    passed = failed = 0
     s, scale = n // 2, 0.125
     q, k, v = inputs((1, 1, 1, n, n, 64, 64), torch.bfloat16, device, seed=4)
-    for name, run, expected in (
-        (f"strided({s})", lambda: attention(q, k, v, ST(s), scale=scale, return_lse=True),
-         lambda: _two_key_rows(q, k, v, s, scale)),
-        ("fixed(2, 1)", lambda: attention(q, k, v, FX(2, 1), scale=scale, return_lse=True),
-         lambda: kernels.masked_attention(q, k, v, parse_pattern(FX(2, 1)), scale=scale, causal=True)),
-    ):
-        try:
-            (out, lse), (want_out, want_lse) = run(), expected()
-            worst = max((out.cpu().double() - want_out.cpu().double()).abs().max().item(),
-                        (lse.cpu().double() - want_lse.cpu().double()).abs().max().item())
-            problem = None if worst <= 3e-2 else f"off by up to {worst:.3g}"
-        except Exception:  # noqa: BLE001 - a crash is a failure, reported with its trace
-            problem = "raised\n" + traceback.format_exc()
-        passed, failed = passed + (problem is None), failed + (problem is not None)
-        print(f"{'FAIL' if problem else 'PASS'} grid {name} n={n} bfloat16{': ' + problem if problem else ''}", flush=True)
-    return passed, failed
+
+    def against(run, expected):
+        (out, lse), (want_out, want_lse) = run(), expected()
+        worst = max((out.cpu().double() - want_out.cpu().double()).abs().max().item(),
+                    (lse.cpu().double() - want_lse.cpu().double()).abs().max().item())
+        return None if worst <= 3e-2 else f"off by up to {worst:.3g}"
+
+    results = [
+        outcome(f"grid strided({s}) n={n} bfloat16", lambda: against(
+            lambda: attention(q, k, v, ST(s), scale=scale, return_lse=True), lambda: _two_key_rows(q, k, v, s, scale))),
+        outcome(f"grid fixed(2, 1) n={n} bfloat16", lambda: against(
+            lambda: attention(q, k, v, FX(2, 1), scale=scale, return_lse=True),
+            lambda: kernels.masked_attention(q, k, v, parse_pattern(FX(2, 1)), scale=scale, causal=True))),
+    ]
+    return results.count(True), results.count(False)
 
 
 def _two_key_rows(q, k, v, s, scale):
@@ -191,22 +189,21 @@ def _two_key_rows(q, k, v, s, scale):
 
 
 def check(device) -> tuple[int, int]:
-    passed = failed = 0
-    for name, run, q, k, v, pattern, causal, dtype in cases(device):
-        try:
-            out, lse = run()
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            problem = compare(out, lse, q, k, v, pattern, causal, dtype)
-        except Exception:  # noqa: BLE001 - a crash is a failure, reported with its trace
-            problem = "raised\n" + traceback.format_exc()
-        if problem:
-            failed += 1
-            print(f"FAIL {name}: {problem}", flush=True)
-        else:
-            passed += 1
-            print(f"PASS {name}", flush=True)
-    return passed, failed
+    results = [outcome(name, lambda run=run, q=q, k=k, v=v, p=pattern, c=causal, t=dtype:
+                       compare(*run(), q, k, v, p, c, t))
+               for name, run, q, k, v, pattern, causal, dtype in cases(device)]
+    return results.count(True), results.count(False)
+
+
+def outcome(name: str, attempt) -> bool:
+    """Run one check (`attempt` returns what is wrong, or None), print its PASS or FAIL line, and
+    say whether it passed; a crash is a failure, reported with its trace."""
+    try:
+        problem = attempt()
+    except Exception:  # noqa: BLE001
+        problem = "raised\n" + traceback.format_exc()
+    print(f"FAIL {name}: {problem}" if problem else f"PASS {name}", flush=True)
+    return problem is None
 
 
 def fixed_ranges(device: torch.device, ns=(16384, 131072)) -> list[dict]:
