@@ -175,6 +175,7 @@ class Batcher:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
         self._collector: asyncio.Task | None = None
         self._closing = False
+        self._waiting: set[_Job] = set()  # submitted and not yet answered
 
     @property
     def queue_depth(self) -> int:
@@ -187,6 +188,14 @@ class Batcher:
 
     async def __aexit__(self, *exc) -> None:
         await self.close()
+
+    def abandon(self, reason: str) -> None:
+        """Answer every request still waiting, queued or running, with ShuttingDown(reason) now: for
+        a shutdown whose time is up, so that each gets an answer rather than being cut off."""
+        self._closing = True
+        for job in self._waiting:
+            if not job.future.done():
+                job.future.set_exception(ShuttingDown(reason))
 
     async def close(self) -> None:
         """Refuse new requests, finish the queued ones, then stop the worker."""
@@ -213,7 +222,7 @@ class Batcher:
         """Queue one request of [B, H, L, D] tensors and wait for its answer.
 
         `client_gone()` is awaited alongside: when it returns first, the request is dropped.
-        Raises QueueFull, ShuttingDown, DeadlineExceeded, ClientGone, OutOfMemory, or the engine's own error.
+        Raises QueueFull, ShuttingDown (also when `abandon`ed), DeadlineExceeded, ClientGone, OutOfMemory, or the engine's own error.
         """
         if self._closing or self._collector is None:
             raise ShuttingDown("the engine is shutting down")
@@ -226,6 +235,7 @@ class Batcher:
         except asyncio.QueueFull:
             raise QueueFull(f"{self._queue.maxsize} requests already waiting") from None
         watch = asyncio.ensure_future(client_gone()) if client_gone is not None else None
+        self._waiting.add(job)
         try:
             await asyncio.wait([job.future] + ([watch] if watch else []), timeout=timeout_s,
                                return_when=asyncio.FIRST_COMPLETED)
@@ -233,6 +243,7 @@ class Batcher:
             job.future.cancel()  # its job is dropped, not run for nobody
             raise
         finally:
+            self._waiting.discard(job)
             if watch is not None:
                 watch.cancel()
         if job.future.done():

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
+import socket
 import os
 import sys
 import time
@@ -74,7 +76,8 @@ class DrainingServer(uvicorn.Server):
     """uvicorn, with a drain before its graceful shutdown. On the first SIGTERM or SIGINT the
     service answers every new request 503 with Retry-After (a load balancer moves on to another
     replica) while the requests already accepted run on; after `drain_s` it stops listening and
-    gives those still running up to `shutdown_timeout_s`. A second signal ends the drain at once."""
+    gives those still running up to `shutdown_timeout_s` (those still waiting then get 503). A second
+    signal ends the drain at once."""
 
     def __init__(self, config: uvicorn.Config, service: Service, drain_s: float) -> None:
         super().__init__(config)
@@ -93,6 +96,17 @@ class DrainingServer(uvicorn.Server):
         if self._drain is not None and not self.should_exit and time.monotonic() >= self._drain[1]:
             super().handle_exit(self._drain[0], None)
         return await super().on_tick(counter)
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        """uvicorn's graceful shutdown; shortly before its timeout, which would cancel the requests still
+        running and answer them a plain-text 500, the service answers them 503 (`Service.abandon`)."""
+        timeout = self.config.timeout_graceful_shutdown
+        assert timeout is not None, "uvicorn_config sets it"
+        timer = asyncio.get_running_loop().call_later(timeout - min(1.0, timeout / 2), self.service.abandon)
+        try:
+            await super().shutdown(sockets)
+        finally:
+            timer.cancel()
 
 
 def uvicorn_config(settings: Settings) -> uvicorn.Config:

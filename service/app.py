@@ -117,6 +117,11 @@ class Service:
         """Shutting down: new requests get 503 from now on; those already accepted run to the end."""
         self.draining = True
 
+    def abandon(self) -> None:
+        """The shutdown's time is up: every request still waiting for the engine gets 503 now."""
+        if self.batcher is not None:
+            self.batcher.abandon("the service shut down before this request could finish (ATTN_SHUTDOWN_TIMEOUT_S)")
+
 
 _bearer = HTTPBearer(auto_error=False, description="required when ATTN_API_KEYS is set")
 

@@ -110,7 +110,7 @@ async def test_an_engine_error_on_a_poisoned_request_fails_only_it():
 
 def test_sigterm_drains_in_flight_answers_new_ones_503_and_exits_within_the_bound():
     drain_s, shutdown_timeout_s = 2, 10
-    heavy = {"type": "union", "patterns": [{"type": "fixed", "block": 64, "summary": 8}, SW]}  # masked: slow
+    heavy = {"type": "union", "patterns": [{"type": "fixed", "block": 64, "summary": 8}, SW]}  # band+fixed: slow enough to queue
     in_flight = [qkv(b=1, h=2, hkv=2, lq=2048, lk=2048, d=4, dv=4, seed=700 + i) for i in range(4)]
     light = qkv(h=2, hkv=2, lq=8, lk=8, d=4, dv=4, seed=799)
 
@@ -144,3 +144,35 @@ def test_sigterm_drains_in_flight_answers_new_ones_503_and_exits_within_the_boun
     assert drain_s <= exited_after_s <= drain_s + shutdown_timeout_s
     print(f"drain: {len(answers)} in flight answered, {len(refused)} new refused 503, exit {exited_after_s:.1f} s "
           f"after SIGTERM (bound {drain_s + shutdown_timeout_s} s)")
+
+
+def test_requests_still_waiting_when_the_shutdown_timeout_ends_get_503_not_a_plain_500():
+    """uvicorn cancels what still runs at ATTN_SHUTDOWN_TIMEOUT_S (a plain-text 500 without X-Request-ID):
+    the service answers those requests first, in its JSON, with Retry-After and the client's id."""
+    dense = {"type": "dense"}
+    requests = [qkv(b=1, h=4, hkv=4, lq=8192, lk=8192, d=16, dv=16, seed=900 + i) for i in range(8)]
+
+    async def scenario(url: str, proc) -> list[httpx.Response]:
+        async with httpx.AsyncClient(base_url=url, timeout=60) as c:
+            running = [asyncio.create_task(c.post("/attention", headers={"X-Request-ID": f"late-{i}"},
+                                                  json=request_body(q, k, v, pattern=dense, causal=False)))
+                       for i, (q, k, v) in enumerate(requests)]
+            deadline = time.monotonic() + 60
+            while "attention_queue_depth 7.0" not in (await c.get("/metrics")).text:  # 1 running, 7 queued
+                assert time.monotonic() < deadline, "the requests never stood 1 running and 7 queued"
+                await asyncio.sleep(0.01)
+            proc.send_signal(signal.SIGTERM)
+            return await asyncio.gather(*running)
+
+    with service_process(drain_s=0.2, shutdown_timeout_s=1, max_batch_size=1) as (url, proc):
+        answers = asyncio.run(scenario(url, proc))
+        proc.wait(30)
+    statuses = [r.status_code for r in answers]
+    assert set(statuses) == {200, 503}, statuses
+    for i, ((q, k, v), r) in enumerate(zip(requests, answers)):
+        assert r.headers["X-Request-ID"] == f"late-{i}"
+        if r.status_code == 200:
+            assert torch.allclose(from_json(r.json()["output"]), attention(q, k, v, causal=False), atol=1e-5)
+        else:
+            assert r.headers["Retry-After"] == "1"
+            assert "shut down before this request could finish" in r.json()["error"]["message"]
