@@ -20,7 +20,6 @@ import orjson
 import torch
 from fastapi import Depends, FastAPI, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
-from fastapi.middleware.cors import CORSMiddleware
 from fastapi.openapi.utils import get_openapi
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
@@ -31,7 +30,7 @@ from engine.picture import mask_png
 from . import binary, errors
 from .errors import ApiError
 from .metrics import Metrics
-from .middleware import RequestContext, RequestLimits
+from .middleware import JsonCors, RequestContext, RequestLimits
 from .schemas import (
     DTYPE_NAMES, AttentionRequest, AttentionResponse, BatchInfo, ErrorResponse, Limits, Memory, Meta, Timing, TensorOut,
 )
@@ -77,7 +76,7 @@ class Service:
         extra = {"compute": self.compute} if self.compute is not None else {}
         async with Batcher(
             self.device, max_batch_size=s.max_batch_size, max_delay_ms=s.max_batch_delay_ms,
-            queue_size=s.queue_size, on_batch=self.metrics.batch_size.observe, threads=s.thread_budget, **extra,
+            queue_size=s.queue_size, on_batch=self._observe_batch, threads=s.thread_budget, **extra,
         ) as batcher:
             self.batcher = batcher
             warm = asyncio.create_task(self._warm_up(batcher))
@@ -106,6 +105,11 @@ class Service:
             return
         self.ready = True
         log.info("engine warm on %s in %.0f ms", self.device, (time.perf_counter() - started) * 1000)
+
+    def _observe_batch(self, requests: int) -> None:
+        """An engine call's size in the metrics, once ready: the warm-up's calls are not client requests."""
+        if self.ready:
+            self.metrics.batch_size.observe(requests)
 
     def require_ready(self) -> None:
         if self.draining:
@@ -196,14 +200,16 @@ def create_app(settings: Settings | None = None, *, compute: Compute | None = No
     app = FastAPI(title="attention-service", version="0.1.0", description=DESCRIPTION, lifespan=lifespan)
     app.state.service = service
     errors.install(app, settings.retry_after_s)
+    # The last added runs first: RequestContext sees every answer (CORS preflights too), and CORS
+    # adds its headers to the limits' errors, so that a browser can read them.
     app.add_middleware(RequestLimits, max_bytes=settings.max_body_bytes, timeout_s=settings.body_timeout_s,
                        max_header_bytes=settings.max_header_bytes, retry_after_s=settings.retry_after_s)
-    app.add_middleware(RequestContext, metrics=service.metrics)
     if settings.cors_origins:  # closed by default: no CORS headers unless origins are configured
         app.add_middleware(
-            CORSMiddleware, allow_origins=list(settings.cors_origins), allow_methods=["GET", "POST"],
+            JsonCors, allow_origins=list(settings.cors_origins), allow_methods=["GET", "POST"],
             allow_headers=["Authorization", "Content-Type", "X-Request-ID"], expose_headers=["X-Request-ID", "Retry-After"],
         )
+    app.add_middleware(RequestContext, metrics=service.metrics)
 
     binary_body = {"schema": {"type": "string", "format": "binary", "description": (
         f"the JSON request (its length in the {binary.HEADER} header) with tensors given as binary_data_size, "

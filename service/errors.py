@@ -71,6 +71,17 @@ def _echo_of_bad_members(error: dict) -> bool:
         len(given) != error["ctx"]["actual_length"]
 
 
+def _routing_error(request: Request, exc: HTTPException) -> tuple[str | None, str]:
+    """(field, message) for the router's own errors, which say only "Not Found" and "Method Not Allowed"."""
+    path = request.url.path
+    if exc.status_code == 404:
+        return "path", f"path: {path!r} is not a route of this service (see /docs)"
+    if exc.status_code == 405:
+        allowed = (exc.headers or {}).get("Allow", "")
+        return "method", f"method: {request.method} is not allowed on {path}; it takes {allowed}"
+    return None, str(exc.detail)
+
+
 def validation_response(request: Request, exc: ValidationError | RequestValidationError) -> JSONResponse:
     """422 naming each field, in its message too, or 413 when the request is valid but over a
     configured limit."""
@@ -97,7 +108,8 @@ def install(app: FastAPI, retry_after_s: int) -> None:
 
     @app.exception_handler(HTTPException)
     async def _http(request: Request, exc: HTTPException) -> JSONResponse:
-        return error_response(request, exc.status_code, getattr(exc, "field", None), str(exc.detail), exc.headers)
+        field, message = (exc.field, str(exc.detail)) if isinstance(exc, ApiError) else _routing_error(request, exc)
+        return error_response(request, exc.status_code, field, message, exc.headers)
 
     for kind, status in _BATCHER_STATUS.items():
 

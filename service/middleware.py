@@ -1,4 +1,5 @@
-"""Two small ASGI middlewares: request identity and timing, and the limits on a request's headers and body."""
+"""Small ASGI middlewares: request identity and timing, the limits on a request's headers and body, and
+CORS answering in the service's error body."""
 
 from __future__ import annotations
 
@@ -8,10 +9,12 @@ import time
 import uuid
 
 from starlette.datastructures import Headers, MutableHeaders
+from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from .errors import ApiError, error_response
+from .errors import ApiError, error_body, error_response
 from .metrics import Metrics
 
 _REQUEST_ID = re.compile(r"[\x21-\x7e]{1,128}")
@@ -29,7 +32,7 @@ class RequestContext:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        given = Headers(scope=scope).get("x-request-id", "")
+        given = Headers(scope=scope).get("x-request-id", "").strip(" \t")  # a field value's edges are not its value
         request_id = given if _REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
         arrived = time.perf_counter()
         scope.setdefault("state", {}).update(request_id=request_id, arrived=arrived)
@@ -49,12 +52,15 @@ class RequestContext:
 
 
 # Set in a request's scope["state"] by the server's protocol (`python -m service`) when the request
-# arrived over ATTN_MAX_CONNECTIONS; `RequestLimits` answers it 503.
+# arrived over ATTN_MAX_CONNECTIONS; `RequestLimits` answers it 503, except on these paths: the
+# probes and the metrics scrape cost no more than the 503, and an overloaded replica is alive.
 OVER_CONNECTION_LIMIT = "over_connection_limit"
+PATHS_OVER_CONNECTION_LIMIT = frozenset({"/healthz", "/readyz", "/metrics"})
 
 
 class RequestLimits:
-    """503 with Retry-After for a request the server marked `OVER_CONNECTION_LIMIT`. 431 for a
+    """503 with Retry-After for a request the server marked `OVER_CONNECTION_LIMIT` (but the probes' and
+    metrics', `PATHS_OVER_CONNECTION_LIMIT`). 431 for a
     request line and headers over `max_header_bytes` in all. 413 for a body over `max_bytes`: at once
     when Content-Length says so (the body is never read), otherwise as soon as the bytes received
     pass the limit. 408 when the whole body has not arrived within `timeout_s` of the request's
@@ -73,7 +79,7 @@ class RequestLimits:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        if scope.get("state", {}).get(OVER_CONNECTION_LIMIT):
+        if scope.get("state", {}).get(OVER_CONNECTION_LIMIT) and scope["path"] not in PATHS_OVER_CONNECTION_LIMIT:
             message = "connections: the server is at its limit of open connections (ATTN_MAX_CONNECTIONS)"
             headers = {**self.retry_after, "Connection": "close"}
             await error_response(Request(scope), 503, "connections", message, headers)(scope, receive, send)
@@ -118,3 +124,30 @@ class RequestLimits:
 
     def _message(self, size: str) -> str:
         return f"body: {size}, over the limit of {self.max_bytes} bytes (ATTN_MAX_BODY_BYTES)"
+
+
+# A refused preflight's failures, in Starlette's words: the request header at fault, and why.
+_PREFLIGHT_FAILURES = {
+    "origin": ("Origin", "is not an allowed origin (ATTN_CORS_ORIGINS)"),
+    "method": ("Access-Control-Request-Method", "is not allowed: GET and POST are"),
+    "headers": ("Access-Control-Request-Headers", "names a header not allowed: Authorization, Content-Type and "
+                                                  "X-Request-ID are"),
+}
+
+
+class JsonCors(CORSMiddleware):
+    """Starlette's CORS, answering a refused preflight with the service's JSON error body (400 naming
+    the request header at fault) rather than its plain text."""
+
+    def preflight_response(self, request_headers: Headers) -> Response:
+        response = super().preflight_response(request_headers)
+        if response.status_code != 400:
+            return response
+        errors = []
+        for failure in bytes(response.body).decode().removeprefix("Disallowed CORS ").split(", "):
+            field, reason = _PREFLIGHT_FAILURES[failure]
+            errors.append({"field": field, "message": f"{field}: {request_headers.get(field)!r} {reason}"})
+        headers = {name: value for name, value in response.headers.items()
+                   if name not in ("content-length", "content-type")}
+        body = error_body(400, errors[0]["field"], errors[0]["message"], errors)
+        return JSONResponse(body.model_dump(), status_code=400, headers=headers)  # RequestContext adds the id

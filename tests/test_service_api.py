@@ -160,6 +160,18 @@ async def test_request_id_is_made_when_absent_or_unusable(client):
     r2 = await client.get("/healthz", headers={"X-Request-ID": "bad id with spaces"})
     assert len(r1.headers["X-Request-ID"]) == 32 and r1.headers["X-Request-ID"] != r2.headers["X-Request-ID"]
     assert r2.headers["X-Request-ID"] != "bad id with spaces"
+    r3 = await client.get("/healthz", headers={"X-Request-ID": "padded \t "})  # a field value's edges are not its value
+    assert r3.headers["X-Request-ID"] == "padded"
+
+
+@pytest.mark.anyio
+async def test_unknown_paths_and_methods_are_named(client):
+    error = error_of(await client.get("/no/such/path"), 404)
+    assert (error["field"], error["message"]) == ("path", "path: '/no/such/path' is not a route of this service (see /docs)")
+    r = await client.put("/attention")
+    error = error_of(r, 405)
+    assert (error["field"], error["message"]) == ("method", "method: PUT is not allowed on /attention; it takes POST")
+    assert r.headers["Allow"] == "POST"
 
 
 # --- errors: CONTRACT §3 -------------------------------------------------------------------
@@ -431,6 +443,15 @@ async def test_metrics_count_requests_batches_queue_and_tokens(client):
     assert 'attention_http_requests_total{method="GET",path="/openapi.json",status="200"}' in text
     assert 'attention_http_requests_total{method="GET",path="other",status="404"}' in text
     assert "/no/such/path" not in text
+
+
+@pytest.mark.anyio
+async def test_batch_sizes_count_client_requests_only_not_the_warm_up():
+    async with serve(settings()) as c:
+        assert sample((await c.get("/metrics")).text, "attention_batch_requests_count") == 0  # warm: 7 calls made
+        assert (await c.post("/attention", json=request_body(*qkv()))).status_code == 200
+        text = (await c.get("/metrics")).text
+        assert sample(text, "attention_batch_requests_count") == sample(text, "attention_batch_requests_sum") == 1
 
 
 @pytest.mark.anyio

@@ -349,18 +349,22 @@ def test_oversize_headers_are_refused_and_the_service_goes_on(server):
     assert status == 200 and json.loads(body) == {"status": "ok"}
 
 
-def test_connections_over_the_limit_get_the_services_503():
+def test_connections_over_the_limit_get_the_services_503_but_probes_and_metrics_answer():
     """Past ATTN_MAX_CONNECTIONS open connections a request gets 503 in the service's error shape,
-    with Retry-After and its X-Request-ID; once a connection closes, requests are served again."""
+    with Retry-After and its X-Request-ID, except the probes and the metrics scrape (an overloaded
+    replica is alive, and its metrics are wanted most then); once a connection closes, requests are
+    served again."""
     with live_server(settings(max_connections=1)) as url:
         with socket.create_connection(_address(url), timeout=10) as held:  # one keep-alive connection
             held.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
             assert _read_response(held)[0] == 200
-            r = httpx.get(f"{url}/healthz", headers={"X-Request-ID": "over"}, timeout=10)
+            r = httpx.get(f"{url}/patterns", headers={"X-Request-ID": "over"}, timeout=10)
             assert r.status_code == 503 and r.json()["error"]["field"] == "connections", r.text
             assert r.headers["Retry-After"] and r.headers["X-Request-ID"] == "over"
+            for path in ("/healthz", "/readyz", "/metrics"):
+                assert httpx.get(f"{url}{path}", timeout=10).status_code == 200, path
         deadline = time.monotonic() + 10
-        while (r := httpx.get(f"{url}/healthz", timeout=10)).status_code == 503 and time.monotonic() < deadline:
+        while (r := httpx.get(f"{url}/patterns", timeout=10)).status_code == 503 and time.monotonic() < deadline:
             time.sleep(0.05)  # until the server has seen the held connection close
         assert r.status_code == 200
 

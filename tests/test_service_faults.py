@@ -168,7 +168,7 @@ def test_requests_still_waiting_when_the_shutdown_timeout_ends_get_503_not_a_pla
         answers = asyncio.run(scenario(url, proc))
         proc.wait(30)
     statuses = [r.status_code for r in answers]
-    assert set(statuses) == {200, 503}, statuses
+    assert 503 in statuses and set(statuses) <= {200, 503}, statuses  # the first ones may finish in time
     for i, ((q, k, v), r) in enumerate(zip(requests, answers)):
         assert r.headers["X-Request-ID"] == f"late-{i}"
         if r.status_code == 200:
@@ -176,3 +176,4 @@ def test_requests_still_waiting_when_the_shutdown_timeout_ends_get_503_not_a_pla
         else:
             assert r.headers["Retry-After"] == "1"
             assert "shut down before this request could finish" in r.json()["error"]["message"]
+    print(f"shutdown timeout 1 s: {statuses.count(200)} answered 200, {statuses.count(503)} answered 503")

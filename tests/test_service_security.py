@@ -71,6 +71,18 @@ async def test_cors_is_closed_by_default_and_open_only_to_configured_origins():
         assert r.headers["Access-Control-Allow-Origin"] == "https://other.example"
         r = await c.get("/healthz", headers={"Origin": "https://evil.example"})
         assert "Access-Control-Allow-Origin" not in r.headers
+        # Every answer has the request's id, a refused preflight the service's error body naming the header.
+        r = await c.options("/attention", headers={**preflight, "Access-Control-Request-Method": "PUT",
+                                                   "X-Request-ID": "pre-1"})
+        assert r.status_code == 400 and r.headers["X-Request-ID"] == "pre-1"
+        assert [e["field"] for e in r.json()["error"]["errors"]] == ["Origin", "Access-Control-Request-Method"]
+        assert r.json()["error"]["message"] == "Origin: 'https://evil.example' is not an allowed origin (ATTN_CORS_ORIGINS)"
+        r = await c.options("/attention", headers={**preflight, "Origin": "https://app.example", "X-Request-ID": "pre-2"})
+        assert r.status_code == 200 and r.headers["X-Request-ID"] == "pre-2"
+        # The limits' errors carry CORS headers, so that a browser may read them.
+        r = await c.post("/attention", content=b"{}" * 10, headers={"Origin": "https://app.example",
+                                                                    "Content-Length": str(1 << 40)})
+        assert r.status_code == 413 and r.headers["Access-Control-Allow-Origin"] == "https://app.example"
 
 
 # Anything that turns bytes into code or arbitrary objects: the service takes only JSON (pydantic)
