@@ -72,16 +72,15 @@ def attention(
 ):
     """Exact sparse attention: output [B, H, Lq, Dv] in q's dtype, and the float32 natural-log
     log-sum-exp [B, H, Lq] when `return_lse`. 3-D inputs [H, L, D] give 3-D results. Scores are
-    float32: where q.k or its scaled value passes float32's range (|q|, |k| ~ 1e19), rows come back
-    NaN, which the service refuses as a 422."""
+    float32: inputs whose `score_bound` passes SCORE_LIMIT (|q|, |k| ~ 1e19) may overflow them, and
+    rows then come back NaN or zero; the service refuses those inputs (422)."""
     q, k, v, squeeze = _as_4d("q", q), _as_4d("k", k), _as_4d("v", v), getattr(q, "ndim", None) == 3
     check_shapes(q, k, v)
     # The fused kernels want each row's features adjacent: torch's CPU kernel misreads others (a
     # transposed view gave errors of 1e35) and the CUDA ones refuse them.
     q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
     pattern = parse_pattern(pattern)
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    q, scale = positive_scale(q, scale)
+    q, scale = positive_scale(q, effective_scale(scale, q.shape[-1]))
     if math.prod(q.shape[:3]):
         out, lse = run_heads(q, k, v, pattern, causal=causal, scale=scale)
     else:  # no query row (B, H or Lq is 0): nothing to compute, and the kernels assume rows
@@ -90,6 +89,22 @@ def attention(
     if squeeze:
         out, lse = out.squeeze(0), lse.squeeze(0)
     return (out, lse) if return_lse else out
+
+
+def effective_scale(scale: float | None, head_dim: int) -> float:
+    """The scale a call uses: the given one, or 1 / sqrt(D) by default (CONTRACT §2)."""
+    return 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
+
+
+# The kernels' scores are float32: q.k summed term by term and scaled (exp2-based softmaxes also
+# multiply by log2(e)). A bound on every such partial sum under this keeps every score finite.
+SCORE_LIMIT = torch.finfo(torch.float32).max / 4
+
+
+def score_bound(head_dim: int, scale: float, q_peak: float, k_peak: float) -> float:
+    """An upper bound of |every partial sum of a score|, scaled or not, from the largest |q| and |k|
+    elements: past SCORE_LIMIT, scores may overflow float32."""
+    return max(1.0, abs(scale)) * head_dim * q_peak * k_peak
 
 
 def positive_scale(q: torch.Tensor, scale: float) -> tuple[torch.Tensor, float]:

@@ -23,7 +23,6 @@ thread team: every core for a large call with nothing waiting, one fewer otherwi
 from __future__ import annotations
 
 import asyncio
-import math
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -32,7 +31,7 @@ from typing import Awaitable, Callable
 import torch
 import torch.nn.functional as F
 
-from .attention import attention, backend_for
+from .attention import attention, backend_for, effective_scale
 from .memory import PeakMemory
 from .patterns import PatternBase
 
@@ -226,8 +225,7 @@ class Batcher:
         """
         if self._closing or self._collector is None:
             raise ShuttingDown("the engine is shutting down")
-        scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-        key = BatchKey.of(q, k, v, pattern, causal, scale)
+        key = BatchKey.of(q, k, v, pattern, causal, effective_scale(scale, q.shape[-1]))
         loop = asyncio.get_running_loop()
         job = _Job(q, k, v, key, loop.time() + timeout_s, loop.create_future())
         try:

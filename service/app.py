@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
-import math
 import threading
 import time
 from contextlib import asynccontextmanager
@@ -32,7 +31,7 @@ from .errors import ApiError
 from .metrics import Metrics
 from .middleware import JsonCors, RequestContext, RequestLimits
 from .schemas import (
-    DTYPE_NAMES, AttentionRequest, AttentionResponse, BatchInfo, ErrorResponse, Limits, Memory, Meta, Timing, TensorOut,
+    AttentionRequest, AttentionResponse, BatchInfo, ErrorResponse, Limits, Memory, Meta, Timing, TensorOut,
 )
 from .settings import Settings
 
@@ -52,6 +51,10 @@ INLINE_PARSE_BYTES = 256 * 1024
 PREVIEW_MAX_PATTERN = 1024
 PREVIEW_MAX_HEADS = 64
 _ERRORS = {status: {"model": ErrorResponse} for status in (401, 408, 413, 415, 422, 429, 431, 503, 504)}
+_REQUEST_ID_HEADER = {"description": "the client's X-Request-ID when it sent a usable one (1 to 128 printable "
+                                     "ASCII characters), otherwise a new one", "schema": {"type": "string"}}
+_RETRY_AFTER_HEADER = {"description": "seconds to wait before retrying (ATTN_RETRY_AFTER_S)",
+                       "schema": {"type": "string"}}
 
 
 class Service:
@@ -266,10 +269,6 @@ def create_app(settings: Settings | None = None, *, compute: Compute | None = No
         except DeadlineExceeded:  # the batcher knows only the time that was left when it was handed the request
             raise DeadlineExceeded(f"the deadline passed: no answer within {timeout_ms:.0f} ms") from None
         output, lse = result.output, result.lse
-        if not (bool(torch.isfinite(output).all()) and not bool((lse.isnan() | (lse == math.inf)).any())):
-            field = "scale" if req.scale is not None else "q"
-            raise ApiError(422, field, f"{field}: the scaled scores overflow {DTYPE_NAMES[output.dtype]} "
-                                       "(|scale * q.k| too large); scale q, k or `scale` down")
         if len(req.q.shape) == 3:
             output, lse = output.squeeze(0), lse.squeeze(0)
         encoding = req.encoding or req.q.encoding
@@ -351,13 +350,20 @@ def create_app(settings: Settings | None = None, *, compute: Compute | None = No
         return Response(await run_in_threadpool(draw), media_type="image/png")
 
     def openapi() -> dict:
-        """FastAPI's document plus the request model, which the route validates itself (with limits)."""
+        """FastAPI's document plus the request model, which the route validates itself (with limits),
+        and the headers every response carries (X-Request-ID; Retry-After on 429 and 503)."""
         if app.openapi_schema is None:
             schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
             request_schema = AttentionRequest.model_json_schema(ref_template="#/components/schemas/{model}")
             components = schema.setdefault("components", {}).setdefault("schemas", {})
             components.update(request_schema.pop("$defs"))
             components["AttentionRequest"] = request_schema
+            for operation in (operation for path in schema["paths"].values() for operation in path.values()):
+                for status, response in operation["responses"].items():
+                    headers = response.setdefault("headers", {})
+                    headers["X-Request-ID"] = _REQUEST_ID_HEADER
+                    if status in ("429", "503"):
+                        headers["Retry-After"] = _RETRY_AFTER_HEADER
             app.openapi_schema = schema
         return app.openapi_schema
 

@@ -5,6 +5,7 @@ A test regenerates it and fails when the committed file differs (CONTRACT §4).
 
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
 
@@ -19,9 +20,12 @@ def render() -> str:
     return json.dumps(create_app(Settings(device="cpu")).openapi(), indent=2) + "\n"
 
 
-def main() -> None:
-    PATH.write_text(render())
-    print(f"wrote {PATH}")
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m service.openapi", description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=PATH, help="where to write it (default: %(default)s)")
+    out = parser.parse_args(argv).out
+    out.write_text(render())
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":

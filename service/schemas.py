@@ -21,7 +21,7 @@ from pydantic import (BaseModel, ConfigDict, Field, PrivateAttr, ValidationInfo,
                       model_validator)
 from pydantic_core import PydanticCustomError
 
-from engine.attention import shape_problem
+from engine.attention import SCORE_LIMIT, effective_scale, score_bound, shape_problem
 from engine.patterns import Dense, Pattern, PatternBase
 
 from .binary import tensor_bytes
@@ -114,9 +114,10 @@ class Tensor(BaseModel):
         elif not isinstance(self.data[0] if self.data else None, list) and len(self.data) != self.numel:
             raise field_error(f"{name}.data", f"{len(self.data)} values, but shape {self.shape} holds {self.numel}")
 
-    def decode(self, name: str, binary: memoryview | None = None) -> torch.Tensor:
+    def decode(self, name: str, binary: memoryview | None = None) -> tuple[torch.Tensor, float]:
         """The tensor as [B, H, L, D] on the CPU, from its `binary` bytes when it has
-        `binary_data_size`; refuses bad base64, ragged lists and non-finite values.
+        `binary_data_size`, and its largest |value|; refuses bad base64, ragged lists and non-finite
+        values.
 
         The checks run in numpy, single-threaded: torch's intra-op threads would contend with the
         engine's worker thread, which is busy at the same time.
@@ -148,23 +149,23 @@ class Tensor(BaseModel):
                 raise field_error(field, f"lists of shape {list(values.shape)}, expected {self.shape}")
             with np.errstate(over="ignore"):  # out of the dtype's range becomes Inf, refused below
                 values = values.astype(storage)
-        if not _all_finite(values):
+        peak = _peak(values)
+        if not math.isfinite(peak):
             raise field_error(field, "values must be finite (no NaN or Inf)")
-        return torch.from_numpy(values).view(TORCH_DTYPES[self.dtype]).reshape(self.dims)
+        return torch.from_numpy(values).view(TORCH_DTYPES[self.dtype]).reshape(self.dims), peak
 
 
 # numpy has no bfloat16: its values travel as their 16-bit patterns.
 _STORAGE = {"float32": np.float32, "float16": np.float16, "bfloat16": np.int16}
-_BF16_EXPONENT = 0x7F80
+_BF16_MAGNITUDE = 0x7FFF
 
 
-def _all_finite(values: np.ndarray) -> bool:
-    if values.dtype == np.int16:  # bfloat16 bits: non-finite iff the exponent is all ones
-        return not bool(((values & _BF16_EXPONENT) == _BF16_EXPONENT).any())
-    # A finite sum proves every value finite (NaN and Inf propagate); only an overflowing
-    # sum needs the element-wise check.
-    with np.errstate(over="ignore", invalid="ignore"):
-        return bool(np.isfinite(values.sum())) or bool(np.isfinite(values).all())
+def _peak(values: np.ndarray) -> float:
+    """The largest |value|, NaN or inf where a value is not finite (numpy's max and min carry them)."""
+    if values.dtype == np.int16:  # bfloat16 bits: without the sign, they order as the magnitudes do
+        bits = int((values & _BF16_MAGNITUDE).max())
+        return float(np.array(bits << 16, dtype=np.uint32).view(np.float32))
+    return float(max(values.max(), -values.min()))
 
 
 class AttentionRequest(BaseModel):
@@ -203,8 +204,20 @@ class AttentionRequest(BaseModel):
             field, _, reason = str(e).partition(": ")
             raise field_error(field, reason) from None
         binary = self._binary_parts((info.context or {}).get("binary"))
-        self._tensors = tuple(getattr(self, name).decode(name, binary.get(name)) for name in ("q", "k", "v"))
+        (q, q_peak), (k, k_peak), (v, _) = (getattr(self, name).decode(name, binary.get(name)) for name in ("q", "k", "v"))
+        self._check_scores(q_peak, k_peak)
+        self._tensors = q, k, v
         return self
+
+    def _check_scores(self, q_peak: float, k_peak: float) -> None:
+        """Scores are float32 in the engine: inputs that could overflow them are refused, naming the
+        scale when it alone takes them past the limit."""
+        d = self.q.dims[3]
+        bound = score_bound(d, effective_scale(self.scale, d), q_peak, k_peak)
+        if bound > SCORE_LIMIT:
+            field = "scale" if self.scale is not None and score_bound(d, 1.0, q_peak, k_peak) <= SCORE_LIMIT else "q"
+            raise field_error(field, f"scores may overflow float32: |scale| * D * max|q| * max|k| = {bound:.3g}, over "
+                                     f"{SCORE_LIMIT:.3g}; scale q, k or `scale` down")
 
     def _binary_parts(self, binary: memoryview | None) -> dict[str, memoryview]:
         """Each binary tensor's bytes: the body after the JSON header, cut in the order q, k, v."""

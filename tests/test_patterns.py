@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine.patterns import MAX_LEAVES, attended_pairs, attended_pairs_bound, parse_pattern
+from engine.patterns import MAX_LEAVES, PATTERN_CATALOG, attended_pairs, attended_pairs_bound, parse_pattern
 from reference import mask
 
 SW = lambda w: {"type": "sliding_window", "window": w}  # noqa: E731
@@ -118,3 +118,31 @@ def test_attended_pairs_bound_is_an_upper_bound_and_exact_without_unions(pattern
         assert exact <= bound <= 2 * 4 * lq * lk, (lq, lk)
         if "union" not in str(pattern):
             assert bound == exact, (lq, lk)
+
+
+def _with(entry: dict, name: str, value) -> dict:
+    """A valid pattern of the catalog entry's type with parameter `name` set to `value`."""
+    valid = {"sliding_window": {"window": 3}, "strided": {"stride": 3}, "fixed": {"block": 2**31 - 1, "summary": 1},
+             "union": {"patterns": [{"type": "dense"}]}, "per_head": {"patterns": [{"type": "dense"}]}}
+    return {"type": entry["type"], **valid[entry["type"]], name: value}
+
+
+@pytest.mark.parametrize("entry", PATTERN_CATALOG, ids=lambda entry: entry["type"])
+def test_the_catalog_shows_every_type_of_the_contract_with_the_bounds_validation_enforces(entry):
+    """GET /patterns: each bound it states is where validation starts refusing, no more, no less."""
+    contract = {"dense": [], "sliding_window": ["window"], "strided": ["stride"], "fixed": ["block", "summary"],
+                "union": ["patterns"], "per_head": ["patterns"]}
+    assert list(entry["parameters"]) == contract[entry["type"]] and entry["rule"]
+    for name, spec in entry["parameters"].items():
+        if spec["type"] == "integer":
+            low, high = spec["minimum"], spec["maximum"]
+        else:
+            low, high = spec["minItems"], spec["maxItems"]
+        values = {low: True, high: True, low - 1: False, high + 1: False}
+        for n, accepted in values.items():
+            value = n if spec["type"] == "integer" else [{"type": "dense"}] * n
+            if accepted:
+                parse_pattern(_with(entry, name, value))
+            else:
+                with pytest.raises(ValueError, match=rf"^pattern\.{name}: "):
+                    parse_pattern(_with(entry, name, value))

@@ -214,6 +214,30 @@ async def test_bad_input_gets_its_status_and_names_the_field(client, case):
 
 
 @pytest.mark.anyio
+async def test_inputs_whose_scores_may_overflow_float32_are_refused_others_exact(client):
+    """Each term of q.k at 1e40 is past float32: every score of the row is NaN and the kernels
+    return zeros (no NaN for an output check to see), so the inputs' magnitudes decide, before the engine."""
+    def body(q, k, v, dtype=torch.float32, **extra):
+        tensors = (torch.tensor(x, dtype=torch.float32).reshape(1, 1, -1, 2).to(dtype) for x in (q, k, v))
+        return request_body(*tensors, **extra)
+
+    cases = [(body([1e20, 1e20], [1e20, -1e20], [1.0, 2.0]), "q"),  # the exact answer is v: its one score is 0
+             (body([3e19, 1.0], [3e19, 1.0], [1.0, 2.0], torch.bfloat16), "q"),
+             (body([1e18, 1.0], [1e18, 1.0], [1.0, 2.0], scale=1e5), "scale")]
+    for request, field in cases:
+        r = await client.post("/attention", json=request)
+        assert r.status_code == 422, r.text
+        error = r.json()["error"]
+        assert error["field"] == field and error["message"].startswith(f"{field}: scores may overflow float32"), error
+    q, k, v = (torch.tensor(x).reshape(1, 1, 2, 2) for x in ([1e18, 1.0, -1e18, 2.0], [1e18, 1.0, 5e17, 3.0], [1.0, 2.0, 3.0, 4.0]))
+    r = await client.post("/attention", json=request_body(q, k, v, return_lse=True))  # 2e36: within the limit
+    assert r.status_code == 200, r.text
+    expected, expected_lse = reference_attention(q, k, v)
+    assert torch.allclose(from_json(r.json()["output"]).double(), expected, rtol=1e-5)
+    assert torch.allclose(from_json(r.json()["lse"]).double(), expected_lse, rtol=1e-5)
+
+
+@pytest.mark.anyio
 async def test_wrong_content_type_is_415(client):
     for content_type in ("text/plain", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x"):
         r = await client.post("/attention", content=json.dumps(_valid()), headers={"Content-Type": content_type})

@@ -13,13 +13,13 @@ from typing import Annotated, Any
 import torch
 from pydantic import Field, TypeAdapter, ValidationError
 
-from .base import PatternBase
+from .base import MAX_DEPTH, PatternBase
 from .dense import Dense
 from .fixed import Fixed
 from .per_head import MAX_HEAD_PATTERNS, PerHead
 from .sliding_window import SlidingWindow
 from .strided import Strided
-from .union import MAX_DEPTH, MAX_LEAVES, MAX_MEMBERS, Union
+from .union import MAX_LEAVES, MAX_MEMBERS, Union
 
 Pattern = Annotated[
     Dense | SlidingWindow | Strided | Fixed | Union | PerHead,
@@ -30,33 +30,22 @@ PerHead.model_rebuild()
 
 _ADAPTER: TypeAdapter[PatternBase] = TypeAdapter(Pattern)
 
-PATTERN_CATALOG: list[dict[str, Any]] = [
-    {"type": "dense", "parameters": {}, "rule": "every j"},
-    {
-        "type": "sliding_window",
-        "parameters": {"window": "int >= 1"},
-        "rule": "i - w < j <= i (without causal: abs(i - j) < w)",
-    },
-    {"type": "strided", "parameters": {"stride": "int >= 1"}, "rule": "(i - j) mod s == 0"},
-    {
-        "type": "fixed",
-        "parameters": {"block": "int >= 1", "summary": "int, 1 <= summary <= block"},
-        "rule": "floor(j / l) == floor(i / l) or j mod l >= l - c",
-    },
-    {
-        "type": "union",
-        "parameters": {"patterns": f"list of 1..{MAX_MEMBERS} patterns (at most {MAX_LEAVES} once nested unions "
-                                   "are flattened)"},
-        "rule": "any member allows it",
-    },
-    {
-        "type": "per_head",
-        "parameters": {"patterns": "list whose length divides the head count H"},
-        "rule": "head h uses patterns[h // (H / len)]",
-    },
-]
+PATTERN_CLASSES: tuple[type[PatternBase], ...] = (Dense, SlidingWindow, Strided, Fixed, Union, PerHead)
 
 
+def catalog_entry(model: type[PatternBase]) -> dict[str, Any]:
+    """A pattern type as `GET /patterns` shows it: its name, its parameters as JSON Schema (the
+    bounds validation enforces; the members of a list are patterns of any type here) and its rule."""
+    schema = model.model_json_schema()
+    properties = schema["$defs"][model.__name__]["properties"] if "$defs" in schema else schema["properties"]
+    parameters = {}
+    for name, spec in properties.items():
+        if name != "type":
+            parameters[name] = {key: value for key, value in spec.items() if key not in ("title", "items")}
+    return {"type": model.model_fields["type"].default, "parameters": parameters, "rule": model.rule}
+
+
+PATTERN_CATALOG: list[dict[str, Any]] = [catalog_entry(model) for model in PATTERN_CLASSES]
 PATTERN_TYPES = frozenset(entry["type"] for entry in PATTERN_CATALOG)
 
 

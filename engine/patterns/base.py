@@ -8,18 +8,23 @@ mask), so the service can report `attended_pairs` for sequences in the hundreds 
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, ClassVar
+
 import torch
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, model_validator
 
 # The largest window, stride, block or summary a pattern takes: far beyond any sequence length
 # (a larger value acts as this one), and small enough that position arithmetic stays in int64.
 MAX_PARAMETER = 2**31 - 1
+# Levels of nested patterns, counting the leaf: recursion over a pattern stays shallow.
+MAX_DEPTH = 16
 
 
 class PatternBase(BaseModel):
     """A frozen, validated pattern; subclasses add a `type` literal and their parameters."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
+    rule: ClassVar[str]  # CONTRACT §1's rule for key j and query i, in the parameters' symbols
 
     def allows(self, i: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
         """Boolean tensor: key j allowed for query i by the pattern alone (no causal mask)."""
@@ -56,6 +61,26 @@ class PatternBase(BaseModel):
     def describe(self) -> dict:
         """The pattern as the JSON the contract uses."""
         return self.model_dump(mode="json")
+
+
+class Composite(PatternBase):
+    """A pattern of member patterns, `patterns` (union, per_head), nested at most MAX_DEPTH levels."""
+
+    if TYPE_CHECKING:  # each subclass declares it with its own bounds, after its `type`
+        patterns: tuple[PatternBase, ...]
+
+    @model_validator(mode="after")
+    def _bounded_depth(self) -> "Composite":
+        if self.depth() > MAX_DEPTH:
+            raise ValueError(f"patterns nest {self.depth()} levels deep; at most {MAX_DEPTH} are allowed")
+        return self
+
+    def depth(self) -> int:
+        return 1 + max(p.depth() for p in self.patterns)
+
+    def check_heads(self, heads: int, field: str = "pattern") -> None:
+        for n, member in enumerate(self.patterns):
+            member.check_heads(heads, f"{field}.patterns[{n}]")
 
 
 def causal_limit(i: torch.Tensor, lk: int, causal: bool) -> torch.Tensor:

@@ -13,7 +13,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 
@@ -22,6 +22,7 @@ from .base import PatternBase, causal_limit
 
 class Dense(PatternBase):
     type: Literal["dense"] = "dense"
+    rule: ClassVar[str] = "every j"
 
     def allows(self, i: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
         return torch.ones(torch.broadcast_shapes(i.shape, j.shape), dtype=torch.bool, device=i.device)

@@ -18,7 +18,7 @@ block, `floor(j / l) == floor(i / l) or j mod l >= l - c` (Child et al. 2019, "f
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 from pydantic import Field, ValidationInfo, field_validator
@@ -40,8 +40,9 @@ def summary_columns(stop: int, block: int, summary: int) -> torch.Tensor:
 
 class Fixed(PatternBase):
     type: Literal["fixed"] = "fixed"
-    block: int = Field(ge=1, le=MAX_PARAMETER, description="l >= 1: block length")
-    summary: int = Field(ge=1, description="c, 1 <= c <= l: summary columns at the end of each block")
+    block: int = Field(ge=1, le=MAX_PARAMETER, description="l: the block's length")
+    summary: int = Field(ge=1, le=MAX_PARAMETER, description="c <= l: the summary columns at the end of each block")
+    rule: ClassVar[str] = "floor(j / l) == floor(i / l) or j mod l >= l - c"
 
     @field_validator("summary")
     @classmethod

@@ -6,12 +6,12 @@ Child et al. 2019); the list's length must divide the head count H.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, ClassVar, Literal
 
 import torch
-from pydantic import Field, model_validator
+from pydantic import Field
 
-from .base import PatternBase
+from .base import Composite, PatternBase
 
 if TYPE_CHECKING:
     from . import Pattern
@@ -19,20 +19,12 @@ if TYPE_CHECKING:
 MAX_HEAD_PATTERNS = 1024
 
 
-class PerHead(PatternBase):
+class PerHead(Composite):
     type: Literal["per_head"] = "per_head"
-    patterns: tuple["Pattern", ...] = Field(min_length=1, max_length=MAX_HEAD_PATTERNS)
-
-    @model_validator(mode="after")
-    def _bounded_depth(self) -> "PerHead":
-        from .union import MAX_DEPTH
-
-        if self.depth() > MAX_DEPTH:
-            raise ValueError(f"patterns nest {self.depth()} levels deep; at most {MAX_DEPTH} are allowed")
-        return self
-
-    def depth(self) -> int:
-        return 1 + max(p.depth() for p in self.patterns)
+    patterns: tuple["Pattern", ...] = Field(
+        min_length=1, max_length=MAX_HEAD_PATTERNS,
+        description="one pattern per group of H / len consecutive heads; len must divide the head count H")
+    rule: ClassVar[str] = "head h uses patterns[h // (H / len)]"
 
     def leaf_count(self) -> int:
         return max(p.leaf_count() for p in self.patterns)
@@ -42,8 +34,7 @@ class PerHead(PatternBase):
             raise ValueError(
                 f"{field}.patterns: per_head has {len(self.patterns)} patterns, which does not divide the {heads} heads"
             )
-        for n, member in enumerate(self.patterns):
-            member.check_heads(heads, f"{field}.patterns[{n}]")
+        super().check_heads(heads, field)
 
     def resolve(self, head: int, heads: int) -> PatternBase:
         if heads % len(self.patterns):  # O(1): resolve runs once per head, check_heads walks every member

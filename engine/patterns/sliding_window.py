@@ -13,7 +13,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 from pydantic import Field
@@ -23,7 +23,8 @@ from .base import MAX_PARAMETER, PatternBase, causal_limit
 
 class SlidingWindow(PatternBase):
     type: Literal["sliding_window"] = "sliding_window"
-    window: int = Field(ge=1, le=MAX_PARAMETER, description="w >= 1: keys with |i - j| < w")
+    window: int = Field(ge=1, le=MAX_PARAMETER, description="w: the window's length")
+    rule: ClassVar[str] = "i - w < j <= i (without causal: abs(i - j) < w)"
 
     def allows(self, i: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
         return (i - j).abs() < self.window

@@ -13,7 +13,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 from pydantic import Field
@@ -23,7 +23,8 @@ from .base import MAX_PARAMETER, PatternBase, causal_limit, count_multiples_belo
 
 class Strided(PatternBase):
     type: Literal["strided"] = "strided"
-    stride: int = Field(ge=1, le=MAX_PARAMETER, description="s >= 1: keys with (i - j) mod s == 0")
+    stride: int = Field(ge=1, le=MAX_PARAMETER, description="s: the distance between attended keys")
+    rule: ClassVar[str] = "(i - j) mod s == 0"
 
     def allows(self, i: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
         return torch.remainder(i - j, self.stride) == 0

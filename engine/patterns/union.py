@@ -14,12 +14,12 @@ flattened, at most 64 leaf patterns).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, ClassVar, Literal
 
 import torch
 from pydantic import Field, model_validator
 
-from .base import PatternBase, causal_limit
+from .base import Composite, PatternBase, causal_limit
 from .dense import Dense
 from .sliding_window import SlidingWindow
 from .strided import Strided
@@ -28,7 +28,6 @@ if TYPE_CHECKING:
     from . import Pattern
 
 MAX_MEMBERS = 8
-MAX_DEPTH = 16
 # Leaf patterns in a union once nested unions are flattened (a union of 8 unions of 8): the
 # planner's work grows with them (a kernel step per stride, a rule per leaf in the masked kernel).
 MAX_LEAVES = 64
@@ -36,28 +35,22 @@ MAX_LEAVES = 64
 _COUNT_CHUNK_ELEMENTS = 1 << 22
 
 
-class Union(PatternBase):
+class Union(Composite):
     type: Literal["union"] = "union"
-    patterns: tuple["Pattern", ...] = Field(min_length=1, max_length=MAX_MEMBERS)
+    patterns: tuple["Pattern", ...] = Field(
+        min_length=1, max_length=MAX_MEMBERS,
+        description=f"the member patterns; at most {MAX_LEAVES} leaf patterns once nested unions are flattened")
+    rule: ClassVar[str] = "any member allows it"
 
     @model_validator(mode="after")
-    def _bounded_size(self) -> "Union":
-        if self.depth() > MAX_DEPTH:
-            raise ValueError(f"patterns nest {self.depth()} levels deep; at most {MAX_DEPTH} are allowed")
+    def _bounded_leaves(self) -> "Union":
         if self.leaf_count() > MAX_LEAVES:
             raise ValueError(f"patterns hold {self.leaf_count()} patterns once nested unions are flattened; "
                              f"at most {MAX_LEAVES} are allowed")
         return self
 
-    def depth(self) -> int:
-        return 1 + max(p.depth() for p in self.patterns)
-
     def leaf_count(self) -> int:
         return sum(p.leaf_count() for p in self.patterns)
-
-    def check_heads(self, heads: int, field: str = "pattern") -> None:
-        for n, member in enumerate(self.patterns):
-            member.check_heads(heads, f"{field}.patterns[{n}]")
 
     def resolve(self, head: int, heads: int) -> PatternBase:
         members = tuple(p.resolve(head, heads) for p in self.patterns)
