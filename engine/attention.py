@@ -60,6 +60,7 @@ def check_shapes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         raise ValueError(f"{problem[0]}: {problem[1]}")
 
 
+@torch.no_grad()
 def attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -71,16 +72,17 @@ def attention(
     return_lse: bool = False,
 ):
     """Exact sparse attention: output [B, H, Lq, Dv] in q's dtype, and the float32 natural-log
-    log-sum-exp [B, H, Lq] when `return_lse`. 3-D inputs [H, L, D] give 3-D results. Scores are
-    float32: inputs whose `score_bound` passes SCORE_LIMIT (|q|, |k| ~ 1e19) may overflow them, and
-    rows then come back NaN or zero; the service refuses those inputs (422)."""
+    log-sum-exp [B, H, Lq] when `return_lse`. 3-D inputs [H, L, D] give 3-D results. Forward only
+    (an inference engine): inputs that require grad are read as they are, results carry no graph.
+    Scores are float32: inputs whose `score_bound` passes SCORE_LIMIT (|q|, |k| ~ 1e19) may overflow
+    them, and rows then come back NaN or zero; the service refuses those inputs (422)."""
     q, k, v, squeeze = _as_4d("q", q), _as_4d("k", k), _as_4d("v", v), getattr(q, "ndim", None) == 3
     check_shapes(q, k, v)
-    # The fused kernels want each row's features adjacent: torch's CPU kernel misreads others (a
-    # transposed view gave errors of 1e35) and the CUDA ones refuse them.
-    q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
+    if not isinstance(causal, bool):  # "false" would be truthy: causal
+        raise TypeError(f"causal: expected a bool, got {type(causal).__name__}")
     pattern = parse_pattern(pattern)
     q, scale = positive_scale(q, effective_scale(scale, q.shape[-1]))
+    q, k, v = (_features_adjacent(x) for x in (q, k, v))
     if math.prod(q.shape[:3]):
         out, lse = run_heads(q, k, v, pattern, causal=causal, scale=scale)
     else:  # no query row (B, H or Lq is 0): nothing to compute, and the kernels assume rows
@@ -91,19 +93,35 @@ def attention(
     return (out, lse) if return_lse else out
 
 
+def _features_adjacent(x: torch.Tensor) -> torch.Tensor:
+    """x, or a copy in C order, so that each row's features are adjacent: torch's CPU kernel misreads
+    any other last stride (a transposed view gave errors of 1e35), even that of a head dim of 1, which
+    torch calls contiguous whatever its stride (so `contiguous()` keeps it); the CUDA kernels refuse them."""
+    return x if x.stride(-1) == 1 else x.clone(memory_format=torch.contiguous_format)
+
+
 def effective_scale(scale: float | None, head_dim: int) -> float:
     """The scale a call uses: the given one, or 1 / sqrt(D) by default (CONTRACT §2)."""
-    return 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
+    if scale is None:
+        return 1.0 / math.sqrt(head_dim)
+    try:
+        return float(scale)
+    except (TypeError, ValueError):
+        raise TypeError(f"scale: expected a number, got {scale!r}") from None
 
 
 # The kernels' scores are float32: q.k summed term by term and scaled (exp2-based softmaxes also
 # multiply by log2(e)). A bound on every such partial sum under this keeps every score finite.
 SCORE_LIMIT = torch.finfo(torch.float32).max / 4
+FLOAT32_ZERO_SCALE = 2.0**-150  # rounds to 0 in float32, whose smallest step is 2^-149
 
 
 def score_bound(head_dim: int, scale: float, q_peak: float, k_peak: float) -> float:
     """An upper bound of |every partial sum of a score|, scaled or not, from the largest |q| and |k|
-    elements: past SCORE_LIMIT, scores may overflow float32."""
+    elements: past SCORE_LIMIT, scores may overflow float32. A scale below float32's range goes into
+    q (`positive_scale`), and the kernels' scale is then 1."""
+    if abs(scale) <= FLOAT32_ZERO_SCALE:
+        return head_dim * (abs(scale) * q_peak) * k_peak
     return max(1.0, abs(scale)) * head_dim * q_peak * k_peak
 
 
@@ -117,7 +135,7 @@ def positive_scale(q: torch.Tensor, scale: float) -> tuple[torch.Tensor, float]:
         raise ValueError(f"scale: must be finite, got {scale}")
     if scale < 0:
         q, scale = -q, -scale
-    if scale <= 2.0**-150:  # rounds to 0 in float32, whose smallest step is 2^-149
+    if scale <= FLOAT32_ZERO_SCALE:
         return (q.double() * scale).to(q.dtype), 1.0
     return q, scale
 

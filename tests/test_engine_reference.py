@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import itertools
 import math
 
 import pytest
@@ -142,6 +143,46 @@ def test_inputs_whose_features_are_not_adjacent(pattern):
     ref_out, ref_lse = reference_attention(q, k, v, PATTERNS[pattern])
     torch.testing.assert_close(out.double(), ref_out, atol=2e-5, rtol=2e-5)
     torch.testing.assert_close(lse.double(), ref_lse, atol=1e-4, rtol=1e-4)
+
+
+def _layouts(shape: tuple[int, int, int, int]):
+    """Tensors of `shape` in every memory order of its axes: a head dim of 1 may then have any stride."""
+    for order in itertools.permutations(range(4)):
+        base = torch.randn([shape[axis] for axis in order])
+        yield base.permute([order.index(axis) for axis in range(4)])
+
+
+@pytest.mark.parametrize("scale", [None, -0.5], ids=["default", "negative"])
+@pytest.mark.parametrize("pattern", ["dense", "strided_wider_than_n", "fixed", "union_stride_fixed", "union_two_fixed",
+                                     "sliding", "union_paper"])
+def test_a_head_dim_of_1_in_any_layout(pattern, scale):
+    """torch calls a tensor whose last dim has size 1 contiguous whatever that dim's stride; its CPU
+    kernel reads such a stride as is (a permuted q gave errors up to 1e31 once padded to Dv = 3)."""
+    k, v = torch.randn(1, 2, 40, 1), torch.randn(1, 2, 40, 3)
+    for q in _layouts((1, 2, 6, 1)):
+        out, lse = attention(q, k, v, PATTERNS[pattern], scale=scale, return_lse=True)
+        ref_out, ref_lse = reference_attention(q, k, v, PATTERNS[pattern], scale=scale)
+        torch.testing.assert_close(out.double(), ref_out, atol=2e-5, rtol=2e-5, msg=lambda m: f"{q.stride()}: {m}")
+        torch.testing.assert_close(lse.double(), ref_lse, atol=1e-4, rtol=1e-4)
+
+
+def test_inputs_that_require_grad_are_computed_forward_only():
+    q, k, v = (torch.randn(1, 2, 32, 8, requires_grad=True) for _ in range(3))
+    for pattern in ("strided", "fixed", "union_paper", "sliding"):
+        out = attention(q, k, v, PATTERNS[pattern], causal=False)
+        assert not out.requires_grad
+        torch.testing.assert_close(out.double(), reference_attention(q.detach(), k.detach(), v.detach(),
+                                                                     PATTERNS[pattern], causal=False)[0],
+                                   atol=2e-5, rtol=2e-5)
+
+
+def test_a_scale_or_causal_of_the_wrong_type_is_refused_by_name():
+    q = torch.randn(1, 1, 4, 8)
+    for scale in ("abc", [1.0]):
+        with pytest.raises(TypeError, match="^scale: expected a number"):
+            attention(q, q, q, scale=scale)
+    with pytest.raises(TypeError, match="^causal: expected a bool, got str"):
+        attention(q, q, q, causal="false")
 
 
 def test_a_non_tensor_is_refused_by_name():

@@ -235,6 +235,10 @@ async def test_inputs_whose_scores_may_overflow_float32_are_refused_others_exact
     expected, expected_lse = reference_attention(q, k, v)
     assert torch.allclose(from_json(r.json()["output"]).double(), expected, rtol=1e-5)
     assert torch.allclose(from_json(r.json()["lse"]).double(), expected_lse, rtol=1e-5)
+    q, k = q * 1e12, k * 1e12  # q.k past float32, but a scale below it goes into q (as the engine does)
+    r = await client.post("/attention", json=request_body(q, k, v, scale=-1e-60))
+    assert r.status_code == 200, r.text
+    assert torch.allclose(from_json(r.json()["output"]).double(), reference_attention(q, k, v, scale=-1e-60)[0], rtol=1e-5)
 
 
 @pytest.mark.anyio
