@@ -64,6 +64,15 @@ class Plan:
         return out[..., :dv], lse
 
 
+# One pattern per kernel family the planner picks at 128 tokens (a call of each at start-up warms them all).
+_WINDOW, _STRIDE, _FIXED = SlidingWindow(window=8), Strided(stride=16), Fixed(block=16, summary=2)
+KERNEL_FAMILY_PATTERNS: tuple[PatternBase, ...] = (
+    Dense(), _WINDOW, _STRIDE, _FIXED, Union(patterns=(_WINDOW, _STRIDE)), Union(patterns=(_WINDOW, _FIXED)),
+    Union(patterns=(_STRIDE, _FIXED)), Union(patterns=(_WINDOW, _STRIDE, _FIXED)),
+    Union(patterns=(_FIXED, Fixed(block=12, summary=1))),  # masked: two fixed
+)
+
+
 def pads_head_dims(device: torch.device) -> bool:
     """Whether the plan pads head dims once for its device's kernels (`padded_head_dims`): CUDA's."""
     return device.type == "cuda"

@@ -23,7 +23,8 @@ from fastapi.openapi.utils import get_openapi
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from engine.batcher import Batcher, Compute, DeadlineExceeded
-from engine.patterns import PATTERN_CATALOG, attended_pairs, attended_pairs_bound, parse_pattern
+from engine.planner import KERNEL_FAMILY_PATTERNS
+from engine.patterns import PATTERN_CATALOG, parse_pattern
 from engine.picture import mask_png
 
 from . import binary, errors
@@ -34,6 +35,7 @@ from .schemas import (
     AttentionRequest, AttentionResponse, BatchInfo, ErrorResponse, Limits, Memory, Meta, Timing, TensorOut,
 )
 from .settings import Settings
+from .wire import tensor_bytes
 
 log = logging.getLogger("service")
 
@@ -63,7 +65,8 @@ class Service:
     def __init__(self, settings: Settings, compute: Compute | None) -> None:
         self.settings = settings
         self.device = settings.torch_device
-        self.limits = Limits(settings.max_tokens_per_request, settings.max_tensor_elements, settings.max_heads)
+        self.limits = Limits(settings.max_tokens_per_request, settings.max_tensor_elements, settings.max_heads,
+                             settings.pairs_limit)
         self.compute = compute
         self.batcher: Batcher | None = None
         self.ready = False
@@ -93,16 +96,12 @@ class Service:
     async def _warm_up(self, batcher: Batcher) -> None:
         """One small call per kernel family through the worker thread, then ready."""
         dtypes = [torch.float32] + ([torch.float16, torch.bfloat16] if self.device.type == "cuda" else [])
-        window, stride, fixed = ({"type": "sliding_window", "window": 8}, {"type": "strided", "stride": 16},
-                                 {"type": "fixed", "block": 16, "summary": 2})
-        patterns = [{"type": "dense"}, window, stride, fixed, {"type": "union", "patterns": [window, stride]},
-                    {"type": "union", "patterns": [window, fixed]}, {"type": "union", "patterns": [window, stride, fixed]}]
         started = time.perf_counter()
         try:
             for dtype in dtypes:
                 q = torch.randn(1, 2, 128, 32, dtype=dtype)
-                for pattern in patterns:
-                    await batcher.submit(q, q, q, parse_pattern(pattern), timeout_s=600)
+                for pattern in KERNEL_FAMILY_PATTERNS:
+                    await batcher.submit(q, q, q, pattern, timeout_s=600)
         except Exception:
             log.exception("the engine failed to warm up on %s; /readyz stays 503", self.device)
             return
@@ -233,47 +232,32 @@ def create_app(settings: Settings | None = None, *, compute: Compute | None = No
     async def post_attention(request: Request) -> Response:
         """Attention over q, k, v with a pattern (CONTRACT §2). Batched with concurrent requests."""
         service.require_ready()
-        header, tensor_bytes = await _read_request(request)
+        header, binary_tensors = await _read_request(request)
         # Parsing, decoding and the metadata's pattern arithmetic run in threads: a large body or
         # an intricate pattern must not stall the event loop that serves every other client. A
         # small body is parsed in place: there the two thread hand-offs cost more than the parse.
         parse = partial(AttentionRequest.model_validate_json, header, strict=True,  # "causal": "no" is no bool
-                        context={"limits": service.limits, "binary": tensor_bytes})
-        size = len(header) + (len(tensor_bytes) if tensor_bytes is not None else 0)
+                        context={"limits": service.limits, "binary": binary_tensors})
+        size = len(header) + (len(binary_tensors) if binary_tensors is not None else 0)
         req = parse() if size <= INLINE_PARSE_BYTES else await run_in_threadpool(parse)
         q, k, v = req.tensors
-        b, h, lq, _ = q.shape
-        lk = k.shape[2]
         timeout_ms = min(req.timeout_ms or settings.request_timeout_ms, settings.request_timeout_ms)
         arrived = request.state.arrived
         assert service.batcher is not None
-        # The work limit: no request may hold the engine for longer than it allows. A cheap bound
-        # decides almost always; near the limit the exact count (in a thread: for a union with
-        # `fixed` it is O(Lq x span) work) does, since a union's overlapping members may keep it under.
-        if attended_pairs_bound(req.pattern, b, h, lq, lk, req.causal) > settings.pairs_limit:
-            pairs = await run_in_threadpool(attended_pairs, req.pattern, b, h, lq, lk, req.causal)
-            if pairs > settings.pairs_limit:
-                raise ApiError(413, "pattern", f"pattern: the request attends {pairs} (query, key) pairs over its "
-                                               f"batch and heads, over the limit of {settings.pairs_limit} "
-                                               "(ATTN_MAX_PAIRS_PER_REQUEST)")
         try:
             result, pairs = await asyncio.gather(  # the exact count, for `meta`, beside the engine call
                 service.batcher.submit(
                     q, k, v, req.pattern, causal=req.causal, scale=req.scale,
                     timeout_s=timeout_ms / 1000 - (time.perf_counter() - arrived), client_gone=_disconnect(request),
                 ),
-                run_in_threadpool(attended_pairs, req.pattern, b, h, lq, lk, req.causal),
+                run_in_threadpool(req.attended_pairs),
             )
-        except ValueError as e:  # the engine's own checks name the field ("k: ...")
-            raise ApiError(422, str(e).partition(":")[0], str(e)) from None
         except DeadlineExceeded:  # the batcher knows only the time that was left when it was handed the request
             raise DeadlineExceeded(f"the deadline passed: no answer within {timeout_ms:.0f} ms") from None
-        output, lse = result.output, result.lse
-        if len(req.q.shape) == 3:
-            output, lse = output.squeeze(0), lse.squeeze(0)
-        encoding = req.encoding or req.q.encoding
+        output, lse = req.as_given(result.output), req.as_given(result.lse)
+        encoding = req.response_encoding
         service.metrics.queue_time.observe(result.queue_ms / 1000)
-        service.metrics.tokens.inc(b * lq)
+        service.metrics.tokens.inc(q.shape[0] * q.shape[2])
         response = AttentionResponse(
             output=TensorOut.encode(output, encoding),
             lse=TensorOut.encode(lse, encoding) if req.return_lse else None,
@@ -285,9 +269,9 @@ def create_app(settings: Settings | None = None, *, compute: Compute | None = No
                 batch=BatchInfo(requests=result.batch_requests),
                 timing_ms=Timing(queue=result.queue_ms, compute=result.compute_ms,
                                  total=(time.perf_counter() - arrived) * 1000),
-                memory=Memory(peak_bytes=result.peak_bytes, dense_scores_bytes=b * h * lq * lk * 4),
+                memory=Memory(peak_bytes=result.peak_bytes, dense_scores_bytes=req.dense_pairs * 4),
                 attended_pairs=pairs,
-                density=pairs / (b * h * lq * lk),
+                density=pairs / req.dense_pairs,
             ),
         )
         if response.meta.timing_ms.total > timeout_ms:  # a 200 always arrives within its deadline
@@ -299,7 +283,7 @@ def create_app(settings: Settings | None = None, *, compute: Compute | None = No
         if encoding != "binary":
             return Response(orjson.dumps(body), media_type="application/json")
         tensors = [output, lse] if req.return_lse else [output]
-        content, headers = binary.join(orjson.dumps(body), [binary.tensor_bytes(t) for t in tensors])
+        content, headers = binary.join(orjson.dumps(body), [tensor_bytes(t) for t in tensors])
         return Response(content, media_type=binary.MEDIA_TYPE, headers=headers)
 
     @app.get("/healthz")

@@ -18,9 +18,6 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 
-import numpy as np
-import torch
-
 HEADER = "Inference-Header-Content-Length"
 MEDIA_TYPE = "application/octet-stream"
 ALIGN = 64  # bytes: `join` starts the tensors at a multiple of this
@@ -53,9 +50,3 @@ def join(header: bytes, tensors: Sequence) -> tuple[bytes, dict[str, str]]:
     header += b" " * (-len(header) % ALIGN)
     return b"".join([header, *tensors]), {HEADER: str(len(header))}
 
-
-def tensor_bytes(t: torch.Tensor) -> np.ndarray:
-    """A tensor's bytes in C order (little-endian, as on every host torch runs on). Flattened
-    first: torch calls a tensor with size-1 dims contiguous whatever their strides (an lse
-    [B, H, 1] may have a last stride of H), and a byte view wants a last stride of 1."""
-    return t.contiguous().reshape(-1).view(torch.uint8).numpy()

@@ -15,31 +15,23 @@ of times; every other failure raises an `AttentionError` subclass carrying the s
 from __future__ import annotations
 
 import asyncio
-import base64
 import email.utils
 import json
 import time
 import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any, Literal
+from typing import Any, get_args
 
 import httpx
 import numpy as np
+import pybase64
 import torch
 
 from . import binary
+from .wire import DTYPE_NAMES, DTYPES, STORAGE, Encoding, encoding_problem, tensor_bytes, tensor_object, tensor_of
 
-Encoding = Literal["b64", "data", "binary"]
 RETRYABLE_STATUSES = frozenset({429, 503})
-
-# dtype name -> (torch dtype, little-endian numpy dtype of the raw bytes on the wire)
-WIRE_DTYPES: dict[str, tuple[torch.dtype, str]] = {
-    "float32": (torch.float32, "<f4"),
-    "float16": (torch.float16, "<f2"),
-    "bfloat16": (torch.bfloat16, "<i2"),  # numpy has no bfloat16: carried as its 16 raw bits
-}
-_NAME_OF_DTYPE = {torch_dtype: name for name, (torch_dtype, _) in WIRE_DTYPES.items()}
 
 
 # ---------------------------------------------------------------------------------------- errors
@@ -121,30 +113,14 @@ def error_for(response: httpx.Response) -> AttentionError:
 
 
 def _message_and_field(body: Any) -> tuple[str, str | None]:
-    """Read the message and the blamed field out of an error body: the contract's
-    `{"error": {"message", "field"}}`, a flat `{"message", "field"}`, or FastAPI's `detail`."""
-    if isinstance(body, dict):
-        inner = body.get("error") if isinstance(body.get("error"), dict) else body
-        if isinstance(inner.get("message"), str):
-            return inner["message"], _field_name(inner.get("field"))
-        detail = body.get("detail")
-        if isinstance(detail, str):
-            return detail, None
-        if isinstance(detail, list) and detail and isinstance(detail[0], dict):
-            first = detail[0]
-            return "; ".join(str(d.get("msg", d)) for d in detail), _field_name(first.get("loc"))
+    """The message and the blamed field of the contract's error body `{"error": {"message",
+    "field"}}` (the service's and its nginx's); any other body (a proxy's page) is the message."""
+    error = body.get("error") if isinstance(body, dict) else None
+    if isinstance(error, dict) and isinstance(error.get("message"), str):
+        field_name = error.get("field")
+        return error["message"], field_name if isinstance(field_name, str) else None
     text = body if isinstance(body, str) else json.dumps(body)
     return text.strip() or "no message", None
-
-
-def _field_name(loc: Any) -> str | None:
-    """A field as a dotted path: ("body", "q", "shape") -> "q.shape"."""
-    if loc is None:
-        return None
-    if isinstance(loc, str):
-        return loc
-    parts = [str(p) for p in loc]
-    return ".".join(parts[1:] if parts[:1] == ["body"] and len(parts) > 1 else parts)
 
 
 def retry_after_seconds(response: httpx.Response) -> float | None:
@@ -170,23 +146,17 @@ def encode_tensor(name: str, x: Any, encoding: Encoding = "b64") -> dict[str, An
     """The contract's tensor object for a numpy array or torch tensor (for "binary", its size:
     the bytes, `raw_bytes(x)`, travel after the JSON)."""
     x, dtype = _wire_tensor(name, x)
-    tensor: dict[str, Any] = {"shape": list(x.shape), "dtype": dtype}
-    if encoding == "binary":
-        tensor["binary_data_size"] = x.numel() * x.element_size()
-    elif encoding == "b64":
-        tensor["b64"] = base64.b64encode(raw_bytes(x)).decode("ascii")
-    elif encoding == "data":
-        if dtype == "bfloat16":
-            raise ValueError(f"{name}: bfloat16 travels only as b64 or binary (CONTRACT §2)")
-        tensor["data"] = x.reshape(-1).tolist()
-    else:
+    if encoding not in get_args(Encoding):
         raise ValueError(f"encoding: {encoding!r} is not 'b64', 'data' or 'binary'")
-    return tensor
+    problem = encoding_problem(dtype, encoding)
+    if problem:
+        raise ValueError(f"{name}: {problem} (CONTRACT §2)")
+    return tensor_object(x, encoding)
 
 
 def raw_bytes(x: Any) -> memoryview:
     """The little-endian C-order bytes of a numpy array or torch tensor."""
-    return memoryview(binary.tensor_bytes(_wire_tensor("tensor", x)[0]))
+    return memoryview(tensor_bytes(_wire_tensor("tensor", x)[0]))
 
 
 def _wire_tensor(name: str, x: Any) -> tuple[torch.Tensor, str]:
@@ -195,9 +165,9 @@ def _wire_tensor(name: str, x: Any) -> tuple[torch.Tensor, str]:
         x = torch.from_numpy(np.ascontiguousarray(x))
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name}: expected a numpy array or torch tensor, got {type(x).__name__}")
-    dtype = _NAME_OF_DTYPE.get(x.dtype)
+    dtype = DTYPE_NAMES.get(x.dtype)
     if dtype is None:
-        raise ValueError(f"{name}: dtype {x.dtype} is not one of {', '.join(WIRE_DTYPES)}; cast it first")
+        raise ValueError(f"{name}: dtype {x.dtype} is not one of {', '.join(DTYPES)}; cast it first")
     return x.detach().cpu().contiguous(), dtype
 
 
@@ -205,23 +175,22 @@ def decode_tensor(name: str, tensor: dict[str, Any], raw: memoryview | None = No
     """A torch tensor from the contract's tensor object (any encoding; `raw`: a binary tensor's bytes)."""
     try:
         shape, dtype = [int(n) for n in tensor["shape"]], tensor["dtype"]
-        torch_dtype, wire = WIRE_DTYPES[dtype]
+        storage = STORAGE[dtype]
     except (KeyError, TypeError, ValueError) as exc:
         raise AttentionError(f"{name}: the response's tensor is malformed: {exc!r}") from exc
     if tensor.get("b64") is not None or raw is not None:
         try:
-            data = raw if raw is not None else base64.b64decode(tensor["b64"])
-            values = np.frombuffer(data, dtype=wire).reshape(shape)
+            data = raw if raw is not None else pybase64.b64decode(tensor["b64"])
+            values = np.frombuffer(data, dtype=storage).reshape(shape)
         except ValueError as exc:
             raise AttentionError(f"{name}: the response's bytes do not fit shape {shape}: {exc}") from exc
-        out = torch.from_numpy(values.astype(np.dtype(wire).newbyteorder("="), copy=True))
-        return out.view(torch.bfloat16) if dtype == "bfloat16" else out
+        return tensor_of(values.copy(), dtype)  # a copy: writable, not tied to the response's buffer
     data = tensor.get("data")
     if data is None:
         raise AttentionError(f"{name}: the response's tensor has none of 'b64', 'data' or 'binary_data_size'")
     # JSON has no infinities: a row with no key has an lse of -inf, which may arrive as null
     values = [float("-inf") if x is None else x for x in data] if None in data else data
-    return torch.tensor(values, dtype=torch.float32).reshape(shape).to(torch_dtype)
+    return torch.tensor(values, dtype=torch.float32).reshape(shape).to(DTYPES[dtype])
 
 
 @dataclass(frozen=True)

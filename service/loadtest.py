@@ -42,7 +42,7 @@ from dataclasses import dataclass, field, replace
 from multiprocessing.synchronize import Barrier
 from pathlib import Path
 from threading import BrokenBarrierError
-from typing import Any, Literal
+from typing import Any
 
 import httpx
 import numpy as np
@@ -52,9 +52,11 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from engine import attention
+from engine.attention import shape_problem
 from engine.patterns import Dense, Pattern
 
-from .client import AsyncAttentionClient, AttentionClient, AttentionError, AttentionResult, Encoding, TransportError
+from .client import AsyncAttentionClient, AttentionClient, AttentionError, AttentionResult, TransportError
+from .wire import DTYPES, DTypeName, Encoding, encoding_problem
 
 CONNECTIONS_PER_CLIENT = 8
 NO_ANSWER = "transport_error"  # by_status key of requests that got no HTTP answer at all
@@ -78,7 +80,7 @@ class RequestShape(BaseModel):
     k_len: int | None = Field(None, ge=1, description="defaults to q_len")
     head_dim: int = Field(32, ge=1)
     v_dim: int | None = Field(None, ge=1, description="defaults to head_dim")
-    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    dtype: DTypeName = "float32"
     encoding: Encoding = "b64"
     pattern: Pattern = Field(default_factory=Dense)
     causal: bool = True
@@ -86,12 +88,12 @@ class RequestShape(BaseModel):
 
     @model_validator(mode="after")
     def _consistent(self) -> RequestShape:
-        if self.heads % (self.kv_heads or self.heads):
-            raise ValueError(f"kv_heads: {self.kv_heads} does not divide heads {self.heads}")
-        if self.q_len > (self.k_len or self.q_len):
-            raise ValueError(f"q_len: {self.q_len} exceeds k_len {self.k_len}")
-        if self.dtype == "bfloat16" and self.encoding == "data":
-            raise ValueError("encoding: bfloat16 travels only as b64 or binary")
+        problem = shape_problem(*self.shapes)
+        if problem:
+            raise ValueError(f"{problem[0]}: {problem[1]}")
+        problem = encoding_problem(self.dtype, self.encoding)
+        if problem:
+            raise ValueError(f"encoding: {problem}")
         self.pattern.check_heads(self.heads)
         if not self.name:
             self.name = (
@@ -104,13 +106,15 @@ class RequestShape(BaseModel):
         """Query tokens one request asks for (the unit of tokens_per_s)."""
         return self.batch * self.q_len
 
-    def make_inputs(self, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        dtype = getattr(torch, self.dtype)
+    @property
+    def shapes(self) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
+        """The shapes of q, k and v, the defaults filled in."""
         hkv, lk = self.kv_heads or self.heads, self.k_len or self.q_len
-        q = torch.randn(self.batch, self.heads, self.q_len, self.head_dim, generator=gen)
-        k = torch.randn(self.batch, hkv, lk, self.head_dim, generator=gen)
-        v = torch.randn(self.batch, hkv, lk, self.v_dim or self.head_dim, generator=gen)
-        return q.to(dtype), k.to(dtype), v.to(dtype)
+        return ((self.batch, self.heads, self.q_len, self.head_dim), (self.batch, hkv, lk, self.head_dim),
+                (self.batch, hkv, lk, self.v_dim or self.head_dim))
+
+    def make_inputs(self, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return tuple(torch.randn(shape, generator=gen).to(DTYPES[self.dtype]) for shape in self.shapes)
 
 
 class Scenario(BaseModel):

@@ -12,7 +12,7 @@ from __future__ import annotations
 import binascii
 import math
 from dataclasses import dataclass
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 import numpy as np
 import pybase64
@@ -22,14 +22,10 @@ from pydantic import (BaseModel, ConfigDict, Field, PrivateAttr, ValidationInfo,
 from pydantic_core import PydanticCustomError
 
 from engine.attention import SCORE_LIMIT, effective_scale, score_bound, shape_problem
-from engine.patterns import Dense, Pattern, PatternBase
+from engine.patterns import Dense, Pattern, PatternBase, attended_pairs, attended_pairs_bound
 
-from .binary import tensor_bytes
+from .wire import DTYPES, STORAGE, DTypeName, Encoding, encoding_problem, tensor_object, tensor_of
 
-DType = Literal["float32", "float16", "bfloat16"]
-Encoding = Literal["b64", "data", "binary"]
-TORCH_DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-DTYPE_NAMES = {v: k for k, v in TORCH_DTYPES.items()}
 # A flat list in C order, or lists nested to the tensor's shape. Checked by numpy in
 # `Tensor.decode`, not element by element by pydantic: a pydantic error per bad element lets a
 # 10 MB body of strings take gigabytes of error objects.
@@ -40,6 +36,7 @@ Values = Annotated[
     ),
 ]
 
+_ENCODING_FIELDS = {"b64": "b64", "data": "data", "binary": "binary_data_size"}  # where each encoding's values are
 TOO_LARGE = "too_large"  # the error type that answers 413 rather than 422
 
 
@@ -55,6 +52,7 @@ class Limits:
     max_tokens: int
     max_elements: int
     max_heads: int
+    max_pairs: int
 
 
 class Tensor(BaseModel):
@@ -64,7 +62,7 @@ class Tensor(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     shape: list[int] = Field(min_length=3, max_length=4, description="[B, H, L, D] or [H, L, D] (B = 1)")
-    dtype: DType
+    dtype: DTypeName
     data: Values | None = Field(None, description="values in C order: flat, or nested to the shape")
     b64: str | None = Field(None, description="base64 of the little-endian bytes in C order")
     binary_data_size: int | None = Field(
@@ -77,8 +75,9 @@ class Tensor(BaseModel):
             raise field_error("shape", f"every dimension must be >= 1, got {self.shape}")
         if [self.data, self.b64, self.binary_data_size].count(None) != 2:
             raise field_error("data", "give exactly one of data, b64 or binary_data_size")
-        if self.dtype == "bfloat16" and self.data is not None:
-            raise field_error("data", "bfloat16 is accepted only as b64 or binary_data_size")
+        problem = encoding_problem(self.dtype, self.encoding)
+        if problem:
+            raise field_error(_ENCODING_FIELDS[self.encoding], problem)
         return self
 
     @property
@@ -92,7 +91,7 @@ class Tensor(BaseModel):
 
     @property
     def nbytes(self) -> int:
-        return self.numel * TORCH_DTYPES[self.dtype].itemsize
+        return self.numel * DTYPES[self.dtype].itemsize
 
     @property
     def encoding(self) -> Encoding:
@@ -122,7 +121,7 @@ class Tensor(BaseModel):
         The checks run in numpy, single-threaded: torch's intra-op threads would contend with the
         engine's worker thread, which is busy at the same time.
         """
-        storage = _STORAGE[self.dtype]
+        storage = STORAGE[self.dtype]
         if self.binary_data_size is not None:
             field = f"{name}.binary_data_size"
             values = np.frombuffer(binary, dtype=storage)
@@ -152,11 +151,9 @@ class Tensor(BaseModel):
         peak = _peak(values)
         if not math.isfinite(peak):
             raise field_error(field, "values must be finite (no NaN or Inf)")
-        return torch.from_numpy(values).view(TORCH_DTYPES[self.dtype]).reshape(self.dims), peak
+        return tensor_of(values, self.dtype).reshape(self.dims), peak
 
 
-# numpy has no bfloat16: its values travel as their 16-bit patterns.
-_STORAGE = {"float32": np.float32, "float16": np.float16, "bfloat16": np.int16}
 _BF16_MAGNITUDE = 0x7FFF
 
 
@@ -203,6 +200,8 @@ class AttentionRequest(BaseModel):
         except ValueError as e:
             field, _, reason = str(e).partition(": ")
             raise field_error(field, reason) from None
+        if limits is not None:
+            self._check_work(limits)
         binary = self._binary_parts((info.context or {}).get("binary"))
         (q, q_peak), (k, k_peak), (v, _) = (getattr(self, name).decode(name, binary.get(name)) for name in ("q", "k", "v"))
         self._check_scores(q_peak, k_peak)
@@ -252,6 +251,42 @@ class AttentionRequest(BaseModel):
             if n > limits.max_elements:
                 raise field_error(field, f"{n} elements, over the limit of {limits.max_elements}", TOO_LARGE)
 
+    def _check_work(self, limits: Limits) -> None:
+        """No request may hold the engine longer than the pair limit allows. A cheap bound decides
+        almost always; near the limit the exact count does (for a union with `fixed` it is
+        O(Lq x span) work), since a union's overlapping members may keep it under."""
+        if self.pairs_bound() <= limits.max_pairs:
+            return
+        pairs = self.attended_pairs()
+        if pairs > limits.max_pairs:
+            raise field_error("pattern", f"the request attends {pairs} (query, key) pairs over its batch and heads, "
+                                         f"over the limit of {limits.max_pairs} (ATTN_MAX_PAIRS_PER_REQUEST)", TOO_LARGE)
+
+    def pairs_bound(self) -> int:
+        """An upper bound of `attended_pairs`, at O(Lq) cost."""
+        (b, h, lq, _), lk = self.q.dims, self.k.dims[2]
+        return attended_pairs_bound(self.pattern, b, h, lq, lk, self.causal)
+
+    def attended_pairs(self) -> int:
+        """The (query, key) pairs the request attends over its batch and heads (CONTRACT §2's meta)."""
+        (b, h, lq, _), lk = self.q.dims, self.k.dims[2]
+        return attended_pairs(self.pattern, b, h, lq, lk, self.causal)
+
+    @property
+    def dense_pairs(self) -> int:
+        """B * H * Lq * Lk: the pairs of a dense score matrix."""
+        (b, h, lq, _), lk = self.q.dims, self.k.dims[2]
+        return b * h * lq * lk
+
+    @property
+    def response_encoding(self) -> Encoding:
+        """The encoding of the response's tensors: `encoding`, by default q's."""
+        return self.encoding or self.q.encoding
+
+    def as_given(self, t: torch.Tensor) -> torch.Tensor:
+        """A result [B, H, ...] in the rank the request's tensors had: [H, ...] for 3-D ones."""
+        return t.squeeze(0) if len(self.q.shape) == 3 else t
+
     def _check_shapes(self) -> None:
         if len(self.k.shape) != len(self.q.shape) or len(self.v.shape) != len(self.q.shape):
             raise field_error("k.shape", "q, k and v must all be 3-D or all 4-D")
@@ -271,7 +306,7 @@ class TensorOut(BaseModel):
     """A response tensor, in the request's `encoding`."""
 
     shape: list[int]
-    dtype: DType
+    dtype: DTypeName
     data: list[float] | None = None
     b64: str | None = None
     binary_data_size: int | None = Field(None, description="bytes after the JSON header (encoding 'binary')")
@@ -279,13 +314,7 @@ class TensorOut(BaseModel):
     @classmethod
     def encode(cls, t: torch.Tensor, encoding: Encoding) -> "TensorOut":
         """The tensor in `encoding`; for "binary", only its size (the bytes travel after the header)."""
-        if encoding == "binary":
-            values = {"binary_data_size": t.numel() * t.element_size()}
-        elif encoding == "b64":
-            values = {"b64": pybase64.b64encode(tensor_bytes(t)).decode("ascii")}
-        else:
-            values = {"data": t.float().flatten().tolist()}
-        return cls(shape=list(t.shape), dtype=DTYPE_NAMES[t.dtype], **values)
+        return cls(**tensor_object(t, encoding))
 
 
 class Timing(BaseModel):

@@ -82,7 +82,7 @@ def test_open_loop_from_the_command_line(url, tmp_path):
 def test_scenario_errors_name_the_field(tmp_path):
     bad = tmp_path / "bad.json"
     bad.write_text('{"requests": [{"heads": 6, "kv_heads": 4}]}')
-    with pytest.raises(ValidationError, match="kv_heads: 4 does not divide heads 6"):
+    with pytest.raises(ValidationError, match="k: 4 key/value heads do not divide q.s 6 heads"):
         Scenario.load(bad)
     with pytest.raises(ValidationError, match="encoding"):
         Scenario.model_validate({"requests": [{"dtype": "bfloat16", "encoding": "data"}]})
