@@ -338,7 +338,7 @@ def bench_decode(args, device: torch.device) -> list[dict]:
     """Lq query rows at the end of Lk keys (a decode step, a short chunk), per pattern: the engine
     against dense SDPA over every key and against the masked kernel (the fallback of a pattern
     with no structured kernel) on the same rows; grouped-query with --decode-kv-heads (the masked
-    kernel, which takes equal head counts, on key/value heads repeated before the clock)."""
+    kernel on key/value heads repeated before the clock, as a device without grouped heads needs)."""
     patterns = {**{LABELS[name]: PATTERNS[name] for name in args.patterns}, **DECODE_EXTRA}
     kv_heads, scale = args.decode_kv_heads or args.heads, args.dim ** -0.5
     rows = []

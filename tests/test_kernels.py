@@ -411,11 +411,11 @@ def test_flash_window_probe_accepts_only_the_contract_band(monkeypatch, causal):
 @pytest.mark.parametrize("lq,lk,batch", [(0, 5, 1), (3, 0, 1), (3, 5, 0)])
 def test_the_fused_call_answers_empty_problems_instead_of_crashing(lq, lk, batch):
     """torch's CPU flash kernel kills the process (SIGFPE) on no query row or no key; every kernel
-    reaches it through `_fused`, which answers such problems itself: zeros and lse -inf."""
-    from engine.kernels.dense import _fused
+    reaches it through `fused`, which answers such problems itself: zeros and lse -inf."""
+    from engine.kernels.dense import fused
 
     q, k, v = torch.randn(batch, 2, lq, 16), torch.randn(batch, 2, lk, 16), torch.randn(batch, 2, lk, 8)
-    out, lse = _fused(q, k, v, scale=0.25, is_causal=False)
+    out, lse = fused(q, k, v, scale=0.25, is_causal=False)
     assert out.shape == (batch, 2, lq, 8) and lse.shape == (batch, 2, lq)
     assert (out == 0).all() and torch.isinf(lse).all()
 

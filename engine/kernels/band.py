@@ -19,8 +19,8 @@ import functools
 
 import torch
 
-from .dense import (_fused, _same_head_dim, additive_mask, dense_attention, flash_supported, math_attention,
-                    pad_head_dim)
+from .dense import (additive_mask, dense_attention, flash_supported, fused, math_attention,
+                    pad_head_dim, same_head_dim)
 from .merge import join_rows
 
 
@@ -41,17 +41,17 @@ def band_mask(rows: int, window: int, dtype: torch.dtype, device: torch.device) 
 
 
 def row_grid(x: torch.Tensor, first: int, outer: tuple[int, int], inner: tuple[int, int]) -> torch.Tensor:
-    """[B*H, n_outer, n_inner, D] view of a `_row_major` x whose element (a, r) is row
+    """[B*H, n_outer, n_inner, D] view of a `row_major` x whose element (a, r) is row
     first + a * outer_step + r * inner_step, for (n_outer, outer_step) and (n_inner, inner_step)."""
     b, h, _, d = x.shape
-    merged = x.stride(0) if h == 1 else x.stride(1)  # B and H as one axis: `_row_major` makes it one stride
+    merged = x.stride(0) if h == 1 else x.stride(1)  # B and H as one axis: `row_major` makes it one stride
     (n_outer, outer_step), (n_inner, inner_step) = outer, inner
     return x.as_strided((b * h, n_outer, n_inner, d), (merged, outer_step * d, inner_step * d, 1),
                         x.storage_offset() + first * d)
 
 
 def head_grid(x: torch.Tensor, item: int, first: int, outer: tuple[int, int], inner: tuple[int, int]) -> torch.Tensor:
-    """[n_outer, H, n_inner, D] view of batch item `item` of a `_row_major` x, the heads on the head
+    """[n_outer, H, n_inner, D] view of batch item `item` of a `row_major` x, the heads on the head
     axis (for grouped key/value heads, which torch's CPU kernel maps by H / Hkv there): element
     (a, j, r) is row first + a * outer_step + r * inner_step of head j."""
     (n_outer, outer_step), (n_inner, inner_step) = outer, inner
@@ -60,7 +60,7 @@ def head_grid(x: torch.Tensor, item: int, first: int, outer: tuple[int, int], in
                         x.storage_offset() + item * x.stride(0) + first * d)
 
 
-def _row_major(x: torch.Tensor) -> torch.Tensor:
+def row_major(x: torch.Tensor) -> torch.Tensor:
     """x itself when its rows are contiguous and B, H merge into one axis of one stride (as in a
     contiguous tensor, or a grouped-query view repeating one key/value head with stride 0), else
     a contiguous copy."""
@@ -83,7 +83,7 @@ def band_pieces(
     lk, dv, w = k.shape[-2], v.shape[-1], window
     after = 0 if causal else w - 1  # keys a row sees after its own position
     offset = lk - lq
-    q, k, v = (_row_major(x) for x in _same_head_dim(q, k, v))
+    q, k, v = (row_major(x) for x in same_head_dim(q, k, v))
     pieces = []
     # Rows whose position is below w - 1 see every key up to themselves (plus `after`).
     head = min(lq, max(0, w - 1 - offset))
@@ -102,12 +102,12 @@ def band_pieces(
         start = offset + row - w + 1  # first key of the first tile's window
         mask = band_mask(size, w + after, q.dtype, q.device)
         if tiles == 1:  # a short run: its window is a slice (grouped key/value heads as they are)
-            o, l = _fused(q[..., row : row + size, :], k[..., start : start + width, :],
+            o, l = fused(q[..., row : row + size, :], k[..., start : start + width, :],
                           v[..., start : start + width, :], scale=scale, is_causal=False, mask=mask)
         else:
             qt = q[..., row : row + tiles * size, :].reshape(b * h, tiles, size, -1)
             kt, vt = (row_grid(x, start, (tiles, size), (width, 1)) for x in (k, v))  # tile t: its window
-            o, l = _fused(qt, kt, vt, scale=scale, is_causal=False, mask=mask)
+            o, l = fused(qt, kt, vt, scale=scale, is_causal=False, mask=mask)
         pieces.append((row, o.reshape(b, h, tiles * size, -1)[..., :dv], l.reshape(b, h, tiles * size)))
         row += tiles * size
     if stop < lq:  # keys i - w + 1 .. Lk - 1: reversed, the first rows' problem (a dense diagonal)
@@ -151,7 +151,7 @@ def _flash_window(q, k, v, *, window: int, scale: float, causal: bool = True) ->
     """CUDA flash attention with a local window: query i sees keys i - (w - 1) .. i (.. i + w - 1
     without causal)."""
     dv = v.shape[-1]
-    q, k, v = (pad_head_dim(x).transpose(1, 2) for x in _same_head_dim(q, k, v))  # [B, L, H, D]
+    q, k, v = (pad_head_dim(x).transpose(1, 2) for x in same_head_dim(q, k, v))  # [B, L, H, D]
     # Returns (output [B, Lq, H, D], logsumexp [B, H, Lq], rng_state, unused, debug_mask).
     out, lse = torch.ops.aten._flash_attention_forward(
         q, k, v, None, None, q.shape[1], k.shape[1], 0.0, causal, False, scale=scale,

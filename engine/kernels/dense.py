@@ -18,7 +18,7 @@ from .merge import join_rows, merge_partials
 NEG_INF = float("-inf")
 
 
-def _same_head_dim(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+def same_head_dim(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
     """Fused kernels want one head size: zero-pad the smaller (zeros change no dot product)."""
     d, dv = q.shape[-1], v.shape[-1]
     if d == dv:
@@ -27,7 +27,7 @@ def _same_head_dim(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
     return F.pad(q, (0, width - d)), F.pad(k, (0, width - d)), F.pad(v, (0, width - dv))
 
 
-def _fused(q, k, v, *, scale: float, is_causal: bool, mask: torch.Tensor | None = None):
+def fused(q, k, v, *, scale: float, is_causal: bool, mask: torch.Tensor | None = None):
     """One fused call; (out, lse) with lse float32 [B, H, Lq]. `is_causal` only on square
     problems (there top-left and bottom-right alignment agree); `mask` is an additive
     [Lq, Lk] tensor of q's dtype shared by every batch item and head, or [1, H, Lq, Lk]."""
@@ -35,7 +35,7 @@ def _fused(q, k, v, *, scale: float, is_causal: bool, mask: torch.Tensor | None 
     dv = v.shape[-1]
     if q.numel() == 0 or k.shape[-2] == 0:  # torch's CPU kernel dies (SIGFPE) on no query or no key
         return empty_partial(q, dv)
-    q, k, v = _same_head_dim(q, k, v)
+    q, k, v = same_head_dim(q, k, v)
     if q.device.type == "cpu":
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
             q, k, v, 0.0, is_causal, attn_mask=mask, scale=scale
@@ -57,8 +57,8 @@ def fused_masked(q, k, v, keep: torch.Tensor | None, *, scale: float):
     that broadcasts to [B, H, Lq, Lk]), says which keys each row attends (None: every key); rows
     that keep none come back as zeros with lse -inf (whatever the kernel makes of a row with no key)."""
     if keep is None:
-        return _fused(q, k, v, scale=scale, is_causal=False)
-    out, lse = _fused(q, k, v, scale=scale, is_causal=False, mask=additive_mask(keep, q.dtype))
+        return fused(q, k, v, scale=scale, is_causal=False)
+    out, lse = fused(q, k, v, scale=scale, is_causal=False, mask=additive_mask(keep, q.dtype))
     none = ~keep.any(-1)
     if bool(none.any()):
         out, lse = out.masked_fill(none[..., None], 0.0), lse.masked_fill(none, NEG_INF)
@@ -88,7 +88,7 @@ def padded_head_dims(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
     no score and add only zero output columns): padded once, before any kernel builds views that
     repeat rows (the band's overlapping windows, fixed's shared summary keys), which a pad per
     call would write out whole."""
-    q, k, v = _same_head_dim(q, k, v)
+    q, k, v = same_head_dim(q, k, v)
     return pad_head_dim(q), pad_head_dim(k), pad_head_dim(v)
 
 
@@ -169,7 +169,7 @@ def dense_attention(
     scale: float,
     diagonal: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Dense attention over [B, H, L, D] tensors with equal head counts.
+    """Dense attention over [B, H, L, D] tensors (fewer key/value heads on the CPU, as the package says).
 
     `diagonal=None` attends every key; an int d lets row m attend keys 0..m + d.
     """
@@ -177,7 +177,7 @@ def dense_attention(
     if lq == 0 or lk == 0:
         return empty_partial(q, dv)
     if diagonal is None or diagonal >= lk - 1:
-        return _fused(q, k, v, scale=scale, is_causal=False)
+        return fused(q, k, v, scale=scale, is_causal=False)
     if diagonal < 0:
         # Rows 0..-d-1 see nothing; the rest form a top-left causal problem on shifted keys.
         skip = min(lq, -diagonal)
@@ -190,11 +190,11 @@ def dense_attention(
     rows = min(lq, lk - diagonal)
     parts = []
     tri_q = q[..., :rows, :]
-    tri = _fused(tri_q, k[..., diagonal : diagonal + rows, :], v[..., diagonal : diagonal + rows, :], scale=scale, is_causal=True)
+    tri = fused(tri_q, k[..., diagonal : diagonal + rows, :], v[..., diagonal : diagonal + rows, :], scale=scale, is_causal=True)
     if diagonal > 0:
-        prefix = _fused(tri_q, k[..., :diagonal, :], v[..., :diagonal, :], scale=scale, is_causal=False)
+        prefix = fused(tri_q, k[..., :diagonal, :], v[..., :diagonal, :], scale=scale, is_causal=False)
         tri = merge_partials([prefix, tri])
     parts.append(tri)
     if rows < lq:  # rows whose diagonal runs past the last key see every key
-        parts.append(_fused(q[..., rows:, :], k, v, scale=scale, is_causal=False))
+        parts.append(fused(q[..., rows:, :], k, v, scale=scale, is_causal=False))
     return join_rows(parts)

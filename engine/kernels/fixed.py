@@ -32,9 +32,9 @@ import torch
 import torch.nn.functional as F
 
 from ..patterns.fixed import summary_columns, summary_keys_below
-from .band import _row_major, head_grid, row_grid
-from .dense import NEG_INF, _fused, _same_head_dim, additive_mask, dense_attention, fused_masked
-from .merge import merge_partials, merge_to
+from .band import head_grid, row_grid, row_major
+from .dense import NEG_INF, additive_mask, dense_attention, fused, fused_masked, same_head_dim
+from .merge import merge_partials, merge_stacked, merge_to
 from .masked import MASK_BUDGET
 from .strided import off_strides
 
@@ -68,6 +68,17 @@ def short_run(lq: int, lk: int, block: int, summary: int) -> bool:
     return lq <= SHORT_RUN_ROWS and lq < block and summary * lq * ((lk - 1) // block) <= MASK_BUDGET
 
 
+def _blocks_per_call(block: int) -> int:
+    """Query blocks per call where blocks go a few per call: CALL_ROWS rows, or one block."""
+    return max(1, CALL_ROWS // block)
+
+
+def summary_keys_seen(i: torch.Tensor, block: int, summary: int, min_distance: int) -> torch.Tensor:
+    """How many summary keys of earlier blocks a row at position i attends: those at positions
+    up to i - min_distance, a prefix of the gathered summary keys (`summary_columns`)."""
+    return torch.minimum(summary_keys_below((i - min_distance + 1).clamp(min=0), block, summary), i // block * summary)
+
+
 def summary_mask(b0: int, b1: int, c: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """[b1 - b0, (b1 - 1) * c] additive mask: block b keeps summary keys of blocks < b."""
     blocks = torch.arange(b0, b1, device=device)[:, None]
@@ -94,7 +105,7 @@ def fixed_attention(
     short = short_run(lq, lk, l, c)
     if k.shape[1] != h and not short:  # grouped key/value heads outside a short run: repeated
         k, v = (x.repeat_interleave(h // x.shape[1], dim=1) for x in (k, v))
-    q, k, v = _same_head_dim(q, k, v)
+    q, k, v = same_head_dim(q, k, v)
     d = q.shape[-1]
     offset = lk - lq
     first = offset // l  # first query block
@@ -163,7 +174,7 @@ def fixed_attention(
                 b1 = min(blocks, b0 + step)
                 keys = (b1 - 1) * c
                 mask = summary_mask(b0, b1, c, q.dtype, q.device)
-                o, s_lse = _fused(q_heads[:, :, b0 - first : b1 - first], ks[:, :, :keys].expand(-1, l, -1, -1),
+                o, s_lse = fused(q_heads[:, :, b0 - first : b1 - first], ks[:, :, :keys].expand(-1, l, -1, -1),
                                   vs[:, :, :keys].expand(-1, l, -1, -1), scale=scale, is_causal=False, mask=mask)
                 rows = slice((b0 - first) * l, (b1 - first) * l)
                 merge_to(out[:, rows], lse[:, rows], (out[:, rows], lse[:, rows]),
@@ -189,7 +200,7 @@ def _summary_offsets(q, k, v, out, lse, *, first: int, block: int, summary: int,
     j = t[None, None, :] * l + torch.arange(l - c, l, device=q.device)[:, None, None]  # [c, 1, blocks]
     at = i[None, :, None]
     keep = (t < at // l) & (j <= at - min_distance) & off_strides(at - j, skip_strides)  # [c, rows, blocks]
-    k, v = _row_major(k), _row_major(v)
+    k, v = row_major(k), row_major(v)
     if k.shape[1] == h:
         kv, vv = (row_grid(x, l - c, (c, 1), (len(t), l)) for x in (k, v))  # offset u: its keys
         rows = q.reshape(b * h, 1, -1, d)[:, :, real].expand(-1, c, -1, -1)
@@ -210,9 +221,7 @@ def _over_offsets(rows, kv, vv, keep: torch.Tensor, scale: float, dim: int):
     """One call over the summary offsets along `dim` (under `keep` unless it keeps every key),
     merged over them by log-sum-exp: (out float32, lse) without that axis."""
     o, s_lse = fused_masked(rows, kv, vv, None if bool(keep.all()) else keep, scale=scale)
-    total = torch.logsumexp(s_lse, dim=dim)
-    safe = torch.where(torch.isinf(total), torch.zeros_like(total), total)
-    return (o.float() * torch.exp(s_lse - safe.unsqueeze(dim)).unsqueeze(-1)).sum(dim), total
+    return merge_stacked(o, s_lse, dim)
 
 
 def _summary_per_block(q_rows, ks, vs, out, lse, blocks: range, *, first: int, block: int, summary: int,
@@ -226,7 +235,7 @@ def _summary_per_block(q_rows, ks, vs, out, lse, blocks: range, *, first: int, b
     l, c = block, summary
     if skip_strides:  # the positions of the summary keys in ks: those of blocks 0 .. last - 1
         at = summary_columns((blocks.stop - 1) * l, l, c).to(q_rows.device)
-    group = max(1, CALL_ROWS // l)  # query blocks per call
+    group = _blocks_per_call(l)
     for b in range(blocks.start, blocks.stop, group):
         b_end = min(blocks.stop, b + group)
         r0, r1 = max((b - first) * l, real.start), min((b_end - first) * l, real.stop)
@@ -234,10 +243,10 @@ def _summary_per_block(q_rows, ks, vs, out, lse, blocks: range, *, first: int, b
             continue
         i = torch.arange(r0, r1, device=q_rows.device) + first * l  # the rows' positions
         # How many summary keys each row sees: those of earlier blocks, at positions <= i - m.
-        seen = torch.minimum(summary_keys_below((i - min_distance + 1).clamp(min=0), l, c), i // l * c)
+        seen = summary_keys_seen(i, l, c, min_distance)
         lo, hi = (0, int(seen.max())) if skip_strides else (int(seen.min()), int(seen.max()))
         rows = q_rows[:, :, r0:r1]
-        parts = [_fused(rows, ks[:, :, :lo], vs[:, :, :lo], scale=scale, is_causal=False)] if lo else []
+        parts = [fused(rows, ks[:, :, :lo], vs[:, :, :lo], scale=scale, is_causal=False)] if lo else []
         if hi > lo:
             index = torch.arange(lo, hi, device=rows.device)
             keep = index[None, :] < seen[:, None]
@@ -258,18 +267,18 @@ def _non_causal(q, k, v, *, block: int, summary: int, scale: float) -> tuple[tor
     parts = []
     columns = summary_columns(lk, l, c).to(k.device)
     if len(columns):
-        parts.append(_fused(q, k.index_select(-2, columns), v.index_select(-2, columns), scale=scale, is_causal=False))
+        parts.append(fused(q, k.index_select(-2, columns), v.index_select(-2, columns), scale=scale, is_causal=False))
     first, whole = offset // l, lk // l  # the first query block; whole key blocks
     own = []
     if whole > first and c < l:
         lead = offset - first * l  # the first query block's rows before the queries: dummy rows
         qb = F.pad(q[..., : whole * l - offset, :], (0, 0, lead, 0)).reshape(b * h, whole - first, l, -1)
-        kb, vb = (row_grid(_row_major(x), first * l, (whole - first, l), (l - c, 1)) for x in (k, v))
-        o, o_lse = _fused(qb, kb, vb, scale=scale, is_causal=False)
+        kb, vb = (row_grid(row_major(x), first * l, (whole - first, l), (l - c, 1)) for x in (k, v))
+        o, o_lse = fused(qb, kb, vb, scale=scale, is_causal=False)
         own.append((o.reshape(b, h, -1, o.shape[-1])[..., lead:, :], o_lse.reshape(b, h, -1)[..., lead:]))
     if lk > whole * l and c < l:  # the last, partial block: its keys before the summary columns
         rows, keys = slice(max(whole * l, offset) - offset, lq), slice(whole * l, min(lk, whole * l + l - c))
-        own.append(_fused(q[..., rows, :], k[..., keys, :], v[..., keys, :], scale=scale, is_causal=False))
+        own.append(fused(q[..., rows, :], k[..., keys, :], v[..., keys, :], scale=scale, is_causal=False))
     if own:
         parts.append(own[0] if len(own) == 1 else (torch.cat([o for o, _ in own], dim=-2),
                                                      torch.cat([o_lse for _, o_lse in own], dim=-1)))
@@ -289,7 +298,7 @@ def _non_causal_far(q, k, v, *, block: int, summary: int, scale: float, min_dist
     ks, vs = k.index_select(-2, columns), v.index_select(-2, columns)
     out = torch.empty(*q.shape[:-1], v.shape[-1], dtype=torch.float32, device=q.device)
     lse = torch.empty(q.shape[:-1], dtype=torch.float32, device=q.device)
-    group = max(1, CALL_ROWS // l)  # query blocks per call
+    group = _blocks_per_call(l)
     for b in range(offset // l, -(-lk // l), group):
         b_end = min(b + group, -(-lk // l))
         r0, r1 = max(b * l, offset) - offset, min(b_end * l, lk) - offset  # these blocks' query rows
@@ -299,7 +308,7 @@ def _non_causal_far(q, k, v, *, block: int, summary: int, scale: float, min_dist
         j = torch.arange(own.start, own.stop, device=q.device)[None, :]
         # Summary keys kept: indices [0, before) of the blocks before (positions <= i - m), and
         # [after, all) of those after (positions >= i + m), per row.
-        before = torch.minimum(summary_keys_below((i[:, 0] - m + 1).clamp(min=0), l, c), i[:, 0] // l * c)
+        before = summary_keys_seen(i[:, 0], l, c, m)
         after = torch.maximum(summary_keys_below(i[:, 0] + m, l, c), (i[:, 0] // l + 1) * c).clamp(max=len(columns))
         # (keys, values, their positions, which each row keeps; None: all of them)
         parts = [(k[..., own, :], v[..., own, :], j[0], ((i - j).abs() >= m) & (i // l == j // l))]
@@ -316,7 +325,7 @@ def _non_causal_far(q, k, v, *, block: int, summary: int, scale: float, min_dist
         for keys_k, keys_v, _, keep in parts:
             if keys_k.shape[-2] == 0 or keep is not None and not bool(keep.any()):
                 continue
-            o, s_lse = (_fused(rows_q, keys_k, keys_v, scale=scale, is_causal=False) if keep is None
+            o, s_lse = (fused(rows_q, keys_k, keys_v, scale=scale, is_causal=False) if keep is None
                         else fused_masked(rows_q, keys_k, keys_v, keep, scale=scale))
             if written:
                 merge_to(rows_out, rows_lse, (rows_out, rows_lse), (o, s_lse))

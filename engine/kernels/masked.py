@@ -5,18 +5,19 @@ A chunk is about as many rows as one row's key span is wide (more would only wid
 with masked keys) and at most MASK_BUDGET mask elements. A chunk whose rows attend few of its
 span's keys (a window and fixed's summary columns without causality, a few decode rows) runs on a
 copy of just those: non-causal union(sliding 256, fixed(128, 8)) at n = 16384, H = 8 took 6.9 s
-on whole spans, 1.4 s so."""
+on whole spans, 1.4 s so (measured when that union still ran here; it has a structured kernel now)."""
 
 from __future__ import annotations
 
 import torch
 
 from ..patterns import PatternBase
-from .dense import empty_partial, fused_masked
+from .dense import fused_masked
 
 # Mask elements per chunk: the mask, the rule's int64 temporaries and the kernel's scores are each
-# a few times this in bytes. union(sliding 256, strided 128, fixed(128, 8)) at n = 16384, one head:
-# peak 92 MiB, 1.72 s (2^24: 339 MiB, 1.66 s; before chunks were capped by the budget, 4.3 GiB).
+# a few times this in bytes. union(sliding 256, strided 128, fixed(128, 8)) at n = 16384, one head,
+# when it ran here: peak 92 MiB, 1.72 s (2^24: 339 MiB, 1.66 s; before chunks were capped by the
+# budget, 4.3 GiB).
 MASK_BUDGET = 1 << 22
 # A chunk whose rows attend fewer than this fraction of its key span between them runs on a copy
 # of just those keys (fixed's summary columns and a window, say, out of the whole prefix).
@@ -49,16 +50,13 @@ def masked_attention(
         i = torch.arange(offset + start, offset + start + chunk, device=q.device)[:, None]
         j = torch.arange(lo, hi, device=q.device)[None, :]
         allowed = pattern.attends(i, j, causal)
-        if hi <= lo:
-            part = empty_partial(q[..., rows, :], dv)
-        else:
-            keys_k, keys_v = k[..., lo:hi, :], v[..., lo:hi, :]
-            used = allowed.any(0)  # keys some row of the chunk attends
-            if int(used.sum()) < COMPACT_FRACTION * (hi - lo):
-                columns = used.nonzero().squeeze(1)
-                keys_k, keys_v = keys_k.index_select(-2, columns), keys_v.index_select(-2, columns)
-                allowed = allowed[:, columns]
-            part = fused_masked(q[..., rows, :], keys_k, keys_v, allowed, scale=scale)
+        keys_k, keys_v = k[..., lo:hi, :], v[..., lo:hi, :]
+        used = allowed.any(0)  # keys some row of the chunk attends
+        if int(used.sum()) < COMPACT_FRACTION * (hi - lo):
+            columns = used.nonzero().squeeze(1)
+            keys_k, keys_v = keys_k.index_select(-2, columns), keys_v.index_select(-2, columns)
+            allowed = allowed[:, columns]
+        part = fused_masked(q[..., rows, :], keys_k, keys_v, allowed, scale=scale)
         out[..., rows, :] = part[0]
         lse[..., rows] = part[1]
         start += chunk

@@ -12,10 +12,23 @@ def merge_to(out: torch.Tensor, lse: torch.Tensor, a: tuple[torch.Tensor, torch.
     in-place fold, no new output tensor). Rows where both are -inf get zeros and -inf."""
     (a_out, a_lse), (b_out, b_lse) = a, b
     merged = torch.logaddexp(a_lse, b_lse)
-    safe = torch.where(torch.isinf(merged), torch.zeros_like(merged), merged)
+    safe = _finite(merged)
     torch.mul(a_out, torch.exp(a_lse - safe).unsqueeze(-1), out=out)
     out.addcmul_(b_out, torch.exp(b_lse - safe).unsqueeze(-1))
     lse.copy_(merged)
+
+
+def merge_stacked(out: torch.Tensor, lse: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Partials over disjoint key sets stacked along `dim` of out (before its features) and lse,
+    merged into one: (out float32, lse) without that axis."""
+    total = torch.logsumexp(lse, dim=dim)
+    weights = torch.exp(lse - _finite(total).unsqueeze(dim)).unsqueeze(-1)
+    return (out.float() * weights).sum(dim), total
+
+
+def _finite(lse: torch.Tensor) -> torch.Tensor:
+    """lse with its -inf (rows with no key) as 0, to subtract: such a row's weights are then exp(-inf) = 0."""
+    return torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)
 
 
 def join_rows(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:

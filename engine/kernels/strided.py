@@ -22,8 +22,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .band import _row_major, head_grid, row_grid
-from .dense import NEG_INF, _fused, empty_partial, fused_masked
+from .band import head_grid, row_grid, row_major
+from .dense import NEG_INF, empty_partial, fused, fused_masked
 from .masked import MASK_BUDGET
 from .merge import join_rows, merge_partials, merge_to
 
@@ -98,7 +98,7 @@ def strided_pieces(
         c1 = min(rows, c0 + size)
         width = min(seen + c1, key_rows)  # key class rows this chunk sees
         if seen == 0 and c1 - c0 == rows == width and not skip_strides:  # one causal square: no mask
-            out, lse = _fused(qc, kc, vc, scale=scale, is_causal=True)
+            out, lse = fused(qc, kc, vc, scale=scale, is_causal=True)
         else:
             keys = torch.arange(width, device=q.device)[None, :]
             limit = torch.arange(seen + c0, seen + c1, device=q.device)[:, None]
@@ -144,7 +144,7 @@ def _short_run_pieces(
     lk, s = k.shape[-2], stride
     offset = lk - lq
     back = -(-min_distance // s)  # class rows between a query and its nearest key
-    k, v = _row_major(k), _row_major(v)
+    k, v = row_major(k), row_major(v)
     pieces = []
     row = 0
     while row < lq:
@@ -190,8 +190,8 @@ def strided_attention(
     return join_rows([(out, lse) for _, out, lse in pieces])
 
 
-def _every_class_key(q, k, v, *, stride: int, scale: float, min_distance: int = 0,
-                     skip_strides: tuple[int, ...] = ()) -> tuple[torch.Tensor, torch.Tensor]:
+def _every_class_key(q, k, v, *, stride: int, scale: float, min_distance: int,
+                     skip_strides: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
     """Non-causal strided attention: each query attends every key of its class, n^2/s work over
     the class views, without a mask in one call or, with a minimum distance m (a union with a
     window reaching both ways) or skipped strides, under one shared mask that drops the key class
@@ -208,7 +208,7 @@ def _every_class_key(q, k, v, *, stride: int, scale: float, min_distance: int = 
     key_rows, rest = divmod(lk, s)
     kc, vc = _classes(k, 0, key_rows * s, s), _classes(v, 0, key_rows * s, s)
     if key_rows and not near and not skip_strides:  # a fresh float32 result, merged into in place below
-        out, lse = _fused(qc, kc, vc, scale=scale, is_causal=False)
+        out, lse = fused(qc, kc, vc, scale=scale, is_causal=False)
         out = out.float()
     else:
         out = torch.zeros(b * h, s, q_rows, dv, dtype=torch.float32, device=q.device)
