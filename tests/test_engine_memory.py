@@ -49,9 +49,8 @@ def test_peak_memory_counts_new_storages_only():
         view = y[:10]  # a view: nothing new
         x.add_(1)  # in place: nothing new
         del y, view
-        z = torch.empty(10)  # after y freed: the peak stays at y's size
+        torch.empty(10)  # after y freed: the peak stays at y's size
     assert mem.peak_bytes == 1000 * 1000 * 4
-    assert z.numel() == 10
 
 
 @pytest.mark.parametrize("pattern", [{"type": "dense"}, {"type": "sliding_window", "window": 64}])

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import base64
 import json
 import math
 
@@ -188,56 +187,8 @@ def _with(body: dict, path: str, value) -> dict:
     node = body
     for p in parents:
         node = node[p]
-    if value is _DELETE:
-        del node[last]
-    else:
-        node[last] = value
+    node[last] = value
     return body
-
-
-_DELETE = object()
-_B64_2X2 = base64.b64encode(bytes(4 * 8 * 4)).decode()
-
-
-def _nonfinite_b64(n: int) -> str:
-    t = torch.zeros(n)
-    t[3] = float("inf")
-    return base64.b64encode(t.numpy().tobytes()).decode()
-
-
-BAD_REQUESTS = {
-    "missing q": ("q", _DELETE, "q"),
-    "dtype unknown": ("q.dtype", "float64", "q.dtype"),
-    "shape of 2 dims": ("q.shape", [8, 4], "q.shape"),
-    "zero-length sequence": ("k.shape", [1, 2, 0, 4], "k.shape"),
-    "heads not a multiple": ("k.shape", [1, 3, 8, 4], "k.shape"),
-    "head dims differ": ("k.shape", [1, 2, 8, 3], "k.shape"),
-    "v length differs": ("v.shape", [1, 2, 7, 4], "v.shape"),
-    "Lq over Lk": ("q.shape", [1, 4, 16, 4], "q.shape"),
-    "b64 wrong length": ("k.b64", _B64_2X2, "k.b64"),
-    "b64 not base64": ("k.b64", "!" * len(as_json(torch.zeros(1, 2, 8, 4))["b64"]), "k.b64"),
-    "infinity in b64": ("v.b64", _nonfinite_b64(64), "v.b64"),
-    "b64 padded short": ("k.b64", base64.b64encode(bytes(254)).decode(), "k.b64"),
-    "both data and b64": ("q.data", [0.0] * 128, "q.data"),
-    "dtype differs": ("k.dtype", "float16", "k.dtype"),
-    "pattern type unknown": ("pattern", {"type": "spiral"}, "pattern"),
-    "window zero": ("pattern", {"type": "sliding_window", "window": 0}, "pattern.window"),
-    "per_head not dividing": ("pattern", {"type": "per_head", "patterns": [SW] * 3}, "pattern.patterns"),
-    "union too large": ("pattern", {"type": "union", "patterns": [SW] * 9}, "pattern.patterns"),
-    "unknown field": ("extra", 1, "extra"),
-    "scale not a number": ("scale", "big", "scale"),
-    "encoding unknown": ("encoding", "hex", "encoding"),
-}
-
-
-@pytest.mark.anyio
-@pytest.mark.parametrize("case", list(BAD_REQUESTS), ids=list(BAD_REQUESTS))
-async def test_422_names_the_field(client, case):
-    path, value, field = BAD_REQUESTS[case]
-    r = await client.post("/attention", json=_with(_valid(), path, value))
-    err = error_of(r, 422)
-    assert err["field"] == field, err
-    assert err["message"] and err["errors"][0]["field"] == field
 
 
 @pytest.mark.anyio
@@ -252,20 +203,8 @@ async def test_a_bad_union_member_is_the_one_error_listed(client):
 
 
 @pytest.mark.anyio
-async def test_422_for_data_problems(client):
-    q, k, v = qkv(h=2, hkv=2, lq=4, lk=4, d=2, dv=2)
-    body = request_body(q, k, v, encoding="data")
-    cases = {
-        "q.data": [float("nan")] + [0.0] * 15,
-        "k.data": ["x"] * 16,
-        "v.data": [0.0] * 15,
-    }
-    for field, data in cases.items():
-        bad = _with(body, field, data)
-        r = await client.post("/attention", content=json.dumps(bad), headers={"Content-Type": "application/json"})
-        assert error_of(r, 422)["field"] == field
-    ragged = _with(body, "q.data", [[[0.0, 0.0]] * 4, [[0.0]] * 4])
-    assert error_of(await client.post("/attention", json=ragged), 422)["field"] == "q.data"
+async def test_bfloat16_as_json_numbers_is_refused(client):
+    body = request_body(*qkv(h=2, hkv=2, lq=4, lk=4, d=2, dv=2), encoding="data")
     bf16 = _with(_with(_with(body, "q.dtype", "bfloat16"), "k.dtype", "bfloat16"), "v.dtype", "bfloat16")
     err = error_of(await client.post("/attention", json=bf16), 422)
     assert err["field"] == "q.data" and "b64" in err["message"]
@@ -284,22 +223,6 @@ async def test_422_for_non_finite_half_precision(client, dtype):
 
 
 @pytest.mark.anyio
-async def test_422_for_malformed_json(client):
-    r = await client.post("/attention", content=b'{"q": [', headers={"Content-Type": "application/json"})
-    assert error_of(r, 422)["field"] == "body"
-
-
-@pytest.mark.anyio
-async def test_413_when_declared_shapes_pass_the_token_limit(client):
-    # 8192 tokens declared against a limit of 4096, with a few bytes of b64: refused before decoding.
-    body = {"q": {"shape": [1, 1, 8192, 4], "dtype": "float32", "b64": "AAAA"},
-            "k": {"shape": [1, 1, 8192, 4], "dtype": "float32", "b64": "AAAA"},
-            "v": {"shape": [1, 1, 8192, 4], "dtype": "float32", "b64": "AAAA"}}
-    err = error_of(await client.post("/attention", json=body), 413)
-    assert err["field"] == "k.shape" and "4096" in err["message"]
-
-
-@pytest.mark.anyio
 async def test_413_when_the_pattern_asks_for_more_pairs_than_the_limit():
     # 2 heads x 64 rows: dense causal attends 2 * 64 * 65 / 2 = 4160 pairs, sliding_window(8) 2 * (28 + 57 * 8) = 968.
     q, k, v = qkv(b=1, h=2, hkv=2, lq=64, lk=64, d=4, dv=4)
@@ -314,20 +237,6 @@ async def test_413_when_the_pattern_asks_for_more_pairs_than_the_limit():
         r = await c.post("/attention", json=request_body(q, k, v, pattern=nested))
         assert r.status_code == 200 and r.json()["meta"]["attended_pairs"] == 968
     assert settings().pairs_limit == 1 << 35  # the CPU's default: ~50 s of dense attention on 2 cores
-
-
-@pytest.mark.anyio
-async def test_413_for_a_body_over_the_limit_by_length_and_by_stream(client):
-    big = b"x" * ((1 << 20) + 1)
-    err = error_of(await client.post("/attention", content=big), 413)
-    assert err["field"] == "body"
-
-    async def chunks():  # no Content-Length: the limit is enforced while counting
-        for _ in range(40):
-            yield b" " * 32768
-
-    err = error_of(await client.post("/attention", content=chunks()), 413)
-    assert err["field"] == "body"
 
 
 @pytest.mark.anyio

@@ -116,6 +116,7 @@ CATALOGUE = {
     "missing shape": ("q.shape", None, 422, "q.shape"),
     "missing dtype": ("k.dtype", None, 422, "k.dtype"),
     "missing data and b64": ("v.b64", None, 422, "v.data"),
+    "both data and b64": ("q.data", [0.0] * 128, 422, "q.data"),
     "pattern without type": ("pattern", {"window": 4}, 422, "pattern"),
     "sliding_window without window": ("pattern", {"type": "sliding_window"}, 422, "pattern.window"),
     # every shape mismatch
@@ -177,6 +178,7 @@ CATALOGUE = {
     "summary over block": ("pattern", {"type": "fixed", "block": 4, "summary": 5}, 422, "pattern.summary"),
     "empty union": ("pattern", {"type": "union", "patterns": []}, 422, "pattern.patterns"),
     "per_head not dividing H": ("pattern", {"type": "per_head", "patterns": [SW] * 3}, 422, "pattern.patterns"),
+    "union of 9 members": ("pattern", {"type": "union", "patterns": [SW] * 9}, 422, "pattern.patterns"),
     # deep nesting and huge unions
     "unions nested 10 000 deep": ("pattern", "<raw>" + _nested(10_000), 422, "body"),
     "data nested 10 000 deep": ("q.b64", "<raw>" + "[" * 10_000 + "]" * 10_000, 422, "body"),
