@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import math
 import multiprocessing
 import os
 import queue
@@ -48,12 +47,12 @@ import httpx
 import numpy as np
 import torch
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from engine import attention
 from engine.attention import shape_problem
-from engine.patterns import Dense, Pattern
+from engine.patterns import Dense, Pattern, error_field, error_reason
 
 from .client import AsyncAttentionClient, AttentionClient, AttentionError, AttentionResult, TransportError
 from .wire import DTYPES, DTypeName, Encoding, encoding_problem
@@ -159,48 +158,37 @@ DEFAULT_SCENARIO = Scenario(
 )
 
 
-@dataclass
-class LoadConfig:
+class LoadConfig(BaseModel):
     """One run: `concurrency` (closed loop) or `rate` (open loop), bounded by `duration_s`
-    and/or `requests` (10 s when neither is given)."""
+    and/or `requests` (10 s when neither is given). Times are finite: nan or inf ran forever."""
+
+    model_config = ConfigDict(extra="forbid")
 
     url: str
-    concurrency: int | None = None
-    rate: float | None = None
-    duration_s: float | None = None
-    requests: int | None = None
-    scenario: Scenario = field(default_factory=lambda: DEFAULT_SCENARIO)
-    check_fraction: float = 1.0
-    pool: int = 4
+    concurrency: int | None = Field(None, ge=1)
+    rate: float | None = Field(None, gt=0, allow_inf_nan=False)
+    duration_s: float | None = Field(None, gt=0, allow_inf_nan=False)
+    requests: int | None = Field(None, ge=1)
+    scenario: Scenario = Field(default_factory=lambda: DEFAULT_SCENARIO)
+    check_fraction: float = Field(1.0, ge=0, le=1)
+    pool: int = Field(4, ge=1)
     seed: int = 0
-    timeout_s: float = 60.0
-    max_connections: int = 512  # open loop: the most requests in flight at once
+    timeout_s: float = Field(60.0, gt=0, allow_inf_nan=False)
+    max_connections: int = Field(512, ge=1, description="open loop: the most requests in flight at once")
     api_key: str | None = None
     progress: bool = True
-    ready_timeout_s: float = 30.0  # how long to wait for GET /readyz to answer 200 first
-    processes: int = 1  # generator processes sharing the load, for machines with cores to spare
+    ready_timeout_s: float = Field(30.0, gt=0, allow_inf_nan=False, description="the wait for GET /readyz first")
+    processes: int = Field(1, ge=1, description="generator processes sharing the load, for machines with cores to spare")
 
-    def __post_init__(self) -> None:
+    @model_validator(mode="after")
+    def _one_mode(self) -> LoadConfig:
         if (self.concurrency is None) == (self.rate is None):
             raise ValueError("give exactly one of concurrency (closed loop) or rate (open loop)")
-        if self.concurrency is not None and self.concurrency < 1:
-            raise ValueError("concurrency: must be >= 1")
-        for name in ("rate", "duration_s", "timeout_s", "ready_timeout_s"):  # nan or inf ran forever
-            value = getattr(self, name)
-            if value is not None and not (math.isfinite(value) and value > 0):
-                raise ValueError(f"{name}: must be a finite number > 0, got {value}")
-        for name in ("requests", "pool", "max_connections"):
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                raise ValueError(f"{name}: must be >= 1, got {value}")
         if self.duration_s is None and self.requests is None:
             self.duration_s = 10.0
-        if not 0.0 <= self.check_fraction <= 1.0:
-            raise ValueError("check_fraction: must be within [0, 1]")
-        if self.processes < 1:
-            raise ValueError("processes: must be >= 1")
         if self.processes > min(self.concurrency or self.processes, self.requests or self.processes):
             raise ValueError("processes: each process needs at least one of the concurrency and the requests")
+        return self
 
     @property
     def mode(self) -> str:
@@ -274,9 +262,6 @@ class LoadResult:
     wall_s: float
     issue_s: float  # how long requests were being issued
     started_at: float  # time.time() at the run's zero, to line up the processes of one run
-
-    def report(self) -> dict[str, Any]:
-        return summarize(self)
 
 
 class _Run:
@@ -422,16 +407,15 @@ def _parts(cfg: LoadConfig) -> list[LoadConfig]:
         return total // n + (i < total % n)
 
     return [
-        replace(
-            cfg,
-            processes=1,
-            progress=False,
-            seed=cfg.seed + i,
-            concurrency=share(cfg.concurrency, i) if cfg.concurrency is not None else None,
-            rate=cfg.rate / n if cfg.rate is not None else None,
-            requests=share(cfg.requests, i) if cfg.requests is not None else None,
-            max_connections=max(1, share(cfg.max_connections, i)),
-        )
+        cfg.model_copy(update={
+            "processes": 1,
+            "progress": False,
+            "seed": cfg.seed + i,
+            "concurrency": share(cfg.concurrency, i) if cfg.concurrency is not None else None,
+            "rate": cfg.rate / n if cfg.rate is not None else None,
+            "requests": share(cfg.requests, i) if cfg.requests is not None else None,
+            "max_connections": max(1, share(cfg.max_connections, i)),
+        })
         for i in range(n)
     ]
 
@@ -686,7 +670,7 @@ def write(result: LoadResult, out: str | Path) -> dict[str, Any]:
     """Write report.json, report.md and latency.png into `out`; return the report."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    report = result.report()
+    report = summarize(result)
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     (out / "report.md").write_text(markdown(report))
     plot(result, out / "latency.png")
@@ -735,6 +719,11 @@ def local_service(ready_timeout_s: float = 60.0, **settings: Any) -> Iterator[st
 # -------------------------------------------------------------------------------------------- CLI
 
 
+def problems(error: ValidationError) -> list[str]:
+    """One line per problem of a scenario or a run: 'field: reason' (no field where a whole entry is wrong)."""
+    return [": ".join(part for part in (error_field(e["loc"]), error_reason(e)) if part) for e in error.errors()]
+
+
 def parse_args(argv: list[str] | None = None) -> tuple[LoadConfig, Path]:
     parser = argparse.ArgumentParser(prog="python -m service.loadtest", description=__doc__.split("\n\n")[0])
     parser.add_argument("--url", required=True, help="the service, e.g. http://127.0.0.1:8000")
@@ -777,6 +766,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[LoadConfig, Path]:
             ready_timeout_s=args.ready_timeout,
             processes=args.processes,
         )
+    except ValidationError as exc:
+        parser.error("; ".join(problems(exc)))
     except (ValueError, OSError) as exc:
         parser.error(str(exc))
     return cfg, args.out

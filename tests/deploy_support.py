@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import pwd
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -36,12 +35,6 @@ def debian_nginx() -> str:
     if result.returncode != 0 or found is None:
         pytest.skip(f"`apt-get install nginx` failed: {result.stderr.strip()[-500:]}")
     return found
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def main_conf(workdir: Path, site: Path) -> str:

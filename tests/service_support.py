@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -21,6 +20,7 @@ from engine import attention
 from engine.batcher import Compute
 from service.__main__ import uvicorn_config
 from service.app import create_app
+from service.loadtest import free_port
 from service.settings import Settings
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -87,9 +87,7 @@ async def serve(
 def live_server(config: Settings) -> Iterator[str]:
     """The service under a real uvicorn on a free loopback port, in a thread of this process
     (configured as `python -m service` configures it); yields its URL once the engine is warm."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     server = uvicorn.Server(uvicorn_config(config.model_copy(update={"port": port, "log_level": "warning"})))
     thread = threading.Thread(target=server.run, name="uvicorn", daemon=True)
     thread.start()
@@ -108,9 +106,7 @@ def live_server(config: Settings) -> Iterator[str]:
 def service_process(log: IO[bytes] | None = None, **env: object) -> Iterator[tuple[str, subprocess.Popen]]:
     """`python -m service` on a free loopback port with ATTN_* variables from `env` (e.g.
     drain_s=2); yields its URL and process once /readyz is 200, and stops it after the block."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     variables = {"ATTN_DEVICE": "cpu", "ATTN_LOG_LEVEL": "warning", **{f"ATTN_{k.upper()}": str(v) for k, v in env.items()}}
     proc = subprocess.Popen([sys.executable, "-m", "service"], env={**os.environ, **variables, "ATTN_PORT": str(port)},
                             stdout=log, stderr=subprocess.STDOUT if log else None)

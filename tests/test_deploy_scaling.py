@@ -21,9 +21,11 @@ import time
 
 import httpx
 import pytest
-from deploy_support import NGINX_CONF, free_port, main_conf, replica_log, start_replica, stop_all, wait_until_ready
+from deploy_support import NGINX_CONF, main_conf, replica_log, start_replica, stop_all, wait_until_ready
 from dnslib import QTYPE, RCODE, RR, A
 from dnslib.server import BaseResolver, DNSLogger, DNSServer
+
+from service.loadtest import free_port
 
 DNS_ADDRESS = "127.0.0.11"  # docker's embedded DNS, the `resolver` in docker/nginx.conf
 REPLICA_ADDRESSES = ["127.0.0.2", "127.0.0.3", "127.0.0.4"]

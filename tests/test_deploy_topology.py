@@ -35,7 +35,6 @@ import torch
 from deploy_support import (
     NGINX_CONF,
     debian_nginx,
-    free_port,
     main_conf,
     replica_log,
     start_replica,
@@ -44,6 +43,7 @@ from deploy_support import (
 )
 
 from engine import attention
+from service.loadtest import free_port
 
 CLIENTS = 4  # concurrent client threads
 BEFORE_KILL = 40  # requests completed before one replica is killed

@@ -100,15 +100,17 @@ def test_command_line_refuses_both_or_neither_mode(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("flags, shown", [
-    (["--duration", "nan"], "duration_s: must be a finite number > 0"),  # ran forever
-    (["--timeout", "0"], "timeout_s: must be a finite number > 0"),
-    (["--pool", "0"], "pool: must be >= 1"),  # a traceback from randrange
-    (["--requests", "-5"], "requests: must be >= 1"),  # it named processes
+    (["--duration", "nan"], "duration_s: Input should be a finite number"),  # ran forever
+    (["--timeout", "0"], "timeout_s: Input should be greater than 0"),
+    (["--pool", "0"], "pool: Input should be greater than or equal to 1"),  # a traceback from randrange
+    (["--requests", "-5"], "requests: Input should be greater than or equal to 1"),  # it named processes
     (["--scenario", "{scenario}"], "bad.yaml: while parsing"),  # a YAML traceback
+    (["--scenario", "{impossible}"], "requests[0]: k: 4 key/value heads do not divide q's 6 heads"),
 ])
 def test_command_line_refuses_bad_values_naming_them(tmp_path, capsys, flags, shown):
     (tmp_path / "bad.yaml").write_text("requests: [\n  {a: 1\n")
-    flags = [flag.format(scenario=tmp_path / "bad.yaml") for flag in flags]
+    (tmp_path / "impossible.json").write_text('{"requests": [{"heads": 6, "kv_heads": 4}]}')
+    flags = [flag.format(scenario=tmp_path / "bad.yaml", impossible=tmp_path / "impossible.json") for flag in flags]
     with pytest.raises(SystemExit) as done:
         main(["--url", "http://127.0.0.1:9", "--concurrency", "1", "--out", str(tmp_path / "out"), *flags])
     assert done.value.code == 2 and shown in capsys.readouterr().err
