@@ -11,7 +11,7 @@ import sys
 import time
 import uuid
 from types import FrameType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 import uvicorn
 from pydantic import ValidationError
@@ -33,10 +33,12 @@ class BoundedHeadProtocol(HttpToolsProtocol):
     app to answer 503 in the service's JSON, with Retry-After and X-Request-ID (uvicorn's own
     `limit_concurrency` answers plain text)."""
 
-    def __init__(self, *args: Any, max_head_bytes: int, max_connections: int | None, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, max_head_bytes: int, max_connections: int | None,
+                 on_refused: Callable[[int], None], **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.max_head_bytes = max_head_bytes
         self.max_connections = max_connections
+        self.on_refused = on_refused  # told the status of each request refused here (the metrics)
         self._head_bytes: int | None = None  # bytes received while a head is open; None between heads
 
     def on_message_begin(self) -> None:
@@ -65,6 +67,7 @@ class BoundedHeadProtocol(HttpToolsProtocol):
 
     def _refuse(self, status: int, reason: str, field: str, message: str) -> None:
         """Answer in the service's error shape, with an X-Request-ID, and close: the app never sees these."""
+        self.on_refused(status)
         body = error_body(status, field, f"{field}: {message}").model_dump_json().encode()
         self.transport.write(f"HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\n"
                              f"content-length: {len(body)}\r\nx-request-id: {uuid.uuid4().hex}\r\n"
@@ -113,10 +116,12 @@ def uvicorn_config(settings: Settings) -> uvicorn.Config:
     """uvicorn serving a new app with the settings' address and connection limits."""
     from .app import create_app  # imported once the settings are known good: the module builds an app
 
+    app = create_app(settings)
     return uvicorn.Config(
-        create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level,
+        app, host=settings.host, port=settings.port, log_level=settings.log_level,
         http=functools.partial(BoundedHeadProtocol, max_head_bytes=settings.max_header_bytes,
-                               max_connections=settings.max_connections),
+                               max_connections=settings.max_connections,
+                               on_refused=app.state.service.metrics.observe_refused),
         timeout_graceful_shutdown=settings.shutdown_timeout_s,
     )
 

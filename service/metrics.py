@@ -42,5 +42,10 @@ class Metrics:
         if path == "/attention" and method == "POST":
             self.latency.observe(seconds)
 
+    def observe_refused(self, status: int) -> None:
+        """A request the server's protocol refused before the app saw it (bytes that are not HTTP, a
+        head too long to finish): it has no method or path to name."""
+        self.requests.labels("other", "other", str(status)).inc()
+
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -20,7 +20,7 @@ import torch
 from engine import attention
 from engine.patterns import MAX_DEPTH
 from reference import reference_attention
-from service_support import from_json, live_server, qkv, request_body, serve, settings
+from service_support import from_json, live_server, qkv, request_body, sample, serve, settings
 
 SW = {"type": "sliding_window", "window": 4}
 LIMITS = dict(max_tokens_per_request=4096, max_tensor_elements=1 << 16, max_heads=64, max_body_bytes=1 << 20)
@@ -373,6 +373,9 @@ def test_oversize_headers_are_refused_and_the_service_goes_on(server):
         status, body = _read_response(sock)
     error = json.loads(body)["error"]
     assert status == 400 and error["field"] == "request" and error["message"].startswith("request: not valid HTTP")
+    metrics = httpx.get(f"{server}/metrics", timeout=10).text  # the protocol's refusals are counted too
+    for status in (400, 431):
+        assert sample(metrics, f'attention_http_requests_total{{method="other",path="other",status="{status}"}}') >= 1
     with socket.create_connection(_address(server), timeout=10) as sock:  # within the limit: fine
         sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\nX-Padding: " + b"a" * 8000 + b"\r\n\r\n")
         status, body = _read_response(sock)
