@@ -29,6 +29,7 @@ import pybase64
 import torch
 
 from . import binary
+from .middleware import REQUEST_ID
 from .wire import DTYPE_NAMES, DTYPES, STORAGE, Encoding, encoding_problem, tensor_bytes, tensor_object, tensor_of
 
 RETRYABLE_STATUSES = frozenset({429, 503})
@@ -136,6 +137,8 @@ def retry_after_seconds(response: httpx.Response) -> float | None:
         when = email.utils.parsedate_to_datetime(value)
     except (TypeError, ValueError):
         return None
+    if when.tzinfo is None:  # asctime's form and "-0000" name no zone: HTTP dates are GMT
+        when = when.replace(tzinfo=timezone.utc)
     return max(0.0, (when - datetime.now(timezone.utc)).total_seconds())
 
 
@@ -151,6 +154,8 @@ def encode_tensor(name: str, x: Any, encoding: Encoding = "b64") -> dict[str, An
     problem = encoding_problem(dtype, encoding)
     if problem:
         raise ValueError(f"{name}: {problem} (CONTRACT §2)")
+    if encoding == "data" and not bool(torch.isfinite(x).all()):  # JSON has no NaN or Inf to send
+        raise ValueError(f"{name}: values must be finite (no NaN or Inf)")
     return tensor_object(x, encoding)
 
 
@@ -224,7 +229,7 @@ def build_request(
         "v": encode_tensor("v", v, encoding),
         "pattern": pattern if pattern is not None else {"type": "dense"},
         "causal": causal,
-        "scale": scale,
+        "scale": None if scale is None else float(scale),  # numpy's scalars are no JSON
         "return_lse": return_lse,
     }
     if response_encoding is not None:
@@ -292,6 +297,9 @@ class _ClientSettings:
         kwargs.setdefault("encoding", self.encoding)
         # One id for every attempt of this call (the caller's, else a new one), so that the
         # service's logs and answers tie the retries together.
+        if request_id is not None and not REQUEST_ID.fullmatch(request_id):
+            raise ValueError(f"request_id: {request_id!r} is not 1 to 128 visible ASCII characters, which the service "
+                             "would replace")
         headers = {"Content-Type": "application/json", "X-Request-ID": request_id or uuid.uuid4().hex}
         content = json.dumps(build_request(*args, **kwargs), allow_nan=False).encode()
         if kwargs["encoding"] == "binary":

@@ -17,7 +17,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from .errors import ApiError, error_body, error_response
 from .metrics import Metrics
 
-_REQUEST_ID = re.compile(r"[\x21-\x7e]{1,128}")
+REQUEST_ID = re.compile(r"[\x21-\x7e]{1,128}")  # the client ids kept: 1 to 128 visible ASCII characters
 
 
 class RequestContext:
@@ -33,7 +33,7 @@ class RequestContext:
             await self.app(scope, receive, send)
             return
         given = Headers(scope=scope).get("x-request-id", "").strip(" \t")  # a field value's edges are not its value
-        request_id = given if _REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
+        request_id = given if REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
         arrived = time.perf_counter()
         scope.setdefault("state", {}).update(request_id=request_id, arrived=arrived)
         status = 500

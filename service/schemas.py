@@ -307,7 +307,8 @@ class TensorOut(BaseModel):
 
     shape: list[int]
     dtype: DTypeName
-    data: list[float] | None = None
+    data: list[float | None] | None = Field(None, description="values in C order; JSON has no infinity: an lse "
+                                                                 "of -inf (a row with no key) is null")
     b64: str | None = None
     binary_data_size: int | None = Field(None, description="bytes after the JSON header (encoding 'binary')")
 

@@ -26,6 +26,7 @@ from service.client import (
     OverloadedError,
     PayloadTooLargeError,
     TransportError,
+    build_request,
     decode_tensor,
     encode_tensor,
     raw_bytes,
@@ -83,11 +84,25 @@ def test_null_in_data_reads_as_minus_infinity():
     assert lse.tolist() == [[[0.5, float("-inf")]]]
 
 
-def test_retry_after_both_forms():
+def test_retry_after_in_every_form():
     assert retry_after_seconds(httpx.Response(429, headers={"Retry-After": "2"})) == 2.0
-    later = format_datetime(datetime.now(timezone.utc) + timedelta(seconds=30), usegmt=True)
-    assert 25 < retry_after_seconds(httpx.Response(503, headers={"Retry-After": later})) <= 30
+    later = datetime.now(timezone.utc) + timedelta(seconds=30)
+    assert 25 < retry_after_seconds(httpx.Response(503, headers={"Retry-After": format_datetime(later, usegmt=True)})) <= 30
+    # asctime's form (RFC 9110's third) names no zone: GMT, as every HTTP date
+    assert 25 < retry_after_seconds(httpx.Response(503, headers={"Retry-After": later.strftime("%a %b %d %H:%M:%S %Y")})) <= 30
+    assert retry_after_seconds(httpx.Response(429, headers={"Retry-After": "Sun Nov  6 08:49:37 1994"})) == 0.0
     assert retry_after_seconds(httpx.Response(429)) is None
+
+
+def test_inputs_the_wire_cannot_carry_are_refused_by_name():
+    q = torch.randn(1, 2, 4, 8)
+    with pytest.raises(ValueError, match="^k: values must be finite"):
+        encode_tensor("k", torch.tensor([1.0, float("nan")]), "data")
+    with AttentionClient("http://127.0.0.1:9") as offline:  # refused before anything is sent
+        for request_id in ("jöb", "job 42", "x" * 129):
+            with pytest.raises(ValueError, match="^request_id: "):
+                offline.attention(q, q, q, request_id=request_id)
+    assert build_request(q, q, q, scale=np.float32(0.5))["scale"] == 0.5
 
 
 # --------------------------------------------------------------- against the real app, in-process
