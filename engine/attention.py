@@ -119,7 +119,9 @@ FLOAT32_ZERO_SCALE = 2.0**-150  # rounds to 0 in float32, whose smallest step is
 def score_bound(head_dim: int, scale: float, q_peak: float, k_peak: float) -> float:
     """An upper bound of |every partial sum of a score|, scaled or not, from the largest |q| and |k|
     elements: past SCORE_LIMIT, scores may overflow float32. A scale below float32's range goes into
-    q (`positive_scale`), and the kernels' scale is then 1."""
+    q (`positive_scale`), and the kernels' scale is then 1; one past SCORE_LIMIT is refused."""
+    if abs(scale) > SCORE_LIMIT:
+        return math.inf
     if abs(scale) <= FLOAT32_ZERO_SCALE:
         return head_dim * (abs(scale) * q_peak) * k_peak
     return max(1.0, abs(scale)) * head_dim * q_peak * k_peak
@@ -133,6 +135,8 @@ def positive_scale(q: torch.Tensor, scale: float) -> tuple[torch.Tensor, float]:
     keys)."""
     if not math.isfinite(scale):
         raise ValueError(f"scale: must be finite, got {scale}")
+    if abs(scale) > SCORE_LIMIT:  # the kernels' float32 scale (times log2(e) in exp2 softmaxes) would be inf
+        raise ValueError(f"scale: |scale| must be at most {SCORE_LIMIT:.3g}, got {scale}")
     if scale < 0:
         q, scale = -q, -scale
     if scale <= FLOAT32_ZERO_SCALE:

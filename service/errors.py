@@ -71,15 +71,18 @@ def _echo_of_bad_members(error: dict) -> bool:
         len(given) != error["ctx"]["actual_length"]
 
 
-def _routing_error(request: Request, exc: HTTPException) -> tuple[str | None, str]:
-    """(field, message) for the router's own errors, which say only "Not Found" and "Method Not Allowed"."""
+def _routing_error(request: Request, exc: HTTPException) -> JSONResponse:
+    """The router's own errors, which say only "Not Found" and "Method Not Allowed", naming the path
+    or the methods the path takes (all of them: Starlette's Allow names one route's, not HEAD's)."""
     path = request.url.path
     if exc.status_code == 404:
-        return "path", f"path: {path!r} is not a route of this service (see /docs)"
+        return error_response(request, 404, "path", f"path: {path!r} is not a route of this service (see /docs)")
     if exc.status_code == 405:
-        allowed = (exc.headers or {}).get("Allow", "")
-        return "method", f"method: {request.method} is not allowed on {path}; it takes {allowed}"
-    return None, str(exc.detail)
+        methods = ", ".join(sorted({method for route in request.app.routes if getattr(route, "path", None) == path
+                                    for method in getattr(route, "methods", ())}))
+        return error_response(request, 405, "method", f"method: {request.method} is not allowed on {path}; it takes "
+                                                      f"{methods}", {"Allow": methods})
+    return error_response(request, exc.status_code, None, str(exc.detail), exc.headers)
 
 
 def validation_response(request: Request, exc: ValidationError | RequestValidationError) -> JSONResponse:
@@ -108,8 +111,9 @@ def install(app: FastAPI, retry_after_s: int) -> None:
 
     @app.exception_handler(HTTPException)
     async def _http(request: Request, exc: HTTPException) -> JSONResponse:
-        field, message = (exc.field, str(exc.detail)) if isinstance(exc, ApiError) else _routing_error(request, exc)
-        return error_response(request, exc.status_code, field, message, exc.headers)
+        if isinstance(exc, ApiError):
+            return error_response(request, exc.status_code, exc.field, str(exc.detail), exc.headers)
+        return _routing_error(request, exc)
 
     for kind, status in _BATCHER_STATUS.items():
 

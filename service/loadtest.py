@@ -65,6 +65,11 @@ TOLERANCE = {"float32": (1e-4, 1e-4), "float16": (4e-3, 4e-3), "bfloat16": (3e-2
 LSE_TOLERANCE = (1e-3, 1e-4)
 
 
+# The entry's field for each tensor `shape_problem` can blame here (their batch, head dims and
+# value heads always agree): k for its heads, q for its length.
+_SHAPE_FIELDS = {"k": "kv_heads", "q": "q_len"}
+
+
 class RequestShape(BaseModel):
     """One kind of request in a scenario: shapes, dtype, encoding, pattern, and its weight."""
 
@@ -88,8 +93,8 @@ class RequestShape(BaseModel):
     @model_validator(mode="after")
     def _consistent(self) -> RequestShape:
         problem = shape_problem(*self.shapes)
-        if problem:
-            raise ValueError(f"{problem[0]}: {problem[1]}")
+        if problem:  # the engine's rule, named by the entry's field that breaks it
+            raise ValueError(f"{_SHAPE_FIELDS[problem[0]]}: {problem[1]}")
         problem = encoding_problem(self.dtype, self.encoding)
         if problem:
             raise ValueError(f"encoding: {problem}")

@@ -79,11 +79,13 @@ class RequestLimits:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        if scope.get("state", {}).get(OVER_CONNECTION_LIMIT) and scope["path"] not in PATHS_OVER_CONNECTION_LIMIT:
-            message = "connections: the server is at its limit of open connections (ATTN_MAX_CONNECTIONS)"
-            headers = {**self.retry_after, "Connection": "close"}
-            await error_response(Request(scope), 503, "connections", message, headers)(scope, receive, send)
-            return
+        if scope.get("state", {}).get(OVER_CONNECTION_LIMIT):
+            if scope["path"] not in PATHS_OVER_CONNECTION_LIMIT:
+                message = "connections: the server is at its limit of open connections (ATTN_MAX_CONNECTIONS)"
+                headers = {**self.retry_after, "Connection": "close"}
+                await error_response(Request(scope), 503, "connections", message, headers)(scope, receive, send)
+                return
+            send = _closing(send)  # answered, but the connection does not stay over the limit
         line = scope.get("raw_path") or scope["path"].encode()
         head_bytes = len(scope["method"]) + len(line) + len(scope.get("query_string", b"")) + 12  # " ?  HTTP/1.1\r\n"
         head_bytes += sum(len(name) + len(value) + 4 for name, value in scope["headers"])  # "name: value\r\n"
@@ -126,13 +128,15 @@ class RequestLimits:
         return f"body: {size}, over the limit of {self.max_bytes} bytes (ATTN_MAX_BODY_BYTES)"
 
 
-# A refused preflight's failures, in Starlette's words: the request header at fault, and why.
-_PREFLIGHT_FAILURES = {
-    "origin": ("Origin", "is not an allowed origin (ATTN_CORS_ORIGINS)"),
-    "method": ("Access-Control-Request-Method", "is not allowed: GET and POST are"),
-    "headers": ("Access-Control-Request-Headers", "names a header not allowed: Authorization, Content-Type and "
-                                                  "X-Request-ID are"),
-}
+def _closing(send: Send) -> Send:
+    """`send` with Connection: close on the response, so that the server closes the connection after it."""
+
+    async def send_closing(message: Message) -> None:
+        if message["type"] == "http.response.start":
+            MutableHeaders(scope=message)["Connection"] = "close"
+        await send(message)
+
+    return send_closing
 
 
 class JsonCors(CORSMiddleware):
@@ -143,10 +147,17 @@ class JsonCors(CORSMiddleware):
         response = super().preflight_response(request_headers)
         if response.status_code != 400:
             return response
+        allowed = {  # Starlette's word for each failure: the request header at fault, and what is allowed
+            "origin": ("Origin", "an origin of ATTN_CORS_ORIGINS"),
+            "method": ("Access-Control-Request-Method", "one of " + ", ".join(self.allow_methods)),
+            "headers": ("Access-Control-Request-Headers", "headers among " + ", ".join(sorted(self.allow_headers))),
+            "private-network": ("Access-Control-Request-Private-Network", "no private network access"),
+        }
         errors = []
         for failure in bytes(response.body).decode().removeprefix("Disallowed CORS ").split(", "):
-            field, reason = _PREFLIGHT_FAILURES[failure]
-            errors.append({"field": field, "message": f"{field}: {request_headers.get(field)!r} {reason}"})
+            field, allows = allowed.get(failure, (failure, "what Starlette's CORS allows"))
+            errors.append({"field": field, "message": f"{field}: {request_headers.get(field)!r} is not allowed; "
+                                                      f"this service allows {allows}"})
         headers = {name: value for name, value in response.headers.items()
                    if name not in ("content-length", "content-type")}
         body = error_body(400, errors[0]["field"], errors[0]["message"], errors)

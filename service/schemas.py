@@ -52,7 +52,6 @@ class Limits:
     max_tokens: int
     max_elements: int
     max_heads: int
-    max_pairs: int
 
 
 class Tensor(BaseModel):
@@ -200,8 +199,6 @@ class AttentionRequest(BaseModel):
         except ValueError as e:
             field, _, reason = str(e).partition(": ")
             raise field_error(field, reason) from None
-        if limits is not None:
-            self._check_work(limits)
         binary = self._binary_parts((info.context or {}).get("binary"))
         (q, q_peak), (k, k_peak), (v, _) = (getattr(self, name).decode(name, binary.get(name)) for name in ("q", "k", "v"))
         self._check_scores(q_peak, k_peak)
@@ -210,13 +207,13 @@ class AttentionRequest(BaseModel):
 
     def _check_scores(self, q_peak: float, k_peak: float) -> None:
         """Scores are float32 in the engine: inputs that could overflow them are refused, naming the
-        scale when it alone takes them past the limit."""
+        scale when it alone takes them past the limit, else the larger of q and k."""
         d = self.q.dims[3]
         bound = score_bound(d, effective_scale(self.scale, d), q_peak, k_peak)
         if bound > SCORE_LIMIT:
-            field = "scale" if self.scale is not None and score_bound(d, 1.0, q_peak, k_peak) <= SCORE_LIMIT else "q"
-            raise field_error(field, f"scores may overflow float32: |scale| * D * max|q| * max|k| = {bound:.3g}, over "
-                                     f"{SCORE_LIMIT:.3g}; scale q, k or `scale` down")
+            field = "scale" if score_bound(d, 1.0, q_peak, k_peak) <= SCORE_LIMIT else "q" if q_peak >= k_peak else "k"
+            raise field_error(field, f"scores may overflow float32: `score_bound` (max(1, |scale|) * D * max|q| * "
+                                     f"max|k|) = {bound:.3g}, over {SCORE_LIMIT:.3g}; scale q, k or `scale` down")
 
     def _binary_parts(self, binary: memoryview | None) -> dict[str, memoryview]:
         """Each binary tensor's bytes: the body after the JSON header, cut in the order q, k, v."""
@@ -251,24 +248,14 @@ class AttentionRequest(BaseModel):
             if n > limits.max_elements:
                 raise field_error(field, f"{n} elements, over the limit of {limits.max_elements}", TOO_LARGE)
 
-    def _check_work(self, limits: Limits) -> None:
-        """No request may hold the engine longer than the pair limit allows. A cheap bound decides
-        almost always; near the limit the exact count does (for a union with `fixed` it is
-        O(Lq x span) work), since a union's overlapping members may keep it under."""
-        if self.pairs_bound() <= limits.max_pairs:
-            return
-        pairs = self.attended_pairs()
-        if pairs > limits.max_pairs:
-            raise field_error("pattern", f"the request attends {pairs} (query, key) pairs over its batch and heads, "
-                                         f"over the limit of {limits.max_pairs} (ATTN_MAX_PAIRS_PER_REQUEST)", TOO_LARGE)
-
     def pairs_bound(self) -> int:
         """An upper bound of `attended_pairs`, at O(Lq) cost."""
         (b, h, lq, _), lk = self.q.dims, self.k.dims[2]
         return attended_pairs_bound(self.pattern, b, h, lq, lk, self.causal)
 
     def attended_pairs(self) -> int:
-        """The (query, key) pairs the request attends over its batch and heads (CONTRACT §2's meta)."""
+        """The (query, key) pairs the request attends over its batch and heads (CONTRACT §2's meta):
+        O(Lq x span) work for a union with `fixed`, which evaluates its rule."""
         (b, h, lq, _), lk = self.q.dims, self.k.dims[2]
         return attended_pairs(self.pattern, b, h, lq, lk, self.causal)
 

@@ -215,6 +215,14 @@ def test_non_finite_scale_is_refused(scale):
         attention(q, q, q, scale=scale)
 
 
+@pytest.mark.parametrize("scale", [1e39, -1e300])
+def test_a_scale_past_float32_is_refused(scale):
+    """The kernels' float32 scale would be inf: zeros with lse 0 came back."""
+    q = torch.randn(1, 1, 4, 8) * 1e-30
+    with pytest.raises(ValueError, match="^scale: .scale. must be at most 8.5"):
+        attention(q, q, q, scale=scale)
+
+
 @pytest.mark.parametrize("shape", ["gqa_dv", "mqa", "lq_much_lt_lk", "decode_gqa", "decode_mqa"])
 @pytest.mark.parametrize("pattern", PATTERNS.values(), ids=PATTERNS.keys())
 def test_grouped_query_heads_one_key_value_head_at_a_time(monkeypatch, pattern, shape):

@@ -82,8 +82,10 @@ def test_open_loop_from_the_command_line(url, tmp_path):
 def test_scenario_errors_name_the_field(tmp_path):
     bad = tmp_path / "bad.json"
     bad.write_text('{"requests": [{"heads": 6, "kv_heads": 4}]}')
-    with pytest.raises(ValidationError, match="k: 4 key/value heads do not divide q.s 6 heads"):
+    with pytest.raises(ValidationError, match="kv_heads: 4 key/value heads do not divide q.s 6 heads"):
         Scenario.load(bad)
+    with pytest.raises(ValidationError, match="q_len: query length 64 exceeds key length 32"):
+        Scenario.model_validate({"requests": [{"q_len": 64, "k_len": 32}]})
     with pytest.raises(ValidationError, match="encoding"):
         Scenario.model_validate({"requests": [{"dtype": "bfloat16", "encoding": "data"}]})
     with pytest.raises(ValueError, match="processes"):
@@ -105,7 +107,7 @@ def test_command_line_refuses_both_or_neither_mode(tmp_path, capsys):
     (["--pool", "0"], "pool: Input should be greater than or equal to 1"),  # a traceback from randrange
     (["--requests", "-5"], "requests: Input should be greater than or equal to 1"),  # it named processes
     (["--scenario", "{scenario}"], "bad.yaml: while parsing"),  # a YAML traceback
-    (["--scenario", "{impossible}"], "requests[0]: k: 4 key/value heads do not divide q's 6 heads"),
+    (["--scenario", "{impossible}"], "requests[0]: kv_heads: 4 key/value heads do not divide q's 6 heads"),
 ])
 def test_command_line_refuses_bad_values_naming_them(tmp_path, capsys, flags, shown):
     (tmp_path / "bad.yaml").write_text("requests: [\n  {a: 1\n")

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from engine import attention
+from engine.attention import backend_for
 from engine.patterns import PATTERN_CATALOG
 from reference import mask, reference_attention
 from service_support import Gate, as_json, from_json, qkv, request_body, sample, serve, settings, wait_ready
@@ -171,6 +172,8 @@ async def test_unknown_paths_and_methods_are_named(client):
     error = error_of(r, 405)
     assert (error["field"], error["message"]) == ("method", "method: PUT is not allowed on /attention; it takes POST")
     assert r.headers["Allow"] == "POST"
+    r = await client.put("/healthz")  # every method of the path, HEAD too
+    assert error_of(r, 405)["message"].endswith("it takes GET, HEAD") and r.headers["Allow"] == "GET, HEAD"
 
 
 # --- errors: CONTRACT §3 -------------------------------------------------------------------
@@ -355,9 +358,22 @@ async def test_metrics_count_requests_batches_queue_and_tokens(client):
 
 
 @pytest.mark.anyio
+async def test_the_warm_up_runs_every_kernel_family():
+    seen = []
+
+    def recording(q, k, v, pattern, **options):
+        seen.append(backend_for(pattern, q.shape[1], q.shape[2], k.shape[2], options["causal"]))
+        return attention(q, k, v, pattern, **options)
+
+    async with serve(settings(), compute=recording):
+        assert sorted(seen) == sorted({"sdpa", "band", "strided", "fixed", "band+strided", "band+fixed", "strided+fixed",
+                                       "band+strided+fixed", "masked"})
+
+
+@pytest.mark.anyio
 async def test_batch_sizes_count_client_requests_only_not_the_warm_up():
     async with serve(settings()) as c:
-        assert sample((await c.get("/metrics")).text, "attention_batch_requests_count") == 0  # warm: 7 calls made
+        assert sample((await c.get("/metrics")).text, "attention_batch_requests_count") == 0  # warm: 9 calls made
         assert (await c.post("/attention", json=request_body(*qkv()))).status_code == 200
         text = (await c.get("/metrics")).text
         assert sample(text, "attention_batch_requests_count") == sample(text, "attention_batch_requests_sum") == 1

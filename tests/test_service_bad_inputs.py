@@ -159,6 +159,7 @@ CATALOGUE = {
     "scale NaN": ("scale", "<raw>NaN", 422, "scale"),
     "scale Infinity": ("scale", "<raw>Infinity", 422, "scale"),
     "scale overflowing the scores": ("scale", 1e308, 422, "scale"),
+    "scale past float32, inputs tiny": ("scale", 1e39, 422, "scale"),
     "timeout_ms Infinity": ("timeout_ms", "<raw>Infinity", 422, "timeout_ms"),
     # zero-length sequences
     "zero-length keys": ("k.shape", [1, 2, 0, 4], 422, "k.shape"),
@@ -225,7 +226,8 @@ async def test_inputs_whose_scores_may_overflow_float32_are_refused_others_exact
 
     cases = [(body([1e20, 1e20], [1e20, -1e20], [1.0, 2.0]), "q"),  # the exact answer is v: its one score is 0
              (body([3e19, 1.0], [3e19, 1.0], [1.0, 2.0], torch.bfloat16), "q"),
-             (body([1e18, 1.0], [1e18, 1.0], [1.0, 2.0], scale=1e5), "scale")]
+             (body([1e18, 1.0], [1e18, 1.0], [1.0, 2.0], scale=1e5), "scale"),
+             (body([1.0, 1.0], [1e38, 1.0], [1.0, 2.0]), "k")]  # the larger of q and k
     for request, field in cases:
         r = await client.post("/attention", json=request)
         assert r.status_code == 422, r.text
@@ -394,8 +396,9 @@ def test_connections_over_the_limit_get_the_services_503_but_probes_and_metrics_
             r = httpx.get(f"{url}/patterns", headers={"X-Request-ID": "over"}, timeout=10)
             assert r.status_code == 503 and r.json()["error"]["field"] == "connections", r.text
             assert r.headers["Retry-After"] and r.headers["X-Request-ID"] == "over"
-            for path in ("/healthz", "/readyz", "/metrics"):
-                assert httpx.get(f"{url}{path}", timeout=10).status_code == 200, path
+            for path in ("/healthz", "/readyz", "/metrics"):  # answered, and their connection closed after
+                r = httpx.get(f"{url}{path}", timeout=10)
+                assert r.status_code == 200 and r.headers["Connection"] == "close", path
         deadline = time.monotonic() + 10
         while (r := httpx.get(f"{url}/patterns", timeout=10)).status_code == 503 and time.monotonic() < deadline:
             time.sleep(0.05)  # until the server has seen the held connection close

@@ -22,12 +22,9 @@ def test_the_document_describes_the_request_and_every_error_status():
     assert "HTTPBearer" in doc["components"]["securitySchemes"]
 
 
-def test_the_warm_up_calls_every_kernel_family_and_the_backend_field_names_each():
+def test_the_backend_field_names_every_kernel_family():
     from engine.planner import KERNEL_FAMILY_PATTERNS, plan
     from service.schemas import Meta
 
-    picked = [plan(pattern, 128, 128, True).backend for pattern in KERNEL_FAMILY_PATTERNS]  # the warm-up's shape
-    assert sorted(picked) == sorted({"sdpa", "band", "strided", "fixed", "band+strided", "band+fixed", "strided+fixed",
-                                     "band+strided+fixed", "masked"})
-    description = Meta.model_fields["backend"].description
-    assert all(name in description.replace(",", " ").split() for name in picked)
+    description = Meta.model_fields["backend"].description.replace(",", " ").split()
+    assert all(plan(pattern, 128, 128, True).backend in description for pattern in KERNEL_FAMILY_PATTERNS)

@@ -76,7 +76,11 @@ async def test_cors_is_closed_by_default_and_open_only_to_configured_origins():
                                                    "X-Request-ID": "pre-1"})
         assert r.status_code == 400 and r.headers["X-Request-ID"] == "pre-1"
         assert [e["field"] for e in r.json()["error"]["errors"]] == ["Origin", "Access-Control-Request-Method"]
-        assert r.json()["error"]["message"] == "Origin: 'https://evil.example' is not an allowed origin (ATTN_CORS_ORIGINS)"
+        assert r.json()["error"]["message"] == ("Origin: 'https://evil.example' is not allowed; this service allows an "
+                                                "origin of ATTN_CORS_ORIGINS")
+        r = await c.options("/attention", headers={**preflight, "Origin": "https://app.example",  # Chrome's, to a private host
+                                                   "Access-Control-Request-Private-Network": "true"})
+        assert r.status_code == 400 and r.json()["error"]["field"] == "Access-Control-Request-Private-Network"
         r = await c.options("/attention", headers={**preflight, "Origin": "https://app.example", "X-Request-ID": "pre-2"})
         assert r.status_code == 200 and r.headers["X-Request-ID"] == "pre-2"
         # The limits' errors carry CORS headers, so that a browser may read them.

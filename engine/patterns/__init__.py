@@ -6,6 +6,7 @@ schema use; `parse_pattern` accepts the contract's JSON-like dict, a pattern obj
 
 from __future__ import annotations
 
+import typing
 from collections.abc import Iterable
 from functools import lru_cache
 from typing import Annotated, Any
@@ -30,7 +31,7 @@ PerHead.model_rebuild()
 
 _ADAPTER: TypeAdapter[PatternBase] = TypeAdapter(Pattern)
 
-PATTERN_CLASSES: tuple[type[PatternBase], ...] = (Dense, SlidingWindow, Strided, Fixed, Union, PerHead)
+PATTERN_CLASSES: tuple[type[PatternBase], ...] = typing.get_args(typing.get_args(Pattern)[0])  # Pattern's members
 
 
 def catalog_entry(model: type[PatternBase]) -> dict[str, Any]:
