@@ -110,21 +110,39 @@ def effective_scale(scale: float | None, head_dim: int) -> float:
         raise TypeError(f"scale: expected a number, got {scale!r}") from None
 
 
-# The kernels' scores are float32: q.k summed term by term and scaled (exp2-based softmaxes also
-# multiply by log2(e)). A bound on every such partial sum under this keeps every score finite.
+# The kernels compute in float32: scores as q.k summed term by term and scaled (exp2-based softmaxes
+# also multiply by log2(e)), outputs as sums of up to Lk values weighted by at most 1 before the
+# normalisation. Bounds on those under this keep every intermediate finite.
 SCORE_LIMIT = torch.finfo(torch.float32).max / 4
 FLOAT32_ZERO_SCALE = 2.0**-150  # rounds to 0 in float32, whose smallest step is 2^-149
 
 
 def score_bound(head_dim: int, scale: float, q_peak: float, k_peak: float) -> float:
     """An upper bound of |every partial sum of a score|, scaled or not, from the largest |q| and |k|
-    elements: past SCORE_LIMIT, scores may overflow float32. A scale below float32's range goes into
-    q (`positive_scale`), and the kernels' scale is then 1; one past SCORE_LIMIT is refused."""
+    elements. A scale below float32's range goes into q (`positive_scale`), and the kernels' scale
+    is then 1; one past SCORE_LIMIT is refused (inf here)."""
     if abs(scale) > SCORE_LIMIT:
         return math.inf
     if abs(scale) <= FLOAT32_ZERO_SCALE:
         return head_dim * (abs(scale) * q_peak) * k_peak
     return max(1.0, abs(scale)) * head_dim * q_peak * k_peak
+
+
+def float32_problem(head_dim: int, key_length: int, scale: float, peaks: tuple[float, float, float]) -> tuple[str, str] | None:
+    """The input that could take the kernels' float32 arithmetic past SCORE_LIMIT, as (its name,
+    what is wrong), or None, from the largest |q|, |k| and |v| elements: the scale when it takes
+    the scores there, else the larger of q and k; v when Lk of its values could sum past it. Past
+    it the engine may return NaN, inf or zero rows, so the service refuses such inputs (422)."""
+    q_peak, k_peak, v_peak = peaks
+    bound = score_bound(head_dim, scale, q_peak, k_peak)
+    if bound > SCORE_LIMIT:
+        name = "scale" if score_bound(head_dim, 1.0, q_peak, k_peak) <= SCORE_LIMIT else "q" if q_peak >= k_peak else "k"
+        return name, (f"scores may overflow float32: max(1, |scale|) * D * max|q| * max|k| = {bound:.3g}, over "
+                      f"{SCORE_LIMIT:.3g}; scale q, k or `scale` down")
+    if key_length * v_peak > SCORE_LIMIT:
+        return "v", (f"outputs may overflow float32: Lk * max|v| = {key_length * v_peak:.3g}, over {SCORE_LIMIT:.3g}; "
+                     "scale v down")
+    return None
 
 
 def positive_scale(q: torch.Tensor, scale: float) -> tuple[torch.Tensor, float]:

@@ -21,7 +21,7 @@ from pydantic import (BaseModel, ConfigDict, Field, PrivateAttr, ValidationInfo,
                       model_validator)
 from pydantic_core import PydanticCustomError
 
-from engine.attention import SCORE_LIMIT, effective_scale, score_bound, shape_problem
+from engine.attention import effective_scale, float32_problem, shape_problem
 from engine.patterns import Dense, Pattern, PatternBase, attended_pairs, attended_pairs_bound
 
 from .wire import DTYPES, STORAGE, DTypeName, Encoding, encoding_problem, tensor_object, tensor_of
@@ -200,20 +200,14 @@ class AttentionRequest(BaseModel):
             field, _, reason = str(e).partition(": ")
             raise field_error(field, reason) from None
         binary = self._binary_parts((info.context or {}).get("binary"))
-        (q, q_peak), (k, k_peak), (v, _) = (getattr(self, name).decode(name, binary.get(name)) for name in ("q", "k", "v"))
-        self._check_scores(q_peak, k_peak)
+        (q, q_peak), (k, k_peak), (v, v_peak) = (getattr(self, name).decode(name, binary.get(name))
+                                                 for name in ("q", "k", "v"))
+        d = self.q.dims[3]
+        problem = float32_problem(d, self.k.dims[2], effective_scale(self.scale, d), (q_peak, k_peak, v_peak))
+        if problem:
+            raise field_error(*problem)
         self._tensors = q, k, v
         return self
-
-    def _check_scores(self, q_peak: float, k_peak: float) -> None:
-        """Scores are float32 in the engine: inputs that could overflow them are refused, naming the
-        scale when it alone takes them past the limit, else the larger of q and k."""
-        d = self.q.dims[3]
-        bound = score_bound(d, effective_scale(self.scale, d), q_peak, k_peak)
-        if bound > SCORE_LIMIT:
-            field = "scale" if score_bound(d, 1.0, q_peak, k_peak) <= SCORE_LIMIT else "q" if q_peak >= k_peak else "k"
-            raise field_error(field, f"scores may overflow float32: `score_bound` (max(1, |scale|) * D * max|q| * "
-                                     f"max|k|) = {bound:.3g}, over {SCORE_LIMIT:.3g}; scale q, k or `scale` down")
 
     def _binary_parts(self, binary: memoryview | None) -> dict[str, memoryview]:
         """Each binary tensor's bytes: the body after the JSON header, cut in the order q, k, v."""
