@@ -20,6 +20,7 @@ import torch
 from fastapi import Depends, FastAPI, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.openapi.utils import get_openapi
+from fastapi.routing import APIRoute
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from engine.batcher import Batcher, Compute, DeadlineExceeded
@@ -305,8 +306,6 @@ def create_app(settings: Settings | None = None, *, compute: Compute | None = No
         service.require_ready()
         return {"status": "ready", "device": str(service.device)}
 
-    for path, probe in (("/healthz", healthz), ("/readyz", readyz)):  # load balancers' HEAD checks too
-        app.add_api_route(path, probe, methods=["HEAD"], include_in_schema=False)
 
     @app.get("/metrics", response_class=Response, responses={200: {"content": {"text/plain": {}}}})
     async def metrics() -> Response:
@@ -340,6 +339,11 @@ def create_app(settings: Settings | None = None, *, compute: Compute | None = No
                 return mask_png(parsed, n, causal=causal, heads=heads)
 
         return Response(await run_in_threadpool(draw), media_type="image/png")
+
+    for route in list(app.routes):  # HEAD wherever GET is (RFC 9110; load balancers' probes), which FastAPI does not add
+        if isinstance(route, APIRoute) and "GET" in route.methods:
+            app.add_api_route(route.path, route.endpoint, methods=["HEAD"], response_class=route.response_class,
+                              include_in_schema=False)
 
     def openapi() -> dict:
         """FastAPI's document plus the request model, which the route validates itself (with limits),

@@ -141,6 +141,13 @@ class Tensor(BaseModel):
                 values = np.asarray(self.data)
             except ValueError:
                 raise field_error(field, f"nested lists do not form shape {self.shape}") from None
+            if values.dtype.kind == "O":  # integers past 64 bits, numbers all the same (or not numbers: below)
+                try:
+                    values = values.astype(np.float64)
+                except OverflowError:
+                    raise field_error(field, "values must be finite (no NaN or Inf)") from None
+                except (TypeError, ValueError):
+                    pass
             if values.dtype.kind not in "iuf":
                 raise field_error(field, "must hold only numbers, flat or nested to the shape")
             if list(values.shape) != self.shape and list(values.shape) != [self.numel]:
@@ -192,6 +199,9 @@ class AttentionRequest(BaseModel):
         if limits is not None:
             self._check_limits(limits)
         self._check_shapes()
+        problem = encoding_problem(self.q.dtype, self.response_encoding)
+        if problem:  # the answer would be such a tensor
+            raise field_error("encoding", problem)
         for name in ("q", "k", "v"):
             getattr(self, name).check_length(name)
         try:

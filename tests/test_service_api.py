@@ -206,11 +206,25 @@ async def test_a_bad_union_member_is_the_one_error_listed(client):
 
 
 @pytest.mark.anyio
-async def test_bfloat16_as_json_numbers_is_refused(client):
+async def test_bfloat16_as_json_numbers_is_refused_both_ways(client):
     body = request_body(*qkv(h=2, hkv=2, lq=4, lk=4, d=2, dv=2), encoding="data")
     bf16 = _with(_with(_with(body, "q.dtype", "bfloat16"), "k.dtype", "bfloat16"), "v.dtype", "bfloat16")
     err = error_of(await client.post("/attention", json=bf16), 422)
     assert err["field"] == "q.data" and "b64" in err["message"]
+    answer_as_data = request_body(*qkv(h=2, hkv=2, lq=4, lk=4, d=2, dv=2, dtype=torch.bfloat16), encoding="b64")
+    err = error_of(await client.post("/attention", json={**answer_as_data, "encoding": "data"}), 422)
+    assert err["field"] == "encoding" and "bfloat16 travels only as b64 or binary" in err["message"]
+
+
+@pytest.mark.anyio
+async def test_integers_past_64_bits_in_data_are_numbers(client):
+    q, k, v = qkv(h=1, hkv=1, lq=2, lk=2, d=2, dv=2)
+    body = request_body(q, k, v, encoding="data")
+    body["q"]["data"] = [10**20, 1, 2, 3]  # JSON's integers have no bound; 1e20 as a float was taken already
+    r = await client.post("/attention", json=body)
+    assert r.status_code == 200, r.text
+    expected = attention(torch.tensor([1e20, 1.0, 2.0, 3.0]).reshape(1, 1, 2, 2), k, v)
+    assert torch.allclose(from_json(r.json()["output"]), expected)
 
 
 @pytest.mark.anyio
@@ -331,9 +345,9 @@ async def test_504_when_the_deadline_passes_while_queued():
 async def test_health_ready_patterns(client):
     assert (await client.get("/healthz")).json() == {"status": "ok"}
     assert (await client.get("/readyz")).json()["status"] == "ready"
-    for probe in ("/healthz", "/readyz"):  # load balancers' HEAD checks
-        r = await client.head(probe)
-        assert r.status_code == 200 and r.content == b""
+    for path in ("/healthz", "/readyz", "/metrics", "/patterns", "/patterns/preview"):  # HEAD wherever GET is
+        r = await client.head(path)
+        assert r.status_code == 200 and r.content == b"", path
     assert (await client.get("/patterns")).json() == PATTERN_CATALOG
 
 
