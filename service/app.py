@@ -23,7 +23,7 @@ from fastapi.openapi.utils import get_openapi
 from fastapi.routing import APIRoute
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
-from engine.batcher import Batcher, Compute, DeadlineExceeded
+from engine.batcher import Batcher, Compute, DeadlineExceeded, Result
 from engine.planner import KERNEL_FAMILY_PATTERNS
 from engine.patterns import PATTERN_CATALOG, parse_pattern
 from engine.picture import mask_png
@@ -47,8 +47,9 @@ See a pattern's mask: [/patterns/preview](/patterns/preview?pattern=%7B%22type%2
 Errors are `{"error": {"status", "field", "message", "errors"}}`.
 """
 PREVIEW_MAX_N = 512
-# Bodies up to this size are parsed on the event loop (well under a millisecond), larger ones in a thread.
-INLINE_PARSE_BYTES = 256 * 1024
+# Bodies up to this size are parsed, and answers built, on the event loop (well under a millisecond),
+# larger ones in a thread.
+INLINE_BYTES = 256 * 1024
 # Characters of the pattern: percent-encoded (up to 12 bytes a character) it still fits the
 # default request-line and header limit (ATTN_MAX_HEADER_BYTES, 16 KiB).
 PREVIEW_MAX_PATTERN = 1024
@@ -189,6 +190,41 @@ async def _read_request(request: Request) -> tuple[bytes, memoryview | None]:
     return bytes(header), tensors
 
 
+def _answer(req: AttentionRequest, result: Result, pairs: int, *, request_id: str, device: str, arrived: float,
+            timeout_ms: float) -> Response:
+    """The 200: the result in the request's rank and encoding, with the contract's metadata; a 504
+    instead if it is ready only after the request's deadline."""
+    output, lse = req.as_given(result.output), req.as_given(result.lse)
+    encoding = req.response_encoding
+    response = AttentionResponse(
+        output=TensorOut.encode(output, encoding),
+        lse=TensorOut.encode(lse, encoding) if req.return_lse else None,
+        meta=Meta(
+            request_id=request_id,
+            device=device,
+            backend=result.backend,
+            pattern=req.pattern.describe(),
+            batch=BatchInfo(requests=result.batch_requests),
+            timing_ms=Timing(queue=result.queue_ms, compute=result.compute_ms,
+                             total=(time.perf_counter() - arrived) * 1000),
+            memory=Memory(peak_bytes=result.peak_bytes, dense_scores_bytes=req.dense_pairs * 4),
+            attended_pairs=pairs,
+            density=pairs / req.dense_pairs,
+        ),
+    )
+    if response.meta.timing_ms.total > timeout_ms:  # a 200 always arrives within its deadline
+        raise DeadlineExceeded(f"the deadline passed: the answer took {response.meta.timing_ms.total:.0f} ms "
+                               f"of {timeout_ms:.0f} ms")
+    # orjson: pydantic's serializer scans the multi-megabyte b64 strings ~25x slower.
+    body = response.model_dump(exclude_none=True)  # a tensor shows only its encoding
+    body.setdefault("lse", None)
+    if encoding != "binary":
+        return Response(orjson.dumps(body), media_type="application/json")
+    tensors = [output, lse] if req.return_lse else [output]
+    content, headers = binary.join(orjson.dumps(body), [tensor_bytes(t) for t in tensors])
+    return Response(content, media_type=binary.MEDIA_TYPE, headers=headers)
+
+
 def create_app(settings: Settings | None = None, *, compute: Compute | None = None) -> FastAPI:
     """The ASGI app; `compute` replaces the engine call (tests inject faults and delays with it)."""
     settings = settings or Settings()
@@ -233,13 +269,14 @@ def create_app(settings: Settings | None = None, *, compute: Compute | None = No
         """Attention over q, k, v with a pattern (CONTRACT §2). Batched with concurrent requests."""
         service.require_ready()
         header, binary_tensors = await _read_request(request)
-        # Parsing, decoding and the metadata's pattern arithmetic run in threads: a large body or
-        # an intricate pattern must not stall the event loop that serves every other client. A
-        # small body is parsed in place: there the two thread hand-offs cost more than the parse.
+        # Parsing, decoding, the metadata's pattern arithmetic and building a large answer run in
+        # threads: a large body or answer or an intricate pattern must not stall the event loop that
+        # serves every other client. A small body is parsed, a small answer built, in place: there
+        # the thread hand-offs cost more than the work.
         parse = partial(AttentionRequest.model_validate_json, header, strict=True,  # "causal": "no" is no bool
                         context={"limits": service.limits, "binary": binary_tensors})
         size = len(header) + (len(binary_tensors) if binary_tensors is not None else 0)
-        req = parse() if size <= INLINE_PARSE_BYTES else await run_in_threadpool(parse)
+        req = parse() if size <= INLINE_BYTES else await run_in_threadpool(parse)
         # The work limit: no request may hold the engine longer than it allows. The O(Lq) bound decides
         # almost always; near the limit the exact count (off the event loop) does, since a union's
         # overlapping members may keep it under.
@@ -263,37 +300,11 @@ def create_app(settings: Settings | None = None, *, compute: Compute | None = No
             )
         except DeadlineExceeded:  # the batcher knows only the time that was left when it was handed the request
             raise DeadlineExceeded(f"the deadline passed: no answer within {timeout_ms:.0f} ms") from None
-        output, lse = req.as_given(result.output), req.as_given(result.lse)
-        encoding = req.response_encoding
         service.metrics.queue_time.observe(result.queue_ms / 1000)
         service.metrics.tokens.inc(q.shape[0] * q.shape[2])
-        response = AttentionResponse(
-            output=TensorOut.encode(output, encoding),
-            lse=TensorOut.encode(lse, encoding) if req.return_lse else None,
-            meta=Meta(
-                request_id=request.state.request_id,
-                device=str(service.device),
-                backend=result.backend,
-                pattern=req.pattern.describe(),
-                batch=BatchInfo(requests=result.batch_requests),
-                timing_ms=Timing(queue=result.queue_ms, compute=result.compute_ms,
-                                 total=(time.perf_counter() - arrived) * 1000),
-                memory=Memory(peak_bytes=result.peak_bytes, dense_scores_bytes=req.dense_pairs * 4),
-                attended_pairs=pairs,
-                density=pairs / req.dense_pairs,
-            ),
-        )
-        if response.meta.timing_ms.total > timeout_ms:  # a 200 always arrives within its deadline
-            raise DeadlineExceeded(f"the deadline passed: the answer took {response.meta.timing_ms.total:.0f} ms "
-                                   f"of {timeout_ms:.0f} ms")
-        # orjson: pydantic's serializer scans the multi-megabyte b64 strings ~25x slower.
-        body = response.model_dump(exclude_none=True)  # a tensor shows only its encoding
-        body.setdefault("lse", None)
-        if encoding != "binary":
-            return Response(orjson.dumps(body), media_type="application/json")
-        tensors = [output, lse] if req.return_lse else [output]
-        content, headers = binary.join(orjson.dumps(body), [tensor_bytes(t) for t in tensors])
-        return Response(content, media_type=binary.MEDIA_TYPE, headers=headers)
+        answer = partial(_answer, req, result, pairs, request_id=request.state.request_id, device=str(service.device),
+                         arrived=arrived, timeout_ms=timeout_ms)
+        return answer() if result.output.numel() * 4 <= INLINE_BYTES else await run_in_threadpool(answer)
 
     @app.get("/healthz")
     async def healthz() -> dict[str, str]:

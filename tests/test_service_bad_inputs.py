@@ -248,6 +248,24 @@ async def test_inputs_whose_scores_may_overflow_float32_are_refused_others_exact
 
 
 @pytest.mark.anyio
+async def test_an_answer_too_large_for_json_numbers_is_413_before_any_work():
+    """A 525 kB request asking a 1 GB answer as `data` took 4.5 GB and stalled every client 9 s."""
+    def tensor(*shape):
+        return {"shape": list(shape), "dtype": "float16", "b64": "AAAA"}  # refused before the lengths are checked
+
+    async with serve(settings()) as c:
+        for v_dim, lse, status in ((2**22, False, 200), (2**22, True, 413), (2**22 + 1, False, 413)):
+            body = {"q": tensor(1, 1, 1, 1), "k": tensor(1, 1, 1, 1), "v": tensor(1, 1, 1, v_dim), "encoding": "data",
+                    "return_lse": lse}
+            r = await c.post("/attention", json=body)
+            if status == 413:
+                assert r.status_code == 413 and r.json()["error"]["field"] == "encoding", r.text
+                assert r.json()["error"]["message"].startswith("encoding: 'data' answers at most 4194304 values")
+            else:  # within the limit: on to the next check, the b64's length
+                assert r.status_code == 422 and r.json()["error"]["field"] == "v.b64", r.text
+
+
+@pytest.mark.anyio
 async def test_wrong_content_type_is_415(client):
     for content_type in ("text/plain", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x"):
         r = await client.post("/attention", content=json.dumps(_valid()), headers={"Content-Type": content_type})
