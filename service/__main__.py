@@ -27,25 +27,54 @@ if TYPE_CHECKING:
 
 class BoundedHeadProtocol(HttpToolsProtocol):
     """uvicorn's httptools protocol, refusing a request whose head (request line and headers) is
-    still incomplete after `max_head_bytes`: httptools itself buffers a head without any limit.
+    still incomplete after `max_head_bytes`, or `head_timeout_s` after the connection opened or the
+    head's first byte (408): httptools itself buffers a head without any limit, and uvicorn waits
+    for one forever (a few sockets that never finish a head held ATTN_MAX_CONNECTIONS for good).
     Complete heads over the limit are refused by the app (`RequestLimits`, 431, JSON). Past
     `max_connections` open connections, or requests in progress, it marks the request for the
     app to answer 503 in the service's JSON, with Retry-After and X-Request-ID (uvicorn's own
     `limit_concurrency` answers plain text)."""
 
-    def __init__(self, *args: Any, max_head_bytes: int, max_connections: int | None,
+    def __init__(self, *args: Any, max_head_bytes: int, head_timeout_s: float, max_connections: int | None,
                  on_refused: Callable[[int], None], **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.max_head_bytes = max_head_bytes
+        self.head_timeout_s = head_timeout_s
         self.max_connections = max_connections
         self.on_refused = on_refused  # told the status of each request refused here (the metrics)
         self._head_bytes: int | None = None  # bytes received while a head is open; None between heads
+        self._head_timer: asyncio.TimerHandle | None = None  # while a head is awaited
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._await_head()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._head_arrived()
+        super().connection_lost(exc)
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
         self._head_bytes = 0
+        self._await_head()
+
+    def _await_head(self) -> None:
+        if self._head_timer is None:
+            self._head_timer = self.loop.call_later(self.head_timeout_s, self._head_late)
+
+    def _head_arrived(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+
+    def _head_late(self) -> None:
+        self._head_timer = None
+        if not self.transport.is_closing():
+            self._refuse(408, "Request Timeout", "headers",
+                         f"the request line and headers did not arrive within {self.head_timeout_s:g} s (ATTN_BODY_TIMEOUT_S)")
 
     def on_headers_complete(self) -> None:
+        self._head_arrived()
         self._head_bytes = None
         limit = self.max_connections
         if limit is not None and (len(self.connections) > limit or len(self.tasks) >= limit):
@@ -120,7 +149,7 @@ def uvicorn_config(settings: Settings) -> uvicorn.Config:
     return uvicorn.Config(
         app, host=settings.host, port=settings.port, log_level=settings.log_level,
         http=functools.partial(BoundedHeadProtocol, max_head_bytes=settings.max_header_bytes,
-                               max_connections=settings.max_connections,
+                               head_timeout_s=settings.body_timeout_s, max_connections=settings.max_connections,
                                on_refused=app.state.service.metrics.observe_refused),
         timeout_graceful_shutdown=settings.shutdown_timeout_s,
     )

@@ -37,7 +37,8 @@ class Settings(BaseSettings):
         "for; unset: 2^35 on the CPU (~50 s of dense attention on 2 cores), 2^42 on CUDA",
     )
     max_body_bytes: int = Field(256 << 20, ge=1)
-    body_timeout_s: float = Field(60.0, gt=0, description="the whole body must arrive within this, else 408")
+    body_timeout_s: float = Field(60.0, gt=0, description="a request's head must arrive within this of the "
+                                  "connection's opening or its first byte, its whole body within this of its start; else 408")
     max_header_bytes: int = Field(16384, ge=1024, description="request line and headers in all; larger: 431")
     max_connections: int | None = Field(None, ge=1, description="open connections (and requests); beyond: 503")
     request_timeout_ms: float = Field(30_000, gt=0, description="default deadline; also caps timeout_ms")

@@ -404,6 +404,25 @@ def test_oversize_headers_are_refused_and_the_service_goes_on(server):
     assert status == 200 and json.loads(body) == {"status": "ok"}
 
 
+def test_a_head_that_never_arrives_gets_408_and_frees_its_connection():
+    """uvicorn waits for a request head forever: sockets that opened and sent nothing, or half a
+    head, held ATTN_MAX_CONNECTIONS (and every other client out) until they chose to leave."""
+    with live_server(settings(body_timeout_s=1, max_connections=2)) as url:
+        with socket.create_connection(_address(url), timeout=10) as silent, \
+                socket.create_connection(_address(url), timeout=10) as half:
+            half.sendall(b"POST /attention HTTP/1.1\r\nHost: x\r\n")
+            started = time.monotonic()
+            for sock in (silent, half):
+                status, body = _read_response(sock)
+                assert status == 408 and json.loads(body)["error"]["field"] == "headers", body
+                assert sock.recv(1) == b""  # closed after the answer
+            assert time.monotonic() - started < 5
+        deadline = time.monotonic() + 10
+        while (r := httpx.get(f"{url}/patterns", timeout=10)).status_code == 503 and time.monotonic() < deadline:
+            time.sleep(0.05)  # until the server has seen both connections close
+        assert r.status_code == 200
+
+
 def test_connections_over_the_limit_get_the_services_503_but_probes_and_metrics_answer():
     """Past ATTN_MAX_CONNECTIONS open connections a request gets 503 in the service's error shape,
     with Retry-After and its X-Request-ID, except the probes and the metrics scrape (an overloaded
