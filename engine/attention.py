@@ -114,9 +114,10 @@ def effective_scale(scale: float | None, head_dim: int) -> float:
 
 
 # The kernels compute in float32: scores as q.k summed term by term and scaled (exp2-based softmaxes
-# also multiply by log2(e)), outputs as sums of up to Lk values weighted by at most 1 before the
-# normalisation. Bounds on those under this keep every intermediate finite.
-SCORE_LIMIT = torch.finfo(torch.float32).max / 4
+# also multiply by log2(e): hence the margin), outputs as sums of up to Lk values weighted by at
+# most 1 before the normalisation (under FLOAT32_MAX). Bounds under these keep every intermediate finite.
+FLOAT32_MAX = torch.finfo(torch.float32).max
+SCORE_LIMIT = FLOAT32_MAX / 4
 FLOAT32_ZERO_SCALE = 2.0**-150  # rounds to 0 in float32, whose smallest step is 2^-149
 
 
@@ -132,18 +133,18 @@ def score_bound(head_dim: int, scale: float, q_peak: float, k_peak: float) -> fl
 
 
 def float32_problem(head_dim: int, key_length: int, scale: float, peaks: tuple[float, float, float]) -> tuple[str, str] | None:
-    """The input that could take the kernels' float32 arithmetic past SCORE_LIMIT, as (its name,
-    what is wrong), or None, from the largest |q|, |k| and |v| elements: the scale when it takes
-    the scores there, else the larger of q and k; v when Lk of its values could sum past it. Past
-    it the engine may return NaN, inf or zero rows, so the service refuses such inputs (422)."""
+    """The input that could take the kernels' float32 arithmetic out of range, as (its name, what is
+    wrong), or None, from the largest |q|, |k| and |v| elements: the scale when it takes the scores
+    past SCORE_LIMIT, else the larger of q and k; v when Lk of its values could sum past FLOAT32_MAX.
+    Past them the engine may return NaN, inf or zero rows, so the service refuses such inputs (422)."""
     q_peak, k_peak, v_peak = peaks
     bound = score_bound(head_dim, scale, q_peak, k_peak)
     if bound > SCORE_LIMIT:
         name = "scale" if score_bound(head_dim, 1.0, q_peak, k_peak) <= SCORE_LIMIT else "q" if q_peak >= k_peak else "k"
         return name, (f"scores may overflow float32: max(1, |scale|) * D * max|q| * max|k| = {bound:.3g}, over "
                       f"{SCORE_LIMIT:.3g}; scale q, k or `scale` down")
-    if key_length * v_peak > SCORE_LIMIT:
-        return "v", (f"outputs may overflow float32: Lk * max|v| = {key_length * v_peak:.3g}, over {SCORE_LIMIT:.3g}; "
+    if key_length * v_peak > FLOAT32_MAX:
+        return "v", (f"outputs may overflow float32: Lk * max|v| = {key_length * v_peak:.3g}, over {FLOAT32_MAX:.3g}; "
                      "scale v down")
     return None
 

@@ -22,14 +22,17 @@ from .middleware import OVER_CONNECTION_LIMIT
 from .settings import Settings, settings_problems, unknown_variables
 
 if TYPE_CHECKING:
+    from engine.batcher import Compute
+
     from .app import Service
 
 
 class BoundedHeadProtocol(HttpToolsProtocol):
     """uvicorn's httptools protocol, refusing a request whose head (request line and headers) is
     still incomplete after `max_head_bytes`, or `head_timeout_s` after the connection opened or the
-    head's first byte (408): httptools itself buffers a head without any limit, and uvicorn waits
-    for one forever (a few sockets that never finish a head held ATTN_MAX_CONNECTIONS for good).
+    head's first byte (or the previous answer, for a pipelined head), with 408: httptools itself
+    buffers a head without any limit, and uvicorn waits for one forever (a few sockets that never
+    finish a head held ATTN_MAX_CONNECTIONS for good).
     Complete heads over the limit are refused by the app (`RequestLimits`, 431, JSON). Past
     `max_connections` open connections, or requests in progress, it marks the request for the
     app to answer 503 in the service's JSON, with Retry-After and X-Request-ID (uvicorn's own
@@ -56,7 +59,18 @@ class BoundedHeadProtocol(HttpToolsProtocol):
     def on_message_begin(self) -> None:
         super().on_message_begin()
         self._head_bytes = 0
-        self._await_head()
+        if not self._answering():
+            self._await_head()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if self._head_bytes is not None and not self._answering():  # a head begun while an answer was due
+            self._await_head()
+
+    def _answering(self) -> bool:
+        """Whether an answer on this connection is still to be written: uvicorn stops reading until
+        it is (so a pipelined head cannot finish), and a 408 then would read as that answer."""
+        return (self.cycle is not None and not self.cycle.response_complete) or bool(self.pipeline)
 
     def _await_head(self) -> None:
         if self._head_timer is None:
@@ -141,11 +155,11 @@ class DrainingServer(uvicorn.Server):
             timer.cancel()
 
 
-def uvicorn_config(settings: Settings) -> uvicorn.Config:
-    """uvicorn serving a new app with the settings' address and connection limits."""
+def uvicorn_config(settings: Settings, compute: Compute | None = None) -> uvicorn.Config:
+    """uvicorn serving a new app (`create_app`'s `compute` too) with the settings' address and limits."""
     from .app import create_app  # imported once the settings are known good: the module builds an app
 
-    app = create_app(settings)
+    app = create_app(settings, compute=compute)
     return uvicorn.Config(
         app, host=settings.host, port=settings.port, log_level=settings.log_level,
         http=functools.partial(BoundedHeadProtocol, max_head_bytes=settings.max_header_bytes,

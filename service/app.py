@@ -33,7 +33,7 @@ from .errors import ApiError
 from .metrics import Metrics
 from .middleware import JsonCors, RequestContext, RequestLimits
 from .schemas import (
-    AttentionRequest, AttentionResponse, BatchInfo, ErrorResponse, Limits, Memory, Meta, Timing, TensorOut,
+    JSON_NUMBER_BYTES, AttentionRequest, AttentionResponse, BatchInfo, ErrorResponse, Limits, Memory, Meta, Timing, TensorOut,
 )
 from .settings import Settings
 from .wire import tensor_bytes
@@ -304,7 +304,8 @@ def create_app(settings: Settings | None = None, *, compute: Compute | None = No
         service.metrics.tokens.inc(q.shape[0] * q.shape[2])
         answer = partial(_answer, req, result, pairs, request_id=request.state.request_id, device=str(service.device),
                          arrived=arrived, timeout_ms=timeout_ms)
-        return answer() if result.output.numel() * 4 <= INLINE_BYTES else await run_in_threadpool(answer)
+        value_bytes = JSON_NUMBER_BYTES if req.response_encoding == "data" else result.output.element_size()
+        return answer() if result.output.numel() * value_bytes <= INLINE_BYTES else await run_in_threadpool(answer)
 
     @app.get("/healthz")
     async def healthz() -> dict[str, str]:

@@ -37,10 +37,11 @@ Values = Annotated[
 ]
 
 _ENCODING_FIELDS = {"b64": "b64", "data": "data", "binary": "binary_data_size"}  # where each encoding's values are
-TOO_LARGE = "too_large"
-# Values an answer may carry as JSON numbers: ~20 bytes of JSON and ~60 of Python objects each while
+TOO_LARGE = "too_large"  # the error type that answers 413 rather than 422
+# Values an answer may carry as JSON numbers: ~JSON_NUMBER_BYTES of JSON and ~60 of Python objects each while
 # it is built (2^22: 82 MB, 0.4 s); a small request asking a large output as `data` took 4.5 GB and 9 s.
-MAX_DATA_VALUES = 1 << 22  # the error type that answers 413 rather than 422
+MAX_DATA_VALUES = 1 << 22
+JSON_NUMBER_BYTES = 20  # about, for a float32 value
 
 
 def field_error(field: str, message: str, kind: str = "field_error") -> PydanticCustomError:
@@ -144,13 +145,11 @@ class Tensor(BaseModel):
                 values = np.asarray(self.data)
             except ValueError:
                 raise field_error(field, f"nested lists do not form shape {self.shape}") from None
-            if values.dtype.kind == "O":  # integers past 64 bits, numbers all the same (or not numbers: below)
+            if values.dtype.kind == "O" and all(type(x) is int for x in values.flat):  # integers past 64 bits
                 try:
                     values = values.astype(np.float64)
                 except OverflowError:
                     raise field_error(field, "values must be finite (no NaN or Inf)") from None
-                except (TypeError, ValueError):
-                    pass
             if values.dtype.kind not in "iuf":
                 raise field_error(field, "must hold only numbers, flat or nested to the shape")
             if list(values.shape) != self.shape and list(values.shape) != [self.numel]:

@@ -84,11 +84,11 @@ async def serve(
 
 
 @contextmanager
-def live_server(config: Settings) -> Iterator[str]:
+def live_server(config: Settings, compute: Compute | None = None) -> Iterator[str]:
     """The service under a real uvicorn on a free loopback port, in a thread of this process
     (configured as `python -m service` configures it); yields its URL once the engine is warm."""
     port = free_port()
-    server = uvicorn.Server(uvicorn_config(config.model_copy(update={"port": port, "log_level": "warning"})))
+    server = uvicorn.Server(uvicorn_config(config.model_copy(update={"port": port, "log_level": "warning"}), compute))
     thread = threading.Thread(target=server.run, name="uvicorn", daemon=True)
     thread.start()
     try:

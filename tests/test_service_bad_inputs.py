@@ -228,13 +228,16 @@ async def test_inputs_whose_scores_may_overflow_float32_are_refused_others_exact
              (body([3e19, 1.0], [3e19, 1.0], [1.0, 2.0], torch.bfloat16), "q"),
              (body([1e18, 1.0], [1e18, 1.0], [1.0, 2.0], scale=1e5), "scale"),
              (body([1.0, 1.0], [1e38, 1.0], [1.0, 2.0]), "k"),  # the larger of q and k
-             (body([0.0, 0.0], [0.0, 0.0], [3e38, 3e38]), "v")]  # the weighted sum of v: [3e38, inf] came back
+             (body([0.0, 0.0], [0.0] * 4, [3e38] * 4), "v")]  # two keys' weighted sum: [3e38, inf] came back
     for request, field in cases:
         r = await client.post("/attention", json=request)
         assert r.status_code == 422, r.text
         error = r.json()["error"]
         assert error["field"] == field and error["message"].startswith(f"{field}: "), error
         assert "may overflow float32" in error["message"]
+    for v_peak, dtype in ((3e38, torch.bfloat16), (3.4e38, torch.float32)):  # one key: its own value, however large
+        r = await client.post("/attention", json=body([1.0, 1.0], [1.0, 1.0], [v_peak, 1.0], dtype))
+        assert r.status_code == 200 and from_json(r.json()["output"]).float()[0, 0, 0, 0] == torch.tensor(v_peak, dtype=dtype).float()
     q, k, v = (torch.tensor(x).reshape(1, 1, 2, 2) for x in ([1e18, 1.0, -1e18, 2.0], [1e18, 1.0, 5e17, 3.0], [1.0, 2.0, 3.0, 4.0]))
     r = await client.post("/attention", json=request_body(q, k, v, return_lse=True))  # 2e36: within the limit
     assert r.status_code == 200, r.text
@@ -421,6 +424,33 @@ def test_a_head_that_never_arrives_gets_408_and_frees_its_connection():
         while (r := httpx.get(f"{url}/patterns", timeout=10)).status_code == 503 and time.monotonic() < deadline:
             time.sleep(0.05)  # until the server has seen both connections close
         assert r.status_code == 200
+
+
+def test_a_pipelined_head_waits_for_the_answer_before_it_is_timed():
+    """uvicorn reads nothing more while an answer is due, so a pipelined head cannot finish then:
+    timed from the head's first byte, it got 408 (read by the client as the answer to the request
+    still running, whose 200 was lost)."""
+    def slow(*args, **kwargs):
+        if args[0].shape[2] == 7:  # the test's request, not the warm-up's
+            time.sleep(2.0)
+        return attention(*args, **kwargs)
+
+    q, k, v = qkv(h=2, hkv=2, lq=7, lk=7, d=4, dv=4)
+    body = json.dumps(request_body(q, k, v)).encode()
+    post = b"POST /attention HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(body)
+    with live_server(settings(body_timeout_s=1), compute=slow) as url:
+        with socket.create_connection(_address(url), timeout=10) as sock:
+            sock.sendall(post + body + b"GET /healthz HTTP/1.1\r\nHo")  # half a head behind a 2 s request
+            time.sleep(1.5)
+            sock.sendall(b"st: x\r\n\r\n")
+            assert _read_response(sock)[0] == 200
+            assert _read_response(sock) == (200, b'{"status":"ok"}')
+        with socket.create_connection(_address(url), timeout=10) as sock:  # a head never finished: 408 after the answer
+            sock.sendall(post + body + b"GET /healthz HTTP/1.1\r\nHo")
+            assert _read_response(sock)[0] == 200
+            answered = time.monotonic()
+            status, _ = _read_response(sock)
+            assert status == 408 and 0.5 < time.monotonic() - answered < 5
 
 
 def test_connections_over_the_limit_get_the_services_503_but_probes_and_metrics_answer():
