@@ -46,7 +46,9 @@ class BoundedHeadProtocol(HttpToolsProtocol):
         self.max_connections = max_connections
         self.on_refused = on_refused  # told the status of each request refused here (the metrics)
         self._head_bytes: int | None = None  # bytes received while a head is open; None between heads
+        self._heads_begun = self._messages_done = 0
         self._head_timer: asyncio.TimerHandle | None = None  # while a head is awaited
+        self._refusal: tuple[int, str, str, str] | None = None  # one waiting for the answers due before it
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -58,13 +60,23 @@ class BoundedHeadProtocol(HttpToolsProtocol):
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
+        self._heads_begun += 1
         self._head_bytes = 0
         if not self._answering():
             self._await_head()
 
+    def on_message_complete(self) -> None:
+        super().on_message_complete()
+        self._messages_done += 1
+
     def on_response_complete(self) -> None:
         super().on_response_complete()
-        if self._head_bytes is not None and not self._answering():  # a head begun while an answer was due
+        if self._answering() or self.transport.is_closing():
+            return
+        if self._refusal is not None:
+            self._refuse(*self._refusal)
+        elif self._head_bytes is not None:  # a head begun while an answer was due: timed from now, and not
+            self._unset_keepalive_if_required()  # closed by uvicorn's keep-alive timer, which only data cancels
             self._await_head()
 
     def _answering(self) -> bool:
@@ -96,10 +108,14 @@ class BoundedHeadProtocol(HttpToolsProtocol):
         super().on_headers_complete()
 
     def data_received(self, data: bytes) -> None:
+        begun, done = self._heads_begun, self._messages_done
         super().data_received(data)
         if self._head_bytes is None or self.transport.is_closing():
             return
-        self._head_bytes += len(data)
+        # The read is the open head's alone unless it also ended the request before: then it holds that
+        # one's bytes too, and is not counted (the limit is passed by at most that one read).
+        if self._heads_begun == begun or self._messages_done == done:
+            self._head_bytes += len(data)
         if self._head_bytes > self.max_head_bytes:
             self._refuse(431, "Request Header Fields Too Large", "headers",
                          f"over the limit of {self.max_head_bytes} bytes (ATTN_MAX_HEADER_BYTES)")
@@ -109,7 +125,14 @@ class BoundedHeadProtocol(HttpToolsProtocol):
         self._refuse(400, "Bad Request", "request", f"not valid HTTP/1.1 ({msg})")
 
     def _refuse(self, status: int, reason: str, field: str, message: str) -> None:
-        """Answer in the service's error shape, with an X-Request-ID, and close: the app never sees these."""
+        """Answer in the service's error shape, with an X-Request-ID, and close: the app never sees these.
+        Answers due before it on this connection (pipelined requests') are written first, reading
+        nothing more meanwhile: the refusal must not read as their answer."""
+        if self._answering():
+            self._refusal = (status, reason, field, message)
+            self._head_arrived()
+            self.transport.pause_reading()
+            return
         self.on_refused(status)
         body = error_body(status, field, f"{field}: {message}").model_dump_json().encode()
         self.transport.write(f"HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\n"

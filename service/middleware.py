@@ -74,6 +74,9 @@ class RequestLimits:
         self.timeout_s = timeout_s
         self.max_header_bytes = max_header_bytes
         self.retry_after = {"Retry-After": str(retry_after_s)}
+        # A refused body's remaining bytes are never read: the connection closes after the answer
+        # (kept alive, a client trickling them in held it, and a connection slot, for good).
+        self.closing = {"Connection": "close"}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -95,8 +98,8 @@ class RequestLimits:
             await error_response(Request(scope), 431, "headers", message)(scope, receive, send)
             return
         declared = Headers(scope=scope).get("content-length", "")
-        if declared.isdigit() and int(declared) > self.max_bytes:
-            response = error_response(Request(scope), 413, "body", self._message(f"{declared} bytes"))
+        if declared.isdigit() and int(declared) > self.max_bytes:  # closed after: the body is never read
+            response = error_response(Request(scope), 413, "body", self._message(f"{declared} bytes"), self.closing)
             await response(scope, receive, send)
             return
         received = 0
@@ -113,13 +116,12 @@ class RequestLimits:
                     message = await receive()
             except TimeoutError:
                 raise ApiError(
-                    408, "body", f"body: not received within {self.timeout_s:g} s (ATTN_BODY_TIMEOUT_S)",
-                    {"Connection": "close"},
+                    408, "body", f"body: not received within {self.timeout_s:g} s (ATTN_BODY_TIMEOUT_S)", self.closing,
                 ) from None
             received += len(message.get("body", b""))
             complete = message["type"] != "http.request" or not message.get("more_body", False)
             if received > self.max_bytes:
-                raise ApiError(413, "body", self._message(f"more than {self.max_bytes} bytes"))
+                raise ApiError(413, "body", self._message(f"more than {self.max_bytes} bytes"), self.closing)
             return message
 
         await self.app(scope, guarded_receive, send)

@@ -11,6 +11,7 @@ import re
 import select
 import socket
 import time
+import weakref
 
 import httpx
 import numpy as np
@@ -318,15 +319,20 @@ def _address(url: str) -> tuple[str, int]:
     return host, int(port)
 
 
+_UNREAD: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # bytes read past a socket's last response
+
+
 def _read_response(sock: socket.socket) -> tuple[int, bytes]:
-    """Status and body of one HTTP/1.1 response (by its Content-Length, else to the connection's end)."""
-    data = b""
+    """Status and body of the next HTTP/1.1 response (by its Content-Length, else to the connection's end)."""
+    data = _UNREAD.pop(sock, b"")
     while b"\r\n\r\n" not in data and (chunk := sock.recv(65536)):
         data += chunk
     head, _, body = data.partition(b"\r\n\r\n")
     length = re.search(rb"(?im)^content-length:\s*(\d+)", head)
     while (length is None or len(body) < int(length.group(1))) and (chunk := sock.recv(65536)):
         body += chunk
+    if length is not None and len(body) > int(length.group(1)):  # the start of the next response
+        body, _UNREAD[sock] = body[: int(length.group(1))], body[int(length.group(1)):]
     return int(head.split(b" ", 2)[1]), body
 
 
@@ -426,31 +432,67 @@ def test_a_head_that_never_arrives_gets_408_and_frees_its_connection():
         assert r.status_code == 200
 
 
-def test_a_pipelined_head_waits_for_the_answer_before_it_is_timed():
-    """uvicorn reads nothing more while an answer is due, so a pipelined head cannot finish then:
-    timed from the head's first byte, it got 408 (read by the client as the answer to the request
-    still running, whose 200 was lost)."""
-    def slow(*args, **kwargs):
-        if args[0].shape[2] == 7:  # the test's request, not the warm-up's
-            time.sleep(2.0)
+def _slow_for(lq: int, seconds: float):
+    """The engine, taking `seconds` longer on requests of `lq` query rows (not the warm-up's)."""
+    def compute(*args, **kwargs):
+        if args[0].shape[2] == lq:
+            time.sleep(seconds)
         return attention(*args, **kwargs)
 
-    q, k, v = qkv(h=2, hkv=2, lq=7, lk=7, d=4, dv=4)
-    body = json.dumps(request_body(q, k, v)).encode()
-    post = b"POST /attention HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(body)
-    with live_server(settings(body_timeout_s=1), compute=slow) as url:
+    return compute
+
+
+def _post(lq: int, pad: int = 0) -> bytes:
+    """A POST /attention of `lq` rows on the wire, its JSON body padded with `pad` spaces."""
+    body = json.dumps(request_body(*qkv(h=2, hkv=2, lq=lq, lk=lq, d=4, dv=4))).encode() + b" " * pad
+    return (b"POST /attention HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Content-Length: %d\r\n\r\n" % len(body) + body)
+
+
+def test_a_pipelined_head_is_timed_only_once_the_answers_before_it_are_written():
+    """uvicorn reads nothing more while an answer is due, so a pipelined head cannot finish then:
+    timed from its first byte it got 408, read by the client as the answer to the running request
+    (whose 200 was lost); and uvicorn's 5 s keep-alive timer, armed at that answer, closed it silently."""
+    with live_server(settings(body_timeout_s=1), compute=_slow_for(7, 2.0)) as url:
         with socket.create_connection(_address(url), timeout=10) as sock:
-            sock.sendall(post + body + b"GET /healthz HTTP/1.1\r\nHo")  # half a head behind a 2 s request
+            sock.sendall(_post(7) + b"GET /healthz HTTP/1.1\r\nHo")  # half a head behind a 2 s request
             time.sleep(1.5)
             sock.sendall(b"st: x\r\n\r\n")
             assert _read_response(sock)[0] == 200
             assert _read_response(sock) == (200, b'{"status":"ok"}')
-        with socket.create_connection(_address(url), timeout=10) as sock:  # a head never finished: 408 after the answer
-            sock.sendall(post + body + b"GET /healthz HTTP/1.1\r\nHo")
+        with socket.create_connection(_address(url), timeout=10) as sock:  # never finished: 408 after the answer
+            sock.sendall(_post(7) + b"GET /healthz HTTP/1.1\r\nHo")
             assert _read_response(sock)[0] == 200
             answered = time.monotonic()
             status, _ = _read_response(sock)
             assert status == 408 and 0.5 < time.monotonic() - answered < 5
+    with live_server(settings(body_timeout_s=10), compute=_slow_for(7, 0.5)) as url:
+        with socket.create_connection(_address(url), timeout=20) as sock:  # finished 6 s after the answer
+            sock.sendall(_post(7) + b"GET /he")
+            assert _read_response(sock)[0] == 200
+            time.sleep(6)
+            sock.sendall(b"althz HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert _read_response(sock) == (200, b'{"status":"ok"}')
+
+
+def test_the_protocols_refusals_come_after_the_answers_due_before_them():
+    """A read holding a pipelined request and the start of the next counted the first one's bytes as
+    the next head's (431 past 16 KiB of them); a refusal was written ahead of the running request's answer."""
+    with live_server(settings(body_timeout_s=5), compute=_slow_for(6, 1.0)) as server, \
+            socket.create_connection(_address(server), timeout=10) as sock:
+        sock.sendall(_post(6, pad=17000) + b"GET /healt")  # one read of 17 kB ending in a head's start
+        time.sleep(0.1)
+        sock.sendall(b"hz HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert _read_response(sock)[0] == 200
+        assert _read_response(sock) == (200, b'{"status":"ok"}')
+        for tail, refusal in ((b"GET /healthz HTTP/1.1\r\nX-Pad: " + b"a" * 20000, 431),
+                              (b"\x01\x02 not http\r\n\r\n", 400)):
+            with socket.create_connection(_address(server), timeout=10) as pipelined:
+                pipelined.sendall(_post(6))
+                time.sleep(0.05)  # the tail in reads of its own, while the request runs (1 s)
+                pipelined.sendall(tail)
+                assert _read_response(pipelined)[0] == 200  # the valid request's answer first
+                assert _read_response(pipelined)[0] == refusal
 
 
 def test_connections_over_the_limit_get_the_services_503_but_probes_and_metrics_answer():
@@ -474,12 +516,15 @@ def test_connections_over_the_limit_get_the_services_503_but_probes_and_metrics_
         assert r.status_code == 200
 
 
-def test_oversize_body_on_the_wire_is_413_without_reading_it(server):
+def test_oversize_body_on_the_wire_is_413_without_reading_it_and_closed(server):
+    """Kept alive, a client trickling the refused body in held the connection (and a slot) for good."""
     with socket.create_connection(_address(server), timeout=10) as sock:
         sock.sendall(b"POST /attention HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                      b"Content-Length: %d\r\n\r\n{" % (1 << 30))  # 1 GiB declared, 1 byte sent
         status, body = _read_response(sock)
-    assert status == 413 and json.loads(body)["error"]["field"] == "body"
+        assert status == 413 and json.loads(body)["error"]["field"] == "body"
+        sock.settimeout(1)  # closed at once, not at uvicorn's 5 s keep-alive (which each trickled byte restarted)
+        assert sock.recv(1) == b""
 
 
 def test_after_the_wire_cases_a_valid_request_is_answered_correctly(server):
