@@ -80,8 +80,9 @@ class BoundedHeadProtocol(HttpToolsProtocol):
             self._await_head()
 
     def _answering(self) -> bool:
-        """Whether an answer on this connection is still to be written: uvicorn stops reading until
-        it is (so a pipelined head cannot finish), and a 408 then would read as that answer."""
+        """Whether an answer on this connection is still to be written: a refusal written then would
+        read as that answer; and once a pipelined head is complete, or a body passes its high-water
+        mark, uvicorn reads nothing more until it is (so a head begun then may not finish)."""
         return (self.cycle is not None and not self.cycle.response_complete) or bool(self.pipeline)
 
     def _await_head(self) -> None:

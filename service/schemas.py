@@ -145,7 +145,7 @@ class Tensor(BaseModel):
                 values = np.asarray(self.data)
             except ValueError:
                 raise field_error(field, f"nested lists do not form shape {self.shape}") from None
-            if values.dtype.kind == "O" and all(type(x) is int for x in values.flat):  # integers past 64 bits
+            if values.dtype.kind == "O" and all(type(x) in (int, float) for x in values.flat):  # integers past 64 bits
                 try:
                     values = values.astype(np.float64)
                 except OverflowError:
