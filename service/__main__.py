@@ -5,11 +5,12 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-import socket
 import os
+import socket
 import sys
 import time
 import uuid
+from http import HTTPStatus
 from types import FrameType
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -48,7 +49,7 @@ class BoundedHeadProtocol(HttpToolsProtocol):
         self._head_bytes: int | None = None  # bytes received while a head is open; None between heads
         self._heads_begun = self._messages_done = 0
         self._head_timer: asyncio.TimerHandle | None = None  # while a head is awaited
-        self._refusal: tuple[int, str, str, str] | None = None  # one waiting for the answers due before it
+        self._refusal: tuple[int, str, str] | None = None  # one waiting for the answers due before it
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -97,8 +98,8 @@ class BoundedHeadProtocol(HttpToolsProtocol):
     def _head_late(self) -> None:
         self._head_timer = None
         if not self.transport.is_closing():
-            self._refuse(408, "Request Timeout", "headers",
-                         f"the request line and headers did not arrive within {self.head_timeout_s:g} s (ATTN_BODY_TIMEOUT_S)")
+            self._refuse(408, "headers", f"the request line and headers did not arrive within {self.head_timeout_s:g} s "
+                                         "(ATTN_BODY_TIMEOUT_S)")
 
     def on_headers_complete(self) -> None:
         self._head_arrived()
@@ -118,25 +119,24 @@ class BoundedHeadProtocol(HttpToolsProtocol):
         if self._heads_begun == begun or self._messages_done == done:
             self._head_bytes += len(data)
         if self._head_bytes > self.max_head_bytes:
-            self._refuse(431, "Request Header Fields Too Large", "headers",
-                         f"over the limit of {self.max_head_bytes} bytes (ATTN_MAX_HEADER_BYTES)")
+            self._refuse(431, "headers", f"over the limit of {self.max_head_bytes} bytes (ATTN_MAX_HEADER_BYTES)")
 
     def send_400_response(self, msg: str) -> None:
         """Bytes that are not HTTP (httptools could not parse them): the service's JSON, not uvicorn's text."""
-        self._refuse(400, "Bad Request", "request", f"not valid HTTP/1.1 ({msg})")
+        self._refuse(400, "request", f"not valid HTTP/1.1 ({msg})")
 
-    def _refuse(self, status: int, reason: str, field: str, message: str) -> None:
+    def _refuse(self, status: int, field: str, message: str) -> None:
         """Answer in the service's error shape, with an X-Request-ID, and close: the app never sees these.
         Answers due before it on this connection (pipelined requests') are written first, reading
         nothing more meanwhile: the refusal must not read as their answer."""
         if self._answering():
-            self._refusal = (status, reason, field, message)
+            self._refusal = (status, field, message)
             self._head_arrived()
             self.transport.pause_reading()
             return
         self.on_refused(status)
         body = error_body(status, field, f"{field}: {message}").model_dump_json().encode()
-        self.transport.write(f"HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\n"
+        self.transport.write(f"HTTP/1.1 {status} {HTTPStatus(status).phrase}\r\ncontent-type: application/json\r\n"
                              f"content-length: {len(body)}\r\nx-request-id: {uuid.uuid4().hex}\r\n"
                              "connection: close\r\n\r\n".encode() + body)
         self.transport.close()
