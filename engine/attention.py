@@ -73,8 +73,9 @@ def attention(
     """Exact sparse attention: output [B, H, Lq, Dv] in q's dtype, and the float32 natural-log
     log-sum-exp [B, H, Lq] when `return_lse`. 3-D inputs [H, L, D] give 3-D results. Forward only
     (an inference engine): inputs that require grad are read as they are, results carry no graph.
-    Scores are float32: inputs whose `score_bound` passes SCORE_LIMIT (|q|, |k| ~ 1e19) may overflow
-    them, and rows then come back NaN or zero; the service refuses those inputs (422)."""
+    Scores and outputs are float32: inputs that `float32_problem` names (|q|, |k| ~ 1e19; v near
+    float32's largest over many keys) may overflow them, and rows then come back NaN, inf or zero;
+    the service refuses those inputs (422)."""
     if torch.is_grad_enabled() and (getattr(q, "requires_grad", False) or getattr(k, "requires_grad", False)
                                     or getattr(v, "requires_grad", False)):
         with torch.no_grad():  # only then: entering it costs 3.5 us, 8% of a tiny call
