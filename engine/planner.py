@@ -56,7 +56,10 @@ class Plan:
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> Partial:
         if q.device.type == "cpu" and q.dtype in cpu_upcast_dtypes() and q.dtype not in self.native_on_cpu:
-            q, k, v = q.float(), k.float(), v.float()
+            # In C order: `float()` keeps a layout ordered by strides, which those of size-1 dims (any
+            # value, all "contiguous") can make absurd: a [1, 2, 1, 3] view of strides (1, 0, 1, 1)
+            # came out (1, 1, 1, 2), features 2 apart, which the CPU kernel reads wrong.
+            q, k, v = (x.to(torch.float32, memory_format=torch.contiguous_format) for x in (q, k, v))
         dv = v.shape[-1]
         if pads_head_dims(q.device):
             q, k, v = padded_head_dims(q, k, v)

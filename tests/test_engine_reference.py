@@ -166,6 +166,18 @@ def test_a_head_dim_of_1_in_any_layout(pattern, scale):
         torch.testing.assert_close(lse.double(), ref_lse, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_size_one_dims_with_any_strides_under_grouped_heads(dtype):
+    """torch calls [1, 1, 1, 3] contiguous whatever its strides; repeated for two query heads and
+    converted to float32, a v of strides (1, 1, 1, 1) came out with features 2 apart: those heads read wrong."""
+    q = torch.randn(1, 6, 1, 3).to(dtype)
+    k, v = (torch.randn(3, 1, 1, 1).permute(3, 2, 1, 0).to(dtype) for _ in range(2))  # strides (1, 1, 1, 1)
+    pattern = {"type": "per_head", "patterns": [SW(3)] * 4 + [ST(1)] * 2}  # heads 4, 5: one run on a view of k, v
+    out = attention(q, k, v, pattern, causal=False, scale=1e-8)
+    torch.testing.assert_close(out.double(), reference_attention(q, k, v, pattern, causal=False, scale=1e-8)[0],
+                               atol=2e-3, rtol=2e-3)
+
+
 def test_inputs_that_require_grad_are_computed_forward_only():
     q, k, v = (torch.randn(1, 2, 32, 8, requires_grad=True) for _ in range(3))
     for pattern in ("strided", "fixed", "union_paper", "sliding"):
