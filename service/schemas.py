@@ -204,7 +204,7 @@ class AttentionRequest(BaseModel):
         problem = encoding_problem(self.q.dtype, self.response_encoding)
         if problem:  # the answer would be such a tensor
             raise field_error("encoding", problem)
-        answer_values = self.q.dims[0] * self.q.dims[1] * self.q.dims[2] * (self.v.dims[3] + self.return_lse)
+        answer_values = math.prod(self._problem[:3]) * (self.v.dims[3] + self.return_lse)  # output, and lse
         if self.response_encoding == "data" and answer_values > MAX_DATA_VALUES:
             raise field_error("encoding", f"'data' answers at most {MAX_DATA_VALUES} values as JSON numbers, this one "
                                           f"has {answer_values}: ask for b64 or binary", TOO_LARGE)
@@ -249,31 +249,38 @@ class AttentionRequest(BaseModel):
         b, _, lk, _ = self.k.dims
         if b * lk > limits.max_tokens:
             raise field_error("k.shape", f"B * Lk = {b * lk} tokens, over the limit of {limits.max_tokens}", TOO_LARGE)
-        b, h, lq, _ = self.q.dims
+        h = self.q.dims[1]
         if h > limits.max_heads:
             raise field_error("q.shape", f"{h} heads, over the limit of {limits.max_heads}", TOO_LARGE)
-        sizes = {"q.shape": self.q.numel, "k.shape": self.k.numel, "v.shape": self.v.numel,
-                 "output": b * h * lq * self.v.dims[3]}
+        sizes = {"q.shape": self.q.numel, "k.shape": self.k.numel, "v.shape": self.v.numel, "output": self.output_values}
         for field, n in sizes.items():
             if n > limits.max_elements:
                 raise field_error(field, f"{n} elements, over the limit of {limits.max_elements}", TOO_LARGE)
 
+    @property
+    def _problem(self) -> tuple[int, int, int, int]:
+        """(B, H, Lq, Lk), what pair counts take."""
+        b, h, lq, _ = self.q.dims
+        return b, h, lq, self.k.dims[2]
+
+    @property
+    def output_values(self) -> int:
+        """B * H * Lq * Dv: the output's elements."""
+        return math.prod(self._problem[:3]) * self.v.dims[3]
+
     def pairs_bound(self) -> int:
         """An upper bound of `attended_pairs`, at O(Lq) cost."""
-        (b, h, lq, _), lk = self.q.dims, self.k.dims[2]
-        return attended_pairs_bound(self.pattern, b, h, lq, lk, self.causal)
+        return attended_pairs_bound(self.pattern, *self._problem, self.causal)
 
     def attended_pairs(self) -> int:
         """The (query, key) pairs the request attends over its batch and heads (CONTRACT §2's meta):
         O(Lq x span) work for a union with `fixed`, which evaluates its rule."""
-        (b, h, lq, _), lk = self.q.dims, self.k.dims[2]
-        return attended_pairs(self.pattern, b, h, lq, lk, self.causal)
+        return attended_pairs(self.pattern, *self._problem, self.causal)
 
     @property
     def dense_pairs(self) -> int:
         """B * H * Lq * Lk: the pairs of a dense score matrix."""
-        (b, h, lq, _), lk = self.q.dims, self.k.dims[2]
-        return b * h * lq * lk
+        return math.prod(self._problem)
 
     @property
     def response_encoding(self) -> Encoding:
