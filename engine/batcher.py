@@ -16,7 +16,9 @@ computed: on the CPU that costs more than padding small requests.
 If a batched call raises, it is split in halves and each half rerun, down to single requests, so
 one bad request fails alone and the others are answered. Running out of memory is handled the
 same way (a smaller call may fit); a request that does not fit even alone gets `OutOfMemory`.
-Each caller gets back exactly the rows it sent. On the CPU a `ThreadBudget` sizes each call's
+A caller that stops waiting (its deadline,
+its client gone, its task cancelled) takes its request out of the queue at once, and a request
+already collected whose caller left is not computed. Each caller gets back exactly the rows it sent. On the CPU a `ThreadBudget` sizes each call's
 thread team: every core for a large call with nothing waiting, one fewer otherwise.
 """
 
@@ -167,7 +169,11 @@ class Batcher:
         self.device = torch.device(device)
         self.max_batch_size = max_batch_size
         self.max_delay_s = max_delay_ms / 1000
-        self._queue: asyncio.Queue[_Job] = asyncio.Queue(maxsize=queue_size)
+        self.queue_size = queue_size
+        # Waiting for the engine, oldest first. A caller that stops waiting (deadline, client gone,
+        # cancelled) takes its job out at once, so it neither holds a queue slot nor gets computed.
+        self._queued: dict[_Job, None] = {}
+        self._arrived = asyncio.Event()  # set when a job is queued or the batcher starts closing
         self._compute = compute
         self._on_batch = on_batch
         self._threads = threads
@@ -179,7 +185,7 @@ class Batcher:
     @property
     def queue_depth(self) -> int:
         """Requests waiting for the engine (not counting the batch running now)."""
-        return self._queue.qsize()
+        return len(self._queued)
 
     async def __aenter__(self) -> "Batcher":
         self._collector = asyncio.create_task(self._collect_forever(), name="batcher")
@@ -197,12 +203,12 @@ class Batcher:
                 job.future.set_exception(ShuttingDown(reason))
 
     async def close(self) -> None:
-        """Refuse new requests, finish the queued ones, then stop the worker."""
+        """Refuse new requests, finish the queued ones, then stop the worker. The collector is
+        shielded: a close that is itself cancelled still leaves the queued requests answered."""
         self._closing = True
+        self._arrived.set()
         if self._collector is not None:
-            await self._queue.join()
-            self._collector.cancel()
-            await asyncio.gather(self._collector, return_exceptions=True)
+            await asyncio.shield(self._collector)
             self._collector = None
         self._executor.shutdown(wait=True)
 
@@ -227,12 +233,12 @@ class Batcher:
             raise ShuttingDown("the engine is shutting down")
         key = BatchKey.of(q, k, v, pattern, causal, effective_scale(scale, q.shape[-1]))
         loop = asyncio.get_running_loop()
+        if len(self._queued) >= self.queue_size:
+            raise QueueFull(f"{self.queue_size} requests already waiting")
         job = _Job(q, k, v, key, loop.time() + timeout_s, loop.create_future())
-        try:
-            self._queue.put_nowait(job)
-        except asyncio.QueueFull:
-            raise QueueFull(f"{self._queue.maxsize} requests already waiting") from None
         watch = asyncio.ensure_future(client_gone()) if client_gone is not None else None
+        self._queued[job] = None
+        self._arrived.set()
         self._waiting.add(job)
         try:
             await asyncio.wait([job.future] + ([watch] if watch else []), timeout=timeout_s,
@@ -241,6 +247,7 @@ class Batcher:
             job.future.cancel()  # its job is dropped, not run for nobody
             raise
         finally:
+            self._queued.pop(job, None)
             self._waiting.discard(job)
             if watch is not None:
                 watch.cancel()
@@ -252,31 +259,41 @@ class Batcher:
         raise DeadlineExceeded(f"the deadline passed: no answer within {timeout_s * 1000:.0f} ms")
 
     async def _collect_forever(self) -> None:
+        """Round after round until closed with nothing queued: take the oldest job, gather more for
+        up to `max_delay_s`, run them."""
         loop = asyncio.get_running_loop()
         while True:
-            jobs = [await self._queue.get()]
+            while not self._queued:
+                if self._closing:
+                    return
+                self._arrived.clear()
+                await self._arrived.wait()
+            jobs = [self._take()]
             closes_at = loop.time() + (self.max_delay_s if jobs[0].q.numel() < LARGE_CALL_ELEMENTS else 0.0)
             while len(jobs) < self.max_batch_size:
-                if self._queue.empty():
+                if not self._queued:
                     wait = closes_at - loop.time()
-                    if wait <= 0:
+                    if wait <= 0 or self._closing:
                         break
+                    self._arrived.clear()
                     try:
-                        jobs.append(await asyncio.wait_for(self._queue.get(), wait))
+                        await asyncio.wait_for(self._arrived.wait(), wait)
                     except TimeoutError:
                         break
                 else:
-                    jobs.append(self._queue.get_nowait())
-            try:
-                groups: dict[BatchKey, list[_Job]] = {}
-                for job in jobs:
-                    if self._still_wanted(job, loop.time()):
-                        groups.setdefault(job.key, []).append(job)
-                if groups:
-                    await loop.run_in_executor(self._executor, self._run_groups, loop, list(groups.values()))
-            finally:
-                for _ in jobs:
-                    self._queue.task_done()
+                    jobs.append(self._take())
+            groups: dict[BatchKey, list[_Job]] = {}
+            for job in jobs:
+                if self._still_wanted(job, loop.time()):
+                    groups.setdefault(job.key, []).append(job)
+            if groups:
+                await loop.run_in_executor(self._executor, self._run_groups, loop, list(groups.values()))
+
+    def _take(self) -> _Job:
+        """The oldest queued job, out of the queue."""
+        job = next(iter(self._queued))
+        del self._queued[job]
+        return job
 
     def _still_wanted(self, job: _Job, now: float) -> bool:
         """False (and the caller answered) if the caller stopped waiting or the deadline passed."""
@@ -295,7 +312,11 @@ class Batcher:
 
     def _answers(self, jobs: list[_Job]) -> list[tuple[_Job, Result | Exception]]:
         """Each job's result or error: a failed call is split in halves and each rerun, so a
-        fault stays with the request that causes it and the rest are answered."""
+        fault stays with the request that causes it and the rest are answered. Jobs whose callers
+        stopped waiting meanwhile (an earlier group's call ran long) are left out."""
+        jobs = [job for job in jobs if not job.future.done()]  # read off the loop: a hint, which suffices
+        if not jobs:
+            return []
         try:
             return list(zip(jobs, self._run(jobs)))
         except Exception as error:
@@ -322,8 +343,8 @@ class Batcher:
         q, k, v = (torch.cat(ts) if len(ts) > 1 else ts[0] for ts in zip(*(
             (_right_padded(j.q, lq), _right_padded(j.k, lk), _right_padded(j.v, lk)) for j in jobs)))
         if self._threads is not None:
-            # Read from this thread, the queue's size is a hint, which is all this needs.
-            wanted = self._threads.for_call(q.numel(), self._queue.empty())
+            # Read from this thread, the queue's length is a hint, which is all this needs.
+            wanted = self._threads.for_call(q.numel(), not self._queued)
             if torch.get_num_threads() != wanted:  # this worker thread's own setting
                 torch.set_num_threads(wanted)
         q, k, v = (t.to(self.device, non_blocking=True) for t in (q, k, v))

@@ -117,11 +117,13 @@ async def test_dropped_when_the_client_left_or_the_deadline_passed_before_starti
             await left
         with pytest.raises(DeadlineExceeded):
             await late
+        assert batcher.queue_depth == 0  # both left the queue at once, the call ahead still running:
+        behind = [asyncio.create_task(batcher.submit(q, k, v, pattern)) for _ in range(2)]  # room for two
+        await asyncio.sleep(0.01)
         gate.open()
         assert torch.equal((await running).output, attention(q, k, v))
-        while batcher.queue_depth:  # the collector still has to take the two dropped jobs off the queue
-            await asyncio.sleep(0.005)
-        assert torch.equal((await batcher.submit(q, k, v, pattern)).output, attention(q, k, v))
+        for answer in await asyncio.gather(*behind):
+            assert torch.equal(answer.output, attention(q, k, v))
         gate.close()
         held = asyncio.create_task(batcher.submit(q, k, v, pattern))
         await gate.holding()
@@ -130,13 +132,60 @@ async def test_dropped_when_the_client_left_or_the_deadline_passed_before_starti
         cancelled.cancel()
         with pytest.raises(asyncio.CancelledError):
             await cancelled
+        assert batcher.queue_depth == 0
         gate.open()
         await held
-        while batcher.queue_depth:
-            await asyncio.sleep(0.005)
-    assert counted.calls == [1, 1, 1]  # the held calls and the last one: the three dropped never ran
+    assert counted.calls == [1, 2, 1]  # the held calls and the two behind: the three dropped never ran
     with pytest.raises(ShuttingDown):
         await batcher.submit(q, k, v, pattern)
+
+
+@pytest.mark.anyio
+async def test_a_group_whose_callers_all_left_is_not_computed():
+    """Two groups collected in one round run one after the other: when every caller of the second
+    leaves while the first runs, the second is not computed for nobody."""
+    counted = _FailOn()
+    gate = Gate(counted)
+    q, k, v = qkv(h=2, hkv=2, lq=8, lk=8, d=4, dv=4)
+    other = qkv(h=2, hkv=2, lq=8, lk=8, d=4, dv=4, seed=7)
+    dense, banded = parse_pattern(None), parse_pattern(SW)
+    client_left = asyncio.Event()
+    async with Batcher("cpu", max_batch_size=4, max_delay_ms=50, compute=gate) as batcher:
+        gate.close()
+        first = asyncio.create_task(batcher.submit(q, k, v, dense))
+        gone = [asyncio.create_task(batcher.submit(*other, banded, client_gone=client_left.wait)) for _ in range(2)]
+        await gate.holding()  # both groups collected; the dense one runs, held
+        client_left.set()
+        for task in gone:
+            with pytest.raises(ClientGone):
+                await task
+        gate.open()
+        assert torch.equal((await first).output, attention(q, k, v))
+    assert counted.calls == [1]
+
+
+@pytest.mark.anyio
+async def test_a_cancelled_close_still_answers_the_queued_requests():
+    """A server's shutdown may cancel the task closing the batcher: the requests already queued are
+    answered all the same, not left to wait out their deadlines."""
+    gate = Gate()
+    q, k, v = qkv(h=2, hkv=2, lq=8, lk=8, d=4, dv=4)
+    pattern = parse_pattern(None)
+    batcher = await Batcher("cpu", max_delay_ms=0, compute=gate).__aenter__()
+    gate.close()
+    running = asyncio.create_task(batcher.submit(q, k, v, pattern, timeout_s=5))
+    await gate.holding()
+    queued = asyncio.create_task(batcher.submit(q, k, v, pattern, timeout_s=5))
+    await asyncio.sleep(0.01)
+    closing = asyncio.create_task(batcher.close())
+    await asyncio.sleep(0.01)
+    closing.cancel()
+    gate.open()
+    for answer in await asyncio.wait_for(asyncio.gather(running, queued), 2):
+        assert torch.equal(answer.output, attention(q, k, v))
+    with pytest.raises(asyncio.CancelledError):
+        await closing
+    await batcher.close()
 
 
 @pytest.mark.anyio
