@@ -1,4 +1,4 @@
-"""`python -m service`: serve the app with uvicorn on ATTN_HOST:ATTN_PORT, draining on SIGTERM."""
+"""`python -m service`: serve the app with uvicorn on ATTN_HOST:ATTN_PORT (or --host, --port), draining on SIGTERM."""
 
 from __future__ import annotations
 
@@ -194,9 +194,11 @@ def uvicorn_config(settings: Settings, compute: Compute | None = None) -> uvicor
 
 
 def main() -> None:
-    """Start, or exit 1 with one line per bad setting; an unknown ATTN_* variable is warned about."""
+    """Start, or exit 1 with one line per bad setting; an unknown ATTN_* variable is warned about.
+    Every setting is also a flag (`--port 9000`, `--max-batch-size 8`; `--help` lists them), which
+    wins over its variable."""
     try:
-        settings = Settings()
+        settings = Settings(_cli_parse_args=True, _cli_prog_name="python -m service", _cli_kebab_case=True)
         settings.torch_device  # noqa: B018 - ATTN_DEVICE=cuda without a GPU is refused here, not in a traceback
     except ValidationError as error:
         sys.exit("invalid settings:\n  " + "\n  ".join(settings_problems(error)))

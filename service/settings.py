@@ -19,7 +19,7 @@ from engine.patterns import error_reason
 
 
 class Settings(BaseSettings):
-    """Every knob of the service; the README's settings table documents each one."""
+    """Each setting is a flag or its ATTN_* environment variable (the flag wins); the README's settings table has them all."""
 
     model_config = SettingsConfigDict(env_prefix="ATTN_", frozen=True, allow_inf_nan=False)
 
@@ -129,8 +129,12 @@ def _cpu_quota(cgroup: Path) -> float | None:
 
 
 def settings_problems(error: ValidationError) -> list[str]:
-    """One line per invalid setting, named as its environment variable."""
-    return [f"ATTN_{'_'.join(map(str, e['loc'])).upper()}={e.get('input')!r}: {error_reason(e)}" for e in error.errors()]
+    """One line per invalid setting, named as its flag and its environment variable."""
+    problems = []
+    for e in error.errors():
+        name = "_".join(map(str, e["loc"]))
+        problems.append(f"--{name.replace('_', '-')} / ATTN_{name.upper()}={e.get('input')!r}: {error_reason(e)}")
+    return problems
 
 
 def unknown_variables(environ: Mapping[str, str]) -> list[str]:

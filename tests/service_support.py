@@ -10,7 +10,7 @@ import sys
 import threading
 import time
 from contextlib import asynccontextmanager, contextmanager
-from typing import IO, AsyncIterator, Iterator
+from typing import IO, AsyncIterator, Iterator, Sequence
 
 import httpx
 import torch
@@ -103,13 +103,17 @@ def live_server(config: Settings, compute: Compute | None = None) -> Iterator[st
 
 
 @contextmanager
-def service_process(log: IO[bytes] | None = None, **env: object) -> Iterator[tuple[str, subprocess.Popen]]:
+def service_process(log: IO[bytes] | None = None, flags: Sequence[str] = (),
+                    **env: object) -> Iterator[tuple[str, subprocess.Popen]]:
     """`python -m service` on a free loopback port with ATTN_* variables from `env` (e.g.
-    drain_s=2); yields its URL and process once /readyz is 200, and stops it after the block."""
+    drain_s=2) and command-line `flags`; yields its URL (the port of a `--port` flag if given) and
+    process once /readyz is 200, and stops it after the block."""
     port = free_port()
     variables = {"ATTN_DEVICE": "cpu", "ATTN_LOG_LEVEL": "warning", **{f"ATTN_{k.upper()}": str(v) for k, v in env.items()}}
-    proc = subprocess.Popen([sys.executable, "-m", "service"], env={**os.environ, **variables, "ATTN_PORT": str(port)},
+    proc = subprocess.Popen([sys.executable, "-m", "service", *flags], env={**os.environ, **variables, "ATTN_PORT": str(port)},
                             stdout=log, stderr=subprocess.STDOUT if log else None)
+    if "--port" in flags:
+        port = int(flags[list(flags).index("--port") + 1])
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 120

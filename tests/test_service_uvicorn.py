@@ -1,4 +1,4 @@
-"""`python -m service` under a real uvicorn on a loopback port: settings from the environment,
+"""`python -m service` under a real uvicorn on a loopback port: settings from the environment and flags,
 readiness, concurrent requests answered correctly and batched, limits enforced on the wire."""
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from engine import attention
+from service.loadtest import free_port
 from service.settings import Settings, unknown_variables
 from service_support import from_json, qkv, request_body, service_process
 
@@ -65,6 +66,26 @@ def test_a_bad_setting_exits_with_one_line_naming_its_variable(variable, shown):
     done = subprocess.run([sys.executable, "-m", "service"], env={**os.environ, name: value}, capture_output=True,
                           text=True, timeout=60)
     assert done.returncode == 1 and shown in done.stderr and "Traceback" not in done.stderr, done.stderr
+
+
+def test_settings_as_flags_win_over_the_environment():
+    port = free_port()  # ATTN_PORT names another free port: the flag's is the one served
+    with service_process(flags=("--port", str(port))) as (url, _):
+        assert url == f"http://127.0.0.1:{port}"
+        q, k, v = qkv(h=2, hkv=2, lq=8, lk=8, d=4, dv=4)
+        r = httpx.post(f"{url}/attention", json=request_body(q, k, v))
+        assert r.status_code == 200 and torch.allclose(from_json(r.json()["output"]), attention(q, k, v), atol=1e-6)
+
+
+@pytest.mark.parametrize("flags, code, shown", [
+    (["--help"], 0, "--max-batch-size int"),
+    (["--port", "abc"], 1, "--port / ATTN_PORT='abc': Input should be a valid integer"),
+    (["--max-batch-sise", "4"], 2, "unrecognized arguments: --max-batch-sise 4"),
+])
+def test_flags_are_checked_before_anything_starts(flags, code, shown):
+    done = subprocess.run([sys.executable, "-m", "service", *flags], capture_output=True, text=True, timeout=60)
+    assert done.returncode == code and shown in done.stdout + done.stderr, done.stdout + done.stderr
+    assert "Uvicorn running" not in done.stderr and "Traceback" not in done.stderr
 
 
 def test_origins_as_browsers_send_them(monkeypatch):
