@@ -82,8 +82,9 @@ def attention(
             return attention(q, k, v, pattern, causal=causal, scale=scale, return_lse=return_lse)
     q, k, v, squeeze = _as_4d("q", q), _as_4d("k", k), _as_4d("v", v), getattr(q, "ndim", None) == 3
     check_shapes(q, k, v)
-    if not isinstance(causal, bool):  # "false" would be truthy: causal
-        raise TypeError(f"causal: expected a bool, got {type(causal).__name__}")
+    for name, flag in (("causal", causal), ("return_lse", return_lse)):
+        if not isinstance(flag, bool):  # "false" would be truthy
+            raise TypeError(f"{name}: expected a bool, got {type(flag).__name__}")
     pattern = parse_pattern(pattern)
     q, scale = positive_scale(q, effective_scale(scale, q.shape[-1]))
     q, k, v = (_features_adjacent(x) for x in (q, k, v))
@@ -108,6 +109,8 @@ def effective_scale(scale: float | None, head_dim: int) -> float:
     """The scale a call uses: the given one, or 1 / sqrt(D) by default (CONTRACT §2)."""
     if scale is None:
         return 1.0 / math.sqrt(head_dim)
+    if isinstance(scale, (str, bytes, bytearray, bool)):  # float() would read "2" and True as numbers
+        raise TypeError(f"scale: expected a number, got {scale!r}")
     try:
         return float(scale)
     except (TypeError, ValueError):

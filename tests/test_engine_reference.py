@@ -6,6 +6,7 @@ import importlib
 import itertools
 import math
 
+import numpy
 import pytest
 import torch
 
@@ -188,13 +189,20 @@ def test_inputs_that_require_grad_are_computed_forward_only():
                                    atol=2e-5, rtol=2e-5)
 
 
-def test_a_scale_or_causal_of_the_wrong_type_is_refused_by_name():
+def test_an_argument_of_the_wrong_type_is_refused_by_name():
     q = torch.randn(1, 1, 4, 8)
-    for scale in ("abc", [1.0]):
+    for scale in ("abc", "2", b"2", True, [1.0]):
         with pytest.raises(TypeError, match="^scale: expected a number"):
             attention(q, q, q, scale=scale)
+    for scale in (2, 0.5, numpy.float32(0.5), torch.tensor(0.5)):  # numbers of any kind
+        torch.testing.assert_close(attention(q, q, q, scale=scale), attention(q, q, q, scale=float(scale)))
     with pytest.raises(TypeError, match="^causal: expected a bool, got str"):
         attention(q, q, q, causal="false")
+    with pytest.raises(TypeError, match="^return_lse: expected a bool, got int"):
+        attention(q, q, q, return_lse=1)
+    for pattern in (["dense"], 3):
+        with pytest.raises(TypeError, match="^pattern: expected a dict, a JSON string, a pattern object or None"):
+            attention(q, q, q, pattern)
 
 
 def test_a_non_tensor_is_refused_by_name():

@@ -7,7 +7,7 @@ schema use; `parse_pattern` accepts the contract's JSON-like dict, a pattern obj
 from __future__ import annotations
 
 import typing
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from functools import lru_cache
 from typing import Annotated, Any
 
@@ -72,11 +72,13 @@ def error_reason(error: dict) -> str:
 def parse_pattern(pattern: PatternBase | dict | str | None) -> PatternBase:
     """The engine's pattern object for a dict, a JSON string (its JSON types as they are, as the
     service takes them: "3" is no window), an object, or None (dense); a ValueError naming each
-    bad field ('pattern.patterns[1].window: ...') otherwise."""
+    bad field ('pattern.patterns[1].window: ...') otherwise, a TypeError for any other type."""
     if pattern is None:
         return Dense()
     if isinstance(pattern, PatternBase):
         return pattern
+    if not isinstance(pattern, (Mapping, str)):  # a list or a number is no pattern, whatever pydantic makes of it
+        raise TypeError(f"pattern: expected a dict, a JSON string, a pattern object or None, got {type(pattern).__name__}")
     try:
         if isinstance(pattern, str):
             return _ADAPTER.validate_json(pattern, strict=True)
