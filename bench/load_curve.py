@@ -60,7 +60,7 @@ def measure(url: str, out: Path, **load) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m bench.load_curve", description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=float, default=8.0, help="length of each run")
     parser.add_argument("--rounds", type=int, default=3, help="closed-loop runs per service, taken in turns")
     parser.add_argument("--out", type=Path, default=Path("bench/results/load_curve"))
