@@ -99,10 +99,16 @@ def attention(
 
 
 def _features_adjacent(x: torch.Tensor) -> torch.Tensor:
-    """x, or a copy in C order, so that each row's features are adjacent: torch's CPU kernel misreads
-    any other last stride (a transposed view gave errors of 1e35), even that of a head dim of 1, which
-    torch calls contiguous whatever its stride (so `contiguous()` keeps it); the CUDA kernels refuse them."""
-    return x if x.stride(-1) == 1 else x.clone(memory_format=torch.contiguous_format)
+    """x, or a copy in C order, so that each row's features are adjacent and the innermost dimension:
+    torch's CPU kernel misreads any other last stride (a transposed view gave errors of 1e35), even
+    that of a head dim of 1, which torch calls contiguous whatever its stride (so `contiguous()` keeps
+    it); and it lays its output out like q, so a view whose rows overlap (rows 1 apart, as `unfold`
+    makes) came back with its features 2 apart and was misread too (errors of 1e32). Other views
+    (slices of a packed qkv, transposes, expanded key/value heads of stride 0) are read in place."""
+    d = x.shape[-1]
+    in_place = x.stride(-1) == 1 and (x.is_contiguous() or all(
+        size == 1 or stride == 0 or stride >= max(d, 2) for size, stride in zip(x.shape[:-1], x.stride()[:-1])))
+    return x if in_place else x.clone(memory_format=torch.contiguous_format)
 
 
 def effective_scale(scale: float | None, head_dim: int) -> float:

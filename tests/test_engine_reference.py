@@ -167,6 +167,30 @@ def test_a_head_dim_of_1_in_any_layout(pattern, scale):
         torch.testing.assert_close(lse.double(), ref_lse, atol=1e-4, rtol=1e-4)
 
 
+def _overlapping(shape, row_stride: int, seed: int) -> torch.Tensor:
+    """A view whose rows overlap, `row_stride` apart (as `unfold` makes), each head after the last."""
+    b, h, length, d = shape
+    head_stride = row_stride * (length - 1) + d
+    base = torch.randn(b * h * head_stride, generator=torch.Generator().manual_seed(seed))
+    return base.as_strided(shape, (h * head_stride, head_stride, row_stride, 1))
+
+
+@pytest.mark.parametrize("overlapping, d, dv", [("q", 3, 3), ("k", 3, 1), ("v", 1, 3)])
+@pytest.mark.parametrize("pattern", ["dense", "sliding_small", "fixed_summary_1", "union_paper", "union_two_fixed"])
+def test_inputs_whose_rows_overlap_in_memory(pattern, overlapping, d, dv):
+    """torch's CPU kernel lays its output out like q: two rows 1 apart (a tie with the features'
+    stride) gave an output with features 2 apart, read as if adjacent (errors up to 4e19); k and v
+    views alike, once padded to one head dim, were misread too (engine fuzz: 150 of 3000 layouts)."""
+    shapes = {"q": (1, 2, 2, d), "k": (1, 2, 2, d), "v": (1, 2, 2, dv)}
+    q, k, v = (_overlapping(shape, 1, seed) if name == overlapping else
+               torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+               for seed, (name, shape) in enumerate(shapes.items()))
+    out, lse = attention(q, k, v, PATTERNS[pattern], return_lse=True)
+    ref_out, ref_lse = reference_attention(q, k, v, PATTERNS[pattern])
+    torch.testing.assert_close(out.double(), ref_out, atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(lse.double(), ref_lse, atol=1e-4, rtol=1e-4)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
 def test_size_one_dims_with_any_strides_under_grouped_heads(dtype):
     """torch calls [1, 1, 1, 3] contiguous whatever its strides; repeated for two query heads and
