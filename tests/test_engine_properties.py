@@ -75,3 +75,46 @@ def short_runs(draw):
 @given(short_runs())
 def test_short_runs_after_long_keys_match_reference(problem):
     check_against_reference(problem)
+
+
+LAYOUTS = ["contiguous", "transposed", "sliced", "expanded", "overlapping", "tied", "reversed"]
+
+
+def laid_out(shape, layout: str, row_stride: int, g: torch.Generator) -> torch.Tensor:
+    """Random values of `shape` [B, H, L, D] held in one of the memory layouts callers hand in: a
+    [B, L, H, D] transpose, a slice of a packed qkv, heads expanded at stride 0, rows overlapping
+    `row_stride` apart (as `unfold` makes), batches and heads also 1 apart (`tied`), or every axis in
+    reverse order."""
+    b, h, length, d = shape
+    if layout == "transposed":
+        return torch.randn(b, length, h, d, generator=g).transpose(1, 2)
+    if layout == "sliced":
+        return torch.randn(b, h, length, 3 * d, generator=g)[..., d : 2 * d]
+    if layout == "expanded":
+        return torch.randn(b, 1, length, d, generator=g).expand(shape)
+    if layout == "overlapping":
+        head = row_stride * (length - 1) + d
+        return torch.randn(b * h * head, generator=g).as_strided(shape, (h * head, head, row_stride, 1))
+    if layout == "tied":
+        return torch.randn(b + h + row_stride * length + d, generator=g).as_strided(shape, (1, 1, row_stride, 1))
+    if layout == "reversed":
+        return torch.randn(d, length, h, b, generator=g).permute(3, 2, 1, 0)
+    return torch.randn(shape, generator=g)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.integers(1, 2), st.integers(1, 2), st.integers(1, 2), st.integers(1, 9), st.integers(0, 8),
+       st.integers(1, 4), st.integers(1, 4), st.tuples(*[st.sampled_from(LAYOUTS)] * 3), st.integers(1, 4),
+       leaf, st.booleans(), st.integers(0, 2**31 - 1))
+def test_engine_reads_inputs_in_any_memory_layout(b, hkv, group, lk, lq_less, d, dv, layouts, row_stride, pattern,
+                                                  causal, seed):
+    """The kernels get views as they come, or copies where torch's kernels would misread them."""
+    g = torch.Generator().manual_seed(seed)
+    h, lq = hkv * group, max(1, lk - lq_less)
+    q, k, v = (laid_out(shape, layout, min(row_stride, shape[3]), g) for shape, layout in
+               zip([(b, h, lq, d), (b, hkv, lk, d), (b, hkv, lk, dv)], layouts))
+    out, lse = attention(q, k, v, pattern, causal=causal, return_lse=True)
+    ref_out, ref_lse = reference_attention(q, k, v, pattern, causal=causal)
+    torch.testing.assert_close(out.double(), ref_out, atol=3e-5, rtol=3e-5)
+    finite = ~torch.isinf(ref_lse)
+    torch.testing.assert_close(lse.double()[finite], ref_lse[finite], atol=3e-5, rtol=3e-5)
