@@ -16,9 +16,9 @@ computed: on the CPU that costs more than padding small requests.
 If a batched call raises, it is split in halves and each half rerun, down to single requests, so
 one bad request fails alone and the others are answered. Running out of memory is handled the
 same way (a smaller call may fit); a request that does not fit even alone gets `OutOfMemory`.
-A caller that stops waiting (its deadline,
-its client gone, its task cancelled) takes its request out of the queue at once, and a request
-already collected whose caller left is not computed. Each caller gets back exactly the rows it sent. On the CPU a `ThreadBudget` sizes each call's
+A caller that stops waiting (its deadline, its client gone, its task cancelled) takes its request
+out of the queue at once, and a request already collected whose caller left is not computed.
+Each caller gets back exactly the rows it sent. On the CPU a `ThreadBudget` sizes each call's
 thread team: every core for a large call with nothing waiting, one fewer otherwise.
 """
 
