@@ -192,9 +192,10 @@ async def _read_request(request: Request) -> tuple[bytes, memoryview | None]:
 
 def _answer(req: AttentionRequest, result: Result, pairs: int, *, request_id: str, device: str, arrived: float,
             timeout_ms: float) -> Response:
-    """The 200: the result in the request's rank and encoding, with the contract's metadata; a 504
-    instead if it is ready only after the request's deadline."""
-    output, lse = req.as_given(result.output), req.as_given(result.lse)
+    """The 200: the result ([B, H, Lq, Dv] and [B, H, Lq] whatever the inputs' rank, CONTRACT §2) in
+    the request's encoding, with the contract's metadata; a 504 instead if it is ready only after
+    the request's deadline."""
+    output, lse = result.output, result.lse
     encoding = req.response_encoding
     response = AttentionResponse(
         output=TensorOut.encode(output, encoding),

@@ -287,13 +287,7 @@ class AttentionRequest(BaseModel):
         """The encoding of the response's tensors: `encoding`, by default q's."""
         return self.encoding or self.q.encoding
 
-    def as_given(self, t: torch.Tensor) -> torch.Tensor:
-        """A result [B, H, ...] in the rank the request's tensors had: [H, ...] for 3-D ones."""
-        return t.squeeze(0) if len(self.q.shape) == 3 else t
-
     def _check_shapes(self) -> None:
-        if len(self.k.shape) != len(self.q.shape) or len(self.v.shape) != len(self.q.shape):
-            raise field_error("k.shape", "q, k and v must all be 3-D or all 4-D")
         if self.k.dtype != self.q.dtype or self.v.dtype != self.q.dtype:
             raise field_error("k.dtype" if self.k.dtype != self.q.dtype else "v.dtype", f"must equal q's {self.q.dtype}")
         problem = shape_problem(self.q.dims, self.k.dims, self.v.dims)
@@ -354,8 +348,8 @@ class Meta(BaseModel):
 
 
 class AttentionResponse(BaseModel):
-    output: TensorOut
-    lse: TensorOut | None = None
+    output: TensorOut = Field(description="[B, H, Lq, Dv] in q's dtype, 3-D inputs included (B = 1)")
+    lse: TensorOut | None = Field(None, description="[B, H, Lq] float32 natural-log log-sum-exp, when return_lse")
     meta: Meta
 
 

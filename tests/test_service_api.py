@@ -124,11 +124,16 @@ async def test_one_query_row_with_lse(client, pattern, encoding):
 
 @pytest.mark.anyio
 async def test_three_dimensional_tensors_mean_batch_one(client):
+    """Each 3-D tensor [H, L, D] is [1, H, L, D]; the answer is [B, H, Lq, Dv] and [B, H, Lq] as
+    CONTRACT §2 has it, whatever the inputs' rank (a 3-D q beside 4-D k and v too)."""
     q, k, v = qkv(b=1, h=2, hkv=2, lq=12, lk=12, d=8, dv=8, seed=3)
-    body = {"q": as_json(q[0]), "k": as_json(k[0]), "v": as_json(v[0]), "return_lse": True}
-    got = (await client.post("/attention", json=body)).json()
-    assert got["output"]["shape"] == [2, 12, 8] and got["lse"]["shape"] == [2, 12]
-    assert torch.allclose(from_json(got["output"]), attention(q, k, v)[0], atol=1e-6)
+    out, lse = attention(q, k, v, return_lse=True)
+    for body in ({"q": as_json(q[0]), "k": as_json(k[0]), "v": as_json(v[0])},
+                 {"q": as_json(q[0]), "k": as_json(k), "v": as_json(v)}):
+        got = (await client.post("/attention", json={**body, "return_lse": True})).json()
+        assert got["output"]["shape"] == [1, 2, 12, 8] and got["lse"]["shape"] == [1, 2, 12]
+        assert torch.allclose(from_json(got["output"]), out, atol=1e-6)
+        assert torch.allclose(from_json(got["lse"]), lse, atol=1e-5)
 
 
 @pytest.mark.anyio

@@ -123,7 +123,6 @@ CATALOGUE = {
     # every shape mismatch
     "shape of 2 dims": ("q.shape", [4, 8], 422, "q.shape"),
     "shape of 5 dims": ("q.shape", [1, 1, 4, 8, 4], 422, "q.shape"),
-    "3-D q with 4-D k": ("q.shape", [4, 8, 4], 422, "k.shape"),
     "batch of k differs": ("k.shape", [2, 2, 8, 4], 422, "k.shape"),
     "batch of v differs": ("v.shape", [2, 2, 8, 4], 422, "v.shape"),
     "head dim of k differs": ("k.shape", [1, 2, 8, 3], 422, "k.shape"),
