@@ -55,8 +55,8 @@ INLINE_BYTES = 256 * 1024
 PREVIEW_MAX_PATTERN = 1024
 PREVIEW_MAX_HEADS = 64
 _ERRORS = {status: {"model": ErrorResponse} for status in (401, 408, 413, 415, 422, 429, 431, 503, 504)}
-_REQUEST_ID_HEADER = {"description": "the client's X-Request-ID when it sent a usable one (1 to 128 visible "
-                                     "ASCII characters), otherwise a new one", "schema": {"type": "string"}}
+_REQUEST_ID_HEADER = {"description": "the client's X-Request-ID when it sent one (up to 1024 characters of visible "
+                                     "ASCII with inner spaces), otherwise a new one", "schema": {"type": "string"}}
 _RETRY_AFTER_HEADER = {"description": "seconds to wait before retrying (ATTN_RETRY_AFTER_S)",
                        "schema": {"type": "string"}}
 

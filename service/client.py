@@ -298,8 +298,8 @@ class _ClientSettings:
         # One id for every attempt of this call (the caller's, else a new one), so that the
         # service's logs and answers tie the retries together.
         if request_id is not None and not REQUEST_ID.fullmatch(request_id):
-            raise ValueError(f"request_id: {request_id!r} is not 1 to 128 visible ASCII characters, which the service "
-                             "would replace")
+            raise ValueError(f"request_id: {request_id!r} is not 1 to 1024 characters of visible ASCII with inner "
+                             "spaces, which the service would replace")
         headers = {"Content-Type": "application/json", "X-Request-ID": request_id or uuid.uuid4().hex}
         content = json.dumps(build_request(*args, **kwargs), allow_nan=False).encode()
         if kwargs["encoding"] == "binary":

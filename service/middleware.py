@@ -17,7 +17,9 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from .errors import ApiError, error_body, error_response
 from .metrics import Metrics
 
-REQUEST_ID = re.compile(r"[\x21-\x7e]{1,128}")  # the client ids kept: 1 to 128 visible ASCII characters
+# The client ids kept (CONTRACT §2: the client's), any header value of visible ASCII with inner spaces or
+# tabs up to 1024 characters; others (non-ASCII, obsolete in HTTP; longer, unlike any tracing id) get a new one.
+REQUEST_ID = re.compile(r"[\x21-\x7e]([\x20-\x7e\t]{0,1022}[\x21-\x7e])?")
 
 
 class RequestContext:

@@ -99,7 +99,7 @@ def test_inputs_the_wire_cannot_carry_are_refused_by_name():
     with pytest.raises(ValueError, match="^k: values must be finite"):
         encode_tensor("k", torch.tensor([1.0, float("nan")]), "data")
     with AttentionClient("http://127.0.0.1:9") as offline:  # refused before anything is sent
-        for request_id in ("jöb", "job 42", "x" * 129):
+        for request_id in ("jöb", " job", "x" * 1025):
             with pytest.raises(ValueError, match="^request_id: "):
                 offline.attention(q, q, q, request_id=request_id)
     assert build_request(q, q, q, scale=np.float32(0.5))["scale"] == 0.5
