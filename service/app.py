@@ -190,6 +190,11 @@ async def _read_request(request: Request) -> tuple[bytes, memoryview | None]:
     return bytes(header), tensors
 
 
+def deadline_passed(what: str) -> ApiError:
+    """The 504, naming `timeout_ms`: the request's deadline, ATTN_REQUEST_TIMEOUT_MS when it gives none."""
+    return ApiError(504, "timeout_ms", f"timeout_ms: the deadline passed: {what}")
+
+
 def _answer(req: AttentionRequest, result: Result, pairs: int, *, request_id: str, device: str, arrived: float,
             timeout_ms: float) -> Response:
     """The 200: the result ([B, H, Lq, Dv] and [B, H, Lq] whatever the inputs' rank, CONTRACT §2) in
@@ -214,8 +219,7 @@ def _answer(req: AttentionRequest, result: Result, pairs: int, *, request_id: st
         ),
     )
     if response.meta.timing_ms.total > timeout_ms:  # a 200 always arrives within its deadline
-        raise DeadlineExceeded(f"the deadline passed: the answer took {response.meta.timing_ms.total:.0f} ms "
-                               f"of {timeout_ms:.0f} ms")
+        raise deadline_passed(f"the answer took {response.meta.timing_ms.total:.0f} ms of {timeout_ms:g} ms")
     # orjson: pydantic's serializer scans the multi-megabyte b64 strings ~25x slower.
     body = response.model_dump(exclude_none=True)  # a tensor shows only its encoding
     body.setdefault("lse", None)
@@ -300,7 +304,7 @@ def create_app(settings: Settings | None = None, *, compute: Compute | None = No
                 run_in_threadpool(req.attended_pairs),
             )
         except DeadlineExceeded:  # the batcher knows only the time that was left when it was handed the request
-            raise DeadlineExceeded(f"the deadline passed: no answer within {timeout_ms:.0f} ms") from None
+            raise deadline_passed(f"no answer within {timeout_ms:g} ms") from None
         service.metrics.queue_time.observe(result.queue_ms / 1000)
         service.metrics.tokens.inc(q.shape[0] * q.shape[2])
         answer = partial(_answer, req, result, pairs, request_id=request.state.request_id, device=str(service.device),

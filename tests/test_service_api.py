@@ -344,7 +344,9 @@ async def test_504_when_the_deadline_passes_while_queued():
         running = asyncio.create_task(c.post("/attention", json=_valid()))
         await gate.holding()
         r = await c.post("/attention", json=_valid(timeout_ms=50))
-        assert error_of(r, 504)["message"] == "the deadline passed: no answer within 50 ms"
+        error = error_of(r, 504)
+        assert (error["field"], error["message"]) == ("timeout_ms", "timeout_ms: the deadline passed: no answer within 50 ms")
+        assert error["errors"] == [{"field": "timeout_ms", "message": error["message"]}]
         gate.open()
         assert (await running).status_code == 200
 
