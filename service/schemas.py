@@ -149,7 +149,7 @@ class Tensor(BaseModel):
                 try:
                     values = values.astype(np.float64)
                 except OverflowError:
-                    raise field_error(field, "values must be finite (no NaN or Inf)") from None
+                    raise field_error(field, self._out_of_range()) from None
             if values.dtype.kind not in "iuf":
                 raise field_error(field, "must hold only numbers, flat or nested to the shape")
             if list(values.shape) != self.shape and list(values.shape) != [self.numel]:
@@ -158,8 +158,13 @@ class Tensor(BaseModel):
                 values = values.astype(storage)
         peak = _peak(values)
         if not math.isfinite(peak):
-            raise field_error(field, "values must be finite (no NaN or Inf)")
+            raise field_error(field, self._out_of_range() if self.data is not None else "values must be finite (no NaN or Inf)")
         return tensor_of(values, self.dtype).reshape(self.dims), peak
+
+    def _out_of_range(self) -> str:
+        """Numbers in `data` become the dtype's: past its largest they would be Inf."""
+        largest = torch.finfo(DTYPES[self.dtype]).max
+        return f"values must be finite in {self.dtype} (no NaN or Inf, no magnitude over {largest:.6g})"
 
 
 _BF16_MAGNITUDE = 0x7FFF

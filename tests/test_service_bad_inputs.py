@@ -217,6 +217,21 @@ async def test_bad_input_gets_its_status_and_names_the_field(client, case):
 
 
 @pytest.mark.anyio
+@pytest.mark.parametrize("dtype, value, shown", [
+    (torch.float32, 1e39, "values must be finite in float32 (no NaN or Inf, no magnitude over 3.40282e+38)"),
+    (torch.float16, -1e6, "values must be finite in float16 (no NaN or Inf, no magnitude over 65504)"),
+    (torch.float32, 10**400, "values must be finite in float32"),  # past float64 too
+])
+async def test_a_finite_number_past_its_dtypes_range_is_named_so(client, dtype, value, shown):
+    body = request_body(*qkv(h=1, hkv=1, lq=2, lk=2, d=2, dv=2, dtype=dtype), encoding="data")
+    body["k"]["data"][1] = value
+    r = await client.post("/attention", json=body)
+    assert r.status_code == 422, r.text
+    error = r.json()["error"]
+    assert error["field"] == "k.data" and error["message"].startswith(f"k.data: {shown}"), error
+
+
+@pytest.mark.anyio
 async def test_inputs_whose_scores_may_overflow_float32_are_refused_others_exact(client):
     """Each term of q.k at 1e40 is past float32: every score of the row is NaN and the kernels
     return zeros (no NaN for an output check to see), so the inputs' magnitudes decide, before the engine."""
