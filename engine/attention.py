@@ -80,12 +80,8 @@ def attention(
                                     or getattr(v, "requires_grad", False)):
         with torch.no_grad():  # only then: entering it costs 3.5 us, 8% of a tiny call
             return attention(q, k, v, pattern, causal=causal, scale=scale, return_lse=return_lse)
-    q, k, v, squeeze = _as_4d("q", q), _as_4d("k", k), _as_4d("v", v), getattr(q, "ndim", None) == 3
-    check_shapes(q, k, v)
-    for name, flag in (("causal", causal), ("return_lse", return_lse)):
-        if not isinstance(flag, bool):  # "false" would be truthy
-            raise TypeError(f"{name}: expected a bool, got {type(flag).__name__}")
-    pattern = parse_pattern(pattern)
+    squeeze = getattr(q, "ndim", None) == 3
+    q, k, v, pattern = checked_arguments(q, k, v, pattern, causal=causal, return_lse=return_lse)
     q, scale = positive_scale(q, effective_scale(scale, q.shape[-1]))
     q, k, v = (_features_adjacent(x) for x in (q, k, v))
     if math.prod(q.shape[:3]):
@@ -96,6 +92,17 @@ def attention(
     if squeeze:
         out, lse = out.squeeze(0), lse.squeeze(0)
     return (out, lse) if return_lse else out
+
+
+def checked_arguments(q, k, v, pattern, *, causal: bool, return_lse: bool = False):
+    """(q, k, v as [B, H, L, D], the pattern object), or the ValueError or TypeError naming the
+    argument that breaks CONTRACT §2: the one check of `attention` and `Batcher.submit`."""
+    q, k, v = _as_4d("q", q), _as_4d("k", k), _as_4d("v", v)
+    check_shapes(q, k, v)
+    for name, flag in (("causal", causal), ("return_lse", return_lse)):
+        if not isinstance(flag, bool):  # "false" would be truthy
+            raise TypeError(f"{name}: expected a bool, got {type(flag).__name__}")
+    return q, k, v, parse_pattern(pattern)
 
 
 def _features_adjacent(x: torch.Tensor) -> torch.Tensor:

@@ -25,6 +25,7 @@ thread team: every core for a large call with nothing waiting, one fewer otherwi
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -33,9 +34,12 @@ from typing import Awaitable, Callable
 import torch
 import torch.nn.functional as F
 
-from .attention import attention, backend_for, effective_scale
+from .attention import attention, backend_for, checked_arguments, effective_scale
 from .memory import PeakMemory
 from .patterns import PatternBase
+
+
+log = logging.getLogger(__name__)
 
 
 class QueueFull(Exception):
@@ -217,20 +221,23 @@ class Batcher:
         q: torch.Tensor,
         k: torch.Tensor,
         v: torch.Tensor,
-        pattern: PatternBase,
+        pattern: PatternBase | dict | None,
         *,
         causal: bool = True,
         scale: float | None = None,
         timeout_s: float = 30.0,
         client_gone: Callable[[], Awaitable[object]] | None = None,
     ) -> Result:
-        """Queue one request of [B, H, L, D] tensors and wait for its answer.
+        """Queue one request of [B, H, L, D] tensors ([H, L, D] means B = 1) and wait for its answer.
 
         `client_gone()` is awaited alongside: when it returns first, the request is dropped.
-        Raises QueueFull, ShuttingDown (also when `abandon`ed), DeadlineExceeded, ClientGone, OutOfMemory, or the engine's own error.
+        Raises the engine's ValueError or TypeError at once for arguments it refuses (checked here:
+        stacked with others, a request of mismatched shapes could pass unnoticed), then QueueFull,
+        ShuttingDown (also when `abandon`ed), DeadlineExceeded, ClientGone, OutOfMemory, or the engine's own error.
         """
         if self._closing or self._collector is None:
             raise ShuttingDown("the engine is shutting down")
+        q, k, v, pattern = checked_arguments(q, k, v, pattern, causal=causal)
         key = BatchKey.of(q, k, v, pattern, causal, effective_scale(scale, q.shape[-1]))
         loop = asyncio.get_running_loop()
         if len(self._queued) >= self.queue_size:
@@ -282,12 +289,17 @@ class Batcher:
                         break
                 else:
                     jobs.append(self._take())
-            groups: dict[BatchKey, list[_Job]] = {}
-            for job in jobs:
-                if self._still_wanted(job, loop.time()):
-                    groups.setdefault(job.key, []).append(job)
-            if groups:
-                await loop.run_in_executor(self._executor, self._run_groups, loop, list(groups.values()))
+            try:
+                groups: dict[BatchKey, list[_Job]] = {}
+                for job in jobs:
+                    if self._still_wanted(job, loop.time()):
+                        groups.setdefault(job.key, []).append(job)
+                if groups:
+                    await loop.run_in_executor(self._executor, self._run_groups, loop, list(groups.values()))
+            except Exception as error:  # a fault outside the engine calls: this round's callers get it, and
+                log.exception("batcher round failed")  # the collector goes on (dead, it left every later request
+                for job in jobs:  # waiting out its deadline)
+                    _settle(job.future, error)
 
     def _take(self) -> _Job:
         """The oldest queued job, out of the queue."""

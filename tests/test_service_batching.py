@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 
 import pytest
 import torch
@@ -186,6 +187,39 @@ async def test_a_cancelled_close_still_answers_the_queued_requests():
     with pytest.raises(asyncio.CancelledError):
         await closing
     await batcher.close()
+
+
+@pytest.mark.anyio
+async def test_arguments_the_engine_refuses_are_refused_at_submit():
+    """Stacked with others, mismatched shapes or dtypes could pass: a v shorter than k was padded
+    with attended zero rows, one longer cropped, a q batch of 2 beside k, v of 1 read another
+    request's keys. Each is the engine's own error at once; a dict pattern is taken, as by the engine."""
+    q, k, v = qkv(h=2, hkv=2, lq=8, lk=8, d=4, dv=4)
+    refused = {
+        "v: heads and length [2, 6] must equal k's [2, 8]": (q, k, v[:, :, :6]),
+        "k: batch 1 must equal q's batch 2": (torch.cat([q, q]), k, v),
+        "k: dtype torch.float16 differs from q's torch.float32": (q, k.half(), v.half()),
+    }
+    async with Batcher("cpu", max_delay_ms=0) as batcher:
+        for message, (qs, ks, vs) in refused.items():
+            with pytest.raises(ValueError, match=re.escape(message)):
+                await batcher.submit(qs, ks, vs, None)
+        with pytest.raises(TypeError, match="^causal: expected a bool"):
+            await batcher.submit(q, k, v, None, causal="false")
+        answer = await batcher.submit(q[0], k[0], v[0], SW)  # [H, L, D]: B = 1
+        assert torch.equal(answer.output, attention(q, k, v, SW))
+
+
+@pytest.mark.anyio
+async def test_a_fault_outside_the_engine_calls_fails_its_round_and_the_batcher_goes_on(monkeypatch):
+    q, k, v = qkv(h=2, hkv=2, lq=8, lk=8, d=4, dv=4)
+    async with Batcher("cpu", max_delay_ms=0) as batcher:
+        run_groups = batcher._run_groups
+        monkeypatch.setattr(batcher, "_run_groups", lambda *args: (_ for _ in ()).throw(RuntimeError("injected")))
+        with pytest.raises(RuntimeError, match="injected"):
+            await batcher.submit(q, k, v, None, timeout_s=5)
+        monkeypatch.setattr(batcher, "_run_groups", run_groups)
+        assert torch.equal((await batcher.submit(q, k, v, None, timeout_s=5)).output, attention(q, k, v))
 
 
 @pytest.mark.anyio
