@@ -191,6 +191,24 @@ def test_inputs_whose_rows_overlap_in_memory(pattern, overlapping, d, dv):
     torch.testing.assert_close(lse.double(), ref_lse, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("score", [1e3, 4e7, 1e12])
+def test_tied_keys_of_huge_scores_stay_a_weighted_mean(score):
+    """Every key alike: a union's partials over equally many keys have equal lse, where past 2^25 log 2
+    vanishes in float32's rounding; merged by exp(lse_k - lse) each got weight 1, their sum (up to
+    twice the largest value). By weights relative to the largest lse, normalised, every row is a
+    weighted mean of its values, and the last row (2 keys in each part) their exact mean. Partials
+    over unequal counts keep float32's limit: lse resolves log(count) only to ulp(|lse|)."""
+    length, d = 8, 4
+    q = k = torch.full((1, 1, length, d), math.sqrt(score / d))
+    v = torch.arange(1.0, length + 1).reshape(1, 1, length, 1)
+    pattern = {"type": "union", "patterns": [SW(2), ST(3)]}  # last row: keys 6, 7 and 1, 4
+    out = attention(q, k, v, pattern, scale=1.0)
+    assert out[0, 0, -1, 0].item() == pytest.approx((2 + 5 + 7 + 8) / 4, rel=1e-6)
+    allowed = reference_attention(q, k, v, pattern, scale=1.0)[0]  # exact (float64 softmax)
+    assert torch.allclose(allowed[0, 0, -1], out[0, 0, -1].double())
+    assert bool((out >= 1).all() and (out <= torch.arange(1.0, length + 1).reshape(1, 1, length, 1)).all())
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
 def test_size_one_dims_with_any_strides_under_grouped_heads(dtype):
     """torch calls [1, 1, 1, 3] contiguous whatever its strides; repeated for two query heads and

@@ -1,5 +1,8 @@
 """Exact merge of attention over disjoint key sets by their log-sum-exp (as FlashAttention's
-split-KV combine does): out = sum_k exp(lse_k - lse) out_k, lse = log sum_k exp(lse_k)."""
+split-KV combine does): out = sum_k w_k out_k / sum_k w_k with w_k = exp(lse_k - max lse),
+lse = max lse + log sum_k w_k. Weights relative to the largest lse, normalised by their sum, stay
+exact where lse is so large that log 2 vanishes in its float32 rounding (|lse| >= 2^25):
+exp(lse_k - lse) gave two tied partials weight 1 each, their sum instead of their mean."""
 
 from __future__ import annotations
 
@@ -11,19 +14,25 @@ def merge_to(out: torch.Tensor, lse: torch.Tensor, a: tuple[torch.Tensor, torch.
     """Write the merge of partials a and b into float32 (out, lse), which may be a itself (an
     in-place fold, no new output tensor). Rows where both are -inf get zeros and -inf."""
     (a_out, a_lse), (b_out, b_lse) = a, b
-    merged = torch.logaddexp(a_lse, b_lse)
-    safe = _finite(merged)
-    torch.mul(a_out, torch.exp(a_lse - safe).unsqueeze(-1), out=out)
-    out.addcmul_(b_out, torch.exp(b_lse - safe).unsqueeze(-1))
+    peak = _finite(torch.maximum(a_lse, b_lse))
+    a_weight, b_weight = torch.exp(a_lse - peak), torch.exp(b_lse - peak)
+    total = a_weight + b_weight  # in [1, 2], or 0 for a row with no key
+    merged = peak + torch.log(total)
+    total.masked_fill_(total == 0, 1.0)
+    torch.mul(a_out, (a_weight / total).unsqueeze(-1), out=out)
+    out.addcmul_(b_out, (b_weight / total).unsqueeze(-1))
     lse.copy_(merged)
 
 
 def merge_stacked(out: torch.Tensor, lse: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Partials over disjoint key sets stacked along `dim` of out (before its features) and lse,
     merged into one: (out float32, lse) without that axis."""
-    total = torch.logsumexp(lse, dim=dim)
-    weights = torch.exp(lse - _finite(total).unsqueeze(dim)).unsqueeze(-1)
-    return (out.float() * weights).sum(dim), total
+    peak = _finite(lse.amax(dim=dim, keepdim=True))
+    weights = torch.exp(lse - peak)
+    total = weights.sum(dim, keepdim=True)
+    merged = (peak + torch.log(total)).squeeze(dim)
+    weights = (weights / total.masked_fill(total == 0, 1.0)).unsqueeze(-1)
+    return (out.float() * weights).sum(dim), merged
 
 
 def _finite(lse: torch.Tensor) -> torch.Tensor:
