@@ -18,6 +18,8 @@ SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 def _as_4d(name: str, x: torch.Tensor) -> torch.Tensor:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name}: expected a torch.Tensor, got {type(x).__name__}")
+    if x.layout != torch.strided or x.is_nested:  # the kernels read strided memory
+        raise TypeError(f"{name}: expected a dense tensor, got a {'nested' if x.is_nested else x.layout} one")
     if x.dim() == 3:
         return x.unsqueeze(0)
     if x.dim() != 4:
@@ -102,7 +104,9 @@ def checked_arguments(q, k, v, pattern, *, causal: bool, return_lse: bool = Fals
     for name, flag in (("causal", causal), ("return_lse", return_lse)):
         if not isinstance(flag, bool):  # "false" would be truthy
             raise TypeError(f"{name}: expected a bool, got {type(flag).__name__}")
-    return q, k, v, parse_pattern(pattern)
+    pattern = parse_pattern(pattern)
+    pattern.check_heads(q.shape[1])  # here, not in the kernels: a call with no query row runs none
+    return q, k, v, pattern
 
 
 def _features_adjacent(x: torch.Tensor) -> torch.Tensor:
@@ -128,6 +132,8 @@ def effective_scale(scale: float | None, head_dim: int) -> float:
         return float(scale)
     except (TypeError, ValueError):
         raise TypeError(f"scale: expected a number, got {scale!r}") from None
+    except OverflowError:  # an int or Fraction past float's range
+        raise ValueError(f"scale: must be finite, got {scale!r:.40}") from None
 
 
 # The kernels compute in float32: scores as q.k summed term by term and scaled (exp2-based softmaxes

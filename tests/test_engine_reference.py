@@ -245,6 +245,31 @@ def test_an_argument_of_the_wrong_type_is_refused_by_name():
     for pattern in (["dense"], 3):
         with pytest.raises(TypeError, match="^pattern: expected a dict, a JSON string, a pattern object or None"):
             attention(q, q, q, pattern)
+    for window in ("3", True, 3.0):  # as strict as the service: a dict's JSON types as they are
+        with pytest.raises(ValueError, match="^pattern.window: Input should be a valid integer"):
+            attention(q, q, q, SW(window))
+    for scale in (10**400, -(2**1024)):  # numbers past float's range
+        with pytest.raises(ValueError, match="^scale: must be finite"):
+            attention(q, q, q, scale=scale)
+    for sparse in (q.to_sparse(), torch.nested.nested_tensor([q[0, 0], q[0, 0]])):
+        with pytest.raises(TypeError, match="^k: expected a dense tensor"):
+            attention(q, sparse, q)
+
+
+def test_no_query_row_still_checks_the_pattern_against_the_heads():
+    q, k = torch.randn(1, 4, 0, 8), torch.randn(1, 2, 7, 8)
+    with pytest.raises(ValueError, match="^pattern.patterns: per_head has 3 patterns, which does not divide the 4 heads"):
+        attention(q, k, k, {"type": "per_head", "patterns": [SW(2)] * 3})
+    assert attention(q, k, k, {"type": "per_head", "patterns": [SW(2)] * 2}).shape == (1, 4, 0, 8)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("pattern", ["dense", "sliding", "strided", "fixed", "fixed_odd", "union_paper", "union_two_fixed"])
+def test_values_of_head_dim_zero_give_an_empty_output(pattern, causal):
+    q, k, v = torch.randn(1, 2, 21, 8), torch.randn(1, 2, 37, 8), torch.randn(1, 2, 37, 0)
+    out, lse = attention(q, k, v, PATTERNS[pattern], causal=causal, return_lse=True)
+    assert out.shape == (1, 2, 21, 0)
+    torch.testing.assert_close(lse.double(), reference_attention(q, k, v, PATTERNS[pattern], causal=causal)[1])
 
 
 def test_a_non_tensor_is_refused_by_name():

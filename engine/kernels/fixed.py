@@ -275,7 +275,8 @@ def _non_causal(q, k, v, *, block: int, summary: int, scale: float) -> tuple[tor
         qb = F.pad(q[..., : whole * l - offset, :], (0, 0, lead, 0)).reshape(b * h, whole - first, l, -1)
         kb, vb = (row_grid(row_major(x), first * l, (whole - first, l), (l - c, 1)) for x in (k, v))
         o, o_lse = fused(qb, kb, vb, scale=scale, is_causal=False)
-        own.append((o.reshape(b, h, -1, o.shape[-1])[..., lead:, :], o_lse.reshape(b, h, -1)[..., lead:]))
+        rows = (whole - first) * l  # by count, not -1: a v of head dim 0 gives an output of no elements
+        own.append((o.reshape(b, h, rows, o.shape[-1])[..., lead:, :], o_lse.reshape(b, h, rows)[..., lead:]))
     if lk > whole * l and c < l:  # the last, partial block: its keys before the summary columns
         rows, keys = slice(max(whole * l, offset) - offset, lq), slice(whole * l, min(lk, whole * l + l - c))
         own.append(fused(q[..., rows, :], k[..., keys, :], v[..., keys, :], scale=scale, is_causal=False))

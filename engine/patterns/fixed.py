@@ -40,8 +40,8 @@ def summary_columns(stop: int, block: int, summary: int) -> torch.Tensor:
 
 class Fixed(PatternBase):
     type: Literal["fixed"] = "fixed"
-    block: int = Field(ge=1, le=MAX_PARAMETER, description="l: the block's length")
-    summary: int = Field(ge=1, le=MAX_PARAMETER, description="c <= l: the summary columns at the end of each block")
+    block: int = Field(ge=1, le=MAX_PARAMETER, strict=True, description="l: the block's length")
+    summary: int = Field(ge=1, le=MAX_PARAMETER, strict=True, description="c <= l: the summary columns at the end of each block")
     rule: ClassVar[str] = "floor(j / l) == floor(i / l) or j mod l >= l - c"
 
     @field_validator("summary")

@@ -23,7 +23,7 @@ from .base import MAX_PARAMETER, PatternBase, causal_limit
 
 class SlidingWindow(PatternBase):
     type: Literal["sliding_window"] = "sliding_window"
-    window: int = Field(ge=1, le=MAX_PARAMETER, description="w: the window's length")
+    window: int = Field(ge=1, le=MAX_PARAMETER, strict=True, description="w: the window's length")
     rule: ClassVar[str] = "i - w < j <= i (without causal: abs(i - j) < w)"
 
     def allows(self, i: torch.Tensor, j: torch.Tensor) -> torch.Tensor:

@@ -23,7 +23,7 @@ from .base import MAX_PARAMETER, PatternBase, causal_limit, count_multiples_belo
 
 class Strided(PatternBase):
     type: Literal["strided"] = "strided"
-    stride: int = Field(ge=1, le=MAX_PARAMETER, description="s: the distance between attended keys")
+    stride: int = Field(ge=1, le=MAX_PARAMETER, strict=True, description="s: the distance between attended keys")
     rule: ClassVar[str] = "(i - j) mod s == 0"
 
     def allows(self, i: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
