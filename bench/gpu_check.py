@@ -11,7 +11,7 @@
 (c) fixed(128, 8) with its summary piece in 1, 4 and 16 row ranges against the default rule, at
     n = 16384 and 131072: the data to choose CUDA's own rule from (engine/kernels/fixed.py).
 (d) a few query rows at the end of 65536 and 131072 keys (decode steps, short chunks), per
-    pattern: the engine's structured kernels against dense flash SDPA and the masked kernel
+    pattern, in bfloat16: the engine's structured kernels against dense flash SDPA and the masked kernel
     (`bench.kernels --decode`).
 
 Exits 1 if any check fails or raises, 2 if CUDA is missing: it never skips a check quietly.
@@ -256,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
             "--first-call-n", "12289", "--out", str(args.out / "gpu_kernels.json"),
         ])
         summary["fixed_ranges"] = fixed_ranges(device)
-        bench_kernels.main(["--decode", "--device", args.device, "--decode-lk", "65536", "131072",
+        bench_kernels.main(["--decode", "--device", args.device, "--dtypes", "bfloat16", "--decode-lk", "65536", "131072",
                             "--decode-lq", "1", "16", "--repeats", "3", "--turn-s", "0.05",
                             "--out", str(args.out / "gpu_decode.json")])
     summary["total_s"] = time.perf_counter() - started

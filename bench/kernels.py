@@ -23,6 +23,7 @@ engine time.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import platform
@@ -335,18 +336,19 @@ def bench_tiles(args, device: torch.device) -> list[dict]:
 
 
 def bench_decode(args, device: torch.device) -> list[dict]:
-    """Lq query rows at the end of Lk keys (a decode step, a short chunk), per pattern: the engine
-    against dense SDPA over every key and against the masked kernel (the fallback of a pattern
-    with no structured kernel) on the same rows; grouped-query with --decode-kv-heads (the masked
-    kernel on key/value heads repeated before the clock, as a device without grouped heads needs)."""
+    """Lq query rows at the end of Lk keys (a decode step, a short chunk), per pattern and dtype
+    (--dtypes): the engine against dense SDPA over every key and against the masked kernel (the
+    fallback of a pattern with no structured kernel) on the same rows; grouped-query with
+    --decode-kv-heads (the masked kernel on key/value heads repeated before the clock, as a device
+    without grouped heads needs)."""
     patterns = {**{LABELS[name]: PATTERNS[name] for name in args.patterns}, **DECODE_EXTRA}
     kv_heads, scale = args.decode_kv_heads or args.heads, args.dim ** -0.5
     rows = []
-    for lk in args.decode_lk:
-        k, v = inputs(lk, kv_heads, args.dim, torch.float32, device)[1:]
+    for dtype_name, lk in itertools.product(args.dtypes, args.decode_lk):
+        k, v = inputs(lk, kv_heads, args.dim, DTYPES[dtype_name], device)[1:]
         k_rep, v_rep = (x.repeat_interleave(args.heads // kv_heads, dim=1) for x in (k, v))
         for lq in args.decode_lq:
-            q = inputs(lq, args.heads, args.dim, torch.float32, device, seed=lq)[0]
+            q = inputs(lq, args.heads, args.dim, DTYPES[dtype_name], device, seed=lq)[0]
             fns = {"dense": lambda q=q, k=k, v=v: attention(q, k, v, None)}
             for label, spec in patterns.items():
                 pattern = parse_pattern(spec)
@@ -357,13 +359,13 @@ def bench_decode(args, device: torch.device) -> list[dict]:
             times = rounds(fns, device, args.repeats, args.slow, args.turn_s)
             best = {key: min(t[1:] or t) for key, t in times.items()}
             for label, spec in patterns.items():
-                row = {"pattern": label, "lq": lq, "lk": lk, "heads": args.heads, "kv_heads": kv_heads,
-                       "backend": backend_for(parse_pattern(spec), args.heads, lq, lk, True),
+                row = {"pattern": label, "dtype": dtype_name, "lq": lq, "lk": lk, "heads": args.heads,
+                       "kv_heads": kv_heads, "backend": backend_for(parse_pattern(spec), args.heads, lq, lk, True),
                        "dense_s": best["dense"], "engine_s": best["engine", label],
                        "masked_s": best["masked", label]}
                 rows.append(row)
-                print(f"Lk {lk:6} Lq {lq:3} {label:46} {row['backend']:12} engine {row['engine_s'] * 1e3:7.2f} ms"
-                      f"  masked {row['masked_s'] * 1e3:7.2f}"
+                print(f"{dtype_name:8} Lk {lk:6} Lq {lq:3} {label:46} {row['backend']:12} engine "
+                      f"{row['engine_s'] * 1e3:7.2f} ms  masked {row['masked_s'] * 1e3:7.2f}"
                       f"  dense {row['dense_s'] * 1e3:7.2f}  masked / engine {row['masked_s'] / row['engine_s']:5.1f}",
                       flush=True)
     return rows

@@ -20,46 +20,34 @@ import torch
 
 from . import kernels
 from .kernels.band import TILE_ROWS
-from .kernels.dense import padded_head_dims
+from .kernels.dense import cpu_upcast_dtypes, in_float32, padded_head_dims
 from .kernels.fixed import short_run
+from .kernels.masked import one_chunk
 from .patterns import Dense, Fixed, PatternBase, SlidingWindow, Strided, Union
 
 Partial = tuple[torch.Tensor, torch.Tensor]
 
 
-@functools.cache
-def cpu_upcast_dtypes() -> frozenset[torch.dtype]:
-    """Half precisions that torch's CPU attention kernels run slower than float32 on this CPU.
-
-    Without AMX, on an AVX-512 machine, float16 took 1.6-3.8x and bfloat16 up to 1.3x the float32
-    time, while converting the inputs to float32 once costs 1-5% of a call (`python -m
-    bench.kernels` reports the bfloat16 / float32 ratio). With AMX the native kernels are the fast ones.
-    """
-    amx_fp16 = getattr(torch.cpu, "_is_amx_fp16_supported", lambda: False)()
-    amx_bf16 = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
-    return frozenset(dtype for dtype, native in ((torch.float16, amx_fp16), (torch.bfloat16, amx_bf16)) if not native)
-
-
 @dataclass(frozen=True)
 class Plan:
     """Named kernel steps whose partial results merge into the pattern's attention. On a CPU
-    where half precision is slow, the plan computes in float32, except for the dtypes in
-    `native_on_cpu` (measured no slower natively than converted). `grouped_kv_on_cpu`: on the CPU
-    the steps take fewer key/value heads than query heads as they are (torch's CPU attention
-    kernel reads each key/value head for its H / Hkv query heads), instead of repeated ones. On
-    CUDA the head dims are padded once for every step (`pads_head_dims`)."""
+    where half precision is slow (`cpu_upcast_dtypes`), the plan computes in float32: it converts
+    q, k and v whole, once, unless it is a `short_run` (a few query rows at the end of long keys:
+    the steps read a slice, a few classes or the summary columns of K and V), whose fused calls
+    convert just what they read (a decode step over 65536 bfloat16 keys spent 12 ms converting
+    them all, 90x its sliding window's 0.13 ms). `grouped_kv_on_cpu`: on the CPU the steps take
+    fewer key/value heads than query heads as they are (torch's CPU attention kernel reads each
+    key/value head for its H / Hkv query heads), instead of repeated ones. On CUDA the head dims
+    are padded once for every step (`pads_head_dims`)."""
 
     backend: str
     steps: tuple[Callable[..., Partial], ...]
-    native_on_cpu: tuple[torch.dtype, ...] = ()
+    short_run: bool = False
     grouped_kv_on_cpu: bool = False
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> Partial:
-        if q.device.type == "cpu" and q.dtype in cpu_upcast_dtypes() and q.dtype not in self.native_on_cpu:
-            # In C order: `float()` keeps a layout ordered by strides, which those of size-1 dims (any
-            # value, all "contiguous") can make absurd: a [1, 2, 1, 3] view of strides (1, 0, 1, 1)
-            # came out (1, 1, 1, 2), features 2 apart, which the CPU kernel reads wrong.
-            q, k, v = (x.to(torch.float32, memory_format=torch.contiguous_format) for x in (q, k, v))
+        if q.device.type == "cpu" and q.dtype in cpu_upcast_dtypes() and not self.short_run:
+            q, k, v = in_float32(q, k, v)
         dv = v.shape[-1]
         if pads_head_dims(q.device):
             q, k, v = padded_head_dims(q, k, v)
@@ -127,7 +115,8 @@ def plan(pattern: PatternBase, lq: int, lk: int, causal: bool) -> Plan:
     structured = _structured(pattern, lq, lk, causal)
     if structured is not None:
         return structured
-    return Plan("masked", (partial(kernels.masked_attention, pattern=pattern, causal=causal),), grouped_kv_on_cpu=True)
+    return Plan("masked", (partial(kernels.masked_attention, pattern=pattern, causal=causal),),
+                short_run=one_chunk(lq, lk), grouped_kv_on_cpu=True)
 
 
 def _structured(pattern: PatternBase, lq: int, lk: int, causal: bool) -> Plan | None:
@@ -136,16 +125,17 @@ def _structured(pattern: PatternBase, lq: int, lk: int, causal: bool) -> Plan | 
     reaching both ways, each stride class attending all of itself, each fixed block itself and
     every other block's summary keys."""
     if isinstance(pattern, Strided):
-        # bfloat16 strided: native 1.00-1.11x the float32 time, converted 1.09-1.15x (n = 16384, 4096, causal).
+        short = causal and lq < pattern.stride
         return Plan("strided", (partial(kernels.strided_attention, stride=pattern.stride, causal=causal),),
-                    (torch.bfloat16,) if causal else (), grouped_kv_on_cpu=causal and lq < pattern.stride)
+                    short_run=short, grouped_kv_on_cpu=short)
     if isinstance(pattern, Fixed):
+        short = causal and short_run(lq, lk, pattern.block, pattern.summary)
         return Plan("fixed", (partial(kernels.fixed_attention, block=pattern.block, summary=pattern.summary,
-                                      causal=causal),),
-                    grouped_kv_on_cpu=causal and short_run(lq, lk, pattern.block, pattern.summary))
+                                      causal=causal),), short_run=short, grouped_kv_on_cpu=short)
     if isinstance(pattern, SlidingWindow):  # a short run is one slice of the keys, grouped heads and all
+        short = lq <= TILE_ROWS
         return Plan("band", (partial(kernels.band_attention, window=pattern.window, causal=causal),),
-                    grouped_kv_on_cpu=lq <= TILE_ROWS)
+                    short_run=short, grouped_kv_on_cpu=short)
     if isinstance(pattern, Union):
         return _structured_union(pattern, lq, lk, causal)
     return None
@@ -180,4 +170,4 @@ def _structured_union(pattern: Union, lq: int, lk: int, causal: bool) -> Plan | 
     name = "+".join(kind for kind, present in (("band", window), ("strided", strides), ("fixed", fixed)) if present)
     short = causal and lq <= TILE_ROWS and all(lq < stride for stride in strides)
     short = short and (not fixed or short_run(lq, lk, fixed.block, fixed.summary))
-    return Plan(name, tuple(steps), grouped_kv_on_cpu=short)
+    return Plan(name, tuple(steps), short_run=short, grouped_kv_on_cpu=short)

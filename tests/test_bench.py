@@ -119,9 +119,10 @@ def test_grouped_query_decode_rows(tmp_path):
 def test_decode_benchmark_writes_each_kernels_time(tmp_path):
     out = tmp_path / "d.json"
     bench_kernels.main(["--decode", "--decode-lq", "1", "3", "--decode-lk", "700", "--heads", "2", "--repeats", "1",
-                        "--turn-s", "0.01", "--out", str(out)])
+                        "--turn-s", "0.01", "--dtypes", "float32", "bfloat16", "--out", str(out)])
     rows = json.loads(out.read_text())["decode"]
-    assert {(r["lq"], r["lk"]) for r in rows} == {(1, 700), (3, 700)}
+    assert {(r["dtype"], r["lq"], r["lk"]) for r in rows} == {
+        (dtype, lq, 700) for dtype in ("float32", "bfloat16") for lq in (1, 3)}
     assert {r["pattern"] for r in rows} == {*(bench_kernels.LABELS[p] for p in bench_kernels.ISSUE_PATTERNS),
                                             *bench_kernels.DECODE_EXTRA}
     for r in rows:

@@ -89,12 +89,15 @@ def test_multi_query_dense_and_band_never_repeat_the_key_value_head():
         torch.testing.assert_close(out, expected)
 
 
-@pytest.mark.parametrize("pattern", [
+SHORT_RUN_PATTERNS = [
     {"type": "strided", "stride": 64},
     {"type": "fixed", "block": 128, "summary": 8},
     {"type": "union", "patterns": [{"type": "sliding_window", "window": 256}, {"type": "fixed", "block": 128, "summary": 8}]},
     {"type": "union", "patterns": [{"type": "sliding_window", "window": 128}, {"type": "strided", "stride": 128}]},
-])
+]
+
+
+@pytest.mark.parametrize("pattern", SHORT_RUN_PATTERNS)
 @pytest.mark.parametrize("lk", [8192, 8191])  # whole blocks and classes, and not
 @pytest.mark.parametrize("lq", [1, 100])  # a decode step; a chunk longer than the stride
 def test_a_short_run_copies_no_more_than_the_keys_it_attends(pattern, lk, lq):
@@ -106,6 +109,21 @@ def test_a_short_run_copies_no_more_than_the_keys_it_attends(pattern, lk, lq):
         out = attention(q, k, v, pattern)
     assert out.shape == (1, 2, lq, 64)
     assert mem.peak_bytes < k.numel() * 4 / 4, mem.peak_bytes  # both K and V are 2 * k.numel() * 4 bytes
+
+
+@pytest.mark.parametrize("pattern", [{"type": "sliding_window", "window": 256}, *SHORT_RUN_PATTERNS])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("lq", [1, 4])  # rows of 1 to 4 classes: under 1/8 of the keys
+def test_a_half_precision_short_run_converts_only_the_keys_it_reads(pattern, dtype, lq):
+    """Where torch's CPU kernels are slow in half precision the engine computes in float32; a
+    decode step converts the keys it reads, not all of K and V (over 65536 bfloat16 keys that
+    took 12 ms, 90x a sliding-window step)."""
+    q = torch.randn(1, 2, lq, 64).to(dtype)
+    k, v = (torch.randn(1, 2, 8191, 64).to(dtype) for _ in range(2))
+    with PeakMemory("cpu") as mem:
+        out = attention(q, k, v, pattern)
+    assert out.dtype == dtype and out.shape == (1, 2, lq, 64)
+    assert mem.peak_bytes < k.numel() * 4 / 4, mem.peak_bytes  # K and V in float32: 8x that
 
 
 @pytest.mark.parametrize("pattern,causal", [

@@ -146,8 +146,10 @@ def test_kernels_take_non_contiguous_inputs():
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_plans_compute_slow_half_precision_in_float32_on_the_cpu(dtype):
-    from engine.planner import Plan, cpu_upcast_dtypes
+def test_slow_half_precision_is_computed_in_float32_on_the_cpu(dtype):
+    """A plan converts q, k, v whole, unless a short run's fused calls convert what they read."""
+    from engine.kernels.dense import cpu_upcast_dtypes, fused
+    from engine.planner import Plan
 
     seen = []
 
@@ -157,9 +159,11 @@ def test_plans_compute_slow_half_precision_in_float32_on_the_cpu(dtype):
 
     q = torch.randn(1, 2, 8, 4).to(dtype)
     Plan("test", (step,))(q, q, q, 0.5)
-    Plan("test", (step,), native_on_cpu=(dtype,))(q, q, q, 0.5)
+    Plan("test", (step,), short_run=True)(q, q, q, 0.5)
     converted = torch.float32 if dtype in cpu_upcast_dtypes() else dtype
     assert seen == [(converted,) * 3, (dtype,) * 3]
+    out, _ = fused(q, q, q, scale=0.5, is_causal=False, mask=torch.zeros(8, 8, dtype=dtype))
+    assert out.dtype == converted
 
 
 FX = lambda l, c: {"type": "fixed", "block": l, "summary": c}  # noqa: E731

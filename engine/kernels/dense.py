@@ -27,15 +27,40 @@ def same_head_dim(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
     return F.pad(q, (0, width - d)), F.pad(k, (0, width - d)), F.pad(v, (0, width - dv))
 
 
+@functools.cache
+def cpu_upcast_dtypes() -> frozenset[torch.dtype]:
+    """Half precisions that torch's CPU attention kernels run slower than float32 on this CPU.
+
+    Without AMX, on an AVX-512 machine, float16 took 1.6-3.8x and bfloat16 1.1-1.6x the float32
+    time (strided(64) and (128), n = 4096 and 16384), while converting the inputs to float32 costs
+    1-10% of a call (`python -m bench.kernels` reports the bfloat16 / float32 ratio). With AMX the
+    native kernels are the fast ones."""
+    amx_fp16 = getattr(torch.cpu, "_is_amx_fp16_supported", lambda: False)()
+    amx_bf16 = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
+    return frozenset(dtype for dtype, native in ((torch.float16, amx_fp16), (torch.bfloat16, amx_bf16)) if not native)
+
+
+def in_float32(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Float32 copies in C order: `float()` keeps a layout ordered by strides, which those of
+    size-1 dims (any value, all "contiguous") can make absurd: a [1, 2, 1, 3] view of strides
+    (1, 0, 1, 1) came out (1, 1, 1, 2), features 2 apart, which the CPU kernel reads wrong."""
+    return tuple(x.to(torch.float32, memory_format=torch.contiguous_format) for x in tensors)
+
+
 def fused(q, k, v, *, scale: float, is_causal: bool, mask: torch.Tensor | None = None):
     """One fused call; (out, lse) with lse float32 [B, H, Lq]. `is_causal` only on square
     problems (there top-left and bottom-right alignment agree); `mask` is an additive
-    [Lq, Lk] tensor of q's dtype shared by every batch item and head, or [1, H, Lq, Lk]."""
+    [Lq, Lk] tensor of q's dtype shared by every batch item and head, or [1, H, Lq, Lk].
+    On a CPU where q's half precision is slow (`cpu_upcast_dtypes`) it computes in float32 on
+    copies of just what it reads (a plan converts long runs' inputs whole, once, beforehand)."""
     assert not is_causal or q.shape[-2] == k.shape[-2], "is_causal is only used on square problems"
     dv = v.shape[-1]
     if q.numel() == 0 or k.shape[-2] == 0:  # torch's CPU kernel dies (SIGFPE) on no query or no key
         return empty_partial(q, dv)
     q, k, v = same_head_dim(q, k, v)
+    if q.device.type == "cpu" and q.dtype in cpu_upcast_dtypes():
+        q, k, v = in_float32(q, k, v)
+        mask = None if mask is None else mask.float()
     if q.device.type == "cpu":
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
             q, k, v, 0.0, is_causal, attn_mask=mask, scale=scale

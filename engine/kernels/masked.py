@@ -63,6 +63,12 @@ def masked_attention(
     return out, lse
 
 
+def one_chunk(lq: int, lk: int) -> bool:
+    """Whether Lq query rows over Lk keys take one call whatever the pattern (a decode step, a
+    short chunk): each key is then read once at most."""
+    return lq <= MIN_CHUNK_ROWS and lq * lk <= MASK_BUDGET
+
+
 def _chunk_rows(pattern: PatternBase, first: int, rows_left: int, lk: int, causal: bool) -> int:
     """Query rows for the call starting at position `first`: about the pattern's reach from one
     row (its key span's width; more rows only widen the span with keys that are mostly masked, as
