@@ -111,9 +111,13 @@ def test_a_short_run_copies_no_more_than_the_keys_it_attends(pattern, lk, lq):
     assert mem.peak_bytes < k.numel() * 4 / 4, mem.peak_bytes  # both K and V are 2 * k.numel() * 4 bytes
 
 
-@pytest.mark.parametrize("pattern", [{"type": "sliding_window", "window": 256}, *SHORT_RUN_PATTERNS])
+HALF_SHORT_RUNS = [(pattern, lq) for pattern in ({"type": "sliding_window", "window": 256}, *SHORT_RUN_PATTERNS)
+                   for lq in (1, 4)]  # rows of 1 to 4 classes: under 1/8 of the keys
+HALF_SHORT_RUNS += [({"type": "sliding_window", "window": 256}, 25), (SHORT_RUN_PATTERNS[1], 25)]  # past 24 and 16 rows
+
+
+@pytest.mark.parametrize("pattern,lq", HALF_SHORT_RUNS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("lq", [1, 4])  # rows of 1 to 4 classes: under 1/8 of the keys
 def test_a_half_precision_short_run_converts_only_the_keys_it_reads(pattern, dtype, lq):
     """Where torch's CPU kernels are slow in half precision the engine computes in float32; a
     decode step converts the keys it reads, not all of K and V (over 65536 bfloat16 keys that
@@ -142,3 +146,14 @@ def test_the_masked_fallback_stays_within_its_budget(pattern, causal):
     assert backend_for(parse_pattern(pattern), 1, n, n, causal) == "masked"
     assert out.shape == (1, 1, n, 64)
     assert mem.peak_bytes < 160 * 2**20, mem.peak_bytes
+
+
+@pytest.mark.parametrize("pattern", [{"type": "sliding_window", "window": 256}, {"type": "fixed", "block": 128, "summary": 8}])
+def test_a_short_run_with_another_value_head_dim_pads_only_what_it_reads(pattern):
+    """Dv != D: the kernels pad each call's keys or values to one head dim, not all of K or V
+    (sliding_window(256), one row after 65536 keys, Dv 32: 20 ms padding V whole, 0.2 ms so)."""
+    q, k, v = torch.randn(1, 2, 1, 64), torch.randn(1, 2, 8191, 64), torch.randn(1, 2, 8191, 32)
+    with PeakMemory("cpu") as mem:
+        out = attention(q, k, v, pattern)
+    assert out.shape == (1, 2, 1, 32)
+    assert mem.peak_bytes < v.numel() * 4 / 2, mem.peak_bytes  # V padded to 64: 2 * v.numel() * 4 bytes

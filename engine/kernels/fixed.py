@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from ..patterns.fixed import summary_columns, summary_keys_below
 from .band import head_grid, row_grid, row_major
 from .dense import NEG_INF, additive_mask, dense_attention, fused, fused_masked, same_head_dim
-from .merge import merge_partials, merge_stacked, merge_to
+from .merge import join_rows, merge_partials, merge_stacked, merge_to
 from .masked import MASK_BUDGET
 from .strided import off_strides
 
@@ -105,7 +105,9 @@ def fixed_attention(
     short = short_run(lq, lk, l, c)
     if k.shape[1] != h and not short:  # grouped key/value heads outside a short run: repeated
         k, v = (x.repeat_interleave(h // x.shape[1], dim=1) for x in (k, v))
-    q, k, v = same_head_dim(q, k, v)
+    few_rows = lq < l  # within two blocks: their real rows alone, each call padding what it reads
+    if not few_rows:  # whole blocks: one head dim for the views of K and V the calls share
+        q, k, v = same_head_dim(q, k, v)
     d = q.shape[-1]
     offset = lk - lq
     first = offset // l  # first query block
@@ -125,8 +127,8 @@ def fixed_attention(
     # One [l, l] mask for every block (i - j is the offset within the block) where strides are skipped.
     delta = torch.arange(l, device=q.device)[:, None] - torch.arange(l, device=q.device)[None, :]
     own_keep = (delta >= min_distance) & off_strides(delta, skip_strides) if skip_strides else None
-    if short:  # just the real rows, a call per block they touch (two at most)
-        out = torch.zeros(b * h, nq * l, d, dtype=torch.float32, device=q.device)
+    if few_rows:  # just the real rows, a call per block they touch (two at most)
+        out = torch.zeros(b * h, nq * l, dv, dtype=torch.float32, device=q.device)
         lse = torch.full((b * h, nq * l), NEG_INF, dtype=torch.float32, device=q.device)
         for blk in range(first, blocks):
             r0, r1 = max(blk * l, offset), min(blk * l + l, lk)  # the block's query positions
@@ -138,7 +140,7 @@ def fixed_attention(
             else:
                 o, s_lse = fused_masked(q[..., rows, :], k[..., keys, :], v[..., keys, :],
                                         own_keep[at : at + r1 - r0, : keys.stop - keys.start], scale=scale)
-            out[:, rows], lse[:, rows] = o.reshape(b * h, r1 - r0, d), s_lse.reshape(b * h, r1 - r0)
+            out[:, rows], lse[:, rows] = o.reshape(b * h, r1 - r0, dv), s_lse.reshape(b * h, r1 - r0)
     else:
         if own_keep is None:
             own_out, own_lse = dense_attention(qb, own_blocks(k), own_blocks(v), scale=scale, diagonal=-min_distance)
@@ -270,19 +272,21 @@ def _non_causal(q, k, v, *, block: int, summary: int, scale: float) -> tuple[tor
         parts.append(fused(q, k.index_select(-2, columns), v.index_select(-2, columns), scale=scale, is_causal=False))
     first, whole = offset // l, lk // l  # the first query block; whole key blocks
     own = []
-    if whole > first and c < l:
-        lead = offset - first * l  # the first query block's rows before the queries: dummy rows
-        qb = F.pad(q[..., : whole * l - offset, :], (0, 0, lead, 0)).reshape(b * h, whole - first, l, -1)
-        kb, vb = (row_grid(row_major(x), first * l, (whole - first, l), (l - c, 1)) for x in (k, v))
+    start = -(-offset // l)  # the first query block whose rows are all queries
+    if start > first and first < whole and c < l:  # the first block's query rows alone (no dummy rows)
+        rows, keys = slice(0, min(lq, start * l - offset)), slice(first * l, first * l + l - c)
+        own.append(fused(q[..., rows, :], k[..., keys, :], v[..., keys, :], scale=scale, is_causal=False))
+    if whole > start and c < l:
+        qb = q[..., start * l - offset : whole * l - offset, :].reshape(b * h, whole - start, l, -1)
+        kb, vb = (row_grid(row_major(x), start * l, (whole - start, l), (l - c, 1)) for x in (k, v))
         o, o_lse = fused(qb, kb, vb, scale=scale, is_causal=False)
-        rows = (whole - first) * l  # by count, not -1: a v of head dim 0 gives an output of no elements
-        own.append((o.reshape(b, h, rows, o.shape[-1])[..., lead:, :], o_lse.reshape(b, h, rows)[..., lead:]))
+        rows = (whole - start) * l  # by count, not -1: a v of head dim 0 gives an output of no elements
+        own.append((o.reshape(b, h, rows, o.shape[-1]), o_lse.reshape(b, h, rows)))
     if lk > whole * l and c < l:  # the last, partial block: its keys before the summary columns
         rows, keys = slice(max(whole * l, offset) - offset, lq), slice(whole * l, min(lk, whole * l + l - c))
         own.append(fused(q[..., rows, :], k[..., keys, :], v[..., keys, :], scale=scale, is_causal=False))
     if own:
-        parts.append(own[0] if len(own) == 1 else (torch.cat([o for o, _ in own], dim=-2),
-                                                     torch.cat([o_lse for _, o_lse in own], dim=-1)))
+        parts.append(join_rows(own))
     return merge_partials(parts)
 
 

@@ -177,8 +177,10 @@ def strided_attention(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """`(i - j) mod stride == 0` attention with |i - j| >= min_distance and (i - j) a multiple of
     none of `skip_strides` (for a union with those strides, which count such keys), causal or over
-    every key, queries bottom-right aligned; (out, lse) over [B, H, Lq, *]."""
-    if not causal:
+    every key, queries bottom-right aligned; (out, lse) over [B, H, Lq, *]. Fewer rows than the
+    stride have no key of their class after them (the next lies s past a row, beyond the last key),
+    so they take the causal kernel either way: it reads only their classes."""
+    if not causal and q.shape[-2] >= stride:
         return _every_class_key(q, k, v, stride=stride, scale=scale, min_distance=min_distance,
                                 skip_strides=skip_strides)
     pieces = strided_pieces(q, k, v, stride=stride, scale=scale, min_distance=min_distance,
