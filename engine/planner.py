@@ -32,28 +32,22 @@ Partial = tuple[torch.Tensor, torch.Tensor]
 class Plan:
     """Named kernel steps whose partial results merge into the pattern's attention. On a CPU
     where half precision is slow (`cpu_upcast_dtypes`), the plan computes in float32: it converts
-    q, k and v whole, once, unless it is a `short_run` (a few query rows at the end of long keys:
-    the steps read a slice, a few classes or the summary columns of K and V), whose fused calls
-    convert just what they read (a decode step over 65536 bfloat16 keys spent 12 ms converting
-    them all, 90x its sliding window's 0.13 ms). `grouped_kv_on_cpu`: on the CPU the steps take
-    fewer key/value heads than query heads as they are (torch's CPU attention kernel reads each
-    key/value head for its H / Hkv query heads), instead of repeated ones. On CUDA the head dims
-    are padded once for every step (`pads_head_dims`). `first_key`: no row attends a key before
-    it (a window's reach), so K and V are cropped there before anything else (conversion and
-    padding included); a window's rule depends on i - j alone and the queries stay the last Lq
-    positions, so the crop changes no result (sliding_window(256), bfloat16, 25 rows at the end
-    of 65536 keys: 14.4 ms converting all of them, 0.45 at 24 rows, which read one slice)."""
+    q, k and v whole, once, unless `converts_in_steps`: its steps read a part of K and V (a
+    window's keys, a few classes, two blocks and the summary columns: few query rows at the end
+    of long keys) and convert just that (the band its window's keys once; `fused` each call's
+    inputs). A decode step over 65536 bfloat16 keys spent 12 ms converting them all, 90x its
+    sliding window's 0.13 ms. `grouped_kv_on_cpu`: on the CPU the steps take fewer key/value
+    heads than query heads as they are (torch's CPU attention kernel reads each key/value head
+    for its H / Hkv query heads), instead of repeated ones. On CUDA the head dims are padded once
+    for every step (`pads_head_dims`)."""
 
     backend: str
     steps: tuple[Callable[..., Partial], ...]
-    short_run: bool = False
+    converts_in_steps: bool = False
     grouped_kv_on_cpu: bool = False
-    first_key: int = 0
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> Partial:
-        if self.first_key:  # a window's rows attend no earlier key: the rest is all the steps see
-            k, v = k[..., self.first_key :, :], v[..., self.first_key :, :]
-        if q.device.type == "cpu" and q.dtype in cpu_upcast_dtypes() and not self.short_run:
+        if q.device.type == "cpu" and q.dtype in cpu_upcast_dtypes() and not self.converts_in_steps:
             q, k, v = in_float32(q, k, v)
         dv = v.shape[-1]
         if pads_head_dims(q.device):
@@ -123,7 +117,7 @@ def plan(pattern: PatternBase, lq: int, lk: int, causal: bool) -> Plan:
     if structured is not None:
         return structured
     return Plan("masked", (partial(kernels.masked_attention, pattern=pattern, causal=causal),),
-                short_run=one_chunk(lq, lk), grouped_kv_on_cpu=True)
+                converts_in_steps=one_chunk(lq, lk), grouped_kv_on_cpu=True)
 
 
 def _structured(pattern: PatternBase, lq: int, lk: int, causal: bool) -> Plan | None:
@@ -132,19 +126,26 @@ def _structured(pattern: PatternBase, lq: int, lk: int, causal: bool) -> Plan | 
     reaching both ways, each stride class attending all of itself, each fixed block itself and
     every other block's summary keys."""
     if isinstance(pattern, Strided):  # fewer rows than s, causal or not, read only their classes' keys
-        short = lq < pattern.stride
         return Plan("strided", (partial(kernels.strided_attention, stride=pattern.stride, causal=causal),),
-                    short_run=short, grouped_kv_on_cpu=short)
+                    converts_in_steps=_few_classes(lq, pattern.stride), grouped_kv_on_cpu=lq < pattern.stride)
     if isinstance(pattern, Fixed):  # rows within two blocks read those blocks and the summary keys
         return Plan("fixed", (partial(kernels.fixed_attention, block=pattern.block, summary=pattern.summary,
-                                      causal=causal),), short_run=lq < pattern.block,
+                                      causal=causal),), converts_in_steps=lq < pattern.block,
                     grouped_kv_on_cpu=causal and short_run(lq, lk, pattern.block, pattern.summary))
-    if isinstance(pattern, SlidingWindow):  # a short run is one slice of the keys, grouped heads and all
+    if isinstance(pattern, SlidingWindow):  # the band converts its window's keys itself, at any length
         return Plan("band", (partial(kernels.band_attention, window=pattern.window, causal=causal),),
-                    grouped_kv_on_cpu=lq <= TILE_ROWS, first_key=max(0, lk - lq - pattern.window + 1))
+                    converts_in_steps=True, grouped_kv_on_cpu=lq <= TILE_ROWS)
     if isinstance(pattern, Union):
         return _structured_union(pattern, lq, lk, causal)
     return None
+
+
+def _few_classes(lq: int, stride: int) -> bool:
+    """Whether Lq rows read so few of a stride's classes that converting just those (scattered
+    rows, gathered per call) beats converting K and V whole: up to half of them. Per call / whole,
+    bfloat16, Lk 65536, H = 8: strided(64) at 16, 32, 48 rows 0.63, 0.88, 1.17; strided(128) at
+    32, 48, 63 rows 0.55, 0.82, 0.71."""
+    return 2 * lq <= stride
 
 
 def _structured_union(pattern: Union, lq: int, lk: int, causal: bool) -> Plan | None:
@@ -174,6 +175,6 @@ def _structured_union(pattern: Union, lq: int, lk: int, causal: bool) -> Plan | 
         steps.append(partial(kernels.fixed_attention, block=fixed.block, summary=fixed.summary, causal=causal,
                              min_distance=window, skip_strides=strides))
     name = "+".join(kind for kind, present in (("band", window), ("strided", strides), ("fixed", fixed)) if present)
-    few_rows = lq <= TILE_ROWS and all(lq < stride for stride in strides) and (not fixed or lq < fixed.block)
-    grouped = causal and few_rows and (not fixed or short_run(lq, lk, fixed.block, fixed.summary))
-    return Plan(name, tuple(steps), short_run=few_rows, grouped_kv_on_cpu=grouped)
+    few_rows = all(_few_classes(lq, stride) for stride in strides) and (not fixed or lq < fixed.block)
+    grouped = causal and few_rows and lq <= TILE_ROWS and (not fixed or short_run(lq, lk, fixed.block, fixed.summary))
+    return Plan(name, tuple(steps), converts_in_steps=few_rows, grouped_kv_on_cpu=grouped)

@@ -147,7 +147,7 @@ def test_kernels_take_non_contiguous_inputs():
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_slow_half_precision_is_computed_in_float32_on_the_cpu(dtype):
-    """A plan converts q, k, v whole, unless a short run's fused calls convert what they read."""
+    """A plan converts q, k, v whole, unless its steps convert what they read (fused does)."""
     from engine.kernels.dense import cpu_upcast_dtypes, fused
     from engine.planner import Plan
 
@@ -159,7 +159,7 @@ def test_slow_half_precision_is_computed_in_float32_on_the_cpu(dtype):
 
     q = torch.randn(1, 2, 8, 4).to(dtype)
     Plan("test", (step,))(q, q, q, 0.5)
-    Plan("test", (step,), short_run=True)(q, q, q, 0.5)
+    Plan("test", (step,), converts_in_steps=True)(q, q, q, 0.5)
     converted = torch.float32 if dtype in cpu_upcast_dtypes() else dtype
     assert seen == [(converted,) * 3, (dtype,) * 3]
     out, _ = fused(q, q, q, scale=0.5, is_causal=False, mask=torch.zeros(8, 8, dtype=dtype))
