@@ -52,6 +52,12 @@ MIN_RANGES, MAX_RANGES, BLOCKS_PER_RANGE = 4, 16, 32
 # union(sliding 32, fixed(16, 2)) at n = 4096, H = 8: 119 ms a block per call, 68 ms grouped
 # (16384: 800 and 524 ms).
 CALL_ROWS = 64
+# On the CPU small blocks also go per block (a few per call) up to this many query rows (a chunk
+# after long keys), where the ranges' shared keys, repeated over l heads, cost more than they
+# save: per block / ranges, Lk 65536, H = 8, at 65, 256, 1024 and 4096 rows: fixed(16, 1) D = 128
+# 0.24, 0.50, 0.97, 1.28; fixed(32, 4) D = 64 1.00, 0.49, 0.92, 1.18; at Lk 16384 fixed(16, 2)
+# 0.36, 0.75, 0.95, 1.32.
+PER_BLOCK_MAX_ROWS = 1024
 # A short run of query rows (decoding, small chunks): up to this many rows read the summary keys
 # in place (`_summary_offsets`) rather than copying them once for all rows, and compute their own
 # block for the real rows alone rather than for whole padded blocks. Summary keys copied / in
@@ -124,9 +130,15 @@ def fixed_attention(
         x = x[..., first * l :, :]
         return (F.pad(x, (0, 0, 0, blocks * l - lk)) if blocks * l > lk else x).reshape(b * h, nq, l, -1)
 
-    # One [l, l] mask for every block (i - j is the offset within the block) where strides are skipped.
-    delta = torch.arange(l, device=q.device)[:, None] - torch.arange(l, device=q.device)[None, :]
-    own_keep = (delta >= min_distance) & off_strides(delta, skip_strides) if skip_strides else None
+    def own_keep(r0: int, r1: int, keys: int) -> torch.Tensor | None:
+        """Rows r0..r1-1 of the one [l, l] mask every block shares (i - j is the offset within
+        the block) where strides are skipped: just those rows (the whole mask at l = 4096 took 81
+        of a 140 ms decode step)."""
+        if not skip_strides:
+            return None
+        delta = torch.arange(r0, r1, device=q.device)[:, None] - torch.arange(keys, device=q.device)[None, :]
+        return (delta >= min_distance) & off_strides(delta, skip_strides)
+
     if few_rows:  # just the real rows, a call per block they touch (two at most)
         out = torch.zeros(b * h, nq * l, dv, dtype=torch.float32, device=q.device)
         lse = torch.full((b * h, nq * l), NEG_INF, dtype=torch.float32, device=q.device)
@@ -134,18 +146,18 @@ def fixed_attention(
             r0, r1 = max(blk * l, offset), min(blk * l + l, lk)  # the block's query positions
             at, keys = r0 - blk * l, slice(blk * l, min(blk * l + l, lk))
             rows = slice(r0 - first * l, r1 - first * l)
-            if own_keep is None:
+            keep = own_keep(at, at + r1 - r0, keys.stop - keys.start)
+            if keep is None:
                 o, s_lse = dense_attention(q[..., rows, :], k[..., keys, :], v[..., keys, :], scale=scale,
                                            diagonal=at - min_distance)
             else:
-                o, s_lse = fused_masked(q[..., rows, :], k[..., keys, :], v[..., keys, :],
-                                        own_keep[at : at + r1 - r0, : keys.stop - keys.start], scale=scale)
+                o, s_lse = fused_masked(q[..., rows, :], k[..., keys, :], v[..., keys, :], keep, scale=scale)
             out[:, rows], lse[:, rows] = o.reshape(b * h, r1 - r0, dv), s_lse.reshape(b * h, r1 - r0)
     else:
-        if own_keep is None:
+        if not skip_strides:
             own_out, own_lse = dense_attention(qb, own_blocks(k), own_blocks(v), scale=scale, diagonal=-min_distance)
         else:
-            own_out, own_lse = fused_masked(qb, own_blocks(k), own_blocks(v), own_keep, scale=scale)
+            own_out, own_lse = fused_masked(qb, own_blocks(k), own_blocks(v), own_keep(0, l, l), scale=scale)
         out = own_out.reshape(b * h, nq * l, -1).float()
         lse = own_lse.reshape(b * h, nq * l).contiguous()
 
@@ -164,7 +176,8 @@ def fixed_attention(
         ks, vs = gathered(k), gathered(v)
         cpu = q.device.type == "cpu"
         few_blocks = blocks - lo <= (MIN_RANGES if cpu else MAX_RANGES)  # no more calls than ranges would make
-        if min_distance or skip_strides or ranges is None and (few_blocks or cpu and l >= CALL_ROWS):
+        if min_distance or skip_strides or ranges is None and (
+                few_blocks or cpu and (l >= CALL_ROWS or lq <= PER_BLOCK_MAX_ROWS)):
             _summary_per_block(q.reshape(b * h, 1, nq * l, d), ks, vs, out, lse, range(lo, blocks), first=first,
                                block=l, summary=c, real=real, scale=scale, min_distance=min_distance,
                                skip_strides=skip_strides)
