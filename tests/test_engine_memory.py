@@ -178,3 +178,14 @@ def test_a_decode_step_of_several_batch_items_or_a_big_block_copies_little(patte
         out = attention(q, k, v, pattern)
     assert out.shape == (2, 4, 1, 64)
     assert mem.peak_bytes < k.numel() * 4 * bound, mem.peak_bytes
+
+
+def test_grouped_query_rows_past_the_stride_read_the_key_value_head_in_place():
+    """24 rows, strided(16), 8 query heads over one key/value head: each query head's stride-0 view
+    of it was written out (8 copies of K and V; 56 ms after 65536 keys, 15 now)."""
+    q = torch.randn(1, 8, 24, 64)
+    k, v = (torch.randn(1, 1, 8192, 64) for _ in range(2))
+    with PeakMemory("cpu") as mem:
+        out = attention(q, k, v, {"type": "strided", "stride": 16})
+    assert out.shape == (1, 8, 24, 64)
+    assert mem.peak_bytes < k.numel() * 4, mem.peak_bytes  # the copies: 16 times that
