@@ -128,9 +128,9 @@ def _structured(pattern: PatternBase, lq: int, lk: int, causal: bool) -> Plan | 
     if isinstance(pattern, Strided):  # fewer rows than s, causal or not, read only their classes' keys
         return Plan("strided", (partial(kernels.strided_attention, stride=pattern.stride, causal=causal),),
                     converts_in_steps=_few_classes(lq, pattern.stride), grouped_kv_on_cpu=lq < pattern.stride)
-    if isinstance(pattern, Fixed):  # rows within two blocks read those blocks and the summary keys
+    if isinstance(pattern, Fixed):  # the query rows' blocks and the summary keys, each converted once
         return Plan("fixed", (partial(kernels.fixed_attention, block=pattern.block, summary=pattern.summary,
-                                      causal=causal),), converts_in_steps=lq < pattern.block,
+                                      causal=causal),), converts_in_steps=True,
                     grouped_kv_on_cpu=causal and short_run(lq, lk, pattern.block, pattern.summary))
     if isinstance(pattern, SlidingWindow):  # the band converts its window's keys itself, at any length
         return Plan("band", (partial(kernels.band_attention, window=pattern.window, causal=causal),),

@@ -114,6 +114,7 @@ def test_a_short_run_copies_no_more_than_the_keys_it_attends(pattern, lk, lq):
 HALF_SHORT_RUNS = [(pattern, lq) for pattern in ({"type": "sliding_window", "window": 256}, *SHORT_RUN_PATTERNS)
                    for lq in (1, 4)]  # rows of 1 to 4 classes: under 1/8 of the keys; 25: past the 24- and 16-row short runs
 HALF_SHORT_RUNS += [(pattern, 25) for pattern in ({"type": "sliding_window", "window": 256}, *SHORT_RUN_PATTERNS[1:3])]
+HALF_SHORT_RUNS += [({"type": "fixed", "block": 100, "summary": 2}, 100)]  # a block's rows: blocks and summary converted
 
 
 @pytest.mark.parametrize("pattern,lq", HALF_SHORT_RUNS)

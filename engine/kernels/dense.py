@@ -46,7 +46,8 @@ def in_float32(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
     (1, 0, 1, 1) came out (1, 1, 1, 2), features 2 apart, which the CPU kernel reads wrong. A
     strided view is gathered in its own dtype first: converting straight from one took 1.7x as
     long (25 rows' stride classes of 65536 bfloat16 keys, H = 8: 6.5 ms, 3.7 so)."""
-    return tuple(x.contiguous().to(torch.float32, memory_format=torch.contiguous_format) for x in tensors)
+    return tuple(x if x.dtype == torch.float32 else x.contiguous().to(torch.float32, memory_format=torch.contiguous_format)
+                 for x in tensors)  # float32 ones as they are: fixed's summary keys, shared by a stride-0 view
 
 
 def fused(q, k, v, *, scale: float, is_causal: bool, mask: torch.Tensor | None = None):
