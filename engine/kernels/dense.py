@@ -55,7 +55,8 @@ def fused(q, k, v, *, scale: float, is_causal: bool, mask: torch.Tensor | None =
     problems (there top-left and bottom-right alignment agree); `mask` is an additive
     [Lq, Lk] tensor of q's dtype shared by every batch item and head, or [1, H, Lq, Lk].
     On a CPU where q's half precision is slow (`cpu_upcast_dtypes`) it computes in float32 on
-    copies of just what it reads (a plan converts long runs' inputs whole, once, beforehand)."""
+    copies of just what it reads; what many calls share is converted once beforehand (a long
+    run's q, k, v by its plan, the band's windowed keys, fixed's summary keys)."""
     assert not is_causal or q.shape[-2] == k.shape[-2], "is_causal is only used on square problems"
     dv = v.shape[-1]
     if q.numel() == 0 or k.shape[-2] == 0:  # torch's CPU kernel dies (SIGFPE) on no query or no key
