@@ -20,7 +20,7 @@ import torch
 
 from . import kernels
 from .kernels.band import TILE_ROWS
-from .kernels.dense import cpu_upcast_dtypes, in_float32, padded_head_dims
+from .kernels.dense import as_computed, padded_head_dims
 from .kernels.fixed import short_run
 from .kernels.masked import one_chunk
 from .patterns import Dense, Fixed, PatternBase, SlidingWindow, Strided, Union
@@ -47,8 +47,8 @@ class Plan:
     grouped_kv_on_cpu: bool = False
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> Partial:
-        if q.device.type == "cpu" and q.dtype in cpu_upcast_dtypes() and not self.converts_in_steps:
-            q, k, v = in_float32(q, k, v)
+        if not self.converts_in_steps:
+            q, k, v = as_computed(q, k, v)
         dv = v.shape[-1]
         if pads_head_dims(q.device):
             q, k, v = padded_head_dims(q, k, v)

@@ -23,8 +23,8 @@ import functools
 
 import torch
 
-from .dense import (additive_mask, cpu_upcast_dtypes, dense_attention, flash_supported, fused, in_float32,
-                    math_attention, pad_head_dim, same_head_dim)
+from .dense import (additive_mask, as_computed, dense_attention, flash_supported, fused, math_attention,
+                    pad_head_dim, same_head_dim)
 from .merge import join_rows
 
 
@@ -85,8 +85,7 @@ def band_pieces(
     k, v = k[..., lo:, :], v[..., lo:, :]  # the rule depends on i - j alone: nothing else changes
     if flash_supported(q, v) and flash_window_supported(q.device, causal):
         return [(0, *_flash_window(q, k, v, window=window, scale=scale, causal=causal))]
-    if q.device.type == "cpu" and q.dtype in cpu_upcast_dtypes():  # once: the tiles' windows overlap
-        q, k, v = in_float32(q, k, v)
+    q, k, v = as_computed(q, k, v)  # once: the tiles' windows overlap
     b, h, lq, _ = q.shape
     lk, dv, w = k.shape[-2], v.shape[-1], window
     after = 0 if causal else w - 1  # keys a row sees after its own position

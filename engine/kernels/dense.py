@@ -40,31 +40,34 @@ def cpu_upcast_dtypes() -> frozenset[torch.dtype]:
     return frozenset(dtype for dtype, native in ((torch.float16, amx_fp16), (torch.bfloat16, amx_bf16)) if not native)
 
 
-def in_float32(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """Float32 copies in C order: `float()` keeps a layout ordered by strides, which those of
-    size-1 dims (any value, all "contiguous") can make absurd: a [1, 2, 1, 3] view of strides
-    (1, 0, 1, 1) came out (1, 1, 1, 2), features 2 apart, which the CPU kernel reads wrong. A
-    strided view is gathered in its own dtype first: converting straight from one took 1.7x as
-    long (25 rows' stride classes of 65536 bfloat16 keys, H = 8: 6.5 ms, 3.7 so)."""
-    return tuple(x if x.dtype == torch.float32 else x.contiguous().to(torch.float32, memory_format=torch.contiguous_format)
-                 for x in tensors)  # float32 ones as they are: fixed's summary keys, shared by a stride-0 view
+def as_computed(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The tensors as torch's attention kernels here compute them: on a CPU where half precision
+    is slow (`cpu_upcast_dtypes`), float32 copies in C order of those in it, else the tensors
+    themselves (float32 ones too: fixed's summary keys, shared by a stride-0 view). C order:
+    `float()` keeps a layout ordered by strides, which those of size-1 dims (any value, all
+    "contiguous") can make absurd: a [1, 2, 1, 3] view of strides (1, 0, 1, 1) came out (1, 1, 1, 2),
+    features 2 apart, which the CPU kernel reads wrong. A strided view is gathered in its own dtype
+    first: converting straight from one took 1.7x as long (25 rows' stride classes of 65536 bfloat16
+    keys, H = 8: 6.5 ms, 3.7 so)."""
+    return tuple(x.contiguous().to(torch.float32, memory_format=torch.contiguous_format)
+                 if x.device.type == "cpu" and x.dtype in cpu_upcast_dtypes() else x for x in tensors)
 
 
 def fused(q, k, v, *, scale: float, is_causal: bool, mask: torch.Tensor | None = None):
     """One fused call; (out, lse) with lse float32 [B, H, Lq]. `is_causal` only on square
     problems (there top-left and bottom-right alignment agree); `mask` is an additive
     [Lq, Lk] tensor of q's dtype shared by every batch item and head, or [1, H, Lq, Lk].
-    On a CPU where q's half precision is slow (`cpu_upcast_dtypes`) it computes in float32 on
-    copies of just what it reads; what many calls share is converted once beforehand (a long
-    run's q, k, v by its plan, the band's windowed keys, fixed's summary keys)."""
+    It computes `as_computed`, on copies of just what it reads; what many calls share is
+    converted once beforehand (a long run's q, k, v by its plan, the band's windowed keys, fixed's
+    summary keys)."""
     assert not is_causal or q.shape[-2] == k.shape[-2], "is_causal is only used on square problems"
     dv = v.shape[-1]
     if q.numel() == 0 or k.shape[-2] == 0:  # torch's CPU kernel dies (SIGFPE) on no query or no key
         return empty_partial(q, dv)
     q, k, v = same_head_dim(q, k, v)
-    if q.device.type == "cpu" and q.dtype in cpu_upcast_dtypes():
-        q, k, v = in_float32(q, k, v)
-        mask = None if mask is None else mask.float()
+    q, k, v = as_computed(q, k, v)
+    if mask is not None and mask.dtype != q.dtype:
+        mask = mask.to(q.dtype)
     if q.device.type == "cpu":
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
             q, k, v, 0.0, is_causal, attn_mask=mask, scale=scale

@@ -33,8 +33,7 @@ import torch.nn.functional as F
 
 from ..patterns.fixed import summary_columns, summary_keys_below
 from .band import head_grid, row_grid, row_major
-from .dense import (NEG_INF, additive_mask, cpu_upcast_dtypes, dense_attention, fused, fused_masked, in_float32,
-                    same_head_dim)
+from .dense import NEG_INF, additive_mask, as_computed, dense_attention, fused, fused_masked, same_head_dim
 from .merge import join_rows, merge_partials, merge_stacked, merge_to
 from .masked import MASK_BUDGET
 from .strided import off_strides
@@ -91,15 +90,6 @@ def summary_mask(b0: int, b1: int, c: int, dtype: torch.dtype, device: torch.dev
     blocks = torch.arange(b0, b1, device=device)[:, None]
     keys = torch.arange((b1 - 1) * c, device=device)[None, :] // c
     return additive_mask(keys < blocks, dtype)
-
-
-def computed(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """The summary keys and values as the calls compute them, converted once: each query block's
-    call reads a prefix of them (on a CPU where half precision is slow, `fused` would convert
-    that prefix again for every block)."""
-    if tensors[0].device.type == "cpu" and tensors[0].dtype in cpu_upcast_dtypes():
-        return in_float32(*tensors)
-    return tensors
 
 
 def fixed_attention(
@@ -183,7 +173,7 @@ def fixed_attention(
         _summary_offsets(q, k, v, out, lse, first=first, block=l, summary=c, real=real, scale=scale,
                          min_distance=min_distance, skip_strides=skip_strides)
     elif lo < blocks:
-        ks, vs = computed(gathered(k), gathered(v))
+        ks, vs = as_computed(gathered(k), gathered(v))  # once: each block's call reads a prefix
         cpu = q.device.type == "cpu"
         few_blocks = blocks - lo <= (MIN_RANGES if cpu else MAX_RANGES)  # no more calls than ranges would make
         if min_distance or skip_strides or ranges is None and (
@@ -323,7 +313,7 @@ def _non_causal_far(q, k, v, *, block: int, summary: int, scale: float, min_dist
     lq, lk, l, c, m = q.shape[-2], k.shape[-2], block, summary, min_distance
     offset = lk - lq
     columns = summary_columns(lk, l, c).to(k.device)
-    ks, vs = computed(k.index_select(-2, columns), v.index_select(-2, columns))
+    ks, vs = as_computed(k.index_select(-2, columns), v.index_select(-2, columns))  # once, for every block
     out = torch.empty(*q.shape[:-1], v.shape[-1], dtype=torch.float32, device=q.device)
     lse = torch.empty(q.shape[:-1], dtype=torch.float32, device=q.device)
     group = _blocks_per_call(l)
