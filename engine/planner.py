@@ -176,5 +176,6 @@ def _structured_union(pattern: Union, lq: int, lk: int, causal: bool) -> Plan | 
                              min_distance=window, skip_strides=strides))
     name = "+".join(kind for kind, present in (("band", window), ("strided", strides), ("fixed", fixed)) if present)
     few_rows = all(_few_classes(lq, stride) for stride in strides) and (not fixed or lq < fixed.block)
-    grouped = causal and few_rows and lq <= TILE_ROWS and (not fixed or short_run(lq, lk, fixed.block, fixed.summary))
+    grouped = causal and lq <= TILE_ROWS and all(lq < stride for stride in strides)
+    grouped = grouped and (not fixed or short_run(lq, lk, fixed.block, fixed.summary))
     return Plan(name, tuple(steps), converts_in_steps=few_rows, grouped_kv_on_cpu=grouped)

@@ -166,6 +166,16 @@ def test_slow_half_precision_is_computed_in_float32_on_the_cpu(dtype):
     assert out.dtype == converted
 
 
+def test_a_union_short_run_takes_grouped_heads_whatever_it_converts():
+    """12 rows of strided(20) beside a window: more than half the classes, so the plan converts K
+    and V whole, and still fewer rows than the stride, so the steps take grouped heads as they are."""
+    from engine.patterns import parse_pattern
+    from engine.planner import plan
+
+    union = plan(parse_pattern({"type": "union", "patterns": [SW(16), ST(20)]}), 12, 4096, True)
+    assert union.grouped_kv_on_cpu and not union.converts_in_steps
+
+
 FX = lambda l, c: {"type": "fixed", "block": l, "summary": c}  # noqa: E731
 SHORT_RUN_PATTERNS = [ST(64), ST(7), FX(128, 8), FX(10, 3), {"type": "union", "patterns": [SW(128), ST(128)]},
                       {"type": "union", "patterns": [SW(5), FX(16, 2), ST(33)]},
