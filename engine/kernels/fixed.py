@@ -101,6 +101,7 @@ def fixed_attention(
     min_distance (for a union with a sliding window, whose keys it then skips), and not at
     (i - j) mod s == 0 for any s in skip_strides (for a union with those strides); queries bottom-right
     aligned; (out float32, lse)."""
+    (q,) = as_computed(q)  # once: every path's calls read each query row, some several times
     if not causal:
         if min_distance or skip_strides:
             return _non_causal_far(q, k, v, block=block, summary=summary, scale=scale, min_distance=min_distance,
