@@ -13,6 +13,7 @@ per shape (block mask + compile) is reported separately.
     python -m bench.kernels --tiles                # band tile-size sweep (engine.kernels.band)
     python -m bench.kernels --decode               # a few query rows over long keys (decoding)
     python -m bench.kernels --decode --heads 32 --decode-kv-heads 8 --dim 128   # grouped-query decoding
+    python -m bench.kernels --small                # small problems: the structured plan against the masked one
     python -m bench.kernels --non-causal --n 16384 --bf16-n 0 --scaling-n --memory-n 0 --first-call-n 0
 
 Columns: efficiency = speed-up over dense / (dense pairs / attended pairs), so 1.0 means
@@ -38,7 +39,7 @@ from engine.attention import backend_for
 from engine.kernels import KEEPS_FREED_MEMORY, band_attention, masked_attention
 from engine.memory import PeakMemory
 from engine.patterns import attended_pairs, parse_pattern
-from engine.planner import simplify
+from engine.planner import masked_plan, plan, simplify, structured_plan
 
 PATTERNS = {
     "sliding_window": {"type": "sliding_window", "window": 256},
@@ -70,6 +71,21 @@ DECODE_EXTRA = {
     "union(sliding 256, fixed(128, 2), fixed(192, 2))": {"type": "union", "patterns": [
         {"type": "sliding_window", "window": 256}, {"type": "fixed", "block": 128, "summary": 2},
         {"type": "fixed", "block": 192, "summary": 2}]},
+}
+# Small problems (--small): patterns scaled to n = 32 .. 256, where the paper's would be dense.
+SMALL_PATTERNS = {
+    "sliding_window(16)": {"type": "sliding_window", "window": 16},
+    "strided(8)": {"type": "strided", "stride": 8},
+    "fixed(16, 2)": {"type": "fixed", "block": 16, "summary": 2},
+    "union(sliding 16, strided 16)": {"type": "union", "patterns": [
+        {"type": "sliding_window", "window": 16}, {"type": "strided", "stride": 16}]},
+    "union(sliding 16, fixed(16, 2))": {"type": "union", "patterns": [
+        {"type": "sliding_window", "window": 16}, {"type": "fixed", "block": 16, "summary": 2}]},
+    "union(strided 8, fixed(32, 4))": {"type": "union", "patterns": [
+        {"type": "strided", "stride": 8}, {"type": "fixed", "block": 32, "summary": 4}]},
+    "union(sliding 32, strided 32, fixed(64, 4))": {"type": "union", "patterns": [
+        {"type": "sliding_window", "window": 32}, {"type": "strided", "stride": 32},
+        {"type": "fixed", "block": 64, "summary": 4}]},
 }
 STARTED = time.perf_counter()
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -371,6 +387,35 @@ def bench_decode(args, device: torch.device) -> list[dict]:
     return rows
 
 
+def bench_small(args, device: torch.device) -> list[dict]:
+    """Small square problems (n in --small-n, causal and not): each pattern's structured plan
+    against the masked kernel's, the two the planner chooses between (planner.SMALL_KEYS), and
+    dense SDPA; `backend` is the planner's choice."""
+    rows = []
+    for n, causal in itertools.product(args.small_n, (True, False)):
+        q, k, v = inputs(n, args.heads, args.dim, torch.float32, device)
+        fns = {"dense": lambda q=q, k=k, v=v, c=causal: F.scaled_dot_product_attention(q, k, v, is_causal=c)}
+        for label, spec in SMALL_PATTERNS.items():
+            single = simplify(parse_pattern(spec), n)
+            for kind, make in (("structured", structured_plan), ("masked", masked_plan)):
+                if (chosen := make(single, n, n, causal)) is not None:  # None: no structured kernel
+                    fns[kind, label] = lambda q=q, k=k, v=v, p=chosen: p(q, k, v, args.dim ** -0.5)
+        times = rounds(fns, device, args.repeats, args.slow, args.turn_s)
+        best = {key: min(t[1:] or t) for key, t in times.items()}
+        for label, spec in SMALL_PATTERNS.items():
+            row = {"pattern": label, "n": n, "causal": causal, "heads": args.heads, "dim": args.dim,
+                   "backend": plan(simplify(parse_pattern(spec), n), n, n, causal).backend,
+                   "dense_s": best["dense"], "structured_s": best.get(("structured", label)),
+                   "masked_s": best["masked", label]}
+            rows.append(row)
+            structured = fmt(row["structured_s"] and row["structured_s"] * 1e3)
+            ratio = fmt(row["structured_s"] and row["masked_s"] / row["structured_s"], ".2f")
+            print(f"n {n:4} {'causal' if causal else 'non-causal':10} {label:44} {row['backend']:18} structured "
+                  f"{structured:>7} ms  masked {row['masked_s'] * 1e3:7.3f}  dense {row['dense_s'] * 1e3:7.3f}"
+                  f"  masked / structured {ratio:>5}", flush=True)
+    return rows
+
+
 def plot(rows: list[dict], path: Path) -> None:
     import matplotlib
 
@@ -430,6 +475,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--decode-lq", type=int, nargs="+", default=[1, 4, 16, 64])
     p.add_argument("--decode-lk", type=int, nargs="+", default=[16384, 65536])
     p.add_argument("--decode-kv-heads", type=int, default=None, help="key/value heads of the decode rows (default: --heads)")
+    p.add_argument("--small", action="store_true", help="only small problems, structured against masked (--small-n)")
+    p.add_argument("--small-n", type=int, nargs="+", default=[32, 64, 128, 192, 256])
     p.add_argument("--out", type=Path, default=Path("bench/results/kernels.json"))
     p.add_argument("--plot", type=Path, default=None, help="PNG path (default: next to --out)")
     args = p.parse_args(argv)
@@ -445,6 +492,9 @@ def main(argv: list[str] | None = None) -> None:
         return
     if args.decode:
         args.out.write_text(json.dumps({"meta": meta, "decode": bench_decode(args, device)}, indent=1))
+        return
+    if args.small:
+        args.out.write_text(json.dumps({"meta": meta, "small": bench_small(args, device)}, indent=1))
         return
     print(HEADER)
     rows = bench_table(args, device)

@@ -5,8 +5,9 @@ kernels cover the Sparse Transformer patterns (band, strided, fixed, and the uni
 one window, any strides and at most one fixed: a window with a stride as in the paper, with
 fixed, a stride with fixed, all three, several strides) at any query length; anything else (two
 fixed members) falls back to the masked kernel, which is exact and memory-safe but slower (for a
-few query rows it runs on a copy of just the keys they attend). `simplify` first removes what
-cannot change the mask.
+few query rows it runs on a copy of just the keys they attend). Small problems of fixed, unions
+and non-causal windows (at most SMALL_KEYS keys; a union with fixed, twice that) run on the masked
+kernel too: one call beats their many small ones there. `simplify` first removes what cannot change the mask.
 """
 
 from __future__ import annotations
@@ -56,7 +57,27 @@ class Plan:
         return out[..., :dv], lse
 
 
-# One pattern per kernel family the planner picks at 128 tokens (a call of each at start-up warms them all).
+# Keys up to which fixed, unions and a non-causal window run on the masked kernel, and a union with
+# a fixed member up to twice as many: one call over every key under the pattern's mask beats the
+# structured steps' many small calls there (fixed's blocks and summary keys, a union's merged
+# pieces, the two-way band's first rows, tiles and reversed last rows). Masked / structured time,
+# H = 8, D = 64, float32, square unless said (`python -m bench.kernels --small`; measured before
+# the masked kernel kept small masks, which made it faster still):
+# - n = 32 to 128: 0.17-0.68 for fixed(16, 2) and unions of windows, strides and fixed, causal or
+#   not (union(sliding 32, strided 32, fixed(64, 4)), 128 rows, not causal: 3.7 -> 0.68 ms); alike
+#   at B = 8 and 32, in bfloat16, at H = 32 over 8 key/value heads with D = 128, and for 1 to 64
+#   rows over 128 keys; at most 1.09 (non-causal fixed at 128).
+# - From 192 keys fixed alone (non-causal 1.6) and union(sliding 16, strided 16) (causal 1.0-1.2)
+#   lose. Unions with fixed win up to 256 keys (0.19-0.74: 8 to 256 heads, 1 to 256 rows,
+#   bfloat16, D = 128) and mostly at 512 too (0.37-0.91; 0.65-1.2 at B = 8).
+# - Non-causal sliding_window(16): 0.27-0.54 at n = 32 to 128 (B = 8: 0.38 at 64, 0.99 at 128),
+#   1.1-1.3 from 192. A causal window or a stride alone is one or a few calls and keeps its kernel
+#   (the masked one lost from n = 128 on, up to 6x for strided(8) at 256).
+SMALL_KEYS = 128
+
+# One pattern per kernel family the planner picks at KERNEL_FAMILY_TOKENS tokens, past the small
+# problems (a call of each at start-up warms them all).
+KERNEL_FAMILY_TOKENS = 4 * SMALL_KEYS
 _WINDOW, _STRIDE, _FIXED = SlidingWindow(window=8), Strided(stride=16), Fixed(block=16, summary=2)
 KERNEL_FAMILY_PATTERNS: tuple[PatternBase, ...] = (
     Dense(), _WINDOW, _STRIDE, _FIXED, Union(patterns=(_WINDOW, _STRIDE)), Union(patterns=(_WINDOW, _FIXED)),
@@ -113,14 +134,25 @@ def plan(pattern: PatternBase, lq: int, lk: int, causal: bool) -> Plan:
     if isinstance(pattern, Dense):
         return Plan("sdpa", (partial(kernels.dense_attention, diagonal=(lk - lq) if causal else None),),
                     grouped_kv_on_cpu=True)
-    structured = _structured(pattern, lq, lk, causal)
-    if structured is not None:
-        return structured
+    structured = None if _small_on_masked(pattern, lk, causal) else structured_plan(pattern, lq, lk, causal)
+    return structured or masked_plan(pattern, lq, lk, causal)
+
+
+def _small_on_masked(pattern: PatternBase, lk: int, causal: bool) -> bool:
+    """Whether one masked call over Lk keys beats the pattern's structured steps (SMALL_KEYS)."""
+    if isinstance(pattern, Union) and any(isinstance(member, Fixed) for member in pattern.patterns):
+        return lk <= 2 * SMALL_KEYS
+    several_calls = isinstance(pattern, (Fixed, Union)) or isinstance(pattern, SlidingWindow) and not causal
+    return several_calls and lk <= SMALL_KEYS
+
+
+def masked_plan(pattern: PatternBase, lq: int, lk: int, causal: bool) -> Plan:
+    """The masked kernel's plan: any pattern, exact and memory-safe."""
     return Plan("masked", (partial(kernels.masked_attention, pattern=pattern, causal=causal),),
                 converts_in_steps=one_chunk(lq, lk), grouped_kv_on_cpu=True)
 
 
-def _structured(pattern: PatternBase, lq: int, lk: int, causal: bool) -> Plan | None:
+def structured_plan(pattern: PatternBase, lq: int, lk: int, causal: bool) -> Plan | None:
     """The structured kernel of a Sparse Transformer pattern, for any query length (each handles
     a short run at the end of long keys too), or None. Without causality the same, the band
     reaching both ways, each stride class attending all of itself, each fixed block itself and

@@ -24,7 +24,7 @@ from fastapi.routing import APIRoute
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from engine.batcher import Batcher, Compute, DeadlineExceeded, Result
-from engine.planner import KERNEL_FAMILY_PATTERNS
+from engine.planner import KERNEL_FAMILY_PATTERNS, KERNEL_FAMILY_TOKENS
 from engine.patterns import PATTERN_CATALOG, parse_pattern
 from engine.picture import mask_png
 
@@ -100,7 +100,7 @@ class Service:
         started = time.perf_counter()
         try:
             for dtype in dtypes:
-                q = torch.randn(1, 2, 128, 32, dtype=dtype)
+                q = torch.randn(1, 2, KERNEL_FAMILY_TOKENS, 32, dtype=dtype)
                 for pattern in KERNEL_FAMILY_PATTERNS:
                     await batcher.submit(q, q, q, pattern, timeout_s=600)
         except Exception:

@@ -128,3 +128,16 @@ def test_decode_benchmark_writes_each_kernels_time(tmp_path):
     for r in rows:
         assert min(r["engine_s"], r["masked_s"], r["dense_s"]) > 0
     assert {r["backend"] for r in rows} == {"band", "strided", "fixed", "band+strided", "masked"}  # Lk 700: short
+
+
+def test_small_benchmark_times_both_plans_and_names_the_choice(tmp_path):
+    out = tmp_path / "s.json"
+    bench_kernels.main(["--small", "--small-n", "24", "200", "--heads", "2", "--dim", "16", "--repeats", "1",
+                        "--turn-s", "0.01", "--out", str(out)])
+    rows = json.loads(out.read_text())["small"]
+    assert {(r["n"], r["causal"], r["pattern"]) for r in rows} == {
+        (n, causal, label) for n in (24, 200) for causal in (True, False) for label in bench_kernels.SMALL_PATTERNS}
+    fixed = {(r["n"], r["causal"]): r for r in rows if r["pattern"] == "fixed(16, 2)"}
+    assert {r["backend"] for r in fixed.values()} == {"masked", "fixed"}  # small: masked; n = 200: its own
+    assert all(r["structured_s"] > 0 for r in fixed.values())
+    assert all(r["masked_s"] > 0 and r["dense_s"] > 0 for r in rows)

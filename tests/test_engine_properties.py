@@ -3,12 +3,15 @@ against the float64 reference."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from engine import attention
 from reference import reference_attention
+
+pytestmark = pytest.mark.usefixtures("planner_both_ways")  # small shapes: both kernels
 
 leaf = st.one_of(
     st.just({"type": "dense"}),

@@ -13,6 +13,8 @@ import torch
 from engine import attention
 from reference import reference_attention
 
+pytestmark = pytest.mark.usefixtures("planner_both_ways")  # small shapes: both kernels
+
 SW = lambda w: {"type": "sliding_window", "window": w}  # noqa: E731
 ST = lambda s: {"type": "strided", "stride": s}  # noqa: E731
 FX = lambda l, c: {"type": "fixed", "block": l, "summary": c}  # noqa: E731
@@ -62,6 +64,15 @@ SHAPES = {
     "gqa_dv": (2, 4, 2, 100, 100, 16, 24),
     "mqa": (1, 4, 1, 97, 120, 16, 8),
 }
+
+
+def test_small_problems_run_on_the_kernel_each_pass_names(planner_both_ways):
+    """The module's two passes differ: fixed over 100 keys runs masked as shipped, else fixed."""
+    from engine.attention import backend_for
+    from engine.patterns import parse_pattern
+
+    expected = {"as_shipped": "masked", "structured_at_every_size": "fixed"}[planner_both_ways]
+    assert backend_for(parse_pattern(PATTERNS["fixed"]), 2, 100, 100, True) == expected
 
 
 def _check(pattern, shape, causal, dtype, seed=0):
@@ -346,7 +357,7 @@ def test_masked_fallback_matches_reference(monkeypatch, pattern, shape, causal):
     kernels = importlib.import_module("engine.kernels")
     calls = []
     masked = kernels.masked_attention
-    monkeypatch.setattr(planner, "_structured", lambda *args: None)
+    monkeypatch.setattr(planner, "structured_plan", lambda *args: None)
     monkeypatch.setattr(kernels, "masked_attention", lambda *args, **kw: calls.append(1) or masked(*args, **kw))
     planner.plan.cache_clear()  # plans are cached: none made before, none kept after
     try:

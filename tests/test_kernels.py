@@ -223,6 +223,19 @@ STRIDES = {"type": "union", "patterns": [SW(256), ST(128), ST(96)]}
     ({"type": "union", "patterns": [SW(256), FX(128, 8)]}, 16384, 16384, False, "band+fixed"),
     (NO_KERNEL, 1, 65536, True, "masked"),
     (NO_KERNEL, 16384, 16384, False, "masked"),
+    # Small problems (at most SMALL_KEYS = 128 keys; a union with fixed 256): fixed, unions and a
+    # non-causal window on one masked call, a causal window or a stride on its own kernel.
+    (FX(16, 2), 128, 128, True, "masked"),
+    (FX(16, 2), 129, 129, True, "fixed"),
+    ({"type": "union", "patterns": [SW(16), ST(16)]}, 1, 128, False, "masked"),
+    ({"type": "union", "patterns": [SW(16), ST(16)]}, 1, 129, False, "band+strided"),
+    ({"type": "union", "patterns": [SW(32), ST(32), FX(64, 4)]}, 100, 100, True, "masked"),
+    ({"type": "union", "patterns": [ST(8), FX(32, 4)]}, 16, 256, False, "masked"),
+    ({"type": "union", "patterns": [ST(8), FX(32, 4)]}, 16, 257, False, "strided+fixed"),
+    (SW(16), 128, 128, True, "band"),
+    (SW(16), 128, 128, False, "masked"),
+    (SW(16), 129, 129, False, "band"),
+    (ST(8), 128, 128, False, "strided"),
 ])
 def test_planner_kernel_choice(pattern, lq, lk, causal, backend):
     from engine.patterns import parse_pattern
@@ -354,11 +367,37 @@ def test_masked_chunks(monkeypatch, pattern, causal, budget, min_rows, compact):
     monkeypatch.setattr("engine.kernels.masked.MASK_BUDGET", budget)
     monkeypatch.setattr("engine.kernels.masked.MIN_CHUNK_ROWS", min_rows)
     monkeypatch.setattr("engine.kernels.masked.COMPACT_FRACTION", compact)
+    monkeypatch.setattr("engine.kernels.masked.SMALL_MASK_ELEMENTS", 0)  # none kept: each built under these
     q, k, v = _qkv(2, 150, 230)
     out, lse = kernels.masked_attention(q, k, v, parse_pattern(pattern), scale=0.25, causal=causal)
     ref_out, ref_lse = reference_attention(q, k, v, pattern, causal=causal, scale=0.25)
     torch.testing.assert_close(out.double(), ref_out, atol=2e-5, rtol=2e-5)
     torch.testing.assert_close(lse.double(), ref_lse, atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_small_masks_are_kept_and_large_ones_built_each_call(causal):
+    """The masked kernel keeps a small chunk's mask (and its compacted columns) for the next call of
+    that shape; a chunk over SMALL_MASK_ELEMENTS builds its own each time. Results stay exact."""
+    import importlib
+
+    from engine.patterns import parse_pattern
+
+    masked = importlib.import_module("engine.kernels.masked")
+    spec = {"type": "union", "patterns": [SW(5), FX(8, 2)]}
+    pattern = parse_pattern(spec)
+    for lq, lk, kept in [(3, 100, True), (40, 40, True), (300, 300, causal)]:  # non-causal 300: one 300 x 300 chunk
+        q, k, v = _qkv(2, lq, lk)
+        masked._small_chunk_mask.cache_clear()
+        results = [kernels.masked_attention(q, k, v, pattern, scale=0.25, causal=causal) for _ in range(2)]
+        info = masked._small_chunk_mask.cache_info()
+        assert (info.hits > 0 and info.hits == info.misses) == kept, (lq, lk, info)
+        assert (info.currsize > 0) == kept
+        for out, lse in results:
+            ref_out, ref_lse = reference_attention(q, k, v, spec, causal=causal, scale=0.25)
+            torch.testing.assert_close(out.double(), ref_out, atol=2e-5, rtol=2e-5)
+            torch.testing.assert_close(lse.double(), ref_lse, atol=2e-5, rtol=2e-5)
+    masked._small_chunk_mask.cache_clear()
 
 
 @pytest.mark.parametrize("lq,lk", [(600, 600), (517, 700), (1, 1003), (3, 5), (64, 64)])
