@@ -4,11 +4,11 @@
 call (no copy when l divides L).
 (b) The summary columns of earlier blocks: query block b sees the first b*c keys of the
 gathered summary set S (c keys per block: a copy of c/l of K and V). On the CPU for blocks of at
-least CALL_ROWS rows, and for a few query blocks anywhere, each block's real rows attend their
-b*c keys in one call, with no mask and no padded row (blocks under CALL_ROWS rows a few per
-call, the keys past the ones all of the call's rows see under a prefix mask). Elsewhere (small
-blocks, whose calls would be tiny; CUDA, where a call per block would be a launch per block) the queries are viewed
-as [l, L/l] (position-in-block as the head axis, block index as the row), so that every head
+least CALL_ROWS rows, for a few query blocks anywhere, and for a few rows after many keys,
+each block's real rows attend their b*c keys in one call, with no mask and no padded row (blocks
+under CALL_ROWS rows a few per call, the keys past the ones all of the call's rows see under a
+prefix mask). Elsewhere (small blocks, whose calls would be tiny; CUDA, where a call per block
+would be a launch per block) the queries are viewed as [l, L/l] (position-in-block as the head axis, block index as the row), so that every head
 shares S (a stride-0 view) and one small [rows, keys] block-causal mask; the blocks are cut into
 a few row ranges, each with the keys its last block needs, so the masked waste is about
 1/(2 ranges). For a few query rows (a decode step) S is not copied: offset u of every block is
@@ -52,12 +52,17 @@ MIN_RANGES, MAX_RANGES, BLOCKS_PER_RANGE = 4, 16, 32
 # union(sliding 32, fixed(16, 2)) at n = 4096, H = 8: 119 ms a block per call, 68 ms grouped
 # (16384: 800 and 524 ms).
 CALL_ROWS = 64
-# On the CPU small blocks also go per block (a few per call) up to this many query rows (a chunk
-# after long keys), where the ranges' shared keys, repeated over l heads, cost more than they
-# save: per block / ranges, Lk 65536, H = 8, at 65, 256, 1024 and 4096 rows: fixed(16, 1) D = 128
-# 0.24, 0.50, 0.97, 1.28; fixed(32, 4) D = 64 1.00, 0.49, 0.92, 1.18; at Lk 16384 fixed(16, 2)
-# 0.36, 0.75, 0.95, 1.32.
-PER_BLOCK_MAX_ROWS = 1024
+# On the CPU small blocks also go per block (a few per call) for a chunk of at most
+# PER_BLOCK_MAX_ROWS rows after at least PER_BLOCK_KEYS_PER_ROW times as many keys, where the
+# ranges' shared keys, read again for each of the l heads by rows that are few per head, cost more
+# than the calls per block. Per block / ranges, H = 8 (D = 64; fixed(16, 1): 128), two rounds:
+# - fixed(16, 2), (32, 4), (16, 1) at 256 rows after 4096 keys 0.98, 0.70, 0.65; after 16384 0.69,
+#   0.44, 0.49; 512 rows after 16384 0.85, 0.80, 0.80, after 65536 0.97, 0.77, 0.66; 65 rows
+#   after 16384 or 65536 0.24-1.00 (an earlier session).
+# - squares, n = 256 to 1024: 1.37-2.56 (fixed(16, 1) at 256: 0.88); 4 keys a row (64 to 512 rows):
+#   0.73-1.36; 1024 rows after 4096 to 65536 keys 0.97-1.44.
+PER_BLOCK_MAX_ROWS = 512
+PER_BLOCK_KEYS_PER_ROW = 16
 # A short run of query rows (decoding, small chunks): up to this many rows read the summary keys
 # in place (`_summary_offsets`) rather than copying them once for all rows, and compute their own
 # block for the real rows alone rather than for whole padded blocks. Summary keys copied / in
@@ -72,6 +77,11 @@ SHORT_RUN_ROWS = 16
 def short_run(lq: int, lk: int, block: int, summary: int) -> bool:
     """Whether causal fixed takes these query rows as a short run (its summary mask within budget)."""
     return lq <= SHORT_RUN_ROWS and lq < block and summary * lq * ((lk - 1) // block) <= MASK_BUDGET
+
+
+def _chunk_after_long_keys(lq: int, lk: int) -> bool:
+    """Whether small blocks' summary keys go per block on the CPU: a few rows after many keys."""
+    return lq <= PER_BLOCK_MAX_ROWS and lk >= PER_BLOCK_KEYS_PER_ROW * lq
 
 
 def _blocks_per_call(block: int) -> int:
@@ -178,7 +188,7 @@ def fixed_attention(
         cpu = q.device.type == "cpu"
         few_blocks = blocks - lo <= (MIN_RANGES if cpu else MAX_RANGES)  # no more calls than ranges would make
         if min_distance or skip_strides or ranges is None and (
-                few_blocks or cpu and (l >= CALL_ROWS or lq <= PER_BLOCK_MAX_ROWS)):
+                few_blocks or cpu and (l >= CALL_ROWS or _chunk_after_long_keys(lq, lk))):
             _summary_per_block(q.reshape(b * h, 1, nq * l, d), ks, vs, out, lse, range(lo, blocks), first=first,
                                block=l, summary=c, real=real, scale=scale, min_distance=min_distance,
                                skip_strides=skip_strides)
