@@ -1,7 +1,8 @@
 """The engine on a CUDA GPU: exactness first, then the kernel benchmark, in one bounded run.
 
 (a) Every pattern and edge shape of tests/test_engine_reference.py, causal and not, in float32
-    and bfloat16, plus each structured kernel on medium shapes (many tiles, class padding, the
+    and bfloat16 (as the planner picks, and again on the structured kernels where it picks the
+    masked one for a small problem), plus each structured kernel on medium shapes (many tiles, class padding, the
     flash local window), short runs, and head dims the CUDA kernels pad (float16 too), against the
     float64 reference of tests/reference.py computed on the CPU: one PASS or FAIL line each.
     Then more than 65535 classes or blocks on the grid's head axis (`grid_checks`).
@@ -50,8 +51,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
 from engine import attention, kernels  # noqa: E402
+from engine.attention import backend_for  # noqa: E402
 from engine.kernels.band import flash_window_supported  # noqa: E402
 from engine.patterns import parse_pattern  # noqa: E402
+from planner_support import structured_at_every_size  # noqa: E402
 from reference import reference_attention  # noqa: E402
 from test_engine_reference import PATTERNS, SHAPES  # noqa: E402
 
@@ -88,6 +91,21 @@ def inputs(shape, dtype, device, seed=0):
             torch.randn(b, hkv, lk, dv, generator=g).to(device, dtype))
 
 
+def both_ways(name: str, run, q, k, v, pattern, causal: bool):
+    """(name, run) as the planner picks, and once more on the structured kernels where it picks the
+    masked kernel for a small problem (`planner.SMALL_KEYS`), which CUDA must get right too."""
+    yield name, run
+    shape = (q.shape[1], q.shape[2], k.shape[2], causal)
+    picked = backend_for(parse_pattern(pattern), *shape)
+    with structured_at_every_size():
+        structured = backend_for(parse_pattern(pattern), *shape)
+    if structured != picked:
+        def on_structured():
+            with structured_at_every_size():
+                return run()
+        yield f"{name} structured ({structured})", on_structured
+
+
 def cases(device):
     """(name, callable -> (out, lse), q, k, v, pattern, causal, dtype) for every check."""
     for dtype in (torch.float32, torch.bfloat16):
@@ -99,8 +117,9 @@ def cases(device):
                 for causal in (True, False):
                     q, k, v = inputs(shape, dtype, device)
                     run = (lambda q=q, k=k, v=v, p=pattern, c=causal: attention(q, k, v, p, causal=c, return_lse=True))
-                    yield f"engine {pname} {sname} {'causal' if causal else 'noncausal'} {dname}", run, q, k, v, \
-                        pattern, causal, dtype
+                    name = f"engine {pname} {sname} {'causal' if causal else 'noncausal'} {dname}"
+                    for name, run in both_ways(name, run, q, k, v, pattern, causal):
+                        yield name, run, q, k, v, pattern, causal, dtype
         # Medium shapes: many band tiles, padded classes, summary per block and in ranges, D = 64.
         for lq, lk in ((2048, 2048), (1500, 2001)):
             shape = (1, 2, 2, lq, lk, 64, 64)
@@ -150,7 +169,9 @@ def cases(device):
             q, k, v = inputs(shape, dtype, device, seed=3)
             for pattern in ({"type": "dense"}, SW(16), ST(8), FX(16, 4), UNION(12, 8)):
                 run = (lambda q=q, k=k, v=v, p=pattern: attention(q, k, v, p, return_lse=True))
-                yield f"head dims d={shape[5]} dv={shape[6]} {pattern} {dname}", run, q, k, v, pattern, True, dtype
+                name = f"head dims d={shape[5]} dv={shape[6]} {pattern} {dname}"
+                for name, run in both_ways(name, run, q, k, v, pattern, True):
+                    yield name, run, q, k, v, pattern, True, dtype
 
 
 def grid_checks(device, n: int = 140000) -> tuple[int, int]:

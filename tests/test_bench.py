@@ -141,3 +141,18 @@ def test_small_benchmark_times_both_plans_and_names_the_choice(tmp_path):
     assert {r["backend"] for r in fixed.values()} == {"masked", "fixed"}  # small: masked; n = 200: its own
     assert all(r["structured_s"] > 0 for r in fixed.values())
     assert all(r["masked_s"] > 0 and r["dense_s"] > 0 for r in rows)
+
+
+def test_gpu_check_cases_pass_on_the_cpu():
+    """bench/gpu_check.py's exactness checks, a sample of them, run here as on CUDA: the harness
+    works, and the small shapes run both as the planner picks and on the structured kernels. Each
+    runs as it is made, as there (the medium shapes' checks read the loop's latest tensors)."""
+    from bench import gpu_check
+
+    names = []
+    for i, (name, run, q, k, v, pattern, causal, dtype) in enumerate(gpu_check.cases(torch.device("cpu"))):
+        names.append(name)
+        if i % 9 == 0 or " structured (" in name and i % 3 == 0:
+            assert gpu_check.compare(*run(), q, k, v, pattern, causal, dtype) is None, name
+    twice = [name.split(" structured (")[0] for name in names if " structured (" in name]
+    assert twice and set(twice) <= set(names)
