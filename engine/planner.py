@@ -6,8 +6,9 @@ one window, any strides and at most one fixed: a window with a stride as in the 
 fixed, a stride with fixed, all three, several strides) at any query length; anything else (two
 fixed members) falls back to the masked kernel, which is exact and memory-safe but slower (for a
 few query rows it runs on a copy of just the keys they attend). Small problems of fixed, unions
-and non-causal windows (at most SMALL_KEYS keys; a union with fixed, twice that) run on the masked
-kernel too: one call beats their many small ones there. `simplify` first removes what cannot change the mask.
+and windows (at most SMALL_KEYS keys; a union with fixed twice that, a causal window half) run on
+the masked kernel too: one call beats their several small ones there. `simplify` first removes
+what cannot change the mask.
 """
 
 from __future__ import annotations
@@ -57,10 +58,11 @@ class Plan:
         return out[..., :dv], lse
 
 
-# Keys up to which fixed, unions and a non-causal window run on the masked kernel, and a union with
-# a fixed member up to twice as many: one call over every key under the pattern's mask beats the
-# structured steps' many small calls there (fixed's blocks and summary keys, a union's merged
-# pieces, the two-way band's first rows, tiles and reversed last rows). Masked / structured time,
+# Keys up to which fixed, unions and a non-causal window run on the masked kernel, a union with a
+# fixed member up to twice as many and a causal window up to half as many: one call over every key
+# under the pattern's mask beats the structured steps' several small calls there (fixed's blocks
+# and summary keys, a union's merged pieces, the band's first rows, tiles and, non-causal,
+# reversed last rows). Masked / structured time,
 # H = 8, D = 64, float32, square unless said (`python -m bench.kernels --small`; measured before
 # the masked kernel kept small masks, which made it faster still):
 # - n = 32 to 128: 0.17-0.68 for fixed(16, 2) and unions of windows, strides and fixed, causal or
@@ -71,8 +73,10 @@ class Plan:
 #   lose. Unions with fixed win up to 256 keys (0.19-0.74: 8 to 256 heads, 1 to 256 rows,
 #   bfloat16, D = 128) and mostly at 512 too (0.37-0.91; 0.65-1.2 at B = 8).
 # - Non-causal sliding_window(16): 0.27-0.54 at n = 32 to 128 (B = 8: 0.38 at 64, 0.99 at 128),
-#   1.1-1.3 from 192. A causal window or a stride alone is one or a few calls and keeps its kernel
-#   (the masked one lost from n = 128 on, up to 6x for strided(8) at 256).
+#   1.1-1.3 from 192. A causal window, two or three calls, up to half as many keys: with the masks
+#   kept, sliding_window(8, 16, 32) at n = 32 and 64 0.37-0.96 (B = 1 and 32, H = 8 and 32), at 96
+#   0.71-1.21. A stride alone is one call or two and keeps its kernel (the masked one lost from
+#   n = 32 on, up to 6x for strided(8) at 256).
 SMALL_KEYS = 128
 
 # One pattern per kernel family the planner picks at KERNEL_FAMILY_TOKENS tokens, past the small
@@ -98,7 +102,7 @@ def simplify(pattern: PatternBase, lk: int) -> PatternBase:
     if isinstance(pattern, Strided) and pattern.stride == 1:
         return Dense()
     if isinstance(pattern, Strided) and pattern.stride >= lk:  # |i - j| < lk: only j = i is a multiple
-        return SlidingWindow(window=1)  # (the strided kernel's work and padding grow with the stride)
+        return simplify(SlidingWindow(window=1), lk)  # (the strided kernel's work and padding grow with the stride)
     if isinstance(pattern, Fixed) and (pattern.block >= lk or pattern.summary == pattern.block):
         return Dense()  # one block, or every column a summary column
     if isinstance(pattern, Union):
@@ -142,8 +146,9 @@ def _small_on_masked(pattern: PatternBase, lk: int, causal: bool) -> bool:
     """Whether one masked call over Lk keys beats the pattern's structured steps (SMALL_KEYS)."""
     if isinstance(pattern, Union) and any(isinstance(member, Fixed) for member in pattern.patterns):
         return lk <= 2 * SMALL_KEYS
-    several_calls = isinstance(pattern, (Fixed, Union)) or isinstance(pattern, SlidingWindow) and not causal
-    return several_calls and lk <= SMALL_KEYS
+    if isinstance(pattern, (Fixed, Union)) or isinstance(pattern, SlidingWindow) and not causal:
+        return lk <= SMALL_KEYS
+    return isinstance(pattern, SlidingWindow) and lk <= SMALL_KEYS // 2
 
 
 def masked_plan(pattern: PatternBase, lq: int, lk: int, causal: bool) -> Plan:

@@ -240,8 +240,8 @@ STRIDES = {"type": "union", "patterns": [SW(256), ST(128), ST(96)]}
     ({"type": "union", "patterns": [SW(256), FX(128, 8)]}, 16384, 16384, False, "band+fixed"),
     (NO_KERNEL, 1, 65536, True, "masked"),
     (NO_KERNEL, 16384, 16384, False, "masked"),
-    # Small problems (at most SMALL_KEYS = 128 keys; a union with fixed 256): fixed, unions and a
-    # non-causal window on one masked call, a causal window or a stride on its own kernel.
+    # Small problems (at most SMALL_KEYS = 128 keys; a union with fixed 256, a causal window 64):
+    # fixed, unions and windows on one masked call, a stride on its own kernel.
     (FX(16, 2), 128, 128, True, "masked"),
     (FX(16, 2), 129, 129, True, "fixed"),
     ({"type": "union", "patterns": [SW(16), ST(16)]}, 1, 128, False, "masked"),
@@ -250,6 +250,8 @@ STRIDES = {"type": "union", "patterns": [SW(256), ST(128), ST(96)]}
     ({"type": "union", "patterns": [ST(8), FX(32, 4)]}, 16, 256, False, "masked"),
     ({"type": "union", "patterns": [ST(8), FX(32, 4)]}, 16, 257, False, "strided+fixed"),
     (SW(16), 128, 128, True, "band"),
+    (SW(16), 64, 64, True, "masked"),
+    (SW(16), 1, 65, True, "band"),
     (SW(16), 128, 128, False, "masked"),
     (SW(16), 129, 129, False, "band"),
     (ST(8), 128, 128, False, "strided"),
