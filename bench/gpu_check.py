@@ -14,6 +14,8 @@
 (d) a few query rows at the end of 65536 and 131072 keys (decode steps, short chunks), per
     pattern, in bfloat16: the engine's structured kernels against dense flash SDPA and the masked kernel
     (`bench.kernels --decode`).
+(e) small problems (n = 32 to 256): each pattern's structured plan against the masked kernel, the
+    choice `planner.SMALL_KEYS` makes, measured on the CPU only until then (`bench.kernels --small`).
 
 Exits 1 if any check fails or raises, 2 if CUDA is missing: it never skips a check quietly.
 Sized to finish in about 5 minutes on an H200: FlexAttention is compiled at n = 16384 and 131072
@@ -280,6 +282,8 @@ def main(argv: list[str] | None = None) -> int:
         bench_kernels.main(["--decode", "--device", args.device, "--dtypes", "bfloat16", "--decode-lk", "65536", "131072",
                             "--decode-lq", "1", "16", "--repeats", "3", "--turn-s", "0.05",
                             "--out", str(args.out / "gpu_decode.json")])
+        bench_kernels.main(["--small", "--device", args.device, "--repeats", "2", "--turn-s", "0.05",
+                            "--out", str(args.out / "gpu_small.json")])
     summary["total_s"] = time.perf_counter() - started
     (args.out / "gpu_check.json").write_text(json.dumps(summary, indent=1))
     print(f"{'FAILED' if failed else 'ALL PASSED'}: {passed} passed, {failed} failed; total {summary['total_s']:.0f} s")
