@@ -386,7 +386,7 @@ def test_masked_chunks(monkeypatch, pattern, causal, budget, min_rows, compact):
     monkeypatch.setattr("engine.kernels.masked.MASK_BUDGET", budget)
     monkeypatch.setattr("engine.kernels.masked.MIN_CHUNK_ROWS", min_rows)
     monkeypatch.setattr("engine.kernels.masked.COMPACT_FRACTION", compact)
-    monkeypatch.setattr("engine.kernels.masked.SMALL_MASK_ELEMENTS", 0)  # none kept: each built under these
+    monkeypatch.setattr("engine.kernels.dense.SMALL_MASK_ELEMENTS", 0)  # none kept: each built under these
     q, k, v = _qkv(2, 150, 230)
     out, lse = kernels.masked_attention(q, k, v, parse_pattern(pattern), scale=0.25, causal=causal)
     ref_out, ref_lse = reference_attention(q, k, v, pattern, causal=causal, scale=0.25)
@@ -397,7 +397,8 @@ def test_masked_chunks(monkeypatch, pattern, causal, budget, min_rows, compact):
 @pytest.mark.parametrize("causal", [True, False])
 def test_small_masks_are_kept_and_large_ones_built_each_call(causal):
     """The masked kernel keeps a small chunk's mask (and its compacted columns) for the next call of
-    that shape; a chunk over SMALL_MASK_ELEMENTS builds its own each time. Results stay exact."""
+    that shape (`kept_when_small`); a chunk over SMALL_MASK_ELEMENTS builds its own each time.
+    Results stay exact."""
     import importlib
 
     from engine.patterns import parse_pattern
@@ -407,16 +408,29 @@ def test_small_masks_are_kept_and_large_ones_built_each_call(causal):
     pattern = parse_pattern(spec)
     for lq, lk, kept in [(3, 100, True), (40, 40, True), (300, 300, causal)]:  # non-causal 300: one 300 x 300 chunk
         q, k, v = _qkv(2, lq, lk)
-        masked._small_chunk_mask.cache_clear()
+        masked.chunk_mask.kept.cache_clear()
         results = [kernels.masked_attention(q, k, v, pattern, scale=0.25, causal=causal) for _ in range(2)]
-        info = masked._small_chunk_mask.cache_info()
+        info = masked.chunk_mask.kept.cache_info()
         assert (info.hits > 0 and info.hits == info.misses) == kept, (lq, lk, info)
         assert (info.currsize > 0) == kept
         for out, lse in results:
             ref_out, ref_lse = reference_attention(q, k, v, spec, causal=causal, scale=0.25)
             torch.testing.assert_close(out.double(), ref_out, atol=2e-5, rtol=2e-5)
             torch.testing.assert_close(lse.double(), ref_lse, atol=2e-5, rtol=2e-5)
-    masked._small_chunk_mask.cache_clear()
+    masked.chunk_mask.kept.cache_clear()
+
+
+def test_small_band_masks_are_kept():
+    """The band's mask is kept for the next call of its shape when small (a decode step's [1, w]),
+    built afresh when large; either way it keeps keys r .. r + w - 1 of row r."""
+    from engine.kernels.band import band_mask
+
+    cpu = torch.device("cpu")
+    for rows, window, kept in [(1, 256, True), (24, 128, True), (24, 5000, False)]:
+        first, second = (band_mask(rows, window, torch.float32, cpu) for _ in range(2))
+        assert (first is second) == kept
+        r, c = torch.arange(rows)[:, None], torch.arange(rows + window - 1)[None, :]
+        assert torch.equal(first == 0, (c >= r) & (c < r + window))
 
 
 @pytest.mark.parametrize("lq,lk", [(600, 600), (517, 700), (1, 1003), (3, 5), (64, 64)])

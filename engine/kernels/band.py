@@ -23,8 +23,8 @@ import functools
 
 import torch
 
-from .dense import (additive_mask, as_computed, dense_attention, flash_supported, fused, math_attention,
-                    pad_head_dim, same_head_dim)
+from .dense import (additive_mask, as_computed, dense_attention, flash_supported, fused, kept_when_small,
+                    math_attention, pad_head_dim, same_head_dim)
 from .merge import join_rows
 
 
@@ -36,8 +36,10 @@ from .merge import join_rows
 TILE_ROWS = 24
 
 
+@kept_when_small(lambda rows, window, dtype, device: rows * (rows + window - 1))
 def band_mask(rows: int, window: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """[rows, rows + window - 1] additive mask: row r keeps keys r .. r + window - 1."""
+    """[rows, rows + window - 1] additive mask: row r keeps keys r .. r + window - 1 (a small one
+    kept for the next call: a decode step's was a quarter of its time)."""
     r = torch.arange(rows, device=device)[:, None]
     c = torch.arange(rows + window - 1, device=device)[None, :]
     keep = (c >= r) & (c < r + window)

@@ -10,12 +10,10 @@ on whole spans, 1.4 s so (measured when that union still ran here; it has a stru
 
 from __future__ import annotations
 
-import functools
-
 import torch
 
 from ..patterns import PatternBase
-from .dense import fused_masked
+from .dense import fused_masked, kept_when_small
 
 # Mask elements per chunk: the mask, the rule's int64 temporaries and the kernel's scores are each
 # a few times this in bytes. union(sliding 256, strided 128, fixed(128, 8)) at n = 16384, one head,
@@ -25,12 +23,6 @@ MASK_BUDGET = 1 << 22
 # A chunk whose rows attend fewer than this fraction of its key span between them runs on a copy
 # of just those keys (fixed's summary columns and a window, say, out of the whole prefix).
 COMPACT_FRACTION = 0.5
-# Chunk masks of at most this many elements are kept (the last SMALL_MASKS_KEPT of them): a small
-# problem's call costs less than building its mask from the pattern's rule. union(sliding 16,
-# fixed(16, 2)), H = 8, D = 64, n = 32 / 64 / 128: 314 / 505 / 1028 us a call building the mask,
-# against 69 / 197 / 528 us for the fused call under a ready one.
-SMALL_MASK_ELEMENTS = 1 << 16
-SMALL_MASKS_KEPT = 256
 # Fewest query rows per call (unless the budget allows fewer): a tiny reach would otherwise make
 # thousands of tiny calls.
 MIN_CHUNK_ROWS = 128
@@ -56,7 +48,6 @@ def masked_attention(
         chunk = _chunk_rows(pattern, offset + start, lq - start, lk, causal)
         lo, hi = pattern.key_span(offset + start, offset + start + chunk, lk, causal)
         rows = slice(start, start + chunk)
-        chunk_mask = _small_chunk_mask if chunk * (hi - lo) <= SMALL_MASK_ELEMENTS else _chunk_mask
         allowed, columns = chunk_mask(pattern, offset + start, chunk, lo, hi, causal, q.device)
         keys_k, keys_v = k[..., lo:hi, :], v[..., lo:hi, :]
         if columns is not None:
@@ -68,10 +59,12 @@ def masked_attention(
     return out, lse
 
 
-def _chunk_mask(pattern: PatternBase, first: int, rows: int, lo: int, hi: int, causal: bool,
-                device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
+@kept_when_small(lambda pattern, first, rows, lo, hi, causal, device: rows * (hi - lo))
+def chunk_mask(pattern: PatternBase, first: int, rows: int, lo: int, hi: int, causal: bool,
+               device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(which keys each of the rows at first.. attends, [rows, keys]; the keys' columns in lo..hi
-    when they are under COMPACT_FRACTION of the span, and the mask just those, else None)."""
+    when they are under COMPACT_FRACTION of the span, and the mask just those, else None); a
+    small problem's is kept for its next call."""
     i = torch.arange(first, first + rows, device=device)[:, None]
     j = torch.arange(lo, hi, device=device)[None, :]
     allowed = pattern.attends(i, j, causal)
@@ -80,9 +73,6 @@ def _chunk_mask(pattern: PatternBase, first: int, rows: int, lo: int, hi: int, c
         columns = used.nonzero().squeeze(1)
         return allowed[:, columns], columns
     return allowed, None
-
-
-_small_chunk_mask = functools.lru_cache(maxsize=SMALL_MASKS_KEPT)(_chunk_mask)
 
 
 def one_chunk(lq: int, lk: int) -> bool:
