@@ -62,9 +62,9 @@ class Plan:
 # fixed member up to twice as many and a causal window up to half as many: one call over every key
 # under the pattern's mask beats the structured steps' several small calls there (fixed's blocks
 # and summary keys, a union's merged pieces, the band's first rows, tiles and, non-causal,
-# reversed last rows). Masked / structured time,
-# H = 8, D = 64, float32, square unless said (`python -m bench.kernels --small`; measured before
-# the masked kernel kept small masks, which made it faster still):
+# reversed last rows). Masked / structured time, H = 8, D = 64, float32, square unless said
+# (`python -m bench.kernels --small`; measured before the masked kernel kept small masks, which
+# made it faster still):
 # - n = 32 to 128: 0.17-0.68 for fixed(16, 2) and unions of windows, strides and fixed, causal or
 #   not (union(sliding 32, strided 32, fixed(64, 4)), 128 rows, not causal: 3.7 -> 0.68 ms); alike
 #   at B = 8 and 32, in bfloat16, at H = 32 over 8 key/value heads with D = 128, and for 1 to 64
@@ -102,7 +102,7 @@ def simplify(pattern: PatternBase, lk: int) -> PatternBase:
     if isinstance(pattern, Strided) and pattern.stride == 1:
         return Dense()
     if isinstance(pattern, Strided) and pattern.stride >= lk:  # |i - j| < lk: only j = i is a multiple
-        return simplify(SlidingWindow(window=1), lk)  # (the strided kernel's work and padding grow with the stride)
+        return simplify(SlidingWindow(window=1), lk)  # (strided's work and padding grow with s; Lk 1: dense)
     if isinstance(pattern, Fixed) and (pattern.block >= lk or pattern.summary == pattern.block):
         return Dense()  # one block, or every column a summary column
     if isinstance(pattern, Union):

@@ -8,10 +8,10 @@ least CALL_ROWS rows, for a few query blocks anywhere, and for a few rows after 
 each block's real rows attend their b*c keys in one call, with no mask and no padded row (blocks
 under CALL_ROWS rows a few per call, the keys past the ones all of the call's rows see under a
 prefix mask). Elsewhere (small blocks, whose calls would be tiny; CUDA, where a call per block
-would be a launch per block) the queries are viewed as [l, L/l] (position-in-block as the head axis, block index as the row), so that every head
-shares S (a stride-0 view) and one small [rows, keys] block-causal mask; the blocks are cut into
-a few row ranges, each with the keys its last block needs, so the masked waste is about
-1/(2 ranges). For a few query rows (a decode step) S is not copied: offset u of every block is
+would be a launch per block) the queries are viewed as [l, L/l] (position-in-block as the head
+axis, block index as the row), so that every head shares S (a stride-0 view) and one small
+[rows, keys] block-causal mask; the blocks are cut into a few row ranges, each with the keys its
+last block needs, so the masked waste is about 1/(2 ranges). For a few query rows (a decode step) S is not copied: offset u of every block is
 one strided view of K, so the c offsets are a batch axis of one call (`_summary_offsets`); and
 (a) runs on the real rows alone, not on whole padded blocks.
 
