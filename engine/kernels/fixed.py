@@ -11,9 +11,10 @@ prefix mask). Elsewhere (small blocks, whose calls would be tiny; CUDA, where a 
 would be a launch per block) the queries are viewed as [l, L/l] (position-in-block as the head
 axis, block index as the row), so that every head shares S (a stride-0 view) and one small
 [rows, keys] block-causal mask; the blocks are cut into a few row ranges, each with the keys its
-last block needs, so the masked waste is about 1/(2 ranges). For a few query rows (a decode step) S is not copied: offset u of every block is
-one strided view of K, so the c offsets are a batch axis of one call (`_summary_offsets`); and
-(a) runs on the real rows alone, not on whole padded blocks.
+last block needs, so the masked waste is about 1/(2 ranges). For a few query rows (a decode
+step) S is not copied: offset u of every block is one strided view of K, so the c offsets are a
+batch axis of one call (`_summary_offsets`); and (a) runs on the real rows alone, not on whole
+padded blocks.
 
 A minimum distance m (for a union with a sliding window of m, whose keys it then skips) shifts
 the own-block causal diagonal by m and keeps a row's summary keys at positions up to i - m. A
