@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from engine import attention
 from engine.attention import backend_for
 from engine.kernels import KEEPS_FREED_MEMORY, band_attention, masked_attention
+from engine.kernels.masked import chunk_mask
 from engine.memory import PeakMemory
 from engine.patterns import attended_pairs, parse_pattern
 from engine.planner import masked_plan, plan, simplify, structured_plan
@@ -356,7 +357,8 @@ def bench_decode(args, device: torch.device) -> list[dict]:
     (--dtypes): the engine against dense SDPA over every key and against the masked kernel (the
     fallback of a pattern with no structured kernel) on the same rows; grouped-query with
     --decode-kv-heads (the masked kernel on key/value heads repeated before the clock, as a device
-    without grouped heads needs)."""
+    without grouped heads needs). Each call builds the masked kernel's mask afresh, as a real decode
+    step does (its position is new each time), rather than find it kept from the last repeat."""
     patterns = {**{LABELS[name]: PATTERNS[name] for name in args.patterns}, **DECODE_EXTRA}
     kv_heads, scale = args.decode_kv_heads or args.heads, args.dim ** -0.5
     rows = []
@@ -369,9 +371,10 @@ def bench_decode(args, device: torch.device) -> list[dict]:
             for label, spec in patterns.items():
                 pattern = parse_pattern(spec)
                 single = simplify(pattern, lk)
-                fns["engine", label] = lambda q=q, k=k, v=v, p=pattern: attention(q, k, v, p)
-                fns["masked", label] = (lambda q=q, k=k_rep, v=v_rep, p=single:
-                                        masked_attention(q, k, v, p, scale=scale, causal=True))
+                fns["engine", label] = lambda q=q, k=k, v=v, p=pattern: (chunk_mask.kept.cache_clear(),
+                                                                         attention(q, k, v, p))
+                fns["masked", label] = (lambda q=q, k=k_rep, v=v_rep, p=single: (
+                    chunk_mask.kept.cache_clear(), masked_attention(q, k, v, p, scale=scale, causal=True)))
             times = rounds(fns, device, args.repeats, args.slow, args.turn_s)
             best = {key: min(t[1:] or t) for key, t in times.items()}
             for label, spec in patterns.items():
