@@ -2,9 +2,10 @@
 
 (a) Every pattern and edge shape of tests/test_engine_reference.py, causal and not, in float32
     and bfloat16 (as the planner picks, and again on the structured kernels where it picks the
-    masked one for a small problem), plus each structured kernel on medium shapes (many tiles, class padding, the
-    flash local window), short runs, and head dims the CUDA kernels pad (float16 too), against the
-    float64 reference of tests/reference.py computed on the CPU: one PASS or FAIL line each.
+    masked one for a small problem), plus each structured kernel on medium shapes (many tiles,
+    class padding, the flash local window), short runs, and head dims the CUDA kernels pad
+    (float16 too), against the float64 reference of tests/reference.py computed on the CPU: one
+    PASS or FAIL line each.
     Then more than 65535 classes or blocks on the grid's head axis (`grid_checks`).
 (b) bench.kernels on the GPU in bfloat16 for n up to 131072 against dense flash SDPA and
     compiled FlexAttention, with the 131072-token peak-memory row, the sliding-window scaling

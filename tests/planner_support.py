@@ -12,8 +12,8 @@ import pytest
 
 @contextmanager
 def structured_at_every_size() -> Iterator[None]:
-    """Within the block, fixed, unions and non-causal windows over few keys take their structured
-    kernels, not the masked one (`engine.planner.SMALL_KEYS` 0). Plans are cached: none made before
+    """Within the block, fixed, unions and windows over few keys take their structured kernels, not
+    the masked one (`engine.planner.SMALL_KEYS` 0). Plans are cached: none made before
     the block is used in it, none made in it is kept after."""
     planner = importlib.import_module("engine.planner")
     caches = (planner.plan, importlib.import_module("engine.attention").backend_for)
