@@ -277,6 +277,14 @@ def test_simplify_drops_what_another_member_covers(pattern, simplest):
     assert simplify(parse_pattern(pattern), 1000) == parse_pattern(simplest)
 
 
+@pytest.mark.parametrize("lk,simplest", [(1, {"type": "dense"}), (8, SW(1)), (9, ST(8))])
+def test_a_stride_past_every_key_is_the_diagonal_or_over_one_key_dense(lk, simplest):
+    from engine.patterns import parse_pattern
+    from engine.planner import simplify
+
+    assert simplify(parse_pattern(ST(8)), lk) == parse_pattern(simplest)
+
+
 @pytest.mark.parametrize("lq,lk", [(1, 1003), (5, 300), (37, 1000)])
 @pytest.mark.parametrize("stride,skip_strides", [(64, ()), (41, (3,)), (41, (2, 82))])
 def test_strided_short_runs_take_grouped_heads(lq, lk, stride, skip_strides):
