@@ -8,7 +8,7 @@ from collections.abc import Sequence
 
 import torch
 
-from .kernels.dense import empty_partial
+from .kernels.dense import empty_partial, kernel_device
 from .patterns import PatternBase, head_groups, parse_pattern
 from .planner import plan
 
@@ -216,7 +216,7 @@ def run_heads(q, k, v, pattern: PatternBase, *, causal: bool, scale: float):
     runs = []  # (plan, query heads, their key/value heads when the plan takes them unrepeated)
     for single, heads in head_groups(pattern, h):
         step = plan(single, lq, lk, causal)
-        kv = _grouped_range(heads, q, k) if step.grouped_kv_on_cpu and q.device.type == "cpu" else None
+        kv = _grouped_range(heads, q, k) if step.grouped_kv_on_cpu and kernel_device(q.device) == "cpu" else None
         runs += [(step, heads, kv)] if kv is not None else [(step, run, None) for run in _head_runs(heads, q, k)]
     if len(runs) > 1:  # the runs' results are gathered here; a single run's are returned as they are
         out = torch.empty(b, h, lq, dv, dtype=torch.float32, device=q.device)
@@ -277,7 +277,7 @@ def _heads_of(heads: list[int], q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
     elif heads[0] // group == heads[-1] // group:  # one key/value head for all: a stride-0 view
         j = heads[0] // group
         ks, vs = (x[:, j : j + 1].expand(-1, len(heads), -1, -1) for x in (k, v))
-        if q.device.type != "cpu":  # untried on the CUDA kernels: one key/value head's repeats
+        if kernel_device(q.device) != "cpu":  # untried on the CUDA kernels: one key/value head's repeats
             ks, vs = ks.contiguous(), vs.contiguous()
     else:  # query head i reads key/value head i // (H / Hkv)
         kv_idx = torch.tensor(heads, device=q.device) // group

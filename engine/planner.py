@@ -22,7 +22,7 @@ import torch
 
 from . import kernels
 from .kernels.band import TILE_ROWS
-from .kernels.dense import as_computed, padded_head_dims
+from .kernels.dense import as_computed, kernel_device, padded_head_dims
 from .kernels.fixed import short_run
 from .kernels.masked import one_chunk
 from .patterns import Dense, Fixed, PatternBase, SlidingWindow, Strided, Union
@@ -92,7 +92,7 @@ KERNEL_FAMILY_PATTERNS: tuple[PatternBase, ...] = (
 
 def pads_head_dims(device: torch.device) -> bool:
     """Whether the plan pads head dims once for its device's kernels (`padded_head_dims`): CUDA's."""
-    return device.type == "cuda"
+    return kernel_device(device) == "cuda"
 
 
 def simplify(pattern: PatternBase, lk: int) -> PatternBase:

@@ -1,18 +1,24 @@
 import sys
-from contextlib import nullcontext
+from contextlib import ExitStack
 from pathlib import Path
 
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+from cuda_emulation import cuda_kernels_on_cpu  # noqa: E402
 from planner_support import structured_at_every_size  # noqa: E402
 
 
-@pytest.fixture(scope="module", params=["as_shipped", "structured_at_every_size"])
-def planner_both_ways(request):
-    """A module's tests twice: with the planner as shipped (small problems of fixed, unions and
-    windows on the masked kernel, `planner.SMALL_KEYS`) and with that rule off, so that
-    its small shapes test the structured kernels too."""
-    with structured_at_every_size() if request.param == "structured_at_every_size" else nullcontext():
+@pytest.fixture(scope="module", params=["as_shipped", "structured_at_every_size", "cuda_kernels_on_cpu"])
+def engine_passes(request):
+    """A module's tests three times: with the planner as shipped (small problems of fixed, unions
+    and windows on the masked kernel, `planner.SMALL_KEYS`); with that rule off, so that its small
+    shapes test the structured kernels too; and so again on CUDA's branches and kernels, emulated
+    on the CPU (`cuda_emulation`)."""
+    with ExitStack() as stack:
+        if request.param != "as_shipped":
+            stack.enter_context(structured_at_every_size())
+        if request.param == "cuda_kernels_on_cpu":
+            stack.enter_context(cuda_kernels_on_cpu())
         yield request.param

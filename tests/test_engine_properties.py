@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from engine import attention
 from reference import reference_attention
 
-pytestmark = pytest.mark.usefixtures("planner_both_ways")  # small shapes: both kernels
+pytestmark = pytest.mark.usefixtures("engine_passes")  # small shapes: every kernel, CPU and CUDA
 
 leaf = st.one_of(
     st.just({"type": "dense"}),

@@ -13,7 +13,7 @@ import torch
 from engine import attention
 from reference import reference_attention
 
-pytestmark = pytest.mark.usefixtures("planner_both_ways")  # small shapes: both kernels
+pytestmark = pytest.mark.usefixtures("engine_passes")  # small shapes: every kernel, CPU and CUDA
 
 SW = lambda w: {"type": "sliding_window", "window": w}  # noqa: E731
 ST = lambda s: {"type": "strided", "stride": s}  # noqa: E731
@@ -66,13 +66,16 @@ SHAPES = {
 }
 
 
-def test_small_problems_run_on_the_kernel_each_pass_names(planner_both_ways):
-    """The module's two passes differ: fixed over 100 keys runs masked as shipped, else fixed."""
+def test_each_pass_runs_the_kernels_it_names(engine_passes):
+    """The module's passes differ: fixed over 100 keys runs masked as shipped, else fixed; the
+    last on CUDA's branches."""
     from engine.attention import backend_for
+    from engine.kernels.dense import kernel_device
     from engine.patterns import parse_pattern
 
-    expected = {"as_shipped": "masked", "structured_at_every_size": "fixed"}[planner_both_ways]
-    assert backend_for(parse_pattern(PATTERNS["fixed"]), 2, 100, 100, True) == expected
+    expected = {"as_shipped": "masked", "structured_at_every_size": "fixed", "cuda_kernels_on_cpu": "fixed"}
+    assert backend_for(parse_pattern(PATTERNS["fixed"]), 2, 100, 100, True) == expected[engine_passes]
+    assert kernel_device(torch.device("cpu")) == ("cuda" if engine_passes == "cuda_kernels_on_cpu" else "cpu")
 
 
 def _check(pattern, shape, causal, dtype, seed=0):

@@ -27,6 +27,13 @@ def same_head_dim(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
     return F.pad(q, (0, width - d)), F.pad(k, (0, width - d)), F.pad(v, (0, width - dv))
 
 
+def kernel_device(device: torch.device) -> str:
+    """The device type whose kernels and rules the engine uses for tensors on `device`: its own
+    ('cpu', 'cuda'; any other runs `math_attention`). Every device branch of the engine asks here,
+    so one patch runs CUDA's branches on CPU tensors (tests/cuda_emulation.py)."""
+    return device.type
+
+
 @functools.cache
 def cpu_upcast_dtypes() -> frozenset[torch.dtype]:
     """Half precisions that torch's CPU attention kernels run slower than float32 on this CPU.
@@ -50,7 +57,7 @@ def as_computed(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
     first: converting straight from one took 1.7x as long (25 rows' stride classes of 65536 bfloat16
     keys, H = 8: 6.5 ms, 3.7 so)."""
     return tuple(x.contiguous().to(torch.float32, memory_format=torch.contiguous_format)
-                 if x.device.type == "cpu" and x.dtype in cpu_upcast_dtypes() else x for x in tensors)
+                 if kernel_device(x.device) == "cpu" and x.dtype in cpu_upcast_dtypes() else x for x in tensors)
 
 
 def fused(q, k, v, *, scale: float, is_causal: bool, mask: torch.Tensor | None = None):
@@ -68,11 +75,12 @@ def fused(q, k, v, *, scale: float, is_causal: bool, mask: torch.Tensor | None =
     q, k, v = as_computed(q, k, v)
     if mask is not None and mask.dtype != q.dtype:
         mask = mask.to(q.dtype)
-    if q.device.type == "cpu":
+    device = kernel_device(q.device)
+    if device == "cpu":
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
             q, k, v, 0.0, is_causal, attn_mask=mask, scale=scale
         )
-    elif q.device.type == "cuda":
+    elif device == "cuda":
         out, lse = _fused_cuda(q, k, v, scale=scale, is_causal=is_causal, mask=mask)
     else:
         out, lse = math_attention(q, k, v, scale=scale, is_causal=is_causal, mask=mask)
@@ -125,7 +133,7 @@ def fused_masked(q, k, v, keep: torch.Tensor | None, *, scale: float):
 def flash_supported(q: torch.Tensor, v: torch.Tensor) -> bool:
     """Whether the CUDA flash kernel takes these inputs: half precision, head dims (the larger of
     q's and v's, both padded to it) at most 256, and a GPU of compute capability 8.0 or newer."""
-    return (q.device.type == "cuda" and q.dtype in (torch.float16, torch.bfloat16)
+    return (kernel_device(q.device) == "cuda" and q.dtype in (torch.float16, torch.bfloat16)
             and max(q.shape[-1], v.shape[-1]) <= 256 and _flash_capable(q.device))
 
 

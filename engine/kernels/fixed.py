@@ -34,7 +34,8 @@ import torch.nn.functional as F
 
 from ..patterns.fixed import summary_columns, summary_keys_below
 from .band import head_grid, row_grid, row_major
-from .dense import NEG_INF, additive_mask, as_computed, dense_attention, fused, fused_masked, same_head_dim
+from .dense import (NEG_INF, additive_mask, as_computed, dense_attention, fused, fused_masked, kernel_device,
+                    same_head_dim)
 from .merge import join_rows, merge_partials, merge_stacked, merge_to
 from .masked import MASK_BUDGET
 from .strided import off_strides
@@ -186,7 +187,7 @@ def fixed_attention(
                          min_distance=min_distance, skip_strides=skip_strides)
     elif lo < blocks:
         ks, vs = as_computed(gathered(k), gathered(v))  # once: each block's call reads a prefix
-        cpu = q.device.type == "cpu"
+        cpu = kernel_device(q.device) == "cpu"
         few_blocks = blocks - lo <= (MIN_RANGES if cpu else MAX_RANGES)  # no more calls than ranges would make
         if min_distance or skip_strides or ranges is None and (
                 few_blocks or cpu and (l >= CALL_ROWS or _chunk_after_long_keys(lq, lk))):
@@ -231,7 +232,7 @@ def _summary_offsets(q, k, v, out, lse, *, first: int, block: int, summary: int,
     if k.shape[1] == h:
         kv, vv = (row_grid(x, l - c, (c, 1), (len(t), l)) for x in (k, v))  # offset u: its keys
         rows = q.reshape(b * h, 1, -1, d)[:, :, real].expand(-1, c, -1, -1)
-        if rows.device.type != "cpu":  # stride-0 views are untried on the CUDA kernels (as for GQA)
+        if kernel_device(rows.device) != "cpu":  # stride-0 views are untried on the CUDA kernels (as for GQA)
             rows = rows.contiguous()
         merged, total = _over_offsets(rows, kv, vv, keep[None], scale, dim=1)
     else:

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from .band import head_grid, row_grid, row_major
-from .dense import NEG_INF, empty_partial, fused, fused_masked
+from .dense import NEG_INF, empty_partial, fused, fused_masked, kernel_device
 from .masked import MASK_BUDGET
 from .merge import join_rows, merge_partials, merge_to
 
@@ -50,7 +50,7 @@ def _classes(x: torch.Tensor, start: int, stop: int, stride: int) -> torch.Tenso
     # On the CPU a view where the strides allow (a grouped-query run's stride-0 heads included:
     # copying them wrote one key/value head out H / Hkv times, 56 ms for 24 rows after 65536 keys),
     # else a copy; CUDA's kernels get C-order copies of other layouts, as they were tried on.
-    if stop > length or x.device.type != "cpu" and not x.is_contiguous():
+    if stop > length or kernel_device(x.device) != "cpu" and not x.is_contiguous():
         x = F.pad(x, (0, 0, 0, max(0, stop - length)))
     rows = (stop - start) // stride
     return x[..., start:stop, :].reshape(b * h, rows, stride, d).transpose(1, 2)
@@ -92,7 +92,7 @@ def strided_pieces(
     qc = _classes(q, skip * s, (skip + rows) * s, s)
     kc, vc = (_classes(x, 0, min(seen + rows, key_rows) * s, s) for x in (k, v))
     # On CUDA the flash kernel skips the causal square's empty half itself: one chunk.
-    chunks = 1 if q.device.type == "cuda" else MAX_CHUNKS
+    chunks = 1 if kernel_device(q.device) == "cuda" else MAX_CHUNKS
     size = rows if chunks == 1 else max(CHUNK_ROWS, -(-rows // chunks))
     if seen or size < rows or skip_strides:  # masked chunks: each mask within the masked kernel's budget
         size = min(size, max(1, MASK_BUDGET // min(seen + rows, key_rows)))
