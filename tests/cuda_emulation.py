@@ -45,6 +45,7 @@ def _check_qkv(op: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads
         assert x.stride(-1) == 1, f"{op}: {name}'s features must be adjacent, strides {x.stride()}"
         assert x.shape[-1] % 8 == 0, f"{op}: {name}'s head dim {x.shape[-1]} is not a multiple of 8"
         assert all(s % _alignment(x) == 0 for s in x.stride()[:-1]), f"{op}: {name} misaligned, strides {x.stride()}"
+        assert x.data_ptr() % 16 == 0, f"{op}: {name} starts off a 16-byte boundary"
         assert x.shape[0] <= GRID_LIMIT and x.shape[heads_axis] <= GRID_LIMIT, f"{op}: {name} {list(x.shape)} past the grid"
     assert q.shape[-1] == k.shape[-1], f"{op}: query and key head dims differ"
     assert k.shape[0] == v.shape[0] == q.shape[0] and k.shape[:-1] == v.shape[:-1], f"{op}: key and value shapes differ"

@@ -73,3 +73,49 @@ def test_cuda_plans_reach_the_cuda_kernels(pattern, dtype, kernels):
     tol = 2e-5 if dtype == torch.float32 else 3e-2
     torch.testing.assert_close(out.double(), reference_attention(q, k, v, pattern)[0], atol=tol, rtol=tol)
     assert not math.isnan(out.float().sum())
+
+
+@pytest.mark.parametrize("layout", ["head_axis_of_one_at_stride_1", "rows_12_apart", "start_off_16_bytes"])
+def test_cuda_kernels_get_aligned_operands_from_any_layout(layout):
+    """The CUDA kernels load rows in 16-byte units and check every stride (a size-1 axis's too,
+    which torch lets be anything) and the start: the engine restrides or copies what is off."""
+    g = torch.Generator().manual_seed(0)
+    k, v = (torch.randn(2, 1, 50, 8, generator=g, dtype=torch.bfloat16) for _ in range(2))
+    if layout == "head_axis_of_one_at_stride_1":
+        q = torch.randn(2, 1, 40, 8, generator=g, dtype=torch.bfloat16).as_strided((2, 1, 40, 8), (320, 1, 8, 1))
+    elif layout == "rows_12_apart":
+        q = torch.randn(2, 1, 40, 12, generator=g, dtype=torch.bfloat16)[..., :8]
+    else:
+        q = torch.randn(2 * 40 * 8 + 1, generator=g, dtype=torch.bfloat16)[1:].view(2, 1, 40, 8)
+    for pattern in (None, SW, ST, FX):
+        with cuda_kernels_on_cpu():
+            out = attention(q, k, v, pattern)
+        torch.testing.assert_close(out.double(), reference_attention(q, k, v, pattern)[0], atol=3e-2, rtol=3e-2)
+
+
+UNIONS = {
+    "window_stride": {"type": "union", "patterns": [SW, ST]},
+    "window_fixed": {"type": "union", "patterns": [SW, FX]},
+    "stride_fixed": {"type": "union", "patterns": [ST, FX]},
+    "all_three": {"type": "union", "patterns": [SW, ST, FX]},
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "noncausal"])
+@pytest.mark.parametrize("lq", [300, 40, 1], ids=["prefill", "chunk", "decode"])
+@pytest.mark.parametrize("pattern", [SW, ST, FX, *UNIONS.values()], ids=["window", "stride", "fixed", *UNIONS])
+def test_cuda_plans_never_wait_for_the_device(pattern, lq, causal, dtype):
+    """No structured CUDA plan reads a device value back to the host (`int(t)`, `bool(t)`,
+    `nonzero`): each such read waits for every kernel queued before it, so the host could not run
+    ahead of the GPU launching the next ones. (The masked fallback, two fixed members, may.)"""
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(1, 2, lq, 16, generator=g).to(dtype)
+    k, v = (torch.randn(1, 2, 300, 16, generator=g).to(dtype) for _ in range(2))
+    with cuda_kernels_on_cpu():
+        attention(q, k, v, pattern, causal=causal)  # the flash window's probe, once
+        with OpCount() as count:
+            out = attention(q, k, v, pattern, causal=causal)
+    assert count.syncs == {}
+    tol = 2e-5 if dtype == torch.float32 else 3e-2
+    torch.testing.assert_close(out.double(), reference_attention(q, k, v, pattern, causal=causal)[0], atol=tol, rtol=tol)

@@ -23,8 +23,8 @@ import functools
 
 import torch
 
-from .dense import (additive_mask, as_computed, dense_attention, flash_supported, fused, kept_when_small,
-                    math_attention, pad_head_dim, same_head_dim)
+from .dense import (additive_mask, as_computed, cuda_operand, dense_attention, flash_supported, fused,
+                    kept_when_small, math_attention, same_head_dim)
 from .merge import join_rows
 
 
@@ -160,7 +160,7 @@ def _flash_window(q, k, v, *, window: int, scale: float, causal: bool = True) ->
     """CUDA flash attention with a local window: query i sees keys i - (w - 1) .. i (.. i + w - 1
     without causal)."""
     dv = v.shape[-1]
-    q, k, v = (pad_head_dim(x).transpose(1, 2) for x in same_head_dim(q, k, v))  # [B, L, H, D]
+    q, k, v = (cuda_operand(x).transpose(1, 2) for x in same_head_dim(q, k, v))  # [B, L, H, D]
     # Returns (output [B, Lq, H, D], logsumexp [B, H, Lq], rng_state, unused, debug_mask).
     out, lse = torch.ops.aten._flash_attention_forward(
         q, k, v, None, None, q.shape[1], k.shape[1], 0.0, causal, False, scale=scale,

@@ -34,6 +34,13 @@ def kernel_device(device: torch.device) -> str:
     return device.type
 
 
+def values_on_host(device: torch.device) -> bool:
+    """Whether the host may read a tensor's values on `device` to skip work (`bool(t.any())`): on
+    the CPU it costs nothing; on CUDA it waits for every queued kernel, so there the kernels decide
+    from shapes alone, or do the work."""
+    return kernel_device(device) == "cpu"
+
+
 @functools.cache
 def cpu_upcast_dtypes() -> frozenset[torch.dtype]:
     """Half precisions that torch's CPU attention kernels run slower than float32 on this CPU.
@@ -125,9 +132,9 @@ def fused_masked(q, k, v, keep: torch.Tensor | None, *, scale: float):
         return fused(q, k, v, scale=scale, is_causal=False)
     out, lse = fused(q, k, v, scale=scale, is_causal=False, mask=additive_mask(keep, q.dtype))
     none = ~keep.any(-1)
-    if bool(none.any()):
-        out, lse = out.masked_fill(none[..., None], 0.0), lse.masked_fill(none, NEG_INF)
-    return out, lse
+    if values_on_host(keep.device) and not bool(none.any()):
+        return out, lse
+    return out.masked_fill(none[..., None], 0.0), lse.masked_fill(none, NEG_INF)
 
 
 def flash_supported(q: torch.Tensor, v: torch.Tensor) -> bool:
@@ -146,6 +153,19 @@ def pad_head_dim(x: torch.Tensor) -> torch.Tensor:
     """The CUDA kernels want head dims that are multiples of 8: zero columns change nothing."""
     extra = -x.shape[-1] % 8
     return F.pad(x, (0, extra)) if extra else x
+
+
+def cuda_operand(x: torch.Tensor) -> torch.Tensor:
+    """x as the CUDA kernels load it, in 16-byte units along every axis: the head dim padded to a
+    multiple of 8 (`pad_head_dim`); the strides of size-1 axes, which torch lets be anything and
+    the kernels still check, set to one unit (a view); a copy when another stride or the start is
+    off the unit (a view of odd row pitch) or the features are not adjacent."""
+    x = pad_head_dim(x)
+    unit = 16 // x.element_size()
+    strides = tuple(stride if size > 1 else unit for size, stride in zip(x.shape[:-1], x.stride()[:-1])) + (1,)
+    if x.stride(-1) != 1 or x.storage_offset() % unit or any(stride % unit for stride in strides[:-1]):
+        return x.clone(memory_format=torch.contiguous_format)
+    return x if strides == x.stride() else x.as_strided(x.shape, strides)
 
 
 def padded_head_dims(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
@@ -193,7 +213,7 @@ def _fused_cuda(q, k, v, *, scale: float, is_causal: bool, mask: torch.Tensor | 
 
 def _fused_cuda_call(q, k, v, mask: torch.Tensor | None, *, scale: float, is_causal: bool):
     d = q.shape[-1]
-    q, k, v = pad_head_dim(q), pad_head_dim(k), pad_head_dim(v)
+    q, k, v = cuda_operand(q), cuda_operand(k), cuda_operand(v)
     if mask is None and flash_supported(q, v):
         # Returns (output, logsumexp [B, H, Lq], cum_seq_q, cum_seq_k, max_q, max_k, ...).
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, is_causal, False, scale=scale)[:2]

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from ..patterns.fixed import summary_columns, summary_keys_below
 from .band import head_grid, row_grid, row_major
 from .dense import (NEG_INF, additive_mask, as_computed, dense_attention, fused, fused_masked, kernel_device,
-                    same_head_dim)
+                    same_head_dim, values_on_host)
 from .merge import join_rows, merge_partials, merge_stacked, merge_to
 from .masked import MASK_BUDGET
 from .strided import off_strides
@@ -222,7 +222,7 @@ def _summary_offsets(q, k, v, out, lse, *, first: int, block: int, summary: int,
     l, c = block, summary
     b, h, _, d = q.shape
     i = torch.arange(real.start, real.stop, device=q.device) + first * l  # the rows' positions
-    t = torch.arange(int(i[-1]) // l, device=q.device)  # key blocks before the last row's
+    t = torch.arange((real.stop - 1 + first * l) // l, device=q.device)  # key blocks before the last row's
     if not len(t):
         return
     j = t[None, None, :] * l + torch.arange(l - c, l, device=q.device)[:, None, None]  # [c, 1, blocks]
@@ -248,8 +248,21 @@ def _summary_offsets(q, k, v, out, lse, *, first: int, block: int, summary: int,
 def _over_offsets(rows, kv, vv, keep: torch.Tensor, scale: float, dim: int):
     """One call over the summary offsets along `dim` (under `keep` unless it keeps every key),
     merged over them by log-sum-exp: (out float32, lse) without that axis."""
-    o, s_lse = fused_masked(rows, kv, vv, None if bool(keep.all()) else keep, scale=scale)
+    o, s_lse = fused_masked(rows, kv, vv, None if values_on_host(keep.device) and bool(keep.all()) else keep, scale=scale)
     return merge_stacked(o, s_lse, dim)
+
+
+def _summary_keys_after(i: torch.Tensor, block: int, summary: int, min_distance: int, total: int) -> torch.Tensor:
+    """Without causality, the index among the `total` summary keys of the first one a row at
+    position i attends after its own block, at a position >= i + min_distance."""
+    return torch.maximum(summary_keys_below(i + min_distance, block, summary), (i // block + 1) * summary).clamp(max=total)
+
+
+def _first_and_last(count, first: int, last: int, *args) -> list[int]:
+    """count(positions, *args) at the first and last rows, computed on the host: the summary key
+    counts grow with the position, so these are the rows' least and most, known without reading
+    a device's tensor."""
+    return count(torch.tensor([first, last]), *args).tolist()
 
 
 def _summary_per_block(q_rows, ks, vs, out, lse, blocks: range, *, first: int, block: int, summary: int,
@@ -262,7 +275,7 @@ def _summary_per_block(q_rows, ks, vs, out, lse, blocks: range, *, first: int, b
     Skipping strides' keys masks them all."""
     l, c = block, summary
     if skip_strides:  # the positions of the summary keys in ks: those of blocks 0 .. last - 1
-        at = summary_columns((blocks.stop - 1) * l, l, c).to(q_rows.device)
+        at = summary_columns((blocks.stop - 1) * l, l, c, q_rows.device)
     group = _blocks_per_call(l)
     for b in range(blocks.start, blocks.stop, group):
         b_end = min(blocks.stop, b + group)
@@ -272,7 +285,8 @@ def _summary_per_block(q_rows, ks, vs, out, lse, blocks: range, *, first: int, b
         i = torch.arange(r0, r1, device=q_rows.device) + first * l  # the rows' positions
         # How many summary keys each row sees: those of earlier blocks, at positions <= i - m.
         seen = summary_keys_seen(i, l, c, min_distance)
-        lo, hi = (0, int(seen.max())) if skip_strides else (int(seen.min()), int(seen.max()))
+        lo, hi = _first_and_last(summary_keys_seen, r0 + first * l, r1 - 1 + first * l, l, c, min_distance)
+        lo = 0 if skip_strides else lo
         rows = q_rows[:, :, r0:r1]
         parts = [fused(rows, ks[:, :, :lo], vs[:, :, :lo], scale=scale, is_causal=False)] if lo else []
         if hi > lo:
@@ -293,7 +307,7 @@ def _non_causal(q, k, v, *, block: int, summary: int, scale: float) -> tuple[tor
     lk, l, c = k.shape[-2], block, summary
     offset = lk - lq
     parts = []
-    columns = summary_columns(lk, l, c).to(k.device)
+    columns = summary_columns(lk, l, c, k.device)
     if len(columns):
         parts.append(fused(q, k.index_select(-2, columns), v.index_select(-2, columns), scale=scale, is_causal=False))
     first, whole = offset // l, lk // l  # the first query block; whole key blocks
@@ -325,7 +339,7 @@ def _non_causal_far(q, k, v, *, block: int, summary: int, scale: float, min_dist
     strides' keys (a union with strides) masks every piece."""
     lq, lk, l, c, m = q.shape[-2], k.shape[-2], block, summary, min_distance
     offset = lk - lq
-    columns = summary_columns(lk, l, c).to(k.device)
+    columns = summary_columns(lk, l, c, k.device)
     ks, vs = as_computed(k.index_select(-2, columns), v.index_select(-2, columns))  # once, for every block
     out = torch.empty(*q.shape[:-1], v.shape[-1], dtype=torch.float32, device=q.device)
     lse = torch.empty(q.shape[:-1], dtype=torch.float32, device=q.device)
@@ -340,12 +354,15 @@ def _non_causal_far(q, k, v, *, block: int, summary: int, scale: float, min_dist
         # Summary keys kept: indices [0, before) of the blocks before (positions <= i - m), and
         # [after, all) of those after (positions >= i + m), per row.
         before = summary_keys_seen(i[:, 0], l, c, m)
-        after = torch.maximum(summary_keys_below(i[:, 0] + m, l, c), (i[:, 0] // l + 1) * c).clamp(max=len(columns))
+        after = _summary_keys_after(i[:, 0], l, c, m, len(columns))
+        (before_lo, before_hi), (after_lo, after_hi) = (
+            _first_and_last(count, r0 + offset, r1 - 1 + offset, *args)
+            for count, args in ((summary_keys_seen, (l, c, m)), (_summary_keys_after, (l, c, m, len(columns)))))
         # (keys, values, their positions, which each row keeps; None: all of them)
         parts = [(k[..., own, :], v[..., own, :], j[0], ((i - j).abs() >= m) & (i // l == j // l))]
-        for lo, hi, kept in ((0, int(before.min()), None), (int(after.max()), len(columns), None),
-                             (int(before.min()), int(before.max()), lambda idx: idx < before[:, None]),
-                             (int(after.min()), int(after.max()), lambda idx: idx >= after[:, None])):
+        for lo, hi, kept in ((0, before_lo, None), (after_hi, len(columns), None),
+                             (before_lo, before_hi, lambda idx: idx < before[:, None]),
+                             (after_lo, after_hi, lambda idx: idx >= after[:, None])):
             if hi > lo:
                 index = torch.arange(lo, hi, device=q.device)
                 parts.append((ks[..., lo:hi, :], vs[..., lo:hi, :], columns[lo:hi], None if kept is None else kept(index[None, :])))
@@ -354,7 +371,7 @@ def _non_causal_far(q, k, v, *, block: int, summary: int, scale: float, min_dist
                      for keys_k, keys_v, at, keep in parts]
         written = False
         for keys_k, keys_v, _, keep in parts:
-            if keys_k.shape[-2] == 0 or keep is not None and not bool(keep.any()):
+            if keys_k.shape[-2] == 0 or keep is not None and values_on_host(keep.device) and not bool(keep.any()):
                 continue
             o, s_lse = (fused(rows_q, keys_k, keys_v, scale=scale, is_causal=False) if keep is None
                         else fused_masked(rows_q, keys_k, keys_v, keep, scale=scale))

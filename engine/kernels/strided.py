@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from .band import head_grid, row_grid, row_major
-from .dense import NEG_INF, empty_partial, fused, fused_masked, kernel_device
+from .dense import NEG_INF, empty_partial, fused, fused_masked, kernel_device, values_on_host
 from .masked import MASK_BUDGET
 from .merge import join_rows, merge_partials, merge_to
 
@@ -224,7 +224,7 @@ def _every_class_key(q, k, v, *, stride: int, scale: float, min_distance: int,
             t = torch.arange(base + t0, base + t1, device=q.device)[:, None]
             apart = t - torch.arange(key_rows, device=q.device)[None, :]  # in class rows
             keep = (apart.abs() >= near) & off_strides(apart * s, skip_strides)
-            if bool(keep.any()):
+            if not values_on_host(keep.device) or bool(keep.any()):
                 out[:, :, t0:t1], lse[:, :, t0:t1] = fused_masked(qc[:, :, t0:t1], kc, vc, keep, scale=scale)
     if rest:  # class c < rest: the key at key_rows * s + c
         last_k, last_v = (x[..., key_rows * s :, :].reshape(b * h, rest, 1, -1) for x in (k, v))

@@ -32,10 +32,13 @@ def summary_keys_below(limit: torch.Tensor, block: int, summary: int) -> torch.T
     return full * summary + torch.clamp(rest - (block - summary), min=0)
 
 
-def summary_columns(stop: int, block: int, summary: int) -> torch.Tensor:
-    """The summary positions (j mod block >= block - summary) in [0, stop), ascending."""
-    columns = (torch.arange(0, stop, block)[:, None] + torch.arange(block - summary, block)).flatten()
-    return columns[columns < stop]
+def summary_columns(stop: int, block: int, summary: int, device: torch.device | None = None) -> torch.Tensor:
+    """The summary positions (j mod block >= block - summary) in [0, stop), ascending, made on
+    `device` and cut by count (neither a copy to a GPU nor a boolean index waits for it)."""
+    columns = (torch.arange(0, stop, block, device=device)[:, None]
+               + torch.arange(block - summary, block, device=device)).flatten()
+    full, rest = divmod(stop, block)
+    return columns[: full * summary + max(0, rest - (block - summary))]
 
 
 class Fixed(PatternBase):
