@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from cuda_emulation import OpCount, cuda_kernels_on_cpu
+from planner_support import structured_at_every_size
 from engine import attention
 from reference import reference_attention
 
@@ -119,3 +120,37 @@ def test_cuda_plans_never_wait_for_the_device(pattern, lq, causal, dtype):
     assert count.syncs == {}
     tol = 2e-5 if dtype == torch.float32 else 3e-2
     torch.testing.assert_close(out.double(), reference_attention(q, k, v, pattern, causal=causal)[0], atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "noncausal"])
+@pytest.mark.parametrize("pattern", [FX, *(UNIONS[name] for name in ("window_fixed", "stride_fixed", "all_three"))],
+                         ids=["fixed", "window_fixed", "stride_fixed", "all_three"])
+def test_cuda_launches_do_not_grow_with_the_blocks(pattern, causal):
+    """On CUDA every op is a launch, whatever its size: fixed's summary keys go in a few row ranges
+    however many blocks there are (a call per block made 2,694 ops for union(sliding 128,
+    fixed(128, 8)) at n = 4096, 366 so), within MASK_BUDGET mask elements a call."""
+    block = {"type": "fixed", "block": 32, "summary": 2}
+    pattern = {**pattern, "patterns": [block if p is FX else p for p in pattern["patterns"]]} if "patterns" in pattern \
+        else block
+    ops = {}
+    for n in (512, 2048):
+        q, k, v = (torch.randn(1, 1, n, 16, dtype=torch.bfloat16) for _ in range(3))
+        with structured_at_every_size(), cuda_kernels_on_cpu():
+            attention(q, k, v, pattern, causal=causal)
+            with OpCount() as count:
+                out = attention(q, k, v, pattern, causal=causal)
+        ops[n] = count.total
+        torch.testing.assert_close(out.double(), reference_attention(q, k, v, pattern, causal=causal)[0], atol=3e-2, rtol=3e-2)
+    assert ops[2048] < 1.5 * ops[512], ops  # 64 query blocks against 16
+
+
+def test_cuda_calls_keep_their_masks_within_budget():
+    from engine.kernels.fixed import _blocks_per_call
+    from engine.kernels.masked import MASK_BUDGET
+
+    cpu = torch.device("cpu")
+    with cuda_kernels_on_cpu():
+        assert _blocks_per_call(128, 128, lambda g: 1016, cpu) == 32  # 4 ranges of 32 blocks
+        group = _blocks_per_call(128, 512, lambda g: 4088, cpu)
+        assert group * 128 * 4088 <= MASK_BUDGET < 2 * group * 128 * 4088
+    assert _blocks_per_call(16, 512, lambda g: 4088, cpu) == 4  # the CPU's rule: 64 rows

@@ -29,6 +29,8 @@ to drop under masks.
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 
@@ -86,9 +88,23 @@ def _chunk_after_long_keys(lq: int, lk: int) -> bool:
     return lq <= PER_BLOCK_MAX_ROWS and lk >= PER_BLOCK_KEYS_PER_ROW * lq
 
 
-def _blocks_per_call(block: int) -> int:
-    """Query blocks per call where blocks go a few per call: CALL_ROWS rows, or one block."""
-    return max(1, CALL_ROWS // block)
+def _range_count(query_blocks: int) -> int:
+    """Row ranges for the summary keys of this many query blocks (BLOCKS_PER_RANGE)."""
+    return min(MAX_RANGES, max(MIN_RANGES, query_blocks // BLOCKS_PER_RANGE))
+
+
+def _blocks_per_call(block: int, query_blocks: int, widest: Callable[[int], int], device: torch.device) -> int:
+    """Query blocks per call where the summary keys go a few blocks per call. On the CPU CALL_ROWS
+    rows, or one block. On CUDA, where every call and merge is a launch whatever its size (a block
+    per call took a union(sliding 128, fixed(128, 8)) at n = 4096 to 2,694 ops, emulated), as many
+    as a row range holds (`_range_count`), fewer where a call's mask, its rows by `widest(blocks)`
+    keys, would pass MASK_BUDGET."""
+    if kernel_device(device) == "cpu":
+        return max(1, CALL_ROWS // block)
+    group = -(-query_blocks // _range_count(query_blocks))
+    while group > 1 and group * block * widest(group) > MASK_BUDGET:
+        group = -(-group // 2)
+    return group
 
 
 def summary_keys_seen(i: torch.Tensor, block: int, summary: int, min_distance: int) -> torch.Tensor:
@@ -196,7 +212,7 @@ def fixed_attention(
                                skip_strides=skip_strides)
         else:
             q_heads = qb.transpose(1, 2)  # [B*H, l, nq, D]: position in block as heads, block as rows
-            ranges = ranges or min(MAX_RANGES, max(MIN_RANGES, (blocks - lo) // BLOCKS_PER_RANGE))
+            ranges = ranges or _range_count(blocks - lo)
             step = -(-(blocks - lo) // ranges)
             for b0 in range(lo, blocks, step):
                 b1 = min(blocks, b0 + step)
@@ -267,7 +283,7 @@ def _first_and_last(count, first: int, last: int, *args) -> list[int]:
 
 def _summary_per_block(q_rows, ks, vs, out, lse, blocks: range, *, first: int, block: int, summary: int,
                        real: slice, scale: float, min_distance: int, skip_strides: tuple[int, ...]) -> None:
-    """The summary piece one call per query block (blocks under CALL_ROWS rows a few per call), on
+    """The summary piece one call per query block (a few per call: `_blocks_per_call`), on
     its real rows in their natural order, merged into (out, lse) in place. Every row of block b
     sees the same b*c summary keys (no padded row); a row at i sees those at positions <= i - m
     (m the minimum distance, 0 without one), a prefix of them: the prefix all the call's rows see
@@ -276,7 +292,9 @@ def _summary_per_block(q_rows, ks, vs, out, lse, blocks: range, *, first: int, b
     l, c = block, summary
     if skip_strides:  # the positions of the summary keys in ks: those of blocks 0 .. last - 1
         at = summary_columns((blocks.stop - 1) * l, l, c, q_rows.device)
-    group = _blocks_per_call(l)
+    reach = -(-min_distance // l) + 1  # blocks of summary keys some but not all of a call's rows see
+    group = _blocks_per_call(l, len(blocks), lambda g: (blocks.stop - 1) * c if skip_strides else (g + reach) * c,
+                             q_rows.device)
     for b in range(blocks.start, blocks.stop, group):
         b_end = min(blocks.stop, b + group)
         r0, r1 = max((b - first) * l, real.start), min((b_end - first) * l, real.stop)
@@ -333,7 +351,7 @@ def _non_causal(q, k, v, *, block: int, summary: int, scale: float) -> tuple[tor
 def _non_causal_far(q, k, v, *, block: int, summary: int, scale: float, min_distance: int,
                     skip_strides: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
     """Non-causal fixed's keys at |i - j| >= m (a union with a window reaching both ways), per
-    query block (blocks under CALL_ROWS rows a few per call): its own block's under a mask, and of
+    query block (a few per call: `_blocks_per_call`): its own blocks' under a mask, and of
     the summary keys before and after it (views of one copy of all summary keys) those every row
     of the call keeps unmasked, the few nearer ones under a small mask; merged in place. Skipping
     strides' keys (a union with strides) masks every piece."""
@@ -343,7 +361,9 @@ def _non_causal_far(q, k, v, *, block: int, summary: int, scale: float, min_dist
     ks, vs = as_computed(k.index_select(-2, columns), v.index_select(-2, columns))  # once, for every block
     out = torch.empty(*q.shape[:-1], v.shape[-1], dtype=torch.float32, device=q.device)
     lse = torch.empty(q.shape[:-1], dtype=torch.float32, device=q.device)
-    group = _blocks_per_call(l)
+    reach = -(-m // l) + 1  # blocks of summary keys some but not all of a call's rows see, each side
+    group = _blocks_per_call(l, -(-lk // l) - offset // l,
+                             lambda g: max(g * l, len(columns) if skip_strides else (g + reach) * c), q.device)
     for b in range(offset // l, -(-lk // l), group):
         b_end = min(b + group, -(-lk // l))
         r0, r1 = max(b * l, offset) - offset, min(b_end * l, lk) - offset  # these blocks' query rows
