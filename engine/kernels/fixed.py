@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from ..patterns.fixed import summary_columns, summary_keys_below
 from .band import head_grid, row_grid, row_major
 from .dense import (NEG_INF, additive_mask, as_computed, dense_attention, fused, fused_masked, kernel_device,
-                    same_head_dim, values_on_host)
+                    kept_when_small, same_head_dim, values_on_host)
 from .merge import join_rows, merge_partials, merge_stacked, merge_to
 from .masked import MASK_BUDGET
 from .strided import off_strides
@@ -113,8 +113,10 @@ def summary_keys_seen(i: torch.Tensor, block: int, summary: int, min_distance: i
     return torch.minimum(summary_keys_below((i - min_distance + 1).clamp(min=0), block, summary), i // block * summary)
 
 
+@kept_when_small(lambda b0, b1, c, dtype, device: (b1 - b0) * (b1 - 1) * c)
 def summary_mask(b0: int, b1: int, c: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """[b1 - b0, (b1 - 1) * c] additive mask: block b keeps summary keys of blocks < b."""
+    """[b1 - b0, (b1 - 1) * c] additive mask: block b keeps summary keys of blocks < b (a small one
+    kept for the next call)."""
     blocks = torch.arange(b0, b1, device=device)[:, None]
     keys = torch.arange((b1 - 1) * c, device=device)[None, :] // c
     return additive_mask(keys < blocks, dtype)
@@ -187,7 +189,9 @@ def fixed_attention(
             own_out, own_lse = dense_attention(qb, own_blocks(k), own_blocks(v), scale=scale, diagonal=-min_distance)
         else:
             own_out, own_lse = fused_masked(qb, own_blocks(k), own_blocks(v), own_keep(0, l, l), scale=scale)
-        out = own_out.reshape(b * h, nq * l, -1).float()
+        # float32 in C order: one copy at most (the CUDA kernels' output is half precision, laid out
+        # [B, L, H, D]), none for the CPU's
+        out = own_out.to(torch.float32, memory_format=torch.contiguous_format).reshape(b * h, nq * l, -1)
         lse = own_lse.reshape(b * h, nq * l).contiguous()
 
     # Summary keys of blocks 0 .. blocks-2 (whole blocks; the last block's summary is only its
@@ -220,9 +224,10 @@ def fixed_attention(
                 mask = summary_mask(b0, b1, c, q.dtype, q.device)
                 o, s_lse = fused(q_heads[:, :, b0 - first : b1 - first], ks[:, :, :keys].expand(-1, l, -1, -1),
                                   vs[:, :, :keys].expand(-1, l, -1, -1), scale=scale, is_causal=False, mask=mask)
-                rows = slice((b0 - first) * l, (b1 - first) * l)
-                merge_to(out[:, rows], lse[:, rows], (out[:, rows], lse[:, rows]),
-                         (o.transpose(1, 2).reshape(b * h, -1, o.shape[-1]), s_lse.transpose(1, 2).reshape(b * h, -1)))
+                # merged in place in the same transposed view of (out, lse): no copy of the call's results
+                part_out = out.view(b * h, nq, l, -1).transpose(1, 2)[:, :, b0 - first : b1 - first]
+                part_lse = lse.view(b * h, nq, l).transpose(1, 2)[:, :, b0 - first : b1 - first]
+                merge_to(part_out, part_lse, (part_out, part_lse), (o, s_lse))
     return out.view(b, h, nq * l, -1)[..., real, :dv], lse.view(b, h, nq * l)[..., real]
 
 
