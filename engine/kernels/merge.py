@@ -39,11 +39,12 @@ def join_rows(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Ten
 
 
 def merge_partials(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Combine (out, lse) partials over disjoint key sets into a float32 output; rows with no
-    key stay zero with lse -inf."""
+    """Combine (out, lse) partials over disjoint key sets into a float32 output (one partial is
+    returned as it is: a CUDA plan of one call then hands its half-precision output straight back,
+    not converted to float32 and back, two launches); rows with no key stay zero with lse -inf."""
     first_out, first_lse = parts[0]
     if len(parts) == 1:
-        return first_out.float(), first_lse
+        return parts[0]
     out = torch.empty(first_out.shape, dtype=torch.float32, device=first_out.device)
     lse = torch.empty_like(first_lse)
     merge_to(out, lse, parts[0], parts[1])
