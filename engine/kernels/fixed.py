@@ -279,11 +279,11 @@ def _summary_keys_after(i: torch.Tensor, block: int, summary: int, min_distance:
     return torch.maximum(summary_keys_below(i + min_distance, block, summary), (i // block + 1) * summary).clamp(max=total)
 
 
-def _first_and_last(count, first: int, last: int, *args) -> list[int]:
-    """count(positions, *args) at the first and last rows, computed on the host: the summary key
-    counts grow with the position, so these are the rows' least and most, known without reading
-    a device's tensor."""
-    return count(torch.tensor([first, last]), *args).tolist()
+def _at_call_ends(count, ends: list[tuple[int, int]], *args) -> list[list[int]]:
+    """count(positions, *args) at each call's first and last row positions, on the host in one
+    go: the summary key counts grow with the position, so these are each call's least and most,
+    known without reading a device's tensor."""
+    return count(torch.tensor(ends, dtype=torch.int64).reshape(-1, 2), *args).tolist()
 
 
 def _summary_per_block(q_rows, ks, vs, out, lse, blocks: range, *, first: int, block: int, summary: int,
@@ -300,15 +300,14 @@ def _summary_per_block(q_rows, ks, vs, out, lse, blocks: range, *, first: int, b
     reach = -(-min_distance // l) + 1  # blocks of summary keys some but not all of a call's rows see
     group = _blocks_per_call(l, len(blocks), lambda g: (blocks.stop - 1) * c if skip_strides else (g + reach) * c,
                              q_rows.device)
-    for b in range(blocks.start, blocks.stop, group):
-        b_end = min(blocks.stop, b + group)
-        r0, r1 = max((b - first) * l, real.start), min((b_end - first) * l, real.stop)
-        if r1 <= r0:
-            continue
+    calls = [(r0, r1) for r0, r1 in ((max((b - first) * l, real.start), min((b + group - first) * l, real.stop))
+                                     for b in range(blocks.start, blocks.stop, group)) if r1 > r0]  # real rows
+    ends = _at_call_ends(summary_keys_seen, [(r0 + first * l, r1 - 1 + first * l) for r0, r1 in calls],
+                         l, c, min_distance)
+    for (r0, r1), (lo, hi) in zip(calls, ends):
         i = torch.arange(r0, r1, device=q_rows.device) + first * l  # the rows' positions
         # How many summary keys each row sees: those of earlier blocks, at positions <= i - m.
         seen = summary_keys_seen(i, l, c, min_distance)
-        lo, hi = _first_and_last(summary_keys_seen, r0 + first * l, r1 - 1 + first * l, l, c, min_distance)
         lo = 0 if skip_strides else lo
         rows = q_rows[:, :, r0:r1]
         parts = [fused(rows, ks[:, :, :lo], vs[:, :, :lo], scale=scale, is_causal=False)] if lo else []
@@ -369,10 +368,13 @@ def _non_causal_far(q, k, v, *, block: int, summary: int, scale: float, min_dist
     reach = -(-m // l) + 1  # blocks of summary keys some but not all of a call's rows see, each side
     group = _blocks_per_call(l, -(-lk // l) - offset // l,
                              lambda g: max(g * l, len(columns) if skip_strides else (g + reach) * c), q.device)
-    for b in range(offset // l, -(-lk // l), group):
-        b_end = min(b + group, -(-lk // l))
-        r0, r1 = max(b * l, offset) - offset, min(b_end * l, lk) - offset  # these blocks' query rows
-        own = slice(b * l, min(b_end * l, lk))
+    calls = [(b, max(b * l, offset) - offset, min((b + group) * l, lk) - offset)  # first block, its query rows
+             for b in range(offset // l, -(-lk // l), group)]
+    positions = [(r0 + offset, r1 - 1 + offset) for _, r0, r1 in calls]
+    before_ends = _at_call_ends(summary_keys_seen, positions, l, c, m)
+    after_ends = _at_call_ends(_summary_keys_after, positions, l, c, m, len(columns))
+    for (b, r0, r1), (before_lo, before_hi), (after_lo, after_hi) in zip(calls, before_ends, after_ends):
+        own = slice(b * l, min((b + group) * l, lk))
         rows_q, rows_out, rows_lse = q[..., r0:r1, :], out[..., r0:r1, :], lse[..., r0:r1]
         i = torch.arange(r0 + offset, r1 + offset, device=q.device)[:, None]  # the rows' positions
         j = torch.arange(own.start, own.stop, device=q.device)[None, :]
@@ -380,9 +382,6 @@ def _non_causal_far(q, k, v, *, block: int, summary: int, scale: float, min_dist
         # [after, all) of those after (positions >= i + m), per row.
         before = summary_keys_seen(i[:, 0], l, c, m)
         after = _summary_keys_after(i[:, 0], l, c, m, len(columns))
-        (before_lo, before_hi), (after_lo, after_hi) = (
-            _first_and_last(count, r0 + offset, r1 - 1 + offset, *args)
-            for count, args in ((summary_keys_seen, (l, c, m)), (_summary_keys_after, (l, c, m, len(columns)))))
         # (keys, values, their positions, which each row keeps; None: all of them)
         parts = [(k[..., own, :], v[..., own, :], j[0], ((i - j).abs() >= m) & (i // l == j // l))]
         for lo, hi, kept in ((0, before_lo, None), (after_hi, len(columns), None),
