@@ -170,20 +170,26 @@ HOST_SYNCS = frozenset({"aten._local_scalar_dense.default", "aten.nonzero.defaul
 
 
 class OpCount(TorchDispatchMode):
-    """Counts the aten ops a block dispatches (each a kernel launch on CUDA) and which of them
-    read a value back to the host (`HOST_SYNCS`)."""
+    """Counts the aten ops a block dispatches, those that are not views (each a kernel launch on
+    CUDA), and which of them read a value back to the host (`HOST_SYNCS`)."""
 
     def __init__(self):
         super().__init__()
         self.ops: collections.Counter[str] = collections.Counter()
+        self.views = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         self.ops[str(func)] += 1
+        self.views += func.is_view
         return func(*args, **(kwargs or {}))
 
     @property
     def total(self) -> int:
         return sum(self.ops.values())
+
+    @property
+    def launches(self) -> int:
+        return self.total - self.views
 
     @property
     def syncs(self) -> dict[str, int]:

@@ -156,3 +156,19 @@ def test_gpu_check_cases_pass_on_the_cpu():
             assert gpu_check.compare(*run(), q, k, v, pattern, causal, dtype) is None, name
     twice = [name.split(" structured (")[0] for name in names if " structured (" in name]
     assert twice and set(twice) <= set(names)
+
+
+def test_cuda_ops_counts_each_case_of_the_cuda_plans(tmp_path, capsys):
+    """`bench.cuda_ops`: a row per pattern, a cell per case, the JSON beside; a one-call plan is
+    one launch and no plan reads a device value back."""
+    from bench import cuda_ops
+
+    out = tmp_path / "ops.json"
+    assert cuda_ops.main(["--n", "512", "--patterns", "sliding_window(256)", "union(sliding 128, fixed(128, 8))",
+                          "--out", str(out)]) == 0
+    counts = json.loads(out.read_text())["counts"]
+    assert set(counts) == {"sliding_window(256)", "union(sliding 128, fixed(128, 8))"}
+    assert all(set(cells) == set(cuda_ops.CASES) for cells in counts.values())
+    assert all(c["host_reads"] == 0 and 0 < c["launches"] <= c["all"] for cells in counts.values() for c in cells.values())
+    assert counts["sliding_window(256)"]["causal prefill"]["launches"] == 1  # the flash window, nothing else
+    assert len(capsys.readouterr().out.splitlines()) == 4  # the header, its rule and two rows
