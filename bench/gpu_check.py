@@ -17,6 +17,8 @@
     (`bench.kernels --decode`).
 (e) small problems (n = 32 to 256): each pattern's structured plan against the masked kernel, the
     choice `planner.SMALL_KEYS` makes, measured on the CPU only until then (`bench.kernels --small`).
+(f) the unions with fixed at n = 16384 and 65536 against dense flash SDPA: their fixed step in row
+    ranges, counted (`bench.cuda_ops`) but not yet timed on a GPU; a call per block before.
 
 Exits 1 if any check fails or raises, 2 if CUDA is missing: it never skips a check quietly.
 Sized to finish in about 5 minutes on an H200: FlexAttention is compiled at n = 16384 and 131072
@@ -285,6 +287,10 @@ def main(argv: list[str] | None = None) -> int:
                             "--out", str(args.out / "gpu_decode.json")])
         bench_kernels.main(["--small", "--device", args.device, "--repeats", "2", "--turn-s", "0.05",
                             "--out", str(args.out / "gpu_small.json")])
+        bench_kernels.main(["--device", args.device, "--dtypes", "bfloat16", "--bf16-n", "0", "--n", "16384", "65536",
+                            "--patterns", "window_fixed", "window_strided_fixed", "--no-flex", "--masked-max-n", "0",
+                            "--memory-n", "0", "--first-call-n", "0", "--scaling-n", "--repeats", "3",
+                            "--turn-s", "0.05", "--out", str(args.out / "gpu_unions_fixed.json")])
     summary["total_s"] = time.perf_counter() - started
     (args.out / "gpu_check.json").write_text(json.dumps(summary, indent=1))
     print(f"{'FAILED' if failed else 'ALL PASSED'}: {passed} passed, {failed} failed; total {summary['total_s']:.0f} s")
