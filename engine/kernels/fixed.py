@@ -19,12 +19,13 @@ padded blocks.
 A minimum distance m (for a union with a sliding window of m, whose keys it then skips) shifts
 the own-block causal diagonal by m and keeps a row's summary keys at positions up to i - m. A
 union's strides (which count the keys at their multiples), skipped, mask the own blocks with one
-[l, l] mask and each block's summary keys; both take the call per block.
+[l, l] mask and each block's summary keys; both take the call per block (on CUDA a row range's
+worth of blocks per call: `_blocks_per_call`).
 
 Non-causal, each query attends every summary key (one call) and the other keys of its own block
 (one batched call over the block view): no mask, no key twice. With a minimum distance or
-skipped strides, per query block its own block and the summary keys before and after it, the keys
-to drop under masks.
+skipped strides, per query block (on CUDA a few blocks) its own block and the summary keys before
+and after it, the keys to drop under masks.
 """
 
 from __future__ import annotations
