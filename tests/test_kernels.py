@@ -3,6 +3,7 @@ row ranges, class padding, minimum distances), each against the float64 referenc
 
 from __future__ import annotations
 
+import contextlib
 import math
 import platform
 import sys
@@ -596,3 +597,32 @@ def test_merging_stacked_partials_weighs_them_by_their_lse():
     expected_out, expected_lse = _merged_in_float64(list(out), list(lse))
     torch.testing.assert_close(merged.double(), expected_out, atol=1e-6, rtol=1e-6)
     torch.testing.assert_close(merged_lse.double(), expected_lse.float().double())
+
+
+@pytest.mark.parametrize("pattern", [{"type": "fixed", "block": 16, "summary": 3},
+                                     {"type": "union", "patterns": [{"type": "sliding_window", "window": 5},
+                                                                    {"type": "fixed", "block": 16, "summary": 3}]},
+                                     {"type": "union", "patterns": [{"type": "sliding_window", "window": 20},
+                                                                    {"type": "fixed", "block": 16, "summary": 3}]}],
+                         ids=["fixed", "near_window", "window_past_a_block"])
+@pytest.mark.parametrize("kernels", ["cpu", "cuda_emulated"])
+def test_decode_rows_at_every_offset_in_a_block(pattern, kernels):
+    """fixed's short runs read the summary keys unmasked where every row keeps them all (one block's
+    rows, the nearest key at least the window away) and under a mask elsewhere: rows at every
+    offset in a block, one and three at a time, against the reference."""
+    from cuda_emulation import cuda_kernels_on_cpu
+    from engine import attention
+    from engine.attention import backend_for
+    from engine.patterns import parse_pattern
+    from planner_support import structured_at_every_size
+
+    g = torch.Generator().manual_seed(7)
+    k, v = torch.randn(1, 2, 100, 8, generator=g), torch.randn(1, 2, 100, 8, generator=g)
+    with structured_at_every_size(), cuda_kernels_on_cpu() if kernels == "cuda_emulated" else contextlib.nullcontext():
+        assert "fixed" in backend_for(parse_pattern(pattern), 2, 1, 64, True)
+        for lk in range(64, 100):
+            for lq in (1, 3):
+                q = torch.randn(1, 2, lq, 8, generator=g)
+                out = attention(q, k[:, :, :lk], v[:, :, :lk], pattern)
+                torch.testing.assert_close(out.double(), reference_attention(q, k[:, :, :lk], v[:, :, :lk], pattern)[0],
+                                           atol=2e-5, rtol=2e-5, msg=lambda m: f"lk {lk}, lq {lq}: {m}")

@@ -243,35 +243,38 @@ def _summary_offsets(q, k, v, out, lse, *, first: int, block: int, summary: int,
     H / Hkv."""
     l, c = block, summary
     b, h, _, d = q.shape
-    i = torch.arange(real.start, real.stop, device=q.device) + first * l  # the rows' positions
-    t = torch.arange((real.stop - 1 + first * l) // l, device=q.device)  # key blocks before the last row's
+    first_i, last_i = real.start + first * l, real.stop - 1 + first * l  # the rows' positions
+    t = torch.arange(last_i // l, device=q.device)  # key blocks before the last row's
     if not len(t):
         return
-    j = t[None, None, :] * l + torch.arange(l - c, l, device=q.device)[:, None, None]  # [c, 1, blocks]
-    at = i[None, :, None]
-    keep = (t < at // l) & (j <= at - min_distance) & off_strides(at - j, skip_strides)  # [c, rows, blocks]
+    if not skip_strides and first_i // l == last_i // l and last_i // l * l - 1 <= first_i - min_distance:
+        keep = None  # every row keeps every such key (one block's rows, the nearest key far enough): no mask
+    else:
+        j = t[None, None, :] * l + torch.arange(l - c, l, device=q.device)[:, None, None]  # [c, 1, blocks]
+        at = torch.arange(first_i, last_i + 1, device=q.device)[None, :, None]
+        keep = (t < at // l) & (j <= at - min_distance) & off_strides(at - j, skip_strides)  # [c, rows, blocks]
     k, v = row_major(k), row_major(v)
     if k.shape[1] == h:
         kv, vv = (row_grid(x, l - c, (c, 1), (len(t), l)) for x in (k, v))  # offset u: its keys
         rows = q.reshape(b * h, 1, -1, d)[:, :, real].expand(-1, c, -1, -1)
         if kernel_device(rows.device) != "cpu":  # stride-0 views are untried on the CUDA kernels (as for GQA)
             rows = rows.contiguous()
-        merged, total = _over_offsets(rows, kv, vv, keep[None], scale, dim=1)
+        merged, total = _over_offsets(rows, kv, vv, None if keep is None else keep[None], scale, dim=1)
     else:
         parts = []
         for item in range(b):
             kv, vv = (head_grid(x, item, l - c, (c, 1), (len(t), l)) for x in (k, v))
-            parts.append(_over_offsets(q[item, :, real].expand(c, -1, -1, -1), kv, vv, keep[:, None], scale, dim=0))
+            parts.append(_over_offsets(q[item, :, real].expand(c, -1, -1, -1), kv, vv,
+                                       None if keep is None else keep[:, None], scale, dim=0))
         merged = torch.stack([o for o, _ in parts]).reshape(b * h, -1, parts[0][0].shape[-1])
         total = torch.stack([s for _, s in parts]).reshape(b * h, -1)
     merge_to(out[:, real], lse[:, real], (out[:, real], lse[:, real]), (merged, total))
 
 
-def _over_offsets(rows, kv, vv, keep: torch.Tensor, scale: float, dim: int):
-    """One call over the summary offsets along `dim` (under `keep` unless it keeps every key),
-    merged over them by log-sum-exp: (out float32, lse) without that axis."""
-    o, s_lse = fused_masked(rows, kv, vv, None if values_on_host(keep.device) and bool(keep.all()) else keep, scale=scale)
-    return merge_stacked(o, s_lse, dim)
+def _over_offsets(rows, kv, vv, keep: torch.Tensor | None, scale: float, dim: int):
+    """One call over the summary offsets along `dim` (under `keep`; None: every key), merged over
+    them by log-sum-exp: (out float32, lse) without that axis."""
+    return merge_stacked(*fused_masked(rows, kv, vv, keep, scale=scale), dim)
 
 
 def _summary_keys_after(i: torch.Tensor, block: int, summary: int, min_distance: int, total: int) -> torch.Tensor:
