@@ -3,16 +3,16 @@
 The engine asks `engine.kernels.dense.kernel_device` which device's kernels and rules to use;
 `cuda_kernels_on_cpu` answers 'cuda' for every tensor and puts float64 stand-ins for torch's
 three CUDA attention ops as their CPU kernels (which they lack). The dispatcher binds each call
-to the op's own schema, and each stand-in refuses
-what the real kernel refuses (a head dim not a multiple of 8, flash outside half precision or
-past 256 features, a causal call that is not square, misaligned strides, a bias not shaped and
-aligned as the memory-efficient kernel reads it, grid axes past 65535), and answers what the real
-op answers in the layout it answers it: flash's output as a transposed view, the
-memory-efficient kernel's log-sum-exp padded to 32 rows with NaN there, NaN for a row that keeps
-no key (the real kernels' answer there is unspecified; the engine must not read it). So the
-planner's CUDA plans (the flash window, strided in one call, fixed's row ranges, padded head dims,
-copies of stride-0 views) run here against the float64 reference; `bench/gpu_check.py` runs the
-same checks on a real GPU.
+to the op's own schema. Each stand-in refuses what the real kernel refuses (a head dim not a
+multiple of 8, flash outside half precision or past 256 features, a causal call that is not
+square, misaligned strides or starts, a bias not shaped and aligned as the memory-efficient kernel
+reads it, grid axes past 65535; and, stricter than flash itself, fewer key/value heads than query
+heads, which the engine repeats on CUDA), and answers what the real op answers in its layout:
+flash's output as a transposed view, the memory-efficient kernel's log-sum-exp padded to 32 rows
+with NaN there, NaN for a row that keeps no key (the real kernels' answer there is unspecified;
+the engine must not read it). So the planner's CUDA plans (the flash window, strided in one call,
+fixed's row ranges, padded head dims, copies of stride-0 views) run here against the float64
+reference; `bench/gpu_check.py` runs the same checks on a real GPU.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ def _alignment(x: torch.Tensor) -> int:
     return 16 // x.element_size()
 
 
-def _check_qkv(op: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads_axis: int) -> None:
+def _check_qkv(op: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
     for name, x in (("query", q), ("key", k), ("value", v)):
         assert x.dim() == 4, f"{op}: {name} must be 4-D, got {list(x.shape)}"
         assert x.dtype == q.dtype, f"{op}: {name} is {x.dtype}, query {q.dtype}"
@@ -46,16 +46,16 @@ def _check_qkv(op: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads
         assert x.shape[-1] % 8 == 0, f"{op}: {name}'s head dim {x.shape[-1]} is not a multiple of 8"
         assert all(s % _alignment(x) == 0 for s in x.stride()[:-1]), f"{op}: {name} misaligned, strides {x.stride()}"
         assert x.data_ptr() % 16 == 0, f"{op}: {name} starts off a 16-byte boundary"
-        assert x.shape[0] <= GRID_LIMIT and x.shape[heads_axis] <= GRID_LIMIT, f"{op}: {name} {list(x.shape)} past the grid"
+        assert x.shape[0] <= GRID_LIMIT and x.shape[1] <= GRID_LIMIT, f"{op}: {name} {list(x.shape)} past the grid"
     assert q.shape[-1] == k.shape[-1], f"{op}: query and key head dims differ"
-    assert k.shape[0] == v.shape[0] == q.shape[0] and k.shape[:-1] == v.shape[:-1], f"{op}: key and value shapes differ"
+    assert k.shape[:2] == v.shape[:2] == q.shape[:2] and k.shape[2] == v.shape[2], \
+        f"{op}: batch or heads differ, or key and value lengths: {list(q.shape)}, {list(k.shape)}, {list(v.shape)}"
 
 
 def _attend(q, k, v, keep: torch.Tensor | None, bias: torch.Tensor | None, scale: float):
-    """float64 attention over [B, H, L, D] (K and V heads repeated for grouped queries): (out in q's
-    dtype, lse float32), NaN in both for a row that keeps no key."""
-    group = q.shape[1] // k.shape[1]
-    k, v = (x.double().repeat_interleave(group, dim=1) for x in (k, v))
+    """float64 attention over [B, H, L, D]: (out in q's dtype, lse float32), NaN in both for a row
+    that keeps no key."""
+    k, v = k.double(), v.double()
     scores = torch.einsum("bhqd,bhkd->bhqk", q.double(), k) * scale
     if bias is not None:
         scores = scores + bias.double()
@@ -77,7 +77,7 @@ def _causal_square(op: str, q: torch.Tensor, k: torch.Tensor, is_causal: bool) -
 def scaled_dot_product_flash_attention(query, key, value, dropout_p=0.0, is_causal=False, return_debug_mask=False,
                                        *, scale=None):
     op = "flash"
-    _check_qkv(op, query, key, value, heads_axis=1)
+    _check_qkv(op, query, key, value)
     assert query.dtype in HALF, f"{op}: {query.dtype} (half precision only)"
     assert query.shape[-1] == value.shape[-1] <= FLASH_MAX_HEAD_DIM, f"{op}: head dims {query.shape[-1]}, {value.shape[-1]}"
     assert dropout_p == 0.0 and not return_debug_mask
@@ -91,7 +91,7 @@ def scaled_dot_product_flash_attention(query, key, value, dropout_p=0.0, is_caus
 def scaled_dot_product_efficient_attention(query, key, value, attn_bias, compute_log_sumexp, dropout_p=0.0,
                                            is_causal=False, *, scale=None):
     op = "memory-efficient"
-    _check_qkv(op, query, key, value, heads_axis=1)
+    _check_qkv(op, query, key, value)
     assert compute_log_sumexp and dropout_p == 0.0
     if attn_bias is not None:
         assert attn_bias.dtype == query.dtype, f"{op}: bias {attn_bias.dtype}, query {query.dtype}"
@@ -112,7 +112,7 @@ def flash_attention_forward(query, key, value, cum_seq_q, cum_seq_k, max_q, max_
     """[B, L, H, D] in and out; query i (bottom-right aligned) sees keys i - left .. i + right."""
     op = "flash (local window)"
     q, k, v = (x.transpose(1, 2) for x in (query, key, value))
-    _check_qkv(op, q, k, v, heads_axis=1)
+    _check_qkv(op, q, k, v)
     assert query.dtype in HALF and cum_seq_q is None and cum_seq_k is None and seqused_k is None
     assert alibi_slopes is None and block_table is None and dropout_p == 0.0 and not return_debug_mask
     assert max_q == q.shape[2] and max_k == k.shape[2]

@@ -35,6 +35,9 @@ def _efficient(q, k, v, bias=None):
     (lambda: _flash(*[torch.randn(1, 2, 5, 16, dtype=torch.bfloat16)[..., ::2]] * 3), "features must be adjacent"),
     (lambda: _efficient(*[torch.randn(1, 2, 5, 8)] * 3, bias=torch.zeros(5, 5).expand(1, 2, 5, 5)), "bias misaligned"),
     (lambda: _efficient(*[torch.randn(1, 2, 5, 8)] * 3, bias=torch.zeros(1, 1, 5, 16)[..., :5]), "want [1, 2, 5, 5]"),
+    (lambda: _flash(torch.randn(1, 4, 5, 8, dtype=torch.bfloat16), *[torch.randn(1, 2, 5, 8, dtype=torch.bfloat16)] * 2),
+     "heads differ"),  # the engine repeats grouped key/value heads on CUDA
+    (lambda: _efficient(torch.randn(1, 2, 5, 8), *[torch.randn(81)[1:].view(1, 2, 5, 8)] * 2), "starts off"),
 ])
 def test_stand_ins_refuse_what_the_cuda_kernels_refuse(call, message):
     with cuda_kernels_on_cpu(), pytest.raises(AssertionError, match=message.replace("[", r"\[")):
