@@ -18,8 +18,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
-from cuda_emulation import OpCount, cuda_kernels_on_cpu  # noqa: E402
-from engine import attention  # noqa: E402
+from cuda_emulation import counted_call  # noqa: E402
 
 SW, ST, FX = ({"type": "sliding_window", "window": 128}, {"type": "strided", "stride": 128},
               {"type": "fixed", "block": 128, "summary": 8})
@@ -39,10 +38,7 @@ def count_ops(pattern: dict, lq: int, lk: int, causal: bool) -> dict[str, int]:
     """{all, launches, host_reads} for one call after a first (which may probe the flash window)."""
     q = torch.randn(1, 1, lq, 64, dtype=torch.bfloat16)
     k, v = (torch.randn(1, 1, lk, 64, dtype=torch.bfloat16) for _ in range(2))
-    with cuda_kernels_on_cpu():
-        attention(q, k, v, pattern, causal=causal)
-        with OpCount() as count:
-            attention(q, k, v, pattern, causal=causal)
+    _, count = counted_call(q, k, v, pattern, causal=causal)
     return {"all": count.total, "launches": count.launches, "host_reads": sum(count.syncs.values())}
 
 

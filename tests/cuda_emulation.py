@@ -194,3 +194,15 @@ class OpCount(TorchDispatchMode):
     @property
     def syncs(self) -> dict[str, int]:
         return {op: n for op, n in self.ops.items() if op in HOST_SYNCS}
+
+
+def counted_call(q, k, v, pattern, *, causal: bool = True) -> tuple[torch.Tensor, OpCount]:
+    """(output, its OpCount) of one engine call on CUDA's branches, after a first call that may
+    probe the flash window once."""
+    from engine import attention
+
+    with cuda_kernels_on_cpu():
+        attention(q, k, v, pattern, causal=causal)
+        with OpCount() as count:
+            out = attention(q, k, v, pattern, causal=causal)
+    return out, count

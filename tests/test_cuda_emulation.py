@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from cuda_emulation import OpCount, cuda_kernels_on_cpu
+from cuda_emulation import counted_call, cuda_kernels_on_cpu
 from planner_support import structured_at_every_size
 from engine import attention
 from reference import reference_attention
@@ -69,10 +69,7 @@ FX = {"type": "fixed", "block": 16, "summary": 2}
 def test_cuda_plans_reach_the_cuda_kernels(pattern, dtype, kernels):
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(1, 2, 320, 20, generator=g).to(dtype) for _ in range(3))
-    with cuda_kernels_on_cpu():
-        attention(q, k, v, pattern)  # the flash window's first use probes it once
-        with OpCount() as count:
-            out = attention(q, k, v, pattern)
+    out, count = counted_call(q, k, v, pattern)
     assert {op: n for op, n in count.ops.items() if op in (FLASH, EFFICIENT, FLASH_WINDOW)} == kernels
     tol = 2e-5 if dtype == torch.float32 else 3e-2
     torch.testing.assert_close(out.double(), reference_attention(q, k, v, pattern)[0], atol=tol, rtol=tol)
@@ -116,10 +113,7 @@ def test_cuda_plans_never_wait_for_the_device(pattern, lq, causal, dtype):
     g = torch.Generator().manual_seed(0)
     q = torch.randn(1, 2, lq, 16, generator=g).to(dtype)
     k, v = (torch.randn(1, 2, 300, 16, generator=g).to(dtype) for _ in range(2))
-    with cuda_kernels_on_cpu():
-        attention(q, k, v, pattern, causal=causal)  # the flash window's probe, once
-        with OpCount() as count:
-            out = attention(q, k, v, pattern, causal=causal)
+    out, count = counted_call(q, k, v, pattern, causal=causal)
     assert count.syncs == {}
     tol = 2e-5 if dtype == torch.float32 else 3e-2
     torch.testing.assert_close(out.double(), reference_attention(q, k, v, pattern, causal=causal)[0], atol=tol, rtol=tol)
@@ -138,10 +132,8 @@ def test_cuda_launches_do_not_grow_with_the_blocks(pattern, causal):
     ops = {}
     for n in (512, 2048):
         q, k, v = (torch.randn(1, 1, n, 16, dtype=torch.bfloat16) for _ in range(3))
-        with structured_at_every_size(), cuda_kernels_on_cpu():
-            attention(q, k, v, pattern, causal=causal)
-            with OpCount() as count:
-                out = attention(q, k, v, pattern, causal=causal)
+        with structured_at_every_size():
+            out, count = counted_call(q, k, v, pattern, causal=causal)
         ops[n] = count.total
         torch.testing.assert_close(out.double(), reference_attention(q, k, v, pattern, causal=causal)[0], atol=3e-2, rtol=3e-2)
     assert ops[2048] < 1.5 * ops[512], ops  # 64 query blocks against 16
