@@ -1,8 +1,15 @@
+import os
 import sys
 from contextlib import ExitStack
 from pathlib import Path
 
 import pytest
+import torch
+
+# Without a GPU, Triton kernels run in Triton's interpreter on CPU tensors (set before the engine
+# defines them): the CUDA emulation then runs them as a GPU would, one program at a time.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 sys.path.insert(0, str(Path(__file__).parent))
 

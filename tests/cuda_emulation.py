@@ -135,7 +135,8 @@ STAND_INS = {
 
 def _device_caches():
     band = importlib.import_module("engine.kernels.band")
-    return (band.flash_window_supported,)
+    triton_fixed = importlib.import_module("engine.kernels.triton_fixed")
+    return band.flash_window_supported, triton_fixed.matches_contract
 
 
 @contextmanager

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from engine import kernels
+from engine.kernels.fixed import fused_fixed_attention
 from reference import mask, reference_attention
 
 SW = lambda w: {"type": "sliding_window", "window": w}  # noqa: E731
@@ -81,7 +82,7 @@ def test_band_strided_union(lq, lk, window, strides, causal):
 @pytest.mark.parametrize("ranges", [None, 1, 7])  # the kernel's choice (per block at l >= 64); ranges: one, ragged
 def test_fixed_summary_ranges(lq, lk, block, summary, ranges):
     q, k, v = _qkv(2, lq, lk, dv=8)
-    result = kernels.fixed_attention(q, k, v, block=block, summary=summary, scale=1 / math.sqrt(16), ranges=ranges)
+    result = fused_fixed_attention(q, k, v, block=block, summary=summary, scale=1 / math.sqrt(16), ranges=ranges)
     _assert_matches(result, q, k, v, {"type": "fixed", "block": block, "summary": summary})
 
 

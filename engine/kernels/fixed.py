@@ -42,6 +42,7 @@ from .dense import (NEG_INF, additive_mask, as_computed, dense_attention, fused,
 from .merge import join_rows, merge_partials, merge_stacked, merge_to
 from .masked import MASK_BUDGET
 from .strided import off_strides
+from .triton_fixed import MAX_SKIP_STRIDES, runs_on_triton, triton_fixed_attention
 
 # Row ranges of the transposed summary piece: the masked work is (ranges + 1) / (2 * ranges) of a
 # full rectangle; more ranges mean more, smaller calls. One range per 32 blocks, 4 to 16, was
@@ -125,13 +126,27 @@ def summary_mask(b0: int, b1: int, c: int, dtype: torch.dtype, device: torch.dev
 
 def fixed_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, block: int, summary: int, scale: float,
-    causal: bool = True, ranges: int | None = None, min_distance: int = 0,
-    skip_strides: tuple[int, ...] = (),
+    causal: bool = True, min_distance: int = 0, skip_strides: tuple[int, ...] = (),
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Fixed-pattern attention over the keys at i - j >= min_distance (causal) or |i - j| >=
     min_distance (for a union with a sliding window, whose keys it then skips), and not at
     (i - j) mod s == 0 for any s in skip_strides (for a union with those strides); queries bottom-right
-    aligned; (out float32, lse)."""
+    aligned; (out, lse). On CUDA with Triton installed one launch of the Triton kernel
+    (triton_fixed.py), elsewhere the fused-SDPA calls below."""
+    if runs_on_triton(q.device) and len(skip_strides) <= MAX_SKIP_STRIDES:
+        return triton_fixed_attention(q, k, v, block=block, summary=summary, scale=scale, causal=causal,
+                                      min_distance=min_distance, skip_strides=skip_strides)
+    return fused_fixed_attention(q, k, v, block=block, summary=summary, scale=scale, causal=causal,
+                                 min_distance=min_distance, skip_strides=skip_strides)
+
+
+def fused_fixed_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, block: int, summary: int, scale: float,
+    causal: bool = True, ranges: int | None = None, min_distance: int = 0,
+    skip_strides: tuple[int, ...] = (),
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`fixed_attention` on the device's fused SDPA kernel, in the pieces the module docstring
+    describes; (out float32, lse). `ranges` overrides the row-range count (`_range_count`)."""
     (q,) = as_computed(q)  # once: every path's calls read each query row, some several times
     if not causal:
         if min_distance or skip_strides:

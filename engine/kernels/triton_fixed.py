@@ -1,0 +1,226 @@
+"""`fixed(l, c)` on CUDA as one Triton kernel: each program walks only the keys its query tile can see.
+
+On CUDA the fused-SDPA plan of fixed (fixed.py) is many small launches: its own blocks, the
+summary keys in row ranges, their merges (141 aten ops for a causal prefill at Lk 4096, 36 of
+them launches; H200 at n = 16384: 1.9 ms, 2.5x dense flash attention's 0.75 ms). Here one launch
+does it all. A program takes BLOCK_M query rows of one head and, with an online softmax (as
+FlashAttention), first the keys of its rows' own blocks (a contiguous range), then the summary
+keys of the other blocks, gathered by index (`j = (t // c) * l + l - c + t % c` for the t-th
+summary key): the two sets are disjoint, so no key counts twice, and a query tile reads about
+its rows' attended keys, not every key block as a block-sparse mask would. A union's fixed
+step passes a minimum distance (its window's keys) and the strides whose multiples it must skip;
+they only mask. Grouped key/value heads are read as they are (head h reads h // (H / Hkv)).
+
+Exact in the precision flash attention keeps: scores accumulate in float32 (float32 inputs in
+IEEE float32, not TF32), the probabilities meet V in the inputs' dtype. Runs where Triton runs
+it: on CUDA tensors, or on any under TRITON_INTERPRET=1 (the tests, on the CPU; the interpreter
+computes bfloat16 products on bit patterns, so there the products are taken in float32).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+
+import torch
+
+from .dense import additive_mask, kernel_device, math_attention
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # a CPU install without Triton: fixed keeps its fused-SDPA plan everywhere
+    triton = None
+
+# Strides a union's fixed step can skip in the kernel (a union lists at most 8 members, so at
+# most 7 strides beside fixed; more than this take the fused-SDPA plan).
+MAX_SKIP_STRIDES = 4
+
+
+def runs_on_triton(device: torch.device) -> bool:
+    """Whether fixed runs on the Triton kernel for tensors on `device`: CUDA's rules (the engine's
+    `kernel_device`), Triton there to compile the kernel (or interpret it), and the kernel matching
+    the contract on a tiny problem there (`matches_contract`)."""
+    if triton is None or kernel_device(device) != "cuda":
+        return False
+    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        return False
+    return matches_contract(device)
+
+
+@functools.cache
+def matches_contract(device: torch.device) -> bool:
+    """Whether this Triton build compiles the kernel and its result matches the masked math kernel
+    on a tiny problem with every branch in play (probed once per device, as the band's local
+    window is): a Triton too old for an argument, or a miscompile, leaves fixed on its fused-SDPA
+    plan instead of failing requests."""
+    g = torch.Generator().manual_seed(0)
+    lq, lk, l, c = 7, 13, 4, 2
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    q, k, v = (torch.randn(1, h, n, 16, generator=g).to(device, dtype) for h, n in ((2, lq), (1, lk), (1, lk)))
+    i = torch.arange(lk - lq, lk, device=device)[:, None]
+    j = torch.arange(lk, device=device)[None, :]
+    keep = ((j // l == i // l) | (j % l >= l - c)) & (i - j >= 1) & ((i - j) % 3 != 0)
+    try:
+        out, lse = triton_fixed_attention(q, k, v, block=l, summary=c, scale=0.25, min_distance=1, skip_strides=(3,))
+    except Exception:  # noqa: BLE001 (any compile or launch error: the fused plan takes over)
+        return False
+    ref_out, ref_lse = math_attention(q.float(), k.float().expand(-1, 2, -1, -1), v.float().expand(-1, 2, -1, -1),
+                                      scale=0.25, mask=additive_mask(keep, torch.float32))
+    rows = keep.any(-1)  # a row with no key: zeros here, whatever the math kernel makes of it
+    return (torch.allclose(out.float()[..., rows, :], ref_out[..., rows, :], atol=2e-2, rtol=2e-2)
+            and torch.allclose(lse[..., rows], ref_lse[..., rows], atol=2e-2)
+            and bool((out[..., ~rows, :] == 0).all()) and bool((lse[..., ~rows] == float("-inf")).all()))
+
+
+def triton_fixed_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, block: int, summary: int, scale: float,
+    causal: bool = True, min_distance: int = 0, skip_strides: tuple[int, ...] = (),
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`fixed_attention`'s contract in one launch: (out in q's dtype [B, H, Lq, Dv], lse float32
+    [B, H, Lq]); rows with no key get zeros and -inf."""
+    assert len(skip_strides) <= MAX_SKIP_STRIDES, "more skipped strides than the kernel takes"
+    b, h, lq, d = q.shape
+    hkv, lk, dv = k.shape[1], k.shape[2], v.shape[3]
+    out = torch.empty(b, h, lq, dv, dtype=q.dtype, device=q.device)
+    lse = torch.empty(b, h, lq, dtype=torch.float32, device=q.device)
+    if lq == 0 or b * h == 0:
+        return out, lse
+    strides = tuple(skip_strides) + (1,) * (MAX_SKIP_STRIDES - len(skip_strides))
+    block_m = 16 if lq <= 16 else 64
+    grid = (triton.cdiv(lq, block_m), h, b)
+    _fixed_kernel[grid](
+        q, k, v, out, lse, *q.stride(), *k.stride(), *v.stride(), *out.stride(), *lse.stride(),
+        h // hkv, lq, lk, d, dv, block, summary, min_distance, *strides,
+        scale * math.log2(math.e),
+        CAUSAL=causal, SKIPS=len(skip_strides), DOT_DTYPE=_dot_dtype(q.dtype),
+        IEEE=q.dtype == torch.float32, BLOCK_M=block_m, BLOCK_N=64,
+        BLOCK_D=_pow2(d), BLOCK_DV=_pow2(dv),
+    )
+    return out, lse
+
+
+def _pow2(n: int) -> int:
+    """A tile width for n features: a power of two of at least 16 (tl.dot's least)."""
+    return max(16, 1 << (n - 1).bit_length())
+
+
+def _dot_dtype(dtype: torch.dtype):
+    """The dtype the products take: the inputs' own, but float32 for bfloat16 in the interpreter."""
+    if dtype == torch.float32 or dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1":
+        return tl.float32
+    return {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}[dtype]
+
+
+def _kept(i, j, lk, block, min_distance, s0, s1, s2, s3, CAUSAL, SKIPS):
+    """The [rows, keys] rule a tile applies to keys it may see: inside Lk, causal (i - j >= m) or
+    not (|i - j| >= m), off the skipped strides' multiples."""
+    diff = i[:, None] - j[None, :]
+    keep = (j[None, :] < lk) & (j[None, :] >= 0)
+    if CAUSAL:
+        keep &= diff >= min_distance
+    else:
+        keep &= (diff >= min_distance) | (-diff >= min_distance)
+    if SKIPS > 0:
+        keep &= diff % s0 != 0
+    if SKIPS > 1:
+        keep &= diff % s1 != 0
+    if SKIPS > 2:
+        keep &= diff % s2 != 0
+    if SKIPS > 3:
+        keep &= diff % s3 != 0
+    return keep
+
+
+def _step(acc, m_i, l_i, q, kt_ptrs, v_ptrs, load_k, load_v, keep, qk_scale, DOT_DTYPE, IEEE):
+    """One key tile of the online softmax: scores, the running max and sum rescaled, P @ V added."""
+    kt = tl.load(kt_ptrs, mask=load_k, other=0.0).to(DOT_DTYPE)
+    if IEEE:
+        s = tl.dot(q, kt, input_precision="ieee")
+    else:
+        s = tl.dot(q, kt)
+    s = tl.where(keep, s * qk_scale, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with no key yet: nothing to rescale
+    p = tl.exp2(s - m_safe[:, None])
+    alpha = tl.exp2(m_i - m_safe)
+    vt = tl.load(v_ptrs, mask=load_v, other=0.0).to(DOT_DTYPE)
+    if IEEE:
+        pv = tl.dot(p.to(DOT_DTYPE), vt, input_precision="ieee")
+    else:
+        pv = tl.dot(p.to(DOT_DTYPE), vt)
+    return acc * alpha[:, None] + pv, m_new, l_i * alpha + tl.sum(p, 1)
+
+
+if triton is not None:
+    _kept = triton.jit(_kept)
+    _step = triton.jit(_step)
+
+    # Integer arguments that vary from request to request are not specialised on (Triton compiles a
+    # variant per value class: 1, a multiple of 16, other), so a new length or pattern compiles
+    # nothing; a variant is compiled per dtype, causality, skipped-stride count and head dims.
+    @triton.jit(do_not_specialize=["group", "lq", "lk", "d", "dv", "block", "summary", "min_distance",
+                                   "s0", "s1", "s2", "s3"])
+    def _fixed_kernel(
+        Q, K, V, Out, Lse,
+        sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, som, sod, slb, slh, slm,
+        group, lq, lk, d, dv, block, summary, min_distance, s0, s1, s2, s3, qk_scale,
+        CAUSAL: tl.constexpr, SKIPS: tl.constexpr, DOT_DTYPE: tl.constexpr, IEEE: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    ):
+        pid_m, head, item = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        kv_head = head // group
+        offset = lk - lq  # queries bottom-right aligned: row r is position r + offset
+        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        i = rows + offset
+        row_ok = rows < lq
+        feats, vfeats = tl.arange(0, BLOCK_D), tl.arange(0, BLOCK_DV)
+        q = tl.load(Q + item * sqb + head * sqh + rows[:, None] * sqm + feats[None, :] * sqd,
+                    mask=row_ok[:, None] & (feats[None, :] < d), other=0.0).to(DOT_DTYPE)
+        k_base = K + item * skb + kv_head * skh
+        v_base = V + item * svb + kv_head * svh
+        first = pid_m * BLOCK_M + offset
+        last = tl.minimum(pid_m * BLOCK_M + BLOCK_M, lq) - 1 + offset
+        first_block, last_block = first // block, last // block
+        my_block = i // block
+
+        acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+        m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+
+        # The rows' own blocks: keys first_block * l .. the last row (causal) or its block's end.
+        own_end = last + 1 - min_distance if CAUSAL else tl.minimum((last_block + 1) * block, lk)
+        for start in range(first_block * block, own_end, BLOCK_N):
+            j = start + tl.arange(0, BLOCK_N)
+            keep = _kept(i, j, lk, block, min_distance, s0, s1, s2, s3, CAUSAL, SKIPS)
+            keep &= (j[None, :] // block == my_block[:, None]) & row_ok[:, None]
+            load = j < lk
+            acc, m_i, l_i = _step(
+                acc, m_i, l_i, q,
+                k_base + j[None, :] * skn + feats[:, None] * skd, v_base + j[:, None] * svn + vfeats[None, :] * svd,
+                load[None, :] & (feats[:, None] < d), load[:, None] & (vfeats[None, :] < dv),
+                keep, qk_scale, DOT_DTYPE, IEEE)
+
+        # Summary keys of the other blocks: t-th at (t // c) * l + l - c + t % c; causal, those of
+        # the blocks before the last row's.
+        key_blocks = last_block if CAUSAL else (lk + block - 1) // block
+        for start in range(0, key_blocks * summary, BLOCK_N):
+            t = start + tl.arange(0, BLOCK_N)
+            j = (t // summary) * block + block - summary + t % summary
+            j = tl.where(t < key_blocks * summary, j, -1)
+            keep = _kept(i, j, lk, block, min_distance, s0, s1, s2, s3, CAUSAL, SKIPS)
+            keep &= (j[None, :] // block != my_block[:, None]) & row_ok[:, None]
+            load = (j >= 0) & (j < lk)
+            acc, m_i, l_i = _step(
+                acc, m_i, l_i, q,
+                k_base + j[None, :] * skn + feats[:, None] * skd, v_base + j[:, None] * svn + vfeats[None, :] * svd,
+                load[None, :] & (feats[:, None] < d), load[:, None] & (vfeats[None, :] < dv),
+                keep, qk_scale, DOT_DTYPE, IEEE)
+
+        seen = l_i > 0
+        out = acc / tl.where(seen, l_i, 1.0)[:, None]
+        lse = tl.where(seen, (m_i + tl.log2(tl.where(seen, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
+        tl.store(Out + item * sob + head * soh + rows[:, None] * som + vfeats[None, :] * sod,
+                 out.to(Out.dtype.element_ty), mask=row_ok[:, None] & (vfeats[None, :] < dv))
+        tl.store(Lse + item * slb + head * slh + rows * slm, lse, mask=row_ok)

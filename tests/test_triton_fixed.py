@@ -1,0 +1,206 @@
+"""fixed's Triton kernel (engine/kernels/triton_fixed.py) against the float64 reference, in Triton's
+interpreter on the CPU (TRITON_INTERPRET=1, set by conftest.py without a GPU), and the engine's
+choice of it on CUDA's branches; the fused-SDPA plan it replaces stays checked as CUDA's fallback."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import reference
+from cuda_emulation import counted_call, cuda_kernels_on_cpu
+from engine import attention
+from engine.kernels import fixed as fixed_module
+from engine.kernels import triton_fixed
+from engine.kernels.fixed import fused_fixed_attention
+from engine.kernels.triton_fixed import MAX_SKIP_STRIDES, matches_contract, runs_on_triton, triton_fixed_attention
+
+pytestmark = pytest.mark.skipif(triton_fixed.triton is None, reason="Triton is not installed")
+
+
+def _fixed_step_reference(q, k, v, *, block, summary, causal, min_distance, skip_strides, scale):
+    """(out, lse) float64 of a fixed step: the contract's fixed rule, causal or not, at distance
+    >= min_distance, off the skipped strides' multiples; GQA by head index."""
+    b, h, lq, _ = q.shape
+    hkv, lk = k.shape[1], k.shape[2]
+    i = torch.arange(lk - lq, lk)[:, None]
+    j = torch.arange(lk)[None, :]
+    keep = reference.allowed({"type": "fixed", "block": block, "summary": summary}, i, j, 0, 1)
+    keep &= (i - j >= min_distance) if causal else ((i - j).abs() >= min_distance)
+    for s in skip_strides:
+        keep &= (i - j) % s != 0
+    kv = torch.arange(h) // (h // hkv)
+    scores = torch.einsum("bhqd,bhkd->bhqk", q.double(), k.double()[:, kv]) * scale
+    scores = scores.masked_fill(~keep, float("-inf"))
+    lse = torch.logsumexp(scores, -1)
+    return torch.einsum("bhqk,bhkd->bhqd", torch.softmax(scores, -1).nan_to_num(0.0), v.double()[:, kv]), lse
+
+
+# (B, H, Hkv, Lq, Lk, D, Dv, block, summary): n off every tile size, Lq < Lk, GQA, one head, a block
+# longer than the keys, every column a summary column, one summary column, blocks of 1, head dims
+# off a power of two (and Dv != D), a decode row, a tile spanning several blocks.
+SHAPES = [
+    (1, 1, 1, 37, 37, 16, 16, 8, 2),
+    (2, 4, 2, 100, 100, 16, 8, 16, 4),
+    (1, 2, 1, 10, 130, 12, 20, 16, 2),
+    (1, 2, 2, 70, 70, 16, 16, 128, 8),
+    (1, 2, 2, 70, 70, 16, 16, 5, 5),
+    (1, 3, 1, 65, 200, 8, 8, 7, 1),
+    (1, 2, 2, 50, 50, 16, 16, 1, 1),
+    (1, 2, 1, 1, 300, 16, 16, 16, 3),
+    (1, 1, 1, 150, 150, 64, 64, 64, 8),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "noncausal"])
+@pytest.mark.parametrize("shape", SHAPES, ids=[f"B{s[0]}H{s[1]}/{s[2]}_{s[3]}x{s[4]}_D{s[5]}/{s[6]}_fixed{s[7]},{s[8]}"
+                                               for s in SHAPES])
+def test_the_kernel_matches_the_reference(shape, causal, dtype):
+    b, h, hkv, lq, lk, d, dv, block, summary = shape
+    g = torch.Generator().manual_seed(lq * lk + block)
+    q = torch.randn(b, h, lq, d, generator=g).to(dtype)
+    k = torch.randn(b, hkv, lk, d, generator=g).to(dtype)
+    v = torch.randn(b, hkv, lk, dv, generator=g).to(dtype)
+    out, lse = triton_fixed_attention(q, k, v, block=block, summary=summary, scale=1 / math.sqrt(d), causal=causal)
+    ref_out, ref_lse = _fixed_step_reference(q, k, v, block=block, summary=summary, causal=causal, min_distance=0,
+                                             skip_strides=(), scale=1 / math.sqrt(d))
+    assert out.dtype == dtype and out.shape == (b, h, lq, dv) and lse.dtype == torch.float32
+    tol = 2e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(out.double(), ref_out, atol=tol, rtol=tol)
+    torch.testing.assert_close(lse.double(), ref_lse, atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "noncausal"])
+@pytest.mark.parametrize("min_distance, skip_strides", [(8, ()), (0, (3,)), (8, (3, 5)), (30, (2, 3, 5, 7)),
+                                                        (200, ())])
+def test_a_unions_fixed_step_skips_the_window_and_the_strides(causal, min_distance, skip_strides):
+    """A union's fixed step: keys nearer than the window's width and at the strides' multiples are
+    another member's; rows left with no key (a distance past every key) get zeros and -inf."""
+    g = torch.Generator().manual_seed(min_distance)
+    q = torch.randn(1, 2, 100, 16, generator=g)
+    k, v = (torch.randn(1, 2, 120, 16, generator=g) for _ in range(2))
+    kwargs = dict(block=16, summary=4, causal=causal, min_distance=min_distance, skip_strides=skip_strides)
+    out, lse = triton_fixed_attention(q, k, v, scale=0.25, **kwargs)
+    ref_out, ref_lse = _fixed_step_reference(q, k, v, scale=0.25, **kwargs)
+    torch.testing.assert_close(out.double(), ref_out, atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(lse.double(), ref_lse, atol=2e-5, rtol=2e-5)
+    if min_distance == 200:
+        assert (out == 0).all() and (lse == float("-inf")).all()
+
+
+@pytest.mark.parametrize("lq", [1, 3, 17])
+def test_decode_rows_at_every_offset_in_a_block(lq):
+    """Short runs end anywhere in a block: the tile's own-block range and summary count follow its
+    last row."""
+    g = torch.Generator().manual_seed(lq)
+    k, v = (torch.randn(1, 2, 96, 16, generator=g) for _ in range(2))
+    for lk in range(lq, 96, 5):
+        q = torch.randn(1, 2, lq, 16, generator=g)
+        out, lse = triton_fixed_attention(q, k[..., :lk, :], v[..., :lk, :], block=16, summary=3, scale=0.25)
+        ref_out, ref_lse = _fixed_step_reference(q, k[..., :lk, :], v[..., :lk, :], block=16, summary=3, causal=True,
+                                                 min_distance=0, skip_strides=(), scale=0.25)
+        torch.testing.assert_close(out.double(), ref_out, atol=2e-5, rtol=2e-5)
+        torch.testing.assert_close(lse.double(), ref_lse, atol=2e-5, rtol=2e-5)
+
+
+def test_it_reads_any_layout():
+    """Strided views (transposed heads, a sliced feature axis) go to the kernel as they are."""
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(1, 70, 2, 24, generator=g).transpose(1, 2)[..., :16]
+    k, v = (torch.randn(1, 90, 2, 16, generator=g).transpose(1, 2) for _ in range(2))
+    out, lse = triton_fixed_attention(q, k, v, block=16, summary=2, scale=0.25)
+    ref_out, ref_lse = _fixed_step_reference(q, k, v, block=16, summary=2, causal=True, min_distance=0,
+                                             skip_strides=(), scale=0.25)
+    torch.testing.assert_close(out.double(), ref_out, atol=2e-5, rtol=2e-5)
+
+
+UNIONS = {
+    "fixed": {"type": "fixed", "block": 16, "summary": 2},
+    "window_fixed": {"type": "union", "patterns": [{"type": "sliding_window", "window": 24},
+                                                    {"type": "fixed", "block": 16, "summary": 2}]},
+    "strides_fixed": {"type": "union", "patterns": [{"type": "strided", "stride": 12}, {"type": "strided", "stride": 7},
+                                                     {"type": "fixed", "block": 32, "summary": 4}]},
+}
+
+
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "noncausal"])
+@pytest.mark.parametrize("name", list(UNIONS))
+def test_cuda_plans_take_the_kernel_for_their_fixed_step(monkeypatch, name, causal):
+    """On CUDA's branches a plan's fixed step is one Triton launch, and the result the reference's."""
+    calls = []
+    monkeypatch.setattr(fixed_module, "triton_fixed_attention",
+                        lambda *a, **kw: calls.append(kw) or triton_fixed_attention(*a, **kw))
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(1, 4, 300, 16, generator=g).to(torch.bfloat16) for _ in range(3))
+    pattern = UNIONS[name]
+    with cuda_kernels_on_cpu():
+        out = attention(q, k, v, pattern, causal=causal)
+    assert len(calls) == 1
+    torch.testing.assert_close(out.double(), reference.reference_attention(q, k, v, pattern, causal=causal)[0],
+                               atol=3e-2, rtol=3e-2)
+
+
+def test_more_strides_than_the_kernel_skips_take_the_fused_plan(monkeypatch):
+    strides = [{"type": "strided", "stride": s} for s in (5, 7, 11, 13, 17)]
+    pattern = {"type": "union", "patterns": [*strides, {"type": "fixed", "block": 16, "summary": 2}]}
+    assert len(strides) > MAX_SKIP_STRIDES
+    monkeypatch.setattr(fixed_module, "triton_fixed_attention", lambda *a, **kw: pytest.fail("not the kernel"))
+    g = torch.Generator().manual_seed(2)
+    q, k, v = (torch.randn(1, 2, 300, 16, generator=g) for _ in range(3))
+    out, _ = counted_call(q, k, v, pattern)
+    torch.testing.assert_close(out.double(), reference.reference_attention(q, k, v, pattern)[0], atol=2e-5, rtol=2e-5)
+
+
+def test_the_kernel_runs_only_on_cudas_branches(monkeypatch):
+    cpu = torch.device("cpu")
+    assert not runs_on_triton(cpu)  # the CPU's rules: fused SDPA
+    with cuda_kernels_on_cpu():
+        assert runs_on_triton(cpu)  # emulated CUDA, the interpreter here
+        monkeypatch.delenv("TRITON_INTERPRET")
+        assert not runs_on_triton(cpu)  # a compiled Triton kernel cannot take CPU tensors
+
+
+def test_a_kernel_that_fails_its_probe_leaves_fixed_on_the_fused_plan(monkeypatch):
+    """A Triton build that cannot compile the kernel, or miscompiles it, must not fail requests."""
+    cpu = torch.device("cpu")
+    with cuda_kernels_on_cpu():
+        assert matches_contract(cpu)
+        matches_contract.cache_clear()
+        monkeypatch.setattr(triton_fixed, "triton_fixed_attention", lambda *a, **kw: 1 / 0)
+        assert not matches_contract(cpu) and not runs_on_triton(cpu)
+        matches_contract.cache_clear()
+        monkeypatch.setattr(triton_fixed, "triton_fixed_attention",
+                            lambda q, k, v, **kw: (torch.zeros(*q.shape[:3], v.shape[-1]), torch.zeros(q.shape[:3])))
+        assert not matches_contract(cpu)
+        matches_contract.cache_clear()
+
+
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "noncausal"])
+@pytest.mark.parametrize("min_distance, skip_strides", [(0, ()), (24, ()), (0, (12,)), (24, (12, 7))])
+@pytest.mark.parametrize("lq", [300, 20, 1])
+def test_the_fused_plan_stays_exact_on_cudas_branches(lq, min_distance, skip_strides, causal):
+    """CUDA's fallback (no Triton, a failed probe, more strides than the kernel skips) is the
+    fused-SDPA plan on CUDA's kernels: still checked, emulated."""
+    g = torch.Generator().manual_seed(lq + min_distance)
+    q = torch.randn(1, 2, lq, 16, generator=g).to(torch.bfloat16)
+    k, v = (torch.randn(1, 2, 300, 16, generator=g).to(torch.bfloat16) for _ in range(2))
+    kwargs = dict(block=16, summary=2, causal=causal, min_distance=min_distance, skip_strides=skip_strides)
+    with cuda_kernels_on_cpu():
+        out, lse = fused_fixed_attention(q, k, v, scale=0.25, **kwargs)
+    ref_out, ref_lse = _fixed_step_reference(q, k, v, scale=0.25, **kwargs)
+    torch.testing.assert_close(out.double(), ref_out, atol=3e-2, rtol=3e-2)
+    seen = ref_lse > float("-inf")
+    torch.testing.assert_close(lse.double()[seen], ref_lse[seen], atol=3e-2, rtol=3e-2)
+
+
+def test_an_engine_call_on_cudas_branches_matches_the_reference_with_grouped_heads():
+    g = torch.Generator().manual_seed(3)
+    q = torch.randn(2, 4, 130, 16, generator=g)
+    k, v = (torch.randn(2, 2, 130, 16, generator=g) for _ in range(2))
+    pattern = UNIONS["window_fixed"]
+    with cuda_kernels_on_cpu():
+        out = attention(q, k, v, pattern)
+    torch.testing.assert_close(out.double(), reference.reference_attention(q, k, v, pattern)[0], atol=2e-5, rtol=2e-5)
