@@ -2,7 +2,9 @@
 tests/cuda_emulation.py: all aten ops, those that are not views (each a kernel launch on a GPU,
 bar a few on small host tensors), and reads of a device value on the host (each a wait for
 every queued kernel). Where a call is a few hundred microseconds on a GPU, these are its cost.
-The counts do not depend on the machine.
+The counts do not depend on the machine. Triton kernels run in Triton's interpreter here and count
+as the one launch each is on a GPU; `--fused-fixed` counts fixed's fused-SDPA plan instead (CUDA's
+fallback where Triton is missing).
 
     .venv/bin/python -m bench.cuda_ops            # the README's table (bfloat16, H = 1, D = 64, Lk = 4096)
 """
@@ -11,14 +13,19 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+from contextlib import nullcontext
 from pathlib import Path
+from unittest.mock import patch
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 from cuda_emulation import counted_call  # noqa: E402
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # before the engine defines its Triton kernels
 
 SW, ST, FX = ({"type": "sliding_window", "window": 128}, {"type": "strided", "stride": 128},
               {"type": "fixed", "block": 128, "summary": 8})
@@ -47,9 +54,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--n", type=int, default=4096, help="keys (and prefill rows)")
     p.add_argument("--patterns", nargs="+", choices=list(PATTERNS), default=list(PATTERNS))
     p.add_argument("--out", type=Path, help="JSON of the counts")
+    p.add_argument("--fused-fixed", action="store_true", help="fixed on its fused-SDPA plan, not the Triton kernel")
     args = p.parse_args(argv)
-    rows = {name: {case: count_ops(PATTERNS[name], lq or args.n, args.n, causal)
-                   for case, (causal, lq) in CASES.items()} for name in args.patterns}
+    with patch("engine.kernels.fixed.runs_on_triton", return_value=False) if args.fused_fixed else nullcontext():
+        rows = {name: {case: count_ops(PATTERNS[name], lq or args.n, args.n, causal)
+                       for case, (causal, lq) in CASES.items()} for name in args.patterns}
     print("| pattern | " + " | ".join(CASES) + " |\n|---|" + "---|" * len(CASES))
     for name, cells in rows.items():
         print(f"| {name} | " + " | ".join("{all}/{launches}/{host_reads}".format(**c) for c in cells.values()) + " |")

@@ -10,15 +10,15 @@
 (b) bench.kernels on the GPU in bfloat16 for n up to 131072 against dense flash SDPA and
     compiled FlexAttention, with the 131072-token peak-memory row, the sliding-window scaling
     and the first call for a new shape; JSON (and the plot) under --out.
-(c) fixed(128, 8) with its summary piece in 1, 4 and 16 row ranges against the default rule, at
-    n = 16384 and 131072: the data to choose CUDA's own rule from (engine/kernels/fixed.py).
+(c) fixed(128, 8) on its Triton kernel against its fused-SDPA plan (CUDA's fallback) with the
+    summary piece in the default, 1, 4 and 16 row ranges, at n = 16384 and 131072.
 (d) a few query rows at the end of 65536 and 131072 keys (decode steps, short chunks), per
     pattern, in bfloat16: the engine's structured kernels against dense flash SDPA and the masked kernel
     (`bench.kernels --decode`).
 (e) small problems (n = 32 to 256): each pattern's structured plan against the masked kernel, the
     choice `planner.SMALL_KEYS` makes, measured on the CPU only until then (`bench.kernels --small`).
-(f) the unions with fixed at n = 16384 and 65536 against dense flash SDPA: their fixed step in row
-    ranges, counted (`bench.cuda_ops`) but not yet timed on a GPU; a call per block before.
+(f) the unions with fixed at n = 16384 and 65536 against dense flash SDPA: their fixed step one
+    Triton launch, not yet timed on a GPU (many fused calls before: `bench.cuda_ops`).
 
 Exits 1 if any check fails or raises, 2 if CUDA is missing: it never skips a check quietly.
 Sized to finish in about 5 minutes on an H200: FlexAttention is compiled at n = 16384 and 131072
@@ -58,6 +58,8 @@ sys.path.insert(0, str(ROOT / "tests"))
 from engine import attention, kernels  # noqa: E402
 from engine.attention import backend_for  # noqa: E402
 from engine.kernels.band import flash_window_supported  # noqa: E402
+from engine.kernels.fixed import fused_fixed_attention  # noqa: E402
+from engine.kernels.triton_fixed import runs_on_triton, triton_fixed_attention  # noqa: E402
 from engine.patterns import parse_pattern  # noqa: E402
 from planner_support import structured_at_every_size  # noqa: E402
 from reference import reference_attention  # noqa: E402
@@ -141,7 +143,11 @@ def cases(device):
                  True),
                 ("fixed 100,100", lambda: kernels.fixed_attention(q, k, v, block=100, summary=100, scale=s),
                  FX(100, 100), True),
-                ("fixed 16,2 (summary ranges)", lambda: kernels.fixed_attention(q, k, v, block=16, summary=2, scale=s),
+                ("fixed 16,2", lambda: kernels.fixed_attention(q, k, v, block=16, summary=2, scale=s),
+                 FX(16, 2), True),
+                ("fused fixed 128,8 (CUDA's fallback to the Triton kernel)",
+                 lambda: fused_fixed_attention(q, k, v, block=128, summary=8, scale=s), FX(128, 8), True),
+                ("fused fixed 16,2 (summary ranges)", lambda: fused_fixed_attention(q, k, v, block=16, summary=2, scale=s),
                  FX(16, 2), True),
                 ("union 128+128", lambda: kernels.band_strided_attention(q, k, v, window=128, strides=(128,), scale=s),
                  UNION(128, 128), True),
@@ -232,16 +238,20 @@ def outcome(name: str, attempt) -> bool:
     return problem is None
 
 
-def fixed_ranges(device: torch.device, ns=(16384, 131072)) -> list[dict]:
-    """(c): seconds of fixed(128, 8) in bfloat16, H = 8, D = 64, per summary range count."""
+def fixed_kernels(device: torch.device, ns=(16384, 131072)) -> list[dict]:
+    """(c): seconds of fixed(128, 8) in bfloat16, H = 8, D = 64, on the Triton kernel and on the
+    fused-SDPA plan with its summary piece in the default, 1, 4 and 16 row ranges."""
     rows = []
     for n in ns:
         q, k, v = bench_kernels.inputs(n, 8, 64, torch.bfloat16, device)
-        fns = {r: (lambda r=r: kernels.fixed_attention(q, k, v, block=128, summary=8, scale=0.125, ranges=r))
-               for r in (None, 1, 4, 16)}
-        for r, t in bench_kernels.rounds(fns, device, 3, 30.0, 0.05).items():
-            rows.append({"n": n, "ranges": r or "default", "seconds": min(t[1:] or t)})
-            print(f"fixed(128, 8) n={n} ranges={rows[-1]['ranges']}: {rows[-1]['seconds'] * 1000:.3f} ms", flush=True)
+        fns = {f"fused ranges={r or 'default'}": (
+            lambda r=r: fused_fixed_attention(q, k, v, block=128, summary=8, scale=0.125, ranges=r))
+            for r in (None, 1, 4, 16)}
+        if runs_on_triton(device):  # else its probe failed, said at the start
+            fns["triton"] = lambda: triton_fixed_attention(q, k, v, block=128, summary=8, scale=0.125)
+        for name, t in bench_kernels.rounds(fns, device, 3, 30.0, 0.05).items():
+            rows.append({"n": n, "kernel": name, "seconds": min(t[1:] or t)})
+            print(f"fixed(128, 8) n={n} {name}: {rows[-1]['seconds'] * 1000:.3f} ms", flush=True)
     return rows
 
 
@@ -266,7 +276,8 @@ def main(argv: list[str] | None = None) -> int:
           flush=True)
     if device.type == "cuda":
         print(f"flash local window for the band: causal {flash_window_supported(device, True)}, "
-              f"non-causal {flash_window_supported(device, False)}", flush=True)
+              f"non-causal {flash_window_supported(device, False)}; fixed on the Triton kernel: "
+              f"{runs_on_triton(device)}", flush=True)
     passed, failed = check(device)
     if device.type == "cuda":  # the CPU has no grid limit, and these are minutes on it
         passed, failed = (a + b for a, b in zip((passed, failed), grid_checks(device)))
@@ -281,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
             "--memory-n", "131072", "--scaling-n", "16384", "32768", "65536", "131072",
             "--first-call-n", "12289", "--out", str(args.out / "gpu_kernels.json"),
         ])
-        summary["fixed_ranges"] = fixed_ranges(device)
+        summary["fixed_kernels"] = fixed_kernels(device)
         bench_kernels.main(["--decode", "--device", args.device, "--dtypes", "bfloat16", "--decode-lk", "65536", "131072",
                             "--decode-lq", "1", "16", "--repeats", "3", "--turn-s", "0.05",
                             "--out", str(args.out / "gpu_decode.json")])

@@ -26,7 +26,7 @@ from typing import Iterator
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes, _get_current_dispatch_mode_stack
 
 GRID_LIMIT = 65535  # the CUDA grid's y and z axes, where the kernels put batch and heads
 FLASH_MAX_HEAD_DIM = 256
@@ -151,6 +151,8 @@ def cuda_kernels_on_cpu() -> Iterator[None]:
             for module in [m for name, m in sys.modules.items() if name == "engine" or name.startswith("engine.")]:
                 if hasattr(module, "kernel_device"):
                     patch.setattr(module, "kernel_device", lambda device: "cuda")
+                for name, kernel in _triton_kernels(module):
+                    patch.setattr(module, name, _OneLaunch(name, kernel))
             patch.setattr(importlib.import_module("engine.kernels.dense"), "_flash_capable", lambda device: True)
             library = torch.library.Library("aten", "IMPL")  # these ops have no CPU kernel of their own
             for name, stand_in in STAND_INS.items():
@@ -195,6 +197,34 @@ class OpCount(TorchDispatchMode):
     @property
     def syncs(self) -> dict[str, int]:
         return {op: n for op, n in self.ops.items() if op in HOST_SYNCS}
+
+
+def _triton_kernels(module) -> list[tuple[str, object]]:
+    """The module's Triton kernels, (name, kernel), by the engine's naming: `*_kernel` is launched
+    (`kernel[grid](...)`), other jitted functions are called from kernels."""
+    try:
+        from triton.runtime.jit import KernelInterface
+    except ImportError:
+        return []
+    return [(name, obj) for name, obj in vars(module).items()
+            if isinstance(obj, KernelInterface) and name.endswith("_kernel")]
+
+
+class _OneLaunch:
+    """A Triton kernel counted as the one launch it is on a GPU by any OpCount around it: the
+    interpreter's own copies of its arguments to and from the host are not counted."""
+
+    def __init__(self, name: str, kernel):
+        self.name, self.kernel = name, kernel
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            for mode in _get_current_dispatch_mode_stack():
+                if isinstance(mode, OpCount):
+                    mode.ops[f"triton.{self.name}"] += 1
+            with _disable_current_modes():
+                return self.kernel[grid](*args, **kwargs)
+        return launch
 
 
 def counted_call(q, k, v, pattern, *, causal: bool = True) -> tuple[torch.Tensor, OpCount]:

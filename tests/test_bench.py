@@ -178,3 +178,16 @@ def test_cuda_ops_counts_each_case_of_the_cuda_plans(tmp_path, capsys):
     assert all(c["host_reads"] == 0 and 0 < c["launches"] <= c["all"] for cells in counts.values() for c in cells.values())
     assert counts["sliding_window(256)"]["causal prefill"]["launches"] == 1  # the flash window, nothing else
     assert len(capsys.readouterr().out.splitlines()) == 4  # the header, its rule and two rows
+
+
+def test_cuda_ops_counts_fixed_on_the_triton_kernel_or_its_fused_plan(tmp_path):
+    """fixed is one Triton launch (and its two outputs' allocations) where Triton runs, many calls
+    on its fused-SDPA plan otherwise."""
+    from bench import cuda_ops
+
+    launches = {}
+    for flags in ([], ["--fused-fixed"]):
+        out = tmp_path / "ops.json"
+        assert cuda_ops.main(["--n", "512", "--patterns", "fixed(128, 8)", "--out", str(out), *flags]) == 0
+        launches[bool(flags)] = json.loads(out.read_text())["counts"]["fixed(128, 8)"]["causal prefill"]["launches"]
+    assert launches[False] == 3 and launches[True] > 10, launches

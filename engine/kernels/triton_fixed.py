@@ -113,7 +113,7 @@ def _dot_dtype(dtype: torch.dtype):
     return {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}[dtype]
 
 
-def _kept(i, j, lk, block, min_distance, s0, s1, s2, s3, CAUSAL, SKIPS):
+def _kept(i, j, lk, min_distance, s0, s1, s2, s3, CAUSAL, SKIPS):
     """The [rows, keys] rule a tile applies to keys it may see: inside Lk, causal (i - j >= m) or
     not (|i - j| >= m), off the skipped strides' multiples."""
     diff = i[:, None] - j[None, :]
@@ -169,7 +169,8 @@ if triton is not None:
         CAUSAL: tl.constexpr, SKIPS: tl.constexpr, DOT_DTYPE: tl.constexpr, IEEE: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     ):
-        pid_m, head, item = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        pid_m = tl.program_id(0)
+        head, item = tl.program_id(1).to(tl.int64), tl.program_id(2).to(tl.int64)  # offsets past 2^31 elements
         kv_head = head // group
         offset = lk - lq  # queries bottom-right aligned: row r is position r + offset
         rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -193,7 +194,7 @@ if triton is not None:
         own_end = last + 1 - min_distance if CAUSAL else tl.minimum((last_block + 1) * block, lk)
         for start in range(first_block * block, own_end, BLOCK_N):
             j = start + tl.arange(0, BLOCK_N)
-            keep = _kept(i, j, lk, block, min_distance, s0, s1, s2, s3, CAUSAL, SKIPS)
+            keep = _kept(i, j, lk, min_distance, s0, s1, s2, s3, CAUSAL, SKIPS)
             keep &= (j[None, :] // block == my_block[:, None]) & row_ok[:, None]
             load = j < lk
             acc, m_i, l_i = _step(
@@ -209,7 +210,7 @@ if triton is not None:
             t = start + tl.arange(0, BLOCK_N)
             j = (t // summary) * block + block - summary + t % summary
             j = tl.where(t < key_blocks * summary, j, -1)
-            keep = _kept(i, j, lk, block, min_distance, s0, s1, s2, s3, CAUSAL, SKIPS)
+            keep = _kept(i, j, lk, min_distance, s0, s1, s2, s3, CAUSAL, SKIPS)
             keep &= (j[None, :] // block != my_block[:, None]) & row_ok[:, None]
             load = (j >= 0) & (j < lk)
             acc, m_i, l_i = _step(
