@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import itertools
 import logging
 import threading
 import time
@@ -95,12 +96,15 @@ class Service:
         self.batcher = None
 
     async def _warm_up(self, batcher: Batcher) -> None:
-        """One small call per kernel family through the worker thread, then ready."""
-        dtypes = [torch.float32] + ([torch.float16, torch.bfloat16] if self.device.type == "cuda" else [])
+        """One small call per kernel family through the worker thread, then ready. On CUDA per dtype
+        and common head dim too: fixed's Triton kernel compiles a variant for each (in seconds, once;
+        a new length compiles nothing)."""
+        cuda = self.device.type == "cuda"
+        dtypes = [torch.float32] + ([torch.float16, torch.bfloat16] if cuda else [])
         started = time.perf_counter()
         try:
-            for dtype in dtypes:
-                q = torch.randn(1, 2, KERNEL_FAMILY_TOKENS, 32, dtype=dtype)
+            for dtype, head_dim in itertools.product(dtypes, (32, 64, 128) if cuda else (32,)):
+                q = torch.randn(1, 2, KERNEL_FAMILY_TOKENS, head_dim, dtype=dtype)
                 for pattern in KERNEL_FAMILY_PATTERNS:
                     await batcher.submit(q, q, q, pattern, timeout_s=600)
         except Exception:

@@ -204,3 +204,30 @@ def test_an_engine_call_on_cudas_branches_matches_the_reference_with_grouped_hea
     with cuda_kernels_on_cpu():
         out = attention(q, k, v, pattern)
     torch.testing.assert_close(out.double(), reference.reference_attention(q, k, v, pattern)[0], atol=2e-5, rtol=2e-5)
+
+
+# Shared memory a block may use (dynamic, opted in): A100 (sm_80) 163 KB, H100 / H200 (sm_90) 227 KB.
+SHARED_LIMIT = {80: 166912, 90: 232448}
+
+
+def test_every_tile_size_compiles_for_sm80_and_sm90_within_their_shared_memory():
+    """The interpreter runs the kernel's logic, not its compile: here Triton compiles each tile size
+    `kernel_variant` picks for A100s and H100s (its wheel carries ptxas, no GPU needed), and each
+    must fit that GPU's shared memory (float32 at 64 x 64 tiles, 3 stages, D = 128 did not: 176 KB)."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import triton_aot
+
+    env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
+    script = Path(__file__).parent / "triton_aot.py"
+    done = subprocess.run([sys.executable, str(script), *map(str, SHARED_LIMIT)], env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    compiled = [json.loads(line) for line in done.stdout.splitlines()]
+    assert len(compiled) == len(SHARED_LIMIT) * len(triton_aot.VARIANTS)
+    for variant in compiled:
+        assert 0 < variant["shared"] <= SHARED_LIMIT[variant["capability"]], variant

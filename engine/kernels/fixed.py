@@ -1,4 +1,6 @@
-"""`fixed(l, c)` as two disjoint pieces merged in place by log-sum-exp (causal; non-causal below).
+"""`fixed(l, c)` as two disjoint pieces merged in place by log-sum-exp (causal; non-causal below),
+on fused SDPA calls: the CPU's plan, and CUDA's where its Triton kernel does not run
+(triton_fixed.py: one launch for what follows).
 
 (a) The query's own block: the sequence viewed as [L/l, l] blocks, one batched dense causal
 call (no copy when l divides L).

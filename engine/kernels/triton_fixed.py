@@ -88,17 +88,27 @@ def triton_fixed_attention(
     if lq == 0 or b * h == 0:
         return out, lse
     strides = tuple(skip_strides) + (1,) * (MAX_SKIP_STRIDES - len(skip_strides))
-    block_m = 16 if lq <= 16 else 64
-    grid = (triton.cdiv(lq, block_m), h, b)
+    variant = kernel_variant(q.dtype, d, dv, causal, len(skip_strides))
+    grid = (b * h, triton.cdiv(lq, variant["BLOCK_M"]))  # heads first: the grid's axis 0 takes 2^31 - 1, its others 65535
     _fixed_kernel[grid](
         q, k, v, out, lse, *q.stride(), *k.stride(), *v.stride(), *out.stride(), *lse.stride(),
-        h // hkv, lq, lk, d, dv, block, summary, min_distance, *strides,
-        scale * math.log2(math.e),
-        CAUSAL=causal, SKIPS=len(skip_strides), DOT_DTYPE=_dot_dtype(q.dtype),
-        IEEE=q.dtype == torch.float32, BLOCK_M=block_m, BLOCK_N=64,
-        BLOCK_D=_pow2(d), BLOCK_DV=_pow2(dv),
+        h, h // hkv, lq, lk, d, dv, block, summary, min_distance, *strides, scale * math.log2(math.e), **variant,
     )
     return out, lse
+
+
+def kernel_variant(dtype: torch.dtype, d: int, dv: int, causal: bool, skips: int) -> dict:
+    """The kernel's compile-time arguments for these inputs: its constexprs, warps and pipeline
+    stages. One tile size for every length (decode steps too), so a variant compiled once serves
+    all; tiles whose shared memory fits an A100's 163 KB (float32 in IEEE float32 takes several
+    times half precision's: 176 KB at 64 x 64 tiles, D = 128, 3 stages; 72 KB as below).
+    tests/test_triton_fixed.py compiles them for sm_80 and sm_90 and checks."""
+    half = dtype != torch.float32
+    widest = max(d, dv)
+    return dict(CAUSAL=causal, SKIPS=skips, DOT_DTYPE=_dot_dtype(dtype), IEEE=not half,
+                BLOCK_M=64 if half or widest <= 128 else 32, BLOCK_N=64 if half else 32,
+                BLOCK_D=_pow2(d), BLOCK_DV=_pow2(dv),
+                num_warps=4 if widest <= 64 else 8, num_stages=3 if half else 2)
 
 
 def _pow2(n: int) -> int:
@@ -160,17 +170,17 @@ if triton is not None:
     # Integer arguments that vary from request to request are not specialised on (Triton compiles a
     # variant per value class: 1, a multiple of 16, other), so a new length or pattern compiles
     # nothing; a variant is compiled per dtype, causality, skipped-stride count and head dims.
-    @triton.jit(do_not_specialize=["group", "lq", "lk", "d", "dv", "block", "summary", "min_distance",
+    @triton.jit(do_not_specialize=["heads", "group", "lq", "lk", "d", "dv", "block", "summary", "min_distance",
                                    "s0", "s1", "s2", "s3"])
     def _fixed_kernel(
         Q, K, V, Out, Lse,
         sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, som, sod, slb, slh, slm,
-        group, lq, lk, d, dv, block, summary, min_distance, s0, s1, s2, s3, qk_scale,
+        heads, group, lq, lk, d, dv, block, summary, min_distance, s0, s1, s2, s3, qk_scale,
         CAUSAL: tl.constexpr, SKIPS: tl.constexpr, DOT_DTYPE: tl.constexpr, IEEE: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     ):
-        pid_m = tl.program_id(0)
-        head, item = tl.program_id(1).to(tl.int64), tl.program_id(2).to(tl.int64)  # offsets past 2^31 elements
+        pid_bh, pid_m = tl.program_id(0).to(tl.int64), tl.program_id(1)  # int64: offsets past 2^31 elements
+        head, item = pid_bh % heads, pid_bh // heads
         kv_head = head // group
         offset = lk - lq  # queries bottom-right aligned: row r is position r + offset
         rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)

@@ -1,0 +1,56 @@
+"""Compile the engine's Triton kernel variants for NVIDIA GPUs on a machine without one (Triton's
+wheel carries ptxas) and print each variant's shared memory as JSON lines. Run in a process without
+TRITON_INTERPRET (the engine's kernels are compiled functions there, not interpreted ones):
+
+    python tests/triton_aot.py 80 90
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import warnings
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+
+TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+# (dtype, widest head dim, causal, skipped strides): every tile size kernel_variant picks, both
+# causalities and the skip counts' branches.
+VARIANTS = [(torch.bfloat16, 64, True, 1), (torch.float16, 128, False, 4), (torch.bfloat16, 256, True, 0),
+            (torch.float32, 64, False, 2), (torch.float32, 128, True, 0), (torch.float32, 256, True, 3)]
+
+
+def compile_variant(dtype: torch.dtype, head_dim: int, causal: bool, skips: int, capability: int):
+    """Triton's compiled kernel of `_fixed_kernel` for these inputs on compute capability `capability`."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from engine.kernels.triton_fixed import _fixed_kernel, kernel_variant
+
+    variant = kernel_variant(dtype, head_dim, head_dim, causal, skips)
+    options = {name: variant.pop(name) for name in ("num_warps", "num_stages")}
+    pointer = "*" + TYPES[dtype]
+    signature = {name: "constexpr" if name in variant else pointer if name in ("Q", "K", "V", "Out")
+                 else "*fp32" if name == "Lse" else "fp32" if name == "qk_scale" else "i32"
+                 for name in _fixed_kernel.arg_names}
+    source = ASTSource(fn=_fixed_kernel, signature=signature, constexprs=variant)
+    return triton.compile(source, target=GPUTarget("cuda", capability, 32), options=options)
+
+
+def main(capabilities: list[int]) -> None:
+    assert os.environ.get("TRITON_INTERPRET") != "1", "run without TRITON_INTERPRET"
+    warnings.filterwarnings("ignore")
+    for capability in capabilities:
+        for dtype, head_dim, causal, skips in VARIANTS:
+            kernel = compile_variant(dtype, head_dim, causal, skips, capability)
+            print(json.dumps({"capability": capability, "dtype": TYPES[dtype], "head_dim": head_dim, "causal": causal,
+                              "skips": skips, "shared": kernel.metadata.shared}), flush=True)
+
+
+if __name__ == "__main__":
+    main([int(arg) for arg in sys.argv[1:]])
