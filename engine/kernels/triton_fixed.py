@@ -123,50 +123,7 @@ def _dot_dtype(dtype: torch.dtype):
     return {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}[dtype]
 
 
-def _kept(i, j, lk, min_distance, s0, s1, s2, s3, CAUSAL, SKIPS):
-    """The [rows, keys] rule a tile applies to keys it may see: inside Lk, causal (i - j >= m) or
-    not (|i - j| >= m), off the skipped strides' multiples."""
-    diff = i[:, None] - j[None, :]
-    keep = (j[None, :] < lk) & (j[None, :] >= 0)
-    if CAUSAL:
-        keep &= diff >= min_distance
-    else:
-        keep &= (diff >= min_distance) | (-diff >= min_distance)
-    if SKIPS > 0:
-        keep &= diff % s0 != 0
-    if SKIPS > 1:
-        keep &= diff % s1 != 0
-    if SKIPS > 2:
-        keep &= diff % s2 != 0
-    if SKIPS > 3:
-        keep &= diff % s3 != 0
-    return keep
-
-
-def _step(acc, m_i, l_i, q, kt_ptrs, v_ptrs, load_k, load_v, keep, qk_scale, DOT_DTYPE, IEEE):
-    """One key tile of the online softmax: scores, the running max and sum rescaled, P @ V added."""
-    kt = tl.load(kt_ptrs, mask=load_k, other=0.0).to(DOT_DTYPE)
-    if IEEE:
-        s = tl.dot(q, kt, input_precision="ieee")
-    else:
-        s = tl.dot(q, kt)
-    s = tl.where(keep, s * qk_scale, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, 1))
-    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with no key yet: nothing to rescale
-    p = tl.exp2(s - m_safe[:, None])
-    alpha = tl.exp2(m_i - m_safe)
-    vt = tl.load(v_ptrs, mask=load_v, other=0.0).to(DOT_DTYPE)
-    if IEEE:
-        pv = tl.dot(p.to(DOT_DTYPE), vt, input_precision="ieee")
-    else:
-        pv = tl.dot(p.to(DOT_DTYPE), vt)
-    return acc * alpha[:, None] + pv, m_new, l_i * alpha + tl.sum(p, 1)
-
-
 if triton is not None:
-    _kept = triton.jit(_kept)
-    _step = triton.jit(_step)
-
     # Integer arguments that vary from request to request are not specialised on (Triton compiles a
     # variant per value class: 1, a multiple of 16, other), so a new length or pattern compiles
     # nothing; a variant is compiled per dtype, causality, skipped-stride count and head dims.
@@ -200,34 +157,55 @@ if triton is not None:
         m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
 
-        # The rows' own blocks: keys first_block * l .. the last row (causal) or its block's end.
-        own_end = last + 1 - min_distance if CAUSAL else tl.minimum((last_block + 1) * block, lk)
-        for start in range(first_block * block, own_end, BLOCK_N):
-            j = start + tl.arange(0, BLOCK_N)
-            keep = _kept(i, j, lk, min_distance, s0, s1, s2, s3, CAUSAL, SKIPS)
-            keep &= (j[None, :] // block == my_block[:, None]) & row_ok[:, None]
-            load = j < lk
-            acc, m_i, l_i = _step(
-                acc, m_i, l_i, q,
-                k_base + j[None, :] * skn + feats[:, None] * skd, v_base + j[:, None] * svn + vfeats[None, :] * svd,
-                load[None, :] & (feats[:, None] < d), load[:, None] & (vfeats[None, :] < dv),
-                keep, qk_scale, DOT_DTYPE, IEEE)
-
-        # Summary keys of the other blocks: t-th at (t // c) * l + l - c + t % c; causal, those of
-        # the blocks before the last row's.
-        key_blocks = last_block if CAUSAL else (lk + block - 1) // block
-        for start in range(0, key_blocks * summary, BLOCK_N):
-            t = start + tl.arange(0, BLOCK_N)
-            j = (t // summary) * block + block - summary + t % summary
-            j = tl.where(t < key_blocks * summary, j, -1)
-            keep = _kept(i, j, lk, min_distance, s0, s1, s2, s3, CAUSAL, SKIPS)
-            keep &= (j[None, :] // block != my_block[:, None]) & row_ok[:, None]
+        # Key tiles: first the rows' own blocks, keys first_block * l .. the last row (causal) or
+        # its block's end; then the summary keys of the other blocks, the t-th at
+        # (t // c) * l + l - c + t % c (causal: those of the blocks before the last row's).
+        own_lo = first_block * block
+        own_hi = last + 1 - min_distance if CAUSAL else tl.minimum((last_block + 1) * block, lk)
+        own_tiles = tl.maximum(own_hi - own_lo + BLOCK_N - 1, 0) // BLOCK_N
+        summary_keys = (last_block if CAUSAL else (lk + block - 1) // block) * summary
+        for tile in range(0, own_tiles + (summary_keys + BLOCK_N - 1) // BLOCK_N):
+            own = tile < own_tiles
+            t = (tile - own_tiles) * BLOCK_N + tl.arange(0, BLOCK_N)
+            gathered = tl.where(t < summary_keys, (t // summary) * block + block - summary + t % summary, -1)
+            j = tl.where(own, own_lo + tile * BLOCK_N + tl.arange(0, BLOCK_N), gathered)
             load = (j >= 0) & (j < lk)
-            acc, m_i, l_i = _step(
-                acc, m_i, l_i, q,
-                k_base + j[None, :] * skn + feats[:, None] * skd, v_base + j[:, None] * svn + vfeats[None, :] * svd,
-                load[None, :] & (feats[:, None] < d), load[:, None] & (vfeats[None, :] < dv),
-                keep, qk_scale, DOT_DTYPE, IEEE)
+            diff = i[:, None] - j[None, :]
+            # own tiles keep their rows' own block, summary tiles every other block's keys
+            keep = load[None, :] & row_ok[:, None] & ((j[None, :] // block == my_block[:, None]) == own)
+            if CAUSAL:
+                keep &= diff >= min_distance
+            else:
+                keep &= (diff >= min_distance) | (-diff >= min_distance)
+            if SKIPS > 0:
+                keep &= diff % s0 != 0
+            if SKIPS > 1:
+                keep &= diff % s1 != 0
+            if SKIPS > 2:
+                keep &= diff % s2 != 0
+            if SKIPS > 3:
+                keep &= diff % s3 != 0
+            # the online softmax: scores, the running max and sum rescaled, P @ V added
+            kt = tl.load(k_base + j[None, :] * skn + feats[:, None] * skd, mask=load[None, :] & (feats[:, None] < d),
+                         other=0.0).to(DOT_DTYPE)
+            if IEEE:
+                scores = tl.dot(q, kt, input_precision="ieee")
+            else:
+                scores = tl.dot(q, kt)
+            scores = tl.where(keep, scores * qk_scale, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(scores, 1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with no key yet: nothing to rescale
+            p = tl.exp2(scores - m_safe[:, None])
+            alpha = tl.exp2(m_i - m_safe)
+            vt = tl.load(v_base + j[:, None] * svn + vfeats[None, :] * svd, mask=load[:, None] & (vfeats[None, :] < dv),
+                         other=0.0).to(DOT_DTYPE)
+            if IEEE:
+                pv = tl.dot(p.to(DOT_DTYPE), vt, input_precision="ieee")
+            else:
+                pv = tl.dot(p.to(DOT_DTYPE), vt)
+            acc = acc * alpha[:, None] + pv
+            l_i = l_i * alpha + tl.sum(p, 1)
+            m_i = m_new
 
         seen = l_i > 0
         out = acc / tl.where(seen, l_i, 1.0)[:, None]
