@@ -96,17 +96,18 @@ class Service:
         self.batcher = None
 
     async def _warm_up(self, batcher: Batcher) -> None:
-        """One small call per kernel family through the worker thread, then ready. On CUDA per dtype
-        and common head dim too: fixed's Triton kernel compiles a variant for each (in seconds, once;
-        a new length compiles nothing)."""
+        """One small call per kernel family through the worker thread, then ready. On CUDA per dtype,
+        common head dim and causality too: fixed's Triton kernel compiles a variant for each (in
+        seconds, once; a new length compiles nothing)."""
         cuda = self.device.type == "cuda"
         dtypes = [torch.float32] + ([torch.float16, torch.bfloat16] if cuda else [])
+        variants = itertools.product(dtypes, (32, 64, 128) if cuda else (32,), (True, False) if cuda else (True,))
         started = time.perf_counter()
         try:
-            for dtype, head_dim in itertools.product(dtypes, (32, 64, 128) if cuda else (32,)):
+            for dtype, head_dim, causal in variants:
                 q = torch.randn(1, 2, KERNEL_FAMILY_TOKENS, head_dim, dtype=dtype)
                 for pattern in KERNEL_FAMILY_PATTERNS:
-                    await batcher.submit(q, q, q, pattern, timeout_s=600)
+                    await batcher.submit(q, q, q, pattern, causal=causal, timeout_s=600)
         except Exception:
             log.exception("the engine failed to warm up on %s; /readyz stays 503", self.device)
             return
