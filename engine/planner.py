@@ -37,11 +37,11 @@ class Plan:
     q, k and v whole, once, unless `converts_in_steps`: its steps read a part of K and V (a
     window's keys, a few classes, two blocks and the summary columns: few query rows at the end
     of long keys; fixed at any length) and convert just that (the band its window's keys once,
-    fixed its summary keys once, `fused` each call's inputs). A decode step over 65536 bfloat16 keys spent 12 ms converting them all, 90x its
-    sliding window's 0.13 ms. `grouped_kv_on_cpu`: on the CPU the steps take fewer key/value
-    heads than query heads as they are (torch's CPU attention kernel reads each key/value head
-    for its H / Hkv query heads), instead of repeated ones. On CUDA the head dims are padded once
-    for every step (`pads_head_dims`)."""
+    fixed its summary keys once, `fused` each call's inputs). A decode step over 65536 bfloat16
+    keys spent 12 ms converting them all, 90x its sliding window's 0.13 ms. `grouped_kv_on_cpu`:
+    on the CPU the steps take fewer key/value heads than query heads as they are (torch's CPU
+    attention kernel reads each key/value head for its H / Hkv query heads), instead of repeated
+    ones. On CUDA the head dims are padded once for every step (`pads_head_dims`)."""
 
     backend: str
     steps: tuple[Callable[..., Partial], ...]

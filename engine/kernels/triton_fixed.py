@@ -89,7 +89,8 @@ def triton_fixed_attention(
         return out, lse
     strides = tuple(skip_strides) + (1,) * (MAX_SKIP_STRIDES - len(skip_strides))
     variant = kernel_variant(q.dtype, d, dv, causal, len(skip_strides))
-    grid = (b * h, triton.cdiv(lq, variant["BLOCK_M"]))  # heads first: the grid's axis 0 takes 2^31 - 1, its others 65535
+    # Heads on the grid's first axis, which takes 2^31 - 1 programs (the others 65535).
+    grid = (b * h, triton.cdiv(lq, variant["BLOCK_M"]))
     _fixed_kernel[grid](
         q, k, v, out, lse, *q.stride(), *k.stride(), *v.stride(), *out.stride(), *lse.stride(),
         h, h // hkv, lq, lk, d, dv, block, summary, min_distance, *strides, scale * math.log2(math.e), **variant,
