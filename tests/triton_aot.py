@@ -2,7 +2,7 @@
 wheel carries ptxas) and print each variant's shared memory as JSON lines. Run in a process without
 TRITON_INTERPRET (the engine's kernels are compiled functions there, not interpreted ones):
 
-    python tests/triton_aot.py 80 90
+    python tests/triton_aot.py 86 90
 """
 
 from __future__ import annotations

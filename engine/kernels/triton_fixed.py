@@ -101,13 +101,14 @@ def triton_fixed_attention(
 def kernel_variant(dtype: torch.dtype, d: int, dv: int, causal: bool, skips: int) -> dict:
     """The kernel's compile-time arguments for these inputs: its constexprs, warps and pipeline
     stages. One tile size for every length (decode steps too), so a variant compiled once serves
-    all; tiles whose shared memory fits an A100's 163 KB (float32 in IEEE float32 takes several
-    times half precision's: 176 KB at 64 x 64 tiles, D = 128, 3 stages; 72 KB as below).
-    tests/test_triton_fixed.py compiles them for sm_80 and sm_90 and checks."""
+    all; tiles whose shared memory fits the 99 KB a block gets on sm_86 and sm_89 (RTX 30 and 40,
+    A10, L4), the least from sm_80 on. float32 in IEEE float32 takes several times half
+    precision's: 176 KB at 64 x 64 tiles, D = 128, 3 stages; 72 KB as below; D = 256 at 32 x 32
+    tiles 100 KB, at 32 x 16 66 KB. tests/test_triton_fixed.py compiles them for sm_86 and sm_90."""
     half = dtype != torch.float32
     widest = max(d, dv)
     return dict(CAUSAL=causal, SKIPS=skips, DOT_DTYPE=_dot_dtype(dtype), IEEE=not half,
-                BLOCK_M=64 if half or widest <= 128 else 32, BLOCK_N=64 if half else 32,
+                BLOCK_M=64 if half or widest <= 128 else 32, BLOCK_N=64 if half else 32 if widest <= 128 else 16,
                 BLOCK_D=_pow2(d), BLOCK_DV=_pow2(dv),
                 num_warps=4 if widest <= 64 else 8, num_stages=3 if half else 2)
 
