@@ -10,12 +10,12 @@ import pytest
 import torch
 
 import reference
-from cuda_emulation import counted_call, cuda_kernels_on_cpu
+from cuda_emulation import cuda_kernels_on_cpu
 from engine import attention
-from engine.kernels import fixed as fixed_module
 from engine.kernels import triton_fixed
 from engine.kernels.fixed import fused_fixed_attention
-from engine.kernels.triton_fixed import MAX_SKIP_STRIDES, matches_contract, runs_on_triton, triton_fixed_attention
+from engine.kernels.triton_fixed import (MAX_HEAD_DIM, MAX_SKIP_STRIDES, matches_contract, runs_on_triton,
+                                         triton_fixed_attention)
 
 pytestmark = pytest.mark.skipif(triton_fixed.triton is None, reason="Triton is not installed")
 
@@ -126,31 +126,42 @@ UNIONS = {
 }
 
 
+def _kernel_calls(monkeypatch, q, k, v, pattern, causal=True):
+    """(output, the Triton kernel's calls) of one engine call on CUDA's branches, probed before."""
+    calls = []
+    with cuda_kernels_on_cpu():
+        assert runs_on_triton(q.device)  # the probe's own call, before the count
+        monkeypatch.setattr(triton_fixed, "triton_fixed_attention",
+                            lambda *a, **kw: calls.append(kw) or triton_fixed_attention(*a, **kw))
+        out = attention(q, k, v, pattern, causal=causal)
+    return out, calls
+
+
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "noncausal"])
 @pytest.mark.parametrize("name", list(UNIONS))
 def test_cuda_plans_take_the_kernel_for_their_fixed_step(monkeypatch, name, causal):
     """On CUDA's branches a plan's fixed step is one Triton launch, and the result the reference's."""
-    calls = []
-    monkeypatch.setattr(fixed_module, "triton_fixed_attention",
-                        lambda *a, **kw: calls.append(kw) or triton_fixed_attention(*a, **kw))
     g = torch.Generator().manual_seed(1)
     q, k, v = (torch.randn(1, 4, 300, 16, generator=g).to(torch.bfloat16) for _ in range(3))
     pattern = UNIONS[name]
-    with cuda_kernels_on_cpu():
-        out = attention(q, k, v, pattern, causal=causal)
+    out, calls = _kernel_calls(monkeypatch, q, k, v, pattern, causal)
     assert len(calls) == 1
     torch.testing.assert_close(out.double(), reference.reference_attention(q, k, v, pattern, causal=causal)[0],
                                atol=3e-2, rtol=3e-2)
 
 
-def test_more_strides_than_the_kernel_skips_take_the_fused_plan(monkeypatch):
-    strides = [{"type": "strided", "stride": s} for s in (5, 7, 11, 13, 17)]
-    pattern = {"type": "union", "patterns": [*strides, {"type": "fixed", "block": 16, "summary": 2}]}
-    assert len(strides) > MAX_SKIP_STRIDES
-    monkeypatch.setattr(fixed_module, "triton_fixed_attention", lambda *a, **kw: pytest.fail("not the kernel"))
+@pytest.mark.parametrize("pattern, d, dv", [
+    ({"type": "union", "patterns": [*({"type": "strided", "stride": s} for s in (5, 7, 11, 13, 17)),
+                                    {"type": "fixed", "block": 16, "summary": 2}]}, 16, 16),  # 5 strides > 4
+    ({"type": "fixed", "block": 16, "summary": 2}, 16, 264),  # v's head dim past the kernel's 256
+])
+def test_past_the_kernels_limits_fixed_takes_the_fused_plan(monkeypatch, pattern, d, dv):
+    assert len(pattern.get("patterns", [])) - 1 > MAX_SKIP_STRIDES or max(d, dv) > MAX_HEAD_DIM  # past a limit
     g = torch.Generator().manual_seed(2)
-    q, k, v = (torch.randn(1, 2, 300, 16, generator=g) for _ in range(3))
-    out, _ = counted_call(q, k, v, pattern)
+    q, k = (torch.randn(1, 2, 300, d, generator=g) for _ in range(2))
+    v = torch.randn(1, 2, 300, dv, generator=g)
+    out, calls = _kernel_calls(monkeypatch, q, k, v, pattern)
+    assert calls == []
     torch.testing.assert_close(out.double(), reference.reference_attention(q, k, v, pattern)[0], atol=2e-5, rtol=2e-5)
 
 

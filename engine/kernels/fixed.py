@@ -44,7 +44,7 @@ from .dense import (NEG_INF, additive_mask, as_computed, dense_attention, fused,
 from .merge import join_rows, merge_partials, merge_stacked, merge_to
 from .masked import MASK_BUDGET
 from .strided import off_strides
-from .triton_fixed import MAX_SKIP_STRIDES, runs_on_triton, triton_fixed_attention
+from . import triton_fixed
 
 # Row ranges of the transposed summary piece: the masked work is (ranges + 1) / (2 * ranges) of a
 # full rectangle; more ranges mean more, smaller calls. One range per 32 blocks, 4 to 16, was
@@ -135,8 +135,8 @@ def fixed_attention(
     (i - j) mod s == 0 for any s in skip_strides (for a union with those strides); queries bottom-right
     aligned; (out, lse). On CUDA with Triton installed one launch of the Triton kernel
     (triton_fixed.py), elsewhere the fused-SDPA calls below."""
-    if runs_on_triton(q.device) and len(skip_strides) <= MAX_SKIP_STRIDES:
-        return triton_fixed_attention(q, k, v, block=block, summary=summary, scale=scale, causal=causal,
+    if triton_fixed.takes(q, v, skip_strides):
+        return triton_fixed.triton_fixed_attention(q, k, v, block=block, summary=summary, scale=scale, causal=causal,
                                       min_distance=min_distance, skip_strides=skip_strides)
     return fused_fixed_attention(q, k, v, block=block, summary=summary, scale=scale, causal=causal,
                                  min_distance=min_distance, skip_strides=skip_strides)

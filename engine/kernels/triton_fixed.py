@@ -36,6 +36,16 @@ except ImportError:  # a CPU install without Triton: fixed keeps its fused-SDPA 
 # Strides a union's fixed step can skip in the kernel (a union lists at most 8 members, so at
 # most 7 strides beside fixed; more than this take the fused-SDPA plan).
 MAX_SKIP_STRIDES = 4
+# Widest head dim (q's or v's) the kernel's tiles are sized for (`kernel_variant`), as flash
+# attention's 256; wider ones take the fused-SDPA plan.
+MAX_HEAD_DIM = 256
+
+
+def takes(q: torch.Tensor, v: torch.Tensor, skip_strides: tuple[int, ...]) -> bool:
+    """Whether fixed runs on the Triton kernel for these inputs: where Triton runs it
+    (`runs_on_triton`), with head dims and skipped strides within its limits."""
+    widest = max(q.shape[-1], v.shape[-1])
+    return widest <= MAX_HEAD_DIM and len(skip_strides) <= MAX_SKIP_STRIDES and runs_on_triton(q.device)
 
 
 def runs_on_triton(device: torch.device) -> bool:
