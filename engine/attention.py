@@ -216,7 +216,8 @@ def run_heads(q, k, v, pattern: PatternBase, *, causal: bool, scale: float):
     runs = []  # (plan, query heads, their key/value heads when the plan takes them unrepeated)
     for single, heads in head_groups(pattern, h):
         step = plan(single, lq, lk, causal)
-        kv = _grouped_range(heads, q, k) if step.grouped_kv_on_cpu and kernel_device(q.device) == "cpu" else None
+        grouped = step.grouped_kv_on_cpu if kernel_device(q.device) == "cpu" else step.grouped_kv_on_cuda
+        kv = _grouped_range(heads, q, k) if grouped else None
         runs += [(step, heads, kv)] if kv is not None else [(step, run, None) for run in _head_runs(heads, q, k)]
     if len(runs) > 1:  # the runs' results are gathered here; a single run's are returned as they are
         out = torch.empty(b, h, lq, dv, dtype=torch.float32, device=q.device)

@@ -41,12 +41,15 @@ class Plan:
     keys spent 12 ms converting them all, 90x its sliding window's 0.13 ms. `grouped_kv_on_cpu`:
     on the CPU the steps take fewer key/value heads than query heads as they are (torch's CPU
     attention kernel reads each key/value head for its H / Hkv query heads), instead of repeated
-    ones. On CUDA the head dims are padded once for every step (`pads_head_dims`)."""
+    ones. `grouped_kv_on_cuda`: so on CUDA (fixed: its Triton kernel reads key/value head
+    h // (H / Hkv), its fused fallback repeats them itself). On CUDA the head dims are padded once
+    for every step (`pads_head_dims`)."""
 
     backend: str
     steps: tuple[Callable[..., Partial], ...]
     converts_in_steps: bool = False
     grouped_kv_on_cpu: bool = False
+    grouped_kv_on_cuda: bool = False
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> Partial:
         if not self.converts_in_steps:
@@ -168,7 +171,8 @@ def structured_plan(pattern: PatternBase, lq: int, lk: int, causal: bool) -> Pla
     if isinstance(pattern, Fixed):  # the query rows' blocks and the summary keys, each converted once
         return Plan("fixed", (partial(kernels.fixed_attention, block=pattern.block, summary=pattern.summary,
                                       causal=causal),), converts_in_steps=True,
-                    grouped_kv_on_cpu=causal and short_run(lq, lk, pattern.block, pattern.summary))
+                    grouped_kv_on_cpu=causal and short_run(lq, lk, pattern.block, pattern.summary),
+                    grouped_kv_on_cuda=True)
     if isinstance(pattern, SlidingWindow):  # the band converts its window's keys itself, at any length
         return Plan("band", (partial(kernels.band_attention, window=pattern.window, causal=causal),),
                     converts_in_steps=True, grouped_kv_on_cpu=lq <= TILE_ROWS)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import reference
-from cuda_emulation import cuda_kernels_on_cpu
+from cuda_emulation import counted_call, cuda_kernels_on_cpu
 from engine import attention
 from engine.kernels import triton_fixed
 from engine.kernels.fixed import fused_fixed_attention
@@ -163,6 +163,33 @@ def test_past_the_kernels_limits_fixed_takes_the_fused_plan(monkeypatch, pattern
     out, calls = _kernel_calls(monkeypatch, q, k, v, pattern)
     assert calls == []
     torch.testing.assert_close(out.double(), reference.reference_attention(q, k, v, pattern)[0], atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize("lq", [1, 300], ids=["decode", "prefill"])
+def test_grouped_key_value_heads_reach_the_kernel_as_they_are(monkeypatch, lq):
+    """On CUDA fixed's kernel reads key/value head h // (H / Hkv) itself: one call for all query
+    heads, with K and V as given (a decode step used to copy each key/value head H / Hkv times)."""
+    g = torch.Generator().manual_seed(4)
+    q = torch.randn(1, 8, lq, 16, generator=g).to(torch.bfloat16)
+    k, v = (torch.randn(1, 2, 300, 16, generator=g).to(torch.bfloat16) for _ in range(2))
+    pattern = UNIONS["fixed"]
+    out, calls = _kernel_calls(monkeypatch, q, k, v, pattern)
+    assert len(calls) == 1
+    torch.testing.assert_close(out.double(), reference.reference_attention(q, k, v, pattern)[0], atol=3e-2, rtol=3e-2)
+    _, count = counted_call(q, k, v, pattern)
+    assert not {"aten.repeat_interleave.self_int", "aten.index_select.default", "aten.expand.default"} & set(count.ops)
+
+
+def test_the_fused_plan_repeats_grouped_heads_itself_on_cuda(monkeypatch):
+    """Where the kernel does not run, CUDA's fused calls get the heads repeated (they take equal ones)."""
+    g = torch.Generator().manual_seed(5)
+    q = torch.randn(1, 4, 20, 16, generator=g).to(torch.bfloat16)
+    k, v = (torch.randn(1, 2, 300, 16, generator=g).to(torch.bfloat16) for _ in range(2))
+    pattern = UNIONS["fixed"]
+    with cuda_kernels_on_cpu():
+        monkeypatch.setattr(triton_fixed, "runs_on_triton", lambda device: False)
+        out = attention(q, k, v, pattern)
+    torch.testing.assert_close(out.double(), reference.reference_attention(q, k, v, pattern)[0], atol=3e-2, rtol=3e-2)
 
 
 def test_the_kernel_runs_only_on_cudas_branches(monkeypatch):

@@ -136,8 +136,10 @@ def fixed_attention(
     aligned; (out, lse). On CUDA with Triton installed one launch of the Triton kernel
     (triton_fixed.py), elsewhere the fused-SDPA calls below."""
     if triton_fixed.takes(q, v, skip_strides):
-        return triton_fixed.triton_fixed_attention(q, k, v, block=block, summary=summary, scale=scale, causal=causal,
-                                      min_distance=min_distance, skip_strides=skip_strides)
+        return triton_fixed.triton_fixed_attention(q, k, v, block=block, summary=summary, scale=scale,
+                                                   causal=causal, min_distance=min_distance, skip_strides=skip_strides)
+    if kernel_device(q.device) == "cuda" and k.shape[1] != q.shape[1]:  # CUDA's fused kernels want equal heads
+        k, v = (x.repeat_interleave(q.shape[1] // x.shape[1], dim=1) for x in (k, v))
     return fused_fixed_attention(q, k, v, block=block, summary=summary, scale=scale, causal=causal,
                                  min_distance=min_distance, skip_strides=skip_strides)
 
