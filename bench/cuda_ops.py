@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, help="JSON of the counts")
     p.add_argument("--fused-fixed", action="store_true", help="fixed on its fused-SDPA plan, not the Triton kernel")
     args = p.parse_args(argv)
-    with patch("engine.kernels.fixed.runs_on_triton", return_value=False) if args.fused_fixed else nullcontext():
+    with patch("engine.kernels.triton_fixed.runs_on_triton", return_value=False) if args.fused_fixed else nullcontext():
         rows = {name: {case: count_ops(PATTERNS[name], lq or args.n, args.n, causal)
                        for case, (causal, lq) in CASES.items()} for name in args.patterns}
     print("| pattern | " + " | ".join(CASES) + " |\n|---|" + "---|" * len(CASES))
