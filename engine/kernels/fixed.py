@@ -138,8 +138,6 @@ def fixed_attention(
     if triton_fixed.takes(q, v, skip_strides):
         return triton_fixed.triton_fixed_attention(q, k, v, block=block, summary=summary, scale=scale,
                                                    causal=causal, min_distance=min_distance, skip_strides=skip_strides)
-    if kernel_device(q.device) == "cuda" and k.shape[1] != q.shape[1]:  # CUDA's fused kernels want equal heads
-        k, v = (x.repeat_interleave(q.shape[1] // x.shape[1], dim=1) for x in (k, v))
     return fused_fixed_attention(q, k, v, block=block, summary=summary, scale=scale, causal=causal,
                                  min_distance=min_distance, skip_strides=skip_strides)
 
@@ -152,16 +150,18 @@ def fused_fixed_attention(
     """`fixed_attention` on the device's fused SDPA kernel, in the pieces the module docstring
     describes; (out float32, lse). `ranges` overrides the row-range count (`_range_count`)."""
     (q,) = as_computed(q)  # once: every path's calls read each query row, some several times
+    b, h, lq, _ = q.shape
+    lk, dv, l, c = k.shape[-2], v.shape[-1], block, summary
+    short = causal and short_run(lq, lk, l, c)
+    # Grouped key/value heads are repeated, but for the CPU's short runs, whose calls read them as
+    # they are (CUDA's fused kernels take equal heads only).
+    if k.shape[1] != h and not (short and kernel_device(q.device) == "cpu"):
+        k, v = (x.repeat_interleave(h // x.shape[1], dim=1) for x in (k, v))
     if not causal:
         if min_distance or skip_strides:
             return _non_causal_far(q, k, v, block=block, summary=summary, scale=scale, min_distance=min_distance,
                                    skip_strides=skip_strides)
         return _non_causal(q, k, v, block=block, summary=summary, scale=scale)
-    b, h, lq, _ = q.shape
-    lk, dv, l, c = k.shape[-2], v.shape[-1], block, summary
-    short = short_run(lq, lk, l, c)
-    if k.shape[1] != h and not short:  # grouped key/value heads outside a short run: repeated
-        k, v = (x.repeat_interleave(h // x.shape[1], dim=1) for x in (k, v))
     few_rows = lq < l  # within two blocks: their real rows alone, each call padding what it reads
     if not few_rows:  # whole blocks: one head dim for the views of K and V the calls share
         q, k, v = same_head_dim(q, k, v)

@@ -1,7 +1,7 @@
 """`fixed(l, c)` on CUDA as one Triton kernel: each program walks only the keys its query tile can see.
 
 On CUDA the fused-SDPA plan of fixed (fixed.py) is many small launches: its own blocks, the
-summary keys in row ranges, their merges (141 aten ops for a causal prefill at Lk 4096, 36 of
+summary keys in row ranges, their merges (141-143 aten ops for a causal prefill at Lk 4096, 36 of
 them launches; H200 at n = 16384: 1.9 ms, 2.5x dense flash attention's 0.75 ms). Here one launch
 does it all. A program takes BLOCK_M query rows of one head and, with an online softmax (as
 FlashAttention), first the keys of its rows' own blocks (a contiguous range), then the summary
