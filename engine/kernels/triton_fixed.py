@@ -19,6 +19,7 @@ computes bfloat16 products on bit patterns, so there the products are taken in f
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import os
@@ -101,10 +102,12 @@ def triton_fixed_attention(
     variant = kernel_variant(q.dtype, d, dv, causal, len(skip_strides))
     # Heads on the grid's first axis, which takes 2^31 - 1 programs (the others 65535).
     grid = (b * h, triton.cdiv(lq, variant["BLOCK_M"]))
-    _fixed_kernel[grid](
-        q, k, v, out, lse, *q.stride(), *k.stride(), *v.stride(), *out.stride(), *lse.stride(),
-        h, h // hkv, lq, lk, d, dv, block, summary, min_distance, *strides, scale * math.log2(math.e), **variant,
-    )
+    # Triton launches on the current CUDA device: make it q's (cuda:1 while cuda:0 is current).
+    with torch.cuda.device(q.device) if q.device.type == "cuda" else contextlib.nullcontext():
+        _fixed_kernel[grid](
+            q, k, v, out, lse, *q.stride(), *k.stride(), *v.stride(), *out.stride(), *lse.stride(),
+            h, h // hkv, lq, lk, d, dv, block, summary, min_distance, *strides, scale * math.log2(math.e), **variant,
+        )
     return out, lse
 
 
