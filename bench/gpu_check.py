@@ -11,7 +11,8 @@
     compiled FlexAttention, with the 131072-token peak-memory row, the sliding-window scaling
     and the first call for a new shape; JSON (and the plot) under --out.
 (c) fixed(128, 8) on its Triton kernel against its fused-SDPA plan (CUDA's fallback) with the
-    summary piece in the default, 1, 4 and 16 row ranges, at n = 16384 and 131072.
+    summary piece in the default, 1, 4 and 16 row ranges, at n = 16384 and 131072; and a decode
+    step on the kernel with its keys split between programs (`key_splits`) and unsplit.
 (d) a few query rows at the end of 65536 and 131072 keys (decode steps, short chunks), per
     pattern, in bfloat16: the engine's structured kernels against dense flash SDPA and the masked kernel
     (`bench.kernels --decode`).
@@ -249,6 +250,10 @@ def fixed_kernels(device: torch.device, ns=(16384, 131072)) -> list[dict]:
             for r in (None, 1, 4, 16)}
         if runs_on_triton(device):  # else its probe failed, said at the start
             fns["triton"] = lambda: triton_fixed_attention(q, k, v, block=128, summary=8, scale=0.125)
+            row = q[..., -1:, :]  # a decode step: its keys split between programs, or all in one
+            fns["triton decode"] = lambda: triton_fixed_attention(row, k, v, block=128, summary=8, scale=0.125)
+            fns["triton decode unsplit"] = lambda: triton_fixed_attention(row, k, v, block=128, summary=8,
+                                                                          scale=0.125, splits=1)
         for name, t in bench_kernels.rounds(fns, device, 3, 30.0, 0.05).items():
             rows.append({"n": n, "kernel": name, "seconds": min(t[1:] or t)})
             print(f"fixed(128, 8) n={n} {name}: {rows[-1]['seconds'] * 1000:.3f} ms", flush=True)

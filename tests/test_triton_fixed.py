@@ -14,8 +14,8 @@ from cuda_emulation import counted_call, cuda_kernels_on_cpu
 from engine import attention
 from engine.kernels import triton_fixed
 from engine.kernels.fixed import fused_fixed_attention
-from engine.kernels.triton_fixed import (MAX_HEAD_DIM, MAX_SKIP_STRIDES, matches_contract, runs_on_triton,
-                                         triton_fixed_attention)
+from engine.kernels.triton_fixed import (BUSY_PROGRAMS, MAX_HEAD_DIM, MAX_SKIP_STRIDES, key_splits, matches_contract,
+                                         runs_on_triton, triton_fixed_attention)
 
 pytestmark = pytest.mark.skipif(triton_fixed.triton is None, reason="Triton is not installed")
 
@@ -73,17 +73,19 @@ def test_the_kernel_matches_the_reference(shape, causal, dtype):
     torch.testing.assert_close(lse.double(), ref_lse, atol=tol, rtol=tol)
 
 
+@pytest.mark.parametrize("splits", [1, 3], ids=["one_program", "keys_split_3_ways"])
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "noncausal"])
 @pytest.mark.parametrize("min_distance, skip_strides", [(8, ()), (0, (3,)), (8, (3, 5)), (30, (2, 3, 5, 7)),
                                                         (200, ())])
-def test_a_unions_fixed_step_skips_the_window_and_the_strides(causal, min_distance, skip_strides):
+def test_a_unions_fixed_step_skips_the_window_and_the_strides(causal, min_distance, skip_strides, splits):
     """A union's fixed step: keys nearer than the window's width and at the strides' multiples are
-    another member's; rows left with no key (a distance past every key) get zeros and -inf."""
+    another member's; rows left with no key (a distance past every key) get zeros and -inf, also
+    where a query tile's keys are split between programs (some of which then see none)."""
     g = torch.Generator().manual_seed(min_distance)
     q = torch.randn(1, 2, 100, 16, generator=g)
     k, v = (torch.randn(1, 2, 120, 16, generator=g) for _ in range(2))
     kwargs = dict(block=16, summary=4, causal=causal, min_distance=min_distance, skip_strides=skip_strides)
-    out, lse = triton_fixed_attention(q, k, v, scale=0.25, **kwargs)
+    out, lse = triton_fixed_attention(q, k, v, scale=0.25, splits=splits, **kwargs)
     ref_out, ref_lse = _fixed_step_reference(q, k, v, scale=0.25, **kwargs)
     torch.testing.assert_close(out.double(), ref_out, atol=2e-5, rtol=2e-5)
     torch.testing.assert_close(lse.double(), ref_lse, atol=2e-5, rtol=2e-5)
@@ -91,19 +93,47 @@ def test_a_unions_fixed_step_skips_the_window_and_the_strides(causal, min_distan
         assert (out == 0).all() and (lse == float("-inf")).all()
 
 
+@pytest.mark.parametrize("splits", [1, 2], ids=["one_program", "keys_split_2_ways"])
 @pytest.mark.parametrize("lq", [1, 3, 17])
-def test_decode_rows_at_every_offset_in_a_block(lq):
+def test_decode_rows_at_every_offset_in_a_block(lq, splits):
     """Short runs end anywhere in a block: the tile's own-block range and summary count follow its
     last row."""
     g = torch.Generator().manual_seed(lq)
     k, v = (torch.randn(1, 2, 96, 16, generator=g) for _ in range(2))
     for lk in range(lq, 96, 5):
         q = torch.randn(1, 2, lq, 16, generator=g)
-        out, lse = triton_fixed_attention(q, k[..., :lk, :], v[..., :lk, :], block=16, summary=3, scale=0.25)
+        out, lse = triton_fixed_attention(q, k[..., :lk, :], v[..., :lk, :], block=16, summary=3, scale=0.25,
+                                          splits=splits)
         ref_out, ref_lse = _fixed_step_reference(q, k[..., :lk, :], v[..., :lk, :], block=16, summary=3, causal=True,
                                                  min_distance=0, skip_strides=(), scale=0.25)
         torch.testing.assert_close(out.double(), ref_out, atol=2e-5, rtol=2e-5)
         torch.testing.assert_close(lse.double(), ref_lse, atol=2e-5, rtol=2e-5)
+
+
+def test_few_programs_split_their_keys_between_more():
+    """A decode step is B x H programs, each walking every summary key in turn: its keys go to
+    more programs (up to BUSY_PROGRAMS in all, at least MIN_TILES_PER_SPLIT key tiles each), a
+    prefill's stay in one."""
+    assert key_splits(8, 65536, 128, 8, 64) == 8  # 66 key tiles
+    assert key_splits(1, 65536, 128, 8, 64) == 8
+    assert key_splits(8, 4096, 128, 8, 64) == 1  # 6 key tiles: too few to split
+    assert key_splits(BUSY_PROGRAMS, 65536, 128, 8, 64) == 1  # the GPU is full
+    assert key_splits(128, 65536 * 8, 16, 8, 64) == BUSY_PROGRAMS // 128
+
+
+def test_a_decode_step_on_cudas_branches_splits_its_keys(monkeypatch):
+    """Through the engine: one row after 2048 keys of fixed(16, 8) is 33 key tiles (of 32 keys, in
+    float32) for each of 2 programs, split 4 ways, and still the reference's result."""
+    g = torch.Generator().manual_seed(6)
+    q = torch.randn(1, 2, 1, 16, generator=g)
+    k, v = (torch.randn(1, 2, 2048, 16, generator=g) for _ in range(2))
+    pattern = {"type": "fixed", "block": 16, "summary": 8}
+    splits = []
+    real = triton_fixed.key_splits
+    monkeypatch.setattr(triton_fixed, "key_splits", lambda *a: splits.append(real(*a)) or splits[-1])
+    out, calls = _kernel_calls(monkeypatch, q, k, v, pattern)
+    assert len(calls) == 1 and splits[-1] == 4  # (the first: the probe's tiny problem, unsplit)
+    torch.testing.assert_close(out.double(), reference.reference_attention(q, k, v, pattern)[0], atol=2e-5, rtol=2e-5)
 
 
 def test_it_reads_any_layout():

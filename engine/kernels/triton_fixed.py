@@ -27,6 +27,7 @@ import os
 import torch
 
 from .dense import additive_mask, kernel_device, math_attention
+from .merge import merge_stacked
 
 try:
     import triton
@@ -87,28 +88,54 @@ def matches_contract(device: torch.device) -> bool:
 
 def triton_fixed_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, block: int, summary: int, scale: float,
-    causal: bool = True, min_distance: int = 0, skip_strides: tuple[int, ...] = (),
+    causal: bool = True, min_distance: int = 0, skip_strides: tuple[int, ...] = (), splits: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """`fixed_attention`'s contract in one launch: (out in q's dtype [B, H, Lq, Dv], lse float32
-    [B, H, Lq]); rows with no key get zeros and -inf."""
+    [B, H, Lq]); rows with no key get zeros and -inf. With few programs (a decode step) each query
+    tile's keys are split between `splits` programs (`key_splits` unless given), whose partials
+    merge by log-sum-exp after, as flash-decoding does."""
     assert len(skip_strides) <= MAX_SKIP_STRIDES, "more skipped strides than the kernel takes"
     b, h, lq, d = q.shape
     hkv, lk, dv = k.shape[1], k.shape[2], v.shape[3]
-    out = torch.empty(b, h, lq, dv, dtype=q.dtype, device=q.device)
-    lse = torch.empty(b, h, lq, dtype=torch.float32, device=q.device)
-    if lq == 0 or b * h == 0:
-        return out, lse
-    strides = tuple(skip_strides) + (1,) * (MAX_SKIP_STRIDES - len(skip_strides))
     variant = kernel_variant(q.dtype, d, dv, causal, len(skip_strides))
-    # Heads on the grid's first axis, which takes 2^31 - 1 programs (the others 65535).
-    grid = (b * h, triton.cdiv(lq, variant["BLOCK_M"]))
-    # Triton launches on the current CUDA device: make it q's (cuda:1 while cuda:0 is current).
-    with torch.cuda.device(q.device) if q.device.type == "cuda" else contextlib.nullcontext():
-        _fixed_kernel[grid](
-            q, k, v, out, lse, *q.stride(), *k.stride(), *v.stride(), *out.stride(), *lse.stride(),
-            h, h // hkv, lq, lk, d, dv, block, summary, min_distance, *strides, scale * math.log2(math.e), **variant,
-        )
+    query_tiles = triton.cdiv(lq, variant["BLOCK_M"]) if lq else 0
+    splits = splits or key_splits(b * h * query_tiles, lk, block, summary, variant["BLOCK_N"])
+    shape = (splits, b, h, lq) if splits > 1 else (b, h, lq)  # partials, or the result itself
+    out = torch.empty(*shape, dv, dtype=torch.float32 if splits > 1 else q.dtype, device=q.device)
+    lse = torch.empty(shape, dtype=torch.float32, device=q.device)
+    if lq and b * h:
+        strides = tuple(skip_strides) + (1,) * (MAX_SKIP_STRIDES - len(skip_strides))
+        split_strides = (out.stride(0), lse.stride(0)) if splits > 1 else (0, 0)
+        o, l = (out[0], lse[0]) if splits > 1 else (out, lse)
+        # Heads on the grid's first axis, which takes 2^31 - 1 programs (the others 65535).
+        grid = (b * h, query_tiles, splits)
+        # Triton launches on the current CUDA device: make it q's (cuda:1 while cuda:0 is current).
+        with torch.cuda.device(q.device) if q.device.type == "cuda" else contextlib.nullcontext():
+            _fixed_kernel[grid](
+                q, k, v, out, lse, *q.stride(), *k.stride(), *v.stride(), *o.stride(), *l.stride(), *split_strides,
+                h, h // hkv, lq, lk, d, dv, block, summary, min_distance, *strides, splits,
+                scale * math.log2(math.e), **variant,
+            )
+    if splits > 1:
+        out, lse = merge_stacked(out, lse, dim=0)
+        out = out.to(q.dtype)
     return out, lse
+
+
+# Programs that keep a GPU busy (about two per SM of an H100's 132), and the fewest key tiles
+# worth a program of their own: a launch with fewer programs splits each query tile's keys.
+BUSY_PROGRAMS = 256
+MIN_TILES_PER_SPLIT = 8
+
+
+def key_splits(programs: int, lk: int, block: int, summary: int, block_n: int) -> int:
+    """Into how many programs each query tile's keys go: 1 when `programs` already fill the GPU,
+    else up to BUSY_PROGRAMS in all, each with at least MIN_TILES_PER_SPLIT key tiles (its own
+    block's and the summary keys', at most, for a tile at the end of Lk keys)."""
+    if programs == 0 or programs >= BUSY_PROGRAMS:
+        return 1
+    tiles = triton.cdiv(block, block_n) + triton.cdiv(triton.cdiv(lk, block) * summary, block_n)
+    return max(1, min(BUSY_PROGRAMS // programs, tiles // MIN_TILES_PER_SPLIT))
 
 
 def kernel_variant(dtype: torch.dtype, d: int, dv: int, causal: bool, skips: int) -> dict:
@@ -143,15 +170,16 @@ if triton is not None:
     # variant per value class: 1, a multiple of 16, other), so a new length or pattern compiles
     # nothing; a variant is compiled per dtype, causality, skipped-stride count and head dims.
     @triton.jit(do_not_specialize=["heads", "group", "lq", "lk", "d", "dv", "block", "summary", "min_distance",
-                                   "s0", "s1", "s2", "s3"])
+                                   "s0", "s1", "s2", "s3", "splits"])
     def _fixed_kernel(
         Q, K, V, Out, Lse,
-        sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, som, sod, slb, slh, slm,
-        heads, group, lq, lk, d, dv, block, summary, min_distance, s0, s1, s2, s3, qk_scale,
+        sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, som, sod, slb, slh, slm, sos, sls,
+        heads, group, lq, lk, d, dv, block, summary, min_distance, s0, s1, s2, s3, splits, qk_scale,
         CAUSAL: tl.constexpr, SKIPS: tl.constexpr, DOT_DTYPE: tl.constexpr, IEEE: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     ):
-        pid_bh, pid_m = tl.program_id(0).to(tl.int64), tl.program_id(1)  # int64: offsets past 2^31 elements
+        pid_m = tl.program_id(1)
+        pid_bh, pid_s = tl.program_id(0).to(tl.int64), tl.program_id(2).to(tl.int64)  # offsets past 2^31 elements
         head, item = pid_bh % heads, pid_bh // heads
         kv_head = head // group
         offset = lk - lq  # queries bottom-right aligned: row r is position r + offset
@@ -179,7 +207,7 @@ if triton is not None:
         own_hi = last + 1 - min_distance if CAUSAL else tl.minimum((last_block + 1) * block, lk)
         own_tiles = tl.maximum(own_hi - own_lo + BLOCK_N - 1, 0) // BLOCK_N
         summary_keys = (last_block if CAUSAL else (lk + block - 1) // block) * summary
-        for tile in range(0, own_tiles + (summary_keys + BLOCK_N - 1) // BLOCK_N):
+        for tile in range(pid_s, own_tiles + (summary_keys + BLOCK_N - 1) // BLOCK_N, splits):  # this split's share
             own = tile < own_tiles
             t = (tile - own_tiles) * BLOCK_N + tl.arange(0, BLOCK_N)
             gathered = tl.where(t < summary_keys, (t // summary) * block + block - summary + t % summary, -1)
@@ -225,6 +253,6 @@ if triton is not None:
         seen = l_i > 0
         out = acc / tl.where(seen, l_i, 1.0)[:, None]
         lse = tl.where(seen, (m_i + tl.log2(tl.where(seen, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
-        tl.store(Out + item * sob + head * soh + rows[:, None] * som + vfeats[None, :] * sod,
+        tl.store(Out + pid_s * sos + item * sob + head * soh + rows[:, None] * som + vfeats[None, :] * sod,
                  out.to(Out.dtype.element_ty), mask=row_ok[:, None] & (vfeats[None, :] < dv))
-        tl.store(Lse + item * slb + head * slh + rows * slm, lse, mask=row_ok)
+        tl.store(Lse + pid_s * sls + item * slb + head * slh + rows * slm, lse, mask=row_ok)
