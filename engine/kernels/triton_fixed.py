@@ -26,8 +26,10 @@ import os
 
 import torch
 
+from ..patterns import Fixed
 from .dense import additive_mask, kernel_device, math_attention
 from .merge import merge_stacked
+from .strided import off_strides
 
 try:
     import triton
@@ -73,7 +75,7 @@ def matches_contract(device: torch.device) -> bool:
     q, k, v = (torch.randn(1, h, n, 16, generator=g).to(device, dtype) for h, n in ((2, lq), (1, lk), (1, lk)))
     i = torch.arange(lk - lq, lk, device=device)[:, None]
     j = torch.arange(lk, device=device)[None, :]
-    keep = ((j // l == i // l) | (j % l >= l - c)) & (i - j >= 1) & ((i - j) % 3 != 0)
+    keep = Fixed(block=l, summary=c).allows(i, j) & (i - j >= 1) & off_strides(i - j, (3,))
     try:
         out, lse = triton_fixed_attention(q, k, v, block=l, summary=c, scale=0.25, min_distance=1, skip_strides=(3,))
     except Exception:  # noqa: BLE001 (any compile or launch error: the fused plan takes over)
