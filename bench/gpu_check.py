@@ -60,7 +60,7 @@ from engine import attention, kernels  # noqa: E402
 from engine.attention import backend_for  # noqa: E402
 from engine.kernels.band import flash_window_supported  # noqa: E402
 from engine.kernels.fixed import fused_fixed_attention  # noqa: E402
-from engine.kernels.triton_fixed import runs_on_triton, triton_fixed_attention  # noqa: E402
+from engine.kernels.triton_fixed import matches_contract, runs_on_triton, triton_fixed_attention  # noqa: E402
 from engine.patterns import parse_pattern  # noqa: E402
 from planner_support import structured_at_every_size  # noqa: E402
 from reference import reference_attention  # noqa: E402
@@ -239,6 +239,12 @@ def outcome(name: str, attempt) -> bool:
     return problem is None
 
 
+def fixed_on_kernel(device: torch.device) -> bool:
+    """Whether the benchmark's fixed calls (bfloat16, D = 64, causal) run on the Triton kernel here:
+    its variant passed its probe (a failed one is logged, and takes the fused plan)."""
+    return runs_on_triton(device) and matches_contract(device, torch.bfloat16, 64, 64, True, 0)
+
+
 def fixed_kernels(device: torch.device, ns=(16384, 131072)) -> list[dict]:
     """(c): seconds of fixed(128, 8) in bfloat16, H = 8, D = 64, on the Triton kernel and on the
     fused-SDPA plan with its summary piece in the default, 1, 4 and 16 row ranges."""
@@ -248,7 +254,7 @@ def fixed_kernels(device: torch.device, ns=(16384, 131072)) -> list[dict]:
         fns = {f"fused ranges={r or 'default'}": (
             lambda r=r: fused_fixed_attention(q, k, v, block=128, summary=8, scale=0.125, ranges=r))
             for r in (None, 1, 4, 16)}
-        if runs_on_triton(device):  # else its probe failed, said at the start
+        if fixed_on_kernel(device):  # else its probe failed, said at the start
             fns["triton"] = lambda: triton_fixed_attention(q, k, v, block=128, summary=8, scale=0.125)
             row = q[..., -1:, :]  # a decode step: its keys split between programs, or all in one
             fns["triton decode"] = lambda: triton_fixed_attention(row, k, v, block=128, summary=8, scale=0.125)
@@ -282,7 +288,7 @@ def main(argv: list[str] | None = None) -> int:
     if device.type == "cuda":
         print(f"flash local window for the band: causal {flash_window_supported(device, True)}, "
               f"non-causal {flash_window_supported(device, False)}; fixed on the Triton kernel: "
-              f"{runs_on_triton(device)}", flush=True)
+              f"{fixed_on_kernel(device)}", flush=True)
     passed, failed = check(device)
     if device.type == "cuda":  # the CPU has no grid limit, and these are minutes on it
         passed, failed = (a + b for a, b in zip((passed, failed), grid_checks(device)))

@@ -159,8 +159,10 @@ UNIONS = {
 def _kernel_calls(monkeypatch, q, k, v, pattern, causal=True):
     """(output, the Triton kernel's calls) of one engine call on CUDA's branches, probed before."""
     calls = []
+    skips = sum(member["type"] == "strided" for member in pattern.get("patterns", []))
     with cuda_kernels_on_cpu():
-        assert runs_on_triton(q.device)  # the probe's own call, before the count
+        if skips <= MAX_SKIP_STRIDES and max(q.shape[-1], v.shape[-1]) <= MAX_HEAD_DIM:  # its variant's probe
+            assert matches_contract(q.device, q.dtype, q.shape[-1], v.shape[-1], causal, skips)  # before the count
         monkeypatch.setattr(triton_fixed, "triton_fixed_attention",
                             lambda *a, **kw: calls.append(kw) or triton_fixed_attention(*a, **kw))
         out = attention(q, k, v, pattern, causal=causal)
@@ -231,19 +233,45 @@ def test_the_kernel_runs_only_on_cudas_branches(monkeypatch):
         assert not runs_on_triton(cpu)  # a compiled Triton kernel cannot take CPU tensors
 
 
-def test_a_kernel_that_fails_its_probe_leaves_fixed_on_the_fused_plan(monkeypatch):
-    """A Triton build that cannot compile the kernel, or miscompiles it, must not fail requests."""
-    cpu = torch.device("cpu")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("causal, skips", [(True, 0), (False, 4)], ids=["causal", "noncausal-4-strides"])
+def test_each_variant_is_probed_against_the_contract(dtype, causal, skips):
     with cuda_kernels_on_cpu():
-        assert matches_contract(cpu)
-        matches_contract.cache_clear()
-        monkeypatch.setattr(triton_fixed, "triton_fixed_attention", lambda *a, **kw: 1 / 0)
-        assert not matches_contract(cpu) and not runs_on_triton(cpu)
-        matches_contract.cache_clear()
-        monkeypatch.setattr(triton_fixed, "triton_fixed_attention",
-                            lambda q, k, v, **kw: (torch.zeros(*q.shape[:3], v.shape[-1]), torch.zeros(q.shape[:3])))
-        assert not matches_contract(cpu)
-        matches_contract.cache_clear()
+        assert matches_contract(torch.device("cpu"), dtype, 12, 20, causal, skips)
+
+
+def test_a_variant_that_fails_its_probe_leaves_its_calls_on_the_fused_plan(monkeypatch, caplog):
+    """A Triton build that cannot compile a variant (too old, over the GPU's shared memory), or
+    miscompiles it, must not fail requests or answer wrong: that variant's calls take the fused
+    plan, said in the log, and the other variants keep the kernel."""
+    launch = triton_fixed.triton_fixed_attention
+
+    def fails_in_float16(q, k, v, **kwargs):
+        if q.dtype == torch.float16:
+            raise RuntimeError("out of resources: shared memory")
+        return launch(q, k, v, **kwargs)
+
+    def wrong_in_float16(q, k, v, **kwargs):
+        out, lse = launch(q, k, v, **kwargs)
+        return (out * 2, lse) if q.dtype == torch.float16 else (out, lse)
+
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(1, 2, 300, 16, generator=g).half() for _ in range(3))
+    pattern = UNIONS["fixed"]
+    for fault, said in ((fails_in_float16, "failed to run"), (wrong_in_float16, "differs from the contract")):
+        calls = []
+        with cuda_kernels_on_cpu():
+            monkeypatch.setattr(triton_fixed, "triton_fixed_attention", lambda *a, **kw: calls.append(kw) or fault(*a, **kw))
+            caplog.clear()
+            assert not triton_fixed.takes(q, v, True, ())
+            assert [r.levelname for r in caplog.records] == ["WARNING"] and said in caplog.text
+            assert "torch.float16 on cpu, head dims 16 / 16, causal, 0 skipped strides" in caplog.text
+            assert triton_fixed.takes(q.bfloat16(), v.bfloat16(), True, ())  # another variant keeps the kernel
+            calls.clear()  # the probes' own
+            out = attention(q, k, v, pattern)
+        assert calls == []
+        torch.testing.assert_close(out.double(), reference.reference_attention(q, k, v, pattern)[0],
+                                   atol=4e-3, rtol=4e-3)
 
 
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "noncausal"])

@@ -135,7 +135,7 @@ def fixed_attention(
     (i - j) mod s == 0 for any s in skip_strides (for a union with those strides); queries bottom-right
     aligned; (out, lse). On CUDA with Triton installed one launch of the Triton kernel
     (triton_fixed.py), elsewhere the fused-SDPA calls below."""
-    if triton_fixed.takes(q, v, skip_strides):
+    if triton_fixed.takes(q, v, causal, skip_strides):
         return triton_fixed.triton_fixed_attention(q, k, v, block=block, summary=summary, scale=scale,
                                                    causal=causal, min_distance=min_distance, skip_strides=skip_strides)
     return fused_fixed_attention(q, k, v, block=block, summary=summary, scale=scale, causal=causal,

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 import math
 import os
 
@@ -37,6 +38,8 @@ try:
 except ImportError:  # a CPU install without Triton: fixed keeps its fused-SDPA plan everywhere
     triton = None
 
+logger = logging.getLogger(__name__)
+
 # Strides a union's fixed step can skip in the kernel (a union lists at most 8 members, so at
 # most 7 strides beside fixed; more than this take the fused-SDPA plan).
 MAX_SKIP_STRIDES = 4
@@ -45,47 +48,69 @@ MAX_SKIP_STRIDES = 4
 MAX_HEAD_DIM = 256
 
 
-def takes(q: torch.Tensor, v: torch.Tensor, skip_strides: tuple[int, ...]) -> bool:
+def takes(q: torch.Tensor, v: torch.Tensor, causal: bool, skip_strides: tuple[int, ...]) -> bool:
     """Whether fixed runs on the Triton kernel for these inputs: where Triton runs it
-    (`runs_on_triton`), with head dims and skipped strides within its limits."""
-    widest = max(q.shape[-1], v.shape[-1])
-    return widest <= MAX_HEAD_DIM and len(skip_strides) <= MAX_SKIP_STRIDES and runs_on_triton(q.device)
+    (`runs_on_triton`), with head dims and skipped strides within its limits, and its variant for
+    them matching the contract here (`matches_contract`)."""
+    d, dv = q.shape[-1], v.shape[-1]
+    return (max(d, dv) <= MAX_HEAD_DIM and len(skip_strides) <= MAX_SKIP_STRIDES and runs_on_triton(q.device)
+            and matches_contract(q.device, q.dtype, d, dv, causal, len(skip_strides)))
 
 
 def runs_on_triton(device: torch.device) -> bool:
-    """Whether fixed runs on the Triton kernel for tensors on `device`: CUDA's rules (the engine's
-    `kernel_device`), Triton there to compile the kernel (or interpret it), and the kernel matching
-    the contract on a tiny problem there (`matches_contract`)."""
+    """Whether Triton can run the kernel on tensors on `device`: CUDA's rules (the engine's
+    `kernel_device`) and Triton there to compile the kernel, or to interpret it."""
     if triton is None or kernel_device(device) != "cuda":
         return False
-    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-        return False
-    return matches_contract(device)
+    return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+# Probe dtypes' tolerance against the float32 math kernel (a miscompile is far off; rounding is not).
+PROBE_TOLERANCE = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 2e-2}
+# The strides a probe skips, as many as the call's variant skips.
+PROBE_STRIDES = (3, 5, 7, 11)
 
 
 @functools.cache
-def matches_contract(device: torch.device) -> bool:
-    """Whether this Triton build compiles the kernel and its result matches the masked math kernel
-    on a tiny problem with every branch in play (probed once per device, as the band's local
-    window is): a Triton too old for an argument, or a miscompile, leaves fixed on its fused-SDPA
-    plan instead of failing requests."""
+def matches_contract(device: torch.device, dtype: torch.dtype, d: int, dv: int, causal: bool, skips: int) -> bool:
+    """Whether the kernel's variant for these inputs compiles here and matches the masked math
+    kernel on a tiny problem with every branch in play (its own block and summary keys, grouped
+    heads, a distance, `skips` strides, rows with no key): probed once per variant and device, as
+    the band's local window is. Triton compiles a variant per dtype, causality, skip count and
+    head-dim tile at its first call, so a Triton too old for an argument, a variant over the GPU's
+    shared memory, or a miscompile leaves those calls on the fused-SDPA plan (said in the log)
+    instead of failing requests or answering wrong."""
     g = torch.Generator().manual_seed(0)
     lq, lk, l, c = 7, 13, 4, 2
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    q, k, v = (torch.randn(1, h, n, 16, generator=g).to(device, dtype) for h, n in ((2, lq), (1, lk), (1, lk)))
+    q, k, v = (torch.randn(1, h, n, width, generator=g).to(device, dtype)
+               for h, n, width in ((2, lq, d), (1, lk, d), (1, lk, dv)))
+    strides = PROBE_STRIDES[:skips]
     i = torch.arange(lk - lq, lk, device=device)[:, None]
     j = torch.arange(lk, device=device)[None, :]
-    keep = Fixed(block=l, summary=c).allows(i, j) & (i - j >= 1) & off_strides(i - j, (3,))
+    near = i - j if causal else (i - j).abs()
+    keep = Fixed(block=l, summary=c).allows(i, j) & (near >= 1) & off_strides(i - j, strides)
     try:
-        out, lse = triton_fixed_attention(q, k, v, block=l, summary=c, scale=0.25, min_distance=1, skip_strides=(3,))
+        out, lse = triton_fixed_attention(q, k, v, block=l, summary=c, scale=0.25, causal=causal, min_distance=1,
+                                          skip_strides=strides)
     except Exception:  # noqa: BLE001 (any compile or launch error: the fused plan takes over)
+        logger.warning("fixed's Triton kernel failed to run for %s: the fused-SDPA plan takes these calls",
+                       _variant_name(device, dtype, d, dv, causal, skips), exc_info=True)
         return False
     ref_out, ref_lse = math_attention(q.float(), k.float().expand(-1, 2, -1, -1), v.float().expand(-1, 2, -1, -1),
                                       scale=0.25, mask=additive_mask(keep, torch.float32))
     rows = keep.any(-1)  # a row with no key: zeros here, whatever the math kernel makes of it
-    return (torch.allclose(out.float()[..., rows, :], ref_out[..., rows, :], atol=2e-2, rtol=2e-2)
-            and torch.allclose(lse[..., rows], ref_lse[..., rows], atol=2e-2)
-            and bool((out[..., ~rows, :] == 0).all()) and bool((lse[..., ~rows] == float("-inf")).all()))
+    tol = PROBE_TOLERANCE[dtype]
+    matches = (torch.allclose(out.float()[..., rows, :], ref_out[..., rows, :], atol=tol, rtol=tol)
+               and torch.allclose(lse[..., rows], ref_lse[..., rows], atol=tol)
+               and bool((out[..., ~rows, :] == 0).all()) and bool((lse[..., ~rows] == float("-inf")).all()))
+    if not matches:
+        logger.warning("fixed's Triton kernel differs from the contract for %s: the fused-SDPA plan takes these calls",
+                       _variant_name(device, dtype, d, dv, causal, skips))
+    return matches
+
+
+def _variant_name(device: torch.device, dtype: torch.dtype, d: int, dv: int, causal: bool, skips: int) -> str:
+    return f"{dtype} on {device}, head dims {d} / {dv}, {'causal' if causal else 'non-causal'}, {skips} skipped strides"
 
 
 def triton_fixed_attention(
