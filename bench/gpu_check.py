@@ -59,6 +59,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 from engine import attention, kernels  # noqa: E402
 from engine.attention import backend_for  # noqa: E402
 from engine.kernels.band import flash_window_supported  # noqa: E402
+from engine.kernels.dense import kernel_device  # noqa: E402
 from engine.kernels.fixed import fused_fixed_attention  # noqa: E402
 from engine.kernels.triton_fixed import matches_contract, runs_on_triton, triton_fixed_attention  # noqa: E402
 from engine.patterns import parse_pattern  # noqa: E402
@@ -103,7 +104,7 @@ def both_ways(name: str, run, q, k, v, pattern, causal: bool):
     """(name, run) as the planner picks, and once more on the structured kernels where it picks the
     masked kernel for a small problem (`planner.SMALL_KEYS`), which CUDA must get right too."""
     yield name, run
-    shape = (q.shape[1], q.shape[2], k.shape[2], causal)
+    shape = (q.shape[1], q.shape[2], k.shape[2], causal, kernel_device(q.device))
     picked = backend_for(parse_pattern(pattern), *shape)
     with structured_at_every_size():
         structured = backend_for(parse_pattern(pattern), *shape)

@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from engine import attention
 from engine.attention import backend_for
 from engine.kernels import KEEPS_FREED_MEMORY, band_attention, masked_attention
+from engine.kernels.dense import kernel_device
 from engine.kernels.masked import chunk_mask
 from engine.memory import PeakMemory
 from engine.patterns import attended_pairs, parse_pattern
@@ -220,7 +221,7 @@ def bench_table(args, device: torch.device) -> list[dict]:
             for name, pattern in patterns.items():
                 row = {"pattern": LABELS[name] + ("" if causal else ", non-causal"), "n": n, "dtype": dtype_name,
                        "heads": args.heads, "dim": args.dim, "causal": causal,
-                       "backend": backend_for(pattern, args.heads, n, n, causal), "dense_s": best["dense"],
+                       "backend": backend_for(pattern, args.heads, n, n, causal, kernel_device(device)), "dense_s": best["dense"],
                        "attended_pairs": attended_pairs(pattern, 1, args.heads, n, n, causal),
                        "dense_pairs": dense_pairs, "engine_s": best["engine", name],
                        "engine_first_call_s": times["engine", name][0]}
@@ -379,7 +380,8 @@ def bench_decode(args, device: torch.device) -> list[dict]:
             best = {key: min(t[1:] or t) for key, t in times.items()}
             for label, spec in patterns.items():
                 row = {"pattern": label, "dtype": dtype_name, "lq": lq, "lk": lk, "heads": args.heads,
-                       "kv_heads": kv_heads, "backend": backend_for(parse_pattern(spec), args.heads, lq, lk, True),
+                       "kv_heads": kv_heads, "backend": backend_for(parse_pattern(spec), args.heads, lq, lk, True,
+                                                                kernel_device(device)),
                        "dense_s": best["dense"], "engine_s": best["engine", label],
                        "masked_s": best["masked", label]}
                 rows.append(row)
@@ -407,7 +409,7 @@ def bench_small(args, device: torch.device) -> list[dict]:
         best = {key: min(t[1:] or t) for key, t in times.items()}
         for label, spec in SMALL_PATTERNS.items():
             row = {"pattern": label, "n": n, "causal": causal, "heads": args.heads, "dim": args.dim,
-                   "backend": plan(simplify(parse_pattern(spec), n), n, n, causal).backend,
+                   "backend": plan(simplify(parse_pattern(spec), n), n, n, causal, kernel_device(device)).backend,
                    "dense_s": best["dense"], "structured_s": best.get(("structured", label)),
                    "masked_s": best["masked", label]}
             rows.append(row)

@@ -190,9 +190,10 @@ def positive_scale(q: torch.Tensor, scale: float) -> tuple[torch.Tensor, float]:
 
 
 @functools.lru_cache(maxsize=4096)
-def backend_for(pattern: PatternBase, heads: int, lq: int, lk: int, causal: bool) -> str:
-    """The kernels a call would use, e.g. 'band' or 'sdpa,strided' for per_head groups."""
-    return ",".join(dict.fromkeys(plan(p, lq, lk, causal).backend for p, _ in head_groups(pattern, heads)))
+def backend_for(pattern: PatternBase, heads: int, lq: int, lk: int, causal: bool, device: str) -> str:
+    """The kernels a call would use on `device` (its `kernel_device`), e.g. 'band' or 'sdpa,strided'
+    for per_head groups."""
+    return ",".join(dict.fromkeys(plan(p, lq, lk, causal, device).backend for p, _ in head_groups(pattern, heads)))
 
 
 # Grouped-query attention whose key/value heads, repeated for every query head, would take more
@@ -215,7 +216,7 @@ def run_heads(q, k, v, pattern: PatternBase, *, causal: bool, scale: float):
     lk, dv = k.shape[2], v.shape[3]
     runs = []  # (plan, query heads, their key/value heads when the plan takes them unrepeated)
     for single, heads in head_groups(pattern, h):
-        step = plan(single, lq, lk, causal)
+        step = plan(single, lq, lk, causal, kernel_device(q.device))
         grouped = step.grouped_kv_on_cpu if kernel_device(q.device) == "cpu" else step.grouped_kv_on_cuda
         kv = _grouped_range(heads, q, k) if grouped else None
         runs += [(step, heads, kv)] if kv is not None else [(step, run, None) for run in _head_runs(heads, q, k)]

@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from .attention import attention, backend_for, checked_arguments, effective_scale
+from .kernels.dense import kernel_device
 from .memory import PeakMemory
 from .patterns import PatternBase
 
@@ -365,7 +366,7 @@ class Batcher:
         out, lse = out.cpu(), lse.cpu()
         compute_ms = (time.perf_counter() - started) * 1000
         sizes = [j.q.shape[0] for j in jobs]
-        backend = backend_for(key.pattern, q.shape[1], lq, lk, key.causal)
+        backend = backend_for(key.pattern, q.shape[1], lq, lk, key.causal, kernel_device(q.device))
         return [
             Result(o[:, :, : j.q.shape[2]], l[:, :, : j.q.shape[2]], (started - j.enqueued) * 1000, compute_ms,
                    len(jobs), memory.peak_bytes, backend)

@@ -7,8 +7,9 @@ fixed, a stride with fixed, all three, several strides) at any query length; any
 fixed members) falls back to the masked kernel, which is exact and memory-safe but slower (for a
 few query rows it runs on a copy of just the keys they attend). Small problems of fixed, unions
 and windows (at most SMALL_KEYS keys; a union with fixed twice that, a causal window half) run on
-the masked kernel too: one call beats their several small ones there. `simplify` first removes
-what cannot change the mask.
+the masked kernel too: one call beats their several small ones there; so, on the CPU, do a few
+rows of a union with fixed after up to SHORT_RUN_MASKED_KEYS keys (a decode step). `simplify`
+first removes what cannot change the mask.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import torch
 from . import kernels
 from .kernels.band import TILE_ROWS
 from .kernels.dense import as_computed, kernel_device, padded_head_dims
-from .kernels.fixed import short_run
+from .kernels.fixed import SHORT_RUN_ROWS, short_run
 from .kernels.masked import one_chunk
 from .patterns import Dense, Fixed, PatternBase, SlidingWindow, Strided, Union
 
@@ -81,6 +82,23 @@ class Plan:
 #   0.71-1.21. A stride alone is one call or two and keeps its kernel (the masked one lost from
 #   n = 32 on, up to 6x for strided(8) at 256).
 SMALL_KEYS = 128
+# A causal short run (at most SHORT_RUN_ROWS rows: a decode step, a small chunk) of a union with a
+# fixed member runs on the CPU's masked kernel up to this many keys (with a stride among its
+# members up to twice as many): one call over the keys, compacted to those the rows attend, beats
+# the union's steps (fixed's own block, summary views and merges, a stride's class runs, the merges
+# of the steps). Masked / structured time through `engine.attention`, float32, H = 8, D = 64
+# unless said, the mean of 600 calls whose key lengths step through 300 values (a decode loop: no
+# mask kept), Lq 1 / 16 (2026-12-03):
+# - union(sliding 128, fixed(128, 8)): Lk 512 0.85 / 0.78, 1024 0.89 / 0.82, 2048 0.99 / 0.90;
+#   at 1024, H = 32 over 8 with D = 128 0.63 / 0.52, bfloat16 0.64 / 0.67.
+# - union(strided 128, fixed(128, 8)) and union(sliding 64, strided 128, fixed(128, 8)): 0.60-0.74
+#   at Lk 512 to 2048 (0.89-0.96 at 2048 and 16 rows); at 1024, H = 32: 0.46-0.54, bfloat16
+#   0.44-0.60.
+# - fixed alone keeps its plan: one row is its fast case (fixed(128, 8) at Lk 1024 1.13, fixed(16, 2)
+#   1.18, 2048 1.27 and 1.53), though 16 rows were 0.70-0.76.
+# On CUDA the structured plans read no device value and fixed is one Triton launch: they keep these
+# runs.
+SHORT_RUN_MASKED_KEYS = 8 * SMALL_KEYS
 
 # One pattern per kernel family the planner picks at KERNEL_FAMILY_TOKENS tokens, past the small
 # problems (a call of each at start-up warms them all).
@@ -134,14 +152,15 @@ def _covers(wide: PatternBase, narrow: PatternBase) -> bool:
 
 
 @functools.lru_cache(maxsize=4096)
-def plan(pattern: PatternBase, lq: int, lk: int, causal: bool) -> Plan:
-    """The plan for one single-head pattern (per_head is resolved before this), on any device: each
-    kernel picks its device's fused calls."""
+def plan(pattern: PatternBase, lq: int, lk: int, causal: bool, device: str) -> Plan:
+    """The plan for one single-head pattern (per_head is resolved before this) on `device`, the
+    engine's `kernel_device` ('cpu', 'cuda'): each kernel picks that device's fused calls."""
     pattern = simplify(pattern, lk)
     if isinstance(pattern, Dense):
         return Plan("sdpa", (partial(kernels.dense_attention, diagonal=(lk - lq) if causal else None),),
                     grouped_kv_on_cpu=True)
-    structured = None if _small_on_masked(pattern, lk, causal) else structured_plan(pattern, lq, lk, causal)
+    on_masked = _small_on_masked(pattern, lk, causal) or _short_run_on_masked(pattern, lq, lk, causal, device)
+    structured = None if on_masked else structured_plan(pattern, lq, lk, causal)
     return structured or masked_plan(pattern, lq, lk, causal)
 
 
@@ -152,6 +171,16 @@ def _small_on_masked(pattern: PatternBase, lk: int, causal: bool) -> bool:
     if isinstance(pattern, (Fixed, Union)) or isinstance(pattern, SlidingWindow) and not causal:
         return lk <= SMALL_KEYS
     return isinstance(pattern, SlidingWindow) and lk <= SMALL_KEYS // 2
+
+
+def _short_run_on_masked(pattern: PatternBase, lq: int, lk: int, causal: bool, device: str) -> bool:
+    """Whether a few causal rows of a union with fixed run on the CPU's masked kernel
+    (SHORT_RUN_MASKED_KEYS)."""
+    if device != "cpu" or not causal or lq > SHORT_RUN_ROWS or not isinstance(pattern, Union) \
+            or not any(isinstance(member, Fixed) for member in pattern.patterns):
+        return False
+    with_stride = any(isinstance(member, Strided) for member in pattern.patterns)
+    return lk <= SHORT_RUN_MASKED_KEYS * (2 if with_stride else 1)
 
 
 def masked_plan(pattern: PatternBase, lq: int, lk: int, causal: bool) -> Plan:

@@ -1,4 +1,4 @@
-"""The planner with its small-problem rule off, for checks that must reach the structured kernels
+"""The planner with its small-problem rules off, for checks that must reach the structured kernels
 on small shapes (the tests here, and `bench/gpu_check.py` on CUDA)."""
 
 from __future__ import annotations
@@ -12,8 +12,9 @@ import pytest
 
 @contextmanager
 def structured_at_every_size() -> Iterator[None]:
-    """Within the block, fixed, unions and windows over few keys take their structured kernels, not
-    the masked one (`engine.planner.SMALL_KEYS` 0). Plans are cached: none made before
+    """Within the block, fixed, unions and windows over few keys, and a few rows after them, take
+    their structured kernels, not the masked one (`engine.planner.SMALL_KEYS` and
+    `SHORT_RUN_MASKED_KEYS` 0). Plans are cached: none made before
     the block is used in it, none made in it is kept after."""
     planner = importlib.import_module("engine.planner")
     caches = (planner.plan, importlib.import_module("engine.attention").backend_for)
@@ -22,6 +23,7 @@ def structured_at_every_size() -> Iterator[None]:
     try:
         with pytest.MonkeyPatch.context() as patch:
             patch.setattr(planner, "SMALL_KEYS", 0)
+            patch.setattr(planner, "SHORT_RUN_MASKED_KEYS", 0)
             yield
     finally:
         for cache in caches:

@@ -74,7 +74,8 @@ def test_each_pass_runs_the_kernels_it_names(engine_passes):
     from engine.patterns import parse_pattern
 
     expected = {"as_shipped": "masked", "structured_at_every_size": "fixed", "cuda_kernels_on_cpu": "fixed"}
-    assert backend_for(parse_pattern(PATTERNS["fixed"]), 2, 100, 100, True) == expected[engine_passes]
+    device = kernel_device(torch.device("cpu"))
+    assert backend_for(parse_pattern(PATTERNS["fixed"]), 2, 100, 100, True, device) == expected[engine_passes]
     assert kernel_device(torch.device("cpu")) == ("cuda" if engine_passes == "cuda_kernels_on_cpu" else "cpu")
 
 

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from engine import kernels
+from engine.kernels.dense import kernel_device
 from engine.kernels.fixed import fused_fixed_attention
 from reference import mask, reference_attention
 
@@ -191,7 +192,7 @@ def test_a_union_short_run_takes_grouped_heads_whatever_it_converts():
     from engine.patterns import parse_pattern
     from engine.planner import plan
 
-    union = plan(parse_pattern({"type": "union", "patterns": [SW(16), ST(20)]}), 12, 4096, True)
+    union = plan(parse_pattern({"type": "union", "patterns": [SW(16), ST(20)]}), 12, 4096, True, "cpu")
     assert union.grouped_kv_on_cpu and not union.converts_in_steps
 
 
@@ -257,12 +258,36 @@ STRIDES = {"type": "union", "patterns": [SW(256), ST(128), ST(96)]}
     (SW(16), 128, 128, False, "masked"),
     (SW(16), 129, 129, False, "band"),
     (ST(8), 128, 128, False, "strided"),
+    # A causal short run (at most 16 rows) of a union with fixed on the CPU, after up to
+    # SHORT_RUN_MASKED_KEYS = 1024 keys (with a stride among its members 2048): one masked call.
+    ({"type": "union", "patterns": [SW(128), FX(128, 8)]}, 1, 1024, True, "masked"),
+    ({"type": "union", "patterns": [SW(128), FX(128, 8)]}, 16, 1024, True, "masked"),
+    ({"type": "union", "patterns": [SW(128), FX(128, 8)]}, 1, 1025, True, "band+fixed"),
+    ({"type": "union", "patterns": [SW(128), FX(128, 8)]}, 17, 1024, True, "band+fixed"),  # past a short run
+    ({"type": "union", "patterns": [SW(128), FX(128, 8)]}, 1, 1024, False, "band+fixed"),  # causal only
+    (FX(128, 8), 1, 1024, True, "fixed"),  # fixed alone keeps its plan
+    ({"type": "union", "patterns": [ST(128), FX(128, 8)]}, 1, 2048, True, "masked"),
+    ({"type": "union", "patterns": [ST(128), FX(128, 8)]}, 1, 2049, True, "strided+fixed"),
+    (THREE, 16, 2048, True, "masked"),
+    ({"type": "union", "patterns": [SW(128), ST(128)]}, 1, 512, True, "band+strided"),  # no fixed member
 ])
 def test_planner_kernel_choice(pattern, lq, lk, causal, backend):
     from engine.patterns import parse_pattern
     from engine.planner import plan
 
-    assert plan(parse_pattern(pattern), lq, lk, causal).backend == backend
+    assert plan(parse_pattern(pattern), lq, lk, causal, "cpu").backend == backend
+
+
+def test_short_runs_of_fixed_keep_their_structured_plan_on_cuda():
+    """On CUDA the structured plans read no device value and fixed is one Triton launch: a decode
+    step keeps them there."""
+    from engine.patterns import parse_pattern
+    from engine.planner import plan
+
+    for pattern, backend in (({"type": "union", "patterns": [SW(128), FX(128, 8)]}, "band+fixed"),
+                             (THREE, "band+strided+fixed")):
+        assert plan(parse_pattern(pattern), 1, 1024, True, "cpu").backend == "masked"
+        assert plan(parse_pattern(pattern), 1, 1024, True, "cuda").backend == backend
 
 
 @pytest.mark.parametrize("pattern,simplest", [
@@ -620,7 +645,7 @@ def test_decode_rows_at_every_offset_in_a_block(pattern, kernels):
     g = torch.Generator().manual_seed(7)
     k, v = torch.randn(1, 2, 100, 8, generator=g), torch.randn(1, 2, 100, 8, generator=g)
     with structured_at_every_size(), cuda_kernels_on_cpu() if kernels == "cuda_emulated" else contextlib.nullcontext():
-        assert "fixed" in backend_for(parse_pattern(pattern), 2, 1, 64, True)
+        assert "fixed" in backend_for(parse_pattern(pattern), 2, 1, 64, True, kernel_device(k.device))
         for lk in range(64, 100):
             for lq in (1, 3):
                 q = torch.randn(1, 2, lq, 8, generator=g)

@@ -389,7 +389,7 @@ async def test_the_warm_up_runs_every_kernel_family():
     seen = []
 
     def recording(q, k, v, pattern, **options):
-        seen.append(backend_for(pattern, q.shape[1], q.shape[2], k.shape[2], options["causal"]))
+        seen.append(backend_for(pattern, q.shape[1], q.shape[2], k.shape[2], options["causal"], "cpu"))
         return attention(q, k, v, pattern, **options)
 
     async with serve(settings(), compute=recording):

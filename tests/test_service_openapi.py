@@ -28,5 +28,5 @@ def test_the_backend_field_names_every_kernel_family():
 
     description = Meta.model_fields["backend"].description.replace(",", " ").split()
     n = KERNEL_FAMILY_TOKENS  # the warm-up's length: there each pattern takes a family of its own
-    backends = [plan(pattern, n, n, True).backend for pattern in KERNEL_FAMILY_PATTERNS]
+    backends = [plan(pattern, n, n, True, "cpu").backend for pattern in KERNEL_FAMILY_PATTERNS]
     assert len(set(backends)) == len(backends) and all(backend in description for backend in backends)
