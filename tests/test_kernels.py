@@ -455,6 +455,26 @@ def test_small_masks_are_kept_and_large_ones_built_each_call(causal):
     masked.chunk_mask.kept.cache_clear()
 
 
+@pytest.mark.parametrize("lq", [1, 3])
+def test_a_row_on_exactly_its_keys_takes_an_unmasked_call(monkeypatch, lq):
+    """Compacted to the keys a single row attends, the masked kernel has nothing left to mask: it
+    makes one unmasked call; rows that attend different keys keep their mask. Exact either way."""
+    from engine.kernels import dense, masked
+    from engine.patterns import parse_pattern
+
+    spec = {"type": "union", "patterns": [SW(16), FX(64, 4), FX(48, 2)]}
+    q, k, v = _qkv(2, lq, 1000)
+    masks = []
+    monkeypatch.setattr(masked, "fused_masked", lambda *a, **kw: masks.append(a[3]) or dense.fused_masked(*a, **kw))
+    masked.chunk_mask.kept.cache_clear()
+    out, lse = kernels.masked_attention(q, k, v, parse_pattern(spec), scale=0.25, causal=True)
+    assert len(masks) == 1 and (masks[0] is None) == (lq == 1)
+    ref_out, ref_lse = reference_attention(q, k, v, spec, scale=0.25)
+    torch.testing.assert_close(out.double(), ref_out, atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(lse.double(), ref_lse, atol=2e-5, rtol=2e-5)
+    masked.chunk_mask.kept.cache_clear()
+
+
 def test_small_band_masks_are_kept():
     """The band's mask is kept for the next call of its shape when small (a decode step's [1, w]),
     built afresh when large; either way it keeps keys r .. r + w - 1 of row r."""

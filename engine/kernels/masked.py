@@ -1,12 +1,15 @@
 """The exact fallback for any single-head pattern: query chunks against each chunk's key span,
 masked by the pattern's own rule. Memory is chunk x span, never Lq x Lk, so it is safe at any
 n; on long sequences it is the slowest kernel, and the planner uses it where no structured kernel
-applies and for small problems (`planner.SMALL_KEYS`), where its one call beats their many.
+applies, for small problems (`planner.SMALL_KEYS`) and for a few rows of a union with fixed
+(`planner.SHORT_RUN_MASKED_KEYS`), where its one call beats their many.
 A chunk is about as many rows as one row's key span is wide (more would only widen the span
 with masked keys) and at most MASK_BUDGET mask elements. A chunk whose rows attend few of its
 span's keys (a window and fixed's summary columns without causality, a few decode rows) runs on a
 copy of just those: non-causal union(sliding 256, fixed(128, 8)) at n = 16384, H = 8 took 6.9 s
-on whole spans, 1.4 s so (measured when that union still ran here; it has a structured kernel now)."""
+on whole spans, 1.4 s so (measured when that union still ran here; it has a structured kernel now).
+A single row on such a copy attends every key in it: that call takes no mask (unions with fixed,
+one row after 1024 keys, H = 8: about 9% faster, best of three alternating runs)."""
 
 from __future__ import annotations
 
@@ -63,15 +66,17 @@ def masked_attention(
 def chunk_mask(pattern: PatternBase, first: int, rows: int, lo: int, hi: int, causal: bool,
                device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(which keys each of the rows at first.. attends, [rows, keys]; the keys' columns in lo..hi
-    when they are under COMPACT_FRACTION of the span, and the mask just those, else None); a
-    small problem's is kept for its next call."""
+    when they are under COMPACT_FRACTION of the span, and the mask just those, or None where every
+    row attends every one of them, as a single row does, else None); a small problem's is kept
+    for its next call."""
     i = torch.arange(first, first + rows, device=device)[:, None]
     j = torch.arange(lo, hi, device=device)[None, :]
     allowed = pattern.attends(i, j, causal)
     used = allowed.any(0)  # keys some row of the chunk attends
     if int(used.sum()) < COMPACT_FRACTION * (hi - lo):
         columns = used.nonzero().squeeze(1)
-        return allowed[:, columns], columns
+        allowed = allowed[:, columns]
+        return (None if bool(allowed.all()) else allowed), columns
     return allowed, None
 
 
