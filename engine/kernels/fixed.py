@@ -16,7 +16,8 @@ axis, block index as the row), so that every head shares S (a stride-0 view) and
 last block needs, so the masked waste is about 1/(2 ranges). For a few query rows (a decode
 step) S is not copied: offset u of every block is one strided view of K, so the c offsets are a
 batch axis of one call (`_summary_offsets`); and (a) runs on the real rows alone, not on whole
-padded blocks.
+padded blocks. Rows within two blocks (Lq < l) keep q, the output and the log-sum-exp at their own
+rows: a decode row of fixed(4096, 64) zero-filled a 4096-row output for one row it used.
 
 A minimum distance m (for a union with a sliding window of m, whose keys it then skips) shifts
 the own-block causal diagonal by m and keeps a row's summary keys at positions up to i - m. A
@@ -169,11 +170,13 @@ def fused_fixed_attention(
     offset = lk - lq
     first = offset // l  # first query block
     blocks = -(-lk // l)  # key blocks, the last maybe partial
-    pad_q = (offset - first * l, blocks * l - lk)
+    nq = blocks - first
+    # Row 0 of q, out and lse is position `base`: the real rows alone (few rows), or whole blocks
+    # (q zero-padded to them: the padding lies in every query's future).
+    base = offset if few_rows else first * l
+    pad_q = (offset - base, blocks * l - lk if not few_rows else 0)
     if any(pad_q) or not q.is_contiguous():
         q = F.pad(q, (0, 0, *pad_q))
-    nq = blocks - first
-    qb = q.reshape(b * h, nq, l, d)
 
     # The query blocks' own keys as [B*H, nq, l, D]: a view, or a copy of those blocks only
     # (zero-padded to whole blocks: the padding lies in every query's future), never all of K.
@@ -191,12 +194,12 @@ def fused_fixed_attention(
         return (delta >= min_distance) & off_strides(delta, skip_strides)
 
     if few_rows:  # just the real rows, a call per block they touch (two at most)
-        out = torch.zeros(b * h, nq * l, dv, dtype=torch.float32, device=q.device)
-        lse = torch.full((b * h, nq * l), NEG_INF, dtype=torch.float32, device=q.device)
+        out = torch.zeros(b * h, lq, dv, dtype=torch.float32, device=q.device)
+        lse = torch.full((b * h, lq), NEG_INF, dtype=torch.float32, device=q.device)
         for blk in range(first, blocks):
             r0, r1 = max(blk * l, offset), min(blk * l + l, lk)  # the block's query positions
             at, keys = r0 - blk * l, slice(blk * l, min(blk * l + l, lk))
-            rows = slice(r0 - first * l, r1 - first * l)
+            rows = slice(r0 - base, r1 - base)
             keep = own_keep(at, at + r1 - r0, keys.stop - keys.start)
             if keep is None:
                 o, s_lse = dense_attention(q[..., rows, :], k[..., keys, :], v[..., keys, :], scale=scale,
@@ -205,6 +208,7 @@ def fused_fixed_attention(
                 o, s_lse = fused_masked(q[..., rows, :], k[..., keys, :], v[..., keys, :], keep, scale=scale)
             out[:, rows], lse[:, rows] = o.reshape(b * h, r1 - r0, dv), s_lse.reshape(b * h, r1 - r0)
     else:
+        qb = q.reshape(b * h, nq, l, d)
         if not skip_strides:
             own_out, own_lse = dense_attention(qb, own_blocks(k), own_blocks(v), scale=scale, diagonal=-min_distance)
         else:
@@ -221,17 +225,17 @@ def fused_fixed_attention(
             b * h, 1, (blocks - 1) * c, -1)
 
     lo = max(first, 1)  # block 0 sees no summary key
-    real = slice(offset - first * l, offset - first * l + lq)
+    real = slice(offset - base, offset - base + lq)
     if lo < blocks and short:
-        _summary_offsets(q, k, v, out, lse, first=first, block=l, summary=c, real=real, scale=scale,
+        _summary_offsets(q, k, v, out, lse, base=base, block=l, summary=c, real=real, scale=scale,
                          min_distance=min_distance, skip_strides=skip_strides)
     elif lo < blocks:
         ks, vs = as_computed(gathered(k), gathered(v))  # once: each block's call reads a prefix
         cpu = kernel_device(q.device) == "cpu"
         few_blocks = blocks - lo <= (MIN_RANGES if cpu else MAX_RANGES)  # no more calls than ranges would make
-        if min_distance or skip_strides or ranges is None and (
+        if few_rows or min_distance or skip_strides or ranges is None and (
                 few_blocks or cpu and (l >= CALL_ROWS or _chunk_after_long_keys(lq, lk))):
-            _summary_per_block(q.reshape(b * h, 1, nq * l, d), ks, vs, out, lse, range(lo, blocks), first=first,
+            _summary_per_block(q.reshape(b * h, 1, -1, d), ks, vs, out, lse, range(lo, blocks), base=base,
                                block=l, summary=c, real=real, scale=scale, min_distance=min_distance,
                                skip_strides=skip_strides)
         else:
@@ -248,10 +252,10 @@ def fused_fixed_attention(
                 part_out = out.view(b * h, nq, l, -1).transpose(1, 2)[:, :, b0 - first : b1 - first]
                 part_lse = lse.view(b * h, nq, l).transpose(1, 2)[:, :, b0 - first : b1 - first]
                 merge_to(part_out, part_lse, (part_out, part_lse), (o, s_lse))
-    return out.view(b, h, nq * l, -1)[..., real, :dv], lse.view(b, h, nq * l)[..., real]
+    return out.view(b, h, -1, out.shape[-1])[..., real, :dv], lse.view(b, h, -1)[..., real]
 
 
-def _summary_offsets(q, k, v, out, lse, *, first: int, block: int, summary: int, real: slice, scale: float,
+def _summary_offsets(q, k, v, out, lse, *, base: int, block: int, summary: int, real: slice, scale: float,
                      min_distance: int, skip_strides: tuple[int, ...]) -> None:
     """The summary piece for a few query rows (a decode step, a short chunk) without copying the
     summary keys: offset u of every block is one strided view of K and V, so the c offsets are c
@@ -262,7 +266,7 @@ def _summary_offsets(q, k, v, out, lse, *, first: int, block: int, summary: int,
     H / Hkv."""
     l, c = block, summary
     b, h, _, d = q.shape
-    first_i, last_i = real.start + first * l, real.stop - 1 + first * l  # the rows' positions
+    first_i, last_i = real.start + base, real.stop - 1 + base  # the rows' positions (row 0 at `base`)
     t = torch.arange(last_i // l, device=q.device)  # key blocks before the last row's
     if not len(t):
         return
@@ -309,7 +313,7 @@ def _at_call_ends(count, ends: list[tuple[int, int]], *args) -> list[list[int]]:
     return count(torch.tensor(ends, dtype=torch.int64).reshape(-1, 2), *args).tolist()
 
 
-def _summary_per_block(q_rows, ks, vs, out, lse, blocks: range, *, first: int, block: int, summary: int,
+def _summary_per_block(q_rows, ks, vs, out, lse, blocks: range, *, base: int, block: int, summary: int,
                        real: slice, scale: float, min_distance: int, skip_strides: tuple[int, ...]) -> None:
     """The summary piece one call per query block (a few per call: `_blocks_per_call`), on
     its real rows in their natural order, merged into (out, lse) in place. Every row of block b
@@ -323,12 +327,12 @@ def _summary_per_block(q_rows, ks, vs, out, lse, blocks: range, *, first: int, b
     reach = -(-min_distance // l) + 1  # blocks of summary keys some but not all of a call's rows see
     group = _blocks_per_call(l, len(blocks), lambda g: (blocks.stop - 1) * c if skip_strides else (g + reach) * c,
                              q_rows.device)
-    calls = [(r0, r1) for r0, r1 in ((max((b - first) * l, real.start), min((b + group - first) * l, real.stop))
+    calls = [(r0, r1) for r0, r1 in ((max(b * l - base, real.start), min((b + group) * l - base, real.stop))
                                      for b in range(blocks.start, blocks.stop, group)) if r1 > r0]  # real rows
-    ends = _at_call_ends(summary_keys_seen, [(r0 + first * l, r1 - 1 + first * l) for r0, r1 in calls],
+    ends = _at_call_ends(summary_keys_seen, [(r0 + base, r1 - 1 + base) for r0, r1 in calls],
                          l, c, min_distance)
     for (r0, r1), (lo, hi) in zip(calls, ends):
-        i = torch.arange(r0, r1, device=q_rows.device) + first * l  # the rows' positions
+        i = torch.arange(r0, r1, device=q_rows.device) + base  # the rows' positions
         # How many summary keys each row sees: those of earlier blocks, at positions <= i - m.
         seen = summary_keys_seen(i, l, c, min_distance)
         lo = 0 if skip_strides else lo
