@@ -214,10 +214,11 @@ def run_heads(q, k, v, pattern: PatternBase, *, causal: bool, scale: float):
     their key/value heads by H / Hkv."""
     b, h, lq, _ = q.shape
     lk, dv = k.shape[2], v.shape[3]
+    device = kernel_device(q.device)
     runs = []  # (plan, query heads, their key/value heads when the plan takes them unrepeated)
     for single, heads in head_groups(pattern, h):
-        step = plan(single, lq, lk, causal, kernel_device(q.device))
-        grouped = step.grouped_kv_on_cpu if kernel_device(q.device) == "cpu" else step.grouped_kv_on_cuda
+        step = plan(single, lq, lk, causal, device)
+        grouped = step.grouped_kv_on_cpu if device == "cpu" else step.grouped_kv_on_cuda
         kv = _grouped_range(heads, q, k) if grouped else None
         runs += [(step, heads, kv)] if kv is not None else [(step, run, None) for run in _head_runs(heads, q, k)]
     if len(runs) > 1:  # the runs' results are gathered here; a single run's are returned as they are

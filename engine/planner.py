@@ -98,7 +98,7 @@ SMALL_KEYS = 128
 #   1.18, 2048 1.27 and 1.53), though 16 rows were 0.70-0.76.
 # On CUDA the structured plans read no device value and fixed is one Triton launch: they keep these
 # runs.
-SHORT_RUN_MASKED_KEYS = 8 * SMALL_KEYS
+SHORT_RUN_MASKED_KEYS = 1024
 
 # One pattern per kernel family the planner picks at KERNEL_FAMILY_TOKENS tokens, past the small
 # problems (a call of each at start-up warms them all).
