@@ -278,7 +278,7 @@ def test_planner_kernel_choice(pattern, lq, lk, causal, backend):
     assert plan(parse_pattern(pattern), lq, lk, causal, "cpu").backend == backend
 
 
-def test_short_runs_of_fixed_keep_their_structured_plan_on_cuda():
+def test_short_runs_of_unions_with_fixed_keep_their_structured_plan_on_cuda():
     """On CUDA the structured plans read no device value and fixed is one Triton launch: a decode
     step keeps them there."""
     from engine.patterns import parse_pattern
