@@ -645,23 +645,59 @@ def test_merging_stacked_partials_weighs_them_by_their_lse():
     torch.testing.assert_close(merged_lse.double(), expected_lse.float().double())
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_one_decode_row_of_fixed_takes_one_call_on_exactly_its_keys(monkeypatch, dtype):
+    """On the CPU one causal row of fixed alone, with at most GATHERED_ROW_KEYS summary keys before
+    its block, is one unmasked call on a copy of its keys: the summary keys of earlier blocks and
+    its own block up to it; grouped key/value heads as they are. Exact at every offset in a block."""
+    from engine import attention
+    from engine.kernels import dense, fixed
+
+    l, c = 16, 3
+    pattern = {"type": "fixed", "block": l, "summary": c}
+    tol = 2e-5 if dtype == torch.float32 else 1e-2
+    g = torch.Generator().manual_seed(11)
+    k, v = (torch.randn(1, 2, 300, 8, generator=g).to(dtype) for _ in range(2))
+    keys, one_row = [], fixed._one_row_gathered
+    monkeypatch.setattr(fixed, "fused", lambda *a, **kw: keys.append(a[1].shape[1:3]) or dense.fused(*a, **kw))
+    for lk in range(255, 290):
+        q = torch.randn(1, 4, 1, 8, generator=g).to(dtype)
+        keys.clear()
+        out = attention(q, k[:, :, :lk], v[:, :, :lk], pattern)
+        i = lk - 1
+        assert keys == [(2, i // l * c + i % l + 1)]  # two key/value heads, exactly the row's keys
+        torch.testing.assert_close(out.double(), reference_attention(q, k[:, :, :lk], v[:, :, :lk], pattern)[0],
+                                   atol=tol, rtol=tol)
+    gathered = []
+    monkeypatch.setattr(fixed, "_one_row_gathered", lambda *a, **kw: gathered.append(1) or one_row(*a, **kw))
+    monkeypatch.setattr(fixed, "GATHERED_ROW_KEYS", 18 * c - 1)  # 18 blocks before the row's: the offsets
+    out = attention(q, k, v, pattern)
+    assert gathered == []
+    torch.testing.assert_close(out.double(), reference_attention(q, k, v, pattern)[0], atol=tol, rtol=tol)
+
+
 @pytest.mark.parametrize("pattern", [{"type": "fixed", "block": 16, "summary": 3},
                                      {"type": "union", "patterns": [{"type": "sliding_window", "window": 5},
                                                                     {"type": "fixed", "block": 16, "summary": 3}]},
                                      {"type": "union", "patterns": [{"type": "sliding_window", "window": 20},
                                                                     {"type": "fixed", "block": 16, "summary": 3}]}],
                          ids=["fixed", "near_window", "window_past_a_block"])
-@pytest.mark.parametrize("kernels", ["cpu", "cuda_emulated"])
-def test_decode_rows_at_every_offset_in_a_block(pattern, kernels):
+@pytest.mark.parametrize("kernels", ["cpu", "cuda_emulated", "cpu_rows_on_offsets"])
+def test_decode_rows_at_every_offset_in_a_block(monkeypatch, pattern, kernels):
     """fixed's short runs read the summary keys unmasked where every row keeps them all (one block's
     rows, the nearest key at least the window away) and under a mask elsewhere: rows at every
-    offset in a block, one and three at a time, against the reference."""
+    offset in a block, one and three at a time, against the reference. On the CPU one row of fixed
+    alone takes a copy of its keys (`GATHERED_ROW_KEYS`); `cpu_rows_on_offsets` keeps it on the
+    summary offsets as longer keys would."""
     from cuda_emulation import cuda_kernels_on_cpu
     from engine import attention
     from engine.attention import backend_for
+    from engine.kernels import fixed
     from engine.patterns import parse_pattern
     from planner_support import structured_at_every_size
 
+    if kernels == "cpu_rows_on_offsets":
+        monkeypatch.setattr(fixed, "GATHERED_ROW_KEYS", 0)
     g = torch.Generator().manual_seed(7)
     k, v = torch.randn(1, 2, 100, 8, generator=g), torch.randn(1, 2, 100, 8, generator=g)
     with structured_at_every_size(), cuda_kernels_on_cpu() if kernels == "cuda_emulated" else contextlib.nullcontext():

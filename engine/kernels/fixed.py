@@ -17,7 +17,9 @@ last block needs, so the masked waste is about 1/(2 ranges). For a few query row
 step) S is not copied: offset u of every block is one strided view of K, so the c offsets are a
 batch axis of one call (`_summary_offsets`); and (a) runs on the real rows alone, not on whole
 padded blocks. Rows within two blocks (Lq < l) keep q, the output and the log-sum-exp at their own
-rows: a decode row of fixed(4096, 64) zero-filled a 4096-row output for one row it used.
+rows: a decode row of fixed(4096, 64) zero-filled a 4096-row output for one row it used. On the
+CPU one row with few summary keys before its block (GATHERED_ROW_KEYS) copies exactly its keys
+instead: one call, nothing to merge.
 
 A minimum distance m (for a union with a sliding window of m, whose keys it then skips) shifts
 the own-block causal diagonal by m and keeps a row's summary keys at positions up to i - m. A
@@ -81,6 +83,15 @@ PER_BLOCK_KEYS_PER_ROW = 16
 # 0.98, 1.01. Own block whole / real rows, fixed(128, 8), Lq 1: 0.70 / 0.47 ms at Lk 16384, H = 8,
 # D = 64; 4.53 / 2.90 ms at Lk 1024, H = 32 over 8, D = 128 (ad-hoc loops, one run each).
 SHORT_RUN_ROWS = 16
+# One causal row (a decode step) of fixed alone on the CPU, with at most this many summary keys
+# before its block, takes a copy of exactly its keys and one call (`_one_row_gathered`), rather
+# than the summary offsets' call, their merge and its own block's call and merge; head dims alike
+# (those measured: with Dv != D the copy would be padded too, where the offsets pad per call).
+# Gathered / offsets, mean of a decode loop (key lengths stepping down through 300 values), H = 8, D = 64,
+# float32 / bfloat16, 2026-12-03: fixed(128, 8) at Lk 1024 0.59 / 0.53, 4096 0.75 / 0.61, 8192
+# (504 summary keys) 0.82-0.85 / 0.69-0.70, 12288 (760) 0.93 / 0.70, 16384 (1016) 2.5 / 1.15,
+# 65536 3.4 / 1.75; fixed(16, 2) at 4096 (510) 0.83 / 0.71; H = 8 over 2, D = 128, Lk 4096 0.66.
+GATHERED_ROW_KEYS = 512
 
 
 def short_run(lq: int, lk: int, block: int, summary: int) -> bool:
@@ -158,6 +169,9 @@ def fused_fixed_attention(
     # they are (CUDA's fused kernels take equal heads only).
     if k.shape[1] != h and not (short and kernel_device(q.device) == "cpu"):
         k, v = (x.repeat_interleave(h // x.shape[1], dim=1) for x in (k, v))
+    if short and lq == 1 and not (min_distance or skip_strides) and kernel_device(q.device) == "cpu" \
+            and (lk - 1) // l * c <= GATHERED_ROW_KEYS and q.shape[-1] == dv:
+        return _one_row_gathered(q, k, v, block=l, summary=c, scale=scale)
     if not causal:
         if min_distance or skip_strides:
             return _non_causal_far(q, k, v, block=block, summary=summary, scale=scale, min_distance=min_distance,
@@ -253,6 +267,18 @@ def fused_fixed_attention(
                 part_lse = lse.view(b * h, nq, l).transpose(1, 2)[:, :, b0 - first : b1 - first]
                 merge_to(part_out, part_lse, (part_out, part_lse), (o, s_lse))
     return out.view(b, h, -1, out.shape[-1])[..., real, :dv], lse.view(b, h, -1)[..., real]
+
+
+def _one_row_gathered(q, k, v, *, block: int, summary: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """One causal row, the last position (a decode step), on a copy of exactly its keys: the
+    summary keys of the blocks before its own, then its own block up to it, in one unmasked call,
+    with nothing to merge (GATHERED_ROW_KEYS)."""
+    l, c = block, summary
+    i = k.shape[-2] - 1
+    start = i // l * l
+    index = torch.cat([summary_columns(start, l, c, q.device), torch.arange(start, i + 1, device=q.device)])
+    out, lse = fused(q, k.index_select(-2, index), v.index_select(-2, index), scale=scale, is_causal=False)
+    return out.float(), lse
 
 
 def _summary_offsets(q, k, v, out, lse, *, base: int, block: int, summary: int, real: slice, scale: float,
