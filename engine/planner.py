@@ -166,7 +166,7 @@ def plan(pattern: PatternBase, lq: int, lk: int, causal: bool, device: str) -> P
 
 def _small_on_masked(pattern: PatternBase, lk: int, causal: bool) -> bool:
     """Whether one masked call over Lk keys beats the pattern's structured steps (SMALL_KEYS)."""
-    if isinstance(pattern, Union) and any(isinstance(member, Fixed) for member in pattern.patterns):
+    if _union_with(pattern, Fixed):
         return lk <= 2 * SMALL_KEYS
     if isinstance(pattern, (Fixed, Union)) or isinstance(pattern, SlidingWindow) and not causal:
         return lk <= SMALL_KEYS
@@ -176,11 +176,14 @@ def _small_on_masked(pattern: PatternBase, lk: int, causal: bool) -> bool:
 def _short_run_on_masked(pattern: PatternBase, lq: int, lk: int, causal: bool, device: str) -> bool:
     """Whether a few causal rows of a union with fixed run on the CPU's masked kernel
     (SHORT_RUN_MASKED_KEYS)."""
-    if device != "cpu" or not causal or lq > SHORT_RUN_ROWS or not isinstance(pattern, Union) \
-            or not any(isinstance(member, Fixed) for member in pattern.patterns):
+    if device != "cpu" or not causal or lq > SHORT_RUN_ROWS or not _union_with(pattern, Fixed):
         return False
-    with_stride = any(isinstance(member, Strided) for member in pattern.patterns)
-    return lk <= SHORT_RUN_MASKED_KEYS * (2 if with_stride else 1)
+    return lk <= SHORT_RUN_MASKED_KEYS * (2 if _union_with(pattern, Strided) else 1)
+
+
+def _union_with(pattern: PatternBase, kind: type) -> bool:
+    """Whether the pattern is a union with a member of this kind."""
+    return isinstance(pattern, Union) and any(isinstance(member, kind) for member in pattern.patterns)
 
 
 def masked_plan(pattern: PatternBase, lq: int, lk: int, causal: bool) -> Plan:
