@@ -20,6 +20,8 @@
     choice `planner.SMALL_KEYS` makes, measured on the CPU only until then (`bench.kernels --small`).
 (f) the unions with fixed at n = 16384 and 65536 against dense flash SDPA: their fixed step one
     Triton launch, not yet timed on a GPU (many fused calls before: `bench.cuda_ops`).
+(g) the merge of two bfloat16 partials (H = 8, D = 64) at n = 16384 and 131072, into float32 and
+    into bfloat16: the Triton merge against `merge_to`'s torch ops.
 
 Exits 1 if any check fails or raises, 2 if CUDA is missing: it never skips a check quietly.
 Sized to finish in about 5 minutes on an H200: FlexAttention is compiled at n = 16384 and 131072
@@ -56,18 +58,20 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
-from engine import attention, kernels  # noqa: E402
-from engine.attention import backend_for  # noqa: E402
-from engine.kernels.band import flash_window_supported  # noqa: E402
-from engine.kernels.dense import kernel_device  # noqa: E402
-from engine.kernels.fixed import fused_fixed_attention  # noqa: E402
-from engine.kernels.triton_fixed import matches_contract, runs_on_triton, triton_fixed_attention  # noqa: E402
-from engine.patterns import parse_pattern  # noqa: E402
 from planner_support import structured_at_every_size  # noqa: E402
 from reference import reference_attention  # noqa: E402
 from test_engine_reference import PATTERNS, SHAPES  # noqa: E402
 
 from bench import kernels as bench_kernels  # noqa: E402
+from engine import attention, kernels  # noqa: E402
+from engine.attention import backend_for  # noqa: E402
+from engine.kernels import triton_merge  # noqa: E402
+from engine.kernels.band import flash_window_supported  # noqa: E402
+from engine.kernels.device import kernel_device, runs_on_triton  # noqa: E402
+from engine.kernels.fixed import fused_fixed_attention  # noqa: E402
+from engine.kernels.merge import torch_merge_to  # noqa: E402
+from engine.kernels.triton_fixed import matches_contract, triton_fixed_attention  # noqa: E402
+from engine.patterns import parse_pattern  # noqa: E402
 
 TOLERANCE = {torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
 SW = lambda w: {"type": "sliding_window", "window": w}  # noqa: E731
@@ -267,6 +271,32 @@ def fixed_kernels(device: torch.device, ns=(16384, 131072)) -> list[dict]:
     return rows
 
 
+def merge_on_kernel(device: torch.device, out_dtype: torch.dtype) -> bool:
+    """Whether merges of bfloat16 partials into `out_dtype` run on the Triton merge here: its
+    variant passed its probe (a failed one is logged, and takes the torch ops)."""
+    return runs_on_triton(device) and triton_merge.matches_contract(device, torch.bfloat16, torch.bfloat16, out_dtype)
+
+
+def merges(device: torch.device, ns=(16384, 131072)) -> list[dict]:
+    """(g): seconds of one merge of two bfloat16 partials, H = 8, D = 64, into float32 and into
+    bfloat16, on the Triton merge and in torch ops."""
+    rows = []
+    for n in ns:
+        g = torch.Generator().manual_seed(n)
+        a, b = ((torch.randn(1, 8, n, 64, generator=g).to(device, torch.bfloat16),
+                 torch.randn(1, 8, n, generator=g).to(device)) for _ in range(2))
+        lse = torch.empty(1, 8, n, device=device)
+        for out_dtype in (torch.float32, torch.bfloat16):
+            out = torch.empty(1, 8, n, 64, dtype=out_dtype, device=device)
+            fns = {"torch ops": lambda: torch_merge_to(out, lse, a, b)}
+            if merge_on_kernel(device, out_dtype):  # else its probe failed, said in the log
+                fns["triton"] = lambda: triton_merge.triton_merge_to(out, lse, a, b)
+            for name, t in bench_kernels.rounds(fns, device, 3, 30.0, 0.05).items():
+                rows.append({"n": n, "out_dtype": str(out_dtype), "merge": name, "seconds": min(t[1:] or t)})
+                print(f"merge n={n} into {out_dtype} {name}: {rows[-1]['seconds'] * 1000:.3f} ms", flush=True)
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python3 -m bench.gpu_check", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, required=True)
@@ -289,7 +319,9 @@ def main(argv: list[str] | None = None) -> int:
     if device.type == "cuda":
         print(f"flash local window for the band: causal {flash_window_supported(device, True)}, "
               f"non-causal {flash_window_supported(device, False)}; fixed on the Triton kernel: "
-              f"{fixed_on_kernel(device)}", flush=True)
+              f"{fixed_on_kernel(device)}; merges on the Triton merge: into float32 "
+              f"{merge_on_kernel(device, torch.float32)}, into bfloat16 {merge_on_kernel(device, torch.bfloat16)}",
+              flush=True)
     passed, failed = check(device)
     if device.type == "cuda":  # the CPU has no grid limit, and these are minutes on it
         passed, failed = (a + b for a, b in zip((passed, failed), grid_checks(device)))
@@ -305,6 +337,7 @@ def main(argv: list[str] | None = None) -> int:
             "--first-call-n", "12289", "--out", str(args.out / "gpu_kernels.json"),
         ])
         summary["fixed_kernels"] = fixed_kernels(device)
+        summary["merges"] = merges(device)
         bench_kernels.main(["--decode", "--device", args.device, "--dtypes", "bfloat16", "--decode-lk", "65536", "131072",
                             "--decode-lq", "1", "16", "--repeats", "3", "--turn-s", "0.05",
                             "--out", str(args.out / "gpu_decode.json")])

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from engine import attention
 from engine.attention import backend_for
 from engine.kernels import KEEPS_FREED_MEMORY, band_attention, masked_attention
-from engine.kernels.dense import kernel_device
+from engine.kernels.device import kernel_device
 from engine.kernels.masked import chunk_mask
 from engine.memory import PeakMemory
 from engine.patterns import attended_pairs, parse_pattern

@@ -8,7 +8,8 @@ from collections.abc import Sequence
 
 import torch
 
-from .kernels.dense import empty_partial, kernel_device
+from .kernels.dense import empty_partial
+from .kernels.device import kernel_device
 from .patterns import PatternBase, head_groups, parse_pattern
 from .planner import plan
 

@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from .attention import attention, backend_for, checked_arguments, effective_scale
-from .kernels.dense import kernel_device
+from .kernels.device import kernel_device
 from .memory import PeakMemory
 from .patterns import PatternBase
 

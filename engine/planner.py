@@ -23,7 +23,8 @@ import torch
 
 from . import kernels
 from .kernels.band import TILE_ROWS
-from .kernels.dense import as_computed, kernel_device, padded_head_dims
+from .kernels.dense import as_computed, padded_head_dims
+from .kernels.device import kernel_device
 from .kernels.fixed import SHORT_RUN_ROWS, short_run
 from .kernels.masked import one_chunk
 from .patterns import Dense, Fixed, PatternBase, SlidingWindow, Strided, Union
@@ -58,7 +59,7 @@ class Plan:
         dv = v.shape[-1]
         if pads_head_dims(q.device):
             q, k, v = padded_head_dims(q, k, v)
-        out, lse = kernels.merge_partials([step(q, k, v, scale=scale) for step in self.steps])
+        out, lse = kernels.merge_partials([step(q, k, v, scale=scale) for step in self.steps], q.dtype)
         return out[..., :dv], lse
 
 

@@ -97,8 +97,8 @@ class Service:
 
     async def _warm_up(self, batcher: Batcher) -> None:
         """One small call per kernel family through the worker thread, then ready. On CUDA per dtype,
-        common head dim and causality too: fixed's Triton kernel compiles a variant for each (in
-        seconds, once; a new length compiles nothing)."""
+        common head dim and causality too: the Triton kernels (fixed's, the merge) compile a variant
+        for each (in seconds, once; a new length compiles nothing)."""
         cuda = self.device.type == "cuda"
         dtypes = [torch.float32] + ([torch.float16, torch.bfloat16] if cuda else [])
         variants = itertools.product(dtypes, (32, 64, 128) if cuda else (32,), (True, False) if cuda else (True,))

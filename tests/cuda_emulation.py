@@ -1,6 +1,6 @@
 """CUDA's branches of the engine on CPU tensors, for machines without a GPU.
 
-The engine asks `engine.kernels.dense.kernel_device` which device's kernels and rules to use;
+The engine asks `engine.kernels.device.kernel_device` which device's kernels and rules to use;
 `cuda_kernels_on_cpu` answers 'cuda' for every tensor and puts float64 stand-ins for torch's
 three CUDA attention ops as their CPU kernels (which they lack). The dispatcher binds each call
 to the op's own schema. Each stand-in refuses what the real kernel refuses (a head dim not a
@@ -136,7 +136,8 @@ STAND_INS = {
 def _device_caches():
     band = importlib.import_module("engine.kernels.band")
     triton_fixed = importlib.import_module("engine.kernels.triton_fixed")
-    return band.flash_window_supported, triton_fixed.matches_contract
+    triton_merge = importlib.import_module("engine.kernels.triton_merge")
+    return band.flash_window_supported, triton_fixed.matches_contract, triton_merge.matches_contract
 
 
 @contextmanager

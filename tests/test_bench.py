@@ -182,6 +182,18 @@ def test_cuda_ops_counts_each_case_of_the_cuda_plans(tmp_path, capsys):
 
 
 @pytest.mark.skipif(triton_fixed.triton is None, reason="Triton is not installed")
+def test_gpu_check_times_each_merge_on_the_triton_merge_and_in_torch_ops():
+    from bench import gpu_check
+    from cuda_emulation import cuda_kernels_on_cpu
+
+    with cuda_kernels_on_cpu():
+        rows = gpu_check.merges(torch.device("cpu"), ns=(64,))
+    assert sorted((r["out_dtype"], r["merge"]) for r in rows) == sorted(
+        (dtype, merge) for dtype in ("torch.float32", "torch.bfloat16") for merge in ("torch ops", "triton"))
+    assert all(r["n"] == 64 and r["seconds"] > 0 for r in rows)
+
+
+@pytest.mark.skipif(triton_fixed.triton is None, reason="Triton is not installed")
 def test_cuda_ops_counts_fixed_on_the_triton_kernel_or_its_fused_plan(tmp_path):
     """fixed is one Triton launch (and its two outputs' allocations) where Triton runs, many calls
     on its fused-SDPA plan otherwise."""

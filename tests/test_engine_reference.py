@@ -70,7 +70,7 @@ def test_each_pass_runs_the_kernels_it_names(engine_passes):
     """The module's passes differ: fixed over 100 keys runs masked as shipped, else fixed; the
     last on CUDA's branches."""
     from engine.attention import backend_for
-    from engine.kernels.dense import kernel_device
+    from engine.kernels.device import kernel_device
     from engine.patterns import parse_pattern
 
     expected = {"as_shipped": "masked", "structured_at_every_size": "fixed", "cuda_kernels_on_cpu": "fixed"}

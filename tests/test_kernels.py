@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from engine import kernels
-from engine.kernels.dense import kernel_device
+from engine.kernels.device import kernel_device
 from engine.kernels.fixed import fused_fixed_attention
 from reference import mask, reference_attention
 

@@ -14,8 +14,9 @@ from cuda_emulation import counted_call, cuda_kernels_on_cpu
 from engine import attention
 from engine.kernels import triton_fixed
 from engine.kernels.fixed import fused_fixed_attention
+from engine.kernels.device import runs_on_triton
 from engine.kernels.triton_fixed import (BUSY_PROGRAMS, MAX_HEAD_DIM, MAX_SKIP_STRIDES, key_splits, matches_contract,
-                                         runs_on_triton, triton_fixed_attention)
+                                         triton_fixed_attention)
 
 pytestmark = pytest.mark.skipif(triton_fixed.triton is None, reason="Triton is not installed")
 
@@ -300,33 +301,3 @@ def test_an_engine_call_on_cudas_branches_matches_the_reference_with_grouped_hea
     with cuda_kernels_on_cpu():
         out = attention(q, k, v, pattern)
     torch.testing.assert_close(out.double(), reference.reference_attention(q, k, v, pattern)[0], atol=2e-5, rtol=2e-5)
-
-
-# Shared memory a block may use (dynamic, opted in): sm_86 and sm_89 (RTX 30 / 40, A10, L4) 99 KB,
-# the least from sm_80 on (A100 163 KB); sm_90 (H100, H200) 227 KB. sm_86 stands for sm_80's code
-# path (mma), sm_90 for Hopper's (wgmma).
-SHARED_LIMIT = {86: 101376, 90: 232448}
-
-
-def test_every_tile_size_compiles_for_sm86_and_sm90_within_their_shared_memory():
-    """The interpreter runs the kernel's logic, not its compile: here Triton compiles each tile size
-    `kernel_variant` picks for Ampere and Hopper (its wheel carries ptxas, no GPU needed), and each
-    must fit that GPU's shared memory (float32 at 64 x 64 tiles, 3 stages, D = 128 did not: 176 KB;
-    D = 256 at 32 x 32 tiles took 100 KB, over sm_86's 99)."""
-    import json
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    import triton_aot
-
-    env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
-    script = Path(__file__).parent / "triton_aot.py"
-    done = subprocess.run([sys.executable, str(script), *map(str, SHARED_LIMIT)], env=env, capture_output=True,
-                          text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    compiled = [json.loads(line) for line in done.stdout.splitlines()]
-    assert len(compiled) == len(SHARED_LIMIT) * len(triton_aot.VARIANTS)
-    for variant in compiled:
-        assert 0 < variant["shared"] <= SHARED_LIMIT[variant["capability"]], variant

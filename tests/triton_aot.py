@@ -1,5 +1,6 @@
-"""Compile the engine's Triton kernel variants for NVIDIA GPUs on a machine without one (Triton's
-wheel carries ptxas) and print each variant's shared memory as JSON lines. Run in a process without
+"""Compile the engine's Triton kernel variants (fixed's kernel, the merge) for NVIDIA GPUs on a
+machine without one (Triton's wheel carries ptxas) and print each variant's shared memory as JSON
+lines. Run in a process without
 TRITON_INTERPRET (the engine's kernels are compiled functions there, not interpreted ones):
 
     python tests/triton_aot.py 86 90
@@ -22,6 +23,10 @@ TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 # causalities and the skip counts' branches.
 VARIANTS = [(torch.bfloat16, 64, True, 1), (torch.float16, 128, False, 4), (torch.bfloat16, 256, True, 0),
             (torch.float32, 64, False, 2), (torch.float32, 128, True, 0), (torch.float32, 256, True, 3)]
+# (a's dtype, b's dtype, the output's dtype, features): the merges the engine makes, and the
+# feature tiles' extremes.
+MERGE_VARIANTS = [(torch.bfloat16, torch.bfloat16, torch.bfloat16, 64), (torch.bfloat16, torch.float16, torch.float32, 128),
+                  (torch.float32, torch.bfloat16, torch.float32, 16), (torch.float32, torch.float32, torch.float32, 1024)]
 
 
 def compile_variant(dtype: torch.dtype, head_dim: int, causal: bool, skips: int, capability: int):
@@ -42,14 +47,36 @@ def compile_variant(dtype: torch.dtype, head_dim: int, causal: bool, skips: int,
     return triton.compile(source, target=GPUTarget("cuda", capability, 32), options=options)
 
 
+def compile_merge(a_dtype: torch.dtype, b_dtype: torch.dtype, out_dtype: torch.dtype, features: int, capability: int):
+    """Triton's compiled kernel of `_merge_kernel` for these inputs on compute capability `capability`."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from engine.kernels.triton_merge import TILE_ELEMENTS, _merge_kernel
+
+    block_d = max(16, 1 << (features - 1).bit_length())
+    constexprs = {"BLOCK_R": max(1, TILE_ELEMENTS // block_d), "BLOCK_D": block_d}
+    pointers = {"Out": out_dtype, "A": a_dtype, "B": b_dtype, "Lse": torch.float32, "ALse": torch.float32,
+                "BLse": torch.float32}
+    signature = {name: "constexpr" if name in constexprs else "*" + TYPES[pointers[name]] if name in pointers
+                 else "i32" for name in _merge_kernel.arg_names}
+    source = ASTSource(fn=_merge_kernel, signature=signature, constexprs=constexprs)
+    return triton.compile(source, target=GPUTarget("cuda", capability, 32))
+
+
 def main(capabilities: list[int]) -> None:
     assert os.environ.get("TRITON_INTERPRET") != "1", "run without TRITON_INTERPRET"
     warnings.filterwarnings("ignore")
     for capability in capabilities:
         for dtype, head_dim, causal, skips in VARIANTS:
             kernel = compile_variant(dtype, head_dim, causal, skips, capability)
-            print(json.dumps({"capability": capability, "dtype": TYPES[dtype], "head_dim": head_dim, "causal": causal,
-                              "skips": skips, "shared": kernel.metadata.shared}), flush=True)
+            print(json.dumps({"kernel": "fixed", "capability": capability, "dtype": TYPES[dtype], "head_dim": head_dim,
+                              "causal": causal, "skips": skips, "shared": kernel.metadata.shared}), flush=True)
+        for a_dtype, b_dtype, out_dtype, features in MERGE_VARIANTS:
+            kernel = compile_merge(a_dtype, b_dtype, out_dtype, features, capability)
+            print(json.dumps({"kernel": "merge", "capability": capability, "dtypes": [TYPES[a_dtype], TYPES[b_dtype],
+                              TYPES[out_dtype]], "features": features, "shared": kernel.metadata.shared}), flush=True)
 
 
 if __name__ == "__main__":

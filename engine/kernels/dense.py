@@ -13,6 +13,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from .device import kernel_device, values_on_host
 from .merge import join_rows, merge_partials
 
 NEG_INF = float("-inf")
@@ -25,20 +26,6 @@ def same_head_dim(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
         return q, k, v
     width = max(d, dv)
     return F.pad(q, (0, width - d)), F.pad(k, (0, width - d)), F.pad(v, (0, width - dv))
-
-
-def kernel_device(device: torch.device) -> str:
-    """The device type whose kernels and rules the engine uses for tensors on `device`: its own
-    ('cpu', 'cuda'; any other runs `math_attention`). Every device branch of the engine asks here,
-    so one patch runs CUDA's branches on CPU tensors (tests/cuda_emulation.py)."""
-    return device.type
-
-
-def values_on_host(device: torch.device) -> bool:
-    """Whether the host may read a tensor's values on `device` to skip work (`bool(t.any())`): on
-    the CPU it costs nothing; on CUDA it waits for every queued kernel, so there the kernels decide
-    from shapes alone, or do the work."""
-    return kernel_device(device) == "cpu"
 
 
 @functools.cache

@@ -41,13 +41,14 @@ import torch
 import torch.nn.functional as F
 
 from ..patterns.fixed import summary_columns, summary_keys_below
-from .band import head_grid, row_grid, row_major
-from .dense import (NEG_INF, additive_mask, as_computed, dense_attention, fused, fused_masked, kernel_device,
-                    kept_when_small, same_head_dim, values_on_host)
-from .merge import join_rows, merge_partials, merge_stacked, merge_to
-from .masked import MASK_BUDGET
-from .strided import off_strides
 from . import triton_fixed
+from .band import head_grid, row_grid, row_major
+from .dense import (NEG_INF, additive_mask, as_computed, dense_attention, fused, fused_masked, kept_when_small,
+                    same_head_dim)
+from .device import kernel_device, values_on_host
+from .masked import MASK_BUDGET
+from .merge import join_rows, merge_partials, merge_stacked, merge_to
+from .strided import off_strides
 
 # Row ranges of the transposed summary piece: the masked work is (ranges + 1) / (2 * ranges) of a
 # full rectangle; more ranges mean more, smaller calls. One range per 32 blocks, 4 to 16, was

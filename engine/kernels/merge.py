@@ -12,16 +12,32 @@ from __future__ import annotations
 
 import torch
 
+from . import triton_merge
+
 
 def merge_to(out: torch.Tensor, lse: torch.Tensor, a: tuple[torch.Tensor, torch.Tensor],
              b: tuple[torch.Tensor, torch.Tensor]) -> None:
-    """Write the merge of partials a and b into float32 (out, lse), which may be a itself (an
-    in-place fold, no new output tensor). Rows where both are -inf keep a's output (a row with no
-    key has zeros) and -inf."""
+    """Write the merge of partials a and b into (out, lse), out in any float dtype (computed in
+    float32, rounded once), lse float32; they may be a itself (an in-place fold, no new output tensor). Rows where both are -inf keep a's output (a row with no
+    key has zeros) and -inf. On CUDA one Triton launch that reads a and b in their own dtypes
+    (`triton_merge`), elsewhere `torch_merge_to`."""
+    if triton_merge.takes(out, lse, a, b):
+        triton_merge.triton_merge_to(out, lse, a, b)
+    else:
+        torch_merge_to(out, lse, a, b)
+
+
+def torch_merge_to(out: torch.Tensor, lse: torch.Tensor, a: tuple[torch.Tensor, torch.Tensor],
+                   b: tuple[torch.Tensor, torch.Tensor]) -> None:
+    """`merge_to` in torch ops: five elementwise passes (seven launches on CUDA, with the float32
+    copies of half-precision outputs)."""
     (a_out, a_lse), (b_out, b_lse) = a, b
     b_weight = torch.sigmoid_(b_lse - a_lse).nan_to_num_(0.0)  # NaN only where both are -inf
     torch.logaddexp(a_lse, b_lse, out=lse)
-    torch.lerp(a_out.float(), b_out.float(), b_weight.unsqueeze(-1), out=out)
+    if out.dtype == torch.float32:
+        torch.lerp(a_out.float(), b_out.float(), b_weight.unsqueeze(-1), out=out)
+    else:
+        out.copy_(torch.lerp(a_out.float(), b_out.float(), b_weight.unsqueeze(-1)))
 
 
 def merge_stacked(out: torch.Tensor, lse: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -38,16 +54,20 @@ def join_rows(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Ten
     return torch.cat([out for out, _ in parts], dim=-2), torch.cat([lse for _, lse in parts], dim=-1)
 
 
-def merge_partials(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Combine (out, lse) partials over disjoint key sets into a float32 output (one partial is
-    returned as it is: a CUDA plan of one call then hands its half-precision output straight back,
-    not converted to float32 and back, two launches); rows with no key stay zero with lse -inf."""
+def merge_partials(parts: list[tuple[torch.Tensor, torch.Tensor]],
+                   dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    """Combine (out, lse) partials over disjoint key sets into an output of `dtype`, float32 unless
+    said (a plan's result takes its inputs' dtype: two partials merge straight into it, rounded
+    once, so on CUDA no float32 output is left to convert after; more fold in float32 first). One
+    partial is returned as it is (a CUDA plan of one call then hands its half-precision output
+    straight back, not converted to float32 and back, two launches); rows with no key stay zero
+    with lse -inf."""
     first_out, first_lse = parts[0]
     if len(parts) == 1:
         return parts[0]
-    out = torch.empty(first_out.shape, dtype=torch.float32, device=first_out.device)
+    out = torch.empty(first_out.shape, dtype=dtype if len(parts) == 2 else torch.float32, device=first_out.device)
     lse = torch.empty_like(first_lse)
     merge_to(out, lse, parts[0], parts[1])
     for part in parts[2:]:
         merge_to(out, lse, (out, lse), part)
-    return out, lse
+    return out.to(dtype), lse

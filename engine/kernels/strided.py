@@ -23,7 +23,8 @@ import torch
 import torch.nn.functional as F
 
 from .band import head_grid, row_grid, row_major
-from .dense import NEG_INF, empty_partial, fused, fused_masked, kernel_device, values_on_host
+from .dense import NEG_INF, empty_partial, fused, fused_masked
+from .device import kernel_device, values_on_host
 from .masked import MASK_BUDGET
 from .merge import join_rows, merge_partials, merge_to
 

@@ -28,15 +28,13 @@ import os
 import torch
 
 from ..patterns import Fixed
-from .dense import additive_mask, kernel_device, math_attention
+from .dense import additive_mask, math_attention
+from .device import runs_on_triton, triton
 from .merge import merge_stacked
 from .strided import off_strides
 
-try:
-    import triton
+if triton is not None:  # without Triton fixed keeps its fused-SDPA plan everywhere
     import triton.language as tl
-except ImportError:  # a CPU install without Triton: fixed keeps its fused-SDPA plan everywhere
-    triton = None
 
 logger = logging.getLogger(__name__)
 
@@ -55,14 +53,6 @@ def takes(q: torch.Tensor, v: torch.Tensor, causal: bool, skip_strides: tuple[in
     d, dv = q.shape[-1], v.shape[-1]
     return (max(d, dv) <= MAX_HEAD_DIM and len(skip_strides) <= MAX_SKIP_STRIDES and runs_on_triton(q.device)
             and matches_contract(q.device, q.dtype, d, dv, causal, len(skip_strides)))
-
-
-def runs_on_triton(device: torch.device) -> bool:
-    """Whether Triton can run the kernel on tensors on `device`: CUDA's rules (the engine's
-    `kernel_device`) and Triton there to compile the kernel, or to interpret it."""
-    if triton is None or kernel_device(device) != "cuda":
-        return False
-    return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
 
 
 # Probe dtypes' tolerance against the float32 math kernel (a miscompile is far off; rounding is not).
@@ -171,7 +161,7 @@ def kernel_variant(dtype: torch.dtype, d: int, dv: int, causal: bool, skips: int
     all; tiles whose shared memory fits the 99 KB a block gets on sm_86 and sm_89 (RTX 30 and 40,
     A10, L4), the least from sm_80 on. float32 in IEEE float32 takes several times half
     precision's: 176 KB at 64 x 64 tiles, D = 128, 3 stages; 72 KB as below; D = 256 at 32 x 32
-    tiles 100 KB, at 32 x 16 66 KB. tests/test_triton_fixed.py compiles them for sm_86 and sm_90."""
+    tiles 100 KB, at 32 x 16 66 KB. tests/test_triton_compile.py compiles them for sm_86 and sm_90."""
     half = dtype != torch.float32
     widest = max(d, dv)
     return dict(CAUSAL=causal, SKIPS=skips, DOT_DTYPE=_dot_dtype(dtype), IEEE=not half,

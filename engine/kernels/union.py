@@ -17,10 +17,12 @@ def band_strided_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, window: int, strides: tuple[int, ...], scale: float,
     causal: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Union of a sliding window and one or more strides, queries bottom-right aligned; (out
-    float32, lse)."""
+    """Union of a sliding window and one or more strides, queries bottom-right aligned; (out, lse).
+    With one stride each row's result is written once, so in q's dtype (on CUDA in half precision:
+    no float32 output to convert after); more strides fold into a float32 one."""
     b, h, lq, _ = q.shape
-    out = torch.empty(b, h, lq, v.shape[-1], dtype=torch.float32, device=q.device)
+    dtype = q.dtype if len(strides) == 1 else torch.float32
+    out = torch.empty(b, h, lq, v.shape[-1], dtype=dtype, device=q.device)
     lse = torch.empty(b, h, lq, dtype=torch.float32, device=q.device)
 
     def pieces(n: int) -> list[tuple[int, torch.Tensor, torch.Tensor]]:

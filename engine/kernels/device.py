@@ -1,0 +1,35 @@
+"""Which device's kernels and rules the engine uses, and what it may do there: read values back
+on the host, run a Triton kernel. Every device branch of the engine asks here, so one patch of
+`kernel_device` runs CUDA's branches on CPU tensors (tests/cuda_emulation.py)."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+try:
+    import triton
+except ImportError:  # a CPU install without Triton: the engine's Triton kernels give way to torch ops
+    triton = None
+
+
+def kernel_device(device: torch.device) -> str:
+    """The device type whose kernels and rules the engine uses for tensors on `device`: its own
+    ('cpu', 'cuda'; any other runs `math_attention`)."""
+    return device.type
+
+
+def values_on_host(device: torch.device) -> bool:
+    """Whether the host may read a tensor's values on `device` to skip work (`bool(t.any())`): on
+    the CPU it costs nothing; on CUDA it waits for every queued kernel, so there the kernels decide
+    from shapes alone, or do the work."""
+    return kernel_device(device) == "cpu"
+
+
+def runs_on_triton(device: torch.device) -> bool:
+    """Whether Triton can run the engine's kernels on tensors on `device`: CUDA's rules (the
+    engine's `kernel_device`) and Triton there to compile a kernel, or to interpret it."""
+    if triton is None or kernel_device(device) != "cuda":
+        return False
+    return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"

@@ -1,0 +1,146 @@
+"""`merge_to` on CUDA as one Triton kernel: two partials merged in one pass over memory.
+
+The torch ops of `merge_to` are seven launches on CUDA (a subtraction, the sigmoid, its NaN
+fix, logaddexp, two float32 copies of half-precision outputs, the lerp), and they move the
+outputs through memory five times: for two bfloat16 partials of B = 1, H = 8, n = 131072,
+D = 64 (a window and a stride, merged), 1.6 GB read and written, and 0.4 GB more to convert the
+float32 result. Here each program reads a tile of rows of both partials in their own dtypes,
+weighs them in float32 by their log-sum-exp and writes the result in the output's dtype: 0.4 GB
+into bfloat16, one launch. The arithmetic is `merge_to`'s: the
+weight of b is sigmoid(lse_b - lse_a), a function of the difference alone (exact at any
+magnitude), a NaN weight (both -inf) is 0, and lse is logaddexp(lse_a, lse_b).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+
+import torch
+
+from .device import runs_on_triton, triton
+
+if triton is not None:  # without Triton `merge_to` keeps its torch ops everywhere
+    import triton.language as tl
+
+logger = logging.getLogger(__name__)
+
+# Widest feature dim a program's tile holds; wider partials keep the torch ops.
+MAX_FEATURES = 1024
+# Elements of one output tile: rows per program = this / the feature tile.
+TILE_ELEMENTS = 4096
+
+
+def takes(out: torch.Tensor, lse: torch.Tensor, a: tuple[torch.Tensor, torch.Tensor],
+          b: tuple[torch.Tensor, torch.Tensor]) -> bool:
+    """Whether the kernel merges these: where Triton runs (`runs_on_triton`), partials of out's
+    shape and up to four dims (views with any strides, a stride-0 one too), float32 lse, some rows
+    and features (at most MAX_FEATURES), and the kernel's variant for these dtypes matching the
+    arithmetic here (`matches_contract`)."""
+    (a_out, a_lse), (b_out, b_lse) = a, b
+    return (runs_on_triton(out.device) and out.dim() <= 4 and 0 < out.shape[-1] <= MAX_FEATURES and out.numel() > 0
+            and a_out.shape == b_out.shape == out.shape and a_lse.shape == b_lse.shape == lse.shape == out.shape[:-1]
+            and a_lse.dtype == b_lse.dtype == lse.dtype == torch.float32
+            and matches_contract(out.device, a_out.dtype, b_out.dtype, out.dtype))
+
+
+@functools.cache
+def matches_contract(device: torch.device, a_dtype: torch.dtype, b_dtype: torch.dtype, out_dtype: torch.dtype) -> bool:
+    """Whether the kernel's variant for these dtypes compiles here and merges a tiny problem as
+    float64 arithmetic does: rows where either partial or both saw no key (-inf, zero outputs),
+    log-sum-exps of 2^26 (where a tie must weigh 1/2 each), a stride-0 partial. Probed once per
+    variant and device, as fixed's kernel is; a failure keeps the torch ops for those calls (said
+    in the log) instead of failing requests or answering wrong."""
+    g = torch.Generator().manual_seed(0)
+    a_out, b_out = (torch.randn(1, 2, 6, 24, generator=g) for _ in range(2))
+    a_lse = torch.tensor([0.5, float("-inf"), 2.0**26, float("-inf"), -3.0, 7.0]).repeat(1, 2, 1)
+    b_lse = torch.tensor([1.5, 0.25, 2.0**26, float("-inf"), float("-inf"), -40.0]).repeat(1, 2, 1)
+    a_out[..., [1, 3], :] = 0.0  # as a partial's rows with no key are
+    b_out[..., [3, 4], :] = 0.0
+    a_out, b_out = a_out.to(a_dtype), b_out[:, :1].to(b_dtype).expand(-1, 2, -1, -1)
+    top = torch.maximum(a_lse, b_lse).double()
+    weights = [torch.exp(x.double() - top).nan_to_num(0.0) for x in (a_lse, b_lse)]
+    total = weights[0] + weights[1]
+    ref_out = (a_out.double() * weights[0][..., None] + b_out.double() * weights[1][..., None]) \
+        / total.clamp_min(1e-300)[..., None]
+    ref_lse = top + torch.log(total)
+    out = torch.empty(a_out.shape, dtype=out_dtype, device=device)
+    lse = torch.empty(a_lse.shape, device=device)
+    try:
+        triton_merge_to(out, lse, (a_out.to(device), a_lse.to(device)), (b_out.to(device), b_lse.to(device)))
+    except Exception:  # noqa: BLE001 (any compile or launch error: the torch ops take over)
+        logger.warning("the Triton merge failed to run for %s: its torch ops take these merges",
+                       _variant_name(device, a_dtype, b_dtype, out_dtype), exc_info=True)
+        return False
+    tol = 1e-5 if out_dtype == torch.float32 else 1e-2
+    matches = (torch.allclose(out.cpu().double(), ref_out, atol=tol, rtol=tol)
+               and torch.allclose(lse.cpu().double(), ref_lse, atol=1e-5, rtol=1e-6))
+    if not matches:
+        logger.warning("the Triton merge differs from float64 arithmetic for %s: its torch ops take these merges",
+                       _variant_name(device, a_dtype, b_dtype, out_dtype))
+    return matches
+
+
+def _variant_name(device: torch.device, a_dtype: torch.dtype, b_dtype: torch.dtype, out_dtype: torch.dtype) -> str:
+    return f"{a_dtype} and {b_dtype} into {out_dtype} on {device}"
+
+
+def triton_merge_to(out: torch.Tensor, lse: torch.Tensor, a: tuple[torch.Tensor, torch.Tensor],
+                    b: tuple[torch.Tensor, torch.Tensor]) -> None:
+    """`merge_to` in one launch: out (any float dtype; a's output itself for an in-place fold)
+    and lse float32 get the merge of partials a and b, all of out's shape (lse's without the
+    features), up to four dims."""
+    (a_out, a_lse), (b_out, b_lse) = a, b
+    lead = 4 - out.dim()  # every tensor as [n0, n1, rows, features]
+    o, ao, bo = (x[(None,) * lead] for x in (out, a_out, b_out))
+    lo, al, bl = (x[(None,) * lead] for x in (lse, a_lse, b_lse))
+    n0, n1, rows, d = o.shape
+    block_d = max(16, 1 << (d - 1).bit_length())
+    block_r = max(1, TILE_ELEMENTS // block_d)
+    total = n0 * n1 * rows
+    with torch.cuda.device(out.device) if out.device.type == "cuda" else contextlib.nullcontext():
+        _merge_kernel[(triton.cdiv(total, block_r),)](
+            o, lo, ao, al, bo, bl, n1, rows, total, d,
+            *o.stride(), *lo.stride(), *ao.stride(), *al.stride(), *bo.stride(), *bl.stride(),
+            BLOCK_R=block_r, BLOCK_D=block_d,
+        )
+
+
+if triton is not None:
+    # Sizes and the row strides vary from call to call: not specialised on (a new length compiles
+    # nothing); the feature strides are, so contiguous features load as vectors.
+    @triton.jit(do_not_specialize=["n1", "rows", "total", "d", "so0", "so1", "so2", "sl0", "sl1", "sl2",
+                                   "sa0", "sa1", "sa2", "sal0", "sal1", "sal2", "sb0", "sb1", "sb2",
+                                   "sbl0", "sbl1", "sbl2"])
+    def _merge_kernel(
+        Out, Lse, A, ALse, B, BLse, n1, rows, total, d,
+        so0, so1, so2, so3, sl0, sl1, sl2, sa0, sa1, sa2, sa3, sal0, sal1, sal2, sb0, sb1, sb2, sb3,
+        sbl0, sbl1, sbl2,
+        BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+    ):
+        r = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)  # offsets past 2^31 elements
+        row_ok = r < total
+        i2 = r % rows
+        i1 = (r // rows) % n1
+        i0 = r // rows // n1
+        la = tl.load(ALse + i0 * sal0 + i1 * sal1 + i2 * sal2, mask=row_ok, other=0.0)
+        lb = tl.load(BLse + i0 * sbl0 + i1 * sbl1 + i2 * sbl2, mask=row_ok, other=0.0)
+        # One exp of a difference <= 0, taken where at most one side is -inf: no inf - inf, no overflow.
+        none = (la == float("-inf")) & (lb == float("-inf"))
+        la, lb = tl.where(none, 0.0, la), tl.where(none, 0.0, lb)
+        b_smaller = la > lb
+        hi = tl.where(b_smaller, la, lb)
+        share = tl.exp(tl.where(b_smaller, lb, la) - hi)  # e^(lo - hi), in [0, 1]
+        weight = tl.where(b_smaller, share, 1.0) / (1.0 + share)  # b's: sigmoid(lb - la)
+        weight = tl.where(none | (weight != weight), 0.0, weight)  # NaN only from a NaN lse
+        lse = tl.where(none, float("-inf"), hi + tl.log(1.0 + share))
+        tl.store(Lse + i0 * sl0 + i1 * sl1 + i2 * sl2, lse, mask=row_ok)
+        f = tl.arange(0, BLOCK_D)
+        ok = row_ok[:, None] & (f < d)[None, :]
+        a = tl.load(A + (i0 * sa0 + i1 * sa1 + i2 * sa2)[:, None] + f[None, :] * sa3, mask=ok, other=0.0)
+        b = tl.load(B + (i0 * sb0 + i1 * sb1 + i2 * sb2)[:, None] + f[None, :] * sb3, mask=ok, other=0.0)
+        a = a.to(tl.float32)
+        merged = a + weight[:, None] * (b.to(tl.float32) - a)
+        tl.store(Out + (i0 * so0 + i1 * so1 + i2 * so2)[:, None] + f[None, :] * so3,
+                 merged.to(Out.dtype.element_ty), mask=ok)
