@@ -10,8 +10,8 @@ import torch
 from cuda_emulation import counted_call, cuda_kernels_on_cpu
 
 from engine import attention
-from engine.kernels import merge, triton_merge
-from engine.kernels.triton_merge import matches_contract, triton_merge_to
+from engine.kernels import merge, triton_fixed, triton_merge
+from engine.kernels.triton_merge import matches_contract, merge_splits, triton_merge_to
 
 pytestmark = pytest.mark.skipif(triton_merge.triton is None, reason="Triton is not installed")
 
@@ -147,3 +147,37 @@ def test_a_variant_that_fails_its_probe_keeps_the_torch_ops(monkeypatch, caplog)
         assert calls == []
         torch.testing.assert_close(out.double(), reference.reference_attention(q, k, v, pattern)[0],
                                    atol=4e-3, rtol=4e-3)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("splits, features", [(2, 64), (5, 24), (16, 300)])
+def test_split_partials_merge_as_float64_arithmetic_does(dtype, splits, features):
+    """fixed's decode steps split keys between programs: their stacked partials, in one launch.
+    Rows where no split saw a key, or only one did, or all tie at 2^26."""
+    g = torch.Generator().manual_seed(splits)
+    out = torch.randn(splits, 2, 3, 7, features, generator=g)
+    lse = torch.randn(splits, 2, 3, 7, generator=g) * 30
+    lse[:, :, :, 0] = NEG_INF
+    lse[1:, :, :, 1] = NEG_INF
+    lse[:, :, :, 2] = 2.0**26
+    out.masked_fill_((lse == NEG_INF)[..., None], 0.0)
+    merged, merged_lse = merge_splits(out, lse, dtype)
+    weights = torch.softmax(lse.double(), 0).nan_to_num(0.0)
+    ref_out = (out.double() * weights[..., None]).sum(0)
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    assert merged.dtype == dtype and merged.shape == out.shape[1:]
+    torch.testing.assert_close(merged.double(), ref_out, atol=tol, rtol=tol)
+    torch.testing.assert_close(merged_lse.double(), torch.logsumexp(lse.double(), 0), atol=1e-5, rtol=1e-6)
+    assert (merged[..., 0, :] == 0).all() and (merged_lse[..., 0] == NEG_INF).all()
+
+
+def test_a_fixed_variant_whose_split_merge_fails_keeps_the_fused_plan(monkeypatch, caplog):
+    """fixed's probe runs its keys split between two programs too, so a split merge that cannot
+    compile leaves that variant on the fused plan rather than failing long decode steps."""
+    def fails(*args):
+        raise RuntimeError("out of resources")
+
+    with cuda_kernels_on_cpu():
+        monkeypatch.setattr(triton_fixed, "merge_splits", fails)
+        assert not triton_fixed.matches_contract(torch.device("cpu"), torch.float32, 16, 16, True, 0)
+    assert "failed to run" in caplog.text

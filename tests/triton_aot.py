@@ -65,6 +65,27 @@ def compile_merge(a_dtype: torch.dtype, b_dtype: torch.dtype, out_dtype: torch.d
     return triton.compile(source, target=GPUTarget("cuda", capability, 32))
 
 
+# (the merged output's dtype, features): fixed's split decode steps' merge.
+SPLIT_MERGE_VARIANTS = [(torch.bfloat16, 64), (torch.float16, 256), (torch.float32, 24)]
+
+
+def compile_split_merge(dtype: torch.dtype, features: int, capability: int):
+    """Triton's compiled kernel of `_merge_splits_kernel` for these outputs on compute capability `capability`."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from engine.kernels.triton_merge import TILE_ELEMENTS, _merge_splits_kernel
+
+    block_d = max(16, 1 << (features - 1).bit_length())
+    constexprs = {"BLOCK_R": max(1, TILE_ELEMENTS // block_d), "BLOCK_D": block_d}
+    pointers = {"Out": "*fp32", "Lse": "*fp32", "Merged": "*" + TYPES[dtype], "MergedLse": "*fp32"}
+    signature = {name: "constexpr" if name in constexprs else pointers.get(name, "i32")
+                 for name in _merge_splits_kernel.arg_names}
+    source = ASTSource(fn=_merge_splits_kernel, signature=signature, constexprs=constexprs)
+    return triton.compile(source, target=GPUTarget("cuda", capability, 32))
+
+
 def main(capabilities: list[int]) -> None:
     assert os.environ.get("TRITON_INTERPRET") != "1", "run without TRITON_INTERPRET"
     warnings.filterwarnings("ignore")
@@ -77,6 +98,10 @@ def main(capabilities: list[int]) -> None:
             kernel = compile_merge(a_dtype, b_dtype, out_dtype, features, capability)
             print(json.dumps({"kernel": "merge", "capability": capability, "dtypes": [TYPES[a_dtype], TYPES[b_dtype],
                               TYPES[out_dtype]], "features": features, "shared": kernel.metadata.shared}), flush=True)
+        for dtype, features in SPLIT_MERGE_VARIANTS:
+            kernel = compile_split_merge(dtype, features, capability)
+            print(json.dumps({"kernel": "split merge", "capability": capability, "dtype": TYPES[dtype],
+                              "features": features, "shared": kernel.metadata.shared}), flush=True)
 
 
 if __name__ == "__main__":

@@ -30,8 +30,8 @@ import torch
 from ..patterns import Fixed
 from .dense import additive_mask, math_attention
 from .device import runs_on_triton, triton
-from .merge import merge_stacked
 from .strided import off_strides
+from .triton_merge import merge_splits
 
 if triton is not None:  # without Triton fixed keeps its fused-SDPA plan everywhere
     import triton.language as tl
@@ -65,7 +65,7 @@ PROBE_STRIDES = (3, 5, 7, 11)
 def matches_contract(device: torch.device, dtype: torch.dtype, d: int, dv: int, causal: bool, skips: int) -> bool:
     """Whether the kernel's variant for these inputs compiles here and matches the masked math
     kernel on a tiny problem with every branch in play (its own block and summary keys, grouped
-    heads, a distance, `skips` strides, rows with no key): probed once per variant and device, as
+    heads, a distance, `skips` strides, rows with no key, keys split between programs): probed once per variant and device, as
     the band's local window is. Triton compiles a variant per dtype, causality, skip count and
     head-dim tile at its first call, so a Triton too old for an argument, a variant over the GPU's
     shared memory, or a miscompile leaves those calls on the fused-SDPA plan (said in the log)
@@ -79,9 +79,9 @@ def matches_contract(device: torch.device, dtype: torch.dtype, d: int, dv: int, 
     j = torch.arange(lk, device=device)[None, :]
     near = i - j if causal else (i - j).abs()
     keep = Fixed(block=l, summary=c).allows(i, j) & (near >= 1) & off_strides(i - j, strides)
-    try:
-        out, lse = triton_fixed_attention(q, k, v, block=l, summary=c, scale=0.25, causal=causal, min_distance=1,
-                                          skip_strides=strides)
+    try:  # the keys in one program, and split between two with their merge (`merge_splits`)
+        results = [triton_fixed_attention(q, k, v, block=l, summary=c, scale=0.25, causal=causal, min_distance=1,
+                                          skip_strides=strides, splits=splits) for splits in (1, 2)]
     except Exception:  # noqa: BLE001 (any compile or launch error: the fused plan takes over)
         logger.warning("fixed's Triton kernel failed to run for %s: the fused-SDPA plan takes these calls",
                        _variant_name(device, dtype, d, dv, causal, skips), exc_info=True)
@@ -90,9 +90,10 @@ def matches_contract(device: torch.device, dtype: torch.dtype, d: int, dv: int, 
                                       scale=0.25, mask=additive_mask(keep, torch.float32))
     rows = keep.any(-1)  # a row with no key: zeros here, whatever the math kernel makes of it
     tol = PROBE_TOLERANCE[dtype]
-    matches = (torch.allclose(out.float()[..., rows, :], ref_out[..., rows, :], atol=tol, rtol=tol)
-               and torch.allclose(lse[..., rows], ref_lse[..., rows], atol=tol)
-               and bool((out[..., ~rows, :] == 0).all()) and bool((lse[..., ~rows] == float("-inf")).all()))
+    matches = all(torch.allclose(out.float()[..., rows, :], ref_out[..., rows, :], atol=tol, rtol=tol)
+                  and torch.allclose(lse[..., rows], ref_lse[..., rows], atol=tol)
+                  and bool((out[..., ~rows, :] == 0).all()) and bool((lse[..., ~rows] == float("-inf")).all())
+                  for out, lse in results)
     if not matches:
         logger.warning("fixed's Triton kernel differs from the contract for %s: the fused-SDPA plan takes these calls",
                        _variant_name(device, dtype, d, dv, causal, skips))
@@ -110,7 +111,7 @@ def triton_fixed_attention(
     """`fixed_attention`'s contract in one launch: (out in q's dtype [B, H, Lq, Dv], lse float32
     [B, H, Lq]); rows with no key get zeros and -inf. With few programs (a decode step) each query
     tile's keys are split between `splits` programs (`key_splits` unless given), whose partials
-    merge by log-sum-exp after, as flash-decoding does."""
+    merge by log-sum-exp after in one more launch (`merge_splits`), as flash-decoding does."""
     assert len(skip_strides) <= MAX_SKIP_STRIDES, "more skipped strides than the kernel takes"
     b, h, lq, d = q.shape
     hkv, lk, dv = k.shape[1], k.shape[2], v.shape[3]
@@ -134,8 +135,7 @@ def triton_fixed_attention(
                 scale * math.log2(math.e), **variant,
             )
     if splits > 1:
-        out, lse = merge_stacked(out, lse, dim=0)
-        out = out.to(q.dtype)
+        out, lse = merge_splits(out, lse, q.dtype)
     return out, lse
 
 

@@ -107,6 +107,25 @@ def triton_merge_to(out: torch.Tensor, lse: torch.Tensor, a: tuple[torch.Tensor,
         )
 
 
+def merge_splits(out: torch.Tensor, lse: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """The partials of a Triton launch whose keys were split between programs (fixed's decode
+    steps), stacked on axis 0 of out [S, ..., D] and lse [S, ...], float32 in C order, merged by
+    log-sum-exp in one launch: (out of `dtype`, lse float32) without that axis. A row with no key
+    in any split gets zeros and -inf. (`merge_stacked`'s torch ops were six launches, its
+    log-sum-exp several more, and the conversion to `dtype` another.)"""
+    splits, d = out.shape[0], out.shape[-1]
+    rows = lse[0].numel()
+    merged = torch.empty(out.shape[1:], dtype=dtype, device=out.device)
+    merged_lse = torch.empty(lse.shape[1:], dtype=torch.float32, device=out.device)
+    block_d = max(16, 1 << (d - 1).bit_length())
+    block_r = max(1, TILE_ELEMENTS // block_d)
+    if rows and d:
+        with torch.cuda.device(out.device) if out.device.type == "cuda" else contextlib.nullcontext():
+            _merge_splits_kernel[(triton.cdiv(rows, block_r),)](out, lse, merged, merged_lse, splits, rows, d,
+                                                                BLOCK_R=block_r, BLOCK_D=block_d)
+    return merged, merged_lse
+
+
 if triton is not None:
     # Sizes and the row strides vary from call to call: not specialised on (a new length compiles
     # nothing); the feature strides are, so contiguous features load as vectors.
@@ -144,3 +163,26 @@ if triton is not None:
         merged = a + weight[:, None] * (b.to(tl.float32) - a)
         tl.store(Out + (i0 * so0 + i1 * so1 + i2 * so2)[:, None] + f[None, :] * so3,
                  merged.to(Out.dtype.element_ty), mask=ok)
+
+    @triton.jit(do_not_specialize=["splits", "rows", "d"])
+    def _merge_splits_kernel(Out, Lse, Merged, MergedLse, splits, rows, d,
+                             BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+        r = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+        row_ok = r < rows
+        f = tl.arange(0, BLOCK_D)
+        ok = row_ok[:, None] & (f < d)[None, :]
+        top = tl.full([BLOCK_R], float("-inf"), tl.float32)
+        for split in range(splits):
+            top = tl.maximum(top, tl.load(Lse + split * rows + r, mask=row_ok, other=float("-inf")))
+        base = tl.where(top == float("-inf"), 0.0, top)  # a row with no key: every weight exp(-inf) = 0
+        total = tl.zeros([BLOCK_R], tl.float32)
+        acc = tl.zeros([BLOCK_R, BLOCK_D], tl.float32)
+        for split in range(splits):
+            weight = tl.exp(tl.load(Lse + split * rows + r, mask=row_ok, other=float("-inf")) - base)
+            part = tl.load(Out + (split * rows + r)[:, None] * d + f[None, :], mask=ok, other=0.0)
+            total += weight
+            acc += weight[:, None] * part
+        seen = total > 0.0
+        tl.store(Merged + r[:, None] * d + f[None, :], (acc / tl.where(seen, total, 1.0)[:, None]).to(
+            Merged.dtype.element_ty), mask=ok)
+        tl.store(MergedLse + r, tl.where(seen, top + tl.log(tl.where(seen, total, 1.0)), float("-inf")), mask=row_ok)
