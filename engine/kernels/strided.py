@@ -213,28 +213,30 @@ def _every_class_key(q, k, v, *, stride: int, scale: float, min_distance: int,
     qc = _classes(F.pad(q, (0, 0, lead, q_rows * s - lead - lq)), 0, q_rows * s, s)
     key_rows, rest = divmod(lk, s)
     kc, vc = _classes(k, 0, key_rows * s, s), _classes(v, 0, key_rows * s, s)
-    if key_rows and not near and not skip_strides:  # a fresh float32 result, merged into in place below
+    if key_rows and not near and not skip_strides:  # a fresh result, merged into in place below
         out, lse = fused(qc, kc, vc, scale=scale, is_causal=False)
-        out = out.float()
     else:
-        out = torch.zeros(b * h, s, q_rows, dv, dtype=torch.float32, device=q.device)
+        out = torch.zeros(b * h, s, q_rows, dv, dtype=q.dtype, device=q.device)
         lse = torch.full((b * h, s, q_rows), NEG_INF, dtype=torch.float32, device=q.device)
         step = max(1, MASK_BUDGET // max(1, key_rows))
         for t0 in range(0, q_rows if key_rows else 0, step):
             t1 = min(q_rows, t0 + step)
             t = torch.arange(base + t0, base + t1, device=q.device)[:, None]
             apart = t - torch.arange(key_rows, device=q.device)[None, :]  # in class rows
-            keep = (apart.abs() >= near) & off_strides(apart * s, skip_strides)
+            keep = apart.abs() >= near
+            if skip_strides:
+                keep &= off_strides(apart * s, skip_strides)
             if not values_on_host(keep.device) or bool(keep.any()):
                 out[:, :, t0:t1], lse[:, :, t0:t1] = fused_masked(qc[:, :, t0:t1], kc, vc, keep, scale=scale)
     if rest:  # class c < rest: the key at key_rows * s + c
         last_k, last_v = (x[..., key_rows * s :, :].reshape(b * h, rest, 1, -1) for x in (k, v))
         last_lse = (qc[:, :rest].float() * last_k.float()).sum(-1) * scale
-        apart = torch.arange(base, base + q_rows, device=q.device) - key_rows
-        far = (apart.abs() >= near) & off_strides(apart * s, skip_strides)
-        last_lse = last_lse.masked_fill(~far, NEG_INF)
+        if near or skip_strides:  # rows too near that key, or at a skipped stride's multiple: it is not theirs
+            apart = torch.arange(base, base + q_rows, device=q.device) - key_rows
+            far = (apart.abs() >= near) & off_strides(apart * s, skip_strides)
+            last_lse = last_lse.masked_fill(~far, NEG_INF)
         merge_to(out[:, :rest], lse[:, :rest], (out[:, :rest], lse[:, :rest]),
-                 (last_v.float().expand(-1, -1, q_rows, -1), last_lse))
+                 (last_v.expand(-1, -1, q_rows, -1), last_lse))
     keep_rows = slice(lead, lead + lq)
     return (out.transpose(1, 2).reshape(b, h, q_rows * s, dv)[..., keep_rows, :],
             lse.transpose(1, 2).reshape(b, h, q_rows * s)[..., keep_rows])
