@@ -58,11 +58,6 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
-from planner_support import structured_at_every_size  # noqa: E402
-from reference import reference_attention  # noqa: E402
-from test_engine_reference import PATTERNS, SHAPES  # noqa: E402
-
-from bench import kernels as bench_kernels  # noqa: E402
 from engine import attention, kernels  # noqa: E402
 from engine.attention import backend_for  # noqa: E402
 from engine.kernels import triton_merge  # noqa: E402
@@ -72,6 +67,11 @@ from engine.kernels.fixed import fused_fixed_attention  # noqa: E402
 from engine.kernels.merge import torch_merge_to  # noqa: E402
 from engine.kernels.triton_fixed import matches_contract, triton_fixed_attention  # noqa: E402
 from engine.patterns import parse_pattern  # noqa: E402
+from planner_support import structured_at_every_size  # noqa: E402
+from reference import reference_attention  # noqa: E402
+from test_engine_reference import PATTERNS, SHAPES  # noqa: E402
+
+from bench import kernels as bench_kernels  # noqa: E402
 
 TOLERANCE = {torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
 SW = lambda w: {"type": "sliding_window", "window": w}  # noqa: E731

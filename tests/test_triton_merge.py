@@ -5,10 +5,10 @@ conftest.py without a GPU), and the engine's choice of it on CUDA's branches."""
 from __future__ import annotations
 
 import pytest
-import reference
 import torch
-from cuda_emulation import counted_call, cuda_kernels_on_cpu
 
+import reference
+from cuda_emulation import counted_call, cuda_kernels_on_cpu
 from engine import attention
 from engine.kernels import merge, triton_fixed, triton_merge
 from engine.kernels.triton_merge import matches_contract, merge_splits, triton_merge_to

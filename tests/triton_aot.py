@@ -25,8 +25,10 @@ VARIANTS = [(torch.bfloat16, 64, True, 1), (torch.float16, 128, False, 4), (torc
             (torch.float32, 64, False, 2), (torch.float32, 128, True, 0), (torch.float32, 256, True, 3)]
 # (a's dtype, b's dtype, the output's dtype, features): the merges the engine makes, and the
 # feature tiles' extremes.
-MERGE_VARIANTS = [(torch.bfloat16, torch.bfloat16, torch.bfloat16, 64), (torch.bfloat16, torch.float16, torch.float32, 128),
-                  (torch.float32, torch.bfloat16, torch.float32, 16), (torch.float32, torch.float32, torch.float32, 1024)]
+MERGE_VARIANTS = [(torch.bfloat16, torch.bfloat16, torch.bfloat16, 64),
+                  (torch.bfloat16, torch.float16, torch.float32, 128),
+                  (torch.float32, torch.bfloat16, torch.float32, 16),
+                  (torch.float32, torch.float32, torch.float32, 1024)]
 
 
 def compile_variant(dtype: torch.dtype, head_dim: int, causal: bool, skips: int, capability: int):

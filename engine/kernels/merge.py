@@ -18,9 +18,10 @@ from . import triton_merge
 def merge_to(out: torch.Tensor, lse: torch.Tensor, a: tuple[torch.Tensor, torch.Tensor],
              b: tuple[torch.Tensor, torch.Tensor]) -> None:
     """Write the merge of partials a and b into (out, lse), out in any float dtype (computed in
-    float32, rounded once), lse float32; they may be a itself (an in-place fold, no new output tensor). Rows where both are -inf keep a's output (a row with no
-    key has zeros) and -inf. On CUDA one Triton launch that reads a and b in their own dtypes
-    (`triton_merge`), elsewhere `torch_merge_to`."""
+    float32, rounded once), lse float32; they may be a itself (an in-place fold, no new output
+    tensor). Rows where both are -inf keep a's output (a row with no key has zeros) and -inf. On
+    CUDA one Triton launch that reads a and b in their own dtypes (`triton_merge`), elsewhere
+    `torch_merge_to`."""
     if triton_merge.takes(out, lse, a, b):
         triton_merge.triton_merge_to(out, lse, a, b)
     else:

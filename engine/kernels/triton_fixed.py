@@ -65,11 +65,11 @@ PROBE_STRIDES = (3, 5, 7, 11)
 def matches_contract(device: torch.device, dtype: torch.dtype, d: int, dv: int, causal: bool, skips: int) -> bool:
     """Whether the kernel's variant for these inputs compiles here and matches the masked math
     kernel on a tiny problem with every branch in play (its own block and summary keys, grouped
-    heads, a distance, `skips` strides, rows with no key, keys split between programs): probed once per variant and device, as
-    the band's local window is. Triton compiles a variant per dtype, causality, skip count and
-    head-dim tile at its first call, so a Triton too old for an argument, a variant over the GPU's
-    shared memory, or a miscompile leaves those calls on the fused-SDPA plan (said in the log)
-    instead of failing requests or answering wrong."""
+    heads, a distance, `skips` strides, rows with no key, keys split between programs): probed
+    once per variant and device, as the band's local window is. Triton compiles a variant per
+    dtype, causality, skip count and head-dim tile at its first call, so a Triton too old for an
+    argument, a variant over the GPU's shared memory, or a miscompile leaves those calls on the
+    fused-SDPA plan (said in the log) instead of failing requests or answering wrong."""
     g = torch.Generator().manual_seed(0)
     lq, lk, l, c = 7, 13, 4, 2
     q, k, v = (torch.randn(1, h, n, width, generator=g).to(device, dtype)

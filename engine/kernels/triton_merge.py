@@ -6,9 +6,9 @@ outputs through memory five times: for two bfloat16 partials of B = 1, H = 8, n 
 D = 64 (a window and a stride, merged), 1.6 GB read and written, and 0.4 GB more to convert the
 float32 result. Here each program reads a tile of rows of both partials in their own dtypes,
 weighs them in float32 by their log-sum-exp and writes the result in the output's dtype: 0.4 GB
-into bfloat16, one launch. The arithmetic is `merge_to`'s: the
-weight of b is sigmoid(lse_b - lse_a), a function of the difference alone (exact at any
-magnitude), a NaN weight (both -inf) is 0, and lse is logaddexp(lse_a, lse_b).
+into bfloat16, one launch. The arithmetic is `merge_to`'s: the weight of b is
+sigmoid(lse_b - lse_a), a function of the difference alone (exact at any magnitude), a NaN weight
+(both -inf) is 0, and lse is logaddexp(lse_a, lse_b).
 """
 
 from __future__ import annotations
