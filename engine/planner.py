@@ -8,8 +8,9 @@ fixed members) falls back to the masked kernel, which is exact and memory-safe b
 few query rows it runs on a copy of just the keys they attend). Small problems of fixed, unions
 and windows (at most SMALL_KEYS keys; a union with fixed twice that, a causal window half) run on
 the masked kernel too: one call beats their several small ones there; so, on the CPU, do a few
-rows of a union with fixed after up to SHORT_RUN_MASKED_KEYS keys (a decode step). `simplify`
-first removes what cannot change the mask.
+rows of a union with fixed after up to SHORT_RUN_MASKED_KEYS keys (a decode step), and a chunk of
+one or two class rows of strides of at most TINY_STRIDE. `simplify` first removes what cannot
+change the mask.
 """
 
 from __future__ import annotations
@@ -100,6 +101,18 @@ SMALL_KEYS = 128
 # On CUDA the structured plans read no device value and fixed is one Triton launch: they keep these
 # runs.
 SHORT_RUN_MASKED_KEYS = 1024
+# A causal chunk of one or two class rows (s <= Lq <= 2s) of a stride of at most TINY_STRIDE, alone
+# or the smallest in a union of strides, runs on the CPU's masked kernel: each class view of so
+# small a stride sweeps nearly all of K's memory, once per class, where the masked call reads the
+# rows' keys once. Masked / structured time, float32, H = 8, D = 64, one process (2026-12-03), at
+# Lk 512 / 1024 / 4096 / 16384 / 65536:
+# - strided(2), Lq 2 and 4: 1.40 / 1.19 / 1.09 / 1.91 / 1.70 and 1.41 / 1.31 / 1.01 / 1.54 / 1.41;
+# - strided(3), Lq 3 and 6: 2.01 / 1.66 / 1.37 / 2.11 / 2.09 and 2.16 / 1.76 / 1.29 / 1.49 / 1.56
+#   (Lq 9: 0.84-0.86 from 4096 keys on; Lq 1 and 2, fewer rows than the stride, 0.58-1.33);
+# - union(strided 3, strided 5), Lq 3 and 6: 2.2-3.9 (Lq 9: 1.7-3.2, left to the structured steps);
+# - strided(4): 0.99-1.42 at Lq 4 to 12, strided(6) and (8) mostly below 1: they keep their kernel.
+# On CUDA a class view's rows are whole memory transactions, and strided is one flash call.
+TINY_STRIDE = 3
 
 # One pattern per kernel family the planner picks at KERNEL_FAMILY_TOKENS tokens, past the small
 # problems (a call of each at start-up warms them all).
@@ -160,7 +173,8 @@ def plan(pattern: PatternBase, lq: int, lk: int, causal: bool, device: str) -> P
     if isinstance(pattern, Dense):
         return Plan("sdpa", (partial(kernels.dense_attention, diagonal=(lk - lq) if causal else None),),
                     grouped_kv_on_cpu=True)
-    on_masked = _small_on_masked(pattern, lk, causal) or _short_run_on_masked(pattern, lq, lk, causal, device)
+    on_masked = (_small_on_masked(pattern, lk, causal) or _short_run_on_masked(pattern, lq, lk, causal, device)
+                 or _tiny_strides_on_masked(pattern, lq, causal, device))
     structured = None if on_masked else structured_plan(pattern, lq, lk, causal)
     return structured or masked_plan(pattern, lq, lk, causal)
 
@@ -180,6 +194,16 @@ def _short_run_on_masked(pattern: PatternBase, lq: int, lk: int, causal: bool, d
     if device != "cpu" or not causal or lq > SHORT_RUN_ROWS or not _union_with(pattern, Fixed):
         return False
     return lk <= SHORT_RUN_MASKED_KEYS * (2 if _union_with(pattern, Strided) else 1)
+
+
+def _tiny_strides_on_masked(pattern: PatternBase, lq: int, causal: bool, device: str) -> bool:
+    """Whether a causal chunk of one or two class rows of strides alone, the smallest at most
+    TINY_STRIDE, runs on the CPU's masked kernel."""
+    members = pattern.patterns if isinstance(pattern, Union) else (pattern,)
+    if device != "cpu" or not causal or not all(isinstance(member, Strided) for member in members):
+        return False
+    stride = min(member.stride for member in members)
+    return stride <= TINY_STRIDE and stride <= lq <= 2 * stride
 
 
 def _union_with(pattern: PatternBase, kind: type) -> bool:

@@ -270,6 +270,17 @@ STRIDES = {"type": "union", "patterns": [SW(256), ST(128), ST(96)]}
     ({"type": "union", "patterns": [ST(128), FX(128, 8)]}, 1, 2049, True, "strided+fixed"),
     (THREE, 16, 2048, True, "masked"),
     ({"type": "union", "patterns": [SW(128), ST(128)]}, 1, 512, True, "band+strided"),  # no fixed member
+    # A causal chunk of one or two class rows of strides alone, the smallest at most TINY_STRIDE = 3,
+    # on the CPU: one masked call.
+    (ST(3), 3, 65536, True, "masked"),
+    (ST(3), 6, 512, True, "masked"),
+    (ST(2), 2, 4096, True, "masked"),
+    ({"type": "union", "patterns": [ST(3), ST(5)]}, 4, 16384, True, "masked"),
+    (ST(3), 2, 65536, True, "strided"),  # fewer rows than the stride: a short run of its own
+    (ST(3), 7, 65536, True, "strided"),  # past two class rows
+    (ST(3), 3, 65536, False, "strided"),  # causal only
+    (ST(4), 4, 65536, True, "strided"),
+    ({"type": "union", "patterns": [ST(3), SW(8)]}, 3, 65536, True, "band+strided"),  # strides alone only
 ])
 def test_planner_kernel_choice(pattern, lq, lk, causal, backend):
     from engine.patterns import parse_pattern
@@ -288,6 +299,15 @@ def test_short_runs_of_unions_with_fixed_keep_their_structured_plan_on_cuda():
                              (THREE, "band+strided+fixed")):
         assert plan(parse_pattern(pattern), 1, 1024, True, "cpu").backend == "masked"
         assert plan(parse_pattern(pattern), 1, 1024, True, "cuda").backend == backend
+
+
+def test_chunks_of_tiny_strides_keep_their_kernel_on_cuda():
+    """On CUDA a class view's rows are whole memory transactions, and strided is one flash call."""
+    from engine.patterns import parse_pattern
+    from engine.planner import plan
+
+    assert plan(parse_pattern(ST(3)), 3, 65536, True, "cpu").backend == "masked"
+    assert plan(parse_pattern(ST(3)), 3, 65536, True, "cuda").backend == "strided"
 
 
 @pytest.mark.parametrize("pattern,simplest", [
