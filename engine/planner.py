@@ -101,16 +101,21 @@ SMALL_KEYS = 128
 # On CUDA the structured plans read no device value and fixed is one Triton launch: they keep these
 # runs.
 SHORT_RUN_MASKED_KEYS = 1024
-# A causal chunk of one or two class rows (s <= Lq <= 2s) of a stride of at most TINY_STRIDE, alone
-# or the smallest in a union of strides, runs on the CPU's masked kernel: each class view of so
-# small a stride sweeps nearly all of K's memory, once per class, where the masked call reads the
-# rows' keys once. Masked / structured time, float32, H = 8, D = 64, one process (2026-12-03), at
-# Lk 512 / 1024 / 4096 / 16384 / 65536:
+# A causal chunk of one or two class rows (s <= Lq <= 2s) of a stride s of at most TINY_STRIDE runs
+# on the CPU's masked kernel, and so do 2 to 2s rows of a union of strides whose smallest is s
+# (each stride's step sweeps K again): each class view of so small a stride sweeps nearly all of
+# K's memory, once per class, where the masked call reads the rows' keys once. Structured / masked
+# time, float32, H = 8, D = 64, one process (2026-12-03), at Lk 512 / 1024 / 4096 / 16384 / 65536:
 # - strided(2), Lq 2 and 4: 1.40 / 1.19 / 1.09 / 1.91 / 1.70 and 1.41 / 1.31 / 1.01 / 1.54 / 1.41;
 # - strided(3), Lq 3 and 6: 2.01 / 1.66 / 1.37 / 2.11 / 2.09 and 2.16 / 1.76 / 1.29 / 1.49 / 1.56
 #   (Lq 9: 0.84-0.86 from 4096 keys on; Lq 1 and 2, fewer rows than the stride, 0.58-1.33);
-# - union(strided 3, strided 5), Lq 3 and 6: 2.2-3.9 (Lq 9: 1.7-3.2, left to the structured steps);
-# - strided(4): 0.99-1.42 at Lq 4 to 12, strided(6) and (8) mostly below 1: they keep their kernel.
+# - unions at Lk 1024 / 16384 / 65536, Lq 2 and 4s: strides 3 and 5 2.07 / 2.37 / 2.09 and
+#   2.55 / 2.05 / 1.66; 2 and 7 2.11 / 2.71 / 2.25 and 2.36 / 2.05 / 2.13; 3 and 64 1.91 / 1.58 /
+#   1.34 and 1.87 / 0.98 / 1.02, and through `engine.attention` at 12 rows after 65536 keys the
+#   masked plan took 1.13x the structured one's time: so up to 2s rows (a prefill of 1024 or 4096
+#   rows 0.44-0.69);
+# - strided(4): 0.99-1.42 at Lq 4 to 12, strided(6) and (8) mostly below 1: they keep their kernel
+#   (a union of strides 4 and 6 lost too, 1.6-2.5 at Lq 2 to 4s: left as it is).
 # On CUDA a class view's rows are whole memory transactions, and strided is one flash call.
 TINY_STRIDE = 3
 
@@ -197,13 +202,15 @@ def _short_run_on_masked(pattern: PatternBase, lq: int, lk: int, causal: bool, d
 
 
 def _tiny_strides_on_masked(pattern: PatternBase, lq: int, causal: bool, device: str) -> bool:
-    """Whether a causal chunk of one or two class rows of strides alone, the smallest at most
-    TINY_STRIDE, runs on the CPU's masked kernel."""
+    """Whether a causal chunk of strides alone, the smallest at most TINY_STRIDE, runs on the CPU's
+    masked kernel: one or two class rows of one stride, 2 to 2s rows of a union of strides."""
     members = pattern.patterns if isinstance(pattern, Union) else (pattern,)
     if device != "cpu" or not causal or not all(isinstance(member, Strided) for member in members):
         return False
     stride = min(member.stride for member in members)
-    return stride <= TINY_STRIDE and stride <= lq <= 2 * stride
+    if stride > TINY_STRIDE:
+        return False
+    return (stride if len(members) == 1 else 2) <= lq <= 2 * stride
 
 
 def _union_with(pattern: PatternBase, kind: type) -> bool:

@@ -270,12 +270,15 @@ STRIDES = {"type": "union", "patterns": [SW(256), ST(128), ST(96)]}
     ({"type": "union", "patterns": [ST(128), FX(128, 8)]}, 1, 2049, True, "strided+fixed"),
     (THREE, 16, 2048, True, "masked"),
     ({"type": "union", "patterns": [SW(128), ST(128)]}, 1, 512, True, "band+strided"),  # no fixed member
-    # A causal chunk of one or two class rows of strides alone, the smallest at most TINY_STRIDE = 3,
-    # on the CPU: one masked call.
+    # A causal chunk of strides alone, the smallest at most TINY_STRIDE = 3, on the CPU: one or two
+    # class rows of one stride, 2 to 2s rows of a union of strides, take one masked call.
     (ST(3), 3, 65536, True, "masked"),
     (ST(3), 6, 512, True, "masked"),
     (ST(2), 2, 4096, True, "masked"),
-    ({"type": "union", "patterns": [ST(3), ST(5)]}, 4, 16384, True, "masked"),
+    ({"type": "union", "patterns": [ST(3), ST(5)]}, 2, 16384, True, "masked"),
+    ({"type": "union", "patterns": [ST(3), ST(5)]}, 6, 16384, True, "masked"),
+    ({"type": "union", "patterns": [ST(3), ST(5)]}, 1, 16384, True, "strided"),
+    ({"type": "union", "patterns": [ST(3), ST(5)]}, 7, 16384, True, "strided"),
     (ST(3), 2, 65536, True, "strided"),  # fewer rows than the stride: a short run of its own
     (ST(3), 7, 65536, True, "strided"),  # past two class rows
     (ST(3), 3, 65536, False, "strided"),  # causal only
