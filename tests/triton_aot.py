@@ -31,12 +31,18 @@ MERGE_VARIANTS = [(torch.bfloat16, torch.bfloat16, torch.bfloat16, 64),
                   (torch.float32, torch.float32, torch.float32, 1024)]
 
 
-def compile_variant(dtype: torch.dtype, head_dim: int, causal: bool, skips: int, capability: int):
-    """Triton's compiled kernel of `_fixed_kernel` for these inputs on compute capability `capability`."""
+def _compile(kernel, signature: dict[str, str], constexprs: dict, capability: int, options: dict | None = None):
+    """Triton's compiled `kernel` for this signature on compute capability `capability`."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
+    source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs)
+    return triton.compile(source, target=GPUTarget("cuda", capability, 32), options=options or {})
+
+
+def compile_variant(dtype: torch.dtype, head_dim: int, causal: bool, skips: int, capability: int):
+    """`_fixed_kernel` for these inputs."""
     from engine.kernels.triton_fixed import _fixed_kernel, kernel_variant
 
     variant = kernel_variant(dtype, head_dim, head_dim, causal, skips)
@@ -45,26 +51,19 @@ def compile_variant(dtype: torch.dtype, head_dim: int, causal: bool, skips: int,
     signature = {name: "constexpr" if name in variant else pointer if name in ("Q", "K", "V", "Out")
                  else "*fp32" if name == "Lse" else "fp32" if name == "qk_scale" else "i32"
                  for name in _fixed_kernel.arg_names}
-    source = ASTSource(fn=_fixed_kernel, signature=signature, constexprs=variant)
-    return triton.compile(source, target=GPUTarget("cuda", capability, 32), options=options)
+    return _compile(_fixed_kernel, signature, variant, capability, options)
 
 
 def compile_merge(a_dtype: torch.dtype, b_dtype: torch.dtype, out_dtype: torch.dtype, features: int, capability: int):
-    """Triton's compiled kernel of `_merge_kernel` for these inputs on compute capability `capability`."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
+    """`_merge_kernel` for these inputs."""
+    from engine.kernels.triton_merge import _merge_kernel, merge_tiles
 
-    from engine.kernels.triton_merge import TILE_ELEMENTS, _merge_kernel
-
-    block_d = max(16, 1 << (features - 1).bit_length())
-    constexprs = {"BLOCK_R": max(1, TILE_ELEMENTS // block_d), "BLOCK_D": block_d}
-    pointers = {"Out": out_dtype, "A": a_dtype, "B": b_dtype, "Lse": torch.float32, "ALse": torch.float32,
-                "BLse": torch.float32}
-    signature = {name: "constexpr" if name in constexprs else "*" + TYPES[pointers[name]] if name in pointers
-                 else "i32" for name in _merge_kernel.arg_names}
-    source = ASTSource(fn=_merge_kernel, signature=signature, constexprs=constexprs)
-    return triton.compile(source, target=GPUTarget("cuda", capability, 32))
+    tiles = merge_tiles(features)
+    pointers = {"Out": TYPES[out_dtype], "A": TYPES[a_dtype], "B": TYPES[b_dtype], "Lse": "fp32", "ALse": "fp32",
+                "BLse": "fp32"}
+    signature = {name: "constexpr" if name in tiles else "*" + pointers[name] if name in pointers else "i32"
+                 for name in _merge_kernel.arg_names}
+    return _compile(_merge_kernel, signature, tiles, capability)
 
 
 # (the merged output's dtype, features): fixed's split decode steps' merge.
@@ -72,20 +71,14 @@ SPLIT_MERGE_VARIANTS = [(torch.bfloat16, 64), (torch.float16, 256), (torch.float
 
 
 def compile_split_merge(dtype: torch.dtype, features: int, capability: int):
-    """Triton's compiled kernel of `_merge_splits_kernel` for these outputs on compute capability `capability`."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
+    """`_merge_splits_kernel` for these outputs."""
+    from engine.kernels.triton_merge import _merge_splits_kernel, merge_tiles
 
-    from engine.kernels.triton_merge import TILE_ELEMENTS, _merge_splits_kernel
-
-    block_d = max(16, 1 << (features - 1).bit_length())
-    constexprs = {"BLOCK_R": max(1, TILE_ELEMENTS // block_d), "BLOCK_D": block_d}
-    pointers = {"Out": "*fp32", "Lse": "*fp32", "Merged": "*" + TYPES[dtype], "MergedLse": "*fp32"}
-    signature = {name: "constexpr" if name in constexprs else pointers.get(name, "i32")
+    tiles = merge_tiles(features)
+    pointers = {"Out": "fp32", "Lse": "fp32", "Merged": TYPES[dtype], "MergedLse": "fp32"}
+    signature = {name: "constexpr" if name in tiles else "*" + pointers[name] if name in pointers else "i32"
                  for name in _merge_splits_kernel.arg_names}
-    source = ASTSource(fn=_merge_splits_kernel, signature=signature, constexprs=constexprs)
-    return triton.compile(source, target=GPUTarget("cuda", capability, 32))
+    return _compile(_merge_splits_kernel, signature, tiles, capability)
 
 
 def main(capabilities: list[int]) -> None:

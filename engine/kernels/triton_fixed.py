@@ -31,7 +31,7 @@ from ..patterns import Fixed
 from .dense import additive_mask, math_attention
 from .device import runs_on_triton, triton
 from .strided import off_strides
-from .triton_merge import merge_splits
+from .triton_merge import feature_tile, merge_splits
 
 if triton is not None:  # without Triton fixed keeps its fused-SDPA plan everywhere
     import triton.language as tl
@@ -166,13 +166,8 @@ def kernel_variant(dtype: torch.dtype, d: int, dv: int, causal: bool, skips: int
     widest = max(d, dv)
     return dict(CAUSAL=causal, SKIPS=skips, DOT_DTYPE=_dot_dtype(dtype), IEEE=not half,
                 BLOCK_M=64 if half or widest <= 128 else 32, BLOCK_N=64 if half else 32 if widest <= 128 else 16,
-                BLOCK_D=_pow2(d), BLOCK_DV=_pow2(dv),
+                BLOCK_D=feature_tile(d), BLOCK_DV=feature_tile(dv),
                 num_warps=4 if widest <= 64 else 8, num_stages=3 if half else 2)
-
-
-def _pow2(n: int) -> int:
-    """A tile width for n features: a power of two of at least 16 (tl.dot's least)."""
-    return max(16, 1 << (n - 1).bit_length())
 
 
 def _dot_dtype(dtype: torch.dtype):

@@ -32,6 +32,18 @@ MAX_FEATURES = 1024
 TILE_ELEMENTS = 4096
 
 
+def feature_tile(n: int) -> int:
+    """A tile width for n features: a power of two of at least 16 (tl.dot's least)."""
+    return max(16, 1 << (n - 1).bit_length())
+
+
+def merge_tiles(features: int) -> dict[str, int]:
+    """The merge kernels' tile for partials of `features`: the feature tile, and rows up to
+    TILE_ELEMENTS elements."""
+    block_d = feature_tile(features)
+    return {"BLOCK_R": max(1, TILE_ELEMENTS // block_d), "BLOCK_D": block_d}
+
+
 def takes(out: torch.Tensor, lse: torch.Tensor, a: tuple[torch.Tensor, torch.Tensor],
           b: tuple[torch.Tensor, torch.Tensor]) -> bool:
     """Whether the kernel merges these: where Triton runs (`runs_on_triton`), partials of out's
@@ -96,14 +108,12 @@ def triton_merge_to(out: torch.Tensor, lse: torch.Tensor, a: tuple[torch.Tensor,
     o, ao, bo = (x[(None,) * lead] for x in (out, a_out, b_out))
     lo, al, bl = (x[(None,) * lead] for x in (lse, a_lse, b_lse))
     n0, n1, rows, d = o.shape
-    block_d = max(16, 1 << (d - 1).bit_length())
-    block_r = max(1, TILE_ELEMENTS // block_d)
+    tiles = merge_tiles(d)
     total = n0 * n1 * rows
     with torch.cuda.device(out.device) if out.device.type == "cuda" else contextlib.nullcontext():
-        _merge_kernel[(triton.cdiv(total, block_r),)](
+        _merge_kernel[(triton.cdiv(total, tiles["BLOCK_R"]),)](
             o, lo, ao, al, bo, bl, n1, rows, total, d,
-            *o.stride(), *lo.stride(), *ao.stride(), *al.stride(), *bo.stride(), *bl.stride(),
-            BLOCK_R=block_r, BLOCK_D=block_d,
+            *o.stride(), *lo.stride(), *ao.stride(), *al.stride(), *bo.stride(), *bl.stride(), **tiles,
         )
 
 
@@ -117,12 +127,11 @@ def merge_splits(out: torch.Tensor, lse: torch.Tensor, dtype: torch.dtype) -> tu
     rows = lse[0].numel()
     merged = torch.empty(out.shape[1:], dtype=dtype, device=out.device)
     merged_lse = torch.empty(lse.shape[1:], dtype=torch.float32, device=out.device)
-    block_d = max(16, 1 << (d - 1).bit_length())
-    block_r = max(1, TILE_ELEMENTS // block_d)
+    tiles = merge_tiles(d)
     if rows and d:
         with torch.cuda.device(out.device) if out.device.type == "cuda" else contextlib.nullcontext():
-            _merge_splits_kernel[(triton.cdiv(rows, block_r),)](out, lse, merged, merged_lse, splits, rows, d,
-                                                                BLOCK_R=block_r, BLOCK_D=block_d)
+            _merge_splits_kernel[(triton.cdiv(rows, tiles["BLOCK_R"]),)](out, lse, merged, merged_lse, splits, rows,
+                                                                         d, **tiles)
     return merged, merged_lse
 
 
