@@ -221,7 +221,8 @@ def bench_table(args, device: torch.device) -> list[dict]:
             for name, pattern in patterns.items():
                 row = {"pattern": LABELS[name] + ("" if causal else ", non-causal"), "n": n, "dtype": dtype_name,
                        "heads": args.heads, "dim": args.dim, "causal": causal,
-                       "backend": backend_for(pattern, args.heads, n, n, causal, kernel_device(device)), "dense_s": best["dense"],
+                       "backend": backend_for(pattern, args.heads, n, n, causal, kernel_device(device)),
+                       "dense_s": best["dense"],
                        "attended_pairs": attended_pairs(pattern, 1, args.heads, n, n, causal),
                        "dense_pairs": dense_pairs, "engine_s": best["engine", name],
                        "engine_first_call_s": times["engine", name][0]}

@@ -208,9 +208,7 @@ def _tiny_strides_on_masked(pattern: PatternBase, lq: int, causal: bool, device:
     if device != "cpu" or not causal or not all(isinstance(member, Strided) for member in members):
         return False
     stride = min(member.stride for member in members)
-    if stride > TINY_STRIDE:
-        return False
-    return (stride if len(members) == 1 else 2) <= lq <= 2 * stride
+    return stride <= TINY_STRIDE and (stride if len(members) == 1 else 2) <= lq <= 2 * stride
 
 
 def _union_with(pattern: PatternBase, kind: type) -> bool:

@@ -262,7 +262,8 @@ def test_a_variant_that_fails_its_probe_leaves_its_calls_on_the_fused_plan(monke
     for fault, said in ((fails_in_float16, "failed to run"), (wrong_in_float16, "differs from the contract")):
         calls = []
         with cuda_kernels_on_cpu():
-            monkeypatch.setattr(triton_fixed, "triton_fixed_attention", lambda *a, **kw: calls.append(kw) or fault(*a, **kw))
+            monkeypatch.setattr(triton_fixed, "triton_fixed_attention",
+                                lambda *a, **kw: calls.append(kw) or fault(*a, **kw))
             caplog.clear()
             assert not triton_fixed.takes(q, v, True, ())
             assert [r.levelname for r in caplog.records] == ["WARNING"] and said in caplog.text
