@@ -272,9 +272,10 @@ def fixed_kernels(device: torch.device, ns=(16384, 131072)) -> list[dict]:
 
 
 def merge_on_kernel(device: torch.device, out_dtype: torch.dtype) -> bool:
-    """Whether merges of bfloat16 partials into `out_dtype` run on the Triton merge here: its
-    variant passed its probe (a failed one is logged, and takes the torch ops)."""
-    return runs_on_triton(device) and triton_merge.matches_contract(device, torch.bfloat16, torch.bfloat16, out_dtype)
+    """Whether merges of bfloat16 partials of 64 features into `out_dtype` run on the Triton merge
+    here: its variant passed its probe (a failed one is logged, and takes the torch ops)."""
+    return runs_on_triton(device) and triton_merge.matches_contract(device, torch.bfloat16, torch.bfloat16,
+                                                                    out_dtype, 64)
 
 
 def merges(device: torch.device, ns=(16384, 131072)) -> list[dict]:

@@ -16,9 +16,10 @@ change the mask.
 from __future__ import annotations
 
 import functools
+import itertools
 from dataclasses import dataclass
 from functools import partial
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 
@@ -128,6 +129,21 @@ KERNEL_FAMILY_PATTERNS: tuple[PatternBase, ...] = (
     Union(patterns=(_STRIDE, _FIXED)), Union(patterns=(_WINDOW, _STRIDE, _FIXED)),
     Union(patterns=(_FIXED, Fixed(block=12, summary=1))),  # masked: two fixed
 )
+
+
+def warm_up_calls(device: torch.device) -> Iterator[tuple[torch.Tensor, PatternBase, bool]]:
+    """(q, pattern, causal) of the calls (q on the CPU, serving as k and v too) that warm the
+    engine on `device` before the service reports ready: one per kernel family, and on CUDA per
+    dtype, common head dim (32, 64, 128) and causality too. There the Triton kernels (fixed's, the
+    merges) compile a variant for each, in seconds, once (Triton keeps them on disk); a new length
+    compiles nothing after (tests/test_triton_compile.py)."""
+    cuda = kernel_device(device) == "cuda"
+    dtypes = (torch.float32, torch.float16, torch.bfloat16) if cuda else (torch.float32,)
+    for dtype, head_dim, causal in itertools.product(dtypes, (32, 64, 128) if cuda else (32,),
+                                                     (True, False) if cuda else (True,)):
+        q = torch.randn(1, 2, KERNEL_FAMILY_TOKENS, head_dim, dtype=dtype)
+        for pattern in KERNEL_FAMILY_PATTERNS:
+            yield q, pattern, causal
 
 
 def pads_head_dims(device: torch.device) -> bool:

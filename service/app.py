@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-import itertools
 import logging
 import threading
 import time
@@ -25,7 +24,7 @@ from fastapi.routing import APIRoute
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from engine.batcher import Batcher, Compute, DeadlineExceeded, Result
-from engine.planner import KERNEL_FAMILY_PATTERNS, KERNEL_FAMILY_TOKENS
+from engine.planner import warm_up_calls
 from engine.patterns import PATTERN_CATALOG, parse_pattern
 from engine.picture import mask_png
 
@@ -96,18 +95,11 @@ class Service:
         self.batcher = None
 
     async def _warm_up(self, batcher: Batcher) -> None:
-        """One small call per kernel family through the worker thread, then ready. On CUDA per dtype,
-        common head dim and causality too: the Triton kernels (fixed's, the merge) compile a variant
-        for each (in seconds, once; a new length compiles nothing)."""
-        cuda = self.device.type == "cuda"
-        dtypes = [torch.float32] + ([torch.float16, torch.bfloat16] if cuda else [])
-        variants = itertools.product(dtypes, (32, 64, 128) if cuda else (32,), (True, False) if cuda else (True,))
+        """The engine's warm-up calls (`warm_up_calls`) through the worker thread, then ready."""
         started = time.perf_counter()
         try:
-            for dtype, head_dim, causal in variants:
-                q = torch.randn(1, 2, KERNEL_FAMILY_TOKENS, head_dim, dtype=dtype)
-                for pattern in KERNEL_FAMILY_PATTERNS:
-                    await batcher.submit(q, q, q, pattern, causal=causal, timeout_s=600)
+            for q, pattern, causal in warm_up_calls(self.device):
+                await batcher.submit(q, q, q, pattern, causal=causal, timeout_s=600)
         except Exception:
             log.exception("the engine failed to warm up on %s; /readyz stays 503", self.device)
             return

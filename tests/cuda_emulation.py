@@ -18,6 +18,7 @@ reference; `bench/gpu_check.py` runs the same checks on a real GPU.
 from __future__ import annotations
 
 import collections
+import functools
 import importlib
 import math
 import sys
@@ -212,8 +213,9 @@ def _triton_kernels(module) -> list[tuple[str, object]]:
 
 
 class _OneLaunch:
-    """A Triton kernel counted as the one launch it is on a GPU by any OpCount around it: the
-    interpreter's own copies of its arguments to and from the host are not counted."""
+    """A Triton kernel counted as the one launch it is on a GPU by any OpCount around it (the
+    interpreter's own copies of its arguments to and from the host are not counted), its compile
+    key put in any `triton_compiles` set around it."""
 
     def __init__(self, name: str, kernel):
         self.name, self.kernel = name, kernel
@@ -223,9 +225,47 @@ class _OneLaunch:
             for mode in _get_current_dispatch_mode_stack():
                 if isinstance(mode, OpCount):
                     mode.ops[f"triton.{self.name}"] += 1
+            if _COMPILE_SETS:
+                key = compile_key(self.name, self.kernel, args, kwargs)
+                for keys in _COMPILE_SETS:
+                    keys.add(key)
             with _disable_current_modes():
                 return self.kernel[grid](*args, **kwargs)
         return launch
+
+
+_COMPILE_SETS: list[set[tuple]] = []
+
+
+@contextmanager
+def triton_compiles() -> Iterator[set[tuple]]:
+    """The set, filled as the block runs, of the compile keys of its Triton launches (within
+    `cuda_kernels_on_cpu`): one per binary a CUDA GPU would compile, so a launch whose key is
+    already in it compiles nothing there."""
+    keys: set[tuple] = set()
+    _COMPILE_SETS.append(keys)
+    try:
+        yield keys
+    finally:
+        _COMPILE_SETS.remove(keys)
+
+
+def compile_key(name: str, kernel, args: tuple, kwargs: dict) -> tuple:
+    """(name, specialisation, options) of a launch as Triton keys its compiles on a CUDA GPU: by
+    its own binder with the rules NVIDIA's backend keeps from the base one (an int of 1 becomes a
+    constant, ints and data pointers divisible by 16 are marked so, unless the kernel says not to),
+    the constexprs' values and the compile options."""
+    _, specialization, options = _binder(kernel)(*args, **kwargs)
+    return name, repr(specialization), repr(sorted(options.items()))
+
+
+@functools.cache
+def _binder(kernel):
+    from triton.backends.compiler import BaseBackend
+    from triton.runtime.jit import JITFunction, create_function_from_signature
+
+    compiled = kernel if isinstance(kernel, JITFunction) else JITFunction(kernel.fn, **kernel.kwargs)
+    return create_function_from_signature(compiled.signature, compiled.params, BaseBackend)
 
 
 def counted_call(q, k, v, pattern, *, causal: bool = True) -> tuple[torch.Tensor, OpCount]:

@@ -1,5 +1,7 @@
 """The engine's Triton kernels compiled for NVIDIA GPUs here, without one: the interpreter runs
-their logic (tests/test_triton_fixed.py, tests/test_triton_merge.py), not their compile."""
+their logic (tests/test_triton_fixed.py, tests/test_triton_merge.py), not their compile. And
+which binaries a GPU would compile when: Triton keys each compile by its launch's arguments, so
+the emulation records those keys (`triton_compiles`) by Triton's own rules."""
 
 from __future__ import annotations
 
@@ -10,9 +12,13 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import triton_aot
+from cuda_emulation import cuda_kernels_on_cpu, triton_compiles
 
+from engine import attention
 from engine.kernels.device import triton
+from engine.planner import warm_up_calls
 
 pytestmark = pytest.mark.skipif(triton is None, reason="Triton is not installed")
 
@@ -40,3 +46,39 @@ def test_every_variant_compiles_for_sm86_and_sm90_within_their_shared_memory():
     for variant in compiled:
         assert variant["shared"] <= SHARED_LIMIT[variant["capability"]], variant
         assert variant["shared"] > 0 or variant["kernel"] != "fixed", variant  # the merges need none
+
+
+SW, ST, FX = ({"type": "sliding_window", "window": 128}, {"type": "strided", "stride": 128},
+              {"type": "fixed", "block": 128, "summary": 8})
+# The warm-up's kinds of union (at most one stride beside fixed), at other sizes.
+LATER_PATTERNS = [FX, {"type": "union", "patterns": [SW, ST]}, {"type": "union", "patterns": [SW, FX]},
+                  {"type": "union", "patterns": [ST, FX]}, {"type": "union", "patterns": [SW, ST, FX]}]
+# (B, H, Hkv, Lq, Lk): a decode step, a chunk, prefills off every tile, fewer rows than a stride,
+# grouped key/value heads, a batch.
+LATER_SHAPES = [(1, 2, 2, 1, 4097), (1, 2, 2, 7, 3001), (1, 2, 2, 333, 777), (1, 2, 2, 130, 130),
+                (1, 4, 2, 100, 2048), (2, 2, 2, 1, 1536)]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_after_the_warm_up_a_new_length_compiles_nothing(dtype):
+    """On CUDA the service warms the engine before it reports ready, so that no request waits for
+    Triton to compile (about a second a binary). Triton compiles per class of every integer and
+    pointer argument it specialises on (1, a multiple of 16, other): fixed's log-sum-exp strides
+    (Lq, and 1 for a decode step) and a merge's views (where a row range starts) once varied with
+    the lengths, and each probe compiled a variant its calls did not use. Every launch of later
+    requests of the warm-up's dtypes and head dims must find its binary compiled."""
+    with cuda_kernels_on_cpu():
+        with triton_compiles() as warm:
+            for q, pattern, causal in warm_up_calls(torch.device("cpu")):  # CUDA's list, here
+                if q.dtype == dtype and q.shape[-1] == 64:
+                    attention(q, q, q, pattern, causal=causal)
+        assert {key[0] for key in warm} == {"_fixed_kernel", "_merge_kernel", "_merge_splits_kernel"}
+        g = torch.Generator().manual_seed(0)
+        for b, h, hkv, lq, lk in LATER_SHAPES:
+            q = torch.randn(b, h, lq, 64, generator=g).to(dtype)
+            k, v = (torch.randn(b, hkv, lk, 64, generator=g).to(dtype) for _ in range(2))
+            for pattern in LATER_PATTERNS:
+                for causal in (True, False):
+                    with triton_compiles() as later:
+                        attention(q, k, v, pattern, causal=causal)
+                    assert later <= warm, (pattern, (b, h, hkv, lq, lk), causal, [key[0] for key in later - warm])

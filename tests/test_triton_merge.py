@@ -107,12 +107,12 @@ def test_merges_take_the_kernel_only_on_cudas_branches():
                                atol=3e-2, rtol=3e-2)
 
 
-@pytest.mark.parametrize("dtypes", [(torch.float32, torch.float32, torch.float32),
-                                    (torch.bfloat16, torch.float16, torch.float32),
-                                    (torch.bfloat16, torch.bfloat16, torch.bfloat16)], ids=str)
-def test_each_variant_is_probed(dtypes):
+@pytest.mark.parametrize("dtypes, features", [((torch.float32, torch.float32, torch.float32), 16),
+                                              ((torch.bfloat16, torch.float16, torch.float32), 64),
+                                              ((torch.bfloat16, torch.bfloat16, torch.bfloat16), 1024)], ids=str)
+def test_each_variant_is_probed(dtypes, features):
     with cuda_kernels_on_cpu():
-        assert matches_contract(torch.device("cpu"), *dtypes)
+        assert matches_contract(torch.device("cpu"), *dtypes, features)
 
 
 def test_a_variant_that_fails_its_probe_keeps_the_torch_ops(monkeypatch, caplog):
@@ -138,10 +138,10 @@ def test_a_variant_that_fails_its_probe_keeps_the_torch_ops(monkeypatch, caplog)
         with cuda_kernels_on_cpu():
             monkeypatch.setattr(triton_merge, "triton_merge_to", lambda *a: calls.append(a) or fault(*a))
             caplog.clear()
-            assert not matches_contract(torch.device("cpu"), torch.float16, torch.float16, torch.float16)
+            assert not matches_contract(torch.device("cpu"), torch.float16, torch.float16, torch.float16, 16)
             assert [r.levelname for r in caplog.records] == ["WARNING"] and said in caplog.text
-            assert "torch.float16 and torch.float16 into torch.float16 on cpu" in caplog.text
-            assert matches_contract(torch.device("cpu"), torch.bfloat16, torch.bfloat16, torch.bfloat16)
+            assert "torch.float16 and torch.float16 into torch.float16 on cpu, a tile of 16 features" in caplog.text
+            assert matches_contract(torch.device("cpu"), torch.bfloat16, torch.bfloat16, torch.bfloat16, 16)
             calls.clear()  # the probes' own
             out = attention(q, k, v, pattern)  # its merge: float16 partials into a float16 output
         assert calls == []

@@ -26,7 +26,7 @@ from .band import head_grid, row_grid, row_major
 from .dense import NEG_INF, empty_partial, fused, fused_masked
 from .device import kernel_device, values_on_host
 from .masked import MASK_BUDGET
-from .merge import join_rows, merge_partials, merge_to
+from .merge import join_rows, merge_to
 
 # Query class rows per chunk: at least CHUNK_ROWS, at most MAX_CHUNKS chunks. 64-row chunks were
 # the fastest of 16..256 for strided(64) at n = 16384 and strided(128) at 65536 (CPU, 2 cores);
@@ -122,16 +122,15 @@ def strided_pieces(
 
 def _with_own_keys(piece, q, k, v, *, first_row: int, scale: float):
     """The last piece with query rows first_row.. (those past the last whole key class row) also
-    attending the key at their own position, merged by log-sum-exp: that key's score alone, and
-    its value."""
+    attending the key at their own position, merged into it in place by log-sum-exp: that key's
+    score alone, and its value."""
     row, out, lse = piece
     lk, lq = k.shape[-2], q.shape[-2]
     own = slice(lk - lq + first_row, lk)
     own_lse = (q[..., first_row:, :].float() * k[..., own, :].float()).sum(-1) * scale
     at = first_row - row
-    merged_out, merged_lse = merge_partials([(out[..., at:, :], lse[..., at:]), (v[..., own, :], own_lse)])
-    return (row, torch.cat([out[..., :at, :], merged_out.to(out.dtype)], dim=-2),
-            torch.cat([lse[..., :at], merged_lse], dim=-1))
+    merge_to(out[..., at:, :], lse[..., at:], (out[..., at:, :], lse[..., at:]), (v[..., own, :], own_lse))
+    return piece
 
 
 def _short_run_pieces(

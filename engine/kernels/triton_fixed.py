@@ -178,11 +178,16 @@ def _dot_dtype(dtype: torch.dtype):
 
 
 if triton is not None:
-    # Integer arguments that vary from request to request are not specialised on (Triton compiles a
-    # variant per value class: 1, a multiple of 16, other), so a new length or pattern compiles
-    # nothing; a variant is compiled per dtype, causality, skipped-stride count and head dims.
+    # Triton compiles a variant per class of each integer argument (1, a multiple of 16, other).
+    # Those that vary from request to request are not specialised on: the sizes, the pattern's
+    # numbers, the log-sum-exp's strides (Lq: a decode step's 1 was a variant of its own) and the
+    # split strides. The strides of q, k, v and the output are: with a head dim that is a multiple
+    # of 16 they always are one too, and they let tiles load as vectors. So a new length or
+    # pattern compiles nothing (with a head dim that is an odd multiple of 8 the lengths' parity
+    # can); the probe (`matches_contract`) compiles the variants its calls use.
+    # tests/test_triton_compile.py checks this against Triton's own compile keys.
     @triton.jit(do_not_specialize=["heads", "group", "lq", "lk", "d", "dv", "block", "summary", "min_distance",
-                                   "s0", "s1", "s2", "s3", "splits"])
+                                   "s0", "s1", "s2", "s3", "splits", "slb", "slh", "sos", "sls"])
     def _fixed_kernel(
         Q, K, V, Out, Lse,
         sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, som, sod, slb, slh, slm, sos, sls,

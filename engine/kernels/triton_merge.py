@@ -48,24 +48,26 @@ def takes(out: torch.Tensor, lse: torch.Tensor, a: tuple[torch.Tensor, torch.Ten
           b: tuple[torch.Tensor, torch.Tensor]) -> bool:
     """Whether the kernel merges these: where Triton runs (`runs_on_triton`), partials of out's
     shape and up to four dims (views with any strides, a stride-0 one too), float32 lse, some rows
-    and features (at most MAX_FEATURES), and the kernel's variant for these dtypes matching the
+    and features (at most MAX_FEATURES), and the kernel's variant for these dtypes and features matching the
     arithmetic here (`matches_contract`)."""
     (a_out, a_lse), (b_out, b_lse) = a, b
     return (runs_on_triton(out.device) and out.dim() <= 4 and 0 < out.shape[-1] <= MAX_FEATURES and out.numel() > 0
             and a_out.shape == b_out.shape == out.shape and a_lse.shape == b_lse.shape == lse.shape == out.shape[:-1]
             and a_lse.dtype == b_lse.dtype == lse.dtype == torch.float32
-            and matches_contract(out.device, a_out.dtype, b_out.dtype, out.dtype))
+            and matches_contract(out.device, a_out.dtype, b_out.dtype, out.dtype, feature_tile(out.shape[-1])))
 
 
 @functools.cache
-def matches_contract(device: torch.device, a_dtype: torch.dtype, b_dtype: torch.dtype, out_dtype: torch.dtype) -> bool:
-    """Whether the kernel's variant for these dtypes compiles here and merges a tiny problem as
-    float64 arithmetic does: rows where either partial or both saw no key (-inf, zero outputs),
-    log-sum-exps of 2^26 (where a tie must weigh 1/2 each), a stride-0 partial. Probed once per
-    variant and device, as fixed's kernel is; a failure keeps the torch ops for those calls (said
+def matches_contract(device: torch.device, a_dtype: torch.dtype, b_dtype: torch.dtype, out_dtype: torch.dtype,
+                     features: int) -> bool:
+    """Whether the kernel's variant for these dtypes and feature tile (`feature_tile`) compiles
+    here and merges a tiny problem of that many features as float64 arithmetic does: rows where
+    either partial or both saw no key (-inf, zero outputs), log-sum-exps of 2^26 (where a tie must
+    weigh 1/2 each), a stride-0 partial. Probed once per variant and device, as fixed's kernel is,
+    and so compiling the variant its calls use; a failure keeps the torch ops for those calls (said
     in the log) instead of failing requests or answering wrong."""
     g = torch.Generator().manual_seed(0)
-    a_out, b_out = (torch.randn(1, 2, 6, 24, generator=g) for _ in range(2))
+    a_out, b_out = (torch.randn(1, 2, 6, features, generator=g) for _ in range(2))
     a_lse = torch.tensor([0.5, float("-inf"), 2.0**26, float("-inf"), -3.0, 7.0]).repeat(1, 2, 1)
     b_lse = torch.tensor([1.5, 0.25, 2.0**26, float("-inf"), float("-inf"), -40.0]).repeat(1, 2, 1)
     a_out[..., [1, 3], :] = 0.0  # as a partial's rows with no key are
@@ -83,19 +85,20 @@ def matches_contract(device: torch.device, a_dtype: torch.dtype, b_dtype: torch.
         triton_merge_to(out, lse, (a_out.to(device), a_lse.to(device)), (b_out.to(device), b_lse.to(device)))
     except Exception:  # noqa: BLE001 (any compile or launch error: the torch ops take over)
         logger.warning("the Triton merge failed to run for %s: its torch ops take these merges",
-                       _variant_name(device, a_dtype, b_dtype, out_dtype), exc_info=True)
+                       _variant_name(device, a_dtype, b_dtype, out_dtype, features), exc_info=True)
         return False
     tol = 1e-5 if out_dtype == torch.float32 else 1e-2
     matches = (torch.allclose(out.cpu().double(), ref_out, atol=tol, rtol=tol)
                and torch.allclose(lse.cpu().double(), ref_lse, atol=1e-5, rtol=1e-6))
     if not matches:
         logger.warning("the Triton merge differs from float64 arithmetic for %s: its torch ops take these merges",
-                       _variant_name(device, a_dtype, b_dtype, out_dtype))
+                       _variant_name(device, a_dtype, b_dtype, out_dtype, features))
     return matches
 
 
-def _variant_name(device: torch.device, a_dtype: torch.dtype, b_dtype: torch.dtype, out_dtype: torch.dtype) -> str:
-    return f"{a_dtype} and {b_dtype} into {out_dtype} on {device}"
+def _variant_name(device: torch.device, a_dtype: torch.dtype, b_dtype: torch.dtype, out_dtype: torch.dtype,
+                  features: int) -> str:
+    return f"{a_dtype} and {b_dtype} into {out_dtype} on {device}, a tile of {features} features"
 
 
 def triton_merge_to(out: torch.Tensor, lse: torch.Tensor, a: tuple[torch.Tensor, torch.Tensor],
@@ -136,11 +139,13 @@ def merge_splits(out: torch.Tensor, lse: torch.Tensor, dtype: torch.dtype) -> tu
 
 
 if triton is not None:
-    # Sizes and the row strides vary from call to call: not specialised on (a new length compiles
-    # nothing); the feature strides are, so contiguous features load as vectors.
+    # Sizes, row strides and where a view starts vary from call to call: not specialised on (a new
+    # length compiles nothing; with the row strides unknown, an aligned start would buy nothing);
+    # the feature strides are, so contiguous features are known to be.
     @triton.jit(do_not_specialize=["n1", "rows", "total", "d", "so0", "so1", "so2", "sl0", "sl1", "sl2",
                                    "sa0", "sa1", "sa2", "sal0", "sal1", "sal2", "sb0", "sb1", "sb2",
-                                   "sbl0", "sbl1", "sbl2"])
+                                   "sbl0", "sbl1", "sbl2"],
+                do_not_specialize_on_alignment=["Out", "Lse", "A", "ALse", "B", "BLse"])
     def _merge_kernel(
         Out, Lse, A, ALse, B, BLse, n1, rows, total, d,
         so0, so1, so2, so3, sl0, sl1, sl2, sa0, sa1, sa2, sa3, sal0, sal1, sal2, sb0, sb1, sb2, sb3,
