@@ -5,7 +5,9 @@
     masked one for a small problem), plus each structured kernel on medium shapes (many tiles,
     class padding, the flash local window), short runs, and head dims the CUDA kernels pad
     (float16 too), against the float64 reference of tests/reference.py computed on the CPU: one
-    PASS or FAIL line each.
+    PASS or FAIL line each. They run in --check-workers processes side by side (8, or fewer
+    CPUs): they need 120 Triton binaries, each compiled at its first launch (1.2 to 2 s each for
+    sm_90 on the project's 2-core machine), which one process would compile one after another.
     Then more than 65535 classes or blocks on the grid's head axis (`grid_checks`).
 (b) bench.kernels on the GPU in bfloat16 for n up to 131072 against dense flash SDPA and
     compiled FlexAttention, with the 131072-token peak-memory row, the sliding-window scaling
@@ -48,9 +50,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
+import os
 import sys
 import time
 import traceback
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import torch
@@ -226,10 +231,35 @@ def _two_key_rows(q, k, v, s, scale):
     return out[None, None], lse[None, None]
 
 
-def check(device) -> tuple[int, int]:
+def check(device, workers: int = 1) -> tuple[int, int]:
+    """(passed, failed) over every case of `cases`, in `workers` processes side by side, each
+    taking every workers-th case: a GPU compiles each Triton binary at its first launch, about a
+    second each and 120 binaries for these checks, which one process compiles one after another.
+    A worker that dies counts as one failure (its cases print no line)."""
+    if workers == 1:
+        return check_share(str(device), 0, 1)
+    threads = max(1, (os.cpu_count() or 1) // workers)  # the float64 references run on the CPU
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        shares = [pool.submit(check_share, str(device), index, workers, threads) for index in range(workers)]
+        passed = failed = 0
+        for index, share in enumerate(shares):
+            try:
+                done = share.result()
+            except Exception:  # noqa: BLE001
+                print(f"FAIL check worker {index} of {workers}: died\n{traceback.format_exc()}", flush=True)
+                done = (0, 1)
+            passed, failed = passed + done[0], failed + done[1]
+    return passed, failed
+
+
+def check_share(device: str, index: int, workers: int, threads: int | None = None) -> tuple[int, int]:
+    """(passed, failed) over cases index, index + workers, ... of `cases` on `device`."""
+    if threads:
+        torch.set_num_threads(threads)
     results = [outcome(name, lambda run=run, q=q, k=k, v=v, p=pattern, c=causal, t=dtype:
                        compare(*run(), q, k, v, p, c, t))
-               for name, run, q, k, v, pattern, causal, dtype in cases(device)]
+               for at, (name, run, q, k, v, pattern, causal, dtype) in enumerate(cases(torch.device(device)))
+               if at % workers == index]
     return results.count(True), results.count(False)
 
 
@@ -308,6 +338,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--flex-budget", type=float, default=170.0,
                    help="seconds into the benchmark after which FlexAttention runs are skipped, loudly")
     p.add_argument("--skip-bench", action="store_true")
+    p.add_argument("--check-workers", type=int, default=min(8, os.cpu_count() or 1),
+                   help="processes that run the (a) checks side by side (and compile their Triton binaries)")
     args = p.parse_args(argv)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -323,7 +355,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{fixed_on_kernel(device)}; merges on the Triton merge: into float32 "
               f"{merge_on_kernel(device, torch.float32)}, into bfloat16 {merge_on_kernel(device, torch.bfloat16)}",
               flush=True)
-    passed, failed = check(device)
+    passed, failed = check(device, args.check_workers)
     if device.type == "cuda":  # the CPU has no grid limit, and these are minutes on it
         passed, failed = (a + b for a, b in zip((passed, failed), grid_checks(device)))
     summary = {"passed": passed, "failed": failed, "check_s": time.perf_counter() - started}

@@ -165,6 +165,23 @@ def test_gpu_check_cases_pass_on_the_cpu(kernels):
     assert twice and set(twice) <= set(names)
 
 
+def test_gpu_check_workers_run_each_check_once_between_them(monkeypatch, capsys):
+    """`check_share`: worker i of n runs cases i, i + n, ...; together each case once, their PASS and
+    FAIL counts adding up to the whole."""
+    from bench import gpu_check
+
+    ran = []
+    monkeypatch.setattr(gpu_check, "cases", lambda device: (
+        (f"case {i}", lambda i=i: ran.append(i) or (i, None), None, None, None, None, True, torch.float32)
+        for i in range(23)))
+    monkeypatch.setattr(gpu_check, "compare", lambda out, lse, *rest: "off" if out == 5 else None)
+    shares = [gpu_check.check_share("cpu", index, 3) for index in range(3)]
+    assert sorted(ran) == list(range(23)) and ran[:8] == [0, 3, 6, 9, 12, 15, 18, 21]
+    assert [sum(counts) for counts in shares] == [8, 8, 7]
+    assert tuple(map(sum, zip(*shares))) == (22, 1)
+    assert "FAIL case 5: off" in capsys.readouterr().out
+
+
 def test_cuda_ops_counts_each_case_of_the_cuda_plans(tmp_path, capsys):
     """`bench.cuda_ops`: a row per pattern, a cell per case, the JSON beside; a one-call plan is
     one launch and no plan reads a device value back."""
