@@ -9,7 +9,7 @@ few query rows it runs on a copy of just the keys they attend). Small problems o
 and windows (at most SMALL_KEYS keys; a union with fixed twice that, a causal window half) run on
 the masked kernel too: one call beats their several small ones there; so, on the CPU, do a few
 rows of a union with fixed after up to SHORT_RUN_MASKED_KEYS keys (a decode step), and a chunk of
-one or two class rows of strides of at most TINY_STRIDE. `simplify` first removes what cannot
+one or two class rows of strides of at most TINY_STRIDE (of a union of strides, TINY_UNION_STRIDE). `simplify` first removes what cannot
 change the mask.
 """
 
@@ -115,10 +115,20 @@ SHORT_RUN_MASKED_KEYS = 1024
 #   1.34 and 1.87 / 0.98 / 1.02, and through `engine.attention` at 12 rows after 65536 keys the
 #   masked plan took 1.13x the structured one's time: so up to 2s rows (a prefill of 1024 or 4096
 #   rows 0.44-0.69);
-# - strided(4): 0.99-1.42 at Lq 4 to 12, strided(6) and (8) mostly below 1: they keep their kernel
-#   (a union of strides 4 and 6 lost too, 1.6-2.5 at Lq 2 to 4s: left as it is).
+# - strided(4): 0.99-1.42 at Lq 4 to 12, strided(6) and (8) mostly below 1: they keep their kernel.
+# A union of strides whose smallest s is 4 or 5 (TINY_UNION_STRIDE) runs on it too for s to 2s rows.
+# The same ratios at Lq s, 1.5s, 2s and Lk 512 / 4096 / 65536 (2026-12-03): strides 4 and 5
+# 2.88-3.33 / 1.63-1.87 / 2.09-2.12; 4 and 9 2.24-2.35 / 1.43-1.48 / 1.73-1.99; 5 and 6 3.04-3.62 /
+# 1.63-1.74 / 1.78-1.92; 5 and 11 2.86-3.18 / 1.48-1.53 / 1.45-1.60; 5 and 64 2.35-2.68 / 1.15-1.21
+# / 1.21-1.35; 5 and 128 2.35-2.67 / 1.10-1.16 / 0.99-1.10; 4, 6 and 9 3.73-4.31 / 2.12-2.33 /
+# 2.44-3.01; strides 4 and 6 in bfloat16 at Lk 4096 / 65536 1.27-1.59 / 1.55-1.79, and at H = 32
+# over 8 with D = 128 2.64-2.77 / 1.86-2.30 (through `engine.attention`). Fewer rows than s were
+# mixed (strides 5 and 7 at 2 rows: 0.84 at Lk 16384, 1.32-1.44 elsewhere; 4 and 64 0.69), and so
+# were s = 6 (strides 6 and 9 at 2 rows 0.25-0.63, at 6 and 12 rows 1.18-2.25) and a stride of 4
+# or 5 alone (0.77-1.72): they keep their plans.
 # On CUDA a class view's rows are whole memory transactions, and strided is one flash call.
 TINY_STRIDE = 3
+TINY_UNION_STRIDE = 5
 
 # One pattern per kernel family the planner picks at KERNEL_FAMILY_TOKENS tokens, past the small
 # problems (a call of each at start-up warms them all).
@@ -218,13 +228,17 @@ def _short_run_on_masked(pattern: PatternBase, lq: int, lk: int, causal: bool, d
 
 
 def _tiny_strides_on_masked(pattern: PatternBase, lq: int, causal: bool, device: str) -> bool:
-    """Whether a causal chunk of strides alone, the smallest at most TINY_STRIDE, runs on the CPU's
-    masked kernel: one or two class rows of one stride, 2 to 2s rows of a union of strides."""
+    """Whether a causal chunk of strides alone runs on the CPU's masked kernel: one or two class
+    rows (s to 2s) of a stride s of at most TINY_STRIDE, and of a union of strides whose smallest s
+    is at most TINY_UNION_STRIDE, from 2 rows on where s is at most TINY_STRIDE."""
     members = pattern.patterns if isinstance(pattern, Union) else (pattern,)
     if device != "cpu" or not causal or not all(isinstance(member, Strided) for member in members):
         return False
     stride = min(member.stride for member in members)
-    return stride <= TINY_STRIDE and (stride if len(members) == 1 else 2) <= lq <= 2 * stride
+    if len(members) == 1:
+        return stride <= TINY_STRIDE and stride <= lq <= 2 * stride
+    fewest = 2 if stride <= TINY_STRIDE else stride
+    return stride <= TINY_UNION_STRIDE and fewest <= lq <= 2 * stride
 
 
 def _union_with(pattern: PatternBase, kind: type) -> bool:

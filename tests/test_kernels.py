@@ -283,6 +283,14 @@ STRIDES = {"type": "union", "patterns": [SW(256), ST(128), ST(96)]}
     (ST(3), 7, 65536, True, "strided"),  # past two class rows
     (ST(3), 3, 65536, False, "strided"),  # causal only
     (ST(4), 4, 65536, True, "strided"),
+    # A union of strides whose smallest s is 4 or 5 (TINY_UNION_STRIDE): s to 2s rows.
+    ({"type": "union", "patterns": [ST(4), ST(6)]}, 4, 65536, True, "masked"),
+    ({"type": "union", "patterns": [ST(5), ST(64)]}, 10, 4096, True, "masked"),
+    ({"type": "union", "patterns": [ST(4), ST(6)]}, 3, 65536, True, "strided"),  # fewer rows than s: mixed
+    ({"type": "union", "patterns": [ST(5), ST(7)]}, 11, 65536, True, "strided"),
+    ({"type": "union", "patterns": [ST(6), ST(9)]}, 6, 65536, True, "strided"),
+    ({"type": "union", "patterns": [ST(4), ST(6)]}, 4, 65536, False, "strided"),
+    (ST(5), 5, 65536, True, "strided"),  # a stride alone: mixed
     ({"type": "union", "patterns": [ST(3), SW(8)]}, 3, 65536, True, "band+strided"),  # strides alone only
 ])
 def test_planner_kernel_choice(pattern, lq, lk, causal, backend):
