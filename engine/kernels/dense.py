@@ -117,11 +117,17 @@ def fused_masked(q, k, v, keep: torch.Tensor | None, *, scale: float):
     that keep none come back as zeros with lse -inf (whatever the kernel makes of a row with no key)."""
     if keep is None:
         return fused(q, k, v, scale=scale, is_causal=False)
-    out, lse = fused(q, k, v, scale=scale, is_causal=False, mask=additive_mask(keep, q.dtype))
-    none = ~keep.any(-1)
-    if values_on_host(keep.device) and not bool(none.any()):
+    return fused_under(q, k, v, additive_mask(keep, q.dtype), ~keep.any(-1), scale=scale)
+
+
+def fused_under(q, k, v, mask: torch.Tensor, empty_rows: torch.Tensor, *, scale: float):
+    """`fused_masked` with its mask built beforehand (one kept for the next call, `kept_when_small`):
+    the additive `mask` and its rows that keep no key, `empty_rows`, which come back as zeros with
+    lse -inf."""
+    out, lse = fused(q, k, v, scale=scale, is_causal=False, mask=mask)
+    if values_on_host(empty_rows.device) and not bool(empty_rows.any()):
         return out, lse
-    return out.masked_fill(none[..., None], 0.0), lse.masked_fill(none, NEG_INF)
+    return out.masked_fill(empty_rows[..., None], 0.0), lse.masked_fill(empty_rows, NEG_INF)
 
 
 def flash_supported(q: torch.Tensor, v: torch.Tensor) -> bool:

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from .band import head_grid, row_grid, row_major
-from .dense import NEG_INF, empty_partial, fused, fused_masked
+from .dense import NEG_INF, additive_mask, empty_partial, fused, fused_masked, fused_under, kept_when_small
 from .device import kernel_device, values_on_host
 from .masked import MASK_BUDGET
 from .merge import join_rows, merge_to
@@ -103,11 +103,10 @@ def strided_pieces(
         width = min(seen + c1, key_rows)  # key class rows this chunk sees
         if seen == 0 and c1 - c0 == rows == width and not skip_strides:  # one causal square: no mask
             out, lse = fused(qc, kc, vc, scale=scale, is_causal=True)
-        else:
-            keys = torch.arange(width, device=q.device)[None, :]
-            limit = torch.arange(seen + c0, seen + c1, device=q.device)[:, None]
-            keep = (keys <= limit) & off_strides((limit + back - keys) * s, skip_strides)
-            out, lse = fused_masked(qc[:, :, c0:c1], kc[:, :, :width], vc[:, :, :width], keep, scale=scale)
+        else:  # local row r sees key class rows up to seen + r: back or more class rows before its own
+            mask, empty = class_distance_mask(seen + c0 + back, c1 - c0, width, back, s, skip_strides, True, q.dtype,
+                                              q.device)
+            out, lse = fused_under(qc[:, :, c0:c1], kc[:, :, :width], vc[:, :, :width], mask, empty, scale=scale)
         first = (skip + c0) * s - lead  # q row of the chunk's first position
         out = out.transpose(1, 2).reshape(b, h, (c1 - c0) * s, dv)
         lse = lse.transpose(1, 2).reshape(b, h, (c1 - c0) * s)
@@ -195,6 +194,20 @@ def strided_attention(
     return join_rows([(out, lse) for _, out, lse in pieces])
 
 
+@kept_when_small(lambda first, rows, key_rows, *rule: rows * key_rows)
+def class_distance_mask(first: int, rows: int, key_rows: int, near: int, stride: int, skip_strides: tuple[int, ...],
+                        causal: bool, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The mask of class rows first .. first + rows - 1 (in the keys' class-row numbering) over key
+    class rows 0 .. key_rows - 1: the additive mask keeping those at least `near` class rows back
+    (without causal, either way) and off the skipped strides' multiples, and its rows that keep no
+    key. A small one is kept for the next call: on CUDA building it took ten to sixteen launches."""
+    apart = torch.arange(first, first + rows, device=device)[:, None] - torch.arange(key_rows, device=device)[None, :]
+    keep = (apart if causal else apart.abs()) >= near
+    if skip_strides:
+        keep &= off_strides(apart * stride, skip_strides)
+    return additive_mask(keep, dtype), ~keep.any(-1)
+
+
 def _every_class_key(q, k, v, *, stride: int, scale: float, min_distance: int,
                      skip_strides: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
     """Non-causal strided attention: each query attends every key of its class, n^2/s work over
@@ -209,7 +222,8 @@ def _every_class_key(q, k, v, *, stride: int, scale: float, min_distance: int,
     q_rows = -(-(lead + lq) // s)
     base = (lk - lq - lead) // s  # the key class row of query class row 0
     near = -(-min_distance // s)  # key class rows t' with |t - t'| < near are dropped
-    qc = _classes(F.pad(q, (0, 0, lead, q_rows * s - lead - lq)), 0, q_rows * s, s)
+    trail = q_rows * s - lead - lq
+    qc = _classes(F.pad(q, (0, 0, lead, trail)) if lead or trail else q, 0, q_rows * s, s)
     key_rows, rest = divmod(lk, s)
     kc, vc = _classes(k, 0, key_rows * s, s), _classes(v, 0, key_rows * s, s)
     if key_rows and not near and not skip_strides:  # a fresh result, merged into in place below
@@ -220,20 +234,17 @@ def _every_class_key(q, k, v, *, stride: int, scale: float, min_distance: int,
         step = max(1, MASK_BUDGET // max(1, key_rows))
         for t0 in range(0, q_rows if key_rows else 0, step):
             t1 = min(q_rows, t0 + step)
-            t = torch.arange(base + t0, base + t1, device=q.device)[:, None]
-            apart = t - torch.arange(key_rows, device=q.device)[None, :]  # in class rows
-            keep = apart.abs() >= near
-            if skip_strides:
-                keep &= off_strides(apart * s, skip_strides)
-            if not values_on_host(keep.device) or bool(keep.any()):
-                out[:, :, t0:t1], lse[:, :, t0:t1] = fused_masked(qc[:, :, t0:t1], kc, vc, keep, scale=scale)
+            mask, empty = class_distance_mask(base + t0, t1 - t0, key_rows, near, s, skip_strides, False, q.dtype,
+                                              q.device)
+            if not values_on_host(q.device) or not bool(empty.all()):
+                out[:, :, t0:t1], lse[:, :, t0:t1] = fused_under(qc[:, :, t0:t1], kc, vc, mask, empty, scale=scale)
     if rest:  # class c < rest: the key at key_rows * s + c
         last_k, last_v = (x[..., key_rows * s :, :].reshape(b * h, rest, 1, -1) for x in (k, v))
         last_lse = (qc[:, :rest].float() * last_k.float()).sum(-1) * scale
         if near or skip_strides:  # rows too near that key, or at a skipped stride's multiple: it is not theirs
-            apart = torch.arange(base, base + q_rows, device=q.device) - key_rows
-            far = (apart.abs() >= near) & off_strides(apart * s, skip_strides)
-            last_lse = last_lse.masked_fill(~far, NEG_INF)
+            far, _ = class_distance_mask(base - key_rows, q_rows, 1, near, s, skip_strides, False, torch.float32,
+                                         q.device)  # the mask's column of key class row `key_rows`
+            last_lse = last_lse + far[:, 0]
         merge_to(out[:, :rest], lse[:, :rest], (out[:, :rest], lse[:, :rest]),
                  (last_v.expand(-1, -1, q_rows, -1), last_lse))
     keep_rows = slice(lead, lead + lq)
