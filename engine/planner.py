@@ -9,8 +9,8 @@ few query rows it runs on a copy of just the keys they attend). Small problems o
 and windows (at most SMALL_KEYS keys; a union with fixed twice that, a causal window half) run on
 the masked kernel too: one call beats their several small ones there; so, on the CPU, do a few
 rows of a union with fixed after up to SHORT_RUN_MASKED_KEYS keys (a decode step), and a chunk of
-one or two class rows of strides of at most TINY_STRIDE (of a union of strides, TINY_UNION_STRIDE). `simplify` first removes what cannot
-change the mask.
+one or two class rows of strides of at most TINY_STRIDE (of a union of strides, TINY_UNION_STRIDE).
+`simplify` first removes what cannot change the mask.
 """
 
 from __future__ import annotations

@@ -153,7 +153,8 @@ def test_cuda_strided_masks_are_built_once(strides, causal):
     q, k, v = (torch.randn(1, 1, 4096, 64, dtype=torch.bfloat16) for _ in range(3))
     out, count = counted_call(q, k, v, pattern, causal=causal)
     assert not {"aten.arange.default", "aten.arange.start", "aten.any.dim"} & set(count.ops), count.ops
-    torch.testing.assert_close(out.double(), reference_attention(q, k, v, pattern, causal=causal)[0], atol=3e-2, rtol=3e-2)
+    torch.testing.assert_close(out.double(), reference_attention(q, k, v, pattern, causal=causal)[0],
+                               atol=3e-2, rtol=3e-2)
 
 
 def test_cuda_calls_keep_their_masks_within_budget():

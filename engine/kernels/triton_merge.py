@@ -48,8 +48,8 @@ def takes(out: torch.Tensor, lse: torch.Tensor, a: tuple[torch.Tensor, torch.Ten
           b: tuple[torch.Tensor, torch.Tensor]) -> bool:
     """Whether the kernel merges these: where Triton runs (`runs_on_triton`), partials of out's
     shape and up to four dims (views with any strides, a stride-0 one too), float32 lse, some rows
-    and features (at most MAX_FEATURES), and the kernel's variant for these dtypes and features matching the
-    arithmetic here (`matches_contract`)."""
+    and features (at most MAX_FEATURES), and the kernel's variant for these dtypes and features
+    matching the arithmetic here (`matches_contract`)."""
     (a_out, a_lse), (b_out, b_lse) = a, b
     return (runs_on_triton(out.device) and out.dim() <= 4 and 0 < out.shape[-1] <= MAX_FEATURES and out.numel() > 0
             and a_out.shape == b_out.shape == out.shape and a_lse.shape == b_lse.shape == lse.shape == out.shape[:-1]
