@@ -1,5 +1,7 @@
 """The engine on a CUDA GPU: exactness first, then the kernel benchmark, in one bounded run.
 
+First the service's warm-up (`engine.planner.warm_up_calls`), timed: on a machine whose Triton
+cache is cold it compiles the Triton binaries the service needs, and /readyz stays 503 that long.
 (a) Every pattern and edge shape of tests/test_engine_reference.py, causal and not, in float32
     and bfloat16 (as the planner picks, and again on the structured kernels where it picks the
     masked one for a small problem), plus each structured kernel on medium shapes (many tiles,
@@ -72,6 +74,7 @@ from engine.kernels.fixed import fused_fixed_attention  # noqa: E402
 from engine.kernels.merge import torch_merge_to  # noqa: E402
 from engine.kernels.triton_fixed import matches_contract, triton_fixed_attention  # noqa: E402
 from engine.patterns import parse_pattern  # noqa: E402
+from engine.planner import warm_up_calls  # noqa: E402
 from planner_support import structured_at_every_size  # noqa: E402
 from reference import reference_attention  # noqa: E402
 from test_engine_reference import PATTERNS, SHAPES  # noqa: E402
@@ -274,6 +277,25 @@ def outcome(name: str, attempt) -> bool:
     return problem is None
 
 
+def warm_up(device: torch.device) -> float | None:
+    """Seconds the service's warm-up takes here through the engine, or None if it failed (said in
+    a FAIL line)."""
+    started = time.perf_counter()
+
+    def run() -> None:
+        for q, pattern, causal in warm_up_calls(device):
+            q = q.to(device)
+            attention(q, q, q, pattern, causal=causal)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    if not outcome(f"the service's warm-up on {device}", run):
+        return None
+    seconds = time.perf_counter() - started
+    print(f"the service's warm-up: {seconds:.1f} s", flush=True)
+    return seconds
+
+
 def fixed_on_kernel(device: torch.device) -> bool:
     """Whether the benchmark's fixed calls (bfloat16, D = 64, causal) run on the Triton kernel here:
     its variant passed its probe (a failed one is logged, and takes the fused plan)."""
@@ -349,6 +371,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     print(f"torch {torch.__version__}, device {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}",
           flush=True)
+    warm_s = warm_up(device)
     if device.type == "cuda":
         print(f"flash local window for the band: causal {flash_window_supported(device, True)}, "
               f"non-causal {flash_window_supported(device, False)}; fixed on the Triton kernel: "
@@ -358,7 +381,8 @@ def main(argv: list[str] | None = None) -> int:
     passed, failed = check(device, args.check_workers)
     if device.type == "cuda":  # the CPU has no grid limit, and these are minutes on it
         passed, failed = (a + b for a, b in zip((passed, failed), grid_checks(device)))
-    summary = {"passed": passed, "failed": failed, "check_s": time.perf_counter() - started}
+    passed, failed = passed + (warm_s is not None), failed + (warm_s is None)
+    summary = {"passed": passed, "failed": failed, "warm_up_s": warm_s, "check_s": time.perf_counter() - started}
     print(f"checks: {passed} passed, {failed} failed in {summary['check_s']:.0f} s", flush=True)
     if not args.skip_bench:
         bench_kernels.STARTED = time.perf_counter()

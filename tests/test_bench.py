@@ -14,6 +14,7 @@ from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 from bench import kernels as bench_kernels
 from engine.kernels import triton_fixed
 from engine.patterns import parse_pattern
+from engine.planner import warm_up_calls
 from reference import reference_attention
 from service_support import from_json
 
@@ -163,6 +164,25 @@ def test_gpu_check_cases_pass_on_the_cpu(kernels):
                 assert gpu_check.compare(*run(), q, k, v, pattern, causal, dtype) is None, name
     twice = [name.split(" structured (")[0] for name in names if " structured (" in name]
     assert twice and set(twice) <= set(names)
+
+
+def test_gpu_check_times_the_service_warm_up_and_fails_if_it_does(monkeypatch, capsys):
+    """gpu_check first runs the service's warm-up calls through the engine and times them (on a
+    cold GPU its Triton compiles); a warm-up that raises is a FAIL line and no time."""
+    from bench import gpu_check
+
+    calls = []
+    monkeypatch.setattr(gpu_check, "attention", lambda q, k, v, pattern, causal: calls.append((pattern, causal)))
+    assert gpu_check.warm_up(torch.device("cpu")) > 0
+    assert calls == [(pattern, causal) for _, pattern, causal in warm_up_calls(torch.device("cpu"))]
+    assert "PASS the service's warm-up on cpu" in capsys.readouterr().out
+
+    def fails(*args, **kwargs):
+        raise RuntimeError("out of resources")
+
+    monkeypatch.setattr(gpu_check, "attention", fails)
+    assert gpu_check.warm_up(torch.device("cpu")) is None
+    assert "FAIL the service's warm-up on cpu: raised" in capsys.readouterr().out
 
 
 def test_gpu_check_workers_run_each_check_once_between_them(monkeypatch, capsys):
