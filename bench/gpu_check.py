@@ -28,8 +28,12 @@ cache is cold it compiles the Triton binaries the service needs, and /readyz sta
     into bfloat16: the Triton merge against `merge_to`'s torch ops.
 
 Exits 1 if any check fails or raises, 2 if CUDA is missing: it never skips a check quietly.
-Sized to finish in about 5 minutes on an H200: FlexAttention is compiled at n = 16384 and 131072
-only, and no new compile starts after --flex-budget seconds of benchmark (each is said so).
+Sized to finish in about 5 minutes on an H200 with a warm Triton cache: FlexAttention is compiled
+at n = 16384 and 131072 only, and no new compile starts after --flex-budget seconds of benchmark
+(each is said so). Not yet run there since the Triton kernels came: on a fresh machine their
+compiles (the warm-up's 78 binaries one after another, then the checks' others side by side) add
+an unmeasured minute or two, so the command below gives it 540 s; every line goes to the log as
+it comes, so a run cut short still says what it did.
 
     python3 -m bench.gpu_check --out "$OUT"
 
@@ -45,7 +49,7 @@ then run there, carrying `.whl`:
 
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
         .whl/*.whl && export PYTHONPATH=/tmp/site || exit; set -o pipefail; \
-    PYTHONUNBUFFERED=1 timeout 420 python3 -m bench.gpu_check --out "$OUT" 2>&1 | tee "$OUT/gpu_check.log"
+    PYTHONUNBUFFERED=1 timeout 540 python3 -m bench.gpu_check --out "$OUT" 2>&1 | tee "$OUT/gpu_check.log"
 """
 
 from __future__ import annotations
