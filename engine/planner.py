@@ -125,7 +125,13 @@ SHORT_RUN_MASKED_KEYS = 1024
 # over 8 with D = 128 2.64-2.77 / 1.86-2.30 (through `engine.attention`). Fewer rows than s were
 # mixed (strides 5 and 7 at 2 rows: 0.84 at Lk 16384, 1.32-1.44 elsewhere; 4 and 64 0.69), and so
 # were s = 6 (strides 6 and 9 at 2 rows 0.25-0.63, at 6 and 12 rows 1.18-2.25) and a stride of 4
-# or 5 alone (0.77-1.72): they keep their plans.
+# or 5 alone (0.77-1.72): they keep their plans. Without causality (each row attends its class
+# both ways, the keys after it included) the unions alike, at Lq 2 / s / 1.5s / 2s and Lk 512 /
+# 16384 / 65536: strides 2 and 7 2.74-2.90 / 1.99-2.16 / 2.12-2.48; 3 and 64 1.79-2.52 /
+# 1.08-1.82 / 1.33-1.90; 4 and 9 (from s rows) 1.84-1.96 / 1.27-1.48 / 1.54-1.72; 5 and 7 2.83-3.19
+# / 1.41-1.58 / 1.74-1.85; 5 and 64 2.04-2.29 / 0.99-1.08 / 1.19-1.33; 4, 6 and 9 3.56-3.85 /
+# 2.34-2.56 / 2.33-2.91; strides 5 and 64 at 2 rows 0.19-0.75. A stride alone was mixed (strided(2)
+# 0.59-1.71, strided(4) 0.33-1.13): causal only.
 # On CUDA a class view's rows are whole memory transactions, and strided is one flash call.
 TINY_STRIDE = 3
 TINY_UNION_STRIDE = 5
@@ -228,15 +234,15 @@ def _short_run_on_masked(pattern: PatternBase, lq: int, lk: int, causal: bool, d
 
 
 def _tiny_strides_on_masked(pattern: PatternBase, lq: int, causal: bool, device: str) -> bool:
-    """Whether a causal chunk of strides alone runs on the CPU's masked kernel: one or two class
-    rows (s to 2s) of a stride s of at most TINY_STRIDE, and of a union of strides whose smallest s
-    is at most TINY_UNION_STRIDE, from 2 rows on where s is at most TINY_STRIDE."""
+    """Whether a chunk of strides alone runs on the CPU's masked kernel: one or two class rows (s to
+    2s) of a stride s of at most TINY_STRIDE, causal, and of a union of strides whose smallest s is
+    at most TINY_UNION_STRIDE, causal or not, from 2 rows on where s is at most TINY_STRIDE."""
     members = pattern.patterns if isinstance(pattern, Union) else (pattern,)
-    if device != "cpu" or not causal or not all(isinstance(member, Strided) for member in members):
+    if device != "cpu" or not all(isinstance(member, Strided) for member in members):
         return False
     stride = min(member.stride for member in members)
     if len(members) == 1:
-        return stride <= TINY_STRIDE and stride <= lq <= 2 * stride
+        return causal and stride <= TINY_STRIDE and stride <= lq <= 2 * stride
     fewest = 2 if stride <= TINY_STRIDE else stride
     return stride <= TINY_UNION_STRIDE and fewest <= lq <= 2 * stride
 

@@ -289,7 +289,9 @@ STRIDES = {"type": "union", "patterns": [SW(256), ST(128), ST(96)]}
     ({"type": "union", "patterns": [ST(4), ST(6)]}, 3, 65536, True, "strided"),  # fewer rows than s: mixed
     ({"type": "union", "patterns": [ST(5), ST(7)]}, 11, 65536, True, "strided"),
     ({"type": "union", "patterns": [ST(6), ST(9)]}, 6, 65536, True, "strided"),
-    ({"type": "union", "patterns": [ST(4), ST(6)]}, 4, 65536, False, "strided"),
+    ({"type": "union", "patterns": [ST(4), ST(6)]}, 4, 65536, False, "masked"),  # a union: causal or not
+    ({"type": "union", "patterns": [ST(3), ST(64)]}, 2, 16384, False, "masked"),
+    ({"type": "union", "patterns": [ST(5), ST(64)]}, 2, 16384, False, "strided"),
     (ST(5), 5, 65536, True, "strided"),  # a stride alone: mixed
     ({"type": "union", "patterns": [ST(3), SW(8)]}, 3, 65536, True, "band+strided"),  # strides alone only
 ])
