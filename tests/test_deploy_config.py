@@ -169,6 +169,32 @@ def test_gpu_override_reserves_gpus_the_compose_way(compose_binary):
     assert config["services"]["lb"]["ports"][0]["target"] == 8080
 
 
+def image_triton_cache(dockerfile: Path) -> str:
+    """The TRITON_CACHE_DIR a Dockerfile's final stage sets, checked to be a directory it creates
+    and hands to the user the service runs as (a new named volume takes its owner from there)."""
+    text = dockerfile.read_text().replace("\\\n", " ")
+    final_stage = text[text.rindex("\nFROM "):]
+    (cache,) = re.findall(r"TRITON_CACHE_DIR=(\S+)", final_stage)
+    (user,) = re.findall(r"^USER (\d+):", final_stage, re.M)
+    assert f"mkdir -p {cache}" in final_stage
+    owned = re.search(rf"chown -R {user}:{user} (\S+)", final_stage)
+    assert owned and cache.startswith(owned[1]), "the cache directory is not the service user's"
+    return cache
+
+
+def test_gpu_override_keeps_triton_compiles_across_containers(compose_binary):
+    """A cold start compiles the engine's Triton kernels before /readyz turns 200 (minutes): the
+    override keeps them in a named volume and gives the readiness check time for a cold start."""
+    cache = image_triton_cache(DOCKER_DIR / "Dockerfile.cuda")
+    config = rendered(compose_binary, ["compose.yaml", "compose.gpu.yaml"])
+    service = config["services"]["service"]
+    (mount,) = [m for m in service["volumes"] if m["target"] == cache]
+    assert mount["type"] == "volume" and mount["source"] in config["volumes"]
+    assert service["healthcheck"]["start_period"] == "10m0s"
+    cpu = rendered(compose_binary, ["compose.yaml"])["services"]["service"]
+    assert "volumes" not in cpu and cpu["healthcheck"]["start_period"] == "1m0s"  # the CPU compiles nothing
+
+
 def test_monitoring_profile_adds_prometheus_on_the_project_config(compose_binary):
     config = rendered(compose_binary, ["compose.yaml"], profiles=("monitoring",))
     prometheus = config["services"]["prometheus"]
@@ -232,6 +258,7 @@ def test_readme_example_pins_a_second_gpu_service_under_the_service_name(compose
     assert second["networks"]["default"]["aliases"] == ["service"]  # nginx's upstream name
     assert second["build"]["dockerfile"] == first["build"]["dockerfile"] == "docker/Dockerfile.cuda"
     assert second["image"] == first["image"]
+    assert second["volumes"] == first["volumes"] and second["healthcheck"] == first["healthcheck"]
 
 
 def test_prometheus_config_passes_promtool(promtool, tmp_path):

@@ -1,9 +1,10 @@
 """Compile the engine's Triton kernel variants (fixed's kernel, the merge) for NVIDIA GPUs on a
 machine without one (Triton's wheel carries ptxas) and print each variant's shared memory as JSON
-lines. Run in a process without
-TRITON_INTERPRET (the engine's kernels are compiled functions there, not interpreted ones):
+lines, with the seconds each compile took. Run in a process without TRITON_INTERPRET (the engine's
+kernels are compiled functions there, not interpreted ones):
 
     python tests/triton_aot.py 86 90
+    TRITON_CACHE_DIR=$(mktemp -d) python tests/triton_aot.py 90   # cold compiles' times
 """
 
 from __future__ import annotations
@@ -11,7 +12,9 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 import warnings
+from functools import partial
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -81,22 +84,30 @@ def compile_split_merge(dtype: torch.dtype, features: int, capability: int):
     return _compile(_merge_splits_kernel, signature, tiles, capability)
 
 
+def _report(kernel: str, capability: int, fields: dict, build) -> None:
+    """Compile one variant (`build()`) and print it as a JSON line: its shared memory, and the seconds the
+    compile took (a cold compile unless TRITON_CACHE_DIR already holds it)."""
+    start = time.perf_counter()
+    compiled = build()
+    print(json.dumps({"kernel": kernel, "capability": capability, **fields, "shared": compiled.metadata.shared,
+                      "seconds": round(time.perf_counter() - start, 2)}), flush=True)
+
+
 def main(capabilities: list[int]) -> None:
     assert os.environ.get("TRITON_INTERPRET") != "1", "run without TRITON_INTERPRET"
     warnings.filterwarnings("ignore")
     for capability in capabilities:
         for dtype, head_dim, causal, skips in VARIANTS:
-            kernel = compile_variant(dtype, head_dim, causal, skips, capability)
-            print(json.dumps({"kernel": "fixed", "capability": capability, "dtype": TYPES[dtype], "head_dim": head_dim,
-                              "causal": causal, "skips": skips, "shared": kernel.metadata.shared}), flush=True)
+            fields = {"dtype": TYPES[dtype], "head_dim": head_dim, "causal": causal, "skips": skips}
+            _report("fixed", capability, fields,
+                    partial(compile_variant, dtype, head_dim, causal, skips, capability))
         for a_dtype, b_dtype, out_dtype, features in MERGE_VARIANTS:
-            kernel = compile_merge(a_dtype, b_dtype, out_dtype, features, capability)
-            print(json.dumps({"kernel": "merge", "capability": capability, "dtypes": [TYPES[a_dtype], TYPES[b_dtype],
-                              TYPES[out_dtype]], "features": features, "shared": kernel.metadata.shared}), flush=True)
+            _report("merge", capability, {"dtypes": [TYPES[a_dtype], TYPES[b_dtype], TYPES[out_dtype]],
+                                          "features": features},
+                    partial(compile_merge, a_dtype, b_dtype, out_dtype, features, capability))
         for dtype, features in SPLIT_MERGE_VARIANTS:
-            kernel = compile_split_merge(dtype, features, capability)
-            print(json.dumps({"kernel": "split merge", "capability": capability, "dtype": TYPES[dtype],
-                              "features": features, "shared": kernel.metadata.shared}), flush=True)
+            _report("split merge", capability, {"dtype": TYPES[dtype], "features": features},
+                    partial(compile_split_merge, dtype, features, capability))
 
 
 if __name__ == "__main__":
