@@ -17,7 +17,7 @@ import triton_aot
 from cuda_emulation import cuda_kernels_on_cpu, triton_compiles
 
 from engine import attention
-from engine.kernels.device import triton
+from engine.kernels.device import TRITON_OPTIONS, triton
 from engine.planner import warm_up_calls
 
 pytestmark = pytest.mark.skipif(triton is None, reason="Triton is not installed")
@@ -73,6 +73,8 @@ def test_after_the_warm_up_a_new_length_compiles_nothing(dtype):
                 if q.dtype == dtype and q.shape[-1] == 64:
                     attention(q, q, q, pattern, causal=causal)
         assert {key[0] for key in warm} == {"_fixed_kernel", "_merge_kernel", "_merge_splits_kernel"}
+        # Each launch names its options (Triton's defaults change between versions).
+        assert all(repr(option) in key[2] for key in warm for option in TRITON_OPTIONS.items())
         g = torch.Generator().manual_seed(0)
         for b, h, hkv, lq, lk in LATER_SHAPES:
             q = torch.randn(b, h, lq, 64, generator=g).to(dtype)

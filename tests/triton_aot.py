@@ -40,8 +40,11 @@ def _compile(kernel, signature: dict[str, str], constexprs: dict, capability: in
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
+    from engine.kernels.device import TRITON_OPTIONS
+
     source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs)
-    return triton.compile(source, target=GPUTarget("cuda", capability, 32), options=options or {})
+    options = {**TRITON_OPTIONS, **(options or {})}  # the engine's launches pass them too
+    return triton.compile(source, target=GPUTarget("cuda", capability, 32), options=options)
 
 
 def compile_variant(dtype: torch.dtype, head_dim: int, causal: bool, skips: int, capability: int):

@@ -29,7 +29,7 @@ import torch
 
 from ..patterns import Fixed
 from .dense import additive_mask, math_attention
-from .device import runs_on_triton, triton
+from .device import TRITON_OPTIONS, runs_on_triton, triton
 from .strided import off_strides
 from .triton_merge import feature_tile, merge_splits
 
@@ -132,7 +132,7 @@ def triton_fixed_attention(
             _fixed_kernel[grid](
                 q, k, v, out, lse, *q.stride(), *k.stride(), *v.stride(), *o.stride(), *l.stride(), *split_strides,
                 h, h // hkv, lq, lk, d, dv, block, summary, min_distance, *strides, splits,
-                scale * math.log2(math.e), **variant,
+                scale * math.log2(math.e), **variant, **TRITON_OPTIONS,
             )
     if splits > 1:
         out, lse = merge_splits(out, lse, q.dtype)

@@ -19,7 +19,7 @@ import logging
 
 import torch
 
-from .device import runs_on_triton, triton
+from .device import TRITON_OPTIONS, runs_on_triton, triton
 
 if triton is not None:  # without Triton `merge_to` keeps its torch ops everywhere
     import triton.language as tl
@@ -117,6 +117,7 @@ def triton_merge_to(out: torch.Tensor, lse: torch.Tensor, a: tuple[torch.Tensor,
         _merge_kernel[(triton.cdiv(total, tiles["BLOCK_R"]),)](
             o, lo, ao, al, bo, bl, n1, rows, total, d,
             *o.stride(), *lo.stride(), *ao.stride(), *al.stride(), *bo.stride(), *bl.stride(), **tiles,
+            **TRITON_OPTIONS,
         )
 
 
@@ -134,7 +135,7 @@ def merge_splits(out: torch.Tensor, lse: torch.Tensor, dtype: torch.dtype) -> tu
     if rows and d:
         with torch.cuda.device(out.device) if out.device.type == "cuda" else contextlib.nullcontext():
             _merge_splits_kernel[(triton.cdiv(rows, tiles["BLOCK_R"]),)](out, lse, merged, merged_lse, splits, rows,
-                                                                         d, **tiles)
+                                                                         d, **tiles, **TRITON_OPTIONS)
     return merged, merged_lse
 
 
