@@ -228,7 +228,7 @@ def run_heads(q, k, v, pattern: PatternBase, *, causal: bool, scale: float):
     for step, heads, kv in runs:
         if kv is not None:
             idx = slice(heads[0], heads[-1] + 1)
-            qs, ks, vs = q[:, idx], k[:, kv], v[:, kv]
+            qs, ks, vs = (q, k, v) if len(heads) == h else (q[:, idx], k[:, kv], v[:, kv])
         else:
             qs, ks, vs, idx = _heads_of(heads, q, k, v)
         if len(runs) == 1:

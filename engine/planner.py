@@ -25,7 +25,7 @@ import torch
 
 from . import kernels
 from .kernels.band import TILE_ROWS
-from .kernels.dense import as_computed, padded_head_dims
+from .kernels.dense import as_computed, padded_head_dims, without_padding
 from .kernels.device import kernel_device
 from .kernels.fixed import SHORT_RUN_ROWS, short_run
 from .kernels.masked import one_chunk
@@ -62,7 +62,7 @@ class Plan:
         if pads_head_dims(q.device):
             q, k, v = padded_head_dims(q, k, v)
         out, lse = kernels.merge_partials([step(q, k, v, scale=scale) for step in self.steps], q.dtype)
-        return out[..., :dv], lse
+        return without_padding(out, dv), lse
 
 
 # Keys up to which fixed, unions and a non-causal window run on the masked kernel, a union with a

@@ -51,7 +51,7 @@ def as_computed(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
     first: converting straight from one took 1.7x as long (25 rows' stride classes of 65536 bfloat16
     keys, H = 8: 6.5 ms, 3.7 so)."""
     return tuple(x.contiguous().to(torch.float32, memory_format=torch.contiguous_format)
-                 if kernel_device(x.device) == "cpu" and x.dtype in cpu_upcast_dtypes() else x for x in tensors)
+                 if x.dtype in cpu_upcast_dtypes() and kernel_device(x.device) == "cpu" else x for x in tensors)
 
 
 def fused(q, k, v, *, scale: float, is_causal: bool, mask: torch.Tensor | None = None):
@@ -78,7 +78,13 @@ def fused(q, k, v, *, scale: float, is_causal: bool, mask: torch.Tensor | None =
         out, lse = _fused_cuda(q, k, v, scale=scale, is_causal=is_causal, mask=mask)
     else:
         out, lse = math_attention(q, k, v, scale=scale, is_causal=is_causal, mask=mask)
-    return out[..., :dv], lse.float()
+    return without_padding(out, dv), lse.float()
+
+
+def without_padding(out: torch.Tensor, dv: int) -> torch.Tensor:
+    """`out` without the features past `dv` that `same_head_dim` or `padded_head_dims` added; out
+    itself when there are none (a view is host time, which a decode step's call is mostly)."""
+    return out if out.shape[-1] == dv else out[..., :dv]
 
 
 # Masks of at most this many elements are kept for the next call of their shape (the last
