@@ -9,23 +9,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from engine import attention
+from pattern_strategies import for_heads, leaf, single
 from reference import reference_attention
 
 pytestmark = pytest.mark.usefixtures("engine_passes")  # small shapes: every kernel, CPU and CUDA
-
-leaf = st.one_of(
-    st.just({"type": "dense"}),
-    st.builds(lambda w: {"type": "sliding_window", "window": w}, st.integers(1, 80)),
-    st.builds(lambda s: {"type": "strided", "stride": s}, st.integers(1, 40)),
-    st.integers(1, 24).flatmap(
-        lambda l: st.builds(lambda c: {"type": "fixed", "block": l, "summary": c}, st.integers(1, l))
-    ),
-)
-single = st.recursive(
-    leaf, lambda inner: st.builds(lambda ps: {"type": "union", "patterns": ps}, st.lists(inner, min_size=1, max_size=3)),
-    max_leaves=4,
-)
-
 
 @st.composite
 def problems(draw):
@@ -35,10 +22,7 @@ def problems(draw):
     lq = draw(st.integers(1, lk))
     d = draw(st.sampled_from([4, 8, 16]))
     dv = draw(st.sampled_from([d, 8]))
-    pattern = draw(single)
-    if draw(st.booleans()):
-        per = draw(st.sampled_from([n for n in (1, 2, 3, 6) if h % n == 0]))
-        pattern = {"type": "per_head", "patterns": draw(st.lists(single, min_size=per, max_size=per))}
+    pattern = draw(for_heads(h))
     causal = draw(st.booleans())
     scale = draw(st.one_of(st.none(), st.sampled_from([0.0, -0.5]), st.floats(-3, 3)))
     return (draw(st.integers(1, 2)), h, hkv, lq, lk, d, dv), pattern, causal, draw(st.integers(0, 2**31 - 1)), scale
