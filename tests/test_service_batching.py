@@ -317,7 +317,7 @@ def request_families(draw):
         batches=draw(st.lists(st.integers(1, 2), min_size=len(lengths), max_size=len(lengths))),
         extra=draw(st.integers(0, 40)), pattern=draw(for_heads(h)),
         scale=draw(st.one_of(st.none(), st.floats(-2, 2))), dtype=draw(st.sampled_from([torch.float32, torch.bfloat16])),
-        seed=draw(st.integers(0, 2**31 - 1)),
+        seed=draw(st.integers(0, 2**30)),
     )
 
 
@@ -327,11 +327,9 @@ def request_families(draw):
 def test_random_request_families_run_in_one_call_and_each_gets_its_exact_answer(family):
     """Concurrent requests that may share a call do (padded where their lengths differ), and each
     gets the reference's answer for its own inputs: no row of one leaks into another's."""
-    g = torch.Generator().manual_seed(family["seed"])
-    requests = [tuple(torch.randn(b, heads, length, dim, generator=g).to(family["dtype"])
-                      for heads, length, dim in ((family["h"], lq, family["d"]), (family["hkv"], lq + family["extra"],
-                                                 family["d"]), (family["hkv"], lq + family["extra"], family["dv"])))
-                for b, lq in zip(family["batches"], family["lengths"])]
+    requests = [qkv(b=b, h=family["h"], hkv=family["hkv"], lq=lq, lk=lq + family["extra"], d=family["d"],
+                    dv=family["dv"], dtype=family["dtype"], seed=family["seed"] + i)
+                for i, (b, lq) in enumerate(zip(family["batches"], family["lengths"]))]
     pattern, causal, scale = family["pattern"], family["causal"], family["scale"]
 
     async def submit_all():
