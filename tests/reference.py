@@ -56,3 +56,15 @@ def reference_attention(q, k, v, pattern=None, *, causal=True, scale=None):
         outs.append(torch.einsum("bqk,bkd->bqd", probs, vh))
         lses.append(lse)
     return torch.stack(outs, 1), torch.stack(lses, 1)
+
+
+def assert_matches_reference(out, lse, ref_out, ref_lse, *, tol: float, lse_tol: float | None = None) -> None:
+    """An (out, lse) against the reference's: the output within `tol`; the same rows with no key,
+    which have lse -inf and output zeros (CONTRACT §1); the other rows' lse within `lse_tol` (`tol`
+    unless said: a half-precision output's rounding leaves the float32 lse exact)."""
+    torch.testing.assert_close(out.double(), ref_out, atol=tol, rtol=tol)
+    empty = torch.isinf(ref_lse)
+    assert torch.equal(torch.isinf(lse), empty), "rows with no key must have lse -inf"
+    lse_tol = tol if lse_tol is None else lse_tol
+    torch.testing.assert_close(lse.double()[~empty], ref_lse[~empty], atol=lse_tol, rtol=lse_tol)
+    assert (out[empty] == 0).all(), "rows with no key must output zeros"

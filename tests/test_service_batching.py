@@ -17,7 +17,7 @@ from engine.batcher import (
     LARGE_CALL_ELEMENTS, Batcher, ClientGone, DeadlineExceeded, QueueFull, ShuttingDown, ThreadBudget,
 )
 from pattern_strategies import for_heads
-from reference import reference_attention
+from reference import assert_matches_reference, reference_attention
 from service.settings import usable_cores
 from service_support import Gate, from_json, post_in_one_wave, qkv, request_body, serve, settings
 
@@ -344,10 +344,7 @@ def test_random_request_families_run_in_one_call_and_each_gets_its_exact_answer(
     for (q, k, v), result in zip(requests, results):
         ref_out, ref_lse = reference_attention(q, k, v, pattern, causal=causal, scale=scale)
         assert result.output.dtype == q.dtype and result.output.shape == (*q.shape[:3], v.shape[-1])
-        torch.testing.assert_close(result.output.double(), ref_out, atol=tolerance, rtol=tolerance)
-        assert torch.equal(torch.isinf(result.lse), torch.isinf(ref_lse))
-        finite = ~torch.isinf(ref_lse)
-        torch.testing.assert_close(result.lse.double()[finite], ref_lse[finite], atol=3e-5, rtol=3e-5)
+        assert_matches_reference(result.output, result.lse, ref_out, ref_lse, tol=tolerance, lse_tol=3e-5)
 
 
 @pytest.mark.anyio
