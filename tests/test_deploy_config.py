@@ -9,6 +9,7 @@ Each tool is also shown a broken file, so a passing run means the tool judged ou
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import os
 import re
@@ -240,6 +241,37 @@ def test_images_run_the_service_as_non_root_with_a_healthcheck(dockerfile):
     assert any(line.startswith("HEALTHCHECK") for line in final_stage)
     assert any("/healthz" in line for line in final_stage)
     assert final_stage[-1] == 'CMD ["python", "-m", "service"]'
+
+
+def build_context_admits(path: str) -> bool:
+    """Whether the repository's .dockerignore lets a top-level `path` into the build context:
+    docker's rule, the last pattern that matches decides, and `!` admits."""
+    admitted = True
+    for line in (DOCKER_DIR.parent / ".dockerignore").read_text().splitlines():
+        rule = line.strip()
+        if not rule or rule.startswith("#"):
+            continue
+        if fnmatch.fnmatchcase(path, rule.removeprefix("!").rstrip("/")):
+            admitted = rule.startswith("!")
+    return admitted
+
+
+@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
+def test_images_build_from_what_the_build_context_holds_at_the_pinned_versions(dockerfile):
+    """Each file an image copies from the repository passes .dockerignore and exists, and its pip
+    install takes constraints.txt's pins, as `make` does."""
+    copied = [
+        source
+        for line in dockerfile.read_text().splitlines()
+        if line.startswith("COPY ") and "--from=" not in line
+        for source in line.split()[1:-1]
+    ]
+    assert "constraints.txt" in copied
+    for source in copied:
+        assert (DOCKER_DIR.parent / source).exists(), f"{dockerfile.name} copies {source}, which is not there"
+        assert build_context_admits(source), f".dockerignore keeps {source} out of {dockerfile.name}'s build"
+    assert "pip install --no-cache-dir -c constraints.txt ." in dockerfile.read_text()
+    assert not build_context_admits("tests") and not build_context_admits(".venv")
 
 
 def test_readme_example_pins_a_second_gpu_service_under_the_service_name(compose_binary, tmp_path):
