@@ -6,7 +6,7 @@ The counts do not depend on the machine. Triton kernels run in Triton's interpre
 as the one launch each is on a GPU; `--fused-fixed` counts fixed's fused-SDPA plan instead (CUDA's
 fallback where Triton is missing).
 
-    .venv/bin/python -m bench.cuda_ops            # the README's table (bfloat16, H = 1, D = 64, Lk = 4096)
+    .venv/bin/python -m bench.cuda_ops            # docs/kernels.md's table (bfloat16, H = 1, D = 64, Lk = 4096)
 """
 
 from __future__ import annotations
