@@ -112,8 +112,8 @@ def attended_pairs(pattern: PatternBase, batch: int, heads: int, lq: int, lk: in
 
 def pairs_bound(pattern: PatternBase, lq: int, lk: int, causal: bool = True) -> int:
     """An upper bound of one single-head pattern's attended pairs at O(Lq) cost for any pattern
-    (the exact count of a union with `fixed` evaluates its rule): a union's members counted
-    apart, at most the dense count."""
+    (a union's exact count costs O(Lk) and more where strides meet fixed): a union's members
+    counted apart, at most the dense count."""
     members = pattern.leaves() if isinstance(pattern, Union) else [pattern]
     dense = _pairs_per_head(Dense(), lq, lk, causal)
     return min(dense, sum(_pairs_per_head(m, lq, lk, causal) for m in members))

@@ -14,6 +14,7 @@ flattened, at most 64 leaf patterns).
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING, ClassVar, Literal
 
 import torch
@@ -21,6 +22,7 @@ from pydantic import Field, model_validator
 
 from .base import Composite, PatternBase, causal_limit
 from .dense import Dense
+from .fixed import Fixed
 from .sliding_window import SlidingWindow
 from .strided import Strided
 
@@ -31,8 +33,8 @@ MAX_MEMBERS = 8
 # Leaf patterns in a union once nested unions are flattened (a union of 8 unions of 8): the
 # planner's work grows with them (a kernel step per stride, a rule per leaf in the masked kernel).
 MAX_LEAVES = 64
-# Rows x keys evaluated at once when a union has no arithmetic count (bounds memory, not time).
-_COUNT_CHUNK_ELEMENTS = 1 << 22
+# Rows x summary columns evaluated at once where a stride meets a fixed member (bounds memory).
+_EVALUATED_ELEMENTS = 1 << 22
 
 
 class Union(Composite):
@@ -74,27 +76,121 @@ class Union(Composite):
         return min(lo for lo, _ in spans), max(hi for _, hi in spans)
 
     def row_counts(self, i: torch.Tensor, lk: int, causal: bool) -> torch.Tensor:
-        if all(isinstance(p, (Dense, SlidingWindow, Strided)) for p in self.leaves()):
-            return self._distance_row_counts(i, lk, causal)
-        return self._evaluated_row_counts(i, lk, causal)
-
-    def _distance_row_counts(self, i: torch.Tensor, lk: int, causal: bool) -> torch.Tensor:
-        """Members whose rule depends on i - j only: prefix sums over the allowed distances."""
-        d = torch.arange(-(lk - 1), lk, device=i.device)
-        allowed = self.allows(d, torch.zeros_like(d)).to(torch.int64)
-        prefix = torch.cat([torch.zeros(1, dtype=torch.int64, device=i.device), allowed.cumsum(0)])
-        hi = causal_limit(i, lk, causal)  # keys j in [0, hi) <=> distances d in (i - hi, i]
-        return prefix[i + lk] - prefix[i - hi + lk]
-
-    def _evaluated_row_counts(self, i: torch.Tensor, lk: int, causal: bool) -> torch.Tensor:
-        """Any other union: evaluate the rule over each row's key span, a chunk of rows at a time."""
-        counts = torch.empty_like(i)
-        start = 0
-        while start < len(i):
-            rows = max(1, _COUNT_CHUNK_ELEMENTS // max(1, lk))
-            chunk = i[start : start + rows]
-            lo, hi = self.key_span(int(chunk.min()), int(chunk.max()) + 1, lk, causal)
-            j = torch.arange(lo, hi, device=i.device)
-            counts[start : start + len(chunk)] = self.attends(chunk[:, None], j[None, :], causal).sum(-1)
-            start += len(chunk)
+        """Keys j < hi (the causal limit) that some member allows, by arithmetic over rows. A
+        window's keys (dense's: all) are one range around i, the widest window's; a fixed member's
+        own block is a range holding i, so the blocks together are one range too, B; the summary
+        columns S depend on j alone and the strides' keys on i - j alone. Counted as |B| plus, on
+        either side of B, the window's keys, then S's keys outside the window (a prefix over
+        keys), then the strides' keys outside the window (a prefix over distances) less those
+        in S, which `_strided_summary_keys` counts."""
+        leaves = self.leaves()
+        hi = causal_limit(i, lk, causal)
+        reach = max((lk if isinstance(p, Dense) else p.window for p in leaves if isinstance(p, (Dense, SlidingWindow))),
+                    default=0)
+        window_start = torch.clamp(i - reach + 1, min=0)
+        window = (window_start, torch.maximum(torch.minimum(i + reach, hi), window_start))
+        blocks = [p.block for p in leaves if isinstance(p, Fixed)]
+        if blocks:
+            own = (torch.stack([i // b * b for b in blocks]).amin(0),
+                   torch.minimum(torch.stack([(i // b + 1) * b for b in blocks]).amax(0), hi))
+        else:
+            own = (hi, hi)
+        summary = _summary_prefix(leaves, lk, i.device)
+        strides = [p for p in leaves if isinstance(p, Strided)]
+        stride_prefix = _distance_prefix(strides, lk, i.device)
+        counts = own[1] - own[0]
+        beyond_window = []  # the key ranges beside B and outside the window
+        for side in ((torch.zeros_like(i), own[0]), (own[1], hi)):
+            inside = (torch.maximum(side[0], window[0]), torch.minimum(side[1], window[1]))
+            counts = counts + torch.clamp(inside[1] - inside[0], min=0)
+            counts = counts + _in_range(summary, *side) - _in_range(summary, *inside)
+            counts = counts + (_distances_in_range(stride_prefix, i, lk, *side)
+                               - _distances_in_range(stride_prefix, i, lk, *inside))
+            beyond_window += [(side[0], torch.minimum(side[1], window[0])), (torch.maximum(side[0], window[1]), side[1])]
+        if strides and blocks:
+            counts = counts - _strided_summary_keys(strides, i, lk, summary, beyond_window)
         return counts
+
+
+def _summary_prefix(leaves: list[PatternBase], lk: int, device: torch.device) -> torch.Tensor:
+    """prefix[x]: keys j < x that are a fixed member's summary column."""
+    j = torch.arange(lk, device=device)
+    columns = torch.zeros(lk, dtype=torch.bool, device=device)
+    for p in leaves:
+        if isinstance(p, Fixed):
+            columns |= torch.remainder(j, p.block) >= p.block - p.summary
+    return torch.cat([torch.zeros(1, dtype=torch.int64, device=device), columns.cumsum(0)])
+
+
+def _strided_summary_keys(strides: list[Strided], i: torch.Tensor, lk: int, summary: torch.Tensor,
+                          ranges: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    """Per row: the summary columns in `ranges` (disjoint, none holding i) that a stride allows.
+    Two exact ways, the cheaper for this call: by inclusion-exclusion over the strides' least
+    common multiples L, keys in S with j = i (mod L) counted by a prefix over S within each class
+    mod L (cost ~ the number of L times Lk); or each row's stride rule evaluated on every summary
+    column (cost ~ Lq times the columns)."""
+    terms = _multiple_terms([p.stride for p in strides], lk)
+    by_class = sum(lk + modulus + 4 * len(i) for modulus in terms)
+    columns = summary[1:] - summary[:-1]
+    if by_class <= len(i) * int(summary[-1]) * len(strides):
+        counts = torch.zeros_like(i)
+        for modulus, sign in terms.items():
+            classes = -(-(lk + modulus) // modulus)
+            in_class = torch.zeros(classes * modulus, dtype=torch.int64, device=i.device)
+            in_class[:lk] = columns
+            in_class = in_class.view(classes, modulus)
+            prefix = (in_class.cumsum(0) - in_class).flatten()  # prefix[x]: keys of S below x in x's class
+            for lo, hi in ranges:
+                hi = torch.maximum(lo, hi)
+                counts += sign * (prefix[hi + torch.remainder(i - hi, modulus)] - prefix[lo + torch.remainder(i - lo, modulus)])
+        return counts
+    j = columns.nonzero().flatten()[None, :]
+    counts = torch.empty_like(i)
+    rows = max(1, _EVALUATED_ELEMENTS // max(1, j.shape[1]))
+    for start in range(0, len(i), rows):
+        part = slice(start, start + rows)
+        in_ranges = torch.zeros(1, dtype=torch.bool, device=i.device)
+        for lo, hi in ranges:
+            in_ranges = in_ranges | ((j >= lo[part, None]) & (j < hi[part, None]))
+        strided = torch.zeros(1, dtype=torch.bool, device=i.device)
+        for p in strides:
+            strided = strided | p.allows(i[part, None], j)
+        counts[part] = (in_ranges & strided).sum(-1)
+    return counts
+
+
+def _multiple_terms(strides: list[int], lk: int) -> dict[int, int]:
+    """{L: coefficient} with [some stride divides d] = sum of coefficient * [L divides d] for
+    0 < |d| < lk (inclusion-exclusion over the strides' least common multiples, built one stride
+    at a time; an L of lk or more divides no such d, so it is dropped)."""
+    terms: dict[int, int] = {}
+    for stride in sorted(set(strides)):
+        joined = dict(terms)
+        for modulus, sign in terms.items():
+            both = math.lcm(modulus, stride)
+            if both < lk:
+                joined[both] = joined.get(both, 0) - sign
+        if stride < lk:
+            joined[stride] = joined.get(stride, 0) + 1
+        terms = {modulus: sign for modulus, sign in joined.items() if sign}
+    return terms
+
+
+def _in_range(prefix: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+    """Keys in [lo, hi) counted by a prefix over keys (an empty range counts none)."""
+    return prefix[torch.maximum(lo, hi)] - prefix[lo]
+
+
+def _distance_prefix(members: list[PatternBase], lk: int, device: torch.device) -> torch.Tensor:
+    """prefix[k]: distances d = i - j below k - (lk - 1) that some member allows, d in (-lk, lk)."""
+    d = torch.arange(-(lk - 1), lk, device=device)
+    allowed = torch.zeros_like(d, dtype=torch.bool)
+    for p in members:
+        allowed |= p.allows(d, torch.zeros_like(d))
+    return torch.cat([torch.zeros(1, dtype=torch.int64, device=device), allowed.to(torch.int64).cumsum(0)])
+
+
+def _distances_in_range(prefix: torch.Tensor, i: torch.Tensor, lk: int, lo: torch.Tensor, hi: torch.Tensor):
+    """Keys j in [lo, hi) whose distance i - j the prefix's members allow: d in (i - hi, i]."""
+    hi = torch.maximum(lo, hi)
+    return prefix[i - lo + lk] - prefix[i - hi + lk]
