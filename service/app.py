@@ -67,7 +67,8 @@ class Service:
     def __init__(self, settings: Settings, compute: Compute | None) -> None:
         self.settings = settings
         self.device = settings.torch_device
-        self.limits = Limits(settings.max_tokens_per_request, settings.max_tensor_elements, settings.max_heads)
+        self.limits = Limits(settings.max_tokens_per_request, settings.max_tensor_elements, settings.max_heads,
+                             settings.pairs_limit)
         self.compute = compute
         self.batcher: Batcher | None = None
         self.ready = False
@@ -279,15 +280,6 @@ def create_app(settings: Settings | None = None, *, compute: Compute | None = No
                         context={"limits": service.limits, "binary": binary_tensors})
         size = len(header) + (len(binary_tensors) if binary_tensors is not None else 0)
         req = parse() if size <= INLINE_BYTES else await run_in_threadpool(parse)
-        # The work limit: no request may hold the engine longer than it allows. The O(Lq) bound decides
-        # almost always; near the limit the exact count (off the event loop) does, since a union's
-        # overlapping members may keep it under.
-        if req.pairs_bound() > settings.pairs_limit:
-            pairs = await run_in_threadpool(req.attended_pairs)
-            if pairs > settings.pairs_limit:
-                raise ApiError(413, "pattern", f"pattern: the request attends {pairs} (query, key) pairs over its "
-                                               f"batch and heads, over the limit of {settings.pairs_limit} "
-                                               "(ATTN_MAX_PAIRS_PER_REQUEST)")
         q, k, v = req.tensors
         timeout_ms = min(req.timeout_ms or settings.request_timeout_ms, settings.request_timeout_ms)
         arrived = request.state.arrived

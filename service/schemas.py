@@ -56,6 +56,7 @@ class Limits:
     max_tokens: int
     max_elements: int
     max_heads: int
+    max_pairs: int  # (query, key) pairs over the batch and heads: the work one request may ask of the engine
 
 
 class Tensor(BaseModel):
@@ -220,6 +221,8 @@ class AttentionRequest(BaseModel):
         except ValueError as e:
             field, _, reason = str(e).partition(": ")
             raise field_error(field, reason) from None
+        if limits is not None:
+            self._check_work(limits.max_pairs)
         binary = self._binary_parts((info.context or {}).get("binary"))
         (q, q_peak), (k, k_peak), (v, v_peak) = (getattr(self, name).decode(name, binary.get(name))
                                                  for name in ("q", "k", "v"))
@@ -262,6 +265,14 @@ class AttentionRequest(BaseModel):
             if n > limits.max_elements:
                 raise field_error(field, f"{n} elements, over the limit of {limits.max_elements}", TOO_LARGE)
 
+    def _check_work(self, max_pairs: int) -> None:
+        """Refuse, before any tensor is decoded, a request that attends more pairs than the limit.
+        The O(Lq) bound decides almost always; near the limit the exact count does, since a union's
+        overlapping members may keep it under (the count is kept for the answer's meta)."""
+        if self.pairs_bound() > max_pairs and (pairs := self.attended_pairs()) > max_pairs:
+            raise field_error("pattern", f"the request attends {pairs} (query, key) pairs over its batch and heads, "
+                                         f"over the limit of {max_pairs} (ATTN_MAX_PAIRS_PER_REQUEST)", TOO_LARGE)
+
     @property
     def _problem(self) -> tuple[int, int, int, int]:
         """(B, H, Lq, Lk), what pair counts take."""
@@ -278,8 +289,8 @@ class AttentionRequest(BaseModel):
         return attended_pairs_bound(self.pattern, *self._problem, self.causal)
 
     def attended_pairs(self) -> int:
-        """The (query, key) pairs the request attends over its batch and heads (CONTRACT §2's meta):
-        O(Lq x span) work for a union with `fixed`, which evaluates its rule."""
+        """The (query, key) pairs the request attends over its batch and heads (CONTRACT §2's meta),
+        by the patterns' arithmetic (engine.patterns.attended_pairs), kept per shape."""
         return attended_pairs(self.pattern, *self._problem, self.causal)
 
     @property

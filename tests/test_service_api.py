@@ -257,6 +257,10 @@ async def test_413_when_the_pattern_asks_for_more_pairs_than_the_limit():
     async with serve(settings(max_pairs_per_request=1000)) as c:
         err = error_of(await c.post("/attention", json=request_body(q, k, v)), 413)
         assert err["field"] == "pattern" and "4160" in err["message"] and "1000" in err["message"]
+        # refused before its tensors are decoded: a NaN in q is never looked at
+        nan_q = q.clone()
+        nan_q[0, 0, 0, 0] = float("nan")
+        assert error_of(await c.post("/attention", json=request_body(nan_q, k, v)), 413)["field"] == "pattern"
         r = await c.post("/attention", json=request_body(q, k, v, pattern={"type": "sliding_window", "window": 8}))
         assert r.status_code == 200 and r.json()["meta"]["attended_pairs"] == 968
         # a union whose members, counted apart, pass the limit, while together they attend 968
