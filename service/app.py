@@ -240,11 +240,11 @@ def create_app(settings: Settings | None = None, *, compute: Compute | None = No
 
     app = FastAPI(title="attention-service", version="0.1.0", description=DESCRIPTION, lifespan=lifespan)
     app.state.service = service
-    errors.install(app, settings.retry_after_s)
+    errors.install(app, service.retry_after)
     # The last added runs first: RequestContext sees every answer (CORS preflights too), and CORS
     # adds its headers to the limits' errors, so that a browser can read them.
     app.add_middleware(RequestLimits, max_bytes=settings.max_body_bytes, timeout_s=settings.body_timeout_s,
-                       max_header_bytes=settings.max_header_bytes, retry_after_s=settings.retry_after_s)
+                       max_header_bytes=settings.max_header_bytes, retry_after=service.retry_after)
     if settings.cors_origins:  # closed by default: no CORS headers unless origins are configured
         app.add_middleware(
             JsonCors, allow_origins=list(settings.cors_origins), allow_methods=["GET", "POST"],
@@ -370,6 +370,7 @@ def create_app(settings: Settings | None = None, *, compute: Compute | None = No
         return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]
+    service.metrics.paths = frozenset(route.path for route in app.routes)
     return app
 
 

@@ -16,7 +16,7 @@ from pydantic import ValidationError
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 
-from engine.batcher import ClientGone, DeadlineExceeded, OutOfMemory, QueueFull, ShuttingDown
+from engine.batcher import ClientGone, OutOfMemory, QueueFull, ShuttingDown
 from engine.patterns import error_field, error_reason
 
 from .schemas import TOO_LARGE, ErrorDetail, ErrorResponse
@@ -25,7 +25,8 @@ log = logging.getLogger("service")
 
 # 499: the client closed the request (nginx's code); nobody is left to read it. Out of memory is
 # 503 with Retry-After: the service is overloaded for this request now, not refusing it for good.
-_BATCHER_STATUS = {QueueFull: 429, ShuttingDown: 503, OutOfMemory: 503, DeadlineExceeded: 504, ClientGone: 499}
+# A passed deadline is not here: the route answers it, with the 504 naming the request's timeout_ms.
+_BATCHER_STATUS = {QueueFull: 429, ShuttingDown: 503, OutOfMemory: 503, ClientGone: 499}
 
 
 class ApiError(HTTPException):
@@ -96,9 +97,9 @@ def validation_response(request: Request, exc: ValidationError | RequestValidati
     return error_response(request, status, first["field"], first["message"], errors=errors)
 
 
-def install(app: FastAPI, retry_after_s: int) -> None:
-    """Register the handlers that turn every failure into the contract's error body."""
-    retry = {"Retry-After": str(retry_after_s)}
+def install(app: FastAPI, retry_after: dict[str, str]) -> None:
+    """Register the handlers that turn every failure into the contract's error body; 429 and 503
+    carry the `retry_after` header."""
 
     @app.exception_handler(ValidationError)
     @app.exception_handler(RequestValidationError)
@@ -118,7 +119,7 @@ def install(app: FastAPI, retry_after_s: int) -> None:
     for kind, status in _BATCHER_STATUS.items():
 
         async def _batcher(request: Request, exc: Exception, status: int = status) -> JSONResponse:
-            return error_response(request, status, None, str(exc), retry if status in (429, 503) else None)
+            return error_response(request, status, None, str(exc), retry_after if status in (429, 503) else None)
 
         app.add_exception_handler(kind, _batcher)
 

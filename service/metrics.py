@@ -8,13 +8,14 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
-_PATHS = frozenset({"/attention", "/healthz", "/readyz", "/metrics", "/patterns", "/patterns/preview", "/openapi.json",
-                    "/docs"})  # any other path counts as "other": the label stays bounded
 
 
 class Metrics:
     def __init__(self, queue_depth: Callable[[], int]) -> None:
         self.registry = CollectorRegistry()
+        # The app's own routes (create_app sets them once they exist); any other path counts as
+        # "other", so that the label stays bounded.
+        self.paths: frozenset[str] = frozenset()
         self.requests = Counter(
             "attention_http_requests", "HTTP requests by path and status", ["method", "path", "status"],
             registry=self.registry,
@@ -38,7 +39,7 @@ class Metrics:
         depth.set_function(queue_depth)
 
     def observe_request(self, method: str, path: str, status: int, seconds: float) -> None:
-        self.requests.labels(method, path if path in _PATHS else "other", str(status)).inc()
+        self.requests.labels(method, path if path in self.paths else "other", str(status)).inc()
         if path == "/attention" and method == "POST":
             self.latency.observe(seconds)
 

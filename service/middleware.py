@@ -70,12 +70,12 @@ class RequestLimits:
     never the engine or other clients."""
 
     def __init__(self, app: ASGIApp, max_bytes: int, timeout_s: float, max_header_bytes: int,
-                 retry_after_s: int) -> None:
+                 retry_after: dict[str, str]) -> None:
         self.app = app
         self.max_bytes = max_bytes
         self.timeout_s = timeout_s
         self.max_header_bytes = max_header_bytes
-        self.retry_after = {"Retry-After": str(retry_after_s)}
+        self.retry_after = retry_after
         # A refused body's remaining bytes are never read: the connection closes after the answer
         # (kept alive, a client trickling them in held it, and a connection slot, for good).
         self.closing = {"Connection": "close"}

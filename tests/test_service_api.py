@@ -381,9 +381,11 @@ async def test_metrics_count_requests_batches_queue_and_tokens(client):
     ok = 'attention_http_requests_total{method="POST",path="/attention",status="200"}'
     assert sample(text, ok) == sample(before, ok) + 1
     await client.get("/openapi.json")
+    await client.get("/redoc")
     await client.get("/no/such/path/42")  # unknown paths share one label, so the series stay bounded
     text = (await client.get("/metrics")).text
     assert 'attention_http_requests_total{method="GET",path="/openapi.json",status="200"}' in text
+    assert 'attention_http_requests_total{method="GET",path="/redoc",status="200"}' in text
     assert 'attention_http_requests_total{method="GET",path="other",status="404"}' in text
     assert "/no/such/path" not in text
 
