@@ -277,7 +277,6 @@ class _ClientSettings:
         base_url: str,
         *,
         api_key: str | None,
-        timeout: float | httpx.Timeout,
         max_retries: int,
         backoff_s: float,
         max_backoff_s: float,
@@ -286,7 +285,6 @@ class _ClientSettings:
         if max_retries < 0:
             raise ValueError("max_retries: must be >= 0")
         self.base_url = base_url.rstrip("/")
-        self.timeout = timeout
         self.max_retries = max_retries
         self.backoff_s = backoff_s
         self.max_backoff_s = max_backoff_s
@@ -339,7 +337,6 @@ class AttentionClient(_ClientSettings):
         super().__init__(
             base_url,
             api_key=api_key,
-            timeout=timeout,
             max_retries=max_retries,
             backoff_s=backoff_s,
             max_backoff_s=max_backoff_s,
@@ -418,7 +415,6 @@ class AsyncAttentionClient(_ClientSettings):
         super().__init__(
             base_url,
             api_key=api_key,
-            timeout=timeout,
             max_retries=max_retries,
             backoff_s=backoff_s,
             max_backoff_s=max_backoff_s,
