@@ -362,6 +362,12 @@ class _Run:
         await asyncio.gather(*tasks)
 
 
+def client_pools(in_flight: int) -> list[int]:
+    """Connections of each client: CONNECTIONS_PER_CLIENT each, adding up to exactly `in_flight`."""
+    full, rest = divmod(in_flight, CONNECTIONS_PER_CLIENT)
+    return [CONNECTIONS_PER_CLIENT] * full + [rest] * (rest > 0)
+
+
 async def run_async(
     cfg: LoadConfig, start: Barrier | None = None, on_answer: Callable[[int], None] | None = None
 ) -> LoadResult:
@@ -372,14 +378,13 @@ async def run_async(
     # httpcore's pool rescans its connections for every waiting request whenever one frees up,
     # which costs the generator ~3x the CPU per request at 32 in flight through one client.
     in_flight = cfg.concurrency if cfg.mode == "closed" else cfg.max_connections
-    shards = -(-in_flight // CONNECTIONS_PER_CLIENT)
-    limits = httpx.Limits(max_connections=CONNECTIONS_PER_CLIENT, max_keepalive_connections=CONNECTIONS_PER_CLIENT)
     async with AsyncExitStack() as stack:
         clients = [
             await stack.enter_async_context(
-                AsyncAttentionClient(cfg.url, api_key=cfg.api_key, timeout=cfg.timeout_s, max_retries=0, limits=limits)
+                AsyncAttentionClient(cfg.url, api_key=cfg.api_key, timeout=cfg.timeout_s, max_retries=0,
+                                     limits=httpx.Limits(max_connections=size, max_keepalive_connections=size))
             )
-            for _ in range(shards)
+            for size in client_pools(in_flight)
         ]
         await clients[0].wait_ready(timeout_s=cfg.ready_timeout_s)
         cases = pooled_cases(cfg.scenario, cfg.pool, cfg.seed)

@@ -9,9 +9,11 @@ from pydantic import ValidationError
 
 from service.client import AttentionResult
 from service.loadtest import (
+    CONNECTIONS_PER_CLIENT,
     DEFAULT_SCENARIO,
     LoadConfig,
     Scenario,
+    client_pools,
     local_service,
     main,
     mismatched,
@@ -41,6 +43,13 @@ def check_report(report: dict, out) -> None:
     assert json.loads((out / "report.json").read_text()) == report
     assert "| sent | answered |" in (out / "report.md").read_text()
     assert (out / "latency.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("in_flight", [1, 3, CONNECTIONS_PER_CLIENT, CONNECTIONS_PER_CLIENT + 1, 512])
+def test_client_pools_hold_exactly_the_requests_allowed_in_flight(in_flight):
+    """--max-connections 4 means 4 requests on the wire, not a client's 8."""
+    pools = client_pools(in_flight)
+    assert sum(pools) == in_flight and all(1 <= size <= CONNECTIONS_PER_CLIENT for size in pools)
 
 
 def test_closed_loop(url, tmp_path):
