@@ -8,7 +8,7 @@ from collections.abc import Sequence
 
 import torch
 
-from .kernels.dense import empty_partial
+from .kernels.dense import empty_partial, repeated_operand
 from .kernels.device import kernel_device
 from .patterns import PatternBase, head_groups, parse_pattern
 from .planner import plan
@@ -85,7 +85,7 @@ def attention(
             return attention(q, k, v, pattern, causal=causal, scale=scale, return_lse=return_lse)
     squeeze = getattr(q, "ndim", None) == 3
     q, k, v, pattern = checked_arguments(q, k, v, pattern, causal=causal, return_lse=return_lse)
-    q, scale = positive_scale(q, effective_scale(scale, q.shape[-1]))
+    q, scale = positive_scale(q, checked_scale(effective_scale(scale, q.shape[-1])))
     q, k, v = (_features_adjacent(x) for x in (q, k, v))
     if math.prod(q.shape[:3]):
         out, lse = run_heads(q, k, v, pattern, causal=causal, scale=scale)
@@ -173,16 +173,21 @@ def float32_problem(head_dim: int, key_length: int, scale: float, peaks: tuple[f
     return None
 
 
+def checked_scale(scale: float) -> float:
+    """`scale`, or the ValueError for one the kernels cannot take (`attention` and `Batcher.submit`)."""
+    if not math.isfinite(scale):
+        raise ValueError(f"scale: must be finite, got {scale}")
+    if abs(scale) > SCORE_LIMIT:  # the kernels' float32 scale (times log2(e) in exp2 softmaxes) would be inf
+        raise ValueError(f"scale: |scale| must be at most {SCORE_LIMIT:.3g}, got {scale}")
+    return scale
+
+
 def positive_scale(q: torch.Tensor, scale: float) -> tuple[torch.Tensor, float]:
     """(q, scale) giving the same scores with a scale that is positive in float32. torch's fused
     kernels mask scores before scaling them, so zero or a negative scale turns a masked key into
     NaN or +inf: a negative scale negates q instead (exact), and one that is zero in float32 goes
     into q, in float64 (all zeros for scale 0 or ordinary q: attention uniform over the allowed
     keys)."""
-    if not math.isfinite(scale):
-        raise ValueError(f"scale: must be finite, got {scale}")
-    if abs(scale) > SCORE_LIMIT:  # the kernels' float32 scale (times log2(e) in exp2 softmaxes) would be inf
-        raise ValueError(f"scale: |scale| must be at most {SCORE_LIMIT:.3g}, got {scale}")
     if scale < 0:
         q, scale = -q, -scale
     if scale <= FLOAT32_ZERO_SCALE:
@@ -280,9 +285,7 @@ def _heads_of(heads: list[int], q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
         ks, vs = (x[:, idx] if contiguous else x.index_select(1, idx) for x in (k, v))
     elif heads[0] // group == heads[-1] // group:  # one key/value head for all: a stride-0 view
         j = heads[0] // group
-        ks, vs = (x[:, j : j + 1].expand(-1, len(heads), -1, -1) for x in (k, v))
-        if kernel_device(q.device) != "cpu":  # untried on the CUDA kernels: one key/value head's repeats
-            ks, vs = ks.contiguous(), vs.contiguous()
+        ks, vs = (repeated_operand(x[:, j : j + 1].expand(-1, len(heads), -1, -1)) for x in (k, v))
     else:  # query head i reads key/value head i // (H / Hkv)
         kv_idx = torch.tensor(heads, device=q.device) // group
         ks, vs = k.index_select(1, kv_idx), v.index_select(1, kv_idx)

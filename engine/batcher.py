@@ -6,10 +6,11 @@ request: it fills the machine alone) or until `max_batch_size`, and hands them t
 thread (torch releases the GIL, so the event loop keeps accepting meanwhile). Requests are
 compatible when they agree on everything but the batch dimension (dtype, heads, head dims,
 lengths, pattern, causal, scale); each compatible group runs as one engine call with the
-groups' inputs concatenated along B. Small causal requests of different lengths (within a power
-of two, with the same Lk - Lq) are right-padded to the longest, which is exact (`BatchKey`);
-larger ones, and non-causal ones, run as separate calls per length in the same round, with no
-padding work. Packing along the sequence (a block-diagonal layout) would need a segment mask the
+groups' inputs concatenated along B. Small causal requests (q of at most SMALL_CALL_ELEMENTS,
+B included) of different lengths (within a power of two, with the same Lk - Lq) are right-padded
+to the longest, which is exact (`BatchKey`); larger ones, and non-causal ones, run as separate
+calls per length in the same round, with no padding work (a small request and a large one of the
+same lengths too: small ones group by bucket, large ones by length). Packing along the sequence (a block-diagonal layout) would need a segment mask the
 structured kernels do not take, and with a dense mask instead every pair of segments is
 computed: on the CPU that costs more than padding small requests.
 
@@ -34,7 +35,7 @@ from typing import Awaitable, Callable
 import torch
 import torch.nn.functional as F
 
-from .attention import attention, backend_for, checked_arguments, effective_scale
+from .attention import attention, backend_for, checked_arguments, checked_scale, effective_scale
 from .kernels.device import kernel_device
 from .memory import PeakMemory
 from .patterns import PatternBase
@@ -239,7 +240,7 @@ class Batcher:
         if self._closing or self._collector is None:
             raise ShuttingDown("the engine is shutting down")
         q, k, v, pattern = checked_arguments(q, k, v, pattern, causal=causal)
-        key = BatchKey.of(q, k, v, pattern, causal, effective_scale(scale, q.shape[-1]))
+        key = BatchKey.of(q, k, v, pattern, causal, checked_scale(effective_scale(scale, q.shape[-1])))
         loop = asyncio.get_running_loop()
         if len(self._queued) >= self.queue_size:
             raise QueueFull(f"{self.queue_size} requests already waiting")

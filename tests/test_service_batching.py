@@ -212,6 +212,12 @@ async def test_arguments_the_engine_refuses_are_refused_at_submit():
             await batcher.submit(q, k, v, None, causal="false")
         answer = await batcher.submit(q[0], k[0], v[0], SW)  # [H, L, D]: B = 1
         assert torch.equal(answer.output, attention(q, k, v, SW))
+    calls = []
+    async with Batcher("cpu", max_delay_ms=0, compute=lambda *args, **kwargs: calls.append(args)) as batcher:
+        for scale, message in ((float("nan"), "^scale: must be finite"), (1e39, r"^scale: \|scale\| must be at most")):
+            with pytest.raises(ValueError, match=message):
+                await batcher.submit(q, k, v, None, scale=scale)
+    assert not calls  # refused before the queue: no engine call was made for them
 
 
 @pytest.mark.anyio

@@ -167,6 +167,13 @@ def cuda_operand(x: torch.Tensor) -> torch.Tensor:
     return x if strides == x.stride() else x.as_strided(x.shape, strides)
 
 
+def repeated_operand(x: torch.Tensor) -> torch.Tensor:
+    """x, a view that repeats rows with stride 0 (one key/value head for several query heads,
+    rows shared by every summary offset), as the kernels take it: the view itself on the CPU; a
+    copy on CUDA, whose kernels such views are untried on."""
+    return x if kernel_device(x.device) == "cpu" else x.contiguous()
+
+
 def padded_head_dims(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
     """q, k, v with one head dim, a multiple of 8, as the CUDA kernels want (zero columns change
     no score and add only zero output columns): padded once, before any kernel builds views that

@@ -44,7 +44,7 @@ from ..patterns.fixed import summary_columns, summary_keys_below
 from . import triton_fixed
 from .band import head_grid, row_grid, row_major
 from .dense import (NEG_INF, additive_mask, as_computed, dense_attention, fused, fused_masked, kept_when_small,
-                    same_head_dim)
+                    repeated_operand, same_head_dim)
 from .device import kernel_device, values_on_host
 from .masked import MASK_BUDGET
 from .merge import join_rows, merge_partials, merge_stacked, merge_to
@@ -306,9 +306,7 @@ def _summary_offsets(q, k, v, out, lse, *, base: int, block: int, summary: int, 
     k, v = row_major(k), row_major(v)
     if k.shape[1] == h:
         kv, vv = (row_grid(x, l - c, (c, 1), (len(t), l)) for x in (k, v))  # offset u: its keys
-        rows = q.reshape(b * h, 1, -1, d)[:, :, real].expand(-1, c, -1, -1)
-        if kernel_device(rows.device) != "cpu":  # stride-0 views are untried on the CUDA kernels (as for GQA)
-            rows = rows.contiguous()
+        rows = repeated_operand(q.reshape(b * h, 1, -1, d)[:, :, real].expand(-1, c, -1, -1))
         merged, total = _over_offsets(rows, kv, vv, None if keep is None else keep[None], scale, dim=1)
     else:
         parts = []

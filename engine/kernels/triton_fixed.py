@@ -38,8 +38,8 @@ if triton is not None:  # without Triton fixed keeps its fused-SDPA plan everywh
 
 logger = logging.getLogger(__name__)
 
-# Strides a union's fixed step can skip in the kernel (a union lists at most 8 members, so at
-# most 7 strides beside fixed; more than this take the fused-SDPA plan).
+# Strides a union's fixed step can skip in the kernel (nested unions flatten to up to 63 strides
+# beside fixed; more than this take the fused-SDPA plan).
 MAX_SKIP_STRIDES = 4
 # Widest head dim (q's or v's) the kernel's tiles are sized for (`kernel_variant`), as flash
 # attention's 256; wider ones take the fused-SDPA plan.
