@@ -98,23 +98,22 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def timed(fn, device: torch.device, repeats: int, slow: float) -> tuple[float, float]:
-    """(first-call seconds, best seconds): one warm-up call, then the minimum of `repeats`
-    (the warm-up's own time when it took over `slow` seconds)."""
+def once(fn, device: torch.device) -> float:
+    """Seconds of one call, the device's queued work included."""
     sync(device)
     start = time.perf_counter()
     fn()
     sync(device)
-    first = time.perf_counter() - start
+    return time.perf_counter() - start
+
+
+def timed(fn, device: torch.device, repeats: int, slow: float) -> tuple[float, float]:
+    """(first-call seconds, best seconds): one warm-up call, then the minimum of `repeats`
+    (the warm-up's own time when it took over `slow` seconds)."""
+    first = once(fn, device)
     if first > slow:
         return first, first
-    best = math.inf
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        sync(device)
-        best = min(best, time.perf_counter() - start)
-    return first, best
+    return first, min((once(fn, device) for _ in range(repeats)), default=math.inf)
 
 
 def inputs(n: int, heads: int, dim: int, dtype: torch.dtype, device: torch.device, seed: int = 0):
@@ -164,24 +163,17 @@ def rounds(fns: dict, device: torch.device, repeats: int, slow: float, turn_s: f
     VM than the same call repeated, clocks and caches still cold, which would bias every ratio
     against the short calls). Round 0 is the warm-up (FlexAttention compiles in it, one call); a
     callable whose warm-up took over `slow` seconds runs again in the last round only."""
-    def once(fn) -> float:
-        sync(device)
-        start = time.perf_counter()
-        fn()
-        sync(device)
-        return time.perf_counter() - start
-
     def turn(fn) -> float:
-        best, ends = once(fn), time.perf_counter() + turn_s
+        best, ends = once(fn, device), time.perf_counter() + turn_s
         while time.perf_counter() < ends:
-            best = min(best, once(fn))
+            best = min(best, once(fn, device))
         return best
 
     times: dict = {key: [] for key in fns}
     for rnd in range(repeats + 1):
         for key, fn in fns.items():
             if rnd == 0:
-                times[key].append(once(fn))
+                times[key].append(once(fn, device))
             elif rnd == repeats or times[key][0] <= slow:
                 times[key].append(turn(fn))
     return times
