@@ -10,9 +10,10 @@ groups' inputs concatenated along B. Small causal requests (q of at most SMALL_C
 B included) of different lengths (within a power of two, with the same Lk - Lq) are right-padded
 to the longest, which is exact (`BatchKey`); larger ones, and non-causal ones, run as separate
 calls per length in the same round, with no padding work (a small request and a large one of the
-same lengths too: small ones group by bucket, large ones by length). Packing along the sequence (a block-diagonal layout) would need a segment mask the
-structured kernels do not take, and with a dense mask instead every pair of segments is
-computed: on the CPU that costs more than padding small requests.
+same lengths too: small ones group by bucket, large ones by length). Packing along the sequence
+(a block-diagonal layout) would need a segment mask the structured kernels do not take, and with
+a dense mask instead every pair of segments is computed: on the CPU that costs more than padding
+small requests.
 
 If a batched call raises, it is split in halves and each half rerun, down to single requests, so
 one bad request fails alone and the others are answered. Running out of memory is handled the
