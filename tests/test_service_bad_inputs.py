@@ -117,7 +117,7 @@ CATALOGUE = {
     "missing shape": ("q.shape", None, 422, "q.shape"),
     "missing dtype": ("k.dtype", None, 422, "k.dtype"),
     "missing data and b64": ("v.b64", None, 422, "v.data"),
-    "both data and b64": ("q.data", [0.0] * 128, 422, "q.data"),
+    "both data and b64": ("q", {**_valid()["q"], "data": [0.0] * 128}, 422, "q.data"),
     "pattern without type": ("pattern", {"window": 4}, 422, "pattern"),
     "sliding_window without window": ("pattern", {"type": "sliding_window"}, 422, "pattern.window"),
     # every shape mismatch
@@ -146,9 +146,10 @@ CATALOGUE = {
     "b64 too short": ("k.b64", _b64(np.zeros(32)), 422, "k.b64"),
     "b64 too long": ("k.b64", _b64(np.zeros(128)), 422, "k.b64"),
     "b64 empty": ("k.b64", "", 422, "k.b64"),
-    "b64 not base64": ("k.b64", "!" * 88, 422, "k.b64"),
-    "b64 with whitespace": ("k.b64", " " * 88, 422, "k.b64"),
-    "b64 right length, padded short": ("k.b64", "A" * 84 + "A===", 422, "k.b64"),
+    # the right number of characters (344 for k's 256 bytes), so that only the decoding can refuse them
+    "b64 not base64": ("k.b64", "!" * 344, 422, "k.b64"),
+    "b64 with whitespace": ("k.b64", " " * 344, 422, "k.b64"),
+    "b64 right length, decoding short": ("k.b64", "A" * 344, 422, "k.b64"),
     # NaN and Inf
     "NaN in b64": ("v.b64", _with_nonfinite(np.nan), 422, "v.b64"),
     "Inf in b64": ("v.b64", _with_nonfinite(np.inf), 422, "v.b64"),
