@@ -292,6 +292,7 @@ def test_the_fused_plan_stays_exact_on_cudas_branches(lq, min_distance, skip_str
     torch.testing.assert_close(out.double(), ref_out, atol=3e-2, rtol=3e-2)
     seen = ref_lse > float("-inf")
     torch.testing.assert_close(lse.double()[seen], ref_lse[seen], atol=3e-2, rtol=3e-2)
+    assert (lse[~seen] == float("-inf")).all()
 
 
 def test_an_engine_call_on_cudas_branches_matches_the_reference_with_grouped_heads():
