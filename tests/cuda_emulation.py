@@ -142,30 +142,43 @@ def _device_caches():
 
 
 @contextmanager
-def cuda_kernels_on_cpu() -> Iterator[None]:
-    """Within the block the engine takes CUDA's branches for CPU tensors, on the stand-ins."""
+def kernel_device_answering(name: str) -> Iterator[pytest.MonkeyPatch]:
+    """Within the block `kernel_device` answers `name` for every tensor, in each engine module that
+    imported it; the per-device probes' caches are cleared before and after."""
     importlib.import_module("engine")
     caches = _device_caches()
     for cache in caches:
         cache.cache_clear()
     try:
         with pytest.MonkeyPatch.context() as patch:
-            for module in [m for name, m in sys.modules.items() if name == "engine" or name.startswith("engine.")]:
+            for module in _engine_modules():
                 if hasattr(module, "kernel_device"):
-                    patch.setattr(module, "kernel_device", lambda device: "cuda")
-                for name, kernel in _triton_kernels(module):
-                    patch.setattr(module, name, _OneLaunch(name, kernel))
-            patch.setattr(importlib.import_module("engine.kernels.dense"), "_flash_capable", lambda device: True)
-            library = torch.library.Library("aten", "IMPL")  # these ops have no CPU kernel of their own
-            for name, stand_in in STAND_INS.items():
-                library.impl(name, stand_in, "CPU")
-            try:
-                yield
-            finally:
-                library._destroy()
+                    patch.setattr(module, "kernel_device", lambda device: name)
+            yield patch
     finally:
         for cache in caches:
             cache.cache_clear()
+
+
+def _engine_modules() -> list:
+    return [m for name, m in sys.modules.items() if name == "engine" or name.startswith("engine.")]
+
+
+@contextmanager
+def cuda_kernels_on_cpu() -> Iterator[None]:
+    """Within the block the engine takes CUDA's branches for CPU tensors, on the stand-ins."""
+    with kernel_device_answering("cuda") as patch:
+        for module in _engine_modules():
+            for name, kernel in _triton_kernels(module):
+                patch.setattr(module, name, _OneLaunch(name, kernel))
+        patch.setattr(importlib.import_module("engine.kernels.dense"), "_flash_capable", lambda device: True)
+        library = torch.library.Library("aten", "IMPL")  # these ops have no CPU kernel of their own
+        for name, stand_in in STAND_INS.items():
+            library.impl(name, stand_in, "CPU")
+        try:
+            yield
+        finally:
+            library._destroy()
 
 
 # Ops that make a CUDA host wait for the device: a tensor's value read into Python (`int(t)`,

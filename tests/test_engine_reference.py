@@ -61,6 +61,7 @@ SHAPES = {
     "decode_gqa": (2, 4, 2, 3, 200, 16, 16),  # short runs: fewer rows than most strides
     "decode_mqa": (1, 4, 1, 5, 300, 16, 8),
     "one": (1, 1, 1, 1, 1, 8, 8),
+    "one_head": (1, 1, 1, 77, 133, 16, 16),
     "gqa_dv": (2, 4, 2, 100, 100, 16, 24),
     "mqa": (1, 4, 1, 97, 120, 16, 8),
 }

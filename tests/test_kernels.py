@@ -60,6 +60,25 @@ def test_strided_views(lq, lk, stride):
     _assert_matches(kernels.strided_attention(q, k, v, stride=stride, scale=0.25), q, k, v, ST(stride))
 
 
+@pytest.mark.parametrize("lq,lk", [(133, 133), (90, 217), (1, 77)])
+@pytest.mark.parametrize("causal", [True, False])
+def test_one_head_and_parameters_past_the_keys(lq, lk, causal):
+    """The kernels called directly (the planner would send these to dense) with one head: a window
+    wider than the keys, stride 1, a stride past the keys, a block past the keys."""
+    q, k, v = _qkv(1, lq, lk, dv=24)
+    calls = {
+        "band": (lambda: kernels.band_attention(q, k, v, window=lk + 50, scale=0.25, causal=causal), SW(lk + 50)),
+        "stride_1": (lambda: kernels.strided_attention(q, k, v, stride=1, scale=0.25, causal=causal), ST(1)),
+        "stride_past": (lambda: kernels.strided_attention(q, k, v, stride=lk + 3, scale=0.25, causal=causal), ST(lk + 3)),
+        "block_past": (lambda: kernels.fixed_attention(q, k, v, block=lk + 9, summary=2, scale=0.25, causal=causal),
+                       {"type": "fixed", "block": lk + 9, "summary": 2}),
+    }
+    for name, (call, pattern) in calls.items():
+        out, lse = call()
+        ref_out, ref_lse = reference_attention(q, k, v, pattern, causal=causal, scale=0.25)
+        assert_matches_reference(out, lse, ref_out, ref_lse, tol=2e-5)
+
+
 @pytest.mark.parametrize("lq,lk", [(600, 600), (517, 700), (300, 1003), (70, 300), (1, 500)])
 @pytest.mark.parametrize("window,strides", [(16, (16,)), (40, (16,)), (16, (40,)), (3, (64,)), (400, (7,)),
                                             (5, (4, 6)), (3, (7, 64, 9)), (40, (13, 26 * 3))])
@@ -584,7 +603,37 @@ def test_the_fused_call_answers_empty_problems_instead_of_crashing(lq, lk, batch
     q, k, v = torch.randn(batch, 2, lq, 16), torch.randn(batch, 2, lk, 16), torch.randn(batch, 2, lk, 8)
     out, lse = fused(q, k, v, scale=0.25, is_causal=False)
     assert out.shape == (batch, 2, lq, 8) and lse.shape == (batch, 2, lq)
-    assert (out == 0).all() and torch.isinf(lse).all()
+    assert (out == 0).all() and (lse == float("-inf")).all()
+
+
+ANOTHER_DEVICE_PATTERNS = [
+    {"type": "dense"}, SW(9), SW(500), ST(1), ST(7), {"type": "fixed", "block": 10, "summary": 3},
+    {"type": "union", "patterns": [SW(12), ST(8)]},
+    {"type": "union", "patterns": [SW(5), ST(6), {"type": "fixed", "block": 9, "summary": 2}]},
+    {"type": "per_head", "patterns": [SW(4), ST(3)]},
+]
+
+
+@pytest.mark.parametrize("pattern", ANOTHER_DEVICE_PATTERNS, ids=[str(i) for i in range(len(ANOTHER_DEVICE_PATTERNS))])
+@pytest.mark.parametrize("b,h,hkv,lq,lk", [(1, 2, 2, 133, 133), (2, 4, 2, 90, 103), (1, 2, 1, 1, 77)],
+                         ids=["square_ragged", "gqa_lq_lt_lk", "mqa_decode"])
+@pytest.mark.parametrize("causal", [True, False])
+def test_a_device_without_kernels_of_its_own_runs_exactly_on_math_attention(pattern, b, h, hkv, lq, lk, causal):
+    """Neither the CPU nor CUDA (say MPS): every kernel's fused call is `math_attention`, emulated by
+    `kernel_device` answering 'mps' for CPU tensors."""
+    from cuda_emulation import kernel_device_answering
+    from engine import attention
+
+    g = torch.Generator().manual_seed(lq + lk)
+    q = torch.randn(b, h, lq, 16, generator=g)
+    k, v = (torch.randn(b, hkv, lk, 16, generator=g) for _ in range(2))
+    with kernel_device_answering("mps"):
+        assert kernel_device(q.device) == "cpu"  # this module's own import is left alone
+        from engine.kernels import dense
+        assert dense.kernel_device(q.device) == "mps"
+        out, lse = attention(q, k, v, pattern, causal=causal, return_lse=True)
+    ref_out, ref_lse = reference_attention(q, k, v, pattern, causal=causal)
+    assert_matches_reference(out, lse, ref_out, ref_lse, tol=2e-5)
 
 
 @pytest.mark.parametrize("mask_shape", [None, (7, 9), (1, 5, 7, 9), (4, 5, 7, 9)], ids=["none", "2d", "per-head", "4d"])
