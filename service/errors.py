@@ -17,7 +17,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 
 from engine.batcher import ClientGone, OutOfMemory, QueueFull, ShuttingDown
-from engine.patterns import error_field, error_reason
+from engine.patterns import echo_of_bad_members, error_field, error_reason
 
 from .schemas import TOO_LARGE, ErrorDetail, ErrorResponse
 
@@ -64,14 +64,6 @@ def _field_and_reason(error: dict) -> tuple[str, str]:
     return error_field(loc) or "body", ctx.get("reason") or error_reason(error)
 
 
-def _echo_of_bad_members(error: dict) -> bool:
-    """pydantic's "at least 1 item after validation, not 0" for a list whose members all failed:
-    their own errors say what is wrong; the list was not too short."""
-    given = error.get("input")
-    return error["type"] == "too_short" and isinstance(given, (list, tuple)) and \
-        len(given) != error["ctx"]["actual_length"]
-
-
 def _routing_error(request: Request, exc: HTTPException) -> JSONResponse:
     """The router's own errors, which say only "Not Found" and "Method Not Allowed", naming the path
     or the methods the path takes (all of them: Starlette's Allow names one route's, not HEAD's)."""
@@ -90,7 +82,7 @@ def validation_response(request: Request, exc: ValidationError | RequestValidati
     """422 naming each field, in its message too, or 413 when the request is valid but over a
     configured limit."""
     raw = [e for e in (exc.errors(include_url=False) if isinstance(exc, ValidationError) else exc.errors())
-           if not _echo_of_bad_members(e)]
+           if not echo_of_bad_members(e)]
     errors = [{"field": field, "message": f"{field}: {reason}"} for field, reason in map(_field_and_reason, raw)]
     status = 413 if any(e["type"] == TOO_LARGE for e in raw) else 422
     first = errors[0]

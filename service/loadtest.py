@@ -52,7 +52,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from engine import attention
 from engine.attention import shape_problem
-from engine.patterns import Dense, Pattern, error_field, error_reason
+from engine.patterns import Dense, Pattern, echo_of_bad_members, error_field, error_reason
 
 from .client import AsyncAttentionClient, AttentionClient, AttentionError, AttentionResult, TransportError
 from .wire import DTYPES, DTypeName, Encoding, encoding_problem
@@ -731,7 +731,8 @@ def local_service(ready_timeout_s: float = 60.0, **settings: Any) -> Iterator[st
 
 def problems(error: ValidationError) -> list[str]:
     """One line per problem of a scenario or a run: 'field: reason' (no field where a whole entry is wrong)."""
-    return [": ".join(part for part in (error_field(e["loc"]), error_reason(e)) if part) for e in error.errors()]
+    return [": ".join(part for part in (error_field(e["loc"]), error_reason(e)) if part) for e in error.errors()
+            if not echo_of_bad_members(e)]
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[LoadConfig, Path]:

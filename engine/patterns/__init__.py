@@ -69,6 +69,14 @@ def error_reason(error: dict) -> str:
     return error["msg"]
 
 
+def echo_of_bad_members(error: dict) -> bool:
+    """pydantic's "at least 1 item after validation, not 0" for a list whose members all failed:
+    their own errors say what is wrong; the list was not too short, so it is no error to report."""
+    given = error.get("input")
+    return error["type"] == "too_short" and isinstance(given, (list, tuple)) and \
+        len(given) != error["ctx"]["actual_length"]
+
+
 def parse_pattern(pattern: PatternBase | dict | str | None) -> PatternBase:
     """The engine's pattern object for a dict, a JSON string (its JSON types as they are, as the
     service takes them: "3" is no window), an object, or None (dense); a ValueError naming each
@@ -84,7 +92,8 @@ def parse_pattern(pattern: PatternBase | dict | str | None) -> PatternBase:
             return _ADAPTER.validate_json(pattern, strict=True)
         return _ADAPTER.validate_python(pattern)
     except ValidationError as e:
-        problems = [f"{error_field(['pattern', *error['loc']])}: {error_reason(error)}" for error in e.errors()]
+        problems = [f"{error_field(['pattern', *error['loc']])}: {error_reason(error)}" for error in e.errors()
+                    if not echo_of_bad_members(error)]
         raise ValueError("; ".join(problems)) from None
 
 
@@ -141,6 +150,7 @@ __all__ = [
     "Union",
     "attended_pairs",
     "attended_pairs_bound",
+    "echo_of_bad_members",
     "error_field",
     "error_reason",
     "head_groups",
