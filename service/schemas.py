@@ -10,7 +10,9 @@ through `field_error`, whose `field` is relative to the model that raised it.
 from __future__ import annotations
 
 import binascii
+import itertools
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Annotated, Any
 
@@ -151,7 +153,7 @@ class Tensor(BaseModel):
                     values = values.astype(np.float64)
                 except OverflowError:
                     raise field_error(field, self._out_of_range()) from None
-            if values.dtype.kind not in "iuf":
+            if values.dtype.kind not in "iuf" or bool in map(type, _leaves(self.data, values.ndim)):
                 raise field_error(field, "must hold only numbers, flat or nested to the shape")
             if list(values.shape) != self.shape and list(values.shape) != [self.numel]:
                 raise field_error(field, f"lists of shape {list(values.shape)}, expected {self.shape}")
@@ -166,6 +168,14 @@ class Tensor(BaseModel):
         """Numbers in `data` become the dtype's: past its largest they would be Inf."""
         largest = torch.finfo(DTYPES[self.dtype]).max
         return f"values must be finite in {self.dtype} (no NaN or Inf, no magnitude over {largest:.6g})"
+
+
+def _leaves(nested: list, depth: int) -> Iterator:
+    """The values of lists nested `depth` deep, in order: numpy reads JSON's true among numbers
+    as 1 (`[true, 1]` becomes an int64 array), so only the list itself still says it was a bool."""
+    for _ in range(depth - 1):
+        nested = itertools.chain.from_iterable(nested)
+    return iter(nested)
 
 
 _BF16_MAGNITUDE = 0x7FFF

@@ -93,6 +93,8 @@ CATALOGUE = {
     "dtype unknown": ("q.dtype", "float64", 422, "q.dtype"),
     "b64 a number": ("q.b64", 12, 422, "q.b64"),
     "data of strings": ("q.data", ["a"] * 4, 422, "q.data"),
+    "data with true among numbers": ("q.data", [True, 1, 0, 0], 422, "q.data"),  # numpy would read it as 1
+    "data with false among floats, nested": ("k.data", [[[[0.5, False], [1.5, 2.5]]]], 422, "k.data"),
     "causal a string": ("causal", "maybe", 422, "causal"),
     # JSON types as they are: no string, number or bool stands in for another
     "causal the string false": ("causal", "false", 422, "causal"),
