@@ -10,12 +10,13 @@ cache is cold it compiles the Triton binaries the service needs, and /readyz sta
     PASS or FAIL line each. They run in --check-workers processes side by side (8, or fewer
     CPUs): they need 120 Triton binaries, each compiled at its first launch (1.2 to 2 s each for
     sm_90 on the project's 2-core machine), which one process would compile one after another.
-    Then more than 65535 classes or blocks on the grid's head axis (`grid_checks`).
+    Then more than 65535 classes or blocks on the grid's head axis (`grid_checks`), and merges in
+    place on the Triton merge, repeated (`in_place_merge_checks`).
 (b) bench.kernels on the GPU in bfloat16 for n up to 131072 against dense flash SDPA and
     compiled FlexAttention, with the 131072-token peak-memory row, the sliding-window scaling
     and the first call for a new shape; JSON (and the plot) under --out.
 (c) fixed(128, 8) on its Triton kernel against its fused-SDPA plan (CUDA's fallback) with the
-    summary piece in the default, 1, 4 and 16 row ranges, at n = 16384 and 131072; and a decode
+    summary piece in the default, 1, 4 and 16 row ranges, at n = 4096 to 131072; and a decode
     step on the kernel with its keys split between programs (`key_splits`) and unsplit.
 (d) a few query rows at the end of 65536 and 131072 keys (decode steps, short chunks), per
     pattern, in bfloat16: the engine's structured kernels against dense flash SDPA and the masked kernel
@@ -226,6 +227,44 @@ def grid_checks(device, n: int = 140000) -> tuple[int, int]:
     return results.count(True), results.count(False)
 
 
+def in_place_merge_checks(device, rounds: int = 20, rows: int = 16384, block: int = 128) -> tuple[int, int]:
+    """Merges in place (out and lse a's own), as fixed's plan and a union's folds make them, on the
+    Triton merge against `torch_merge_to`, `rounds` times each: threads of one program read what
+    others write, a race the interpreter cannot show (on an H200 it once cost fixed's in-place
+    merges 0.3). A transposed view as fixed(block, c)'s row ranges merge into (position in the
+    block as heads, the block as rows), and a plain one; H = 8, `rows` rows, D = 64."""
+    g = torch.Generator().manual_seed(5)
+    results = []
+    for name, view in (("transposed", lambda x: x.view(8, -1, block, x.shape[-1]).transpose(1, 2)), ("plain", lambda x: x)):
+        for out_dtype in (torch.float32, torch.bfloat16):
+            a_out = torch.randn(8, rows, 64, generator=g).to(device, out_dtype)
+            a_lse = (torch.randn(8, rows, generator=g) * 4).to(device)
+            b_out = torch.randn(8, rows, 64, generator=g).to(device, torch.bfloat16)
+            b_lse = (torch.randn(8, rows, generator=g) * 4).to(device)
+
+            def views(out, lse, view=view):  # lse viewed as out without its features
+                return view(out), view(lse.unsqueeze(-1)).squeeze(-1)
+
+            b = views(b_out, b_lse)
+
+            def differs(a_out=a_out, a_lse=a_lse, b=b, views=views, out_dtype=out_dtype):
+                want_out, want_lse = views(a_out.clone(), a_lse.clone())
+                torch_merge_to(want_out, want_lse, (want_out, want_lse), b)
+                for _ in range(rounds):
+                    out, lse = views(a_out.clone(), a_lse.clone())
+                    triton_merge.triton_merge_to(out, lse, (out, lse), b)
+                    tol = 1e-5 if out_dtype == torch.float32 else 2.0**-7  # two bfloat16 ulps: lerp rounds so
+                    if not (torch.allclose(out.float(), want_out.float(), atol=tol, rtol=tol)
+                            and torch.allclose(lse, want_lse, atol=1e-5, rtol=1e-5)):
+                        worst = max((out.float() - want_out.float()).abs().max().item(),
+                                    (lse - want_lse).abs().max().item())
+                        return f"off by up to {worst:.3g}"
+                return None
+
+            results.append(outcome(f"in-place merge {name} into {out_dtype} x{rounds}", differs))
+    return results.count(True), results.count(False)
+
+
 def _two_key_rows(q, k, v, s, scale):
     """Causal strided(s) over n <= 2s positions in float64: row i attends key i, and i - s if any."""
     q, k, v = (x[0, 0].double().cpu() for x in (q, k, v))
@@ -306,7 +345,7 @@ def fixed_on_kernel(device: torch.device) -> bool:
     return runs_on_triton(device) and matches_contract(device, torch.bfloat16, 64, 64, True, 0)
 
 
-def fixed_kernels(device: torch.device, ns=(16384, 131072)) -> list[dict]:
+def fixed_kernels(device: torch.device, ns=(4096, 16384, 65536, 131072)) -> list[dict]:
     """(c): seconds of fixed(128, 8) in bfloat16, H = 8, D = 64, on the Triton kernel and on the
     fused-SDPA plan with its summary piece in the default, 1, 4 and 16 row ranges."""
     rows = []
@@ -384,7 +423,8 @@ def main(argv: list[str] | None = None) -> int:
               flush=True)
     passed, failed = check(device, args.check_workers)
     if device.type == "cuda":  # the CPU has no grid limit, and these are minutes on it
-        passed, failed = (a + b for a, b in zip((passed, failed), grid_checks(device)))
+        for more in (grid_checks(device), in_place_merge_checks(device)):
+            passed, failed = passed + more[0], failed + more[1]
     passed, failed = passed + (warm_s is not None), failed + (warm_s is None)
     summary = {"passed": passed, "failed": failed, "warm_up_s": warm_s, "check_s": time.perf_counter() - started}
     print(f"checks: {passed} passed, {failed} failed in {summary['check_s']:.0f} s", flush=True)

@@ -231,6 +231,29 @@ def test_gpu_check_times_each_merge_on_the_triton_merge_and_in_torch_ops():
 
 
 @pytest.mark.skipif(triton_fixed.triton is None, reason="Triton is not installed")
+def test_gpu_check_compares_each_in_place_merge_with_the_torch_ops(monkeypatch, capsys):
+    """`in_place_merge_checks` passes the Triton merge and fails one that reads a's lse after
+    writing it (what a race between a program's threads does), for each of its four merges."""
+    from bench import gpu_check
+    from cuda_emulation import cuda_kernels_on_cpu
+
+    from engine.kernels import triton_merge
+
+    with cuda_kernels_on_cpu():
+        assert gpu_check.in_place_merge_checks(torch.device("cpu"), rounds=1, rows=256, block=4) == (4, 0)
+        launch = triton_merge.triton_merge_to
+
+        def racing(out, lse, a, b):
+            a_lse = a[1]
+            torch.logaddexp(a_lse, b[1], out=lse)  # a's lse overwritten before it is read
+            launch(out, lse, (a[0], a_lse), b)
+
+        monkeypatch.setattr(triton_merge, "triton_merge_to", racing)
+        assert gpu_check.in_place_merge_checks(torch.device("cpu"), rounds=1, rows=256, block=4) == (0, 4)
+    assert capsys.readouterr().out.count("FAIL in-place merge") == 4
+
+
+@pytest.mark.skipif(triton_fixed.triton is None, reason="Triton is not installed")
 def test_cuda_ops_counts_fixed_on_the_triton_kernel_or_its_fused_plan(tmp_path):
     """fixed is one Triton launch (and its two outputs' allocations) where Triton runs, many calls
     on its fused-SDPA plan otherwise."""

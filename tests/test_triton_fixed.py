@@ -183,6 +183,34 @@ def test_cuda_plans_take_the_kernel_for_their_fixed_step(monkeypatch, name, caus
                                atol=3e-2, rtol=3e-2)
 
 
+def test_the_fused_plan_takes_causal_fixed_past_its_summary_pairs():
+    """The measured rule (FUSED_PLAN_SUMMARY_PAIRS): fixed(128, 8) prefill on the kernel to
+    n = 16384, on the fused plan from 65536; a decode step after 131072 keys on the kernel."""
+    faster = triton_fixed.fused_plan_is_faster
+    assert not faster(16384, 16384, 128, 8, True, 0, ())
+    assert faster(65536, 65536, 128, 8, True, 0, ())
+    assert not faster(1, 131072, 128, 8, True, 0, ())
+    assert not faster(65536, 65536, 128, 8, False, 0, ())  # measured causal only
+    assert not faster(65536, 65536, 128, 8, True, 257, ()) and not faster(65536, 65536, 128, 8, True, 0, (64,))
+
+
+@pytest.mark.parametrize("name, rows, causal, kernel_calls", [
+    ("fixed", 300, True, 0), ("fixed", 1, True, 1), ("window_fixed", 300, True, 1), ("fixed", 300, False, 1),
+], ids=["prefill", "decode", "union-step", "noncausal"])
+def test_past_its_summary_pairs_causal_fixed_runs_on_the_fused_plan(monkeypatch, name, rows, causal, kernel_calls):
+    """With the rule's bound just under a 300-token prefill of fixed(16, 2) (19 blocks' summary
+    keys), that prefill takes the fused plan; a decode step, a union's fixed step and a non-causal
+    call keep the kernel; each answers as the reference."""
+    monkeypatch.setattr(triton_fixed, "FUSED_PLAN_SUMMARY_PAIRS", 300 * 19 * 2 - 1)
+    g = torch.Generator().manual_seed(6)
+    q, k, v = (torch.randn(1, 2, 300, 16, generator=g).to(torch.bfloat16) for _ in range(3))
+    q = q[..., -rows:, :]
+    out, calls = _kernel_calls(monkeypatch, q, k, v, UNIONS[name], causal)
+    assert len(calls) == kernel_calls
+    want = reference.reference_attention(q, k, v, UNIONS[name], causal=causal)[0]
+    torch.testing.assert_close(out.double(), want, atol=3e-2, rtol=3e-2)
+
+
 @pytest.mark.parametrize("pattern, d, dv", [
     ({"type": "union", "patterns": [*({"type": "strided", "stride": s} for s in (5, 7, 11, 13, 17)),
                                     {"type": "fixed", "block": 16, "summary": 2}]}, 16, 16),  # 5 strides > 4

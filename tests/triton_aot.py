@@ -22,6 +22,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+# The kernels' feature strides (and the log-sum-exp's row stride): 1 at every launch.
+FEATURE_STRIDES = {"sqd", "skd", "svd", "sod", "slm", "so3", "sa3", "sb3"}
 # (dtype, widest head dim, causal, skipped strides): every tile size kernel_variant picks, both
 # causalities and the skip counts' branches.
 VARIANTS = [(torch.bfloat16, 64, True, 1), (torch.float16, 128, False, 4), (torch.bfloat16, 256, True, 0),
@@ -35,14 +37,23 @@ MERGE_VARIANTS = [(torch.bfloat16, torch.bfloat16, torch.bfloat16, 64),
 
 
 def _compile(kernel, signature: dict[str, str], constexprs: dict, capability: int, options: dict | None = None):
-    """Triton's compiled `kernel` for this signature on compute capability `capability`."""
+    """Triton's compiled `kernel` for this signature on compute capability `capability`, specialised
+    as a launch with a head dim that is a multiple of 16 is: the integers the kernel specialises on
+    that are 1 (feature strides) as constants, the others and the pointers it specialises on known
+    to be multiples of 16 (which is what lets its tiles load as vectors and pipeline, in more
+    shared memory)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
     from engine.kernels.device import TRITON_OPTIONS
 
-    source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs)
+    constexprs = {**constexprs, **{name: 1 for name in kernel.arg_names if name in FEATURE_STRIDES}}
+    signature = {**signature, **{name: "constexpr" for name in constexprs}}
+    unspecialised = {*kernel.do_not_specialize, *kernel.do_not_specialize_on_alignment}
+    attrs = {(at,): [["tt.divisibility", 16]] for at, name in enumerate(kernel.arg_names)
+             if name not in constexprs and name not in unspecialised and signature[name] != "fp32"}
+    source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
     options = {**TRITON_OPTIONS, **(options or {})}  # the engine's launches pass them too
     return triton.compile(source, target=GPUTarget("cuda", capability, 32), options=options)
 

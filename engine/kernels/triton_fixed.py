@@ -44,6 +44,11 @@ MAX_SKIP_STRIDES = 4
 # Widest head dim (q's or v's) the kernel's tiles are sized for (`kernel_variant`), as flash
 # attention's 256; wider ones take the fused-SDPA plan.
 MAX_HEAD_DIM = 256
+# Summary keys met by a causal fixed call's rows (per head: Lq x the summary keys of Lk) past which
+# the fused-SDPA plan's flash calls beat the kernel's walk. On an H200 (bfloat16, H = 8, D = 64,
+# kernel / plan): n = 4096 0.14 / 0.34-0.79 ms, n = 16384 (2^24 here) 0.77 / 0.76-0.89,
+# n = 65536 8.8 / 4.5-7.0, n = 131072 33.4 / 14.3-24.7; a decode step 0.13 ms on the kernel.
+FUSED_PLAN_SUMMARY_PAIRS = 1 << 24
 
 
 def takes(q: torch.Tensor, v: torch.Tensor, causal: bool, skip_strides: tuple[int, ...]) -> bool:
@@ -53,6 +58,14 @@ def takes(q: torch.Tensor, v: torch.Tensor, causal: bool, skip_strides: tuple[in
     d, dv = q.shape[-1], v.shape[-1]
     return (max(d, dv) <= MAX_HEAD_DIM and len(skip_strides) <= MAX_SKIP_STRIDES and runs_on_triton(q.device)
             and matches_contract(q.device, q.dtype, d, dv, causal, len(skip_strides)))
+
+
+def fused_plan_is_faster(lq: int, lk: int, block: int, summary: int, causal: bool, min_distance: int,
+                         skip_strides: tuple[int, ...]) -> bool:
+    """Whether a call the kernel takes runs faster on the fused-SDPA plan: a causal fixed alone
+    whose rows meet more than FUSED_PLAN_SUMMARY_PAIRS summary keys. A union's step (a distance,
+    skipped strides) stays on the kernel, where the plan is a call per block."""
+    return causal and not min_distance and not skip_strides and lq * -(-lk // block) * summary > FUSED_PLAN_SUMMARY_PAIRS
 
 
 # Probe dtypes' tolerance against the float32 math kernel (a miscompile is far off; rounding is not).
@@ -161,13 +174,16 @@ def kernel_variant(dtype: torch.dtype, d: int, dv: int, causal: bool, skips: int
     all; tiles whose shared memory fits the 99 KB a block gets on sm_86 and sm_89 (RTX 30 and 40,
     A10, L4), the least from sm_80 on. float32 in IEEE float32 takes several times half
     precision's: 176 KB at 64 x 64 tiles, D = 128, 3 stages; 72 KB as below; D = 256 at 32 x 32
-    tiles 100 KB, at 32 x 16 66 KB. tests/test_triton_compile.py compiles them for sm_86 and sm_90."""
+    tiles 100 KB, at 32 x 16 66 KB. Half precision at D = 256 took 172 KB at 64 x 64 tiles and 3
+    stages (229 KB on sm_90), 70 KB at 64 x 32 and 2. tests/test_triton_compile.py compiles them
+    for sm_86 and sm_90, specialised as launches are."""
     half = dtype != torch.float32
     widest = max(d, dv)
     return dict(CAUSAL=causal, SKIPS=skips, DOT_DTYPE=_dot_dtype(dtype), IEEE=not half,
-                BLOCK_M=64 if half or widest <= 128 else 32, BLOCK_N=64 if half else 32 if widest <= 128 else 16,
+                BLOCK_M=64 if half or widest <= 128 else 32,
+                BLOCK_N=(64 if half else 32) if widest <= 128 else (32 if half else 16),
                 BLOCK_D=feature_tile(d), BLOCK_DV=feature_tile(dv),
-                num_warps=4 if widest <= 64 else 8, num_stages=3 if half else 2)
+                num_warps=4 if widest <= 64 else 8, num_stages=3 if half and widest <= 128 else 2)
 
 
 def _dot_dtype(dtype: torch.dtype):
@@ -179,14 +195,16 @@ def _dot_dtype(dtype: torch.dtype):
 
 if triton is not None:
     # Triton compiles a variant per class of each integer argument (1, a multiple of 16, other).
-    # Those that vary from request to request are not specialised on: the sizes, the pattern's
+    # Those that vary from request to request are not specialised on: the lengths, the pattern's
     # numbers, the log-sum-exp's strides (Lq: a decode step's 1 was a variant of its own) and the
-    # split strides. The strides of q, k, v and the output are: with a head dim that is a multiple
-    # of 16 they always are one too, and they let tiles load as vectors. So a new length or
-    # pattern compiles nothing (with a head dim that is an odd multiple of 8 the lengths' parity
-    # can); the probe (`matches_contract`) compiles the variants its calls use.
-    # tests/test_triton_compile.py checks this against Triton's own compile keys.
-    @triton.jit(do_not_specialize=["heads", "group", "lq", "lk", "d", "dv", "block", "summary", "min_distance",
+    # split strides. The head dims and the strides of q, k, v and the output are: with a head dim
+    # that is a multiple of 16 they always are one too, and known so, tiles load as 16-byte
+    # vectors into the pipeline's shared memory (an unknown head dim masked each feature on its
+    # own: every element a 2-byte load, nothing pipelined). So a new length or pattern compiles
+    # nothing (with a head dim that is an odd multiple of 8 the lengths' parity can); the probe
+    # (`matches_contract`) compiles the variants its calls use. tests/test_triton_compile.py
+    # checks this against Triton's own compile keys.
+    @triton.jit(do_not_specialize=["heads", "group", "lq", "lk", "block", "summary", "min_distance",
                                    "s0", "s1", "s2", "s3", "splits", "slb", "slh", "sos", "sls"])
     def _fixed_kernel(
         Q, K, V, Out, Lse,
@@ -211,7 +229,8 @@ if triton is not None:
         first = pid_m * BLOCK_M + offset
         last = tl.minimum(pid_m * BLOCK_M + BLOCK_M, lq) - 1 + offset
         first_block, last_block = first // block, last // block
-        my_block = i // block
+        my_start = i // block * block  # each row's block, as a key range: no division in the loop
+        my_end = my_start + block
 
         acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
         m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
@@ -232,7 +251,8 @@ if triton is not None:
             load = (j >= 0) & (j < lk)
             diff = i[:, None] - j[None, :]
             # own tiles keep their rows' own block, summary tiles every other block's keys
-            keep = load[None, :] & row_ok[:, None] & ((j[None, :] // block == my_block[:, None]) == own)
+            in_my_block = (j[None, :] >= my_start[:, None]) & (j[None, :] < my_end[:, None])
+            keep = load[None, :] & row_ok[:, None] & (in_my_block == own)
             if CAUSAL:
                 keep &= diff >= min_distance
             else:

@@ -112,10 +112,10 @@ def triton_merge_to(out: torch.Tensor, lse: torch.Tensor, a: tuple[torch.Tensor,
     lo, al, bl = (x[(None,) * lead] for x in (lse, a_lse, b_lse))
     n0, n1, rows, d = o.shape
     tiles = merge_tiles(d)
-    total = n0 * n1 * rows
+    row_tiles = triton.cdiv(rows, tiles["BLOCK_R"])
     with torch.cuda.device(out.device) if out.device.type == "cuda" else contextlib.nullcontext():
-        _merge_kernel[(triton.cdiv(total, tiles["BLOCK_R"]),)](
-            o, lo, ao, al, bo, bl, n1, rows, total, d,
+        _merge_kernel[(n0 * n1 * row_tiles,)](
+            o, lo, ao, al, bo, bl, n1, rows, row_tiles, d,
             *o.stride(), *lo.stride(), *ao.stride(), *al.stride(), *bo.stride(), *bl.stride(), **tiles,
             **TRITON_OPTIONS,
         )
@@ -140,26 +140,36 @@ def merge_splits(out: torch.Tensor, lse: torch.Tensor, dtype: torch.dtype) -> tu
 
 
 if triton is not None:
-    # Sizes, row strides and where a view starts vary from call to call: not specialised on (a new
-    # length compiles nothing; with the row strides unknown, an aligned start would buy nothing);
-    # the feature strides are, so contiguous features are known to be.
-    @triton.jit(do_not_specialize=["n1", "rows", "total", "d", "so0", "so1", "so2", "sl0", "sl1", "sl2",
-                                   "sa0", "sa1", "sa2", "sal0", "sal1", "sal2", "sb0", "sb1", "sb2",
+    # The lengths and the log-sum-exps' strides and starts vary from call to call: not specialised
+    # on (a new length compiles nothing). The head dim and the outputs' strides and starts are, as
+    # in fixed's kernel: with a head dim that is a multiple of 16 they are multiples of 16 at every
+    # length, and known so, a tile's rows load and store as 16-byte vectors. (Unknown, every
+    # element was a 2-byte load of its own, and with each row's indices divided out per element an
+    # H200 merged at 137 GB/s, 4-6x slower than the seven launches of `torch_merge_to`.)
+    @triton.jit(do_not_specialize=["n1", "rows", "row_tiles", "sl0", "sl1", "sl2", "sal0", "sal1", "sal2",
                                    "sbl0", "sbl1", "sbl2"],
-                do_not_specialize_on_alignment=["Out", "Lse", "A", "ALse", "B", "BLse"])
+                do_not_specialize_on_alignment=["Lse", "ALse", "BLse"])
     def _merge_kernel(
-        Out, Lse, A, ALse, B, BLse, n1, rows, total, d,
+        Out, Lse, A, ALse, B, BLse, n1, rows, row_tiles, d,
         so0, so1, so2, so3, sl0, sl1, sl2, sa0, sa1, sa2, sa3, sal0, sal1, sal2, sb0, sb1, sb2, sb3,
         sbl0, sbl1, sbl2,
         BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
     ):
-        r = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)  # offsets past 2^31 elements
-        row_ok = r < total
-        i2 = r % rows
-        i1 = (r // rows) % n1
-        i0 = r // rows // n1
-        la = tl.load(ALse + i0 * sal0 + i1 * sal1 + i2 * sal2, mask=row_ok, other=0.0)
-        lb = tl.load(BLse + i0 * sbl0 + i1 * sbl1 + i2 * sbl2, mask=row_ok, other=0.0)
+        pid = tl.program_id(0)
+        head = pid // row_tiles  # one division a program: [n0, n1] slice, then its tile of rows
+        i0, i1 = (head // n1).to(tl.int64), (head % n1).to(tl.int64)  # offsets past 2^31 elements
+        r = (pid % row_tiles).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+        row_ok = r < rows
+        la = tl.load(ALse + i0 * sal0 + i1 * sal1 + r * sal2, mask=row_ok, other=0.0)
+        lb = tl.load(BLse + i0 * sbl0 + i1 * sbl1 + r * sbl2, mask=row_ok, other=0.0)
+        f = tl.arange(0, BLOCK_D)
+        ok = row_ok[:, None] & (f < d)[None, :]
+        a = tl.load(A + (i0 * sa0 + i1 * sa1 + r * sa2)[:, None] + f[None, :] * sa3, mask=ok, other=0.0)
+        b = tl.load(B + (i0 * sb0 + i1 * sb1 + r * sb2)[:, None] + f[None, :] * sb3, mask=ok, other=0.0)
+        # Every read before any write: a merge in place (out and lse a's own) would otherwise race,
+        # as a row's lse is read by threads of one warp and written by another's (an H200 gave
+        # fixed's in-place merges errors of 0.3).
+        tl.debug_barrier()
         # One exp of a difference <= 0, taken where at most one side is -inf: no inf - inf, no overflow.
         none = (la == float("-inf")) & (lb == float("-inf"))
         la, lb = tl.where(none, 0.0, la), tl.where(none, 0.0, lb)
@@ -169,17 +179,13 @@ if triton is not None:
         weight = tl.where(b_smaller, share, 1.0) / (1.0 + share)  # b's: sigmoid(lb - la)
         weight = tl.where(none | (weight != weight), 0.0, weight)  # NaN only from a NaN lse
         lse = tl.where(none, float("-inf"), hi + tl.log(1.0 + share))
-        tl.store(Lse + i0 * sl0 + i1 * sl1 + i2 * sl2, lse, mask=row_ok)
-        f = tl.arange(0, BLOCK_D)
-        ok = row_ok[:, None] & (f < d)[None, :]
-        a = tl.load(A + (i0 * sa0 + i1 * sa1 + i2 * sa2)[:, None] + f[None, :] * sa3, mask=ok, other=0.0)
-        b = tl.load(B + (i0 * sb0 + i1 * sb1 + i2 * sb2)[:, None] + f[None, :] * sb3, mask=ok, other=0.0)
+        tl.store(Lse + i0 * sl0 + i1 * sl1 + r * sl2, lse, mask=row_ok)
         a = a.to(tl.float32)
         merged = a + weight[:, None] * (b.to(tl.float32) - a)
-        tl.store(Out + (i0 * so0 + i1 * so1 + i2 * so2)[:, None] + f[None, :] * so3,
+        tl.store(Out + (i0 * so0 + i1 * so1 + r * so2)[:, None] + f[None, :] * so3,
                  merged.to(Out.dtype.element_ty), mask=ok)
 
-    @triton.jit(do_not_specialize=["splits", "rows", "d"])
+    @triton.jit(do_not_specialize=["splits", "rows"])
     def _merge_splits_kernel(Out, Lse, Merged, MergedLse, splits, rows, d,
                              BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
         r = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
