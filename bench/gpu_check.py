@@ -24,17 +24,16 @@ cache is cold it compiles the Triton binaries the service needs, and /readyz sta
 (e) small problems (n = 32 to 256): each pattern's structured plan against the masked kernel, the
     choice `planner.SMALL_KEYS` makes, measured on the CPU only until then (`bench.kernels --small`).
 (f) the unions with fixed at n = 16384 and 65536 against dense flash SDPA: their fixed step one
-    Triton launch, not yet timed on a GPU (many fused calls before: `bench.cuda_ops`).
+    Triton launch (many fused calls before: `bench.cuda_ops`).
 (g) the merge of two bfloat16 partials (H = 8, D = 64) at n = 16384 and 131072, into float32 and
     into bfloat16: the Triton merge against `merge_to`'s torch ops.
 
 Exits 1 if any check fails or raises, 2 if CUDA is missing: it never skips a check quietly.
-Sized to finish in about 5 minutes on an H200 with a warm Triton cache: FlexAttention is compiled
-at n = 16384 and 131072 only, and no new compile starts after --flex-budget seconds of benchmark
-(each is said so). Not yet run there since the Triton kernels came: on a fresh machine their
-compiles (the warm-up's 78 binaries one after another, then the checks' others side by side) add
-an unmeasured minute or two, so the command below gives it 540 s; every line goes to the log as
-it comes, so a run cut short still says what it did.
+FlexAttention is compiled at n = 16384 and 131072 only (`--flex-n` with no value: not at all),
+and no new compile starts after --flex-budget seconds of benchmark (each is said so). On a fresh
+H200 host (cold Triton cache, 16 cores) the whole run took 221-237 s, 153 s without
+FlexAttention; the warm-up's compiles took 50-78 s of it. The command below gives it 540 s. Every
+line goes to the log as it comes, so a run cut short still says what it did.
 
     python3 -m bench.gpu_check --out "$OUT"
 
