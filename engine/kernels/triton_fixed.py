@@ -9,7 +9,9 @@ keys of the other blocks, gathered by index (`j = (t // c) * l + l - c + t % c` 
 summary key): the two sets are disjoint, so no key counts twice, and a query tile reads about
 its rows' attended keys, not every key block as a block-sparse mask would. A union's fixed
 step passes a minimum distance (its window's keys) and the strides whose multiples it must skip;
-they only mask. Grouped key/value heads are read as they are (head h reads h // (H / Hkv)).
+they only mask. Grouped key/value heads are read as they are (head h reads h // (H / Hkv)). A long
+causal prefill of fixed alone still takes the fused plan, whose flash calls outrun this walk over
+many summary keys (`FUSED_PLAN_SUMMARY_PAIRS`).
 
 Exact in the precision flash attention keeps: scores accumulate in float32 (float32 inputs in
 IEEE float32, not TF32), the probabilities meet V in the inputs' dtype. Runs where Triton runs
