@@ -36,12 +36,13 @@ MERGE_VARIANTS = [(torch.bfloat16, torch.bfloat16, torch.bfloat16, 64),
                   (torch.float32, torch.float32, torch.float32, 1024)]
 
 
-def _compile(kernel, signature: dict[str, str], constexprs: dict, capability: int, options: dict | None = None):
+def _compile(kernel, signature: dict[str, str], constexprs: dict, capability: int, options: dict | None = None,
+             features: int = 64):
     """Triton's compiled `kernel` for this signature on compute capability `capability`, specialised
-    as a launch with a head dim that is a multiple of 16 is: the integers the kernel specialises on
-    that are 1 (feature strides) as constants, the others and the pointers it specialises on known
-    to be multiples of 16 (which is what lets its tiles load as vectors and pipeline, in more
-    shared memory)."""
+    as a launch with contiguous tensors of `features` per row is: the integers the kernel
+    specialises on that are 1 (feature strides) as constants, the pointers it specialises on known
+    to be 16-byte aligned, and with `features` a multiple of 16 the other integers known to be
+    multiples of 16 too (which lets tiles load as vectors and pipeline, in more shared memory)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -52,7 +53,8 @@ def _compile(kernel, signature: dict[str, str], constexprs: dict, capability: in
     signature = {**signature, **{name: "constexpr" for name in constexprs}}
     unspecialised = {*kernel.do_not_specialize, *kernel.do_not_specialize_on_alignment}
     attrs = {(at,): [["tt.divisibility", 16]] for at, name in enumerate(kernel.arg_names)
-             if name not in constexprs and name not in unspecialised and signature[name] != "fp32"}
+             if name not in constexprs and name not in unspecialised
+             and (signature[name].startswith("*") or signature[name] == "i32" and features % 16 == 0)}
     source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
     options = {**TRITON_OPTIONS, **(options or {})}  # the engine's launches pass them too
     return triton.compile(source, target=GPUTarget("cuda", capability, 32), options=options)
@@ -68,7 +70,7 @@ def compile_variant(dtype: torch.dtype, head_dim: int, causal: bool, skips: int,
     signature = {name: "constexpr" if name in variant else pointer if name in ("Q", "K", "V", "Out")
                  else "*fp32" if name == "Lse" else "fp32" if name == "qk_scale" else "i32"
                  for name in _fixed_kernel.arg_names}
-    return _compile(_fixed_kernel, signature, variant, capability, options)
+    return _compile(_fixed_kernel, signature, variant, capability, options, features=head_dim)
 
 
 def compile_merge(a_dtype: torch.dtype, b_dtype: torch.dtype, out_dtype: torch.dtype, features: int, capability: int):
@@ -80,7 +82,7 @@ def compile_merge(a_dtype: torch.dtype, b_dtype: torch.dtype, out_dtype: torch.d
                 "BLse": "fp32"}
     signature = {name: "constexpr" if name in tiles else "*" + pointers[name] if name in pointers else "i32"
                  for name in _merge_kernel.arg_names}
-    return _compile(_merge_kernel, signature, tiles, capability)
+    return _compile(_merge_kernel, signature, tiles, capability, features=features)
 
 
 # (the merged output's dtype, features): fixed's split decode steps' merge.
@@ -95,7 +97,7 @@ def compile_split_merge(dtype: torch.dtype, features: int, capability: int):
     pointers = {"Out": "fp32", "Lse": "fp32", "Merged": TYPES[dtype], "MergedLse": "fp32"}
     signature = {name: "constexpr" if name in tiles else "*" + pointers[name] if name in pointers else "i32"
                  for name in _merge_splits_kernel.arg_names}
-    return _compile(_merge_splits_kernel, signature, tiles, capability)
+    return _compile(_merge_splits_kernel, signature, tiles, capability, features=features)
 
 
 def _report(kernel: str, capability: int, fields: dict, build) -> None:

@@ -156,8 +156,8 @@ if triton is not None:
         BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
     ):
         pid = tl.program_id(0)
-        head = pid // row_tiles  # one division a program: [n0, n1] slice, then its tile of rows
-        i0, i1 = (head // n1).to(tl.int64), (head % n1).to(tl.int64)  # offsets past 2^31 elements
+        plane = pid // row_tiles  # one division a program: its [n0, n1] plane, then its tile of rows
+        i0, i1 = (plane // n1).to(tl.int64), (plane % n1).to(tl.int64)  # offsets past 2^31 elements
         r = (pid % row_tiles).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
         row_ok = r < rows
         la = tl.load(ALse + i0 * sal0 + i1 * sal1 + r * sal2, mask=row_ok, other=0.0)
