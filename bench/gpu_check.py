@@ -16,7 +16,7 @@ cache is cold it compiles the Triton binaries the service needs, and /readyz sta
     compiled FlexAttention, with the 131072-token peak-memory row, the sliding-window scaling
     and the first call for a new shape; JSON (and the plot) under --out.
 (c) fixed(128, 8) on its Triton kernel against its fused-SDPA plan (CUDA's fallback) with the
-    summary piece in the default, 1, 4 and 16 row ranges, at n = 4096 to 131072; and a decode
+    summary piece in the default and 1 to 32 row ranges, at n = 4096 to 131072; and a decode
     step on the kernel with its keys split between programs (`key_splits`) and unsplit.
 (d) a few query rows at the end of 65536 and 131072 keys (decode steps, short chunks), per
     pattern, in bfloat16: the engine's structured kernels against dense flash SDPA and the masked kernel
@@ -234,7 +234,8 @@ def in_place_merge_checks(device, rounds: int = 20, rows: int = 16384, block: in
     block as heads, the block as rows), and a plain one; H = 8, `rows` rows, D = 64."""
     g = torch.Generator().manual_seed(5)
     results = []
-    for name, view in (("transposed", lambda x: x.view(8, -1, block, x.shape[-1]).transpose(1, 2)), ("plain", lambda x: x)):
+    transposed = lambda x: x.view(8, -1, block, x.shape[-1]).transpose(1, 2)  # noqa: E731
+    for name, view in (("transposed", transposed), ("plain", lambda x: x)):
         for out_dtype in (torch.float32, torch.bfloat16):
             a_out = torch.randn(8, rows, 64, generator=g).to(device, out_dtype)
             a_lse = (torch.randn(8, rows, generator=g) * 4).to(device)
@@ -346,13 +347,15 @@ def fixed_on_kernel(device: torch.device) -> bool:
 
 def fixed_kernels(device: torch.device, ns=(4096, 16384, 65536, 131072)) -> list[dict]:
     """(c): seconds of fixed(128, 8) in bfloat16, H = 8, D = 64, on the Triton kernel and on the
-    fused-SDPA plan with its summary piece in the default, 1, 4 and 16 row ranges."""
+    fused-SDPA plan with its summary piece in the default and 1, 2, 4, 8, 16 and 32 row ranges.
+    Where CUDA runs the plan (past n = 16384) the best count was 4 at 65536 and 16 at 131072, of
+    1, 4 and 16: too few to set `_range_count` there."""
     rows = []
     for n in ns:
         q, k, v = bench_kernels.inputs(n, 8, 64, torch.bfloat16, device)
         fns = {f"fused ranges={r or 'default'}": (
             lambda r=r: fused_fixed_attention(q, k, v, block=128, summary=8, scale=0.125, ranges=r))
-            for r in (None, 1, 4, 16)}
+            for r in (None, 1, 2, 4, 8, 16, 32)}
         if fixed_on_kernel(device):  # else its probe failed, said at the start
             fns["triton"] = lambda: triton_fixed_attention(q, k, v, block=128, summary=8, scale=0.125)
             row = q[..., -1:, :]  # a decode step: its keys split between programs, or all in one
