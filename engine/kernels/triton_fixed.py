@@ -48,8 +48,9 @@ MAX_SKIP_STRIDES = 4
 MAX_HEAD_DIM = 256
 # Summary keys met by a causal fixed call's rows (per head: Lq x the summary keys of Lk) past which
 # the fused-SDPA plan's flash calls beat the kernel's walk. On an H200 (bfloat16, H = 8, D = 64,
-# kernel / plan): n = 4096 0.14 / 0.34-0.79 ms, n = 16384 (2^24 here) 0.77 / 0.76-0.89,
-# n = 65536 8.8 / 4.5-7.0, n = 131072 33.4 / 14.3-24.7; a decode step 0.13 ms on the kernel.
+# kernel / plan in its default, 1 and 4 row ranges): n = 4096 0.14 / 0.34-0.79 ms, n = 16384
+# (2^24 here) 0.77 / 0.76-0.89, n = 65536 8.8 / 4.5-7.0, n = 131072 33.4 / 14.3-24.7; a decode
+# step 0.13 ms on the kernel.
 FUSED_PLAN_SUMMARY_PAIRS = 1 << 24
 
 
