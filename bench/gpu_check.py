@@ -71,7 +71,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 from engine import attention, kernels  # noqa: E402
 from engine.attention import backend_for  # noqa: E402
-from engine.kernels import triton_merge  # noqa: E402
+from engine.kernels import triton_band, triton_merge  # noqa: E402
 from engine.kernels.band import flash_window_supported  # noqa: E402
 from engine.kernels.device import kernel_device, runs_on_triton  # noqa: E402
 from engine.kernels.fixed import fused_fixed_attention  # noqa: E402
@@ -339,6 +339,12 @@ def warm_up(device: torch.device) -> float | None:
     return seconds
 
 
+def band_on_kernel(device: torch.device, causal: bool) -> bool:
+    """Whether bfloat16 sliding-window calls of D = 64 run on the band's Triton kernel here: its
+    variant passed its probe (a failed one is logged, and takes flash's local window)."""
+    return runs_on_triton(device) and triton_band.matches_contract(device, torch.bfloat16, 64, 64, causal)
+
+
 def fixed_on_kernel(device: torch.device) -> bool:
     """Whether the benchmark's fixed calls (bfloat16, D = 64, causal) run on the Triton kernel here:
     its variant passed its probe (a failed one is logged, and takes the fused plan)."""
@@ -418,7 +424,8 @@ def main(argv: list[str] | None = None) -> int:
           flush=True)
     warm_s = warm_up(device)
     if device.type == "cuda":
-        print(f"flash local window for the band: causal {flash_window_supported(device, True)}, "
+        print(f"the band on the Triton kernel (bfloat16): causal {band_on_kernel(device, True)}, non-causal "
+              f"{band_on_kernel(device, False)}; flash local window: causal {flash_window_supported(device, True)}, "
               f"non-causal {flash_window_supported(device, False)}; fixed on the Triton kernel: "
               f"{fixed_on_kernel(device)}; merges on the Triton merge: into float32 "
               f"{merge_on_kernel(device, torch.float32)}, into bfloat16 {merge_on_kernel(device, torch.bfloat16)}",

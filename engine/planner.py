@@ -45,8 +45,9 @@ class Plan:
     keys spent 12 ms converting them all, 90x its sliding window's 0.13 ms. `grouped_kv_on_cpu`:
     on the CPU the steps take fewer key/value heads than query heads as they are (torch's CPU
     attention kernel reads each key/value head for its H / Hkv query heads), instead of repeated
-    ones. `grouped_kv_on_cuda`: so on CUDA (fixed: its Triton kernel reads key/value head
-    h // (H / Hkv), its fused fallback repeats them itself). On CUDA the head dims are padded once
+    ones. `grouped_kv_on_cuda`: so on CUDA (fixed's and the band's Triton kernels read key/value
+    head h // (H / Hkv); their fallbacks repeat them themselves, the band's only its window's keys,
+    a key/value head at a time). On CUDA the head dims are padded once
     for every step (`pads_head_dims`)."""
 
     backend: str
@@ -273,7 +274,7 @@ def structured_plan(pattern: PatternBase, lq: int, lk: int, causal: bool) -> Pla
                     grouped_kv_on_cuda=True)
     if isinstance(pattern, SlidingWindow):  # the band converts its window's keys itself, at any length
         return Plan("band", (partial(kernels.band_attention, window=pattern.window, causal=causal),),
-                    converts_in_steps=True, grouped_kv_on_cpu=lq <= TILE_ROWS)
+                    converts_in_steps=True, grouped_kv_on_cpu=lq <= TILE_ROWS, grouped_kv_on_cuda=True)
     if isinstance(pattern, Union):
         return _structured_union(pattern, lq, lk, causal)
     return None

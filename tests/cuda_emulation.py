@@ -89,6 +89,20 @@ def scaled_dot_product_flash_attention(query, key, value, dropout_p=0.0, is_caus
     return out, lse, empty, empty, lq, key.shape[2], empty, empty, empty
 
 
+def scaled_dot_product_cudnn_attention(query, key, value, attn_bias, compute_log_sumexp, dropout_p=0.0,
+                                       is_causal=False, return_debug_mask=False, *, scale=None):
+    """cuDNN's attention where the engine calls it (only where torch's SDPA would pick it, which
+    checks more): half precision, flash's layout checks; its log-sum-exp [B, H, Lq, 1]."""
+    op = "cuDNN"
+    _check_qkv(op, query, key, value)
+    assert query.dtype in HALF, f"{op}: half precision only, got {query.dtype}"
+    assert attn_bias is None and compute_log_sumexp and dropout_p == 0.0 and not return_debug_mask
+    out, lse = _attend(query, key, value, _causal_square(op, query, key, is_causal), None, scale)
+    out = out.transpose(1, 2).contiguous().transpose(1, 2)  # the kernel writes [B, L, H, D]
+    empty = torch.empty(0)
+    return out, lse.unsqueeze(-1), empty, empty, query.shape[2], key.shape[2], empty, empty, empty
+
+
 def scaled_dot_product_efficient_attention(query, key, value, attn_bias, compute_log_sumexp, dropout_p=0.0,
                                            is_causal=False, *, scale=None):
     op = "memory-efficient"
@@ -131,6 +145,7 @@ STAND_INS = {
     "_scaled_dot_product_flash_attention": scaled_dot_product_flash_attention,
     "_scaled_dot_product_efficient_attention": scaled_dot_product_efficient_attention,
     "_flash_attention_forward": flash_attention_forward,
+    "_scaled_dot_product_cudnn_attention": scaled_dot_product_cudnn_attention,
 }
 
 
@@ -138,7 +153,9 @@ def _device_caches():
     band = importlib.import_module("engine.kernels.band")
     triton_fixed = importlib.import_module("engine.kernels.triton_fixed")
     triton_merge = importlib.import_module("engine.kernels.triton_merge")
-    return band.flash_window_supported, triton_fixed.matches_contract, triton_merge.matches_contract
+    triton_band = importlib.import_module("engine.kernels.triton_band")
+    return (band.flash_window_supported, triton_band.matches_contract, triton_fixed.matches_contract,
+            triton_merge.matches_contract)
 
 
 @contextmanager
@@ -165,9 +182,12 @@ def _engine_modules() -> list:
 
 
 @contextmanager
-def cuda_kernels_on_cpu() -> Iterator[None]:
-    """Within the block the engine takes CUDA's branches for CPU tensors, on the stand-ins."""
+def cuda_kernels_on_cpu(cudnn: bool = False) -> Iterator[None]:
+    """Within the block the engine takes CUDA's branches for CPU tensors, on the stand-ins; with
+    `cudnn` as on a GPU where torch's SDPA picks cuDNN's attention for every unmasked half-precision
+    call (an H100 or H200), else as where it picks flash."""
     with kernel_device_answering("cuda") as patch:
+        patch.setattr(importlib.import_module("engine.kernels.dense"), "sdpa_picks_cudnn", lambda *args: cudnn)
         for module in _engine_modules():
             for name, kernel in _triton_kernels(module):
                 patch.setattr(module, name, _OneLaunch(name, kernel))
@@ -281,12 +301,12 @@ def _binder(kernel):
     return create_function_from_signature(compiled.signature, compiled.params, BaseBackend)
 
 
-def counted_call(q, k, v, pattern, *, causal: bool = True) -> tuple[torch.Tensor, OpCount]:
-    """(output, its OpCount) of one engine call on CUDA's branches, after a first call that may
-    probe the flash window once."""
+def counted_call(q, k, v, pattern, *, causal: bool = True, cudnn: bool = False) -> tuple[torch.Tensor, OpCount]:
+    """(output, its OpCount) of one engine call on CUDA's branches (`cuda_kernels_on_cpu`), after a
+    first call that may probe the flash window once."""
     from engine import attention
 
-    with cuda_kernels_on_cpu():
+    with cuda_kernels_on_cpu(cudnn):
         attention(q, k, v, pattern, causal=causal)
         with OpCount() as count:
             out = attention(q, k, v, pattern, causal=causal)

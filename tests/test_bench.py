@@ -12,7 +12,7 @@ import torch
 from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
 from bench import kernels as bench_kernels
-from engine.kernels import triton_fixed
+from engine.kernels import triton_band, triton_fixed
 from engine.patterns import parse_pattern
 from engine.planner import warm_up_calls
 from reference import reference_attention
@@ -265,3 +265,49 @@ def test_cuda_ops_counts_fixed_on_the_triton_kernel_or_its_fused_plan(tmp_path):
         assert cuda_ops.main(["--n", "512", "--patterns", "fixed(128, 8)", "--out", str(out), *flags]) == 0
         launches[bool(flags)] = json.loads(out.read_text())["counts"]["fixed(128, 8)"]["causal prefill"]["launches"]
     assert launches[False] == 3 and launches[True] > 10, launches
+
+
+@pytest.mark.skipif(triton_band.triton is None, reason="Triton is not installed")
+def test_gpu_band_checks_pass_here_and_fail_a_wrong_kernel(monkeypatch, capsys):
+    """bench/gpu_band.py's checks in Triton's interpreter, on a sample of its shapes in the default
+    tiles and one swept tile size; a kernel whose output is off is a FAIL line, counted."""
+    from bench import gpu_band
+
+    shapes = gpu_band.SHAPES[:2]
+    passed, failed = gpu_band.check(torch.device("cpu"), shapes, gpu_band.SWEEP[:1])
+    assert (passed, failed) == (6 * len(shapes), 0)  # 3 dtypes x 2 causalities; the sweep: D = 64 shapes only
+    real = triton_band.triton_band_attention
+
+    def off(*args, **kwargs):
+        out, lse = real(*args, **kwargs)
+        return out * 1.1, lse
+
+    monkeypatch.setattr(triton_band, "triton_band_attention", off)
+    passed, failed = gpu_band.check(torch.device("cpu"), shapes[:1], [])
+    assert (passed, failed) == (0, 6) and capsys.readouterr().out.count("FAIL") == 6
+
+
+def test_gpu_dense_checks_pass_on_cudas_branches_and_fail_a_wrong_log_sum_exp(monkeypatch, capsys):
+    """bench/gpu_dense.py's checks of cuDNN's path, on CUDA's branches emulated (where SDPA picks
+    cuDNN), on its small shapes; a cuDNN whose log-sum-exp is off fails every fused call's check
+    and the engine's dense ones (strided(7) at Lq < Lk runs on masked calls, not cuDNN)."""
+    from bench import gpu_dense
+    from cuda_emulation import STAND_INS, cuda_kernels_on_cpu
+
+    monkeypatch.setattr(gpu_dense, "FUSED_SHAPES", [s for s in gpu_dense.FUSED_SHAPES if s[2] * s[3] < 5e6])
+    monkeypatch.setattr(gpu_dense, "ENGINE_CASES", [c for c in gpu_dense.ENGINE_CASES if c[2] * c[3] < 5e6])
+    cases = len(gpu_dense.FUSED_SHAPES) + len(gpu_dense.ENGINE_CASES)
+    with cuda_kernels_on_cpu(cudnn=True):
+        assert gpu_dense.check(torch.device("cpu")) == (cases, 0)
+    real = STAND_INS["_scaled_dot_product_cudnn_attention"]
+
+    def lse_off(*args, **kwargs):
+        out, lse, *rest = real(*args, **kwargs)
+        return out, lse + 0.5, *rest
+
+    monkeypatch.setitem(STAND_INS, "_scaled_dot_product_cudnn_attention", lse_off)
+    capsys.readouterr()
+    with cuda_kernels_on_cpu(cudnn=True):
+        assert gpu_dense.check(torch.device("cpu")) == (1, cases - 1)
+    passing = [line for line in capsys.readouterr().out.splitlines() if line.startswith("PASS")]
+    assert len(passing) == 1 and "'stride': 7" in passing[0]

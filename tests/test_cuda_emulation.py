@@ -62,13 +62,16 @@ FX = {"type": "fixed", "block": 16, "summary": 2}
 
 
 @pytest.mark.parametrize("pattern, dtype, kernels", [
-    (SW, torch.bfloat16, {FLASH_WINDOW: 1}),  # the band is the flash kernel's local window
+    # the band is one Triton launch (tests/test_triton_band.py); without Triton the flash kernel's
+    # local window
+    (SW, torch.bfloat16, {} if TRITON else {FLASH_WINDOW: 1}),
     (SW, torch.float32, {EFFICIENT: 3}),  # float32: the first rows, the tiles, the last short tile
     (ST, torch.bfloat16, {FLASH: 1}),  # every class in one causal call
     # one Triton launch, no SDPA call (tests/test_triton_fixed.py); without Triton its own blocks
     # and the summary keys in 4 row ranges
     (FX, torch.bfloat16, {} if TRITON else {FLASH: 1, EFFICIENT: 4}),
-    ({"type": "union", "patterns": [SW, ST]}, torch.bfloat16, {FLASH_WINDOW: 1, FLASH: 1}),  # stride: past the window
+    # the stride past the window
+    ({"type": "union", "patterns": [SW, ST]}, torch.bfloat16, {FLASH: 1} if TRITON else {FLASH_WINDOW: 1, FLASH: 1}),
 ])
 def test_cuda_plans_reach_the_cuda_kernels(pattern, dtype, kernels):
     g = torch.Generator().manual_seed(0)
@@ -78,6 +81,41 @@ def test_cuda_plans_reach_the_cuda_kernels(pattern, dtype, kernels):
     tol = 2e-5 if dtype == torch.float32 else 3e-2
     torch.testing.assert_close(out.double(), reference_attention(q, k, v, pattern)[0], atol=tol, rtol=tol)
     assert not math.isnan(out.float().sum())
+
+
+CUDNN = "aten._scaled_dot_product_cudnn_attention.default"
+
+
+@pytest.mark.parametrize("pattern, causal, kernels", [
+    (None, True, {CUDNN: 1}), (None, False, {CUDNN: 1}),
+    (ST, True, {CUDNN: 1}), (ST, False, {CUDNN: 1}),  # every class in one call
+    # the band on its Triton kernel (or flash's local window), the stride past it on cuDNN; without
+    # causality the stride's keys past the window are a masked call
+    ({"type": "union", "patterns": [SW, ST]}, True, {CUDNN: 1} if TRITON else {CUDNN: 1, FLASH_WINDOW: 1}),
+    ({"type": "union", "patterns": [SW, ST]}, False, {EFFICIENT: 1} if TRITON else {EFFICIENT: 1, FLASH_WINDOW: 1}),
+])
+def test_where_sdpa_picks_cudnn_the_unmasked_calls_take_it(pattern, kernels, causal):
+    """On a GPU where torch's SDPA runs unmasked half-precision calls on cuDNN's attention (an
+    H200: 36 ms against flash's 55 for a causal 131072-token call, H = 8, D = 64), the engine's
+    unmasked fused calls take it too, its log-sum-exp reshaped from [B, H, Lq, 1]; masked calls
+    keep the memory-efficient kernel."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 320, 24, generator=g).to(torch.bfloat16) for _ in range(3))
+    out, count = counted_call(q, k, v, pattern, causal=causal, cudnn=True)
+    assert {op: n for op, n in count.ops.items() if op in (FLASH, EFFICIENT, FLASH_WINDOW, CUDNN)} == kernels
+    torch.testing.assert_close(out.double(), reference_attention(q, k, v, pattern, causal=causal)[0], atol=3e-2,
+                               rtol=3e-2)
+
+
+def test_the_cudnn_log_sum_exp_is_the_reference_s():
+    """A union merges its members by log-sum-exp: cuDNN's, reshaped, must be the contract's."""
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(1, 2, 200, 16, generator=g).to(torch.bfloat16) for _ in range(3))
+    with cuda_kernels_on_cpu(cudnn=True):
+        out, lse = attention(q, k, v, ST, return_lse=True)
+    ref_out, ref_lse = reference_attention(q, k, v, ST)
+    torch.testing.assert_close(lse.double(), ref_lse, atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(out.double(), ref_out, atol=3e-2, rtol=3e-2)
 
 
 @pytest.mark.parametrize("layout", ["head_axis_of_one_at_stride_1", "rows_12_apart", "start_off_16_bytes"])

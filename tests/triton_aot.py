@@ -1,4 +1,4 @@
-"""Compile the engine's Triton kernel variants (fixed's kernel, the merge) for NVIDIA GPUs on a
+"""Compile the engine's Triton kernel variants (fixed's kernel, the band's, the merge) for NVIDIA GPUs on a
 machine without one (Triton's wheel carries ptxas) and print each variant's shared memory as JSON
 lines, with the seconds each compile took. Run in a process without TRITON_INTERPRET (the engine's
 kernels are compiled functions there, not interpreted ones):
@@ -28,6 +28,9 @@ FEATURE_STRIDES = {"sqd", "skd", "svd", "sod", "slm", "so3", "sa3", "sb3"}
 # causalities and the skip counts' branches.
 VARIANTS = [(torch.bfloat16, 64, True, 1), (torch.float16, 128, False, 4), (torch.bfloat16, 256, True, 0),
             (torch.float32, 64, False, 2), (torch.float32, 128, True, 0), (torch.float32, 256, True, 3)]
+# (dtype, widest head dim, causal): every tile size the band's kernel_variant picks in the half
+# precisions it takes, both causalities.
+BAND_VARIANTS = [(torch.bfloat16, 64, True), (torch.float16, 128, False), (torch.bfloat16, 256, True)]
 # (a's dtype, b's dtype, the output's dtype, features): the merges the engine makes, and the
 # feature tiles' extremes.
 MERGE_VARIANTS = [(torch.bfloat16, torch.bfloat16, torch.bfloat16, 64),
@@ -71,6 +74,19 @@ def compile_variant(dtype: torch.dtype, head_dim: int, causal: bool, skips: int,
                  else "*fp32" if name == "Lse" else "fp32" if name == "qk_scale" else "i32"
                  for name in _fixed_kernel.arg_names}
     return _compile(_fixed_kernel, signature, variant, capability, options, features=head_dim)
+
+
+def compile_band(dtype: torch.dtype, head_dim: int, causal: bool, capability: int, variant: dict | None = None):
+    """`_band_kernel` for these inputs (`variant` replacing `kernel_variant`'s tiles)."""
+    from engine.kernels.triton_band import _band_kernel, kernel_variant
+
+    variant = {**kernel_variant(dtype, head_dim, head_dim), **(variant or {}), "CAUSAL": causal}
+    options = {name: variant.pop(name) for name in ("num_warps", "num_stages")}
+    pointer = "*" + TYPES[dtype]
+    signature = {name: "constexpr" if name in variant else pointer if name in ("Q", "K", "V", "Out")
+                 else "*fp32" if name == "Lse" else "fp32" if name == "qk_scale" else "i32"
+                 for name in _band_kernel.arg_names}
+    return _compile(_band_kernel, signature, variant, capability, options, features=head_dim)
 
 
 def compile_merge(a_dtype: torch.dtype, b_dtype: torch.dtype, out_dtype: torch.dtype, features: int, capability: int):
@@ -117,6 +133,9 @@ def main(capabilities: list[int]) -> None:
             fields = {"dtype": TYPES[dtype], "head_dim": head_dim, "causal": causal, "skips": skips}
             _report("fixed", capability, fields,
                     partial(compile_variant, dtype, head_dim, causal, skips, capability))
+        for dtype, head_dim, causal in BAND_VARIANTS:
+            _report("band", capability, {"dtype": TYPES[dtype], "head_dim": head_dim, "causal": causal},
+                    partial(compile_band, dtype, head_dim, causal, capability))
         for a_dtype, b_dtype, out_dtype, features in MERGE_VARIANTS:
             _report("merge", capability, {"dtypes": [TYPES[a_dtype], TYPES[b_dtype], TYPES[out_dtype]],
                                           "features": features},

@@ -12,6 +12,7 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend
 
 from .device import kernel_device, values_on_host
 from .merge import join_rows, merge_partials
@@ -217,10 +218,23 @@ def _fused_cuda(q, k, v, *, scale: float, is_causal: bool, mask: torch.Tensor | 
     return within_grid(functools.partial(_fused_cuda_call, scale=scale, is_causal=is_causal), q, k, v, mask)
 
 
+def sdpa_picks_cudnn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, is_causal: bool, scale: float) -> bool:
+    """Whether torch's own SDPA would run these unmasked inputs on cuDNN's attention: its checks of
+    GPU, shapes and layouts, its order of preference and the user's `torch.backends.cuda` switches
+    decide, not ours (cuDNN's kernel, called directly, checks little). Where it would, the engine
+    calls the same kernel for the log-sum-exp SDPA does not return."""
+    return torch._fused_sdp_choice(q, k, v, None, 0.0, is_causal, scale=scale) == SDPBackend.CUDNN_ATTENTION.value
+
+
 def _fused_cuda_call(q, k, v, mask: torch.Tensor | None, *, scale: float, is_causal: bool):
     d = q.shape[-1]
     q, k, v = cuda_operand(q), cuda_operand(k), cuda_operand(v)
-    if mask is None and flash_supported(q, v):
+    if mask is None and flash_supported(q, v) and sdpa_picks_cudnn(q, k, v, is_causal, scale):
+        # Returns (output, logsumexp [B, H, Lq, 1], cum_seq_q, cum_seq_k, max_q, max_k, ...).
+        out, lse = torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, None, True, 0.0, is_causal, False,
+                                                                     scale=scale)[:2]
+        lse = lse.reshape(q.shape[:-1])
+    elif mask is None and flash_supported(q, v):
         # Returns (output, logsumexp [B, H, Lq], cum_seq_q, cum_seq_k, max_q, max_k, ...).
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, is_causal, False, scale=scale)[:2]
     else:

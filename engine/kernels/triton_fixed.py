@@ -25,7 +25,6 @@ import contextlib
 import functools
 import logging
 import math
-import os
 
 import torch
 
@@ -33,7 +32,8 @@ from ..patterns import Fixed
 from .dense import additive_mask, math_attention
 from .device import TRITON_OPTIONS, runs_on_triton, triton
 from .strided import off_strides
-from .triton_merge import feature_tile, merge_splits
+from .triton_merge import merge_splits
+from .triton_tiles import MAX_HEAD_DIM, PROBE_TOLERANCE, attention_tiles
 
 if triton is not None:  # without Triton fixed keeps its fused-SDPA plan everywhere
     import triton.language as tl
@@ -43,9 +43,6 @@ logger = logging.getLogger(__name__)
 # Strides a union's fixed step can skip in the kernel (nested unions flatten to up to 63 strides
 # beside fixed; more than this take the fused-SDPA plan).
 MAX_SKIP_STRIDES = 4
-# Widest head dim (q's or v's) the kernel's tiles are sized for (`kernel_variant`), as flash
-# attention's 256; wider ones take the fused-SDPA plan.
-MAX_HEAD_DIM = 256
 # Summary keys met by a causal fixed call's rows (per head: Lq x the summary keys of Lk) past which
 # the fused-SDPA plan's flash calls beat the kernel's walk. On an H200 (bfloat16, H = 8, D = 64,
 # kernel / plan in its default, 1 and 4 row ranges): n = 4096 0.14 / 0.34-0.79 ms, n = 16384
@@ -71,8 +68,6 @@ def fused_plan_is_faster(lq: int, lk: int, block: int, summary: int, causal: boo
     return causal and not min_distance and not skip_strides and lq * -(-lk // block) * summary > FUSED_PLAN_SUMMARY_PAIRS
 
 
-# Probe dtypes' tolerance against the float32 math kernel (a miscompile is far off; rounding is not).
-PROBE_TOLERANCE = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 2e-2}
 # The strides a probe skips, as many as the call's variant skips.
 PROBE_STRIDES = (3, 5, 7, 11)
 
@@ -172,28 +167,9 @@ def key_splits(programs: int, lk: int, block: int, summary: int, block_n: int) -
 
 
 def kernel_variant(dtype: torch.dtype, d: int, dv: int, causal: bool, skips: int) -> dict:
-    """The kernel's compile-time arguments for these inputs: its constexprs, warps and pipeline
-    stages. One tile size for every length (decode steps too), so a variant compiled once serves
-    all; tiles whose shared memory fits the 99 KB a block gets on sm_86 and sm_89 (RTX 30 and 40,
-    A10, L4), the least from sm_80 on. float32 in IEEE float32 takes several times half
-    precision's: 176 KB at 64 x 64 tiles, D = 128, 3 stages; 72 KB as below; D = 256 at 32 x 32
-    tiles 100 KB, at 32 x 16 66 KB. Half precision at D = 256 took 172 KB at 64 x 64 tiles and 3
-    stages (229 KB on sm_90), 70 KB at 64 x 32 and 2. tests/test_triton_compile.py compiles them
-    for sm_86 and sm_90, specialised as launches are."""
-    half = dtype != torch.float32
-    widest = max(d, dv)
-    return dict(CAUSAL=causal, SKIPS=skips, DOT_DTYPE=_dot_dtype(dtype), IEEE=not half,
-                BLOCK_M=64 if half or widest <= 128 else 32,
-                BLOCK_N=(64 if half else 32) if widest <= 128 else (32 if half else 16),
-                BLOCK_D=feature_tile(d), BLOCK_DV=feature_tile(dv),
-                num_warps=4 if widest <= 64 else 8, num_stages=3 if half and widest <= 128 else 2)
-
-
-def _dot_dtype(dtype: torch.dtype):
-    """The dtype the products take: the inputs' own, but float32 for bfloat16 in the interpreter."""
-    if dtype == torch.float32 or dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1":
-        return tl.float32
-    return {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}[dtype]
+    """The kernel's compile-time arguments for these inputs: causality, the skip count and
+    `attention_tiles`."""
+    return dict(CAUSAL=causal, SKIPS=skips, **attention_tiles(dtype, d, dv))
 
 
 if triton is not None:

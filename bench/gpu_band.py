@@ -1,0 +1,202 @@
+"""The band's Triton kernel (engine/kernels/triton_band.py) on a GPU: exact first, then its tiles.
+
+(a) The kernel in its default variant for each dtype and causality, and in every swept tile size
+    in bfloat16 at D = 64, against the float64 reference (tests/reference.py's rule, on the CPU) on shapes
+    at the edges (n off every tile, Lq < Lk, grouped heads, one head, a window past n, a window
+    of 1, a decode row, D != Dv), and at n = 131072 against flash's local window: PASS or FAIL each.
+(b) Seconds of sliding_window(w), w = 128, 256, 1024, bfloat16, H = 8, D = 64, per n: dense causal
+    attention on the engine's fused call (`dense.fused`: flash's kernel in the runs of 2026-12-04,
+    cuDNN's since where SDPA picks it), flash's local window (the band's plan before the kernel) and each tile size (`SWEEP`),
+    taking turns in rounds (`bench.kernels.rounds`); FlexAttention with the pattern's block mask at
+    w = 256 where --flex-n says; D = 128 at one n; float32 against the band's tiles on the
+    memory-efficient kernel; decode rows; and the engine's sliding_window and
+    union(sliding_window 128, strided 128) with the kernel and without it.
+
+Exits 1 if a check fails. On the project's machine (no GPU) `--device cpu` rehearses it in
+Triton's interpreter, at toy sizes. Run as bench/gpu_check.py says (pydantic carried as wheels):
+
+    PYTHONUNBUFFERED=1 timeout 300 python3 -m bench.gpu_band --out "$OUT" 2>&1 | tee "$OUT/gpu_band.log"
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from unittest import mock
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))
+
+import reference  # noqa: E402
+
+from bench import kernels as bench_kernels  # noqa: E402
+from engine import attention  # noqa: E402
+from engine.kernels import triton_band  # noqa: E402
+from engine.kernels.band import _flash_window, band_attention  # noqa: E402
+from engine.kernels.dense import fused  # noqa: E402
+from engine.patterns import parse_pattern  # noqa: E402
+
+# Tile sizes swept: (BLOCK_M, BLOCK_N, warps, stages).
+SWEEP = [(64, 64, 4, 3), (64, 64, 4, 2), (64, 64, 4, 4), (64, 128, 4, 3), (64, 32, 4, 3), (128, 64, 8, 3),
+         (128, 64, 4, 3), (128, 128, 8, 3), (128, 32, 8, 3), (128, 64, 8, 4)]
+# (B, H, Hkv, Lq, Lk, D, Dv, window)
+SHAPES = [(1, 1, 1, 37, 37, 16, 16, 5), (2, 4, 2, 100, 130, 16, 8, 33), (1, 2, 1, 1, 3000, 64, 64, 256),
+          (1, 2, 2, 150, 150, 64, 64, 1), (1, 1, 1, 200, 200, 32, 32, 500), (1, 2, 1, 130, 200, 24, 40, 64),
+          (1, 8, 8, 1000, 1000, 64, 64, 256), (1, 4, 1, 777, 2049, 128, 128, 129), (1, 2, 2, 513, 513, 256, 256, 100)]
+
+
+def as_variant(config) -> dict:
+    block_m, block_n, warps, stages = config
+    return {"BLOCK_M": block_m, "BLOCK_N": block_n, "num_warps": warps, "num_stages": stages}
+
+
+def name_of(config) -> str:
+    return "triton {}x{} w{} s{}".format(*config)
+
+
+def check(device: torch.device, shapes, sweep) -> tuple[int, int]:
+    passed = failed = 0
+    runs = [(dtype, causal, None) for dtype in (torch.float32, torch.float16, torch.bfloat16) for causal in (True, False)]
+    runs += [(torch.bfloat16, True, config) for config in sweep]
+    for dtype, causal, config in runs:
+        for b, h, hkv, lq, lk, d, dv, w in shapes:
+            if config and d != 64:  # the sweep's head dim (each head dim is a compile of its own)
+                continue
+            g = torch.Generator().manual_seed(lq * lk + w)
+            q = torch.randn(b, h, lq, d, generator=g).to(dtype)
+            k, v = torch.randn(b, hkv, lk, d, generator=g).to(dtype), torch.randn(b, hkv, lk, dv, generator=g).to(dtype)
+            name = f"{dtype} {'causal' if causal else 'non-causal'} {config and name_of(config)} {(b, h, hkv, lq, lk, d, dv, w)}"
+            try:
+                out, lse = triton_band.triton_band_attention(
+                    *(x.to(device) for x in (q, k, v)), window=w, scale=d ** -0.5, causal=causal,
+                    variant=config and as_variant(config))
+                ref_out, ref_lse = reference.reference_attention(q, k, v, {"type": "sliding_window", "window": w},
+                                                                 causal=causal)
+                tol = 2e-5 if dtype == torch.float32 else 2e-2
+                torch.testing.assert_close(out.cpu().double(), ref_out, atol=tol, rtol=tol)
+                torch.testing.assert_close(lse.cpu().double(), ref_lse, atol=tol, rtol=tol)
+                passed += 1
+                print("PASS", name, flush=True)
+            except Exception as e:  # noqa: BLE001 (every failure is reported, none stops the run)
+                failed += 1
+                print("FAIL", name, repr(e)[:500], flush=True)
+    return passed, failed
+
+
+def check_long(device: torch.device, n: int, sweep) -> tuple[int, int]:
+    """Each tile size at n keys against flash's local window (bfloat16, both ways)."""
+    passed = failed = 0
+    q, k, v = bench_kernels.inputs(n, 8, 64, torch.bfloat16, device)
+    for causal in (True, False):
+        ref_out, ref_lse = _flash_window(q, k, v, window=256, scale=0.125, causal=causal)
+        for config in [None, *sweep]:
+            out, lse = triton_band.triton_band_attention(q, k, v, window=256, scale=0.125, causal=causal,
+                                                         variant=config and as_variant(config))
+            err = max((out.float() - ref_out.float()).abs().max().item(), (lse - ref_lse).abs().max().item())
+            ok = (torch.allclose(out.float(), ref_out.float(), atol=2e-2, rtol=2e-2)
+                  and torch.allclose(lse, ref_lse, atol=2e-2, rtol=2e-2))
+            passed, failed = passed + ok, failed + (not ok)
+            print("PASS" if ok else "FAIL", f"n={n} causal={causal} {config and name_of(config)} against flash's "
+                  f"window: max error {err:.2e}", flush=True)
+    return passed, failed
+
+
+def best(fns: dict, device: torch.device) -> dict:
+    return {key: min(t[1:] or t) for key, t in bench_kernels.rounds(fns, device, 3, 30.0, 0.05).items()}
+
+
+def sweep_times(device: torch.device, ns, windows, sweep, flex_n, dim: int = 64) -> list[dict]:
+    rows = []
+    flex = bench_kernels.Flex(device) if flex_n else None
+    for n in ns:
+        q, k, v = bench_kernels.inputs(n, 8, dim, torch.bfloat16, device)
+        fns = {"dense fused": lambda: fused(q, k, v, scale=0.125, is_causal=True)}
+        for w in windows:
+            if device.type == "cuda":
+                fns["flash window", w] = lambda w=w: _flash_window(q, k, v, window=w, scale=0.125)
+            for config in sweep:
+                fns[name_of(config), w] = lambda w=w, c=config: triton_band.triton_band_attention(
+                    q, k, v, window=w, scale=0.125, variant=as_variant(c))
+            if flex and n in flex_n and w == 256:
+                run = flex.runner(parse_pattern({"type": "sliding_window", "window": w}), n, True)
+                fns["flex", w] = lambda run=run: run(q, k, v)
+        times = best(fns, device)
+        for key, s in times.items():
+            name, w = (key, None) if isinstance(key, str) else key
+            rows.append({"n": n, "dim": dim, "window": w, "kernel": name, "seconds": s})
+            if w:  # efficiency against dense: (dense / s) / (dense pairs / window pairs)
+                pairs = n * w - w * (w - 1) // 2  # row i attends min(w, i + 1) keys
+                rows[-1]["efficiency"] = times["dense fused"] / s / (n * (n + 1) / 2 / pairs)
+            print(f"n={n} D={dim} w={w} {name}: {s * 1e3:.3f} ms"
+                  + (f"  efficiency {rows[-1]['efficiency']:.2f}" if w else ""), flush=True)
+    return rows
+
+
+def other_times(device: torch.device, n: int) -> list[dict]:
+    """float32 (the kernel against the band's tiles), decode rows (against flash's window) and the
+    engine's plans with the kernel and without it (`triton_band.takes` false)."""
+    rows = []
+    q, k, v = bench_kernels.inputs(n, 8, 64, torch.float32, device)
+    fns = {"float32 triton": lambda: triton_band.triton_band_attention(q, k, v, window=256, scale=0.125)}
+    with mock.patch.object(triton_band, "takes", lambda *a: False):
+        fns["float32 tiles"] = lambda: band_attention(q, k, v, window=256, scale=0.125)
+        times = best(fns, device)
+    qb, kb, vb = (x.to(torch.bfloat16) for x in (q, k, v))
+    for lq in (1, 16):
+        row = qb[..., -lq:, :]
+        fns = {f"decode lq={lq} flash window": lambda row=row: _flash_window(row, kb, vb, window=256, scale=0.125),
+               f"decode lq={lq} triton": lambda row=row: triton_band.triton_band_attention(row, kb, vb, window=256,
+                                                                                          scale=0.125)}
+        times.update(best(fns, device))
+    patterns = {"sliding_window(256)": {"type": "sliding_window", "window": 256},
+                "union(sliding 128, strided 128)": {"type": "union", "patterns": [
+                    {"type": "sliding_window", "window": 128}, {"type": "strided", "stride": 128}]}}
+    for label, spec in patterns.items():
+        fns = {f"engine {label} with the kernel": lambda spec=spec: attention(qb, kb, vb, spec)}
+        times.update(best(fns, device))
+        with mock.patch.object(triton_band, "takes", lambda *a: False):
+            times.update(best({f"engine {label} without": lambda spec=spec: attention(qb, kb, vb, spec)}, device))
+    for name, s in times.items():
+        rows.append({"n": n, "kernel": name, "seconds": s})
+        print(f"n={n} {name}: {s * 1e3:.3f} ms", flush=True)
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python3 -m bench.gpu_band", description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--device", default="cuda", help="cuda; cpu only to rehearse the script (tiny sizes)")
+    p.add_argument("--n", type=int, nargs="+", default=[4096, 16384, 65536, 131072])
+    p.add_argument("--flex-n", type=int, nargs="*", default=[16384, 131072])
+    args = p.parse_args(argv)
+    device = torch.device(args.device)
+    args.out.mkdir(parents=True, exist_ok=True)
+    rehearsal = device.type == "cpu"
+    started = time.perf_counter()
+    sweep = SWEEP[:2] if rehearsal else SWEEP
+    passed, failed = check(device, SHAPES[:2] if rehearsal else SHAPES, sweep)
+    if not rehearsal:
+        more = check_long(device, 131072, sweep)
+        passed, failed = passed + more[0], failed + more[1]
+    print(f"checks: {passed} passed, {failed} failed in {time.perf_counter() - started:.0f} s", flush=True)
+    result = {"passed": passed, "failed": failed, "torch": torch.__version__}
+    if rehearsal:
+        result["sweep"] = sweep_times(device, [256], [16], sweep, [])
+        result["other"] = []
+    else:
+        result["sweep"] = sweep_times(device, args.n, (128, 256, 1024), sweep, args.flex_n)
+        result["sweep"] += sweep_times(device, [65536], (256,), sweep, [], dim=128)
+        result["other"] = other_times(device, 65536)
+    result["total_s"] = time.perf_counter() - started
+    (args.out / "gpu_band.json").write_text(json.dumps(result, indent=1))
+    print(f"{'FAILED' if failed else 'ALL PASSED'}: {passed} passed, {failed} failed; total {result['total_s']:.0f} s")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

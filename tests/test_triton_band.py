@@ -1,0 +1,148 @@
+"""The band's Triton kernel (engine/kernels/triton_band.py) against the float64 reference, in Triton's
+interpreter on the CPU (TRITON_INTERPRET=1, set by conftest.py without a GPU), and the engine's
+choice of it on CUDA's branches; flash's local window and the band's tiles stay checked as
+CUDA's fallbacks (tests/test_cuda_emulation.py, tests/test_kernels.py)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import reference
+from cuda_emulation import cuda_kernels_on_cpu
+from engine import attention
+from engine.kernels import triton_band
+from engine.kernels.triton_band import kernel_variant, matches_contract, triton_band_attention
+
+pytestmark = pytest.mark.skipif(triton_band.triton is None, reason="Triton is not installed")
+
+# (B, H, Hkv, Lq, Lk, D, Dv, window): n off every tile size, Lq < Lk, GQA, one head, a window past
+# n, a window of 1 (the diagonal alone), head dims off a power of two (and Dv != D), a decode row,
+# a window narrower than a query tile (no key all its rows attend) and wider than several key tiles.
+SHAPES = [
+    (1, 1, 1, 37, 37, 16, 16, 5),
+    (2, 4, 2, 100, 130, 16, 8, 33),
+    (1, 2, 1, 1, 300, 16, 16, 70),
+    (1, 2, 2, 150, 150, 16, 16, 1),
+    (1, 1, 1, 90, 90, 32, 32, 500),
+    (1, 3, 1, 130, 200, 24, 40, 64),
+    (1, 2, 2, 200, 260, 16, 16, 150),
+]
+
+
+def _window_reference(q, k, v, window, causal, scale):
+    return reference.reference_attention(q, k, v, {"type": "sliding_window", "window": window}, causal=causal,
+                                         scale=scale)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "noncausal"])
+@pytest.mark.parametrize("shape", SHAPES, ids=[f"B{s[0]}H{s[1]}/{s[2]}_{s[3]}x{s[4]}_D{s[5]}/{s[6]}_w{s[7]}"
+                                               for s in SHAPES])
+def test_the_kernel_matches_the_reference(shape, causal, dtype):
+    b, h, hkv, lq, lk, d, dv, window = shape
+    g = torch.Generator().manual_seed(lq * lk + window)
+    q = torch.randn(b, h, lq, d, generator=g).to(dtype)
+    k = torch.randn(b, hkv, lk, d, generator=g).to(dtype)
+    v = torch.randn(b, hkv, lk, dv, generator=g).to(dtype)
+    out, lse = triton_band_attention(q, k, v, window=window, scale=1 / math.sqrt(d), causal=causal)
+    ref_out, ref_lse = _window_reference(q, k, v, window, causal, 1 / math.sqrt(d))
+    assert out.dtype == dtype and out.shape == (b, h, lq, dv) and lse.dtype == torch.float32
+    tol = 2e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(out.double(), ref_out, atol=tol, rtol=tol)
+    torch.testing.assert_close(lse.double(), ref_lse, atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("block_m, block_n", [(16, 16), (32, 16), (16, 64)])
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "noncausal"])
+def test_every_tile_size_splits_the_band_into_edges_and_full_tiles_exactly(block_m, block_n, causal):
+    """Windows from 1 to past several tiles at each query offset: the edge tiles, the full tiles
+    between them and the last short tile cover every key of the band once, whatever the tiles
+    (a key counted twice or missed moves lse)."""
+    g = torch.Generator().manual_seed(block_m * block_n)
+    q = torch.randn(1, 1, 45, 16, generator=g)
+    k, v = (torch.randn(1, 1, 70, 16, generator=g) for _ in range(2))
+    for window in (1, 2, 15, 16, 17, 40, 69):
+        out, lse = triton_band_attention(q, k, v, window=window, scale=0.25, causal=causal,
+                                         variant={"BLOCK_M": block_m, "BLOCK_N": block_n})
+        ref_out, ref_lse = _window_reference(q, k, v, window, causal, 0.25)
+        torch.testing.assert_close(out.double(), ref_out, atol=2e-5, rtol=2e-5)
+        torch.testing.assert_close(lse.double(), ref_lse, atol=2e-5, rtol=2e-5)
+
+
+def test_it_reads_any_layout():
+    """Strided views (transposed heads, a sliced feature axis, key/value heads repeated by stride 0)
+    go to the kernel as they are."""
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(1, 70, 2, 24, generator=g).transpose(1, 2)[..., :16].to(torch.bfloat16)
+    k, v = (torch.randn(1, 90, 1, 16, generator=g).transpose(1, 2).expand(-1, 2, -1, -1).to(torch.bfloat16)
+            for _ in range(2))
+    out, lse = triton_band_attention(q, k, v, window=20, scale=0.25)
+    ref_out, ref_lse = _window_reference(q, k, v, 20, True, 0.25)
+    torch.testing.assert_close(out.double(), ref_out, atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(lse.double(), ref_lse, atol=2e-2, rtol=2e-2)
+
+
+def test_half_precision_takes_thin_key_tiles():
+    """The measured tiles (HALF_KEY_TILE): 64 x 32 in half precision up to D = 128; float32 and
+    D = 256 keep fixed's."""
+    assert (kernel_variant(torch.bfloat16, 64, 64)["BLOCK_M"], kernel_variant(torch.bfloat16, 64, 64)["BLOCK_N"]) \
+        == (64, triton_band.HALF_KEY_TILE)
+    assert kernel_variant(torch.float16, 128, 128)["BLOCK_N"] == triton_band.HALF_KEY_TILE
+    assert kernel_variant(torch.bfloat16, 256, 256)["BLOCK_N"] == 32 and kernel_variant(torch.float32, 64, 64)["BLOCK_N"] == 32
+
+
+def _kernel_calls(monkeypatch, q, k, v, pattern, causal=True):
+    """(output, the kernel's calls) of one engine call on CUDA's branches, probed before."""
+    calls = []
+    with cuda_kernels_on_cpu():
+        if q.dtype != torch.float32:
+            assert matches_contract(q.device, q.dtype, q.shape[-1], v.shape[-1], causal)  # before the count
+        monkeypatch.setattr(triton_band, "triton_band_attention",
+                            lambda *a, **kw: calls.append(kw) or triton_band_attention(*a, **kw))
+        out = attention(q, k, v, pattern, causal=causal)
+    return out, calls
+
+
+SW = {"type": "sliding_window", "window": 40}
+WINDOW_STRIDE = {"type": "union", "patterns": [SW, {"type": "strided", "stride": 24}]}
+
+
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "noncausal"])
+@pytest.mark.parametrize("pattern, lq", [(SW, 300), (SW, 1), (WINDOW_STRIDE, 300)], ids=["window", "decode", "union"])
+def test_cuda_plans_take_the_kernel_for_the_band_in_half_precision(monkeypatch, pattern, lq, causal):
+    """On CUDA's branches the band (alone, a decode row, a union's) is one Triton launch in half
+    precision, and the result the reference's; grouped key/value heads included."""
+    g = torch.Generator().manual_seed(lq)
+    q = torch.randn(1, 4, lq, 16, generator=g).to(torch.bfloat16)
+    k, v = (torch.randn(1, 2, 300, 16, generator=g).to(torch.bfloat16) for _ in range(2))
+    out, calls = _kernel_calls(monkeypatch, q, k, v, pattern, causal)
+    assert len(calls) == 1
+    torch.testing.assert_close(out.double(), reference.reference_attention(q, k, v, pattern, causal=causal)[0],
+                               atol=3e-2, rtol=3e-2)
+
+
+def test_float32_keeps_the_bands_tiles(monkeypatch):
+    """float32 bands stay on the memory-efficient kernel's tiles, as fast there on an H200."""
+    g = torch.Generator().manual_seed(2)
+    q, k, v = (torch.randn(1, 2, 300, 16, generator=g) for _ in range(3))
+    out, calls = _kernel_calls(monkeypatch, q, k, v, SW)
+    assert calls == []
+    torch.testing.assert_close(out.double(), reference.reference_attention(q, k, v, SW)[0], atol=2e-5, rtol=2e-5)
+
+
+def test_a_variant_that_fails_its_probe_leaves_the_band_to_flash_s_window(monkeypatch):
+    """A compile or launch error in the probe (an old Triton, a GPU without the shared memory) is
+    logged, and the band takes flash's local window instead of failing the request."""
+    def broken(*args, **kwargs):
+        raise RuntimeError("out of resource: shared memory")
+
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(1, 2, 300, 16, generator=g).to(torch.bfloat16) for _ in range(3))
+    with cuda_kernels_on_cpu():
+        monkeypatch.setattr(triton_band, "triton_band_attention", broken)
+        assert not matches_contract(q.device, q.dtype, 16, 16, True)
+        out = attention(q, k, v, SW)
+    torch.testing.assert_close(out.double(), reference.reference_attention(q, k, v, SW)[0], atol=3e-2, rtol=3e-2)
