@@ -31,8 +31,8 @@ cache is cold it compiles the Triton binaries the service needs, and /readyz sta
 Exits 1 if any check fails or raises, 2 if CUDA is missing: it never skips a check quietly.
 FlexAttention is compiled at n = 16384 and 131072 only (`--flex-n` with no value: not at all),
 and no new compile starts after --flex-budget seconds of benchmark (each is said so). On a fresh
-H200 host (cold Triton cache, 16 cores) the whole run took 221-237 s, 153 s without
-FlexAttention; the warm-up's compiles took 50-78 s of it. The command below gives it 540 s. Every
+H200 host (cold Triton cache, 16 cores) the whole run took 221-322 s, 153 s without
+FlexAttention; the warm-up's compiles took 50-127 s of it (127 s once the band's kernel came). The command below gives it 540 s. Every
 line goes to the log as it comes, so a run cut short still says what it did.
 
     python3 -m bench.gpu_check --out "$OUT"
