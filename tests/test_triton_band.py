@@ -15,6 +15,8 @@ from cuda_emulation import cuda_kernels_on_cpu
 from engine import attention
 from engine.kernels import triton_band
 from engine.kernels.triton_band import kernel_variant, matches_contract, triton_band_attention
+from engine.kernels.triton_tiles import wide_offsets
+from layouts import far_apart_rows
 
 pytestmark = pytest.mark.skipif(triton_band.triton is None, reason="Triton is not installed")
 
@@ -146,3 +148,19 @@ def test_a_variant_that_fails_its_probe_leaves_the_band_to_flash_s_window(monkey
         assert not matches_contract(q.device, q.dtype, 16, 16, True)
         out = attention(q, k, v, SW)
     torch.testing.assert_close(out.double(), reference.reference_attention(q, k, v, SW)[0], atol=3e-2, rtol=3e-2)
+
+
+def test_offsets_past_2_31_elements_are_taken_in_64_bits():
+    """Keys and values whose rows lie 2^21 elements apart (a packed layout of a long context): past
+    row 1024 their offsets pass 2^31, which 32-bit offsets wrapped (reading out of bounds; the
+    interpreter crashed). `wide_offsets` sends such calls to the 64-bit variant."""
+    g = torch.Generator().manual_seed(4)
+    lk, d = 1100, 16
+    kv = torch.randn(lk, 2 * d, generator=g).to(torch.bfloat16)
+    k, v = far_apart_rows(kv[:, :d].contiguous()), far_apart_rows(kv[:, d:].contiguous())
+    assert wide_offsets(k) and not wide_offsets(kv[None, None])
+    q = torch.randn(1, 1, 70, d, generator=g).to(torch.bfloat16)
+    out, lse = triton_band_attention(q, k, v, window=100, scale=0.25)
+    ref_out, ref_lse = _window_reference(q, kv[None, None, :, :d], kv[None, None, :, d:], 100, True, 0.25)
+    torch.testing.assert_close(out.double(), ref_out, atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(lse.double(), ref_lse, atol=2e-2, rtol=2e-2)

@@ -15,6 +15,7 @@ from engine import attention
 from engine.kernels import triton_fixed
 from engine.kernels.fixed import fused_fixed_attention
 from engine.kernels.device import runs_on_triton
+from layouts import far_apart_rows
 from engine.kernels.triton_fixed import (BUSY_PROGRAMS, MAX_HEAD_DIM, MAX_SKIP_STRIDES, key_splits, matches_contract,
                                          triton_fixed_attention)
 
@@ -331,3 +332,18 @@ def test_an_engine_call_on_cudas_branches_matches_the_reference_with_grouped_hea
     with cuda_kernels_on_cpu():
         out = attention(q, k, v, pattern)
     torch.testing.assert_close(out.double(), reference.reference_attention(q, k, v, pattern)[0], atol=2e-5, rtol=2e-5)
+
+
+def test_offsets_past_2_31_elements_are_taken_in_64_bits():
+    """As the band's kernel (tests/test_triton_band.py): keys and values whose rows lie 2^21
+    elements apart, past row 1024 offsets beyond 2^31, read in the 64-bit variant."""
+    g = torch.Generator().manual_seed(5)
+    lk, d = 1100, 16
+    kv = torch.randn(lk, 2 * d, generator=g).to(torch.bfloat16)
+    k, v = far_apart_rows(kv[:, :d].contiguous()), far_apart_rows(kv[:, d:].contiguous())
+    q = torch.randn(1, 1, 70, d, generator=g).to(torch.bfloat16)
+    out, lse = triton_fixed_attention(q, k, v, block=16, summary=2, scale=0.25)
+    ref_out, ref_lse = _fixed_step_reference(q, kv[None, None, :, :d], kv[None, None, :, d:], block=16, summary=2,
+                                             causal=True, min_distance=0, skip_strides=(), scale=0.25)
+    torch.testing.assert_close(out.double(), ref_out, atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(lse.double(), ref_lse, atol=2e-2, rtol=2e-2)

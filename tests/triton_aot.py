@@ -24,13 +24,15 @@ import torch  # noqa: E402
 TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 # The kernels' feature strides (and the log-sum-exp's row stride): 1 at every launch.
 FEATURE_STRIDES = {"sqd", "skd", "svd", "sod", "slm", "so3", "sa3", "sb3"}
-# (dtype, widest head dim, causal, skipped strides): every tile size kernel_variant picks, both
-# causalities and the skip counts' branches.
-VARIANTS = [(torch.bfloat16, 64, True, 1), (torch.float16, 128, False, 4), (torch.bfloat16, 256, True, 0),
-            (torch.float32, 64, False, 2), (torch.float32, 128, True, 0), (torch.float32, 256, True, 3)]
-# (dtype, widest head dim, causal): every tile size the band's kernel_variant picks in the half
-# precisions it takes, both causalities.
-BAND_VARIANTS = [(torch.bfloat16, 64, True), (torch.float16, 128, False), (torch.bfloat16, 256, True)]
+# (dtype, widest head dim, causal, skipped strides, 64-bit row offsets): every tile size
+# kernel_variant picks, both causalities, the skip counts' branches and `wide_offsets`' both ways.
+VARIANTS = [(torch.bfloat16, 64, True, 1, False), (torch.float16, 128, False, 4, False),
+            (torch.bfloat16, 256, True, 0, False), (torch.float32, 64, False, 2, False),
+            (torch.float32, 128, True, 0, False), (torch.float32, 256, True, 3, False), (torch.bfloat16, 128, True, 1, True)]
+# (dtype, widest head dim, causal, 64-bit row offsets): every tile size the band's kernel_variant
+# picks in the half precisions it takes, both causalities, `wide_offsets` both ways.
+BAND_VARIANTS = [(torch.bfloat16, 64, True, False), (torch.float16, 128, False, False), (torch.bfloat16, 256, True, False),
+                 (torch.bfloat16, 128, True, True)]
 # (a's dtype, b's dtype, the output's dtype, features): the merges the engine makes, and the
 # feature tiles' extremes.
 MERGE_VARIANTS = [(torch.bfloat16, torch.bfloat16, torch.bfloat16, 64),
@@ -63,11 +65,11 @@ def _compile(kernel, signature: dict[str, str], constexprs: dict, capability: in
     return triton.compile(source, target=GPUTarget("cuda", capability, 32), options=options)
 
 
-def compile_variant(dtype: torch.dtype, head_dim: int, causal: bool, skips: int, capability: int):
-    """`_fixed_kernel` for these inputs."""
+def compile_variant(dtype: torch.dtype, head_dim: int, causal: bool, skips: int, capability: int, wide: bool = False):
+    """`_fixed_kernel` for these inputs (row offsets in 64 bits with `wide`)."""
     from engine.kernels.triton_fixed import _fixed_kernel, kernel_variant
 
-    variant = kernel_variant(dtype, head_dim, head_dim, causal, skips)
+    variant = {**kernel_variant(dtype, head_dim, head_dim, causal, skips), "WIDE_OFFSETS": wide}
     options = {name: variant.pop(name) for name in ("num_warps", "num_stages")}
     pointer = "*" + TYPES[dtype]
     signature = {name: "constexpr" if name in variant else pointer if name in ("Q", "K", "V", "Out")
@@ -76,11 +78,13 @@ def compile_variant(dtype: torch.dtype, head_dim: int, causal: bool, skips: int,
     return _compile(_fixed_kernel, signature, variant, capability, options, features=head_dim)
 
 
-def compile_band(dtype: torch.dtype, head_dim: int, causal: bool, capability: int, variant: dict | None = None):
-    """`_band_kernel` for these inputs (`variant` replacing `kernel_variant`'s tiles)."""
+def compile_band(dtype: torch.dtype, head_dim: int, causal: bool, capability: int, wide: bool = False,
+                 variant: dict | None = None):
+    """`_band_kernel` for these inputs (row offsets in 64 bits with `wide`; `variant` replacing
+    `kernel_variant`'s tiles)."""
     from engine.kernels.triton_band import _band_kernel, kernel_variant
 
-    variant = {**kernel_variant(dtype, head_dim, head_dim), **(variant or {}), "CAUSAL": causal}
+    variant = {**kernel_variant(dtype, head_dim, head_dim), **(variant or {}), "CAUSAL": causal, "WIDE_OFFSETS": wide}
     options = {name: variant.pop(name) for name in ("num_warps", "num_stages")}
     pointer = "*" + TYPES[dtype]
     signature = {name: "constexpr" if name in variant else pointer if name in ("Q", "K", "V", "Out")
@@ -129,13 +133,13 @@ def main(capabilities: list[int]) -> None:
     assert os.environ.get("TRITON_INTERPRET") != "1", "run without TRITON_INTERPRET"
     warnings.filterwarnings("ignore")
     for capability in capabilities:
-        for dtype, head_dim, causal, skips in VARIANTS:
-            fields = {"dtype": TYPES[dtype], "head_dim": head_dim, "causal": causal, "skips": skips}
+        for dtype, head_dim, causal, skips, wide in VARIANTS:
+            fields = {"dtype": TYPES[dtype], "head_dim": head_dim, "causal": causal, "skips": skips, "wide": wide}
             _report("fixed", capability, fields,
-                    partial(compile_variant, dtype, head_dim, causal, skips, capability))
-        for dtype, head_dim, causal in BAND_VARIANTS:
-            _report("band", capability, {"dtype": TYPES[dtype], "head_dim": head_dim, "causal": causal},
-                    partial(compile_band, dtype, head_dim, causal, capability))
+                    partial(compile_variant, dtype, head_dim, causal, skips, capability, wide))
+        for dtype, head_dim, causal, wide in BAND_VARIANTS:
+            _report("band", capability, {"dtype": TYPES[dtype], "head_dim": head_dim, "causal": causal, "wide": wide},
+                    partial(compile_band, dtype, head_dim, causal, capability, wide))
         for a_dtype, b_dtype, out_dtype, features in MERGE_VARIANTS:
             _report("merge", capability, {"dtypes": [TYPES[a_dtype], TYPES[b_dtype], TYPES[out_dtype]],
                                           "features": features},

@@ -26,7 +26,7 @@ import torch
 
 from .dense import additive_mask, math_attention
 from .device import TRITON_OPTIONS, runs_on_triton, triton
-from .triton_tiles import MAX_HEAD_DIM, PROBE_TOLERANCE, attention_tiles
+from .triton_tiles import MAX_HEAD_DIM, PROBE_TOLERANCE, attention_tiles, wide_offsets
 
 if triton is not None:  # without Triton the band keeps the flash local window or its tiles
     import triton.language as tl
@@ -91,9 +91,10 @@ def triton_band_attention(
     b, h, lq, d = q.shape
     hkv, lk, dv = k.shape[1], k.shape[2], v.shape[3]
     assert lk >= lq, "queries are bottom-right aligned: at least as many keys as queries"
-    variant = {**kernel_variant(q.dtype, d, dv), **(variant or {}), "CAUSAL": causal}
     out = torch.empty(b, h, lq, dv, dtype=q.dtype, device=q.device)
     lse = torch.empty(b, h, lq, dtype=torch.float32, device=q.device)
+    variant = {**kernel_variant(q.dtype, d, dv), **(variant or {}), "CAUSAL": causal,
+               "WIDE_OFFSETS": wide_offsets(q, k, v, out)}
     query_tiles = triton.cdiv(lq, variant["BLOCK_M"])
     if lq and b * h:
         # Triton launches on the current CUDA device: make it q's (cuda:1 while cuda:0 is current).
@@ -128,12 +129,15 @@ if triton is not None:
     @triton.jit
     def _band_tiles(acc, m_i, l_i, q, k_base, v_base, i, start, tiles, lk, window, skn, skd, svn, svd, d, dv,
                     qk_scale, MASKED: tl.constexpr, CAUSAL: tl.constexpr, DOT_DTYPE: tl.constexpr,
-                    IEEE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
+                    IEEE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+                    WIDE_OFFSETS: tl.constexpr):
         """`tiles` key tiles from key `start` on, into the online softmax (acc, m_i, l_i): with
         MASKED each score outside the band or past the last key is -inf, else every key counts."""
         feats, vfeats = tl.arange(0, BLOCK_D), tl.arange(0, BLOCK_DV)
         for tile in range(tiles):
             j = start + tile * BLOCK_N + tl.arange(0, BLOCK_N)
+            if WIDE_OFFSETS:  # `wide_offsets`
+                j = j.to(tl.int64)
             if MASKED:
                 load = j < lk
                 kt = tl.load(k_base + j[None, :] * skn + feats[:, None] * skd,
@@ -183,6 +187,7 @@ if triton is not None:
         heads, group, lq, lk, d, dv, window, query_tiles, qk_scale,
         CAUSAL: tl.constexpr, DOT_DTYPE: tl.constexpr, IEEE: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+        WIDE_OFFSETS: tl.constexpr,
     ):
         pid = tl.program_id(0)
         pid_m = pid % query_tiles  # query tile first: neighbouring programs share keys in L2
@@ -193,6 +198,8 @@ if triton is not None:
         rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         i = rows + offset
         row_ok = rows < lq
+        if WIDE_OFFSETS:  # `wide_offsets`
+            rows = rows.to(tl.int64)
         feats, vfeats = tl.arange(0, BLOCK_D), tl.arange(0, BLOCK_DV)
         q = tl.load(Q + item * sqb + head * sqh + rows[:, None] * sqm + feats[None, :] * sqd,
                     mask=row_ok[:, None] & (feats[None, :] < d), other=0.0).to(DOT_DTYPE)
@@ -219,13 +226,13 @@ if triton is not None:
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
         acc, m_i, l_i = _band_tiles(acc, m_i, l_i, q, k_base, v_base, i, lo, edge_tiles, lk, window,
                                     skn, skd, svn, svd, d, dv, qk_scale, True, CAUSAL, DOT_DTYPE, IEEE,
-                                    BLOCK_N, BLOCK_D, BLOCK_DV)
+                                    BLOCK_N, BLOCK_D, BLOCK_DV, WIDE_OFFSETS)
         acc, m_i, l_i = _band_tiles(acc, m_i, l_i, q, k_base, v_base, i, full_start, full_tiles, lk, window,
                                     skn, skd, svn, svd, d, dv, qk_scale, False, CAUSAL, DOT_DTYPE, IEEE,
-                                    BLOCK_N, BLOCK_D, BLOCK_DV)
+                                    BLOCK_N, BLOCK_D, BLOCK_DV, WIDE_OFFSETS)
         acc, m_i, l_i = _band_tiles(acc, m_i, l_i, q, k_base, v_base, i, tail_start, tail_tiles, lk, window,
                                     skn, skd, svn, svd, d, dv, qk_scale, True, CAUSAL, DOT_DTYPE, IEEE,
-                                    BLOCK_N, BLOCK_D, BLOCK_DV)
+                                    BLOCK_N, BLOCK_D, BLOCK_DV, WIDE_OFFSETS)
 
         seen = l_i > 0
         out = acc / tl.where(seen, l_i, 1.0)[:, None]

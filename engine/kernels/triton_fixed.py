@@ -33,7 +33,7 @@ from .dense import additive_mask, math_attention
 from .device import TRITON_OPTIONS, runs_on_triton, triton
 from .strided import off_strides
 from .triton_merge import merge_splits
-from .triton_tiles import MAX_HEAD_DIM, PROBE_TOLERANCE, attention_tiles
+from .triton_tiles import MAX_HEAD_DIM, PROBE_TOLERANCE, attention_tiles, wide_offsets
 
 if triton is not None:  # without Triton fixed keeps its fused-SDPA plan everywhere
     import triton.language as tl
@@ -143,7 +143,7 @@ def triton_fixed_attention(
             _fixed_kernel[grid](
                 q, k, v, out, lse, *q.stride(), *k.stride(), *v.stride(), *o.stride(), *l.stride(), *split_strides,
                 h, h // hkv, lq, lk, d, dv, block, summary, min_distance, *strides, splits,
-                scale * math.log2(math.e), **variant, **TRITON_OPTIONS,
+                scale * math.log2(math.e), WIDE_OFFSETS=wide_offsets(q, k, v, o), **variant, **TRITON_OPTIONS,
             )
     if splits > 1:
         out, lse = merge_splits(out, lse, q.dtype)
@@ -191,6 +191,7 @@ if triton is not None:
         heads, group, lq, lk, d, dv, block, summary, min_distance, s0, s1, s2, s3, splits, qk_scale,
         CAUSAL: tl.constexpr, SKIPS: tl.constexpr, DOT_DTYPE: tl.constexpr, IEEE: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+        WIDE_OFFSETS: tl.constexpr,
     ):
         pid_m = tl.program_id(1)
         pid_bh, pid_s = tl.program_id(0).to(tl.int64), tl.program_id(2).to(tl.int64)  # offsets past 2^31 elements
@@ -200,6 +201,8 @@ if triton is not None:
         rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         i = rows + offset
         row_ok = rows < lq
+        if WIDE_OFFSETS:  # `wide_offsets`
+            rows = rows.to(tl.int64)
         feats, vfeats = tl.arange(0, BLOCK_D), tl.arange(0, BLOCK_DV)
         q = tl.load(Q + item * sqb + head * sqh + rows[:, None] * sqm + feats[None, :] * sqd,
                     mask=row_ok[:, None] & (feats[None, :] < d), other=0.0).to(DOT_DTYPE)
@@ -227,6 +230,8 @@ if triton is not None:
             t = (tile - own_tiles) * BLOCK_N + tl.arange(0, BLOCK_N)
             gathered = tl.where(t < summary_keys, (t // summary) * block + block - summary + t % summary, -1)
             j = tl.where(own, own_lo + tile * BLOCK_N + tl.arange(0, BLOCK_N), gathered)
+            if WIDE_OFFSETS:
+                j = j.to(tl.int64)
             load = (j >= 0) & (j < lk)
             diff = i[:, None] - j[None, :]
             # own tiles keep their rows' own block, summary tiles every other block's keys

@@ -40,6 +40,15 @@ def attention_tiles(dtype: torch.dtype, d: int, dv: int) -> dict:
                 num_warps=4 if widest <= 64 else 8, num_stages=3 if half and widest <= 128 else 2)
 
 
+def wide_offsets(*tensors: torch.Tensor) -> bool:
+    """Whether a kernel must take its row offsets in 64 bits for these tensors: an element's offset
+    within its [rows, features] plane (the batch and head offsets are 64-bit always) reaches 2^31,
+    as a packed-qkv view of 175,000 tokens does (rows 3 x 32 x 128 elements apart). In 32 bits it
+    wraps, and the kernel reads or writes out of bounds. Otherwise 32 bits, the variant measured."""
+    return any(sum((size - 1) * abs(stride) for size, stride in zip(x.shape[-2:], x.stride()[-2:])) >= 2**31
+               for x in tensors if x.numel())
+
+
 def dot_dtype(dtype: torch.dtype):
     """The dtype the products take: the inputs' own, but float32 for bfloat16 in the interpreter
     (which computes bfloat16 products on bit patterns)."""
