@@ -70,12 +70,7 @@ def compile_variant(dtype: torch.dtype, head_dim: int, causal: bool, skips: int,
     from engine.kernels.triton_fixed import _fixed_kernel, kernel_variant
 
     variant = {**kernel_variant(dtype, head_dim, head_dim, causal, skips), "WIDE_OFFSETS": wide}
-    options = {name: variant.pop(name) for name in ("num_warps", "num_stages")}
-    pointer = "*" + TYPES[dtype]
-    signature = {name: "constexpr" if name in variant else pointer if name in ("Q", "K", "V", "Out")
-                 else "*fp32" if name == "Lse" else "fp32" if name == "qk_scale" else "i32"
-                 for name in _fixed_kernel.arg_names}
-    return _compile(_fixed_kernel, signature, variant, capability, options, features=head_dim)
+    return _compile_attention(_fixed_kernel, dtype, head_dim, variant, capability)
 
 
 def compile_band(dtype: torch.dtype, head_dim: int, causal: bool, capability: int, wide: bool = False,
@@ -85,12 +80,19 @@ def compile_band(dtype: torch.dtype, head_dim: int, causal: bool, capability: in
     from engine.kernels.triton_band import _band_kernel, kernel_variant
 
     variant = {**kernel_variant(dtype, head_dim, head_dim), **(variant or {}), "CAUSAL": causal, "WIDE_OFFSETS": wide}
+    return _compile_attention(_band_kernel, dtype, head_dim, variant, capability)
+
+
+def _compile_attention(kernel, dtype: torch.dtype, head_dim: int, variant: dict, capability: int):
+    """An attention kernel (q, k, v, out in `dtype`, lse float32, the scale, integers) compiled
+    with `variant`'s constexprs, warps and stages."""
+    variant = dict(variant)
     options = {name: variant.pop(name) for name in ("num_warps", "num_stages")}
     pointer = "*" + TYPES[dtype]
     signature = {name: "constexpr" if name in variant else pointer if name in ("Q", "K", "V", "Out")
                  else "*fp32" if name == "Lse" else "fp32" if name == "qk_scale" else "i32"
-                 for name in _band_kernel.arg_names}
-    return _compile(_band_kernel, signature, variant, capability, options, features=head_dim)
+                 for name in kernel.arg_names}
+    return _compile(kernel, signature, variant, capability, options, features=head_dim)
 
 
 def compile_merge(a_dtype: torch.dtype, b_dtype: torch.dtype, out_dtype: torch.dtype, features: int, capability: int):

@@ -31,6 +31,8 @@ from .triton_tiles import MAX_HEAD_DIM, PROBE_TOLERANCE, attention_tiles, wide_o
 if triton is not None:  # without Triton the band keeps the flash local window or its tiles
     import triton.language as tl
 
+    from .triton_tiles import load_query_tile, softmax_step, store_rows
+
 logger = logging.getLogger(__name__)
 
 
@@ -157,23 +159,13 @@ if triton is not None:
                 else:
                     keep &= -diff < window
                 scores = tl.where(keep, scores, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(scores, 1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with no key yet: nothing to rescale
-            p = tl.exp2(scores - m_safe[:, None])
-            alpha = tl.exp2(m_i - m_safe)
             if MASKED:
                 vt = tl.load(v_base + j[:, None] * svn + vfeats[None, :] * svd,
                              mask=load[:, None] & (vfeats[None, :] < dv), other=0.0).to(DOT_DTYPE)
             else:
                 vt = tl.load(v_base + j[:, None] * svn + vfeats[None, :] * svd, mask=vfeats[None, :] < dv,
                              other=0.0).to(DOT_DTYPE)
-            if IEEE:
-                pv = tl.dot(p.to(DOT_DTYPE), vt, input_precision="ieee")
-            else:
-                pv = tl.dot(p.to(DOT_DTYPE), vt)
-            acc = acc * alpha[:, None] + pv
-            l_i = l_i * alpha + tl.sum(p, 1)
-            m_i = m_new
+            acc, m_i, l_i = softmax_step(acc, m_i, l_i, scores, vt, DOT_DTYPE, IEEE)
         return acc, m_i, l_i
 
     # As in fixed's kernel: the lengths, the window and the log-sum-exp's batch and head strides
@@ -194,21 +186,12 @@ if triton is not None:
         pid_bh = (pid // query_tiles).to(tl.int64)  # offsets past 2^31 elements
         head, item = pid_bh % heads, pid_bh // heads
         kv_head = head // group
-        offset = lk - lq  # queries bottom-right aligned: row r is position r + offset
-        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        i = rows + offset
-        row_ok = rows < lq
-        if WIDE_OFFSETS:  # `wide_offsets`
-            rows = rows.to(tl.int64)
-        feats, vfeats = tl.arange(0, BLOCK_D), tl.arange(0, BLOCK_DV)
-        q = tl.load(Q + item * sqb + head * sqh + rows[:, None] * sqm + feats[None, :] * sqd,
-                    mask=row_ok[:, None] & (feats[None, :] < d), other=0.0).to(DOT_DTYPE)
+        q, rows, i, row_ok, first, last = load_query_tile(Q, pid_m, item, head, sqb, sqh, sqm, sqd, lq, lk, d,
+                                                          DOT_DTYPE, BLOCK_M, BLOCK_D, WIDE_OFFSETS)
         k_base = K + item * skb + kv_head * skh
         v_base = V + item * svb + kv_head * svh
 
         # The tile's keys, lo .. hi - 1; those all its rows attend, full_lo .. full_hi - 1.
-        first = pid_m * BLOCK_M + offset
-        last = tl.minimum(pid_m * BLOCK_M + BLOCK_M, lq) - 1 + offset
         after = 0 if CAUSAL else window - 1  # keys a row attends past its own position
         lo = tl.maximum(first - window + 1, 0)
         hi = tl.minimum(last + after + 1, lk)
@@ -234,9 +217,5 @@ if triton is not None:
                                     skn, skd, svn, svd, d, dv, qk_scale, True, CAUSAL, DOT_DTYPE, IEEE,
                                     BLOCK_N, BLOCK_D, BLOCK_DV, WIDE_OFFSETS)
 
-        seen = l_i > 0
-        out = acc / tl.where(seen, l_i, 1.0)[:, None]
-        lse = tl.where(seen, (m_i + tl.log2(tl.where(seen, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
-        tl.store(Out + item * sob + head * soh + rows[:, None] * som + vfeats[None, :] * sod,
-                 out.to(Out.dtype.element_ty), mask=row_ok[:, None] & (vfeats[None, :] < dv))
-        tl.store(Lse + item * slb + head * slh + rows * slm, lse, mask=row_ok)
+        store_rows(Out + item * sob + head * soh, Lse + item * slb + head * slh, acc, m_i, l_i, rows, row_ok,
+                   som, sod, slm, dv, BLOCK_DV)

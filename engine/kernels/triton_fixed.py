@@ -35,6 +35,9 @@ from .strided import off_strides
 from .triton_merge import merge_splits
 from .triton_tiles import MAX_HEAD_DIM, PROBE_TOLERANCE, attention_tiles, wide_offsets
 
+if triton is not None:
+    from .triton_tiles import load_query_tile, softmax_step, store_rows
+
 if triton is not None:  # without Triton fixed keeps its fused-SDPA plan everywhere
     import triton.language as tl
 
@@ -197,19 +200,11 @@ if triton is not None:
         pid_bh, pid_s = tl.program_id(0).to(tl.int64), tl.program_id(2).to(tl.int64)  # offsets past 2^31 elements
         head, item = pid_bh % heads, pid_bh // heads
         kv_head = head // group
-        offset = lk - lq  # queries bottom-right aligned: row r is position r + offset
-        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        i = rows + offset
-        row_ok = rows < lq
-        if WIDE_OFFSETS:  # `wide_offsets`
-            rows = rows.to(tl.int64)
+        q, rows, i, row_ok, first, last = load_query_tile(Q, pid_m, item, head, sqb, sqh, sqm, sqd, lq, lk, d,
+                                                          DOT_DTYPE, BLOCK_M, BLOCK_D, WIDE_OFFSETS)
         feats, vfeats = tl.arange(0, BLOCK_D), tl.arange(0, BLOCK_DV)
-        q = tl.load(Q + item * sqb + head * sqh + rows[:, None] * sqm + feats[None, :] * sqd,
-                    mask=row_ok[:, None] & (feats[None, :] < d), other=0.0).to(DOT_DTYPE)
         k_base = K + item * skb + kv_head * skh
         v_base = V + item * svb + kv_head * svh
-        first = pid_m * BLOCK_M + offset
-        last = tl.minimum(pid_m * BLOCK_M + BLOCK_M, lq) - 1 + offset
         first_block, last_block = first // block, last // block
         my_start = i // block * block  # each row's block, as a key range: no division in the loop
         my_end = my_start + block
@@ -257,23 +252,9 @@ if triton is not None:
             else:
                 scores = tl.dot(q, kt)
             scores = tl.where(keep, scores * qk_scale, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(scores, 1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with no key yet: nothing to rescale
-            p = tl.exp2(scores - m_safe[:, None])
-            alpha = tl.exp2(m_i - m_safe)
             vt = tl.load(v_base + j[:, None] * svn + vfeats[None, :] * svd, mask=load[:, None] & (vfeats[None, :] < dv),
                          other=0.0).to(DOT_DTYPE)
-            if IEEE:
-                pv = tl.dot(p.to(DOT_DTYPE), vt, input_precision="ieee")
-            else:
-                pv = tl.dot(p.to(DOT_DTYPE), vt)
-            acc = acc * alpha[:, None] + pv
-            l_i = l_i * alpha + tl.sum(p, 1)
-            m_i = m_new
+            acc, m_i, l_i = softmax_step(acc, m_i, l_i, scores, vt, DOT_DTYPE, IEEE)
 
-        seen = l_i > 0
-        out = acc / tl.where(seen, l_i, 1.0)[:, None]
-        lse = tl.where(seen, (m_i + tl.log2(tl.where(seen, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
-        tl.store(Out + pid_s * sos + item * sob + head * soh + rows[:, None] * som + vfeats[None, :] * sod,
-                 out.to(Out.dtype.element_ty), mask=row_ok[:, None] & (vfeats[None, :] < dv))
-        tl.store(Lse + pid_s * sls + item * slb + head * slh + rows * slm, lse, mask=row_ok)
+        store_rows(Out + pid_s * sos + item * sob + head * soh, Lse + pid_s * sls + item * slb + head * slh,
+                   acc, m_i, l_i, rows, row_ok, som, sod, slm, dv, BLOCK_DV)

@@ -1,6 +1,9 @@
 """What the engine's Triton attention kernels (fixed's, the band's) share: the tiles they compute
-in, sized for the GPUs' shared memory, the dtype their products take, and how near a probe of a
-variant must come to the math kernel."""
+in, sized for the GPUs' shared memory, the dtype their products take, when their row offsets
+need 64 bits, how near a probe of a variant must come to the math kernel; and the jitted pieces
+of the FlashAttention loop around their key walks (a query tile's load, a key tile's online
+softmax step, the rows' store), which Triton inlines: sm_90's PTX has the same instructions as
+when each kernel wrote them out."""
 
 from __future__ import annotations
 
@@ -55,3 +58,53 @@ def dot_dtype(dtype: torch.dtype):
     if dtype == torch.float32 or dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1":
         return tl.float32
     return {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}[dtype]
+
+
+if triton is not None:
+    @triton.jit
+    def load_query_tile(Q, pid_m, item, head, sqb, sqh, sqm, sqd, lq, lk, d, DOT_DTYPE: tl.constexpr,
+                        BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, WIDE_OFFSETS: tl.constexpr):
+        """Query tile `pid_m` of one head: (its rows of q in the products' dtype, the row indices
+        (64-bit with WIDE_OFFSETS: `wide_offsets`), their positions i (queries bottom-right
+        aligned: row r is position Lk - Lq + r), which rows exist, the tile's first and last
+        positions)."""
+        offset = lk - lq
+        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        i = rows + offset
+        row_ok = rows < lq
+        if WIDE_OFFSETS:
+            rows = rows.to(tl.int64)
+        feats = tl.arange(0, BLOCK_D)
+        q = tl.load(Q + item * sqb + head * sqh + rows[:, None] * sqm + feats[None, :] * sqd,
+                    mask=row_ok[:, None] & (feats[None, :] < d), other=0.0).to(DOT_DTYPE)
+        first = pid_m * BLOCK_M + offset
+        last = tl.minimum(pid_m * BLOCK_M + BLOCK_M, lq) - 1 + offset
+        return q, rows, i, row_ok, first, last
+
+    @triton.jit
+    def softmax_step(acc, m_i, l_i, scores, vt, DOT_DTYPE: tl.constexpr, IEEE: tl.constexpr):
+        """One key tile into the online softmax (as FlashAttention): `scores` in base 2, -inf where
+        masked; the running max m_i and sum l_i rescaled, P @ V added to acc. A row with no key yet
+        keeps max -inf and adds nothing."""
+        m_new = tl.maximum(m_i, tl.max(scores, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # nothing to rescale from
+        p = tl.exp2(scores - m_safe[:, None])
+        alpha = tl.exp2(m_i - m_safe)
+        if IEEE:
+            pv = tl.dot(p.to(DOT_DTYPE), vt, input_precision="ieee")
+        else:
+            pv = tl.dot(p.to(DOT_DTYPE), vt)
+        return acc * alpha[:, None] + pv, m_new, l_i * alpha + tl.sum(p, 1)
+
+    @triton.jit
+    def store_rows(Out, Lse, acc, m_i, l_i, rows, row_ok, som, sod, slm, dv, BLOCK_DV: tl.constexpr):
+        """The online softmax's rows normalised and stored: out = acc / l in Out's dtype, lse (natural
+        log) from the running max m_i (base 2) and sum l_i; a row that saw no key gets zeros and
+        -inf. Out and Lse point at the tile's batch item and head."""
+        seen = l_i > 0
+        out = acc / tl.where(seen, l_i, 1.0)[:, None]
+        lse = tl.where(seen, (m_i + tl.log2(tl.where(seen, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
+        vfeats = tl.arange(0, BLOCK_DV)
+        tl.store(Out + rows[:, None] * som + vfeats[None, :] * sod, out.to(Out.dtype.element_ty),
+                 mask=row_ok[:, None] & (vfeats[None, :] < dv))
+        tl.store(Lse + rows * slm, lse, mask=row_ok)
