@@ -3,8 +3,8 @@
 A program takes BLOCK_M query rows of one head. Row i attends keys i - w + 1 .. i (without causal
 also .. i + w - 1), so the tile's rows together attend one contiguous key range, from its first
 row's lowest key to its last row's highest, about w + BLOCK_M keys: its key tiles start there
-(not at a multiple of the tile), and the work is n * (w + BLOCK_M) against the ideal n * w, with
-no key read that no row of the tile attends. The keys every row of the tile attends (from its
+(not at a multiple of the tile), and the work is n * (w + BLOCK_M) against the ideal n * w: only
+the last key tile reaches past the band, by less than a tile. The keys every row of the tile attends (from its
 last row's lowest to its first row's highest) take tiles without a mask; only the tiles at the
 two edges of the band compute one (as FlashAttention splits its diagonal blocks from the rest).
 Programs are numbered query tile first, so those running side by side are neighbouring tiles of
