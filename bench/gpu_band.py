@@ -106,10 +106,6 @@ def check_long(device: torch.device, n: int, sweep) -> tuple[int, int]:
     return passed, failed
 
 
-def best(fns: dict, device: torch.device) -> dict:
-    return {key: min(t[1:] or t) for key, t in bench_kernels.rounds(fns, device, 3, 30.0, 0.05).items()}
-
-
 def sweep_times(device: torch.device, ns, windows, sweep, flex_n, dim: int = 64) -> list[dict]:
     rows = []
     flex = bench_kernels.Flex(device) if flex_n else None
@@ -125,7 +121,7 @@ def sweep_times(device: torch.device, ns, windows, sweep, flex_n, dim: int = 64)
             if flex and n in flex_n and w == 256:
                 run = flex.runner(parse_pattern({"type": "sliding_window", "window": w}), n, True)
                 fns["flex", w] = lambda run=run: run(q, k, v)
-        times = best(fns, device)
+        times = bench_kernels.best_times(fns, device)
         for key, s in times.items():
             name, w = (key, None) if isinstance(key, str) else key
             rows.append({"n": n, "dim": dim, "window": w, "kernel": name, "seconds": s})
@@ -145,22 +141,23 @@ def other_times(device: torch.device, n: int) -> list[dict]:
     fns = {"float32 triton": lambda: triton_band.triton_band_attention(q, k, v, window=256, scale=0.125)}
     with mock.patch.object(triton_band, "takes", lambda *a: False):
         fns["float32 tiles"] = lambda: band_attention(q, k, v, window=256, scale=0.125)
-        times = best(fns, device)
+        times = bench_kernels.best_times(fns, device)
     qb, kb, vb = (x.to(torch.bfloat16) for x in (q, k, v))
     for lq in (1, 16):
         row = qb[..., -lq:, :]
         fns = {f"decode lq={lq} flash window": lambda row=row: _flash_window(row, kb, vb, window=256, scale=0.125),
                f"decode lq={lq} triton": lambda row=row: triton_band.triton_band_attention(row, kb, vb, window=256,
                                                                                           scale=0.125)}
-        times.update(best(fns, device))
+        times.update(bench_kernels.best_times(fns, device))
     patterns = {"sliding_window(256)": {"type": "sliding_window", "window": 256},
                 "union(sliding 128, strided 128)": {"type": "union", "patterns": [
                     {"type": "sliding_window", "window": 128}, {"type": "strided", "stride": 128}]}}
     for label, spec in patterns.items():
         fns = {f"engine {label} with the kernel": lambda spec=spec: attention(qb, kb, vb, spec)}
-        times.update(best(fns, device))
+        times.update(bench_kernels.best_times(fns, device))
         with mock.patch.object(triton_band, "takes", lambda *a: False):
-            times.update(best({f"engine {label} without": lambda spec=spec: attention(qb, kb, vb, spec)}, device))
+            without = {f"engine {label} without": lambda spec=spec: attention(qb, kb, vb, spec)}
+            times.update(bench_kernels.best_times(without, device))
     for name, s in times.items():
         rows.append({"n": n, "kernel": name, "seconds": s})
         print(f"n={n} {name}: {s * 1e3:.3f} ms", flush=True)

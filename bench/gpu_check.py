@@ -368,8 +368,8 @@ def fixed_kernels(device: torch.device, ns=(4096, 16384, 65536, 131072)) -> list
             fns["triton decode"] = lambda: triton_fixed_attention(row, k, v, block=128, summary=8, scale=0.125)
             fns["triton decode unsplit"] = lambda: triton_fixed_attention(row, k, v, block=128, summary=8,
                                                                           scale=0.125, splits=1)
-        for name, t in bench_kernels.rounds(fns, device, 3, 30.0, 0.05).items():
-            rows.append({"n": n, "kernel": name, "seconds": min(t[1:] or t)})
+        for name, seconds in bench_kernels.best_times(fns, device).items():
+            rows.append({"n": n, "kernel": name, "seconds": seconds})
             print(f"fixed(128, 8) n={n} {name}: {rows[-1]['seconds'] * 1000:.3f} ms", flush=True)
     return rows
 
@@ -395,8 +395,8 @@ def merges(device: torch.device, ns=(16384, 131072)) -> list[dict]:
             fns = {"torch ops": lambda: torch_merge_to(out, lse, a, b)}
             if merge_on_kernel(device, out_dtype):  # else its probe failed, said in the log
                 fns["triton"] = lambda: triton_merge.triton_merge_to(out, lse, a, b)
-            for name, t in bench_kernels.rounds(fns, device, 3, 30.0, 0.05).items():
-                rows.append({"n": n, "out_dtype": str(out_dtype), "merge": name, "seconds": min(t[1:] or t)})
+            for name, seconds in bench_kernels.best_times(fns, device).items():
+                rows.append({"n": n, "out_dtype": str(out_dtype), "merge": name, "seconds": seconds})
                 print(f"merge n={n} into {out_dtype} {name}: {rows[-1]['seconds'] * 1000:.3f} ms", flush=True)
     return rows
 

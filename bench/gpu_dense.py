@@ -72,10 +72,6 @@ def check(device: torch.device) -> tuple[int, int]:
     return passed, failed
 
 
-def best(fns: dict, device: torch.device) -> dict:
-    return {key: min(t[1:] or t) for key, t in bench_kernels.rounds(fns, device, 3, 30.0, 0.05).items()}
-
-
 def times(device: torch.device, ns) -> list[dict]:
     rows = []
     strided = {"type": "strided", "stride": 64}
@@ -90,10 +86,11 @@ def times(device: torch.device, ns) -> list[dict]:
             "engine dense": lambda: attention(q, k, v, None),
             "engine strided(64)": lambda: attention(q, k, v, strided),
         }
-        result = best(fns, device)
+        result = bench_kernels.best_times(fns, device)
         with mock.patch.object(dense, "sdpa_picks_cudnn", lambda *a: False):
-            result.update(best({"engine dense, flash": lambda: attention(q, k, v, None),
-                                "engine strided(64), flash": lambda: attention(q, k, v, strided)}, device))
+            result.update(bench_kernels.best_times({"engine dense, flash": lambda: attention(q, k, v, None),
+                                                    "engine strided(64), flash": lambda: attention(q, k, v, strided)},
+                                                   device))
         choice = torch._fused_sdp_choice(q, k, v, None, 0.0, True, scale=s)
         for name, seconds in result.items():
             rows.append({"n": n, "dim": d, "kernel": name, "seconds": seconds, "sdpa_choice": choice})

@@ -179,6 +179,12 @@ def rounds(fns: dict, device: torch.device, repeats: int, slow: float, turn_s: f
     return times
 
 
+def best_times(fns: dict, device: torch.device, repeats: int = 3, slow: float = 30.0, turn_s: float = 0.05) -> dict:
+    """{key: seconds}: each callable's best round of `rounds` after the warm-up (the warm-up's own
+    time for one that ran only there)."""
+    return {key: min(t[1:] or t) for key, t in rounds(fns, device, repeats, slow, turn_s).items()}
+
+
 def bench_table(args, device: torch.device) -> list[dict]:
     rows = []
     flex = None if args.no_flex else Flex(device)
@@ -303,7 +309,7 @@ def bench_dtype_ratio(args, device: torch.device) -> dict:
         pattern = parse_pattern(PATTERNS[name])
         for dtype, (q, k, v) in (("float32", fp32), ("bfloat16", bf16)):
             fns[name, dtype] = lambda q=q, k=k, v=v, pattern=pattern: attention(q, k, v, pattern)
-    best = {key: min(t[1:] or t) for key, t in rounds(fns, device, args.repeats, args.slow, args.turn_s).items()}
+    best = best_times(fns, device, args.repeats, args.slow, args.turn_s)
     return {"n": n, **{LABELS[name]: best[name, "bfloat16"] / best[name, "float32"] for name in args.patterns}}
 
 
@@ -315,7 +321,7 @@ def bench_scaling(args, device: torch.device) -> dict:
     for n in sorted(args.scaling_n):
         q, k, v = inputs(n, args.heads, args.dim, torch.float32, device)
         fns[n] = lambda q=q, k=k, v=v: attention(q, k, v, pattern)
-    times = {n: min(t[1:] or t) for n, t in rounds(fns, device, args.repeats, args.slow, args.turn_s).items()}
+    times = best_times(fns, device, args.repeats, args.slow, args.turn_s)
     ns = sorted(times)
     return {"pattern": LABELS["sliding_window"], "seconds": {str(n): times[n] for n in ns},
             "growth_per_doubling": [times[b] / times[a] for a, b in zip(ns, ns[1:])]}
