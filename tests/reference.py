@@ -58,6 +58,24 @@ def reference_attention(q, k, v, pattern=None, *, causal=True, scale=None):
     return torch.stack(outs, 1), torch.stack(lses, 1)
 
 
+def fixed_step_reference(q, k, v, *, block, summary, causal, min_distance, skip_strides, scale):
+    """(out, lse) float64 of a fixed step: the contract's fixed rule, causal or not, at distance
+    >= min_distance, off the skipped strides' multiples; GQA by head index."""
+    b, h, lq, _ = q.shape
+    hkv, lk = k.shape[1], k.shape[2]
+    i = torch.arange(lk - lq, lk)[:, None]
+    j = torch.arange(lk)[None, :]
+    keep = allowed({"type": "fixed", "block": block, "summary": summary}, i, j, 0, 1)
+    keep &= (i - j >= min_distance) if causal else ((i - j).abs() >= min_distance)
+    for s in skip_strides:
+        keep &= (i - j) % s != 0
+    kv = torch.arange(h) // (h // hkv)
+    scores = torch.einsum("bhqd,bhkd->bhqk", q.double(), k.double()[:, kv]) * scale
+    scores = scores.masked_fill(~keep, float("-inf"))
+    lse = torch.logsumexp(scores, -1)
+    return torch.einsum("bhqk,bhkd->bhqd", torch.softmax(scores, -1).nan_to_num(0.0), v.double()[:, kv]), lse
+
+
 def assert_matches_reference(out, lse, ref_out, ref_lse, *, tol: float, lse_tol: float | None = None) -> None:
     """An (out, lse) against the reference's: the output within `tol`; the same rows with no key,
     which have lse -inf and output zeros (CONTRACT §1); the other rows' lse within `lse_tol` (`tol`

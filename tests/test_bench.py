@@ -288,6 +288,27 @@ def test_gpu_band_checks_pass_here_and_fail_a_wrong_kernel(monkeypatch, capsys):
     assert (passed, failed) == (0, 6) and capsys.readouterr().out.count("FAIL") == 6
 
 
+@pytest.mark.skipif(triton_fixed.triton is None, reason="Triton is not installed")
+def test_gpu_fixed_checks_pass_here_and_fail_a_wrong_kernel(monkeypatch, capsys):
+    """bench/gpu_fixed.py's checks in Triton's interpreter, on a sample of its shapes (a union's
+    step among them) in the default tiles and one swept tile size; a kernel whose log-sum-exp is
+    off is a FAIL line, counted."""
+    from bench import gpu_fixed
+
+    shapes = [gpu_fixed.SHAPES[1], (1, 2, 1, 70, 300, 16, 16, 16, 2, 20, (5,)), (1, 1, 1, 130, 700, 64, 64, 16, 4, 0, ())]
+    passed, failed = gpu_fixed.check(torch.device("cpu"), shapes, gpu_fixed.SWEEP[:1])
+    assert (passed, failed) == (6 * len(shapes) + 1, 0)  # 3 dtypes x 2 causalities; the sweep: D = 64, no strides
+    real = triton_fixed.triton_fixed_attention
+
+    def off(*args, **kwargs):
+        out, lse = real(*args, **kwargs)
+        return out, lse + 0.1
+
+    monkeypatch.setattr(triton_fixed, "triton_fixed_attention", off)
+    passed, failed = gpu_fixed.check(torch.device("cpu"), shapes[:1], [])
+    assert (passed, failed) == (0, 6) and capsys.readouterr().out.count("FAIL") == 6
+
+
 def test_gpu_dense_checks_pass_on_cudas_branches_and_fail_a_wrong_log_sum_exp(monkeypatch, capsys):
     """bench/gpu_dense.py's checks of cuDNN's path, on CUDA's branches emulated (where SDPA picks
     cuDNN), on its small shapes; a cuDNN whose log-sum-exp is off fails every fused call's check

@@ -22,24 +22,6 @@ from engine.kernels.triton_fixed import (BUSY_PROGRAMS, MAX_HEAD_DIM, MAX_SKIP_S
 pytestmark = pytest.mark.skipif(triton_fixed.triton is None, reason="Triton is not installed")
 
 
-def _fixed_step_reference(q, k, v, *, block, summary, causal, min_distance, skip_strides, scale):
-    """(out, lse) float64 of a fixed step: the contract's fixed rule, causal or not, at distance
-    >= min_distance, off the skipped strides' multiples; GQA by head index."""
-    b, h, lq, _ = q.shape
-    hkv, lk = k.shape[1], k.shape[2]
-    i = torch.arange(lk - lq, lk)[:, None]
-    j = torch.arange(lk)[None, :]
-    keep = reference.allowed({"type": "fixed", "block": block, "summary": summary}, i, j, 0, 1)
-    keep &= (i - j >= min_distance) if causal else ((i - j).abs() >= min_distance)
-    for s in skip_strides:
-        keep &= (i - j) % s != 0
-    kv = torch.arange(h) // (h // hkv)
-    scores = torch.einsum("bhqd,bhkd->bhqk", q.double(), k.double()[:, kv]) * scale
-    scores = scores.masked_fill(~keep, float("-inf"))
-    lse = torch.logsumexp(scores, -1)
-    return torch.einsum("bhqk,bhkd->bhqd", torch.softmax(scores, -1).nan_to_num(0.0), v.double()[:, kv]), lse
-
-
 # (B, H, Hkv, Lq, Lk, D, Dv, block, summary): n off every tile size, Lq < Lk, GQA, one head, a block
 # longer than the keys, every column a summary column, one summary column, blocks of 1, head dims
 # off a power of two (and Dv != D), a decode row, a tile spanning several blocks.
@@ -67,7 +49,7 @@ def test_the_kernel_matches_the_reference(shape, causal, dtype):
     k = torch.randn(b, hkv, lk, d, generator=g).to(dtype)
     v = torch.randn(b, hkv, lk, dv, generator=g).to(dtype)
     out, lse = triton_fixed_attention(q, k, v, block=block, summary=summary, scale=1 / math.sqrt(d), causal=causal)
-    ref_out, ref_lse = _fixed_step_reference(q, k, v, block=block, summary=summary, causal=causal, min_distance=0,
+    ref_out, ref_lse = reference.fixed_step_reference(q, k, v, block=block, summary=summary, causal=causal, min_distance=0,
                                              skip_strides=(), scale=1 / math.sqrt(d))
     assert out.dtype == dtype and out.shape == (b, h, lq, dv) and lse.dtype == torch.float32
     tol = 2e-5 if dtype == torch.float32 else 2e-2
@@ -88,11 +70,43 @@ def test_a_unions_fixed_step_skips_the_window_and_the_strides(causal, min_distan
     k, v = (torch.randn(1, 2, 120, 16, generator=g) for _ in range(2))
     kwargs = dict(block=16, summary=4, causal=causal, min_distance=min_distance, skip_strides=skip_strides)
     out, lse = triton_fixed_attention(q, k, v, scale=0.25, splits=splits, **kwargs)
-    ref_out, ref_lse = _fixed_step_reference(q, k, v, scale=0.25, **kwargs)
+    ref_out, ref_lse = reference.fixed_step_reference(q, k, v, scale=0.25, **kwargs)
     torch.testing.assert_close(out.double(), ref_out, atol=2e-5, rtol=2e-5)
     torch.testing.assert_close(lse.double(), ref_lse, atol=2e-5, rtol=2e-5)
     if min_distance == 200:
         assert (out == 0).all() and (lse == float("-inf")).all()
+
+
+@pytest.mark.parametrize("splits", [1, 3], ids=["one_program", "keys_split_3_ways"])
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "noncausal"])
+@pytest.mark.parametrize("skip_strides", [(), (3,), (4, 7, 20, 11)], ids=["no_stride", "stride_3", "4_strides"])
+@pytest.mark.parametrize("min_distance", [0, 8, 45, 650])
+def test_summary_keys_every_row_attends_take_full_tiles(causal, min_distance, skip_strides, splits):
+    """Rows 600..699 of fixed(20, 3) see 90 summary keys of the blocks before theirs: in float32's
+    tiles of 32 keys, two full tiles (fewer with a distance past a block) without a mask, or with
+    only the skipped strides' (a stride of 20 is every summary key of some rows), then the masked
+    rest; and with keys split between programs, each split's share of both walks."""
+    g = torch.Generator().manual_seed(min_distance + splits)
+    q = torch.randn(1, 2, 100, 16, generator=g)
+    k, v = (torch.randn(1, 1, 700, 16, generator=g) for _ in range(2))
+    kwargs = dict(block=20, summary=3, causal=causal, min_distance=min_distance, skip_strides=skip_strides)
+    out, lse = triton_fixed_attention(q, k, v, scale=0.25, splits=splits, **kwargs)
+    ref_out, ref_lse = reference.fixed_step_reference(q, k, v, scale=0.25, **kwargs)
+    torch.testing.assert_close(out.double(), ref_out, atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(lse.double(), ref_lse, atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_a_long_prefill_matches_the_reference(dtype):
+    """fixed(8, 4) over 600 tokens: the last query tiles walk up to 9 full summary tiles."""
+    g = torch.Generator().manual_seed(7)
+    q, k, v = (torch.randn(1, 2, 600, 16, generator=g).to(dtype) for _ in range(3))
+    out, lse = triton_fixed_attention(q, k, v, block=8, summary=4, scale=0.25)
+    ref_out, ref_lse = reference.fixed_step_reference(q, k, v, block=8, summary=4, causal=True, min_distance=0,
+                                             skip_strides=(), scale=0.25)
+    tol = 2e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(out.double(), ref_out, atol=tol, rtol=tol)
+    torch.testing.assert_close(lse.double(), ref_lse, atol=tol, rtol=tol)
 
 
 @pytest.mark.parametrize("splits", [1, 2], ids=["one_program", "keys_split_2_ways"])
@@ -106,7 +120,7 @@ def test_decode_rows_at_every_offset_in_a_block(lq, splits):
         q = torch.randn(1, 2, lq, 16, generator=g)
         out, lse = triton_fixed_attention(q, k[..., :lk, :], v[..., :lk, :], block=16, summary=3, scale=0.25,
                                           splits=splits)
-        ref_out, ref_lse = _fixed_step_reference(q, k[..., :lk, :], v[..., :lk, :], block=16, summary=3, causal=True,
+        ref_out, ref_lse = reference.fixed_step_reference(q, k[..., :lk, :], v[..., :lk, :], block=16, summary=3, causal=True,
                                                  min_distance=0, skip_strides=(), scale=0.25)
         torch.testing.assert_close(out.double(), ref_out, atol=2e-5, rtol=2e-5)
         torch.testing.assert_close(lse.double(), ref_lse, atol=2e-5, rtol=2e-5)
@@ -144,7 +158,7 @@ def test_it_reads_any_layout():
     q = torch.randn(1, 70, 2, 24, generator=g).transpose(1, 2)[..., :16]
     k, v = (torch.randn(1, 90, 2, 16, generator=g).transpose(1, 2) for _ in range(2))
     out, lse = triton_fixed_attention(q, k, v, block=16, summary=2, scale=0.25)
-    ref_out, ref_lse = _fixed_step_reference(q, k, v, block=16, summary=2, causal=True, min_distance=0,
+    ref_out, ref_lse = reference.fixed_step_reference(q, k, v, block=16, summary=2, causal=True, min_distance=0,
                                              skip_strides=(), scale=0.25)
     torch.testing.assert_close(out.double(), ref_out, atol=2e-5, rtol=2e-5)
 
@@ -182,34 +196,6 @@ def test_cuda_plans_take_the_kernel_for_their_fixed_step(monkeypatch, name, caus
     assert len(calls) == 1
     torch.testing.assert_close(out.double(), reference.reference_attention(q, k, v, pattern, causal=causal)[0],
                                atol=3e-2, rtol=3e-2)
-
-
-def test_the_fused_plan_takes_causal_fixed_past_its_summary_pairs():
-    """The measured rule (FUSED_PLAN_SUMMARY_PAIRS): fixed(128, 8) prefill on the kernel to
-    n = 16384, on the fused plan from 65536; a decode step after 131072 keys on the kernel."""
-    faster = triton_fixed.fused_plan_is_faster
-    assert not faster(16384, 16384, 128, 8, True, 0, ())
-    assert faster(65536, 65536, 128, 8, True, 0, ())
-    assert not faster(1, 131072, 128, 8, True, 0, ())
-    assert not faster(65536, 65536, 128, 8, False, 0, ())  # measured causal only
-    assert not faster(65536, 65536, 128, 8, True, 257, ()) and not faster(65536, 65536, 128, 8, True, 0, (64,))
-
-
-@pytest.mark.parametrize("name, rows, causal, kernel_calls", [
-    ("fixed", 300, True, 0), ("fixed", 1, True, 1), ("window_fixed", 300, True, 1), ("fixed", 300, False, 1),
-], ids=["prefill", "decode", "union-step", "noncausal"])
-def test_past_its_summary_pairs_causal_fixed_runs_on_the_fused_plan(monkeypatch, name, rows, causal, kernel_calls):
-    """With the rule's bound just under a 300-token prefill of fixed(16, 2) (19 blocks' summary
-    keys), that prefill takes the fused plan; a decode step, a union's fixed step and a non-causal
-    call keep the kernel; each answers as the reference."""
-    monkeypatch.setattr(triton_fixed, "FUSED_PLAN_SUMMARY_PAIRS", 300 * 19 * 2 - 1)
-    g = torch.Generator().manual_seed(6)
-    q, k, v = (torch.randn(1, 2, 300, 16, generator=g).to(torch.bfloat16) for _ in range(3))
-    q = q[..., -rows:, :]
-    out, calls = _kernel_calls(monkeypatch, q, k, v, UNIONS[name], causal)
-    assert len(calls) == kernel_calls
-    want = reference.reference_attention(q, k, v, UNIONS[name], causal=causal)[0]
-    torch.testing.assert_close(out.double(), want, atol=3e-2, rtol=3e-2)
 
 
 @pytest.mark.parametrize("pattern, d, dv", [
@@ -317,7 +303,7 @@ def test_the_fused_plan_stays_exact_on_cudas_branches(lq, min_distance, skip_str
     kwargs = dict(block=16, summary=2, causal=causal, min_distance=min_distance, skip_strides=skip_strides)
     with cuda_kernels_on_cpu():
         out, lse = fused_fixed_attention(q, k, v, scale=0.25, **kwargs)
-    ref_out, ref_lse = _fixed_step_reference(q, k, v, scale=0.25, **kwargs)
+    ref_out, ref_lse = reference.fixed_step_reference(q, k, v, scale=0.25, **kwargs)
     torch.testing.assert_close(out.double(), ref_out, atol=3e-2, rtol=3e-2)
     seen = ref_lse > float("-inf")
     torch.testing.assert_close(lse.double()[seen], ref_lse[seen], atol=3e-2, rtol=3e-2)
@@ -343,7 +329,7 @@ def test_offsets_past_2_31_elements_are_taken_in_64_bits():
     k, v = far_apart_rows(kv[:, :d].contiguous()), far_apart_rows(kv[:, d:].contiguous())
     q = torch.randn(1, 1, 70, d, generator=g).to(torch.bfloat16)
     out, lse = triton_fixed_attention(q, k, v, block=16, summary=2, scale=0.25)
-    ref_out, ref_lse = _fixed_step_reference(q, kv[None, None, :, :d], kv[None, None, :, d:], block=16, summary=2,
+    ref_out, ref_lse = reference.fixed_step_reference(q, kv[None, None, :, :d], kv[None, None, :, d:], block=16, summary=2,
                                              causal=True, min_distance=0, skip_strides=(), scale=0.25)
     torch.testing.assert_close(out.double(), ref_out, atol=2e-2, rtol=2e-2)
     torch.testing.assert_close(lse.double(), ref_lse, atol=2e-2, rtol=2e-2)

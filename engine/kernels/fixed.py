@@ -147,9 +147,8 @@ def fixed_attention(
     min_distance (for a union with a sliding window, whose keys it then skips), and not at
     (i - j) mod s == 0 for any s in skip_strides (for a union with those strides); queries bottom-right
     aligned; (out, lse). On CUDA with Triton installed one launch of the Triton kernel
-    (triton_fixed.py) unless the fused-SDPA calls below are faster there, elsewhere those calls."""
-    if triton_fixed.takes(q, v, causal, skip_strides) and not triton_fixed.fused_plan_is_faster(
-            q.shape[-2], k.shape[-2], block, summary, causal, min_distance, skip_strides):
+    (triton_fixed.py), elsewhere the fused-SDPA calls below."""
+    if triton_fixed.takes(q, v, causal, skip_strides):
         return triton_fixed.triton_fixed_attention(q, k, v, block=block, summary=summary, scale=scale,
                                                    causal=causal, min_distance=min_distance, skip_strides=skip_strides)
     return fused_fixed_attention(q, k, v, block=block, summary=summary, scale=scale, causal=causal,

@@ -17,7 +17,6 @@ inputs' dtype. Runs where Triton runs it: on CUDA tensors, or on any under TRITO
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import logging
 import math
@@ -25,7 +24,7 @@ import math
 import torch
 
 from .dense import additive_mask, math_attention
-from .device import TRITON_OPTIONS, runs_on_triton, triton
+from .device import TRITON_OPTIONS, launching_on, runs_on_triton, triton
 from .triton_tiles import MAX_HEAD_DIM, PROBE_TOLERANCE, attention_tiles, wide_offsets
 
 if triton is not None:  # without Triton the band keeps the flash local window or its tiles
@@ -99,8 +98,7 @@ def triton_band_attention(
                "WIDE_OFFSETS": wide_offsets(q, k, v, out)}
     query_tiles = triton.cdiv(lq, variant["BLOCK_M"])
     if lq and b * h:
-        # Triton launches on the current CUDA device: make it q's (cuda:1 while cuda:0 is current).
-        with torch.cuda.device(q.device) if q.device.type == "cuda" else contextlib.nullcontext():
+        with launching_on(q.device):
             _band_kernel[(b * h * query_tiles,)](
                 q, k, v, out, lse, *q.stride(), *k.stride(), *v.stride(), *out.stride(), *lse.stride(),
                 h, h // hkv, lq, lk, d, dv, window, query_tiles, scale * math.log2(math.e),

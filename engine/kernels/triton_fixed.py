@@ -9,9 +9,16 @@ keys of the other blocks, gathered by index (`j = (t // c) * l + l - c + t % c` 
 summary key): the two sets are disjoint, so no key counts twice, and a query tile reads about
 its rows' attended keys, not every key block as a block-sparse mask would. A union's fixed
 step passes a minimum distance (its window's keys) and the strides whose multiples it must skip;
-they only mask. Grouped key/value heads are read as they are (head h reads h // (H / Hkv)). A long
-causal prefill of fixed alone still takes the fused plan, whose flash calls outrun this walk over
-many summary keys (`FUSED_PLAN_SUMMARY_PAIRS`).
+they only mask. Grouped key/value heads are read as they are (head h reads h // (H / Hkv)).
+The summary keys of the blocks before a tile's first row, which all its rows attend (most of a
+long causal call's keys), take tiles without a mask (a union's step: with only its strides'); only
+the rest compute one, as FlashAttention splits its diagonal blocks from the rest. A skipped
+stride compares the rows' residues, taken once, with each key's, rather than a remainder per
+score; the walks' indices stay 32-bit, which divide several times faster than 64-bit ones. Query
+tiles are numbered last first, so a causal call's longest walks start first and the short ones
+fill the GPU's tail. On an H200 (bfloat16, H = 8, D = 64) this ran fixed(128, 8) in 5.1 ms at
+n = 131072, against 15.1 ms on the fused plan and 33 ms when every tile was masked (`python -m
+bench.gpu_fixed`; before the strides' residues and the 32-bit indices, not yet run on a GPU).
 
 Exact in the precision flash attention keeps: scores accumulate in float32 (float32 inputs in
 IEEE float32, not TF32), the probabilities meet V in the inputs' dtype. Runs where Triton runs
@@ -21,7 +28,6 @@ computes bfloat16 products on bit patterns, so there the products are taken in f
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import logging
 import math
@@ -30,7 +36,7 @@ import torch
 
 from ..patterns import Fixed
 from .dense import additive_mask, math_attention
-from .device import TRITON_OPTIONS, runs_on_triton, triton
+from .device import TRITON_OPTIONS, launching_on, runs_on_triton, triton
 from .strided import off_strides
 from .triton_merge import merge_splits
 from .triton_tiles import MAX_HEAD_DIM, PROBE_TOLERANCE, attention_tiles, wide_offsets
@@ -46,12 +52,6 @@ logger = logging.getLogger(__name__)
 # Strides a union's fixed step can skip in the kernel (nested unions flatten to up to 63 strides
 # beside fixed; more than this take the fused-SDPA plan).
 MAX_SKIP_STRIDES = 4
-# Summary keys met by a causal fixed call's rows (per head: Lq x the summary keys of Lk) past which
-# the fused-SDPA plan's flash calls beat the kernel's walk. On an H200 (bfloat16, H = 8, D = 64,
-# kernel / plan in its default, 1 and 4 row ranges): n = 4096 0.14 / 0.34-0.79 ms, n = 16384
-# (2^24 here) 0.77 / 0.76-0.89, n = 65536 8.8 / 4.5-7.0, n = 131072 33.4 / 14.3-24.7; a decode
-# step 0.13 ms on the kernel.
-FUSED_PLAN_SUMMARY_PAIRS = 1 << 24
 
 
 def takes(q: torch.Tensor, v: torch.Tensor, causal: bool, skip_strides: tuple[int, ...]) -> bool:
@@ -63,14 +63,6 @@ def takes(q: torch.Tensor, v: torch.Tensor, causal: bool, skip_strides: tuple[in
             and matches_contract(q.device, q.dtype, d, dv, causal, len(skip_strides)))
 
 
-def fused_plan_is_faster(lq: int, lk: int, block: int, summary: int, causal: bool, min_distance: int,
-                         skip_strides: tuple[int, ...]) -> bool:
-    """Whether a call the kernel takes runs faster on the fused-SDPA plan: a causal fixed alone
-    whose rows meet more than FUSED_PLAN_SUMMARY_PAIRS summary keys. A union's step (a distance,
-    skipped strides) stays on the kernel, where the plan is a call per block."""
-    return causal and not min_distance and not skip_strides and lq * -(-lk // block) * summary > FUSED_PLAN_SUMMARY_PAIRS
-
-
 # The strides a probe skips, as many as the call's variant skips.
 PROBE_STRIDES = (3, 5, 7, 11)
 
@@ -78,14 +70,17 @@ PROBE_STRIDES = (3, 5, 7, 11)
 @functools.cache
 def matches_contract(device: torch.device, dtype: torch.dtype, d: int, dv: int, causal: bool, skips: int) -> bool:
     """Whether the kernel's variant for these inputs compiles here and matches the masked math
-    kernel on a tiny problem with every branch in play (its own block and summary keys, grouped
-    heads, a distance, `skips` strides, rows with no key, keys split between programs): probed
-    once per variant and device, as the band's local window is. Triton compiles a variant per
-    dtype, causality, skip count and head-dim tile at its first call, so a Triton too old for an
-    argument, a variant over the GPU's shared memory, or a miscompile leaves those calls on the
-    fused-SDPA plan (said in the log) instead of failing requests or answering wrong."""
+    kernel on a small problem with every branch in play (its own block, summary keys in full and
+    masked tiles, two query tiles, grouped heads, a distance, `skips` strides, rows with no key,
+    keys split between programs): probed once per variant and device, as the band's local window
+    is. Triton compiles a variant per dtype, causality, skip count and head-dim tile at its first
+    call, so a Triton too old for an argument, a variant over the GPU's shared memory, or a
+    miscompile leaves those calls on the fused-SDPA plan (said in the log) instead of failing
+    requests or answering wrong."""
     g = torch.Generator().manual_seed(0)
-    lq, lk, l, c = 7, 13, 4, 2
+    tiles = kernel_variant(dtype, d, dv, causal, skips)  # rows over two query tiles, the first
+    lq = tiles["BLOCK_M"] + 7  # of which sees a full summary tile
+    lk, l, c = lq + 2 * tiles["BLOCK_N"] + 6, 4, 2
     q, k, v = (torch.randn(1, h, n, width, generator=g).to(device, dtype)
                for h, n, width in ((2, lq, d), (1, lk, d), (1, lk, dv)))
     strides = PROBE_STRIDES[:skips]
@@ -121,15 +116,17 @@ def _variant_name(device: torch.device, dtype: torch.dtype, d: int, dv: int, cau
 def triton_fixed_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, block: int, summary: int, scale: float,
     causal: bool = True, min_distance: int = 0, skip_strides: tuple[int, ...] = (), splits: int | None = None,
+    variant: dict | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """`fixed_attention`'s contract in one launch: (out in q's dtype [B, H, Lq, Dv], lse float32
     [B, H, Lq]); rows with no key get zeros and -inf. With few programs (a decode step) each query
     tile's keys are split between `splits` programs (`key_splits` unless given), whose partials
-    merge by log-sum-exp after in one more launch (`merge_splits`), as flash-decoding does."""
+    merge by log-sum-exp after in one more launch (`merge_splits`), as flash-decoding does.
+    `variant` replaces `kernel_variant`'s tiles (a benchmark's sweep)."""
     assert len(skip_strides) <= MAX_SKIP_STRIDES, "more skipped strides than the kernel takes"
     b, h, lq, d = q.shape
     hkv, lk, dv = k.shape[1], k.shape[2], v.shape[3]
-    variant = kernel_variant(q.dtype, d, dv, causal, len(skip_strides))
+    variant = {**kernel_variant(q.dtype, d, dv, causal, len(skip_strides)), **(variant or {})}
     query_tiles = triton.cdiv(lq, variant["BLOCK_M"]) if lq else 0
     splits = splits or key_splits(b * h * query_tiles, lk, block, summary, variant["BLOCK_N"])
     shape = (splits, b, h, lq) if splits > 1 else (b, h, lq)  # partials, or the result itself
@@ -141,8 +138,7 @@ def triton_fixed_attention(
         o, l = (out[0], lse[0]) if splits > 1 else (out, lse)
         # Heads on the grid's first axis, which takes 2^31 - 1 programs (the others 65535).
         grid = (b * h, query_tiles, splits)
-        # Triton launches on the current CUDA device: make it q's (cuda:1 while cuda:0 is current).
-        with torch.cuda.device(q.device) if q.device.type == "cuda" else contextlib.nullcontext():
+        with launching_on(q.device):
             _fixed_kernel[grid](
                 q, k, v, out, lse, *q.stride(), *k.stride(), *v.stride(), *o.stride(), *l.stride(), *split_strides,
                 h, h // hkv, lq, lk, d, dv, block, summary, min_distance, *strides, splits,
@@ -169,13 +165,64 @@ def key_splits(programs: int, lk: int, block: int, summary: int, block_n: int) -
     return max(1, min(BUSY_PROGRAMS // programs, tiles // MIN_TILES_PER_SPLIT))
 
 
+# Query tiles of 128 rows against key tiles of 32 in half precision up to D = 64: of 64 x 64
+# (`attention_tiles`) in 3 and 4 stages, 64 x 128, 128 x 64 with 4 and 8 warps, 128 x 128 and
+# 128 x 32, the fastest at n = 4096, 16384 and 65536 and 2% off the best (128 x 64) at 131072
+# (H200, bfloat16, H = 8, D = 64, fixed(128, 8): 0.105 / 0.258 / 1.55 / 5.06 ms against 0.130 /
+# 0.348 / 2.08 / 6.61 at 64 x 64; `python -m bench.gpu_fixed`).
+HALF_TILES = dict(BLOCK_M=128, BLOCK_N=32, num_warps=4, num_stages=3)
+
+
 def kernel_variant(dtype: torch.dtype, d: int, dv: int, causal: bool, skips: int) -> dict:
     """The kernel's compile-time arguments for these inputs: causality, the skip count and
-    `attention_tiles`."""
-    return dict(CAUSAL=causal, SKIPS=skips, **attention_tiles(dtype, d, dv))
+    `attention_tiles`, with HALF_TILES in half precision up to D = 64."""
+    tiles = attention_tiles(dtype, d, dv)
+    if dtype != torch.float32 and max(d, dv) <= 64:
+        tiles.update(HALF_TILES)
+    return dict(CAUSAL=causal, SKIPS=skips, **tiles)
 
 
 if triton is not None:
+    @triton.jit
+    def _key_tile(acc, m_i, l_i, q, k_base, v_base, j, load, keep, skn, skd, svn, svd, d, dv, qk_scale,
+                  LOADS_MASKED: tl.constexpr, SCORES_MASKED: tl.constexpr, DOT_DTYPE: tl.constexpr,
+                  IEEE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+                  WIDE_OFFSETS: tl.constexpr):
+        """The keys j into the online softmax (acc, m_i, l_i): with LOADS_MASKED only those with
+        `load` are read (else every key exists), with SCORES_MASKED the scores off `keep` are -inf
+        (else every key counts)."""
+        if WIDE_OFFSETS:  # `wide_offsets`
+            j = j.to(tl.int64)
+        feats, vfeats = tl.arange(0, BLOCK_D), tl.arange(0, BLOCK_DV)
+        k_mask, v_mask = feats[:, None] < d, vfeats[None, :] < dv
+        if LOADS_MASKED:
+            k_mask &= load[None, :]
+            v_mask &= load[:, None]
+        kt = tl.load(k_base + j[None, :] * skn + feats[:, None] * skd, mask=k_mask, other=0.0).to(DOT_DTYPE)
+        if IEEE:
+            scores = tl.dot(q, kt, input_precision="ieee") * qk_scale
+        else:
+            scores = tl.dot(q, kt) * qk_scale
+        if SCORES_MASKED:
+            scores = tl.where(keep, scores, float("-inf"))
+        vt = tl.load(v_base + j[:, None] * svn + vfeats[None, :] * svd, mask=v_mask, other=0.0).to(DOT_DTYPE)
+        return softmax_step(acc, m_i, l_i, scores, vt, DOT_DTYPE, IEEE)
+
+    @triton.jit
+    def _off_strides(keep, j, r0, r1, r2, r3, s0, s1, s2, s3, SKIPS: tl.constexpr):
+        """`keep` less the keys j at a multiple of a skipped stride from the row: i - j = 0 mod s
+        where the rows' residues r = i mod s (taken once) meet the keys' (a residue per key, not
+        a remainder per score)."""
+        if SKIPS > 0:
+            keep &= r0[:, None] != (j % s0)[None, :]
+        if SKIPS > 1:
+            keep &= r1[:, None] != (j % s1)[None, :]
+        if SKIPS > 2:
+            keep &= r2[:, None] != (j % s2)[None, :]
+        if SKIPS > 3:
+            keep &= r3[:, None] != (j % s3)[None, :]
+        return keep
+
     # Triton compiles a variant per class of each integer argument (1, a multiple of 16, other).
     # Those that vary from request to request are not specialised on: the lengths, the pattern's
     # numbers, the log-sum-exp's strides (Lq: a decode step's 1 was a variant of its own) and the
@@ -196,37 +243,52 @@ if triton is not None:
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
         WIDE_OFFSETS: tl.constexpr,
     ):
-        pid_m = tl.program_id(1)
-        pid_bh, pid_s = tl.program_id(0).to(tl.int64), tl.program_id(2).to(tl.int64)  # offsets past 2^31 elements
+        pid_m = tl.num_programs(1) - 1 - tl.program_id(1)  # a causal call's longest tiles first
+        pid_bh = tl.program_id(0).to(tl.int64)  # offsets past 2^31 elements
+        pid_s = tl.program_id(2)  # 32-bit: the key walks' indices divide (64-bit division is slow)
         head, item = pid_bh % heads, pid_bh // heads
         kv_head = head // group
         q, rows, i, row_ok, first, last = load_query_tile(Q, pid_m, item, head, sqb, sqh, sqm, sqd, lq, lk, d,
                                                           DOT_DTYPE, BLOCK_M, BLOCK_D, WIDE_OFFSETS)
-        feats, vfeats = tl.arange(0, BLOCK_D), tl.arange(0, BLOCK_DV)
         k_base = K + item * skb + kv_head * skh
         v_base = V + item * svb + kv_head * svh
         first_block, last_block = first // block, last // block
-        my_start = i // block * block  # each row's block, as a key range: no division in the loop
-        my_end = my_start + block
 
         acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
         m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
 
-        # Key tiles: first the rows' own blocks, keys first_block * l .. the last row (causal) or
-        # its block's end; then the summary keys of the other blocks, the t-th at
-        # (t // c) * l + l - c + t % c (causal: those of the blocks before the last row's).
+        # The summary keys every row of the tile attends, in full tiles: those of the blocks
+        # before the first row's block, min_distance or more before it (most of a long causal
+        # call's keys). Without a mask, or with only the skipped strides'.
+        full_blocks = tl.minimum(first_block, tl.maximum(first - min_distance + 1, 0) // block)
+        full_tiles = full_blocks * summary // BLOCK_N
+        r0, r1, r2, r3 = i % s0, i % s1, i % s2, i % s3  # the rows' residues (the padding's 1s unused)
+        every_key = tl.full([BLOCK_M, BLOCK_N], 1, tl.int1)
+        for tile in range(pid_s, full_tiles, splits):  # this split's share
+            t = tile * BLOCK_N + tl.arange(0, BLOCK_N)
+            j = (t // summary) * block + block - summary + t % summary
+            keep = _off_strides(every_key, j, r0, r1, r2, r3, s0, s1, s2, s3, SKIPS)
+            acc, m_i, l_i = _key_tile(acc, m_i, l_i, q, k_base, v_base, j, None, keep, skn, skd, svn, svd, d, dv,
+                                      qk_scale, False, SKIPS > 0, DOT_DTYPE, IEEE, BLOCK_N, BLOCK_D, BLOCK_DV,
+                                      WIDE_OFFSETS)
+
+        # The rest, masked: first the rows' own blocks, keys first_block * l .. the last row
+        # (causal) or its block's end; then the summary keys of the other blocks from the first
+        # past the full tiles, the t-th at (t // c) * l + l - c + t % c (causal: those of the
+        # blocks before the last row's).
+        my_start = i // block * block  # each row's block, as a key range: no division in the loop
+        my_end = my_start + block
         own_lo = first_block * block
         own_hi = last + 1 - min_distance if CAUSAL else tl.minimum((last_block + 1) * block, lk)
         own_tiles = tl.maximum(own_hi - own_lo + BLOCK_N - 1, 0) // BLOCK_N
         summary_keys = (last_block if CAUSAL else (lk + block - 1) // block) * summary
-        for tile in range(pid_s, own_tiles + (summary_keys + BLOCK_N - 1) // BLOCK_N, splits):  # this split's share
+        rest = own_tiles + (summary_keys - full_tiles * BLOCK_N + BLOCK_N - 1) // BLOCK_N
+        for tile in range(pid_s, rest, splits):  # this split's share
             own = tile < own_tiles
-            t = (tile - own_tiles) * BLOCK_N + tl.arange(0, BLOCK_N)
+            t = (full_tiles + tile - own_tiles) * BLOCK_N + tl.arange(0, BLOCK_N)
             gathered = tl.where(t < summary_keys, (t // summary) * block + block - summary + t % summary, -1)
             j = tl.where(own, own_lo + tile * BLOCK_N + tl.arange(0, BLOCK_N), gathered)
-            if WIDE_OFFSETS:
-                j = j.to(tl.int64)
             load = (j >= 0) & (j < lk)
             diff = i[:, None] - j[None, :]
             # own tiles keep their rows' own block, summary tiles every other block's keys
@@ -236,25 +298,11 @@ if triton is not None:
                 keep &= diff >= min_distance
             else:
                 keep &= (diff >= min_distance) | (-diff >= min_distance)
-            if SKIPS > 0:
-                keep &= diff % s0 != 0
-            if SKIPS > 1:
-                keep &= diff % s1 != 0
-            if SKIPS > 2:
-                keep &= diff % s2 != 0
-            if SKIPS > 3:
-                keep &= diff % s3 != 0
-            # the online softmax: scores, the running max and sum rescaled, P @ V added
-            kt = tl.load(k_base + j[None, :] * skn + feats[:, None] * skd, mask=load[None, :] & (feats[:, None] < d),
-                         other=0.0).to(DOT_DTYPE)
-            if IEEE:
-                scores = tl.dot(q, kt, input_precision="ieee")
-            else:
-                scores = tl.dot(q, kt)
-            scores = tl.where(keep, scores * qk_scale, float("-inf"))
-            vt = tl.load(v_base + j[:, None] * svn + vfeats[None, :] * svd, mask=load[:, None] & (vfeats[None, :] < dv),
-                         other=0.0).to(DOT_DTYPE)
-            acc, m_i, l_i = softmax_step(acc, m_i, l_i, scores, vt, DOT_DTYPE, IEEE)
+            keep = _off_strides(keep, j, r0, r1, r2, r3, s0, s1, s2, s3, SKIPS)
+            acc, m_i, l_i = _key_tile(acc, m_i, l_i, q, k_base, v_base, j, load, keep, skn, skd, svn, svd, d, dv,
+                                      qk_scale, True, True, DOT_DTYPE, IEEE, BLOCK_N, BLOCK_D, BLOCK_DV,
+                                      WIDE_OFFSETS)
 
-        store_rows(Out + pid_s * sos + item * sob + head * soh, Lse + pid_s * sls + item * slb + head * slh,
+        split = pid_s.to(tl.int64)
+        store_rows(Out + split * sos + item * sob + head * soh, Lse + split * sls + item * slb + head * slh,
                    acc, m_i, l_i, rows, row_ok, som, sod, slm, dv, BLOCK_DV)

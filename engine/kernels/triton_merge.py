@@ -13,13 +13,12 @@ sigmoid(lse_b - lse_a), a function of the difference alone (exact at any magnitu
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import logging
 
 import torch
 
-from .device import TRITON_OPTIONS, runs_on_triton, triton
+from .device import TRITON_OPTIONS, launching_on, runs_on_triton, triton
 
 if triton is not None:  # without Triton `merge_to` keeps its torch ops everywhere
     import triton.language as tl
@@ -113,7 +112,7 @@ def triton_merge_to(out: torch.Tensor, lse: torch.Tensor, a: tuple[torch.Tensor,
     n0, n1, rows, d = o.shape
     tiles = merge_tiles(d)
     row_tiles = triton.cdiv(rows, tiles["BLOCK_R"])
-    with torch.cuda.device(out.device) if out.device.type == "cuda" else contextlib.nullcontext():
+    with launching_on(out.device):
         _merge_kernel[(n0 * n1 * row_tiles,)](
             o, lo, ao, al, bo, bl, n1, rows, row_tiles, d,
             *o.stride(), *lo.stride(), *ao.stride(), *al.stride(), *bo.stride(), *bl.stride(), **tiles,
@@ -133,7 +132,7 @@ def merge_splits(out: torch.Tensor, lse: torch.Tensor, dtype: torch.dtype) -> tu
     merged_lse = torch.empty(lse.shape[1:], dtype=torch.float32, device=out.device)
     tiles = merge_tiles(d)
     if rows and d:
-        with torch.cuda.device(out.device) if out.device.type == "cuda" else contextlib.nullcontext():
+        with launching_on(out.device):
             _merge_splits_kernel[(triton.cdiv(rows, tiles["BLOCK_R"]),)](out, lse, merged, merged_lse, splits, rows,
                                                                          d, **tiles, **TRITON_OPTIONS)
     return merged, merged_lse
