@@ -35,28 +35,20 @@ sys.path.insert(0, str(ROOT / "tests"))
 import reference  # noqa: E402
 
 from bench import kernels as bench_kernels  # noqa: E402
+from bench.kernels import Tiles  # noqa: E402
 from engine import attention  # noqa: E402
 from engine.kernels import triton_band  # noqa: E402
 from engine.kernels.band import _flash_window, band_attention  # noqa: E402
 from engine.kernels.dense import fused  # noqa: E402
 from engine.patterns import parse_pattern  # noqa: E402
 
-# Tile sizes swept: (BLOCK_M, BLOCK_N, warps, stages).
-SWEEP = [(64, 64, 4, 3), (64, 64, 4, 2), (64, 64, 4, 4), (64, 128, 4, 3), (64, 32, 4, 3), (128, 64, 8, 3),
-         (128, 64, 4, 3), (128, 128, 8, 3), (128, 32, 8, 3), (128, 64, 8, 4)]
+# Tile sizes swept.
+SWEEP = [Tiles(64, 64, 4, 3), Tiles(64, 64, 4, 2), Tiles(64, 64, 4, 4), Tiles(64, 128, 4, 3), Tiles(64, 32, 4, 3),
+         Tiles(128, 64, 8, 3), Tiles(128, 64, 4, 3), Tiles(128, 128, 8, 3), Tiles(128, 32, 8, 3), Tiles(128, 64, 8, 4)]
 # (B, H, Hkv, Lq, Lk, D, Dv, window)
 SHAPES = [(1, 1, 1, 37, 37, 16, 16, 5), (2, 4, 2, 100, 130, 16, 8, 33), (1, 2, 1, 1, 3000, 64, 64, 256),
           (1, 2, 2, 150, 150, 64, 64, 1), (1, 1, 1, 200, 200, 32, 32, 500), (1, 2, 1, 130, 200, 24, 40, 64),
           (1, 8, 8, 1000, 1000, 64, 64, 256), (1, 4, 1, 777, 2049, 128, 128, 129), (1, 2, 2, 513, 513, 256, 256, 100)]
-
-
-def as_variant(config) -> dict:
-    block_m, block_n, warps, stages = config
-    return {"BLOCK_M": block_m, "BLOCK_N": block_n, "num_warps": warps, "num_stages": stages}
-
-
-def name_of(config) -> str:
-    return "triton {}x{} w{} s{}".format(*config)
 
 
 def check(device: torch.device, shapes, sweep) -> tuple[int, int]:
@@ -70,11 +62,11 @@ def check(device: torch.device, shapes, sweep) -> tuple[int, int]:
             g = torch.Generator().manual_seed(lq * lk + w)
             q = torch.randn(b, h, lq, d, generator=g).to(dtype)
             k, v = torch.randn(b, hkv, lk, d, generator=g).to(dtype), torch.randn(b, hkv, lk, dv, generator=g).to(dtype)
-            name = f"{dtype} {'causal' if causal else 'non-causal'} {config and name_of(config)} {(b, h, hkv, lq, lk, d, dv, w)}"
+            name = f"{dtype} {'causal' if causal else 'non-causal'} {config} {(b, h, hkv, lq, lk, d, dv, w)}"
             try:
                 out, lse = triton_band.triton_band_attention(
                     *(x.to(device) for x in (q, k, v)), window=w, scale=d ** -0.5, causal=causal,
-                    variant=config and as_variant(config))
+                    variant=config and config.variant())
                 ref_out, ref_lse = reference.reference_attention(q, k, v, {"type": "sliding_window", "window": w},
                                                                  causal=causal)
                 tol = 2e-5 if dtype == torch.float32 else 2e-2
@@ -96,12 +88,12 @@ def check_long(device: torch.device, n: int, sweep) -> tuple[int, int]:
         ref_out, ref_lse = _flash_window(q, k, v, window=256, scale=0.125, causal=causal)
         for config in [None, *sweep]:
             out, lse = triton_band.triton_band_attention(q, k, v, window=256, scale=0.125, causal=causal,
-                                                         variant=config and as_variant(config))
+                                                         variant=config and config.variant())
             err = max((out.float() - ref_out.float()).abs().max().item(), (lse - ref_lse).abs().max().item())
             ok = (torch.allclose(out.float(), ref_out.float(), atol=2e-2, rtol=2e-2)
                   and torch.allclose(lse, ref_lse, atol=2e-2, rtol=2e-2))
             passed, failed = passed + ok, failed + (not ok)
-            print("PASS" if ok else "FAIL", f"n={n} causal={causal} {config and name_of(config)} against flash's "
+            print("PASS" if ok else "FAIL", f"n={n} causal={causal} {config} against flash's "
                   f"window: max error {err:.2e}", flush=True)
     return passed, failed
 
@@ -116,8 +108,8 @@ def sweep_times(device: torch.device, ns, windows, sweep, flex_n, dim: int = 64)
             if device.type == "cuda":
                 fns["flash window", w] = lambda w=w: _flash_window(q, k, v, window=w, scale=0.125)
             for config in sweep:
-                fns[name_of(config), w] = lambda w=w, c=config: triton_band.triton_band_attention(
-                    q, k, v, window=w, scale=0.125, variant=as_variant(c))
+                fns[str(config), w] = lambda w=w, c=config: triton_band.triton_band_attention(
+                    q, k, v, window=w, scale=0.125, variant=c.variant())
             if flex and n in flex_n and w == 256:
                 run = flex.runner(parse_pattern({"type": "sliding_window", "window": w}), n, True)
                 fns["flex", w] = lambda run=run: run(q, k, v)

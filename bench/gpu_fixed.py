@@ -33,15 +33,16 @@ sys.path.insert(0, str(ROOT / "tests"))
 import reference  # noqa: E402
 
 from bench import kernels as bench_kernels  # noqa: E402
+from bench.kernels import Tiles  # noqa: E402
 from engine import attention  # noqa: E402
 from engine.kernels import triton_fixed  # noqa: E402
 from engine.kernels.dense import fused  # noqa: E402
 from engine.kernels.fixed import fused_fixed_attention  # noqa: E402
 from engine.patterns import attended_pairs, parse_pattern  # noqa: E402
 
-# Tile sizes swept: (BLOCK_M, BLOCK_N, warps, stages).
-SWEEP = [(64, 64, 4, 3), (64, 64, 4, 4), (64, 128, 4, 3), (128, 64, 8, 3), (128, 64, 4, 3), (128, 128, 8, 3),
-         (128, 32, 4, 3)]
+# Tile sizes swept.
+SWEEP = [Tiles(64, 64, 4, 3), Tiles(64, 64, 4, 4), Tiles(64, 128, 4, 3), Tiles(128, 64, 8, 3), Tiles(128, 64, 4, 3),
+         Tiles(128, 128, 8, 3), Tiles(128, 32, 4, 3)]
 # (B, H, Hkv, Lq, Lk, D, Dv, block, summary, min_distance, skip_strides)
 SHAPES = [(1, 1, 1, 37, 37, 16, 16, 8, 2, 0, ()), (2, 4, 2, 100, 130, 16, 8, 16, 4, 0, ()),
           (1, 2, 1, 1, 3000, 64, 64, 128, 8, 0, ()), (1, 4, 4, 4000, 4000, 64, 64, 64, 8, 0, ()),
@@ -54,15 +55,6 @@ PATTERNS = {"fixed(128, 8)": FIXED,
                 {"type": "sliding_window", "window": 256}, FIXED]},
             "union(sliding 256, strided 128, fixed(128, 8))": {"type": "union", "patterns": [
                 {"type": "sliding_window", "window": 256}, {"type": "strided", "stride": 128}, FIXED]}}
-
-
-def as_variant(config) -> dict:
-    block_m, block_n, warps, stages = config
-    return {"BLOCK_M": block_m, "BLOCK_N": block_n, "num_warps": warps, "num_stages": stages}
-
-
-def name_of(config) -> str:
-    return "triton {}x{} w{} s{}".format(*config)
 
 
 def check(device: torch.device, shapes, sweep) -> tuple[int, int]:
@@ -78,10 +70,10 @@ def check(device: torch.device, shapes, sweep) -> tuple[int, int]:
             q = torch.randn(b, h, lq, d, generator=g).to(dtype)
             k, v = torch.randn(b, hkv, lk, d, generator=g).to(dtype), torch.randn(b, hkv, lk, dv, generator=g).to(dtype)
             kwargs = dict(block=block, summary=summary, causal=causal, min_distance=distance, skip_strides=strides)
-            name = f"{dtype} {'causal' if causal else 'non-causal'} {config and name_of(config)} {shape}"
+            name = f"{dtype} {'causal' if causal else 'non-causal'} {config} {shape}"
             try:
                 out, lse = triton_fixed.triton_fixed_attention(*(x.to(device) for x in (q, k, v)), scale=d ** -0.5,
-                                                               variant=config and as_variant(config), **kwargs)
+                                                               variant=config and config.variant(), **kwargs)
                 ref_out, ref_lse = reference.fixed_step_reference(q, k, v, scale=d ** -0.5, **kwargs)
                 tol = 2e-5 if dtype == torch.float32 else 2e-2
                 reference.assert_matches_reference(out.cpu(), lse.cpu(), ref_out, ref_lse, tol=tol)
@@ -100,12 +92,12 @@ def check_long(device: torch.device, n: int, sweep) -> tuple[int, int]:
     ref_out, ref_lse = fused_fixed_attention(q, k, v, block=128, summary=8, scale=0.125)
     for config in [None, *sweep]:
         out, lse = triton_fixed.triton_fixed_attention(q, k, v, block=128, summary=8, scale=0.125,
-                                                       variant=config and as_variant(config))
+                                                       variant=config and config.variant())
         err = max((out.float() - ref_out.float()).abs().max().item(), (lse - ref_lse).abs().max().item())
         ok = (torch.allclose(out.float(), ref_out.float(), atol=2e-2, rtol=2e-2)
               and torch.allclose(lse, ref_lse, atol=2e-2, rtol=2e-2))
         passed, failed = passed + ok, failed + (not ok)
-        print("PASS" if ok else "FAIL", f"n={n} {config and name_of(config)} against the fused plan: "
+        print("PASS" if ok else "FAIL", f"n={n} {config} against the fused plan: "
               f"max error {err:.2e}", flush=True)
     return passed, failed
 
@@ -118,8 +110,8 @@ def sweep_times(device: torch.device, ns, sweep, flex_n) -> list[dict]:
         fns = {"dense fused": lambda: fused(q, k, v, scale=0.125, is_causal=True),
                "fused plan": lambda: fused_fixed_attention(q, k, v, block=128, summary=8, scale=0.125)}
         for config in sweep:
-            fns[name_of(config)] = lambda c=config: triton_fixed.triton_fixed_attention(
-                q, k, v, block=128, summary=8, scale=0.125, variant=as_variant(c))
+            fns[str(config)] = lambda c=config: triton_fixed.triton_fixed_attention(
+                q, k, v, block=128, summary=8, scale=0.125, variant=c.variant())
         if flex and n in flex_n:
             run = flex.runner(parse_pattern(FIXED), n, True)
             fns["flex"] = lambda run=run: run(q, k, v)

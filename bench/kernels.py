@@ -30,6 +30,7 @@ import math
 import platform
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -177,6 +178,21 @@ def rounds(fns: dict, device: torch.device, repeats: int, slow: float, turn_s: f
             elif rnd == repeats or times[key][0] <= slow:
                 times[key].append(turn(fn))
     return times
+
+
+class Tiles(NamedTuple):
+    """A tile size of one of the engine's Triton kernels, as the GPU scripts sweep them."""
+    block_m: int
+    block_n: int
+    warps: int
+    stages: int
+
+    def variant(self) -> dict:
+        """The kernel's compile-time arguments for it (a `variant` that replaces the default tiles)."""
+        return {"BLOCK_M": self.block_m, "BLOCK_N": self.block_n, "num_warps": self.warps, "num_stages": self.stages}
+
+    def __str__(self) -> str:
+        return f"triton {self.block_m}x{self.block_n} w{self.warps} s{self.stages}"
 
 
 def best_times(fns: dict, device: torch.device, repeats: int = 3, slow: float = 30.0, turn_s: float = 0.05) -> dict:

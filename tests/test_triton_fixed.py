@@ -57,43 +57,34 @@ def test_the_kernel_matches_the_reference(shape, causal, dtype):
     torch.testing.assert_close(lse.double(), ref_lse, atol=tol, rtol=tol)
 
 
+# (keys, Hkv, block, summary): rows 20..119 of fixed(16, 4), most of their summary keys in their
+# own blocks' range; rows 600..699 of fixed(20, 3), 90 summary keys of the blocks before theirs,
+# in float32's tiles of 32 keys two full tiles (fewer with a distance past a block).
+STEP_KEYS = {"few_summary_keys": (120, 2, 16, 4), "full_summary_tiles": (700, 1, 20, 3)}
+
+
 @pytest.mark.parametrize("splits", [1, 3], ids=["one_program", "keys_split_3_ways"])
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "noncausal"])
-@pytest.mark.parametrize("min_distance, skip_strides", [(8, ()), (0, (3,)), (8, (3, 5)), (30, (2, 3, 5, 7)),
-                                                        (200, ())])
-def test_a_unions_fixed_step_skips_the_window_and_the_strides(causal, min_distance, skip_strides, splits):
+@pytest.mark.parametrize("min_distance, skip_strides", [(0, ()), (8, ()), (0, (3,)), (8, (3, 5)), (30, (2, 3, 5, 7)),
+                                                        (45, (4, 7, 20, 11)), (200, ()), (650, ())])
+@pytest.mark.parametrize("keys", list(STEP_KEYS))
+def test_a_unions_fixed_step_skips_the_window_and_the_strides(keys, causal, min_distance, skip_strides, splits):
     """A union's fixed step: keys nearer than the window's width and at the strides' multiples are
-    another member's; rows left with no key (a distance past every key) get zeros and -inf, also
-    where a query tile's keys are split between programs (some of which then see none)."""
-    g = torch.Generator().manual_seed(min_distance)
-    q = torch.randn(1, 2, 100, 16, generator=g)
-    k, v = (torch.randn(1, 2, 120, 16, generator=g) for _ in range(2))
-    kwargs = dict(block=16, summary=4, causal=causal, min_distance=min_distance, skip_strides=skip_strides)
-    out, lse = triton_fixed_attention(q, k, v, scale=0.25, splits=splits, **kwargs)
-    ref_out, ref_lse = reference.fixed_step_reference(q, k, v, scale=0.25, **kwargs)
-    torch.testing.assert_close(out.double(), ref_out, atol=2e-5, rtol=2e-5)
-    torch.testing.assert_close(lse.double(), ref_lse, atol=2e-5, rtol=2e-5)
-    if min_distance == 200:
-        assert (out == 0).all() and (lse == float("-inf")).all()
-
-
-@pytest.mark.parametrize("splits", [1, 3], ids=["one_program", "keys_split_3_ways"])
-@pytest.mark.parametrize("causal", [True, False], ids=["causal", "noncausal"])
-@pytest.mark.parametrize("skip_strides", [(), (3,), (4, 7, 20, 11)], ids=["no_stride", "stride_3", "4_strides"])
-@pytest.mark.parametrize("min_distance", [0, 8, 45, 650])
-def test_summary_keys_every_row_attends_take_full_tiles(causal, min_distance, skip_strides, splits):
-    """Rows 600..699 of fixed(20, 3) see 90 summary keys of the blocks before theirs: in float32's
-    tiles of 32 keys, two full tiles (fewer with a distance past a block) without a mask, or with
-    only the skipped strides' (a stride of 20 is every summary key of some rows), then the masked
-    rest; and with keys split between programs, each split's share of both walks."""
+    another member's (a stride of 20 is every summary key of some rows of fixed(20, 3)); rows left
+    with no key (a distance past every key) get zeros and -inf, also where a query tile's keys are
+    split between programs (some of which then see none). Full summary tiles take no mask, or only
+    the strides'."""
+    lk, hkv, block, summary = STEP_KEYS[keys]
     g = torch.Generator().manual_seed(min_distance + splits)
     q = torch.randn(1, 2, 100, 16, generator=g)
-    k, v = (torch.randn(1, 1, 700, 16, generator=g) for _ in range(2))
-    kwargs = dict(block=20, summary=3, causal=causal, min_distance=min_distance, skip_strides=skip_strides)
+    k, v = (torch.randn(1, hkv, lk, 16, generator=g) for _ in range(2))
+    kwargs = dict(block=block, summary=summary, causal=causal, min_distance=min_distance, skip_strides=skip_strides)
     out, lse = triton_fixed_attention(q, k, v, scale=0.25, splits=splits, **kwargs)
     ref_out, ref_lse = reference.fixed_step_reference(q, k, v, scale=0.25, **kwargs)
     torch.testing.assert_close(out.double(), ref_out, atol=2e-5, rtol=2e-5)
     torch.testing.assert_close(lse.double(), ref_lse, atol=2e-5, rtol=2e-5)
+    if min_distance >= lk:
+        assert (out == 0).all() and (lse == float("-inf")).all()
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
