@@ -59,7 +59,8 @@ PATTERNS = {"fixed(128, 8)": FIXED,
 
 def check(device: torch.device, shapes, sweep) -> tuple[int, int]:
     passed = failed = 0
-    runs = [(dtype, causal, None) for dtype in (torch.float32, torch.float16, torch.bfloat16) for causal in (True, False)]
+    runs = [(dtype, causal, None) for dtype in (torch.float32, torch.float16, torch.bfloat16)
+            for causal in (True, False)]
     runs += [(torch.bfloat16, True, config) for config in sweep]
     for dtype, causal, config in runs:
         for shape in shapes:

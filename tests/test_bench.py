@@ -295,7 +295,8 @@ def test_gpu_fixed_checks_pass_here_and_fail_a_wrong_kernel(monkeypatch, capsys)
     off is a FAIL line, counted."""
     from bench import gpu_fixed
 
-    shapes = [gpu_fixed.SHAPES[1], (1, 2, 1, 70, 300, 16, 16, 16, 2, 20, (5,)), (1, 1, 1, 130, 700, 64, 64, 16, 4, 0, ())]
+    shapes = [gpu_fixed.SHAPES[1], (1, 2, 1, 70, 300, 16, 16, 16, 2, 20, (5,)),
+              (1, 1, 1, 130, 700, 64, 64, 16, 4, 0, ())]
     passed, failed = gpu_fixed.check(torch.device("cpu"), shapes, gpu_fixed.SWEEP[:1])
     assert (passed, failed) == (6 * len(shapes) + 1, 0)  # 3 dtypes x 2 causalities; the sweep: D = 64, no strides
     real = triton_fixed.triton_fixed_attention

@@ -49,8 +49,8 @@ def test_the_kernel_matches_the_reference(shape, causal, dtype):
     k = torch.randn(b, hkv, lk, d, generator=g).to(dtype)
     v = torch.randn(b, hkv, lk, dv, generator=g).to(dtype)
     out, lse = triton_fixed_attention(q, k, v, block=block, summary=summary, scale=1 / math.sqrt(d), causal=causal)
-    ref_out, ref_lse = reference.fixed_step_reference(q, k, v, block=block, summary=summary, causal=causal, min_distance=0,
-                                             skip_strides=(), scale=1 / math.sqrt(d))
+    ref_out, ref_lse = reference.fixed_step_reference(q, k, v, block=block, summary=summary, causal=causal,
+                                                      min_distance=0, skip_strides=(), scale=1 / math.sqrt(d))
     assert out.dtype == dtype and out.shape == (b, h, lq, dv) and lse.dtype == torch.float32
     tol = 2e-5 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(out.double(), ref_out, atol=tol, rtol=tol)
@@ -94,7 +94,7 @@ def test_a_long_prefill_matches_the_reference(dtype):
     q, k, v = (torch.randn(1, 2, 600, 16, generator=g).to(dtype) for _ in range(3))
     out, lse = triton_fixed_attention(q, k, v, block=8, summary=4, scale=0.25)
     ref_out, ref_lse = reference.fixed_step_reference(q, k, v, block=8, summary=4, causal=True, min_distance=0,
-                                             skip_strides=(), scale=0.25)
+                                                      skip_strides=(), scale=0.25)
     tol = 2e-5 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(out.double(), ref_out, atol=tol, rtol=tol)
     torch.testing.assert_close(lse.double(), ref_lse, atol=tol, rtol=tol)
@@ -111,8 +111,8 @@ def test_decode_rows_at_every_offset_in_a_block(lq, splits):
         q = torch.randn(1, 2, lq, 16, generator=g)
         out, lse = triton_fixed_attention(q, k[..., :lk, :], v[..., :lk, :], block=16, summary=3, scale=0.25,
                                           splits=splits)
-        ref_out, ref_lse = reference.fixed_step_reference(q, k[..., :lk, :], v[..., :lk, :], block=16, summary=3, causal=True,
-                                                 min_distance=0, skip_strides=(), scale=0.25)
+        ref_out, ref_lse = reference.fixed_step_reference(q, k[..., :lk, :], v[..., :lk, :], block=16, summary=3,
+                                                          causal=True, min_distance=0, skip_strides=(), scale=0.25)
         torch.testing.assert_close(out.double(), ref_out, atol=2e-5, rtol=2e-5)
         torch.testing.assert_close(lse.double(), ref_lse, atol=2e-5, rtol=2e-5)
 
@@ -150,7 +150,7 @@ def test_it_reads_any_layout():
     k, v = (torch.randn(1, 90, 2, 16, generator=g).transpose(1, 2) for _ in range(2))
     out, lse = triton_fixed_attention(q, k, v, block=16, summary=2, scale=0.25)
     ref_out, ref_lse = reference.fixed_step_reference(q, k, v, block=16, summary=2, causal=True, min_distance=0,
-                                             skip_strides=(), scale=0.25)
+                                                      skip_strides=(), scale=0.25)
     torch.testing.assert_close(out.double(), ref_out, atol=2e-5, rtol=2e-5)
 
 
@@ -320,7 +320,8 @@ def test_offsets_past_2_31_elements_are_taken_in_64_bits():
     k, v = far_apart_rows(kv[:, :d].contiguous()), far_apart_rows(kv[:, d:].contiguous())
     q = torch.randn(1, 1, 70, d, generator=g).to(torch.bfloat16)
     out, lse = triton_fixed_attention(q, k, v, block=16, summary=2, scale=0.25)
-    ref_out, ref_lse = reference.fixed_step_reference(q, kv[None, None, :, :d], kv[None, None, :, d:], block=16, summary=2,
-                                             causal=True, min_distance=0, skip_strides=(), scale=0.25)
+    ref_out, ref_lse = reference.fixed_step_reference(q, kv[None, None, :, :d], kv[None, None, :, d:], block=16,
+                                                      summary=2, causal=True, min_distance=0, skip_strides=(),
+                                                      scale=0.25)
     torch.testing.assert_close(out.double(), ref_out, atol=2e-2, rtol=2e-2)
     torch.testing.assert_close(lse.double(), ref_lse, atol=2e-2, rtol=2e-2)
