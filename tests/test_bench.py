@@ -76,6 +76,20 @@ def test_tiny_benchmark_run_writes_json_and_plot(tmp_path):
     assert (tmp_path / "k.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_the_dense_flash_baseline_is_dense_causal_attention_and_its_efficiency_reaches_the_tables():
+    """`dense_flash` (on CUDA the flash kernel alone; here torch's CPU flash kernel) computes dense
+    causal SDPA, and `markdown` lists each row's efficiency against it where the run measured it."""
+    q, k, v = bench_kernels.inputs(64, 2, 16, torch.float32, torch.device("cpu"))
+    want = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+    torch.testing.assert_close(bench_kernels.dense_flash(q, k, v, True), want)
+    row = {"pattern": "strided(64)", "n": 131072, "dtype": "bfloat16", "dense_s": 0.036, "engine_s": 0.0008,
+           "speedup": 45.0, "efficiency": 0.7, "dense_flash_s": 0.056, "efficiency_flash": 1.09}
+    text = bench_kernels.markdown({"rows": [row, {**row, "n": 4096}]})
+    assert "efficiency against the dense flash kernel" in text and "strided(64) n = 131072 1.09 (0.056 s)" in text
+    del row["dense_flash_s"], row["efficiency_flash"]
+    assert "dense flash" not in bench_kernels.markdown({"rows": [row]})
+
+
 def test_service_bench_requests_are_answered_and_read_back():
     """bench/service.py's prepared bodies (b64, data, binary) are valid requests whose answers
     its reader understands: run through the app in-process, checked against the engine."""
