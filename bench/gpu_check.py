@@ -344,7 +344,7 @@ def warm_up(device: torch.device) -> float | None:
 def band_on_kernel(device: torch.device, causal: bool) -> bool:
     """Whether bfloat16 sliding-window calls of D = 64 run on the band's Triton kernel here: its
     variant passed its probe (a failed one is logged, and takes flash's local window)."""
-    return runs_on_triton(device) and triton_band.matches_contract(device, torch.bfloat16, 64, 64, causal)
+    return runs_on_triton(device) and triton_band.matches_contract(device, torch.bfloat16, 64, 64, causal, False)
 
 
 def fixed_on_kernel(device: torch.device) -> bool:

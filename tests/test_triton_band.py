@@ -13,7 +13,8 @@ import torch
 import reference
 from cuda_emulation import cuda_kernels_on_cpu
 from engine import attention
-from engine.kernels import triton_band
+from engine.kernels import triton_band, union
+from engine.kernels.merge import merge_to
 from engine.kernels.triton_band import kernel_variant, matches_contract, triton_band_attention
 from engine.kernels.triton_tiles import wide_offsets
 from layouts import far_apart_rows
@@ -74,6 +75,55 @@ def test_every_tile_size_splits_the_band_into_edges_and_full_tiles_exactly(block
         torch.testing.assert_close(lse.double(), ref_lse, atol=2e-5, rtol=2e-5)
 
 
+def _partial(q, k, v, keep, scale):
+    """float64 (out, lse) of q's rows over the keys `keep` [Lq, Lk] marks (zeros and -inf for a row
+    that keeps none): a seed built straight from masks."""
+    scores = torch.einsum("bhqd,bhkd->bhqk", q.double(), k.double().repeat_interleave(q.shape[1] // k.shape[1], 1))
+    scores = (scores * scale).masked_fill(~keep, float("-inf"))
+    lse = torch.logsumexp(scores, -1)
+    probs = torch.exp(scores - lse.unsqueeze(-1)).nan_to_num(0.0)
+    return torch.einsum("bhqk,bhkd->bhqd", probs, v.double().repeat_interleave(q.shape[1] // k.shape[1], 1)), lse
+
+
+# (B, H, Hkv, Lq, Lk, D, Dv, window, stride, seeded rows): the seed a union's stride brings (its keys at
+# distance >= w), for every row to the last, or for a run of rows inside Lq (the others start empty).
+SEEDED = [
+    (1, 1, 1, 37, 37, 16, 16, 5, 3, (0, 37)),
+    (2, 4, 2, 100, 130, 16, 8, 33, 7, (0, 100)),
+    (1, 2, 1, 1, 300, 16, 16, 70, 64, (0, 1)),
+    (1, 3, 1, 130, 200, 24, 40, 20, 9, (17, 90)),
+    (1, 2, 2, 200, 260, 16, 16, 150, 24, (60, 140)),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "noncausal"])
+@pytest.mark.parametrize("shape", SEEDED, ids=[f"B{s[0]}H{s[1]}/{s[2]}_{s[3]}x{s[4]}_D{s[5]}/{s[6]}_w{s[7]}_s{s[8]}"
+                                               f"_rows{s[9][0]}-{s[9][1]}" for s in SEEDED])
+def test_a_seed_comes_out_merged_with_the_band(shape, causal, dtype):
+    """A seed (a partial over the stride's keys outside the band, in the inputs' dtype) is continued
+    by the kernel: its rows come out as the union's attention, the other rows as the band's, and a
+    seeded row without keys of its own (lse -inf: causal, the first w rows) as the band's too."""
+    b, h, hkv, lq, lk, d, dv, window, stride, (first, stop) = shape
+    g = torch.Generator().manual_seed(lq * lk + stride)
+    q = torch.randn(b, h, lq, d, generator=g).to(dtype)
+    k = torch.randn(b, hkv, lk, d, generator=g).to(dtype)
+    v = torch.randn(b, hkv, lk, dv, generator=g).to(dtype)
+    sw, st = {"type": "sliding_window", "window": window}, {"type": "strided", "stride": stride}
+    union = {"type": "union", "patterns": [sw, st]}
+    keys = reference.mask(st, lq, lk, 0, 1, causal) & ~reference.mask(sw, lq, lk, 0, 1, causal)
+    seed_out, seed_lse = _partial(q[:, :, first:stop], k, v, keys[first:stop], 0.25)
+    out, lse = triton_band_attention(q, k, v, window=window, scale=0.25, causal=causal,
+                                     seed=(first, seed_out.to(dtype), seed_lse.float()))
+    band_out, band_lse = _window_reference(q, k, v, window, causal, 0.25)
+    ref_out, ref_lse = reference.reference_attention(q, k, v, union, causal=causal, scale=0.25)
+    ref_out[:, :, :first], ref_lse[:, :, :first] = band_out[:, :, :first], band_lse[:, :, :first]
+    ref_out[:, :, stop:], ref_lse[:, :, stop:] = band_out[:, :, stop:], band_lse[:, :, stop:]
+    tol = 2e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(out.double(), ref_out, atol=tol, rtol=tol)
+    torch.testing.assert_close(lse.double(), ref_lse, atol=tol, rtol=tol)
+
+
 def test_it_reads_any_layout():
     """Strided views (transposed heads, a sliced feature axis, key/value heads repeated by stride 0)
     go to the kernel as they are."""
@@ -100,8 +150,9 @@ def _kernel_calls(monkeypatch, q, k, v, pattern, causal=True):
     """(output, the kernel's calls) of one engine call on CUDA's branches, probed before."""
     calls = []
     with cuda_kernels_on_cpu():
-        if q.dtype != torch.float32:
-            assert matches_contract(q.device, q.dtype, q.shape[-1], v.shape[-1], causal)  # before the count
+        if q.dtype != torch.float32:  # both variants, before the count
+            assert all(matches_contract(q.device, q.dtype, q.shape[-1], v.shape[-1], causal, seeded)
+                       for seeded in (False, True))
         monkeypatch.setattr(triton_band, "triton_band_attention",
                             lambda *a, **kw: calls.append(kw) or triton_band_attention(*a, **kw))
         out = attention(q, k, v, pattern, causal=causal)
@@ -115,13 +166,18 @@ WINDOW_STRIDE = {"type": "union", "patterns": [SW, {"type": "strided", "stride":
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "noncausal"])
 @pytest.mark.parametrize("pattern, lq", [(SW, 300), (SW, 1), (WINDOW_STRIDE, 300)], ids=["window", "decode", "union"])
 def test_cuda_plans_take_the_kernel_for_the_band_in_half_precision(monkeypatch, pattern, lq, causal):
-    """On CUDA's branches the band (alone, a decode row, a union's) is one Triton launch in half
-    precision, and the result the reference's; grouped key/value heads included."""
+    """On CUDA's branches the band (alone, a decode row, a union's, seeded with the stride's keys) is
+    one Triton launch in half precision, and the result the reference's; grouped key/value heads
+    included."""
     g = torch.Generator().manual_seed(lq)
     q = torch.randn(1, 4, lq, 16, generator=g).to(torch.bfloat16)
     k, v = (torch.randn(1, 2, 300, 16, generator=g).to(torch.bfloat16) for _ in range(2))
+    merges = []
+    monkeypatch.setattr(union, "merge_to", lambda *a: merges.append(a) or merge_to(*a))
     out, calls = _kernel_calls(monkeypatch, q, k, v, pattern, causal)
     assert len(calls) == 1
+    # A union's band continues the stride's partial (its one call), with no merge after.
+    assert (calls[0].get("seed") is not None) == (pattern is WINDOW_STRIDE) and merges == []
     torch.testing.assert_close(out.double(), reference.reference_attention(q, k, v, pattern, causal=causal)[0],
                                atol=3e-2, rtol=3e-2)
 
@@ -145,7 +201,7 @@ def test_a_variant_that_fails_its_probe_leaves_the_band_to_flash_s_window(monkey
     q, k, v = (torch.randn(1, 2, 300, 16, generator=g).to(torch.bfloat16) for _ in range(3))
     with cuda_kernels_on_cpu():
         monkeypatch.setattr(triton_band, "triton_band_attention", broken)
-        assert not matches_contract(q.device, q.dtype, 16, 16, True)
+        assert not matches_contract(q.device, q.dtype, 16, 16, True, False)
         out = attention(q, k, v, SW)
     torch.testing.assert_close(out.double(), reference.reference_attention(q, k, v, SW)[0], atol=3e-2, rtol=3e-2)
 

@@ -23,16 +23,18 @@ import torch  # noqa: E402
 
 TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 # The kernels' feature strides (and the log-sum-exp's row stride): 1 at every launch.
-FEATURE_STRIDES = {"sqd", "skd", "svd", "sod", "slm", "so3", "sa3", "sb3"}
+FEATURE_STRIDES = {"sqd", "skd", "svd", "sod", "slm", "ssd", "sslm", "so3", "sa3", "sb3"}
 # (dtype, widest head dim, causal, skipped strides, 64-bit row offsets): every tile size
 # kernel_variant picks, both causalities, the skip counts' branches and `wide_offsets`' both ways.
 VARIANTS = [(torch.bfloat16, 64, True, 1, False), (torch.float16, 128, False, 4, False),
             (torch.bfloat16, 256, True, 0, False), (torch.float32, 64, False, 2, False),
             (torch.float32, 128, True, 0, False), (torch.float32, 256, True, 3, False), (torch.bfloat16, 128, True, 1, True)]
-# (dtype, widest head dim, causal, 64-bit row offsets): every tile size the band's kernel_variant
-# picks in the half precisions it takes, both causalities, `wide_offsets` both ways.
-BAND_VARIANTS = [(torch.bfloat16, 64, True, False), (torch.float16, 128, False, False), (torch.bfloat16, 256, True, False),
-                 (torch.bfloat16, 128, True, True)]
+# (dtype, widest head dim, causal, seeded, 64-bit row offsets): every tile size the band's
+# kernel_variant picks in the half precisions it takes, both causalities, a seed or none (a union's
+# stride), `wide_offsets` both ways.
+BAND_VARIANTS = [(torch.bfloat16, 64, True, False, False), (torch.float16, 128, False, True, False),
+                 (torch.bfloat16, 256, True, False, False), (torch.bfloat16, 64, True, True, False),
+                 (torch.bfloat16, 128, True, False, True)]
 # (a's dtype, b's dtype, the output's dtype, features): the merges the engine makes, and the
 # feature tiles' extremes.
 MERGE_VARIANTS = [(torch.bfloat16, torch.bfloat16, torch.bfloat16, 64),
@@ -74,12 +76,13 @@ def compile_variant(dtype: torch.dtype, head_dim: int, causal: bool, skips: int,
 
 
 def compile_band(dtype: torch.dtype, head_dim: int, causal: bool, capability: int, wide: bool = False,
-                 variant: dict | None = None):
+                 variant: dict | None = None, seeded: bool = False):
     """`_band_kernel` for these inputs (row offsets in 64 bits with `wide`; `variant` replacing
-    `kernel_variant`'s tiles)."""
+    `kernel_variant`'s tiles; continuing a seed of the inputs' dtype with `seeded`)."""
     from engine.kernels.triton_band import _band_kernel, kernel_variant
 
-    variant = {**kernel_variant(dtype, head_dim, head_dim), **(variant or {}), "CAUSAL": causal, "WIDE_OFFSETS": wide}
+    variant = {**kernel_variant(dtype, head_dim, head_dim), **(variant or {}), "CAUSAL": causal, "SEEDED": seeded,
+               "WIDE_OFFSETS": wide}
     return _compile_attention(_band_kernel, dtype, head_dim, variant, capability)
 
 
@@ -89,8 +92,8 @@ def _compile_attention(kernel, dtype: torch.dtype, head_dim: int, variant: dict,
     variant = dict(variant)
     options = {name: variant.pop(name) for name in ("num_warps", "num_stages")}
     pointer = "*" + TYPES[dtype]
-    signature = {name: "constexpr" if name in variant else pointer if name in ("Q", "K", "V", "Out")
-                 else "*fp32" if name == "Lse" else "fp32" if name == "qk_scale" else "i32"
+    signature = {name: "constexpr" if name in variant else pointer if name in ("Q", "K", "V", "Out", "Seed")
+                 else "*fp32" if name in ("Lse", "SeedLse") else "fp32" if name == "qk_scale" else "i32"
                  for name in kernel.arg_names}
     return _compile(kernel, signature, variant, capability, options, features=head_dim)
 
@@ -139,9 +142,10 @@ def main(capabilities: list[int]) -> None:
             fields = {"dtype": TYPES[dtype], "head_dim": head_dim, "causal": causal, "skips": skips, "wide": wide}
             _report("fixed", capability, fields,
                     partial(compile_variant, dtype, head_dim, causal, skips, capability, wide))
-        for dtype, head_dim, causal, wide in BAND_VARIANTS:
-            _report("band", capability, {"dtype": TYPES[dtype], "head_dim": head_dim, "causal": causal, "wide": wide},
-                    partial(compile_band, dtype, head_dim, causal, capability, wide))
+        for dtype, head_dim, causal, seeded, wide in BAND_VARIANTS:
+            _report("band", capability, {"dtype": TYPES[dtype], "head_dim": head_dim, "causal": causal,
+                                         "seeded": seeded, "wide": wide},
+                    partial(compile_band, dtype, head_dim, causal, capability, wide, seeded=seeded))
         for a_dtype, b_dtype, out_dtype, features in MERGE_VARIANTS:
             _report("merge", capability, {"dtypes": [TYPES[a_dtype], TYPES[b_dtype], TYPES[out_dtype]],
                                           "features": features},

@@ -30,28 +30,31 @@ from .triton_tiles import MAX_HEAD_DIM, PROBE_TOLERANCE, attention_tiles, wide_o
 if triton is not None:  # without Triton the band keeps the flash local window or its tiles
     import triton.language as tl
 
-    from .triton_tiles import load_query_tile, softmax_step, store_rows
+    from .triton_tiles import initial_state, load_query_tile, softmax_step, store_rows
 
 logger = logging.getLogger(__name__)
 
 
-def takes(q: torch.Tensor, v: torch.Tensor, causal: bool) -> bool:
-    """Whether the band runs on the Triton kernel for these inputs: half precision (in float32 the
-    band's tiles on the memory-efficient kernel were as fast: 4.0 ms against 4.4 at n = 65536,
-    w = 256, H = 8, D = 64 on an H200), where Triton runs it (`runs_on_triton`), head dims within
-    MAX_HEAD_DIM, and its variant for them matching the contract here (`matches_contract`)."""
+def takes(q: torch.Tensor, v: torch.Tensor, causal: bool, seeded: bool = False) -> bool:
+    """Whether the band runs on the Triton kernel for these inputs (continuing a partial with
+    `seeded`): half precision (in float32 the band's tiles on the memory-efficient kernel were as
+    fast: 4.0 ms against 4.4 at n = 65536, w = 256, H = 8, D = 64 on an H200), where Triton runs it
+    (`runs_on_triton`), head dims within MAX_HEAD_DIM, and its variant for them matching the
+    contract here (`matches_contract`)."""
     d, dv = q.shape[-1], v.shape[-1]
     return (q.dtype in (torch.float16, torch.bfloat16) and max(d, dv) <= MAX_HEAD_DIM and runs_on_triton(q.device)
-            and matches_contract(q.device, q.dtype, d, dv, causal))
+            and matches_contract(q.device, q.dtype, d, dv, causal, seeded))
 
 
 @functools.cache
-def matches_contract(device: torch.device, dtype: torch.dtype, d: int, dv: int, causal: bool) -> bool:
+def matches_contract(device: torch.device, dtype: torch.dtype, d: int, dv: int, causal: bool, seeded: bool) -> bool:
     """Whether the kernel's variant for these inputs compiles here and matches the masked math
     kernel on a tiny problem with every branch in play (edge tiles, a full tile, grouped heads,
-    queries bottom-right aligned, rows past the last tile's end): probed once per variant and
-    device, as fixed's kernel is. A failure leaves those calls to the flash local window or the
-    band's tiles (said in the log) instead of failing requests or answering wrong."""
+    queries bottom-right aligned, rows past the last tile's end; `seeded`: continuing a partial
+    over the keys outside the band, in the inputs' dtype, that the first row lacks): probed once
+    per variant and device, as fixed's kernel is. A failure leaves those calls to the flash local
+    window or the band's tiles (and a seed to a merge after; said in the log) instead of failing
+    requests or answering wrong."""
     g = torch.Generator().manual_seed(0)
     variant = kernel_variant(dtype, d, dv)
     lq, w = variant["BLOCK_M"] + 3, variant["BLOCK_N"] + 5  # a full tile, two edges, a short last tile
@@ -61,48 +64,61 @@ def matches_contract(device: torch.device, dtype: torch.dtype, d: int, dv: int, 
     i = torch.arange(lk - lq, lk, device=device)[:, None]
     j = torch.arange(lk, device=device)[None, :]
     keep = (i - j < w) & (j - i < (1 if causal else w))
+    rest = ~keep & (j <= i) if causal else ~keep  # the keys a seed brings: from the second row on
+    rest[0] = False
+    kf, vf = k.float().expand(-1, 2, -1, -1), v.float().expand(-1, 2, -1, -1)
+    seed = None
+    if seeded:
+        seed_out, seed_lse = math_attention(q[:, :, 1:].float(), kf, vf, scale=0.25,
+                                            mask=additive_mask(rest[1:], torch.float32))
+        seed = (1, seed_out.to(dtype), seed_lse)
     try:
-        out, lse = triton_band_attention(q, k, v, window=w, scale=0.25, causal=causal)
+        out, lse = triton_band_attention(q, k, v, window=w, scale=0.25, causal=causal, seed=seed)
     except Exception:  # noqa: BLE001 (any compile or launch error: the other plans take over)
         logger.warning("the band's Triton kernel failed to run for %s: the flash local window or the band's tiles "
-                       "take these calls", _variant_name(device, dtype, d, dv, causal), exc_info=True)
+                       "take these calls", _variant_name(device, dtype, d, dv, causal, seeded), exc_info=True)
         return False
-    ref_out, ref_lse = math_attention(q.float(), k.float().expand(-1, 2, -1, -1), v.float().expand(-1, 2, -1, -1),
-                                      scale=0.25, mask=additive_mask(keep, torch.float32))
+    ref_out, ref_lse = math_attention(q.float(), kf, vf, scale=0.25,
+                                      mask=additive_mask(keep | rest if seeded else keep, torch.float32))
     tol = PROBE_TOLERANCE[dtype]
     matches = (torch.allclose(out.float(), ref_out, atol=tol, rtol=tol)
                and torch.allclose(lse, ref_lse, atol=tol))
     if not matches:
         logger.warning("the band's Triton kernel differs from the contract for %s: the flash local window or the "
-                       "band's tiles take these calls", _variant_name(device, dtype, d, dv, causal))
+                       "band's tiles take these calls", _variant_name(device, dtype, d, dv, causal, seeded))
     return matches
 
 
-def _variant_name(device: torch.device, dtype: torch.dtype, d: int, dv: int, causal: bool) -> str:
-    return f"{dtype} on {device}, head dims {d} / {dv}, {'causal' if causal else 'non-causal'}"
+def _variant_name(device: torch.device, dtype: torch.dtype, d: int, dv: int, causal: bool, seeded: bool) -> str:
+    return (f"{dtype} on {device}, head dims {d} / {dv}, {'causal' if causal else 'non-causal'}"
+            f"{', continuing a partial' if seeded else ''}")
 
 
 def triton_band_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, window: int, scale: float, causal: bool = True,
-    variant: dict | None = None,
+    seed: tuple[int, torch.Tensor, torch.Tensor] | None = None, variant: dict | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Sliding-window attention in one launch, queries bottom-right aligned: (out in q's dtype
     [B, H, Lq, Dv], lse float32 [B, H, Lq]). Every row attends at least its own position's key.
+    `seed` = (first row, out [B, H, rows, Dv] in any float dtype, lse float32 [B, H, rows]): a partial
+    result of those rows over keys the band does not hold (a union's strided keys), which the kernel
+    continues (`initial_state`), so that they come out merged with it, with no merge launch after.
     `variant` replaces `kernel_variant`'s tiles (a benchmark's sweep)."""
     b, h, lq, d = q.shape
     hkv, lk, dv = k.shape[1], k.shape[2], v.shape[3]
     assert lk >= lq, "queries are bottom-right aligned: at least as many keys as queries"
     out = torch.empty(b, h, lq, dv, dtype=q.dtype, device=q.device)
     lse = torch.empty(b, h, lq, dtype=torch.float32, device=q.device)
-    variant = {**kernel_variant(q.dtype, d, dv), **(variant or {}), "CAUSAL": causal,
-               "WIDE_OFFSETS": wide_offsets(q, k, v, out)}
+    seed_first, seed_out, seed_lse = seed if seed is not None else (0, out, lse)  # unread unless SEEDED
+    variant = {**kernel_variant(q.dtype, d, dv), **(variant or {}), "CAUSAL": causal, "SEEDED": seed is not None,
+               "WIDE_OFFSETS": wide_offsets(q, k, v, out, seed_out)}
     query_tiles = triton.cdiv(lq, variant["BLOCK_M"])
     if lq and b * h:
         with launching_on(q.device):
             _band_kernel[(b * h * query_tiles,)](
-                q, k, v, out, lse, *q.stride(), *k.stride(), *v.stride(), *out.stride(), *lse.stride(),
-                h, h // hkv, lq, lk, d, dv, window, query_tiles, scale * math.log2(math.e),
-                **variant, **TRITON_OPTIONS,
+                q, k, v, out, lse, seed_out, seed_lse, *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+                *lse.stride(), *seed_out.stride(), *seed_lse.stride(), h, h // hkv, lq, lk, d, dv, window,
+                query_tiles, seed_first, seed_lse.shape[-1], scale * math.log2(math.e), **variant, **TRITON_OPTIONS,
             )
     return out, lse
 
@@ -170,12 +186,16 @@ if triton is not None:
     # vary from request to request and are not specialised on (a new length compiles nothing); the
     # head dims and the other strides are, so that a head dim that is a multiple of 16 loads tiles
     # as 16-byte vectors into the pipeline.
-    @triton.jit(do_not_specialize=["heads", "group", "lq", "lk", "window", "query_tiles", "slb", "slh"])
+    # So are a seed's rows and its log-sum-exp's batch and head strides (`triton_band_attention`'s
+    # `seed`); its output's strides are specialised on, as Out's are.
+    @triton.jit(do_not_specialize=["heads", "group", "lq", "lk", "window", "query_tiles", "slb", "slh", "sslb", "sslh",
+                                   "seed_first", "seed_rows"])
     def _band_kernel(
-        Q, K, V, Out, Lse,
+        Q, K, V, Out, Lse, Seed, SeedLse,
         sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, som, sod, slb, slh, slm,
-        heads, group, lq, lk, d, dv, window, query_tiles, qk_scale,
-        CAUSAL: tl.constexpr, DOT_DTYPE: tl.constexpr, IEEE: tl.constexpr,
+        ssb, ssh, ssm, ssd, sslb, sslh, sslm,
+        heads, group, lq, lk, d, dv, window, query_tiles, seed_first, seed_rows, qk_scale,
+        CAUSAL: tl.constexpr, SEEDED: tl.constexpr, DOT_DTYPE: tl.constexpr, IEEE: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
         WIDE_OFFSETS: tl.constexpr,
     ):
@@ -202,9 +222,8 @@ if triton is not None:
         tail_start = full_start + full_tiles * BLOCK_N
         tail_tiles = tl.maximum(hi - tail_start + BLOCK_N - 1, 0) // BLOCK_N
 
-        acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
-        m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+        acc, m_i, l_i = initial_state(Seed + item * ssb + head * ssh, SeedLse + item * sslb + head * sslh, rows, row_ok,
+                                      seed_first, seed_rows, ssm, ssd, sslm, dv, SEEDED, BLOCK_M, BLOCK_DV)
         acc, m_i, l_i = _band_tiles(acc, m_i, l_i, q, k_base, v_base, i, lo, edge_tiles, lk, window,
                                     skn, skd, svn, svd, d, dv, qk_scale, True, CAUSAL, DOT_DTYPE, IEEE,
                                     BLOCK_N, BLOCK_D, BLOCK_DV, WIDE_OFFSETS)

@@ -1,8 +1,8 @@
 """What the engine's Triton attention kernels (fixed's, the band's) share: the tiles they compute
 in, sized for the GPUs' shared memory, the dtype their products take, when their row offsets
 need 64 bits, how near a probe of a variant must come to the math kernel; and the jitted pieces
-of the FlashAttention loop around their key walks (a query tile's load, a key tile's online
-softmax step, the rows' store), which Triton inlines: sm_90's PTX has the same instructions as
+of the FlashAttention loop around their key walks (a query tile's load, the online
+softmax's starting state, empty or a partial's, a key tile's step, the rows' store), which Triton inlines: sm_90's PTX has the same instructions as
 when each kernel wrote them out."""
 
 from __future__ import annotations
@@ -85,6 +85,30 @@ if triton is not None:
         first = pid_m * BLOCK_M + offset
         last = tl.minimum(pid_m * BLOCK_M + BLOCK_M, lq) - 1 + offset
         return q, rows, i, row_ok, first, last
+
+    @triton.jit
+    def initial_state(Seed, SeedLse, rows, row_ok, seed_first, seed_rows, ssm, ssd, sslm, dv, SEEDED: tl.constexpr,
+                      BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr):
+        """The online softmax's starting (acc, m_i, l_i): nothing seen, or with SEEDED the partial
+        (out, lse) over other keys of rows seed_first .. seed_first + seed_rows - 1, as if the walk
+        had already seen those keys (acc = out, m_i = lse in base 2, l_i = 1; a row of the partial
+        without keys, and any other row, starts empty), so that the rows' result is the exact merge
+        of both key sets, at any magnitude of lse, with no second pass over the outputs. Seed and
+        SeedLse point at the tile's batch item and head."""
+        acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+        m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+        if SEEDED:
+            at = rows - seed_first
+            seeded = row_ok & (at >= 0) & (at < seed_rows)
+            lse = tl.load(SeedLse + at * sslm, mask=seeded, other=float("-inf"))
+            seen = lse > float("-inf")
+            vfeats = tl.arange(0, BLOCK_DV)
+            acc = tl.load(Seed + at[:, None] * ssm + vfeats[None, :] * ssd,
+                          mask=(seeded & seen)[:, None] & (vfeats[None, :] < dv), other=0.0).to(tl.float32)
+            m_i = lse * 1.4426950408889634  # log2(e)
+            l_i = tl.where(seen, 1.0, 0.0)
+        return acc, m_i, l_i
 
     @triton.jit
     def softmax_step(acc, m_i, l_i, scores, vt, DOT_DTYPE: tl.constexpr, IEEE: tl.constexpr):

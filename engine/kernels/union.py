@@ -1,13 +1,17 @@
 """The paper's `union(sliding_window(w), strided(s))`, and a window with several strides: the
 band's pieces and each stride's keys at distance >= w (each key counted once: a stride skips the
 keys at an earlier stride's multiples), merged straight into the output, the band and the first
-stride in one write pass. Without causal the band reaches both ways and the strided keys are
-those at |i - j| >= w."""
+stride in one write pass. Where the band runs on its Triton kernel (CUDA, half precision) and one
+stride's keys are one run of rows to the last (a prefill's one causal call), the kernel continues
+that partial instead (`triton_band_attention`'s seed): no merge launch, no second pass over the
+outputs. Without causal the band reaches both ways and the strided keys are those at
+|i - j| >= w."""
 
 from __future__ import annotations
 
 import torch
 
+from . import triton_band
 from .band import band_pieces
 from .merge import merge_to
 from .strided import strided_attention, strided_pieces
@@ -21,9 +25,6 @@ def band_strided_attention(
     With one stride each row's result is written once, so in q's dtype (on CUDA in half precision:
     no float32 output to convert after); more strides fold into a float32 one."""
     b, h, lq, _ = q.shape
-    dtype = q.dtype if len(strides) == 1 else torch.float32
-    out = torch.empty(b, h, lq, v.shape[-1], dtype=dtype, device=q.device)
-    lse = torch.empty(b, h, lq, dtype=torch.float32, device=q.device)
 
     def pieces(n: int) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
         """Stride n's pieces over consecutive rows: its keys at distance >= w off strides[:n]."""
@@ -34,6 +35,11 @@ def band_strided_attention(
 
     # The band covers every row; the first stride's pieces cover consecutive rows from some row on.
     others = pieces(0)
+    if len(strides) == 1 and len(others) == 1 and others[0][0] + others[0][1].shape[-2] == lq \
+            and triton_band.takes(q, v, causal, seeded=True):
+        return triton_band.triton_band_attention(q, k, v, window=window, scale=scale, causal=causal, seed=others[0])
+    out = torch.empty(b, h, lq, v.shape[-1], dtype=q.dtype if len(strides) == 1 else torch.float32, device=q.device)
+    lse = torch.empty(b, h, lq, dtype=torch.float32, device=q.device)
     for row, p_out, p_lse in band_pieces(q, k, v, window=window, scale=scale, causal=causal):
         end = row + p_out.shape[-2]
         at = row
