@@ -10,7 +10,8 @@
     taking turns in rounds (`bench.kernels.rounds`); FlexAttention with the pattern's block mask at
     w = 256 where --flex-n says; D = 128 at one n; float32 against the band's tiles on the
     memory-efficient kernel; decode rows; and the engine's sliding_window and
-    union(sliding_window 128, strided 128) with the kernel and without it.
+    union(sliding_window 128, strided 128) with the kernel and without it (the union also with
+    the stride's partial merged after the band's launch, not continued inside it).
 
 Exits 1 if a check fails. On the project's machine (no GPU) `--device cpu` rehearses it in
 Triton's interpreter, at toy sizes. Run as bench/gpu_check.py says (pydantic carried as wheels):
@@ -128,11 +129,12 @@ def sweep_times(device: torch.device, ns, windows, sweep, flex_n, dim: int = 64)
 
 def other_times(device: torch.device, n: int) -> list[dict]:
     """float32 (the kernel against the band's tiles), decode rows (against flash's window) and the
-    engine's plans with the kernel and without it (`triton_band.takes` false)."""
+    engine's plans with the kernel (a union's band continuing its stride's partial, or merged with
+    it after) and without it (`triton_band.takes` false)."""
     rows = []
     q, k, v = bench_kernels.inputs(n, 8, 64, torch.float32, device)
     fns = {"float32 triton": lambda: triton_band.triton_band_attention(q, k, v, window=256, scale=0.125)}
-    with mock.patch.object(triton_band, "takes", lambda *a: False):
+    with mock.patch.object(triton_band, "takes", lambda *a, **kw: False):
         fns["float32 tiles"] = lambda: band_attention(q, k, v, window=256, scale=0.125)
         times = bench_kernels.best_times(fns, device)
     qb, kb, vb = (x.to(torch.bfloat16) for x in (q, k, v))
@@ -145,12 +147,15 @@ def other_times(device: torch.device, n: int) -> list[dict]:
     patterns = {"sliding_window(256)": {"type": "sliding_window", "window": 256},
                 "union(sliding 128, strided 128)": {"type": "union", "patterns": [
                     {"type": "sliding_window", "window": 128}, {"type": "strided", "stride": 128}]}}
+    takes = triton_band.takes
+    plans = {"with the kernel": takes, "merged after the kernel": lambda *a, seeded=False: not seeded and takes(*a),
+             "without": lambda *a, **kw: False}  # the union's band seeded with its stride's keys, or not
     for label, spec in patterns.items():
-        fns = {f"engine {label} with the kernel": lambda spec=spec: attention(qb, kb, vb, spec)}
-        times.update(bench_kernels.best_times(fns, device))
-        with mock.patch.object(triton_band, "takes", lambda *a: False):
-            without = {f"engine {label} without": lambda spec=spec: attention(qb, kb, vb, spec)}
-            times.update(bench_kernels.best_times(without, device))
+        for plan, rule in plans.items():
+            if "union" in label or "merged" not in plan:
+                with mock.patch.object(triton_band, "takes", rule):
+                    fns = {f"engine {label} {plan}": lambda spec=spec: attention(qb, kb, vb, spec)}
+                    times.update(bench_kernels.best_times(fns, device))
     for name, s in times.items():
         rows.append({"n": n, "kernel": name, "seconds": s})
         print(f"n={n} {name}: {s * 1e3:.3f} ms", flush=True)

@@ -12,7 +12,8 @@ import torch
 from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
 from bench import kernels as bench_kernels
-from engine.kernels import triton_band, triton_fixed
+from cuda_emulation import cuda_kernels_on_cpu
+from engine.kernels import triton_band, triton_fixed, union
 from engine.patterns import parse_pattern
 from engine.planner import warm_up_calls
 from reference import reference_attention
@@ -300,6 +301,38 @@ def test_gpu_band_checks_pass_here_and_fail_a_wrong_kernel(monkeypatch, capsys):
     monkeypatch.setattr(triton_band, "triton_band_attention", off)
     passed, failed = gpu_band.check(torch.device("cpu"), shapes[:1], [])
     assert (passed, failed) == (0, 6) and capsys.readouterr().out.count("FAIL") == 6
+
+
+@pytest.mark.skipif(triton_band.triton is None, reason="Triton is not installed")
+def test_gpu_band_times_the_unions_band_seeded_merged_after_and_without_the_kernel(monkeypatch):
+    """bench/gpu_band.py's engine rows run the plans they name: the union's band seeded with its
+    stride's partial (one band launch, no merge), merged after the band's launch, or off the kernel
+    (every call timed once here, on CUDA's branches in Triton's interpreter at a toy size)."""
+    from bench import gpu_band
+
+    seeds, merges = [], []
+    real_band, real_merge = triton_band.triton_band_attention, union.merge_to
+    monkeypatch.setattr(triton_band, "triton_band_attention",
+                        lambda *a, **kw: seeds.append(kw.get("seed") is not None) or real_band(*a, **kw))
+    monkeypatch.setattr(union, "merge_to", lambda *a: merges.append(1) or real_merge(*a))
+    ran = {}
+
+    def once(fns, device):
+        for key, fn in fns.items():
+            fn()  # a first call probes its kernel's variant
+            seeds.clear(), merges.clear()
+            fn()
+            ran[key] = (tuple(seeds), len(merges))
+        return {key: 0.0 for key in fns}
+
+    monkeypatch.setattr(gpu_band.bench_kernels, "best_times", once)
+    with cuda_kernels_on_cpu():  # flash's window, which the decode rows time, is CUDA's op
+        rows = gpu_band.other_times(torch.device("cpu"), 300)
+    label = "engine union(sliding 128, strided 128)"
+    assert ran[f"{label} with the kernel"] == ((True,), 0)
+    assert ran[f"{label} merged after the kernel"][0] == (False,) and ran[f"{label} merged after the kernel"][1] > 0
+    assert ran[f"{label} without"][0] == () and ran["engine sliding_window(256) with the kernel"][0] == (False,)
+    assert {row["kernel"] for row in rows} == set(ran)
 
 
 @pytest.mark.skipif(triton_fixed.triton is None, reason="Triton is not installed")
