@@ -91,7 +91,8 @@ def test_a_nan_lse_gives_what_the_torch_ops_give():
 
 def test_merges_take_the_kernel_only_on_cudas_branches():
     """On the CPU's rules the torch ops merge; on CUDA's (emulated) one launch, here for the union
-    of a window and a stride, with none of the torch ops' and the result still the contract's."""
+    of a window and fixed, with none of the torch ops' and the result still the contract's. (A
+    window and a stride merge inside the band's kernel: tests/test_triton_band.py.)"""
     g = torch.Generator().manual_seed(2)
     q, k, v = (torch.randn(1, 2, 300, 16, generator=g).bfloat16() for _ in range(3))
     out = torch.empty(1, 2, 300, 16)
@@ -99,7 +100,7 @@ def test_merges_take_the_kernel_only_on_cudas_branches():
     parts = ((out, lse), (out.clone(), lse.clone()))
     assert not triton_merge.takes(out, lse, *parts)
     pattern = {"type": "union", "patterns": [{"type": "sliding_window", "window": 16},
-                                             {"type": "strided", "stride": 16}]}
+                                             {"type": "fixed", "block": 16, "summary": 2}]}
     result, count = counted_call(q, k, v, pattern)
     assert count.ops["triton._merge_kernel"] == 1
     assert "aten.lerp.Tensor_out" not in count.ops and "aten.sigmoid_.default" not in count.ops
