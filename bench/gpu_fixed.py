@@ -9,7 +9,8 @@
     engine's fused call, the fused-SDPA plan (`fused_fixed_attention`), each tile size (`SWEEP`),
     FlexAttention with the pattern's block mask where --flex-n says, taking turns in rounds
     (`bench.kernels.rounds`); decode rows; the engine's fixed and its unions with a window and a
-    stride (whose fixed step skips the stride's keys).
+    stride (whose fixed step skips the stride's keys), their fixed step continuing the other
+    step's partial and merged with it after the kernel.
 
 Exits 1 if a check fails. On the project's machine (no GPU) `--device cpu` rehearses it in
 Triton's interpreter, at toy sizes. Run as bench/gpu_check.py says (pydantic carried as wheels):
@@ -24,6 +25,7 @@ import json
 import sys
 import time
 from pathlib import Path
+from unittest import mock
 
 import torch
 
@@ -127,7 +129,8 @@ def sweep_times(device: torch.device, ns, sweep, flex_n) -> list[dict]:
 
 
 def other_times(device: torch.device, n: int) -> list[dict]:
-    """Decode rows (the kernel against the fused plan) and the engine's plans."""
+    """Decode rows (the kernel against the fused plan) and the engine's plans: the unions' fixed
+    step continuing the other step's partial, and merged with it after the kernel instead."""
     q, k, v = bench_kernels.inputs(n, 8, 64, torch.bfloat16, device)
     fns = {}
     for lq in (1, 16):
@@ -139,6 +142,10 @@ def other_times(device: torch.device, n: int) -> list[dict]:
     times = bench_kernels.best_times(fns, device)
     times.update(bench_kernels.best_times({f"engine {label}": lambda spec=spec: attention(q, k, v, spec)
                                            for label, spec in PATTERNS.items()}, device))
+    takes = triton_fixed.takes
+    with mock.patch.object(triton_fixed, "takes", lambda *a, seeded=False: not seeded and takes(*a)):
+        times.update(bench_kernels.best_times({f"engine {label} merged after the kernel": lambda spec=spec: attention(
+            q, k, v, spec) for label, spec in PATTERNS.items() if "union" in label}, device))
     rows = []
     for name, s in times.items():
         rows.append({"n": n, "kernel": name, "seconds": s})

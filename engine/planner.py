@@ -48,13 +48,16 @@ class Plan:
     ones. `grouped_kv_on_cuda`: so on CUDA (fixed's and the band's Triton kernels read key/value
     head h // (H / Hkv); their fallbacks repeat them themselves, the band's only its window's keys,
     a key/value head at a time). On CUDA the head dims are padded once
-    for every step (`pads_head_dims`)."""
+    for every step (`pads_head_dims`). `continues`: of two steps, the second continues the
+    first's partial (its `seed`: fixed's, which its Triton kernel merges inside its launch) instead
+    of the two merging after."""
 
     backend: str
     steps: tuple[Callable[..., Partial], ...]
     converts_in_steps: bool = False
     grouped_kv_on_cpu: bool = False
     grouped_kv_on_cuda: bool = False
+    continues: bool = False
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> Partial:
         if not self.converts_in_steps:
@@ -62,7 +65,11 @@ class Plan:
         dv = v.shape[-1]
         if pads_head_dims(q.device):
             q, k, v = padded_head_dims(q, k, v)
-        out, lse = kernels.merge_partials([step(q, k, v, scale=scale) for step in self.steps], q.dtype)
+        if self.continues:
+            first, second = self.steps
+            out, lse = second(q, k, v, scale=scale, seed=first(q, k, v, scale=scale))
+        else:
+            out, lse = kernels.merge_partials([step(q, k, v, scale=scale) for step in self.steps], q.dtype)
         return without_padding(out, dv), lse
 
 
@@ -138,9 +145,11 @@ TINY_STRIDE = 3
 TINY_UNION_STRIDE = 5
 
 # One pattern per kernel family the planner picks at KERNEL_FAMILY_TOKENS tokens, past the small
-# problems (a call of each at start-up warms them all).
+# problems (a call of each at start-up warms them all). A stride that leaves a partial class row
+# there: without causality its own keys merge into it (CUDA's merge kernel, which the unions no
+# longer launch where their last kernel continues the others' partial).
 KERNEL_FAMILY_TOKENS = 4 * SMALL_KEYS
-_WINDOW, _STRIDE, _FIXED = SlidingWindow(window=8), Strided(stride=16), Fixed(block=16, summary=2)
+_WINDOW, _STRIDE, _FIXED = SlidingWindow(window=8), Strided(stride=24), Fixed(block=16, summary=2)
 KERNEL_FAMILY_PATTERNS: tuple[PatternBase, ...] = (
     Dense(), _WINDOW, _STRIDE, _FIXED, Union(patterns=(_WINDOW, _STRIDE)), Union(patterns=(_WINDOW, _FIXED)),
     Union(patterns=(_STRIDE, _FIXED)), Union(patterns=(_WINDOW, _STRIDE, _FIXED)),
@@ -294,7 +303,8 @@ def _structured_union(pattern: Union, lq: int, lk: int, causal: bool) -> Plan | 
     rest of its own less an earlier stride's multiples (`skip_strides`), fixed the rest of its own
     (at distance >= w, off every stride), or None for any other union (two fixed members). A causal
     short run (fewer rows than every stride and a band tile, and a fixed short run) takes grouped
-    heads."""
+    heads. After one other step (the band's, the band and a stride's, a stride's) fixed's step
+    continues that step's partial (`Plan.continues`)."""
     members: dict[type, list[PatternBase]] = {}
     for member in pattern.patterns:
         members.setdefault(type(member), []).append(member)
@@ -318,4 +328,5 @@ def _structured_union(pattern: Union, lq: int, lk: int, causal: bool) -> Plan | 
     few_rows = all(_few_classes(lq, stride) for stride in strides) and (not fixed or lq < fixed.block)
     grouped = causal and lq <= TILE_ROWS and all(lq < stride for stride in strides)
     grouped = grouped and (not fixed or short_run(lq, lk, fixed.block, fixed.summary))
-    return Plan(name, tuple(steps), converts_in_steps=few_rows, grouped_kv_on_cpu=grouped)
+    return Plan(name, tuple(steps), converts_in_steps=few_rows, grouped_kv_on_cpu=grouped,
+                continues=bool(fixed) and len(steps) == 2)

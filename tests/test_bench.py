@@ -13,7 +13,7 @@ from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
 from bench import kernels as bench_kernels
 from cuda_emulation import cuda_kernels_on_cpu
-from engine.kernels import triton_band, triton_fixed, union
+from engine.kernels import merge, triton_band, triton_fixed, union
 from engine.patterns import parse_pattern
 from engine.planner import warm_up_calls
 from reference import reference_attention
@@ -303,19 +303,16 @@ def test_gpu_band_checks_pass_here_and_fail_a_wrong_kernel(monkeypatch, capsys):
     assert (passed, failed) == (0, 6) and capsys.readouterr().out.count("FAIL") == 6
 
 
-@pytest.mark.skipif(triton_band.triton is None, reason="Triton is not installed")
-def test_gpu_band_times_the_unions_band_seeded_merged_after_and_without_the_kernel(monkeypatch):
-    """bench/gpu_band.py's engine rows run the plans they name: the union's band seeded with its
-    stride's partial (one band launch, no merge), merged after the band's launch, or off the kernel
-    (every call timed once here, on CUDA's branches in Triton's interpreter at a toy size)."""
-    from bench import gpu_band
-
-    seeds, merges = [], []
-    real_band, real_merge = triton_band.triton_band_attention, union.merge_to
-    monkeypatch.setattr(triton_band, "triton_band_attention",
-                        lambda *a, **kw: seeds.append(kw.get("seed") is not None) or real_band(*a, **kw))
-    monkeypatch.setattr(union, "merge_to", lambda *a: merges.append(1) or real_merge(*a))
-    ran = {}
+def _plans_run(monkeypatch, kernel_module, kernel_name: str, other_times, n: int) -> tuple[dict, list[dict]]:
+    """({row name: (whether each call of the kernel had a seed, the merges)}, the rows) of a GPU
+    script's `other_times` with every timed callable run once after a first (probing) call, on
+    CUDA's branches in Triton's interpreter."""
+    seeds, merges, ran = [], [], {}
+    real_kernel, real_union_merge, real_merge = getattr(kernel_module, kernel_name), union.merge_to, merge.merge_to
+    monkeypatch.setattr(kernel_module, kernel_name,
+                        lambda *a, **kw: seeds.append(kw.get("seed") is not None) or real_kernel(*a, **kw))
+    monkeypatch.setattr(union, "merge_to", lambda *a: merges.append(1) or real_union_merge(*a))
+    monkeypatch.setattr(merge, "merge_to", lambda *a: merges.append(1) or real_merge(*a))
 
     def once(fns, device):
         for key, fn in fns.items():
@@ -325,14 +322,40 @@ def test_gpu_band_times_the_unions_band_seeded_merged_after_and_without_the_kern
             ran[key] = (tuple(seeds), len(merges))
         return {key: 0.0 for key in fns}
 
-    monkeypatch.setattr(gpu_band.bench_kernels, "best_times", once)
-    with cuda_kernels_on_cpu():  # flash's window, which the decode rows time, is CUDA's op
-        rows = gpu_band.other_times(torch.device("cpu"), 300)
+    monkeypatch.setattr(bench_kernels, "best_times", once)
+    with cuda_kernels_on_cpu():  # flash's window, which gpu_band's decode rows time, is CUDA's op
+        rows = other_times(torch.device("cpu"), n)
+    return ran, rows
+
+
+@pytest.mark.skipif(triton_band.triton is None, reason="Triton is not installed")
+def test_gpu_band_times_the_unions_band_seeded_merged_after_and_without_the_kernel(monkeypatch):
+    """bench/gpu_band.py's engine rows run the plans they name: the union's band seeded with its
+    stride's partial (one band launch, no merge), merged after the band's launch, or off the kernel
+    (every call run once here, at a toy size)."""
+    from bench import gpu_band
+
+    ran, rows = _plans_run(monkeypatch, triton_band, "triton_band_attention", gpu_band.other_times, 300)
     label = "engine union(sliding 128, strided 128)"
     assert ran[f"{label} with the kernel"] == ((True,), 0)
     assert ran[f"{label} merged after the kernel"][0] == (False,) and ran[f"{label} merged after the kernel"][1] > 0
     assert ran[f"{label} without"][0] == () and ran["engine sliding_window(256) with the kernel"][0] == (False,)
     assert {row["kernel"] for row in rows} == set(ran)
+
+
+@pytest.mark.skipif(triton_fixed.triton is None, reason="Triton is not installed")
+def test_gpu_fixed_times_the_unions_fixed_step_continuing_and_merged_after(monkeypatch):
+    """bench/gpu_fixed.py's engine rows: a union's fixed step continues the other step's partial
+    (seeded, no merge) or, in the rows that say so, is merged with it after the kernel."""
+    from bench import gpu_fixed
+
+    ran, rows = _plans_run(monkeypatch, triton_fixed, "triton_fixed_attention", gpu_fixed.other_times, 300)
+    for label in gpu_fixed.PATTERNS:
+        if "union" in label:
+            assert ran[f"engine {label}"] == ((True,), 0)
+            assert ran[f"engine {label} merged after the kernel"][0] == (False,)
+            assert ran[f"engine {label} merged after the kernel"][1] > 0
+    assert ran["engine fixed(128, 8)"] == ((False,), 0) and {row["kernel"] for row in rows} == set(ran)
 
 
 @pytest.mark.skipif(triton_fixed.triton is None, reason="Triton is not installed")

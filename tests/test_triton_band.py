@@ -182,6 +182,26 @@ def test_cuda_plans_take_the_kernel_for_the_band_in_half_precision(monkeypatch, 
                                atol=3e-2, rtol=3e-2)
 
 
+def test_a_seeded_variant_that_fails_its_probe_leaves_the_kernel_and_a_merge(monkeypatch):
+    """Where the seeded variant fails its probe and the plain one passes, a union's band takes the
+    plain kernel and the stride's partial merges after it."""
+    real = triton_band.matches_contract
+
+    def plain_only(*args):  # the last argument: seeded
+        return not args[-1] and real(*args)
+
+    plain_only.cache_clear = real.cache_clear  # (the emulation clears the probes' caches)
+    monkeypatch.setattr(triton_band, "matches_contract", plain_only)
+    g = torch.Generator().manual_seed(6)
+    q, k, v = (torch.randn(1, 2, 300, 16, generator=g).to(torch.bfloat16) for _ in range(3))
+    merges = []
+    monkeypatch.setattr(union, "merge_to", lambda *a: merges.append(a) or merge_to(*a))
+    out, calls = _kernel_calls(monkeypatch, q, k, v, WINDOW_STRIDE)
+    assert len(calls) == 1 and calls[0].get("seed") is None and merges
+    torch.testing.assert_close(out.double(), reference.reference_attention(q, k, v, WINDOW_STRIDE)[0],
+                               atol=3e-2, rtol=3e-2)
+
+
 def test_float32_keeps_the_bands_tiles(monkeypatch):
     """float32 bands stay on the memory-efficient kernel's tiles, as fast there on an H200."""
     g = torch.Generator().manual_seed(2)

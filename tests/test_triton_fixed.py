@@ -12,7 +12,8 @@ import torch
 import reference
 from cuda_emulation import counted_call, cuda_kernels_on_cpu
 from engine import attention
-from engine.kernels import triton_fixed
+from engine.kernels import merge, triton_fixed
+from engine.kernels.merge import merge_to
 from engine.kernels.fixed import fused_fixed_attention
 from engine.kernels.device import runs_on_triton
 from layouts import far_apart_rows
@@ -85,6 +86,40 @@ def test_a_unions_fixed_step_skips_the_window_and_the_strides(keys, causal, min_
     torch.testing.assert_close(lse.double(), ref_lse, atol=2e-5, rtol=2e-5)
     if min_distance >= lk:
         assert (out == 0).all() and (lse == float("-inf")).all()
+
+
+@pytest.mark.parametrize("splits", [1, 3], ids=["one_program", "keys_split_3_ways"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "noncausal"])
+@pytest.mark.parametrize("seeded_rows", [(0, 100), (13, 70)], ids=["every_row", "a_run_inside"])
+def test_a_seed_comes_out_merged_with_the_step(seeded_rows, causal, dtype, splits):
+    """A union's fixed step continues a seed (the window's keys' partial, in the inputs' dtype): its
+    rows come out as union(sliding_window, fixed), the other rows as the fixed step alone, also
+    where a query tile's keys are split between programs (the seed counts once)."""
+    first, stop = seeded_rows
+    window, block, summary = 10, 16, 3
+    g = torch.Generator().manual_seed(first + splits)
+    q = torch.randn(1, 2, 100, 16, generator=g).to(dtype)
+    k, v = (torch.randn(1, 1, 150, 16, generator=g).to(dtype) for _ in range(2))
+    i, j = torch.arange(50, 150)[:, None], torch.arange(150)[None, :]
+    near = ((i - j >= 0) if causal else torch.ones_like(i - j, dtype=torch.bool)) & ((i - j).abs() < window)
+    scores = torch.einsum("bhqd,bhkd->bhqk", q[:, :, first:stop].double(), k.double().expand(-1, 2, -1, -1)) * 0.25
+    seed_lse = torch.logsumexp(scores.masked_fill(~near[first:stop], float("-inf")), -1)
+    seed_out = torch.einsum("bhqk,bhkd->bhqd", torch.exp(scores - seed_lse.unsqueeze(-1)).masked_fill(~near[first:stop], 0),
+                            v.double().expand(-1, 2, -1, -1))
+    out, lse = triton_fixed_attention(q, k, v, block=block, summary=summary, scale=0.25, causal=causal,
+                                      min_distance=window, splits=splits,
+                                      seed=(first, seed_out.to(dtype), seed_lse.float()))
+    union = {"type": "union", "patterns": [{"type": "sliding_window", "window": window},
+                                           {"type": "fixed", "block": block, "summary": summary}]}
+    ref_out, ref_lse = reference.reference_attention(q, k, v, union, causal=causal, scale=0.25)
+    step_out, step_lse = reference.fixed_step_reference(q, k, v, block=block, summary=summary, causal=causal,
+                                                        min_distance=window, skip_strides=(), scale=0.25)
+    for rows in (slice(0, first), slice(stop, None)):
+        ref_out[:, :, rows], ref_lse[:, :, rows] = step_out[:, :, rows], step_lse[:, :, rows]
+    tol = 2e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(out.double(), ref_out, atol=tol, rtol=tol)
+    torch.testing.assert_close(lse.double(), ref_lse, atol=tol, rtol=tol)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
@@ -160,7 +195,13 @@ UNIONS = {
                                                     {"type": "fixed", "block": 16, "summary": 2}]},
     "strides_fixed": {"type": "union", "patterns": [{"type": "strided", "stride": 12}, {"type": "strided", "stride": 7},
                                                      {"type": "fixed", "block": 32, "summary": 4}]},
+    "window_strided_fixed": {"type": "union", "patterns": [{"type": "sliding_window", "window": 24},
+                                                            {"type": "strided", "stride": 20},
+                                                            {"type": "fixed", "block": 16, "summary": 2}]},
 }
+# Unions whose fixed step follows one other step (the band's, the band and stride's): it continues
+# that step's partial (`Plan.continues`). Two strides are two steps, merged first.
+SEEDED_UNIONS = {"window_fixed", "window_strided_fixed"}
 
 
 def _kernel_calls(monkeypatch, q, k, v, pattern, causal=True):
@@ -168,8 +209,9 @@ def _kernel_calls(monkeypatch, q, k, v, pattern, causal=True):
     calls = []
     skips = sum(member["type"] == "strided" for member in pattern.get("patterns", []))
     with cuda_kernels_on_cpu():
-        if skips <= MAX_SKIP_STRIDES and max(q.shape[-1], v.shape[-1]) <= MAX_HEAD_DIM:  # its variant's probe
-            assert matches_contract(q.device, q.dtype, q.shape[-1], v.shape[-1], causal, skips)  # before the count
+        if skips <= MAX_SKIP_STRIDES and max(q.shape[-1], v.shape[-1]) <= MAX_HEAD_DIM:  # its variants' probes,
+            assert all(matches_contract(q.device, q.dtype, q.shape[-1], v.shape[-1], causal, skips, seeded)
+                       for seeded in (False, True))  # before the count
         monkeypatch.setattr(triton_fixed, "triton_fixed_attention",
                             lambda *a, **kw: calls.append(kw) or triton_fixed_attention(*a, **kw))
         out = attention(q, k, v, pattern, causal=causal)
@@ -179,14 +221,39 @@ def _kernel_calls(monkeypatch, q, k, v, pattern, causal=True):
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "noncausal"])
 @pytest.mark.parametrize("name", list(UNIONS))
 def test_cuda_plans_take_the_kernel_for_their_fixed_step(monkeypatch, name, causal):
-    """On CUDA's branches a plan's fixed step is one Triton launch, and the result the reference's."""
+    """On CUDA's branches a plan's fixed step is one Triton launch, and the result the reference's;
+    after one other step it continues that step's partial, with no merge launch after."""
     g = torch.Generator().manual_seed(1)
     q, k, v = (torch.randn(1, 4, 300, 16, generator=g).to(torch.bfloat16) for _ in range(3))
     pattern = UNIONS[name]
+    merges = []
+    monkeypatch.setattr(merge, "merge_to", lambda *a: merges.append(a) or merge_to(*a))
     out, calls = _kernel_calls(monkeypatch, q, k, v, pattern, causal)
     assert len(calls) == 1
+    assert (calls[0].get("seed") is not None) == (name in SEEDED_UNIONS)
+    assert (merges == []) == (name in SEEDED_UNIONS or "patterns" not in pattern)
     torch.testing.assert_close(out.double(), reference.reference_attention(q, k, v, pattern, causal=causal)[0],
                                atol=3e-2, rtol=3e-2)
+
+
+def test_a_seeded_variant_that_fails_its_probe_leaves_the_kernel_and_a_merge(monkeypatch):
+    """Where the seeded variant fails its probe and the plain one passes, a union's fixed step takes
+    the plain kernel and merges the other step's partial after it (not the fused plan)."""
+    real = triton_fixed.matches_contract
+
+    def plain_only(*args):  # the last argument: seeded
+        return not args[-1] and real(*args)
+
+    plain_only.cache_clear = real.cache_clear  # (the emulation clears the probes' caches)
+    monkeypatch.setattr(triton_fixed, "matches_contract", plain_only)
+    g = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(1, 2, 300, 16, generator=g).to(torch.bfloat16) for _ in range(3))
+    merges = []
+    monkeypatch.setattr(merge, "merge_to", lambda *a: merges.append(a) or merge_to(*a))
+    pattern = UNIONS["window_fixed"]
+    out, calls = _kernel_calls(monkeypatch, q, k, v, pattern)
+    assert len(calls) == 1 and calls[0].get("seed") is None and len(merges) == 1
+    torch.testing.assert_close(out.double(), reference.reference_attention(q, k, v, pattern)[0], atol=3e-2, rtol=3e-2)
 
 
 @pytest.mark.parametrize("pattern, d, dv", [
@@ -241,10 +308,11 @@ def test_the_kernel_runs_only_on_cudas_branches(monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("causal, skips", [(True, 0), (False, 4)], ids=["causal", "noncausal-4-strides"])
-def test_each_variant_is_probed_against_the_contract(dtype, causal, skips):
+@pytest.mark.parametrize("causal, skips, seeded", [(True, 0, False), (False, 4, False), (True, 2, True)],
+                         ids=["causal", "noncausal-4-strides", "causal-2-strides-seeded"])
+def test_each_variant_is_probed_against_the_contract(dtype, causal, skips, seeded):
     with cuda_kernels_on_cpu():
-        assert matches_contract(torch.device("cpu"), dtype, 12, 20, causal, skips)
+        assert matches_contract(torch.device("cpu"), dtype, 12, 20, causal, skips, seeded)
 
 
 def test_a_variant_that_fails_its_probe_leaves_its_calls_on_the_fused_plan(monkeypatch, caplog):

@@ -90,17 +90,17 @@ def test_a_nan_lse_gives_what_the_torch_ops_give():
 
 
 def test_merges_take_the_kernel_only_on_cudas_branches():
-    """On the CPU's rules the torch ops merge; on CUDA's (emulated) one launch, here for the union
-    of a window and fixed, with none of the torch ops' and the result still the contract's. (A
-    window and a stride merge inside the band's kernel: tests/test_triton_band.py.)"""
+    """On the CPU's rules the torch ops merge; on CUDA's (emulated) one launch, here for a union
+    of two strides, with none of the torch ops' and the result still the contract's. (Where a
+    union's last Triton kernel continues the others' partial there is no merge at all:
+    tests/test_triton_band.py, tests/test_triton_fixed.py.)"""
     g = torch.Generator().manual_seed(2)
     q, k, v = (torch.randn(1, 2, 300, 16, generator=g).bfloat16() for _ in range(3))
     out = torch.empty(1, 2, 300, 16)
     lse = torch.empty(1, 2, 300)
     parts = ((out, lse), (out.clone(), lse.clone()))
     assert not triton_merge.takes(out, lse, *parts)
-    pattern = {"type": "union", "patterns": [{"type": "sliding_window", "window": 16},
-                                             {"type": "fixed", "block": 16, "summary": 2}]}
+    pattern = {"type": "union", "patterns": [{"type": "strided", "stride": 20}, {"type": "strided", "stride": 30}]}
     result, count = counted_call(q, k, v, pattern)
     assert count.ops["triton._merge_kernel"] == 1
     assert "aten.lerp.Tensor_out" not in count.ops and "aten.sigmoid_.default" not in count.ops
@@ -180,5 +180,5 @@ def test_a_fixed_variant_whose_split_merge_fails_keeps_the_fused_plan(monkeypatc
 
     with cuda_kernels_on_cpu():
         monkeypatch.setattr(triton_fixed, "merge_splits", fails)
-        assert not triton_fixed.matches_contract(torch.device("cpu"), torch.float32, 16, 16, True, 0)
+        assert not triton_fixed.matches_contract(torch.device("cpu"), torch.float32, 16, 16, True, 0, False)
     assert "failed to run" in caplog.text

@@ -23,12 +23,14 @@ import torch  # noqa: E402
 
 TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 # The kernels' feature strides (and the log-sum-exp's row stride): 1 at every launch.
-FEATURE_STRIDES = {"sqd", "skd", "svd", "sod", "slm", "ssd", "sslm", "so3", "sa3", "sb3"}
-# (dtype, widest head dim, causal, skipped strides, 64-bit row offsets): every tile size
-# kernel_variant picks, both causalities, the skip counts' branches and `wide_offsets`' both ways.
-VARIANTS = [(torch.bfloat16, 64, True, 1, False), (torch.float16, 128, False, 4, False),
-            (torch.bfloat16, 256, True, 0, False), (torch.float32, 64, False, 2, False),
-            (torch.float32, 128, True, 0, False), (torch.float32, 256, True, 3, False), (torch.bfloat16, 128, True, 1, True)]
+FEATURE_STRIDES = {"sqd", "skd", "svd", "sod", "slm", "ssd", "so3", "sa3", "sb3"}
+# (dtype, widest head dim, causal, skipped strides, seeded, 64-bit row offsets): every tile size
+# kernel_variant picks, both causalities, the skip counts' branches, a seed or none (a union's
+# other keys) and `wide_offsets`' both ways.
+VARIANTS = [(torch.bfloat16, 64, True, 1, True, False), (torch.float16, 128, False, 4, False, False),
+            (torch.bfloat16, 256, True, 0, False, False), (torch.float32, 64, False, 2, True, False),
+            (torch.float32, 128, True, 0, False, False), (torch.float32, 256, True, 3, False, False),
+            (torch.bfloat16, 128, True, 1, False, True), (torch.bfloat16, 64, True, 0, False, False)]
 # (dtype, widest head dim, causal, seeded, 64-bit row offsets): every tile size the band's
 # kernel_variant picks in the half precisions it takes, both causalities, a seed or none (a union's
 # stride), `wide_offsets` both ways.
@@ -67,11 +69,13 @@ def _compile(kernel, signature: dict[str, str], constexprs: dict, capability: in
     return triton.compile(source, target=GPUTarget("cuda", capability, 32), options=options)
 
 
-def compile_variant(dtype: torch.dtype, head_dim: int, causal: bool, skips: int, capability: int, wide: bool = False):
-    """`_fixed_kernel` for these inputs (row offsets in 64 bits with `wide`)."""
+def compile_variant(dtype: torch.dtype, head_dim: int, causal: bool, skips: int, capability: int, wide: bool = False,
+                    seeded: bool = False):
+    """`_fixed_kernel` for these inputs (row offsets in 64 bits with `wide`; continuing a seed of
+    the inputs' dtype with `seeded`)."""
     from engine.kernels.triton_fixed import _fixed_kernel, kernel_variant
 
-    variant = {**kernel_variant(dtype, head_dim, head_dim, causal, skips), "WIDE_OFFSETS": wide}
+    variant = {**kernel_variant(dtype, head_dim, head_dim, causal, skips), "SEEDED": seeded, "WIDE_OFFSETS": wide}
     return _compile_attention(_fixed_kernel, dtype, head_dim, variant, capability)
 
 
@@ -138,10 +142,11 @@ def main(capabilities: list[int]) -> None:
     assert os.environ.get("TRITON_INTERPRET") != "1", "run without TRITON_INTERPRET"
     warnings.filterwarnings("ignore")
     for capability in capabilities:
-        for dtype, head_dim, causal, skips, wide in VARIANTS:
-            fields = {"dtype": TYPES[dtype], "head_dim": head_dim, "causal": causal, "skips": skips, "wide": wide}
+        for dtype, head_dim, causal, skips, seeded, wide in VARIANTS:
+            fields = {"dtype": TYPES[dtype], "head_dim": head_dim, "causal": causal, "skips": skips, "seeded": seeded,
+                      "wide": wide}
             _report("fixed", capability, fields,
-                    partial(compile_variant, dtype, head_dim, causal, skips, capability, wide))
+                    partial(compile_variant, dtype, head_dim, causal, skips, capability, wide, seeded))
         for dtype, head_dim, causal, seeded, wide in BAND_VARIANTS:
             _report("band", capability, {"dtype": TYPES[dtype], "head_dim": head_dim, "causal": causal,
                                          "seeded": seeded, "wide": wide},

@@ -142,17 +142,25 @@ def summary_mask(b0: int, b1: int, c: int, dtype: torch.dtype, device: torch.dev
 def fixed_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, block: int, summary: int, scale: float,
     causal: bool = True, min_distance: int = 0, skip_strides: tuple[int, ...] = (),
+    seed: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Fixed-pattern attention over the keys at i - j >= min_distance (causal) or |i - j| >=
     min_distance (for a union with a sliding window, whose keys it then skips), and not at
     (i - j) mod s == 0 for any s in skip_strides (for a union with those strides); queries bottom-right
     aligned; (out, lse). On CUDA with Triton installed one launch of the Triton kernel
-    (triton_fixed.py), elsewhere the fused-SDPA calls below."""
+    (triton_fixed.py), elsewhere the fused-SDPA calls below. `seed`: the union's partial (out, lse)
+    over its other members' keys, every row, which the result continues: inside the kernel's
+    launch where its seeded variant runs, else merged after (in q's dtype, as a plan merges its
+    steps)."""
+    kwargs = dict(block=block, summary=summary, scale=scale, causal=causal, min_distance=min_distance,
+                  skip_strides=skip_strides)
+    if seed is not None and triton_fixed.takes(q, v, causal, skip_strides, seeded=True):
+        return triton_fixed.triton_fixed_attention(q, k, v, seed=(0, *seed), **kwargs)
     if triton_fixed.takes(q, v, causal, skip_strides):
-        return triton_fixed.triton_fixed_attention(q, k, v, block=block, summary=summary, scale=scale,
-                                                   causal=causal, min_distance=min_distance, skip_strides=skip_strides)
-    return fused_fixed_attention(q, k, v, block=block, summary=summary, scale=scale, causal=causal,
-                                 min_distance=min_distance, skip_strides=skip_strides)
+        own = triton_fixed.triton_fixed_attention(q, k, v, **kwargs)
+    else:
+        own = fused_fixed_attention(q, k, v, **kwargs)
+    return own if seed is None else merge_partials([seed, own], q.dtype)
 
 
 def fused_fixed_attention(

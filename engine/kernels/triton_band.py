@@ -186,10 +186,10 @@ if triton is not None:
     # vary from request to request and are not specialised on (a new length compiles nothing); the
     # head dims and the other strides are, so that a head dim that is a multiple of 16 loads tiles
     # as 16-byte vectors into the pipeline.
-    # So are a seed's rows and its log-sum-exp's batch and head strides (`triton_band_attention`'s
-    # `seed`); its output's strides are specialised on, as Out's are.
+    # So are a seed's rows and its log-sum-exp's strides (`triton_band_attention`'s `seed`, whose
+    # makers lay it out variously); its output's strides are specialised on, as Out's are.
     @triton.jit(do_not_specialize=["heads", "group", "lq", "lk", "window", "query_tiles", "slb", "slh", "sslb", "sslh",
-                                   "seed_first", "seed_rows"])
+                                   "sslm", "seed_first", "seed_rows"])
     def _band_kernel(
         Q, K, V, Out, Lse, Seed, SeedLse,
         sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, som, sod, slb, slh, slm,

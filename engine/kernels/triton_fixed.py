@@ -9,7 +9,9 @@ keys of the other blocks, gathered by index (`j = (t // c) * l + l - c + t % c` 
 summary key): the two sets are disjoint, so no key counts twice, and a query tile reads about
 its rows' attended keys, not every key block as a block-sparse mask would. A union's fixed
 step passes a minimum distance (its window's keys) and the strides whose multiples it must skip;
-they only mask. Grouped key/value heads are read as they are (head h reads h // (H / Hkv)).
+they only mask. It also takes the union's other keys' partial as a seed, which it continues
+(`triton_tiles.initial_state`), so the union's result comes out of this launch, with no merge
+after. Grouped key/value heads are read as they are (head h reads h // (H / Hkv)).
 The summary keys of the blocks before a tile's first row, which all its rows attend (most of a
 long causal call's keys), take tiles without a mask (a union's step: with only its strides'); only
 the rest compute one, as FlashAttention splits its diagonal blocks from the rest. A skipped
@@ -42,7 +44,7 @@ from .triton_merge import merge_splits
 from .triton_tiles import MAX_HEAD_DIM, PROBE_TOLERANCE, attention_tiles, wide_offsets
 
 if triton is not None:
-    from .triton_tiles import load_query_tile, softmax_step, store_rows
+    from .triton_tiles import initial_state, load_query_tile, softmax_step, store_rows
 
 if triton is not None:  # without Triton fixed keeps its fused-SDPA plan everywhere
     import triton.language as tl
@@ -54,13 +56,13 @@ logger = logging.getLogger(__name__)
 MAX_SKIP_STRIDES = 4
 
 
-def takes(q: torch.Tensor, v: torch.Tensor, causal: bool, skip_strides: tuple[int, ...]) -> bool:
-    """Whether fixed runs on the Triton kernel for these inputs: where Triton runs it
-    (`runs_on_triton`), with head dims and skipped strides within its limits, and its variant for
-    them matching the contract here (`matches_contract`)."""
+def takes(q: torch.Tensor, v: torch.Tensor, causal: bool, skip_strides: tuple[int, ...], seeded: bool = False) -> bool:
+    """Whether fixed runs on the Triton kernel for these inputs (continuing a partial with
+    `seeded`): where Triton runs it (`runs_on_triton`), with head dims and skipped strides within
+    its limits, and its variant for them matching the contract here (`matches_contract`)."""
     d, dv = q.shape[-1], v.shape[-1]
     return (max(d, dv) <= MAX_HEAD_DIM and len(skip_strides) <= MAX_SKIP_STRIDES and runs_on_triton(q.device)
-            and matches_contract(q.device, q.dtype, d, dv, causal, len(skip_strides)))
+            and matches_contract(q.device, q.dtype, d, dv, causal, len(skip_strides), seeded))
 
 
 # The strides a probe skips, as many as the call's variant skips.
@@ -68,12 +70,14 @@ PROBE_STRIDES = (3, 5, 7, 11)
 
 
 @functools.cache
-def matches_contract(device: torch.device, dtype: torch.dtype, d: int, dv: int, causal: bool, skips: int) -> bool:
+def matches_contract(device: torch.device, dtype: torch.dtype, d: int, dv: int, causal: bool, skips: int,
+                     seeded: bool) -> bool:
     """Whether the kernel's variant for these inputs compiles here and matches the masked math
     kernel on a small problem with every branch in play (its own block, summary keys in full and
     masked tiles, two query tiles, grouped heads, a distance, `skips` strides, rows with no key,
-    keys split between programs): probed once per variant and device, as the band's local window
-    is. Triton compiles a variant per dtype, causality, skip count and head-dim tile at its first
+    keys split between programs; `seeded`: continuing a partial, in the inputs' dtype, over the
+    keys the distance leaves out, from the second row on): probed once per variant and device, as
+    the band's kernel is. Triton compiles a variant per dtype, causality, skip count and head-dim tile at its first
     call, so a Triton too old for an argument, a variant over the GPU's shared memory, or a
     miscompile leaves those calls on the fused-SDPA plan (said in the log) instead of failing
     requests or answering wrong."""
@@ -88,15 +92,22 @@ def matches_contract(device: torch.device, dtype: torch.dtype, d: int, dv: int, 
     j = torch.arange(lk, device=device)[None, :]
     near = i - j if causal else (i - j).abs()
     keep = Fixed(block=l, summary=c).allows(i, j) & (near >= 1) & off_strides(i - j, strides)
+    kf, vf = k.float().expand(-1, 2, -1, -1), v.float().expand(-1, 2, -1, -1)
+    seed = None
+    if seeded:  # the diagonal, which the distance of 1 leaves out
+        diagonal = (i == j) & (torch.arange(lq, device=device)[:, None] > 0)
+        seed_out, seed_lse = math_attention(q[:, :, 1:].float(), kf, vf, scale=0.25,
+                                            mask=additive_mask(diagonal[1:], torch.float32))
+        seed = (1, seed_out.to(dtype), seed_lse)
+        keep = keep | diagonal
     try:  # the keys in one program, and split between two with their merge (`merge_splits`)
         results = [triton_fixed_attention(q, k, v, block=l, summary=c, scale=0.25, causal=causal, min_distance=1,
-                                          skip_strides=strides, splits=splits) for splits in (1, 2)]
+                                          skip_strides=strides, splits=splits, seed=seed) for splits in (1, 2)]
     except Exception:  # noqa: BLE001 (any compile or launch error: the fused plan takes over)
         logger.warning("fixed's Triton kernel failed to run for %s: the fused-SDPA plan takes these calls",
-                       _variant_name(device, dtype, d, dv, causal, skips), exc_info=True)
+                       _variant_name(device, dtype, d, dv, causal, skips, seeded), exc_info=True)
         return False
-    ref_out, ref_lse = math_attention(q.float(), k.float().expand(-1, 2, -1, -1), v.float().expand(-1, 2, -1, -1),
-                                      scale=0.25, mask=additive_mask(keep, torch.float32))
+    ref_out, ref_lse = math_attention(q.float(), kf, vf, scale=0.25, mask=additive_mask(keep, torch.float32))
     rows = keep.any(-1)  # a row with no key: zeros here, whatever the math kernel makes of it
     tol = PROBE_TOLERANCE[dtype]
     matches = all(torch.allclose(out.float()[..., rows, :], ref_out[..., rows, :], atol=tol, rtol=tol)
@@ -105,23 +116,28 @@ def matches_contract(device: torch.device, dtype: torch.dtype, d: int, dv: int, 
                   for out, lse in results)
     if not matches:
         logger.warning("fixed's Triton kernel differs from the contract for %s: the fused-SDPA plan takes these calls",
-                       _variant_name(device, dtype, d, dv, causal, skips))
+                       _variant_name(device, dtype, d, dv, causal, skips, seeded))
     return matches
 
 
-def _variant_name(device: torch.device, dtype: torch.dtype, d: int, dv: int, causal: bool, skips: int) -> str:
-    return f"{dtype} on {device}, head dims {d} / {dv}, {'causal' if causal else 'non-causal'}, {skips} skipped strides"
+def _variant_name(device: torch.device, dtype: torch.dtype, d: int, dv: int, causal: bool, skips: int,
+                  seeded: bool) -> str:
+    return (f"{dtype} on {device}, head dims {d} / {dv}, {'causal' if causal else 'non-causal'}, {skips} skipped strides"
+            f"{', continuing a partial' if seeded else ''}")
 
 
 def triton_fixed_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, block: int, summary: int, scale: float,
     causal: bool = True, min_distance: int = 0, skip_strides: tuple[int, ...] = (), splits: int | None = None,
-    variant: dict | None = None,
+    seed: tuple[int, torch.Tensor, torch.Tensor] | None = None, variant: dict | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """`fixed_attention`'s contract in one launch: (out in q's dtype [B, H, Lq, Dv], lse float32
     [B, H, Lq]); rows with no key get zeros and -inf. With few programs (a decode step) each query
     tile's keys are split between `splits` programs (`key_splits` unless given), whose partials
     merge by log-sum-exp after in one more launch (`merge_splits`), as flash-decoding does.
+    `seed` = (first row, out [B, H, rows, Dv] in any float dtype, lse float32 [B, H, rows]): a
+    partial result of those rows over keys fixed's step does not hold (a union's window and
+    strides), which the first split continues, so that they come out merged with it.
     `variant` replaces `kernel_variant`'s tiles (a benchmark's sweep)."""
     assert len(skip_strides) <= MAX_SKIP_STRIDES, "more skipped strides than the kernel takes"
     b, h, lq, d = q.shape
@@ -136,13 +152,16 @@ def triton_fixed_attention(
         strides = tuple(skip_strides) + (1,) * (MAX_SKIP_STRIDES - len(skip_strides))
         split_strides = (out.stride(0), lse.stride(0)) if splits > 1 else (0, 0)
         o, l = (out[0], lse[0]) if splits > 1 else (out, lse)
+        seed_first, seed_out, seed_lse = seed if seed is not None else (0, o, l)  # unread unless SEEDED
         # Heads on the grid's first axis, which takes 2^31 - 1 programs (the others 65535).
         grid = (b * h, query_tiles, splits)
         with launching_on(q.device):
             _fixed_kernel[grid](
-                q, k, v, out, lse, *q.stride(), *k.stride(), *v.stride(), *o.stride(), *l.stride(), *split_strides,
-                h, h // hkv, lq, lk, d, dv, block, summary, min_distance, *strides, splits,
-                scale * math.log2(math.e), WIDE_OFFSETS=wide_offsets(q, k, v, o), **variant, **TRITON_OPTIONS,
+                q, k, v, out, lse, seed_out, seed_lse, *q.stride(), *k.stride(), *v.stride(), *o.stride(),
+                *l.stride(), *split_strides, *seed_out.stride(), *seed_lse.stride(), h, h // hkv, lq, lk, d, dv,
+                block, summary, min_distance, *strides, splits, seed_first, seed_lse.shape[-1],
+                scale * math.log2(math.e), SEEDED=seed is not None, WIDE_OFFSETS=wide_offsets(q, k, v, o, seed_out),
+                **variant, **TRITON_OPTIONS,
             )
     if splits > 1:
         out, lse = merge_splits(out, lse, q.dtype)
@@ -233,13 +252,20 @@ if triton is not None:
     # nothing (with a head dim that is an odd multiple of 8 the lengths' parity can); the probe
     # (`matches_contract`) compiles the variants its calls use. tests/test_triton_compile.py
     # checks this against Triton's own compile keys.
+    # So are a seed's rows and its log-sum-exp's strides (which differ between the steps that make
+    # seeds: 7 rows' strided partial had its rows' lse 32 apart); its output's strides are
+    # specialised on, as Out's are.
     @triton.jit(do_not_specialize=["heads", "group", "lq", "lk", "block", "summary", "min_distance",
-                                   "s0", "s1", "s2", "s3", "splits", "slb", "slh", "sos", "sls"])
+                                   "s0", "s1", "s2", "s3", "splits", "slb", "slh", "sos", "sls", "sslb", "sslh",
+                                   "sslm", "seed_first", "seed_rows"])
     def _fixed_kernel(
-        Q, K, V, Out, Lse,
+        Q, K, V, Out, Lse, Seed, SeedLse,
         sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, som, sod, slb, slh, slm, sos, sls,
-        heads, group, lq, lk, d, dv, block, summary, min_distance, s0, s1, s2, s3, splits, qk_scale,
-        CAUSAL: tl.constexpr, SKIPS: tl.constexpr, DOT_DTYPE: tl.constexpr, IEEE: tl.constexpr,
+        ssb, ssh, ssm, ssd, sslb, sslh, sslm,
+        heads, group, lq, lk, d, dv, block, summary, min_distance, s0, s1, s2, s3, splits, seed_first, seed_rows,
+        qk_scale,
+        CAUSAL: tl.constexpr, SKIPS: tl.constexpr, SEEDED: tl.constexpr, DOT_DTYPE: tl.constexpr,
+        IEEE: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
         WIDE_OFFSETS: tl.constexpr,
     ):
@@ -254,9 +280,10 @@ if triton is not None:
         v_base = V + item * svb + kv_head * svh
         first_block, last_block = first // block, last // block
 
-        acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
-        m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+        # The seed goes into the first split's partial alone (the splits' merge adds it once).
+        acc, m_i, l_i = initial_state(Seed + item * ssb + head * ssh, SeedLse + item * sslb + head * sslh, rows, row_ok,
+                                      seed_first, tl.where(pid_s == 0, seed_rows, 0), ssm, ssd, sslm, dv, SEEDED,
+                                      BLOCK_M, BLOCK_DV)
 
         # The summary keys every row of the tile attends, in full tiles: those of the blocks
         # before the first row's block, min_distance or more before it (most of a long causal
