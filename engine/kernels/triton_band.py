@@ -75,8 +75,8 @@ def matches_contract(device: torch.device, dtype: torch.dtype, d: int, dv: int, 
     try:
         out, lse = triton_band_attention(q, k, v, window=w, scale=0.25, causal=causal, seed=seed)
     except Exception:  # noqa: BLE001 (any compile or launch error: the other plans take over)
-        logger.warning("the band's Triton kernel failed to run for %s: the flash local window or the band's tiles "
-                       "take these calls", _variant_name(device, dtype, d, dv, causal, seeded), exc_info=True)
+        logger.warning("the band's Triton kernel failed to run for %s: these calls go to %s",
+                       _variant_name(device, dtype, d, dv, causal, seeded), _fallback(seeded), exc_info=True)
         return False
     ref_out, ref_lse = math_attention(q.float(), kf, vf, scale=0.25,
                                       mask=additive_mask(keep | rest if seeded else keep, torch.float32))
@@ -84,9 +84,14 @@ def matches_contract(device: torch.device, dtype: torch.dtype, d: int, dv: int, 
     matches = (torch.allclose(out.float(), ref_out, atol=tol, rtol=tol)
                and torch.allclose(lse, ref_lse, atol=tol))
     if not matches:
-        logger.warning("the band's Triton kernel differs from the contract for %s: the flash local window or the "
-                       "band's tiles take these calls", _variant_name(device, dtype, d, dv, causal, seeded))
+        logger.warning("the band's Triton kernel differs from the contract for %s: these calls go to %s",
+                       _variant_name(device, dtype, d, dv, causal, seeded), _fallback(seeded))
     return matches
+
+
+def _fallback(seeded: bool) -> str:
+    """What takes a failed variant's calls."""
+    return "the plain variant and a merge" if seeded else "the flash local window or the band's tiles"
 
 
 def _variant_name(device: torch.device, dtype: torch.dtype, d: int, dv: int, causal: bool, seeded: bool) -> str:

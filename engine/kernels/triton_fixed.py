@@ -77,10 +77,11 @@ def matches_contract(device: torch.device, dtype: torch.dtype, d: int, dv: int, 
     masked tiles, two query tiles, grouped heads, a distance, `skips` strides, rows with no key,
     keys split between programs; `seeded`: continuing a partial, in the inputs' dtype, over the
     keys the distance leaves out, from the second row on): probed once per variant and device, as
-    the band's kernel is. Triton compiles a variant per dtype, causality, skip count and head-dim tile at its first
-    call, so a Triton too old for an argument, a variant over the GPU's shared memory, or a
-    miscompile leaves those calls on the fused-SDPA plan (said in the log) instead of failing
-    requests or answering wrong."""
+    the band's kernel is. Triton compiles a variant per dtype, causality, skip count, seed and
+    head-dim tile at its first call, so a Triton too old for an argument, a variant over the GPU's
+    shared memory, or a miscompile leaves those calls on the fused-SDPA plan (a seeded variant's
+    on the plain one and a merge; said in the log) instead of failing requests or answering
+    wrong."""
     g = torch.Generator().manual_seed(0)
     tiles = kernel_variant(dtype, d, dv, causal, skips)  # rows over two query tiles, the first
     lq = tiles["BLOCK_M"] + 7  # of which sees a full summary tile
@@ -104,8 +105,8 @@ def matches_contract(device: torch.device, dtype: torch.dtype, d: int, dv: int, 
         results = [triton_fixed_attention(q, k, v, block=l, summary=c, scale=0.25, causal=causal, min_distance=1,
                                           skip_strides=strides, splits=splits, seed=seed) for splits in (1, 2)]
     except Exception:  # noqa: BLE001 (any compile or launch error: the fused plan takes over)
-        logger.warning("fixed's Triton kernel failed to run for %s: the fused-SDPA plan takes these calls",
-                       _variant_name(device, dtype, d, dv, causal, skips, seeded), exc_info=True)
+        logger.warning("fixed's Triton kernel failed to run for %s: these calls go to %s",
+                       _variant_name(device, dtype, d, dv, causal, skips, seeded), _fallback(seeded), exc_info=True)
         return False
     ref_out, ref_lse = math_attention(q.float(), kf, vf, scale=0.25, mask=additive_mask(keep, torch.float32))
     rows = keep.any(-1)  # a row with no key: zeros here, whatever the math kernel makes of it
@@ -115,9 +116,14 @@ def matches_contract(device: torch.device, dtype: torch.dtype, d: int, dv: int, 
                   and bool((out[..., ~rows, :] == 0).all()) and bool((lse[..., ~rows] == float("-inf")).all())
                   for out, lse in results)
     if not matches:
-        logger.warning("fixed's Triton kernel differs from the contract for %s: the fused-SDPA plan takes these calls",
-                       _variant_name(device, dtype, d, dv, causal, skips, seeded))
+        logger.warning("fixed's Triton kernel differs from the contract for %s: these calls go to %s",
+                       _variant_name(device, dtype, d, dv, causal, skips, seeded), _fallback(seeded))
     return matches
+
+
+def _fallback(seeded: bool) -> str:
+    """What takes a failed variant's calls."""
+    return "the plain variant and a merge" if seeded else "the fused-SDPA plan"
 
 
 def _variant_name(device: torch.device, dtype: torch.dtype, d: int, dv: int, causal: bool, skips: int,

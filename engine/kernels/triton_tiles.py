@@ -1,9 +1,9 @@
 """What the engine's Triton attention kernels (fixed's, the band's) share: the tiles they compute
 in, sized for the GPUs' shared memory, the dtype their products take, when their row offsets
 need 64 bits, how near a probe of a variant must come to the math kernel; and the jitted pieces
-of the FlashAttention loop around their key walks (a query tile's load, the online
-softmax's starting state, empty or a partial's, a key tile's step, the rows' store), which Triton inlines: sm_90's PTX has the same instructions as
-when each kernel wrote them out."""
+of the FlashAttention loop around their key walks (a query tile's load, the online softmax's
+starting state, empty or a partial's, a key tile's step, the rows' store), which Triton inlines:
+sm_90's PTX has the same instructions as when each kernel wrote them out."""
 
 from __future__ import annotations
 
