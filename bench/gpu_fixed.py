@@ -16,6 +16,7 @@ Exits 1 if a check fails. On the project's machine (no GPU) `--device cpu` rehea
 Triton's interpreter, at toy sizes. Run as bench/gpu_check.py says (pydantic carried as wheels):
 
     PYTHONUNBUFFERED=1 timeout 300 python3 -m bench.gpu_fixed --out "$OUT" 2>&1 | tee "$OUT/gpu_fixed.log"
+    python3 -m bench.gpu_fixed --out "$OUT" --no-sweep --engine-n 16384 65536 131072   # checks, then the rest
 """
 
 from __future__ import annotations
@@ -159,20 +160,24 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cuda", help="cuda; cpu only to rehearse the script (tiny sizes)")
     p.add_argument("--n", type=int, nargs="+", default=[4096, 16384, 65536, 131072])
     p.add_argument("--flex-n", type=int, nargs="*", default=[16384, 131072])
+    p.add_argument("--sweep", action=argparse.BooleanOptionalAction, default=True,
+                   help="check and time every swept tile size (--no-sweep: the default tiles' checks, then the rest)")
+    p.add_argument("--engine-n", type=int, nargs="+", default=[65536], help="n of the decode and engine rows")
     args = p.parse_args(argv)
     device = torch.device(args.device)
     args.out.mkdir(parents=True, exist_ok=True)
     rehearsal = device.type == "cpu"
     started = time.perf_counter()
-    sweep = SWEEP[:2] if rehearsal else SWEEP
+    sweep = (SWEEP[:2] if rehearsal else SWEEP) if args.sweep else []
     passed, failed = check(device, SHAPES[:2] if rehearsal else SHAPES, sweep)
     if not rehearsal:
         more = check_long(device, 131072, sweep)
         passed, failed = passed + more[0], failed + more[1]
     print(f"checks: {passed} passed, {failed} failed in {time.perf_counter() - started:.0f} s", flush=True)
-    result = {"passed": passed, "failed": failed, "torch": torch.__version__}
-    result["sweep"] = sweep_times(device, [300] if rehearsal else args.n, sweep, [] if rehearsal else args.flex_n)
-    result["other"] = other_times(device, 300 if rehearsal else 65536)
+    result = {"passed": passed, "failed": failed, "torch": torch.__version__, "sweep": []}
+    if args.sweep:
+        result["sweep"] = sweep_times(device, [300] if rehearsal else args.n, sweep, [] if rehearsal else args.flex_n)
+    result["other"] = [row for n in ([300] if rehearsal else args.engine_n) for row in other_times(device, n)]
     result["total_s"] = time.perf_counter() - started
     (args.out / "gpu_fixed.json").write_text(json.dumps(result, indent=1))
     print(f"{'FAILED' if failed else 'ALL PASSED'}: {passed} passed, {failed} failed; total {result['total_s']:.0f} s")

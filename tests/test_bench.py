@@ -359,6 +359,21 @@ def test_gpu_fixed_times_the_unions_fixed_step_continuing_and_merged_after(monke
 
 
 @pytest.mark.skipif(triton_fixed.triton is None, reason="Triton is not installed")
+def test_the_gpu_scripts_without_their_sweeps_check_the_default_tiles_and_time_the_rest(tmp_path):
+    """`--no-sweep` (a short GPU session's run): the default tiles' checks, no tile sweep, and
+    gpu_fixed's engine rows (gpu_band's need flash's window: a GPU's); rehearsed here at toy sizes."""
+    from bench import gpu_band, gpu_fixed
+
+    assert gpu_fixed.main(["--device", "cpu", "--out", str(tmp_path), "--no-sweep"]) == 0
+    fixed = json.loads((tmp_path / "gpu_fixed.json").read_text())
+    assert (fixed["passed"], fixed["failed"], fixed["sweep"]) == (12, 0, [])
+    assert any("merged after the kernel" in row["kernel"] for row in fixed["other"])
+    assert gpu_band.main(["--device", "cpu", "--out", str(tmp_path), "--no-sweep"]) == 0
+    band = json.loads((tmp_path / "gpu_band.json").read_text())
+    assert (band["passed"], band["failed"], band["sweep"]) == (12, 0, [])
+
+
+@pytest.mark.skipif(triton_fixed.triton is None, reason="Triton is not installed")
 def test_gpu_fixed_checks_pass_here_and_fail_a_wrong_kernel(monkeypatch, capsys):
     """bench/gpu_fixed.py's checks in Triton's interpreter, on a sample of its shapes (a union's
     step among them) in the default tiles and one swept tile size; a kernel whose log-sum-exp is
