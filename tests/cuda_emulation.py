@@ -177,6 +177,18 @@ def kernel_device_answering(name: str) -> Iterator[pytest.MonkeyPatch]:
             cache.cache_clear()
 
 
+def seeded_variants_failing(monkeypatch: pytest.MonkeyPatch, kernel_module) -> None:
+    """Make the seeded variants of a Triton kernel module (triton_band, triton_fixed) fail their
+    probe while the plain ones keep theirs: `matches_contract`'s last argument is `seeded`."""
+    real = kernel_module.matches_contract
+
+    def plain_only(*args):
+        return not args[-1] and real(*args)
+
+    plain_only.cache_clear = real.cache_clear  # `kernel_device_answering` clears the probes' caches
+    monkeypatch.setattr(kernel_module, "matches_contract", plain_only)
+
+
 def _engine_modules() -> list:
     return [m for name, m in sys.modules.items() if name == "engine" or name.startswith("engine.")]
 

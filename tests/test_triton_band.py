@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import reference
-from cuda_emulation import cuda_kernels_on_cpu
+from cuda_emulation import cuda_kernels_on_cpu, seeded_variants_failing
 from engine import attention
 from engine.kernels import triton_band, union
 from engine.kernels.merge import merge_to
@@ -185,13 +185,7 @@ def test_cuda_plans_take_the_kernel_for_the_band_in_half_precision(monkeypatch, 
 def test_a_seeded_variant_that_fails_its_probe_leaves_the_kernel_and_a_merge(monkeypatch):
     """Where the seeded variant fails its probe and the plain one passes, a union's band takes the
     plain kernel and the stride's partial merges after it."""
-    real = triton_band.matches_contract
-
-    def plain_only(*args):  # the last argument: seeded
-        return not args[-1] and real(*args)
-
-    plain_only.cache_clear = real.cache_clear  # (the emulation clears the probes' caches)
-    monkeypatch.setattr(triton_band, "matches_contract", plain_only)
+    seeded_variants_failing(monkeypatch, triton_band)
     g = torch.Generator().manual_seed(6)
     q, k, v = (torch.randn(1, 2, 300, 16, generator=g).to(torch.bfloat16) for _ in range(3))
     merges = []

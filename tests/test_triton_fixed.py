@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import reference
-from cuda_emulation import counted_call, cuda_kernels_on_cpu
+from cuda_emulation import counted_call, cuda_kernels_on_cpu, seeded_variants_failing
 from engine import attention
 from engine.kernels import merge, triton_fixed
 from engine.kernels.merge import merge_to
@@ -239,13 +239,7 @@ def test_cuda_plans_take_the_kernel_for_their_fixed_step(monkeypatch, name, caus
 def test_a_seeded_variant_that_fails_its_probe_leaves_the_kernel_and_a_merge(monkeypatch):
     """Where the seeded variant fails its probe and the plain one passes, a union's fixed step takes
     the plain kernel and merges the other step's partial after it (not the fused plan)."""
-    real = triton_fixed.matches_contract
-
-    def plain_only(*args):  # the last argument: seeded
-        return not args[-1] and real(*args)
-
-    plain_only.cache_clear = real.cache_clear  # (the emulation clears the probes' caches)
-    monkeypatch.setattr(triton_fixed, "matches_contract", plain_only)
+    seeded_variants_failing(monkeypatch, triton_fixed)
     g = torch.Generator().manual_seed(5)
     q, k, v = (torch.randn(1, 2, 300, 16, generator=g).to(torch.bfloat16) for _ in range(3))
     merges = []
