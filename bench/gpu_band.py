@@ -22,7 +22,6 @@ Triton's interpreter, at toy sizes. Run as bench/gpu_check.py says (pydantic car
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
@@ -132,7 +131,6 @@ def other_times(device: torch.device, n: int) -> list[dict]:
     """float32 (the kernel against the band's tiles), decode rows (against flash's window) and the
     engine's plans with the kernel (a union's band continuing its stride's partial, or merged with
     it after) and without it (`triton_band.takes` false)."""
-    rows = []
     q, k, v = bench_kernels.inputs(n, 8, 64, torch.float32, device)
     fns = {"float32 triton": lambda: triton_band.triton_band_attention(q, k, v, window=256, scale=0.125)}
     with mock.patch.object(triton_band, "takes", lambda *a, **kw: False):
@@ -157,21 +155,11 @@ def other_times(device: torch.device, n: int) -> list[dict]:
                 with mock.patch.object(triton_band, "takes", rule):
                     fns = {f"engine {label} {plan}": lambda spec=spec: attention(qb, kb, vb, spec)}
                     times.update(bench_kernels.best_times(fns, device))
-    for name, s in times.items():
-        rows.append({"n": n, "kernel": name, "seconds": s})
-        print(f"n={n} {name}: {s * 1e3:.3f} ms", flush=True)
-    return rows
+    return bench_kernels.timed_rows(n, times)
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python3 -m bench.gpu_band", description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--device", default="cuda", help="cuda; cpu only to rehearse the script (tiny sizes)")
-    p.add_argument("--n", type=int, nargs="+", default=[4096, 16384, 65536, 131072])
-    p.add_argument("--flex-n", type=int, nargs="*", default=[16384, 131072])
-    p.add_argument("--sweep", action=argparse.BooleanOptionalAction, default=True,
-                   help="check and time every swept tile size (--no-sweep: the default tiles' checks, then (c))")
-    p.add_argument("--engine-n", type=int, nargs="+", default=[65536], help="n of the float32, decode and engine rows")
+    p = bench_kernels.tile_script_parser("python3 -m bench.gpu_band", __doc__.split("\n\n")[0])
     args = p.parse_args(argv)
     device = torch.device(args.device)
     args.out.mkdir(parents=True, exist_ok=True)

@@ -21,7 +21,6 @@ Triton's interpreter, at toy sizes. Run as bench/gpu_check.py says (pydantic car
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
@@ -147,22 +146,11 @@ def other_times(device: torch.device, n: int) -> list[dict]:
     with mock.patch.object(triton_fixed, "takes", lambda *a, seeded=False: not seeded and takes(*a)):
         times.update(bench_kernels.best_times({f"engine {label} merged after the kernel": lambda spec=spec: attention(
             q, k, v, spec) for label, spec in PATTERNS.items() if "union" in label}, device))
-    rows = []
-    for name, s in times.items():
-        rows.append({"n": n, "kernel": name, "seconds": s})
-        print(f"n={n} {name}: {s * 1e3:.3f} ms", flush=True)
-    return rows
+    return bench_kernels.timed_rows(n, times)
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python3 -m bench.gpu_fixed", description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--device", default="cuda", help="cuda; cpu only to rehearse the script (tiny sizes)")
-    p.add_argument("--n", type=int, nargs="+", default=[4096, 16384, 65536, 131072])
-    p.add_argument("--flex-n", type=int, nargs="*", default=[16384, 131072])
-    p.add_argument("--sweep", action=argparse.BooleanOptionalAction, default=True,
-                   help="check and time every swept tile size (--no-sweep: the default tiles' checks, then the rest)")
-    p.add_argument("--engine-n", type=int, nargs="+", default=[65536], help="n of the decode and engine rows")
+    p = bench_kernels.tile_script_parser("python3 -m bench.gpu_fixed", __doc__.split("\n\n")[0])
     args = p.parse_args(argv)
     device = torch.device(args.device)
     args.out.mkdir(parents=True, exist_ok=True)

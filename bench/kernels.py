@@ -204,6 +204,29 @@ class Tiles(NamedTuple):
         return f"triton {self.block_m}x{self.block_n} w{self.warps} s{self.stages}"
 
 
+def tile_script_parser(prog: str, description: str) -> argparse.ArgumentParser:
+    """The arguments of the scripts that check and sweep a Triton kernel's tiles on a GPU
+    (bench/gpu_band.py, bench/gpu_fixed.py)."""
+    p = argparse.ArgumentParser(prog=prog, description=description)
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--device", default="cuda", help="cuda; cpu only to rehearse the script (tiny sizes)")
+    p.add_argument("--n", type=int, nargs="+", default=[4096, 16384, 65536, 131072], help="n of the tile sweep")
+    p.add_argument("--flex-n", type=int, nargs="*", default=[16384, 131072])
+    p.add_argument("--sweep", action=argparse.BooleanOptionalAction, default=True,
+                   help="check and time every swept tile size (--no-sweep: the default tiles' checks, then the rest)")
+    p.add_argument("--engine-n", type=int, nargs="+", default=[65536], help="n of the rows after the sweep")
+    return p
+
+
+def timed_rows(n: int, times: dict) -> list[dict]:
+    """`best_times`' result at n as JSON rows, each printed as it goes."""
+    rows = []
+    for name, seconds in times.items():
+        rows.append({"n": n, "kernel": name, "seconds": seconds})
+        print(f"n={n} {name}: {seconds * 1e3:.3f} ms", flush=True)
+    return rows
+
+
 def best_times(fns: dict, device: torch.device, repeats: int = 3, slow: float = 30.0, turn_s: float = 0.05) -> dict:
     """{key: seconds}: each callable's best round of `rounds` after the warm-up (the warm-up's own
     time for one that ran only there)."""
