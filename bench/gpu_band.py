@@ -22,9 +22,7 @@ Triton's interpreter, at toy sizes. Run as bench/gpu_check.py says (pydantic car
 
 from __future__ import annotations
 
-import json
 import sys
-import time
 from pathlib import Path
 from unittest import mock
 
@@ -159,30 +157,20 @@ def other_times(device: torch.device, n: int) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = bench_kernels.tile_script_parser("python3 -m bench.gpu_band", __doc__.split("\n\n")[0])
-    args = p.parse_args(argv)
-    device = torch.device(args.device)
-    args.out.mkdir(parents=True, exist_ok=True)
-    rehearsal = device.type == "cpu"
-    started = time.perf_counter()
-    sweep = (SWEEP[:2] if rehearsal else SWEEP) if args.sweep else []
-    passed, failed = check(device, SHAPES[:2] if rehearsal else SHAPES, sweep)
-    if not rehearsal:
-        more = check_long(device, 131072, sweep)
-        passed, failed = passed + more[0], failed + more[1]
-    print(f"checks: {passed} passed, {failed} failed in {time.perf_counter() - started:.0f} s", flush=True)
-    result = {"passed": passed, "failed": failed, "torch": torch.__version__, "sweep": [], "other": []}
-    if rehearsal and args.sweep:
-        result["sweep"] = sweep_times(device, [256], [16], sweep, [])
-    elif args.sweep:
-        result["sweep"] = sweep_times(device, args.n, (128, 256, 1024), sweep, args.flex_n)
-        result["sweep"] += sweep_times(device, [65536], (256,), sweep, [], dim=128)
-    if not rehearsal:
-        result["other"] = [row for n in args.engine_n for row in other_times(device, n)]
-    result["total_s"] = time.perf_counter() - started
-    (args.out / "gpu_band.json").write_text(json.dumps(result, indent=1))
-    print(f"{'FAILED' if failed else 'ALL PASSED'}: {passed} passed, {failed} failed; total {result['total_s']:.0f} s")
-    return 1 if failed else 0
+    args = bench_kernels.tile_script_parser("python3 -m bench.gpu_band", __doc__.split("\n\n")[0]).parse_args(argv)
+
+    def measure(device: torch.device, rehearsal: bool, sweep: list) -> dict:
+        if not args.sweep:
+            swept = []
+        elif rehearsal:
+            swept = sweep_times(device, [256], [16], sweep, [])
+        else:
+            swept = sweep_times(device, args.n, (128, 256, 1024), sweep, args.flex_n)
+            swept += sweep_times(device, [65536], (256,), sweep, [], dim=128)
+        # (the rows after the sweep time flash's window, CUDA's own op)
+        return {"sweep": swept, "other": [] if rehearsal else [row for n in args.engine_n for row in other_times(device, n)]}
+
+    return bench_kernels.run_tile_script(args, "gpu_band", SHAPES, SWEEP, check, check_long, measure)
 
 
 if __name__ == "__main__":

@@ -21,9 +21,7 @@ Triton's interpreter, at toy sizes. Run as bench/gpu_check.py says (pydantic car
 
 from __future__ import annotations
 
-import json
 import sys
-import time
 from pathlib import Path
 from unittest import mock
 
@@ -150,26 +148,14 @@ def other_times(device: torch.device, n: int) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = bench_kernels.tile_script_parser("python3 -m bench.gpu_fixed", __doc__.split("\n\n")[0])
-    args = p.parse_args(argv)
-    device = torch.device(args.device)
-    args.out.mkdir(parents=True, exist_ok=True)
-    rehearsal = device.type == "cpu"
-    started = time.perf_counter()
-    sweep = (SWEEP[:2] if rehearsal else SWEEP) if args.sweep else []
-    passed, failed = check(device, SHAPES[:2] if rehearsal else SHAPES, sweep)
-    if not rehearsal:
-        more = check_long(device, 131072, sweep)
-        passed, failed = passed + more[0], failed + more[1]
-    print(f"checks: {passed} passed, {failed} failed in {time.perf_counter() - started:.0f} s", flush=True)
-    result = {"passed": passed, "failed": failed, "torch": torch.__version__, "sweep": []}
-    if args.sweep:
-        result["sweep"] = sweep_times(device, [300] if rehearsal else args.n, sweep, [] if rehearsal else args.flex_n)
-    result["other"] = [row for n in ([300] if rehearsal else args.engine_n) for row in other_times(device, n)]
-    result["total_s"] = time.perf_counter() - started
-    (args.out / "gpu_fixed.json").write_text(json.dumps(result, indent=1))
-    print(f"{'FAILED' if failed else 'ALL PASSED'}: {passed} passed, {failed} failed; total {result['total_s']:.0f} s")
-    return 1 if failed else 0
+    args = bench_kernels.tile_script_parser("python3 -m bench.gpu_fixed", __doc__.split("\n\n")[0]).parse_args(argv)
+
+    def measure(device: torch.device, rehearsal: bool, sweep: list) -> dict:
+        ns, flex_n, engine_n = ([300], [], [300]) if rehearsal else (args.n, args.flex_n, args.engine_n)
+        return {"sweep": sweep_times(device, ns, sweep, flex_n) if args.sweep else [],
+                "other": [row for n in engine_n for row in other_times(device, n)]}
+
+    return bench_kernels.run_tile_script(args, "gpu_fixed", SHAPES, SWEEP, check, check_long, measure)
 
 
 if __name__ == "__main__":

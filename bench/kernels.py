@@ -218,6 +218,28 @@ def tile_script_parser(prog: str, description: str) -> argparse.ArgumentParser:
     return p
 
 
+def run_tile_script(args, name: str, shapes: list, sweep: list, check, check_long, measure) -> int:
+    """A tile script's run: `check` on `shapes` in the default tiles and each of `sweep` (with
+    `--sweep`), and on a GPU `check_long` at n = 131072; then `measure(device, rehearsal, sweep)`'s
+    {section: rows}; all written to OUT/name.json. On the CPU (a rehearsal, in Triton's
+    interpreter) two shapes and two tile sizes. Exit status 1 if a check failed."""
+    device = torch.device(args.device)
+    args.out.mkdir(parents=True, exist_ok=True)
+    rehearsal = device.type == "cpu"
+    started = time.perf_counter()
+    sweep = (sweep[:2] if rehearsal else sweep) if args.sweep else []
+    passed, failed = check(device, shapes[:2] if rehearsal else shapes, sweep)
+    if not rehearsal:
+        more = check_long(device, 131072, sweep)
+        passed, failed = passed + more[0], failed + more[1]
+    print(f"checks: {passed} passed, {failed} failed in {time.perf_counter() - started:.0f} s", flush=True)
+    result = {"passed": passed, "failed": failed, "torch": torch.__version__, **measure(device, rehearsal, sweep)}
+    result["total_s"] = time.perf_counter() - started
+    (args.out / f"{name}.json").write_text(json.dumps(result, indent=1))
+    print(f"{'FAILED' if failed else 'ALL PASSED'}: {passed} passed, {failed} failed; total {result['total_s']:.0f} s")
+    return 1 if failed else 0
+
+
 def timed_rows(n: int, times: dict) -> list[dict]:
     """`best_times`' result at n as JSON rows, each printed as it goes."""
     rows = []
