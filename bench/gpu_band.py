@@ -63,7 +63,8 @@ def check(device: torch.device, shapes, sweep) -> tuple[int, int]:
             q = torch.randn(b, h, lq, d, generator=g).to(dtype)
             k, v = torch.randn(b, hkv, lk, d, generator=g).to(dtype), torch.randn(b, hkv, lk, dv, generator=g).to(dtype)
             name = f"{dtype} {'causal' if causal else 'non-causal'} {config} {(b, h, hkv, lq, lk, d, dv, w)}"
-            try:
+
+            def attempt(q=q, k=k, v=v, w=w, d=d, causal=causal, config=config, dtype=dtype) -> None:
                 out, lse = triton_band.triton_band_attention(
                     *(x.to(device) for x in (q, k, v)), window=w, scale=d ** -0.5, causal=causal,
                     variant=config and config.variant())
@@ -72,11 +73,9 @@ def check(device: torch.device, shapes, sweep) -> tuple[int, int]:
                 tol = 2e-5 if dtype == torch.float32 else 2e-2
                 torch.testing.assert_close(out.cpu().double(), ref_out, atol=tol, rtol=tol)
                 torch.testing.assert_close(lse.cpu().double(), ref_lse, atol=tol, rtol=tol)
-                passed += 1
-                print("PASS", name, flush=True)
-            except Exception as e:  # noqa: BLE001 (every failure is reported, none stops the run)
-                failed += 1
-                print("FAIL", name, repr(e)[:500], flush=True)
+
+            ok = bench_kernels.outcome(name, attempt)
+            passed, failed = passed + ok, failed + (not ok)
     return passed, failed
 
 

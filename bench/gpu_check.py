@@ -84,6 +84,7 @@ from reference import reference_attention  # noqa: E402
 from test_engine_reference import PATTERNS, SHAPES  # noqa: E402
 
 from bench import kernels as bench_kernels  # noqa: E402
+from bench.kernels import outcome  # noqa: E402
 
 TOLERANCE = {torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
 SW = lambda w: {"type": "sliding_window", "window": w}  # noqa: E731
@@ -309,17 +310,6 @@ def check_share(device: str, index: int, workers: int, threads: int | None = Non
                for at, (name, run, q, k, v, pattern, causal, dtype) in enumerate(cases(torch.device(device)))
                if at % workers == index]
     return results.count(True), results.count(False)
-
-
-def outcome(name: str, attempt) -> bool:
-    """Run one check (`attempt` returns what is wrong, or None), print its PASS or FAIL line, and
-    say whether it passed; a crash is a failure, reported with its trace."""
-    try:
-        problem = attempt()
-    except Exception:  # noqa: BLE001
-        problem = "raised\n" + traceback.format_exc()
-    print(f"FAIL {name}: {problem}" if problem else f"PASS {name}", flush=True)
-    return problem is None
 
 
 def warm_up(device: torch.device) -> float | None:

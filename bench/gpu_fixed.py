@@ -72,17 +72,16 @@ def check(device: torch.device, shapes, sweep) -> tuple[int, int]:
             k, v = torch.randn(b, hkv, lk, d, generator=g).to(dtype), torch.randn(b, hkv, lk, dv, generator=g).to(dtype)
             kwargs = dict(block=block, summary=summary, causal=causal, min_distance=distance, skip_strides=strides)
             name = f"{dtype} {'causal' if causal else 'non-causal'} {config} {shape}"
-            try:
+
+            def attempt(q=q, k=k, v=v, kwargs=kwargs, config=config, d=d, dtype=dtype) -> None:
                 out, lse = triton_fixed.triton_fixed_attention(*(x.to(device) for x in (q, k, v)), scale=d ** -0.5,
                                                                variant=config and config.variant(), **kwargs)
                 ref_out, ref_lse = reference.fixed_step_reference(q, k, v, scale=d ** -0.5, **kwargs)
                 tol = 2e-5 if dtype == torch.float32 else 2e-2
                 reference.assert_matches_reference(out.cpu(), lse.cpu(), ref_out, ref_lse, tol=tol)
-                passed += 1
-                print("PASS", name, flush=True)
-            except Exception as e:  # noqa: BLE001 (every failure is reported, none stops the run)
-                failed += 1
-                print("FAIL", name, repr(e)[:500], flush=True)
+
+            ok = bench_kernels.outcome(name, attempt)
+            passed, failed = passed + ok, failed + (not ok)
     return passed, failed
 
 

@@ -30,6 +30,7 @@ import json
 import math
 import platform
 import time
+import traceback
 from pathlib import Path
 from typing import NamedTuple
 
@@ -216,6 +217,18 @@ def tile_script_parser(prog: str, description: str) -> argparse.ArgumentParser:
                    help="check and time every swept tile size (--no-sweep: the default tiles' checks, then the rest)")
     p.add_argument("--engine-n", type=int, nargs="+", default=[65536], help="n of the rows after the sweep")
     return p
+
+
+def outcome(name: str, attempt) -> bool:
+    """Run one check of a GPU script (`attempt` returns what is wrong, or None; an assertion it
+    raises counts as wrong too), print its PASS or FAIL line, and say whether it passed; a crash is
+    a failure, reported with its trace."""
+    try:
+        problem = attempt()
+    except Exception:  # noqa: BLE001 (every failure is reported, none stops the run)
+        problem = "raised\n" + traceback.format_exc()
+    print(f"FAIL {name}: {problem}" if problem else f"PASS {name}", flush=True)
+    return problem is None
 
 
 def run_tile_script(args, name: str, shapes: list, sweep: list, check, check_long, measure) -> int:
