@@ -181,14 +181,17 @@ def test_cuda_launches_do_not_grow_with_the_blocks(pattern, causal):
     assert ops[2048] < 1.5 * ops[512], ops  # 64 query blocks against 16
 
 
+@pytest.mark.parametrize("lq", [4096, 16, 1], ids=["prefill", "16 rows", "decode"])
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "noncausal"])
 @pytest.mark.parametrize("strides", [[128], [128, 192]], ids=["one stride", "two strides"])
-def test_cuda_strided_masks_are_built_once(strides, causal):
+def test_cuda_strided_masks_are_built_once(strides, causal, lq):
     """A union's strided step keeps its small class-distance masks (`class_distance_mask`): a
-    second call builds none (ten to sixteen launches a call on CUDA), here at n = 4096 where the
-    keys end in a partial class row of stride 192."""
+    second call builds none (ten to sixteen launches a call on CUDA), here at Lk 4096 where the
+    keys end in a partial class row of stride 192; a decode step of one stride builds none at all
+    (it computed its unused key distances: three launches a step)."""
     pattern = {"type": "union", "patterns": [SW, *({"type": "strided", "stride": s} for s in strides)]}
-    q, k, v = (torch.randn(1, 1, 4096, 64, dtype=torch.bfloat16) for _ in range(3))
+    q = torch.randn(1, 1, lq, 64, dtype=torch.bfloat16)
+    k, v = (torch.randn(1, 1, 4096, 64, dtype=torch.bfloat16) for _ in range(2))
     out, count = counted_call(q, k, v, pattern, causal=causal)
     assert not {"aten.arange.default", "aten.arange.start", "aten.any.dim"} & set(count.ops), count.ops
     torch.testing.assert_close(out.double(), reference_attention(q, k, v, pattern, causal=causal)[0],

@@ -127,11 +127,13 @@ def fused_masked(q, k, v, keep: torch.Tensor | None, *, scale: float):
     return fused_under(q, k, v, additive_mask(keep, q.dtype), ~keep.any(-1), scale=scale)
 
 
-def fused_under(q, k, v, mask: torch.Tensor, empty_rows: torch.Tensor, *, scale: float):
+def fused_under(q, k, v, mask: torch.Tensor | None, empty_rows: torch.Tensor | None, *, scale: float):
     """`fused_masked` with its mask built beforehand (one kept for the next call, `kept_when_small`):
     the additive `mask` and its rows that keep no key, `empty_rows`, which come back as zeros with
-    lse -inf."""
+    lse -inf; both None: every key."""
     out, lse = fused(q, k, v, scale=scale, is_causal=False, mask=mask)
+    if empty_rows is None:
+        return out, lse
     if values_on_host(empty_rows.device) and not bool(empty_rows.any()):
         return out, lse
     return out.masked_fill(empty_rows[..., None], 0.0), lse.masked_fill(empty_rows, NEG_INF)

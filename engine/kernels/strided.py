@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from .band import head_grid, row_grid, row_major
-from .dense import NEG_INF, additive_mask, empty_partial, fused, fused_masked, fused_under, kept_when_small
+from .dense import NEG_INF, additive_mask, empty_partial, fused, fused_under, kept_when_small
 from .device import kernel_device, values_on_host
 from .masked import MASK_BUDGET
 from .merge import join_rows, merge_to
@@ -139,7 +139,8 @@ def _short_run_pieces(
     """`strided_pieces` for fewer query rows than the stride: each row is alone in its class, so
     the rows in one class row (at most two such runs) attend, one call per run, views of their
     own classes' keys up to ceil(m/s) class rows back: no class without a query, and no mask but
-    the one dropping skipped strides' keys, which every row of a run shares. Fewer key/value heads
+    the one dropping skipped strides' keys, which every row of a run shares (`class_distance_mask`,
+    kept: a decode loop's steps in one class row reuse it). Fewer key/value heads
     than query heads (on the CPU) are taken as they are: per batch item, the run's classes on the
     batch axis and the heads on the head axis, which torch's CPU kernel maps by H / Hkv."""
     b, h, lq, d = q.shape
@@ -154,19 +155,19 @@ def _short_run_pieces(
         run = min(lq - row, s - first_class)
         keys = class_row - back + 1  # key class rows 0 .. class_row - back
         if keys > 0:
-            distance = (class_row - torch.arange(keys, device=q.device)[None, :]) * s
-            keep = off_strides(distance, skip_strides) if skip_strides else None
+            mask, empty = class_distance_mask(class_row, 1, keys, back, s, skip_strides, True, q.dtype, q.device) \
+                if skip_strides else (None, None)
             if k.shape[1] == h:
                 qc = q[..., row : row + run, :].reshape(b * h, run, 1, d)
                 kc, vc = (row_grid(x, first_class, (run, 1), (keys, s)) for x in (k, v))  # class c: its keys
-                out, lse = fused_masked(qc, kc, vc, keep, scale=scale)
+                out, lse = fused_under(qc, kc, vc, mask, empty, scale=scale)
                 pieces.append((row, out.reshape(b, h, run, -1), lse.reshape(b, h, run)))
             else:
                 parts = []
                 for item in range(b):
                     qc = q[item, :, row : row + run, :].transpose(0, 1).unsqueeze(2)  # [run, H, 1, D]
                     kc, vc = (head_grid(x, item, first_class, (run, 1), (keys, s)) for x in (k, v))
-                    out, lse = fused_masked(qc, kc, vc, keep, scale=scale)
+                    out, lse = fused_under(qc, kc, vc, mask, empty, scale=scale)
                     parts.append((out[:, :, 0].transpose(0, 1), lse[:, :, 0].transpose(0, 1)))
                 pieces.append((row, torch.stack([o for o, _ in parts]), torch.stack([l for _, l in parts])))
         row += run
