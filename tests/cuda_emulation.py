@@ -8,11 +8,11 @@ multiple of 8, flash outside half precision or past 256 features, a causal call 
 square, misaligned strides or starts, a bias not shaped and aligned as the memory-efficient kernel
 reads it, grid axes past 65535; and, stricter than flash itself, fewer key/value heads than query
 heads, which the engine repeats on CUDA), and answers what the real op answers in its layout:
-flash's output as a transposed view, the memory-efficient kernel's log-sum-exp padded to 32 rows
-with NaN there, NaN for a row that keeps no key (the real kernels' answer there is unspecified;
-the engine must not read it). So the planner's CUDA plans (the flash window, strided in one call,
-fixed's row ranges, padded head dims, copies of stride-0 views) run here against the float64
-reference; `bench/gpu_check.py` runs the same checks on a real GPU.
+flash's and the memory-efficient kernel's outputs as transposed views, the memory-efficient
+kernel's log-sum-exp padded to 32 rows with NaN there, NaN for a row that keeps no key (the real
+kernels' answer there is unspecified; the engine must not read it). So the planner's CUDA plans
+(the flash window, strided in one call, fixed's row ranges, padded head dims, copies of stride-0
+views) run here against the float64 reference; `bench/gpu_check.py` runs the same checks on a real GPU.
 """
 
 from __future__ import annotations
@@ -115,6 +115,7 @@ def scaled_dot_product_efficient_attention(query, key, value, attn_bias, compute
         assert attn_bias.stride(-1) == 1 and all(s % _alignment(attn_bias) == 0 for s in attn_bias.stride()[:-1]), \
             f"{op}: bias misaligned, strides {attn_bias.stride()}"
     out, lse = _attend(query, key, value, _causal_square(op, query, key, is_causal), attn_bias, scale)
+    out = out.transpose(1, 2).contiguous().transpose(1, 2)  # the kernel writes [B, L, H, D] (torch's meta kernel)
     rows = -(-query.shape[2] // 32) * 32
     padded = torch.full((*lse.shape[:2], rows), math.nan)
     padded[..., : lse.shape[2]] = lse

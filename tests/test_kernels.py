@@ -4,6 +4,7 @@ row ranges, class padding, minimum distances), each against the float64 referenc
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 import platform
 import sys
@@ -556,6 +557,22 @@ def test_strided_non_causal_min_distance(monkeypatch, lq, lk, stride, min_distan
     q, k, v = _qkv(2, lq, lk, dv=24)
     result = kernels.strided_attention(q, k, v, stride=stride, scale=0.25, causal=False, min_distance=min_distance)
     _assert_matches_far(result, q, k, v, ST(stride), min_distance, causal=False)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_class_masks_say_on_the_host_when_every_row_keeps_a_key(causal):
+    """`class_distance_mask` leaves out its empty rows (None) exactly where every row keeps a key
+    (and never with skipped strides, which it does not decide on the host): against the mask's own
+    rows, every window of up to 7 rows over up to 7 key rows, starting before and after them."""
+    from engine.kernels.strided import class_distance_mask
+
+    for first, rows, key_rows, near in itertools.product(range(-9, 10), range(1, 8), range(1, 8), range(0, 7)):
+        mask, empty = class_distance_mask(first, rows, key_rows, near, 5, (), causal, torch.float32, torch.device("cpu"))
+        kept = (mask == 0).any(-1)
+        assert empty is None if bool(kept.all()) else torch.equal(empty, ~kept), (first, rows, key_rows, near)
+        _, skipping = class_distance_mask(first, rows, key_rows, near, 5, (2,), causal, torch.float32,
+                                          torch.device("cpu"))
+        assert skipping is not None
 
 
 @pytest.mark.parametrize("lq,lk", [(1000, 1000), (517, 700), (1, 1003), (30, 40), (64, 64)])

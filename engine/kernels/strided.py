@@ -197,16 +197,37 @@ def strided_attention(
 
 @kept_when_small(lambda first, rows, key_rows, *rule: rows * key_rows)
 def class_distance_mask(first: int, rows: int, key_rows: int, near: int, stride: int, skip_strides: tuple[int, ...],
-                        causal: bool, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+                        causal: bool, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The mask of class rows first .. first + rows - 1 (in the keys' class-row numbering) over key
     class rows 0 .. key_rows - 1: the additive mask keeping those at least `near` class rows back
     (without causal, either way) and off the skipped strides' multiples, and its rows that keep no
-    key. A small one is kept for the next call: on CUDA building it took ten to sixteen launches."""
+    key, or None where the host knows there are none (`_every_row_keeps_a_key`: then no pass
+    over the output zeroes them, two launches on CUDA). A small one is kept for the next call: on
+    CUDA building it took ten to sixteen launches."""
     apart = torch.arange(first, first + rows, device=device)[:, None] - torch.arange(key_rows, device=device)[None, :]
     keep = (apart if causal else apart.abs()) >= near
     if skip_strides:
         keep &= off_strides(apart * stride, skip_strides)
+    elif _every_row_keeps_a_key(first, rows, key_rows, near, causal):
+        return additive_mask(keep, dtype), None
     return additive_mask(keep, dtype), ~keep.any(-1)
+
+
+def _every_row_keeps_a_key(first: int, rows: int, key_rows: int, near: int, causal: bool) -> bool:
+    """Whether each class row first .. first + rows - 1 has a key class row in 0 .. key_rows - 1 at
+    least `near` away (back, or without causal either way), from the rows' farthest keys: row x's
+    is key row 0, x back, or without causal also key row key_rows - 1, nearest for x halfway."""
+    if key_rows <= 0:
+        return False
+    if causal:
+        return first >= near
+
+    def farthest(x: int) -> int:
+        return max(abs(x), abs(x - key_rows + 1))
+
+    last = first + rows - 1
+    middle = [min(max(x, first), last) for x in ((key_rows - 1) // 2, key_rows // 2)]
+    return min(farthest(x) for x in middle) >= near
 
 
 def _every_class_key(q, k, v, *, stride: int, scale: float, min_distance: int,
@@ -227,17 +248,20 @@ def _every_class_key(q, k, v, *, stride: int, scale: float, min_distance: int,
     qc = _classes(F.pad(q, (0, 0, lead, trail)) if lead or trail else q, 0, q_rows * s, s)
     key_rows, rest = divmod(lk, s)
     kc, vc = _classes(k, 0, key_rows * s, s), _classes(v, 0, key_rows * s, s)
+    step = max(1, MASK_BUDGET // max(1, key_rows))
     if key_rows and not near and not skip_strides:  # a fresh result, merged into in place below
         out, lse = fused(qc, kc, vc, scale=scale, is_causal=False)
-    else:
+    elif key_rows and q_rows <= step:  # one masked call: its result, fresh too
+        mask, empty = class_distance_mask(base, q_rows, key_rows, near, s, skip_strides, False, q.dtype, q.device)
+        out, lse = fused_under(qc, kc, vc, mask, empty, scale=scale)
+    else:  # calls within MASK_BUDGET, each written into a buffer of empty rows
         out = torch.zeros(b * h, s, q_rows, dv, dtype=q.dtype, device=q.device)
         lse = torch.full((b * h, s, q_rows), NEG_INF, dtype=torch.float32, device=q.device)
-        step = max(1, MASK_BUDGET // max(1, key_rows))
         for t0 in range(0, q_rows if key_rows else 0, step):
             t1 = min(q_rows, t0 + step)
             mask, empty = class_distance_mask(base + t0, t1 - t0, key_rows, near, s, skip_strides, False, q.dtype,
                                               q.device)
-            if not values_on_host(q.device) or not bool(empty.all()):
+            if empty is None or not values_on_host(q.device) or not bool(empty.all()):
                 out[:, :, t0:t1], lse[:, :, t0:t1] = fused_under(qc[:, :, t0:t1], kc, vc, mask, empty, scale=scale)
     if rest:  # class c < rest: the key at key_rows * s + c
         last_k, last_v = (x[..., key_rows * s :, :].reshape(b * h, rest, 1, -1) for x in (k, v))
