@@ -15,6 +15,7 @@ from cuda_emulation import cuda_kernels_on_cpu, seeded_variants_failing
 from engine import attention
 from engine.kernels import triton_band, union
 from engine.kernels.merge import merge_to
+from engine.kernels.strided import strided_pieces
 from engine.kernels.triton_band import kernel_variant, matches_contract, triton_band_attention
 from engine.kernels.triton_tiles import wide_offsets
 from layouts import far_apart_rows
@@ -161,25 +162,50 @@ def _kernel_calls(monkeypatch, q, k, v, pattern, causal=True):
 
 SW = {"type": "sliding_window", "window": 40}
 WINDOW_STRIDE = {"type": "union", "patterns": [SW, {"type": "strided", "stride": 24}]}
+WINDOW_STRIDES = {"type": "union", "patterns": [SW, *({"type": "strided", "stride": s} for s in (24, 36))]}
+WINDOW_3_STRIDES = {"type": "union", "patterns": [SW, *({"type": "strided", "stride": s} for s in (24, 36, 50))]}
 
 
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "noncausal"])
-@pytest.mark.parametrize("pattern, lq", [(SW, 300), (SW, 1), (WINDOW_STRIDE, 300)], ids=["window", "decode", "union"])
-def test_cuda_plans_take_the_kernel_for_the_band_in_half_precision(monkeypatch, pattern, lq, causal):
-    """On CUDA's branches the band (alone, a decode row, a union's, seeded with the stride's keys) is
+@pytest.mark.parametrize("pattern, lq, seeded, merges", [
+    (SW, 300, False, 0), (SW, 1, False, 0),
+    (WINDOW_STRIDE, 300, True, 0), (WINDOW_STRIDE, 1, True, 0),
+    (WINDOW_STRIDES, 300, True, 1), (WINDOW_STRIDES, 1, True, 1),  # the strides merged into one seed
+    (WINDOW_3_STRIDES, 300, False, 3),  # folded after the band: band and first stride, then one each
+], ids=["window", "decode", "union", "union decode", "two strides", "two strides decode", "three strides"])
+def test_cuda_plans_take_the_kernel_for_the_band_in_half_precision(monkeypatch, pattern, lq, seeded, merges, causal):
+    """On CUDA's branches the band (alone, a decode row, a union's, seeded with the strides' keys) is
     one Triton launch in half precision, and the result the reference's; grouped key/value heads
     included."""
     g = torch.Generator().manual_seed(lq)
     q = torch.randn(1, 4, lq, 16, generator=g).to(torch.bfloat16)
     k, v = (torch.randn(1, 2, 300, 16, generator=g).to(torch.bfloat16) for _ in range(2))
-    merges = []
-    monkeypatch.setattr(union, "merge_to", lambda *a: merges.append(a) or merge_to(*a))
+    merged = []
+    monkeypatch.setattr(union, "merge_to", lambda *a: merged.append(a) or merge_to(*a))
     out, calls = _kernel_calls(monkeypatch, q, k, v, pattern, causal)
-    assert len(calls) == 1
-    # A union's band continues the stride's partial (its one call), with no merge after.
-    assert (calls[0].get("seed") is not None) == (pattern is WINDOW_STRIDE) and merges == []
+    # One launch (a union's decode row: one per key/value head, `GQA_VIEW_ROW_FRACTION`); a union's
+    # band continues its strides' partial (one call each, two merged into one first).
+    assert len(calls) == (2 if pattern is not SW and lq == 1 else 1)
+    assert all((call.get("seed") is not None) == seeded for call in calls) and len(merged) == merges * len(calls)
     torch.testing.assert_close(out.double(), reference.reference_attention(q, k, v, pattern, causal=causal)[0],
                                atol=3e-2, rtol=3e-2)
+
+
+@pytest.mark.parametrize("pattern, merges", [(WINDOW_STRIDE, 2), (WINDOW_STRIDES, 4)], ids=["one stride", "two strides"])
+def test_strides_keys_in_two_pieces_merge_after_the_band(monkeypatch, pattern, merges):
+    """16 causal rows across a class-row boundary of both strides (24 and 36, rows 284..299): each
+    stride's keys come in two pieces, no one run to seed the band with, so they merge after it,
+    from the pieces already computed (one strided call per piece, none repeated)."""
+    g = torch.Generator().manual_seed(16)
+    q = torch.randn(1, 2, 16, 16, generator=g).to(torch.bfloat16)
+    k, v = (torch.randn(1, 2, 300, 16, generator=g).to(torch.bfloat16) for _ in range(2))
+    merged, strided_calls = [], []
+    monkeypatch.setattr(union, "merge_to", lambda *a: merged.append(a) or merge_to(*a))
+    monkeypatch.setattr(union, "strided_pieces", lambda *a, **kw: strided_calls.append(kw) or strided_pieces(*a, **kw))
+    out, calls = _kernel_calls(monkeypatch, q, k, v, pattern)
+    assert len(calls) == 1 and calls[0].get("seed") is None and len(merged) == merges
+    assert len(strided_calls) == len(pattern["patterns"]) - 1
+    torch.testing.assert_close(out.double(), reference.reference_attention(q, k, v, pattern)[0], atol=3e-2, rtol=3e-2)
 
 
 def test_a_seeded_variant_that_fails_its_probe_leaves_the_kernel_and_a_merge(monkeypatch):

@@ -1,11 +1,11 @@
 """The paper's `union(sliding_window(w), strided(s))`, and a window with several strides: the
 band's pieces and each stride's keys at distance >= w (each key counted once: a stride skips the
 keys at an earlier stride's multiples), merged straight into the output, the band and the first
-stride in one write pass. Where the band runs on its Triton kernel (CUDA, half precision) and one
-stride's keys are one run of rows to the last (a prefill's one causal call), the kernel continues
-that partial instead (`triton_band_attention`'s seed): no merge launch, no second pass over the
-outputs. Without causal the band reaches both ways and the strided keys are those at
-|i - j| >= w."""
+stride in one write pass. Where the band runs on its Triton kernel (CUDA, half precision) and each
+of one or two strides' keys are one run of rows to the last (a prefill's one call, a decode
+step's), the kernel continues those partials instead (`triton_band_attention`'s seed; two strides
+merged into one first, in place): no merge launch after it, no float32 output to convert. Without
+causal the band reaches both ways and the strided keys are those at |i - j| >= w."""
 
 from __future__ import annotations
 
@@ -25,19 +25,25 @@ def band_strided_attention(
     With one stride each row's result is written once, so in q's dtype (on CUDA in half precision:
     no float32 output to convert after); more strides fold into a float32 one."""
     b, h, lq, _ = q.shape
+    ready: dict[int, list[tuple[int, torch.Tensor, torch.Tensor]]] = {}
 
     def pieces(n: int) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
-        """Stride n's pieces over consecutive rows: its keys at distance >= w off strides[:n]."""
+        """Stride n's pieces over consecutive rows from some row to the last: its keys at distance
+        >= w off strides[:n] (computed once: those the seed's attempt made are handed on)."""
+        if n in ready:
+            return ready.pop(n)
         kwargs = dict(stride=strides[n], scale=scale, min_distance=window, skip_strides=strides[:n])
         if causal:
             return strided_pieces(q, k, v, **kwargs)
         return [(0, *strided_attention(q, k, v, causal=False, **kwargs))]
 
+    if len(strides) <= 2 and triton_band.takes(q, v, causal, seeded=True):
+        ready.update(enumerate(pieces(n) for n in range(len(strides))))
+        seed = _one_run(list(ready.values()))
+        if seed is not None:
+            return triton_band.triton_band_attention(q, k, v, window=window, scale=scale, causal=causal, seed=seed)
     # The band covers every row; the first stride's pieces cover consecutive rows from some row on.
     others = pieces(0)
-    if len(strides) == 1 and len(others) == 1 and others[0][0] + others[0][1].shape[-2] == lq \
-            and triton_band.takes(q, v, causal, seeded=True):
-        return triton_band.triton_band_attention(q, k, v, window=window, scale=scale, causal=causal, seed=others[0])
     out = torch.empty(b, h, lq, v.shape[-1], dtype=q.dtype if len(strides) == 1 else torch.float32, device=q.device)
     lse = torch.empty(b, h, lq, dtype=torch.float32, device=q.device)
     for row, p_out, p_lse in band_pieces(q, k, v, window=window, scale=scale, causal=causal):
@@ -60,3 +66,20 @@ def band_strided_attention(
             rows = slice(row, row + o_out.shape[-2])
             merge_to(out[..., rows, :], lse[..., rows], (out[..., rows, :], lse[..., rows]), (o_out, o_lse))
     return out, lse
+
+
+def _one_run(partials: list[list[tuple[int, torch.Tensor, torch.Tensor]]]) -> tuple[int, torch.Tensor, torch.Tensor] | None:
+    """The strides' partials, each one piece to the last row (or none: no row sees its keys), as
+    one (first row, out, lse) to continue: the later-starting one merged into the other in place,
+    rounded once in its dtype. None where a stride's keys come in several pieces (the merge after
+    the band then) or no stride has a key (the band alone)."""
+    if any(len(pieces) > 1 for pieces in partials):
+        return None
+    runs = sorted((pieces[0] for pieces in partials if pieces), key=lambda piece: piece[0])
+    if len({row + out.shape[-2] for row, out, _ in runs}) != 1:  # none, or runs ending apart
+        return None
+    (first, out, lse), *later = runs
+    for row, other_out, other_lse in later:
+        rows = slice(row - first, None)
+        merge_to(out[..., rows, :], lse[..., rows], (out[..., rows, :], lse[..., rows]), (other_out, other_lse))
+    return first, out, lse
