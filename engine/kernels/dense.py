@@ -18,6 +18,8 @@ from .device import kernel_device, values_on_host
 from .merge import join_rows, merge_partials
 
 NEG_INF = float("-inf")
+# The memory-efficient kernel reads a bias whose rows start a multiple of this many elements apart.
+BIAS_ROW_ALIGNMENT = 16
 
 
 def same_head_dim(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
@@ -114,8 +116,22 @@ def kept_when_small(elements: Callable[..., int]):
 
 
 def additive_mask(keep: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """The fused kernels' form of a boolean `keep`: 0 where kept, -inf elsewhere."""
-    return torch.zeros(keep.shape, dtype=dtype, device=keep.device).masked_fill_(~keep, NEG_INF)
+    """The fused kernels' form of a boolean `keep`: 0 where kept, -inf elsewhere; on CUDA in
+    `bias_rows`, as the memory-efficient kernel reads a bias (built so once for a kept mask, not
+    copied so at every call)."""
+    if kernel_device(keep.device) == "cuda":
+        mask = bias_rows(keep.shape, dtype, keep.device).zero_()
+    else:
+        mask = torch.zeros(keep.shape, dtype=dtype, device=keep.device)
+    return mask.masked_fill_(~keep, NEG_INF)
+
+
+def bias_rows(shape: torch.Size, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """An uninitialised tensor of `shape` whose rows start BIAS_ROW_ALIGNMENT elements apart, as the
+    memory-efficient kernel reads a bias (SDPA's own preprocess_mask pads one so): a view of padded
+    rows."""
+    pitch = -(-shape[-1] // BIAS_ROW_ALIGNMENT) * BIAS_ROW_ALIGNMENT
+    return torch.empty((*shape[:-1], pitch), dtype=dtype, device=device)[..., : shape[-1]]
 
 
 def fused_masked(q, k, v, keep: torch.Tensor | None, *, scale: float):
@@ -188,10 +204,10 @@ def padded_head_dims(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
 
 def cuda_bias(mask: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     """A 2-D additive mask as the memory-efficient kernel wants its bias (what SDPA's own
-    preprocess_mask does): 4-D, broadcast over batch and heads by stride 0, rows 16-aligned."""
-    lk = mask.shape[-1]
-    if lk % 16:
-        mask = F.pad(mask, (0, 16 - lk % 16))[..., :lk]
+    preprocess_mask does): 4-D, broadcast over batch and heads by stride 0, rows aligned
+    (BIAS_ROW_ALIGNMENT): a copy unless they are (`additive_mask` builds masks so on CUDA)."""
+    if mask.stride(-1) != 1 or any(x % BIAS_ROW_ALIGNMENT for x in (mask.stride(-2), mask.storage_offset())):
+        mask = bias_rows(mask.shape, mask.dtype, mask.device).copy_(mask)
     return mask.expand(q.shape[0], q.shape[1], q.shape[2], k.shape[2])
 
 
