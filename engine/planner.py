@@ -44,10 +44,12 @@ class Plan:
     fixed its summary keys once, `fused` each call's inputs). A decode step over 65536 bfloat16
     keys spent 12 ms converting them all, 90x its sliding window's 0.13 ms. `grouped_kv_on_cpu`:
     on the CPU the steps take fewer key/value heads than query heads as they are (torch's CPU
-    attention kernel reads each key/value head for its H / Hkv query heads), instead of repeated
-    ones. `grouped_kv_on_cuda`: so on CUDA (fixed's and the band's Triton kernels read key/value
-    head h // (H / Hkv); their fallbacks repeat them themselves, the band's only its window's keys,
-    a key/value head at a time). On CUDA the head dims are padded once
+    attention kernel reads each key/value head for its H / Hkv query heads; `fused` calls whose
+    rows all see the same keys fold those query heads into rows of their key/value head), instead
+    of repeated ones. `grouped_kv_on_cuda`: so on CUDA (fixed's and the band's Triton kernels read
+    key/value head h // (H / Hkv), their fallbacks repeat them themselves, the band's only its
+    window's keys, a key/value head at a time; dense attention over every key and a stride's short
+    runs fold them: a decode row). On CUDA the head dims are padded once
     for every step (`pads_head_dims`). `continues`: of two steps, the second continues the
     first's partial (its `seed`: fixed's, which its Triton kernel merges inside its launch) instead
     of the two merging after."""
@@ -219,7 +221,7 @@ def plan(pattern: PatternBase, lq: int, lk: int, causal: bool, device: str) -> P
     pattern = simplify(pattern, lk)
     if isinstance(pattern, Dense):
         return Plan("sdpa", (partial(kernels.dense_attention, diagonal=(lk - lq) if causal else None),),
-                    grouped_kv_on_cpu=True)
+                    grouped_kv_on_cpu=True, grouped_kv_on_cuda=not causal or lq == 1)
     on_masked = (_small_on_masked(pattern, lk, causal) or _short_run_on_masked(pattern, lq, lk, causal, device)
                  or _tiny_strides_on_masked(pattern, lq, causal, device))
     structured = None if on_masked else structured_plan(pattern, lq, lk, causal)
@@ -275,7 +277,8 @@ def structured_plan(pattern: PatternBase, lq: int, lk: int, causal: bool) -> Pla
     every other block's summary keys."""
     if isinstance(pattern, Strided):  # fewer rows than s, causal or not, read only their classes' keys
         return Plan("strided", (partial(kernels.strided_attention, stride=pattern.stride, causal=causal),),
-                    converts_in_steps=_few_classes(lq, pattern.stride), grouped_kv_on_cpu=lq < pattern.stride)
+                    converts_in_steps=_few_classes(lq, pattern.stride), grouped_kv_on_cpu=lq < pattern.stride,
+                    grouped_kv_on_cuda=lq < pattern.stride)
     if isinstance(pattern, Fixed):  # the query rows' blocks and the summary keys, each converted once
         return Plan("fixed", (partial(kernels.fixed_attention, block=pattern.block, summary=pattern.summary,
                                       causal=causal),), converts_in_steps=True,
@@ -329,4 +332,4 @@ def _structured_union(pattern: Union, lq: int, lk: int, causal: bool) -> Plan | 
     grouped = causal and lq <= TILE_ROWS and all(lq < stride for stride in strides)
     grouped = grouped and (not fixed or short_run(lq, lk, fixed.block, fixed.summary))
     return Plan(name, tuple(steps), converts_in_steps=few_rows, grouped_kv_on_cpu=grouped,
-                continues=bool(fixed) and len(steps) == 2)
+                grouped_kv_on_cuda=all(lq < stride for stride in strides), continues=bool(fixed) and len(steps) == 2)

@@ -205,6 +205,27 @@ def test_cuda_strided_masks_are_built_once(strides, causal, lq):
                                atol=3e-2, rtol=3e-2)
 
 
+@pytest.mark.parametrize("pattern", [None, ST, {"type": "union", "patterns": [SW, ST]},
+                                     {"type": "union", "patterns": [SW, ST, {"type": "strided", "stride": 24}]},
+                                     *(UNIONS[name] for name in ("window_fixed", "all_three"))],
+                         ids=["dense", "stride", "window_stride", "window_two_strides", "window_fixed", "all_three"])
+def test_cuda_decode_rows_take_grouped_heads_in_one_run(pattern):
+    """A decode row with fewer key/value heads than query heads runs as one call per kernel, as with
+    equal heads: the query heads that share a key/value head as rows of it (dense over every key, a
+    stride's short run), the band's and fixed's kernels reading them themselves; not one run per
+    key/value head over copies of it repeated (H = 32 over 8: 51 launches a dense decode row, 75 a
+    window and a stride's)."""
+    g = torch.Generator().manual_seed(1)
+    q = torch.randn(1, 8, 1, 64, generator=g).to(torch.bfloat16)
+    launches = {}
+    for hkv in (8, 2, 1):
+        k, v = (torch.randn(1, hkv, 1000, 64, generator=g).to(torch.bfloat16) for _ in range(2))
+        out, count = counted_call(q, k, v, pattern)
+        launches[hkv] = count.launches
+        torch.testing.assert_close(out.double(), reference_attention(q, k, v, pattern)[0], atol=3e-2, rtol=3e-2)
+    assert max(launches[2], launches[1]) <= launches[8] + 2, launches  # + the folded rows' output, back to heads
+
+
 def test_cuda_calls_keep_their_masks_within_budget():
     from engine.kernels.fixed import _blocks_per_call
     from engine.kernels.masked import MASK_BUDGET

@@ -559,6 +559,41 @@ def test_strided_non_causal_min_distance(monkeypatch, lq, lk, stride, min_distan
     _assert_matches_far(result, q, k, v, ST(stride), min_distance, causal=False)
 
 
+@pytest.mark.parametrize("mask_rows", [None, 1, 3])  # no mask, one shared by all rows, one per row
+def test_grouped_query_heads_are_rows_of_their_key_value_head(mask_rows):
+    """A fused call whose rows all see the same keys gives torch's kernel each key/value head's
+    query heads as its rows (4 heads over 2: [B, 2, 2 * Lq, D] against [B, 2, Lk, D]), not query
+    heads it maps to key/value heads and reads them again for; a mask row per query row is
+    repeated for each head. Exact against the float64 reference either way."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from engine.kernels.dense import additive_mask, fused
+
+    class Shapes(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.seen = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if "flash_attention" in str(func):
+                self.seen.append((tuple(args[0].shape), tuple(args[1].shape)))
+            return func(*args, **(kwargs or {}))
+
+    g = torch.Generator().manual_seed(mask_rows or 0)
+    q = torch.randn(2, 4, 3, 16, generator=g)
+    k, v = (torch.randn(2, 2, 50, 16, generator=g) for _ in range(2))
+    keep = torch.rand(mask_rows, 50, generator=g) < 0.6 if mask_rows else None
+    with Shapes() as shapes:
+        out, lse = fused(q, k, v, scale=0.25, is_causal=False, mask=None if keep is None else additive_mask(keep, q.dtype))
+    assert shapes.seen == [((2, 2, 6, 16), (2, 2, 50, 16))]
+    repeated = [x.repeat_interleave(2, dim=1) for x in (k, v)]
+    scores = torch.einsum("bhqd,bhkd->bhqk", q.double(), repeated[0].double()) * 0.25
+    if keep is not None:
+        scores = scores.masked_fill(~keep.expand(3, 50), float("-inf"))
+    torch.testing.assert_close(lse.double(), torch.logsumexp(scores, -1), atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(out.double(), torch.softmax(scores, -1) @ repeated[1].double(), atol=2e-5, rtol=2e-5)
+
+
 @pytest.mark.parametrize("causal", [True, False])
 def test_class_masks_say_on_the_host_when_every_row_keeps_a_key(causal):
     """`class_distance_mask` leaves out its empty rows (None) exactly where every row keeps a key

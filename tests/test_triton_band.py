@@ -183,10 +183,9 @@ def test_cuda_plans_take_the_kernel_for_the_band_in_half_precision(monkeypatch, 
     merged = []
     monkeypatch.setattr(union, "merge_to", lambda *a: merged.append(a) or merge_to(*a))
     out, calls = _kernel_calls(monkeypatch, q, k, v, pattern, causal)
-    # One launch (a union's decode row: one per key/value head, `GQA_VIEW_ROW_FRACTION`); a union's
-    # band continues its strides' partial (one call each, two merged into one first).
-    assert len(calls) == (2 if pattern is not SW and lq == 1 else 1)
-    assert all((call.get("seed") is not None) == seeded for call in calls) and len(merged) == merges * len(calls)
+    # One launch (grouped key/value heads read as they are); a union's band continues its strides'
+    # partial (one call each, two merged into one first).
+    assert len(calls) == 1 and (calls[0].get("seed") is not None) == seeded and len(merged) == merges
     torch.testing.assert_close(out.double(), reference.reference_attention(q, k, v, pattern, causal=causal)[0],
                                atol=3e-2, rtol=3e-2)
 

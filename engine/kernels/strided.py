@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .band import head_grid, row_grid, row_major
+from .band import row_grid, row_major
 from .dense import NEG_INF, additive_mask, empty_partial, fused, fused_under, kept_when_small
 from .device import kernel_device, values_on_host
 from .masked import MASK_BUDGET
@@ -140,11 +140,12 @@ def _short_run_pieces(
     the rows in one class row (at most two such runs) attend, one call per run, views of their
     own classes' keys up to ceil(m/s) class rows back: no class without a query, and no mask but
     the one dropping skipped strides' keys, which every row of a run shares (`class_distance_mask`,
-    kept: a decode loop's steps in one class row reuse it). Fewer key/value heads
-    than query heads (on the CPU) are taken as they are: per batch item, the run's classes on the
-    batch axis and the heads on the head axis, which torch's CPU kernel maps by H / Hkv."""
+    kept: a decode loop's steps in one class row reuse it). Fewer key/value heads than query heads
+    are taken as they are: the query heads of a key/value head are rows of its class problems, so
+    each class's keys are read once for all of them."""
     b, h, lq, d = q.shape
-    lk, s = k.shape[-2], stride
+    lk, s, hkv = k.shape[-2], stride, k.shape[1]
+    group = h // hkv
     offset = lk - lq
     back = -(-min_distance // s)  # class rows between a query and its nearest key
     k, v = row_major(k), row_major(v)
@@ -157,19 +158,13 @@ def _short_run_pieces(
         if keys > 0:
             mask, empty = class_distance_mask(class_row, 1, keys, back, s, skip_strides, True, q.dtype, q.device) \
                 if skip_strides else (None, None)
-            if k.shape[1] == h:
-                qc = q[..., row : row + run, :].reshape(b * h, run, 1, d)
-                kc, vc = (row_grid(x, first_class, (run, 1), (keys, s)) for x in (k, v))  # class c: its keys
-                out, lse = fused_under(qc, kc, vc, mask, empty, scale=scale)
-                pieces.append((row, out.reshape(b, h, run, -1), lse.reshape(b, h, run)))
-            else:
-                parts = []
-                for item in range(b):
-                    qc = q[item, :, row : row + run, :].transpose(0, 1).unsqueeze(2)  # [run, H, 1, D]
-                    kc, vc = (head_grid(x, item, first_class, (run, 1), (keys, s)) for x in (k, v))
-                    out, lse = fused_under(qc, kc, vc, mask, empty, scale=scale)
-                    parts.append((out[:, :, 0].transpose(0, 1), lse[:, :, 0].transpose(0, 1)))
-                pieces.append((row, torch.stack([o for o, _ in parts]), torch.stack([l for _, l in parts])))
+            # The query heads of a key/value head as rows of its problems: [B*Hkv, run, H/Hkv, D].
+            qc = q[..., row : row + run, :].reshape(b, hkv, group, run, d).transpose(2, 3)
+            qc = qc.reshape(b * hkv, run, group, d)
+            kc, vc = (row_grid(x, first_class, (run, 1), (keys, s)) for x in (k, v))  # class c: its keys
+            out, lse = fused_under(qc, kc, vc, mask, empty, scale=scale)
+            pieces.append((row, out.reshape(b, hkv, run, group, -1).transpose(2, 3).reshape(b, h, run, -1),
+                           lse.reshape(b, hkv, run, group).transpose(2, 3).reshape(b, h, run)))
         row += run
     return pieces
 
