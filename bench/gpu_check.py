@@ -20,7 +20,8 @@ cache is cold it compiles the Triton binaries the service needs, and /readyz sta
     step on the kernel with its keys split between programs (`key_splits`) and unsplit.
 (d) a few query rows at the end of 65536 and 131072 keys (decode steps, short chunks), per
     pattern, in bfloat16: the engine's structured kernels against dense flash SDPA and the masked kernel
-    (`bench.kernels --decode`).
+    (`bench.kernels --decode`); and at 65536 keys with grouped query heads (H = 32 over 8,
+    D = 128), which the plans take in one run, the query heads of a key/value head as its rows.
 (e) small problems (n = 32 to 256): each pattern's structured plan against the masked kernel, the
     choice `planner.SMALL_KEYS` makes, measured on the CPU only until then (`bench.kernels --small`).
 (f) the unions with fixed at n = 16384 and 65536 against dense flash SDPA: their fixed step one
@@ -443,6 +444,9 @@ def main(argv: list[str] | None = None) -> int:
         bench_kernels.main(["--decode", "--device", args.device, "--dtypes", "bfloat16", "--decode-lk", "65536", "131072",
                             "--decode-lq", "1", "16", "--repeats", "3", "--turn-s", "0.05",
                             "--out", str(args.out / "gpu_decode.json")])
+        bench_kernels.main(["--decode", "--device", args.device, "--dtypes", "bfloat16", "--decode-lk", "65536",
+                            "--decode-lq", "1", "16", "--heads", "32", "--decode-kv-heads", "8", "--dim", "128",
+                            "--repeats", "3", "--turn-s", "0.05", "--out", str(args.out / "gpu_decode_gqa.json")])
         bench_kernels.main(["--small", "--device", args.device, "--repeats", "2", "--turn-s", "0.05",
                             "--out", str(args.out / "gpu_small.json")])
         bench_kernels.main(["--device", args.device, "--dtypes", "bfloat16", "--bf16-n", "0", "--n", "16384", "65536",
