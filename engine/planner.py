@@ -25,7 +25,7 @@ import torch
 
 from . import kernels
 from .kernels.band import TILE_ROWS
-from .kernels.dense import as_computed, padded_head_dims, without_padding
+from .kernels.dense import SMALL_MASK_ELEMENTS, as_computed, padded_head_dims, without_padding
 from .kernels.device import kernel_device
 from .kernels.fixed import SHORT_RUN_ROWS, short_run
 from .kernels.masked import one_chunk
@@ -48,8 +48,8 @@ class Plan:
     rows all see the same keys fold those query heads into rows of their key/value head), instead
     of repeated ones. `grouped_kv_on_cuda`: so on CUDA (fixed's and the band's Triton kernels read
     key/value head h // (H / Hkv), their fallbacks repeat them themselves, the band's only its
-    window's keys, a key/value head at a time; dense attention over every key and a stride's short
-    runs fold them: a decode row). On CUDA the head dims are padded once
+    window's keys, a key/value head at a time; dense attention and a stride's short runs fold them:
+    a decode row, a causal chunk whose square is a kept mask). On CUDA the head dims are padded once
     for every step (`pads_head_dims`). `continues`: of two steps, the second continues the
     first's partial (its `seed`: fixed's, which its Triton kernel merges inside its launch) instead
     of the two merging after."""
@@ -221,7 +221,7 @@ def plan(pattern: PatternBase, lq: int, lk: int, causal: bool, device: str) -> P
     pattern = simplify(pattern, lk)
     if isinstance(pattern, Dense):
         return Plan("sdpa", (partial(kernels.dense_attention, diagonal=(lk - lq) if causal else None),),
-                    grouped_kv_on_cpu=True, grouped_kv_on_cuda=not causal or lq == 1)
+                    grouped_kv_on_cpu=True, grouped_kv_on_cuda=not causal or lq * lq <= SMALL_MASK_ELEMENTS)
     on_masked = (_small_on_masked(pattern, lk, causal) or _short_run_on_masked(pattern, lq, lk, causal, device)
                  or _tiny_strides_on_masked(pattern, lq, causal, device))
     structured = None if on_masked else structured_plan(pattern, lq, lk, causal)

@@ -205,25 +205,29 @@ def test_cuda_strided_masks_are_built_once(strides, causal, lq):
                                atol=3e-2, rtol=3e-2)
 
 
-@pytest.mark.parametrize("pattern", [None, ST, {"type": "union", "patterns": [SW, ST]},
-                                     {"type": "union", "patterns": [SW, ST, {"type": "strided", "stride": 24}]},
-                                     *(UNIONS[name] for name in ("window_fixed", "all_three"))],
-                         ids=["dense", "stride", "window_stride", "window_two_strides", "window_fixed", "all_three"])
-def test_cuda_decode_rows_take_grouped_heads_in_one_run(pattern):
-    """A decode row with fewer key/value heads than query heads runs as one call per kernel, as with
-    equal heads: the query heads that share a key/value head as rows of it (dense over every key, a
-    stride's short run), the band's and fixed's kernels reading them themselves; not one run per
-    key/value head over copies of it repeated (H = 32 over 8: 51 launches a dense decode row, 75 a
-    window and a stride's)."""
+@pytest.mark.parametrize("pattern, lq", [
+    (None, 1), (None, 16), (ST, 1), ({"type": "union", "patterns": [SW, ST]}, 1),
+    ({"type": "union", "patterns": [SW, ST, {"type": "strided", "stride": 24}]}, 1),
+    *((UNIONS[name], 1) for name in ("window_fixed", "all_three")),
+], ids=["dense", "dense_chunk", "stride", "window_stride", "window_two_strides", "window_fixed", "all_three"])
+def test_cuda_decode_rows_take_grouped_heads_in_one_run(pattern, lq):
+    """A decode row (or a dense causal chunk) with fewer key/value heads than query heads runs as one
+    call per kernel, as with equal heads: the query heads that share a key/value head as rows of it
+    (dense attention, its causal square a mask; a stride's short run), the band's and fixed's
+    kernels reading them themselves; not one run per key/value head over copies of it repeated
+    (H = 32 over 8: 51 launches a dense decode row, 75 a 16-row chunk, 75 a window and a
+    stride's decode row)."""
     g = torch.Generator().manual_seed(1)
-    q = torch.randn(1, 8, 1, 64, generator=g).to(torch.bfloat16)
+    q = torch.randn(1, 8, lq, 64, generator=g).to(torch.bfloat16)
     launches = {}
-    for hkv in (8, 2, 1):
+    for hkv in (8, 4, 2, 1):
         k, v = (torch.randn(1, hkv, 1000, 64, generator=g).to(torch.bfloat16) for _ in range(2))
         out, count = counted_call(q, k, v, pattern)
         launches[hkv] = count.launches
         torch.testing.assert_close(out.double(), reference_attention(q, k, v, pattern)[0], atol=3e-2, rtol=3e-2)
-    assert max(launches[2], launches[1]) <= launches[8] + 2, launches  # + the folded rows' output, back to heads
+    # As many for any key/value head count; a few more than equal heads (the folded rows' outputs
+    # back to heads; a chunk's mask repeated for the heads)
+    assert launches[4] == launches[2] >= launches[1] and launches[2] <= launches[8] + 5, launches
 
 
 def test_cuda_calls_keep_their_masks_within_budget():

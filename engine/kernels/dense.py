@@ -68,6 +68,9 @@ def fused(q, k, v, *, scale: float, is_causal: bool, mask: torch.Tensor | None =
     dv = v.shape[-1]
     if q.numel() == 0 or k.shape[-2] == 0:  # torch's CPU kernel dies (SIGFPE) on no query or no key
         return empty_partial(q, dv)
+    if k.shape[1] != q.shape[1] and is_causal and kernel_device(q.device) != "cpu":
+        # Fused kernels but the CPU's take equal heads only: the causal square as a mask, so the heads fold
+        is_causal, mask = False, causal_mask(q.shape[-2], q.dtype, q.device)
     if k.shape[1] != q.shape[1] and not is_causal and (mask is None or mask.dim() == 2):
         return _query_heads_as_rows(q, k, v, scale=scale, mask=mask)
     q, k, v = same_head_dim(q, k, v)
@@ -141,6 +144,13 @@ def additive_mask(keep: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     else:
         mask = torch.zeros(keep.shape, dtype=dtype, device=keep.device)
     return mask.masked_fill_(~keep, NEG_INF)
+
+
+@kept_when_small(lambda rows, dtype, device: rows * rows)
+def causal_mask(rows: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """[rows, rows] additive mask: row r keeps keys 0 .. r (a causal square for a call that folds
+    grouped query heads into rows, which `is_causal` cannot say)."""
+    return additive_mask(torch.ones(rows, rows, dtype=torch.bool, device=device).tril(), dtype)
 
 
 def bias_rows(shape: torch.Size, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -333,7 +343,7 @@ def dense_attention(
     tri = fused(tri_q, k[..., diagonal : diagonal + rows, :], v[..., diagonal : diagonal + rows, :], scale=scale, is_causal=True)
     if diagonal > 0:
         prefix = fused(tri_q, k[..., :diagonal, :], v[..., :diagonal, :], scale=scale, is_causal=False)
-        tri = merge_partials([prefix, tri])
+        tri = merge_partials([prefix, tri], q.dtype)  # rounded once, as the output would be
     parts.append(tri)
     if rows < lq:  # rows whose diagonal runs past the last key see every key
         parts.append(fused(q[..., rows:, :], k, v, scale=scale, is_causal=False))
