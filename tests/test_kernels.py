@@ -7,7 +7,9 @@ import contextlib
 import itertools
 import math
 import platform
+import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -167,6 +169,39 @@ def _assert_matches_far(result, q, k, v, pattern, min_distance, causal=True, ski
 
 def test_freed_cpu_memory_is_kept_for_reuse_on_glibc():
     assert kernels.KEEPS_FREED_MEMORY is (sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc")
+
+
+# In a fresh process: a worker thread (as the service's engine worker) allocates 48 MB, then glibc
+# reports its heaps. Without one shared arena the thread's block lives in a heap of its own.
+_WORKER_HEAPS = """
+import ctypes, os, sys, tempfile
+from concurrent.futures import ThreadPoolExecutor
+import torch
+import engine.kernels
+libc = ctypes.CDLL("libc.so.6")
+libc.fopen.restype = ctypes.c_void_p
+def heaps_while_holding():
+    block = torch.ones(12_000_000)
+    fd, path = tempfile.mkstemp()
+    os.close(fd)
+    stream = ctypes.c_void_p(libc.fopen(path.encode(), b"w"))
+    libc.malloc_info(0, stream)
+    libc.fclose(stream)
+    with open(path) as f:
+        report = f.read()
+    os.unlink(path)
+    return report.count("<heap nr=")
+print(ThreadPoolExecutor(1).submit(heaps_while_holding).result())
+"""
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's arenas")
+def test_worker_threads_allocate_from_the_one_reused_arena():
+    """A worker thread's large blocks come from the main arena, whose freed memory is kept: in an
+    arena of its own they were unmapped when freed and page-faulted again at every call."""
+    run = subprocess.run([sys.executable, "-c", _WORKER_HEAPS], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parents[1])
+    assert int(run.stdout) == 1, run.stdout
 
 
 def test_kernels_take_non_contiguous_inputs():
