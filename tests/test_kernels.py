@@ -140,6 +140,24 @@ def test_kernels_half_precision(dtype):
         _assert_matches(result, q, k, v, pattern, tol=3e-2)
 
 
+def test_row_pieces_join_straight_into_the_results_dtype():
+    """Pieces computed in float32 join into a half-precision output in one converting copy: each
+    row rounded once, exactly as a float32 join converted after, and the log-sum-exp stays float32.
+    The band and strided kernels hand such a join back in q's dtype."""
+    from engine.kernels.merge import join_rows
+
+    g = torch.Generator().manual_seed(5)
+    parts = [(torch.randn(2, 3, rows, 8, generator=g), torch.randn(2, 3, rows, generator=g)) for rows in (5, 24, 7)]
+    out, lse = join_rows(parts, torch.bfloat16)
+    assert out.dtype == torch.bfloat16 and lse.dtype == torch.float32
+    assert torch.equal(out, torch.cat([o for o, _ in parts], -2).bfloat16())
+    assert torch.equal(lse, torch.cat([l for _, l in parts], -1))
+    q, k, v = _qkv(1, 300, 300, dtype=torch.bfloat16)
+    band_out, _ = kernels.band_attention(q, k, v, window=64, scale=0.25)  # first rows, then tiles
+    strided_out, _ = kernels.strided_attention(q, k, v, stride=4, scale=0.25)  # two chunks of class rows
+    assert band_out.dtype == strided_out.dtype == torch.bfloat16
+
+
 @pytest.mark.parametrize("lq,lk", [(600, 600), (517, 700), (300, 1003)])
 @pytest.mark.parametrize("min_distance", [0, 1, 20, 64])
 def test_strided_many_chunks(monkeypatch, lq, lk, min_distance):

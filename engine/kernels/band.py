@@ -147,7 +147,7 @@ def band_attention(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Sliding-window attention, queries bottom-right aligned; (out, lse) over [B, H, Lq, *]."""
     pieces = band_pieces(q, k, v, window=window, scale=scale, causal=causal, tile=tile)
-    return join_rows([(out, lse) for _, out, lse in pieces])
+    return join_rows([(out, lse) for _, out, lse in pieces], q.dtype)
 
 
 @functools.cache

@@ -187,7 +187,7 @@ def strided_attention(
     first = pieces[0][0] if pieces else q.shape[-2]
     if first:
         pieces.insert(0, (0, *empty_partial(q[..., :first, :], v.shape[-1])))
-    return join_rows([(out, lse) for _, out, lse in pieces])
+    return join_rows([(out, lse) for _, out, lse in pieces], q.dtype)
 
 
 @kept_when_small(lambda first, rows, key_rows, *rule: rows * key_rows)
