@@ -27,7 +27,7 @@ import torch
 
 from . import triton_band
 from .dense import (additive_mask, as_computed, cuda_operand, dense_attention, flash_supported, fused,
-                    kept_when_small, math_attention, repeated_operand, same_head_dim)
+                    kept_when_small, math_attention, repeated_operand, same_head_dim, without_padding)
 from .device import kernel_device
 from .merge import join_rows
 
@@ -70,6 +70,13 @@ def head_grid(x: torch.Tensor, item: int, first: int, outer: tuple[int, int], in
                         x.storage_offset() + item * x.stride(0) + first * d)
 
 
+def row_range(x: torch.Tensor, start: int, rows: int, dim: int = -2) -> torch.Tensor:
+    """Rows start .. start + rows - 1 of x along `dim` (-1 for a log-sum-exp): x itself when they
+    are all of its rows (a decode step's window is the whole cropped key range, its pieces whole
+    rows), as each view costs host time, which is most of a decode step's."""
+    return x if start == 0 and rows == x.shape[dim] else x.narrow(dim, start, rows)
+
+
 def row_major(x: torch.Tensor) -> torch.Tensor:
     """x itself when its rows are contiguous and B, H merge into one axis of one stride (as in a
     contiguous tensor, or a grouped-query view repeating one key/value head with stride 0), else
@@ -88,7 +95,7 @@ def band_pieces(
     queries bottom-right aligned: a consumer that writes a new tensor anyway (a union's merge)
     can take them without first joining them."""
     lo = max(0, k.shape[-2] - q.shape[-2] - window + 1)  # no row attends a key before its window
-    k, v = k[..., lo:, :], v[..., lo:, :]  # the rule depends on i - j alone: nothing else changes
+    k, v = row_range(k, lo, k.shape[-2] - lo), row_range(v, lo, v.shape[-2] - lo)  # the rule depends on i - j alone
     if triton_band.takes(q, v, causal):  # it reads key/value head h // (H / Hkv) itself
         return [(0, *triton_band.triton_band_attention(q, k, v, window=window, scale=scale, causal=causal))]
     h, hkv = q.shape[1], k.shape[1]
@@ -106,7 +113,7 @@ def band_pieces(
     lk, dv, w = k.shape[-2], v.shape[-1], window
     after = 0 if causal else w - 1  # keys a row sees after its own position
     offset = lk - lq
-    q, k, v = (row_major(x) for x in same_head_dim(q, k, v))
+    q, k, v = same_head_dim(q, k, v)
     pieces = []
     # Rows whose position is below w - 1 see every key up to themselves (plus `after`).
     head = min(lq, max(0, w - 1 - offset))
@@ -125,13 +132,14 @@ def band_pieces(
         start = offset + row - w + 1  # first key of the first tile's window
         mask = band_mask(size, w + after, q.dtype, q.device)
         if tiles == 1:  # a short run: its window is a slice (grouped key/value heads as they are)
-            o, l = fused(q[..., row : row + size, :], k[..., start : start + width, :],
-                          v[..., start : start + width, :], scale=scale, is_causal=False, mask=mask)
+            o, l = fused(row_range(q, row, size), row_range(k, start, width), row_range(v, start, width),
+                         scale=scale, is_causal=False, mask=mask)
+            pieces.append((row, without_padding(o, dv), l))
         else:
-            qt = q[..., row : row + tiles * size, :].reshape(b * h, tiles, size, -1)
-            kt, vt = (row_grid(x, start, (tiles, size), (width, 1)) for x in (k, v))  # tile t: its window
+            qt = row_major(q)[..., row : row + tiles * size, :].reshape(b * h, tiles, size, -1)
+            kt, vt = (row_grid(row_major(x), start, (tiles, size), (width, 1)) for x in (k, v))  # tile t: its window
             o, l = fused(qt, kt, vt, scale=scale, is_causal=False, mask=mask)
-        pieces.append((row, o.reshape(b, h, tiles * size, -1)[..., :dv], l.reshape(b, h, tiles * size)))
+            pieces.append((row, o.reshape(b, h, tiles * size, -1)[..., :dv], l.reshape(b, h, tiles * size)))
         row += tiles * size
     if stop < lq:  # keys i - w + 1 .. Lk - 1: reversed, the first rows' problem (a dense diagonal)
         lo = max(0, offset + stop - w + 1)

@@ -285,9 +285,17 @@ def _one_row_gathered(q, k, v, *, block: int, summary: int, scale: float) -> tup
     l, c = block, summary
     i = k.shape[-2] - 1
     start = i // l * l
-    index = torch.cat([summary_columns(start, l, c, q.device), torch.arange(start, i + 1, device=q.device)])
+    index = block_row_keys(start, l, c, q.device)[: start // l * c + i - start + 1]
     out, lse = fused(q, k.index_select(-2, index), v.index_select(-2, index), scale=scale, is_causal=False)
     return out.float(), lse
+
+
+@kept_when_small(lambda start, block, summary, device: start // block * summary + block)
+def block_row_keys(start: int, block: int, summary: int, device: torch.device) -> torch.Tensor:
+    """The keys of the block starting at `start` whose prefixes its rows attend: the summary keys of
+    the blocks before it, then its own positions (kept: a decode loop's steps through one block
+    share it, where building it took five small ops a step)."""
+    return torch.cat([summary_columns(start, block, summary, device), torch.arange(start, start + block, device=device)])
 
 
 def _summary_offsets(q, k, v, out, lse, *, base: int, block: int, summary: int, real: slice, scale: float,

@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .band import row_grid, row_major
+from .band import row_grid, row_major, row_range
 from .dense import NEG_INF, additive_mask, empty_partial, fused, fused_under, kept_when_small
 from .device import kernel_device, values_on_host
 from .masked import MASK_BUDGET
@@ -159,14 +159,23 @@ def _short_run_pieces(
             mask, empty = class_distance_mask(class_row, 1, keys, back, s, skip_strides, True, q.dtype, q.device) \
                 if skip_strides else (None, None)
             # The query heads of a key/value head as rows of its problems: [B*Hkv, run, H/Hkv, D].
-            qc = q[..., row : row + run, :].reshape(b, hkv, group, run, d).transpose(2, 3)
-            qc = qc.reshape(b * hkv, run, group, d)
+            qc = _swapped(row_range(q, row, run), (b, hkv, group, run, d), (b * hkv, run, group, d))
             kc, vc = (row_grid(x, first_class, (run, 1), (keys, s)) for x in (k, v))  # class c: its keys
             out, lse = fused_under(qc, kc, vc, mask, empty, scale=scale)
-            pieces.append((row, out.reshape(b, hkv, run, group, -1).transpose(2, 3).reshape(b, h, run, -1),
-                           lse.reshape(b, hkv, run, group).transpose(2, 3).reshape(b, h, run)))
+            dv = out.shape[-1]
+            pieces.append((row, _swapped(out, (b, hkv, run, group, dv), (b, h, run, dv)),
+                           _swapped(lse, (b, hkv, run, group), (b, h, run))))
         row += run
     return pieces
+
+
+def _swapped(x: torch.Tensor, split: tuple[int, ...], shape: tuple[int, ...]) -> torch.Tensor:
+    """x viewed as `split`, its axes 2 and 3 swapped, viewed as `shape`: a single view where either
+    axis is 1 long (a decode row, or as many key/value heads as query heads), since a decode step's
+    calls are mostly host time."""
+    if split[2] == 1 or split[3] == 1:
+        return x.reshape(shape)
+    return x.reshape(split).transpose(2, 3).reshape(shape)
 
 
 def strided_attention(

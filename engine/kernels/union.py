@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from . import triton_band
-from .band import band_pieces
+from .band import band_pieces, row_range
 from .merge import merge_to
 from .strided import strided_attention, strided_pieces
 
@@ -55,9 +55,8 @@ def band_strided_attention(
                 continue
             if lo > at:  # rows with no strided key: the band alone
                 out[..., at:lo, :], lse[..., at:lo] = p_out[..., at - row : lo - row, :], p_lse[..., at - row : lo - row]
-            merge_to(out[..., lo:hi, :], lse[..., lo:hi],
-                     (p_out[..., lo - row : hi - row, :], p_lse[..., lo - row : hi - row]),
-                     (o_out[..., lo - o_row : hi - o_row, :], o_lse[..., lo - o_row : hi - o_row]))
+            merge_to(*_rows((out, lse), lo, hi - lo), _rows((p_out, p_lse), lo - row, hi - lo),
+                     _rows((o_out, o_lse), lo - o_row, hi - lo))
             at = hi
         if end > at:
             out[..., at:end, :], lse[..., at:end] = p_out[..., at - row :, :], p_lse[..., at - row :]
@@ -66,6 +65,12 @@ def band_strided_attention(
             rows = slice(row, row + o_out.shape[-2])
             merge_to(out[..., rows, :], lse[..., rows], (out[..., rows, :], lse[..., rows]), (o_out, o_lse))
     return out, lse
+
+
+def _rows(partial: tuple[torch.Tensor, torch.Tensor], start: int, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows start .. start + rows - 1 of a partial (out, lse)."""
+    out, lse = partial
+    return row_range(out, start, rows), row_range(lse, start, rows, dim=-1)
 
 
 def _one_run(partials: list[list[tuple[int, torch.Tensor, torch.Tensor]]]) -> tuple[int, torch.Tensor, torch.Tensor] | None:
