@@ -8,8 +8,9 @@ fixed members) falls back to the masked kernel, which is exact and memory-safe b
 few query rows it runs on a copy of just the keys they attend). Small problems of fixed, unions
 and windows (at most SMALL_KEYS keys; a union with fixed twice that, a causal window half) run on
 the masked kernel too: one call beats their several small ones there; so, on the CPU, do a few
-rows of a union with fixed after up to SHORT_RUN_MASKED_KEYS keys (a decode step), and a chunk of
-one or two class rows of strides of at most TINY_STRIDE (of a union of strides, TINY_UNION_STRIDE).
+rows of a union with fixed after up to SHORT_RUN_MASKED_KEYS keys (a decode step) and of fixed
+alone from two rows on, and a chunk of one or two class rows of strides of at most TINY_STRIDE (of
+a union of strides, TINY_UNION_STRIDE).
 `simplify` first removes what cannot change the mask.
 """
 
@@ -107,8 +108,12 @@ SMALL_KEYS = 128
 # - union(strided 128, fixed(128, 8)) and union(sliding 64, strided 128, fixed(128, 8)): 0.60-0.74
 #   at Lk 512 to 2048 (0.89-0.96 at 2048 and 16 rows); at 1024, H = 32: 0.46-0.54, bfloat16
 #   0.44-0.60.
-# - fixed alone keeps its plan: one row is its fast case (fixed(128, 8) at Lk 1024 1.13, fixed(16, 2)
-#   1.18, 2048 1.27 and 1.53), though 16 rows were 0.70-0.76.
+# - fixed alone keeps its plan for one row, its fast case (fixed(128, 8) at Lk 1024 1.13, fixed(16, 2)
+#   1.18, 2048 1.27 and 1.53). From two rows on it takes the masked call up to twice as many keys
+#   (since 2026-12-05; plans called directly in a loop of 60 key lengths, best of three, Lq 2 / 4 /
+#   8 / 16): fixed(128, 8), fixed(64, 4) and fixed(16, 2) at Lk 512 and 1024 0.36-0.77, at 2048
+#   0.55-1.07 (most under 0.8), at 4096 0.84-1.36; in bfloat16 0.33-0.51 up to 2048 and 0.50-0.63
+#   at 4096, with H = 8 over 2 key/value heads 0.34-0.58 up to 2048.
 # On CUDA the structured plans read no device value and fixed is one Triton launch: they keep these
 # runs.
 SHORT_RUN_MASKED_KEYS = 1024
@@ -238,11 +243,13 @@ def _small_on_masked(pattern: PatternBase, lk: int, causal: bool) -> bool:
 
 
 def _short_run_on_masked(pattern: PatternBase, lq: int, lk: int, causal: bool, device: str) -> bool:
-    """Whether a few causal rows of a union with fixed run on the CPU's masked kernel
-    (SHORT_RUN_MASKED_KEYS)."""
-    if device != "cpu" or not causal or lq > SHORT_RUN_ROWS or not _union_with(pattern, Fixed):
+    """Whether a few causal rows of a union with fixed, or two or more of fixed alone, run on the
+    CPU's masked kernel (SHORT_RUN_MASKED_KEYS)."""
+    if device != "cpu" or not causal or lq > SHORT_RUN_ROWS:
         return False
-    return lk <= SHORT_RUN_MASKED_KEYS * (2 if _union_with(pattern, Strided) else 1)
+    if isinstance(pattern, Fixed):  # one row is its fast case: a copy of exactly its keys
+        return lq > 1 and lk <= 2 * SHORT_RUN_MASKED_KEYS
+    return _union_with(pattern, Fixed) and lk <= SHORT_RUN_MASKED_KEYS * (2 if _union_with(pattern, Strided) else 1)
 
 
 def _tiny_strides_on_masked(pattern: PatternBase, lq: int, causal: bool, device: str) -> bool:

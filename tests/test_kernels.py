@@ -331,7 +331,12 @@ STRIDES = {"type": "union", "patterns": [SW(256), ST(128), ST(96)]}
     ({"type": "union", "patterns": [SW(128), FX(128, 8)]}, 1, 1025, True, "band+fixed"),
     ({"type": "union", "patterns": [SW(128), FX(128, 8)]}, 17, 1024, True, "band+fixed"),  # past a short run
     ({"type": "union", "patterns": [SW(128), FX(128, 8)]}, 1, 1024, False, "band+fixed"),  # causal only
-    (FX(128, 8), 1, 1024, True, "fixed"),  # fixed alone keeps its plan
+    (FX(128, 8), 1, 2048, True, "fixed"),  # fixed alone keeps its plan for one row
+    (FX(128, 8), 2, 2048, True, "masked"),  # from two rows on, up to twice as many keys
+    (FX(16, 2), 16, 2048, True, "masked"),
+    (FX(128, 8), 2, 2049, True, "fixed"),
+    (FX(128, 8), 17, 1024, True, "fixed"),  # past a short run
+    (FX(128, 8), 16, 1024, False, "fixed"),  # causal only
     ({"type": "union", "patterns": [ST(128), FX(128, 8)]}, 1, 2048, True, "masked"),
     ({"type": "union", "patterns": [ST(128), FX(128, 8)]}, 1, 2049, True, "strided+fixed"),
     (THREE, 16, 2048, True, "masked"),
