@@ -30,6 +30,7 @@ from .kernels.dense import SMALL_MASK_ELEMENTS, as_computed, padded_head_dims, w
 from .kernels.device import kernel_device
 from .kernels.fixed import SHORT_RUN_ROWS, short_run
 from .kernels.masked import one_chunk
+from .kernels.strided import few_classes
 from .patterns import Dense, Fixed, PatternBase, SlidingWindow, Strided, Union
 
 Partial = tuple[torch.Tensor, torch.Tensor]
@@ -282,9 +283,9 @@ def structured_plan(pattern: PatternBase, lq: int, lk: int, causal: bool) -> Pla
     a short run at the end of long keys too), or None. Without causality the same, the band
     reaching both ways, each stride class attending all of itself, each fixed block itself and
     every other block's summary keys."""
-    if isinstance(pattern, Strided):  # fewer rows than s, causal or not, read only their classes' keys
+    if isinstance(pattern, Strided):  # fewer rows than s read only their classes' keys; it converts itself
         return Plan("strided", (partial(kernels.strided_attention, stride=pattern.stride, causal=causal),),
-                    converts_in_steps=_few_classes(lq, pattern.stride), grouped_kv_on_cpu=lq < pattern.stride,
+                    converts_in_steps=True, grouped_kv_on_cpu=lq < pattern.stride,
                     grouped_kv_on_cuda=lq < pattern.stride)
     if isinstance(pattern, Fixed):  # the query rows' blocks and the summary keys, each converted once
         return Plan("fixed", (partial(kernels.fixed_attention, block=pattern.block, summary=pattern.summary,
@@ -297,14 +298,6 @@ def structured_plan(pattern: PatternBase, lq: int, lk: int, causal: bool) -> Pla
     if isinstance(pattern, Union):
         return _structured_union(pattern, lq, lk, causal)
     return None
-
-
-def _few_classes(lq: int, stride: int) -> bool:
-    """Whether Lq rows read so few of a stride's classes that converting just those (scattered
-    rows, gathered per call) beats converting K and V whole: up to half of them. Per call / whole,
-    bfloat16, Lk 65536, H = 8: strided(64) at 16, 32, 48 rows 0.63, 0.88, 1.17; strided(128) at
-    32, 48, 63 rows 0.55, 0.82, 0.71."""
-    return 2 * lq <= stride
 
 
 def _structured_union(pattern: Union, lq: int, lk: int, causal: bool) -> Plan | None:
@@ -335,7 +328,7 @@ def _structured_union(pattern: Union, lq: int, lk: int, causal: bool) -> Plan | 
         steps.append(partial(kernels.fixed_attention, block=fixed.block, summary=fixed.summary, causal=causal,
                              min_distance=window, skip_strides=strides))
     name = "+".join(kind for kind, present in (("band", window), ("strided", strides), ("fixed", fixed)) if present)
-    few_rows = all(_few_classes(lq, stride) for stride in strides) and (not fixed or lq < fixed.block)
+    few_rows = all(few_classes(lq, stride) for stride in strides) and (not fixed or lq < fixed.block)
     grouped = causal and lq <= TILE_ROWS and all(lq < stride for stride in strides)
     grouped = grouped and (not fixed or short_run(lq, lk, fixed.block, fixed.summary))
     return Plan(name, tuple(steps), converts_in_steps=few_rows, grouped_kv_on_cpu=grouped,
