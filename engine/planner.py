@@ -286,9 +286,9 @@ def structured_plan(pattern: PatternBase, lq: int, lk: int, causal: bool) -> Pla
     reaching both ways, each stride class attending all of itself, each fixed block itself and
     every other block's summary keys."""
     if isinstance(pattern, Strided):  # fewer rows than s read only their classes' keys; it converts itself
+        one_per_class = lq < pattern.stride  # each row alone in its class: grouped heads fold on either device
         return Plan("strided", (partial(kernels.strided_attention, stride=pattern.stride, causal=causal),),
-                    converts_in_steps=True, grouped_kv_on_cpu=lq < pattern.stride,
-                    grouped_kv_on_cuda=lq < pattern.stride)
+                    converts_in_steps=True, grouped_kv_on_cpu=one_per_class, grouped_kv_on_cuda=one_per_class)
     if isinstance(pattern, Fixed):  # the query rows' blocks and the summary keys, each converted once
         return Plan("fixed", (partial(kernels.fixed_attention, block=pattern.block, summary=pattern.summary,
                                       causal=causal),), converts_in_steps=True,
