@@ -292,8 +292,7 @@ def structured_plan(pattern: PatternBase, lq: int, lk: int, causal: bool) -> Pla
     if isinstance(pattern, Fixed):  # the query rows' blocks and the summary keys, each converted once
         return Plan("fixed", (partial(kernels.fixed_attention, block=pattern.block, summary=pattern.summary,
                                       causal=causal),), converts_in_steps=True,
-                    grouped_kv_on_cpu=causal and short_run(lq, lk, pattern.block, pattern.summary),
-                    grouped_kv_on_cuda=True)
+                    grouped_kv_on_cpu=causal, grouped_kv_on_cuda=True)
     if isinstance(pattern, SlidingWindow):  # the band converts its window's keys itself, at any length
         return Plan("band", (partial(kernels.band_attention, window=pattern.window, causal=causal),),
                     converts_in_steps=True, grouped_kv_on_cpu=lq <= TILE_ROWS, grouped_kv_on_cuda=True)

@@ -27,6 +27,12 @@ union's strides (which count the keys at their multiples), skipped, mask the own
 [l, l] mask and each block's summary keys; both take the call per block (on CUDA a row range's
 worth of blocks per call: `_blocks_per_call`).
 
+On the CPU causal calls read fewer key/value heads than query heads as they are: every call keeps
+the heads on the head axis (the own blocks per batch item, blocks on the batch axis), where
+torch's CPU kernel maps query head h to key/value head h // (H / Hkv), or folds a key/value head's
+query heads into rows of one problem (`fused`); only row ranges repeat the summary keys, c/l of K
+and V. Non-causal calls and CUDA's fused ones repeat the key/value heads.
+
 Non-causal, each query attends every summary key (one call) and the other keys of its own block
 (one batched call over the block view): no mask, no key twice. With a minimum distance or
 skipped strides, per query block (on CUDA a few blocks) its own block and the summary keys before
@@ -174,9 +180,10 @@ def fused_fixed_attention(
     b, h, lq, _ = q.shape
     lk, dv, l, c = k.shape[-2], v.shape[-1], block, summary
     short = causal and short_run(lq, lk, l, c)
-    # Grouped key/value heads are repeated, but for the CPU's short runs, whose calls read them as
-    # they are (CUDA's fused kernels take equal heads only).
-    if k.shape[1] != h and not (short and kernel_device(q.device) == "cpu"):
+    # Grouped key/value heads are repeated, but for the CPU's causal calls, which read them as they
+    # are: torch's CPU kernel maps query head h to key/value head h // (H / Hkv) on the head axis,
+    # and every call here keeps the heads there (CUDA's fused kernels take equal heads only).
+    if k.shape[1] != h and not (causal and kernel_device(q.device) == "cpu"):
         k, v = (x.repeat_interleave(h // x.shape[1], dim=1) for x in (k, v))
     if short and lq == 1 and not (min_distance or skip_strides) and kernel_device(q.device) == "cpu" \
             and (lk - 1) // l * c <= GATHERED_ROW_KEYS and q.shape[-1] == dv:
@@ -201,11 +208,11 @@ def fused_fixed_attention(
     if any(pad_q) or not q.is_contiguous():
         q = F.pad(q, (0, 0, *pad_q))
 
-    # The query blocks' own keys as [B*H, nq, l, D]: a view, or a copy of those blocks only
-    # (zero-padded to whole blocks: the padding lies in every query's future), never all of K.
-    def own_blocks(x: torch.Tensor) -> torch.Tensor:
+    # The query blocks' own keys in C order: a view, or a copy of those blocks only (zero-padded
+    # to whole blocks: the padding lies in every query's future), never all of K.
+    def own_rows(x: torch.Tensor) -> torch.Tensor:
         x = x[..., first * l :, :]
-        return (F.pad(x, (0, 0, 0, blocks * l - lk)) if blocks * l > lk else x).reshape(b * h, nq, l, -1)
+        return row_major(F.pad(x, (0, 0, 0, blocks * l - lk)) if blocks * l > lk else x)
 
     def own_keep(r0: int, r1: int, keys: int) -> torch.Tensor | None:
         """Rows r0..r1-1 of the one [l, l] mask every block shares (i - j is the offset within
@@ -231,21 +238,28 @@ def fused_fixed_attention(
                 o, s_lse = fused_masked(q[..., rows, :], k[..., keys, :], v[..., keys, :], keep, scale=scale)
             out[:, rows], lse[:, rows] = o.reshape(b * h, r1 - r0, dv), s_lse.reshape(b * h, r1 - r0)
     else:
-        qb = q.reshape(b * h, nq, l, d)
-        if not skip_strides:
-            own_out, own_lse = dense_attention(qb, own_blocks(k), own_blocks(v), scale=scale, diagonal=-min_distance)
-        else:
-            own_out, own_lse = fused_masked(qb, own_blocks(k), own_blocks(v), own_keep(0, l, l), scale=scale)
+        q_own, k_own, v_own = row_major(q), own_rows(k), own_rows(v)
+        grouped = k.shape[1] != h
+        if grouped:  # a call per batch item: its blocks on the batch axis, the heads on the head axis,
+            # where torch's CPU kernel maps grouped key/value heads (and lays its output out as q)
+            calls = [[head_grid(x, item, 0, (nq, l), (l, 1)) for x in (q_own, k_own, v_own)] for item in range(b)]
+        else:  # one call: batch items and heads on the batch axis, the blocks on the head axis
+            calls = [[x.reshape(b * h, nq, l, x.shape[-1]) for x in (q_own, k_own, v_own)]]
+        owns = [fused_masked(*call, own_keep(0, l, l), scale=scale) if skip_strides
+                else dense_attention(*call, scale=scale, diagonal=-min_distance) for call in calls]
+        if grouped:  # each item's [nq, H, ...] as [H, nq, ...]
+            owns = [(o.transpose(0, 1), s_lse.transpose(0, 1)) for o, s_lse in owns]
+        outs = [o.reshape(-1, nq * l, o.shape[-1]) for o, _ in owns]
+        lses = [s_lse.reshape(-1, nq * l) for _, s_lse in owns]
         # float32 in C order: one copy at most (the CUDA kernels' output is half precision, laid out
-        # [B, L, H, D]), none for the CPU's
-        out = own_out.to(torch.float32, memory_format=torch.contiguous_format).reshape(b * h, nq * l, -1)
-        lse = own_lse.reshape(b * h, nq * l).contiguous()
+        # [B, L, H, D]), none for the CPU's of one call
+        out = (outs[0] if len(outs) == 1 else torch.cat(outs)).to(torch.float32, memory_format=torch.contiguous_format)
+        lse = (lses[0] if len(lses) == 1 else torch.cat(lses)).contiguous()
 
     # Summary keys of blocks 0 .. blocks-2 (whole blocks; the last block's summary is only its
-    # own block's): a copy of c/l of them.
+    # own block's): a copy of c/l of them, [B, heads, keys, D].
     def gathered(x: torch.Tensor) -> torch.Tensor:
-        return x[..., : (blocks - 1) * l, :].unflatten(-2, (blocks - 1, l))[..., l - c :, :].reshape(
-            b * h, 1, (blocks - 1) * c, -1)
+        return x[..., : (blocks - 1) * l, :].unflatten(-2, (blocks - 1, l))[..., l - c :, :].flatten(-3, -2)
 
     lo = max(first, 1)  # block 0 sees no summary key
     real = slice(offset - base, offset - base + lq)
@@ -258,11 +272,16 @@ def fused_fixed_attention(
         few_blocks = blocks - lo <= (MIN_RANGES if cpu else MAX_RANGES)  # no more calls than ranges would make
         if few_rows or min_distance or skip_strides or ranges is None and (
                 few_blocks or cpu and (l >= CALL_ROWS or _chunk_after_long_keys(lq, lk))):
-            _summary_per_block(q.reshape(b * h, 1, -1, d), ks, vs, out, lse, range(lo, blocks), base=base,
+            _summary_per_block(q, ks, vs, out, lse, range(lo, blocks), base=base,
                                block=l, summary=c, real=real, scale=scale, min_distance=min_distance,
                                skip_strides=skip_strides)
         else:
-            q_heads = qb.transpose(1, 2)  # [B*H, l, nq, D]: position in block as heads, block as rows
+            q_heads = q.reshape(b * h, nq, l, d).transpose(1, 2)  # [B*H, l, nq, D]: position in block as heads
+            # The summary keys as [B*H, 1, keys, D], repeated for grouped heads (c/l of K and V),
+            # which a block's l positions, the head axis here, share by a stride-0 view.
+            if ks.shape[1] != h:
+                ks, vs = (x.repeat_interleave(h // x.shape[1], dim=1) for x in (ks, vs))
+            ks, vs = (x.reshape(b * h, 1, -1, x.shape[-1]) for x in (ks, vs))
             ranges = ranges or _range_count(blocks - lo)
             step = -(-(blocks - lo) // ranges)
             for b0 in range(lo, blocks, step):
@@ -361,7 +380,9 @@ def _summary_per_block(q_rows, ks, vs, out, lse, blocks: range, *, base: int, bl
     sees the same b*c summary keys (no padded row); a row at i sees those at positions <= i - m
     (m the minimum distance, 0 without one), a prefix of them: the prefix all the call's rows see
     runs unmasked, the rest (a call's later blocks, the nearer keys) under a small prefix mask.
-    Skipping strides' keys masks them all."""
+    Skipping strides' keys masks them all. q_rows [B, H, L, D], the keys [B, Hkv, keys, D] (grouped
+    heads as they are: `fused` folds a key/value head's query heads into rows of one problem);
+    (out, lse) over [B*H, L, *]."""
     l, c = block, summary
     if skip_strides:  # the positions of the summary keys in ks: those of blocks 0 .. last - 1
         at = summary_columns((blocks.stop - 1) * l, l, c, q_rows.device)
@@ -386,7 +407,7 @@ def _summary_per_block(q_rows, ks, vs, out, lse, blocks: range, *, base: int, bl
                 keep &= off_strides(i[:, None] - at[None, lo:hi], skip_strides)
             parts.append(fused_masked(rows, ks[:, :, lo:hi], vs[:, :, lo:hi], keep, scale=scale))
         for o, s_lse in parts:
-            merge_to(out[:, r0:r1], lse[:, r0:r1], (out[:, r0:r1], lse[:, r0:r1]), (o[:, 0], s_lse[:, 0]))
+            merge_to(out[:, r0:r1], lse[:, r0:r1], (out[:, r0:r1], lse[:, r0:r1]), (o.flatten(0, 1), s_lse.flatten(0, 1)))
 
 
 def _non_causal(q, k, v, *, block: int, summary: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
