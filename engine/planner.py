@@ -25,10 +25,9 @@ from typing import Callable, Iterator
 import torch
 
 from . import kernels
-from .kernels.band import TILE_ROWS
 from .kernels.dense import SMALL_MASK_ELEMENTS, as_computed, padded_head_dims, without_padding
 from .kernels.device import kernel_device
-from .kernels.fixed import SHORT_RUN_ROWS, short_run
+from .kernels.fixed import SHORT_RUN_ROWS
 from .kernels.masked import one_chunk
 from .kernels.strided import few_classes
 from .patterns import Dense, Fixed, PatternBase, SlidingWindow, Strided, Union
@@ -49,8 +48,9 @@ class Plan:
     keys spent 12 ms converting them all, 90x its sliding window's 0.13 ms. `grouped_kv_on_cpu`:
     on the CPU the steps take fewer key/value heads than query heads as they are (torch's CPU
     attention kernel reads each key/value head for its H / Hkv query heads; `fused` calls whose
-    rows all see the same keys fold those query heads into rows of their key/value head), instead
-    of repeated ones. `grouped_kv_on_cuda`: so on CUDA (fixed's and the band's Triton kernels read
+    rows all see the same keys fold those query heads into rows of their key/value head; the band's
+    tiles and fixed's own blocks put the heads on the head axis, `band.heads_last`), instead of
+    repeated ones. `grouped_kv_on_cuda`: so on CUDA (fixed's and the band's Triton kernels read
     key/value head h // (H / Hkv), their fallbacks repeat them themselves, the band's only its
     window's keys, a key/value head at a time; dense attention and a stride's short runs fold them:
     a decode row, a causal chunk whose square is a kept mask). On CUDA the head dims are padded once
@@ -295,7 +295,7 @@ def structured_plan(pattern: PatternBase, lq: int, lk: int, causal: bool) -> Pla
                     grouped_kv_on_cpu=causal, grouped_kv_on_cuda=True)
     if isinstance(pattern, SlidingWindow):  # the band converts its window's keys itself, at any length
         return Plan("band", (partial(kernels.band_attention, window=pattern.window, causal=causal),),
-                    converts_in_steps=True, grouped_kv_on_cpu=lq <= TILE_ROWS, grouped_kv_on_cuda=True)
+                    converts_in_steps=True, grouped_kv_on_cpu=True, grouped_kv_on_cuda=True)
     if isinstance(pattern, Union):
         return _structured_union(pattern, lq, lk, causal)
     return None
@@ -305,9 +305,9 @@ def _structured_union(pattern: Union, lq: int, lk: int, causal: bool) -> Plan | 
     """A union of at most one window, any strides and at most one fixed as disjoint steps merged
     by log-sum-exp, each key counted once: the band takes the keys nearer than w, each stride the
     rest of its own less an earlier stride's multiples (`skip_strides`), fixed the rest of its own
-    (at distance >= w, off every stride), or None for any other union (two fixed members). A causal
-    short run (fewer rows than every stride and a band tile, and a fixed short run) takes grouped
-    heads. After one other step (the band's, the band and a stride's, a stride's) fixed's step
+    (at distance >= w, off every stride), or None for any other union (two fixed members). On the
+    CPU it takes grouped heads where each step does: the band always, a stride for fewer rows than
+    it (a short run), fixed causal. After one other step (the band's, the band and a stride's, a stride's) fixed's step
     continues that step's partial (`Plan.continues`)."""
     members: dict[type, list[PatternBase]] = {}
     for member in pattern.patterns:
@@ -330,7 +330,6 @@ def _structured_union(pattern: Union, lq: int, lk: int, causal: bool) -> Plan | 
                              min_distance=window, skip_strides=strides))
     name = "+".join(kind for kind, present in (("band", window), ("strided", strides), ("fixed", fixed)) if present)
     few_rows = all(few_classes(lq, stride) for stride in strides) and (not fixed or lq < fixed.block)
-    grouped = causal and lq <= TILE_ROWS and all(lq < stride for stride in strides)
-    grouped = grouped and (not fixed or short_run(lq, lk, fixed.block, fixed.summary))
+    grouped = all(lq < stride for stride in strides) and (not fixed or causal)  # as each step takes them
     return Plan(name, tuple(steps), converts_in_steps=few_rows, grouped_kv_on_cpu=grouped,
                 grouped_kv_on_cuda=all(lq < stride for stride in strides), continues=bool(fixed) and len(steps) == 2)

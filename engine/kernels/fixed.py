@@ -28,10 +28,10 @@ union's strides (which count the keys at their multiples), skipped, mask the own
 worth of blocks per call: `_blocks_per_call`).
 
 On the CPU causal calls read fewer key/value heads than query heads as they are: every call keeps
-the heads on the head axis (the own blocks per batch item, blocks on the batch axis), where
-torch's CPU kernel maps query head h to key/value head h // (H / Hkv), or folds a key/value head's
-query heads into rows of one problem (`fused`); only row ranges repeat the summary keys, c/l of K
-and V. Non-causal calls and CUDA's fused ones repeat the key/value heads.
+the heads on the head axis (the own blocks on the batch axis, `band.heads_last`), where torch's
+CPU kernel maps each query head to its key/value head, or folds a key/value head's query heads
+into rows of one problem (`fused`); only row ranges repeat the summary keys, c/l of K and V.
+Non-causal calls and CUDA's fused ones repeat the key/value heads.
 
 Non-causal, each query attends every summary key (one call) and the other keys of its own block
 (one batched call over the block view): no mask, no key twice. With a minimum distance or
@@ -48,7 +48,7 @@ import torch.nn.functional as F
 
 from ..patterns.fixed import summary_columns, summary_keys_below
 from . import triton_fixed
-from .band import head_grid, row_grid, row_major
+from .band import head_grid, heads_last, row_grid, row_major
 from .dense import (NEG_INF, additive_mask, as_computed, dense_attention, fused, fused_masked, kept_when_small,
                     repeated_operand, same_head_dim)
 from .device import kernel_device, values_on_host
@@ -238,23 +238,20 @@ def fused_fixed_attention(
                 o, s_lse = fused_masked(q[..., rows, :], k[..., keys, :], v[..., keys, :], keep, scale=scale)
             out[:, rows], lse[:, rows] = o.reshape(b * h, r1 - r0, dv), s_lse.reshape(b * h, r1 - r0)
     else:
-        q_own, k_own, v_own = row_major(q), own_rows(k), own_rows(v)
+        # [B*H, nq, l, D]: batch items and heads on the batch axis, the blocks on the head axis. Grouped
+        # key/value heads swap the two (`heads_last`): torch's CPU kernel maps query head i of the
+        # B*H to key/value head i // (H / Hkv) of the B*Hkv, the right one in every batch item.
         grouped = k.shape[1] != h
-        if grouped:  # a call per batch item: its blocks on the batch axis, the heads on the head axis,
-            # where torch's CPU kernel maps grouped key/value heads (and lays its output out as q)
-            calls = [[head_grid(x, item, 0, (nq, l), (l, 1)) for x in (q_own, k_own, v_own)] for item in range(b)]
-        else:  # one call: batch items and heads on the batch axis, the blocks on the head axis
-            calls = [[x.reshape(b * h, nq, l, x.shape[-1]) for x in (q_own, k_own, v_own)]]
-        owns = [fused_masked(*call, own_keep(0, l, l), scale=scale) if skip_strides
-                else dense_attention(*call, scale=scale, diagonal=-min_distance) for call in calls]
-        if grouped:  # each item's [nq, H, ...] as [H, nq, ...]
-            owns = [(o.transpose(0, 1), s_lse.transpose(0, 1)) for o, s_lse in owns]
-        outs = [o.reshape(-1, nq * l, o.shape[-1]) for o, _ in owns]
-        lses = [s_lse.reshape(-1, nq * l) for _, s_lse in owns]
+        qb, kb, vb = (heads_last(row_grid(x, 0, (nq, l), (l, 1)), grouped) for x in (row_major(q), own_rows(k), own_rows(v)))
+        if skip_strides:
+            own_out, own_lse = fused_masked(qb, kb, vb, own_keep(0, l, l), scale=scale)
+        else:
+            own_out, own_lse = dense_attention(qb, kb, vb, scale=scale, diagonal=-min_distance)
+        own_out, own_lse = heads_last(own_out, grouped), heads_last(own_lse, grouped)
         # float32 in C order: one copy at most (the CUDA kernels' output is half precision, laid out
-        # [B, L, H, D]), none for the CPU's of one call
-        out = (outs[0] if len(outs) == 1 else torch.cat(outs)).to(torch.float32, memory_format=torch.contiguous_format)
-        lse = (lses[0] if len(lses) == 1 else torch.cat(lses)).contiguous()
+        # [B, L, H, D]), none for the CPU's (laid out as q)
+        out = own_out.to(torch.float32, memory_format=torch.contiguous_format).reshape(b * h, nq * l, -1)
+        lse = own_lse.reshape(b * h, nq * l).contiguous()
 
     # Summary keys of blocks 0 .. blocks-2 (whole blocks; the last block's summary is only its
     # own block's): a copy of c/l of them, [B, heads, keys, D].
