@@ -307,8 +307,8 @@ def _structured_union(pattern: Union, lq: int, lk: int, causal: bool) -> Plan | 
     rest of its own less an earlier stride's multiples (`skip_strides`), fixed the rest of its own
     (at distance >= w, off every stride), or None for any other union (two fixed members). On the
     CPU it takes grouped heads where each step does: the band always, a stride for fewer rows than
-    it (a short run), fixed causal. After one other step (the band's, the band and a stride's, a stride's) fixed's step
-    continues that step's partial (`Plan.continues`)."""
+    it (a short run), fixed causal. After one other step (the band's, the band and a stride's, a
+    stride's) fixed's step continues that step's partial (`Plan.continues`)."""
     members: dict[type, list[PatternBase]] = {}
     for member in pattern.patterns:
         members.setdefault(type(member), []).append(member)
@@ -330,6 +330,7 @@ def _structured_union(pattern: Union, lq: int, lk: int, causal: bool) -> Plan | 
                              min_distance=window, skip_strides=strides))
     name = "+".join(kind for kind, present in (("band", window), ("strided", strides), ("fixed", fixed)) if present)
     few_rows = all(few_classes(lq, stride) for stride in strides) and (not fixed or lq < fixed.block)
-    grouped = all(lq < stride for stride in strides) and (not fixed or causal)  # as each step takes them
-    return Plan(name, tuple(steps), converts_in_steps=few_rows, grouped_kv_on_cpu=grouped,
-                grouped_kv_on_cuda=all(lq < stride for stride in strides), continues=bool(fixed) and len(steps) == 2)
+    short_strides = all(lq < stride for stride in strides)  # each a short run, which takes grouped heads
+    return Plan(name, tuple(steps), converts_in_steps=few_rows,
+                grouped_kv_on_cpu=short_strides and (not fixed or causal), grouped_kv_on_cuda=short_strides,
+                continues=bool(fixed) and len(steps) == 2)

@@ -466,42 +466,20 @@ def test_band_takes_grouped_heads(lq, lk, window, tile, causal):
     _assert_matches_far(result, q, k3, v3, SW(window), 0, causal=causal)
 
 
-@pytest.mark.parametrize("pattern", [FX(64, 4), FX(16, 2)])  # summary keys per block; in row ranges
-def test_causal_fixed_reads_grouped_heads_in_one_run(monkeypatch, pattern):
-    """A causal fixed prefill over fewer key/value heads than query heads runs once for all heads,
-    with as many kernel calls as over one key/value head per query head: not once per key/value
-    head, as a plan that needs equal heads must where repeating them all would take too much
-    memory (forced here for any size). fixed(64, 4), n = 4096, H = 32 over 8 key/value heads,
-    D = 128 took 212-216 ms so, 110-125 now (143-144 over 32 key/value heads)."""
-    from cuda_emulation import OpCount
-
-    from engine import attention
-    from engine.patterns import parse_pattern
-    from engine.planner import plan
-
-    monkeypatch.setattr(sys.modules["engine.attention"], "GQA_REPEAT_BYTES", 0)
-    assert plan(parse_pattern(pattern), 300, 300, True, "cpu").grouped_kv_on_cpu
-    assert not plan(parse_pattern(pattern), 300, 300, False, "cpu").grouped_kv_on_cpu
-    g = torch.Generator().manual_seed(0)
-    q = torch.randn(1, 8, 300, 16, generator=g)
-    calls = {}
-    for hkv in (8, 2):
-        k, v = (torch.randn(1, hkv, 300, 16, generator=g) for _ in range(2))
-        with OpCount() as count:
-            out, lse = attention(q, k, v, pattern, scale=0.25, return_lse=True)
-        calls[hkv] = count.ops["aten._scaled_dot_product_flash_attention_for_cpu.default"]
-        ref_out, ref_lse = reference_attention(q, k.repeat_interleave(8 // hkv, 1), v.repeat_interleave(8 // hkv, 1),
-                                               pattern, scale=0.25)
-        assert_matches_reference(out, lse, ref_out, ref_lse, tol=2e-5)
-    assert calls[2] == calls[8] > 1, calls
+# (pattern, causal): fixed's summary keys per block and in row ranges, a window both ways, a union
+# of a window and fixed.
+GROUPED_PREFILLS = [(FX(64, 4), True), (FX(16, 2), True), (SW(40), True), (SW(40), False),
+                    ({"type": "union", "patterns": [SW(30), FX(64, 4)]}, True)]
 
 
-@pytest.mark.parametrize("pattern,causal", [(SW(40), True), (SW(40), False), ({"type": "union", "patterns": [SW(30), FX(64, 4)]}, True)])
-def test_windows_and_their_unions_with_fixed_read_grouped_heads_in_one_run(monkeypatch, pattern, causal):
-    """As fixed: a window's prefill (causal or not) and a causal union of a window and fixed run
-    once for all query heads over fewer key/value heads, with the kernel calls of equal heads.
-    union(sliding 128, fixed(128, 8)), n = 4096, H = 32 over 8, D = 128: 298-308 ms a key/value
-    head at a time, 204-271 so (209-272 over 32 key/value heads)."""
+@pytest.mark.parametrize("pattern,causal", GROUPED_PREFILLS)
+def test_prefills_read_grouped_heads_in_one_run(monkeypatch, pattern, causal):
+    """A prefill of causal fixed, of a window (causal or not) and of a causal union of a window
+    and fixed over fewer key/value heads than query heads runs once for all heads, with the kernel
+    calls of equal heads: not once per key/value head, as a plan that needs equal heads must where
+    repeating them all would take too much memory (forced here for any size). H = 32 over 8, D =
+    128, n = 4096, ms, a key/value head at a time -> now (over 32 key/value heads): fixed(64, 4)
+    212-216 -> 110-125 (143-144), union(sliding 128, fixed(128, 8)) 298-308 -> 204-271 (209-272)."""
     from cuda_emulation import OpCount
 
     from engine import attention
@@ -522,6 +500,14 @@ def test_windows_and_their_unions_with_fixed_read_grouped_heads_in_one_run(monke
                                                pattern, causal=causal, scale=0.25)
         assert_matches_reference(out, lse, ref_out, ref_lse, tol=2e-5)
     assert calls[2] == calls[8] > 1, calls
+
+
+def test_non_causal_fixed_repeats_grouped_heads():
+    """Its calls view batch items and heads as one axis, so its plan asks for equal heads."""
+    from engine.patterns import parse_pattern
+    from engine.planner import plan
+
+    assert not plan(parse_pattern(FX(64, 4)), 300, 300, False, "cpu").grouped_kv_on_cpu
 
 
 @pytest.mark.parametrize("lq,lk", [(1, 1003), (1, 40), (5, 300), (40, 700), (37, 1000), (2, 2)])

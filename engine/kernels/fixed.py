@@ -242,7 +242,8 @@ def fused_fixed_attention(
         # key/value heads swap the two (`heads_last`): torch's CPU kernel maps query head i of the
         # B*H to key/value head i // (H / Hkv) of the B*Hkv, the right one in every batch item.
         grouped = k.shape[1] != h
-        qb, kb, vb = (heads_last(row_grid(x, 0, (nq, l), (l, 1)), grouped) for x in (row_major(q), own_rows(k), own_rows(v)))
+        qb, kb, vb = (heads_last(row_grid(x, 0, (nq, l), (l, 1)), grouped)
+                      for x in (row_major(q), own_rows(k), own_rows(v)))
         if skip_strides:
             own_out, own_lse = fused_masked(qb, kb, vb, own_keep(0, l, l), scale=scale)
         else:
@@ -404,7 +405,8 @@ def _summary_per_block(q_rows, ks, vs, out, lse, blocks: range, *, base: int, bl
                 keep &= off_strides(i[:, None] - at[None, lo:hi], skip_strides)
             parts.append(fused_masked(rows, ks[:, :, lo:hi], vs[:, :, lo:hi], keep, scale=scale))
         for o, s_lse in parts:
-            merge_to(out[:, r0:r1], lse[:, r0:r1], (out[:, r0:r1], lse[:, r0:r1]), (o.flatten(0, 1), s_lse.flatten(0, 1)))
+            merge_to(out[:, r0:r1], lse[:, r0:r1], (out[:, r0:r1], lse[:, r0:r1]),
+                     (o.flatten(0, 1), s_lse.flatten(0, 1)))
 
 
 def _non_causal(q, k, v, *, block: int, summary: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
