@@ -305,9 +305,9 @@ def _structured_union(pattern: Union, lq: int, lk: int, causal: bool) -> Plan | 
     """A union of at most one window, any strides and at most one fixed as disjoint steps merged
     by log-sum-exp, each key counted once: the band takes the keys nearer than w, each stride the
     rest of its own less an earlier stride's multiples (`skip_strides`), fixed the rest of its own
-    (at distance >= w, off every stride), or None for any other union (two fixed members). On the
-    CPU it takes grouped heads where each step does: the band always, a stride for fewer rows than
-    it (a short run), fixed causal. After one other step (the band's, the band and a stride's, a
+    (at distance >= w, off every stride), or None for any other union (two fixed members). It takes
+    grouped heads where each member's own plan does (its steps read them as those do). After one
+    other step (the band's, the band and a stride's, a
     stride's) fixed's step continues that step's partial (`Plan.continues`)."""
     members: dict[type, list[PatternBase]] = {}
     for member in pattern.patterns:
@@ -330,7 +330,7 @@ def _structured_union(pattern: Union, lq: int, lk: int, causal: bool) -> Plan | 
                              min_distance=window, skip_strides=strides))
     name = "+".join(kind for kind, present in (("band", window), ("strided", strides), ("fixed", fixed)) if present)
     few_rows = all(few_classes(lq, stride) for stride in strides) and (not fixed or lq < fixed.block)
-    short_strides = all(lq < stride for stride in strides)  # each a short run, which takes grouped heads
+    alone = [structured_plan(member, lq, lk, causal) for member in pattern.patterns]  # each member's own plan
     return Plan(name, tuple(steps), converts_in_steps=few_rows,
-                grouped_kv_on_cpu=short_strides and (not fixed or causal), grouped_kv_on_cuda=short_strides,
-                continues=bool(fixed) and len(steps) == 2)
+                grouped_kv_on_cpu=all(p.grouped_kv_on_cpu for p in alone),
+                grouped_kv_on_cuda=all(p.grouped_kv_on_cuda for p in alone), continues=bool(fixed) and len(steps) == 2)

@@ -60,16 +60,6 @@ def row_grid(x: torch.Tensor, first: int, outer: tuple[int, int], inner: tuple[i
                         x.storage_offset() + first * d)
 
 
-def head_grid(x: torch.Tensor, item: int, first: int, outer: tuple[int, int], inner: tuple[int, int]) -> torch.Tensor:
-    """[n_outer, H, n_inner, D] view of batch item `item` of a `row_major` x, the heads on the head
-    axis (for grouped key/value heads, which torch's CPU kernel maps by H / Hkv there): element
-    (a, j, r) is row first + a * outer_step + r * inner_step of head j."""
-    (n_outer, outer_step), (n_inner, inner_step) = outer, inner
-    d = x.shape[3]
-    return x.as_strided((n_outer, x.shape[1], n_inner, d), (outer_step * d, x.stride(1), inner_step * d, 1),
-                        x.storage_offset() + item * x.stride(0) + first * d)
-
-
 def heads_last(x: torch.Tensor, swap: bool) -> torch.Tensor:
     """x with its first two axes swapped where `swap`: a `row_grid` [B*H, n_outer, ...] view as
     [n_outer, B*H, ...], the heads on the head axis, where torch's CPU kernel maps fewer key/value

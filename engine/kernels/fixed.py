@@ -48,7 +48,7 @@ import torch.nn.functional as F
 
 from ..patterns.fixed import summary_columns, summary_keys_below
 from . import triton_fixed
-from .band import head_grid, heads_last, row_grid, row_major
+from .band import heads_last, row_grid, row_major
 from .dense import (NEG_INF, additive_mask, as_computed, dense_attention, fused, fused_masked, kept_when_small,
                     repeated_operand, same_head_dim)
 from .device import kernel_device, values_on_host
@@ -321,9 +321,9 @@ def _summary_offsets(q, k, v, out, lse, *, base: int, block: int, summary: int, 
     summary keys: offset u of every block is one strided view of K and V, so the c offsets are c
     views, the head axis of one call (each row's query repeated by a stride-0 view) under one
     [c, rows, blocks] mask, merged over the offsets by log-sum-exp and into (out, lse) in place.
-    Fewer key/value heads than query heads (on the CPU) are taken as they are: per batch item,
-    the offsets on the batch axis and the heads on the head axis, which torch's CPU kernel maps by
-    H / Hkv."""
+    Fewer key/value heads than query heads (on the CPU) are taken as they are: the offsets on the
+    batch axis and the batch items' heads on the head axis (`band.heads_last`), which torch's CPU
+    kernel maps by H / Hkv."""
     l, c = block, summary
     b, h, _, d = q.shape
     first_i, last_i = real.start + base, real.stop - 1 + base  # the rows' positions (row 0 at `base`)
@@ -336,19 +336,12 @@ def _summary_offsets(q, k, v, out, lse, *, base: int, block: int, summary: int, 
         j = t[None, None, :] * l + torch.arange(l - c, l, device=q.device)[:, None, None]  # [c, 1, blocks]
         at = torch.arange(first_i, last_i + 1, device=q.device)[None, :, None]
         keep = (t < at // l) & (j <= at - min_distance) & off_strides(at - j, skip_strides)  # [c, rows, blocks]
-    k, v = row_major(k), row_major(v)
-    if k.shape[1] == h:
-        kv, vv = (row_grid(x, l - c, (c, 1), (len(t), l)) for x in (k, v))  # offset u: its keys
-        rows = repeated_operand(q.reshape(b * h, 1, -1, d)[:, :, real].expand(-1, c, -1, -1))
-        merged, total = _over_offsets(rows, kv, vv, None if keep is None else keep[None], scale, dim=1)
-    else:
-        parts = []
-        for item in range(b):
-            kv, vv = (head_grid(x, item, l - c, (c, 1), (len(t), l)) for x in (k, v))
-            parts.append(_over_offsets(q[item, :, real].expand(c, -1, -1, -1), kv, vv,
-                                       None if keep is None else keep[:, None], scale, dim=0))
-        merged = torch.stack([o for o, _ in parts]).reshape(b * h, -1, parts[0][0].shape[-1])
-        total = torch.stack([s for _, s in parts]).reshape(b * h, -1)
+    grouped = k.shape[1] != h
+    # [B*H, c, ...]: offset u of every block on the head axis (grouped heads: swapped), its keys
+    kv, vv = (heads_last(row_grid(row_major(x), l - c, (c, 1), (len(t), l)), grouped) for x in (k, v))
+    rows = heads_last(repeated_operand(q.reshape(b * h, 1, -1, d)[:, :, real].expand(-1, c, -1, -1)), grouped)
+    merged, total = _over_offsets(rows, kv, vv, None if keep is None else heads_last(keep[None], grouped), scale,
+                                  dim=0 if grouped else 1)
     merge_to(out[:, real], lse[:, real], (out[:, real], lse[:, real]), (merged, total))
 
 
