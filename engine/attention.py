@@ -202,9 +202,11 @@ def backend_for(pattern: PatternBase, heads: int, lq: int, lk: int, causal: bool
     return ",".join(dict.fromkeys(plan(p, lq, lk, causal, device).backend for p, _ in head_groups(pattern, heads)))
 
 
-# Grouped-query attention whose key/value heads, repeated for every query head, would take more
-# than this many bytes runs one key/value head at a time, on stride-0 views of it: the kernels
-# then copy at most one key/value head's repeats (the dense kernel none), not all of them.
+# Grouped-query attention whose plan takes equal heads only (on CUDA, `Plan.grouped_kv_on_cuda`;
+# per_head groups that split a key/value head's query heads, on either device) and whose key/value
+# heads, repeated for every query head, would take more than this many bytes runs one key/value
+# head at a time, on stride-0 views of it: the kernels then copy at most one key/value head's
+# repeats (the dense kernel none), not all of them.
 GQA_REPEAT_BYTES = 1 << 26
 # So does a short run of query rows (at most this fraction of the keys: decoding, small chunks),
 # whose attention costs less than repeating the keys would: H = 32 over Hkv = 8, D = 128, Lk 1024,
@@ -224,7 +226,7 @@ def run_heads(q, k, v, pattern: PatternBase, *, causal: bool, scale: float):
     runs = []  # (plan, query heads, their key/value heads when the plan takes them unrepeated)
     for single, heads in head_groups(pattern, h):
         step = plan(single, lq, lk, causal, device)
-        grouped = step.grouped_kv_on_cpu if device == "cpu" else step.grouped_kv_on_cuda
+        grouped = device == "cpu" or step.grouped_kv_on_cuda
         kv = _grouped_range(heads, q, k) if grouped else None
         runs += [(step, heads, kv)] if kv is not None else [(step, run, None) for run in _head_runs(heads, q, k)]
     if len(runs) > 1:  # the runs' results are gathered here; a single run's are returned as they are

@@ -45,23 +45,22 @@ class Plan:
     fixed its summary keys once, `fused` each call's inputs), or convert themselves to write
     their result in q's dtype (strided: whole unless its rows read few classes, its chunks joined
     straight into q's dtype). A decode step over 65536 bfloat16
-    keys spent 12 ms converting them all, 90x its sliding window's 0.13 ms. `grouped_kv_on_cpu`:
-    on the CPU the steps take fewer key/value heads than query heads as they are (torch's CPU
-    attention kernel reads each key/value head for its H / Hkv query heads; `fused` calls whose
-    rows all see the same keys fold those query heads into rows of their key/value head; the band's
-    tiles and fixed's own blocks put the heads on the head axis, `band.heads_last`), instead of
-    repeated ones. `grouped_kv_on_cuda`: so on CUDA (fixed's and the band's Triton kernels read
-    key/value head h // (H / Hkv), their fallbacks repeat them themselves, the band's only its
-    window's keys, a key/value head at a time; dense attention and a stride's short runs fold them:
-    a decode row, a causal chunk whose square is a kept mask). On CUDA the head dims are padded once
-    for every step (`pads_head_dims`). `continues`: of two steps, the second continues the
-    first's partial (its `seed`: fixed's, which its Triton kernel merges inside its launch) instead
-    of the two merging after."""
+    keys spent 12 ms converting them all, 90x its sliding window's 0.13 ms. On the CPU every plan's
+    steps take fewer key/value heads than query heads as they are (torch's CPU attention kernel
+    reads each key/value head for its H / Hkv query heads; `fused` calls whose rows all see the
+    same keys fold those query heads into rows of their key/value head; the band's tiles,
+    strided's class views and fixed's own blocks put the heads on the head axis,
+    `band.heads_last`), instead of repeated ones; `grouped_kv_on_cuda`: so on CUDA (fixed's and
+    the band's Triton kernels read key/value head h // (H / Hkv), their fallbacks repeat them
+    themselves, the band's only its window's keys, a key/value head at a time; dense attention and
+    a stride's short runs fold them: a decode row, a causal chunk whose square is a kept mask). On
+    CUDA the head dims are padded once for every step (`pads_head_dims`). `continues`: of two
+    steps, the second continues the first's partial (its `seed`: fixed's, which its Triton kernel
+    merges inside its launch) instead of the two merging after."""
 
     backend: str
     steps: tuple[Callable[..., Partial], ...]
     converts_in_steps: bool = False
-    grouped_kv_on_cpu: bool = False
     grouped_kv_on_cuda: bool = False
     continues: bool = False
 
@@ -229,7 +228,7 @@ def plan(pattern: PatternBase, lq: int, lk: int, causal: bool, device: str) -> P
     pattern = simplify(pattern, lk)
     if isinstance(pattern, Dense):
         return Plan("sdpa", (partial(kernels.dense_attention, diagonal=(lk - lq) if causal else None),),
-                    grouped_kv_on_cpu=True, grouped_kv_on_cuda=not causal or lq * lq <= SMALL_MASK_ELEMENTS)
+                    grouped_kv_on_cuda=not causal or lq * lq <= SMALL_MASK_ELEMENTS)
     on_masked = (_small_on_masked(pattern, lk, causal) or _short_run_on_masked(pattern, lq, lk, causal, device)
                  or _tiny_strides_on_masked(pattern, lq, causal, device))
     structured = None if on_masked else structured_plan(pattern, lq, lk, causal)
@@ -277,7 +276,7 @@ def _union_with(pattern: PatternBase, kind: type) -> bool:
 def masked_plan(pattern: PatternBase, lq: int, lk: int, causal: bool) -> Plan:
     """The masked kernel's plan: any pattern, exact and memory-safe."""
     return Plan("masked", (partial(kernels.masked_attention, pattern=pattern, causal=causal),),
-                converts_in_steps=one_chunk(lq, lk), grouped_kv_on_cpu=True)
+                converts_in_steps=one_chunk(lq, lk))
 
 
 def structured_plan(pattern: PatternBase, lq: int, lk: int, causal: bool) -> Plan | None:
@@ -286,16 +285,15 @@ def structured_plan(pattern: PatternBase, lq: int, lk: int, causal: bool) -> Pla
     reaching both ways, each stride class attending all of itself, each fixed block itself and
     every other block's summary keys."""
     if isinstance(pattern, Strided):  # fewer rows than s read only their classes' keys; it converts itself
-        one_per_class = lq < pattern.stride  # each row alone in its class: grouped heads fold on either device
+        one_per_class = lq < pattern.stride  # each row alone in its class: grouped heads fold on CUDA
         return Plan("strided", (partial(kernels.strided_attention, stride=pattern.stride, causal=causal),),
-                    converts_in_steps=True, grouped_kv_on_cpu=one_per_class, grouped_kv_on_cuda=one_per_class)
+                    converts_in_steps=True, grouped_kv_on_cuda=one_per_class)
     if isinstance(pattern, Fixed):  # the query rows' blocks and the summary keys, each converted once
         return Plan("fixed", (partial(kernels.fixed_attention, block=pattern.block, summary=pattern.summary,
-                                      causal=causal),), converts_in_steps=True,
-                    grouped_kv_on_cpu=causal, grouped_kv_on_cuda=True)
+                                      causal=causal),), converts_in_steps=True, grouped_kv_on_cuda=True)
     if isinstance(pattern, SlidingWindow):  # the band converts its window's keys itself, at any length
         return Plan("band", (partial(kernels.band_attention, window=pattern.window, causal=causal),),
-                    converts_in_steps=True, grouped_kv_on_cpu=True, grouped_kv_on_cuda=True)
+                    converts_in_steps=True, grouped_kv_on_cuda=True)
     if isinstance(pattern, Union):
         return _structured_union(pattern, lq, lk, causal)
     return None
@@ -305,10 +303,10 @@ def _structured_union(pattern: Union, lq: int, lk: int, causal: bool) -> Plan | 
     """A union of at most one window, any strides and at most one fixed as disjoint steps merged
     by log-sum-exp, each key counted once: the band takes the keys nearer than w, each stride the
     rest of its own less an earlier stride's multiples (`skip_strides`), fixed the rest of its own
-    (at distance >= w, off every stride), or None for any other union (two fixed members). It takes
-    grouped heads where each member's own plan does (its steps read them as those do). After one
-    other step (the band's, the band and a stride's, a
-    stride's) fixed's step continues that step's partial (`Plan.continues`)."""
+    (at distance >= w, off every stride), or None for any other union (two fixed members). On CUDA
+    it takes grouped heads where each member's own plan does (its steps read them as those do).
+    After one other step (the band's, the band and a stride's, a stride's) fixed's step continues
+    that step's partial (`Plan.continues`)."""
     members: dict[type, list[PatternBase]] = {}
     for member in pattern.patterns:
         members.setdefault(type(member), []).append(member)
@@ -332,5 +330,4 @@ def _structured_union(pattern: Union, lq: int, lk: int, causal: bool) -> Plan | 
     few_rows = all(few_classes(lq, stride) for stride in strides) and (not fixed or lq < fixed.block)
     alone = [structured_plan(member, lq, lk, causal) for member in pattern.patterns]  # each member's own plan
     return Plan(name, tuple(steps), converts_in_steps=few_rows,
-                grouped_kv_on_cpu=all(p.grouped_kv_on_cpu for p in alone),
                 grouped_kv_on_cuda=all(p.grouped_kv_on_cuda for p in alone), continues=bool(fixed) and len(steps) == 2)

@@ -329,7 +329,9 @@ def test_a_scale_past_float32_is_refused(scale):
 @pytest.mark.parametrize("shape", ["gqa_dv", "mqa", "lq_much_lt_lk", "decode_gqa", "decode_mqa"])
 @pytest.mark.parametrize("pattern", PATTERNS.values(), ids=PATTERNS.keys())
 def test_grouped_query_heads_one_key_value_head_at_a_time(monkeypatch, pattern, shape):
-    """Past GQA_REPEAT_BYTES (0 here) the query heads run per key/value head on stride-0 views."""
+    """Past GQA_REPEAT_BYTES (0 here) the query heads of a plan that takes equal heads only run per
+    key/value head on stride-0 views: on the CPU per_head groups that split a key/value head's query
+    heads (mqa); the other plans take the grouped heads as they are either way."""
     monkeypatch.setattr(importlib.import_module("engine.attention"), "GQA_REPEAT_BYTES", 0)
     _check(pattern, SHAPES[shape], True, torch.float32)
 

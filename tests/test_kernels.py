@@ -254,12 +254,13 @@ def test_slow_half_precision_is_computed_in_float32_on_the_cpu(dtype):
 
 def test_a_union_short_run_takes_grouped_heads_whatever_it_converts():
     """12 rows of strided(20) beside a window: more than half the classes, so the plan converts K
-    and V whole, and still fewer rows than the stride, so the steps take grouped heads as they are."""
+    and V whole, and still fewer rows than the stride, so the steps take grouped heads as they are
+    on CUDA too."""
     from engine.patterns import parse_pattern
     from engine.planner import plan
 
-    union = plan(parse_pattern({"type": "union", "patterns": [SW(16), ST(20)]}), 12, 4096, True, "cpu")
-    assert union.grouped_kv_on_cpu and not union.converts_in_steps
+    union = plan(parse_pattern({"type": "union", "patterns": [SW(16), ST(20)]}), 12, 4096, True, "cuda")
+    assert union.grouped_kv_on_cuda and not union.converts_in_steps
 
 
 FX = lambda l, c: {"type": "fixed", "block": l, "summary": c}  # noqa: E731
@@ -416,17 +417,27 @@ def test_a_stride_past_every_key_is_the_diagonal_or_over_one_key_dense(lk, simpl
     assert simplify(parse_pattern(ST(8)), lk) == parse_pattern(simplest)
 
 
-@pytest.mark.parametrize("lq,lk", [(1, 1003), (5, 300), (37, 1000)])
-@pytest.mark.parametrize("stride,skip_strides", [(64, ()), (41, (3,)), (41, (2, 82))])
-def test_strided_short_runs_take_grouped_heads(lq, lk, stride, skip_strides):
-    """Fewer key/value heads than query heads, two batch items: each item's classes on the batch
-    axis, the heads on the head axis; against the reference on the heads repeated."""
+@pytest.mark.parametrize("lq,lk", [(1, 1003), (5, 300), (37, 1000), (600, 600), (517, 700), (300, 1003)])
+@pytest.mark.parametrize("stride,skip_strides,min_distance", [(64, (), 0), (41, (3,), 0), (41, (2, 82), 0),
+                                                              (13, (), 20), (8, (), 0)])
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("budget", [10**9, 50])  # one mask per chunk; chunks cut to the mask budget
+def test_strided_takes_grouped_heads(monkeypatch, lq, lk, stride, skip_strides, min_distance, causal, budget):
+    """Fewer key/value heads than query heads, two batch items, on the CPU as they are: a short
+    run's classes on the batch axis and the heads on the head axis; a long run's class views with
+    the batch items' heads on the head axis (`heads_last`), causal squares, masked chunks, the
+    non-causal class calls, and the keys of the last partial class row (own keys, and without
+    causality the classes' extra key) for each query head. Against the reference on the heads
+    repeated."""
+    monkeypatch.setattr("engine.kernels.strided.CHUNK_ROWS", 4)
+    monkeypatch.setattr("engine.kernels.strided.MASK_BUDGET", budget)
     g = torch.Generator().manual_seed(lq)
     q = torch.randn(2, 6, lq, 16, generator=g)
     k, v = (torch.randn(2, 2, lk, 16, generator=g) for _ in range(2))
-    result = kernels.strided_attention(q, k, v, stride=stride, scale=0.25, skip_strides=skip_strides)
+    result = kernels.strided_attention(q, k, v, stride=stride, scale=0.25, skip_strides=skip_strides,
+                                       min_distance=min_distance, causal=causal)
     k3, v3 = (x.repeat_interleave(3, dim=1) for x in (k, v))
-    _assert_matches_far(result, q, k3, v3, ST(stride), 0, skip_strides=skip_strides)
+    _assert_matches_far(result, q, k3, v3, ST(stride), min_distance, causal=causal, skip_strides=skip_strides)
 
 
 @pytest.mark.parametrize("lq,lk", [(1, 1003), (5, 300), (16, 700), (70, 700), (517, 700), (640, 640)])
@@ -434,13 +445,15 @@ def test_strided_short_runs_take_grouped_heads(lq, lk, stride, skip_strides):
                                                                 (128, 8, 0, ())])
 @pytest.mark.parametrize("causal", [True, False])
 def test_fixed_takes_grouped_heads(lq, lk, block, summary, min_distance, strides, causal):
-    """Fewer key/value heads than query heads, two batch items. Causal on the CPU they are read as
-    they are: a short run's own block on slices and its summary keys per item (offsets on the
-    batch axis, heads on the head axis); longer runs' own blocks in one call (blocks on the batch
-    axis, the items' heads on the head axis), their summary keys per block with a key/value head's query
+    """Fewer key/value heads than query heads, two batch items, on the CPU read as they are. Causal:
+    a short run's own block on slices and its summary keys per item (offsets on the batch axis,
+    heads on the head axis); longer runs' own blocks in one call (blocks on the batch axis, the
+    items' heads on the head axis), their summary keys per block with a key/value head's query
     heads as its rows, or in row ranges repeated for the query heads (small blocks: c/l of K).
-    Without causality, and on CUDA, the key/value heads are repeated. Against the reference on
-    the heads repeated."""
+    Without causality the summary keys and partial blocks with the query heads as rows, the whole
+    blocks with the items' heads on the head axis, and with a distance or strides each call's
+    pieces with the query heads as rows. (On CUDA the key/value heads are repeated.) Against the
+    reference on the heads repeated."""
     g = torch.Generator().manual_seed(lq)
     q = torch.randn(2, 6, lq, 16, generator=g)
     k, v = (torch.randn(2, 2, lk, 16, generator=g) for _ in range(2))
@@ -466,28 +479,29 @@ def test_band_takes_grouped_heads(lq, lk, window, tile, causal):
     _assert_matches_far(result, q, k3, v3, SW(window), 0, causal=causal)
 
 
-# (pattern, causal): fixed's summary keys per block and in row ranges, a window both ways, a union
-# of a window and fixed.
-GROUPED_PREFILLS = [(FX(64, 4), True), (FX(16, 2), True), (SW(40), True), (SW(40), False),
-                    ({"type": "union", "patterns": [SW(30), FX(64, 4)]}, True)]
+# (pattern, causal): fixed's summary keys per block and in row ranges, and both ways; a window and a
+# stride either way, unions of a window, strides and fixed.
+GROUPED_PREFILLS = [(FX(64, 4), True), (FX(16, 2), True), (FX(64, 4), False), (SW(40), True), (SW(40), False),
+                    (ST(16), True), (ST(16), False), ({"type": "union", "patterns": [SW(30), FX(64, 4)]}, True),
+                    ({"type": "union", "patterns": [SW(30), ST(24)]}, False),
+                    ({"type": "union", "patterns": [ST(12), ST(20)]}, True),
+                    ({"type": "union", "patterns": [SW(30), ST(24), FX(64, 4)]}, True),
+                    ({"type": "union", "patterns": [SW(30), ST(24), FX(64, 4)]}, False)]
 
 
 @pytest.mark.parametrize("pattern,causal", GROUPED_PREFILLS)
 def test_prefills_read_grouped_heads_in_one_run(monkeypatch, pattern, causal):
-    """A prefill of causal fixed, of a window (causal or not) and of a causal union of a window
-    and fixed over fewer key/value heads than query heads runs once for all heads, with the kernel
-    calls of equal heads: not once per key/value head, as a plan that needs equal heads must where
-    repeating them all would take too much memory (forced here for any size). H = 32 over 8, D =
-    128, n = 4096, ms, a key/value head at a time -> now (over 32 key/value heads): fixed(64, 4)
-    212-216 -> 110-125 (143-144), union(sliding 128, fixed(128, 8)) 298-308 -> 204-271 (209-272)."""
+    """A prefill of fixed, a window, a stride and their unions, causal or not, over fewer key/value
+    heads than query heads runs once for all heads, with the kernel calls of equal heads: not once
+    per key/value head, as a plan that needs equal heads must where repeating them all would take
+    too much memory (forced here for any size). H = 32 over 8, D = 128, n = 4096, ms, a key/value
+    head at a time -> now (over 32 key/value heads): fixed(64, 4) 212-216 -> 110-125 (143-144),
+    union(sliding 128, fixed(128, 8)) 298-308 -> 204-271 (209-272)."""
     from cuda_emulation import OpCount
 
     from engine import attention
-    from engine.patterns import parse_pattern
-    from engine.planner import plan
 
     monkeypatch.setattr(sys.modules["engine.attention"], "GQA_REPEAT_BYTES", 0)
-    assert plan(parse_pattern(pattern), 300, 300, causal, "cpu").grouped_kv_on_cpu
     g = torch.Generator().manual_seed(1)
     q = torch.randn(2, 8, 300, 16, generator=g)
     calls = {}
@@ -499,15 +513,7 @@ def test_prefills_read_grouped_heads_in_one_run(monkeypatch, pattern, causal):
         ref_out, ref_lse = reference_attention(q, k.repeat_interleave(8 // hkv, 1), v.repeat_interleave(8 // hkv, 1),
                                                pattern, causal=causal, scale=0.25)
         assert_matches_reference(out, lse, ref_out, ref_lse, tol=2e-5)
-    assert calls[2] == calls[8] > 1, calls
-
-
-def test_non_causal_fixed_repeats_grouped_heads():
-    """Its calls view batch items and heads as one axis, so its plan asks for equal heads."""
-    from engine.patterns import parse_pattern
-    from engine.planner import plan
-
-    assert not plan(parse_pattern(FX(64, 4)), 300, 300, False, "cpu").grouped_kv_on_cpu
+    assert calls[2] == calls[8] >= 1, calls  # a key/value head at a time: twice the calls
 
 
 @pytest.mark.parametrize("lq,lk", [(1, 1003), (1, 40), (5, 300), (40, 700), (37, 1000), (2, 2)])

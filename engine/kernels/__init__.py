@@ -1,8 +1,8 @@
 """Exact attention kernels; each takes [B, H, L, D] tensors, queries bottom-right aligned, and
 returns (out, lse) with a float32 log-sum-exp of shape [B, H, Lq]. K and V have q's head count,
-or fewer where a plan says the kernels take them as they are (`Plan.grouped_kv_on_cpu`: torch's
-CPU kernel reads key/value head h // (H / Hkv) for query head h; `Plan.grouped_kv_on_cuda`: fixed's
-Triton kernel does so on CUDA).
+or fewer: on the CPU always (torch's CPU kernel reads key/value head h // (H / Hkv) for query head
+h), on CUDA where a plan says its kernels take them as they are (`Plan.grouped_kv_on_cuda`: fixed's
+and the band's Triton kernels do so).
 
 Importing them raises glibc's malloc thresholds (allocator.py) so that each call's outputs reuse
 freed memory instead of page-faulting fresh mappings."""

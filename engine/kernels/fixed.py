@@ -27,11 +27,11 @@ union's strides (which count the keys at their multiples), skipped, mask the own
 [l, l] mask and each block's summary keys; both take the call per block (on CUDA a row range's
 worth of blocks per call: `_blocks_per_call`).
 
-On the CPU causal calls read fewer key/value heads than query heads as they are: every call keeps
+On the CPU the calls read fewer key/value heads than query heads as they are: every call keeps
 the heads on the head axis (the own blocks on the batch axis, `band.heads_last`), where torch's
 CPU kernel maps each query head to its key/value head, or folds a key/value head's query heads
 into rows of one problem (`fused`); only row ranges repeat the summary keys, c/l of K and V.
-Non-causal calls and CUDA's fused ones repeat the key/value heads.
+CUDA's fused calls repeat the key/value heads.
 
 Non-causal, each query attends every summary key (one call) and the other keys of its own block
 (one batched call over the block view): no mask, no key twice. With a minimum distance or
@@ -180,10 +180,10 @@ def fused_fixed_attention(
     b, h, lq, _ = q.shape
     lk, dv, l, c = k.shape[-2], v.shape[-1], block, summary
     short = causal and short_run(lq, lk, l, c)
-    # Grouped key/value heads are repeated, but for the CPU's causal calls, which read them as they
-    # are: torch's CPU kernel maps query head h to key/value head h // (H / Hkv) on the head axis,
-    # and every call here keeps the heads there (CUDA's fused kernels take equal heads only).
-    if k.shape[1] != h and not (causal and kernel_device(q.device) == "cpu"):
+    # Grouped key/value heads are repeated, but on the CPU, which reads them as they are: torch's CPU
+    # kernel maps query head h to key/value head h // (H / Hkv) on the head axis, and every call here
+    # keeps the heads there (CUDA's fused kernels take equal heads only).
+    if k.shape[1] != h and kernel_device(q.device) != "cpu":
         k, v = (x.repeat_interleave(h // x.shape[1], dim=1) for x in (k, v))
     if short and lq == 1 and not (min_distance or skip_strides) and kernel_device(q.device) == "cpu" \
             and (lk - 1) // l * c <= GATHERED_ROW_KEYS and q.shape[-1] == dv:
@@ -419,11 +419,13 @@ def _non_causal(q, k, v, *, block: int, summary: int, scale: float) -> tuple[tor
     if start > first and first < whole and c < l:  # the first block's query rows alone (no dummy rows)
         rows, keys = slice(0, min(lq, start * l - offset)), slice(first * l, first * l + l - c)
         own.append(fused(q[..., rows, :], k[..., keys, :], v[..., keys, :], scale=scale, is_causal=False))
-    if whole > start and c < l:
-        qb = q[..., start * l - offset : whole * l - offset, :].reshape(b * h, whole - start, l, -1)
-        kb, vb = (row_grid(row_major(x), start * l, (whole - start, l), (l - c, 1)) for x in (k, v))
+    if whole > start and c < l:  # grouped key/value heads on the head axis (`heads_last`): `fused` folds them
+        grouped, blocks = k.shape[1] != h, whole - start
+        qb = heads_last(q[..., start * l - offset : whole * l - offset, :].reshape(b * h, blocks, l, -1), grouped)
+        kb, vb = (heads_last(row_grid(row_major(x), start * l, (blocks, l), (l - c, 1)), grouped) for x in (k, v))
         o, o_lse = fused(qb, kb, vb, scale=scale, is_causal=False)
-        rows = (whole - start) * l  # by count, not -1: a v of head dim 0 gives an output of no elements
+        o, o_lse = heads_last(o, grouped), heads_last(o_lse, grouped)
+        rows = blocks * l  # by count, not -1: a v of head dim 0 gives an output of no elements
         own.append((o.reshape(b, h, rows, o.shape[-1]), o_lse.reshape(b, h, rows)))
     if lk > whole * l and c < l:  # the last, partial block: its keys before the summary columns
         rows, keys = slice(max(whole * l, offset) - offset, lq), slice(whole * l, min(lk, whole * l + l - c))
