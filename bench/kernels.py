@@ -14,6 +14,7 @@ per shape (block mask + compile) is reported separately.
     python -m bench.kernels --decode               # a few query rows over long keys (decoding)
     python -m bench.kernels --decode --heads 32 --decode-kv-heads 8 --dim 128   # grouped-query decoding
     python -m bench.kernels --small                # small problems: the structured plan against the masked one
+    python -m bench.kernels --grouped 8 --heads 32 --dim 128 --n 4096   # grouped-query prefills against repeated heads
     python -m bench.kernels --non-causal --n 16384 --bf16-n 0 --scaling-n --memory-n 0 --first-call-n 0
 
 Columns: efficiency = speed-up over dense / (dense pairs / attended pairs), so 1.0 means
@@ -487,6 +488,39 @@ def bench_decode(args, device: torch.device) -> list[dict]:
     return rows
 
 
+def bench_grouped(args, device: torch.device) -> list[dict]:
+    """Grouped-query prefills (Lq = Lk = n, causal unless --non-causal): the engine over --grouped
+    key/value heads for --heads query heads against the same call over them repeated before the
+    clock (equal heads, what a plan that cannot take grouped heads would cost at best), taking
+    turns per pattern and dtype; and each call's peak extra memory."""
+    patterns = {LABELS[name]: PATTERNS[name] for name in args.patterns}
+    causal, kv_heads = not args.non_causal, args.grouped
+    rows = []
+    for dtype_name, n in itertools.product(args.dtypes, args.n):
+        q = inputs(n, args.heads, args.dim, DTYPES[dtype_name], device)[0]
+        k, v = inputs(n, kv_heads, args.dim, DTYPES[dtype_name], device, seed=1)[1:]
+        kv = {"grouped": (k, v), "repeated": tuple(x.repeat_interleave(args.heads // kv_heads, dim=1) for x in (k, v))}
+        fns = {(kind, label): lambda k=k, v=v, p=parse_pattern(spec): attention(q, k, v, p, causal=causal)
+               for label, spec in patterns.items() for kind, (k, v) in kv.items()}
+        times = rounds(fns, device, args.repeats, args.slow, args.turn_s)
+        best = {key: min(t[1:] or t) for key, t in times.items()}
+        for label in patterns:
+            peaks = {}
+            for kind in kv:
+                with PeakMemory(device) as mem:
+                    fns[kind, label]()
+                peaks[kind] = mem.peak_bytes
+            row = {"pattern": label, "dtype": dtype_name, "n": n, "causal": causal, "heads": args.heads,
+                   "kv_heads": kv_heads, "dim": args.dim, "grouped_s": best["grouped", label],
+                   "repeated_s": best["repeated", label], "grouped_peak_bytes": peaks["grouped"],
+                   "repeated_peak_bytes": peaks["repeated"]}
+            rows.append(row)
+            print(f"{dtype_name:8} n {n:6} {label:46} grouped {row['grouped_s'] * 1e3:8.1f} ms  repeated "
+                  f"{row['repeated_s'] * 1e3:8.1f}  grouped / repeated {row['grouped_s'] / row['repeated_s']:5.2f}  "
+                  f"peak MiB {peaks['grouped'] / 2**20:7.1f} / {peaks['repeated'] / 2**20:7.1f}", flush=True)
+    return rows
+
+
 def bench_small(args, device: torch.device) -> list[dict]:
     """Small square problems (n in --small-n, causal and not): each pattern's structured plan
     against the masked kernel's, the two the planner chooses between (planner.SMALL_KEYS), and
@@ -575,6 +609,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--decode-lq", type=int, nargs="+", default=[1, 4, 16, 64])
     p.add_argument("--decode-lk", type=int, nargs="+", default=[16384, 65536])
     p.add_argument("--decode-kv-heads", type=int, default=None, help="key/value heads of the decode rows (default: --heads)")
+    p.add_argument("--grouped", type=int, default=None, metavar="KV_HEADS",
+                   help="only grouped-query prefills over this many key/value heads, against them repeated")
     p.add_argument("--small", action="store_true", help="only small problems, structured against masked (--small-n)")
     p.add_argument("--small-n", type=int, nargs="+", default=[32, 64, 128, 192, 256])
     p.add_argument("--out", type=Path, default=Path("bench/results/kernels.json"))
@@ -595,6 +631,9 @@ def main(argv: list[str] | None = None) -> None:
         return
     if args.small:
         args.out.write_text(json.dumps({"meta": meta, "small": bench_small(args, device)}, indent=1))
+        return
+    if args.grouped:
+        args.out.write_text(json.dumps({"meta": meta, "grouped": bench_grouped(args, device)}, indent=1))
         return
     print(HEADER)
     rows = bench_table(args, device)

@@ -134,6 +134,20 @@ def test_grouped_query_decode_rows(tmp_path):
     assert all(min(r["engine_s"], r["masked_s"], r["dense_s"]) > 0 for r in rows)
 
 
+@pytest.mark.parametrize("causal", [True, False])
+def test_grouped_prefills_time_grouped_heads_against_repeated_ones(tmp_path, causal):
+    out = tmp_path / "gp.json"
+    bench_kernels.main(["--grouped", "2", "--n", "300", "--heads", "4", "--dim", "16", "--repeats", "1",
+                        "--turn-s", "0.01", "--patterns", "strided", "fixed", "--out", str(out),
+                        *([] if causal else ["--non-causal"])])
+    rows = json.loads(out.read_text())["grouped"]
+    assert {(r["pattern"], r["n"], r["heads"], r["kv_heads"], r["causal"]) for r in rows} == {
+        (bench_kernels.LABELS[name], 300, 4, 2, causal) for name in ("strided", "fixed")}
+    for r in rows:
+        assert min(r["grouped_s"], r["repeated_s"]) > 0
+        assert r["repeated_peak_bytes"] > 0 and r["grouped_peak_bytes"] > 0
+
+
 def test_decode_benchmark_writes_each_kernels_time(tmp_path):
     out = tmp_path / "d.json"
     bench_kernels.main(["--decode", "--decode-lq", "1", "3", "--decode-lk", "700", "--heads", "2", "--repeats", "1",
