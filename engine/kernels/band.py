@@ -26,7 +26,7 @@ import functools
 import torch
 
 from . import triton_band
-from .dense import (additive_mask, as_computed, cuda_operand, dense_attention, flash_supported, fused,
+from .dense import (additive_mask, as_computed, cuda_operand, dense_attention, flash_supported, fused, fused_under,
                     kept_when_small, math_attention, repeated_operand, same_head_dim, without_padding)
 from .device import kernel_device
 from .merge import join_rows
@@ -67,6 +67,26 @@ def heads_last(x: torch.Tensor, swap: bool) -> torch.Tensor:
     B*Hkv: the right one in every batch item), and a result back. Equal heads keep B*H on the
     batch axis, as fast or faster (band tiles at B = 4: 76 against 82-87 ms)."""
     return x.transpose(0, 1) if swap else x
+
+
+def grid_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+                   empty_rows: torch.Tensor | None, *, scale: float, is_causal: bool = False
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """One fused call over `row_grid` views, q [B*H, n, rows, D] and K, V [B*Hkv, n, keys, D]:
+    causal squares, or under a shared [rows, keys] additive mask and its rows that keep no key
+    (`fused_under`; both None: every key); (out, lse) laid out as q. Fewer key/value heads (on the
+    CPU) go to the kernel on the head axis as they are (`heads_last`), a mask 4-D so that `fused`
+    does not fold the query heads into rows (copies of q and the output; with no mask and no
+    causal diagonal it folds them)."""
+    grouped = k.shape[0] != q.shape[0]
+    q, k, v = (heads_last(x, grouped) for x in (q, k, v))
+    if grouped and mask is not None:
+        mask = mask.expand(1, q.shape[1], -1, -1)
+    if is_causal:
+        out, lse = fused(q, k, v, scale=scale, is_causal=True)
+    else:
+        out, lse = fused_under(q, k, v, mask, empty_rows, scale=scale)
+    return heads_last(out, grouped), heads_last(lse, grouped)
 
 
 def row_range(x: torch.Tensor, start: int, rows: int, dim: int = -2) -> torch.Tensor:
@@ -134,15 +154,10 @@ def band_pieces(
             o, l = fused(row_range(q, row, size), row_range(k, start, width), row_range(v, start, width),
                          scale=scale, is_causal=False, mask=mask)
             pieces.append((row, without_padding(o, dv), l))
-        else:  # tile t: its rows and its window, grouped key/value heads on the head axis (`heads_last`)
-            grouped = k.shape[1] != h
-            qt = heads_last(row_grid(row_major(q), row, (tiles, size), (size, 1)), grouped)
-            kt, vt = (heads_last(row_grid(row_major(x), start, (tiles, size), (width, 1)), grouped) for x in (k, v))
-            # Grouped: the mask 4-D, so that `fused` hands the heads to the kernel as they are rather
-            # than fold each key/value head's query heads into its rows (copies of q and the output).
-            o, l = fused(qt, kt, vt, scale=scale, is_causal=False,
-                         mask=mask.expand(1, qt.shape[1], -1, -1) if grouped else mask)
-            o, l = heads_last(o, grouped), heads_last(l, grouped)
+        else:  # tile t: its rows and its window (grouped key/value heads as they are: `grid_attention`)
+            qt = row_grid(row_major(q), row, (tiles, size), (size, 1))
+            kt, vt = (row_grid(row_major(x), start, (tiles, size), (width, 1)) for x in (k, v))
+            o, l = grid_attention(qt, kt, vt, mask, None, scale=scale)
             pieces.append((row, o.reshape(b, h, tiles * size, -1)[..., :dv], l.reshape(b, h, tiles * size)))
         row += tiles * size
     if stop < lq:  # keys i - w + 1 .. Lk - 1: reversed, the first rows' problem (a dense diagonal)

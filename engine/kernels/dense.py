@@ -220,6 +220,13 @@ def repeated_operand(x: torch.Tensor) -> torch.Tensor:
     return x if kernel_device(x.device) == "cpu" else x.contiguous()
 
 
+def per_query_head(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """K or V [B, Hkv, L, D] with each key/value head repeated for its query heads (query head i
+    reads key/value head i // (H / Hkv)): a copy, for the kernels or steps that take equal heads
+    only (on CUDA; elementwise use of a few rows); x itself where the heads are already equal."""
+    return x if x.shape[1] == heads else x.repeat_interleave(heads // x.shape[1], dim=1)
+
+
 def padded_head_dims(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
     """q, k, v with one head dim, a multiple of 8, as the CUDA kernels want (zero columns change
     no score and add only zero output columns): padded once, before any kernel builds views that

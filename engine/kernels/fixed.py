@@ -48,9 +48,9 @@ import torch.nn.functional as F
 
 from ..patterns.fixed import summary_columns, summary_keys_below
 from . import triton_fixed
-from .band import heads_last, row_grid, row_major
+from .band import grid_attention, heads_last, row_grid, row_major
 from .dense import (NEG_INF, additive_mask, as_computed, dense_attention, fused, fused_masked, kept_when_small,
-                    repeated_operand, same_head_dim)
+                    per_query_head, repeated_operand, same_head_dim)
 from .device import kernel_device, values_on_host
 from .masked import MASK_BUDGET
 from .merge import join_rows, merge_partials, merge_stacked, merge_to
@@ -183,8 +183,8 @@ def fused_fixed_attention(
     # Grouped key/value heads are repeated, but on the CPU, which reads them as they are: torch's CPU
     # kernel maps query head h to key/value head h // (H / Hkv) on the head axis, and every call here
     # keeps the heads there (CUDA's fused kernels take equal heads only).
-    if k.shape[1] != h and kernel_device(q.device) != "cpu":
-        k, v = (x.repeat_interleave(h // x.shape[1], dim=1) for x in (k, v))
+    if kernel_device(q.device) != "cpu":
+        k, v = (per_query_head(x, h) for x in (k, v))
     if short and lq == 1 and not (min_distance or skip_strides) and kernel_device(q.device) == "cpu" \
             and (lk - 1) // l * c <= GATHERED_ROW_KEYS and q.shape[-1] == dv:
         return _one_row_gathered(q, k, v, block=l, summary=c, scale=scale)
@@ -277,9 +277,7 @@ def fused_fixed_attention(
             q_heads = q.reshape(b * h, nq, l, d).transpose(1, 2)  # [B*H, l, nq, D]: position in block as heads
             # The summary keys as [B*H, 1, keys, D], repeated for grouped heads (c/l of K and V),
             # which a block's l positions, the head axis here, share by a stride-0 view.
-            if ks.shape[1] != h:
-                ks, vs = (x.repeat_interleave(h // x.shape[1], dim=1) for x in (ks, vs))
-            ks, vs = (x.reshape(b * h, 1, -1, x.shape[-1]) for x in (ks, vs))
+            ks, vs = (per_query_head(x, h).reshape(b * h, 1, -1, x.shape[-1]) for x in (ks, vs))
             ranges = ranges or _range_count(blocks - lo)
             step = -(-(blocks - lo) // ranges)
             for b0 in range(lo, blocks, step):
@@ -419,13 +417,11 @@ def _non_causal(q, k, v, *, block: int, summary: int, scale: float) -> tuple[tor
     if start > first and first < whole and c < l:  # the first block's query rows alone (no dummy rows)
         rows, keys = slice(0, min(lq, start * l - offset)), slice(first * l, first * l + l - c)
         own.append(fused(q[..., rows, :], k[..., keys, :], v[..., keys, :], scale=scale, is_causal=False))
-    if whole > start and c < l:  # grouped key/value heads on the head axis (`heads_last`): `fused` folds them
-        grouped, blocks = k.shape[1] != h, whole - start
-        qb = heads_last(q[..., start * l - offset : whole * l - offset, :].reshape(b * h, blocks, l, -1), grouped)
-        kb, vb = (heads_last(row_grid(row_major(x), start * l, (blocks, l), (l - c, 1)), grouped) for x in (k, v))
-        o, o_lse = fused(qb, kb, vb, scale=scale, is_causal=False)
-        o, o_lse = heads_last(o, grouped), heads_last(o_lse, grouped)
-        rows = blocks * l  # by count, not -1: a v of head dim 0 gives an output of no elements
+    if whole > start and c < l:  # grouped key/value heads as they are (`grid_attention`)
+        qb = q[..., start * l - offset : whole * l - offset, :].reshape(b * h, whole - start, l, -1)
+        kb, vb = (row_grid(row_major(x), start * l, (whole - start, l), (l - c, 1)) for x in (k, v))
+        o, o_lse = grid_attention(qb, kb, vb, None, None, scale=scale)
+        rows = (whole - start) * l  # by count, not -1: a v of head dim 0 gives an output of no elements
         own.append((o.reshape(b, h, rows, o.shape[-1]), o_lse.reshape(b, h, rows)))
     if lk > whole * l and c < l:  # the last, partial block: its keys before the summary columns
         rows, keys = slice(max(whole * l, offset) - offset, lq), slice(whole * l, min(lk, whole * l + l - c))

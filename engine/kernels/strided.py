@@ -17,11 +17,12 @@ Fewer query rows than s (a decode step, a short chunk) leave most classes withou
 each row, alone in its class, attends a view of its class's keys, and only those classes are read.
 
 Fewer key/value heads than query heads are read as they are on the CPU: a long run's class views
-go to the kernel with the batch items' heads on the head axis (`_class_call`), a short run's with
-each key/value head's query heads as rows; only the few keys of a partial last class row are
-copied for each query head. strided(64), ms: H = 32 over 8, D = 128, n = 4096, 45 against 49-53
-a key/value head at a time; H = 8 over 2, D = 64, n = 16384, 57-61 against 62-78 repeating them;
-and H = 8 over 2, n = 4096, 8.3 MiB against 24.1 repeating them (12.2 a key/value head at a time).
+go to the kernel with the batch items' heads on the head axis (`band.grid_attention`), a short
+run's with each key/value head's query heads as rows; only the few keys of a partial last class
+row are copied for each query head (`dense.per_query_head`). strided(64), ms: H = 32 over 8,
+D = 128, n = 4096, 45 against 49-53 a key/value head at a time; H = 8 over 2, D = 64, n = 16384,
+57-61 against 62-78 repeating them; and H = 8 over 2, n = 4096, 8.3 MiB against 24.1 repeating
+them (12.2 a key/value head at a time).
 """
 
 from __future__ import annotations
@@ -29,8 +30,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .band import heads_last, row_grid, row_major, row_range
-from .dense import NEG_INF, additive_mask, as_computed, empty_partial, fused, fused_under, kept_when_small
+from .band import grid_attention, row_grid, row_major, row_range
+from .dense import NEG_INF, additive_mask, as_computed, empty_partial, fused_under, kept_when_small, per_query_head
 from .device import kernel_device, values_on_host
 from .masked import MASK_BUDGET
 from .merge import join_rows, merge_to
@@ -109,11 +110,11 @@ def strided_pieces(
         c1 = min(rows, c0 + size)
         width = min(seen + c1, key_rows)  # key class rows this chunk sees
         if seen == 0 and c1 - c0 == rows == width and not skip_strides:  # one causal square: no mask
-            out, lse = _class_call(qc, kc, vc, None, None, scale=scale, is_causal=True)
+            out, lse = grid_attention(qc, kc, vc, None, None, scale=scale, is_causal=True)
         else:  # local row r sees key class rows up to seen + r: back or more class rows before its own
             mask, empty = class_distance_mask(seen + c0 + back, c1 - c0, width, back, s, skip_strides, True, q.dtype,
                                               q.device)
-            out, lse = _class_call(qc[:, :, c0:c1], kc[:, :, :width], vc[:, :, :width], mask, empty, scale=scale)
+            out, lse = grid_attention(qc[:, :, c0:c1], kc[:, :, :width], vc[:, :, :width], mask, empty, scale=scale)
         first = (skip + c0) * s - lead  # q row of the chunk's first position
         out = out.transpose(1, 2).reshape(b, h, (c1 - c0) * s, dv)
         lse = lse.transpose(1, 2).reshape(b, h, (c1 - c0) * s)
@@ -126,37 +127,13 @@ def strided_pieces(
     return pieces
 
 
-def _class_call(qc, kc, vc, mask: torch.Tensor | None, empty: torch.Tensor | None, *, scale: float,
-                is_causal: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """One fused call over class views [B*H, classes, rows, D] (is_causal, or under a shared
-    [rows, keys] mask and its empty rows); fewer key/value heads ([B*Hkv, ...]: on the CPU only)
-    go on the head axis as they are (`heads_last`), a mask 4-D so that `fused` does not fold the
-    query heads into rows (copies of q's classes and the output; without a mask or a causal
-    diagonal it folds them)."""
-    grouped = kc.shape[0] != qc.shape[0]
-    qc, kc, vc = (heads_last(x, grouped) for x in (qc, kc, vc))
-    if grouped and mask is not None:
-        mask = mask.expand(1, qc.shape[1], -1, -1)
-    if is_causal:
-        out, lse = fused(qc, kc, vc, scale=scale, is_causal=True)
-    else:
-        out, lse = fused_under(qc, kc, vc, mask, empty, scale=scale)
-    return heads_last(out, grouped), heads_last(lse, grouped)
-
-
-def _per_query_head(x: torch.Tensor, heads: int) -> torch.Tensor:
-    """A few rows of K or V [B, Hkv, rows, D] for each of `heads` query heads (query head i reads
-    key/value head i // (H / Hkv)): a copy of those rows only, for elementwise use."""
-    return x if x.shape[1] == heads else x.repeat_interleave(heads // x.shape[1], dim=1)
-
-
 def _with_own_keys(piece, q, k, v, *, first_row: int, scale: float):
     """The last piece with query rows first_row.. (those past the last whole key class row) also
     attending the key at their own position, merged into it in place by log-sum-exp: that key's
     score alone, and its value."""
     row, out, lse = piece
     lk, lq, h = k.shape[-2], q.shape[-2], q.shape[1]
-    own_k, own_v = (_per_query_head(x[..., lk - lq + first_row :, :], h) for x in (k, v))
+    own_k, own_v = (per_query_head(x[..., lk - lq + first_row :, :], h) for x in (k, v))
     own_lse = (q[..., first_row:, :].float() * own_k.float()).sum(-1) * scale
     at = first_row - row
     merge_to(out[..., at:, :], lse[..., at:], (out[..., at:, :], lse[..., at:]), (own_v, own_lse))
@@ -299,10 +276,10 @@ def _every_class_key(q, k, v, *, stride: int, scale: float, min_distance: int,
     kc, vc = _classes(k, 0, key_rows * s, s), _classes(v, 0, key_rows * s, s)
     step = max(1, MASK_BUDGET // max(1, key_rows))
     if key_rows and not near and not skip_strides:  # a fresh result, merged into in place below
-        out, lse = _class_call(qc, kc, vc, None, None, scale=scale)
+        out, lse = grid_attention(qc, kc, vc, None, None, scale=scale)
     elif key_rows and q_rows <= step:  # one masked call: its result, fresh too
         mask, empty = class_distance_mask(base, q_rows, key_rows, near, s, skip_strides, False, q.dtype, q.device)
-        out, lse = _class_call(qc, kc, vc, mask, empty, scale=scale)
+        out, lse = grid_attention(qc, kc, vc, mask, empty, scale=scale)
     else:  # calls within MASK_BUDGET, each written into a buffer of empty rows
         out = torch.zeros(b * h, s, q_rows, dv, dtype=q.dtype, device=q.device)
         lse = torch.full((b * h, s, q_rows), NEG_INF, dtype=torch.float32, device=q.device)
@@ -311,9 +288,9 @@ def _every_class_key(q, k, v, *, stride: int, scale: float, min_distance: int,
             mask, empty = class_distance_mask(base + t0, t1 - t0, key_rows, near, s, skip_strides, False, q.dtype,
                                               q.device)
             if empty is None or not values_on_host(q.device) or not bool(empty.all()):
-                out[:, :, t0:t1], lse[:, :, t0:t1] = _class_call(qc[:, :, t0:t1], kc, vc, mask, empty, scale=scale)
+                out[:, :, t0:t1], lse[:, :, t0:t1] = grid_attention(qc[:, :, t0:t1], kc, vc, mask, empty, scale=scale)
     if rest:  # class c < rest: the key at key_rows * s + c
-        last_k, last_v = (_per_query_head(x[..., key_rows * s :, :], h).reshape(b * h, rest, 1, -1) for x in (k, v))
+        last_k, last_v = (per_query_head(x[..., key_rows * s :, :], h).reshape(b * h, rest, 1, -1) for x in (k, v))
         last_lse = (qc[:, :rest].float() * last_k.float()).sum(-1) * scale
         if near or skip_strides:  # rows too near that key, or at a skipped stride's multiple: it is not theirs
             far, _ = class_distance_mask(base - key_rows, q_rows, 1, near, s, skip_strides, False, torch.float32,
