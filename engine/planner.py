@@ -7,10 +7,10 @@ fixed, a stride with fixed, all three, several strides) at any query length; any
 fixed members) falls back to the masked kernel, which is exact and memory-safe but slower (for a
 few query rows it runs on a copy of just the keys they attend). Small problems of fixed, unions
 and windows (at most SMALL_KEYS keys; a union with fixed twice that, a causal window half) run on
-the masked kernel too: one call beats their several small ones there; so, on the CPU, do a few
-rows of a union with fixed after up to SHORT_RUN_MASKED_KEYS keys (a decode step) and of fixed
-alone from two rows on, and a chunk of one or two class rows of strides of at most TINY_STRIDE (of
-a union of strides, TINY_UNION_STRIDE).
+the masked kernel too: one call beats their several small ones there; so, on the CPU, do a short
+chunk of a union with fixed after up to SHORT_RUN_MASKED_KEYS keys, a decode step of one whose row
+attends up to ONE_ROW_MASKED_KEYS keys, fixed alone from two rows on, and a chunk of one or two
+class rows of strides of at most TINY_STRIDE (of a union of strides, TINY_UNION_STRIDE).
 `simplify` first removes what cannot change the mask.
 """
 
@@ -98,9 +98,9 @@ class Plan:
 #   0.71-1.21. A stride alone is one call or two and keeps its kernel (the masked one lost from
 #   n = 32 on, up to 6x for strided(8) at 256).
 SMALL_KEYS = 128
-# A causal short run (at most SHORT_RUN_ROWS rows: a decode step, a small chunk) of a union with a
-# fixed member runs on the CPU's masked kernel up to this many keys (with a stride among its
-# members up to twice as many): one call over the keys, compacted to those the rows attend, beats
+# A causal short run (2 to SHORT_RUN_ROWS rows: a small chunk; one row: ONE_ROW_MASKED_KEYS) of a
+# union with a fixed member runs on the CPU's masked kernel up to this many keys (with a stride
+# among its members up to twice as many): one call over the keys, compacted to those the rows attend, beats
 # the union's steps (fixed's own block, summary views and merges, a stride's class runs, the merges
 # of the steps). Masked / structured time through `engine.attention`, float32, H = 8, D = 64
 # unless said, the mean of 600 calls whose key lengths step through 300 values (a decode loop: no
@@ -119,6 +119,25 @@ SMALL_KEYS = 128
 # On CUDA the structured plans read no device value and fixed is one Triton launch: they keep these
 # runs.
 SHORT_RUN_MASKED_KEYS = 1024
+# One row (a decode step) of a union with a fixed member runs on the CPU's masked kernel, causal or
+# not (the last row has no later key), while it attends at most about this many keys (its members'
+# counts summed, `_row_keys_bound`: 1400 for 1144 in the first union below at 16384):
+# the kernel lists them by arithmetic (`row_keys`) and copies just those for one unmasked call,
+# where the union's steps make a dozen small calls and merges. Masked / structured plan, called
+# directly in a decode loop (the key length one longer each step, 60 steps, best of four rounds
+# alternating), float32, H = 8, D = 64, 2026-12-05 (attended keys in brackets):
+# - union(sliding 128, strided 128, fixed(128, 8)) at Lk 2048 / 8192 / 12288 / 16384 / 24576 /
+#   32768 [248 / 632 / 888 / 1144 / 1656 / 2168]: 0.28 / 0.41 / 0.47 / 0.53-0.56 / 0.74 / 0.90-1.00;
+#   union(strided 128, fixed(128, 8)) 0.28 / 0.44 / 0.53 / 0.60-0.62 / 0.80-0.87 / 1.07-2.41;
+#   union(sliding 256, fixed(128, 8)) [+120] 0.43 / 0.57 / 0.65 / 0.73-0.77 / 0.92-0.95 / 1.20-2.94;
+#   at 65536 [4216+] 1.9-3.8.
+# - H = 32 over 8, D = 128 at 2048 / 8192 / 16384: 0.32-0.48 / 0.44-0.59 / 0.74-0.87; in bfloat16
+#   0.28-0.45 / 0.41-0.55 / 0.58-0.79; H = 8 over 2, bfloat16, 0.29-0.48 / 0.49-0.74 / 0.76-0.91.
+# - Not causal, at 1024 / 4096 / 16384: 0.28-0.64 / 0.46-0.73 / 0.70-0.77.
+# Fixed alone keeps its own gathered row (`fixed.GATHERED_ROW_KEYS`, whose index it keeps per
+# block); unions of windows and strides keep their steps (0.63-1.18 up to 8192 keys, 0.99-1.32 at
+# 16384).
+ONE_ROW_MASKED_KEYS = 1536
 # A causal chunk of one or two class rows (s <= Lq <= 2s) of a stride s of at most TINY_STRIDE runs
 # on the CPU's masked kernel, and so do 2 to 2s rows of a union of strides whose smallest is s
 # (each stride's step sweeps K again): each class view of so small a stride sweeps nearly all of
@@ -246,7 +265,10 @@ def _small_on_masked(pattern: PatternBase, lk: int, causal: bool) -> bool:
 
 def _short_run_on_masked(pattern: PatternBase, lq: int, lk: int, causal: bool, device: str) -> bool:
     """Whether a few causal rows of a union with fixed, or two or more of fixed alone, run on the
-    CPU's masked kernel (SHORT_RUN_MASKED_KEYS)."""
+    CPU's masked kernel (SHORT_RUN_MASKED_KEYS), or one row of a union with fixed, causal or not
+    (ONE_ROW_MASKED_KEYS)."""
+    if device == "cpu" and lq == 1 and _union_with(pattern, Fixed):
+        return _row_keys_bound(pattern, lk - 1) <= ONE_ROW_MASKED_KEYS
     if device != "cpu" or not causal or lq > SHORT_RUN_ROWS:
         return False
     if isinstance(pattern, Fixed):  # one row is its fast case: a copy of exactly its keys
@@ -266,6 +288,22 @@ def _tiny_strides_on_masked(pattern: PatternBase, lq: int, causal: bool, device:
         return causal and stride <= TINY_STRIDE and stride <= lq <= 2 * stride
     fewest = 2 if stride <= TINY_STRIDE else stride
     return stride <= TINY_UNION_STRIDE and fewest <= lq <= 2 * stride
+
+
+def _row_keys_bound(pattern: PatternBase, i: int) -> int:
+    """At least as many keys as query i attends under causality: its members' counts summed, in
+    integer arithmetic (a union's exact count costs O(i) tensor work, a decode step's time)."""
+    total = 0
+    for leaf in pattern.leaves() if isinstance(pattern, Union) else (pattern,):
+        if isinstance(leaf, SlidingWindow):
+            total += min(leaf.window, i + 1)
+        elif isinstance(leaf, Strided):
+            total += i // leaf.stride + 1
+        elif isinstance(leaf, Fixed):  # earlier blocks' summary keys, then its own block up to i
+            total += i // leaf.block * leaf.summary + i % leaf.block + 1
+        else:
+            total += i + 1
+    return min(total, i + 1)
 
 
 def _union_with(pattern: PatternBase, kind: type) -> bool:

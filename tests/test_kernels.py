@@ -17,7 +17,7 @@ import torch
 from engine import kernels
 from engine.kernels.device import kernel_device
 from engine.kernels.fixed import fused_fixed_attention
-from reference import assert_matches_reference, mask, reference_attention
+from reference import allowed, assert_matches_reference, mask, reference_attention
 
 SW = lambda w: {"type": "sliding_window", "window": w}  # noqa: E731
 ST = lambda s: {"type": "strided", "stride": s}  # noqa: E731
@@ -329,9 +329,9 @@ STRIDES = {"type": "union", "patterns": [SW(256), ST(128), ST(96)]}
     # SHORT_RUN_MASKED_KEYS = 1024 keys (with a stride among its members 2048): one masked call.
     ({"type": "union", "patterns": [SW(128), FX(128, 8)]}, 1, 1024, True, "masked"),
     ({"type": "union", "patterns": [SW(128), FX(128, 8)]}, 16, 1024, True, "masked"),
-    ({"type": "union", "patterns": [SW(128), FX(128, 8)]}, 1, 1025, True, "band+fixed"),
+    ({"type": "union", "patterns": [SW(128), FX(128, 8)]}, 2, 1025, True, "band+fixed"),
     ({"type": "union", "patterns": [SW(128), FX(128, 8)]}, 17, 1024, True, "band+fixed"),  # past a short run
-    ({"type": "union", "patterns": [SW(128), FX(128, 8)]}, 1, 1024, False, "band+fixed"),  # causal only
+    ({"type": "union", "patterns": [SW(128), FX(128, 8)]}, 2, 1024, False, "band+fixed"),  # causal only
     (FX(128, 8), 1, 2048, True, "fixed"),  # fixed alone keeps its plan for one row
     (FX(128, 8), 2, 2048, True, "masked"),  # from two rows on, up to twice as many keys
     (FX(16, 2), 16, 2048, True, "masked"),
@@ -339,7 +339,17 @@ STRIDES = {"type": "union", "patterns": [SW(256), ST(128), ST(96)]}
     (FX(128, 8), 17, 1024, True, "fixed"),  # past a short run
     (FX(128, 8), 16, 1024, False, "fixed"),  # causal only
     ({"type": "union", "patterns": [ST(128), FX(128, 8)]}, 1, 2048, True, "masked"),
-    ({"type": "union", "patterns": [ST(128), FX(128, 8)]}, 1, 2049, True, "strided+fixed"),
+    ({"type": "union", "patterns": [ST(128), FX(128, 8)]}, 2, 2049, True, "strided+fixed"),
+    # One row of a union with fixed on the CPU, causal or not, while its members' key counts sum to
+    # at most ONE_ROW_MASKED_KEYS = 1536: one masked call on a copy of exactly its keys.
+    ({"type": "union", "patterns": [SW(128), FX(128, 8)]}, 1, 22401, True, "masked"),  # 128 + 175 * 8 + 1 keys
+    ({"type": "union", "patterns": [SW(128), FX(128, 8)]}, 1, 22401, False, "masked"),
+    ({"type": "union", "patterns": [SW(128), FX(128, 8)]}, 1, 22529, True, "band+fixed"),  # 128 + 176 * 8 + 1
+    ({"type": "union", "patterns": [ST(128), FX(128, 8)]}, 1, 16384, True, "masked"),
+    ({"type": "union", "patterns": [ST(128), FX(128, 8)]}, 1, 65536, True, "strided+fixed"),
+    (THREE, 1, 16384, True, "masked"),  # 256 + 128 + 127 * 8 + 128
+    (THREE, 1, 20480, True, "band+strided+fixed"),
+    ({"type": "union", "patterns": [SW(128), ST(128)]}, 1, 4096, True, "band+strided"),  # no fixed member
     (THREE, 16, 2048, True, "masked"),
     ({"type": "union", "patterns": [SW(128), ST(128)]}, 1, 512, True, "band+strided"),  # no fixed member
     # A causal chunk of strides alone, the smallest at most TINY_STRIDE = 3, on the CPU: one or two
@@ -633,22 +643,59 @@ def test_small_masks_are_kept_and_large_ones_built_each_call(causal):
 
 @pytest.mark.parametrize("lq", [1, 3])
 def test_a_row_on_exactly_its_keys_takes_an_unmasked_call(monkeypatch, lq):
-    """Compacted to the keys a single row attends, the masked kernel has nothing left to mask: it
-    makes one unmasked call; rows that attend different keys keep their mask. Exact either way."""
+    """A single row (a decode step) runs on a copy of exactly its keys, listed by arithmetic
+    (`row_keys`), no mask built over the span: one unmasked call over those keys; several rows,
+    which attend different keys, take a masked call. Exact either way."""
     from engine.kernels import dense, masked
     from engine.patterns import parse_pattern
 
     spec = {"type": "union", "patterns": [SW(16), FX(64, 4), FX(48, 2)]}
     q, k, v = _qkv(2, lq, 1000)
-    masks = []
+    masks, unmasked_keys = [], []
     monkeypatch.setattr(masked, "fused_masked", lambda *a, **kw: masks.append(a[3]) or dense.fused_masked(*a, **kw))
+    monkeypatch.setattr(masked, "fused", lambda *a, **kw: unmasked_keys.append(a[1].shape[-2]) or dense.fused(*a, **kw))
     masked.chunk_mask.kept.cache_clear()
     out, lse = kernels.masked_attention(q, k, v, parse_pattern(spec), scale=0.25, causal=True)
-    assert len(masks) == 1 and (masks[0] is None) == (lq == 1)
+    if lq == 1:
+        attended = allowed(spec, torch.tensor(999), torch.arange(1000), 0, 1).sum()
+        assert not masks and unmasked_keys == [int(attended)]
+        assert masked.chunk_mask.kept.cache_info().currsize == 0
+    else:
+        assert len(masks) == 1 and masks[0] is not None and not unmasked_keys
     ref_out, ref_lse = reference_attention(q, k, v, spec, scale=0.25)
     torch.testing.assert_close(out.double(), ref_out, atol=2e-5, rtol=2e-5)
     torch.testing.assert_close(lse.double(), ref_lse, atol=2e-5, rtol=2e-5)
     masked.chunk_mask.kept.cache_clear()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("pattern", [
+    {"type": "union", "patterns": [SW(128), FX(128, 8)]},
+    {"type": "union", "patterns": [ST(128), FX(128, 8)]},
+    {"type": "union", "patterns": [SW(100), ST(37), FX(96, 5)]},
+    {"type": "union", "patterns": [SW(3), ST(40), ST(60), FX(70, 3)]},
+], ids=["window_fixed", "strided_fixed", "window_strided_fixed", "two_strides"])
+@pytest.mark.parametrize("lk", [1, 130, 5003])
+def test_a_decode_row_of_a_union_with_fixed_on_its_keys(pattern, lk, causal, dtype):
+    """One row of a union with fixed (a decode step) takes the masked plan on the CPU, causal or not
+    (the last row has no later key), with grouped key/value heads, a value head dim of its own
+    and half precision, against the float64 reference."""
+    from engine import attention
+    from engine.patterns import parse_pattern
+    from engine.planner import plan
+
+    assert lk == 1 or plan(parse_pattern(pattern), 1, lk, causal, "cpu").backend == "masked"
+    g = torch.Generator().manual_seed(lk)
+    q = torch.randn(2, 4, 1, 24, generator=g).to(dtype)
+    k = torch.randn(2, 2, lk, 24, generator=g).to(dtype)
+    v = torch.randn(2, 2, lk, 40, generator=g).to(dtype)
+    out, lse = attention(q, k, v, pattern, causal=causal, scale=0.3, return_lse=True)
+    ref_out, ref_lse = reference_attention(q, k, v, pattern, causal=causal, scale=0.3)
+    tol = 2e-5 if dtype == torch.float32 else 2e-2
+    assert out.dtype == dtype and out.shape == (2, 4, 1, 40)
+    torch.testing.assert_close(out.double(), ref_out, atol=tol, rtol=tol)
+    torch.testing.assert_close(lse.double(), ref_lse, atol=tol, rtol=tol)
 
 
 def test_small_band_masks_are_kept():

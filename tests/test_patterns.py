@@ -49,6 +49,27 @@ def test_each_rows_count_matches_the_reference_mask(pattern, lk, lq_fraction, ca
     assert torch.equal(counts, mask(pattern, lq, lk, 0, 1, causal).sum(-1))
 
 
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(pattern=single, i=st.integers(0, 400))
+def test_a_rows_keys_by_arithmetic_are_the_reference_masks(pattern, i):
+    """`row_keys` lists, ascending and once each, exactly the keys j <= i the contract's rule
+    allows query i: what a decode step's copy of its keys holds."""
+    keys = torch.arange(i + 1)
+    expected = allowed(pattern, torch.tensor(i), keys, 0, 1).nonzero().flatten()
+    assert torch.equal(parse_pattern(pattern).row_keys(i), expected)
+
+
+def test_a_rows_keys_at_long_sequences():
+    """Far out (i = 131071) the keys still match the rule: a window, every 128th key and fixed's
+    summary columns, each once where they meet."""
+    i = 131071
+    pattern = {"type": "union", "patterns": [SW(128), ST(128), FX(128, 8)]}
+    keys = torch.arange(i + 1)
+    assert torch.equal(parse_pattern(pattern).row_keys(i), allowed(pattern, torch.tensor(i), keys, 0, 1).nonzero().flatten())
+    with pytest.raises(TypeError, match="resolve"):
+        parse_pattern({"type": "per_head", "patterns": [SW(4), ST(3)]}).row_keys(i)
+
+
 @pytest.mark.parametrize("members", [
     [SW(128), FX(128, 8)], [ST(128), FX(128, 8)], [SW(128), ST(128), FX(128, 8)], [ST(96), ST(160), FX(100, 7), SW(64)],
 ], ids=["window_fixed", "strided_fixed", "window_strided_fixed", "two_strides_fixed_window"])

@@ -43,6 +43,12 @@ class PatternBase(BaseModel):
         """A key range [lo, hi) holding every key that queries i_lo..i_hi-1 may attend."""
         return 0, (min(lk, i_hi) if causal else lk)
 
+    def row_keys(self, i: int, device: torch.device | None = None) -> torch.Tensor:
+        """The keys j <= i that query i attends under causality, ascending (int64), by arithmetic
+        over the parameters: a decode step's keys (the last row, whose causal and non-causal keys
+        agree), in time that grows with how many there are, not with i."""
+        raise NotImplementedError
+
     def resolve(self, head: int, heads: int) -> "PatternBase":
         """The single-head pattern head `head` of `heads` uses (only per_head differs)."""
         return self

@@ -29,3 +29,6 @@ class Dense(PatternBase):
 
     def row_counts(self, i: torch.Tensor, lk: int, causal: bool) -> torch.Tensor:
         return causal_limit(i, lk, causal)
+
+    def row_keys(self, i: int, device: torch.device | None = None) -> torch.Tensor:
+        return torch.arange(i + 1, device=device)

@@ -67,3 +67,8 @@ class Fixed(PatternBase):
             start, self.block, self.summary
         )
         return (end - start) + summary_keys_below(limit, self.block, self.summary) - own_summary
+
+    def row_keys(self, i: int, device: torch.device | None = None) -> torch.Tensor:
+        start = i // self.block * self.block  # the summary columns before the row's block, then the block
+        return torch.cat([summary_columns(start, self.block, self.summary, device),
+                          torch.arange(start, i + 1, device=device)])

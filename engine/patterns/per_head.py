@@ -46,3 +46,6 @@ class PerHead(Composite):
 
     def row_counts(self, i: torch.Tensor, lk: int, causal: bool) -> torch.Tensor:
         raise TypeError("per_head has no single rule: resolve(head, heads) first")
+
+    def row_keys(self, i: int, device: torch.device | None = None) -> torch.Tensor:
+        raise TypeError("per_head has no single rule: resolve(head, heads) first")

@@ -34,6 +34,9 @@ class SlidingWindow(PatternBase):
         hi = torch.minimum(causal_limit(i, lk, causal), torch.clamp(i + self.window, max=lk))
         return torch.clamp(hi - lo, min=0)
 
+    def row_keys(self, i: int, device: torch.device | None = None) -> torch.Tensor:
+        return torch.arange(max(0, i - self.window + 1), i + 1, device=device)
+
     def key_span(self, i_lo: int, i_hi: int, lk: int, causal: bool) -> tuple[int, int]:
         hi = i_hi if causal else i_hi - 1 + self.window
         return max(0, i_lo - self.window + 1), max(0, min(lk, hi))

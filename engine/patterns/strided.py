@@ -31,3 +31,6 @@ class Strided(PatternBase):
 
     def row_counts(self, i: torch.Tensor, lk: int, causal: bool) -> torch.Tensor:
         return count_multiples_below(causal_limit(i, lk, causal), torch.remainder(i, self.stride), self.stride)
+
+    def row_keys(self, i: int, device: torch.device | None = None) -> torch.Tensor:
+        return torch.arange(i % self.stride, i + 1, self.stride, device=device)

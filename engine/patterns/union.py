@@ -71,6 +71,11 @@ class Union(Composite):
             allowed = allowed | p.allows(i, j)
         return allowed
 
+    def row_keys(self, i: int, device: torch.device | None = None) -> torch.Tensor:
+        if len(self.patterns) == 1:
+            return self.patterns[0].row_keys(i, device)
+        return torch.unique(torch.cat([p.row_keys(i, device) for p in self.patterns]))  # sorted, each key once
+
     def key_span(self, i_lo: int, i_hi: int, lk: int, causal: bool) -> tuple[int, int]:
         spans = [p.key_span(i_lo, i_hi, lk, causal) for p in self.patterns]
         return min(lo for lo, _ in spans), max(hi for _, hi in spans)
