@@ -641,22 +641,26 @@ def test_small_masks_are_kept_and_large_ones_built_each_call(causal):
     masked.chunk_mask.kept.cache_clear()
 
 
+@pytest.mark.parametrize("spec,few", [
+    ({"type": "union", "patterns": [SW(16), FX(64, 4), FX(48, 2)]}, True),
+    ({"type": "union", "patterns": [SW(16), FX(8, 6), FX(12, 9)]}, False),  # most keys: no copy of them
+], ids=["few_keys", "most_keys"])
 @pytest.mark.parametrize("lq", [1, 3])
-def test_a_row_on_exactly_its_keys_takes_an_unmasked_call(monkeypatch, lq):
-    """A single row (a decode step) runs on a copy of exactly its keys, listed by arithmetic
-    (`row_keys`), no mask built over the span: one unmasked call over those keys; several rows,
-    which attend different keys, take a masked call. Exact either way."""
+def test_a_row_on_exactly_its_keys_takes_an_unmasked_call(monkeypatch, lq, spec, few):
+    """A single row (a decode step) attending under COMPACT_FRACTION of the keys runs on a copy of
+    exactly them, listed by arithmetic (`row_keys`), no mask built over the span: one unmasked
+    call over those keys. A row attending more of them, and several rows, which attend different
+    keys, take a masked call. Exact either way."""
     from engine.kernels import dense, masked
     from engine.patterns import parse_pattern
 
-    spec = {"type": "union", "patterns": [SW(16), FX(64, 4), FX(48, 2)]}
     q, k, v = _qkv(2, lq, 1000)
     masks, unmasked_keys = [], []
     monkeypatch.setattr(masked, "fused_masked", lambda *a, **kw: masks.append(a[3]) or dense.fused_masked(*a, **kw))
     monkeypatch.setattr(masked, "fused", lambda *a, **kw: unmasked_keys.append(a[1].shape[-2]) or dense.fused(*a, **kw))
     masked.chunk_mask.kept.cache_clear()
     out, lse = kernels.masked_attention(q, k, v, parse_pattern(spec), scale=0.25, causal=True)
-    if lq == 1:
+    if lq == 1 and few:
         attended = allowed(spec, torch.tensor(999), torch.arange(1000), 0, 1).sum()
         assert not masks and unmasked_keys == [int(attended)]
         assert masked.chunk_mask.kept.cache_info().currsize == 0

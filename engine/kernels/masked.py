@@ -9,8 +9,8 @@ with masked keys) and at most MASK_BUDGET mask elements. A chunk whose rows atte
 span's keys (a window and fixed's summary columns without causality, a few decode rows) runs on a
 copy of just those: non-causal union(sliding 256, fixed(128, 8)) at n = 16384, H = 8 took 6.9 s
 on whole spans, 1.4 s so (measured when that union still ran here; it has a structured kernel now).
-A single row (a decode step) runs on a copy of exactly its keys, which the pattern lists by
-arithmetic (`row_keys`), in one call without a mask."""
+A single row (a decode step) whose keys are that few runs on a copy of exactly them, which the
+pattern lists by arithmetic (`row_keys`, no mask over the span), in one call without a mask."""
 
 from __future__ import annotations
 
@@ -44,12 +44,13 @@ def masked_attention(
     """Attention for `pattern` over [B, H, L, D], queries bottom-right aligned; on the CPU K and V
     may have fewer heads (H a multiple of theirs), which torch's CPU kernel reads as they are."""
     lq, lk, dv = q.shape[-2], k.shape[-2], v.shape[-1]
-    if lq == 1:  # the last position: no key after it, causal or not
+    if lq == 1:  # the last position, with no key after it (causal or not): its keys by arithmetic
         keys = pattern.row_keys(lk - 1, q.device)
-        # K's copy converted (where half precision is computed in float32) before V's is made: one
-        # half-precision copy alive at a time
-        k_rows, v_rows = (as_computed(x.index_select(-2, keys))[0] for x in (k, v))
-        return fused(q, k_rows, v_rows, scale=scale, is_causal=False)
+        if len(keys) < COMPACT_FRACTION * lk:
+            # K's copy converted (where half precision is computed in float32) before V's is made:
+            # one half-precision copy alive at a time
+            k_rows, v_rows = (as_computed(x.index_select(-2, keys))[0] for x in (k, v))
+            return fused(q, k_rows, v_rows, scale=scale, is_causal=False)
     offset = lk - lq
     out = q.new_empty(*q.shape[:-1], dv, dtype=torch.float32)
     lse = torch.empty(q.shape[:-1], dtype=torch.float32, device=q.device)
