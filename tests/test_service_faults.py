@@ -111,8 +111,10 @@ async def test_an_engine_error_on_a_poisoned_request_fails_only_it():
 
 def test_sigterm_drains_in_flight_answers_new_ones_503_and_exits_within_the_bound():
     drain_s, shutdown_timeout_s = 2, 10
-    heavy = {"type": "union", "patterns": [{"type": "fixed", "block": 64, "summary": 8}, SW]}  # band+fixed: slow enough to queue
-    in_flight = [qkv(b=1, h=2, hkv=2, lq=2048, lk=2048, d=4, dv=4, seed=700 + i) for i in range(4)]
+    # band+fixed, ~0.1 s a call here: the first runs while the other three arrive and queue (at 2048
+    # tokens a call took 9 ms, and a late arrival would have found the first one done)
+    heavy = {"type": "union", "patterns": [{"type": "fixed", "block": 64, "summary": 8}, SW]}
+    in_flight = [qkv(b=1, h=2, hkv=2, lq=16384, lk=16384, d=4, dv=4, seed=700 + i) for i in range(4)]
     light = qkv(h=2, hkv=2, lq=8, lk=8, d=4, dv=4, seed=799)
 
     async def scenario(url: str, proc) -> tuple[list, list, float]:
