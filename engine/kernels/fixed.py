@@ -46,7 +46,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from ..patterns.fixed import summary_columns, summary_keys_below
+from ..patterns.fixed import Fixed, summary_columns, summary_keys_below
 from . import triton_fixed
 from .band import grid_attention, heads_last, row_grid, row_major
 from .dense import (NEG_INF, additive_mask, as_computed, dense_attention, fused, fused_masked, kept_when_small,
@@ -307,10 +307,10 @@ def _one_row_gathered(q, k, v, *, block: int, summary: int, scale: float) -> tup
 
 @kept_when_small(lambda start, block, summary, device: start // block * summary + block)
 def block_row_keys(start: int, block: int, summary: int, device: torch.device) -> torch.Tensor:
-    """The keys of the block starting at `start` whose prefixes its rows attend: the summary keys of
-    the blocks before it, then its own positions (kept: a decode loop's steps through one block
-    share it, where building it took five small ops a step)."""
-    return torch.cat([summary_columns(start, block, summary, device), torch.arange(start, start + block, device=device)])
+    """The keys of the block starting at `start` whose prefixes its rows attend: its last row's keys
+    (`Fixed.row_keys`: the summary keys of the blocks before it, then its own positions), kept: a
+    decode loop's steps through one block share it, where building it took five small ops a step."""
+    return Fixed(block=block, summary=summary).row_keys(start + block - 1, device)
 
 
 def _summary_offsets(q, k, v, out, lse, *, base: int, block: int, summary: int, real: slice, scale: float,
