@@ -72,8 +72,6 @@ class Union(Composite):
         return allowed
 
     def row_keys(self, i: int, device: torch.device | None = None) -> torch.Tensor:
-        if len(self.patterns) == 1:
-            return self.patterns[0].row_keys(i, device)
         return torch.unique(torch.cat([p.row_keys(i, device) for p in self.patterns]))  # sorted, each key once
 
     def key_span(self, i_lo: int, i_hi: int, lk: int, causal: bool) -> tuple[int, int]:
