@@ -237,6 +237,10 @@ def _covers(wide: PatternBase, narrow: PatternBase) -> bool:
         return wide.window >= narrow.window  # nested windows
     if isinstance(wide, Strided) and isinstance(narrow, Strided):
         return narrow.stride % wide.stride == 0  # multiples of a multiple of s
+    if isinstance(wide, Fixed) and isinstance(narrow, Fixed):
+        # narrow's blocks lie inside wide's, and in each of wide's blocks narrow's first summary
+        # column (offset l' - c') is at or past wide's (l - c): fixed(128, 8) covers fixed(128, 2)
+        return wide.block % narrow.block == 0 and wide.block - wide.summary <= narrow.block - narrow.summary
     return False
 
 

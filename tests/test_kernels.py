@@ -411,12 +411,36 @@ def test_chunks_of_tiny_strides_keep_their_kernel_on_cuda():
     ({"type": "union", "patterns": [SW(1), FX(8, 2)]}, FX(8, 2)),
     ({"type": "union", "patterns": [ST(6), ST(4), ST(12), SW(3), SW(5)]},
      {"type": "union", "patterns": [ST(6), ST(4), SW(5)]}),
+    ({"type": "union", "patterns": [FX(128, 2), SW(16), FX(128, 8)]},  # the same blocks, more summary keys
+     {"type": "union", "patterns": [SW(16), FX(128, 8)]}),
+    ({"type": "union", "patterns": [FX(4, 2), FX(8, 6)]}, FX(8, 6)),  # residues 2, 3, 6, 7 of 8 among 2..7
+    ({"type": "union", "patterns": [FX(4, 1), FX(8, 2)]},  # residue 3 of 8 is fixed(4, 1)'s alone
+     {"type": "union", "patterns": [FX(4, 1), FX(8, 2)]}),
 ])
 def test_simplify_drops_what_another_member_covers(pattern, simplest):
     from engine.patterns import parse_pattern
     from engine.planner import simplify
 
     assert simplify(parse_pattern(pattern), 1000) == parse_pattern(simplest)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_simplified_unions_of_fixed_keep_every_key(causal):
+    """Every union of two fixed patterns with blocks up to 12, simplified, allows exactly the
+    reference's keys (over lengths that end inside a block and past several)."""
+    from engine.patterns import parse_pattern
+    from engine.planner import simplify
+
+    fixed = [FX(block, summary) for block in range(1, 13) for summary in range(1, block + 1)]
+    dropped = 0
+    for a, b in itertools.combinations(fixed, 2):
+        union = {"type": "union", "patterns": [a, b]}
+        for lk in (5, 37):
+            simplest = simplify(parse_pattern(union), lk)
+            dropped += simplest.type != "union"
+            assert torch.equal(mask(simplest.model_dump(), lk, lk, 0, 1, causal), mask(union, lk, lk, 0, 1, causal)), \
+                (union, lk, simplest)
+    assert dropped > 0
 
 
 @pytest.mark.parametrize("lk,simplest", [(1, {"type": "dense"}), (8, SW(1)), (9, ST(8))])
