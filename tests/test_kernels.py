@@ -169,6 +169,28 @@ def test_strided_many_chunks(monkeypatch, lq, lk, min_distance):
     _assert_matches_far(result, q, k, v, ST(13), min_distance)
 
 
+def test_masked_class_chunks_read_key_rows_in_multiples_of_16(monkeypatch):
+    """torch's CPU kernel runs key lengths of multiples of 16 faster than those just below: a
+    union's stride, which skips the window's keys, reads 128 key class rows where it sees 127 (the
+    extra one masked), never past the last whole class row."""
+    from engine.kernels import strided
+
+    seen = []
+    real = strided.grid_attention
+
+    def spy(q, k, v, mask, empty, **kwargs):
+        seen.append(k.shape[-2])
+        return real(q, k, v, mask, empty, **kwargs)
+
+    monkeypatch.setattr(strided, "grid_attention", spy)
+    for lk in (2048, 2047):  # 128 whole class rows of 16, then 127
+        q, k, v = _qkv(2, lk, lk)
+        seen.clear()
+        result = kernels.strided_attention(q, k, v, stride=16, scale=0.25, min_distance=16)
+        _assert_matches_far(result, q, k, v, ST(16), 16)
+        assert seen == ([64, 128] if lk == 2048 else [64, 127])
+
+
 def _assert_matches_far(result, q, k, v, pattern, min_distance, causal=True, skip_strides=()):
     """Against a float64 reference of `pattern` without the keys nearer than min_distance (nor
     those at (i - j) mod s == 0 for s in skip_strides)."""

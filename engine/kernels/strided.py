@@ -41,6 +41,11 @@ from .merge import join_rows, merge_to
 # at 1024-row classes chunking only matches the kernel's own causal skipping.
 CHUNK_ROWS = 64
 MAX_CHUNKS = 8
+# torch's CPU kernel runs key lengths that are multiples of 16 faster than those just below them,
+# though they hold more keys: [64 rows, N keys] x 1024 problems, D = 64, ms: N = 124 23.8, 127 24.9,
+# 128 20.7; 248 41.9, 255 43.6, 256 38.4 (100 19.4 against 112's 19.9 the exception). A union's
+# stride, which skips the window's keys, saw 127 key class rows where the stride alone sees 128.
+KEY_ROWS_MULTIPLE = 16
 
 
 def off_strides(distance: torch.Tensor, strides: tuple[int, ...]) -> torch.Tensor:
@@ -99,9 +104,10 @@ def strided_pieces(
         return []
     seen = diag + skip  # local query class row r sees key class rows 0 .. seen + r
     qc = _classes(q, skip * s, (skip + rows) * s, s)
-    kc, vc = (_classes(x, 0, min(seen + rows, key_rows) * s, s) for x in (k, v))
+    on_cpu = kernel_device(q.device) == "cpu"
+    kc, vc = (_classes(x, 0, _masked_key_rows(min(seen + rows, key_rows), key_rows, on_cpu) * s, s) for x in (k, v))
     # On CUDA the flash kernel skips the causal square's empty half itself: one chunk.
-    chunks = 1 if kernel_device(q.device) == "cuda" else MAX_CHUNKS
+    chunks = MAX_CHUNKS if on_cpu else 1
     size = rows if chunks == 1 else max(CHUNK_ROWS, -(-rows // chunks))
     if seen or size < rows or skip_strides:  # masked chunks: each mask within the masked kernel's budget
         size = min(size, max(1, MASK_BUDGET // min(seen + rows, key_rows)))
@@ -110,8 +116,10 @@ def strided_pieces(
         c1 = min(rows, c0 + size)
         width = min(seen + c1, key_rows)  # key class rows this chunk sees
         if seen == 0 and c1 - c0 == rows == width and not skip_strides:  # one causal square: no mask
-            out, lse = grid_attention(qc, kc, vc, None, None, scale=scale, is_causal=True)
+            out, lse = grid_attention(qc, row_range(kc, 0, width), row_range(vc, 0, width), None, None, scale=scale,
+                                      is_causal=True)
         else:  # local row r sees key class rows up to seen + r: back or more class rows before its own
+            width = _masked_key_rows(width, key_rows, on_cpu)
             mask, empty = class_distance_mask(seen + c0 + back, c1 - c0, width, back, s, skip_strides, True, q.dtype,
                                               q.device)
             out, lse = grid_attention(qc[:, :, c0:c1], kc[:, :, :width], vc[:, :, :width], mask, empty, scale=scale)
@@ -125,6 +133,12 @@ def strided_pieces(
         pieces[-1] = _with_own_keys(pieces[-1], unpadded_q, k, v, first_row=max(0, key_rows * s - offset),
                                     scale=scale)
     return pieces
+
+
+def _masked_key_rows(rows: int, key_rows: int, on_cpu: bool) -> int:
+    """The key class rows a masked chunk reads on the CPU: `rows` rounded up to a multiple of
+    KEY_ROWS_MULTIPLE where there are that many (the mask drops the extra ones)."""
+    return min(key_rows, -(-rows // KEY_ROWS_MULTIPLE) * KEY_ROWS_MULTIPLE) if on_cpu else rows
 
 
 def _with_own_keys(piece, q, k, v, *, first_row: int, scale: float):
