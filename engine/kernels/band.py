@@ -37,7 +37,18 @@ from .merge import join_rows
 # 64..256; 24 then beat both at n = 16384, H = 8, D = 64 (two rounds, ms for 16 / 24 / 32 rows:
 # w = 64 35.1-35.5 / 32.5-32.8 / 36.5-37.3, 128 47.7-47.8 / 45.2-46.9 / 47.7-48.8, 256
 # 75.7-76.6 / 71.7-73.2 / 73.0-74.2; 512 within noise). `python -m bench.kernels --tiles`.
+# Later 20 rows beat 24 on the CPU for windows up to 256 (engine.attention, n = 16384, H = 8,
+# D = 64, the tile sizes taking turns in one process, ms for 24 / 20: w = 32 31.7 / 28.8, 64
+# 39.3 / 35.8, 128 55.2 / 53.2, 192 71.7 / 69.0, 256 85.7 / 83.8; at n = 4096 alike; 18 rows
+# tied with 20 up to 128 and 16 lost everywhere), tied at 384 and with D = 128, and lost by 1-2%
+# from 512 (152.3 / 154.1), whose rows waste fewer keys in proportion (T - 1 of w + T - 1).
 TILE_ROWS = 24
+SMALL_WINDOW, SMALL_WINDOW_TILE_ROWS = 256, 20
+
+
+def tile_rows(window: int, device: torch.device) -> int:
+    """Query rows per band tile for this window: fewer for a small window on the CPU."""
+    return SMALL_WINDOW_TILE_ROWS if window <= SMALL_WINDOW and kernel_device(device) == "cpu" else TILE_ROWS
 
 
 @kept_when_small(lambda rows, window, dtype, device: rows * (rows + window - 1))
@@ -142,7 +153,7 @@ def band_pieces(
         pieces.append((0, o[..., :dv], l))
     # Rows from `stop` on would see keys past the last one (without causal): below.
     stop = max(head, lq - after)
-    tile = tile or TILE_ROWS
+    tile = tile or tile_rows(w, q.device)
     row = head
     while row < stop:
         size = min(tile, stop - row)
