@@ -107,7 +107,7 @@ def strided_pieces(
     on_cpu = kernel_device(q.device) == "cpu"
     kc, vc = (_classes(x, 0, _masked_key_rows(min(seen + rows, key_rows), key_rows, on_cpu) * s, s) for x in (k, v))
     # On CUDA the flash kernel skips the causal square's empty half itself: one chunk.
-    chunks = MAX_CHUNKS if on_cpu else 1
+    chunks = 1 if kernel_device(q.device) == "cuda" else MAX_CHUNKS
     size = rows if chunks == 1 else max(CHUNK_ROWS, -(-rows // chunks))
     if seen or size < rows or skip_strides:  # masked chunks: each mask within the masked kernel's budget
         size = min(size, max(1, MASK_BUDGET // min(seen + rows, key_rows)))
