@@ -104,10 +104,10 @@ def strided_pieces(
         return []
     seen = diag + skip  # local query class row r sees key class rows 0 .. seen + r
     qc = _classes(q, skip * s, (skip + rows) * s, s)
-    on_cpu = kernel_device(q.device) == "cpu"
-    kc, vc = (_classes(x, 0, _masked_key_rows(min(seen + rows, key_rows), key_rows, on_cpu) * s, s) for x in (k, v))
+    device = kernel_device(q.device)
+    kc, vc = (_classes(x, 0, _masked_key_rows(min(seen + rows, key_rows), key_rows, device) * s, s) for x in (k, v))
     # On CUDA the flash kernel skips the causal square's empty half itself: one chunk.
-    chunks = 1 if kernel_device(q.device) == "cuda" else MAX_CHUNKS
+    chunks = 1 if device == "cuda" else MAX_CHUNKS
     size = rows if chunks == 1 else max(CHUNK_ROWS, -(-rows // chunks))
     if seen or size < rows or skip_strides:  # masked chunks: each mask within the masked kernel's budget
         size = min(size, max(1, MASK_BUDGET // min(seen + rows, key_rows)))
@@ -119,7 +119,7 @@ def strided_pieces(
             out, lse = grid_attention(qc, row_range(kc, 0, width), row_range(vc, 0, width), None, None, scale=scale,
                                       is_causal=True)
         else:  # local row r sees key class rows up to seen + r: back or more class rows before its own
-            width = _masked_key_rows(width, key_rows, on_cpu)
+            width = _masked_key_rows(width, key_rows, device)
             mask, empty = class_distance_mask(seen + c0 + back, c1 - c0, width, back, s, skip_strides, True, q.dtype,
                                               q.device)
             out, lse = grid_attention(qc[:, :, c0:c1], kc[:, :, :width], vc[:, :, :width], mask, empty, scale=scale)
@@ -135,10 +135,11 @@ def strided_pieces(
     return pieces
 
 
-def _masked_key_rows(rows: int, key_rows: int, on_cpu: bool) -> int:
-    """The key class rows a masked chunk reads on the CPU: `rows` rounded up to a multiple of
-    KEY_ROWS_MULTIPLE where there are that many (the mask drops the extra ones)."""
-    return min(key_rows, -(-rows // KEY_ROWS_MULTIPLE) * KEY_ROWS_MULTIPLE) if on_cpu else rows
+def _masked_key_rows(rows: int, key_rows: int, device: str) -> int:
+    """The key class rows a masked chunk reads on `device` (its `kernel_device`): on the CPU `rows`
+    rounded up to a multiple of KEY_ROWS_MULTIPLE where there are that many (the mask drops the
+    extra ones)."""
+    return min(key_rows, -(-rows // KEY_ROWS_MULTIPLE) * KEY_ROWS_MULTIPLE) if device == "cpu" else rows
 
 
 def _with_own_keys(piece, q, k, v, *, first_row: int, scale: float):
