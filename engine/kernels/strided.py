@@ -36,10 +36,17 @@ from .device import kernel_device, values_on_host
 from .masked import MASK_BUDGET
 from .merge import join_rows, merge_to
 
-# Query class rows per chunk: at least CHUNK_ROWS, at most MAX_CHUNKS chunks. 64-row chunks were
+# Query class rows per chunk: at least `chunk_rows`, at most MAX_CHUNKS chunks. 64-row chunks were
 # the fastest of 16..256 for strided(64) at n = 16384 and strided(128) at 65536 (CPU, 2 cores);
-# at 1024-row classes chunking only matches the kernel's own causal skipping.
+# at 1024-row classes chunking only matches the kernel's own causal skipping. Classes of up to 192
+# rows take 32-row chunks: the kernel computes 32 query rows at a time below 192 rows, each over
+# every key of its call, so halving a chunk cuts the keys its first half reads. Best of six calls
+# in turn, H = 8, D = 64, ms for 32 / 64 rows: strided(128) at 64 / 96 / 128 / 160 / 192 class
+# rows 12.5 / 13.2, 28.5 / 32.1, 44.3 / 46.7, 64.7 / 67.9, 72.3 / 73.6, with sliding_window(128)
+# in a union 38.7 / 47.5, 76.9 / 80.5, 110.9 / 113.3, 146.6 / 148.4, 149.3 / 147.8; at 256 rows
+# (strided(64), n = 16384) 58.7 / 56.7.
 CHUNK_ROWS = 64
+SMALL_CLASS_ROWS, SMALL_CLASS_CHUNK_ROWS = 192, 32
 MAX_CHUNKS = 8
 # torch's CPU kernel runs key lengths that are multiples of 16 faster than those just below them,
 # though they hold more keys: [64 rows, N keys] x 1024 problems, D = 64, ms: N = 124 23.8, 127 24.9,
@@ -107,8 +114,7 @@ def strided_pieces(
     device = kernel_device(q.device)
     kc, vc = (_classes(x, 0, _masked_key_rows(min(seen + rows, key_rows), key_rows, device) * s, s) for x in (k, v))
     # On CUDA the flash kernel skips the causal square's empty half itself: one chunk.
-    chunks = 1 if device == "cuda" else MAX_CHUNKS
-    size = rows if chunks == 1 else max(CHUNK_ROWS, -(-rows // chunks))
+    size = rows if device == "cuda" else max(chunk_rows(rows), -(-rows // MAX_CHUNKS))
     if seen or size < rows or skip_strides:  # masked chunks: each mask within the masked kernel's budget
         size = min(size, max(1, MASK_BUDGET // min(seen + rows, key_rows)))
     pieces = []
@@ -133,6 +139,11 @@ def strided_pieces(
         pieces[-1] = _with_own_keys(pieces[-1], unpadded_q, k, v, first_row=max(0, key_rows * s - offset),
                                     scale=scale)
     return pieces
+
+
+def chunk_rows(rows: int) -> int:
+    """The fewest query class rows per chunk for `rows` of them on the CPU: fewer for short classes."""
+    return SMALL_CLASS_CHUNK_ROWS if rows <= SMALL_CLASS_ROWS else CHUNK_ROWS
 
 
 def _masked_key_rows(rows: int, key_rows: int, device: str) -> int:
