@@ -36,8 +36,8 @@ CUDA's fused calls repeat the key/value heads.
 
 Non-causal, each query attends every summary key (one call) and the other keys of its own block
 (one batched call over the block view): no mask, no key twice. With a minimum distance or
-skipped strides, per query block (on CUDA a few blocks) its own block and the summary keys before
-and after it, the keys to drop under masks.
+skipped strides, per query block (on CUDA a few blocks) its own block under a mask and every
+other block's summary keys under a slice of one shared mask.
 """
 
 from __future__ import annotations
@@ -350,12 +350,6 @@ def _over_offsets(rows, kv, vv, keep: torch.Tensor | None, scale: float, dim: in
     return merge_stacked(*fused_masked(rows, kv, vv, keep, scale=scale), dim)
 
 
-def _summary_keys_after(i: torch.Tensor, block: int, summary: int, min_distance: int, total: int) -> torch.Tensor:
-    """Without causality, the index among the `total` summary keys of the first one a row at
-    position i attends after its own block, at a position >= i + min_distance."""
-    return torch.maximum(summary_keys_below(i + min_distance, block, summary), (i // block + 1) * summary).clamp(max=total)
-
-
 def _at_call_ends(count, ends: list[tuple[int, int]], *args) -> list[list[int]]:
     """count(positions, *args) at each call's first and last row positions, on the host in one
     go: the summary key counts grow with the position, so these are each call's least and most,
@@ -382,8 +376,8 @@ def _summary_per_block(q_rows, ks, vs, out, lse, blocks: range, *, base: int, bl
     ends = _at_call_ends(summary_keys_seen, [(r0 + base, r1 - 1 + base) for r0, r1 in calls],
                          l, c, min_distance)
     if skip_strides:  # every call's mask is slices of one
-        shared = _skipping_summary_mask(last, (group - 1) * c, block=l, summary=c, min_distance=min_distance,
-                                        skip_strides=skip_strides, dtype=q_rows.dtype, device=q_rows.device)
+        shared = _shared_summary_mask(last, (last + group - 1) * c, block=l, summary=c, min_distance=min_distance,
+                                      skip_strides=skip_strides, causal=True, dtype=q_rows.dtype, device=q_rows.device)
     for (r0, r1), (lo, hi) in zip(calls, ends):
         rows = q_rows[:, :, r0:r1]
         if skip_strides:  # every key under the mask
@@ -402,26 +396,33 @@ def _summary_per_block(q_rows, ks, vs, out, lse, blocks: range, *, base: int, bl
                      (o.flatten(0, 1), s_lse.flatten(0, 1)))
 
 
-def _skipping_summary_mask(last: int, spare: int, *, block: int, summary: int, min_distance: int,
-                           skip_strides: tuple[int, ...], dtype: torch.dtype,
-                           device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """The summary keys' mask where strides are skipped, for every call at once: rows r = 0 .. l-1
-    of block `last` over the summary keys of blocks 0 .. last - 1, then `spare` keys none keeps, as
-    (additive mask, count of kept keys before each column, [l, keys + 1]). A row keeps a key by
-    their distance alone (>= m, off the strides), and row r of block b is as far from summary key
-    j as row r of block `last` from j + (last - b) * c: so every block's mask is a slice of this
-    one, built once rather than per call (its elementwise passes over rows x keys per call took
-    58 of fixed(128, 8)'s 318 ms skipping strided(128)'s keys at n = 16384, H = 8)."""
+def _shared_summary_mask(last: int, width: int, *, block: int, summary: int, min_distance: int,
+                         skip_strides: tuple[int, ...], causal: bool, dtype: torch.dtype,
+                         device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every call's summary-key mask at once, where a row's keys are not a prefix of them: rows
+    r = 0 .. l-1 of block `last` over the first `width` summary keys (of blocks 0, 1, ...; those
+    past the real keys stand for blocks after `last`), as (additive mask, count of kept keys before
+    each column, [l, width + 1]). A row keeps a key by their distance alone: at >= m (without
+    causal |.| >= m) off the strides, in an earlier block (without causal any other). Row r of
+    block b is as far from summary key j as row r of block `last` from j + (last - b) * c, so
+    every block's mask is a slice of this one, built once rather than per call (its elementwise
+    passes over rows x keys per call took 58 of fixed(128, 8)'s 318 ms skipping strided(128)'s
+    keys at n = 16384, H = 8)."""
     l, c = block, summary
-    apart = (last * l + torch.arange(l, device=device))[:, None] - summary_columns(last * l, l, c, device)[None, :]
-    keep = F.pad((apart >= min_distance) & off_strides(apart, skip_strides), (0, spare))
+    at = summary_columns(-(-width // c) * l, l, c, device)[:width]
+    apart = (last * l + torch.arange(l, device=device))[:, None] - at[None, :]
+    if causal:
+        keep = (apart >= min_distance) & (at < last * l)
+    else:
+        keep = (apart.abs() >= min_distance) & (at // l != last)
+    keep &= off_strides(apart, skip_strides)
     return additive_mask(keep, dtype), F.pad(keep.cumsum(-1, dtype=torch.int32), (1, 0))
 
 
 def _call_mask(shared: tuple[torch.Tensor, torch.Tensor], first: int, stop: int, keys: int, *, last: int, block: int,
                summary: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Rows at positions first .. stop - 1 over the first `keys` summary keys, from the shared mask
-    (`_skipping_summary_mask`): (additive mask, rows that keep no key), a view for one block's rows."""
+    (`_shared_summary_mask`): (additive mask, rows that keep no key), a view for one block's rows."""
     mask, kept = shared
     l, c = block, summary
     masks, empty = [], []
@@ -466,57 +467,41 @@ def _non_causal(q, k, v, *, block: int, summary: int, scale: float) -> tuple[tor
 
 def _non_causal_far(q, k, v, *, block: int, summary: int, scale: float, min_distance: int,
                     skip_strides: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Non-causal fixed's keys at |i - j| >= m (a union with a window reaching both ways), per
-    query block (a few per call: `_blocks_per_call`): its own blocks' under a mask, and of
-    the summary keys before and after it (views of one copy of all summary keys) those every row
-    of the call keeps unmasked, the few nearer ones under a small mask; merged in place. Skipping
-    strides' keys (a union with strides) masks every piece."""
+    """Non-causal fixed's keys at |i - j| >= m (a union with a window reaching both ways) off the
+    skipped strides' multiples (a union with strides), per query block (a few per call:
+    `_blocks_per_call`): its own blocks' under a mask, and every other block's summary keys (one
+    copy of them all) under a slice of one shared mask (`_shared_summary_mask`); merged in place.
+    Two calls per block: the summary keys split into those every row of the call keeps, unmasked,
+    and the nearer ones under small masks took four, and three more merges (union(sliding 128,
+    fixed(128, 8)), n = 16384, H = 8: 468 ms, against 251 for fixed alone)."""
     lq, lk, l, c, m = q.shape[-2], k.shape[-2], block, summary, min_distance
     offset = lk - lq
     columns = summary_columns(lk, l, c, k.device)
     ks, vs = as_computed(k.index_select(-2, columns), v.index_select(-2, columns))  # once, for every block
     out = torch.empty(*q.shape[:-1], v.shape[-1], dtype=torch.float32, device=q.device)
     lse = torch.empty(q.shape[:-1], dtype=torch.float32, device=q.device)
-    reach = -(-m // l) + 1  # blocks of summary keys some but not all of a call's rows see, each side
-    group = _blocks_per_call(l, -(-lk // l) - offset // l,
-                             lambda g: max(g * l, len(columns) if skip_strides else (g + reach) * c), q.device)
-    calls = [(b, max(b * l, offset) - offset, min((b + group) * l, lk) - offset)  # first block, its query rows
-             for b in range(offset // l, -(-lk // l), group)]
-    positions = [(r0 + offset, r1 - 1 + offset) for _, r0, r1 in calls]
-    before_ends = _at_call_ends(summary_keys_seen, positions, l, c, m)
-    after_ends = _at_call_ends(_summary_keys_after, positions, l, c, m, len(columns))
-    for (b, r0, r1), (before_lo, before_hi), (after_lo, after_hi) in zip(calls, before_ends, after_ends):
+    last = -(-lk // l) - 1  # the last block: the shared mask's rows are its rows
+    group = _blocks_per_call(l, last + 1 - offset // l, lambda g: max(g * l, len(columns)), q.device)
+    shared = _shared_summary_mask(last, (2 * last + 1) * c, block=l, summary=c, min_distance=m,
+                                  skip_strides=skip_strides, causal=False, dtype=q.dtype, device=q.device)
+    for b in range(offset // l, last + 1, group):
+        r0, r1 = max(b * l, offset) - offset, min((b + group) * l, lk) - offset  # the blocks' query rows
         own = slice(b * l, min((b + group) * l, lk))
         rows_q, rows_out, rows_lse = q[..., r0:r1, :], out[..., r0:r1, :], lse[..., r0:r1]
         i = torch.arange(r0 + offset, r1 + offset, device=q.device)[:, None]  # the rows' positions
         j = torch.arange(own.start, own.stop, device=q.device)[None, :]
-        # Summary keys kept: indices [0, before) of the blocks before (positions <= i - m), and
-        # [after, all) of those after (positions >= i + m), per row.
-        before = summary_keys_seen(i[:, 0], l, c, m)
-        after = _summary_keys_after(i[:, 0], l, c, m, len(columns))
-        # (keys, values, their positions, which each row keeps; None: all of them)
-        parts = [(k[..., own, :], v[..., own, :], j[0], ((i - j).abs() >= m) & (i // l == j // l))]
-        for lo, hi, kept in ((0, before_lo, None), (after_hi, len(columns), None),
-                             (before_lo, before_hi, lambda idx: idx < before[:, None]),
-                             (after_lo, after_hi, lambda idx: idx >= after[:, None])):
-            if hi > lo:
-                index = torch.arange(lo, hi, device=q.device)
-                parts.append((ks[..., lo:hi, :], vs[..., lo:hi, :], columns[lo:hi], None if kept is None else kept(index[None, :])))
-        if skip_strides:  # the strides' keys, which a union's strided steps count
-            parts = [(keys_k, keys_v, at, (True if keep is None else keep) & off_strides(i - at[None, :], skip_strides))
-                     for keys_k, keys_v, at, keep in parts]
-        written = False
-        for keys_k, keys_v, _, keep in parts:
-            if keys_k.shape[-2] == 0 or keep is not None and values_on_host(keep.device) and not bool(keep.any()):
-                continue
-            o, s_lse = (fused(rows_q, keys_k, keys_v, scale=scale, is_causal=False) if keep is None
-                        else fused_masked(rows_q, keys_k, keys_v, keep, scale=scale))
-            if written:
-                merge_to(rows_out, rows_lse, (rows_out, rows_lse), (o, s_lse))
-            else:
-                rows_out[...], rows_lse[...] = o, s_lse
-                written = True
-        if not written:  # every key nearer than m or a stride's
+        own_keep = ((i - j).abs() >= m) & (i // l == j // l) & off_strides(i - j, skip_strides)
+        parts = []
+        if not values_on_host(q.device) or bool(own_keep.any()):
+            parts.append(fused_masked(rows_q, k[..., own, :], v[..., own, :], own_keep, scale=scale))
+        if len(columns):
+            parts.append(fused_under(rows_q, ks, vs, *_call_mask(shared, r0 + offset, r1 + offset, len(columns),
+                                                                  last=last, block=l, summary=c), scale=scale))
+        if not parts:  # every key nearer than m or a stride's
             rows_out.zero_()
             rows_lse.fill_(NEG_INF)
+            continue
+        rows_out[...], rows_lse[...] = parts[0]
+        for part in parts[1:]:
+            merge_to(rows_out, rows_lse, (rows_out, rows_lse), part)
     return out, lse
