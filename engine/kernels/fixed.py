@@ -71,6 +71,16 @@ MIN_RANGES, MAX_RANGES, BLOCKS_PER_RANGE = 4, 16, 32
 # union(sliding 32, fixed(16, 2)) at n = 4096, H = 8: 119 ms a block per call, 68 ms grouped
 # (16384: 800 and 524 ms).
 CALL_ROWS = 64
+# Query rows per call of a causal union's fixed step (a distance from the window, the strides'
+# keys skipped), whose summary keys go per block: under 192 rows torch's CPU kernel computes 32
+# rows at a time, each over all of the call's keys, and the step made two calls and two merges a
+# block (one with strides). Per-call rows 64 / 256 / 512 / 1024 / 2048, n = 16384, H = 8, D = 64,
+# ms: union(strided 128, fixed(128, 8)) 234.7 / 219.1 / 215.4 / 211.7 / 216.3, union(sliding 256,
+# fixed(128, 8)) 262.2 / 234.1 / 230.0 / 218.0 / 225.4. fixed alone gains nothing so (179.0 /
+# 193.0 / 188.0 / 176.6 / 184.7: no mask, one call a block), nor does a non-causal union's step,
+# whose own-block call would span the call's blocks (union(strided 128, fixed(128, 8)) 401 -> 585
+# ms at 1024 rows).
+UNION_CALL_ROWS = 1024
 # On the CPU small blocks also go per block (a few per call) for a chunk of at most
 # PER_BLOCK_MAX_ROWS rows after at least PER_BLOCK_KEYS_PER_ROW times as many keys, where the
 # ranges' shared keys, read again for each of the l heads by rows that are few per head, cost more
@@ -117,15 +127,17 @@ def _range_count(query_blocks: int) -> int:
     return min(MAX_RANGES, max(MIN_RANGES, query_blocks // BLOCKS_PER_RANGE))
 
 
-def _blocks_per_call(block: int, query_blocks: int, widest: Callable[[int], int], device: torch.device) -> int:
+def _blocks_per_call(block: int, query_blocks: int, widest: Callable[[int], int], device: torch.device,
+                     union: bool = False) -> int:
     """Query blocks per call where the summary keys go a few blocks per call. On the CPU CALL_ROWS
-    rows, or one block. On CUDA, where every call and merge is a launch whatever its size (a block
-    per call took a union(sliding 128, fixed(128, 8)) at n = 4096 to 2,694 ops, emulated), as many
-    as a row range holds (`_range_count`), fewer where a call's mask, its rows by `widest(blocks)`
-    keys, would pass MASK_BUDGET."""
+    rows (a causal `union`'s step UNION_CALL_ROWS), or one block. On CUDA, where every call and
+    merge is a launch whatever its size (a block per call took a union(sliding 128, fixed(128, 8))
+    at n = 4096 to 2,694 ops, emulated), as many as a row range holds (`_range_count`). Either
+    way fewer where a call's mask, its rows by `widest(blocks)` keys, would pass MASK_BUDGET."""
     if kernel_device(device) == "cpu":
-        return max(1, CALL_ROWS // block)
-    group = -(-query_blocks // _range_count(query_blocks))
+        group = max(1, (UNION_CALL_ROWS if union else CALL_ROWS) // block)
+    else:
+        group = -(-query_blocks // _range_count(query_blocks))
     while group > 1 and group * block * widest(group) > MASK_BUDGET:
         group = -(-group // 2)
     return group
@@ -370,7 +382,8 @@ def _summary_per_block(q_rows, ks, vs, out, lse, blocks: range, *, base: int, bl
     l, c = block, summary
     last = blocks.stop - 1
     reach = -(-min_distance // l) + 1  # blocks of summary keys some but not all of a call's rows see
-    group = _blocks_per_call(l, len(blocks), lambda g: last * c if skip_strides else (g + reach) * c, q_rows.device)
+    group = _blocks_per_call(l, len(blocks), lambda g: last * c if skip_strides else (g + reach) * c, q_rows.device,
+                             union=bool(min_distance or skip_strides))
     calls = [(r0, r1) for r0, r1 in ((max(b * l - base, real.start), min((b + group) * l - base, real.stop))
                                      for b in range(blocks.start, blocks.stop, group)) if r1 > r0]  # real rows
     ends = _at_call_ends(summary_keys_seen, [(r0 + base, r1 - 1 + base) for r0, r1 in calls],
