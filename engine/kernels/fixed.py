@@ -36,8 +36,8 @@ CUDA's fused calls repeat the key/value heads.
 
 Non-causal, each query attends every summary key (one call) and the other keys of its own block
 (one batched call over the block view): no mask, no key twice. With a minimum distance or
-skipped strides, per query block (on CUDA a few blocks) its own block under a mask and every
-other block's summary keys under a slice of one shared mask.
+skipped strides, its own blocks in one batched call under one [l, l] mask, and every other
+block's summary keys, a few query blocks per call, under slices of one shared mask.
 """
 
 from __future__ import annotations
@@ -50,9 +50,9 @@ import torch.nn.functional as F
 from ..patterns.fixed import Fixed, summary_columns, summary_keys_below
 from . import triton_fixed
 from .band import grid_attention, heads_last, row_grid, row_major
-from .dense import (NEG_INF, additive_mask, as_computed, dense_attention, fused, fused_masked, fused_under,
-                    kept_when_small, per_query_head, repeated_operand, same_head_dim)
-from .device import kernel_device, values_on_host
+from .dense import (NEG_INF, additive_mask, as_computed, dense_attention, empty_partial, fused, fused_masked,
+                    fused_under, kept_when_small, per_query_head, repeated_operand, same_head_dim)
+from .device import kernel_device
 from .masked import MASK_BUDGET
 from .merge import join_rows, merge_partials, merge_stacked, merge_to
 from .strided import off_strides
@@ -481,40 +481,65 @@ def _non_causal(q, k, v, *, block: int, summary: int, scale: float) -> tuple[tor
 def _non_causal_far(q, k, v, *, block: int, summary: int, scale: float, min_distance: int,
                     skip_strides: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
     """Non-causal fixed's keys at |i - j| >= m (a union with a window reaching both ways) off the
-    skipped strides' multiples (a union with strides), per query block (a few per call:
-    `_blocks_per_call`): its own blocks' under a mask, and every other block's summary keys (one
-    copy of them all) under a slice of one shared mask (`_shared_summary_mask`); merged in place.
-    Two calls per block: the summary keys split into those every row of the call keeps, unmasked,
-    and the nearer ones under small masks took four, and three more merges (union(sliding 128,
-    fixed(128, 8)), n = 16384, H = 8: 468 ms, against 251 for fixed alone)."""
-    lq, lk, l, c, m = q.shape[-2], k.shape[-2], block, summary, min_distance
+    skipped strides' multiples (a union with strides): its own blocks' keys (`_own_blocks_far`),
+    and every other block's summary keys (one copy of them all) under slices of one shared mask
+    (`_shared_summary_mask`), a few blocks per call (`_blocks_per_call`), merged into the first
+    in place. Per query block, its own block and the summary keys in one call each (and before,
+    those every row keeps unmasked and the nearer ones under small masks in four) took 1.4x (and
+    1.8x) as long: union(strided 128, fixed(128, 8)), n = 16384, H = 8, 520 (685) ms against 374."""
+    lq, lk, l, c = q.shape[-2], k.shape[-2], block, summary
     offset = lk - lq
+    out, lse = _own_blocks_far(q, k, v, block=l, scale=scale, min_distance=min_distance, skip_strides=skip_strides)
     columns = summary_columns(lk, l, c, k.device)
+    if not len(columns):
+        return out, lse
     ks, vs = as_computed(k.index_select(-2, columns), v.index_select(-2, columns))  # once, for every block
-    out = torch.empty(*q.shape[:-1], v.shape[-1], dtype=torch.float32, device=q.device)
-    lse = torch.empty(q.shape[:-1], dtype=torch.float32, device=q.device)
     last = -(-lk // l) - 1  # the last block: the shared mask's rows are its rows
-    group = _blocks_per_call(l, last + 1 - offset // l, lambda g: max(g * l, len(columns)), q.device)
-    shared = _shared_summary_mask(last, (2 * last + 1) * c, block=l, summary=c, min_distance=m,
+    group = _blocks_per_call(l, last + 1 - offset // l, lambda g: len(columns), q.device, union=True)
+    shared = _shared_summary_mask(last, (2 * last + 1) * c, block=l, summary=c, min_distance=min_distance,
                                   skip_strides=skip_strides, causal=False, dtype=q.dtype, device=q.device)
     for b in range(offset // l, last + 1, group):
         r0, r1 = max(b * l, offset) - offset, min((b + group) * l, lk) - offset  # the blocks' query rows
-        own = slice(b * l, min((b + group) * l, lk))
-        rows_q, rows_out, rows_lse = q[..., r0:r1, :], out[..., r0:r1, :], lse[..., r0:r1]
-        i = torch.arange(r0 + offset, r1 + offset, device=q.device)[:, None]  # the rows' positions
-        j = torch.arange(own.start, own.stop, device=q.device)[None, :]
-        own_keep = ((i - j).abs() >= m) & (i // l == j // l) & off_strides(i - j, skip_strides)
-        parts = []
-        if not values_on_host(q.device) or bool(own_keep.any()):
-            parts.append(fused_masked(rows_q, k[..., own, :], v[..., own, :], own_keep, scale=scale))
-        if len(columns):
-            parts.append(fused_under(rows_q, ks, vs, *_call_mask(shared, r0 + offset, r1 + offset, len(columns),
-                                                                  last=last, block=l, summary=c), scale=scale))
-        if not parts:  # every key nearer than m or a stride's
-            rows_out.zero_()
-            rows_lse.fill_(NEG_INF)
-            continue
-        rows_out[...], rows_lse[...] = parts[0]
-        for part in parts[1:]:
-            merge_to(rows_out, rows_lse, (rows_out, rows_lse), part)
+        part = fused_under(q[..., r0:r1, :], ks, vs, *_call_mask(shared, r0 + offset, r1 + offset, len(columns),
+                                                                  last=last, block=l, summary=c), scale=scale)
+        merge_to(out[..., r0:r1, :], lse[..., r0:r1], (out[..., r0:r1, :], lse[..., r0:r1]), part)
     return out, lse
+
+
+def _own_blocks_far(q, k, v, *, block: int, scale: float, min_distance: int,
+                    skip_strides: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each query's own block's keys at |i - j| >= m off the skipped strides' multiples, (out
+    float32, lse): the whole blocks of query rows in one batched call over the block view under
+    one [l, l] mask (within a block i - j is the offset), a first block that starts before the
+    first query row and a last, partial block apart."""
+    b, h, lq, _ = q.shape
+    lk, l = k.shape[-2], block
+    if min_distance >= l:  # every key of a query's block is nearer (a union's window of at least l)
+        return empty_partial(q.float(), v.shape[-1])
+    offset = lk - lq
+    first, whole = offset // l, lk // l  # the first query block; whole key blocks
+    start = -(-offset // l)  # the first query block whose rows are all queries
+
+    def keep(i0: int, rows: int, j0: int, keys: int) -> torch.Tensor:
+        apart = torch.arange(i0, i0 + rows, device=q.device)[:, None] - torch.arange(j0, j0 + keys, device=q.device)
+        return (apart.abs() >= min_distance) & off_strides(apart, skip_strides)
+
+    def alone(i0: int, i1: int, j0: int, j1: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Query positions i0 .. i1 - 1 against keys j0 .. j1 - 1 of their block, one call."""
+        return fused_masked(q[..., i0 - offset : i1 - offset, :], k[..., j0:j1, :], v[..., j0:j1, :],
+                            keep(i0, i1 - i0, j0, j1 - j0), scale=scale)
+
+    parts = []
+    if start > first:  # the first block's query rows alone (no dummy rows)
+        parts.append(alone(offset, min(start * l, lk), first * l, min(first * l + l, lk)))
+    if whole > start:  # grouped key/value heads as they are (`grid_attention`)
+        qb = q[..., start * l - offset : whole * l - offset, :].reshape(b * h, whole - start, l, -1)
+        kb, vb = (row_grid(row_major(x), start * l, (whole - start, l), (l, 1)) for x in (k, v))
+        own_keep = keep(0, l, 0, l)
+        o, o_lse = grid_attention(qb, kb, vb, additive_mask(own_keep, q.dtype), ~own_keep.any(-1), scale=scale)
+        rows = (whole - start) * l  # by count, not -1: a v of head dim 0 gives an output of no elements
+        parts.append((o.reshape(b, h, rows, o.shape[-1]), o_lse.reshape(b, h, rows)))
+    if lk > whole * l and whole >= start:  # the last, partial block
+        parts.append(alone(max(whole * l, offset), lk, whole * l, lk))
+    out, lse = join_rows(parts)
+    return out.to(torch.float32, memory_format=torch.contiguous_format), lse.contiguous()
