@@ -609,6 +609,32 @@ def test_fixed_skip_strides(lq, lk, block, summary, strides, min_distance, causa
     _assert_matches_far(result, q, k, v, FX(block, summary), min_distance, causal=causal, skip_strides=strides)
 
 
+@pytest.mark.parametrize("min_distance,strides", [(5, ()), (0, (3,)), (20, (4, 7))])
+@pytest.mark.parametrize("causal", [True, False])
+def test_fixed_union_calls_within_mask_budget(monkeypatch, min_distance, strides, causal):
+    """A union's fixed step sends many query blocks to a call (`UNION_CALL_ROWS`), fewer where a
+    call's mask would pass MASK_BUDGET: every summary mask within a budget of four blocks' rows
+    by all the summary keys, and the result the reference's."""
+    from engine.kernels import fixed
+
+    q, k, v = _qkv(2, 700, 1003)
+    budget = 4 * 10 * len(fixed.summary_columns(1003, 10, 3))
+    monkeypatch.setattr(fixed, "MASK_BUDGET", budget)
+    sizes = []
+    real = fixed.fused_under
+
+    def spy(q, k, v, mask, empty, **kwargs):
+        sizes.append(mask.numel())
+        return real(q, k, v, mask, empty, **kwargs)
+
+    monkeypatch.setattr(fixed, "fused_under", spy)
+    result = kernels.fixed_attention(q, k, v, block=10, summary=3, scale=0.25, min_distance=min_distance,
+                                     skip_strides=strides, causal=causal)
+    _assert_matches_far(result, q, k, v, FX(10, 3), min_distance, causal=causal, skip_strides=strides)
+    if strides or not causal:  # every summary key under a slice of the shared mask
+        assert sizes and max(sizes) <= budget and max(sizes) > budget // 2
+
+
 @pytest.mark.parametrize("lq,lk", [(517, 700), (300, 1003), (3, 5)])
 @pytest.mark.parametrize("block,summary,min_distance,strides", [(16, 4, 0, ()), (10, 3, 7, ()), (7, 7, 0, (3,)),
                                                                 (64, 8, 20, (5, 8))])
