@@ -25,8 +25,8 @@ A minimum distance m (for a union with a sliding window of m, whose keys it then
 the own-block causal diagonal by m and keeps a row's summary keys at positions up to i - m. A
 union's strides (which count the keys at their multiples), skipped, mask the own blocks with one
 [l, l] mask and each block's summary keys with a slice of one [l, keys] mask (a row keeps a key by
-their distance alone); both take the call per block (on CUDA a row range's worth of blocks per
-call: `_blocks_per_call`).
+their distance alone); both send the summary keys a few query blocks per call (`_blocks_per_call`:
+UNION_CALL_ROWS rows on the CPU, a row range's worth on CUDA).
 
 On the CPU the calls read fewer key/value heads than query heads as they are: every call keeps
 the heads on the head axis (the own blocks on the batch axis, `band.heads_last`), where torch's
@@ -415,8 +415,8 @@ def _shared_summary_mask(last: int, width: int, *, block: int, summary: int, min
     """Every call's summary-key mask at once, where a row's keys are not a prefix of them: rows
     r = 0 .. l-1 of block `last` over the first `width` summary keys (of blocks 0, 1, ...; those
     past the real keys stand for blocks after `last`), as (additive mask, count of kept keys before
-    each column, [l, width + 1]). A row keeps a key by their distance alone: at >= m (without
-    causal |.| >= m) off the strides, in an earlier block (without causal any other). Row r of
+    each column, [l, width + 1]). A row keeps a key by their distance alone: i - j >= m (without
+    causal |i - j| >= m) off the strides, in an earlier block (without causal any other). Row r of
     block b is as far from summary key j as row r of block `last` from j + (last - b) * c, so
     every block's mask is a slice of this one, built once rather than per call (its elementwise
     passes over rows x keys per call took 58 of fixed(128, 8)'s 318 ms skipping strided(128)'s
@@ -483,8 +483,8 @@ def _non_causal_far(q, k, v, *, block: int, summary: int, scale: float, min_dist
     """Non-causal fixed's keys at |i - j| >= m (a union with a window reaching both ways) off the
     skipped strides' multiples (a union with strides): its own blocks' keys (`_own_blocks_far`),
     and every other block's summary keys (one copy of them all) under slices of one shared mask
-    (`_shared_summary_mask`), a few blocks per call (`_blocks_per_call`), merged into the first
-    in place. Per query block, its own block and the summary keys in one call each (and before,
+    (`_shared_summary_mask`), a few blocks per call (`_blocks_per_call`), merged into the own
+    blocks' partial in place. Per query block, its own block and the summary keys in one call each (and before,
     those every row keeps unmasked and the nearer ones under small masks in four) took 1.4x (and
     1.8x) as long: union(strided 128, fixed(128, 8)), n = 16384, H = 8, 520 (685) ms against 374."""
     lq, lk, l, c = q.shape[-2], k.shape[-2], block, summary
