@@ -36,8 +36,8 @@ CUDA's fused calls repeat the key/value heads.
 
 Non-causal, each query attends every summary key (one call) and the other keys of its own block
 (one batched call over the block view): no mask, no key twice. With a minimum distance or
-skipped strides, its own blocks in one batched call under one [l, l] mask, and every other
-block's summary keys, a few query blocks per call, under slices of one shared mask.
+skipped strides, the same own-block calls under one [l, l - c] mask, and every summary key, a
+few query blocks per call, under slices of one shared mask.
 """
 
 from __future__ import annotations
@@ -415,8 +415,8 @@ def _shared_summary_mask(last: int, width: int, *, block: int, summary: int, min
     """Every call's summary-key mask at once, where a row's keys are not a prefix of them: rows
     r = 0 .. l-1 of block `last` over the first `width` summary keys (of blocks 0, 1, ...; those
     past the real keys stand for blocks after `last`), as (additive mask, count of kept keys before
-    each column, [l, width + 1]). A row keeps a key by their distance alone: i - j >= m (without
-    causal |i - j| >= m) off the strides, in an earlier block (without causal any other). Row r of
+    each column, [l, width + 1]). A row keeps a key by their distance alone: i - j >= m off the
+    strides, in an earlier block (without causal |i - j| >= m off the strides, any block). Row r of
     block b is as far from summary key j as row r of block `last` from j + (last - b) * c, so
     every block's mask is a slice of this one, built once rather than per call (its elementwise
     passes over rows x keys per call took 58 of fixed(128, 8)'s 318 ms skipping strided(128)'s
@@ -424,10 +424,7 @@ def _shared_summary_mask(last: int, width: int, *, block: int, summary: int, min
     l, c = block, summary
     at = summary_columns(-(-width // c) * l, l, c, device)[:width]
     apart = (last * l + torch.arange(l, device=device))[:, None] - at[None, :]
-    if causal:
-        keep = (apart >= min_distance) & (at < last * l)
-    else:
-        keep = (apart.abs() >= min_distance) & (at // l != last)
+    keep = (apart >= min_distance) & (at < last * l) if causal else apart.abs() >= min_distance
     keep &= off_strides(apart, skip_strides)
     return additive_mask(keep, dtype), F.pad(keep.cumsum(-1, dtype=torch.int32), (1, 0))
 
@@ -449,47 +446,78 @@ def _call_mask(shared: tuple[torch.Tensor, torch.Tensor], first: int, stop: int,
 
 def _non_causal(q, k, v, *, block: int, summary: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Non-causal fixed: every query attends all summary keys (one call over one copy of them,
-    c/l of K and V) and the other l - c keys of its own block (one batched call over a view of the
-    whole blocks, one more for a last partial block), merged by log-sum-exp: no mask, no key twice."""
-    b, h, lq, _ = q.shape
+    c/l of K and V) and the other l - c keys of its own block (`_own_blocks`), merged by
+    log-sum-exp: no mask, no key twice."""
     lk, l, c = k.shape[-2], block, summary
-    offset = lk - lq
     parts = []
     columns = summary_columns(lk, l, c, k.device)
     if len(columns):
         parts.append(fused(q, k.index_select(-2, columns), v.index_select(-2, columns), scale=scale, is_causal=False))
-    first, whole = offset // l, lk // l  # the first query block; whole key blocks
-    own = []
-    start = -(-offset // l)  # the first query block whose rows are all queries
-    if start > first and first < whole and c < l:  # the first block's query rows alone (no dummy rows)
-        rows, keys = slice(0, min(lq, start * l - offset)), slice(first * l, first * l + l - c)
-        own.append(fused(q[..., rows, :], k[..., keys, :], v[..., keys, :], scale=scale, is_causal=False))
-    if whole > start and c < l:  # grouped key/value heads as they are (`grid_attention`)
-        qb = q[..., start * l - offset : whole * l - offset, :].reshape(b * h, whole - start, l, -1)
-        kb, vb = (row_grid(row_major(x), start * l, (whole - start, l), (l - c, 1)) for x in (k, v))
-        o, o_lse = grid_attention(qb, kb, vb, None, None, scale=scale)
-        rows = (whole - start) * l  # by count, not -1: a v of head dim 0 gives an output of no elements
-        own.append((o.reshape(b, h, rows, o.shape[-1]), o_lse.reshape(b, h, rows)))
-    if lk > whole * l and c < l:  # the last, partial block: its keys before the summary columns
-        rows, keys = slice(max(whole * l, offset) - offset, lq), slice(whole * l, min(lk, whole * l + l - c))
-        own.append(fused(q[..., rows, :], k[..., keys, :], v[..., keys, :], scale=scale, is_causal=False))
+    own = _own_blocks(q, k, v, block=l, summary=c, scale=scale)
     if own:
         parts.append(join_rows(own))
     return merge_partials(parts)
 
 
+def _own_blocks(q, k, v, *, block: int, summary: int, scale: float,
+                keep: Callable[[int, int, int, int], torch.Tensor] | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Non-causal: each query's own block's keys before its summary columns (those are every
+    query's), as consecutive row pieces (none where c = l): the whole blocks of query rows in one
+    batched call over the block view, a first block that starts before the first query row and a
+    last, partial block apart; under `keep(i0, rows, j0, keys)` (by positions, of a rule in i - j
+    alone: within a whole block that is the offset, so one [l, l - c] mask serves them all) where
+    given."""
+    b, h, lq, _ = q.shape
+    lk, l, c = k.shape[-2], block, summary
+    if c == l:
+        return []
+    offset = lk - lq
+    first, whole = offset // l, lk // l  # the first query block; whole key blocks
+    start = -(-offset // l)  # the first query block whose rows are all queries
+
+    def alone(i0: int, i1: int, j0: int, j1: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Query positions i0 .. i1 - 1 against keys j0 .. j1 - 1 of their block, one call."""
+        rows, keys = slice(i0 - offset, i1 - offset), slice(j0, j1)
+        return fused_masked(q[..., rows, :], k[..., keys, :], v[..., keys, :],
+                            None if keep is None else keep(i0, i1 - i0, j0, j1 - j0), scale=scale)
+
+    pieces = []
+    if start > first and first < whole:  # the first block's query rows alone (no dummy rows)
+        pieces.append(alone(offset, min(start * l, lk), first * l, first * l + l - c))
+    if whole > start:  # grouped key/value heads as they are (`grid_attention`)
+        qb = q[..., start * l - offset : whole * l - offset, :].reshape(b * h, whole - start, l, -1)
+        kb, vb = (row_grid(row_major(x), start * l, (whole - start, l), (l - c, 1)) for x in (k, v))
+        kept = None if keep is None else keep(0, l, 0, l - c)
+        o, o_lse = grid_attention(qb, kb, vb, None if kept is None else additive_mask(kept, q.dtype),
+                                  None if kept is None else ~kept.any(-1), scale=scale)
+        rows = (whole - start) * l  # by count, not -1: a v of head dim 0 gives an output of no elements
+        pieces.append((o.reshape(b, h, rows, o.shape[-1]), o_lse.reshape(b, h, rows)))
+    if lk > whole * l:  # the last, partial block: its keys before the summary columns
+        pieces.append(alone(max(whole * l, offset), lk, whole * l, min(lk, whole * l + l - c)))
+    return pieces
+
+
 def _non_causal_far(q, k, v, *, block: int, summary: int, scale: float, min_distance: int,
                     skip_strides: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
     """Non-causal fixed's keys at |i - j| >= m (a union with a window reaching both ways) off the
-    skipped strides' multiples (a union with strides): its own blocks' keys (`_own_blocks_far`),
-    and every other block's summary keys (one copy of them all) under slices of one shared mask
-    (`_shared_summary_mask`), a few blocks per call (`_blocks_per_call`), merged into the own
-    blocks' partial in place. Per query block, its own block and the summary keys in one call each (and before,
-    those every row keeps unmasked and the nearer ones under small masks in four) took 1.4x (and
-    1.8x) as long: union(strided 128, fixed(128, 8)), n = 16384, H = 8, 520 (685) ms against 374."""
+    skipped strides' multiples (a union with strides): its own block's keys before the summary
+    columns (`_own_blocks`, under the rule), and every summary key (one copy of them all) under
+    slices of one shared mask (`_shared_summary_mask`), a few blocks per call (`_blocks_per_call`),
+    merged into the first partial in place. Per query block, its own block and the summary keys in
+    one call each (and before, those every row keeps unmasked and the nearer ones under small
+    masks in four) took 1.4x (and 1.8x) as long: union(strided 128, fixed(128, 8)), n = 16384,
+    H = 8, 520 (685) ms against 374."""
     lq, lk, l, c = q.shape[-2], k.shape[-2], block, summary
     offset = lk - lq
-    out, lse = _own_blocks_far(q, k, v, block=l, scale=scale, min_distance=min_distance, skip_strides=skip_strides)
+
+    def keep(i0: int, rows: int, j0: int, keys: int) -> torch.Tensor:
+        apart = torch.arange(i0, i0 + rows, device=q.device)[:, None] - torch.arange(j0, j0 + keys, device=q.device)
+        return (apart.abs() >= min_distance) & off_strides(apart, skip_strides)
+
+    # none where every key of a query's block is nearer than m (a union's window of at least l)
+    own = _own_blocks(q, k, v, block=l, summary=c, scale=scale, keep=keep) if min_distance < l else []
+    out, lse = join_rows(own) if own else empty_partial(q, v.shape[-1])
+    out, lse = out.to(torch.float32, memory_format=torch.contiguous_format), lse.contiguous()
     columns = summary_columns(lk, l, c, k.device)
     if not len(columns):
         return out, lse
@@ -504,42 +532,3 @@ def _non_causal_far(q, k, v, *, block: int, summary: int, scale: float, min_dist
                                                                   last=last, block=l, summary=c), scale=scale)
         merge_to(out[..., r0:r1, :], lse[..., r0:r1], (out[..., r0:r1, :], lse[..., r0:r1]), part)
     return out, lse
-
-
-def _own_blocks_far(q, k, v, *, block: int, scale: float, min_distance: int,
-                    skip_strides: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each query's own block's keys at |i - j| >= m off the skipped strides' multiples, (out
-    float32, lse): the whole blocks of query rows in one batched call over the block view under
-    one [l, l] mask (within a block i - j is the offset), a first block that starts before the
-    first query row and a last, partial block apart."""
-    b, h, lq, _ = q.shape
-    lk, l = k.shape[-2], block
-    if min_distance >= l:  # every key of a query's block is nearer (a union's window of at least l)
-        return empty_partial(q.float(), v.shape[-1])
-    offset = lk - lq
-    first, whole = offset // l, lk // l  # the first query block; whole key blocks
-    start = -(-offset // l)  # the first query block whose rows are all queries
-
-    def keep(i0: int, rows: int, j0: int, keys: int) -> torch.Tensor:
-        apart = torch.arange(i0, i0 + rows, device=q.device)[:, None] - torch.arange(j0, j0 + keys, device=q.device)
-        return (apart.abs() >= min_distance) & off_strides(apart, skip_strides)
-
-    def alone(i0: int, i1: int, j0: int, j1: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Query positions i0 .. i1 - 1 against keys j0 .. j1 - 1 of their block, one call."""
-        return fused_masked(q[..., i0 - offset : i1 - offset, :], k[..., j0:j1, :], v[..., j0:j1, :],
-                            keep(i0, i1 - i0, j0, j1 - j0), scale=scale)
-
-    parts = []
-    if start > first:  # the first block's query rows alone (no dummy rows)
-        parts.append(alone(offset, min(start * l, lk), first * l, min(first * l + l, lk)))
-    if whole > start:  # grouped key/value heads as they are (`grid_attention`)
-        qb = q[..., start * l - offset : whole * l - offset, :].reshape(b * h, whole - start, l, -1)
-        kb, vb = (row_grid(row_major(x), start * l, (whole - start, l), (l, 1)) for x in (k, v))
-        own_keep = keep(0, l, 0, l)
-        o, o_lse = grid_attention(qb, kb, vb, additive_mask(own_keep, q.dtype), ~own_keep.any(-1), scale=scale)
-        rows = (whole - start) * l  # by count, not -1: a v of head dim 0 gives an output of no elements
-        parts.append((o.reshape(b, h, rows, o.shape[-1]), o_lse.reshape(b, h, rows)))
-    if lk > whole * l and whole >= start:  # the last, partial block
-        parts.append(alone(max(whole * l, offset), lk, whole * l, lk))
-    out, lse = join_rows(parts)
-    return out.to(torch.float32, memory_format=torch.contiguous_format), lse.contiguous()
