@@ -376,9 +376,10 @@ def _summary_per_block(q_rows, ks, vs, out, lse, blocks: range, *, base: int, bl
     sees the same b*c summary keys (no padded row); a row at i sees those at positions <= i - m
     (m the minimum distance, 0 without one), a prefix of them: the prefix all the call's rows see
     runs unmasked, the rest (a call's later blocks, the nearer keys) under a small prefix mask.
-    Skipping strides' keys masks them all. q_rows [B, H, L, D], the keys [B, Hkv, keys, D] (grouped
-    heads as they are: `fused` folds a key/value head's query heads into rows of one problem);
-    (out, lse) over [B*H, L, *]."""
+    Skipping strides' keys masks them all, under slices of one shared mask (`_call_mask`). q_rows
+    [B, H, L, D], the keys [B, Hkv, keys, D] (grouped heads as they are: torch's CPU kernel maps
+    them, or `fused` folds a key/value head's query heads into rows of one problem); (out, lse)
+    over [B*H, L, *]."""
     l, c = block, summary
     last = blocks.stop - 1
     reach = -(-min_distance // l) + 1  # blocks of summary keys some but not all of a call's rows see
