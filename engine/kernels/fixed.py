@@ -234,7 +234,7 @@ def fused_fixed_attention(
         if not skip_strides:
             return None
         delta = torch.arange(r0, r1, device=q.device)[:, None] - torch.arange(keys, device=q.device)[None, :]
-        return (delta >= min_distance) & off_strides(delta, skip_strides)
+        return _far_off_strides(delta, min_distance, skip_strides, causal=True)
 
     if few_rows:  # just the real rows, a call per block they touch (two at most)
         out = torch.zeros(b * h, lq, dv, dtype=torch.float32, device=q.device)
@@ -346,7 +346,7 @@ def _summary_offsets(q, k, v, out, lse, *, base: int, block: int, summary: int, 
     else:
         j = t[None, None, :] * l + torch.arange(l - c, l, device=q.device)[:, None, None]  # [c, 1, blocks]
         at = torch.arange(first_i, last_i + 1, device=q.device)[None, :, None]
-        keep = (t < at // l) & (j <= at - min_distance) & off_strides(at - j, skip_strides)  # [c, rows, blocks]
+        keep = (t < at // l) & _far_off_strides(at - j, min_distance, skip_strides, causal=True)  # [c, rows, blocks]
     grouped = k.shape[1] != h
     # [B*H, c, ...]: offset u of every block on the head axis (grouped heads: swapped), its keys
     kv, vv = (heads_last(row_grid(row_major(x), l - c, (c, 1), (len(t), l)), grouped) for x in (k, v))
@@ -410,6 +410,14 @@ def _summary_per_block(q_rows, ks, vs, out, lse, blocks: range, *, base: int, bl
                      (o.flatten(0, 1), s_lse.flatten(0, 1)))
 
 
+def _far_off_strides(apart: torch.Tensor, min_distance: int, skip_strides: tuple[int, ...],
+                     causal: bool) -> torch.Tensor:
+    """Which keys at distances `apart` (i - j) a union's fixed step keeps: at least m back (without
+    causal, m either way), off the strides' multiples."""
+    far_enough = apart >= min_distance if causal else apart.abs() >= min_distance
+    return far_enough & off_strides(apart, skip_strides)
+
+
 def _shared_summary_mask(last: int, width: int, *, block: int, summary: int, min_distance: int,
                          skip_strides: tuple[int, ...], causal: bool, dtype: torch.dtype,
                          device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -425,8 +433,9 @@ def _shared_summary_mask(last: int, width: int, *, block: int, summary: int, min
     l, c = block, summary
     at = summary_columns(-(-width // c) * l, l, c, device)[:width]
     apart = (last * l + torch.arange(l, device=device))[:, None] - at[None, :]
-    keep = (apart >= min_distance) & (at < last * l) if causal else apart.abs() >= min_distance
-    keep &= off_strides(apart, skip_strides)
+    keep = _far_off_strides(apart, min_distance, skip_strides, causal)
+    if causal:  # earlier blocks only: the own block's keys are its own call's
+        keep &= at < last * l
     return additive_mask(keep, dtype), F.pad(keep.cumsum(-1, dtype=torch.int32), (1, 0))
 
 
@@ -466,7 +475,8 @@ def _non_causal(q, k, v, *, block: int, summary: int, scale: float) -> tuple[tor
 
 
 def _own_blocks(q, k, v, *, block: int, summary: int, scale: float,
-                keep: Callable[[int, int, int, int], torch.Tensor] | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+                keep: Callable[[int, int, int, int], torch.Tensor] | None = None
+                ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Non-causal: each query's own block's keys before its summary columns (those are every
     query's), as consecutive row pieces (none where c = l): the whole blocks of query rows in one
     batched call over the block view, a first block that starts before the first query row and a
@@ -518,7 +528,7 @@ def _non_causal_far(q, k, v, *, block: int, summary: int, scale: float, min_dist
 
     def keep(i0: int, rows: int, j0: int, keys: int) -> torch.Tensor:
         apart = torch.arange(i0, i0 + rows, device=q.device)[:, None] - torch.arange(j0, j0 + keys, device=q.device)
-        return (apart.abs() >= min_distance) & off_strides(apart, skip_strides)
+        return _far_off_strides(apart, min_distance, skip_strides, causal=False)
 
     # none where every key of a query's block is nearer than m (a union's window of at least l)
     own = _own_blocks(q, k, v, block=l, summary=c, scale=scale, keep=keep) if min_distance < l else []
