@@ -231,12 +231,12 @@ def test_cuda_decode_rows_take_grouped_heads_in_one_run(pattern, lq):
 
 
 def test_cuda_calls_keep_their_masks_within_budget():
-    from engine.kernels.fixed import _blocks_per_call
+    from engine.kernels.fixed import CALL_ROWS, _blocks_per_call
     from engine.kernels.masked import MASK_BUDGET
 
     cpu = torch.device("cpu")
     with cuda_kernels_on_cpu():
-        assert _blocks_per_call(128, 128, lambda g: 1016, cpu) == 32  # 4 ranges of 32 blocks
-        group = _blocks_per_call(128, 512, lambda g: 4088, cpu)
+        assert _blocks_per_call(128, 128, lambda g: 1016, cpu, CALL_ROWS) == 32  # 4 ranges of 32 blocks
+        group = _blocks_per_call(128, 512, lambda g: 4088, cpu, CALL_ROWS)
         assert group * 128 * 4088 <= MASK_BUDGET < 2 * group * 128 * 4088
-    assert _blocks_per_call(16, 512, lambda g: 4088, cpu) == 4  # the CPU's rule: 64 rows
+    assert _blocks_per_call(16, 512, lambda g: 4088, cpu, CALL_ROWS) == 4  # the CPU's: the rows asked for

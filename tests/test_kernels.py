@@ -106,21 +106,31 @@ def test_fixed_summary_ranges(lq, lk, block, summary, ranges):
     _assert_matches(result, q, k, v, {"type": "fixed", "block": block, "summary": summary})
 
 
-@pytest.mark.parametrize("lq,lk,per_block", [(512, 512, False), (300, 1003, False), (600, 65536, False),
-                                             (256, 4096, True), (40, 1003, True)])
-def test_small_blocks_go_per_block_only_in_a_chunk_after_many_keys(monkeypatch, lq, lk, per_block):
-    """On the CPU blocks under CALL_ROWS rows take the summary keys a call per few blocks only for at
-    most PER_BLOCK_MAX_ROWS rows after PER_BLOCK_KEYS_PER_ROW times as many keys; else row ranges
-    (a square of 1024: 9.5 ms per block, 3.8 ms so)."""
-    import importlib
+@pytest.mark.parametrize("lq,lk,block,heads,budget,path", [
+    (600, 65536, 16, (2, 2), None, "shared"), (256, 4096, 16, (2, 2), None, "shared"),  # after many keys
+    (2048, 2048, 64, (2, 2), None, "shared"), (2048, 2048, 64, (8, 2), None, "per block"),  # grouped: folded
+    (4096, 4096, 256, (1, 1), None, "per block"),  # a block's call of 256 rows: 64 at a time
+    (1000, 1000, 16, (4, 2), None, "shared"), (1000, 1000, 16, (2, 2), 1000, "ranges"),  # a mask over budget
+    (512, 512, 16, (2, 2), None, "ranges"), (300, 1003, 16, (2, 2), None, "ranges"),  # the mask would not pay
+    (300, 1003, 64, (2, 2), None, "per block"), (40, 1003, 16, (2, 2), None, "per block")])  # 3 blocks
+def test_fixed_summary_paths_on_the_cpu(monkeypatch, lq, lk, block, heads, budget, path):
+    """On the CPU causal fixed's summary keys go under one shared mask where the calls compute at
+    least SHARED_MASK_WORK times its elements within MASK_BUDGET, bar blocks of CALL_ROWS rows and
+    more whose calls have CPU_SMALL_CALL_ROWS rows (grouped heads: folded into rows); else small
+    blocks in row ranges, larger or few ones per block unmasked."""
+    from engine.kernels import fixed
 
-    fixed = importlib.import_module("engine.kernels.fixed")
-    calls, per_block_call = [], fixed._summary_per_block
-    monkeypatch.setattr(fixed, "_summary_per_block", lambda *a, **kw: calls.append(1) or per_block_call(*a, **kw))
-    q, k, v = _qkv(1, lq, lk, d=16, dv=8)
-    result = kernels.fixed_attention(q, k, v, block=16, summary=2, scale=0.25)
-    assert bool(calls) == per_block
-    _assert_matches(result, q, k, v, {"type": "fixed", "block": 16, "summary": 2})
+    if budget:
+        monkeypatch.setattr(fixed, "MASK_BUDGET", budget)
+    taken, per_block = [], fixed._summary_per_block
+    monkeypatch.setattr(fixed, "_summary_per_block",
+                        lambda *a, **kw: taken.append("shared" if kw["shared"] else "per block") or per_block(*a, **kw))
+    h, hkv = heads
+    q, k, v = _qkv(h, lq, lk, d=16, dv=8)
+    k, v = k[:, :hkv], v[:, :hkv]
+    result = kernels.fixed_attention(q, k, v, block=block, summary=block // 8, scale=0.25)
+    assert (taken or ["ranges"]) == [path]
+    _assert_matches(result, q, k, v, {"type": "fixed", "block": block, "summary": block // 8})
 
 
 def _each_structured_kernel(q, k, v, *, window):
@@ -612,7 +622,7 @@ def test_fixed_skip_strides(lq, lk, block, summary, strides, min_distance, causa
 @pytest.mark.parametrize("min_distance,strides", [(5, ()), (0, (3,)), (20, (4, 7))])
 @pytest.mark.parametrize("causal", [True, False])
 def test_fixed_union_calls_within_mask_budget(monkeypatch, min_distance, strides, causal):
-    """A union's fixed step sends many query blocks to a call (`UNION_CALL_ROWS`), fewer where a
+    """A union's fixed step sends many query blocks to a call (`SHARED_MASK_CALL_ROWS`), fewer where a
     call's mask would pass MASK_BUDGET: every summary mask within a budget of four blocks' rows
     by all the summary keys, and the result the reference's."""
     from engine.kernels import fixed
@@ -631,8 +641,7 @@ def test_fixed_union_calls_within_mask_budget(monkeypatch, min_distance, strides
     result = kernels.fixed_attention(q, k, v, block=10, summary=3, scale=0.25, min_distance=min_distance,
                                      skip_strides=strides, causal=causal)
     _assert_matches_far(result, q, k, v, FX(10, 3), min_distance, causal=causal, skip_strides=strides)
-    if strides or not causal:  # every summary key under a slice of the shared mask
-        assert sizes and max(sizes) <= budget and max(sizes) > budget // 2
+    assert sizes and max(sizes) <= budget and max(sizes) > budget // 2  # every summary key under the shared mask
 
 
 @pytest.mark.parametrize("lq,lk", [(517, 700), (300, 1003), (3, 5)])

@@ -18,6 +18,10 @@ from .device import kernel_device, values_on_host
 from .merge import join_rows, merge_partials
 
 NEG_INF = float("-inf")
+# torch's CPU flash kernel computes a call's query rows 32 at a time below this many rows (64 at a
+# time from here, 256 from 768), each over every key of the call: calls of fewer rows read their
+# keys more often per row.
+CPU_SMALL_CALL_ROWS = 192
 # The memory-efficient kernel reads a bias whose rows start a multiple of this many elements apart.
 BIAS_ROW_ALIGNMENT = 16
 

@@ -5,15 +5,19 @@ on fused SDPA calls: the CPU's plan, and CUDA's where its Triton kernel does not
 (a) The query's own block: the sequence viewed as [L/l, l] blocks, one batched dense causal
 call (no copy when l divides L).
 (b) The summary columns of earlier blocks: query block b sees the first b*c keys of the
-gathered summary set S (c keys per block: a copy of c/l of K and V). On the CPU for blocks of at
-least CALL_ROWS rows, for a few query blocks anywhere, and for a few rows after many keys,
-each block's real rows attend their b*c keys in one call, with no mask and no padded row (blocks
-under CALL_ROWS rows a few per call, the keys past the ones all of the call's rows see under a
-prefix mask). Elsewhere (small blocks, whose calls would be tiny; CUDA, where a call per block
-would be a launch per block) the queries are viewed as [l, L/l] (position-in-block as the head
-axis, block index as the row), so that every head shares S (a stride-0 view) and one small
-[rows, keys] block-causal mask; the blocks are cut into a few row ranges, each with the keys its
-last block needs, so the masked waste is about 1/(2 ranges). For a few query rows (a decode
+gathered summary set S (c keys per block: a copy of c/l of K and V). On the CPU, where that pays
+(`_shared_mask_pays`: a prefill, a long chunk), SHARED_MASK_CALL_ROWS query rows per call attend
+the keys their last block sees under a slice of one shared [l, keys] mask (a row keeps a key by
+their distance alone, `_shared_summary_mask`): torch's CPU kernel computes calls of a block's
+128 rows 32 rows at a time, each over every key, those of 1024 rows 256 at a time. Else, and for
+blocks whose calls have CPU_SMALL_CALL_ROWS rows (grouped heads: a key/value head's query heads
+folded into rows) from CALL_ROWS rows up, each block's real rows attend their b*c keys in one call, with no mask and no padded
+row (small blocks a few per call, the keys past the ones all of the call's rows see under a
+prefix mask), or, for many small blocks (and on CUDA, where a call per block would be a launch
+per block), the queries are viewed as [l, L/l] (position-in-block as the head axis, block index
+as the row), so that every head shares S (a stride-0 view) and one small [rows, keys]
+block-causal mask; the blocks are cut into a few row ranges, each with the keys its last block
+needs, so the masked waste is about 1/(2 ranges). For a few query rows (a decode
 step) S is not copied: offset u of every block is one strided view of K, so the c offsets are a
 batch axis of one call (`_summary_offsets`); and (a) runs on the real rows alone, not on whole
 padded blocks. Rows within two blocks (Lq < l) keep q, the output and the log-sum-exp at their own
@@ -24,9 +28,9 @@ instead: one call, nothing to merge.
 A minimum distance m (for a union with a sliding window of m, whose keys it then skips) shifts
 the own-block causal diagonal by m and keeps a row's summary keys at positions up to i - m. A
 union's strides (which count the keys at their multiples), skipped, mask the own blocks with one
-[l, l] mask and each block's summary keys with a slice of one [l, keys] mask (a row keeps a key by
-their distance alone); both send the summary keys a few query blocks per call (`_blocks_per_call`:
-UNION_CALL_ROWS rows on the CPU, a row range's worth on CUDA).
+[l, l] mask and the summary keys always under the shared mask; both send the summary keys a few
+query blocks per call (`_blocks_per_call`: SHARED_MASK_CALL_ROWS rows on the CPU, a row range's
+worth on CUDA).
 
 On the CPU the calls read fewer key/value heads than query heads as they are: every call keeps
 the heads on the head axis (the own blocks on the batch axis, `band.heads_last`), where torch's
@@ -50,8 +54,8 @@ import torch.nn.functional as F
 from ..patterns.fixed import Fixed, summary_columns, summary_keys_below
 from . import triton_fixed
 from .band import grid_attention, heads_last, row_grid, row_major
-from .dense import (NEG_INF, additive_mask, as_computed, dense_attention, empty_partial, fused, fused_masked,
-                    fused_under, kept_when_small, per_query_head, repeated_operand, same_head_dim)
+from .dense import (CPU_SMALL_CALL_ROWS, NEG_INF, additive_mask, as_computed, dense_attention, empty_partial, fused,
+                    fused_masked, fused_under, kept_when_small, per_query_head, repeated_operand, same_head_dim)
 from .device import kernel_device
 from .masked import MASK_BUDGET
 from .merge import join_rows, merge_partials, merge_stacked, merge_to
@@ -64,34 +68,31 @@ from .strided import off_strides
 # 16384 177 vs 177-210 ms, 65536 2.18-2.23 vs 2.48-2.49 s); `bench/gpu_check.py` times range
 # counts on CUDA, where neither rule is measured yet.
 MIN_RANGES, MAX_RANGES, BLOCKS_PER_RANGE = 4, 16, 32
-# Fewest query rows worth a call of their own. The CPU's call per query block against the row
-# ranges (H = 8, D = 64, per-block / ranges time): l = 32 1.55, 1.38, 1.02 at n = 1024, 4096,
-# 16384; l = 64 0.88, 1.06, 0.93; l = 96 to 256 0.69-0.96. Smaller blocks that go per block (a
-# union's distance or strides, or a few query blocks) go this many rows per call:
-# union(sliding 32, fixed(16, 2)) at n = 4096, H = 8: 119 ms a block per call, 68 ms grouped
+# Query rows per call of the summary keys on the CPU, under slices of one shared mask (every
+# block's rows over the last call block's keys): under 192 rows torch's CPU kernel computes 32 rows
+# at a time, each over all of the call's keys; from 768 on 256. Per-call rows 64 / 256 / 512 / 1024
+# / 2048, n = 16384, H = 8, D = 64, ms: union(strided 128, fixed(128, 8)) 234.7 / 219.1 / 215.4 /
+# 211.7 / 216.3, union(sliding 256, fixed(128, 8)) 262.2 / 234.1 / 230.0 / 218.0 / 225.4 (two calls
+# and two merges a call then: the keys every row sees unmasked, the rest under a prefix mask).
+# fixed alone so, against a call per block unmasked (l >= CALL_ROWS) or row ranges (smaller), new /
+# before, same process, H = 8, D = 64 (2026-12-05, seventh session): fixed(128, 8) 0.91 at n = 16384
+# (bfloat16 0.81-0.91), 0.92 at 65536, 0.94 at 4096; fixed(64, 4) 0.85-0.86; fixed(256, 16) 1.01;
+# fixed(16, 2) 0.90-0.93, fixed(32, 4) 0.79-0.93 at 4096; 1024 rows of fixed(16, 2) after 65536
+# keys 0.74-0.80. A non-causal union's step gains nothing so from its own blocks, whose call would
+# span the call's blocks (union(strided 128, fixed(128, 8)) 401 -> 585 ms at 1024 rows).
+SHARED_MASK_CALL_ROWS = 1024
+# Query rows per call where the summary keys go without the shared mask (`_shared_mask_pays`), a
+# call per block from this many rows up, smaller blocks a few per call (the keys past the ones all of a call's rows see under a prefix
+# mask): union(sliding 32, fixed(16, 2)) at n = 4096, H = 8: 119 ms a block per call, 68 ms so
 # (16384: 800 and 524 ms).
 CALL_ROWS = 64
-# Query rows per call of a causal union's fixed step (a distance from the window, the strides'
-# keys skipped), whose summary keys go per block: under 192 rows torch's CPU kernel computes 32
-# rows at a time, each over all of the call's keys, and the step made two calls and two merges a
-# block (one with strides). Per-call rows 64 / 256 / 512 / 1024 / 2048, n = 16384, H = 8, D = 64,
-# ms: union(strided 128, fixed(128, 8)) 234.7 / 219.1 / 215.4 / 211.7 / 216.3, union(sliding 256,
-# fixed(128, 8)) 262.2 / 234.1 / 230.0 / 218.0 / 225.4. fixed alone gains nothing so (179.0 /
-# 193.0 / 188.0 / 176.6 / 184.7: no mask, one call a block), nor does a non-causal union's step,
-# whose own-block call would span the call's blocks (union(strided 128, fixed(128, 8)) 401 -> 585
-# ms at 1024 rows).
-UNION_CALL_ROWS = 1024
-# On the CPU small blocks also go per block (a few per call) for a chunk of at most
-# PER_BLOCK_MAX_ROWS rows after at least PER_BLOCK_KEYS_PER_ROW times as many keys, where the
-# ranges' shared keys, read again for each of the l heads by rows that are few per head, cost more
-# than the calls per block. Per block / ranges, H = 8 (D = 64; fixed(16, 1): 128), two rounds:
-# - fixed(16, 2), (32, 4), (16, 1) at 256 rows after 4096 keys 0.98, 0.70, 0.65; after 16384 0.69,
-#   0.44, 0.49; 512 rows after 16384 0.85, 0.80, 0.80, after 65536 0.97, 0.77, 0.66; 65 rows
-#   after 16384 or 65536 0.24-1.00 (an earlier session).
-# - squares, n = 256 to 1024: 1.37-2.56 (fixed(16, 1) at 256: 0.88); 4 keys a row (64 to 512 rows):
-#   0.73-1.36; 1024 rows after 4096 to 65536 keys 0.97-1.44.
-PER_BLOCK_MAX_ROWS = 512
-PER_BLOCK_KEYS_PER_ROW = 16
+# The shared mask is built where the calls under it compute at least this many times its elements
+# (rows x keys): building it (l rows by about all the summary keys) is a fixed cost, which a few
+# rows after many keys did not repay. New / before, H = 8, D = 64: fixed(128, 8) 100 rows after
+# 16384 keys 1.25-1.26 (mask / calls' elements 1.4), 512 rows 1.02-1.03 (0.26); union(sliding 256,
+# fixed(128, 8)) 100 rows 1.10, 512 rows 1.11; fixed(16, 2) 256 rows after 16384 0.87-0.93 (0.07);
+# fixed(128, 8) at n = 1024 1.01 (0.25), 4096 0.94 (~0.07).
+SHARED_MASK_WORK = 8
 # A short run of query rows (decoding, small chunks): up to this many rows read the summary keys
 # in place (`_summary_offsets`) rather than copying them once for all rows, and compute their own
 # block for the real rows alone rather than for whole padded blocks. Summary keys copied / in
@@ -117,9 +118,12 @@ def short_run(lq: int, lk: int, block: int, summary: int) -> bool:
     return lq <= SHORT_RUN_ROWS and lq < block and summary * lq * ((lk - 1) // block) <= MASK_BUDGET
 
 
-def _chunk_after_long_keys(lq: int, lk: int) -> bool:
-    """Whether small blocks' summary keys go per block on the CPU: a few rows after many keys."""
-    return lq <= PER_BLOCK_MAX_ROWS and lk >= PER_BLOCK_KEYS_PER_ROW * lq
+def _shared_mask_pays(lq: int, lk: int, block: int, summary: int) -> bool:
+    """Whether causal fixed's summary keys go under one shared mask on the CPU (SHARED_MASK_WORK):
+    the calls compute at least that many times the mask's elements (about lk * c: l rows by the
+    summary keys of every block), and those stay within MASK_BUDGET."""
+    mask = summary * (lk + max(SHARED_MASK_CALL_ROWS, block))
+    return mask <= MASK_BUDGET and SHARED_MASK_WORK * mask <= lq * (lk - lq // 2) * summary // block
 
 
 def _range_count(query_blocks: int) -> int:
@@ -128,14 +132,13 @@ def _range_count(query_blocks: int) -> int:
 
 
 def _blocks_per_call(block: int, query_blocks: int, widest: Callable[[int], int], device: torch.device,
-                     union: bool = False) -> int:
-    """Query blocks per call where the summary keys go a few blocks per call. On the CPU CALL_ROWS
-    rows (a causal `union`'s step UNION_CALL_ROWS), or one block. On CUDA, where every call and
-    merge is a launch whatever its size (a block per call took a union(sliding 128, fixed(128, 8))
+                     rows: int) -> int:
+    """Query blocks per call where the summary keys go a few blocks per call. On the CPU `rows` rows
+    (SHARED_MASK_CALL_ROWS or CALL_ROWS), or one block. On CUDA, where every call and merge is a launch whatever its size (a block per call took a union(sliding 128, fixed(128, 8))
     at n = 4096 to 2,694 ops, emulated), as many as a row range holds (`_range_count`). Either
     way fewer where a call's mask, its rows by `widest(blocks)` keys, would pass MASK_BUDGET."""
     if kernel_device(device) == "cpu":
-        group = max(1, (UNION_CALL_ROWS if union else CALL_ROWS) // block)
+        group = max(1, rows // block)
     else:
         group = -(-query_blocks // _range_count(query_blocks))
     while group > 1 and group * block * widest(group) > MASK_BUDGET:
@@ -280,12 +283,18 @@ def fused_fixed_attention(
     elif lo < blocks:
         ks, vs = as_computed(gathered(k), gathered(v))  # once: each block's call reads a prefix
         cpu = kernel_device(q.device) == "cpu"
-        few_blocks = blocks - lo <= (MIN_RANGES if cpu else MAX_RANGES)  # no more calls than ranges would make
-        if few_rows or min_distance or skip_strides or ranges is None and (
-                few_blocks or cpu and (l >= CALL_ROWS or _chunk_after_long_keys(lq, lk))):
-            _summary_per_block(q, ks, vs, out, lse, range(lo, blocks), base=base,
-                               block=l, summary=c, real=real, scale=scale, min_distance=min_distance,
-                               skip_strides=skip_strides)
+        # Plain fixed's calls per block of CPU_SMALL_CALL_ROWS rows and more (grouped heads: a key/value
+        # head's query heads folded into rows, `fused`) gain nothing so: shared / per block, fixed(256,
+        # 16), n = 16384, H = 8, D = 64, 1.01-1.03; H = 32 over 8, D = 128, n = 4096, fixed(128, 8)
+        # 1.01-1.07, fixed(64, 4) 1.00-1.08 (H = 8 over 2, D = 64, fixed(128, 8) at 16384: 0.92-0.99).
+        # Smaller blocks would go in row ranges, slower still (H = 32 over 8, fixed(32, 4) 0.75-0.88;
+        # H = 32 over 2, fixed(16, 2) 0.69-0.84).
+        shared = bool(skip_strides) or ranges is None and cpu and _shared_mask_pays(lq, lk, l, c) and (
+            min_distance or l * (h // k.shape[1]) < CPU_SMALL_CALL_ROWS or l < CALL_ROWS)
+        if shared or few_rows or min_distance or ranges is None and (
+                blocks - lo <= (MIN_RANGES if cpu else MAX_RANGES) or cpu and l >= CALL_ROWS):
+            _summary_per_block(q, ks, vs, out, lse, range(lo, blocks), base=base, block=l, summary=c, real=real,
+                               scale=scale, min_distance=min_distance, skip_strides=skip_strides, shared=shared)
         else:
             q_heads = q.reshape(b * h, nq, l, d).transpose(1, 2)  # [B*H, l, nq, D]: position in block as heads
             # The summary keys as [B*H, 1, keys, D], repeated for grouped heads (c/l of K and V),
@@ -370,32 +379,36 @@ def _at_call_ends(count, ends: list[tuple[int, int]], *args) -> list[list[int]]:
 
 
 def _summary_per_block(q_rows, ks, vs, out, lse, blocks: range, *, base: int, block: int, summary: int,
-                       real: slice, scale: float, min_distance: int, skip_strides: tuple[int, ...]) -> None:
-    """The summary piece one call per query block (a few per call: `_blocks_per_call`), on
-    its real rows in their natural order, merged into (out, lse) in place. Every row of block b
-    sees the same b*c summary keys (no padded row); a row at i sees those at positions <= i - m
-    (m the minimum distance, 0 without one), a prefix of them: the prefix all the call's rows see
-    runs unmasked, the rest (a call's later blocks, the nearer keys) under a small prefix mask.
-    Skipping strides' keys masks them all, under slices of one shared mask (`_call_mask`). q_rows
-    [B, H, L, D], the keys [B, Hkv, keys, D] (grouped heads as they are: torch's CPU kernel maps
-    them, or `fused` folds a key/value head's query heads into rows of one problem); (out, lse)
-    over [B*H, L, *]."""
+                       real: slice, scale: float, min_distance: int, skip_strides: tuple[int, ...],
+                       shared: bool) -> None:
+    """The summary piece a few query blocks per call (`_blocks_per_call`), on its real rows in their
+    natural order, merged into (out, lse) in place. A row at i sees the summary keys of earlier
+    blocks at positions <= i - m (m the minimum distance, 0 without one), off the skipped strides:
+    where `shared` (always with strides), every call's keys under a slice of one shared mask
+    (`_shared_summary_mask`), SHARED_MASK_CALL_ROWS rows a call. Else the keys are a prefix of them:
+    those all of a call's rows see run unmasked, the rest under a small prefix mask, a block per
+    call from CALL_ROWS rows up (with a distance SHARED_MASK_CALL_ROWS rows a call). q_rows [B, H, L, D], the keys [B, Hkv, keys, D]
+    (grouped heads as they are: torch's CPU kernel maps them, or `fused` folds a key/value head's
+    query heads into rows of one problem); (out, lse) over [B*H, L, *]."""
     l, c = block, summary
     last = blocks.stop - 1
-    reach = -(-min_distance // l) + 1  # blocks of summary keys some but not all of a call's rows see
-    group = _blocks_per_call(l, len(blocks), lambda g: last * c if skip_strides else (g + reach) * c, q_rows.device,
-                             union=bool(min_distance or skip_strides))
+
+    if shared:
+        group = _blocks_per_call(l, len(blocks), lambda g: last * c, q_rows.device, SHARED_MASK_CALL_ROWS)
+        mask = _shared_summary_mask(last, (last + group - 1) * c, block=l, summary=c, min_distance=min_distance,
+                                    skip_strides=skip_strides, causal=True, dtype=q_rows.dtype, device=q_rows.device)
+    else:
+        reach = -(-min_distance // l) + 1  # blocks of summary keys some but not all of a call's rows see
+        group = _blocks_per_call(l, len(blocks), lambda g: (g + reach) * c, q_rows.device,
+                                 SHARED_MASK_CALL_ROWS if min_distance else CALL_ROWS)
     calls = [(r0, r1) for r0, r1 in ((max(b * l - base, real.start), min((b + group) * l - base, real.stop))
                                      for b in range(blocks.start, blocks.stop, group)) if r1 > r0]  # real rows
     ends = _at_call_ends(summary_keys_seen, [(r0 + base, r1 - 1 + base) for r0, r1 in calls],
                          l, c, min_distance)
-    if skip_strides:  # every call's mask is slices of one
-        shared = _shared_summary_mask(last, (last + group - 1) * c, block=l, summary=c, min_distance=min_distance,
-                                      skip_strides=skip_strides, causal=True, dtype=q_rows.dtype, device=q_rows.device)
     for (r0, r1), (lo, hi) in zip(calls, ends):
         rows = q_rows[:, :, r0:r1]
-        if skip_strides:  # every key under the mask
-            parts = [fused_under(rows, ks[:, :, :hi], vs[:, :, :hi], *_call_mask(shared, r0 + base, r1 + base, hi,
+        if shared:  # every key under the mask
+            parts = [fused_under(rows, ks[:, :, :hi], vs[:, :, :hi], *_call_mask(mask, r0 + base, r1 + base, hi,
                                                                                   last=last, block=l, summary=c),
                                  scale=scale)] if hi else []
         else:  # the keys every row sees unmasked, the rest under a prefix mask
@@ -539,7 +552,7 @@ def _non_causal_far(q, k, v, *, block: int, summary: int, scale: float, min_dist
         return out, lse
     ks, vs = as_computed(k.index_select(-2, columns), v.index_select(-2, columns))  # once, for every block
     last = -(-lk // l) - 1  # the last block: the shared mask's rows are its rows
-    group = _blocks_per_call(l, last + 1 - offset // l, lambda g: len(columns), q.device, union=True)
+    group = _blocks_per_call(l, last + 1 - offset // l, lambda g: len(columns), q.device, SHARED_MASK_CALL_ROWS)
     shared = _shared_summary_mask(last, (2 * last + 1) * c, block=l, summary=c, min_distance=min_distance,
                                   skip_strides=skip_strides, causal=False, dtype=q.dtype, device=q.device)
     for b in range(offset // l, last + 1, group):

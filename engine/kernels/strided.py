@@ -31,7 +31,8 @@ import torch
 import torch.nn.functional as F
 
 from .band import grid_attention, row_grid, row_major, row_range
-from .dense import NEG_INF, additive_mask, as_computed, empty_partial, fused_under, kept_when_small, per_query_head
+from .dense import (CPU_SMALL_CALL_ROWS, NEG_INF, additive_mask, as_computed, empty_partial, fused_under, kept_when_small,
+                    per_query_head)
 from .device import kernel_device, values_on_host
 from .masked import MASK_BUDGET
 from .merge import join_rows, merge_to
@@ -46,7 +47,7 @@ from .merge import join_rows, merge_to
 # in a union 38.7 / 47.5, 76.9 / 80.5, 110.9 / 113.3, 146.6 / 148.4, 149.3 / 147.8; at 256 rows
 # (strided(64), n = 16384) 58.7 / 56.7.
 CHUNK_ROWS = 64
-SMALL_CLASS_ROWS, SMALL_CLASS_CHUNK_ROWS = 192, 32
+SMALL_CLASS_CHUNK_ROWS = 32
 MAX_CHUNKS = 8
 # torch's CPU kernel runs key lengths that are multiples of 16 faster than those just below them,
 # though they hold more keys: [64 rows, N keys] x 1024 problems, D = 64, ms: N = 124 23.8, 127 24.9,
@@ -143,7 +144,7 @@ def strided_pieces(
 
 def chunk_rows(rows: int) -> int:
     """The fewest query class rows per chunk for `rows` of them on the CPU: fewer for short classes."""
-    return SMALL_CLASS_CHUNK_ROWS if rows <= SMALL_CLASS_ROWS else CHUNK_ROWS
+    return SMALL_CLASS_CHUNK_ROWS if rows <= CPU_SMALL_CALL_ROWS else CHUNK_ROWS
 
 
 def _masked_key_rows(rows: int, key_rows: int, device: str) -> int:
