@@ -25,7 +25,7 @@ from typing import Callable, Iterator
 import torch
 
 from . import kernels
-from .kernels.dense import SMALL_MASK_ELEMENTS, as_computed, cpu_upcast_dtypes, padded_head_dims, without_padding
+from .kernels.dense import SMALL_MASK_ELEMENTS, as_computed, padded_head_dims, without_padding
 from .kernels.device import kernel_device
 from .kernels.fixed import SHORT_RUN_ROWS
 from .kernels.masked import one_chunk
@@ -56,28 +56,15 @@ class Plan:
     a stride's short runs fold them: a decode row, a causal chunk whose square is a kept mask). On
     CUDA the head dims are padded once for every step (`pads_head_dims`). `continues`: of two
     steps, the second continues the first's partial (its `seed`: fixed's, which its Triton kernel
-    merges inside its launch) instead of the two merging after. `converts_by_head`: in half
-    precision on such a CPU a long run goes a few heads at a time (`converted_slices`)."""
+    merges inside its launch) instead of the two merging after."""
 
     backend: str
     steps: tuple[Callable[..., Partial], ...]
     converts_in_steps: bool = False
     grouped_kv_on_cuda: bool = False
     continues: bool = False
-    converts_by_head: bool = False
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> Partial:
-        slices = converted_slices(q, k, v) if self.converts_by_head else []
-        if len(slices) < 2:
-            return self._computed(q, k, v, scale)
-        out = torch.empty(*q.shape[:3], v.shape[-1], dtype=q.dtype, device=q.device)
-        lse = torch.empty(q.shape[:3], dtype=torch.float32, device=q.device)
-        for item, heads, kv_heads in slices:
-            out[item, heads], lse[item, heads] = self._computed(q[item, heads], k[item, kv_heads], v[item, kv_heads],
-                                                                scale)
-        return out, lse
-
-    def _computed(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> Partial:
         if not self.converts_in_steps:
             q, k, v = as_computed(q, k, v)
         dv = v.shape[-1]
@@ -89,33 +76,6 @@ class Plan:
         else:
             out, lse = kernels.merge_partials([step(q, k, v, scale=scale) for step in self.steps], q.dtype)
         return without_padding(out, dv), lse
-
-
-# On a CPU where half precision is slow (`cpu_upcast_dtypes`), a plan of few calls over all its
-# heads (`Plan.converts_by_head`: the band, strided and their unions, whose steps convert q, k and v
-# whole) whose float32 copies of them would pass this many bytes converts and computes them a few
-# heads at a time, each slice's copies within it (one head at least), so that its calls read them
-# from cache rather than memory: n = 16384, H = 8, D = 64, bfloat16 / float32 (the float32 inputs
-# themselves) one head at a time 0.98-1.00, all at once 1.04-1.07 (sliding_window(256),
-# strided(64), union(sliding 128, strided 128)); fixed, of many calls, took 1.22 a head at a time.
-CONVERTED_SLICE_BYTES = 12 << 20
-
-
-def converted_slices(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> list[tuple[slice, slice, slice]]:
-    """(batch item, query heads, key/value heads) slices of a half-precision run on a CPU where its
-    float32 copies would pass CONVERTED_SLICE_BYTES, counting as many keys as query rows (a short
-    run at the end of long keys, whose steps convert only the keys it reads, goes whole), and one
-    key/value head's with its query heads' would not: as many such heads as fit; else [] (whole)."""
-    if q.dtype not in cpu_upcast_dtypes() or kernel_device(q.device) != "cpu":
-        return []
-    (b, h, lq, d), (hkv, lk, dv) = q.shape, (k.shape[1], v.shape[2], v.shape[3])
-    group = h // hkv
-    per_kv_head = (group * lq * d + lk * (d + dv)) * 4  # float32 bytes of one key/value head's q, k, v
-    if b * lq * (h * d + hkv * (d + dv)) * 4 <= CONVERTED_SLICE_BYTES or per_kv_head > CONVERTED_SLICE_BYTES:
-        return []
-    step = CONVERTED_SLICE_BYTES // per_kv_head
-    return [(slice(item, item + 1), slice(j * group, min(j + step, hkv) * group), slice(j, min(j + step, hkv)))
-            for item in range(b) for j in range(0, hkv, step)]
 
 
 # Keys up to which fixed, unions and a non-causal window run on the masked kernel, a union with a
@@ -369,13 +329,13 @@ def structured_plan(pattern: PatternBase, lq: int, lk: int, causal: bool) -> Pla
     if isinstance(pattern, Strided):  # fewer rows than s read only their classes' keys; it converts itself
         one_per_class = lq < pattern.stride  # each row alone in its class: grouped heads fold on CUDA
         return Plan("strided", (partial(kernels.strided_attention, stride=pattern.stride, causal=causal),),
-                    converts_in_steps=True, grouped_kv_on_cuda=one_per_class, converts_by_head=True)
+                    converts_in_steps=True, grouped_kv_on_cuda=one_per_class)
     if isinstance(pattern, Fixed):  # the query rows' blocks and the summary keys, each converted once
         return Plan("fixed", (partial(kernels.fixed_attention, block=pattern.block, summary=pattern.summary,
                                       causal=causal),), converts_in_steps=True, grouped_kv_on_cuda=True)
     if isinstance(pattern, SlidingWindow):  # the band converts its window's keys itself, at any length
         return Plan("band", (partial(kernels.band_attention, window=pattern.window, causal=causal),),
-                    converts_in_steps=True, grouped_kv_on_cuda=True, converts_by_head=True)
+                    converts_in_steps=True, grouped_kv_on_cuda=True)
     if isinstance(pattern, Union):
         return _structured_union(pattern, lq, lk, causal)
     return None
@@ -412,5 +372,4 @@ def _structured_union(pattern: Union, lq: int, lk: int, causal: bool) -> Plan | 
     few_rows = all(few_classes(lq, stride) for stride in strides) and (not fixed or lq < fixed.block)
     alone = [structured_plan(member, lq, lk, causal) for member in pattern.patterns]  # each member's own plan
     return Plan(name, tuple(steps), converts_in_steps=few_rows,
-                grouped_kv_on_cuda=all(p.grouped_kv_on_cuda for p in alone), continues=bool(fixed) and len(steps) == 2,
-                converts_by_head=not fixed and len(strides) <= 1)
+                grouped_kv_on_cuda=all(p.grouped_kv_on_cuda for p in alone), continues=bool(fixed) and len(steps) == 2)

@@ -113,28 +113,6 @@ def test_matches_reference_half(pattern, dtype, shape):
     _check(pattern, SHAPES[shape], True, dtype)
 
 
-@pytest.mark.parametrize("pattern", ["sliding", "strided_odd", "union_paper", "union_odd"])
-@pytest.mark.parametrize("shape", [(2, 4, 2, 300, 300, 16, 24), (1, 2, 2, 290, 303, 16, 16)], ids=["gqa_dv", "lq_lt_lk"])
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
-def test_half_precision_long_runs_go_a_few_heads_at_a_time(monkeypatch, pattern, shape, dtype):
-    """Where half precision is computed in float32 on the CPU, a long run of the band, strided or
-    their union converts and computes a few key/value heads at a time, so that the float32 copies
-    stay within CONVERTED_SLICE_BYTES (`planner.converted_slices`): each key/value head of each
-    batch item once, with its query heads, and the result the reference's."""
-    planner = importlib.import_module("engine.planner")
-    b, h, hkv, lq, lk, d, dv = shape
-    monkeypatch.setattr(planner, "cpu_upcast_dtypes", lambda: frozenset({torch.bfloat16, torch.float16}))
-    monkeypatch.setattr(planner, "CONVERTED_SLICE_BYTES", (h // hkv * lq * d + lk * (d + dv)) * 4)  # one each
-    slices, computed = [], planner.Plan._computed
-    monkeypatch.setattr(planner.Plan, "_computed", lambda self, q, k, v, scale: slices.append(
-        (q.shape[:2], k.shape[:2])) or computed(self, q, k, v, scale))
-    _check(PATTERNS[pattern], shape, True, dtype)
-    if planner.kernel_device(torch.device("cpu")) == "cpu":
-        assert slices == [(torch.Size([1, h // hkv]), torch.Size([1, 1]))] * (b * hkv)
-    else:  # CUDA's branches: whole (its key/value heads maybe repeated)
-        assert [heads for heads, _ in slices] == [torch.Size([b, h])]
-
-
 def test_three_dimensional_inputs_give_three_dimensional_results():
     q, k, v = torch.randn(2, 50, 8), torch.randn(1, 60, 8), torch.randn(1, 60, 4)
     out, lse = attention(q, k, v, SW(5), return_lse=True)
