@@ -123,8 +123,8 @@ def test_fixed_summary_paths_on_the_cpu(monkeypatch, lq, lk, block, heads, budge
     if budget:
         monkeypatch.setattr(fixed, "MASK_BUDGET", budget)
     taken, per_block = [], fixed._summary_per_block
-    monkeypatch.setattr(fixed, "_summary_per_block",
-                        lambda *a, **kw: taken.append("shared" if kw["shared"] else "per block") or per_block(*a, **kw))
+    monkeypatch.setattr(fixed, "_summary_per_block", lambda *a, **kw: taken.append(
+        "shared" if kw["shared"] else "per block") or per_block(*a, **kw))
     h, hkv = heads
     q, k, v = _qkv(h, lq, lk, d=16, dv=8)
     k, v = k[:, :hkv], v[:, :hkv]

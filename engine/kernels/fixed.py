@@ -10,14 +10,14 @@ gathered summary set S (c keys per block: a copy of c/l of K and V). On the CPU,
 the keys their last block sees under a slice of one shared [l, keys] mask (a row keeps a key by
 their distance alone, `_shared_summary_mask`): torch's CPU kernel computes calls of a block's
 128 rows 32 rows at a time, each over every key, those of 1024 rows 256 at a time. Else, and for
-blocks whose calls have CPU_SMALL_CALL_ROWS rows (grouped heads: a key/value head's query heads
-folded into rows) from CALL_ROWS rows up, each block's real rows attend their b*c keys in one call, with no mask and no padded
-row (small blocks a few per call, the keys past the ones all of the call's rows see under a
-prefix mask), or, for many small blocks (and on CUDA, where a call per block would be a launch
-per block), the queries are viewed as [l, L/l] (position-in-block as the head axis, block index
-as the row), so that every head shares S (a stride-0 view) and one small [rows, keys]
-block-causal mask; the blocks are cut into a few row ranges, each with the keys its last block
-needs, so the masked waste is about 1/(2 ranges). For a few query rows (a decode
+blocks of CALL_ROWS rows and more whose calls have CPU_SMALL_CALL_ROWS rows (grouped heads: a
+key/value head's query heads folded into rows), each block's real rows attend their b*c keys in
+one call, with no mask and no padded row (small blocks a few per call, the keys past the ones all
+of the call's rows see under a prefix mask), or, for many small blocks (and on CUDA, where a call
+per block would be a launch per block), the queries are viewed as [l, L/l] (position-in-block as
+the head axis, block index as the row), so that every head shares S (a stride-0 view) and one
+small [rows, keys] block-causal mask; the blocks are cut into a few row ranges, each with the keys
+its last block needs, so the masked waste is about 1/(2 ranges). For a few query rows (a decode
 step) S is not copied: offset u of every block is one strided view of K, so the c offsets are a
 batch axis of one call (`_summary_offsets`); and (a) runs on the real rows alone, not on whole
 padded blocks. Rows within two blocks (Lq < l) keep q, the output and the log-sum-exp at their own
@@ -75,16 +75,16 @@ MIN_RANGES, MAX_RANGES, BLOCKS_PER_RANGE = 4, 16, 32
 # 211.7 / 216.3, union(sliding 256, fixed(128, 8)) 262.2 / 234.1 / 230.0 / 218.0 / 225.4 (two calls
 # and two merges a call then: the keys every row sees unmasked, the rest under a prefix mask).
 # fixed alone so, against a call per block unmasked (l >= CALL_ROWS) or row ranges (smaller), new /
-# before, same process, H = 8, D = 64 (2026-12-05, seventh session): fixed(128, 8) 0.91 at n = 16384
-# (bfloat16 0.81-0.91), 0.92 at 65536, 0.94 at 4096; fixed(64, 4) 0.85-0.86; fixed(256, 16) 1.01;
-# fixed(16, 2) 0.90-0.93, fixed(32, 4) 0.79-0.93 at 4096; 1024 rows of fixed(16, 2) after 65536
-# keys 0.74-0.80. A non-causal union's step gains nothing so from its own blocks, whose call would
+# before, same process, H = 8, D = 64 (2026-12-05, seventh session): fixed(128, 8) 0.91-0.93 at
+# n = 16384 (bfloat16 0.81-0.93), 0.94-0.95 at 4096; fixed(64, 4) 0.85-0.87; fixed(16, 2)
+# 0.90-0.93; fixed(32, 4) 0.79-0.93 at 4096; 1024 rows of fixed(16, 2) after 65536 keys 0.72-0.80
+# (docs/kernels.md has the rest). A non-causal union's step gains nothing so from its own blocks, whose call would
 # span the call's blocks (union(strided 128, fixed(128, 8)) 401 -> 585 ms at 1024 rows).
 SHARED_MASK_CALL_ROWS = 1024
 # Query rows per call where the summary keys go without the shared mask (`_shared_mask_pays`), a
-# call per block from this many rows up, smaller blocks a few per call (the keys past the ones all of a call's rows see under a prefix
-# mask): union(sliding 32, fixed(16, 2)) at n = 4096, H = 8: 119 ms a block per call, 68 ms so
-# (16384: 800 and 524 ms).
+# call per block from this many rows up, smaller blocks a few per call (the keys past the ones all
+# of a call's rows see under a prefix mask): union(sliding 32, fixed(16, 2)) at n = 4096, H = 8:
+# 119 ms a block per call, 68 ms so (16384: 800 and 524 ms).
 CALL_ROWS = 64
 # The shared mask is built where the calls under it compute at least this many times its elements
 # (rows x keys): building it (l rows by about all the summary keys) is a fixed cost, which a few
@@ -134,9 +134,10 @@ def _range_count(query_blocks: int) -> int:
 def _blocks_per_call(block: int, query_blocks: int, widest: Callable[[int], int], device: torch.device,
                      rows: int) -> int:
     """Query blocks per call where the summary keys go a few blocks per call. On the CPU `rows` rows
-    (SHARED_MASK_CALL_ROWS or CALL_ROWS), or one block. On CUDA, where every call and merge is a launch whatever its size (a block per call took a union(sliding 128, fixed(128, 8))
-    at n = 4096 to 2,694 ops, emulated), as many as a row range holds (`_range_count`). Either
-    way fewer where a call's mask, its rows by `widest(blocks)` keys, would pass MASK_BUDGET."""
+    (SHARED_MASK_CALL_ROWS or CALL_ROWS), or one block. On CUDA, where every call and merge is a
+    launch whatever its size (a block per call took a union(sliding 128, fixed(128, 8)) at n = 4096
+    to 2,694 ops, emulated), as many as a row range holds (`_range_count`). Either way fewer where
+    a call's mask, its rows by `widest(blocks)` keys, would pass MASK_BUDGET."""
     if kernel_device(device) == "cpu":
         group = max(1, rows // block)
     else:
@@ -387,12 +388,12 @@ def _summary_per_block(q_rows, ks, vs, out, lse, blocks: range, *, base: int, bl
     where `shared` (always with strides), every call's keys under a slice of one shared mask
     (`_shared_summary_mask`), SHARED_MASK_CALL_ROWS rows a call. Else the keys are a prefix of them:
     those all of a call's rows see run unmasked, the rest under a small prefix mask, a block per
-    call from CALL_ROWS rows up (with a distance SHARED_MASK_CALL_ROWS rows a call). q_rows [B, H, L, D], the keys [B, Hkv, keys, D]
-    (grouped heads as they are: torch's CPU kernel maps them, or `fused` folds a key/value head's
-    query heads into rows of one problem); (out, lse) over [B*H, L, *]."""
+    call from CALL_ROWS rows up (with a distance SHARED_MASK_CALL_ROWS rows a call). q_rows
+    [B, H, L, D], the keys [B, Hkv, keys, D] (grouped heads as they are: torch's CPU kernel maps
+    them, or `fused` folds a key/value head's query heads into rows of one problem); (out, lse)
+    over [B*H, L, *]."""
     l, c = block, summary
     last = blocks.stop - 1
-
     if shared:
         group = _blocks_per_call(l, len(blocks), lambda g: last * c, q_rows.device, SHARED_MASK_CALL_ROWS)
         mask = _shared_summary_mask(last, (last + group - 1) * c, block=l, summary=c, min_distance=min_distance,

@@ -31,8 +31,8 @@ import torch
 import torch.nn.functional as F
 
 from .band import grid_attention, row_grid, row_major, row_range
-from .dense import (CPU_SMALL_CALL_ROWS, NEG_INF, additive_mask, as_computed, empty_partial, fused_under, kept_when_small,
-                    per_query_head)
+from .dense import (CPU_SMALL_CALL_ROWS, NEG_INF, additive_mask, as_computed, empty_partial, fused_under,
+                    kept_when_small, per_query_head)
 from .device import kernel_device, values_on_host
 from .masked import MASK_BUDGET
 from .merge import join_rows, merge_to
