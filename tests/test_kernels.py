@@ -110,14 +110,17 @@ def test_fixed_summary_ranges(lq, lk, block, summary, ranges):
     (600, 65536, 16, (2, 2), None, "shared"), (256, 4096, 16, (2, 2), None, "shared"),  # after many keys
     (2048, 2048, 64, (2, 2), None, "shared"), (2048, 2048, 64, (8, 2), None, "per block"),  # grouped: folded
     (4096, 4096, 256, (1, 1), None, "per block"),  # a block's call of 256 rows: 64 at a time
-    (1000, 1000, 16, (4, 2), None, "shared"), (1000, 1000, 16, (2, 2), 1000, "ranges"),  # a mask over budget
+    (3072, 3072, 16, (4, 2), None, "shared"), (3072, 3072, 16, (2, 2), 2000, "ranges"),  # a mask over budget
     (512, 512, 16, (2, 2), None, "ranges"), (300, 1003, 16, (2, 2), None, "ranges"),  # the mask would not pay
+    (1536, 1536, 16, (2, 2), None, "ranges"), (3072, 3072, 16, (2, 2), None, "shared"),  # calls' rows against keys
     (300, 1003, 64, (2, 2), None, "per block"), (40, 1003, 16, (2, 2), None, "per block")])  # 3 blocks
 def test_fixed_summary_paths_on_the_cpu(monkeypatch, lq, lk, block, heads, budget, path):
     """On the CPU causal fixed's summary keys go under one shared mask where the calls compute at
-    least SHARED_MASK_WORK times its elements within MASK_BUDGET, bar blocks of CALL_ROWS rows and
-    more whose calls have CPU_SMALL_CALL_ROWS rows (grouped heads: folded into rows); else small
-    blocks in row ranges, larger or few ones per block unmasked."""
+    least SHARED_MASK_WORK times its elements within MASK_BUDGET and it beats the other paths
+    (`_shared_mask_beats_plain`: not for blocks of CALL_ROWS rows and more whose calls have
+    CPU_SMALL_CALL_ROWS rows, grouped heads folded into rows; for smaller blocks only where a call
+    has fewer rows than an average row's positions); else small blocks in row ranges, larger or
+    few ones per block unmasked."""
     from engine.kernels import fixed
 
     if budget:

@@ -126,6 +126,23 @@ def _shared_mask_pays(lq: int, lk: int, block: int, summary: int) -> bool:
     return mask <= MASK_BUDGET and SHARED_MASK_WORK * mask <= lq * (lk - lq // 2) * summary // block
 
 
+def _shared_mask_beats_plain(lq: int, lk: int, block: int, heads_per_kv: int) -> bool:
+    """Whether plain causal fixed (no distance, no stride) is faster under the shared mask than on
+    its other CPU paths. Blocks of CALL_ROWS rows and more go per block otherwise, which gains
+    nothing once a block's call has CPU_SMALL_CALL_ROWS rows (grouped heads: a key/value head's
+    query heads folded into rows, `fused`): shared / per block, fixed(256, 16), n = 16384, H = 8,
+    D = 64, 0.94-1.03; H = 32 over 8, D = 128, n = 4096, fixed(128, 8) 1.01-1.07, fixed(64, 4)
+    1.00-1.08 (H = 8 over 2, D = 64, fixed(128, 8) at 16384: 0.92-0.99). Smaller blocks go in row
+    ranges otherwise, which keep their lead while a call's rows are as many as the positions an
+    average row sees (the keys its first rows compute under the mask): fixed(16, 2) and fixed(32,
+    4), H = 8, D = 64, 1.03-1.19 at n = 1024, 1536 and 2048 (0.96-0.97 in one run at 2048), 0.80
+    at 3072, 0.78-0.81 at 4096; H = 32 over 8, fixed(32, 4) 0.75-0.88; H = 32 over 2, fixed(16, 2)
+    0.69-0.84."""
+    if block >= CALL_ROWS:
+        return block * heads_per_kv < CPU_SMALL_CALL_ROWS
+    return min(lq, SHARED_MASK_CALL_ROWS) < lk - lq // 2
+
+
 def _range_count(query_blocks: int) -> int:
     """Row ranges for the summary keys of this many query blocks (BLOCKS_PER_RANGE)."""
     return min(MAX_RANGES, max(MIN_RANGES, query_blocks // BLOCKS_PER_RANGE))
@@ -284,14 +301,8 @@ def fused_fixed_attention(
     elif lo < blocks:
         ks, vs = as_computed(gathered(k), gathered(v))  # once: each block's call reads a prefix
         cpu = kernel_device(q.device) == "cpu"
-        # Plain fixed's calls per block of CPU_SMALL_CALL_ROWS rows and more (grouped heads: a key/value
-        # head's query heads folded into rows, `fused`) gain nothing so: shared / per block, fixed(256,
-        # 16), n = 16384, H = 8, D = 64, 1.01-1.03; H = 32 over 8, D = 128, n = 4096, fixed(128, 8)
-        # 1.01-1.07, fixed(64, 4) 1.00-1.08 (H = 8 over 2, D = 64, fixed(128, 8) at 16384: 0.92-0.99).
-        # Smaller blocks would go in row ranges, slower still (H = 32 over 8, fixed(32, 4) 0.75-0.88;
-        # H = 32 over 2, fixed(16, 2) 0.69-0.84).
         shared = bool(skip_strides) or ranges is None and cpu and _shared_mask_pays(lq, lk, l, c) and (
-            min_distance or l * (h // k.shape[1]) < CPU_SMALL_CALL_ROWS or l < CALL_ROWS)
+            min_distance or _shared_mask_beats_plain(lq, lk, l, h // k.shape[1]))
         if shared or few_rows or min_distance or ranges is None and (
                 blocks - lo <= (MIN_RANGES if cpu else MAX_RANGES) or cpu and l >= CALL_ROWS):
             _summary_per_block(q, ks, vs, out, lse, range(lo, blocks), base=base, block=l, summary=c, real=real,
