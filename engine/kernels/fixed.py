@@ -5,25 +5,26 @@ on fused SDPA calls: the CPU's plan, and CUDA's where its Triton kernel does not
 (a) The query's own block: the sequence viewed as [L/l, l] blocks, one batched dense causal
 call (no copy when l divides L).
 (b) The summary columns of earlier blocks: query block b sees the first b*c keys of the
-gathered summary set S (c keys per block: a copy of c/l of K and V). On the CPU, where that pays
-(`_shared_mask_pays`: a prefill, a long chunk), SHARED_MASK_CALL_ROWS query rows per call attend
-the keys their last block sees under a slice of one shared [l, keys] mask (a row keeps a key by
-their distance alone, `_shared_summary_mask`): torch's CPU kernel computes calls of a block's
-128 rows 32 rows at a time, each over every key, those of 1024 rows 256 at a time. Else, and for
-blocks of CALL_ROWS rows and more whose calls have CPU_SMALL_CALL_ROWS rows (grouped heads: a
-key/value head's query heads folded into rows), each block's real rows attend their b*c keys in
-one call, with no mask and no padded row (small blocks a few per call, the keys past the ones all
-of the call's rows see under a prefix mask), or, for many small blocks (and on CUDA, where a call
-per block would be a launch per block), the queries are viewed as [l, L/l] (position-in-block as
-the head axis, block index as the row), so that every head shares S (a stride-0 view) and one
-small [rows, keys] block-causal mask; the blocks are cut into a few row ranges, each with the keys
-its last block needs, so the masked waste is about 1/(2 ranges). For a few query rows (a decode
-step) S is not copied: offset u of every block is one strided view of K, so the c offsets are a
-batch axis of one call (`_summary_offsets`); and (a) runs on the real rows alone, not on whole
-padded blocks. Rows within two blocks (Lq < l) keep q, the output and the log-sum-exp at their own
-rows: a decode row of fixed(4096, 64) zero-filled a 4096-row output for one row it used. On the
-CPU one row with few summary keys before its block (GATHERED_ROW_KEYS) copies exactly its keys
-instead: one call, nothing to merge.
+gathered summary set S (c keys per block: a copy of c/l of K and V), one of three ways:
+- On the CPU, where it pays and beats the others (`_shared_mask_pays`, `_shared_mask_beats_plain`:
+  a prefill, a long chunk), SHARED_MASK_CALL_ROWS query rows per call attend the keys their last
+  block sees under a slice of one shared [l, keys] mask (a row keeps a key by their distance
+  alone, `_shared_summary_mask`): torch's CPU kernel computes calls of a block's 128 rows 32 rows
+  at a time, each over every key, those of 1024 rows 256 at a time.
+- Else blocks of CALL_ROWS rows and more, a few blocks, or rows within two blocks: a call per
+  block, its real rows over their b*c keys with no mask and no padded row (smaller blocks a few
+  per call, the keys past the ones all of the call's rows see under a prefix mask).
+- Else (many small blocks; on CUDA, where a call per block would be a launch per block) the
+  queries viewed as [l, L/l] (position-in-block as the head axis, block index as the row), so
+  that every head shares S (a stride-0 view) and one small [rows, keys] block-causal mask; the
+  blocks are cut into a few row ranges, each with the keys its last block needs, so the masked
+  waste is about 1/(2 ranges).
+For a few query rows (a decode step) S is not copied: offset u of every block is one strided view
+of K, so the c offsets are a batch axis of one call (`_summary_offsets`); and (a) runs on the real
+rows alone, not on whole padded blocks. Rows within two blocks (Lq < l) keep q, the output and
+the log-sum-exp at their own rows: a decode row of fixed(4096, 64) zero-filled a 4096-row output
+for one row it used. On the CPU one row with few summary keys before its block
+(GATHERED_ROW_KEYS) copies exactly its keys instead: one call, nothing to merge.
 
 A minimum distance m (for a union with a sliding window of m, whose keys it then skips) shifts
 the own-block causal diagonal by m and keeps a row's summary keys at positions up to i - m. A
