@@ -167,7 +167,7 @@ def test_row_pieces_join_straight_into_the_results_dtype():
     assert torch.equal(lse, torch.cat([l for _, l in parts], -1))
     q, k, v = _qkv(1, 300, 300, dtype=torch.bfloat16)
     band_out, _ = kernels.band_attention(q, k, v, window=64, scale=0.25)  # first rows, then tiles
-    strided_out, _ = kernels.strided_attention(q, k, v, stride=4, scale=0.25)  # three chunks of class rows
+    strided_out, _ = kernels.strided_attention(q, k, v, stride=4, scale=0.25)  # chunks (one if native)
     assert band_out.dtype == strided_out.dtype == torch.bfloat16
 
 
@@ -175,7 +175,7 @@ def test_row_pieces_join_straight_into_the_results_dtype():
 @pytest.mark.parametrize("min_distance", [0, 1, 20, 64])
 def test_strided_many_chunks(monkeypatch, lq, lk, min_distance):
     """Tiny chunks: every chunk boundary, dummy lead row and skipped class row is crossed."""
-    monkeypatch.setattr("engine.kernels.strided.chunk_rows", lambda rows: 4)
+    monkeypatch.setattr("engine.kernels.strided.chunk_rows", lambda rows, dtype: 4)
     monkeypatch.setattr("engine.kernels.strided.MAX_CHUNKS", 30)
     q, k, v = _qkv(2, lq, lk)
     result = kernels.strided_attention(q, k, v, stride=13, scale=0.25, min_distance=min_distance)
@@ -204,7 +204,39 @@ def test_masked_class_chunks_read_key_rows_in_multiples_of_16(monkeypatch):
         assert seen[-1] == (128 if lk == 2048 else 127) and all(width % 16 == 0 for width in seen[:-1])
 
 
-def _assert_matches_far(result, q, k, v, pattern, min_distance, causal=True, skip_strides=()):
+@pytest.mark.parametrize("native_half,dtype,stride,n,min_distance,calls", [
+    (True, torch.bfloat16, 4, 1200, 0, [(256, False), (44, False)]),  # natively: chunks of 256 rows
+    (False, torch.bfloat16, 4, 1200, 0, [(64, False)] * 4 + [(44, False)]),  # in float32: of 64
+    (False, torch.float32, 2, 1600, 0, [(800, True)]),  # a square of 768 rows or more: one causal call
+    (False, torch.float32, 2, 2048, 2, [(1023, True)]),  # also where a mask could read 1024 keys
+    (True, torch.bfloat16, 16, 2048, 16, [(127, False)]),  # 127 rows, 128 keys read: masked
+    (True, torch.bfloat16, 4, 500, 0, [(125, True)]),  # 125 rows, 125 keys: no multiple of 16 to read
+])
+def test_strided_chunks_by_dtype_and_square(monkeypatch, native_half, dtype, stride, n, min_distance, calls):
+    """Where half precision runs natively (AMX) class rows go in chunks of NATIVE_HALF_CHUNK_ROWS;
+    a causal square of CPU_CAUSAL_SKIP_ROWS rows and more in one unmasked call; a smaller square
+    that can read its keys to a multiple of 16 under a mask. Each against the reference."""
+    from engine.kernels import strided
+
+    seen = []
+    real = strided.grid_attention
+
+    def spy(q, k, v, mask, empty, **kwargs):
+        seen.append((q.shape[-2], kwargs.get("is_causal", False)))
+        return real(q, k, v, mask, empty, **kwargs)
+
+    monkeypatch.setattr(strided, "grid_attention", spy)
+    monkeypatch.setattr(strided, "cpu_native_half", lambda dt: native_half and dt == torch.bfloat16)
+    q, k, v = _qkv(1, n, n, dtype=dtype)
+    result = kernels.strided_attention(q, k, v, stride=stride, scale=0.25, min_distance=min_distance)
+    assert seen == calls
+    if dtype == torch.float32:
+        _assert_matches_far(result, q, k, v, ST(stride), min_distance)
+    else:
+        _assert_matches_far(result, *(x.float() for x in (q, k, v)), ST(stride), min_distance, tol=2e-2)
+
+
+def _assert_matches_far(result, q, k, v, pattern, min_distance, causal=True, skip_strides=(), tol=2e-5):
     """Against a float64 reference of `pattern` without the keys nearer than min_distance (nor
     those at (i - j) mod s == 0 for s in skip_strides)."""
     lq, lk = q.shape[-2], k.shape[-2]
@@ -217,7 +249,7 @@ def _assert_matches_far(result, q, k, v, pattern, min_distance, causal=True, ski
     ref_lse = torch.logsumexp(scores, -1)
     ref_out = torch.einsum("bhqk,bhkd->bhqd", torch.exp(scores - ref_lse[..., None]).nan_to_num(0.0), v.double())
     out, lse = result
-    assert_matches_reference(out, lse, ref_out, ref_lse, tol=2e-5)
+    assert_matches_reference(out, lse, ref_out, ref_lse, tol=tol)
 
 
 def test_freed_cpu_memory_is_kept_for_reuse_on_glibc():
@@ -498,7 +530,7 @@ def test_strided_takes_grouped_heads(monkeypatch, lq, lk, stride, skip_strides, 
     non-causal class calls, and the keys of the last partial class row (own keys, and without
     causality the classes' extra key) for each query head. Against the reference on the heads
     repeated."""
-    monkeypatch.setattr("engine.kernels.strided.chunk_rows", lambda rows: 4)
+    monkeypatch.setattr("engine.kernels.strided.chunk_rows", lambda rows, dtype: 4)
     monkeypatch.setattr("engine.kernels.strided.MASK_BUDGET", budget)
     g = torch.Generator().manual_seed(lq)
     q = torch.randn(2, 6, lq, 16, generator=g)
@@ -669,7 +701,7 @@ def test_strided_skip_strides(monkeypatch, lq, lk, stride, skip_strides, min_dis
     """A stride's keys less an earlier stride's multiples (a union of strides counts each key
     once): the chunk masks, the short runs' shared mask, the non-causal class mask, rows whose
     keys are all skipped."""
-    monkeypatch.setattr("engine.kernels.strided.chunk_rows", lambda rows: 4)
+    monkeypatch.setattr("engine.kernels.strided.chunk_rows", lambda rows, dtype: 4)
     monkeypatch.setattr("engine.kernels.strided.MASK_BUDGET", budget)
     q, k, v = _qkv(2, lq, lk)
     result = kernels.strided_attention(q, k, v, stride=stride, scale=0.25, min_distance=min_distance,

@@ -22,6 +22,9 @@ NEG_INF = float("-inf")
 # time from here, 256 from 768), each over every key of the call: calls of fewer rows read their
 # keys more often per row.
 CPU_SMALL_CALL_ROWS = 192
+# From this many query rows it computes them 256 at a time against key blocks of 512, and skips the
+# blocks past a causal call's diagonal itself: a causal square of that many rows needs no chunks.
+CPU_CAUSAL_SKIP_ROWS = 768
 # The memory-efficient kernel reads a bias whose rows start a multiple of this many elements apart.
 BIAS_ROW_ALIGNMENT = 16
 
@@ -46,6 +49,12 @@ def cpu_upcast_dtypes() -> frozenset[torch.dtype]:
     amx_fp16 = getattr(torch.cpu, "_is_amx_fp16_supported", lambda: False)()
     amx_bf16 = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
     return frozenset(dtype for dtype, native in ((torch.float16, amx_fp16), (torch.bfloat16, amx_bf16)) if not native)
+
+
+def cpu_native_half(dtype: torch.dtype) -> bool:
+    """Whether `dtype` is a half precision that torch's CPU kernels run natively here (AMX), where
+    matrix products cost little beside each call's fixed work: fewer, larger calls pay."""
+    return dtype in (torch.float16, torch.bfloat16) and dtype not in cpu_upcast_dtypes()
 
 
 def as_computed(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:

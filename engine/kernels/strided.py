@@ -31,15 +31,19 @@ import torch
 import torch.nn.functional as F
 
 from .band import grid_attention, row_grid, row_major, row_range
-from .dense import (CPU_SMALL_CALL_ROWS, NEG_INF, additive_mask, as_computed, empty_partial, fused_under,
-                    kept_when_small, per_query_head)
+from .dense import (CPU_CAUSAL_SKIP_ROWS, CPU_SMALL_CALL_ROWS, NEG_INF, additive_mask, as_computed, cpu_native_half,
+                    empty_partial, fused_under, kept_when_small, per_query_head)
 from .device import kernel_device, values_on_host
 from .masked import MASK_BUDGET
 from .merge import join_rows, merge_to
 
 # Query class rows per chunk: at least `chunk_rows`, at most MAX_CHUNKS chunks. 64-row chunks were
-# the fastest of 16..256 for strided(64) at n = 16384 and strided(128) at 65536 (CPU, 2 cores);
-# at 1024-row classes chunking only matches the kernel's own causal skipping. Classes of up to 192
+# the fastest of 16..256 for strided(64) at n = 16384 and strided(128) at 65536 (CPU, 2 cores).
+# A causal square of CPU_CAUSAL_SKIP_ROWS class rows and more goes as one call: the kernel skips
+# its empty blocks itself. On an AMD EPYC chunks had matched that at 1024 rows; on an Intel Xeon
+# (AVX-512, AMX) one call took, H = 8, D = 64, ms, float32 / bfloat16 against 8 chunks: strided(64)
+# at n = 49152 304 / 124 against 427 / 193, at 65536 516 / 207 against 635 / 292; a union's stride
+# (sliding 64, strided 64, 1023 rows) at 65536 532 / 232 against 646 / 299. Classes of up to 192
 # rows take 32-row chunks: the kernel computes 32 query rows at a time below 192 rows, each over
 # every key of its call, so halving a chunk cuts the keys its first half reads. Best of six calls
 # in turn, H = 8, D = 64, ms for 32 / 64 rows: strided(128) at 64 / 96 / 128 / 160 / 192 class
@@ -49,6 +53,13 @@ from .merge import join_rows, merge_to
 CHUNK_ROWS = 64
 SMALL_CLASS_CHUNK_ROWS = 32
 MAX_CHUNKS = 8
+# Where half precision runs natively (AMX), chunks of at least 256 rows: each call packs the keys it
+# reads, and the matrix products cost little beside that, so computing more of the causal square's
+# empty half in fewer calls pays. bfloat16, H = 8, D = 64, ms, 256-row chunks (or one call) against
+# the float32 rule's: strided(128) at n = 16384 21.0 / 25.8, strided(64) at 12288 / 16384 / 32768
+# 15.3 / 19.7, 24.2 / 31.9, 72.0 / 102.3; a union's stride (sliding 128, strided 128) at 16384 /
+# 65536 18.1 / 20.0, 148.5 / 222.8.
+NATIVE_HALF_CHUNK_ROWS = 256
 # torch's CPU kernel runs key lengths that are multiples of 16 faster than those just below them,
 # though they hold more keys: [64 rows, N keys] x 1024 problems, D = 64, ms: N = 124 23.8, 127 24.9,
 # 128 20.7; 248 41.9, 255 43.6, 256 38.4 (100 19.4 against 112's 19.9 the exception). A union's
@@ -114,15 +125,20 @@ def strided_pieces(
     qc = _classes(q, skip * s, (skip + rows) * s, s)
     device = kernel_device(q.device)
     kc, vc = (_classes(x, 0, _masked_key_rows(min(seen + rows, key_rows), key_rows, device) * s, s) for x in (k, v))
-    # On CUDA the flash kernel skips the causal square's empty half itself: one chunk.
-    size = rows if device == "cuda" else max(chunk_rows(rows), -(-rows // MAX_CHUNKS))
-    if seen or size < rows or skip_strides:  # masked chunks: each mask within the masked kernel's budget
+    # On CUDA the flash kernel skips the causal square's empty half itself, and on the CPU for a
+    # square of CPU_CAUSAL_SKIP_ROWS rows and more: one chunk.
+    square = seen == 0 and not skip_strides
+    if device == "cuda" or square and rows >= CPU_CAUSAL_SKIP_ROWS:
+        size = rows
+    else:
+        size = max(chunk_rows(rows, q.dtype), -(-rows // MAX_CHUNKS))
+    if size < rows or not square or rows > key_rows:  # masked chunks: each mask within the masked kernel's budget
         size = min(size, max(1, MASK_BUDGET // min(seen + rows, key_rows)))
     pieces = []
     for c0 in range(0, rows, size):
         c1 = min(rows, c0 + size)
         width = min(seen + c1, key_rows)  # key class rows this chunk sees
-        if seen == 0 and c1 - c0 == rows == width and not skip_strides:  # one causal square: no mask
+        if square and c1 - c0 == rows == width and _square_unmasked(rows, key_rows, device):  # no mask
             out, lse = grid_attention(qc, row_range(kc, 0, width), row_range(vc, 0, width), None, None, scale=scale,
                                       is_causal=True)
         else:  # local row r sees key class rows up to seen + r: back or more class rows before its own
@@ -142,9 +158,21 @@ def strided_pieces(
     return pieces
 
 
-def chunk_rows(rows: int) -> int:
-    """The fewest query class rows per chunk for `rows` of them on the CPU: fewer for short classes."""
+def chunk_rows(rows: int, dtype: torch.dtype) -> int:
+    """The fewest query class rows per chunk for `rows` of them on the CPU: fewer for short
+    classes, more where half precision runs natively."""
+    if cpu_native_half(dtype):
+        return NATIVE_HALF_CHUNK_ROWS
     return SMALL_CLASS_CHUNK_ROWS if rows <= CPU_SMALL_CALL_ROWS else CHUNK_ROWS
+
+
+def _square_unmasked(rows: int, key_rows: int, device: str) -> bool:
+    """Whether a causal square of `rows` class rows goes to the kernel as one (is_causal, no mask)
+    on `device`: below CPU_CAUSAL_SKIP_ROWS rows on the CPU not where its keys can be read to a
+    multiple of KEY_ROWS_MULTIPLE (`_masked_key_rows`), as that masked call is faster (a union's
+    stride, 127 rows of strided(128) at n = 16384, H = 8, D = 64: float32 36.6 / 43.8 ms, bfloat16
+    18.1 / 31.6)."""
+    return rows >= CPU_CAUSAL_SKIP_ROWS or _masked_key_rows(rows, key_rows, device) == rows
 
 
 def _masked_key_rows(rows: int, key_rows: int, device: str) -> int:
