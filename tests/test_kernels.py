@@ -153,6 +153,34 @@ def test_kernels_half_precision(dtype):
         _assert_matches(result, q, k, v, pattern, tol=3e-2)
 
 
+@pytest.mark.parametrize("elements", [7, 200, 1 << 17])
+def test_half_precision_merges_in_row_chunks(monkeypatch, elements):
+    """On the CPU a half-precision output merges HALF_MERGE_ELEMENTS at a time (a row, two rows,
+    all rows here): the same bits as one float32 lerp rounded once, in place (out is a's) too, and
+    the float64 merge within bfloat16's rounding; a row with no key in either stays zero, -inf."""
+    from engine.kernels import merge
+
+    g = torch.Generator().manual_seed(3)
+    shape = (2, 3, 37, 16)
+    a_out, b_out = (torch.randn(shape, generator=g).bfloat16() for _ in range(2))
+    a_lse, b_lse = (torch.randn(shape[:-1], generator=g) * 4 for _ in range(2))
+    a_lse[..., 0] = b_lse[..., 0] = float("-inf")
+    a_out[..., 0, :] = b_out[..., 0, :] = 0
+    weight = torch.sigmoid(b_lse - a_lse).nan_to_num(0.0)[..., None]
+    expected = torch.lerp(a_out.float(), b_out.float(), weight).bfloat16()
+    top = torch.maximum(a_lse, b_lse).double()[..., None]
+    wa, wb = ((x.double()[..., None] - top).exp().nan_to_num(0.0) for x in (a_lse, b_lse))
+    exact = (a_out.double() * wa + b_out.double() * wb) / (wa + wb).clamp_min(1e-300)
+    monkeypatch.setattr(merge, "HALF_MERGE_ELEMENTS", elements)
+    out, lse = torch.empty_like(a_out), torch.empty_like(a_lse)
+    merge.torch_merge_to(out, lse, (a_out, a_lse), (b_out, b_lse))
+    assert torch.equal(out, expected) and torch.equal(lse, torch.logaddexp(a_lse, b_lse))
+    torch.testing.assert_close(out.double(), exact, atol=1e-2, rtol=1e-2)
+    assert (out[..., 0, :] == 0).all() and (lse[..., 0] == float("-inf")).all()
+    merge.torch_merge_to(a_out, a_lse, (a_out, a_lse), (b_out, b_lse))
+    assert torch.equal(a_out, expected) and torch.equal(a_lse, lse)
+
+
 def test_row_pieces_join_straight_into_the_results_dtype():
     """Pieces computed in float32 join into a half-precision output in one converting copy: each
     row rounded once, exactly as a float32 join converted after, and the log-sum-exp stays float32.
