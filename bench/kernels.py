@@ -42,6 +42,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from engine import attention
 from engine.attention import backend_for
 from engine.kernels import KEEPS_FREED_MEMORY, band_attention, masked_attention
+from engine.kernels.dense import cpu_upcast_dtypes
 from engine.kernels.device import kernel_device
 from engine.kernels.masked import chunk_mask
 from engine.memory import PeakMemory
@@ -580,6 +581,16 @@ def plot(rows: list[dict], path: Path) -> None:
     fig.savefig(path, dpi=80)
 
 
+def cpu_model() -> str | None:
+    """The CPU's model name (Linux): the same torch version runs at other speeds, and computes half
+    precision natively or not (`cpu_native_half`), on another CPU."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return None
+    return next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), None)
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m bench.kernels", description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cpu")
@@ -619,7 +630,8 @@ def main(argv: list[str] | None = None) -> None:
     device = torch.device(args.device)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     meta = {"torch": torch.__version__, "device": str(device), "threads": torch.get_num_threads(),
-            "machine": platform.processor() or platform.machine(),
+            "machine": platform.processor() or platform.machine(), "cpu": cpu_model(),
+            "cpu_native_half": [str(dt) for dt in (torch.bfloat16, torch.float16) if dt not in cpu_upcast_dtypes()],
             "keeps_freed_memory": KEEPS_FREED_MEMORY,
             "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
             "command": "python -m bench.kernels " + " ".join(argv or __import__("sys").argv[1:])}
