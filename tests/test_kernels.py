@@ -233,17 +233,19 @@ def test_masked_class_chunks_read_key_rows_in_multiples_of_16(monkeypatch):
 
 
 @pytest.mark.parametrize("native_half,dtype,stride,n,min_distance,calls", [
-    (True, torch.bfloat16, 4, 1200, 0, [(256, False), (44, False)]),  # natively: chunks of 256 rows
-    (False, torch.bfloat16, 4, 1200, 0, [(64, False)] * 4 + [(44, False)]),  # in float32: of 64
+    (True, torch.bfloat16, 4, 1200, 0, [(256, True), (44, False)]),  # natively: chunks of 256 rows
+    (False, torch.bfloat16, 4, 1200, 0, [(64, True)] + [(64, False)] * 3 + [(44, False)]),  # in float32: of 64
     (False, torch.float32, 2, 1600, 0, [(800, True)]),  # a square of 768 rows or more: one causal call
+    (False, torch.float32, 2, 1601, 0, [(800, True), (1, False)]),  # its whole class rows' square, then the last
     (False, torch.float32, 2, 2048, 2, [(1023, True)]),  # also where a mask could read 1024 keys
     (True, torch.bfloat16, 16, 2048, 16, [(127, False)]),  # 127 rows, 128 keys read: masked
     (True, torch.bfloat16, 4, 500, 0, [(125, True)]),  # 125 rows, 125 keys: no multiple of 16 to read
 ])
 def test_strided_chunks_by_dtype_and_square(monkeypatch, native_half, dtype, stride, n, min_distance, calls):
     """Where half precision runs natively (AMX) class rows go in chunks of NATIVE_HALF_CHUNK_ROWS;
-    a causal square of CPU_CAUSAL_SKIP_ROWS rows and more in one unmasked call; a smaller square
-    that can read its keys to a multiple of 16 under a mask. Each against the reference."""
+    a square's first chunk is a causal call, unmasked; a causal square of CPU_CAUSAL_SKIP_ROWS rows
+    and more is one call (a partial last class row apart); a smaller square that can read its keys
+    to a multiple of 16 goes under a mask. Each against the reference."""
     from engine.kernels import strided
 
     seen = []

@@ -125,22 +125,20 @@ def strided_pieces(
     qc = _classes(q, skip * s, (skip + rows) * s, s)
     device = kernel_device(q.device)
     kc, vc = (_classes(x, 0, _masked_key_rows(min(seen + rows, key_rows), key_rows, device) * s, s) for x in (k, v))
-    # On CUDA the flash kernel skips the causal square's empty half itself, and on the CPU for a
-    # square of CPU_CAUSAL_SKIP_ROWS rows and more: one chunk.
-    square = seen == 0 and not skip_strides
-    if device == "cuda" or square and rows >= CPU_CAUSAL_SKIP_ROWS:
-        size = rows
-    else:
-        size = max(chunk_rows(rows, q.dtype), -(-rows // MAX_CHUNKS))
-    if size < rows or not square or rows > key_rows:  # masked chunks: each mask within the masked kernel's budget
+    # On CUDA the flash kernel skips the causal square's empty half itself: one chunk.
+    size = rows if device == "cuda" else max(chunk_rows(rows, q.dtype), -(-rows // MAX_CHUNKS))
+    if seen or size < rows or skip_strides:  # masked chunks: each mask within the masked kernel's budget
         size = min(size, max(1, MASK_BUDGET // min(seen + rows, key_rows)))
+    square = seen == 0 and not skip_strides  # the first c1 class rows see key class rows 0 .. c1 - 1
+    if square and rows >= CPU_CAUSAL_SKIP_ROWS and device != "cuda":  # so does the CPU's from that many
+        size = min(rows, key_rows)  # rows: the whole class rows' square in one call (a partial last one apart)
     pieces = []
     for c0 in range(0, rows, size):
         c1 = min(rows, c0 + size)
         width = min(seen + c1, key_rows)  # key class rows this chunk sees
-        if square and c1 - c0 == rows == width and _square_unmasked(rows, key_rows, device):  # no mask
-            out, lse = grid_attention(qc, row_range(kc, 0, width), row_range(vc, 0, width), None, None, scale=scale,
-                                      is_causal=True)
+        if square and c0 == 0 and c1 == width and _square_unmasked(c1, key_rows, device):  # no mask
+            out, lse = grid_attention(row_range(qc, 0, c1), row_range(kc, 0, width), row_range(vc, 0, width), None,
+                                      None, scale=scale, is_causal=True)
         else:  # local row r sees key class rows up to seen + r: back or more class rows before its own
             width = _masked_key_rows(width, key_rows, device)
             mask, empty = class_distance_mask(seen + c0 + back, c1 - c0, width, back, s, skip_strides, True, q.dtype,
