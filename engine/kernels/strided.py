@@ -129,9 +129,11 @@ def strided_pieces(
     size = rows if device == "cuda" else max(chunk_rows(rows, q.dtype), -(-rows // MAX_CHUNKS))
     if seen or size < rows or skip_strides:  # masked chunks: each mask within the masked kernel's budget
         size = min(size, max(1, MASK_BUDGET // min(seen + rows, key_rows)))
-    square = seen == 0 and not skip_strides  # the first c1 class rows see key class rows 0 .. c1 - 1
-    if square and rows >= CPU_CAUSAL_SKIP_ROWS and device != "cuda":  # so does the CPU's from that many
-        size = min(rows, key_rows)  # rows: the whole class rows' square in one call (a partial last one apart)
+    square = seen == 0 and not skip_strides  # chunk [0, c1) is then the causal square of c1 class rows
+    if square and rows >= CPU_CAUSAL_SKIP_ROWS and device != "cuda":
+        # So does the CPU's from that many rows: the whole class rows' square is one call (a partial
+        # last class row, where s does not divide the keys, a masked one after it).
+        size = min(rows, key_rows)
     pieces = []
     for c0 in range(0, rows, size):
         c1 = min(rows, c0 + size)
