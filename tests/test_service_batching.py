@@ -16,6 +16,7 @@ from engine import attention, parse_pattern
 from engine.batcher import (
     LARGE_CALL_ELEMENTS, Batcher, ClientGone, DeadlineExceeded, QueueFull, ShuttingDown, ThreadBudget,
 )
+from engine.kernels.dense import cpu_native_half
 from pattern_strategies import for_heads
 from reference import assert_matches_reference, reference_attention
 from service.settings import usable_cores
@@ -347,10 +348,13 @@ def test_random_request_families_run_in_one_call_and_each_gets_its_exact_answer(
     results = asyncio.run(submit_all())
     assert [r.batch_requests for r in results] == [len(requests)] * len(requests)
     tolerance = 3e-5 if family["dtype"] == torch.float32 else 2e-2  # bfloat16: the output's rounding
+    # The lse stays float32-exact where half precision is computed in float32; torch's native bfloat16
+    # CPU kernel (AMX) returns it within ~6e-5 (5.3e-5 to 6.9e-5 measured from 37 to 8192 keys).
+    lse_tol = 1e-4 if cpu_native_half(family["dtype"]) else 3e-5
     for (q, k, v), result in zip(requests, results):
         ref_out, ref_lse = reference_attention(q, k, v, pattern, causal=causal, scale=scale)
         assert result.output.dtype == q.dtype and result.output.shape == (*q.shape[:3], v.shape[-1])
-        assert_matches_reference(result.output, result.lse, ref_out, ref_lse, tol=tolerance, lse_tol=3e-5)
+        assert_matches_reference(result.output, result.lse, ref_out, ref_lse, tol=tolerance, lse_tol=lse_tol)
 
 
 @pytest.mark.anyio
