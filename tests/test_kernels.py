@@ -181,6 +181,18 @@ def test_half_precision_merges_in_row_chunks(monkeypatch, elements):
     assert torch.equal(a_out, expected) and torch.equal(a_lse, lse)
 
 
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_half_precision_merge_of_no_rows(monkeypatch, device):
+    """A half-precision merge of no query rows writes nothing, on either device's rule."""
+    from engine.kernels import merge
+
+    monkeypatch.setattr(merge, "kernel_device", lambda _: device)
+    part = (torch.zeros(2, 3, 0, 8, dtype=torch.bfloat16), torch.zeros(2, 3, 0))
+    out, lse = torch.empty(2, 3, 0, 8, dtype=torch.bfloat16), torch.empty(2, 3, 0)
+    merge.torch_merge_to(out, lse, part, part)
+    assert out.shape == (2, 3, 0, 8) and lse.shape == (2, 3, 0)
+
+
 def test_row_pieces_join_straight_into_the_results_dtype():
     """Pieces computed in float32 join into a half-precision output in one converting copy: each
     row rounded once, exactly as a float32 join converted after, and the log-sum-exp stays float32.

@@ -45,7 +45,7 @@ def torch_merge_to(out: torch.Tensor, lse: torch.Tensor, a: tuple[torch.Tensor, 
     if out.dtype == torch.float32:
         torch.lerp(a_out.float(), b_out.float(), b_weight, out=out)
         return
-    rows = out.shape[-2]
+    rows = max(1, out.shape[-2])
     if kernel_device(out.device) == "cpu":
         rows = max(1, HALF_MERGE_ELEMENTS // max(1, out[..., :1, :].numel()))
     for start in range(0, out.shape[-2], rows):
