@@ -42,7 +42,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from engine import attention
 from engine.attention import backend_for
 from engine.kernels import KEEPS_FREED_MEMORY, band_attention, masked_attention
-from engine.kernels.dense import cpu_upcast_dtypes
+from engine.kernels.dense import cpu_native_half
 from engine.kernels.device import kernel_device
 from engine.kernels.masked import chunk_mask
 from engine.memory import PeakMemory
@@ -631,7 +631,7 @@ def main(argv: list[str] | None = None) -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     meta = {"torch": torch.__version__, "device": str(device), "threads": torch.get_num_threads(),
             "machine": platform.processor() or platform.machine(), "cpu": cpu_model(),
-            "cpu_native_half": [str(dt) for dt in (torch.bfloat16, torch.float16) if dt not in cpu_upcast_dtypes()],
+            "cpu_native_half": [str(dt) for dt in (torch.bfloat16, torch.float16) if cpu_native_half(dt)],
             "keeps_freed_memory": KEEPS_FREED_MEMORY,
             "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
             "command": "python -m bench.kernels " + " ".join(argv or __import__("sys").argv[1:])}
