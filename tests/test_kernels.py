@@ -278,6 +278,61 @@ def test_strided_chunks_by_dtype_and_square(monkeypatch, native_half, dtype, str
         _assert_matches_far(result, *(x.float() for x in (q, k, v)), ST(stride), min_distance, tol=2e-2)
 
 
+@pytest.mark.parametrize("native_half,dtype,stride,lq,lk,causal,min_distance,class_major", [
+    (False, torch.float32, 4, 96, 96, True, 0, True),  # 24 query class rows: K and V copied class by class
+    (False, torch.float32, 4, 92, 92, True, 0, False),  # 23: read as views
+    (False, torch.float32, 4, 97, 130, True, 4, True),  # Lq < Lk, a partial last class row, a union's distance
+    (False, torch.float32, 4, 96, 96, False, 0, True),  # without causal: every class key, in one call
+    (False, torch.float32, 4, 92, 92, False, 4, False),
+    (False, torch.bfloat16, 4, 96, 96, True, 0, True),  # half precision computed in float32: copied too
+    (True, torch.bfloat16, 4, 96, 96, True, 0, False),  # natively: views (its chunks are few)
+])
+def test_strided_reads_keys_class_major_from_many_rows(monkeypatch, native_half, dtype, stride, lq, lk, causal,
+                                                      min_distance, class_major):
+    """From CLASS_MAJOR_KEY_ROWS query class rows (here 24) each kernel call reads K and V from
+    class-by-class copies, whose class rows are adjacent, where they are not computed natively in
+    half precision; below, the views, whose class rows lie s rows apart. Each against the reference."""
+    from engine.kernels import strided
+
+    layouts = []
+    real = strided.grid_attention
+
+    def spy(q, k, v, mask, empty, **kwargs):
+        layouts.extend(x.stride(-2) == x.shape[-1] for x in (k, v))
+        return real(q, k, v, mask, empty, **kwargs)
+
+    monkeypatch.setattr(strided, "grid_attention", spy)
+    monkeypatch.setattr(strided, "CLASS_MAJOR_KEY_ROWS", 24)
+    monkeypatch.setattr(strided, "cpu_native_half", lambda dt: native_half and dt == torch.bfloat16)
+    q, k, v = _qkv(2, lq, lk, dtype=dtype)
+    result = kernels.strided_attention(q, k, v, stride=stride, scale=0.25, causal=causal, min_distance=min_distance)
+    assert layouts and set(layouts) == {class_major}
+    tol = 2e-5 if dtype == torch.float32 else 2e-2
+    _assert_matches_far(result, *(x.float() for x in (q, k, v)), ST(stride), min_distance, causal=causal, tol=tol)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_strided_copies_a_repeated_key_head_once(monkeypatch, causal):
+    """One key/value head repeated for several query heads (stride 0, as `attention` passes a
+    per-head run's) is copied class by class once, and stays repeated."""
+    from engine.kernels import strided
+
+    layouts = []
+    real = strided.grid_attention
+
+    def spy(q, k, v, mask, empty, **kwargs):
+        layouts.extend((x.stride(0), x.stride(-2) == x.shape[-1]) for x in (k, v))
+        return real(q, k, v, mask, empty, **kwargs)
+
+    monkeypatch.setattr(strided, "grid_attention", spy)
+    monkeypatch.setattr(strided, "CLASS_MAJOR_KEY_ROWS", 24)
+    q, k, v = _qkv(3, 100, 100)
+    k, v = (x[:, :1].expand(-1, 3, -1, -1) for x in (k, v))
+    result = kernels.strided_attention(q, k, v, stride=4, scale=0.25, causal=causal)
+    assert layouts and set(layouts) == {(0, True)}
+    _assert_matches_far(result, q, k, v, ST(4), 0, causal=causal)
+
+
 def _assert_matches_far(result, q, k, v, pattern, min_distance, causal=True, skip_strides=(), tol=2e-5):
     """Against a float64 reference of `pattern` without the keys nearer than min_distance (nor
     those at (i - j) mod s == 0 for s in skip_strides)."""

@@ -3,15 +3,15 @@
 Positions with the same residue mod s attend only each other (causally; without causal, the whole
 class: `_every_class_key`). Viewing [L, D] as [L/s, s, D] and swapping the first two axes turns
 `strided(s)` into dense causal attention over s classes of length L/s, batched in each fused call:
-n^2/s work, with no copy of K or V (the view's strides go straight to the kernel; keys past the
-last whole class row are each seen only by the query at their own position, added apart), none of Q
-when s divides its rows' span, and none of the output (the kernel writes it in the query's memory
-order, the natural one). The class rows are cut into chunks, one call each, so that little of the
-causal square's empty half is computed and no chunk's mask outgrows the masked kernel's MASK_BUDGET
-(small strides at long lengths). A minimum distance m (for a union with a sliding window, whose
-keys it then skips) drops the first ceil(m/s) query class rows and shifts the mask's diagonal.
-Skipped strides (for a union with other strides, which count the keys at their multiples) mask
-those keys.
+n^2/s work, with no copy of K or V below CLASS_MAJOR_KEY_ROWS class rows (the view's strides go
+straight to the kernel; keys past the last whole class row are each seen only by the query at their
+own position, added apart), none of Q when s divides its rows' span, and none of the output (the
+kernel writes it in the query's memory order, the natural one). The class rows are cut into
+chunks, one call each, so that little of the causal square's empty half is computed and no chunk's
+mask outgrows the masked kernel's MASK_BUDGET (small strides at long lengths). A minimum distance
+m (for a union with a sliding window, whose keys it then skips) drops the first ceil(m/s) query
+class rows and shifts the mask's diagonal. Skipped strides (for a union with other strides, which
+count the keys at their multiples) mask those keys.
 
 Fewer query rows than s (a decode step, a short chunk) leave most classes without a query: then
 each row, alone in its class, attends a view of its class's keys, and only those classes are read.
@@ -65,6 +65,18 @@ NATIVE_HALF_CHUNK_ROWS = 256
 # 128 20.7; 248 41.9, 255 43.6, 256 38.4 (100 19.4 against 112's 19.9 the exception). A union's
 # stride, which skips the window's keys, saw 127 key class rows where the stride alone sees 128.
 KEY_ROWS_MULTIPLE = 16
+# From this many query class rows on the CPU (float32, or half precision computed in it), K and V
+# are copied class by class (`_class_major`) before the calls: each chunk's call (and each of the
+# kernel's query blocks) reads its keys again, and a view's class rows lie s rows apart, a memory
+# page apart for s >= 16 at D = 64, where a copy's are adjacent. engine.attention, Intel Xeon,
+# H = 8, D = 64, float32, ms, views / copies (best of 8, in turn): strided(64) at n = 24576 /
+# 28672 / 32768 / 65536 (384 / 448 / 512 / 1024 class rows) 88.7 / 80.2, 123.2 / 102.7, 147.0 /
+# 137.2, 461.2 / 401.1; n = 65000 525.6 / 469.9; strided(128) at 65536 338.3 / 292.5 and the
+# union (sliding 128, strided 128) 467.6 / 437.2; without causal, strided(64) at 32768 178.9 /
+# 155.5, strided(128) at 65536 354.8 / 290.3. At 256 class rows the copies lost 2-8% (strided(64)
+# at 16384, strided(128) at 32768), and native bfloat16, whose chunks are 256 rows, gained nothing
+# anywhere (copies / views 1.00-1.22).
+CLASS_MAJOR_KEY_ROWS = 384
 
 
 def off_strides(distance: torch.Tensor, strides: tuple[int, ...]) -> torch.Tensor:
@@ -125,6 +137,8 @@ def strided_pieces(
     qc = _classes(q, skip * s, (skip + rows) * s, s)
     device = kernel_device(q.device)
     kc, vc = (_classes(x, 0, _masked_key_rows(min(seen + rows, key_rows), key_rows, device) * s, s) for x in (k, v))
+    if _class_major(rows, q.dtype, device):
+        kc, vc = _adjacent_class_rows(kc), _adjacent_class_rows(vc)
     # On CUDA the flash kernel skips the causal square's empty half itself: one chunk.
     size = rows if device == "cuda" else max(chunk_rows(rows, q.dtype), -(-rows // MAX_CHUNKS))
     if seen or size < rows or skip_strides:  # masked chunks: each mask within the masked kernel's budget
@@ -164,6 +178,18 @@ def chunk_rows(rows: int, dtype: torch.dtype) -> int:
     if cpu_native_half(dtype):
         return NATIVE_HALF_CHUNK_ROWS
     return SMALL_CLASS_CHUNK_ROWS if rows <= CPU_SMALL_CALL_ROWS else CHUNK_ROWS
+
+
+def _class_major(rows: int, dtype: torch.dtype, device: str) -> bool:
+    """Whether `rows` query class rows read K and V from class-by-class copies (CLASS_MAJOR_KEY_ROWS)
+    on `device` (its `kernel_device`) in `dtype` (as computed)."""
+    return device == "cpu" and not cpu_native_half(dtype) and rows >= CLASS_MAJOR_KEY_ROWS
+
+
+def _adjacent_class_rows(x: torch.Tensor) -> torch.Tensor:
+    """A `_classes` view [N, s, R, D] copied so that each class's rows are adjacent; one key/value
+    head repeated for several query heads (stride 0, `attention`'s per-head runs) is copied once."""
+    return x[:1].contiguous().expand_as(x) if x.stride(0) == 0 else x.contiguous()
 
 
 def _square_unmasked(rows: int, key_rows: int, device: str) -> bool:
@@ -329,6 +355,8 @@ def _every_class_key(q, k, v, *, stride: int, scale: float, min_distance: int,
     qc = _classes(F.pad(q, (0, 0, lead, trail)) if lead or trail else q, 0, q_rows * s, s)
     key_rows, rest = divmod(lk, s)
     kc, vc = _classes(k, 0, key_rows * s, s), _classes(v, 0, key_rows * s, s)
+    if _class_major(q_rows, q.dtype, kernel_device(q.device)):
+        kc, vc = _adjacent_class_rows(kc), _adjacent_class_rows(vc)
     step = max(1, MASK_BUDGET // max(1, key_rows))
     if key_rows and not near and not skip_strides:  # a fresh result, merged into in place below
         out, lse = grid_attention(qc, kc, vc, None, None, scale=scale)
