@@ -13,8 +13,9 @@ from typing import TYPE_CHECKING, ClassVar
 import torch
 from pydantic import BaseModel, ConfigDict, model_validator
 
-# The largest window, stride, block or summary a pattern takes: far beyond any sequence length
-# (a larger value acts as this one), and small enough that position arithmetic stays in int64.
+# The largest window, stride, block or summary a pattern takes (a larger one is refused, naming
+# the field; GET /patterns shows the bound): far beyond any sequence length, where a window or
+# stride acts as any larger one would, and small enough that position arithmetic stays in int64.
 MAX_PARAMETER = 2**31 - 1
 # Levels of nested patterns, counting the leaf: recursion over a pattern stays shallow.
 MAX_DEPTH = 16
