@@ -73,9 +73,9 @@ KEY_ROWS_MULTIPLE = 16
 # 28672 / 32768 / 65536 (384 / 448 / 512 / 1024 class rows) 88.7 / 80.2, 123.2 / 102.7, 147.0 /
 # 137.2, 461.2 / 401.1; n = 65000 525.6 / 469.9; strided(128) at 65536 338.3 / 292.5 and the
 # union (sliding 128, strided 128) 467.6 / 437.2; without causal, strided(64) at 32768 178.9 /
-# 155.5, strided(128) at 65536 354.8 / 290.3. At 256 class rows the copies lost 2-8% (strided(64)
-# at 16384, strided(128) at 32768), and native bfloat16, whose chunks are 256 rows, gained nothing
-# anywhere (copies / views 1.00-1.22).
+# 155.5, strided(128) at 65536 354.8 / 290.3. At 128 and 256 class rows the copies lost 4-8%
+# (strided(64) at 16384, strided(128) at 16384 and 32768), and native bfloat16, whose chunks are
+# 256 rows, gained nothing anywhere (copies / views 1.00-1.04 from 384 rows, 1.07-1.22 below).
 CLASS_MAJOR_KEY_ROWS = 384
 
 
