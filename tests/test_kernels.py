@@ -278,20 +278,22 @@ def test_strided_chunks_by_dtype_and_square(monkeypatch, native_half, dtype, str
         _assert_matches_far(result, *(x.float() for x in (q, k, v)), ST(stride), min_distance, tol=2e-2)
 
 
-@pytest.mark.parametrize("native_half,dtype,stride,lq,lk,causal,min_distance,class_major", [
-    (False, torch.float32, 4, 96, 96, True, 0, True),  # 24 query class rows: K and V copied class by class
-    (False, torch.float32, 4, 92, 92, True, 0, False),  # 23: read as views
-    (False, torch.float32, 4, 97, 130, True, 4, True),  # Lq < Lk, a partial last class row, a union's distance
-    (False, torch.float32, 4, 96, 96, False, 0, True),  # without causal: every class key, in one call
-    (False, torch.float32, 4, 92, 92, False, 4, False),
-    (False, torch.bfloat16, 4, 96, 96, True, 0, True),  # half precision computed in float32: copied too
-    (True, torch.bfloat16, 4, 96, 96, True, 0, False),  # natively: views (its chunks are few)
+@pytest.mark.parametrize("native_half,dtype,stride,lq,lk,causal,min_distance,max_bytes,class_major", [
+    (False, torch.float32, 4, 96, 96, True, 0, 24576, True),  # 24 query class rows: K and V copied class by class
+    (False, torch.float32, 4, 96, 96, True, 0, 24575, False),  # copies over the byte budget: views
+    (False, torch.float32, 4, 92, 92, True, 0, 1 << 30, False),  # 23 rows: views
+    (False, torch.float32, 4, 97, 130, True, 4, 1 << 30, True),  # Lq < Lk, a partial last class row, a union's distance
+    (False, torch.float32, 4, 96, 96, False, 0, 1 << 30, True),  # without causal: every class key, in one call
+    (False, torch.float32, 4, 92, 92, False, 4, 1 << 30, False),
+    (False, torch.bfloat16, 4, 96, 96, True, 0, 1 << 30, True),  # half precision computed in float32: copied too
+    (True, torch.bfloat16, 4, 96, 96, True, 0, 1 << 30, False),  # natively: views (its chunks are few)
 ])
 def test_strided_reads_keys_class_major_from_many_rows(monkeypatch, native_half, dtype, stride, lq, lk, causal,
-                                                      min_distance, class_major):
+                                                      min_distance, max_bytes, class_major):
     """From CLASS_MAJOR_KEY_ROWS query class rows (here 24) each kernel call reads K and V from
     class-by-class copies, whose class rows are adjacent, where they are not computed natively in
-    half precision; below, the views, whose class rows lie s rows apart. Each against the reference."""
+    half precision and fit CLASS_MAJOR_MAX_BYTES (2 heads x 96 rows x 16 features x 4 bytes, twice,
+    is 24576); else the views, whose class rows lie s rows apart. Each against the reference."""
     from engine.kernels import strided
 
     layouts = []
@@ -303,6 +305,7 @@ def test_strided_reads_keys_class_major_from_many_rows(monkeypatch, native_half,
 
     monkeypatch.setattr(strided, "grid_attention", spy)
     monkeypatch.setattr(strided, "CLASS_MAJOR_KEY_ROWS", 24)
+    monkeypatch.setattr(strided, "CLASS_MAJOR_MAX_BYTES", max_bytes)
     monkeypatch.setattr(strided, "cpu_native_half", lambda dt: native_half and dt == torch.bfloat16)
     q, k, v = _qkv(2, lq, lk, dtype=dtype)
     result = kernels.strided_attention(q, k, v, stride=stride, scale=0.25, causal=causal, min_distance=min_distance)

@@ -66,7 +66,7 @@ NATIVE_HALF_CHUNK_ROWS = 256
 # stride, which skips the window's keys, saw 127 key class rows where the stride alone sees 128.
 KEY_ROWS_MULTIPLE = 16
 # From this many query class rows on the CPU (float32, or half precision computed in it), K and V
-# are copied class by class (`_class_major`) before the calls: each chunk's call (and each of the
+# are copied class by class (`_keys_as_read`) before the calls: each chunk's call (and each of the
 # kernel's query blocks) reads its keys again, and a view's class rows lie s rows apart, a memory
 # page apart for s >= 16 at D = 64, where a copy's are adjacent. engine.attention, Intel Xeon,
 # H = 8, D = 64, float32, ms, views / copies (best of 8, in turn): strided(64) at n = 24576 /
@@ -76,7 +76,10 @@ KEY_ROWS_MULTIPLE = 16
 # 155.5, strided(128) at 65536 354.8 / 290.3. At 128 and 256 class rows the copies lost 4-8%
 # (strided(64) at 16384, strided(128) at 16384 and 32768), and native bfloat16, whose chunks are
 # 256 rows, gained nothing anywhere (copies / views 1.00-1.04 from 384 rows, 1.07-1.22 below).
+# The copies raise a call's peak memory by K's and V's size (strided(64) at 65536, H = 8, float32:
+# 386 MiB against 130, a union's 392 either way), so larger K and V are read as views.
 CLASS_MAJOR_KEY_ROWS = 384
+CLASS_MAJOR_MAX_BYTES = 1 << 30
 
 
 def off_strides(distance: torch.Tensor, strides: tuple[int, ...]) -> torch.Tensor:
@@ -137,8 +140,7 @@ def strided_pieces(
     qc = _classes(q, skip * s, (skip + rows) * s, s)
     device = kernel_device(q.device)
     kc, vc = (_classes(x, 0, _masked_key_rows(min(seen + rows, key_rows), key_rows, device) * s, s) for x in (k, v))
-    if _class_major(rows, q.dtype, device):
-        kc, vc = _adjacent_class_rows(kc), _adjacent_class_rows(vc)
+    kc, vc = _keys_as_read(rows, kc, vc, device)
     # On CUDA the flash kernel skips the causal square's empty half itself: one chunk.
     size = rows if device == "cuda" else max(chunk_rows(rows, q.dtype), -(-rows // MAX_CHUNKS))
     if seen or size < rows or skip_strides:  # masked chunks: each mask within the masked kernel's budget
@@ -180,16 +182,17 @@ def chunk_rows(rows: int, dtype: torch.dtype) -> int:
     return SMALL_CLASS_CHUNK_ROWS if rows <= CPU_SMALL_CALL_ROWS else CHUNK_ROWS
 
 
-def _class_major(rows: int, dtype: torch.dtype, device: str) -> bool:
-    """Whether `rows` query class rows read K and V from class-by-class copies (CLASS_MAJOR_KEY_ROWS)
-    on `device` (its `kernel_device`) in `dtype` (as computed)."""
-    return device == "cpu" and not cpu_native_half(dtype) and rows >= CLASS_MAJOR_KEY_ROWS
-
-
-def _adjacent_class_rows(x: torch.Tensor) -> torch.Tensor:
-    """A `_classes` view [N, s, R, D] copied so that each class's rows are adjacent; one key/value
-    head repeated for several query heads (stride 0, `attention`'s per-head runs) is copied once."""
-    return x[:1].contiguous().expand_as(x) if x.stride(0) == 0 else x.contiguous()
+def _keys_as_read(rows: int, kc: torch.Tensor, vc: torch.Tensor, device: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """K's and V's `_classes` views [N, s, R, D] as the calls for `rows` query class rows read them
+    on `device` (its `kernel_device`): copied class by class, each class's rows adjacent, from
+    CLASS_MAJOR_KEY_ROWS rows on the CPU where half precision is not computed natively and the
+    copies fit CLASS_MAJOR_MAX_BYTES; else the views. One key/value head repeated for several query
+    heads (stride 0, `attention`'s per-head runs) is copied once."""
+    sources = [x[:1] if x.stride(0) == 0 else x for x in (kc, vc)]
+    if (device != "cpu" or cpu_native_half(kc.dtype) or rows < CLASS_MAJOR_KEY_ROWS
+            or sum(x.numel() * x.element_size() for x in sources) > CLASS_MAJOR_MAX_BYTES):
+        return kc, vc
+    return sources[0].contiguous().expand_as(kc), sources[1].contiguous().expand_as(vc)
 
 
 def _square_unmasked(rows: int, key_rows: int, device: str) -> bool:
@@ -355,8 +358,7 @@ def _every_class_key(q, k, v, *, stride: int, scale: float, min_distance: int,
     qc = _classes(F.pad(q, (0, 0, lead, trail)) if lead or trail else q, 0, q_rows * s, s)
     key_rows, rest = divmod(lk, s)
     kc, vc = _classes(k, 0, key_rows * s, s), _classes(v, 0, key_rows * s, s)
-    if _class_major(q_rows, q.dtype, kernel_device(q.device)):
-        kc, vc = _adjacent_class_rows(kc), _adjacent_class_rows(vc)
+    kc, vc = _keys_as_read(q_rows, kc, vc, kernel_device(q.device))
     step = max(1, MASK_BUDGET // max(1, key_rows))
     if key_rows and not near and not skip_strides:  # a fresh result, merged into in place below
         out, lse = grid_attention(qc, kc, vc, None, None, scale=scale)
