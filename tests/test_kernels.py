@@ -226,16 +226,7 @@ def test_masked_class_chunks_read_key_rows_in_multiples_of_16(monkeypatch):
     """torch's CPU kernel runs key lengths of multiples of 16 faster than those just below: a
     union's stride, which skips the window's keys, reads 128 key class rows where it sees 127 (the
     extra one masked), never past the last whole class row."""
-    from engine.kernels import strided
-
-    seen = []
-    real = strided.grid_attention
-
-    def spy(q, k, v, mask, empty, **kwargs):
-        seen.append(k.shape[-2])
-        return real(q, k, v, mask, empty, **kwargs)
-
-    monkeypatch.setattr(strided, "grid_attention", spy)
+    seen = _strided_calls(monkeypatch, lambda q, k, v, causal: k.shape[-2])
     for lk in (2048, 2047):  # 128 whole class rows of 16, then 127
         q, k, v = _qkv(2, lk, lk)
         seen.clear()
@@ -260,14 +251,7 @@ def test_strided_chunks_by_dtype_and_square(monkeypatch, native_half, dtype, str
     to a multiple of 16 goes under a mask. Each against the reference."""
     from engine.kernels import strided
 
-    seen = []
-    real = strided.grid_attention
-
-    def spy(q, k, v, mask, empty, **kwargs):
-        seen.append((q.shape[-2], kwargs.get("is_causal", False)))
-        return real(q, k, v, mask, empty, **kwargs)
-
-    monkeypatch.setattr(strided, "grid_attention", spy)
+    seen = _strided_calls(monkeypatch, lambda q, k, v, causal: (q.shape[-2], causal))
     monkeypatch.setattr(strided, "cpu_native_half", lambda dt: native_half and dt == torch.bfloat16)
     q, k, v = _qkv(1, n, n, dtype=dtype)
     result = kernels.strided_attention(q, k, v, stride=stride, scale=0.25, min_distance=min_distance)
@@ -296,20 +280,13 @@ def test_strided_reads_keys_class_major_from_many_rows(monkeypatch, native_half,
     is 24576); else the views, whose class rows lie s rows apart. Each against the reference."""
     from engine.kernels import strided
 
-    layouts = []
-    real = strided.grid_attention
-
-    def spy(q, k, v, mask, empty, **kwargs):
-        layouts.extend(x.stride(-2) == x.shape[-1] for x in (k, v))
-        return real(q, k, v, mask, empty, **kwargs)
-
-    monkeypatch.setattr(strided, "grid_attention", spy)
+    layouts = _strided_calls(monkeypatch, lambda q, k, v, causal: {x.stride(-2) == x.shape[-1] for x in (k, v)})
     monkeypatch.setattr(strided, "CLASS_MAJOR_KEY_ROWS", 24)
     monkeypatch.setattr(strided, "CLASS_MAJOR_MAX_BYTES", max_bytes)
     monkeypatch.setattr(strided, "cpu_native_half", lambda dt: native_half and dt == torch.bfloat16)
     q, k, v = _qkv(2, lq, lk, dtype=dtype)
     result = kernels.strided_attention(q, k, v, stride=stride, scale=0.25, causal=causal, min_distance=min_distance)
-    assert layouts and set(layouts) == {class_major}
+    assert layouts and all(layout == {class_major} for layout in layouts)
     tol = 2e-5 if dtype == torch.float32 else 2e-2
     _assert_matches_far(result, *(x.float() for x in (q, k, v)), ST(stride), min_distance, causal=causal, tol=tol)
 
@@ -320,20 +297,30 @@ def test_strided_copies_a_repeated_key_head_once(monkeypatch, causal):
     per-head run's) is copied class by class once, and stays repeated."""
     from engine.kernels import strided
 
-    layouts = []
-    real = strided.grid_attention
-
-    def spy(q, k, v, mask, empty, **kwargs):
-        layouts.extend((x.stride(0), x.stride(-2) == x.shape[-1]) for x in (k, v))
-        return real(q, k, v, mask, empty, **kwargs)
-
-    monkeypatch.setattr(strided, "grid_attention", spy)
+    layouts = _strided_calls(monkeypatch,
+                             lambda q, k, v, causal: {(x.stride(0), x.stride(-2) == x.shape[-1]) for x in (k, v)})
     monkeypatch.setattr(strided, "CLASS_MAJOR_KEY_ROWS", 24)
     q, k, v = _qkv(3, 100, 100)
     k, v = (x[:, :1].expand(-1, 3, -1, -1) for x in (k, v))
     result = kernels.strided_attention(q, k, v, stride=4, scale=0.25, causal=causal)
-    assert layouts and set(layouts) == {(0, True)}
+    assert layouts and all(layout == {(0, True)} for layout in layouts)
     _assert_matches_far(result, q, k, v, ST(4), 0, causal=causal)
+
+
+def _strided_calls(monkeypatch, describe) -> list:
+    """The kernel calls strided makes from now on, each recorded as `describe(q, k, v, is_causal)`
+    of its `grid_attention` arguments (the call itself still made)."""
+    from engine.kernels import strided
+
+    calls = []
+    real = strided.grid_attention
+
+    def spy(q, k, v, mask, empty, **kwargs):
+        calls.append(describe(q, k, v, kwargs.get("is_causal", False)))
+        return real(q, k, v, mask, empty, **kwargs)
+
+    monkeypatch.setattr(strided, "grid_attention", spy)
+    return calls
 
 
 def _assert_matches_far(result, q, k, v, pattern, min_distance, causal=True, skip_strides=(), tol=2e-5):
