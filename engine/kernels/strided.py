@@ -141,15 +141,17 @@ def strided_pieces(
     device = kernel_device(q.device)
     kc, vc = (_classes(x, 0, _masked_key_rows(min(seen + rows, key_rows), key_rows, device) * s, s) for x in (k, v))
     kc, vc = _keys_as_read(rows, kc, vc, device)
-    # On CUDA the flash kernel skips the causal square's empty half itself: one chunk.
-    size = rows if device == "cuda" else max(chunk_rows(rows, q.dtype), -(-rows // MAX_CHUNKS))
-    if seen or size < rows or skip_strides:  # masked chunks: each mask within the masked kernel's budget
-        size = min(size, max(1, MASK_BUDGET // min(seen + rows, key_rows)))
     square = seen == 0 and not skip_strides  # chunk [0, c1) is then the causal square of c1 class rows
     if square and rows >= CPU_CAUSAL_SKIP_ROWS and device != "cuda":
-        # So does the CPU's from that many rows: the whole class rows' square is one call (a partial
-        # last class row, where s does not divide the keys, a masked one after it).
+        # The CPU kernel skips a square's empty blocks itself from that many rows: the whole class
+        # rows' square is one call (a partial last class row, where s does not divide the keys, a
+        # masked one after it).
         size = min(rows, key_rows)
+    else:
+        # On CUDA the flash kernel skips the causal square's empty half itself: one chunk.
+        size = rows if device == "cuda" else max(chunk_rows(rows, q.dtype), -(-rows // MAX_CHUNKS))
+        if seen or size < rows or skip_strides:  # masked chunks: each mask within the masked kernel's budget
+            size = min(size, max(1, MASK_BUDGET // min(seen + rows, key_rows)))
     pieces = []
     for c0 in range(0, rows, size):
         c1 = min(rows, c0 + size)
