@@ -5,10 +5,12 @@ class: `_every_class_key`). Viewing [L, D] as [L/s, s, D] and swapping the first
 `strided(s)` into dense causal attention over s classes of length L/s, batched in each fused call:
 n^2/s work, with no copy of K or V below CLASS_MAJOR_KEY_ROWS class rows (the view's strides go
 straight to the kernel; keys past the last whole class row are each seen only by the query at their
-own position, added apart), none of Q when s divides its rows' span, and none of the output (the
-kernel writes it in the query's memory order, the natural one). The class rows are cut into
+own position, added apart), none of Q when s divides its rows' span, and none of the output where
+each call takes every class (the kernel writes it in the query's memory order, the natural one). The class rows are cut into
 chunks, one call each, so that little of the causal square's empty half is computed and no chunk's
-mask outgrows the masked kernel's MASK_BUDGET (small strides at long lengths). A minimum distance
+mask outgrows the masked kernel's MASK_BUDGET (small strides at long lengths); on the CPU the
+chunks go a group of classes at a time where the classes' keys outgrow CLASS_GROUP_BYTES, so that
+the chunks after a group's first read its keys from cache. A minimum distance
 m (for a union with a sliding window, whose keys it then skips) drops the first ceil(m/s) query
 class rows and shifts the mask's diagonal. Skipped strides (for a union with other strides, which
 count the keys at their multiples) mask those keys.
@@ -80,6 +82,19 @@ KEY_ROWS_MULTIPLE = 16
 # 386 MiB against 130, a union's 392 either way), so larger K and V are read as views.
 CLASS_MAJOR_KEY_ROWS = 384
 CLASS_MAJOR_MAX_BYTES = 1 << 30
+# Several chunks re-read their classes' keys, each chunk's call streaming every class's from memory.
+# On the CPU classes whose K and V together outgrow this go a group of classes at a time instead,
+# all chunks of a group before the next (`_chunk_results`), so the later chunks read the group's
+# keys from cache, and the class-by-class copies are made a group at a time (strided(128) at n =
+# 65536, H = 8, float32: peak 163 MiB against 386). One chunk (one call) gains nothing from groups.
+# engine.attention, Intel Xeon, H = 8, D = 64, float32, ms, one group / groups of 16 MiB (best of
+# 6-7, in turn): strided(64) at n = 16384 / 24576 / 32768 (256 / 384 / 512 class rows) 47.4 /
+# 45.3, 97.1 / 86.5, 143.9 / 134.1; strided(128) at 16384 / 24576 / 32768 / 65536 30.0 / 29.6,
+# 61.7 / 56.3, 100.4 / 89.9, 309.5 / 267.5; strided(512) at 65536 131.7 / 121.5; the union
+# (sliding 128, strided 128) at 16384 / 65536 69.6 / 67.4, 464.5 / 432.7. Groups of 4 and 64 MiB
+# did no better (strided(128) at 65536: 293.3 and 286.5 against 278.2), nor in native bfloat16,
+# where groups of 16 MiB took 0.90-1.01 of one group's time at 512 class rows.
+CLASS_GROUP_BYTES = 16 << 20
 
 
 def off_strides(distance: torch.Tensor, strides: tuple[int, ...]) -> torch.Tensor:
@@ -140,7 +155,6 @@ def strided_pieces(
     qc = _classes(q, skip * s, (skip + rows) * s, s)
     device = kernel_device(q.device)
     kc, vc = (_classes(x, 0, _masked_key_rows(min(seen + rows, key_rows), key_rows, device) * s, s) for x in (k, v))
-    kc, vc = _keys_as_read(rows, kc, vc, device)
     square = seen == 0 and not skip_strides  # chunk [0, c1) is then the causal square of c1 class rows
     if square and rows >= CPU_CAUSAL_SKIP_ROWS and device != "cuda":
         # The CPU kernel skips a square's empty blocks itself from that many rows: the whole class
@@ -152,18 +166,18 @@ def strided_pieces(
         size = rows if device == "cuda" else max(chunk_rows(rows, q.dtype), -(-rows // MAX_CHUNKS))
         if seen or size < rows or skip_strides:  # masked chunks: each mask within the masked kernel's budget
             size = min(size, max(1, MASK_BUDGET // min(seen + rows, key_rows)))
-    pieces = []
+    chunks = []  # (first row, last row + 1, key class rows read, mask and its empty rows, or None: causal)
     for c0 in range(0, rows, size):
         c1 = min(rows, c0 + size)
         width = min(seen + c1, key_rows)  # key class rows this chunk sees
         if square and c0 == 0 and c1 == width and _square_unmasked(c1, key_rows, device):  # no mask
-            out, lse = grid_attention(row_range(qc, 0, c1), row_range(kc, 0, width), row_range(vc, 0, width), None,
-                                      None, scale=scale, is_causal=True)
+            chunks.append((c0, c1, width, None))
         else:  # local row r sees key class rows up to seen + r: back or more class rows before its own
             width = _masked_key_rows(width, key_rows, device)
-            mask, empty = class_distance_mask(seen + c0 + back, c1 - c0, width, back, s, skip_strides, True, q.dtype,
-                                              q.device)
-            out, lse = grid_attention(qc[:, :, c0:c1], kc[:, :, :width], vc[:, :, :width], mask, empty, scale=scale)
+            chunks.append((c0, c1, width, class_distance_mask(seen + c0 + back, c1 - c0, width, back, s, skip_strides,
+                                                              True, q.dtype, q.device)))
+    pieces = []
+    for c0, c1, out, lse in _chunk_results(qc, kc, vc, chunks, rows, scale=scale, device=device):
         first = (skip + c0) * s - lead  # q row of the chunk's first position
         out = out.transpose(1, 2).reshape(b, h, (c1 - c0) * s, dv)
         lse = lse.transpose(1, 2).reshape(b, h, (c1 - c0) * s)
@@ -182,6 +196,53 @@ def chunk_rows(rows: int, dtype: torch.dtype) -> int:
     if cpu_native_half(dtype):
         return NATIVE_HALF_CHUNK_ROWS
     return SMALL_CLASS_CHUNK_ROWS if rows <= CPU_SMALL_CALL_ROWS else CHUNK_ROWS
+
+
+def _chunk_results(qc, kc, vc, chunks, rows: int, *, scale: float, device: str):
+    """(first row, last row + 1, out, lse) of each chunk's call over the class views (out and lse
+    [N, s, rows, *], laid out as q's rows). Several chunks over classes whose keys outgrow
+    CLASS_GROUP_BYTES (on the CPU) go a group of classes at a time, every chunk of a group before
+    the next, so that the later chunks find the group's keys in cache: the results are then
+    written into one buffer, in q's row order, and come back as one chunk."""
+    s = kc.shape[1]
+
+    def call(q_group: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, chunk):
+        c0, c1, width, masked = chunk
+        q_rows, k_rows, v_rows = row_range(q_group, c0, c1 - c0), row_range(keys, 0, width), row_range(values, 0, width)
+        if masked is None:
+            return grid_attention(q_rows, k_rows, v_rows, None, None, scale=scale, is_causal=True)
+        return grid_attention(q_rows, k_rows, v_rows, *masked, scale=scale)
+
+    groups = class_groups(s, sum(_class_bytes(x) for x in (kc, vc)), device)
+    if len(chunks) == 1 or len(groups) == 1:
+        keys, values = _keys_as_read(rows, kc, vc, device)
+        return [(chunk[0], chunk[1], *call(qc, keys, values, chunk)) for chunk in chunks]
+    out = qc.new_empty(qc.shape[0], rows, s, vc.shape[-1]).transpose(1, 2)
+    lse = torch.empty(qc.shape[0], rows, s, dtype=torch.float32, device=qc.device).transpose(1, 2)
+    for g0, g1 in groups:
+        keys, values = _keys_as_read(rows, kc[:, g0:g1], vc[:, g0:g1], device)
+        for chunk in chunks:
+            c0, c1 = chunk[:2]
+            part_out, part_lse = call(qc[:, g0:g1], keys, values, chunk)
+            out[:, g0:g1, c0:c1].copy_(part_out)
+            lse[:, g0:g1, c0:c1].copy_(part_lse)
+    return [(0, rows, out, lse)]
+
+
+def class_groups(classes: int, class_bytes: int, device: str) -> list[tuple[int, int]]:
+    """Consecutive ranges of classes whose keys and values (`class_bytes` per class) take at most
+    about CLASS_GROUP_BYTES each on the CPU, of near-equal size; one range elsewhere."""
+    if device != "cpu":
+        return [(0, classes)]
+    count = min(classes, max(1, -(-classes * class_bytes // CLASS_GROUP_BYTES)))
+    size = -(-classes // count)
+    return [(g, min(classes, g + size)) for g in range(0, classes, size)]
+
+
+def _class_bytes(x: torch.Tensor) -> int:
+    """Bytes of one class of a class view [N, s, R, D] (one head's for a stride-0 repeated head)."""
+    heads = 1 if x.stride(0) == 0 else x.shape[0]
+    return heads * x.shape[-2] * x.shape[-1] * x.element_size()
 
 
 def _keys_as_read(rows: int, kc: torch.Tensor, vc: torch.Tensor, device: str) -> tuple[torch.Tensor, torch.Tensor]:
