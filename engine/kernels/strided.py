@@ -213,7 +213,7 @@ def _chunk_results(qc, kc, vc, chunks, rows: int, *, scale: float, device: str):
             return grid_attention(q_rows, k_rows, v_rows, None, None, scale=scale, is_causal=True)
         return grid_attention(q_rows, k_rows, v_rows, *masked, scale=scale)
 
-    groups = class_groups(s, sum(_class_bytes(x) for x in (kc, vc)), device)
+    groups = _class_groups(s, sum(_class_bytes(x) for x in (kc, vc)), device)
     if len(chunks) == 1 or len(groups) == 1:
         keys, values = _keys_as_read(rows, kc, vc, device)
         return [(chunk[0], chunk[1], *call(qc, keys, values, chunk)) for chunk in chunks]
@@ -229,7 +229,7 @@ def _chunk_results(qc, kc, vc, chunks, rows: int, *, scale: float, device: str):
     return [(0, rows, out, lse)]
 
 
-def class_groups(classes: int, class_bytes: int, device: str) -> list[tuple[int, int]]:
+def _class_groups(classes: int, class_bytes: int, device: str) -> list[tuple[int, int]]:
     """Consecutive ranges of classes whose keys and values (`class_bytes` per class) take at most
     about CLASS_GROUP_BYTES each on the CPU, of near-equal size; one range elsewhere."""
     if device != "cpu":
