@@ -307,18 +307,18 @@ def test_strided_copies_a_repeated_key_head_once(monkeypatch, causal):
     _assert_matches_far(result, q, k, v, ST(4), 0, causal=causal)
 
 
-@pytest.mark.parametrize("heads,repeated,lq,lk,min_distance,dtype,native_half,group_bytes,chunk,classes", [
-    (2, False, 320, 320, 0, torch.float32, False, 30720, 8, [3] * 5 + [3] * 5 + [2] * 5),  # 3 classes fit 30720
-    (2, False, 320, 320, 0, torch.float32, False, 1 << 30, 8, [8] * 5),  # every class fits: no groups
-    (2, False, 320, 320, 0, torch.float32, False, 30720, 64, [8]),  # one chunk: no groups
-    (2, False, 200, 323, 0, torch.float32, False, 30720, 8, [3] * 4 + [3] * 4 + [2] * 4),  # Lq < Lk, a partial row
-    (2, False, 320, 320, 9, torch.float32, False, 30720, 8, [3] * 5 + [3] * 5 + [2] * 5),  # a union's distance
-    (4, False, 320, 320, 0, torch.float32, False, 30720, 8, [3] * 5 + [3] * 5 + [2] * 5),  # 4 query heads on 2
-    (2, True, 320, 320, 0, torch.float32, False, 30720, 8, [4] * 5 + [4] * 5),  # one repeated head: counted once
-    (2, False, 320, 320, 0, torch.bfloat16, False, 30720, 8, [3] * 5 + [3] * 5 + [2] * 5),  # computed in float32
-    (2, False, 320, 320, 0, torch.bfloat16, True, 30720, 8, [4] * 5 + [4] * 5),  # natively: half the bytes
+@pytest.mark.parametrize("heads,key_heads,lq,lk,min_distance,dtype,native_half,group_bytes,chunk,classes", [
+    (2, 2, 320, 320, 0, torch.float32, False, 30720, 8, [3] * 5 + [3] * 5 + [2] * 5),  # 3 classes fit 30720
+    (2, 2, 320, 320, 0, torch.float32, False, 1 << 30, 8, [8] * 5),  # every class fits: no groups
+    (2, 2, 320, 320, 0, torch.float32, False, 30720, 64, [8]),  # one chunk: no groups
+    (2, 2, 200, 323, 0, torch.float32, False, 30720, 8, [3] * 4 + [3] * 4 + [2] * 4),  # Lq < Lk, a partial row
+    (2, 2, 320, 320, 9, torch.float32, False, 30720, 8, [3] * 5 + [3] * 5 + [2] * 5),  # a union's distance
+    (4, 2, 320, 320, 0, torch.float32, False, 30720, 8, [3] * 5 + [3] * 5 + [2] * 5),  # 4 query heads on 2
+    (2, "repeated", 320, 320, 0, torch.float32, False, 30720, 8, [4] * 5 + [4] * 5),  # a stride-0 head: counted once
+    (2, 2, 320, 320, 0, torch.bfloat16, False, 30720, 8, [3] * 5 + [3] * 5 + [2] * 5),  # computed in float32
+    (2, 2, 320, 320, 0, torch.bfloat16, True, 30720, 8, [4] * 5 + [4] * 5),  # natively: half the bytes
 ])
-def test_strided_goes_a_class_group_at_a_time(monkeypatch, heads, repeated, lq, lk, min_distance, dtype, native_half,
+def test_strided_goes_a_class_group_at_a_time(monkeypatch, heads, key_heads, lq, lk, min_distance, dtype, native_half,
                                               group_bytes, chunk, classes):
     """Several chunks over classes whose keys and values outgrow CLASS_GROUP_BYTES go a group of
     consecutive classes at a time, each group's chunks in turn, into one result; one chunk, or keys
@@ -332,8 +332,7 @@ def test_strided_goes_a_class_group_at_a_time(monkeypatch, heads, repeated, lq, 
     monkeypatch.setattr(strided, "chunk_rows", lambda rows, dtype: chunk)
     monkeypatch.setattr(dense, "cpu_upcast_dtypes", lambda: frozenset() if native_half else frozenset({torch.bfloat16}))
     q, k, v = _qkv(heads, lq, lk, dtype=dtype)
-    k, v = (x[:, :1].expand(-1, heads, -1, -1) if repeated else x[:, : heads // 2 if heads == 4 else heads]
-            for x in (k, v))
+    k, v = (x[:, :1].expand(-1, heads, -1, -1) if key_heads == "repeated" else x[:, :key_heads] for x in (k, v))
     result = kernels.strided_attention(q, k, v, stride=8, scale=0.25, min_distance=min_distance)
     assert calls == classes
     k, v = (x.repeat_interleave(heads // x.shape[1], 1) for x in (k, v))

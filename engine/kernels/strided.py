@@ -6,13 +6,13 @@ class: `_every_class_key`). Viewing [L, D] as [L/s, s, D] and swapping the first
 n^2/s work, with no copy of K or V below CLASS_MAJOR_KEY_ROWS class rows (the view's strides go
 straight to the kernel; keys past the last whole class row are each seen only by the query at their
 own position, added apart), none of Q when s divides its rows' span, and none of the output where
-each call takes every class (the kernel writes it in the query's memory order, the natural one). The class rows are cut into
-chunks, one call each, so that little of the causal square's empty half is computed and no chunk's
-mask outgrows the masked kernel's MASK_BUDGET (small strides at long lengths); on the CPU the
-chunks go a group of classes at a time where the classes' keys outgrow CLASS_GROUP_BYTES, so that
-the chunks after a group's first read its keys from cache. A minimum distance
-m (for a union with a sliding window, whose keys it then skips) drops the first ceil(m/s) query
-class rows and shifts the mask's diagonal. Skipped strides (for a union with other strides, which
+each call takes every class (the kernel writes it in the query's memory order, the natural one).
+The class rows are cut into chunks, one call each, so that little of the causal square's empty
+half is computed and no chunk's mask outgrows the masked kernel's MASK_BUDGET (small strides at
+long lengths); on the CPU the chunks go a group of classes at a time where the classes' keys
+outgrow CLASS_GROUP_BYTES, so that the chunks after a group's first read its keys from cache. A
+minimum distance m (for a union with a sliding window, whose keys it then skips) drops the first
+ceil(m/s) query class rows and shifts the mask's diagonal. Skipped strides (for a union with other strides, which
 count the keys at their multiples) mask those keys.
 
 Fewer query rows than s (a decode step, a short chunk) leave most classes without a query: then
