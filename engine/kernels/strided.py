@@ -92,8 +92,8 @@ CLASS_MAJOR_MAX_BYTES = 1 << 30
 # 45.3, 97.1 / 86.5, 143.9 / 134.1; strided(128) at 16384 / 24576 / 32768 / 65536 30.0 / 29.6,
 # 61.7 / 56.3, 100.4 / 89.9, 309.5 / 267.5; strided(512) at 65536 131.7 / 121.5; the union
 # (sliding 128, strided 128) at 16384 / 65536 69.6 / 67.4, 464.5 / 432.7. Groups of 4 and 64 MiB
-# did no better (strided(128) at 65536: 293.3 and 286.5 against 278.2), nor in native bfloat16,
-# where groups of 16 MiB took 0.90-1.01 of one group's time at 512 class rows.
+# did no better (strided(128) at 65536: 293.3 and 286.5 against 278.2). In native bfloat16 (256-row
+# chunks) groups of 16 MiB took 0.90-1.05 of one group's time at 512 class rows.
 CLASS_GROUP_BYTES = 16 << 20
 
 
