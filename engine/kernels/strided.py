@@ -213,7 +213,7 @@ def _chunk_results(qc, kc, vc, chunks, rows: int, *, scale: float, device: str):
             return grid_attention(q_rows, k_rows, v_rows, None, None, scale=scale, is_causal=True)
         return grid_attention(q_rows, k_rows, v_rows, *masked, scale=scale)
 
-    groups = _class_groups(s, sum(_class_bytes(x) for x in (kc, vc)), device)
+    groups = _class_groups(s, sum(_as_stored(x)[:, :1].numel() * x.element_size() for x in (kc, vc)), device)
     if len(chunks) == 1 or len(groups) == 1:
         keys, values = _keys_as_read(rows, kc, vc, device)
         return [(chunk[0], chunk[1], *call(qc, keys, values, chunk)) for chunk in chunks]
@@ -239,10 +239,10 @@ def _class_groups(classes: int, class_bytes: int, device: str) -> list[tuple[int
     return [(g, min(classes, g + size)) for g in range(0, classes, size)]
 
 
-def _class_bytes(x: torch.Tensor) -> int:
-    """Bytes of one class of a class view [N, s, R, D] (one head's for a stride-0 repeated head)."""
-    heads = 1 if x.stride(0) == 0 else x.shape[0]
-    return heads * x.shape[-2] * x.shape[-1] * x.element_size()
+def _as_stored(x: torch.Tensor) -> torch.Tensor:
+    """A class view whose one key/value head is repeated with stride 0 (`attention`'s per-head
+    runs) as that head alone: what is stored, copied and counted."""
+    return x[:1] if x.stride(0) == 0 else x
 
 
 def _keys_as_read(rows: int, kc: torch.Tensor, vc: torch.Tensor, device: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -251,7 +251,7 @@ def _keys_as_read(rows: int, kc: torch.Tensor, vc: torch.Tensor, device: str) ->
     CLASS_MAJOR_KEY_ROWS rows on the CPU where half precision is not computed natively and the
     copies fit CLASS_MAJOR_MAX_BYTES; else the views. One key/value head repeated for several query
     heads (stride 0, `attention`'s per-head runs) is copied once."""
-    sources = [x[:1] if x.stride(0) == 0 else x for x in (kc, vc)]
+    sources = [_as_stored(x) for x in (kc, vc)]
     if (device != "cpu" or cpu_native_half(kc.dtype) or rows < CLASS_MAJOR_KEY_ROWS
             or sum(x.numel() * x.element_size() for x in sources) > CLASS_MAJOR_MAX_BYTES):
         return kc, vc
