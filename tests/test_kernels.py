@@ -249,10 +249,8 @@ def test_strided_chunks_by_dtype_and_square(monkeypatch, native_half, dtype, str
     a square's first chunk is a causal call, unmasked; a causal square of CPU_CAUSAL_SKIP_ROWS rows
     and more is one call (a partial last class row apart); a smaller square that can read its keys
     to a multiple of 16 goes under a mask. Each against the reference."""
-    from engine.kernels import strided
-
     seen = _strided_calls(monkeypatch, lambda q, k, v, causal: (q.shape[-2], causal))
-    monkeypatch.setattr(strided, "cpu_native_half", lambda dt: native_half and dt == torch.bfloat16)
+    _bfloat16_native(monkeypatch, native_half)
     q, k, v = _qkv(1, n, n, dtype=dtype)
     result = kernels.strided_attention(q, k, v, stride=stride, scale=0.25, min_distance=min_distance)
     assert seen == calls
@@ -283,7 +281,7 @@ def test_strided_reads_keys_class_major_from_many_rows(monkeypatch, native_half,
     layouts = _strided_calls(monkeypatch, lambda q, k, v, causal: {x.stride(-2) == x.shape[-1] for x in (k, v)})
     monkeypatch.setattr(strided, "CLASS_MAJOR_KEY_ROWS", 24)
     monkeypatch.setattr(strided, "CLASS_MAJOR_MAX_BYTES", max_bytes)
-    monkeypatch.setattr(strided, "cpu_native_half", lambda dt: native_half and dt == torch.bfloat16)
+    _bfloat16_native(monkeypatch, native_half)
     q, k, v = _qkv(2, lq, lk, dtype=dtype)
     result = kernels.strided_attention(q, k, v, stride=stride, scale=0.25, causal=causal, min_distance=min_distance)
     assert layouts and all(layout == {class_major} for layout in layouts)
@@ -325,12 +323,12 @@ def test_strided_goes_a_class_group_at_a_time(monkeypatch, heads, key_heads, lq,
     within the budget, take every class in each call. Here stride 8 and 40 key class rows of 16
     features: 5120 bytes a class and key/value head in float32, K and V twice that. Each against
     the reference."""
-    from engine.kernels import dense, strided
+    from engine.kernels import strided
 
     calls = _strided_calls(monkeypatch, lambda q, k, v, causal: q.shape[1])
     monkeypatch.setattr(strided, "CLASS_GROUP_BYTES", group_bytes)
     monkeypatch.setattr(strided, "chunk_rows", lambda rows, dtype: chunk)
-    monkeypatch.setattr(dense, "cpu_upcast_dtypes", lambda: frozenset() if native_half else frozenset({torch.bfloat16}))
+    _bfloat16_native(monkeypatch, native_half)
     q, k, v = _qkv(heads, lq, lk, dtype=dtype)
     k, v = (x[:, :1].expand(-1, heads, -1, -1) if key_heads == "repeated" else x[:, :key_heads] for x in (k, v))
     result = kernels.strided_attention(q, k, v, stride=8, scale=0.25, min_distance=min_distance)
@@ -338,6 +336,14 @@ def test_strided_goes_a_class_group_at_a_time(monkeypatch, heads, key_heads, lq,
     k, v = (x.repeat_interleave(heads // x.shape[1], 1) for x in (k, v))
     tol = 2e-5 if dtype == torch.float32 else 2e-2
     _assert_matches_far(result, *(x.float() for x in (q, k, v)), ST(8), min_distance, tol=tol)
+
+
+def _bfloat16_native(monkeypatch, native: bool) -> None:
+    """Run bfloat16 as a CPU with AMX does (natively) or as one without (computed in float32, its
+    inputs converted once): every rule that asks `dense.cpu_upcast_dtypes` sees the same CPU."""
+    from engine.kernels import dense
+
+    monkeypatch.setattr(dense, "cpu_upcast_dtypes", lambda: frozenset() if native else frozenset({torch.bfloat16}))
 
 
 def _strided_calls(monkeypatch, describe) -> list:

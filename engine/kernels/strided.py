@@ -12,8 +12,8 @@ half is computed and no chunk's mask outgrows the masked kernel's MASK_BUDGET (s
 long lengths); on the CPU the chunks go a group of classes at a time where the classes' keys
 outgrow CLASS_GROUP_BYTES, so that the chunks after a group's first read its keys from cache. A
 minimum distance m (for a union with a sliding window, whose keys it then skips) drops the first
-ceil(m/s) query class rows and shifts the mask's diagonal. Skipped strides (for a union with other strides, which
-count the keys at their multiples) mask those keys.
+ceil(m/s) query class rows and shifts the mask's diagonal. Skipped strides (for a union with other
+strides, which count the keys at their multiples) mask those keys.
 
 Fewer query rows than s (a decode step, a short chunk) leave most classes without a query: then
 each row, alone in its class, attends a view of its class's keys, and only those classes are read.
