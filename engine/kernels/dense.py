@@ -57,6 +57,12 @@ def cpu_native_half(dtype: torch.dtype) -> bool:
     return dtype in (torch.float16, torch.bfloat16) and dtype not in cpu_upcast_dtypes()
 
 
+def computed_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype torch's attention kernels compute x in here: float32 for a half precision that is
+    slow on this CPU (`cpu_upcast_dtypes`), else x's own."""
+    return torch.float32 if x.dtype in cpu_upcast_dtypes() and kernel_device(x.device) == "cpu" else x.dtype
+
+
 def as_computed(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """The tensors as torch's attention kernels here compute them: on a CPU where half precision
     is slow (`cpu_upcast_dtypes`), float32 copies in C order of those in it, else the tensors
@@ -67,7 +73,7 @@ def as_computed(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
     first: converting straight from one took 1.7x as long (25 rows' stride classes of 65536 bfloat16
     keys, H = 8: 6.5 ms, 3.7 so)."""
     return tuple(x.contiguous().to(torch.float32, memory_format=torch.contiguous_format)
-                 if x.dtype in cpu_upcast_dtypes() and kernel_device(x.device) == "cpu" else x for x in tensors)
+                 if computed_dtype(x) != x.dtype else x for x in tensors)
 
 
 def fused(q, k, v, *, scale: float, is_causal: bool, mask: torch.Tensor | None = None):

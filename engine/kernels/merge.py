@@ -63,11 +63,11 @@ def merge_stacked(out: torch.Tensor, lse: torch.Tensor, dim: int) -> tuple[torch
 def join_rows(parts: list[tuple[torch.Tensor, torch.Tensor]],
               dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Partials of consecutive query-row ranges as one (out, lse): a copy, unless there is one.
-    With `dtype` (the result's, where the parts were computed in float32) the copy converts as it
+    With `dtype` (the result's, where some parts were computed in float32) the copy converts as it
     joins: one pass over the outputs, not a float32 join and a conversion after it."""
     if len(parts) == 1:
         return parts[0]
-    if dtype is None or dtype == parts[0][0].dtype:
+    if dtype is None or all(out.dtype == dtype for out, _ in parts):
         return torch.cat([out for out, _ in parts], dim=-2), torch.cat([lse for _, lse in parts], dim=-1)
     first = parts[0][0]
     out = first.new_empty((*first.shape[:-2], sum(o.shape[-2] for o, _ in parts), first.shape[-1]), dtype=dtype)

@@ -33,8 +33,8 @@ import torch
 import torch.nn.functional as F
 
 from .band import grid_attention, row_grid, row_major, row_range
-from .dense import (CPU_CAUSAL_SKIP_ROWS, CPU_SMALL_CALL_ROWS, NEG_INF, additive_mask, as_computed, cpu_native_half,
-                    empty_partial, fused_under, kept_when_small, per_query_head)
+from .dense import (CPU_CAUSAL_SKIP_ROWS, CPU_SMALL_CALL_ROWS, NEG_INF, additive_mask, as_computed, computed_dtype,
+                    cpu_native_half, empty_partial, fused_under, kept_when_small, per_query_head)
 from .device import kernel_device, values_on_host
 from .masked import MASK_BUDGET
 from .merge import join_rows, merge_to
@@ -125,12 +125,17 @@ def strided_pieces(
 ) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
     """Strided attention with i - j >= min_distance, off `skip_strides`, as (first row, out, lse)
     pieces over consecutive query rows, queries bottom-right aligned; rows before the first piece
-    see no key (rows inside one whose keys are all skipped get zeros and -inf).
+    see no key (rows inside one whose keys are all skipped get zeros and -inf). Half precision on
+    a CPU where it is slow is computed in float32 (`as_computed`): a long run converts a group of
+    classes at a time as its calls read them (`_chunk_results`), a short run whole unless its rows
+    read few classes (`few_classes`: then each call converts what it reads).
 
     Query class rows are cut into chunks; a chunk sees the key class rows up to its last row under
     one shared [chunk, keys] mask, so the work is ~(chunks + 1) / (2 chunks) of the full square
     (the CPU kernel's own causal skipping is coarse: none below 512 rows)."""
     if q.shape[-2] < stride:
+        if not few_classes(q.shape[-2], stride):
+            q, k, v = as_computed(q, k, v)
         return _short_run_pieces(q, k, v, stride=stride, scale=scale, min_distance=min_distance,
                                  skip_strides=skip_strides)
     b, h, lq, _ = q.shape
@@ -175,16 +180,18 @@ def strided_pieces(
         else:  # local row r sees key class rows up to seen + r: back or more class rows before its own
             width = _masked_key_rows(width, key_rows, device)
             chunks.append((c0, c1, width, class_distance_mask(seen + c0 + back, c1 - c0, width, back, s, skip_strides,
-                                                              True, q.dtype, q.device)))
+                                                              True, computed_dtype(q), q.device)))
+    own_keys = min_distance == 0 and not skip_strides and key_rows * s < lk
     pieces = []
-    for c0, c1, out, lse in _chunk_results(qc, kc, vc, chunks, rows, scale=scale, device=device):
+    for c0, c1, out, lse in _chunk_results(qc, kc, vc, chunks, rows, scale=scale, device=device,
+                                           merged_after=own_keys):
         first = (skip + c0) * s - lead  # q row of the chunk's first position
         out = out.transpose(1, 2).reshape(b, h, (c1 - c0) * s, dv)
         lse = lse.transpose(1, 2).reshape(b, h, (c1 - c0) * s)
         lo, hi = max(0, -first), min((c1 - c0) * s, lq - first)  # drop dummy and padded rows
         if hi > lo:
             pieces.append((first + lo, out[..., lo:hi, :], lse[..., lo:hi]))
-    if min_distance == 0 and not skip_strides and key_rows * s < lk:
+    if own_keys:
         pieces[-1] = _with_own_keys(pieces[-1], unpadded_q, k, v, first_row=max(0, key_rows * s - offset),
                                     scale=scale)
     return pieces
@@ -198,13 +205,17 @@ def chunk_rows(rows: int, dtype: torch.dtype) -> int:
     return SMALL_CLASS_CHUNK_ROWS if rows <= CPU_SMALL_CALL_ROWS else CHUNK_ROWS
 
 
-def _chunk_results(qc, kc, vc, chunks, rows: int, *, scale: float, device: str):
+def _chunk_results(qc, kc, vc, chunks, rows: int, *, scale: float, device: str, merged_after: bool):
     """(first row, last row + 1, out, lse) of each chunk's call over the class views (out and lse
-    [N, s, rows, *], laid out as q's rows). Several chunks over classes whose keys outgrow
-    CLASS_GROUP_BYTES (on the CPU) go a group of classes at a time, every chunk of a group before
-    the next, so that the later chunks find the group's keys in cache: the results are then
-    written into one buffer, in q's row order, and come back as one chunk."""
+    [N, s, rows, *], laid out as q's rows). On the CPU several chunks over classes whose keys
+    outgrow CLASS_GROUP_BYTES go a group of classes at a time, every chunk of a group before the
+    next, so that the later chunks find the group's keys in cache; so do views in a half precision
+    computed in float32, each group's q, K and V converted just before its calls (in cache, where
+    converting them whole wrote them out to memory and read them back). The results are then
+    written into one buffer in q's row order and dtype (float32 where the caller merges more keys
+    into it after: `merged_after`, rounded once), and come back as one chunk."""
     s = kc.shape[1]
+    dtype = computed_dtype(qc)
 
     def call(q_group: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, chunk):
         c0, c1, width, masked = chunk
@@ -213,17 +224,19 @@ def _chunk_results(qc, kc, vc, chunks, rows: int, *, scale: float, device: str):
             return grid_attention(q_rows, k_rows, v_rows, None, None, scale=scale, is_causal=True)
         return grid_attention(q_rows, k_rows, v_rows, *masked, scale=scale)
 
-    groups = _class_groups(s, sum(_as_stored(x)[:, :1].numel() * x.element_size() for x in (kc, vc)), device)
-    if len(chunks) == 1 or len(groups) == 1:
+    class_bytes = sum(_as_stored(x)[:, :1].numel() for x in (kc, vc)) * torch.finfo(dtype).bits // 8
+    groups = _class_groups(s, class_bytes, device)
+    if dtype == qc.dtype and (len(chunks) == 1 or len(groups) == 1):
         keys, values = _keys_as_read(rows, kc, vc, device)
         return [(chunk[0], chunk[1], *call(qc, keys, values, chunk)) for chunk in chunks]
-    out = qc.new_empty(qc.shape[0], rows, s, vc.shape[-1]).transpose(1, 2)
+    out = qc.new_empty(qc.shape[0], rows, s, vc.shape[-1], dtype=dtype if merged_after else qc.dtype).transpose(1, 2)
     lse = torch.empty(qc.shape[0], rows, s, dtype=torch.float32, device=qc.device).transpose(1, 2)
     for g0, g1 in groups:
         keys, values = _keys_as_read(rows, kc[:, g0:g1], vc[:, g0:g1], device)
+        (q_group,) = as_computed(qc[:, g0:g1])
         for chunk in chunks:
             c0, c1 = chunk[:2]
-            part_out, part_lse = call(qc[:, g0:g1], keys, values, chunk)
+            part_out, part_lse = call(q_group, keys, values, chunk)
             out[:, g0:g1, c0:c1].copy_(part_out)
             lse[:, g0:g1, c0:c1].copy_(part_lse)
     return [(0, rows, out, lse)]
@@ -247,15 +260,20 @@ def _as_stored(x: torch.Tensor) -> torch.Tensor:
 
 def _keys_as_read(rows: int, kc: torch.Tensor, vc: torch.Tensor, device: str) -> tuple[torch.Tensor, torch.Tensor]:
     """K's and V's `_classes` views [N, s, R, D] as the calls for `rows` query class rows read them
-    on `device` (its `kernel_device`): copied class by class, each class's rows adjacent, from
-    CLASS_MAJOR_KEY_ROWS rows on the CPU where half precision is not computed natively and the
-    copies fit CLASS_MAJOR_MAX_BYTES; else the views. One key/value head repeated for several query
-    heads (stride 0, `attention`'s per-head runs) is copied once."""
+    on `device` (its `kernel_device`): copied class by class, each class's rows adjacent, where
+    they are converted anyway (`as_computed`), or from CLASS_MAJOR_KEY_ROWS rows on the CPU where
+    half precision is not computed natively and the copies fit CLASS_MAJOR_MAX_BYTES; else the
+    views. One key/value head repeated for several query heads (stride 0, `attention`'s per-head
+    runs) is copied once."""
     sources = [_as_stored(x) for x in (kc, vc)]
-    if (device != "cpu" or cpu_native_half(kc.dtype) or rows < CLASS_MAJOR_KEY_ROWS
+    if computed_dtype(kc) != kc.dtype:
+        copies = as_computed(*sources)
+    elif (device != "cpu" or cpu_native_half(kc.dtype) or rows < CLASS_MAJOR_KEY_ROWS
             or sum(x.numel() * x.element_size() for x in sources) > CLASS_MAJOR_MAX_BYTES):
         return kc, vc
-    return sources[0].contiguous().expand_as(kc), sources[1].contiguous().expand_as(vc)
+    else:
+        copies = tuple(x.contiguous() for x in sources)
+    return copies[0].expand_as(kc), copies[1].expand_as(vc)
 
 
 def _square_unmasked(rows: int, key_rows: int, device: str) -> bool:
@@ -350,14 +368,11 @@ def strided_attention(
     every key, queries bottom-right aligned; (out, lse) over [B, H, Lq, *]. Fewer rows than the
     stride have no key of their class after them (the next lies s past a row, beyond the last key),
     so they take the causal kernel either way: it reads only their classes. Half precision on a CPU
-    where it is slow is computed in float32, converted here once unless the rows read few classes
-    (`few_classes`: then each call converts what it reads), and the pieces join straight into
-    q's dtype."""
+    where it is slow is computed in float32 (converted as `strided_pieces` says; without causal
+    whole, here), and the pieces join straight into q's dtype."""
     dtype = q.dtype
-    if not few_classes(q.shape[-2], stride):
-        q, k, v = as_computed(q, k, v)
     if not causal and q.shape[-2] >= stride:
-        return _every_class_key(q, k, v, stride=stride, scale=scale, min_distance=min_distance,
+        return _every_class_key(*as_computed(q, k, v), stride=stride, scale=scale, min_distance=min_distance,
                                 skip_strides=skip_strides)
     pieces = strided_pieces(q, k, v, stride=stride, scale=scale, min_distance=min_distance,
                             skip_strides=skip_strides)
