@@ -338,27 +338,29 @@ def test_strided_goes_a_class_group_at_a_time(monkeypatch, heads, key_heads, lq,
     _assert_matches_far(result, *(x.float() for x in (q, k, v)), ST(8), min_distance, tol=tol)
 
 
-@pytest.mark.parametrize("lq,lk,group_bytes,chunk,groups,classes", [
-    (320, 320, 30720, 8, [3, 3, 2], [3] * 5 + [3] * 5 + [2] * 5),  # several chunks
-    (320, 320, 30720, 64, [3, 3, 2], [3, 3, 2]),  # one chunk: in groups too, to convert them in cache
-    (320, 320, 1 << 30, 8, [8], [8] * 5),  # every class in one group
-    (200, 323, 30720, 8, [3, 3, 2], [3] * 4 + [3] * 4 + [2] * 4),  # Lq < Lk: own keys merged in after
+@pytest.mark.parametrize("lq,lk,group_bytes,chunk,converted,classes", [
+    (320, 320, 30720, 8, [3] * 3 + [3] * 3 + [2] * 3, [3] * 5 + [3] * 5 + [2] * 5),  # several chunks
+    (320, 320, 30720, 64, [3] * 3 + [3] * 3 + [2] * 3, [3, 3, 2]),  # one chunk: in groups too, to convert in cache
+    (200, 323, 30720, 8, [3] * 3 + [3] * 3 + [2] * 3, [3] * 4 + [3] * 4 + [2] * 4),  # Lq < Lk, own keys merged after
+    (320, 320, 1 << 30, 8, [2] * 3, [8] * 5),  # every class fits: q, K and V converted whole, once
 ])
-def test_strided_converts_half_precision_a_class_group_at_a_time(monkeypatch, lq, lk, group_bytes, chunk, groups,
+def test_strided_converts_half_precision_a_class_group_at_a_time(monkeypatch, lq, lk, group_bytes, chunk, converted,
                                                                  classes):
-    """Where bfloat16 is computed in float32, a long run's K, V and q are converted a group of
-    classes at a time, just before the group's calls, none of them whole beforehand; the calls
-    read float32, and the result comes back in bfloat16, rounded once (in float32 where the keys
-    of a partial last class row, each seen by its own position alone, merge into it after).
-    Stride 8 and 40 key class rows of 16 features: 5120 bytes a class and head in float32."""
+    """Where bfloat16 is computed in float32 and its classes' keys and values (in float32) outgrow
+    CLASS_GROUP_BYTES, a long run's K, V and q are converted a group of classes at a time, just
+    before the group's calls, none of them whole beforehand; the calls read float32, and the result
+    comes back in bfloat16, rounded once (in float32 where the keys of a partial last class row,
+    each seen by its own position alone, merge into it after). Classes within the budget are
+    converted whole (2 heads). Stride 8 and 40 key class rows of 16 features: 5120 bytes a class
+    and head in float32."""
     from engine.kernels import strided
 
     calls = _strided_calls(monkeypatch, lambda q, k, v, causal: (q.shape[1], q.dtype, k.dtype, v.dtype))
-    converted = []
+    seen = []
     real = strided.as_computed
 
     def spy(*tensors):
-        converted.extend(x.shape[1] for x in tensors if x.dtype == torch.bfloat16)
+        seen.extend(x.shape[1] for x in tensors if x.dtype == torch.bfloat16)
         return real(*tensors)
 
     monkeypatch.setattr(strided, "as_computed", spy)
@@ -368,7 +370,7 @@ def test_strided_converts_half_precision_a_class_group_at_a_time(monkeypatch, lq
     q, k, v = _qkv(2, lq, lk, dtype=torch.bfloat16)
     out, lse = kernels.strided_attention(q, k, v, stride=8, scale=0.25)
     assert calls == [(n, torch.float32, torch.float32, torch.float32) for n in classes]
-    assert converted == [size for size in groups for _ in "kvq"]
+    assert seen == converted
     assert out.dtype == (torch.bfloat16 if lk % 8 == 0 else torch.float32)
     _assert_matches_far((out, lse), *(x.float() for x in (q, k, v)), ST(8), 0, tol=2e-2)
 

@@ -157,9 +157,12 @@ def strided_pieces(
     if rows <= 0 or skip * s - lead >= lq:
         return []
     seen = diag + skip  # local query class row r sees key class rows 0 .. seen + r
-    qc = _classes(q, skip * s, (skip + rows) * s, s)
     device = kernel_device(q.device)
-    kc, vc = (_classes(x, 0, _masked_key_rows(min(seen + rows, key_rows), key_rows, device) * s, s) for x in (k, v))
+    read = _masked_key_rows(min(seen + rows, key_rows), key_rows, device)  # key class rows read
+
+    def class_views(q, k, v):
+        return _classes(q, skip * s, (skip + rows) * s, s), *(_classes(x, 0, read * s, s) for x in (k, v))
+
     square = seen == 0 and not skip_strides  # chunk [0, c1) is then the causal square of c1 class rows
     if square and rows >= CPU_CAUSAL_SKIP_ROWS and device != "cuda":
         # The CPU kernel skips a square's empty blocks itself from that many rows: the whole class
@@ -181,9 +184,13 @@ def strided_pieces(
             width = _masked_key_rows(width, key_rows, device)
             chunks.append((c0, c1, width, class_distance_mask(seen + c0 + back, c1 - c0, width, back, s, skip_strides,
                                                               True, computed_dtype(q), q.device)))
+    qc, kc, vc = class_views(q, k, v)
+    groups = _class_groups(kc, vc, len(chunks), computed_dtype(q), device)
+    if len(groups) == 1:  # every class in each call: converted whole, once
+        qc, kc, vc = class_views(*as_computed(q, k, v))
     own_keys = min_distance == 0 and not skip_strides and key_rows * s < lk
     pieces = []
-    for c0, c1, out, lse in _chunk_results(qc, kc, vc, chunks, rows, scale=scale, device=device,
+    for c0, c1, out, lse in _chunk_results(qc, kc, vc, chunks, groups, rows, scale=scale, device=device,
                                            merged_after=own_keys):
         first = (skip + c0) * s - lead  # q row of the chunk's first position
         out = out.transpose(1, 2).reshape(b, h, (c1 - c0) * s, dv)
@@ -205,17 +212,17 @@ def chunk_rows(rows: int, dtype: torch.dtype) -> int:
     return SMALL_CLASS_CHUNK_ROWS if rows <= CPU_SMALL_CALL_ROWS else CHUNK_ROWS
 
 
-def _chunk_results(qc, kc, vc, chunks, rows: int, *, scale: float, device: str, merged_after: bool):
+def _chunk_results(qc, kc, vc, chunks, groups: list[tuple[int, int]], rows: int, *, scale: float, device: str,
+                   merged_after: bool):
     """(first row, last row + 1, out, lse) of each chunk's call over the class views (out and lse
-    [N, s, rows, *], laid out as q's rows). On the CPU several chunks over classes whose keys
-    outgrow CLASS_GROUP_BYTES go a group of classes at a time, every chunk of a group before the
-    next, so that the later chunks find the group's keys in cache; so do views in a half precision
-    computed in float32, each group's q, K and V converted just before its calls (in cache, where
-    converting them whole wrote them out to memory and read them back). The results are then
-    written into one buffer in q's row order and dtype (float32 where the caller merges more keys
-    into it after: `merged_after`, rounded once), and come back as one chunk."""
+    [N, s, rows, *], laid out as q's rows). In several `groups` (`_class_groups`) the chunks go a
+    group of classes at a time, every chunk of a group before the next, so that the later chunks
+    find the group's keys in cache, and each group's q, K and V in a half precision computed in
+    float32 are converted just before its calls (in cache: converting them whole wrote them out to
+    memory and read them back); the results are then written into one buffer in q's row order and
+    dtype (float32 where the caller merges more keys into it after: `merged_after`, rounded once),
+    and come back as one chunk."""
     s = kc.shape[1]
-    dtype = computed_dtype(qc)
 
     def call(q_group: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, chunk):
         c0, c1, width, masked = chunk
@@ -224,12 +231,11 @@ def _chunk_results(qc, kc, vc, chunks, rows: int, *, scale: float, device: str, 
             return grid_attention(q_rows, k_rows, v_rows, None, None, scale=scale, is_causal=True)
         return grid_attention(q_rows, k_rows, v_rows, *masked, scale=scale)
 
-    class_bytes = sum(_as_stored(x)[:, :1].numel() for x in (kc, vc)) * torch.finfo(dtype).bits // 8
-    groups = _class_groups(s, class_bytes, device)
-    if dtype == qc.dtype and (len(chunks) == 1 or len(groups) == 1):
+    if len(groups) == 1:
         keys, values = _keys_as_read(rows, kc, vc, device)
         return [(chunk[0], chunk[1], *call(qc, keys, values, chunk)) for chunk in chunks]
-    out = qc.new_empty(qc.shape[0], rows, s, vc.shape[-1], dtype=dtype if merged_after else qc.dtype).transpose(1, 2)
+    dtype = computed_dtype(qc) if merged_after else qc.dtype
+    out = qc.new_empty(qc.shape[0], rows, s, vc.shape[-1], dtype=dtype).transpose(1, 2)
     lse = torch.empty(qc.shape[0], rows, s, dtype=torch.float32, device=qc.device).transpose(1, 2)
     for g0, g1 in groups:
         keys, values = _keys_as_read(rows, kc[:, g0:g1], vc[:, g0:g1], device)
@@ -242,11 +248,16 @@ def _chunk_results(qc, kc, vc, chunks, rows: int, *, scale: float, device: str, 
     return [(0, rows, out, lse)]
 
 
-def _class_groups(classes: int, class_bytes: int, device: str) -> list[tuple[int, int]]:
-    """Consecutive ranges of classes whose keys and values (`class_bytes` per class) take at most
-    about CLASS_GROUP_BYTES each on the CPU, of near-equal size; one range elsewhere."""
-    if device != "cpu":
+def _class_groups(kc: torch.Tensor, vc: torch.Tensor, chunks: int, dtype: torch.dtype,
+                  device: str) -> list[tuple[int, int]]:
+    """The consecutive ranges of classes that `chunks` calls over K's and V's class views go a range
+    at a time (`_chunk_results`), of near-equal size: on the CPU, where several chunks re-read the
+    classes or the views need converting to `dtype` (half precision computed in float32), ranges
+    whose keys and values (as computed) take at most about CLASS_GROUP_BYTES; else one range."""
+    classes = kc.shape[1]
+    if device != "cpu" or chunks == 1 and dtype == kc.dtype:
         return [(0, classes)]
+    class_bytes = sum(_as_stored(x)[:, :1].numel() for x in (kc, vc)) * torch.finfo(dtype).bits // 8
     count = min(classes, max(1, -(-classes * class_bytes // CLASS_GROUP_BYTES)))
     size = -(-classes // count)
     return [(g, min(classes, g + size)) for g in range(0, classes, size)]
