@@ -43,8 +43,9 @@ class Plan:
     window's keys, a few classes, two blocks and the summary columns: few query rows at the end
     of long keys; fixed at any length) and convert just that (the band its window's keys once,
     fixed its summary keys once, `fused` each call's inputs), or convert themselves to write
-    their result in q's dtype (strided: whole unless its rows read few classes, its chunks joined
-    straight into q's dtype). A decode step over 65536 bfloat16
+    their result in q's dtype (strided: a group of classes at a time as its calls read them where
+    its classes outgrow `strided.CLASS_GROUP_BYTES`, else whole, unless its rows read few classes;
+    its chunks written or joined straight into q's dtype). A decode step over 65536 bfloat16
     keys spent 12 ms converting them all, 90x its sliding window's 0.13 ms. On the CPU every plan's
     steps take fewer key/value heads than query heads as they are (torch's CPU attention kernel
     reads each key/value head for its H / Hkv query heads; `fused` calls whose rows all see the

@@ -10,7 +10,8 @@ each call takes every class (the kernel writes it in the query's memory order, t
 The class rows are cut into chunks, one call each, so that little of the causal square's empty
 half is computed and no chunk's mask outgrows the masked kernel's MASK_BUDGET (small strides at
 long lengths); on the CPU the chunks go a group of classes at a time where the classes' keys
-outgrow CLASS_GROUP_BYTES, so that the chunks after a group's first read its keys from cache. A
+outgrow CLASS_GROUP_BYTES, so that the chunks after a group's first read its keys from cache, and
+half precision computed in float32 is converted a group at a time, in cache, as the calls read it. A
 minimum distance m (for a union with a sliding window, whose keys it then skips) drops the first
 ceil(m/s) query class rows and shifts the mask's diagonal. Skipped strides (for a union with other
 strides, which count the keys at their multiples) mask those keys.
@@ -93,7 +94,15 @@ CLASS_MAJOR_MAX_BYTES = 1 << 30
 # 61.7 / 56.3, 100.4 / 89.9, 309.5 / 267.5; strided(512) at 65536 131.7 / 121.5; the union
 # (sliding 128, strided 128) at 16384 / 65536 69.6 / 67.4, 464.5 / 432.7. Groups of 4 and 64 MiB
 # did no better (strided(128) at 65536: 293.3 and 286.5 against 278.2). In native bfloat16 (256-row
-# chunks) groups of 16 MiB took 0.90-1.05 of one group's time at 512 class rows.
+# chunks) groups of 16 MiB took 0.90-1.05 of one group's time at 512 class rows. Half precision
+# computed in float32 (float16 on that Xeon, bfloat16 without AMX) goes in groups too where its
+# classes outgrow the budget in float32, even as one chunk, each group's q, K and V converted just
+# before its calls, the result written straight in q's dtype: float16, H = 8, D = 64, ms, converted
+# whole / a group at a time (best of 5 in turn, float32 alongside): strided(64) at n = 8192 /
+# 16384 / 32768 / 65536 (one call) 16.1 / 15.3, 51.7 / 47.5, 145.5 / 126.3, 473.0 / 445.3 (float32
+# 14.7, 46.0, 126.5, 442.6); strided(128) at 65536 294.6 / 259.9 (259.8); 8192 rows after 65536
+# keys 102.8 / 77.0 (89.0). One group of converted class views lost (strided(64) at 4096: 5.8
+# against 4.9): classes within the budget are converted whole, once, as q's rows lie.
 CLASS_GROUP_BYTES = 16 << 20
 
 
