@@ -328,7 +328,7 @@ def bench_table(args, device: torch.device) -> list[dict]:
                 print(format_row(row) + (f"  (against dense flash {row['dense_flash_s']:.3f} s: efficiency "
                                          f"{row['efficiency_flash']:.2f})" if "efficiency_flash" in row else ""),
                       flush=True)
-            del q, k, v, fns
+            q = k = v = fns = None  # freed before the next length's inputs (the lambdas read them until here)
     return rows
 
 
