@@ -136,8 +136,9 @@ def strided_pieces(
     pieces over consecutive query rows, queries bottom-right aligned; rows before the first piece
     see no key (rows inside one whose keys are all skipped get zeros and -inf). Half precision on
     a CPU where it is slow is computed in float32 (`as_computed`): a long run converts a group of
-    classes at a time as its calls read them (`_chunk_results`), a short run whole unless its rows
-    read few classes (`few_classes`: then each call converts what it reads).
+    classes at a time as its calls read them where the classes outgrow CLASS_GROUP_BYTES
+    (`_class_groups`), else whole, and a short run whole unless its rows read few classes
+    (`few_classes`: then each call converts what it reads).
 
     Query class rows are cut into chunks; a chunk sees the key class rows up to its last row under
     one shared [chunk, keys] mask, so the work is ~(chunks + 1) / (2 chunks) of the full square
