@@ -265,6 +265,8 @@ def test_strided_chunks_by_dtype_and_square(monkeypatch, native_half, dtype, str
     (False, torch.float32, 4, 96, 96, True, 0, 24575, False),  # copies over the byte budget: views
     (False, torch.float32, 4, 92, 92, True, 0, 1 << 30, False),  # 23 rows: views
     (False, torch.float32, 4, 97, 130, True, 4, 1 << 30, True),  # Lq < Lk, a partial last class row, a union's distance
+    (False, torch.float32, 4, 40, 130, True, 0, 1 << 30, True),  # 10 query class rows after 32 key class rows: copied
+    (False, torch.float32, 4, 14, 130, True, 0, 1 << 30, False),  # 4 query class rows, read once: views
     (False, torch.float32, 4, 96, 96, False, 0, 1 << 30, True),  # without causal: every class key, in one call
     (False, torch.float32, 4, 92, 92, False, 4, 1 << 30, False),
     (False, torch.bfloat16, 4, 96, 96, True, 0, 1 << 30, True),  # half precision computed in float32: copied too
@@ -272,14 +274,17 @@ def test_strided_chunks_by_dtype_and_square(monkeypatch, native_half, dtype, str
 ])
 def test_strided_reads_keys_class_major_from_many_rows(monkeypatch, native_half, dtype, stride, lq, lk, causal,
                                                       min_distance, max_bytes, class_major):
-    """From CLASS_MAJOR_KEY_ROWS query class rows (here 24) each kernel call reads K and V from
-    class-by-class copies, whose class rows are adjacent, where they are not computed natively in
-    half precision and fit CLASS_MAJOR_MAX_BYTES (2 heads x 96 rows x 16 features x 4 bytes, twice,
-    is 24576); else the views, whose class rows lie s rows apart. Each against the reference."""
+    """From CLASS_MAJOR_KEY_ROWS key class rows read (here 24), where the calls read each key more
+    than once (more query class rows than CPU_QUERY_BLOCK_ROWS, here 4), each kernel call reads K
+    and V from class-by-class copies, whose class rows are adjacent, where they are not computed
+    natively in half precision and fit CLASS_MAJOR_MAX_BYTES (2 heads x 96 rows x 16 features x 4
+    bytes, twice, is 24576); else the views, whose class rows lie s rows apart. Each against the
+    reference."""
     from engine.kernels import strided
 
     layouts = _strided_calls(monkeypatch, lambda q, k, v, causal: {x.stride(-2) == x.shape[-1] for x in (k, v)})
     monkeypatch.setattr(strided, "CLASS_MAJOR_KEY_ROWS", 24)
+    monkeypatch.setattr(strided, "CPU_QUERY_BLOCK_ROWS", 4)
     monkeypatch.setattr(strided, "CLASS_MAJOR_MAX_BYTES", max_bytes)
     _bfloat16_native(monkeypatch, native_half)
     q, k, v = _qkv(2, lq, lk, dtype=dtype)
@@ -298,6 +303,7 @@ def test_strided_copies_a_repeated_key_head_once(monkeypatch, causal):
     layouts = _strided_calls(monkeypatch,
                              lambda q, k, v, causal: {(x.stride(0), x.stride(-2) == x.shape[-1]) for x in (k, v)})
     monkeypatch.setattr(strided, "CLASS_MAJOR_KEY_ROWS", 24)
+    monkeypatch.setattr(strided, "CPU_QUERY_BLOCK_ROWS", 4)
     q, k, v = _qkv(3, 100, 100)
     k, v = (x[:, :1].expand(-1, 3, -1, -1) for x in (k, v))
     result = kernels.strided_attention(q, k, v, stride=4, scale=0.25, causal=causal)

@@ -20,8 +20,9 @@ from .merge import join_rows, merge_partials
 NEG_INF = float("-inf")
 # torch's CPU flash kernel computes a call's query rows 32 at a time below this many rows (64 at a
 # time from here, 256 from 768), each over every key of the call: calls of fewer rows read their
-# keys more often per row.
+# keys more often per row, and a call of at most CPU_QUERY_BLOCK_ROWS reads each key once.
 CPU_SMALL_CALL_ROWS = 192
+CPU_QUERY_BLOCK_ROWS = 32
 # From this many query rows it computes them 256 at a time against key blocks of 512, and skips the
 # blocks past a causal call's diagonal itself: a causal square of that many rows needs no chunks.
 CPU_CAUSAL_SKIP_ROWS = 768

@@ -3,7 +3,7 @@
 Positions with the same residue mod s attend only each other (causally; without causal, the whole
 class: `_every_class_key`). Viewing [L, D] as [L/s, s, D] and swapping the first two axes turns
 `strided(s)` into dense causal attention over s classes of length L/s, batched in each fused call:
-n^2/s work, with no copy of K or V below CLASS_MAJOR_KEY_ROWS class rows (the view's strides go
+n^2/s work, with no copy of K or V below CLASS_MAJOR_KEY_ROWS key class rows (the view's strides go
 straight to the kernel; keys past the last whole class row are each seen only by the query at their
 own position, added apart), none of Q when s divides its rows' span, and none of the output where
 each call takes every class (the kernel writes it in the query's memory order, the natural one).
@@ -34,8 +34,9 @@ import torch
 import torch.nn.functional as F
 
 from .band import grid_attention, row_grid, row_major, row_range
-from .dense import (CPU_CAUSAL_SKIP_ROWS, CPU_SMALL_CALL_ROWS, NEG_INF, additive_mask, as_computed, computed_dtype,
-                    cpu_native_half, empty_partial, fused_under, kept_when_small, per_query_head)
+from .dense import (CPU_CAUSAL_SKIP_ROWS, CPU_QUERY_BLOCK_ROWS, CPU_SMALL_CALL_ROWS, NEG_INF, additive_mask,
+                    as_computed, computed_dtype, cpu_native_half, empty_partial, fused_under, kept_when_small,
+                    per_query_head)
 from .device import kernel_device, values_on_host
 from .masked import MASK_BUDGET
 from .merge import join_rows, merge_to
@@ -68,19 +69,28 @@ NATIVE_HALF_CHUNK_ROWS = 256
 # 128 20.7; 248 41.9, 255 43.6, 256 38.4 (100 19.4 against 112's 19.9 the exception). A union's
 # stride, which skips the window's keys, saw 127 key class rows where the stride alone sees 128.
 KEY_ROWS_MULTIPLE = 16
-# From this many query class rows on the CPU (float32, or half precision computed in it), K and V
-# are copied class by class (`_keys_as_read`) before the calls: each chunk's call (and each of the
-# kernel's query blocks) reads its keys again, and a view's class rows lie s rows apart, a memory
-# page apart for s >= 16 at D = 64, where a copy's are adjacent. engine.attention, Intel Xeon,
-# H = 8, D = 64, float32, ms, views / copies (best of 8, in turn): strided(64) at n = 24576 /
+# From this many key class rows read on the CPU (float32, or half precision computed in it), where
+# the calls read each key more than once (more query class rows than the kernel computes at a time,
+# CPU_QUERY_BLOCK_ROWS), K and V are copied class by class (`_keys_as_read`) before the calls: each
+# chunk's call (and each of the kernel's query blocks) reads its keys again, and a view's class rows
+# lie s rows apart, a memory page apart for s >= 16 at D = 64, where a copy's are adjacent. Until
+# the eleventh session the rule counted query class rows, so a chunk of a long prefill read its many
+# keys as views: copies / views at 512 or 1024 key class rows after 65536 keys, ms, strided(128)
+# with 48 / 64 / 96 / 192 / 256 query class rows 67.5 / 72.5, 77.3 / 83.2, 104.3 / 116.0, 162.8 /
+# 195.5, 187.5 / 228.2; strided(64) with 64 / 128 / 256 rows 77.4 / 84.3, 122.0 / 151.5, 194.3 /
+# 247.5; the union (sliding 128, strided 128) with 64 rows 90.7 / 104.0; but with 32 rows (one call,
+# one query block) 60.0 / 42.5 and 59.7 / 43.0, and at 256 key class rows 22.7 / 19.9, 33.0 / 31.0,
+# 43.1 / 40.7 (strided(64) at 16384 after 4096 and 8192 rows, strided(128) at 32768 after 8192; best
+# of 5 in turn). Squares, whose query and key class rows are alike, before: engine.attention, Intel
+# Xeon, H = 8, D = 64, float32, ms, views / copies (best of 8, in turn): strided(64) at n = 24576 /
 # 28672 / 32768 / 65536 (384 / 448 / 512 / 1024 class rows) 88.7 / 80.2, 123.2 / 102.7, 147.0 /
-# 137.2, 461.2 / 401.1; n = 65000 525.6 / 469.9; strided(128) at 65536 338.3 / 292.5 and the
-# union (sliding 128, strided 128) 467.6 / 437.2; without causal, strided(64) at 32768 178.9 /
-# 155.5, strided(128) at 65536 354.8 / 290.3. At 128 and 256 class rows the copies lost 4-8%
-# (strided(64) at 16384, strided(128) at 16384 and 32768), and native bfloat16, whose chunks are
-# 256 rows, gained nothing anywhere (copies / views 1.00-1.04 from 384 rows, 1.07-1.22 below).
-# The copies raise a call's peak memory by K's and V's size (strided(64) at 65536, H = 8, float32:
-# 386 MiB against 130, a union's 392 either way), so larger K and V are read as views.
+# 137.2, 461.2 / 401.1; n = 65000 525.6 / 469.9; strided(128) at 65536 338.3 / 292.5 and the union
+# (sliding 128, strided 128) 467.6 / 437.2; without causal, strided(64) at 32768 178.9 / 155.5,
+# strided(128) at 65536 354.8 / 290.3. At 128 and 256 class rows the copies lost 4-8% (strided(64)
+# at 16384, strided(128) at 16384 and 32768), and native bfloat16, whose chunks are 256 rows, gained
+# nothing anywhere (copies / views 1.00-1.04 from 384 rows, 1.07-1.22 below). The copies raise a
+# call's peak memory by K's and V's size (strided(64) at 65536, H = 8, float32: 386 MiB against 130,
+# a union's 392 either way), so larger K and V are read as views.
 CLASS_MAJOR_KEY_ROWS = 384
 CLASS_MAJOR_MAX_BYTES = 1 << 30
 # Several chunks re-read their classes' keys, each chunk's call streaming every class's from memory.
@@ -282,14 +292,16 @@ def _as_stored(x: torch.Tensor) -> torch.Tensor:
 def _keys_as_read(rows: int, kc: torch.Tensor, vc: torch.Tensor, device: str) -> tuple[torch.Tensor, torch.Tensor]:
     """K's and V's `_classes` views [N, s, R, D] as the calls for `rows` query class rows read them
     on `device` (its `kernel_device`): copied class by class, each class's rows adjacent, where
-    they are converted anyway (`as_computed`), or from CLASS_MAJOR_KEY_ROWS rows on the CPU where
-    half precision is not computed natively and the copies fit CLASS_MAJOR_MAX_BYTES; else the
-    views. One key/value head repeated for several query heads (stride 0, `attention`'s per-head
-    runs) is copied once."""
+    they are converted anyway (`as_computed`), or on the CPU where they are CLASS_MAJOR_KEY_ROWS
+    class rows or more, the calls read them more than once (more than CPU_QUERY_BLOCK_ROWS query
+    class rows), half precision is not computed natively and the copies fit
+    CLASS_MAJOR_MAX_BYTES; else the views. One key/value head repeated for several query heads
+    (stride 0, `attention`'s per-head runs) is copied once."""
     sources = [_as_stored(x) for x in (kc, vc)]
     if computed_dtype(kc) != kc.dtype:
         copies = as_computed(*sources)
-    elif (device != "cpu" or cpu_native_half(kc.dtype) or rows < CLASS_MAJOR_KEY_ROWS
+    elif (device != "cpu" or cpu_native_half(kc.dtype) or kc.shape[-2] < CLASS_MAJOR_KEY_ROWS
+            or rows <= CPU_QUERY_BLOCK_ROWS
             or sum(x.numel() * x.element_size() for x in sources) > CLASS_MAJOR_MAX_BYTES):
         return kc, vc
     else:
