@@ -177,7 +177,7 @@ def strided_pieces(
     if rows <= 0 or skip * s - lead >= lq:
         return []
     seen = diag + skip  # local query class row r sees key class rows 0 .. seen + r
-    device = kernel_device(q.device)
+    device, dtype = kernel_device(q.device), computed_dtype(q)
     read = _masked_key_rows(min(seen + rows, key_rows), key_rows, device)  # key class rows read
 
     def class_views(q, k, v):
@@ -203,9 +203,9 @@ def strided_pieces(
         else:  # local row r sees key class rows up to seen + r: back or more class rows before its own
             width = _masked_key_rows(width, key_rows, device)
             chunks.append((c0, c1, width, class_distance_mask(seen + c0 + back, c1 - c0, width, back, s, skip_strides,
-                                                              True, computed_dtype(q), q.device)))
+                                                              True, dtype, q.device)))
     qc, kc, vc = class_views(q, k, v)
-    groups = _class_groups(kc, vc, len(chunks), computed_dtype(q), device)
+    groups = _class_groups(kc, vc, len(chunks), dtype, device)
     if len(groups) == 1:  # every class in each call: converted whole, once
         qc, kc, vc = class_views(*as_computed(q, k, v))
     own_keys = min_distance == 0 and not skip_strides and key_rows * s < lk
