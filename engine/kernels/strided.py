@@ -211,7 +211,7 @@ def strided_pieces(
     own_keys = min_distance == 0 and not skip_strides and key_rows * s < lk
     pieces = []
     for c0, c1, out, lse in _chunk_results(qc, kc, vc, chunks, groups, rows, scale=scale, device=device,
-                                           merged_after=own_keys):
+                                           out_dtype=dtype if own_keys else q.dtype):
         first = (skip + c0) * s - lead  # q row of the chunk's first position
         out = out.transpose(1, 2).reshape(b, h, (c1 - c0) * s, dv)
         lse = lse.transpose(1, 2).reshape(b, h, (c1 - c0) * s)
@@ -233,15 +233,15 @@ def chunk_rows(rows: int, dtype: torch.dtype) -> int:
 
 
 def _chunk_results(qc, kc, vc, chunks, groups: list[tuple[int, int]], rows: int, *, scale: float, device: str,
-                   merged_after: bool):
+                   out_dtype: torch.dtype):
     """(first row, last row + 1, out, lse) of each chunk's call over the class views (out and lse
     [N, s, rows, *], laid out as q's rows). In several `groups` (`_class_groups`) the chunks go a
     group of classes at a time, every chunk of a group before the next, so that the later chunks
     find the group's keys in cache, and each group's q, K and V in a half precision computed in
     float32 are converted just before its calls (in cache: converting them whole wrote them out to
-    memory and read them back); the results are then written into one buffer in q's row order and
-    dtype (float32 where the caller merges more keys into it after: `merged_after`, rounded once),
-    and come back as one chunk."""
+    memory and read them back); the results are then written into one buffer in q's row order, of
+    `out_dtype` (q's, or the computed one where the caller merges more keys into it after, so that
+    it is rounded once), and come back as one chunk."""
     s = kc.shape[1]
 
     def call(q_group: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, chunk):
@@ -254,8 +254,7 @@ def _chunk_results(qc, kc, vc, chunks, groups: list[tuple[int, int]], rows: int,
     if len(groups) == 1:
         keys, values = _keys_as_read(rows, kc, vc, device)
         return [(chunk[0], chunk[1], *call(qc, keys, values, chunk)) for chunk in chunks]
-    dtype = computed_dtype(qc) if merged_after else qc.dtype
-    out = qc.new_empty(qc.shape[0], rows, s, vc.shape[-1], dtype=dtype).transpose(1, 2)
+    out = qc.new_empty(qc.shape[0], rows, s, vc.shape[-1], dtype=out_dtype).transpose(1, 2)
     lse = torch.empty(qc.shape[0], rows, s, dtype=torch.float32, device=qc.device).transpose(1, 2)
     for g0, g1 in groups:
         keys, values = _keys_as_read(rows, kc[:, g0:g1], vc[:, g0:g1], device)
