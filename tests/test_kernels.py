@@ -214,7 +214,9 @@ def test_row_pieces_join_straight_into_the_results_dtype():
 @pytest.mark.parametrize("lq,lk", [(600, 600), (517, 700), (300, 1003)])
 @pytest.mark.parametrize("min_distance", [0, 1, 20, 64])
 def test_strided_many_chunks(monkeypatch, lq, lk, min_distance):
-    """Tiny chunks: every chunk boundary, dummy lead row and skipped class row is crossed."""
+    """Tiny chunks on torch's kernel: every chunk boundary, dummy lead row and skipped class row is
+    crossed."""
+    _without_class_kernel(monkeypatch)
     monkeypatch.setattr("engine.kernels.strided.chunk_rows", lambda rows, dtype: 4)
     monkeypatch.setattr("engine.kernels.strided.MAX_CHUNKS", 30)
     q, k, v = _qkv(2, lq, lk)
@@ -390,10 +392,12 @@ def _bfloat16_native(monkeypatch, native: bool) -> None:
 
 
 def _strided_calls(monkeypatch, describe) -> list:
-    """The kernel calls strided makes from now on, each recorded as `describe(q, k, v, is_causal)`
-    of its `grid_attention` arguments (the call itself still made)."""
+    """The torch kernel calls strided makes from now on, each recorded as `describe(q, k, v,
+    is_causal)` of its `grid_attention` arguments (the call itself still made); the class kernel is
+    off, as where it cannot be built (`_without_class_kernel`)."""
     from engine.kernels import strided
 
+    _without_class_kernel(monkeypatch)
     calls = []
     real = strided.grid_attention
 
@@ -403,6 +407,14 @@ def _strided_calls(monkeypatch, describe) -> list:
 
     monkeypatch.setattr(strided, "grid_attention", spy)
     return calls
+
+
+def _without_class_kernel(monkeypatch) -> None:
+    """Long strided runs on torch's kernel in chunks, as on a host where the class kernel cannot be
+    built (`class_kernel.library` None)."""
+    from engine.kernels import class_kernel
+
+    monkeypatch.setattr(class_kernel, "library", lambda: None)
 
 
 def _assert_matches_far(result, q, k, v, pattern, min_distance, causal=True, skip_strides=(), tol=2e-5):
@@ -762,7 +774,8 @@ GROUPED_PREFILLS = [(FX(64, 4), True), (FX(16, 2), True), (FX(64, 4), False), (S
 @pytest.mark.parametrize("pattern,causal", GROUPED_PREFILLS)
 def test_prefills_read_grouped_heads_in_one_run(monkeypatch, pattern, causal):
     """A prefill of fixed, a window, a stride and their unions, causal or not, over fewer key/value
-    heads than query heads runs once for all heads, with the kernel calls of equal heads: not once
+    heads than query heads runs once for all heads, with the kernel calls (torch's and the class
+    kernel's) of equal heads: not once
     per key/value head, as a plan that needs equal heads must where repeating them all would take
     too much memory (forced here for any size). H = 32 over 8, D = 128, n = 4096, ms, a key/value
     head at a time -> now (over 32 key/value heads): fixed(64, 4) 212-216 -> 110-125 (143-144),
@@ -771,15 +784,22 @@ def test_prefills_read_grouped_heads_in_one_run(monkeypatch, pattern, causal):
 
     from engine import attention
 
+    from engine.kernels import class_kernel
+
     monkeypatch.setattr(sys.modules["engine.attention"], "GQA_REPEAT_BYTES", 0)
+    class_calls = []
+    real = class_kernel.class_attention
+    monkeypatch.setattr(class_kernel, "class_attention", lambda *args, **kwargs: class_calls.append(1)
+                        or real(*args, **kwargs))
     g = torch.Generator().manual_seed(1)
     q = torch.randn(2, 8, 300, 16, generator=g)
     calls = {}
     for hkv in (8, 2):
         k, v = (torch.randn(2, hkv, 300, 16, generator=g) for _ in range(2))
+        class_calls.clear()
         with OpCount() as count:
             out, lse = attention(q, k, v, pattern, scale=0.25, causal=causal, return_lse=True)
-        calls[hkv] = count.ops["aten._scaled_dot_product_flash_attention_for_cpu.default"]
+        calls[hkv] = count.ops["aten._scaled_dot_product_flash_attention_for_cpu.default"] + len(class_calls)
         ref_out, ref_lse = reference_attention(q, k.repeat_interleave(8 // hkv, 1), v.repeat_interleave(8 // hkv, 1),
                                                pattern, causal=causal, scale=0.25)
         assert_matches_reference(out, lse, ref_out, ref_lse, tol=2e-5)

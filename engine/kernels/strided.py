@@ -16,6 +16,12 @@ minimum distance m (for a union with a sliding window, whose keys it then skips)
 ceil(m/s) query class rows and shifts the mask's diagonal. Skipped strides (for a union with other
 strides, which count the keys at their multiples) mask those keys.
 
+On the CPU a long run's classes go to the class kernel (`class_kernel`, C++ built at first use)
+where it takes them: one call, each thread computing whole classes with their keys packed once, in
+cache, and no copy of K, V or the output; else (no compiler, skipped strides, AMX's native half
+precision, longer classes) to torch's kernel in chunks as above. strided(64), H = 8, D = 64,
+float32, ms, class kernel / torch's in chunks: n = 16384 28.2 / 40.8, 65536 296.6 / 430.5.
+
 Fewer query rows than s (a decode step, a short chunk) leave most classes without a query: then
 each row, alone in its class, attends a view of its class's keys, and only those classes are read.
 
@@ -33,6 +39,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from . import class_kernel
 from .band import grid_attention, row_grid, row_major, row_range
 from .dense import (CPU_CAUSAL_SKIP_ROWS, CPU_QUERY_BLOCK_ROWS, CPU_SMALL_CALL_ROWS, NEG_INF, additive_mask,
                     as_computed, computed_dtype, cpu_native_half, empty_partial, fused_under, kept_when_small,
@@ -116,6 +123,15 @@ CLASS_MAJOR_MAX_BYTES = 1 << 30
 CLASS_GROUP_BYTES = 16 << 20
 
 
+# The class kernel (`class_kernel`) holds a class's keys, transposed, and a block's scores whole: up
+# to this many key class rows it beat torch's kernel in chunks, past it torch's (256 query rows at a
+# time, skipping a causal square's empty blocks itself) wins. engine.attention, Intel Xeon, H = 8,
+# D = 64, float32, ms, class kernel / torch (best of 5, in turn): 2048 rows, strided(32) at n =
+# 65536 571.5 / 720.4, strided(8) at 16384 148.6 / 179.1; 4096 rows, strided(16) at 65536 1306.3 /
+# 1180.4.
+CLASS_KERNEL_MAX_KEY_ROWS = 2048
+
+
 def off_strides(distance: torch.Tensor, strides: tuple[int, ...]) -> torch.Tensor:
     """Where a distance i - j is a multiple of none of `strides`: the keys a union's other strided
     members do not count."""
@@ -183,6 +199,44 @@ def strided_pieces(
     def class_views(q, k, v):
         return _classes(q, skip * s, (skip + rows) * s, s), *(_classes(x, 0, read * s, s) for x in (k, v))
 
+    own_keys = min_distance == 0 and not skip_strides and key_rows * s < lk
+    out_dtype = dtype if own_keys else q.dtype  # rounded once, after the own keys merge in
+    qc, kc, vc = class_views(q, k, v)
+    if _on_class_kernel(qc, kc, vc, skip_strides, device):
+        results = [(0, rows, *class_kernel.class_attention(qc, kc, vc, diagonal=seen, scale=scale,
+                                                           out_dtype=out_dtype))]
+    else:
+        results = _torch_chunk_results(q, k, v, class_views, rows=rows, seen=seen, back=back, key_rows=key_rows,
+                                       stride=s, skip_strides=skip_strides, scale=scale, out_dtype=out_dtype)
+    pieces = []
+    for c0, c1, out, lse in results:
+        first = (skip + c0) * s - lead  # q row of the chunk's first position
+        out = out.transpose(1, 2).reshape(b, h, (c1 - c0) * s, dv)
+        lse = lse.transpose(1, 2).reshape(b, h, (c1 - c0) * s)
+        lo, hi = max(0, -first), min((c1 - c0) * s, lq - first)  # drop dummy and padded rows
+        if hi > lo:
+            pieces.append((first + lo, out[..., lo:hi, :], lse[..., lo:hi]))
+    if own_keys:
+        pieces[-1] = _with_own_keys(pieces[-1], unpadded_q, k, v, first_row=max(0, key_rows * s - offset),
+                                    scale=scale)
+    return pieces
+
+
+def _on_class_kernel(qc: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, skip_strides: tuple[int, ...],
+                     device: str) -> bool:
+    """Whether a long run's classes go to the CPU class kernel (`class_kernel`) rather than torch's
+    kernel in chunks: on the CPU where half precision is not native (AMX is faster still), without
+    skipped strides (their masks), up to CLASS_KERNEL_MAX_KEY_ROWS key class rows, and where the
+    kernel takes the views."""
+    return (device == "cpu" and not skip_strides and not cpu_native_half(qc.dtype)
+            and kc.shape[-2] <= CLASS_KERNEL_MAX_KEY_ROWS and class_kernel.takes(qc, kc, vc))
+
+
+def _torch_chunk_results(q, k, v, class_views, *, rows: int, seen: int, back: int, key_rows: int, stride: int,
+                         skip_strides: tuple[int, ...], scale: float, out_dtype: torch.dtype):
+    """`strided_pieces`' class rows on torch's kernel, in chunks: (first row, last row + 1, out, lse)
+    of each, as `_chunk_results` gives them."""
+    s, device, dtype = stride, kernel_device(q.device), computed_dtype(q)
     square = seen == 0 and not skip_strides  # chunk [0, c1) is then the causal square of c1 class rows
     if square and rows >= CPU_CAUSAL_SKIP_ROWS and device != "cuda":
         # The CPU kernel skips a square's empty blocks itself from that many rows: the whole class
@@ -208,20 +262,7 @@ def strided_pieces(
     groups = _class_groups(kc, vc, len(chunks), dtype, device)
     if len(groups) == 1:  # every class in each call: converted whole, once
         qc, kc, vc = class_views(*as_computed(q, k, v))
-    own_keys = min_distance == 0 and not skip_strides and key_rows * s < lk
-    pieces = []
-    for c0, c1, out, lse in _chunk_results(qc, kc, vc, chunks, groups, rows, scale=scale, device=device,
-                                           out_dtype=dtype if own_keys else q.dtype):
-        first = (skip + c0) * s - lead  # q row of the chunk's first position
-        out = out.transpose(1, 2).reshape(b, h, (c1 - c0) * s, dv)
-        lse = lse.transpose(1, 2).reshape(b, h, (c1 - c0) * s)
-        lo, hi = max(0, -first), min((c1 - c0) * s, lq - first)  # drop dummy and padded rows
-        if hi > lo:
-            pieces.append((first + lo, out[..., lo:hi, :], lse[..., lo:hi]))
-    if own_keys:
-        pieces[-1] = _with_own_keys(pieces[-1], unpadded_q, k, v, first_row=max(0, key_rows * s - offset),
-                                    scale=scale)
-    return pieces
+    return _chunk_results(qc, kc, vc, chunks, groups, rows, scale=scale, device=device, out_dtype=out_dtype)
 
 
 def chunk_rows(rows: int, dtype: torch.dtype) -> int:
