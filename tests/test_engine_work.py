@@ -10,13 +10,32 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from engine import attention
+from engine.kernels import span_kernel
 from engine.patterns import attended_pairs, parse_pattern
 
 
 class _ScoredPairs(TorchDispatchMode):
+    """The (query, key) pairs torch's CPU flash kernel scores, and those the span kernel's rows see
+    (each row its span of keys)."""
+
     def __init__(self) -> None:
         super().__init__()
         self.pairs = 0
+        self._span = span_kernel.span_attention
+
+    def __enter__(self):
+        def counted(q, k, v, out, lse, *, first, last, **kwargs):
+            rows = torch.arange(q.shape[-2])
+            seen = (rows + last + 1).clamp(0, k.shape[-2]) - (rows + first).clamp(0, k.shape[-2])
+            self.pairs += q.shape[:-2].numel() * int(seen.clamp_min(0).sum())
+            return self._span(q, k, v, out, lse, first=first, last=last, **kwargs)
+
+        span_kernel.span_attention = counted
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        span_kernel.span_attention = self._span
+        return super().__exit__(*exc)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if func is torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default:

@@ -216,7 +216,7 @@ def test_row_pieces_join_straight_into_the_results_dtype():
 def test_strided_many_chunks(monkeypatch, lq, lk, min_distance):
     """Tiny chunks on torch's kernel: every chunk boundary, dummy lead row and skipped class row is
     crossed."""
-    _without_class_kernel(monkeypatch)
+    _without_span_kernel(monkeypatch)
     monkeypatch.setattr("engine.kernels.strided.chunk_rows", lambda rows, dtype: 4)
     monkeypatch.setattr("engine.kernels.strided.MAX_CHUNKS", 30)
     q, k, v = _qkv(2, lq, lk)
@@ -393,11 +393,11 @@ def _bfloat16_native(monkeypatch, native: bool) -> None:
 
 def _strided_calls(monkeypatch, describe) -> list:
     """The torch kernel calls strided makes from now on, each recorded as `describe(q, k, v,
-    is_causal)` of its `grid_attention` arguments (the call itself still made); the class kernel is
-    off, as where it cannot be built (`_without_class_kernel`)."""
+    is_causal)` of its `grid_attention` arguments (the call itself still made); the span kernel is
+    off, as where it cannot be built (`_without_span_kernel`)."""
     from engine.kernels import strided
 
-    _without_class_kernel(monkeypatch)
+    _without_span_kernel(monkeypatch)
     calls = []
     real = strided.grid_attention
 
@@ -409,12 +409,12 @@ def _strided_calls(monkeypatch, describe) -> list:
     return calls
 
 
-def _without_class_kernel(monkeypatch) -> None:
-    """Long strided runs on torch's kernel in chunks, as on a host where the class kernel cannot be
-    built (`class_kernel.library` None)."""
-    from engine.kernels import class_kernel
+def _without_span_kernel(monkeypatch) -> None:
+    """Long strided runs and bands on torch's kernel, as on a host where the span kernel cannot be
+    built (`span_kernel.library` None)."""
+    from engine.kernels import span_kernel
 
-    monkeypatch.setattr(class_kernel, "library", lambda: None)
+    monkeypatch.setattr(span_kernel, "library", lambda: None)
 
 
 def _assert_matches_far(result, q, k, v, pattern, min_distance, causal=True, skip_strides=(), tol=2e-5):
@@ -774,7 +774,7 @@ GROUPED_PREFILLS = [(FX(64, 4), True), (FX(16, 2), True), (FX(64, 4), False), (S
 @pytest.mark.parametrize("pattern,causal", GROUPED_PREFILLS)
 def test_prefills_read_grouped_heads_in_one_run(monkeypatch, pattern, causal):
     """A prefill of fixed, a window, a stride and their unions, causal or not, over fewer key/value
-    heads than query heads runs once for all heads, with the kernel calls (torch's and the class
+    heads than query heads runs once for all heads, with the kernel calls (torch's and the span
     kernel's) of equal heads: not once
     per key/value head, as a plan that needs equal heads must where repeating them all would take
     too much memory (forced here for any size). H = 32 over 8, D = 128, n = 4096, ms, a key/value
@@ -784,22 +784,22 @@ def test_prefills_read_grouped_heads_in_one_run(monkeypatch, pattern, causal):
 
     from engine import attention
 
-    from engine.kernels import class_kernel
+    from engine.kernels import span_kernel
 
     monkeypatch.setattr(sys.modules["engine.attention"], "GQA_REPEAT_BYTES", 0)
-    class_calls = []
-    real = class_kernel.class_attention
-    monkeypatch.setattr(class_kernel, "class_attention", lambda *args, **kwargs: class_calls.append(1)
+    span_calls = []
+    real = span_kernel.span_attention
+    monkeypatch.setattr(span_kernel, "span_attention", lambda *args, **kwargs: span_calls.append(1)
                         or real(*args, **kwargs))
     g = torch.Generator().manual_seed(1)
     q = torch.randn(2, 8, 300, 16, generator=g)
     calls = {}
     for hkv in (8, 2):
         k, v = (torch.randn(2, hkv, 300, 16, generator=g) for _ in range(2))
-        class_calls.clear()
+        span_calls.clear()
         with OpCount() as count:
             out, lse = attention(q, k, v, pattern, scale=0.25, causal=causal, return_lse=True)
-        calls[hkv] = count.ops["aten._scaled_dot_product_flash_attention_for_cpu.default"] + len(class_calls)
+        calls[hkv] = count.ops["aten._scaled_dot_product_flash_attention_for_cpu.default"] + len(span_calls)
         ref_out, ref_lse = reference_attention(q, k.repeat_interleave(8 // hkv, 1), v.repeat_interleave(8 // hkv, 1),
                                                pattern, causal=causal, scale=0.25)
         assert_matches_reference(out, lse, ref_out, ref_lse, tol=2e-5)

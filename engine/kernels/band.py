@@ -25,9 +25,9 @@ import functools
 
 import torch
 
-from . import triton_band
-from .dense import (additive_mask, as_computed, cuda_operand, dense_attention, flash_supported, fused, fused_under,
-                    kept_when_small, math_attention, repeated_operand, same_head_dim, without_padding)
+from . import span_kernel, triton_band
+from .dense import (additive_mask, as_computed, cpu_native_half, cuda_operand, dense_attention, flash_supported, fused,
+                    fused_under, kept_when_small, math_attention, repeated_operand, same_head_dim, without_padding)
 from .device import kernel_device
 from .merge import join_rows
 
@@ -44,6 +44,9 @@ from .merge import join_rows
 # from 512 (152.3 / 154.1), whose rows waste fewer keys in proportion (T - 1 of w + T - 1).
 TILE_ROWS = 24
 SMALL_WINDOW, SMALL_WINDOW_TILE_ROWS = 256, 20
+# Query rows per strip on the CPU span kernel: a strip packs the keys its rows see (its rows and
+# the w - 1 before) once.
+BAND_STRIP_ROWS = 256
 
 
 def tile_rows(window: int, device: torch.device) -> int:
@@ -138,6 +141,15 @@ def band_pieces(
         return [(0, torch.cat([out for out, _ in parts], 1), torch.cat([lse for _, lse in parts], 1))]
     if flash_supported(q, v) and flash_window_supported(q.device, causal):
         return [(0, *_flash_window(q, k, v, window=window, scale=scale, causal=causal))]
+    if kernel_device(q.device) == "cpu" and not cpu_native_half(q.dtype) and span_kernel.takes(q, k, v):
+        # every row's band in one call: heads on the kernel's second axis, grouped ones as they are
+        offset = k.shape[-2] - q.shape[-2]
+        out = q.new_empty(*q.shape[:-1], v.shape[-1])
+        lse = torch.empty(q.shape[:-1], dtype=torch.float32)
+        span_kernel.span_attention(q, k, v, out, lse, first=offset - window + 1,
+                                   last=offset + (0 if causal else window - 1), scale=scale,
+                                   strip_rows=BAND_STRIP_ROWS)
+        return [(0, out, lse)]
     q, k, v = as_computed(q, k, v)  # once: the tiles' windows overlap
     b, h, lq, _ = q.shape
     lk, dv, w = k.shape[-2], v.shape[-1], window

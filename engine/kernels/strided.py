@@ -16,11 +16,11 @@ minimum distance m (for a union with a sliding window, whose keys it then skips)
 ceil(m/s) query class rows and shifts the mask's diagonal. Skipped strides (for a union with other
 strides, which count the keys at their multiples) mask those keys.
 
-On the CPU a long run's classes go to the class kernel (`class_kernel`, C++ built at first use)
+On the CPU a long run's classes go to the span kernel (`span_kernel`, C++ built at first use)
 where it takes them: one call, each thread computing whole classes with their keys packed once, in
 cache, and no copy of K, V or the output; else (no compiler, skipped strides, AMX's native half
 precision, longer classes) to torch's kernel in chunks as above. strided(64), H = 8, D = 64,
-float32, ms, class kernel / torch's in chunks: n = 16384 28.2 / 40.8, 65536 296.6 / 430.5.
+float32, ms, span kernel / torch's in chunks: n = 16384 28.2 / 40.8, 65536 296.6 / 430.5.
 
 Fewer query rows than s (a decode step, a short chunk) leave most classes without a query: then
 each row, alone in its class, attends a view of its class's keys, and only those classes are read.
@@ -39,7 +39,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from . import class_kernel
+from . import span_kernel
 from .band import grid_attention, row_grid, row_major, row_range
 from .dense import (CPU_CAUSAL_SKIP_ROWS, CPU_QUERY_BLOCK_ROWS, CPU_SMALL_CALL_ROWS, NEG_INF, additive_mask,
                     as_computed, computed_dtype, cpu_native_half, empty_partial, fused_under, kept_when_small,
@@ -123,13 +123,13 @@ CLASS_MAJOR_MAX_BYTES = 1 << 30
 CLASS_GROUP_BYTES = 16 << 20
 
 
-# The class kernel (`class_kernel`) holds a class's keys, transposed, and a block's scores whole: up
+# The span kernel (`span_kernel`) holds a class's keys, transposed, and a block's scores whole: up
 # to this many key class rows it beat torch's kernel in chunks, past it torch's (256 query rows at a
 # time, skipping a causal square's empty blocks itself) wins. engine.attention, Intel Xeon, H = 8,
-# D = 64, float32, ms, class kernel / torch (best of 5, in turn): 2048 rows, strided(32) at n =
+# D = 64, float32, ms, span kernel / torch (best of 5, in turn): 2048 rows, strided(32) at n =
 # 65536 571.5 / 720.4, strided(8) at 16384 148.6 / 179.1; 4096 rows, strided(16) at 65536 1306.3 /
 # 1180.4.
-CLASS_KERNEL_MAX_KEY_ROWS = 2048
+SPAN_KERNEL_MAX_KEY_ROWS = 2048
 
 
 def off_strides(distance: torch.Tensor, strides: tuple[int, ...]) -> torch.Tensor:
@@ -202,9 +202,11 @@ def strided_pieces(
     own_keys = min_distance == 0 and not skip_strides and key_rows * s < lk
     out_dtype = dtype if own_keys else q.dtype  # rounded once, after the own keys merge in
     qc, kc, vc = class_views(q, k, v)
-    if _on_class_kernel(qc, kc, vc, skip_strides, device):
-        results = [(0, rows, *class_kernel.class_attention(qc, kc, vc, diagonal=seen, scale=scale,
-                                                           out_dtype=out_dtype))]
+    if _on_span_kernel(qc, kc, vc, skip_strides, device):  # into a buffer laid out as q's rows
+        out = qc.new_empty(qc.shape[0], rows, s, dv, dtype=out_dtype).transpose(1, 2)
+        lse = torch.empty(qc.shape[0], rows, s, dtype=torch.float32).transpose(1, 2)
+        span_kernel.span_attention(qc, kc, vc, out, lse, first=-span_kernel.UNBOUNDED, last=seen, scale=scale)
+        results = [(0, rows, out, lse)]
     else:
         results = _torch_chunk_results(q, k, v, class_views, rows=rows, seen=seen, back=back, key_rows=key_rows,
                                        stride=s, skip_strides=skip_strides, scale=scale, out_dtype=out_dtype)
@@ -222,14 +224,14 @@ def strided_pieces(
     return pieces
 
 
-def _on_class_kernel(qc: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, skip_strides: tuple[int, ...],
+def _on_span_kernel(qc: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, skip_strides: tuple[int, ...],
                      device: str) -> bool:
-    """Whether a long run's classes go to the CPU class kernel (`class_kernel`) rather than torch's
+    """Whether a long run's classes go to the CPU span kernel (`span_kernel`) rather than torch's
     kernel in chunks: on the CPU where half precision is not native (AMX is faster still), without
-    skipped strides (their masks), up to CLASS_KERNEL_MAX_KEY_ROWS key class rows, and where the
+    skipped strides (their masks), up to SPAN_KERNEL_MAX_KEY_ROWS key class rows, and where the
     kernel takes the views."""
     return (device == "cpu" and not skip_strides and not cpu_native_half(qc.dtype)
-            and kc.shape[-2] <= CLASS_KERNEL_MAX_KEY_ROWS and class_kernel.takes(qc, kc, vc))
+            and kc.shape[-2] <= SPAN_KERNEL_MAX_KEY_ROWS and span_kernel.takes(qc, kc, vc))
 
 
 def _torch_chunk_results(q, k, v, class_views, *, rows: int, seen: int, back: int, key_rows: int, stride: int,

@@ -1,14 +1,17 @@
-// Causal attention over many small problems at once on the CPU: a stride's classes (strided.py).
+// Attention over many problems at once on the CPU, each query row attending one span of key rows
+// (row r: keys r + first .. r + last): a stride's classes (causal squares of a few hundred rows),
+// a sliding window's band (span_kernel.py says who calls it).
 //
-// torch's CPU flash kernel computes such problems (a few hundred rows each) 32 or 64 query rows at
-// a time, packing each block's keys anew, and reads a class's rows s rows apart from memory; here
-// each thread takes whole problems: it packs a problem's keys (transposed) and values once, in
-// cache, fetches the next problem's rows while it computes, and computes BLOCK_ROWS query rows at a
-// time against exactly the keys their last row sees, so the causal square's empty half costs a
-// block's triangle only. Scores go through an exact softmax (a row's scores fit in a buffer) in
-// float32, whatever the inputs' dtype (float32, float16 or bfloat16, converted as they are packed).
+// torch's CPU flash kernel computes such problems 32 or 64 query rows at a time, packing each
+// block's keys anew, and reads a class's rows s rows apart from memory. Here each thread takes a
+// problem's strip of rows (all its rows where the spans are unbounded): it packs the keys the
+// strip sees (transposed) and their values once, in cache, fetches the next strip's rows while it
+// computes, and computes BLOCK_ROWS query rows at a time against exactly the keys those rows see
+// between them, so a causal square's empty half or a band's outside costs a block's triangles
+// only. Scores go through an exact softmax (a block's scores fit in a buffer) in float32, whatever
+// the inputs' dtype (float32, float16 or bfloat16, converted as they are packed).
 //
-// Built by class_kernel.py with the host compiler (-O3 -march=native); vectors are GCC's vector
+// Built by span_kernel.py with the host compiler (-O3 -march=native); vectors are GCC's vector
 // extensions (16 floats), lowered to whatever the CPU has.
 #include <cmath>
 #include <cstdint>
@@ -154,12 +157,12 @@ struct Call {
   const void *q, *k, *v;
   void *out;
   float *lse;
-  // Problem p = (i, c): query head row i of N, class c of `classes`; its keys and values are those
-  // of row i / group. Strides in elements: [row of N, class, row of the problem].
-  int64_t group, classes, q_rows, k_rows, dim, v_dim, diagonal;
+  // Problem (i, c) for i < n, c < classes reads keys and values of problem (i / n_group,
+  // c / class_group). Strides in elements: [i, c, row].
+  int64_t n, classes, n_group, class_group, q_rows, k_rows, dim, v_dim, first, last, strip_rows;
   int64_t q_stride[3], k_stride[3], v_stride[3], out_stride[3], lse_stride[3];
   float scale;
-  int64_t first, last;  // this thread's problems
+  int64_t begin, end;  // this thread's work items: (problem, strip)
 };
 
 inline int64_t clamp(int64_t x, int64_t lo, int64_t hi) { return x < lo ? lo : x > hi ? hi : x; }
@@ -169,16 +172,22 @@ inline void prefetch_rows(const char *base, int64_t stride_bytes, int64_t r0, in
     for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(base + r * stride_bytes + b, 0, 3);
 }
 
+// One work item's place: its problem's q, k, v rows, its rows and the keys they see.
+template <typename In> struct Item {
+  const In *q, *k, *v;
+  int64_t i, c, row_begin, row_end, key_begin, key_end;
+};
+
 template <int IN, int OUT> struct Worker {
   typedef typename Elements<IN>::type In;
   typedef typename Elements<OUT>::type Out;
   const Call &a;
-  int64_t width;  // keys a row of the buffers holds: a multiple of 32
+  int64_t width;  // keys a row of the buffers holds: a strip's, a multiple of 16, and 16 more
   float *keys_t, *values, *scores, *queries;
 
   explicit Worker(const Call &call) : a(call) {
-    int64_t keys = clamp(a.q_rows + a.diagonal, 0, a.k_rows);
-    width = (keys + 31) / 32 * 32;
+    int64_t keys = clamp(a.strip_rows - 1 + a.last - a.first + 1, 0, a.k_rows);
+    width = (keys + LANES - 1) / LANES * LANES + LANES;
     size_t floats = a.dim * width + width * a.v_dim + BLOCK_ROWS * width + BLOCK_ROWS * a.dim;
     keys_t = (float *)aligned_alloc(64, (sizeof(float) * floats + 127) / 64 * 64);
     values = keys_t + a.dim * width;
@@ -188,19 +197,35 @@ template <int IN, int OUT> struct Worker {
   ~Worker() { free(keys_t); }
   bool ok() const { return keys_t != nullptr; }
 
-  const In *row_of(const void *base, const int64_t *stride, int64_t p) const {
-    int64_t i = p / a.classes, c = p % a.classes;
-    return (const In *)base + i * stride[0] + c * stride[1];
+  int64_t keys_from(int64_t row) const { return clamp(row + a.first, 0, a.k_rows); }
+  int64_t keys_to(int64_t row) const { return clamp(row + a.last + 1, 0, a.k_rows); }  // past the last
+
+  Item<In> item(int64_t w) const {
+    int64_t strips = (a.q_rows + a.strip_rows - 1) / a.strip_rows, p = w / strips, t = w % strips;
+    Item<In> it;
+    it.i = p / a.classes;
+    it.c = p % a.classes;
+    int64_t ki = it.i / a.n_group, kc = it.c / a.class_group;
+    it.q = (const In *)a.q + it.i * a.q_stride[0] + it.c * a.q_stride[1];
+    it.k = (const In *)a.k + ki * a.k_stride[0] + kc * a.k_stride[1];
+    it.v = (const In *)a.v + ki * a.v_stride[0] + kc * a.v_stride[1];
+    it.row_begin = t * a.strip_rows;
+    it.row_end = it.row_begin + a.strip_rows < a.q_rows ? it.row_begin + a.strip_rows : a.q_rows;
+    it.key_begin = keys_from(it.row_begin);
+    it.key_end = keys_to(it.row_end - 1);
+    if (it.key_end < it.key_begin) it.key_end = it.key_begin;
+    return it;
   }
 
   void run() {
-    for (int64_t p = a.first; p < a.last; p++) problem(p, p + 1 < a.last ? p + 1 : -1);
+    for (int64_t w = a.begin; w < a.end; w++) strip(item(w), w + 1 < a.end ? w + 1 : -1);
   }
 
-  // Keys [0, keys) of problem p transposed into keys_t (dim x width, zeros past `keys` to a
-  // multiple of 16), its values into `values` (keys x v_dim).
+  // Keys [0, keys) from k transposed into keys_t (dim x width, zeros to a multiple of 16 and 16
+  // past), their values into `values` (keys x v_dim).
   void pack(const In *k, const In *v, int64_t keys) {
-    for (int64_t j0 = 0; j0 < keys; j0 += LANES) {
+    int64_t padded = (keys + LANES - 1) / LANES * LANES + LANES;
+    for (int64_t j0 = 0; j0 < padded; j0 += LANES) {
       for (int64_t d0 = 0; d0 < a.dim; d0 += LANES) {
         f32x16 tile[LANES];
         for (int r = 0; r < LANES; r++)
@@ -210,60 +235,64 @@ template <int IN, int OUT> struct Worker {
       }
     }
     for (int64_t j = 0; j < keys; j++)
-      for (int64_t d = 0; d < a.v_dim; d += LANES) store(values + j * a.v_dim + d, Elements<IN>::load16(v + j * a.v_stride[2] + d));
+      for (int64_t d = 0; d < a.v_dim; d += LANES)
+        store(values + j * a.v_dim + d, Elements<IN>::load16(v + j * a.v_stride[2] + d));
   }
 
-  // scores[i][j] = q_i . k_j (scaled by scale * log2 e) for the block's rows, keys [0, keys).
-  void block_scores(int64_t keys) {
+  // scores[r][j] = q_r . k_(start + j) (scaled by scale * log2 e) for the block's rows, j < keys
+  // (a multiple of 16).
+  void block_scores(int64_t start, int64_t keys) {
+    const float *kt = keys_t + start;
     int64_t j = 0;
     for (; j + 2 * LANES <= keys; j += 2 * LANES) {
       f32x16 s0[BLOCK_ROWS], s1[BLOCK_ROWS];
 #pragma GCC unroll 8
-      for (int i = 0; i < BLOCK_ROWS; i++) s0[i] = s1[i] = splat(0.f);
+      for (int r = 0; r < BLOCK_ROWS; r++) s0[r] = s1[r] = splat(0.f);
       for (int64_t d = 0; d < a.dim; d++) {
-        f32x16 k0 = load(keys_t + d * width + j), k1 = load(keys_t + d * width + j + LANES);
+        f32x16 k0 = load(kt + d * width + j), k1 = load(kt + d * width + j + LANES);
 #pragma GCC unroll 8
-        for (int i = 0; i < BLOCK_ROWS; i++) {
-          float x = queries[i * a.dim + d];
-          s0[i] += x * k0;
-          s1[i] += x * k1;
+        for (int r = 0; r < BLOCK_ROWS; r++) {
+          float x = queries[r * a.dim + d];
+          s0[r] += x * k0;
+          s1[r] += x * k1;
         }
       }
 #pragma GCC unroll 8
-      for (int i = 0; i < BLOCK_ROWS; i++) {
-        store(scores + i * width + j, s0[i]);
-        store(scores + i * width + j + LANES, s1[i]);
+      for (int r = 0; r < BLOCK_ROWS; r++) {
+        store(scores + r * width + j, s0[r]);
+        store(scores + r * width + j + LANES, s1[r]);
       }
     }
     for (; j < keys; j += LANES) {
       f32x16 s0[BLOCK_ROWS];
 #pragma GCC unroll 8
-      for (int i = 0; i < BLOCK_ROWS; i++) s0[i] = splat(0.f);
+      for (int r = 0; r < BLOCK_ROWS; r++) s0[r] = splat(0.f);
       for (int64_t d = 0; d < a.dim; d++) {
-        f32x16 k0 = load(keys_t + d * width + j);
+        f32x16 k0 = load(kt + d * width + j);
 #pragma GCC unroll 8
-        for (int i = 0; i < BLOCK_ROWS; i++) s0[i] += queries[i * a.dim + d] * k0;
+        for (int r = 0; r < BLOCK_ROWS; r++) s0[r] += queries[r * a.dim + d] * k0;
       }
 #pragma GCC unroll 8
-      for (int i = 0; i < BLOCK_ROWS; i++) store(scores + i * width + j, s0[i]);
+      for (int r = 0; r < BLOCK_ROWS; r++) store(scores + r * width + j, s0[r]);
     }
   }
 
-  // Row i's scores over keys [0, seen) as probabilities times their sum (keys past seen: 0);
+  // A row's scores over [0, keys) as probabilities times their sum, zero outside [from, to);
   // returns the row's largest score (base-2 units) and writes the sum.
-  float softmax_row(float *s, int64_t seen, int64_t keys, float *sum) {
+  float softmax_row(float *s, int64_t from, int64_t to, int64_t keys, float *sum) {
     const f32x16 lane = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+    const f32x16 lo = splat((float)from), hi = splat((float)to);
     f32x16 top = splat(-INFINITY);
     for (int64_t j = 0; j < keys; j += LANES) {
-      f32x16 x = load(s + j);
-      x = lane + (float)j < (float)seen ? x : splat(-INFINITY);
+      f32x16 at = lane + (float)j, x = load(s + j);
+      x = at >= lo && at < hi ? x : splat(-INFINITY);
       top = x > top ? x : top;
     }
     float m = lanes_max(top);
     f32x16 total = splat(0.f);
     for (int64_t j = 0; j < keys; j += LANES) {
-      f32x16 x = exp2_nonpositive(load(s + j) - m);
-      x = lane + (float)j < (float)seen ? x : splat(0.f);
+      f32x16 at = lane + (float)j, x = exp2_nonpositive(load(s + j) - m);
+      x = at >= lo && at < hi ? x : splat(0.f);
       total += x;
       store(s + j, x);
     }
@@ -271,57 +300,69 @@ template <int IN, int OUT> struct Worker {
     return m;
   }
 
-  void problem(int64_t p, int64_t next) {
-    int64_t i = p / a.classes, c = p % a.classes, kv = i / a.group * a.classes + c;
-    const In *q = row_of(a.q, a.q_stride, p), *k = row_of(a.k, a.k_stride, kv), *v = row_of(a.v, a.v_stride, kv);
-    Out *out = (Out *)a.out + i * a.out_stride[0] + c * a.out_stride[1];
-    float *lse = a.lse + i * a.lse_stride[0] + c * a.lse_stride[1];
-    int64_t keys = clamp(a.q_rows + a.diagonal, 0, a.k_rows);
-    pack(k, v, keys);
-    const char *q_next = nullptr, *k_next = nullptr, *v_next = nullptr;
-    if (next >= 0) {
-      int64_t kv_next = next / a.classes / a.group * a.classes + next % a.classes;  // as kv above
-      q_next = (const char *)row_of(a.q, a.q_stride, next);
-      k_next = (const char *)row_of(a.k, a.k_stride, kv_next);
-      v_next = (const char *)row_of(a.v, a.v_stride, kv_next);
+  void empty_rows(Out *out, float *lse, int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; r++) {
+      for (int64_t d = 0; d < a.v_dim; d += LANES) Elements<OUT>::store16(out + r * a.out_stride[2] + d, splat(0.f));
+      lse[r * a.lse_stride[2]] = -INFINITY;
     }
-    const int64_t blocks = (a.q_rows + BLOCK_ROWS - 1) / BLOCK_ROWS;
+  }
+
+  void strip(const Item<In> &it, int64_t next) {
+    Out *out = (Out *)a.out + it.i * a.out_stride[0] + it.c * a.out_stride[1];
+    float *lse = a.lse + it.i * a.lse_stride[0] + it.c * a.lse_stride[1];
+    int64_t keys = it.key_end - it.key_begin;
+    if (keys == 0) {
+      empty_rows(out, lse, it.row_begin, it.row_end);
+      return;
+    }
+    pack(it.k + it.key_begin * a.k_stride[2], it.v + it.key_begin * a.v_stride[2], keys);
+    Item<In> after = next >= 0 ? item(next) : it;
+    const int64_t blocks = (it.row_end - it.row_begin + BLOCK_ROWS - 1) / BLOCK_ROWS;
+    const int64_t next_keys = after.key_end - after.key_begin;
     const float q_scale = a.scale * LOG2E;
-    for (int64_t r0 = 0; r0 < a.q_rows; r0 += BLOCK_ROWS) {
-      int64_t rows = a.q_rows - r0 < BLOCK_ROWS ? a.q_rows - r0 : BLOCK_ROWS;
-      if (next >= 0) {  // the next problem's rows, spread over this one's blocks
-        int64_t b = r0 / BLOCK_ROWS, k0 = b * keys / blocks, k1 = (b + 1) * keys / blocks;
-        prefetch_rows(q_next, a.q_stride[2] * sizeof(In), r0, r0 + rows, a.dim * sizeof(In));
-        prefetch_rows(k_next, a.k_stride[2] * sizeof(In), k0, k1, a.dim * sizeof(In));
-        prefetch_rows(v_next, a.v_stride[2] * sizeof(In), k0, k1, a.v_dim * sizeof(In));
+    for (int64_t r0 = it.row_begin; r0 < it.row_end; r0 += BLOCK_ROWS) {
+      int64_t rows = it.row_end - r0 < BLOCK_ROWS ? it.row_end - r0 : BLOCK_ROWS;
+      if (next >= 0) {  // the next item's rows, spread over this one's blocks
+        int64_t b = (r0 - it.row_begin) / BLOCK_ROWS, k0 = after.key_begin + b * next_keys / blocks,
+                k1 = after.key_begin + (b + 1) * next_keys / blocks;
+        int64_t q0 = after.row_begin + b * BLOCK_ROWS, q1 = q0 + BLOCK_ROWS < after.row_end ? q0 + BLOCK_ROWS : after.row_end;
+        prefetch_rows((const char *)after.q, a.q_stride[2] * sizeof(In), q0, q1, a.dim * sizeof(In));
+        prefetch_rows((const char *)after.k, a.k_stride[2] * sizeof(In), k0, k1, a.dim * sizeof(In));
+        prefetch_rows((const char *)after.v, a.v_stride[2] * sizeof(In), k0, k1, a.v_dim * sizeof(In));
       }
-      int64_t block_keys = clamp(r0 + rows + a.diagonal, 0, a.k_rows);  // those its last row sees
+      // The keys the block's rows see between them, as packed-buffer columns [start, start + seen).
+      int64_t from = keys_from(r0), to = keys_to(r0 + rows - 1);
+      if (to <= from) {
+        empty_rows(out, lse, r0, r0 + rows);
+        continue;
+      }
+      int64_t start = from - it.key_begin, seen = to - from, padded = (seen + LANES - 1) / LANES * LANES;
       for (int64_t r = 0; r < BLOCK_ROWS; r++)
         for (int64_t d = 0; d < a.dim; d += LANES)
           store(queries + r * a.dim + d,
-                r < rows ? Elements<IN>::load16(q + (r0 + r) * a.q_stride[2] + d) * q_scale : splat(0.f));
-      int64_t padded = (block_keys + LANES - 1) / LANES * LANES;
-      block_scores(padded);
+                r < rows ? Elements<IN>::load16(it.q + (r0 + r) * a.q_stride[2] + d) * q_scale : splat(0.f));
+      block_scores(start, padded);
       float top[BLOCK_ROWS], sum[BLOCK_ROWS];
       for (int r = 0; r < BLOCK_ROWS; r++) {
         float *s = scores + r * width;
-        int64_t seen = r < rows ? clamp(r0 + r + 1 + a.diagonal, 0, a.k_rows) : 0;
-        if (seen == 0) {
+        int64_t lo = r < rows ? keys_from(r0 + r) - from : 0, hi = r < rows ? keys_to(r0 + r) - from : 0;
+        if (hi <= lo) {
           top[r] = -INFINITY;
           sum[r] = 0.f;
           for (int64_t j = 0; j < padded; j += LANES) store(s + j, splat(0.f));
         } else {
-          top[r] = softmax_row(s, seen, padded, &sum[r]);
+          top[r] = softmax_row(s, lo, hi, padded, &sum[r]);
         }
       }
+      const float *vals = values + start * a.v_dim;
       for (int64_t d0 = 0; d0 < a.v_dim; d0 += 2 * LANES) {
         bool pair = d0 + 2 * LANES <= a.v_dim;
         f32x16 o0[BLOCK_ROWS], o1[BLOCK_ROWS];
 #pragma GCC unroll 8
         for (int r = 0; r < BLOCK_ROWS; r++) o0[r] = o1[r] = splat(0.f);
         if (pair) {
-          for (int64_t j = 0; j < block_keys; j++) {
-            f32x16 x0 = load(values + j * a.v_dim + d0), x1 = load(values + j * a.v_dim + d0 + LANES);
+          for (int64_t j = 0; j < seen; j++) {
+            f32x16 x0 = load(vals + j * a.v_dim + d0), x1 = load(vals + j * a.v_dim + d0 + LANES);
 #pragma GCC unroll 8
             for (int r = 0; r < BLOCK_ROWS; r++) {
               float w = scores[r * width + j];
@@ -330,8 +371,8 @@ template <int IN, int OUT> struct Worker {
             }
           }
         } else {
-          for (int64_t j = 0; j < block_keys; j++) {
-            f32x16 x0 = load(values + j * a.v_dim + d0);
+          for (int64_t j = 0; j < seen; j++) {
+            f32x16 x0 = load(vals + j * a.v_dim + d0);
 #pragma GCC unroll 8
             for (int r = 0; r < BLOCK_ROWS; r++) o0[r] += scores[r * width + j] * x0;
           }
@@ -378,37 +419,36 @@ Runner runner(int in, int out) {
 
 }  // namespace
 
-// Problems (i, c) for i < problems / classes: query rows [0, q_rows) of row i, class c attend the
-// key rows [0, min(k_rows, r + 1 + diagonal)) of row i / group, class c (none: zeros, lse -inf).
-// sizes: problems, group, classes, q_rows, k_rows, dim, v_dim, diagonal; strides: 3 each (elements,
-// [row of N, class, row]) for q, k, v, out, lse. dim and v_dim are multiples of 16. Returns 0, or
-// 1 where a thread's buffers could not be allocated, 2 for an unknown dtype.
-extern "C" int class_attention(const void *q, const void *k, const void *v, void *out, float *lse, int in_dtype,
-                               int out_dtype, const int64_t *sizes, const int64_t *strides, float scale,
-                               int threads) {
+// Problems (i, c), i < n, c < classes: query row r (of q_rows) attends the key rows r + first ..
+// r + last (within 0 .. k_rows - 1; none: zeros and lse -inf) of problem (i / n_group, c /
+// class_group) of k and v. Threads take strips of strip_rows rows of a problem (0: all of them).
+// sizes: n, classes, n_group, class_group, q_rows, k_rows, dim, v_dim, first, last, strip_rows;
+// strides: 3 each (elements, [i, c, row]) for q, k, v, out, lse; dim and v_dim multiples of 16.
+// Returns 0, or 1 where a thread's buffers could not be allocated, 2 for an unknown dtype.
+extern "C" int span_attention(const void *q, const void *k, const void *v, void *out, float *lse, int in_dtype,
+                              int out_dtype, const int64_t *sizes, const int64_t *strides, float scale,
+                              int threads) {
   Runner run = runner(in_dtype, out_dtype);
   if (run == nullptr) return 2;
   Call call = {q, k, v, out, lse};
-  int64_t problems = sizes[0];
-  call.group = sizes[1];
-  call.classes = sizes[2];
-  call.q_rows = sizes[3];
-  call.k_rows = sizes[4];
-  call.dim = sizes[5];
-  call.v_dim = sizes[6];
-  call.diagonal = sizes[7];
+  int64_t *fields[11] = {&call.n, &call.classes, &call.n_group, &call.class_group, &call.q_rows, &call.k_rows,
+                         &call.dim, &call.v_dim, &call.first, &call.last, &call.strip_rows};
+  for (int f = 0; f < 11; f++) *fields[f] = sizes[f];
+  if (call.strip_rows <= 0 || call.strip_rows > call.q_rows) call.strip_rows = call.q_rows;
   int64_t *targets[5] = {call.q_stride, call.k_stride, call.v_stride, call.out_stride, call.lse_stride};
   for (int t = 0; t < 5; t++) memcpy(targets[t], strides + 3 * t, 3 * sizeof(int64_t));
   call.scale = scale;
+  if (call.q_rows <= 0 || call.n * call.classes <= 0) return 0;
+  int64_t items = call.n * call.classes * ((call.q_rows + call.strip_rows - 1) / call.strip_rows);
   constexpr int MAX_THREADS = 256;
-  threads = (int)clamp(threads, 1, clamp(problems, 1, MAX_THREADS));
+  threads = (int)clamp(threads, 1, clamp(items, 1, MAX_THREADS));
   Call calls[MAX_THREADS];
   pthread_t ids[MAX_THREADS];
   bool started[MAX_THREADS] = {};
   for (int t = 0; t < threads; t++) {
     calls[t] = call;
-    calls[t].first = problems * t / threads;
-    calls[t].last = problems * (t + 1) / threads;
+    calls[t].begin = items * t / threads;
+    calls[t].end = items * (t + 1) / threads;
   }
   int failed = 0;
   for (int t = 1; t < threads; t++) started[t] = pthread_create(&ids[t], nullptr, run, &calls[t]) == 0;

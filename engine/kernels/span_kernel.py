@@ -1,5 +1,7 @@
-"""The CPU kernel for a stride's classes (`class_attention.cpp`): many small causal problems, one
-call, each thread taking whole problems with their keys packed once, in cache.
+"""The engine's CPU span kernel (`span_attention.cpp`): many problems in one call, each query row
+attending one span of key rows (row r: keys r + first .. r + last), each thread taking strips of a
+problem's rows with the keys they see packed once, in cache. A stride's classes (strided.py: causal
+squares of a few hundred rows) and a sliding window's band (band.py) run on it.
 
 torch's CPU flash kernel, the alternative, computes such problems 32 or 64 query rows at a time,
 packs each block's keys anew and reads a class's rows (s rows apart) from memory: 0.41-0.52
@@ -25,7 +27,7 @@ import torch
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("class_attention.cpp")
+SOURCE = Path(__file__).with_name("span_attention.cpp")
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-pthread")
 BUILD_TIMEOUT_S = 300
 # The dtypes it reads and writes, as the source numbers them.
@@ -65,7 +67,7 @@ def build(compiler: str) -> Path:
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=60).stdout
     key = hashlib.sha256("\0".join((SOURCE.read_text(), version, " ".join(FLAGS), _cpu_key())).encode()).hexdigest()
     directory = cache_dir()
-    library = directory / f"class_attention-{key[:20]}.so"
+    library = directory / f"span_attention-{key[:20]}.so"
     if library.exists():
         return library
     directory.mkdir(parents=True, exist_ok=True)
@@ -87,48 +89,54 @@ def library() -> ctypes.CDLL | None:
     failed build: logged once), and the engine then keeps torch's kernel."""
     host_compiler = compiler()
     if not host_compiler:
-        log.warning("no C++ compiler found: a stride's classes run on torch's CPU kernel")
+        log.warning("no C++ compiler found: strided and band attention run on torch's CPU kernel")
         return None
     try:
         loaded = ctypes.CDLL(str(build(host_compiler)))
     except (OSError, subprocess.SubprocessError) as error:
         detail = getattr(error, "stderr", None) or error
-        log.warning("the class kernel did not build (%s): a stride's classes run on torch's CPU kernel", detail)
+        log.warning("the span kernel did not build (%s): strided and band attention run on torch's CPU kernel",
+                    detail)
         return None
-    function = loaded.class_attention
+    function = loaded.span_attention
     function.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int, ctypes.c_int, ctypes.POINTER(ctypes.c_int64),
                                                   ctypes.POINTER(ctypes.c_int64), ctypes.c_float, ctypes.c_int]
     function.restype = ctypes.c_int
     return loaded
 
 
+# Spans without a bound on one side: past any key row.
+UNBOUNDED = 1 << 40
+
+
 def takes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
-    """Whether the kernel computes these class views: on the CPU, in a dtype it reads, with head
-    dims a multiple of FEATURES_MULTIPLE, features adjacent, and the kernel built."""
+    """Whether the kernel computes these: on the CPU, in a dtype it reads, with head dims a
+    multiple of FEATURES_MULTIPLE, features adjacent, and the kernel built."""
     return (q.device.type == "cpu" and q.dtype in DTYPES and k.dtype == v.dtype == q.dtype
             and q.shape[-1] % FEATURES_MULTIPLE == 0 and v.shape[-1] % FEATURES_MULTIPLE == 0
             and all(x.stride(-1) == 1 for x in (q, k, v)) and library() is not None)
 
 
-def class_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, diagonal: int, scale: float,
-                    out_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """Attention within each class: q [N, S, Rq, D], k and v [N / G, S, Rk, *] (views, any strides but
-    the features'), query row r of each class attending its class's key rows 0 .. r + diagonal
-    (none: zeros and lse -inf); query head n reads key/value row n // G. Returns (out [N, S, Rq, Dv]
-    in `out_dtype`, laid out as a class view of rows in order, lse float32 alike), computed in
-    float32 whatever q's dtype."""
+def span_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, *,
+                   first: int, last: int, scale: float, strip_rows: int = 0) -> None:
+    """Attention of each problem's query rows over a span of its key rows, written into out and lse:
+    q [N, S, Rq, D], k and v [N / Gn, S / Gs, Rk, *] (views, any strides but the features'), query
+    row r of problem (i, c) attending key rows r + first .. r + last (within 0 .. Rk - 1; none:
+    zeros and lse -inf) of problem (i // Gn, c // Gs); out [N, S, Rq, Dv] in float32 or q's dtype,
+    lse float32 [N, S, Rq], any strides but out's features'. Computed in float32; threads take
+    strips of `strip_rows` rows (0: a problem's rows whole, its keys packed once)."""
     n, classes, q_rows, dim = q.shape
     k_rows, v_dim = k.shape[-2], v.shape[-1]
-    assert k.shape[:2] == v.shape[:2] and k.shape[1] == classes and n % k.shape[0] == 0 and takes(q, k, v)
-    out = torch.empty(n, q_rows, classes, v_dim, dtype=out_dtype).transpose(1, 2)
-    lse = torch.empty(n, q_rows, classes, dtype=torch.float32).transpose(1, 2)
+    assert (k.shape[:2] == v.shape[:2] and n % k.shape[0] == 0 and classes % k.shape[1] == 0 and takes(q, k, v)
+            and out.shape == (n, classes, q_rows, v_dim) and out.dtype in DTYPES and out.stride(-1) == 1
+            and lse.shape == (n, classes, q_rows) and lse.dtype == torch.float32)
     if out.numel() == 0:
-        return out, lse
-    sizes = (ctypes.c_int64 * 8)(n * classes, n // k.shape[0], classes, q_rows, k_rows, dim, v_dim, diagonal)
+        return
+    sizes = (ctypes.c_int64 * 11)(n, classes, n // k.shape[0], classes // k.shape[1], q_rows, k_rows, dim, v_dim,
+                                  max(-UNBOUNDED, first), min(UNBOUNDED, last), strip_rows)
     strides = (ctypes.c_int64 * 15)(*(stride for x in (q, k, v, out, lse) for stride in x.stride()[:3]))
-    status = library().class_attention(q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), lse.data_ptr(),
-                                       DTYPES[q.dtype], DTYPES[out_dtype], sizes, strides, scale,
-                                       torch.get_num_threads())
+    status = library().span_attention(q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), lse.data_ptr(),
+                                      DTYPES[q.dtype], DTYPES[out.dtype], sizes, strides, scale,
+                                      torch.get_num_threads())
     if status:
-        raise MemoryError(f"the class kernel could not allocate its buffers (status {status})")
-    return out, lse
+        raise MemoryError(f"the span kernel could not allocate its buffers (status {status})")

@@ -1,0 +1,245 @@
+"""The CPU span kernel (engine/kernels/span_attention.cpp): its own contract against a float64
+reference, strided and band attention on it against the contract's reference, and the rules that
+send a run to it or to torch's kernel (built or not, its size, its dtype)."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from engine import kernels
+from engine.kernels import dense, span_kernel, strided
+from reference import assert_matches_reference, mask, reference_attention
+
+pytestmark = pytest.mark.skipif(span_kernel.library() is None, reason="no C++ compiler to build the span kernel")
+UNBOUNDED = span_kernel.UNBOUNDED
+
+
+def _span_reference(q, k, v, *, first: int, last: int, scale: float):
+    """Float64: query row r of problem (i, c) attends key rows r + first .. r + last of problem
+    (i // Gn, c // Gs)."""
+    k, v = (x.double().repeat_interleave(q.shape[0] // k.shape[0], 0).repeat_interleave(q.shape[1] // k.shape[1], 1)
+            for x in (k, v))
+    scores = torch.einsum("ncqd,nckd->ncqk", q.double(), k) * scale
+    apart = torch.arange(k.shape[2])[None, :] - torch.arange(q.shape[2])[:, None]  # key row - query row
+    scores = scores.masked_fill((apart < first) | (apart > last), float("-inf"))
+    lse = torch.logsumexp(scores, -1)
+    out = torch.einsum("ncqk,nckd->ncqd", torch.exp(scores - lse[..., None]).nan_to_num(0.0), v)
+    return out, lse
+
+
+def _span(q, k, v, *, first: int, last: int, scale: float, out_dtype=torch.float32, strip_rows: int = 0):
+    out = torch.empty(*q.shape[:-1], v.shape[-1], dtype=out_dtype)
+    lse = torch.empty(q.shape[:-1])
+    span_kernel.span_attention(q, k, v, out, lse, first=first, last=last, scale=scale, strip_rows=strip_rows)
+    return out, lse
+
+
+def _kernel_calls(monkeypatch) -> list:
+    """The span kernel's calls from now on, each recorded as its q's shape (the call still made)."""
+    calls = []
+    real = span_kernel.span_attention
+    monkeypatch.setattr(span_kernel, "span_attention", lambda q, *args, **kwargs: calls.append(tuple(q.shape))
+                        or real(q, *args, **kwargs))
+    return calls
+
+
+@pytest.mark.parametrize("shape,kv_shape,q_rows,k_rows,first,last", [
+    ((2, 3), (2, 3), 37, 37, -UNBOUNDED, 0),  # causal squares, a block's rows cut short
+    ((4, 5), (2, 5), 20, 50, -UNBOUNDED, 30),  # more keys than query rows, grouped on the first axis
+    ((2, 4), (2, 2), 30, 30, -UNBOUNDED, -5),  # the first rows see no key; grouped on the second
+    ((1, 1), (1, 1), 9, 70, -UNBOUNDED, UNBOUNDED),  # every key, one problem
+    ((3, 2), (3, 2), 64, 33, -UNBOUNDED, 0),  # keys end before the query rows
+    ((2, 3), (2, 3), 5, 0, -UNBOUNDED, 0),  # no key at all
+    ((2, 2), (2, 1), 150, 170, 20 - 16, 20),  # a band of 17 (Lq < Lk)
+    ((1, 2), (1, 2), 150, 150, -40, 40),  # a band both ways
+    ((1, 1), (1, 1), 100, 100, 300, 400),  # spans past the keys: no row sees one
+])
+@pytest.mark.parametrize("dim,v_dim", [(16, 16), (32, 48), (64, 16)])
+@pytest.mark.parametrize("strip_rows", [0, 7, 64])
+def test_span_kernel_contract(shape, kv_shape, q_rows, k_rows, first, last, dim, v_dim, strip_rows):
+    """Query row r of each problem attends key rows r + first .. r + last of its key/value problem;
+    rows with none get zeros and lse -inf. Inputs are views with the rows several rows apart (as
+    strided gives them); threads take strips of rows, or problems whole."""
+    g = torch.Generator().manual_seed(q_rows + k_rows)
+
+    def view(lead, rows, features):  # [*lead, rows, features] with rows lead[1] rows apart
+        x = torch.randn(lead[0], rows * lead[1], features, generator=g)
+        return x.reshape(lead[0], rows, lead[1], features).transpose(1, 2)
+
+    q, k, v = view(shape, q_rows, dim), view(kv_shape, k_rows, dim), view(kv_shape, k_rows, v_dim)
+    result = _span(q, k, v, first=first, last=last, scale=0.3, strip_rows=strip_rows)
+    assert_matches_reference(*result, *_span_reference(q, k, v, first=first, last=last, scale=0.3), tol=2e-5)
+
+
+@pytest.mark.parametrize("dtype,out_dtype", [(torch.float16, torch.float16), (torch.float16, torch.float32),
+                                             (torch.bfloat16, torch.bfloat16), (torch.bfloat16, torch.float32),
+                                             (torch.float32, torch.bfloat16)])
+def test_span_kernel_reads_and_writes_half_precision(dtype, out_dtype):
+    """float16 and bfloat16 read as they are (converted as they are packed), computed in float32,
+    written in the dtype asked for, rounded once."""
+    g = torch.Generator().manual_seed(7)
+    q, k, v = (torch.randn(2, 3, 40, 32, generator=g).to(dtype) for _ in range(3))
+    out, lse = _span(q, k, v, first=-UNBOUNDED, last=2, scale=0.25, out_dtype=out_dtype)
+    ref_out, ref_lse = _span_reference(q, k, v, first=-UNBOUNDED, last=2, scale=0.25)
+    assert out.dtype == out_dtype
+    tol = 2e-5 if out_dtype == torch.float32 else 1e-2
+    assert_matches_reference(out.float(), lse, ref_out, ref_lse, tol=tol, lse_tol=2e-5)
+
+
+def _assert_matches_far(result, q, k, v, stride: int, min_distance: int, tol: float = 2e-5):
+    """Against the contract's strided mask without the keys nearer than min_distance, in float64,
+    key/value heads repeated for their query heads."""
+    group = q.shape[1] // k.shape[1]
+    k, v = (x.double().repeat_interleave(group, 1) for x in (k, v))
+    lq, lk = q.shape[-2], k.shape[-2]
+    delta = torch.arange(lk - lq, lk)[:, None] - torch.arange(lk)[None, :]
+    keep = mask({"type": "strided", "stride": stride}, lq, lk, 0, 1) & (delta >= min_distance)
+    scores = torch.einsum("bhqd,bhkd->bhqk", q.double(), k) * 0.25
+    scores = scores.masked_fill(~keep, float("-inf"))
+    ref_lse = torch.logsumexp(scores, -1)
+    ref_out = torch.einsum("bhqk,bhkd->bhqd", torch.exp(scores - ref_lse[..., None]).nan_to_num(0.0), v)
+    out, lse = result
+    assert_matches_reference(out.float(), lse, ref_out, ref_lse, tol=tol)
+
+
+@pytest.mark.parametrize("lq,lk", [(600, 600), (517, 700), (300, 1003), (130, 130)])
+@pytest.mark.parametrize("stride", [1, 8, 13, 64])
+@pytest.mark.parametrize("min_distance", [0, 20])
+@pytest.mark.parametrize("batch,heads,kv_heads", [(2, 4, 2), (1, 1, 1)])
+def test_strided_on_the_span_kernel(monkeypatch, lq, lk, stride, min_distance, batch, heads, kv_heads):
+    """strided(s) (a union's stride: keys at least min_distance back) on the span kernel: Lq < Lk
+    with dummy lead rows, a partial last class row (its own keys merged after), stride 1, grouped
+    heads and one head, against the contract's mask."""
+    calls = _kernel_calls(monkeypatch)
+    g = torch.Generator().manual_seed(lq + stride)
+    q = torch.randn(batch, heads, lq, 16, generator=g)
+    k, v = (torch.randn(batch, kv_heads, lk, 16, generator=g) for _ in range(2))
+    result = kernels.strided_attention(q, k, v, stride=stride, scale=0.25, min_distance=min_distance)
+    assert calls, "the span kernel was not used"
+    _assert_matches_far(result, q, k, v, stride, min_distance)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_strided_half_precision_on_the_span_kernel(monkeypatch, dtype):
+    """Half precision computed in float32 (bfloat16 as on a CPU without AMX) goes to the span
+    kernel unconverted; the result keeps q's dtype (702 keys: whole class rows, so nothing merges
+    in after). Non-contiguous inputs ([B, L, H, D] viewed as
+    [B, H, L, D]), head dims 32 and 48."""
+    monkeypatch.setattr(dense, "cpu_upcast_dtypes", lambda: frozenset({torch.float16, torch.bfloat16}))
+    calls = _kernel_calls(monkeypatch)
+    g = torch.Generator().manual_seed(11)
+    q, k = (torch.randn(2, 517 if i == 0 else 702, 2, 32, generator=g).to(dtype).transpose(1, 2) for i in range(2))
+    v = torch.randn(2, 702, 2, 48, generator=g).to(dtype).transpose(1, 2)
+    out, lse = kernels.strided_attention(q, k, v, stride=13, scale=0.25)
+    assert calls and out.dtype == dtype
+    _assert_matches_far((out, lse), *(x.float() for x in (q, k, v)), 13, 0, tol=2e-2)
+
+
+def test_strided_rules_for_the_span_kernel(monkeypatch):
+    """torch's kernel takes the classes past SPAN_KERNEL_MAX_KEY_ROWS key class rows, a union's
+    second stride (its skipped strides' masks), natively computed half precision (AMX), and head
+    dims not a multiple of 16; the span kernel the rest."""
+    calls = _kernel_calls(monkeypatch)
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(1, 2, 640, 16, generator=g) for _ in range(3))
+
+    def used(qkv=(q, k, v), **kwargs) -> bool:
+        calls.clear()
+        result = kernels.strided_attention(*qkv, scale=0.25, **kwargs)
+        qkv = [x.float() for x in qkv]
+        if not kwargs.get("skip_strides"):
+            _assert_matches_far(result, *qkv, kwargs["stride"], kwargs.get("min_distance", 0), tol=2e-2)
+        return bool(calls)
+
+    assert used(stride=8)  # 80 key class rows
+    monkeypatch.setattr(strided, "SPAN_KERNEL_MAX_KEY_ROWS", 79)
+    assert not used(stride=8)
+    assert used(stride=9)  # 71 rows
+    assert not used(stride=9, min_distance=5, skip_strides=(3,))
+    q12 = torch.randn(1, 2, 640, 24, generator=g)
+    assert not used(stride=9, qkv=(q12, q12, q12))
+    half = [x.bfloat16() for x in (q, k, v)]
+    monkeypatch.setattr(dense, "cpu_upcast_dtypes", lambda: frozenset())  # bfloat16 native, as with AMX
+    assert not used(stride=9, qkv=half)
+    monkeypatch.setattr(dense, "cpu_upcast_dtypes", lambda: frozenset({torch.bfloat16}))
+    assert used(stride=9, qkv=half)
+
+
+def test_span_kernel_falls_back_without_a_compiler(monkeypatch, tmp_path, caplog):
+    """No compiler (or a failed build): said once in the log, and strided and band attention run on
+    torch's kernel."""
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
+    monkeypatch.setenv("ATTN_KERNEL_CACHE", str(tmp_path / "cache"))
+    span_kernel.library.cache_clear()
+    try:
+        with caplog.at_level(logging.WARNING, logger=span_kernel.__name__):
+            assert span_kernel.library() is None and span_kernel.library() is None
+        assert len([r for r in caplog.records if "did not build" in r.getMessage()]) == 1
+        g = torch.Generator().manual_seed(5)
+        q, k, v = (torch.randn(1, 2, 300, 16, generator=g) for _ in range(3))
+        _assert_matches_far(kernels.strided_attention(q, k, v, stride=8, scale=0.25), q, k, v, 8, 0)
+        _assert_band_matches(kernels.band_attention(q, k, v, window=40, scale=0.25), q, k, v, 40, True)
+    finally:
+        span_kernel.library.cache_clear()
+
+
+def test_span_kernel_is_built_once_per_cache(monkeypatch, tmp_path):
+    """The built library is kept in the cache directory under a key of the source, compiler and CPU:
+    a second build finds it and compiles nothing."""
+    monkeypatch.setenv("ATTN_KERNEL_CACHE", str(tmp_path))
+    compiler = span_kernel.compiler()
+    first = span_kernel.build(compiler)
+    built = first.stat().st_mtime_ns
+    assert first.parent == tmp_path and span_kernel.build(compiler) == first
+    assert first.stat().st_mtime_ns == built and not list(tmp_path.glob("*.partial"))
+
+
+def _assert_band_matches(result, q, k, v, window: int, causal: bool, tol: float = 2e-5):
+    """Against the contract's sliding_window(w) mask, key/value heads repeated for their query heads."""
+    group = q.shape[1] // k.shape[1]
+    k, v = (x.float().repeat_interleave(group, 1) for x in (k, v))
+    ref_out, ref_lse = reference_attention(q.float(), k, v, {"type": "sliding_window", "window": window},
+                                           causal=causal, scale=0.25)
+    assert_matches_reference(result[0].float(), result[1], ref_out, ref_lse, tol=tol)
+
+
+@pytest.mark.parametrize("lq,lk", [(600, 600), (517, 700), (300, 1003), (1, 300), (40, 50)])
+@pytest.mark.parametrize("window", [1, 5, 64, 333, 2000])
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("batch,heads,kv_heads", [(2, 4, 2), (1, 1, 1)])
+def test_band_on_the_span_kernel(monkeypatch, lq, lk, window, causal, batch, heads, kv_heads):
+    """sliding_window(w) on the span kernel, causal or both ways: Lq < Lk, a decode row, windows of
+    one key and wider than the keys, grouped heads and one head, strips of 256 rows cut short."""
+    calls = _kernel_calls(monkeypatch)
+    g = torch.Generator().manual_seed(lq + window)
+    q = torch.randn(batch, heads, lq, 16, generator=g)
+    k, v = (torch.randn(batch, kv_heads, lk, 16, generator=g) for _ in range(2))
+    result = kernels.band_attention(q, k, v, window=window, scale=0.25, causal=causal)
+    assert calls, "the span kernel was not used"
+    _assert_band_matches(result, q, k, v, window, causal)
+
+
+def test_band_rules_for_the_span_kernel(monkeypatch):
+    """torch's kernel takes a band in natively computed half precision (AMX) and head dims not a
+    multiple of 16; the span kernel float32 and half precision computed in float32."""
+    calls = _kernel_calls(monkeypatch)
+    g = torch.Generator().manual_seed(4)
+    q, k, v = (torch.randn(1, 2, 500, 16, generator=g) for _ in range(3))
+
+    def used(q, k, v) -> bool:
+        calls.clear()
+        result = kernels.band_attention(q, k, v, window=50, scale=0.25)
+        _assert_band_matches(result, q, k, v, 50, True, tol=2e-5 if q.dtype == torch.float32 else 2e-2)
+        assert result[0].dtype == q.dtype
+        return bool(calls)
+
+    assert used(q, k, v)
+    assert not used(*(torch.randn(1, 2, 500, 24, generator=g) for _ in range(3)))
+    half = [x.bfloat16() for x in (q, k, v)]
+    monkeypatch.setattr(dense, "cpu_upcast_dtypes", lambda: frozenset())  # bfloat16 native, as with AMX
+    assert not used(*half)
+    monkeypatch.setattr(dense, "cpu_upcast_dtypes", lambda: frozenset({torch.bfloat16}))
+    assert used(*half)
