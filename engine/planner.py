@@ -25,6 +25,7 @@ from typing import Callable, Iterator
 import torch
 
 from . import kernels
+from .kernels import span_kernel
 from .kernels.dense import SMALL_MASK_ELEMENTS, as_computed, padded_head_dims, without_padding
 from .kernels.device import kernel_device
 from .kernels.fixed import SHORT_RUN_ROWS
@@ -57,16 +58,19 @@ class Plan:
     a stride's short runs fold them: a decode row, a causal chunk whose square is a kept mask). On
     CUDA the head dims are padded once for every step (`pads_head_dims`). `continues`: of two
     steps, the second continues the first's partial (its `seed`: fixed's, which its Triton kernel
-    merges inside its launch) instead of the two merging after."""
+    merges inside its launch) instead of the two merging after. `span_kernel_reads`: its steps
+    read half precision as it is where the CPU span kernel takes q, k and v (a window and strides:
+    the band and each stride's classes on it), so nothing is converted beforehand there."""
 
     backend: str
     steps: tuple[Callable[..., Partial], ...]
     converts_in_steps: bool = False
     grouped_kv_on_cuda: bool = False
     continues: bool = False
+    span_kernel_reads: bool = False
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> Partial:
-        if not self.converts_in_steps:
+        if not (self.converts_in_steps or self.span_kernel_reads and span_kernel.takes(q, k, v)):
             q, k, v = as_computed(q, k, v)
         dv = v.shape[-1]
         if pads_head_dims(q.device):
@@ -373,4 +377,5 @@ def _structured_union(pattern: Union, lq: int, lk: int, causal: bool) -> Plan | 
     few_rows = all(few_classes(lq, stride) for stride in strides) and (not fixed or lq < fixed.block)
     alone = [structured_plan(member, lq, lk, causal) for member in pattern.patterns]  # each member's own plan
     return Plan(name, tuple(steps), converts_in_steps=few_rows,
-                grouped_kv_on_cuda=all(p.grouped_kv_on_cuda for p in alone), continues=bool(fixed) and len(steps) == 2)
+                grouped_kv_on_cuda=all(p.grouped_kv_on_cuda for p in alone), continues=bool(fixed) and len(steps) == 2,
+                span_kernel_reads=bool(window and strides and not fixed))

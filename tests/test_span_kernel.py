@@ -243,3 +243,27 @@ def test_band_rules_for_the_span_kernel(monkeypatch):
     assert not used(*half)
     monkeypatch.setattr(dense, "cpu_upcast_dtypes", lambda: frozenset({torch.bfloat16}))
     assert used(*half)
+
+
+@pytest.mark.parametrize("dim", [16, 24])
+def test_a_union_reads_half_precision_on_the_span_kernel(monkeypatch, dim):
+    """union(sliding_window, strided) in half precision computed in float32: where the span kernel
+    takes q, k and v the plan converts nothing beforehand, the band and the stride read float16 as
+    it is and write float32 partials, and the merge rounds each row once into float16; where it
+    does not (head dim 24) the plan converts them first, as before."""
+    from engine import attention
+
+    monkeypatch.setattr(dense, "cpu_upcast_dtypes", lambda: frozenset({torch.float16, torch.bfloat16}))
+    seen = []
+    real = span_kernel.span_attention
+    monkeypatch.setattr(span_kernel, "span_attention", lambda q, k, v, out, lse, **kwargs: seen.append(
+        (q.dtype, out.dtype)) or real(q, k, v, out, lse, **kwargs))
+    g = torch.Generator().manual_seed(9)
+    q, k, v = (torch.randn(1, 2, 700, dim, generator=g).half() for _ in range(3))
+    pattern = {"type": "union", "patterns": [{"type": "sliding_window", "window": 40},
+                                             {"type": "strided", "stride": 16}]}
+    out, lse = attention(q, k, v, pattern, scale=0.25, return_lse=True)
+    assert seen == ([(torch.float16, torch.float32)] * 2 if dim == 16 else [])
+    assert out.dtype == torch.float16
+    ref_out, ref_lse = reference_attention(q.float(), k.float(), v.float(), pattern, scale=0.25)
+    assert_matches_reference(out.float(), lse, ref_out, ref_lse, tol=1e-2, lse_tol=2e-5)

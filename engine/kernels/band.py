@@ -122,11 +122,12 @@ def row_major(x: torch.Tensor) -> torch.Tensor:
 
 def band_pieces(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, window: int, scale: float, causal: bool = True,
-    tile: int | None = None,
+    tile: int | None = None, out_dtype: torch.dtype | None = None,
 ) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
     """Sliding-window attention as (first row, out, lse) pieces covering rows 0..Lq-1 in order,
     queries bottom-right aligned: a consumer that writes a new tensor anyway (a union's merge)
-    can take them without first joining them."""
+    can take them without first joining them, and asks for the span kernel's piece in `out_dtype`
+    (float32 where it merges, so that the result is rounded once; q's dtype unless said)."""
     lo = max(0, k.shape[-2] - q.shape[-2] - window + 1)  # no row attends a key before its window
     k, v = row_range(k, lo, k.shape[-2] - lo), row_range(v, lo, v.shape[-2] - lo)  # the rule depends on i - j alone
     if triton_band.takes(q, v, causal):  # it reads key/value head h // (H / Hkv) itself
@@ -144,7 +145,7 @@ def band_pieces(
     if kernel_device(q.device) == "cpu" and not cpu_native_half(q.dtype) and span_kernel.takes(q, k, v):
         # every row's band in one call: heads on the kernel's second axis, grouped ones as they are
         offset = k.shape[-2] - q.shape[-2]
-        out = q.new_empty(*q.shape[:-1], v.shape[-1])
+        out = q.new_empty(*q.shape[:-1], v.shape[-1], dtype=out_dtype or q.dtype)
         lse = torch.empty(q.shape[:-1], dtype=torch.float32)
         span_kernel.span_attention(q, k, v, out, lse, first=offset - window + 1,
                                    last=offset + (0 if causal else window - 1), scale=scale,

@@ -156,7 +156,7 @@ def _classes(x: torch.Tensor, start: int, stop: int, stride: int) -> torch.Tenso
 
 def strided_pieces(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, stride: int, scale: float, min_distance: int = 0,
-    skip_strides: tuple[int, ...] = (),
+    skip_strides: tuple[int, ...] = (), out_dtype: torch.dtype | None = None,
 ) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
     """Strided attention with i - j >= min_distance, off `skip_strides`, as (first row, out, lse)
     pieces over consecutive query rows, queries bottom-right aligned; rows before the first piece
@@ -164,9 +164,12 @@ def strided_pieces(
     a CPU where it is slow is computed in float32 (`as_computed`): a long run converts a group of
     classes at a time as its calls read them where the classes outgrow CLASS_GROUP_BYTES
     (`_class_groups`), else whole, and a short run whole unless its rows read few classes
-    (`few_classes`: then each call converts what it reads).
+    (`few_classes`: then each call converts what it reads). A long run's pieces come in
+    `out_dtype` (q's unless said: a union that merges them after asks for float32, so that its
+    result is rounded once), or float32 where the keys of a partial last class row merge in here.
 
-    Query class rows are cut into chunks; a chunk sees the key class rows up to its last row under
+    On the span kernel the class rows go in one call. On torch's kernel query class rows are cut
+    into chunks; a chunk sees the key class rows up to its last row under
     one shared [chunk, keys] mask, so the work is ~(chunks + 1) / (2 chunks) of the full square
     (the CPU kernel's own causal skipping is coarse: none below 512 rows)."""
     if q.shape[-2] < stride:
@@ -200,7 +203,7 @@ def strided_pieces(
         return _classes(q, skip * s, (skip + rows) * s, s), *(_classes(x, 0, read * s, s) for x in (k, v))
 
     own_keys = min_distance == 0 and not skip_strides and key_rows * s < lk
-    out_dtype = dtype if own_keys else q.dtype  # rounded once, after the own keys merge in
+    out_dtype = dtype if own_keys else out_dtype or q.dtype  # rounded once, after the own keys merge in
     qc, kc, vc = class_views(q, k, v)
     if _on_span_kernel(qc, kc, vc, skip_strides, device):  # into a buffer laid out as q's rows
         out = qc.new_empty(qc.shape[0], rows, s, dv, dtype=out_dtype).transpose(1, 2)

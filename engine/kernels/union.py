@@ -13,6 +13,7 @@ import torch
 
 from . import triton_band
 from .band import band_pieces, row_range
+from .dense import computed_dtype
 from .merge import merge_to
 from .strided import strided_attention, strided_pieces
 
@@ -26,6 +27,7 @@ def band_strided_attention(
     no float32 output to convert after); more strides fold into a float32 one."""
     b, h, lq, _ = q.shape
     ready: dict[int, list[tuple[int, torch.Tensor, torch.Tensor]]] = {}
+    merged = computed_dtype(q)  # the partials' dtype: each row's result is rounded once, in the merge
 
     def pieces(n: int) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
         """Stride n's pieces over consecutive rows from some row to the last: its keys at distance
@@ -34,7 +36,7 @@ def band_strided_attention(
             return ready.pop(n)
         kwargs = dict(stride=strides[n], scale=scale, min_distance=window, skip_strides=strides[:n])
         if causal:
-            return strided_pieces(q, k, v, **kwargs)
+            return strided_pieces(q, k, v, out_dtype=merged, **kwargs)
         return [(0, *strided_attention(q, k, v, causal=False, **kwargs))]
 
     if len(strides) <= 2 and triton_band.takes(q, v, causal, seeded=True):
@@ -46,7 +48,7 @@ def band_strided_attention(
     others = pieces(0)
     out = torch.empty(b, h, lq, v.shape[-1], dtype=q.dtype if len(strides) == 1 else torch.float32, device=q.device)
     lse = torch.empty(b, h, lq, dtype=torch.float32, device=q.device)
-    for row, p_out, p_lse in band_pieces(q, k, v, window=window, scale=scale, causal=causal):
+    for row, p_out, p_lse in band_pieces(q, k, v, window=window, scale=scale, causal=causal, out_dtype=merged):
         end = row + p_out.shape[-2]
         at = row
         for o_row, o_out, o_lse in others:
