@@ -139,9 +139,10 @@ def test_strided_half_precision_on_the_span_kernel(monkeypatch, dtype):
 
 
 def test_strided_rules_for_the_span_kernel(monkeypatch):
-    """torch's kernel takes the classes past SPAN_KERNEL_MAX_KEY_ROWS key class rows, a union's
-    second stride (its skipped strides' masks), natively computed half precision (AMX), and head
-    dims not a multiple of 16; the span kernel the rest."""
+    """torch's kernel takes the classes past SPAN_KERNEL_MAX_KEY_ROWS key class rows (past
+    NATIVE_HALF_SPAN_MAX_KEY_ROWS in half precision computed natively, as with AMX), a union's
+    second stride (its skipped strides' masks) and head dims not a multiple of 16; the span kernel
+    the rest."""
     calls = _kernel_calls(monkeypatch)
     g = torch.Generator().manual_seed(3)
     q, k, v = (torch.randn(1, 2, 640, 16, generator=g) for _ in range(3))
@@ -163,6 +164,8 @@ def test_strided_rules_for_the_span_kernel(monkeypatch):
     assert not used(stride=9, qkv=(q12, q12, q12))
     half = [x.bfloat16() for x in (q, k, v)]
     monkeypatch.setattr(dense, "cpu_upcast_dtypes", lambda: frozenset())  # bfloat16 native, as with AMX
+    assert used(stride=9, qkv=half)
+    monkeypatch.setattr(strided, "NATIVE_HALF_SPAN_MAX_KEY_ROWS", 70)
     assert not used(stride=9, qkv=half)
     monkeypatch.setattr(dense, "cpu_upcast_dtypes", lambda: frozenset({torch.bfloat16}))
     assert used(stride=9, qkv=half)
@@ -223,8 +226,8 @@ def test_band_on_the_span_kernel(monkeypatch, lq, lk, window, causal, batch, hea
 
 
 def test_band_rules_for_the_span_kernel(monkeypatch):
-    """torch's kernel takes a band in natively computed half precision (AMX) and head dims not a
-    multiple of 16; the span kernel float32 and half precision computed in float32."""
+    """torch's kernel takes a band of head dims not a multiple of 16; the span kernel float32 and
+    half precision, computed natively (AMX) or not."""
     calls = _kernel_calls(monkeypatch)
     g = torch.Generator().manual_seed(4)
     q, k, v = (torch.randn(1, 2, 500, 16, generator=g) for _ in range(3))
@@ -240,7 +243,7 @@ def test_band_rules_for_the_span_kernel(monkeypatch):
     assert not used(*(torch.randn(1, 2, 500, 24, generator=g) for _ in range(3)))
     half = [x.bfloat16() for x in (q, k, v)]
     monkeypatch.setattr(dense, "cpu_upcast_dtypes", lambda: frozenset())  # bfloat16 native, as with AMX
-    assert not used(*half)
+    assert used(*half)
     monkeypatch.setattr(dense, "cpu_upcast_dtypes", lambda: frozenset({torch.bfloat16}))
     assert used(*half)
 

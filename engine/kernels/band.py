@@ -26,7 +26,7 @@ import functools
 import torch
 
 from . import span_kernel, triton_band
-from .dense import (additive_mask, as_computed, cpu_native_half, cuda_operand, dense_attention, flash_supported, fused,
+from .dense import (additive_mask, as_computed, cuda_operand, dense_attention, flash_supported, fused,
                     fused_under, kept_when_small, math_attention, repeated_operand, same_head_dim, without_padding)
 from .device import kernel_device
 from .merge import join_rows
@@ -142,8 +142,10 @@ def band_pieces(
         return [(0, torch.cat([out for out, _ in parts], 1), torch.cat([lse for _, lse in parts], 1))]
     if flash_supported(q, v) and flash_window_supported(q.device, causal):
         return [(0, *_flash_window(q, k, v, window=window, scale=scale, causal=causal))]
-    if kernel_device(q.device) == "cpu" and not cpu_native_half(q.dtype) and span_kernel.takes(q, k, v):
-        # every row's band in one call: heads on the kernel's second axis, grouped ones as they are
+    if kernel_device(q.device) == "cpu" and span_kernel.takes(q, k, v):
+        # every row's band in one call: heads on the kernel's second axis, grouped ones as they are;
+        # bfloat16 too where AMX runs it natively (sliding_window(128) at n = 16384, H = 8, D = 64,
+        # ms: 24.6 against torch's tiles' 30.4, 49.5 / 60.1 at 32768; w = 256 42.8 / 43.8)
         offset = k.shape[-2] - q.shape[-2]
         out = q.new_empty(*q.shape[:-1], v.shape[-1], dtype=out_dtype or q.dtype)
         lse = torch.empty(q.shape[:-1], dtype=torch.float32)

@@ -18,8 +18,8 @@ strides, which count the keys at their multiples) mask those keys.
 
 On the CPU a long run's classes go to the span kernel (`span_kernel`, C++ built at first use)
 where it takes them: one call, each thread computing whole classes with their keys packed once, in
-cache, and no copy of K, V or the output; else (no compiler, skipped strides, AMX's native half
-precision, longer classes) to torch's kernel in chunks as above. strided(64), H = 8, D = 64,
+cache, and no copy of K, V or the output; else (no compiler, skipped strides, longer classes,
+from fewer rows in half precision that AMX runs natively) to torch's kernel in chunks as above. strided(64), H = 8, D = 64,
 float32, ms, span kernel / torch's in chunks: n = 16384 28.2 / 40.8, 65536 296.6 / 430.5.
 
 Fewer query rows than s (a decode step, a short chunk) leave most classes without a query: then
@@ -130,6 +130,12 @@ CLASS_GROUP_BYTES = 16 << 20
 # 65536 571.5 / 720.4, strided(8) at 16384 148.6 / 179.1; 4096 rows, strided(16) at 65536 1306.3 /
 # 1180.4.
 SPAN_KERNEL_MAX_KEY_ROWS = 2048
+# Where AMX runs half precision natively, torch's kernel wins from fewer class rows: bfloat16, H =
+# 8, D = 64, ms, span kernel / torch's (256-row chunks; best of 6, in turn): 64 rows (strided(256)
+# at n = 16384) 11.5 / 20.4, 128 rows (strided(128)) 17.1-17.2 / 22.4-23.6, 170 (strided(96))
+# 27.4 / 38.1; 256 rows 26.5-26.6 / 24.7-24.9 (strided(64) at 16384), 50.0 / 50.1 (strided(128) at
+# 32768); 1024 rows (strided(64) at 65536) 310.8 / 208.2.
+NATIVE_HALF_SPAN_MAX_KEY_ROWS = 192
 
 
 def off_strides(distance: torch.Tensor, strides: tuple[int, ...]) -> torch.Tensor:
@@ -230,11 +236,11 @@ def strided_pieces(
 def _on_span_kernel(qc: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, skip_strides: tuple[int, ...],
                      device: str) -> bool:
     """Whether a long run's classes go to the CPU span kernel (`span_kernel`) rather than torch's
-    kernel in chunks: on the CPU where half precision is not native (AMX is faster still), without
-    skipped strides (their masks), up to SPAN_KERNEL_MAX_KEY_ROWS key class rows, and where the
-    kernel takes the views."""
-    return (device == "cpu" and not skip_strides and not cpu_native_half(qc.dtype)
-            and kc.shape[-2] <= SPAN_KERNEL_MAX_KEY_ROWS and span_kernel.takes(qc, kc, vc))
+    kernel in chunks: on the CPU, without skipped strides (their masks), up to
+    SPAN_KERNEL_MAX_KEY_ROWS key class rows (NATIVE_HALF_SPAN_MAX_KEY_ROWS in half precision that
+    AMX runs natively), and where the kernel takes the views."""
+    most = NATIVE_HALF_SPAN_MAX_KEY_ROWS if cpu_native_half(qc.dtype) else SPAN_KERNEL_MAX_KEY_ROWS
+    return device == "cpu" and not skip_strides and kc.shape[-2] <= most and span_kernel.takes(qc, kc, vc)
 
 
 def _torch_chunk_results(q, k, v, class_views, *, rows: int, seen: int, back: int, key_rows: int, stride: int,
