@@ -144,6 +144,7 @@ def unknown_variables(environ: Mapping[str, str]) -> list[str]:
     return sorted(name for name in environ if name.startswith("ATTN_") and name not in known)
 
 
-# ATTN_* variables read by docker/compose*.yaml for itself, and by the test suite (`make fuzz`).
+# ATTN_* variables read by docker/compose*.yaml for itself, by the test suite (`make fuzz`), and by
+# the engine (where it keeps its built CPU span kernel: engine/kernels/span_kernel.py).
 NOT_SETTINGS = frozenset({"ATTN_REPLICAS", "ATTN_CPUS", "ATTN_MEMORY", "ATTN_PUBLISH_PORT", "ATTN_IMAGE",
-                          "ATTN_GPUS_PER_REPLICA", "ATTN_FUZZ_EXAMPLES"})
+                          "ATTN_GPUS_PER_REPLICA", "ATTN_FUZZ_EXAMPLES", "ATTN_KERNEL_CACHE"})

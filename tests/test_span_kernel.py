@@ -122,6 +122,22 @@ def test_strided_on_the_span_kernel(monkeypatch, lq, lk, stride, min_distance, b
     _assert_matches_far(result, q, k, v, stride, min_distance)
 
 
+@pytest.mark.parametrize("lq,lk", [(600, 600), (517, 700), (300, 1003), (130, 130)])
+@pytest.mark.parametrize("stride", [1, 8, 13, 64])
+def test_non_causal_strided_on_the_span_kernel(monkeypatch, lq, lk, stride):
+    """Without causality each class attends all of itself: one unbounded span per class (dummy rows
+    before and after the queries, the partial last key class row merged after), grouped heads."""
+    calls = _kernel_calls(monkeypatch)
+    g = torch.Generator().manual_seed(lq + stride)
+    q = torch.randn(2, 4, lq, 16, generator=g)
+    k, v = (torch.randn(2, 2, lk, 16, generator=g) for _ in range(2))
+    out, lse = kernels.strided_attention(q, k, v, stride=stride, scale=0.25, causal=False)
+    assert calls, "the span kernel was not used"
+    k, v = (x.repeat_interleave(2, 1) for x in (k, v))
+    ref_out, ref_lse = reference_attention(q, k, v, {"type": "strided", "stride": stride}, causal=False, scale=0.25)
+    assert_matches_reference(out, lse, ref_out, ref_lse, tol=2e-5)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_strided_half_precision_on_the_span_kernel(monkeypatch, dtype):
     """Half precision computed in float32 (bfloat16 as on a CPU without AMX) goes to the span

@@ -18,9 +18,10 @@ strides, which count the keys at their multiples) mask those keys.
 
 On the CPU a long run's classes go to the span kernel (`span_kernel`, C++ built at first use)
 where it takes them: one call, each thread computing whole classes with their keys packed once, in
-cache, and no copy of K, V or the output; else (no compiler, skipped strides, longer classes,
-from fewer rows in half precision that AMX runs natively) to torch's kernel in chunks as above. strided(64), H = 8, D = 64,
-float32, ms, span kernel / torch's in chunks: n = 16384 28.2 / 40.8, 65536 296.6 / 430.5.
+cache, and no copy of K, V or the output; else (no compiler, skipped strides, longer classes, from
+fewer rows in half precision that AMX runs natively) to torch's kernel in chunks as above.
+strided(64), H = 8, D = 64, float32, ms, span kernel / torch's in chunks: n = 16384 28.2 / 40.8,
+65536 296.6 / 430.5.
 
 Fewer query rows than s (a decode step, a short chunk) leave most classes without a query: then
 each row, alone in its class, attends a view of its class's keys, and only those classes are read.
@@ -217,8 +218,9 @@ def strided_pieces(
         span_kernel.span_attention(qc, kc, vc, out, lse, first=-span_kernel.UNBOUNDED, last=seen, scale=scale)
         results = [(0, rows, out, lse)]
     else:
-        results = _torch_chunk_results(q, k, v, class_views, rows=rows, seen=seen, back=back, key_rows=key_rows,
-                                       stride=s, skip_strides=skip_strides, scale=scale, out_dtype=out_dtype)
+        results = _torch_chunk_results(q, k, v, (qc, kc, vc), class_views, rows=rows, seen=seen, back=back,
+                                       key_rows=key_rows, skip_strides=skip_strides, scale=scale,
+                                       out_dtype=out_dtype)
     pieces = []
     for c0, c1, out, lse in results:
         first = (skip + c0) * s - lead  # q row of the chunk's first position
@@ -243,11 +245,13 @@ def _on_span_kernel(qc: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, skip_s
     return device == "cpu" and not skip_strides and kc.shape[-2] <= most and span_kernel.takes(qc, kc, vc)
 
 
-def _torch_chunk_results(q, k, v, class_views, *, rows: int, seen: int, back: int, key_rows: int, stride: int,
+def _torch_chunk_results(q, k, v, views, class_views, *, rows: int, seen: int, back: int, key_rows: int,
                          skip_strides: tuple[int, ...], scale: float, out_dtype: torch.dtype):
     """`strided_pieces`' class rows on torch's kernel, in chunks: (first row, last row + 1, out, lse)
-    of each, as `_chunk_results` gives them."""
-    s, device, dtype = stride, kernel_device(q.device), computed_dtype(q)
+    of each, as `_chunk_results` gives them, from q's, K's and V's class `views` (or, converted
+    whole, `class_views` of their float32 copies)."""
+    qc, kc, vc = views
+    s, device, dtype = kc.shape[1], kernel_device(q.device), computed_dtype(q)
     square = seen == 0 and not skip_strides  # chunk [0, c1) is then the causal square of c1 class rows
     if square and rows >= CPU_CAUSAL_SKIP_ROWS and device != "cuda":
         # The CPU kernel skips a square's empty blocks itself from that many rows: the whole class
@@ -269,7 +273,6 @@ def _torch_chunk_results(q, k, v, class_views, *, rows: int, seen: int, back: in
             width = _masked_key_rows(width, key_rows, device)
             chunks.append((c0, c1, width, class_distance_mask(seen + c0 + back, c1 - c0, width, back, s, skip_strides,
                                                               True, dtype, q.device)))
-    qc, kc, vc = class_views(q, k, v)
     groups = _class_groups(kc, vc, len(chunks), dtype, device)
     if len(groups) == 1:  # every class in each call: converted whole, once
         qc, kc, vc = class_views(*as_computed(q, k, v))
@@ -508,7 +511,8 @@ def _every_class_key(q, k, v, *, stride: int, scale: float, min_distance: int,
     the class views, without a mask in one call or, with a minimum distance m (a union with a
     window reaching both ways) or skipped strides, under one shared mask that drops the key class
     rows nearer than ceil(m/s) and those at a skipped stride's multiples, in calls of at most
-    MASK_BUDGET mask elements. Keys in whole class rows are a view;
+    MASK_BUDGET mask elements; without either, on the CPU, in one span-kernel call where it takes
+    them. Keys in whole class rows are a view;
     the last, partial row gives classes c < Lk mod s one more key each, merged in by log-sum-exp."""
     b, h, lq, _ = q.shape
     lk, dv, s = k.shape[-2], v.shape[-1], stride
@@ -520,9 +524,16 @@ def _every_class_key(q, k, v, *, stride: int, scale: float, min_distance: int,
     qc = _classes(F.pad(q, (0, 0, lead, trail)) if lead or trail else q, 0, q_rows * s, s)
     key_rows, rest = divmod(lk, s)
     kc, vc = _classes(k, 0, key_rows * s, s), _classes(v, 0, key_rows * s, s)
-    kc, vc = _keys_as_read(q_rows, kc, vc, kernel_device(q.device))
     step = max(1, MASK_BUDGET // max(1, key_rows))
-    if key_rows and not near and not skip_strides:  # a fresh result, merged into in place below
+    on_span_kernel = key_rows and not near and _on_span_kernel(qc, kc, vc, skip_strides, kernel_device(q.device))
+    if not on_span_kernel:  # torch's calls below: K and V class by class where that pays
+        kc, vc = _keys_as_read(q_rows, kc, vc, kernel_device(q.device))
+    if on_span_kernel:  # every key of the class: an unbounded span, into a buffer laid out as q's rows
+        out = qc.new_empty(b * h, q_rows, s, dv).transpose(1, 2)
+        lse = torch.empty(b * h, q_rows, s, dtype=torch.float32).transpose(1, 2)
+        span_kernel.span_attention(qc, kc, vc, out, lse, first=-span_kernel.UNBOUNDED, last=span_kernel.UNBOUNDED,
+                                   scale=scale)
+    elif key_rows and not near and not skip_strides:  # a fresh result, merged into in place below
         out, lse = grid_attention(qc, kc, vc, None, None, scale=scale)
     elif key_rows and q_rows <= step:  # one masked call: its result, fresh too
         mask, empty = class_distance_mask(base, q_rows, key_rows, near, s, skip_strides, False, q.dtype, q.device)
