@@ -34,6 +34,8 @@ BUILD_TIMEOUT_S = 300
 DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 # Head dims are read 16 features at a time.
 FEATURES_MULTIPLE = 16
+# A span without a bound on one side: past any key row.
+UNBOUNDED = 1 << 40
 
 
 def cache_dir() -> Path:
@@ -61,26 +63,26 @@ def compiler() -> str | None:
     return os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
 
 
-def build(compiler: str) -> Path:
-    """The built library, compiled now unless the cache holds it (written whole, then renamed: two
-    processes building at once each leave a complete file)."""
-    version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=60).stdout
+def build(cxx: str) -> Path:
+    """The library built by compiler `cxx`, compiled now unless the cache holds it (written whole,
+    then renamed: two processes building at once each leave a complete file)."""
+    version = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=60).stdout
     key = hashlib.sha256("\0".join((SOURCE.read_text(), version, " ".join(FLAGS), _cpu_key())).encode()).hexdigest()
     directory = cache_dir()
-    library = directory / f"span_attention-{key[:20]}.so"
-    if library.exists():
-        return library
+    built = directory / f"span_attention-{key[:20]}.so"
+    if built.exists():
+        return built
     directory.mkdir(parents=True, exist_ok=True)
     handle, partial = tempfile.mkstemp(dir=directory, suffix=".so.partial")
     os.close(handle)
     try:
-        subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", partial], check=True, capture_output=True, text=True,
+        subprocess.run([cxx, *FLAGS, str(SOURCE), "-o", partial], check=True, capture_output=True, text=True,
                        timeout=BUILD_TIMEOUT_S)
-        os.replace(partial, library)
+        os.replace(partial, built)
     finally:
         if os.path.exists(partial):
             os.unlink(partial)
-    return library
+    return built
 
 
 @functools.cache
@@ -103,10 +105,6 @@ def library() -> ctypes.CDLL | None:
                                                   ctypes.POINTER(ctypes.c_int64), ctypes.c_float, ctypes.c_int]
     function.restype = ctypes.c_int
     return loaded
-
-
-# Spans without a bound on one side: past any key row.
-UNBOUNDED = 1 << 40
 
 
 def takes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
