@@ -78,6 +78,7 @@ template <> struct Elements<BFLOAT16> {
   static void store16(uint16_t *p, f32x16 x) {
     u32x16 bits = (u32x16)x;
     bits = (bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16;
+    bits = x != x ? u32x16{} + 0x7fc0u : bits;  // NaN stays NaN (rounding could carry it to -0)
     *(u16x16_unaligned *)p = __builtin_convertvector(bits, u16x16);
   }
 };
