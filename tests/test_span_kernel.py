@@ -89,6 +89,13 @@ def test_span_kernel_reads_and_writes_half_precision(dtype, out_dtype):
     assert_matches_reference(out.float(), lse, ref_out, ref_lse, tol=tol, lse_tol=2e-5)
 
 
+def _grouped_qkv(batch: int, heads: int, kv_heads: int, lq: int, lk: int, *, seed: int):
+    """q [batch, heads, lq, 16] and k, v [batch, kv_heads, lk, 16]."""
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(batch, heads, lq, 16, generator=g)
+    return q, *(torch.randn(batch, kv_heads, lk, 16, generator=g) for _ in range(2))
+
+
 def _assert_matches_far(result, q, k, v, stride: int, min_distance: int, tol: float = 2e-5):
     """Against the contract's strided mask without the keys nearer than min_distance, in float64,
     key/value heads repeated for their query heads."""
@@ -114,9 +121,7 @@ def test_strided_on_the_span_kernel(monkeypatch, lq, lk, stride, min_distance, b
     with dummy lead rows, a partial last class row (its own keys merged after), stride 1, grouped
     heads and one head, against the contract's mask."""
     calls = _kernel_calls(monkeypatch)
-    g = torch.Generator().manual_seed(lq + stride)
-    q = torch.randn(batch, heads, lq, 16, generator=g)
-    k, v = (torch.randn(batch, kv_heads, lk, 16, generator=g) for _ in range(2))
+    q, k, v = _grouped_qkv(batch, heads, kv_heads, lq, lk, seed=lq + stride)
     result = kernels.strided_attention(q, k, v, stride=stride, scale=0.25, min_distance=min_distance)
     assert calls, "the span kernel was not used"
     _assert_matches_far(result, q, k, v, stride, min_distance)
@@ -128,9 +133,7 @@ def test_non_causal_strided_on_the_span_kernel(monkeypatch, lq, lk, stride):
     """Without causality each class attends all of itself: one unbounded span per class (dummy rows
     before and after the queries, the partial last key class row merged after), grouped heads."""
     calls = _kernel_calls(monkeypatch)
-    g = torch.Generator().manual_seed(lq + stride)
-    q = torch.randn(2, 4, lq, 16, generator=g)
-    k, v = (torch.randn(2, 2, lk, 16, generator=g) for _ in range(2))
+    q, k, v = _grouped_qkv(2, 4, 2, lq, lk, seed=lq + stride)
     out, lse = kernels.strided_attention(q, k, v, stride=stride, scale=0.25, causal=False)
     assert calls, "the span kernel was not used"
     k, v = (x.repeat_interleave(2, 1) for x in (k, v))
@@ -233,9 +236,7 @@ def test_band_on_the_span_kernel(monkeypatch, lq, lk, window, causal, batch, hea
     """sliding_window(w) on the span kernel, causal or both ways: Lq < Lk, a decode row, windows of
     one key and wider than the keys, grouped heads and one head, strips of 256 rows cut short."""
     calls = _kernel_calls(monkeypatch)
-    g = torch.Generator().manual_seed(lq + window)
-    q = torch.randn(batch, heads, lq, 16, generator=g)
-    k, v = (torch.randn(batch, kv_heads, lk, 16, generator=g) for _ in range(2))
+    q, k, v = _grouped_qkv(batch, heads, kv_heads, lq, lk, seed=lq + window)
     result = kernels.band_attention(q, k, v, window=window, scale=0.25, causal=causal)
     assert calls, "the span kernel was not used"
     _assert_band_matches(result, q, k, v, window, causal)
