@@ -17,6 +17,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH_SPEC)
 	$(PY) -m pip install -q -c constraints.txt -e ".[dev]"
+	$(PY) -m engine build
 	touch $@
 
 install: $(VENV)/.installed

@@ -1,4 +1,5 @@
-"""`python -m engine show '<pattern json>' --n 32 [--png FILE]` and `python -m engine demo`."""
+"""`python -m engine show '<pattern json>' --n 32 [--png FILE]`, `python -m engine demo` and
+`python -m engine build` (the CPU span kernel, now rather than at its first use)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import time
 import torch
 
 from . import attention
+from .kernels import span_kernel
 from .memory import PeakMemory
 from .patterns import attended_pairs, parse_pattern
 from .picture import mask_png, mask_text
@@ -44,6 +46,15 @@ def _demo(args: argparse.Namespace) -> None:
           f"peak {mem.peak_bytes / 2**20:.1f} MiB, {pairs} attended pairs")
 
 
+def _build(args: argparse.Namespace) -> None:
+    library = span_kernel.library()
+    if library is None:
+        print("the span kernel is not built (no C++ compiler, or its build failed: see above); "
+              "strided and band attention run on torch's CPU kernel")
+    else:
+        print(f"the span kernel is built, kept in {span_kernel.cache_dir()}")
+
+
 def _count(low: int, high: int):
     """An argparse type: an int in [low, high] (the mask and the demo's tensors grow with it)."""
     def parse(text: str) -> int:
@@ -69,6 +80,8 @@ def main(argv: list[str] | None = None) -> None:
     demo.add_argument("--n", type=_count(1, 1 << 17), default=16384)
     demo.add_argument("--heads", type=_count(1, 64), default=8)
     demo.set_defaults(run=_demo)
+    build = sub.add_parser("build", help="build the CPU span kernel now (kept on disk; else at its first use)")
+    build.set_defaults(run=_build)
     args = parser.parse_args(argv)
     try:
         args.run(args)

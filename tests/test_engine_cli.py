@@ -1,4 +1,5 @@
-"""`python -m engine show` prints and draws a pattern's mask."""
+"""`python -m engine show` prints and draws a pattern's mask; `python -m engine build` builds the
+CPU span kernel (`make install` runs it)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import json
 import pytest
 
 from engine.__main__ import main
+from engine.kernels import span_kernel
 
 
 def test_show_prints_the_fixed_pattern(capsys):
@@ -39,3 +41,21 @@ def test_bad_arguments_exit_2_with_one_line(capsys, argv, shown):
     with pytest.raises(SystemExit) as done:
         main(argv)
     assert done.value.code == 2 and shown in capsys.readouterr().err
+
+
+def test_build_builds_the_span_kernel_or_says_it_cannot(capsys, monkeypatch, tmp_path):
+    """Into ATTN_KERNEL_CACHE where a compiler builds it; without one it says so and exits 0 (make
+    install runs it on machines without a compiler too)."""
+    monkeypatch.setenv("ATTN_KERNEL_CACHE", str(tmp_path / "cache"))
+    span_kernel.library.cache_clear()
+    try:
+        if span_kernel.compiler():
+            main(["build"])
+            assert capsys.readouterr().out == f"the span kernel is built, kept in {tmp_path / 'cache'}\n"
+            assert len(list((tmp_path / "cache").glob("span_attention-*.so"))) == 1
+            span_kernel.library.cache_clear()
+        monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
+        main(["build"])
+        assert capsys.readouterr().out.startswith("the span kernel is not built (no C++ compiler")
+    finally:
+        span_kernel.library.cache_clear()
