@@ -86,3 +86,20 @@ def assert_matches_reference(out, lse, ref_out, ref_lse, *, tol: float, lse_tol:
     lse_tol = tol if lse_tol is None else lse_tol
     torch.testing.assert_close(lse.double()[~empty], ref_lse[~empty], atol=lse_tol, rtol=lse_tol)
     assert (out[empty] == 0).all(), "rows with no key must output zeros"
+
+
+def assert_matches_far(result, q, k, v, pattern, min_distance, causal=True, skip_strides=(), tol=2e-5):
+    """An (out, lse) at scale 0.25 against a float64 reference of `pattern` without the keys nearer
+    than min_distance (nor those at (i - j) mod s == 0 for s in skip_strides): a union's stride,
+    which leaves the window's keys to the band."""
+    lq, lk = q.shape[-2], k.shape[-2]
+    delta = torch.arange(lk - lq, lk)[:, None] - torch.arange(lk)[None, :]
+    keep = mask(pattern, lq, lk, 0, 1, causal) & (delta.abs() >= min_distance)
+    for stride in skip_strides:
+        keep &= delta % stride != 0
+    scores = torch.einsum("bhqd,bhkd->bhqk", q.double(), k.double()) * 0.25
+    scores = scores.masked_fill(~keep, float("-inf"))
+    ref_lse = torch.logsumexp(scores, -1)
+    ref_out = torch.einsum("bhqk,bhkd->bhqd", torch.exp(scores - ref_lse[..., None]).nan_to_num(0.0), v.double())
+    out, lse = result
+    assert_matches_reference(out, lse, ref_out, ref_lse, tol=tol)

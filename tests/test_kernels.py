@@ -17,7 +17,7 @@ import torch
 from engine import kernels
 from engine.kernels.device import kernel_device
 from engine.kernels.fixed import fused_fixed_attention
-from reference import allowed, assert_matches_reference, mask, reference_attention
+from reference import allowed, assert_matches_far, assert_matches_reference, mask, reference_attention
 
 SW = lambda w: {"type": "sliding_window", "window": w}  # noqa: E731
 ST = lambda s: {"type": "strided", "stride": s}  # noqa: E731
@@ -221,7 +221,7 @@ def test_strided_many_chunks(monkeypatch, lq, lk, min_distance):
     monkeypatch.setattr("engine.kernels.strided.MAX_CHUNKS", 30)
     q, k, v = _qkv(2, lq, lk)
     result = kernels.strided_attention(q, k, v, stride=13, scale=0.25, min_distance=min_distance)
-    _assert_matches_far(result, q, k, v, ST(13), min_distance)
+    assert_matches_far(result, q, k, v, ST(13), min_distance)
 
 
 def test_masked_class_chunks_read_key_rows_in_multiples_of_16(monkeypatch):
@@ -233,7 +233,7 @@ def test_masked_class_chunks_read_key_rows_in_multiples_of_16(monkeypatch):
         q, k, v = _qkv(2, lk, lk)
         seen.clear()
         result = kernels.strided_attention(q, k, v, stride=16, scale=0.25, min_distance=16)
-        _assert_matches_far(result, q, k, v, ST(16), 16)
+        assert_matches_far(result, q, k, v, ST(16), 16)
         assert seen[-1] == (128 if lk == 2048 else 127) and all(width % 16 == 0 for width in seen[:-1])
 
 
@@ -257,9 +257,9 @@ def test_strided_chunks_by_dtype_and_square(monkeypatch, native_half, dtype, str
     result = kernels.strided_attention(q, k, v, stride=stride, scale=0.25, min_distance=min_distance)
     assert seen == calls
     if dtype == torch.float32:
-        _assert_matches_far(result, q, k, v, ST(stride), min_distance)
+        assert_matches_far(result, q, k, v, ST(stride), min_distance)
     else:
-        _assert_matches_far(result, *(x.float() for x in (q, k, v)), ST(stride), min_distance, tol=2e-2)
+        assert_matches_far(result, *(x.float() for x in (q, k, v)), ST(stride), min_distance, tol=2e-2)
 
 
 @pytest.mark.parametrize("native_half,dtype,stride,lq,lk,causal,min_distance,max_bytes,class_major", [
@@ -293,7 +293,7 @@ def test_strided_reads_keys_class_major_from_many_rows(monkeypatch, native_half,
     result = kernels.strided_attention(q, k, v, stride=stride, scale=0.25, causal=causal, min_distance=min_distance)
     assert layouts and all(layout == {class_major} for layout in layouts)
     tol = 2e-5 if dtype == torch.float32 else 2e-2
-    _assert_matches_far(result, *(x.float() for x in (q, k, v)), ST(stride), min_distance, causal=causal, tol=tol)
+    assert_matches_far(result, *(x.float() for x in (q, k, v)), ST(stride), min_distance, causal=causal, tol=tol)
 
 
 @pytest.mark.parametrize("causal", [True, False])
@@ -310,7 +310,7 @@ def test_strided_copies_a_repeated_key_head_once(monkeypatch, causal):
     k, v = (x[:, :1].expand(-1, 3, -1, -1) for x in (k, v))
     result = kernels.strided_attention(q, k, v, stride=4, scale=0.25, causal=causal)
     assert layouts and all(layout == {(0, True)} for layout in layouts)
-    _assert_matches_far(result, q, k, v, ST(4), 0, causal=causal)
+    assert_matches_far(result, q, k, v, ST(4), 0, causal=causal)
 
 
 @pytest.mark.parametrize("heads,key_heads,lq,lk,min_distance,dtype,native_half,group_bytes,chunk,classes", [
@@ -343,7 +343,7 @@ def test_strided_goes_a_class_group_at_a_time(monkeypatch, heads, key_heads, lq,
     assert calls == classes
     k, v = (x.repeat_interleave(heads // x.shape[1], 1) for x in (k, v))
     tol = 2e-5 if dtype == torch.float32 else 2e-2
-    _assert_matches_far(result, *(x.float() for x in (q, k, v)), ST(8), min_distance, tol=tol)
+    assert_matches_far(result, *(x.float() for x in (q, k, v)), ST(8), min_distance, tol=tol)
 
 
 @pytest.mark.parametrize("lq,lk,group_bytes,chunk,converted,classes", [
@@ -380,7 +380,7 @@ def test_strided_converts_half_precision_a_class_group_at_a_time(monkeypatch, lq
     assert calls == [(n, torch.float32, torch.float32, torch.float32) for n in classes]
     assert seen == converted
     assert out.dtype == (torch.bfloat16 if lk % 8 == 0 else torch.float32)
-    _assert_matches_far((out, lse), *(x.float() for x in (q, k, v)), ST(8), 0, tol=2e-2)
+    assert_matches_far((out, lse), *(x.float() for x in (q, k, v)), ST(8), 0, tol=2e-2)
 
 
 def _bfloat16_native(monkeypatch, native: bool) -> None:
@@ -415,22 +415,6 @@ def _without_span_kernel(monkeypatch) -> None:
     from engine.kernels import span_kernel
 
     monkeypatch.setattr(span_kernel, "library", lambda: None)
-
-
-def _assert_matches_far(result, q, k, v, pattern, min_distance, causal=True, skip_strides=(), tol=2e-5):
-    """Against a float64 reference of `pattern` without the keys nearer than min_distance (nor
-    those at (i - j) mod s == 0 for s in skip_strides)."""
-    lq, lk = q.shape[-2], k.shape[-2]
-    delta = torch.arange(lk - lq, lk)[:, None] - torch.arange(lk)[None, :]
-    keep = mask(pattern, lq, lk, 0, 1, causal) & (delta.abs() >= min_distance)
-    for stride in skip_strides:
-        keep &= delta % stride != 0
-    scores = torch.einsum("bhqd,bhkd->bhqk", q.double(), k.double()) * 0.25
-    scores = scores.masked_fill(~keep, float("-inf"))
-    ref_lse = torch.logsumexp(scores, -1)
-    ref_out = torch.einsum("bhqk,bhkd->bhqd", torch.exp(scores - ref_lse[..., None]).nan_to_num(0.0), v.double())
-    out, lse = result
-    assert_matches_reference(out, lse, ref_out, ref_lse, tol=tol)
 
 
 def test_freed_cpu_memory_is_kept_for_reuse_on_glibc():
@@ -719,7 +703,7 @@ def test_strided_takes_grouped_heads(monkeypatch, lq, lk, stride, skip_strides, 
     result = kernels.strided_attention(q, k, v, stride=stride, scale=0.25, skip_strides=skip_strides,
                                        min_distance=min_distance, causal=causal)
     k3, v3 = (x.repeat_interleave(3, dim=1) for x in (k, v))
-    _assert_matches_far(result, q, k3, v3, ST(stride), min_distance, causal=causal, skip_strides=skip_strides)
+    assert_matches_far(result, q, k3, v3, ST(stride), min_distance, causal=causal, skip_strides=skip_strides)
 
 
 @pytest.mark.parametrize("lq,lk", [(1, 1003), (5, 300), (16, 700), (70, 700), (517, 700), (640, 640)])
@@ -742,7 +726,7 @@ def test_fixed_takes_grouped_heads(lq, lk, block, summary, min_distance, strides
     result = kernels.fixed_attention(q, k, v, block=block, summary=summary, scale=0.25, causal=causal,
                                      min_distance=min_distance, skip_strides=strides)
     k3, v3 = (x.repeat_interleave(3, dim=1) for x in (k, v))
-    _assert_matches_far(result, q, k3, v3, FX(block, summary), min_distance, causal=causal, skip_strides=strides)
+    assert_matches_far(result, q, k3, v3, FX(block, summary), min_distance, causal=causal, skip_strides=strides)
 
 
 @pytest.mark.parametrize("lq,lk", [(1, 1003), (20, 300), (517, 700), (640, 640)])  # short runs, tiles
@@ -758,7 +742,7 @@ def test_band_takes_grouped_heads(lq, lk, window, tile, causal):
     k, v = (torch.randn(2, 2, lk, 16, generator=g) for _ in range(2))
     result = kernels.band_attention(q, k, v, window=window, scale=0.25, causal=causal, tile=tile)
     k3, v3 = (x.repeat_interleave(3, dim=1) for x in (k, v))
-    _assert_matches_far(result, q, k3, v3, SW(window), 0, causal=causal)
+    assert_matches_far(result, q, k3, v3, SW(window), 0, causal=causal)
 
 
 # (pattern, causal): fixed's summary keys per block and in row ranges, and both ways; a window and a
@@ -813,7 +797,7 @@ def test_strided_short_runs(lq, lk, stride, min_distance):
     at both strides), each on its own classes' keys; rows with no key at min_distance 100."""
     q, k, v = _qkv(2, lq, lk, dv=24)
     result = kernels.strided_attention(q, k, v, stride=stride, scale=0.25, min_distance=min_distance)
-    _assert_matches_far(result, q, k, v, ST(stride), min_distance)
+    assert_matches_far(result, q, k, v, ST(stride), min_distance)
 
 
 @pytest.mark.parametrize("lq,lk", [(1000, 1000), (517, 700), (300, 1003), (1, 1003), (16, 2001), (70, 2001)])
@@ -826,7 +810,7 @@ def test_fixed_min_distance(lq, lk, block, summary, min_distance, causal):
     q, k, v = _qkv(2, lq, lk)
     result = kernels.fixed_attention(q, k, v, block=block, summary=summary, scale=0.25, min_distance=min_distance,
                                      causal=causal)
-    _assert_matches_far(result, q, k, v, FX(block, summary), min_distance, causal=causal)
+    assert_matches_far(result, q, k, v, FX(block, summary), min_distance, causal=causal)
 
 
 @pytest.mark.parametrize("lq,lk", [(1000, 1000), (517, 700), (300, 1003), (1, 1003), (16, 2001), (70, 2001)])
@@ -840,7 +824,7 @@ def test_fixed_skip_strides(lq, lk, block, summary, strides, min_distance, causa
     q, k, v = _qkv(2, lq, lk)
     result = kernels.fixed_attention(q, k, v, block=block, summary=summary, scale=0.25, min_distance=min_distance,
                                      skip_strides=strides, causal=causal)
-    _assert_matches_far(result, q, k, v, FX(block, summary), min_distance, causal=causal, skip_strides=strides)
+    assert_matches_far(result, q, k, v, FX(block, summary), min_distance, causal=causal, skip_strides=strides)
 
 
 @pytest.mark.parametrize("min_distance,strides", [(5, ()), (0, (3,)), (20, (4, 7))])
@@ -864,7 +848,7 @@ def test_fixed_union_calls_within_mask_budget(monkeypatch, min_distance, strides
     monkeypatch.setattr(fixed, "fused_under", spy)
     result = kernels.fixed_attention(q, k, v, block=10, summary=3, scale=0.25, min_distance=min_distance,
                                      skip_strides=strides, causal=causal)
-    _assert_matches_far(result, q, k, v, FX(10, 3), min_distance, causal=causal, skip_strides=strides)
+    assert_matches_far(result, q, k, v, FX(10, 3), min_distance, causal=causal, skip_strides=strides)
     assert sizes and max(sizes) <= budget and max(sizes) > budget // 2  # every summary key under the shared mask
 
 
@@ -878,7 +862,7 @@ def test_fixed_summary_keys_in_place(monkeypatch, lq, lk, block, summary, min_di
     q, k, v = _qkv(2, lq, lk)
     result = kernels.fixed_attention(q, k, v, block=block, summary=summary, scale=0.25, min_distance=min_distance,
                                      skip_strides=strides)
-    _assert_matches_far(result, q, k, v, FX(block, summary), min_distance, skip_strides=strides)
+    assert_matches_far(result, q, k, v, FX(block, summary), min_distance, skip_strides=strides)
 
 
 @pytest.mark.parametrize("lq,lk", [(600, 600), (517, 700), (300, 1003), (1, 1003), (37, 1000), (5, 5)])
@@ -895,7 +879,7 @@ def test_strided_skip_strides(monkeypatch, lq, lk, stride, skip_strides, min_dis
     q, k, v = _qkv(2, lq, lk)
     result = kernels.strided_attention(q, k, v, stride=stride, scale=0.25, min_distance=min_distance,
                                        skip_strides=skip_strides, causal=causal)
-    _assert_matches_far(result, q, k, v, ST(stride), min_distance, causal=causal, skip_strides=skip_strides)
+    assert_matches_far(result, q, k, v, ST(stride), min_distance, causal=causal, skip_strides=skip_strides)
 
 
 @pytest.mark.parametrize("pattern", [SW(7), ST(5), FX(10, 3), {"type": "union", "patterns": [SW(4), ST(9), FX(8, 2)]}],
@@ -1042,7 +1026,7 @@ def test_strided_non_causal_min_distance(monkeypatch, lq, lk, stride, min_distan
         monkeypatch.setattr("engine.kernels.strided.MASK_BUDGET", budget)
     q, k, v = _qkv(2, lq, lk, dv=24)
     result = kernels.strided_attention(q, k, v, stride=stride, scale=0.25, causal=False, min_distance=min_distance)
-    _assert_matches_far(result, q, k, v, ST(stride), min_distance, causal=False)
+    assert_matches_far(result, q, k, v, ST(stride), min_distance, causal=False)
 
 
 @pytest.mark.parametrize("mask_rows", [None, 1, 3])  # no mask, one shared by all rows, one per row

@@ -11,7 +11,7 @@ import torch
 
 from engine import kernels
 from engine.kernels import dense, span_kernel, strided
-from reference import assert_matches_reference, mask, reference_attention
+from reference import assert_matches_far, assert_matches_reference, reference_attention
 
 pytestmark = pytest.mark.skipif(span_kernel.library() is None, reason="no C++ compiler to build the span kernel")
 UNBOUNDED = span_kernel.UNBOUNDED
@@ -96,20 +96,12 @@ def _grouped_qkv(batch: int, heads: int, kv_heads: int, lq: int, lk: int, *, see
     return q, *(torch.randn(batch, kv_heads, lk, 16, generator=g) for _ in range(2))
 
 
-def _assert_matches_far(result, q, k, v, stride: int, min_distance: int, tol: float = 2e-5):
-    """Against the contract's strided mask without the keys nearer than min_distance, in float64,
-    key/value heads repeated for their query heads."""
+def _assert_strided_matches(result, q, k, v, stride: int, min_distance: int, tol: float = 2e-5):
+    """Against the contract's strided mask without the keys nearer than min_distance
+    (`assert_matches_far`), key/value heads repeated for their query heads."""
     group = q.shape[1] // k.shape[1]
-    k, v = (x.double().repeat_interleave(group, 1) for x in (k, v))
-    lq, lk = q.shape[-2], k.shape[-2]
-    delta = torch.arange(lk - lq, lk)[:, None] - torch.arange(lk)[None, :]
-    keep = mask({"type": "strided", "stride": stride}, lq, lk, 0, 1) & (delta >= min_distance)
-    scores = torch.einsum("bhqd,bhkd->bhqk", q.double(), k) * 0.25
-    scores = scores.masked_fill(~keep, float("-inf"))
-    ref_lse = torch.logsumexp(scores, -1)
-    ref_out = torch.einsum("bhqk,bhkd->bhqd", torch.exp(scores - ref_lse[..., None]).nan_to_num(0.0), v)
-    out, lse = result
-    assert_matches_reference(out.float(), lse, ref_out, ref_lse, tol=tol)
+    k, v = (x.repeat_interleave(group, 1) for x in (k, v))
+    assert_matches_far(result, q, k, v, {"type": "strided", "stride": stride}, min_distance, tol=tol)
 
 
 @pytest.mark.parametrize("lq,lk", [(600, 600), (517, 700), (300, 1003), (130, 130)])
@@ -124,7 +116,7 @@ def test_strided_on_the_span_kernel(monkeypatch, lq, lk, stride, min_distance, b
     q, k, v = _grouped_qkv(batch, heads, kv_heads, lq, lk, seed=lq + stride)
     result = kernels.strided_attention(q, k, v, stride=stride, scale=0.25, min_distance=min_distance)
     assert calls, "the span kernel was not used"
-    _assert_matches_far(result, q, k, v, stride, min_distance)
+    _assert_strided_matches(result, q, k, v, stride, min_distance)
 
 
 @pytest.mark.parametrize("lq,lk", [(600, 600), (517, 700), (300, 1003), (130, 130)])
@@ -154,7 +146,7 @@ def test_strided_half_precision_on_the_span_kernel(monkeypatch, dtype):
     v = torch.randn(2, 702, 2, 48, generator=g).to(dtype).transpose(1, 2)
     out, lse = kernels.strided_attention(q, k, v, stride=13, scale=0.25)
     assert calls and out.dtype == dtype
-    _assert_matches_far((out, lse), *(x.float() for x in (q, k, v)), 13, 0, tol=2e-2)
+    _assert_strided_matches((out, lse), *(x.float() for x in (q, k, v)), 13, 0, tol=2e-2)
 
 
 def test_strided_rules_for_the_span_kernel(monkeypatch):
@@ -171,7 +163,7 @@ def test_strided_rules_for_the_span_kernel(monkeypatch):
         result = kernels.strided_attention(*qkv, scale=0.25, **kwargs)
         qkv = [x.float() for x in qkv]
         if not kwargs.get("skip_strides"):
-            _assert_matches_far(result, *qkv, kwargs["stride"], kwargs.get("min_distance", 0), tol=2e-2)
+            _assert_strided_matches(result, *qkv, kwargs["stride"], kwargs.get("min_distance", 0), tol=2e-2)
         return bool(calls)
 
     assert used(stride=8)  # 80 key class rows
@@ -202,7 +194,7 @@ def test_span_kernel_falls_back_without_a_compiler(monkeypatch, tmp_path, caplog
         assert len([r for r in caplog.records if "did not build" in r.getMessage()]) == 1
         g = torch.Generator().manual_seed(5)
         q, k, v = (torch.randn(1, 2, 300, 16, generator=g) for _ in range(3))
-        _assert_matches_far(kernels.strided_attention(q, k, v, stride=8, scale=0.25), q, k, v, 8, 0)
+        _assert_strided_matches(kernels.strided_attention(q, k, v, stride=8, scale=0.25), q, k, v, 8, 0)
         _assert_band_matches(kernels.band_attention(q, k, v, window=40, scale=0.25), q, k, v, 40, True)
     finally:
         span_kernel.library.cache_clear()

@@ -213,8 +213,7 @@ def strided_pieces(
     out_dtype = dtype if own_keys else out_dtype or q.dtype  # rounded once, after the own keys merge in
     qc, kc, vc = class_views(q, k, v)
     if _on_span_kernel(qc, kc, vc, skip_strides, device):  # into a buffer laid out as q's rows
-        out = qc.new_empty(qc.shape[0], rows, s, dv, dtype=out_dtype).transpose(1, 2)
-        lse = torch.empty(qc.shape[0], rows, s, dtype=torch.float32).transpose(1, 2)
+        out, lse = _row_ordered(qc, rows, dv, out_dtype)
         span_kernel.span_attention(qc, kc, vc, out, lse, first=-span_kernel.UNBOUNDED, last=seen, scale=scale)
         results = [(0, rows, out, lse)]
     else:
@@ -297,7 +296,6 @@ def _chunk_results(qc, kc, vc, chunks, groups: list[tuple[int, int]], rows: int,
     memory and read them back); the results are then written into one buffer in q's row order, of
     `out_dtype` (q's, or the computed one where the caller merges more keys into it after, so that
     it is rounded once), and come back as one chunk."""
-    s = kc.shape[1]
 
     def call(q_group: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, chunk):
         c0, c1, width, masked = chunk
@@ -309,8 +307,7 @@ def _chunk_results(qc, kc, vc, chunks, groups: list[tuple[int, int]], rows: int,
     if len(groups) == 1:
         keys, values = _keys_as_read(rows, kc, vc, device)
         return [(chunk[0], chunk[1], *call(qc, keys, values, chunk)) for chunk in chunks]
-    out = qc.new_empty(qc.shape[0], rows, s, vc.shape[-1], dtype=out_dtype).transpose(1, 2)
-    lse = torch.empty(qc.shape[0], rows, s, dtype=torch.float32, device=qc.device).transpose(1, 2)
+    out, lse = _row_ordered(qc, rows, vc.shape[-1], out_dtype)
     for g0, g1 in groups:
         keys, values = _keys_as_read(rows, kc[:, g0:g1], vc[:, g0:g1], device)
         (q_group,) = as_computed(qc[:, g0:g1])
@@ -321,6 +318,14 @@ def _chunk_results(qc, kc, vc, chunks, groups: list[tuple[int, int]], rows: int,
             lse[:, g0:g1, c0:c1].copy_(part_lse)
     return [(0, rows, out, lse)]
 
+
+def _row_ordered(qc: torch.Tensor, rows: int, dv: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Empty out [N, s, rows, dv] of `dtype` and float32 lse [N, s, rows] for results over the
+    class views qc [N, s, rows, *], laid out as q's rows (class row by class row), so that the
+    result over [B, H, L, *] is a view of them."""
+    n, s = qc.shape[:2]
+    out = qc.new_empty(n, rows, s, dv, dtype=dtype).transpose(1, 2)
+    return out, torch.empty(n, rows, s, dtype=torch.float32, device=qc.device).transpose(1, 2)
 
 def _class_groups(kc: torch.Tensor, vc: torch.Tensor, chunks: int, dtype: torch.dtype,
                   device: str) -> list[tuple[int, int]]:
@@ -529,8 +534,7 @@ def _every_class_key(q, k, v, *, stride: int, scale: float, min_distance: int,
     if not on_span_kernel:  # torch's calls below: K and V class by class where that pays
         kc, vc = _keys_as_read(q_rows, kc, vc, kernel_device(q.device))
     if on_span_kernel:  # every key of the class: an unbounded span, into a buffer laid out as q's rows
-        out = qc.new_empty(b * h, q_rows, s, dv).transpose(1, 2)
-        lse = torch.empty(b * h, q_rows, s, dtype=torch.float32).transpose(1, 2)
+        out, lse = _row_ordered(qc, q_rows, dv, qc.dtype)
         span_kernel.span_attention(qc, kc, vc, out, lse, first=-span_kernel.UNBOUNDED, last=span_kernel.UNBOUNDED,
                                    scale=scale)
     elif key_rows and not near and not skip_strides:  # a fresh result, merged into in place below
