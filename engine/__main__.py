@@ -50,7 +50,7 @@ def _build(args: argparse.Namespace) -> None:
     library = span_kernel.library()
     if library is None:
         print("the span kernel is not built (no C++ compiler, or its build failed: see above); "
-              "strided and band attention run on torch's CPU kernel")
+              "strided, band and fixed attention run on torch's CPU kernel")
     else:
         print(f"the span kernel is built, kept in {span_kernel.cache_dir()}")
 

@@ -24,11 +24,15 @@ class _ScoredPairs(TorchDispatchMode):
         self._span = span_kernel.span_attention
 
     def __enter__(self):
-        def counted(q, k, v, out, lse, *, first, last, **kwargs):
-            rows = torch.arange(q.shape[-2])
-            seen = (rows + last + 1).clamp(0, k.shape[-2]) - (rows + first).clamp(0, k.shape[-2])
+        def counted(q, k, v, out, lse, *, first, last, row_shift=0, rows_per_step=1, keys_per_step=1, causal=False,
+                    **kwargs):
+            position = torch.arange(q.shape[-2]) + row_shift
+            anchor = position // rows_per_step * keys_per_step
+            to = torch.minimum(anchor + last + 1, position + 1) if causal else anchor + last + 1
+            seen = to.clamp(0, k.shape[-2]) - (anchor + first).clamp(0, k.shape[-2])
             self.pairs += q.shape[:-2].numel() * int(seen.clamp_min(0).sum())
-            return self._span(q, k, v, out, lse, first=first, last=last, **kwargs)
+            return self._span(q, k, v, out, lse, first=first, last=last, row_shift=row_shift,
+                              rows_per_step=rows_per_step, keys_per_step=keys_per_step, causal=causal, **kwargs)
 
         span_kernel.span_attention = counted
         return super().__enter__()

@@ -123,6 +123,7 @@ def test_fixed_summary_paths_on_the_cpu(monkeypatch, lq, lk, block, heads, budge
     few ones per block unmasked."""
     from engine.kernels import fixed
 
+    _without_span_kernel(monkeypatch)
     if budget:
         monkeypatch.setattr(fixed, "MASK_BUDGET", budget)
     taken, per_block = [], fixed._summary_per_block
@@ -410,8 +411,8 @@ def _strided_calls(monkeypatch, describe) -> list:
 
 
 def _without_span_kernel(monkeypatch) -> None:
-    """Long strided runs and bands on torch's kernel, as on a host where the span kernel cannot be
-    built (`span_kernel.library` None)."""
+    """Long strided and fixed runs and bands on torch's kernel, as on a host where the span kernel
+    cannot be built (`span_kernel.library` None)."""
     from engine.kernels import span_kernel
 
     monkeypatch.setattr(span_kernel, "library", lambda: None)
@@ -710,7 +711,9 @@ def test_strided_takes_grouped_heads(monkeypatch, lq, lk, stride, skip_strides, 
 @pytest.mark.parametrize("block,summary,min_distance,strides", [(64, 8, 0, ()), (32, 4, 20, (5,)), (10, 3, 0, (4, 6)),
                                                                 (128, 8, 0, ())])
 @pytest.mark.parametrize("causal", [True, False])
-def test_fixed_takes_grouped_heads(lq, lk, block, summary, min_distance, strides, causal):
+@pytest.mark.parametrize("on_span_kernel", [True, False])
+def test_fixed_takes_grouped_heads(monkeypatch, lq, lk, block, summary, min_distance, strides, causal,
+                                   on_span_kernel):
     """Fewer key/value heads than query heads, two batch items, on the CPU read as they are. Causal:
     a short run's own block on slices and its summary keys per item (offsets on the batch axis,
     heads on the head axis); longer runs' own blocks in one call (blocks on the batch axis, the
@@ -718,8 +721,11 @@ def test_fixed_takes_grouped_heads(lq, lk, block, summary, min_distance, strides
     heads as its rows, or in row ranges repeated for the query heads (small blocks: c/l of K).
     Without causality the summary keys and partial blocks with the query heads as rows, the whole
     blocks with the items' heads on the head axis, and with a distance or strides each call's
-    pieces with the query heads as rows. (On CUDA the key/value heads are repeated.) Against the
-    reference on the heads repeated."""
+    pieces with the query heads as rows. (On CUDA the key/value heads are repeated.) Causal runs
+    without a distance or strides go to the CPU span kernel where it is built, so each runs with it
+    and without. Against the reference on the heads repeated."""
+    if not on_span_kernel:
+        _without_span_kernel(monkeypatch)
     g = torch.Generator().manual_seed(lq)
     q = torch.randn(2, 6, lq, 16, generator=g)
     k, v = (torch.randn(2, 2, lk, 16, generator=g) for _ in range(2))

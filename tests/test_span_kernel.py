@@ -1,5 +1,5 @@
 """The CPU span kernel (engine/kernels/span_attention.cpp): its own contract against a float64
-reference, strided and band attention on it against the contract's reference, and the rules that
+reference, strided, band, fixed and union attention on it against the contract's reference, and the rules that
 send a run to it or to torch's kernel (built or not, its size, its dtype)."""
 
 from __future__ import annotations
@@ -17,23 +17,28 @@ pytestmark = pytest.mark.skipif(span_kernel.library() is None, reason="no C++ co
 UNBOUNDED = span_kernel.UNBOUNDED
 
 
-def _span_reference(q, k, v, *, first: int, last: int, scale: float):
-    """Float64: query row r of problem (i, c) attends key rows r + first .. r + last of problem
-    (i // Gn, c // Gs)."""
+def _span_reference(q, k, v, *, first: int, last: int, scale: float, row_shift: int = 0, rows_per_step: int = 1,
+                    keys_per_step: int = 1, causal: bool = False):
+    """Float64: query row r of problem (i, c), at position p = r + row_shift, attends key rows
+    a + first .. a + last, a = p // rows_per_step * keys_per_step, none past p where causal, of
+    problem (i // Gn, c // Gs)."""
     k, v = (x.double().repeat_interleave(q.shape[0] // k.shape[0], 0).repeat_interleave(q.shape[1] // k.shape[1], 1)
             for x in (k, v))
     scores = torch.einsum("ncqd,nckd->ncqk", q.double(), k) * scale
-    apart = torch.arange(k.shape[2])[None, :] - torch.arange(q.shape[2])[:, None]  # key row - query row
-    scores = scores.masked_fill((apart < first) | (apart > last), float("-inf"))
+    position = torch.arange(q.shape[2])[:, None] + row_shift
+    key = torch.arange(k.shape[2])[None, :]
+    anchor = position // rows_per_step * keys_per_step
+    outside = (key < anchor + first) | (key > anchor + last) | (causal & (key > position))
+    scores = scores.masked_fill(outside, float("-inf"))
     lse = torch.logsumexp(scores, -1)
     out = torch.einsum("ncqk,nckd->ncqd", torch.exp(scores - lse[..., None]).nan_to_num(0.0), v)
     return out, lse
 
 
-def _span(q, k, v, *, first: int, last: int, scale: float, out_dtype=torch.float32, strip_rows: int = 0):
+def _span(q, k, v, *, out_dtype=torch.float32, **span):
     out = torch.empty(*q.shape[:-1], v.shape[-1], dtype=out_dtype)
     lse = torch.empty(q.shape[:-1])
-    span_kernel.span_attention(q, k, v, out, lse, first=first, last=last, scale=scale, strip_rows=strip_rows)
+    span_kernel.span_attention(q, k, v, out, lse, **span)
     return out, lse
 
 
@@ -72,6 +77,57 @@ def test_span_kernel_contract(shape, kv_shape, q_rows, k_rows, first, last, dim,
     q, k, v = view(shape, q_rows, dim), view(kv_shape, k_rows, dim), view(kv_shape, k_rows, v_dim)
     result = _span(q, k, v, first=first, last=last, scale=0.3, strip_rows=strip_rows)
     assert_matches_reference(*result, *_span_reference(q, k, v, first=first, last=last, scale=0.3), tol=2e-5)
+
+
+@pytest.mark.parametrize("q_rows,k_rows,span", [
+    (37, 45, dict(row_shift=8, rows_per_step=5, keys_per_step=5, first=0, last=4, causal=True)),  # own blocks
+    (45, 45, dict(row_shift=0, rows_per_step=16, keys_per_step=16, first=0, last=15, causal=True)),
+    (40, 13, dict(row_shift=3, rows_per_step=6, keys_per_step=2, first=-UNBOUNDED, last=-1)),  # summary keys
+    (30, 2600, dict(first=-UNBOUNDED, last=UNBOUNDED)),  # 3 chunks of keys for every row
+    (2100, 2100, dict(first=-UNBOUNDED, last=0)),  # a causal square over 3 chunks
+    (1500, 1600, dict(first=100 - 1200, last=100)),  # a band of 1201 (Lq < Lk) across chunks
+    (70, 3000, dict(row_shift=2930, first=-1500, last=-1200, causal=True)),  # rows' spans end in different chunks
+])
+@pytest.mark.parametrize("strip_rows", [0, 7, 64])
+def test_span_kernel_anchored_spans_and_chunks(q_rows, k_rows, span, strip_rows):
+    """Spans anchored every rows_per_step rows (fixed's own blocks and its growing summary prefix),
+    cut at the row's position where causal, and spans of more than one chunk of keys (KEY_CHUNK,
+    1024: a running softmax across them), against the float64 reference."""
+    g = torch.Generator().manual_seed(q_rows + k_rows)
+    q = torch.randn(1, 2, q_rows, 16, generator=g)
+    k, v = (torch.randn(1, 1, k_rows, 16, generator=g) for _ in range(2))
+    result = _span(q, k, v, scale=0.3, strip_rows=strip_rows, **span)
+    assert_matches_reference(*result, *_span_reference(q, k, v, scale=0.3, **span), tol=2e-5)
+
+
+@pytest.mark.parametrize("out_dtype,in_place", [(torch.float32, False), (torch.bfloat16, False), (torch.float32, True)])
+@pytest.mark.parametrize("strip_rows", [0, 64])
+def test_span_kernel_continues_a_seed(out_dtype, in_place, strip_rows):
+    """A call seeded with a partial over other keys writes the merge of both: the first 1500 keys'
+    causal rows (the first rows see none: lse -inf), continued over the other 1300 keys, is
+    attention over all of them; the seed (float32) may be the output itself."""
+    g = torch.Generator().manual_seed(2)
+    q = torch.randn(1, 2, 300, 32, generator=g)
+    k, v = (torch.randn(1, 2, 2800, 32, generator=g) for _ in range(2))
+    seed = _span(q, k[:, :, :1500], v[:, :, :1500], scale=0.3, first=-UNBOUNDED, last=-60, row_shift=0,
+                 strip_rows=strip_rows)
+    out, lse = seed if in_place else (torch.empty(1, 2, 300, 32, dtype=out_dtype), torch.empty(1, 2, 300))
+    span_kernel.span_attention(q, k[:, :, 1500:], v[:, :, 1500:], out, lse, scale=0.3, first=-UNBOUNDED,
+                               last=UNBOUNDED, strip_rows=strip_rows, seed=seed)
+    seen = torch.arange(2800)[None, :] < 1500  # every key past the seed's, and its keys up to r - 60
+    seen = (seen & (torch.arange(2800)[None, :] <= torch.arange(300)[:, None] - 60)) | ~seen
+    ref_out, ref_lse = _masked_reference(q, k, v, seen, scale=0.3)
+    tol = 2e-5 if out_dtype == torch.float32 else 1e-2
+    assert out.dtype == out_dtype
+    assert_matches_reference(out.float(), lse, ref_out, ref_lse, tol=tol, lse_tol=2e-5)
+
+
+def _masked_reference(q, k, v, seen: torch.Tensor, *, scale: float):
+    """Float64 attention of every problem's rows over the keys `seen` [rows, keys] keeps."""
+    scores = torch.einsum("ncqd,nckd->ncqk", q.double(), k.double()) * scale
+    scores = scores.masked_fill(~seen, float("-inf"))
+    lse = torch.logsumexp(scores, -1)
+    return torch.einsum("ncqk,nckd->ncqd", torch.exp(scores - lse[..., None]).nan_to_num(0.0), v.double()), lse
 
 
 @pytest.mark.parametrize("dtype,out_dtype", [(torch.float16, torch.float16), (torch.float16, torch.float32),
@@ -150,10 +206,9 @@ def test_strided_half_precision_on_the_span_kernel(monkeypatch, dtype):
 
 
 def test_strided_rules_for_the_span_kernel(monkeypatch):
-    """torch's kernel takes the classes past SPAN_KERNEL_MAX_KEY_ROWS key class rows (past
-    NATIVE_HALF_SPAN_MAX_KEY_ROWS in half precision computed natively, as with AMX), a union's
-    second stride (its skipped strides' masks) and head dims not a multiple of 16; the span kernel
-    the rest."""
+    """torch's kernel takes the classes past NATIVE_HALF_SPAN_MAX_KEY_ROWS key class rows in half
+    precision computed natively (as with AMX), a union's second stride (its skipped strides' masks)
+    and head dims not a multiple of 16; the span kernel the rest, classes of any length in float32."""
     calls = _kernel_calls(monkeypatch)
     g = torch.Generator().manual_seed(3)
     q, k, v = (torch.randn(1, 2, 640, 16, generator=g) for _ in range(3))
@@ -167,8 +222,7 @@ def test_strided_rules_for_the_span_kernel(monkeypatch):
         return bool(calls)
 
     assert used(stride=8)  # 80 key class rows
-    monkeypatch.setattr(strided, "SPAN_KERNEL_MAX_KEY_ROWS", 79)
-    assert not used(stride=8)
+    assert used(stride=1)  # 640
     assert used(stride=9)  # 71 rows
     assert not used(stride=9, min_distance=5, skip_strides=(3,))
     q12 = torch.randn(1, 2, 640, 24, generator=g)
@@ -183,8 +237,8 @@ def test_strided_rules_for_the_span_kernel(monkeypatch):
 
 
 def test_span_kernel_falls_back_without_a_compiler(monkeypatch, tmp_path, caplog):
-    """No compiler (or a failed build): said once in the log, and strided and band attention run on
-    torch's kernel."""
+    """No compiler (or a failed build): said once in the log, and strided, band and fixed attention
+    run on torch's kernel."""
     monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
     monkeypatch.setenv("ATTN_KERNEL_CACHE", str(tmp_path / "cache"))
     span_kernel.library.cache_clear()
@@ -196,6 +250,9 @@ def test_span_kernel_falls_back_without_a_compiler(monkeypatch, tmp_path, caplog
         q, k, v = (torch.randn(1, 2, 300, 16, generator=g) for _ in range(3))
         _assert_strided_matches(kernels.strided_attention(q, k, v, stride=8, scale=0.25), q, k, v, 8, 0)
         _assert_band_matches(kernels.band_attention(q, k, v, window=40, scale=0.25), q, k, v, 40, True)
+        out, lse = kernels.fixed_attention(q, k, v, block=32, summary=4, scale=0.25)
+        ref_out, ref_lse = reference_attention(q, k, v, {"type": "fixed", "block": 32, "summary": 4}, scale=0.25)
+        assert_matches_reference(out, lse, ref_out, ref_lse, tol=2e-5)
     finally:
         span_kernel.library.cache_clear()
 
@@ -257,25 +314,107 @@ def test_band_rules_for_the_span_kernel(monkeypatch):
     assert used(*half)
 
 
-@pytest.mark.parametrize("dim", [16, 24])
-def test_a_union_reads_half_precision_on_the_span_kernel(monkeypatch, dim):
+@pytest.mark.parametrize("dim,native", [(16, False), (24, False), (16, True)])
+def test_a_union_on_the_span_kernel(monkeypatch, dim, native):
     """union(sliding_window, strided) in half precision computed in float32: where the span kernel
-    takes q, k and v the plan converts nothing beforehand, the band and the stride read float16 as
-    it is and write float32 partials, and the merge rounds each row once into float16; where it
-    does not (head dim 24) the plan converts them first, as before."""
+    takes q, k and v the plan converts nothing beforehand, the stride reads float16 as it is and
+    writes a float32 partial, and the band's rows continue it (its seed; the rows before the
+    stride's first key on their own) writing float16, rounded once, with no merge pass; where it
+    does not (head dim 24) the plan converts them first, as before. Natively computed half
+    precision (AMX) merges its bfloat16 partials after."""
     from engine import attention
+    from engine.kernels import union
 
-    monkeypatch.setattr(dense, "cpu_upcast_dtypes", lambda: frozenset({torch.float16, torch.bfloat16}))
-    seen = []
-    real = span_kernel.span_attention
+    dtype = torch.bfloat16 if native else torch.float16
+    monkeypatch.setattr(dense, "cpu_upcast_dtypes", lambda: frozenset() if native else frozenset({dtype}))
+    seen, merges = [], []
+    real, real_merge = span_kernel.span_attention, union.merge_to
     monkeypatch.setattr(span_kernel, "span_attention", lambda q, k, v, out, lse, **kwargs: seen.append(
-        (q.dtype, out.dtype)) or real(q, k, v, out, lse, **kwargs))
+        (q.dtype, out.dtype, kwargs.get("seed") is not None)) or real(q, k, v, out, lse, **kwargs))
+    monkeypatch.setattr(union, "merge_to", lambda *args: merges.append(args) or real_merge(*args))
     g = torch.Generator().manual_seed(9)
-    q, k, v = (torch.randn(1, 2, 700, dim, generator=g).half() for _ in range(3))
+    q, k, v = (torch.randn(1, 2, 700, dim, generator=g).to(dtype) for _ in range(3))
     pattern = {"type": "union", "patterns": [{"type": "sliding_window", "window": 40},
                                              {"type": "strided", "stride": 16}]}
     out, lse = attention(q, k, v, pattern, scale=0.25, return_lse=True)
-    assert seen == ([(torch.float16, torch.float32)] * 2 if dim == 16 else [])
-    assert out.dtype == torch.float16
+    if native:
+        assert seen == [(dtype, dtype, False)] * 2 and merges
+    elif dim == 16:
+        assert seen == [(dtype, torch.float32, False), (dtype, dtype, False), (dtype, dtype, True)] and not merges
+    else:
+        assert seen == [] and merges
+    assert out.dtype == dtype
     ref_out, ref_lse = reference_attention(q.float(), k.float(), v.float(), pattern, scale=0.25)
     assert_matches_reference(out.float(), lse, ref_out, ref_lse, tol=1e-2, lse_tol=2e-5)
+
+
+@pytest.mark.parametrize("lq,lk", [(600, 600), (517, 700), (300, 1003), (17, 900), (2200, 2200)])
+@pytest.mark.parametrize("block,summary", [(64, 8), (13, 3), (8, 4), (16, 16), (2500, 2)])
+@pytest.mark.parametrize("batch,heads,kv_heads", [(2, 4, 2), (1, 1, 1)])
+def test_fixed_on_the_span_kernel(monkeypatch, lq, lk, block, summary, batch, heads, kv_heads):
+    """Causal fixed(l, c) on the span kernel (own blocks, then the summary keys continuing them):
+    Lq < Lk with the first query block cut, a partial last block, blocks not a multiple of the
+    kernel's 8-row blocks, c = l, a block past the keys (no summary key), more than 1024 summary
+    keys (fixed(8, 4) at 2200: two chunks), grouped heads and one head, against the contract's mask."""
+    calls = _kernel_calls(monkeypatch)
+    q, k, v = _grouped_qkv(batch, heads, kv_heads, lq, lk, seed=lq + block)
+    result = kernels.fixed_attention(q, k, v, block=block, summary=summary, scale=0.25)
+    assert len(calls) == 2, "the span kernel was not used"
+    group = heads // kv_heads
+    k, v = (x.repeat_interleave(group, 1) for x in (k, v))
+    ref_out, ref_lse = reference_attention(q, k, v, {"type": "fixed", "block": block, "summary": summary}, scale=0.25)
+    assert_matches_reference(*result, ref_out, ref_lse, tol=2e-5)
+
+
+@pytest.mark.parametrize("dtype,native", [(torch.float16, False), (torch.bfloat16, False), (torch.bfloat16, True)])
+def test_fixed_half_precision_on_the_span_kernel(monkeypatch, dtype, native):
+    """Half precision read as it is, computed in float32 (natively computed bfloat16 too, within
+    NATIVE_HALF_SPAN_MAX_SUMMARY_KEYS): the result keeps q's dtype, rounded once. Non-contiguous
+    inputs ([B, L, H, D] viewed as [B, H, L, D]), head dims 32 and 48."""
+    monkeypatch.setattr(dense, "cpu_upcast_dtypes", lambda: frozenset() if native else frozenset({dtype}))
+    calls = _kernel_calls(monkeypatch)
+    g = torch.Generator().manual_seed(12)
+    q, k = (torch.randn(2, 517 if i == 0 else 702, 2, 32, generator=g).to(dtype).transpose(1, 2) for i in range(2))
+    v = torch.randn(2, 702, 2, 48, generator=g).to(dtype).transpose(1, 2)
+    out, lse = kernels.fixed_attention(q, k, v, block=64, summary=8, scale=0.25)
+    assert calls and out.dtype == dtype
+    pattern = {"type": "fixed", "block": 64, "summary": 8}
+    ref_out, ref_lse = reference_attention(*(x.float() for x in (q, k, v)), pattern, scale=0.25)
+    assert_matches_reference(out.float(), lse, ref_out, ref_lse, tol=1e-2, lse_tol=2e-5)
+
+
+def test_fixed_rules_for_the_span_kernel(monkeypatch):
+    """torch's kernel takes fixed's short runs (up to SHORT_RUN_ROWS rows: they read the summary keys
+    in place), non-causal fixed, a union's fixed step (a distance, skipped strides), head dims not a
+    multiple of 16, and natively computed half precision past NATIVE_HALF_SPAN_MAX_SUMMARY_KEYS; the
+    span kernel the rest."""
+    from engine.kernels import fixed
+
+    calls = _kernel_calls(monkeypatch)
+    g = torch.Generator().manual_seed(6)
+    q, k, v = (torch.randn(1, 2, 640, 16, generator=g) for _ in range(3))
+
+    def used(qkv=(q, k, v), **kwargs) -> bool:
+        calls.clear()
+        out, lse = kernels.fixed_attention(*qkv, block=32, summary=4, scale=0.25, **kwargs)
+        qkv = [x.float() for x in qkv]
+        assert_matches_far((out.float(), lse), *qkv, {"type": "fixed", "block": 32, "summary": 4},
+                           kwargs.get("min_distance", 0), causal=kwargs.get("causal", True),
+                           skip_strides=kwargs.get("skip_strides", ()), tol=2e-2)
+        return bool(calls)
+
+    assert used()
+    assert used(qkv=(q[:, :, -fixed.SHORT_RUN_ROWS - 1 :], k, v))
+    assert not used(qkv=(q[:, :, -fixed.SHORT_RUN_ROWS :], k, v))
+    assert not used(causal=False)
+    assert not used(min_distance=5)
+    assert not used(skip_strides=(3,))
+    q24 = torch.randn(1, 2, 640, 24, generator=g)
+    assert not used(qkv=(q24, q24, q24))
+    half = [x.bfloat16() for x in (q, k, v)]  # 19 whole blocks before the last: 76 summary keys
+    monkeypatch.setattr(dense, "cpu_upcast_dtypes", lambda: frozenset())  # bfloat16 native, as with AMX
+    assert used(qkv=half)
+    monkeypatch.setattr(fixed, "NATIVE_HALF_SPAN_MAX_SUMMARY_KEYS", 75)
+    assert not used(qkv=half)
+    monkeypatch.setattr(dense, "cpu_upcast_dtypes", lambda: frozenset({torch.bfloat16}))
+    assert used(qkv=half)

@@ -120,6 +120,35 @@ def row_major(x: torch.Tensor) -> torch.Tensor:
     return x.contiguous()
 
 
+def on_span_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """Whether the band goes to the CPU span kernel: wherever it takes q, k and v, bfloat16 too where
+    AMX runs it natively (sliding_window(128) at n = 16384, H = 8, D = 64, ms: 24.6 against torch's
+    tiles' 30.4, 49.5 / 60.1 at 32768; w = 256 42.8 / 43.8)."""
+    return kernel_device(q.device) == "cpu" and span_kernel.takes(q, k, v)
+
+
+def span_band_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, window: int, scale: float, causal: bool = True,
+    out_dtype: torch.dtype | None = None, seed: tuple[int, torch.Tensor, torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The band on the CPU span kernel, queries bottom-right aligned: every row's window in one call,
+    heads on the kernel's second axis (grouped ones read as they are); (out in `out_dtype`, q's
+    unless said, lse). `seed`: (first row, out, lse) float32, a partial over other keys of rows
+    first row .. Lq - 1 (a union's strides), which those rows continue in a second call: the
+    union's result written once, no merge pass."""
+    offset = k.shape[-2] - q.shape[-2]
+    out = q.new_empty(*q.shape[:-1], v.shape[-1], dtype=out_dtype or q.dtype)
+    lse = q.new_empty(q.shape[:-1], dtype=torch.float32)
+    lq = q.shape[-2]
+    seeded = seed[0] if seed is not None else lq  # the first row that continues the seed
+    for start, stop, partial in ((0, seeded, None), (seeded, lq, seed and seed[1:])):
+        if stop > start:
+            span_kernel.span_attention(q[..., start:stop, :], k, v, out[..., start:stop, :], lse[..., start:stop],
+                                       first=offset - window + 1, last=offset + (0 if causal else window - 1),
+                                       row_shift=start, scale=scale, strip_rows=BAND_STRIP_ROWS, seed=partial)
+    return out, lse
+
+
 def band_pieces(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, window: int, scale: float, causal: bool = True,
     tile: int | None = None, out_dtype: torch.dtype | None = None,
@@ -142,17 +171,8 @@ def band_pieces(
         return [(0, torch.cat([out for out, _ in parts], 1), torch.cat([lse for _, lse in parts], 1))]
     if flash_supported(q, v) and flash_window_supported(q.device, causal):
         return [(0, *_flash_window(q, k, v, window=window, scale=scale, causal=causal))]
-    if kernel_device(q.device) == "cpu" and span_kernel.takes(q, k, v):
-        # every row's band in one call: heads on the kernel's second axis, grouped ones as they are;
-        # bfloat16 too where AMX runs it natively (sliding_window(128) at n = 16384, H = 8, D = 64,
-        # ms: 24.6 against torch's tiles' 30.4, 49.5 / 60.1 at 32768; w = 256 42.8 / 43.8)
-        offset = k.shape[-2] - q.shape[-2]
-        out = q.new_empty(*q.shape[:-1], v.shape[-1], dtype=out_dtype or q.dtype)
-        lse = torch.empty(q.shape[:-1], dtype=torch.float32)
-        span_kernel.span_attention(q, k, v, out, lse, first=offset - window + 1,
-                                   last=offset + (0 if causal else window - 1), scale=scale,
-                                   strip_rows=BAND_STRIP_ROWS)
-        return [(0, out, lse)]
+    if on_span_kernel(q, k, v):
+        return [(0, *span_band_attention(q, k, v, window=window, scale=scale, causal=causal, out_dtype=out_dtype))]
     q, k, v = as_computed(q, k, v)  # once: the tiles' windows overlap
     b, h, lq, _ = q.shape
     lk, dv, w = k.shape[-2], v.shape[-1], window

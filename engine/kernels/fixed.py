@@ -1,5 +1,7 @@
 """`fixed(l, c)` as two disjoint pieces merged in place by log-sum-exp (causal; non-causal below),
-on fused SDPA calls: the CPU's plan, and CUDA's where its Triton kernel does not run
+on fused SDPA calls: the CPU's plan where its span kernel does not run (`span_fixed_attention`:
+the same two pieces as two calls of the engine's own kernel, causal runs of more than a few rows
+without a union's distance or strides), and CUDA's where its Triton kernel does not run
 (triton_fixed.py: one launch for what follows).
 
 (a) The query's own block: the sequence viewed as [L/l, l] blocks, one batched dense causal
@@ -53,10 +55,11 @@ import torch
 import torch.nn.functional as F
 
 from ..patterns.fixed import Fixed, summary_columns, summary_keys_below
-from . import triton_fixed
+from . import span_kernel, triton_fixed
 from .band import grid_attention, heads_last, row_grid, row_major
-from .dense import (CPU_SMALL_CALL_ROWS, NEG_INF, additive_mask, as_computed, dense_attention, empty_partial, fused,
-                    fused_masked, fused_under, kept_when_small, per_query_head, repeated_operand, same_head_dim)
+from .dense import (CPU_SMALL_CALL_ROWS, NEG_INF, additive_mask, as_computed, cpu_native_half, dense_attention,
+                    empty_partial, fused, fused_masked, fused_under, kept_when_small, per_query_head,
+                    repeated_operand, same_head_dim)
 from .device import kernel_device
 from .masked import MASK_BUDGET
 from .merge import join_rows, merge_partials, merge_stacked, merge_to
@@ -112,6 +115,14 @@ SHORT_RUN_ROWS = 16
 # (504 summary keys) 0.82-0.85 / 0.69-0.70, 12288 (760) 0.93 / 0.70, 16384 (1016) 2.5 / 1.15,
 # 65536 3.4 / 1.75; fixed(16, 2) at 4096 (510) 0.83 / 0.71; H = 8 over 2, D = 128, Lk 4096 0.66.
 GATHERED_ROW_KEYS = 512
+# Query rows a thread of the span kernel takes at a time (`span_fixed_attention`): the keys its
+# rows see are packed once per strip.
+FIXED_STRIP_ROWS = 256
+# Where AMX runs half precision natively, torch's kernel wins once rows see more summary keys than
+# this: bfloat16, H = 8, D = 64, ms, span kernel / torch's (best of 9, in turn): fixed(128, 8) at
+# n = 2048 (120 summary keys at most) 3.6 / 5.8, 4096 (248) 9.6 / 11.1, 8192 (504) 27.7 / 27.5,
+# 16384 (1016) 94.8 / 77.7; fixed(64, 4) at 8192 (508) 26.0 / 29.1.
+NATIVE_HALF_SPAN_MAX_SUMMARY_KEYS = 512
 
 
 def short_run(lq: int, lk: int, block: int, summary: int) -> bool:
@@ -189,7 +200,8 @@ def fixed_attention(
     min_distance (for a union with a sliding window, whose keys it then skips), and not at
     (i - j) mod s == 0 for any s in skip_strides (for a union with those strides); queries bottom-right
     aligned; (out, lse). On CUDA with Triton installed one launch of the Triton kernel
-    (triton_fixed.py), elsewhere the fused-SDPA calls below. `seed`: the union's partial (out, lse)
+    (triton_fixed.py), on the CPU the span kernel's two calls where it takes them
+    (`span_fixed_attention`), elsewhere the fused-SDPA calls below. `seed`: the union's partial (out, lse)
     over its other members' keys, every row, which the result continues: inside the kernel's
     launch where its seeded variant runs, else merged after (in q's dtype, as a plan merges its
     steps)."""
@@ -199,9 +211,49 @@ def fixed_attention(
         return triton_fixed.triton_fixed_attention(q, k, v, seed=(0, *seed), **kwargs)
     if triton_fixed.takes(q, v, causal, skip_strides):
         own = triton_fixed.triton_fixed_attention(q, k, v, **kwargs)
+    elif _on_span_kernel(q, k, v, block=block, summary=summary, causal=causal, min_distance=min_distance,
+                         skip_strides=skip_strides):
+        own = span_fixed_attention(q, k, v, block=block, summary=summary, scale=scale)
     else:
         own = fused_fixed_attention(q, k, v, **kwargs)
     return own if seed is None else merge_partials([seed, own], q.dtype)
+
+
+def _on_span_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, block: int, summary: int, causal: bool,
+                    min_distance: int, skip_strides: tuple[int, ...]) -> bool:
+    """Whether causal fixed goes to the CPU span kernel (`span_fixed_attention`): more rows than a
+    short run (which reads the summary keys in place, where the kernel's calls copy them: fixed(128,
+    8), H = 8, D = 64, float32, span / torch's, one row after 16384 keys 1.16, after 65536 1.69; 16
+    rows 0.74 and 0.96), neither a union's distance nor its strides (their masks), up to
+    NATIVE_HALF_SPAN_MAX_SUMMARY_KEYS in half precision that AMX runs natively, and where the
+    kernel takes q, k and v."""
+    few_summary_keys = (k.shape[-2] - 1) // block * summary <= NATIVE_HALF_SPAN_MAX_SUMMARY_KEYS
+    return (kernel_device(q.device) == "cpu" and causal and not min_distance and not skip_strides
+            and q.shape[-2] > SHORT_RUN_ROWS and (few_summary_keys or not cpu_native_half(q.dtype))
+            and span_kernel.takes(q, k, v))
+
+
+def span_fixed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, block: int, summary: int,
+                         scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Causal fixed on the CPU span kernel in two calls: each row's own block (the l keys anchored at
+    its block's start, none past the row) over K and V as they are, then the summary keys of
+    earlier blocks (a prefix of the gathered ones, c more every l rows: a copy of c/l of K and V, in
+    their dtype), continuing the first call's partial (its seed: no merge pass). Every
+    row of a block sees the same summary keys, so nothing is computed under a mask. Grouped
+    key/value heads read as they are; (out in q's dtype, lse)."""
+    lq, lk, l, c = q.shape[-2], k.shape[-2], block, summary
+    offset = lk - lq
+    blocks_before_last = (lk - 1) // l  # whole blocks before the last key's: their summary keys
+    gathered = [x[..., : blocks_before_last * l, :].unflatten(-2, (blocks_before_last, l))[..., l - c :, :]
+                .flatten(-3, -2) for x in (k, v)]
+    own = (q.new_empty(*q.shape[:-1], v.shape[-1], dtype=torch.float32), q.new_empty(q.shape[:-1], dtype=torch.float32))
+    span_kernel.span_attention(q, k, v, *own, scale=scale, row_shift=offset, rows_per_step=l, keys_per_step=l,
+                               first=0, last=l - 1, causal=True, strip_rows=FIXED_STRIP_ROWS)
+    out = own[0] if q.dtype == torch.float32 else torch.empty_like(own[0], dtype=q.dtype)
+    span_kernel.span_attention(q, *gathered, out, own[1], scale=scale, row_shift=offset, rows_per_step=l,
+                               keys_per_step=c, first=-span_kernel.UNBOUNDED, last=-1, strip_rows=FIXED_STRIP_ROWS,
+                               seed=own)
+    return out, own[1]
 
 
 def fused_fixed_attention(

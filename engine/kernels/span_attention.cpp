@@ -1,6 +1,9 @@
 // Attention over many problems at once on the CPU, each query row attending one span of key rows
-// (row r: keys r + first .. r + last): a stride's classes (causal squares of a few hundred rows),
-// a sliding window's band (span_kernel.py says who calls it).
+// (row r at position p = r + row_shift: keys a + first .. a + last, anchored at a = p /
+// rows_per_step * keys_per_step, so at p itself where both are 1; causal: none past p): a stride's
+// classes (causal squares of a few hundred rows), a sliding window's band, fixed's own blocks (l
+// keys anchored at the block's start) and its summary keys (a prefix of the gathered ones that grows
+// by c keys every l rows); span_kernel.py says who calls it.
 //
 // torch's CPU flash kernel computes such problems 32 or 64 query rows at a time, packing each
 // block's keys anew, and reads a class's rows s rows apart from memory. Here each thread takes a
@@ -17,7 +20,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
-#include <pthread.h>
+#include <omp.h>
 #if defined(__AVX512F__)
 #include <immintrin.h>
 #endif
@@ -32,6 +35,10 @@ typedef uint16_t u16x16_unaligned __attribute__((vector_size(32), aligned(2)));
 typedef uint16_t u16x16 __attribute__((vector_size(32)));
 
 constexpr int BLOCK_ROWS = 8;  // query rows computed together: 8 x 32 scores in 16 registers
+// Keys packed at a time: their transposed keys and values (512 KB at head dims 64) stay in a core's
+// L2 with the strip's rows; a strip whose keys spanned 4096 at once computed 0.63 pairs per ns, in
+// chunks of 1024 ...
+constexpr int64_t KEY_CHUNK = 1024;
 constexpr int LANES = 16;
 constexpr float LOG2E = 1.4426950408889634f;
 constexpr float LN2 = 0.6931471805599453f;
@@ -158,10 +165,12 @@ struct Call {
   const void *q, *k, *v;
   void *out;
   float *lse;
+  const float *seed_out, *seed_lse;  // a partial over other keys that the rows continue, or null
   // Problem (i, c) for i < n, c < classes reads keys and values of problem (i / n_group,
   // c / class_group). Strides in elements: [i, c, row].
   int64_t n, classes, n_group, class_group, q_rows, k_rows, dim, v_dim, first, last, strip_rows;
-  int64_t q_stride[3], k_stride[3], v_stride[3], out_stride[3], lse_stride[3];
+  int64_t row_shift, rows_per_step, keys_per_step, causal;
+  int64_t q_stride[3], k_stride[3], v_stride[3], out_stride[3], lse_stride[3], seed_out_stride[3], seed_lse_stride[3];
   float scale;
   int64_t begin, end;  // this thread's work items: (problem, strip)
 };
@@ -183,23 +192,37 @@ template <int IN, int OUT> struct Worker {
   typedef typename Elements<IN>::type In;
   typedef typename Elements<OUT>::type Out;
   const Call &a;
-  int64_t width;  // keys a row of the buffers holds: a strip's, a multiple of 16, and 16 more
-  float *keys_t, *values, *scores, *queries;
+  int64_t width;  // keys a row of the buffers holds: a chunk's, a multiple of 16, and 16 more
+  float *keys_t, *values, *scores, *queries, *acc, *row_top, *row_sum;
 
   explicit Worker(const Call &call) : a(call) {
-    int64_t keys = clamp(a.strip_rows - 1 + a.last - a.first + 1, 0, a.k_rows);
+    int64_t keys = 0;  // the most any of this thread's strips sees in one chunk
+    for (int64_t w = a.begin; w < a.end; w++) {
+      Item<In> it = item(w);
+      keys = it.key_end - it.key_begin > keys ? it.key_end - it.key_begin : keys;
+    }
+    keys = keys < KEY_CHUNK ? keys : KEY_CHUNK;
     width = (keys + LANES - 1) / LANES * LANES + LANES;
-    size_t floats = a.dim * width + width * a.v_dim + BLOCK_ROWS * width + BLOCK_ROWS * a.dim;
+    size_t floats = a.dim * width + width * a.v_dim + BLOCK_ROWS * width + BLOCK_ROWS * a.dim +
+                    a.strip_rows * (a.v_dim + 2);
     keys_t = (float *)aligned_alloc(64, (sizeof(float) * floats + 127) / 64 * 64);
     values = keys_t + a.dim * width;
     scores = values + width * a.v_dim;
     queries = scores + BLOCK_ROWS * width;
+    acc = queries + BLOCK_ROWS * a.dim;
+    row_top = acc + a.strip_rows * a.v_dim;
+    row_sum = row_top + a.strip_rows;
   }
   ~Worker() { free(keys_t); }
   bool ok() const { return keys_t != nullptr; }
 
-  int64_t keys_from(int64_t row) const { return clamp(row + a.first, 0, a.k_rows); }
-  int64_t keys_to(int64_t row) const { return clamp(row + a.last + 1, 0, a.k_rows); }  // past the last
+  int64_t anchor(int64_t row) const { return (row + a.row_shift) / a.rows_per_step * a.keys_per_step; }
+  int64_t keys_from(int64_t row) const { return clamp(anchor(row) + a.first, 0, a.k_rows); }
+  int64_t keys_to(int64_t row) const {  // past the last
+    int64_t to = anchor(row) + a.last + 1;
+    if (a.causal && to > row + a.row_shift + 1) to = row + a.row_shift + 1;
+    return clamp(to, 0, a.k_rows);
+  }
 
   Item<In> item(int64_t w) const {
     int64_t strips = (a.q_rows + a.strip_rows - 1) / a.strip_rows, p = w / strips, t = w % strips;
@@ -278,18 +301,19 @@ template <int IN, int OUT> struct Worker {
     }
   }
 
-  // A row's scores over [0, keys) as probabilities times their sum, zero outside [from, to);
-  // returns the row's largest score (base-2 units) and writes the sum.
-  float softmax_row(float *s, int64_t from, int64_t to, int64_t keys, float *sum) {
+  // A row's scores over [0, keys) as probabilities relative to the larger of the row's running
+  // largest score `top` (base-2 units, -inf before any key) and the largest in [from, to), zero
+  // outside [from, to); returns that larger one and writes the probabilities' sum.
+  float softmax_row(float *s, int64_t from, int64_t to, int64_t keys, float top, float *sum) {
     const f32x16 lane = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
     const f32x16 lo = splat((float)from), hi = splat((float)to);
-    f32x16 top = splat(-INFINITY);
+    f32x16 most = splat(top);
     for (int64_t j = 0; j < keys; j += LANES) {
       f32x16 at = lane + (float)j, x = load(s + j);
       x = at >= lo && at < hi ? x : splat(-INFINITY);
-      top = x > top ? x : top;
+      most = x > most ? x : most;
     }
-    float m = lanes_max(top);
+    float m = lanes_max(most);
     f32x16 total = splat(0.f);
     for (int64_t j = 0; j < keys; j += LANES) {
       f32x16 at = lane + (float)j, x = exp2_nonpositive(load(s + j) - m);
@@ -301,93 +325,142 @@ template <int IN, int OUT> struct Worker {
     return m;
   }
 
-  void empty_rows(Out *out, float *lse, int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; r++) {
-      for (int64_t d = 0; d < a.v_dim; d += LANES) Elements<OUT>::store16(out + r * a.out_stride[2] + d, splat(0.f));
-      lse[r * a.lse_stride[2]] = -INFINITY;
+  // Rows r0 .. r0 + rows - 1 of the strip written out from their running state (`at`: the first's
+  // place in it): zeros and -inf where they saw no key.
+  void finish_rows(Out *out, float *lse, int64_t r0, int64_t rows, int64_t at) {
+    for (int64_t r = 0; r < rows; r++) {
+      float sum = row_sum[at + r];  // acc holds nothing yet where it is 0
+      for (int64_t d = 0; d < a.v_dim; d += LANES)
+        Elements<OUT>::store16(out + (r0 + r) * a.out_stride[2] + d,
+                               sum > 0.f ? load(acc + (at + r) * a.v_dim + d) * (1.f / sum) : splat(0.f));
     }
+    write_lse(lse, r0, rows, at);
   }
 
+  void write_lse(float *lse, int64_t r0, int64_t rows, int64_t at) {
+    for (int64_t r = 0; r < rows; r++)
+      lse[(r0 + r) * a.lse_stride[2]] =
+          row_top[at + r] == -INFINITY ? -INFINITY : (row_top[at + r] + log2f(row_sum[at + r])) * LN2;
+  }
+
+  // The strip's keys go KEY_CHUNK at a time (packed in cache, then every row block that sees some
+  // of them), each row keeping a running largest score, sum and output (`acc`) as flash attention
+  // does. A block's rows are written out within the chunk that holds their last keys, as its
+  // products come in (written all at the strip's end, a stride's rows s rows apart cost 15% more).
   void strip(const Item<In> &it, int64_t next) {
     Out *out = (Out *)a.out + it.i * a.out_stride[0] + it.c * a.out_stride[1];
     float *lse = a.lse + it.i * a.lse_stride[0] + it.c * a.lse_stride[1];
-    int64_t keys = it.key_end - it.key_begin;
-    if (keys == 0) {
-      empty_rows(out, lse, it.row_begin, it.row_end);
-      return;
+    const int64_t strip_rows = it.row_end - it.row_begin;
+    if (a.seed_out != nullptr) {  // the seed's rows as running state: its output, a sum of 1 at its lse
+      const float *seed_out = a.seed_out + it.i * a.seed_out_stride[0] + it.c * a.seed_out_stride[1];
+      const float *seed_lse = a.seed_lse + it.i * a.seed_lse_stride[0] + it.c * a.seed_lse_stride[1];
+      for (int64_t r = 0; r < strip_rows; r++) {
+        row_top[r] = seed_lse[(it.row_begin + r) * a.seed_lse_stride[2]] * LOG2E;
+        row_sum[r] = row_top[r] == -INFINITY ? 0.f : 1.f;
+        for (int64_t d = 0; d < a.v_dim; d += LANES)
+          store(acc + r * a.v_dim + d, load(seed_out + (it.row_begin + r) * a.seed_out_stride[2] + d));
+      }
+    } else {
+      for (int64_t r = 0; r < strip_rows; r++) {  // acc is written before it is read (keep 0: not read)
+        row_top[r] = -INFINITY;
+        row_sum[r] = 0.f;
+      }
     }
-    pack(it.k + it.key_begin * a.k_stride[2], it.v + it.key_begin * a.v_stride[2], keys);
     Item<In> after = next >= 0 ? item(next) : it;
-    const int64_t blocks = (it.row_end - it.row_begin + BLOCK_ROWS - 1) / BLOCK_ROWS;
+    const int64_t blocks = (strip_rows + BLOCK_ROWS - 1) / BLOCK_ROWS;
     const int64_t next_keys = after.key_end - after.key_begin;
     const float q_scale = a.scale * LOG2E;
-    for (int64_t r0 = it.row_begin; r0 < it.row_end; r0 += BLOCK_ROWS) {
-      int64_t rows = it.row_end - r0 < BLOCK_ROWS ? it.row_end - r0 : BLOCK_ROWS;
-      if (next >= 0) {  // the next item's rows, spread over this one's blocks
-        int64_t b = (r0 - it.row_begin) / BLOCK_ROWS, k0 = after.key_begin + b * next_keys / blocks,
-                k1 = after.key_begin + (b + 1) * next_keys / blocks;
-        int64_t q0 = after.row_begin + b * BLOCK_ROWS, q1 = q0 + BLOCK_ROWS < after.row_end ? q0 + BLOCK_ROWS : after.row_end;
-        prefetch_rows((const char *)after.q, a.q_stride[2] * sizeof(In), q0, q1, a.dim * sizeof(In));
-        prefetch_rows((const char *)after.k, a.k_stride[2] * sizeof(In), k0, k1, a.dim * sizeof(In));
-        prefetch_rows((const char *)after.v, a.v_stride[2] * sizeof(In), k0, k1, a.v_dim * sizeof(In));
-      }
-      // The keys the block's rows see between them, as packed-buffer columns [start, start + seen).
-      int64_t from = keys_from(r0), to = keys_to(r0 + rows - 1);
-      if (to <= from) {
-        empty_rows(out, lse, r0, r0 + rows);
-        continue;
-      }
-      int64_t start = from - it.key_begin, seen = to - from, padded = (seen + LANES - 1) / LANES * LANES;
-      for (int64_t r = 0; r < BLOCK_ROWS; r++)
-        for (int64_t d = 0; d < a.dim; d += LANES)
-          store(queries + r * a.dim + d,
-                r < rows ? Elements<IN>::load16(it.q + (r0 + r) * a.q_stride[2] + d) * q_scale : splat(0.f));
-      block_scores(start, padded);
-      float top[BLOCK_ROWS], sum[BLOCK_ROWS];
-      for (int r = 0; r < BLOCK_ROWS; r++) {
-        float *s = scores + r * width;
-        int64_t lo = r < rows ? keys_from(r0 + r) - from : 0, hi = r < rows ? keys_to(r0 + r) - from : 0;
-        if (hi <= lo) {
-          top[r] = -INFINITY;
-          sum[r] = 0.f;
-          for (int64_t j = 0; j < padded; j += LANES) store(s + j, splat(0.f));
-        } else {
-          top[r] = softmax_row(s, lo, hi, padded, &sum[r]);
+    for (int64_t c0 = it.key_begin; c0 < it.key_end; c0 += KEY_CHUNK) {
+      const int64_t c1 = c0 + KEY_CHUNK < it.key_end ? c0 + KEY_CHUNK : it.key_end;
+      const bool last_chunk = c1 == it.key_end;
+      pack(it.k + c0 * a.k_stride[2], it.v + c0 * a.v_stride[2], c1 - c0);
+      for (int64_t r0 = it.row_begin; r0 < it.row_end; r0 += BLOCK_ROWS) {
+        int64_t rows = it.row_end - r0 < BLOCK_ROWS ? it.row_end - r0 : BLOCK_ROWS;
+        if (next >= 0 && last_chunk) {  // the next item's rows, spread over this one's blocks
+          int64_t b = (r0 - it.row_begin) / BLOCK_ROWS, k0 = after.key_begin + b * next_keys / blocks,
+                  k1 = after.key_begin + (b + 1) * next_keys / blocks;
+          int64_t q0 = after.row_begin + b * BLOCK_ROWS, q1 = q0 + BLOCK_ROWS < after.row_end ? q0 + BLOCK_ROWS : after.row_end;
+          prefetch_rows((const char *)after.q, a.q_stride[2] * sizeof(In), q0, q1, a.dim * sizeof(In));
+          prefetch_rows((const char *)after.k, a.k_stride[2] * sizeof(In), k0, k1, a.dim * sizeof(In));
+          prefetch_rows((const char *)after.v, a.v_stride[2] * sizeof(In), k0, k1, a.v_dim * sizeof(In));
         }
-      }
-      const float *vals = values + start * a.v_dim;
-      for (int64_t d0 = 0; d0 < a.v_dim; d0 += 2 * LANES) {
-        bool pair = d0 + 2 * LANES <= a.v_dim;
-        f32x16 o0[BLOCK_ROWS], o1[BLOCK_ROWS];
+        // The chunk's keys the block's rows see between them, as packed-buffer columns [start, start + seen).
+        int64_t from = clamp(keys_from(r0), c0, c1), to = clamp(keys_to(r0 + rows - 1), c0, c1);
+        const int64_t block_end = keys_to(r0 + rows - 1), at0 = r0 - it.row_begin;
+        const bool finishing = block_end <= c1 && (block_end > c0 || c0 == it.key_begin);
+        if (to <= from) {
+          if (finishing) finish_rows(out, lse, r0, rows, at0);
+          continue;
+        }
+        int64_t start = from - c0, seen = to - from, padded = (seen + LANES - 1) / LANES * LANES;
+        for (int64_t r = 0; r < BLOCK_ROWS; r++)
+          for (int64_t d = 0; d < a.dim; d += LANES)
+            store(queries + r * a.dim + d,
+                  r < rows ? Elements<IN>::load16(it.q + (r0 + r) * a.q_stride[2] + d) * q_scale : splat(0.f));
+        block_scores(start, padded);
+        float keep[BLOCK_ROWS];  // what the running output is scaled by before this chunk adds to it (0: unread)
+        for (int r = 0; r < BLOCK_ROWS; r++) {
+          float *s = scores + r * width;
+          int64_t at = r0 - it.row_begin + r;
+          int64_t lo = r < rows ? clamp(keys_from(r0 + r), c0, c1) - from : 0;
+          int64_t hi = r < rows ? clamp(keys_to(r0 + r), c0, c1) - from : 0;
+          keep[r] = r < rows && row_top[at] != -INFINITY ? 1.f : 0.f;
+          if (hi <= lo) {
+            for (int64_t j = 0; j < padded; j += LANES) store(s + j, splat(0.f));
+            continue;
+          }
+          float sum, top = softmax_row(s, lo, hi, padded, row_top[at], &sum);
+          keep[r] = row_top[at] == -INFINITY ? 0.f : row_top[at] == top ? 1.f : exp2f(row_top[at] - top);
+          row_top[at] = top;
+          row_sum[at] = row_sum[at] * keep[r] + sum;
+        }
+        const float *vals = values + start * a.v_dim;
+        float *acc_rows = acc + at0 * a.v_dim;
+        float inverse[BLOCK_ROWS];
+        for (int64_t r = 0; r < rows; r++) inverse[r] = row_sum[at0 + r] > 0.f ? 1.f / row_sum[at0 + r] : 0.f;
+        for (int64_t d0 = 0; d0 < a.v_dim; d0 += 2 * LANES) {
+          bool pair = d0 + 2 * LANES <= a.v_dim;
+          f32x16 o0[BLOCK_ROWS], o1[BLOCK_ROWS];
 #pragma GCC unroll 8
-        for (int r = 0; r < BLOCK_ROWS; r++) o0[r] = o1[r] = splat(0.f);
-        if (pair) {
-          for (int64_t j = 0; j < seen; j++) {
-            f32x16 x0 = load(vals + j * a.v_dim + d0), x1 = load(vals + j * a.v_dim + d0 + LANES);
+          for (int r = 0; r < BLOCK_ROWS; r++) o0[r] = o1[r] = splat(0.f);
+          if (pair) {
+            for (int64_t j = 0; j < seen; j++) {
+              f32x16 x0 = load(vals + j * a.v_dim + d0), x1 = load(vals + j * a.v_dim + d0 + LANES);
 #pragma GCC unroll 8
-            for (int r = 0; r < BLOCK_ROWS; r++) {
-              float w = scores[r * width + j];
-              o0[r] += w * x0;
-              o1[r] += w * x1;
+              for (int r = 0; r < BLOCK_ROWS; r++) {
+                float w = scores[r * width + j];
+                o0[r] += w * x0;
+                o1[r] += w * x1;
+              }
+            }
+          } else {
+            for (int64_t j = 0; j < seen; j++) {
+              f32x16 x0 = load(vals + j * a.v_dim + d0);
+#pragma GCC unroll 8
+              for (int r = 0; r < BLOCK_ROWS; r++) o0[r] += scores[r * width + j] * x0;
             }
           }
-        } else {
-          for (int64_t j = 0; j < seen; j++) {
-            f32x16 x0 = load(vals + j * a.v_dim + d0);
-#pragma GCC unroll 8
-            for (int r = 0; r < BLOCK_ROWS; r++) o0[r] += scores[r * width + j] * x0;
+          for (int64_t r = 0; r < rows; r++) {
+            float *row = acc_rows + r * a.v_dim + d0;
+            f32x16 x0 = o0[r], x1 = o1[r];
+            if (keep[r] != 0.f) {
+              x0 += load(row) * keep[r];
+              if (pair) x1 += load(row + LANES) * keep[r];
+            }
+            if (finishing) {
+              Out *written = out + (r0 + r) * a.out_stride[2] + d0;
+              Elements<OUT>::store16(written, x0 * inverse[r]);
+              if (pair) Elements<OUT>::store16(written + LANES, x1 * inverse[r]);
+            } else {
+              store(row, x0);
+              if (pair) store(row + LANES, x1);
+            }
           }
         }
-        for (int64_t r = 0; r < rows; r++) {
-          float inverse = sum[r] > 0.f ? 1.f / sum[r] : 0.f;
-          Out *row = out + (r0 + r) * a.out_stride[2];
-          Elements<OUT>::store16(row + d0, o0[r] * inverse);
-          if (pair) Elements<OUT>::store16(row + d0 + LANES, o1[r] * inverse);
-        }
+        if (finishing) write_lse(lse, r0, rows, at0);
       }
-      for (int64_t r = 0; r < rows; r++)
-        lse[(r0 + r) * a.lse_stride[2]] = top[r] == -INFINITY ? -INFINITY : (top[r] + log2f(sum[r])) * LN2;
     }
+    if (it.key_end == it.key_begin) finish_rows(out, lse, it.row_begin, strip_rows, 0);  // no key: zeros, -inf
   }
 };
 
@@ -420,46 +493,46 @@ Runner runner(int in, int out) {
 
 }  // namespace
 
-// Problems (i, c), i < n, c < classes: query row r (of q_rows) attends the key rows r + first ..
-// r + last (within 0 .. k_rows - 1; none: zeros and lse -inf) of problem (i / n_group, c /
+// Problems (i, c), i < n, c < classes: query row r (of q_rows), at position p = r + row_shift,
+// attends the key rows a + first .. a + last, a = p / rows_per_step * keys_per_step, and none past
+// p where causal (within 0 .. k_rows - 1; none: zeros and lse -inf), of problem (i / n_group, c /
 // class_group) of k and v. Threads take strips of strip_rows rows of a problem (0: all of them).
-// sizes: n, classes, n_group, class_group, q_rows, k_rows, dim, v_dim, first, last, strip_rows;
-// strides: 3 each (elements, [i, c, row]) for q, k, v, out, lse; dim and v_dim multiples of 16.
-// Returns 0, or 1 where a thread's buffers could not be allocated, 2 for an unknown dtype.
-extern "C" int span_attention(const void *q, const void *k, const void *v, void *out, float *lse, int in_dtype,
-                              int out_dtype, const int64_t *sizes, const int64_t *strides, float scale,
-                              int threads) {
+// sizes: n, classes, n_group, class_group, q_rows, k_rows, dim, v_dim, first, last, strip_rows,
+// row_shift (>= 0), rows_per_step (>= 1), keys_per_step (>= 0), causal (0 or 1);
+// seed_out, seed_lse: float32 (out, lse) of each row over other keys, which the rows continue (their
+// merge is written), or null; they may be out and lse themselves (a strip reads its rows' seed
+// before it writes them).
+// strides: 3 each (elements, [i, c, row]) for q, k, v, out, lse, seed_out, seed_lse; dim and v_dim
+// multiples of 16.
+// Returns 0, or 1 where a thread's buffers could not be allocated, 2 for an unknown dtype, 3 for a
+// step out of range.
+extern "C" int span_attention(const void *q, const void *k, const void *v, void *out, float *lse,
+                              const float *seed_out, const float *seed_lse, int in_dtype, int out_dtype,
+                              const int64_t *sizes, const int64_t *strides, float scale, int threads) {
   Runner run = runner(in_dtype, out_dtype);
   if (run == nullptr) return 2;
-  Call call = {q, k, v, out, lse};
-  int64_t *fields[11] = {&call.n, &call.classes, &call.n_group, &call.class_group, &call.q_rows, &call.k_rows,
-                         &call.dim, &call.v_dim, &call.first, &call.last, &call.strip_rows};
-  for (int f = 0; f < 11; f++) *fields[f] = sizes[f];
+  Call call = {q, k, v, out, lse, seed_out, seed_lse};
+  int64_t *fields[15] = {&call.n, &call.classes, &call.n_group, &call.class_group, &call.q_rows, &call.k_rows,
+                         &call.dim, &call.v_dim, &call.first, &call.last, &call.strip_rows, &call.row_shift,
+                         &call.rows_per_step, &call.keys_per_step, &call.causal};
+  for (int f = 0; f < 15; f++) *fields[f] = sizes[f];
+  if (call.row_shift < 0 || call.rows_per_step < 1 || call.keys_per_step < 0) return 3;
   if (call.strip_rows <= 0 || call.strip_rows > call.q_rows) call.strip_rows = call.q_rows;
-  int64_t *targets[5] = {call.q_stride, call.k_stride, call.v_stride, call.out_stride, call.lse_stride};
-  for (int t = 0; t < 5; t++) memcpy(targets[t], strides + 3 * t, 3 * sizeof(int64_t));
+  int64_t *targets[7] = {call.q_stride, call.k_stride, call.v_stride, call.out_stride, call.lse_stride,
+                         call.seed_out_stride, call.seed_lse_stride};
+  for (int t = 0; t < 7; t++) memcpy(targets[t], strides + 3 * t, 3 * sizeof(int64_t));
   call.scale = scale;
   if (call.q_rows <= 0 || call.n * call.classes <= 0) return 0;
   int64_t items = call.n * call.classes * ((call.q_rows + call.strip_rows - 1) / call.strip_rows);
-  constexpr int MAX_THREADS = 256;
-  threads = (int)clamp(threads, 1, clamp(items, 1, MAX_THREADS));
-  Call calls[MAX_THREADS];
-  pthread_t ids[MAX_THREADS];
-  bool started[MAX_THREADS] = {};
-  for (int t = 0; t < threads; t++) {
-    calls[t] = call;
-    calls[t].begin = items * t / threads;
-    calls[t].end = items * (t + 1) / threads;
-  }
+  threads = (int)clamp(threads, 1, items);
   int failed = 0;
-  for (int t = 1; t < threads; t++) started[t] = pthread_create(&ids[t], nullptr, run, &calls[t]) == 0;
-  for (int t = 1; t < threads; t++)
-    if (!started[t]) failed |= run(&calls[t]) != nullptr;  // no thread: this one does its share
-  failed |= run(&calls[0]) != nullptr;
-  for (int t = 1; t < threads; t++) {
-    void *result = nullptr;
-    if (started[t]) pthread_join(ids[t], &result);
-    failed |= result != nullptr;
+#pragma omp parallel num_threads(threads) reduction(| : failed)
+  {
+    Call share = call;
+    int64_t t = omp_get_thread_num(), count = omp_get_num_threads();  // fewer inside another parallel region
+    share.begin = items * t / count;
+    share.end = items * (t + 1) / count;
+    failed |= run(&share) != nullptr;
   }
   return failed ? 1 : 0;
 }

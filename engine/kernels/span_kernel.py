@@ -28,7 +28,7 @@ import torch
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("span_attention.cpp")
-FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-pthread")
+FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-fopenmp")
 BUILD_TIMEOUT_S = 300
 # The dtypes it reads and writes, as the source numbers them.
 DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
@@ -91,17 +91,17 @@ def library() -> ctypes.CDLL | None:
     failed build: logged once), and the engine then keeps torch's kernel."""
     host_compiler = compiler()
     if not host_compiler:
-        log.warning("no C++ compiler found: strided and band attention run on torch's CPU kernel")
+        log.warning("no C++ compiler found: strided, band and fixed attention run on torch's CPU kernel")
         return None
     try:
         loaded = ctypes.CDLL(str(build(host_compiler)))
     except (OSError, subprocess.SubprocessError) as error:
         detail = getattr(error, "stderr", None) or error
-        log.warning("the span kernel did not build (%s): strided and band attention run on torch's CPU kernel",
+        log.warning("the span kernel did not build (%s): strided, band and fixed attention run on torch's CPU kernel",
                     detail)
         return None
     function = loaded.span_attention
-    function.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int, ctypes.c_int, ctypes.POINTER(ctypes.c_int64),
+    function.argtypes = [ctypes.c_void_p] * 7 + [ctypes.c_int, ctypes.c_int, ctypes.POINTER(ctypes.c_int64),
                                                   ctypes.POINTER(ctypes.c_int64), ctypes.c_float, ctypes.c_int]
     function.restype = ctypes.c_int
     return loaded
@@ -116,25 +116,40 @@ def takes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
 
 
 def span_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, *,
-                   first: int, last: int, scale: float, strip_rows: int = 0) -> None:
+                   first: int, last: int, scale: float, strip_rows: int = 0, row_shift: int = 0,
+                   rows_per_step: int = 1, keys_per_step: int = 1, causal: bool = False,
+                   seed: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
     """Attention of each problem's query rows over a span of its key rows, written into out and lse:
     q [N, S, Rq, D], k and v [N / Gn, S / Gs, Rk, *] (views, any strides but the features'), query
-    row r of problem (i, c) attending key rows r + first .. r + last (within 0 .. Rk - 1; none:
-    zeros and lse -inf) of problem (i // Gn, c // Gs); out [N, S, Rq, Dv] in float32 or q's dtype,
-    lse float32 [N, S, Rq], any strides but out's features'. Computed in float32; threads take
-    strips of `strip_rows` rows (0: a problem's rows whole, its keys packed once)."""
+    row r of problem (i, c), at position p = r + row_shift, attending key rows a + first .. a + last,
+    anchored at a = p // rows_per_step * keys_per_step (p itself by default; fixed's own block is
+    anchored at its start, its summary keys grow by c every l rows), none past p where causal,
+    within 0 .. Rk - 1 (none: zeros and lse -inf), of problem (i // Gn, c // Gs); out [N, S, Rq, Dv]
+    in float32 or q's dtype, lse float32 [N, S, Rq], any strides but out's features'. `seed`: float32
+    (out, lse) shaped as those, each row's partial over other keys, which the rows continue (their
+    merge is written: no merge pass after); it may be (out, lse) themselves. Computed in float32;
+    threads take strips of `strip_rows` rows (0: a problem's rows whole, its keys packed once), each
+    strip's keys 1024 at a time (KEY_CHUNK) with a running softmax."""
     n, classes, q_rows, dim = q.shape
     k_rows, v_dim = k.shape[-2], v.shape[-1]
     assert (k.shape[:2] == v.shape[:2] and n % k.shape[0] == 0 and classes % k.shape[1] == 0 and takes(q, k, v)
             and out.shape == (n, classes, q_rows, v_dim) and out.dtype in DTYPES and out.stride(-1) == 1
-            and lse.shape == (n, classes, q_rows) and lse.dtype == torch.float32)
+            and lse.shape == (n, classes, q_rows) and lse.dtype == torch.float32
+            and row_shift >= 0 and rows_per_step >= 1 and keys_per_step >= 0)
+    seed_out, seed_lse = seed if seed is not None else (out, lse)
+    assert seed is None or (seed_out.shape == out.shape and seed_out.dtype == torch.float32
+                            and seed_out.stride(-1) == 1 and seed_lse.shape == lse.shape
+                            and seed_lse.dtype == torch.float32)
     if out.numel() == 0:
         return
-    sizes = (ctypes.c_int64 * 11)(n, classes, n // k.shape[0], classes // k.shape[1], q_rows, k_rows, dim, v_dim,
-                                  max(-UNBOUNDED, first), min(UNBOUNDED, last), strip_rows)
-    strides = (ctypes.c_int64 * 15)(*(stride for x in (q, k, v, out, lse) for stride in x.stride()[:3]))
+    sizes = (ctypes.c_int64 * 15)(n, classes, n // k.shape[0], classes // k.shape[1], q_rows, k_rows, dim, v_dim,
+                                  max(-UNBOUNDED, first), min(UNBOUNDED, last), strip_rows, row_shift,
+                                  rows_per_step, keys_per_step, int(causal))
+    strides = (ctypes.c_int64 * 21)(*(stride for x in (q, k, v, out, lse, seed_out, seed_lse)
+                                      for stride in x.stride()[:3]))
+    seeds = (seed_out.data_ptr(), seed_lse.data_ptr()) if seed is not None else (None, None)
     status = library().span_attention(q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), lse.data_ptr(),
-                                      DTYPES[q.dtype], DTYPES[out.dtype], sizes, strides, scale,
+                                      *seeds, DTYPES[q.dtype], DTYPES[out.dtype], sizes, strides, scale,
                                       torch.get_num_threads())
     if status:
         raise MemoryError(f"the span kernel could not allocate its buffers (status {status})")

@@ -18,8 +18,8 @@ strides, which count the keys at their multiples) mask those keys.
 
 On the CPU a long run's classes go to the span kernel (`span_kernel`, C++ built at first use)
 where it takes them: one call, each thread computing whole classes with their keys packed once, in
-cache, and no copy of K, V or the output; else (no compiler, skipped strides, longer classes, from
-fewer rows in half precision that AMX runs natively) to torch's kernel in chunks as above.
+cache (1024 keys at a time), and no copy of K, V or the output; else (no compiler, skipped strides,
+longer classes in half precision that AMX runs natively) to torch's kernel in chunks as above.
 strided(64), H = 8, D = 64, float32, ms, span kernel / torch's in chunks: n = 16384 28.2 / 40.8,
 65536 296.6 / 430.5.
 
@@ -124,13 +124,12 @@ CLASS_MAJOR_MAX_BYTES = 1 << 30
 CLASS_GROUP_BYTES = 16 << 20
 
 
-# The span kernel (`span_kernel`) holds a class's keys, transposed, and a block's scores whole: up
-# to this many key class rows it beat torch's kernel in chunks, past it torch's (256 query rows at a
-# time, skipping a causal square's empty blocks itself) wins. engine.attention, Intel Xeon, H = 8,
-# D = 64, float32, ms, span kernel / torch (best of 5, in turn): 2048 rows, strided(32) at n =
-# 65536 571.5 / 720.4, strided(8) at 16384 148.6 / 179.1; 4096 rows, strided(16) at 65536 1306.3 /
-# 1180.4.
-SPAN_KERNEL_MAX_KEY_ROWS = 2048
+# The span kernel (`span_kernel`) takes a class's keys 1024 at a time with a running softmax, so
+# it beats torch's kernel in chunks at any class length in float32 (it held a class's keys whole
+# until 2026-12-06's second session, and lost from 4096 rows). engine.attention, Intel Xeon, H = 8,
+# D = 64, ms, span kernel / torch's (best of 3, in turn): strided(32) at n = 65536 (2048 rows)
+# 666 / 861, strided(16) (4096 rows) 1276 / 1478, strided(8) (8192) 2434 / 2599; strided(2) at
+# 32768 (16384 rows) 2427 / 2516.
 # Where AMX runs half precision natively, torch's kernel wins from fewer class rows: bfloat16, H =
 # 8, D = 64, ms, span kernel / torch's (256-row chunks; best of 6, in turn): 64 rows (strided(256)
 # at n = 16384) 11.5 / 20.4, 128 rows (strided(128)) 17.1-17.2 / 22.4-23.6, 170 (strided(96))
@@ -237,11 +236,11 @@ def strided_pieces(
 def _on_span_kernel(qc: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, skip_strides: tuple[int, ...],
                      device: str) -> bool:
     """Whether a long run's classes go to the CPU span kernel (`span_kernel`) rather than torch's
-    kernel in chunks: on the CPU, without skipped strides (their masks), up to
-    SPAN_KERNEL_MAX_KEY_ROWS key class rows (NATIVE_HALF_SPAN_MAX_KEY_ROWS in half precision that
-    AMX runs natively), and where the kernel takes the views."""
-    most = NATIVE_HALF_SPAN_MAX_KEY_ROWS if cpu_native_half(qc.dtype) else SPAN_KERNEL_MAX_KEY_ROWS
-    return device == "cpu" and not skip_strides and kc.shape[-2] <= most and span_kernel.takes(qc, kc, vc)
+    kernel in chunks: on the CPU, without skipped strides (their masks), in half precision that AMX
+    runs natively up to NATIVE_HALF_SPAN_MAX_KEY_ROWS key class rows, and where the kernel takes
+    the views."""
+    short_enough = not cpu_native_half(qc.dtype) or kc.shape[-2] <= NATIVE_HALF_SPAN_MAX_KEY_ROWS
+    return device == "cpu" and not skip_strides and short_enough and span_kernel.takes(qc, kc, vc)
 
 
 def _torch_chunk_results(q, k, v, views, class_views, *, rows: int, seen: int, back: int, key_rows: int,
