@@ -133,15 +133,16 @@ def span_band_attention(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The band on the CPU span kernel, queries bottom-right aligned: every row's window in one call,
     heads on the kernel's second axis (grouped ones read as they are); (out in `out_dtype`, q's
-    unless said, lse). `seed`: (first row, out, lse) float32, a partial over other keys of rows
-    first row .. Lq - 1 (a union's strides), which those rows continue in a second call: the
-    union's result written once, no merge pass."""
+    unless said, lse). `seed`: (first row, out, lse), a partial over other keys of rows first row
+    .. Lq - 1 (a union's strides; its output taken in float32), which those rows continue in a
+    second call: the union's result written once, no merge pass."""
     offset = k.shape[-2] - q.shape[-2]
     out = q.new_empty(*q.shape[:-1], v.shape[-1], dtype=out_dtype or q.dtype)
     lse = q.new_empty(q.shape[:-1], dtype=torch.float32)
     lq = q.shape[-2]
     seeded = seed[0] if seed is not None else lq  # the first row that continues the seed
-    for start, stop, partial in ((0, seeded, None), (seeded, lq, seed and seed[1:])):
+    continued = (seed[1].float(), seed[2]) if seed is not None else None
+    for start, stop, partial in ((0, seeded, None), (seeded, lq, continued)):
         if stop > start:
             span_kernel.span_attention(q[..., start:stop, :], k, v, out[..., start:stop, :], lse[..., start:stop],
                                        first=offset - window + 1, last=offset + (0 if causal else window - 1),
