@@ -370,7 +370,11 @@ template <int IN, int OUT> struct Worker {
     }
     Item<In> after = next >= 0 ? item(next) : it;
     const int64_t blocks = (strip_rows + BLOCK_ROWS - 1) / BLOCK_ROWS;
-    const int64_t next_keys = after.key_end - after.key_begin;
+    // The next item's keys to fetch: those this one did not read (a strip of the same problem, as the
+    // band's or fixed's next strip, shares most of them), all of another problem's.
+    const bool same_problem = next >= 0 && after.i == it.i && after.c == it.c;
+    const int64_t fetch_from = same_problem && after.key_begin < it.key_end ? it.key_end : after.key_begin;
+    const int64_t next_keys = after.key_end > fetch_from ? after.key_end - fetch_from : 0;
     const float q_scale = a.scale * LOG2E;
     for (int64_t c0 = it.key_begin; c0 < it.key_end; c0 += KEY_CHUNK) {
       const int64_t c1 = c0 + KEY_CHUNK < it.key_end ? c0 + KEY_CHUNK : it.key_end;
@@ -379,8 +383,8 @@ template <int IN, int OUT> struct Worker {
       for (int64_t r0 = it.row_begin; r0 < it.row_end; r0 += BLOCK_ROWS) {
         int64_t rows = it.row_end - r0 < BLOCK_ROWS ? it.row_end - r0 : BLOCK_ROWS;
         if (next >= 0 && last_chunk) {  // the next item's rows, spread over this one's blocks
-          int64_t b = (r0 - it.row_begin) / BLOCK_ROWS, k0 = after.key_begin + b * next_keys / blocks,
-                  k1 = after.key_begin + (b + 1) * next_keys / blocks;
+          int64_t b = (r0 - it.row_begin) / BLOCK_ROWS, k0 = fetch_from + b * next_keys / blocks,
+                  k1 = fetch_from + (b + 1) * next_keys / blocks;
           int64_t q0 = after.row_begin + b * BLOCK_ROWS, q1 = q0 + BLOCK_ROWS < after.row_end ? q0 + BLOCK_ROWS : after.row_end;
           prefetch_rows((const char *)after.q, a.q_stride[2] * sizeof(In), q0, q1, a.dim * sizeof(In));
           prefetch_rows((const char *)after.k, a.k_stride[2] * sizeof(In), k0, k1, a.dim * sizeof(In));
