@@ -125,6 +125,13 @@ FIXED_STRIP_ROWS = 256
 NATIVE_HALF_SPAN_MAX_SUMMARY_KEYS = 512
 
 
+def earlier_summary_keys(x: torch.Tensor, block: int, summary: int) -> torch.Tensor:
+    """The summary keys of the whole blocks before the last key's (the last block's are only its own
+    block's, in its own-block piece): a copy of c/l of x [..., L, D] in its dtype, [..., keys, D]."""
+    whole = (x.shape[-2] - 1) // block
+    return x[..., : whole * block, :].unflatten(-2, (whole, block))[..., block - summary :, :].flatten(-3, -2)
+
+
 def short_run(lq: int, lk: int, block: int, summary: int) -> bool:
     """Whether causal fixed takes these query rows as a short run (its summary mask within budget)."""
     return lq <= SHORT_RUN_ROWS and lq < block and summary * lq * ((lk - 1) // block) <= MASK_BUDGET
@@ -241,11 +248,9 @@ def span_fixed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, b
     their dtype), continuing the first call's partial (its seed: no merge pass). Every
     row of a block sees the same summary keys, so nothing is computed under a mask. Grouped
     key/value heads read as they are; (out in q's dtype, lse)."""
-    lq, lk, l, c = q.shape[-2], k.shape[-2], block, summary
-    offset = lk - lq
-    blocks_before_last = (lk - 1) // l  # whole blocks before the last key's: their summary keys
-    gathered = [x[..., : blocks_before_last * l, :].unflatten(-2, (blocks_before_last, l))[..., l - c :, :]
-                .flatten(-3, -2) for x in (k, v)]
+    l, c = block, summary
+    offset = k.shape[-2] - q.shape[-2]
+    gathered = [earlier_summary_keys(x, l, c) for x in (k, v)]
     own = (q.new_empty(*q.shape[:-1], v.shape[-1], dtype=torch.float32), q.new_empty(q.shape[:-1], dtype=torch.float32))
     span_kernel.span_attention(q, k, v, *own, scale=scale, row_shift=offset, rows_per_step=l, keys_per_step=l,
                                first=0, last=l - 1, causal=True, strip_rows=FIXED_STRIP_ROWS)
@@ -341,18 +346,13 @@ def fused_fixed_attention(
         out = own_out.to(torch.float32, memory_format=torch.contiguous_format).reshape(b * h, nq * l, -1)
         lse = own_lse.reshape(b * h, nq * l).contiguous()
 
-    # Summary keys of blocks 0 .. blocks-2 (whole blocks; the last block's summary is only its
-    # own block's): a copy of c/l of them, [B, heads, keys, D].
-    def gathered(x: torch.Tensor) -> torch.Tensor:
-        return x[..., : (blocks - 1) * l, :].unflatten(-2, (blocks - 1, l))[..., l - c :, :].flatten(-3, -2)
-
     lo = max(first, 1)  # block 0 sees no summary key
     real = slice(offset - base, offset - base + lq)
     if lo < blocks and short:
         _summary_offsets(q, k, v, out, lse, base=base, block=l, summary=c, real=real, scale=scale,
                          min_distance=min_distance, skip_strides=skip_strides)
     elif lo < blocks:
-        ks, vs = as_computed(gathered(k), gathered(v))  # once: each block's call reads a prefix
+        ks, vs = as_computed(*(earlier_summary_keys(x, l, c) for x in (k, v)))  # once: each block's call reads a prefix
         cpu = kernel_device(q.device) == "cpu"
         shared = bool(skip_strides) or ranges is None and cpu and _shared_mask_pays(lq, lk, l, c) and (
             min_distance or _shared_mask_beats_plain(lq, lk, l, h // k.shape[1]))

@@ -7,8 +7,8 @@ step's), the kernel continues those partials instead (`triton_band_attention`'s 
 merged into one first, in place): no merge launch after it, no float32 output to convert. So does
 the CPU's span kernel (`span_band_attention`'s seed): no merge pass (union(sliding 128, strided
 128), n = 16384, H = 8, D = 64, ms, seeded / merged: float32 48.6-54.3 / 51.3-55.1, float16 45.0 /
-48.5, native bfloat16 48.9 / 50.3). Without
-causal the band reaches both ways and the strided keys are those at |i - j| >= w."""
+48.5, native bfloat16 48.9 / 50.3). Without causal the band reaches both ways and the strided keys
+are those at |i - j| >= w."""
 
 from __future__ import annotations
 
