@@ -136,10 +136,10 @@ def span_band_attention(
     unless said, lse). `seed`: (first row, out, lse), a partial over other keys of rows first row
     .. Lq - 1 (a union's strides; its output taken in float32), which those rows continue in a
     second call: the union's result written once, no merge pass."""
-    offset = k.shape[-2] - q.shape[-2]
+    lq = q.shape[-2]
+    offset = k.shape[-2] - lq
     out = q.new_empty(*q.shape[:-1], v.shape[-1], dtype=out_dtype or q.dtype)
     lse = q.new_empty(q.shape[:-1], dtype=torch.float32)
-    lq = q.shape[-2]
     seeded = seed[0] if seed is not None else lq  # the first row that continues the seed
     continued = (seed[1].float(), seed[2]) if seed is not None else None
     for start, stop, partial in ((0, seeded, None), (seeded, lq, continued)):

@@ -326,6 +326,7 @@ def _row_ordered(qc: torch.Tensor, rows: int, dv: int, dtype: torch.dtype) -> tu
     out = qc.new_empty(n, rows, s, dv, dtype=dtype).transpose(1, 2)
     return out, torch.empty(n, rows, s, dtype=torch.float32, device=qc.device).transpose(1, 2)
 
+
 def _class_groups(kc: torch.Tensor, vc: torch.Tensor, chunks: int, dtype: torch.dtype,
                   device: str) -> list[tuple[int, int]]:
     """The consecutive ranges of classes that `chunks` calls over K's and V's class views go a range
