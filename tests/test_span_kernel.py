@@ -100,6 +100,61 @@ def test_span_kernel_anchored_spans_and_chunks(q_rows, k_rows, span, strip_rows)
     assert_matches_reference(*result, *_span_reference(q, k, v, scale=0.3, **span), tol=2e-5)
 
 
+@pytest.fixture(scope="module")
+def library_without_amx():
+    """The kernel built without AMX (bfloat16 in float32 vectors, as on a CPU without it), where the
+    default build has it; else None (the default build is that one)."""
+    if not span_kernel.computes_natively(torch.bfloat16):
+        return None
+    return span_kernel.load(span_kernel.build(span_kernel.compiler(),
+                                              span_kernel.FLAGS + ("-mno-amx-tile", "-mno-amx-bf16")))
+
+
+@pytest.fixture(params=["amx", "vectors"])
+def bfloat16_path(request, monkeypatch, library_without_amx):
+    """bfloat16 computed on AMX's tiles (the default build, where the CPU has them) or in float32
+    vectors (the build without AMX), as the kernel the test calls; the path this machine lacks is
+    skipped."""
+    if request.param == "amx" and library_without_amx is None:
+        pytest.skip("no AMX in this CPU or build")
+    if request.param == "vectors" and library_without_amx is not None:
+        monkeypatch.setattr(span_kernel, "library", lambda: library_without_amx)
+    assert span_kernel.computes_natively(torch.bfloat16) == (request.param == "amx")
+    return request.param
+
+
+@pytest.mark.parametrize("q_rows,k_rows,span", [
+    (37, 37, dict(first=-UNBOUNDED, last=0)),  # a causal square, a block's rows cut short
+    (30, 30, dict(first=-UNBOUNDED, last=-5)),  # the first rows see no key
+    (9, 70, dict(first=-UNBOUNDED, last=UNBOUNDED)),  # every key
+    (150, 170, dict(first=20 - 16, last=20)),  # a band of 17 (Lq < Lk): spans not 32-aligned
+    (100, 100, dict(first=300, last=400)),  # spans past the keys
+    (37, 45, dict(row_shift=8, rows_per_step=5, keys_per_step=5, first=0, last=4, causal=True)),  # own blocks
+    (40, 13, dict(row_shift=3, rows_per_step=6, keys_per_step=2, first=-UNBOUNDED, last=-1)),  # summary keys
+    (30, 2600, dict(first=-UNBOUNDED, last=UNBOUNDED)),  # 3 chunks of keys for every row
+    (1500, 1600, dict(first=100 - 1200, last=100)),  # a band of 1201 across chunks
+    (70, 3000, dict(row_shift=2930, first=-1500, last=-1200, causal=True)),  # spans end in different chunks
+])
+@pytest.mark.parametrize("dim,v_dim", [(16, 16), (32, 48), (48, 32), (64, 16)])
+@pytest.mark.parametrize("strip_rows", [0, 7])
+def test_span_kernel_bfloat16(bfloat16_path, q_rows, k_rows, span, dim, v_dim, strip_rows):
+    """bfloat16 as exact as float32 on both paths: on AMX the scores are exact products summed in
+    float32 and each probability goes to the values as two bfloat16 (exact to 2^-17); grouped
+    heads, head dims of one and a half AMX tiles, rows of views several rows apart; written in
+    float32 and in bfloat16."""
+    g = torch.Generator().manual_seed(q_rows + k_rows + dim)
+
+    def view(lead, rows, features):  # [*lead, rows, features] with rows lead[1] rows apart
+        x = torch.randn(lead[0], rows * lead[1], features, generator=g).bfloat16()
+        return x.reshape(lead[0], rows, lead[1], features).transpose(1, 2)
+
+    q, k, v = view((2, 4), q_rows, dim), view((2, 2), k_rows, dim), view((2, 2), k_rows, v_dim)
+    reference = _span_reference(q, k, v, scale=0.3, **span)
+    assert_matches_reference(*_span(q, k, v, scale=0.3, strip_rows=strip_rows, **span), *reference, tol=2e-5)
+    out, lse = _span(q, k, v, scale=0.3, strip_rows=strip_rows, out_dtype=torch.bfloat16, **span)
+    assert_matches_reference(out.float(), lse, *reference, tol=1e-2, lse_tol=2e-5)
+
+
 @pytest.mark.parametrize("out_dtype,in_place", [(torch.float32, False), (torch.bfloat16, False), (torch.float32, True)])
 @pytest.mark.parametrize("strip_rows", [0, 64])
 def test_span_kernel_continues_a_seed(out_dtype, in_place, strip_rows):
@@ -207,8 +262,9 @@ def test_strided_half_precision_on_the_span_kernel(monkeypatch, dtype):
 
 def test_strided_rules_for_the_span_kernel(monkeypatch):
     """torch's kernel takes the classes past NATIVE_HALF_SPAN_MAX_KEY_ROWS key class rows in half
-    precision computed natively (as with AMX), a union's second stride (its skipped strides' masks)
-    and head dims not a multiple of 16; the span kernel the rest, classes of any length in float32."""
+    precision that it computes natively (AMX) and the span kernel does not, a union's second stride
+    (its skipped strides' masks) and head dims not a multiple of 16; the span kernel the rest,
+    classes of any length in float32."""
     calls = _kernel_calls(monkeypatch)
     g = torch.Generator().manual_seed(3)
     q, k, v = (torch.randn(1, 2, 640, 16, generator=g) for _ in range(3))
@@ -231,6 +287,9 @@ def test_strided_rules_for_the_span_kernel(monkeypatch):
     monkeypatch.setattr(dense, "cpu_upcast_dtypes", lambda: frozenset())  # bfloat16 native, as with AMX
     assert used(stride=9, qkv=half)
     monkeypatch.setattr(strided, "NATIVE_HALF_SPAN_MAX_KEY_ROWS", 70)
+    monkeypatch.setattr(span_kernel, "computes_natively", lambda dtype: True)  # AMX in the kernel too
+    assert used(stride=9, qkv=half)
+    monkeypatch.setattr(span_kernel, "computes_natively", lambda dtype: False)
     assert not used(stride=9, qkv=half)
     monkeypatch.setattr(dense, "cpu_upcast_dtypes", lambda: frozenset({torch.bfloat16}))
     assert used(stride=9, qkv=half)
@@ -386,8 +445,8 @@ def test_fixed_half_precision_on_the_span_kernel(monkeypatch, dtype, native):
 def test_fixed_rules_for_the_span_kernel(monkeypatch):
     """torch's kernel takes fixed's short runs (up to SHORT_RUN_ROWS rows: they read the summary keys
     in place), non-causal fixed, a union's fixed step (a distance, skipped strides), head dims not a
-    multiple of 16, and natively computed half precision past NATIVE_HALF_SPAN_MAX_SUMMARY_KEYS; the
-    span kernel the rest."""
+    multiple of 16, and half precision that it computes natively (AMX) and the span kernel does not
+    past NATIVE_HALF_SPAN_MAX_SUMMARY_KEYS; the span kernel the rest."""
     from engine.kernels import fixed
 
     calls = _kernel_calls(monkeypatch)
@@ -415,6 +474,9 @@ def test_fixed_rules_for_the_span_kernel(monkeypatch):
     monkeypatch.setattr(dense, "cpu_upcast_dtypes", lambda: frozenset())  # bfloat16 native, as with AMX
     assert used(qkv=half)
     monkeypatch.setattr(fixed, "NATIVE_HALF_SPAN_MAX_SUMMARY_KEYS", 75)
+    monkeypatch.setattr(span_kernel, "computes_natively", lambda dtype: True)  # AMX in the kernel too
+    assert used(qkv=half)
+    monkeypatch.setattr(span_kernel, "computes_natively", lambda dtype: False)
     assert not used(qkv=half)
     monkeypatch.setattr(dense, "cpu_upcast_dtypes", lambda: frozenset({torch.bfloat16}))
     assert used(qkv=half)

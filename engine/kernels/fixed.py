@@ -118,7 +118,8 @@ GATHERED_ROW_KEYS = 512
 # Query rows a thread of the span kernel takes at a time (`span_fixed_attention`): the keys its
 # rows see are packed once per strip.
 FIXED_STRIP_ROWS = 256
-# Where AMX runs half precision natively, torch's kernel wins once rows see more summary keys than
+# Where AMX runs half precision natively in torch's kernel but not in the span kernel (its build
+# without AMX, measured before it had it), torch's kernel wins once rows see more summary keys than
 # this: bfloat16, H = 8, D = 64, ms, span kernel / torch's (best of 9, in turn): fixed(128, 8) at
 # n = 2048 (120 summary keys at most) 3.6 / 5.8, 4096 (248) 9.6 / 11.1, 8192 (504) 27.7 / 27.5,
 # 16384 (1016) 94.8 / 77.7; fixed(64, 4) at 8192 (508) 26.0 / 29.1.
@@ -232,11 +233,13 @@ def _on_span_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, block:
     short run (which reads the summary keys in place, where the kernel's calls copy them: fixed(128,
     8), H = 8, D = 64, float32, span / torch's, one row after 16384 keys 1.16, after 65536 1.69; 16
     rows 0.74 and 0.96), neither a union's distance nor its strides (their masks), up to
-    NATIVE_HALF_SPAN_MAX_SUMMARY_KEYS in half precision that AMX runs natively, and where the
-    kernel takes q, k and v."""
+    NATIVE_HALF_SPAN_MAX_SUMMARY_KEYS in half precision that torch's kernel runs natively (AMX) and
+    the span kernel does not (`span_kernel.computes_natively`), and where the kernel takes q, k
+    and v."""
     few_summary_keys = (k.shape[-2] - 1) // block * summary <= NATIVE_HALF_SPAN_MAX_SUMMARY_KEYS
     return (kernel_device(q.device) == "cpu" and causal and not min_distance and not skip_strides
-            and q.shape[-2] > SHORT_RUN_ROWS and (few_summary_keys or not cpu_native_half(q.dtype))
+            and q.shape[-2] > SHORT_RUN_ROWS
+            and (few_summary_keys or not cpu_native_half(q.dtype) or span_kernel.computes_natively(q.dtype))
             and span_kernel.takes(q, k, v))
 
 

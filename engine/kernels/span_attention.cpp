@@ -9,10 +9,13 @@
 // block's keys anew, and reads a class's rows s rows apart from memory. Here each thread takes a
 // problem's strip of rows (all its rows where the spans are unbounded): it packs the keys the
 // strip sees (transposed) and their values once, in cache, fetches the next strip's rows while it
-// computes, and computes BLOCK_ROWS query rows at a time against exactly the keys those rows see
-// between them, so a causal square's empty half or a band's outside costs a block's triangles
-// only. Scores go through an exact softmax (a block's scores fit in a buffer) in float32, whatever
-// the inputs' dtype (float32, float16 or bfloat16, converted as they are packed).
+// computes, and computes a block of query rows at a time (Worker::ROWS) against exactly the keys
+// those rows see between them, so a causal square's empty half or a band's outside costs a block's
+// triangles only. Scores go through an exact softmax (a block's scores fit in a buffer) in float32,
+// whatever the inputs' dtype (float32, float16 or bfloat16). The products are float32 vector
+// FMAs (half precision converted as it is packed), except bfloat16's where the CPU has AMX: there
+// its tiles multiply the bfloat16 keys and values as they are, exactly (each probability goes to
+// the values as two bfloat16, its first 16 bits of mantissa).
 //
 // Built by span_kernel.py with the host compiler (-O3 -march=native); vectors are GCC's vector
 // extensions (16 floats), lowered to whatever the CPU has.
@@ -24,6 +27,14 @@
 #if defined(__AVX512F__)
 #include <immintrin.h>
 #endif
+// bfloat16's products on AMX's tiles where the CPU has them (and the build targets it).
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+#define SPAN_AMX 1
+#include <sys/syscall.h>
+#include <unistd.h>
+#else
+#define SPAN_AMX 0
+#endif
 
 namespace {
 
@@ -34,7 +45,6 @@ typedef uint32_t u32x16 __attribute__((vector_size(64)));
 typedef uint16_t u16x16_unaligned __attribute__((vector_size(32), aligned(2)));
 typedef uint16_t u16x16 __attribute__((vector_size(32)));
 
-constexpr int BLOCK_ROWS = 8;  // query rows computed together: 8 x 32 scores in 16 registers
 // Keys packed at a time: their transposed keys and values (512 KB at head dims 64) stay in a core's
 // L2 with the strip's rows. Rectangles of 4096 rows by 4096 keys, H = 8, D = 64, computed 0.63
 // pairs per ns with the keys packed whole, 0.86 in chunks of 1024 (0.85-0.87 from 512 to 2048
@@ -85,19 +95,28 @@ template <> struct Elements<BFLOAT16> {
     return (f32x16)bits;
   }
   static void store16(uint16_t *p, f32x16 x) {
+#if defined(__AVX512BF16__)
+    _mm256_storeu_si256((__m256i *)p, (__m256i)_mm512_cvtneps_pbh((__m512)x));  // denormals flushed to 0
+#else
     u32x16 bits = (u32x16)x;
     bits = (bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16;
     bits = x != x ? u32x16{} + 0x7fc0u : bits;  // NaN stays NaN (rounding could carry it to -0)
     *(u16x16_unaligned *)p = __builtin_convertvector(bits, u16x16);
+#endif
   }
 };
 
 // 2^x for x <= 0 (a score less the row's largest), to about one float32 ulp: 2^round(x) times a
-// degree-7 polynomial of the rest (|r| <= 1/2); below 2^-126 it stays 2^-126 (nothing is lost: a
-// row's largest term is 1).
+// degree-7 polynomial of the rest (|r| <= 1/2). With AVX-512 the rounding and the scaling by
+// 2^round(x) are one instruction each (vrndscaleps, vscalefps); else below 2^-126 it stays 2^-126
+// (nothing is lost: a row's largest term is 1).
 inline f32x16 exp2_nonpositive(f32x16 x) {
+#if defined(__AVX512F__)
+  f32x16 n = (f32x16)_mm512_roundscale_ps((__m512)x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+#else
   x = x < splat(-126.f) ? splat(-126.f) : x;
   f32x16 n = (x + 12582912.0f) - 12582912.0f;  // round to nearest
+#endif
   f32x16 r = x - n;
   f32x16 p = splat(1.525273380405984e-05f);
   p = p * r + 1.5403530393381606e-04f;
@@ -107,8 +126,12 @@ inline f32x16 exp2_nonpositive(f32x16 x) {
   p = p * r + 2.402265069591007e-01f;
   p = p * r + LN2;
   p = p * r + 1.0f;
+#if defined(__AVX512F__)
+  return (f32x16)_mm512_scalef_ps((__m512)p, (__m512)n);
+#else
   i32x16 scale = (__builtin_convertvector(n, i32x16) + 127) << 23;
   return p * (f32x16)scale;
+#endif
 }
 
 // The largest and the sum of a vector's lanes: halves folded onto each other.
@@ -163,6 +186,30 @@ inline void transpose16(f32x16 *m) {
   swap_blocks<1>(m);
 }
 
+#if SPAN_AMX
+// Linux gives a process AMX's tile registers once it asks (arch_prctl ARCH_REQ_XCOMP_PERM for
+// XFEATURE_XTILEDATA); where it refuses, bfloat16 is computed in float32 vectors.
+bool amx_permitted() {
+  static const bool permitted = syscall(SYS_arch_prctl, 0x1023, 18) == 0;
+  return permitted;
+}
+
+// Tiles 0-5 as the products use them: 16 rows of 64 bytes (16 floats, or 32 bfloat16 in pairs).
+void configure_tiles() {
+  struct {
+    uint8_t palette, start_row, reserved[14];
+    uint16_t columns_bytes[16];
+    uint8_t rows[16];
+  } __attribute__((aligned(64))) config = {};
+  config.palette = 1;
+  for (int t = 0; t < 6; t++) {
+    config.columns_bytes[t] = 64;
+    config.rows[t] = 16;
+  }
+  _tile_loadconfig(&config);
+}
+#endif
+
 struct Call {
   const void *q, *k, *v;
   void *out;
@@ -190,12 +237,21 @@ template <typename In> struct Item {
   int64_t i, c, row_begin, row_end, key_begin, key_end;
 };
 
-template <int IN, int OUT> struct Worker {
+template <int IN, int OUT, bool AMX> struct Worker {
   typedef typename Elements<IN>::type In;
   typedef typename Elements<OUT>::type Out;
+  static_assert(!AMX || IN == BFLOAT16, "AMX computes bfloat16 only");
+  // Query rows computed together: 8 x 32 scores in 16 vector registers, or one AMX tile's 16 rows.
+  static constexpr int ROWS = AMX ? 16 : 8;
+  // Keys a block's products step by: AMX multiplies 32 at a time (a tile's row of bfloat16 pairs),
+  // and reads packed keys 16 to a tile, so a block's keys start at a multiple of 16 from its chunk's
+  // first (at most roundup(keys, 32) + 16 columns read: the width).
+  static constexpr int KEY_STEP = AMX ? 32 : LANES;
   const Call &a;
-  int64_t width;  // keys a row of the buffers holds: a chunk's, a multiple of 16, and 16 more
-  float *keys_t, *values, *scores, *queries, *acc, *row_top, *row_sum;
+  int64_t width;      // keys a row of the buffers holds: a chunk's, a multiple of KEY_STEP, and 16 more
+  int64_t dim_tiles;  // AMX: the head dim in tiles of 32 features (zeros past it)
+  float *keys_t, *values, *scores, *queries, *block_out, *acc, *row_top, *row_sum;
+  uint16_t *keys_b, *values_b, *queries_b, *probs_b;  // AMX: bfloat16 pairs (below)
 
   explicit Worker(const Call &call) : a(call) {
     int64_t keys = 0;  // the most any of this thread's strips sees in one chunk
@@ -204,16 +260,29 @@ template <int IN, int OUT> struct Worker {
       keys = it.key_end - it.key_begin > keys ? it.key_end - it.key_begin : keys;
     }
     keys = keys < KEY_CHUNK ? keys : KEY_CHUNK;
-    width = (keys + LANES - 1) / LANES * LANES + LANES;
-    size_t floats = a.dim * width + width * a.v_dim + BLOCK_ROWS * width + BLOCK_ROWS * a.dim +
-                    a.strip_rows * (a.v_dim + 2);
+    width = (keys + KEY_STEP - 1) / KEY_STEP * KEY_STEP + LANES;
+    dim_tiles = (a.dim + 31) / 32;
+    // float32 keys and values, or AMX's bfloat16 ones in as many bytes (two per float)
+    size_t floats = AMX ? dim_tiles * 32 * width / 2 + width * a.v_dim / 2 + ROWS * dim_tiles * 16 + ROWS * width
+                        : a.dim * width + width * a.v_dim + ROWS * a.dim;
+    floats += ROWS * width + ROWS * a.v_dim + a.strip_rows * (a.v_dim + 2);
     keys_t = (float *)aligned_alloc(64, (sizeof(float) * floats + 127) / 64 * 64);
-    values = keys_t + a.dim * width;
-    scores = values + width * a.v_dim;
-    queries = scores + BLOCK_ROWS * width;
-    acc = queries + BLOCK_ROWS * a.dim;
-    row_top = acc + a.strip_rows * a.v_dim;
-    row_sum = row_top + a.strip_rows;
+    float *next = keys_t;
+    if (AMX) {
+      keys_b = (uint16_t *)next, next += dim_tiles * 32 * width / 2;
+      values_b = (uint16_t *)next, next += width * a.v_dim / 2;
+      queries_b = (uint16_t *)next, next += ROWS * dim_tiles * 16;
+      probs_b = (uint16_t *)next, next += ROWS * width;  // two bfloat16 a probability
+    } else {
+      next += a.dim * width;  // keys_t
+      values = next, next += width * a.v_dim;
+      queries = next, next += ROWS * a.dim;
+    }
+    scores = next, next += ROWS * width;
+    block_out = next, next += ROWS * a.v_dim;
+    acc = next, next += a.strip_rows * a.v_dim;
+    row_top = next, next += a.strip_rows;
+    row_sum = next;
   }
   ~Worker() { free(keys_t); }
   bool ok() const { return keys_t != nullptr; }
@@ -247,84 +316,215 @@ template <int IN, int OUT> struct Worker {
     for (int64_t w = a.begin; w < a.end; w++) strip(item(w), w + 1 < a.end ? w + 1 : -1);
   }
 
-  // Keys [0, keys) from k transposed into keys_t (dim x width, zeros to a multiple of 16 and 16
-  // past), their values into `values` (keys x v_dim).
+  // Keys [0, keys) from k and their values from v, packed for the block products, zeros past them
+  // to the buffers' width. float32: keys transposed into keys_t (dim x width), values into `values`
+  // (keys x v_dim). AMX (bfloat16 pairs, as its dot products read them): keys_b holds, per 16 keys
+  // and 32 features, a tile whose row p pairs features 2p and 2p + 1 of each key; values_b's row p
+  // pairs keys 2p and 2p + 1 of each value feature.
   void pack(const In *k, const In *v, int64_t keys) {
-    int64_t padded = (keys + LANES - 1) / LANES * LANES + LANES;
-    for (int64_t j0 = 0; j0 < padded; j0 += LANES) {
-      for (int64_t d0 = 0; d0 < a.dim; d0 += LANES) {
-        f32x16 tile[LANES];
-        for (int r = 0; r < LANES; r++)
-          tile[r] = j0 + r < keys ? Elements<IN>::load16(k + (j0 + r) * a.k_stride[2] + d0) : splat(0.f);
-        transpose16(tile);
-        for (int c = 0; c < LANES; c++) store(keys_t + (d0 + c) * width + j0, tile[c]);
+    if constexpr (AMX) {
+      for (int64_t j0 = 0; j0 < width; j0 += LANES) {
+        for (int64_t t = 0; t < dim_tiles; t++) {
+          f32x16 tile[LANES];  // row r: key j0 + r's 16 feature pairs (bits, not floats)
+          const int64_t d0 = 32 * t, halves = a.dim - d0 >= 32 ? 2 : 1;
+          for (int r = 0; r < LANES; r++) {
+            tile[r] = splat(0.f);
+            if (j0 + r < keys) memcpy(&tile[r], k + (j0 + r) * a.k_stride[2] + d0, 32 * halves);
+          }
+          transpose16(tile);
+          memcpy(keys_b + (j0 / LANES * dim_tiles + t) * 512, tile, sizeof tile);
+        }
       }
+      uint32_t *pairs = (uint32_t *)values_b;
+      for (int64_t p = 0; p < width / 2; p++)
+        for (int64_t d = 0; d < a.v_dim; d += LANES) {
+          u32x16 even = u32x16{}, odd = u32x16{};
+          if (2 * p < keys) even = __builtin_convertvector(*(const u16x16_unaligned *)(v + 2 * p * a.v_stride[2] + d), u32x16);
+          if (2 * p + 1 < keys)
+            odd = __builtin_convertvector(*(const u16x16_unaligned *)(v + (2 * p + 1) * a.v_stride[2] + d), u32x16);
+          u32x16 both = even | (odd << 16);
+          memcpy(pairs + p * a.v_dim + d, &both, sizeof both);
+        }
+    } else {
+      int64_t padded = (keys + LANES - 1) / LANES * LANES + LANES;
+      for (int64_t j0 = 0; j0 < padded; j0 += LANES) {
+        for (int64_t d0 = 0; d0 < a.dim; d0 += LANES) {
+          f32x16 tile[LANES];
+          for (int r = 0; r < LANES; r++)
+            tile[r] = j0 + r < keys ? Elements<IN>::load16(k + (j0 + r) * a.k_stride[2] + d0) : splat(0.f);
+          transpose16(tile);
+          for (int c = 0; c < LANES; c++) store(keys_t + (d0 + c) * width + j0, tile[c]);
+        }
+      }
+      for (int64_t j = 0; j < keys; j++)
+        for (int64_t d = 0; d < a.v_dim; d += LANES)
+          store(values + j * a.v_dim + d, Elements<IN>::load16(v + j * a.v_stride[2] + d));
     }
-    for (int64_t j = 0; j < keys; j++)
-      for (int64_t d = 0; d < a.v_dim; d += LANES)
-        store(values + j * a.v_dim + d, Elements<IN>::load16(v + j * a.v_stride[2] + d));
   }
 
-  // scores[r][j] = q_r . k_(start + j) (scaled by scale * log2 e) for the block's rows, j < keys
-  // (a multiple of 16).
+  // The block's query rows r0 .. r0 + rows - 1 (zeros past them) as the products read them: float32
+  // in `queries`, or AMX's bfloat16 in queries_b (dim_tiles x 32 features a row, zeros past dim).
+  void load_queries(const In *q, int64_t r0, int64_t rows) {
+    for (int64_t r = 0; r < ROWS; r++) {
+      if constexpr (AMX) {
+        uint16_t *row = queries_b + r * dim_tiles * 32;
+        memset(row, 0, dim_tiles * 64);
+        if (r < rows) memcpy(row, q + (r0 + r) * a.q_stride[2], a.dim * 2);
+      } else {
+        for (int64_t d = 0; d < a.dim; d += LANES)
+          store(queries + r * a.dim + d, r < rows ? Elements<IN>::load16(q + (r0 + r) * a.q_stride[2] + d) : splat(0.f));
+      }
+    }
+  }
+
+  // scores[r][j] = q_r . k_(start + j) for the block's rows, j < keys (a multiple of KEY_STEP;
+  // AMX: start one of 16).
   void block_scores(int64_t start, int64_t keys) {
+    if constexpr (AMX) {
+#if SPAN_AMX
+      for (int64_t j = 0; j < keys; j += 32) {
+        const uint16_t *group = keys_b + (start + j) / LANES * dim_tiles * 512;
+        _tile_zero(0);
+        _tile_zero(1);
+        for (int64_t t = 0; t < dim_tiles; t++) {
+          _tile_loadd(2, queries_b + t * 32, dim_tiles * 64);
+          _tile_loadd(3, group + t * 512, 64);
+          _tile_loadd(4, group + (dim_tiles + t) * 512, 64);
+          _tile_dpbf16ps(0, 2, 3);
+          _tile_dpbf16ps(1, 2, 4);
+        }
+        _tile_stored(0, scores + j, width * sizeof(float));
+        _tile_stored(1, scores + j + LANES, width * sizeof(float));
+      }
+#endif
+      return;
+    }
     const float *kt = keys_t + start;
     int64_t j = 0;
     for (; j + 2 * LANES <= keys; j += 2 * LANES) {
-      f32x16 s0[BLOCK_ROWS], s1[BLOCK_ROWS];
+      f32x16 s0[ROWS], s1[ROWS];
 #pragma GCC unroll 8
-      for (int r = 0; r < BLOCK_ROWS; r++) s0[r] = s1[r] = splat(0.f);
+      for (int r = 0; r < ROWS; r++) s0[r] = s1[r] = splat(0.f);
       for (int64_t d = 0; d < a.dim; d++) {
         f32x16 k0 = load(kt + d * width + j), k1 = load(kt + d * width + j + LANES);
 #pragma GCC unroll 8
-        for (int r = 0; r < BLOCK_ROWS; r++) {
+        for (int r = 0; r < ROWS; r++) {
           float x = queries[r * a.dim + d];
           s0[r] += x * k0;
           s1[r] += x * k1;
         }
       }
 #pragma GCC unroll 8
-      for (int r = 0; r < BLOCK_ROWS; r++) {
+      for (int r = 0; r < ROWS; r++) {
         store(scores + r * width + j, s0[r]);
         store(scores + r * width + j + LANES, s1[r]);
       }
     }
     for (; j < keys; j += LANES) {
-      f32x16 s0[BLOCK_ROWS];
+      f32x16 s0[ROWS];
 #pragma GCC unroll 8
-      for (int r = 0; r < BLOCK_ROWS; r++) s0[r] = splat(0.f);
+      for (int r = 0; r < ROWS; r++) s0[r] = splat(0.f);
       for (int64_t d = 0; d < a.dim; d++) {
         f32x16 k0 = load(kt + d * width + j);
 #pragma GCC unroll 8
-        for (int r = 0; r < BLOCK_ROWS; r++) s0[r] += queries[r * a.dim + d] * k0;
+        for (int r = 0; r < ROWS; r++) s0[r] += queries[r * a.dim + d] * k0;
       }
 #pragma GCC unroll 8
-      for (int r = 0; r < BLOCK_ROWS; r++) store(scores + r * width + j, s0[r]);
+      for (int r = 0; r < ROWS; r++) store(scores + r * width + j, s0[r]);
     }
   }
 
-  // A row's scores over [0, keys) as probabilities relative to the larger of the row's running
-  // largest score `top` (base-2 units, -inf before any key) and the largest in [from, to), zero
-  // outside [from, to); returns that larger one and writes the probabilities' sum.
-  float softmax_row(float *s, int64_t from, int64_t to, int64_t keys, float top, float *sum) {
+  // A row's scores times `scale` over [0, keys) as probabilities relative to the larger of the row's
+  // running largest `top` (base-2 units, -inf before any key) and the largest in [from, to), zero
+  // outside [from, to), written over s (AMX: into `probs` as the sum of two bfloat16, the second
+  // ROWS x width after); returns that larger one and writes the probabilities' sum.
+  float softmax_row(float *s, uint16_t *probs, int64_t from, int64_t to, int64_t keys, float top, float scale,
+                    float *sum) {
     const f32x16 lane = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
     const f32x16 lo = splat((float)from), hi = splat((float)to);
+    // Vectors of 16 within [from, to) take no mask; those wholly outside are zeros.
+    const int64_t first = from / LANES * LANES, past = (to + LANES - 1) / LANES * LANES;
     f32x16 most = splat(top);
-    for (int64_t j = 0; j < keys; j += LANES) {
-      f32x16 at = lane + (float)j, x = load(s + j);
-      x = at >= lo && at < hi ? x : splat(-INFINITY);
+    for (int64_t j = first; j < past; j += LANES) {
+      f32x16 x = load(s + j) * scale;
+      if (j < from || j + LANES > to) x = lane + (float)j >= lo && lane + (float)j < hi ? x : splat(-INFINITY);
       most = x > most ? x : most;
     }
     float m = lanes_max(most);
     f32x16 total = splat(0.f);
     for (int64_t j = 0; j < keys; j += LANES) {
-      f32x16 at = lane + (float)j, x = exp2_nonpositive(load(s + j) - m);
-      x = at >= lo && at < hi ? x : splat(0.f);
+      f32x16 x = splat(0.f);
+      if (j >= first && j < past) {
+        x = exp2_nonpositive(load(s + j) * scale - m);
+        if (j < from || j + LANES > to) x = lane + (float)j >= lo && lane + (float)j < hi ? x : splat(0.f);
+      }
+      if constexpr (AMX) {  // as two bfloat16, x's first 8 bits and the next 8 (exact to 2^-17)
+        Elements<BFLOAT16>::store16(probs + j, x);
+        Elements<BFLOAT16>::store16(probs + ROWS * width + j, x - Elements<BFLOAT16>::load16(probs + j));
+      } else {
+        store(s + j, x);
+      }
       total += x;
-      store(s + j, x);
     }
     *sum = lanes_sum(total);
     return m;
+  }
+
+  // block_out[r] = the block's probabilities [r][j] times values start + j, j < keys (AMX: to a
+  // multiple of 32, zeros past keys; start even).
+  void block_products(int64_t start, int64_t keys) {
+    if constexpr (AMX) {
+#if SPAN_AMX
+      const uint32_t *pairs = (const uint32_t *)values_b + start / 2 * a.v_dim;
+      for (int64_t d0 = 0; d0 < a.v_dim; d0 += 2 * LANES) {
+        const bool both = d0 + 2 * LANES <= a.v_dim;
+        _tile_zero(0);
+        _tile_zero(1);
+        for (int64_t j = 0; j < keys; j += 32) {
+          _tile_loadd(2, probs_b + j, width * sizeof(uint16_t));
+          _tile_loadd(5, probs_b + ROWS * width + j, width * sizeof(uint16_t));
+          _tile_loadd(3, pairs + j / 2 * a.v_dim + d0, a.v_dim * sizeof(uint32_t));
+          _tile_dpbf16ps(0, 2, 3);
+          _tile_dpbf16ps(0, 5, 3);
+          if (both) {
+            _tile_loadd(4, pairs + j / 2 * a.v_dim + d0 + LANES, a.v_dim * sizeof(uint32_t));
+            _tile_dpbf16ps(1, 2, 4);
+            _tile_dpbf16ps(1, 5, 4);
+          }
+        }
+        _tile_stored(0, block_out + d0, a.v_dim * sizeof(float));
+        if (both) _tile_stored(1, block_out + d0 + LANES, a.v_dim * sizeof(float));
+      }
+#endif
+      return;
+    }
+    const float *vals = values + start * a.v_dim;
+    for (int64_t d0 = 0; d0 < a.v_dim; d0 += 2 * LANES) {
+      f32x16 o0[ROWS], o1[ROWS];
+#pragma GCC unroll 8
+      for (int r = 0; r < ROWS; r++) o0[r] = o1[r] = splat(0.f);
+      if (d0 + 2 * LANES <= a.v_dim) {
+        for (int64_t j = 0; j < keys; j++) {
+          f32x16 x0 = load(vals + j * a.v_dim + d0), x1 = load(vals + j * a.v_dim + d0 + LANES);
+#pragma GCC unroll 8
+          for (int r = 0; r < ROWS; r++) {
+            float w = scores[r * width + j];
+            o0[r] += w * x0;
+            o1[r] += w * x1;
+          }
+        }
+#pragma GCC unroll 8
+        for (int r = 0; r < ROWS; r++) store(block_out + r * a.v_dim + d0 + LANES, o1[r]);
+      } else {
+        for (int64_t j = 0; j < keys; j++) {
+          f32x16 x0 = load(vals + j * a.v_dim + d0);
+#pragma GCC unroll 8
+          for (int r = 0; r < ROWS; r++) o0[r] += scores[r * width + j] * x0;
+        }
+      }
+#pragma GCC unroll 8
+      for (int r = 0; r < ROWS; r++) store(block_out + r * a.v_dim + d0, o0[r]);
+    }
   }
 
   // Rows r0 .. r0 + rows - 1 of the strip written out from their running state (`at`: the first's
@@ -369,7 +569,7 @@ template <int IN, int OUT> struct Worker {
       }
     }
     Item<In> after = next >= 0 ? item(next) : it;
-    const int64_t blocks = (strip_rows + BLOCK_ROWS - 1) / BLOCK_ROWS;
+    const int64_t blocks = (strip_rows + ROWS - 1) / ROWS;
     // The next item's keys to fetch: those this one did not read (a strip of the same problem, as the
     // band's or fixed's next strip, shares most of them), all of another problem's.
     const bool same_problem = next >= 0 && after.i == it.i && after.c == it.c;
@@ -380,12 +580,12 @@ template <int IN, int OUT> struct Worker {
       const int64_t c1 = c0 + KEY_CHUNK < it.key_end ? c0 + KEY_CHUNK : it.key_end;
       const bool last_chunk = c1 == it.key_end;
       pack(it.k + c0 * a.k_stride[2], it.v + c0 * a.v_stride[2], c1 - c0);
-      for (int64_t r0 = it.row_begin; r0 < it.row_end; r0 += BLOCK_ROWS) {
-        int64_t rows = it.row_end - r0 < BLOCK_ROWS ? it.row_end - r0 : BLOCK_ROWS;
+      for (int64_t r0 = it.row_begin; r0 < it.row_end; r0 += ROWS) {
+        int64_t rows = it.row_end - r0 < ROWS ? it.row_end - r0 : ROWS;
         if (next >= 0 && last_chunk) {  // the next item's rows, spread over this one's blocks
-          int64_t b = (r0 - it.row_begin) / BLOCK_ROWS, k0 = fetch_from + b * next_keys / blocks,
+          int64_t b = (r0 - it.row_begin) / ROWS, k0 = fetch_from + b * next_keys / blocks,
                   k1 = fetch_from + (b + 1) * next_keys / blocks;
-          int64_t q0 = after.row_begin + b * BLOCK_ROWS, q1 = q0 + BLOCK_ROWS < after.row_end ? q0 + BLOCK_ROWS : after.row_end;
+          int64_t q0 = after.row_begin + b * ROWS, q1 = q0 + ROWS < after.row_end ? q0 + ROWS : after.row_end;
           prefetch_rows((const char *)after.q, a.q_stride[2] * sizeof(In), q0, q1, a.dim * sizeof(In));
           prefetch_rows((const char *)after.k, a.k_stride[2] * sizeof(In), k0, k1, a.dim * sizeof(In));
           prefetch_rows((const char *)after.v, a.v_stride[2] * sizeof(In), k0, k1, a.v_dim * sizeof(In));
@@ -398,69 +598,39 @@ template <int IN, int OUT> struct Worker {
           if (finishing) finish_rows(out, lse, r0, rows, at0);
           continue;
         }
-        int64_t start = from - c0, seen = to - from, padded = (seen + LANES - 1) / LANES * LANES;
-        for (int64_t r = 0; r < BLOCK_ROWS; r++)
-          for (int64_t d = 0; d < a.dim; d += LANES)
-            store(queries + r * a.dim + d,
-                  r < rows ? Elements<IN>::load16(it.q + (r0 + r) * a.q_stride[2] + d) * q_scale : splat(0.f));
+        if constexpr (AMX) from = c0 + (from - c0) / LANES * LANES;  // a packed tile's first key
+        int64_t start = from - c0, seen = to - from, padded = (seen + KEY_STEP - 1) / KEY_STEP * KEY_STEP;
+        load_queries(it.q, r0, rows);
         block_scores(start, padded);
-        float keep[BLOCK_ROWS];  // what the running output is scaled by before this chunk adds to it (0: unread)
-        for (int r = 0; r < BLOCK_ROWS; r++) {
+        float keep[ROWS];  // what the running output is scaled by before this chunk adds to it (0: unread)
+        for (int r = 0; r < ROWS; r++) {
           float *s = scores + r * width;
+          uint16_t *probs = AMX ? probs_b + r * width : nullptr;
           int64_t at = r0 - it.row_begin + r;
           int64_t lo = r < rows ? clamp(keys_from(r0 + r), c0, c1) - from : 0;
           int64_t hi = r < rows ? clamp(keys_to(r0 + r), c0, c1) - from : 0;
           keep[r] = r < rows && row_top[at] != -INFINITY ? 1.f : 0.f;
           if (hi <= lo) {
-            for (int64_t j = 0; j < padded; j += LANES) store(s + j, splat(0.f));
+            if (AMX) memset(probs, 0, padded * sizeof(uint16_t)), memset(probs + ROWS * width, 0, padded * sizeof(uint16_t));
+            else memset(s, 0, padded * sizeof(float));
             continue;
           }
-          float sum, top = softmax_row(s, lo, hi, padded, row_top[at], &sum);
+          float sum, top = softmax_row(s, probs, lo, hi, padded, row_top[at], q_scale, &sum);
           keep[r] = row_top[at] == -INFINITY ? 0.f : row_top[at] == top ? 1.f : exp2f(row_top[at] - top);
           row_top[at] = top;
           row_sum[at] = row_sum[at] * keep[r] + sum;
         }
-        const float *vals = values + start * a.v_dim;
+        block_products(start, seen);
         float *acc_rows = acc + at0 * a.v_dim;
-        float inverse[BLOCK_ROWS];
-        for (int64_t r = 0; r < rows; r++) inverse[r] = row_sum[at0 + r] > 0.f ? 1.f / row_sum[at0 + r] : 0.f;
-        for (int64_t d0 = 0; d0 < a.v_dim; d0 += 2 * LANES) {
-          bool pair = d0 + 2 * LANES <= a.v_dim;
-          f32x16 o0[BLOCK_ROWS], o1[BLOCK_ROWS];
-#pragma GCC unroll 8
-          for (int r = 0; r < BLOCK_ROWS; r++) o0[r] = o1[r] = splat(0.f);
-          if (pair) {
-            for (int64_t j = 0; j < seen; j++) {
-              f32x16 x0 = load(vals + j * a.v_dim + d0), x1 = load(vals + j * a.v_dim + d0 + LANES);
-#pragma GCC unroll 8
-              for (int r = 0; r < BLOCK_ROWS; r++) {
-                float w = scores[r * width + j];
-                o0[r] += w * x0;
-                o1[r] += w * x1;
-              }
-            }
-          } else {
-            for (int64_t j = 0; j < seen; j++) {
-              f32x16 x0 = load(vals + j * a.v_dim + d0);
-#pragma GCC unroll 8
-              for (int r = 0; r < BLOCK_ROWS; r++) o0[r] += scores[r * width + j] * x0;
-            }
-          }
-          for (int64_t r = 0; r < rows; r++) {
-            float *row = acc_rows + r * a.v_dim + d0;
-            f32x16 x0 = o0[r], x1 = o1[r];
-            if (keep[r] != 0.f) {
-              x0 += load(row) * keep[r];
-              if (pair) x1 += load(row + LANES) * keep[r];
-            }
-            if (finishing) {
-              Out *written = out + (r0 + r) * a.out_stride[2] + d0;
-              Elements<OUT>::store16(written, x0 * inverse[r]);
-              if (pair) Elements<OUT>::store16(written + LANES, x1 * inverse[r]);
-            } else {
-              store(row, x0);
-              if (pair) store(row + LANES, x1);
-            }
+        for (int64_t r = 0; r < rows; r++) {
+          const float inverse = row_sum[at0 + r] > 0.f ? 1.f / row_sum[at0 + r] : 0.f;
+          float *row = acc_rows + r * a.v_dim;
+          Out *written = out + (r0 + r) * a.out_stride[2];
+          for (int64_t d = 0; d < a.v_dim; d += LANES) {
+            f32x16 x = load(block_out + r * a.v_dim + d);
+            if (keep[r] != 0.f) x += load(row + d) * keep[r];
+            if (finishing) Elements<OUT>::store16(written + d, x * inverse);
+            else store(row + d, x);
           }
         }
         if (finishing) write_lse(lse, r0, rows, at0);
@@ -470,29 +640,39 @@ template <int IN, int OUT> struct Worker {
   }
 };
 
-template <int IN, int OUT> void *run_thread(void *call) {
-  Worker<IN, OUT> worker(*(const Call *)call);
+template <int IN, int OUT, bool AMX> void *run_thread(void *call) {
+  Worker<IN, OUT, AMX> worker(*(const Call *)call);
   if (!worker.ok()) return (void *)1;
+#if SPAN_AMX
+  if (AMX) configure_tiles();
+#endif
   worker.run();
+#if SPAN_AMX
+  if (AMX) _tile_release();  // as torch's own AMX kernels leave a thread
+#endif
   return nullptr;
 }
 
 typedef void *(*Runner)(void *);
 
-template <int IN> Runner runner_for(int out) {
+template <int IN, bool AMX> Runner runner_for(int out) {
   switch (out) {
-    case FLOAT32: return run_thread<IN, FLOAT32>;
-    case FLOAT16: return run_thread<IN, FLOAT16>;
-    case BFLOAT16: return run_thread<IN, BFLOAT16>;
+    case FLOAT32: return run_thread<IN, FLOAT32, AMX>;
+    case FLOAT16: return run_thread<IN, FLOAT16, AMX>;
+    case BFLOAT16: return run_thread<IN, BFLOAT16, AMX>;
   }
   return nullptr;
 }
 
 Runner runner(int in, int out) {
   switch (in) {
-    case FLOAT32: return runner_for<FLOAT32>(out);
-    case FLOAT16: return runner_for<FLOAT16>(out);
-    case BFLOAT16: return runner_for<BFLOAT16>(out);
+    case FLOAT32: return runner_for<FLOAT32, false>(out);
+    case FLOAT16: return runner_for<FLOAT16, false>(out);
+#if SPAN_AMX
+    case BFLOAT16: return amx_permitted() ? runner_for<BFLOAT16, true>(out) : runner_for<BFLOAT16, false>(out);
+#else
+    case BFLOAT16: return runner_for<BFLOAT16, false>(out);
+#endif
   }
   return nullptr;
 }
@@ -541,4 +721,13 @@ extern "C" int span_attention(const void *q, const void *k, const void *v, void 
     failed |= run(&share) != nullptr;
   }
   return failed ? 1 : 0;
+}
+
+// Whether bfloat16 inputs are computed on AMX's tiles here (else in float32 vectors, as float16 is).
+extern "C" int span_attention_amx() {
+#if SPAN_AMX
+  return amx_permitted();
+#else
+  return 0;
+#endif
 }

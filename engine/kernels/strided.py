@@ -130,7 +130,8 @@ CLASS_GROUP_BYTES = 16 << 20
 # D = 64, ms, span kernel / torch's (best of 3, in turn): strided(32) at n = 65536 (2048 rows)
 # 666 / 861, strided(16) (4096 rows) 1276 / 1478, strided(8) (8192) 2434 / 2599; strided(2) at
 # 32768 (16384 rows) 2427 / 2516.
-# Where AMX runs half precision natively, torch's kernel wins from fewer class rows: bfloat16, H =
+# Where AMX runs half precision natively in torch's kernel but not in the span kernel (its build
+# without AMX, measured before it had it), torch's kernel wins from fewer class rows: bfloat16, H =
 # 8, D = 64, ms, span kernel / torch's (256-row chunks; best of 6, in turn): 64 rows (strided(256)
 # at n = 16384) 11.5 / 20.4, 128 rows (strided(128)) 17.1-17.2 / 22.4-23.6, 170 (strided(96))
 # 27.4 / 38.1; 256 rows 26.5-26.6 / 24.7-24.9 (strided(64) at 16384), 50.0 / 50.1 (strided(128) at
@@ -236,10 +237,11 @@ def strided_pieces(
 def _on_span_kernel(qc: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, skip_strides: tuple[int, ...],
                      device: str) -> bool:
     """Whether a long run's classes go to the CPU span kernel (`span_kernel`) rather than torch's
-    kernel in chunks: on the CPU, without skipped strides (their masks), in half precision that AMX
-    runs natively up to NATIVE_HALF_SPAN_MAX_KEY_ROWS key class rows, and where the kernel takes
-    the views."""
-    short_enough = not cpu_native_half(qc.dtype) or kc.shape[-2] <= NATIVE_HALF_SPAN_MAX_KEY_ROWS
+    kernel in chunks: on the CPU, without skipped strides (their masks), in half precision that
+    torch's kernel runs natively (AMX) and the span kernel does not (`span_kernel.computes_natively`)
+    up to NATIVE_HALF_SPAN_MAX_KEY_ROWS key class rows, and where the kernel takes the views."""
+    short_enough = (not cpu_native_half(qc.dtype) or span_kernel.computes_natively(qc.dtype)
+                    or kc.shape[-2] <= NATIVE_HALF_SPAN_MAX_KEY_ROWS)
     return device == "cpu" and not skip_strides and short_enough and span_kernel.takes(qc, kc, vc)
 
 
