@@ -91,8 +91,12 @@ template <> struct Elements<FLOAT16> {
 template <> struct Elements<BFLOAT16> {
   typedef uint16_t type;
   static f32x16 load16(const uint16_t *p) {
+#if defined(__AVX512F__)
+    return (f32x16)_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16);
+#else
     u32x16 bits = __builtin_convertvector(*(const u16x16_unaligned *)p, u32x16) << 16;
     return (f32x16)bits;
+#endif
   }
   static void store16(uint16_t *p, f32x16 x) {
 #if defined(__AVX512BF16__)
@@ -107,7 +111,7 @@ template <> struct Elements<BFLOAT16> {
 };
 
 // 2^x for x <= 0 (a score less the row's largest), to about one float32 ulp: 2^round(x) times a
-// degree-7 polynomial of the rest (|r| <= 1/2). With AVX-512 the rounding and the scaling by
+// degree-6 polynomial of the rest (|r| <= 1/2). With AVX-512 the rounding and the scaling by
 // 2^round(x) are one instruction each (vrndscaleps, vscalefps); else below 2^-126 it stays 2^-126
 // (nothing is lost: a row's largest term is 1).
 inline f32x16 exp2_nonpositive(f32x16 x) {
@@ -118,13 +122,12 @@ inline f32x16 exp2_nonpositive(f32x16 x) {
   f32x16 n = (x + 12582912.0f) - 12582912.0f;  // round to nearest
 #endif
   f32x16 r = x - n;
-  f32x16 p = splat(1.525273380405984e-05f);
-  p = p * r + 1.5403530393381606e-04f;
-  p = p * r + 1.3333558146428443e-03f;
-  p = p * r + 9.618129107628477e-03f;
-  p = p * r + 5.550410866482158e-02f;
-  p = p * r + 2.402265069591007e-01f;
-  p = p * r + LN2;
+  f32x16 p = splat(1.5461444724808513e-04f);  // 2^r interpolated at Chebyshev nodes: 1.1e-7 off at most
+  p = p * r + 1.3400428177711937e-03f;
+  p = p * r + 9.61805667843204e-03f;
+  p = p * r + 5.550327226669895e-02f;
+  p = p * r + 2.4022650922289554e-01f;
+  p = p * r + 6.931472067028329e-01f;
   p = p * r + 1.0f;
 #if defined(__AVX512F__)
   return (f32x16)_mm512_scalef_ps((__m512)p, (__m512)n);
@@ -458,9 +461,10 @@ template <int IN, int OUT, bool AMX> struct Worker {
         x = exp2_nonpositive(load(s + j) * scale - m);
         if (j < from || j + LANES > to) x = lane + (float)j >= lo && lane + (float)j < hi ? x : splat(0.f);
       }
-      if constexpr (AMX) {  // as two bfloat16, x's first 8 bits and the next 8 (exact to 2^-17)
-        Elements<BFLOAT16>::store16(probs + j, x);
-        Elements<BFLOAT16>::store16(probs + ROWS * width + j, x - Elements<BFLOAT16>::load16(probs + j));
+      if constexpr (AMX) {  // as two bfloat16: x's first 8 bits of mantissa, and the rest rounded (exact to 2^-17)
+        f32x16 high = (f32x16)((u32x16)x & 0xffff0000u);
+        Elements<BFLOAT16>::store16(probs + j, high);
+        Elements<BFLOAT16>::store16(probs + ROWS * width + j, x - high);
       } else {
         store(s + j, x);
       }
