@@ -341,11 +341,10 @@ template <int IN, int OUT, bool AMX> struct Worker {
       uint32_t *pairs = (uint32_t *)values_b;
       for (int64_t p = 0; p < width / 2; p++)
         for (int64_t d = 0; d < a.v_dim; d += LANES) {
-          u32x16 even = u32x16{}, odd = u32x16{};
-          if (2 * p < keys) even = __builtin_convertvector(*(const u16x16_unaligned *)(v + 2 * p * a.v_stride[2] + d), u32x16);
-          if (2 * p + 1 < keys)
-            odd = __builtin_convertvector(*(const u16x16_unaligned *)(v + (2 * p + 1) * a.v_stride[2] + d), u32x16);
-          u32x16 both = even | (odd << 16);
+          u32x16 both = u32x16{};  // key 2p's in the low halves, 2p + 1's in the high ones
+          for (int e = 0; e < 2 && 2 * p + e < keys; e++)
+            both |= __builtin_convertvector(*(const u16x16_unaligned *)(v + (2 * p + e) * a.v_stride[2] + d), u32x16)
+                    << (16 * e);
           memcpy(pairs + p * a.v_dim + d, &both, sizeof both);
         }
     } else {
@@ -375,7 +374,8 @@ template <int IN, int OUT, bool AMX> struct Worker {
         if (r < rows) memcpy(row, q + (r0 + r) * a.q_stride[2], a.dim * 2);
       } else {
         for (int64_t d = 0; d < a.dim; d += LANES)
-          store(queries + r * a.dim + d, r < rows ? Elements<IN>::load16(q + (r0 + r) * a.q_stride[2] + d) : splat(0.f));
+          store(queries + r * a.dim + d,
+                r < rows ? Elements<IN>::load16(q + (r0 + r) * a.q_stride[2] + d) : splat(0.f));
       }
     }
   }
@@ -461,7 +461,7 @@ template <int IN, int OUT, bool AMX> struct Worker {
         x = exp2_nonpositive(load(s + j) * scale - m);
         if (j < from || j + LANES > to) x = lane + (float)j >= lo && lane + (float)j < hi ? x : splat(0.f);
       }
-      if constexpr (AMX) {  // as two bfloat16: x's first 8 bits of mantissa, and the rest rounded (exact to 2^-17)
+      if constexpr (AMX) {  // as two bfloat16: x's first 8 bits of mantissa, the rest rounded (to 2^-17)
         f32x16 high = (f32x16)((u32x16)x & 0xffff0000u);
         Elements<BFLOAT16>::store16(probs + j, high);
         Elements<BFLOAT16>::store16(probs + ROWS * width + j, x - high);
@@ -615,8 +615,12 @@ template <int IN, int OUT, bool AMX> struct Worker {
           int64_t hi = r < rows ? clamp(keys_to(r0 + r), c0, c1) - from : 0;
           keep[r] = r < rows && row_top[at] != -INFINITY ? 1.f : 0.f;
           if (hi <= lo) {
-            if (AMX) memset(probs, 0, padded * sizeof(uint16_t)), memset(probs + ROWS * width, 0, padded * sizeof(uint16_t));
-            else memset(s, 0, padded * sizeof(float));
+            if (AMX) {
+              memset(probs, 0, padded * sizeof(uint16_t));
+              memset(probs + ROWS * width, 0, padded * sizeof(uint16_t));
+            } else {
+              memset(s, 0, padded * sizeof(float));
+            }
             continue;
           }
           float sum, top = softmax_row(s, probs, lo, hi, padded, row_top[at], q_scale, &sum);
