@@ -262,7 +262,8 @@ def test_strided_half_precision_on_the_span_kernel(monkeypatch, dtype):
 
 def test_strided_rules_for_the_span_kernel(monkeypatch):
     """torch's kernel takes the classes past NATIVE_HALF_SPAN_MAX_KEY_ROWS key class rows in half
-    precision that it computes natively (AMX) and the span kernel does not, a union's second stride
+    precision that it computes natively (AMX), unless the span kernel does too and they have
+    NATIVE_SPAN_MIN_QUERY_ROWS query class rows or more, a union's second stride
     (its skipped strides' masks) and head dims not a multiple of 16; the span kernel the rest,
     classes of any length in float32."""
     calls = _kernel_calls(monkeypatch)
@@ -286,9 +287,12 @@ def test_strided_rules_for_the_span_kernel(monkeypatch):
     half = [x.bfloat16() for x in (q, k, v)]
     monkeypatch.setattr(dense, "cpu_upcast_dtypes", lambda: frozenset())  # bfloat16 native, as with AMX
     assert used(stride=9, qkv=half)
+    short = [half[0][:, :, -36:], *half[1:]]  # 4 query class rows
+    assert used(stride=9, qkv=short)
     monkeypatch.setattr(strided, "NATIVE_HALF_SPAN_MAX_KEY_ROWS", 70)
     monkeypatch.setattr(span_kernel, "computes_natively", lambda dtype: True)  # AMX in the kernel too
     assert used(stride=9, qkv=half)
+    assert not used(stride=9, qkv=short)  # fewer than NATIVE_SPAN_MIN_QUERY_ROWS
     monkeypatch.setattr(span_kernel, "computes_natively", lambda dtype: False)
     assert not used(stride=9, qkv=half)
     monkeypatch.setattr(dense, "cpu_upcast_dtypes", lambda: frozenset({torch.bfloat16}))

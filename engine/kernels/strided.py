@@ -137,6 +137,11 @@ CLASS_GROUP_BYTES = 16 << 20
 # 27.4 / 38.1; 256 rows 26.5-26.6 / 24.7-24.9 (strided(64) at 16384), 50.0 / 50.1 (strided(128) at
 # 32768); 1024 rows (strided(64) at 65536) 310.8 / 208.2.
 NATIVE_HALF_SPAN_MAX_KEY_ROWS = 192
+# Where the span kernel computes half precision natively too (AMX), it takes longer classes from
+# this many query class rows (one AMX tile's): bfloat16, 16384 keys (256 key class rows, strided(64)),
+# H = 8, D = 64, ms, span kernel / torch's (best of 20, in turn): 2 query class rows 3.01 / 2.51, 8
+# rows 3.23 / 2.91, 16 rows 3.26 / 3.20, 32 rows 4.40 / 4.59.
+NATIVE_SPAN_MIN_QUERY_ROWS = 16
 
 
 def off_strides(distance: torch.Tensor, strides: tuple[int, ...]) -> torch.Tensor:
@@ -238,10 +243,11 @@ def _on_span_kernel(qc: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, skip_s
                      device: str) -> bool:
     """Whether a long run's classes go to the CPU span kernel (`span_kernel`) rather than torch's
     kernel in chunks: on the CPU, without skipped strides (their masks), in half precision that
-    torch's kernel runs natively (AMX) and the span kernel does not (`span_kernel.computes_natively`)
-    up to NATIVE_HALF_SPAN_MAX_KEY_ROWS key class rows, and where the kernel takes the views."""
-    short_enough = (not cpu_native_half(qc.dtype) or span_kernel.computes_natively(qc.dtype)
-                    or kc.shape[-2] <= NATIVE_HALF_SPAN_MAX_KEY_ROWS)
+    torch's kernel runs natively (AMX) up to NATIVE_HALF_SPAN_MAX_KEY_ROWS key class rows, or past
+    them from NATIVE_SPAN_MIN_QUERY_ROWS query class rows where the span kernel computes it natively
+    too (`span_kernel.computes_natively`), and where the kernel takes the views."""
+    short_enough = (not cpu_native_half(qc.dtype) or kc.shape[-2] <= NATIVE_HALF_SPAN_MAX_KEY_ROWS
+                    or (span_kernel.computes_natively(qc.dtype) and qc.shape[-2] >= NATIVE_SPAN_MIN_QUERY_ROWS))
     return device == "cpu" and not skip_strides and short_enough and span_kernel.takes(qc, kc, vc)
 
 
