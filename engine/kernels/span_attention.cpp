@@ -197,8 +197,10 @@ bool amx_permitted() {
   return permitted;
 }
 
-// Tiles 0-5 as the products use them: 16 rows of 64 bytes (16 floats, or 32 bfloat16 in pairs).
-void configure_tiles() {
+// Tiles 0-5 as the products use them, rows of 64 bytes (16 floats, or 32 bfloat16 in pairs): the
+// block's `rows` in the scores and outputs (0, 1) and in the queries and probabilities (2, 5), 16
+// in the keys and values (3, 4).
+void configure_tiles(int rows) {
   struct {
     uint8_t palette, start_row, reserved[14];
     uint16_t columns_bytes[16];
@@ -207,7 +209,7 @@ void configure_tiles() {
   config.palette = 1;
   for (int t = 0; t < 6; t++) {
     config.columns_bytes[t] = 64;
-    config.rows[t] = 16;
+    config.rows[t] = t == 3 || t == 4 ? 16 : rows;
   }
   _tile_loadconfig(&config);
 }
@@ -240,12 +242,20 @@ template <typename In> struct Item {
   int64_t i, c, row_begin, row_end, key_begin, key_end;
 };
 
-template <int IN, int OUT, bool AMX> struct Worker {
+// Query rows computed together on AMX's tiles where a row sees at most this many keys (else 16):
+// bfloat16, n = 16384, H = 8, D = 64, 8-row blocks' time against 16-row ones' (in turn, in one
+// process): sliding_window(128) 0.92, strided(128) 0.91, the union (sliding 128, strided 128)
+// 0.94; sliding_window(256) 1.11, fixed(128, 8) 1.07.
+constexpr int64_t AMX_SHORT_SPAN_KEYS = 192;
+
+// TILE_ROWS: 0 for float32 vectors, else AMX with blocks of that many rows (8 or 16).
+template <int IN, int OUT, int TILE_ROWS> struct Worker {
   typedef typename Elements<IN>::type In;
   typedef typename Elements<OUT>::type Out;
+  static constexpr bool AMX = TILE_ROWS > 0;
   static_assert(!AMX || IN == BFLOAT16, "AMX computes bfloat16 only");
-  // Query rows computed together: 8 x 32 scores in 16 vector registers, or one AMX tile's 16 rows.
-  static constexpr int ROWS = AMX ? 16 : 8;
+  // Query rows computed together: 8 x 32 scores in 16 vector registers, or an AMX tile's rows.
+  static constexpr int ROWS = AMX ? TILE_ROWS : 8;
   // Keys a block's products step by: AMX multiplies 32 at a time (a tile's row of bfloat16 pairs),
   // and reads packed keys 16 to a tile, so a block's keys start at a multiple of 16 from its chunk's
   // first (at most roundup(keys, 32) + 16 columns read: the width).
@@ -648,38 +658,41 @@ template <int IN, int OUT, bool AMX> struct Worker {
   }
 };
 
-template <int IN, int OUT, bool AMX> void *run_thread(void *call) {
-  Worker<IN, OUT, AMX> worker(*(const Call *)call);
+template <int IN, int OUT, int TILE_ROWS> void *run_thread(void *call) {
+  Worker<IN, OUT, TILE_ROWS> worker(*(const Call *)call);
   if (!worker.ok()) return (void *)1;
 #if SPAN_AMX
-  if (AMX) configure_tiles();
+  if (TILE_ROWS) configure_tiles(TILE_ROWS);
 #endif
   worker.run();
 #if SPAN_AMX
-  if (AMX) _tile_release();  // as torch's own AMX kernels leave a thread
+  if (TILE_ROWS) _tile_release();  // as torch's own AMX kernels leave a thread
 #endif
   return nullptr;
 }
 
 typedef void *(*Runner)(void *);
 
-template <int IN, bool AMX> Runner runner_for(int out) {
+template <int IN, int TILE_ROWS> Runner runner_for(int out) {
   switch (out) {
-    case FLOAT32: return run_thread<IN, FLOAT32, AMX>;
-    case FLOAT16: return run_thread<IN, FLOAT16, AMX>;
-    case BFLOAT16: return run_thread<IN, BFLOAT16, AMX>;
+    case FLOAT32: return run_thread<IN, FLOAT32, TILE_ROWS>;
+    case FLOAT16: return run_thread<IN, FLOAT16, TILE_ROWS>;
+    case BFLOAT16: return run_thread<IN, BFLOAT16, TILE_ROWS>;
   }
   return nullptr;
 }
 
-Runner runner(int in, int out) {
+// The worker for these dtypes, where a row sees at most span_keys keys.
+Runner runner(int in, int out, int64_t span_keys) {
   switch (in) {
-    case FLOAT32: return runner_for<FLOAT32, false>(out);
-    case FLOAT16: return runner_for<FLOAT16, false>(out);
+    case FLOAT32: return runner_for<FLOAT32, 0>(out);
+    case FLOAT16: return runner_for<FLOAT16, 0>(out);
 #if SPAN_AMX
-    case BFLOAT16: return amx_permitted() ? runner_for<BFLOAT16, true>(out) : runner_for<BFLOAT16, false>(out);
+    case BFLOAT16:
+      if (!amx_permitted()) return runner_for<BFLOAT16, 0>(out);
+      return span_keys <= AMX_SHORT_SPAN_KEYS ? runner_for<BFLOAT16, 8>(out) : runner_for<BFLOAT16, 16>(out);
 #else
-    case BFLOAT16: return runner_for<BFLOAT16, false>(out);
+    case BFLOAT16: return runner_for<BFLOAT16, 0>(out);
 #endif
   }
   return nullptr;
@@ -703,14 +716,14 @@ Runner runner(int in, int out) {
 extern "C" int span_attention(const void *q, const void *k, const void *v, void *out, float *lse,
                               const float *seed_out, const float *seed_lse, int in_dtype, int out_dtype,
                               const int64_t *sizes, const int64_t *strides, float scale, int threads) {
-  Runner run = runner(in_dtype, out_dtype);
-  if (run == nullptr) return 2;
   Call call = {q, k, v, out, lse, seed_out, seed_lse};
   int64_t *fields[15] = {&call.n, &call.classes, &call.n_group, &call.class_group, &call.q_rows, &call.k_rows,
                          &call.dim, &call.v_dim, &call.first, &call.last, &call.strip_rows, &call.row_shift,
                          &call.rows_per_step, &call.keys_per_step, &call.causal};
   for (int f = 0; f < 15; f++) *fields[f] = sizes[f];
   if (call.row_shift < 0 || call.rows_per_step < 1 || call.keys_per_step < 0) return 3;
+  Runner run = runner(in_dtype, out_dtype, clamp(call.last - call.first + 1, 0, call.k_rows));
+  if (run == nullptr) return 2;
   if (call.strip_rows <= 0 || call.strip_rows > call.q_rows) call.strip_rows = call.q_rows;
   int64_t *targets[7] = {call.q_stride, call.k_stride, call.v_stride, call.out_stride, call.lse_stride,
                          call.seed_out_stride, call.seed_lse_stride};
