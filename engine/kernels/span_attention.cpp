@@ -242,11 +242,13 @@ template <typename In> struct Item {
   int64_t i, c, row_begin, row_end, key_begin, key_end;
 };
 
-// Query rows computed together on AMX's tiles where a row sees at most this many keys (else 16):
+// AMX computes blocks of 8 query rows where a row sees at most this many keys on average (else 16):
 // bfloat16, n = 16384, H = 8, D = 64, 8-row blocks' time against 16-row ones' (in turn, in one
-// process): sliding_window(128) 0.92, strided(128) 0.91, the union (sliding 128, strided 128)
-// 0.94; sliding_window(256) 1.11, fixed(128, 8) 1.07.
-constexpr int64_t AMX_SHORT_SPAN_KEYS = 192;
+// process): sliding_window(128) 0.92, (160) 1.10, (192) 1.11, (224) 1.11, (256) 1.11; strided(128)
+// (causal squares of 128 rows: 64 keys a row on average) 0.91, strided(96) (170 rows) 0.94,
+// strided(80) (204) 0.98, strided(64) (256) 0.99; the union (sliding 128, strided 128) 0.94;
+// fixed(128, 8) 1.07.
+constexpr int64_t AMX_SHORT_SPAN_KEYS = 128;
 
 // TILE_ROWS: 0 for float32 vectors, else AMX with blocks of that many rows (8 or 16).
 template <int IN, int OUT, int TILE_ROWS> struct Worker {
@@ -682,15 +684,15 @@ template <int IN, int TILE_ROWS> Runner runner_for(int out) {
   return nullptr;
 }
 
-// The worker for these dtypes, where a row sees at most span_keys keys.
-Runner runner(int in, int out, int64_t span_keys) {
+// The worker for these dtypes, where a row sees row_keys keys on average.
+Runner runner(int in, int out, int64_t row_keys) {
   switch (in) {
     case FLOAT32: return runner_for<FLOAT32, 0>(out);
     case FLOAT16: return runner_for<FLOAT16, 0>(out);
 #if SPAN_AMX
     case BFLOAT16:
       if (!amx_permitted()) return runner_for<BFLOAT16, 0>(out);
-      return span_keys <= AMX_SHORT_SPAN_KEYS ? runner_for<BFLOAT16, 8>(out) : runner_for<BFLOAT16, 16>(out);
+      return row_keys <= AMX_SHORT_SPAN_KEYS ? runner_for<BFLOAT16, 8>(out) : runner_for<BFLOAT16, 16>(out);
 #else
     case BFLOAT16: return runner_for<BFLOAT16, 0>(out);
 #endif
@@ -722,7 +724,10 @@ extern "C" int span_attention(const void *q, const void *k, const void *v, void 
                          &call.rows_per_step, &call.keys_per_step, &call.causal};
   for (int f = 0; f < 15; f++) *fields[f] = sizes[f];
   if (call.row_shift < 0 || call.rows_per_step < 1 || call.keys_per_step < 0) return 3;
-  Runner run = runner(in_dtype, out_dtype, clamp(call.last - call.first + 1, 0, call.k_rows));
+  // Spans without a first key (causal squares, fixed's summary prefixes) hold half the keys on average.
+  const int64_t row_keys =
+      call.first <= -call.k_rows ? call.k_rows / 2 : clamp(call.last - call.first + 1, 0, call.k_rows);
+  Runner run = runner(in_dtype, out_dtype, row_keys);
   if (run == nullptr) return 2;
   if (call.strip_rows <= 0 || call.strip_rows > call.q_rows) call.strip_rows = call.q_rows;
   int64_t *targets[7] = {call.q_stride, call.k_stride, call.v_stride, call.out_stride, call.lse_stride,
