@@ -266,7 +266,8 @@ template <int IN, int OUT, int TILE_ROWS> struct Worker {
   int64_t width;      // keys a row of the buffers holds: a chunk's, a multiple of KEY_STEP, and 16 more
   int64_t dim_tiles;  // AMX: the head dim in tiles of 32 features (zeros past it)
   float *keys_t, *values, *scores, *queries, *block_out, *acc, *row_top, *row_sum;
-  uint16_t *keys_b, *values_b, *queries_b, *probs_b;  // AMX: bfloat16 pairs (below)
+  uint16_t *keys_b, *values_b, *queries_b;  // AMX: bfloat16 pairs (below)
+  uint16_t *probs_high, *probs_low;  // AMX: the block's probabilities as two bfloat16 (softmax_row)
 
   explicit Worker(const Call &call) : a(call) {
     int64_t keys = 0;  // the most any of this thread's strips sees in one chunk
@@ -287,7 +288,8 @@ template <int IN, int OUT, int TILE_ROWS> struct Worker {
       keys_b = (uint16_t *)next, next += dim_tiles * 32 * width / 2;
       values_b = (uint16_t *)next, next += width * a.v_dim / 2;
       queries_b = (uint16_t *)next, next += ROWS * dim_tiles * 16;
-      probs_b = (uint16_t *)next, next += ROWS * width;  // two bfloat16 a probability
+      probs_high = (uint16_t *)next, next += ROWS * width / 2;
+      probs_low = (uint16_t *)next, next += ROWS * width / 2;
     } else {
       next += a.dim * width;  // keys_t
       values = next, next += width * a.v_dim;
@@ -451,10 +453,10 @@ template <int IN, int OUT, int TILE_ROWS> struct Worker {
 
   // A row's scores times `scale` over [0, keys) as probabilities relative to the larger of the row's
   // running largest `top` (base-2 units, -inf before any key) and the largest in [from, to), zero
-  // outside [from, to), written over s (AMX: into `probs` as the sum of two bfloat16, the second
-  // ROWS x width after); returns that larger one and writes the probabilities' sum.
-  float softmax_row(float *s, uint16_t *probs, int64_t from, int64_t to, int64_t keys, float top, float scale,
-                    float *sum) {
+  // outside [from, to), written over s (AMX: into `high` + `low`, two bfloat16); returns that larger
+  // one and writes the probabilities' sum.
+  float softmax_row(float *s, uint16_t *high, uint16_t *low, int64_t from, int64_t to, int64_t keys, float top,
+                    float scale, float *sum) {
     const f32x16 lane = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
     const f32x16 lo = splat((float)from), hi = splat((float)to);
     // Vectors of 16 within [from, to) take no mask; those wholly outside are zeros.
@@ -474,9 +476,9 @@ template <int IN, int OUT, int TILE_ROWS> struct Worker {
         if (j < from || j + LANES > to) x = lane + (float)j >= lo && lane + (float)j < hi ? x : splat(0.f);
       }
       if constexpr (AMX) {  // as two bfloat16: x's first 8 bits of mantissa, the rest rounded (to 2^-17)
-        f32x16 high = (f32x16)((u32x16)x & 0xffff0000u);
-        Elements<BFLOAT16>::store16(probs + j, high);
-        Elements<BFLOAT16>::store16(probs + ROWS * width + j, x - high);
+        f32x16 first = (f32x16)((u32x16)x & 0xffff0000u);
+        Elements<BFLOAT16>::store16(high + j, first);
+        Elements<BFLOAT16>::store16(low + j, x - first);
       } else {
         store(s + j, x);
       }
@@ -497,8 +499,8 @@ template <int IN, int OUT, int TILE_ROWS> struct Worker {
         _tile_zero(0);
         _tile_zero(1);
         for (int64_t j = 0; j < keys; j += 32) {
-          _tile_loadd(2, probs_b + j, width * sizeof(uint16_t));
-          _tile_loadd(5, probs_b + ROWS * width + j, width * sizeof(uint16_t));
+          _tile_loadd(2, probs_high + j, width * sizeof(uint16_t));
+          _tile_loadd(5, probs_low + j, width * sizeof(uint16_t));
           _tile_loadd(3, pairs + j / 2 * a.v_dim + d0, a.v_dim * sizeof(uint32_t));
           _tile_dpbf16ps(0, 2, 3);
           _tile_dpbf16ps(0, 5, 3);
@@ -621,21 +623,21 @@ template <int IN, int OUT, int TILE_ROWS> struct Worker {
         float keep[ROWS];  // what the running output is scaled by before this chunk adds to it (0: unread)
         for (int r = 0; r < ROWS; r++) {
           float *s = scores + r * width;
-          uint16_t *probs = AMX ? probs_b + r * width : nullptr;
+          uint16_t *high = AMX ? probs_high + r * width : nullptr, *low = AMX ? probs_low + r * width : nullptr;
           int64_t at = r0 - it.row_begin + r;
           int64_t lo = r < rows ? clamp(keys_from(r0 + r), c0, c1) - from : 0;
           int64_t hi = r < rows ? clamp(keys_to(r0 + r), c0, c1) - from : 0;
           keep[r] = r < rows && row_top[at] != -INFINITY ? 1.f : 0.f;
           if (hi <= lo) {
             if (AMX) {
-              memset(probs, 0, padded * sizeof(uint16_t));
-              memset(probs + ROWS * width, 0, padded * sizeof(uint16_t));
+              memset(high, 0, padded * sizeof(uint16_t));
+              memset(low, 0, padded * sizeof(uint16_t));
             } else {
               memset(s, 0, padded * sizeof(float));
             }
             continue;
           }
-          float sum, top = softmax_row(s, probs, lo, hi, padded, row_top[at], q_scale, &sum);
+          float sum, top = softmax_row(s, high, low, lo, hi, padded, row_top[at], q_scale, &sum);
           keep[r] = row_top[at] == -INFINITY ? 0.f : row_top[at] == top ? 1.f : exp2f(row_top[at] - top);
           row_top[at] = top;
           row_sum[at] = row_sum[at] * keep[r] + sum;
