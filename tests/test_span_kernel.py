@@ -177,6 +177,29 @@ def test_span_kernel_continues_a_seed(out_dtype, in_place, strip_rows):
     assert_matches_reference(out.float(), lse, ref_out, ref_lse, tol=tol, lse_tol=2e-5)
 
 
+
+@pytest.mark.parametrize("seed_dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("strip_rows", [0, 64])
+def test_span_kernel_reads_a_seed_in_half_precision(seed_dtype, strip_rows):
+    """A seed's output in half precision (a union's stride, written in q's dtype) is read as it is:
+    the merge matches the one continuing its float32 widening exactly, and the reference at the
+    tolerance of the seed's rounding."""
+    g = torch.Generator().manual_seed(3)
+    q = torch.randn(1, 2, 300, 32, generator=g)
+    k, v = (torch.randn(1, 2, 2800, 32, generator=g) for _ in range(2))
+    seed_out, seed_lse = _span(q, k[:, :, :1500], v[:, :, :1500], scale=0.3, first=-UNBOUNDED, last=-60,
+                               row_shift=0, out_dtype=seed_dtype)
+    merged = []
+    for seed in ((seed_out, seed_lse), (seed_out.float(), seed_lse)):
+        out, lse = torch.empty(1, 2, 300, 32), torch.empty(1, 2, 300)
+        span_kernel.span_attention(q, k[:, :, 1500:], v[:, :, 1500:], out, lse, scale=0.3, first=-UNBOUNDED,
+                                   last=UNBOUNDED, strip_rows=strip_rows, seed=seed)
+        merged.append((out, lse))
+    assert torch.equal(merged[0][0], merged[1][0]) and torch.equal(merged[0][1], merged[1][1])
+    seen = torch.arange(2800)[None, :] < 1500
+    seen = (seen & (torch.arange(2800)[None, :] <= torch.arange(300)[:, None] - 60)) | ~seen
+    assert_matches_reference(*merged[0], *_masked_reference(q, k, v, seen, scale=0.3), tol=1e-2, lse_tol=2e-5)
+
 def _masked_reference(q, k, v, seen: torch.Tensor, *, scale: float):
     """Float64 attention of every problem's rows over the keys `seen` [rows, keys] keeps."""
     scores = torch.einsum("ncqd,nckd->ncqk", q.double(), k.double()) * scale

@@ -134,14 +134,14 @@ def span_band_attention(
     """The band on the CPU span kernel, queries bottom-right aligned: every row's window in one call,
     heads on the kernel's second axis (grouped ones read as they are); (out in `out_dtype`, q's
     unless said, lse). `seed`: (first row, out, lse), a partial over other keys of rows first row
-    .. Lq - 1 (a union's strides; its output taken in float32), which those rows continue in a
+    .. Lq - 1 (a union's strides; its output read in its own dtype), which those rows continue in a
     second call: the union's result written once, no merge pass."""
     lq = q.shape[-2]
     offset = k.shape[-2] - lq
     out = q.new_empty(*q.shape[:-1], v.shape[-1], dtype=out_dtype or q.dtype)
     lse = q.new_empty(q.shape[:-1], dtype=torch.float32)
     seeded = seed[0] if seed is not None else lq  # the first row that continues the seed
-    continued = (seed[1].float(), seed[2]) if seed is not None else None
+    continued = seed[1:] if seed is not None else None
     for start, stop, partial in ((0, seeded, None), (seeded, lq, continued)):
         if stop > start:
             span_kernel.span_attention(q[..., start:stop, :], k, v, out[..., start:stop, :], lse[..., start:stop],

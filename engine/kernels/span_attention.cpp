@@ -219,7 +219,9 @@ struct Call {
   const void *q, *k, *v;
   void *out;
   float *lse;
-  const float *seed_out, *seed_lse;  // a partial over other keys that the rows continue, or null
+  const void *seed_out;  // a partial over other keys that the rows continue (in seed_dtype), or null
+  const float *seed_lse;
+  int seed_dtype;
   // Problem (i, c) for i < n, c < classes reads keys and values of problem (i / n_group,
   // c / class_group). Strides in elements: [i, c, row].
   int64_t n, classes, n_group, class_group, q_rows, k_rows, dim, v_dim, first, last, strip_rows;
@@ -234,6 +236,15 @@ inline int64_t clamp(int64_t x, int64_t lo, int64_t hi) { return x < lo ? lo : x
 inline void prefetch_rows(const char *base, int64_t stride_bytes, int64_t r0, int64_t r1, int64_t bytes) {
   for (int64_t r = r0; r < r1; r++)
     for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(base + r * stride_bytes + b, 0, 3);
+}
+
+// 16 elements at `offset` of an array in `dtype`, as float32 (a seed's, read once a row).
+inline f32x16 load_as(int dtype, const void *base, int64_t offset) {
+  switch (dtype) {
+    case FLOAT16: return Elements<FLOAT16>::load16((const uint16_t *)base + offset);
+    case BFLOAT16: return Elements<BFLOAT16>::load16((const uint16_t *)base + offset);
+    default: return Elements<FLOAT32>::load16((const float *)base + offset);
+  }
 }
 
 // One work item's place: its problem's q, k, v rows, its rows and the keys they see.
@@ -572,13 +583,14 @@ template <int IN, int OUT, int TILE_ROWS> struct Worker {
     float *lse = a.lse + it.i * a.lse_stride[0] + it.c * a.lse_stride[1];
     const int64_t strip_rows = it.row_end - it.row_begin;
     if (a.seed_out != nullptr) {  // the seed's rows as running state: its output, a sum of 1 at its lse
-      const float *seed_out = a.seed_out + it.i * a.seed_out_stride[0] + it.c * a.seed_out_stride[1];
+      const int64_t seed_at = it.i * a.seed_out_stride[0] + it.c * a.seed_out_stride[1];
       const float *seed_lse = a.seed_lse + it.i * a.seed_lse_stride[0] + it.c * a.seed_lse_stride[1];
       for (int64_t r = 0; r < strip_rows; r++) {
         row_top[r] = seed_lse[(it.row_begin + r) * a.seed_lse_stride[2]] * LOG2E;
         row_sum[r] = row_top[r] == -INFINITY ? 0.f : 1.f;
         for (int64_t d = 0; d < a.v_dim; d += LANES)
-          store(acc + r * a.v_dim + d, load(seed_out + (it.row_begin + r) * a.seed_out_stride[2] + d));
+          store(acc + r * a.v_dim + d,
+                load_as(a.seed_dtype, a.seed_out, seed_at + (it.row_begin + r) * a.seed_out_stride[2] + d));
       }
     } else {
       for (int64_t r = 0; r < strip_rows; r++) {  // acc is written before it is read (keep 0: not read)
@@ -710,17 +722,17 @@ Runner runner(int in, int out, int64_t row_keys) {
 // class_group) of k and v. Threads take strips of strip_rows rows of a problem (0: all of them).
 // sizes: n, classes, n_group, class_group, q_rows, k_rows, dim, v_dim, first, last, strip_rows,
 // row_shift (>= 0), rows_per_step (>= 1), keys_per_step (>= 0), causal (0 or 1);
-// seed_out, seed_lse: float32 (out, lse) of each row over other keys, which the rows continue (their
-// merge is written), or null; they may be out and lse themselves (a strip reads its rows' seed
-// before it writes them).
+// seed_out, seed_lse: (out in seed_dtype, lse float32) of each row over other keys, which the rows
+// continue (their merge is written), or null; they may be out and lse themselves (a strip reads its
+// rows' seed before it writes them).
 // strides: 3 each (elements, [i, c, row]) for q, k, v, out, lse, seed_out, seed_lse; dim and v_dim
 // multiples of 16.
 // Returns 0, or 1 where a thread's buffers could not be allocated, 2 for an unknown dtype, 3 for a
 // step out of range.
 extern "C" int span_attention(const void *q, const void *k, const void *v, void *out, float *lse,
-                              const float *seed_out, const float *seed_lse, int in_dtype, int out_dtype,
-                              const int64_t *sizes, const int64_t *strides, float scale, int threads) {
-  Call call = {q, k, v, out, lse, seed_out, seed_lse};
+                              const void *seed_out, const float *seed_lse, int in_dtype, int out_dtype,
+                              int seed_dtype, const int64_t *sizes, const int64_t *strides, float scale, int threads) {
+  Call call = {q, k, v, out, lse, seed_out, seed_lse, seed_dtype};
   int64_t *fields[15] = {&call.n, &call.classes, &call.n_group, &call.class_group, &call.q_rows, &call.k_rows,
                          &call.dim, &call.v_dim, &call.first, &call.last, &call.strip_rows, &call.row_shift,
                          &call.rows_per_step, &call.keys_per_step, &call.causal};
@@ -730,7 +742,7 @@ extern "C" int span_attention(const void *q, const void *k, const void *v, void 
   const int64_t row_keys =
       call.first <= -call.k_rows ? call.k_rows / 2 : clamp(call.last - call.first + 1, 0, call.k_rows);
   Runner run = runner(in_dtype, out_dtype, row_keys);
-  if (run == nullptr) return 2;
+  if (run == nullptr || seed_dtype < FLOAT32 || seed_dtype > BFLOAT16) return 2;
   if (call.strip_rows <= 0 || call.strip_rows > call.q_rows) call.strip_rows = call.q_rows;
   int64_t *targets[7] = {call.q_stride, call.k_stride, call.v_stride, call.out_stride, call.lse_stride,
                          call.seed_out_stride, call.seed_lse_stride};

@@ -107,8 +107,8 @@ def load(path: Path) -> ctypes.CDLL:
     """A built kernel, its functions typed."""
     loaded = ctypes.CDLL(str(path))
     function = loaded.span_attention
-    function.argtypes = [ctypes.c_void_p] * 7 + [ctypes.c_int, ctypes.c_int, ctypes.POINTER(ctypes.c_int64),
-                                                  ctypes.POINTER(ctypes.c_int64), ctypes.c_float, ctypes.c_int]
+    function.argtypes = [ctypes.c_void_p] * 7 + [ctypes.c_int] * 3 + [ctypes.POINTER(ctypes.c_int64),
+                                                      ctypes.POINTER(ctypes.c_int64), ctypes.c_float, ctypes.c_int]
     function.restype = ctypes.c_int
     loaded.span_attention_amx.restype = ctypes.c_int
     return loaded
@@ -139,9 +139,10 @@ def span_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch
     anchored at a = p // rows_per_step * keys_per_step (p itself by default; fixed's own block is
     anchored at its start, its summary keys grow by c every l rows), none past p where causal,
     within 0 .. Rk - 1 (none: zeros and lse -inf), of problem (i // Gn, c // Gs); out [N, S, Rq, Dv]
-    in float32 or q's dtype, lse float32 [N, S, Rq], any strides but out's features'. `seed`: float32
-    (out, lse) shaped as those, each row's partial over other keys, which the rows continue (their
-    merge is written: no merge pass after); it may be (out, lse) themselves. Computed in float32
+    in float32 or q's dtype, lse float32 [N, S, Rq], any strides but out's features'. `seed`: (out in
+    any of DTYPES, lse float32) shaped as those, each row's partial over other keys, which the rows
+    continue (their merge is written: no merge pass after, nor a conversion before); it may be
+    (out, lse) themselves. Computed in float32
     (bfloat16's products on AMX where `computes_natively`, as exact);
     threads take strips of `strip_rows` rows (0: a problem's rows whole, its keys packed once), each
     strip's keys 1024 at a time (KEY_CHUNK) with a running softmax."""
@@ -152,7 +153,7 @@ def span_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch
             and lse.shape == (n, classes, q_rows) and lse.dtype == torch.float32
             and row_shift >= 0 and rows_per_step >= 1 and keys_per_step >= 0)
     seed_out, seed_lse = seed if seed is not None else (out, lse)
-    assert seed is None or (seed_out.shape == out.shape and seed_out.dtype == torch.float32
+    assert seed is None or (seed_out.shape == out.shape and seed_out.dtype in DTYPES
                             and seed_out.stride(-1) == 1 and seed_lse.shape == lse.shape
                             and seed_lse.dtype == torch.float32)
     if out.numel() == 0:
@@ -164,7 +165,7 @@ def span_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch
                                       for stride in x.stride()[:3]))
     seeds = (seed_out.data_ptr(), seed_lse.data_ptr()) if seed is not None else (None, None)
     status = library().span_attention(q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), lse.data_ptr(),
-                                      *seeds, DTYPES[q.dtype], DTYPES[out.dtype], sizes, strides, scale,
-                                      torch.get_num_threads())
+                                      *seeds, DTYPES[q.dtype], DTYPES[out.dtype], DTYPES[seed_out.dtype], sizes,
+                                      strides, scale, torch.get_num_threads())
     if status:
         raise MemoryError(f"the span kernel could not allocate its buffers (status {status})")
