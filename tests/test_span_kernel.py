@@ -200,6 +200,30 @@ def test_span_kernel_reads_a_seed_in_half_precision(seed_dtype, strip_rows):
     seen = (seen & (torch.arange(2800)[None, :] <= torch.arange(300)[:, None] - 60)) | ~seen
     assert_matches_reference(*merged[0], *_masked_reference(q, k, v, seen, scale=0.3), tol=1e-2, lse_tol=2e-5)
 
+@pytest.mark.parametrize("out_dtype,v_dim,misaligned", [(torch.float32, 32, False), (torch.float32, 32, True),
+                                                      (torch.bfloat16, 64, False), (torch.bfloat16, 64, True)])
+def test_span_kernel_streams_large_outputs(out_dtype, v_dim, misaligned):
+    """A call's 8 MiB of outputs with rows apart (a stride's classes), past the caches (the
+    kernel's STREAM_OUT_BYTES, 4 MiB), are streamed (non-temporal stores) where a row's vectors are
+    aligned to their width, and written through the caches where they are not (rows offset by
+    half a vector): both exact, as is a seed continued in place that the streamed rows overwrite."""
+    g = torch.Generator().manual_seed(13)
+    q, k = (torch.randn(1, 1024, 64, 16, generator=g) for _ in range(2))
+    v = torch.randn(1, 1024, 64, v_dim, generator=g)
+    offset = 8 if misaligned else 0  # elements: 32 bytes in float32, 16 in bfloat16, in every row
+    out = torch.empty(1, 64, 1024, v_dim + 2 * offset, dtype=out_dtype).transpose(1, 2)[..., offset : offset + v_dim]
+    lse = torch.empty(1, 1024, 64)
+    span_kernel.span_attention(q, k, v, out, lse, first=-UNBOUNDED, last=0, scale=0.3)
+    reference = _span_reference(q, k, v, first=-UNBOUNDED, last=0, scale=0.3)
+    tol = 2e-5 if out_dtype == torch.float32 else 1e-2
+    assert_matches_reference(out.float(), lse, *reference, tol=tol, lse_tol=2e-5)
+    if out_dtype == torch.float32:  # the first 20 keys as a seed in out itself, the rest continuing it
+        span_kernel.span_attention(q, k[:, :, :20], v[:, :, :20], out, lse, first=-UNBOUNDED, last=0, scale=0.3)
+        span_kernel.span_attention(q, k[:, :, 20:], v[:, :, 20:], out, lse, first=-UNBOUNDED, last=-20, scale=0.3,
+                                   seed=(out, lse))
+        assert_matches_reference(out, lse, *reference, tol=2e-5)
+
+
 def _masked_reference(q, k, v, seen: torch.Tensor, *, scale: float):
     """Float64 attention of every problem's rows over the keys `seen` [rows, keys] keeps."""
     scores = torch.einsum("ncqd,nckd->ncqk", q.double(), k.double()) * scale

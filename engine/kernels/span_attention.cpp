@@ -24,7 +24,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <omp.h>
-#if defined(__AVX512F__)
+#if defined(__AVX__)
 #include <immintrin.h>
 #endif
 // bfloat16's products on AMX's tiles where the CPU has them (and the build targets it).
@@ -80,13 +80,18 @@ template <> struct Elements<FLOAT16> {
     return x;
 #endif
   }
-  static void store16(uint16_t *p, f32x16 x) {
+  static u16x16 narrow(f32x16 x) {
 #if defined(__AVX512F__)
-    _mm256_storeu_si256((__m256i *)p, _mm512_cvtps_ph((__m512)x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+    return (u16x16)_mm512_cvtps_ph((__m512)x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
 #else
-    for (int i = 0; i < LANES; i++) { _Float16 h = (_Float16)x[i]; memcpy(p + i, &h, 2); }
+    _Float16 halves[LANES];
+    for (int i = 0; i < LANES; i++) halves[i] = (_Float16)x[i];
+    u16x16 bits;
+    memcpy(&bits, halves, sizeof bits);
+    return bits;
 #endif
   }
+  static void store16(uint16_t *p, f32x16 x) { *(u16x16_unaligned *)p = narrow(x); }
 };
 template <> struct Elements<BFLOAT16> {
   typedef uint16_t type;
@@ -98,17 +103,36 @@ template <> struct Elements<BFLOAT16> {
     return (f32x16)bits;
 #endif
   }
-  static void store16(uint16_t *p, f32x16 x) {
+  static u16x16 narrow(f32x16 x) {
 #if defined(__AVX512BF16__)
-    _mm256_storeu_si256((__m256i *)p, (__m256i)_mm512_cvtneps_pbh((__m512)x));  // denormals flushed to 0
+    return (u16x16)_mm512_cvtneps_pbh((__m512)x);  // denormals flushed to 0
 #else
     u32x16 bits = (u32x16)x;
     bits = (bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16;
     bits = x != x ? u32x16{} + 0x7fc0u : bits;  // NaN stays NaN (rounding could carry it to -0)
-    *(u16x16_unaligned *)p = __builtin_convertvector(bits, u16x16);
+    return __builtin_convertvector(bits, u16x16);
 #endif
   }
+  static void store16(uint16_t *p, f32x16 x) { *(u16x16_unaligned *)p = narrow(x); }
 };
+
+// Elements<D>::store16 as a non-temporal store, past the caches, where the CPU has one for the
+// vector (p aligned to its 16 elements): written once, not read back.
+template <int D> inline void stream16(typename Elements<D>::type *p, f32x16 x) {
+  if constexpr (D == FLOAT32) {
+#if defined(__AVX512F__)
+    _mm512_stream_ps(p, (__m512)x);
+#else
+    store(p, x);
+#endif
+  } else {
+#if defined(__AVX__)
+    _mm256_stream_si256((__m256i *)p, (__m256i)Elements<D>::narrow(x));
+#else
+    Elements<D>::store16(p, x);
+#endif
+  }
+}
 
 // 2^x for x <= 0 (a score less the row's largest), to about one float32 ulp: 2^round(x) times a
 // degree-6 polynomial of the rest (|r| <= 1/2). With AVX-512 the rounding and the scaling by
@@ -226,6 +250,7 @@ struct Call {
   // c / class_group). Strides in elements: [i, c, row].
   int64_t n, classes, n_group, class_group, q_rows, k_rows, dim, v_dim, first, last, strip_rows;
   int64_t row_shift, rows_per_step, keys_per_step, causal;
+  bool stream_out;  // results written past the caches (`add_block`)
   int64_t q_stride[3], k_stride[3], v_stride[3], out_stride[3], lse_stride[3], seed_out_stride[3], seed_lse_stride[3];
   float scale;
   int64_t begin, end;  // this thread's work items: (problem, strip)
@@ -254,6 +279,15 @@ template <typename In> struct Item {
   const In *q, *k, *v;
   int64_t i, c, row_begin, row_end, key_begin, key_end;
 };
+
+// A call's outputs with rows apart (a stride's classes, s rows apart) are streamed past the caches
+// (`add_block`) from this size on, which they outgrow (2 MB of L2 a core here). Against writing
+// them through the caches, their lines fetched beforehand: float32, n = 16384, H = 8, D = 64,
+// strided(64) 0.94-0.96 of the time, strided(128) 0.86-0.92, the union 0.95-0.98; bfloat16
+// 0.95-0.96 (in turn, in one process). Adjacent rows (the band's, fixed's) gained nothing so
+// (float32 1.01-1.04, bfloat16 0.95-1.00), and are not streamed; their calls took 1.02-1.04 of
+// their time in float32 beside this code all the same, as in a build where it was never taken.
+constexpr int64_t STREAM_OUT_BYTES = 1 << 22;
 
 // AMX computes blocks of 8 query rows where a row sees at most this many keys on average (else 16):
 // bfloat16, n = 16384, H = 8, D = 64, 8-row blocks' time against 16-row ones' (in turn, in one
@@ -570,6 +604,29 @@ template <int IN, int OUT, int TILE_ROWS> struct Worker {
     write_lse(lse, r0, rows, at);
   }
 
+  // The block's products added to its rows' running outputs (scaled by `keep`), or, `finishing`,
+  // written out as their results. STREAM: where the call's rows lie apart and outgrow the caches
+  // (STREAM_OUT_BYTES), results aligned to their vectors are streamed, taking no read for ownership
+  // and evicting nothing; else they go through the caches, their lines fetched beforehand (`strip`).
+  template <bool STREAM = false>
+  void add_block(Out *out, int64_t r0, int64_t rows, int64_t at0, const float *keep, bool finishing) {
+    float *acc_rows = acc + at0 * a.v_dim;
+    for (int64_t r = 0; r < rows; r++) {
+      const float inverse = row_sum[at0 + r] > 0.f ? 1.f / row_sum[at0 + r] : 0.f;
+      float *row = acc_rows + r * a.v_dim;
+      Out *written = out + (r0 + r) * a.out_stride[2];
+      for (int64_t d = 0; d < a.v_dim; d += LANES) {
+        f32x16 x = load(block_out + r * a.v_dim + d);
+        if (keep[r] != 0.f) x += load(row + d) * keep[r];
+        if (!finishing) store(row + d, x);
+        else if (STREAM && ((uintptr_t)(written + d) & (LANES * sizeof(Out) - 1)) == 0)
+          stream16<OUT>(written + d, x * inverse);
+        else
+          Elements<OUT>::store16(written + d, x * inverse);
+      }
+    }
+  }
+
   void write_lse(float *lse, int64_t r0, int64_t rows, int64_t at) {
     for (int64_t r = 0; r < rows; r++)
       lse[(r0 + r) * a.lse_stride[2]] =
@@ -646,8 +703,9 @@ template <int IN, int OUT, int TILE_ROWS> struct Worker {
             const int64_t k0 = fetch_k0 + r * keys / ROWS, k1 = fetch_k0 + (r + 1) * keys / ROWS;
             if (q < fetch_q1) {
               prefetch_rows<0>(after.q, a.q_stride[2] * sizeof(In), q, q + 1, a.dim * sizeof(In));
-              prefetch_rows<1>((const Out *)a.out + after.i * a.out_stride[0] + after.c * a.out_stride[1],
-                               a.out_stride[2] * sizeof(Out), q, q + 1, a.v_dim * sizeof(Out));
+              if (!a.stream_out)
+                prefetch_rows<1>((const Out *)a.out + after.i * a.out_stride[0] + after.c * a.out_stride[1],
+                                 a.out_stride[2] * sizeof(Out), q, q + 1, a.v_dim * sizeof(Out));
             }
             prefetch_rows<0>(after.k, a.k_stride[2] * sizeof(In), k0, k1, a.dim * sizeof(In));
             prefetch_rows<0>(after.v, a.v_stride[2] * sizeof(In), k0, k1, a.v_dim * sizeof(In));
@@ -673,18 +731,9 @@ template <int IN, int OUT, int TILE_ROWS> struct Worker {
           row_sum[at] = row_sum[at] * keep[r] + sum;
         }
         block_products(start, seen);
-        float *acc_rows = acc + at0 * a.v_dim;
-        for (int64_t r = 0; r < rows; r++) {
-          const float inverse = row_sum[at0 + r] > 0.f ? 1.f / row_sum[at0 + r] : 0.f;
-          float *row = acc_rows + r * a.v_dim;
-          Out *written = out + (r0 + r) * a.out_stride[2];
-          for (int64_t d = 0; d < a.v_dim; d += LANES) {
-            f32x16 x = load(block_out + r * a.v_dim + d);
-            if (keep[r] != 0.f) x += load(row + d) * keep[r];
-            if (finishing) Elements<OUT>::store16(written + d, x * inverse);
-            else store(row + d, x);
-          }
-        }
+        if (!finishing) add_block(out, r0, rows, at0, keep, false);
+        else if (a.stream_out) add_block<true>(out, r0, rows, at0, keep, true);
+        else add_block(out, r0, rows, at0, keep, true);
         if (finishing) write_lse(lse, r0, rows, at0);
       }
     }
@@ -699,6 +748,9 @@ template <int IN, int OUT, int TILE_ROWS> void *run_thread(void *call) {
   if (TILE_ROWS) configure_tiles(TILE_ROWS);
 #endif
   worker.run();
+#if defined(__AVX__)
+  _mm_sfence();  // the streamed outputs (`stream16`) ordered before the call returns
+#endif
 #if SPAN_AMX
   if (TILE_ROWS) _tile_release();  // as torch's own AMX kernels leave a thread
 #endif
@@ -765,6 +817,8 @@ extern "C" int span_attention(const void *q, const void *k, const void *v, void 
   int64_t *targets[7] = {call.q_stride, call.k_stride, call.v_stride, call.out_stride, call.lse_stride,
                          call.seed_out_stride, call.seed_lse_stride};
   for (int t = 0; t < 7; t++) memcpy(targets[t], strides + 3 * t, 3 * sizeof(int64_t));
+  call.stream_out = call.out_stride[2] != call.v_dim &&
+                    call.n * call.classes * call.q_rows * call.v_dim * (out_dtype == FLOAT32 ? 4 : 2) >= STREAM_OUT_BYTES;
   call.scale = scale;
   if (call.q_rows <= 0 || call.n * call.classes <= 0) return 0;
   int64_t items = call.n * call.classes * ((call.q_rows + call.strip_rows - 1) / call.strip_rows);
