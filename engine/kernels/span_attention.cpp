@@ -672,11 +672,12 @@ template <int IN, int OUT, int TILE_ROWS> struct Worker {
       for (int64_t r0 = it.row_begin; r0 < it.row_end; r0 += ROWS) {
         int64_t rows = it.row_end - r0 < ROWS ? it.row_end - r0 : ROWS;
         // The next item's rows, spread over this one's blocks and each block's rows (`fetch_q0` ..,
-        // `fetch_k0` ..): its query and output rows, and its keys and values. A block's fetch issued
-        // at once queued behind itself, and outputs fetched only as written (a stride's rows s rows
-        // apart) stalled the stores: float32, n = 16384, H = 8, D = 64, 0.93-0.96 of the time with
-        // both (strided(64), strided(128), sliding_window(256), fixed(128, 8), the union); bfloat16
-        // 0.85-0.97.
+        // `fetch_k0` ..): its query rows, its output rows unless streamed (`add_block`), and its keys
+        // and values. A block's fetch issued at once queued behind itself (no hardware prefetcher
+        // follows a stride's rows, s rows apart), and outputs fetched only as written stalled the
+        // stores. Against a block's fetch at its start without outputs, n = 16384, H = 8, D = 64:
+        // float32 0.89-0.96 of the time (strided(64), strided(128), sliding_window(256) and (128),
+        // fixed(128, 8), the union), bfloat16 0.82-0.99 but sliding_window(128) 1.07.
         int64_t fetch_q0 = 0, fetch_q1 = 0, fetch_k0 = 0, fetch_k1 = 0;
         if (next >= 0 && last_chunk) {
           int64_t b = (r0 - it.row_begin) / ROWS;
