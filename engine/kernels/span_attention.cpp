@@ -732,9 +732,8 @@ template <int IN, int OUT, int TILE_ROWS> struct Worker {
           row_sum[at] = row_sum[at] * keep[r] + sum;
         }
         block_products(start, seen);
-        if (!finishing) add_block(out, r0, rows, at0, keep, false);
-        else if (a.stream_out) add_block<true>(out, r0, rows, at0, keep, true);
-        else add_block(out, r0, rows, at0, keep, true);
+        if (finishing && a.stream_out) add_block<true>(out, r0, rows, at0, keep, true);
+        else add_block(out, r0, rows, at0, keep, finishing);
         if (finishing) write_lse(lse, r0, rows, at0);
       }
     }
