@@ -177,7 +177,6 @@ def test_span_kernel_continues_a_seed(out_dtype, in_place, strip_rows):
     assert_matches_reference(out.float(), lse, ref_out, ref_lse, tol=tol, lse_tol=2e-5)
 
 
-
 @pytest.mark.parametrize("seed_dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("strip_rows", [0, 64])
 def test_span_kernel_reads_a_seed_in_half_precision(seed_dtype, strip_rows):
@@ -199,6 +198,7 @@ def test_span_kernel_reads_a_seed_in_half_precision(seed_dtype, strip_rows):
     seen = torch.arange(2800)[None, :] < 1500
     seen = (seen & (torch.arange(2800)[None, :] <= torch.arange(300)[:, None] - 60)) | ~seen
     assert_matches_reference(*merged[0], *_masked_reference(q, k, v, seen, scale=0.3), tol=1e-2, lse_tol=2e-5)
+
 
 @pytest.mark.parametrize("out_dtype,v_dim,misaligned", [(torch.float32, 32, False), (torch.float32, 32, True),
                                                       (torch.bfloat16, 64, False), (torch.bfloat16, 64, True)])

@@ -142,10 +142,10 @@ def span_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch
     in float32 or q's dtype, lse float32 [N, S, Rq], any strides but out's features'. `seed`: (out in
     any of DTYPES, lse float32) shaped as those, each row's partial over other keys, which the rows
     continue (their merge is written: no merge pass after, nor a conversion before); it may be
-    (out, lse) themselves. Computed in float32
-    (bfloat16's products on AMX where `computes_natively`, as exact);
-    threads take strips of `strip_rows` rows (0: a problem's rows whole, its keys packed once), each
-    strip's keys 1024 at a time (KEY_CHUNK) with a running softmax."""
+    (out, lse) themselves. Computed in float32 (bfloat16's products on AMX where
+    `computes_natively`, as exact); threads take strips of `strip_rows` rows (0: a problem's rows
+    whole, its keys packed once), each strip's keys 1024 at a time (KEY_CHUNK) with a running
+    softmax; outputs with rows apart, past a size, are streamed past the caches."""
     n, classes, q_rows, dim = q.shape
     k_rows, v_dim = k.shape[-2], v.shape[-1]
     assert (k.shape[:2] == v.shape[:2] and n % k.shape[0] == 0 and classes % k.shape[1] == 0 and takes(q, k, v)
