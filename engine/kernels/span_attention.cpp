@@ -658,6 +658,7 @@ template <int IN, int OUT, int TILE_ROWS> struct Worker {
       }
     }
     Item<In> after = next >= 0 ? item(next) : it;
+    const Out *after_out = (const Out *)a.out + after.i * a.out_stride[0] + after.c * a.out_stride[1];
     const int64_t blocks = (strip_rows + ROWS - 1) / ROWS;
     // The next item's keys to fetch: those this one did not read (a strip of the same problem, as the
     // band's or fixed's next strip, shares most of them), all of another problem's.
@@ -705,8 +706,7 @@ template <int IN, int OUT, int TILE_ROWS> struct Worker {
             if (q < fetch_q1) {
               prefetch_rows<0>(after.q, a.q_stride[2] * sizeof(In), q, q + 1, a.dim * sizeof(In));
               if (!a.stream_out)
-                prefetch_rows<1>((const Out *)a.out + after.i * a.out_stride[0] + after.c * a.out_stride[1],
-                                 a.out_stride[2] * sizeof(Out), q, q + 1, a.v_dim * sizeof(Out));
+                prefetch_rows<1>(after_out, a.out_stride[2] * sizeof(Out), q, q + 1, a.v_dim * sizeof(Out));
             }
             prefetch_rows<0>(after.k, a.k_stride[2] * sizeof(In), k0, k1, a.dim * sizeof(In));
             prefetch_rows<0>(after.v, a.v_stride[2] * sizeof(In), k0, k1, a.v_dim * sizeof(In));
