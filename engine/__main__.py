@@ -52,8 +52,8 @@ def _build(args: argparse.Namespace) -> None:
         print("the span kernel is not built (no C++ compiler, or its build failed: see above); "
               "strided, band and fixed attention run on torch's CPU kernel")
     else:
-        amx = "on AMX's tiles" if span_kernel.computes_natively(torch.bfloat16) else "in float32 vectors"
-        print(f"the span kernel is built, kept in {span_kernel.cache_dir()}; it computes bfloat16 {amx}")
+        print(f"the span kernel is built, kept in {span_kernel.cache_dir()}; "
+              f"bfloat16's products: {span_kernel.bfloat16_products()}")
 
 
 def _count(low: int, high: int):

@@ -4,7 +4,9 @@ send a run to it or to torch's kernel (built or not, its size, its dtype)."""
 
 from __future__ import annotations
 
+import functools
 import logging
+import subprocess
 
 import pytest
 import torch
@@ -100,26 +102,29 @@ def test_span_kernel_anchored_spans_and_chunks(q_rows, k_rows, span, strip_rows)
     assert_matches_reference(*result, *_span_reference(q, k, v, scale=0.3, **span), tol=2e-5)
 
 
-@pytest.fixture(scope="module")
-def library_without_amx():
-    """The kernel built without AMX (bfloat16 in float32 vectors, as on a CPU without it), where the
-    default build has it; else None (the default build is that one)."""
-    if not span_kernel.computes_natively(torch.bfloat16):
+# Each way the kernel multiplies bfloat16, by the flags that build it where the CPU has it.
+BFLOAT16_BUILDS = {"AMX tiles": (), "bfloat16 pairs": ("-mno-amx-tile", "-mno-amx-bf16"),
+                   "float32 vectors": ("-mno-amx-tile", "-mno-amx-bf16", "-mno-avx512bf16")}
+
+
+@functools.cache
+def _library_for(products: str):
+    """The kernel built with BFLOAT16_BUILDS[products] (the default build for its first), or None
+    where those flags do not build (not an x86 compiler)."""
+    try:
+        return span_kernel.load(span_kernel.build(span_kernel.compiler(), span_kernel.FLAGS + BFLOAT16_BUILDS[products]))
+    except subprocess.CalledProcessError:
         return None
-    return span_kernel.load(span_kernel.build(span_kernel.compiler(),
-                                              span_kernel.FLAGS + ("-mno-amx-tile", "-mno-amx-bf16")))
 
 
-@pytest.fixture(params=["amx", "vectors"])
-def bfloat16_path(request, monkeypatch, library_without_amx):
-    """bfloat16 computed on AMX's tiles (the default build, where the CPU has them) or in float32
-    vectors (the build without AMX), as the kernel the test calls; the path this machine lacks is
-    skipped."""
-    if request.param == "amx" and library_without_amx is None:
-        pytest.skip("no AMX in this CPU or build")
-    if request.param == "vectors" and library_without_amx is not None:
-        monkeypatch.setattr(span_kernel, "library", lambda: library_without_amx)
-    assert span_kernel.computes_natively(torch.bfloat16) == (request.param == "amx")
+@pytest.fixture(params=list(BFLOAT16_BUILDS))
+def bfloat16_path(request, monkeypatch):
+    """bfloat16 multiplied on AMX's tiles, as bfloat16 pairs (AVX512_BF16) or in float32 vectors, by
+    the kernel the test calls; a way this CPU lacks is skipped."""
+    library = _library_for(request.param)
+    monkeypatch.setattr(span_kernel, "library", lambda: library)
+    if library is None or span_kernel.bfloat16_products() != request.param:
+        pytest.skip(f"no {request.param} in this CPU or build")
     return request.param
 
 
@@ -138,8 +143,9 @@ def bfloat16_path(request, monkeypatch, library_without_amx):
 @pytest.mark.parametrize("dim,v_dim", [(16, 16), (32, 48), (48, 32), (64, 16)])
 @pytest.mark.parametrize("strip_rows", [0, 7])
 def test_span_kernel_bfloat16(bfloat16_path, q_rows, k_rows, span, dim, v_dim, strip_rows):
-    """bfloat16 as exact as float32 on both paths: on AMX the scores are exact products summed in
-    float32 and each probability goes to the values as two bfloat16 (exact to 2^-17); grouped
+    """bfloat16 as exact as float32 on every path: on AMX the scores are exact products summed in
+    float32 and each probability goes to the values as two bfloat16 (exact to 2^-17), as pairs the
+    scores are exact products summed in float32; grouped
     heads, head dims of one and a half AMX tiles, rows of views several rows apart; written in
     float32 and in bfloat16."""
     g = torch.Generator().manual_seed(q_rows + k_rows + dim)

@@ -15,7 +15,8 @@
 // whatever the inputs' dtype (float32, float16 or bfloat16). The products are float32 vector
 // FMAs (half precision converted as it is packed), except bfloat16's where the CPU has AMX: there
 // its tiles multiply the bfloat16 keys and values as they are, exactly (each probability goes to
-// the values as two bfloat16, its first 16 bits of mantissa).
+// the values as two bfloat16, its first 16 bits of mantissa); or, without AMX, where it has
+// AVX512_BF16: bfloat16's scores are dot products of its feature pairs, as exact.
 //
 // Built by span_kernel.py with the host compiler (-O3 -march=native); vectors are GCC's vector
 // extensions (16 floats), lowered to whatever the CPU has.
@@ -34,6 +35,13 @@
 #include <unistd.h>
 #else
 #define SPAN_AMX 0
+#endif
+// Elsewhere bfloat16's scores as dot products of bfloat16 pairs where the CPU has AVX512_BF16
+// (vdpbf16ps: per lane two products, exact in float32, added to it as two FMAs would).
+#if defined(__AVX512BF16__)
+#define SPAN_BF16_PAIRS 1
+#else
+#define SPAN_BF16_PAIRS 0
 #endif
 
 namespace {
@@ -303,6 +311,9 @@ template <int IN, int OUT, int TILE_ROWS> struct Worker {
   typedef typename Elements<OUT>::type Out;
   static constexpr bool AMX = TILE_ROWS > 0;
   static_assert(!AMX || IN == BFLOAT16, "AMX computes bfloat16 only");
+  // bfloat16's scores from its pairs of features (SPAN_BF16_PAIRS): keys_t and queries hold them
+  // as they are, two to a float's 32 bits, and the products step over half as many.
+  static constexpr bool PAIRS = SPAN_BF16_PAIRS && IN == BFLOAT16 && !AMX;
   // Query rows computed together: 8 x 32 scores in 16 vector registers, or an AMX tile's rows.
   static constexpr int ROWS = AMX ? TILE_ROWS : 8;
   // Keys a block's products step by: AMX multiplies 32 at a time (a tile's row of bfloat16 pairs),
@@ -413,6 +424,17 @@ template <int IN, int OUT, int TILE_ROWS> struct Worker {
       for (int64_t j0 = 0; j0 < padded; j0 += LANES) {
         for (int64_t d0 = 0; d0 < a.dim; d0 += LANES) {
           f32x16 tile[LANES];
+          if constexpr (PAIRS) {  // keys_t's row p: features 2p and 2p + 1 of each key, as they are
+            if (d0 % 32) continue;  // 16 pairs a tile
+            const int64_t pairs = a.dim - d0 >= 32 ? LANES : LANES / 2;
+            for (int r = 0; r < LANES; r++) {
+              tile[r] = splat(0.f);
+              if (j0 + r < keys) memcpy(&tile[r], k + (j0 + r) * a.k_stride[2] + d0, pairs * 4);
+            }
+            transpose16(tile);
+            for (int c = 0; c < pairs; c++) store(keys_t + (d0 / 2 + c) * width + j0, tile[c]);
+            continue;
+          }
           for (int r = 0; r < LANES; r++)
             tile[r] = j0 + r < keys ? Elements<IN>::load16(k + (j0 + r) * a.k_stride[2] + d0) : splat(0.f);
           transpose16(tile);
@@ -433,12 +455,24 @@ template <int IN, int OUT, int TILE_ROWS> struct Worker {
         uint16_t *row = queries_b + r * dim_tiles * 32;
         memset(row, 0, dim_tiles * 64);
         if (r < rows) memcpy(row, q + (r0 + r) * a.q_stride[2], a.dim * 2);
+      } else if constexpr (PAIRS) {
+        float *row = queries + r * a.dim / 2;
+        if (r < rows) memcpy(row, q + (r0 + r) * a.q_stride[2], a.dim * 2);
+        else memset(row, 0, a.dim * 2);
       } else {
         for (int64_t d = 0; d < a.dim; d += LANES)
           store(queries + r * a.dim + d,
                 r < rows ? Elements<IN>::load16(q + (r0 + r) * a.q_stride[2] + d) : splat(0.f));
       }
     }
+  }
+
+  // s + x k: float32's product, or PAIRS' two, x and k each two bfloat16 (bits).
+  static f32x16 multiply_add(f32x16 s, float x, f32x16 k) {
+#if SPAN_BF16_PAIRS
+    if constexpr (PAIRS) return (f32x16)_mm512_dpbf16_ps((__m512)s, (__m512bh)_mm512_set1_ps(x), (__m512bh)k);
+#endif
+    return s + x * k;
   }
 
   // scores[r][j] = q_r . k_(start + j) for the block's rows, j < keys (a multiple of KEY_STEP;
@@ -464,18 +498,19 @@ template <int IN, int OUT, int TILE_ROWS> struct Worker {
       return;
     }
     const float *kt = keys_t + start;
+    const int64_t steps = PAIRS ? a.dim / 2 : a.dim;  // keys_t's rows
     int64_t j = 0;
     for (; j + 2 * LANES <= keys; j += 2 * LANES) {
       f32x16 s0[ROWS], s1[ROWS];
 #pragma GCC unroll 8
       for (int r = 0; r < ROWS; r++) s0[r] = s1[r] = splat(0.f);
-      for (int64_t d = 0; d < a.dim; d++) {
+      for (int64_t d = 0; d < steps; d++) {
         f32x16 k0 = load(kt + d * width + j), k1 = load(kt + d * width + j + LANES);
 #pragma GCC unroll 8
         for (int r = 0; r < ROWS; r++) {
-          float x = queries[r * a.dim + d];
-          s0[r] += x * k0;
-          s1[r] += x * k1;
+          float x = queries[r * steps + d];
+          s0[r] = multiply_add(s0[r], x, k0);
+          s1[r] = multiply_add(s1[r], x, k1);
         }
       }
 #pragma GCC unroll 8
@@ -488,10 +523,10 @@ template <int IN, int OUT, int TILE_ROWS> struct Worker {
       f32x16 s0[ROWS];
 #pragma GCC unroll 8
       for (int r = 0; r < ROWS; r++) s0[r] = splat(0.f);
-      for (int64_t d = 0; d < a.dim; d++) {
+      for (int64_t d = 0; d < steps; d++) {
         f32x16 k0 = load(kt + d * width + j);
 #pragma GCC unroll 8
-        for (int r = 0; r < ROWS; r++) s0[r] += queries[r * a.dim + d] * k0;
+        for (int r = 0; r < ROWS; r++) s0[r] = multiply_add(s0[r], queries[r * steps + d], k0);
       }
 #pragma GCC unroll 8
       for (int r = 0; r < ROWS; r++) store(scores + r * width + j, s0[r]);
@@ -835,11 +870,11 @@ extern "C" int span_attention(const void *q, const void *k, const void *v, void 
   return failed ? 1 : 0;
 }
 
-// Whether bfloat16 inputs are computed on AMX's tiles here (else in float32 vectors, as float16 is).
-extern "C" int span_attention_amx() {
+// How bfloat16 inputs are multiplied here: 2 on AMX's tiles, 1 their scores as bfloat16 pairs
+// (AVX512_BF16), 0 in float32 vectors (as float16 always is).
+extern "C" int span_attention_bfloat16_products() {
 #if SPAN_AMX
-  return amx_permitted();
-#else
-  return 0;
+  if (amx_permitted()) return 2;
 #endif
+  return SPAN_BF16_PAIRS;
 }

@@ -9,7 +9,8 @@ computed pairs per ns at n = 16384 on a 2-core Intel Xeon, against dense SDPA's 
 C++ built at first use by the host's compiler for its own CPU (`-march=native`), kept in a cache
 directory keyed by the source, the compiler and the CPU; without a compiler (or where the build
 fails, said once in the log) the engine keeps torch's kernel. Where the CPU has AMX, bfloat16's
-products run on its tiles (`computes_natively`), float32 and float16 in float32 vectors."""
+products run on its tiles (`computes_natively`), else where it has AVX512_BF16 bfloat16's scores are
+dot products of its pairs (`bfloat16_products`); float32 and float16 in float32 vectors."""
 
 from __future__ import annotations
 
@@ -110,15 +111,27 @@ def load(path: Path) -> ctypes.CDLL:
     function.argtypes = [ctypes.c_void_p] * 7 + [ctypes.c_int] * 3 + [ctypes.POINTER(ctypes.c_int64),
                                                       ctypes.POINTER(ctypes.c_int64), ctypes.c_float, ctypes.c_int]
     function.restype = ctypes.c_int
-    loaded.span_attention_amx.restype = ctypes.c_int
+    loaded.span_attention_bfloat16_products.restype = ctypes.c_int
     return loaded
 
 
+# How the built kernel multiplies bfloat16, by the code `span_attention_bfloat16_products` returns.
+BFLOAT16_PRODUCTS = ("float32 vectors", "bfloat16 pairs", "AMX tiles")
+
+
+def bfloat16_products() -> str | None:
+    """How the kernel multiplies bfloat16 here (one of BFLOAT16_PRODUCTS), None where it is not
+    built: on AMX's tiles where the CPU has them and the build targets it; else its scores as dot
+    products of bfloat16 pairs where the CPU has AVX512_BF16 (n = 16384, H = 8, D = 64, on an AMD
+    EPYC: 0.83-0.89 of the time in float32 vectors); else in float32 vectors."""
+    return None if library() is None else BFLOAT16_PRODUCTS[library().span_attention_bfloat16_products()]
+
+
 def computes_natively(dtype: torch.dtype) -> bool:
-    """Whether the kernel multiplies `dtype` in itself, not in float32: bfloat16 on AMX's tiles,
-    where the CPU has them and the build targets it (fixed(128, 8) at n = 16384, H = 8, D = 64:
-    0.65 of torch's AMX kernel's time, sliding_window(256) 0.59 of its own in float32 vectors)."""
-    return dtype == torch.bfloat16 and library() is not None and bool(library().span_attention_amx())
+    """Whether the kernel multiplies `dtype` in itself as fast as torch's AMX kernels: bfloat16 on
+    AMX's tiles (fixed(128, 8) at n = 16384, H = 8, D = 64: 0.65 of torch's AMX kernel's time,
+    sliding_window(256) 0.59 of its own in float32 vectors)."""
+    return dtype == torch.bfloat16 and bfloat16_products() == "AMX tiles"
 
 
 def takes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
