@@ -247,6 +247,12 @@ void configure_tiles(int rows) {
 }
 #endif
 
+inline int64_t clamp(int64_t x, int64_t lo, int64_t hi) { return x < lo ? lo : x > hi ? hi : x; }
+
+// What a row's own work costs beside its keys' (its softmax's fixed part, its output), as keys:
+// the share a thread takes (`Call::share`) counts it.
+constexpr double ROW_WORK_KEYS = 16.0;
+
 struct Call {
   const void *q, *k, *v;
   void *out;
@@ -262,9 +268,40 @@ struct Call {
   int64_t q_stride[3], k_stride[3], v_stride[3], out_stride[3], lse_stride[3], seed_out_stride[3], seed_lse_stride[3];
   float scale;
   int64_t begin, end;  // this thread's work items: (problem, strip)
-};
 
-inline int64_t clamp(int64_t x, int64_t lo, int64_t hi) { return x < lo ? lo : x > hi ? hi : x; }
+  int64_t anchor(int64_t row) const { return (row + row_shift) / rows_per_step * keys_per_step; }
+  int64_t keys_from(int64_t row) const { return clamp(anchor(row) + first, 0, k_rows); }
+  int64_t keys_to(int64_t row) const {  // past the last
+    int64_t to = anchor(row) + last + 1;
+    if (causal && to > row + row_shift + 1) to = row + row_shift + 1;
+    return clamp(to, 0, k_rows);
+  }
+  int64_t strips() const { return (q_rows + strip_rows - 1) / strip_rows; }
+  // Work item w's share of the call's work, in keys: the keys its rows see (spans change linearly
+  // or in steps over a strip, so the average of its first and last rows' stands for its rows') and
+  // each row's own work beside them (ROW_WORK_KEYS).
+  double work(int64_t w) const {
+    int64_t r0 = w % strips() * strip_rows, r1 = r0 + strip_rows < q_rows ? r0 + strip_rows : q_rows;
+    auto seen = [&](int64_t r) { return keys_to(r) > keys_from(r) ? keys_to(r) - keys_from(r) : 0; };
+    return (r1 - r0) * ((seen(r0) + seen(r1 - 1)) / 2.0 + ROW_WORK_KEYS);
+  }
+  // Thread t of count takes a run of items of about a count-th of the call's work: each item goes to
+  // the thread whose share holds its work's middle.
+  void share(int64_t items, int t, int count) {
+    double total = 0.0;
+    for (int64_t w = 0; w < items; w++) total += work(w);
+    begin = end = -1;
+    double before = 0.0;
+    for (int64_t w = 0; w < items; w++) {
+      const double here = work(w);
+      const int owner = (int)clamp((int64_t)((before + here / 2) * count / total), 0, count - 1);
+      before += here;
+      if (owner == t && begin < 0) begin = w;
+      if (owner == t) end = w + 1;
+    }
+    if (begin < 0) begin = end = 0;
+  }
+};
 
 // Rows r0 .. r1 - 1 into cache, to be read (WRITE 0) or written (1).
 template <int WRITE> inline void prefetch_rows(const void *base, int64_t stride_bytes, int64_t r0, int64_t r1,
@@ -362,16 +399,8 @@ template <int IN, int OUT, int TILE_ROWS> struct Worker {
   ~Worker() { free(keys_t); }
   bool ok() const { return keys_t != nullptr; }
 
-  int64_t anchor(int64_t row) const { return (row + a.row_shift) / a.rows_per_step * a.keys_per_step; }
-  int64_t keys_from(int64_t row) const { return clamp(anchor(row) + a.first, 0, a.k_rows); }
-  int64_t keys_to(int64_t row) const {  // past the last
-    int64_t to = anchor(row) + a.last + 1;
-    if (a.causal && to > row + a.row_shift + 1) to = row + a.row_shift + 1;
-    return clamp(to, 0, a.k_rows);
-  }
-
   Item<In> item(int64_t w) const {
-    int64_t strips = (a.q_rows + a.strip_rows - 1) / a.strip_rows, p = w / strips, t = w % strips;
+    int64_t strips = a.strips(), p = w / strips, t = w % strips;
     Item<In> it;
     it.i = p / a.classes;
     it.c = p % a.classes;
@@ -381,8 +410,8 @@ template <int IN, int OUT, int TILE_ROWS> struct Worker {
     it.v = (const In *)a.v + ki * a.v_stride[0] + kc * a.v_stride[1];
     it.row_begin = t * a.strip_rows;
     it.row_end = it.row_begin + a.strip_rows < a.q_rows ? it.row_begin + a.strip_rows : a.q_rows;
-    it.key_begin = keys_from(it.row_begin);
-    it.key_end = keys_to(it.row_end - 1);
+    it.key_begin = a.keys_from(it.row_begin);
+    it.key_end = a.keys_to(it.row_end - 1);
     if (it.key_end < it.key_begin) it.key_end = it.key_begin;
     return it;
   }
@@ -722,8 +751,8 @@ template <int IN, int OUT, int TILE_ROWS> struct Worker {
           fetch_q1 = fetch_q0 + ROWS < after.row_end ? fetch_q0 + ROWS : after.row_end;
         }
         // The chunk's keys the block's rows see between them, as packed-buffer columns [start, start + seen).
-        int64_t from = clamp(keys_from(r0), c0, c1), to = clamp(keys_to(r0 + rows - 1), c0, c1);
-        const int64_t block_end = keys_to(r0 + rows - 1), at0 = r0 - it.row_begin;
+        int64_t from = clamp(a.keys_from(r0), c0, c1), to = clamp(a.keys_to(r0 + rows - 1), c0, c1);
+        const int64_t block_end = a.keys_to(r0 + rows - 1), at0 = r0 - it.row_begin;
         const bool finishing = block_end <= c1 && (block_end > c0 || c0 == it.key_begin);
         if (to <= from) {
           if (finishing) finish_rows(out, lse, r0, rows, at0);
@@ -749,8 +778,8 @@ template <int IN, int OUT, int TILE_ROWS> struct Worker {
           float *s = scores + r * width;
           uint16_t *high = AMX ? probs_high + r * width : nullptr, *low = AMX ? probs_low + r * width : nullptr;
           int64_t at = r0 - it.row_begin + r;
-          int64_t lo = r < rows ? clamp(keys_from(r0 + r), c0, c1) - from : 0;
-          int64_t hi = r < rows ? clamp(keys_to(r0 + r), c0, c1) - from : 0;
+          int64_t lo = r < rows ? clamp(a.keys_from(r0 + r), c0, c1) - from : 0;
+          int64_t hi = r < rows ? clamp(a.keys_to(r0 + r), c0, c1) - from : 0;
           keep[r] = r < rows && row_top[at] != -INFINITY ? 1.f : 0.f;
           if (hi <= lo) {
             if (AMX) {
@@ -862,9 +891,7 @@ extern "C" int span_attention(const void *q, const void *k, const void *v, void 
 #pragma omp parallel num_threads(threads) reduction(| : failed)
   {
     Call share = call;
-    int64_t t = omp_get_thread_num(), count = omp_get_num_threads();  // fewer inside another parallel region
-    share.begin = items * t / count;
-    share.end = items * (t + 1) / count;
+    share.share(items, omp_get_thread_num(), omp_get_num_threads());  // fewer inside another parallel region
     failed |= run(&share) != nullptr;
   }
   return failed ? 1 : 0;
