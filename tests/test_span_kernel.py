@@ -102,6 +102,24 @@ def test_span_kernel_anchored_spans_and_chunks(q_rows, k_rows, span, strip_rows)
     assert_matches_reference(*result, *_span_reference(q, k, v, scale=0.3, **span), tol=2e-5)
 
 
+@pytest.mark.parametrize("q_rows", [1, 2, 3, 4, 5, 9, 10])
+@pytest.mark.parametrize("span", [dict(first=-255, last=0), dict(first=-UNBOUNDED, last=0)])
+@pytest.mark.parametrize("dim,v_dim", [(64, 64), (32, 48)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_span_kernel_short_runs(q_rows, span, dim, v_dim, dtype):
+    """A decode step's row and a short run's few, after 1100 keys (two chunks for the causal
+    prefix): blocks of 1, 2, 3, 4, 5 rows and a block and a row or two, which the kernel computes
+    as 1, 2, 4 or 8 rows, in float32 and bfloat16, grouped heads, against float64."""
+    g = torch.Generator().manual_seed(q_rows + dim)
+    k_rows = 1100
+    q = torch.randn(2, 4, q_rows, dim, generator=g).to(dtype)
+    k = torch.randn(2, 2, k_rows, dim, generator=g).to(dtype)
+    v = torch.randn(2, 2, k_rows, v_dim, generator=g).to(dtype)
+    shape = dict(span, row_shift=k_rows - q_rows, causal=True)
+    reference = _span_reference(q, k, v, scale=0.3, **shape)
+    assert_matches_reference(*_span(q, k, v, scale=0.3, **shape), *reference, tol=2e-5)
+
+
 # Each way the kernel multiplies bfloat16, by the flags that build it where the CPU has it.
 BFLOAT16_BUILDS = {"AMX tiles": (), "bfloat16 pairs": ("-mno-amx-tile", "-mno-amx-bf16"),
                    "float32 vectors": ("-mno-amx-tile", "-mno-amx-bf16", "-mno-avx512bf16")}

@@ -504,9 +504,9 @@ template <int IN, int OUT, int TILE_ROWS> struct Worker {
     return s + x * k;
   }
 
-  // scores[r][j] = q_r . k_(start + j) for the block's rows, j < keys (a multiple of KEY_STEP;
-  // AMX: start one of 16).
-  void block_scores(int64_t start, int64_t keys) {
+  // scores[r][j] = q_r . k_(start + j) for the block's first R rows (AMX: all ROWS), j < keys (a
+  // multiple of KEY_STEP; AMX: start one of 16).
+  template <int R = ROWS> void block_scores(int64_t start, int64_t keys) {
     if constexpr (AMX) {
 #if SPAN_AMX
       for (int64_t j = 0; j < keys; j += 32) {
@@ -530,35 +530,35 @@ template <int IN, int OUT, int TILE_ROWS> struct Worker {
     const int64_t steps = PAIRS ? a.dim / 2 : a.dim;  // keys_t's rows
     int64_t j = 0;
     for (; j + 2 * LANES <= keys; j += 2 * LANES) {
-      f32x16 s0[ROWS], s1[ROWS];
+      f32x16 s0[R], s1[R];
 #pragma GCC unroll 8
-      for (int r = 0; r < ROWS; r++) s0[r] = s1[r] = splat(0.f);
+      for (int r = 0; r < R; r++) s0[r] = s1[r] = splat(0.f);
       for (int64_t d = 0; d < steps; d++) {
         f32x16 k0 = load(kt + d * width + j), k1 = load(kt + d * width + j + LANES);
 #pragma GCC unroll 8
-        for (int r = 0; r < ROWS; r++) {
+        for (int r = 0; r < R; r++) {
           float x = queries[r * steps + d];
           s0[r] = multiply_add(s0[r], x, k0);
           s1[r] = multiply_add(s1[r], x, k1);
         }
       }
 #pragma GCC unroll 8
-      for (int r = 0; r < ROWS; r++) {
+      for (int r = 0; r < R; r++) {
         store(scores + r * width + j, s0[r]);
         store(scores + r * width + j + LANES, s1[r]);
       }
     }
     for (; j < keys; j += LANES) {
-      f32x16 s0[ROWS];
+      f32x16 s0[R];
 #pragma GCC unroll 8
-      for (int r = 0; r < ROWS; r++) s0[r] = splat(0.f);
+      for (int r = 0; r < R; r++) s0[r] = splat(0.f);
       for (int64_t d = 0; d < steps; d++) {
         f32x16 k0 = load(kt + d * width + j);
 #pragma GCC unroll 8
-        for (int r = 0; r < ROWS; r++) s0[r] = multiply_add(s0[r], queries[r * steps + d], k0);
+        for (int r = 0; r < R; r++) s0[r] = multiply_add(s0[r], queries[r * steps + d], k0);
       }
 #pragma GCC unroll 8
-      for (int r = 0; r < ROWS; r++) store(scores + r * width + j, s0[r]);
+      for (int r = 0; r < R; r++) store(scores + r * width + j, s0[r]);
     }
   }
 
@@ -599,9 +599,9 @@ template <int IN, int OUT, int TILE_ROWS> struct Worker {
     return m;
   }
 
-  // block_out[r] = the block's probabilities [r][j] times values start + j, j < keys (AMX: to a
-  // multiple of 32, zeros past keys; start even).
-  void block_products(int64_t start, int64_t keys) {
+  // block_out[r] = the block's probabilities [r][j] times values start + j for its first R rows
+  // (AMX: all ROWS), j < keys (AMX: to a multiple of 32, zeros past keys; start even).
+  template <int R = ROWS> void block_products(int64_t start, int64_t keys) {
     if constexpr (AMX) {
 #if SPAN_AMX
       const uint32_t *pairs = (const uint32_t *)values_b + start / 2 * a.v_dim;
@@ -629,30 +629,30 @@ template <int IN, int OUT, int TILE_ROWS> struct Worker {
     }
     const float *vals = values + start * a.v_dim;
     for (int64_t d0 = 0; d0 < a.v_dim; d0 += 2 * LANES) {
-      f32x16 o0[ROWS], o1[ROWS];
+      f32x16 o0[R], o1[R];
 #pragma GCC unroll 8
-      for (int r = 0; r < ROWS; r++) o0[r] = o1[r] = splat(0.f);
+      for (int r = 0; r < R; r++) o0[r] = o1[r] = splat(0.f);
       if (d0 + 2 * LANES <= a.v_dim) {
         for (int64_t j = 0; j < keys; j++) {
           f32x16 x0 = load(vals + j * a.v_dim + d0), x1 = load(vals + j * a.v_dim + d0 + LANES);
 #pragma GCC unroll 8
-          for (int r = 0; r < ROWS; r++) {
+          for (int r = 0; r < R; r++) {
             float w = scores[r * width + j];
             o0[r] += w * x0;
             o1[r] += w * x1;
           }
         }
 #pragma GCC unroll 8
-        for (int r = 0; r < ROWS; r++) store(block_out + r * a.v_dim + d0 + LANES, o1[r]);
+        for (int r = 0; r < R; r++) store(block_out + r * a.v_dim + d0 + LANES, o1[r]);
       } else {
         for (int64_t j = 0; j < keys; j++) {
           f32x16 x0 = load(vals + j * a.v_dim + d0);
 #pragma GCC unroll 8
-          for (int r = 0; r < ROWS; r++) o0[r] += scores[r * width + j] * x0;
+          for (int r = 0; r < R; r++) o0[r] += scores[r * width + j] * x0;
         }
       }
 #pragma GCC unroll 8
-      for (int r = 0; r < ROWS; r++) store(block_out + r * a.v_dim + d0, o0[r]);
+      for (int r = 0; r < R; r++) store(block_out + r * a.v_dim + d0, o0[r]);
     }
   }
 
@@ -761,7 +761,15 @@ template <int IN, int OUT, int TILE_ROWS> struct Worker {
         if constexpr (AMX) from = c0 + (from - c0) / LANES * LANES;  // a packed tile's first key
         int64_t start = from - c0, seen = to - from, padded = (seen + KEY_STEP - 1) / KEY_STEP * KEY_STEP;
         load_queries(it.q, r0, rows);
-        block_scores(start, padded);
+        // The rows computed: a short block's (a decode step's one, a short run's few) to the next of 1,
+        // 2, 4 and ROWS, not ROWS with zeros; AMX's tiles take ROWS.
+        const int computed = AMX || rows > ROWS / 2 ? ROWS : rows > 2 ? 4 : (int)rows;
+        switch (computed) {
+          case 1: block_scores<1>(start, padded); break;
+          case 2: block_scores<2>(start, padded); break;
+          case 4: block_scores<4>(start, padded); break;
+          default: block_scores(start, padded);
+        }
         float keep[ROWS];  // what the running output is scaled by before this chunk adds to it (0: unread)
         for (int r = 0; r < ROWS; r++) {
           if (fetch_q1 > fetch_q0 || fetch_k1 > fetch_k0) {  // the row's share of the block's fetch
@@ -775,6 +783,7 @@ template <int IN, int OUT, int TILE_ROWS> struct Worker {
             prefetch_rows<0>(after.k, a.k_stride[2] * sizeof(In), k0, k1, a.dim * sizeof(In));
             prefetch_rows<0>(after.v, a.v_stride[2] * sizeof(In), k0, k1, a.v_dim * sizeof(In));
           }
+          if (r >= computed) continue;
           float *s = scores + r * width;
           uint16_t *high = AMX ? probs_high + r * width : nullptr, *low = AMX ? probs_low + r * width : nullptr;
           int64_t at = r0 - it.row_begin + r;
@@ -795,7 +804,12 @@ template <int IN, int OUT, int TILE_ROWS> struct Worker {
           row_top[at] = top;
           row_sum[at] = row_sum[at] * keep[r] + sum;
         }
-        block_products(start, seen);
+        switch (computed) {
+          case 1: block_products<1>(start, seen); break;
+          case 2: block_products<2>(start, seen); break;
+          case 4: block_products<4>(start, seen); break;
+          default: block_products(start, seen);
+        }
         if (finishing && a.stream_out) add_block<true>(out, r0, rows, at0, keep, true);
         else add_block(out, r0, rows, at0, keep, finishing);
         if (finishing) write_lse(lse, r0, rows, at0);
