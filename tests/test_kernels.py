@@ -862,9 +862,10 @@ def test_fixed_union_calls_within_mask_budget(monkeypatch, min_distance, strides
 @pytest.mark.parametrize("block,summary,min_distance,strides", [(16, 4, 0, ()), (10, 3, 7, ()), (7, 7, 0, (3,)),
                                                                 (64, 8, 20, (5, 8))])
 def test_fixed_summary_keys_in_place(monkeypatch, lq, lk, block, summary, min_distance, strides):
-    """The causal summary keys read in place (the few-rows path) forced for many rows: its mask
+    """The causal summary keys read in place (torch's few-rows path) forced for many rows: its mask
     across blocks, distances and strides, rows of the first block with no summary key."""
     monkeypatch.setattr("engine.kernels.fixed.SHORT_RUN_ROWS", 1 << 20)
+    _without_span_kernel(monkeypatch)  # which takes fixed alone
     q, k, v = _qkv(2, lq, lk)
     result = kernels.fixed_attention(q, k, v, block=block, summary=summary, scale=0.25, min_distance=min_distance,
                                      skip_strides=strides)

@@ -120,6 +120,23 @@ def test_span_kernel_short_runs(q_rows, span, dim, v_dim, dtype):
     assert_matches_reference(*_span(q, k, v, scale=0.3, **shape), *reference, tol=2e-5)
 
 
+@pytest.mark.parametrize("groups,group_rows,every", [(7, 3, 10), (140, 8, 16), (1, 5, 5), (0, 4, 9)])
+@pytest.mark.parametrize("span", [dict(row_shift=3, rows_per_step=6, keys_per_step=2, first=-UNBOUNDED, last=-1),
+                                  dict(first=-40, last=0, causal=True)])
+@pytest.mark.parametrize("dtype,strip_rows", [(torch.float32, 0), (torch.float32, 7), (torch.bfloat16, 0)])
+def test_span_kernel_reads_key_rows_in_groups(groups, group_rows, every, span, dtype, strip_rows):
+    """k and v as [N, S, G, c, D] views, c rows of every `every` (fixed's summary keys in place):
+    exactly as their rows copied out flat, against float64; 1120 keys (two chunks), one group, none."""
+    g = torch.Generator().manual_seed(groups + group_rows)
+    q = torch.randn(2, 4, 300, 32, generator=g).to(dtype)
+    k, v = (torch.randn(2, 2, groups * every, dim, generator=g).to(dtype).unflatten(2, (groups, every))
+            [:, :, :, every - group_rows :] for dim in (32, 48))
+    flat = [x.flatten(2, 3) for x in (k, v)]  # copies
+    out, lse = _span(q, k, v, scale=0.3, strip_rows=strip_rows, **span)
+    assert_matches_reference(out, lse, *_span_reference(q, *flat, scale=0.3, **span), tol=2e-5)
+    assert torch.equal(out, _span(q, *flat, scale=0.3, strip_rows=strip_rows, **span)[0])
+
+
 # Each way the kernel multiplies bfloat16, by the flags that build it where the CPU has it.
 BFLOAT16_BUILDS = {"AMX tiles": (), "bfloat16 pairs": ("-mno-amx-tile", "-mno-amx-bf16"),
                    "float32 vectors": ("-mno-amx-tile", "-mno-amx-bf16", "-mno-avx512bf16")}
@@ -518,10 +535,10 @@ def test_fixed_half_precision_on_the_span_kernel(monkeypatch, dtype, native):
 
 
 def test_fixed_rules_for_the_span_kernel(monkeypatch):
-    """torch's kernel takes fixed's short runs (up to SHORT_RUN_ROWS rows: they read the summary keys
-    in place), non-causal fixed, a union's fixed step (a distance, skipped strides), head dims not a
-    multiple of 16, and half precision that it computes natively (AMX) and the span kernel does not
-    past NATIVE_HALF_SPAN_MAX_SUMMARY_KEYS; the span kernel the rest."""
+    """torch's kernel takes non-causal fixed, a union's fixed step (a distance, skipped strides), head
+    dims not a multiple of 16, and half precision that it computes natively (AMX) and the span kernel
+    does not past NATIVE_HALF_SPAN_MAX_SUMMARY_KEYS; the span kernel the rest, short runs (a decode
+    step's row) too."""
     from engine.kernels import fixed
 
     calls = _kernel_calls(monkeypatch)
@@ -539,7 +556,8 @@ def test_fixed_rules_for_the_span_kernel(monkeypatch):
 
     assert used()
     assert used(qkv=(q[:, :, -fixed.SHORT_RUN_ROWS - 1 :], k, v))
-    assert not used(qkv=(q[:, :, -fixed.SHORT_RUN_ROWS :], k, v))
+    assert used(qkv=(q[:, :, -fixed.SHORT_RUN_ROWS :], k, v))
+    assert used(qkv=(q[:, :, -1:], k, v))
     assert not used(causal=False)
     assert not used(min_distance=5)
     assert not used(skip_strides=(3,))

@@ -129,8 +129,13 @@ NATIVE_HALF_SPAN_MAX_SUMMARY_KEYS = 512
 def earlier_summary_keys(x: torch.Tensor, block: int, summary: int) -> torch.Tensor:
     """The summary keys of the whole blocks before the last key's (the last block's are only its own
     block's, in its own-block piece): a copy of c/l of x [..., L, D] in its dtype, [..., keys, D]."""
+    return summary_key_groups(x, block, summary).flatten(-3, -2)
+
+
+def summary_key_groups(x: torch.Tensor, block: int, summary: int) -> torch.Tensor:
+    """`earlier_summary_keys` in place: a view of x [..., L, D], [..., blocks, c, D]."""
     whole = (x.shape[-2] - 1) // block
-    return x[..., : whole * block, :].unflatten(-2, (whole, block))[..., block - summary :, :].flatten(-3, -2)
+    return x[..., : whole * block, :].unflatten(-2, (whole, block))[..., block - summary :, :]
 
 
 def short_run(lq: int, lk: int, block: int, summary: int) -> bool:
@@ -229,16 +234,15 @@ def fixed_attention(
 
 def _on_span_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, block: int, summary: int, causal: bool,
                     min_distance: int, skip_strides: tuple[int, ...]) -> bool:
-    """Whether causal fixed goes to the CPU span kernel (`span_fixed_attention`): more rows than a
-    short run (which reads the summary keys in place, where the kernel's calls copy them: fixed(128,
-    8), H = 8, D = 64, float32, span / torch's, one row after 16384 keys 1.16, after 65536 1.69; 16
-    rows 0.74 and 0.96), neither a union's distance nor its strides (their masks), up to
+    """Whether causal fixed goes to the CPU span kernel (`span_fixed_attention`): short runs too
+    (fixed(128, 8), H = 8, D = 64, float32, span / torch's calls, one row after 4096, 16384 and
+    65536 keys 0.46, 0.69, 0.73; 16 rows 0.40, 0.51, 0.73; bfloat16 at 16384 0.53 and 0.39), neither
+    a union's distance nor its strides (their masks), up to
     NATIVE_HALF_SPAN_MAX_SUMMARY_KEYS in half precision that torch's kernel runs natively (AMX) and
     the span kernel does not (`span_kernel.computes_natively`), and where the kernel takes q, k
     and v."""
     few_summary_keys = (k.shape[-2] - 1) // block * summary <= NATIVE_HALF_SPAN_MAX_SUMMARY_KEYS
     return (kernel_device(q.device) == "cpu" and causal and not min_distance and not skip_strides
-            and q.shape[-2] > SHORT_RUN_ROWS
             and (few_summary_keys or not cpu_native_half(q.dtype) or span_kernel.computes_natively(q.dtype))
             and span_kernel.takes(q, k, v))
 
@@ -247,13 +251,13 @@ def span_fixed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, b
                          scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Causal fixed on the CPU span kernel in two calls: each row's own block (the l keys anchored at
     its block's start, none past the row) over K and V as they are, then the summary keys of
-    earlier blocks (a prefix of the gathered ones, c more every l rows: a copy of c/l of K and V, in
-    their dtype), continuing the first call's partial (its seed: no merge pass). Every
+    earlier blocks (a prefix of them, c more every l rows, read in place: `summary_key_groups`),
+    continuing the first call's partial (its seed: no merge pass). Every
     row of a block sees the same summary keys, so nothing is computed under a mask. Grouped
     key/value heads read as they are; (out in q's dtype, lse)."""
     l, c = block, summary
     offset = k.shape[-2] - q.shape[-2]
-    gathered = [earlier_summary_keys(x, l, c) for x in (k, v)]
+    gathered = [summary_key_groups(x, l, c) for x in (k, v)]
     own = (q.new_empty(*q.shape[:-1], v.shape[-1], dtype=torch.float32), q.new_empty(q.shape[:-1], dtype=torch.float32))
     span_kernel.span_attention(q, k, v, *own, scale=scale, row_shift=offset, rows_per_step=l, keys_per_step=l,
                                first=0, last=l - 1, causal=True, strip_rows=FIXED_STRIP_ROWS)

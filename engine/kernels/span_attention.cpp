@@ -264,8 +264,11 @@ struct Call {
   // c / class_group). Strides in elements: [i, c, row].
   int64_t n, classes, n_group, class_group, q_rows, k_rows, dim, v_dim, first, last, strip_rows;
   int64_t row_shift, rows_per_step, keys_per_step, causal;
+  // Key rows come in groups of key_group rows, each group at its own stride: k_stride[3] and
+  // v_stride[3] (fixed's summary keys, c rows of every l, read in place; one group elsewhere).
+  int64_t key_group;
   bool stream_out;  // results written past the caches (`add_block`)
-  int64_t q_stride[3], k_stride[3], v_stride[3], out_stride[3], lse_stride[3], seed_out_stride[3], seed_lse_stride[3];
+  int64_t q_stride[3], k_stride[4], v_stride[4], out_stride[3], lse_stride[3], seed_out_stride[3], seed_lse_stride[3];
   float scale;
   int64_t begin, end;  // this thread's work items: (problem, strip)
 
@@ -277,6 +280,10 @@ struct Call {
     return clamp(to, 0, k_rows);
   }
   int64_t strips() const { return (q_rows + strip_rows - 1) / strip_rows; }
+  // Key row j's place in its problem's k or v (`stride`: theirs, k_stride or v_stride).
+  int64_t key_offset(int64_t j, const int64_t *stride) const {
+    return j / key_group * stride[3] + j % key_group * stride[2];
+  }
   // Work item w's share of the call's work, in keys: the keys its rows see (spans change linearly
   // or in steps over a strip, so the average of its first and last rows' stands for its rows') and
   // each row's own work beside them (ROW_WORK_KEYS).
@@ -425,15 +432,21 @@ template <int IN, int OUT, int TILE_ROWS> struct Worker {
   // (keys x v_dim). AMX (bfloat16 pairs, as its dot products read them): keys_b holds, per 16 keys
   // and 32 features, a tile whose row p pairs features 2p and 2p + 1 of each key; values_b's row p
   // pairs keys 2p and 2p + 1 of each value feature.
-  void pack(const In *k, const In *v, int64_t keys) {
+  void pack(const Item<In> &it, int64_t first, int64_t keys) {
+    const In *k_rows[LANES];  // a tile's key rows (null past `keys`)
+    auto tile_rows = [&](int64_t j0) {
+      for (int r = 0; r < LANES; r++) k_rows[r] = j0 + r < keys ? it.k + a.key_offset(first + j0 + r, a.k_stride) : nullptr;
+    };
+    auto value_row = [&](int64_t j) { return it.v + a.key_offset(first + j, a.v_stride); };
     if constexpr (AMX) {
       for (int64_t j0 = 0; j0 < width; j0 += LANES) {
+        tile_rows(j0);
         for (int64_t t = 0; t < dim_tiles; t++) {
           f32x16 tile[LANES];  // row r: key j0 + r's 16 feature pairs (bits, not floats)
           const int64_t d0 = 32 * t, halves = a.dim - d0 >= 32 ? 2 : 1;
           for (int r = 0; r < LANES; r++) {
             tile[r] = splat(0.f);
-            if (j0 + r < keys) memcpy(&tile[r], k + (j0 + r) * a.k_stride[2] + d0, 32 * halves);
+            if (k_rows[r]) memcpy(&tile[r], k_rows[r] + d0, 32 * halves);
           }
           transpose16(tile);
           memcpy(keys_b + (j0 / LANES * dim_tiles + t) * 512, tile, sizeof tile);
@@ -444,13 +457,14 @@ template <int IN, int OUT, int TILE_ROWS> struct Worker {
         for (int64_t d = 0; d < a.v_dim; d += LANES) {
           u32x16 both = u32x16{};  // key 2p's in the low halves, 2p + 1's in the high ones
           for (int e = 0; e < 2 && 2 * p + e < keys; e++)
-            both |= __builtin_convertvector(*(const u16x16_unaligned *)(v + (2 * p + e) * a.v_stride[2] + d), u32x16)
+            both |= __builtin_convertvector(*(const u16x16_unaligned *)(value_row(2 * p + e) + d), u32x16)
                     << (16 * e);
           memcpy(pairs + p * a.v_dim + d, &both, sizeof both);
         }
     } else {
       int64_t padded = (keys + LANES - 1) / LANES * LANES + LANES;
       for (int64_t j0 = 0; j0 < padded; j0 += LANES) {
+        tile_rows(j0);
         for (int64_t d0 = 0; d0 < a.dim; d0 += LANES) {
           f32x16 tile[LANES];
           if constexpr (PAIRS) {  // keys_t's row p: features 2p and 2p + 1 of each key, as they are
@@ -458,21 +472,22 @@ template <int IN, int OUT, int TILE_ROWS> struct Worker {
             const int64_t pairs = a.dim - d0 >= 32 ? LANES : LANES / 2;
             for (int r = 0; r < LANES; r++) {
               tile[r] = splat(0.f);
-              if (j0 + r < keys) memcpy(&tile[r], k + (j0 + r) * a.k_stride[2] + d0, pairs * 4);
+              if (k_rows[r]) memcpy(&tile[r], k_rows[r] + d0, pairs * 4);
             }
             transpose16(tile);
             for (int c = 0; c < pairs; c++) store(keys_t + (d0 / 2 + c) * width + j0, tile[c]);
             continue;
           }
           for (int r = 0; r < LANES; r++)
-            tile[r] = j0 + r < keys ? Elements<IN>::load16(k + (j0 + r) * a.k_stride[2] + d0) : splat(0.f);
+            tile[r] = k_rows[r] ? Elements<IN>::load16(k_rows[r] + d0) : splat(0.f);
           transpose16(tile);
           for (int c = 0; c < LANES; c++) store(keys_t + (d0 + c) * width + j0, tile[c]);
         }
       }
-      for (int64_t j = 0; j < keys; j++)
-        for (int64_t d = 0; d < a.v_dim; d += LANES)
-          store(values + j * a.v_dim + d, Elements<IN>::load16(v + j * a.v_stride[2] + d));
+      for (int64_t j = 0; j < keys; j++) {
+        const In *row = value_row(j);
+        for (int64_t d = 0; d < a.v_dim; d += LANES) store(values + j * a.v_dim + d, Elements<IN>::load16(row + d));
+      }
     }
   }
 
@@ -733,7 +748,7 @@ template <int IN, int OUT, int TILE_ROWS> struct Worker {
     for (int64_t c0 = it.key_begin; c0 < it.key_end; c0 += KEY_CHUNK) {
       const int64_t c1 = c0 + KEY_CHUNK < it.key_end ? c0 + KEY_CHUNK : it.key_end;
       const bool last_chunk = c1 == it.key_end;
-      pack(it.k + c0 * a.k_stride[2], it.v + c0 * a.v_stride[2], c1 - c0);
+      pack(it, c0, c1 - c0);
       for (int64_t r0 = it.row_begin; r0 < it.row_end; r0 += ROWS) {
         int64_t rows = it.row_end - r0 < ROWS ? it.row_end - r0 : ROWS;
         // The next item's rows, spread over this one's blocks and each block's rows (`fetch_q0` ..,
@@ -780,8 +795,10 @@ template <int IN, int OUT, int TILE_ROWS> struct Worker {
               if (!a.stream_out)
                 prefetch_rows<1>(after_out, a.out_stride[2] * sizeof(Out), q, q + 1, a.v_dim * sizeof(Out));
             }
-            prefetch_rows<0>(after.k, a.k_stride[2] * sizeof(In), k0, k1, a.dim * sizeof(In));
-            prefetch_rows<0>(after.v, a.v_stride[2] * sizeof(In), k0, k1, a.v_dim * sizeof(In));
+            for (int64_t j = k0; j < k1; j++) {
+              prefetch_rows<0>(after.k + a.key_offset(j, a.k_stride), 0, 0, 1, a.dim * sizeof(In));
+              prefetch_rows<0>(after.v + a.key_offset(j, a.v_stride), 0, 0, 1, a.v_dim * sizeof(In));
+            }
           }
           if (r >= computed) continue;
           float *s = scores + r * width;
@@ -869,23 +886,24 @@ Runner runner(int in, int out, int64_t row_keys) {
 // p where causal (within 0 .. k_rows - 1; none: zeros and lse -inf), of problem (i / n_group, c /
 // class_group) of k and v. Threads take strips of strip_rows rows of a problem (0: all of them).
 // sizes: n, classes, n_group, class_group, q_rows, k_rows, dim, v_dim, first, last, strip_rows,
-// row_shift (>= 0), rows_per_step (>= 1), keys_per_step (>= 0), causal (0 or 1);
+// row_shift (>= 0), rows_per_step (>= 1), keys_per_step (>= 0), causal (0 or 1), key_group (>= 1:
+// key rows in groups of that many, each group at its own stride);
 // seed_out, seed_lse: (out in seed_dtype, lse float32) of each row over other keys, which the rows
 // continue (their merge is written), or null; they may be out and lse themselves (a strip reads its
 // rows' seed before it writes them).
-// strides: 3 each (elements, [i, c, row]) for q, k, v, out, lse, seed_out, seed_lse; dim and v_dim
-// multiples of 16.
+// strides: in elements, [i, c, row] for q, out, lse, seed_out, seed_lse, [i, c, row, group] for k
+// and v, in the order q, k, v, out, lse, seed_out, seed_lse; dim and v_dim multiples of 16.
 // Returns 0, or 1 where a thread's buffers could not be allocated, 2 for an unknown dtype, 3 for a
 // step out of range.
 extern "C" int span_attention(const void *q, const void *k, const void *v, void *out, float *lse,
                               const void *seed_out, const float *seed_lse, int in_dtype, int out_dtype,
                               int seed_dtype, const int64_t *sizes, const int64_t *strides, float scale, int threads) {
   Call call = {q, k, v, out, lse, seed_out, seed_lse, seed_dtype};
-  int64_t *fields[15] = {&call.n, &call.classes, &call.n_group, &call.class_group, &call.q_rows, &call.k_rows,
+  int64_t *fields[16] = {&call.n, &call.classes, &call.n_group, &call.class_group, &call.q_rows, &call.k_rows,
                          &call.dim, &call.v_dim, &call.first, &call.last, &call.strip_rows, &call.row_shift,
-                         &call.rows_per_step, &call.keys_per_step, &call.causal};
-  for (int f = 0; f < 15; f++) *fields[f] = sizes[f];
-  if (call.row_shift < 0 || call.rows_per_step < 1 || call.keys_per_step < 0) return 3;
+                         &call.rows_per_step, &call.keys_per_step, &call.causal, &call.key_group};
+  for (int f = 0; f < 16; f++) *fields[f] = sizes[f];
+  if (call.row_shift < 0 || call.rows_per_step < 1 || call.keys_per_step < 0 || call.key_group < 1) return 3;
   // Spans without a first key (causal squares, fixed's summary prefixes) hold half the keys on average.
   const int64_t row_keys =
       call.first <= -call.k_rows ? call.k_rows / 2 : clamp(call.last - call.first + 1, 0, call.k_rows);
@@ -894,7 +912,11 @@ extern "C" int span_attention(const void *q, const void *k, const void *v, void 
   if (call.strip_rows <= 0 || call.strip_rows > call.q_rows) call.strip_rows = call.q_rows;
   int64_t *targets[7] = {call.q_stride, call.k_stride, call.v_stride, call.out_stride, call.lse_stride,
                          call.seed_out_stride, call.seed_lse_stride};
-  for (int t = 0; t < 7; t++) memcpy(targets[t], strides + 3 * t, 3 * sizeof(int64_t));
+  const int counts[7] = {3, 4, 4, 3, 3, 3, 3};
+  for (int t = 0; t < 7; t++) {
+    memcpy(targets[t], strides, counts[t] * sizeof(int64_t));
+    strides += counts[t];
+  }
   call.stream_out = call.out_stride[2] != call.v_dim &&
                     call.n * call.classes * call.q_rows * call.v_dim * (out_dtype == FLOAT32 ? 4 : 2) >= STREAM_OUT_BYTES;
   call.scale = scale;

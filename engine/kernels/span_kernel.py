@@ -147,7 +147,9 @@ def span_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch
                    rows_per_step: int = 1, keys_per_step: int = 1, causal: bool = False,
                    seed: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
     """Attention of each problem's query rows over a span of its key rows, written into out and lse:
-    q [N, S, Rq, D], k and v [N / Gn, S / Gs, Rk, *] (views, any strides but the features'), query
+    q [N, S, Rq, D], k and v [N / Gn, S / Gs, Rk, *] (views, any strides but the features'), or
+    [N / Gn, S / Gs, G, c, *]: Rk = G c key rows in G groups of c, each group at its own stride (fixed's
+    summary keys, c of every l rows, read in place); query
     row r of problem (i, c), at position p = r + row_shift, attending key rows a + first .. a + last,
     anchored at a = p // rows_per_step * keys_per_step (p itself by default; fixed's own block is
     anchored at its start, its summary keys grow by c every l rows), none past p where causal,
@@ -160,8 +162,11 @@ def span_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch
     whole, its keys packed once), each strip's keys 1024 at a time (KEY_CHUNK) with a running
     softmax; outputs with rows apart, past a size, are streamed past the caches."""
     n, classes, q_rows, dim = q.shape
-    k_rows, v_dim = k.shape[-2], v.shape[-1]
-    assert (k.shape[:2] == v.shape[:2] and n % k.shape[0] == 0 and classes % k.shape[1] == 0 and takes(q, k, v)
+    grouped = k.dim() == 5
+    key_group = k.shape[3] if grouped else max(1, k.shape[2])
+    k_rows, v_dim = (k.shape[2] * k.shape[3] if grouped else k.shape[2]), v.shape[-1]
+    assert (k.dim() == v.dim() and k.shape[:-1] == v.shape[:-1] and n % k.shape[0] == 0 and classes % k.shape[1] == 0
+            and takes(q, k, v)
             and out.shape == (n, classes, q_rows, v_dim) and out.dtype in DTYPES and out.stride(-1) == 1
             and lse.shape == (n, classes, q_rows) and lse.dtype == torch.float32
             and row_shift >= 0 and rows_per_step >= 1 and keys_per_step >= 0)
@@ -171,11 +176,13 @@ def span_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch
                             and seed_lse.dtype == torch.float32)
     if out.numel() == 0:
         return
-    sizes = (ctypes.c_int64 * 15)(n, classes, n // k.shape[0], classes // k.shape[1], q_rows, k_rows, dim, v_dim,
+    sizes = (ctypes.c_int64 * 16)(n, classes, n // k.shape[0], classes // k.shape[1], q_rows, k_rows, dim, v_dim,
                                   max(-UNBOUNDED, first), min(UNBOUNDED, last), strip_rows, row_shift,
-                                  rows_per_step, keys_per_step, int(causal))
-    strides = (ctypes.c_int64 * 21)(*(stride for x in (q, k, v, out, lse, seed_out, seed_lse)
-                                      for stride in x.stride()[:3]))
+                                  rows_per_step, keys_per_step, int(causal), key_group)
+    # k's and v's [i, c, row, group]: a group's stride, 0 where there is one group
+    key_strides = [(*x.stride()[:2], x.stride(3), x.stride(2)) if grouped else (*x.stride()[:3], 0) for x in (k, v)]
+    strides = (ctypes.c_int64 * 23)(*q.stride()[:3], *key_strides[0], *key_strides[1],
+                                    *(stride for x in (out, lse, seed_out, seed_lse) for stride in x.stride()[:3]))
     seeds = (seed_out.data_ptr(), seed_lse.data_ptr()) if seed is not None else (None, None)
     status = library().span_attention(q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), lse.data_ptr(),
                                       *seeds, DTYPES[q.dtype], DTYPES[out.dtype], DTYPES[seed_out.dtype], sizes,
