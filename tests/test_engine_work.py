@@ -29,7 +29,8 @@ class _ScoredPairs(TorchDispatchMode):
             position = torch.arange(q.shape[-2]) + row_shift
             anchor = position // rows_per_step * keys_per_step
             to = torch.minimum(anchor + last + 1, position + 1) if causal else anchor + last + 1
-            seen = to.clamp(0, k.shape[-2]) - (anchor + first).clamp(0, k.shape[-2])
+            key_rows = k.shape[2] * k.shape[3] if k.dim() == 5 else k.shape[2]  # rows in groups: fixed's summary keys
+            seen = to.clamp(0, key_rows) - (anchor + first).clamp(0, key_rows)
             self.pairs += q.shape[:-2].numel() * int(seen.clamp_min(0).sum())
             return self._span(q, k, v, out, lse, first=first, last=last, row_shift=row_shift,
                               rows_per_step=rows_per_step, keys_per_step=keys_per_step, causal=causal, **kwargs)

@@ -147,7 +147,8 @@ def _library_for(products: str):
     """The kernel built with BFLOAT16_BUILDS[products] (the default build for its first), or None
     where those flags do not build (not an x86 compiler)."""
     try:
-        return span_kernel.load(span_kernel.build(span_kernel.compiler(), span_kernel.FLAGS + BFLOAT16_BUILDS[products]))
+        flags = span_kernel.FLAGS + BFLOAT16_BUILDS[products]
+        return span_kernel.load(span_kernel.build(span_kernel.compiler(), flags))
     except subprocess.CalledProcessError:
         return None
 

@@ -261,7 +261,7 @@ struct Call {
   const float *seed_lse;
   int seed_dtype;
   // Problem (i, c) for i < n, c < classes reads keys and values of problem (i / n_group,
-  // c / class_group). Strides in elements: [i, c, row].
+  // c / class_group). Strides in elements: [i, c, row] (k's and v's: [i, c, row, group]).
   int64_t n, classes, n_group, class_group, q_rows, k_rows, dim, v_dim, first, last, strip_rows;
   int64_t row_shift, rows_per_step, keys_per_step, causal;
   // Key rows come in groups of key_group rows, each group at its own stride: k_stride[3] and
@@ -310,11 +310,9 @@ struct Call {
   }
 };
 
-// Rows r0 .. r1 - 1 into cache, to be read (WRITE 0) or written (1).
-template <int WRITE> inline void prefetch_rows(const void *base, int64_t stride_bytes, int64_t r0, int64_t r1,
-                                               int64_t bytes) {
-  for (int64_t r = r0; r < r1; r++)
-    for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch((const char *)base + r * stride_bytes + b, WRITE, 3);
+// A row of `bytes` into cache, to be read (WRITE 0) or written (1).
+template <int WRITE> inline void prefetch_row(const void *row, int64_t bytes) {
+  for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch((const char *)row + b, WRITE, 3);
 }
 
 // 16 elements at `offset` of an array in `dtype`, as float32 (a seed's, read once a row).
@@ -435,7 +433,8 @@ template <int IN, int OUT, int TILE_ROWS> struct Worker {
   void pack(const Item<In> &it, int64_t first, int64_t keys) {
     const In *k_rows[LANES];  // a tile's key rows (null past `keys`)
     auto tile_rows = [&](int64_t j0) {
-      for (int r = 0; r < LANES; r++) k_rows[r] = j0 + r < keys ? it.k + a.key_offset(first + j0 + r, a.k_stride) : nullptr;
+      for (int r = 0; r < LANES; r++)
+        k_rows[r] = j0 + r < keys ? it.k + a.key_offset(first + j0 + r, a.k_stride) : nullptr;
     };
     auto value_row = [&](int64_t j) { return it.v + a.key_offset(first + j, a.v_stride); };
     if constexpr (AMX) {
@@ -791,13 +790,12 @@ template <int IN, int OUT, int TILE_ROWS> struct Worker {
             const int64_t q = fetch_q0 + r, keys = fetch_k1 - fetch_k0;
             const int64_t k0 = fetch_k0 + r * keys / ROWS, k1 = fetch_k0 + (r + 1) * keys / ROWS;
             if (q < fetch_q1) {
-              prefetch_rows<0>(after.q, a.q_stride[2] * sizeof(In), q, q + 1, a.dim * sizeof(In));
-              if (!a.stream_out)
-                prefetch_rows<1>(after_out, a.out_stride[2] * sizeof(Out), q, q + 1, a.v_dim * sizeof(Out));
+              prefetch_row<0>(after.q + q * a.q_stride[2], a.dim * sizeof(In));
+              if (!a.stream_out) prefetch_row<1>(after_out + q * a.out_stride[2], a.v_dim * sizeof(Out));
             }
             for (int64_t j = k0; j < k1; j++) {
-              prefetch_rows<0>(after.k + a.key_offset(j, a.k_stride), 0, 0, 1, a.dim * sizeof(In));
-              prefetch_rows<0>(after.v + a.key_offset(j, a.v_stride), 0, 0, 1, a.v_dim * sizeof(In));
+              prefetch_row<0>(after.k + a.key_offset(j, a.k_stride), a.dim * sizeof(In));
+              prefetch_row<0>(after.v + a.key_offset(j, a.v_stride), a.v_dim * sizeof(In));
             }
           }
           if (r >= computed) continue;
