@@ -157,10 +157,11 @@ def span_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch
     in float32 or q's dtype, lse float32 [N, S, Rq], any strides but out's features'. `seed`: (out in
     any of DTYPES, lse float32) shaped as those, each row's partial over other keys, which the rows
     continue (their merge is written: no merge pass after, nor a conversion before); it may be
-    (out, lse) themselves. Computed in float32 (bfloat16's products on AMX where
-    `computes_natively`, as exact); threads take strips of `strip_rows` rows (0: a problem's rows
-    whole, its keys packed once), each strip's keys 1024 at a time (KEY_CHUNK) with a running
-    softmax; outputs with rows apart, past a size, are streamed past the caches."""
+    (out, lse) themselves. Computed in float32 (bfloat16 as `bfloat16_products` says: on AMX's
+    tiles or its scores as bfloat16 pairs, as exact); threads take runs of strips of `strip_rows`
+    rows (0: a problem's rows whole, its keys packed once) of about equal work, each strip's keys
+    1024 at a time (KEY_CHUNK) with a running softmax; outputs with rows apart, past a size, are
+    streamed past the caches."""
     n, classes, q_rows, dim = q.shape
     grouped = k.dim() == 5
     key_group = k.shape[3] if grouped else max(1, k.shape[2])
