@@ -25,6 +25,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <omp.h>
+#include <type_traits>
 #if defined(__AVX__)
 #include <immintrin.h>
 #endif
@@ -510,6 +511,20 @@ template <int IN, int OUT, int TILE_ROWS> struct Worker {
     }
   }
 
+  // The rows a block of `rows` computes: a short block's (a decode step's one, a short run's few)
+  // to the next of 1, 2, 4 and ROWS, not ROWS with zeros; AMX's tiles take ROWS.
+  static int computed_rows(int64_t rows) { return AMX || rows > ROWS / 2 ? ROWS : rows > 2 ? 4 : (int)rows; }
+  // f(std::integral_constant<int, R>{}) for R = computed (one of computed_rows'), so that the block's
+  // products are compiled for each.
+  template <typename F> static void for_rows(int computed, F f) {
+    switch (computed) {
+      case 1: return f(std::integral_constant<int, 1>{});
+      case 2: return f(std::integral_constant<int, 2>{});
+      case 4: return f(std::integral_constant<int, 4>{});
+      default: return f(std::integral_constant<int, ROWS>{});
+    }
+  }
+
   // s + x k: float32's product, or PAIRS' two, x and k each two bfloat16 (bits).
   static f32x16 multiply_add(f32x16 s, float x, f32x16 k) {
 #if SPAN_BF16_PAIRS
@@ -775,15 +790,8 @@ template <int IN, int OUT, int TILE_ROWS> struct Worker {
         if constexpr (AMX) from = c0 + (from - c0) / LANES * LANES;  // a packed tile's first key
         int64_t start = from - c0, seen = to - from, padded = (seen + KEY_STEP - 1) / KEY_STEP * KEY_STEP;
         load_queries(it.q, r0, rows);
-        // The rows computed: a short block's (a decode step's one, a short run's few) to the next of 1,
-        // 2, 4 and ROWS, not ROWS with zeros; AMX's tiles take ROWS.
-        const int computed = AMX || rows > ROWS / 2 ? ROWS : rows > 2 ? 4 : (int)rows;
-        switch (computed) {
-          case 1: block_scores<1>(start, padded); break;
-          case 2: block_scores<2>(start, padded); break;
-          case 4: block_scores<4>(start, padded); break;
-          default: block_scores(start, padded);
-        }
+        const int computed = computed_rows(rows);
+        for_rows(computed, [&](auto r) { block_scores<decltype(r)::value>(start, padded); });
         float keep[ROWS];  // what the running output is scaled by before this chunk adds to it (0: unread)
         for (int r = 0; r < ROWS; r++) {
           if (fetch_q1 > fetch_q0 || fetch_k1 > fetch_k0) {  // the row's share of the block's fetch
@@ -819,12 +827,7 @@ template <int IN, int OUT, int TILE_ROWS> struct Worker {
           row_top[at] = top;
           row_sum[at] = row_sum[at] * keep[r] + sum;
         }
-        switch (computed) {
-          case 1: block_products<1>(start, seen); break;
-          case 2: block_products<2>(start, seen); break;
-          case 4: block_products<4>(start, seen); break;
-          default: block_products(start, seen);
-        }
+        for_rows(computed, [&](auto r) { block_products<decltype(r)::value>(start, seen); });
         if (finishing && a.stream_out) add_block<true>(out, r0, rows, at0, keep, true);
         else add_block(out, r0, rows, at0, keep, finishing);
         if (finishing) write_lse(lse, r0, rows, at0);
