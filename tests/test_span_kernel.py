@@ -120,6 +120,29 @@ def test_span_kernel_short_runs(q_rows, span, dim, v_dim, dtype):
     assert_matches_reference(*_span(q, k, v, scale=0.3, **shape), *reference, tol=2e-5)
 
 
+@pytest.mark.parametrize("dim,v_dim", [(16, 144), (80, 80), (48, 16)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("grouped", [False, True])
+def test_span_kernel_lone_rows(dim, v_dim, dtype, grouped):
+    """Rows computed alone, their keys and values read where they lie: a decode step's row, and a
+    call's last strip of one row (15 rows in strips of 7). Head dims of 1 to 9 vectors, spans over
+    two chunks of keys, key rows flat or in groups (8 of every 10), against float64."""
+    g = torch.Generator().manual_seed(dim + v_dim)
+    q = torch.randn(2, 4, 15, dim, generator=g).to(dtype)
+    if grouped:
+        k, v = (torch.randn(2, 2, 1300, d, generator=g).to(dtype).unflatten(2, (130, 10))[:, :, :, 2:] for d in (dim, v_dim))
+        flat = [x.flatten(2, 3) for x in (k, v)]
+    else:
+        k, v = flat = [torch.randn(2, 2, 1040, d, generator=g).to(dtype) for d in (dim, v_dim)]
+    for rows, strip_rows in ((q, 7), (q[:, :, -1:], 0)):
+        span = dict(first=-UNBOUNDED, last=0, causal=True, row_shift=1040 - rows.shape[2])
+        out, lse = _span(rows, k, v, scale=0.3, strip_rows=strip_rows, **span)
+        assert_matches_reference(out, lse, *_span_reference(rows, *flat, scale=0.3, **span), tol=2e-5)
+        window = dict(span, first=-300)
+        out, lse = _span(rows, k, v, scale=0.3, strip_rows=strip_rows, **window)
+        assert_matches_reference(out, lse, *_span_reference(rows, *flat, scale=0.3, **window), tol=2e-5)
+
+
 @pytest.mark.parametrize("groups,group_rows,every", [(7, 3, 10), (140, 8, 16), (1, 5, 5), (0, 4, 9)])
 @pytest.mark.parametrize("span", [dict(row_shift=3, rows_per_step=6, keys_per_step=2, first=-UNBOUNDED, last=-1),
                                   dict(first=-40, last=0, causal=True)])
