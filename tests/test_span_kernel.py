@@ -342,6 +342,26 @@ def test_strided_on_the_span_kernel(monkeypatch, lq, lk, stride, min_distance, b
     _assert_strided_matches(result, q, k, v, stride, min_distance)
 
 
+@pytest.mark.parametrize("lq,lk,stride", [(1, 1003, 64), (1, 1003, 13), (12, 1003, 13), (40, 700, 64), (5, 300, 8)])
+@pytest.mark.parametrize("min_distance", [0, 20])
+@pytest.mark.parametrize("batch,heads,kv_heads", [(2, 4, 2), (1, 1, 1)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_strided_short_runs_on_the_span_kernel(monkeypatch, lq, lk, stride, min_distance, batch, heads, kv_heads,
+                                               dtype):
+    """Fewer rows than the stride (a decode step's row, short chunks, one or two class rows): each
+    row's class keys, s rows apart, on the span kernel, a key/value head's query heads as rows of
+    its problems; a union's second stride (its skipped strides' mask) stays on torch's kernel."""
+    calls = _kernel_calls(monkeypatch)
+    q, k, v = (x.to(dtype) for x in _grouped_qkv(batch, heads, kv_heads, lq, lk, seed=lq + stride))
+    result = kernels.strided_attention(q, k, v, stride=stride, scale=0.25, min_distance=min_distance)
+    assert calls, "the span kernel was not used"
+    tol = 2e-5 if dtype == torch.float32 else 2e-2
+    _assert_strided_matches(result, *(x.float() for x in (q, k, v)), stride, min_distance, tol=tol)
+    calls.clear()
+    kernels.strided_attention(q, k, v, stride=stride, scale=0.25, min_distance=min_distance, skip_strides=(3,))
+    assert not calls
+
+
 @pytest.mark.parametrize("lq,lk", [(600, 600), (517, 700), (300, 1003), (130, 130)])
 @pytest.mark.parametrize("stride", [1, 8, 13, 64])
 def test_non_causal_strided_on_the_span_kernel(monkeypatch, lq, lk, stride):

@@ -24,7 +24,8 @@ strided(64), H = 8, D = 64, float32, ms, span kernel / torch's in chunks: n = 16
 65536 296.6 / 430.5.
 
 Fewer query rows than s (a decode step, a short chunk) leave most classes without a query: then
-each row, alone in its class, attends a view of its class's keys, and only those classes are read.
+each row, alone in its class, attends a view of its class's keys, and only those classes are read,
+on the span kernel where it takes them (no skipped strides' mask), else in torch's fused call.
 
 Fewer key/value heads than query heads are read as they are on the CPU: a long run's class views
 go to the kernel with the batch items' heads on the head axis (`band.grid_attention`), a short
@@ -241,8 +242,8 @@ def strided_pieces(
 
 def _on_span_kernel(qc: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, skip_strides: tuple[int, ...],
                      device: str) -> bool:
-    """Whether a long run's classes go to the CPU span kernel (`span_kernel`) rather than torch's
-    kernel in chunks: on the CPU, without skipped strides (their masks), in half precision that
+    """Whether class views (a long run's classes, a short run's rows' own) go to the CPU span kernel
+    (`span_kernel`) rather than torch's kernel (in chunks; one fused call): on the CPU, without skipped strides (their masks), in half precision that
     torch's kernel runs natively (AMX) up to NATIVE_HALF_SPAN_MAX_KEY_ROWS key class rows, or past
     them from NATIVE_SPAN_MIN_QUERY_ROWS query class rows where the span kernel computes it natively
     too (`span_kernel.computes_natively`), and where the kernel takes the views."""
@@ -415,7 +416,12 @@ def _short_run_pieces(
     the one dropping skipped strides' keys, which every row of a run shares (`class_distance_mask`,
     kept: a decode loop's steps in one class row reuse it). Fewer key/value heads than query heads
     are taken as they are: the query heads of a key/value head are rows of its class problems, so
-    each class's keys are read once for all of them."""
+    each class's keys are read once for all of them. The runs go to the span kernel where it takes
+    them (`_on_span_kernel`: no mask), else to torch's fused call. Span kernel / torch's call through
+    `engine.attention`, H = 8, D = 64, after 16384 keys, in turn (AMD EPYC): one row float32
+    strided(64) 0.97, strided(128) 1.06, the union's stride (sliding 128, strided 128) 0.90, after
+    65536 keys 1.01-1.03 and 0.94; bfloat16 0.58 / 0.63 / 0.70; 4 rows 0.91-0.96; 16 rows
+    0.70 / 0.82 / 0.81; H = 32 over 8 0.93-0.99."""
     b, h, lq, d = q.shape
     lk, s, hkv = k.shape[-2], stride, k.shape[1]
     group = h // hkv
@@ -434,8 +440,14 @@ def _short_run_pieces(
             # The query heads of a key/value head as rows of its problems: [B*Hkv, run, H/Hkv, D].
             qc = _swapped(row_range(q, row, run), (b, hkv, group, run, d), (b * hkv, run, group, d))
             kc, vc = (row_grid(x, first_class, (run, 1), (keys, s)) for x in (k, v))  # class c: its keys
-            out, lse = fused_under(qc, kc, vc, mask, empty, scale=scale)
-            dv = out.shape[-1]
+            dv = v.shape[-1]
+            if _on_span_kernel(qc, kc, vc, skip_strides, kernel_device(q.device)):  # no mask: skip_strides none
+                out = q.new_empty(*qc.shape[:-1], dv)
+                lse = q.new_empty(qc.shape[:-1], dtype=torch.float32)
+                span_kernel.span_attention(qc, kc, vc, out, lse, first=-span_kernel.UNBOUNDED,
+                                           last=span_kernel.UNBOUNDED, scale=scale)
+            else:
+                out, lse = fused_under(qc, kc, vc, mask, empty, scale=scale)
             pieces.append((row, _swapped(out, (b, hkv, run, group, dv), (b, h, run, dv)),
                            _swapped(lse, (b, hkv, run, group), (b, h, run))))
         row += run
