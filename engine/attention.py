@@ -91,7 +91,8 @@ def attention(
         out, lse = run_heads(q, k, v, pattern, causal=causal, scale=scale)
     else:  # no query row (B, H or Lq is 0): nothing to compute, and the kernels assume rows
         out, lse = empty_partial(q, v.shape[3])
-    out = out.to(q.dtype)
+    if out.dtype != q.dtype:  # Tensor.to costs a microsecond even where it returns out itself
+        out = out.to(q.dtype)
     if squeeze:
         out, lse = out.squeeze(0), lse.squeeze(0)
     return (out, lse) if return_lse else out

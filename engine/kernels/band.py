@@ -144,9 +144,11 @@ def span_band_attention(
     continued = seed[1:] if seed is not None else None
     for start, stop, partial in ((0, seeded, None), (seeded, lq, continued)):
         if stop > start:
-            span_kernel.span_attention(q[..., start:stop, :], k, v, out[..., start:stop, :], lse[..., start:stop],
-                                       first=offset - window + 1, last=offset + (0 if causal else window - 1),
-                                       row_shift=start, scale=scale, strip_rows=BAND_STRIP_ROWS, seed=partial)
+            rows = stop - start
+            span_kernel.span_attention(row_range(q, start, rows), k, v, row_range(out, start, rows),
+                                       row_range(lse, start, rows, -1), first=offset - window + 1,
+                                       last=offset + (0 if causal else window - 1), row_shift=start, scale=scale,
+                                       strip_rows=BAND_STRIP_ROWS, seed=partial)
     return out, lse
 
 
@@ -158,6 +160,8 @@ def band_pieces(
     queries bottom-right aligned: a consumer that writes a new tensor anyway (a union's merge)
     can take them without first joining them, and asks for the span kernel's piece in `out_dtype`
     (float32 where it merges, so that the result is rounded once; q's dtype unless said)."""
+    if on_span_kernel(q, k, v):  # it reads the windows' keys alone
+        return [(0, *span_band_attention(q, k, v, window=window, scale=scale, causal=causal, out_dtype=out_dtype))]
     lo = max(0, k.shape[-2] - q.shape[-2] - window + 1)  # no row attends a key before its window
     k, v = row_range(k, lo, k.shape[-2] - lo), row_range(v, lo, v.shape[-2] - lo)  # the rule depends on i - j alone
     if triton_band.takes(q, v, causal):  # it reads key/value head h // (H / Hkv) itself
@@ -172,8 +176,6 @@ def band_pieces(
         return [(0, torch.cat([out for out, _ in parts], 1), torch.cat([lse for _, lse in parts], 1))]
     if flash_supported(q, v) and flash_window_supported(q.device, causal):
         return [(0, *_flash_window(q, k, v, window=window, scale=scale, causal=causal))]
-    if on_span_kernel(q, k, v):
-        return [(0, *span_band_attention(q, k, v, window=window, scale=scale, causal=causal, out_dtype=out_dtype))]
     q, k, v = as_computed(q, k, v)  # once: the tiles' windows overlap
     b, h, lq, _ = q.shape
     lk, dv, w = k.shape[-2], v.shape[-1], window

@@ -14,6 +14,7 @@ dot products of its pairs (`bfloat16_products`); float32 and float16 in float32 
 
 from __future__ import annotations
 
+import array
 import ctypes
 import functools
 import hashlib
@@ -108,8 +109,9 @@ def load(path: Path) -> ctypes.CDLL:
     """A built kernel, its functions typed."""
     loaded = ctypes.CDLL(str(path))
     function = loaded.span_attention
-    function.argtypes = [ctypes.c_void_p] * 7 + [ctypes.c_int] * 3 + [ctypes.POINTER(ctypes.c_int64),
-                                                      ctypes.POINTER(ctypes.c_int64), ctypes.c_float, ctypes.c_int]
+    # sizes and strides: int64 arrays, passed by address (`array.array`: a quarter of ctypes' arrays' cost)
+    function.argtypes = [ctypes.c_void_p] * 7 + [ctypes.c_int] * 3 + [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_float,
+                                                                      ctypes.c_int]
     function.restype = ctypes.c_int
     loaded.span_attention_bfloat16_products.restype = ctypes.c_int
     return loaded
@@ -137,9 +139,9 @@ def computes_natively(dtype: torch.dtype) -> bool:
 def takes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
     """Whether the kernel computes these: on the CPU, in a dtype it reads, with head dims a
     multiple of FEATURES_MULTIPLE, features adjacent, and the kernel built."""
-    return (q.device.type == "cpu" and q.dtype in DTYPES and k.dtype == v.dtype == q.dtype
+    return (q.is_cpu and q.dtype in DTYPES and k.dtype == v.dtype == q.dtype
             and q.shape[-1] % FEATURES_MULTIPLE == 0 and v.shape[-1] % FEATURES_MULTIPLE == 0
-            and all(x.stride(-1) == 1 for x in (q, k, v)) and library() is not None)
+            and q.stride(-1) == k.stride(-1) == v.stride(-1) == 1 and library() is not None)
 
 
 def span_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, *,
@@ -164,9 +166,10 @@ def span_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch
     streamed past the caches."""
     n, classes, q_rows, dim = q.shape
     grouped = k.dim() == 5
-    key_group = k.shape[3] if grouped else max(1, k.shape[2])
-    k_rows, v_dim = (k.shape[2] * k.shape[3] if grouped else k.shape[2]), v.shape[-1]
-    assert (k.dim() == v.dim() and k.shape[:-1] == v.shape[:-1] and n % k.shape[0] == 0 and classes % k.shape[1] == 0
+    k_shape, v_dim = k.shape, v.shape[-1]
+    key_group = k_shape[3] if grouped else max(1, k_shape[2])
+    k_rows = k_shape[2] * k_shape[3] if grouped else k_shape[2]
+    assert (k.dim() == v.dim() and k_shape[:-1] == v.shape[:-1] and n % k_shape[0] == 0 and classes % k_shape[1] == 0
             and takes(q, k, v)
             and out.shape == (n, classes, q_rows, v_dim) and out.dtype in DTYPES and out.stride(-1) == 1
             and lse.shape == (n, classes, q_rows) and lse.dtype == torch.float32
@@ -177,16 +180,17 @@ def span_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch
                             and seed_lse.dtype == torch.float32)
     if out.numel() == 0:
         return
-    sizes = (ctypes.c_int64 * 16)(n, classes, n // k.shape[0], classes // k.shape[1], q_rows, k_rows, dim, v_dim,
-                                  max(-UNBOUNDED, first), min(UNBOUNDED, last), strip_rows, row_shift,
-                                  rows_per_step, keys_per_step, int(causal), key_group)
+    sizes = array.array("q", (n, classes, n // k_shape[0], classes // k_shape[1], q_rows, k_rows, dim, v_dim,
+                              max(-UNBOUNDED, first), min(UNBOUNDED, last), strip_rows, row_shift,
+                              rows_per_step, keys_per_step, causal, key_group))
     # k's and v's [i, c, row, group]: a group's stride, 0 where there is one group
-    key_strides = [(*x.stride()[:2], x.stride(3), x.stride(2)) if grouped else (*x.stride()[:3], 0) for x in (k, v)]
-    strides = (ctypes.c_int64 * 23)(*q.stride()[:3], *key_strides[0], *key_strides[1],
-                                    *(stride for x in (out, lse, seed_out, seed_lse) for stride in x.stride()[:3]))
+    ks, vs = k.stride(), v.stride()
+    key_strides = (ks[0], ks[1], ks[3], ks[2], vs[0], vs[1], vs[3], vs[2]) if grouped else (*ks[:3], 0, *vs[:3], 0)
+    strides = array.array("q", (*q.stride()[:3], *key_strides, *out.stride()[:3], *lse.stride(),
+                                *seed_out.stride()[:3], *seed_lse.stride()))
     seeds = (seed_out.data_ptr(), seed_lse.data_ptr()) if seed is not None else (None, None)
     status = library().span_attention(q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), lse.data_ptr(),
-                                      *seeds, DTYPES[q.dtype], DTYPES[out.dtype], DTYPES[seed_out.dtype], sizes,
-                                      strides, scale, torch.get_num_threads())
+                                      *seeds, DTYPES[q.dtype], DTYPES[out.dtype], DTYPES[seed_out.dtype],
+                                      sizes.buffer_info()[0], strides.buffer_info()[0], scale, torch.get_num_threads())
     if status:
         raise MemoryError(f"the span kernel could not allocate its buffers (status {status})")
