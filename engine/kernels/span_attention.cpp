@@ -837,9 +837,12 @@ template <int IN, int OUT, int TILE_ROWS> struct Worker {
         // follows a stride's rows, s rows apart), and outputs fetched only as written stalled the
         // stores. Against a block's fetch at its start without outputs, n = 16384, H = 8, D = 64:
         // float32 0.89-0.96 of the time (strided(64), strided(128), sliding_window(256) and (128),
-        // fixed(128, 8), the union), bfloat16 0.82-0.99 but sliding_window(128) 1.07.
+        // fixed(128, 8), the union), bfloat16 0.82-0.99 but sliding_window(128) 1.07. Lone rows fetch
+        // nothing ahead: the hardware's prefetcher does better on their few keys (one row after 16384
+        // keys, 8 heads, the kernel alone, without / with: a window of 256 keys 0.75-0.82 of the time,
+        // 1024 0.62; a class's keys 64 rows apart 0.78-0.88).
         int64_t fetch_q0 = 0, fetch_q1 = 0, fetch_k0 = 0, fetch_k1 = 0;
-        if (next >= 0 && last_chunk) {
+        if (next >= 0 && last_chunk && !lone) {
           int64_t b = (r0 - it.row_begin) / ROWS;
           fetch_k0 = fetch_from + b * next_keys / blocks, fetch_k1 = fetch_from + (b + 1) * next_keys / blocks;
           fetch_q0 = after.row_begin + b * ROWS;
