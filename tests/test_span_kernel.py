@@ -124,9 +124,10 @@ def test_span_kernel_short_runs(q_rows, span, dim, v_dim, dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("grouped", [False, True])
 def test_span_kernel_lone_rows(dim, v_dim, dtype, grouped):
-    """Rows computed alone, their keys and values read where they lie: a decode step's row, and a
-    call's last strip of one row (15 rows in strips of 7). Head dims of 1 to 9 vectors, spans over
-    two chunks of keys, key rows flat or in groups (8 of every 10), against float64."""
+    """Rows computed one at a time, their keys and values read where they lie (strips of up to
+    LONE_ROWS rows): a decode step's row, a short run's three, strips of 4 and 3 (15 rows), a call's
+    last strip of one row (15 rows in strips of 7). Head dims of 1 to 9 vectors, spans over two
+    chunks of keys, key rows flat or in groups (8 of every 10), against float64."""
     g = torch.Generator().manual_seed(dim + v_dim)
     q = torch.randn(2, 4, 15, dim, generator=g).to(dtype)
     if grouped:
@@ -134,7 +135,7 @@ def test_span_kernel_lone_rows(dim, v_dim, dtype, grouped):
         flat = [x.flatten(2, 3) for x in (k, v)]
     else:
         k, v = flat = [torch.randn(2, 2, 1040, d, generator=g).to(dtype) for d in (dim, v_dim)]
-    for rows, strip_rows in ((q, 7), (q[:, :, -1:], 0)):
+    for rows, strip_rows in ((q, 7), (q, 4), (q[:, :, -3:], 0), (q[:, :, -1:], 0)):
         span = dict(first=-UNBOUNDED, last=0, causal=True, row_shift=1040 - rows.shape[2])
         out, lse = _span(rows, k, v, scale=0.3, strip_rows=strip_rows, **span)
         assert_matches_reference(out, lse, *_span_reference(rows, *flat, scale=0.3, **span), tol=2e-5)

@@ -60,6 +60,12 @@ typedef uint16_t u16x16 __attribute__((vector_size(32)));
 // keys whole); chunks of 512 and 2048 were within 1% of 1024 at n = 16384 (strided, the band, the
 // union, fixed), and 2048 4.5% slower for fixed(128, 8) at 65536.
 constexpr int64_t KEY_CHUNK = 1024;
+// A strip of up to this many rows (a decode step's row, a short run's few) computes each row alone,
+// its keys and values read where they lie (`row_scores`): for so few rows packing the keys costs
+// more than their products. After 16384 keys, H = 8, D = 64, through engine.attention, against
+// packed blocks: 2 rows 0.76-0.79 of the time (sliding_window(256), fixed(128, 8)), 4 rows
+// 0.87-0.93; 8 rows 1.05-1.14.
+constexpr int64_t LONE_ROWS = 4;
 constexpr int LANES = 16;
 constexpr float LOG2E = 1.4426950408889634f;
 constexpr float LN2 = 0.6931471805599453f;
@@ -710,7 +716,7 @@ template <int IN, int OUT, int TILE_ROWS> struct Worker {
     }
   }
 
-  // A lone row's scores (a decode step's): scores[j] = q_row . k_(from + j) for j < seen, zeros on
+  // A lone row's scores (LONE_ROWS): scores[j] = q_row . k_(from + j) for j < seen, zeros on
   // to `keys`, from k's rows where they lie, 16 keys' products summed at a time (`lane_sums`), in
   // float32 in every dtype (bfloat16's products are exact in it). A row reads its keys once: packing
   // them (`pack`, 4 transposes for 16 keys at head dims 64) cost more than its products. One row
@@ -792,7 +798,7 @@ template <int IN, int OUT, int TILE_ROWS> struct Worker {
   }
 
   // The strip's keys go KEY_CHUNK at a time (packed in cache, then every row block that sees some
-  // of them), each row keeping a running largest score, sum and output (`acc`) as flash attention
+  // of them; up to LONE_ROWS rows: unpacked, a row at a time), each row keeping a running largest score, sum and output (`acc`) as flash attention
   // does. A block's rows are written out within the chunk that holds their last keys, as its
   // products come in (written all at the strip's end, a stride's rows s rows apart cost 15% more).
   void strip(const Item<In> &it, int64_t next) {
@@ -824,21 +830,22 @@ template <int IN, int OUT, int TILE_ROWS> struct Worker {
     const int64_t fetch_from = same_problem && after.key_begin < it.key_end ? it.key_end : after.key_begin;
     const int64_t next_keys = after.key_end > fetch_from ? after.key_end - fetch_from : 0;
     const float q_scale = a.scale * LOG2E;
-    const bool lone = !AMX && strip_rows == 1;  // its keys and values read where they lie (`row_scores`)
+    const bool lone = !AMX && strip_rows <= LONE_ROWS;  // its rows one at a time (`row_scores`)
+    const int64_t block_rows = lone ? 1 : ROWS;
     for (int64_t c0 = it.key_begin; c0 < it.key_end; c0 += KEY_CHUNK) {
       const int64_t c1 = c0 + KEY_CHUNK < it.key_end ? c0 + KEY_CHUNK : it.key_end;
       const bool last_chunk = c1 == it.key_end;
       if (!lone) pack(it, c0, c1 - c0);
-      for (int64_t r0 = it.row_begin; r0 < it.row_end; r0 += ROWS) {
-        int64_t rows = it.row_end - r0 < ROWS ? it.row_end - r0 : ROWS;
+      for (int64_t r0 = it.row_begin; r0 < it.row_end; r0 += block_rows) {
+        int64_t rows = it.row_end - r0 < block_rows ? it.row_end - r0 : block_rows;
         // The next item's rows, spread over this one's blocks and each block's rows (`fetch_q0` ..,
         // `fetch_k0` ..): its query rows, its output rows unless streamed (`add_block`), and its keys
         // and values. A block's fetch issued at once queued behind itself (no hardware prefetcher
         // follows a stride's rows, s rows apart), and outputs fetched only as written stalled the
         // stores. Against a block's fetch at its start without outputs, n = 16384, H = 8, D = 64:
         // float32 0.89-0.96 of the time (strided(64), strided(128), sliding_window(256) and (128),
-        // fixed(128, 8), the union), bfloat16 0.82-0.99 but sliding_window(128) 1.07. Lone rows fetch
-        // nothing ahead: the hardware's prefetcher does better on their few keys (one row after 16384
+        // fixed(128, 8), the union), bfloat16 0.82-0.99 but sliding_window(128) 1.07. Lone rows' strips
+        // fetch nothing ahead: the hardware's prefetcher does better on their few keys (one row after 16384
         // keys, 8 heads, the kernel alone, without / with: a window of 256 keys 0.75-0.82 of the time,
         // 1024 0.62; a class's keys 64 rows apart 0.78-0.88).
         int64_t fetch_q0 = 0, fetch_q1 = 0, fetch_k0 = 0, fetch_k1 = 0;
