@@ -64,7 +64,7 @@ constexpr int64_t KEY_CHUNK = 1024;
 // its keys and values read where they lie (`row_scores`): for so few rows packing the keys costs
 // more than their products. After 16384 keys, H = 8, D = 64, through engine.attention, against
 // packed blocks: 2 rows 0.76-0.79 of the time (sliding_window(256), fixed(128, 8)), 4 rows
-// 0.87-0.93; 8 rows 1.05-1.14.
+// 0.83-0.93; 8 rows 1.05-1.14.
 constexpr int64_t LONE_ROWS = 4;
 constexpr int LANES = 16;
 constexpr float LOG2E = 1.4426950408889634f;
@@ -720,8 +720,8 @@ template <int IN, int OUT, int TILE_ROWS> struct Worker {
   // to `keys`, from k's rows where they lie, 16 keys' products summed at a time (`lane_sums`), in
   // float32 in every dtype (bfloat16's products are exact in it). A row reads its keys once: packing
   // them (`pack`, 4 transposes for 16 keys at head dims 64) cost more than its products. One row
-  // after 16384 keys, H = 8, D = 64, float32, the kernel alone: 0.49 of the time packed (47 -> 23 us)
-  // for a window of 256 keys, 0.45 for 1024, 0.71 for 16.
+  // after 16384 keys, H = 8, D = 64, float32, the kernel alone on one thread: 0.49 of the packed
+  // path's time (47 -> 23 us) for a window of 256 keys, 0.45 for 1024, 0.71 for 16.
   void row_scores(const Item<In> &it, int64_t row, int64_t from, int64_t seen, int64_t keys) {
     for (int64_t d = 0; d < a.dim; d += LANES) store(queries + d, Elements<IN>::load16(it.q + row * a.q_stride[2] + d));
     Call::KeyRows key = a.key_rows(from, a.k_stride);
@@ -798,9 +798,10 @@ template <int IN, int OUT, int TILE_ROWS> struct Worker {
   }
 
   // The strip's keys go KEY_CHUNK at a time (packed in cache, then every row block that sees some
-  // of them; up to LONE_ROWS rows: unpacked, a row at a time), each row keeping a running largest score, sum and output (`acc`) as flash attention
-  // does. A block's rows are written out within the chunk that holds their last keys, as its
-  // products come in (written all at the strip's end, a stride's rows s rows apart cost 15% more).
+  // of them; up to LONE_ROWS rows: unpacked, a row at a time), each row keeping a running largest
+  // score, sum and output (`acc`) as flash attention does. A block's rows are written out within
+  // the chunk that holds their last keys, as its products come in (written all at the strip's end,
+  // a stride's rows s rows apart cost 15% more).
   void strip(const Item<In> &it, int64_t next) {
     Out *out = (Out *)a.out + it.i * a.out_stride[0] + it.c * a.out_stride[1];
     float *lse = a.lse + it.i * a.lse_stride[0] + it.c * a.lse_stride[1];
@@ -844,10 +845,10 @@ template <int IN, int OUT, int TILE_ROWS> struct Worker {
         // follows a stride's rows, s rows apart), and outputs fetched only as written stalled the
         // stores. Against a block's fetch at its start without outputs, n = 16384, H = 8, D = 64:
         // float32 0.89-0.96 of the time (strided(64), strided(128), sliding_window(256) and (128),
-        // fixed(128, 8), the union), bfloat16 0.82-0.99 but sliding_window(128) 1.07. Lone rows' strips
-        // fetch nothing ahead: the hardware's prefetcher does better on their few keys (one row after 16384
-        // keys, 8 heads, the kernel alone, without / with: a window of 256 keys 0.75-0.82 of the time,
-        // 1024 0.62; a class's keys 64 rows apart 0.78-0.88).
+        // fixed(128, 8), the union), bfloat16 0.82-0.99 but sliding_window(128) 1.07. Lone rows'
+        // strips fetch nothing ahead: the hardware's prefetcher does better on their few keys (one
+        // row after 16384 keys, 8 heads, the kernel alone, without / with: a window of 256 keys
+        // 0.75-0.82 of the time, 1024 0.62; a class's keys 64 rows apart 0.78-0.88).
         int64_t fetch_q0 = 0, fetch_q1 = 0, fetch_k0 = 0, fetch_k1 = 0;
         if (next >= 0 && last_chunk && !lone) {
           int64_t b = (r0 - it.row_begin) / ROWS;
