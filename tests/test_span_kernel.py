@@ -131,7 +131,8 @@ def test_span_kernel_lone_rows(dim, v_dim, dtype, grouped):
     g = torch.Generator().manual_seed(dim + v_dim)
     q = torch.randn(2, 4, 15, dim, generator=g).to(dtype)
     if grouped:
-        k, v = (torch.randn(2, 2, 1300, d, generator=g).to(dtype).unflatten(2, (130, 10))[:, :, :, 2:] for d in (dim, v_dim))
+        k, v = (torch.randn(2, 2, 1300, d, generator=g).to(dtype).unflatten(2, (130, 10))[:, :, :, 2:]
+                for d in (dim, v_dim))
         flat = [x.flatten(2, 3) for x in (k, v)]
     else:
         k, v = flat = [torch.randn(2, 2, 1040, d, generator=g).to(dtype) for d in (dim, v_dim)]

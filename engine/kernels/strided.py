@@ -243,10 +243,11 @@ def strided_pieces(
 def _on_span_kernel(qc: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, skip_strides: tuple[int, ...],
                      device: str) -> bool:
     """Whether class views (a long run's classes, a short run's rows' own) go to the CPU span kernel
-    (`span_kernel`) rather than torch's kernel (in chunks; one fused call): on the CPU, without skipped strides (their masks), in half precision that
-    torch's kernel runs natively (AMX) up to NATIVE_HALF_SPAN_MAX_KEY_ROWS key class rows, or past
-    them from NATIVE_SPAN_MIN_QUERY_ROWS query class rows where the span kernel computes it natively
-    too (`span_kernel.computes_natively`), and where the kernel takes the views."""
+    (`span_kernel`) rather than torch's kernel (in chunks; one fused call): on the CPU, without
+    skipped strides (their masks), in half precision that torch's kernel runs natively (AMX) up to
+    NATIVE_HALF_SPAN_MAX_KEY_ROWS key class rows, or past them from NATIVE_SPAN_MIN_QUERY_ROWS query
+    class rows where the span kernel computes it natively too (`span_kernel.computes_natively`), and
+    where the kernel takes the views."""
     short_enough = (not cpu_native_half(qc.dtype) or kc.shape[-2] <= NATIVE_HALF_SPAN_MAX_KEY_ROWS
                     or (span_kernel.computes_natively(qc.dtype) and qc.shape[-2] >= NATIVE_SPAN_MIN_QUERY_ROWS))
     return device == "cpu" and not skip_strides and short_enough and span_kernel.takes(qc, kc, vc)
@@ -441,7 +442,7 @@ def _short_run_pieces(
             qc = _swapped(row_range(q, row, run), (b, hkv, group, run, d), (b * hkv, run, group, d))
             kc, vc = (row_grid(x, first_class, (run, 1), (keys, s)) for x in (k, v))  # class c: its keys
             dv = v.shape[-1]
-            if _on_span_kernel(qc, kc, vc, skip_strides, kernel_device(q.device)):  # no mask: skip_strides none
+            if _on_span_kernel(qc, kc, vc, skip_strides, kernel_device(q.device)):  # no skipped strides: no mask
                 out = q.new_empty(*qc.shape[:-1], dv)
                 lse = q.new_empty(qc.shape[:-1], dtype=torch.float32)
                 span_kernel.span_attention(qc, kc, vc, out, lse, first=-span_kernel.UNBOUNDED,
