@@ -150,19 +150,20 @@ def span_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch
                    seed: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
     """Attention of each problem's query rows over a span of its key rows, written into out and lse:
     q [N, S, Rq, D], k and v [N / Gn, S / Gs, Rk, *] (views, any strides but the features'), or
-    [N / Gn, S / Gs, G, c, *]: Rk = G c key rows in G groups of c, each group at its own stride (fixed's
-    summary keys, c of every l rows, read in place); query
-    row r of problem (i, c), at position p = r + row_shift, attending key rows a + first .. a + last,
-    anchored at a = p // rows_per_step * keys_per_step (p itself by default; fixed's own block is
-    anchored at its start, its summary keys grow by c every l rows), none past p where causal,
-    within 0 .. Rk - 1 (none: zeros and lse -inf), of problem (i // Gn, c // Gs); out [N, S, Rq, Dv]
-    in float32 or q's dtype, lse float32 [N, S, Rq], any strides but out's features'. `seed`: (out in
+    [N / Gn, S / Gs, G, c, *]: Rk = G c key rows in G groups of c, each group at its own stride
+    (fixed's summary keys, c of every l rows, read in place); query row r of problem (i, c), at
+    position p = r + row_shift, attending key rows a + first .. a + last, anchored at
+    a = p // rows_per_step * keys_per_step (p itself by default; fixed's own block is anchored at
+    its start, its summary keys grow by c every l rows), none past p where causal, within
+    0 .. Rk - 1 (none: zeros and lse -inf), of problem (i // Gn, c // Gs); out [N, S, Rq, Dv] in
+    float32 or q's dtype, lse float32 [N, S, Rq], any strides but out's features'. `seed`: (out in
     any of DTYPES, lse float32) shaped as those, each row's partial over other keys, which the rows
     continue (their merge is written: no merge pass after, nor a conversion before); it may be
     (out, lse) themselves. Computed in float32 (bfloat16 as `bfloat16_products` says: on AMX's
     tiles or its scores as bfloat16 pairs, as exact); threads take runs of strips of `strip_rows`
     rows (0: a problem's rows whole, its keys packed once) of about equal work, each strip's keys
-    1024 at a time (KEY_CHUNK) with a running softmax; outputs with rows apart, past a size, are
+    1024 at a time (KEY_CHUNK) with a running softmax (a strip of up to 4 rows, LONE_ROWS: a row at
+    a time, its keys and values read in place, unpacked); outputs with rows apart, past a size, are
     streamed past the caches."""
     n, classes, q_rows, dim = q.shape
     grouped = k.dim() == 5
