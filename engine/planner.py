@@ -8,9 +8,11 @@ fixed members) falls back to the masked kernel, which is exact and memory-safe b
 few query rows it runs on a copy of just the keys they attend). Small problems of fixed, unions
 and windows (at most SMALL_KEYS keys; a union with fixed twice that, a causal window half) run on
 the masked kernel too: one call beats their several small ones there; so, on the CPU, do a short
-chunk of a union with fixed after up to SHORT_RUN_MASKED_KEYS keys, a decode step of one whose row
-attends up to ONE_ROW_MASKED_KEYS keys, fixed alone from two rows on, and a chunk of one or two
-class rows of strides of at most TINY_STRIDE (of a union of strides, TINY_UNION_STRIDE).
+chunk of a union with fixed after up to SHORT_RUN_MASKED_KEYS keys and a decode step of one whose
+row attends up to ONE_ROW_MASKED_KEYS keys where the span kernel does not take its fixed step (with
+it, a decode step of one with a stride up to ONE_ROW_STRIDED_MASKED_KEYS keys), fixed alone from
+two rows on, and a chunk of one or two class rows of strides of at most TINY_STRIDE (of a union of
+strides, TINY_UNION_STRIDE).
 `simplify` first removes what cannot change the mask.
 """
 
@@ -122,7 +124,13 @@ SMALL_KEYS = 128
 #   0.55-1.07 (most under 0.8), at 4096 0.84-1.36; in bfloat16 0.33-0.51 up to 2048 and 0.50-0.63
 #   at 4096, with H = 8 over 2 key/value heads 0.34-0.58 up to 2048.
 # On CUDA the structured plans read no device value and fixed is one Triton launch: they keep these
-# runs.
+# runs. So, since 2026-12-06 (eighteenth session), do causal unions with fixed where the CPU's span
+# kernel is built (its fixed step skips the window's and strides' keys in the kernel,
+# `fixed.span_fixed_attention`): structured / masked, plans called directly in a loop of 60 key
+# lengths, best of three rounds in turn, float32 (bfloat16 alike): 2, 4, 8 and 16 rows after 300 to
+# 2048 keys 0.41-0.62 for union(sliding 128 or 256, fixed(128, 8)), 0.59-1.00 for union(strided 128,
+# fixed(128, 8)), 0.79-0.97 for union(sliding 128, strided 128, fixed(128, 8)) but for 2 and 4 rows
+# after 512 keys 1.13-1.17 in one of two runs. One row: ONE_ROW_STRIDED_MASKED_KEYS.
 SHORT_RUN_MASKED_KEYS = 1024
 # One row (a decode step) of a union with a fixed member runs on the CPU's masked kernel, causal or
 # not (the last row has no later key), while it attends at most about this many keys (its members'
@@ -143,6 +151,14 @@ SHORT_RUN_MASKED_KEYS = 1024
 # block); unions of windows and strides keep their steps (0.63-1.18 up to 8192 keys, 0.99-1.32 at
 # 16384).
 ONE_ROW_MASKED_KEYS = 1536
+# One causal row of a union with fixed where the span kernel is built takes the masked kernel only
+# with a stride among the members and up to this many keys: the structured plan's three kernel
+# calls (the stride's classes, fixed's own block and summary keys) cost more than the masked call
+# there. Structured / masked (as above, float32): union(strided 128, fixed(128, 8))
+# at 384 / 512 / 768 / 1024 / 1536 / 4096 / 16384 keys 1.31 / 1.39 / 1.23 / 0.96-1.16 / 0.87 / 0.84 /
+# 0.48, with sliding 128 too 1.08 / 1.23 / 1.13 / 0.87-0.97 / 0.85 / 0.84 / 0.47 (bfloat16 at 512:
+# 0.90 and 0.83); without a stride 0.47-0.65 from 384 keys on.
+ONE_ROW_STRIDED_MASKED_KEYS = 768
 # A causal chunk of one or two class rows (s <= Lq <= 2s) of a stride s of at most TINY_STRIDE runs
 # on the CPU's masked kernel, and so do 2 to 2s rows of a union of strides whose smallest is s
 # (each stride's step sweeps K again): each class view of so small a stride sweeps nearly all of
@@ -273,16 +289,21 @@ def _small_on_masked(pattern: PatternBase, lk: int, causal: bool) -> bool:
 
 
 def _short_run_on_masked(pattern: PatternBase, lq: int, lk: int, causal: bool, device: str) -> bool:
-    """Whether a few causal rows of a union with fixed, or two or more of fixed alone, run on the
-    CPU's masked kernel (SHORT_RUN_MASKED_KEYS), or one row of a union with fixed, causal or not
-    (ONE_ROW_MASKED_KEYS)."""
-    if device == "cpu" and lq == 1 and _union_with(pattern, Fixed):
-        return _row_keys_bound(pattern, lk - 1) <= ONE_ROW_MASKED_KEYS
-    if device != "cpu" or not causal or lq > SHORT_RUN_ROWS:
+    """Whether a few rows run on the CPU's masked kernel: two or more causal rows of fixed alone
+    (SHORT_RUN_MASKED_KEYS); of a union with fixed, one causal row with a stride among the members
+    where the span kernel is built (ONE_ROW_STRIDED_MASKED_KEYS), else a few causal rows
+    (SHORT_RUN_MASKED_KEYS) and one row, causal or not (ONE_ROW_MASKED_KEYS)."""
+    if device != "cpu" or lq > SHORT_RUN_ROWS:
         return False
     if isinstance(pattern, Fixed):  # one row is its fast case: a copy of exactly its keys
-        return lq > 1 and lk <= 2 * SHORT_RUN_MASKED_KEYS
-    return _union_with(pattern, Fixed) and lk <= SHORT_RUN_MASKED_KEYS * (2 if _union_with(pattern, Strided) else 1)
+        return causal and lq > 1 and lk <= 2 * SHORT_RUN_MASKED_KEYS
+    if not _union_with(pattern, Fixed):
+        return False
+    if causal and span_kernel.library() is not None:  # fixed's step on the span kernel
+        return lq == 1 and _union_with(pattern, Strided) and lk <= ONE_ROW_STRIDED_MASKED_KEYS
+    if lq == 1:
+        return _row_keys_bound(pattern, lk - 1) <= ONE_ROW_MASKED_KEYS
+    return causal and lk <= SHORT_RUN_MASKED_KEYS * (2 if _union_with(pattern, Strided) else 1)
 
 
 def _tiny_strides_on_masked(pattern: PatternBase, lq: int, causal: bool, device: str) -> bool:

@@ -558,33 +558,21 @@ STRIDES = {"type": "union", "patterns": [SW(256), ST(128), ST(96)]}
     (SW(16), 128, 128, False, "masked"),
     (SW(16), 129, 129, False, "band"),
     (ST(8), 128, 128, False, "strided"),
-    # A causal short run (at most 16 rows) of a union with fixed on the CPU, after up to
-    # SHORT_RUN_MASKED_KEYS = 1024 keys (with a stride among its members 2048): one masked call.
-    ({"type": "union", "patterns": [SW(128), FX(128, 8)]}, 1, 1024, True, "masked"),
-    ({"type": "union", "patterns": [SW(128), FX(128, 8)]}, 16, 1024, True, "masked"),
-    ({"type": "union", "patterns": [SW(128), FX(128, 8)]}, 2, 1025, True, "band+fixed"),
-    ({"type": "union", "patterns": [SW(128), FX(128, 8)]}, 17, 1024, True, "band+fixed"),  # past a short run
-    ({"type": "union", "patterns": [SW(128), FX(128, 8)]}, 2, 1024, False, "band+fixed"),  # causal only
+    # Two or more causal rows of fixed alone on the CPU, after up to 2 * SHORT_RUN_MASKED_KEYS = 2048
+    # keys: one masked call.
     (FX(128, 8), 1, 2048, True, "fixed"),  # fixed alone keeps its plan for one row
     (FX(128, 8), 2, 2048, True, "masked"),  # from two rows on, up to twice as many keys
     (FX(16, 2), 16, 2048, True, "masked"),
     (FX(128, 8), 2, 2049, True, "fixed"),
     (FX(128, 8), 17, 1024, True, "fixed"),  # past a short run
     (FX(128, 8), 16, 1024, False, "fixed"),  # causal only
-    ({"type": "union", "patterns": [ST(128), FX(128, 8)]}, 1, 2048, True, "masked"),
-    ({"type": "union", "patterns": [ST(128), FX(128, 8)]}, 2, 2049, True, "strided+fixed"),
-    # One row of a union with fixed on the CPU, causal or not, while its members' key counts sum to
-    # at most ONE_ROW_MASKED_KEYS = 1536: one masked call on a copy of exactly its keys.
-    ({"type": "union", "patterns": [SW(128), FX(128, 8)]}, 1, 22401, True, "masked"),  # 128 + 175 * 8 + 1 keys
-    ({"type": "union", "patterns": [SW(128), FX(128, 8)]}, 1, 22401, False, "masked"),
-    ({"type": "union", "patterns": [SW(128), FX(128, 8)]}, 1, 22529, True, "band+fixed"),  # 128 + 176 * 8 + 1
-    ({"type": "union", "patterns": [ST(128), FX(128, 8)]}, 1, 16384, True, "masked"),
-    ({"type": "union", "patterns": [ST(128), FX(128, 8)]}, 1, 65536, True, "strided+fixed"),
-    (THREE, 1, 16384, True, "masked"),  # 256 + 128 + 127 * 8 + 128
-    (THREE, 1, 20480, True, "band+strided+fixed"),
+    # Not causal: one row while its members' key counts sum to at most ONE_ROW_MASKED_KEYS = 1536,
+    # one masked call on a copy of exactly its keys.
+    ({"type": "union", "patterns": [SW(128), FX(128, 8)]}, 1, 22401, False, "masked"),  # 128 + 175 * 8 + 1 keys
+    ({"type": "union", "patterns": [SW(128), FX(128, 8)]}, 1, 22529, False, "band+fixed"),  # 128 + 176 * 8 + 1
+    ({"type": "union", "patterns": [SW(128), FX(128, 8)]}, 2, 1024, False, "band+fixed"),  # a few rows: causal only
     ({"type": "union", "patterns": [SW(128), ST(128)]}, 1, 4096, True, "band+strided"),  # no fixed member
-    (THREE, 16, 2048, True, "masked"),
-    ({"type": "union", "patterns": [SW(128), ST(128)]}, 1, 512, True, "band+strided"),  # no fixed member
+    ({"type": "union", "patterns": [SW(128), ST(128)]}, 1, 512, True, "band+strided"),
     # A causal chunk of strides alone, the smallest at most TINY_STRIDE = 3, on the CPU: one or two
     # class rows of one stride, 2 to 2s rows of a union of strides, take one masked call.
     (ST(3), 3, 65536, True, "masked"),
@@ -617,16 +605,69 @@ def test_planner_kernel_choice(pattern, lq, lk, causal, backend):
     assert plan(parse_pattern(pattern), lq, lk, causal, "cpu").backend == backend
 
 
+@pytest.mark.parametrize("pattern,lq,lk,backend", [
+    ({"type": "union", "patterns": [ST(128), FX(128, 8)]}, 1, 768, "masked"),
+    (THREE, 1, 768, "masked"),
+    ({"type": "union", "patterns": [ST(128), FX(128, 8)]}, 1, 769, "strided+fixed"),
+    (THREE, 1, 16384, "band+strided+fixed"),
+    ({"type": "union", "patterns": [SW(128), FX(128, 8)]}, 1, 300, "band+fixed"),  # no stride
+    ({"type": "union", "patterns": [SW(128), FX(128, 8)]}, 16, 1024, "band+fixed"),
+    (THREE, 2, 768, "band+strided+fixed"),
+])
+def test_short_runs_of_unions_with_fixed_on_the_span_kernel(pattern, lq, lk, backend):
+    """A causal union with fixed, its fixed step on the span kernel: one row with a stride among the
+    members after up to ONE_ROW_STRIDED_MASKED_KEYS = 768 keys takes one masked call; the rest
+    keep the structured plan."""
+    from engine.kernels import span_kernel
+    from engine.patterns import parse_pattern
+    from engine.planner import plan
+
+    if span_kernel.library() is None:
+        pytest.skip("no C++ compiler to build the span kernel")
+    assert plan(parse_pattern(pattern), lq, lk, True, "cpu").backend == backend
+
+
+@pytest.mark.parametrize("pattern,lq,lk,causal,backend", [
+    ({"type": "union", "patterns": [SW(128), FX(128, 8)]}, 1, 1024, True, "masked"),
+    ({"type": "union", "patterns": [SW(128), FX(128, 8)]}, 16, 1024, True, "masked"),
+    ({"type": "union", "patterns": [SW(128), FX(128, 8)]}, 2, 1025, True, "band+fixed"),
+    ({"type": "union", "patterns": [SW(128), FX(128, 8)]}, 17, 1024, True, "band+fixed"),  # past a short run
+    ({"type": "union", "patterns": [ST(128), FX(128, 8)]}, 2, 2048, True, "masked"),
+    ({"type": "union", "patterns": [ST(128), FX(128, 8)]}, 2, 2049, True, "strided+fixed"),
+    ({"type": "union", "patterns": [SW(128), FX(128, 8)]}, 1, 22401, True, "masked"),  # 128 + 175 * 8 + 1 keys
+    ({"type": "union", "patterns": [SW(128), FX(128, 8)]}, 1, 22529, True, "band+fixed"),  # 128 + 176 * 8 + 1
+    ({"type": "union", "patterns": [ST(128), FX(128, 8)]}, 1, 16384, True, "masked"),
+    ({"type": "union", "patterns": [ST(128), FX(128, 8)]}, 1, 65536, True, "strided+fixed"),
+    (THREE, 1, 16384, True, "masked"),  # 256 + 128 + 127 * 8 + 128
+    (THREE, 1, 20480, True, "band+strided+fixed"),
+    (THREE, 16, 2048, True, "masked"),
+])
+def test_short_runs_of_unions_with_fixed_without_the_span_kernel(monkeypatch, pattern, lq, lk, causal, backend):
+    """Where the span kernel is not built (torch's masked calls take fixed's step), a causal short
+    run of a union with fixed takes one masked call up to SHORT_RUN_MASKED_KEYS = 1024 keys (with a
+    stride among its members 2048), one row while its members' key counts sum to at most
+    ONE_ROW_MASKED_KEYS = 1536."""
+    from engine.patterns import parse_pattern
+    from engine.planner import plan
+
+    _without_span_kernel(monkeypatch)
+    plan.cache_clear()
+    try:
+        assert plan(parse_pattern(pattern), lq, lk, causal, "cpu").backend == backend
+    finally:
+        plan.cache_clear()
+
+
 def test_short_runs_of_unions_with_fixed_keep_their_structured_plan_on_cuda():
     """On CUDA the structured plans read no device value and fixed is one Triton launch: a decode
     step keeps them there."""
     from engine.patterns import parse_pattern
     from engine.planner import plan
 
-    for pattern, backend in (({"type": "union", "patterns": [SW(128), FX(128, 8)]}, "band+fixed"),
+    for pattern, backend in (({"type": "union", "patterns": [ST(128), FX(128, 8)]}, "strided+fixed"),
                              (THREE, "band+strided+fixed")):
-        assert plan(parse_pattern(pattern), 1, 1024, True, "cpu").backend == "masked"
-        assert plan(parse_pattern(pattern), 1, 1024, True, "cuda").backend == backend
+        assert plan(parse_pattern(pattern), 1, 768, True, "cpu").backend == "masked"
+        assert plan(parse_pattern(pattern), 1, 768, True, "cuda").backend == backend
 
 
 def test_chunks_of_tiny_strides_keep_their_kernel_on_cuda():
@@ -808,11 +849,14 @@ def test_strided_short_runs(lq, lk, stride, min_distance):
 
 @pytest.mark.parametrize("lq,lk", [(1000, 1000), (517, 700), (300, 1003), (1, 1003), (16, 2001), (70, 2001)])
 @pytest.mark.parametrize("block,summary,min_distance", [(16, 4, 5), (16, 4, 40), (10, 3, 10), (64, 8, 1), (7, 7, 3)])
-@pytest.mark.parametrize("causal", [True, False])  # a distance: blocks per call, never row ranges
-def test_fixed_min_distance(lq, lk, block, summary, min_distance, causal):
+@pytest.mark.parametrize("causal,span", [(True, True), (True, False), (False, True)])
+def test_fixed_min_distance(monkeypatch, lq, lk, block, summary, min_distance, causal, span):
     """fixed's keys at distance >= m (a union with sliding_window(m)): own-block diagonal shifted
     (without causal: own block masked both ways), a prefix of the summary keys per row (and a
-    suffix of those after it), rows near the start with none."""
+    suffix of those after it), rows near the start with none; causal on the span kernel and on
+    torch's (a distance: blocks per call, never row ranges)."""
+    if not span:
+        _without_span_kernel(monkeypatch)
     q, k, v = _qkv(2, lq, lk)
     result = kernels.fixed_attention(q, k, v, block=block, summary=summary, scale=0.25, min_distance=min_distance,
                                      causal=causal)
@@ -823,10 +867,13 @@ def test_fixed_min_distance(lq, lk, block, summary, min_distance, causal):
 @pytest.mark.parametrize("block,summary,strides", [(16, 4, (4,)), (16, 4, (5,)), (10, 3, (7,)), (64, 8, (64,)),
                                                    (7, 7, (2,)), (20, 5, (1000,)), (16, 4, (3, 5)), (10, 3, (4, 6, 7))])
 @pytest.mark.parametrize("min_distance", [0, 5, 40])
-@pytest.mark.parametrize("causal", [True, False])
-def test_fixed_skip_strides(lq, lk, block, summary, strides, min_distance, causal):
-    """fixed's keys less the strides' (a union with strided members, which count them): the
-    own-block mask shared by every block, every summary key under a mask; with a window's distance too."""
+@pytest.mark.parametrize("causal,span", [(True, True), (True, False), (False, True)])
+def test_fixed_skip_strides(monkeypatch, lq, lk, block, summary, strides, min_distance, causal, span):
+    """fixed's keys less the strides' (a union with strided members, which count them); with a
+    window's distance too. Causal on the span kernel (skipped in it) and on torch's (the own-block
+    mask shared by every block, every summary key under a mask)."""
+    if not span:
+        _without_span_kernel(monkeypatch)
     q, k, v = _qkv(2, lq, lk)
     result = kernels.fixed_attention(q, k, v, block=block, summary=summary, scale=0.25, min_distance=min_distance,
                                      skip_strides=strides, causal=causal)
@@ -841,6 +888,7 @@ def test_fixed_union_calls_within_mask_budget(monkeypatch, min_distance, strides
     by all the summary keys, and the result the reference's."""
     from engine.kernels import fixed
 
+    _without_span_kernel(monkeypatch)  # which takes causal steps
     q, k, v = _qkv(2, 700, 1003)
     budget = 4 * 10 * len(fixed.summary_columns(1003, 10, 3))
     monkeypatch.setattr(fixed, "MASK_BUDGET", budget)
@@ -978,14 +1026,15 @@ def test_a_row_on_exactly_its_keys_takes_an_unmasked_call(monkeypatch, lq, spec,
 ], ids=["window_fixed", "strided_fixed", "window_strided_fixed", "two_strides"])
 @pytest.mark.parametrize("lk", [1, 130, 5003])
 def test_a_decode_row_of_a_union_with_fixed_on_its_keys(pattern, lk, causal, dtype):
-    """One row of a union with fixed (a decode step) takes the masked plan on the CPU, causal or not
-    (the last row has no later key), with grouped key/value heads, a value head dim of its own
-    and half precision, against the float64 reference."""
+    """One row of a union with fixed (a decode step), with grouped key/value heads, a value head dim
+    of its own and half precision, against the float64 reference: on the masked plan on the CPU
+    without causality (the last row has no later key) and over few keys; causal after 5003 keys on
+    the structured plan where the span kernel takes fixed's step."""
     from engine import attention
     from engine.patterns import parse_pattern
     from engine.planner import plan
 
-    assert lk == 1 or plan(parse_pattern(pattern), 1, lk, causal, "cpu").backend == "masked"
+    assert lk == 1 or (causal and lk == 5003) or plan(parse_pattern(pattern), 1, lk, causal, "cpu").backend == "masked"
     g = torch.Generator().manual_seed(lk)
     q = torch.randn(2, 4, 1, 24, generator=g).to(dtype)
     k = torch.randn(2, 2, lk, 24, generator=g).to(dtype)

@@ -20,17 +20,22 @@ UNBOUNDED = span_kernel.UNBOUNDED
 
 
 def _span_reference(q, k, v, *, first: int, last: int, scale: float, row_shift: int = 0, rows_per_step: int = 1,
-                    keys_per_step: int = 1, causal: bool = False):
+                    keys_per_step: int = 1, causal: bool = False, min_distance: int = 0,
+                    skip_strides: tuple[int, ...] = (), key_positions: torch.Tensor | None = None):
     """Float64: query row r of problem (i, c), at position p = r + row_shift, attends key rows
-    a + first .. a + last, a = p // rows_per_step * keys_per_step, none past p where causal, of
-    problem (i // Gn, c // Gs)."""
+    a + first .. a + last, a = p // rows_per_step * keys_per_step, none past p - min_distance where
+    causal, none at p - (the key's position) = 0 mod a skipped stride, of problem (i // Gn, c // Gs).
+    Key row j lies at position j, or at key_positions[j]."""
     k, v = (x.double().repeat_interleave(q.shape[0] // k.shape[0], 0).repeat_interleave(q.shape[1] // k.shape[1], 1)
             for x in (k, v))
     scores = torch.einsum("ncqd,nckd->ncqk", q.double(), k) * scale
     position = torch.arange(q.shape[2])[:, None] + row_shift
     key = torch.arange(k.shape[2])[None, :]
+    key_position = key if key_positions is None else key_positions[None, :]
     anchor = position // rows_per_step * keys_per_step
-    outside = (key < anchor + first) | (key > anchor + last) | (causal & (key > position))
+    outside = (key < anchor + first) | (key > anchor + last) | (causal & (key_position > position - min_distance))
+    for stride in skip_strides:
+        outside |= (position - key_position) % stride == 0
     scores = scores.masked_fill(outside, float("-inf"))
     lse = torch.logsumexp(scores, -1)
     out = torch.einsum("ncqk,nckd->ncqd", torch.exp(scores - lse[..., None]).nan_to_num(0.0), v)
@@ -160,6 +165,52 @@ def test_span_kernel_reads_key_rows_in_groups(groups, group_rows, every, span, d
     out, lse = _span(q, k, v, scale=0.3, strip_rows=strip_rows, **span)
     assert_matches_reference(out, lse, *_span_reference(q, *flat, scale=0.3, **span), tol=2e-5)
     assert torch.equal(out, _span(q, *flat, scale=0.3, strip_rows=strip_rows, **span)[0])
+
+
+@pytest.mark.parametrize("q_rows,k_rows,span", [
+    (300, 300, dict(first=-UNBOUNDED, last=0)),  # causal squares
+    (3, 1300, dict(first=-UNBOUNDED, last=0, row_shift=1297)),  # lone rows over two chunks
+    (37, 45, dict(row_shift=8, rows_per_step=16, keys_per_step=16, first=0, last=15)),  # own blocks
+])
+@pytest.mark.parametrize("min_distance,skip_strides", [(0, (3,)), (5, ()), (5, (4, 6)), (20, (7,)), (0, (1,))])
+@pytest.mark.parametrize("dtype,strip_rows", [(torch.float32, 0), (torch.float32, 7), (torch.bfloat16, 0)])
+def test_span_kernel_skips_near_keys_and_strides(q_rows, k_rows, span, min_distance, skip_strides, dtype,
+                                                  strip_rows):
+    """Causal rows that see no key nearer than a distance, nor any at a multiple of a skipped stride
+    (a union's fixed step: its window and strides count those): causal squares, a decode step's
+    rows, fixed's own blocks (a distance past the block: none), every key skipped (stride 1: zeros
+    and lse -inf), against float64."""
+    g = torch.Generator().manual_seed(q_rows + min_distance)
+    q = torch.randn(2, 4, q_rows, 32, generator=g).to(dtype)
+    k, v = (torch.randn(2, 2, k_rows, dim, generator=g).to(dtype) for dim in (32, 48))
+    shape = dict(span, causal=True, min_distance=min_distance, skip_strides=skip_strides)
+    out, lse = _span(q, k, v, scale=0.3, strip_rows=strip_rows, **shape)
+    assert_matches_reference(out, lse, *_span_reference(q, k, v, scale=0.3, **shape), tol=2e-5)
+
+
+@pytest.mark.parametrize("groups,block,summary", [(140, 16, 8), (9, 10, 3), (1, 12, 5)])
+@pytest.mark.parametrize("min_distance,skip_strides", [(0, ()), (13, ()), (0, (5,)), (40, (7, 16)), (0, (1,))])
+@pytest.mark.parametrize("dtype,strip_rows", [(torch.float32, 0), (torch.float32, 7), (torch.bfloat16, 0)])
+def test_span_kernel_skips_summary_keys_by_position(groups, block, summary, min_distance, skip_strides, dtype,
+                                                    strip_rows):
+    """fixed's summary keys in place (c of every l rows: group g's u-th at position g l + l - c + u,
+    `group_positions`), the prefix each row's block sees, less those nearer than a distance and
+    those at a skipped stride's multiples: 1120 keys (two chunks), 27, one group (its keys not at
+    0); query rows of every block and 3 rows alone at the end, against float64."""
+    g = torch.Generator().manual_seed(groups + block + min_distance)
+    length = groups * block + block
+    k, v = (torch.randn(2, 2, length, dim, generator=g).to(dtype)[:, :, : groups * block]
+            .unflatten(2, (groups, block))[:, :, :, block - summary :] for dim in (32, 48))
+    flat = [x.flatten(2, 3) for x in (k, v)]
+    positions = (torch.arange(groups)[:, None] * block + block - summary + torch.arange(summary)).flatten()
+    q = torch.randn(2, 4, length, 32, generator=g).to(dtype)
+    for rows in (q, q[:, :, -3:]):
+        shape = dict(row_shift=length - rows.shape[2], rows_per_step=block, keys_per_step=summary,
+                     first=-UNBOUNDED, last=-1, causal=True, min_distance=min_distance, skip_strides=skip_strides)
+        out, lse = _span(rows, k, v, scale=0.3, strip_rows=strip_rows, group_positions=(block, block - summary),
+                         **shape)
+        assert_matches_reference(out, lse, *_span_reference(rows, *flat, scale=0.3, key_positions=positions, **shape),
+                                 tol=2e-5)
 
 
 # Each way the kernel multiplies bfloat16, by the flags that build it where the CPU has it.
@@ -581,10 +632,10 @@ def test_fixed_half_precision_on_the_span_kernel(monkeypatch, dtype, native):
 
 
 def test_fixed_rules_for_the_span_kernel(monkeypatch):
-    """torch's kernel takes non-causal fixed, a union's fixed step (a distance, skipped strides), head
-    dims not a multiple of 16, and half precision that it computes natively (AMX) and the span kernel
-    does not past NATIVE_HALF_SPAN_MAX_SUMMARY_KEYS; the span kernel the rest, short runs (a decode
-    step's row) too."""
+    """torch's kernel takes non-causal fixed, head dims not a multiple of 16, and half precision that
+    it computes natively (AMX) and the span kernel does not past NATIVE_HALF_SPAN_MAX_SUMMARY_KEYS;
+    the span kernel the rest, short runs (a decode step's row) and a union's fixed step (a distance,
+    skipped strides) too."""
     from engine.kernels import fixed
 
     calls = _kernel_calls(monkeypatch)
@@ -605,8 +656,10 @@ def test_fixed_rules_for_the_span_kernel(monkeypatch):
     assert used(qkv=(q[:, :, -fixed.SHORT_RUN_ROWS :], k, v))
     assert used(qkv=(q[:, :, -1:], k, v))
     assert not used(causal=False)
-    assert not used(min_distance=5)
-    assert not used(skip_strides=(3,))
+    assert used(min_distance=5)
+    assert used(skip_strides=(3,))
+    assert used(qkv=(q[:, :, -1:], k, v), min_distance=40, skip_strides=(3, 64))
+    assert not used(causal=False, min_distance=5)
     q24 = torch.randn(1, 2, 640, 24, generator=g)
     assert not used(qkv=(q24, q24, q24))
     half = [x.bfloat16() for x in (q, k, v)]  # 19 whole blocks before the last: 76 summary keys

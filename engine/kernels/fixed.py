@@ -222,50 +222,62 @@ def fixed_attention(
                   skip_strides=skip_strides)
     if seed is not None and triton_fixed.takes(q, v, causal, skip_strides, seeded=True):
         return triton_fixed.triton_fixed_attention(q, k, v, seed=(0, *seed), **kwargs)
+    if _on_span_kernel(q, k, v, block=block, summary=summary, causal=causal):
+        return span_fixed_attention(q, k, v, block=block, summary=summary, scale=scale, min_distance=min_distance,
+                                    skip_strides=skip_strides, seed=seed)
     if triton_fixed.takes(q, v, causal, skip_strides):
         own = triton_fixed.triton_fixed_attention(q, k, v, **kwargs)
-    elif _on_span_kernel(q, k, v, block=block, summary=summary, causal=causal, min_distance=min_distance,
-                         skip_strides=skip_strides):
-        own = span_fixed_attention(q, k, v, block=block, summary=summary, scale=scale)
     else:
         own = fused_fixed_attention(q, k, v, **kwargs)
     return own if seed is None else merge_partials([seed, own], q.dtype)
 
 
-def _on_span_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, block: int, summary: int, causal: bool,
-                    min_distance: int, skip_strides: tuple[int, ...]) -> bool:
+def _on_span_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, block: int, summary: int,
+                    causal: bool) -> bool:
     """Whether causal fixed goes to the CPU span kernel (`span_fixed_attention`): short runs too
     (fixed(128, 8), H = 8, D = 64, float32, span / torch's calls, one row after 4096, 16384 and
-    65536 keys 0.46, 0.69, 0.73; 16 rows 0.40, 0.51, 0.73; bfloat16 at 16384 0.53 and 0.39), neither
-    a union's distance nor its strides (their masks), up to
+    65536 keys 0.46, 0.69, 0.73; 16 rows 0.40, 0.51, 0.73; bfloat16 at 16384 0.53 and 0.39), a
+    union's step too (its distance and strides skipped in the kernel: no mask), up to
     NATIVE_HALF_SPAN_MAX_SUMMARY_KEYS in half precision that torch's kernel runs natively (AMX) and
     the span kernel does not (`span_kernel.computes_natively`), and where the kernel takes q, k
     and v."""
     few_summary_keys = (k.shape[-2] - 1) // block * summary <= NATIVE_HALF_SPAN_MAX_SUMMARY_KEYS
-    return (kernel_device(q.device) == "cpu" and causal and not min_distance and not skip_strides
+    return (kernel_device(q.device) == "cpu" and causal
             and (few_summary_keys or not cpu_native_half(q.dtype) or span_kernel.computes_natively(q.dtype))
             and span_kernel.takes(q, k, v))
 
 
 def span_fixed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, block: int, summary: int,
-                         scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+                         scale: float, min_distance: int = 0, skip_strides: tuple[int, ...] = (),
+                         seed: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Causal fixed on the CPU span kernel in two calls: each row's own block (the l keys anchored at
     its block's start, none past the row) over K and V as they are, then the summary keys of
     earlier blocks (a prefix of them, c more every l rows, read in place: `summary_key_groups`),
-    continuing the first call's partial (its seed: no merge pass). Every
-    row of a block sees the same summary keys, so nothing is computed under a mask. Grouped
-    key/value heads read as they are; (out in q's dtype, lse)."""
+    continuing the first call's partial (its seed: no merge pass). Every row of a block sees the
+    same summary keys, so nothing is computed under a mask. A union's step skips the keys nearer
+    than its window (`min_distance`: the own blocks' call not made where that passes the block) and
+    at its strides' multiples in the kernel, and continues the union's other steps' partial
+    (`seed`). Grouped key/value heads read as they are; (out in q's dtype, lse)."""
     l, c = block, summary
     offset = k.shape[-2] - q.shape[-2]
     gathered = [summary_key_groups(x, l, c) for x in (k, v)]
-    own = (q.new_empty(*q.shape[:-1], v.shape[-1], dtype=torch.float32), q.new_empty(q.shape[:-1], dtype=torch.float32))
-    span_kernel.span_attention(q, k, v, *own, scale=scale, row_shift=offset, rows_per_step=l, keys_per_step=l,
-                               first=0, last=l - 1, causal=True, strip_rows=FIXED_STRIP_ROWS)
-    out = own[0] if q.dtype == torch.float32 else torch.empty_like(own[0], dtype=q.dtype)
-    span_kernel.span_attention(q, *gathered, out, own[1], scale=scale, row_shift=offset, rows_per_step=l,
-                               keys_per_step=c, first=-span_kernel.UNBOUNDED, last=-1, strip_rows=FIXED_STRIP_ROWS,
-                               seed=own)
-    return out, own[1]
+    skips = dict(min_distance=min_distance, skip_strides=skip_strides, row_shift=offset, rows_per_step=l,
+                 strip_rows=FIXED_STRIP_ROWS)
+    out = lse = None
+    if min_distance < l:
+        own = q.new_empty(*q.shape[:-1], v.shape[-1], dtype=torch.float32)
+        lse = q.new_empty(q.shape[:-1], dtype=torch.float32)
+        span_kernel.span_attention(q, k, v, own, lse, scale=scale, keys_per_step=l, first=0, last=l - 1, causal=True,
+                                   seed=seed, **skips)
+        seed = own, lse
+        out = own if q.dtype == torch.float32 else None
+    elif seed is not None:  # the union's partial, continued in place
+        out, lse = seed
+    out = out if out is not None else q.new_empty(*q.shape[:-1], v.shape[-1])
+    lse = lse if lse is not None else q.new_empty(q.shape[:-1], dtype=torch.float32)
+    span_kernel.span_attention(q, *gathered, out, lse, scale=scale, keys_per_step=c, first=-span_kernel.UNBOUNDED,
+                               last=-1, causal=bool(min_distance), group_positions=(l, l - c), seed=seed, **skips)
+    return out, lse
 
 
 def fused_fixed_attention(

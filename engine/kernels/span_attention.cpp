@@ -289,6 +289,12 @@ struct Call {
   // Key rows come in groups of key_group rows, each group at its own stride: k_stride[3] and
   // v_stride[3] (fixed's summary keys, c rows of every l, read in place; one group elsewhere).
   int64_t key_group;
+  // Key t's position: t / key_group * group_span + group_first + t % key_group (t itself in one
+  // group). A causal row at position p sees none past p - distance (a union's window takes the
+  // nearer ones), and none at p - position = 0 mod any of the skip_count strides in `skips` (a
+  // union's strides count those).
+  int64_t group_span, group_first, distance, skip_count;
+  const int64_t *skips;
   bool stream_out;  // results written past the caches (`add_block`)
   int64_t q_stride[3], k_stride[4], v_stride[4], out_stride[3], lse_stride[3], seed_out_stride[3], seed_lse_stride[3];
   float scale;
@@ -298,8 +304,38 @@ struct Call {
   int64_t keys_from(int64_t row) const { return clamp(anchor(row) + first, 0, k_rows); }
   int64_t keys_to(int64_t row) const {  // past the last
     int64_t to = anchor(row) + last + 1;
-    if (causal && to > row + row_shift + 1) to = row + row_shift + 1;
+    if (causal) {
+      const int64_t through = keys_through(row + row_shift - distance);
+      if (to > through) to = through;
+    }
     return clamp(to, 0, k_rows);
+  }
+  // How many keys lie at positions up to y.
+  int64_t keys_through(int64_t y) const {
+    if (key_group >= k_rows && group_first == 0) return y + 1;  // key t at t
+    const int64_t x = y - group_first;
+    if (x < 0) return 0;
+    const int64_t in_group = x % group_span + 1;
+    return x / group_span * key_group + (in_group < key_group ? in_group : key_group);
+  }
+  // The scores s[t - base] of keys t0 <= t < t1 that the row at position p skips (`skips`) set to
+  // -inf: every stride-th key back from p in one group, a few of each group's otherwise.
+  void skip_keys(float *s, int64_t base, int64_t p, int64_t t0, int64_t t1) const {
+    for (int64_t n = 0; n < skip_count; n++) {
+      const int64_t stride = skips[n];
+      auto after = [&](int64_t x) { return (x % stride + stride) % stride; };  // x mod stride, in [0, stride)
+      if (key_group >= k_rows) {  // key t at group_first + t
+        for (int64_t t = t1 - 1 - after(t1 - 1 + group_first - p); t >= t0; t -= stride) s[t - base] = -INFINITY;
+        continue;
+      }
+      const int64_t step = group_span % stride;  // each group's first offset to skip moves back by this
+      int64_t g = t0 / key_group, u0 = after(p - g * group_span - group_first);
+      for (; g * key_group < t1; g++, u0 = u0 >= step ? u0 - step : u0 + stride - step)
+        for (int64_t u = u0; u < key_group; u += stride) {
+          const int64_t t = g * key_group + u;
+          if (t >= t0 && t < t1) s[t - base] = -INFINITY;
+        }
+    }
   }
   int64_t strips() const { return (q_rows + strip_rows - 1) / strip_rows; }
   // Key rows j, j + 1, .. in turn: their places in their problem's k or v (`stride`: theirs,
@@ -639,6 +675,16 @@ template <int IN, int OUT, int TILE_ROWS> struct Worker {
       most = x > most ? x : most;
     }
     float m = lanes_max(most);
+    if (m == -INFINITY) {  // no key yet, and every one here skipped (`Call::skip_keys`): none
+      if constexpr (AMX) {
+        memset(high, 0, keys * sizeof(uint16_t));
+        memset(low, 0, keys * sizeof(uint16_t));
+      } else {
+        memset(s, 0, keys * sizeof(float));
+      }
+      *sum = 0.f;
+      return m;
+    }
     f32x16 total = splat(0.f);
     for (int64_t j = 0; j < keys; j += LANES) {
       f32x16 x = splat(0.f);
@@ -904,6 +950,7 @@ template <int IN, int OUT, int TILE_ROWS> struct Worker {
             }
             continue;
           }
+          if (a.skip_count) a.skip_keys(s, from, r0 + r + a.row_shift, from + lo, from + hi);
           float sum, top = softmax_row(s, high, low, lo, hi, padded, row_top[at], q_scale, &sum);
           keep[r] = row_top[at] == -INFINITY ? 0.f : row_top[at] == top ? 1.f : exp2f(row_top[at] - top);
           row_top[at] = top;
@@ -971,7 +1018,9 @@ Runner runner(int in, int out, int64_t row_keys) {
 // class_group) of k and v. Threads take strips of strip_rows rows of a problem (0: all of them).
 // sizes: n, classes, n_group, class_group, q_rows, k_rows, dim, v_dim, first, last, strip_rows,
 // row_shift (>= 0), rows_per_step (>= 1), keys_per_step (>= 0), causal (0 or 1), key_group (>= 1:
-// key rows in groups of that many, each group at its own stride);
+// key rows in groups of that many, each group at its own stride), group_span (>= key_group) and
+// group_first (the keys' positions: `Call`), distance (>= 0), skip_count, then that many strides
+// (>= 1): causal rows see no key past p - distance, nor any at p - position = 0 mod one of them;
 // seed_out, seed_lse: (out in seed_dtype, lse float32) of each row over other keys, which the rows
 // continue (their merge is written), or null; they may be out and lse themselves (a strip reads its
 // rows' seed before it writes them).
@@ -983,11 +1032,17 @@ extern "C" int span_attention(const void *q, const void *k, const void *v, void 
                               const void *seed_out, const float *seed_lse, int in_dtype, int out_dtype,
                               int seed_dtype, const int64_t *sizes, const int64_t *strides, float scale, int threads) {
   Call call = {q, k, v, out, lse, seed_out, seed_lse, seed_dtype};
-  int64_t *fields[16] = {&call.n, &call.classes, &call.n_group, &call.class_group, &call.q_rows, &call.k_rows,
+  int64_t *fields[20] = {&call.n, &call.classes, &call.n_group, &call.class_group, &call.q_rows, &call.k_rows,
                          &call.dim, &call.v_dim, &call.first, &call.last, &call.strip_rows, &call.row_shift,
-                         &call.rows_per_step, &call.keys_per_step, &call.causal, &call.key_group};
-  for (int f = 0; f < 16; f++) *fields[f] = sizes[f];
-  if (call.row_shift < 0 || call.rows_per_step < 1 || call.keys_per_step < 0 || call.key_group < 1) return 3;
+                         &call.rows_per_step, &call.keys_per_step, &call.causal, &call.key_group,
+                         &call.group_span, &call.group_first, &call.distance, &call.skip_count};
+  for (int f = 0; f < 20; f++) *fields[f] = sizes[f];
+  call.skips = sizes + 20;
+  if (call.row_shift < 0 || call.rows_per_step < 1 || call.keys_per_step < 0 || call.key_group < 1 ||
+      call.group_span < call.key_group || call.distance < 0 || call.skip_count < 0)
+    return 3;
+  for (int64_t n = 0; n < call.skip_count; n++)
+    if (call.skips[n] < 1) return 3;
   // Spans without a first key (causal squares, fixed's summary prefixes) hold half the keys on average.
   const int64_t row_keys =
       call.first <= -call.k_rows ? call.k_rows / 2 : clamp(call.last - call.first + 1, 0, call.k_rows);

@@ -146,7 +146,8 @@ def takes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
 
 def span_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, *,
                    first: int, last: int, scale: float, strip_rows: int = 0, row_shift: int = 0,
-                   rows_per_step: int = 1, keys_per_step: int = 1, causal: bool = False,
+                   rows_per_step: int = 1, keys_per_step: int = 1, causal: bool = False, min_distance: int = 0,
+                   skip_strides: tuple[int, ...] = (), group_positions: tuple[int, int] | None = None,
                    seed: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
     """Attention of each problem's query rows over a span of its key rows, written into out and lse:
     q [N, S, Rq, D], k and v [N / Gn, S / Gs, Rk, *] (views, any strides but the features'), or
@@ -155,7 +156,10 @@ def span_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch
     position p = r + row_shift, attending key rows a + first .. a + last, anchored at
     a = p // rows_per_step * keys_per_step (p itself by default; fixed's own block is anchored at
     its start, its summary keys grow by c every l rows), none past p where causal, within
-    0 .. Rk - 1 (none: zeros and lse -inf), of problem (i // Gn, c // Gs); out [N, S, Rq, Dv] in
+    0 .. Rk - 1 (none: zeros and lse -inf), of problem (i // Gn, c // Gs). Where causal, none past
+    p - min_distance either; and none at p - j = 0 mod any of `skip_strides` (a union's window and
+    strides count those keys): key row j at position j, or in groups, group g's u-th at g * span +
+    first + u (`group_positions` = (span, first): fixed's summary keys). out [N, S, Rq, Dv] in
     float32 or q's dtype, lse float32 [N, S, Rq], any strides but out's features'. `seed`: (out in
     any of DTYPES, lse float32) shaped as those, each row's partial over other keys, which the rows
     continue (their merge is written: no merge pass after, nor a conversion before); it may be
@@ -170,7 +174,9 @@ def span_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch
     k_shape, v_dim = k.shape, v.shape[-1]
     key_group = k_shape[3] if grouped else max(1, k_shape[2])
     k_rows = k_shape[2] * k_shape[3] if grouped else k_shape[2]
+    span, first_position = group_positions or (key_group, 0)
     assert (k.dim() == v.dim() and k_shape[:-1] == v.shape[:-1] and n % k_shape[0] == 0 and classes % k_shape[1] == 0
+            and min_distance >= 0 and all(stride >= 1 for stride in skip_strides) and span >= key_group
             and takes(q, k, v)
             and out.shape == (n, classes, q_rows, v_dim) and out.dtype in DTYPES and out.stride(-1) == 1
             and lse.shape == (n, classes, q_rows) and lse.dtype == torch.float32
@@ -183,7 +189,8 @@ def span_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch
         return
     sizes = array.array("q", (n, classes, n // k_shape[0], classes // k_shape[1], q_rows, k_rows, dim, v_dim,
                               max(-UNBOUNDED, first), min(UNBOUNDED, last), strip_rows, row_shift,
-                              rows_per_step, keys_per_step, causal, key_group))
+                              rows_per_step, keys_per_step, causal, key_group, span, first_position,
+                              min_distance, len(skip_strides), *skip_strides))
     # k's and v's [i, c, row, group]: a group's stride, 0 where there is one group
     ks, vs = k.stride(), v.stride()
     key_strides = (ks[0], ks[1], ks[3], ks[2], vs[0], vs[1], vs[3], vs[2]) if grouped else (*ks[:3], 0, *vs[:3], 0)
