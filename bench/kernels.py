@@ -57,6 +57,8 @@ PATTERNS = {
                                             {"type": "strided", "stride": 128}]},
     "window_fixed": {"type": "union", "patterns": [{"type": "sliding_window", "window": 256},
                                                    {"type": "fixed", "block": 128, "summary": 8}]},
+    "strided_fixed": {"type": "union", "patterns": [{"type": "strided", "stride": 128},
+                                                    {"type": "fixed", "block": 128, "summary": 8}]},
     "window_strided_fixed": {"type": "union", "patterns": [{"type": "sliding_window", "window": 256},
                                                            {"type": "strided", "stride": 128},
                                                            {"type": "fixed", "block": 128, "summary": 8}]},
@@ -68,6 +70,7 @@ LABELS = {
     "fixed": "fixed(128, 8)",
     "union": "union(sliding 128, strided 128)",
     "window_fixed": "union(sliding 256, fixed(128, 8))",
+    "strided_fixed": "union(strided 128, fixed(128, 8))",
     "window_strided_fixed": "union(sliding 256, strided 128, fixed(128, 8))",
 }
 # The decode rows add a union of two strides (the second skipping the first's multiples) and one
