@@ -1,8 +1,8 @@
 """`fixed(l, c)` as two disjoint pieces merged in place by log-sum-exp (causal; non-causal below),
 on fused SDPA calls: the CPU's plan where its span kernel does not run (`span_fixed_attention`:
-the same two pieces as two calls of the engine's own kernel, causal runs of more than a few rows
-without a union's distance or strides), and CUDA's where its Triton kernel does not run
-(triton_fixed.py: one launch for what follows).
+the same two pieces as two calls of the engine's own kernel, causal, a union's distance and
+strides skipped in the kernel), and CUDA's where its Triton kernel does not run (triton_fixed.py:
+one launch for what follows).
 
 (a) The query's own block: the sequence viewed as [L/l, l] blocks, one batched dense causal
 call (no copy when l divides L).
@@ -28,12 +28,12 @@ the log-sum-exp at their own rows: a decode row of fixed(4096, 64) zero-filled a
 for one row it used. On the CPU one row with few summary keys before its block
 (GATHERED_ROW_KEYS) copies exactly its keys instead: one call, nothing to merge.
 
-A minimum distance m (for a union with a sliding window of m, whose keys it then skips) shifts
-the own-block causal diagonal by m and keeps a row's summary keys at positions up to i - m. A
-union's strides (which count the keys at their multiples), skipped, mask the own blocks with one
-[l, l] mask and the summary keys always under the shared mask; both send the summary keys a few
-query blocks per call (`_blocks_per_call`: SHARED_MASK_CALL_ROWS rows on the CPU, a row range's
-worth on CUDA).
+On these calls a minimum distance m (for a union with a sliding window of m, whose keys it then
+skips) shifts the own-block causal diagonal by m and keeps a row's summary keys at positions up to
+i - m. A union's strides (which count the keys at their multiples), skipped, mask the own blocks
+with one [l, l] mask and the summary keys always under the shared mask; both send the summary
+keys a few query blocks per call (`_blocks_per_call`: SHARED_MASK_CALL_ROWS rows on the CPU, a row
+range's worth on CUDA).
 
 On the CPU the calls read fewer key/value heads than query heads as they are: every call keeps
 the heads on the head axis (the own blocks on the batch axis, `band.heads_last`), where torch's

@@ -3,7 +3,8 @@
 // rows_per_step * keys_per_step, so at p itself where both are 1; causal: none past p): a stride's
 // classes (causal squares of a few hundred rows), a sliding window's band, fixed's own blocks (l
 // keys anchored at the block's start) and its summary keys (a prefix of the gathered ones that grows
-// by c keys every l rows); span_kernel.py says who calls it.
+// by c keys every l rows), less, in a union, the keys its window and strides count (`Call::distance`,
+// `Call::skip_keys`); span_kernel.py says who calls it.
 //
 // torch's CPU flash kernel computes such problems 32 or 64 query rows at a time, packing each
 // block's keys anew, and reads a class's rows s rows apart from memory. Here each thread takes a
