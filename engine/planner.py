@@ -62,7 +62,8 @@ class Plan:
     steps, the second continues the first's partial (its `seed`: fixed's, which its Triton kernel
     merges inside its launch) instead of the two merging after. `span_kernel_reads`: its steps
     read half precision as it is where the CPU span kernel takes q, k and v (a window and strides:
-    the band and each stride's classes on it), so nothing is converted beforehand there."""
+    the band and each stride's classes on it; a causal union whose fixed step continues one other
+    step: that step's float32 partial and fixed's), so nothing is converted beforehand there."""
 
     backend: str
     steps: tuple[Callable[..., Partial], ...]
@@ -128,9 +129,10 @@ SMALL_KEYS = 128
 # kernel is built (its fixed step skips the window's and strides' keys in the kernel,
 # `fixed.span_fixed_attention`): structured / masked, plans called directly in a loop of 60 key
 # lengths, best of three rounds in turn, float32 (bfloat16 alike): 2, 4, 8 and 16 rows after 300 to
-# 2048 keys 0.41-0.62 for union(sliding 128 or 256, fixed(128, 8)), 0.59-1.00 for union(strided 128,
-# fixed(128, 8)), 0.79-0.97 for union(sliding 128, strided 128, fixed(128, 8)) but for 2 and 4 rows
-# after 512 keys 1.13-1.17 in one of two runs. One row: ONE_ROW_STRIDED_MASKED_KEYS.
+# 2048 keys 0.37-0.74 for union(sliding 128 or 256, fixed(128, 8)), 0.59-1.00 for union(strided 128,
+# fixed(128, 8)), 0.79-0.97 for union(sliding 128, strided 128, fixed(128, 8)) but 1.13-1.17 in three
+# cells (2 rows after 512 and 1024 keys, whose repeat gave 0.90 and 0.87; 4 rows after 512 in
+# bfloat16). One row: ONE_ROW_STRIDED_MASKED_KEYS.
 SHORT_RUN_MASKED_KEYS = 1024
 # One row (a decode step) of a union with a fixed member runs on the CPU's masked kernel, causal or
 # not (the last row has no later key), while it attends at most about this many keys (its members'
@@ -155,9 +157,9 @@ ONE_ROW_MASKED_KEYS = 1536
 # with a stride among the members and up to this many keys: the structured plan's three kernel
 # calls (the stride's classes, fixed's own block and summary keys) cost more than the masked call
 # there. Structured / masked (as above, float32): union(strided 128, fixed(128, 8))
-# at 384 / 512 / 768 / 1024 / 1536 / 4096 / 16384 keys 1.31 / 1.39 / 1.23 / 0.96-1.16 / 0.87 / 0.84 /
-# 0.48, with sliding 128 too 1.08 / 1.23 / 1.13 / 0.87-0.97 / 0.85 / 0.84 / 0.47 (bfloat16 at 512:
-# 0.90 and 0.83); without a stride 0.47-0.65 from 384 keys on.
+# at 384 / 512 / 768 / 1024 / 1536 / 2048 / 4096 / 16384 keys 1.31 / 1.39 / 1.23 / 0.96-1.16 / 0.87 /
+# 0.95 / 0.84 / 0.48, with sliding 128 too 1.08 / 1.23 / 1.13 / 0.87-0.97 / 0.85 / 0.90 / 0.84 / 0.47
+# (bfloat16 at 512: 0.90 and 0.83); without a stride 0.33-0.65 from 384 keys on.
 ONE_ROW_STRIDED_MASKED_KEYS = 768
 # A causal chunk of one or two class rows (s <= Lq <= 2s) of a stride s of at most TINY_STRIDE runs
 # on the CPU's masked kernel, and so do 2 to 2s rows of a union of strides whose smallest is s
@@ -275,7 +277,7 @@ def plan(pattern: PatternBase, lq: int, lk: int, causal: bool, device: str) -> P
                     grouped_kv_on_cuda=not causal or lq * lq <= SMALL_MASK_ELEMENTS)
     on_masked = (_small_on_masked(pattern, lk, causal) or _short_run_on_masked(pattern, lq, lk, causal, device)
                  or _tiny_strides_on_masked(pattern, lq, causal, device))
-    structured = None if on_masked else structured_plan(pattern, lq, lk, causal)
+    structured = None if on_masked else structured_plan(pattern, lq, lk, causal, device)
     return structured or masked_plan(pattern, lq, lk, causal)
 
 
@@ -347,7 +349,7 @@ def masked_plan(pattern: PatternBase, lq: int, lk: int, causal: bool) -> Plan:
                 converts_in_steps=one_chunk(lq, lk))
 
 
-def structured_plan(pattern: PatternBase, lq: int, lk: int, causal: bool) -> Plan | None:
+def structured_plan(pattern: PatternBase, lq: int, lk: int, causal: bool, device: str) -> Plan | None:
     """The structured kernel of a Sparse Transformer pattern, for any query length (each handles
     a short run at the end of long keys too), or None. Without causality the same, the band
     reaching both ways, each stride class attending all of itself, each fixed block itself and
@@ -363,18 +365,20 @@ def structured_plan(pattern: PatternBase, lq: int, lk: int, causal: bool) -> Pla
         return Plan("band", (partial(kernels.band_attention, window=pattern.window, causal=causal),),
                     converts_in_steps=True, grouped_kv_on_cuda=True)
     if isinstance(pattern, Union):
-        return _structured_union(pattern, lq, lk, causal)
+        return _structured_union(pattern, lq, lk, causal, device)
     return None
 
 
-def _structured_union(pattern: Union, lq: int, lk: int, causal: bool) -> Plan | None:
+def _structured_union(pattern: Union, lq: int, lk: int, causal: bool, device: str) -> Plan | None:
     """A union of at most one window, any strides and at most one fixed as disjoint steps merged
     by log-sum-exp, each key counted once: the band takes the keys nearer than w, each stride the
     rest of its own less an earlier stride's multiples (`skip_strides`), fixed the rest of its own
     (at distance >= w, off every stride), or None for any other union (two fixed members). On CUDA
     it takes grouped heads where each member's own plan does (its steps read them as those do).
     After one other step (the band's, the band and a stride's, a stride's) fixed's step continues
-    that step's partial (`Plan.continues`)."""
+    that step's partial (`Plan.continues`). On the CPU such a causal union reads half precision as
+    it is where the span kernel takes it (`Plan.span_kernel_reads`), the step before fixed's in
+    float32 (`out_dtype`), so that its result is rounded once, in fixed's step."""
     members: dict[type, list[PatternBase]] = {}
     for member in pattern.patterns:
         members.setdefault(type(member), []).append(member)
@@ -384,19 +388,24 @@ def _structured_union(pattern: Union, lq: int, lk: int, causal: bool) -> Plan | 
     window = members[SlidingWindow][0].window if SlidingWindow in members else 0
     fixed = members[Fixed][0] if Fixed in members else None
     strides = tuple(sorted(member.stride for member in members.get(Strided, ())))  # the densest unmasked
+    # fixed's step continuing one other step's float32 partial rounds the result once (more steps
+    # merge partials that fixed's would round first)
+    continued = bool(fixed and causal and device == "cpu" and (window or len(strides) == 1))
+    reads_half = bool(window and strides and not fixed or continued)
+    to_fixed = {"out_dtype": torch.float32} if continued else {}
     if window and strides:
-        steps = [partial(kernels.band_strided_attention, window=window, strides=strides, causal=causal)]
+        steps = [partial(kernels.band_strided_attention, window=window, strides=strides, causal=causal, **to_fixed)]
     elif window:
-        steps = [partial(kernels.band_attention, window=window, causal=causal)]
+        steps = [partial(kernels.band_attention, window=window, causal=causal, **to_fixed)]
     else:
-        steps = [partial(kernels.strided_attention, stride=stride, skip_strides=strides[:n], causal=causal)
-                 for n, stride in enumerate(strides)]
+        steps = [partial(kernels.strided_attention, stride=stride, skip_strides=strides[:n], causal=causal,
+                         **to_fixed) for n, stride in enumerate(strides)]
     if fixed:
         steps.append(partial(kernels.fixed_attention, block=fixed.block, summary=fixed.summary, causal=causal,
                              min_distance=window, skip_strides=strides))
     name = "+".join(kind for kind, present in (("band", window), ("strided", strides), ("fixed", fixed)) if present)
     few_rows = all(few_classes(lq, stride) for stride in strides) and (not fixed or lq < fixed.block)
-    alone = [structured_plan(member, lq, lk, causal) for member in pattern.patterns]  # each member's own plan
+    alone = [structured_plan(member, lq, lk, causal, device) for member in pattern.patterns]  # each member's own plan
     return Plan(name, tuple(steps), converts_in_steps=few_rows,
                 grouped_kv_on_cuda=all(p.grouped_kv_on_cuda for p in alone), continues=bool(fixed) and len(steps) == 2,
-                span_kernel_reads=bool(window and strides and not fixed))
+                span_kernel_reads=reads_half)

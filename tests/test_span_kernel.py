@@ -596,6 +596,44 @@ def test_a_union_on_the_span_kernel(monkeypatch, dim, native):
     assert_matches_reference(out.float(), lse, ref_out, ref_lse, tol=1e-2, lse_tol=2e-5)
 
 
+@pytest.mark.parametrize("members,converted", [
+    ([{"type": "sliding_window", "window": 40}], False),  # the window reaches into the block
+    ([{"type": "sliding_window", "window": 64}], False),  # the window covers every own block
+    ([{"type": "strided", "stride": 48}], False),
+    ([{"type": "sliding_window", "window": 20}, {"type": "strided", "stride": 48}], False),
+    ([{"type": "strided", "stride": 48}, {"type": "strided", "stride": 40}], True),  # three steps, merged
+])
+@pytest.mark.parametrize("lq", [700, 1])
+def test_a_union_with_fixed_reads_half_precision_on_the_span_kernel(monkeypatch, members, converted, lq):
+    """A causal union whose fixed step continues one other step, in half precision computed in
+    float32: nothing converted beforehand, the other step's partial in float32 and fixed's result
+    rounded once, so that it is the float64 reference rounded to bfloat16 but where that lies
+    within float32's error of a rounding boundary (a bfloat16 partial, rounded twice, missed it for
+    22-23% of the elements). Three steps (two strides) merge float32 partials of inputs converted first (but for
+    a decode row, whose steps convert what they read)."""
+    from engine import attention
+    from engine.planner import plan
+
+    dtype = torch.bfloat16
+    monkeypatch.setattr(dense, "cpu_upcast_dtypes", lambda: frozenset({dtype}))
+    plan.cache_clear()
+    conversions = []
+    real = dense.as_computed
+    monkeypatch.setattr("engine.planner.as_computed", lambda *x: conversions.append(1) or real(*x))
+    g = torch.Generator().manual_seed(lq)
+    q = torch.randn(2, 4, lq, 32, generator=g).to(dtype)
+    k, v = (torch.randn(2, 2, 700, 32, generator=g).to(dtype) for _ in range(2))
+    pattern = {"type": "union", "patterns": [*members, {"type": "fixed", "block": 64, "summary": 8}]}
+    try:
+        out, lse = attention(q, k, v, pattern, scale=0.25, return_lse=True)
+    finally:
+        plan.cache_clear()
+    assert out.dtype == dtype and bool(conversions) == (converted and lq > 1)  # a row's steps convert it
+    ref_out, ref_lse = reference_attention(q.double(), k.double(), v.double(), pattern, scale=0.25)
+    assert (out != ref_out.to(dtype)).float().mean() < 0.01
+    assert_matches_reference(out.double(), lse, ref_out, ref_lse, tol=1e-2, lse_tol=2e-5)
+
+
 @pytest.mark.parametrize("lq,lk", [(600, 600), (517, 700), (300, 1003), (17, 900), (2200, 2200)])
 @pytest.mark.parametrize("block,summary", [(64, 8), (13, 3), (8, 4), (16, 16), (2500, 2)])
 @pytest.mark.parametrize("batch,heads,kv_heads", [(2, 4, 2), (1, 1, 1)])

@@ -219,11 +219,12 @@ def band_pieces(
 
 def band_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, window: int, scale: float, causal: bool = True,
-    tile: int | None = None,
+    tile: int | None = None, out_dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sliding-window attention, queries bottom-right aligned; (out, lse) over [B, H, Lq, *]."""
-    pieces = band_pieces(q, k, v, window=window, scale=scale, causal=causal, tile=tile)
-    return join_rows([(out, lse) for _, out, lse in pieces], q.dtype)
+    """Sliding-window attention, queries bottom-right aligned; (out, lse) over [B, H, Lq, *], out in
+    `out_dtype` (q's unless said: float32 for a partial that a union's fixed step continues)."""
+    pieces = band_pieces(q, k, v, window=window, scale=scale, causal=causal, tile=tile, out_dtype=out_dtype)
+    return join_rows([(out, lse) for _, out, lse in pieces], out_dtype or q.dtype)
 
 
 @functools.cache

@@ -474,7 +474,7 @@ def _swapped(x: torch.Tensor, split: tuple[int, ...], shape: tuple[int, ...]) ->
 
 def strided_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, stride: int, scale: float, causal: bool = True,
-    min_distance: int = 0, skip_strides: tuple[int, ...] = (),
+    min_distance: int = 0, skip_strides: tuple[int, ...] = (), out_dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """`(i - j) mod stride == 0` attention with |i - j| >= min_distance and (i - j) a multiple of
     none of `skip_strides` (for a union with those strides, which count such keys), causal or over
@@ -482,13 +482,14 @@ def strided_attention(
     stride have no key of their class after them (the next lies s past a row, beyond the last key),
     so they take the causal kernel either way: it reads only their classes. Half precision on a CPU
     where it is slow is computed in float32 (converted as `strided_pieces` says; without causal
-    whole, here), and the pieces join straight into q's dtype."""
-    dtype = q.dtype
+    whole, here), and the pieces join straight into q's dtype, or `out_dtype` (float32 for a partial
+    that a union's fixed step continues or merges)."""
+    dtype = out_dtype or q.dtype
     if not causal and q.shape[-2] >= stride:
         return _every_class_key(*as_computed(q, k, v), stride=stride, scale=scale, min_distance=min_distance,
                                 skip_strides=skip_strides)
     pieces = strided_pieces(q, k, v, stride=stride, scale=scale, min_distance=min_distance,
-                            skip_strides=skip_strides)
+                            skip_strides=skip_strides, out_dtype=out_dtype)
     # The pieces are consecutive: join them (one copy), after empty rows for those that see no key.
     first = pieces[0][0] if pieces else q.shape[-2]
     if first:

@@ -23,11 +23,12 @@ from .strided import strided_attention, strided_pieces
 
 def band_strided_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, window: int, strides: tuple[int, ...], scale: float,
-    causal: bool = True,
+    causal: bool = True, out_dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Union of a sliding window and one or more strides, queries bottom-right aligned; (out, lse).
     With one stride each row's result is written once, so in q's dtype (on CUDA in half precision:
-    no float32 output to convert after); more strides fold into a float32 one."""
+    no float32 output to convert after); more strides fold into a float32 one. `out_dtype`, where
+    given, is the output's either way (on the CPU float32 for a partial that a fixed step continues)."""
     b, h, lq, _ = q.shape
     ready: dict[int, list[tuple[int, torch.Tensor, torch.Tensor]]] = {}
     merged = computed_dtype(q)  # the partials' dtype: each row's result is rounded once, in the merge
@@ -47,10 +48,12 @@ def band_strided_attention(
         ready.update(enumerate(pieces(n) for n in range(len(strides))))
         seed = _one_run(list(ready.values()))
         if seed is not None:
-            return seeded_band(q, k, v, window=window, scale=scale, causal=causal, seed=seed)
+            dtype = {"out_dtype": out_dtype} if out_dtype else {}  # the span kernel's band only: the CPU's
+            return seeded_band(q, k, v, window=window, scale=scale, causal=causal, seed=seed, **dtype)
     # The band covers every row; the first stride's pieces cover consecutive rows from some row on.
     others = pieces(0)
-    out = torch.empty(b, h, lq, v.shape[-1], dtype=q.dtype if len(strides) == 1 else torch.float32, device=q.device)
+    out_dtype = out_dtype or (q.dtype if len(strides) == 1 else torch.float32)
+    out = torch.empty(b, h, lq, v.shape[-1], dtype=out_dtype, device=q.device)
     lse = torch.empty(b, h, lq, dtype=torch.float32, device=q.device)
     for row, p_out, p_lse in band_pieces(q, k, v, window=window, scale=scale, causal=causal, out_dtype=merged):
         end = row + p_out.shape[-2]
