@@ -1029,7 +1029,8 @@ def test_a_decode_row_of_a_union_with_fixed_on_its_keys(pattern, lk, causal, dty
     """One row of a union with fixed (a decode step), with grouped key/value heads, a value head dim
     of its own and half precision, against the float64 reference: on the masked plan on the CPU
     without causality (the last row has no later key) and over few keys; causal after 5003 keys on
-    the structured plan where the span kernel takes fixed's step."""
+    the structured plan where the span kernel is built (at head dim 24 fixed's step falls back to
+    torch's calls)."""
     from engine import attention
     from engine.patterns import parse_pattern
     from engine.planner import plan
