@@ -263,18 +263,17 @@ def span_fixed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, b
     gathered = [summary_key_groups(x, l, c) for x in (k, v)]
     skips = dict(min_distance=min_distance, skip_strides=skip_strides, row_shift=offset, rows_per_step=l,
                  strip_rows=FIXED_STRIP_ROWS)
-    out = lse = None
     if min_distance < l:
         own = q.new_empty(*q.shape[:-1], v.shape[-1], dtype=torch.float32)
         lse = q.new_empty(q.shape[:-1], dtype=torch.float32)
         span_kernel.span_attention(q, k, v, own, lse, scale=scale, keys_per_step=l, first=0, last=l - 1, causal=True,
                                    seed=seed, **skips)
         seed = own, lse
-        out = own if q.dtype == torch.float32 else None
+        out = own if q.dtype == torch.float32 else q.new_empty(*q.shape[:-1], v.shape[-1])
     elif seed is not None:  # the union's partial, continued in place
         out, lse = seed
-    out = out if out is not None else q.new_empty(*q.shape[:-1], v.shape[-1])
-    lse = lse if lse is not None else q.new_empty(q.shape[:-1], dtype=torch.float32)
+    else:
+        out, lse = q.new_empty(*q.shape[:-1], v.shape[-1]), q.new_empty(q.shape[:-1], dtype=torch.float32)
     span_kernel.span_attention(q, *gathered, out, lse, scale=scale, keys_per_step=c, first=-span_kernel.UNBOUNDED,
                                last=-1, causal=bool(min_distance), group_positions=(l, l - c), seed=seed, **skips)
     return out, lse
