@@ -388,11 +388,12 @@ def _structured_union(pattern: Union, lq: int, lk: int, causal: bool, device: st
     window = members[SlidingWindow][0].window if SlidingWindow in members else 0
     fixed = members[Fixed][0] if Fixed in members else None
     strides = tuple(sorted(member.stride for member in members.get(Strided, ())))  # the densest unmasked
-    # fixed's step continuing one other step's float32 partial rounds the result once (more steps
-    # merge partials that fixed's would round first)
-    continued = bool(fixed and causal and device == "cpu" and (window or len(strides) == 1))
-    reads_half = bool(window and strides and not fixed or continued)
-    to_fixed = {"out_dtype": torch.float32} if continued else {}
+    continues = bool(fixed and (window or len(strides) == 1))  # fixed's step after one other step
+    # on the CPU that step's float32 partial, continued, rounds the result once (more steps merge
+    # partials that fixed's would round first)
+    float32_partial = continues and causal and device == "cpu"
+    reads_half = bool(window and strides and not fixed or float32_partial)
+    to_fixed = {"out_dtype": torch.float32} if float32_partial else {}
     if window and strides:
         steps = [partial(kernels.band_strided_attention, window=window, strides=strides, causal=causal, **to_fixed)]
     elif window:
@@ -407,5 +408,5 @@ def _structured_union(pattern: Union, lq: int, lk: int, causal: bool, device: st
     few_rows = all(few_classes(lq, stride) for stride in strides) and (not fixed or lq < fixed.block)
     alone = [structured_plan(member, lq, lk, causal, device) for member in pattern.patterns]  # each member's own plan
     return Plan(name, tuple(steps), converts_in_steps=few_rows,
-                grouped_kv_on_cuda=all(p.grouped_kv_on_cuda for p in alone), continues=bool(fixed) and len(steps) == 2,
+                grouped_kv_on_cuda=all(p.grouped_kv_on_cuda for p in alone), continues=continues,
                 span_kernel_reads=reads_half)
