@@ -62,8 +62,8 @@ class Plan:
     steps, the second continues the first's partial (its `seed`: fixed's, which its Triton kernel
     merges inside its launch) instead of the two merging after. `span_kernel_reads`: its steps
     read half precision as it is where the CPU span kernel takes q, k and v (a window and strides:
-    the band and each stride's classes on it; a causal union whose fixed step continues one other
-    step: that step's float32 partial and fixed's), so nothing is converted beforehand there."""
+    the band and each stride's classes on it; a union whose fixed step continues one other step:
+    that step's float32 partial and fixed's), so nothing is converted beforehand there."""
 
     backend: str
     steps: tuple[Callable[..., Partial], ...]
@@ -376,8 +376,8 @@ def _structured_union(pattern: Union, lq: int, lk: int, causal: bool, device: st
     (at distance >= w, off every stride), or None for any other union (two fixed members). On CUDA
     it takes grouped heads where each member's own plan does (its steps read them as those do).
     After one other step (the band's, the band and a stride's, a stride's) fixed's step continues
-    that step's partial (`Plan.continues`). On the CPU such a causal union reads half precision as
-    it is where the span kernel takes it (`Plan.span_kernel_reads`), the step before fixed's in
+    that step's partial (`Plan.continues`). On the CPU such a union reads half precision as it
+    is where the span kernel takes it (`Plan.span_kernel_reads`), the step before fixed's in
     float32 (`out_dtype`), so that its result is rounded once, in fixed's step."""
     members: dict[type, list[PatternBase]] = {}
     for member in pattern.patterns:
@@ -391,7 +391,7 @@ def _structured_union(pattern: Union, lq: int, lk: int, causal: bool, device: st
     continues = bool(fixed and (window or len(strides) == 1))  # fixed's step after one other step
     # on the CPU that step's float32 partial, continued, rounds the result once (more steps merge
     # partials that fixed's would round first)
-    float32_partial = continues and causal and device == "cpu"
+    float32_partial = continues and device == "cpu"
     reads_half = bool(window and strides and not fixed or float32_partial)
     to_fixed = {"out_dtype": torch.float32} if float32_partial else {}
     if window and strides:

@@ -1139,10 +1139,13 @@ def test_class_masks_say_on_the_host_when_every_row_keeps_a_key(causal):
 
 @pytest.mark.parametrize("lq,lk", [(1000, 1000), (517, 700), (1, 1003), (30, 40), (64, 64)])
 @pytest.mark.parametrize("block,summary", [(16, 4), (64, 8), (10, 1), (100, 3), (8, 8), (2000, 5)])
-def test_fixed_non_causal(lq, lk, block, summary):
+@pytest.mark.parametrize("span", [True, False])
+def test_fixed_non_causal(monkeypatch, lq, lk, block, summary, span):
     """Every summary key and the rest of the own block, a partial last block included (every key a
-    summary key at (8, 8); one partial block at (2000, 5))."""
-    q, k, v = _qkv(2, lq, lk, dv=8)
+    summary key at (8, 8); one partial block at (2000, 5)); on the span kernel and on torch's."""
+    if not span:
+        _without_span_kernel(monkeypatch)
+    q, k, v = _qkv(2, lq, lk, dv=16 if span else 8)
     out, lse = kernels.fixed_attention(q, k, v, block=block, summary=summary, scale=0.25, causal=False)
     ref_out, ref_lse = reference_attention(q, k, v, FX(block, summary), causal=False, scale=0.25)
     torch.testing.assert_close(out.double(), ref_out, atol=2e-5, rtol=2e-5)

@@ -24,8 +24,9 @@ def _span_reference(q, k, v, *, first: int, last: int, scale: float, row_shift: 
                     skip_strides: tuple[int, ...] = (), key_positions: torch.Tensor | None = None):
     """Float64: query row r of problem (i, c), at position p = r + row_shift, attends key rows
     a + first .. a + last, a = p // rows_per_step * keys_per_step, none past p - min_distance where
-    causal, none at p - (the key's position) = 0 mod a skipped stride, of problem (i // Gn, c // Gs).
-    Key row j lies at position j, or at key_positions[j]."""
+    causal (else none at |p - (the key's position)| < min_distance), none at p - (the key's
+    position) = 0 mod a skipped stride, of problem (i // Gn, c // Gs). Key row j lies at position j,
+    or at key_positions[j]."""
     k, v = (x.double().repeat_interleave(q.shape[0] // k.shape[0], 0).repeat_interleave(q.shape[1] // k.shape[1], 1)
             for x in (k, v))
     scores = torch.einsum("ncqd,nckd->ncqk", q.double(), k) * scale
@@ -33,7 +34,8 @@ def _span_reference(q, k, v, *, first: int, last: int, scale: float, row_shift: 
     key = torch.arange(k.shape[2])[None, :]
     key_position = key if key_positions is None else key_positions[None, :]
     anchor = position // rows_per_step * keys_per_step
-    outside = (key < anchor + first) | (key > anchor + last) | (causal & (key_position > position - min_distance))
+    near = key_position > position - min_distance if causal else (position - key_position).abs() < min_distance
+    outside = (key < anchor + first) | (key > anchor + last) | near
     for stride in skip_strides:
         outside |= (position - key_position) % stride == 0
     scores = scores.masked_fill(outside, float("-inf"))
@@ -168,22 +170,25 @@ def test_span_kernel_reads_key_rows_in_groups(groups, group_rows, every, span, d
 
 
 @pytest.mark.parametrize("q_rows,k_rows,span", [
-    (300, 300, dict(first=-UNBOUNDED, last=0)),  # causal squares
-    (3, 1300, dict(first=-UNBOUNDED, last=0, row_shift=1297)),  # lone rows over two chunks
-    (37, 45, dict(row_shift=8, rows_per_step=16, keys_per_step=16, first=0, last=15)),  # own blocks
+    (300, 300, dict(first=-UNBOUNDED, last=0, causal=True)),  # causal squares
+    (3, 1300, dict(first=-UNBOUNDED, last=0, row_shift=1297, causal=True)),  # lone rows over two chunks
+    (37, 45, dict(row_shift=8, rows_per_step=16, keys_per_step=16, first=0, last=15, causal=True)),  # own blocks
+    (300, 300, dict(first=-UNBOUNDED, last=UNBOUNDED)),  # every key, both ways
+    (3, 1300, dict(first=-UNBOUNDED, last=UNBOUNDED, row_shift=1297)),  # lone rows, every key
+    (37, 45, dict(row_shift=8, rows_per_step=16, keys_per_step=16, first=0, last=11)),  # own blocks' first l - c
 ])
 @pytest.mark.parametrize("min_distance,skip_strides", [(0, (3,)), (5, ()), (5, (4, 6)), (20, (7,)), (0, (1,))])
 @pytest.mark.parametrize("dtype,strip_rows", [(torch.float32, 0), (torch.float32, 7), (torch.bfloat16, 0)])
 def test_span_kernel_skips_near_keys_and_strides(q_rows, k_rows, span, min_distance, skip_strides, dtype,
                                                   strip_rows):
-    """Causal rows that see no key nearer than a distance, nor any at a multiple of a skipped stride
-    (a union's fixed step: its window and strides count those): causal squares, a decode step's
-    rows, fixed's own blocks (a distance past the block: none), every key skipped (stride 1: zeros
-    and lse -inf), against float64."""
+    """Rows that see no key nearer than a distance (before them where causal, on both sides else),
+    nor any at a multiple of a skipped stride (a union's fixed step: its window and strides count
+    those): causal squares and every key, a decode step's rows, fixed's own blocks (a distance past
+    the block: none), every key skipped (stride 1: zeros and lse -inf), against float64."""
     g = torch.Generator().manual_seed(q_rows + min_distance)
     q = torch.randn(2, 4, q_rows, 32, generator=g).to(dtype)
     k, v = (torch.randn(2, 2, k_rows, dim, generator=g).to(dtype) for dim in (32, 48))
-    shape = dict(span, causal=True, min_distance=min_distance, skip_strides=skip_strides)
+    shape = dict(span, min_distance=min_distance, skip_strides=skip_strides)
     out, lse = _span(q, k, v, scale=0.3, strip_rows=strip_rows, **shape)
     assert_matches_reference(out, lse, *_span_reference(q, k, v, scale=0.3, **shape), tol=2e-5)
 
@@ -191,12 +196,14 @@ def test_span_kernel_skips_near_keys_and_strides(q_rows, k_rows, span, min_dista
 @pytest.mark.parametrize("groups,block,summary", [(140, 16, 8), (9, 10, 3), (1, 12, 5)])
 @pytest.mark.parametrize("min_distance,skip_strides", [(0, ()), (13, ()), (0, (5,)), (40, (7, 16)), (0, (1,))])
 @pytest.mark.parametrize("dtype,strip_rows", [(torch.float32, 0), (torch.float32, 7), (torch.bfloat16, 0)])
+@pytest.mark.parametrize("causal", [True, False])
 def test_span_kernel_skips_summary_keys_by_position(groups, block, summary, min_distance, skip_strides, dtype,
-                                                    strip_rows):
+                                                    strip_rows, causal):
     """fixed's summary keys in place (c of every l rows: group g's u-th at position g l + l - c + u,
-    `group_positions`), the prefix each row's block sees, less those nearer than a distance and
-    those at a skipped stride's multiples: 1120 keys (two chunks), 27, one group (its keys not at
-    0); query rows of every block and 3 rows alone at the end, against float64."""
+    `group_positions`), the prefix each row's block sees where causal (else every one), less those
+    nearer than a distance (both ways without causality) and those at a skipped stride's multiples:
+    1120 keys (two chunks), 27, one group (its keys not at 0); query rows of every block and 3 rows
+    alone at the end, against float64."""
     g = torch.Generator().manual_seed(groups + block + min_distance)
     length = groups * block + block
     k, v = (torch.randn(2, 2, length, dim, generator=g).to(dtype)[:, :, : groups * block]
@@ -206,7 +213,8 @@ def test_span_kernel_skips_summary_keys_by_position(groups, block, summary, min_
     q = torch.randn(2, 4, length, 32, generator=g).to(dtype)
     for rows in (q, q[:, :, -3:]):
         shape = dict(row_shift=length - rows.shape[2], rows_per_step=block, keys_per_step=summary,
-                     first=-UNBOUNDED, last=-1, causal=True, min_distance=min_distance, skip_strides=skip_strides)
+                     first=-UNBOUNDED, last=-1 if causal else UNBOUNDED, causal=causal, min_distance=min_distance,
+                     skip_strides=skip_strides)
         out, lse = _span(rows, k, v, scale=0.3, strip_rows=strip_rows, group_positions=(block, block - summary),
                          **shape)
         assert_matches_reference(out, lse, *_span_reference(rows, *flat, scale=0.3, key_positions=positions, **shape),
@@ -604,8 +612,9 @@ def test_a_union_on_the_span_kernel(monkeypatch, dim, native):
     ([{"type": "strided", "stride": 48}, {"type": "strided", "stride": 40}], True),  # three steps, merged
 ])
 @pytest.mark.parametrize("lq", [700, 1])
-def test_a_union_with_fixed_reads_half_precision_on_the_span_kernel(monkeypatch, members, converted, lq):
-    """A causal union whose fixed step continues one other step, in half precision computed in
+@pytest.mark.parametrize("causal", [True, False])
+def test_a_union_with_fixed_reads_half_precision_on_the_span_kernel(monkeypatch, members, converted, lq, causal):
+    """A union whose fixed step continues one other step, causal or not, in half precision computed in
     float32: nothing converted beforehand, the other step's partial in float32 and fixed's result
     rounded once, so that it is the float64 reference rounded to bfloat16 but where that lies
     within float32's error of a rounding boundary (a bfloat16 partial, rounded twice, missed it for
@@ -625,11 +634,11 @@ def test_a_union_with_fixed_reads_half_precision_on_the_span_kernel(monkeypatch,
     k, v = (torch.randn(2, 2, 700, 32, generator=g).to(dtype) for _ in range(2))
     pattern = {"type": "union", "patterns": [*members, {"type": "fixed", "block": 64, "summary": 8}]}
     try:
-        out, lse = attention(q, k, v, pattern, scale=0.25, return_lse=True)
+        out, lse = attention(q, k, v, pattern, causal=causal, scale=0.25, return_lse=True)
     finally:
         plan.cache_clear()
     assert out.dtype == dtype and bool(conversions) == (converted and lq > 1)  # a row's steps convert it
-    ref_out, ref_lse = reference_attention(q.double(), k.double(), v.double(), pattern, scale=0.25)
+    ref_out, ref_lse = reference_attention(q.double(), k.double(), v.double(), pattern, causal=causal, scale=0.25)
     assert (out != ref_out.to(dtype)).float().mean() < 0.01
     assert_matches_reference(out.double(), lse, ref_out, ref_lse, tol=1e-2, lse_tol=2e-5)
 
@@ -652,28 +661,50 @@ def test_fixed_on_the_span_kernel(monkeypatch, lq, lk, block, summary, batch, he
     assert_matches_reference(*result, ref_out, ref_lse, tol=2e-5)
 
 
+@pytest.mark.parametrize("lq,lk", [(600, 600), (517, 700), (300, 1003), (1, 900), (3, 900), (5, 5), (2200, 2200)])
+@pytest.mark.parametrize("block,summary", [(64, 8), (13, 3), (8, 4), (16, 16), (2500, 2), (128, 120)])
+@pytest.mark.parametrize("batch,heads,kv_heads", [(2, 4, 2), (1, 1, 1)])
+def test_non_causal_fixed_on_the_span_kernel(monkeypatch, lq, lk, block, summary, batch, heads, kv_heads):
+    """Non-causal fixed(l, c) on the span kernel (the own blocks' keys before their summary columns,
+    then every summary key continuing them): Lq < Lk, a partial last block with and without summary
+    columns of its own (700 and 1003 keys of fixed(64, 8): a third call), c = l (no own-block call), a block past
+    the keys, more than 1024 summary keys (fixed(8, 4) at 2200: two chunks), one or a few rows,
+    grouped heads and one head, against the contract's mask."""
+    calls = _kernel_calls(monkeypatch)
+    q, k, v = _grouped_qkv(batch, heads, kv_heads, lq, lk, seed=lq + block)
+    result = kernels.fixed_attention(q, k, v, block=block, summary=summary, scale=0.25, causal=False)
+    tail = lk % block > block - summary  # the partial last block's summary columns: a call of their own
+    assert len(calls) == (summary < block) + 1 + tail, "the span kernel was not used"
+    group = heads // kv_heads
+    k, v = (x.repeat_interleave(group, 1) for x in (k, v))
+    ref_out, ref_lse = reference_attention(q, k, v, {"type": "fixed", "block": block, "summary": summary},
+                                           causal=False, scale=0.25)
+    assert_matches_reference(*result, ref_out, ref_lse, tol=2e-5)
+
+
 @pytest.mark.parametrize("dtype,native", [(torch.float16, False), (torch.bfloat16, False), (torch.bfloat16, True)])
-def test_fixed_half_precision_on_the_span_kernel(monkeypatch, dtype, native):
+@pytest.mark.parametrize("causal", [True, False])
+def test_fixed_half_precision_on_the_span_kernel(monkeypatch, dtype, native, causal):
     """Half precision read as it is, computed in float32 (natively computed bfloat16 too, within
     NATIVE_HALF_SPAN_MAX_SUMMARY_KEYS): the result keeps q's dtype, rounded once. Non-contiguous
-    inputs ([B, L, H, D] viewed as [B, H, L, D]), head dims 32 and 48."""
+    inputs ([B, L, H, D] viewed as [B, H, L, D]), head dims 32 and 48; causal or not."""
     monkeypatch.setattr(dense, "cpu_upcast_dtypes", lambda: frozenset() if native else frozenset({dtype}))
     calls = _kernel_calls(monkeypatch)
     g = torch.Generator().manual_seed(12)
     q, k = (torch.randn(2, 517 if i == 0 else 702, 2, 32, generator=g).to(dtype).transpose(1, 2) for i in range(2))
     v = torch.randn(2, 702, 2, 48, generator=g).to(dtype).transpose(1, 2)
-    out, lse = kernels.fixed_attention(q, k, v, block=64, summary=8, scale=0.25)
+    out, lse = kernels.fixed_attention(q, k, v, block=64, summary=8, scale=0.25, causal=causal)
     assert calls and out.dtype == dtype
     pattern = {"type": "fixed", "block": 64, "summary": 8}
-    ref_out, ref_lse = reference_attention(*(x.float() for x in (q, k, v)), pattern, scale=0.25)
+    ref_out, ref_lse = reference_attention(*(x.float() for x in (q, k, v)), pattern, causal=causal, scale=0.25)
     assert_matches_reference(out.float(), lse, ref_out, ref_lse, tol=1e-2, lse_tol=2e-5)
 
 
 def test_fixed_rules_for_the_span_kernel(monkeypatch):
-    """torch's kernel takes non-causal fixed, head dims not a multiple of 16, and half precision that
-    it computes natively (AMX) and the span kernel does not past NATIVE_HALF_SPAN_MAX_SUMMARY_KEYS;
-    the span kernel the rest, short runs (a decode step's row) and a union's fixed step (a distance,
-    skipped strides) too."""
+    """torch's kernel takes head dims not a multiple of 16, and half precision that it computes
+    natively (AMX) and the span kernel does not past NATIVE_HALF_SPAN_MAX_SUMMARY_KEYS; the span
+    kernel the rest, short runs (a decode step's row) and a union's fixed step (a distance,
+    skipped strides) too, causal or not."""
     from engine.kernels import fixed
 
     calls = _kernel_calls(monkeypatch)
@@ -693,11 +724,12 @@ def test_fixed_rules_for_the_span_kernel(monkeypatch):
     assert used(qkv=(q[:, :, -fixed.SHORT_RUN_ROWS - 1 :], k, v))
     assert used(qkv=(q[:, :, -fixed.SHORT_RUN_ROWS :], k, v))
     assert used(qkv=(q[:, :, -1:], k, v))
-    assert not used(causal=False)
+    assert used(causal=False)
+    assert used(qkv=(q[:, :, -1:], k, v), causal=False)
     assert used(min_distance=5)
     assert used(skip_strides=(3,))
     assert used(qkv=(q[:, :, -1:], k, v), min_distance=40, skip_strides=(3, 64))
-    assert not used(causal=False, min_distance=5)
+    assert used(causal=False, min_distance=5, skip_strides=(3,))
     q24 = torch.randn(1, 2, 640, 24, generator=g)
     assert not used(qkv=(q24, q24, q24))
     half = [x.bfloat16() for x in (q, k, v)]  # 19 whole blocks before the last: 76 summary keys

@@ -132,9 +132,10 @@ def earlier_summary_keys(x: torch.Tensor, block: int, summary: int) -> torch.Ten
     return summary_key_groups(x, block, summary).flatten(-3, -2)
 
 
-def summary_key_groups(x: torch.Tensor, block: int, summary: int) -> torch.Tensor:
-    """`earlier_summary_keys` in place: a view of x [..., L, D], [..., blocks, c, D]."""
-    whole = (x.shape[-2] - 1) // block
+def summary_key_groups(x: torch.Tensor, block: int, summary: int, whole: int | None = None) -> torch.Tensor:
+    """`earlier_summary_keys` in place (or the first `whole` blocks'): a view of x [..., L, D],
+    [..., blocks, c, D]."""
+    whole = (x.shape[-2] - 1) // block if whole is None else whole
     return x[..., : whole * block, :].unflatten(-2, (whole, block))[..., block - summary :, :]
 
 
@@ -222,9 +223,9 @@ def fixed_attention(
                   skip_strides=skip_strides)
     if seed is not None and triton_fixed.takes(q, v, causal, skip_strides, seeded=True):
         return triton_fixed.triton_fixed_attention(q, k, v, seed=(0, *seed), **kwargs)
-    if _on_span_kernel(q, k, v, block=block, summary=summary, causal=causal):
-        return span_fixed_attention(q, k, v, block=block, summary=summary, scale=scale, min_distance=min_distance,
-                                    skip_strides=skip_strides, seed=seed)
+    if _on_span_kernel(q, k, v, block=block, summary=summary):
+        return span_fixed_attention(q, k, v, block=block, summary=summary, scale=scale, causal=causal,
+                                    min_distance=min_distance, skip_strides=skip_strides, seed=seed)
     if triton_fixed.takes(q, v, causal, skip_strides):
         own = triton_fixed.triton_fixed_attention(q, k, v, **kwargs)
     else:
@@ -232,51 +233,64 @@ def fixed_attention(
     return own if seed is None else merge_partials([seed, own], q.dtype)
 
 
-def _on_span_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, block: int, summary: int,
-                    causal: bool) -> bool:
-    """Whether causal fixed goes to the CPU span kernel (`span_fixed_attention`): short runs too
+def _on_span_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, block: int, summary: int) -> bool:
+    """Whether fixed goes to the CPU span kernel (`span_fixed_attention`): short runs too
     (fixed(128, 8), H = 8, D = 64, float32, span / torch's calls, one row after 4096, 16384 and
     65536 keys 0.46, 0.69, 0.73; 16 rows 0.40, 0.51, 0.73; bfloat16 at 16384 0.53 and 0.39), a
-    union's step too (its distance and strides skipped in the kernel: no mask), up to
+    union's step too (its distance and strides skipped in the kernel: no mask), causal or not; up to
     NATIVE_HALF_SPAN_MAX_SUMMARY_KEYS in half precision that torch's kernel runs natively (AMX) and
     the span kernel does not (`span_kernel.computes_natively`), and where the kernel takes q, k
     and v."""
     few_summary_keys = (k.shape[-2] - 1) // block * summary <= NATIVE_HALF_SPAN_MAX_SUMMARY_KEYS
-    return (kernel_device(q.device) == "cpu" and causal
+    return (kernel_device(q.device) == "cpu"
             and (few_summary_keys or not cpu_native_half(q.dtype) or span_kernel.computes_natively(q.dtype))
             and span_kernel.takes(q, k, v))
 
 
 def span_fixed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, block: int, summary: int,
-                         scale: float, min_distance: int = 0, skip_strides: tuple[int, ...] = (),
+                         scale: float, causal: bool = True, min_distance: int = 0, skip_strides: tuple[int, ...] = (),
                          seed: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Causal fixed on the CPU span kernel in two calls: each row's own block (the l keys anchored at
-    its block's start, none past the row) over K and V as they are, then the summary keys of
-    earlier blocks (a prefix of them, c more every l rows, read in place: `summary_key_groups`),
-    continuing the first call's partial (its seed: no merge pass). Every row of a block sees the
-    same summary keys, so nothing is computed under a mask. A union's step skips the keys nearer
-    than its window (`min_distance`: the own blocks' call not made where that passes the block) and
-    at its strides' multiples in the kernel, and continues the union's other steps' partial
-    (`seed`). Grouped key/value heads read as they are; (out in q's dtype, lse)."""
+    """fixed on the CPU span kernel: each row's own block, then the summary keys, each call
+    continuing the one before (its seed: no merge pass), all over K and V as they are. Causal: the
+    own block is the l keys anchored at its block's start, none past the row; the summary keys are
+    those of earlier blocks (a prefix of them, c more every l rows, read in place:
+    `summary_key_groups`). Non-causal: the own block's l - c keys before its summary columns, then
+    every whole block's summary keys and a partial last block's for every row. Every row of a block
+    sees the same summary keys, so nothing is computed under a mask. A union's step skips the keys
+    nearer than its window (`min_distance`, both ways without causality: the own blocks' call not
+    made where that passes the block) and at its strides' multiples in the kernel, and continues
+    the union's other steps' partial (`seed`). Grouped key/value heads read as they are; (out in
+    q's dtype, lse)."""
     l, c = block, summary
-    offset = k.shape[-2] - q.shape[-2]
-    gathered = [summary_key_groups(x, l, c) for x in (k, v)]
-    skips = dict(min_distance=min_distance, skip_strides=skip_strides, row_shift=offset, rows_per_step=l,
+    lk = k.shape[-2]
+    skips = dict(min_distance=min_distance, skip_strides=skip_strides, row_shift=lk - q.shape[-2], rows_per_step=l,
                  strip_rows=FIXED_STRIP_ROWS)
-    if min_distance < l:
-        own = q.new_empty(*q.shape[:-1], v.shape[-1], dtype=torch.float32)
-        lse = q.new_empty(q.shape[:-1], dtype=torch.float32)
-        span_kernel.span_attention(q, k, v, own, lse, scale=scale, keys_per_step=l, first=0, last=l - 1, causal=True,
-                                   seed=seed, **skips)
-        seed = own, lse
-        out = own if q.dtype == torch.float32 else q.new_empty(*q.shape[:-1], v.shape[-1])
-    elif seed is not None:  # the union's partial, continued in place
-        out, lse = seed
+    own_keys = l if causal else l - c  # non-causal, its summary columns are in every row's summary call
+    chain = []  # (keys, values, their span) of each call in turn
+    if min_distance < l and own_keys:
+        chain.append((k, v, dict(keys_per_step=l, first=0, last=own_keys - 1, causal=causal)))
+    if causal:
+        chain.append((*(summary_key_groups(x, l, c) for x in (k, v)),
+                      dict(keys_per_step=c, first=-span_kernel.UNBOUNDED, last=-1, causal=bool(min_distance),
+                           group_positions=(l, l - c))))
     else:
-        out, lse = q.new_empty(*q.shape[:-1], v.shape[-1]), q.new_empty(q.shape[:-1], dtype=torch.float32)
-    span_kernel.span_attention(q, *gathered, out, lse, scale=scale, keys_per_step=c, first=-span_kernel.UNBOUNDED,
-                               last=-1, causal=bool(min_distance), group_positions=(l, l - c), seed=seed, **skips)
-    return out, lse
+        whole, tail_first = lk // l, lk // l * l + l - c  # a partial last block's summary columns from tail_first
+        every_row = dict(first=-span_kernel.UNBOUNDED, last=span_kernel.UNBOUNDED, causal=False)
+        chain.append((*(summary_key_groups(x, l, c, whole) for x in (k, v)),
+                      dict(group_positions=(l, l - c), **every_row)))
+        if lk > tail_first:
+            chain.append((k[..., tail_first:, :], v[..., tail_first:, :],
+                          dict(group_positions=(lk - tail_first, tail_first), **every_row)))
+    for n, (keys, values, span) in enumerate(chain):
+        out_dtype = q.dtype if n == len(chain) - 1 else torch.float32  # partials in float32, rounded once
+        if seed is not None and seed[0].dtype == out_dtype:  # continued in place
+            out, lse = seed
+        else:
+            out = q.new_empty(*q.shape[:-1], v.shape[-1], dtype=out_dtype)
+            lse = seed[1] if seed is not None else q.new_empty(q.shape[:-1], dtype=torch.float32)
+        span_kernel.span_attention(q, keys, values, out, lse, scale=scale, seed=seed, **span, **skips)
+        seed = out, lse
+    return seed
 
 
 def fused_fixed_attention(

@@ -292,8 +292,8 @@ struct Call {
   int64_t key_group;
   // Key t's position: t / key_group * group_span + group_first + t % key_group (t itself in one
   // group). A causal row at position p sees none past p - distance (a union's window takes the
-  // nearer ones), and none at p - position = 0 mod any of the skip_count strides in `skips` (a
-  // union's strides count those).
+  // nearer ones; without causality none at |p - position| < distance, on both sides), and none at
+  // p - position = 0 mod any of the skip_count strides in `skips` (a union's strides count those).
   int64_t group_span, group_first, distance, skip_count;
   const int64_t *skips;
   bool stream_out;  // results written past the caches (`add_block`)
@@ -319,9 +319,24 @@ struct Call {
     const int64_t in_group = x % group_span + 1;
     return x / group_span * key_group + (in_group < key_group ? in_group : key_group);
   }
-  // The scores s[t - base] of keys t0 <= t < t1 that the row at position p skips (`skips`) set to
-  // -inf: every stride-th key back from p in one group, a few of each group's otherwise.
+  // Whether rows skip keys inside their spans (`skip_keys`): a union's strides' or, without
+  // causality, its window's.
+  bool skips_keys() const { return skip_count > 0 || (!causal && distance > 0); }
+  // The scores s[t - base] of keys t0 <= t < t1 that the row at position p skips set to -inf: its
+  // window's without causality (|p - position| < distance: a run in one group, a run in each of a
+  // few groups otherwise); every stride-th key back from p in one group, a few of each group's
+  // otherwise (`skips`).
   void skip_keys(float *s, int64_t base, int64_t p, int64_t t0, int64_t t1) const {
+    if (!causal && distance > 0) {
+      auto below = [](int64_t x, int64_t y) { return x >= 0 ? x / y : -((-x + y - 1) / y); };  // floor(x / y)
+      const int64_t near = p - distance + 1 - group_first, past = p + distance - group_first;  // positions less first
+      const int64_t g0 = below(near, group_span), g1 = below(past - 1, group_span);
+      for (int64_t g = clamp(g0, t0 / key_group, t1), end = clamp(g1, -1, (t1 - 1) / key_group); g <= end; g++) {
+        const int64_t u0 = clamp(near - g * group_span, 0, key_group), u1 = clamp(past - g * group_span, 0, key_group);
+        for (int64_t t = clamp(g * key_group + u0, t0, t1); t < clamp(g * key_group + u1, t0, t1); t++)
+          s[t - base] = -INFINITY;
+      }
+    }
     for (int64_t n = 0; n < skip_count; n++) {
       const int64_t stride = skips[n];
       auto after = [&](int64_t x) { return (x % stride + stride) % stride; };  // x mod stride, in [0, stride)
@@ -951,7 +966,7 @@ template <int IN, int OUT, int TILE_ROWS> struct Worker {
             }
             continue;
           }
-          if (a.skip_count) a.skip_keys(s, from, r0 + r + a.row_shift, from + lo, from + hi);
+          if (a.skips_keys()) a.skip_keys(s, from, r0 + r + a.row_shift, from + lo, from + hi);
           float sum, top = softmax_row(s, high, low, lo, hi, padded, row_top[at], q_scale, &sum);
           keep[r] = row_top[at] == -INFINITY ? 0.f : row_top[at] == top ? 1.f : exp2f(row_top[at] - top);
           row_top[at] = top;
