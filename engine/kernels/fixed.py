@@ -1,6 +1,6 @@
 """`fixed(l, c)` as two disjoint pieces merged in place by log-sum-exp (causal; non-causal below),
 on fused SDPA calls: the CPU's plan where its span kernel does not run (`span_fixed_attention`:
-the same two pieces as two calls of the engine's own kernel, causal, a union's distance and
+the same pieces as calls of the engine's own kernel, causal or not, a union's distance and
 strides skipped in the kernel), and CUDA's where its Triton kernel does not run (triton_fixed.py:
 one launch for what follows).
 
