@@ -153,13 +153,17 @@ SHORT_RUN_MASKED_KEYS = 1024
 # block); unions of windows and strides keep their steps (0.63-1.18 up to 8192 keys, 0.99-1.32 at
 # 16384).
 ONE_ROW_MASKED_KEYS = 1536
-# One causal row of a union with fixed where the span kernel is built takes the masked kernel only
-# with a stride among the members and up to this many keys: the structured plan's three kernel
-# calls (the stride's classes, fixed's own block and summary keys) cost more than the masked call
-# there. Structured / masked (as above, float32): union(strided 128, fixed(128, 8))
-# at 384 / 512 / 768 / 1024 / 1536 / 2048 / 4096 / 16384 keys 1.31 / 1.39 / 1.23 / 0.96-1.16 / 0.87 /
-# 0.95 / 0.84 / 0.48, with sliding 128 too 1.08 / 1.23 / 1.13 / 0.87-0.97 / 0.85 / 0.90 / 0.84 / 0.47
-# (bfloat16 at 512: 0.90 and 0.83); without a stride 0.33-0.65 from 384 keys on.
+# One row of a union with fixed where the span kernel is built takes the masked kernel only with a
+# stride among the members and up to this many keys: the structured plan's three kernel calls (the
+# stride's classes, fixed's own block and summary keys) cost more than the masked call there.
+# Structured / masked (as above, float32): union(strided 128, fixed(128, 8)) at 384 / 512 / 768 /
+# 1024 / 1536 / 2048 / 4096 / 16384 keys 1.31 / 1.39 / 1.23 / 0.96-1.16 / 0.87 / 0.95 / 0.84 / 0.48,
+# with sliding 128 too 1.08 / 1.23 / 1.13 / 0.87-0.97 / 0.85 / 0.90 / 0.84 / 0.47 (bfloat16 at 512:
+# 0.90 and 0.83); without a stride 0.33-0.65 from 384 keys on. Without causality (fixed's step on
+# the span kernel since 2026-12-06, nineteenth session; one run, best of three rounds): 1.07 / 0.95
+# / 1.05 / 0.85 / 0.76 / 0.68 / 0.50 / 0.25, with sliding 128 too 0.82 / 0.83 / 0.73 / 0.65 / 0.64 /
+# 0.66 / 0.47 / 0.27; without a stride 0.17-0.58 (there the rule before, ONE_ROW_MASKED_KEYS, sent
+# union(sliding 128, fixed(128, 8)) after 16384 keys to the masked kernel: 1.07 ms against 0.20).
 ONE_ROW_STRIDED_MASKED_KEYS = 768
 # A causal chunk of one or two class rows (s <= Lq <= 2s) of a stride s of at most TINY_STRIDE runs
 # on the CPU's masked kernel, and so do 2 to 2s rows of a union of strides whose smallest is s
@@ -292,8 +296,8 @@ def _small_on_masked(pattern: PatternBase, lk: int, causal: bool) -> bool:
 
 def _short_run_on_masked(pattern: PatternBase, lq: int, lk: int, causal: bool, device: str) -> bool:
     """Whether a few rows run on the CPU's masked kernel: two or more causal rows of fixed alone
-    (SHORT_RUN_MASKED_KEYS); of a union with fixed, one causal row with a stride among the members
-    where the span kernel is built (ONE_ROW_STRIDED_MASKED_KEYS), else a few causal rows
+    (SHORT_RUN_MASKED_KEYS); of a union with fixed, one row with a stride among the members where
+    the span kernel is built (ONE_ROW_STRIDED_MASKED_KEYS), else a few causal rows
     (SHORT_RUN_MASKED_KEYS) and one row, causal or not (ONE_ROW_MASKED_KEYS)."""
     if device != "cpu" or lq > SHORT_RUN_ROWS:
         return False
@@ -301,7 +305,7 @@ def _short_run_on_masked(pattern: PatternBase, lq: int, lk: int, causal: bool, d
         return causal and lq > 1 and lk <= 2 * SHORT_RUN_MASKED_KEYS
     if not _union_with(pattern, Fixed):
         return False
-    if causal and span_kernel.library() is not None:  # fixed's step on the span kernel
+    if span_kernel.library() is not None:  # fixed's step on the span kernel, causal or not
         return lq == 1 and _union_with(pattern, Strided) and lk <= ONE_ROW_STRIDED_MASKED_KEYS
     if lq == 1:
         return _row_keys_bound(pattern, lk - 1) <= ONE_ROW_MASKED_KEYS

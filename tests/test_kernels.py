@@ -566,10 +566,8 @@ STRIDES = {"type": "union", "patterns": [SW(256), ST(128), ST(96)]}
     (FX(128, 8), 2, 2049, True, "fixed"),
     (FX(128, 8), 17, 1024, True, "fixed"),  # past a short run
     (FX(128, 8), 16, 1024, False, "fixed"),  # causal only
-    # Not causal: one row while its members' key counts sum to at most ONE_ROW_MASKED_KEYS = 1536,
-    # one masked call on a copy of exactly its keys.
-    ({"type": "union", "patterns": [SW(128), FX(128, 8)]}, 1, 22401, False, "masked"),  # 128 + 175 * 8 + 1 keys
-    ({"type": "union", "patterns": [SW(128), FX(128, 8)]}, 1, 22529, False, "band+fixed"),  # 128 + 176 * 8 + 1
+    # Not causal: one row as causal (test_short_runs_of_unions_with_fixed_on_the_span_kernel, and
+    # without the span kernel test_short_runs_of_unions_with_fixed_without_the_span_kernel).
     ({"type": "union", "patterns": [SW(128), FX(128, 8)]}, 2, 1024, False, "band+fixed"),  # a few rows: causal only
     ({"type": "union", "patterns": [SW(128), ST(128)]}, 1, 4096, True, "band+strided"),  # no fixed member
     ({"type": "union", "patterns": [SW(128), ST(128)]}, 1, 512, True, "band+strided"),
@@ -614,17 +612,18 @@ def test_planner_kernel_choice(pattern, lq, lk, causal, backend):
     ({"type": "union", "patterns": [SW(128), FX(128, 8)]}, 16, 1024, "band+fixed"),
     (THREE, 2, 768, "band+strided+fixed"),
 ])
-def test_short_runs_of_unions_with_fixed_on_the_span_kernel(pattern, lq, lk, backend):
-    """A causal union with fixed, its fixed step on the span kernel: one row with a stride among the
-    members after up to ONE_ROW_STRIDED_MASKED_KEYS = 768 keys takes one masked call; the rest
-    keep the structured plan."""
+@pytest.mark.parametrize("causal", [True, False])
+def test_short_runs_of_unions_with_fixed_on_the_span_kernel(pattern, lq, lk, backend, causal):
+    """A union with fixed, its fixed step on the span kernel, causal or not: one row with a stride
+    among the members after up to ONE_ROW_STRIDED_MASKED_KEYS = 768 keys takes one masked call; the
+    rest keep the structured plan."""
     from engine.kernels import span_kernel
     from engine.patterns import parse_pattern
     from engine.planner import plan
 
     if span_kernel.library() is None:
         pytest.skip("no C++ compiler to build the span kernel")
-    assert plan(parse_pattern(pattern), lq, lk, True, "cpu").backend == backend
+    assert plan(parse_pattern(pattern), lq, lk, causal, "cpu").backend == backend
 
 
 @pytest.mark.parametrize("pattern,lq,lk,causal,backend", [
@@ -636,6 +635,8 @@ def test_short_runs_of_unions_with_fixed_on_the_span_kernel(pattern, lq, lk, bac
     ({"type": "union", "patterns": [ST(128), FX(128, 8)]}, 2, 2049, True, "strided+fixed"),
     ({"type": "union", "patterns": [SW(128), FX(128, 8)]}, 1, 22401, True, "masked"),  # 128 + 175 * 8 + 1 keys
     ({"type": "union", "patterns": [SW(128), FX(128, 8)]}, 1, 22529, True, "band+fixed"),  # 128 + 176 * 8 + 1
+    ({"type": "union", "patterns": [SW(128), FX(128, 8)]}, 1, 22401, False, "masked"),  # one row: causal or not
+    ({"type": "union", "patterns": [SW(128), FX(128, 8)]}, 1, 22529, False, "band+fixed"),
     ({"type": "union", "patterns": [ST(128), FX(128, 8)]}, 1, 16384, True, "masked"),
     ({"type": "union", "patterns": [ST(128), FX(128, 8)]}, 1, 65536, True, "strided+fixed"),
     (THREE, 1, 16384, True, "masked"),  # 256 + 128 + 127 * 8 + 128
@@ -645,8 +646,8 @@ def test_short_runs_of_unions_with_fixed_on_the_span_kernel(pattern, lq, lk, bac
 def test_short_runs_of_unions_with_fixed_without_the_span_kernel(monkeypatch, pattern, lq, lk, causal, backend):
     """Where the span kernel is not built (torch's masked calls take fixed's step), a causal short
     run of a union with fixed takes one masked call up to SHORT_RUN_MASKED_KEYS = 1024 keys (with a
-    stride among its members 2048), one row while its members' key counts sum to at most
-    ONE_ROW_MASKED_KEYS = 1536."""
+    stride among its members 2048), one row, causal or not, while its members' key counts sum to at
+    most ONE_ROW_MASKED_KEYS = 1536."""
     from engine.patterns import parse_pattern
     from engine.planner import plan
 
