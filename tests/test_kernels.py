@@ -1029,14 +1029,13 @@ def test_a_row_on_exactly_its_keys_takes_an_unmasked_call(monkeypatch, lq, spec,
 def test_a_decode_row_of_a_union_with_fixed_on_its_keys(pattern, lk, causal, dtype):
     """One row of a union with fixed (a decode step), with grouped key/value heads, a value head dim
     of its own and half precision, against the float64 reference: on the masked plan on the CPU
-    without causality (the last row has no later key) and over few keys; causal after 5003 keys on
-    the structured plan where the span kernel is built (at head dim 24 fixed's step falls back to
-    torch's calls)."""
+    over few keys; after 5003 keys, causal or not, on the structured plan where the span kernel is
+    built (at head dim 24 fixed's step falls back to torch's calls)."""
     from engine import attention
     from engine.patterns import parse_pattern
     from engine.planner import plan
 
-    assert lk == 1 or (causal and lk == 5003) or plan(parse_pattern(pattern), 1, lk, causal, "cpu").backend == "masked"
+    assert lk in (1, 5003) or plan(parse_pattern(pattern), 1, lk, causal, "cpu").backend == "masked"
     g = torch.Generator().manual_seed(lk)
     q = torch.randn(2, 4, 1, 24, generator=g).to(dtype)
     k = torch.randn(2, 2, lk, 24, generator=g).to(dtype)
