@@ -643,42 +643,28 @@ def test_a_union_with_fixed_reads_half_precision_on_the_span_kernel(monkeypatch,
     assert_matches_reference(out.double(), lse, ref_out, ref_lse, tol=1e-2, lse_tol=2e-5)
 
 
-@pytest.mark.parametrize("lq,lk", [(600, 600), (517, 700), (300, 1003), (17, 900), (2200, 2200)])
-@pytest.mark.parametrize("block,summary", [(64, 8), (13, 3), (8, 4), (16, 16), (2500, 2)])
-@pytest.mark.parametrize("batch,heads,kv_heads", [(2, 4, 2), (1, 1, 1)])
-def test_fixed_on_the_span_kernel(monkeypatch, lq, lk, block, summary, batch, heads, kv_heads):
-    """Causal fixed(l, c) on the span kernel (own blocks, then the summary keys continuing them):
-    Lq < Lk with the first query block cut, a partial last block, blocks not a multiple of the
-    kernel's 8-row blocks, c = l, a block past the keys (no summary key), more than 1024 summary
-    keys (fixed(8, 4) at 2200: two chunks), grouped heads and one head, against the contract's mask."""
-    calls = _kernel_calls(monkeypatch)
-    q, k, v = _grouped_qkv(batch, heads, kv_heads, lq, lk, seed=lq + block)
-    result = kernels.fixed_attention(q, k, v, block=block, summary=summary, scale=0.25)
-    assert len(calls) == 2, "the span kernel was not used"
-    group = heads // kv_heads
-    k, v = (x.repeat_interleave(group, 1) for x in (k, v))
-    ref_out, ref_lse = reference_attention(q, k, v, {"type": "fixed", "block": block, "summary": summary}, scale=0.25)
-    assert_matches_reference(*result, ref_out, ref_lse, tol=2e-5)
-
-
-@pytest.mark.parametrize("lq,lk", [(600, 600), (517, 700), (300, 1003), (1, 900), (3, 900), (5, 5), (2200, 2200)])
+@pytest.mark.parametrize("lq,lk", [(600, 600), (517, 700), (300, 1003), (17, 900), (1, 900), (3, 900), (5, 5),
+                                   (2200, 2200)])
 @pytest.mark.parametrize("block,summary", [(64, 8), (13, 3), (8, 4), (16, 16), (2500, 2), (128, 120)])
 @pytest.mark.parametrize("batch,heads,kv_heads", [(2, 4, 2), (1, 1, 1)])
-def test_non_causal_fixed_on_the_span_kernel(monkeypatch, lq, lk, block, summary, batch, heads, kv_heads):
-    """Non-causal fixed(l, c) on the span kernel (the own blocks' keys before their summary columns,
-    then every summary key continuing them): Lq < Lk, a partial last block with and without summary
-    columns of its own (700 and 1003 keys of fixed(64, 8): a third call), c = l (no own-block call), a block past
-    the keys, more than 1024 summary keys (fixed(8, 4) at 2200: two chunks), one or a few rows,
-    grouped heads and one head, against the contract's mask."""
+@pytest.mark.parametrize("causal", [True, False])
+def test_fixed_on_the_span_kernel(monkeypatch, lq, lk, block, summary, batch, heads, kv_heads, causal):
+    """fixed(l, c) on the span kernel, each call continuing the one before: causal, the own blocks
+    and then the summary keys of earlier blocks; non-causal, the own blocks' keys before their
+    summary columns, then every summary key, and a partial last block's own summary columns in a
+    third call (700 and 1003 keys of fixed(64, 8)), none for the own blocks where c = l. Lq < Lk
+    with the first query block cut, blocks not a multiple of the kernel's 8-row blocks, a block past
+    the keys (no summary key), more than 1024 summary keys (fixed(8, 4) at 2200: two chunks), one
+    or a few rows, grouped heads and one head, against the contract's mask."""
     calls = _kernel_calls(monkeypatch)
     q, k, v = _grouped_qkv(batch, heads, kv_heads, lq, lk, seed=lq + block)
-    result = kernels.fixed_attention(q, k, v, block=block, summary=summary, scale=0.25, causal=False)
-    tail = lk % block > block - summary  # the partial last block's summary columns: a call of their own
-    assert len(calls) == (summary < block) + 1 + tail, "the span kernel was not used"
+    result = kernels.fixed_attention(q, k, v, block=block, summary=summary, scale=0.25, causal=causal)
+    tail = lk % block > block - summary  # non-causal: the partial last block's summary columns
+    assert len(calls) == (2 if causal else (summary < block) + 1 + tail), "the span kernel was not used"
     group = heads // kv_heads
     k, v = (x.repeat_interleave(group, 1) for x in (k, v))
     ref_out, ref_lse = reference_attention(q, k, v, {"type": "fixed", "block": block, "summary": summary},
-                                           causal=False, scale=0.25)
+                                           causal=causal, scale=0.25)
     assert_matches_reference(*result, ref_out, ref_lse, tol=2e-5)
 
 
