@@ -1036,7 +1036,8 @@ Runner runner(int in, int out, int64_t row_keys) {
 // row_shift (>= 0), rows_per_step (>= 1), keys_per_step (>= 0), causal (0 or 1), key_group (>= 1:
 // key rows in groups of that many, each group at its own stride), group_span (>= key_group) and
 // group_first (the keys' positions: `Call`), distance (>= 0), skip_count, then that many strides
-// (>= 1): causal rows see no key past p - distance, nor any at p - position = 0 mod one of them;
+// (>= 1): causal rows see no key past p - distance (others none at |p - position| < distance),
+// nor any at p - position = 0 mod one of them;
 // seed_out, seed_lse: (out in seed_dtype, lse float32) of each row over other keys, which the rows
 // continue (their merge is written), or null; they may be out and lse themselves (a strip reads its
 // rows' seed before it writes them).
