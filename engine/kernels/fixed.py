@@ -263,8 +263,8 @@ def span_fixed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, b
     q's dtype, lse)."""
     l, c = block, summary
     lk = k.shape[-2]
-    skips = dict(min_distance=min_distance, skip_strides=skip_strides, row_shift=lk - q.shape[-2], rows_per_step=l,
-                 strip_rows=FIXED_STRIP_ROWS)
+    every_call = dict(min_distance=min_distance, skip_strides=skip_strides, row_shift=lk - q.shape[-2],
+                      rows_per_step=l, strip_rows=FIXED_STRIP_ROWS)
     own_keys = l if causal else l - c  # non-causal, its summary columns are in every row's summary call
     chain = []  # (keys, values, their span) of each call in turn
     if min_distance < l and own_keys:
@@ -274,7 +274,8 @@ def span_fixed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, b
                       dict(keys_per_step=c, first=-span_kernel.UNBOUNDED, last=-1, causal=bool(min_distance),
                            group_positions=(l, l - c))))
     else:
-        whole, tail_first = lk // l, lk // l * l + l - c  # a partial last block's summary columns from tail_first
+        whole = lk // l
+        tail_first = (whole + 1) * l - c  # a partial last block's summary columns, from here
         every_row = dict(first=-span_kernel.UNBOUNDED, last=span_kernel.UNBOUNDED, causal=False)
         chain.append((*(summary_key_groups(x, l, c, whole) for x in (k, v)),
                       dict(group_positions=(l, l - c), **every_row)))
@@ -288,7 +289,7 @@ def span_fixed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, b
         else:
             out = q.new_empty(*q.shape[:-1], v.shape[-1], dtype=out_dtype)
             lse = seed[1] if seed is not None else q.new_empty(q.shape[:-1], dtype=torch.float32)
-        span_kernel.span_attention(q, keys, values, out, lse, scale=scale, seed=seed, **span, **skips)
+        span_kernel.span_attention(q, keys, values, out, lse, scale=scale, seed=seed, **span, **every_call)
         seed = out, lse
     return seed
 

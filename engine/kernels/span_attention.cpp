@@ -330,8 +330,8 @@ struct Call {
     if (!causal && distance > 0) {
       auto below = [](int64_t x, int64_t y) { return x >= 0 ? x / y : -((-x + y - 1) / y); };  // floor(x / y)
       const int64_t near = p - distance + 1 - group_first, past = p + distance - group_first;  // positions less first
-      const int64_t g0 = below(near, group_span), g1 = below(past - 1, group_span);
-      for (int64_t g = clamp(g0, t0 / key_group, t1), end = clamp(g1, -1, (t1 - 1) / key_group); g <= end; g++) {
+      const int64_t end = clamp(below(past - 1, group_span), -1, (t1 - 1) / key_group);  // the last group it meets
+      for (int64_t g = clamp(below(near, group_span), t0 / key_group, end + 1); g <= end; g++) {
         const int64_t u0 = clamp(near - g * group_span, 0, key_group), u1 = clamp(past - g * group_span, 0, key_group);
         for (int64_t t = clamp(g * key_group + u0, t0, t1); t < clamp(g * key_group + u1, t0, t1); t++)
           s[t - base] = -INFINITY;

@@ -158,8 +158,9 @@ def span_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch
     its start, its summary keys grow by c every l rows), none past p where causal, within
     0 .. Rk - 1 (none: zeros and lse -inf), of problem (i // Gn, c // Gs). Where causal, none past
     p - min_distance either (else none at |p - j| < min_distance); and none at p - j = 0 mod any of
-    `skip_strides` (a union's window and strides count those keys): key row j at position j, or in groups, group g's u-th at g * span +
-    first + u (`group_positions` = (span, first): fixed's summary keys). out [N, S, Rq, Dv] in
+    `skip_strides` (a union's window and strides count those keys): key row j at position j, or in
+    groups, group g's u-th at g * span + first + u (`group_positions` = (span, first): fixed's
+    summary keys). out [N, S, Rq, Dv] in
     float32 or q's dtype, lse float32 [N, S, Rq], any strides but out's features'. `seed`: (out in
     any of DTYPES, lse float32) shaped as those, each row's partial over other keys, which the rows
     continue (their merge is written: no merge pass after, nor a conversion before); it may be
