@@ -71,7 +71,7 @@ def _kernel_calls(monkeypatch) -> list:
     ((1, 2), (1, 2), 150, 150, -40, 40),  # a band both ways
     ((1, 1), (1, 1), 100, 100, 300, 400),  # spans past the keys: no row sees one
 ])
-@pytest.mark.parametrize("dim,v_dim", [(16, 16), (32, 48), (64, 16)])
+@pytest.mark.parametrize("dim,v_dim", [(16, 16), (32, 48), (64, 16), (5, 13), (72, 40)])
 @pytest.mark.parametrize("strip_rows", [0, 7, 64])
 def test_span_kernel_contract(shape, kv_shape, q_rows, k_rows, first, last, dim, v_dim, strip_rows):
     """Query row r of each problem attends key rows r + first .. r + last of its key/value problem;
@@ -111,7 +111,7 @@ def test_span_kernel_anchored_spans_and_chunks(q_rows, k_rows, span, strip_rows)
 
 @pytest.mark.parametrize("q_rows", [1, 2, 3, 4, 5, 9, 10])
 @pytest.mark.parametrize("span", [dict(first=-255, last=0), dict(first=-UNBOUNDED, last=0)])
-@pytest.mark.parametrize("dim,v_dim", [(64, 64), (32, 48)])
+@pytest.mark.parametrize("dim,v_dim", [(64, 64), (32, 48), (24, 40)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_span_kernel_short_runs(q_rows, span, dim, v_dim, dtype):
     """A decode step's row and a short run's few, after 1100 keys (two chunks for the causal
@@ -127,14 +127,14 @@ def test_span_kernel_short_runs(q_rows, span, dim, v_dim, dtype):
     assert_matches_reference(*_span(q, k, v, scale=0.3, **shape), *reference, tol=2e-5)
 
 
-@pytest.mark.parametrize("dim,v_dim", [(16, 144), (80, 80), (48, 16)])
+@pytest.mark.parametrize("dim,v_dim", [(16, 144), (80, 80), (48, 16), (72, 100), (3, 1)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("grouped", [False, True])
 def test_span_kernel_lone_rows(dim, v_dim, dtype, grouped):
     """Rows computed one at a time, their keys and values read where they lie (strips of up to
     LONE_ROWS rows): a decode step's row, a short run's three, strips of 4 and 3 (15 rows), a call's
-    last strip of one row (15 rows in strips of 7). Head dims of 1 to 9 vectors, spans over two
-    chunks of keys, key rows flat or in groups (8 of every 10), against float64."""
+    last strip of one row (15 rows in strips of 7). Spans over two chunks of keys, key rows flat or in groups (8 of every 10), against float64. Head dims of 1 to 9
+    vectors, and of 1 and 3 to 100 features, not a multiple of 16."""
     g = torch.Generator().manual_seed(dim + v_dim)
     q = torch.randn(2, 4, 15, dim, generator=g).to(dtype)
     if grouped:
@@ -227,12 +227,11 @@ BFLOAT16_BUILDS = {"AMX tiles": (), "bfloat16 pairs": ("-mno-amx-tile", "-mno-am
 
 
 @functools.cache
-def _library_for(products: str):
-    """The kernel built with BFLOAT16_BUILDS[products] (the default build for its first), or None
-    where those flags do not build (not an x86 compiler)."""
+def _library_with(flags: tuple[str, ...]):
+    """The kernel built with these flags besides its own (none: the default build), or None where
+    they do not build (not an x86 compiler)."""
     try:
-        flags = span_kernel.FLAGS + BFLOAT16_BUILDS[products]
-        return span_kernel.load(span_kernel.build(span_kernel.compiler(), flags))
+        return span_kernel.load(span_kernel.build(span_kernel.compiler(), span_kernel.FLAGS + flags))
     except subprocess.CalledProcessError:
         return None
 
@@ -241,7 +240,7 @@ def _library_for(products: str):
 def bfloat16_path(request, monkeypatch):
     """bfloat16 multiplied on AMX's tiles, as bfloat16 pairs (AVX512_BF16) or in float32 vectors, by
     the kernel the test calls; a way this CPU lacks is skipped."""
-    library = _library_for(request.param)
+    library = _library_with(BFLOAT16_BUILDS[request.param])
     monkeypatch.setattr(span_kernel, "library", lambda: library)
     if library is None or span_kernel.bfloat16_products() != request.param:
         pytest.skip(f"no {request.param} in this CPU or build")
@@ -260,14 +259,14 @@ def bfloat16_path(request, monkeypatch):
     (1500, 1600, dict(first=100 - 1200, last=100)),  # a band of 1201 across chunks
     (70, 3000, dict(row_shift=2930, first=-1500, last=-1200, causal=True)),  # spans end in different chunks
 ])
-@pytest.mark.parametrize("dim,v_dim", [(16, 16), (32, 48), (48, 32), (64, 16)])
+@pytest.mark.parametrize("dim,v_dim", [(16, 16), (32, 48), (48, 32), (64, 16), (40, 24), (7, 50)])
 @pytest.mark.parametrize("strip_rows", [0, 7])
 def test_span_kernel_bfloat16(bfloat16_path, q_rows, k_rows, span, dim, v_dim, strip_rows):
     """bfloat16 as exact as float32 on every path: on AMX the scores are exact products summed in
     float32 and each probability goes to the values as two bfloat16 (exact to 2^-17), as pairs the
     scores are exact products summed in float32; grouped
-    heads, head dims of one and a half AMX tiles, rows of views several rows apart; written in
-    float32 and in bfloat16."""
+    heads, head dims of one and a half AMX tiles and not a multiple of 16 (a pair's second feature
+    past the row's end), rows of views several rows apart; written in float32 and in bfloat16."""
     g = torch.Generator().manual_seed(q_rows + k_rows + dim)
 
     def view(lead, rows, features):  # [*lead, rows, features] with rows lead[1] rows apart
@@ -327,12 +326,14 @@ def test_span_kernel_reads_a_seed_in_half_precision(seed_dtype, strip_rows):
 
 
 @pytest.mark.parametrize("out_dtype,v_dim,misaligned", [(torch.float32, 32, False), (torch.float32, 32, True),
-                                                      (torch.bfloat16, 64, False), (torch.bfloat16, 64, True)])
+                                                      (torch.bfloat16, 64, False), (torch.bfloat16, 64, True),
+                                                      (torch.float32, 40, False), (torch.bfloat16, 24, False)])
 def test_span_kernel_streams_large_outputs(out_dtype, v_dim, misaligned):
     """A call's 8 MiB of outputs with rows apart (a stride's classes), past the caches (the
     kernel's STREAM_OUT_BYTES, 4 MiB), are streamed (non-temporal stores) where a row's vectors are
     aligned to their width, and written through the caches where they are not (rows offset by
-    half a vector): both exact, as is a seed continued in place that the streamed rows overwrite."""
+    half a vector, or the last few features of a head dim not a multiple of 16): both exact, as is
+    a seed continued in place that the streamed rows overwrite."""
     g = torch.Generator().manual_seed(13)
     q, k = (torch.randn(1, 1024, 64, 16, generator=g) for _ in range(2))
     v = torch.randn(1, 1024, 64, v_dim, generator=g)
@@ -348,6 +349,51 @@ def test_span_kernel_streams_large_outputs(out_dtype, v_dim, misaligned):
         span_kernel.span_attention(q, k[:, :, 20:], v[:, :, 20:], out, lse, first=-UNBOUNDED, last=-20, scale=0.3,
                                    seed=(out, lse))
         assert_matches_reference(out, lse, *reference, tol=2e-5)
+
+
+# The last features of a row read and written with masked vector instructions (the default build,
+# where the CPU has AVX512BW and VL) or through a buffer (a build without them).
+ROW_END_BUILDS = {"masked": (), "buffered": ("-mno-avx512bw",)}
+
+
+@pytest.mark.parametrize("row_end", list(ROW_END_BUILDS))
+@pytest.mark.parametrize("dim,v_dim", [(1, 1), (5, 13), (24, 40), (72, 72), (40, 17)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("q_rows,strip_rows", [(300, 0), (300, 7), (3, 0)])
+def test_span_kernel_reads_and_writes_only_a_rows_features(monkeypatch, row_end, dim, v_dim, dtype, q_rows,
+                                                          strip_rows):
+    """Head dims not a multiple of 16: the kernel reads a row's features 16 at a time, the last
+    few masked or through a buffer (ROW_END_BUILDS), and no further. q, k and v are the first features of wider rows whose
+    others are NaN (one read would poison a score or an output), out those of rows whose others
+    must stay as they were: packed blocks, strips and lone rows (3 rows), then the same rows over
+    the first 600 keys continued in place over the rest (a seed in q's dtype), against float64."""
+    library = _library_with(ROW_END_BUILDS[row_end])
+    if library is None:
+        pytest.skip(f"the kernel does not build with {ROW_END_BUILDS[row_end]}")
+    monkeypatch.setattr(span_kernel, "library", lambda: library)
+    g = torch.Generator().manual_seed(dim + v_dim + q_rows)
+
+    def features_of_wider_rows(shape, features, fill):
+        rows = torch.full((*shape, features + 16), fill).to(dtype)
+        rows[..., :features] = torch.randn(*shape, features, generator=g).to(dtype)
+        return rows, rows[..., :features]
+
+    q = features_of_wider_rows((2, 4, q_rows), dim, float("nan"))[1]
+    k, v = (features_of_wider_rows((2, 2, 1100), d, float("nan"))[1] for d in (dim, v_dim))
+    out_rows, out = features_of_wider_rows((2, 4, q_rows), v_dim, 7.0)
+    beyond = out_rows[..., v_dim:].clone()
+    lse = torch.empty(2, 4, q_rows)
+    span = dict(first=-UNBOUNDED, last=0, causal=True)
+    reference = _span_reference(q, k, v, scale=0.3, row_shift=1100 - q_rows, **span)
+    tol = 2e-5 if dtype == torch.float32 else 1e-2
+    span_kernel.span_attention(q, k, v, out, lse, scale=0.3, strip_rows=strip_rows, row_shift=1100 - q_rows, **span)
+    assert_matches_reference(out.float(), lse, *reference, tol=tol, lse_tol=2e-5)
+    span_kernel.span_attention(q, k[:, :, :600], v[:, :, :600], out, lse, scale=0.3, strip_rows=strip_rows,
+                               row_shift=1100 - q_rows, **span)
+    span_kernel.span_attention(q, k[:, :, 600:], v[:, :, 600:], out, lse, scale=0.3, strip_rows=strip_rows,
+                               row_shift=500 - q_rows, seed=(out, lse), **span)
+    assert_matches_reference(out.float(), lse, *reference, tol=2 * tol, lse_tol=2e-5)
+    assert torch.equal(out_rows[..., v_dim:], beyond)
 
 
 def _masked_reference(q, k, v, seen: torch.Tensor, *, scale: float):
@@ -457,8 +503,8 @@ def test_strided_rules_for_the_span_kernel(monkeypatch):
     """torch's kernel takes the classes past NATIVE_HALF_SPAN_MAX_KEY_ROWS key class rows in half
     precision that it computes natively (AMX), unless the span kernel does too and they have
     NATIVE_SPAN_MIN_QUERY_ROWS query class rows or more, a union's second stride
-    (its skipped strides' masks) and head dims not a multiple of 16; the span kernel the rest,
-    classes of any length in float32."""
+    (its skipped strides' masks); the span kernel the rest, classes of any length in float32, head
+    dims of any size."""
     calls = _kernel_calls(monkeypatch)
     g = torch.Generator().manual_seed(3)
     q, k, v = (torch.randn(1, 2, 640, 16, generator=g) for _ in range(3))
@@ -475,8 +521,8 @@ def test_strided_rules_for_the_span_kernel(monkeypatch):
     assert used(stride=1)  # 640
     assert used(stride=9)  # 71 rows
     assert not used(stride=9, min_distance=5, skip_strides=(3,))
-    q12 = torch.randn(1, 2, 640, 24, generator=g)
-    assert not used(stride=9, qkv=(q12, q12, q12))
+    q24 = torch.randn(1, 2, 640, 24, generator=g)
+    assert used(stride=9, qkv=(q24, q24, q24))
     half = [x.bfloat16() for x in (q, k, v)]
     monkeypatch.setattr(dense, "cpu_upcast_dtypes", lambda: frozenset())  # bfloat16 native, as with AMX
     assert used(stride=9, qkv=half)
@@ -548,8 +594,8 @@ def test_band_on_the_span_kernel(monkeypatch, lq, lk, window, causal, batch, hea
 
 
 def test_band_rules_for_the_span_kernel(monkeypatch):
-    """torch's kernel takes a band of head dims not a multiple of 16; the span kernel float32 and
-    half precision, computed natively (AMX) or not."""
+    """The span kernel takes a band in float32 and half precision, computed natively (AMX) or not,
+    head dims of any size."""
     calls = _kernel_calls(monkeypatch)
     g = torch.Generator().manual_seed(4)
     q, k, v = (torch.randn(1, 2, 500, 16, generator=g) for _ in range(3))
@@ -562,7 +608,7 @@ def test_band_rules_for_the_span_kernel(monkeypatch):
         return bool(calls)
 
     assert used(q, k, v)
-    assert not used(*(torch.randn(1, 2, 500, 24, generator=g) for _ in range(3)))
+    assert used(*(torch.randn(1, 2, 500, 24, generator=g) for _ in range(3)))
     half = [x.bfloat16() for x in (q, k, v)]
     monkeypatch.setattr(dense, "cpu_upcast_dtypes", lambda: frozenset())  # bfloat16 native, as with AMX
     assert used(*half)
@@ -570,13 +616,15 @@ def test_band_rules_for_the_span_kernel(monkeypatch):
     assert used(*half)
 
 
-@pytest.mark.parametrize("dim,native", [(16, False), (24, False), (16, True)])
-def test_a_union_on_the_span_kernel(monkeypatch, dim, native):
+@pytest.mark.parametrize("dim,native,built", [(16, False, True), (24, False, True), (24, False, False),
+                                              (16, True, True)])
+def test_a_union_on_the_span_kernel(monkeypatch, dim, native, built):
     """union(sliding_window, strided) in half precision computed in float32: where the span kernel
     takes q, k and v the plan converts nothing beforehand, the stride reads float16 as it is and
     writes a float32 partial, and the band's rows continue it (its seed; the rows before the
-    stride's first key on their own) writing float16, rounded once, with no merge pass; where it
-    does not (head dim 24) the plan converts them first, as before. In half precision computed
+    stride's first key on their own) writing float16, rounded once, with no merge pass (head dims
+    16 and 24: the kernel reads the last 8 through a buffer); where it is not built the plan
+    converts them first. In half precision computed
     natively (AMX) the stride's partial comes in bfloat16, and the band continues it as well."""
     from engine import attention
     from engine.kernels import union
@@ -589,13 +637,15 @@ def test_a_union_on_the_span_kernel(monkeypatch, dim, native):
         (q.dtype, out.dtype, kwargs.get("seed") is not None)) or real(q, k, v, out, lse, **kwargs))
     monkeypatch.setattr(union, "merge_to", lambda *args: merges.append(args) or real_merge(*args))
     g = torch.Generator().manual_seed(9)
+    if not built:
+        monkeypatch.setattr(span_kernel, "library", lambda: None)
     q, k, v = (torch.randn(1, 2, 700, dim, generator=g).to(dtype) for _ in range(3))
     pattern = {"type": "union", "patterns": [{"type": "sliding_window", "window": 40},
                                              {"type": "strided", "stride": 16}]}
     out, lse = attention(q, k, v, pattern, scale=0.25, return_lse=True)
     if native:
         assert seen == [(dtype, dtype, False), (dtype, dtype, False), (dtype, dtype, True)] and not merges
-    elif dim == 16:
+    elif built:
         assert seen == [(dtype, torch.float32, False), (dtype, dtype, False), (dtype, dtype, True)] and not merges
     else:
         assert seen == [] and merges
@@ -687,10 +737,10 @@ def test_fixed_half_precision_on_the_span_kernel(monkeypatch, dtype, native, cau
 
 
 def test_fixed_rules_for_the_span_kernel(monkeypatch):
-    """torch's kernel takes head dims not a multiple of 16, and half precision that it computes
-    natively (AMX) and the span kernel does not past NATIVE_HALF_SPAN_MAX_SUMMARY_KEYS; the span
-    kernel the rest, short runs (a decode step's row) and a union's fixed step (a distance,
-    skipped strides) too, causal or not."""
+    """torch's kernel takes half precision that it computes natively (AMX) and the span kernel
+    does not past NATIVE_HALF_SPAN_MAX_SUMMARY_KEYS; the span kernel the rest, short runs (a decode
+    step's row) and a union's fixed step (a distance, skipped strides) too, causal or not, head dims
+    of any size."""
     from engine.kernels import fixed
 
     calls = _kernel_calls(monkeypatch)
@@ -717,7 +767,7 @@ def test_fixed_rules_for_the_span_kernel(monkeypatch):
     assert used(qkv=(q[:, :, -1:], k, v), min_distance=40, skip_strides=(3, 64))
     assert used(causal=False, min_distance=5, skip_strides=(3,))
     q24 = torch.randn(1, 2, 640, 24, generator=g)
-    assert not used(qkv=(q24, q24, q24))
+    assert used(qkv=(q24, q24, q24))
     half = [x.bfloat16() for x in (q, k, v)]  # 19 whole blocks before the last: 76 summary keys
     monkeypatch.setattr(dense, "cpu_upcast_dtypes", lambda: frozenset())  # bfloat16 native, as with AMX
     assert used(qkv=half)

@@ -150,6 +150,47 @@ template <int D> inline void stream16(typename Elements<D>::type *p, f32x16 x) {
   }
 }
 
+// Features d .. d + 15 of a row holding `count` of them as float32, zeros past its end, and x
+// written there up to it: the last few of a head dim that is not a multiple of 16 with masked
+// loads and stores where the CPU has them for the vector (AVX512BW and VL for 16-bit elements),
+// else through a buffer of 16. WHOLE: count is a multiple of 16, and no branch is taken (in the hot
+// loops a branch cost a prefill 2-4% and a decode step of fixed(128, 8) 19%).
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+#define SPAN_MASKED_ROWS 1
+#else
+#define SPAN_MASKED_ROWS 0
+#endif
+template <int D> inline f32x16 read_part(const typename Elements<D>::type *p, int64_t count) {
+  typename Elements<D>::type part[LANES] = {};
+#if SPAN_MASKED_ROWS
+  const __mmask16 lanes = (__mmask16)((1u << count) - 1);
+  if constexpr (D == FLOAT32) return (f32x16)_mm512_maskz_loadu_ps(lanes, p);
+  _mm256_storeu_si256((__m256i *)part, _mm256_maskz_loadu_epi16(lanes, p));
+#else
+  memcpy(part, p, count * sizeof part[0]);
+#endif
+  return Elements<D>::load16(part);
+}
+template <int D> inline void write_part(typename Elements<D>::type *p, int64_t count, f32x16 x) {
+#if SPAN_MASKED_ROWS
+  const __mmask16 lanes = (__mmask16)((1u << count) - 1);
+  if constexpr (D == FLOAT32) return _mm512_mask_storeu_ps(p, lanes, (__m512)x);
+  else return _mm256_mask_storeu_epi16(p, lanes, (__m256i)Elements<D>::narrow(x));
+#endif
+  typename Elements<D>::type part[LANES];
+  Elements<D>::store16(part, x);
+  memcpy(p, part, count * sizeof part[0]);
+}
+template <int D, bool WHOLE = false>
+inline f32x16 read16(const typename Elements<D>::type *row, int64_t d, int64_t count) {
+  return WHOLE || d + LANES <= count ? Elements<D>::load16(row + d) : read_part<D>(row + d, count - d);
+}
+template <int D, bool WHOLE = false>
+inline void write16(typename Elements<D>::type *row, int64_t d, int64_t count, f32x16 x) {
+  if (WHOLE || d + LANES <= count) Elements<D>::store16(row + d, x);
+  else write_part<D>(row + d, count - d, x);
+}
+
 // 2^x for x <= 0 (a score less the row's largest), to about one float32 ulp: 2^round(x) times a
 // degree-6 polynomial of the rest (|r| <= 1/2). With AVX-512 the rounding and the scaling by
 // 2^round(x) are one instruction each (vrndscaleps, vscalefps); else below 2^-126 it stays 2^-126
@@ -285,7 +326,10 @@ struct Call {
   int seed_dtype;
   // Problem (i, c) for i < n, c < classes reads keys and values of problem (i / n_group,
   // c / class_group). Strides in elements: [i, c, row] (k's and v's: [i, c, row, group]).
-  int64_t n, classes, n_group, class_group, q_rows, k_rows, dim, v_dim, first, last, strip_rows;
+  // Head dims: q's and k's `features` and v's `v_features` as they hold them; dim and v_dim those
+  // rounded up to a multiple of 16, as the buffers hold them packed (zeros past the features).
+  int64_t n, classes, n_group, class_group, q_rows, k_rows, features, v_features, first, last, strip_rows;
+  int64_t dim, v_dim;
   int64_t row_shift, rows_per_step, keys_per_step, causal;
   // Key rows come in groups of key_group rows, each group at its own stride: k_stride[3] and
   // v_stride[3] (fixed's summary keys, c rows of every l, read in place; one group elsewhere).
@@ -397,12 +441,13 @@ template <int WRITE> inline void prefetch_row(const void *row, int64_t bytes) {
   for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch((const char *)row + b, WRITE, 3);
 }
 
-// 16 elements at `offset` of an array in `dtype`, as float32 (a seed's, read once a row).
-inline f32x16 load_as(int dtype, const void *base, int64_t offset) {
+// Elements d .. d + 15 of the row of `count` at `offset` of an array in `dtype`, as float32
+// (`read16`: a seed's, read once a row).
+inline f32x16 read_as(int dtype, const void *base, int64_t offset, int64_t d, int64_t count) {
   switch (dtype) {
-    case FLOAT16: return Elements<FLOAT16>::load16((const uint16_t *)base + offset);
-    case BFLOAT16: return Elements<BFLOAT16>::load16((const uint16_t *)base + offset);
-    default: return Elements<FLOAT32>::load16((const float *)base + offset);
+    case FLOAT16: return read16<FLOAT16>((const uint16_t *)base + offset, d, count);
+    case BFLOAT16: return read16<BFLOAT16>((const uint16_t *)base + offset, d, count);
+    default: return read16<FLOAT32>((const float *)base + offset, d, count);
   }
 }
 
@@ -504,7 +549,11 @@ template <int IN, int OUT, int TILE_ROWS> struct Worker {
   }
 
   void run() {
-    for (int64_t w = a.begin; w < a.end; w++) strip(item(w), w + 1 < a.end ? w + 1 : -1);
+    const bool whole = a.features == a.dim && a.v_features == a.v_dim;
+    for (int64_t w = a.begin; w < a.end; w++) {
+      if (whole) strip<true>(item(w), w + 1 < a.end ? w + 1 : -1);
+      else strip<false>(item(w), w + 1 < a.end ? w + 1 : -1);
+    }
   }
 
   // Keys [0, keys) from k and their values from v, packed for the block products, zeros past them
@@ -512,7 +561,7 @@ template <int IN, int OUT, int TILE_ROWS> struct Worker {
   // (keys x v_dim). AMX (bfloat16 pairs, as its dot products read them): keys_b holds, per 16 keys
   // and 32 features, a tile whose row p pairs features 2p and 2p + 1 of each key; values_b's row p
   // pairs keys 2p and 2p + 1 of each value feature.
-  void pack(const Item<In> &it, int64_t first, int64_t keys) {
+  template <bool WHOLE> void pack(const Item<In> &it, int64_t first, int64_t keys) {
     const In *k_rows[LANES];  // a tile's key rows (null past `keys`): tiles j0 = 0, 16, .. in turn
     Call::KeyRows key = a.key_rows(first, a.k_stride), value = a.key_rows(first, a.v_stride);
     auto tile_rows = [&](int64_t j0) {
@@ -523,10 +572,10 @@ template <int IN, int OUT, int TILE_ROWS> struct Worker {
         tile_rows(j0);
         for (int64_t t = 0; t < dim_tiles; t++) {
           f32x16 tile[LANES];  // row r: key j0 + r's 16 feature pairs (bits, not floats)
-          const int64_t d0 = 32 * t, halves = a.dim - d0 >= 32 ? 2 : 1;
+          const int64_t d0 = 32 * t, copied = a.features - d0 < 32 ? a.features - d0 : 32;
           for (int r = 0; r < LANES; r++) {
             tile[r] = splat(0.f);
-            if (k_rows[r]) memcpy(&tile[r], k_rows[r] + d0, 32 * halves);
+            if (k_rows[r]) memcpy(&tile[r], k_rows[r] + d0, copied * 2);
           }
           transpose16(tile);
           memcpy(keys_b + (j0 / LANES * dim_tiles + t) * 512, tile, sizeof tile);
@@ -538,9 +587,12 @@ template <int IN, int OUT, int TILE_ROWS> struct Worker {
         for (int e = 0; e < 2 && 2 * p + e < keys; e++) value_rows[e] = it.v + value.next();
         for (int64_t d = 0; d < a.v_dim; d += LANES) {
           u32x16 both = u32x16{};  // key 2p's in the low halves, 2p + 1's in the high ones
-          for (int e = 0; e < 2 && 2 * p + e < keys; e++)
-            both |= __builtin_convertvector(*(const u16x16_unaligned *)(value_rows[e] + d), u32x16)
-                    << (16 * e);
+          for (int e = 0; e < 2 && 2 * p + e < keys; e++) {
+            u16x16 bits = u16x16{};
+            if (d + LANES <= a.v_features) bits = *(const u16x16_unaligned *)(value_rows[e] + d);
+            else memcpy(&bits, value_rows[e] + d, (a.v_features - d) * 2);
+            both |= __builtin_convertvector(bits, u32x16) << (16 * e);
+          }
           memcpy(pairs + p * a.v_dim + d, &both, sizeof both);
         }
       }
@@ -553,43 +605,46 @@ template <int IN, int OUT, int TILE_ROWS> struct Worker {
           if constexpr (PAIRS) {  // keys_t's row p: features 2p and 2p + 1 of each key, as they are
             if (d0 % 32) continue;  // 16 pairs a tile
             const int64_t pairs = a.dim - d0 >= 32 ? LANES : LANES / 2;
+            const int64_t copied = a.features - d0 < 2 * pairs ? a.features - d0 : 2 * pairs;
             for (int r = 0; r < LANES; r++) {
               tile[r] = splat(0.f);
-              if (k_rows[r]) memcpy(&tile[r], k_rows[r] + d0, pairs * 4);
+              if (k_rows[r]) memcpy(&tile[r], k_rows[r] + d0, copied * 2);
             }
             transpose16(tile);
             for (int c = 0; c < pairs; c++) store(keys_t + (d0 / 2 + c) * width + j0, tile[c]);
             continue;
           }
           for (int r = 0; r < LANES; r++)
-            tile[r] = k_rows[r] ? Elements<IN>::load16(k_rows[r] + d0) : splat(0.f);
+            tile[r] = k_rows[r] ? read16<IN, WHOLE>(k_rows[r], d0, a.features) : splat(0.f);
           transpose16(tile);
           for (int c = 0; c < LANES; c++) store(keys_t + (d0 + c) * width + j0, tile[c]);
         }
       }
       for (int64_t j = 0; j < keys; j++) {
         const In *row = it.v + value.next();
-        for (int64_t d = 0; d < a.v_dim; d += LANES) store(values + j * a.v_dim + d, Elements<IN>::load16(row + d));
+        for (int64_t d = 0; d < a.v_dim; d += LANES)
+          store(values + j * a.v_dim + d, read16<IN, WHOLE>(row, d, a.v_features));
       }
     }
   }
 
   // The block's query rows r0 .. r0 + rows - 1 (zeros past them) as the products read them: float32
   // in `queries`, or AMX's bfloat16 in queries_b (dim_tiles x 32 features a row, zeros past dim).
-  void load_queries(const In *q, int64_t r0, int64_t rows) {
+  template <bool WHOLE> void load_queries(const In *q, int64_t r0, int64_t rows) {
     for (int64_t r = 0; r < ROWS; r++) {
       if constexpr (AMX) {
         uint16_t *row = queries_b + r * dim_tiles * 32;
         memset(row, 0, dim_tiles * 64);
-        if (r < rows) memcpy(row, q + (r0 + r) * a.q_stride[2], a.dim * 2);
+        if (r < rows) memcpy(row, q + (r0 + r) * a.q_stride[2], a.features * 2);
       } else if constexpr (PAIRS) {
-        float *row = queries + r * a.dim / 2;
-        if (r < rows) memcpy(row, q + (r0 + r) * a.q_stride[2], a.dim * 2);
-        else memset(row, 0, a.dim * 2);
+        char *row = (char *)(queries + r * a.dim / 2);
+        const int64_t copied = r < rows ? a.features * 2 : 0;
+        memcpy(row, q + (r0 + r) * a.q_stride[2], copied);
+        memset(row + copied, 0, a.dim * 2 - copied);
       } else {
         for (int64_t d = 0; d < a.dim; d += LANES)
           store(queries + r * a.dim + d,
-                r < rows ? Elements<IN>::load16(q + (r0 + r) * a.q_stride[2] + d) : splat(0.f));
+                r < rows ? read16<IN, WHOLE>(q + (r0 + r) * a.q_stride[2], d, a.features) : splat(0.f));
       }
     }
   }
@@ -784,8 +839,9 @@ template <int IN, int OUT, int TILE_ROWS> struct Worker {
   // them (`pack`, 4 transposes for 16 keys at head dims 64) cost more than its products. One row
   // after 16384 keys, H = 8, D = 64, float32, the kernel alone on one thread: 0.49 of the packed
   // path's time (47 -> 23 us) for a window of 256 keys, 0.45 for 1024, 0.71 for 16.
-  void row_scores(const Item<In> &it, int64_t row, int64_t from, int64_t seen, int64_t keys) {
-    for (int64_t d = 0; d < a.dim; d += LANES) store(queries + d, Elements<IN>::load16(it.q + row * a.q_stride[2] + d));
+  template <bool WHOLE> void row_scores(const Item<In> &it, int64_t row, int64_t from, int64_t seen, int64_t keys) {
+    const In *q = it.q + row * a.q_stride[2];
+    for (int64_t d = 0; d < a.dim; d += LANES) store(queries + d, read16<IN, WHOLE>(q, d, a.features));
     Call::KeyRows key = a.key_rows(from, a.k_stride);
     for (int64_t j0 = 0; j0 < keys; j0 += LANES) {
       f32x16 products[LANES];  // key j0 + r's products, lane by lane
@@ -794,7 +850,8 @@ template <int IN, int OUT, int TILE_ROWS> struct Worker {
         products[r] = splat(0.f);
         if (j0 + r >= seen) continue;
         const In *k = it.k + key.next();
-        for (int64_t d = 0; d < a.dim; d += LANES) products[r] += load(queries + d) * Elements<IN>::load16(k + d);
+        for (int64_t d = 0; d < a.dim; d += LANES)
+          products[r] += load(queries + d) * read16<IN, WHOLE>(k, d, a.features);
       }
       store(scores + j0, lane_sums(products));
     }
@@ -802,7 +859,7 @@ template <int IN, int OUT, int TILE_ROWS> struct Worker {
 
   // block_out = a lone row's probabilities (scores[j]) times values from + j, j < seen, read from v's
   // rows where they lie (`row_scores`).
-  void row_products(const Item<In> &it, int64_t from, int64_t seen) {
+  template <bool WHOLE> void row_products(const Item<In> &it, int64_t from, int64_t seen) {
     for (int64_t d0 = 0; d0 < a.v_dim; d0 += 4 * LANES) {  // 4 vectors of the row's output at a time
       const int64_t vectors = (a.v_dim - d0) / LANES < 4 ? (a.v_dim - d0) / LANES : 4;
       f32x16 o[4] = {};
@@ -812,7 +869,8 @@ template <int IN, int OUT, int TILE_ROWS> struct Worker {
         const float w = scores[j];
 #pragma GCC unroll 4
         for (int e = 0; e < 4; e++)
-          if (e < vectors) o[e] += w * Elements<IN>::load16(x + e * LANES);
+          if (e < vectors)
+            o[e] += w * read16<IN, WHOLE>(x, e * LANES, a.v_features - d0);
       }
       for (int e = 0; e < vectors; e++) store(block_out + d0 + e * LANES, o[e]);
     }
@@ -820,12 +878,12 @@ template <int IN, int OUT, int TILE_ROWS> struct Worker {
 
   // Rows r0 .. r0 + rows - 1 of the strip written out from their running state (`at`: the first's
   // place in it): zeros and -inf where they saw no key.
-  void finish_rows(Out *out, float *lse, int64_t r0, int64_t rows, int64_t at) {
+  template <bool WHOLE> void finish_rows(Out *out, float *lse, int64_t r0, int64_t rows, int64_t at) {
     for (int64_t r = 0; r < rows; r++) {
       float sum = row_sum[at + r];  // acc holds nothing yet where it is 0
       for (int64_t d = 0; d < a.v_dim; d += LANES)
-        Elements<OUT>::store16(out + (r0 + r) * a.out_stride[2] + d,
-                               sum > 0.f ? load(acc + (at + r) * a.v_dim + d) * (1.f / sum) : splat(0.f));
+        write16<OUT, WHOLE>(out + (r0 + r) * a.out_stride[2], d, a.v_features,
+                     sum > 0.f ? load(acc + (at + r) * a.v_dim + d) * (1.f / sum) : splat(0.f));
     }
     write_lse(lse, r0, rows, at);
   }
@@ -834,7 +892,7 @@ template <int IN, int OUT, int TILE_ROWS> struct Worker {
   // written out as their results. STREAM: where the call's rows lie apart and outgrow the caches
   // (STREAM_OUT_BYTES), results aligned to their vectors are streamed, taking no read for ownership
   // and evicting nothing; else they go through the caches, their lines fetched beforehand (`strip`).
-  template <bool STREAM = false>
+  template <bool WHOLE, bool STREAM = false>
   void add_block(Out *out, int64_t r0, int64_t rows, int64_t at0, const float *keep, bool finishing) {
     float *acc_rows = acc + at0 * a.v_dim;
     for (int64_t r = 0; r < rows; r++) {
@@ -845,10 +903,10 @@ template <int IN, int OUT, int TILE_ROWS> struct Worker {
         f32x16 x = load(block_out + r * a.v_dim + d);
         if (keep[r] != 0.f) x += load(row + d) * keep[r];
         if (!finishing) store(row + d, x);
-        else if (STREAM && ((uintptr_t)(written + d) & (LANES * sizeof(Out) - 1)) == 0)
+        else if (STREAM && d + LANES <= a.v_features && ((uintptr_t)(written + d) & (LANES * sizeof(Out) - 1)) == 0)
           stream16<OUT>(written + d, x * inverse);
         else
-          Elements<OUT>::store16(written + d, x * inverse);
+          write16<OUT, WHOLE>(written, d, a.v_features, x * inverse);
       }
     }
   }
@@ -864,7 +922,7 @@ template <int IN, int OUT, int TILE_ROWS> struct Worker {
   // score, sum and output (`acc`) as flash attention does. A block's rows are written out within
   // the chunk that holds their last keys, as its products come in (written all at the strip's end,
   // a stride's rows s rows apart cost 15% more).
-  void strip(const Item<In> &it, int64_t next) {
+  template <bool WHOLE> void strip(const Item<In> &it, int64_t next) {
     Out *out = (Out *)a.out + it.i * a.out_stride[0] + it.c * a.out_stride[1];
     float *lse = a.lse + it.i * a.lse_stride[0] + it.c * a.lse_stride[1];
     const int64_t strip_rows = it.row_end - it.row_begin;
@@ -876,7 +934,8 @@ template <int IN, int OUT, int TILE_ROWS> struct Worker {
         row_sum[r] = row_top[r] == -INFINITY ? 0.f : 1.f;
         for (int64_t d = 0; d < a.v_dim; d += LANES)
           store(acc + r * a.v_dim + d,
-                load_as(a.seed_dtype, a.seed_out, seed_at + (it.row_begin + r) * a.seed_out_stride[2] + d));
+                read_as(a.seed_dtype, a.seed_out, seed_at + (it.row_begin + r) * a.seed_out_stride[2], d,
+                        a.v_features));
       }
     } else {
       for (int64_t r = 0; r < strip_rows; r++) {  // acc is written before it is read (keep 0: not read)
@@ -898,7 +957,7 @@ template <int IN, int OUT, int TILE_ROWS> struct Worker {
     for (int64_t c0 = it.key_begin; c0 < it.key_end; c0 += KEY_CHUNK) {
       const int64_t c1 = c0 + KEY_CHUNK < it.key_end ? c0 + KEY_CHUNK : it.key_end;
       const bool last_chunk = c1 == it.key_end;
-      if (!lone) pack(it, c0, c1 - c0);
+      if (!lone) pack<WHOLE>(it, c0, c1 - c0);
       for (int64_t r0 = it.row_begin; r0 < it.row_end; r0 += block_rows) {
         int64_t rows = it.row_end - r0 < block_rows ? it.row_end - r0 : block_rows;
         // The next item's rows, spread over this one's blocks and each block's rows (`fetch_q0` ..,
@@ -923,16 +982,16 @@ template <int IN, int OUT, int TILE_ROWS> struct Worker {
         const int64_t block_end = a.keys_to(r0 + rows - 1), at0 = r0 - it.row_begin;
         const bool finishing = block_end <= c1 && (block_end > c0 || c0 == it.key_begin);
         if (to <= from) {
-          if (finishing) finish_rows(out, lse, r0, rows, at0);
+          if (finishing) finish_rows<WHOLE>(out, lse, r0, rows, at0);
           continue;
         }
         if constexpr (AMX) from = c0 + (from - c0) / LANES * LANES;  // a packed tile's first key
         int64_t start = from - c0, seen = to - from, padded = (seen + KEY_STEP - 1) / KEY_STEP * KEY_STEP;
         const int computed = computed_rows(rows);
         if (lone) {
-          row_scores(it, r0, from, seen, padded);
+          row_scores<WHOLE>(it, r0, from, seen, padded);
         } else {
-          load_queries(it.q, r0, rows);
+          load_queries<WHOLE>(it.q, r0, rows);
           for_rows(computed, [&](auto r) { block_scores<decltype(r)::value>(start, padded); });
         }
         float keep[ROWS];  // what the running output is scaled by before this chunk adds to it (0: unread)
@@ -941,13 +1000,13 @@ template <int IN, int OUT, int TILE_ROWS> struct Worker {
             const int64_t q = fetch_q0 + r, keys = fetch_k1 - fetch_k0;
             const int64_t k0 = fetch_k0 + r * keys / ROWS, k1 = fetch_k0 + (r + 1) * keys / ROWS;
             if (q < fetch_q1) {
-              prefetch_row<0>(after.q + q * a.q_stride[2], a.dim * sizeof(In));
-              if (!a.stream_out) prefetch_row<1>(after_out + q * a.out_stride[2], a.v_dim * sizeof(Out));
+              prefetch_row<0>(after.q + q * a.q_stride[2], a.features * sizeof(In));
+              if (!a.stream_out) prefetch_row<1>(after_out + q * a.out_stride[2], a.v_features * sizeof(Out));
             }
             Call::KeyRows key = a.key_rows(k0, a.k_stride), value = a.key_rows(k0, a.v_stride);
             for (int64_t j = k0; j < k1; j++) {
-              prefetch_row<0>(after.k + key.next(), a.dim * sizeof(In));
-              prefetch_row<0>(after.v + value.next(), a.v_dim * sizeof(In));
+              prefetch_row<0>(after.k + key.next(), a.features * sizeof(In));
+              prefetch_row<0>(after.v + value.next(), a.v_features * sizeof(In));
             }
           }
           if (r >= computed) continue;
@@ -972,14 +1031,14 @@ template <int IN, int OUT, int TILE_ROWS> struct Worker {
           row_top[at] = top;
           row_sum[at] = row_sum[at] * keep[r] + sum;
         }
-        if (lone) row_products(it, from, seen);
+        if (lone) row_products<WHOLE>(it, from, seen);
         else for_rows(computed, [&](auto r) { block_products<decltype(r)::value>(start, seen); });
-        if (finishing && a.stream_out) add_block<true>(out, r0, rows, at0, keep, true);
-        else add_block(out, r0, rows, at0, keep, finishing);
+        if (finishing && a.stream_out) add_block<WHOLE, true>(out, r0, rows, at0, keep, true);
+        else add_block<WHOLE>(out, r0, rows, at0, keep, finishing);
         if (finishing) write_lse(lse, r0, rows, at0);
       }
     }
-    if (it.key_end == it.key_begin) finish_rows(out, lse, it.row_begin, strip_rows, 0);  // no key: zeros, -inf
+    if (it.key_end == it.key_begin) finish_rows<WHOLE>(out, lse, it.row_begin, strip_rows, 0);  // no key: zeros, -inf
   }
 };
 
@@ -1032,7 +1091,7 @@ Runner runner(int in, int out, int64_t row_keys) {
 // attends the key rows a + first .. a + last, a = p / rows_per_step * keys_per_step, and none past
 // p where causal (within 0 .. k_rows - 1; none: zeros and lse -inf), of problem (i / n_group, c /
 // class_group) of k and v. Threads take strips of strip_rows rows of a problem (0: all of them).
-// sizes: n, classes, n_group, class_group, q_rows, k_rows, dim, v_dim, first, last, strip_rows,
+// sizes: n, classes, n_group, class_group, q_rows, k_rows, head dims (q's and k's, v's: any), first, last, strip_rows,
 // row_shift (>= 0), rows_per_step (>= 1), keys_per_step (>= 0), causal (0 or 1), key_group (>= 1:
 // key rows in groups of that many, each group at its own stride), group_span (>= key_group) and
 // group_first (the keys' positions: `Call`), distance (>= 0), skip_count, then that many strides
@@ -1042,7 +1101,7 @@ Runner runner(int in, int out, int64_t row_keys) {
 // continue (their merge is written), or null; they may be out and lse themselves (a strip reads its
 // rows' seed before it writes them).
 // strides: in elements, [i, c, row] for q, out, lse, seed_out, seed_lse, [i, c, row, group] for k
-// and v, in the order q, k, v, out, lse, seed_out, seed_lse; dim and v_dim multiples of 16.
+// and v, in the order q, k, v, out, lse, seed_out, seed_lse.
 // Returns 0, or 1 where a thread's buffers could not be allocated, 2 for an unknown dtype, 3 for a
 // step out of range.
 extern "C" int span_attention(const void *q, const void *k, const void *v, void *out, float *lse,
@@ -1050,11 +1109,13 @@ extern "C" int span_attention(const void *q, const void *k, const void *v, void 
                               int seed_dtype, const int64_t *sizes, const int64_t *strides, float scale, int threads) {
   Call call = {q, k, v, out, lse, seed_out, seed_lse, seed_dtype};
   int64_t *fields[20] = {&call.n, &call.classes, &call.n_group, &call.class_group, &call.q_rows, &call.k_rows,
-                         &call.dim, &call.v_dim, &call.first, &call.last, &call.strip_rows, &call.row_shift,
+                         &call.features, &call.v_features, &call.first, &call.last, &call.strip_rows, &call.row_shift,
                          &call.rows_per_step, &call.keys_per_step, &call.causal, &call.key_group,
                          &call.group_span, &call.group_first, &call.distance, &call.skip_count};
   for (int f = 0; f < 20; f++) *fields[f] = sizes[f];
   call.skips = sizes + 20;
+  call.dim = (call.features + LANES - 1) / LANES * LANES;
+  call.v_dim = (call.v_features + LANES - 1) / LANES * LANES;
   if (call.row_shift < 0 || call.rows_per_step < 1 || call.keys_per_step < 0 || call.key_group < 1 ||
       call.group_span < call.key_group || call.distance < 0 || call.skip_count < 0)
     return 3;
@@ -1073,8 +1134,9 @@ extern "C" int span_attention(const void *q, const void *k, const void *v, void 
     memcpy(targets[t], strides, counts[t] * sizeof(int64_t));
     strides += counts[t];
   }
-  call.stream_out = call.out_stride[2] != call.v_dim &&
-                    call.n * call.classes * call.q_rows * call.v_dim * (out_dtype == FLOAT32 ? 4 : 2) >= STREAM_OUT_BYTES;
+  call.stream_out = call.out_stride[2] != call.v_features &&
+                    call.n * call.classes * call.q_rows * call.v_features * (out_dtype == FLOAT32 ? 4 : 2) >=
+                        STREAM_OUT_BYTES;
   call.scale = scale;
   if (call.q_rows <= 0 || call.n * call.classes <= 0) return 0;
   int64_t items = call.n * call.classes * ((call.q_rows + call.strip_rows - 1) / call.strip_rows);

@@ -35,8 +35,6 @@ FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-fopenmp")
 BUILD_TIMEOUT_S = 300
 # The dtypes it reads and writes, as the source numbers them.
 DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
-# Head dims are read 16 features at a time.
-FEATURES_MULTIPLE = 16
 # A span without a bound on one side: past any key row.
 UNBOUNDED = 1 << 40
 
@@ -137,10 +135,9 @@ def computes_natively(dtype: torch.dtype) -> bool:
 
 
 def takes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
-    """Whether the kernel computes these: on the CPU, in a dtype it reads, with head dims a
-    multiple of FEATURES_MULTIPLE, features adjacent, and the kernel built."""
+    """Whether the kernel computes these: on the CPU, in a dtype it reads, features adjacent (any
+    head dims: it reads them 16 at a time, the last few through a buffer), and the kernel built."""
     return (q.is_cpu and q.dtype in DTYPES and k.dtype == v.dtype == q.dtype
-            and q.shape[-1] % FEATURES_MULTIPLE == 0 and v.shape[-1] % FEATURES_MULTIPLE == 0
             and q.stride(-1) == k.stride(-1) == v.stride(-1) == 1 and library() is not None)
 
 
