@@ -1304,11 +1304,14 @@ def test_merging_stacked_partials_weighs_them_by_their_lse():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_one_decode_row_of_fixed_takes_one_call_on_exactly_its_keys(monkeypatch, dtype):
-    """On the CPU one causal row of fixed alone, with at most GATHERED_ROW_KEYS summary keys before
-    its block, is one unmasked call on a copy of its keys: the summary keys of earlier blocks and
-    its own block up to it; grouped key/value heads as they are. Exact at every offset in a block."""
+    """On the CPU without the span kernel one causal row of fixed alone, with at most
+    GATHERED_ROW_KEYS summary keys before its block, is one unmasked call on a copy of its keys: the
+    summary keys of earlier blocks and its own block up to it; grouped key/value heads as they are.
+    Exact at every offset in a block."""
     from engine import attention
-    from engine.kernels import dense, fixed
+    from engine.kernels import dense, fixed, span_kernel
+
+    monkeypatch.setattr(span_kernel, "library", lambda: None)
 
     l, c = 16, 3
     pattern = {"type": "fixed", "block": l, "summary": c}

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 import subprocess
 
 import pytest
@@ -394,6 +395,32 @@ def test_span_kernel_reads_and_writes_only_a_rows_features(monkeypatch, row_end,
                                row_shift=500 - q_rows, seed=(out, lse), **span)
     assert_matches_reference(out.float(), lse, *reference, tol=2 * tol, lse_tol=2e-5)
     assert torch.equal(out_rows[..., v_dim:], beyond)
+
+
+@pytest.mark.parametrize("score", [1e3, 4e7, 1e12, 1e30])
+@pytest.mark.parametrize("dim,rows", [(4, 8), (16, 8), (16, 3)])
+def test_span_kernel_huge_scores_give_weighted_means(score, dim, rows):
+    """Scores past what float32 resolves in a softmax (q.k of 1e12: an ulp of 65536), every key's
+    alike: each causal row is the exact mean of its values, its lse finite and float32's rounding of
+    the reference's, in blocks and lone rows (3 rows). The scores less the row's largest come from the
+    same rounded values (an FMA that took one unrounded gave NaN past 2^32) in the scores' units. A
+    seed over the first half of the keys, continued: each row still a weighted mean of its values,
+    its lse the reference's (the seed's lse has lost log(count) to rounding, so its weight is not)."""
+    q = k = torch.full((1, 1, rows, dim), math.sqrt(score / dim / 0.3))  # scores q.k * 0.3: rounded
+    v = torch.arange(1.0, rows + 1).reshape(1, 1, rows, 1).expand(1, 1, rows, 16).contiguous()
+    span = dict(first=-UNBOUNDED, last=0, scale=0.3)
+    means = (torch.arange(1.0, rows + 1) + 1) / 2
+    ref_lse = _span_reference(q, k, v, **span)[1]
+    out, lse = _span(q, k, v, **span)
+    torch.testing.assert_close(out[0, 0], means[:, None].expand(rows, 16), rtol=1e-6, atol=0)
+    torch.testing.assert_close(lse.double(), ref_lse, rtol=1e-6, atol=0)
+    half = rows // 2
+    seed = _span(q, k[:, :, :half], v[:, :, :half], **span)
+    span_kernel.span_attention(q, k[:, :, half:], v[:, :, half:], *seed, first=-UNBOUNDED, last=-half, scale=0.3,
+                               seed=seed)
+    out, lse = seed
+    assert bool(((out[0, 0] >= 1) & (out[0, 0] <= torch.arange(1.0, rows + 1)[:, None])).all())
+    torch.testing.assert_close(lse.double(), ref_lse, rtol=1e-6, atol=0)
 
 
 def _masked_reference(q, k, v, seen: torch.Tensor, *, scale: float):

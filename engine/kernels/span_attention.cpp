@@ -69,7 +69,6 @@ constexpr int64_t KEY_CHUNK = 1024;
 constexpr int64_t LONE_ROWS = 4;
 constexpr int LANES = 16;
 constexpr float LOG2E = 1.4426950408889634f;
-constexpr float LN2 = 0.6931471805599453f;
 
 enum Dtype { FLOAT32 = 0, FLOAT16 = 1, BFLOAT16 = 2 };
 
@@ -730,7 +729,7 @@ template <int IN, int OUT, int TILE_ROWS> struct Worker {
   }
 
   // A row's scores times `scale` over [0, keys) as probabilities relative to the larger of the row's
-  // running largest `top` (base-2 units, -inf before any key) and the largest in [from, to), zero
+  // running largest `top` (-inf before any key) and the largest in [from, to), zero
   // outside [from, to), written over s (AMX: into `high` + `low`, two bfloat16); returns that larger
   // one and writes the probabilities' sum.
   float softmax_row(float *s, uint16_t *high, uint16_t *low, int64_t from, int64_t to, int64_t keys, float top,
@@ -740,9 +739,10 @@ template <int IN, int OUT, int TILE_ROWS> struct Worker {
     // Vectors of 16 within [from, to) take no mask; those wholly outside are zeros.
     const int64_t first = from / LANES * LANES, past = (to + LANES - 1) / LANES * LANES;
     f32x16 most = splat(top);
-    for (int64_t j = first; j < past; j += LANES) {
+    for (int64_t j = first; j < past; j += LANES) {  // the scaled scores kept: see below
       f32x16 x = load(s + j) * scale;
       if (j < from || j + LANES > to) x = lane + (float)j >= lo && lane + (float)j < hi ? x : splat(-INFINITY);
+      store(s + j, x);
       most = x > most ? x : most;
     }
     float m = lanes_max(most);
@@ -760,7 +760,11 @@ template <int IN, int OUT, int TILE_ROWS> struct Worker {
     for (int64_t j = 0; j < keys; j += LANES) {
       f32x16 x = splat(0.f);
       if (j >= first && j < past) {
-        x = exp2_nonpositive(load(s + j) * scale - m);
+        // Scaled scores less the largest of these same rounded values, never above 0 (x * scale - m,
+        // contracted to one FMA, took x * scale unrounded, up to half its ulp over m: 2^256 past
+        // scores of 2^32), and only then in base 2: the row's state, its seed's lse too, stays in the
+        // scores' units, where huge scores' differences are exact.
+        x = exp2_nonpositive((load(s + j) - m) * LOG2E);
         if (j < from || j + LANES > to) x = lane + (float)j >= lo && lane + (float)j < hi ? x : splat(0.f);
       }
       if constexpr (AMX) {  // as two bfloat16: x's first 8 bits of mantissa, the rest rounded (to 2^-17)
@@ -914,7 +918,7 @@ template <int IN, int OUT, int TILE_ROWS> struct Worker {
   void write_lse(float *lse, int64_t r0, int64_t rows, int64_t at) {
     for (int64_t r = 0; r < rows; r++)
       lse[(r0 + r) * a.lse_stride[2]] =
-          row_top[at + r] == -INFINITY ? -INFINITY : (row_top[at + r] + log2f(row_sum[at + r])) * LN2;
+          row_top[at + r] == -INFINITY ? -INFINITY : row_top[at + r] + logf(row_sum[at + r]);
   }
 
   // The strip's keys go KEY_CHUNK at a time (packed in cache, then every row block that sees some
@@ -926,11 +930,11 @@ template <int IN, int OUT, int TILE_ROWS> struct Worker {
     Out *out = (Out *)a.out + it.i * a.out_stride[0] + it.c * a.out_stride[1];
     float *lse = a.lse + it.i * a.lse_stride[0] + it.c * a.lse_stride[1];
     const int64_t strip_rows = it.row_end - it.row_begin;
-    if (a.seed_out != nullptr) {  // the seed's rows as running state: its output, a sum of 1 at its lse
+    if (a.seed_lse != nullptr) {  // the seed's rows as running state: its output, a sum of 1 at its lse
       const int64_t seed_at = it.i * a.seed_out_stride[0] + it.c * a.seed_out_stride[1];
       const float *seed_lse = a.seed_lse + it.i * a.seed_lse_stride[0] + it.c * a.seed_lse_stride[1];
       for (int64_t r = 0; r < strip_rows; r++) {
-        row_top[r] = seed_lse[(it.row_begin + r) * a.seed_lse_stride[2]] * LOG2E;
+        row_top[r] = seed_lse[(it.row_begin + r) * a.seed_lse_stride[2]];
         row_sum[r] = row_top[r] == -INFINITY ? 0.f : 1.f;
         for (int64_t d = 0; d < a.v_dim; d += LANES)
           store(acc + r * a.v_dim + d,
@@ -951,7 +955,6 @@ template <int IN, int OUT, int TILE_ROWS> struct Worker {
     const bool same_problem = next >= 0 && after.i == it.i && after.c == it.c;
     const int64_t fetch_from = same_problem && after.key_begin < it.key_end ? it.key_end : after.key_begin;
     const int64_t next_keys = after.key_end > fetch_from ? after.key_end - fetch_from : 0;
-    const float q_scale = a.scale * LOG2E;
     const bool lone = !AMX && strip_rows <= LONE_ROWS;  // its rows one at a time (`row_scores`)
     const int64_t block_rows = lone ? 1 : ROWS;
     for (int64_t c0 = it.key_begin; c0 < it.key_end; c0 += KEY_CHUNK) {
@@ -1026,8 +1029,8 @@ template <int IN, int OUT, int TILE_ROWS> struct Worker {
             continue;
           }
           if (a.skips_keys()) a.skip_keys(s, from, r0 + r + a.row_shift, from + lo, from + hi);
-          float sum, top = softmax_row(s, high, low, lo, hi, padded, row_top[at], q_scale, &sum);
-          keep[r] = row_top[at] == -INFINITY ? 0.f : row_top[at] == top ? 1.f : exp2f(row_top[at] - top);
+          float sum, top = softmax_row(s, high, low, lo, hi, padded, row_top[at], a.scale, &sum);
+          keep[r] = row_top[at] == -INFINITY ? 0.f : row_top[at] == top ? 1.f : exp2f((row_top[at] - top) * LOG2E);
           row_top[at] = top;
           row_sum[at] = row_sum[at] * keep[r] + sum;
         }
@@ -1098,8 +1101,9 @@ Runner runner(int in, int out, int64_t row_keys) {
 // (>= 1): causal rows see no key past p - distance (others none at |p - position| < distance),
 // nor any at p - position = 0 mod one of them;
 // seed_out, seed_lse: (out in seed_dtype, lse float32) of each row over other keys, which the rows
-// continue (their merge is written), or null; they may be out and lse themselves (a strip reads its
-// rows' seed before it writes them).
+// continue (their merge is written), or null (a null seed_lse: none; seed_out is null where values
+// have no features); they may be out and lse themselves (a strip reads its rows' seed before it
+// writes them).
 // strides: in elements, [i, c, row] for q, out, lse, seed_out, seed_lse, [i, c, row, group] for k
 // and v, in the order q, k, v, out, lse, seed_out, seed_lse.
 // Returns 0, or 1 where a thread's buffers could not be allocated, 2 for an unknown dtype, 3 for a

@@ -183,7 +183,7 @@ def span_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch
     assert seed is None or (seed_out.shape == out.shape and seed_out.dtype in DTYPES
                             and seed_out.stride(-1) == 1 and seed_lse.shape == lse.shape
                             and seed_lse.dtype == torch.float32)
-    if out.numel() == 0:
+    if lse.numel() == 0:  # no row (values of head dim 0 still have each row's lse)
         return
     sizes = array.array("q", (n, classes, n // k_shape[0], classes // k_shape[1], q_rows, k_rows, dim, v_dim,
                               max(-UNBOUNDED, first), min(UNBOUNDED, last), strip_rows, row_shift,
