@@ -218,9 +218,10 @@ GQA_VIEW_ROW_FRACTION = 1 / 8
 
 
 def run_heads(q, k, v, pattern: PatternBase, *, causal: bool, scale: float):
-    """Run each group of heads that shares a pattern on its plan (in runs, for large grouped-query
-    problems, unless the plan takes grouped key/value heads as they are); the query heads find
-    their key/value heads by H / Hkv."""
+    """Run each group of heads that shares a pattern on its plan, on views of q, k and v (in runs
+    of heads that allow them, `_view_runs`; in runs, for large grouped-query problems, unless the
+    plan takes grouped key/value heads as they are); the query heads find their key/value heads by
+    H / Hkv."""
     b, h, lq, _ = q.shape
     lk, dv = k.shape[2], v.shape[3]
     device = kernel_device(q.device)
@@ -228,8 +229,9 @@ def run_heads(q, k, v, pattern: PatternBase, *, causal: bool, scale: float):
     for single, heads in head_groups(pattern, h):
         step = plan(single, lq, lk, causal, device)
         grouped = device == "cpu" or step.grouped_kv_on_cuda
-        kv = _grouped_range(heads, q, k) if grouped else None
-        runs += [(step, heads, kv)] if kv is not None else [(step, run, None) for run in _head_runs(heads, q, k)]
+        for part in _view_runs(heads, h // k.shape[1]):
+            kv = _grouped_range(part, q, k) if grouped else None
+            runs += [(step, part, kv)] if kv is not None else [(step, run, None) for run in _head_runs(part, q, k)]
     if len(runs) > 1:  # the runs' results are gathered here; a single run's are returned as they are
         out = torch.empty(b, h, lq, dv, dtype=torch.float32, device=q.device)
         lse = torch.empty(b, h, lq, dtype=torch.float32, device=q.device)
@@ -274,22 +276,51 @@ def _grouped_range(heads: list[int], q: torch.Tensor, k: torch.Tensor) -> slice 
     return slice(heads[0] // group, (heads[-1] + 1) // group)
 
 
+def _view_runs(heads: list[int], group: int) -> list[list[int]]:
+    """Query heads (H / Hkv = group of them to a key/value head) as runs that read q, k and v as
+    views, a call each rather than copies by index: the heads whole where they allow it, else as few
+    runs of consecutive ones as do (per_head's groups when its patterns repeat: [a, b, a, b] over 8
+    heads gives a heads 0, 1, 4 and 5). A run allows it where its heads are evenly spaced and their
+    key/value heads one, evenly spaced too, or whole groups (which the plans take as they are)."""
+    def viewable(run: list[int]) -> bool:
+        kv_heads = [head // group for head in run]
+        whole_groups = run[-1] - run[0] == len(run) - 1 and run[0] % group == 0 and len(run) % group == 0
+        return bool(_evenly_spaced(run)) and (kv_heads[0] == kv_heads[-1] or whole_groups
+                                              or bool(_evenly_spaced(kv_heads)))
+
+    if viewable(heads):
+        return [heads]
+    runs = [[heads[0]]]
+    for head in heads[1:]:
+        if viewable(runs[-1] + [head]):
+            runs[-1].append(head)
+        else:
+            runs.append([head])
+    return runs
+
+
+def _evenly_spaced(heads: list[int]) -> slice | None:
+    """These heads as a slice where they are evenly spaced: a range, or every s-th head (per_head's
+    groups when its patterns alternate)."""
+    step = heads[1] - heads[0] if len(heads) > 1 else 1
+    spaced = slice(heads[0], heads[-1] + 1, step) if step > 0 else None
+    return spaced if spaced and heads == list(range(spaced.start, spaced.stop, step)) else None
+
+
 def _heads_of(heads: list[int], q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
-    """(q, k, v, index) for these query heads: views where the heads are a range (per_head's
-    groups usually are) or share one key/value head, copies by index otherwise."""
+    """(q, k, v, index) for these query heads: views where the heads and their key/value heads are
+    evenly spaced (per_head's groups usually are) or share one key/value head, copies by index
+    otherwise."""
     h, hkv = q.shape[1], k.shape[1]
     if len(heads) == h == hkv:  # every head, each its own key/value head: the tensors themselves
         return q, k, v, slice(None)
     group = h // hkv
-    contiguous = heads[-1] - heads[0] == len(heads) - 1
-    idx = slice(heads[0], heads[-1] + 1) if contiguous else torch.tensor(heads, device=q.device)
-    qs = q[:, idx] if contiguous else q.index_select(1, idx)
-    if group == 1:
-        ks, vs = (x[:, idx] if contiguous else x.index_select(1, idx) for x in (k, v))
-    elif heads[0] // group == heads[-1] // group:  # one key/value head for all: a stride-0 view
-        j = heads[0] // group
-        ks, vs = (repeated_operand(x[:, j : j + 1].expand(-1, len(heads), -1, -1)) for x in (k, v))
-    else:  # query head i reads key/value head i // (H / Hkv)
-        kv_idx = torch.tensor(heads, device=q.device) // group
-        ks, vs = k.index_select(1, kv_idx), v.index_select(1, kv_idx)
+    idx = _evenly_spaced(heads) or torch.tensor(heads, device=q.device)
+    kv_heads = [head // group for head in heads]  # query head i reads key/value head i // (H / Hkv)
+    kv_idx = _evenly_spaced(kv_heads) or torch.tensor(kv_heads, device=q.device)
+    qs = q[:, idx] if isinstance(idx, slice) else q.index_select(1, idx)
+    if group > 1 and kv_heads[0] == kv_heads[-1]:  # one key/value head for all: a stride-0 view
+        ks, vs = (repeated_operand(x[:, kv_heads[0] : kv_heads[0] + 1].expand(-1, len(heads), -1, -1)) for x in (k, v))
+    else:
+        ks, vs = (x[:, kv_idx] if isinstance(kv_idx, slice) else x.index_select(1, kv_idx) for x in (k, v))
     return qs, ks, vs, idx

@@ -238,6 +238,29 @@ def test_size_one_dims_with_any_strides_under_grouped_heads(dtype):
                                atol=2e-3, rtol=2e-3)
 
 
+@pytest.mark.parametrize("patterns", [[SW(3), ST(2)] * 2, [SW(3), ST(2), FX(4, 2), SW(5)] * 2,
+                                      [SW(3), SW(3), ST(2), SW(3)], [SW(3), ST(2)] * 4])
+@pytest.mark.parametrize("kv_heads", [8, 4, 2, 1])
+@pytest.mark.parametrize("lq", [40, 1])
+def test_per_head_groups_read_their_heads_as_views(monkeypatch, patterns, kv_heads, lq):
+    """per_head's groups whose heads are not one range (its patterns repeat: [a, b, a, b] over 8
+    heads gives a heads 0, 1, 4 and 5; over 4, every other head) read q, k and v as views, never
+    copies by index: heads evenly spaced as one strided view, others a call per range of them;
+    grouped key/value heads, a decode row, against float64."""
+    selected = []
+    real = torch.Tensor.index_select
+    monkeypatch.setattr(torch.Tensor, "index_select", lambda x, dim, index: selected.append(dim % x.dim())
+                        or real(x, dim, index))
+    g = torch.Generator().manual_seed(len(patterns) + kv_heads)
+    q = torch.randn(1, 8, lq, 8, generator=g)
+    k, v = (torch.randn(1, kv_heads, 40, 8, generator=g) for _ in range(2))
+    pattern = {"type": "per_head", "patterns": patterns}
+    for causal in (True, False):
+        out, lse = attention(q, k, v, pattern, causal=causal, return_lse=True)
+        assert_matches_reference(out, lse, *reference_attention(q, k, v, pattern, causal=causal), tol=2e-5)
+    assert 1 not in selected, "heads were copied by index"
+
+
 def test_inputs_that_require_grad_are_computed_forward_only():
     q, k, v = (torch.randn(1, 2, 32, 8, requires_grad=True) for _ in range(3))
     for pattern in ("strided", "fixed", "union_paper", "sliding"):
