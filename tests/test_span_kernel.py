@@ -134,8 +134,9 @@ def test_span_kernel_short_runs(q_rows, span, dim, v_dim, dtype):
 def test_span_kernel_lone_rows(dim, v_dim, dtype, grouped):
     """Rows computed one at a time, their keys and values read where they lie (strips of up to
     LONE_ROWS rows): a decode step's row, a short run's three, strips of 4 and 3 (15 rows), a call's
-    last strip of one row (15 rows in strips of 7). Spans over two chunks of keys, key rows flat or in groups (8 of every 10), against float64. Head dims of 1 to 9
-    vectors, and of 1 and 3 to 100 features, not a multiple of 16."""
+    last strip of one row (15 rows in strips of 7). Spans over two chunks of keys, key rows flat or
+    in groups (8 of every 10), against float64. Head dims of 1 to 9 vectors, and of 1, 3, 72 and
+    100 features, not a multiple of 16."""
     g = torch.Generator().manual_seed(dim + v_dim)
     q = torch.randn(2, 4, 15, dim, generator=g).to(dtype)
     if grouped:
@@ -364,10 +365,11 @@ ROW_END_BUILDS = {"masked": (), "buffered": ("-mno-avx512bw",)}
 def test_span_kernel_reads_and_writes_only_a_rows_features(monkeypatch, row_end, dim, v_dim, dtype, q_rows,
                                                           strip_rows):
     """Head dims not a multiple of 16: the kernel reads a row's features 16 at a time, the last
-    few masked or through a buffer (ROW_END_BUILDS), and no further. q, k and v are the first features of wider rows whose
-    others are NaN (one read would poison a score or an output), out those of rows whose others
-    must stay as they were: packed blocks, strips and lone rows (3 rows), then the same rows over
-    the first 600 keys continued in place over the rest (a seed in q's dtype), against float64."""
+    few masked or through a buffer (ROW_END_BUILDS), and no further. q, k and v are the first
+    features of wider rows whose others are NaN (one read would poison a score or an output), out
+    those of rows whose others must stay as they were: packed blocks, strips and lone rows (3 rows),
+    then the same rows over the first 600 keys continued in place over the rest (a seed in q's
+    dtype), against float64."""
     library = _library_with(ROW_END_BUILDS[row_end])
     if library is None:
         pytest.skip(f"the kernel does not build with {ROW_END_BUILDS[row_end]}")
@@ -650,7 +652,7 @@ def test_a_union_on_the_span_kernel(monkeypatch, dim, native, built):
     takes q, k and v the plan converts nothing beforehand, the stride reads float16 as it is and
     writes a float32 partial, and the band's rows continue it (its seed; the rows before the
     stride's first key on their own) writing float16, rounded once, with no merge pass (head dims
-    16 and 24: the kernel reads the last 8 through a buffer); where it is not built the plan
+    16 and 24: the kernel reads the last 8 masked); where it is not built the plan
     converts them first. In half precision computed
     natively (AMX) the stride's partial comes in bfloat16, and the band continues it as well."""
     from engine import attention

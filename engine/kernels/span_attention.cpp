@@ -164,7 +164,7 @@ template <int D> inline f32x16 read_part(const typename Elements<D>::type *p, in
 #if SPAN_MASKED_ROWS
   const __mmask16 lanes = (__mmask16)((1u << count) - 1);
   if constexpr (D == FLOAT32) return (f32x16)_mm512_maskz_loadu_ps(lanes, p);
-  _mm256_storeu_si256((__m256i *)part, _mm256_maskz_loadu_epi16(lanes, p));
+  else _mm256_storeu_si256((__m256i *)part, _mm256_maskz_loadu_epi16(lanes, p));
 #else
   memcpy(part, p, count * sizeof part[0]);
 #endif
@@ -873,8 +873,7 @@ template <int IN, int OUT, int TILE_ROWS> struct Worker {
         const float w = scores[j];
 #pragma GCC unroll 4
         for (int e = 0; e < 4; e++)
-          if (e < vectors)
-            o[e] += w * read16<IN, WHOLE>(x, e * LANES, a.v_features - d0);
+          if (e < vectors) o[e] += w * read16<IN, WHOLE>(x, e * LANES, a.v_features - d0);
       }
       for (int e = 0; e < vectors; e++) store(block_out + d0 + e * LANES, o[e]);
     }
@@ -887,7 +886,7 @@ template <int IN, int OUT, int TILE_ROWS> struct Worker {
       float sum = row_sum[at + r];  // acc holds nothing yet where it is 0
       for (int64_t d = 0; d < a.v_dim; d += LANES)
         write16<OUT, WHOLE>(out + (r0 + r) * a.out_stride[2], d, a.v_features,
-                     sum > 0.f ? load(acc + (at + r) * a.v_dim + d) * (1.f / sum) : splat(0.f));
+                            sum > 0.f ? load(acc + (at + r) * a.v_dim + d) * (1.f / sum) : splat(0.f));
     }
     write_lse(lse, r0, rows, at);
   }
