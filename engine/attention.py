@@ -229,7 +229,7 @@ def run_heads(q, k, v, pattern: PatternBase, *, causal: bool, scale: float):
     for single, heads in head_groups(pattern, h):
         step = plan(single, lq, lk, causal, device)
         grouped = device == "cpu" or step.grouped_kv_on_cuda
-        for part in _view_runs(heads, h // k.shape[1]):
+        for part in _view_runs(heads, q, k):
             kv = _grouped_range(part, q, k) if grouped else None
             runs += [(step, part, kv)] if kv is not None else [(step, run, None) for run in _head_runs(part, q, k)]
     if len(runs) > 1:  # the runs' results are gathered here; a single run's are returned as they are
@@ -276,17 +276,18 @@ def _grouped_range(heads: list[int], q: torch.Tensor, k: torch.Tensor) -> slice 
     return slice(heads[0] // group, (heads[-1] + 1) // group)
 
 
-def _view_runs(heads: list[int], group: int) -> list[list[int]]:
-    """Query heads (H / Hkv = group of them to a key/value head) as runs that read q, k and v as
-    views, a call each rather than copies by index: the heads whole where they allow it, else as few
-    runs of consecutive ones as do (per_head's groups when its patterns repeat: [a, b, a, b] over 8
-    heads gives a heads 0, 1, 4 and 5). A run allows it where its heads are evenly spaced and their
-    key/value heads one, evenly spaced too, or whole groups (which the plans take as they are)."""
+def _view_runs(heads: list[int], q: torch.Tensor, k: torch.Tensor) -> list[list[int]]:
+    """Query heads as runs that read q, k and v as views, a call each rather than copies by index:
+    the heads whole where they allow it, else as few runs of consecutive ones as do (per_head's
+    groups when its patterns repeat: [a, b, a, b] over 8 heads gives a heads 0, 1, 4 and 5). A run
+    allows it where its heads are evenly spaced and their key/value heads one, evenly spaced too,
+    or whole groups (`_grouped_range`: the plans take them as they are)."""
+    group = q.shape[1] // k.shape[1]
+
     def viewable(run: list[int]) -> bool:
         kv_heads = [head // group for head in run]
-        whole_groups = run[-1] - run[0] == len(run) - 1 and run[0] % group == 0 and len(run) % group == 0
-        return bool(_evenly_spaced(run)) and (kv_heads[0] == kv_heads[-1] or whole_groups
-                                              or bool(_evenly_spaced(kv_heads)))
+        return bool(_evenly_spaced(run)) and (kv_heads[0] == kv_heads[-1] or bool(_evenly_spaced(kv_heads))
+                                              or _grouped_range(run, q, k) is not None)
 
     if viewable(heads):
         return [heads]
