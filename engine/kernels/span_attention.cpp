@@ -173,12 +173,13 @@ template <int D> inline f32x16 read_part(const typename Elements<D>::type *p, in
 template <int D> inline void write_part(typename Elements<D>::type *p, int64_t count, f32x16 x) {
 #if SPAN_MASKED_ROWS
   const __mmask16 lanes = (__mmask16)((1u << count) - 1);
-  if constexpr (D == FLOAT32) return _mm512_mask_storeu_ps(p, lanes, (__m512)x);
-  else return _mm256_mask_storeu_epi16(p, lanes, (__m256i)Elements<D>::narrow(x));
-#endif
+  if constexpr (D == FLOAT32) _mm512_mask_storeu_ps(p, lanes, (__m512)x);
+  else _mm256_mask_storeu_epi16(p, lanes, (__m256i)Elements<D>::narrow(x));
+#else
   typename Elements<D>::type part[LANES];
   Elements<D>::store16(part, x);
   memcpy(p, part, count * sizeof part[0]);
+#endif
 }
 template <int D, bool WHOLE = false>
 inline f32x16 read16(const typename Elements<D>::type *row, int64_t d, int64_t count) {
@@ -906,7 +907,8 @@ template <int IN, int OUT, int TILE_ROWS> struct Worker {
         f32x16 x = load(block_out + r * a.v_dim + d);
         if (keep[r] != 0.f) x += load(row + d) * keep[r];
         if (!finishing) store(row + d, x);
-        else if (STREAM && d + LANES <= a.v_features && ((uintptr_t)(written + d) & (LANES * sizeof(Out) - 1)) == 0)
+        else if (STREAM && (WHOLE || d + LANES <= a.v_features) &&
+                 ((uintptr_t)(written + d) & (LANES * sizeof(Out) - 1)) == 0)
           stream16<OUT>(written + d, x * inverse);
         else
           write16<OUT, WHOLE>(written, d, a.v_features, x * inverse);

@@ -136,7 +136,8 @@ def computes_natively(dtype: torch.dtype) -> bool:
 
 def takes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
     """Whether the kernel computes these: on the CPU, in a dtype it reads, features adjacent (any
-    head dims: it reads them 16 at a time, the last few through a buffer), and the kernel built."""
+    head dims: it reads them 16 at a time, the last few masked or through a buffer), and the kernel
+    built."""
     return (q.is_cpu and q.dtype in DTYPES and k.dtype == v.dtype == q.dtype
             and q.stride(-1) == k.stride(-1) == v.stride(-1) == 1 and library() is not None)
 
