@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 
@@ -219,23 +220,36 @@ GQA_VIEW_ROW_FRACTION = 1 / 8
 
 def run_heads(q, k, v, pattern: PatternBase, *, causal: bool, scale: float):
     """Run each group of heads that shares a pattern on its plan, on views of q, k and v (in runs
-    of heads that allow them, `_view_runs`; in runs, for large grouped-query problems, unless the
-    plan takes grouped key/value heads as they are); the query heads find their key/value heads by
-    H / Hkv."""
+    of heads that allow them, `_view_runs`, or on the CPU as blocks of them, `_head_blocks`; in
+    runs, for large grouped-query problems, unless the plan takes grouped key/value heads as they
+    are); the query heads find their key/value heads by H / Hkv."""
     b, h, lq, _ = q.shape
     lk, dv = k.shape[2], v.shape[3]
     device = kernel_device(q.device)
-    runs = []  # (plan, query heads, their key/value heads when the plan takes them unrepeated)
+    runs = []  # (plan, query heads, their key/value heads when the plan takes them unrepeated, or their HeadBlocks)
     for single, heads in head_groups(pattern, h):
         step = plan(single, lq, lk, causal, device)
         grouped = device == "cpu" or step.grouped_kv_on_cuda
-        for part in _view_runs(heads, q, k):
+        parts = _view_runs(heads, q, k)
+        # On CUDA a run each: views whose batch axis steps over heads are untried on its kernels.
+        blocks = _head_blocks(heads, q, k) if len(parts) > 1 and device == "cpu" and step.reads_head_blocks else None
+        if blocks is not None:
+            runs.append((step, heads, blocks))
+            continue
+        for part in parts:
             kv = _grouped_range(part, q, k) if grouped else None
             runs += [(step, part, kv)] if kv is not None else [(step, run, None) for run in _head_runs(part, q, k)]
     if len(runs) > 1:  # the runs' results are gathered here; a single run's are returned as they are
         out = torch.empty(b, h, lq, dv, dtype=torch.float32, device=q.device)
         lse = torch.empty(b, h, lq, dtype=torch.float32, device=q.device)
     for step, heads, kv in runs:
+        if isinstance(kv, HeadBlocks):  # several runs of heads, each batch item's in one call
+            for item in range(b):
+                o, l = step(kv.query_view(q, item), kv.key_view(k, item), kv.key_view(v, item), scale)
+                kv.query_view(out, item).copy_(o)
+                kv.query_view(lse, item).copy_(l)
+                del o, l
+            continue
         if kv is not None:
             idx = slice(heads[0], heads[-1] + 1)
             qs, ks, vs = (q, k, v) if len(heads) == h else (q[:, idx], k[:, kv], v[:, kv])
@@ -251,6 +265,65 @@ def run_heads(q, k, v, pattern: PatternBase, *, causal: bool, scale: float):
             out[item, idx], lse[item, idx] = o.float(), l
             del o, l  # before the next call allocates its own
     return out, lse
+
+
+class HeadBlocks(NamedTuple):
+    """A per_head group's query heads as `blocks` blocks of `count` consecutive heads, every
+    `period` heads from `start` (its patterns repeat: [a, b, a, b] over 8 heads gives a heads 0, 1
+    and 4, 5), and their key/value heads likewise: each block's a range of `kv_count` heads, whole
+    groups, or one head for all its query heads (`kv_count` 0), every `kv_period` heads from
+    `kv_start`. A batch item's blocks are one view [blocks, count, L, D] (its batch axis steps
+    `period` heads): one call of the plan, not one per block."""
+
+    blocks: int
+    start: int
+    count: int
+    period: int
+    kv_start: int
+    kv_count: int
+    kv_period: int
+
+    def query_view(self, x: torch.Tensor, item: int) -> torch.Tensor:
+        """Batch item `item`'s blocks of x [B, H, L, *] (q, or the gathered out and lse)."""
+        return _blocks_of(x, item, self.blocks, self.start, self.count, self.period, 1)
+
+    def key_view(self, x: torch.Tensor, item: int) -> torch.Tensor:
+        """Batch item `item`'s blocks of x [B, Hkv, L, D] (k or v): one head repeated by stride 0
+        where a block's query heads share one."""
+        if self.kv_count:
+            return _blocks_of(x, item, self.blocks, self.kv_start, self.kv_count, self.kv_period, 1)
+        return _blocks_of(x, item, self.blocks, self.kv_start, self.count, self.kv_period, 0)
+
+
+def _blocks_of(x: torch.Tensor, item: int, blocks: int, start: int, count: int, period: int, step: int) -> torch.Tensor:
+    """Batch item `item` of x [B, H, L, *] as the view [blocks, count, L, *] of heads
+    start + block * period + i * step."""
+    item_stride, head_stride, *rest = x.stride()
+    return x.as_strided((blocks, count, *x.shape[2:]), (period * head_stride, step * head_stride, *rest),
+                        x.storage_offset() + item * item_stride + start * head_stride)
+
+
+def _head_blocks(heads: list[int], q: torch.Tensor, k: torch.Tensor) -> HeadBlocks | None:
+    """These query heads as HeadBlocks (two or more), or None where they are not equal blocks at
+    one period, or a block's heads split a key/value head's group, or the blocks' key/value heads
+    are not at one period."""
+    count = next((i for i in range(1, len(heads)) if heads[i] != heads[0] + i), len(heads))
+    blocks, start = len(heads) // count, heads[0]
+    if blocks < 2 or len(heads) % count:
+        return None
+    period = heads[count] - start
+    if heads != [start + block * period + i for block in range(blocks) for i in range(count)]:
+        return None
+    group = q.shape[1] // k.shape[1]
+    whole_groups = start % group == 0 and count % group == 0
+    if not whole_groups and start // group != (start + count - 1) // group:
+        return None
+    kv_start = start // group
+    kv_period = (start + period) // group - kv_start
+    if any((start + block * period + i) // group != kv_start + block * kv_period + (i // group if whole_groups else 0)
+           for block in range(blocks) for i in range(count)):
+        return None
+    return HeadBlocks(blocks, start, count, period, kv_start, count // group if whole_groups else 0, kv_period)
 
 
 def _head_runs(heads: list[int], q: torch.Tensor, k: torch.Tensor) -> list[list[int]]:

@@ -63,7 +63,10 @@ class Plan:
     merges inside its launch) instead of the two merging after. `span_kernel_reads`: its steps
     read half precision as it is where the CPU span kernel takes q, k and v (a window and strides:
     the band and each stride's classes on it; a union whose fixed step continues one other step:
-    that step's float32 partial and fixed's), so nothing is converted beforehand there."""
+    that step's float32 partial and fixed's), so nothing is converted beforehand there.
+    `reads_head_blocks`: its steps read per_head's blocks of heads (`attention.HeadBlocks`: a view
+    whose batch axis steps over heads) in place; not a stride's classes from Lq = s on, whose views
+    merge B and H (they would copy K and V, or each block would be a call of its own)."""
 
     backend: str
     steps: tuple[Callable[..., Partial], ...]
@@ -71,6 +74,7 @@ class Plan:
     grouped_kv_on_cuda: bool = False
     continues: bool = False
     span_kernel_reads: bool = False
+    reads_head_blocks: bool = True
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> Partial:
         if not (self.converts_in_steps or self.span_kernel_reads and span_kernel.takes(q, k, v)):
@@ -361,7 +365,7 @@ def structured_plan(pattern: PatternBase, lq: int, lk: int, causal: bool, device
     if isinstance(pattern, Strided):  # fewer rows than s read only their classes' keys; it converts itself
         one_per_class = lq < pattern.stride  # each row alone in its class: grouped heads fold on CUDA
         return Plan("strided", (partial(kernels.strided_attention, stride=pattern.stride, causal=causal),),
-                    converts_in_steps=True, grouped_kv_on_cuda=one_per_class)
+                    converts_in_steps=True, grouped_kv_on_cuda=one_per_class, reads_head_blocks=one_per_class)
     if isinstance(pattern, Fixed):  # the query rows' blocks and the summary keys, each converted once
         return Plan("fixed", (partial(kernels.fixed_attention, block=pattern.block, summary=pattern.summary,
                                       causal=causal),), converts_in_steps=True, grouped_kv_on_cuda=True)
@@ -413,4 +417,4 @@ def _structured_union(pattern: Union, lq: int, lk: int, causal: bool, device: st
     alone = [structured_plan(member, lq, lk, causal, device) for member in pattern.patterns]  # each member's own plan
     return Plan(name, tuple(steps), converts_in_steps=few_rows,
                 grouped_kv_on_cuda=all(p.grouped_kv_on_cuda for p in alone), continues=continues,
-                span_kernel_reads=reads_half)
+                span_kernel_reads=reads_half, reads_head_blocks=all(p.reads_head_blocks for p in alone))

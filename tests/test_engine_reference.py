@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from engine import attention
+from engine.planner import Plan
 from reference import assert_matches_reference, reference_attention
 
 pytestmark = pytest.mark.usefixtures("engine_passes")  # small shapes: every kernel, CPU and CUDA
@@ -245,8 +246,8 @@ def test_size_one_dims_with_any_strides_under_grouped_heads(dtype):
 def test_per_head_groups_read_their_heads_as_views(monkeypatch, patterns, kv_heads, lq):
     """per_head's groups whose heads are not one range (its patterns repeat: [a, b, a, b] over 8
     heads gives a heads 0, 1, 4 and 5; over 4, every other head) read q, k and v as views, never
-    copies by index: heads evenly spaced as one strided view, others a call per range of them;
-    grouped key/value heads, a decode row, against float64."""
+    copies by index: heads evenly spaced as one strided view, others as blocks of them in one call
+    or a call per range of them; grouped key/value heads, a decode row, against float64."""
     selected = []
     real = torch.Tensor.index_select
     monkeypatch.setattr(torch.Tensor, "index_select", lambda x, dim, index: selected.append(dim % x.dim())
@@ -259,6 +260,36 @@ def test_per_head_groups_read_their_heads_as_views(monkeypatch, patterns, kv_hea
         out, lse = attention(q, k, v, pattern, causal=causal, return_lse=True)
         assert_matches_reference(out, lse, *reference_attention(q, k, v, pattern, causal=causal), tol=2e-5)
     assert 1 not in selected, "heads were copied by index"
+
+
+@pytest.mark.parametrize("patterns", [[SW(3), FX(4, 2), ST(50), {"type": "dense"}] * 2,
+                                      [{"type": "union", "patterns": [SW(3), ST(50)]},
+                                       {"type": "union", "patterns": [SW(3), FX(4, 2)]},
+                                       {"type": "union", "patterns": [ST(50), FX(4, 2)]}, SW(200)] * 2],
+                         ids=["single", "unions"])
+@pytest.mark.parametrize("kv_heads", [16, 8, 4, 1])
+@pytest.mark.parametrize("batch, lq", [(1, 40), (2, 1), (2, 40)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+def test_per_head_blocks_of_heads_run_in_one_call(monkeypatch, patterns, kv_heads, batch, lq, dtype):
+    """On the CPU a per_head group of a repeated pattern ([a, b, c, d] * 2 over 16 heads: a's heads
+    0, 1 and 8, 9) runs as one call of its plan per batch item, on a view [blocks, heads, L, D]
+    (`attention.HeadBlocks`; a stride with fewer rows than s, whose short runs take it an item at
+    a time), whatever key/value heads its blocks share; against float64, causal or not."""
+    calls = []
+    real = Plan.__call__
+    monkeypatch.setattr(Plan, "__call__",
+                        lambda self, q, *rest: calls.append(tuple(q.shape[:2])) or real(self, q, *rest))
+    g = torch.Generator().manual_seed(kv_heads + lq)
+    q = torch.randn(batch, 16, lq, 8, generator=g).to(dtype)
+    k, v = (torch.randn(batch, kv_heads, 120, 8, generator=g).to(dtype) for _ in range(2))
+    pattern = {"type": "per_head", "patterns": patterns}
+    tol = {torch.float32: 2e-5, torch.bfloat16: 3e-2}[dtype]
+    for causal in (True, False):
+        calls.clear()
+        out, lse = attention(q, k, v, pattern, causal=causal, return_lse=True)
+        assert_matches_reference(out, lse, *reference_attention(q, k, v, pattern, causal=causal), tol=tol)
+        if importlib.import_module("engine.attention").kernel_device(q.device) == "cpu":  # as CUDA's emulation says
+            assert calls == [(2, 2)] * 4 * batch, calls
 
 
 def test_inputs_that_require_grad_are_computed_forward_only():

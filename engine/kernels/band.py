@@ -110,14 +110,18 @@ def row_range(x: torch.Tensor, start: int, rows: int, dim: int = -2) -> torch.Te
     return x if start == 0 and rows == x.shape[dim] else x.narrow(dim, start, rows)
 
 
+def batch_and_heads_merge(x: torch.Tensor) -> bool:
+    """Whether x's B and H axes are one axis of one stride (as in a contiguous tensor, or a
+    grouped-query view repeating one key/value head with stride 0; not in per_head's blocks of
+    heads, `attention.HeadBlocks`)."""
+    b, h = x.shape[:2]
+    return b == 1 or h == 1 or x.stride(0) == h * x.stride(1)
+
+
 def row_major(x: torch.Tensor) -> torch.Tensor:
-    """x itself when its rows are contiguous and B, H merge into one axis of one stride (as in a
-    contiguous tensor, or a grouped-query view repeating one key/value head with stride 0), else
+    """x itself when its rows are contiguous and its B and H merge (`batch_and_heads_merge`), else
     a contiguous copy."""
-    b, h, _, d = x.shape
-    if x.stride(-1) == 1 and x.stride(-2) == d and (b == 1 or h == 1 or x.stride(0) == h * x.stride(1)):
-        return x
-    return x.contiguous()
+    return x if x.stride(-1) == 1 and x.stride(-2) == x.shape[-1] and batch_and_heads_merge(x) else x.contiguous()
 
 
 def on_span_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:

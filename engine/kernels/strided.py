@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 
 from . import span_kernel
-from .band import grid_attention, row_grid, row_major, row_range
+from .band import batch_and_heads_merge, grid_attention, row_grid, row_major, row_range
 from .dense import (CPU_CAUSAL_SKIP_ROWS, CPU_QUERY_BLOCK_ROWS, CPU_SMALL_CALL_ROWS, NEG_INF, additive_mask,
                     as_computed, computed_dtype, cpu_native_half, empty_partial, fused_under, kept_when_small,
                     per_query_head)
@@ -424,6 +424,13 @@ def _short_run_pieces(
     65536 keys 1.01-1.03 and 0.94; bfloat16 0.58 / 0.63 / 0.70; 4 rows 0.91-0.96; 16 rows
     0.70 / 0.82 / 0.81; H = 32 over 8 0.93-0.99."""
     b, h, lq, d = q.shape
+    # per_head's blocks of heads (`attention.HeadBlocks`), whose B and H do not merge: an item at a
+    # time, whose class rows are views (`row_major` would copy K and V whole)
+    if b > 1 and not all(batch_and_heads_merge(x) for x in (q, k, v)):
+        items = [_short_run_pieces(q[i : i + 1], k[i : i + 1], v[i : i + 1], stride=stride, scale=scale,
+                                   min_distance=min_distance, skip_strides=skip_strides) for i in range(b)]
+        return [(row, torch.cat([pieces[j][1] for pieces in items]), torch.cat([pieces[j][2] for pieces in items]))
+                for j, (row, _, _) in enumerate(items[0])]
     lk, s, hkv = k.shape[-2], stride, k.shape[1]
     group = h // hkv
     offset = lk - lq
