@@ -243,11 +243,13 @@ def run_heads(q, k, v, pattern: PatternBase, *, causal: bool, scale: float):
         out = torch.empty(b, h, lq, dv, dtype=torch.float32, device=q.device)
         lse = torch.empty(b, h, lq, dtype=torch.float32, device=q.device)
     for step, heads, kv in runs:
-        if isinstance(kv, HeadBlocks):  # several runs of heads, each batch item's in one call
-            for item in range(b):
-                o, l = step(kv.query_view(q, item), kv.key_view(k, item), kv.key_view(v, item), scale)
-                kv.query_view(out, item).copy_(o)
-                kv.query_view(lse, item).copy_(l)
+        if isinstance(kv, HeadBlocks):  # several runs of heads in one call: every batch item's, or each one's
+            together = kv.spans_batch(q, k, v) and not step.converts_whole(q, k, v)
+            for first, items in [(0, b)] if together else [(i, 1) for i in range(b)]:
+                o, l = step(kv.query_view(q, first, items), kv.key_view(k, first, items),
+                            kv.key_view(v, first, items), scale)
+                kv.query_view(out, first, items).copy_(o)
+                kv.query_view(lse, first, items).copy_(l)
                 del o, l
             continue
         if kv is not None:
@@ -257,10 +259,15 @@ def run_heads(q, k, v, pattern: PatternBase, *, causal: bool, scale: float):
             qs, ks, vs, idx = _heads_of(heads, q, k, v)
         if len(runs) == 1:
             return step(qs, ks, vs, scale)
-        # Some heads of several batch items: a view whose B and H axes no one stride spans, which the
-        # kernels would copy whole (all of K and V for a decode step: per_head(sliding_window(256),
-        # strided(64)), B = 4, one row after 65536 keys, 35 ms); one batch item at a time they need none.
-        for item in (slice(i, i + 1) for i in range(b)):
+        # Some heads of several batch items: a view whose B and H axes no one stride spans. Plans that
+        # read such views in place (`Plan.reads_head_blocks`, on the CPU) take every item at once;
+        # others would copy it whole (all of K and V for a decode step: per_head(sliding_window(256),
+        # strided(64)), B = 4, one row after 65536 keys, 35 ms), so they take one batch item at a time,
+        # as do plans that convert their inputs whole: an item's conversion stays in cache for its
+        # call (per_head(dense, sliding 256), bfloat16, B = 8, one row after 4096 keys: 1.74x the time
+        # converted all at once).
+        every_item = b == 1 or device == "cpu" and step.reads_head_blocks and not step.converts_whole(q, k, v)
+        for item in [slice(None)] if every_item else (slice(i, i + 1) for i in range(b)):
             o, l = step(qs[item], ks[item], vs[item], scale)
             out[item, idx], lse[item, idx] = o.float(), l
             del o, l  # before the next call allocates its own
@@ -273,7 +280,8 @@ class HeadBlocks(NamedTuple):
     and 4, 5), and their key/value heads likewise: each block's a range of `kv_count` heads, whole
     groups, or one head for all its query heads (`kv_count` 0), every `kv_period` heads from
     `kv_start`. A batch item's blocks are one view [blocks, count, L, D] (its batch axis steps
-    `period` heads): one call of the plan, not one per block."""
+    `period` heads): one call of the plan, not one per block; so are every item's where the blocks
+    span each item's heads (`spans_batch`)."""
 
     blocks: int
     start: int
@@ -283,24 +291,33 @@ class HeadBlocks(NamedTuple):
     kv_count: int
     kv_period: int
 
-    def query_view(self, x: torch.Tensor, item: int) -> torch.Tensor:
-        """Batch item `item`'s blocks of x [B, H, L, *] (q, or the gathered out and lse)."""
-        return _blocks_of(x, item, self.blocks, self.start, self.count, self.period, 1)
+    def spans_batch(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+        """Whether every batch item's blocks are one view [B * blocks, count, L, D]: one item, or
+        blocks that span each item's query and key/value heads (per_head's patterns repeated
+        evenly) in tensors whose items follow each other (and the gathered out and lse)."""
+        spans = self.blocks * self.period == q.shape[1] and self.blocks * self.kv_period == k.shape[1]
+        return q.shape[0] == 1 or spans and all(x.stride(0) == x.shape[1] * x.stride(1) for x in (q, k, v))
 
-    def key_view(self, x: torch.Tensor, item: int) -> torch.Tensor:
-        """Batch item `item`'s blocks of x [B, Hkv, L, D] (k or v): one head repeated by stride 0
-        where a block's query heads share one."""
+    def query_view(self, x: torch.Tensor, first: int, items: int) -> torch.Tensor:
+        """Batch items first .. first + items - 1's blocks of x [B, H, L, *] (q, or the gathered
+        out and lse)."""
+        return _blocks_of(x, first, items * self.blocks, self.start, self.count, self.period, 1)
+
+    def key_view(self, x: torch.Tensor, first: int, items: int) -> torch.Tensor:
+        """Batch items first .. first + items - 1's blocks of x [B, Hkv, L, D] (k or v): one head
+        repeated by stride 0 where a block's query heads share one."""
         if self.kv_count:
-            return _blocks_of(x, item, self.blocks, self.kv_start, self.kv_count, self.kv_period, 1)
-        return _blocks_of(x, item, self.blocks, self.kv_start, self.count, self.kv_period, 0)
+            return _blocks_of(x, first, items * self.blocks, self.kv_start, self.kv_count, self.kv_period, 1)
+        return _blocks_of(x, first, items * self.blocks, self.kv_start, self.count, self.kv_period, 0)
 
 
-def _blocks_of(x: torch.Tensor, item: int, blocks: int, start: int, count: int, period: int, step: int) -> torch.Tensor:
-    """Batch item `item` of x [B, H, L, *] as the view [blocks, count, L, *] of heads
-    start + block * period + i * step."""
+def _blocks_of(x: torch.Tensor, first: int, blocks: int, start: int, count: int, period: int, step: int
+               ) -> torch.Tensor:
+    """x [B, H, L, *] from batch item `first` on as the view [blocks, count, L, *] of heads
+    start + block * period + i * step (past an item's heads: the next item's, `spans_batch`)."""
     item_stride, head_stride, *rest = x.stride()
     return x.as_strided((blocks, count, *x.shape[2:]), (period * head_stride, step * head_stride, *rest),
-                        x.storage_offset() + item * item_stride + start * head_stride)
+                        x.storage_offset() + first * item_stride + start * head_stride)
 
 
 def _head_blocks(heads: list[int], q: torch.Tensor, k: torch.Tensor) -> HeadBlocks | None:

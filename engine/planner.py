@@ -28,7 +28,7 @@ import torch
 
 from . import kernels
 from .kernels import span_kernel
-from .kernels.dense import SMALL_MASK_ELEMENTS, as_computed, padded_head_dims, without_padding
+from .kernels.dense import SMALL_MASK_ELEMENTS, as_computed, computed_dtype, padded_head_dims, without_padding
 from .kernels.device import kernel_device
 from .kernels.fixed import SHORT_RUN_ROWS
 from .kernels.masked import one_chunk
@@ -76,8 +76,14 @@ class Plan:
     span_kernel_reads: bool = False
     reads_head_blocks: bool = True
 
+    def converts_whole(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+        """Whether a call converts q, k and v whole before its steps (half precision where it is
+        slow, unless its steps convert or read it themselves)."""
+        return computed_dtype(q) != q.dtype and not (
+            self.converts_in_steps or self.span_kernel_reads and span_kernel.takes(q, k, v))
+
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> Partial:
-        if not (self.converts_in_steps or self.span_kernel_reads and span_kernel.takes(q, k, v)):
+        if self.converts_whole(q, k, v):
             q, k, v = as_computed(q, k, v)
         dv = v.shape[-1]
         if pads_head_dims(q.device):

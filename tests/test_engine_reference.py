@@ -262,19 +262,26 @@ def test_per_head_groups_read_their_heads_as_views(monkeypatch, patterns, kv_hea
     assert 1 not in selected, "heads were copied by index"
 
 
-@pytest.mark.parametrize("patterns", [[SW(3), FX(4, 2), ST(50), {"type": "dense"}] * 2,
-                                      [{"type": "union", "patterns": [SW(3), ST(50)]},
-                                       {"type": "union", "patterns": [SW(3), FX(4, 2)]},
-                                       {"type": "union", "patterns": [ST(50), FX(4, 2)]}, SW(200)] * 2],
-                         ids=["single", "unions"])
+HEAD_BLOCK_PATTERNS = {  # over 16 heads
+    "blocks": [SW(3), FX(4, 2), ST(50), {"type": "dense"}] * 2,  # a's heads 0, 1 and 8, 9
+    "blocks_of_unions": [{"type": "union", "patterns": [SW(3), ST(50)]},
+                         {"type": "union", "patterns": [SW(3), FX(4, 2)]},
+                         {"type": "union", "patterns": [ST(50), FX(4, 2)]}, SW(200)] * 2,
+    "ranges": [SW(3), FX(4, 2), ST(50), {"type": "dense"}],  # a's heads 0 .. 3
+}
+
+
+@pytest.mark.parametrize("patterns", HEAD_BLOCK_PATTERNS)
 @pytest.mark.parametrize("kv_heads", [16, 8, 4, 1])
-@pytest.mark.parametrize("batch, lq", [(1, 40), (2, 1), (2, 40)])
+@pytest.mark.parametrize("batch, lq", [(1, 40), (2, 1), (3, 40)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
-def test_per_head_blocks_of_heads_run_in_one_call(monkeypatch, patterns, kv_heads, batch, lq, dtype):
-    """On the CPU a per_head group of a repeated pattern ([a, b, c, d] * 2 over 16 heads: a's heads
-    0, 1 and 8, 9) runs as one call of its plan per batch item, on a view [blocks, heads, L, D]
-    (`attention.HeadBlocks`; a stride with fewer rows than s, whose short runs take it an item at
-    a time), whatever key/value heads its blocks share; against float64, causal or not."""
+def test_per_head_groups_run_in_one_call(monkeypatch, patterns, kv_heads, batch, lq, dtype):
+    """On the CPU a per_head group runs as one call of its plan for every batch item (a stride
+    with fewer rows than s: its short runs take them an item at a time): a range of heads as a
+    view of them, a repeated pattern's blocks of heads ([a, b, c, d] x 2 over 16 heads: a's heads
+    0, 1 and 8, 9) as a view [B * blocks, heads, L, D] (`attention.HeadBlocks`), a batch item's
+    each where its blocks share one key/value head; against float64, causal or not. Plans that
+    convert half precision whole before their steps take an item at a time (`Plan.converts_whole`)."""
     calls = []
     real = Plan.__call__
     monkeypatch.setattr(Plan, "__call__",
@@ -282,14 +289,22 @@ def test_per_head_blocks_of_heads_run_in_one_call(monkeypatch, patterns, kv_head
     g = torch.Generator().manual_seed(kv_heads + lq)
     q = torch.randn(batch, 16, lq, 8, generator=g).to(dtype)
     k, v = (torch.randn(batch, kv_heads, 120, 8, generator=g).to(dtype) for _ in range(2))
-    pattern = {"type": "per_head", "patterns": patterns}
+    pattern = {"type": "per_head", "patterns": HEAD_BLOCK_PATTERNS[patterns]}
     tol = {torch.float32: 2e-5, torch.bfloat16: 3e-2}[dtype]
+    if patterns == "ranges":
+        expected = [(batch, 4)] * 4
+    else:  # blocks of 2 heads, every item's in one view unless they share one key/value head (Hkv = 1)
+        expected = [(2 * batch, 2)] * 4 if kv_heads > 1 else [(2, 2)] * 4 * batch
     for causal in (True, False):
         calls.clear()
         out, lse = attention(q, k, v, pattern, causal=causal, return_lse=True)
         assert_matches_reference(out, lse, *reference_attention(q, k, v, pattern, causal=causal), tol=tol)
-        if importlib.import_module("engine.attention").kernel_device(q.device) == "cpu":  # as CUDA's emulation says
-            assert calls == [(2, 2)] * 4 * batch, calls
+        if importlib.import_module("engine.attention").kernel_device(q.device) != "cpu":  # CUDA's emulation
+            continue
+        if dtype == torch.float32:
+            assert calls == expected
+        else:  # each group in a call per item at most
+            assert len(calls) <= 4 * batch and {shape[1] for shape in calls} == {expected[0][1]}, calls
 
 
 def test_inputs_that_require_grad_are_computed_forward_only():
