@@ -63,7 +63,8 @@ class Plan:
     merges inside its launch) instead of the two merging after. `span_kernel_reads`: its steps
     read half precision as it is where the CPU span kernel takes q, k and v (a window and strides:
     the band and each stride's classes on it; a union whose fixed step continues one other step:
-    that step's float32 partial and fixed's), so nothing is converted beforehand there.
+    that step's float32 partial and fixed's; dense attention), so nothing is converted beforehand
+    there.
     `reads_head_blocks`: its steps read per_head's blocks of heads (`attention.HeadBlocks`: a view
     whose batch axis steps over heads) in place; not a stride's classes from Lq = s on, whose views
     merge B and H (they would copy K and V, or each block would be a call of its own)."""
@@ -288,7 +289,7 @@ def plan(pattern: PatternBase, lq: int, lk: int, causal: bool, device: str) -> P
     pattern = simplify(pattern, lk)
     if isinstance(pattern, Dense):
         return Plan("sdpa", (partial(kernels.dense_attention, diagonal=(lk - lq) if causal else None),),
-                    grouped_kv_on_cuda=not causal or lq * lq <= SMALL_MASK_ELEMENTS)
+                    grouped_kv_on_cuda=not causal or lq * lq <= SMALL_MASK_ELEMENTS, span_kernel_reads=True)
     on_masked = (_small_on_masked(pattern, lk, causal) or _short_run_on_masked(pattern, lq, lk, causal, device)
                  or _tiny_strides_on_masked(pattern, lq, causal, device))
     structured = None if on_masked else structured_plan(pattern, lq, lk, causal, device)

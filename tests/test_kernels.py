@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from engine import kernels
+from engine.kernels import span_kernel
 from engine.kernels.device import kernel_device
 from engine.kernels.fixed import fused_fixed_attention
 from reference import allowed, assert_matches_far, assert_matches_reference, mask, reference_attention
@@ -54,6 +55,38 @@ def test_band_non_causal(lq, lk, window, tile):
     ref_out, ref_lse = reference_attention(q, k, v, SW(window), causal=False, scale=0.25)
     torch.testing.assert_close(out.double(), ref_out, atol=2e-5, rtol=2e-5)
     torch.testing.assert_close(lse.double(), ref_lse, atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize("on_span_kernel", [True, False], ids=["span_kernel", "torch"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("heads,kv_heads,lq,lk", [(2, 2, 600, 600), (4, 1, 1, 700), (6, 3, 1, 300), (4, 2, 37, 700),
+                                                  (1, 1, 300, 1003), (3, 3, 1, 1)])
+def test_dense_attention_at_every_diagonal(monkeypatch, on_span_kernel, dtype, heads, kv_heads, lq, lk):
+    """`dense_attention` with row m attending keys 0 .. m + d for d from none of them to all (below
+    zero, as fixed's own blocks ask; None: every key), on the span kernel (`_span_dense`: a decode
+    row's query heads as rows of their key/value head, strips of DENSE_STRIP_ROWS) and on torch's
+    fused calls, against float64."""
+    calls = []
+    if on_span_kernel:
+        real = span_kernel.span_attention
+        monkeypatch.setattr(span_kernel, "span_attention", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    else:
+        monkeypatch.setattr(span_kernel, "library", lambda: None)
+    g = torch.Generator().manual_seed(heads + lq)
+    q = torch.randn(2, heads, lq, 24, generator=g).to(dtype)
+    k, v = (torch.randn(2, kv_heads, lk, 24, generator=g).to(dtype) for _ in range(2))
+    scores = q.double() @ k.double().repeat_interleave(heads // kv_heads, 1).transpose(-1, -2) * 0.3
+    tol = {torch.float32: 2e-5, torch.bfloat16: 2e-2}[dtype]
+    for diagonal in (None, -lq - 1, -5, 0, 3, lk - lq, lk):
+        calls.clear()
+        out, lse = kernels.dense_attention(q, k, v, scale=0.3, diagonal=diagonal)
+        keep = torch.ones(lq, lk, dtype=torch.bool)
+        masked = scores if diagonal is None else scores.masked_fill(~keep.tril(diagonal), -math.inf)
+        ref_lse = torch.logsumexp(masked, -1)
+        ref_out = (torch.softmax(masked, -1).nan_to_num(0) @ v.double().repeat_interleave(heads // kv_heads, 1))
+        torch.testing.assert_close(out.double(), ref_out, atol=tol, rtol=tol)
+        torch.testing.assert_close(lse.double(), ref_lse, atol=tol, rtol=tol)
+        assert len(calls) == on_span_kernel
 
 
 @pytest.mark.parametrize("lq,lk", [(600, 600), (517, 700), (300, 1003), (640, 640)])
@@ -413,7 +446,6 @@ def _strided_calls(monkeypatch, describe) -> list:
 def _without_span_kernel(monkeypatch) -> None:
     """Long strided and fixed runs and bands on torch's kernel, as on a host where the span kernel
     cannot be built (`span_kernel.library` None)."""
-    from engine.kernels import span_kernel
 
     monkeypatch.setattr(span_kernel, "library", lambda: None)
 
@@ -617,7 +649,6 @@ def test_short_runs_of_unions_with_fixed_on_the_span_kernel(pattern, lq, lk, bac
     """A union with fixed, its fixed step on the span kernel, causal or not: one row with a stride
     among the members after up to ONE_ROW_STRIDED_MASKED_KEYS = 768 keys takes one masked call; the
     rest keep the structured plan."""
-    from engine.kernels import span_kernel
     from engine.patterns import parse_pattern
     from engine.planner import plan
 
@@ -816,7 +847,6 @@ def test_prefills_read_grouped_heads_in_one_run(monkeypatch, pattern, causal):
 
     from engine import attention
 
-    from engine.kernels import span_kernel
 
     monkeypatch.setattr(sys.modules["engine.attention"], "GQA_REPEAT_BYTES", 0)
     span_calls = []
