@@ -60,11 +60,11 @@ def test_band_non_causal(lq, lk, window, tile):
 @pytest.mark.parametrize("on_span_kernel", [True, False], ids=["span_kernel", "torch"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
 @pytest.mark.parametrize("heads,kv_heads,lq,lk", [(2, 2, 600, 600), (4, 1, 1, 700), (6, 3, 1, 300), (4, 2, 37, 700),
-                                                  (1, 1, 300, 1003), (3, 3, 1, 1)])
+                                                  (8, 2, 100, 300), (1, 1, 300, 1003), (3, 3, 1, 1)])
 def test_dense_attention_at_every_diagonal(monkeypatch, on_span_kernel, dtype, heads, kv_heads, lq, lk):
     """`dense_attention` with row m attending keys 0 .. m + d for d from none of them to all (below
-    zero, as fixed's own blocks ask; None: every key), on the span kernel (`_span_dense`: a decode
-    row's query heads as rows of their key/value head, strips of DENSE_STRIP_ROWS) and on torch's
+    zero, as fixed's own blocks ask; None: every key), on the span kernel (`_span_dense`: a short
+    run's query heads as rows of their key/value head, strips of DENSE_STRIP_ROWS) and on torch's
     fused calls, against float64."""
     calls = []
     if on_span_kernel:

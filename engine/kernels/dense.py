@@ -370,12 +370,13 @@ def dense_attention(
     """Dense attention over [B, H, L, D] tensors (fewer key/value heads on the CPU, as the package says).
 
     `diagonal=None` attends every key; an int d lets row m attend keys 0..m + d. On the CPU's span
-    kernel where it takes q, k and v (`_span_dense`), else in torch's fused calls.
+    kernel where it takes q, k and v (`_span_dense`), but half precision that torch's kernel runs
+    natively (AMX; against the span kernel there: not measured), else in torch's fused calls.
     """
     lq, lk, dv = q.shape[-2], k.shape[-2], v.shape[-1]
     if lq == 0 or lk == 0:
         return empty_partial(q, dv)
-    if kernel_device(q.device) == "cpu" and span_kernel.takes(q, k, v):
+    if kernel_device(q.device) == "cpu" and not cpu_native_half(q.dtype) and span_kernel.takes(q, k, v):
         return _span_dense(q, k, v, scale=scale, diagonal=diagonal)
     if diagonal is None or diagonal >= lk - 1:
         return fused(q, k, v, scale=scale, is_causal=False)
@@ -404,31 +405,40 @@ def dense_attention(
 # Query rows a thread takes at a time in `_span_dense`: threads share a call's work whatever its
 # heads (one head of 4096 rows, float32: 11.7 ms against 21.5 in strips of a head's rows whole).
 DENSE_STRIP_ROWS = 256
+# Up to this many query rows `_span_dense` reads a key/value head's keys once for all its query
+# heads (rows of it, in a copy of q). Folded / unfolded, float32 and bfloat16, H = 32 over 8 at
+# D = 128 after 8192 keys and H = 8 over 2 after 16384: 4 rows 0.38-0.82, 16 rows 0.73-0.79, 64 rows
+# 0.84-0.94, 256 rows 0.98-1.00; prefills at n = 1024 and 2048 1.01-1.05 (one row: a view, either way).
+DENSE_FOLDED_ROWS = 64
 
 
 def _span_dense(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float, diagonal: int | None
                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """`dense_attention` on the span kernel: every row's keys (those up to its diagonal) in one call,
-    read in their own dtype (half precision unconverted), fewer key/value heads as they are, and in
-    a decode row a key/value head's query heads as rows of it, so that its keys are read once for
-    them. Against torch's fused calls (the engine's dense plan before, on an AMD EPYC; H = 8, D = 64
-    unless said): causal prefills 0.59-0.79 of the time in float32 (n = 1024 to 4096, D = 40 to 128,
-    H = 8 over 2), 0.43-0.57 in bfloat16; without causality 0.64-0.86 and 0.60-0.68; one row after
-    4096 or 16384 keys 0.41-0.45 in float32, 0.13-0.16 in bfloat16 (H = 32 over 8, D = 128: 0.58 and
-    0.32); 4 to 256 rows after them 0.33-0.81 and 0.27-0.48 (H = 32 over 8 or 8 over 2: 0.85-1.16
-    and 0.53-0.92)."""
-    b, h, lq, _ = q.shape
-    hkv = k.shape[1]
-    out = q.new_empty(b, h, lq, v.shape[-1])
-    lse = q.new_empty(b, h, lq, dtype=torch.float32)
-    reach = span_kernel.UNBOUNDED if diagonal is None else diagonal  # row 0's last key
-    if lq == 1 and hkv < h:  # rows [B, Hkv, H / Hkv], all anchored at key 0 (keys_per_step 0)
-        rows, out_rows, lse_rows = (x.select(2, 0).unflatten(1, (hkv, h // hkv)) for x in (q, out, lse))
-        span_kernel.span_attention(rows, k, v, out_rows, lse_rows, first=-span_kernel.UNBOUNDED, last=reach,
-                                   keys_per_step=0, scale=scale)
-    else:  # row m anchored at m + d, seeing keys up to it (d >= 0); or at m, seeing keys up to m + d
-        last, shift = (0, reach) if 0 <= reach < span_kernel.UNBOUNDED else (reach, 0)
-        span_kernel.span_attention(q, k, v, out, lse, first=-span_kernel.UNBOUNDED, last=last, row_shift=shift,
-                                   scale=scale, strip_rows=DENSE_STRIP_ROWS)
-    return out, lse
-
+    read in their own dtype (half precision unconverted), fewer key/value heads as they are, and
+    for a short run of rows (DENSE_FOLDED_ROWS) a key/value head's query heads as rows of it, so
+    that its keys are read once for them. Against torch's fused calls (the engine's dense plan
+    before, on an AMD EPYC; H = 8, D = 64 unless said): causal prefills 0.59-0.79 of the time in
+    float32 (n = 1024 to 4096, D = 40 to 128, H = 8 over 2), 0.43-0.57 in bfloat16; without causality
+    0.64-0.86 and 0.60-0.68; one row after 4096 or 16384 keys 0.41-0.45 in float32, 0.13-0.16 in
+    bfloat16 (H = 32 over 8, D = 128: 0.58 and 0.32); 4 to 256 rows after them 0.33-0.81 and
+    0.27-0.48."""
+    b, h, lq, d = q.shape
+    group, dv = h // k.shape[1], v.shape[-1]
+    folded = 1 < group and lq <= DENSE_FOLDED_ROWS
+    # Folded, rows [B, Hkv, Lq * H / Hkv]: row i of each of a key/value head's query heads in turn,
+    # all at position i (rows_per_step H / Hkv).
+    rows = q.unflatten(1, (-1, group)).transpose(2, 3).reshape(b, -1, lq * group, d) if folded else q
+    out = q.new_empty(*rows.shape[:-1], dv)
+    lse = q.new_empty(rows.shape[:-1], dtype=torch.float32)
+    if diagonal is None:  # every key
+        last, shift = span_kernel.UNBOUNDED, 0
+    else:  # row i anchored at i + d, seeing keys up to it (d >= 0); or at i, seeing keys up to i + d
+        last, shift = (0, diagonal) if diagonal >= 0 else (diagonal, 0)
+    steps = group if folded else 1
+    span_kernel.span_attention(rows, k, v, out, lse, first=-span_kernel.UNBOUNDED, last=last,
+                               row_shift=shift * steps, rows_per_step=steps, scale=scale, strip_rows=DENSE_STRIP_ROWS)
+    if not folded:
+        return out, lse
+    out = out.view(b, -1, lq, group, dv).transpose(2, 3).reshape(b, h, lq, dv)
+    return out, lse.view(b, -1, lq, group).transpose(2, 3).reshape(b, h, lq)
