@@ -435,9 +435,10 @@ def _span_dense(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: flo
         last, shift = span_kernel.UNBOUNDED, 0
     else:  # row i anchored at i + d, seeing keys up to it (d >= 0); or at i, seeing keys up to i + d
         last, shift = (0, diagonal) if diagonal >= 0 else (diagonal, 0)
-    steps = group if folded else 1
+    per_position = group if folded else 1  # rows at each position
     span_kernel.span_attention(rows, k, v, out, lse, first=-span_kernel.UNBOUNDED, last=last,
-                               row_shift=shift * steps, rows_per_step=steps, scale=scale, strip_rows=DENSE_STRIP_ROWS)
+                               row_shift=shift * per_position, rows_per_step=per_position, scale=scale,
+                               strip_rows=DENSE_STRIP_ROWS)
     if not folded:
         return out, lse
     out = out.view(b, -1, lq, group, dv).transpose(2, 3).reshape(b, h, lq, dv)
