@@ -9,6 +9,7 @@ from typing import NamedTuple
 
 import torch
 
+from .kernels.band import batch_and_heads_merge
 from .kernels.dense import empty_partial, repeated_operand
 from .kernels.device import kernel_device
 from .patterns import PatternBase, head_groups, parse_pattern
@@ -296,7 +297,7 @@ class HeadBlocks(NamedTuple):
         blocks that span each item's query and key/value heads (per_head's patterns repeated
         evenly) in tensors whose items follow each other (and the gathered out and lse)."""
         spans = self.blocks * self.period == q.shape[1] and self.blocks * self.kv_period == k.shape[1]
-        return q.shape[0] == 1 or spans and all(x.stride(0) == x.shape[1] * x.stride(1) for x in (q, k, v))
+        return q.shape[0] == 1 or spans and all(batch_and_heads_merge(x) for x in (q, k, v))
 
     def query_view(self, x: torch.Tensor, first: int, items: int) -> torch.Tensor:
         """Batch items first .. first + items - 1's blocks of x [B, H, L, *] (q, or the gathered
