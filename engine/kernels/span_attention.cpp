@@ -436,10 +436,10 @@ struct Call {
   }
 };
 
-// A row of `bytes` into the L2 cache (prefetcht1), to be read (WRITE 0) or written (1). Into L1
-// (prefetcht0), the next strip's rows evicted this strip's packed keys: a stride's classes, the
-// span kernel alone, float32, H = 8, D = 64, took 1.05-1.20 of the time (n = 4096 .. 16384,
-// strided(64) .. (512); the AMD EPYC, 2026-12-07); bfloat16 0.98-1.03.
+// A row of `bytes` into the L2 cache (prefetcht1), to be read (WRITE 0) or written (1). Fetched
+// into L1 (prefetcht0), where the next strip's rows compete with this strip's packed keys, a
+// stride's classes took 1.01-1.20 of the time in float32 (the span kernel alone, H = 8, D = 64,
+// n = 4096 .. 16384, strided(64) .. (512); the AMD EPYC, 2026-12-07), bfloat16 0.94-1.03.
 template <int WRITE> inline void prefetch_row(const void *row, int64_t bytes) {
   for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch((const char *)row + b, WRITE, 2);
 }
