@@ -223,6 +223,75 @@ def test_span_kernel_skips_summary_keys_by_position(groups, block, summary, min_
                                  tol=2e-5)
 
 
+@pytest.fixture
+def threads():
+    """Sets torch's thread count (the kernel's) for the test, restored after."""
+    before = torch.get_num_threads()
+    yield torch.set_num_threads
+    torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("problems,kv_problems,q_rows,k_rows,span", [
+    ((1, 1), (1, 1), 1, 9000, dict(first=-UNBOUNDED, last=UNBOUNDED)),  # a decode row over every key
+    ((1, 2), (1, 1), 40, 9000, dict(first=-UNBOUNDED, last=0, row_shift=8960, causal=True)),  # a short run, grouped
+    ((2, 1), (1, 1), 70, 12000, dict(first=-9000, last=-4000, row_shift=11930, causal=True)),  # spans end apart
+    ((1, 1), (1, 1), 3, 9000, dict(first=-UNBOUNDED, last=0, row_shift=8997, causal=True, min_distance=7,
+                                   skip_strides=(3, 5))),  # near keys and strides skipped
+    ((1, 1), (1, 1), 2, 9000, dict(first=-UNBOUNDED, last=UNBOUNDED, skip_strides=(1,))),  # every key skipped
+])
+@pytest.mark.parametrize("count", [3, 4, 8])
+@pytest.mark.parametrize("dim,v_dim,dtype,out_dtype", [(16, 16, torch.float32, torch.float32),
+                                                       (24, 40, torch.bfloat16, torch.bfloat16)])
+def test_span_kernel_splits_keys_among_threads(threads, problems, kv_problems, q_rows, k_rows, span, count, dim, v_dim,
+                                               dtype, out_dtype):
+    """Fewer work items than threads (a decode step's one or two problems): each part of the keys the
+    rows see goes to its own threads (`key_parts`, at least 512 keys a part), and each row's parts
+    merge by their log-sum-exps; rows whose span ends before a part, rows nearer than a distance or
+    on a skipped stride, every key skipped (zeros, lse -inf), grouped problems, head dims not a
+    multiple of 16, bfloat16 in and out, against float64."""
+    threads(count)
+    g = torch.Generator().manual_seed(q_rows + count)
+    q = torch.randn(*problems, q_rows, dim, generator=g).to(dtype)
+    k, v = (torch.randn(*kv_problems, k_rows, d, generator=g).to(dtype) for d in (dim, v_dim))
+    out, lse = _span(q, k, v, scale=0.3, out_dtype=out_dtype, **span)
+    tol = 2e-5 if out_dtype == torch.float32 else 1e-2
+    assert_matches_reference(out.float(), lse, *_span_reference(q, k, v, scale=0.3, **span), tol=tol, lse_tol=2e-5)
+
+
+@pytest.mark.parametrize("score", [1e3, 1e12])
+def test_span_kernel_split_keys_keep_huge_scores_exact(threads, score):
+    """Keys split in three parts for two rows that see 1500 and 3000 keys, every score alike and past
+    what float32 resolves beside its log-sum-exp (1e12): each row is the exact mean of its values,
+    as unsplit, the parts weighted by their sums kept apart from their largest scores (an lse would
+    have lost log(sum): row 0's parts of 1000 and 500 keys weighted alike)."""
+    threads(3)
+    k = torch.full((1, 1, 3000, 16), math.sqrt(score / 16 / 0.3))  # scores q.k * 0.3: rounded
+    q = k[:, :, :2]
+    v = torch.arange(3000.0).reshape(1, 1, 3000, 1).expand(1, 1, 3000, 16).contiguous()
+    span = dict(first=-UNBOUNDED, last=-1, row_shift=1, rows_per_step=1, keys_per_step=1500, scale=0.3)
+    out, lse = _span(q, k, v, **span)
+    torch.testing.assert_close(out[0, 0], torch.tensor([[749.5], [1499.5]]).expand(2, 16), rtol=1e-6, atol=0)
+    torch.testing.assert_close(lse.double(), _span_reference(q, k, v, **span)[1], rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("in_place", [False, True])
+def test_span_kernel_split_keys_continue_a_seed(threads, in_place):
+    """Keys split among threads, as above: the seed, a partial over other keys (the output itself
+    too), is continued by the first part alone; keys in groups of a stride (fixed's summary keys in
+    place); two problems on 4 threads: 2 parts."""
+    threads(4)
+    g = torch.Generator().manual_seed(5)
+    q = torch.randn(1, 2, 6, 32, generator=g)
+    k, v = (torch.randn(1, 1, 9000, 32, generator=g) for _ in range(2))
+    seed = _span(q, k[:, :, :400], v[:, :, :400], scale=0.3, first=-UNBOUNDED, last=UNBOUNDED)
+    keys, values = (x[:, :, 400:].unflatten(2, (430, 20))[:, :, :, 1:] for x in (k, v))  # 19 of every 20 rows
+    out, lse = seed if in_place else (torch.empty(1, 2, 6, 32), torch.empty(1, 2, 6))
+    span_kernel.span_attention(q, keys, values, out, lse, scale=0.3, first=-UNBOUNDED, last=UNBOUNDED, seed=seed)
+    seen = torch.ones(6, 9000, dtype=torch.bool)
+    seen[:, 400::20] = False
+    assert_matches_reference(out, lse, *_masked_reference(q, k, v, seen, scale=0.3), tol=2e-5)
+
+
 # Each way the kernel multiplies bfloat16, by the flags that build it where the CPU has it.
 BFLOAT16_BUILDS = {"AMX tiles": (), "bfloat16 pairs": ("-mno-amx-tile", "-mno-amx-bf16"),
                    "float32 vectors": ("-mno-amx-tile", "-mno-amx-bf16", "-mno-avx512bf16")}

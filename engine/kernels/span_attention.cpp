@@ -344,16 +344,20 @@ struct Call {
   int64_t q_stride[3], k_stride[4], v_stride[4], out_stride[3], lse_stride[3], seed_out_stride[3], seed_lse_stride[3];
   float scale;
   int64_t begin, end;  // this thread's work items: (problem, strip)
+  int64_t key_lo, key_hi;  // the key rows the rows may see: all, or a part of their span (`key_parts`)
+  // A part's rows: their largest score written as their lse and their sum of exponentials here,
+  // laid out as lse (kept apart, huge scores merge exactly: their lse would lose log(sum)); else null.
+  float *sums;
 
   int64_t anchor(int64_t row) const { return (row + row_shift) / rows_per_step * keys_per_step; }
-  int64_t keys_from(int64_t row) const { return clamp(anchor(row) + first, 0, k_rows); }
+  int64_t keys_from(int64_t row) const { return clamp(anchor(row) + first, key_lo, key_hi); }
   int64_t keys_to(int64_t row) const {  // past the last
     int64_t to = anchor(row) + last + 1;
     if (causal) {
       const int64_t through = keys_through(row + row_shift - distance);
       if (to > through) to = through;
     }
-    return clamp(to, 0, k_rows);
+    return clamp(to, key_lo, key_hi);
   }
   // How many keys lie at positions up to y.
   int64_t keys_through(int64_t y) const {
@@ -920,9 +924,15 @@ template <int IN, int OUT, int TILE_ROWS> struct Worker {
   }
 
   void write_lse(float *lse, int64_t r0, int64_t rows, int64_t at) {
-    for (int64_t r = 0; r < rows; r++)
-      lse[(r0 + r) * a.lse_stride[2]] =
-          row_top[at + r] == -INFINITY ? -INFINITY : row_top[at + r] + logf(row_sum[at + r]);
+    for (int64_t r = 0; r < rows; r++) {
+      float *written = lse + (r0 + r) * a.lse_stride[2];
+      if (a.sums != nullptr) {  // a part's (`key_part`)
+        *written = row_top[at + r];
+        a.sums[written - a.lse] = row_sum[at + r];
+      } else {
+        *written = row_top[at + r] == -INFINITY ? -INFINITY : row_top[at + r] + logf(row_sum[at + r]);
+      }
+    }
   }
 
   // The strip's keys go KEY_CHUNK at a time (packed in cache, then every row block that sees some
@@ -1092,6 +1102,87 @@ Runner runner(int in, int out, int64_t row_keys) {
   return nullptr;
 }
 
+// Calls with fewer work items than threads (a decode step of few problems: one head, or the
+// query heads of one key/value head as rows of its problem) split the keys the rows see into
+// parts, each part's threads taking every item over its keys alone, as flash decoding does on
+// GPUs; each row's parts then merge by their log-sum-exps (`merge_parts`). A part holds at least
+// SPLIT_PART_KEYS keys, and only strips of up to SPLIT_STRIP_ROWS rows split (the parts' results
+// are kept apart until they merge: a few rows each). Through `engine.attention` on 2 threads, split
+// / not (the AMD EPYC, 2026-12-07), dense attention, one row after 65536 keys: one head 0.60-0.66
+// (bfloat16 0.54-0.55), 8 query heads over one key/value head 0.48-0.57 (0.49-0.51); 16 and 64
+// rows of one head after 16384 keys 0.48-0.56; strided(16), one row: 0.63-0.76. Parts of at
+// least 256, 512, 1024 or 2048 keys, one row after 300 .. 8192 keys: 1024 and 2048 leave 1100 ..
+// 3000 keys unsplit, which split took 0.69-0.89 of the time; 256 splits 600 keys too (0.86-0.96),
+// else as 512, which is kept so that a machine of many threads gets no parts too short to pay
+// (untried there).
+constexpr int64_t SPLIT_PART_KEYS = 512;
+constexpr int64_t SPLIT_STRIP_ROWS = 256;
+
+int key_parts(const Call &call, int64_t items, int threads) {
+  if (items >= threads || call.strip_rows > SPLIT_STRIP_ROWS) return 1;
+  const int64_t most = (call.keys_to(call.q_rows - 1) - call.keys_from(0)) / SPLIT_PART_KEYS;
+  const int64_t parts = threads / items < most ? threads / items : most;
+  return parts > 1 ? (int)parts : 1;
+}
+
+// Part p of `parts` of the call: its rows over an equal part of the keys they see (spans only
+// grow with the row), without a seed but in part 0, written into its place in `partials`: its
+// outputs, then every part's largest scores, then their sums (`Call::sums`).
+Call key_part(const Call &call, int p, int parts, float *partials, int64_t rows) {
+  Call part = call;
+  const int64_t lo = call.keys_from(0), hi = call.keys_to(call.q_rows - 1);
+  part.key_lo = lo + (hi - lo) * p / parts;
+  part.key_hi = lo + (hi - lo) * (p + 1) / parts;
+  part.out = partials + p * rows * call.v_features;
+  part.lse = partials + parts * rows * call.v_features + p * rows;
+  part.sums = partials + parts * rows * (call.v_features + 1) + p * rows;
+  const int64_t out_strides[3] = {call.classes * call.q_rows * call.v_features, call.q_rows * call.v_features,
+                                  call.v_features};
+  const int64_t lse_strides[3] = {call.classes * call.q_rows, call.q_rows, 1};
+  memcpy(part.out_stride, out_strides, sizeof out_strides);
+  memcpy(part.lse_stride, lse_strides, sizeof lse_strides);
+  part.stream_out = false;
+  if (p > 0) part.seed_out = part.seed_lse = nullptr;
+  return part;
+}
+
+// Each row's parts (`key_part`) as one result in the call's out (in OUT) and lse, as one running
+// softmax would have it: part p's sum s_p at its largest score m_p, weighted w_p = s_p exp(m_p - m)
+// at the largest m of them, its output by w_p / (the w_p summed), lse = m + log(the w_p summed);
+// zeros and -inf where no part saw a key.
+template <int OUT> void merge_rows(const Call &call, const float *partials, int parts, int64_t rows, int threads) {
+  typedef typename Elements<OUT>::type Out;
+  const int64_t features = call.v_features;
+  const float *tops = partials + parts * rows * features, *sums = tops + parts * rows;
+#pragma omp parallel for num_threads(threads) if (rows * features * parts >= (1 << 16))
+  for (int64_t row = 0; row < rows; row++) {
+    const int64_t i = row / (call.classes * call.q_rows), c = row / call.q_rows % call.classes, r = row % call.q_rows;
+    Out *out = (Out *)call.out + i * call.out_stride[0] + c * call.out_stride[1] + r * call.out_stride[2];
+    float top = -INFINITY, total = 0.f;
+    for (int p = 0; p < parts; p++) top = tops[p * rows + row] > top ? tops[p * rows + row] : top;
+    for (int p = 0; p < parts; p++)
+      if (tops[p * rows + row] != -INFINITY) total += sums[p * rows + row] * expf(tops[p * rows + row] - top);
+    for (int64_t d = 0; d < features; d += LANES) {
+      f32x16 x = splat(0.f);
+      for (int p = 0; p < parts && total > 0.f; p++)
+        if (tops[p * rows + row] != -INFINITY)
+          x += read16<FLOAT32>(partials + (p * rows + row) * features, d, features) *
+               (sums[p * rows + row] * expf(tops[p * rows + row] - top) / total);
+      write16<OUT>(out, d, features, x);
+    }
+    call.lse[i * call.lse_stride[0] + c * call.lse_stride[1] + r * call.lse_stride[2]] =
+        total > 0.f ? top + logf(total) : -INFINITY;
+  }
+}
+
+void merge_parts(const Call &call, int out_dtype, const float *partials, int parts, int64_t rows, int threads) {
+  switch (out_dtype) {
+    case FLOAT32: return merge_rows<FLOAT32>(call, partials, parts, rows, threads);
+    case FLOAT16: return merge_rows<FLOAT16>(call, partials, parts, rows, threads);
+    case BFLOAT16: return merge_rows<BFLOAT16>(call, partials, parts, rows, threads);
+  }
+}
+
 }  // namespace
 
 // Problems (i, c), i < n, c < classes: query row r (of q_rows), at position p = r + row_shift,
@@ -1122,6 +1213,7 @@ extern "C" int span_attention(const void *q, const void *k, const void *v, void 
                          &call.group_span, &call.group_first, &call.distance, &call.skip_count};
   for (int f = 0; f < 20; f++) *fields[f] = sizes[f];
   call.skips = sizes + 20;
+  call.key_lo = 0, call.key_hi = call.k_rows;
   call.dim = (call.features + LANES - 1) / LANES * LANES;
   call.v_dim = (call.v_features + LANES - 1) / LANES * LANES;
   if (call.row_shift < 0 || call.rows_per_step < 1 || call.keys_per_step < 0 || call.key_group < 1 ||
@@ -1148,13 +1240,31 @@ extern "C" int span_attention(const void *q, const void *k, const void *v, void 
   call.scale = scale;
   if (call.q_rows <= 0 || call.n * call.classes <= 0) return 0;
   int64_t items = call.n * call.classes * ((call.q_rows + call.strip_rows - 1) / call.strip_rows);
-  threads = (int)clamp(threads, 1, items);
+  const int64_t rows = call.n * call.classes * call.q_rows;
+  int parts = key_parts(call, items, threads);
+  float *partials = nullptr;  // the parts' outputs, largest scores and sums, float32: [part][problem][row]
+  if (parts > 1) {
+    partials = (float *)malloc(sizeof(float) * parts * rows * (call.v_features + 2));
+    if (partials == nullptr) parts = 1;
+  }
+  if (parts > 1) run = runner(in_dtype, FLOAT32, row_keys);
+  threads = (int)clamp(threads, 1, items * parts);
   int failed = 0;
 #pragma omp parallel num_threads(threads) reduction(| : failed)
   {
-    Call share = call;
-    share.share(items, omp_get_thread_num(), omp_get_num_threads());  // fewer inside another parallel region
-    failed |= run(&share) != nullptr;
+    // fewer threads inside another parallel region: a part's threads take its items, a thread
+    // takes every groups-th part
+    const int t = omp_get_thread_num(), count = omp_get_num_threads();
+    const int groups = parts < count ? parts : count, per_group = count / groups;
+    for (int p = t / per_group; t / per_group < groups && p < parts; p += groups) {
+      Call share = parts > 1 ? key_part(call, p, parts, partials, rows) : call;
+      share.share(items, t % per_group, per_group);
+      failed |= run(&share) != nullptr;
+    }
+  }
+  if (parts > 1) {
+    if (!failed) merge_parts(call, out_dtype, partials, parts, rows, threads);
+    free(partials);
   }
   return failed ? 1 : 0;
 }
