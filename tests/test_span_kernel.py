@@ -238,15 +238,16 @@ def threads():
     ((1, 1), (1, 1), 3, 9000, dict(first=-UNBOUNDED, last=0, row_shift=8997, causal=True, min_distance=7,
                                    skip_strides=(3, 5))),  # near keys and strides skipped
     ((1, 1), (1, 1), 2, 9000, dict(first=-UNBOUNDED, last=UNBOUNDED, skip_strides=(1,))),  # every key skipped
+    ((3, 1), (3, 1), 1, 5000, dict(first=-UNBOUNDED, last=0, row_shift=4999, causal=True)),  # 3 items: 2 threads split
 ])
-@pytest.mark.parametrize("count", [3, 4, 8])
+@pytest.mark.parametrize("count", [2, 3, 4, 8])
 @pytest.mark.parametrize("dim,v_dim,dtype,out_dtype", [(16, 16, torch.float32, torch.float32),
                                                        (24, 40, torch.bfloat16, torch.bfloat16)])
 def test_span_kernel_splits_keys_among_threads(threads, problems, kv_problems, q_rows, k_rows, span, count, dim, v_dim,
                                                dtype, out_dtype):
-    """Fewer work items than threads (a decode step's one or two problems): each part of the keys the
-    rows see goes to its own threads (`key_parts`, at least 512 keys a part), and each row's parts
-    merge by their log-sum-exps; rows whose span ends before a part, rows nearer than a distance or
+    """Few work items for the threads (a decode step's one to three problems): each part of the keys
+    the rows see goes to its own threads (`key_parts`, at least 512 keys a part), and each row's parts
+    merge by their sums at their largest scores; rows whose span ends before a part, rows nearer than a distance or
     on a skipped stride, every key skipped (zeros, lse -inf), grouped problems, head dims not a
     multiple of 16, bfloat16 in and out, against float64."""
     threads(count)

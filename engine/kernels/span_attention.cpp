@@ -1102,15 +1102,16 @@ Runner runner(int in, int out, int64_t row_keys) {
   return nullptr;
 }
 
-// Calls with fewer work items than threads (a decode step of few problems: one head, or the
-// query heads of one key/value head as rows of its problem) split the keys the rows see into
-// parts, each part's threads taking every item over its keys alone, as flash decoding does on
-// GPUs; each row's parts then merge by their log-sum-exps (`merge_parts`). A part holds at least
+// Calls with fewer work items than threads, or a few more but not a multiple (a decode step of
+// few problems: one head, the query heads of one key/value head as rows of its problem, a batch
+// of three) split the keys the rows see into parts, each part's threads taking every item over
+// its keys alone, as flash decoding does on GPUs; each row's parts then merge (`merge_parts`). A part holds at least
 // SPLIT_PART_KEYS keys, and only strips of up to SPLIT_STRIP_ROWS rows split (the parts' results
 // are kept apart until they merge: a few rows each). Through `engine.attention` on 2 threads, split
 // / not (the AMD EPYC, 2026-12-07), dense attention, one row after 65536 keys: one head 0.60-0.66
 // (bfloat16 0.54-0.55), 8 query heads over one key/value head 0.48-0.57 (0.49-0.51); 16 and 64
-// rows of one head after 16384 keys 0.48-0.56; strided(16), one row: 0.63-0.76. Parts of at
+// rows of one head after 16384 keys 0.48-0.56; strided(16), one row: 0.63-0.76; B = 3 or 5 of one
+// head (3 or 5 items) 0.68-0.92, 3 heads 0.57-0.84. Parts of at
 // least 256, 512, 1024 or 2048 keys, one row after 300 .. 8192 keys: 1024 and 2048 leave 1100 ..
 // 3000 keys unsplit, which split took 0.69-0.89 of the time; 256 splits 600 keys too (0.86-0.96),
 // else as 512, which is kept so that a machine of many threads gets no parts too short to pay
@@ -1119,10 +1120,19 @@ constexpr int64_t SPLIT_PART_KEYS = 512;
 constexpr int64_t SPLIT_STRIP_ROWS = 256;
 
 int key_parts(const Call &call, int64_t items, int threads) {
-  if (items >= threads || call.strip_rows > SPLIT_STRIP_ROWS) return 1;
+  if (call.strip_rows > SPLIT_STRIP_ROWS) return 1;
   const int64_t most = (call.keys_to(call.q_rows - 1) - call.keys_from(0)) / SPLIT_PART_KEYS;
-  const int64_t parts = threads / items < most ? threads / items : most;
-  return parts > 1 ? (int)parts : 1;
+  // The fewest parts for the least time: a part's threads / parts = threads take its items, the
+  // busiest ceil(items / (threads / parts)) of them over a part's keys (3 items on 2 threads:
+  // 2 unsplit, 1.5 in two parts)
+  int best = 1;
+  double least = (double)((items + threads - 1) / threads);
+  for (int parts = 2; parts <= threads && parts <= most; parts++) {
+    const int64_t per_part = threads / parts;
+    const double time = (double)((items + per_part - 1) / per_part) / parts;
+    if (time < least) best = parts, least = time;
+  }
+  return best;
 }
 
 // Part p of `parts` of the call: its rows over an equal part of the keys they see (spans only
