@@ -1105,9 +1105,9 @@ Runner runner(int in, int out, int64_t row_keys) {
 // Calls with fewer work items than threads, or a few more but not a multiple (a decode step of
 // few problems: one head, the query heads of one key/value head as rows of its problem, a batch
 // of three) split the keys the rows see into parts, each part's threads taking every item over
-// its keys alone, as flash decoding does on GPUs; each row's parts then merge (`merge_parts`). A part holds at least
-// SPLIT_PART_KEYS keys, and only strips of up to SPLIT_STRIP_ROWS rows split (the parts' results
-// are kept apart until they merge: a few rows each). Through `engine.attention` on 2 threads, split
+// its keys alone, as flash decoding does on GPUs; each row's parts then merge (`merge_parts`). A
+// part holds at least SPLIT_PART_KEYS keys, and only strips of up to SPLIT_STRIP_ROWS rows split
+// (the parts' results are kept apart until they merge: a few rows each). Through `engine.attention` on 2 threads, split
 // / not (the AMD EPYC, 2026-12-07), dense attention, one row after 65536 keys: one head 0.60-0.66
 // (bfloat16 0.54-0.55), 8 query heads over one key/value head 0.48-0.57 (0.49-0.51); 16 and 64
 // rows of one head after 16384 keys 0.48-0.56; strided(16), one row: 0.63-0.76; B = 3 or 5 of one
@@ -1262,11 +1262,11 @@ extern "C" int span_attention(const void *q, const void *k, const void *v, void 
   int failed = 0;
 #pragma omp parallel num_threads(threads) reduction(| : failed)
   {
-    // fewer threads inside another parallel region: a part's threads take its items, a thread
-    // takes every groups-th part
+    // A part's threads share its items; with fewer threads than parts (inside another parallel
+    // region) a thread takes every groups-th part; threads past whole groups idle.
     const int t = omp_get_thread_num(), count = omp_get_num_threads();
-    const int groups = parts < count ? parts : count, per_group = count / groups;
-    for (int p = t / per_group; t / per_group < groups && p < parts; p += groups) {
+    const int groups = parts < count ? parts : count, per_group = count / groups, group = t / per_group;
+    for (int p = group; group < groups && p < parts; p += groups) {
       Call share = parts > 1 ? key_part(call, p, parts, partials, rows) : call;
       share.share(items, t % per_group, per_group);
       failed |= run(&share) != nullptr;
