@@ -195,6 +195,34 @@ async def test_a_cancelled_close_still_answers_the_queued_requests():
 
 
 @pytest.mark.anyio
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("pattern", [
+    None, {"type": "sliding_window", "window": 2048}, {"type": "strided", "stride": 4},
+    {"type": "fixed", "block": 64, "summary": 8},
+    {"type": "union", "patterns": [{"type": "sliding_window", "window": 2048}, {"type": "strided", "stride": 64}]},
+])
+async def test_a_request_rounds_alike_alone_and_batched_with_others(pattern, dtype):
+    """Short runs of rows after 3000 keys (where the CPU kernel splits the keys into parts), three
+    batched into one call, two of them padded to the third's length, on three threads: each answer
+    is bit for bit the request's own computed alone in this thread."""
+    gate = Gate()
+    requests = [qkv(h=4, hkv=2, lq=lq, lk=3000 + lq, d=32, dv=32, dtype=dtype, seed=lq) for lq in (3, 4, 3)]
+    async with Batcher("cpu", max_delay_ms=0, compute=gate, threads=ThreadBudget(cores=3, reserved=0)) as batcher:
+        gate.close()
+        ahead = asyncio.create_task(batcher.submit(*requests[0], pattern))
+        await gate.holding()
+        batched = [asyncio.create_task(batcher.submit(*r, pattern)) for r in requests]
+        await asyncio.sleep(0.01)
+        gate.open()
+        await ahead
+        answers = await asyncio.gather(*batched)
+    assert [a.batch_requests for a in answers] == [3, 3, 3]
+    for (q, k, v), answer in zip(requests, answers):
+        out, lse = attention(q, k, v, pattern, return_lse=True)
+        assert torch.equal(answer.output, out) and torch.equal(answer.lse, lse)
+
+
+@pytest.mark.anyio
 async def test_arguments_the_engine_refuses_are_refused_at_submit():
     """Stacked with others, mismatched shapes or dtypes could pass: a v shorter than k was padded
     with attended zero rows, one longer cropped, a q batch of 2 beside k, v of 1 read another

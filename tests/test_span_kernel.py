@@ -238,18 +238,18 @@ def threads():
     ((1, 1), (1, 1), 3, 9000, dict(first=-UNBOUNDED, last=0, row_shift=8997, causal=True, min_distance=7,
                                    skip_strides=(3, 5))),  # near keys and strides skipped
     ((1, 1), (1, 1), 2, 9000, dict(first=-UNBOUNDED, last=UNBOUNDED, skip_strides=(1,))),  # every key skipped
-    ((3, 1), (3, 1), 1, 5000, dict(first=-UNBOUNDED, last=0, row_shift=4999, causal=True)),  # 3 items: 2 threads split
+    ((3, 1), (3, 1), 1, 5000, dict(first=-UNBOUNDED, last=0, row_shift=4999, causal=True)),  # three problems
 ])
 @pytest.mark.parametrize("count", [2, 3, 4, 8])
 @pytest.mark.parametrize("dim,v_dim,dtype,out_dtype", [(16, 16, torch.float32, torch.float32),
                                                        (24, 40, torch.bfloat16, torch.bfloat16)])
-def test_span_kernel_splits_keys_among_threads(threads, problems, kv_problems, q_rows, k_rows, span, count, dim, v_dim,
-                                               dtype, out_dtype):
-    """Few work items for the threads (a decode step's one to three problems): each part of the keys
-    the rows see goes to its own threads (`key_parts`, at least 512 keys a part), and each row's parts
-    merge by their sums at their largest scores; rows whose span ends before a part, rows nearer than a distance or
-    on a skipped stride, every key skipped (zeros, lse -inf), grouped problems, head dims not a
-    multiple of 16, bfloat16 in and out, against float64."""
+def test_span_kernel_splits_keys_into_parts(threads, problems, kv_problems, q_rows, k_rows, span, count, dim, v_dim,
+                                            dtype, out_dtype):
+    """Few rows for their keys (a decode step, a short chunk): the keys split at every multiple of
+    1024 (`Split`; 2048 and 4096 for 40 and 70 rows), threads share the parts, and each row's parts
+    merge by their sums at their largest scores; rows whose span ends before a part, rows nearer than
+    a distance or on a skipped stride, every key skipped (zeros, lse -inf), grouped problems, head
+    dims not a multiple of 16, bfloat16 in and out, on 2 to 8 threads, against float64."""
     threads(count)
     g = torch.Generator().manual_seed(q_rows + count)
     q = torch.randn(*problems, q_rows, dim, generator=g).to(dtype)
@@ -261,10 +261,10 @@ def test_span_kernel_splits_keys_among_threads(threads, problems, kv_problems, q
 
 @pytest.mark.parametrize("score", [1e3, 1e12])
 def test_span_kernel_split_keys_keep_huge_scores_exact(threads, score):
-    """Keys split in three parts for two rows that see 1500 and 3000 keys, every score alike and past
-    what float32 resolves beside its log-sum-exp (1e12): each row is the exact mean of its values,
-    as unsplit, the parts weighted by their sums kept apart from their largest scores (an lse would
-    have lost log(sum): row 0's parts of 1000 and 500 keys weighted alike)."""
+    """Keys split in three parts of up to 1024 for two rows that see 1500 and 3000 keys, every score
+    alike and past what float32 resolves beside its log-sum-exp (1e12): each row is the exact mean of
+    its values, as unsplit, the parts weighted by their sums kept apart from their largest scores (an
+    lse would have lost log(sum): row 0's parts of 1024 and 476 keys weighted alike)."""
     threads(3)
     k = torch.full((1, 1, 3000, 16), math.sqrt(score / 16 / 0.3))  # scores q.k * 0.3: rounded
     q = k[:, :, :2]
@@ -277,9 +277,9 @@ def test_span_kernel_split_keys_keep_huge_scores_exact(threads, score):
 
 @pytest.mark.parametrize("in_place", [False, True])
 def test_span_kernel_split_keys_continue_a_seed(threads, in_place):
-    """Keys split among threads, as above: the seed, a partial over other keys (the output itself
-    too), is continued by the first part alone; keys in groups of a stride (fixed's summary keys in
-    place); two problems on 4 threads: 2 parts."""
+    """Keys split into parts, as above: the seed, a partial over other keys (the output itself too),
+    is continued by the first part alone; keys in groups of a stride (fixed's summary keys in place:
+    8170 keys in 8 parts); two problems on 4 threads."""
     threads(4)
     g = torch.Generator().manual_seed(5)
     q = torch.randn(1, 2, 6, 32, generator=g)
@@ -291,6 +291,39 @@ def test_span_kernel_split_keys_continue_a_seed(threads, in_place):
     seen = torch.ones(6, 9000, dtype=torch.bool)
     seen[:, 400::20] = False
     assert_matches_reference(out, lse, *_masked_reference(q, k, v, seen, scale=0.3), tol=2e-5)
+
+
+@pytest.mark.parametrize("q_rows,padded_rows,span", [
+    (1, 1, dict(first=-UNBOUNDED, last=0, causal=True)),  # a decode row: 9 parts
+    (3, 4, dict(first=-4000, last=0, causal=True, min_distance=2, skip_strides=(5,))),  # a union's window less strides
+    (40, 60, dict(first=-UNBOUNDED, last=0, causal=True)),  # a short chunk: parts of 2048 keys
+])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_span_kernel_rows_round_alike_alone_batched_padded_and_on_any_threads(threads, q_rows, padded_rows, span,
+                                                                              dtype):
+    """Where the keys split follows from a problem's shape alone (`Split`), so a problem's rows are
+    bit for bit the same computed alone on one thread, on 2, 3 or 5 threads, as the middle one of
+    three problems, and padded as the batcher pads a small request (rows and as many keys appended,
+    its rows' count in the same power-of-two bucket)."""
+    g = torch.Generator().manual_seed(q_rows)
+    k_rows = 9000 + q_rows
+    q = torch.randn(3, 2, padded_rows, 32, generator=g).to(dtype)
+    k, v = (torch.randn(3, 1, k_rows + padded_rows - q_rows, 32, generator=g).to(dtype) for _ in range(2))
+
+    def computed(count, q, k, v):
+        threads(count)
+        return _span(q, k, v, scale=0.3, out_dtype=dtype, row_shift=k.shape[2] - q.shape[2], **span)
+
+    alone = computed(1, q[1:2, :, :q_rows], k[1:2, :, :k_rows], v[1:2, :, :k_rows])
+    assert_matches_reference(alone[0].float(), alone[1], *_span_reference(
+        q[1:2, :, :q_rows], k[1:2, :, :k_rows], v[1:2, :, :k_rows], scale=0.3, row_shift=k_rows - q_rows, **span),
+        tol=2e-5 if dtype == torch.float32 else 1e-2, lse_tol=2e-5)
+    for count in (2, 3, 5):
+        assert all(map(torch.equal, alone, computed(count, q[1:2, :, :q_rows], k[1:2, :, :k_rows], v[1:2, :, :k_rows])))
+    batched = computed(2, q[:, :, :q_rows], k[:, :, :k_rows], v[:, :, :k_rows])
+    assert all(torch.equal(a, b[1:2]) for a, b in zip(alone, batched))
+    padded = computed(2, q[1:2], k[1:2], v[1:2])
+    assert all(torch.equal(a, b[..., :q_rows, :] if b.dim() == 4 else b[..., :q_rows]) for a, b in zip(alone, padded))
 
 
 # Each way the kernel multiplies bfloat16, by the flags that build it where the CPU has it.

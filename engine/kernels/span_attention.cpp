@@ -276,8 +276,9 @@ inline void transpose16(f32x16 *m) {
   swap_blocks<1>(m);
 }
 
-// Lane r: the sum of m[r]'s lanes (m overwritten): 30 shuffles and 15 additions for 16 sums.
-inline f32x16 lane_sums(f32x16 *m) {
+// Lane r: the sum of m[r]'s lanes (m overwritten): 30 shuffles and 15 additions for 16 sums. Always
+// inlined: called, m lives in memory, not in registers (a lone row's keys took 1.1x the time).
+__attribute__((always_inline)) inline f32x16 lane_sums(f32x16 *m) {
   swap_blocks<8, true>(m);
   swap_blocks<4, true>(m);
   swap_blocks<2, true>(m);
@@ -314,7 +315,7 @@ void configure_tiles(int rows) {
 inline int64_t clamp(int64_t x, int64_t lo, int64_t hi) { return x < lo ? lo : x > hi ? hi : x; }
 
 // What a row's own work costs beside its keys' (its softmax's fixed part, its output), as keys:
-// the share a thread takes (`Call::share`) counts it.
+// the share a thread takes (`thread_units`) counts it.
 constexpr double ROW_WORK_KEYS = 16.0;
 
 struct Call {
@@ -343,8 +344,7 @@ struct Call {
   bool stream_out;  // results written past the caches (`add_block`)
   int64_t q_stride[3], k_stride[4], v_stride[4], out_stride[3], lse_stride[3], seed_out_stride[3], seed_lse_stride[3];
   float scale;
-  int64_t begin, end;  // this thread's work items: (problem, strip)
-  int64_t key_lo, key_hi;  // the key rows the rows may see: all, or a part of their span (`key_parts`)
+  int64_t key_lo, key_hi;  // the key rows the rows may see: all, or a part (`Split`)
   // A part's rows: their largest score written as their lse and their sum of exponentials here,
   // laid out as lse (kept apart, huge scores merge exactly: their lse would lose log(sum)); else null.
   float *sums;
@@ -414,30 +414,48 @@ struct Call {
     }
   };
   KeyRows key_rows(int64_t j, const int64_t *stride) const { return {stride, j / key_group, key_group, j % key_group}; }
-  // Work item w's share of the call's work, in keys: the keys its rows see (spans change linearly
-  // or in steps over a strip, so the average of its first and last rows' stands for its rows') and
-  // each row's own work beside them (ROW_WORK_KEYS).
-  double work(int64_t w) const {
+  // Work item w's work over key rows lo .. hi - 1, in keys: the keys its rows see there (spans
+  // change linearly or in steps over a strip, so the average of its first and last rows' stands for
+  // its rows') and each row's own work beside them (ROW_WORK_KEYS).
+  double work(int64_t w, int64_t lo, int64_t hi) const {
     int64_t r0 = w % strips() * strip_rows, r1 = r0 + strip_rows < q_rows ? r0 + strip_rows : q_rows;
-    auto seen = [&](int64_t r) { return keys_to(r) > keys_from(r) ? keys_to(r) - keys_from(r) : 0; };
+    auto seen = [&](int64_t r) {
+      const int64_t from = clamp(keys_from(r), lo, hi), to = clamp(keys_to(r), lo, hi);
+      return to > from ? to - from : 0;
+    };
     return (r1 - r0) * ((seen(r0) + seen(r1 - 1)) / 2.0 + ROW_WORK_KEYS);
   }
-  // Thread t of count takes a run of items of about a count-th of the call's work: each item goes to
-  // the thread whose share holds its work's middle.
-  void share(int64_t items, int t, int count) {
-    double total = 0.0;
-    for (int64_t w = 0; w < items; w++) total += work(w);
-    begin = end = -1;
-    double before = 0.0;
-    for (int64_t w = 0; w < items; w++) {
-      const double here = work(w);
-      const int owner = (int)clamp((int64_t)((before + here / 2) * count / total), 0, count - 1);
-      before += here;
-      if (owner == t && begin < 0) begin = w;
-      if (owner == t) end = w + 1;
-    }
-    if (begin < 0) begin = end = 0;
+};
+
+// How a call's keys split (`split_keys`): part p of `count` holds key rows (first + p) keys ..
+// (first + p + 1) keys - 1, where the rows see any; one part: none. A part's rows write their
+// outputs, largest scores and sums into `partials` ([part][row], rows: the call's, problem after
+// problem), which `merge_rows` then merges.
+struct Split {
+  int64_t keys, first, count, rows;
+  float *partials;
+
+  int64_t key_lo(int64_t p) const { return (first + p) * keys; }
+  // Part p of the call: its rows over the part's keys, continuing the seed in part 0 only, written
+  // into their place in `partials` (`Call::sums`).
+  Call part(const Call &call, int64_t p) const {
+    Call part = call;
+    part.key_lo = clamp(key_lo(p), 0, call.k_rows);
+    part.key_hi = clamp(key_lo(p + 1), 0, call.k_rows);
+    part.out = partials + p * rows * call.v_features;
+    part.lse = partials + count * rows * call.v_features + p * rows;
+    part.sums = partials + count * rows * (call.v_features + 1) + p * rows;
+    const int64_t out_strides[3] = {call.classes * call.q_rows * call.v_features, call.q_rows * call.v_features,
+                                    call.v_features};
+    const int64_t lse_strides[3] = {call.classes * call.q_rows, call.q_rows, 1};
+    memcpy(part.out_stride, out_strides, sizeof out_strides);
+    memcpy(part.lse_stride, lse_strides, sizeof lse_strides);
+    part.stream_out = false;
+    if (p > 0) part.seed_out = part.seed_lse = nullptr;
+    return part;
   }
+  // Unit u of the call's work (`thread_units`): item u / count over part u % count's keys.
+  int64_t item(int64_t u) const { return u / count; }
 };
 
 // A row of `bytes` into the L2 cache (prefetcht1), to be read (WRITE 0) or written (1). Fetched
@@ -496,16 +514,17 @@ template <int IN, int OUT, int TILE_ROWS> struct Worker {
   // and reads packed keys 16 to a tile, so a block's keys start at a multiple of 16 from its chunk's
   // first (at most roundup(keys, 32) + 16 columns read: the width).
   static constexpr int KEY_STEP = AMX ? 32 : LANES;
-  const Call &a;
+  Call a;  // the call, or the part of it that the unit being computed runs over (`run`)
   int64_t width;      // keys a row of the buffers holds: a chunk's, a multiple of KEY_STEP, and 16 more
   int64_t dim_tiles;  // AMX: the head dim in tiles of 32 features (zeros past it)
   float *keys_t, *values, *scores, *queries, *block_out, *acc, *row_top, *row_sum;
   uint16_t *keys_b, *values_b, *queries_b;  // AMX: bfloat16 pairs (below)
   uint16_t *probs_high, *probs_low;  // AMX: the block's probabilities as two bfloat16 (softmax_row)
 
-  explicit Worker(const Call &call) : a(call) {
-    int64_t keys = 0;  // the most any of this thread's strips sees in one chunk
-    for (int64_t w = a.begin; w < a.end; w++) {
+  // Buffers for items w0 .. w1 - 1 of the call.
+  Worker(const Call &call, int64_t w0, int64_t w1) : a(call) {
+    int64_t keys = 0;  // the most any of these strips sees in one chunk
+    for (int64_t w = w0; w < w1; w++) {
       Item<In> it = item(w);
       keys = it.key_end - it.key_begin > keys ? it.key_end - it.key_begin : keys;
     }
@@ -555,11 +574,15 @@ template <int IN, int OUT, int TILE_ROWS> struct Worker {
     return it;
   }
 
-  void run() {
+  // Units u0 .. u1 - 1 of the call (`Split::item`), each over its part of the keys where they split,
+  // fetching the next item's rows ahead where they do not (a unit's part is one chunk or a few).
+  void run(const Call &call, const Split &split, int64_t u0, int64_t u1) {
     const bool whole = a.features == a.dim && a.v_features == a.v_dim;
-    for (int64_t w = a.begin; w < a.end; w++) {
-      if (whole) strip<true>(item(w), w + 1 < a.end ? w + 1 : -1);
-      else strip<false>(item(w), w + 1 < a.end ? w + 1 : -1);
+    for (int64_t u = u0; u < u1; u++) {
+      int64_t next = u + 1 < u1 ? u + 1 : -1;
+      if (split.count > 1) a = split.part(call, u % split.count), next = -1;
+      if (whole) strip<true>(item(split.item(u)), next);
+      else strip<false>(item(split.item(u)), next);
     }
   }
 
@@ -926,7 +949,7 @@ template <int IN, int OUT, int TILE_ROWS> struct Worker {
   void write_lse(float *lse, int64_t r0, int64_t rows, int64_t at) {
     for (int64_t r = 0; r < rows; r++) {
       float *written = lse + (r0 + r) * a.lse_stride[2];
-      if (a.sums != nullptr) {  // a part's (`key_part`)
+      if (a.sums != nullptr) {  // a part's (`Split::part`)
         *written = row_top[at + r];
         a.sums[written - a.lse] = row_sum[at + r];
       } else {
@@ -1059,23 +1082,25 @@ template <int IN, int OUT, int TILE_ROWS> struct Worker {
   }
 };
 
-template <int IN, int OUT, int TILE_ROWS> void *run_thread(void *call) {
-  Worker<IN, OUT, TILE_ROWS> worker(*(const Call *)call);
-  if (!worker.ok()) return (void *)1;
+// Units u0 .. u1 - 1 of the call computed; false where the thread's buffers could not be allocated.
+template <int IN, int OUT, int TILE_ROWS>
+bool run_thread(const Call &call, const Split &split, int64_t u0, int64_t u1) {
+  Worker<IN, OUT, TILE_ROWS> worker(call, split.item(u0), split.item(u1 - 1) + 1);
+  if (!worker.ok()) return false;
 #if SPAN_AMX
   if (TILE_ROWS) configure_tiles(TILE_ROWS);
 #endif
-  worker.run();
+  worker.run(call, split, u0, u1);
 #if defined(__AVX__)
   _mm_sfence();  // the streamed outputs (`stream16`) ordered before the call returns
 #endif
 #if SPAN_AMX
   if (TILE_ROWS) _tile_release();  // as torch's own AMX kernels leave a thread
 #endif
-  return nullptr;
+  return true;
 }
 
-typedef void *(*Runner)(void *);
+typedef bool (*Runner)(const Call &, const Split &, int64_t, int64_t);
 
 template <int IN, int TILE_ROWS> Runner runner_for(int out) {
   switch (out) {
@@ -1102,82 +1127,86 @@ Runner runner(int in, int out, int64_t row_keys) {
   return nullptr;
 }
 
-// Calls with fewer work items than threads, or a few more but not a multiple (a decode step of
-// few problems: one head, the query heads of one key/value head as rows of its problem, a batch
-// of three) split the keys the rows see into parts, each part's threads taking every item over
-// its keys alone, as flash decoding does on GPUs; each row's parts then merge (`merge_parts`). A
-// part holds at least SPLIT_PART_KEYS keys, and only strips of up to SPLIT_STRIP_ROWS rows split
-// (the parts' results are kept apart until they merge: a few rows each). Through `engine.attention` on 2 threads, split
-// / not (the AMD EPYC, 2026-12-07), dense attention, one row after 65536 keys: one head 0.60-0.66
-// (bfloat16 0.54-0.55), 8 query heads over one key/value head 0.48-0.57 (0.49-0.51); 16 and 64
-// rows of one head after 16384 keys 0.48-0.56; strided(16), one row: 0.63-0.76; B = 3 or 5 of one
-// head (3 or 5 items) 0.68-0.92, 3 heads 0.57-0.84. Parts of at
-// least 256, 512, 1024 or 2048 keys, one row after 300 .. 8192 keys: 1024 and 2048 leave 1100 ..
-// 3000 keys unsplit, which split took 0.69-0.89 of the time; 256 splits 600 keys too (0.86-0.96),
-// else as 512, which is kept so that a machine of many threads gets no parts too short to pay
-// (untried there).
-constexpr int64_t SPLIT_PART_KEYS = 512;
-constexpr int64_t SPLIT_STRIP_ROWS = 256;
+// A call splits its keys into parts where its problems have few rows for their keys (a decode
+// step, a short chunk after a long context), as flash decoding does on GPUs: at every multiple of
+// SPLIT_PART_KEYS keys for up to 32 rows a problem, of SPLIT_KEYS_PER_ROW keys a row (rows rounded up
+// to a power of two) for more, so that a part's results stay a small share of its work (a 256-row
+// chunk splits at every 8192 keys; a prefill, whose keys are about its rows, not at all). Each item's
+// part is a unit of work that threads share (`thread_units`); each row's parts then merge
+// (`merge_rows`). Where the keys split follows from a problem's shape alone, never from how many
+// problems a call holds nor from its threads, so a row's result is the same alone or batched and
+// at any thread count (a request padded to a batch's length keeps its power-of-two bucket of rows).
+// Against the split before this one, which took the fewest parts that kept the threads busy (kernel
+// alone, 2 threads, the AMD EPYC, 2026-12-07, medians of 21 rounds; float32 / bfloat16): a row after
+// 65536 keys, one head 1.02 / 1.02, 8 heads or 3 problems 1.00-1.01 / 1.04; 4 rows of 8 problems
+// after 8192 keys (D = 128) 1.00 / 1.02; 16 rows 1.00 / 1.01; a row after 1500 keys 1.16 / 1.12
+// (parts of 1024 and 476 keys; 16 us). On one thread, against no split, decode rows in parts of
+// 512 keys took 1.04-1.08 of the time; in parts of 1024 or 2048, 0.96-1.02.
+constexpr int64_t SPLIT_PART_KEYS = 1024;
+constexpr int64_t SPLIT_KEYS_PER_ROW = 32;
 
-int key_parts(const Call &call, int64_t items, int threads) {
-  if (call.strip_rows > SPLIT_STRIP_ROWS) return 1;
-  const int64_t most = (call.keys_to(call.q_rows - 1) - call.keys_from(0)) / SPLIT_PART_KEYS;
-  // The fewest parts for the least time: a part's threads / parts = threads take its items, the
-  // busiest ceil(items / (threads / parts)) of them over a part's keys (3 items on 2 threads:
-  // 2 unsplit, 1.5 in two parts)
-  int best = 1;
-  double least = (double)((items + threads - 1) / threads);
-  for (int parts = 2; parts <= threads && parts <= most; parts++) {
-    const int64_t per_part = threads / parts;
-    const double time = (double)((items + per_part - 1) / per_part) / parts;
-    if (time < least) best = parts, least = time;
-  }
-  return best;
-}
-
-// Part p of `parts` of the call: its rows over an equal part of the keys they see (spans only
-// grow with the row), without a seed but in part 0, written into its place in `partials`: its
-// outputs, then every part's largest scores, then their sums (`Call::sums`).
-Call key_part(const Call &call, int p, int parts, float *partials, int64_t rows) {
-  Call part = call;
+// The call's split (`Split`, partials not yet allocated): parts of `keys` keys from the multiple of
+// them at or below its first row's first key to the one at or past its last row's last key (spans
+// only grow with the row); one part where they fit in one.
+Split split_keys(const Call &call) {
+  int64_t rows = 1;
+  while (rows < call.q_rows) rows *= 2;
+  Split split = {};
+  split.keys = rows * SPLIT_KEYS_PER_ROW > SPLIT_PART_KEYS ? rows * SPLIT_KEYS_PER_ROW : SPLIT_PART_KEYS;
   const int64_t lo = call.keys_from(0), hi = call.keys_to(call.q_rows - 1);
-  part.key_lo = lo + (hi - lo) * p / parts;
-  part.key_hi = lo + (hi - lo) * (p + 1) / parts;
-  part.out = partials + p * rows * call.v_features;
-  part.lse = partials + parts * rows * call.v_features + p * rows;
-  part.sums = partials + parts * rows * (call.v_features + 1) + p * rows;
-  const int64_t out_strides[3] = {call.classes * call.q_rows * call.v_features, call.q_rows * call.v_features,
-                                  call.v_features};
-  const int64_t lse_strides[3] = {call.classes * call.q_rows, call.q_rows, 1};
-  memcpy(part.out_stride, out_strides, sizeof out_strides);
-  memcpy(part.lse_stride, lse_strides, sizeof lse_strides);
-  part.stream_out = false;
-  if (p > 0) part.seed_out = part.seed_lse = nullptr;
-  return part;
+  split.first = lo / split.keys;
+  split.count = hi > lo ? (hi + split.keys - 1) / split.keys - split.first : 1;
+  split.rows = call.n * call.classes * call.q_rows;
+  return split;
 }
 
-// Each row's parts (`key_part`) as one result in the call's out (in OUT) and lse, as one running
+// Thread t of count's run of the call's units, u0 .. u1 - 1 (`Split::item`): about a count-th of
+// their work, each unit going to the thread whose share holds its work's middle.
+void thread_units(const Call &call, const Split &split, int64_t units, int t, int count, int64_t *u0, int64_t *u1) {
+  auto work = [&](int64_t u) {
+    const int64_t p = u % split.count;
+    return call.work(split.item(u), split.key_lo(p), split.key_lo(p + 1));
+  };
+  double total = 0.0;
+  for (int64_t u = 0; u < units; u++) total += work(u);
+  *u0 = *u1 = -1;
+  double before = 0.0;
+  for (int64_t u = 0; u < units; u++) {
+    const double here = work(u);
+    const int owner = (int)clamp((int64_t)((before + here / 2) * count / total), 0, count - 1);
+    before += here;
+    if (owner == t && *u0 < 0) *u0 = u;
+    if (owner == t) *u1 = u + 1;
+  }
+  if (*u0 < 0) *u0 = *u1 = 0;
+}
+
+// Each row's parts (`Split`) as one result in the call's out (in OUT) and lse, as one running
 // softmax would have it: part p's sum s_p at its largest score m_p, weighted w_p = s_p exp(m_p - m)
 // at the largest m of them, its output by w_p / (the w_p summed), lse = m + log(the w_p summed);
-// zeros and -inf where no part saw a key.
-template <int OUT> void merge_rows(const Call &call, const float *partials, int parts, int64_t rows, int threads) {
+// zeros and -inf where no part saw a key. The weights are computed once a row, in the tops' place.
+template <int OUT> void merge_rows(const Call &call, const Split &split, int threads) {
   typedef typename Elements<OUT>::type Out;
-  const int64_t features = call.v_features;
-  const float *tops = partials + parts * rows * features, *sums = tops + parts * rows;
+  const int64_t features = call.v_features, rows = split.rows, parts = split.count;
+  float *tops = split.partials + parts * rows * features;
+  const float *sums = tops + parts * rows;
 #pragma omp parallel for num_threads(threads) if (rows * features * parts >= (1 << 16))
   for (int64_t row = 0; row < rows; row++) {
     const int64_t i = row / (call.classes * call.q_rows), c = row / call.q_rows % call.classes, r = row % call.q_rows;
     Out *out = (Out *)call.out + i * call.out_stride[0] + c * call.out_stride[1] + r * call.out_stride[2];
     float top = -INFINITY, total = 0.f;
-    for (int p = 0; p < parts; p++) top = tops[p * rows + row] > top ? tops[p * rows + row] : top;
-    for (int p = 0; p < parts; p++)
-      if (tops[p * rows + row] != -INFINITY) total += sums[p * rows + row] * expf(tops[p * rows + row] - top);
+    for (int64_t p = 0; p < parts; p++) top = tops[p * rows + row] > top ? tops[p * rows + row] : top;
+    for (int64_t p = 0; p < parts; p++) {
+      float &weight = tops[p * rows + row];
+      weight = weight == -INFINITY ? 0.f : sums[p * rows + row] * expf(weight - top);
+      total += weight;
+    }
+    for (int64_t p = 0; p < parts && total > 0.f; p++) tops[p * rows + row] /= total;
     for (int64_t d = 0; d < features; d += LANES) {
       f32x16 x = splat(0.f);
-      for (int p = 0; p < parts && total > 0.f; p++)
-        if (tops[p * rows + row] != -INFINITY)
-          x += read16<FLOAT32>(partials + (p * rows + row) * features, d, features) *
-               (sums[p * rows + row] * expf(tops[p * rows + row] - top) / total);
+      for (int64_t p = 0; p < parts && total > 0.f; p++)
+        if (tops[p * rows + row] != 0.f)
+          x += read16<FLOAT32>(split.partials + (p * rows + row) * features, d, features) * tops[p * rows + row];
       write16<OUT>(out, d, features, x);
     }
     call.lse[i * call.lse_stride[0] + c * call.lse_stride[1] + r * call.lse_stride[2]] =
@@ -1185,11 +1214,11 @@ template <int OUT> void merge_rows(const Call &call, const float *partials, int 
   }
 }
 
-void merge_parts(const Call &call, int out_dtype, const float *partials, int parts, int64_t rows, int threads) {
+void merge_parts(const Call &call, int out_dtype, const Split &split, int threads) {
   switch (out_dtype) {
-    case FLOAT32: return merge_rows<FLOAT32>(call, partials, parts, rows, threads);
-    case FLOAT16: return merge_rows<FLOAT16>(call, partials, parts, rows, threads);
-    case BFLOAT16: return merge_rows<BFLOAT16>(call, partials, parts, rows, threads);
+    case FLOAT32: return merge_rows<FLOAT32>(call, split, threads);
+    case FLOAT16: return merge_rows<FLOAT16>(call, split, threads);
+    case BFLOAT16: return merge_rows<BFLOAT16>(call, split, threads);
   }
 }
 
@@ -1249,32 +1278,25 @@ extern "C" int span_attention(const void *q, const void *k, const void *v, void 
                         STREAM_OUT_BYTES;
   call.scale = scale;
   if (call.q_rows <= 0 || call.n * call.classes <= 0) return 0;
-  int64_t items = call.n * call.classes * ((call.q_rows + call.strip_rows - 1) / call.strip_rows);
-  const int64_t rows = call.n * call.classes * call.q_rows;
-  int parts = key_parts(call, items, threads);
-  float *partials = nullptr;  // the parts' outputs, largest scores and sums, float32: [part][problem][row]
-  if (parts > 1) {
-    partials = (float *)malloc(sizeof(float) * parts * rows * (call.v_features + 2));
-    if (partials == nullptr) parts = 1;
+  const int64_t items = call.n * call.classes * ((call.q_rows + call.strip_rows - 1) / call.strip_rows);
+  Split split = split_keys(call);
+  if (split.count > 1) {
+    split.partials = (float *)malloc(sizeof(float) * split.count * split.rows * (call.v_features + 2));
+    if (split.partials == nullptr) return 1;
+    run = runner(in_dtype, FLOAT32, row_keys);
   }
-  if (parts > 1) run = runner(in_dtype, FLOAT32, row_keys);
-  threads = (int)clamp(threads, 1, items * parts);
+  const int64_t units = items * split.count;
+  threads = (int)clamp(threads, 1, units);
   int failed = 0;
 #pragma omp parallel num_threads(threads) reduction(| : failed)
   {
-    // A part's threads share its items; with fewer threads than parts (inside another parallel
-    // region) a thread takes every groups-th part; threads past whole groups idle.
-    const int t = omp_get_thread_num(), count = omp_get_num_threads();
-    const int groups = parts < count ? parts : count, per_group = count / groups, group = t / per_group;
-    for (int p = group; group < groups && p < parts; p += groups) {
-      Call share = parts > 1 ? key_part(call, p, parts, partials, rows) : call;
-      share.share(items, t % per_group, per_group);
-      failed |= run(&share) != nullptr;
-    }
+    int64_t u0, u1;
+    thread_units(call, split, units, omp_get_thread_num(), omp_get_num_threads(), &u0, &u1);
+    if (u1 > u0) failed |= !run(call, split, u0, u1);
   }
-  if (parts > 1) {
-    if (!failed) merge_parts(call, out_dtype, partials, parts, rows, threads);
-    free(partials);
+  if (split.count > 1) {
+    if (!failed) merge_parts(call, out_dtype, split, threads);
+    free(split.partials);
   }
   return failed ? 1 : 0;
 }

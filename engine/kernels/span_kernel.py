@@ -166,9 +166,11 @@ def span_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch
     tiles or its scores as bfloat16 pairs, as exact); threads take runs of strips of `strip_rows`
     rows (0: a problem's rows whole, its keys packed once) of about equal work, each strip's keys
     1024 at a time (KEY_CHUNK) with a running softmax (a strip of up to 4 rows, LONE_ROWS: a row at
-    a time, its keys and values read in place, unpacked); with few strips for the threads (a decode
-    step's few problems) each part of the keys goes to threads of its own, the parts merged after
-    (`key_parts`); outputs with rows apart, past a size, are streamed past the caches."""
+    a time, its keys and values read in place, unpacked); where a problem has few rows for its keys
+    (a decode step, a short chunk) its keys split into parts at fixed multiples, which threads share,
+    merged after (`Split`: where they split follows from the problem's shape alone, so a row's result
+    is the same alone, batched or on any number of threads); outputs with rows apart, past a size,
+    are streamed past the caches."""
     n, classes, q_rows, dim = q.shape
     grouped = k.dim() == 5
     k_shape, v_dim = k.shape, v.shape[-1]
