@@ -194,19 +194,23 @@ async def test_a_cancelled_close_still_answers_the_queued_requests():
     await batcher.close()
 
 
-@pytest.mark.anyio
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("pattern", [
-    None, {"type": "sliding_window", "window": 2048}, {"type": "strided", "stride": 4},
-    {"type": "fixed", "block": 64, "summary": 8},
-    {"type": "union", "patterns": [{"type": "sliding_window", "window": 2048}, {"type": "strided", "stride": 64}]},
-])
-async def test_a_request_rounds_alike_alone_and_batched_with_others(pattern, dtype):
-    """Short runs of rows after 3000 keys (where the CPU kernel splits the keys into parts), three
-    batched into one call, two of them padded to the third's length, on three threads: each answer
-    is bit for bit the request's own computed alone in this thread."""
+# Patterns whose rows round alike padded to a longer request's length, and those with a stride
+# whose rows past the last whole run of s keys take their own key apart (`strided._with_own_keys`):
+# padding moves that run's end, so such a row may round otherwise batched with a longer request.
+PADDED_ALIKE = [None, {"type": "sliding_window", "window": 2048}, {"type": "fixed", "block": 64, "summary": 8},
+                {"type": "union", "patterns": [{"type": "sliding_window", "window": 2048},
+                                               {"type": "strided", "stride": 64}]}]
+OWN_KEYS_APART = [{"type": "strided", "stride": 3},
+                  {"type": "union", "patterns": [{"type": "fixed", "block": 64, "summary": 8},
+                                                 {"type": "strided", "stride": 3}]},
+                  {"type": "per_head", "patterns": [{"type": "strided", "stride": 64},
+                                                    {"type": "sliding_window", "window": 2048}]}]
+
+
+async def _alone_and_batched(pattern, requests) -> None:
+    """Three requests batched into one call on three threads (this thread has its own count): each
+    answer is bit for bit the request's own computed alone here."""
     gate = Gate()
-    requests = [qkv(h=4, hkv=2, lq=lq, lk=3000 + lq, d=32, dv=32, dtype=dtype, seed=lq) for lq in (3, 4, 3)]
     async with Batcher("cpu", max_delay_ms=0, compute=gate, threads=ThreadBudget(cores=3, reserved=0)) as batcher:
         gate.close()
         ahead = asyncio.create_task(batcher.submit(*requests[0], pattern))
@@ -220,6 +224,31 @@ async def test_a_request_rounds_alike_alone_and_batched_with_others(pattern, dty
     for (q, k, v), answer in zip(requests, answers):
         out, lse = attention(q, k, v, pattern, return_lse=True)
         assert torch.equal(answer.output, out) and torch.equal(answer.lse, lse)
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("pattern", PADDED_ALIKE + OWN_KEYS_APART)
+@pytest.mark.parametrize("heads,rows,keys", [((4, 2), 3, 3000), ((6, 2), 40, 9000)])
+async def test_a_request_rounds_alike_alone_and_batched_with_its_own_shape(pattern, dtype, heads, rows, keys):
+    """Short runs of rows after thousands of keys (where the CPU kernel splits the keys into parts,
+    and unions and strides merge partials), three of one shape stacked in one call: each answer is
+    the request's own alone. Three query heads over one key/value head: dense folds them into rows."""
+    h, hkv = heads
+    await _alone_and_batched(pattern, [qkv(h=h, hkv=hkv, lq=rows, lk=keys + rows, d=32, dv=32, dtype=dtype, seed=i)
+                                       for i in range(3)])
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("pattern", PADDED_ALIKE)
+@pytest.mark.parametrize("heads,lengths,keys", [((4, 2), (3, 4, 3), 3000), ((6, 2), (40, 50, 40), 9000)])
+async def test_a_padded_request_rounds_alike_alone_and_batched(pattern, dtype, heads, lengths, keys):
+    """As above, two of the three padded to the third's length (small causal requests): rows and as
+    many keys appended. Dense's folded rows, 120 and 150, split their keys alike (parts of 4096)."""
+    h, hkv = heads
+    await _alone_and_batched(pattern, [qkv(h=h, hkv=hkv, lq=lq, lk=keys + lq, d=32, dv=32, dtype=dtype, seed=i)
+                                       for i, lq in enumerate(lengths)])
 
 
 @pytest.mark.anyio

@@ -297,6 +297,7 @@ def test_span_kernel_split_keys_continue_a_seed(threads, in_place):
     (1, 1, dict(first=-UNBOUNDED, last=0, causal=True)),  # a decode row: 9 parts
     (3, 4, dict(first=-4000, last=0, causal=True, min_distance=2, skip_strides=(5,))),  # a union's window less strides
     (40, 60, dict(first=-UNBOUNDED, last=0, causal=True)),  # a short chunk: parts of 2048 keys
+    (120, 150, dict(first=-UNBOUNDED, last=0, causal=True, rows_per_step=3)),  # 40 or 50 positions of 3 heads: 4096
 ])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_span_kernel_rows_round_alike_alone_batched_padded_and_on_any_threads(threads, q_rows, padded_rows, span,
@@ -304,19 +305,22 @@ def test_span_kernel_rows_round_alike_alone_batched_padded_and_on_any_threads(th
     """Where the keys split follows from a problem's shape alone (`Split`), so a problem's rows are
     bit for bit the same computed alone on one thread, on 2, 3 or 5 threads, as the middle one of
     three problems, and padded as the batcher pads a small request (rows and as many keys appended,
-    its rows' count in the same power-of-two bucket)."""
+    its count of positions in the same power-of-two bucket; dense folds a key/value head's query
+    heads into rows, `rows_per_step` at each position)."""
     g = torch.Generator().manual_seed(q_rows)
-    k_rows = 9000 + q_rows
+    per_position = span.get("rows_per_step", 1)
+    k_rows = 9000 + q_rows // per_position
     q = torch.randn(3, 2, padded_rows, 32, generator=g).to(dtype)
-    k, v = (torch.randn(3, 1, k_rows + padded_rows - q_rows, 32, generator=g).to(dtype) for _ in range(2))
+    k, v = (torch.randn(3, 1, k_rows + (padded_rows - q_rows) // per_position, 32, generator=g).to(dtype)
+            for _ in range(2))
 
     def computed(count, q, k, v):
         threads(count)
-        return _span(q, k, v, scale=0.3, out_dtype=dtype, row_shift=k.shape[2] - q.shape[2], **span)
+        return _span(q, k, v, scale=0.3, out_dtype=dtype, row_shift=9000 * per_position, **span)
 
     alone = computed(1, q[1:2, :, :q_rows], k[1:2, :, :k_rows], v[1:2, :, :k_rows])
     assert_matches_reference(alone[0].float(), alone[1], *_span_reference(
-        q[1:2, :, :q_rows], k[1:2, :, :k_rows], v[1:2, :, :k_rows], scale=0.3, row_shift=k_rows - q_rows, **span),
+        q[1:2, :, :q_rows], k[1:2, :, :k_rows], v[1:2, :, :k_rows], scale=0.3, row_shift=9000 * per_position, **span),
         tol=2e-5 if dtype == torch.float32 else 1e-2, lse_tol=2e-5)
     for count in (2, 3, 5):
         assert all(map(torch.equal, alone, computed(count, q[1:2, :, :q_rows], k[1:2, :, :k_rows], v[1:2, :, :k_rows])))
@@ -324,6 +328,73 @@ def test_span_kernel_rows_round_alike_alone_batched_padded_and_on_any_threads(th
     assert all(torch.equal(a, b[1:2]) for a, b in zip(alone, batched))
     padded = computed(2, q[1:2], k[1:2], v[1:2])
     assert all(torch.equal(a, b[..., :q_rows, :] if b.dim() == 4 else b[..., :q_rows]) for a, b in zip(alone, padded))
+
+
+def _merge_in_float64(a_out, a_lse, b_out, b_lse):
+    """Two partials' merge from its definition, in float64: each weighted by e^lse / the sum."""
+    lse = torch.stack([a_lse, b_lse]).double()
+    weights = torch.softmax(lse, 0).nan_to_num(0.0)
+    out = (torch.stack([a_out.double(), b_out.double()]) * weights[..., None]).sum(0)
+    return out, torch.logsumexp(lse, 0)
+
+
+@pytest.mark.parametrize("out_dtype,a_dtype,b_dtype", [(torch.float32, torch.float32, torch.float32),
+                                                       (torch.bfloat16, torch.float32, torch.bfloat16),
+                                                       (torch.float16, torch.float16, torch.float32)])
+@pytest.mark.parametrize("features", [3, 16, 40])
+def test_span_merge_matches_float64_in_views_in_place_and_alike_at_any_size(threads, out_dtype, a_dtype, b_dtype,
+                                                                          features):
+    """`span_kernel.merge`, merge_to on the CPU: row ranges of larger tensors (strides apart), an
+    expanded b (one row for all), rows with no key in either or in one, lse tied past 2^25 and far
+    apart, against float64; in place into a; and each row bit for bit the same merged in a tensor
+    of other sizes and on 1 or 3 threads (150 x 3 x 40 x 16 elements: a parallel merge)."""
+    g = torch.Generator().manual_seed(features)
+    a_out, b_out = (torch.randn(3, 4, 60, features, generator=g).to(dtype) for dtype in (a_dtype, b_dtype))
+    a_lse, b_lse = (torch.randn(3, 4, 60, generator=g) * 5 for _ in range(2))
+    rows = (slice(None), slice(1, 4), slice(0, 50))  # views: heads and rows apart
+    a_lse[0, 1, :5], b_lse[0, 1, :5] = (torch.tensor([-math.inf, -math.inf, 3.0, 2.0**26, -60.0]),
+                                        torch.tensor([-math.inf, 1.5, -math.inf, 2.0**26, 70.0]))
+    a_out[0, 1, 0] = 0  # a row with no key has zeros
+    a, b = (a_out[rows], a_lse[rows]), (b_out[1:2, :1, 7:8].expand(3, 3, 50, -1), b_lse[rows])
+    assert span_kernel.merges(torch.empty(3, 3, 50, features, dtype=out_dtype), torch.empty(3, 3, 50), a, b)
+    expected = _merge_in_float64(a[0], a[1], b[0], b[1])
+    out, lse = torch.empty(3, 3, 50, features, dtype=out_dtype), torch.empty(3, 3, 50)
+    threads(1)
+    span_kernel.merge(out, lse, a, b)
+    tol = 2e-6 if out_dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(out.double(), expected[0], atol=tol, rtol=tol)
+    torch.testing.assert_close(lse.double(), expected[1].float().double(), atol=1e-6, rtol=2e-7)
+    assert (out[0, 0, 0] == 0).all() and lse[0, 0, 0] == -math.inf  # no key in either: a's zeros, -inf
+    assert lse[0, 0, 3] == 2.0**26  # tied: log 2 vanishes in its rounding, as in float64's
+    few, few_lse = torch.empty(2, 1, 7, features, dtype=out_dtype), torch.empty(2, 1, 7)
+    span_kernel.merge(few, few_lse, (a[0][:2, :1, :7], a[1][:2, :1, :7]), (b[0][:2, :1, :7], b[1][:2, :1, :7]))
+    assert torch.equal(few, out[:2, :1, :7]) and torch.equal(few_lse, lse[:2, :1, :7])
+    big = [torch.cat([x] * 50) for x in (a[0], a[1], b[0], b[1])]  # 150 x 3 x 50 rows
+    threads(3)
+    many, many_lse = torch.empty(150, 3, 50, features, dtype=out_dtype), torch.empty(150, 3, 50)
+    span_kernel.merge(many, many_lse, big[:2], big[2:])
+    assert torch.equal(many[:3], out) and torch.equal(many_lse[:3], lse)
+    if a_dtype == out_dtype:  # in place: out and lse are a's own
+        a_copy = (a[0].clone(), a[1].clone())
+        span_kernel.merge(*a_copy, a_copy, b)
+        assert torch.equal(a_copy[0], out) and torch.equal(a_copy[1], lse)
+
+
+def test_span_merge_takes_only_what_it_reads():
+    """`merges` refuses what the library does not read: shapes that differ (broadcast), an lse not
+    float32, more than six dims of rows, features apart; a single row of any dims goes."""
+    out, lse = torch.empty(2, 5, 8), torch.empty(2, 5)
+    part = (torch.randn(2, 5, 8), torch.randn(2, 5))
+    assert span_kernel.merges(out, lse, part, part)
+    assert not span_kernel.merges(out, lse, part, (torch.randn(1, 5, 8), torch.randn(1, 5)))
+    assert not span_kernel.merges(out, lse, part, (part[0], part[1].double()))
+    assert not span_kernel.merges(out, lse, part, (torch.randn(2, 8, 5).transpose(1, 2), part[1]))
+    deep = (torch.randn(*[1] * 7, 8), torch.randn(*[1] * 7))
+    assert not span_kernel.merges(torch.empty(*[1] * 7, 8), torch.empty(*[1] * 7), deep, deep)
+    single = (torch.randn(8), torch.tensor(0.5))
+    out, lse = torch.empty(8), torch.empty(())
+    span_kernel.merge(out, lse, single, (torch.randn(8), torch.tensor(0.5)))
+    assert lse == pytest.approx(0.5 + math.log(2))
 
 
 # Each way the kernel multiplies bfloat16, by the flags that build it where the CPU has it.

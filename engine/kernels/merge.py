@@ -5,14 +5,15 @@ difference alone, so it stays exact where lse is so large that log 2 vanishes in
 rounding (|lse| >= 2^25; exp(lse_k - lse) gave two tied partials weight 1 each, their sum instead
 of their mean), and it is five elementwise passes, one over the outputs (the weights relative to
 the largest lse, normalised by their sum, took seventeen, two over the outputs: 4.6 -> 2.6 ms for
-H = 8, n = 16384, D = 64 on the CPU, 35 -> 9 us for one row). Many stacked partials: their softmax
-over the lse (relative to the largest, so exact at any magnitude too) weighs the outputs."""
+H = 8, n = 16384, D = 64 on the CPU, 35 -> 9 us for one row); on the CPU the span kernel's
+library does it in one pass (`span_kernel.merge`). Many stacked partials: their softmax over the
+lse (relative to the largest, so exact at any magnitude too) weighs the outputs."""
 
 from __future__ import annotations
 
 import torch
 
-from . import triton_merge
+from . import span_kernel, triton_merge
 from .device import kernel_device
 
 # A half-precision output merges on the CPU this many elements at a time, so that the float32
@@ -27,10 +28,14 @@ def merge_to(out: torch.Tensor, lse: torch.Tensor, a: tuple[torch.Tensor, torch.
     """Write the merge of partials a and b into (out, lse), out in any float dtype (computed in
     float32, rounded once), lse float32; they may be a itself (an in-place fold, no new output
     tensor). Rows where both are -inf keep a's output (a row with no key has zeros) and -inf. On
-    CUDA one Triton launch that reads a and b in their own dtypes (`triton_merge`), elsewhere
-    `torch_merge_to`."""
+    CUDA one Triton launch that reads a and b in their own dtypes (`triton_merge`); on the CPU one
+    pass of the span kernel's library (`span_kernel.merge`), which rounds each row alike whatever
+    the tensors' sizes and threads (torch's vectorized loops compute a loop's tail apart, rounding
+    sigmoid otherwise: a request's merge differed alone and batched); elsewhere `torch_merge_to`."""
     if triton_merge.takes(out, lse, a, b):
         triton_merge.triton_merge_to(out, lse, a, b)
+    elif span_kernel.merges(out, lse, a, b):
+        span_kernel.merge(out, lse, a, b)
     else:
         torch_merge_to(out, lse, a, b)
 

@@ -1129,13 +1129,15 @@ Runner runner(int in, int out, int64_t row_keys) {
 
 // A call splits its keys into parts where its problems have few rows for their keys (a decode
 // step, a short chunk after a long context), as flash decoding does on GPUs: at every multiple of
-// SPLIT_PART_KEYS keys for up to 32 rows a problem, of SPLIT_KEYS_PER_ROW keys a row (rows rounded up
-// to a power of two) for more, so that a part's results stay a small share of its work (a 256-row
+// SPLIT_PART_KEYS keys for up to 32 rows a problem, of SPLIT_KEYS_PER_ROW keys a row for more (its
+// rows rounded up to a power of two of anchor steps: a folded dense call's query heads at one
+// position count as one), so that a part's results stay a small share of its work (a 256-row
 // chunk splits at every 8192 keys; a prefill, whose keys are about its rows, not at all). Each item's
 // part is a unit of work that threads share (`thread_units`); each row's parts then merge
 // (`merge_rows`). Where the keys split follows from a problem's shape alone, never from how many
 // problems a call holds nor from its threads, so a row's result is the same alone or batched and
-// at any thread count (a request padded to a batch's length keeps its power-of-two bucket of rows).
+// at any thread count (a request padded to a batch's length keeps its power-of-two bucket of
+// positions; 40 positions of 3 query heads, 120 rows, and 50 padded, 150, split alike).
 // Against the split before this one, which took the fewest parts that kept the threads busy (kernel
 // alone, 2 threads, the AMD EPYC, 2026-12-07, medians of 21 rounds; float32 / bfloat16): a row after
 // 65536 keys, one head 1.02 / 1.02, 8 heads or 3 problems 1.00-1.01 / 1.04; 4 rows of 8 problems
@@ -1149,8 +1151,9 @@ constexpr int64_t SPLIT_KEYS_PER_ROW = 32;
 // them at or below its first row's first key to the one at or past its last row's last key (spans
 // only grow with the row); one part where they fit in one.
 Split split_keys(const Call &call) {
-  int64_t rows = 1;
-  while (rows < call.q_rows) rows *= 2;
+  int64_t steps = 1;
+  while (steps * call.rows_per_step < call.q_rows) steps *= 2;
+  const int64_t rows = steps * call.rows_per_step;
   Split split = {};
   split.keys = rows * SPLIT_KEYS_PER_ROW > SPLIT_PART_KEYS ? rows * SPLIT_KEYS_PER_ROW : SPLIT_PART_KEYS;
   const int64_t lo = call.keys_from(0), hi = call.keys_to(call.q_rows - 1);
@@ -1219,6 +1222,63 @@ void merge_parts(const Call &call, int out_dtype, const Split &split, int thread
     case FLOAT32: return merge_rows<FLOAT32>(call, split, threads);
     case FLOAT16: return merge_rows<FLOAT16>(call, split, threads);
     case BFLOAT16: return merge_rows<BFLOAT16>(call, split, threads);
+  }
+}
+
+// log(1 + t) for 0 <= t <= 1: 2 atanh(s), s = t / (2 + t) <= 1/3, its series to s^15 (the next
+// term under 2e-9 of the sum).
+inline f32x16 log1p_unit(f32x16 t) {
+  const f32x16 s = t / (t + 2.f), s2 = s * s;
+  f32x16 p = splat(1.f / 15);
+  for (float odd = 13.f; odd >= 1.f; odd -= 2.f) p = p * s2 + 1.f / odd;
+  return 2.f * s * p;
+}
+
+// Rows of partials a and b over disjoint keys merged into out (in OUT) and lse, as merge.py's torch
+// ops define it: b weighted by w = sigmoid(lse_b - lse_a) (0 where both are -inf: a's row and -inf
+// kept), out = lerp(a, b, w) in float32, lse = logaddexp(lse_a, lse_b). The weights of 16 rows of
+// the last dim go through vector lanes at a time (a row in any lane, or in a short last run,
+// computes alike), each row's outputs through the same vector instructions wherever it lies: a row
+// merges alike whatever the tensors' sizes and threads (torch's vectorized loops compute a loop's
+// tail apart, with sigmoid rounded otherwise). Row places: the multi-index over `shape` (dims
+// entries) times each tensor's strides.
+template <int OUT>
+void merge_two(void *out, float *lse, const void *a_out, const float *a_lse, const void *b_out, const float *b_lse,
+               int a_dtype, int b_dtype, int64_t dims, const int64_t *shape, const int64_t *strides, int64_t features,
+               int threads) {
+  typedef typename Elements<OUT>::type Out;
+  const int64_t inner = dims > 0 ? shape[dims - 1] : 1;
+  int64_t outer = 1, step[6];  // step: each tensor's stride along the last dim
+  for (int64_t i = 0; i + 1 < dims; i++) outer *= shape[i];
+  for (int t = 0; t < 6; t++) step[t] = dims > 0 ? strides[t * dims + dims - 1] : 0;
+  const int64_t runs = (inner + LANES - 1) / LANES;
+#pragma omp parallel for num_threads(threads) if (outer * inner * features >= (1 << 16))
+  for (int64_t job = 0; job < outer * runs; job++) {
+    const int64_t r0 = job % runs * LANES, count = inner - r0 < LANES ? inner - r0 : LANES;
+    int64_t at[6] = {};  // out, lse, a_out, a_lse, b_out, b_lse: row r0's places
+    for (int64_t i = dims - 2, rest = job / runs; i >= 0; i--) {
+      const int64_t index = rest % shape[i];
+      rest /= shape[i];
+      for (int t = 0; t < 6; t++) at[t] += index * strides[t * dims + i];
+    }
+    for (int t = 0; t < 6; t++) at[t] += r0 * step[t];
+    alignas(64) float la[LANES] = {}, lb[LANES] = {}, weights[LANES], merged[LANES];
+    for (int64_t r = 0; r < count; r++) la[r] = a_lse[at[3] + r * step[3]], lb[r] = b_lse[at[5] + r * step[5]];
+    const f32x16 x = load(la), y = load(lb), top = x > y ? x : y, low = x > y ? y : x;
+    f32x16 t = exp2_nonpositive((low - top) * LOG2E);  // e^-|x - y|
+    t = low == splat(-INFINITY) ? splat(0.f) : t;
+    store(weights, (x < y ? splat(1.f) : t) / (1.f + t));
+    store(merged, top == splat(-INFINITY) ? top : top + log1p_unit(t));
+    for (int64_t r = 0; r < count; r++) {
+      const float w = weights[r];
+      Out *written = (Out *)out + at[0] + r * step[0];
+      const int64_t a_at = at[2] + r * step[2], b_at = at[4] + r * step[4];
+      for (int64_t d = 0; d < features; d += LANES) {
+        const f32x16 u = read_as(a_dtype, a_out, a_at, d, features), v = read_as(b_dtype, b_out, b_at, d, features);
+        write16<OUT>(written, d, features, w < 0.5f ? u + (v - u) * w : v - (v - u) * (1.f - w));
+      }
+      lse[at[1] + r * step[1]] = merged[r];
+    }
   }
 }
 
@@ -1299,6 +1359,33 @@ extern "C" int span_attention(const void *q, const void *k, const void *v, void 
     free(split.partials);
   }
   return failed ? 1 : 0;
+}
+
+// Rows of partials (a_out, a_lse) and (b_out, b_lse) over disjoint keys merged into (out, lse), which
+// may be a's own (an in-place fold). shape: the lse's (dims entries, at most 6) then the outputs'
+// features; strides: in elements, dims for each of out, lse, a_out, a_lse, b_out, b_lse in turn
+// (the outputs' features contiguous). Returns 0, or 2 for an unknown dtype, 3 for too many dims.
+extern "C" int span_merge(void *out, float *lse, const void *a_out, const float *a_lse, const void *b_out,
+                          const float *b_lse, int out_dtype, int a_dtype, int b_dtype, int64_t dims,
+                          const int64_t *shape, const int64_t *strides, int threads) {
+  if (dims > 6) return 3;
+  if (a_dtype < FLOAT32 || a_dtype > BFLOAT16 || b_dtype < FLOAT32 || b_dtype > BFLOAT16) return 2;
+  const int64_t features = shape[dims];
+  switch (out_dtype) {
+    case FLOAT32:
+      merge_two<FLOAT32>(out, lse, a_out, a_lse, b_out, b_lse, a_dtype, b_dtype, dims, shape, strides, features,
+                         threads);
+      return 0;
+    case FLOAT16:
+      merge_two<FLOAT16>(out, lse, a_out, a_lse, b_out, b_lse, a_dtype, b_dtype, dims, shape, strides, features,
+                         threads);
+      return 0;
+    case BFLOAT16:
+      merge_two<BFLOAT16>(out, lse, a_out, a_lse, b_out, b_lse, a_dtype, b_dtype, dims, shape, strides, features,
+                          threads);
+      return 0;
+  }
+  return 2;
 }
 
 // How bfloat16 inputs are multiplied here: 2 on AMX's tiles, 1 their scores as bfloat16 pairs

@@ -111,6 +111,9 @@ def load(path: Path) -> ctypes.CDLL:
     function.argtypes = [ctypes.c_void_p] * 7 + [ctypes.c_int] * 3 + [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_float,
                                                                       ctypes.c_int]
     function.restype = ctypes.c_int
+    loaded.span_merge.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int] * 3 + [ctypes.c_int64, ctypes.c_void_p,
+                                                                               ctypes.c_void_p, ctypes.c_int]
+    loaded.span_merge.restype = ctypes.c_int
     loaded.span_attention_bfloat16_products.restype = ctypes.c_int
     return loaded
 
@@ -204,3 +207,36 @@ def span_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch
                                       sizes.buffer_info()[0], strides.buffer_info()[0], scale, torch.get_num_threads())
     if status:
         raise MemoryError(f"the span kernel could not allocate its buffers (status {status})")
+
+
+# The most dims of rows (an lse's) that `merge` takes, as the library does.
+MERGE_MOST_DIMS = 6
+
+
+def merges(out: torch.Tensor, lse: torch.Tensor, a: tuple[torch.Tensor, torch.Tensor],
+           b: tuple[torch.Tensor, torch.Tensor]) -> bool:
+    """Whether `merge` takes these: CPU tensors, the outputs in DTYPES with their features adjacent
+    and shaped alike (a broadcast one expanded by its caller), each lse float32 and shaped as their
+    rows, and the library built."""
+    outputs, lses = (out, a[0], b[0]), (lse, a[1], b[1])
+    return (all(x.device.type == "cpu" for x in (*outputs, *lses)) and 1 <= out.dim() <= MERGE_MOST_DIMS + 1
+            and all(x.dtype in DTYPES and x.shape == out.shape and (x.stride(-1) == 1 or x.shape[-1] <= 1)
+                    for x in outputs)
+            and all(x.dtype == torch.float32 and x.shape == out.shape[:-1] for x in lses) and library() is not None)
+
+
+def merge(out: torch.Tensor, lse: torch.Tensor, a: tuple[torch.Tensor, torch.Tensor],
+          b: tuple[torch.Tensor, torch.Tensor]) -> None:
+    """`merge_to` in one pass of the library (`merges` says where): each row's weights from its two
+    lse, then its outputs, element by element in one order whatever the tensors' sizes and threads."""
+    (a_out, a_lse), (b_out, b_lse) = a, b
+    if lse.numel() == 0:
+        return
+    shape = array.array("q", (*lse.shape, out.shape[-1]))
+    strides = array.array("q", (*out.stride()[:-1], *lse.stride(), *a_out.stride()[:-1], *a_lse.stride(),
+                                *b_out.stride()[:-1], *b_lse.stride()))
+    status = library().span_merge(out.data_ptr(), lse.data_ptr(), a_out.data_ptr(), a_lse.data_ptr(),
+                                  b_out.data_ptr(), b_lse.data_ptr(), DTYPES[out.dtype], DTYPES[a_out.dtype],
+                                  DTYPES[b_out.dtype], lse.dim(), shape.buffer_info()[0], strides.buffer_info()[0],
+                                  torch.get_num_threads())
+    assert status == 0, f"span_merge returned {status}"
