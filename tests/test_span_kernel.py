@@ -347,7 +347,7 @@ def test_span_merge_matches_float64_in_views_in_place_and_alike_at_any_size(thre
     """`span_kernel.merge`, merge_to on the CPU: row ranges of larger tensors (strides apart), an
     expanded b (one row for all), rows with no key in either or in one, lse tied past 2^25 and far
     apart, against float64; in place into a; and each row bit for bit the same merged in a tensor
-    of other sizes and on 1 or 3 threads (150 x 3 x 40 x 16 elements: a parallel merge)."""
+    of other sizes, 14 rows and 22500 (a parallel merge), on 1 or 3 threads."""
     g = torch.Generator().manual_seed(features)
     a_out, b_out = (torch.randn(3, 4, 60, features, generator=g).to(dtype) for dtype in (a_dtype, b_dtype))
     a_lse, b_lse = (torch.randn(3, 4, 60, generator=g) * 5 for _ in range(2))

@@ -1,7 +1,9 @@
 """The engine's CPU span kernel (`span_attention.cpp`): many problems in one call, each query row
 attending one span of key rows (row r: keys r + first .. r + last), each thread taking strips of a
 problem's rows with the keys they see packed once, in cache. A stride's classes (strided.py: causal
-squares of a few hundred rows) and a sliding window's band (band.py) run on it.
+squares of a few hundred rows) and a sliding window's band (band.py) run on it. Its library
+also merges two partials (`merge`: merge.py's `merge_to` on the CPU), each row alike whatever the
+tensors' sizes and threads.
 
 torch's CPU flash kernel, the alternative, computes such problems 32 or 64 query rows at a time,
 packs each block's keys anew and reads a class's rows (s rows apart) from memory: 0.41-0.52
