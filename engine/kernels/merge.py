@@ -34,7 +34,7 @@ def merge_to(out: torch.Tensor, lse: torch.Tensor, a: tuple[torch.Tensor, torch.
     sigmoid otherwise: a request's merge differed alone and batched); elsewhere `torch_merge_to`."""
     if triton_merge.takes(out, lse, a, b):
         triton_merge.triton_merge_to(out, lse, a, b)
-    elif span_kernel.merges(out, lse, a, b):
+    elif kernel_device(out.device) == "cpu" and span_kernel.merges(out, lse, a, b):
         span_kernel.merge(out, lse, a, b)
     else:
         torch_merge_to(out, lse, a, b)
