@@ -1025,22 +1025,23 @@ def test_a_row_on_exactly_its_keys_takes_an_unmasked_call(monkeypatch, lq, spec,
     """A single row (a decode step) attending under COMPACT_FRACTION of the keys runs on a copy of
     exactly them, listed by arithmetic (`row_keys`), no mask built over the span: one unmasked
     call over those keys. A row attending more of them, and several rows, which attend different
-    keys, take a masked call. Exact either way."""
-    from engine.kernels import dense, masked
+    keys, take a masked call. Exact either way. On the CPU both on the span kernel (`_every_key`)."""
+    from engine.kernels import masked
     from engine.patterns import parse_pattern
 
     q, k, v = _qkv(2, lq, 1000)
-    masks, unmasked_keys = [], []
-    monkeypatch.setattr(masked, "fused_masked", lambda *a, **kw: masks.append(a[3]) or dense.fused_masked(*a, **kw))
-    monkeypatch.setattr(masked, "fused", lambda *a, **kw: unmasked_keys.append(a[1].shape[-2]) or dense.fused(*a, **kw))
+    calls = []  # each call's (keys, mask)
+    every_key = masked._every_key
+    monkeypatch.setattr(masked, "_every_key", lambda q, k, *a, **kw: calls.append((k.shape[-2], kw.get("mask")))
+                        or every_key(q, k, *a, **kw))
     masked.chunk_mask.kept.cache_clear()
     out, lse = kernels.masked_attention(q, k, v, parse_pattern(spec), scale=0.25, causal=True)
     if lq == 1 and few:
         attended = allowed(spec, torch.tensor(999), torch.arange(1000), 0, 1).sum()
-        assert not masks and unmasked_keys == [int(attended)]
+        assert calls == [(int(attended), None)]
         assert masked.chunk_mask.kept.cache_info().currsize == 0
     else:
-        assert len(masks) == 1 and masks[0] is not None and not unmasked_keys
+        assert len(calls) == 1 and calls[0][1] is not None
     ref_out, ref_lse = reference_attention(q, k, v, spec, scale=0.25)
     torch.testing.assert_close(out.double(), ref_out, atol=2e-5, rtol=2e-5)
     torch.testing.assert_close(lse.double(), ref_lse, atol=2e-5, rtol=2e-5)

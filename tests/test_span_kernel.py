@@ -330,6 +330,29 @@ def test_span_kernel_rows_round_alike_alone_batched_padded_and_on_any_threads(th
     assert all(torch.equal(a, b[..., :q_rows, :] if b.dim() == 4 else b[..., :q_rows]) for a, b in zip(alone, padded))
 
 
+@pytest.mark.parametrize("q_rows,k_rows,strip_rows", [(5, 40, 0), (37, 300, 8), (1, 9000, 0), (20, 3000, 0)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_span_kernel_keeps_only_the_masks_keys(threads, q_rows, k_rows, strip_rows, dtype):
+    """`mask` (the masked plan's rule, [rows, keys] for every problem): each row attends only its
+    kept keys, rows that keep none give zeros and lse -inf; grouped key/value heads, strips, a row
+    over 9000 keys in parts, rows in blocks and alone; against float64, and alike on 1 and 3 threads."""
+    g = torch.Generator().manual_seed(q_rows)
+    q = torch.randn(2, 3, q_rows, 24, generator=g).to(dtype)
+    k, v = (torch.randn(2, 1, k_rows, 24, generator=g).to(dtype) for _ in range(2))
+    keep = torch.rand(q_rows, k_rows, generator=g) < 0.3
+    keep[q_rows // 2] = False  # a row that keeps no key
+    threads(1)
+    out, lse = _span(q, k, v, scale=0.3, out_dtype=dtype, first=-UNBOUNDED, last=UNBOUNDED, strip_rows=strip_rows,
+                     mask=keep)
+    expected = _masked_reference(q, k.expand(-1, 3, -1, -1), v.expand(-1, 3, -1, -1), keep, scale=0.3)
+    assert_matches_reference(out.float(), lse, *expected, tol=2e-5 if dtype == torch.float32 else 1e-2, lse_tol=2e-5)
+    assert (out[:, :, q_rows // 2] == 0).all() and (lse[:, :, q_rows // 2] == float("-inf")).all()
+    threads(3)
+    again = _span(q, k, v, scale=0.3, out_dtype=dtype, first=-UNBOUNDED, last=UNBOUNDED, strip_rows=strip_rows,
+                  mask=keep)
+    assert torch.equal(out, again[0]) and torch.equal(lse, again[1])
+
+
 def _merge_in_float64(a_out, a_lse, b_out, b_lse):
     """Two partials' merge from its definition, in float64: each weighted by e^lse / the sum."""
     lse = torch.stack([a_lse, b_lse]).double()

@@ -10,14 +10,19 @@ span's keys (a window and fixed's summary columns without causality, a few decod
 copy of just those: non-causal union(sliding 256, fixed(128, 8)) at n = 16384, H = 8 took 6.9 s
 on whole spans, 1.4 s so (measured when that union still ran here; it has a structured kernel now).
 A single row (a decode step) whose keys are that few runs on a copy of exactly them, which the
-pattern lists by arithmetic (`row_keys`, no mask over the span), in one call without a mask."""
+pattern lists by arithmetic (`row_keys`, no mask over the span), in one call without a mask.
+On the CPU each call runs on the span kernel where it takes the inputs (`span_kernel`: the mask
+as its rows' keys), which rounds a row alike whatever the call's batch and threads, else on
+torch's fused kernel."""
 
 from __future__ import annotations
 
 import torch
 
 from ..patterns import PatternBase
+from . import span_kernel
 from .dense import as_computed, fused, fused_masked, kept_when_small
+from .device import kernel_device
 
 # Mask elements per chunk: the mask, the rule's int64 temporaries and the kernel's scores are each
 # a few times this in bytes. union(sliding 256, strided 128, fixed(128, 8)) at n = 16384, one head,
@@ -42,18 +47,22 @@ def masked_attention(
     causal: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention for `pattern` over [B, H, L, D], queries bottom-right aligned; on the CPU K and V
-    may have fewer heads (H a multiple of theirs), which torch's CPU kernel reads as they are."""
+    may have fewer heads (H a multiple of theirs), which either CPU kernel reads as they are."""
     lq, lk, dv = q.shape[-2], k.shape[-2], v.shape[-1]
+    on_span_kernel = kernel_device(q.device) == "cpu" and span_kernel.takes(q, k, v)
     if lq == 1:  # the last position, with no key after it (causal or not): its keys by arithmetic
         keys = pattern.row_keys(lk - 1, q.device)
+        if len(keys) < COMPACT_FRACTION * lk and on_span_kernel:  # read in their dtype, as they are
+            out, lse = _float32_result(q, dv)
+            _every_key(q, k.index_select(-2, keys), v.index_select(-2, keys), out, lse, scale=scale)
+            return out, lse
         if len(keys) < COMPACT_FRACTION * lk:
             # K's copy converted (where half precision is computed in float32) before V's is made:
             # one half-precision copy alive at a time
             k_rows, v_rows = (as_computed(x.index_select(-2, keys))[0] for x in (k, v))
             return fused(q, k_rows, v_rows, scale=scale, is_causal=False)
     offset = lk - lq
-    out = q.new_empty(*q.shape[:-1], dv, dtype=torch.float32)
-    lse = torch.empty(q.shape[:-1], dtype=torch.float32, device=q.device)
+    out, lse = _float32_result(q, dv)
     start = 0
     while start < lq:
         chunk = _chunk_rows(pattern, offset + start, lq - start, lk, causal)
@@ -63,11 +72,25 @@ def masked_attention(
         keys_k, keys_v = k[..., lo:hi, :], v[..., lo:hi, :]
         if columns is not None:
             keys_k, keys_v = keys_k.index_select(-2, columns), keys_v.index_select(-2, columns)
-        part = fused_masked(q[..., rows, :], keys_k, keys_v, allowed, scale=scale)
-        out[..., rows, :] = part[0]
-        lse[..., rows] = part[1]
+        if on_span_kernel:
+            _every_key(q[..., rows, :], keys_k, keys_v, out[..., rows, :], lse[..., rows], scale=scale, mask=allowed)
+        else:
+            out[..., rows, :], lse[..., rows] = fused_masked(q[..., rows, :], keys_k, keys_v, allowed, scale=scale)
         start += chunk
     return out, lse
+
+
+def _float32_result(q: torch.Tensor, dv: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """An uninitialised (out, lse) for q's rows, both float32."""
+    return q.new_empty(*q.shape[:-1], dv, dtype=torch.float32), torch.empty(q.shape[:-1], dtype=torch.float32,
+                                                                            device=q.device)
+
+
+def _every_key(q, k, v, out, lse, *, scale: float, mask: torch.Tensor | None = None) -> None:
+    """Each row over every key that `mask` ([rows, keys], shared by every batch item and head; None:
+    all) keeps, on the span kernel, into out and lse."""
+    span_kernel.span_attention(q, k, v, out, lse, first=-span_kernel.UNBOUNDED, last=span_kernel.UNBOUNDED,
+                               scale=scale, mask=mask)
 
 
 @kept_when_small(lambda pattern, first, rows, lo, hi, causal, device: rows * (hi - lo))

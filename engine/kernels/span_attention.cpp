@@ -341,6 +341,10 @@ struct Call {
   // p - position = 0 mod any of the skip_count strides in `skips` (a union's strides count those).
   int64_t group_span, group_first, distance, skip_count;
   const int64_t *skips;
+  // The keys each row attends, shared by every problem (row r's key t where mask[r * mask_stride + t]
+  // is not 0: the masked plan's rule), or null: all of its span.
+  const uint8_t *mask;
+  int64_t mask_stride;
   bool stream_out;  // results written past the caches (`add_block`)
   int64_t q_stride[3], k_stride[4], v_stride[4], out_stride[3], lse_stride[3], seed_out_stride[3], seed_lse_stride[3];
   float scale;
@@ -370,6 +374,12 @@ struct Call {
   // Whether rows skip keys inside their spans (`skip_keys`): a union's strides' or, without
   // causality, its window's.
   bool skips_keys() const { return skip_count > 0 || (!causal && distance > 0); }
+  // The scores s[t - base] of keys t0 <= t < t1 that row r does not attend (`mask`) set to -inf.
+  void mask_keys(float *s, int64_t base, int64_t r, int64_t t0, int64_t t1) const {
+    const uint8_t *keep = mask + r * mask_stride;
+    for (int64_t t = t0; t < t1; t++)
+      if (!keep[t]) s[t - base] = -INFINITY;
+  }
   // The scores s[t - base] of keys t0 <= t < t1 that the row at position p skips set to -inf: its
   // window's without causality (|p - position| < distance: a run in one group, a run in each of a
   // few groups otherwise); every stride-th key back from p in one group, a few of each group's
@@ -1066,6 +1076,7 @@ template <int IN, int OUT, int TILE_ROWS> struct Worker {
             continue;
           }
           if (a.skips_keys()) a.skip_keys(s, from, r0 + r + a.row_shift, from + lo, from + hi);
+          if (a.mask != nullptr) a.mask_keys(s, from, r0 + r, from + lo, from + hi);
           float sum, top = softmax_row(s, high, low, lo, hi, padded, row_top[at], a.scale, &sum);
           keep[r] = row_top[at] == -INFINITY ? 0.f : row_top[at] == top ? 1.f : exp2f((row_top[at] - top) * LOG2E);
           row_top[at] = top;
@@ -1291,9 +1302,11 @@ void merge_two(void *out, float *lse, const void *a_out, const float *a_lse, con
 // sizes: n, classes, n_group, class_group, q_rows, k_rows, head dims (q's and k's, v's: any), first, last, strip_rows,
 // row_shift (>= 0), rows_per_step (>= 1), keys_per_step (>= 0), causal (0 or 1), key_group (>= 1:
 // key rows in groups of that many, each group at its own stride), group_span (>= key_group) and
-// group_first (the keys' positions: `Call`), distance (>= 0), skip_count, then that many strides
-// (>= 1): causal rows see no key past p - distance (others none at |p - position| < distance),
-// nor any at p - position = 0 mod one of them;
+// group_first (the keys' positions: `Call`), distance (>= 0), mask_stride, skip_count, then that
+// many strides (>= 1): causal rows see no key past p - distance (others none at |p - position| <
+// distance), nor any at p - position = 0 mod one of them;
+// mask: [q_rows, k_rows] bytes, row r's at r * mask_stride, the keys each row attends (0: not) of
+// its span, shared by every problem, or null;
 // seed_out, seed_lse: (out in seed_dtype, lse float32) of each row over other keys, which the rows
 // continue (their merge is written), or null (a null seed_lse: none; seed_out is null where values
 // have no features); they may be out and lse themselves (a strip reads its rows' seed before it
@@ -1303,15 +1316,17 @@ void merge_two(void *out, float *lse, const void *a_out, const float *a_lse, con
 // Returns 0, or 1 where a thread's buffers could not be allocated, 2 for an unknown dtype, 3 for a
 // step out of range.
 extern "C" int span_attention(const void *q, const void *k, const void *v, void *out, float *lse,
-                              const void *seed_out, const float *seed_lse, int in_dtype, int out_dtype,
-                              int seed_dtype, const int64_t *sizes, const int64_t *strides, float scale, int threads) {
+                              const void *seed_out, const float *seed_lse, const uint8_t *mask, int in_dtype,
+                              int out_dtype, int seed_dtype, const int64_t *sizes, const int64_t *strides, float scale,
+                              int threads) {
   Call call = {q, k, v, out, lse, seed_out, seed_lse, seed_dtype};
-  int64_t *fields[20] = {&call.n, &call.classes, &call.n_group, &call.class_group, &call.q_rows, &call.k_rows,
+  int64_t *fields[21] = {&call.n, &call.classes, &call.n_group, &call.class_group, &call.q_rows, &call.k_rows,
                          &call.features, &call.v_features, &call.first, &call.last, &call.strip_rows, &call.row_shift,
                          &call.rows_per_step, &call.keys_per_step, &call.causal, &call.key_group,
-                         &call.group_span, &call.group_first, &call.distance, &call.skip_count};
-  for (int f = 0; f < 20; f++) *fields[f] = sizes[f];
-  call.skips = sizes + 20;
+                         &call.group_span, &call.group_first, &call.distance, &call.mask_stride, &call.skip_count};
+  for (int f = 0; f < 21; f++) *fields[f] = sizes[f];
+  call.skips = sizes + 21;
+  call.mask = mask;
   call.key_lo = 0, call.key_hi = call.k_rows;
   call.dim = (call.features + LANES - 1) / LANES * LANES;
   call.v_dim = (call.v_features + LANES - 1) / LANES * LANES;

@@ -110,7 +110,7 @@ def load(path: Path) -> ctypes.CDLL:
     loaded = ctypes.CDLL(str(path))
     function = loaded.span_attention
     # sizes and strides: int64 arrays, passed by address (`array.array`: a quarter of ctypes' arrays' cost)
-    function.argtypes = [ctypes.c_void_p] * 7 + [ctypes.c_int] * 3 + [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_float,
+    function.argtypes = [ctypes.c_void_p] * 8 + [ctypes.c_int] * 3 + [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_float,
                                                                       ctypes.c_int]
     function.restype = ctypes.c_int
     loaded.span_merge.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int] * 3 + [ctypes.c_int64, ctypes.c_void_p,
@@ -151,7 +151,7 @@ def span_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch
                    first: int, last: int, scale: float, strip_rows: int = 0, row_shift: int = 0,
                    rows_per_step: int = 1, keys_per_step: int = 1, causal: bool = False, min_distance: int = 0,
                    skip_strides: tuple[int, ...] = (), group_positions: tuple[int, int] | None = None,
-                   seed: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+                   seed: tuple[torch.Tensor, torch.Tensor] | None = None, mask: torch.Tensor | None = None) -> None:
     """Attention of each problem's query rows over a span of its key rows, written into out and lse:
     q [N, S, Rq, D], k and v [N / Gn, S / Gs, Rk, *] (views, any strides but the features'), or
     [N / Gn, S / Gs, G, c, *]: Rk = G c key rows in G groups of c, each group at its own stride
@@ -163,7 +163,8 @@ def span_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch
     p - min_distance either (else none at |p - j| < min_distance); and none at p - j = 0 mod any of
     `skip_strides` (a union's window and strides count those keys): key row j at position j, or in
     groups, group g's u-th at g * span + first + u (`group_positions` = (span, first): fixed's
-    summary keys). out [N, S, Rq, Dv] in
+    summary keys); and, with `mask` (bool [Rq, Rk], keys adjacent: the masked plan's rule), none that
+    its row's mask leaves out, in every problem. out [N, S, Rq, Dv] in
     float32 or q's dtype, lse float32 [N, S, Rq], any strides but out's features'. `seed`: (out in
     any of DTYPES, lse float32) shaped as those, each row's partial over other keys, which the rows
     continue (their merge is written: no merge pass after, nor a conversion before); it may be
@@ -187,7 +188,9 @@ def span_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch
             and takes(q, k, v)
             and out.shape == (n, classes, q_rows, v_dim) and out.dtype in DTYPES and out.stride(-1) == 1
             and lse.shape == (n, classes, q_rows) and lse.dtype == torch.float32
-            and row_shift >= 0 and rows_per_step >= 1 and keys_per_step >= 0)
+            and row_shift >= 0 and rows_per_step >= 1 and keys_per_step >= 0
+            and (mask is None or mask.dtype == torch.bool and mask.shape == (q_rows, k_rows)
+                 and (mask.stride(-1) == 1 or k_rows <= 1)))
     seed_out, seed_lse = seed if seed is not None else (out, lse)
     assert seed is None or (seed_out.shape == out.shape and seed_out.dtype in DTYPES
                             and seed_out.stride(-1) == 1 and seed_lse.shape == lse.shape
@@ -197,7 +200,8 @@ def span_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch
     sizes = array.array("q", (n, classes, n // k_shape[0], classes // k_shape[1], q_rows, k_rows, dim, v_dim,
                               max(-UNBOUNDED, first), min(UNBOUNDED, last), strip_rows, row_shift,
                               rows_per_step, keys_per_step, causal, key_group, span, first_position,
-                              min_distance, len(skip_strides), *skip_strides))
+                              min_distance, mask.stride(0) if mask is not None else 0, len(skip_strides),
+                              *skip_strides))
     # k's and v's [i, c, row, group]: a group's stride, 0 where there is one group
     ks, vs = k.stride(), v.stride()
     key_strides = (ks[0], ks[1], ks[3], ks[2], vs[0], vs[1], vs[3], vs[2]) if grouped else (*ks[:3], 0, *vs[:3], 0)
@@ -205,7 +209,8 @@ def span_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch
                                 *seed_out.stride()[:3], *seed_lse.stride()))
     seeds = (seed_out.data_ptr(), seed_lse.data_ptr()) if seed is not None else (None, None)
     status = library().span_attention(q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), lse.data_ptr(),
-                                      *seeds, DTYPES[q.dtype], DTYPES[out.dtype], DTYPES[seed_out.dtype],
+                                      *seeds, mask.data_ptr() if mask is not None else None, DTYPES[q.dtype],
+                                      DTYPES[out.dtype], DTYPES[seed_out.dtype],
                                       sizes.buffer_info()[0], strides.buffer_info()[0], scale, torch.get_num_threads())
     if status:
         raise MemoryError(f"the span kernel could not allocate its buffers (status {status})")
