@@ -684,7 +684,8 @@ def test_strided_short_runs_on_the_span_kernel(monkeypatch, lq, lk, stride, min_
                                                dtype):
     """Fewer rows than the stride (a decode step's row, short chunks, one or two class rows): each
     row's class keys, s rows apart, on the span kernel, a key/value head's query heads as rows of
-    its problems; a union's second stride (its skipped strides' mask) stays on torch's kernel."""
+    its problems; a union's second stride too, the first's keys (multiples of 3) left out by the
+    kernel's mask, against float64."""
     calls = _kernel_calls(monkeypatch)
     q, k, v = (x.to(dtype) for x in _grouped_qkv(batch, heads, kv_heads, lq, lk, seed=lq + stride))
     result = kernels.strided_attention(q, k, v, stride=stride, scale=0.25, min_distance=min_distance)
@@ -692,8 +693,14 @@ def test_strided_short_runs_on_the_span_kernel(monkeypatch, lq, lk, stride, min_
     tol = 2e-5 if dtype == torch.float32 else 2e-2
     _assert_strided_matches(result, *(x.float() for x in (q, k, v)), stride, min_distance, tol=tol)
     calls.clear()
-    kernels.strided_attention(q, k, v, stride=stride, scale=0.25, min_distance=min_distance, skip_strides=(3,))
-    assert not calls
+    out, lse = kernels.strided_attention(q, k, v, stride=stride, scale=0.25, min_distance=min_distance,
+                                         skip_strides=(3,))
+    assert calls, "the span kernel was not used"
+    apart = torch.arange(lk - lq, lk)[:, None] - torch.arange(lk)[None, :]
+    keep = (apart >= min_distance) & (apart % stride == 0) & (apart % 3 != 0)
+    group = heads // kv_heads
+    expected = _masked_reference(q.float(), *(x.float().repeat_interleave(group, 1) for x in (k, v)), keep, scale=0.25)
+    assert_matches_reference(out.float(), lse, *expected, tol=tol)
 
 
 @pytest.mark.parametrize("lq,lk", [(600, 600), (517, 700), (300, 1003), (130, 130)])
@@ -729,9 +736,9 @@ def test_strided_half_precision_on_the_span_kernel(monkeypatch, dtype):
 def test_strided_rules_for_the_span_kernel(monkeypatch):
     """torch's kernel takes the classes past NATIVE_HALF_SPAN_MAX_KEY_ROWS key class rows in half
     precision that it computes natively (AMX), unless the span kernel does too and they have
-    NATIVE_SPAN_MIN_QUERY_ROWS query class rows or more, a union's second stride
-    (its skipped strides' masks); the span kernel the rest, classes of any length in float32, head
-    dims of any size."""
+    NATIVE_SPAN_MIN_QUERY_ROWS query class rows or more; the span kernel the rest, classes of any
+    length in float32, head dims of any size, and a union's second stride, which skips the first's
+    keys in the kernel (strided(9) off multiples of 6: every second class row, `class_strides`)."""
     calls = _kernel_calls(monkeypatch)
     g = torch.Generator().manual_seed(3)
     q, k, v = (torch.randn(1, 2, 640, 16, generator=g) for _ in range(3))
@@ -747,7 +754,11 @@ def test_strided_rules_for_the_span_kernel(monkeypatch):
     assert used(stride=8)  # 80 key class rows
     assert used(stride=1)  # 640
     assert used(stride=9)  # 71 rows
-    assert not used(stride=9, min_distance=5, skip_strides=(3,))
+    assert used(stride=9, min_distance=5, skip_strides=(6,))
+    apart = torch.arange(640)[:, None] - torch.arange(640)[None, :]
+    keep = (apart % 9 == 0) & (apart >= 5) & (apart % 6 != 0)
+    out, lse = kernels.strided_attention(q, k, v, stride=9, scale=0.25, min_distance=5, skip_strides=(6,))
+    assert_matches_reference(out, lse, *_masked_reference(q, k, v, keep, scale=0.25), tol=2e-5)
     q24 = torch.randn(1, 2, 640, 24, generator=g)
     assert used(stride=9, qkv=(q24, q24, q24))
     half = [x.bfloat16() for x in (q, k, v)]

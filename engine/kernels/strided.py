@@ -38,6 +38,8 @@ them (12.2 a key/value head at a time).
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -218,9 +220,13 @@ def strided_pieces(
     own_keys = min_distance == 0 and not skip_strides and key_rows * s < lk
     out_dtype = dtype if own_keys else out_dtype or q.dtype  # rounded once, after the own keys merge in
     qc, kc, vc = class_views(q, k, v)
-    if _on_span_kernel(qc, kc, vc, skip_strides, device):  # into a buffer laid out as q's rows
+    if _on_span_kernel(qc, kc, vc, device):  # into a buffer laid out as q's rows
         out, lse = _row_ordered(qc, rows, dv, out_dtype)
-        span_kernel.span_attention(qc, kc, vc, out, lse, first=-span_kernel.UNBOUNDED, last=seen, scale=scale)
+        # Local query class row r at key class row own + r: it sees those up to `back` rows before
+        # (seen + r), off the skipped strides' class rows (`class_strides`).
+        own = seen + back
+        span_kernel.span_attention(qc, kc, vc, out, lse, first=-span_kernel.UNBOUNDED, last=-back, row_shift=own,
+                                   skip_strides=class_strides(s, skip_strides), scale=scale)
         results = [(0, rows, out, lse)]
     else:
         results = _torch_chunk_results(q, k, v, (qc, kc, vc), class_views, rows=rows, seen=seen, back=back,
@@ -240,17 +246,22 @@ def strided_pieces(
     return pieces
 
 
-def _on_span_kernel(qc: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, skip_strides: tuple[int, ...],
-                     device: str) -> bool:
+def class_strides(stride: int, skip_strides: tuple[int, ...]) -> tuple[int, ...]:
+    """The skipped strides in a stride's class rows: keys t class rows back from a query lie t * s
+    positions back, a multiple of s' exactly where t is one of s' / gcd(s, s')."""
+    return tuple(skipped // math.gcd(stride, skipped) for skipped in skip_strides)
+
+
+def _on_span_kernel(qc: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, device: str) -> bool:
     """Whether class views (a long run's classes, a short run's rows' own) go to the CPU span kernel
-    (`span_kernel`) rather than torch's kernel (in chunks; one fused call): on the CPU, without
-    skipped strides (their masks), in half precision that torch's kernel runs natively (AMX) up to
+    (`span_kernel`) rather than torch's kernel (in chunks; one fused call): on the CPU, in half
+    precision that torch's kernel runs natively (AMX) up to
     NATIVE_HALF_SPAN_MAX_KEY_ROWS key class rows, or past them from NATIVE_SPAN_MIN_QUERY_ROWS query
     class rows where the span kernel computes it natively too (`span_kernel.computes_natively`), and
     where the kernel takes the views."""
     short_enough = (not cpu_native_half(qc.dtype) or kc.shape[-2] <= NATIVE_HALF_SPAN_MAX_KEY_ROWS
                     or (span_kernel.computes_natively(qc.dtype) and qc.shape[-2] >= NATIVE_SPAN_MIN_QUERY_ROWS))
-    return device == "cpu" and not skip_strides and short_enough and span_kernel.takes(qc, kc, vc)
+    return device == "cpu" and short_enough and span_kernel.takes(qc, kc, vc)
 
 
 def _torch_chunk_results(q, k, v, views, class_views, *, rows: int, seen: int, back: int, key_rows: int,
@@ -414,11 +425,12 @@ def _short_run_pieces(
     """`strided_pieces` for fewer query rows than the stride: each row is alone in its class, so
     the rows in one class row (at most two such runs) attend, one call per run, views of their
     own classes' keys up to ceil(m/s) class rows back: no class without a query, and no mask but
-    the one dropping skipped strides' keys, which every row of a run shares (`class_distance_mask`,
-    kept: a decode loop's steps in one class row reuse it). Fewer key/value heads than query heads
-    are taken as they are: the query heads of a key/value head are rows of its class problems, so
-    each class's keys are read once for all of them. The runs go to the span kernel where it takes
-    them (`_on_span_kernel`: no mask), else to torch's fused call. Span kernel / torch's call through
+    the one dropping skipped strides' keys, which every row of a run shares. Fewer key/value heads
+    than query heads are taken as they are: the query heads of a key/value head are rows of its
+    class problems, so each class's keys are read once for all of them. The runs go to the span
+    kernel where it takes them (`_on_span_kernel`; the skipped strides' class rows as its mask),
+    else to torch's fused call (under `class_distance_mask`, kept: a decode loop's steps in one
+    class row reuse it). Span kernel / torch's call through
     `engine.attention`, H = 8, D = 64, after 16384 keys, in turn (AMD EPYC): one row float32
     strided(64) 0.97, strided(128) 1.06, the union's stride (sliding 128, strided 128) 0.90, after
     65536 keys 1.01-1.03 and 0.94; bfloat16 0.58 / 0.63 / 0.70; 4 rows 0.91-0.96; 16 rows
@@ -443,18 +455,22 @@ def _short_run_pieces(
         run = min(lq - row, s - first_class)
         keys = class_row - back + 1  # key class rows 0 .. class_row - back
         if keys > 0:
-            mask, empty = class_distance_mask(class_row, 1, keys, back, s, skip_strides, True, q.dtype, q.device) \
-                if skip_strides else (None, None)
             # The query heads of a key/value head as rows of its problems: [B*Hkv, run, H/Hkv, D].
             qc = _swapped(row_range(q, row, run), (b, hkv, group, run, d), (b * hkv, run, group, d))
             kc, vc = (row_grid(x, first_class, (run, 1), (keys, s)) for x in (k, v))  # class c: its keys
             dv = v.shape[-1]
-            if _on_span_kernel(qc, kc, vc, skip_strides, kernel_device(q.device)):  # no skipped strides: no mask
+            if _on_span_kernel(qc, kc, vc, kernel_device(q.device)):
                 out = q.new_empty(*qc.shape[:-1], dv)
                 lse = q.new_empty(qc.shape[:-1], dtype=torch.float32)
+                # Every row, a query head, at key class row class_row: the skipped strides' key class
+                # rows (`class_strides`) left out by a mask, as the kernel skips by row, not head.
+                keep = off_strides(class_row - torch.arange(keys, device=q.device),
+                                   class_strides(s, skip_strides)).expand(group, -1) if skip_strides else None
                 span_kernel.span_attention(qc, kc, vc, out, lse, first=-span_kernel.UNBOUNDED,
-                                           last=span_kernel.UNBOUNDED, scale=scale)
+                                           last=span_kernel.UNBOUNDED, scale=scale, mask=keep)
             else:
+                mask, empty = class_distance_mask(class_row, 1, keys, back, s, skip_strides, True, q.dtype, q.device) \
+                    if skip_strides else (None, None)
                 out, lse = fused_under(qc, kc, vc, mask, empty, scale=scale)
             pieces.append((row, _swapped(out, (b, hkv, run, group, dv), (b, h, run, dv)),
                            _swapped(lse, (b, hkv, run, group), (b, h, run))))
@@ -545,8 +561,9 @@ def _every_class_key(q, k, v, *, stride: int, scale: float, min_distance: int,
     the class views, without a mask in one call or, with a minimum distance m (a union with a
     window reaching both ways) or skipped strides, under one shared mask that drops the key class
     rows nearer than ceil(m/s) and those at a skipped stride's multiples, in calls of at most
-    MASK_BUDGET mask elements; without either, on the CPU, in one span-kernel call where it takes
-    them. Keys in whole class rows are a view;
+    MASK_BUDGET mask elements; on the CPU in one span-kernel call where it takes them (its rows
+    skip the near and the skipped strides' class rows by position: `class_strides`). Keys in whole
+    class rows are a view;
     the last, partial row gives classes c < Lk mod s one more key each, merged in by log-sum-exp."""
     b, h, lq, _ = q.shape
     lk, dv, s = k.shape[-2], v.shape[-1], stride
@@ -559,12 +576,13 @@ def _every_class_key(q, k, v, *, stride: int, scale: float, min_distance: int,
     key_rows, rest = divmod(lk, s)
     kc, vc = _classes(k, 0, key_rows * s, s), _classes(v, 0, key_rows * s, s)
     step = max(1, MASK_BUDGET // max(1, key_rows))
-    on_span_kernel = key_rows and not near and _on_span_kernel(qc, kc, vc, skip_strides, kernel_device(q.device))
+    on_span_kernel = key_rows and _on_span_kernel(qc, kc, vc, kernel_device(q.device))
     if not on_span_kernel:  # torch's calls below: K and V class by class where that pays
         kc, vc = _keys_as_read(q_rows, kc, vc, kernel_device(q.device))
     if on_span_kernel:  # every key of the class: an unbounded span, into a buffer laid out as q's rows
         out, lse = _row_ordered(qc, q_rows, dv, qc.dtype)
         span_kernel.span_attention(qc, kc, vc, out, lse, first=-span_kernel.UNBOUNDED, last=span_kernel.UNBOUNDED,
+                                   row_shift=base, min_distance=near, skip_strides=class_strides(s, skip_strides),
                                    scale=scale)
     elif key_rows and not near and not skip_strides:  # a fresh result, merged into in place below
         out, lse = grid_attention(qc, kc, vc, None, None, scale=scale)
