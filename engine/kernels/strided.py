@@ -464,8 +464,8 @@ def _short_run_pieces(
                 lse = q.new_empty(qc.shape[:-1], dtype=torch.float32)
                 # Every row, a query head, at key class row class_row: the skipped strides' key class
                 # rows (`class_strides`) left out by a mask, as the kernel skips by row, not head.
-                keep = off_strides(class_row - torch.arange(keys, device=q.device),
-                                   class_strides(s, skip_strides)).expand(group, -1) if skip_strides else None
+                keep = class_row_keep(class_row, keys, class_strides(s, skip_strides), q.device).expand(group, -1) \
+                    if skip_strides else None
                 span_kernel.span_attention(qc, kc, vc, out, lse, first=-span_kernel.UNBOUNDED,
                                            last=span_kernel.UNBOUNDED, scale=scale, mask=keep)
             else:
@@ -518,6 +518,14 @@ def strided_attention(
     if first:
         pieces.insert(0, (0, *empty_partial(q[..., :first, :], v.shape[-1])))
     return join_rows([(out, lse) for _, out, lse in pieces], dtype)
+
+
+@kept_when_small(lambda class_row, keys, *rule: keys)
+def class_row_keep(class_row: int, keys: int, strides: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """Which of key class rows 0 .. keys - 1 a query at key class row `class_row` keeps: those off
+    the skipped strides' class rows (`class_strides`). A small one is kept for the next call (a
+    decode loop's steps in one class row)."""
+    return off_strides(class_row - torch.arange(keys, device=device), strides)
 
 
 @kept_when_small(lambda first, rows, key_rows, *rule: rows * key_rows)
