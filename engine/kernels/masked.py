@@ -52,11 +52,11 @@ def masked_attention(
     on_span_kernel = kernel_device(q.device) == "cpu" and span_kernel.takes(q, k, v)
     if lq == 1:  # the last position, with no key after it (causal or not): its keys by arithmetic
         keys = pattern.row_keys(lk - 1, q.device)
-        if len(keys) < COMPACT_FRACTION * lk and on_span_kernel:  # read in their dtype, as they are
-            out, lse = _float32_result(q, dv)
-            _every_key(q, k.index_select(-2, keys), v.index_select(-2, keys), out, lse, scale=scale)
-            return out, lse
         if len(keys) < COMPACT_FRACTION * lk:
+            if on_span_kernel:  # read in their dtype, as they are
+                out, lse = _float32_result(q, dv)
+                _every_key(q, k.index_select(-2, keys), v.index_select(-2, keys), out, lse, scale=scale)
+                return out, lse
             # K's copy converted (where half precision is computed in float32) before V's is made:
             # one half-precision copy alive at a time
             k_rows, v_rows = (as_computed(x.index_select(-2, keys))[0] for x in (k, v))

@@ -463,8 +463,8 @@ def _short_run_pieces(
                 out = q.new_empty(*qc.shape[:-1], dv)
                 lse = q.new_empty(qc.shape[:-1], dtype=torch.float32)
                 # Every row, a query head, at key class row class_row: the skipped strides' key class
-                # rows (`class_strides`) left out by a mask, as the kernel skips by row, not head.
-                keep = class_row_keep(class_row, keys, class_strides(s, skip_strides), q.device).expand(group, -1) \
+                # rows left out by a mask, as the kernel skips by row, not head.
+                keep = class_keep(class_row, 1, keys, back, s, skip_strides, True, q.device).expand(group, -1) \
                     if skip_strides else None
                 span_kernel.span_attention(qc, kc, vc, out, lse, first=-span_kernel.UNBOUNDED,
                                            last=span_kernel.UNBOUNDED, scale=scale, mask=keep)
@@ -520,30 +520,31 @@ def strided_attention(
     return join_rows([(out, lse) for _, out, lse in pieces], dtype)
 
 
-@kept_when_small(lambda class_row, keys, *rule: keys)
-def class_row_keep(class_row: int, keys: int, strides: tuple[int, ...], device: torch.device) -> torch.Tensor:
-    """Which of key class rows 0 .. keys - 1 a query at key class row `class_row` keeps: those off
-    the skipped strides' class rows (`class_strides`). A small one is kept for the next call (a
-    decode loop's steps in one class row)."""
-    return off_strides(class_row - torch.arange(keys, device=device), strides)
-
-
 @kept_when_small(lambda first, rows, key_rows, *rule: rows * key_rows)
 def class_distance_mask(first: int, rows: int, key_rows: int, near: int, stride: int, skip_strides: tuple[int, ...],
                         causal: bool, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The mask of class rows first .. first + rows - 1 (in the keys' class-row numbering) over key
-    class rows 0 .. key_rows - 1: the additive mask keeping those at least `near` class rows back
-    (without causal, either way) and off the skipped strides' multiples, and its rows that keep no
-    key, or None where the host knows there are none (`_every_row_keeps_a_key`: then no pass
-    over the output zeroes them, two launches on CUDA). A small one is kept for the next call: on
-    CUDA building it took ten to sixteen launches."""
+    """`class_keep` as torch's kernel takes it: the additive mask, and its rows that keep no key, or
+    None where the host knows there are none (`_every_row_keeps_a_key`: then no pass over the
+    output zeroes them, two launches on CUDA). A small one is kept for the next call: on CUDA
+    building it took ten to sixteen launches."""
+    keep = class_keep(first, rows, key_rows, near, stride, skip_strides, causal, device)
+    if not skip_strides and _every_row_keeps_a_key(first, rows, key_rows, near, causal):
+        return additive_mask(keep, dtype), None
+    return additive_mask(keep, dtype), ~keep.any(-1)
+
+
+@kept_when_small(lambda first, rows, key_rows, *rule: rows * key_rows)
+def class_keep(first: int, rows: int, key_rows: int, near: int, stride: int, skip_strides: tuple[int, ...],
+               causal: bool, device: torch.device) -> torch.Tensor:
+    """Which key class rows 0 .. key_rows - 1 the class rows first .. first + rows - 1 (in the keys'
+    class-row numbering) keep, [rows, key_rows]: those at least `near` class rows back (without
+    causal, either way) and off the skipped strides' multiples. A small one is kept for the next
+    call (a decode loop's steps in one class row)."""
     apart = torch.arange(first, first + rows, device=device)[:, None] - torch.arange(key_rows, device=device)[None, :]
     keep = (apart if causal else apart.abs()) >= near
     if skip_strides:
         keep &= off_strides(apart * stride, skip_strides)
-    elif _every_row_keeps_a_key(first, rows, key_rows, near, causal):
-        return additive_mask(keep, dtype), None
-    return additive_mask(keep, dtype), ~keep.any(-1)
+    return keep
 
 
 def _every_row_keeps_a_key(first: int, rows: int, key_rows: int, near: int, causal: bool) -> bool:
