@@ -103,3 +103,10 @@ def assert_matches_far(result, q, k, v, pattern, min_distance, causal=True, skip
     ref_out = torch.einsum("bhqk,bhkd->bhqd", torch.exp(scores - ref_lse[..., None]).nan_to_num(0.0), v.double())
     out, lse = result
     assert_matches_reference(out, lse, ref_out, ref_lse, tol=tol)
+
+
+def merged_in_float64(outs: list[torch.Tensor], lses: list[torch.Tensor]):
+    """The merge of partials straight from its definition, in float64: weights e^lse_k / sum."""
+    lse = torch.stack(lses).double()
+    weights = torch.softmax(lse, 0).nan_to_num(0.0)
+    return (torch.stack(outs).double() * weights[..., None]).sum(0), torch.logsumexp(lse, 0)

@@ -18,7 +18,8 @@ from engine import kernels
 from engine.kernels import span_kernel
 from engine.kernels.device import kernel_device
 from engine.kernels.fixed import fused_fixed_attention
-from reference import allowed, assert_matches_far, assert_matches_reference, mask, reference_attention
+from reference import (allowed, assert_matches_far, assert_matches_reference, mask, merged_in_float64,
+                       reference_attention)
 
 SW = lambda w: {"type": "sliding_window", "window": w}  # noqa: E731
 ST = lambda s: {"type": "strided", "stride": s}  # noqa: E731
@@ -1292,13 +1293,6 @@ def test_head_dims_padded_once_as_on_cuda(monkeypatch, pattern, d, dv):
     torch.testing.assert_close(lse.double(), ref_lse, atol=1e-4, rtol=1e-4)
 
 
-def _merged_in_float64(outs: list[torch.Tensor], lses: list[torch.Tensor]):
-    """The merge of partials straight from its definition, in float64: weights e^lse_k / sum."""
-    lse = torch.stack(lses).double()
-    weights = torch.softmax(lse, 0).nan_to_num(0.0)
-    return (torch.stack(outs).double() * weights[..., None]).sum(0), torch.logsumexp(lse, 0)
-
-
 MERGE_LSES = [  # per row: no key in either, in one only, tied far past 2^25, ordinary, far apart
     [-math.inf, -math.inf, 3.0, 2.0**26, 0.5, -40.0],
     [-math.inf, 1.5, -math.inf, 2.0**26, -0.25, 60.0],
@@ -1313,7 +1307,7 @@ def test_merging_two_partials_weighs_them_by_their_lse_in_place():
     (a_lse, b_lse), rows = [torch.tensor(r) for r in MERGE_LSES[:2]], len(MERGE_LSES[0])
     a_out, b_out = torch.randn(rows, 4, generator=g), torch.randn(rows, 4, generator=g).bfloat16()
     a_out[0] = 0.0  # a row with no key has zeros
-    expected_out, expected_lse = _merged_in_float64([a_out, b_out.float()], [a_lse, b_lse])
+    expected_out, expected_lse = merged_in_float64([a_out, b_out.float()], [a_lse, b_lse])
     merge_to(a_out, a_lse, (a_out, a_lse), (b_out, b_lse))  # folded into a itself
     torch.testing.assert_close(a_out.double(), expected_out, atol=1e-6, rtol=1e-6)
     torch.testing.assert_close(a_lse.double(), expected_lse.float().double())
@@ -1328,7 +1322,7 @@ def test_merging_stacked_partials_weighs_them_by_their_lse():
     out = torch.randn(*lse.shape, 4, generator=g)
     out[:, 0] = 0.0
     merged, merged_lse = merge_stacked(out, lse, 0)
-    expected_out, expected_lse = _merged_in_float64(list(out), list(lse))
+    expected_out, expected_lse = merged_in_float64(list(out), list(lse))
     torch.testing.assert_close(merged.double(), expected_out, atol=1e-6, rtol=1e-6)
     torch.testing.assert_close(merged_lse.double(), expected_lse.float().double())
 

@@ -14,7 +14,7 @@ import torch
 
 from engine import kernels
 from engine.kernels import dense, span_kernel, strided
-from reference import assert_matches_far, assert_matches_reference, reference_attention
+from reference import assert_matches_far, assert_matches_reference, merged_in_float64, reference_attention
 
 pytestmark = pytest.mark.skipif(span_kernel.library() is None, reason="no C++ compiler to build the span kernel")
 UNBOUNDED = span_kernel.UNBOUNDED
@@ -353,14 +353,6 @@ def test_span_kernel_keeps_only_the_masks_keys(threads, q_rows, k_rows, strip_ro
     assert torch.equal(out, again[0]) and torch.equal(lse, again[1])
 
 
-def _merge_in_float64(a_out, a_lse, b_out, b_lse):
-    """Two partials' merge from its definition, in float64: each weighted by e^lse / the sum."""
-    lse = torch.stack([a_lse, b_lse]).double()
-    weights = torch.softmax(lse, 0).nan_to_num(0.0)
-    out = (torch.stack([a_out.double(), b_out.double()]) * weights[..., None]).sum(0)
-    return out, torch.logsumexp(lse, 0)
-
-
 @pytest.mark.parametrize("out_dtype,a_dtype,b_dtype", [(torch.float32, torch.float32, torch.float32),
                                                        (torch.bfloat16, torch.float32, torch.bfloat16),
                                                        (torch.float16, torch.float16, torch.float32)])
@@ -380,7 +372,7 @@ def test_span_merge_matches_float64_in_views_in_place_and_alike_at_any_size(thre
     a_out[0, 1, 0] = 0  # a row with no key has zeros
     a, b = (a_out[rows], a_lse[rows]), (b_out[1:2, :1, 7:8].expand(3, 3, 50, -1), b_lse[rows])
     assert span_kernel.merges(torch.empty(3, 3, 50, features, dtype=out_dtype), torch.empty(3, 3, 50), a, b)
-    expected = _merge_in_float64(a[0], a[1], b[0], b[1])
+    expected = merged_in_float64([a[0].double(), b[0].double()], [a[1], b[1]])
     out, lse = torch.empty(3, 3, 50, features, dtype=out_dtype), torch.empty(3, 3, 50)
     threads(1)
     span_kernel.merge(out, lse, a, b)
