@@ -6,13 +6,13 @@ one window, any strides and at most one fixed: a window with a stride as in the 
 fixed, a stride with fixed, all three, several strides) at any query length; anything else (two
 fixed members) falls back to the masked kernel, which is exact and memory-safe but slower (for a
 few query rows it runs on a copy of just the keys they attend). Small problems of fixed, unions
-and windows (at most SMALL_KEYS keys; a union with fixed twice that, a causal window half) run on
-the masked kernel too: one call beats their several small ones there; so, on the CPU, do a short
-chunk of a union with fixed after up to SHORT_RUN_MASKED_KEYS keys and a decode step of one whose
-row attends up to ONE_ROW_MASKED_KEYS keys where the span kernel does not take its fixed step (with
-it, a decode step of one with a stride up to ONE_ROW_STRIDED_MASKED_KEYS keys), fixed alone from
-two rows on, and a chunk of one or two class rows of strides of at most TINY_STRIDE (of a union of
-strides, TINY_UNION_STRIDE).
+and windows (at most SMALL_KEYS keys; a union with fixed twice that, a causal window half; where
+the CPU's span kernel is built fixed alone half and windows never) run on the masked kernel too:
+one call beats their several small ones there; so, on the CPU, do a chunk of one or two class
+rows of strides of at most TINY_STRIDE (of a union of strides, TINY_UNION_STRIDE), and where the
+span kernel is not built, short chunks of fixed alone and of unions with fixed after up to
+SHORT_RUN_MASKED_KEYS keys and a decode step of one whose row attends up to ONE_ROW_MASKED_KEYS
+keys.
 `simplify` first removes what cannot change the mask.
 """
 
@@ -100,55 +100,60 @@ class Plan:
 # Keys up to which fixed, unions and a non-causal window run on the masked kernel, a union with a
 # fixed member up to twice as many and a causal window up to half as many: one call over every key
 # under the pattern's mask beats the structured steps' several small calls there (fixed's blocks
-# and summary keys, a union's merged pieces, the band's first rows, tiles and, non-causal,
-# reversed last rows). Masked / structured time, H = 8, D = 64, float32, square unless said
-# (`python -m bench.kernels --small`; measured before the masked kernel kept small masks, which
-# made it faster still):
+# and summary keys, a union's merged pieces, the band's first rows, tiles and, non-causal, reversed
+# last rows). Where the CPU's span kernel is built, windows keep the band and fixed alone takes
+# the masked call up to half as many keys (below). Masked / structured time, H = 8, D = 64,
+# float32, square unless said (`python -m bench.kernels --small`):
 # - n = 32 to 128: 0.17-0.68 for fixed(16, 2) and unions of windows, strides and fixed, causal or
 #   not (union(sliding 32, strided 32, fixed(64, 4)), 128 rows, not causal: 3.7 -> 0.68 ms); alike
 #   at B = 8 and 32, in bfloat16, at H = 32 over 8 key/value heads with D = 128, and for 1 to 64
-#   rows over 128 keys; at most 1.09 (non-causal fixed at 128).
-# - From 192 keys fixed alone (non-causal 1.6) and union(sliding 16, strided 16) (causal 1.0-1.2)
-#   lose. Unions with fixed win up to 256 keys (0.19-0.74: 8 to 256 heads, 1 to 256 rows,
-#   bfloat16, D = 128) and mostly at 512 too (0.37-0.91; 0.65-1.2 at B = 8).
-# - Non-causal sliding_window(16): 0.27-0.54 at n = 32 to 128 (B = 8: 0.38 at 64, 0.99 at 128),
-#   1.1-1.3 from 192. A causal window, two or three calls, up to half as many keys: with the masks
-#   kept, sliding_window(8, 16, 32) at n = 32 and 64 0.37-0.96 (B = 1 and 32, H = 8 and 32), at 96
-#   0.71-1.21. A stride alone is one call or two and keeps its kernel (the masked one lost from
-#   n = 32 on, up to 6x for strided(8) at 256).
+#   rows over 128 keys (2026-12-03, both plans on torch's calls). Unions with fixed win up to 256
+#   keys (0.19-0.74: 8 to 256 heads, 1 to 256 rows, bfloat16, D = 128). Non-causal
+#   sliding_window(16): 0.27-0.54 at n = 32 to 128; a causal window, two or three calls, up to half
+#   as many keys (sliding_window(8, 16, 32) at n = 32 and 64: 0.37-0.96). Without the span kernel
+#   (2026-12-07) fixed(16, 2) and fixed(32, 4) at 64 to 128 0.32-0.86 and windows 0.26-0.73.
+# - With both plans on the span kernel (2026-12-07, twenty-fourth session; plans called directly,
+#   best of 5 rounds in turn): union(sliding 16, strided 16) at n = 32 to 128 0.25-0.88, union
+#   (strided 64, strided 48) at 64 to 128 0.32-0.62, unions with a stride and fixed at 192 0.44-0.80
+#   and at 256 1.00-1.14; fixed(16, 2) and fixed(32, 4) at 64 0.62-0.97 in float32 and bfloat16
+#   (H = 32 over 8, D = 128: 0.95-1.29; B = 4, H = 8 over 2: 0.89-1.07), at 96 0.84-1.75 and at 128
+#   1.08-2.23, hence half as many keys; a window alone lost at every size, 1.16-3.26
+#   (sliding_window(8) and (16) at n = 32 to 128, causal or not, both dtypes, H = 32 over 8 with
+#   D = 128, B = 4 with H = 8 over 2): it keeps the band. A stride keeps its kernel at any size
+#   (strided(4) at 64 to 256: 1.20-2.97).
 SMALL_KEYS = 128
-# A causal short run (2 to SHORT_RUN_ROWS rows: a small chunk; one row: ONE_ROW_MASKED_KEYS) of a
-# union with a fixed member runs on the CPU's masked kernel up to this many keys (with a stride
-# among its members up to twice as many): one call over the keys, compacted to those the rows attend, beats
-# the union's steps (fixed's own block, summary views and merges, a stride's class runs, the merges
-# of the steps). Masked / structured time through `engine.attention`, float32, H = 8, D = 64
-# unless said, the mean of 600 calls whose key lengths step through 300 values (a decode loop: no
-# mask kept), Lq 1 / 16 (2026-12-03):
+# Where the CPU's span kernel is not built (torch's calls take fixed's step and the masked plan's),
+# a causal short run (2 to SHORT_RUN_ROWS rows: a small chunk) of a union with a fixed member runs
+# on the masked kernel up to this many keys (with a stride among its members twice as many), and
+# fixed alone from two rows on up to twice as many: one call over the keys, compacted to those the
+# rows attend, beats the steps (fixed's own block, summary views and merges, a stride's class runs,
+# the merges of the steps). Masked / structured time through `engine.attention`, float32, H = 8,
+# D = 64 unless said, the mean of 600 calls whose key lengths step through 300 values (a decode
+# loop: no mask kept), Lq 1 / 16 (2026-12-03):
 # - union(sliding 128, fixed(128, 8)): Lk 512 0.85 / 0.78, 1024 0.89 / 0.82, 2048 0.99 / 0.90;
 #   at 1024, H = 32 over 8 with D = 128 0.63 / 0.52, bfloat16 0.64 / 0.67.
 # - union(strided 128, fixed(128, 8)) and union(sliding 64, strided 128, fixed(128, 8)): 0.60-0.74
 #   at Lk 512 to 2048 (0.89-0.96 at 2048 and 16 rows); at 1024, H = 32: 0.46-0.54, bfloat16
 #   0.44-0.60.
-# - fixed alone keeps its plan for one row, its fast case (fixed(128, 8) at Lk 1024 1.13, fixed(16, 2)
-#   1.18, 2048 1.27 and 1.53). From two rows on it takes the masked call up to twice as many keys
-#   (since 2026-12-05; plans called directly in a loop of 60 key lengths, best of three, Lq 2 / 4 /
-#   8 / 16): fixed(128, 8), fixed(64, 4) and fixed(16, 2) at Lk 512 and 1024 0.36-0.77, at 2048
-#   0.55-1.07 (most under 0.8), at 4096 0.84-1.36; in bfloat16 0.33-0.51 up to 2048 and 0.50-0.63
-#   at 4096, with H = 8 over 2 key/value heads 0.34-0.58 up to 2048.
-# On CUDA the structured plans read no device value and fixed is one Triton launch: they keep these
-# runs. So, since 2026-12-06 (eighteenth session), do causal unions with fixed where the CPU's span
-# kernel is built (its fixed step skips the window's and strides' keys in the kernel,
-# `fixed.span_fixed_attention`): structured / masked, plans called directly in a loop of 60 key
-# lengths, best of three rounds in turn, float32 (bfloat16 alike): 2, 4, 8 and 16 rows after 300 to
-# 2048 keys 0.37-0.74 for union(sliding 128 or 256, fixed(128, 8)), 0.59-1.00 for union(strided 128,
-# fixed(128, 8)), 0.79-0.97 for union(sliding 128, strided 128, fixed(128, 8)) but 1.13-1.17 in three
-# cells (2 rows after 512 and 1024 keys, whose repeat gave 0.90 and 0.87; 4 rows after 512 in
-# bfloat16). One row: ONE_ROW_STRIDED_MASKED_KEYS.
+# - fixed alone, from two rows on (plans called directly in a loop of 60 key lengths, best of
+#   three, Lq 2 / 4 / 8 / 16; 2026-12-05): fixed(128, 8), fixed(64, 4) and fixed(16, 2) at Lk 512
+#   and 1024 0.36-0.77, at 2048 0.55-1.07 (most under 0.8), at 4096 0.84-1.36; in bfloat16
+#   0.33-0.51 up to 2048 and 0.50-0.63 at 4096, with H = 8 over 2 key/value heads 0.34-0.58 up to
+#   2048. One row is its fast case (a copy of exactly its keys): it keeps its plan.
+# Where the span kernel is built, the structured plans keep every short run (and decode step):
+# through `engine.attention` as above, best of 5 rounds, structured / masked plan (2026-12-07,
+# twenty-fourth session): 4 rows of fixed(128, 8) after 1024 keys and 16 of fixed(16, 2) after 512
+# 0.36-0.39; one row of union(strided 128, fixed(128, 8)) after 600 keys and of union(sliding 128,
+# strided 128, fixed(128, 8)) after 512 0.88-0.89. (The masked plan's one call wins only where its
+# rows' compacted mask is kept, a shape called again: 2 to 16 rows of those unions then took
+# 0.56-1.22 of the structured plan's time, but through a decode loop, whose masks are new each step,
+# 1.74-2.35.) On CUDA the structured plans read no device value and fixed is one Triton launch:
+# they keep these runs too.
 SHORT_RUN_MASKED_KEYS = 1024
-# One row (a decode step) of a union with a fixed member runs on the CPU's masked kernel, causal or
-# not (the last row has no later key), while it attends at most about this many keys (its members'
-# counts summed, `_row_keys_bound`: 1400 for 1144 in the first union below at 16384):
-# the kernel lists them by arithmetic (`row_keys`) and copies just those for one unmasked call,
+# Where the span kernel is not built, one row (a decode step) of a union with a fixed member runs
+# on the CPU's masked kernel, causal or not (the last row has no later key), while it attends at
+# most about this many keys (its members' counts summed, `_row_keys_bound`: 1400 for 1144 in the
+# first union below at 16384): the kernel lists them by arithmetic (`row_keys`) and copies just those for one unmasked call,
 # where the union's steps make a dozen small calls and merges. Masked / structured plan, called
 # directly in a decode loop (the key length one longer each step, 60 steps, best of four rounds
 # alternating), float32, H = 8, D = 64, 2026-12-05 (attended keys in brackets):
@@ -164,18 +169,6 @@ SHORT_RUN_MASKED_KEYS = 1024
 # block); unions of windows and strides keep their steps (0.63-1.18 up to 8192 keys, 0.99-1.32 at
 # 16384).
 ONE_ROW_MASKED_KEYS = 1536
-# One row of a union with fixed where the span kernel is built takes the masked kernel only with a
-# stride among the members and up to this many keys: the structured plan's three kernel calls (the
-# stride's classes, fixed's own block and summary keys) cost more than the masked call there.
-# Structured / masked (as above, float32): union(strided 128, fixed(128, 8)) at 384 / 512 / 768 /
-# 1024 / 1536 / 2048 / 4096 / 16384 keys 1.31 / 1.39 / 1.23 / 0.96-1.16 / 0.87 / 0.95 / 0.84 / 0.48,
-# with sliding 128 too 1.08 / 1.23 / 1.13 / 0.87-0.97 / 0.85 / 0.90 / 0.84 / 0.47 (bfloat16 at 512:
-# 0.90 and 0.83); without a stride 0.33-0.65 from 384 keys on. Without causality (fixed's step on
-# the span kernel since 2026-12-06, nineteenth session; one run, best of three rounds): 1.07 / 0.95
-# / 1.05 / 0.85 / 0.76 / 0.68 / 0.50 / 0.25, with sliding 128 too 0.82 / 0.83 / 0.73 / 0.65 / 0.64 /
-# 0.66 / 0.47 / 0.27; without a stride 0.17-0.58 (there the rule before, ONE_ROW_MASKED_KEYS, sent
-# union(sliding 128, fixed(128, 8)) after 16384 keys to the masked kernel: 1.07 ms against 0.20).
-ONE_ROW_STRIDED_MASKED_KEYS = 768
 # A causal chunk of one or two class rows (s <= Lq <= 2s) of a stride s of at most TINY_STRIDE runs
 # on the CPU's masked kernel, and so do 2 to 2s rows of a union of strides whose smallest is s
 # (each stride's step sweeps K again): each class view of so small a stride sweeps nearly all of
@@ -290,34 +283,37 @@ def plan(pattern: PatternBase, lq: int, lk: int, causal: bool, device: str) -> P
     if isinstance(pattern, Dense):
         return Plan("sdpa", (partial(kernels.dense_attention, diagonal=(lk - lq) if causal else None),),
                     grouped_kv_on_cuda=not causal or lq * lq <= SMALL_MASK_ELEMENTS, span_kernel_reads=True)
-    on_masked = (_small_on_masked(pattern, lk, causal) or _short_run_on_masked(pattern, lq, lk, causal, device)
+    on_masked = (_small_on_masked(pattern, lk, causal, device) or _short_run_on_masked(pattern, lq, lk, causal, device)
                  or _tiny_strides_on_masked(pattern, lq, causal, device))
     structured = None if on_masked else structured_plan(pattern, lq, lk, causal, device)
     return structured or masked_plan(pattern, lq, lk, causal)
 
 
-def _small_on_masked(pattern: PatternBase, lk: int, causal: bool) -> bool:
+def _small_on_masked(pattern: PatternBase, lk: int, causal: bool, device: str) -> bool:
     """Whether one masked call over Lk keys beats the pattern's structured steps (SMALL_KEYS)."""
     if _union_with(pattern, Fixed):
         return lk <= 2 * SMALL_KEYS
-    if isinstance(pattern, (Fixed, Union)) or isinstance(pattern, SlidingWindow) and not causal:
+    if isinstance(pattern, Union):
+        return lk <= SMALL_KEYS
+    if device == "cpu" and span_kernel.library() is not None:  # the band and fixed's steps on it
+        return isinstance(pattern, Fixed) and lk <= SMALL_KEYS // 2
+    if isinstance(pattern, Fixed) or isinstance(pattern, SlidingWindow) and not causal:
         return lk <= SMALL_KEYS
     return isinstance(pattern, SlidingWindow) and lk <= SMALL_KEYS // 2
 
 
 def _short_run_on_masked(pattern: PatternBase, lq: int, lk: int, causal: bool, device: str) -> bool:
-    """Whether a few rows run on the CPU's masked kernel: two or more causal rows of fixed alone
-    (SHORT_RUN_MASKED_KEYS); of a union with fixed, one row with a stride among the members where
-    the span kernel is built (ONE_ROW_STRIDED_MASKED_KEYS), else a few causal rows
-    (SHORT_RUN_MASKED_KEYS) and one row, causal or not (ONE_ROW_MASKED_KEYS)."""
-    if device != "cpu" or lq > SHORT_RUN_ROWS:
+    """Whether a few rows run on the CPU's masked kernel where the span kernel is not built (with
+    it, fixed's step runs on it, and the structured plans keep them): two or more causal rows of
+    fixed alone (twice SHORT_RUN_MASKED_KEYS), a few causal rows of a union with fixed
+    (SHORT_RUN_MASKED_KEYS; with a stride among its members twice as many) and one row of one,
+    causal or not (ONE_ROW_MASKED_KEYS)."""
+    if device != "cpu" or lq > SHORT_RUN_ROWS or span_kernel.library() is not None:
         return False
     if isinstance(pattern, Fixed):  # one row is its fast case: a copy of exactly its keys
         return causal and lq > 1 and lk <= 2 * SHORT_RUN_MASKED_KEYS
     if not _union_with(pattern, Fixed):
         return False
-    if span_kernel.library() is not None:  # fixed's step on the span kernel, causal or not
-        return lq == 1 and _union_with(pattern, Strided) and lk <= ONE_ROW_STRIDED_MASKED_KEYS
     if lq == 1:
         return _row_keys_bound(pattern, lk - 1) <= ONE_ROW_MASKED_KEYS
     return causal and lk <= SHORT_RUN_MASKED_KEYS * (2 if _union_with(pattern, Strided) else 1)

@@ -19,8 +19,8 @@ from planner_support import structured_at_every_size  # noqa: E402
 
 @pytest.fixture(scope="module", params=["as_shipped", "structured_at_every_size", "cuda_kernels_on_cpu"])
 def engine_passes(request):
-    """A module's tests three times: with the planner as shipped (small problems of fixed, unions
-    and windows on the masked kernel, `planner.SMALL_KEYS`); with that rule off, so that its small
+    """A module's tests three times: with the planner as shipped (small problems on the masked
+    kernel, `planner.SMALL_KEYS`); with that rule off, so that its small
     shapes test the structured kernels too; and so again on CUDA's branches and kernels, emulated
     on the CPU (`cuda_emulation`)."""
     with ExitStack() as stack:

@@ -576,32 +576,14 @@ STRIDES = {"type": "union", "patterns": [SW(256), ST(128), ST(96)]}
     ({"type": "union", "patterns": [SW(256), FX(128, 8)]}, 16384, 16384, False, "band+fixed"),
     (NO_KERNEL, 1, 65536, True, "masked"),
     (NO_KERNEL, 16384, 16384, False, "masked"),
-    # Small problems (at most SMALL_KEYS = 128 keys; a union with fixed 256, a causal window 64):
-    # fixed, unions and windows on one masked call, a stride on its own kernel.
-    (FX(16, 2), 128, 128, True, "masked"),
-    (FX(16, 2), 129, 129, True, "fixed"),
+    # Small problems of unions (at most SMALL_KEYS = 128 keys; a union with fixed 256): one masked
+    # call, a stride on its own kernel (fixed alone and windows: test_small_problems_and_short_runs_
+    # on_the_span_kernel, and without it test_small_problems_and_short_runs_without_the_span_kernel).
     ({"type": "union", "patterns": [SW(16), ST(16)]}, 1, 128, False, "masked"),
     ({"type": "union", "patterns": [SW(16), ST(16)]}, 1, 129, False, "band+strided"),
     ({"type": "union", "patterns": [SW(32), ST(32), FX(64, 4)]}, 100, 100, True, "masked"),
     ({"type": "union", "patterns": [ST(8), FX(32, 4)]}, 16, 256, False, "masked"),
-    ({"type": "union", "patterns": [ST(8), FX(32, 4)]}, 16, 257, False, "strided+fixed"),
-    (SW(16), 128, 128, True, "band"),
-    (SW(16), 64, 64, True, "masked"),
-    (SW(16), 1, 65, True, "band"),
-    (SW(16), 128, 128, False, "masked"),
-    (SW(16), 129, 129, False, "band"),
     (ST(8), 128, 128, False, "strided"),
-    # Two or more causal rows of fixed alone on the CPU, after up to 2 * SHORT_RUN_MASKED_KEYS = 2048
-    # keys: one masked call.
-    (FX(128, 8), 1, 2048, True, "fixed"),  # fixed alone keeps its plan for one row
-    (FX(128, 8), 2, 2048, True, "masked"),  # from two rows on, up to twice as many keys
-    (FX(16, 2), 16, 2048, True, "masked"),
-    (FX(128, 8), 2, 2049, True, "fixed"),
-    (FX(128, 8), 17, 1024, True, "fixed"),  # past a short run
-    (FX(128, 8), 16, 1024, False, "fixed"),  # causal only
-    # Not causal: one row as causal (test_short_runs_of_unions_with_fixed_on_the_span_kernel, and
-    # without the span kernel test_short_runs_of_unions_with_fixed_without_the_span_kernel).
-    ({"type": "union", "patterns": [SW(128), FX(128, 8)]}, 2, 1024, False, "band+fixed"),  # a few rows: causal only
     ({"type": "union", "patterns": [SW(128), ST(128)]}, 1, 4096, True, "band+strided"),  # no fixed member
     ({"type": "union", "patterns": [SW(128), ST(128)]}, 1, 512, True, "band+strided"),
     # A causal chunk of strides alone, the smallest at most TINY_STRIDE = 3, on the CPU: one or two
@@ -637,19 +619,33 @@ def test_planner_kernel_choice(pattern, lq, lk, causal, backend):
 
 
 @pytest.mark.parametrize("pattern,lq,lk,backend", [
-    ({"type": "union", "patterns": [ST(128), FX(128, 8)]}, 1, 768, "masked"),
-    (THREE, 1, 768, "masked"),
-    ({"type": "union", "patterns": [ST(128), FX(128, 8)]}, 1, 769, "strided+fixed"),
+    (FX(16, 2), 64, 64, "masked"),  # fixed alone over at most SMALL_KEYS / 2 = 64 keys
+    (FX(16, 2), 65, 65, "fixed"),
+    (FX(16, 2), 128, 128, "fixed"),
+    (SW(16), 32, 32, "band"),  # a window keeps the band at any size
+    (SW(16), 128, 128, "band"),
+    (FX(128, 8), 2, 2048, "fixed"),  # a few rows of fixed alone keep its plan
+    (FX(16, 2), 16, 1024, "fixed"),
+    # 2 to 16 rows of a union with fixed and a stride after up to SHORT_RUN_MASKED_KEYS = 1024 keys
+    ({"type": "union", "patterns": [ST(128), FX(128, 8)]}, 2, 1024, "masked"),
+    ({"type": "union", "patterns": [ST(128), FX(128, 8)]}, 16, 1024, "masked"),
+    ({"type": "union", "patterns": [ST(8), FX(32, 4)]}, 16, 257, "masked"),
+    (THREE, 2, 768, "masked"),
+    ({"type": "union", "patterns": [ST(128), FX(128, 8)]}, 2, 1025, "strided+fixed"),
+    ({"type": "union", "patterns": [ST(128), FX(128, 8)]}, 17, 1024, "strided+fixed"),  # past a short run
+    ({"type": "union", "patterns": [ST(128), FX(128, 8)]}, 1, 768, "strided+fixed"),  # one row: structured
+    (THREE, 1, 768, "band+strided+fixed"),
     (THREE, 1, 16384, "band+strided+fixed"),
     ({"type": "union", "patterns": [SW(128), FX(128, 8)]}, 1, 300, "band+fixed"),  # no stride
     ({"type": "union", "patterns": [SW(128), FX(128, 8)]}, 16, 1024, "band+fixed"),
-    (THREE, 2, 768, "band+strided+fixed"),
+    ({"type": "union", "patterns": [SW(128), ST(128)]}, 16, 1024, "band+strided"),  # no fixed member
 ])
 @pytest.mark.parametrize("causal", [True, False])
-def test_short_runs_of_unions_with_fixed_on_the_span_kernel(pattern, lq, lk, backend, causal):
-    """A union with fixed, its fixed step on the span kernel, causal or not: one row with a stride
-    among the members after up to ONE_ROW_STRIDED_MASKED_KEYS = 768 keys takes one masked call; the
-    rest keep the structured plan."""
+def test_small_problems_and_short_runs_on_the_span_kernel(pattern, lq, lk, backend, causal):
+    """Where the span kernel is built (the band and fixed's steps on it), causal or not: fixed alone
+    takes one masked call over at most SMALL_KEYS / 2 keys and a window never; 2 to 16 rows of a
+    union with fixed and a stride take one after up to SHORT_RUN_MASKED_KEYS keys; one row, fixed
+    alone and the other unions keep the structured plan."""
     from engine.patterns import parse_pattern
     from engine.planner import plan
 
@@ -674,12 +670,31 @@ def test_short_runs_of_unions_with_fixed_on_the_span_kernel(pattern, lq, lk, bac
     (THREE, 1, 16384, True, "masked"),  # 256 + 128 + 127 * 8 + 128
     (THREE, 1, 20480, True, "band+strided+fixed"),
     (THREE, 16, 2048, True, "masked"),
+    ({"type": "union", "patterns": [SW(128), FX(128, 8)]}, 2, 1024, False, "band+fixed"),  # a few rows: causal only
+    # Small problems: fixed and a non-causal window over at most SMALL_KEYS = 128 keys, a causal
+    # window over 64.
+    (FX(16, 2), 128, 128, True, "masked"),
+    (FX(16, 2), 129, 129, True, "fixed"),
+    (SW(16), 128, 128, True, "band"),
+    (SW(16), 64, 64, True, "masked"),
+    (SW(16), 1, 65, True, "band"),
+    (SW(16), 128, 128, False, "masked"),
+    (SW(16), 129, 129, False, "band"),
+    # Two or more causal rows of fixed alone, after up to 2 * SHORT_RUN_MASKED_KEYS = 2048 keys.
+    (FX(128, 8), 1, 2048, True, "fixed"),  # fixed alone keeps its plan for one row
+    (FX(128, 8), 2, 2048, True, "masked"),  # from two rows on, up to twice as many keys
+    (FX(16, 2), 16, 2048, True, "masked"),
+    (FX(128, 8), 2, 2049, True, "fixed"),
+    (FX(128, 8), 17, 1024, True, "fixed"),  # past a short run
+    (FX(128, 8), 16, 1024, False, "fixed"),  # causal only
 ])
-def test_short_runs_of_unions_with_fixed_without_the_span_kernel(monkeypatch, pattern, lq, lk, causal, backend):
-    """Where the span kernel is not built (torch's masked calls take fixed's step), a causal short
-    run of a union with fixed takes one masked call up to SHORT_RUN_MASKED_KEYS = 1024 keys (with a
-    stride among its members 2048), one row, causal or not, while its members' key counts sum to at
-    most ONE_ROW_MASKED_KEYS = 1536."""
+def test_small_problems_and_short_runs_without_the_span_kernel(monkeypatch, pattern, lq, lk, causal, backend):
+    """Where the span kernel is not built (torch's calls take the band's, fixed's and the masked
+    plan's steps): fixed and a non-causal window over at most SMALL_KEYS keys, a causal window over
+    half as many, take one masked call; so do a causal short run of fixed alone from two rows on
+    after up to 2 * SHORT_RUN_MASKED_KEYS keys, and of a union with fixed up to
+    SHORT_RUN_MASKED_KEYS = 1024 keys (with a stride among its members 2048), and one row of such a
+    union, causal or not, while its members' key counts sum to at most ONE_ROW_MASKED_KEYS = 1536."""
     from engine.patterns import parse_pattern
     from engine.planner import plan
 
@@ -699,8 +714,8 @@ def test_short_runs_of_unions_with_fixed_keep_their_structured_plan_on_cuda():
 
     for pattern, backend in (({"type": "union", "patterns": [ST(128), FX(128, 8)]}, "strided+fixed"),
                              (THREE, "band+strided+fixed")):
-        assert plan(parse_pattern(pattern), 1, 768, True, "cpu").backend == "masked"
-        assert plan(parse_pattern(pattern), 1, 768, True, "cuda").backend == backend
+        assert plan(parse_pattern(pattern), 2, 768, True, "cpu").backend == "masked"
+        assert plan(parse_pattern(pattern), 2, 768, True, "cuda").backend == backend
 
 
 def test_chunks_of_tiny_strides_keep_their_kernel_on_cuda():

@@ -1,9 +1,10 @@
 """The exact fallback for any single-head pattern: query chunks against each chunk's key span,
 masked by the pattern's own rule. Memory is chunk x span, never Lq x Lk, so it is safe at any
 n; on long sequences it is the slowest kernel, and the planner uses it where no structured kernel
-applies, for small problems (`planner.SMALL_KEYS`), for a few rows of a union with fixed
-(`planner.SHORT_RUN_MASKED_KEYS`) and for chunks of one or two class rows of small strides
-(`planner.TINY_STRIDE`, `TINY_UNION_STRIDE`), where its one call beats their many.
+applies, for small problems (`planner.SMALL_KEYS`), for chunks of one or two class rows of small
+strides (`planner.TINY_STRIDE`, `TINY_UNION_STRIDE`) and, where the span kernel is not built, for a
+few rows of fixed and of a union with fixed (`planner.SHORT_RUN_MASKED_KEYS`), where its one call
+beats their many.
 A chunk is about as many rows as one row's key span is wide (more would only widen the span
 with masked keys) and at most MASK_BUDGET mask elements. A chunk whose rows attend few of its
 span's keys (a window and fixed's summary columns without causality, a few decode rows) runs on a
