@@ -153,10 +153,10 @@ SHORT_RUN_MASKED_KEYS = 1024
 # Where the span kernel is not built, one row (a decode step) of a union with a fixed member runs
 # on the CPU's masked kernel, causal or not (the last row has no later key), while it attends at
 # most about this many keys (its members' counts summed, `_row_keys_bound`: 1400 for 1144 in the
-# first union below at 16384): the kernel lists them by arithmetic (`row_keys`) and copies just those for one unmasked call,
-# where the union's steps make a dozen small calls and merges. Masked / structured plan, called
-# directly in a decode loop (the key length one longer each step, 60 steps, best of four rounds
-# alternating), float32, H = 8, D = 64, 2026-12-05 (attended keys in brackets):
+# first union below at 16384): the kernel lists them by arithmetic (`row_keys`) and copies just
+# those for one unmasked call, where the union's steps make a dozen small calls and merges.
+# Masked / structured plan, called directly in a decode loop (the key length one longer each step,
+# 60 steps, best of four rounds alternating), float32, H = 8, D = 64, 2026-12-05 (attended keys in brackets):
 # - union(sliding 128, strided 128, fixed(128, 8)) at Lk 2048 / 8192 / 12288 / 16384 / 24576 /
 #   32768 [248 / 632 / 888 / 1144 / 1656 / 2168]: 0.28 / 0.41 / 0.47 / 0.53-0.56 / 0.74 / 0.90-1.00;
 #   union(strided 128, fixed(128, 8)) 0.28 / 0.44 / 0.53 / 0.60-0.62 / 0.80-0.87 / 1.07-2.41;
@@ -389,7 +389,8 @@ def _structured_union(pattern: Union, lq: int, lk: int, causal: bool, device: st
     After one other step (the band's, the band and a stride's, a stride's) fixed's step continues
     that step's partial (`Plan.continues`). On the CPU such a union reads half precision as it
     is where the span kernel takes it (`Plan.span_kernel_reads`), the step before fixed's in
-    float32 (`out_dtype`), so that its result is rounded once, in fixed's step."""
+    float32 (`out_dtype`), so that its result is rounded once, in fixed's step; so are the steps
+    that merge (`to_partial`), rounded once in the merge."""
     members: dict[type, list[PatternBase]] = {}
     for member in pattern.patterns:
         members.setdefault(type(member), []).append(member)
@@ -400,21 +401,21 @@ def _structured_union(pattern: Union, lq: int, lk: int, causal: bool, device: st
     fixed = members[Fixed][0] if Fixed in members else None
     strides = tuple(sorted(member.stride for member in members.get(Strided, ())))  # the densest unmasked
     continues = bool(fixed and (window or len(strides) == 1))  # fixed's step after one other step
-    # on the CPU that step's float32 partial, continued, rounds the result once (more steps merge
-    # partials that fixed's would round first)
-    float32_partial = continues and device == "cpu"
-    reads_half = bool(window and strides and not fixed or float32_partial)
-    to_fixed = {"out_dtype": torch.float32} if float32_partial else {}
+    # On the CPU a partial that the next step continues or the merge takes comes in float32, so that
+    # the result is rounded once (in fixed's step where it continues the other, else in the merge).
+    float32_partial = device == "cpu" and (1 if window else len(strides)) + bool(fixed) > 1
+    reads_half = bool(window and strides and not fixed or continues and device == "cpu")
+    to_partial = {"out_dtype": torch.float32} if float32_partial else {}
     if window and strides:
-        steps = [partial(kernels.band_strided_attention, window=window, strides=strides, causal=causal, **to_fixed)]
+        steps = [partial(kernels.band_strided_attention, window=window, strides=strides, causal=causal, **to_partial)]
     elif window:
-        steps = [partial(kernels.band_attention, window=window, causal=causal, **to_fixed)]
+        steps = [partial(kernels.band_attention, window=window, causal=causal, **to_partial)]
     else:
         steps = [partial(kernels.strided_attention, stride=stride, skip_strides=strides[:n], causal=causal,
-                         **to_fixed) for n, stride in enumerate(strides)]
+                         **to_partial) for n, stride in enumerate(strides)]
     if fixed:
         steps.append(partial(kernels.fixed_attention, block=fixed.block, summary=fixed.summary, causal=causal,
-                             min_distance=window, skip_strides=strides))
+                             min_distance=window, skip_strides=strides, **({} if continues else to_partial)))
     name = "+".join(kind for kind, present in (("band", window), ("strided", strides), ("fixed", fixed)) if present)
     few_rows = all(few_classes(lq, stride) for stride in strides) and (not fixed or lq < fixed.block)
     alone = [structured_plan(member, lq, lk, causal, device) for member in pattern.patterns]  # each member's own plan

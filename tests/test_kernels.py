@@ -626,14 +626,12 @@ def test_planner_kernel_choice(pattern, lq, lk, causal, backend):
     (SW(16), 128, 128, "band"),
     (FX(128, 8), 2, 2048, "fixed"),  # a few rows of fixed alone keep its plan
     (FX(16, 2), 16, 1024, "fixed"),
-    # 2 to 16 rows of a union with fixed and a stride after up to SHORT_RUN_MASKED_KEYS = 1024 keys
-    ({"type": "union", "patterns": [ST(128), FX(128, 8)]}, 2, 1024, "masked"),
-    ({"type": "union", "patterns": [ST(128), FX(128, 8)]}, 16, 1024, "masked"),
-    ({"type": "union", "patterns": [ST(8), FX(32, 4)]}, 16, 257, "masked"),
-    (THREE, 2, 768, "masked"),
-    ({"type": "union", "patterns": [ST(128), FX(128, 8)]}, 2, 1025, "strided+fixed"),
-    ({"type": "union", "patterns": [ST(128), FX(128, 8)]}, 17, 1024, "strided+fixed"),  # past a short run
-    ({"type": "union", "patterns": [ST(128), FX(128, 8)]}, 1, 768, "strided+fixed"),  # one row: structured
+    # a few rows of a union with fixed past its small problems, and one row: structured
+    ({"type": "union", "patterns": [ST(128), FX(128, 8)]}, 2, 1024, "strided+fixed"),
+    ({"type": "union", "patterns": [ST(128), FX(128, 8)]}, 16, 1024, "strided+fixed"),
+    ({"type": "union", "patterns": [ST(8), FX(32, 4)]}, 16, 257, "strided+fixed"),
+    (THREE, 2, 768, "band+strided+fixed"),
+    ({"type": "union", "patterns": [ST(128), FX(128, 8)]}, 1, 768, "strided+fixed"),
     (THREE, 1, 768, "band+strided+fixed"),
     (THREE, 1, 16384, "band+strided+fixed"),
     ({"type": "union", "patterns": [SW(128), FX(128, 8)]}, 1, 300, "band+fixed"),  # no stride
@@ -643,9 +641,8 @@ def test_planner_kernel_choice(pattern, lq, lk, causal, backend):
 @pytest.mark.parametrize("causal", [True, False])
 def test_small_problems_and_short_runs_on_the_span_kernel(pattern, lq, lk, backend, causal):
     """Where the span kernel is built (the band and fixed's steps on it), causal or not: fixed alone
-    takes one masked call over at most SMALL_KEYS / 2 keys and a window never; 2 to 16 rows of a
-    union with fixed and a stride take one after up to SHORT_RUN_MASKED_KEYS keys; one row, fixed
-    alone and the other unions keep the structured plan."""
+    takes one masked call over at most SMALL_KEYS / 2 keys and a window never; short runs and
+    decode rows keep the structured plan."""
     from engine.patterns import parse_pattern
     from engine.planner import plan
 
@@ -706,16 +703,21 @@ def test_small_problems_and_short_runs_without_the_span_kernel(monkeypatch, patt
         plan.cache_clear()
 
 
-def test_short_runs_of_unions_with_fixed_keep_their_structured_plan_on_cuda():
-    """On CUDA the structured plans read no device value and fixed is one Triton launch: a decode
-    step keeps them there."""
+def test_short_runs_of_unions_with_fixed_keep_their_structured_plan_on_cuda(monkeypatch):
+    """On CUDA the structured plans read no device value and fixed is one Triton launch: a short run
+    keeps them there, where the CPU without the span kernel takes the masked call."""
     from engine.patterns import parse_pattern
     from engine.planner import plan
 
-    for pattern, backend in (({"type": "union", "patterns": [ST(128), FX(128, 8)]}, "strided+fixed"),
-                             (THREE, "band+strided+fixed")):
-        assert plan(parse_pattern(pattern), 2, 768, True, "cpu").backend == "masked"
-        assert plan(parse_pattern(pattern), 2, 768, True, "cuda").backend == backend
+    _without_span_kernel(monkeypatch)
+    plan.cache_clear()
+    try:
+        for pattern, backend in (({"type": "union", "patterns": [ST(128), FX(128, 8)]}, "strided+fixed"),
+                                 (THREE, "band+strided+fixed")):
+            assert plan(parse_pattern(pattern), 2, 768, True, "cpu").backend == "masked"
+            assert plan(parse_pattern(pattern), 2, 768, True, "cuda").backend == backend
+    finally:
+        plan.cache_clear()
 
 
 def test_chunks_of_tiny_strides_keep_their_kernel_on_cuda():

@@ -208,7 +208,7 @@ def summary_mask(b0: int, b1: int, c: int, dtype: torch.dtype, device: torch.dev
 def fixed_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, block: int, summary: int, scale: float,
     causal: bool = True, min_distance: int = 0, skip_strides: tuple[int, ...] = (),
-    seed: tuple[torch.Tensor, torch.Tensor] | None = None,
+    seed: tuple[torch.Tensor, torch.Tensor] | None = None, out_dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Fixed-pattern attention over the keys at i - j >= min_distance (causal) or |i - j| >=
     min_distance (for a union with a sliding window, whose keys it then skips), and not at
@@ -218,19 +218,23 @@ def fixed_attention(
     (`span_fixed_attention`), elsewhere the fused-SDPA calls below. `seed`: the union's partial (out, lse)
     over its other members' keys, every row, which the result continues: inside the kernel's
     launch where its seeded variant runs, else merged after (in q's dtype, as a plan merges its
-    steps)."""
+    steps). `out_dtype`, where given, is the output's (on the CPU float32 for a partial that a
+    union's merge takes, so that its result is rounded once)."""
     kwargs = dict(block=block, summary=summary, scale=scale, causal=causal, min_distance=min_distance,
                   skip_strides=skip_strides)
     if seed is not None and triton_fixed.takes(q, v, causal, skip_strides, seeded=True):
         return triton_fixed.triton_fixed_attention(q, k, v, seed=(0, *seed), **kwargs)
     if _on_span_kernel(q, k, v, block=block, summary=summary):
         return span_fixed_attention(q, k, v, block=block, summary=summary, scale=scale, causal=causal,
-                                    min_distance=min_distance, skip_strides=skip_strides, seed=seed)
+                                    min_distance=min_distance, skip_strides=skip_strides, seed=seed,
+                                    out_dtype=out_dtype)
     if triton_fixed.takes(q, v, causal, skip_strides):
         own = triton_fixed.triton_fixed_attention(q, k, v, **kwargs)
     else:
         own = fused_fixed_attention(q, k, v, **kwargs)
-    return own if seed is None else merge_partials([seed, own], q.dtype)
+    if seed is not None:
+        return merge_partials([seed, own], out_dtype or q.dtype)
+    return own if out_dtype is None else (own[0].to(out_dtype), own[1])
 
 
 def _on_span_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, block: int, summary: int) -> bool:
@@ -249,7 +253,8 @@ def _on_span_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, block:
 
 def span_fixed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, block: int, summary: int,
                          scale: float, causal: bool = True, min_distance: int = 0, skip_strides: tuple[int, ...] = (),
-                         seed: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                         seed: tuple[torch.Tensor, torch.Tensor] | None = None, out_dtype: torch.dtype | None = None
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
     """fixed on the CPU span kernel: each row's own block, then the summary keys, each call
     continuing the one before (its seed: no merge pass), all over K and V as they are. Causal: the
     own block is the l keys anchored at its block's start, none past the row; the summary keys are
@@ -260,7 +265,7 @@ def span_fixed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, b
     nearer than its window (`min_distance`, both ways without causality: the own blocks' call not
     made where that passes the block) and at its strides' multiples in the kernel, and continues
     the union's other steps' partial (`seed`). Grouped key/value heads read as they are; (out in
-    q's dtype, lse)."""
+    `out_dtype`, q's unless said, lse)."""
     l, c = block, summary
     lk = k.shape[-2]
     every_call = dict(min_distance=min_distance, skip_strides=skip_strides, row_shift=lk - q.shape[-2],
@@ -283,11 +288,11 @@ def span_fixed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, b
             chain.append((k[..., tail_first:, :], v[..., tail_first:, :],
                           dict(group_positions=(lk - tail_first, tail_first), **every_row)))
     for n, (keys, values, span) in enumerate(chain):
-        out_dtype = q.dtype if n == len(chain) - 1 else torch.float32  # partials in float32, rounded once
-        if seed is not None and seed[0].dtype == out_dtype:  # continued in place
+        dtype = (out_dtype or q.dtype) if n == len(chain) - 1 else torch.float32  # partials in float32, rounded once
+        if seed is not None and seed[0].dtype == dtype:  # continued in place
             out, lse = seed
         else:
-            out = q.new_empty(*q.shape[:-1], v.shape[-1], dtype=out_dtype)
+            out = q.new_empty(*q.shape[:-1], v.shape[-1], dtype=dtype)
             lse = seed[1] if seed is not None else q.new_empty(q.shape[:-1], dtype=torch.float32)
         span_kernel.span_attention(q, keys, values, out, lse, scale=scale, seed=seed, **span, **every_call)
         seed = out, lse

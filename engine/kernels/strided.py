@@ -179,9 +179,10 @@ def strided_pieces(
     a CPU where it is slow is computed in float32 (`as_computed`): a long run converts a group of
     classes at a time as its calls read them where the classes outgrow CLASS_GROUP_BYTES
     (`_class_groups`), else whole, and a short run whole unless its rows read few classes
-    (`few_classes`: then each call converts what it reads). A long run's pieces come in
-    `out_dtype` (q's unless said: a union that merges them after asks for float32, so that its
-    result is rounded once), or float32 where the keys of a partial last class row merge in here.
+    (`few_classes`: then each call converts what it reads). The pieces come in `out_dtype` (q's
+    unless said: a union that merges or continues them after asks for float32, so that its result
+    is rounded once), or float32 where the keys of a partial last class row merge in here (a short
+    run's on torch's calls: in the dtype those compute).
 
     On the span kernel the class rows go in one call. On torch's kernel query class rows are cut
     into chunks; a chunk sees the key class rows up to its last row under
@@ -191,7 +192,7 @@ def strided_pieces(
         if not few_classes(q.shape[-2], stride):
             q, k, v = as_computed(q, k, v)
         return _short_run_pieces(q, k, v, stride=stride, scale=scale, min_distance=min_distance,
-                                 skip_strides=skip_strides)
+                                 skip_strides=skip_strides, out_dtype=out_dtype)
     b, h, lq, _ = q.shape
     lk, dv, s = k.shape[-2], v.shape[-1], stride
     offset = lk - lq
@@ -420,7 +421,7 @@ def _with_own_keys(piece, q, k, v, *, first_row: int, scale: float):
 
 def _short_run_pieces(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, stride: int, scale: float, min_distance: int,
-    skip_strides: tuple[int, ...],
+    skip_strides: tuple[int, ...], out_dtype: torch.dtype | None = None,
 ) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
     """`strided_pieces` for fewer query rows than the stride: each row is alone in its class, so
     the rows in one class row (at most two such runs) attend, one call per run, views of their
@@ -429,8 +430,9 @@ def _short_run_pieces(
     than query heads are taken as they are: the query heads of a key/value head are rows of its
     class problems, so each class's keys are read once for all of them. The runs go to the span
     kernel where it takes them (`_on_span_kernel`; the skipped strides' class rows as its mask),
-    else to torch's fused call (under `class_distance_mask`, kept: a decode loop's steps in one
-    class row reuse it). Span kernel / torch's call through
+    written in `out_dtype` (q's unless said: float32 for a partial that a union's band or fixed
+    step continues, so that the result is rounded once), else to torch's fused call (under
+    `class_distance_mask`, kept: a decode loop's steps in one class row reuse it). Span kernel / torch's call through
     `engine.attention`, H = 8, D = 64, after 16384 keys, in turn (AMD EPYC): one row float32
     strided(64) 0.97, strided(128) 1.06, the union's stride (sliding 128, strided 128) 0.90, after
     65536 keys 1.01-1.03 and 0.94; bfloat16 0.58 / 0.63 / 0.70; 4 rows 0.91-0.96; 16 rows
@@ -440,7 +442,8 @@ def _short_run_pieces(
     # time, whose class rows are views (`row_major` would copy K and V whole)
     if b > 1 and not all(batch_and_heads_merge(x) for x in (q, k, v)):
         items = [_short_run_pieces(q[i : i + 1], k[i : i + 1], v[i : i + 1], stride=stride, scale=scale,
-                                   min_distance=min_distance, skip_strides=skip_strides) for i in range(b)]
+                                   min_distance=min_distance, skip_strides=skip_strides, out_dtype=out_dtype)
+                 for i in range(b)]
         return [(row, torch.cat([pieces[j][1] for pieces in items]), torch.cat([pieces[j][2] for pieces in items]))
                 for j, (row, _, _) in enumerate(items[0])]
     lk, s, hkv = k.shape[-2], stride, k.shape[1]
@@ -460,7 +463,7 @@ def _short_run_pieces(
             kc, vc = (row_grid(x, first_class, (run, 1), (keys, s)) for x in (k, v))  # class c: its keys
             dv = v.shape[-1]
             if _on_span_kernel(qc, kc, vc, kernel_device(q.device)):
-                out = q.new_empty(*qc.shape[:-1], dv)
+                out = q.new_empty(*qc.shape[:-1], dv, dtype=out_dtype or q.dtype)
                 lse = q.new_empty(qc.shape[:-1], dtype=torch.float32)
                 # Every row, a query head, at key class row class_row: the skipped strides' key class
                 # rows left out by a mask, as the kernel skips by row, not head.

@@ -41,7 +41,7 @@ def band_strided_attention(
         kwargs = dict(stride=strides[n], scale=scale, min_distance=window, skip_strides=strides[:n])
         if causal:
             return strided_pieces(q, k, v, out_dtype=merged, **kwargs)
-        return [(0, *strided_attention(q, k, v, causal=False, **kwargs))]
+        return [(0, *strided_attention(q, k, v, causal=False, out_dtype=merged, **kwargs))]
 
     seeded_band = _seeded_band(q, k, v, causal)
     if len(strides) <= 2 and seeded_band is not None:
