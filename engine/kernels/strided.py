@@ -432,11 +432,11 @@ def _short_run_pieces(
     kernel where it takes them (`_on_span_kernel`; the skipped strides' class rows as its mask),
     written in `out_dtype` (q's unless said: float32 for a partial that a union's band or fixed
     step continues, so that the result is rounded once), else to torch's fused call (under
-    `class_distance_mask`, kept: a decode loop's steps in one class row reuse it). Span kernel / torch's call through
-    `engine.attention`, H = 8, D = 64, after 16384 keys, in turn (AMD EPYC): one row float32
-    strided(64) 0.97, strided(128) 1.06, the union's stride (sliding 128, strided 128) 0.90, after
-    65536 keys 1.01-1.03 and 0.94; bfloat16 0.58 / 0.63 / 0.70; 4 rows 0.91-0.96; 16 rows
-    0.70 / 0.82 / 0.81; H = 32 over 8 0.93-0.99."""
+    `class_distance_mask`, kept: a decode loop's steps in one class row reuse it). Span kernel /
+    torch's call through `engine.attention`, H = 8, D = 64, after 16384 keys, in turn (AMD EPYC):
+    one row float32 strided(64) 0.97, strided(128) 1.06, the union's stride (sliding 128, strided
+    128) 0.90, after 65536 keys 1.01-1.03 and 0.94; bfloat16 0.58 / 0.63 / 0.70; 4 rows 0.91-0.96;
+    16 rows 0.70 / 0.82 / 0.81; H = 32 over 8 0.93-0.99."""
     b, h, lq, d = q.shape
     # per_head's blocks of heads (`attention.HeadBlocks`), whose B and H do not merge: an item at a
     # time, whose class rows are views (`row_major` would copy K and V whole)
