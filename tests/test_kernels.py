@@ -577,8 +577,9 @@ STRIDES = {"type": "union", "patterns": [SW(256), ST(128), ST(96)]}
     (NO_KERNEL, 1, 65536, True, "masked"),
     (NO_KERNEL, 16384, 16384, False, "masked"),
     # Small problems of unions (at most SMALL_KEYS = 128 keys; a union with fixed 256): one masked
-    # call, a stride on its own kernel (fixed alone and windows: test_small_problems_and_short_runs_
-    # on_the_span_kernel, and without it test_small_problems_and_short_runs_without_the_span_kernel).
+    # call, a stride on its own kernel. Fixed alone and windows:
+    # test_small_problems_and_short_runs_on_the_span_kernel, and without it
+    # test_small_problems_and_short_runs_without_the_span_kernel.
     ({"type": "union", "patterns": [SW(16), ST(16)]}, 1, 128, False, "masked"),
     ({"type": "union", "patterns": [SW(16), ST(16)]}, 1, 129, False, "band+strided"),
     ({"type": "union", "patterns": [SW(32), ST(32), FX(64, 4)]}, 100, 100, True, "masked"),
