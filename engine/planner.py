@@ -289,13 +289,19 @@ def plan(pattern: PatternBase, lq: int, lk: int, causal: bool, device: str) -> P
     return structured or masked_plan(pattern, lq, lk, causal)
 
 
+def _steps_on_span_kernel(device: str) -> bool:
+    """Whether the plans' steps on `device` run on the CPU span kernel (the band's, fixed's, the
+    masked plan's calls): on the CPU where it is built. The masked-or-structured rules differ there."""
+    return device == "cpu" and span_kernel.library() is not None
+
+
 def _small_on_masked(pattern: PatternBase, lk: int, causal: bool, device: str) -> bool:
     """Whether one masked call over Lk keys beats the pattern's structured steps (SMALL_KEYS)."""
     if _union_with(pattern, Fixed):
         return lk <= 2 * SMALL_KEYS
     if isinstance(pattern, Union):
         return lk <= SMALL_KEYS
-    if device == "cpu" and span_kernel.library() is not None:  # the band and fixed's steps on it
+    if _steps_on_span_kernel(device):
         return isinstance(pattern, Fixed) and lk <= SMALL_KEYS // 2
     if isinstance(pattern, Fixed) or isinstance(pattern, SlidingWindow) and not causal:
         return lk <= SMALL_KEYS
@@ -308,7 +314,7 @@ def _short_run_on_masked(pattern: PatternBase, lq: int, lk: int, causal: bool, d
     fixed alone (twice SHORT_RUN_MASKED_KEYS), a few causal rows of a union with fixed
     (SHORT_RUN_MASKED_KEYS; with a stride among its members twice as many) and one row of one,
     causal or not (ONE_ROW_MASKED_KEYS)."""
-    if device != "cpu" or lq > SHORT_RUN_ROWS or span_kernel.library() is not None:
+    if device != "cpu" or lq > SHORT_RUN_ROWS or _steps_on_span_kernel(device):
         return False
     if isinstance(pattern, Fixed):  # one row is its fast case: a copy of exactly its keys
         return causal and lq > 1 and lk <= 2 * SHORT_RUN_MASKED_KEYS
