@@ -7,12 +7,13 @@ fixed, a stride with fixed, all three, several strides) at any query length; any
 fixed members) falls back to the masked kernel, which is exact and memory-safe but slower (for a
 few query rows it runs on a copy of just the keys they attend). Small problems of fixed, unions
 and windows (at most SMALL_KEYS keys; a union with fixed twice that, a causal window half; where
-the CPU's span kernel is built fixed alone half and windows never) run on the masked kernel too:
-one call beats their several small ones there; so, on the CPU, do a chunk of one or two class
-rows of strides of at most TINY_STRIDE (of a union of strides, TINY_UNION_STRIDE), and where the
-span kernel is not built, short chunks of fixed alone and of unions with fixed after up to
-SHORT_RUN_MASKED_KEYS keys and a decode step of one whose row attends up to ONE_ROW_MASKED_KEYS
-keys.
+the CPU's span kernel is built: fixed alone half, a window with fixed half from two rows on, a
+stride with fixed twice that over at most SMALL_KEYS^2 mask elements, windows never) run on the
+masked kernel too: one call beats their several small ones there; so, on the CPU, do a chunk of
+one or two class rows of strides of at most TINY_STRIDE (of a union of strides,
+TINY_UNION_STRIDE), and where the span kernel is not built, short chunks of fixed alone and of
+unions with fixed after up to SHORT_RUN_MASKED_KEYS keys and a decode step of one whose row
+attends up to ONE_ROW_MASKED_KEYS keys.
 `simplify` first removes what cannot change the mask.
 """
 
@@ -121,6 +122,18 @@ class Plan:
 #   (sliding_window(8) and (16) at n = 32 to 128, causal or not, both dtypes, H = 32 over 8 with
 #   D = 128, B = 4 with H = 8 over 2): it keeps the band. A stride keeps its kernel at any size
 #   (strided(4) at 64 to 256: 1.20-2.97).
+# - Unions with fixed on the span kernel (2026-12-07, twenty-fifth session; plans called directly,
+#   masks kept; H = 8, D = 64 unless said, float32 and bfloat16, B = 4 with H = 8 over 2):
+#   - with strides and no window (union(strided 16, fixed(16, 2)), strided 32 with fixed(32, 4),
+#     strides 8 and 24 with fixed(16, 2)), masked wins up to 128 square (0.35-0.97) and mostly
+#     loses from 160 (0.88-1.84), and wins on 4 and 16 rows after 64 to 256 keys (0.33-0.91): up
+#     to 256 keys and SMALL_KEYS^2 mask elements;
+#   - with a window and a stride too: 0.28-1.14 up to 192, 0.97-1.36 at 256; 256 keys, as before;
+#   - with a window and no stride (its band, which fixed's step continues: two calls, no merge),
+#     masked wins up to 64 square (0.53-1.08) and loses at 96 causal (0.96-1.29), from 160
+#     (1.16-2.77) and on one row at any size (1.25-1.64): up to 64 keys, from two rows on.
+#   At H = 32 over 8 with D = 128 every union crosses sooner (a stride with fixed at 128 square
+#   1.15-1.36, all three from 160 0.81-1.34): the rule does not see the heads.
 SMALL_KEYS = 128
 # Where the CPU's span kernel is not built (torch's calls take fixed's step and the masked plan's),
 # a causal short run (2 to SHORT_RUN_ROWS rows: a small chunk) of a union with a fixed member runs
@@ -283,7 +296,8 @@ def plan(pattern: PatternBase, lq: int, lk: int, causal: bool, device: str) -> P
     if isinstance(pattern, Dense):
         return Plan("sdpa", (partial(kernels.dense_attention, diagonal=(lk - lq) if causal else None),),
                     grouped_kv_on_cuda=not causal or lq * lq <= SMALL_MASK_ELEMENTS, span_kernel_reads=True)
-    on_masked = (_small_on_masked(pattern, lk, causal, device) or _short_run_on_masked(pattern, lq, lk, causal, device)
+    on_masked = (_small_on_masked(pattern, lq, lk, causal, device)
+                 or _short_run_on_masked(pattern, lq, lk, causal, device)
                  or _tiny_strides_on_masked(pattern, lq, causal, device))
     structured = None if on_masked else structured_plan(pattern, lq, lk, causal, device)
     return structured or masked_plan(pattern, lq, lk, causal)
@@ -295,17 +309,32 @@ def _steps_on_span_kernel(device: str) -> bool:
     return device == "cpu" and span_kernel.library() is not None
 
 
-def _small_on_masked(pattern: PatternBase, lk: int, causal: bool, device: str) -> bool:
+def _small_on_masked(pattern: PatternBase, lq: int, lk: int, causal: bool, device: str) -> bool:
     """Whether one masked call over Lk keys beats the pattern's structured steps (SMALL_KEYS)."""
+    if _steps_on_span_kernel(device):
+        if _union_with(pattern, Fixed):
+            return _small_union_with_fixed_on_masked(pattern, lq, lk)
+        if isinstance(pattern, Union):
+            return lk <= SMALL_KEYS
+        return isinstance(pattern, Fixed) and lk <= SMALL_KEYS // 2
     if _union_with(pattern, Fixed):
         return lk <= 2 * SMALL_KEYS
     if isinstance(pattern, Union):
         return lk <= SMALL_KEYS
-    if _steps_on_span_kernel(device):
-        return isinstance(pattern, Fixed) and lk <= SMALL_KEYS // 2
     if isinstance(pattern, Fixed) or isinstance(pattern, SlidingWindow) and not causal:
         return lk <= SMALL_KEYS
     return isinstance(pattern, SlidingWindow) and lk <= SMALL_KEYS // 2
+
+
+def _small_union_with_fixed_on_masked(pattern: Union, lq: int, lk: int) -> bool:
+    """On the span kernel, whether one masked call beats the steps of a union with fixed, by its
+    other members (SMALL_KEYS): with a window and a stride (three steps and their merges) over up to twice
+    SMALL_KEYS keys; with strides alone over that many and SMALL_KEYS^2 mask elements; with a
+    window alone (its band, which fixed's step continues: two calls, no merge) from two rows on over
+    up to half as many keys."""
+    if not _union_with(pattern, Strided):
+        return lq > 1 and lk <= SMALL_KEYS // 2
+    return lk <= 2 * SMALL_KEYS and (_union_with(pattern, SlidingWindow) or lq * lk <= SMALL_KEYS * SMALL_KEYS)
 
 
 def _short_run_on_masked(pattern: PatternBase, lq: int, lk: int, causal: bool, device: str) -> bool:

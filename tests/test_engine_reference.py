@@ -70,16 +70,16 @@ SHAPES = {
 
 
 def test_each_pass_runs_the_kernels_it_names(engine_passes):
-    """The module's passes differ: a union with fixed over 100 keys runs masked as shipped, else
-    on its structured plan; the last on CUDA's branches."""
+    """The module's passes differ: a union of a window, a stride and fixed over 100 keys runs
+    masked as shipped, else on its structured plan; the last on CUDA's branches."""
     from engine.attention import backend_for
     from engine.kernels.device import kernel_device
     from engine.patterns import parse_pattern
 
-    structured = "band+fixed"
+    structured = "band+strided+fixed"
     expected = {"as_shipped": "masked", "structured_at_every_size": structured, "cuda_kernels_on_cpu": structured}
     device = kernel_device(torch.device("cpu"))
-    pattern = parse_pattern(PATTERNS["union_window_fixed"])
+    pattern = parse_pattern(PATTERNS["union_three"])
     assert backend_for(pattern, 2, 100, 100, True, device) == expected[engine_passes]
     assert kernel_device(torch.device("cpu")) == ("cuda" if engine_passes == "cuda_kernels_on_cpu" else "cpu")
 

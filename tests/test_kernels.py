@@ -576,10 +576,10 @@ STRIDES = {"type": "union", "patterns": [SW(256), ST(128), ST(96)]}
     ({"type": "union", "patterns": [SW(256), FX(128, 8)]}, 16384, 16384, False, "band+fixed"),
     (NO_KERNEL, 1, 65536, True, "masked"),
     (NO_KERNEL, 16384, 16384, False, "masked"),
-    # Small problems of unions (at most SMALL_KEYS = 128 keys; a union with fixed 256): one masked
-    # call, a stride on its own kernel. Fixed alone and windows:
-    # test_small_problems_and_short_runs_on_the_span_kernel, and without it
-    # test_small_problems_and_short_runs_without_the_span_kernel.
+    # Small problems of unions (at most SMALL_KEYS = 128 keys; a union with fixed and a stride 256
+    # over at most SMALL_KEYS^2 mask elements): one masked call, a stride on its own kernel. Fixed
+    # alone, windows and a window with fixed: test_small_problems_and_short_runs_on_the_span_kernel,
+    # and without it test_small_problems_and_short_runs_without_the_span_kernel.
     ({"type": "union", "patterns": [SW(16), ST(16)]}, 1, 128, False, "masked"),
     ({"type": "union", "patterns": [SW(16), ST(16)]}, 1, 129, False, "band+strided"),
     ({"type": "union", "patterns": [SW(32), ST(32), FX(64, 4)]}, 100, 100, True, "masked"),
@@ -638,12 +638,22 @@ def test_planner_kernel_choice(pattern, lq, lk, causal, backend):
     ({"type": "union", "patterns": [SW(128), FX(128, 8)]}, 1, 300, "band+fixed"),  # no stride
     ({"type": "union", "patterns": [SW(128), FX(128, 8)]}, 16, 1024, "band+fixed"),
     ({"type": "union", "patterns": [SW(128), ST(128)]}, 16, 1024, "band+strided"),  # no fixed member
+    # a small union with fixed: with a stride, masked over at most 2 * SMALL_KEYS = 256 keys and
+    # SMALL_KEYS^2 mask elements; a window and fixed over at most SMALL_KEYS / 2 = 64, one row never
+    ({"type": "union", "patterns": [ST(16), FX(16, 2)]}, 128, 128, "masked"),
+    ({"type": "union", "patterns": [ST(16), FX(16, 2)]}, 129, 129, "strided+fixed"),
+    ({"type": "union", "patterns": [ST(16), FX(16, 2)]}, 64, 256, "masked"),
+    ({"type": "union", "patterns": [ST(16), FX(16, 2)]}, 65, 256, "strided+fixed"),
+    ({"type": "union", "patterns": [SW(16), FX(16, 2)]}, 64, 64, "masked"),
+    ({"type": "union", "patterns": [SW(16), FX(16, 2)]}, 2, 64, "masked"),
+    ({"type": "union", "patterns": [SW(16), FX(16, 2)]}, 65, 65, "band+fixed"),
+    ({"type": "union", "patterns": [SW(16), FX(16, 2)]}, 1, 64, "band+fixed"),
 ])
 @pytest.mark.parametrize("causal", [True, False])
 def test_small_problems_and_short_runs_on_the_span_kernel(pattern, lq, lk, backend, causal):
     """Where the span kernel is built (the band and fixed's steps on it), causal or not: fixed alone
-    takes one masked call over at most SMALL_KEYS / 2 keys and a window never; short runs and
-    decode rows keep the structured plan."""
+    takes one masked call over at most SMALL_KEYS / 2 keys and a window never, a union with fixed
+    over fewer than elsewhere; short runs and decode rows keep the structured plan."""
     from engine.patterns import parse_pattern
     from engine.planner import plan
 
@@ -1079,13 +1089,16 @@ def test_a_row_on_exactly_its_keys_takes_an_unmasked_call(monkeypatch, lq, spec,
 def test_a_decode_row_of_a_union_with_fixed_on_its_keys(pattern, lk, causal, dtype):
     """One row of a union with fixed (a decode step), with grouped key/value heads, a value head dim
     of its own and half precision, against the float64 reference: on the masked plan on the CPU
-    over few keys; after 5003 keys, causal or not, on the structured plan where the span kernel is
-    built (at head dim 24 fixed's step falls back to torch's calls)."""
+    over few keys (a window with fixed, no stride, keeps its two steps where the span kernel is
+    built); after 5003 keys, causal or not, on the structured plan where the span kernel is built
+    (at head dim 24 fixed's step falls back to torch's calls)."""
     from engine import attention
     from engine.patterns import parse_pattern
     from engine.planner import plan
 
-    assert lk in (1, 5003) or plan(parse_pattern(pattern), 1, lk, causal, "cpu").backend == "masked"
+    with_stride = any(member["type"] == "strided" for member in pattern["patterns"])
+    few_keys_backend = "masked" if with_stride or span_kernel.library() is None else "band+fixed"
+    assert lk in (1, 5003) or plan(parse_pattern(pattern), 1, lk, causal, "cpu").backend == few_keys_backend
     g = torch.Generator().manual_seed(lk)
     q = torch.randn(2, 4, 1, 24, generator=g).to(dtype)
     k = torch.randn(2, 2, lk, 24, generator=g).to(dtype)
