@@ -328,10 +328,10 @@ def _small_on_masked(pattern: PatternBase, lq: int, lk: int, causal: bool, devic
 
 def _small_union_with_fixed_on_masked(pattern: Union, lq: int, lk: int) -> bool:
     """On the span kernel, whether one masked call beats the steps of a union with fixed, by its
-    other members (SMALL_KEYS): with a window and a stride (three steps and their merges) over up to twice
-    SMALL_KEYS keys; with strides alone over that many and SMALL_KEYS^2 mask elements; with a
-    window alone (its band, which fixed's step continues: two calls, no merge) from two rows on over
-    up to half as many keys."""
+    other members (SMALL_KEYS): with a window and a stride (three steps and their merges) over up
+    to twice SMALL_KEYS keys; with strides alone over that many and SMALL_KEYS^2 mask elements;
+    with a window alone (its band, which fixed's step continues: two calls, no merge) from two rows
+    on over up to half as many keys."""
     if not _union_with(pattern, Strided):
         return lq > 1 and lk <= SMALL_KEYS // 2
     return lk <= 2 * SMALL_KEYS and (_union_with(pattern, SlidingWindow) or lq * lk <= SMALL_KEYS * SMALL_KEYS)

@@ -638,8 +638,12 @@ def test_planner_kernel_choice(pattern, lq, lk, causal, backend):
     ({"type": "union", "patterns": [SW(128), FX(128, 8)]}, 1, 300, "band+fixed"),  # no stride
     ({"type": "union", "patterns": [SW(128), FX(128, 8)]}, 16, 1024, "band+fixed"),
     ({"type": "union", "patterns": [SW(128), ST(128)]}, 16, 1024, "band+strided"),  # no fixed member
-    # a small union with fixed: with a stride, masked over at most 2 * SMALL_KEYS = 256 keys and
-    # SMALL_KEYS^2 mask elements; a window and fixed over at most SMALL_KEYS / 2 = 64, one row never
+    # a small union with fixed: with a window and a stride, masked over at most 2 * SMALL_KEYS = 256
+    # keys; with a stride alone, 256 keys and SMALL_KEYS^2 mask elements; a window and fixed over at
+    # most SMALL_KEYS / 2 = 64, one row never
+    ({"type": "union", "patterns": [SW(16), ST(16), FX(32, 4)]}, 256, 256, "masked"),
+    ({"type": "union", "patterns": [SW(16), ST(16), FX(32, 4)]}, 1, 256, "masked"),
+    ({"type": "union", "patterns": [SW(16), ST(16), FX(32, 4)]}, 257, 257, "band+strided+fixed"),
     ({"type": "union", "patterns": [ST(16), FX(16, 2)]}, 128, 128, "masked"),
     ({"type": "union", "patterns": [ST(16), FX(16, 2)]}, 129, 129, "strided+fixed"),
     ({"type": "union", "patterns": [ST(16), FX(16, 2)]}, 64, 256, "masked"),
