@@ -124,13 +124,6 @@ def row_major(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 and x.stride(-2) == x.shape[-1] and batch_and_heads_merge(x) else x.contiguous()
 
 
-def on_span_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
-    """Whether the band goes to the CPU span kernel: wherever it takes q, k and v, bfloat16 too where
-    AMX runs it natively (sliding_window(128) at n = 16384, H = 8, D = 64, ms: 24.6 against torch's
-    tiles' 30.4, 49.5 / 60.1 at 32768; w = 256 42.8 / 43.8)."""
-    return kernel_device(q.device) == "cpu" and span_kernel.takes(q, k, v)
-
-
 def span_band_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, window: int, scale: float, causal: bool = True,
     out_dtype: torch.dtype | None = None, seed: tuple[int, torch.Tensor, torch.Tensor] | None = None,
@@ -164,7 +157,10 @@ def band_pieces(
     queries bottom-right aligned: a consumer that writes a new tensor anyway (a union's merge)
     can take them without first joining them, and asks for the span kernel's piece in `out_dtype`
     (float32 where it merges, so that the result is rounded once; q's dtype unless said)."""
-    if on_span_kernel(q, k, v):  # it reads the windows' keys alone
+    # The span kernel wherever it takes q, k and v, bfloat16 too where AMX runs it natively
+    # (sliding_window(128) at n = 16384, H = 8, D = 64, ms: 24.6 against torch's tiles' 30.4, 49.5 /
+    # 60.1 at 32768; w = 256 42.8 / 43.8). It reads the windows' keys alone.
+    if span_kernel.takes(q, k, v):
         return [(0, *span_band_attention(q, k, v, window=window, scale=scale, causal=causal, out_dtype=out_dtype))]
     lo = max(0, k.shape[-2] - q.shape[-2] - window + 1)  # no row attends a key before its window
     k, v = row_range(k, lo, k.shape[-2] - lo), row_range(v, lo, v.shape[-2] - lo)  # the rule depends on i - j alone

@@ -376,7 +376,7 @@ def dense_attention(
     lq, lk, dv = q.shape[-2], k.shape[-2], v.shape[-1]
     if lq == 0 or lk == 0:
         return empty_partial(q, dv)
-    if kernel_device(q.device) == "cpu" and not cpu_native_half(q.dtype) and span_kernel.takes(q, k, v):
+    if not cpu_native_half(q.dtype) and span_kernel.takes(q, k, v):
         return _span_dense(q, k, v, scale=scale, diagonal=diagonal)
     if diagonal is None or diagonal >= lk - 1:
         return fused(q, k, v, scale=scale, is_causal=False)

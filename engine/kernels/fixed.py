@@ -246,8 +246,7 @@ def _on_span_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, block:
     the span kernel does not (`span_kernel.computes_natively`), and where the kernel takes q, k
     and v."""
     few_summary_keys = (k.shape[-2] - 1) // block * summary <= NATIVE_HALF_SPAN_MAX_SUMMARY_KEYS
-    return (kernel_device(q.device) == "cpu"
-            and (few_summary_keys or not cpu_native_half(q.dtype) or span_kernel.computes_natively(q.dtype))
+    return ((few_summary_keys or not cpu_native_half(q.dtype) or span_kernel.computes_natively(q.dtype))
             and span_kernel.takes(q, k, v))
 
 

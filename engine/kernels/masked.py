@@ -23,7 +23,6 @@ import torch
 from ..patterns import PatternBase
 from . import span_kernel
 from .dense import as_computed, fused, fused_masked, kept_when_small
-from .device import kernel_device
 
 # Mask elements per chunk: the mask, the rule's int64 temporaries and the kernel's scores are each
 # a few times this in bytes. union(sliding 256, strided 128, fixed(128, 8)) at n = 16384, one head,
@@ -50,7 +49,7 @@ def masked_attention(
     """Attention for `pattern` over [B, H, L, D], queries bottom-right aligned; on the CPU K and V
     may have fewer heads (H a multiple of theirs), which either CPU kernel reads as they are."""
     lq, lk, dv = q.shape[-2], k.shape[-2], v.shape[-1]
-    on_span_kernel = kernel_device(q.device) == "cpu" and span_kernel.takes(q, k, v)
+    on_span_kernel = span_kernel.takes(q, k, v)
     if lq == 1:  # the last position, with no key after it (causal or not): its keys by arithmetic
         keys = pattern.row_keys(lk - 1, q.device)
         if len(keys) < COMPACT_FRACTION * lk:

@@ -30,6 +30,8 @@ from pathlib import Path
 
 import torch
 
+from .device import kernel_device
+
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("span_attention.cpp")
@@ -140,10 +142,11 @@ def computes_natively(dtype: torch.dtype) -> bool:
 
 
 def takes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
-    """Whether the kernel computes these: on the CPU, in a dtype it reads, features adjacent (any
-    head dims: it reads them 16 at a time, the last few masked or through a buffer), and the kernel
-    built."""
-    return (q.is_cpu and q.dtype in DTYPES and k.dtype == v.dtype == q.dtype
+    """Whether the kernel computes these: where the engine uses the CPU's kernels and rules
+    (`kernel_device`: not CUDA's, nor CUDA's emulated on CPU tensors), in a dtype it reads,
+    features adjacent (any head dims: it reads them 16 at a time, the last few masked or through a
+    buffer), and the kernel built."""
+    return (kernel_device(q.device) == "cpu" and q.dtype in DTYPES and k.dtype == v.dtype == q.dtype
             and q.stride(-1) == k.stride(-1) == v.stride(-1) == 1 and library() is not None)
 
 

@@ -221,7 +221,7 @@ def strided_pieces(
     own_keys = min_distance == 0 and not skip_strides and key_rows * s < lk
     out_dtype = dtype if own_keys else out_dtype or q.dtype  # rounded once, after the own keys merge in
     qc, kc, vc = class_views(q, k, v)
-    if _on_span_kernel(qc, kc, vc, device):  # into a buffer laid out as q's rows
+    if _on_span_kernel(qc, kc, vc):  # into a buffer laid out as q's rows
         out, lse = _row_ordered(qc, rows, dv, out_dtype)
         # Local query class row r at key class row own + r: it sees those up to `back` rows before
         # (seen + r), off the skipped strides' class rows (`class_strides`).
@@ -253,7 +253,7 @@ def class_strides(stride: int, skip_strides: tuple[int, ...]) -> tuple[int, ...]
     return tuple(skipped // math.gcd(stride, skipped) for skipped in skip_strides)
 
 
-def _on_span_kernel(qc: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, device: str) -> bool:
+def _on_span_kernel(qc: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor) -> bool:
     """Whether class views (a long run's classes, a short run's rows' own) go to the CPU span kernel
     (`span_kernel`) rather than torch's kernel (in chunks; one fused call): on the CPU, in half
     precision that torch's kernel runs natively (AMX) up to
@@ -262,7 +262,7 @@ def _on_span_kernel(qc: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, device
     where the kernel takes the views."""
     short_enough = (not cpu_native_half(qc.dtype) or kc.shape[-2] <= NATIVE_HALF_SPAN_MAX_KEY_ROWS
                     or (span_kernel.computes_natively(qc.dtype) and qc.shape[-2] >= NATIVE_SPAN_MIN_QUERY_ROWS))
-    return device == "cpu" and short_enough and span_kernel.takes(qc, kc, vc)
+    return short_enough and span_kernel.takes(qc, kc, vc)
 
 
 def _torch_chunk_results(q, k, v, views, class_views, *, rows: int, seen: int, back: int, key_rows: int,
@@ -462,7 +462,7 @@ def _short_run_pieces(
             qc = _swapped(row_range(q, row, run), (b, hkv, group, run, d), (b * hkv, run, group, d))
             kc, vc = (row_grid(x, first_class, (run, 1), (keys, s)) for x in (k, v))  # class c: its keys
             dv = v.shape[-1]
-            if _on_span_kernel(qc, kc, vc, kernel_device(q.device)):
+            if _on_span_kernel(qc, kc, vc):
                 out = q.new_empty(*qc.shape[:-1], dv, dtype=out_dtype or q.dtype)
                 lse = q.new_empty(qc.shape[:-1], dtype=torch.float32)
                 # Every row, a query head, at key class row class_row: the skipped strides' key class
@@ -588,7 +588,7 @@ def _every_class_key(q, k, v, *, stride: int, scale: float, min_distance: int,
     key_rows, rest = divmod(lk, s)
     kc, vc = _classes(k, 0, key_rows * s, s), _classes(v, 0, key_rows * s, s)
     step = max(1, MASK_BUDGET // max(1, key_rows))
-    on_span_kernel = key_rows and _on_span_kernel(qc, kc, vc, kernel_device(q.device))
+    on_span_kernel = key_rows and _on_span_kernel(qc, kc, vc)
     if not on_span_kernel:  # torch's calls below: K and V class by class where that pays
         kc, vc = _keys_as_read(q_rows, kc, vc, kernel_device(q.device))
     if on_span_kernel:  # every key of the class: an unbounded span, into a buffer laid out as q's rows

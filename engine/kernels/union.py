@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import torch
 
-from . import triton_band
-from .band import band_pieces, on_span_kernel, row_range, span_band_attention
+from . import span_kernel, triton_band
+from .band import band_pieces, row_range, span_band_attention
 from .dense import computed_dtype
 from .merge import merge_to
 from .strided import strided_attention, strided_pieces
@@ -81,7 +81,7 @@ def _seeded_band(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool
     CPU's span kernel, or None."""
     if triton_band.takes(q, v, causal, seeded=True):
         return triton_band.triton_band_attention
-    return span_band_attention if on_span_kernel(q, k, v) else None
+    return span_band_attention if span_kernel.takes(q, k, v) else None
 
 
 def _rows(partial: tuple[torch.Tensor, torch.Tensor], start: int, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
