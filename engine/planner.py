@@ -311,16 +311,13 @@ def _steps_on_span_kernel(device: str) -> bool:
 
 def _small_on_masked(pattern: PatternBase, lq: int, lk: int, causal: bool, device: str) -> bool:
     """Whether one masked call over Lk keys beats the pattern's structured steps (SMALL_KEYS)."""
-    if _steps_on_span_kernel(device):
-        if _union_with(pattern, Fixed):
-            return _small_union_with_fixed_on_masked(pattern, lq, lk)
-        if isinstance(pattern, Union):
-            return lk <= SMALL_KEYS
-        return isinstance(pattern, Fixed) and lk <= SMALL_KEYS // 2
+    on_span_kernel = _steps_on_span_kernel(device)
     if _union_with(pattern, Fixed):
-        return lk <= 2 * SMALL_KEYS
+        return _small_union_with_fixed_on_masked(pattern, lq, lk) if on_span_kernel else lk <= 2 * SMALL_KEYS
     if isinstance(pattern, Union):
         return lk <= SMALL_KEYS
+    if on_span_kernel:
+        return isinstance(pattern, Fixed) and lk <= SMALL_KEYS // 2
     if isinstance(pattern, Fixed) or isinstance(pattern, SlidingWindow) and not causal:
         return lk <= SMALL_KEYS
     return isinstance(pattern, SlidingWindow) and lk <= SMALL_KEYS // 2
