@@ -40,7 +40,7 @@
 #endif
 // Elsewhere bfloat16's scores as dot products of bfloat16 pairs where the CPU has AVX512_BF16
 // (vdpbf16ps: per lane two products, exact in float32, added to it as two FMAs would).
-#if defined(__AVX512BF16__)
+#if defined(__AVX512BF16__) && defined(__AVX512BW__)
 #define SPAN_BF16_PAIRS 1
 #else
 #define SPAN_BF16_PAIRS 0
@@ -880,13 +880,22 @@ template <int IN, int OUT, int TILE_ROWS> struct Worker {
 
   // A lone row's scores (LONE_ROWS): scores[j] = q_row . k_(from + j) for j < seen, zeros on
   // to `keys`, from k's rows where they lie, 16 keys' products summed at a time (`lane_sums`), in
-  // float32 in every dtype (bfloat16's products are exact in it). A row reads its keys once: packing
-  // them (`pack`, 4 transposes for 16 keys at head dims 64) cost more than its products. One row
-  // after 16384 keys, H = 8, D = 64, float32, the kernel alone on one thread: 0.49 of the packed
-  // path's time (47 -> 23 us) for a window of 256 keys, 0.45 for 1024, 0.71 for 16.
+  // float32 in every dtype (bfloat16's products are exact in it; PAIRS: as its pairs, 32 features a
+  // step, not converted first). A row reads its keys once: packing them (`pack`, 4 transposes for
+  // 16 keys at head dims 64) cost more than its products. One row after 16384 keys, H = 8, D = 64,
+  // float32, the kernel alone on one thread: 0.49 of the packed path's time (47 -> 23 us) for a
+  // window of 256 keys, 0.45 for 1024, 0.71 for 16. Pairs here and `row_vectors`' sums in
+  // registers (2026-12-07), one row after 4096 keys, the same shape: bfloat16 0.74 of the time
+  // before, float16 0.73, float32 0.94; after 65536, bfloat16 0.90 (one thread, its memory's pace).
   template <bool WHOLE> void row_scores(const Item<In> &it, int64_t row, int64_t from, int64_t seen, int64_t keys) {
     const In *q = it.q + row * a.q_stride[2];
-    for (int64_t d = 0; d < a.dim; d += LANES) store(queries + d, read16<IN, WHOLE>(q, d, a.features));
+    if constexpr (PAIRS) {  // the row as it is, zeros past its features to a multiple of 32
+      const int64_t padded = (a.features + 31) / 32 * 32;
+      memcpy(queries, q, a.features * 2);
+      memset((uint16_t *)queries + a.features, 0, (padded - a.features) * 2);
+    } else {
+      for (int64_t d = 0; d < a.dim; d += LANES) store(queries + d, read16<IN, WHOLE>(q, d, a.features));
+    }
     Call::KeyRows key = a.key_rows(from, a.k_stride);
     for (int64_t j0 = 0; j0 < keys; j0 += LANES) {
       f32x16 products[LANES];  // key j0 + r's products, lane by lane
@@ -895,6 +904,14 @@ template <int IN, int OUT, int TILE_ROWS> struct Worker {
         products[r] = splat(0.f);
         if (j0 + r >= seen) continue;
         const In *k = it.k + key.next();
+#if SPAN_BF16_PAIRS
+        if constexpr (PAIRS) {  // 32 features a step, as pairs (`multiply_add`)
+          for (int64_t d = 0; d < a.features; d += 2 * LANES)
+            products[r] = (f32x16)_mm512_dpbf16_ps((__m512)products[r], (__m512bh)load(queries + d / 2),
+                                                   (__m512bh)pairs32(k, d, a.features));
+          continue;
+        }
+#endif
         for (int64_t d = 0; d < a.dim; d += LANES)
           products[r] += load(queries + d) * read16<IN, WHOLE>(k, d, a.features);
       }
@@ -902,22 +919,42 @@ template <int IN, int OUT, int TILE_ROWS> struct Worker {
     }
   }
 
+#if SPAN_BF16_PAIRS
+  // Features d .. d + 31 of a bfloat16 row as 16 pairs (bits), zeros past its `count` features (a
+  // masked load: no byte past the row is read).
+  static f32x16 pairs32(const uint16_t *row, int64_t d, int64_t count) {
+    if (d + 2 * LANES <= count) return (f32x16)_mm512_loadu_si512(row + d);
+    return (f32x16)_mm512_maskz_loadu_epi16((__mmask32)((1u << (count - d)) - 1), row + d);
+  }
+#endif
+
   // block_out = a lone row's probabilities (scores[j]) times values from + j, j < seen, read from v's
   // rows where they lie (`row_scores`).
   template <bool WHOLE> void row_products(const Item<In> &it, int64_t from, int64_t seen) {
-    for (int64_t d0 = 0; d0 < a.v_dim; d0 += 4 * LANES) {  // 4 vectors of the row's output at a time
-      const int64_t vectors = (a.v_dim - d0) / LANES < 4 ? (a.v_dim - d0) / LANES : 4;
-      f32x16 o[4] = {};
-      Call::KeyRows value = a.key_rows(from, a.v_stride);
-      for (int64_t j = 0; j < seen; j++) {
-        const In *x = it.v + value.next() + d0;
-        const float w = scores[j];
-#pragma GCC unroll 4
-        for (int e = 0; e < 4; e++)
-          if (e < vectors) o[e] += w * read16<IN, WHOLE>(x, e * LANES, a.v_features - d0);
-      }
-      for (int e = 0; e < vectors; e++) store(block_out + d0 + e * LANES, o[e]);
+    int64_t d0 = 0;
+    for (; d0 + 4 * LANES <= a.v_dim; d0 += 4 * LANES) row_vectors<WHOLE, 4>(it, from, seen, d0);
+    switch ((a.v_dim - d0) / LANES) {  // the last 1 to 3 vectors
+      case 1: return row_vectors<WHOLE, 1>(it, from, seen, d0);
+      case 2: return row_vectors<WHOLE, 2>(it, from, seen, d0);
+      case 3: return row_vectors<WHOLE, 3>(it, from, seen, d0);
     }
+  }
+
+  // `row_products`' V vectors of the row's output from feature d0, their sums in registers: a count
+  // of vectors known only at run time kept them in memory, each key's products a store and a load
+  // apart (one row after 4096 keys, H = 8, D = 64, bfloat16: half the kernel's time).
+  template <bool WHOLE, int V> void row_vectors(const Item<In> &it, int64_t from, int64_t seen, int64_t d0) {
+    f32x16 o[V] = {};
+    Call::KeyRows value = a.key_rows(from, a.v_stride);
+    const int64_t count = a.v_features - d0;
+    for (int64_t j = 0; j < seen; j++) {
+      const In *x = it.v + value.next() + d0;
+      const float w = scores[j];
+#pragma GCC unroll 4
+      for (int e = 0; e < V; e++) o[e] += w * read16<IN, WHOLE>(x, e * LANES, count);
+    }
+#pragma GCC unroll 4
+    for (int e = 0; e < V; e++) store(block_out + d0 + e * LANES, o[e]);
   }
 
   // Rows r0 .. r0 + rows - 1 of the strip written out from their running state (`at`: the first's
@@ -1313,12 +1350,20 @@ void merge_two(void *out, float *lse, const void *a_out, const float *a_lse, con
 // writes them).
 // strides: in elements, [i, c, row] for q, out, lse, seed_out, seed_lse, [i, c, row, group] for k
 // and v, in the order q, k, v, out, lse, seed_out, seed_lse.
+// args, one array (a call's few arguments converted once: a decode step's calls are microseconds):
+// the addresses of q, k, v, out, lse, seed_out, seed_lse and mask (0: null), the dtypes of q (k
+// and v alike), out and seed_out, the 23 strides, then the sizes.
 // Returns 0, or 1 where a thread's buffers could not be allocated, 2 for an unknown dtype, 3 for a
 // step out of range.
-extern "C" int span_attention(const void *q, const void *k, const void *v, void *out, float *lse,
-                              const void *seed_out, const float *seed_lse, const uint8_t *mask, int in_dtype,
-                              int out_dtype, int seed_dtype, const int64_t *sizes, const int64_t *strides, float scale,
-                              int threads) {
+extern "C" int span_attention(const int64_t *args, float scale, int threads) {
+  const void *q = (const void *)args[0], *k = (const void *)args[1], *v = (const void *)args[2];
+  void *out = (void *)args[3];
+  float *lse = (float *)args[4];
+  const void *seed_out = (const void *)args[5];
+  const float *seed_lse = (const float *)args[6];
+  const uint8_t *mask = (const uint8_t *)args[7];
+  const int in_dtype = (int)args[8], out_dtype = (int)args[9], seed_dtype = (int)args[10];
+  const int64_t *strides = args + 11, *sizes = args + 11 + 23;
   Call call = {q, k, v, out, lse, seed_out, seed_lse, seed_dtype};
   int64_t *fields[21] = {&call.n, &call.classes, &call.n_group, &call.class_group, &call.q_rows, &call.k_rows,
                          &call.features, &call.v_features, &call.first, &call.last, &call.strip_rows, &call.row_shift,

@@ -111,9 +111,9 @@ def load(path: Path) -> ctypes.CDLL:
     """A built kernel, its functions typed."""
     loaded = ctypes.CDLL(str(path))
     function = loaded.span_attention
-    # sizes and strides: int64 arrays, passed by address (`array.array`: a quarter of ctypes' arrays' cost)
-    function.argtypes = [ctypes.c_void_p] * 8 + [ctypes.c_int] * 3 + [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_float,
-                                                                      ctypes.c_int]
+    # its addresses, sizes and strides: one int64 array, passed by address (`array.array`: a quarter
+    # of ctypes' arrays' cost)
+    function.argtypes = [ctypes.c_void_p, ctypes.c_float, ctypes.c_int]
     function.restype = ctypes.c_int
     loaded.span_merge.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int] * 3 + [ctypes.c_int64, ctypes.c_void_p,
                                                                                ctypes.c_void_p, ctypes.c_int]
@@ -181,40 +181,37 @@ def span_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch
     is the same alone, batched or on any number of threads); outputs with rows apart, past a size,
     are streamed past the caches."""
     n, classes, q_rows, dim = q.shape
-    grouped = k.dim() == 5
-    k_shape, v_dim = k.shape, v.shape[-1]
+    k_shape, v_shape = k.shape, v.shape
+    grouped = len(k_shape) == 5
     key_group = k_shape[3] if grouped else max(1, k_shape[2])
     k_rows = k_shape[2] * k_shape[3] if grouped else k_shape[2]
+    v_dim = v_shape[-1]
     span, first_position = group_positions or (key_group, 0)
-    assert (k.dim() == v.dim() and k_shape[:-1] == v.shape[:-1] and n % k_shape[0] == 0 and classes % k_shape[1] == 0
-            and min_distance >= 0 and all(stride >= 1 for stride in skip_strides) and span >= key_group
-            and takes(q, k, v)
-            and out.shape == (n, classes, q_rows, v_dim) and out.dtype in DTYPES and out.stride(-1) == 1
-            and lse.shape == (n, classes, q_rows) and lse.dtype == torch.float32
+    seed_out, seed_lse = seed if seed is not None else (out, lse)
+    assert (len(v_shape) == len(k_shape) and k_shape[:-1] == v_shape[:-1] and n % k_shape[0] == 0
+            and classes % k_shape[1] == 0 and min_distance >= 0 and span >= key_group
+            and all(stride >= 1 for stride in skip_strides) and takes(q, k, v)
+            and out.shape == seed_out.shape == (n, classes, q_rows, v_dim) and out.stride(-1) == seed_out.stride(-1) == 1
+            and out.dtype in DTYPES and seed_out.dtype in DTYPES
+            and lse.shape == seed_lse.shape == (n, classes, q_rows) and lse.dtype == seed_lse.dtype == torch.float32
             and row_shift >= 0 and rows_per_step >= 1 and keys_per_step >= 0
             and (mask is None or mask.dtype == torch.bool and mask.shape == (q_rows, k_rows)
                  and (mask.stride(-1) == 1 or k_rows <= 1)))
-    seed_out, seed_lse = seed if seed is not None else (out, lse)
-    assert seed is None or (seed_out.shape == out.shape and seed_out.dtype in DTYPES
-                            and seed_out.stride(-1) == 1 and seed_lse.shape == lse.shape
-                            and seed_lse.dtype == torch.float32)
-    if lse.numel() == 0:  # no row (values of head dim 0 still have each row's lse)
+    if not (n and classes and q_rows):  # no row (values of head dim 0 still have each row's lse)
         return
-    sizes = array.array("q", (n, classes, n // k_shape[0], classes // k_shape[1], q_rows, k_rows, dim, v_dim,
-                              max(-UNBOUNDED, first), min(UNBOUNDED, last), strip_rows, row_shift,
-                              rows_per_step, keys_per_step, causal, key_group, span, first_position,
-                              min_distance, mask.stride(0) if mask is not None else 0, len(skip_strides),
-                              *skip_strides))
     # k's and v's [i, c, row, group]: a group's stride, 0 where there is one group
     ks, vs = k.stride(), v.stride()
     key_strides = (ks[0], ks[1], ks[3], ks[2], vs[0], vs[1], vs[3], vs[2]) if grouped else (*ks[:3], 0, *vs[:3], 0)
-    strides = array.array("q", (*q.stride()[:3], *key_strides, *out.stride()[:3], *lse.stride(),
-                                *seed_out.stride()[:3], *seed_lse.stride()))
-    seeds = (seed_out.data_ptr(), seed_lse.data_ptr()) if seed is not None else (None, None)
-    status = library().span_attention(q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), lse.data_ptr(),
-                                      *seeds, mask.data_ptr() if mask is not None else None, DTYPES[q.dtype],
-                                      DTYPES[out.dtype], DTYPES[seed_out.dtype],
-                                      sizes.buffer_info()[0], strides.buffer_info()[0], scale, torch.get_num_threads())
+    args = array.array("q", (
+        q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), lse.data_ptr(),
+        seed_out.data_ptr() if seed is not None else 0, seed_lse.data_ptr() if seed is not None else 0,
+        mask.data_ptr() if mask is not None else 0, DTYPES[q.dtype], DTYPES[out.dtype], DTYPES[seed_out.dtype],
+        *q.stride()[:3], *key_strides, *out.stride()[:3], *lse.stride(), *seed_out.stride()[:3], *seed_lse.stride(),
+        n, classes, n // k_shape[0], classes // k_shape[1], q_rows, k_rows, dim, v_dim,
+        max(-UNBOUNDED, first), min(UNBOUNDED, last), strip_rows, row_shift, rows_per_step, keys_per_step, causal,
+        key_group, span, first_position, min_distance, mask.stride(0) if mask is not None else 0, len(skip_strides),
+        *skip_strides))
+    status = library().span_attention(args.buffer_info()[0], scale, torch.get_num_threads())
     if status:
         raise MemoryError(f"the span kernel could not allocate its buffers (status {status})")
 
