@@ -455,8 +455,10 @@ def bench_tiles(args, device: torch.device) -> list[dict]:
 
 def bench_decode(args, device: torch.device) -> list[dict]:
     """Lq query rows at the end of Lk keys (a decode step, a short chunk), per pattern and dtype
-    (--dtypes): the engine against dense SDPA over every key and against the masked kernel (the
-    fallback of a pattern with no structured kernel) on the same rows; grouped-query with
+    (--dtypes): the engine against its own dense plan over every key (`dense_s`), torch's SDPA over
+    every key (`sdpa_s`, grouped heads as they are: the call a user would make without the engine)
+    and the masked kernel (the fallback of a pattern with no structured kernel) on the same rows;
+    grouped-query with
     --decode-kv-heads (the masked kernel on key/value heads repeated before the clock, as a device
     without grouped heads needs). Each call builds the masked kernel's mask afresh, as a real decode
     step does (its position is new each time), rather than find it kept from the last repeat."""
@@ -468,7 +470,9 @@ def bench_decode(args, device: torch.device) -> list[dict]:
         k_rep, v_rep = (x.repeat_interleave(args.heads // kv_heads, dim=1) for x in (k, v))
         for lq in args.decode_lq:
             q = inputs(lq, args.heads, args.dim, DTYPES[dtype_name], device, seed=lq)[0]
-            fns = {"dense": lambda q=q, k=k, v=v: attention(q, k, v, None)}
+            fns = {"dense": lambda q=q, k=k, v=v: attention(q, k, v, None),
+                   "sdpa": lambda q=q, k=k, v=v: F.scaled_dot_product_attention(
+                       q, k, v, scale=scale, enable_gqa=kv_heads != args.heads)}
             for label, spec in patterns.items():
                 pattern = parse_pattern(spec)
                 single = simplify(pattern, lk)
@@ -482,12 +486,13 @@ def bench_decode(args, device: torch.device) -> list[dict]:
                 row = {"pattern": label, "dtype": dtype_name, "lq": lq, "lk": lk, "heads": args.heads,
                        "kv_heads": kv_heads, "backend": backend_for(parse_pattern(spec), args.heads, lq, lk, True,
                                                                 kernel_device(device)),
-                       "dense_s": best["dense"], "engine_s": best["engine", label],
+                       "dense_s": best["dense"], "sdpa_s": best["sdpa"], "engine_s": best["engine", label],
                        "masked_s": best["masked", label]}
                 rows.append(row)
                 print(f"{dtype_name:8} Lk {lk:6} Lq {lq:3} {label:46} {row['backend']:12} engine "
                       f"{row['engine_s'] * 1e3:7.2f} ms  masked {row['masked_s'] * 1e3:7.2f}"
-                      f"  dense {row['dense_s'] * 1e3:7.2f}  masked / engine {row['masked_s'] / row['engine_s']:5.1f}",
+                      f"  dense {row['dense_s'] * 1e3:7.2f}  SDPA {row['sdpa_s'] * 1e3:7.2f}"
+                      f"  masked / engine {row['masked_s'] / row['engine_s']:5.1f}",
                       flush=True)
     return rows
 

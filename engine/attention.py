@@ -373,6 +373,8 @@ def _view_runs(heads: list[int], q: torch.Tensor, k: torch.Tensor) -> list[list[
     groups when its patterns repeat: [a, b, a, b] over 8 heads gives a heads 0, 1, 4 and 5). A run
     allows it where its heads are evenly spaced and their key/value heads one, evenly spaced too,
     or whole groups (`_grouped_range`: the plans take them as they are)."""
+    if len(heads) == q.shape[1]:  # every head: a range of whole groups
+        return [heads]
     group = q.shape[1] // k.shape[1]
 
     def viewable(run: list[int]) -> bool:

@@ -131,7 +131,7 @@ def test_grouped_query_decode_rows(tmp_path):
                         "--dim", "16", "--repeats", "1", "--turn-s", "0.01", "--patterns", "strided", "--out", str(out)])
     rows = json.loads(out.read_text())["decode"]
     assert {(r["heads"], r["kv_heads"]) for r in rows} == {(4, 2)}
-    assert all(min(r["engine_s"], r["masked_s"], r["dense_s"]) > 0 for r in rows)
+    assert all(min(r["engine_s"], r["masked_s"], r["dense_s"], r["sdpa_s"]) > 0 for r in rows)
 
 
 @pytest.mark.parametrize("causal", [True, False])
@@ -158,7 +158,7 @@ def test_decode_benchmark_writes_each_kernels_time(tmp_path):
     assert {r["pattern"] for r in rows} == {*(bench_kernels.LABELS[p] for p in bench_kernels.ISSUE_PATTERNS),
                                             *bench_kernels.DECODE_EXTRA}
     for r in rows:
-        assert min(r["engine_s"], r["masked_s"], r["dense_s"]) > 0
+        assert min(r["engine_s"], r["masked_s"], r["dense_s"], r["sdpa_s"]) > 0
     assert {r["backend"] for r in rows} == {"band", "strided", "fixed", "band+strided", "masked"}  # Lk 700: short
 
 

