@@ -61,11 +61,16 @@ typedef uint16_t u16x16 __attribute__((vector_size(32)));
 // keys whole); chunks of 512 and 2048 were within 1% of 1024 at n = 16384 (strided, the band, the
 // union, fixed), and 2048 4.5% slower for fixed(128, 8) at 65536.
 constexpr int64_t KEY_CHUNK = 1024;
-// A strip of up to this many rows (a decode step's row, a short run's few) computes each row alone,
-// its keys and values read where they lie (`row_scores`): for so few rows packing the keys costs
-// more than their products. After 16384 keys, H = 8, D = 64, through engine.attention, against
-// packed blocks: 2 rows 0.76-0.79 of the time (sliding_window(256), fixed(128, 8)), 4 rows
-// 0.83-0.93; 8 rows 1.05-1.14.
+// A strip of up to this many rows (a decode step's row, a short run's few, a key/value head's query
+// heads folded into rows) reads its keys and values where they lie, unpacked (`row_scores`): for
+// so few rows packing the keys costs more than their products. After 16384 keys, H = 8, D = 64,
+// through engine.attention, against packed blocks: 2 rows 0.76-0.79 of the time
+// (sliding_window(256), fixed(128, 8)), 4 rows 0.83-0.93; 8 rows 1.05-1.14 (each row then read
+// every key itself). Since 2026-12-07 the strip's rows share each key's read: through
+// engine.attention against a row at a time, a decode step of H = 32 over 8 key/value heads, D = 128,
+// after 4096 keys, dense 0.65 of the time in float32, 0.55 in bfloat16 (the other paper patterns
+// 0.70-0.95); 4 rows after 4096 keys, H = 8, D = 64, 0.57-0.91; 2 and 3 rows of dense after 16384,
+// float32, 0.84 and 0.74.
 constexpr int64_t LONE_ROWS = 4;
 constexpr int LANES = 16;
 constexpr float LOG2E = 1.4426950408889634f;
@@ -878,44 +883,53 @@ template <int IN, int OUT, int TILE_ROWS> struct Worker {
     }
   }
 
-  // A lone row's scores (LONE_ROWS): scores[j] = q_row . k_(from + j) for j < seen, zeros on
-  // to `keys`, from k's rows where they lie, 16 keys' products summed at a time (`lane_sums`), in
-  // float32 in every dtype (bfloat16's products are exact in it; PAIRS: as its pairs, 32 features a
-  // step, not converted first). A row reads its keys once: packing them (`pack`, 4 transposes for
-  // 16 keys at head dims 64) cost more than its products. One row after 16384 keys, H = 8, D = 64,
-  // float32, the kernel alone on one thread: 0.49 of the packed path's time (47 -> 23 us) for a
-  // window of 256 keys, 0.45 for 1024, 0.71 for 16. Pairs here and `row_vectors`' sums in
+  // Lone rows' scores (a strip of up to LONE_ROWS rows, computed together): scores[r][j] = q_(r0 + r)
+  // . k_(from + j) for r < rows, j < seen, zeros on to `keys`, from k's rows where they lie, 16 keys'
+  // products summed at a time (`lane_sums`), in float32 in every dtype (bfloat16's products are
+  // exact in it; PAIRS: as its pairs, 32 features a step, not converted first). Each 16 keys come
+  // from memory once, for every row in turn from L1. Packing them (`pack`, 4 transposes for 16
+  // keys at head dims 64) cost more than so few rows' products. One row after 16384 keys, H = 8,
+  // D = 64, float32, the kernel alone on one thread: 0.49 of the packed path's time (47 -> 23 us)
+  // for a window of 256 keys, 0.45 for 1024, 0.71 for 16. Pairs here and `row_vectors`' sums in
   // registers (2026-12-07), one row after 4096 keys, the same shape: bfloat16 0.74 of the time
   // before, float16 0.73, float32 0.94; after 65536, bfloat16 0.90 (one thread, its memory's pace).
-  template <bool WHOLE> void row_scores(const Item<In> &it, int64_t row, int64_t from, int64_t seen, int64_t keys) {
-    const In *q = it.q + row * a.q_stride[2];
-    if constexpr (PAIRS) {  // the row as it is, zeros past its features to a multiple of 32
-      const int64_t padded = (a.features + 31) / 32 * 32;
-      memcpy(queries, q, a.features * 2);
-      memset((uint16_t *)queries + a.features, 0, (padded - a.features) * 2);
-    } else {
-      for (int64_t d = 0; d < a.dim; d += LANES) store(queries + d, read16<IN, WHOLE>(q, d, a.features));
+  template <bool WHOLE>
+  void row_scores(const Item<In> &it, int64_t r0, int64_t rows, int64_t from, int64_t seen, int64_t keys) {
+    for (int64_t r = 0; r < rows; r++) {  // row r's query at queries + r * dim
+      const In *q = it.q + (r0 + r) * a.q_stride[2];
+      float *query = queries + r * a.dim;
+      if constexpr (PAIRS) {  // the row as it is, zeros past its features to a multiple of 32
+        const int64_t padded = (a.features + 31) / 32 * 32;
+        memcpy(query, q, a.features * 2);
+        memset((uint16_t *)query + a.features, 0, (padded - a.features) * 2);
+      } else {
+        for (int64_t d = 0; d < a.dim; d += LANES) store(query + d, read16<IN, WHOLE>(q, d, a.features));
+      }
     }
     Call::KeyRows key = a.key_rows(from, a.k_stride);
     for (int64_t j0 = 0; j0 < keys; j0 += LANES) {
-      f32x16 products[LANES];  // key j0 + r's products, lane by lane
+      const In *k_rows[LANES];  // keys j0 .. j0 + 15 (null past `seen`)
+      for (int t = 0; t < LANES; t++) k_rows[t] = j0 + t < seen ? it.k + key.next() : nullptr;
+      for (int64_t r = 0; r < rows; r++) {
+        const float *query = queries + r * a.dim;
+        f32x16 products[LANES];  // key j0 + t's products, lane by lane
 #pragma GCC unroll 16
-      for (int r = 0; r < LANES; r++) {
-        products[r] = splat(0.f);
-        if (j0 + r >= seen) continue;
-        const In *k = it.k + key.next();
+        for (int t = 0; t < LANES; t++) {
+          products[t] = splat(0.f);
+          if (k_rows[t] == nullptr) continue;
 #if SPAN_BF16_PAIRS
-        if constexpr (PAIRS) {  // 32 features a step, as pairs (`multiply_add`)
-          for (int64_t d = 0; d < a.features; d += 2 * LANES)
-            products[r] = (f32x16)_mm512_dpbf16_ps((__m512)products[r], (__m512bh)load(queries + d / 2),
-                                                   (__m512bh)pairs32(k, d, a.features));
-          continue;
-        }
+          if constexpr (PAIRS) {  // 32 features a step, as pairs (`multiply_add`)
+            for (int64_t d = 0; d < a.features; d += 2 * LANES)
+              products[t] = (f32x16)_mm512_dpbf16_ps((__m512)products[t], (__m512bh)load(query + d / 2),
+                                                     (__m512bh)pairs32(k_rows[t], d, a.features));
+            continue;
+          }
 #endif
-        for (int64_t d = 0; d < a.dim; d += LANES)
-          products[r] += load(queries + d) * read16<IN, WHOLE>(k, d, a.features);
+          for (int64_t d = 0; d < a.dim; d += LANES)
+            products[t] += load(query + d) * read16<IN, WHOLE>(k_rows[t], d, a.features);
+        }
+        store(scores + r * width + j0, lane_sums(products));
       }
-      store(scores + j0, lane_sums(products));
     }
   }
 
@@ -928,33 +942,47 @@ template <int IN, int OUT, int TILE_ROWS> struct Worker {
   }
 #endif
 
-  // block_out = a lone row's probabilities (scores[j]) times values from + j, j < seen, read from v's
-  // rows where they lie (`row_scores`).
-  template <bool WHOLE> void row_products(const Item<In> &it, int64_t from, int64_t seen) {
-    int64_t d0 = 0;
-    for (; d0 + 4 * LANES <= a.v_dim; d0 += 4 * LANES) row_vectors<WHOLE, 4>(it, from, seen, d0);
-    switch ((a.v_dim - d0) / LANES) {  // the last 1 to 3 vectors
-      case 1: return row_vectors<WHOLE, 1>(it, from, seen, d0);
-      case 2: return row_vectors<WHOLE, 2>(it, from, seen, d0);
-      case 3: return row_vectors<WHOLE, 3>(it, from, seen, d0);
+  // block_out = R lone rows' probabilities (scores[r][j]) times values from + j, j < seen, read from
+  // v's rows where they lie, once for every row (`row_scores`); R = `computed_rows`: 1, 2 or 4.
+  template <bool WHOLE> void row_products(int computed, const Item<In> &it, int64_t from, int64_t seen) {
+    switch (computed) {
+      case 1: return row_products<WHOLE, 1>(it, from, seen);
+      case 2: return row_products<WHOLE, 2>(it, from, seen);
+      default: return row_products<WHOLE, LONE_ROWS>(it, from, seen);
     }
   }
 
-  // `row_products`' V vectors of the row's output from feature d0, their sums in registers: a count
-  // of vectors known only at run time kept them in memory, each key's products a store and a load
-  // apart (one row after 4096 keys, H = 8, D = 64, bfloat16: half the kernel's time).
-  template <bool WHOLE, int V> void row_vectors(const Item<In> &it, int64_t from, int64_t seen, int64_t d0) {
-    f32x16 o[V] = {};
+  template <bool WHOLE, int R> void row_products(const Item<In> &it, int64_t from, int64_t seen) {
+    int64_t d0 = 0;
+    for (; d0 + 4 * LANES <= a.v_dim; d0 += 4 * LANES) row_vectors<WHOLE, R, 4>(it, from, seen, d0);
+    switch ((a.v_dim - d0) / LANES) {  // the last 1 to 3 vectors
+      case 1: return row_vectors<WHOLE, R, 1>(it, from, seen, d0);
+      case 2: return row_vectors<WHOLE, R, 2>(it, from, seen, d0);
+      case 3: return row_vectors<WHOLE, R, 3>(it, from, seen, d0);
+    }
+  }
+
+  // `row_products`' V vectors of R rows' outputs from feature d0, their sums in registers (R x V
+  // at most 16): a count of vectors known only at run time kept them in memory, each key's
+  // products a store and a load apart (one row after 4096 keys, H = 8, D = 64, bfloat16: half the
+  // kernel's time).
+  template <bool WHOLE, int R, int V> void row_vectors(const Item<In> &it, int64_t from, int64_t seen, int64_t d0) {
+    f32x16 o[R][V] = {};
     Call::KeyRows value = a.key_rows(from, a.v_stride);
     const int64_t count = a.v_features - d0;
     for (int64_t j = 0; j < seen; j++) {
       const In *x = it.v + value.next() + d0;
-      const float w = scores[j];
 #pragma GCC unroll 4
-      for (int e = 0; e < V; e++) o[e] += w * read16<IN, WHOLE>(x, e * LANES, count);
+      for (int e = 0; e < V; e++) {
+        const f32x16 y = read16<IN, WHOLE>(x, e * LANES, count);
+#pragma GCC unroll 4
+        for (int r = 0; r < R; r++) o[r][e] += scores[r * width + j] * y;
+      }
     }
 #pragma GCC unroll 4
-    for (int e = 0; e < V; e++) store(block_out + d0 + e * LANES, o[e]);
+    for (int r = 0; r < R; r++)
+#pragma GCC unroll 4
+      for (int e = 0; e < V; e++) store(block_out + r * a.v_dim + d0 + e * LANES, o[r][e]);
   }
 
   // Rows r0 .. r0 + rows - 1 of the strip written out from their running state (`at`: the first's
@@ -1039,8 +1067,8 @@ template <int IN, int OUT, int TILE_ROWS> struct Worker {
     const bool same_problem = next >= 0 && after.i == it.i && after.c == it.c;
     const int64_t fetch_from = same_problem && after.key_begin < it.key_end ? it.key_end : after.key_begin;
     const int64_t next_keys = after.key_end > fetch_from ? after.key_end - fetch_from : 0;
-    const bool lone = !AMX && strip_rows <= LONE_ROWS;  // its rows one at a time (`row_scores`)
-    const int64_t block_rows = lone ? 1 : ROWS;
+    const bool lone = !AMX && strip_rows <= LONE_ROWS;  // its keys unpacked (`row_scores`)
+    const int64_t block_rows = lone ? LONE_ROWS : ROWS;
     for (int64_t c0 = it.key_begin; c0 < it.key_end; c0 += KEY_CHUNK) {
       const int64_t c1 = c0 + KEY_CHUNK < it.key_end ? c0 + KEY_CHUNK : it.key_end;
       const bool last_chunk = c1 == it.key_end;
@@ -1076,7 +1104,7 @@ template <int IN, int OUT, int TILE_ROWS> struct Worker {
         int64_t start = from - c0, seen = to - from, padded = (seen + KEY_STEP - 1) / KEY_STEP * KEY_STEP;
         const int computed = computed_rows(rows);
         if (lone) {
-          row_scores<WHOLE>(it, r0, from, seen, padded);
+          row_scores<WHOLE>(it, r0, rows, from, seen, padded);
         } else {
           load_queries<WHOLE>(it.q, r0, rows);
           for_rows(computed, [&](auto r) { block_scores<decltype(r)::value>(start, padded); });
@@ -1119,7 +1147,7 @@ template <int IN, int OUT, int TILE_ROWS> struct Worker {
           row_top[at] = top;
           row_sum[at] = row_sum[at] * keep[r] + sum;
         }
-        if (lone) row_products<WHOLE>(it, from, seen);
+        if (lone) row_products<WHOLE>(computed, it, from, seen);
         else for_rows(computed, [&](auto r) { block_products<decltype(r)::value>(start, seen); });
         if (finishing && a.stream_out) add_block<WHOLE, true>(out, r0, rows, at0, keep, true);
         else add_block<WHOLE>(out, r0, rows, at0, keep, finishing);
