@@ -67,10 +67,11 @@ constexpr int64_t KEY_CHUNK = 1024;
 // through engine.attention, against packed blocks: 2 rows 0.76-0.79 of the time
 // (sliding_window(256), fixed(128, 8)), 4 rows 0.83-0.93; 8 rows 1.05-1.14 (each row then read
 // every key itself). Since 2026-12-07 the strip's rows share each key's read: through
-// engine.attention against a row at a time, a decode step of H = 32 over 8 key/value heads, D = 128,
-// after 4096 keys, dense 0.65 of the time in float32, 0.55 in bfloat16 (the other paper patterns
-// 0.70-0.95); 4 rows after 4096 keys, H = 8, D = 64, 0.57-0.91; 2 and 3 rows of dense after 16384,
-// float32, 0.84 and 0.74.
+// engine.attention against a row at a time (d1ccb5e), a decode step of H = 32 over 8 key/value
+// heads (its 4 query heads folded into rows), D = 128, after 4096 keys: dense 0.65 of the time in
+// float32, 0.71 in bfloat16 (the other paper patterns, a row a problem: 0.94-1.03); 4 rows after
+// 4096 keys, H = 8, D = 64: dense 0.76-0.77, the others 0.91-1.02; 2 rows of dense after 16384
+// 0.84-0.94; one row 0.99-1.03.
 constexpr int64_t LONE_ROWS = 4;
 constexpr int LANES = 16;
 constexpr float LOG2E = 1.4426950408889634f;
@@ -893,24 +894,26 @@ template <int IN, int OUT, int TILE_ROWS> struct Worker {
   // for a window of 256 keys, 0.45 for 1024, 0.71 for 16. Pairs here and `row_vectors`' sums in
   // registers (2026-12-07), one row after 4096 keys, the same shape: bfloat16 0.74 of the time
   // before, float16 0.73, float32 0.94; after 65536, bfloat16 0.90 (one thread, its memory's pace).
-  template <bool WHOLE>
+  template <bool WHOLE, int R>
   void row_scores(const Item<In> &it, int64_t r0, int64_t rows, int64_t from, int64_t seen, int64_t keys) {
-    for (int64_t r = 0; r < rows; r++) {  // row r's query at queries + r * dim
-      const In *q = it.q + (r0 + r) * a.q_stride[2];
+    for (int r = 0; r < R; r++) {  // row r's query at queries + r * dim (zeros past the strip's rows)
       float *query = queries + r * a.dim;
-      if constexpr (PAIRS) {  // the row as it is, zeros past its features to a multiple of 32
+      if (r >= rows) {
+        memset(query, 0, a.dim * sizeof(float));
+      } else if constexpr (PAIRS) {  // the row as it is, zeros past its features to a multiple of 32
         const int64_t padded = (a.features + 31) / 32 * 32;
-        memcpy(query, q, a.features * 2);
+        memcpy(query, it.q + (r0 + r) * a.q_stride[2], a.features * 2);
         memset((uint16_t *)query + a.features, 0, (padded - a.features) * 2);
       } else {
-        for (int64_t d = 0; d < a.dim; d += LANES) store(query + d, read16<IN, WHOLE>(q, d, a.features));
+        for (int64_t d = 0; d < a.dim; d += LANES)
+          store(query + d, read16<IN, WHOLE>(it.q + (r0 + r) * a.q_stride[2], d, a.features));
       }
     }
     Call::KeyRows key = a.key_rows(from, a.k_stride);
     for (int64_t j0 = 0; j0 < keys; j0 += LANES) {
       const In *k_rows[LANES];  // keys j0 .. j0 + 15 (null past `seen`)
       for (int t = 0; t < LANES; t++) k_rows[t] = j0 + t < seen ? it.k + key.next() : nullptr;
-      for (int64_t r = 0; r < rows; r++) {
+      for (int r = 0; r < R; r++) {
         const float *query = queries + r * a.dim;
         f32x16 products[LANES];  // key j0 + t's products, lane by lane
 #pragma GCC unroll 16
@@ -942,16 +945,18 @@ template <int IN, int OUT, int TILE_ROWS> struct Worker {
   }
 #endif
 
-  // block_out = R lone rows' probabilities (scores[r][j]) times values from + j, j < seen, read from
-  // v's rows where they lie, once for every row (`row_scores`); R = `computed_rows`: 1, 2 or 4.
-  template <bool WHOLE> void row_products(int computed, const Item<In> &it, int64_t from, int64_t seen) {
+  // f(std::integral_constant<int, R>{}) for R = computed, a lone strip's `computed_rows` (1, 2 or
+  // LONE_ROWS), so that its rows' loops are compiled for each.
+  template <typename F> static void for_lone_rows(int computed, F f) {
     switch (computed) {
-      case 1: return row_products<WHOLE, 1>(it, from, seen);
-      case 2: return row_products<WHOLE, 2>(it, from, seen);
-      default: return row_products<WHOLE, LONE_ROWS>(it, from, seen);
+      case 1: return f(std::integral_constant<int, 1>{});
+      case 2: return f(std::integral_constant<int, 2>{});
+      default: return f(std::integral_constant<int, LONE_ROWS>{});
     }
   }
 
+  // block_out = R lone rows' probabilities (scores[r][j]) times values from + j, j < seen, read from
+  // v's rows where they lie, once for every row (`row_scores`).
   template <bool WHOLE, int R> void row_products(const Item<In> &it, int64_t from, int64_t seen) {
     int64_t d0 = 0;
     for (; d0 + 4 * LANES <= a.v_dim; d0 += 4 * LANES) row_vectors<WHOLE, R, 4>(it, from, seen, d0);
@@ -1104,7 +1109,7 @@ template <int IN, int OUT, int TILE_ROWS> struct Worker {
         int64_t start = from - c0, seen = to - from, padded = (seen + KEY_STEP - 1) / KEY_STEP * KEY_STEP;
         const int computed = computed_rows(rows);
         if (lone) {
-          row_scores<WHOLE>(it, r0, rows, from, seen, padded);
+          for_lone_rows(computed, [&](auto r) { row_scores<WHOLE, decltype(r)::value>(it, r0, rows, from, seen, padded); });
         } else {
           load_queries<WHOLE>(it.q, r0, rows);
           for_rows(computed, [&](auto r) { block_scores<decltype(r)::value>(start, padded); });
@@ -1147,7 +1152,7 @@ template <int IN, int OUT, int TILE_ROWS> struct Worker {
           row_top[at] = top;
           row_sum[at] = row_sum[at] * keep[r] + sum;
         }
-        if (lone) row_products<WHOLE>(computed, it, from, seen);
+        if (lone) for_lone_rows(computed, [&](auto r) { row_products<WHOLE, decltype(r)::value>(it, from, seen); });
         else for_rows(computed, [&](auto r) { block_products<decltype(r)::value>(start, seen); });
         if (finishing && a.stream_out) add_block<WHOLE, true>(out, r0, rows, at0, keep, true);
         else add_block<WHOLE>(out, r0, rows, at0, keep, finishing);
