@@ -424,11 +424,12 @@ def _span_dense(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: flo
     bfloat16 (H = 32 over 8, D = 128: 0.58 and 0.32); 4 to 256 rows after them 0.33-0.81 and
     0.27-0.48."""
     b, h, lq, d = q.shape
-    group, dv = h // k.shape[1], v.shape[-1]
+    hkv, dv = k.shape[1], v.shape[-1]
+    group = h // hkv
     folded = 1 < group and lq <= DENSE_FOLDED_ROWS
     # Folded, rows [B, Hkv, Lq * H / Hkv]: row i of each of a key/value head's query heads in turn,
     # all at position i (rows_per_step H / Hkv).
-    rows = q.unflatten(1, (-1, group)).transpose(2, 3).reshape(b, -1, lq * group, d) if folded else q
+    rows = swapped_axes(q, (b, hkv, group, lq, d), (b, hkv, lq * group, d)) if folded else q
     out = q.new_empty(*rows.shape[:-1], dv)
     lse = q.new_empty(rows.shape[:-1], dtype=torch.float32)
     if diagonal is None:  # every key
@@ -441,5 +442,14 @@ def _span_dense(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: flo
                                strip_rows=DENSE_STRIP_ROWS)
     if not folded:
         return out, lse
-    out = out.view(b, -1, lq, group, dv).transpose(2, 3).reshape(b, h, lq, dv)
-    return out, lse.view(b, -1, lq, group).transpose(2, 3).reshape(b, h, lq)
+    return (swapped_axes(out, (b, hkv, lq, group, dv), (b, h, lq, dv)),
+            swapped_axes(lse, (b, hkv, lq, group), (b, h, lq)))
+
+
+def swapped_axes(x: torch.Tensor, split: tuple[int, ...], shape: tuple[int, ...]) -> torch.Tensor:
+    """x viewed as `split`, its axes 2 and 3 swapped, viewed as `shape` (a key/value head's query
+    heads folded into rows and back): a single view where either axis is 1 long (a decode row, or
+    as many key/value heads as query heads), since a decode step's calls are mostly host time."""
+    if split[2] == 1 or split[3] == 1:
+        return x.reshape(shape)
+    return x.reshape(split).transpose(2, 3).reshape(shape)

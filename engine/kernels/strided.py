@@ -47,7 +47,7 @@ from . import span_kernel
 from .band import batch_and_heads_merge, grid_attention, row_grid, row_major, row_range
 from .dense import (CPU_CAUSAL_SKIP_ROWS, CPU_QUERY_BLOCK_ROWS, CPU_SMALL_CALL_ROWS, NEG_INF, additive_mask,
                     as_computed, computed_dtype, cpu_native_half, empty_partial, fused_under, kept_when_small,
-                    per_query_head)
+                    per_query_head, swapped_axes)
 from .device import kernel_device, values_on_host
 from .masked import MASK_BUDGET
 from .merge import join_rows, merge_to
@@ -459,7 +459,7 @@ def _short_run_pieces(
         keys = class_row - back + 1  # key class rows 0 .. class_row - back
         if keys > 0:
             # The query heads of a key/value head as rows of its problems: [B*Hkv, run, H/Hkv, D].
-            qc = _swapped(row_range(q, row, run), (b, hkv, group, run, d), (b * hkv, run, group, d))
+            qc = swapped_axes(row_range(q, row, run), (b, hkv, group, run, d), (b * hkv, run, group, d))
             kc, vc = (row_grid(x, first_class, (run, 1), (keys, s)) for x in (k, v))  # class c: its keys
             dv = v.shape[-1]
             if _on_span_kernel(qc, kc, vc):
@@ -475,8 +475,8 @@ def _short_run_pieces(
                 mask, empty = class_distance_mask(class_row, 1, keys, back, s, skip_strides, True, q.dtype, q.device) \
                     if skip_strides else (None, None)
                 out, lse = fused_under(qc, kc, vc, mask, empty, scale=scale)
-            pieces.append((row, _swapped(out, (b, hkv, run, group, dv), (b, h, run, dv)),
-                           _swapped(lse, (b, hkv, run, group), (b, h, run))))
+            pieces.append((row, swapped_axes(out, (b, hkv, run, group, dv), (b, h, run, dv)),
+                           swapped_axes(lse, (b, hkv, run, group), (b, h, run))))
         row += run
     return pieces
 
@@ -487,15 +487,6 @@ def few_classes(lq: int, stride: int) -> bool:
     bfloat16, Lk 65536, H = 8: strided(64) at 16, 32, 48 rows 0.63, 0.88, 1.17; strided(128) at
     32, 48, 63 rows 0.55, 0.82, 0.71."""
     return 2 * lq <= stride
-
-
-def _swapped(x: torch.Tensor, split: tuple[int, ...], shape: tuple[int, ...]) -> torch.Tensor:
-    """x viewed as `split`, its axes 2 and 3 swapped, viewed as `shape`: a single view where either
-    axis is 1 long (a decode row, or as many key/value heads as query heads), since a decode step's
-    calls are mostly host time."""
-    if split[2] == 1 or split[3] == 1:
-        return x.reshape(shape)
-    return x.reshape(split).transpose(2, 3).reshape(shape)
 
 
 def strided_attention(
