@@ -911,25 +911,26 @@ template <int IN, int OUT, int TILE_ROWS> struct Worker {
     }
     Call::KeyRows key = a.key_rows(from, a.k_stride);
     for (int64_t j0 = 0; j0 < keys; j0 += LANES) {
-      const In *k_rows[LANES];  // keys j0 .. j0 + 15 (null past `seen`)
-      for (int t = 0; t < LANES; t++) k_rows[t] = j0 + t < seen ? it.k + key.next() : nullptr;
+      const In *k_rows[LANES];  // keys j0 .. j0 + 15 (null past `seen`); one row's found as it goes
+      if constexpr (R > 1)
+        for (int t = 0; t < LANES; t++) k_rows[t] = j0 + t < seen ? it.k + key.next() : nullptr;
       for (int r = 0; r < R; r++) {
         const float *query = queries + r * a.dim;
         f32x16 products[LANES];  // key j0 + t's products, lane by lane
 #pragma GCC unroll 16
         for (int t = 0; t < LANES; t++) {
           products[t] = splat(0.f);
-          if (k_rows[t] == nullptr) continue;
+          if (j0 + t >= seen) continue;
+          const In *k = R > 1 ? k_rows[t] : it.k + key.next();
 #if SPAN_BF16_PAIRS
           if constexpr (PAIRS) {  // 32 features a step, as pairs (`multiply_add`)
             for (int64_t d = 0; d < a.features; d += 2 * LANES)
               products[t] = (f32x16)_mm512_dpbf16_ps((__m512)products[t], (__m512bh)load(query + d / 2),
-                                                     (__m512bh)pairs32(k_rows[t], d, a.features));
+                                                     (__m512bh)pairs32(k, d, a.features));
             continue;
           }
 #endif
-          for (int64_t d = 0; d < a.dim; d += LANES)
-            products[t] += load(query + d) * read16<IN, WHOLE>(k_rows[t], d, a.features);
+          for (int64_t d = 0; d < a.dim; d += LANES) products[t] += load(query + d) * read16<IN, WHOLE>(k, d, a.features);
         }
         store(scores + r * width + j0, lane_sums(products));
       }
