@@ -331,12 +331,14 @@ def test_span_kernel_rows_round_alike_alone_batched_padded_and_on_any_threads(th
     assert all(torch.equal(a, b[..., :q_rows, :] if b.dim() == 4 else b[..., :q_rows]) for a, b in zip(alone, padded))
 
 
-@pytest.mark.parametrize("q_rows,k_rows,strip_rows", [(5, 40, 0), (37, 300, 8), (1, 9000, 0), (20, 3000, 0)])
+@pytest.mark.parametrize("q_rows,k_rows,strip_rows", [(5, 40, 0), (37, 300, 8), (1, 9000, 0), (20, 3000, 0),
+                                                     (3, 1300, 0)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_span_kernel_keeps_only_the_masks_keys(threads, q_rows, k_rows, strip_rows, dtype):
     """`mask` (the masked plan's rule, [rows, keys] for every problem): each row attends only its
     kept keys, rows that keep none give zeros and lse -inf; grouped key/value heads, strips, a row
-    over 9000 keys in parts, rows in blocks and alone; against float64, and alike on 1 and 3 threads."""
+    over 9000 keys in parts, rows in blocks, alone and as a lone strip of 3 (sharing each key's
+    read); against float64, and alike on 1 and 3 threads."""
     g = torch.Generator().manual_seed(q_rows)
     q = torch.randn(2, 3, q_rows, 24, generator=g).to(dtype)
     k, v = (torch.randn(2, 1, k_rows, 24, generator=g).to(dtype) for _ in range(2))
@@ -822,6 +824,27 @@ def test_band_on_the_span_kernel(monkeypatch, lq, lk, window, causal, batch, hea
     result = kernels.band_attention(q, k, v, window=window, scale=0.25, causal=causal)
     assert calls, "the span kernel was not used"
     _assert_band_matches(result, q, k, v, window, causal)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("causal", [True, False])
+def test_a_decode_row_of_the_band_over_grouped_heads_folds_them_into_rows(monkeypatch, dtype, causal):
+    """A decode row of the band over grouped heads (H = 6 over 2) runs as each key/value head's 3
+    query heads, rows of it at one position, which read its window's keys once: alone and, in a
+    union with a stride, continuing the stride's partial (the band's seed), against float64 (the
+    inputs' own values: bfloat16's output rounded once)."""
+    from engine import attention
+    calls = _kernel_calls(monkeypatch)
+    g = torch.Generator().manual_seed(7)
+    q = torch.randn(2, 6, 1, 40, generator=g).to(dtype)
+    k, v = (torch.randn(2, 2, 700, 40, generator=g).to(dtype) for _ in range(2))
+    window = {"type": "sliding_window", "window": 100}
+    for pattern in (window, {"type": "union", "patterns": [window, {"type": "strided", "stride": 64}]}):
+        calls.clear()
+        out, lse = attention(q, k, v, pattern, causal=causal, scale=0.25, return_lse=True)
+        assert (2, 2, 3, 40) in calls, calls  # the band's call: 3 query heads as rows of each key/value head
+        reference = reference_attention(q, k, v, pattern, causal=causal, scale=0.25)
+        assert_matches_reference(out, lse, *reference, tol=2e-5 if dtype == torch.float32 else 8e-3, lse_tol=2e-5)
 
 
 def test_band_rules_for_the_span_kernel(monkeypatch):
