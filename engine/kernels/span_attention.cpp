@@ -930,7 +930,8 @@ template <int IN, int OUT, int TILE_ROWS> struct Worker {
             continue;
           }
 #endif
-          for (int64_t d = 0; d < a.dim; d += LANES) products[t] += load(query + d) * read16<IN, WHOLE>(k, d, a.features);
+          for (int64_t d = 0; d < a.dim; d += LANES)
+            products[t] += load(query + d) * read16<IN, WHOLE>(k, d, a.features);
         }
         store(scores + r * width + j0, lane_sums(products));
       }
@@ -1110,7 +1111,8 @@ template <int IN, int OUT, int TILE_ROWS> struct Worker {
         int64_t start = from - c0, seen = to - from, padded = (seen + KEY_STEP - 1) / KEY_STEP * KEY_STEP;
         const int computed = computed_rows(rows);
         if (lone) {
-          for_lone_rows(computed, [&](auto r) { row_scores<WHOLE, decltype(r)::value>(it, r0, rows, from, seen, padded); });
+          for_lone_rows(computed,
+                        [&](auto r) { row_scores<WHOLE, decltype(r)::value>(it, r0, rows, from, seen, padded); });
         } else {
           load_queries<WHOLE>(it.q, r0, rows);
           for_rows(computed, [&](auto r) { block_scores<decltype(r)::value>(start, padded); });

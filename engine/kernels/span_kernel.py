@@ -191,7 +191,8 @@ def span_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch
     assert (len(v_shape) == len(k_shape) and k_shape[:-1] == v_shape[:-1] and n % k_shape[0] == 0
             and classes % k_shape[1] == 0 and min_distance >= 0 and span >= key_group
             and all(stride >= 1 for stride in skip_strides) and takes(q, k, v)
-            and out.shape == seed_out.shape == (n, classes, q_rows, v_dim) and out.stride(-1) == seed_out.stride(-1) == 1
+            and out.shape == seed_out.shape == (n, classes, q_rows, v_dim)
+            and out.stride(-1) == seed_out.stride(-1) == 1
             and out.dtype in DTYPES and seed_out.dtype in DTYPES
             and lse.shape == seed_lse.shape == (n, classes, q_rows) and lse.dtype == seed_lse.dtype == torch.float32
             and row_shift >= 0 and rows_per_step >= 1 and keys_per_step >= 0
