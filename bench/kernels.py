@@ -540,7 +540,7 @@ def bench_small(args, device: torch.device) -> list[dict]:
         fns = {"dense": lambda q=q, k=k, v=v, c=causal: F.scaled_dot_product_attention(q, k, v, is_causal=c)}
         for label, spec in SMALL_PATTERNS.items():
             single = simplify(parse_pattern(spec), n)
-            for kind, chosen in (("structured", structured_plan(single, n, n, causal, kernel_device(device))),
+            for kind, chosen in (("structured", structured_plan(single, n, causal, kernel_device(device))),
                                  ("masked", masked_plan(single, n, n, causal))):
                 if chosen is not None:  # None: no structured kernel
                     fns[kind, label] = lambda q=q, k=k, v=v, p=chosen: p(q, k, v, args.dim ** -0.5)

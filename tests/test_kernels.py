@@ -782,6 +782,33 @@ def test_simplified_unions_of_fixed_keep_every_key(causal):
     assert dropped > 0
 
 
+@pytest.mark.parametrize("pattern", [SW(8), ST(8), ST(1), FX(8, 2), FX(8, 8), {"type": "union", "patterns": [SW(8), ST(12)]},
+                                     {"type": "union", "patterns": [ST(5), FX(6, 1), SW(2)]}])
+@pytest.mark.parametrize("causal", [True, False])
+def test_simplify_keeps_every_key_at_each_length_around_the_patterns_sizes(pattern, causal):
+    """simplify answers for an Lk capped past the pattern's largest size (it keeps its answers, and a
+    decode loop asks with a new Lk each step): below, at and past each size the simplified pattern
+    allows exactly the pattern's keys."""
+    from engine.patterns import parse_pattern
+    from engine.planner import simplify
+
+    parsed = parse_pattern(pattern)
+    for lk in range(1, 20):
+        assert torch.equal(mask(simplify(parsed, lk).model_dump(), lk, lk, 0, 1, causal),
+                           mask(pattern, lk, lk, 0, 1, causal)), lk
+
+
+def test_a_decode_loop_keeps_one_structured_plan():
+    """The structured plans read Lk from their inputs and are kept without it: each step of a decode
+    loop (a new Lk) gets the same plan object, not one made anew (a union's took 23 us)."""
+    from engine.patterns import parse_pattern
+    from engine.planner import plan
+
+    for pattern in ({"type": "union", "patterns": [SW(128), ST(128)]}, SW(256), FX(128, 8), ST(64)):
+        plans = {id(plan(parse_pattern(pattern), 1, lk, True, "cpu")) for lk in range(1000, 1010)}
+        assert len(plans) == 1, pattern
+
+
 @pytest.mark.parametrize("lk,simplest", [(1, {"type": "dense"}), (8, SW(1)), (9, ST(8))])
 def test_a_stride_past_every_key_is_the_diagonal_or_over_one_key_dense(lk, simplest):
     from engine.patterns import parse_pattern

@@ -163,6 +163,48 @@ def test_patterns_are_hashable_values():
     assert torch.equal(a.allows(torch.tensor([10]), torch.tensor([7])), torch.tensor([True]))
 
 
+def test_a_dict_parsed_again_gives_the_same_object_and_a_changed_one_its_new_pattern():
+    """parse_pattern keeps a valid dict's pattern by the dict's exact form: the same dict (or an
+    equal one) gives the same object; one changed in place, its new pattern; values that == calls
+    equal but validation refuses (True, 4.0 for 4) are refused after 4 was kept; a mapping of
+    another type is validated at every call."""
+    from collections.abc import Mapping
+
+    window = SW(4)
+    first = parse_pattern(window)
+    assert parse_pattern(window) is first and parse_pattern(SW(4)) is first
+    window["window"] = 5
+    assert parse_pattern(window) == parse_pattern(SW(5)) and parse_pattern(window).window == 5
+    for bad in (True, 4.0):
+        for _ in range(2):
+            with pytest.raises(ValueError, match=r"^pattern\.window: "):
+                parse_pattern(SW(bad))
+    union = {"type": "union", "patterns": [SW(4), ST(3)]}
+    assert parse_pattern(union) is parse_pattern(union)
+    union["patterns"].append(ST(5))
+    assert parse_pattern(union).leaf_count() == 3
+    assert parse_pattern(tuple_members := {"type": "union", "patterns": (SW(4), ST(3))}).leaf_count() == 2
+    assert parse_pattern(tuple_members) is parse_pattern(tuple_members)
+
+    class Window(Mapping):  # its contents may change unseen: never kept
+        def __init__(self):
+            self.window = 4
+
+        def __getitem__(self, key):
+            return {"type": "sliding_window", "window": self.window}[key]
+
+        def __iter__(self):
+            return iter(("type", "window"))
+
+        def __len__(self):
+            return 2
+
+    custom = Window()
+    assert parse_pattern(custom) == first
+    custom.window = 6
+    assert parse_pattern(custom).window == 6
+
+
 @pytest.mark.parametrize("pattern", COUNTED, ids=[str(i) for i in range(len(COUNTED))])
 @pytest.mark.parametrize("causal", [True, False])
 def test_attended_pairs_bound_is_an_upper_bound_and_exact_without_unions(pattern, causal):

@@ -16,7 +16,6 @@ dot products of its pairs (`bfloat16_products`); float32 and float16 in float32 
 
 from __future__ import annotations
 
-import array
 import ctypes
 import functools
 import hashlib
@@ -24,6 +23,7 @@ import logging
 import os
 import platform
 import shutil
+import struct
 import subprocess
 import tempfile
 from pathlib import Path
@@ -111,8 +111,7 @@ def load(path: Path) -> ctypes.CDLL:
     """A built kernel, its functions typed."""
     loaded = ctypes.CDLL(str(path))
     function = loaded.span_attention
-    # its addresses, sizes and strides: one int64 array, passed by address (`array.array`: a quarter
-    # of ctypes' arrays' cost)
+    # its addresses, sizes and strides: one int64 array, passed by address (`_int64s`)
     function.argtypes = [ctypes.c_void_p, ctypes.c_float, ctypes.c_int]
     function.restype = ctypes.c_int
     loaded.span_merge.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int] * 3 + [ctypes.c_int64, ctypes.c_void_p,
@@ -188,33 +187,48 @@ def span_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch
     v_dim = v_shape[-1]
     span, first_position = group_positions or (key_group, 0)
     seed_out, seed_lse = seed if seed is not None else (out, lse)
-    assert (len(v_shape) == len(k_shape) and k_shape[:-1] == v_shape[:-1] and n % k_shape[0] == 0
+    # each tensor's strides read once: the assertion and the arguments share them (a decode step's
+    # call is a few microseconds of host time)
+    q_strides, k_strides, v_strides = q.stride(), k.stride(), v.stride()
+    out_strides, lse_strides = out.stride(), lse.stride()
+    seed_out_strides, seed_lse_strides = (seed_out.stride(), seed_lse.stride()) if seed is not None else (
+        out_strides, lse_strides)
+    # What the library's reads and writes rely on (`takes` is the callers' policy beside it): CPU
+    # memory, the shapes it is told, features adjacent, dtypes it knows (k and v as q).
+    assert (q.is_cpu and k.is_cpu and v.is_cpu and out.is_cpu and lse.is_cpu and seed_out.is_cpu and seed_lse.is_cpu
+            and len(v_shape) == len(k_shape) and k_shape[:-1] == v_shape[:-1] and n % k_shape[0] == 0
             and classes % k_shape[1] == 0 and min_distance >= 0 and span >= key_group
-            and all(stride >= 1 for stride in skip_strides) and takes(q, k, v)
+            and all(stride >= 1 for stride in skip_strides)
+            and q.dtype in DTYPES and k.dtype == v.dtype == q.dtype and out.dtype in DTYPES and seed_out.dtype in DTYPES
+            and q_strides[-1] == k_strides[-1] == v_strides[-1] == out_strides[-1] == seed_out_strides[-1] == 1
             and out.shape == seed_out.shape == (n, classes, q_rows, v_dim)
-            and out.stride(-1) == seed_out.stride(-1) == 1
-            and out.dtype in DTYPES and seed_out.dtype in DTYPES
             and lse.shape == seed_lse.shape == (n, classes, q_rows) and lse.dtype == seed_lse.dtype == torch.float32
             and row_shift >= 0 and rows_per_step >= 1 and keys_per_step >= 0
-            and (mask is None or mask.dtype == torch.bool and mask.shape == (q_rows, k_rows)
+            and (mask is None or mask.is_cpu and mask.dtype == torch.bool and mask.shape == (q_rows, k_rows)
                  and (mask.stride(-1) == 1 or k_rows <= 1)))
     if not (n and classes and q_rows):  # no row (values of head dim 0 still have each row's lse)
         return
     # k's and v's [i, c, row, group]: a group's stride, 0 where there is one group
-    ks, vs = k.stride(), v.stride()
+    ks, vs = k_strides, v_strides
     key_strides = (ks[0], ks[1], ks[3], ks[2], vs[0], vs[1], vs[3], vs[2]) if grouped else (*ks[:3], 0, *vs[:3], 0)
-    args = array.array("q", (
+    args = _int64s((
         q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), lse.data_ptr(),
         seed_out.data_ptr() if seed is not None else 0, seed_lse.data_ptr() if seed is not None else 0,
         mask.data_ptr() if mask is not None else 0, DTYPES[q.dtype], DTYPES[out.dtype], DTYPES[seed_out.dtype],
-        *q.stride()[:3], *key_strides, *out.stride()[:3], *lse.stride(), *seed_out.stride()[:3], *seed_lse.stride(),
+        *q_strides[:3], *key_strides, *out_strides[:3], *lse_strides, *seed_out_strides[:3], *seed_lse_strides,
         n, classes, n // k_shape[0], classes // k_shape[1], q_rows, k_rows, dim, v_dim,
         max(-UNBOUNDED, first), min(UNBOUNDED, last), strip_rows, row_shift, rows_per_step, keys_per_step, causal,
         key_group, span, first_position, min_distance, mask.stride(0) if mask is not None else 0, len(skip_strides),
         *skip_strides))
-    status = library().span_attention(args.buffer_info()[0], scale, torch.get_num_threads())
+    status = library().span_attention(args, scale, torch.get_num_threads())
     if status:
         raise MemoryError(f"the span kernel could not allocate its buffers (status {status})")
+
+
+def _int64s(values: tuple[int, ...]) -> bytes:
+    """`values` as the library reads them, int64 in the host's order: `struct`'s bytes, which ctypes
+    passes by address (60 values: 0.5 us, `array.array`'s 1.1-1.4)."""
+    return struct.pack(f"{len(values)}q", *values)
 
 
 # The most dims of rows (an lse's) that `merge` takes, as the library does.
@@ -240,11 +254,10 @@ def merge(out: torch.Tensor, lse: torch.Tensor, a: tuple[torch.Tensor, torch.Ten
     (a_out, a_lse), (b_out, b_lse) = a, b
     if lse.numel() == 0:
         return
-    shape = array.array("q", (*lse.shape, out.shape[-1]))
-    strides = array.array("q", (*out.stride()[:-1], *lse.stride(), *a_out.stride()[:-1], *a_lse.stride(),
-                                *b_out.stride()[:-1], *b_lse.stride()))
+    shape = _int64s((*lse.shape, out.shape[-1]))
+    strides = _int64s((*out.stride()[:-1], *lse.stride(), *a_out.stride()[:-1], *a_lse.stride(),
+                       *b_out.stride()[:-1], *b_lse.stride()))
     status = library().span_merge(out.data_ptr(), lse.data_ptr(), a_out.data_ptr(), a_lse.data_ptr(),
                                   b_out.data_ptr(), b_lse.data_ptr(), DTYPES[out.dtype], DTYPES[a_out.dtype],
-                                  DTYPES[b_out.dtype], lse.dim(), shape.buffer_info()[0], strides.buffer_info()[0],
-                                  torch.get_num_threads())
+                                  DTYPES[b_out.dtype], lse.dim(), shape, strides, torch.get_num_threads())
     assert status == 0, f"span_merge returned {status}"
