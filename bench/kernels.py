@@ -460,8 +460,9 @@ def bench_decode(args, device: torch.device) -> list[dict]:
     and the masked kernel (the fallback of a pattern with no structured kernel) on the same rows;
     grouped-query with
     --decode-kv-heads (the masked kernel on key/value heads repeated before the clock, as a device
-    without grouped heads needs). Each call builds the masked kernel's mask afresh, as a real decode
-    step does (its position is new each time), rather than find it kept from the last repeat."""
+    without grouped heads needs). Each call makes its plan and builds the masked kernel's mask
+    afresh, as a real decode step does (its key length and position are new each time), rather
+    than find them kept from the last repeat."""
     patterns = {**{LABELS[name]: PATTERNS[name] for name in args.patterns}, **DECODE_EXTRA}
     kv_heads, scale = args.decode_kv_heads or args.heads, args.dim ** -0.5
     rows = []
@@ -470,14 +471,14 @@ def bench_decode(args, device: torch.device) -> list[dict]:
         k_rep, v_rep = (x.repeat_interleave(args.heads // kv_heads, dim=1) for x in (k, v))
         for lq in args.decode_lq:
             q = inputs(lq, args.heads, args.dim, DTYPES[dtype_name], device, seed=lq)[0]
-            fns = {"dense": lambda q=q, k=k, v=v: attention(q, k, v, None),
+            fns = {"dense": lambda q=q, k=k, v=v: (plan.cache_clear(), attention(q, k, v, None)),
                    "sdpa": lambda q=q, k=k, v=v: F.scaled_dot_product_attention(
                        q, k, v, scale=scale, enable_gqa=kv_heads != args.heads)}
             for label, spec in patterns.items():
                 pattern = parse_pattern(spec)
                 single = simplify(pattern, lk)
-                fns["engine", label] = lambda q=q, k=k, v=v, p=pattern: (chunk_mask.kept.cache_clear(),
-                                                                         attention(q, k, v, p))
+                fns["engine", label] = lambda q=q, k=k, v=v, p=pattern: (
+                    plan.cache_clear(), chunk_mask.kept.cache_clear(), attention(q, k, v, p))
                 fns["masked", label] = (lambda q=q, k=k_rep, v=v_rep, p=single: (
                     chunk_mask.kept.cache_clear(), masked_attention(q, k, v, p, scale=scale, causal=True)))
             times = rounds(fns, device, args.repeats, args.slow, args.turn_s)
