@@ -120,9 +120,9 @@ def _features_adjacent(x: torch.Tensor) -> torch.Tensor:
     it); and it lays its output out like q, so a view whose rows overlap (rows 1 apart, as `unfold`
     makes) came back with its features 2 apart and was misread too (errors of 1e32). Other views
     (slices of a packed qkv, transposes, expanded key/value heads of stride 0) are read in place."""
-    d = x.shape[-1]
-    in_place = x.stride(-1) == 1 and (x.is_contiguous() or all(
-        size == 1 or stride == 0 or stride >= max(d, 2) for size, stride in zip(x.shape[:-1], x.stride()[:-1])))
+    shape, strides = x.shape, x.stride()
+    in_place = strides[-1] == 1 and (x.is_contiguous() or all(
+        size == 1 or stride == 0 or stride >= max(shape[-1], 2) for size, stride in zip(shape[:-1], strides[:-1])))
     return x if in_place else x.clone(memory_format=torch.contiguous_format)
 
 

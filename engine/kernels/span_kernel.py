@@ -146,7 +146,7 @@ def takes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
     features adjacent (any head dims: it reads them 16 at a time, the last few masked or through a
     buffer), and the kernel built."""
     return (kernel_device(q.device) == "cpu" and q.dtype in DTYPES and k.dtype == v.dtype == q.dtype
-            and q.stride(-1) == k.stride(-1) == v.stride(-1) == 1 and library() is not None)
+            and q.stride()[-1] == k.stride()[-1] == v.stride()[-1] == 1 and library() is not None)
 
 
 def span_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, *,
