@@ -847,6 +847,44 @@ def test_a_decode_row_of_the_band_over_grouped_heads_folds_them_into_rows(monkey
         assert_matches_reference(out, lse, *reference, tol=2e-5 if dtype == torch.float32 else 8e-3, lse_tol=2e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("block,summary", [(128, 8), (16, 2)])
+def test_a_decode_row_of_fixed_over_grouped_heads_reads_its_summary_keys_once_for_them(monkeypatch, dtype, block,
+                                                                                       summary):
+    """A causal decode row of fixed alone over grouped heads (H = 6 over 2) whose folded summary
+    keys would spare enough re-reads (FOLDED_SUMMARY_BYTES: 0 here) takes them as each key/value
+    head's 3 query heads, rows of it at the last position, continuing its own block's call (a query
+    head a problem), against float64; at the threshold's default these spare too few, and the row
+    keeps a problem a query head. Not causal, or in a union with a window (fixed's step skips the
+    window's keys), fixed's calls keep a problem a query head, checked the same."""
+    from engine import attention
+    from engine.kernels import fixed as fixed_module
+    calls = _kernel_calls(monkeypatch)
+    default = fixed_module.FOLDED_SUMMARY_BYTES
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # a key/value head a thread at least (B * Hkv = 4)
+    g = torch.Generator().manual_seed(8)
+    fixed = {"type": "fixed", "block": block, "summary": summary}
+    union = {"type": "union", "patterns": [{"type": "sliding_window", "window": 3}, fixed]}
+    try:
+        for lk in (700, 640, 385, 129):  # a partial last block, a whole one, one key into a block
+            q = torch.randn(2, 6, 1, 40, generator=g).to(dtype)
+            k, v = (torch.randn(2, 2, lk, 40, generator=g).to(dtype) for _ in range(2))
+            for pattern, causal, threshold, folded in ((fixed, True, 0, True), (fixed, True, default, False),
+                                                        (fixed, False, 0, False), (union, True, 0, False)):
+                monkeypatch.setattr(fixed_module, "FOLDED_SUMMARY_BYTES", threshold)
+                calls.clear()
+                out, lse = attention(q, k, v, pattern, causal=causal, scale=0.25, return_lse=True)
+                # fixed's last call (the summary keys'): folded, or a query head a problem (a union's
+                # band, before it, folds its own row)
+                assert calls[-1] == ((2, 2, 3, 40) if folded else (2, 6, 1, 40)), (lk, pattern, causal, calls)
+                reference = reference_attention(q, k, v, pattern, causal=causal, scale=0.25)
+                assert_matches_reference(out, lse, *reference, tol=2e-5 if dtype == torch.float32 else 8e-3,
+                                         lse_tol=2e-5)
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_band_rules_for_the_span_kernel(monkeypatch):
     """The span kernel takes a band in float32 and half precision, computed natively (AMX) or not,
     head dims of any size."""

@@ -124,6 +124,13 @@ def row_major(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 and x.stride(-2) == x.shape[-1] and batch_and_heads_merge(x) else x.contiguous()
 
 
+def key_head_rows(x: torch.Tensor, group: int) -> torch.Tensor:
+    """A decode row's x [B, H, 1, *] (q, out, or lse [B, H, 1]) as [B, Hkv, H / Hkv, *]: each
+    key/value head's `group` query heads as rows of it at one position, which the span kernel
+    computes together, reading each key once for them (a view where x allows it)."""
+    return x.reshape(x.shape[0], -1, group, *x.shape[3:])
+
+
 def span_band_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, window: int, scale: float, causal: bool = True,
     out_dtype: torch.dtype | None = None, seed: tuple[int, torch.Tensor, torch.Tensor] | None = None,
@@ -146,12 +153,9 @@ def span_band_attention(
                 strip_rows=BAND_STRIP_ROWS)
     group = h // k.shape[1]
     if lq == 1 and group > 1:
-        def by_key_head(x: torch.Tensor) -> torch.Tensor:  # [B, Hkv, H / Hkv, *]
-            return x.reshape(b, -1, group, *x.shape[3:])
-
-        folded_seed = None if continued is None or seeded else tuple(by_key_head(x) for x in continued)
-        span_kernel.span_attention(by_key_head(q), k, v, by_key_head(out), by_key_head(lse), rows_per_step=group,
-                                   seed=folded_seed, **span)
+        folded_seed = None if continued is None or seeded else tuple(key_head_rows(x, group) for x in continued)
+        span_kernel.span_attention(key_head_rows(q, group), k, v, key_head_rows(out, group), key_head_rows(lse, group),
+                                   rows_per_step=group, seed=folded_seed, **span)
         return out, lse
     for start, stop, partial in ((0, seeded, None), (seeded, lq, continued)):
         if stop > start:
