@@ -60,7 +60,7 @@ SHAPES = {
     "lq_much_lt_lk": (2, 2, 1, 70, 300, 8, 8),
     "decode": (1, 2, 2, 1, 77, 16, 16),
     "decode_gqa": (2, 4, 2, 3, 200, 16, 16),  # short runs: fewer rows than most strides
-    "decode_row_gqa": (2, 4, 2, 1, 200, 16, 16),  # query heads folded into rows of their key/value head
+    "decode_row_gqa": (2, 4, 2, 1, 2100, 16, 16),  # query heads folded into rows of their key/value head
     "decode_mqa": (1, 4, 1, 5, 300, 16, 8),
     "one": (1, 1, 1, 1, 1, 8, 8),
     "one_head": (1, 1, 1, 77, 133, 16, 16),

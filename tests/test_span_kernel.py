@@ -830,11 +830,13 @@ def test_band_on_the_span_kernel(monkeypatch, lq, lk, window, causal, batch, hea
 @pytest.mark.parametrize("causal", [True, False])
 def test_a_decode_row_of_the_band_over_grouped_heads_folds_them_into_rows(monkeypatch, dtype, causal):
     """A decode row of the band over grouped heads (H = 6 over 2) runs as each key/value head's 3
-    query heads, rows of it at one position, which read its window's keys once: alone and, in a
-    union with a stride, continuing the stride's partial (the band's seed), against float64 (the
-    inputs' own values: bfloat16's output rounded once)."""
+    query heads, rows of it at one position, which read its window's keys once (where that leaves
+    FOLDED_MIN_UNITS units of work: 1 here): alone and, in a union with a stride, continuing the
+    stride's partial (the band's seed), against float64 (the inputs' own values: bfloat16's output
+    rounded once)."""
     from engine import attention
     calls = _kernel_calls(monkeypatch)
+    monkeypatch.setattr(span_kernel, "FOLDED_MIN_UNITS", 1)
     g = torch.Generator().manual_seed(7)
     q = torch.randn(2, 6, 1, 40, generator=g).to(dtype)
     k, v = (torch.randn(2, 2, 700, 40, generator=g).to(dtype) for _ in range(2))
@@ -852,37 +854,49 @@ def test_a_decode_row_of_the_band_over_grouped_heads_folds_them_into_rows(monkey
 def test_a_decode_row_of_fixed_over_grouped_heads_reads_its_summary_keys_once_for_them(monkeypatch, dtype, block,
                                                                                        summary):
     """A causal decode row of fixed alone over grouped heads (H = 6 over 2) whose folded summary
-    keys would spare enough re-reads (FOLDED_SUMMARY_BYTES: 0 here) takes them as each key/value
-    head's 3 query heads, rows of it at the last position, continuing its own block's call (a query
-    head a problem), against float64; at the threshold's default these spare too few, and the row
-    keeps a problem a query head. Not causal, or in a union with a window (fixed's step skips the
-    window's keys), fixed's calls keep a problem a query head, checked the same."""
+    keys leave enough units of work (`span_kernel.folding_pays`: FOLDED_MIN_UNITS 1 here) takes them
+    as each key/value head's 3 query heads, rows of it at the last position, continuing its own
+    block's call (a query head a problem), against float64; at the default these leave too few, and
+    the row keeps a problem a query head. Not causal, or in a union with a window (fixed's step
+    skips the window's keys), fixed's calls keep a problem a query head, checked the same."""
     from engine import attention
-    from engine.kernels import fixed as fixed_module
     calls = _kernel_calls(monkeypatch)
-    default = fixed_module.FOLDED_SUMMARY_BYTES
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)  # a key/value head a thread at least (B * Hkv = 4)
+    default = span_kernel.FOLDED_MIN_UNITS
     g = torch.Generator().manual_seed(8)
     fixed = {"type": "fixed", "block": block, "summary": summary}
     union = {"type": "union", "patterns": [{"type": "sliding_window", "window": 3}, fixed]}
-    try:
-        for lk in (700, 640, 385, 129):  # a partial last block, a whole one, one key into a block
-            q = torch.randn(2, 6, 1, 40, generator=g).to(dtype)
-            k, v = (torch.randn(2, 2, lk, 40, generator=g).to(dtype) for _ in range(2))
-            for pattern, causal, threshold, folded in ((fixed, True, 0, True), (fixed, True, default, False),
-                                                        (fixed, False, 0, False), (union, True, 0, False)):
-                monkeypatch.setattr(fixed_module, "FOLDED_SUMMARY_BYTES", threshold)
-                calls.clear()
-                out, lse = attention(q, k, v, pattern, causal=causal, scale=0.25, return_lse=True)
-                # fixed's last call (the summary keys'): folded, or a query head a problem (a union's
-                # band, before it, folds its own row)
-                assert calls[-1] == ((2, 2, 3, 40) if folded else (2, 6, 1, 40)), (lk, pattern, causal, calls)
-                reference = reference_attention(q, k, v, pattern, causal=causal, scale=0.25)
-                assert_matches_reference(out, lse, *reference, tol=2e-5 if dtype == torch.float32 else 8e-3,
-                                         lse_tol=2e-5)
-    finally:
-        torch.set_num_threads(threads)
+    for lk in (700, 640, 385, 129):  # a partial last block, a whole one, one key into a block
+        q = torch.randn(2, 6, 1, 40, generator=g).to(dtype)
+        k, v = (torch.randn(2, 2, lk, 40, generator=g).to(dtype) for _ in range(2))
+        for pattern, causal, units, folded in ((fixed, True, 1, True), (fixed, True, default, False),
+                                               (fixed, False, 1, False), (union, True, 1, False)):
+            monkeypatch.setattr(span_kernel, "FOLDED_MIN_UNITS", units)
+            calls.clear()
+            out, lse = attention(q, k, v, pattern, causal=causal, scale=0.25, return_lse=True)
+            # fixed's last call (the summary keys'): folded, or a query head a problem (a union's band,
+            # before it, folds its own row)
+            assert calls[-1] == ((2, 2, 3, 40) if folded else (2, 6, 1, 40)), (lk, pattern, causal, calls)
+            reference = reference_attention(q, k, v, pattern, causal=causal, scale=0.25)
+            assert_matches_reference(out, lse, *reference, tol=2e-5 if dtype == torch.float32 else 8e-3, lse_tol=2e-5)
+
+
+@pytest.mark.parametrize("lq,keys,folded", [(1, 1024, False), (1, 1025, True), (3, 2048, True), (3, 1024, False),
+                                            (24, 2048, False), (24, 8193, True)])
+def test_dense_folds_grouped_heads_where_that_leaves_enough_units_of_work(monkeypatch, lq, keys, folded):
+    """Dense over grouped heads (H = 6 over 2) folds a short run's query heads into rows of their
+    key/value head where 2 key/value heads by the parts the library cuts their keys into make at
+    least FOLDED_MIN_UNITS (4): parts of 1024 keys for up to 32 rows at a position, of 32 keys a row
+    past that (24 positions of 3 rows: 96 rows, rounded to 32 positions, parts of 3072 keys); the
+    same for a batch of 3 (the decision is the item's); against float64 either way."""
+    from engine import attention
+    calls = _kernel_calls(monkeypatch)
+    g = torch.Generator().manual_seed(keys)
+    q = torch.randn(3, 6, lq, 16, generator=g)
+    k, v = (torch.randn(3, 2, keys, 16, generator=g) for _ in range(2))
+    out, lse = attention(q, k, v, None, scale=0.25, return_lse=True)
+    assert calls == [(3, 2, 3 * lq, 16) if folded else (3, 6, lq, 16)], calls
+    assert_matches_reference(out, lse, *reference_attention(q, k, v, None, causal=True, scale=0.25), tol=2e-5,
+                             lse_tol=2e-5)
 
 
 def test_band_rules_for_the_span_kernel(monkeypatch):

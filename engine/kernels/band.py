@@ -141,8 +141,9 @@ def span_band_attention(
     .. Lq - 1 (a union's strides; its output read in its own dtype), which those rows continue in a
     second call: the union's result written once, no merge pass. A decode row of grouped heads
     goes as a key/value head's query heads, rows of it at one position (views), which read its
-    window's keys once between them (`LONE_ROWS`; sliding_window(256), H = 32 over 8, D = 128,
-    one row after 4096 keys: 0.93-0.94 of the time)."""
+    window's keys once between them, where that leaves enough units of work
+    (`span_kernel.folding_pays`; sliding_window(256), H = 32 over 8, D = 128, one row after 4096
+    keys: 0.93-0.94 of the time)."""
     b, h, lq, _ = q.shape
     offset = k.shape[-2] - lq
     out = q.new_empty(*q.shape[:-1], v.shape[-1], dtype=out_dtype or q.dtype)
@@ -152,7 +153,8 @@ def span_band_attention(
     span = dict(first=offset - window + 1, last=offset + (0 if causal else window - 1), scale=scale,
                 strip_rows=BAND_STRIP_ROWS)
     group = h // k.shape[1]
-    if lq == 1 and group > 1:
+    row_keys = min(k.shape[-2], window if causal else 2 * window - 1)  # the most keys a row sees
+    if lq == 1 and group > 1 and span_kernel.folding_pays(k.shape[1], 1, group, row_keys):
         folded_seed = None if continued is None or seeded else tuple(key_head_rows(x, group) for x in continued)
         span_kernel.span_attention(key_head_rows(q, group), k, v, key_head_rows(out, group), key_head_rows(lse, group),
                                    rows_per_step=group, seed=folded_seed, **span)

@@ -426,7 +426,7 @@ def _span_dense(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: flo
     b, h, lq, d = q.shape
     hkv, dv = k.shape[1], v.shape[-1]
     group = h // hkv
-    folded = 1 < group and lq <= DENSE_FOLDED_ROWS
+    folded = 1 < group and lq <= DENSE_FOLDED_ROWS and span_kernel.folding_pays(hkv, lq, group, k.shape[-2])
     # Folded, rows [B, Hkv, Lq * H / Hkv]: row i of each of a key/value head's query heads in turn,
     # all at position i (rows_per_step H / Hkv).
     rows = swapped_axes(q, (b, hkv, group, lq, d), (b, hkv, lq * group, d)) if folded else q

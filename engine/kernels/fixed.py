@@ -292,7 +292,7 @@ def span_fixed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, b
             chain.append((k[..., tail_first:, :], v[..., tail_first:, :],
                           dict(group_positions=(lk - tail_first, tail_first), **every_row)))
     # a decode row's summary keys, the last call, read once for a key/value head's query heads
-    folded = causal and not (min_distance or skip_strides) and _summary_rows_folded(q, k, v, block=l, summary=c)
+    folded = causal and not (min_distance or skip_strides) and _summary_rows_folded(q, k, block=l, summary=c)
     for n, (keys, values, span) in enumerate(chain):
         dtype = (out_dtype or q.dtype) if n == len(chain) - 1 else torch.float32  # partials in float32, rounded once
         if seed is not None and seed[0].dtype == dtype:  # continued in place
@@ -312,26 +312,16 @@ def span_fixed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, b
     return seed
 
 
-# A causal decode row of fixed over grouped heads reads its summary keys once for a key/value head's
-# query heads (rows of it at one position, `key_head_rows`: the span kernel computes them together)
-# rather than once a query head, where that spares at least this many bytes of re-reads and each
-# thread still gets a key/value head. Folded / a query head a problem, the summary keys' call alone,
-# fixed(128, 8), bfloat16 unless said, best of 27 in one process (AMD EPYC, 2 threads), re-reads
-# spared in brackets: H = 32 over 8, D = 128, after 2048 float32 keys 1.06 [2.9 MiB], after 4096
-# 0.90-1.01 [2.9], in float32 1.00 [5.8], after 16384 0.67, after 65536 0.77; H = 16 over 2, D = 64,
-# after 16384 0.84 [3.5], after 65536 0.55; H = 8 over 2, D = 64, after 4096 1.30 [0.4], after 16384
-# 1.11 [1.5] (float32 1.08 [3.0]), after 65536 0.66 (float32 0.62); H = 8 over 1, D = 128, after
-# 16384 1.62 [3.5: one key/value head, one thread's work].
-FOLDED_SUMMARY_BYTES = 3 << 20
-
-
-def _summary_rows_folded(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, block: int, summary: int) -> bool:
-    """Whether a causal decode row's summary keys are read once for a key/value head's query heads
-    (FOLDED_SUMMARY_BYTES)."""
-    b, h, lq, d = q.shape
-    hkv, keys = k.shape[1], (k.shape[-2] - 1) // block * summary
-    spared = b * (h - hkv) * keys * (d + v.shape[-1]) * k.element_size()
-    return lq == 1 and h > hkv and spared >= FOLDED_SUMMARY_BYTES and b * hkv >= torch.get_num_threads()
+def _summary_rows_folded(q: torch.Tensor, k: torch.Tensor, *, block: int, summary: int) -> bool:
+    """Whether a causal decode row over grouped heads reads its summary keys once for a key/value
+    head's query heads (rows of it at one position, `key_head_rows`: the span kernel computes them
+    together) rather than once a query head (`span_kernel.folding_pays`). The summary keys' call
+    alone, folded / not, bfloat16, fixed(128, 8), best of 27 in one process: H = 32 over 8, D =
+    128, after 4096 keys 0.90-1.01, after 16384 0.67, after 65536 0.77; H = 16 over 2, D = 64, after
+    65536 0.55; H = 8 over 2, D = 64, after 65536 0.66 (float32 0.62)."""
+    h, hkv = q.shape[1], k.shape[1]
+    return q.shape[-2] == 1 and h > hkv and span_kernel.folding_pays(hkv, 1, h // hkv,
+                                                                     (k.shape[-2] - 1) // block * summary)
 
 
 def fused_fixed_attention(

@@ -140,6 +140,36 @@ def computes_natively(dtype: torch.dtype) -> bool:
     return dtype == torch.bfloat16 and bfloat16_products() == "AMX tiles"
 
 
+# How the library cuts a short run's keys into parts that threads share (`split_keys`): at every
+# multiple of SPLIT_PART_KEYS keys for up to 32 rows, of SPLIT_KEYS_PER_ROW keys a row for more (its
+# rows rounded up to a power of two of positions).
+SPLIT_PART_KEYS = 1024
+SPLIT_KEYS_PER_ROW = 32
+# Fewest units of the library's work (a problem's part of its keys) a batch item's query heads
+# folded into rows of their key/value heads must leave (`folding_pays`). Folded / a query head a
+# problem through `engine.attention`, one row, H over Hkv heads (AMD EPYC, 2 threads, best of 27 in
+# one process, 2026-12-07): dense, D = 64, H = 8 over 2 after 1024 keys (2 units) 1.22-1.38, after
+# 2048 (4) 1.13-1.18, after 4096 (8) 0.91-0.98, after 16384 0.80-0.87; H = 8 over 1, D = 128, after
+# 1024 (1) 1.32-1.44, after 4096 (4) 0.72-0.84; H = 32 over 8, D = 128, after 256 (8) 0.94-1.12, after
+# 2048 0.72-0.84, after 16384 0.46-0.57; 4 rows, H = 8 over 2 after 1024 (2) 1.12-1.16, after 2048 (4)
+# 0.93-0.96; sliding_window(1024), H = 8 over 1 1.27-1.46 (1 or 2), H = 32 over 8 0.69-0.81;
+# fixed(128, 8)'s summary keys, H = 8 over 2, D = 64, after 16384 keys (2) 1.11, after 65536 (8) 0.66.
+FOLDED_MIN_UNITS = 4
+
+
+def folding_pays(kv_heads: int, positions: int, group: int, keys: int) -> bool:
+    """Whether a short run's query heads folded into rows of their key/value heads (which then read
+    each key once for them, `LONE_ROWS` at a time) leaves FOLDED_MIN_UNITS units of work: `kv_heads`
+    problems a batch item, each over `keys` keys cut into parts as `split_keys` cuts them for
+    `positions` positions of `group` rows. Fewer, larger units than a query head a problem lose more
+    to the threads' shares than the reads they spare. Decided from a batch item's shape alone, never
+    from the batch or the threads: folded strips past LONE_ROWS round differently, and a row's
+    result stays the same alone, batched or on any threads."""
+    rows = (1 << (positions - 1).bit_length()) * group
+    part = max(rows * SPLIT_KEYS_PER_ROW, SPLIT_PART_KEYS)
+    return kv_heads * -(-keys // part) >= FOLDED_MIN_UNITS
+
+
 def takes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
     """Whether the kernel computes these: where the engine uses the CPU's kernels and rules
     (`kernel_device`: not CUDA's, nor CUDA's emulated on CPU tensors), in a dtype it reads,
