@@ -417,7 +417,8 @@ def _span_dense(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: flo
     """`dense_attention` on the span kernel: every row's keys (those up to its diagonal) in one call,
     read in their own dtype (half precision unconverted), fewer key/value heads as they are, and
     for a short run of rows (DENSE_FOLDED_ROWS) a key/value head's query heads as rows of it, so
-    that its keys are read once for them. Against torch's fused calls (the engine's dense plan
+    that its keys are read once for them, where that leaves enough units of work
+    (`span_kernel.folding_pays`). Against torch's fused calls (the engine's dense plan
     before, on an AMD EPYC; H = 8, D = 64 unless said): causal prefills 0.59-0.79 of the time in
     float32 (n = 1024 to 4096, D = 40 to 128, H = 8 over 2), 0.43-0.57 in bfloat16; without causality
     0.64-0.86 and 0.60-0.68; one row after 4096 or 16384 keys 0.41-0.45 in float32, 0.13-0.16 in

@@ -110,8 +110,9 @@ def _validated(pattern: Mapping | str) -> PatternBase:
 def _plain_form(value: Any) -> Any:
     """A string, or a dict, list or tuple of strings, ints, floats, bools and None (nested), as a
     hashable form equal only to the same value's: containers and bools and floats are tagged with
-    their type (validation tells True, 1 and 1.0 apart, where == does not); None for anything else
-    (a custom mapping, an object: validated at every call, as its contents may change unseen)."""
+    their type (validation tells True, 1 and 1.0 apart, where == does not). None stands for itself
+    and for anything else (a custom mapping, an object: validated at every call, as its contents may
+    change unseen); a container holding the latter has no form."""
     kind = type(value)
     if kind is str or kind is int or value is None:
         return value
