@@ -857,19 +857,27 @@ def test_a_decode_row_of_fixed_over_grouped_heads_reads_its_summary_keys_once_fo
     keys leave enough units of work (`span_kernel.folding_pays`: FOLDED_MIN_UNITS 1 here) takes them
     as each key/value head's 3 query heads, rows of it at the last position, continuing its own
     block's call (a query head a problem), against float64; at the default these leave too few, and
-    the row keeps a problem a query head. Not causal, or in a union with a window (fixed's step
-    skips the window's keys), fixed's calls keep a problem a query head, checked the same."""
+    the row keeps a problem a query head. A union's fixed step after a window (its summary keys at
+    least the window's width back, with and without its own block's call) folds alike; after a
+    stride (whose keys each row skips by its own position), or not causal, fixed's calls keep a
+    problem a query head; each checked the same."""
     from engine import attention
     calls = _kernel_calls(monkeypatch)
     default = span_kernel.FOLDED_MIN_UNITS
     g = torch.Generator().manual_seed(8)
     fixed = {"type": "fixed", "block": block, "summary": summary}
-    union = {"type": "union", "patterns": [{"type": "sliding_window", "window": 3}, fixed]}
+    def union(*members):
+        return {"type": "union", "patterns": [*members, fixed]}
+
+    near, far = {"type": "sliding_window", "window": 3}, {"type": "sliding_window", "window": 200}
+    stride = {"type": "strided", "stride": 5}
     for lk in (700, 640, 385, 129):  # a partial last block, a whole one, one key into a block
         q = torch.randn(2, 6, 1, 40, generator=g).to(dtype)
         k, v = (torch.randn(2, 2, lk, 40, generator=g).to(dtype) for _ in range(2))
         for pattern, causal, units, folded in ((fixed, True, 1, True), (fixed, True, default, False),
-                                               (fixed, False, 1, False), (union, True, 1, False)):
+                                               (fixed, False, 1, False), (union(near), True, 1, True),
+                                               (union(far), True, 1, True), (union(stride), True, 1, False),
+                                               (union(near, stride), True, 1, False)):
             monkeypatch.setattr(span_kernel, "FOLDED_MIN_UNITS", units)
             calls.clear()
             out, lse = attention(q, k, v, pattern, causal=causal, scale=0.25, return_lse=True)

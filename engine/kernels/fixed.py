@@ -292,7 +292,7 @@ def span_fixed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, b
             chain.append((k[..., tail_first:, :], v[..., tail_first:, :],
                           dict(group_positions=(lk - tail_first, tail_first), **every_row)))
     # a decode row's summary keys, the last call, read once for a key/value head's query heads
-    folded = causal and not (min_distance or skip_strides) and _summary_rows_folded(q, k, block=l, summary=c)
+    folded = causal and not skip_strides and _summary_rows_folded(q, k, block=l, summary=c)
     for n, (keys, values, span) in enumerate(chain):
         dtype = (out_dtype or q.dtype) if n == len(chain) - 1 else torch.float32  # partials in float32, rounded once
         if seed is not None and seed[0].dtype == dtype:  # continued in place
@@ -300,12 +300,16 @@ def span_fixed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, b
         else:
             out = q.new_empty(*q.shape[:-1], v.shape[-1], dtype=dtype)
             lse = seed[1] if seed is not None else q.new_empty(q.shape[:-1], dtype=torch.float32)
-        if folded and n == len(chain) - 1:  # the row is the last key's: every summary key, the same for each row
+        if folded and n == len(chain) - 1:
+            # The row is the last key's: the summary keys at least `min_distance` before it, a
+            # prefix of them (they lie in order), the same for each of its rows.
+            far = lk - min_distance  # positions before this
+            last = far // l * c + max(0, far % l - (l - c)) - 1
             group = q.shape[1] // k.shape[1]
             rows = functools.partial(key_head_rows, group=group)
             span_kernel.span_attention(rows(q), keys, values, rows(out), rows(lse), scale=scale,
-                                       seed=(rows(seed[0]), rows(seed[1])), rows_per_step=group,
-                                       first=-span_kernel.UNBOUNDED, last=span_kernel.UNBOUNDED)
+                                       seed=None if seed is None else (rows(seed[0]), rows(seed[1])),
+                                       rows_per_step=group, first=-span_kernel.UNBOUNDED, last=last)
         else:
             span_kernel.span_attention(q, keys, values, out, lse, scale=scale, seed=seed, **span, **every_call)
         seed = out, lse
@@ -315,7 +319,9 @@ def span_fixed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, b
 def _summary_rows_folded(q: torch.Tensor, k: torch.Tensor, *, block: int, summary: int) -> bool:
     """Whether a causal decode row over grouped heads reads its summary keys once for a key/value
     head's query heads (rows of it at one position, `key_head_rows`: the span kernel computes them
-    together) rather than once a query head (`span_kernel.folding_pays`). The summary keys' call
+    together) rather than once a query head (`span_kernel.folding_pays`): fixed alone, or a union's
+    step after a window (not after strides: each row skips their keys by its own position). The
+    summary keys' call
     alone, folded / not, bfloat16, fixed(128, 8), best of 27 in one process: H = 32 over 8, D =
     128, after 4096 keys 0.90-1.01, after 16384 0.67, after 65536 0.77; H = 16 over 2, D = 64, after
     65536 0.55; H = 8 over 2, D = 64, after 65536 0.66 (float32 0.62)."""
