@@ -303,8 +303,7 @@ def span_fixed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, b
         if folded and n == len(chain) - 1:
             # The row is the last key's: the summary keys at least `min_distance` before it, a
             # prefix of them (they lie in order), the same for each of its rows.
-            far = lk - min_distance  # positions before this
-            last = far // l * c + max(0, far % l - (l - c)) - 1
+            last = summary_keys_below(lk - min_distance, l, c) - 1
             group = q.shape[1] // k.shape[1]
             rows = functools.partial(key_head_rows, group=group)
             span_kernel.span_attention(rows(q), keys, values, rows(out), rows(lse), scale=scale,
@@ -321,10 +320,9 @@ def _summary_rows_folded(q: torch.Tensor, k: torch.Tensor, *, block: int, summar
     head's query heads (rows of it at one position, `key_head_rows`: the span kernel computes them
     together) rather than once a query head (`span_kernel.folding_pays`): fixed alone, or a union's
     step after a window (not after strides: each row skips their keys by its own position). The
-    summary keys' call
-    alone, folded / not, bfloat16, fixed(128, 8), best of 27 in one process: H = 32 over 8, D =
-    128, after 4096 keys 0.90-1.01, after 16384 0.67, after 65536 0.77; H = 16 over 2, D = 64, after
-    65536 0.55; H = 8 over 2, D = 64, after 65536 0.66 (float32 0.62)."""
+    summary keys' call alone, folded / not, bfloat16, fixed(128, 8), best of 27 in one process:
+    H = 32 over 8, D = 128, after 4096 keys 0.90-1.01, after 16384 0.67, after 65536 0.77; H = 16
+    over 2, D = 64, after 65536 0.55; H = 8 over 2, D = 64, after 65536 0.66 (float32 0.62)."""
     h, hkv = q.shape[1], k.shape[1]
     return q.shape[-2] == 1 and h > hkv and span_kernel.folding_pays(hkv, 1, h // hkv,
                                                                      (k.shape[-2] - 1) // block * summary)

@@ -26,10 +26,12 @@ from pydantic import Field, ValidationInfo, field_validator
 from .base import MAX_PARAMETER, PatternBase, causal_limit
 
 
-def summary_keys_below(limit: torch.Tensor, block: int, summary: int) -> torch.Tensor:
-    """How many j in [0, limit) are summary columns (j mod block >= block - summary)."""
+def summary_keys_below(limit: torch.Tensor | int, block: int, summary: int) -> torch.Tensor | int:
+    """How many j in [0, limit) are summary columns (j mod block >= block - summary), for an int64
+    tensor of limits or one int (a decode row's, on the host)."""
     full, rest = limit // block, limit % block
-    return full * summary + torch.clamp(rest - (block - summary), min=0)
+    past_first = rest - (block - summary)  # the columns of a partial last block, where positive
+    return full * summary + past_first * (past_first > 0)
 
 
 def summary_columns(stop: int, block: int, summary: int, device: torch.device | None = None) -> torch.Tensor:
