@@ -292,7 +292,7 @@ def span_fixed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, b
             chain.append((k[..., tail_first:, :], v[..., tail_first:, :],
                           dict(group_positions=(lk - tail_first, tail_first), **every_row)))
     # a decode row's summary keys, the last call, read once for a key/value head's query heads
-    folded = causal and not skip_strides and _summary_rows_folded(q, k, block=l, summary=c)
+    folded = _summary_rows_folded(q, k, block=l, summary=c, causal=causal, skip_strides=skip_strides)
     for n, (keys, values, span) in enumerate(chain):
         dtype = (out_dtype or q.dtype) if n == len(chain) - 1 else torch.float32  # partials in float32, rounded once
         if seed is not None and seed[0].dtype == dtype:  # continued in place
@@ -315,7 +315,8 @@ def span_fixed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, b
     return seed
 
 
-def _summary_rows_folded(q: torch.Tensor, k: torch.Tensor, *, block: int, summary: int) -> bool:
+def _summary_rows_folded(q: torch.Tensor, k: torch.Tensor, *, block: int, summary: int, causal: bool,
+                         skip_strides: tuple[int, ...]) -> bool:
     """Whether a causal decode row over grouped heads reads its summary keys once for a key/value
     head's query heads (rows of it at one position, `key_head_rows`: the span kernel computes them
     together) rather than once a query head (`span_kernel.folding_pays`): fixed alone, or a union's
@@ -324,8 +325,8 @@ def _summary_rows_folded(q: torch.Tensor, k: torch.Tensor, *, block: int, summar
     H = 32 over 8, D = 128, after 4096 keys 0.90-1.01, after 16384 0.67, after 65536 0.77; H = 16
     over 2, D = 64, after 65536 0.55; H = 8 over 2, D = 64, after 65536 0.66 (float32 0.62)."""
     h, hkv = q.shape[1], k.shape[1]
-    return q.shape[-2] == 1 and h > hkv and span_kernel.folding_pays(hkv, 1, h // hkv,
-                                                                     (k.shape[-2] - 1) // block * summary)
+    return (causal and not skip_strides and q.shape[-2] == 1 and h > hkv
+            and span_kernel.folding_pays(hkv, 1, h // hkv, (k.shape[-2] - 1) // block * summary))
 
 
 def fused_fixed_attention(
