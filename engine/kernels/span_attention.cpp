@@ -73,6 +73,15 @@ constexpr int64_t KEY_CHUNK = 1024;
 // 4096 keys, H = 8, D = 64: dense 0.76-0.77, the others 0.91-1.02; 2 rows of dense after 16384
 // 0.84-0.94; one row 0.99-1.03.
 constexpr int64_t LONE_ROWS = 4;
+// Key rows in groups apart (fixed's summary keys: c rows of every l, each group pages from the last,
+// where the hardware's prefetcher stops) are fetched this many rows before they are read (`Ahead`).
+// One row after 65536 keys through engine.attention, against none (the AMD EPYC, 2026-12-07, one
+// process, the builds taking turns): fixed(128, 8), H = 8, D = 64, float32 0.64-0.74 of the time,
+// bfloat16 0.90-0.92; H = 32 over 8, D = 128, bfloat16 (after 32768) 0.56-0.60; 4 rows in float32
+// 0.59; union(sliding 256, fixed(128, 8)) 0.57-0.92. 32 and 64 rows within 3% of each other,
+// 16 and 128 no better; prefills at n = 16384 unchanged (0.90-1.03, every paper pattern).
+// Fetching contiguous keys ahead too lost (sliding_window(1024), one row: 1.13-1.22).
+constexpr int64_t GAPPED_AHEAD = 32;
 constexpr int LANES = 16;
 constexpr float LOG2E = 1.4426950408889634f;
 
@@ -602,6 +611,21 @@ template <int IN, int OUT, int TILE_ROWS> struct Worker {
     }
   }
 
+  // Key rows GAPPED_AHEAD ahead of those read, fetched as the reads reach them (`through`), where
+  // keys lie in groups apart; nothing elsewhere. `through` inlined: out of line, it changed which of
+  // the worker's functions the compiler inlined, and bfloat16 prefills lost 15% (n = 16384, fixed).
+  struct Ahead {
+    Call::KeyRows rows;
+    const In *base;
+    int64_t at, end, features;
+    __attribute__((always_inline)) void through(int64_t j) {  // rows before j + GAPPED_AHEAD (and `end`) fetched
+      for (; at < j + GAPPED_AHEAD && at < end; at++) prefetch_row<0>(base + rows.next(), features * sizeof(In));
+    }
+  };
+  Ahead fetch_ahead(const In *base, const int64_t *stride, int64_t first, int64_t end, int64_t features) const {
+    return {a.key_rows(first + GAPPED_AHEAD, stride), base, GAPPED_AHEAD, a.key_group < a.k_rows ? end : 0, features};
+  }
+
   // Keys [0, keys) from k and their values from v, packed for the block products, zeros past them
   // to the buffers' width. float32: keys transposed into keys_t (dim x width), values into `values`
   // (keys x v_dim). AMX (bfloat16 pairs, as its dot products read them): keys_b holds, per 16 keys
@@ -610,7 +634,10 @@ template <int IN, int OUT, int TILE_ROWS> struct Worker {
   template <bool WHOLE> void pack(const Item<In> &it, int64_t first, int64_t keys) {
     const In *k_rows[LANES];  // a tile's key rows (null past `keys`): tiles j0 = 0, 16, .. in turn
     Call::KeyRows key = a.key_rows(first, a.k_stride), value = a.key_rows(first, a.v_stride);
+    Ahead key_ahead = fetch_ahead(it.k, a.k_stride, first, keys, a.features);
+    Ahead value_ahead = fetch_ahead(it.v, a.v_stride, first, keys, a.v_features);
     auto tile_rows = [&](int64_t j0) {
+      key_ahead.through(j0 + LANES);
       for (int r = 0; r < LANES; r++) k_rows[r] = j0 + r < keys ? it.k + key.next() : nullptr;
     };
     if constexpr (AMX) {
@@ -630,6 +657,7 @@ template <int IN, int OUT, int TILE_ROWS> struct Worker {
       uint32_t *pairs = (uint32_t *)values_b;
       for (int64_t p = 0; p < width / 2; p++) {
         const In *value_rows[2];  // keys 2p and 2p + 1's
+        value_ahead.through(2 * p + 2);
         for (int e = 0; e < 2 && 2 * p + e < keys; e++) value_rows[e] = it.v + value.next();
         for (int64_t d = 0; d < a.v_dim; d += LANES) {
           u32x16 both = u32x16{};  // key 2p's in the low halves, 2p + 1's in the high ones
@@ -667,6 +695,7 @@ template <int IN, int OUT, int TILE_ROWS> struct Worker {
         }
       }
       for (int64_t j = 0; j < keys; j++) {
+        value_ahead.through(j + 1);
         const In *row = it.v + value.next();
         for (int64_t d = 0; d < a.v_dim; d += LANES)
           store(values + j * a.v_dim + d, read16<IN, WHOLE>(row, d, a.v_features));
@@ -910,7 +939,9 @@ template <int IN, int OUT, int TILE_ROWS> struct Worker {
       }
     }
     Call::KeyRows key = a.key_rows(from, a.k_stride);
+    Ahead ahead = fetch_ahead(it.k, a.k_stride, from, seen, a.features);
     for (int64_t j0 = 0; j0 < keys; j0 += LANES) {
+      ahead.through(j0 + LANES);
       const In *k_rows[LANES];  // keys j0 .. j0 + 15 (null past `seen`); one row's found as it goes
       if constexpr (R > 1)
         for (int t = 0; t < LANES; t++) k_rows[t] = j0 + t < seen ? it.k + key.next() : nullptr;
@@ -977,7 +1008,9 @@ template <int IN, int OUT, int TILE_ROWS> struct Worker {
     f32x16 o[R][V] = {};
     Call::KeyRows value = a.key_rows(from, a.v_stride);
     const int64_t count = a.v_features - d0;
+    Ahead ahead = fetch_ahead(it.v, a.v_stride, from, d0 == 0 ? seen : 0, a.v_features);
     for (int64_t j = 0; j < seen; j++) {
+      ahead.through(j + 1);
       const In *x = it.v + value.next() + d0;
 #pragma GCC unroll 4
       for (int e = 0; e < V; e++) {
