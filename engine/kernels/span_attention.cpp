@@ -73,15 +73,18 @@ constexpr int64_t KEY_CHUNK = 1024;
 // 4096 keys, H = 8, D = 64: dense 0.76-0.77, the others 0.91-1.02; 2 rows of dense after 16384
 // 0.84-0.94; one row 0.99-1.03.
 constexpr int64_t LONE_ROWS = 4;
-// Key rows in groups apart (fixed's summary keys: c rows of every l, each group pages from the last,
-// where the hardware's prefetcher stops) are fetched this many rows before they are read (`Ahead`).
-// One row after 65536 keys through engine.attention, against none (the AMD EPYC, 2026-12-07, one
-// process, the builds taking turns): fixed(128, 8), H = 8, D = 64, float32 0.64-0.74 of the time,
-// bfloat16 0.90-0.92; H = 32 over 8, D = 128, bfloat16 (after 32768) 0.56-0.60; 4 rows in float32
-// 0.59; union(sliding 256, fixed(128, 8)) 0.57-0.92. 32 and 64 rows within 3% of each other,
-// 16 and 128 no better; prefills at n = 16384 unchanged (0.90-1.03, every paper pattern).
-// Fetching contiguous keys ahead too lost (sliding_window(1024), one row: 1.13-1.22).
-constexpr int64_t GAPPED_AHEAD = 32;
+// Keys in groups apart (fixed's summary keys, read in place: c rows of every l, each group pages
+// from the last, where the hardware's prefetcher stops) and their values are fetched this many
+// rows before a lone strip scores them (`Ahead`). Against none (the AMD EPYC, 2026-12-07, one
+// process, the builds taking turns): one row of fixed(128, 8) after 65536 keys, H = 8, D = 64,
+// float32 0.59-0.91 of the time, bfloat16 0.62-0.90; H = 32 over 8, D = 128, bfloat16 0.64 (after
+// 32768: 0.56-0.81); union(sliding 256, fixed(128, 8)) 0.53-0.81; 4 rows 0.59-0.69; prefills and
+// other patterns unchanged. 32 and 64 rows ahead within 3% of each other, 16 and 128 no better.
+// Tried and left out: fetching contiguous keys ahead (sliding_window(1024), one row: 1.13-1.22),
+// rows a page or more apart (a stride's class: 64 rows of strided(64) after 65536 keys 0.44-0.79,
+// one row 1.05-1.25), and packed strips' keys (16 rows of fixed 0.86-0.95; not kept, since the
+// code it adds to `strip` changes what the compiler inlines there, as row_scores says).
+constexpr int64_t FAR_AHEAD = 32;
 constexpr int LANES = 16;
 constexpr float LOG2E = 1.4426950408889634f;
 
@@ -611,19 +614,25 @@ template <int IN, int OUT, int TILE_ROWS> struct Worker {
     }
   }
 
-  // Key rows GAPPED_AHEAD ahead of those read, fetched as the reads reach them (`through`), where
-  // keys lie in groups apart; nothing elsewhere. `through` inlined: out of line, it changed which of
-  // the worker's functions the compiler inlined, and bfloat16 prefills lost 15% (n = 16384, fixed).
+  // Keys and values FAR_AHEAD rows past those scored, fetched as the scores reach them (`through`),
+  // where keys lie in groups apart; nothing elsewhere. The products then find a chunk's values in
+  // L2 (1024 keys: 256 KB at head dims 64 in float32).
   struct Ahead {
-    Call::KeyRows rows;
-    const In *base;
-    int64_t at, end, features;
-    __attribute__((always_inline)) void through(int64_t j) {  // rows before j + GAPPED_AHEAD (and `end`) fetched
-      for (; at < j + GAPPED_AHEAD && at < end; at++) prefetch_row<0>(base + rows.next(), features * sizeof(In));
+    Call::KeyRows keys, values;
+    const In *k, *v;
+    int64_t at, end, k_bytes, v_bytes;
+    void through(int64_t j) {  // rows before j + FAR_AHEAD (and `end`) fetched
+      for (; at < j + FAR_AHEAD && at < end; at++) {
+        prefetch_row<0>(k + keys.next(), k_bytes);
+        prefetch_row<0>(v + values.next(), v_bytes);
+      }
     }
   };
-  Ahead fetch_ahead(const In *base, const int64_t *stride, int64_t first, int64_t end, int64_t features) const {
-    return {a.key_rows(first + GAPPED_AHEAD, stride), base, GAPPED_AHEAD, a.key_group < a.k_rows ? end : 0, features};
+  Ahead fetch_ahead(const Item<In> &it, int64_t first, int64_t end) const {
+    if (a.key_group >= a.k_rows || end <= FAR_AHEAD) return {};  // one group, or none to fetch
+    const int64_t j = first + FAR_AHEAD;
+    return {a.key_rows(j, a.k_stride), a.key_rows(j, a.v_stride), it.k, it.v, FAR_AHEAD, end,
+            a.features * (int64_t)sizeof(In), a.v_features * (int64_t)sizeof(In)};
   }
 
   // Keys [0, keys) from k and their values from v, packed for the block products, zeros past them
@@ -634,10 +643,7 @@ template <int IN, int OUT, int TILE_ROWS> struct Worker {
   template <bool WHOLE> void pack(const Item<In> &it, int64_t first, int64_t keys) {
     const In *k_rows[LANES];  // a tile's key rows (null past `keys`): tiles j0 = 0, 16, .. in turn
     Call::KeyRows key = a.key_rows(first, a.k_stride), value = a.key_rows(first, a.v_stride);
-    Ahead key_ahead = fetch_ahead(it.k, a.k_stride, first, keys, a.features);
-    Ahead value_ahead = fetch_ahead(it.v, a.v_stride, first, keys, a.v_features);
     auto tile_rows = [&](int64_t j0) {
-      key_ahead.through(j0 + LANES);
       for (int r = 0; r < LANES; r++) k_rows[r] = j0 + r < keys ? it.k + key.next() : nullptr;
     };
     if constexpr (AMX) {
@@ -657,7 +663,6 @@ template <int IN, int OUT, int TILE_ROWS> struct Worker {
       uint32_t *pairs = (uint32_t *)values_b;
       for (int64_t p = 0; p < width / 2; p++) {
         const In *value_rows[2];  // keys 2p and 2p + 1's
-        value_ahead.through(2 * p + 2);
         for (int e = 0; e < 2 && 2 * p + e < keys; e++) value_rows[e] = it.v + value.next();
         for (int64_t d = 0; d < a.v_dim; d += LANES) {
           u32x16 both = u32x16{};  // key 2p's in the low halves, 2p + 1's in the high ones
@@ -695,7 +700,6 @@ template <int IN, int OUT, int TILE_ROWS> struct Worker {
         }
       }
       for (int64_t j = 0; j < keys; j++) {
-        value_ahead.through(j + 1);
         const In *row = it.v + value.next();
         for (int64_t d = 0; d < a.v_dim; d += LANES)
           store(values + j * a.v_dim + d, read16<IN, WHOLE>(row, d, a.v_features));
@@ -923,8 +927,12 @@ template <int IN, int OUT, int TILE_ROWS> struct Worker {
   // for a window of 256 keys, 0.45 for 1024, 0.71 for 16. Pairs here and `row_vectors`' sums in
   // registers (2026-12-07), one row after 4096 keys, the same shape: bfloat16 0.74 of the time
   // before, float16 0.73, float32 0.94; after 65536, bfloat16 0.90 (one thread, its memory's pace).
+  // Out of line, as `row_products` is: inlined into `strip`, code added here spent the compiler's
+  // inlining budget there, and the packed path's transpose16, block_scores<8> and block_products<8>
+  // became calls (strided(512) at n = 4096, float32: 1.18-1.25 of the time; `Ahead`).
   template <bool WHOLE, int R>
-  void row_scores(const Item<In> &it, int64_t r0, int64_t rows, int64_t from, int64_t seen, int64_t keys) {
+  __attribute__((noinline)) void row_scores(const Item<In> &it, int64_t r0, int64_t rows, int64_t from, int64_t seen,
+                                            int64_t keys) {
     for (int r = 0; r < R; r++) {  // row r's query at queries + r * dim (zeros past the strip's rows)
       float *query = queries + r * a.dim;
       if (r >= rows) {
@@ -939,7 +947,7 @@ template <int IN, int OUT, int TILE_ROWS> struct Worker {
       }
     }
     Call::KeyRows key = a.key_rows(from, a.k_stride);
-    Ahead ahead = fetch_ahead(it.k, a.k_stride, from, seen, a.features);
+    Ahead ahead = fetch_ahead(it, from, seen);
     for (int64_t j0 = 0; j0 < keys; j0 += LANES) {
       ahead.through(j0 + LANES);
       const In *k_rows[LANES];  // keys j0 .. j0 + 15 (null past `seen`); one row's found as it goes
@@ -990,7 +998,8 @@ template <int IN, int OUT, int TILE_ROWS> struct Worker {
 
   // block_out = R lone rows' probabilities (scores[r][j]) times values from + j, j < seen, read from
   // v's rows where they lie, once for every row (`row_scores`).
-  template <bool WHOLE, int R> void row_products(const Item<In> &it, int64_t from, int64_t seen) {
+  template <bool WHOLE, int R>
+  __attribute__((noinline)) void row_products(const Item<In> &it, int64_t from, int64_t seen) {
     int64_t d0 = 0;
     for (; d0 + 4 * LANES <= a.v_dim; d0 += 4 * LANES) row_vectors<WHOLE, R, 4>(it, from, seen, d0);
     switch ((a.v_dim - d0) / LANES) {  // the last 1 to 3 vectors
@@ -1008,9 +1017,7 @@ template <int IN, int OUT, int TILE_ROWS> struct Worker {
     f32x16 o[R][V] = {};
     Call::KeyRows value = a.key_rows(from, a.v_stride);
     const int64_t count = a.v_features - d0;
-    Ahead ahead = fetch_ahead(it.v, a.v_stride, from, d0 == 0 ? seen : 0, a.v_features);
     for (int64_t j = 0; j < seen; j++) {
-      ahead.through(j + 1);
       const In *x = it.v + value.next() + d0;
 #pragma GCC unroll 4
       for (int e = 0; e < V; e++) {
