@@ -13,6 +13,7 @@ per shape (block mask + compile) is reported separately.
     python -m bench.kernels --tiles                # band tile-size sweep (engine.kernels.band)
     python -m bench.kernels --decode               # a few query rows over long keys (decoding)
     python -m bench.kernels --decode --heads 32 --decode-kv-heads 8 --dim 128   # grouped-query decoding
+    python -m bench.kernels --decode --decode-layers 8   # each call the next of 8 layers' caches (read from memory)
     python -m bench.kernels --small                # small problems: the structured plan against the masked one
     python -m bench.kernels --grouped 8 --heads 32 --dim 128 --n 4096   # grouped-query prefills against repeated heads
     python -m bench.kernels --non-causal --n 16384 --bf16-n 0 --scaling-n --memory-n 0 --first-call-n 0
@@ -453,6 +454,12 @@ def bench_tiles(args, device: torch.device) -> list[dict]:
     return rows
 
 
+def in_turn(call, caches):
+    """A function of nothing that calls call(k, v) on the next of `caches`' (k, v) at each call."""
+    turn = itertools.cycle(caches)
+    return lambda: call(*next(turn))
+
+
 def bench_decode(args, device: torch.device) -> list[dict]:
     """Lq query rows at the end of Lk keys (a decode step, a short chunk), per pattern and dtype
     (--dtypes): the engine against its own dense plan over every key (`dense_s`), torch's SDPA over
@@ -462,30 +469,33 @@ def bench_decode(args, device: torch.device) -> list[dict]:
     --decode-kv-heads (the masked kernel on key/value heads repeated before the clock, as a device
     without grouped heads needs). Each call makes its plan and builds the masked kernel's mask
     afresh, as a real decode step does (its key length and position are new each time), rather
-    than find them kept from the last repeat."""
+    than find them kept from the last repeat. With --decode-layers N each call reads the next of N
+    layers' keys and values, as a model's step reads each layer's once: caches larger than the
+    CPU's last-level cache are then read from memory, not found there from the last repeat."""
     patterns = {**{LABELS[name]: PATTERNS[name] for name in args.patterns}, **DECODE_EXTRA}
     kv_heads, scale = args.decode_kv_heads or args.heads, args.dim ** -0.5
     rows = []
     for dtype_name, lk in itertools.product(args.dtypes, args.decode_lk):
-        k, v = inputs(lk, kv_heads, args.dim, DTYPES[dtype_name], device)[1:]
-        k_rep, v_rep = (x.repeat_interleave(args.heads // kv_heads, dim=1) for x in (k, v))
+        layers = [inputs(lk, kv_heads, args.dim, DTYPES[dtype_name], device, seed=layer)[1:]
+                  for layer in range(args.decode_layers)]
+        repeated = [tuple(x.repeat_interleave(args.heads // kv_heads, dim=1) for x in kv) for kv in layers]
         for lq in args.decode_lq:
             q = inputs(lq, args.heads, args.dim, DTYPES[dtype_name], device, seed=lq)[0]
-            fns = {"dense": lambda q=q, k=k, v=v: (plan.cache_clear(), attention(q, k, v, None)),
-                   "sdpa": lambda q=q, k=k, v=v: F.scaled_dot_product_attention(
-                       q, k, v, scale=scale, enable_gqa=kv_heads != args.heads)}
+            fns = {"dense": in_turn(lambda k, v, q=q: (plan.cache_clear(), attention(q, k, v, None)), layers),
+                   "sdpa": in_turn(lambda k, v, q=q: F.scaled_dot_product_attention(
+                       q, k, v, scale=scale, enable_gqa=kv_heads != args.heads), layers)}
             for label, spec in patterns.items():
                 pattern = parse_pattern(spec)
                 single = simplify(pattern, lk)
-                fns["engine", label] = lambda q=q, k=k, v=v, p=pattern: (
-                    plan.cache_clear(), chunk_mask.kept.cache_clear(), attention(q, k, v, p))
-                fns["masked", label] = (lambda q=q, k=k_rep, v=v_rep, p=single: (
-                    chunk_mask.kept.cache_clear(), masked_attention(q, k, v, p, scale=scale, causal=True)))
+                fns["engine", label] = in_turn(lambda k, v, q=q, p=pattern: (
+                    plan.cache_clear(), chunk_mask.kept.cache_clear(), attention(q, k, v, p)), layers)
+                fns["masked", label] = in_turn(lambda k, v, q=q, p=single: (
+                    chunk_mask.kept.cache_clear(), masked_attention(q, k, v, p, scale=scale, causal=True)), repeated)
             times = rounds(fns, device, args.repeats, args.slow, args.turn_s)
             best = {key: min(t[1:] or t) for key, t in times.items()}
             for label, spec in patterns.items():
                 row = {"pattern": label, "dtype": dtype_name, "lq": lq, "lk": lk, "heads": args.heads,
-                       "kv_heads": kv_heads, "backend": backend_for(parse_pattern(spec), args.heads, lq, lk, True,
+                       "kv_heads": kv_heads, "layers": args.decode_layers, "backend": backend_for(parse_pattern(spec), args.heads, lq, lk, True,
                                                                 kernel_device(device)),
                        "dense_s": best["dense"], "sdpa_s": best["sdpa"], "engine_s": best["engine", label],
                        "masked_s": best["masked", label]}
@@ -630,6 +640,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--decode-lq", type=int, nargs="+", default=[1, 4, 16, 64])
     p.add_argument("--decode-lk", type=int, nargs="+", default=[16384, 65536])
     p.add_argument("--decode-kv-heads", type=int, default=None, help="key/value heads of the decode rows (default: --heads)")
+    p.add_argument("--decode-layers", type=int, default=1,
+                   help="layers' keys and values the decode rows' calls take in turn (default: one, kept in cache)")
     p.add_argument("--grouped", type=int, default=None, metavar="KV_HEADS",
                    help="only grouped-query prefills over this many key/value heads, against them repeated")
     p.add_argument("--small", action="store_true", help="only small problems, structured against masked (--small-n)")

@@ -130,8 +130,25 @@ def test_grouped_query_decode_rows(tmp_path):
     bench_kernels.main(["--decode", "--decode-lq", "1", "--decode-lk", "300", "--heads", "4", "--decode-kv-heads", "2",
                         "--dim", "16", "--repeats", "1", "--turn-s", "0.01", "--patterns", "strided", "--out", str(out)])
     rows = json.loads(out.read_text())["decode"]
-    assert {(r["heads"], r["kv_heads"]) for r in rows} == {(4, 2)}
+    assert {(r["heads"], r["kv_heads"], r["layers"]) for r in rows} == {(4, 2, 1)}
     assert all(min(r["engine_s"], r["masked_s"], r["dense_s"], r["sdpa_s"]) > 0 for r in rows)
+
+
+def test_decode_rows_over_layers_take_each_layers_caches_in_turn(tmp_path, monkeypatch):
+    read = {}  # each timed function's keys, call by call (dense's under None, the pattern's under it)
+    engine_attention = bench_kernels.attention
+    monkeypatch.setattr(bench_kernels, "attention",
+                        lambda q, k, v, p: (read.setdefault(p, []).append(k), engine_attention(q, k, v, p))[1])
+    out = tmp_path / "l.json"
+    bench_kernels.main(["--decode", "--decode-lq", "1", "--decode-lk", "300", "--decode-layers", "3", "--heads", "2",
+                        "--dim", "16", "--repeats", "1", "--turn-s", "0.01", "--patterns", "strided", "--out", str(out)])
+    assert {r["layers"] for r in json.loads(out.read_text())["decode"]} == {3}
+    assert len(read) == 1 + 1 + len(bench_kernels.DECODE_EXTRA)  # dense, strided and the extra patterns
+    for keys in read.values():
+        assert len(keys) >= 6
+        first = keys[:3]
+        assert not torch.equal(first[0], first[1]) and not torch.equal(first[1], first[2])  # layers of their own
+        assert [k.data_ptr() for k in keys[:6]] == [k.data_ptr() for k in first] * 2  # each call the next layer's
 
 
 @pytest.mark.parametrize("causal", [True, False])

@@ -76,10 +76,14 @@ constexpr int64_t LONE_ROWS = 4;
 // Keys in groups apart (fixed's summary keys, read in place: c rows of every l, each group pages
 // from the last, where the hardware's prefetcher stops) and their values are fetched this many
 // rows before a lone strip scores them (`Ahead`). Against none (the AMD EPYC, 2026-12-07, one
-// process, the builds taking turns): one row of fixed(128, 8) after 65536 keys, H = 8, D = 64,
-// float32 0.59-0.91 of the time, bfloat16 0.62-0.90; H = 32 over 8, D = 128, bfloat16 0.64 (after
-// 32768: 0.56-0.81); union(sliding 256, fixed(128, 8)) 0.53-0.81; 4 rows 0.59-0.69; prefills and
-// other patterns unchanged. 32 and 64 rows ahead within 3% of each other, 16 and 128 no better.
+// process, the builds taking turns), one row of fixed(128, 8), each call the next of 8 layers'
+// caches as a model's decode step reads them (from memory): H = 8, D = 64, after 32768 / 65536
+// keys, bfloat16 0.64-0.70 / 0.76-0.77 of the time, float32 0.76-0.77 / 0.76-0.78; H = 32 over 8,
+// D = 128, bfloat16, after 32768 0.62-0.64; H = 8 over 2 0.65; union(sliding 256, fixed(128, 8))
+// 0.73-0.75; after 8192 0.95-1.05.
+// One layer's caches called again and again, its summary keys in the L3 cache: 1.06-1.15 after up
+// to 65536 keys in bfloat16 (the fetches' instructions), 0.53-0.57 after 131072. Prefills and other
+// patterns unchanged. 32 and 64 rows ahead within 3% of each other, 16 and 128 no better.
 // Tried and left out: fetching contiguous keys ahead (sliding_window(1024), one row: 1.13-1.22),
 // rows a page or more apart (a stride's class: 64 rows of strided(64) after 65536 keys 0.44-0.79,
 // one row 1.05-1.25), and packed strips' keys (16 rows of fixed 0.86-0.95; not kept, since the
@@ -616,18 +620,21 @@ template <int IN, int OUT, int TILE_ROWS> struct Worker {
 
   // Keys and values FAR_AHEAD rows past those scored, fetched as the scores reach them (`through`),
   // where keys lie in groups apart; nothing elsewhere. The products then find a chunk's values in
-  // L2 (1024 keys: 256 KB at head dims 64 in float32).
+  // L2 (1024 keys: 256 KB at head dims 64 in float32). A member, not a local, and `through` out of
+  // line: as a local, its state held registers in the lone rows' loop, and 4 bfloat16 rows of
+  // strided(64) after 65536 keys, which fetch nothing, took 1.09-1.12 of the time.
   struct Ahead {
     Call::KeyRows keys, values;
     const In *k, *v;
     int64_t at, end, k_bytes, v_bytes;
-    void through(int64_t j) {  // rows before j + FAR_AHEAD (and `end`) fetched
+    bool pending() const { return at < end; }
+    __attribute__((noinline)) void through(int64_t j) {  // rows before j + FAR_AHEAD (and `end`) fetched
       for (; at < j + FAR_AHEAD && at < end; at++) {
         prefetch_row<0>(k + keys.next(), k_bytes);
         prefetch_row<0>(v + values.next(), v_bytes);
       }
     }
-  };
+  } ahead = {};
   Ahead fetch_ahead(const Item<In> &it, int64_t first, int64_t end) const {
     if (a.key_group >= a.k_rows || end <= FAR_AHEAD) return {};  // one group, or none to fetch
     const int64_t j = first + FAR_AHEAD;
@@ -947,9 +954,9 @@ template <int IN, int OUT, int TILE_ROWS> struct Worker {
       }
     }
     Call::KeyRows key = a.key_rows(from, a.k_stride);
-    Ahead ahead = fetch_ahead(it, from, seen);
+    ahead = fetch_ahead(it, from, seen);
     for (int64_t j0 = 0; j0 < keys; j0 += LANES) {
-      ahead.through(j0 + LANES);
+      if (ahead.pending()) ahead.through(j0 + LANES);
       const In *k_rows[LANES];  // keys j0 .. j0 + 15 (null past `seen`); one row's found as it goes
       if constexpr (R > 1)
         for (int t = 0; t < LANES; t++) k_rows[t] = j0 + t < seen ? it.k + key.next() : nullptr;
