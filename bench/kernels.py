@@ -455,7 +455,7 @@ def bench_tiles(args, device: torch.device) -> list[dict]:
 
 
 def in_turn(call, caches):
-    """A function of nothing that calls call(k, v) on the next of `caches`' (k, v) at each call."""
+    """A callable of no arguments that calls call(k, v) with the next of `caches`' (k, v) each time."""
     turn = itertools.cycle(caches)
     return lambda: call(*next(turn))
 
@@ -495,8 +495,8 @@ def bench_decode(args, device: torch.device) -> list[dict]:
             best = {key: min(t[1:] or t) for key, t in times.items()}
             for label, spec in patterns.items():
                 row = {"pattern": label, "dtype": dtype_name, "lq": lq, "lk": lk, "heads": args.heads,
-                       "kv_heads": kv_heads, "layers": args.decode_layers, "backend": backend_for(parse_pattern(spec), args.heads, lq, lk, True,
-                                                                kernel_device(device)),
+                       "kv_heads": kv_heads, "layers": args.decode_layers,
+                       "backend": backend_for(parse_pattern(spec), args.heads, lq, lk, True, kernel_device(device)),
                        "dense_s": best["dense"], "sdpa_s": best["sdpa"], "engine_s": best["engine", label],
                        "masked_s": best["masked", label]}
                 rows.append(row)

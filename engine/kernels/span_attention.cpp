@@ -81,9 +81,9 @@ constexpr int64_t LONE_ROWS = 4;
 // keys, bfloat16 0.64-0.70 / 0.76-0.77 of the time, float32 0.76-0.77 / 0.76-0.78; H = 32 over 8,
 // D = 128, bfloat16, after 32768 0.62-0.64; H = 8 over 2 0.65; union(sliding 256, fixed(128, 8))
 // 0.73-0.75; after 8192 0.95-1.05.
-// One layer's caches called again and again, its summary keys in the L3 cache: 1.06-1.15 after up
-// to 65536 keys in bfloat16 (the fetches' instructions), 0.53-0.57 after 131072. Prefills and other
-// patterns unchanged. 32 and 64 rows ahead within 3% of each other, 16 and 128 no better.
+// One layer's caches called again and again, its summary keys found in the L3 cache: 0.76-1.15
+// after 32768-65536 keys in bfloat16 (the fetches' instructions), 0.53-0.57 after 131072. Prefills
+// and other patterns unchanged. 32 and 64 rows ahead within 3% of each other, 16 and 128 no better.
 // Tried and left out: fetching contiguous keys ahead (sliding_window(1024), one row: 1.13-1.22),
 // rows a page or more apart (a stride's class: 64 rows of strided(64) after 65536 keys 0.44-0.79,
 // one row 1.05-1.25), and packed strips' keys (16 rows of fixed 0.86-0.95; not kept, since the
