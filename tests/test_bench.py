@@ -141,14 +141,13 @@ def test_decode_rows_over_layers_take_each_layers_caches_in_turn(tmp_path, monke
                         lambda q, k, v, p: (read.setdefault(p, []).append(k), engine_attention(q, k, v, p))[1])
     out = tmp_path / "l.json"
     bench_kernels.main(["--decode", "--decode-lq", "1", "--decode-lk", "300", "--decode-layers", "3", "--heads", "2",
-                        "--dim", "16", "--repeats", "1", "--turn-s", "0.01", "--patterns", "strided", "--out", str(out)])
+                        "--dim", "16", "--repeats", "2", "--turn-s", "0.01", "--patterns", "strided", "--out", str(out)])
     assert {r["layers"] for r in json.loads(out.read_text())["decode"]} == {3}
     assert len(read) == 1 + 1 + len(bench_kernels.DECODE_EXTRA)  # dense, strided and the extra patterns
     for keys in read.values():
-        assert len(keys) >= 6
-        first = keys[:3]
-        assert not torch.equal(first[0], first[1]) and not torch.equal(first[1], first[2])  # layers of their own
-        assert [k.data_ptr() for k in keys[:6]] == [k.data_ptr() for k in first] * 2  # each call the next layer's
+        first = keys[:3]  # a warm-up call and two rounds: at least 3 calls, however loaded the machine
+        assert len(first) == 3 and not torch.equal(first[0], first[1]) and not torch.equal(first[1], first[2])
+        assert [k.data_ptr() for k in keys] == [first[i % 3].data_ptr() for i in range(len(keys))]  # in turn
 
 
 @pytest.mark.parametrize("causal", [True, False])
