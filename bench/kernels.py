@@ -478,7 +478,9 @@ def bench_decode(args, device: torch.device) -> list[dict]:
     for dtype_name, lk in itertools.product(args.dtypes, args.decode_lk):
         layers = [inputs(lk, kv_heads, args.dim, DTYPES[dtype_name], device, seed=layer)[1:]
                   for layer in range(args.decode_layers)]
-        repeated = [tuple(x.repeat_interleave(args.heads // kv_heads, dim=1) for x in kv) for kv in layers]
+        # the masked kernel's keys and values, over query heads (a copy only where they are grouped)
+        repeated = layers if kv_heads == args.heads else [
+            tuple(x.repeat_interleave(args.heads // kv_heads, dim=1) for x in kv) for kv in layers]
         for lq in args.decode_lq:
             q = inputs(lq, args.heads, args.dim, DTYPES[dtype_name], device, seed=lq)[0]
             fns = {"dense": in_turn(lambda k, v, q=q: (plan.cache_clear(), attention(q, k, v, None)), layers),
