@@ -461,10 +461,11 @@ struct Call {
 
 // How a call's keys split (`split_keys`): part p of `count` holds key rows (first + p) keys ..
 // (first + p + 1) keys - 1, where the rows see any; one part: none. A part's rows write their
-// outputs, largest scores and sums into `partials` ([part][row], rows: the call's, problem after
-// problem), which `merge_rows` then merges.
+// outputs, largest scores and sums into `partials` ([slot][row], rows: the call's, problem after
+// problem; part p in slot `slot` + p of `slots`: joined calls' parts follow each other there),
+// which `merge_rows` then merges. Null partials: the call writes its rows' results itself.
 struct Split {
-  int64_t keys, first, count, rows;
+  int64_t keys, first, count, rows, slot, slots;
   float *partials;
 
   int64_t key_lo(int64_t p) const { return (first + p) * keys; }
@@ -474,9 +475,9 @@ struct Split {
     Call part = call;
     part.key_lo = clamp(key_lo(p), 0, call.k_rows);
     part.key_hi = clamp(key_lo(p + 1), 0, call.k_rows);
-    part.out = partials + p * rows * call.v_features;
-    part.lse = partials + count * rows * call.v_features + p * rows;
-    part.sums = partials + count * rows * (call.v_features + 1) + p * rows;
+    part.out = partials + (slot + p) * rows * call.v_features;
+    part.lse = partials + slots * rows * call.v_features + (slot + p) * rows;
+    part.sums = partials + slots * rows * (call.v_features + 1) + (slot + p) * rows;
     const int64_t out_strides[3] = {call.classes * call.q_rows * call.v_features, call.q_rows * call.v_features,
                                     call.v_features};
     const int64_t lse_strides[3] = {call.classes * call.q_rows, call.q_rows, 1};
@@ -612,7 +613,7 @@ template <int IN, int OUT, int TILE_ROWS> struct Worker {
     const bool whole = a.features == a.dim && a.v_features == a.v_dim;
     for (int64_t u = u0; u < u1; u++) {
       int64_t next = u + 1 < u1 ? u + 1 : -1;
-      if (split.count > 1) a = split.part(call, u % split.count), next = -1;
+      if (split.partials != nullptr) a = split.part(call, u % split.count), next = -1;
       if (whole) strip<true>(item(split.item(u)), next);
       else strip<false>(item(split.item(u)), next);
     }
@@ -1291,6 +1292,7 @@ Split split_keys(const Call &call) {
   split.first = lo / split.keys;
   split.count = hi > lo ? (hi + split.keys - 1) / split.keys - split.first : 1;
   split.rows = call.n * call.classes * call.q_rows;
+  split.slots = split.count;
   return split;
 }
 
@@ -1321,7 +1323,7 @@ void thread_units(const Call &call, const Split &split, int64_t units, int t, in
 // zeros and -inf where no part saw a key. The weights are computed once a row, in the tops' place.
 template <int OUT> void merge_rows(const Call &call, const Split &split, int threads) {
   typedef typename Elements<OUT>::type Out;
-  const int64_t features = call.v_features, rows = split.rows, parts = split.count;
+  const int64_t features = call.v_features, rows = split.rows, parts = split.slots;
   float *tops = split.partials + parts * rows * features;
   const float *sums = tops + parts * rows;
 #pragma omp parallel for num_threads(threads) if (rows * features * parts >= (1 << 16))
@@ -1413,6 +1415,98 @@ void merge_two(void *out, float *lse, const void *a_out, const float *a_lse, con
   }
 }
 
+// A call's arguments (`span_attention`'s args) read into `call`, with its dtypes and the keys a
+// row sees on average; 0, or 2 for an unknown dtype, 3 for a step out of range.
+int read_call(const int64_t *args, float scale, Call *call, int *in_dtype, int *out_dtype, int64_t *row_keys) {
+  *call = {(const void *)args[0], (const void *)args[1], (const void *)args[2], (void *)args[3], (float *)args[4],
+           (const void *)args[5], (const float *)args[6], (int)args[10]};
+  *in_dtype = (int)args[8], *out_dtype = (int)args[9];
+  const uint8_t *mask = (const uint8_t *)args[7];
+  const int64_t *strides = args + 11, *sizes = args + 11 + 23;
+  int64_t *fields[21] = {&call->n, &call->classes, &call->n_group, &call->class_group, &call->q_rows,
+                         &call->k_rows, &call->features, &call->v_features, &call->first, &call->last,
+                         &call->strip_rows, &call->row_shift, &call->rows_per_step, &call->keys_per_step,
+                         &call->causal, &call->key_group, &call->group_span, &call->group_first, &call->distance,
+                         &call->mask_stride, &call->skip_count};
+  for (int f = 0; f < 21; f++) *fields[f] = sizes[f];
+  call->skips = sizes + 21;
+  call->mask = mask;
+  call->key_lo = 0, call->key_hi = call->k_rows;
+  call->dim = (call->features + LANES - 1) / LANES * LANES;
+  call->v_dim = (call->v_features + LANES - 1) / LANES * LANES;
+  if (call->row_shift < 0 || call->rows_per_step < 1 || call->keys_per_step < 0 || call->key_group < 1 ||
+      call->group_span < call->key_group || call->distance < 0 || call->skip_count < 0)
+    return 3;
+  for (int64_t n = 0; n < call->skip_count; n++)
+    if (call->skips[n] < 1) return 3;
+  // Spans without a first key (causal squares, fixed's summary prefixes) hold half the keys on average.
+  *row_keys = call->first <= -call->k_rows ? call->k_rows / 2 : clamp(call->last - call->first + 1, 0, call->k_rows);
+  if (runner(*in_dtype, *out_dtype, *row_keys) == nullptr || call->seed_dtype < FLOAT32 ||
+      call->seed_dtype > BFLOAT16)
+    return 2;
+  if (call->strip_rows <= 0 || call->strip_rows > call->q_rows) call->strip_rows = call->q_rows;
+  int64_t *targets[7] = {call->q_stride, call->k_stride, call->v_stride, call->out_stride, call->lse_stride,
+                         call->seed_out_stride, call->seed_lse_stride};
+  const int counts[7] = {3, 4, 4, 3, 3, 3, 3};
+  for (int t = 0; t < 7; t++) {
+    memcpy(targets[t], strides, counts[t] * sizeof(int64_t));
+    strides += counts[t];
+  }
+  call->stream_out = call->out_stride[2] != call->v_features &&
+                     call->n * call->classes * call->q_rows * call->v_features * (*out_dtype == FLOAT32 ? 4 : 2) >=
+                         STREAM_OUT_BYTES;
+  call->scale = scale;
+  return 0;
+}
+
+// The most calls `span_attention_joined` computes as one.
+constexpr int MOST_JOINED = 4;
+
+// Calls 0 .. joined - 1 computed as one: each call's units shared by the threads (`thread_units`),
+// one call after the other with no wait between them, each writing its rows' parts (`Split`), and
+// the parts of all of them merged into call 0's out and lse; a call alone writes its rows itself
+// where its keys do not split. Joined calls have the same rows (`span_attention_joined`). Each
+// call's units shared apart: the calls' units shared as one run (a few large units of fixed's
+// folded summary keys after many small ones of its own blocks) left the threads' shares 10% apart,
+// and fixed's decode row took 1.05-1.06 of its time in two calls (H = 32 over 8, D = 128, after
+// 16384 keys). Returns 0, or 1 where a buffer could not be allocated.
+int run_calls(const Call *calls, const int *in_dtypes, const int *out_dtypes, const int64_t *row_keys, int joined,
+              int threads) {
+  Split splits[MOST_JOINED];
+  Runner runners[MOST_JOINED];
+  int64_t units[MOST_JOINED], slots = 0, most = 0;
+  for (int c = 0; c < joined; c++) {
+    splits[c] = split_keys(calls[c]);
+    splits[c].slot = slots;
+    slots += splits[c].count;
+  }
+  float *partials = nullptr;
+  if (slots > 1) {
+    partials = (float *)malloc(sizeof(float) * slots * splits[0].rows * (calls[0].v_features + 2));
+    if (partials == nullptr) return 1;
+  }
+  for (int c = 0; c < joined; c++) {
+    splits[c].slots = slots;
+    splits[c].partials = partials;
+    runners[c] = runner(in_dtypes[c], partials != nullptr ? FLOAT32 : out_dtypes[c], row_keys[c]);
+    units[c] = calls[c].n * calls[c].classes * calls[c].strips() * splits[c].count;
+    most = units[c] > most ? units[c] : most;
+  }
+  threads = (int)clamp(threads, 1, most);
+  int failed = 0;
+#pragma omp parallel num_threads(threads) reduction(| : failed)
+  for (int c = 0; c < joined; c++) {
+    int64_t u0, u1;
+    thread_units(calls[c], splits[c], units[c], omp_get_thread_num(), omp_get_num_threads(), &u0, &u1);
+    if (u1 > u0) failed |= !runners[c](calls[c], splits[c], u0, u1);
+  }
+  if (partials != nullptr) {
+    if (!failed) merge_parts(calls[0], out_dtypes[0], splits[0], threads);
+    free(partials);
+  }
+  return failed ? 1 : 0;
+}
+
 }  // namespace
 
 // Problems (i, c), i < n, c < classes: query row r (of q_rows), at position p = r + row_shift,
@@ -1439,69 +1533,52 @@ void merge_two(void *out, float *lse, const void *a_out, const float *a_lse, con
 // Returns 0, or 1 where a thread's buffers could not be allocated, 2 for an unknown dtype, 3 for a
 // step out of range.
 extern "C" int span_attention(const int64_t *args, float scale, int threads) {
-  const void *q = (const void *)args[0], *k = (const void *)args[1], *v = (const void *)args[2];
-  void *out = (void *)args[3];
-  float *lse = (float *)args[4];
-  const void *seed_out = (const void *)args[5];
-  const float *seed_lse = (const float *)args[6];
-  const uint8_t *mask = (const uint8_t *)args[7];
-  const int in_dtype = (int)args[8], out_dtype = (int)args[9], seed_dtype = (int)args[10];
-  const int64_t *strides = args + 11, *sizes = args + 11 + 23;
-  Call call = {q, k, v, out, lse, seed_out, seed_lse, seed_dtype};
-  int64_t *fields[21] = {&call.n, &call.classes, &call.n_group, &call.class_group, &call.q_rows, &call.k_rows,
-                         &call.features, &call.v_features, &call.first, &call.last, &call.strip_rows, &call.row_shift,
-                         &call.rows_per_step, &call.keys_per_step, &call.causal, &call.key_group,
-                         &call.group_span, &call.group_first, &call.distance, &call.mask_stride, &call.skip_count};
-  for (int f = 0; f < 21; f++) *fields[f] = sizes[f];
-  call.skips = sizes + 21;
-  call.mask = mask;
-  call.key_lo = 0, call.key_hi = call.k_rows;
-  call.dim = (call.features + LANES - 1) / LANES * LANES;
-  call.v_dim = (call.v_features + LANES - 1) / LANES * LANES;
-  if (call.row_shift < 0 || call.rows_per_step < 1 || call.keys_per_step < 0 || call.key_group < 1 ||
-      call.group_span < call.key_group || call.distance < 0 || call.skip_count < 0)
-    return 3;
-  for (int64_t n = 0; n < call.skip_count; n++)
-    if (call.skips[n] < 1) return 3;
-  // Spans without a first key (causal squares, fixed's summary prefixes) hold half the keys on average.
-  const int64_t row_keys =
-      call.first <= -call.k_rows ? call.k_rows / 2 : clamp(call.last - call.first + 1, 0, call.k_rows);
-  Runner run = runner(in_dtype, out_dtype, row_keys);
-  if (run == nullptr || seed_dtype < FLOAT32 || seed_dtype > BFLOAT16) return 2;
-  if (call.strip_rows <= 0 || call.strip_rows > call.q_rows) call.strip_rows = call.q_rows;
-  int64_t *targets[7] = {call.q_stride, call.k_stride, call.v_stride, call.out_stride, call.lse_stride,
-                         call.seed_out_stride, call.seed_lse_stride};
-  const int counts[7] = {3, 4, 4, 3, 3, 3, 3};
-  for (int t = 0; t < 7; t++) {
-    memcpy(targets[t], strides, counts[t] * sizeof(int64_t));
-    strides += counts[t];
-  }
-  call.stream_out = call.out_stride[2] != call.v_features &&
-                    call.n * call.classes * call.q_rows * call.v_features * (out_dtype == FLOAT32 ? 4 : 2) >=
-                        STREAM_OUT_BYTES;
-  call.scale = scale;
+  Call call;
+  int in_dtype, out_dtype;
+  int64_t row_keys;
+  const int status = read_call(args, scale, &call, &in_dtype, &out_dtype, &row_keys);
+  if (status) return status;
   if (call.q_rows <= 0 || call.n * call.classes <= 0) return 0;
-  const int64_t items = call.n * call.classes * ((call.q_rows + call.strip_rows - 1) / call.strip_rows);
-  Split split = split_keys(call);
-  if (split.count > 1) {
-    split.partials = (float *)malloc(sizeof(float) * split.count * split.rows * (call.v_features + 2));
-    if (split.partials == nullptr) return 1;
-    run = runner(in_dtype, FLOAT32, row_keys);
+  return run_calls(&call, &in_dtype, &out_dtype, &row_keys, 1, threads);
+}
+
+// `joined` calls (args: each one's array, as span_attention's), 2 .. MOST_JOINED, over the same rows
+// and disjoint keys, computed as one: each row's result over the keys of all of them written once,
+// into call 0's out and lse (out_dtype's), as one running softmax would have it (a decode row's
+// window and stride's keys in a union, fixed's own block and summary keys: one call's host work and
+// threads' start, no partial between them). The calls have the same rows: as many, each row's out
+// and lse at the same place in every call, and out dtypes and v's head dims alike; call 0 alone may
+// have a seed (its first part continues it). Returns as span_attention does (3 also where the calls
+// break this).
+extern "C" int span_attention_joined(const int64_t *const *args, int joined, float scale, int threads) {
+  if (joined < 2 || joined > MOST_JOINED) return 3;
+  Call calls[MOST_JOINED];
+  int in_dtypes[MOST_JOINED], out_dtypes[MOST_JOINED];
+  int64_t row_keys[MOST_JOINED];
+  for (int c = 0; c < joined; c++) {
+    const int status = read_call(args[c], scale, &calls[c], &in_dtypes[c], &out_dtypes[c], &row_keys[c]);
+    if (status) return status;
   }
-  const int64_t units = items * split.count;
-  threads = (int)clamp(threads, 1, units);
-  int failed = 0;
-#pragma omp parallel num_threads(threads) reduction(| : failed)
-  {
-    int64_t u0, u1;
-    thread_units(call, split, units, omp_get_thread_num(), omp_get_num_threads(), &u0, &u1);
-    if (u1 > u0) failed |= !run(call, split, u0, u1);
+  const Call &first = calls[0];
+  const int64_t rows = first.n * first.classes * first.q_rows, bytes = out_dtypes[0] == FLOAT32 ? 4 : 2;
+  for (int c = 0; c < joined; c++) {
+    const Call &call = calls[c];
+    if (call.n * call.classes * call.q_rows != rows || call.v_features != first.v_features ||
+        out_dtypes[c] != out_dtypes[0] || (c > 0 && (call.seed_out != nullptr || call.seed_lse != nullptr)))
+      return 3;
+    for (int64_t row = 0; row < rows; row++) {  // row's place in out and lse, in call c and in call 0
+      auto place = [row](const Call &x, const int64_t *stride) {
+        const int64_t i = row / (x.classes * x.q_rows), k = row / x.q_rows % x.classes, r = row % x.q_rows;
+        return i * stride[0] + k * stride[1] + r * stride[2];
+      };
+      if ((const char *)call.out + place(call, call.out_stride) * bytes !=
+              (const char *)first.out + place(first, first.out_stride) * bytes ||
+          call.lse + place(call, call.lse_stride) != first.lse + place(first, first.lse_stride))
+        return 3;
+    }
   }
-  if (split.count > 1) {
-    if (!failed) merge_parts(call, out_dtype, split, threads);
-    free(split.partials);
-  }
-  return failed ? 1 : 0;
+  if (rows <= 0) return 0;
+  return run_calls(calls, in_dtypes, out_dtypes, row_keys, joined, threads);
 }
 
 // Rows of partials (a_out, a_lse) and (b_out, b_lse) over disjoint keys merged into (out, lse), which

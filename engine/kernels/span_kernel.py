@@ -114,6 +114,8 @@ def load(path: Path) -> ctypes.CDLL:
     # its addresses, sizes and strides: one int64 array, passed by address (`_int64s`)
     function.argtypes = [ctypes.c_void_p, ctypes.c_float, ctypes.c_int]
     function.restype = ctypes.c_int
+    loaded.span_attention_joined.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_float, ctypes.c_int]
+    loaded.span_attention_joined.restype = ctypes.c_int
     loaded.span_merge.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int] * 3 + [ctypes.c_int64, ctypes.c_void_p,
                                                                                ctypes.c_void_p, ctypes.c_int]
     loaded.span_merge.restype = ctypes.c_int
@@ -180,11 +182,36 @@ def takes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
 
 
 def span_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, *,
-                   first: int, last: int, scale: float, strip_rows: int = 0, row_shift: int = 0,
+                   scale: float, joined: tuple[bytes, ...] = (), **span) -> None:
+    """`span_arguments`' call (its keyword arguments `span`) run, and with it the `joined` calls, the
+    span_arguments of up to three others over the same rows and other keys (a decode row's: a union's
+    stride's keys beside its window's, fixed's summary keys beside its own block's): the library
+    computes them as one, each row's result over all their keys written once into this call's out
+    and lse, with no partial between them (each joined call's out and lse views of the same rows, in
+    one order, of the same dtype, without a seed; the tensors their arguments point into alive till
+    this returns)."""
+    args = span_arguments(q, k, v, out, lse, **span)
+    if args is None:  # no row
+        return
+    if joined:
+        calls = (args, *joined)
+        status = library().span_attention_joined((ctypes.c_char_p * len(calls))(*calls), len(calls), scale,
+                                                 torch.get_num_threads())
+    else:
+        status = library().span_attention(args, scale, torch.get_num_threads())
+    if status == 1:
+        raise MemoryError(f"the span kernel could not allocate its buffers (status {status})")
+    assert status == 0, f"span_attention returned {status}"
+
+
+def span_arguments(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, *,
+                   first: int, last: int, strip_rows: int = 0, row_shift: int = 0,
                    rows_per_step: int = 1, keys_per_step: int = 1, causal: bool = False, min_distance: int = 0,
                    skip_strides: tuple[int, ...] = (), group_positions: tuple[int, int] | None = None,
-                   seed: tuple[torch.Tensor, torch.Tensor] | None = None, mask: torch.Tensor | None = None) -> None:
-    """Attention of each problem's query rows over a span of its key rows, written into out and lse:
+                   seed: tuple[torch.Tensor, torch.Tensor] | None = None, mask: torch.Tensor | None = None
+                   ) -> bytes | None:
+    """The library's arguments (`span_attention` runs them) for the attention of each problem's query
+    rows over a span of its key rows, written into out and lse (None where there is no row):
     q [N, S, Rq, D], k and v [N / Gn, S / Gs, Rk, *] (views, any strides but the features'), or
     [N / Gn, S / Gs, G, c, *]: Rk = G c key rows in G groups of c, each group at its own stride
     (fixed's summary keys, c of every l rows, read in place); query row r of problem (i, c), at
@@ -237,11 +264,11 @@ def span_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch
             and (mask is None or mask.is_cpu and mask.dtype == torch.bool and mask.shape == (q_rows, k_rows)
                  and (mask.stride(-1) == 1 or k_rows <= 1)))
     if not (n and classes and q_rows):  # no row (values of head dim 0 still have each row's lse)
-        return
+        return None
     # k's and v's [i, c, row, group]: a group's stride, 0 where there is one group
     ks, vs = k_strides, v_strides
     key_strides = (ks[0], ks[1], ks[3], ks[2], vs[0], vs[1], vs[3], vs[2]) if grouped else (*ks[:3], 0, *vs[:3], 0)
-    args = _int64s((
+    return _int64s((
         q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), lse.data_ptr(),
         seed_out.data_ptr() if seed is not None else 0, seed_lse.data_ptr() if seed is not None else 0,
         mask.data_ptr() if mask is not None else 0, DTYPES[q.dtype], DTYPES[out.dtype], DTYPES[seed_out.dtype],
@@ -250,9 +277,6 @@ def span_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch
         max(-UNBOUNDED, first), min(UNBOUNDED, last), strip_rows, row_shift, rows_per_step, keys_per_step, causal,
         key_group, span, first_position, min_distance, mask.stride(0) if mask is not None else 0, len(skip_strides),
         *skip_strides))
-    status = library().span_attention(args, scale, torch.get_num_threads())
-    if status:
-        raise MemoryError(f"the span kernel could not allocate its buffers (status {status})")
 
 
 def _int64s(values: tuple[int, ...]) -> bytes:

@@ -437,7 +437,7 @@ def _short_run_pieces(
     one row float32 strided(64) 0.97, strided(128) 1.06, the union's stride (sliding 128, strided
     128) 0.90, after 65536 keys 1.01-1.03 and 0.94; bfloat16 0.58 / 0.63 / 0.70; 4 rows 0.91-0.96;
     16 rows 0.70 / 0.82 / 0.81; H = 32 over 8 0.93-0.99."""
-    b, h, lq, d = q.shape
+    b, h, lq, _ = q.shape
     # per_head's blocks of heads (`attention.HeadBlocks`), whose B and H do not merge: an item at a
     # time, whose class rows are views (`row_major` would copy K and V whole)
     if b > 1 and not all(batch_and_heads_merge(x) for x in (q, k, v)):
@@ -458,9 +458,7 @@ def _short_run_pieces(
         run = min(lq - row, s - first_class)
         keys = class_row - back + 1  # key class rows 0 .. class_row - back
         if keys > 0:
-            # The query heads of a key/value head as rows of its problems: [B*Hkv, run, H/Hkv, D].
-            qc = swapped_axes(row_range(q, row, run), (b, hkv, group, run, d), (b * hkv, run, group, d))
-            kc, vc = (row_grid(x, first_class, (run, 1), (keys, s)) for x in (k, v))  # class c: its keys
+            qc, kc, vc = _class_run(q, k, v, row, run, first_class, keys, s)
             dv = v.shape[-1]
             if _on_span_kernel(qc, kc, vc):
                 out = q.new_empty(*qc.shape[:-1], dv, dtype=out_dtype or q.dtype)
@@ -479,6 +477,43 @@ def _short_run_pieces(
                            swapped_axes(lse, (b, hkv, run, group), (b, h, run))))
         row += run
     return pieces
+
+
+def _class_run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, row: int, run: int, first_class: int, keys: int,
+               stride: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Query rows row .. row + run - 1 (one class row, classes first_class ..) as their class
+    problems, views: the query heads of a key/value head as rows of its problems [B*Hkv, run, H/Hkv,
+    D], and each class's first `keys` key rows and values [B*Hkv, run, keys, *] (k and v `row_major`)."""
+    b, h, _, d = q.shape
+    hkv = k.shape[1]
+    qc = swapped_axes(row_range(q, row, run), (b, hkv, h // hkv, run, d), (b * hkv, run, h // hkv, d))
+    return (qc, *(row_grid(x, first_class, (run, 1), (keys, stride)) for x in (k, v)))
+
+
+def decode_row_call(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, stride: int, min_distance: int,
+                    out_dtype: torch.dtype | None = None) -> tuple[bytes, torch.Tensor, torch.Tensor] | None:
+    """A decode row's (Lq = 1, causal) keys of `stride` at distance >= min_distance as a span kernel
+    call to join another over the row's other keys (a union's window: `span_band_attention`'s
+    `joined`), which computes both in one library call: (its `span_kernel.span_arguments`, the out
+    [B, H, 1, Dv] in `out_dtype`, q's unless said, and the lse it writes, which it points into). None
+    where the row sees none of these keys, B and H do not merge (per_head's blocks) or the span
+    kernel does not take the class views (`_on_span_kernel`): `strided_pieces` then."""
+    b, h, _, _ = q.shape
+    hkv, dv = k.shape[1], v.shape[-1]
+    class_row, first_class = divmod(k.shape[-2] - 1, stride)
+    keys = class_row - -(-min_distance // stride) + 1
+    if keys <= 0 or not all(batch_and_heads_merge(x) for x in (q, k, v)):
+        return None
+    qc, kc, vc = _class_run(q, row_major(k), row_major(v), 0, 1, first_class, keys, stride)
+    if not _on_span_kernel(qc, kc, vc):
+        return None
+    out = q.new_empty(b, h, 1, dv, dtype=out_dtype or q.dtype)
+    lse = q.new_empty(b, h, 1, dtype=torch.float32)
+    group = h // hkv  # the class problems' rows: the out's rows, in their order
+    args = span_kernel.span_arguments(qc, kc, vc, swapped_axes(out, (b, hkv, group, 1, dv), (b * hkv, 1, group, dv)),
+                                      swapped_axes(lse, (b, hkv, group, 1), (b * hkv, 1, group)),
+                                      first=-span_kernel.UNBOUNDED, last=span_kernel.UNBOUNDED)
+    return args, out, lse
 
 
 def few_classes(lq: int, stride: int) -> bool:
