@@ -534,28 +534,24 @@ def test_span_kernel_reads_a_seed_in_half_precision(seed_dtype, strip_rows):
 
 
 @pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("seeded", [False, True])
-def test_joined_calls_write_each_rows_attention_over_all_their_keys(out_dtype, seeded):
+def test_joined_calls_write_each_rows_attention_over_all_their_keys(out_dtype):
     """Calls over the same rows and disjoint keys joined into one library call (`joined`) write each
     row's attention over the keys of all of them, once, into the first call's out and lse: a decode
     row of 6 query heads over 2 key/value heads whose first 1500 keys' call folds the query heads
     into rows of their key/value head (rows_per_step 3), the next 2100 keys' (a query head a
-    problem, its keys cut into 3 parts) and the last 40 keys'; a seed over 50 other keys in the
-    first call counts once. Against float64 (bfloat16's output rounded once)."""
+    problem, its keys cut into 3 parts) and the last 40 keys'. Against float64 (bfloat16's output
+    rounded once)."""
     g = torch.Generator().manual_seed(21)
     q = torch.randn(1, 6, 1, 32, generator=g)
-    k, v = (torch.randn(1, 2, 3690, 32, generator=g) for _ in range(2))
+    k, v = (torch.randn(1, 2, 3640, 32, generator=g) for _ in range(2))
     out, lse = torch.empty(1, 6, 1, 32, dtype=out_dtype), torch.empty(1, 6, 1)
     folded = [x.reshape(1, 2, 3, *x.shape[3:]) for x in (q, out, lse)]
     every = dict(first=-UNBOUNDED, last=UNBOUNDED)
-    seed = _span(q, k[:, :, 3640:], v[:, :, 3640:], scale=0.3, **every) if seeded else None
     joined = tuple(span_kernel.span_arguments(q, k[:, :, lo:hi], v[:, :, lo:hi], out, lse, **every)
                    for lo, hi in ((1500, 3600), (3600, 3640)))
     span_kernel.span_attention(folded[0], k[:, :, :1500], v[:, :, :1500], *folded[1:], scale=0.3, rows_per_step=3,
-                               seed=None if seed is None else tuple(x.reshape(1, 2, 3, *x.shape[3:]) for x in seed),
                                joined=joined, **every)
-    keys = 3690 if seeded else 3640
-    reference = reference_attention(q, k[:, :, :keys], v[:, :, :keys], None, causal=False, scale=0.3)
+    reference = reference_attention(q, k, v, None, causal=False, scale=0.3)
     assert_matches_reference(out.float(), lse, *reference, tol=2e-5 if out_dtype == torch.float32 else 8e-3,
                              lse_tol=2e-5)
     if out_dtype == torch.bfloat16:
@@ -563,8 +559,8 @@ def test_joined_calls_write_each_rows_attention_over_all_their_keys(out_dtype, s
 
 
 def test_joined_calls_refuse_rows_that_differ():
-    """A joined call whose rows are not the first call's (another out, rows in another order) or
-    that has a seed of its own is refused (the library's status 3), nothing computed."""
+    """A call whose rows are not the first call's (another out, rows in another order), or a call
+    with a seed, joined to others is refused (the library's status 3), nothing computed."""
     g = torch.Generator().manual_seed(22)
     q = torch.randn(1, 4, 1, 16, generator=g)
     k, v = (torch.randn(1, 4, 100, 16, generator=g) for _ in range(2))
@@ -572,42 +568,43 @@ def test_joined_calls_refuse_rows_that_differ():
     every = dict(first=-UNBOUNDED, last=UNBOUNDED)
     other = torch.empty_like(out), torch.empty_like(lse)
     reordered = out.flip(1), lse.flip(1)
-    for joined in (span_kernel.span_arguments(q, k, v, *other, **every),
-                   span_kernel.span_arguments(q.flip(1), k, v, *reordered, **every),
-                   span_kernel.span_arguments(q, k, v, out, lse, seed=other, **every)):
+    for joined, seed in ((span_kernel.span_arguments(q, k, v, *other, **every), None),
+                         (span_kernel.span_arguments(q.flip(1), k, v, *reordered, **every), None),
+                         (span_kernel.span_arguments(q, k, v, out, lse, seed=other, **every), None),
+                         (span_kernel.span_arguments(q, k, v, out, lse, **every), other)):
         with pytest.raises(AssertionError, match="returned 3"):
-            span_kernel.span_attention(q, k, v, out, lse, scale=0.3, joined=(joined,), **every)
+            span_kernel.span_attention(q, k, v, out, lse, scale=0.3, seed=seed, joined=(joined,), **every)
         assert not out.any() and not lse.any()
 
 
-@pytest.mark.parametrize("pattern,causal,calls", [
-    ({"type": "union", "patterns": [{"type": "sliding_window", "window": 100}, {"type": "strided", "stride": 64}]},
-     True, [(2, 6, 1, 40), (4, 1, 3, 40)]),
-    ({"type": "fixed", "block": 128, "summary": 8}, True, [(2, 6, 1, 40), (2, 6, 1, 40)]),
-    ({"type": "fixed", "block": 128, "summary": 8}, False, [(2, 6, 1, 40)] * 3),
-    ({"type": "union", "patterns": [{"type": "sliding_window", "window": 100}, {"type": "strided", "stride": 64},
-                                    {"type": "fixed", "block": 128, "summary": 8}]},
-     True, [(2, 6, 1, 40), (4, 1, 3, 40), (2, 6, 1, 40), (2, 6, 1, 40)]),
-])
+_WINDOW_100, _STRIDE_64 = {"type": "sliding_window", "window": 100}, {"type": "strided", "stride": 64}
+
+
+@pytest.mark.parametrize("members,calls,library_calls", [
+    ([_WINDOW_100, _STRIDE_64], [(2, 6, 1, 40), (4, 1, 3, 40)], 1),
+    ([_WINDOW_100, _STRIDE_64, {"type": "fixed", "block": 128, "summary": 8}],
+     [(2, 6, 1, 40), (4, 1, 3, 40), (2, 6, 1, 40), (2, 6, 1, 40)], 3),
+    ([_WINDOW_100, _STRIDE_64, {"type": "strided", "stride": 48}], [(4, 1, 3, 40), (4, 1, 3, 40), (2, 6, 1, 40)], 3),
+], ids=["window_stride", "window_stride_fixed", "window_two_strides"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_a_decode_row_joins_its_steps_calls(monkeypatch, pattern, causal, calls, dtype):
-    """A decode row's calls over the same rows go to the library as one (`joined`): a union's
-    window with its stride's keys (the class problems' rows, a key/value head's query heads, the
-    row's own), fixed's own block with its summary keys (and non-causal, a partial last block's
-    summary columns); a union with fixed then makes two, fixed's continuing the window's and the
-    stride's partial (its seed). H = 6 over 2, after 765 keys (a partial last block with its
-    summary columns); against float64."""
+def test_a_unions_decode_row_joins_its_window_and_stride(monkeypatch, members, calls, library_calls, dtype):
+    """A causal decode row of a union of a window and one stride goes to the library as one call
+    (`joined`): the band's (a query head a problem) and the stride's class problem (a key/value
+    head's query heads as its rows, the row's own); fixed after them continues their result (its
+    seed: its own block's call and its summary keys'); with two strides, each stride's call and the
+    band's continuing them (a seed) as before. H = 6 over 2, after 765 keys; against float64."""
     from engine import attention
 
-    made, library_calls = _kernel_calls(monkeypatch), []
-    real = span_kernel.span_attention
-    monkeypatch.setattr(span_kernel, "span_attention", lambda *a, **kw: library_calls.append(1) or real(*a, **kw))
+    made, top = _kernel_calls(monkeypatch), []
+    recorded = span_kernel.span_attention
+    monkeypatch.setattr(span_kernel, "span_attention", lambda *a, **kw: top.append(1) or recorded(*a, **kw))
     g = torch.Generator().manual_seed(23)
     q = torch.randn(2, 6, 1, 40, generator=g).to(dtype)
     k, v = (torch.randn(2, 2, 765, 40, generator=g).to(dtype) for _ in range(2))
-    out, lse = attention(q, k, v, pattern, causal=causal, scale=0.25, return_lse=True)
-    assert made == calls and len(library_calls) == (2 if len(calls) == 4 else 1), made
-    reference = reference_attention(q, k, v, pattern, causal=causal, scale=0.25)
+    pattern = {"type": "union", "patterns": members}
+    out, lse = attention(q, k, v, pattern, scale=0.25, return_lse=True)
+    assert made == calls and len(top) == library_calls, made
+    reference = reference_attention(q, k, v, pattern, scale=0.25)
     assert_matches_reference(out, lse, *reference, tol=2e-5 if dtype == torch.float32 else 8e-3, lse_tol=2e-5)
 
 
@@ -947,7 +944,7 @@ def test_a_decode_row_of_fixed_over_grouped_heads_reads_its_summary_keys_once_fo
                                                                                        summary):
     """A causal decode row of fixed alone over grouped heads (H = 6 over 2) whose folded summary
     keys leave enough units of work (`span_kernel.folding_pays`: FOLDED_MIN_UNITS 1 here) takes them
-    as each key/value head's 3 query heads, rows of it at the last position, joined to its own
+    as each key/value head's 3 query heads, rows of it at the last position, continuing its own
     block's call (a query head a problem), against float64; at the default these leave too few, and
     the row keeps a problem a query head. A union's fixed step after a window (its summary keys at
     least the window's width back, with and without its own block's call) folds alike; after a

@@ -260,8 +260,7 @@ def span_fixed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, b
                          seed: tuple[torch.Tensor, torch.Tensor] | None = None, out_dtype: torch.dtype | None = None
                          ) -> tuple[torch.Tensor, torch.Tensor]:
     """fixed on the CPU span kernel: each row's own block, then the summary keys, each call
-    continuing the one before (its seed: no merge pass; a decode row's calls joined into one call of
-    the library, `span_kernel.span_attention`'s `joined`), all over K and V as they are. Causal: the
+    continuing the one before (its seed: no merge pass), all over K and V as they are. Causal: the
     own block is the l keys anchored at its block's start, none past the row; the summary keys are
     those of earlier blocks (a prefix of them, c more every l rows, read in place:
     `summary_key_groups`). Non-causal: the own block's l - c keys before its summary columns, then
@@ -294,35 +293,24 @@ def span_fixed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, b
                           dict(group_positions=(lk - tail_first, tail_first), **every_row)))
     # a decode row's summary keys, the last call, read once for a key/value head's query heads
     folded = _summary_rows_folded(q, k, block=l, summary=c, causal=causal, skip_strides=skip_strides)
-
-    def call(n: int, out: torch.Tensor, lse: torch.Tensor, seed: tuple[torch.Tensor, torch.Tensor] | None):
-        """Call n of the chain writing out and lse, continuing `seed`: (its tensors, its span)."""
-        keys, values, span = chain[n]
-        if folded and n == len(chain) - 1:
-            # The row is the last key's: the summary keys at least `min_distance` before it, a
-            # prefix of them (they lie in order), the same for each of its rows.
-            rows = functools.partial(key_head_rows, group=q.shape[1] // k.shape[1])
-            return (rows(q), keys, values, rows(out), rows(lse)), dict(
-                seed=None if seed is None else (rows(seed[0]), rows(seed[1])), rows_per_step=q.shape[1] // k.shape[1],
-                first=-span_kernel.UNBOUNDED, last=summary_keys_below(lk - min_distance, l, c) - 1)
-        return (q, keys, values, out, lse), dict(seed=seed, **span, **every_call)
-
-    if q.shape[-2] == 1 and len(chain) > 1:  # a decode row: the calls as one (`span_kernel.span_attention`'s `joined`)
-        out = q.new_empty(*q.shape[:-1], v.shape[-1], dtype=out_dtype or q.dtype)
-        lse = q.new_empty(q.shape[:-1], dtype=torch.float32)
-        (tensors, span), *others = (call(n, out, lse, seed if n == 0 else None) for n in range(len(chain)))
-        span_kernel.span_attention(*tensors, scale=scale, **span,
-                                   joined=tuple(span_kernel.span_arguments(*t, **s) for t, s in others))
-        return out, lse
-    for n in range(len(chain)):
+    for n, (keys, values, span) in enumerate(chain):
         dtype = (out_dtype or q.dtype) if n == len(chain) - 1 else torch.float32  # partials in float32, rounded once
         if seed is not None and seed[0].dtype == dtype:  # continued in place
             out, lse = seed
         else:
             out = q.new_empty(*q.shape[:-1], v.shape[-1], dtype=dtype)
             lse = seed[1] if seed is not None else q.new_empty(q.shape[:-1], dtype=torch.float32)
-        tensors, span = call(n, out, lse, seed)
-        span_kernel.span_attention(*tensors, scale=scale, **span)
+        if folded and n == len(chain) - 1:
+            # The row is the last key's: the summary keys at least `min_distance` before it, a
+            # prefix of them (they lie in order), the same for each of its rows.
+            last = summary_keys_below(lk - min_distance, l, c) - 1
+            group = q.shape[1] // k.shape[1]
+            rows = functools.partial(key_head_rows, group=group)
+            span_kernel.span_attention(rows(q), keys, values, rows(out), rows(lse), scale=scale,
+                                       seed=None if seed is None else (rows(seed[0]), rows(seed[1])),
+                                       rows_per_step=group, first=-span_kernel.UNBOUNDED, last=last)
+        else:
+            span_kernel.span_attention(q, keys, values, out, lse, scale=scale, seed=seed, **span, **every_call)
         seed = out, lse
     return seed
 

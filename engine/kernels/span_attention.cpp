@@ -1466,10 +1466,10 @@ constexpr int MOST_JOINED = 4;
 // one call after the other with no wait between them, each writing its rows' parts (`Split`), and
 // the parts of all of them merged into call 0's out and lse; a call alone writes its rows itself
 // where its keys do not split. Joined calls have the same rows (`span_attention_joined`). Each
-// call's units shared apart: the calls' units shared as one run (a few large units of fixed's
-// folded summary keys after many small ones of its own blocks) left the threads' shares 10% apart,
-// and fixed's decode row took 1.05-1.06 of its time in two calls (H = 32 over 8, D = 128, after
-// 16384 keys). Returns 0, or 1 where a buffer could not be allocated.
+// call's units shared apart: shared as one run, a few large units after many small ones (fixed's
+// folded summary keys after its own blocks, joined in a trial) left the threads' shares 10% apart,
+// 1.05-1.06 of the time of two calls (H = 32 over 8, D = 128, one row after 16384 keys). Returns 0,
+// or 1 where a buffer could not be allocated.
 int run_calls(const Call *calls, const int *in_dtypes, const int *out_dtypes, const int64_t *row_keys, int joined,
               int threads) {
   Split splits[MOST_JOINED];
@@ -1544,12 +1544,11 @@ extern "C" int span_attention(const int64_t *args, float scale, int threads) {
 
 // `joined` calls (args: each one's array, as span_attention's), 2 .. MOST_JOINED, over the same rows
 // and disjoint keys, computed as one: each row's result over the keys of all of them written once,
-// into call 0's out and lse (out_dtype's), as one running softmax would have it (a decode row's
-// window and stride's keys in a union, fixed's own block and summary keys: one call's host work and
-// threads' start, no partial between them). The calls have the same rows: as many, each row's out
-// and lse at the same place in every call, and out dtypes and v's head dims alike; call 0 alone may
-// have a seed (its first part continues it). Returns as span_attention does (3 also where the calls
-// break this).
+// into call 0's out and lse (out_dtype's), as one running softmax would have it (a union's decode
+// row: its window's and its stride's keys, one call's host work and threads' start, no partial
+// between them). The calls have the same rows: as many, each row's out and lse at the same place in
+// every call, and out dtypes and v's head dims alike; none has a seed. Returns as span_attention
+// does (3 also where the calls break this).
 extern "C" int span_attention_joined(const int64_t *const *args, int joined, float scale, int threads) {
   if (joined < 2 || joined > MOST_JOINED) return 3;
   Call calls[MOST_JOINED];
@@ -1564,7 +1563,7 @@ extern "C" int span_attention_joined(const int64_t *const *args, int joined, flo
   for (int c = 0; c < joined; c++) {
     const Call &call = calls[c];
     if (call.n * call.classes * call.q_rows != rows || call.v_features != first.v_features ||
-        out_dtypes[c] != out_dtypes[0] || (c > 0 && (call.seed_out != nullptr || call.seed_lse != nullptr)))
+        out_dtypes[c] != out_dtypes[0] || call.seed_out != nullptr || call.seed_lse != nullptr)
       return 3;
     for (int64_t row = 0; row < rows; row++) {  // row's place in out and lse, in call c and in call 0
       auto place = [row](const Call &x, const int64_t *stride) {

@@ -184,12 +184,11 @@ def takes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
 def span_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, *,
                    scale: float, joined: tuple[bytes, ...] = (), **span) -> None:
     """`span_arguments`' call (its keyword arguments `span`) run, and with it the `joined` calls, the
-    span_arguments of up to three others over the same rows and other keys (a decode row's: a union's
-    stride's keys beside its window's, fixed's summary keys beside its own block's): the library
-    computes them as one, each row's result over all their keys written once into this call's out
-    and lse, with no partial between them (each joined call's out and lse views of the same rows, in
-    one order, of the same dtype, without a seed; the tensors their arguments point into alive till
-    this returns)."""
+    span_arguments of up to three others over the same rows and other keys (a union's decode row:
+    its stride's keys beside its window's): the library computes them as one, each row's result
+    over all their keys written once into this call's out and lse, with no partial between them
+    (every call's out and lse views of the same rows, in one order, of one dtype, none with a seed;
+    the tensors their arguments point into alive till this returns)."""
     args = span_arguments(q, k, v, out, lse, **span)
     if args is None:  # no row
         return
