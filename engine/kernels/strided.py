@@ -501,7 +501,8 @@ def decode_row_call(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, stride
     b, h, _, _ = q.shape
     hkv, dv = k.shape[1], v.shape[-1]
     class_row, first_class = divmod(k.shape[-2] - 1, stride)
-    keys = class_row - -(-min_distance // stride) + 1
+    back = -(-min_distance // stride)  # class rows between the row and its nearest key
+    keys = class_row - back + 1  # key class rows 0 .. class_row - back
     if keys <= 0 or not all(batch_and_heads_merge(x) for x in (q, k, v)):
         return None
     qc, kc, vc = _class_run(q, row_major(k), row_major(v), 0, 1, first_class, keys, stride)
