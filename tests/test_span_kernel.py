@@ -68,10 +68,10 @@ def _kernel_calls(monkeypatch) -> list:
     return calls
 
 
-def _joined_shape(args: bytes) -> tuple[int, int, int, int]:
-    """A joined call's q shape from its arguments (`span_arguments`: 11 values, 23 strides, then
-    n, classes, Gn, Gs, q_rows, k_rows, the head dim)."""
-    sizes = struct.unpack(f"{len(args) // 8}q", args)[34:]
+def _joined_shape(call: span_kernel.SpanArguments) -> tuple[int, int, int, int]:
+    """A joined call's q shape from its packed arguments (`span_arguments`: 11 values, 23 strides,
+    then n, classes, Gn, Gs, q_rows, k_rows, the head dim)."""
+    sizes = struct.unpack(f"{len(call.packed) // 8}q", call.packed)[34:]
     return sizes[0], sizes[1], sizes[4], sizes[6]
 
 
@@ -587,12 +587,16 @@ _WINDOW_100, _STRIDE_64 = {"type": "sliding_window", "window": 100}, {"type": "s
     ([_WINDOW_100, _STRIDE_64, {"type": "strided", "stride": 48}], [(4, 1, 3, 40), (4, 1, 3, 40), (2, 6, 1, 40)], 3),
 ], ids=["window_stride", "window_stride_fixed", "window_two_strides"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_a_unions_decode_row_joins_its_window_and_stride(monkeypatch, members, calls, library_calls, dtype):
+@pytest.mark.parametrize("rows_apart", [False, True])
+def test_a_unions_decode_row_joins_its_window_and_stride(monkeypatch, members, calls, library_calls, dtype,
+                                                         rows_apart):
     """A causal decode row of a union of a window and one stride goes to the library as one call
     (`joined`): the band's (a query head a problem) and the stride's class problem (a key/value
     head's query heads as its rows, the row's own); fixed after them continues their result (its
     seed: its own block's call and its summary keys'); with two strides, each stride's call and the
-    band's continuing them (a seed) as before. H = 6 over 2, after 765 keys; against float64."""
+    band's continuing them (a seed) as before. H = 6 over 2, after 765 keys; K and V as they come,
+    or the first 40 features of rows of 80 (rows not adjacent: the stride's call reads a copy, which
+    its arguments hold till the call is made); against float64."""
     from engine import attention
 
     made, top = _kernel_calls(monkeypatch), []
@@ -600,7 +604,7 @@ def test_a_unions_decode_row_joins_its_window_and_stride(monkeypatch, members, c
     monkeypatch.setattr(span_kernel, "span_attention", lambda *a, **kw: top.append(1) or recorded(*a, **kw))
     g = torch.Generator().manual_seed(23)
     q = torch.randn(2, 6, 1, 40, generator=g).to(dtype)
-    k, v = (torch.randn(2, 2, 765, 40, generator=g).to(dtype) for _ in range(2))
+    k, v = (torch.randn(2, 2, 765, 80 if rows_apart else 40, generator=g).to(dtype)[..., :40] for _ in range(2))
     pattern = {"type": "union", "patterns": members}
     out, lse = attention(q, k, v, pattern, scale=0.25, return_lse=True)
     assert made == calls and len(top) == library_calls, made

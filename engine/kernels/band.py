@@ -134,7 +134,7 @@ def key_head_rows(x: torch.Tensor, group: int) -> torch.Tensor:
 def span_band_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, window: int, scale: float, causal: bool = True,
     out_dtype: torch.dtype | None = None, seed: tuple[int, torch.Tensor, torch.Tensor] | None = None,
-    joined: tuple[bytes, torch.Tensor, torch.Tensor] | None = None,
+    joined: tuple[span_kernel.SpanArguments, torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The band on the CPU span kernel, queries bottom-right aligned: every row's window in one call,
     heads on the kernel's second axis (grouped ones read as they are); (out in `out_dtype`, q's

@@ -27,6 +27,7 @@ import struct
 import subprocess
 import tempfile
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -181,23 +182,31 @@ def takes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
             and q.stride()[-1] == k.stride()[-1] == v.stride()[-1] == 1 and library() is not None)
 
 
+class SpanArguments(NamedTuple):
+    """A call's arguments as the library reads them (`packed`), and the tensors they point into:
+    views made for the call among them, held with the arguments so that they outlive the call."""
+
+    packed: bytes
+    tensors: tuple[torch.Tensor | None, ...]
+
+
 def span_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, *,
-                   scale: float, joined: tuple[bytes, ...] = (), **span) -> None:
+                   scale: float, joined: tuple[SpanArguments, ...] = (), **span) -> None:
     """`span_arguments`' call (its keyword arguments `span`) run, and with it the `joined` calls, the
     span_arguments of up to three others over the same rows and other keys (a union's decode row:
     its stride's keys beside its window's): the library computes them as one, each row's result
     over all their keys written once into this call's out and lse, with no partial between them
-    (every call's out and lse views of the same rows, in one order, of one dtype, none with a seed;
-    the tensors their arguments point into alive till this returns)."""
-    args = span_arguments(q, k, v, out, lse, **span)
-    if args is None:  # no row
+    (every call's out and lse views of the same rows, in one order, of one dtype, none with a
+    seed)."""
+    call = span_arguments(q, k, v, out, lse, **span)
+    if call is None:  # no row
         return
     if joined:
-        calls = (args, *joined)
-        status = library().span_attention_joined((ctypes.c_char_p * len(calls))(*calls), len(calls), scale,
+        packed = [call.packed, *(other.packed for other in joined)]
+        status = library().span_attention_joined((ctypes.c_char_p * len(packed))(*packed), len(packed), scale,
                                                  torch.get_num_threads())
     else:
-        status = library().span_attention(args, scale, torch.get_num_threads())
+        status = library().span_attention(call.packed, scale, torch.get_num_threads())
     if status == 1:
         raise MemoryError(f"the span kernel could not allocate its buffers (status {status})")
     assert status == 0, f"span_attention returned {status}"
@@ -208,7 +217,7 @@ def span_arguments(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch
                    rows_per_step: int = 1, keys_per_step: int = 1, causal: bool = False, min_distance: int = 0,
                    skip_strides: tuple[int, ...] = (), group_positions: tuple[int, int] | None = None,
                    seed: tuple[torch.Tensor, torch.Tensor] | None = None, mask: torch.Tensor | None = None
-                   ) -> bytes | None:
+                   ) -> SpanArguments | None:
     """The library's arguments (`span_attention` runs them) for the attention of each problem's query
     rows over a span of its key rows, written into out and lse (None where there is no row):
     q [N, S, Rq, D], k and v [N / Gn, S / Gs, Rk, *] (views, any strides but the features'), or
@@ -267,7 +276,7 @@ def span_arguments(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch
     # k's and v's [i, c, row, group]: a group's stride, 0 where there is one group
     ks, vs = k_strides, v_strides
     key_strides = (ks[0], ks[1], ks[3], ks[2], vs[0], vs[1], vs[3], vs[2]) if grouped else (*ks[:3], 0, *vs[:3], 0)
-    return _int64s((
+    return SpanArguments(_int64s((
         q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), lse.data_ptr(),
         seed_out.data_ptr() if seed is not None else 0, seed_lse.data_ptr() if seed is not None else 0,
         mask.data_ptr() if mask is not None else 0, DTYPES[q.dtype], DTYPES[out.dtype], DTYPES[seed_out.dtype],
@@ -275,7 +284,7 @@ def span_arguments(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch
         n, classes, n // k_shape[0], classes // k_shape[1], q_rows, k_rows, dim, v_dim,
         max(-UNBOUNDED, first), min(UNBOUNDED, last), strip_rows, row_shift, rows_per_step, keys_per_step, causal,
         key_group, span, first_position, min_distance, mask.stride(0) if mask is not None else 0, len(skip_strides),
-        *skip_strides))
+        *skip_strides)), (q, k, v, out, lse, seed_out, seed_lse, mask))
 
 
 def _int64s(values: tuple[int, ...]) -> bytes:

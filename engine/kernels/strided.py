@@ -491,11 +491,13 @@ def _class_run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, row: int, run:
 
 
 def decode_row_call(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, stride: int, min_distance: int,
-                    out_dtype: torch.dtype | None = None) -> tuple[bytes, torch.Tensor, torch.Tensor] | None:
+                    out_dtype: torch.dtype | None = None
+                    ) -> tuple[span_kernel.SpanArguments, torch.Tensor, torch.Tensor] | None:
     """A decode row's (Lq = 1, causal) keys of `stride` at distance >= min_distance as a span kernel
     call to join another over the row's other keys (a union's window: `span_band_attention`'s
-    `joined`), which computes both in one library call: (its `span_kernel.span_arguments`, the out
-    [B, H, 1, Dv] in `out_dtype`, q's unless said, and the lse it writes, which it points into). None
+    `joined`), which computes both in one library call: (its `span_kernel.span_arguments`, which
+    hold the views it reads, a copy of K and V where their rows are not adjacent among them, and the
+    out [B, H, 1, Dv] in `out_dtype`, q's unless said, and the lse it writes, which it points into). None
     where the row sees none of these keys, B and H do not merge (per_head's blocks) or the span
     kernel does not take the class views (`_on_span_kernel`): `strided_pieces` then."""
     b, h, _, _ = q.shape
