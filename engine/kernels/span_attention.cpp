@@ -1279,9 +1279,9 @@ Runner runner(int in, int out, int64_t row_keys) {
 constexpr int64_t SPLIT_PART_KEYS = 1024;
 constexpr int64_t SPLIT_KEYS_PER_ROW = 32;
 
-// The call's split (`Split`, partials not yet allocated): parts of `keys` keys from the multiple of
-// them at or below its first row's first key to the one at or past its last row's last key (spans
-// only grow with the row); one part where they fit in one.
+// The call's split (`Split`; its slots and partials `run_calls` sets): parts of `keys` keys from the
+// multiple of them at or below its first row's first key to the one at or past its last row's last
+// key (spans only grow with the row); one part where they fit in one.
 Split split_keys(const Call &call) {
   int64_t steps = 1;
   while (steps * call.rows_per_step < call.q_rows) steps *= 2;
@@ -1292,7 +1292,6 @@ Split split_keys(const Call &call) {
   split.first = lo / split.keys;
   split.count = hi > lo ? (hi + split.keys - 1) / split.keys - split.first : 1;
   split.rows = call.n * call.classes * call.q_rows;
-  split.slots = split.count;
   return split;
 }
 
