@@ -454,9 +454,8 @@ def _short_run_pieces(
     pieces = []
     row = 0
     while row < lq:
-        class_row, first_class = divmod(offset + row, s)
+        class_row, first_class, keys = _class_row_keys(offset + row, s, back)
         run = min(lq - row, s - first_class)
-        keys = class_row - back + 1  # key class rows 0 .. class_row - back
         if keys > 0:
             qc, kc, vc = _class_run(q, k, v, row, run, first_class, keys, s)
             dv = v.shape[-1]
@@ -477,6 +476,13 @@ def _short_run_pieces(
                            swapped_axes(lse, (b, hkv, run, group), (b, h, run))))
         row += run
     return pieces
+
+
+def _class_row_keys(position: int, stride: int, back: int) -> tuple[int, int, int]:
+    """The class row and class of a query at `position`, and how many key class rows of its class
+    it attends: 0 .. class row - back (`back` class rows between it and its nearest key)."""
+    class_row, first_class = divmod(position, stride)
+    return class_row, first_class, class_row - back + 1
 
 
 def _class_run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, row: int, run: int, first_class: int, keys: int,
@@ -502,9 +508,8 @@ def decode_row_call(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, stride
     kernel does not take the class views (`_on_span_kernel`): `strided_pieces` then."""
     b, h, _, _ = q.shape
     hkv, dv = k.shape[1], v.shape[-1]
-    class_row, first_class = divmod(k.shape[-2] - 1, stride)
     back = -(-min_distance // stride)  # class rows between the row and its nearest key
-    keys = class_row - back + 1  # key class rows 0 .. class_row - back
+    _, first_class, keys = _class_row_keys(k.shape[-2] - 1, stride, back)
     if keys <= 0 or not all(batch_and_heads_merge(x) for x in (q, k, v)):
         return None
     qc, kc, vc = _class_run(q, row_major(k), row_major(v), 0, 1, first_class, keys, stride)
