@@ -578,25 +578,35 @@ def test_joined_calls_refuse_rows_that_differ():
 
 
 _WINDOW_100, _STRIDE_64 = {"type": "sliding_window", "window": 100}, {"type": "strided", "stride": 64}
+_STRIDE_48 = {"type": "strided", "stride": 48}
+_BAND_ROWS, _CLASS_ROWS = (2, 6, 1, 40), (4, 1, 3, 40)  # a call's q: a query head a problem; a class problem's
 
 
 @pytest.mark.parametrize("members,calls,library_calls", [
-    ([_WINDOW_100, _STRIDE_64], [(2, 6, 1, 40), (4, 1, 3, 40)], 1),
+    ([_WINDOW_100, _STRIDE_64], [_BAND_ROWS, _CLASS_ROWS], 1),
     ([_WINDOW_100, _STRIDE_64, {"type": "fixed", "block": 128, "summary": 8}],
-     [(2, 6, 1, 40), (4, 1, 3, 40), (2, 6, 1, 40), (2, 6, 1, 40)], 3),
-    ([_WINDOW_100, _STRIDE_64, {"type": "strided", "stride": 48}], [(4, 1, 3, 40), (4, 1, 3, 40), (2, 6, 1, 40)], 3),
-], ids=["window_stride", "window_stride_fixed", "window_two_strides"])
+     [_BAND_ROWS, _CLASS_ROWS, _BAND_ROWS, _BAND_ROWS], 3),
+    ([_WINDOW_100, _STRIDE_64, _STRIDE_48], [_BAND_ROWS, _CLASS_ROWS, _CLASS_ROWS], 1),
+    ([_WINDOW_100, _STRIDE_64, _STRIDE_48, {"type": "strided", "stride": 40}], [_BAND_ROWS] + [_CLASS_ROWS] * 3, 1),
+    ([{"type": "sliding_window", "window": 600}, _STRIDE_64, _STRIDE_48, {"type": "strided", "stride": 500}],
+     [_BAND_ROWS] + [_CLASS_ROWS] * 2, 1),
+    ([_WINDOW_100, _STRIDE_64, _STRIDE_48, {"type": "strided", "stride": 40}, {"type": "strided", "stride": 56}],
+     [_CLASS_ROWS, _BAND_ROWS] + [_CLASS_ROWS] * 3, 5),
+], ids=["window_stride", "window_stride_fixed", "window_two_strides", "window_three_strides",
+        "window_holding_a_stride", "window_four_strides"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("rows_apart", [False, True])
-def test_a_unions_decode_row_joins_its_window_and_stride(monkeypatch, members, calls, library_calls, dtype,
+def test_a_unions_decode_row_joins_its_window_and_strides(monkeypatch, members, calls, library_calls, dtype,
                                                          rows_apart):
-    """A causal decode row of a union of a window and one stride goes to the library as one call
-    (`joined`): the band's (a query head a problem) and the stride's class problem (a key/value
-    head's query heads as its rows, the row's own); fixed after them continues their result (its
-    seed: its own block's call and its summary keys'); with two strides, each stride's call and the
-    band's continuing them (a seed) as before. H = 6 over 2, after 765 keys; K and V as they come,
-    or the first 40 features of rows of 80 (rows not adjacent: the stride's call reads a copy, which
-    its arguments hold till the call is made); against float64."""
+    """A causal decode row of a union of a window and up to three strides goes to the library as
+    one call (`joined`): the band's (a query head a problem) and each stride's class problem (a
+    key/value head's query heads as its rows, the row's own; a later stride's keys off the earlier
+    strides' multiples under a mask), none for a stride the row sees no key of (500, whose keys all
+    lie in a window of 600); fixed after them continues their result (its seed: its own block's call and its summary
+    keys'); with four strides, past the library's MOST_JOINED calls, each stride's call and the
+    band's, merged. H = 6 over 2, after 765 keys; K and V as they come, or the first 40 features of
+    rows of 80 (rows not adjacent: the strides' calls read a copy, which their arguments hold till
+    the call is made); against float64."""
     from engine import attention
 
     made, top = _kernel_calls(monkeypatch), []

@@ -134,16 +134,16 @@ def key_head_rows(x: torch.Tensor, group: int) -> torch.Tensor:
 def span_band_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, window: int, scale: float, causal: bool = True,
     out_dtype: torch.dtype | None = None, seed: tuple[int, torch.Tensor, torch.Tensor] | None = None,
-    joined: tuple[span_kernel.SpanArguments, torch.Tensor, torch.Tensor] | None = None,
+    joined: tuple[tuple[span_kernel.SpanArguments, ...], torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The band on the CPU span kernel, queries bottom-right aligned: every row's window in one call,
     heads on the kernel's second axis (grouped ones read as they are); (out in `out_dtype`, q's
     unless said, lse). `seed`: (first row, out, lse), a partial over other keys of rows first row
     .. Lq - 1 (a union's strides; its output read in its own dtype), which those rows continue in a
     second call: the union's result written once, no merge pass. `joined` (no seed then): a decode
-    row's other keys as a call of the kernel and the out and lse it writes (a union's stride's,
-    `strided.decode_row_call`), computed with the window's in one library call, the row's result
-    over both written into that out and lse (returned). A decode row of grouped heads
+    row's other keys as calls of the kernel and the out and lse they write (a union's strides',
+    `strided.decode_row_calls`), computed with the window's in one library call, the row's result
+    over all their keys written into that out and lse (returned). A decode row of grouped heads
     goes as a key/value head's query heads, rows of it at one position (views), which read its
     window's keys once between them, where that leaves enough units of work
     (`span_kernel.folding_pays`; sliding_window(256), H = 32 over 8, D = 128, one row after 4096
@@ -157,8 +157,7 @@ def span_band_attention(
         lse = q.new_empty(q.shape[:-1], dtype=torch.float32)
     else:
         assert seed is None and lq == 1, "a call joins a decode row's window without a seed"
-        other, out, lse = joined
-        span["joined"] = (other,)
+        span["joined"], out, lse = joined
     seeded = seed[0] if seed is not None else lq  # the first row that continues the seed
     continued = seed[1:] if seed is not None else None
     group = h // k.shape[1]

@@ -182,6 +182,11 @@ def takes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
             and q.stride()[-1] == k.stride()[-1] == v.stride()[-1] == 1 and library() is not None)
 
 
+# The most calls the library computes as one (`span_attention`'s own and its `joined`), as its
+# MOST_JOINED: a union's decode row, its window's keys and up to three strides'.
+MOST_JOINED = 4
+
+
 class SpanArguments(NamedTuple):
     """A call's arguments as the library reads them (`packed`), and the tensors they point into:
     views made for the call among them, held with the arguments so that they outlive the call."""
@@ -193,11 +198,11 @@ class SpanArguments(NamedTuple):
 def span_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, *,
                    scale: float, joined: tuple[SpanArguments, ...] = (), **span) -> None:
     """`span_arguments`' call (its keyword arguments `span`) run, and with it the `joined` calls, the
-    span_arguments of up to three others over the same rows and other keys (a union's decode row:
-    its stride's keys beside its window's): the library computes them as one, each row's result
-    over all their keys written once into this call's out and lse, with no partial between them
-    (every call's out and lse views of the same rows, in one order, of one dtype, none with a
-    seed)."""
+    span_arguments of up to MOST_JOINED - 1 others over the same rows and other keys (a union's
+    decode row: its strides' keys beside its window's): the library computes them as one, each
+    row's result over all their keys written once into this call's out and lse, with no partial
+    between them (every call's out and lse views of the same rows, in one order, of one dtype,
+    none with a seed)."""
     call = span_arguments(q, k, v, out, lse, **span)
     if call is None:  # no row
         return

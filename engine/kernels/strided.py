@@ -496,32 +496,44 @@ def _class_run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, row: int, run:
     return (qc, *(row_grid(x, first_class, (run, 1), (keys, stride)) for x in (k, v)))
 
 
-def decode_row_call(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, stride: int, min_distance: int,
-                    out_dtype: torch.dtype | None = None
-                    ) -> tuple[span_kernel.SpanArguments, torch.Tensor, torch.Tensor] | None:
-    """A decode row's (Lq = 1, causal) keys of `stride` at distance >= min_distance as a span kernel
-    call to join another over the row's other keys (a union's window: `span_band_attention`'s
-    `joined`), which computes both in one library call: (its `span_kernel.span_arguments`, which
-    hold the views it reads, a copy of K and V where their rows are not adjacent among them, and the
-    out [B, H, 1, Dv] in `out_dtype`, q's unless said, and the lse it writes, which it points into). None
-    where the row sees none of these keys, B and H do not merge (per_head's blocks) or the span
-    kernel does not take the class views (`_on_span_kernel`): `strided_pieces` then."""
+def decode_row_calls(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, strides: tuple[int, ...],
+                     min_distance: int, out_dtype: torch.dtype | None = None
+                     ) -> tuple[tuple[span_kernel.SpanArguments, ...], torch.Tensor, torch.Tensor] | None:
+    """A decode row's (Lq = 1, causal) keys of each of `strides` at distance >= min_distance, each
+    off the earlier strides' multiples (a union's: each key counted once), as span kernel calls to
+    join another over the row's other keys (a union's window: `span_band_attention`'s `joined`),
+    which computes them all in one library call: (their `span_kernel.span_arguments`, which hold
+    the views they read, a copy of K and V where their rows are not adjacent among them, and the
+    out [B, H, 1, Dv] in `out_dtype`, q's unless said, and the lse they write, which they all point
+    into). A stride the row sees no key of makes no call. None where the row sees none of these
+    keys, B and H do not merge (per_head's blocks) or the span kernel does not take a stride's class
+    views (`_on_span_kernel`): `strided_pieces` then."""
     b, h, _, _ = q.shape
     hkv, dv = k.shape[1], v.shape[-1]
-    back = -(-min_distance // stride)  # class rows between the row and its nearest key
-    _, first_class, keys = _class_row_keys(k.shape[-2] - 1, stride, back)
-    if keys <= 0 or not all(batch_and_heads_merge(x) for x in (q, k, v)):
+    if not all(batch_and_heads_merge(x) for x in (q, k, v)):
         return None
-    qc, kc, vc = _class_run(q, row_major(k), row_major(v), 0, 1, first_class, keys, stride)
-    if not _on_span_kernel(qc, kc, vc):
-        return None
+    k, v = row_major(k), row_major(v)
     out = q.new_empty(b, h, 1, dv, dtype=out_dtype or q.dtype)
     lse = q.new_empty(b, h, 1, dtype=torch.float32)
     group = h // hkv  # the class problems' rows: the out's rows, in their order
-    args = span_kernel.span_arguments(qc, kc, vc, swapped_axes(out, (b, hkv, group, 1, dv), (b * hkv, 1, group, dv)),
-                                      swapped_axes(lse, (b, hkv, group, 1), (b * hkv, 1, group)),
-                                      first=-span_kernel.UNBOUNDED, last=span_kernel.UNBOUNDED)
-    return args, out, lse
+    rows_out = swapped_axes(out, (b, hkv, group, 1, dv), (b * hkv, 1, group, dv))
+    rows_lse = swapped_axes(lse, (b, hkv, group, 1), (b * hkv, 1, group))
+    calls = []
+    for n, stride in enumerate(strides):
+        back = -(-min_distance // stride)  # class rows between the row and its nearest key
+        class_row, first_class, keys = _class_row_keys(k.shape[-2] - 1, stride, back)
+        if keys <= 0:
+            continue
+        qc, kc, vc = _class_run(q, k, v, 0, 1, first_class, keys, stride)
+        if not _on_span_kernel(qc, kc, vc):
+            return None
+        # every row (a query head) at key class row class_row: the earlier strides' key class rows
+        # left out by a mask, as in `_short_run_pieces`
+        keep = class_keep(class_row, 1, keys, back, stride, strides[:n], True, q.device).expand(group, -1) \
+            if n else None
+        calls.append(span_kernel.span_arguments(qc, kc, vc, rows_out, rows_lse, first=-span_kernel.UNBOUNDED,
+                                                last=span_kernel.UNBOUNDED, mask=keep))
+    return (tuple(calls), out, lse) if calls else None
 
 
 def few_classes(lq: int, stride: int) -> bool:

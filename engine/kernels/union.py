@@ -7,9 +7,9 @@ step's), the kernel continues those partials instead (`triton_band_attention`'s 
 merged into one first, in place): no merge launch after it, no float32 output to convert. So does
 the CPU's span kernel (`span_band_attention`'s seed): no merge pass (union(sliding 128, strided
 128), n = 16384, H = 8, D = 64, ms, seeded / merged: float32 48.6-54.3 / 51.3-55.1, float16 45.0 /
-48.5, native bfloat16 48.9 / 50.3). A causal decode row with one stride goes further: the stride's
-keys and the window's in one call of the span kernel (`strided.decode_row_call`, joined to the
-band's), no partial between them. Without causal the band reaches both ways and the strided keys
+48.5, native bfloat16 48.9 / 50.3). A causal decode row goes further: its strides' keys and the
+window's in one call of the span kernel (`strided.decode_row_calls`, joined to the band's), no
+partial between them. Without causal the band reaches both ways and the strided keys
 are those at |i - j| >= w."""
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from . import span_kernel, triton_band
 from .band import band_pieces, row_range, span_band_attention
 from .dense import computed_dtype
 from .merge import merge_to
-from .strided import decode_row_call, strided_attention, strided_pieces
+from .strided import decode_row_calls, strided_attention, strided_pieces
 
 
 def band_strided_attention(
@@ -46,9 +46,9 @@ def band_strided_attention(
         return [(0, *strided_attention(q, k, v, causal=False, out_dtype=merged, **kwargs))]
 
     seeded_band = _seeded_band(q, k, v, causal)
-    if seeded_band is span_band_attention and causal and lq == 1 and len(strides) == 1:
-        # a decode row: the stride's keys and the window's in one call of the span kernel
-        joined = decode_row_call(q, k, v, stride=strides[0], min_distance=window, out_dtype=out_dtype)
+    if seeded_band is span_band_attention and causal and lq == 1 and len(strides) < span_kernel.MOST_JOINED:
+        # a decode row: the strides' keys and the window's in one call of the span kernel
+        joined = decode_row_calls(q, k, v, strides=strides, min_distance=window, out_dtype=out_dtype)
         if joined is not None:
             return span_band_attention(q, k, v, window=window, scale=scale, joined=joined)
     if len(strides) <= 2 and seeded_band is not None:
