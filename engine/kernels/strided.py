@@ -205,7 +205,7 @@ def strided_pieces(
     if lead:
         q = F.pad(q, (0, 0, lead, 0))
     # Query class row r (position offset - lead + r*s + c) sees key class rows 0 .. r + diag.
-    back = -(-min_distance // s)  # class rows between a query and its nearest key
+    back = _class_rows_back(min_distance, s)
     diag = (offset - lead) // s - back
     skip = max(0, -diag)  # leading query class rows that see no key
     rows = (total - offset + lead) // s - skip
@@ -449,7 +449,7 @@ def _short_run_pieces(
     lk, s, hkv = k.shape[-2], stride, k.shape[1]
     group = h // hkv
     offset = lk - lq
-    back = -(-min_distance // s)  # class rows between a query and its nearest key
+    back = _class_rows_back(min_distance, s)
     k, v = row_major(k), row_major(v)
     pieces = []
     row = 0
@@ -476,6 +476,12 @@ def _short_run_pieces(
                            swapped_axes(lse, (b, hkv, run, group), (b, h, run))))
         row += run
     return pieces
+
+
+def _class_rows_back(min_distance: int, stride: int) -> int:
+    """The class rows between a query and its nearest key at a distance of at least `min_distance`
+    in its class: the distance over the stride, rounded up."""
+    return -(-min_distance // stride)
 
 
 def _class_row_keys(position: int, stride: int, back: int) -> tuple[int, int, int]:
@@ -520,7 +526,7 @@ def decode_row_calls(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, strid
     rows_lse = swapped_axes(lse, (b, hkv, group, 1), (b * hkv, 1, group))
     calls = []
     for n, stride in enumerate(strides):
-        back = -(-min_distance // stride)  # class rows between the row and its nearest key
+        back = _class_rows_back(min_distance, stride)
         class_row, first_class, keys = _class_row_keys(k.shape[-2] - 1, stride, back)
         if keys <= 0:
             continue
@@ -628,7 +634,7 @@ def _every_class_key(q, k, v, *, stride: int, scale: float, min_distance: int,
     lead = (lk - lq) % s  # queries from a class boundary on: up to s - 1 dummy rows each side
     q_rows = -(-(lead + lq) // s)
     base = (lk - lq - lead) // s  # the key class row of query class row 0
-    near = -(-min_distance // s)  # key class rows t' with |t - t'| < near are dropped
+    near = _class_rows_back(min_distance, s)  # key class rows t' with |t - t'| < near are dropped
     trail = q_rows * s - lead - lq
     qc = _classes(F.pad(q, (0, 0, lead, trail)) if lead or trail else q, 0, q_rows * s, s)
     key_rows, rest = divmod(lk, s)
