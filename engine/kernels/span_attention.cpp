@@ -65,14 +65,22 @@ constexpr int64_t KEY_CHUNK = 1024;
 // heads folded into rows) reads its keys and values where they lie, unpacked (`row_scores`): for
 // so few rows packing the keys costs more than their products. After 16384 keys, H = 8, D = 64,
 // through engine.attention, against packed blocks: 2 rows 0.76-0.79 of the time
-// (sliding_window(256), fixed(128, 8)), 4 rows 0.83-0.93; 8 rows 1.05-1.14 (each row then read
-// every key itself). Since 2026-12-07 the strip's rows share each key's read: through
-// engine.attention against a row at a time (d1ccb5e), a decode step of H = 32 over 8 key/value
-// heads (its 4 query heads folded into rows), D = 128, after 4096 keys: dense 0.65 of the time in
-// float32, 0.71 in bfloat16 (the other paper patterns, a row a problem: 0.94-1.03); 4 rows after
-// 4096 keys, H = 8, D = 64: dense 0.76-0.77, the others 0.91-1.02; 2 rows of dense after 16384
-// 0.84-0.94; one row 0.99-1.03.
-constexpr int64_t LONE_ROWS = 4;
+// (sliding_window(256), fixed(128, 8)), 4 rows 0.83-0.93. Since 2026-12-07 the strip's rows share
+// each key's read: through engine.attention against a row at a time (d1ccb5e), a decode step of
+// H = 32 over 8 key/value heads (its 4 query heads folded into rows), D = 128, after 4096 keys:
+// dense 0.65 of the time in float32, 0.71 in bfloat16 (the other paper patterns, a row a problem:
+// 0.94-1.03); 4 rows after 4096 keys, H = 8, D = 64: dense 0.76-0.77, the others 0.91-1.02; 2 rows
+// of dense after 16384 0.84-0.94; one row 0.99-1.03. Up to 8 rows since 2026-12-08, where a strip
+// of more than 4 (LONE_ROWS / 2) sees LONE_MIN_KEYS keys (their sums 2 vectors a row at a time, in
+// registers), against packed blocks, through engine.attention, float32, H = 8, D = 64, 5 and 8
+// rows: dense after 65536 keys 0.75-0.77, after 4096 0.65-0.88; fixed(128, 8) after 65536
+// 0.76-0.78; H = 32 over 8, D = 128, 2 rows of dense (8 folded) 0.74-0.78, in bfloat16 0.81;
+// float16 0.88-0.96; bfloat16 with H = 8 0.85-1.01; the band, strided and the union 0.95-1.03.
+constexpr int64_t LONE_ROWS = 8;
+// The fewest keys a strip of more than 4 rows sees to go lone: fewer (a stride's classes of 8 rows
+// at n = 4096, each over up to 8 keys: lone, 1.25 of the packed blocks' time in float32 and 1.14 in
+// bfloat16) stay packed; from 32 to 512 alike.
+constexpr int64_t LONE_MIN_KEYS = 128;
 // Keys in groups apart (fixed's summary keys, read in place: c rows of every l, each group pages
 // from the last, where the hardware's prefetcher stops) and their values are fetched this many
 // rows before a lone strip scores them (`Ahead`). Against none (the AMD EPYC, 2026-12-07, one
@@ -543,6 +551,7 @@ template <int IN, int OUT, int TILE_ROWS> struct Worker {
   static constexpr bool PAIRS = SPAN_BF16_PAIRS && IN == BFLOAT16 && !AMX;
   // Query rows computed together: 8 x 32 scores in 16 vector registers, or an AMX tile's rows.
   static constexpr int ROWS = AMX ? TILE_ROWS : 8;
+  static_assert(AMX || LONE_ROWS <= ROWS, "a lone strip's rows fit the buffers' ROWS");
   // Keys a block's products step by: AMX multiplies 32 at a time (a tile's row of bfloat16 pairs),
   // and reads packed keys 16 to a tile, so a block's keys start at a multiple of 16 from its chunk's
   // first (at most roundup(keys, 32) + 16 columns read: the width).
@@ -1000,6 +1009,7 @@ template <int IN, int OUT, int TILE_ROWS> struct Worker {
     switch (computed) {
       case 1: return f(std::integral_constant<int, 1>{});
       case 2: return f(std::integral_constant<int, 2>{});
+      case 4: return f(std::integral_constant<int, 4>{});
       default: return f(std::integral_constant<int, LONE_ROWS>{});
     }
   }
@@ -1009,6 +1019,11 @@ template <int IN, int OUT, int TILE_ROWS> struct Worker {
   template <bool WHOLE, int R>
   __attribute__((noinline)) void row_products(const Item<In> &it, int64_t from, int64_t seen) {
     int64_t d0 = 0;
+    if constexpr (R > 4) {  // 2 vectors at a time (R x 2 sums), the last one alone
+      for (; d0 + 2 * LANES <= a.v_dim; d0 += 2 * LANES) row_vectors<WHOLE, R, 2>(it, from, seen, d0);
+      if (d0 < a.v_dim) row_vectors<WHOLE, R, 1>(it, from, seen, d0);
+      return;
+    }
     for (; d0 + 4 * LANES <= a.v_dim; d0 += 4 * LANES) row_vectors<WHOLE, R, 4>(it, from, seen, d0);
     switch ((a.v_dim - d0) / LANES) {  // the last 1 to 3 vectors
       case 1: return row_vectors<WHOLE, R, 1>(it, from, seen, d0);
@@ -1030,11 +1045,11 @@ template <int IN, int OUT, int TILE_ROWS> struct Worker {
 #pragma GCC unroll 4
       for (int e = 0; e < V; e++) {
         const f32x16 y = read16<IN, WHOLE>(x, e * LANES, count);
-#pragma GCC unroll 4
+#pragma GCC unroll 8
         for (int r = 0; r < R; r++) o[r][e] += scores[r * width + j] * y;
       }
     }
-#pragma GCC unroll 4
+#pragma GCC unroll 8
     for (int r = 0; r < R; r++)
 #pragma GCC unroll 4
       for (int e = 0; e < V; e++) store(block_out + r * a.v_dim + d0 + e * LANES, o[r][e]);
@@ -1122,7 +1137,8 @@ template <int IN, int OUT, int TILE_ROWS> struct Worker {
     const bool same_problem = next >= 0 && after.i == it.i && after.c == it.c;
     const int64_t fetch_from = same_problem && after.key_begin < it.key_end ? it.key_end : after.key_begin;
     const int64_t next_keys = after.key_end > fetch_from ? after.key_end - fetch_from : 0;
-    const bool lone = !AMX && strip_rows <= LONE_ROWS;  // its keys unpacked (`row_scores`)
+    const bool lone = !AMX && (strip_rows <= LONE_ROWS / 2 ||  // its keys unpacked (`row_scores`)
+                               (strip_rows <= LONE_ROWS && it.key_end - it.key_begin >= LONE_MIN_KEYS));
     const int64_t block_rows = lone ? LONE_ROWS : ROWS;
     for (int64_t c0 = it.key_begin; c0 < it.key_end; c0 += KEY_CHUNK) {
       const int64_t c1 = c0 + KEY_CHUNK < it.key_end ? c0 + KEY_CHUNK : it.key_end;

@@ -243,8 +243,8 @@ def span_arguments(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch
     (out, lse) themselves. Computed in float32 (bfloat16 as `bfloat16_products` says: on AMX's
     tiles or its scores as bfloat16 pairs, as exact); threads take runs of strips of `strip_rows`
     rows (0: a problem's rows whole, its keys packed once) of about equal work, each strip's keys
-    1024 at a time (KEY_CHUNK) with a running softmax (a strip of up to 4 rows, LONE_ROWS: a row at
-    a time, its keys and values read in place, unpacked); where a problem has few rows for its keys
+    1024 at a time (KEY_CHUNK) with a running softmax (a strip of up to 4 rows, or up to 8 over 128
+    keys or more, LONE_ROWS and LONE_MIN_KEYS: its keys and values read in place, unpacked); where a problem has few rows for its keys
     (a decode step, a short chunk) its keys split into parts at fixed multiples, which threads share,
     merged after (`Split`: where they split follows from the problem's shape alone, so a row's result
     is the same alone, batched or on any number of threads); outputs with rows apart, past a size,
