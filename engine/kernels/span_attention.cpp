@@ -94,8 +94,14 @@ constexpr int64_t LONE_MIN_KEYS = 128;
 // and other patterns unchanged. 32 and 64 rows ahead within 3% of each other, 16 and 128 no better.
 // Tried and left out: fetching contiguous keys ahead (sliding_window(1024), one row: 1.13-1.22),
 // rows a page or more apart (a stride's class: 64 rows of strided(64) after 65536 keys 0.44-0.79,
-// one row 1.05-1.25), and packed strips' keys (16 rows of fixed 0.86-0.95; not kept, since the
-// code it adds to `strip` changes what the compiler inlines there, as row_scores says).
+// one row 1.05-1.25). Packed strips' keys were left out too (16 rows of fixed 0.86-0.95, but the
+// code it added to `strip` changed what the compiler inlines there, as row_scores says) until
+// `pack` went out of line (2026-12-08): every packed key and value row fetched this many rows
+// ahead, against none, through engine.attention, H = 8, D = 64, dense after 4096 / 65536 keys,
+// 16 rows 0.74-0.75 / 0.74-0.87, 32 rows 0.79-0.97 / 0.84-0.89, 64 rows 0.87-0.94 / 0.91-0.93
+// (float32 and bfloat16); fixed(128, 8) after 65536 keys 0.79-0.98; H = 32 over 8, D = 128, dense,
+// 4 rows (16 folded) 0.77-0.88, 16 rows 0.91-0.93; prefills (n = 4096 and 16384) and the band's
+// short runs 0.94-1.05, that is unchanged; 64 rows ahead alike.
 constexpr int64_t FAR_AHEAD = 32;
 constexpr int LANES = 16;
 constexpr float LOG2E = 1.4426950408889634f;
@@ -657,7 +663,11 @@ template <int IN, int OUT, int TILE_ROWS> struct Worker {
   // (keys x v_dim). AMX (bfloat16 pairs, as its dot products read them): keys_b holds, per 16 keys
   // and 32 features, a tile whose row p pairs features 2p and 2p + 1 of each key; values_b's row p
   // pairs keys 2p and 2p + 1 of each value feature.
-  template <bool WHOLE> void pack(const Item<In> &it, int64_t first, int64_t keys) {
+  // Not AMX: each key row and value row fetched FAR_AHEAD rows before it is packed (the rows a
+  // transpose reads at once are 16 lines apart, and the hardware's prefetcher fell behind: an
+  // 8-row strip spent most of its time in these loads, `perf annotate`). Out of line, so that the
+  // fetches' code changes nothing the compiler inlines into `strip` (`row_scores`).
+  template <bool WHOLE> __attribute__((noinline)) void pack(const Item<In> &it, int64_t first, int64_t keys) {
     const In *k_rows[LANES];  // a tile's key rows (null past `keys`): tiles j0 = 0, 16, .. in turn
     Call::KeyRows key = a.key_rows(first, a.k_stride), value = a.key_rows(first, a.v_stride);
     auto tile_rows = [&](int64_t j0) {
@@ -694,7 +704,11 @@ template <int IN, int OUT, int TILE_ROWS> struct Worker {
       }
     } else {
       int64_t padded = (keys + LANES - 1) / LANES * LANES + LANES;
+      Call::KeyRows key_ahead = a.key_rows(first + FAR_AHEAD, a.k_stride);
+      int64_t fetched = FAR_AHEAD;  // key rows before this one fetched (or being packed)
       for (int64_t j0 = 0; j0 < padded; j0 += LANES) {
+        for (; fetched < j0 + LANES + FAR_AHEAD && fetched < keys; fetched++)
+          prefetch_row<0>(it.k + key_ahead.next(), a.features * sizeof(In));
         tile_rows(j0);
         for (int64_t d0 = 0; d0 < a.dim; d0 += LANES) {
           f32x16 tile[LANES];
@@ -716,7 +730,9 @@ template <int IN, int OUT, int TILE_ROWS> struct Worker {
           for (int c = 0; c < LANES; c++) store(keys_t + (d0 + c) * width + j0, tile[c]);
         }
       }
+      Call::KeyRows value_ahead = a.key_rows(first + FAR_AHEAD, a.v_stride);
       for (int64_t j = 0; j < keys; j++) {
+        if (j + FAR_AHEAD < keys) prefetch_row<0>(it.v + value_ahead.next(), a.v_features * sizeof(In));
         const In *row = it.v + value.next();
         for (int64_t d = 0; d < a.v_dim; d += LANES)
           store(values + j * a.v_dim + d, read16<IN, WHOLE>(row, d, a.v_features));
