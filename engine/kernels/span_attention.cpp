@@ -72,10 +72,11 @@ constexpr int64_t KEY_CHUNK = 1024;
 // 0.94-1.03); 4 rows after 4096 keys, H = 8, D = 64: dense 0.76-0.77, the others 0.91-1.02; 2 rows
 // of dense after 16384 0.84-0.94; one row 0.99-1.03. Up to 8 rows since 2026-12-08, where a strip
 // of more than 4 (LONE_ROWS / 2) sees LONE_MIN_KEYS keys (their sums 2 vectors a row at a time, in
-// registers), against packed blocks, through engine.attention, float32, H = 8, D = 64, 5 and 8
-// rows: dense after 65536 keys 0.75-0.77, after 4096 0.65-0.88; fixed(128, 8) after 65536
-// 0.76-0.78; H = 32 over 8, D = 128, 2 rows of dense (8 folded) 0.74-0.78, in bfloat16 0.81;
-// float16 0.88-0.96; bfloat16 with H = 8 0.85-1.01; the band, strided and the union 0.95-1.03.
+// registers), against packed blocks, through engine.attention, H = 8, D = 64, 5 and 8 rows: dense
+// in float32 after 65536 keys 0.75-0.79, after 4096 0.65-0.88; fixed(128, 8) after 65536 0.68-0.93;
+// H = 32 over 8, D = 128, 2 rows of dense (8 folded) 0.74-0.85, in bfloat16 0.81-0.95; the band,
+// strided and the union 0.88-1.04; but bfloat16's dense rows after 4096 keys (in cache, where its
+// packed pairs need no sums across lanes) 1.06-1.10, after 65536 0.93-1.01.
 constexpr int64_t LONE_ROWS = 8;
 // The fewest keys a strip of more than 4 rows sees to go lone: fewer (a stride's classes of 8 rows
 // at n = 4096, each over up to 8 keys: lone, 1.25 of the packed blocks' time in float32 and 1.14 in
@@ -663,9 +664,9 @@ template <int IN, int OUT, int TILE_ROWS> struct Worker {
   // (keys x v_dim). AMX (bfloat16 pairs, as its dot products read them): keys_b holds, per 16 keys
   // and 32 features, a tile whose row p pairs features 2p and 2p + 1 of each key; values_b's row p
   // pairs keys 2p and 2p + 1 of each value feature.
-  // Not AMX: each key row and value row fetched FAR_AHEAD rows before it is packed (the rows a
-  // transpose reads at once are 16 lines apart, and the hardware's prefetcher fell behind: an
-  // 8-row strip spent most of its time in these loads, `perf annotate`). Out of line, so that the
+  // Not AMX: each key row and value row fetched FAR_AHEAD rows before it is packed (a transpose
+  // reads a line of each of 16 rows at once, and the hardware's prefetcher fell behind: an 8-row
+  // strip spent most of its time in these loads, `perf annotate`). Out of line, so that the
   // fetches' code changes nothing the compiler inlines into `strip` (`row_scores`).
   template <bool WHOLE> __attribute__((noinline)) void pack(const Item<In> &it, int64_t first, int64_t keys) {
     const In *k_rows[LANES];  // a tile's key rows (null past `keys`): tiles j0 = 0, 16, .. in turn

@@ -244,11 +244,11 @@ def span_arguments(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch
     tiles or its scores as bfloat16 pairs, as exact); threads take runs of strips of `strip_rows`
     rows (0: a problem's rows whole, its keys packed once) of about equal work, each strip's keys
     1024 at a time (KEY_CHUNK) with a running softmax (a strip of up to 4 rows, or up to 8 over 128
-    keys or more, LONE_ROWS and LONE_MIN_KEYS: its keys and values read in place, unpacked); where a problem has few rows for its keys
-    (a decode step, a short chunk) its keys split into parts at fixed multiples, which threads share,
-    merged after (`Split`: where they split follows from the problem's shape alone, so a row's result
-    is the same alone, batched or on any number of threads); outputs with rows apart, past a size,
-    are streamed past the caches."""
+    keys or more, LONE_ROWS and LONE_MIN_KEYS: its keys and values read in place, unpacked); where
+    a problem has few rows for its keys (a decode step, a short chunk) its keys split into parts at
+    fixed multiples, which threads share, merged after (`Split`: where they split follows from the
+    problem's shape alone, so a row's result is the same alone, batched or on any number of
+    threads); outputs with rows apart, past a size, are streamed past the caches."""
     n, classes, q_rows, dim = q.shape
     k_shape, v_shape = k.shape, v.shape
     grouped = len(k_shape) == 5
