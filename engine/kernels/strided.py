@@ -462,10 +462,7 @@ def _short_run_pieces(
             if _on_span_kernel(qc, kc, vc):
                 out = q.new_empty(*qc.shape[:-1], dv, dtype=out_dtype or q.dtype)
                 lse = q.new_empty(qc.shape[:-1], dtype=torch.float32)
-                # Every row, a query head, at key class row class_row: the skipped strides' key class
-                # rows left out by a mask, as the kernel skips by row, not head.
-                keep = class_keep(class_row, 1, keys, back, s, skip_strides, True, q.device).expand(group, -1) \
-                    if skip_strides else None
+                keep = _class_row_keep(class_row, keys, back, s, skip_strides, group, q.device)
                 span_kernel.span_attention(qc, kc, vc, out, lse, first=-span_kernel.UNBOUNDED,
                                            last=span_kernel.UNBOUNDED, scale=scale, mask=keep)
             else:
@@ -489,6 +486,17 @@ def _class_row_keys(position: int, stride: int, back: int) -> tuple[int, int, in
     it attends: 0 .. class row - back (`back` class rows between it and its nearest key)."""
     class_row, first_class = divmod(position, stride)
     return class_row, first_class, class_row - back + 1
+
+
+def _class_row_keep(class_row: int, keys: int, back: int, stride: int, skip_strides: tuple[int, ...], group: int,
+                    device: torch.device) -> torch.Tensor | None:
+    """The span kernel's mask for a run's class problems, whose `group` rows (query heads) all sit
+    at key class row `class_row`: its `keys` key class rows less the skipped strides' ([group,
+    keys], one row shared by stride 0), as the kernel skips strides by row, not head; None where
+    none are skipped."""
+    if not skip_strides:
+        return None
+    return class_keep(class_row, 1, keys, back, stride, skip_strides, True, device).expand(group, -1)
 
 
 def _class_run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, row: int, run: int, first_class: int, keys: int,
@@ -533,10 +541,7 @@ def decode_row_calls(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, strid
         qc, kc, vc = _class_run(q, k, v, 0, 1, first_class, keys, stride)
         if not _on_span_kernel(qc, kc, vc):
             return None
-        # every row (a query head) at key class row class_row: the earlier strides' key class rows
-        # left out by a mask, as in `_short_run_pieces`
-        keep = class_keep(class_row, 1, keys, back, stride, strides[:n], True, q.device).expand(group, -1) \
-            if n else None
+        keep = _class_row_keep(class_row, keys, back, stride, strides[:n], group, q.device)
         calls.append(span_kernel.span_arguments(qc, kc, vc, rows_out, rows_lse, first=-span_kernel.UNBOUNDED,
                                                 last=span_kernel.UNBOUNDED, mask=keep))
     return (tuple(calls), out, lse) if calls else None
