@@ -148,11 +148,12 @@ def test_span_kernel_short_runs(q_rows, span, dim, v_dim, dtype):
 def test_span_kernel_lone_rows(dim, v_dim, dtype, grouped):
     """Rows computed a strip at a time, their keys and values read where they lie (strips of up to
     LONE_ROWS rows, 8; of 5 to 8 where they see LONE_MIN_KEYS keys, else packed): a decode step's
-    row, a short run's three, strips of 4 and 3 (15 rows), strips of 7 (computed as 8 rows, the
-    last zeros) and a call's last strip of one row (15 rows in strips of 7). Spans over two chunks of keys, key rows flat or in groups (8 of every 10),
-    against float64. Head dims of 1 to 9 vectors (values' in runs of 4, or of 2 for 8 rows, and a
-    last 1, 2 or 3), and of 1, 3, 24, 40, 72 and 100 features, not a multiple of 16 (bfloat16's
-    pairs: 32 features a step, the last few read masked)."""
+    row, a short run's three, strips of 4 and 3 (15 rows), strips of 7 (computed as 8 rows, the last
+    zeros) and a call's last strip of one row (15 rows in strips of 7). Spans over two chunks of
+    keys, key rows flat or in groups (8 of every 10), against float64. Head dims of 1 to 9 vectors
+    (values' in runs of 4, or of 2 for 8 rows, and a last 1, 2 or 3), and of 1, 3, 24, 40, 72 and
+    100 features, not a multiple of 16 (bfloat16's pairs: 32 features a step, the last few read
+    masked)."""
     g = torch.Generator().manual_seed(dim + v_dim)
     q = torch.randn(2, 4, 15, dim, generator=g).to(dtype)
     if grouped:
